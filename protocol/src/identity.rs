@@ -1,0 +1,199 @@
+//! Identities: Ed25519 keys, their X25519 form, and agent certificates.
+//!
+//! Every participant has one Ed25519 signing key. The Noise handshake needs an
+//! X25519 static key; Baton derives it from the Ed25519 key (the standard
+//! birational map, as in libsodium's `crypto_sign_ed25519_sk_to_curve25519`),
+//! so proving the Noise static key proves the Ed25519 identity.
+//!
+//! The manager vouches for enrolled agents with an [`AgentCert`]: its signature
+//! over the agent's id and key. Two agents that both pin the manager's key can
+//! then authenticate each other without asking the manager.
+
+use ed25519_dalek::{Signer as _, Verifier as _};
+use serde::{Deserialize, Serialize};
+
+use crate::types::{AgentId, PublicKey};
+
+/// Domain prefix for agent certificate signatures.
+const CERT_DOMAIN: &[u8] = b"baton agent cert v1\0";
+
+/// A signing identity: the Ed25519 secret seed and what derives from it.
+#[derive(Clone)]
+pub struct Identity {
+    signing: ed25519_dalek::SigningKey,
+}
+
+impl core::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Identity")
+            .field("public", &self.public())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// The identity whose Ed25519 secret seed is `seed` (keep it secret).
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        Identity {
+            signing: ed25519_dalek::SigningKey::from_bytes(&seed),
+        }
+    }
+
+    /// The 32-byte secret seed, for storing the identity.
+    pub fn seed(&self) -> [u8; 32] {
+        self.signing.to_bytes()
+    }
+
+    /// The Ed25519 public key.
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.signing.verifying_key().to_bytes())
+    }
+
+    /// Signs `message` with the Ed25519 key.
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.signing.sign(message).to_bytes()
+    }
+
+    /// The X25519 secret used as the Noise static key.
+    pub fn x25519_secret(&self) -> [u8; 32] {
+        self.signing.to_scalar_bytes()
+    }
+
+    /// The X25519 public key matching [`Identity::x25519_secret`].
+    pub fn x25519_public(&self) -> [u8; 32] {
+        x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(self.x25519_secret()))
+            .to_bytes()
+    }
+}
+
+/// Why a key or signature was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum SignatureError {
+    /// The bytes are not a valid Ed25519 public key.
+    BadKey,
+    /// The signature does not verify under the key.
+    BadSignature,
+}
+
+impl core::fmt::Display for SignatureError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            SignatureError::BadKey => "not a valid Ed25519 public key",
+            SignatureError::BadSignature => "signature does not verify",
+        })
+    }
+}
+
+impl core::error::Error for SignatureError {}
+
+/// Verifies an Ed25519 `signature` of `message` by `key`.
+pub fn verify(key: &PublicKey, message: &[u8], signature: &[u8; 64]) -> Result<(), SignatureError> {
+    let key =
+        ed25519_dalek::VerifyingKey::from_bytes(&key.0).map_err(|_| SignatureError::BadKey)?;
+    let sig = ed25519_dalek::Signature::from_bytes(signature);
+    key.verify(message, &sig)
+        .map_err(|_| SignatureError::BadSignature)
+}
+
+/// The X25519 (Montgomery) form of an Ed25519 public key, as the Noise handshake sees it.
+pub fn x25519_of(key: &PublicKey) -> Result<[u8; 32], SignatureError> {
+    let key =
+        ed25519_dalek::VerifyingKey::from_bytes(&key.0).map_err(|_| SignatureError::BadKey)?;
+    Ok(key.to_montgomery().to_bytes())
+}
+
+/// The manager's statement that `id` is an enrolled agent with key `key`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct AgentCert {
+    /// The agent's id.
+    pub id: AgentId,
+    /// The agent's Ed25519 public key.
+    pub key: PublicKey,
+    /// The manager's Ed25519 signature over the domain prefix, id and key.
+    #[serde(with = "sig_serde")]
+    pub signature: [u8; 64],
+}
+
+impl AgentCert {
+    /// The bytes the manager signs: domain, id length, id, key.
+    fn signed_bytes(id: &AgentId, key: &PublicKey, out: &mut [u8; 128]) -> usize {
+        let mut n = 0;
+        for part in [CERT_DOMAIN, &[id.len() as u8], id.as_bytes(), &key.0] {
+            out[n..n + part.len()].copy_from_slice(part);
+            n += part.len();
+        }
+        n
+    }
+
+    /// Issues a certificate for `id` and `key`, signed by the manager's identity.
+    pub fn issue(manager: &Identity, id: AgentId, key: PublicKey) -> Self {
+        let mut buf = [0; 128];
+        let n = Self::signed_bytes(&id, &key, &mut buf);
+        let signature = manager.sign(&buf[..n]);
+        AgentCert { id, key, signature }
+    }
+
+    /// Checks the manager's signature.
+    pub fn verify(&self, manager: &PublicKey) -> Result<(), SignatureError> {
+        let mut buf = [0; 128];
+        let n = Self::signed_bytes(&self.id, &self.key, &mut buf);
+        verify(manager, &buf[..n], &self.signature)
+    }
+}
+
+/// Serde for 64-byte signatures (serde derives arrays only up to 32).
+pub(crate) mod sig_serde {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// Writes the signature as two 32-byte halves (a fixed 64 bytes in postcard).
+    pub fn serialize<S: Serializer>(sig: &[u8; 64], s: S) -> Result<S::Ok, S::Error> {
+        let mut a = [0u8; 32];
+        let mut b = [0u8; 32];
+        a.copy_from_slice(&sig[..32]);
+        b.copy_from_slice(&sig[32..]);
+        (a, b).serialize(s)
+    }
+
+    /// Reads the two 32-byte halves back.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
+        let (a, b) = <([u8; 32], [u8; 32])>::deserialize(d)?;
+        let mut sig = [0u8; 64];
+        sig[..32].copy_from_slice(&a);
+        sig[32..].copy_from_slice(&b);
+        Ok(sig)
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn x25519_forms_agree() {
+        let id = Identity::from_seed([7; 32]);
+        assert_eq!(x25519_of(&id.public()).unwrap(), id.x25519_public());
+    }
+
+    #[test]
+    fn cert_verifies_and_tampering_fails() {
+        let manager = Identity::from_seed([1; 32]);
+        let agent = Identity::from_seed([2; 32]);
+        let cert = AgentCert::issue(
+            &manager,
+            AgentId::try_from("edge-1").unwrap(),
+            agent.public(),
+        );
+        cert.verify(&manager.public()).unwrap();
+        let mut forged = cert.clone();
+        forged.id = AgentId::try_from("edge-2").unwrap();
+        assert_eq!(
+            forged.verify(&manager.public()),
+            Err(SignatureError::BadSignature)
+        );
+        let other = Identity::from_seed([3; 32]);
+        assert!(cert.verify(&other.public()).is_err());
+    }
+}
