@@ -23,6 +23,7 @@
 //! The state machine takes the ephemeral secret from the caller (no RNG here).
 
 use clatter::bytearray::ByteArray;
+use clatter::cipherstate::CipherState;
 use clatter::crypto::cipher::ChaChaPoly;
 use clatter::crypto::dh::X25519;
 use clatter::crypto::hash::Sha256;
@@ -66,7 +67,13 @@ pub struct Hello {
     pub id: AgentId,
     /// For agents talking to agents: the manager's certificate for this agent.
     pub cert: Option<AgentCert>,
+    /// For an agent's first contact with the manager: a one-time enrolment token
+    /// that lets the manager enrol the key this handshake proves under `id`.
+    pub token: Option<heapless::String<MAX_TOKEN_LEN>>,
 }
+
+/// Longest enrolment token, in bytes.
+pub const MAX_TOKEN_LEN: usize = 64;
 
 impl Hello {
     /// A hello of this build's version and capabilities.
@@ -77,7 +84,14 @@ impl Hello {
             role,
             id,
             cert,
+            token: None,
         }
+    }
+
+    /// The same hello carrying a one-time enrolment token.
+    pub fn with_token(mut self, token: heapless::String<MAX_TOKEN_LEN>) -> Self {
+        self.token = Some(token);
+        self
     }
 }
 
@@ -340,39 +354,63 @@ impl Handshake {
         if !self.core.is_finished() || self.remote_hello.is_none() {
             return Err(SessionError::OutOfOrder);
         }
+        let initiator = self.initiator;
         let state = self
             .core
             .finalize()
             .map_err(|_| SessionError::BadHandshake)?;
-        Ok(Transport { state })
+        Ok(Transport::from_state(state, initiator))
     }
 }
 
 /// An established session: encrypts outgoing and decrypts incoming frames.
+///
+/// [`Transport::split`] gives independent halves for a reader and a writer task.
+#[derive(Debug)]
 pub struct Transport {
-    state: TransportState<ChaChaPoly, Sha256>,
+    seal: Sealer,
+    open: Opener,
 }
 
-impl core::fmt::Debug for Transport {
+/// The sending half of a session: encrypts frames in order.
+pub struct Sealer {
+    state: CipherState<ChaChaPoly>,
+}
+
+/// The receiving half of a session: decrypts frames in order.
+pub struct Opener {
+    state: CipherState<ChaChaPoly>,
+}
+
+impl core::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Transport")
-            .field("sent", &self.state.sending_nonce())
-            .field("received", &self.state.receiving_nonce())
+        f.debug_struct("Sealer")
+            .field("sent", &self.state.get_nonce())
             .finish()
     }
 }
 
-impl Transport {
+impl core::fmt::Debug for Opener {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Opener")
+            .field("received", &self.state.get_nonce())
+            .finish()
+    }
+}
+
+impl Sealer {
     /// Encrypts the first `len` bytes of `buf` in place; returns the ciphertext length (`len + TAG_LEN`).
     pub fn encrypt(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SessionError> {
         if len + TAG_LEN > MAX_FRAME || len + TAG_LEN > buf.len() {
             return Err(SessionError::Size);
         }
         self.state
-            .send_in_place(buf, len)
+            .encrypt_with_ad_in_place(&[], buf, len)
             .map_err(|_| SessionError::Size)
     }
+}
 
+impl Opener {
     /// Decrypts the first `len` bytes of `buf` in place; returns the plaintext length.
     ///
     /// After an error the session is no longer usable: close it.
@@ -384,8 +422,40 @@ impl Transport {
             return Err(SessionError::BadFrame);
         }
         self.state
-            .receive_in_place(buf, len)
+            .decrypt_with_ad_in_place(&[], buf, len)
             .map_err(|_| SessionError::BadFrame)
+    }
+}
+
+impl Transport {
+    fn from_state(state: TransportState<ChaChaPoly, Sha256>, initiator: bool) -> Self {
+        let states = state.take();
+        let (send, recv) = if initiator {
+            (states.initiator_to_responder, states.responder_to_initiator)
+        } else {
+            (states.responder_to_initiator, states.initiator_to_responder)
+        };
+        Transport {
+            seal: Sealer { state: send },
+            open: Opener { state: recv },
+        }
+    }
+
+    /// Encrypts the first `len` bytes of `buf` in place; returns the ciphertext length (`len + TAG_LEN`).
+    pub fn encrypt(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SessionError> {
+        self.seal.encrypt(buf, len)
+    }
+
+    /// Decrypts the first `len` bytes of `buf` in place; returns the plaintext length.
+    ///
+    /// After an error the session is no longer usable: close it.
+    pub fn decrypt(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SessionError> {
+        self.open.decrypt(buf, len)
+    }
+
+    /// Splits into a sending and a receiving half.
+    pub fn split(self) -> (Sealer, Opener) {
+        (self.seal, self.open)
     }
 }
 
