@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Baton's whole test run: installs what it needs on a fresh Debian machine,
+# then checks formatting, lints, the no_std build, all tests, and a short fuzz run.
+# Usage: scripts/test.sh            (FUZZ_SECONDS=N to change the fuzz time per target)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FUZZ_SECONDS="${FUZZ_SECONDS:-10}"
+started=$(date +%s)
+stage_start=$started
+stage() {
+    local now; now=$(date +%s)
+    if [ -n "${stage_name:-}" ]; then
+        printf '=== stage %-28s %4ss\n' "$stage_name" "$((now - stage_start))"
+    fi
+    stage_name="$1"; stage_start=$now
+    printf '\n=== %s\n' "$1"
+}
+
+stage "install toolchain parts"
+rustup target list --installed | grep -qx thumbv7m-none-eabi || rustup target add thumbv7m-none-eabi
+rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+if ! rustup toolchain list | grep -q '^nightly'; then
+    rustup toolchain install nightly --profile minimal
+fi
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked
+fi
+
+stage "cargo fmt --check"
+cargo fmt --all --check
+
+stage "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+stage "no_std check (thumbv7m)"
+cargo check -p baton-protocol -p baton-agent-core --no-default-features --target thumbv7m-none-eabi
+
+stage "cargo test"
+cargo test --workspace
+
+stage "fuzz (${FUZZ_SECONDS}s per target)"
+protocol/fuzz/run-all.sh "$FUZZ_SECONDS"
+
+stage "done"
+echo "all stages passed in $(( $(date +%s) - started ))s"
