@@ -1,0 +1,2581 @@
+//! The agent's sans-IO state machine (SPEC.md §5 "Agent").
+//!
+//! [`Agent`] never touches a socket, a clock or a file (other than through its
+//! [`ContentStore`]). A driver feeds it inputs and carries out its outputs:
+//!
+//! - inputs, each with `now` (monotonic time since an origin the driver picks):
+//!   [`Agent::handle_manager_connected`], [`Agent::handle_connected`],
+//!   [`Agent::handle_disconnected`], [`Agent::handle_connect_failed`],
+//!   [`Agent::handle_frame`] (one decrypted frame), [`Agent::handle_timeout`];
+//! - outputs, drained after every input until `None`, in this order:
+//!   [`Agent::poll_transmit`] (encodes the next frame into the driver's buffer
+//!   and names its connection; for a chunk it reads data and proof from the
+//!   store straight into that buffer), [`Agent::poll_event`] (connect to a
+//!   peer, close a connection, job state changes), and
+//!   [`Agent::poll_timeout`] (when to call `handle_timeout` next).
+//!
+//! The manager connection is the distinguished [`ConnId::MANAGER`]; the driver
+//! numbers peer connections from 1. Peers are authenticated by the driver
+//! (certificate or expected key) before `handle_connected`.
+//!
+//! Fetching: each job has a source table by chunk range (later ranges win;
+//! chunks no usable range covers come from the manager). Each source gets up
+//! to `window` chunk requests in flight, in index order within its ranges.
+//! Every chunk is verified against the manifest's root before it is written;
+//! a source that sends a bad chunk, is unreachable or keeps refusing is
+//! reported to the manager and not asked again for that job (its chunks fall
+//! back to the manager until the manager names new sources).
+//!
+//! Serving: a `ChunkRequest` is answered from any verified chunk held,
+//! including chunks of content still being fetched (cut-through); a request
+//! for a chunk of content being fetched that is not verified yet is parked
+//! until it is (bounded in number and time), else refused `NotYet`.
+
+use core::time::Duration;
+
+use baton_protocol::identity::AgentCert;
+use baton_protocol::manifest::ManifestError;
+use baton_protocol::merkle::{self, Proof, leaf_hash};
+use baton_protocol::message::{
+    CodecError, FailReason, Holding, MAX_HOLDINGS, MAX_PUBLISHERS, MAX_RECEIVED_PER_PROGRESS,
+    Received, Refusal, Report, Source, SourceRange, Trouble,
+};
+use baton_protocol::{
+    AgentId, Digest, JobRef, KeyId, Label, LinkInfo, MAX_LABELS, Manifest, Message, Name, PeerAddr,
+    PublicKey,
+};
+use heapless::{Deque, Vec};
+use serde::Serialize;
+
+use crate::store::{ContentStore, StoreError};
+
+/// Most chunk requests in flight per source (the configured window is capped at this).
+pub const MAX_WINDOW: usize = 16;
+/// Most distinct sources tracked per job (the manager counts as one).
+pub const MAX_SOURCE_SLOTS: usize = 8;
+/// Most source ranges kept per job (beyond, shadowed and then oldest ranges are dropped).
+pub const MAX_RANGES: usize = 32;
+/// Most peer requests parked until their chunk is verified.
+pub const MAX_PARKED: usize = 16;
+/// Consecutive `Busy`/`Unknown` refusals after which a source is reported and avoided.
+pub const MAX_REFUSALS: u16 = 50;
+/// Connection losses after which a peer source is reported unreachable.
+pub const MAX_DISCONNECTS: u8 = 3;
+
+const REPLY_QUEUE: usize = 32;
+const MANAGER_QUEUE: usize = 16;
+const EVENT_QUEUE: usize = 32;
+const FENCES: usize = 16;
+
+/// A connection, numbered by the driver; [`ConnId::MANAGER`] is the manager session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ConnId(pub u32);
+
+impl ConnId {
+    /// The agent's session with the manager.
+    pub const MANAGER: ConnId = ConnId(0);
+}
+
+/// Who opened a peer connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Direction {
+    /// The peer connected to our listener.
+    Incoming,
+    /// We connected to the peer (after an [`Event::Connect`]).
+    Outgoing,
+}
+
+/// An authenticated peer connection, as the driver reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct PeerInfo {
+    /// The peer's id (proven by its certificate or the expected key).
+    pub id: AgentId,
+    /// Who connected.
+    pub direction: Direction,
+}
+
+/// One frame for the driver to send: `buf[..len]` on connection `conn`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Transmit {
+    /// Where to send it.
+    pub conn: ConnId,
+    /// Bytes of plaintext at the start of the buffer.
+    pub len: usize,
+}
+
+/// Something the driver must do or may want to know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum Event {
+    /// Open a connection to a peer at `addr` expecting `key`; answer with
+    /// [`Agent::handle_connected`] (outgoing) or [`Agent::handle_connect_failed`].
+    Connect {
+        /// The peer's id.
+        peer: AgentId,
+        /// Where it listens.
+        addr: PeerAddr,
+        /// The key it must prove.
+        key: PublicKey,
+    },
+    /// Close this peer connection (no longer needed, or misbehaving).
+    Close {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// The manager's `Welcome` arrived: the certificate for peer handshakes is in [`Agent::cert`].
+    Welcomed,
+    /// A job started (or resumed) fetching.
+    JobStarted {
+        /// The job.
+        job: JobRef,
+        /// The content.
+        root: Digest,
+        /// Chunks in the content.
+        chunks: u32,
+        /// Chunks already verified in the store.
+        resumed: u32,
+    },
+    /// Every chunk of the job is verified and stored; `Have` goes to the manager.
+    JobComplete {
+        /// The job.
+        job: JobRef,
+        /// The content.
+        root: Digest,
+    },
+    /// The manager said `Done` for the job.
+    JobDone {
+        /// The job.
+        job: JobRef,
+        /// The content, if the job was known.
+        root: Option<Digest>,
+    },
+    /// The manager cancelled the job.
+    JobCancelled {
+        /// The job.
+        job: JobRef,
+    },
+    /// The agent gave up on the job; `Failed` goes to the manager.
+    JobFailed {
+        /// The job.
+        job: JobRef,
+        /// Why.
+        reason: FailReason,
+    },
+    /// A source misbehaved; `PeerTrouble` goes to the manager and the source is avoided.
+    PeerTrouble {
+        /// The job.
+        job: JobRef,
+        /// The peer.
+        peer: AgentId,
+        /// What happened.
+        trouble: Trouble,
+    },
+    /// Input that was ignored, for the log (stale epoch, unsolicited chunk, full queue…).
+    Ignored {
+        /// What and why.
+        what: &'static str,
+    },
+}
+
+/// Why an input was refused. The driver closes the connection when [`AgentError::must_close`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The frame is not a valid message.
+    Decode(CodecError),
+    /// A message this side does not expect from that connection's role.
+    Unexpected(&'static str),
+    /// The connection is not known to the agent.
+    UnknownConn,
+    /// No room for another peer connection.
+    TooManyConnections,
+}
+
+impl AgentError {
+    /// Whether the connection the input came from should be closed.
+    pub fn must_close(&self) -> bool {
+        !matches!(self, AgentError::Unexpected(_))
+    }
+}
+
+impl core::fmt::Display for AgentError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            AgentError::Decode(e) => write!(f, "undecodable frame: {e}"),
+            AgentError::Unexpected(kind) => write!(f, "unexpected {kind} on this connection"),
+            AgentError::UnknownConn => f.write_str("unknown connection"),
+            AgentError::TooManyConnections => f.write_str("too many peer connections"),
+        }
+    }
+}
+
+impl core::error::Error for AgentError {}
+
+/// What the agent is and how it behaves; most of it goes into its [`Report`].
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The agent's id (as enrolled at the manager).
+    pub id: AgentId,
+    /// Where peers reach it.
+    pub listen: Option<PeerAddr>,
+    /// Site, e.g. `fra-2`.
+    pub site: Name,
+    /// LAN segment, e.g. `fra-2/rack-4`.
+    pub segment: Name,
+    /// Relative performance score 1..=1000.
+    pub performance: u32,
+    /// Whether it serves chunks to peers.
+    pub can_serve: bool,
+    /// Largest chunk size it accepts.
+    pub max_chunk: u32,
+    /// Most peers served at once; more get `Refuse{Busy}`.
+    pub max_peers: u16,
+    /// Chunk requests in flight per source (1..=[`MAX_WINDOW`]).
+    pub window: u16,
+    /// Link capacity and reliability as known.
+    pub link: LinkInfo,
+    /// Labels from the configuration.
+    pub labels: Vec<Label, MAX_LABELS>,
+    /// Trusted publisher keys; empty = trust the keys the manager's `Welcome` names.
+    pub publishers: Vec<PublicKey, MAX_PUBLISHERS>,
+    /// Least time between two `Progress` messages.
+    pub progress_interval: Duration,
+    /// Pause before asking a source again after a refusal.
+    pub retry_delay: Duration,
+    /// A chunk request unanswered this long is given up (a peer is then avoided).
+    pub request_timeout: Duration,
+    /// How long a parked request waits for its chunk before `Refuse{NotYet}`.
+    pub park_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// A configuration with sensible defaults for agent `id`.
+    pub fn new(id: AgentId) -> Self {
+        AgentConfig {
+            id,
+            listen: None,
+            site: Name::new(),
+            segment: Name::new(),
+            performance: 100,
+            can_serve: true,
+            max_chunk: baton_protocol::MAX_CHUNK_SIZE,
+            max_peers: 8,
+            window: 8,
+            link: LinkInfo::default(),
+            labels: Vec::new(),
+            publishers: Vec::new(),
+            progress_interval: Duration::from_millis(250),
+            retry_delay: Duration::from_millis(100),
+            request_timeout: Duration::from_secs(30),
+            park_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Counters for one job, for status pages and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct JobStats {
+    /// Chunks in the content.
+    pub chunks: u32,
+    /// Chunks verified and stored (resumed + fetched).
+    pub verified: u32,
+    /// Chunks found verified in the store when the job started.
+    pub resumed: u32,
+    /// Chunks fetched, verified and stored by this job.
+    pub fetched: u32,
+    /// Chunks that failed verification.
+    pub bad_chunks: u32,
+    /// Verified chunk bytes received.
+    pub bytes_received: u64,
+    /// Chunk bytes served to others from this content.
+    pub bytes_served: u64,
+}
+
+/// Where a job stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum JobState {
+    /// Fetching chunks.
+    Fetching,
+    /// Every chunk verified; serving until `Done`.
+    Complete,
+    /// Given up.
+    Failed(FailReason),
+}
+
+/// A snapshot of one job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobStatus<'a> {
+    /// The job and its current epoch.
+    pub job: JobRef,
+    /// Its manifest.
+    pub manifest: &'a Manifest,
+    /// Where it stands.
+    pub state: JobState,
+    /// Its counters.
+    pub stats: JobStats,
+}
+
+/// Why a source is no longer asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Avoid {
+    /// Sent a bad chunk: never again for this job.
+    Bad,
+    /// Unreachable or refusing: again only if the manager names it anew.
+    Trouble,
+}
+
+#[derive(Clone, Debug)]
+struct SourceSlot {
+    /// `None` for the manager.
+    peer: Option<(AgentId, PeerAddr, PublicKey)>,
+    avoided: Option<Avoid>,
+    in_flight: Vec<(u32, Duration), MAX_WINDOW>,
+    paused_until: Option<Duration>,
+    refusals: u16,
+    disconnects: u8,
+    received_delta: u64,
+}
+
+impl SourceSlot {
+    fn new(peer: Option<(AgentId, PeerAddr, PublicKey)>) -> Self {
+        SourceSlot {
+            peer,
+            avoided: None,
+            in_flight: Vec::new(),
+            paused_until: None,
+            refusals: 0,
+            disconnects: 0,
+            received_delta: 0,
+        }
+    }
+
+    fn id(&self) -> Option<&AgentId> {
+        self.peer.as_ref().map(|p| &p.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Range {
+    slot: u8,
+    first: u32,
+    end: u32,
+    cursor: u32,
+}
+
+#[derive(Clone, Debug)]
+struct Job {
+    job: JobRef,
+    manifest: Manifest,
+    state: JobState,
+    /// `ranges[0]` is the manager's default range over the whole content.
+    ranges: Vec<Range, MAX_RANGES>,
+    /// `sources[0]` is the manager.
+    sources: Vec<SourceSlot, MAX_SOURCE_SLOTS>,
+    stats: JobStats,
+    progress_due: bool,
+    last_progress: Option<Duration>,
+    have_due: bool,
+    next_due: bool,
+    failed_due: bool,
+}
+
+impl Job {
+    fn root(&self) -> &Digest {
+        &self.manifest.root
+    }
+
+    fn chunks(&self) -> u32 {
+        self.stats.chunks
+    }
+
+    /// The range whose source fetches chunk `i` now.
+    fn owner(&self, i: u32) -> usize {
+        for (r, range) in self.ranges.iter().enumerate().rev() {
+            if range.first <= i
+                && i < range.end
+                && self.sources[range.slot as usize].avoided.is_none()
+            {
+                return r;
+            }
+        }
+        0
+    }
+
+    fn in_flight_anywhere(&self, i: u32) -> bool {
+        self.sources
+            .iter()
+            .any(|s| s.in_flight.iter().any(|&(c, _)| c == i))
+    }
+
+    /// Makes chunk `i` eligible again for every range covering it.
+    fn rewind(&mut self, i: u32) {
+        for r in self.ranges.iter_mut() {
+            if r.first <= i && i < r.end && r.cursor > i {
+                r.cursor = i;
+            }
+        }
+    }
+
+    fn rewind_all(&mut self) {
+        for r in self.ranges.iter_mut() {
+            r.cursor = r.first;
+        }
+    }
+
+    fn set_default_range(&mut self) {
+        self.ranges.clear();
+        let _ = self.ranges.push(Range {
+            slot: 0,
+            first: 0,
+            end: self.chunks(),
+            cursor: 0,
+        });
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Peer {
+    id: AgentId,
+    conn: Option<ConnId>,
+    direction: Direction,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Reply {
+    Chunk {
+        conn: ConnId,
+        root: Digest,
+        index: u32,
+    },
+    Refuse {
+        conn: ConnId,
+        root: Digest,
+        index: u32,
+        reason: Refusal,
+    },
+    Pong {
+        conn: ConnId,
+        nonce: u64,
+    },
+}
+
+#[derive(Clone, Debug)]
+enum ToManager {
+    Failed(JobRef, FailReason),
+    Trouble(JobRef, AgentId, Trouble),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Parked {
+    conn: ConnId,
+    root: Digest,
+    index: u32,
+    until: Duration,
+}
+
+#[derive(Clone, Debug)]
+struct Welcome {
+    cert: AgentCert,
+    unix_time: u64,
+    at: Duration,
+    publishers: Vec<PublicKey, MAX_PUBLISHERS>,
+}
+
+/// The agent state machine over a content store `S`, with room for `JOBS`
+/// concurrent jobs and `PEERS` peer connections (see the module docs).
+pub struct Agent<S: ContentStore, const JOBS: usize = 2, const PEERS: usize = 8> {
+    store: S,
+    config: AgentConfig,
+    manager_up: bool,
+    report_due: bool,
+    welcome: Option<Welcome>,
+    jobs: Vec<Job, JOBS>,
+    fences: Deque<JobRef, FENCES>,
+    peers: Vec<Peer, PEERS>,
+    serving: Vec<ConnId, PEERS>,
+    parked: Vec<Parked, MAX_PARKED>,
+    replies: Deque<Reply, REPLY_QUEUE>,
+    to_manager: Deque<ToManager, MANAGER_QUEUE>,
+    events: Deque<Event, EVENT_QUEUE>,
+    served_other: u64,
+}
+
+impl<S: ContentStore, const JOBS: usize, const PEERS: usize> core::fmt::Debug
+    for Agent<S, JOBS, PEERS>
+{
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Agent")
+            .field("id", &self.config.id)
+            .field("manager_up", &self.manager_up)
+            .field("jobs", &self.jobs.len())
+            .field("peers", &self.peers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// postcard's length of a varint for `v`.
+fn varint_len(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+/// The fields of [`Message::Chunk`] before its data, encoded the same way.
+#[derive(Serialize)]
+struct ChunkHead<'a> {
+    root: &'a Digest,
+    index: u32,
+    proof: &'a Proof,
+}
+
+/// postcard variant index of [`Message::Chunk`].
+const CHUNK_VARIANT: u8 = 12;
+
+fn fail_reason(e: ManifestError) -> FailReason {
+    match e {
+        ManifestError::ChunkTooLarge => FailReason::ChunkTooLarge,
+        ManifestError::UntrustedSigner | ManifestError::BadSignature => FailReason::BadSignature,
+        ManifestError::Expired => FailReason::Expired,
+        ManifestError::Downgrade => FailReason::Downgrade,
+        _ => FailReason::BadManifest,
+    }
+}
+
+fn store_fail(e: StoreError) -> FailReason {
+    match e {
+        StoreError::Full => FailReason::StorageFull,
+        _ => FailReason::StorageError,
+    }
+}
+
+fn min_opt(a: Option<Duration>, b: Duration) -> Option<Duration> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
+
+impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEERS> {
+    /// An agent over `store` (already mounted: what it holds is resumed and served).
+    pub fn new(config: AgentConfig, store: S) -> Self {
+        Agent {
+            store,
+            config,
+            manager_up: false,
+            report_due: false,
+            welcome: None,
+            jobs: Vec::new(),
+            fences: Deque::new(),
+            peers: Vec::new(),
+            serving: Vec::new(),
+            parked: Vec::new(),
+            replies: Deque::new(),
+            to_manager: Deque::new(),
+            events: Deque::new(),
+            served_other: 0,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The store, mutably (e.g. to export completed content).
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    /// The manager's certificate for this agent, once welcomed (shown to peers in handshakes).
+    pub fn cert(&self) -> Option<&AgentCert> {
+        self.welcome.as_ref().map(|w| &w.cert)
+    }
+
+    /// The manager's Unix time now, as learnt from `Welcome`.
+    pub fn unix_time(&self, now: Duration) -> Option<u64> {
+        self.welcome
+            .as_ref()
+            .map(|w| w.unix_time + now.saturating_sub(w.at).as_secs())
+    }
+
+    /// Whether the manager session is up.
+    pub fn manager_connected(&self) -> bool {
+        self.manager_up
+    }
+
+    /// Snapshots of the current jobs.
+    pub fn jobs(&self) -> impl Iterator<Item = JobStatus<'_>> {
+        self.jobs.iter().map(|j| JobStatus {
+            job: j.job,
+            manifest: &j.manifest,
+            state: j.state,
+            stats: j.stats,
+        })
+    }
+
+    /// The counters of job `id`, if current.
+    pub fn job_stats(&self, id: u64) -> Option<JobStats> {
+        self.jobs.iter().find(|j| j.job.id == id).map(|j| j.stats)
+    }
+
+    /// Chunk bytes served from content no current job covers.
+    pub fn bytes_served_other(&self) -> u64 {
+        self.served_other
+    }
+
+    /// Changes the address reported to the manager (e.g. once the listener is bound).
+    pub fn set_listen(&mut self, listen: Option<PeerAddr>) {
+        if self.config.listen != listen {
+            self.config.listen = listen;
+            self.report_due = self.manager_up;
+        }
+    }
+
+    /// Changes the link information reported to the manager.
+    pub fn set_link(&mut self, link: LinkInfo) {
+        self.config.link = link;
+        self.report_due = self.manager_up;
+    }
+
+    fn event(&mut self, e: Event) {
+        if self.events.push_back(e).is_err() {
+            // The driver drains events after every input; losing the oldest is the least harm.
+            self.events.pop_front();
+            let _ = self.events.push_back(Event::Ignored {
+                what: "event queue overflow",
+            });
+        }
+    }
+
+    fn ignored(&mut self, what: &'static str) {
+        self.event(Event::Ignored { what });
+    }
+
+    // ---------------------------------------------------------------- inputs
+
+    /// The manager session is up (handshake done): the agent sends its `Report`.
+    pub fn handle_manager_connected(&mut self, now: Duration) {
+        self.manager_up = true;
+        self.report_due = true;
+        for job in self.jobs.iter_mut() {
+            job.progress_due = job.state == JobState::Fetching;
+            if job.state == JobState::Complete {
+                job.have_due = true;
+                job.next_due = true;
+            }
+        }
+        self.maintain(now);
+    }
+
+    /// A peer connection is up and authenticated.
+    pub fn handle_connected(
+        &mut self,
+        now: Duration,
+        conn: ConnId,
+        peer: PeerInfo,
+    ) -> Result<(), AgentError> {
+        if conn == ConnId::MANAGER {
+            return Err(AgentError::UnknownConn);
+        }
+        if let Some(p) = self
+            .peers
+            .iter_mut()
+            .find(|p| p.id == peer.id && p.conn.is_none() && peer.direction == Direction::Outgoing)
+        {
+            p.conn = Some(conn);
+        } else {
+            self.peers
+                .push(Peer {
+                    id: peer.id,
+                    conn: Some(conn),
+                    direction: peer.direction,
+                })
+                .map_err(|_| AgentError::TooManyConnections)?;
+        }
+        self.maintain(now);
+        Ok(())
+    }
+
+    /// A connection closed (or failed). For the manager, requests to it are re-issued after reconnecting.
+    pub fn handle_disconnected(&mut self, now: Duration, conn: ConnId) {
+        if conn == ConnId::MANAGER {
+            self.manager_up = false;
+            self.report_due = false;
+            for job in self.jobs.iter_mut() {
+                let in_flight = core::mem::take(&mut job.sources[0].in_flight);
+                for (i, _) in in_flight {
+                    job.rewind(i);
+                }
+            }
+        } else {
+            let Some(pos) = self.peers.iter().position(|p| p.conn == Some(conn)) else {
+                return;
+            };
+            let peer = self.peers.swap_remove(pos);
+            self.serving.retain(|c| *c != conn);
+            self.parked.retain(|p| p.conn != conn);
+            self.drop_replies_to(conn);
+            let mut trouble: Vec<(JobRef, AgentId), JOBS> = Vec::new();
+            for job in self.jobs.iter_mut() {
+                let mut rewind: Vec<u32, MAX_WINDOW> = Vec::new();
+                for slot in job.sources.iter_mut() {
+                    if slot.id() == Some(&peer.id) && slot.avoided.is_none() {
+                        let had_work = !slot.in_flight.is_empty();
+                        for (i, _) in core::mem::take(&mut slot.in_flight) {
+                            let _ = rewind.push(i);
+                        }
+                        if had_work {
+                            slot.disconnects += 1;
+                            if slot.disconnects >= MAX_DISCONNECTS {
+                                slot.avoided = Some(Avoid::Trouble);
+                                let _ = trouble.push((job.job, peer.id.clone()));
+                            }
+                        }
+                    }
+                }
+                for i in rewind {
+                    job.rewind(i);
+                }
+            }
+            for (job, peer) in trouble {
+                self.report_trouble(job, peer, Trouble::Unreachable);
+            }
+        }
+        self.maintain(now);
+    }
+
+    /// Connecting to `peer` (after [`Event::Connect`]) failed: the peer is reported unreachable.
+    pub fn handle_connect_failed(&mut self, now: Duration, peer: &AgentId) {
+        self.peers.retain(|p| !(p.id == *peer && p.conn.is_none()));
+        let mut trouble: Vec<JobRef, JOBS> = Vec::new();
+        for job in self.jobs.iter_mut() {
+            let mut hit = false;
+            for slot in job.sources.iter_mut() {
+                if slot.id() == Some(peer) && slot.avoided.is_none() {
+                    slot.avoided = Some(Avoid::Trouble);
+                    hit = true;
+                }
+            }
+            if hit {
+                job.rewind_all();
+                let _ = trouble.push(job.job);
+            }
+        }
+        for job in trouble {
+            self.report_trouble(job, peer.clone(), Trouble::Unreachable);
+        }
+        self.maintain(now);
+    }
+
+    /// Time passed: requests past their timeout are given up.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        let timeout = self.config.request_timeout;
+        let mut trouble: Vec<(JobRef, AgentId), 8> = Vec::new();
+        for job in self.jobs.iter_mut() {
+            let mut rewind: Vec<u32, 32> = Vec::new();
+            let mut any_avoided = false;
+            for slot in job.sources.iter_mut() {
+                let expired = slot
+                    .in_flight
+                    .iter()
+                    .any(|&(_, at)| now.saturating_sub(at) >= timeout);
+                if !expired {
+                    continue;
+                }
+                for (i, _) in core::mem::take(&mut slot.in_flight) {
+                    let _ = rewind.push(i);
+                }
+                if let Some((id, ..)) = &slot.peer {
+                    slot.avoided = Some(Avoid::Trouble);
+                    any_avoided = true;
+                    let _ = trouble.push((job.job, id.clone()));
+                }
+            }
+            for i in rewind {
+                job.rewind(i);
+            }
+            if any_avoided {
+                job.rewind_all();
+            }
+        }
+        for (job, peer) in trouble {
+            self.report_trouble(job, peer, Trouble::Unreachable);
+        }
+        self.maintain(now);
+    }
+
+    /// One decrypted frame from connection `conn`.
+    ///
+    /// A decode error means only that connection is closed; see [`AgentError::must_close`].
+    pub fn handle_frame(
+        &mut self,
+        now: Duration,
+        conn: ConnId,
+        plaintext: &[u8],
+    ) -> Result<(), AgentError> {
+        let from_manager = conn == ConnId::MANAGER;
+        if !from_manager && !self.peers.iter().any(|p| p.conn == Some(conn)) {
+            return Err(AgentError::UnknownConn);
+        }
+        let msg = Message::decode(plaintext).map_err(AgentError::Decode)?;
+        let result = match msg {
+            Message::Welcome {
+                cert,
+                unix_time,
+                publishers,
+            } if from_manager => {
+                self.welcome = Some(Welcome {
+                    cert,
+                    unix_time,
+                    at: now,
+                    publishers,
+                });
+                self.event(Event::Welcomed);
+                Ok(())
+            }
+            Message::Fetch {
+                job,
+                manifest,
+                sources,
+                next: _,
+            } if from_manager => {
+                self.on_fetch(now, job, manifest, &sources);
+                Ok(())
+            }
+            Message::Sources { job, sources } if from_manager => {
+                self.on_sources(job, &sources, false);
+                Ok(())
+            }
+            Message::Done { job } if from_manager => {
+                self.on_done(job, false);
+                Ok(())
+            }
+            Message::Cancel { job } if from_manager => {
+                self.on_done(job, true);
+                Ok(())
+            }
+            Message::ChunkRequest { root, index } => {
+                self.on_chunk_request(now, conn, root, index);
+                Ok(())
+            }
+            Message::Chunk {
+                root,
+                index,
+                proof,
+                data,
+            } => {
+                self.on_chunk(now, conn, &root, index, &proof, data);
+                Ok(())
+            }
+            Message::Refuse {
+                root,
+                index,
+                reason,
+            } => {
+                self.on_refuse(now, conn, &root, index, reason);
+                Ok(())
+            }
+            Message::Ping { nonce } => {
+                self.reply(Reply::Pong { conn, nonce });
+                Ok(())
+            }
+            Message::Pong { .. } => Ok(()),
+            other => Err(AgentError::Unexpected(other.kind())),
+        };
+        self.maintain(now);
+        result
+    }
+
+    // -------------------------------------------------------------- handlers
+
+    /// Whether an instruction for `job` is current (not older than an epoch seen for it); records it.
+    fn fence(&mut self, job: JobRef) -> bool {
+        if let Some(j) = self.jobs.iter_mut().find(|j| j.job.id == job.id) {
+            if job.epoch < j.job.epoch {
+                return false;
+            }
+            j.job.epoch = job.epoch;
+        }
+        if let Some(f) = self.fences.iter_mut().find(|f| f.id == job.id) {
+            if job.epoch < f.epoch {
+                return false;
+            }
+            f.epoch = job.epoch;
+        } else {
+            if self.fences.is_full() {
+                self.fences.pop_front();
+            }
+            let _ = self.fences.push_back(job);
+        }
+        true
+    }
+
+    fn check_manifest(&self, now: Duration, m: &Manifest) -> Result<(), ManifestError> {
+        m.check_limits(self.unix_time(now))?;
+        if m.chunk_size > self.config.max_chunk {
+            return Err(ManifestError::ChunkTooLarge);
+        }
+        let trusted: &[PublicKey] = if !self.config.publishers.is_empty() {
+            &self.config.publishers
+        } else {
+            self.welcome.as_ref().map_or(&[], |w| &w.publishers)
+        };
+        let key = trusted
+            .iter()
+            .find(|k| KeyId::of(k) == m.signer)
+            .ok_or(ManifestError::UntrustedSigner)?;
+        m.verify_signature(key)?;
+        let mut i = 0;
+        while let Some(h) = self.store.held(i) {
+            if h.manifest.name == m.name && h.manifest.version > m.version {
+                return Err(ManifestError::Downgrade);
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
+    fn fail_job(&mut self, job: JobRef, reason: FailReason) {
+        if let Some(j) = self.jobs.iter_mut().find(|j| j.job.id == job.id) {
+            j.state = JobState::Failed(reason);
+            j.failed_due = true;
+            for s in j.sources.iter_mut() {
+                s.in_flight.clear();
+            }
+        } else if self
+            .to_manager
+            .push_back(ToManager::Failed(job, reason))
+            .is_err()
+        {
+            self.ignored("manager queue full: Failed dropped");
+        }
+        self.event(Event::JobFailed { job, reason });
+    }
+
+    fn on_fetch(
+        &mut self,
+        now: Duration,
+        job: JobRef,
+        manifest: Manifest,
+        sources: &[SourceRange],
+    ) {
+        if !self.fence(job) {
+            self.ignored("stale Fetch (older epoch)");
+            return;
+        }
+        if let Some(pos) = self.jobs.iter().position(|j| j.job.id == job.id) {
+            if self.jobs[pos].manifest.root == manifest.root {
+                // The same job again (e.g. after a manager restart): new sources, same progress.
+                let j = &mut self.jobs[pos];
+                j.job = job;
+                match j.state {
+                    JobState::Complete => {
+                        j.have_due = true;
+                        j.next_due = true;
+                    }
+                    JobState::Failed(_) => {
+                        j.state = JobState::Fetching;
+                        j.failed_due = false;
+                    }
+                    JobState::Fetching => j.progress_due = true,
+                }
+                self.on_sources(job, sources, true);
+                return;
+            }
+            self.jobs.swap_remove(pos);
+        }
+        if let Err(e) = self.check_manifest(now, &manifest) {
+            self.fail_job(job, fail_reason(e));
+            return;
+        }
+        if self.jobs.is_full() {
+            // Make room from jobs that no longer fetch.
+            if let Some(pos) = self.jobs.iter().position(|j| j.state != JobState::Fetching) {
+                self.jobs.swap_remove(pos);
+            } else {
+                self.fail_job(job, FailReason::Busy);
+                return;
+            }
+        }
+        let resumed = match self.store.open(&manifest) {
+            Ok(n) => n,
+            Err(e) => {
+                self.fail_job(job, store_fail(e));
+                return;
+            }
+        };
+        let chunks = manifest.chunks();
+        let root = manifest.root;
+        let mut j = Job {
+            job,
+            manifest,
+            state: JobState::Fetching,
+            ranges: Vec::new(),
+            sources: Vec::new(),
+            stats: JobStats {
+                chunks,
+                verified: resumed,
+                resumed,
+                ..JobStats::default()
+            },
+            progress_due: resumed > 0,
+            last_progress: None,
+            have_due: false,
+            next_due: false,
+            failed_due: false,
+        };
+        let _ = j.sources.push(SourceSlot::new(None));
+        j.set_default_range();
+        if resumed >= chunks {
+            j.state = JobState::Complete;
+            j.have_due = true;
+            j.next_due = true;
+        }
+        let complete = j.state == JobState::Complete;
+        let _ = self.jobs.push(j);
+        self.event(Event::JobStarted {
+            job,
+            root,
+            chunks,
+            resumed,
+        });
+        if complete {
+            self.event(Event::JobComplete { job, root });
+        }
+        self.on_sources(job, sources, true);
+    }
+
+    fn on_sources(&mut self, job: JobRef, sources: &[SourceRange], replace: bool) {
+        if !replace && !self.fence(job) {
+            self.ignored("stale Sources (older epoch)");
+            return;
+        }
+        let Some(j) = self.jobs.iter_mut().find(|j| j.job.id == job.id) else {
+            self.ignored("Sources for an unknown job");
+            return;
+        };
+        if replace {
+            j.set_default_range();
+        }
+        let mut dropped = false;
+        for sr in sources {
+            let end = sr.end.min(j.chunks());
+            if sr.first >= end {
+                continue;
+            }
+            let slot = match &sr.source {
+                Source::Manager => 0,
+                Source::Peer { id, addr, key } => {
+                    if let Some(pos) = j.sources.iter().position(|s| s.id() == Some(id)) {
+                        let s = &mut j.sources[pos];
+                        s.peer = Some((id.clone(), *addr, *key));
+                        if s.avoided == Some(Avoid::Trouble) {
+                            // Named anew by the manager: try it again.
+                            s.avoided = None;
+                            s.refusals = 0;
+                            s.disconnects = 0;
+                        }
+                        pos
+                    } else {
+                        if j.sources.is_full() {
+                            // Recycle a slot no range uses and nothing is in flight on.
+                            let free = (1..j.sources.len()).find(|&s| {
+                                j.sources[s].in_flight.is_empty()
+                                    && !j.ranges.iter().any(|r| r.slot as usize == s)
+                            });
+                            match free {
+                                Some(s) => {
+                                    j.sources[s] = SourceSlot::new(Some((id.clone(), *addr, *key)));
+                                    s
+                                }
+                                None => {
+                                    dropped = true;
+                                    continue;
+                                }
+                            }
+                        } else {
+                            let _ =
+                                j.sources
+                                    .push(SourceSlot::new(Some((id.clone(), *addr, *key))));
+                            j.sources.len() - 1
+                        }
+                    }
+                }
+            };
+            if j.ranges.is_full() {
+                // Drop ranges entirely shadowed by later ones, then the oldest.
+                let mut r = 1;
+                while r < j.ranges.len() {
+                    let (first, end) = (j.ranges[r].first, j.ranges[r].end);
+                    let shadowed = j.ranges[r + 1..]
+                        .iter()
+                        .any(|later| later.first <= first && end <= later.end);
+                    if shadowed {
+                        j.ranges.remove(r);
+                    } else {
+                        r += 1;
+                    }
+                }
+                if j.ranges.is_full() {
+                    j.ranges.remove(1);
+                    dropped = true;
+                }
+            }
+            let _ = j.ranges.push(Range {
+                slot: slot as u8,
+                first: sr.first,
+                end,
+                cursor: sr.first,
+            });
+        }
+        j.rewind_all();
+        if dropped {
+            self.ignored("source table full: some ranges fall back to the manager");
+        }
+    }
+
+    fn on_done(&mut self, job: JobRef, cancel: bool) {
+        if !self.fence(job) {
+            self.ignored("stale Done/Cancel (older epoch)");
+            return;
+        }
+        let root = if let Some(pos) = self.jobs.iter().position(|j| j.job.id == job.id) {
+            let j = self.jobs.swap_remove(pos);
+            Some(j.manifest.root)
+        } else {
+            None
+        };
+        if let Some(root) = root {
+            // Parked requests for content no longer fetched will not be answered.
+            let mut i = 0;
+            while i < self.parked.len() {
+                if self.parked[i].root == root && !self.fetching(&root) {
+                    let p = self.parked.swap_remove(i);
+                    self.reply(Reply::Refuse {
+                        conn: p.conn,
+                        root,
+                        index: p.index,
+                        reason: Refusal::NotYet,
+                    });
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        self.event(if cancel {
+            Event::JobCancelled { job }
+        } else {
+            Event::JobDone { job, root }
+        });
+    }
+
+    fn fetching(&self, root: &Digest) -> bool {
+        self.jobs
+            .iter()
+            .any(|j| j.root() == root && j.state == JobState::Fetching)
+    }
+
+    fn reply(&mut self, r: Reply) {
+        if self.replies.push_back(r).is_err() {
+            self.ignored("reply queue full: request dropped");
+        }
+    }
+
+    fn drop_replies_to(&mut self, conn: ConnId) {
+        let n = self.replies.len();
+        for _ in 0..n {
+            if let Some(r) = self.replies.pop_front() {
+                let c = match r {
+                    Reply::Chunk { conn, .. }
+                    | Reply::Refuse { conn, .. }
+                    | Reply::Pong { conn, .. } => conn,
+                };
+                if c != conn {
+                    let _ = self.replies.push_back(r);
+                }
+            }
+        }
+    }
+
+    fn on_chunk_request(&mut self, now: Duration, conn: ConnId, root: Digest, index: u32) {
+        let refuse = |reason| Reply::Refuse {
+            conn,
+            root,
+            index,
+            reason,
+        };
+        if !self.config.can_serve {
+            self.reply(refuse(Refusal::Busy));
+            return;
+        }
+        if conn != ConnId::MANAGER
+            && !self.serving.contains(&conn)
+            && (self.serving.len() >= self.config.max_peers as usize
+                || self.serving.push(conn).is_err())
+        {
+            self.reply(refuse(Refusal::Busy));
+            return;
+        }
+        let Some(m) = self.store.manifest(&root) else {
+            self.reply(refuse(Refusal::Unknown));
+            return;
+        };
+        if index >= m.chunks() {
+            self.reply(refuse(Refusal::Unknown));
+            return;
+        }
+        match self.store.is_verified(&root, index) {
+            Ok(true) => self.reply(Reply::Chunk { conn, root, index }),
+            Ok(false) if self.fetching(&root) => {
+                let p = Parked {
+                    conn,
+                    root,
+                    index,
+                    until: now + self.config.park_timeout,
+                };
+                if self.parked.push(p).is_err() {
+                    self.reply(refuse(Refusal::NotYet));
+                }
+            }
+            Ok(false) => self.reply(refuse(Refusal::NotYet)),
+            Err(_) => self.reply(refuse(Refusal::Busy)),
+        }
+    }
+
+    /// Finds the job fetching `root` and its source slot on `conn` with `index` in flight; takes it out.
+    fn take_in_flight(
+        &mut self,
+        conn: ConnId,
+        root: &Digest,
+        index: u32,
+    ) -> Option<(usize, usize)> {
+        let peer_id = if conn == ConnId::MANAGER {
+            None
+        } else {
+            Some(self.peers.iter().find(|p| p.conn == Some(conn))?.id.clone())
+        };
+        let jp = self
+            .jobs
+            .iter()
+            .position(|j| j.root() == root && j.state == JobState::Fetching)?;
+        let j = &mut self.jobs[jp];
+        let sp = j.sources.iter().position(|s| {
+            s.id() == peer_id.as_ref() && s.in_flight.iter().any(|&(i, _)| i == index)
+        })?;
+        let slot = &mut j.sources[sp];
+        slot.in_flight.retain(|&(i, _)| i != index);
+        Some((jp, sp))
+    }
+
+    fn report_trouble(&mut self, job: JobRef, peer: AgentId, trouble: Trouble) {
+        if self
+            .to_manager
+            .push_back(ToManager::Trouble(job, peer.clone(), trouble))
+            .is_err()
+        {
+            self.ignored("manager queue full: PeerTrouble dropped");
+        }
+        self.event(Event::PeerTrouble { job, peer, trouble });
+    }
+
+    fn on_chunk(
+        &mut self,
+        now: Duration,
+        conn: ConnId,
+        root: &Digest,
+        index: u32,
+        proof: &Proof,
+        data: &[u8],
+    ) {
+        let _ = now;
+        let Some((jp, sp)) = self.take_in_flight(conn, root, index) else {
+            self.ignored("unsolicited or late chunk");
+            return;
+        };
+        let j = &mut self.jobs[jp];
+        let chunks = j.chunks();
+        let ok = data.len() == j.manifest.chunk_len(index) as usize
+            && merkle::verify_leaf(root, chunks, index, &leaf_hash(data), proof).is_ok();
+        if !ok {
+            j.stats.bad_chunks += 1;
+            j.rewind(index);
+            let job = j.job;
+            let slot = &mut j.sources[sp];
+            if let Some((id, ..)) = slot.peer.clone() {
+                slot.avoided = Some(Avoid::Bad);
+                for (i, _) in core::mem::take(&mut slot.in_flight) {
+                    j.rewind(i);
+                }
+                j.rewind_all();
+                self.report_trouble(job, id, Trouble::BadChunk { index });
+            } else {
+                self.ignored("bad chunk from the manager; asking again");
+            }
+            return;
+        }
+        j.sources[sp].refusals = 0;
+        j.sources[sp].disconnects = 0;
+        match self.store.is_verified(root, index) {
+            Ok(true) => return, // a duplicate
+            Ok(false) => {}
+            Err(e) => {
+                let job = j.job;
+                self.fail_job(job, store_fail(e));
+                return;
+            }
+        }
+        if let Err(e) = self.store.write_chunk(root, index, data, proof) {
+            let job = self.jobs[jp].job;
+            self.fail_job(job, store_fail(e));
+            return;
+        }
+        let j = &mut self.jobs[jp];
+        j.stats.verified += 1;
+        j.stats.fetched += 1;
+        j.stats.bytes_received += data.len() as u64;
+        j.sources[sp].received_delta += data.len() as u64;
+        j.progress_due = true;
+        if j.stats.verified >= chunks {
+            j.state = JobState::Complete;
+            j.have_due = true;
+            j.next_due = true;
+            for s in j.sources.iter_mut() {
+                s.in_flight.clear();
+            }
+            let (job, root) = (j.job, j.manifest.root);
+            self.event(Event::JobComplete { job, root });
+            self.close_unneeded_peers();
+        }
+    }
+
+    fn on_refuse(
+        &mut self,
+        now: Duration,
+        conn: ConnId,
+        root: &Digest,
+        index: u32,
+        reason: Refusal,
+    ) {
+        let Some((jp, sp)) = self.take_in_flight(conn, root, index) else {
+            return;
+        };
+        let retry = self.config.retry_delay;
+        let j = &mut self.jobs[jp];
+        j.rewind(index);
+        let job = j.job;
+        let slot = &mut j.sources[sp];
+        slot.paused_until = Some(now + retry);
+        if reason != Refusal::NotYet {
+            slot.refusals += 1;
+        }
+        if slot.refusals >= MAX_REFUSALS
+            && let Some((id, ..)) = slot.peer.clone()
+        {
+            slot.avoided = Some(Avoid::Trouble);
+            for (i, _) in core::mem::take(&mut slot.in_flight) {
+                j.rewind(i);
+            }
+            j.rewind_all();
+            self.report_trouble(job, id, Trouble::Refused);
+        }
+    }
+
+    /// Closes outgoing peer connections no fetching job needs any more.
+    fn close_unneeded_peers(&mut self) {
+        let mut close: Vec<ConnId, PEERS> = Vec::new();
+        for p in &self.peers {
+            let Some(conn) = p.conn else { continue };
+            if p.direction != Direction::Outgoing || self.serving.contains(&conn) {
+                continue;
+            }
+            let needed = self.jobs.iter().any(|j| {
+                j.state == JobState::Fetching
+                    && j.sources
+                        .iter()
+                        .any(|s| s.avoided.is_none() && s.id() == Some(&p.id))
+            });
+            if !needed {
+                let _ = close.push(conn);
+            }
+        }
+        for conn in close {
+            self.event(Event::Close { conn });
+        }
+    }
+
+    /// Asks for connections to the peer sources that fetching jobs need.
+    fn maintain(&mut self, _now: Duration) {
+        let mut wanted: Vec<(AgentId, PeerAddr, PublicKey), 8> = Vec::new();
+        for j in self.jobs.iter().filter(|j| j.state == JobState::Fetching) {
+            for (s, slot) in j.sources.iter().enumerate() {
+                let Some(peer) = &slot.peer else { continue };
+                if slot.avoided.is_some() || !j.ranges.iter().any(|r| r.slot as usize == s) {
+                    continue;
+                }
+                if self.peers.iter().any(|p| p.id == peer.0) || wanted.iter().any(|w| w.0 == peer.0)
+                {
+                    continue;
+                }
+                let _ = wanted.push(peer.clone());
+            }
+        }
+        for (id, addr, key) in wanted {
+            if self
+                .peers
+                .push(Peer {
+                    id: id.clone(),
+                    conn: None,
+                    direction: Direction::Outgoing,
+                })
+                .is_err()
+            {
+                break;
+            }
+            self.event(Event::Connect {
+                peer: id,
+                addr,
+                key,
+            });
+        }
+    }
+
+    // --------------------------------------------------------------- outputs
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Agent::handle_timeout`] should be called next (in the driver's `now` timeline).
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        let mut t: Option<Duration> = None;
+        for j in &self.jobs {
+            if j.state == JobState::Fetching {
+                if j.progress_due
+                    && let Some(last) = j.last_progress
+                {
+                    t = min_opt(t, last + self.config.progress_interval);
+                }
+                for s in &j.sources {
+                    if let Some(p) = s.paused_until {
+                        t = min_opt(t, p);
+                    }
+                    for &(_, at) in &s.in_flight {
+                        t = min_opt(t, at + self.config.request_timeout);
+                    }
+                }
+            }
+        }
+        for p in &self.parked {
+            t = min_opt(t, p.until);
+        }
+        t
+    }
+
+    /// Encodes the next frame to send into `buf` and says where it goes.
+    ///
+    /// `buf` should hold a whole chunk message: at least `max_chunk` +
+    /// [`baton_protocol::message::CHUNK_OVERHEAD`] bytes (a chunk that does not
+    /// fit is refused `Busy` instead).
+    pub fn poll_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Option<Transmit> {
+        for _ in 0..64 {
+            match self.next_transmit(now, buf) {
+                Step::Send(t) => return Some(t),
+                Step::Skip => continue,
+                Step::Idle => return None,
+            }
+        }
+        None
+    }
+
+    fn next_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Step {
+        if self.manager_up
+            && let Some(step) = self.manager_transmit(now, buf)
+        {
+            return step;
+        }
+        if let Some(r) = self.replies.pop_front() {
+            return self.send_reply(r, buf);
+        }
+        if let Some(step) = self.parked_transmit(now) {
+            return step;
+        }
+        self.request_transmit(now, buf)
+    }
+
+    fn encode_to(&mut self, conn: ConnId, msg: &Message<'_>, buf: &mut [u8]) -> Step {
+        match msg.encode(buf) {
+            Ok(out) => Step::Send(Transmit {
+                conn,
+                len: out.len(),
+            }),
+            Err(_) => {
+                self.ignored("transmit buffer too small: message dropped");
+                Step::Skip
+            }
+        }
+    }
+
+    fn report(&self, now: Duration) -> Report {
+        let mut holdings: Vec<Holding, MAX_HOLDINGS> = Vec::new();
+        let mut i = 0;
+        while let Some(h) = self.store.held(i) {
+            let _ = holdings.push(Holding {
+                root: h.manifest.root,
+                verified: h.verified,
+                complete: h.verified >= h.manifest.chunks(),
+            });
+            i += 1;
+        }
+        let mut link = self.config.link;
+        link.uptime_s = now.as_secs();
+        Report {
+            id: self.config.id.clone(),
+            listen: self.config.listen,
+            site: self.config.site.clone(),
+            segment: self.config.segment.clone(),
+            performance: self.config.performance,
+            free_storage: self.store.free_bytes(),
+            can_serve: self.config.can_serve,
+            max_chunk: self.config.max_chunk,
+            max_sources: MAX_SOURCE_SLOTS as u16,
+            max_peers: self.config.max_peers,
+            link,
+            delays: Vec::new(),
+            labels: self.config.labels.clone(),
+            holdings,
+        }
+    }
+
+    fn manager_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Option<Step> {
+        let m = ConnId::MANAGER;
+        if self.report_due {
+            self.report_due = false;
+            let msg = Message::Report(self.report(now));
+            return Some(self.encode_to(m, &msg, buf));
+        }
+        if let Some(t) = self.to_manager.pop_front() {
+            let msg = match t {
+                ToManager::Failed(job, reason) => Message::Failed { job, reason },
+                ToManager::Trouble(job, peer, trouble) => {
+                    Message::PeerTrouble { job, peer, trouble }
+                }
+            };
+            return Some(self.encode_to(m, &msg, buf));
+        }
+        let interval = self.config.progress_interval;
+        for k in 0..self.jobs.len() {
+            let j = &mut self.jobs[k];
+            if j.failed_due {
+                j.failed_due = false;
+                let JobState::Failed(reason) = j.state else {
+                    continue;
+                };
+                let msg = Message::Failed { job: j.job, reason };
+                return Some(self.encode_to(m, &msg, buf));
+            }
+            let final_progress = j.have_due && j.progress_due;
+            let interval_ok = j.last_progress.is_none_or(|l| now >= l + interval);
+            if j.progress_due && (interval_ok || final_progress) {
+                j.progress_due = false;
+                j.last_progress = Some(now);
+                let mut received: Vec<Received, MAX_RECEIVED_PER_PROGRESS> = Vec::new();
+                for s in j.sources.iter_mut() {
+                    if s.received_delta > 0 {
+                        let r = Received {
+                            from: s.id().cloned(),
+                            bytes: s.received_delta,
+                        };
+                        if received.push(r).is_ok() {
+                            s.received_delta = 0;
+                        }
+                    }
+                }
+                let msg = Message::Progress {
+                    job: j.job,
+                    verified: j.stats.verified,
+                    received,
+                };
+                return Some(self.encode_to(m, &msg, buf));
+            }
+            if j.have_due {
+                j.have_due = false;
+                let msg = Message::Have {
+                    job: j.job,
+                    root: j.manifest.root,
+                };
+                return Some(self.encode_to(m, &msg, buf));
+            }
+            if j.next_due {
+                j.next_due = false;
+                let msg = Message::NextPlease { job: j.job };
+                return Some(self.encode_to(m, &msg, buf));
+            }
+        }
+        None
+    }
+
+    fn send_reply(&mut self, r: Reply, buf: &mut [u8]) -> Step {
+        match r {
+            Reply::Pong { conn, nonce } => self.encode_to(conn, &Message::Pong { nonce }, buf),
+            Reply::Refuse {
+                conn,
+                root,
+                index,
+                reason,
+            } => self.encode_to(
+                conn,
+                &Message::Refuse {
+                    root,
+                    index,
+                    reason,
+                },
+                buf,
+            ),
+            Reply::Chunk { conn, root, index } => match self.encode_chunk(&root, index, buf) {
+                Ok(len) => {
+                    let bytes = self
+                        .store
+                        .manifest(&root)
+                        .map_or(0, |m| m.chunk_len(index) as u64);
+                    if let Some(j) = self.jobs.iter_mut().find(|j| *j.root() == root) {
+                        j.stats.bytes_served += bytes;
+                    } else {
+                        self.served_other += bytes;
+                    }
+                    Step::Send(Transmit { conn, len })
+                }
+                Err(_) => self.encode_to(
+                    conn,
+                    &Message::Refuse {
+                        root,
+                        index,
+                        reason: Refusal::Busy,
+                    },
+                    buf,
+                ),
+            },
+        }
+    }
+
+    /// Encodes `Message::Chunk` for a stored chunk, reading data and proof from the store into `buf`.
+    fn encode_chunk(
+        &mut self,
+        root: &Digest,
+        index: u32,
+        buf: &mut [u8],
+    ) -> Result<usize, StoreError> {
+        let m = self.store.manifest(root).ok_or(StoreError::Unknown)?;
+        let len = m.chunk_len(index) as usize;
+        let plen = merkle::proof_len(index, m.chunks());
+        let head = 1
+            + 32
+            + varint_len(index as u64)
+            + varint_len(plen as u64)
+            + 32 * plen
+            + varint_len(len as u64);
+        if buf.len() < head + len {
+            return Err(StoreError::BadLength);
+        }
+        let mut proof = Proof::new();
+        let n = self
+            .store
+            .read_chunk(root, index, &mut buf[head..head + len], &mut proof)?;
+        debug_assert_eq!(n, len);
+        buf[0] = CHUNK_VARIANT;
+        let h = ChunkHead {
+            root,
+            index,
+            proof: &proof,
+        };
+        let used = postcard::to_slice(&h, &mut buf[1..head])
+            .map_err(|_| StoreError::BadLength)?
+            .len();
+        let lenpos = 1 + used;
+        let mut v = len as u64;
+        let mut p = lenpos;
+        loop {
+            let byte = (v & 0x7F) as u8;
+            v >>= 7;
+            if v == 0 {
+                buf[p] = byte;
+                p += 1;
+                break;
+            }
+            buf[p] = byte | 0x80;
+            p += 1;
+        }
+        debug_assert_eq!(p, head);
+        Ok(head + len)
+    }
+
+    fn parked_transmit(&mut self, now: Duration) -> Option<Step> {
+        let mut i = 0;
+        while i < self.parked.len() {
+            let p = self.parked[i];
+            let ready = self.store.is_verified(&p.root, p.index).unwrap_or(false);
+            if ready || now >= p.until || !self.fetching(&p.root) {
+                self.parked.swap_remove(i);
+                let r = if ready {
+                    Reply::Chunk {
+                        conn: p.conn,
+                        root: p.root,
+                        index: p.index,
+                    }
+                } else {
+                    Reply::Refuse {
+                        conn: p.conn,
+                        root: p.root,
+                        index: p.index,
+                        reason: Refusal::NotYet,
+                    }
+                };
+                self.reply(r);
+                return Some(Step::Skip);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    fn slot_conn(&self, slot: &SourceSlot) -> Option<ConnId> {
+        match &slot.peer {
+            None => self.manager_up.then_some(ConnId::MANAGER),
+            Some((id, ..)) => {
+                self.peers
+                    .iter()
+                    .find(|p| p.id == *id && p.conn.is_some())?
+                    .conn
+            }
+        }
+    }
+
+    fn request_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Step {
+        let window = (self.config.window as usize).clamp(1, MAX_WINDOW);
+        for jp in 0..self.jobs.len() {
+            if self.jobs[jp].state != JobState::Fetching {
+                continue;
+            }
+            for sp in 0..self.jobs[jp].sources.len() {
+                let slot = &self.jobs[jp].sources[sp];
+                if slot.avoided.is_some() || slot.in_flight.len() >= window {
+                    continue;
+                }
+                if slot.paused_until.is_some_and(|p| now < p) {
+                    continue;
+                }
+                let Some(conn) = self.slot_conn(slot) else {
+                    continue;
+                };
+                self.jobs[jp].sources[sp].paused_until = None;
+                match self.next_chunk(jp, sp) {
+                    Ok(Some(index)) => {
+                        let j = &mut self.jobs[jp];
+                        let _ = j.sources[sp].in_flight.push((index, now));
+                        let root = j.manifest.root;
+                        return self.encode_to(conn, &Message::ChunkRequest { root, index }, buf);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        let job = self.jobs[jp].job;
+                        self.fail_job(job, store_fail(e));
+                        return Step::Skip;
+                    }
+                }
+            }
+        }
+        Step::Idle
+    }
+
+    /// The next chunk source `sp` of job `jp` should fetch, in index order within its ranges.
+    fn next_chunk(&mut self, jp: usize, sp: usize) -> Result<Option<u32>, StoreError> {
+        let j = &mut self.jobs[jp];
+        let root = j.manifest.root;
+        for r in 0..j.ranges.len() {
+            if j.ranges[r].slot as usize != sp {
+                continue;
+            }
+            let mut c = j.ranges[r].cursor;
+            let end = j.ranges[r].end;
+            while c < end {
+                let i = c;
+                c += 1;
+                if j.owner(i) != r || j.in_flight_anywhere(i) {
+                    continue;
+                }
+                if self.store.is_verified(&root, i)? {
+                    continue;
+                }
+                j.ranges[r].cursor = c;
+                return Ok(Some(i));
+            }
+            j.ranges[r].cursor = c;
+        }
+        Ok(None)
+    }
+}
+
+enum Step {
+    Send(Transmit),
+    Skip,
+    Idle,
+}
+
+#[cfg(test)]
+mod test {
+    extern crate std;
+    use std::vec::Vec as StdVec;
+
+    use baton_protocol::identity::Identity;
+    use baton_protocol::merkle::MerkleTree;
+
+    use super::*;
+    use crate::flash::FlashStore;
+    use crate::flash::testing::RamFlash;
+
+    type Flash = RamFlash<4, 1024>;
+    type TestAgent = Agent<FlashStore<Flash>, 2, 4>;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn id(s: &str) -> AgentId {
+        AgentId::try_from(s).unwrap()
+    }
+
+    struct Content {
+        manifest: Manifest,
+        data: StdVec<u8>,
+        tree: MerkleTree,
+    }
+
+    impl Content {
+        fn new(publisher: &Identity, name: &str, version: u64, expires: u64, len: usize) -> Self {
+            let chunk = 1024u32;
+            let data: StdVec<u8> = (0..len)
+                .map(|i| (i * 31 + version as usize) as u8)
+                .collect();
+            let leaves = data.chunks(chunk as usize).map(leaf_hash).collect();
+            let tree = MerkleTree::from_leaves(leaves);
+            let manifest = Manifest::sign(
+                publisher,
+                heapless::String::try_from(name).unwrap(),
+                version,
+                expires,
+                len as u64,
+                chunk,
+                tree.root(),
+            );
+            Content {
+                manifest,
+                data,
+                tree,
+            }
+        }
+
+        fn chunk_msg(&self, i: u32) -> StdVec<u8> {
+            let cs = self.manifest.chunk_size as usize;
+            let start = i as usize * cs;
+            let data = &self.data[start..(start + cs).min(self.data.len())];
+            Message::Chunk {
+                root: self.manifest.root,
+                index: i,
+                proof: self.tree.proof(i).unwrap(),
+                data,
+            }
+            .to_vec()
+        }
+    }
+
+    struct World {
+        manager: Identity,
+        publisher: Identity,
+        agent: TestAgent,
+        now: Duration,
+    }
+
+    fn store() -> FlashStore<Flash> {
+        FlashStore::new_multiwrite(Flash::new(128 * 1024))
+    }
+
+    fn world_with(store: FlashStore<Flash>, tweak: impl FnOnce(&mut AgentConfig)) -> World {
+        let mut config = AgentConfig::new(id("a1"));
+        config.window = 4;
+        tweak(&mut config);
+        let mut w = World {
+            manager: Identity::from_seed([1; 32]),
+            publisher: Identity::from_seed([2; 32]),
+            agent: Agent::new(config, store),
+            now: Duration::from_secs(1),
+        };
+        w.agent.handle_manager_connected(w.now);
+        let out = w.drain();
+        assert!(matches!(
+            Message::decode(&out[0].1).unwrap(),
+            Message::Report(r) if r.id == id("a1")
+        ));
+        let welcome = Message::Welcome {
+            cert: AgentCert::issue(&w.manager, id("a1"), Identity::from_seed([3; 32]).public()),
+            unix_time: 1_000_000,
+            publishers: heapless::Vec::from_slice(&[w.publisher.public()]).unwrap(),
+        };
+        w.frame(ConnId::MANAGER, &welcome.to_vec()).unwrap();
+        assert!(w.agent.cert().is_some());
+        w
+    }
+
+    fn world() -> World {
+        world_with(store(), |_| {})
+    }
+
+    fn job(epoch: u32) -> JobRef {
+        JobRef { id: 7, epoch }
+    }
+
+    fn peer_source(name: &str, first: u32, end: u32) -> SourceRange {
+        SourceRange {
+            source: Source::Peer {
+                id: id(name),
+                addr: PeerAddr::V4([127, 0, 0, 1], 4000),
+                key: Identity::from_seed([9; 32]).public(),
+            },
+            first,
+            end,
+        }
+    }
+
+    impl World {
+        fn frame(&mut self, conn: ConnId, bytes: &[u8]) -> Result<(), AgentError> {
+            self.agent.handle_frame(self.now, conn, bytes)
+        }
+
+        fn drain(&mut self) -> StdVec<(ConnId, StdVec<u8>)> {
+            let mut out = StdVec::new();
+            let mut buf = [0u8; 4096];
+            for _ in 0..1000 {
+                match self.agent.poll_transmit(self.now, &mut buf) {
+                    Some(t) => out.push((t.conn, buf[..t.len].to_vec())),
+                    None => return out,
+                }
+            }
+            panic!("poll_transmit does not run dry");
+        }
+
+        fn events(&mut self) -> StdVec<Event> {
+            core::iter::from_fn(|| self.agent.poll_event()).collect()
+        }
+
+        fn fetch(&mut self, c: &Content, epoch: u32, sources: &[SourceRange]) {
+            let msg = Message::Fetch {
+                job: job(epoch),
+                manifest: c.manifest.clone(),
+                sources: heapless::Vec::from_slice(sources).unwrap(),
+                next: None,
+            };
+            self.frame(ConnId::MANAGER, &msg.to_vec()).unwrap();
+        }
+
+        /// Answers every chunk request in `out` from `c` (on the connection it came on).
+        fn serve(&mut self, out: &[(ConnId, StdVec<u8>)], c: &Content) -> usize {
+            let mut n = 0;
+            for (conn, bytes) in out {
+                if let Message::ChunkRequest { index, .. } = Message::decode(bytes).unwrap() {
+                    self.frame(*conn, &c.chunk_msg(index)).unwrap();
+                    n += 1;
+                }
+            }
+            n
+        }
+    }
+
+    fn requests(out: &[(ConnId, StdVec<u8>)]) -> StdVec<(ConnId, u32)> {
+        out.iter()
+            .filter_map(|(c, b)| match Message::decode(b).unwrap() {
+                Message::ChunkRequest { index, .. } => Some((*c, index)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn kinds(out: &[(ConnId, StdVec<u8>)]) -> StdVec<&'static str> {
+        out.iter()
+            .map(|(_, b)| Message::decode(b).unwrap().kind())
+            .collect()
+    }
+
+    #[test]
+    fn fetches_everything_from_the_manager_with_a_window() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 10 * 1024 + 100);
+        w.fetch(&c, 1, &[]);
+        let out = w.drain();
+        // Window of 4, in index order.
+        assert_eq!(
+            requests(&out),
+            [
+                (ConnId::MANAGER, 0),
+                (ConnId::MANAGER, 1),
+                (ConnId::MANAGER, 2),
+                (ConnId::MANAGER, 3)
+            ]
+        );
+        let mut pending = out;
+        let mut all = StdVec::new();
+        for _ in 0..20 {
+            w.now += 100 * MS;
+            let served = w.serve(&pending, &c);
+            pending = w.drain();
+            all.extend(pending.iter().cloned());
+            if served == 0 {
+                break;
+            }
+        }
+        let k = kinds(&all);
+        let have = k.iter().position(|k| *k == "Have").expect("Have sent");
+        assert_eq!(k[have + 1], "NextPlease");
+        assert_eq!(k[have - 1], "Progress", "a final Progress before Have");
+        let stats = w.agent.job_stats(7).unwrap();
+        assert_eq!((stats.fetched, stats.resumed, stats.verified), (11, 0, 11));
+        assert_eq!(stats.bytes_received, c.data.len() as u64);
+        assert!(w.events().contains(&Event::JobComplete {
+            job: job(1),
+            root: c.manifest.root
+        }));
+        // Progress carries the verified count and the bytes from the manager.
+        let progress: StdVec<_> = all
+            .iter()
+            .filter_map(|(_, b)| match Message::decode(b).unwrap() {
+                Message::Progress {
+                    verified, received, ..
+                } => Some((verified, received)),
+                _ => None,
+            })
+            .collect();
+        let total: u64 = progress
+            .iter()
+            .flat_map(|p| p.1.iter())
+            .map(|r| r.bytes)
+            .sum();
+        assert_eq!(total, c.data.len() as u64);
+        assert_eq!(progress.last().unwrap().0, 11);
+        assert!(
+            progress
+                .iter()
+                .all(|p| p.1.iter().all(|r| r.from.is_none()))
+        );
+    }
+
+    #[test]
+    fn progress_is_rate_limited() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 20 * 1024);
+        w.fetch(&c, 1, &[]);
+        let out = w.drain();
+        // Answer the four requests at the same instant: at most one Progress.
+        w.serve(&out, &c);
+        let out = w.drain();
+        assert_eq!(kinds(&out).iter().filter(|k| **k == "Progress").count(), 1);
+        w.serve(&out, &c);
+        let out = w.drain();
+        assert_eq!(kinds(&out).iter().filter(|k| **k == "Progress").count(), 0);
+        assert_eq!(w.agent.poll_timeout(), Some(w.now + 250 * MS));
+        w.now += 250 * MS;
+        w.agent.handle_timeout(w.now);
+        let out = w.drain();
+        assert_eq!(kinds(&out).iter().filter(|k| **k == "Progress").count(), 1);
+    }
+
+    /// Fetch with chunks 4..8 from peer `p1`; returns the connection to it.
+    fn with_peer(w: &mut World, c: &Content) -> ConnId {
+        w.fetch(c, 1, &[peer_source("p1", 4, 8)]);
+        let ev = w.events();
+        assert!(
+            ev.iter()
+                .any(|e| matches!(e, Event::Connect { peer, .. } if *peer == id("p1")))
+        );
+        let conn = ConnId(5);
+        w.agent
+            .handle_connected(
+                w.now,
+                conn,
+                PeerInfo {
+                    id: id("p1"),
+                    direction: Direction::Outgoing,
+                },
+            )
+            .unwrap();
+        conn
+    }
+
+    #[test]
+    fn fetches_from_manager_and_peer_and_reports_bytes_per_source() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 10 * 1024);
+        let peer = with_peer(&mut w, &c);
+        let out = w.drain();
+        let reqs = requests(&out);
+        assert!(reqs.contains(&(peer, 4)) && reqs.contains(&(peer, 7)));
+        assert!(reqs.contains(&(ConnId::MANAGER, 0)));
+        assert!(
+            !reqs
+                .iter()
+                .any(|&(c, i)| c == ConnId::MANAGER && (4..8).contains(&i))
+        );
+        let mut pending = out;
+        let mut all = StdVec::new();
+        for _ in 0..20 {
+            w.now += 300 * MS;
+            if w.serve(&pending, &c) == 0 {
+                break;
+            }
+            pending = w.drain();
+            all.extend(pending.iter().cloned());
+        }
+        assert_eq!(w.agent.job_stats(7).unwrap().verified, 10);
+        let mut from_peer = 0;
+        let mut from_manager = 0;
+        for (_, b) in &all {
+            if let Message::Progress { received, .. } = Message::decode(b).unwrap() {
+                for r in received {
+                    match r.from {
+                        Some(p) => {
+                            assert_eq!(p, id("p1"));
+                            from_peer += r.bytes
+                        }
+                        None => from_manager += r.bytes,
+                    }
+                }
+            }
+        }
+        assert_eq!((from_peer, from_manager), (4 * 1024, 6 * 1024));
+        // The peer connection is no longer needed.
+        assert!(w.events().contains(&Event::Close { conn: peer }));
+    }
+
+    #[test]
+    fn bad_chunk_is_dropped_before_the_store_and_the_peer_reported() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 10 * 1024);
+        let peer = with_peer(&mut w, &c);
+        w.drain();
+        let mut bad = c.chunk_msg(4);
+        let n = bad.len();
+        bad[n - 10] ^= 0xFF;
+        w.frame(peer, &bad).unwrap();
+        let root = c.manifest.root;
+        assert!(!w.agent.store_mut().is_verified(&root, 4).unwrap());
+        assert_eq!(w.agent.job_stats(7).unwrap().bad_chunks, 1);
+        let out = w.drain();
+        let trouble = out
+            .iter()
+            .find_map(|(conn, b)| match Message::decode(b).unwrap() {
+                Message::PeerTrouble { peer, trouble, .. } => Some((*conn, peer, trouble)),
+                _ => None,
+            });
+        assert_eq!(
+            trouble,
+            Some((ConnId::MANAGER, id("p1"), Trouble::BadChunk { index: 4 }))
+        );
+        // Chunk 4 (and the peer's other chunks) now come from the manager.
+        let reqs = requests(&out);
+        assert!(reqs.iter().all(|&(c, _)| c == ConnId::MANAGER));
+        // A good chunk from the avoided peer is not taken either.
+        w.frame(peer, &c.chunk_msg(5)).unwrap();
+        assert!(!w.agent.store_mut().is_verified(&root, 5).unwrap());
+        // Even when the manager names it again: a bad source is not asked again for this job.
+        let msg = Message::Sources {
+            job: job(1),
+            sources: heapless::Vec::from_slice(&[peer_source("p1", 0, 10)]).unwrap(),
+        };
+        w.frame(ConnId::MANAGER, &msg.to_vec()).unwrap();
+        assert!(requests(&w.drain()).iter().all(|&(c, _)| c != peer));
+    }
+
+    #[test]
+    fn not_yet_is_retried_after_a_delay() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 10 * 1024);
+        let peer = with_peer(&mut w, &c);
+        w.drain();
+        let refuse = Message::Refuse {
+            root: c.manifest.root,
+            index: 4,
+            reason: Refusal::NotYet,
+        };
+        w.frame(peer, &refuse.to_vec()).unwrap();
+        assert!(requests(&w.drain()).is_empty(), "no retry at once");
+        let due = w.agent.poll_timeout().unwrap();
+        assert_eq!(due, w.now + 100 * MS);
+        w.now = due;
+        w.agent.handle_timeout(w.now);
+        assert_eq!(requests(&w.drain()), [(peer, 4)]);
+    }
+
+    #[test]
+    fn unreachable_peer_is_reported_and_its_chunks_come_from_the_manager() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 10 * 1024);
+        w.fetch(&c, 1, &[peer_source("p1", 4, 8)]);
+        w.events();
+        let first = w.drain();
+        assert_eq!(requests(&first).len(), 4);
+        w.agent.handle_connect_failed(w.now, &id("p1"));
+        assert!(w.events().iter().any(|e| matches!(
+            e,
+            Event::PeerTrouble {
+                trouble: Trouble::Unreachable,
+                ..
+            }
+        )));
+        let out = w.drain();
+        assert!(kinds(&out).contains(&"PeerTrouble"));
+        w.serve(&out, &c);
+        w.serve(&first, &c);
+        for _ in 0..10 {
+            let out = w.drain();
+            if w.serve(&out, &c) == 0 {
+                break;
+            }
+        }
+        assert_eq!(w.agent.job_stats(7).unwrap().verified, 10);
+    }
+
+    fn incoming(w: &mut World, n: u32, name: &str) -> ConnId {
+        let conn = ConnId(100 + n);
+        w.agent
+            .handle_connected(
+                w.now,
+                conn,
+                PeerInfo {
+                    id: id(name),
+                    direction: Direction::Incoming,
+                },
+            )
+            .unwrap();
+        conn
+    }
+
+    fn request(root: Digest, index: u32) -> StdVec<u8> {
+        Message::ChunkRequest { root, index }.to_vec()
+    }
+
+    #[test]
+    fn serves_verified_chunks_mid_fetch_and_parks_the_rest() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 10 * 1024);
+        let root = c.manifest.root;
+        w.fetch(&c, 1, &[]);
+        let out = w.drain();
+        let b = incoming(&mut w, 1, "b");
+        // Chunk 2 is not here yet: parked, no answer.
+        w.frame(b, &request(root, 2)).unwrap();
+        assert!(w.drain().iter().all(|(c, _)| *c != b));
+        // Chunk 0 arrives and is served at once (cut-through) …
+        w.frame(ConnId::MANAGER, &c.chunk_msg(0)).unwrap();
+        w.frame(b, &request(root, 0)).unwrap();
+        let to_b: StdVec<_> = w.drain().into_iter().filter(|(c, _)| *c == b).collect();
+        assert_eq!(to_b.len(), 1);
+        assert_eq!(
+            to_b[0].1,
+            c.chunk_msg(0),
+            "byte-identical to the encoder's Chunk"
+        );
+        // … and chunk 2 is answered once verified.
+        w.serve(&out[2..3], &c);
+        let to_b: StdVec<_> = w.drain().into_iter().filter(|(c, _)| *c == b).collect();
+        assert_eq!(to_b.len(), 1);
+        assert_eq!(to_b[0].1, c.chunk_msg(2));
+        assert_eq!(w.agent.job_stats(7).unwrap().bytes_served, 2048);
+        // A parked request that waits too long is refused NotYet.
+        w.frame(b, &request(root, 9)).unwrap();
+        assert!(w.drain().iter().all(|(c, _)| *c != b));
+        assert!(w.agent.poll_timeout().unwrap() <= w.now + Duration::from_secs(5));
+        w.now += Duration::from_secs(5);
+        w.agent.handle_timeout(w.now);
+        let to_b: StdVec<_> = w.drain().into_iter().filter(|(c, _)| *c == b).collect();
+        assert_eq!(
+            Message::decode(&to_b[0].1).unwrap(),
+            Message::Refuse {
+                root,
+                index: 9,
+                reason: Refusal::NotYet
+            }
+        );
+    }
+
+    #[test]
+    fn busy_beyond_max_peers_and_unknown_content() {
+        let mut w = world_with(store(), |c| c.max_peers = 1);
+        let c = Content::new(&w.publisher, "fw", 1, 0, 2 * 1024);
+        let root = c.manifest.root;
+        w.fetch(&c, 1, &[]);
+        let out = w.drain();
+        w.serve(&out, &c);
+        w.drain();
+        let a = incoming(&mut w, 1, "pa");
+        let b = incoming(&mut w, 2, "pb");
+        w.frame(a, &request(root, 1)).unwrap();
+        w.frame(b, &request(root, 1)).unwrap();
+        w.frame(a, &request([5; 32], 0)).unwrap();
+        let out = w.drain();
+        let msgs: StdVec<_> = out
+            .iter()
+            .map(|(c, bytes)| (*c, Message::decode(bytes).unwrap()))
+            .collect();
+        assert!(matches!(msgs[0], (c, Message::Chunk { index: 1, .. }) if c == a));
+        assert_eq!(
+            msgs[1],
+            (
+                b,
+                Message::Refuse {
+                    root,
+                    index: 1,
+                    reason: Refusal::Busy
+                }
+            )
+        );
+        assert_eq!(
+            msgs[2],
+            (
+                a,
+                Message::Refuse {
+                    root: [5; 32],
+                    index: 0,
+                    reason: Refusal::Unknown
+                }
+            )
+        );
+        // Once `a` leaves, `b` is served.
+        w.agent.handle_disconnected(w.now, a);
+        w.frame(b, &request(root, 1)).unwrap();
+        assert!(matches!(
+            Message::decode(&w.drain()[0].1).unwrap(),
+            Message::Chunk { index: 1, .. }
+        ));
+    }
+
+    fn failed(w: &mut World) -> Option<FailReason> {
+        w.drain()
+            .iter()
+            .find_map(|(_, b)| match Message::decode(b).unwrap() {
+                Message::Failed { reason, .. } => Some(reason),
+                _ => None,
+            })
+    }
+
+    #[test]
+    fn downgrade_is_refused() {
+        let mut w = world();
+        let v2 = Content::new(&w.publisher, "fw", 2, 0, 2 * 1024);
+        w.fetch(&v2, 1, &[]);
+        let out = w.drain();
+        w.serve(&out, &v2);
+        w.drain();
+        let v1 = Content::new(&w.publisher, "fw", 1, 0, 2 * 1024);
+        let msg = Message::Fetch {
+            job: JobRef { id: 8, epoch: 1 },
+            manifest: v1.manifest.clone(),
+            sources: heapless::Vec::new(),
+            next: None,
+        };
+        w.frame(ConnId::MANAGER, &msg.to_vec()).unwrap();
+        assert_eq!(failed(&mut w), Some(FailReason::Downgrade));
+        // The held version is untouched.
+        assert_eq!(w.agent.store().verified(&v2.manifest.root), Some(2));
+    }
+
+    #[test]
+    fn expired_manifest_is_refused() {
+        let mut w = world();
+        // Welcome said Unix time 1 000 000; one second later this expires.
+        let c = Content::new(&w.publisher, "fw", 1, 1_000_001, 2 * 1024);
+        w.now += Duration::from_secs(1);
+        w.fetch(&c, 1, &[]);
+        assert_eq!(failed(&mut w), Some(FailReason::Expired));
+        let fresh = Content::new(&w.publisher, "fw", 1, 2_000_000, 2 * 1024);
+        w.fetch(&fresh, 2, &[]);
+        assert_eq!(failed(&mut w), None);
+    }
+
+    #[test]
+    fn untrusted_signer_and_large_chunks_are_refused() {
+        let mut w = world();
+        let stranger = Identity::from_seed([66; 32]);
+        let c = Content::new(&stranger, "fw", 1, 0, 2 * 1024);
+        w.fetch(&c, 1, &[]);
+        assert_eq!(failed(&mut w), Some(FailReason::BadSignature));
+        // A forged signature by a trusted signer's id.
+        let mut forged = Content::new(&w.publisher, "fw", 1, 0, 2 * 1024);
+        forged.manifest.version = 5;
+        w.fetch(&forged, 2, &[]);
+        assert_eq!(failed(&mut w), Some(FailReason::BadSignature));
+        // Chunk size beyond this agent's limit.
+        let mut w = world_with(store(), |c| c.max_chunk = 512);
+        let c = Content::new(&w.publisher, "fw", 1, 0, 2 * 1024);
+        w.fetch(&c, 1, &[]);
+        assert_eq!(failed(&mut w), Some(FailReason::ChunkTooLarge));
+    }
+
+    #[test]
+    fn configured_publishers_override_the_welcome() {
+        let other = Identity::from_seed([77; 32]);
+        let mut w = world_with(store(), |c| {
+            c.publishers = heapless::Vec::from_slice(&[other.public()]).unwrap()
+        });
+        let c = Content::new(&w.publisher, "fw", 1, 0, 2 * 1024);
+        w.fetch(&c, 1, &[]);
+        assert_eq!(failed(&mut w), Some(FailReason::BadSignature));
+        let c = Content::new(&other, "fw", 1, 0, 2 * 1024);
+        w.fetch(&c, 2, &[]);
+        assert_eq!(failed(&mut w), None);
+    }
+
+    #[test]
+    fn stale_epochs_are_fenced() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 4 * 1024);
+        w.fetch(&c, 3, &[]);
+        w.drain();
+        w.events();
+        // A Cancel from an older epoch is ignored.
+        w.frame(ConnId::MANAGER, &Message::Cancel { job: job(2) }.to_vec())
+            .unwrap();
+        assert!(w.agent.job_stats(7).is_some());
+        assert!(matches!(w.events()[..], [Event::Ignored { .. }]));
+        // So are stale Sources.
+        let msg = Message::Sources {
+            job: job(1),
+            sources: heapless::Vec::from_slice(&[peer_source("p1", 0, 4)]).unwrap(),
+        };
+        w.frame(ConnId::MANAGER, &msg.to_vec()).unwrap();
+        assert!(
+            !w.events()
+                .iter()
+                .any(|e| matches!(e, Event::Connect { .. }))
+        );
+        // The current epoch's Cancel is obeyed; the job's epoch is remembered.
+        w.frame(ConnId::MANAGER, &Message::Cancel { job: job(3) }.to_vec())
+            .unwrap();
+        assert!(w.agent.job_stats(7).is_none());
+        assert_eq!(w.events(), [Event::JobCancelled { job: job(3) }]);
+        w.fetch(&c, 2, &[]);
+        assert!(w.agent.job_stats(7).is_none(), "stale Fetch after Cancel");
+        // A newer epoch restarts it, with the verified chunks kept.
+        w.fetch(&c, 4, &[]);
+        assert!(w.agent.job_stats(7).is_some());
+    }
+
+    #[test]
+    fn resume_after_restart_fetches_only_the_missing_chunks() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 10 * 1024);
+        w.fetch(&c, 1, &[]);
+        let out = w.drain();
+        w.serve(&out, &c); // chunks 0..4
+        w.drain();
+        // "Restart": a new agent over the same flash.
+        let World {
+            agent, publisher, ..
+        } = w;
+        let flash = agent.store.into_inner();
+        let mut store = FlashStore::new_multiwrite(flash);
+        store.mount().unwrap();
+        let mut w = world_with(store, |_| {});
+        w.publisher = publisher;
+        // The report lists the holding.
+        w.agent.handle_manager_connected(w.now);
+        let out = w.drain();
+        let Message::Report(r) = Message::decode(&out[0].1).unwrap() else {
+            panic!("report first")
+        };
+        assert_eq!(r.holdings[0].verified, 4);
+        assert!(!r.holdings[0].complete);
+        w.fetch(&c, 2, &[]);
+        assert!(w.events().contains(&Event::JobStarted {
+            job: job(2),
+            root: c.manifest.root,
+            chunks: 10,
+            resumed: 4
+        }));
+        let mut asked = StdVec::new();
+        for _ in 0..10 {
+            let out = w.drain();
+            asked.extend(requests(&out).into_iter().map(|r| r.1));
+            if w.serve(&out, &c) == 0 {
+                break;
+            }
+        }
+        asked.sort();
+        assert_eq!(asked, [4, 5, 6, 7, 8, 9]);
+        let s = w.agent.job_stats(7).unwrap();
+        assert_eq!((s.resumed, s.fetched, s.verified), (4, 6, 10));
+    }
+
+    #[test]
+    fn done_ends_the_job_and_undecodable_frames_are_errors() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 1024);
+        w.fetch(&c, 1, &[]);
+        let out = w.drain();
+        w.serve(&out, &c);
+        w.drain();
+        w.events();
+        w.frame(ConnId::MANAGER, &Message::Done { job: job(1) }.to_vec())
+            .unwrap();
+        assert_eq!(
+            w.events(),
+            [Event::JobDone {
+                job: job(1),
+                root: Some(c.manifest.root)
+            }]
+        );
+        let err = w.frame(ConnId::MANAGER, &[0xFF, 0xFF, 0xFF]).unwrap_err();
+        assert!(err.must_close());
+        // A peer may not send manager instructions.
+        let p = incoming(&mut w, 1, "p");
+        let err = w
+            .frame(p, &Message::Done { job: job(1) }.to_vec())
+            .unwrap_err();
+        assert_eq!(err, AgentError::Unexpected("Done"));
+        // Unknown connections are refused.
+        assert_eq!(
+            w.frame(ConnId(999), &Message::Ping { nonce: 1 }.to_vec()),
+            Err(AgentError::UnknownConn)
+        );
+    }
+
+    #[test]
+    fn storage_full_fails_the_job() {
+        let mut w = world_with(FlashStore::new_multiwrite(Flash::new(8 * 1024)), |_| {});
+        let c = Content::new(&w.publisher, "fw", 1, 0, 20 * 1024);
+        w.fetch(&c, 1, &[]);
+        assert_eq!(failed(&mut w), Some(FailReason::StorageFull));
+    }
+
+    #[test]
+    fn write_error_mid_fetch_fails_the_job_and_keeps_the_chunk_unverified() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 4 * 1024);
+        w.fetch(&c, 1, &[]);
+        let out = w.drain();
+        let writes = w.agent.store().flash().writes;
+        w.agent.store_mut().flash_mut().fail_after = Some(writes + 1);
+        w.serve(&out[..1], &c);
+        let root = c.manifest.root;
+        w.agent.store_mut().flash_mut().fail_after = None;
+        assert!(!w.agent.store_mut().is_verified(&root, 0).unwrap());
+        assert_eq!(failed(&mut w), Some(FailReason::StorageError));
+    }
+}

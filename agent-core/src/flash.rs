@@ -1,0 +1,832 @@
+//! One content laid out in a NOR flash partition, safe against power cuts.
+//!
+//! [`FlashStore`] works on any [`embedded_storage::nor_flash::NorFlash`]:
+//! erased flash reads `0xFF`, writes only clear bits, writes are whole
+//! `WRITE_SIZE` units at aligned offsets and erases whole `ERASE_SIZE` blocks.
+//! The partition holds:
+//!
+//! ```text
+//! header   magic, format, manifest (postcard), checksum      written once after erase
+//! flags    one verified flag per chunk, set by clearing bits
+//! proofs   per chunk: its Merkle proof, in a fixed-size slot
+//! data     per chunk: its bytes, in a slot of chunk_size rounded up to the write unit
+//! ```
+//!
+//! A chunk is written in the order data, proof, flag. A power cut before the
+//! flag leaves the chunk unverified, and it is fetched again; after the flag,
+//! data and proof are complete. So the verified set read back at the next
+//! mount is exactly the set of chunks whose writes finished. (On flash that
+//! allows rewriting a unit the refetched chunk is simply written again; on
+//! flash that forbids it, a chunk whose data write was torn cannot be written
+//! until the partition is erased: the store reports `Io`.)
+//!
+//! Flags are bits in a bitmap when the flash allows a write unit to be
+//! written more than once ([`FlashStore::new_multiwrite`], for
+//! [`MultiwriteNorFlash`]); otherwise each flag takes a whole write unit
+//! ([`FlashStore::new`]), so no unit is ever written twice.
+
+use baton_protocol::merkle::{self, MAX_DEPTH, Proof};
+use baton_protocol::{Digest, Manifest};
+use embedded_storage::nor_flash::{MultiwriteNorFlash, NorFlash, NorFlashError, NorFlashErrorKind};
+use sha2::{Digest as _, Sha256};
+
+use crate::store::{ContentStore, Held, StoreError};
+
+/// Largest read/write unit supported (bytes); the store keeps buffers of this size on the stack.
+pub const MAX_UNIT: usize = 256;
+/// Bytes reserved for the header (before alignment).
+const HEADER_MAX: u32 = 320;
+/// Header magic: format 1 of Baton's content slot.
+const MAGIC: &[u8; 8] = b"BATONCS1";
+/// Bytes of header before the manifest: magic, mode, manifest length.
+const HEADER_FIXED: usize = 8 + 1 + 2;
+/// Bytes of the header checksum (truncated SHA-256).
+const CHECK_LEN: usize = 8;
+
+/// Where each part of one content lives in the partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Layout {
+    unit: u32,
+    bitmap: bool,
+    chunks: u32,
+    chunk_size: u32,
+    flags_at: u32,
+    proofs_at: u32,
+    proof_stride: u32,
+    data_at: u32,
+    data_stride: u32,
+    end: u64,
+}
+
+fn align_up(v: u64, a: u64) -> u64 {
+    v.div_ceil(a) * a
+}
+
+fn depth(leaves: u32) -> u32 {
+    // Longest proof for `leaves` leaves: ceil(log2(leaves)).
+    if leaves <= 1 {
+        0
+    } else {
+        32 - (leaves - 1).leading_zeros()
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+impl Layout {
+    fn new(unit: u32, bitmap: bool, m: &Manifest) -> Layout {
+        let u = unit as u64;
+        let chunks = m.chunks();
+        let header = align_up(HEADER_MAX as u64, u);
+        let flag_bytes = if bitmap {
+            align_up((chunks as u64).div_ceil(8), u)
+        } else {
+            chunks as u64 * u
+        };
+        let proof_stride = align_up(depth(chunks) as u64 * 32, u).max(u);
+        let data_stride = align_up(m.chunk_size as u64, u);
+        let flags_at = header;
+        let proofs_at = flags_at + flag_bytes;
+        let data_at = proofs_at + chunks as u64 * proof_stride;
+        let end = data_at + chunks as u64 * data_stride;
+        Layout {
+            unit,
+            bitmap,
+            chunks,
+            chunk_size: m.chunk_size,
+            flags_at: flags_at as u32,
+            proofs_at: proofs_at.min(u32::MAX as u64) as u32,
+            proof_stride: proof_stride as u32,
+            data_at: data_at.min(u32::MAX as u64) as u32,
+            data_stride: data_stride as u32,
+            end,
+        }
+    }
+}
+
+/// An open content: its manifest, layout and verified count.
+#[derive(Clone, Debug)]
+struct Slot {
+    manifest: Manifest,
+    layout: Layout,
+    verified: u32,
+}
+
+/// One content in a NOR flash partition (see the module docs for the layout).
+#[derive(Debug)]
+pub struct FlashStore<F: NorFlash> {
+    flash: F,
+    bitmap: bool,
+    slot: Option<Slot>,
+}
+
+fn io<E: NorFlashError>(e: E) -> StoreError {
+    match e.kind() {
+        NorFlashErrorKind::OutOfBounds => StoreError::Full,
+        _ => StoreError::Io,
+    }
+}
+
+impl<F: NorFlash> FlashStore<F> {
+    /// The read/write unit: the least common multiple of `READ_SIZE` and `WRITE_SIZE`.
+    const UNIT: usize = {
+        let (r, w) = (F::READ_SIZE, F::WRITE_SIZE);
+        let (mut a, mut b) = (r, w);
+        while b != 0 {
+            let t = a % b;
+            a = b;
+            b = t;
+        }
+        r / a * w
+    };
+
+    /// A store over `flash` with one write unit per chunk flag (any NOR flash).
+    ///
+    /// Call [`FlashStore::mount`] to pick up content already in the partition.
+    pub fn new(flash: F) -> Self {
+        FlashStore {
+            flash,
+            bitmap: false,
+            slot: None,
+        }
+    }
+
+    /// Bytes a content needs in a partition of this flash type.
+    pub fn required_size(manifest: &Manifest, multiwrite: bool) -> u64 {
+        let unit = Self::UNIT.max(1) as u64;
+        let l = Layout::new(unit as u32, multiwrite, manifest);
+        align_up(l.end, F::ERASE_SIZE.max(1) as u64)
+    }
+
+    /// The flash underneath.
+    pub fn flash(&self) -> &F {
+        &self.flash
+    }
+
+    /// The flash underneath, mutably.
+    pub fn flash_mut(&mut self) -> &mut F {
+        &mut self.flash
+    }
+
+    /// Gives the flash back.
+    pub fn into_inner(self) -> F {
+        self.flash
+    }
+
+    /// The content held, if any.
+    pub fn held_manifest(&self) -> Option<&Manifest> {
+        self.slot.as_ref().map(|s| &s.manifest)
+    }
+
+    fn check_geometry() -> Result<u32, StoreError> {
+        let u = Self::UNIT;
+        if u == 0 || u > MAX_UNIT || gcd(u, MAX_UNIT) != u {
+            return Err(StoreError::Unsupported);
+        }
+        Ok(u as u32)
+    }
+
+    /// Reads the partition's header and counts verified chunks; returns the content held.
+    ///
+    /// An erased or damaged header means the partition holds nothing (`Ok(None)`).
+    pub fn mount(&mut self) -> Result<Option<&Manifest>, StoreError> {
+        let unit = Self::check_geometry()?;
+        self.slot = None;
+        let mut buf = [0u8; HEADER_MAX as usize + MAX_UNIT];
+        let len = align_up(HEADER_MAX as u64, unit as u64) as usize;
+        if len > self.flash.capacity() {
+            return Ok(None);
+        }
+        self.flash.read(0, &mut buf[..len]).map_err(io)?;
+        if &buf[..8] != MAGIC {
+            return Ok(None);
+        }
+        let bitmap = match buf[8] {
+            0 => false,
+            1 => true,
+            _ => return Ok(None),
+        };
+        let mlen = u16::from_le_bytes([buf[9], buf[10]]) as usize;
+        if HEADER_FIXED + mlen + CHECK_LEN > HEADER_MAX as usize {
+            return Ok(None);
+        }
+        let body = &buf[..HEADER_FIXED + mlen];
+        let check = &buf[HEADER_FIXED + mlen..HEADER_FIXED + mlen + CHECK_LEN];
+        if Sha256::digest(body)[..CHECK_LEN] != *check {
+            return Ok(None);
+        }
+        let Ok(manifest) = postcard::from_bytes::<Manifest>(&body[HEADER_FIXED..]) else {
+            return Ok(None);
+        };
+        if manifest.check_limits(None).is_err() {
+            return Ok(None);
+        }
+        let layout = Layout::new(unit, bitmap, &manifest);
+        if layout.end > self.flash.capacity() as u64 {
+            return Ok(None);
+        }
+        let mut slot = Slot {
+            manifest,
+            layout,
+            verified: 0,
+        };
+        slot.verified = self.count_verified(&slot.layout)?;
+        self.bitmap = bitmap;
+        self.slot = Some(slot);
+        Ok(self.slot.as_ref().map(|s| &s.manifest))
+    }
+
+    fn count_verified(&mut self, l: &Layout) -> Result<u32, StoreError> {
+        let mut count = 0u32;
+        let mut buf = [0u8; MAX_UNIT];
+        let unit = l.unit as usize;
+        if l.bitmap {
+            let bytes = (l.chunks as usize).div_ceil(8);
+            let mut off = 0usize;
+            while off < bytes {
+                let n = (MAX_UNIT / unit * unit)
+                    .min(align_up((bytes - off) as u64, l.unit as u64) as usize);
+                self.flash
+                    .read(l.flags_at + off as u32, &mut buf[..n])
+                    .map_err(io)?;
+                for (i, b) in buf[..n].iter().enumerate() {
+                    let first_chunk = (off + i) * 8;
+                    for bit in 0..8 {
+                        if first_chunk + bit < l.chunks as usize && b & (1 << bit) == 0 {
+                            count += 1;
+                        }
+                    }
+                }
+                off += n;
+            }
+        } else {
+            for i in 0..l.chunks {
+                if self.flag_unit_is_set(l, i, &mut buf)? {
+                    count += 1;
+                }
+            }
+        }
+        Ok(count)
+    }
+
+    fn flag_unit_is_set(
+        &mut self,
+        l: &Layout,
+        index: u32,
+        buf: &mut [u8; MAX_UNIT],
+    ) -> Result<bool, StoreError> {
+        let unit = l.unit as usize;
+        self.flash
+            .read(l.flags_at + index * l.unit, &mut buf[..unit])
+            .map_err(io)?;
+        Ok(buf[..unit].iter().all(|&b| b == 0))
+    }
+
+    fn flag(&mut self, l: &Layout, index: u32) -> Result<bool, StoreError> {
+        let mut buf = [0u8; MAX_UNIT];
+        if l.bitmap {
+            let byte = index / 8;
+            let at = byte / l.unit * l.unit;
+            self.flash
+                .read(l.flags_at + at, &mut buf[..l.unit as usize])
+                .map_err(io)?;
+            Ok(buf[(byte - at) as usize] & (1 << (index % 8)) == 0)
+        } else {
+            self.flag_unit_is_set(l, index, &mut buf)
+        }
+    }
+
+    fn set_flag(&mut self, l: &Layout, index: u32) -> Result<(), StoreError> {
+        let mut buf = [0u8; MAX_UNIT];
+        let unit = l.unit as usize;
+        if l.bitmap {
+            let byte = index / 8;
+            let at = byte / l.unit * l.unit;
+            self.flash
+                .read(l.flags_at + at, &mut buf[..unit])
+                .map_err(io)?;
+            buf[(byte - at) as usize] &= !(1 << (index % 8));
+            self.flash.write(l.flags_at + at, &buf[..unit]).map_err(io)
+        } else {
+            self.flash
+                .write(l.flags_at + index * l.unit, &buf[..unit])
+                .map_err(io)
+        }
+    }
+
+    /// Writes `data` at the aligned `offset`, padding the last unit with `0xFF`.
+    fn write_padded(&mut self, offset: u32, data: &[u8], unit: usize) -> Result<(), StoreError> {
+        let whole = data.len() / unit * unit;
+        if whole > 0 {
+            self.flash.write(offset, &data[..whole]).map_err(io)?;
+        }
+        if whole < data.len() {
+            let mut tail = [0xFFu8; MAX_UNIT];
+            tail[..data.len() - whole].copy_from_slice(&data[whole..]);
+            self.flash
+                .write(offset + whole as u32, &tail[..unit])
+                .map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Reads `out.len()` bytes from the aligned `offset`.
+    fn read_exact(&mut self, offset: u32, out: &mut [u8], unit: usize) -> Result<(), StoreError> {
+        let whole = out.len() / unit * unit;
+        if whole > 0 {
+            self.flash.read(offset, &mut out[..whole]).map_err(io)?;
+        }
+        if whole < out.len() {
+            let mut tail = [0u8; MAX_UNIT];
+            self.flash
+                .read(offset + whole as u32, &mut tail[..unit])
+                .map_err(io)?;
+            let rest = out.len() - whole;
+            out[whole..].copy_from_slice(&tail[..rest]);
+        }
+        Ok(())
+    }
+
+    /// Erases the partition's first `end` bytes and writes the header for `manifest`.
+    fn format(&mut self, manifest: &Manifest, unit: u32) -> Result<Layout, StoreError> {
+        let layout = Layout::new(unit, self.bitmap, manifest);
+        let erase_end = align_up(layout.end, F::ERASE_SIZE.max(1) as u64);
+        if erase_end > self.flash.capacity() as u64 || layout.end > u32::MAX as u64 {
+            return Err(StoreError::Full);
+        }
+        self.slot = None;
+        self.flash.erase(0, erase_end as u32).map_err(io)?;
+        let mut buf = [0xFFu8; HEADER_MAX as usize + MAX_UNIT];
+        buf[..8].copy_from_slice(MAGIC);
+        buf[8] = self.bitmap as u8;
+        let mlen = postcard::to_slice(manifest, &mut buf[HEADER_FIXED..HEADER_MAX as usize])
+            .map_err(|_| StoreError::Corrupt)?
+            .len();
+        if HEADER_FIXED + mlen + CHECK_LEN > HEADER_MAX as usize {
+            return Err(StoreError::Corrupt);
+        }
+        buf[9..11].copy_from_slice(&(mlen as u16).to_le_bytes());
+        let end = HEADER_FIXED + mlen;
+        let check = Sha256::digest(&buf[..end]);
+        buf[end..end + CHECK_LEN].copy_from_slice(&check[..CHECK_LEN]);
+        let len = align_up(HEADER_MAX as u64, unit as u64) as usize;
+        self.flash.write(0, &buf[..len]).map_err(io)?;
+        Ok(layout)
+    }
+
+    fn slot_for(&self, root: &Digest) -> Result<&Slot, StoreError> {
+        match &self.slot {
+            Some(s) if s.manifest.root == *root => Ok(s),
+            _ => Err(StoreError::Unknown),
+        }
+    }
+}
+
+impl<F: MultiwriteNorFlash> FlashStore<F> {
+    /// A store over `flash` with one bit per chunk flag (flash that allows rewriting a unit).
+    pub fn new_multiwrite(flash: F) -> Self {
+        FlashStore {
+            flash,
+            bitmap: true,
+            slot: None,
+        }
+    }
+}
+
+impl<F: NorFlash> ContentStore for FlashStore<F> {
+    fn open(&mut self, manifest: &Manifest) -> Result<u32, StoreError> {
+        let unit = Self::check_geometry()?;
+        if let Some(s) = &self.slot
+            && s.manifest.root == manifest.root
+        {
+            return Ok(s.verified);
+        }
+        let layout = self.format(manifest, unit)?;
+        self.slot = Some(Slot {
+            manifest: manifest.clone(),
+            layout,
+            verified: 0,
+        });
+        Ok(0)
+    }
+
+    fn manifest(&self, root: &Digest) -> Option<&Manifest> {
+        self.slot_for(root).ok().map(|s| &s.manifest)
+    }
+
+    fn verified(&self, root: &Digest) -> Option<u32> {
+        self.slot_for(root).ok().map(|s| s.verified)
+    }
+
+    fn is_verified(&mut self, root: &Digest, index: u32) -> Result<bool, StoreError> {
+        let l = self.slot_for(root)?.layout;
+        if index >= l.chunks {
+            return Err(StoreError::BadIndex);
+        }
+        self.flag(&l, index)
+    }
+
+    fn write_chunk(
+        &mut self,
+        root: &Digest,
+        index: u32,
+        data: &[u8],
+        proof: &[Digest],
+    ) -> Result<(), StoreError> {
+        let slot = self.slot_for(root)?;
+        let l = slot.layout;
+        if index >= l.chunks {
+            return Err(StoreError::BadIndex);
+        }
+        if data.len() != slot.manifest.chunk_len(index) as usize
+            || proof.len() != merkle::proof_len(index, l.chunks)
+        {
+            return Err(StoreError::BadLength);
+        }
+        if self.flag(&l, index)? {
+            return Ok(());
+        }
+        let unit = l.unit as usize;
+        // 1. Data.
+        self.write_padded(l.data_at + index * l.data_stride, data, unit)?;
+        // 2. Proof.
+        let mut pbuf = [0xFFu8; MAX_DEPTH * 32];
+        for (dst, h) in pbuf.chunks_mut(32).zip(proof) {
+            dst.copy_from_slice(h);
+        }
+        let plen = proof.len() * 32;
+        if plen > 0 {
+            self.write_padded(l.proofs_at + index * l.proof_stride, &pbuf[..plen], unit)?;
+        }
+        // 3. The flag: from here on the chunk counts as verified.
+        self.set_flag(&l, index)?;
+        if let Some(s) = &mut self.slot {
+            s.verified += 1;
+        }
+        Ok(())
+    }
+
+    fn read_chunk(
+        &mut self,
+        root: &Digest,
+        index: u32,
+        data: &mut [u8],
+        proof: &mut Proof,
+    ) -> Result<usize, StoreError> {
+        let slot = self.slot_for(root)?;
+        let l = slot.layout;
+        if index >= l.chunks {
+            return Err(StoreError::BadIndex);
+        }
+        let len = slot.manifest.chunk_len(index) as usize;
+        if data.len() < len {
+            return Err(StoreError::BadLength);
+        }
+        if !self.flag(&l, index)? {
+            return Err(StoreError::NotVerified);
+        }
+        let unit = l.unit as usize;
+        self.read_exact(l.data_at + index * l.data_stride, &mut data[..len], unit)?;
+        let plen = merkle::proof_len(index, l.chunks);
+        let mut pbuf = [0u8; MAX_DEPTH * 32];
+        self.read_exact(
+            l.proofs_at + index * l.proof_stride,
+            &mut pbuf[..plen * 32],
+            unit,
+        )?;
+        proof.clear();
+        for h in pbuf[..plen * 32].chunks(32) {
+            let mut d = [0u8; 32];
+            d.copy_from_slice(h);
+            proof.push(d).map_err(|_| StoreError::BadLength)?;
+        }
+        Ok(len)
+    }
+
+    fn held(&self, i: usize) -> Option<Held<'_>> {
+        match (&self.slot, i) {
+            (Some(s), 0) => Some(Held {
+                manifest: &s.manifest,
+                verified: s.verified,
+            }),
+            _ => None,
+        }
+    }
+
+    fn free_bytes(&self) -> u64 {
+        let used = self.slot.as_ref().map_or(0, |s| s.layout.end);
+        (self.flash.capacity() as u64).saturating_sub(used)
+    }
+}
+
+/// Test doubles: a RAM NOR flash and one that fails after N writes.
+#[cfg(any(test, feature = "std"))]
+pub mod testing {
+    extern crate std;
+    use std::vec;
+    use std::vec::Vec;
+
+    use embedded_storage::nor_flash::{
+        ErrorType, MultiwriteNorFlash, NorFlash, NorFlashErrorKind, ReadNorFlash, check_erase,
+        check_read, check_write,
+    };
+
+    /// A NOR flash in RAM with `W`-byte write units and `E`-byte erase blocks.
+    ///
+    /// Writes AND into the cells (only clearing bits). With `strict`, writing a
+    /// unit that is not fully erased is an error (flash without multi-write).
+    #[derive(Clone, Debug)]
+    pub struct RamFlash<const W: usize, const E: usize> {
+        /// The cells.
+        pub mem: Vec<u8>,
+        /// Refuse to write a unit twice.
+        pub strict: bool,
+        /// Writes so far.
+        pub writes: usize,
+        /// Fail every write once this many have succeeded (a power cut or full disk).
+        pub fail_after: Option<usize>,
+        /// On the failing write, write this many bytes first (a torn write).
+        pub torn: usize,
+    }
+
+    impl<const W: usize, const E: usize> RamFlash<W, E> {
+        /// Erased flash of `size` bytes.
+        pub fn new(size: usize) -> Self {
+            RamFlash {
+                mem: vec![0xFF; size],
+                strict: false,
+                writes: 0,
+                fail_after: None,
+                torn: 0,
+            }
+        }
+    }
+
+    impl<const W: usize, const E: usize> ErrorType for RamFlash<W, E> {
+        type Error = NorFlashErrorKind;
+    }
+
+    impl<const W: usize, const E: usize> ReadNorFlash for RamFlash<W, E> {
+        const READ_SIZE: usize = 1;
+
+        fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), Self::Error> {
+            check_read(self, offset, bytes.len())?;
+            let o = offset as usize;
+            bytes.copy_from_slice(&self.mem[o..o + bytes.len()]);
+            Ok(())
+        }
+
+        fn capacity(&self) -> usize {
+            self.mem.len()
+        }
+    }
+
+    impl<const W: usize, const E: usize> NorFlash for RamFlash<W, E> {
+        const WRITE_SIZE: usize = W;
+        const ERASE_SIZE: usize = E;
+
+        fn erase(&mut self, from: u32, to: u32) -> Result<(), Self::Error> {
+            check_erase(self, from, to)?;
+            self.mem[from as usize..to as usize].fill(0xFF);
+            Ok(())
+        }
+
+        fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), Self::Error> {
+            check_write(self, offset, bytes.len())?;
+            let o = offset as usize;
+            let mut n = bytes.len();
+            let failing = self.fail_after.is_some_and(|f| self.writes >= f);
+            if failing {
+                n = self.torn.min(n);
+            }
+            if self.strict && self.mem[o..o + n].iter().any(|&b| b != 0xFF) {
+                return Err(NorFlashErrorKind::Other);
+            }
+            for (cell, b) in self.mem[o..o + n].iter_mut().zip(bytes) {
+                *cell &= *b;
+            }
+            if failing {
+                return Err(NorFlashErrorKind::Other);
+            }
+            self.writes += 1;
+            Ok(())
+        }
+    }
+
+    impl<const W: usize, const E: usize> MultiwriteNorFlash for RamFlash<W, E> {}
+}
+
+#[cfg(test)]
+mod test {
+    extern crate std;
+    use std::vec::Vec;
+
+    use baton_protocol::identity::Identity;
+    use baton_protocol::merkle::{MerkleTree, leaf_hash};
+
+    use super::testing::RamFlash;
+    use super::*;
+
+    struct Content {
+        manifest: Manifest,
+        data: Vec<u8>,
+        tree: MerkleTree,
+    }
+
+    fn content(len: usize, chunk: u32) -> Content {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 256) as u8).collect();
+        let leaves = data.chunks(chunk as usize).map(leaf_hash).collect();
+        let tree = MerkleTree::from_leaves(leaves);
+        let manifest = Manifest::sign(
+            &Identity::from_seed([4; 32]),
+            heapless::String::try_from("fw").unwrap(),
+            1,
+            0,
+            len as u64,
+            chunk,
+            tree.root(),
+        );
+        Content {
+            manifest,
+            data,
+            tree,
+        }
+    }
+
+    impl Content {
+        fn chunk(&self, i: u32) -> &[u8] {
+            let cs = self.manifest.chunk_size as usize;
+            let start = i as usize * cs;
+            &self.data[start..(start + cs).min(self.data.len())]
+        }
+        fn proof(&self, i: u32) -> Proof {
+            self.tree.proof(i).unwrap()
+        }
+    }
+
+    fn roundtrip<F: NorFlash>(mut store: FlashStore<F>) {
+        let c = content(10_000, 1000);
+        let root = c.manifest.root;
+        assert_eq!(store.open(&c.manifest), Ok(0));
+        for i in [3u32, 0, 9] {
+            store
+                .write_chunk(&root, i, c.chunk(i), &c.proof(i))
+                .unwrap();
+        }
+        assert_eq!(store.verified(&root), Some(3));
+        let mut buf = [0u8; 1000];
+        let mut proof = Proof::new();
+        for i in [3u32, 0, 9] {
+            let n = store.read_chunk(&root, i, &mut buf, &mut proof).unwrap();
+            assert_eq!(&buf[..n], c.chunk(i));
+            assert_eq!(proof, c.proof(i));
+        }
+        assert_eq!(
+            store.read_chunk(&root, 4, &mut buf, &mut proof),
+            Err(StoreError::NotVerified)
+        );
+        assert_eq!(
+            store.write_chunk(&root, 4, &c.chunk(4)[1..], &c.proof(4)),
+            Err(StoreError::BadLength)
+        );
+        assert_eq!(store.verified(&[0; 32]), None);
+        // Remount: the same verified set.
+        let flash = store.into_inner();
+        let mut store = FlashStore::new(flash);
+        assert_eq!(store.mount().unwrap().map(|m| m.root), Some(root));
+        assert_eq!(store.verified(&root), Some(3));
+        for i in 0..10 {
+            assert_eq!(
+                store.is_verified(&root, i).unwrap(),
+                [0, 3, 9].contains(&i),
+                "{i}"
+            );
+        }
+        // Reopening the same content resumes.
+        assert_eq!(store.open(&c.manifest), Ok(3));
+    }
+
+    #[test]
+    fn roundtrip_unit_flags_on_strict_flash() {
+        let mut f = RamFlash::<8, 4096>::new(64 * 1024);
+        f.strict = true;
+        roundtrip(FlashStore::new(f));
+    }
+
+    #[test]
+    fn roundtrip_bitmap_on_multiwrite_flash() {
+        roundtrip(FlashStore::new_multiwrite(RamFlash::<4, 1024>::new(
+            64 * 1024,
+        )));
+        roundtrip(FlashStore::new_multiwrite(RamFlash::<1, 256>::new(
+            64 * 1024,
+        )));
+    }
+
+    #[test]
+    fn too_small_partition_is_full() {
+        let c = content(10_000, 1000);
+        let mut store = FlashStore::new(RamFlash::<4, 1024>::new(8 * 1024));
+        assert_eq!(store.open(&c.manifest), Err(StoreError::Full));
+        assert!(FlashStore::<RamFlash<4, 1024>>::required_size(&c.manifest, false) > 8 * 1024);
+    }
+
+    #[test]
+    fn empty_or_damaged_partition_mounts_empty() {
+        let mut store = FlashStore::new(RamFlash::<4, 1024>::new(64 * 1024));
+        assert_eq!(store.mount(), Ok(None));
+        let c = content(3000, 1000);
+        store.open(&c.manifest).unwrap();
+        let mut flash = store.into_inner();
+        flash.mem[20] ^= 0x01; // inside the manifest: the checksum fails
+        let mut store = FlashStore::new(flash);
+        assert_eq!(store.mount(), Ok(None));
+    }
+
+    /// Writes chunks until the flash fails after `n` writes; checks the verified set.
+    fn power_cut_after(n: usize, torn: usize, bitmap: bool) {
+        let c = content(8_000, 1000);
+        let root = c.manifest.root;
+        let mut flash = RamFlash::<4, 1024>::new(64 * 1024);
+        flash.strict = !bitmap;
+        let mut store = if bitmap {
+            FlashStore::new_multiwrite(flash)
+        } else {
+            FlashStore::new(flash)
+        };
+        store.open(&c.manifest).unwrap();
+        let base = store.flash().writes;
+        store.flash_mut().fail_after = Some(base + n);
+        store.flash_mut().torn = torn;
+        let mut done = Vec::new();
+        for i in 0..8 {
+            match store.write_chunk(&root, i, c.chunk(i), &c.proof(i)) {
+                Ok(()) => done.push(i),
+                Err(e) => {
+                    assert_eq!(e, StoreError::Io);
+                    break;
+                }
+            }
+        }
+        assert!(
+            done.len() < 8,
+            "the flash must fail within the content: n={n} torn={torn} bitmap={bitmap}"
+        );
+        // Power back on: a fresh store over the same cells.
+        let mut flash = store.into_inner();
+        flash.fail_after = None;
+        let mut store = if bitmap {
+            FlashStore::new_multiwrite(flash)
+        } else {
+            FlashStore::new(flash)
+        };
+        store.mount().unwrap().unwrap();
+        // The chunk being written when the power went: verified only if its
+        // flag landed (a torn flag write), and then its data and proof are whole.
+        let cut = done.len() as u32;
+        let mut buf = [0u8; 1000];
+        let mut proof = Proof::new();
+        let mut verified_count = 0;
+        for i in 0..8 {
+            let verified = store.is_verified(&root, i).unwrap();
+            if torn == 0 || i != cut {
+                assert_eq!(verified, done.contains(&i), "n={n} torn={torn} chunk {i}");
+            }
+            if verified {
+                verified_count += 1;
+                let len = store.read_chunk(&root, i, &mut buf, &mut proof).unwrap();
+                assert_eq!(&buf[..len], c.chunk(i));
+                merkle::verify_leaf(&root, 8, i, &leaf_hash(&buf[..len]), &proof).unwrap();
+            }
+        }
+        assert_eq!(store.verified(&root), Some(verified_count));
+    }
+
+    #[test]
+    fn power_cut_at_every_write_keeps_exactly_the_finished_chunks() {
+        // Each chunk is data (1 write of whole units + 1 tail write at most),
+        // proof, flag: cut at every position, cleanly and torn.
+        for n in 0..20 {
+            for torn in [0, 2] {
+                power_cut_after(n, torn, false);
+                power_cut_after(n, torn, true);
+            }
+        }
+    }
+
+    #[test]
+    fn geometry_helpers() {
+        assert_eq!(depth(1), 0);
+        assert_eq!(depth(2), 1);
+        assert_eq!(depth(3), 2);
+        assert_eq!(depth(8), 3);
+        assert_eq!(depth(9), 4);
+        for n in 1..100 {
+            for i in 0..n {
+                assert!(merkle::proof_len(i, n) as u32 <= depth(n));
+            }
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The Linux agent's settings: command-line flags, optionally from a TOML file.
+//!
+//! Every flag can also be given in `--config FILE.toml` under the same name
+//! (`manager = "host:7000"`, `up-bps = "10MiB"`, `label = ["role=edge"]`);
+//! a flag on the command line wins over the file.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Flags of the Linux agent (`baton-agent`, `baton agent`).
+#[derive(clap::Args, Deserialize, Debug, Clone, Default, PartialEq)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct AgentArgs {
+    /// Read settings from this TOML file (flags win).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// The manager's agent port, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub manager: Option<String>,
+    /// The manager's Ed25519 public key (hex), pinned in the handshake.
+    #[arg(long, value_name = "HEX")]
+    pub manager_key: Option<String>,
+    /// This agent's id as enrolled at the manager.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Where the identity key, content and state live.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address the peer listener binds (default 0.0.0.0:0).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Address reported to the manager for peers (default: the bound address).
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<String>,
+    /// Site, e.g. fra-2.
+    #[arg(long)]
+    pub site: Option<String>,
+    /// LAN segment, e.g. fra-2/rack-4.
+    #[arg(long)]
+    pub segment: Option<String>,
+    /// A key=value label (repeat).
+    #[arg(long = "label", value_name = "K=V")]
+    pub label: Vec<String>,
+    /// Upload cap, e.g. 10MiB (per second); omitted = unlimited.
+    #[arg(long, value_name = "SIZE")]
+    #[serde(deserialize_with = "size_string")]
+    pub up_bps: Option<String>,
+    /// Download cap, e.g. 10MiB (per second); omitted = unlimited.
+    #[arg(long, value_name = "SIZE")]
+    #[serde(deserialize_with = "size_string")]
+    pub down_bps: Option<String>,
+    /// Most peers served at once.
+    #[arg(long, value_name = "N")]
+    pub max_peers: Option<u16>,
+    /// Chunk requests in flight per source.
+    #[arg(long, value_name = "N")]
+    pub window: Option<u16>,
+    /// One-time enrolment token.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// A trusted publisher key (hex, repeat); default: the keys the manager names.
+    #[arg(long = "publisher-key", value_name = "HEX")]
+    pub publisher_key: Vec<String>,
+    /// Write completed content to this path.
+    #[arg(long, value_name = "PATH")]
+    pub export: Option<PathBuf>,
+    /// Run this shell command when content is complete (env BATON_CONTENT, BATON_NAME, BATON_VERSION).
+    #[arg(long, value_name = "CMD")]
+    pub on_complete: Option<String>,
+    /// Keep a JSON status file here, rewritten on change.
+    #[arg(long, value_name = "PATH")]
+    pub status_file: Option<PathBuf>,
+    /// Most bytes of content kept under the data directory, e.g. 10GiB.
+    #[arg(long, value_name = "SIZE")]
+    #[serde(deserialize_with = "size_string")]
+    pub max_storage: Option<String>,
+    /// Print this agent's public key (hex) and exit.
+    #[arg(long)]
+    pub print_key: bool,
+    /// Exit with status 0 after the first Done.
+    #[arg(long)]
+    pub exit_when_done: bool,
+}
+
+/// Accepts a size as a TOML string ("10MiB") or integer (65536).
+fn size_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Int(u64),
+        Text(String),
+    }
+    Ok(Some(match Size::deserialize(d)? {
+        Size::Int(n) => n.to_string(),
+        Size::Text(s) => s,
+    }))
+}
+
+impl AgentArgs {
+    /// Fills every setting not given on the command line from `file`.
+    pub fn merge(mut self, file: AgentArgs) -> AgentArgs {
+        fn or<T>(a: &mut Option<T>, b: Option<T>) {
+            if a.is_none() {
+                *a = b;
+            }
+        }
+        or(&mut self.manager, file.manager);
+        or(&mut self.manager_key, file.manager_key);
+        or(&mut self.id, file.id);
+        or(&mut self.data_dir, file.data_dir);
+        or(&mut self.listen, file.listen);
+        or(&mut self.advertise, file.advertise);
+        or(&mut self.site, file.site);
+        or(&mut self.segment, file.segment);
+        or(&mut self.up_bps, file.up_bps);
+        or(&mut self.down_bps, file.down_bps);
+        or(&mut self.max_peers, file.max_peers);
+        or(&mut self.window, file.window);
+        or(&mut self.token, file.token);
+        or(&mut self.export, file.export);
+        or(&mut self.on_complete, file.on_complete);
+        or(&mut self.status_file, file.status_file);
+        or(&mut self.max_storage, file.max_storage);
+        if self.label.is_empty() {
+            self.label = file.label;
+        }
+        if self.publisher_key.is_empty() {
+            self.publisher_key = file.publisher_key;
+        }
+        self.print_key |= file.print_key;
+        self.exit_when_done |= file.exit_when_done;
+        self
+    }
+
+    /// Reads `--config` if given and merges it under the flags.
+    pub fn resolve(self) -> Result<AgentArgs, String> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let file: AgentArgs =
+            toml::from_str(&text).map_err(|e| format!("parsing {}: {e}", path.display()))?;
+        Ok(self.merge(file))
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: AgentArgs,
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "manager = \"10.0.0.1:7000\"\nid = \"file-id\"\nup-bps = 65536\ndown-bps = \"1MiB\"\nlabel = [\"role=edge\"]\nexit-when-done = true\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from([
+            "x",
+            "--config",
+            path.to_str().unwrap(),
+            "--id",
+            "flag-id",
+            "--label",
+            "tier=1",
+        ]);
+        let args = cli.args.resolve().unwrap();
+        assert_eq!(args.manager.as_deref(), Some("10.0.0.1:7000"));
+        assert_eq!(args.id.as_deref(), Some("flag-id"));
+        assert_eq!(args.up_bps.as_deref(), Some("65536"));
+        assert_eq!(args.down_bps.as_deref(), Some("1MiB"));
+        assert_eq!(args.label, ["tier=1"]);
+        assert!(args.exit_when_done);
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "managr = \"x\"\n").unwrap();
+        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
+        assert!(cli.args.resolve().unwrap_err().contains("managr"));
+    }
+}

@@ -1,0 +1,783 @@
+//! The tokio driver of the Linux agent: sockets, timers and files around [`Agent`].
+//!
+//! One central task owns the [`Agent`] and its [`DirStore`]; every connection
+//! (the manager session and each peer) is a task pair using the link layer
+//! that hands decrypted frames to the central task and writes what it is
+//! given. After every input the central task drains `poll_transmit` (to the
+//! connections' queues) and `poll_event` (connect to peers, close, export…),
+//! and sleeps until `poll_timeout`. The manager session is re-established with
+//! backoff; peers connect to the listener and must show a certificate signed
+//! by the manager; outgoing peer connections pin the key the manager named.
+//! Rate limits (`--up-bps`, `--down-bps`) are process-wide.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use baton_protocol::identity::{AgentCert, Identity};
+use baton_protocol::message::CHUNK_OVERHEAD;
+use baton_protocol::session::{Hello, MAX_TOKEN_LEN, Role};
+use baton_protocol::{AgentId, Label, LinkInfo, MAX_FRAME, PeerAddr, PublicKey, caps};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::args::AgentArgs;
+use super::link::{self, Limits, Link, LinkError};
+use super::rate::RateLimiter;
+use super::size::parse_size;
+use super::store::{DirStore, DirStoreError, export};
+use crate::agent::{Agent, AgentConfig, ConnId, Direction, Event, JobState, PeerInfo};
+use crate::store::ContentStore;
+
+/// The Linux agent: a directory store, up to 4 concurrent jobs and 64 peer connections.
+pub type LinuxAgent = Agent<DirStore, 4, 64>;
+
+/// Why the Linux agent stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentRunError {
+    /// A setting is missing or malformed.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The identity file could not be read or created.
+    #[error("identity {path}: {source}")]
+    Identity {
+        /// The key file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The content store could not be opened.
+    #[error(transparent)]
+    Store(#[from] DirStoreError),
+    /// The peer listener could not be bound.
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn config_err(s: impl Into<String>) -> AgentRunError {
+    AgentRunError::Config(s.into())
+}
+
+/// Loads `<data-dir>/identity.key` (hex seed), creating it on first run.
+pub fn load_or_create_identity(data_dir: &Path) -> Result<Identity, AgentRunError> {
+    let path = data_dir.join("identity.key");
+    let io = |source| AgentRunError::Identity {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let seed: [u8; 32] = hex::decode(text.trim())
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| {
+                    io(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "not a 64-digit hex seed",
+                    ))
+                })?;
+            Ok(Identity::from_seed(seed))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(data_dir).map_err(io)?;
+            let mut seed = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+            let tmp = path.with_extension("tmp");
+            {
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let mut f = std::fs::File::options()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(io)?;
+                writeln!(f, "{}", hex::encode(seed)).map_err(io)?;
+                f.sync_all().map_err(io)?;
+            }
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            Ok(Identity::from_seed(seed))
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+fn parse_key(hex_key: &str, what: &str) -> Result<PublicKey, AgentRunError> {
+    hex::decode(hex_key.trim())
+        .ok()
+        .and_then(|v| <[u8; 32]>::try_from(v).ok())
+        .map(PublicKey)
+        .ok_or_else(|| config_err(format!("{what} must be 64 hex digits")))
+}
+
+fn bounded<const N: usize>(s: &str, what: &str) -> Result<heapless::String<N>, AgentRunError> {
+    heapless::String::try_from(s)
+        .map_err(|_| config_err(format!("{what} is longer than {N} bytes")))
+}
+
+/// Everything the driver needs, checked.
+struct Settings {
+    manager: String,
+    manager_key: PublicKey,
+    data_dir: PathBuf,
+    listen: String,
+    advertise: Option<SocketAddr>,
+    config: AgentConfig,
+    up: Option<u64>,
+    down: Option<u64>,
+    token: Option<heapless::String<MAX_TOKEN_LEN>>,
+    export: Option<PathBuf>,
+    on_complete: Option<String>,
+    status_file: Option<PathBuf>,
+    max_storage: Option<u64>,
+    exit_when_done: bool,
+}
+
+impl Settings {
+    fn from_args(a: &AgentArgs) -> Result<Settings, AgentRunError> {
+        let need = |v: &Option<String>, flag: &str| {
+            v.clone()
+                .ok_or_else(|| config_err(format!("--{flag} is required")))
+        };
+        let id: AgentId = bounded(&need(&a.id, "id")?, "--id")?;
+        let mut config = AgentConfig::new(id);
+        if let Some(s) = &a.site {
+            config.site = bounded::<32>(s, "--site")?;
+        }
+        if let Some(s) = &a.segment {
+            config.segment = bounded::<32>(s, "--segment")?;
+        }
+        for l in &a.label {
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| config_err(format!("--label {l:?} is not key=value")))?;
+            let label = Label {
+                key: bounded(k, "label key")?,
+                value: bounded(v, "label value")?,
+            };
+            config
+                .labels
+                .push(label)
+                .map_err(|_| config_err("at most 8 labels"))?;
+        }
+        for k in &a.publisher_key {
+            config
+                .publishers
+                .push(parse_key(k, "--publisher-key")?)
+                .map_err(|_| config_err("at most 4 publisher keys"))?;
+        }
+        if let Some(n) = a.max_peers {
+            config.max_peers = n;
+        }
+        if let Some(n) = a.window {
+            if n == 0 {
+                return Err(config_err("--window must be at least 1"));
+            }
+            config.window = n;
+        }
+        let size = |v: &Option<String>, flag: &str| -> Result<Option<u64>, AgentRunError> {
+            v.as_deref()
+                .map(|s| parse_size(s).map_err(|e| config_err(format!("--{flag}: {e}"))))
+                .transpose()
+        };
+        let up = size(&a.up_bps, "up-bps")?.filter(|&v| v > 0);
+        let down = size(&a.down_bps, "down-bps")?.filter(|&v| v > 0);
+        config.link = LinkInfo {
+            up_bps: up.unwrap_or(0),
+            down_bps: down.unwrap_or(0),
+            loss_ppm: 0,
+            uptime_s: 0,
+        };
+        let advertise = a
+            .advertise
+            .as_deref()
+            .map(|s| {
+                s.parse::<SocketAddr>()
+                    .map_err(|e| config_err(format!("--advertise {s:?}: {e}")))
+            })
+            .transpose()?;
+        Ok(Settings {
+            manager: need(&a.manager, "manager")?,
+            manager_key: parse_key(&need(&a.manager_key, "manager-key")?, "--manager-key")?,
+            data_dir: a
+                .data_dir
+                .clone()
+                .ok_or_else(|| config_err("--data-dir is required"))?,
+            listen: a.listen.clone().unwrap_or_else(|| "0.0.0.0:0".into()),
+            advertise,
+            config,
+            up,
+            down,
+            token: a
+                .token
+                .as_deref()
+                .map(|t| bounded(t, "--token"))
+                .transpose()?,
+            export: a.export.clone(),
+            on_complete: a.on_complete.clone(),
+            status_file: a.status_file.clone(),
+            max_storage: size(&a.max_storage, "max-storage")?,
+            exit_when_done: a.exit_when_done,
+        })
+    }
+}
+
+/// What connection tasks tell the central task.
+enum Input {
+    ManagerUp {
+        tx: mpsc::UnboundedSender<Vec<u8>>,
+        local: SocketAddr,
+    },
+    PeerUp {
+        conn: ConnId,
+        info: PeerInfo,
+        tx: mpsc::UnboundedSender<Vec<u8>>,
+    },
+    ConnectFailed(AgentId),
+    Frame(ConnId, Vec<u8>),
+    Closed(ConnId),
+}
+
+/// Shared by the connection tasks.
+#[derive(Clone)]
+struct Shared {
+    identity: Identity,
+    id: AgentId,
+    manager_key: PublicKey,
+    cert: Arc<RwLock<Option<AgentCert>>>,
+    limits: Limits,
+    inputs: mpsc::Sender<Input>,
+    next_conn: Arc<AtomicU32>,
+}
+
+impl Shared {
+    fn peer_hello(&self) -> Hello {
+        let cert = self.cert.read().unwrap_or_else(|e| e.into_inner()).clone();
+        Hello::new(Role::Agent, self.id.clone(), caps::ALL, cert)
+    }
+
+    fn conn_id(&self) -> ConnId {
+        ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Moves frames between a link and the central task until either side stops.
+async fn pump<S>(
+    link: Link<S>,
+    conn: ConnId,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    inputs: mpsc::Sender<Input>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (mut reader, mut writer) = link.split();
+    let mut writing = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if let Err(e) = writer.send(&frame).await {
+                tracing::debug!(?conn, "send failed: {e}");
+                break;
+            }
+        }
+        let _ = writer.close().await;
+    });
+    loop {
+        tokio::select! {
+            r = reader.recv() => match r {
+                Ok(frame) => {
+                    if inputs.send(Input::Frame(conn, frame.to_vec())).await.is_err() {
+                        break;
+                    }
+                }
+                Err(LinkError::Closed) => break,
+                Err(e) => {
+                    tracing::warn!(?conn, "connection dropped: {e}");
+                    break;
+                }
+            },
+            _ = &mut writing => break,
+        }
+    }
+    writing.abort();
+    let _ = inputs.send(Input::Closed(conn)).await;
+}
+
+async fn manager_session(
+    shared: &Shared,
+    addr: &str,
+    token: &Option<heapless::String<MAX_TOKEN_LEN>>,
+) -> Result<(Link<TcpStream>, SocketAddr), LinkError> {
+    let stream = tokio::time::timeout(link::HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| LinkError::Timeout)??;
+    stream.set_nodelay(true)?;
+    let local = stream.local_addr()?;
+    let mut hello = Hello::new(Role::Agent, shared.id.clone(), caps::ALL, None);
+    if let Some(t) = token {
+        hello = hello.with_token(t.clone());
+    }
+    let link = link::connect(
+        stream,
+        &shared.identity,
+        &shared.manager_key,
+        hello,
+        &shared.limits,
+    )
+    .await?;
+    Ok((link, local))
+}
+
+/// Keeps a session with the manager, reconnecting with backoff.
+async fn manager_loop(
+    shared: Shared,
+    addr: String,
+    token: Option<heapless::String<MAX_TOKEN_LEN>>,
+) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let started = Instant::now();
+        match manager_session(&shared, &addr, &token).await {
+            Ok((link, local)) => {
+                tracing::info!(%addr, "connected to the manager");
+                let (tx, rx) = mpsc::unbounded_channel();
+                if shared
+                    .inputs
+                    .send(Input::ManagerUp { tx, local })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                pump(link, ConnId::MANAGER, rx, shared.inputs.clone()).await;
+                tracing::warn!(%addr, "manager session ended");
+            }
+            Err(e) => tracing::warn!(%addr, "manager unreachable: {e}"),
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(250);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Accepts peers that show a certificate from the manager.
+async fn accept_loop(shared: Shared, listener: TcpListener) {
+    loop {
+        let (stream, from) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let manager = shared.manager_key;
+            let res = link::accept(
+                stream,
+                &shared.identity,
+                shared.peer_hello(),
+                &shared.limits,
+                |hs| {
+                    hs.verify_peer_cert(&manager)?;
+                    Ok(hs.remote_hello().map(|h| h.id.clone()))
+                },
+            )
+            .await;
+            match res {
+                Ok((link, Some(id))) => {
+                    let conn = shared.conn_id();
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let info = PeerInfo {
+                        id,
+                        direction: Direction::Incoming,
+                    };
+                    if shared
+                        .inputs
+                        .send(Input::PeerUp { conn, info, tx })
+                        .await
+                        .is_ok()
+                    {
+                        pump(link, conn, rx, shared.inputs.clone()).await;
+                    }
+                }
+                Ok((_, None)) => {}
+                Err(e) => tracing::warn!(%from, "peer refused: {e}"),
+            }
+        });
+    }
+}
+
+/// Connects to a peer source named by the manager.
+async fn connect_peer(shared: Shared, peer: AgentId, addr: PeerAddr, key: PublicKey) {
+    let addr = SocketAddr::from(addr);
+    let attempt = async {
+        let stream = tokio::time::timeout(link::HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| LinkError::Timeout)??;
+        stream.set_nodelay(true)?;
+        let link = link::connect(
+            stream,
+            &shared.identity,
+            &key,
+            shared.peer_hello(),
+            &shared.limits,
+        )
+        .await?;
+        if link.remote.id != peer {
+            return Err(LinkError::Refused(format!(
+                "peer at {addr} says it is {}",
+                link.remote.id
+            )));
+        }
+        Ok(link)
+    };
+    match attempt.await {
+        Ok(link) => {
+            let conn = shared.conn_id();
+            let (tx, rx) = mpsc::unbounded_channel();
+            let info = PeerInfo {
+                id: peer,
+                direction: Direction::Outgoing,
+            };
+            if shared
+                .inputs
+                .send(Input::PeerUp { conn, info, tx })
+                .await
+                .is_ok()
+            {
+                pump(link, conn, rx, shared.inputs.clone()).await;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(%peer, %addr, "cannot reach peer: {e}");
+            let _ = shared.inputs.send(Input::ConnectFailed(peer)).await;
+        }
+    }
+}
+
+/// The status file's view of one job.
+#[derive(Clone, Debug, serde::Serialize, PartialEq)]
+struct JobJson {
+    job: u64,
+    epoch: u32,
+    name: String,
+    version: u64,
+    root: String,
+    state: String,
+    chunks: u32,
+    verified: u32,
+    resumed: u32,
+    fetched: u32,
+    bad_chunks: u32,
+    bytes_received: u64,
+    bytes_served: u64,
+}
+
+#[derive(Debug, serde::Serialize, PartialEq)]
+struct StatusJson<'a> {
+    id: &'a str,
+    manager_connected: bool,
+    listen: Option<String>,
+    wire_bytes_sent: u64,
+    wire_bytes_received: u64,
+    jobs: Vec<&'a JobJson>,
+}
+
+fn state_name(s: JobState) -> String {
+    match s {
+        JobState::Fetching => "fetching".into(),
+        JobState::Complete => "complete".into(),
+        JobState::Failed(r) => format!("failed: {r:?}"),
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Exports completed content and runs the completion command.
+async fn complete(
+    slot: PathBuf,
+    export_to: PathBuf,
+    cmd: Option<String>,
+    name: String,
+    version: u64,
+) {
+    let out = export_to.clone();
+    let res = tokio::task::spawn_blocking(move || export(&slot, &out)).await;
+    match res {
+        Ok(Ok(bytes)) => tracing::info!(path = %export_to.display(), bytes, "content exported"),
+        Ok(Err(e)) => {
+            tracing::error!("export failed: {e}");
+            return;
+        }
+        Err(e) => {
+            tracing::error!("export task failed: {e}");
+            return;
+        }
+    }
+    if let Some(cmd) = cmd {
+        let status = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .env("BATON_CONTENT", &export_to)
+            .env("BATON_NAME", &name)
+            .env("BATON_VERSION", version.to_string())
+            .status()
+            .await;
+        match status {
+            Ok(s) if s.success() => tracing::info!(%cmd, "on-complete command succeeded"),
+            Ok(s) => tracing::warn!(%cmd, "on-complete command exited with {s}"),
+            Err(e) => tracing::warn!(%cmd, "on-complete command failed to start: {e}"),
+        }
+    }
+}
+
+/// Runs the Linux agent until `--exit-when-done` is satisfied or the process is interrupted.
+pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
+    let args = args.resolve().map_err(AgentRunError::Config)?;
+    let data_dir = args
+        .data_dir
+        .clone()
+        .ok_or_else(|| config_err("--data-dir is required"))?;
+    let identity = load_or_create_identity(&data_dir)?;
+    if args.print_key {
+        println!("{}", hex::encode(identity.public().0));
+        return Ok(());
+    }
+    let s = Settings::from_args(&args)?;
+    let store = DirStore::open(&s.data_dir.join("content"), s.max_storage)?;
+    let listener = TcpListener::bind(&s.listen)
+        .await
+        .map_err(|source| AgentRunError::Listen {
+            addr: s.listen.clone(),
+            source,
+        })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| AgentRunError::Listen {
+            addr: s.listen.clone(),
+            source,
+        })?;
+    tracing::info!(id = %s.config.id, %bound, key = %hex::encode(identity.public().0), "agent starting");
+
+    let limits = Limits {
+        up: s.up.map(|b| Arc::new(RateLimiter::new(b))),
+        down: s.down.map(|b| Arc::new(RateLimiter::new(b))),
+        ..Limits::default()
+    };
+    let (inputs, mut in_rx) = mpsc::channel::<Input>(1024);
+    let shared = Shared {
+        identity,
+        id: s.config.id.clone(),
+        manager_key: s.manager_key,
+        cert: Arc::new(RwLock::new(None)),
+        limits: limits.clone(),
+        inputs,
+        next_conn: Arc::new(AtomicU32::new(1)),
+    };
+    let mut agent: LinuxAgent = Agent::new(s.config.clone(), store);
+    if let Some(a) = s.advertise {
+        agent.set_listen(Some(a.into()));
+    } else if !bound.ip().is_unspecified() {
+        agent.set_listen(Some(bound.into()));
+    }
+    let mut tasks = JoinSet::new();
+    tasks.spawn(accept_loop(shared.clone(), listener));
+    tasks.spawn(manager_loop(
+        shared.clone(),
+        s.manager.clone(),
+        s.token.clone(),
+    ));
+
+    let origin = Instant::now();
+    let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
+    let mut buf = vec![0u8; (s.config.max_chunk as usize + CHUNK_OVERHEAD + 64).min(MAX_FRAME)];
+    let mut pending = JoinSet::new();
+    let mut exiting = false;
+    let mut jobs_json: BTreeMap<u64, JobJson> = BTreeMap::new();
+    let mut last_status = String::new();
+    let mut status_tick = tokio::time::interval(Duration::from_millis(200));
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        let deadline = agent.poll_timeout().map(|d| origin + d);
+        tokio::select! {
+            input = in_rx.recv() => {
+                let Some(input) = input else { break };
+                let now = origin.elapsed();
+                match input {
+                    Input::ManagerUp { tx, local } => {
+                        conns.insert(ConnId::MANAGER, tx);
+                        if s.advertise.is_none() && bound.ip().is_unspecified() {
+                            agent.set_listen(Some(SocketAddr::new(local.ip(), bound.port()).into()));
+                        }
+                        agent.handle_manager_connected(now);
+                    }
+                    Input::PeerUp { conn, info, tx } => {
+                        conns.insert(conn, tx);
+                        if let Err(e) = agent.handle_connected(now, conn, info) {
+                            tracing::warn!(?conn, "peer connection refused: {e}");
+                            conns.remove(&conn);
+                        }
+                    }
+                    Input::ConnectFailed(peer) => agent.handle_connect_failed(now, &peer),
+                    Input::Frame(conn, frame) => {
+                        if let Err(e) = agent.handle_frame(now, conn, &frame) {
+                            tracing::warn!(?conn, "refused frame: {e}");
+                            if e.must_close() && conn != ConnId::MANAGER {
+                                conns.remove(&conn);
+                            }
+                        }
+                    }
+                    Input::Closed(conn) => {
+                        conns.remove(&conn);
+                        agent.handle_disconnected(now, conn);
+                    }
+                }
+            }
+            _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => {
+                agent.handle_timeout(origin.elapsed());
+            }
+            _ = status_tick.tick() => {}
+            Some(_) = pending.join_next(), if !pending.is_empty() => {}
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted");
+                break;
+            }
+        }
+        let now = origin.elapsed();
+        while let Some(t) = agent.poll_transmit(now, &mut buf) {
+            if let Some(tx) = conns.get(&t.conn) {
+                let _ = tx.send(buf[..t.len].to_vec());
+            }
+        }
+        while let Some(ev) = agent.poll_event() {
+            match ev {
+                Event::Connect { peer, addr, key } => {
+                    tokio::spawn(connect_peer(shared.clone(), peer, addr, key));
+                }
+                Event::Close { conn } => {
+                    conns.remove(&conn);
+                }
+                Event::Welcomed => {
+                    *shared.cert.write().unwrap_or_else(|e| e.into_inner()) = agent.cert().cloned();
+                    tracing::info!("welcomed by the manager");
+                }
+                Event::JobStarted {
+                    job,
+                    root,
+                    chunks,
+                    resumed,
+                } => {
+                    tracing::info!(job = job.id, epoch = job.epoch, root = %hex::encode(root), chunks, resumed, "job started");
+                }
+                Event::JobComplete { job, root } => {
+                    tracing::info!(job = job.id, root = %hex::encode(root), "content complete");
+                    let manifest = agent.store().manifest(&root).cloned();
+                    if let Some(m) = manifest
+                        && (s.export.is_some() || s.on_complete.is_some())
+                    {
+                        let slot = agent.store().slot_path(&root);
+                        let out = s.export.clone().unwrap_or_else(|| {
+                            s.data_dir
+                                .join("export")
+                                .join(format!("{}-{}", m.name, m.version))
+                        });
+                        pending.spawn(complete(
+                            slot,
+                            out,
+                            s.on_complete.clone(),
+                            m.name.to_string(),
+                            m.version,
+                        ));
+                    }
+                }
+                Event::JobDone { job, .. } => {
+                    tracing::info!(job = job.id, "job done");
+                    if let Some(j) = jobs_json.get_mut(&job.id) {
+                        j.state = "done".into();
+                    }
+                    exiting |= s.exit_when_done;
+                }
+                Event::JobCancelled { job } => {
+                    tracing::info!(job = job.id, "job cancelled");
+                    if let Some(j) = jobs_json.get_mut(&job.id) {
+                        j.state = "cancelled".into();
+                    }
+                }
+                Event::JobFailed { job, reason } => {
+                    tracing::error!(job = job.id, ?reason, "job failed");
+                }
+                Event::PeerTrouble { job, peer, trouble } => {
+                    tracing::warn!(job = job.id, %peer, ?trouble, "peer trouble");
+                }
+                Event::Ignored { what } => tracing::debug!("ignored: {what}"),
+            }
+        }
+        for j in agent.jobs() {
+            jobs_json.insert(
+                j.job.id,
+                JobJson {
+                    job: j.job.id,
+                    epoch: j.job.epoch,
+                    name: j.manifest.name.to_string(),
+                    version: j.manifest.version,
+                    root: hex::encode(j.manifest.root),
+                    state: state_name(j.state),
+                    chunks: j.stats.chunks,
+                    verified: j.stats.verified,
+                    resumed: j.stats.resumed,
+                    fetched: j.stats.fetched,
+                    bad_chunks: j.stats.bad_chunks,
+                    bytes_received: j.stats.bytes_received,
+                    bytes_served: j.stats.bytes_served,
+                },
+            );
+        }
+        let done = exiting && pending.is_empty();
+        if let Some(path) = &s.status_file {
+            let status = StatusJson {
+                id: &s.config.id,
+                manager_connected: agent.manager_connected(),
+                listen: agent.config().listen.map(|a| a.to_string()),
+                wire_bytes_sent: limits.sent.load(Ordering::Relaxed),
+                wire_bytes_received: limits.received.load(Ordering::Relaxed),
+                jobs: jobs_json.values().collect(),
+            };
+            let text = serde_json::to_string_pretty(&status).unwrap_or_default();
+            if text != last_status {
+                if let Err(e) = write_atomic(path, &text) {
+                    tracing::warn!(path = %path.display(), "cannot write status: {e}");
+                }
+                last_status = text;
+            }
+        }
+        if done {
+            tracing::info!("done; exiting");
+            break;
+        }
+    }
+    // Let queued frames go out before the connections are dropped.
+    drop(conns);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tasks.abort_all();
+    Ok(())
+}

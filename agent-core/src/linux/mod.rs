@@ -1,0 +1,16 @@
+//! The Linux side of the agent (feature `std`): link layer, rate limits,
+//! sizes, file-backed flash, the directory store and the tokio driver.
+//!
+//! Everything here is IO around the sans-IO [`crate::agent::Agent`]; no
+//! protocol decisions are made in this module.
+
+pub mod args;
+pub mod driver;
+pub mod flash;
+pub mod link;
+pub mod rate;
+pub mod size;
+pub mod store;
+
+pub use args::AgentArgs;
+pub use driver::{AgentRunError, run};

@@ -1,0 +1,120 @@
+//! Process-wide rate limits: a token bucket per direction.
+//!
+//! Every connection of a process shares one [`RateLimiter`] per direction, so
+//! `--up-bps` caps the sum of all uploads. The bucket holds at most about
+//! 20 ms worth of bytes; a request larger than what is in the bucket is let
+//! through at once and leaves the bucket in debt, and the caller sleeps until
+//! the debt is repaid. So a frame of any size passes, bursts stay short, and
+//! sleeping too long never loses capacity (the refill uses the real elapsed
+//! time, up to the burst), which keeps the achieved rate within a few percent
+//! of the cap.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How much the bucket holds at most, as time at the configured rate.
+const BURST: Duration = Duration::from_millis(20);
+
+/// Token bucket shared by all connections of a process, one per direction.
+#[derive(Debug)]
+pub struct RateLimiter {
+    bytes_per_sec: u64,
+    burst: f64,
+    state: Mutex<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    /// Bytes that may pass now; negative while in debt.
+    tokens: f64,
+    /// When `tokens` was last brought up to date.
+    at: Instant,
+}
+
+impl RateLimiter {
+    /// A limiter letting `bytes_per_sec` bytes pass per second (`0` = no limit).
+    pub fn new(bytes_per_sec: u64) -> Self {
+        let burst = (bytes_per_sec as f64 * BURST.as_secs_f64()).max(1.0);
+        RateLimiter {
+            bytes_per_sec,
+            burst,
+            state: Mutex::new(Bucket {
+                tokens: burst,
+                at: Instant::now(),
+            }),
+        }
+    }
+
+    /// The configured rate in bytes per second (`0` = no limit).
+    pub fn bytes_per_sec(&self) -> u64 {
+        self.bytes_per_sec
+    }
+
+    /// Waits until `bytes` may pass.
+    pub async fn acquire(&self, bytes: usize) {
+        if let Some(wait) = self.reserve(bytes, Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Takes `bytes` from the bucket at `now`; returns how long the caller must wait.
+    fn reserve(&self, bytes: usize, now: Instant) -> Option<Duration> {
+        if self.bytes_per_sec == 0 || bytes == 0 {
+            return None;
+        }
+        let rate = self.bytes_per_sec as f64;
+        let mut b = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * rate).min(self.burst);
+        b.at = now.max(b.at);
+        b.tokens -= bytes as f64;
+        if b.tokens >= 0.0 {
+            None
+        } else {
+            Some(Duration::from_secs_f64(-b.tokens / rate))
+        }
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn unlimited_never_waits() {
+        let r = RateLimiter::new(0);
+        assert_eq!(r.reserve(1 << 30, Instant::now()), None);
+    }
+
+    #[test]
+    fn debt_is_repaid_at_the_rate() {
+        let r = RateLimiter::new(1_000_000);
+        let t0 = Instant::now();
+        // The bucket starts with 20 ms worth: 20 000 bytes.
+        assert_eq!(r.reserve(20_000, t0), None);
+        // 100 000 more bytes at 1 MB/s: 100 ms of debt.
+        let wait = r.reserve(100_000, t0).unwrap();
+        assert!((wait.as_secs_f64() - 0.1).abs() < 1e-6, "{wait:?}");
+        // A second caller queues behind the first.
+        let wait = r.reserve(50_000, t0).unwrap();
+        assert!((wait.as_secs_f64() - 0.15).abs() < 1e-6, "{wait:?}");
+        // After a long idle time the bucket refills only up to the burst.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(r.reserve(20_000, later), None);
+        assert!(r.reserve(1_000, later).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acquire_paces_a_stream() {
+        let r = RateLimiter::new(100_000);
+        let start = Instant::now();
+        for _ in 0..100 {
+            r.acquire(10_000).await;
+        }
+        // 1 000 000 bytes, 2 000 of them from the initial burst.
+        let took = start.elapsed().as_secs_f64();
+        assert!((took - 9.98).abs() < 0.01, "{took}");
+    }
+}

@@ -1,0 +1,283 @@
+//! The Linux agent's content store: one flash file per content root in a directory.
+//!
+//! `<data-dir>/content/<root hex>.slot` is a [`FileFlash`] partition holding
+//! one [`FlashStore`]; at startup every slot is mounted, so a restarted agent
+//! serves what it holds and resumes what it was fetching. An optional quota
+//! (`--max-storage`) bounds the sum of the slot sizes; a full disk or quota
+//! fails the job with `StorageFull`. A slot whose header is damaged (a power
+//! cut while it was being created) is removed at startup.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use baton_protocol::merkle::Proof;
+use baton_protocol::{Digest, Manifest};
+
+use super::flash::FileFlash;
+use crate::flash::FlashStore;
+use crate::store::{ContentStore, Held, StoreError};
+
+/// Content slots in a directory, one file per root.
+#[derive(Debug)]
+pub struct DirStore {
+    dir: PathBuf,
+    max_storage: Option<u64>,
+    slots: BTreeMap<Digest, FlashStore<FileFlash>>,
+}
+
+fn slot_name(root: &Digest) -> String {
+    format!("{}.slot", hex::encode(root))
+}
+
+/// Why a directory store could not be opened or exported from.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DirStoreError {
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The store refused the operation.
+    #[error("store: {0}")]
+    Store(StoreError),
+}
+
+impl DirStore {
+    /// Opens (creating it if needed) the store under `dir`, mounting every slot in it.
+    pub fn open(dir: &Path, max_storage: Option<u64>) -> Result<Self, DirStoreError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DirStoreError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut slots = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+            let path = entry.map_err(io(dir))?.path();
+            if path.extension().is_none_or(|e| e != "slot") {
+                continue;
+            }
+            let flash = FileFlash::open(&path).map_err(io(&path))?;
+            let mut store = FlashStore::new_multiwrite(flash);
+            let root = match store.mount() {
+                Ok(Some(m)) => Some(m.root),
+                _ => None,
+            };
+            match root {
+                Some(root) if path.file_name() == Some(slot_name(&root).as_ref()) => {
+                    slots.insert(root, store);
+                }
+                _ => {
+                    tracing::warn!(path = %path.display(), "removing a damaged content slot");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        Ok(DirStore {
+            dir: dir.to_path_buf(),
+            max_storage,
+            slots,
+        })
+    }
+
+    /// Bytes the slots take (their nominal sizes).
+    pub fn used(&self) -> u64 {
+        self.slots
+            .values()
+            .map(|s| embedded_storage::nor_flash::ReadNorFlash::capacity(s.flash()) as u64)
+            .sum()
+    }
+
+    /// The slot file of content `root`.
+    pub fn slot_path(&self, root: &Digest) -> PathBuf {
+        self.dir.join(slot_name(root))
+    }
+
+    fn slot(&mut self, root: &Digest) -> Result<&mut FlashStore<FileFlash>, StoreError> {
+        self.slots.get_mut(root).ok_or(StoreError::Unknown)
+    }
+}
+
+/// Writes the whole verified content of the slot file `slot` to `out` (via a temporary file).
+///
+/// Opens its own read-only handle, so it can run beside the agent that owns the store.
+pub fn export(slot: &Path, out: &Path) -> Result<u64, DirStoreError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DirStoreError::Io { path, source }
+    };
+    let flash = FileFlash::open_read_only(slot).map_err(io(slot))?;
+    let mut store = FlashStore::new_multiwrite(flash);
+    let manifest = store
+        .mount()
+        .map_err(DirStoreError::Store)?
+        .cloned()
+        .ok_or(DirStoreError::Store(StoreError::Corrupt))?;
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    let tmp = out.with_extension("part");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io(&tmp))?);
+    let mut buf = vec![0u8; manifest.chunk_size as usize];
+    let mut proof = Proof::new();
+    for i in 0..manifest.chunks() {
+        let n = store
+            .read_chunk(&manifest.root, i, &mut buf, &mut proof)
+            .map_err(DirStoreError::Store)?;
+        file.write_all(&buf[..n]).map_err(io(&tmp))?;
+    }
+    let file = file.into_inner().map_err(|e| DirStoreError::Io {
+        path: tmp.clone(),
+        source: e.into_error(),
+    })?;
+    file.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, out).map_err(io(out))?;
+    Ok(manifest.length)
+}
+
+impl ContentStore for DirStore {
+    fn open(&mut self, manifest: &Manifest) -> Result<u32, StoreError> {
+        if let Some(s) = self.slots.get_mut(&manifest.root) {
+            return s.open(manifest);
+        }
+        let size = FlashStore::<FileFlash>::required_size(manifest, true);
+        if size > u32::MAX as u64 {
+            return Err(StoreError::Full);
+        }
+        if let Some(max) = self.max_storage
+            && self.used() + size > max
+        {
+            return Err(StoreError::Full);
+        }
+        let path = self.slot_path(&manifest.root);
+        let flash = FileFlash::create(&path, size as usize).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::StorageFull {
+                StoreError::Full
+            } else {
+                StoreError::Io
+            }
+        })?;
+        let mut store = FlashStore::new_multiwrite(flash);
+        match store.open(manifest) {
+            Ok(n) => {
+                self.slots.insert(manifest.root, store);
+                Ok(n)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    fn manifest(&self, root: &Digest) -> Option<&Manifest> {
+        self.slots.get(root)?.manifest(root)
+    }
+
+    fn verified(&self, root: &Digest) -> Option<u32> {
+        self.slots.get(root)?.verified(root)
+    }
+
+    fn is_verified(&mut self, root: &Digest, index: u32) -> Result<bool, StoreError> {
+        self.slot(root)?.is_verified(root, index)
+    }
+
+    fn write_chunk(
+        &mut self,
+        root: &Digest,
+        index: u32,
+        data: &[u8],
+        proof: &[Digest],
+    ) -> Result<(), StoreError> {
+        self.slot(root)?.write_chunk(root, index, data, proof)
+    }
+
+    fn read_chunk(
+        &mut self,
+        root: &Digest,
+        index: u32,
+        data: &mut [u8],
+        proof: &mut Proof,
+    ) -> Result<usize, StoreError> {
+        self.slot(root)?.read_chunk(root, index, data, proof)
+    }
+
+    fn held(&self, i: usize) -> Option<Held<'_>> {
+        self.slots.values().nth(i)?.held(0)
+    }
+
+    fn free_bytes(&self) -> u64 {
+        match self.max_storage {
+            Some(max) => max.saturating_sub(self.used()),
+            None => u64::MAX,
+        }
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use baton_protocol::identity::Identity;
+    use baton_protocol::merkle::{MerkleTree, leaf_hash};
+
+    use super::*;
+
+    fn content(len: usize) -> (Manifest, Vec<u8>, MerkleTree) {
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let tree = MerkleTree::from_leaves(data.chunks(4096).map(leaf_hash).collect());
+        let m = Manifest::sign(
+            &Identity::from_seed([4; 32]),
+            heapless::String::try_from("bundle").unwrap(),
+            1,
+            0,
+            len as u64,
+            4096,
+            tree.root(),
+        );
+        (m, data, tree)
+    }
+
+    #[test]
+    fn restart_resumes_and_export_writes_the_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, data, tree) = content(50_000);
+        let root = m.root;
+        {
+            let mut s = DirStore::open(dir.path(), None).unwrap();
+            assert_eq!(s.open(&m), Ok(0));
+            for i in 0..5 {
+                let c = &data[i * 4096..(i + 1) * 4096];
+                s.write_chunk(&root, i as u32, c, &tree.proof(i as u32).unwrap())
+                    .unwrap();
+            }
+        }
+        let mut s = DirStore::open(dir.path(), None).unwrap();
+        assert_eq!(s.verified(&root), Some(5));
+        assert_eq!(s.held(0).unwrap().manifest.root, root);
+        assert_eq!(s.open(&m), Ok(5));
+        for i in 5..m.chunks() {
+            let start = i as usize * 4096;
+            let c = &data[start..(start + 4096).min(data.len())];
+            s.write_chunk(&root, i, c, &tree.proof(i).unwrap()).unwrap();
+        }
+        let out = dir.path().join("out/bundle.bin");
+        assert_eq!(export(&s.slot_path(&root), &out).unwrap(), 50_000);
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+    }
+
+    #[test]
+    fn quota_is_enforced_and_damaged_slots_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, ..) = content(50_000);
+        let mut s = DirStore::open(dir.path(), Some(10_000)).unwrap();
+        assert_eq!(s.open(&m), Err(StoreError::Full));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        std::fs::write(dir.path().join("junk.slot"), b"not a slot").unwrap();
+        let s = DirStore::open(dir.path(), None).unwrap();
+        assert!(s.held(0).is_none());
+        assert!(!dir.path().join("junk.slot").exists());
+    }
+}
