@@ -78,6 +78,8 @@ pub fn parse_header(header: [u8; HEADER_LEN], max: usize) -> Result<usize, Frame
 #[derive(Debug)]
 pub struct StreamReader<'b> {
     buf: &'b mut [u8],
+    /// Set once the stream was refused: every later push repeats the error.
+    failed: Option<FrameError>,
     header: [u8; HEADER_LEN],
     have_header: usize,
     want: usize,
@@ -89,6 +91,7 @@ impl<'b> StreamReader<'b> {
     pub fn new(buf: &'b mut [u8]) -> Self {
         StreamReader {
             buf,
+            failed: None,
             header: [0; HEADER_LEN],
             have_header: 0,
             want: 0,
@@ -101,6 +104,9 @@ impl<'b> StreamReader<'b> {
     /// The frame is then in [`StreamReader::frame`] until the next call. An error
     /// means the stream can no longer be trusted: close the connection.
     pub fn push(&mut self, mut input: &[u8]) -> Result<(usize, Option<usize>), FrameError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
         let start = input.len();
         if self.want != 0 && self.have == self.want {
             // The previous frame was handed out; start a new one.
@@ -116,7 +122,9 @@ impl<'b> StreamReader<'b> {
             self.have_header += 1;
             input = rest;
             if self.have_header == HEADER_LEN {
-                self.want = parse_header(self.header, self.buf.len())?;
+                self.want = parse_header(self.header, self.buf.len()).inspect_err(|e| {
+                    self.failed = Some(*e);
+                })?;
             }
         }
         let take = (self.want - self.have).min(input.len());

@@ -168,9 +168,13 @@ impl Manifest {
         Ok(())
     }
 
-    /// Number of chunks.
+    /// Number of chunks; meaningful only for a manifest that passed [`Manifest::check_limits`]
+    /// (a zero chunk size gives 0, a count beyond `u32` saturates).
     pub fn chunks(&self) -> u32 {
-        self.length.div_ceil(self.chunk_size as u64) as u32
+        if self.chunk_size == 0 {
+            return 0;
+        }
+        u32::try_from(self.length.div_ceil(self.chunk_size as u64)).unwrap_or(u32::MAX)
     }
 
     /// Length of chunk `index` in bytes (the last may be short), or 0 past the end.

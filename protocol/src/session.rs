@@ -183,6 +183,8 @@ pub struct Handshake {
     remote_hello: Option<Hello>,
     sent: u8,
     received: u8,
+    /// The first error; once set, every later step repeats it (the handshake is poisoned).
+    failed: Option<SessionError>,
 }
 
 impl core::fmt::Debug for Handshake {
@@ -243,6 +245,7 @@ impl Handshake {
             remote_hello: None,
             sent: 0,
             received: 0,
+            failed: None,
         })
     }
 
@@ -257,7 +260,35 @@ impl Handshake {
     }
 
     /// Writes our next handshake message into `out`, returning its length.
+    ///
+    /// After any error the handshake is poisoned: every later step fails.
     pub fn write_message(&mut self, out: &mut [u8]) -> Result<usize, SessionError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        let result = self.write_step(out);
+        self.poison_on(result)
+    }
+
+    /// Reads the other side's next handshake message.
+    ///
+    /// After any error the handshake is poisoned: every later step fails.
+    pub fn read_message(&mut self, msg: &[u8]) -> Result<(), SessionError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        let result = self.read_step(msg);
+        self.poison_on(result)
+    }
+
+    fn poison_on<T>(&mut self, result: Result<T, SessionError>) -> Result<T, SessionError> {
+        if let Err(e) = &result {
+            self.failed = Some(*e);
+        }
+        result
+    }
+
+    fn write_step(&mut self, out: &mut [u8]) -> Result<usize, SessionError> {
         if !self.is_my_turn() {
             return Err(SessionError::OutOfOrder);
         }
@@ -276,8 +307,7 @@ impl Handshake {
         Ok(n)
     }
 
-    /// Reads the other side's next handshake message.
-    pub fn read_message(&mut self, msg: &[u8]) -> Result<(), SessionError> {
+    fn read_step(&mut self, msg: &[u8]) -> Result<(), SessionError> {
         if self.core.is_finished() || self.core.is_write_turn() {
             return Err(SessionError::OutOfOrder);
         }
@@ -351,6 +381,9 @@ impl Handshake {
 
     /// Turns the finished handshake into a transport.
     pub fn finish(self) -> Result<Transport, SessionError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
         if !self.core.is_finished() || self.remote_hello.is_none() {
             return Err(SessionError::OutOfOrder);
         }
@@ -401,7 +434,7 @@ impl core::fmt::Debug for Opener {
 impl Sealer {
     /// Encrypts the first `len` bytes of `buf` in place; returns the ciphertext length (`len + TAG_LEN`).
     pub fn encrypt(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SessionError> {
-        if len + TAG_LEN > MAX_FRAME || len + TAG_LEN > buf.len() {
+        if len > MAX_FRAME - TAG_LEN || len > buf.len().saturating_sub(TAG_LEN) {
             return Err(SessionError::Size);
         }
         self.state
