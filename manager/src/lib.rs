@@ -1,1 +1,33 @@
-//! placeholder
+//! The Baton manager: it ranks agents, instructs them, and records who holds what.
+//!
+//! Layers, from the inside out:
+//! - [`engine`]: the sans-IO job state machine (claims 1, 3, 5): events in,
+//!   instructions, persistence records and timers out. No sockets, no clock.
+//! - [`planner`]: scores agents from their reports and the policy and builds
+//!   the relay plan (claims 2, 4, 9).
+//!
+//! With the default `server` feature, the IO around them:
+//! - [`store`]: the database (SQLite by default) behind the [`store::Store`] trait;
+//! - [`content`]: the manager's keys, publishing files and serving their chunks;
+//! - [`registry`]: enrolled agents and live sessions, handshake authorization;
+//! - [`net`]: the TCP agent server and the task that drives the engine;
+//! - [`http`]: the authenticated JSON API under `/api/v1`;
+//! - [`server`]: everything above wired together, as `baton serve` runs it.
+
+#![warn(missing_docs)]
+
+pub mod engine;
+pub mod planner;
+
+#[cfg(feature = "server")]
+pub mod content;
+#[cfg(feature = "server")]
+pub mod http;
+#[cfg(feature = "server")]
+pub mod net;
+#[cfg(feature = "server")]
+pub mod registry;
+#[cfg(feature = "server")]
+pub mod server;
+#[cfg(feature = "server")]
+pub mod store;

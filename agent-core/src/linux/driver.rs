@@ -325,7 +325,14 @@ async fn manager_session(
     let local = stream.local_addr()?;
     let mut hello = Hello::new(Role::Agent, shared.id.clone(), caps::ALL, None);
     if let Some(t) = token {
-        hello = hello.with_token(t.clone());
+        // Enrolling: a self-signed certificate tells the manager our Ed25519 key (SPEC §2).
+        let own = AgentCert::issue(
+            &shared.identity,
+            shared.id.clone(),
+            shared.identity.public(),
+        );
+        hello =
+            Hello::new(Role::Agent, shared.id.clone(), caps::ALL, Some(own)).with_token(t.clone());
     }
     let link = link::connect(
         stream,

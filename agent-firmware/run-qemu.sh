@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Boots one Baton firmware device in QEMU (mps2-an385, Cortex-M3, LAN9118).
+#
+# Usage: run-qemu.sh [options] [ELF]
+#   --flash FILE    emulated flash (16 MiB PSRAM image, shared with the host
+#                   so writes survive SIGKILL); created erased (0xFF) if missing.
+#                   Provision it first with tools/provision (identity, IP, manager).
+#   --mac MAC       the device's MAC address (default 52:54:00:12:34:56)
+#   --tap IFNAME    attach to an existing tap device (e.g. on a bridge in a netns)
+#   --user          slirp user networking (default without --tap); the device
+#                   must then use 10.0.2.15/24, the host is 10.0.2.2
+#   --hostfwd SPEC  slirp port forward, e.g. tcp:127.0.0.1:7401-10.0.2.15:7400
+#   --serial SPEC   QEMU -serial value for UART0 (default: null)
+#   --raw           print the raw defmt stream instead of decoding it
+#   --m4            run on mps2-an386 (Cortex-M4) instead
+#
+# Every option may also come from the environment: BATON_FLASH, BATON_MAC,
+# BATON_TAP, BATON_HOSTFWD, BATON_SERIAL, BATON_RAW=1.
+# Logs are defmt frames on QEMU's stdout (semihosting); they are decoded with
+# defmt-print when it is installed (`cargo install defmt-print --locked`).
+# QEMU exits with the device's semihosting status: 0, or 1 after a panic.
+# Used as the cargo runner: `cargo run --release` boots with the defaults.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+elf=""
+flash="${BATON_FLASH:-}"
+mac="${BATON_MAC:-52:54:00:12:34:56}"
+tap="${BATON_TAP:-}"
+hostfwd="${BATON_HOSTFWD:-}"
+serial="${BATON_SERIAL:-null}"
+raw="${BATON_RAW:-0}"
+machine="mps2-an385"
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --flash) flash="$2"; shift 2 ;;
+        --mac) mac="$2"; shift 2 ;;
+        --tap) tap="$2"; shift 2 ;;
+        --user) tap=""; shift ;;
+        --hostfwd) hostfwd="$2"; shift 2 ;;
+        --serial) serial="$2"; shift 2 ;;
+        --raw) raw=1; shift ;;
+        --m4) machine="mps2-an386"; shift ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -*) echo "run-qemu.sh: unknown option $1" >&2; exit 2 ;;
+        *) elf="$1"; shift ;;
+    esac
+done
+elf="${elf:-$here/target/thumbv7m-none-eabi/release/baton-firmware}"
+[ -f "$elf" ] || { echo "run-qemu.sh: no firmware at $elf (cargo build --release first)" >&2; exit 2; }
+command -v qemu-system-arm >/dev/null || { echo "run-qemu.sh: qemu-system-arm is not installed (apt-get install qemu-system-arm)" >&2; exit 2; }
+
+args=(-M "$machine" -nographic -monitor none -serial "$serial"
+      -semihosting-config enable=on,target=native -kernel "$elf")
+
+if [ -n "$flash" ]; then
+    size=$((16 * 1024 * 1024))
+    if [ ! -f "$flash" ]; then
+        # Erased NOR flash reads 0xFF.
+        head -c "$size" /dev/zero | tr '\0' '\377' > "$flash"
+    fi
+    actual=$(stat -c %s "$flash")
+    [ "$actual" -eq "$size" ] || { echo "run-qemu.sh: $flash must be exactly 16 MiB (is $actual bytes)" >&2; exit 2; }
+    args+=(-object "memory-backend-file,id=psram,size=16M,mem-path=$flash,share=on"
+           -machine memory-backend=psram)
+fi
+
+if [ -n "$tap" ]; then
+    args+=(-nic "tap,model=lan9118,ifname=$tap,script=no,downscript=no,mac=$mac")
+else
+    nic="user,model=lan9118,mac=$mac,net=10.0.2.0/24"
+    [ -n "$hostfwd" ] && nic="$nic,hostfwd=$hostfwd"
+    args+=(-nic "$nic")
+fi
+
+if [ "$raw" = 1 ] || ! command -v defmt-print >/dev/null; then
+    exec qemu-system-arm "${args[@]}"
+fi
+# Decode; keep QEMU's exit status (the device's pass/fail).
+set +e
+qemu-system-arm "${args[@]}" | defmt-print -e "$elf"
+status=${PIPESTATUS[0]}
+exit "$status"

@@ -1,0 +1,221 @@
+//! Board bring-up for QEMU's `mps2-an385`: executor, time driver, panics, stack report.
+//!
+//! - [`run_executor`]: a thread-mode embassy executor that sleeps with `WFI`.
+//!   embassy's stock Cortex-M executor sleeps with `WFE`, which QEMU runs as a
+//!   busy loop; `WFI` lets QEMU's vCPU thread block until an interrupt.
+//! - The embassy time driver: SysTick at 1 kHz (25 MHz system clock, reload
+//!   24 999), a 64-bit tick count kept under a critical section, and embassy's
+//!   timer queue, serviced from the SysTick handler when the earliest deadline passes.
+//! - A panic handler that logs the panic over defmt and makes QEMU exit with code 1.
+//! - [`stack_peak`]: the high-water mark of the stack, measured by painting
+//!   (cortex-m-rt's `paint-stack` fills the stack with `0xCCCC_CCCC` at reset).
+
+use core::cell::{Cell, RefCell};
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use cortex_m::peripheral::SYST;
+use cortex_m::peripheral::syst::SystClkSource;
+use cortex_m_rt::exception;
+use critical_section::Mutex;
+use embassy_executor::{Spawner, raw};
+use embassy_time_queue_utils::Queue;
+use static_cell::StaticCell;
+
+/// System clock of the mps2-an385 FPGA image (and of QEMU's model), in Hz.
+pub const SYSCLK_HZ: u32 = 25_000_000;
+/// SysTick rate, matching embassy-time's `tick-hz-1_000`.
+const TICK_HZ: u32 = 1_000;
+
+/// Set by the pender when a task was woken; cleared before each poll.
+static PENDING: AtomicBool = AtomicBool::new(true);
+
+/// Called by embassy when a task is woken (from any context, including interrupts).
+#[unsafe(export_name = "__pender")]
+fn pender(_context: *mut ()) {
+    PENDING.store(true, Ordering::Release);
+}
+
+static EXECUTOR: StaticCell<raw::Executor> = StaticCell::new();
+
+/// Runs the executor forever; `init` spawns the first tasks.
+///
+/// Between polls the core sleeps in `WFI` with interrupts masked, so a wake-up
+/// that races with going to sleep is not lost: a pending interrupt ends `WFI`
+/// even while masked, and runs as soon as interrupts are enabled again.
+pub fn run_executor(init: impl FnOnce(Spawner)) -> ! {
+    let executor: &'static raw::Executor = EXECUTOR.init(raw::Executor::new(core::ptr::null_mut()));
+    init(executor.spawner());
+    loop {
+        PENDING.store(false, Ordering::Release);
+        // SAFETY: `poll` is only ever called here, in thread mode, never re-entrantly
+        // (the pender only sets a flag).
+        unsafe { executor.poll() };
+        cortex_m::interrupt::disable();
+        if !PENDING.load(Ordering::Acquire) {
+            cortex_m::asm::wfi();
+        }
+        // SAFETY: interrupts were enabled before `disable` above; nothing here
+        // relies on them staying masked (no critical section spans this point).
+        unsafe { cortex_m::interrupt::enable() };
+    }
+}
+
+/// The SysTick time driver: tick count and timer queue.
+struct SysTickDriver {
+    ticks: Mutex<Cell<u64>>,
+    next: Mutex<Cell<u64>>,
+    queue: Mutex<RefCell<Queue>>,
+}
+
+embassy_time_driver::time_driver_impl!(static DRIVER: SysTickDriver = SysTickDriver {
+    ticks: Mutex::new(Cell::new(0)),
+    next: Mutex::new(Cell::new(u64::MAX)),
+    queue: Mutex::new(RefCell::new(Queue::new())),
+});
+
+impl embassy_time_driver::Driver for SysTickDriver {
+    fn now(&self) -> u64 {
+        critical_section::with(|cs| self.ticks.borrow(cs).get())
+    }
+
+    fn schedule_wake(&self, at: u64, waker: &core::task::Waker) {
+        critical_section::with(|cs| {
+            let mut queue = self.queue.borrow(cs).borrow_mut();
+            if queue.schedule_wake(at, waker) {
+                let now = self.ticks.borrow(cs).get();
+                self.next.borrow(cs).set(queue.next_expiration(now));
+            }
+        })
+    }
+}
+
+impl SysTickDriver {
+    fn tick(&self) {
+        critical_section::with(|cs| {
+            let now = self.ticks.borrow(cs).get() + 1;
+            self.ticks.borrow(cs).set(now);
+            if now >= self.next.borrow(cs).get() {
+                let next = self.queue.borrow(cs).borrow_mut().next_expiration(now);
+                self.next.borrow(cs).set(next);
+            }
+        })
+    }
+}
+
+#[exception]
+fn SysTick() {
+    DRIVER.tick();
+}
+
+/// Starts SysTick at 1 kHz from the processor clock.
+pub fn start_systick(mut syst: SYST) {
+    syst.set_clock_source(SystClkSource::Core);
+    syst.set_reload(SYSCLK_HZ / TICK_HZ - 1);
+    syst.clear_current();
+    syst.enable_interrupt();
+    syst.enable_counter();
+}
+
+/// The current value of the SysTick down-counter (sub-millisecond timing jitter).
+pub fn systick_value() -> u32 {
+    SYST::get_current()
+}
+
+/// Exits QEMU through semihosting with success (`true`) or failure.
+pub fn exit(success: bool) -> ! {
+    use cortex_m_semihosting::debug;
+    debug::exit(if success { debug::EXIT_SUCCESS } else { debug::EXIT_FAILURE });
+    loop {
+        cortex_m::asm::wfi();
+    }
+}
+
+/// Every device interrupt lands here (no device crate, so cortex-m-rt's
+/// default vector table); `irqn` is the NVIC line.
+#[exception]
+unsafe fn DefaultHandler(irqn: i16) {
+    if irqn == crate::lan9118::IRQ as i16 {
+        crate::lan9118::on_interrupt();
+    } else {
+        defmt::error!("unexpected interrupt {}", irqn);
+        exit(false);
+    }
+}
+
+/// Logs the panic and makes QEMU exit with code 1.
+///
+/// The message and location are not read: touching `PanicInfo` keeps every
+/// panic site's formatting machinery and file names in flash (~25 KB). Build
+/// with the `panic-location` feature to log the location while debugging.
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // A panic inside the logger (or while logging this one) must not recurse.
+    static PANICKING: AtomicBool = AtomicBool::new(false);
+    if PANICKING.swap(true, Ordering::AcqRel) {
+        exit(false);
+    }
+    #[cfg(feature = "panic-location")]
+    if let Some(l) = _info.location() {
+        defmt::error!("panic at {=str}:{=u32}", l.file(), l.line());
+    }
+    defmt::error!("panic");
+    exit(false)
+}
+
+#[exception]
+unsafe fn HardFault(frame: &cortex_m_rt::ExceptionFrame) -> ! {
+    defmt::error!("hard fault at pc={=u32:#x}", frame.pc());
+    exit(false)
+}
+
+unsafe extern "C" {
+    static _stack_start: u32;
+    static _stack_end: u32;
+}
+
+/// Stack size available and the most ever used since reset, in bytes.
+///
+/// Scans the painted region from its low end for the first word the stack has
+/// overwritten (paint value `0xCCCC_CCCC`, see cortex-m-rt's `paint-stack`).
+pub fn stack_peak() -> (usize, usize) {
+    let top = &raw const _stack_start as usize;
+    let bottom = &raw const _stack_end as usize;
+    let mut p = bottom;
+    while p < top {
+        // SAFETY: `p` is word-aligned and inside the RAM between the end of
+        // static data and the initial stack pointer, which is always mapped.
+        let word = unsafe { core::ptr::read_volatile(p as *const u32) };
+        if word != 0xCCCC_CCCC {
+            break;
+        }
+        p += 4;
+    }
+    (top - bottom, top - p)
+}
+
+/// Sizes of the static RAM sections and the stack region, in bytes.
+pub fn ram_layout() -> RamLayout {
+    unsafe extern "C" {
+        static __sdata: u32;
+        static __edata: u32;
+        static __sbss: u32;
+        static __ebss: u32;
+    }
+    let a = |s: *const u32| s as usize;
+    RamLayout {
+        data: a(&raw const __edata) - a(&raw const __sdata),
+        bss: a(&raw const __ebss) - a(&raw const __sbss),
+        stack: a(&raw const _stack_start) - a(&raw const _stack_end),
+    }
+}
+
+/// How the 64 KiB of RAM are used.
+#[derive(Clone, Copy, Debug, defmt::Format)]
+pub struct RamLayout {
+    /// Initialised statics.
+    pub data: usize,
+    /// Zeroed statics (buffers, task arenas, the agent).
+    pub bss: usize,
+    /// What is left for the stack.
+    pub stack: usize,
+}

@@ -1,0 +1,196 @@
+//! Baton agent firmware for QEMU's `mps2-an385` board (Cortex-M3, LAN9118 Ethernet).
+//!
+//! The agent-core state machine runs here unchanged, driven by a small embassy
+//! driver ([`node`]). At boot the device
+//!
+//! 1. starts SysTick (1 kHz time base) and bumps the boot counter in flash;
+//! 2. reads its provisioning block (identity seed, agent id, IPv4 settings,
+//!    manager address and key) from the emulated flash ([`config`], [`psram`]);
+//!    without one it derives its id from the MAC and cannot reach a manager;
+//! 3. mounts the content partition (agent-core's `FlashStore` over
+//!    [`psram::NorPartition`]), so verified chunks survive power cuts;
+//! 4. brings up the LAN9118 ([`lan9118`]) and embassy-net with a static IPv4
+//!    address, then runs the manager session, the peer listener and outgoing
+//!    peer connections ([`node`]).
+//!
+//! Logs go out as defmt frames over semihosting (QEMU's stdout); decode them
+//! with `defmt-print -e target/thumbv7m-none-eabi/release/baton-firmware`.
+//! The RAM budget is 64 KiB (statics, buffers and stack), see `memory.x`.
+
+#![no_std]
+#![no_main]
+#![warn(missing_docs)]
+
+mod board;
+mod config;
+mod entropy;
+mod lan9118;
+mod node;
+mod psram;
+
+use baton_agent_core::flash::FlashStore;
+use baton_agent_core::store::ContentStore as _;
+use baton_protocol::AgentId;
+use baton_protocol::identity::Identity;
+use defmt_semihosting as _;
+use embassy_executor::Spawner;
+use embassy_net::{Ipv4Address, Ipv4Cidr, StackResources, StaticConfigV4};
+use sha2::{Digest as _, Sha256};
+use static_cell::StaticCell;
+
+use crate::config::{CONFIG_LEN, Config};
+use crate::lan9118::Lan9118;
+use crate::node::{DeviceAgent, FrameBuf, Node, SocketBuffers};
+use crate::psram::NorPartition;
+
+/// Sockets in the network stack: the node's four TCP connection slots.
+const SOCKETS: usize = node::SLOTS;
+
+static RESOURCES: StaticCell<StackResources<SOCKETS>> = StaticCell::new();
+static AGENT: StaticCell<DeviceAgent> = StaticCell::new();
+static FRAME: StaticCell<FrameBuf> = StaticCell::new();
+static MANAGER_RX: StaticCell<[u8; node::BIG_RX]> = StaticCell::new();
+static MANAGER_TX: StaticCell<[u8; node::MANAGER_TX]> = StaticCell::new();
+static OUT_RX: StaticCell<[u8; node::BIG_RX]> = StaticCell::new();
+static OUT_TX: StaticCell<[u8; node::OUT_TX]> = StaticCell::new();
+static IN_RX: StaticCell<[[u8; node::SMALL_RX]; 2]> = StaticCell::new();
+static IN_TX: StaticCell<[[u8; node::IN_TX]; 2]> = StaticCell::new();
+static NODE: StaticCell<Node> = StaticCell::new();
+
+#[embassy_executor::task]
+async fn net_task(mut runner: embassy_net::Runner<'static, Lan9118>) -> ! {
+    runner.run().await
+}
+
+#[embassy_executor::task]
+async fn node_task(node: &'static mut Node) -> ! {
+    node.run().await
+}
+
+/// The id a device without a provisioning block uses: `fw-` and its MAC in hex.
+fn id_from_mac(mac: [u8; 6]) -> AgentId {
+    let mut text = [0u8; 12];
+    let mut id = AgentId::new();
+    let _ = id.push_str("fw-");
+    let _ = id.push_str(node::hex(&mac, &mut text));
+    id
+}
+
+#[cortex_m_rt::entry]
+fn main() -> ! {
+    let Some(p) = cortex_m::Peripherals::take() else {
+        board::exit(false);
+    };
+    board::start_systick(p.SYST);
+    let boot = psram::next_boot_count();
+
+    let mut block = [0u8; CONFIG_LEN];
+    psram::read_bytes(psram::CONFIG_OFFSET, &mut block);
+    let cfg = match Config::decode(&block) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            defmt::warn!("provisioning block: {}", e);
+            None
+        }
+    };
+
+    let eth = match Lan9118::new() {
+        Ok(e) => e,
+        Err(e) => {
+            defmt::error!("ethernet: {}", e);
+            board::exit(false);
+        }
+    };
+    let mac = eth.mac();
+    if !eth.link_up() {
+        defmt::warn!("ethernet link is down");
+    }
+
+    let id = match cfg.as_ref().and_then(|c| c.id.as_str()).filter(|s| !s.is_empty()) {
+        Some(s) => AgentId::try_from(s).unwrap_or_else(|_| id_from_mac(mac)),
+        None => id_from_mac(mac),
+    };
+    // Without a provisioned seed the identity is derived from the MAC: unique
+    // per device but not secret; only good for trying a device out.
+    let seed = match &cfg {
+        Some(c) => c.seed,
+        None => Sha256::new()
+            .chain_update(b"baton unprovisioned seed")
+            .chain_update(mac)
+            .finalize()
+            .into(),
+    };
+    let identity = Identity::from_seed(seed);
+    let mut entropy = entropy::Entropy::new(seed, boot);
+
+    let ip = cfg.as_ref().map_or([10, 0, 2, 15], |c| c.ip);
+    let prefix = cfg.as_ref().map_or(24, |c| c.prefix);
+    let gateway = cfg
+        .as_ref()
+        .map(|c| c.gateway)
+        .filter(|g| *g != [0; 4])
+        .map(Ipv4Address::from);
+    let net_config = embassy_net::Config::ipv4_static(StaticConfigV4 {
+        address: Ipv4Cidr::new(Ipv4Address::from(ip), prefix),
+        gateway,
+        dns_servers: heapless::Vec::new(),
+    });
+    let seed64 = u64::from_le_bytes(entropy.ephemeral()[..8].try_into().unwrap_or([0; 8]));
+    let (stack, runner) = embassy_net::new(eth, net_config, RESOURCES.init(StackResources::new()), seed64);
+
+    let mut store = FlashStore::new_multiwrite(NorPartition::content());
+    match store.mount() {
+        Ok(Some(m)) => {
+            let (root, chunks) = (m.root, m.chunks());
+            defmt::info!("flash holds {=str} v{}", m.name.as_str(), m.version);
+            let verified = store.verified(&root).unwrap_or(0);
+            defmt::info!("flash content: {} of {} chunks verified", verified, chunks);
+        }
+        Ok(None) => defmt::info!("flash holds no content"),
+        Err(e) => defmt::error!("flash mount failed: {}", e),
+    }
+    let agent_config = node::agent_config(cfg.as_ref(), id.clone(), ip);
+    let agent: &'static mut DeviceAgent = AGENT.init(DeviceAgent::new(agent_config, store));
+
+    let mut key_hex = [0u8; 64];
+    defmt::info!(
+        "ready id={=str} key={=str} ip={}.{}.{}.{} listen={} boot={}",
+        id.as_str(),
+        node::hex(&identity.public().0, &mut key_hex),
+        ip[0],
+        ip[1],
+        ip[2],
+        ip[3],
+        cfg.as_ref().map_or(0, |c| c.listen_port),
+        boot
+    );
+    defmt::info!(
+        "sizes: agent={} node={} handshake={} frame={}",
+        core::mem::size_of::<DeviceAgent>(),
+        core::mem::size_of::<Node>(),
+        core::mem::size_of::<baton_protocol::session::Handshake>(),
+        core::mem::size_of::<FrameBuf>()
+    );
+
+    let [in_rx_a, in_rx_b] = IN_RX.init([[0; node::SMALL_RX]; 2]);
+    let [in_tx_a, in_tx_b] = IN_TX.init([[0; node::IN_TX]; 2]);
+    let sockets = SocketBuffers {
+        manager: (MANAGER_RX.init([0; node::BIG_RX]), MANAGER_TX.init([0; node::MANAGER_TX])),
+        outgoing: (OUT_RX.init([0; node::BIG_RX]), OUT_TX.init([0; node::OUT_TX])),
+        incoming: [(in_rx_a, in_tx_a), (in_rx_b, in_tx_b)],
+    };
+    let node = NODE.init(Node::new(
+        stack,
+        cfg.as_ref(),
+        identity,
+        entropy,
+        agent,
+        FRAME.init([0; core::mem::size_of::<FrameBuf>()]),
+        sockets,
+    ));
+
+    board::run_executor(move |spawner: Spawner| {
+        spawner.spawn(net_task(runner).unwrap_or_else(|_| board::exit(false)));
+        spawner.spawn(node_task(node).unwrap_or_else(|_| board::exit(false)));
+    })
+}

@@ -1,0 +1,984 @@
+//! The thin embassy driver around agent-core's sans-IO [`Agent`].
+//!
+//! One task owns everything: the agent and its flash store, the TCP sockets,
+//! one frame buffer, the one handshake in progress and the per-connection
+//! session keys. It loops over
+//!
+//! 1. **service** each connection slot without blocking: connect/accept
+//!    progress, read whole frames once they sit completely in the socket's
+//!    receive buffer (2-byte length header, checked against the slot's limit
+//!    before the body is read), drive the Noise XX handshake, decrypt frames
+//!    and feed them to [`Agent::handle_frame`];
+//! 2. **drain** the agent: `poll_transmit` (sealed into the transmit buffer
+//!    and written to the slot's socket; a frame that does not fit yet stays
+//!    pending, and nothing more is polled or read until it is out), then `poll_event`
+//!    (peer connects, closes, job state, logged for the HIL tests);
+//! 3. **sleep** until a socket changes, the agent's next deadline, a
+//!    connection deadline, or (while a frame is only partly received) 1 ms.
+//!
+//! Slots: 0 = the manager session (initiator, pinned key, reconnects with
+//! backoff), 1 = one outgoing peer connection (initiator, key from the
+//! manager's `Source::Peer`), 2..=3 = incoming peers on the listener
+//! (responder, must show a certificate signed by the manager). A `Connect`
+//! the device has no free slot for is answered with `handle_connect_failed`,
+//! so the manager routes those chunks elsewhere.
+//!
+//! Because a frame is only taken from a socket when it is complete, the
+//! device needs one frame buffer in all rather than one per connection and
+//! direction: the sockets' own buffers (the TCP windows) hold partial frames.
+//! TCP windows are 5 KiB: QEMU's LAN9118 drops frames beyond ~10.5 KB of
+//! backlog. Handshakes run one at a time (a connection whose turn has not
+//! come waits, TCP-connected, in `State::Connected`).
+
+use core::future::poll_fn;
+use core::pin::pin;
+use core::task::Poll;
+use core::time::Duration as CoreDuration;
+
+use baton_agent_core::agent::{Agent, AgentConfig, ConnId, Direction, Event, PeerInfo};
+use baton_agent_core::flash::FlashStore;
+use baton_agent_core::store::ContentStore;
+use baton_protocol::frame;
+use baton_protocol::identity::Identity;
+use baton_protocol::merkle::Proof;
+use baton_protocol::message::CHUNK_OVERHEAD;
+use baton_protocol::session::{Handshake, Hello, MAX_TOKEN_LEN, Opener, Role, Sealer, TAG_LEN};
+use baton_protocol::{AgentId, Digest, LinkInfo, PeerAddr, PublicKey, caps};
+use embassy_futures::poll_once;
+use embassy_net::tcp::{State as TcpState, TcpSocket};
+use embassy_net::{IpEndpoint, Ipv4Address, Stack};
+use embassy_time::{Duration, Instant, Timer};
+use sha2::{Digest as _, Sha256};
+
+use crate::config::Config;
+use crate::entropy::Entropy;
+use crate::psram::NorPartition;
+
+/// Largest chunk this device accepts (reported as `max_chunk`).
+pub const MAX_CHUNK: u32 = 4096;
+/// Deepest Merkle proof a chunk frame may carry: the content partition holds
+/// at most 4080 chunks of 4 KiB (depth 12); smaller chunks give shallower
+/// frames. Content that does not fit is refused before any chunk is asked for.
+pub const MAX_PROOF_DEPTH: usize = 12;
+/// Largest encrypted frame: a chunk message with the deepest proof, plus the tag.
+pub const FRAME_MAX: usize = MAX_CHUNK as usize
+    + (CHUNK_OVERHEAD - 32 * baton_protocol::merkle::MAX_DEPTH)
+    + 32 * MAX_PROOF_DEPTH
+    + TAG_LEN;
+/// Peers served at once (reported as `max_peers`).
+pub const MAX_PEERS: u16 = 2;
+/// Chunk requests in flight per source.
+pub const WINDOW: u16 = 4;
+/// Connection slots: manager, one outgoing peer, two incoming peers.
+pub const SLOTS: usize = 4;
+/// The agent's peer table: the incoming slots plus the outgoing one.
+const PEER_TABLE: usize = 3;
+
+/// The agent as this device runs it: one content, three peer connections.
+pub type DeviceAgent = Agent<FlashStore<NorPartition>, 1, PEER_TABLE>;
+
+/// Receive buffer of the manager and outgoing-peer sockets (also the TCP window).
+pub const BIG_RX: usize = 5 * 1024;
+/// Receive buffer of an incoming-peer socket (handshake and requests only).
+pub const SMALL_RX: usize = 512;
+/// Transmit buffer of the manager socket.
+pub const MANAGER_TX: usize = 1024;
+/// Transmit buffer of the outgoing-peer socket (requests only).
+pub const OUT_TX: usize = 512;
+/// Transmit buffer of an incoming-peer socket (chunks, written in parts).
+pub const IN_TX: usize = 1536;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const SEND_STALL: Duration = Duration::from_secs(20);
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
+const KEEPALIVE: Duration = Duration::from_secs(10);
+const CLOSE_GRACE: Duration = Duration::from_millis(200);
+
+/// What a slot is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
+enum Kind {
+    Manager,
+    Outgoing,
+    Incoming,
+}
+
+/// Where a slot's connection stands.
+enum State {
+    /// Nothing; `retry` says when the manager slot dials again.
+    Idle { retry: Option<Instant> },
+    /// TCP connect in progress.
+    Connecting { deadline: Instant },
+    /// Listening for a peer (incoming slots).
+    Listening,
+    /// TCP up; waiting for the (single) handshake engine to be free.
+    Connected { deadline: Instant },
+    /// This slot owns [`Node::hs`]: Noise handshake in progress.
+    Handshake { deadline: Instant },
+    /// Session up: frames flow.
+    Up {
+        seal: Sealer,
+        open: Opener,
+        conn: ConnId,
+    },
+    /// Aborted; waiting for the reset to leave before the socket is reused.
+    Closing { until: Instant },
+}
+
+/// One connection slot: its socket, state and frame-header progress.
+struct Slot {
+    sock: TcpSocket<'static>,
+    kind: Kind,
+    state: State,
+    header: [u8; frame::HEADER_LEN],
+    have_header: usize,
+    want: usize,
+    max_frame: usize,
+    /// Outgoing: the peer being dialled (id and expected key).
+    peer: Option<(AgentId, PublicKey)>,
+}
+
+/// A sealed frame waiting for room in its socket.
+#[derive(Clone, Copy)]
+struct Pending {
+    slot: usize,
+    off: usize,
+    end: usize,
+    since: Instant,
+}
+
+/// The one frame buffer: a length header, then one encrypted frame.
+///
+/// Received frames are read into it (after the header position), decrypted
+/// in place and handed to the agent; the agent then encodes its next frame
+/// into the same place, which is sealed and written out. While a sealed frame
+/// waits for room in its socket no frame is read.
+pub type FrameBuf = [u8; frame::HEADER_LEN + FRAME_MAX];
+
+/// When the current job started, for the transfer rate in the completion log.
+#[derive(Clone, Copy)]
+struct JobClock {
+    job: u64,
+    started: Instant,
+}
+
+/// The node: agent, sockets and session state.
+pub struct Node {
+    agent: &'static mut DeviceAgent,
+    slots: [Slot; SLOTS],
+    buf: &'static mut FrameBuf,
+    /// The handshake in progress (one at a time), owned by the slot in `State::Handshake`.
+    hs: Option<Handshake>,
+    identity: Identity,
+    entropy: Entropy,
+    manager_key: Option<PublicKey>,
+    manager: Option<IpEndpoint>,
+    token: Option<heapless::String<MAX_TOKEN_LEN>>,
+    listen_port: u16,
+    pending: Option<Pending>,
+    next_conn: u32,
+    backoff: Duration,
+    clock: Option<JobClock>,
+}
+
+/// The agent's time: milliseconds since boot.
+fn agent_now() -> CoreDuration {
+    CoreDuration::from_millis(Instant::now().as_millis())
+}
+
+fn instant_of(d: CoreDuration) -> Instant {
+    Instant::from_millis(d.as_millis() as u64)
+}
+
+/// Writes the lowercase hex of `bytes` into `out`; returns it as a string.
+pub fn hex<'a>(bytes: &[u8], out: &'a mut [u8]) -> &'a str {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let n = bytes.len().min(out.len() / 2);
+    for (i, b) in bytes[..n].iter().enumerate() {
+        out[2 * i] = DIGITS[(b >> 4) as usize];
+        out[2 * i + 1] = DIGITS[(b & 15) as usize];
+    }
+    core::str::from_utf8(&out[..2 * n]).unwrap_or("")
+}
+
+/// The root and index of a `Chunk` message (variant 12: root, then a varint index).
+fn chunk_index(plain: &[u8]) -> Option<(Digest, u32)> {
+    if plain.len() < 34 || plain[0] != 12 {
+        return None;
+    }
+    let mut root = [0u8; 32];
+    root.copy_from_slice(&plain[1..33]);
+    let mut v: u32 = 0;
+    for (i, &b) in plain[33..].iter().take(5).enumerate() {
+        v |= ((b & 0x7F) as u32) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((root, v));
+        }
+    }
+    None
+}
+
+const H: usize = frame::HEADER_LEN;
+
+impl Node {
+    /// A node over `stack`; the sockets use the statically allocated buffers given.
+    pub fn new(
+        stack: Stack<'static>,
+        cfg: Option<&Config>,
+        identity: Identity,
+        entropy: Entropy,
+        agent: &'static mut DeviceAgent,
+        buf: &'static mut FrameBuf,
+        sockets: SocketBuffers,
+    ) -> Self {
+        let SocketBuffers {
+            manager,
+            outgoing,
+            incoming: [in_a, in_b],
+        } = sockets;
+        let slot = |(rx, tx): SocketBuf, kind: Kind| {
+            let sock = TcpSocket::new(stack, rx, tx);
+            let max_frame = sock.recv_capacity().min(FRAME_MAX);
+            Slot {
+                sock,
+                kind,
+                state: State::Idle {
+                    retry: Some(Instant::now()),
+                },
+                header: [0; H],
+                have_header: 0,
+                want: 0,
+                max_frame,
+                peer: None,
+            }
+        };
+        let slots = [
+            slot(manager, Kind::Manager),
+            slot(outgoing, Kind::Outgoing),
+            slot(in_a, Kind::Incoming),
+            slot(in_b, Kind::Incoming),
+        ];
+        let manager = cfg
+            .filter(|c| c.manager_port != 0)
+            .map(|c| IpEndpoint::new(Ipv4Address::from(c.manager_ip).into(), c.manager_port));
+        Node {
+            agent,
+            slots,
+            buf,
+            hs: None,
+            identity,
+            entropy,
+            manager_key: cfg.map(|c| PublicKey(c.manager_key)),
+            manager,
+            token: cfg
+                .and_then(|c| c.token.as_str())
+                .filter(|t| !t.is_empty())
+                .and_then(|t| heapless::String::try_from(t).ok()),
+            listen_port: cfg.map_or(0, |c| c.listen_port),
+            pending: None,
+            next_conn: 1,
+            backoff: Duration::from_millis(250),
+            clock: None,
+        }
+    }
+
+    /// Runs the node forever.
+    pub async fn run(&mut self) -> ! {
+        if self.manager.is_none() || self.manager_key.is_none() {
+            defmt::warn!("not provisioned: no manager address or key");
+        }
+        loop {
+            for i in 0..SLOTS {
+                self.service(i);
+            }
+            self.drain();
+            self.wait().await;
+            if self
+                .agent
+                .poll_timeout()
+                .is_some_and(|t| instant_of(t) <= Instant::now())
+            {
+                self.agent.handle_timeout(agent_now());
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ slots
+
+    fn conn_slot(&self, conn: ConnId) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| matches!(s.state, State::Up { conn: c, .. } if c == conn))
+    }
+
+    /// Aborts slot `i`'s connection, telling the agent what it needs to know.
+    fn close(&mut self, i: usize, why: &str) {
+        let s = &mut self.slots[i];
+        let was = core::mem::replace(
+            &mut s.state,
+            State::Closing {
+                until: Instant::now() + CLOSE_GRACE,
+            },
+        );
+        s.sock.abort();
+        s.have_header = 0;
+        s.want = 0;
+        let peer = s.peer.take();
+        let kind = s.kind;
+        if self.pending.is_some_and(|p| p.slot == i) {
+            self.pending = None;
+        }
+        if matches!(was, State::Handshake { .. }) {
+            self.hs = None;
+        }
+        let now = agent_now();
+        match was {
+            State::Up { conn, .. } => {
+                defmt::info!("slot {} ({}) closed: {=str}", i, kind, why);
+                self.agent.handle_disconnected(now, conn);
+            }
+            State::Idle { .. } | State::Closing { .. } => {}
+            _ => {
+                defmt::warn!("slot {} ({}) failed: {=str}", i, kind, why);
+                if let Some((id, _)) = peer {
+                    self.agent.handle_connect_failed(now, &id);
+                }
+            }
+        }
+        if kind == Kind::Manager {
+            self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Moves slot `i` forward as far as it can go without waiting.
+    fn service(&mut self, i: usize) {
+        let now = Instant::now();
+        let s = &mut self.slots[i];
+        match s.state {
+            State::Idle { retry } => match s.kind {
+                Kind::Manager => {
+                    if retry.is_some_and(|r| r <= now)
+                        && let (Some(ep), Some(_)) = (self.manager, self.manager_key)
+                    {
+                        self.dial(i, ep);
+                    }
+                }
+                Kind::Incoming if self.listen_port != 0 => {
+                    let port = self.listen_port;
+                    match poll_once(s.sock.accept(port)) {
+                        Poll::Ready(Ok(())) | Poll::Pending => s.state = State::Listening,
+                        Poll::Ready(Err(e)) => {
+                            defmt::error!("listen on port {} failed: {}", port, e);
+                            s.state = State::Idle { retry: None };
+                        }
+                    }
+                }
+                _ => {}
+            },
+            State::Connecting { deadline } => match s.sock.state() {
+                TcpState::Established => {
+                    s.state = State::Connected {
+                        deadline: now + HANDSHAKE_TIMEOUT,
+                    };
+                    self.service(i);
+                }
+                TcpState::SynSent | TcpState::SynReceived if now < deadline => {}
+                TcpState::SynSent | TcpState::SynReceived => self.close(i, "connect timed out"),
+                _ => self.close(i, "connection refused"),
+            },
+            State::Listening => match s.sock.state() {
+                TcpState::Listen | TcpState::SynReceived => {}
+                TcpState::Established => {
+                    s.state = State::Connected {
+                        deadline: now + HANDSHAKE_TIMEOUT,
+                    };
+                    self.service(i);
+                }
+                _ => self.close(i, "listener reset"),
+            },
+            State::Connected { deadline } => {
+                if now >= deadline || !s.sock.may_send() {
+                    self.close(i, "handshake never started");
+                } else if self.hs.is_none() {
+                    s.state = State::Handshake { deadline };
+                    self.start_handshake(i);
+                }
+            }
+            State::Handshake { deadline } => {
+                if now >= deadline {
+                    self.close(i, "handshake timed out");
+                } else if self.pending.is_none() {
+                    self.read_frames(i);
+                }
+            }
+            State::Up { .. } => {
+                if self.pending.is_none() {
+                    self.read_frames(i);
+                }
+            }
+            State::Closing { until } => {
+                let rst_pending =
+                    s.sock.state() == TcpState::Closed && s.sock.remote_endpoint().is_some();
+                if !rst_pending || now >= until {
+                    let retry = (s.kind == Kind::Manager).then(|| now + self.backoff);
+                    s.state = State::Idle { retry };
+                }
+            }
+        }
+    }
+
+    fn dial(&mut self, i: usize, ep: IpEndpoint) {
+        let s = &mut self.slots[i];
+        s.state = State::Connecting {
+            deadline: Instant::now() + CONNECT_TIMEOUT,
+        };
+        if let Poll::Ready(Err(e)) = poll_once(s.sock.connect(ep)) {
+            defmt::warn!("slot {}: connect to {} failed: {}", i, ep, e);
+            self.close(i, "cannot connect");
+        }
+    }
+
+    fn peer_hello(&self) -> Hello {
+        let mut caps = caps::RELAY_V1;
+        if self.listen_port != 0 {
+            caps |= caps::SERVE;
+        }
+        Hello::new(
+            Role::Agent,
+            self.agent.config().id.clone(),
+            caps,
+            self.agent.cert().cloned(),
+        )
+    }
+
+    /// Creates the handshake for slot `i` (now in `State::Handshake`) and sends message 1.
+    fn start_handshake(&mut self, i: usize) {
+        let eph = self.entropy.ephemeral();
+        let hello = self.peer_hello();
+        let hs = match self.slots[i].kind {
+            Kind::Manager => {
+                let mut hello = Hello::new(Role::Agent, hello.id, hello.caps, None);
+                if let Some(t) = &self.token {
+                    hello = hello.with_token(t.clone());
+                }
+                match &self.manager_key {
+                    Some(key) => Handshake::initiator(&self.identity, eph, key, hello),
+                    None => return self.close(i, "no manager key"),
+                }
+            }
+            Kind::Outgoing => match &self.slots[i].peer {
+                Some((_, key)) => Handshake::initiator(&self.identity, eph, key, hello),
+                None => return self.close(i, "no peer to dial"),
+            },
+            Kind::Incoming => Handshake::responder(&self.identity, eph, hello),
+        };
+        let s = &mut self.slots[i];
+        s.sock.set_timeout(Some(SOCKET_TIMEOUT));
+        s.sock.set_keep_alive(Some(KEEPALIVE));
+        s.sock.set_nagle_enabled(false);
+        s.have_header = 0;
+        s.want = 0;
+        match hs {
+            Ok(hs) => {
+                self.hs = Some(hs);
+                self.handshake_step(i);
+            }
+            Err(e) => {
+                defmt::warn!("slot {}: handshake setup failed: {}", i, e);
+                self.close(i, "bad key");
+            }
+        }
+    }
+
+    /// Writes our next handshake message if it is our turn; finishes when done.
+    fn handshake_step(&mut self, i: usize) {
+        let Some(hs) = &mut self.hs else {
+            return;
+        };
+        if hs.is_my_turn() {
+            let mut msg = [0u8; H + 512];
+            let n = match hs.write_message(&mut msg[H..]) {
+                Ok(n) => n,
+                Err(e) => {
+                    defmt::warn!("slot {}: handshake write: {}", i, e);
+                    return self.close(i, "handshake failed");
+                }
+            };
+            let Ok(h) = frame::header(n) else {
+                return self.close(i, "handshake message too large");
+            };
+            msg[..H].copy_from_slice(&h);
+            if !write_now(&mut self.slots[i].sock, &msg[..H + n]) {
+                return self.close(i, "no room for a handshake message");
+            }
+        }
+        if hs.is_finished() {
+            self.handshake_finish(i);
+        }
+    }
+
+    fn handshake_finish(&mut self, i: usize) {
+        let Some(hs) = self.hs.take() else {
+            return;
+        };
+        let kind = self.slots[i].kind;
+        // The responder decides about the initiator now, before the session is used.
+        let peer_id = match kind {
+            Kind::Manager => None,
+            Kind::Outgoing => self.slots[i].peer.as_ref().map(|p| p.0.clone()),
+            Kind::Incoming => {
+                let Some(manager) = self.manager_key else {
+                    return self.close(i, "no manager key to check certificates");
+                };
+                if let Err(e) = hs.verify_peer_cert(&manager) {
+                    defmt::warn!("slot {}: peer refused: {}", i, e);
+                    return self.close(i, "bad certificate");
+                }
+                hs.remote_hello().map(|h| h.id.clone())
+            }
+        };
+        let (seal, open) = match hs.finish() {
+            Ok(t) => t.split(),
+            Err(e) => {
+                defmt::warn!("slot {}: handshake finish: {}", i, e);
+                return self.close(i, "handshake failed");
+            }
+        };
+        let now = agent_now();
+        let conn = if kind == Kind::Manager {
+            ConnId::MANAGER
+        } else {
+            self.next_conn += 1;
+            ConnId(self.next_conn - 1)
+        };
+        self.slots[i].state = State::Up { seal, open, conn };
+        if kind == Kind::Manager {
+            defmt::info!("manager connected");
+            self.backoff = Duration::from_millis(250);
+            self.agent.handle_manager_connected(now);
+            return;
+        }
+        let Some(id) = peer_id else {
+            return self.close(i, "peer without id");
+        };
+        let direction = if kind == Kind::Outgoing {
+            Direction::Outgoing
+        } else {
+            Direction::Incoming
+        };
+        defmt::info!("peer {=str} connected ({}) on slot {}", id.as_str(), kind, i);
+        if let Err(e) = self
+            .agent
+            .handle_connected(now, conn, PeerInfo { id, direction })
+        {
+            defmt::warn!("peer refused by the agent: {}", e);
+            self.slots[i].state = State::Closing {
+                until: Instant::now() + CLOSE_GRACE,
+            };
+            self.slots[i].sock.abort();
+        }
+    }
+
+    /// Takes every complete frame out of slot `i`'s socket and handles it.
+    fn read_frames(&mut self, i: usize) {
+        for _ in 0..16 {
+            if self.pending.is_some() {
+                return;
+            }
+            match self.next_frame(i) {
+                Ok(Some(n)) => self.on_frame(i, n),
+                Ok(None) => break,
+                Err(why) => return self.close(i, why),
+            }
+            if !matches!(self.slots[i].state, State::Handshake { .. } | State::Up { .. }) {
+                return;
+            }
+            // Answer at once, so the transmit side keeps pace with what comes in.
+            self.drain();
+        }
+        let s = &self.slots[i];
+        if !s.sock.may_recv() && s.sock.recv_queue() == 0 {
+            self.close(i, "closed by the other side");
+        }
+    }
+
+    /// Reads one frame into the frame buffer if it is completely in the socket.
+    fn next_frame(&mut self, i: usize) -> Result<Option<usize>, &'static str> {
+        let s = &mut self.slots[i];
+        while s.have_header < H && s.sock.recv_queue() > 0 {
+            let (have, hdr) = (s.have_header, &mut s.header);
+            match poll_once(s.sock.read(&mut hdr[have..])) {
+                Poll::Ready(Ok(n)) if n > 0 => s.have_header += n,
+                Poll::Pending => return Ok(None),
+                Poll::Ready(_) => return Err("read failed"),
+            }
+            if s.have_header == H {
+                s.want = frame::parse_header(s.header, s.max_frame)
+                    .map_err(|_| "frame header over the limit")?;
+            }
+        }
+        if s.have_header < H || s.sock.recv_queue() < s.want {
+            return Ok(None);
+        }
+        let want = s.want;
+        let mut got = 0;
+        while got < want {
+            match poll_once(s.sock.read(&mut self.buf[H + got..H + want])) {
+                Poll::Ready(Ok(n)) if n > 0 => got += n,
+                _ => return Err("read failed"),
+            }
+        }
+        s.have_header = 0;
+        s.want = 0;
+        Ok(Some(want))
+    }
+
+    fn on_frame(&mut self, i: usize, n: usize) {
+        let s = &mut self.slots[i];
+        match &mut s.state {
+            State::Handshake { .. } => {
+                let Some(hs) = &mut self.hs else {
+                    return self.close(i, "no handshake");
+                };
+                if let Err(e) = hs.read_message(&self.buf[H..H + n]) {
+                    defmt::warn!("slot {} ({}): handshake refused: {}", i, s.kind, e);
+                    return self.close(i, "handshake failed");
+                }
+                if s.kind == Kind::Outgoing
+                    && let (Some(remote), Some((want, _))) = (hs.remote_hello(), &s.peer)
+                    && remote.id != *want
+                {
+                    return self.close(i, "peer presented another id");
+                }
+                self.handshake_step(i);
+            }
+            State::Up { open, conn, .. } => {
+                let conn = *conn;
+                let plain = match open.decrypt(&mut self.buf[H..], n) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        defmt::warn!("slot {}: {}", i, e);
+                        return self.close(i, "frame failed to decrypt");
+                    }
+                };
+                let msg = &self.buf[H..H + plain];
+                let chunk = chunk_index(msg);
+                let before = chunk.and_then(|(root, _)| self.agent.store().verified(&root));
+                if let Err(e) = self.agent.handle_frame(agent_now(), conn, msg) {
+                    defmt::warn!("slot {}: frame refused: {}", i, e);
+                    if e.must_close() && conn != ConnId::MANAGER {
+                        return self.close(i, "bad frame");
+                    }
+                }
+                if let Some((root, index)) = chunk
+                    && self.agent.store().verified(&root) > before
+                {
+                    defmt::info!("chunk {} stored", index);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ----------------------------------------------------------- outputs
+
+    /// Writes as much of the pending frame as fits; returns whether it is out.
+    fn flush_pending(&mut self) -> bool {
+        let Some(mut p) = self.pending else {
+            return true;
+        };
+        let s = &mut self.slots[p.slot];
+        while p.off < p.end {
+            match poll_once(s.sock.write(&self.buf[p.off..p.end])) {
+                Poll::Ready(Ok(n)) if n > 0 => p.off += n,
+                Poll::Pending => break,
+                Poll::Ready(_) => {
+                    self.pending = None;
+                    self.close(p.slot, "write failed");
+                    return true;
+                }
+            }
+        }
+        if p.off == p.end {
+            self.pending = None;
+            true
+        } else if Instant::now().saturating_duration_since(p.since) > SEND_STALL {
+            self.pending = None;
+            self.close(p.slot, "peer stopped reading");
+            true
+        } else {
+            self.pending = Some(p);
+            false
+        }
+    }
+
+    /// Drains the agent: frames to send, then events, until both are empty.
+    fn drain(&mut self) {
+        for _ in 0..256 {
+            if !self.flush_pending() {
+                return;
+            }
+            let cap = self.buf.len() - TAG_LEN;
+            if let Some(t) = self.agent.poll_transmit(agent_now(), &mut self.buf[H..cap]) {
+                self.seal(t.conn, t.len);
+                continue;
+            }
+            match self.agent.poll_event() {
+                Some(ev) => self.on_event(ev),
+                None => return,
+            }
+        }
+    }
+
+    fn seal(&mut self, conn: ConnId, len: usize) {
+        let Some(i) = self.conn_slot(conn) else {
+            return; // closed meanwhile: the frame is dropped
+        };
+        let State::Up { seal, .. } = &mut self.slots[i].state else {
+            return;
+        };
+        let n = match seal.encrypt(&mut self.buf[H..], len) {
+            Ok(n) => n,
+            Err(e) => {
+                defmt::error!("seal failed: {}", e);
+                return;
+            }
+        };
+        let Ok(h) = frame::header(n) else {
+            return;
+        };
+        self.buf[..H].copy_from_slice(&h);
+        self.pending = Some(Pending {
+            slot: i,
+            off: 0,
+            end: H + n,
+            since: Instant::now(),
+        });
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Connect { peer, addr, key } => {
+                let free = self.slots.iter().position(|s| {
+                    s.kind == Kind::Outgoing && matches!(s.state, State::Idle { .. })
+                });
+                match (free, addr) {
+                    (Some(i), PeerAddr::V4(ip, port)) => {
+                        defmt::info!("connecting to peer {=str}", peer.as_str());
+                        self.slots[i].peer = Some((peer, key));
+                        let ep = IpEndpoint::new(Ipv4Address::from(ip).into(), port);
+                        self.dial(i, ep);
+                    }
+                    _ => {
+                        defmt::warn!("no slot for peer {=str}", peer.as_str());
+                        self.agent.handle_connect_failed(agent_now(), &peer);
+                    }
+                }
+            }
+            Event::Close { conn } => {
+                if let Some(i) = self.conn_slot(conn) {
+                    self.close(i, "not needed any more");
+                }
+            }
+            Event::Welcomed => defmt::info!("welcomed by the manager"),
+            Event::JobStarted {
+                job,
+                chunks,
+                resumed,
+                ..
+            } => {
+                defmt::info!(
+                    "job {} started: chunks={} resumed={}",
+                    job.id,
+                    chunks,
+                    resumed
+                );
+                self.clock = Some(JobClock {
+                    job: job.id,
+                    started: Instant::now(),
+                });
+            }
+            Event::JobComplete { job, root } => self.job_complete(job.id, &root),
+            Event::JobDone { job, .. } => {
+                defmt::info!("job {} done", job.id);
+                self.log_footprint();
+            }
+            Event::JobCancelled { job } => defmt::info!("job {} cancelled", job.id),
+            Event::JobFailed { job, reason } => {
+                defmt::error!("job {} failed: {}", job.id, reason)
+            }
+            Event::PeerTrouble { peer, trouble, .. } => {
+                defmt::warn!("peer {=str} trouble: {}", peer.as_str(), trouble)
+            }
+            Event::Ignored { what } => defmt::debug!("ignored: {=str}", what),
+            _ => {}
+        }
+    }
+
+    /// Hashes the stored content back from flash and logs it with the transfer rate.
+    fn job_complete(&mut self, job: u64, root: &Digest) {
+        let Some(m) = self.agent.store().manifest(root).cloned() else {
+            return;
+        };
+        let bytes = self.agent.job_stats(job).map_or(0, |s| s.bytes_received);
+        let ms = match self.clock {
+            Some(c) if c.job == job => Instant::now()
+                .saturating_duration_since(c.started)
+                .as_millis()
+                .max(1),
+            _ => 1,
+        };
+        let t0 = Instant::now();
+        let mut h = Sha256::new();
+        let mut proof = Proof::new();
+        for i in 0..m.chunks() {
+            let store = self.agent.store_mut();
+            match store.read_chunk(root, i, &mut self.buf[..], &mut proof) {
+                Ok(n) => h.update(&self.buf[..n]),
+                Err(e) => {
+                    defmt::error!("reading chunk {} back from flash failed: {}", i, e);
+                    return;
+                }
+            }
+        }
+        let digest: [u8; 32] = h.finalize().into();
+        let mut text = [0u8; 64];
+        defmt::info!(
+            "job {} complete sha256={=str} length={} fetched={} ms={} rate={}B/s hash_ms={}",
+            job,
+            hex(&digest, &mut text),
+            m.length,
+            bytes,
+            ms,
+            bytes * 1000 / ms,
+            t0.elapsed().as_millis()
+        );
+        self.log_footprint();
+    }
+
+    /// Logs the stack high-water mark and the static RAM sizes.
+    pub fn log_footprint(&self) {
+        let (size, peak) = crate::board::stack_peak();
+        let ram = crate::board::ram_layout();
+        defmt::info!(
+            "footprint: stack_peak={} stack_size={} data={} bss={}",
+            peak,
+            size,
+            ram.data,
+            ram.bss
+        );
+    }
+
+    // -------------------------------------------------------------- wait
+
+    /// Sleeps until a socket changes state or has data, or the next deadline.
+    async fn wait(&mut self) {
+        let now = Instant::now();
+        let mut deadline = now + Duration::from_secs(1);
+        let reading = self.pending.is_none();
+        {
+            let mut at = |t: Instant| deadline = deadline.min(t);
+            if let Some(t) = self.agent.poll_timeout() {
+                at(instant_of(t));
+            }
+            if let Some(p) = self.pending {
+                at(p.since + SEND_STALL);
+            }
+            for s in &self.slots {
+                match s.state {
+                    State::Idle { retry: Some(r) } if s.kind == Kind::Manager => at(r),
+                    State::Connecting { deadline }
+                    | State::Connected { deadline }
+                    | State::Handshake { deadline } => at(deadline),
+                    State::Closing { until } => at(until),
+                    _ => {}
+                }
+                // A frame partly in the socket: no waker fires until more bytes
+                // come, which they will shortly; look again in a millisecond.
+                let up = matches!(s.state, State::Up { .. } | State::Handshake { .. });
+                if reading && up && s.sock.recv_queue() > 0 {
+                    at(now + Duration::from_millis(1));
+                }
+            }
+        }
+        let pending_slot = self.pending.map(|p| p.slot);
+        let slots = &self.slots;
+        let mut timer = pin!(Timer::at(deadline));
+        poll_fn(|cx| {
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            for (i, s) in slots.iter().enumerate() {
+                let (read, write) = match s.state {
+                    State::Up { .. } | State::Handshake { .. } => (
+                        reading && s.sock.recv_queue() == 0,
+                        pending_slot == Some(i),
+                    ),
+                    State::Connecting { .. } | State::Listening => (false, true),
+                    _ => (false, false),
+                };
+                if read && pin!(s.sock.wait_read_ready()).poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                if write && pin!(s.sock.wait_write_ready()).poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Writes all of `bytes` if the socket has room for them now.
+fn write_now(sock: &mut TcpSocket<'static>, bytes: &[u8]) -> bool {
+    if sock.send_capacity() - sock.send_queue() < bytes.len() {
+        return false;
+    }
+    let mut off = 0;
+    while off < bytes.len() {
+        match poll_once(sock.write(&bytes[off..])) {
+            Poll::Ready(Ok(n)) if n > 0 => off += n,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Receive and transmit buffers of one socket.
+pub type SocketBuf = (&'static mut [u8], &'static mut [u8]);
+
+/// The buffers of every socket.
+pub struct SocketBuffers {
+    /// Manager session.
+    pub manager: SocketBuf,
+    /// Outgoing peer.
+    pub outgoing: SocketBuf,
+    /// Incoming peers.
+    pub incoming: [SocketBuf; 2],
+}
+
+/// The agent's configuration for this device.
+pub fn agent_config(cfg: Option<&Config>, id: AgentId, ip: [u8; 4]) -> AgentConfig {
+    let mut c = AgentConfig::new(id);
+    let listen = cfg.map_or(0, |c| c.listen_port);
+    c.listen = (listen != 0).then_some(PeerAddr::V4(ip, listen));
+    c.can_serve = listen != 0;
+    c.max_chunk = MAX_CHUNK;
+    c.max_peers = MAX_PEERS;
+    c.window = WINDOW;
+    c.performance = 10;
+    c.link = LinkInfo::default();
+    if let Some(cfg) = cfg {
+        if let Some(s) = cfg.site.as_str() {
+            c.site = heapless::String::try_from(s).unwrap_or_default();
+        }
+        if let Some(s) = cfg.segment.as_str() {
+            c.segment = heapless::String::try_from(s).unwrap_or_default();
+        }
+        for k in &cfg.publishers[..cfg.publisher_count as usize] {
+            let _ = c.publishers.push(PublicKey(*k));
+        }
+    }
+    c
+}

@@ -1,0 +1,262 @@
+//! `baton push FILE`: publish a file and distribute it; with `--wait`, follow it to the end.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+use super::{Client, ClientOpts, format_size};
+
+/// Flags of `baton push`.
+#[derive(Args, Debug, Clone)]
+pub struct PushArgs {
+    /// The file to distribute (the manager must be able to read it at this path).
+    pub file: PathBuf,
+    /// Target these agents (comma-separated ids).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "all",
+        required_unless_present = "all"
+    )]
+    pub agents: Vec<String>,
+    /// Target every agent connected now, and every agent that connects while the job runs.
+    #[arg(long)]
+    pub all: bool,
+    /// Content name (default: the file name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Version (default: the latest of this name plus one; unchanged content keeps its version).
+    #[arg(long)]
+    pub version: Option<u64>,
+    /// Chunk size, e.g. `32KiB` (256 B ..= 32 KiB; default 32 KiB).
+    #[arg(long, value_parser = super::parse_size)]
+    pub chunk_size: Option<u64>,
+    /// Follow the job until every participant confirmed or was given up; exit non-zero unless
+    /// all confirmed.
+    #[arg(long)]
+    pub wait: bool,
+    /// Print JSON (the created job; with --wait, the final job).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientOpts,
+}
+
+/// One participant's bar and last known state.
+struct Row {
+    bar: ProgressBar,
+    state: String,
+}
+
+/// The progress display of one job.
+struct Progress {
+    multi: MultiProgress,
+    style: ProgressStyle,
+    rows: BTreeMap<String, Row>,
+    total: u64,
+}
+
+impl Progress {
+    fn new(total: u64, quiet: bool) -> Self {
+        let multi = MultiProgress::new();
+        if quiet {
+            multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        let style = ProgressStyle::with_template(
+            "{prefix:>16} [{bar:32.cyan/blue}] {pos:>6}/{len:6} chunks {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> ");
+        Progress {
+            multi,
+            style,
+            rows: BTreeMap::new(),
+            total,
+        }
+    }
+
+    fn row(&mut self, agent: &str) -> &mut Row {
+        if !self.rows.contains_key(agent) {
+            let bar = self.multi.add(ProgressBar::new(self.total));
+            bar.set_style(self.style.clone());
+            bar.set_prefix(agent.to_string());
+            self.rows.insert(
+                agent.to_string(),
+                Row {
+                    bar,
+                    state: "waiting".into(),
+                },
+            );
+        }
+        self.rows.get_mut(agent).expect("just inserted")
+    }
+
+    fn set(&mut self, agent: &str, state: &str, verified: Option<u64>, note: Option<&str>) {
+        let total = self.total;
+        let row = self.row(agent);
+        // Final states stay, except that a given-up participant may still confirm.
+        if row.state == "confirmed" || (row.state == "failed" && state != "confirmed") {
+            return;
+        }
+        row.state = state.to_string();
+        if let Some(v) = verified {
+            row.bar.set_position(v.min(total));
+        }
+        match state {
+            "confirmed" => {
+                row.bar.set_position(total);
+                row.bar.finish_with_message("confirmed");
+            }
+            "failed" => row
+                .bar
+                .abandon_with_message(format!("failed: {}", note.unwrap_or("given up"))),
+            other => row.bar.set_message(other.to_string()),
+        }
+    }
+
+    fn snapshot(&mut self, job: &Value) {
+        if let Some(total) = job["total_chunks"].as_u64() {
+            self.total = total;
+        }
+        for p in job["participants"].as_array().into_iter().flatten() {
+            let agent = p["agent"].as_str().unwrap_or("?");
+            let state = p["state"].as_str().unwrap_or("waiting");
+            self.set(agent, state, p["verified"].as_u64(), p["reason"].as_str());
+        }
+    }
+
+    fn event(&mut self, ev: &Value) {
+        let agent = ev["agent"].as_str().unwrap_or("?");
+        match ev["kind"].as_str() {
+            Some("progress") => {
+                if let Some(total) = ev["total"].as_u64() {
+                    self.total = total;
+                }
+                self.set(agent, "fetching", ev["verified"].as_u64(), None)
+            }
+            Some("confirmed") => self.set(agent, "confirmed", None, None),
+            Some("failed") => self.set(agent, "failed", None, ev["reason"].as_str()),
+            _ => {}
+        }
+    }
+
+    fn finish(&self) {
+        for row in self.rows.values() {
+            if !row.bar.is_finished() {
+                row.bar.abandon();
+            }
+        }
+    }
+}
+
+/// Runs `baton push`; the exit code says whether every participant confirmed (with `--wait`).
+pub fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.client)?;
+    let path = std::fs::canonicalize(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let targets = if args.all {
+        json!({ "all": true })
+    } else {
+        let agents: Vec<&str> = args
+            .agents
+            .iter()
+            .map(|a| a.trim())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if agents.is_empty() {
+            bail!("say which agents: --agents ID,ID or --all");
+        }
+        json!({ "agents": agents })
+    };
+    let mut body = json!({ "path": path, "targets": targets });
+    if let Some(n) = &args.name {
+        body["name"] = json!(n);
+    }
+    if let Some(v) = args.version {
+        body["version"] = json!(v);
+    }
+    if let Some(c) = args.chunk_size {
+        body["chunk_size"] = json!(c);
+    }
+    let created: Value = client.post("/api/v1/jobs", &body)?;
+    let id = created["id"]
+        .as_u64()
+        .context("the manager's answer has no job id")?;
+    if !args.wait {
+        if args.json {
+            println!("{created}");
+        } else {
+            println!(
+                "job {id}: {} v{} ({}, {} chunks) — follow it with `baton job {id}`",
+                created["name"].as_str().unwrap_or("?"),
+                created["version"],
+                format_size(created["length"].as_u64().unwrap_or(0)),
+                created["chunks"],
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !args.json {
+        eprintln!(
+            "job {id}: {} v{} ({}, {} chunks)",
+            created["name"].as_str().unwrap_or("?"),
+            created["version"],
+            format_size(created["length"].as_u64().unwrap_or(0)),
+            created["chunks"],
+        );
+    }
+    let started = Instant::now();
+    let mut progress = Progress::new(created["chunks"].as_u64().unwrap_or(0), args.json);
+    let mut ended = false;
+    client.follow(&format!("/api/v1/jobs/{id}/events"), |name, data| {
+        let value: Value = serde_json::from_str(data)
+            .with_context(|| format!("bad event from the manager: {data}"))?;
+        match name {
+            "snapshot" => {
+                progress.snapshot(&value);
+                let state = value["state"].as_str().unwrap_or("");
+                ended = !matches!(state, "pending" | "running");
+            }
+            _ => {
+                progress.event(&value);
+                ended = matches!(value["kind"].as_str(), Some("finished" | "cancelled"));
+            }
+        }
+        Ok(!ended)
+    })?;
+    progress.finish();
+    if !ended {
+        bail!("the manager closed the event stream before job {id} ended; see `baton job {id}`");
+    }
+    let job: Value = client.get(&format!("/api/v1/jobs/{id}"))?;
+    let parts = job["participants"].as_array().cloned().unwrap_or_default();
+    let confirmed = parts
+        .iter()
+        .filter(|p| p["state"].as_str() == Some("confirmed"))
+        .count();
+    let all_confirmed = !parts.is_empty() && confirmed == parts.len();
+    if args.json {
+        println!("{job}");
+    } else {
+        println!();
+        super::show::print_job(&job);
+        println!(
+            "{} of {} participants confirmed in {:.1} s",
+            confirmed,
+            parts.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(if all_confirmed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

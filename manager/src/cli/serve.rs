@@ -1,0 +1,82 @@
+//! `baton serve`: runs the manager until Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use baton_manager::server::{ServeOptions, serve};
+use clap::Args;
+
+/// Flags of `baton serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Directory for keys, the admin token, the database and `serve.json`.
+    #[arg(long, env = "BATON_DATA_DIR", default_value = "baton-data")]
+    pub data_dir: PathBuf,
+    /// Database file (default `<data-dir>/baton.db`).
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+    /// Address of the agent port (port 0 picks a free one).
+    #[arg(long, default_value = "0.0.0.0:7700")]
+    pub listen: SocketAddr,
+    /// Address of the HTTP API (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:7780")]
+    pub http: SocketAddr,
+    /// Cap on the manager's upload to agents, e.g. `10MiB` (per second; default: none).
+    #[arg(long, value_parser = super::parse_size)]
+    pub up_bps: Option<u64>,
+    /// Give up on a participant that makes no progress and is not connected for this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub give_up: u64,
+    /// Write `{agent_addr, http_addr, manager_key, publisher_key, admin_token, epoch}` as JSON
+    /// here (atomically) once listening.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+    /// Most agent connections at once.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_connections: usize,
+}
+
+impl ServeArgs {
+    /// The server options these flags describe.
+    pub fn options(&self) -> ServeOptions {
+        ServeOptions {
+            data_dir: self.data_dir.clone(),
+            db: self.db.clone(),
+            listen: self.listen,
+            http: self.http,
+            up_bps: self.up_bps.unwrap_or(0),
+            give_up: Duration::from_secs(self.give_up.max(1)),
+            ready_file: self.ready_file.clone(),
+            max_connections: self.max_connections,
+        }
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn terminated() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => ctrl_c.await,
+    }
+}
+
+/// Runs `baton serve`.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let opts = args.options();
+    let data_dir = opts.data_dir.clone();
+    runtime
+        .block_on(serve(opts, terminated()))
+        .with_context(|| format!("manager (data directory {})", data_dir.display()))?;
+    Ok(())
+}

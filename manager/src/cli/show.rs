@@ -1,0 +1,321 @@
+//! `baton enroll`, `baton agents`, `baton jobs` and `baton job`: small clients of the API.
+
+use anyhow::bail;
+use clap::Args;
+use serde_json::{Value, json};
+
+use super::{Client, ClientOpts, format_size, format_time};
+
+/// Flags of `baton enroll`.
+#[derive(Args, Debug, Clone)]
+pub struct EnrollArgs {
+    /// The agent's id (with --key).
+    #[arg(long, requires = "key", conflicts_with = "token")]
+    pub id: Option<String>,
+    /// The agent's Ed25519 public key, 64 hex digits (with --id).
+    #[arg(long, requires = "id")]
+    pub key: Option<String>,
+    /// Create a one-time enrolment token instead; an agent that presents it is enrolled.
+    #[arg(long)]
+    pub token: bool,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientOpts,
+}
+
+/// Runs `baton enroll`.
+pub fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.client)?;
+    let answer: Value = match (&args.id, &args.key, args.token) {
+        (Some(id), Some(key), false) => {
+            client.post("/api/v1/agents", &json!({ "id": id, "key": key }))?
+        }
+        (None, None, true) => client.post("/api/v1/enrolment-tokens", &json!({}))?,
+        _ => bail!("say what to enrol: `--id ID --key HEX`, or `--token` for a one-time token"),
+    };
+    if args.json {
+        println!("{answer}");
+    } else if let Some(token) = answer.get("token").and_then(Value::as_str) {
+        println!("{token}");
+        eprintln!("one-time enrolment token: start the agent with it to enrol its key");
+    } else {
+        println!(
+            "{}: {}",
+            answer["id"].as_str().unwrap_or("?"),
+            answer["result"].as_str().unwrap_or("enrolled")
+        );
+    }
+    Ok(())
+}
+
+/// Flags of `baton agents`.
+#[derive(Args, Debug, Clone)]
+pub struct AgentsArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientOpts,
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn rate(v: &Value) -> String {
+    match v.as_u64() {
+        Some(0) | None => "-".into(),
+        Some(b) => format!("{}/s", format_size(b)),
+    }
+}
+
+/// Prints rows as aligned columns.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.iter().map(|s| s.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+/// Runs `baton agents`.
+pub fn agents(args: AgentsArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.client)?;
+    let agents: Vec<Value> = client.get("/api/v1/agents")?;
+    if args.json {
+        println!("{}", Value::Array(agents));
+        return Ok(());
+    }
+    if agents.is_empty() {
+        println!("no agents enrolled (enrol with `baton enroll --id ID --key HEX`)");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            vec![
+                text(&a["id"]),
+                if a["connected"].as_bool() == Some(true) {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+                text(&a["site"]),
+                text(&a["segment"]),
+                text(&a["listen"]),
+                rate(&a["up_bps"]),
+                rate(&a["down_bps"]),
+                a["last_seen"].as_u64().map_or("-".into(), format_time),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "CONNECTED",
+            "SITE",
+            "SEGMENT",
+            "LISTEN",
+            "UP",
+            "DOWN",
+            "LAST SEEN (UTC)",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+/// Flags of `baton jobs`.
+#[derive(Args, Debug, Clone)]
+pub struct JobsArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientOpts,
+}
+
+/// Runs `baton jobs`.
+pub fn jobs(args: JobsArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.client)?;
+    let jobs: Vec<Value> = client.get("/api/v1/jobs")?;
+    if args.json {
+        println!("{}", Value::Array(jobs));
+        return Ok(());
+    }
+    if jobs.is_empty() {
+        println!("no jobs yet (start one with `baton push FILE --all`)");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                text(&j["id"]),
+                text(&j["state"]),
+                text(&j["name"]),
+                text(&j["version"]),
+                format_size(j["length"].as_u64().unwrap_or(0)),
+                format!(
+                    "{}/{}",
+                    j["confirmed"].as_u64().unwrap_or(0),
+                    j["participants"].as_u64().unwrap_or(0)
+                ),
+                text(&j["failed"]),
+                j["created_at"].as_u64().map_or("-".into(), format_time),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "STATE",
+            "NAME",
+            "VERSION",
+            "SIZE",
+            "CONFIRMED",
+            "FAILED",
+            "CREATED (UTC)",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+/// Flags of `baton job`.
+#[derive(Args, Debug, Clone)]
+pub struct JobArgs {
+    /// The job's id.
+    pub id: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientOpts,
+}
+
+/// Prints a job's detail (as `GET /api/v1/jobs/{id}` returns it).
+pub fn print_job(job: &Value) {
+    let content = &job["content"];
+    println!(
+        "job {}: {} — {} v{} ({}, {} chunks of {})",
+        text(&job["id"]),
+        text(&job["state"]),
+        text(&content["name"]),
+        text(&content["version"]),
+        format_size(content["length"].as_u64().unwrap_or(0)),
+        text(&content["chunks"]),
+        format_size(content["chunk_size"].as_u64().unwrap_or(0)),
+    );
+    println!("root {}", text(&content["root"]));
+    if let Some(err) = job["error"].as_str() {
+        println!("error: {err}");
+    }
+    let parts = job["participants"].as_array().cloned().unwrap_or_default();
+    println!(
+        "{} of {} participants confirmed, {} failed; bytes from the manager {}, from peers {}",
+        text(&job["confirmed_count"]),
+        parts.len(),
+        text(&job["failed_count"]),
+        format_size(job["bytes_from_manager"].as_u64().unwrap_or(0)),
+        format_size(job["bytes_from_peers"].as_u64().unwrap_or(0)),
+    );
+    if parts.is_empty() {
+        return;
+    }
+    let sources = job["source_bytes"].as_array().cloned().unwrap_or_default();
+    let rows: Vec<Vec<String>> = parts
+        .iter()
+        .map(|p| {
+            let agent = text(&p["agent"]);
+            let from: Vec<String> = sources
+                .iter()
+                .filter(|s| s["agent"].as_str() == Some(agent.as_str()))
+                .map(|s| {
+                    format!(
+                        "{} {}",
+                        s["from"].as_str().unwrap_or("manager"),
+                        format_size(s["bytes"].as_u64().unwrap_or(0))
+                    )
+                })
+                .collect();
+            vec![
+                agent.clone(),
+                text(&p["state"]),
+                format!("{}/{}", text(&p["verified"]), text(&p["total"])),
+                if p["connected"].as_bool() == Some(true) {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+                if from.is_empty() {
+                    "-".into()
+                } else {
+                    from.join(", ")
+                },
+                p["reason"].as_str().unwrap_or("").to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "AGENT",
+            "STATE",
+            "VERIFIED",
+            "CONNECTED",
+            "RECEIVED FROM",
+            "REASON",
+        ],
+        &rows,
+    );
+}
+
+/// Runs `baton job ID`.
+pub fn job(args: JobArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.client)?;
+    let job: Value = client.get(&format!("/api/v1/jobs/{}", args.id))?;
+    if args.json {
+        println!("{job}");
+    } else {
+        print_job(&job);
+    }
+    Ok(())
+}
+
+/// Runs `baton cancel ID`.
+pub fn cancel(args: JobArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.client)?;
+    let answer: Value = client.post(&format!("/api/v1/jobs/{}/cancel", args.id), &json!({}))?;
+    if args.json {
+        println!("{answer}");
+    } else {
+        println!("job {} cancelled", args.id);
+    }
+    Ok(())
+}

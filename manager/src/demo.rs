@@ -1,0 +1,592 @@
+//! `baton demo`: a whole distribution on this machine, with real processes.
+//!
+//! The demo starts a manager (`baton serve`) and N agents (`baton agent`) as
+//! child processes of the running executable, on loopback with real TCP and a
+//! temporary SQLite database. Each agent gets a link profile from
+//! [`LinkProfile::heterogeneous`]; every process enforces its own caps. It
+//! then publishes S random bytes, pushes them to every agent, shows
+//! progress, checks every agent's exported copy against the source's SHA-256,
+//! and prints the time against the lower bound
+//! T* = max(S/u_manager, S/d_min, N·S/(u_manager + Σ u_i)).
+//!
+//! Children are tied to the demo: each is started with `--die-with-parent` and
+//! a pipe on stdin, so it exits when the demo exits for any reason (even
+//! SIGKILL); the demo also kills them on its way out and on Ctrl-C, and
+//! removes its temporary directory.
+
+use std::io::{BufRead as _, Read as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+use serde_json::Value;
+use sha2_std::{Digest as _, Sha256};
+
+/// How long to wait for children to start and connect.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The link caps of the manager and each agent, in bytes per second.
+#[derive(Clone, Debug, Serialize)]
+pub struct LinkProfile {
+    /// Manager upload cap.
+    pub manager_up_bps: u64,
+    /// Per agent: upload cap.
+    pub agent_up_bps: Vec<u64>,
+    /// Per agent: download cap.
+    pub agent_down_bps: Vec<u64>,
+}
+
+impl LinkProfile {
+    /// The documented heterogeneous default for `agents` agents (see README):
+    /// agent `i` in class `k = i mod 4` uploads (k+1)·512 KiB/s and downloads
+    /// (k+1)·2 MiB/s; the manager uploads a tenth of the agents' sum.
+    pub fn heterogeneous(agents: usize) -> Self {
+        let class = |i: usize| (i % 4) as u64 + 1;
+        let agent_up_bps: Vec<u64> = (0..agents).map(|i| class(i) * 512 * 1024).collect();
+        let agent_down_bps = (0..agents).map(|i| class(i) * 2 * 1024 * 1024).collect();
+        let sum: u64 = agent_up_bps.iter().sum();
+        LinkProfile {
+            manager_up_bps: (sum / 10).max(64 * 1024),
+            agent_up_bps,
+            agent_down_bps,
+        }
+    }
+
+    /// The Kumar–Ross lower bound for `bytes` of content, in seconds.
+    pub fn lower_bound_seconds(&self, bytes: u64) -> f64 {
+        let s = bytes as f64;
+        let n = self.agent_up_bps.len() as f64;
+        let d_min = self
+            .agent_down_bps
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(u64::MAX) as f64;
+        let aggregate = self.manager_up_bps as f64 + self.agent_up_bps.iter().sum::<u64>() as f64;
+        (s / self.manager_up_bps as f64)
+            .max(s / d_min)
+            .max(n * s / aggregate)
+    }
+}
+
+/// Options of `baton demo`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Number of agents.
+    #[arg(long, default_value_t = 8)]
+    pub agents: usize,
+    /// Content size, e.g. 16MiB.
+    #[arg(long, default_value = "16MiB", value_parser = parse_size_arg)]
+    pub size: u64,
+    /// Chunk size, e.g. 32KiB.
+    #[arg(long, default_value = "32KiB", value_parser = parse_size_arg)]
+    pub chunk_size: u64,
+    /// Print one JSON object with the results on the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Run without any link caps (measures raw relay throughput; no lower bound).
+    #[arg(long)]
+    pub no_caps: bool,
+    /// Keep the temporary directory (manager database, agents' data) for inspection.
+    #[arg(long)]
+    pub keep: bool,
+    /// Give up if the job has not finished after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    baton_agent_core::linux::size::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// The results `baton demo --json` prints.
+#[derive(Debug, Serialize)]
+pub struct DemoReport {
+    /// Agents started.
+    pub agents: usize,
+    /// Agents that confirmed and whose copy matched the source's SHA-256.
+    pub confirmed: usize,
+    /// Content size in bytes.
+    pub bytes: u64,
+    /// Seconds from the job's submission to the last confirmation (the demo's clock, 50 ms polls).
+    pub seconds: f64,
+    /// T* from the caps (0 without caps).
+    pub lower_bound_seconds: f64,
+    /// `seconds / lower_bound_seconds` (0 without caps).
+    pub ratio: f64,
+    /// Bytes the manager wrote to agent connections (frames, headers included).
+    pub manager_bytes_sent: u64,
+    /// Sum over agents of verified content bytes received over sockets.
+    pub agent_bytes_received: u64,
+    /// Largest resident set (VmHWM) of any agent process, in bytes.
+    pub agent_max_rss_bytes: u64,
+    /// The link profile (absent without caps).
+    pub caps: Option<LinkProfile>,
+}
+
+/// A child process that is killed when dropped.
+struct Kid {
+    name: String,
+    child: Child,
+}
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The demo's temporary directory, removed when dropped unless kept.
+struct Scratch {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("kept {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Runs `baton demo`.
+pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
+    if args.agents == 0 {
+        bail!("--agents must be at least 1");
+    }
+    let exe = std::env::current_exe().context("cannot find the running executable")?;
+    let scratch = Scratch {
+        path: std::env::temp_dir().join(format!(
+            "baton-demo-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        )),
+        keep: args.keep,
+    };
+    std::fs::create_dir_all(&scratch.path)
+        .with_context(|| format!("cannot create {}", scratch.path.display()))?;
+    let dir = scratch.path.clone();
+    let profile = LinkProfile::heterogeneous(args.agents);
+
+    // Content.
+    let content = dir.join("content.bin");
+    let source_sha = write_random(&content, args.size)?;
+
+    // Manager.
+    let ready = dir.join("manager-ready.json");
+    let mut manager_cmd = Command::new(&exe);
+    manager_cmd.args([
+        "serve",
+        "--die-with-parent",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+    ]);
+    manager_cmd.arg("--data-dir").arg(dir.join("manager"));
+    manager_cmd.arg("--ready-file").arg(&ready);
+    manager_cmd.args(["--give-up", "60"]);
+    if !args.no_caps {
+        manager_cmd.args(["--up-bps", &profile.manager_up_bps.to_string()]);
+    }
+    let mut kids = vec![spawn(&mut manager_cmd, "manager", &dir)?];
+    let ready = wait_for_json(&ready, &mut kids)?;
+    let api = Api::from_ready(&ready)?;
+    let agent_addr = str_field(&ready, "agent_addr")?;
+    let manager_key = str_field(&ready, "manager_key")?;
+
+    // Agents: create each identity, enrol it, start it.
+    let ids: Vec<String> = (0..args.agents).map(|i| format!("agent-{i:02}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let data = dir.join(id);
+        let out = Command::new(&exe)
+            .args(["agent", "--print-key", "--data-dir"])
+            .arg(&data)
+            .output()
+            .context("cannot run `baton agent --print-key`")?;
+        if !out.status.success() {
+            bail!(
+                "`baton agent --print-key` failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        api.post(
+            "/api/v1/agents",
+            &serde_json::json!({ "id": id, "key": key }),
+        )
+        .with_context(|| format!("cannot enrol {id}"))?;
+        let mut cmd = Command::new(&exe);
+        cmd.args(["agent", "--die-with-parent", "--listen", "127.0.0.1:0"]);
+        cmd.args([
+            "--manager",
+            &agent_addr,
+            "--manager-key",
+            &manager_key,
+            "--id",
+            id,
+        ]);
+        cmd.arg("--data-dir").arg(&data);
+        cmd.arg("--export").arg(data.join("export.bin"));
+        cmd.arg("--status-file").arg(data.join("status.json"));
+        if !args.no_caps {
+            cmd.args(["--up-bps", &profile.agent_up_bps[i].to_string()]);
+            cmd.args(["--down-bps", &profile.agent_down_bps[i].to_string()]);
+        }
+        kids.push(spawn(&mut cmd, id, &dir)?);
+    }
+    wait_connected(&api, &ids, &mut kids)?;
+
+    // The job.
+    let job: Value = api.post(
+        "/api/v1/jobs",
+        &serde_json::json!({
+            "path": content,
+            "name": "demo",
+            "chunk_size": args.chunk_size,
+            "targets": { "agents": ids },
+        }),
+    )?;
+    let job_id = job["id"]
+        .as_u64()
+        .context("the manager's job answer has no id")?;
+    let started = Instant::now();
+    let bar = progress_bar(args.agents as u64, args.json);
+    let deadline = started + Duration::from_secs(args.timeout);
+    let mut finished_at = None;
+    let mut last_status = Value::Null;
+    while Instant::now() < deadline {
+        check_alive(&mut kids)?;
+        let status: Value = api.get(&format!("/api/v1/jobs/{job_id}"))?;
+        let parts = status["participants"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let (mut confirmed, mut failed, mut verified, mut total) = (0, 0, 0u64, 0u64);
+        for p in &parts {
+            match p["state"].as_str().unwrap_or("") {
+                "confirmed" => confirmed += 1,
+                "failed" => failed += 1,
+                _ => {}
+            }
+            verified += p["verified"].as_u64().unwrap_or(0);
+            total += p["total"].as_u64().unwrap_or(0);
+        }
+        bar.set_position(confirmed);
+        bar.set_message(format!(
+            "{:.0}% of chunks verified, {failed} failed",
+            100.0 * verified as f64 / total.max(1) as f64
+        ));
+        last_status = status;
+        if !parts.is_empty() && confirmed + failed == parts.len() as u64 {
+            finished_at = Some(Instant::now());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bar.finish_and_clear();
+    let Some(finished_at) = finished_at else {
+        bail!(
+            "the job did not finish within {} s; last status: {last_status}",
+            args.timeout
+        );
+    };
+    let seconds = (finished_at - started).as_secs_f64();
+
+    // Check every copy and gather the figures.
+    let mut confirmed = 0;
+    let mut agent_bytes_received = 0;
+    let mut agent_max_rss_bytes = 0;
+    for (id, kid) in ids.iter().zip(kids.iter().skip(1)) {
+        let data = dir.join(id);
+        let state = last_status["participants"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["agent"] == id.as_str()))
+            .and_then(|p| p["state"].as_str())
+            .unwrap_or("");
+        let copy = data.join("export.bin");
+        if state == "confirmed" && copy.exists() && sha256_file(&copy)? == source_sha {
+            confirmed += 1;
+        } else if !args.json {
+            eprintln!(
+                "{id}: not confirmed (state {state:?}, copy present: {})",
+                copy.exists()
+            );
+        }
+        agent_bytes_received += status_bytes_received(&data.join("status.json"));
+        agent_max_rss_bytes = agent_max_rss_bytes.max(peak_rss(kid.child.id()));
+    }
+    let status: Value = api.get("/api/v1/status")?;
+    let manager_bytes_sent = status["bytes_sent"].as_u64().unwrap_or(0);
+    let (lower_bound_seconds, ratio) = if args.no_caps {
+        (0.0, 0.0)
+    } else {
+        let t = profile.lower_bound_seconds(args.size);
+        (t, seconds / t)
+    };
+    drop(kids);
+    Ok(DemoReport {
+        agents: args.agents,
+        confirmed,
+        bytes: args.size,
+        seconds,
+        lower_bound_seconds,
+        ratio,
+        manager_bytes_sent,
+        agent_bytes_received,
+        agent_max_rss_bytes,
+        caps: (!args.no_caps).then_some(profile),
+    })
+}
+
+/// Prints the report: a summary for people, and with `--json` one JSON line last.
+pub fn print(report: &DemoReport, json: bool) {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!(
+        "{} of {} agents confirmed {:.1} MiB in {:.2} s",
+        report.confirmed,
+        report.agents,
+        mib(report.bytes),
+        report.seconds
+    );
+    if report.lower_bound_seconds > 0.0 {
+        println!(
+            "lower bound T* = {:.2} s, seconds/T* = {:.3}",
+            report.lower_bound_seconds, report.ratio
+        );
+    }
+    println!(
+        "manager sent {:.1} MiB ({:.2}× the content); agents received {:.1} MiB; largest agent RSS {:.1} MiB",
+        mib(report.manager_bytes_sent),
+        report.manager_bytes_sent as f64 / report.bytes.max(1) as f64,
+        mib(report.agent_bytes_received),
+        mib(report.agent_max_rss_bytes)
+    );
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(report).expect("the report serialises")
+        );
+    }
+}
+
+fn spawn(cmd: &mut Command, name: &str, dir: &Path) -> anyhow::Result<Kid> {
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))
+        .with_context(|| format!("cannot create the log of {name}"))?;
+    let child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    Ok(Kid {
+        name: name.to_string(),
+        child,
+    })
+}
+
+/// Fails if any child has exited.
+fn check_alive(kids: &mut [Kid]) -> anyhow::Result<()> {
+    for kid in kids.iter_mut() {
+        if let Some(status) = kid.child.try_wait()? {
+            bail!(
+                "{} exited early ({status}); see its log in the demo directory (--keep)",
+                kid.name
+            );
+        }
+    }
+    Ok(())
+}
+
+fn wait_for_json(path: &Path, kids: &mut [Kid]) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while Instant::now() < deadline {
+        check_alive(kids)?;
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(v) = serde_json::from_str(&text)
+        {
+            return Ok(v);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("the manager did not become ready within {START_TIMEOUT:?}")
+}
+
+fn wait_connected(api: &Api, ids: &[String], kids: &mut [Kid]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while Instant::now() < deadline {
+        check_alive(kids)?;
+        let agents: Value = api.get("/api/v1/agents")?;
+        let connected = agents
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|x| x["connected"].as_bool() == Some(true))
+                    .count()
+            })
+            .unwrap_or(0);
+        if connected == ids.len() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("not every agent connected within {START_TIMEOUT:?}")
+}
+
+fn str_field(v: &Value, key: &str) -> anyhow::Result<String> {
+    v[key]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("the manager's ready file has no {key}"))
+}
+
+fn write_random(path: &Path, size: u64) -> anyhow::Result<[u8; 32]> {
+    use rand::RngCore as _;
+    use std::io::Write as _;
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+    );
+    let mut rng = rand::thread_rng();
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        hasher.update(&buf[..n]);
+        file.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    file.flush()?;
+    Ok(hasher.finalize().into())
+}
+
+fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().into())
+}
+
+/// Verified content bytes an agent says it received over sockets (its status file).
+fn status_bytes_received(path: &Path) -> u64 {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return 0;
+    };
+    let Ok(v) = serde_json::from_str::<Value>(&text) else {
+        return 0;
+    };
+    v["jobs"]
+        .as_array()
+        .map(|jobs| {
+            jobs.iter()
+                .filter_map(|j| j["bytes_received"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Peak resident set of a process (VmHWM), in bytes; 0 if unknown.
+fn peak_rss(pid: u32) -> u64 {
+    let Ok(file) = std::fs::File::open(format!("/proc/{pid}/status")) else {
+        return 0;
+    };
+    std::io::BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            let rest = line.strip_prefix("VmHWM:")?;
+            let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
+}
+
+fn progress_bar(len: u64, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} agents confirmed  {msg}",
+        )
+        .expect("the template is valid")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// A minimal client for the manager's HTTP API with the admin token.
+struct Api {
+    base: String,
+    token: String,
+}
+
+impl Api {
+    fn from_ready(ready: &Value) -> anyhow::Result<Self> {
+        Ok(Api {
+            base: format!("http://{}", str_field(ready, "http_addr")?),
+            token: str_field(ready, "admin_token")?,
+        })
+    }
+
+    fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let mut resp = ureq::get(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {}", self.token))
+            .call()
+            .with_context(|| format!("GET {path}"))?;
+        Ok(resp.body_mut().read_json()?)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let mut resp = ureq::post(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {}", self.token))
+            .send_json(body)
+            .with_context(|| format!("POST {path}"))?;
+        Ok(resp.body_mut().read_json()?)
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn default_profile_meets_the_documented_shape() {
+        for n in [8usize, 32] {
+            let p = LinkProfile::heterogeneous(n);
+            let max_up = *p.agent_up_bps.iter().max().unwrap();
+            let min_up = *p.agent_up_bps.iter().min().unwrap();
+            assert!(max_up >= 4 * min_up);
+            let max_down = *p.agent_down_bps.iter().max().unwrap();
+            let min_down = *p.agent_down_bps.iter().min().unwrap();
+            assert!(max_down >= 4 * min_down);
+            assert!(p.agent_up_bps.iter().sum::<u64>() >= 10 * p.manager_up_bps);
+        }
+        // The aggregate term binds for the demo's sizes.
+        for (n, s) in [(8usize, 16u64 << 20), (32, 64 << 20)] {
+            let p = LinkProfile::heterogeneous(n);
+            let aggregate = n as f64 * s as f64
+                / (p.manager_up_bps + p.agent_up_bps.iter().sum::<u64>()) as f64;
+            assert_eq!(p.lower_bound_seconds(s), aggregate);
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! `baton`: the Baton command.
+//!
+//! `baton serve` runs the manager; `enroll`, `push`, `jobs`, `job`, `cancel`
+//! and `agents` talk to a running manager over its HTTP API; `baton agent` runs
+//! a Linux agent. Logging goes to
+//! stderr and follows `RUST_LOG` (default `info` for `serve`, `warn` for the
+//! client commands).
+
+mod cli;
+mod demo;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Distributes content from a manager to a fleet of agents by relay.
+#[derive(Parser, Debug)]
+#[command(name = "baton", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Exit when standard input closes: a parent that pipes our stdin takes us down with it.
+    #[arg(long, global = true, hide = true)]
+    die_with_parent: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the manager: agent port, HTTP API, database.
+    Serve(cli::serve::ServeArgs),
+    /// Enrol an agent's key (`--id ID --key HEX`), or create a one-time enrolment token (`--token`).
+    Enroll(cli::show::EnrollArgs),
+    /// Publish a file and distribute it to agents.
+    Push(cli::push::PushArgs),
+    /// List jobs.
+    Jobs(cli::show::JobsArgs),
+    /// Show one job: participants, progress, confirmations, bytes per source.
+    Job(cli::show::JobArgs),
+    /// Cancel a job (participants keep the chunks they verified).
+    Cancel(cli::show::JobArgs),
+    /// List enrolled agents and whether they are connected.
+    Agents(cli::show::AgentsArgs),
+    /// Run a Linux agent (the same as `baton-agent`).
+    Agent(Box<baton_agent_core::linux::AgentArgs>),
+    /// Run a whole distribution on this machine: a manager and N agents as processes, real TCP, link caps.
+    Demo(demo::DemoArgs),
+}
+
+/// Exits the process once standard input reaches end of file (the parent is gone).
+fn die_with_parent() {
+    std::thread::spawn(|| {
+        let mut sink = [0u8; 64];
+        let mut stdin = std::io::stdin().lock();
+        while std::io::Read::read(&mut stdin, &mut sink).is_ok_and(|n| n > 0) {}
+        std::process::exit(3);
+    });
+}
+
+fn init_logging(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if cli.die_with_parent {
+        die_with_parent();
+    }
+    match cli.command {
+        Command::Serve(args) => {
+            init_logging("info");
+            cli::serve::run(args)?;
+        }
+        Command::Enroll(args) => {
+            init_logging("warn");
+            cli::show::enroll(args)?;
+        }
+        Command::Push(args) => {
+            init_logging("warn");
+            return cli::push::run(args);
+        }
+        Command::Jobs(args) => {
+            init_logging("warn");
+            cli::show::jobs(args)?;
+        }
+        Command::Job(args) => {
+            init_logging("warn");
+            cli::show::job(args)?;
+        }
+        Command::Cancel(args) => {
+            init_logging("warn");
+            cli::show::cancel(args)?;
+        }
+        Command::Agents(args) => {
+            init_logging("warn");
+            cli::show::agents(args)?;
+        }
+        Command::Agent(args) => {
+            init_logging("info");
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(baton_agent_core::linux::run(*args))?;
+        }
+        Command::Demo(args) => {
+            init_logging("warn");
+            let json = args.json;
+            let report = demo::run(args)?;
+            demo::print(&report, json);
+            if report.confirmed < report.agents {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

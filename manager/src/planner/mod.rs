@@ -1,0 +1,433 @@
+//! The planner: who goes first, and who fetches what from whom (claims 2, 3, 4, 9).
+//!
+//! Two steps, both pure functions of the agents' reports and the job's
+//! [`Policy`]:
+//!
+//! 1. **Ranking.** Each agent gets a score from what it reported (link
+//!    speeds, loss, uptime, performance class, round-trip time to the
+//!    manager, whether it can serve peers), weighted by the policy; the
+//!    prioritized list is the participants sorted by score, ties broken by id
+//!    ([`prioritize`]). The engine instructs participants in this order and
+//!    names each one's successor on the list as its "next" (claim 3).
+//! 2. **Relay plan.** [`RelayPlan`] decides, per chunk range, which source
+//!    each participant fetches from, aiming at the Kumar–Ross lower bound
+//!    for one file to N peers, `max(S/u_m, S/d_min, N·S/(u_m + Σu_i))` (see
+//!    [`lower_bound_secs`]): the content is cut into stripes sized in
+//!    proportion to the upload capacity of the group of agents that relays
+//!    each one; every participant fetches every stripe, from the manager,
+//!    from a confirmed holder or from a member of the stripe's group
+//!    (cut-through: a member serves a stripe from its first verified chunk).
+//!    The plan keeps each agent within its `max_peers` and `max_sources`,
+//!    never names an agent that cannot serve as a source, and is repaired in
+//!    place when a source leaves, fails or misbehaves.
+//!
+//! Planning is `O(N log N)` in the number of participants.
+
+mod relay;
+
+pub use relay::{Assignment, Holder, NodeInfo, RelayPlan, Seed};
+
+use baton_protocol::message::Report;
+use baton_protocol::types::{AgentId, DelayTo, LinkInfo, Name, PeerAddr};
+use serde::{Deserialize, Serialize};
+
+/// How much each reported parameter counts in an agent's score (claims 2, 4).
+///
+/// Every component of the score is normalised to `0.0..=1.0` before it is
+/// weighted, so the weights compare directly; a weight of `0` ignores that
+/// parameter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Weights {
+    /// Upload speed (`LinkInfo::up_bps`, logarithmic).
+    pub up: f64,
+    /// Download speed (`LinkInfo::down_bps`, logarithmic).
+    pub down: f64,
+    /// Link reliability from the loss rate (`LinkInfo::loss_ppm`; 1 % loss halves it).
+    pub loss: f64,
+    /// Stability from uptime (`LinkInfo::uptime_s`; one hour gives one half).
+    pub uptime: f64,
+    /// Performance class (`Report::performance`, 0..=1000).
+    pub performance: f64,
+    /// Closeness to the manager (measured round-trip time; 20 ms gives one half).
+    pub delay: f64,
+    /// Bonus for agents that can serve peers (they relay, so they should go first).
+    pub serve: f64,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Weights {
+            up: 4.0,
+            down: 2.0,
+            loss: 2.0,
+            uptime: 1.0,
+            performance: 1.0,
+            delay: 1.0,
+            serve: 3.0,
+        }
+    }
+}
+
+/// Administrator rules for one job's ranking and relay plan (claim 9).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Policy {
+    /// Ordering weights over the reported parameters.
+    pub weights: Weights,
+    /// Most peers one agent serves for this job; `0` = only the agent's own `max_peers`.
+    pub max_peers_per_source: u16,
+    /// Most stripes the content is cut into (each a separately relayed chunk range), at least 1.
+    pub max_stripes: u16,
+    /// Whether agents relay to each other at all; `false` = everyone fetches from the manager.
+    pub relay: bool,
+    /// Agents that only receive and never serve (weak devices), by id.
+    pub leaf_only: Vec<AgentId>,
+    /// Agents whose reported upload is known and below this (bytes/s) only receive; `0` = off.
+    pub leaf_below_up_bps: u64,
+    /// Prefer sources on the fetcher's own LAN segment, so content crosses into each segment
+    /// about once per stripe and fans out inside it.
+    pub segment_local: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            weights: Weights::default(),
+            max_peers_per_source: 32,
+            max_stripes: 8,
+            relay: true,
+            leaf_only: Vec::new(),
+            leaf_below_up_bps: 0,
+            segment_local: true,
+        }
+    }
+}
+
+impl Policy {
+    /// Whether `id` (with `profile`) may serve peers in a job under this policy.
+    pub fn may_serve(&self, id: &AgentId, profile: &Profile) -> bool {
+        self.relay
+            && profile.can_serve
+            && profile.listen.is_some()
+            && profile.max_peers > 0
+            && !(self.leaf_below_up_bps > 0
+                && profile.link.up_bps > 0
+                && profile.link.up_bps < self.leaf_below_up_bps)
+            && !self.leaf_only.iter().any(|l| l == id)
+    }
+
+    /// The relay plan's view of one agent under this policy (its segment number is left `0`;
+    /// the caller numbers segments, see [`Segments`]).
+    pub fn node_info(&self, id: &AgentId, profile: &Profile) -> NodeInfo {
+        let capacity = match self.max_peers_per_source {
+            0 => profile.max_peers,
+            cap => cap.min(profile.max_peers),
+        };
+        let server = self.may_serve(id, profile) && capacity > 0;
+        NodeInfo {
+            up_bps: profile.link.up_bps,
+            server,
+            capacity: if server { capacity } else { 0 },
+            max_sources: profile.max_sources.max(1),
+            segment: 0,
+        }
+    }
+}
+
+/// Numbers LAN segment names for the relay plan ([`NodeInfo::segment`]); the empty name is `0`.
+#[derive(Clone, Debug, Default)]
+pub struct Segments {
+    ids: std::collections::HashMap<Name, u32>,
+}
+
+impl Segments {
+    /// The number of `segment` (the same name always gets the same number).
+    pub fn id(&mut self, segment: &Name) -> u32 {
+        if segment.is_empty() {
+            return 0;
+        }
+        let next = self.ids.len() as u32 + 1;
+        *self.ids.entry(segment.clone()).or_insert(next)
+    }
+}
+
+/// The part of a [`Report`] the planner and engine keep per agent (compact: no labels or holdings).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Profile {
+    /// Where peers reach it, if it serves peers.
+    pub listen: Option<PeerAddr>,
+    /// Site or location.
+    pub site: Name,
+    /// LAN segment.
+    pub segment: Name,
+    /// Performance class (1..=1000, higher is faster).
+    pub performance: u32,
+    /// Free storage for content, bytes.
+    pub free_storage: u64,
+    /// Whether it is willing to serve chunks to peers.
+    pub can_serve: bool,
+    /// Largest chunk size it can receive.
+    pub max_chunk: u32,
+    /// Most distinct sources it can track for one job.
+    pub max_sources: u16,
+    /// Most peers it serves at once.
+    pub max_peers: u16,
+    /// Link speed and reliability.
+    pub link: LinkInfo,
+    /// Measured round-trip time to the manager, microseconds, if reported.
+    pub manager_rtt_us: Option<u32>,
+}
+
+impl From<&Report> for Profile {
+    fn from(r: &Report) -> Self {
+        Profile {
+            listen: r.listen,
+            site: r.site.clone(),
+            segment: r.segment.clone(),
+            performance: r.performance,
+            free_storage: r.free_storage,
+            can_serve: r.can_serve,
+            max_chunk: r.max_chunk,
+            max_sources: r.max_sources,
+            max_peers: r.max_peers,
+            link: r.link,
+            manager_rtt_us: r
+                .delays
+                .iter()
+                .filter(|d| d.to == DelayTo::Manager)
+                .map(|d| d.rtt_us)
+                .min(),
+        }
+    }
+}
+
+/// A speed in bytes/s mapped to `0..=1` on a log scale (10 GB/s → 1); unknown (0) → 0.5.
+fn speed_component(bps: u64) -> f64 {
+    if bps == 0 {
+        0.5
+    } else {
+        ((1.0 + bps as f64).log10() / 10.0).min(1.0)
+    }
+}
+
+impl Profile {
+    /// This agent's score under `policy`: higher goes earlier in the list.
+    pub fn score(&self, id: &AgentId, policy: &Policy) -> f64 {
+        let w = &policy.weights;
+        let loss = 1.0 / (1.0 + self.link.loss_ppm as f64 / 10_000.0);
+        let uptime = self.link.uptime_s as f64 / (self.link.uptime_s as f64 + 3600.0);
+        let performance = self.performance.min(1000) as f64 / 1000.0;
+        let delay = match self.manager_rtt_us {
+            Some(rtt) => 1.0 / (1.0 + rtt as f64 / 20_000.0),
+            None => 0.5,
+        };
+        let serve = if policy.may_serve(id, self) { 1.0 } else { 0.0 };
+        w.up * speed_component(self.link.up_bps)
+            + w.down * speed_component(self.link.down_bps)
+            + w.loss * loss
+            + w.uptime * uptime
+            + w.performance * performance
+            + w.delay * delay
+            + w.serve * serve
+    }
+}
+
+/// The score of the agent that sent `report`, under `policy` (claims 2, 4).
+pub fn score(report: &Report, policy: &Policy) -> f64 {
+    Profile::from(report).score(&report.id, policy)
+}
+
+/// The prioritized list: agents sorted by descending score, ties by ascending id (claims 3, 4).
+///
+/// Returns each agent's id with its score, best first.
+pub fn prioritize<'a>(
+    agents: impl IntoIterator<Item = (&'a AgentId, &'a Profile)>,
+    policy: &Policy,
+) -> Vec<(AgentId, f64)> {
+    let mut list: Vec<(AgentId, f64)> = agents
+        .into_iter()
+        .map(|(id, p)| (id.clone(), p.score(id, policy)))
+        .collect();
+    list.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    list
+}
+
+/// The Kumar–Ross lower bound, in seconds, on the time to bring `content_bytes` to every participant.
+///
+/// `T* = max(S/u_m, S/d_min, N·S/(u_m + Σu_i))` with `participants` given as
+/// `(up_bps, down_bps)`. Unknown (0) download speeds are left out of `d_min`;
+/// the last term is left out if any upload speed is unknown. `None` if the
+/// manager's upload is unknown or there are no participants.
+pub fn lower_bound_secs(
+    content_bytes: u64,
+    manager_up_bps: u64,
+    participants: &[(u64, u64)],
+) -> Option<f64> {
+    if manager_up_bps == 0 || participants.is_empty() {
+        return None;
+    }
+    let s = content_bytes as f64;
+    let mut bound = s / manager_up_bps as f64;
+    if let Some(d_min) = participants.iter().map(|p| p.1).filter(|&d| d > 0).min() {
+        bound = bound.max(s / d_min as f64);
+    }
+    if participants.iter().all(|p| p.0 > 0) {
+        let total: f64 =
+            manager_up_bps as f64 + participants.iter().map(|p| p.0 as f64).sum::<f64>();
+        bound = bound.max(participants.len() as f64 * s / total);
+    }
+    Some(bound)
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    fn id(s: &str) -> AgentId {
+        AgentId::try_from(s).unwrap()
+    }
+
+    fn profile(up: u64, loss_ppm: u32, serve: bool) -> Profile {
+        Profile {
+            listen: serve.then_some(PeerAddr::V4([10, 0, 0, 1], 7000)),
+            can_serve: serve,
+            max_sources: 8,
+            max_peers: 16,
+            performance: 500,
+            link: LinkInfo {
+                up_bps: up,
+                down_bps: up,
+                loss_ppm,
+                uptime_s: 3600,
+            },
+            ..Profile::default()
+        }
+    }
+
+    #[test]
+    fn faster_and_more_reliable_agents_rank_first_ties_by_id() {
+        let policy = Policy::default();
+        let (a, b, c, d, e) = (id("a"), id("b"), id("c"), id("d"), id("e"));
+        let fast = profile(100_000_000, 0, true);
+        let slow = profile(1_000_000, 0, true);
+        let lossy = profile(100_000_000, 50_000, true);
+        let leaf = profile(100_000_000, 0, false);
+        let agents = [
+            (&e, &slow),
+            (&d, &fast),
+            (&c, &lossy),
+            (&b, &fast),
+            (&a, &leaf),
+        ];
+        let list = prioritize(agents, &policy);
+        let order: Vec<&str> = list.iter().map(|(i, _)| i.as_str()).collect();
+        // b and d tie (same profile): by id. Then the slow one, the lossy one (5 % loss), and
+        // last the fast leaf (no serve bonus).
+        assert_eq!(order, ["b", "d", "e", "c", "a"]);
+        assert!(list[0].1 > list[2].1);
+    }
+
+    #[test]
+    fn weights_change_the_order() {
+        let (a, b) = (id("a"), id("b"));
+        let near = Profile {
+            manager_rtt_us: Some(1_000),
+            ..profile(1_000_000, 0, true)
+        };
+        let far_fast = Profile {
+            manager_rtt_us: Some(200_000),
+            ..profile(1_000_000_000, 0, true)
+        };
+        let mut policy = Policy::default();
+        let list = prioritize([(&a, &near), (&b, &far_fast)], &policy);
+        assert_eq!(list[0].0, b);
+        policy.weights = Weights {
+            up: 0.0,
+            down: 0.0,
+            delay: 10.0,
+            ..Weights::default()
+        };
+        let list = prioritize([(&a, &near), (&b, &far_fast)], &policy);
+        assert_eq!(list[0].0, a);
+    }
+
+    #[test]
+    fn report_profile_takes_manager_delay() {
+        let mut r = Report {
+            id: id("x"),
+            listen: None,
+            site: Name::new(),
+            segment: Name::new(),
+            performance: 10,
+            free_storage: 0,
+            can_serve: false,
+            max_chunk: 4096,
+            max_sources: 2,
+            max_peers: 0,
+            link: LinkInfo::default(),
+            delays: Default::default(),
+            labels: Default::default(),
+            holdings: Default::default(),
+        };
+        r.delays
+            .push(baton_protocol::types::Delay {
+                to: DelayTo::Peer(id("y")),
+                rtt_us: 5,
+            })
+            .unwrap();
+        r.delays
+            .push(baton_protocol::types::Delay {
+                to: DelayTo::Manager,
+                rtt_us: 900,
+            })
+            .unwrap();
+        let p = Profile::from(&r);
+        assert_eq!(p.manager_rtt_us, Some(900));
+        assert!(score(&r, &Policy::default()).is_finite());
+    }
+
+    #[test]
+    fn leaves_by_policy() {
+        let mut policy = Policy {
+            leaf_only: vec![id("weak")],
+            ..Policy::default()
+        };
+        let p = profile(1_000_000, 0, true);
+        assert!(policy.node_info(&id("strong"), &p).server);
+        assert!(!policy.node_info(&id("weak"), &p).server);
+        policy.leaf_below_up_bps = 2_000_000;
+        assert!(!policy.node_info(&id("strong"), &p).server);
+        policy.leaf_below_up_bps = 0;
+        policy.relay = false;
+        assert!(!policy.node_info(&id("strong"), &p).server);
+        let no_listen = Profile {
+            listen: None,
+            ..p.clone()
+        };
+        assert!(
+            !Policy::default()
+                .node_info(&id("strong"), &no_listen)
+                .server
+        );
+        let info = Policy {
+            max_peers_per_source: 4,
+            ..Policy::default()
+        }
+        .node_info(&id("strong"), &p);
+        assert_eq!(info.capacity, 4);
+    }
+
+    #[test]
+    fn kumar_ross_bound() {
+        // 10 peers of 1 MB/s up, 10 MB/s down; manager 2 MB/s; 12 MB content.
+        let peers = vec![(1_000_000, 10_000_000); 10];
+        let t = lower_bound_secs(12_000_000, 2_000_000, &peers).unwrap();
+        // max(6, 1.2, 10·12/12 = 10)
+        assert!((t - 10.0).abs() < 1e-9);
+        assert_eq!(lower_bound_secs(1, 0, &peers), None);
+        let unknown_up = vec![(0, 1_000_000)];
+        let t = lower_bound_secs(10_000_000, 10_000_000, &unknown_up).unwrap();
+        assert!((t - 10.0).abs() < 1e-9);
+    }
+}

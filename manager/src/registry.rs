@@ -1,0 +1,468 @@
+//! The agent registry: who is enrolled (and with which key), and who is connected now.
+//!
+//! Enrolment is checked on every handshake, so the enrolled keys are cached
+//! in memory and written through to the [`Store`]. [`Registry::authorize`] is
+//! the link layer's `authorize` step for the agent port (SPEC §2): the key
+//! proven in the handshake must be the one enrolled for `Hello.id`, or an
+//! unused enrolment token enrols it now.
+//!
+//! Each live connection registers a [`Session`]; an agent that connects again
+//! with the same key takes over: the old session is told to close, and its
+//! later disconnect is recognised as stale by its generation number.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use baton_protocol::session::{Handshake, Role};
+use baton_protocol::types::{AgentId, PublicKey};
+use sha2_std::{Digest as _, Sha256};
+use tokio::sync::{Notify, mpsc};
+
+use crate::store::{Enrolled, Store, StoreError};
+
+/// The store shared by the manager's tasks.
+pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
+
+/// Locks the shared store (a panic elsewhere does not make it unusable).
+pub fn lock(store: &SharedStore) -> std::sync::MutexGuard<'_, Box<dyn Store>> {
+    store.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Unix time in seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// SHA-256 of an enrolment token: only this is stored.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Why a handshake's initiator is not accepted as an agent.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// The initiator says it is a manager.
+    #[error("{0:?} announced itself as a manager, not an agent")]
+    NotAnAgent(String),
+    /// No such agent is enrolled and no token was offered.
+    #[error(
+        "unknown agent {0:?}: not enrolled (enrol it with `baton enroll --id {0} --key <hex>`, or give it an enrolment token from `baton enroll --token`)"
+    )]
+    Unknown(String),
+    /// The agent is enrolled with another key.
+    #[error("agent {0:?} proved a key that is not the one enrolled for it")]
+    WrongKey(String),
+    /// A token was offered without the agent's self-signed certificate of the key it proved.
+    #[error(
+        "agent {0:?} offered an enrolment token without a self-signed certificate of its key (upgrade the agent)"
+    )]
+    NoSelfCert(String),
+    /// The offered token is unknown or used.
+    #[error("agent {0:?} offered an enrolment token that is unknown or already used")]
+    BadToken(String),
+    /// The handshake did not finish.
+    #[error("handshake incomplete")]
+    Incomplete,
+    /// The database failed.
+    #[error("database error while authorizing {0:?}: {1}")]
+    Store(String, String),
+}
+
+/// A connected agent's session, as the rest of the manager sees it.
+#[derive(Debug)]
+pub struct Session {
+    /// Distinguishes this connection from earlier ones of the same agent.
+    pub generation: u64,
+    /// The agent's key (proven in the handshake).
+    pub key: PublicKey,
+    /// Where it connected from.
+    pub addr: SocketAddr,
+    /// Encoded messages for the agent (control traffic: engine instructions, pongs).
+    pub control: mpsc::UnboundedSender<Vec<u8>>,
+    /// Tells the connection to close (on takeover or shutdown).
+    pub close: Arc<Notify>,
+}
+
+/// What [`Registry::authorize`] accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Authorized {
+    /// The agent's id.
+    pub id: AgentId,
+    /// Its Ed25519 key.
+    pub key: PublicKey,
+    /// Whether it was enrolled by this handshake (with a token).
+    pub enrolled_now: bool,
+}
+
+/// Enrolled keys and live sessions.
+#[derive(Debug)]
+pub struct Registry {
+    store: SharedStore,
+    keys: RwLock<HashMap<AgentId, PublicKey>>,
+    sessions: Mutex<HashMap<AgentId, Session>>,
+    generation: AtomicU64,
+}
+
+impl Registry {
+    /// A registry over `store`, with every enrolled key loaded.
+    pub fn load(store: SharedStore) -> Result<Self, StoreError> {
+        let mut keys = HashMap::new();
+        for agent in lock(&store).agents()? {
+            match AgentId::try_from(agent.id.as_str()) {
+                Ok(id) => {
+                    keys.insert(id, agent.key);
+                }
+                Err(_) => tracing::warn!(id = %agent.id, "stored agent id is too long; ignored"),
+            }
+        }
+        Ok(Registry {
+            store,
+            keys: RwLock::new(keys),
+            sessions: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(1),
+        })
+    }
+
+    /// The store behind this registry.
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+
+    /// The key enrolled for `id`.
+    pub fn key_of(&self, id: &AgentId) -> Option<PublicKey> {
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .copied()
+    }
+
+    /// Whether `id` is enrolled.
+    pub fn is_enrolled(&self, id: &AgentId) -> bool {
+        self.key_of(id).is_some()
+    }
+
+    /// Enrols `id` with `key` (administrator action).
+    pub fn enrol(&self, id: &AgentId, key: &PublicKey) -> Result<Enrolled, StoreError> {
+        let done = lock(&self.store).enrol(id, key, unix_now())?;
+        self.keys
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), *key);
+        Ok(done)
+    }
+
+    /// Decides about a handshake's initiator on the agent port (SPEC §2).
+    pub fn authorize(&self, hs: &Handshake) -> Result<Authorized, AuthError> {
+        let hello = hs.remote_hello().ok_or(AuthError::Incomplete)?;
+        let id = hello.id.clone();
+        if hello.role != Role::Agent {
+            return Err(AuthError::NotAnAgent(id.to_string()));
+        }
+        if let Some(key) = self.key_of(&id) {
+            return match hs.remote_is(&key) {
+                Ok(()) => Ok(Authorized {
+                    id,
+                    key,
+                    enrolled_now: false,
+                }),
+                Err(_) => Err(AuthError::WrongKey(id.to_string())),
+            };
+        }
+        let Some(token) = hello.token.as_ref() else {
+            return Err(AuthError::Unknown(id.to_string()));
+        };
+        let key = self_signed_key(hs).ok_or_else(|| AuthError::NoSelfCert(id.to_string()))?;
+        let hash = token_hash(token);
+        match lock(&self.store).enrol_with_token(&hash, &id, &key, unix_now()) {
+            Ok(_) => {}
+            Err(StoreError::BadToken) => return Err(AuthError::BadToken(id.to_string())),
+            Err(StoreError::KeyConflict(_)) => return Err(AuthError::WrongKey(id.to_string())),
+            Err(e) => return Err(AuthError::Store(id.to_string(), e.to_string())),
+        }
+        self.keys
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), key);
+        tracing::info!(agent = %id, key = %hex::encode(key.0), "agent enrolled with a one-time token");
+        Ok(Authorized {
+            id,
+            key,
+            enrolled_now: true,
+        })
+    }
+
+    /// A fresh session generation number.
+    pub fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a live session; an older session of the same agent is told to close.
+    ///
+    /// Returns whether an older session was taken over.
+    pub fn register(&self, id: AgentId, session: Session) -> bool {
+        let old = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), session);
+        match old {
+            Some(old) => {
+                tracing::info!(agent = %id, old = %old.addr, "agent reconnected; closing its previous session");
+                old.close.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes the session of `id` if it is still generation `generation`; returns whether it was.
+    pub fn unregister(&self, id: &AgentId, generation: u64) -> bool {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if sessions.get(id).is_some_and(|s| s.generation == generation) {
+            sessions.remove(id);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Queues an encoded message for a connected agent; false if it is not connected.
+    pub fn send(&self, id: &AgentId, message: Vec<u8>) -> bool {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        match sessions.get(id) {
+            Some(s) => s.control.send(message).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Whether `id` has a live session.
+    pub fn is_connected(&self, id: &AgentId) -> bool {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
+    }
+
+    /// The ids of every connected agent.
+    pub fn connected(&self) -> Vec<AgentId> {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ids: Vec<AgentId> = sessions.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Tells every session to close (shutdown).
+    pub fn close_all(&self) {
+        for s in self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            s.close.notify_one();
+        }
+    }
+}
+
+/// The Ed25519 key of an agent enrolling with a token (SPEC §2).
+///
+/// The handshake proves the X25519 form of the agent's key only; a token hello
+/// therefore carries a certificate the agent signed itself. Its key is taken
+/// when the self-signature verifies, the id matches, and the key is the one the
+/// handshake proved.
+fn self_signed_key(hs: &Handshake) -> Option<PublicKey> {
+    let hello = hs.remote_hello()?;
+    let cert = hello.cert.as_ref()?;
+    (cert.id == hello.id && cert.verify(&cert.key).is_ok() && hs.remote_is(&cert.key).is_ok())
+        .then_some(cert.key)
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use crate::store::SqliteStore;
+    use baton_protocol::identity::{AgentCert, Identity, x25519_of};
+    use baton_protocol::session::Hello;
+
+    fn id(s: &str) -> AgentId {
+        AgentId::try_from(s).unwrap()
+    }
+
+    fn registry() -> Registry {
+        let store: Box<dyn Store> = Box::new(SqliteStore::in_memory().unwrap());
+        Registry::load(Arc::new(Mutex::new(store))).unwrap()
+    }
+
+    /// Runs a handshake of `agent` (hello `hello`) against the manager; returns the manager's side.
+    fn handshake(agent: &Identity, hello: Hello) -> Handshake {
+        let manager = Identity::from_seed([1; 32]);
+        let mut i = Handshake::initiator(agent, [10; 32], &manager.public(), hello).unwrap();
+        let mut r = Handshake::responder(
+            &manager,
+            [11; 32],
+            Hello::new(Role::Manager, id("manager"), 0, None),
+        )
+        .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = i.write_message(&mut buf).unwrap();
+        r.read_message(&buf[..n]).unwrap();
+        let n = r.write_message(&mut buf).unwrap();
+        i.read_message(&buf[..n]).unwrap();
+        let n = i.write_message(&mut buf).unwrap();
+        r.read_message(&buf[..n]).unwrap();
+        r
+    }
+
+    fn hello(name: &str) -> Hello {
+        Hello::new(Role::Agent, id(name), 0, None)
+    }
+
+    #[test]
+    fn enrolled_key_is_accepted_and_others_refused() {
+        let reg = registry();
+        let agent = Identity::from_seed([2; 32]);
+        let other = Identity::from_seed([3; 32]);
+        assert_eq!(
+            reg.authorize(&handshake(&agent, hello("a"))),
+            Err(AuthError::Unknown("a".into()))
+        );
+        reg.enrol(&id("a"), &agent.public()).unwrap();
+        let ok = reg.authorize(&handshake(&agent, hello("a"))).unwrap();
+        assert_eq!((ok.key, ok.enrolled_now), (agent.public(), false));
+        assert_eq!(
+            reg.authorize(&handshake(&other, hello("a"))),
+            Err(AuthError::WrongKey("a".into()))
+        );
+        let manager_role = Hello::new(Role::Manager, id("a"), 0, None);
+        assert!(matches!(
+            reg.authorize(&handshake(&agent, manager_role)),
+            Err(AuthError::NotAnAgent(_))
+        ));
+        // The cache survives a reload from the store.
+        let again = Registry::load(reg.store().clone()).unwrap();
+        assert_eq!(again.key_of(&id("a")), Some(agent.public()));
+    }
+
+    #[test]
+    fn a_token_enrols_once() {
+        let reg = registry();
+        lock(reg.store())
+            .add_token(&token_hash("tok-1"), 1)
+            .unwrap();
+        let agent = Identity::from_seed([2; 32]);
+        let with_token = |name: &str, token: &str| {
+            hello(name).with_token(heapless::String::try_from(token).unwrap())
+        };
+        assert_eq!(
+            reg.authorize(&handshake(&agent, with_token("a", "nope"))),
+            Err(AuthError::BadToken("a".into()))
+        );
+        let ok = reg
+            .authorize(&handshake(&agent, with_token("a", "tok-1")))
+            .unwrap();
+        assert!(ok.enrolled_now);
+        // Either the agent's own key or one with the same X25519 form.
+        assert_eq!(x25519_of(&ok.key).unwrap(), agent.x25519_public());
+        // Known now: the same agent is accepted without a token.
+        reg.authorize(&handshake(&agent, hello("a"))).unwrap();
+        let b = Identity::from_seed([4; 32]);
+        assert_eq!(
+            reg.authorize(&handshake(&b, with_token("b", "tok-1"))),
+            Err(AuthError::BadToken("b".into()))
+        );
+    }
+
+    #[test]
+    fn a_token_enrolment_needs_a_self_signed_certificate_of_the_proven_key() {
+        let reg = registry();
+        lock(reg.store()).add_token(&token_hash("t"), 1).unwrap();
+        let agent = Identity::from_seed([2; 32]);
+        let token_hello = |cert: Option<AgentCert>| {
+            Hello::new(Role::Agent, id("z"), 0, cert)
+                .with_token(heapless::String::try_from("t").unwrap())
+        };
+        // No certificate, a forged self-signature, or another key's certificate: refused.
+        let unsigned = AgentCert {
+            id: id("z"),
+            key: agent.public(),
+            signature: [0; 64],
+        };
+        let other = Identity::from_seed([99; 32]);
+        for cert in [
+            None,
+            Some(unsigned),
+            Some(AgentCert::issue(&other, id("z"), other.public())),
+        ] {
+            assert!(matches!(
+                reg.authorize(&handshake(&agent, token_hello(cert))),
+                Err(AuthError::NoSelfCert(_))
+            ));
+        }
+        // The agent's own self-signed certificate enrols its real key.
+        let own = AgentCert::issue(&agent, id("z"), agent.public());
+        let done = reg
+            .authorize(&handshake(&agent, token_hello(Some(own))))
+            .unwrap();
+        assert_eq!(done.key, agent.public());
+        assert!(done.enrolled_now);
+    }
+
+    #[test]
+    fn takeover_closes_the_old_session_and_stale_unregister_is_ignored() {
+        let reg = registry();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let (tx1, mut rx1) = mpsc::unbounded_channel();
+        let close1 = Arc::new(Notify::new());
+        let g1 = reg.next_generation();
+        assert!(!reg.register(
+            id("a"),
+            Session {
+                generation: g1,
+                key: PublicKey([1; 32]),
+                addr,
+                control: tx1,
+                close: close1.clone(),
+            }
+        ));
+        assert!(reg.send(&id("a"), vec![1]));
+        assert_eq!(rx1.try_recv().unwrap(), vec![1]);
+        let (tx2, mut rx2) = mpsc::unbounded_channel();
+        let g2 = reg.next_generation();
+        assert!(reg.register(
+            id("a"),
+            Session {
+                generation: g2,
+                key: PublicKey([1; 32]),
+                addr,
+                control: tx2,
+                close: Arc::new(Notify::new()),
+            }
+        ));
+        // The old session was told to close (a stored permit completes at once).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), close1.notified())
+                .await
+                .expect("old session notified");
+        });
+        assert!(reg.send(&id("a"), vec![2]));
+        assert_eq!(rx2.try_recv().unwrap(), vec![2]);
+        assert!(rx1.try_recv().is_err());
+        assert!(!reg.unregister(&id("a"), g1));
+        assert!(reg.is_connected(&id("a")));
+        assert_eq!(reg.connected(), vec![id("a")]);
+        assert!(reg.unregister(&id("a"), g2));
+        assert!(!reg.is_connected(&id("a")));
+        assert!(!reg.send(&id("a"), vec![3]));
+    }
+}

@@ -1,0 +1,683 @@
+//! `baton serve`: the manager's parts wired together.
+//!
+//! [`serve`] opens the data directory (keys, admin token, database), starts a
+//! new epoch, resumes unfinished jobs, binds the agent port and the HTTP API,
+//! writes the ready file, and runs until its shutdown future completes or the
+//! engine task fails. [`Manager`] is the state the HTTP API works on:
+//! publishing content, creating and cancelling jobs, reading the database.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_agent_core::linux::link::Limits;
+use baton_agent_core::linux::rate::RateLimiter;
+use baton_protocol::Manifest;
+use baton_protocol::types::{AgentId, Digest};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
+
+use crate::content::{self, Content, ContentError, Keys, Library};
+use crate::engine::{Engine, EngineConfig, JobSpec, Targets};
+use crate::net::{AgentServer, Core, CoreInput, JobEvent};
+use crate::planner::Policy;
+use crate::registry::{Registry, SharedStore, lock, unix_now};
+use crate::store::{
+    ContentRecord, JobRecord, JobState, SqliteStore, Store, StoreError, TargetSpec,
+};
+
+/// How `baton serve` runs.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Keys, admin token, database and status file live here.
+    pub data_dir: PathBuf,
+    /// The database file (default `<data_dir>/baton.db`).
+    pub db: Option<PathBuf>,
+    /// Agent port address.
+    pub listen: SocketAddr,
+    /// HTTP API address.
+    pub http: SocketAddr,
+    /// The manager's upload cap in bytes per second (`0` = none).
+    pub up_bps: u64,
+    /// A participant silent this long is given up and routed around.
+    pub give_up: Duration,
+    /// Where to write the ready file once listening.
+    pub ready_file: Option<PathBuf>,
+    /// Most agent connections at once.
+    pub max_connections: usize,
+}
+
+impl ServeOptions {
+    /// Defaults for a data directory: agent port 7700 on all addresses, API on loopback 7780.
+    pub fn new(data_dir: PathBuf) -> Self {
+        ServeOptions {
+            data_dir,
+            db: None,
+            listen: SocketAddr::from(([0, 0, 0, 0], 7700)),
+            http: SocketAddr::from(([127, 0, 0, 1], 7780)),
+            up_bps: 0,
+            give_up: Duration::from_secs(60),
+            ready_file: None,
+            max_connections: 100_000,
+        }
+    }
+}
+
+/// What a running manager tells its clients: the ready file and `<data-dir>/serve.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyInfo {
+    /// Agent port, `ip:port`.
+    pub agent_addr: String,
+    /// HTTP API, `ip:port`.
+    pub http_addr: String,
+    /// The manager's Ed25519 public key (hex), which agents pin.
+    pub manager_key: String,
+    /// The publisher's Ed25519 public key (hex), which agents may trust for manifests.
+    pub publisher_key: String,
+    /// The bearer token for the HTTP API.
+    pub admin_token: String,
+    /// The manager's epoch for this run.
+    pub epoch: u32,
+}
+
+/// Name of the status file a running manager keeps in its data directory.
+pub const STATUS_FILE: &str = "serve.json";
+/// Name of the admin token file in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Why the manager could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// A file in the data directory.
+    #[error(transparent)]
+    Files(#[from] ContentError),
+    /// The database.
+    #[error("{path}: {source}")]
+    Store {
+        /// The database file.
+        path: PathBuf,
+        /// What failed.
+        source: StoreError,
+    },
+    /// The database, while running.
+    #[error(transparent)]
+    Database(#[from] StoreError),
+    /// A port could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Which port.
+        what: &'static str,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Some other file operation.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The engine task stopped with an error.
+    #[error(transparent)]
+    Core(#[from] crate::net::CoreError),
+    /// The HTTP server failed.
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
+}
+
+/// The running manager, as the HTTP API sees it.
+#[derive(Debug)]
+pub struct Manager {
+    /// The database.
+    pub store: SharedStore,
+    /// Enrolled and connected agents.
+    pub registry: Arc<Registry>,
+    /// Published content.
+    pub library: Arc<Library>,
+    /// Manager and publisher keys.
+    pub keys: Keys,
+    /// The engine task's input.
+    pub core: mpsc::UnboundedSender<CoreInput>,
+    /// Job progress for subscribers.
+    pub events: broadcast::Sender<JobEvent>,
+    /// Upload cap and byte counters of the agent port.
+    pub limits: Limits,
+    /// This run's epoch.
+    pub epoch: u32,
+    /// The bound agent port.
+    pub agent_addr: SocketAddr,
+    /// The bound HTTP address.
+    pub http_addr: SocketAddr,
+    /// The bearer token the API requires.
+    pub admin_token: String,
+}
+
+/// What to publish.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct PublishRequest {
+    /// A file the manager can read.
+    pub path: PathBuf,
+    /// Content name (default: the file name).
+    pub name: Option<String>,
+    /// Version (default: the latest of this name plus one; the same content keeps its version).
+    pub version: Option<u64>,
+    /// Chunk size in bytes (default 32 KiB).
+    pub chunk_size: Option<u64>,
+}
+
+/// Why an API operation failed, with the HTTP status it maps to.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The request is wrong (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Not found (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Conflicts with the current state (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The manager failed (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::KeyConflict(_) => ApiError::Conflict(e.to_string()),
+            StoreError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ContentError> for ApiError {
+    fn from(e: ContentError) -> Self {
+        match e {
+            ContentError::Io { .. } | ContentError::BadSecretFile { .. } => {
+                ApiError::BadRequest(e.to_string())
+            }
+            other => ApiError::BadRequest(other.to_string()),
+        }
+    }
+}
+
+/// The engine's targets for a stored target spec (unknown-length ids are refused).
+pub fn engine_targets(spec: &TargetSpec) -> Result<Targets, String> {
+    Ok(match spec {
+        TargetSpec::All => Targets::All,
+        TargetSpec::Agents(ids) => Targets::Agents(
+            ids.iter()
+                .map(|s| AgentId::try_from(s.as_str()).map_err(|_| format!("bad agent id {s:?}")))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+fn decode_manifest(record: &ContentRecord) -> Result<Manifest, StoreError> {
+    postcard::from_bytes(&record.manifest)
+        .map_err(|e| StoreError::Corrupt(format!("manifest of {}: {e}", record.name)))
+}
+
+impl Manager {
+    /// Publishes a file: hashes it, signs (or reuses) its manifest, stores and serves it.
+    pub async fn publish(&self, req: PublishRequest) -> Result<ContentRecord, ApiError> {
+        let chunk_size = content::check_chunk_size(
+            req.chunk_size.unwrap_or(content::DEFAULT_CHUNK_SIZE as u64),
+        )?;
+        let name = match &req.name {
+            Some(n) => n.clone(),
+            None => req
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!("{}: not a file", req.path.display()))
+                })?,
+        };
+        let name_checked = content::check_name(&name)?;
+        if req.version.is_some_and(|v| v > i64::MAX as u64) {
+            return Err(ApiError::BadRequest(format!(
+                "version must be at most {}",
+                i64::MAX
+            )));
+        }
+        if !req.path.is_absolute() {
+            return Err(ApiError::BadRequest(format!(
+                "{}: give an absolute path (the manager may run in another directory)",
+                req.path.display()
+            )));
+        }
+        let path = req.path.clone();
+        let hashed = tokio::task::spawn_blocking(move || content::hash_file(&path, chunk_size))
+            .await
+            .map_err(|e| ApiError::Internal(format!("hashing task failed: {e}")))??;
+        let root = hashed.tree.root();
+        let now = unix_now();
+        let (record, manifest) = {
+            let mut store = lock(&self.store);
+            let existing = store.content(&root)?;
+            match existing {
+                Some(rec)
+                    if rec.name == name
+                        && req.version.is_none_or(|v| v == rec.version)
+                        && rec.chunk_size == chunk_size =>
+                {
+                    let manifest = decode_manifest(&rec)?;
+                    let rec = ContentRecord {
+                        path: hashed.path.to_string_lossy().into_owned(),
+                        ..rec
+                    };
+                    store.put_content(&rec)?;
+                    (rec, manifest)
+                }
+                _ => {
+                    let version = match req.version {
+                        Some(v) => v,
+                        None => store.latest_version(&name)?.map_or(1, |v| v + 1),
+                    };
+                    let manifest = Manifest::sign(
+                        &self.keys.publisher,
+                        name_checked,
+                        version,
+                        0,
+                        hashed.length,
+                        hashed.chunk_size,
+                        root,
+                    );
+                    let rec = ContentRecord {
+                        root,
+                        name: name.clone(),
+                        version,
+                        length: hashed.length,
+                        chunk_size: hashed.chunk_size,
+                        path: hashed.path.to_string_lossy().into_owned(),
+                        manifest: postcard::to_allocvec(&manifest)
+                            .map_err(|e| ApiError::Internal(e.to_string()))?,
+                        created_at: now,
+                    };
+                    store.put_content(&rec)?;
+                    (rec, manifest)
+                }
+            }
+        };
+        self.library.insert(Content::new(hashed, manifest)?);
+        tracing::info!(name = %record.name, version = record.version, root = %hex::encode(record.root), length = record.length, "content published");
+        Ok(record)
+    }
+
+    /// Creates a job for published content and starts it in the engine.
+    pub async fn create_job(
+        &self,
+        root: Digest,
+        targets: TargetSpec,
+        policy: Option<Policy>,
+    ) -> Result<u64, ApiError> {
+        let engine_targets = engine_targets(&targets).map_err(ApiError::BadRequest)?;
+        if let Targets::Agents(ids) = &engine_targets {
+            if ids.is_empty() {
+                return Err(ApiError::BadRequest(
+                    "no target agents: name some, or use all".into(),
+                ));
+            }
+            let unknown: Vec<&str> = ids
+                .iter()
+                .filter(|id| !self.registry.is_enrolled(id))
+                .map(|id| id.as_str())
+                .collect();
+            if !unknown.is_empty() {
+                return Err(ApiError::BadRequest(format!(
+                    "not enrolled: {} (enrol first with `baton enroll`)",
+                    unknown.join(", ")
+                )));
+            }
+        }
+        let (job, manifest) = {
+            let mut store = lock(&self.store);
+            let record = store
+                .content(&root)?
+                .ok_or_else(|| ApiError::NotFound("content not published".into()))?;
+            let manifest = decode_manifest(&record)?;
+            (store.create_job(&root, &targets, unix_now())?, manifest)
+        };
+        let spec = JobSpec {
+            id: job,
+            manifest,
+            targets: engine_targets,
+            policy: policy.unwrap_or_default(),
+        };
+        let (reply, answer) = oneshot::channel();
+        self.core
+            .send(CoreInput::StartJob {
+                spec: Box::new(spec),
+                reply,
+            })
+            .map_err(|_| ApiError::Internal("the manager is shutting down".into()))?;
+        match answer.await {
+            Ok(Ok(())) => Ok(job),
+            Ok(Err(e)) => Err(ApiError::Conflict(format!("job {job} refused: {e}"))),
+            Err(_) => Err(ApiError::Internal("the manager is shutting down".into())),
+        }
+    }
+
+    /// Cancels a job.
+    pub async fn cancel_job(&self, job: u64) -> Result<(), ApiError> {
+        let record = lock(&self.store)
+            .job(job)?
+            .ok_or_else(|| ApiError::NotFound(format!("no job {job}")))?;
+        if record.state.is_over() {
+            return Err(ApiError::Conflict(format!(
+                "job {job} is already {}",
+                record.state.as_str()
+            )));
+        }
+        let (reply, answer) = oneshot::channel();
+        self.core
+            .send(CoreInput::CancelJob { job, reply })
+            .map_err(|_| ApiError::Internal("the manager is shutting down".into()))?;
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ApiError::Conflict(format!("job {job}: {e}"))),
+            Err(_) => Err(ApiError::Internal("the manager is shutting down".into())),
+        }
+    }
+
+    /// Wire bytes the agent port has sent since start.
+    pub fn bytes_sent(&self) -> u64 {
+        self.limits.sent.load(Ordering::Relaxed)
+    }
+
+    /// Wire bytes the agent port has received since start.
+    pub fn bytes_received(&self) -> u64 {
+        self.limits.received.load(Ordering::Relaxed)
+    }
+}
+
+/// Creates the data directory (owner-only) if it does not exist.
+fn ensure_dir(dir: &Path) -> Result<(), ServeError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| ServeError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Reads the admin token from `<data_dir>/admin.token`, creating it (mode 0600) on first run.
+pub fn load_or_create_admin_token(data_dir: &Path) -> Result<String, ContentError> {
+    let (secret, created) = content::load_or_create_secret(&data_dir.join(ADMIN_TOKEN_FILE))?;
+    if created {
+        tracing::info!(
+            "created admin token in {}",
+            data_dir.join(ADMIN_TOKEN_FILE).display()
+        );
+    }
+    Ok(hex::encode(secret))
+}
+
+/// Writes `info` as JSON to `path` atomically (a temporary file renamed into place), mode 0600.
+pub fn write_ready_file(path: &Path, info: &ReadyInfo) -> Result<(), ServeError> {
+    let io = |source| ServeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let json = serde_json::to_vec_pretty(info).expect("ready info encodes");
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "ready".into());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    content::write_private(&tmp, &json)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Loads each unfinished job's content and hands the job to the engine (after a restart).
+async fn resume_jobs(
+    store: &SharedStore,
+    library: &Library,
+    core: &mut Core,
+) -> Result<(), ServeError> {
+    let jobs = lock(store).unfinished_jobs()?;
+    for job in jobs {
+        if let Err(why) = resume_job(store, library, core, &job).await {
+            tracing::error!(job = job.id, "cannot resume job: {why}");
+            lock(store).set_job_state(job.id, JobState::Refused, Some(&why), unix_now())?;
+        }
+    }
+    Ok(())
+}
+
+async fn resume_job(
+    store: &SharedStore,
+    library: &Library,
+    core: &mut Core,
+    job: &JobRecord,
+) -> Result<(), String> {
+    let (record, participants) = {
+        let s = lock(store);
+        let record = s
+            .content(&job.root)
+            .map_err(|e| e.to_string())?
+            .ok_or("its content is not in the database")?;
+        (record, s.participants(job.id).map_err(|e| e.to_string())?)
+    };
+    let manifest = decode_manifest(&record).map_err(|e| e.to_string())?;
+    if library.get(&record.root).is_none() {
+        let path = PathBuf::from(&record.path);
+        let m = manifest.clone();
+        let content = tokio::task::spawn_blocking(move || Content::reopen(&path, m))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("content {}: {e}", record.name))?;
+        library.insert(content);
+    }
+    let spec = JobSpec {
+        id: job.id,
+        manifest,
+        targets: engine_targets(&job.targets)?,
+        policy: Policy::default(),
+    };
+    let now = core.now();
+    if job.state == JobState::Pending {
+        tracing::info!(
+            job = job.id,
+            "starting job that was created before the restart"
+        );
+        core.engine_mut()
+            .start_job(now, spec)
+            .map_err(|e| e.to_string())?;
+        return Ok(());
+    }
+    let mut states = Vec::with_capacity(participants.len());
+    for p in &participants {
+        let Ok(id) = AgentId::try_from(p.agent.as_str()) else {
+            continue;
+        };
+        states.push((id, crate::store::resume_state(p)));
+    }
+    tracing::info!(job = job.id, participants = states.len(), "resuming job");
+    core.engine_mut().resume_job(now, spec, states);
+    Ok(())
+}
+
+/// Runs the manager until `shutdown` completes (or the engine task fails).
+pub async fn serve(
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    ensure_dir(&opts.data_dir)?;
+    let keys = Keys::load_or_create(&opts.data_dir)?;
+    let admin_token = load_or_create_admin_token(&opts.data_dir)?;
+    let db_path = opts
+        .db
+        .clone()
+        .unwrap_or_else(|| opts.data_dir.join("baton.db"));
+    let mut sqlite = SqliteStore::open(&db_path).map_err(|source| ServeError::Store {
+        path: db_path.clone(),
+        source,
+    })?;
+    let manager_key = keys.manager.public();
+    match sqlite.meta("manager_key")? {
+        Some(k) if k != manager_key.0 => tracing::warn!(
+            "manager.key differs from the key this database was created with; agents that pinned the old key will refuse this manager"
+        ),
+        Some(_) => {}
+        None => sqlite.set_meta("manager_key", &manager_key.0)?,
+    }
+    let epoch = sqlite.next_epoch()?;
+    let store: SharedStore = Arc::new(Mutex::new(Box::new(sqlite) as Box<dyn Store>));
+    let registry = Arc::new(Registry::load(store.clone())?);
+    let library = Arc::new(Library::new());
+    let limits = Limits {
+        up: (opts.up_bps > 0).then(|| Arc::new(RateLimiter::new(opts.up_bps))),
+        ..Limits::default()
+    };
+    let (events, _) = broadcast::channel(4096);
+    let engine = Engine::new(
+        epoch,
+        EngineConfig {
+            give_up_after: opts.give_up,
+            progress_flush: Duration::from_millis(500),
+            manager_up_bps: opts.up_bps,
+        },
+    );
+    let mut core = Core::new(
+        engine,
+        store.clone(),
+        registry.clone(),
+        events.clone(),
+        tokio::time::Instant::now(),
+    );
+    resume_jobs(&store, &library, &mut core).await?;
+
+    let agent_listener =
+        TcpListener::bind(opts.listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: opts.listen,
+                what: "agent port, --listen",
+                source,
+            })?;
+    let http_listener = TcpListener::bind(opts.http)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: opts.http,
+            what: "HTTP API, --http",
+            source,
+        })?;
+    let agent_addr = agent_listener
+        .local_addr()
+        .map_err(|source| ServeError::Io {
+            path: PathBuf::from("agent listener"),
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| ServeError::Io {
+            path: PathBuf::from("http listener"),
+            source,
+        })?;
+
+    let (core_tx, core_rx) = mpsc::unbounded_channel();
+    let manager = Arc::new(Manager {
+        store: store.clone(),
+        registry: registry.clone(),
+        library: library.clone(),
+        keys: keys.clone(),
+        core: core_tx.clone(),
+        events: events.clone(),
+        limits: limits.clone(),
+        epoch,
+        agent_addr,
+        http_addr,
+        admin_token: admin_token.clone(),
+    });
+    let agent_server = Arc::new(AgentServer {
+        identity: keys.manager.clone(),
+        publishers: vec![keys.publisher.public()],
+        registry: registry.clone(),
+        library: library.clone(),
+        limits: limits.clone(),
+        core: core_tx,
+        connections: Arc::new(Semaphore::new(opts.max_connections.max(1))),
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let core_task = tokio::spawn(core.run(core_rx, stopped(stop_rx.clone())));
+    let agent_task = tokio::spawn(crate::net::run_agent_server(
+        agent_listener,
+        agent_server,
+        stopped(stop_rx.clone()),
+    ));
+    let http_task = tokio::spawn(crate::http::run(
+        http_listener,
+        manager.clone(),
+        stopped(stop_rx.clone()),
+    ));
+
+    let info = ReadyInfo {
+        agent_addr: agent_addr.to_string(),
+        http_addr: http_addr.to_string(),
+        manager_key: hex::encode(manager_key.0),
+        publisher_key: hex::encode(keys.publisher.public().0),
+        admin_token,
+        epoch,
+    };
+    let status_path = opts.data_dir.join(STATUS_FILE);
+    write_ready_file(&status_path, &info)?;
+    if let Some(ready) = &opts.ready_file {
+        write_ready_file(ready, &info)?;
+    }
+    tracing::info!(%agent_addr, %http_addr, epoch, manager_key = %info.manager_key, "manager ready");
+
+    tokio::pin!(core_task);
+    let result = tokio::select! {
+        _ = shutdown => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+        r = &mut core_task => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServeError::Core(e)),
+            Err(e) => Err(ServeError::Http(std::io::Error::other(format!("engine task panicked: {e}")))),
+        },
+    };
+    let _ = stop_tx.send(true);
+    registry.close_all();
+    let grace = Duration::from_secs(5);
+    let _ = tokio::time::timeout(grace, agent_task).await;
+    let http_result = tokio::time::timeout(grace, http_task).await;
+    if !core_task.is_finished() {
+        let _ = tokio::time::timeout(grace, &mut core_task).await;
+    }
+    let _ = std::fs::remove_file(&status_path);
+    result?;
+    if let Ok(Ok(Err(e))) = http_result {
+        return Err(ServeError::Http(e));
+    }
+    Ok(())
+}

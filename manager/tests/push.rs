@@ -1,0 +1,215 @@
+//! End to end: `baton serve`, real `baton agent` processes and the `baton` client commands.
+//!
+//! Agents enrol with one-time tokens, `baton push --wait` follows the job to
+//! its end, every agent's exported copy equals the file, and the database
+//! holds a confirmation for each. A manager killed mid-job resumes it under a
+//! new epoch after its restart. Every wait is bounded.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn content(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn push_wait_relays_to_every_agent_and_records_confirmations() {
+    let m = Manager::start();
+    let root = m.dir.clone();
+    let data = m.data_dir();
+    let data = data.to_str().unwrap();
+    let agents: Vec<AgentProc> = ["a1", "a2", "a3"]
+        .iter()
+        .map(|n| AgentProc::spawn(&m, &root, n, &["--up-bps", "4MiB"]))
+        .collect();
+    m.wait_connected(&["a1", "a2", "a3"]);
+
+    let bytes = content(1_500_000, 1);
+    let file = root.join("firmware.bin");
+    std::fs::write(&file, &bytes).unwrap();
+    let out = baton(
+        &[
+            "push",
+            file.to_str().unwrap(),
+            "--agents",
+            "a1,a2,a3",
+            "--name",
+            "router-fw",
+            "--chunk-size",
+            "16KiB",
+            "--wait",
+            "--data-dir",
+            data,
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(out.success, "push failed:\n{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("3 of 3 participants confirmed"),
+        "{}",
+        out.stdout
+    );
+    for a in &agents {
+        a.wait_export(&bytes);
+    }
+
+    let jobs = baton(&["jobs", "--json", "--data-dir", data], BOUND);
+    assert!(jobs.success, "{}", jobs.stderr);
+    let jobs: Value = serde_json::from_str(&jobs.stdout).unwrap();
+    assert_eq!(jobs[0]["state"], "finished");
+    assert_eq!(jobs[0]["name"], "router-fw");
+    assert_eq!(jobs[0]["confirmed"], 3);
+    let id = jobs[0]["id"].as_u64().unwrap().to_string();
+    let job = baton(&["job", &id, "--json", "--data-dir", data], BOUND);
+    let job: Value = serde_json::from_str(&job.stdout).unwrap();
+    assert_eq!(job["confirmed_count"], 3);
+    assert_eq!(job["confirmations"].as_array().unwrap().len(), 3);
+    assert_eq!(job["total_chunks"], 92);
+    let received: u64 = job["source_bytes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["bytes"].as_u64().unwrap())
+        .sum();
+    assert!(
+        received >= 3 * bytes.len() as u64,
+        "every participant's bytes are accounted for: {job}"
+    );
+    let agents_out = baton(&["agents", "--json", "--data-dir", data], BOUND);
+    let listed: Value = serde_json::from_str(&agents_out.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 3);
+    assert!(
+        listed[0]["report"].is_object(),
+        "reports are stored: {listed}"
+    );
+    let table = baton(&["job", &id, "--data-dir", data], BOUND);
+    assert!(table.stdout.contains("confirmed"), "{}", table.stdout);
+
+    // Refusals come back as clear errors and a non-zero exit.
+    let ghost = baton(
+        &[
+            "push",
+            file.to_str().unwrap(),
+            "--agents",
+            "a1,ghost",
+            "--data-dir",
+            data,
+        ],
+        BOUND,
+    );
+    assert!(!ghost.success);
+    assert!(
+        ghost.stderr.contains("not enrolled: ghost"),
+        "{}",
+        ghost.stderr
+    );
+}
+
+#[test]
+fn client_errors_say_what_to_do() {
+    let out = baton(
+        &[
+            "jobs",
+            "--manager-url",
+            "http://127.0.0.1:9",
+            "--admin-token",
+            "x",
+        ],
+        BOUND,
+    );
+    assert_eq!(out.code, Some(2));
+    assert!(
+        out.stderr
+            .contains("cannot reach manager at http://127.0.0.1:9"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("baton serve"), "{}", out.stderr);
+
+    let m = Manager::start();
+    let url = format!("http://{}", m.info.http_addr);
+    let out = baton(
+        &["agents", "--manager-url", &url, "--admin-token", "wrong"],
+        BOUND,
+    );
+    assert!(!out.success);
+    assert!(out.stderr.contains("admin token"), "{}", out.stderr);
+    let empty = tempfile::tempdir().unwrap();
+    let out = baton(
+        &["agents", "--data-dir", empty.path().to_str().unwrap()],
+        BOUND,
+    );
+    assert!(!out.success);
+    assert!(out.stderr.contains("no admin token"), "{}", out.stderr);
+    let out = baton(
+        &[
+            "push",
+            "/no/such/file",
+            "--all",
+            "--data-dir",
+            m.data_dir().to_str().unwrap(),
+        ],
+        BOUND,
+    );
+    assert!(!out.success);
+    assert!(out.stderr.contains("/no/such/file"), "{}", out.stderr);
+}
+
+#[test]
+fn a_job_survives_a_manager_crash_and_resumes_under_a_new_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A fixed agent port, so that the agents find the restarted manager.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut m = Manager::start_on(tmp.path(), &listen);
+    let root = tmp.path().to_path_buf();
+    // Slow downloads, so that the job is still running when the manager dies.
+    let agents: Vec<AgentProc> = ["r1", "r2"]
+        .iter()
+        .map(|n| AgentProc::spawn(&m, &root, n, &["--down-bps", "256KiB"]))
+        .collect();
+    m.wait_connected(&["r1", "r2"]);
+    let bytes = content(2_000_000, 7);
+    let file = root.join("bundle.bin");
+    std::fs::write(&file, &bytes).unwrap();
+    let (status, job) = m.api(
+        "POST",
+        "/api/v1/jobs",
+        Some(serde_json::json!({ "path": file, "targets": { "agents": ["r1", "r2"] } })),
+    );
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_u64().unwrap();
+    m.wait_job(id, BOUND, |j| {
+        j["participants"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["verified"].as_u64().unwrap_or(0) > 0))
+    });
+    // Crash: no chance to clean up.
+    let _ = m.child.kill();
+    let _ = m.child.wait();
+
+    let m = Manager::start_on(tmp.path(), &listen);
+    assert_eq!(m.info.epoch, 2);
+    let done = m.wait_job(id, Duration::from_secs(60), |j| j["state"] == "finished");
+    assert_eq!(done["epoch"], 2, "{done}");
+    assert_eq!(done["confirmed_count"], 2, "{done}");
+    for a in &agents {
+        a.wait_export(&bytes);
+    }
+}
