@@ -52,7 +52,7 @@ use crate::store::{ContentStore, StoreError};
 /// Most chunk requests in flight per source (the configured window is capped at this).
 pub const MAX_WINDOW: usize = 16;
 /// Most distinct sources tracked per job (the manager counts as one).
-pub const MAX_SOURCE_SLOTS: usize = 8;
+pub const MAX_SOURCE_SLOTS: usize = 9;
 /// Most source ranges kept per job (beyond, shadowed and then oldest ranges are dropped).
 pub const MAX_RANGES: usize = 32;
 /// Most peer requests parked until their chunk is verified.
@@ -788,6 +788,9 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
             let mut rewind: Vec<u32, 32> = Vec::new();
             let mut any_avoided = false;
             for slot in job.sources.iter_mut() {
+                if slot.paused_until.is_some_and(|p| now >= p) {
+                    slot.paused_until = None;
+                }
                 let expired = slot
                     .in_flight
                     .iter()
@@ -1464,12 +1467,16 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
         let mut t: Option<Duration> = None;
         for j in &self.jobs {
             if j.state == JobState::Fetching {
-                if j.progress_due
+                // Progress can only leave over the manager session: while it is
+                // down there is nothing to wake up for (else the driver would spin).
+                if self.manager_up
+                    && j.progress_due
                     && let Some(last) = j.last_progress
                 {
                     t = min_opt(t, last + self.config.progress_interval);
                 }
                 for s in &j.sources {
+                    // `handle_timeout` clears a pause once it has passed.
                     if let Some(p) = s.paused_until {
                         t = min_opt(t, p);
                     }

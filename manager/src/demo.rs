@@ -75,7 +75,7 @@ impl LinkProfile {
 #[derive(Clone, Debug, clap::Args)]
 pub struct DemoArgs {
     /// Number of agents.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     pub agents: usize,
     /// Content size, e.g. 16MiB.
     #[arg(long, default_value = "16MiB", value_parser = parse_size_arg)]
@@ -314,6 +314,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
             .and_then(|p| p["state"].as_str())
             .unwrap_or("");
         let copy = data.join("export.bin");
+        // The agent exports after it confirms (a temporary file, then a rename).
+        let export_deadline = Instant::now() + Duration::from_secs(30);
+        while state == "confirmed" && !copy.exists() && Instant::now() < export_deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         if state == "confirmed" && copy.exists() && sha256_file(&copy)? == source_sha {
             confirmed += 1;
         } else if !args.json {
@@ -582,7 +587,7 @@ mod test {
             assert!(p.agent_up_bps.iter().sum::<u64>() >= 10 * p.manager_up_bps);
         }
         // The aggregate term binds for the demo's sizes.
-        for (n, s) in [(8usize, 16u64 << 20), (32, 64 << 20)] {
+        for (n, s) in [(16usize, 16u64 << 20), (32, 64 << 20)] {
             let p = LinkProfile::heterogeneous(n);
             let aggregate = n as f64 * s as f64
                 / (p.manager_up_bps + p.agent_up_bps.iter().sum::<u64>()) as f64;

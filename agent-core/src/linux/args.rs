@@ -51,7 +51,7 @@ pub struct AgentArgs {
     #[arg(long, value_name = "SIZE")]
     #[serde(deserialize_with = "size_string")]
     pub down_bps: Option<String>,
-    /// Most peers served at once.
+    /// Most peers served at once (default 48, below 64).
     #[arg(long, value_name = "N")]
     pub max_peers: Option<u16>,
     /// Chunk requests in flight per source.

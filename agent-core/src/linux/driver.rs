@@ -35,7 +35,12 @@ use crate::agent::{Agent, AgentConfig, ConnId, Direction, Event, JobState, PeerI
 use crate::store::ContentStore;
 
 /// The Linux agent: a directory store, up to 4 concurrent jobs and 64 peer connections.
-pub type LinuxAgent = Agent<DirStore, 4, 64>;
+pub type LinuxAgent = Agent<DirStore, 4, LINUX_PEERS>;
+
+/// Peer connection slots of the Linux agent (incoming and outgoing).
+const LINUX_PEERS: usize = 64;
+/// Peers a Linux agent serves at once unless `--max-peers` says otherwise.
+const DEFAULT_MAX_PEERS: u16 = 48;
 
 /// Why the Linux agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -178,8 +183,11 @@ impl Settings {
                 .push(parse_key(k, "--publisher-key")?)
                 .map_err(|_| config_err("at most 4 publisher keys"))?;
         }
-        if let Some(n) = a.max_peers {
-            config.max_peers = n;
+        config.max_peers = a.max_peers.unwrap_or(DEFAULT_MAX_PEERS);
+        if usize::from(config.max_peers) >= LINUX_PEERS {
+            return Err(config_err(format!(
+                "--max-peers must be below {LINUX_PEERS} (connection slots, outgoing ones included)"
+            )));
         }
         if let Some(n) = a.window {
             if n == 0 {
@@ -621,6 +629,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
     let mut exiting = false;
     let mut jobs_json: BTreeMap<u64, JobJson> = BTreeMap::new();
     let mut last_status = String::new();
+    // The status file is refreshed on the tick (and at exit), not on every event:
+    // serialising it per frame would cost more CPU than the transfer itself.
+    let mut status_due = true;
     let mut status_tick = tokio::time::interval(Duration::from_millis(200));
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -663,7 +674,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
             _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => {
                 agent.handle_timeout(origin.elapsed());
             }
-            _ = status_tick.tick() => {}
+            _ = status_tick.tick() => status_due = true,
             Some(_) = pending.join_next(), if !pending.is_empty() => {}
             _ = tokio::signal::ctrl_c() => {
                 tracing::info!("interrupted");
@@ -739,6 +750,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 Event::Ignored { what } => tracing::debug!("ignored: {what}"),
             }
         }
+        let done = exiting && pending.is_empty();
+        if !(status_due || done) {
+            continue;
+        }
+        status_due = false;
         for j in agent.jobs() {
             jobs_json.insert(
                 j.job.id,
@@ -759,7 +775,6 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 },
             );
         }
-        let done = exiting && pending.is_empty();
         if let Some(path) = &s.status_file {
             let status = StatusJson {
                 id: &s.config.id,

@@ -23,7 +23,46 @@ use crate::store::{ContentStore, Held, StoreError};
 pub struct DirStore {
     dir: PathBuf,
     max_storage: Option<u64>,
-    slots: BTreeMap<Digest, FlashStore<FileFlash>>,
+    slots: BTreeMap<Digest, Slot>,
+}
+
+/// One mounted slot and a RAM copy of its verified flags.
+///
+/// The agent asks "is chunk i verified?" far more often than chunks arrive;
+/// answering from RAM instead of a `pread` per flag keeps the agent's CPU per
+/// byte low. The copy is filled from the file once and updated on every write.
+#[derive(Debug)]
+struct Slot {
+    store: FlashStore<FileFlash>,
+    /// One bit per chunk, built on first use.
+    verified: Option<Vec<u64>>,
+}
+
+impl Slot {
+    fn new(store: FlashStore<FileFlash>) -> Self {
+        Slot {
+            store,
+            verified: None,
+        }
+    }
+
+    fn bits(&mut self, root: &Digest) -> Result<&mut Vec<u64>, StoreError> {
+        if self.verified.is_none() {
+            let chunks = self
+                .store
+                .manifest(root)
+                .ok_or(StoreError::Unknown)?
+                .chunks();
+            let mut bits = vec![0u64; (chunks as usize).div_ceil(64)];
+            for i in 0..chunks {
+                if self.store.is_verified(root, i)? {
+                    bits[i as usize / 64] |= 1 << (i % 64);
+                }
+            }
+            self.verified = Some(bits);
+        }
+        Ok(self.verified.as_mut().expect("filled above"))
+    }
 }
 
 fn slot_name(root: &Digest) -> String {
@@ -69,7 +108,7 @@ impl DirStore {
             };
             match root {
                 Some(root) if path.file_name() == Some(slot_name(&root).as_ref()) => {
-                    slots.insert(root, store);
+                    slots.insert(root, Slot::new(store));
                 }
                 _ => {
                     tracing::warn!(path = %path.display(), "removing a damaged content slot");
@@ -88,7 +127,7 @@ impl DirStore {
     pub fn used(&self) -> u64 {
         self.slots
             .values()
-            .map(|s| embedded_storage::nor_flash::ReadNorFlash::capacity(s.flash()) as u64)
+            .map(|s| embedded_storage::nor_flash::ReadNorFlash::capacity(s.store.flash()) as u64)
             .sum()
     }
 
@@ -97,7 +136,7 @@ impl DirStore {
         self.dir.join(slot_name(root))
     }
 
-    fn slot(&mut self, root: &Digest) -> Result<&mut FlashStore<FileFlash>, StoreError> {
+    fn slot(&mut self, root: &Digest) -> Result<&mut Slot, StoreError> {
         self.slots.get_mut(root).ok_or(StoreError::Unknown)
     }
 }
@@ -142,7 +181,8 @@ pub fn export(slot: &Path, out: &Path) -> Result<u64, DirStoreError> {
 impl ContentStore for DirStore {
     fn open(&mut self, manifest: &Manifest) -> Result<u32, StoreError> {
         if let Some(s) = self.slots.get_mut(&manifest.root) {
-            return s.open(manifest);
+            s.verified = None;
+            return s.store.open(manifest);
         }
         let size = FlashStore::<FileFlash>::required_size(manifest, true);
         if size > u32::MAX as u64 {
@@ -164,7 +204,7 @@ impl ContentStore for DirStore {
         let mut store = FlashStore::new_multiwrite(flash);
         match store.open(manifest) {
             Ok(n) => {
-                self.slots.insert(manifest.root, store);
+                self.slots.insert(manifest.root, Slot::new(store));
                 Ok(n)
             }
             Err(e) => {
@@ -175,15 +215,18 @@ impl ContentStore for DirStore {
     }
 
     fn manifest(&self, root: &Digest) -> Option<&Manifest> {
-        self.slots.get(root)?.manifest(root)
+        self.slots.get(root)?.store.manifest(root)
     }
 
     fn verified(&self, root: &Digest) -> Option<u32> {
-        self.slots.get(root)?.verified(root)
+        self.slots.get(root)?.store.verified(root)
     }
 
     fn is_verified(&mut self, root: &Digest, index: u32) -> Result<bool, StoreError> {
-        self.slot(root)?.is_verified(root, index)
+        let bits = self.slot(root)?.bits(root)?;
+        Ok(bits
+            .get(index as usize / 64)
+            .is_some_and(|w| w & (1 << (index % 64)) != 0))
     }
 
     fn write_chunk(
@@ -193,7 +236,16 @@ impl ContentStore for DirStore {
         data: &[u8],
         proof: &[Digest],
     ) -> Result<(), StoreError> {
-        self.slot(root)?.write_chunk(root, index, data, proof)
+        let slot = self.slot(root)?;
+        slot.store.write_chunk(root, index, data, proof)?;
+        if let Some(word) = slot
+            .verified
+            .as_mut()
+            .and_then(|bits| bits.get_mut(index as usize / 64))
+        {
+            *word |= 1 << (index % 64);
+        }
+        Ok(())
     }
 
     fn read_chunk(
@@ -203,11 +255,11 @@ impl ContentStore for DirStore {
         data: &mut [u8],
         proof: &mut Proof,
     ) -> Result<usize, StoreError> {
-        self.slot(root)?.read_chunk(root, index, data, proof)
+        self.slot(root)?.store.read_chunk(root, index, data, proof)
     }
 
     fn held(&self, i: usize) -> Option<Held<'_>> {
-        self.slots.values().nth(i)?.held(0)
+        self.slots.values().nth(i)?.store.held(0)
     }
 
     fn free_bytes(&self) -> u64 {

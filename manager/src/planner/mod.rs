@@ -88,6 +88,10 @@ pub struct Policy {
     /// Prefer sources on the fetcher's own LAN segment, so content crosses into each segment
     /// about once per stripe and fans out inside it.
     pub segment_local: bool,
+    /// Most copies of the content the manager sends by plan (at least 1: every stripe is
+    /// seeded once). Above 1 the manager also serves fetchers directly, in proportion to
+    /// its upload; repairs after faults come on top.
+    pub manager_max_copies: f64,
 }
 
 impl Default for Policy {
@@ -100,6 +104,7 @@ impl Default for Policy {
             leaf_only: Vec::new(),
             leaf_below_up_bps: 0,
             segment_local: true,
+            manager_max_copies: 1.0,
         }
     }
 }

@@ -374,8 +374,10 @@ impl RelayPlan {
 
         let total_up: u128 = group_up.iter().sum();
         let manager_up = manager_up_bps as u128;
+        // Fetchers per stripe the manager may serve directly beyond seeding the stripe.
+        let extra = (policy.manager_max_copies - 1.0).max(0.0).floor() as u128;
         for (g, ms) in members.iter().enumerate() {
-            plan.build_stripe(g, ms, &fetchers, manager_up, total_up, group_up[g]);
+            plan.build_stripe(g, ms, &fetchers, manager_up, total_up, group_up[g], extra);
         }
         for &f in &fetchers {
             plan.normalize(f);
@@ -403,6 +405,7 @@ impl RelayPlan {
         manager_up: u128,
         total_up: u128,
         group_up: u128,
+        manager_extra: u128,
     ) {
         let Some(&root) = ms.first() else {
             for &c in fetchers {
@@ -458,7 +461,7 @@ impl RelayPlan {
             }
             quota[0] = remaining * manager_share / weight;
         }
-        quota[0] = quota[0].saturating_sub(1);
+        quota[0] = quota[0].saturating_sub(1).min(manager_extra);
         let holder = |t: usize| if t == 0 { MANAGER } else { ms[t - 1] };
 
         // First, inside segments: a consumer takes a member of its own segment (an earlier
@@ -1240,7 +1243,11 @@ mod test {
     fn a_fast_manager_serves_a_share_directly() {
         // Manager 100 MB/s, 50 servers of 1 MB/s: the manager should carry most of the load.
         let seeds = vec![server(1_000_000, 32); 50];
-        let plan = RelayPlan::build(1000, 100_000_000, &Policy::default(), &seeds);
+        let policy = Policy {
+            manager_max_copies: 100.0,
+            ..Policy::default()
+        };
+        let plan = RelayPlan::build(1000, 100_000_000, &policy, &seeds);
         plan.check().unwrap();
         let ups = vec![1_000_000; 50];
         let t = plan_time(&plan, 1000.0, 100_000_000, &ups);
