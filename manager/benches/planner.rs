@@ -1,3 +1,4 @@
+#![allow(missing_docs)] // criterion_group! generates undocumented functions.
 //! Planner and engine benchmarks: ranking and relay planning for large fleets, and
 //! starting a job for 100 000 connected agents (the design target: well under a second).
 

@@ -288,7 +288,7 @@ fn self_signed_key(hs: &Handshake) -> Option<PublicKey> {
 mod test {
     use super::*;
     use crate::store::SqliteStore;
-    use baton_protocol::identity::{AgentCert, Identity, x25519_of};
+    use baton_protocol::identity::{AgentCert, Identity};
     use baton_protocol::session::Hello;
 
     fn id(s: &str) -> AgentId {
@@ -357,24 +357,26 @@ mod test {
             .add_token(&token_hash("tok-1"), 1)
             .unwrap();
         let agent = Identity::from_seed([2; 32]);
-        let with_token = |name: &str, token: &str| {
-            hello(name).with_token(heapless::String::try_from(token).unwrap())
+        let b = Identity::from_seed([4; 32]);
+        // A token hello carries the agent's self-signed certificate (SPEC §2).
+        let with_token = |who: &Identity, name: &str, token: &str| {
+            let own = AgentCert::issue(who, id(name), who.public());
+            Hello::new(Role::Agent, id(name), 0, Some(own))
+                .with_token(heapless::String::try_from(token).unwrap())
         };
         assert_eq!(
-            reg.authorize(&handshake(&agent, with_token("a", "nope"))),
+            reg.authorize(&handshake(&agent, with_token(&agent, "a", "nope"))),
             Err(AuthError::BadToken("a".into()))
         );
         let ok = reg
-            .authorize(&handshake(&agent, with_token("a", "tok-1")))
+            .authorize(&handshake(&agent, with_token(&agent, "a", "tok-1")))
             .unwrap();
         assert!(ok.enrolled_now);
-        // Either the agent's own key or one with the same X25519 form.
-        assert_eq!(x25519_of(&ok.key).unwrap(), agent.x25519_public());
+        assert_eq!(ok.key, agent.public());
         // Known now: the same agent is accepted without a token.
         reg.authorize(&handshake(&agent, hello("a"))).unwrap();
-        let b = Identity::from_seed([4; 32]);
         assert_eq!(
-            reg.authorize(&handshake(&b, with_token("b", "tok-1"))),
+            reg.authorize(&handshake(&b, with_token(&b, "b", "tok-1"))),
             Err(AuthError::BadToken("b".into()))
         );
     }

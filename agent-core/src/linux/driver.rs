@@ -513,11 +513,11 @@ struct StatusJson<'a> {
     jobs: Vec<&'a JobJson>,
 }
 
-fn state_name(s: JobState) -> String {
+fn state_name(s: JobState) -> std::borrow::Cow<'static, str> {
     match s {
         JobState::Fetching => "fetching".into(),
         JobState::Complete => "complete".into(),
-        JobState::Failed(r) => format!("failed: {r:?}"),
+        JobState::Failed(r) => format!("failed: {r:?}").into(),
     }
 }
 
@@ -688,6 +688,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
             }
         }
         while let Some(ev) = agent.poll_event() {
+            // Job events are rare: take the jobs' snapshot at each, so a short job is not missed.
+            status_due = true;
             match ev {
                 Event::Connect { peer, addr, key } => {
                     tokio::spawn(connect_peer(shared.clone(), peer, addr, key));
@@ -750,31 +752,44 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 Event::Ignored { what } => tracing::debug!("ignored: {what}"),
             }
         }
+        // Keep the jobs' figures current (cheap: no allocation once a job is known), but
+        // serialise and write the status file only on the tick, after events, and at exit.
+        for j in agent.jobs() {
+            let entry = jobs_json.entry(j.job.id).or_insert_with(|| JobJson {
+                job: j.job.id,
+                epoch: j.job.epoch,
+                name: j.manifest.name.to_string(),
+                version: j.manifest.version,
+                root: hex::encode(j.manifest.root),
+                state: String::new(),
+                chunks: 0,
+                verified: 0,
+                resumed: 0,
+                fetched: 0,
+                bad_chunks: 0,
+                bytes_received: 0,
+                bytes_served: 0,
+            });
+            entry.epoch = j.job.epoch;
+            if entry.state != "done" && entry.state != "cancelled" {
+                let state = state_name(j.state);
+                if entry.state != *state {
+                    entry.state = state.into_owned();
+                }
+            }
+            entry.chunks = j.stats.chunks;
+            entry.verified = j.stats.verified;
+            entry.resumed = j.stats.resumed;
+            entry.fetched = j.stats.fetched;
+            entry.bad_chunks = j.stats.bad_chunks;
+            entry.bytes_received = j.stats.bytes_received;
+            entry.bytes_served = j.stats.bytes_served;
+        }
         let done = exiting && pending.is_empty();
         if !(status_due || done) {
             continue;
         }
         status_due = false;
-        for j in agent.jobs() {
-            jobs_json.insert(
-                j.job.id,
-                JobJson {
-                    job: j.job.id,
-                    epoch: j.job.epoch,
-                    name: j.manifest.name.to_string(),
-                    version: j.manifest.version,
-                    root: hex::encode(j.manifest.root),
-                    state: state_name(j.state),
-                    chunks: j.stats.chunks,
-                    verified: j.stats.verified,
-                    resumed: j.stats.resumed,
-                    fetched: j.stats.fetched,
-                    bad_chunks: j.stats.bad_chunks,
-                    bytes_received: j.stats.bytes_received,
-                    bytes_served: j.stats.bytes_served,
-                },
-            );
-        }
         if let Some(path) = &s.status_file {
             let status = StatusJson {
                 id: &s.config.id,

@@ -36,6 +36,14 @@ use super::Policy;
 
 /// Parent value: the manager.
 const MANAGER: u32 = u32::MAX;
+
+/// What the manager brings to one stripe: its upload and how many fetchers it may serve
+/// directly beyond seeding the stripe ([`Policy::manager_max_copies`]).
+#[derive(Clone, Copy, Debug)]
+struct ManagerBudget {
+    up: u128,
+    extra: u128,
+}
 /// Parent value: nothing assigned (the node is offline, confirmed or failed).
 const UNSET: u32 = u32::MAX - 1;
 /// Group value: not a member of any group.
@@ -377,7 +385,11 @@ impl RelayPlan {
         // Fetchers per stripe the manager may serve directly beyond seeding the stripe.
         let extra = (policy.manager_max_copies - 1.0).max(0.0).floor() as u128;
         for (g, ms) in members.iter().enumerate() {
-            plan.build_stripe(g, ms, &fetchers, manager_up, total_up, group_up[g], extra);
+            let manager = ManagerBudget {
+                up: manager_up,
+                extra,
+            };
+            plan.build_stripe(g, ms, &fetchers, manager, total_up, group_up[g]);
         }
         for &f in &fetchers {
             plan.normalize(f);
@@ -402,11 +414,14 @@ impl RelayPlan {
         g: usize,
         ms: &[u32],
         fetchers: &[u32],
-        manager_up: u128,
+        manager: ManagerBudget,
         total_up: u128,
         group_up: u128,
-        manager_extra: u128,
     ) {
+        let ManagerBudget {
+            up: manager_up,
+            extra: manager_extra,
+        } = manager;
         let Some(&root) = ms.first() else {
             for &c in fetchers {
                 self.set_parent(c, g, MANAGER);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use baton_agent_core::linux::link::{self, Limits, LinkError, LinkReader, LinkWriter};
 use baton_manager::server::ReadyInfo;
 use baton_protocol::frame;
-use baton_protocol::identity::Identity;
+use baton_protocol::identity::{AgentCert, Identity};
 use baton_protocol::message::{Message, Report};
 use baton_protocol::session::{Handshake, Hello, MAX_HANDSHAKE_MSG, Role};
 use baton_protocol::types::{AgentId, LinkInfo, PublicKey};
@@ -262,7 +262,15 @@ pub async fn join(
     let stream = TcpStream::connect(m.agent_addr()).await?;
     let mut hello = Hello::new(Role::Agent, id(name), baton_protocol::caps::RELAY_V1, None);
     if let Some(t) = token {
-        hello = hello.with_token(t.try_into().unwrap());
+        // Enrolling: the hello carries the agent's self-signed certificate (SPEC §2).
+        let own = AgentCert::issue(me, id(name), me.public());
+        hello = Hello::new(
+            Role::Agent,
+            id(name),
+            baton_protocol::caps::RELAY_V1,
+            Some(own),
+        )
+        .with_token(t.try_into().unwrap());
     }
     let link = link::connect(stream, me, &m.key(), hello, &Limits::default()).await?;
     let (mut r, mut w) = link.split();
