@@ -19,6 +19,7 @@
 # Logs are defmt frames on QEMU's stdout (semihosting); they are decoded with
 # defmt-print when it is installed (`cargo install defmt-print --locked`).
 # QEMU exits with the device's semihosting status: 0, or 1 after a panic.
+# The script execs QEMU, so its pid is QEMU's (kill -9 it for a power cut).
 # Used as the cargo runner: `cargo run --release` boots with the defaults.
 set -euo pipefail
 
@@ -74,11 +75,10 @@ else
     args+=(-nic "$nic")
 fi
 
+# QEMU replaces this shell (`exec`), so the script's pid is QEMU's: a test
+# that kills it (SIGKILL for a power cut) kills the device itself.
 if [ "$raw" = 1 ] || ! command -v defmt-print >/dev/null; then
     exec qemu-system-arm "${args[@]}"
 fi
-# Decode; keep QEMU's exit status (the device's pass/fail).
-set +e
-qemu-system-arm "${args[@]}" | defmt-print -e "$elf"
-status=${PIPESTATUS[0]}
-exit "$status"
+# Decoded through defmt-print, which ends when QEMU closes its stdout.
+exec qemu-system-arm "${args[@]}" > >(exec defmt-print -e "$elf")

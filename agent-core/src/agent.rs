@@ -236,6 +236,9 @@ pub struct AgentConfig {
     pub max_chunk: u32,
     /// Most peers served at once; more get `Refuse{Busy}`.
     pub max_peers: u16,
+    /// Most distinct sources (the manager included) the agent reports it can use for
+    /// one job; capped at [`MAX_SOURCE_SLOTS`]. A device with few connection slots says so here.
+    pub max_sources: u16,
     /// Chunk requests in flight per source (1..=[`MAX_WINDOW`]).
     pub window: u16,
     /// Link capacity and reliability as known.
@@ -266,6 +269,7 @@ impl AgentConfig {
             can_serve: true,
             max_chunk: baton_protocol::MAX_CHUNK_SIZE,
             max_peers: 8,
+            max_sources: MAX_SOURCE_SLOTS as u16,
             window: 8,
             link: LinkInfo::default(),
             labels: Vec::new(),
@@ -1558,7 +1562,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
             free_storage: self.store.free_bytes(),
             can_serve: self.config.can_serve,
             max_chunk: self.config.max_chunk,
-            max_sources: MAX_SOURCE_SLOTS as u16,
+            max_sources: self.config.max_sources.clamp(1, MAX_SOURCE_SLOTS as u16),
             max_peers: self.config.max_peers,
             link,
             delays: Vec::new(),

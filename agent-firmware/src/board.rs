@@ -124,14 +124,19 @@ pub fn systick_value() -> u32 {
 /// Exits QEMU through semihosting with success (`true`) or failure.
 pub fn exit(success: bool) -> ! {
     use cortex_m_semihosting::debug;
-    debug::exit(if success { debug::EXIT_SUCCESS } else { debug::EXIT_FAILURE });
+    debug::exit(if success {
+        debug::EXIT_SUCCESS
+    } else {
+        debug::EXIT_FAILURE
+    });
     loop {
         cortex_m::asm::wfi();
     }
 }
 
 /// Every device interrupt lands here (no device crate, so cortex-m-rt's
-/// default vector table); `irqn` is the NVIC line.
+/// default vector table); `irqn` is the NVIC line. (cortex-m-rt requires the
+/// `unsafe fn` signature for this handler and for `HardFault`.)
 #[exception]
 unsafe fn DefaultHandler(irqn: i16) {
     if irqn == crate::lan9118::IRQ as i16 {
@@ -168,6 +173,7 @@ unsafe fn HardFault(frame: &cortex_m_rt::ExceptionFrame) -> ! {
     exit(false)
 }
 
+// Linker symbols from cortex-m-rt's link.x; only their addresses are used.
 unsafe extern "C" {
     static _stack_start: u32;
     static _stack_end: u32;
@@ -195,6 +201,7 @@ pub fn stack_peak() -> (usize, usize) {
 
 /// Sizes of the static RAM sections and the stack region, in bytes.
 pub fn ram_layout() -> RamLayout {
+    // Linker symbols bounding .data and .bss; only their addresses are used.
     unsafe extern "C" {
         static __sdata: u32;
         static __edata: u32;

@@ -20,7 +20,7 @@
 //! | 187 | 1+128 | trusted publisher keys (count ≤ 4, then 32 bytes each) |
 //! | 316 | 1+32 | site |
 //! | 349 | 1+32 | segment |
-//! | 382 | 1 | flags (bit 0: accept no content from peers, fetch from the manager only) |
+//! | 382 | 1 | flags (reserved, 0) |
 //! | 504 | 8 | first 8 bytes of SHA-256 over bytes 0..504 |
 //!
 //! A block with a wrong magic or checksum is ignored: the device then derives
@@ -48,7 +48,10 @@ pub struct Bytes<const N: usize> {
 impl<const N: usize> Bytes<N> {
     /// An empty string.
     pub const fn empty() -> Self {
-        Bytes { len: 0, buf: [0; N] }
+        Bytes {
+            len: 0,
+            buf: [0; N],
+        }
     }
 
     /// `s` if it fits.
@@ -104,7 +107,7 @@ pub struct Config {
     pub site: Bytes<32>,
     /// Segment name for reports.
     pub segment: Bytes<32>,
-    /// Option bits (see the module docs).
+    /// Option bits (reserved, 0).
     pub flags: u8,
 }
 

@@ -4,10 +4,10 @@
 //! [`embassy_net_driver::Driver`]:
 //!
 //! - **Receive:** the interrupt handler masks the RX-status interrupt (`RSFL`)
-//!   and wakes the receive waker; [`Lan9118::receive`] pops one status word
-//!   (`RX_STATUS`, length in bits 29:16 including the 4-byte CRC) and reads the
-//!   frame's words from the RX data FIFO into a 1536-byte buffer. When the FIFO
-//!   is empty it re-enables `RSFL` and registers the waker.
+//!   and wakes the receive waker; `receive` registers the waker, unmasks
+//!   `RSFL` again (so frames still waiting raise it at once), pops one status
+//!   word (`RX_STATUS`, length in bits 29:16 including the 4-byte CRC) and
+//!   reads the frame's words from the RX data FIFO into a 1536-byte buffer.
 //! - **Transmit:** command A (first | last | buffer length), command B (tag |
 //!   length), then the data words. When the TX data FIFO lacks room for a
 //!   full frame, [`Lan9118::transmit`] enables the "TX data available"
@@ -86,6 +86,7 @@ fn wr(off: usize, v: u32) {
 }
 
 static RX_WAKER: AtomicWaker = AtomicWaker::new();
+
 static TX_WAKER: AtomicWaker = AtomicWaker::new();
 
 /// Why the controller could not be brought up.
@@ -98,11 +99,14 @@ pub enum Lan9118Error {
     Timeout,
 }
 
-/// The LAN9118 with its frame buffers.
+/// One Ethernet frame buffer.
+pub type FrameBuffer = [u8; BUF];
+
+/// The LAN9118 with its (statically allocated) frame buffers.
 pub struct Lan9118 {
     mac: [u8; 6],
-    rx: [u8; BUF],
-    tx: [u8; BUF],
+    rx: &'static mut FrameBuffer,
+    tx: &'static mut FrameBuffer,
     tag: u16,
 }
 
@@ -147,7 +151,10 @@ fn phy_read(r: u32) -> Result<u16, Lan9118Error> {
 
 impl Lan9118 {
     /// Resets and configures the controller; interrupts are enabled in the NVIC.
-    pub fn new() -> Result<Self, Lan9118Error> {
+    pub fn new(
+        rx: &'static mut FrameBuffer,
+        tx: &'static mut FrameBuffer,
+    ) -> Result<Self, Lan9118Error> {
         if rd(reg::BYTE_TEST) != 0x8765_4321 {
             return Err(Lan9118Error::NotFound);
         }
@@ -185,8 +192,8 @@ impl Lan9118 {
         unsafe { NVIC::unmask(Irq) };
         Ok(Lan9118 {
             mac,
-            rx: [0; BUF],
-            tx: [0; BUF],
+            rx,
+            tx,
             tag: 0,
         })
     }
@@ -223,7 +230,7 @@ impl Lan9118 {
             let len = ((status >> 16) & 0x3FFF) as usize;
             let words = len.div_ceil(4);
             let error = status & (1 << 15) != 0;
-            let fits = len <= BUF && len >= 4;
+            let fits = (4..=BUF).contains(&len);
             for i in 0..words {
                 let w = rd(reg::RX_DATA);
                 if fits && !error {
@@ -327,30 +334,28 @@ impl embassy_net_driver::Driver for Lan9118 {
 
     fn receive(&mut self, cx: &mut Context) -> Option<(RxToken<'_>, TxToken<'_>)> {
         RX_WAKER.register(cx.waker());
+        // Unmask the RX interrupt again (the handler masks it): it fires at
+        // once while frames are waiting, so the stack is polled again even if
+        // it takes only some of them now.
+        critical_section::with(|_| wr(reg::INT_EN, rd(reg::INT_EN) | INT_RSFL));
         if !Self::can_transmit(cx) {
             return None;
         }
-        match self.pop_frame() {
-            Some(len) => {
-                // The stack may answer at once: lend the TX buffer with the frame.
-                let Lan9118 { rx, tx, tag, .. } = self;
-                Some((RxToken { buf: &mut rx[..len] }, TxToken { buf: tx, tag }))
-            }
-            None => {
-                critical_section::with(|_| wr(reg::INT_EN, rd(reg::INT_EN) | INT_RSFL));
-                // A frame that arrived before RSFL was re-enabled raises no interrupt: check again.
-                if (rd(reg::RX_FIFO_INF) >> 16) & 0xFF != 0 {
-                    cx.waker().wake_by_ref();
-                }
-                None
-            }
-        }
+        let len = self.pop_frame()?;
+        // The stack may answer at once: lend the TX buffer with the frame.
+        let Lan9118 { rx, tx, tag, .. } = self;
+        Some((
+            RxToken {
+                buf: &mut rx[..len],
+            },
+            TxToken { buf: tx, tag },
+        ))
     }
 
     fn transmit(&mut self, cx: &mut Context) -> Option<TxToken<'_>> {
         if Self::can_transmit(cx) {
             Some(TxToken {
-                buf: &mut self.tx,
+                buf: self.tx,
                 tag: &mut self.tag,
             })
         } else {

@@ -43,18 +43,25 @@ use crate::lan9118::Lan9118;
 use crate::node::{DeviceAgent, FrameBuf, Node, SocketBuffers};
 use crate::psram::NorPartition;
 
-/// Sockets in the network stack: the node's four TCP connection slots.
+// Every log line carries the device's uptime in milliseconds.
+defmt::timestamp!("{=u64:ms}", embassy_time::Instant::now().as_millis());
+
+/// Sockets in the network stack: the node's TCP connection slots.
 const SOCKETS: usize = node::SLOTS;
 
+// Everything large lives in statics, built in place: a 13 KB agent built on
+// the stack and then moved would be the deepest stack use of the program.
 static RESOURCES: StaticCell<StackResources<SOCKETS>> = StaticCell::new();
 static AGENT: StaticCell<DeviceAgent> = StaticCell::new();
 static FRAME: StaticCell<FrameBuf> = StaticCell::new();
+static ETH_RX: StaticCell<lan9118::FrameBuffer> = StaticCell::new();
+static ETH_TX: StaticCell<lan9118::FrameBuffer> = StaticCell::new();
 static MANAGER_RX: StaticCell<[u8; node::BIG_RX]> = StaticCell::new();
 static MANAGER_TX: StaticCell<[u8; node::MANAGER_TX]> = StaticCell::new();
 static OUT_RX: StaticCell<[u8; node::BIG_RX]> = StaticCell::new();
 static OUT_TX: StaticCell<[u8; node::OUT_TX]> = StaticCell::new();
-static IN_RX: StaticCell<[[u8; node::SMALL_RX]; 2]> = StaticCell::new();
-static IN_TX: StaticCell<[[u8; node::IN_TX]; 2]> = StaticCell::new();
+static IN_RX: StaticCell<[u8; node::SMALL_RX]> = StaticCell::new();
+static IN_TX: StaticCell<[u8; node::IN_TX]> = StaticCell::new();
 static NODE: StaticCell<Node> = StaticCell::new();
 
 #[embassy_executor::task]
@@ -78,6 +85,17 @@ fn id_from_mac(mac: [u8; 6]) -> AgentId {
 
 #[cortex_m_rt::entry]
 fn main() -> ! {
+    // Boot in its own frame, so its stack is free again while the tasks run.
+    let (runner, node) = boot();
+    board::run_executor(move |spawner: Spawner| {
+        spawner.spawn(net_task(runner).unwrap_or_else(|_| board::exit(false)));
+        spawner.spawn(node_task(node).unwrap_or_else(|_| board::exit(false)));
+    })
+}
+
+/// Brings the board up and builds the network stack and the node.
+#[inline(never)]
+fn boot() -> (embassy_net::Runner<'static, Lan9118>, &'static mut Node) {
     let Some(p) = cortex_m::Peripherals::take() else {
         board::exit(false);
     };
@@ -94,7 +112,7 @@ fn main() -> ! {
         }
     };
 
-    let eth = match Lan9118::new() {
+    let eth = match Lan9118::new(ETH_RX.init([0; 1536]), ETH_TX.init([0; 1536])) {
         Ok(e) => e,
         Err(e) => {
             defmt::error!("ethernet: {}", e);
@@ -106,7 +124,11 @@ fn main() -> ! {
         defmt::warn!("ethernet link is down");
     }
 
-    let id = match cfg.as_ref().and_then(|c| c.id.as_str()).filter(|s| !s.is_empty()) {
+    let id = match cfg
+        .as_ref()
+        .and_then(|c| c.id.as_str())
+        .filter(|s| !s.is_empty())
+    {
         Some(s) => AgentId::try_from(s).unwrap_or_else(|_| id_from_mac(mac)),
         None => id_from_mac(mac),
     };
@@ -136,7 +158,8 @@ fn main() -> ! {
         dns_servers: heapless::Vec::new(),
     });
     let seed64 = u64::from_le_bytes(entropy.ephemeral()[..8].try_into().unwrap_or([0; 8]));
-    let (stack, runner) = embassy_net::new(eth, net_config, RESOURCES.init(StackResources::new()), seed64);
+    let resources = RESOURCES.init_with(StackResources::new);
+    let (stack, runner) = embassy_net::new(eth, net_config, resources, seed64);
 
     let mut store = FlashStore::new_multiwrite(NorPartition::content());
     match store.mount() {
@@ -150,7 +173,7 @@ fn main() -> ! {
         Err(e) => defmt::error!("flash mount failed: {}", e),
     }
     let agent_config = node::agent_config(cfg.as_ref(), id.clone(), ip);
-    let agent: &'static mut DeviceAgent = AGENT.init(DeviceAgent::new(agent_config, store));
+    let agent: &'static mut DeviceAgent = AGENT.init_with(|| DeviceAgent::new(agent_config, store));
 
     let mut key_hex = [0u8; 64];
     defmt::info!(
@@ -172,25 +195,32 @@ fn main() -> ! {
         core::mem::size_of::<FrameBuf>()
     );
 
-    let [in_rx_a, in_rx_b] = IN_RX.init([[0; node::SMALL_RX]; 2]);
-    let [in_tx_a, in_tx_b] = IN_TX.init([[0; node::IN_TX]; 2]);
     let sockets = SocketBuffers {
-        manager: (MANAGER_RX.init([0; node::BIG_RX]), MANAGER_TX.init([0; node::MANAGER_TX])),
-        outgoing: (OUT_RX.init([0; node::BIG_RX]), OUT_TX.init([0; node::OUT_TX])),
-        incoming: [(in_rx_a, in_tx_a), (in_rx_b, in_tx_b)],
+        manager: (
+            MANAGER_RX.init_with(|| [0; node::BIG_RX]),
+            MANAGER_TX.init_with(|| [0; node::MANAGER_TX]),
+        ),
+        outgoing: (
+            OUT_RX.init_with(|| [0; node::BIG_RX]),
+            OUT_TX.init_with(|| [0; node::OUT_TX]),
+        ),
+        incoming: (
+            IN_RX.init_with(|| [0; node::SMALL_RX]),
+            IN_TX.init_with(|| [0; node::IN_TX]),
+        ),
     };
-    let node = NODE.init(Node::new(
-        stack,
-        cfg.as_ref(),
-        identity,
-        entropy,
-        agent,
-        FRAME.init([0; core::mem::size_of::<FrameBuf>()]),
-        sockets,
-    ));
+    let frame = FRAME.init_with(|| [0; core::mem::size_of::<FrameBuf>()]);
+    let node = NODE.init_with(|| {
+        Node::new(
+            stack,
+            cfg.as_ref(),
+            identity,
+            entropy,
+            agent,
+            frame,
+            sockets,
+        )
+    });
 
-    board::run_executor(move |spawner: Spawner| {
-        spawner.spawn(net_task(runner).unwrap_or_else(|_| board::exit(false)));
-        spawner.spawn(node_task(node).unwrap_or_else(|_| board::exit(false)));
-    })
+    (runner, node)
 }

@@ -18,7 +18,7 @@
 //!
 //! Slots: 0 = the manager session (initiator, pinned key, reconnects with
 //! backoff), 1 = one outgoing peer connection (initiator, key from the
-//! manager's `Source::Peer`), 2..=3 = incoming peers on the listener
+//! manager's `Source::Peer`), 2 = one incoming peer on the listener
 //! (responder, must show a certificate signed by the manager). A `Connect`
 //! the device has no free slot for is answered with `handle_connect_failed`,
 //! so the manager routes those chunks elsewhere.
@@ -26,9 +26,11 @@
 //! Because a frame is only taken from a socket when it is complete, the
 //! device needs one frame buffer in all rather than one per connection and
 //! direction: the sockets' own buffers (the TCP windows) hold partial frames.
-//! TCP windows are 5 KiB: QEMU's LAN9118 drops frames beyond ~10.5 KB of
-//! backlog. Handshakes run one at a time (a connection whose turn has not
-//! come waits, TCP-connected, in `State::Connected`).
+//! TCP windows are ≤ 4.5 KiB: QEMU's LAN9118 drops frames beyond ~10.5 KB of
+//! backlog. Handshakes run one initiator and one responder at a time (a
+//! connection whose turn has not come waits, TCP-connected, in
+//! `State::Connected`). Two engines, not one: two devices dialling each
+//! other at once would otherwise each wait for the other's responder.
 
 use core::future::poll_fn;
 use core::pin::pin;
@@ -65,28 +67,35 @@ pub const FRAME_MAX: usize = MAX_CHUNK as usize
     + (CHUNK_OVERHEAD - 32 * baton_protocol::merkle::MAX_DEPTH)
     + 32 * MAX_PROOF_DEPTH
     + TAG_LEN;
-/// Peers served at once (reported as `max_peers`).
-pub const MAX_PEERS: u16 = 2;
+/// Peers served at once (reported as `max_peers`): one incoming slot fits the RAM budget.
+pub const MAX_PEERS: u16 = 1;
 /// Chunk requests in flight per source.
 pub const WINDOW: u16 = 4;
-/// Connection slots: manager, one outgoing peer, two incoming peers.
-pub const SLOTS: usize = 4;
-/// The agent's peer table: the incoming slots plus the outgoing one.
-const PEER_TABLE: usize = 3;
+/// Connection slots: manager, one outgoing peer, one incoming peer.
+pub const SLOTS: usize = 3;
+/// The agent's peer table: the incoming slot plus the outgoing one.
+const PEER_TABLE: usize = 2;
 
-/// The agent as this device runs it: one content, three peer connections.
+/// The agent as this device runs it: one content, two peer connections.
 pub type DeviceAgent = Agent<FlashStore<NorPartition>, 1, PEER_TABLE>;
 
-/// Receive buffer of the manager and outgoing-peer sockets (also the TCP window).
-pub const BIG_RX: usize = 5 * 1024;
+/// Receive buffer of the manager and outgoing-peer sockets (also the TCP
+/// window): one whole chunk frame with its length header.
+pub const BIG_RX: usize = (frame::HEADER_LEN + FRAME_MAX).next_multiple_of(64);
 /// Receive buffer of an incoming-peer socket (handshake and requests only).
-pub const SMALL_RX: usize = 512;
-/// Transmit buffer of the manager socket.
-pub const MANAGER_TX: usize = 1024;
+pub const SMALL_RX: usize = 384;
+/// Transmit buffer of the manager socket (reports, progress; written in parts if larger).
+pub const MANAGER_TX: usize = 512;
 /// Transmit buffer of the outgoing-peer socket (requests only).
-pub const OUT_TX: usize = 512;
+pub const OUT_TX: usize = 256;
 /// Transmit buffer of an incoming-peer socket (chunks, written in parts).
-pub const IN_TX: usize = 1536;
+///
+/// More than one MSS (1460), so a chunk goes out in at least two segments
+/// and the receiver acknowledges at once instead of after its delayed-ACK
+/// timer (10 ms in smoltcp, up to 40 ms on Linux): 1 KiB gave ~120 KB/s to a
+/// peer, 2 KiB ~670 KB/s, a whole frame (4.5 KiB) ~940 KB/s but leaves only
+/// 3 KB of stack margin.
+pub const IN_TX: usize = 2048;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -113,7 +122,7 @@ enum State {
     Listening,
     /// TCP up; waiting for the (single) handshake engine to be free.
     Connected { deadline: Instant },
-    /// This slot owns [`Node::hs`]: Noise handshake in progress.
+    /// This slot owns its kind's engine in [`Node::hs`]: Noise handshake in progress.
     Handshake { deadline: Instant },
     /// Session up: frames flow.
     Up {
@@ -167,8 +176,9 @@ pub struct Node {
     agent: &'static mut DeviceAgent,
     slots: [Slot; SLOTS],
     buf: &'static mut FrameBuf,
-    /// The handshake in progress (one at a time), owned by the slot in `State::Handshake`.
-    hs: Option<Handshake>,
+    /// The handshakes in progress: [initiator (manager or outgoing peer), responder],
+    /// each owned by the slot of that kind in `State::Handshake`.
+    hs: [Option<Handshake>; 2],
     identity: Identity,
     entropy: Entropy,
     manager_key: Option<PublicKey>,
@@ -220,6 +230,11 @@ fn chunk_index(plain: &[u8]) -> Option<(Digest, u32)> {
 
 const H: usize = frame::HEADER_LEN;
 
+/// Which handshake engine a slot uses: 0 = initiator, 1 = responder.
+fn engine(kind: Kind) -> usize {
+    (kind == Kind::Incoming) as usize
+}
+
 impl Node {
     /// A node over `stack`; the sockets use the statically allocated buffers given.
     pub fn new(
@@ -234,7 +249,7 @@ impl Node {
         let SocketBuffers {
             manager,
             outgoing,
-            incoming: [in_a, in_b],
+            incoming,
         } = sockets;
         let slot = |(rx, tx): SocketBuf, kind: Kind| {
             let sock = TcpSocket::new(stack, rx, tx);
@@ -255,8 +270,7 @@ impl Node {
         let slots = [
             slot(manager, Kind::Manager),
             slot(outgoing, Kind::Outgoing),
-            slot(in_a, Kind::Incoming),
-            slot(in_b, Kind::Incoming),
+            slot(incoming, Kind::Incoming),
         ];
         let manager = cfg
             .filter(|c| c.manager_port != 0)
@@ -265,7 +279,7 @@ impl Node {
             agent,
             slots,
             buf,
-            hs: None,
+            hs: [None, None],
             identity,
             entropy,
             manager_key: cfg.map(|c| PublicKey(c.manager_key)),
@@ -287,19 +301,38 @@ impl Node {
         if self.manager.is_none() || self.manager_key.is_none() {
             defmt::warn!("not provisioned: no manager address or key");
         }
+        let mut boot_report = true;
         loop {
-            for i in 0..SLOTS {
-                self.service(i);
+            if boot_report && Instant::now().as_millis() >= 1000 {
+                boot_report = false;
+                self.log_footprint();
             }
-            self.drain();
+            // Service every slot and drain the agent until nothing moves (bounded),
+            // each at this level so their stack frames do not nest.
+            for _ in 0..64 {
+                let mut moved = false;
+                for i in 0..SLOTS {
+                    moved |= self.service(i);
+                }
+                self.drain();
+                if !moved {
+                    break;
+                }
+            }
             self.wait().await;
-            if self
-                .agent
-                .poll_timeout()
-                .is_some_and(|t| instant_of(t) <= Instant::now())
-            {
-                self.agent.handle_timeout(agent_now());
-            }
+            self.timeouts();
+        }
+    }
+
+    /// Calls the agent's `handle_timeout` when its deadline has passed.
+    #[inline(never)]
+    fn timeouts(&mut self) {
+        if self
+            .agent
+            .poll_timeout()
+            .is_some_and(|t| instant_of(t) <= Instant::now())
+        {
+            self.agent.handle_timeout(agent_now());
         }
     }
 
@@ -329,7 +362,7 @@ impl Node {
             self.pending = None;
         }
         if matches!(was, State::Handshake { .. }) {
-            self.hs = None;
+            self.hs[engine(kind)] = None;
         }
         let now = agent_now();
         match was {
@@ -350,8 +383,9 @@ impl Node {
         }
     }
 
-    /// Moves slot `i` forward as far as it can go without waiting.
-    fn service(&mut self, i: usize) {
+    /// Moves slot `i` one step forward without waiting; returns whether it moved.
+    #[inline(never)]
+    fn service(&mut self, i: usize) -> bool {
         let now = Instant::now();
         let s = &mut self.slots[i];
         match s.state {
@@ -361,7 +395,9 @@ impl Node {
                         && let (Some(ep), Some(_)) = (self.manager, self.manager_key)
                     {
                         self.dial(i, ep);
+                        return true;
                     }
+                    false
                 }
                 Kind::Incoming if self.listen_port != 0 => {
                     let port = self.listen_port;
@@ -372,57 +408,66 @@ impl Node {
                             s.state = State::Idle { retry: None };
                         }
                     }
+                    true
                 }
-                _ => {}
+                _ => false,
             },
             State::Connecting { deadline } => match s.sock.state() {
                 TcpState::Established => {
                     s.state = State::Connected {
                         deadline: now + HANDSHAKE_TIMEOUT,
                     };
-                    self.service(i);
+                    true
                 }
-                TcpState::SynSent | TcpState::SynReceived if now < deadline => {}
-                TcpState::SynSent | TcpState::SynReceived => self.close(i, "connect timed out"),
-                _ => self.close(i, "connection refused"),
+                TcpState::SynSent | TcpState::SynReceived if now < deadline => false,
+                TcpState::SynSent | TcpState::SynReceived => {
+                    self.close(i, "connect timed out");
+                    true
+                }
+                _ => {
+                    self.close(i, "connection refused");
+                    true
+                }
             },
             State::Listening => match s.sock.state() {
-                TcpState::Listen | TcpState::SynReceived => {}
+                TcpState::Listen | TcpState::SynReceived => false,
                 TcpState::Established => {
                     s.state = State::Connected {
                         deadline: now + HANDSHAKE_TIMEOUT,
                     };
-                    self.service(i);
+                    true
                 }
-                _ => self.close(i, "listener reset"),
+                _ => {
+                    self.close(i, "listener reset");
+                    true
+                }
             },
             State::Connected { deadline } => {
                 if now >= deadline || !s.sock.may_send() {
                     self.close(i, "handshake never started");
-                } else if self.hs.is_none() {
+                    true
+                } else if self.hs[engine(s.kind)].is_none() {
                     s.state = State::Handshake { deadline };
                     self.start_handshake(i);
+                    true
+                } else {
+                    false
                 }
             }
-            State::Handshake { deadline } => {
-                if now >= deadline {
-                    self.close(i, "handshake timed out");
-                } else if self.pending.is_none() {
-                    self.read_frames(i);
-                }
+            State::Handshake { deadline } if now >= deadline => {
+                self.close(i, "handshake timed out");
+                true
             }
-            State::Up { .. } => {
-                if self.pending.is_none() {
-                    self.read_frames(i);
-                }
-            }
+            State::Handshake { .. } | State::Up { .. } => self.read_frame(i),
             State::Closing { until } => {
                 let rst_pending =
                     s.sock.state() == TcpState::Closed && s.sock.remote_endpoint().is_some();
                 if !rst_pending || now >= until {
                     let retry = (s.kind == Kind::Manager).then(|| now + self.backoff);
                     s.state = State::Idle { retry };
+                    return true;
                 }
+                false
             }
         }
     }
@@ -452,6 +497,7 @@ impl Node {
     }
 
     /// Creates the handshake for slot `i` (now in `State::Handshake`) and sends message 1.
+    #[inline(never)]
     fn start_handshake(&mut self, i: usize) {
         let eph = self.entropy.ephemeral();
         let hello = self.peer_hello();
@@ -480,7 +526,7 @@ impl Node {
         s.want = 0;
         match hs {
             Ok(hs) => {
-                self.hs = Some(hs);
+                self.hs[engine(self.slots[i].kind)] = Some(hs);
                 self.handshake_step(i);
             }
             Err(e) => {
@@ -491,8 +537,9 @@ impl Node {
     }
 
     /// Writes our next handshake message if it is our turn; finishes when done.
+    #[inline(never)]
     fn handshake_step(&mut self, i: usize) {
-        let Some(hs) = &mut self.hs else {
+        let Some(hs) = &mut self.hs[engine(self.slots[i].kind)] else {
             return;
         };
         if hs.is_my_turn() {
@@ -517,11 +564,12 @@ impl Node {
         }
     }
 
+    #[inline(never)]
     fn handshake_finish(&mut self, i: usize) {
-        let Some(hs) = self.hs.take() else {
+        let kind = self.slots[i].kind;
+        let Some(hs) = self.hs[engine(kind)].take() else {
             return;
         };
-        let kind = self.slots[i].kind;
         // The responder decides about the initiator now, before the session is used.
         let peer_id = match kind {
             Kind::Manager => None,
@@ -566,7 +614,12 @@ impl Node {
         } else {
             Direction::Incoming
         };
-        defmt::info!("peer {=str} connected ({}) on slot {}", id.as_str(), kind, i);
+        defmt::info!(
+            "peer {=str} connected ({}) on slot {}",
+            id.as_str(),
+            kind,
+            i
+        );
         if let Err(e) = self
             .agent
             .handle_connected(now, conn, PeerInfo { id, direction })
@@ -579,26 +632,33 @@ impl Node {
         }
     }
 
-    /// Takes every complete frame out of slot `i`'s socket and handles it.
-    fn read_frames(&mut self, i: usize) {
-        for _ in 0..16 {
-            if self.pending.is_some() {
-                return;
-            }
-            match self.next_frame(i) {
-                Ok(Some(n)) => self.on_frame(i, n),
-                Ok(None) => break,
-                Err(why) => return self.close(i, why),
-            }
-            if !matches!(self.slots[i].state, State::Handshake { .. } | State::Up { .. }) {
-                return;
-            }
-            // Answer at once, so the transmit side keeps pace with what comes in.
-            self.drain();
+    /// Takes one complete frame out of slot `i`'s socket and handles it;
+    /// returns whether it did (more may follow).
+    fn read_frame(&mut self, i: usize) -> bool {
+        if self.pending.is_some() {
+            return false;
         }
-        let s = &self.slots[i];
-        if !s.sock.may_recv() && s.sock.recv_queue() == 0 {
-            self.close(i, "closed by the other side");
+        match self.next_frame(i) {
+            Ok(Some(n)) => {
+                if matches!(self.slots[i].state, State::Handshake { .. }) {
+                    self.on_handshake_frame(i, n);
+                } else {
+                    self.on_session_frame(i, n);
+                }
+                true
+            }
+            Ok(None) => {
+                let s = &self.slots[i];
+                if !s.sock.may_recv() && s.sock.recv_queue() == 0 {
+                    self.close(i, "closed by the other side");
+                    return true;
+                }
+                false
+            }
+            Err(why) => {
+                self.close(i, why);
+                true
+            }
         }
     }
 
@@ -633,50 +693,53 @@ impl Node {
         Ok(Some(want))
     }
 
-    fn on_frame(&mut self, i: usize, n: usize) {
-        let s = &mut self.slots[i];
-        match &mut s.state {
-            State::Handshake { .. } => {
-                let Some(hs) = &mut self.hs else {
-                    return self.close(i, "no handshake");
-                };
-                if let Err(e) = hs.read_message(&self.buf[H..H + n]) {
-                    defmt::warn!("slot {} ({}): handshake refused: {}", i, s.kind, e);
-                    return self.close(i, "handshake failed");
-                }
-                if s.kind == Kind::Outgoing
-                    && let (Some(remote), Some((want, _))) = (hs.remote_hello(), &s.peer)
-                    && remote.id != *want
-                {
-                    return self.close(i, "peer presented another id");
-                }
-                self.handshake_step(i);
+    /// A handshake message arrived on slot `i` (in the frame buffer).
+    #[inline(never)]
+    fn on_handshake_frame(&mut self, i: usize, n: usize) {
+        let s = &self.slots[i];
+        let Some(hs) = &mut self.hs[engine(s.kind)] else {
+            return self.close(i, "no handshake");
+        };
+        if let Err(e) = hs.read_message(&self.buf[H..H + n]) {
+            defmt::warn!("slot {} ({}): handshake refused: {}", i, s.kind, e);
+            return self.close(i, "handshake failed");
+        }
+        if s.kind == Kind::Outgoing
+            && let (Some(remote), Some((want, _))) = (hs.remote_hello(), &s.peer)
+            && remote.id != *want
+        {
+            return self.close(i, "peer presented another id");
+        }
+        self.handshake_step(i);
+    }
+
+    /// An encrypted frame arrived on slot `i`'s session: decrypt it and feed the agent.
+    #[inline(never)]
+    fn on_session_frame(&mut self, i: usize, n: usize) {
+        let State::Up { open, conn, .. } = &mut self.slots[i].state else {
+            return;
+        };
+        let conn = *conn;
+        let plain = match open.decrypt(&mut self.buf[H..], n) {
+            Ok(p) => p,
+            Err(e) => {
+                defmt::warn!("slot {}: {}", i, e);
+                return self.close(i, "frame failed to decrypt");
             }
-            State::Up { open, conn, .. } => {
-                let conn = *conn;
-                let plain = match open.decrypt(&mut self.buf[H..], n) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        defmt::warn!("slot {}: {}", i, e);
-                        return self.close(i, "frame failed to decrypt");
-                    }
-                };
-                let msg = &self.buf[H..H + plain];
-                let chunk = chunk_index(msg);
-                let before = chunk.and_then(|(root, _)| self.agent.store().verified(&root));
-                if let Err(e) = self.agent.handle_frame(agent_now(), conn, msg) {
-                    defmt::warn!("slot {}: frame refused: {}", i, e);
-                    if e.must_close() && conn != ConnId::MANAGER {
-                        return self.close(i, "bad frame");
-                    }
-                }
-                if let Some((root, index)) = chunk
-                    && self.agent.store().verified(&root) > before
-                {
-                    defmt::info!("chunk {} stored", index);
-                }
+        };
+        let msg = &self.buf[H..H + plain];
+        let chunk = chunk_index(msg);
+        let before = chunk.and_then(|(root, _)| self.agent.store().verified(&root));
+        if let Err(e) = self.agent.handle_frame(agent_now(), conn, msg) {
+            defmt::warn!("slot {}: frame refused: {}", i, e);
+            if e.must_close() && conn != ConnId::MANAGER {
+                return self.close(i, "bad frame");
             }
-            _ => {}
+        }
+        if let Some((root, index)) = chunk
+            && self.agent.store().verified(&root) > before
+        {
+            defmt::info!("chunk {} stored", index);
         }
     }
 
@@ -713,6 +776,7 @@ impl Node {
     }
 
     /// Drains the agent: frames to send, then events, until both are empty.
+    #[inline(never)]
     fn drain(&mut self) {
         for _ in 0..256 {
             if !self.flush_pending() {
@@ -756,6 +820,7 @@ impl Node {
         });
     }
 
+    #[inline(never)]
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Connect { peer, addr, key } => {
@@ -816,6 +881,7 @@ impl Node {
     }
 
     /// Hashes the stored content back from flash and logs it with the transfer rate.
+    #[inline(never)]
     fn job_complete(&mut self, job: u64, root: &Digest) {
         let Some(m) = self.agent.store().manifest(root).cloned() else {
             return;
@@ -902,6 +968,11 @@ impl Node {
             }
         }
         let pending_slot = self.pending.map(|p| p.slot);
+        // What each socket held when we decided to sleep: new bytes end the sleep.
+        let mut queued = [0usize; SLOTS];
+        for (q, s) in queued.iter_mut().zip(&self.slots) {
+            *q = s.sock.recv_queue();
+        }
         let slots = &self.slots;
         let mut timer = pin!(Timer::at(deadline));
         poll_fn(|cx| {
@@ -910,15 +981,21 @@ impl Node {
             }
             for (i, s) in slots.iter().enumerate() {
                 let (read, write) = match s.state {
-                    State::Up { .. } | State::Handshake { .. } => (
-                        reading && s.sock.recv_queue() == 0,
-                        pending_slot == Some(i),
-                    ),
+                    State::Up { .. } | State::Handshake { .. } => {
+                        (reading, pending_slot == Some(i))
+                    }
                     State::Connecting { .. } | State::Listening => (false, true),
                     _ => (false, false),
                 };
-                if read && pin!(s.sock.wait_read_ready()).poll(cx).is_ready() {
-                    return Poll::Ready(());
+                if read {
+                    if s.sock.recv_queue() != queued[i] {
+                        return Poll::Ready(());
+                    }
+                    // With bytes already queued the waker cannot be registered
+                    // (the future is ready at once); the 1 ms deadline covers it.
+                    if queued[i] == 0 && pin!(s.sock.wait_read_ready()).poll(cx).is_ready() {
+                        return Poll::Ready(());
+                    }
                 }
                 if write && pin!(s.sock.wait_write_ready()).poll(cx).is_ready() {
                     return Poll::Ready(());
@@ -954,8 +1031,8 @@ pub struct SocketBuffers {
     pub manager: SocketBuf,
     /// Outgoing peer.
     pub outgoing: SocketBuf,
-    /// Incoming peers.
-    pub incoming: [SocketBuf; 2],
+    /// Incoming peer.
+    pub incoming: SocketBuf,
 }
 
 /// The agent's configuration for this device.
@@ -966,6 +1043,8 @@ pub fn agent_config(cfg: Option<&Config>, id: AgentId, ip: [u8; 4]) -> AgentConf
     c.can_serve = listen != 0;
     c.max_chunk = MAX_CHUNK;
     c.max_peers = MAX_PEERS;
+    // The manager plus the one outgoing peer connection this device has room for.
+    c.max_sources = 2;
     c.window = WINDOW;
     c.performance = 10;
     c.link = LinkInfo::default();

@@ -49,13 +49,13 @@ pub fn read_bytes(offset: usize, out: &mut [u8]) {
 }
 
 fn read_word(offset: usize) -> u32 {
-    debug_assert!(offset % 4 == 0 && offset + 4 <= PSRAM_SIZE);
+    debug_assert!(offset.is_multiple_of(4) && offset + 4 <= PSRAM_SIZE);
     // SAFETY: aligned word inside the PSRAM window (callers check bounds).
     unsafe { core::ptr::read_volatile((PSRAM_BASE + offset) as *const u32) }
 }
 
 fn write_word(offset: usize, v: u32) {
-    debug_assert!(offset % 4 == 0 && offset + 4 <= PSRAM_SIZE);
+    debug_assert!(offset.is_multiple_of(4) && offset + 4 <= PSRAM_SIZE);
     // SAFETY: aligned word inside the PSRAM window (callers check bounds);
     // nothing else in the program holds references into this region.
     unsafe { core::ptr::write_volatile((PSRAM_BASE + offset) as *mut u32, v) }
@@ -71,7 +71,9 @@ pub struct NorPartition {
 impl NorPartition {
     /// The window `start..start + len` of the PSRAM; both must be erase-block aligned.
     pub fn new(start: usize, len: usize) -> Self {
-        assert!(start % ERASE == 0 && len % ERASE == 0 && start + len <= PSRAM_SIZE);
+        assert!(
+            start.is_multiple_of(ERASE) && len.is_multiple_of(ERASE) && start + len <= PSRAM_SIZE
+        );
         NorPartition { start, len }
     }
 
@@ -95,7 +97,7 @@ impl ReadNorFlash for NorPartition {
         let mut i = 0;
         while i < bytes.len() {
             let a = base + i;
-            if a % 4 == 0 && bytes.len() - i >= 4 {
+            if a.is_multiple_of(4) && bytes.len() - i >= 4 {
                 bytes[i..i + 4].copy_from_slice(&read_word(a).to_le_bytes());
                 i += 4;
             } else {
@@ -171,4 +173,3 @@ pub fn next_boot_count() -> u32 {
     write_word(BOOT_OFFSET + 4 * slot, next);
     next
 }
-

@@ -17,6 +17,7 @@
 use std::io::{BufRead as _, Read as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -26,6 +27,33 @@ use sha2_std::{Digest as _, Sha256};
 
 /// How long to wait for children to start and connect.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Set when the user interrupts the demo (Ctrl-C, SIGTERM).
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Turns Ctrl-C and SIGTERM into [`INTERRUPTED`], so the demo unwinds and cleans up.
+fn catch_interrupts() {
+    std::thread::spawn(|| {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            INTERRUPTED.store(true, Ordering::SeqCst);
+        });
+    });
+}
 
 /// The link caps of the manager and each agent, in bytes per second.
 #[derive(Clone, Debug, Serialize)]
@@ -160,6 +188,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     if args.agents == 0 {
         bail!("--agents must be at least 1");
     }
+    catch_interrupts();
     let exe = std::env::current_exe().context("cannot find the running executable")?;
     let scratch = Scratch {
         path: std::env::temp_dir().join(format!(
@@ -399,8 +428,11 @@ fn spawn(cmd: &mut Command, name: &str, dir: &Path) -> anyhow::Result<Kid> {
     })
 }
 
-/// Fails if any child has exited.
+/// Fails if any child has exited, or the user interrupted the demo.
 fn check_alive(kids: &mut [Kid]) -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted; stopped the manager and agents and removed the demo directory");
+    }
     for kid in kids.iter_mut() {
         if let Some(status) = kid.child.try_wait()? {
             bail!(

@@ -1,0 +1,276 @@
+//! `baton-fw-provision`: writes a firmware device's provisioning block into its flash file.
+//!
+//! The firmware reads a 512-byte block at offset 0 of its emulated flash (the
+//! 16 MiB file QEMU maps as PSRAM, see `run-qemu.sh`) at every boot: identity
+//! seed, agent id, IPv4 settings, manager address and key. This tool creates
+//! the file erased (`0xFF`) if it is missing, keeps an existing device's seed
+//! unless told otherwise, writes the block and prints the id and the public
+//! key to enrol at the manager (`baton enroll --id ID --key KEY`):
+//!
+//! ```text
+//! baton-fw-provision --flash dev1.img --id dev1 --ip 10.77.0.11/24 \
+//!     --manager 10.77.0.1:7300 --manager-key HEX --listen-port 7400
+//! id=dev1
+//! key=5f0c…
+//! ```
+//!
+//! `--show` prints what a file holds; `--erase-content` erases the content
+//! partition (as after a factory reset). The block layout is in `src/config.rs`
+//! of the firmware, which this tool compiles in unchanged.
+
+use std::fs::OpenOptions;
+use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::process::ExitCode;
+
+use baton_protocol::identity::Identity;
+
+#[path = "../../../src/config.rs"]
+#[allow(dead_code)]
+mod config;
+
+use config::{Bytes, CONFIG_LEN, Config};
+
+/// Size of the flash file: QEMU's mps2 PSRAM.
+const FLASH_SIZE: u64 = 16 * 1024 * 1024;
+/// Where the content partition starts (see the firmware's `psram.rs`).
+const CONTENT_OFFSET: u64 = 0x1_0000;
+
+const USAGE: &str = "usage: baton-fw-provision --flash FILE [--show] [--erase-content]
+    [--id ID] [--seed HEX | --new-seed] [--ip A.B.C.D/PREFIX] [--gateway A.B.C.D]
+    [--manager A.B.C.D:PORT] [--manager-key HEX] [--listen-port N] [--token TOKEN]
+    [--publisher-key HEX]... [--site NAME] [--segment NAME]";
+
+fn parse_hex32(s: &str, what: &str) -> Result<[u8; 32], String> {
+    let s = s.trim();
+    if s.len() != 64 {
+        return Err(format!("{what} must be 64 hex digits"));
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
+            .map_err(|_| format!("{what} must be 64 hex digits"))?;
+    }
+    Ok(out)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn bytes<const N: usize>(s: &str, what: &str) -> Result<Bytes<N>, String> {
+    Bytes::from_slice(s.as_bytes()).ok_or_else(|| format!("{what} is longer than {N} bytes"))
+}
+
+fn random_seed() -> Result<[u8; 32], String> {
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+    Ok(seed)
+}
+
+fn empty_config() -> Config {
+    Config {
+        seed: [0; 32],
+        manager_key: [0; 32],
+        ip: [10, 0, 2, 15],
+        prefix: 24,
+        gateway: [0; 4],
+        manager_ip: [0; 4],
+        manager_port: 0,
+        listen_port: 0,
+        id: Bytes::empty(),
+        token: Bytes::empty(),
+        publishers: [[0; 32]; 4],
+        publisher_count: 0,
+        site: Bytes::empty(),
+        segment: Bytes::empty(),
+        flags: 0,
+    }
+}
+
+fn show(c: &Config) {
+    let id = Identity::from_seed(c.seed);
+    println!("id={}", c.id.as_str().unwrap_or("<derived from MAC>"));
+    println!("key={}", hex(&id.public().0));
+    println!("ip={}/{}", Ipv4Addr::from(c.ip), c.prefix);
+    println!("gateway={}", Ipv4Addr::from(c.gateway));
+    println!(
+        "manager={}",
+        SocketAddrV4::new(Ipv4Addr::from(c.manager_ip), c.manager_port)
+    );
+    println!("manager_key={}", hex(&c.manager_key));
+    println!("listen_port={}", c.listen_port);
+    println!("site={}", c.site.as_str().unwrap_or(""));
+    println!("segment={}", c.segment.as_str().unwrap_or(""));
+    for p in &c.publishers[..c.publisher_count as usize] {
+        println!("publisher_key={}", hex(p));
+    }
+}
+
+fn run() -> Result<(), String> {
+    let mut args = std::env::args().skip(1);
+    let mut flash = None;
+    let mut show_only = false;
+    let mut erase = false;
+    let mut new_seed = false;
+    let mut seed = None;
+    let mut sets: Vec<(String, String)> = Vec::new();
+    let mut publishers = Vec::new();
+    while let Some(a) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| format!("{a} needs a value\n{USAGE}"))
+        };
+        match a.as_str() {
+            "--flash" => flash = Some(value()?),
+            "--show" => show_only = true,
+            "--erase-content" => erase = true,
+            "--new-seed" => new_seed = true,
+            "--seed" => seed = Some(parse_hex32(&value()?, "--seed")?),
+            "--publisher-key" => publishers.push(parse_hex32(&value()?, "--publisher-key")?),
+            "--id" | "--ip" | "--gateway" | "--manager" | "--manager-key" | "--listen-port"
+            | "--token" | "--site" | "--segment" => {
+                let v = value()?;
+                sets.push((a, v));
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            _ => return Err(format!("unknown argument {a}\n{USAGE}")),
+        }
+    }
+    let path = flash.ok_or_else(|| format!("--flash is required\n{USAGE}"))?;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("{path}: {e}"))?;
+    let len = file.metadata().map_err(|e| format!("{path}: {e}"))?.len();
+    if len == 0 {
+        // A new device: erased NOR flash reads 0xFF.
+        let block = vec![0xFFu8; 1024 * 1024];
+        for _ in 0..FLASH_SIZE / block.len() as u64 {
+            file.write_all(&block).map_err(|e| format!("{path}: {e}"))?;
+        }
+    } else if len != FLASH_SIZE {
+        return Err(format!(
+            "{path} is {len} bytes; a flash file is exactly 16 MiB"
+        ));
+    }
+    let mut block = [0u8; CONFIG_LEN];
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.read_exact(&mut block))
+        .map_err(|e| format!("{path}: {e}"))?;
+    let existing = Config::decode(&block).ok();
+    if show_only {
+        match &existing {
+            Some(c) => show(c),
+            None => println!("{path}: no provisioning block"),
+        }
+        return Ok(());
+    }
+    let mut c = existing.clone().unwrap_or_else(empty_config);
+    c.seed = match (seed, new_seed, &existing) {
+        (Some(s), _, _) => s,
+        (None, false, Some(e)) => e.seed,
+        _ => random_seed()?,
+    };
+    for (k, v) in &sets {
+        match k.as_str() {
+            "--id" => c.id = bytes(v, "--id")?,
+            "--ip" => {
+                let (ip, prefix) = v.split_once('/').unwrap_or((v, "24"));
+                c.ip = ip
+                    .parse::<Ipv4Addr>()
+                    .map_err(|e| format!("--ip {v}: {e}"))?
+                    .octets();
+                c.prefix = prefix
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= 32)
+                    .ok_or_else(|| format!("--ip {v}: bad prefix length"))?;
+            }
+            "--gateway" => {
+                c.gateway = v
+                    .parse::<Ipv4Addr>()
+                    .map_err(|e| format!("--gateway {v}: {e}"))?
+                    .octets()
+            }
+            "--manager" => {
+                let a: SocketAddrV4 = v.parse().map_err(|e| format!("--manager {v}: {e}"))?;
+                c.manager_ip = a.ip().octets();
+                c.manager_port = a.port();
+            }
+            "--manager-key" => c.manager_key = parse_hex32(v, "--manager-key")?,
+            "--listen-port" => {
+                c.listen_port = v.parse().map_err(|e| format!("--listen-port {v}: {e}"))?
+            }
+            "--token" => c.token = bytes(v, "--token")?,
+            "--site" => c.site = bytes(v, "--site")?,
+            "--segment" => c.segment = bytes(v, "--segment")?,
+            _ => unreachable!("only the options matched above are collected"),
+        }
+    }
+    if !publishers.is_empty() {
+        if publishers.len() > 4 {
+            return Err("at most 4 --publisher-key".into());
+        }
+        c.publishers = [[0; 32]; 4];
+        c.publishers[..publishers.len()].copy_from_slice(&publishers);
+        c.publisher_count = publishers.len() as u8;
+    }
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.write_all(&c.encode()))
+        .map_err(|e| format!("{path}: {e}"))?;
+    if erase {
+        file.seek(SeekFrom::Start(CONTENT_OFFSET))
+            .map_err(|e| format!("{path}: {e}"))?;
+        let block = vec![0xFFu8; 64 * 1024];
+        for _ in 0..(FLASH_SIZE - CONTENT_OFFSET) / block.len() as u64 {
+            file.write_all(&block).map_err(|e| format!("{path}: {e}"))?;
+        }
+    }
+    file.sync_all().map_err(|e| format!("{path}: {e}"))?;
+    let id = Identity::from_seed(c.seed);
+    println!("id={}", c.id.as_str().unwrap_or(""));
+    println!("key={}", hex(&id.public().0));
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("baton-fw-provision: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn block_round_trips_and_detects_damage() {
+        let mut c = empty_config();
+        c.seed = [7; 32];
+        c.id = Bytes::from_slice(b"dev-1").unwrap();
+        c.manager_port = 7300;
+        c.publisher_count = 1;
+        c.publishers[0] = [9; 32];
+        let mut b = c.encode();
+        assert_eq!(Config::decode(&b), Ok(c));
+        b[100] ^= 1;
+        assert_eq!(Config::decode(&b), Err(config::ConfigError::BadChecksum));
+        assert_eq!(
+            Config::decode(&[0xFF; CONFIG_LEN]),
+            Err(config::ConfigError::Missing)
+        );
+    }
+}
