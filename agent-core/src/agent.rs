@@ -41,8 +41,8 @@ use baton_protocol::message::{
     Received, Refusal, Report, Source, SourceRange, Trouble,
 };
 use baton_protocol::{
-    AgentId, Digest, JobRef, KeyId, Label, LinkInfo, MAX_LABELS, Manifest, Message, Name, PeerAddr,
-    PublicKey,
+    AgentId, Delay, DelayTo, Digest, JobRef, KeyId, Label, LinkInfo, MAX_LABELS, Manifest, Message,
+    Name, PeerAddr, PublicKey,
 };
 use heapless::{Deque, Vec};
 use serde::Serialize;
@@ -236,6 +236,8 @@ pub struct AgentConfig {
     pub max_chunk: u32,
     /// Most peers served at once; more get `Refuse{Busy}`.
     pub max_peers: u16,
+    /// How often the round-trip time to the manager is measured (`ZERO` = never).
+    pub ping_interval: Duration,
     /// Most distinct sources (the manager included) the agent reports it can use for
     /// one job; capped at [`MAX_SOURCE_SLOTS`]. A device with few connection slots says so here.
     pub max_sources: u16,
@@ -270,6 +272,7 @@ impl AgentConfig {
             max_chunk: baton_protocol::MAX_CHUNK_SIZE,
             max_peers: 8,
             max_sources: MAX_SOURCE_SLOTS as u16,
+            ping_interval: Duration::from_secs(10),
             window: 8,
             link: LinkInfo::default(),
             labels: Vec::new(),
@@ -510,6 +513,21 @@ pub struct Agent<S: ContentStore, const JOBS: usize = 2, const PEERS: usize = 8>
     to_manager: Deque<ToManager, MANAGER_QUEUE>,
     events: Deque<Event, EVENT_QUEUE>,
     served_other: u64,
+    /// Round-trip measurement to the manager.
+    rtt: RttProbe,
+}
+
+/// Measures the round-trip time to the manager with `Ping`/`Pong` (claim 9's delays).
+#[derive(Clone, Copy, Debug, Default)]
+struct RttProbe {
+    /// When the next ping is due.
+    next: Duration,
+    /// Whether a ping should go out with the next transmit.
+    due: bool,
+    /// The nonce of the ping in flight: the driver time it was sent, in microseconds.
+    in_flight: Option<u64>,
+    /// The latest measurement, in microseconds.
+    rtt_us: Option<u32>,
 }
 
 impl<S: ContentStore, const JOBS: usize, const PEERS: usize> core::fmt::Debug
@@ -575,6 +593,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
             config,
             manager_up: false,
             report_due: false,
+            rtt: RttProbe::default(),
             welcome: None,
             jobs: Vec::new(),
             fences: Deque::new(),
@@ -674,6 +693,10 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
     pub fn handle_manager_connected(&mut self, now: Duration) {
         self.manager_up = true;
         self.report_due = true;
+        // Measure the delay to the manager right away, then every `ping_interval`.
+        self.rtt.in_flight = None;
+        self.rtt.due = !self.config.ping_interval.is_zero();
+        self.rtt.next = now + self.config.ping_interval;
         for job in self.jobs.iter_mut() {
             job.progress_due = job.state == JobState::Fetching;
             if job.state == JobState::Complete {
@@ -786,6 +809,10 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
 
     /// Time passed: requests past their timeout are given up.
     pub fn handle_timeout(&mut self, now: Duration) {
+        if self.manager_up && !self.config.ping_interval.is_zero() && now >= self.rtt.next {
+            self.rtt.due = true;
+            self.rtt.next = now + self.config.ping_interval;
+        }
         let timeout = self.config.request_timeout;
         let mut trouble: Vec<(JobRef, AgentId), 8> = Vec::new();
         for job in self.jobs.iter_mut() {
@@ -899,7 +926,21 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
                 self.reply(Reply::Pong { conn, nonce });
                 Ok(())
             }
-            Message::Pong { .. } => Ok(()),
+            Message::Pong { nonce } => {
+                if conn == ConnId::MANAGER && self.rtt.in_flight == Some(nonce) {
+                    self.rtt.in_flight = None;
+                    let rtt = (now.as_micros() as u64).saturating_sub(nonce);
+                    let rtt = u32::try_from(rtt).unwrap_or(u32::MAX);
+                    // Report again when the delay moved by more than a quarter.
+                    let changed = self
+                        .rtt
+                        .rtt_us
+                        .is_none_or(|old| rtt.abs_diff(old) > old / 4);
+                    self.rtt.rtt_us = Some(rtt);
+                    self.report_due |= changed;
+                }
+                Ok(())
+            }
             other => Err(AgentError::Unexpected(other.kind())),
         };
         self.maintain(now);
@@ -1469,6 +1510,9 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
     /// When [`Agent::handle_timeout`] should be called next (in the driver's `now` timeline).
     pub fn poll_timeout(&self) -> Option<Duration> {
         let mut t: Option<Duration> = None;
+        if self.manager_up && !self.config.ping_interval.is_zero() {
+            t = Some(self.rtt.next);
+        }
         for j in &self.jobs {
             if j.state == JobState::Fetching {
                 // Progress can only leave over the manager session: while it is
@@ -1553,6 +1597,13 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
         }
         let mut link = self.config.link;
         link.uptime_s = now.as_secs();
+        let mut delays = Vec::new();
+        if let Some(rtt_us) = self.rtt.rtt_us {
+            let _ = delays.push(Delay {
+                to: DelayTo::Manager,
+                rtt_us,
+            });
+        }
         Report {
             id: self.config.id.clone(),
             listen: self.config.listen,
@@ -1565,7 +1616,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
             max_sources: self.config.max_sources.clamp(1, MAX_SOURCE_SLOTS as u16),
             max_peers: self.config.max_peers,
             link,
-            delays: Vec::new(),
+            delays,
             labels: self.config.labels.clone(),
             holdings,
         }
@@ -1577,6 +1628,12 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
             self.report_due = false;
             let msg = Message::Report(self.report(now));
             return Some(self.encode_to(m, &msg, buf));
+        }
+        if self.rtt.due {
+            self.rtt.due = false;
+            let nonce = now.as_micros() as u64;
+            self.rtt.in_flight = Some(nonce);
+            return Some(self.encode_to(m, &Message::Ping { nonce }, buf));
         }
         if let Some(t) = self.to_manager.pop_front() {
             let msg = match t {
@@ -2086,6 +2143,42 @@ mod test {
                 .iter()
                 .all(|p| p.1.iter().all(|r| r.from.is_none()))
         );
+    }
+
+    #[test]
+    fn measures_the_delay_to_the_manager_and_reports_it() {
+        // `world()` drained the first Report and a Ping sent at t = 1 s.
+        let mut w = world();
+        w.now += Duration::from_millis(5);
+        // A pong with a nonce never sent changes nothing.
+        w.frame(ConnId::MANAGER, &Message::Pong { nonce: 7 }.to_vec())
+            .unwrap();
+        assert!(w.drain().is_empty());
+        w.frame(
+            ConnId::MANAGER,
+            &Message::Pong { nonce: 1_000_000 }.to_vec(),
+        )
+        .unwrap();
+        let out = w.drain();
+        let report = out
+            .iter()
+            .find_map(|(_, b)| match Message::decode(b).unwrap() {
+                Message::Report(r) => Some(r),
+                _ => None,
+            })
+            .expect("a report after the first measurement");
+        assert_eq!(
+            report.delays.as_slice(),
+            [Delay {
+                to: DelayTo::Manager,
+                rtt_us: 5_000
+            }]
+        );
+        // The next ping waits for the interval.
+        assert_eq!(w.agent.poll_timeout(), Some(Duration::from_secs(11)));
+        w.now = Duration::from_secs(11);
+        w.agent.handle_timeout(w.now);
+        assert_eq!(kinds(&w.drain()), ["Ping"]);
     }
 
     #[test]

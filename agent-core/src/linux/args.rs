@@ -43,11 +43,11 @@ pub struct AgentArgs {
     /// A key=value label (repeat).
     #[arg(long = "label", value_name = "K=V")]
     pub label: Vec<String>,
-    /// Upload cap, e.g. 10MiB (per second); omitted = unlimited.
+    /// Upload cap, e.g. 10MiB (per second); omitted = unlimited, and the agent reports the peak rate it measures.
     #[arg(long, value_name = "SIZE")]
     #[serde(deserialize_with = "size_string")]
     pub up_bps: Option<String>,
-    /// Download cap, e.g. 10MiB (per second); omitted = unlimited.
+    /// Download cap, e.g. 10MiB (per second); omitted = unlimited, and the agent reports the peak rate it measures.
     #[arg(long, value_name = "SIZE")]
     #[serde(deserialize_with = "size_string")]
     pub down_bps: Option<String>,

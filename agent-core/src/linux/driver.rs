@@ -18,6 +18,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use baton_protocol::identity::{AgentCert, Identity};
+
 use baton_protocol::message::CHUNK_OVERHEAD;
 use baton_protocol::session::{Hello, MAX_TOKEN_LEN, Role};
 use baton_protocol::{AgentId, Label, LinkInfo, MAX_FRAME, PeerAddr, PublicKey, caps};
@@ -25,6 +26,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+use super::meter::LinkMeter;
 
 use super::args::AgentArgs;
 use super::link::{self, Limits, Link, LinkError};
@@ -634,6 +637,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
     let mut status_due = true;
     let mut status_tick = tokio::time::interval(Duration::from_millis(200));
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Without configured caps the agent reports what it measures (see `meter`).
+    let mut meter = LinkMeter::new(
+        Instant::now().into_std(),
+        limits.sent.load(Ordering::Relaxed),
+        limits.received.load(Ordering::Relaxed),
+    );
+    let mut meter_tick = tokio::time::interval(Duration::from_secs(2));
+    meter_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
         let deadline = agent.poll_timeout().map(|d| origin + d);
@@ -675,6 +686,24 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 agent.handle_timeout(origin.elapsed());
             }
             _ = status_tick.tick() => status_due = true,
+            _ = meter_tick.tick(), if s.up.is_none() || s.down.is_none() => {
+                let measured = meter.sample(
+                    Instant::now().into_std(),
+                    limits.sent.load(Ordering::Relaxed),
+                    limits.received.load(Ordering::Relaxed),
+                );
+                if let Some((up, down)) = measured {
+                    let mut link = agent.config().link;
+                    if s.up.is_none() {
+                        link.up_bps = up;
+                    }
+                    if s.down.is_none() {
+                        link.down_bps = down;
+                    }
+                    tracing::debug!(up, down, "measured link");
+                    agent.set_link(link);
+                }
+            }
             Some(_) = pending.join_next(), if !pending.is_empty() => {}
             _ = tokio::signal::ctrl_c() => {
                 tracing::info!("interrupted");

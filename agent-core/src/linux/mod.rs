@@ -8,6 +8,7 @@ pub mod args;
 pub mod driver;
 pub mod flash;
 pub mod link;
+pub mod meter;
 pub mod rate;
 pub mod size;
 pub mod store;
