@@ -498,3 +498,219 @@ pub fn baton(args: &[&str], limit: Duration) -> Output {
         stderr: std::fs::read_to_string(dir.path().join("err")).unwrap(),
     }
 }
+
+// Helpers for `faults.rs` and the `relay_hop` bench: managers with chosen flags, agents
+// restarted in place, status files, bounded polling.
+
+/// Polls `probe` every 20 ms until it returns `Some`; panics with `what` (and `context()`) past `limit`.
+pub fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    context: impl Fn() -> String,
+    mut probe: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(t) = probe() {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {limit:?}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Deterministic pseudo-random content of `len` bytes.
+pub fn pseudo_random(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+impl Manager {
+    /// Starts a manager in a fresh temporary directory with these extra `serve` flags
+    /// (`--give-up` is not preset: give it in `extra`, else the manager's default applies).
+    pub fn start_args(extra: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut m = Self::start_args_in(&dir, "127.0.0.1:0", extra);
+        m._tmp = Some(tmp);
+        m
+    }
+
+    /// Starts a manager in `dir` whose agent port is `listen`, with these extra `serve` flags.
+    pub fn start_args_in(dir: &Path, listen: &str, extra: &[&str]) -> Self {
+        let ready = dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("serve.log"))
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(["serve", "--data-dir"])
+            .arg(dir.join("data"))
+            .args(["--listen", listen, "--http", "127.0.0.1:0", "--ready-file"])
+            .arg(&ready)
+            .args(extra)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start baton serve");
+        let info = wait_for(
+            "manager ready file",
+            BOUND,
+            || log_of(dir),
+            || {
+                if let Some(status) = child.try_wait().unwrap() {
+                    panic!("baton serve exited early ({status}); log:\n{}", log_of(dir));
+                }
+                let bytes = std::fs::read(&ready).ok()?;
+                Some(serde_json::from_slice::<ReadyInfo>(&bytes).expect("ready file is JSON"))
+            },
+        );
+        Manager {
+            child,
+            dir: dir.to_path_buf(),
+            info,
+            _tmp: None,
+        }
+    }
+
+    /// The manager's log so far.
+    pub fn log(&self) -> String {
+        log_of(&self.dir)
+    }
+
+    /// A job's detail from the API.
+    pub fn job(&self, job: u64) -> Value {
+        let (status, detail) = self.api("GET", &format!("/api/v1/jobs/{job}"), None);
+        assert_eq!(status, 200, "{detail}");
+        detail
+    }
+
+    /// Creates a job for `path` over the API (`extra` fields merged into the body); returns its id.
+    pub fn create_job(&self, path: &Path, agents: &[&str], extra: Value) -> u64 {
+        let mut body = json!({ "path": path, "targets": { "agents": agents } });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        let (status, job) = self.api("POST", "/api/v1/jobs", Some(body));
+        assert_eq!(status, 201, "{job}");
+        job["id"].as_u64().unwrap()
+    }
+}
+
+/// One participant of a job's detail, by agent id.
+pub fn participant<'a>(job: &'a Value, agent: &str) -> &'a Value {
+    job["participants"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["agent"] == agent))
+        .unwrap_or_else(|| panic!("{agent} is not a participant: {job}"))
+}
+
+/// Verified bytes `agent` received from `from` (`None` = the manager) in a job's detail.
+pub fn bytes_from(job: &Value, agent: &str, from: Option<&str>) -> u64 {
+    job["source_bytes"]
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .filter(|s| s["agent"] == agent && s["from"].as_str() == from)
+                .filter_map(|s| s["bytes"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+impl AgentProc {
+    /// Starts agent `name` under `root/name`, already enrolled (no token): a restart.
+    pub fn spawn_enrolled(m: &Manager, root: &Path, name: &str, extra: &[&str]) -> Self {
+        Self::spawn_custom(m, root, name, &m.agent_addr().to_string(), false, extra)
+    }
+
+    /// Starts agent `name` under `root/name` that reaches the manager at `manager` (e.g. a
+    /// proxy), enrolling with a fresh one-time token if `enrol`; the log is appended to.
+    pub fn spawn_custom(
+        m: &Manager,
+        root: &Path,
+        name: &str,
+        manager: &str,
+        enrol: bool,
+        extra: &[&str],
+    ) -> Self {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("agent.log"))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
+        cmd.arg("agent")
+            .args(["--manager", manager])
+            .args(["--manager-key", &m.info.manager_key])
+            .args(["--id", name])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--export")
+            .arg(dir.join("out"));
+        if enrol {
+            let (status, token) = m.api("POST", "/api/v1/enrolment-tokens", None);
+            assert_eq!(status, 201);
+            cmd.args(["--token", token["token"].as_str().unwrap()]);
+        }
+        let child = cmd
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start baton agent");
+        AgentProc {
+            child,
+            dir,
+            name: name.to_string(),
+        }
+    }
+
+    /// Kills the process with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// The agent's status file `file` (under its directory), if written yet.
+    pub fn status(&self, file: &str) -> Option<Value> {
+        let text = std::fs::read_to_string(self.dir.join(file)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Job `job` in the status file `file`, if listed.
+    pub fn job_status(&self, file: &str, job: u64) -> Option<Value> {
+        self.status(file)?["jobs"]
+            .as_array()?
+            .iter()
+            .find(|j| j["job"] == job)
+            .cloned()
+    }
+}
