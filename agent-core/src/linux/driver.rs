@@ -21,7 +21,7 @@ use baton_protocol::identity::{AgentCert, Identity};
 
 use baton_protocol::message::CHUNK_OVERHEAD;
 use baton_protocol::session::{Hello, MAX_TOKEN_LEN, Role};
-use baton_protocol::{AgentId, Label, LinkInfo, MAX_FRAME, PeerAddr, PublicKey, caps};
+use baton_protocol::{AgentId, JobRef, Label, LinkInfo, MAX_FRAME, PeerAddr, PublicKey, caps};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -506,6 +506,27 @@ struct JobJson {
     bytes_served: u64,
 }
 
+impl JobJson {
+    /// An entry for `job` with nothing known yet.
+    fn new(job: JobRef) -> Self {
+        JobJson {
+            job: job.id,
+            epoch: job.epoch,
+            name: String::new(),
+            version: 0,
+            root: String::new(),
+            state: String::new(),
+            chunks: 0,
+            verified: 0,
+            resumed: 0,
+            fetched: 0,
+            bad_chunks: 0,
+            bytes_received: 0,
+            bytes_served: 0,
+        }
+    }
+}
+
 #[derive(Debug, serde::Serialize, PartialEq)]
 struct StatusJson<'a> {
     id: &'a str,
@@ -774,6 +795,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 }
                 Event::JobFailed { job, reason } => {
                     tracing::error!(job = job.id, ?reason, "job failed");
+                    // A job that failed before its content slot opened (e.g. a full disk)
+                    // is not among the agent's jobs: record it here so the status says so.
+                    let entry = jobs_json.entry(job.id).or_insert_with(|| JobJson::new(job));
+                    entry.state = state_name(JobState::Failed(reason)).into_owned();
                 }
                 Event::PeerTrouble { job, peer, trouble } => {
                     tracing::warn!(job = job.id, %peer, ?trouble, "peer trouble");
@@ -785,19 +810,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         // serialise and write the status file only on the tick, after events, and at exit.
         for j in agent.jobs() {
             let entry = jobs_json.entry(j.job.id).or_insert_with(|| JobJson {
-                job: j.job.id,
-                epoch: j.job.epoch,
                 name: j.manifest.name.to_string(),
                 version: j.manifest.version,
                 root: hex::encode(j.manifest.root),
-                state: String::new(),
-                chunks: 0,
-                verified: 0,
-                resumed: 0,
-                fetched: 0,
-                bad_chunks: 0,
-                bytes_received: 0,
-                bytes_served: 0,
+                ..JobJson::new(j.job)
             });
             entry.epoch = j.job.epoch;
             if entry.state != "done" && entry.state != "cancelled" {
