@@ -10,12 +10,15 @@
 #   --user          slirp user networking (default without --tap); the device
 #                   must then use 10.0.2.15/24, the host is 10.0.2.2
 #   --hostfwd SPEC  slirp port forward, e.g. tcp:127.0.0.1:7401-10.0.2.15:7400
-#   --serial SPEC   QEMU -serial value for UART0 (default: null)
+#   --serial SPEC   QEMU -serial value for UART0 (default: null); `pty` gives the
+#                   device a pseudo-terminal for `baton serve --serial /dev/pts/N`
+#   --pty-file FILE with --serial pty: write the pty's path to FILE once QEMU made it
+#                   (QEMU announces it on stdout, ahead of the device's log stream)
 #   --raw           print the raw defmt stream instead of decoding it
 #   --m4            run on mps2-an386 (Cortex-M4) instead
 #
 # Every option may also come from the environment: BATON_FLASH, BATON_MAC,
-# BATON_TAP, BATON_HOSTFWD, BATON_SERIAL, BATON_RAW=1.
+# BATON_TAP, BATON_HOSTFWD, BATON_SERIAL, BATON_PTY_FILE, BATON_RAW=1.
 # Logs are defmt frames on QEMU's stdout (semihosting); they are decoded with
 # defmt-print when it is installed (`cargo install defmt-print --locked`).
 # QEMU exits with the device's semihosting status: 0, or 1 after a panic.
@@ -30,6 +33,7 @@ mac="${BATON_MAC:-52:54:00:12:34:56}"
 tap="${BATON_TAP:-}"
 hostfwd="${BATON_HOSTFWD:-}"
 serial="${BATON_SERIAL:-null}"
+pty_file="${BATON_PTY_FILE:-}"
 raw="${BATON_RAW:-0}"
 machine="mps2-an385"
 
@@ -41,9 +45,10 @@ while [ $# -gt 0 ]; do
         --user) tap=""; shift ;;
         --hostfwd) hostfwd="$2"; shift 2 ;;
         --serial) serial="$2"; shift 2 ;;
+        --pty-file) pty_file="$2"; shift 2 ;;
         --raw) raw=1; shift ;;
         --m4) machine="mps2-an386"; shift ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         -*) echo "run-qemu.sh: unknown option $1" >&2; exit 2 ;;
         *) elf="$1"; shift ;;
     esac
@@ -75,10 +80,23 @@ else
     args+=(-nic "$nic")
 fi
 
-# QEMU replaces this shell (`exec`), so the script's pid is QEMU's: a test
-# that kills it (SIGKILL for a power cut) kills the device itself.
+decode=(defmt-print -e "$elf")
 if [ "$raw" = 1 ] || ! command -v defmt-print >/dev/null; then
-    exec qemu-system-arm "${args[@]}"
+    decode=(cat)
 fi
-# Decoded through defmt-print, which ends when QEMU closes its stdout.
-exec qemu-system-arm "${args[@]}" > >(exec defmt-print -e "$elf")
+# QEMU replaces this shell (`exec`), so the script's pid is QEMU's: a test
+# that kills it (SIGKILL for a power cut) kills the device itself. The log
+# stream goes through the decoder, which ends when QEMU closes its stdout.
+if [ "$serial" = pty ]; then
+    # QEMU's first stdout line names the pty ("char device redirected to
+    # /dev/pts/N (label serial0)"); `read` takes exactly that line (bash reads
+    # a pipe byte by byte), the binary log stream after it stays intact.
+    exec qemu-system-arm "${args[@]}" > >(
+        IFS= read -r line || exit 1
+        pty="${line#char device redirected to }"
+        pty="${pty%% *}"
+        echo "pty=$pty" >&2
+        if [ -n "$pty_file" ]; then echo "$pty" > "$pty_file.tmp" && mv "$pty_file.tmp" "$pty_file"; fi
+        exec "${decode[@]}")
+fi
+exec qemu-system-arm "${args[@]}" > >(exec "${decode[@]}")

@@ -7,8 +7,9 @@
 #   --elf ELF    firmware (default target/thumbv7m-none-eabi/release/baton-firmware)
 #   --log FILE   a decoded device log (run-qemu.sh output): report its last
 #                "footprint:" line, logged after every completed job
-#   --boot       boot a device for 2 s without network peers and report the
-#                stack used by boot alone (a lower bound; use --log after a job)
+#   --boot       boot a device without network peers until it logs its
+#                footprint (1 s after boot) and report the stack used by boot
+#                alone (a lower bound; use --log after a job)
 # Exits non-zero when a budget is exceeded.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,7 +21,7 @@ while [ $# -gt 0 ]; do
         --elf) elf="$2"; shift 2 ;;
         --log) log="$2"; shift 2 ;;
         --boot) boot=1; shift ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "size.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -49,8 +50,17 @@ peak_from() {
 if [ "$boot" = 1 ]; then
     tmp="$(mktemp -d)"
     trap 'rm -rf "$tmp"' EXIT
-    # The device logs its footprint one second after boot (and after every job).
-    BATON_FLASH="$tmp/flash.img" timeout 2 "$here/run-qemu.sh" "$elf" > "$tmp/log" 2>&1 || true
+    # The device logs its footprint one second after boot (and after every job):
+    # wait for that line (at most 20 s on a busy machine), then stop the device.
+    BATON_FLASH="$tmp/flash.img" "$here/run-qemu.sh" "$elf" > "$tmp/log" 2>&1 &
+    qemu=$!
+    for _ in $(seq 1 200); do
+        grep -q 'footprint:' "$tmp/log" 2>/dev/null && break
+        kill -0 "$qemu" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill "$qemu" 2>/dev/null || true
+    wait "$qemu" 2>/dev/null || true
     log="$tmp/log"
 fi
 if [ -n "$log" ]; then

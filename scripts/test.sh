@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Baton's whole test run: installs what it needs on a fresh Debian machine,
-# then checks formatting, lints, the no_std build, all tests, and a short fuzz run.
+# then checks formatting, lints, the no_std build, all tests, the firmware (size,
+# stack, clippy), the QEMU hardware-in-the-loop tests (needs root), and a short fuzz run.
 # Usage: scripts/test.sh            (FUZZ_SECONDS=N to change the fuzz time per target)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +39,14 @@ stage "no_std check (thumbv7m)"
 cargo check -p baton-protocol -p baton-agent-core --no-default-features --target thumbv7m-none-eabi
 
 stage "cargo test"
-cargo test --workspace
+cargo test --workspace --exclude baton-hil-tests
+
+stage "firmware build, footprint, clippy (thumbv7m)"
+scripts/build-firmware.sh
+(cd agent-firmware && env -u CARGO_TARGET_DIR cargo clippy --release -- -D warnings)
+
+stage "hardware-in-the-loop tests (QEMU, as root)"
+cargo test -p baton-hil-tests --release
 
 stage "fuzz (${FUZZ_SECONDS}s per target)"
 protocol/fuzz/run-all.sh "$FUZZ_SECONDS"

@@ -141,6 +141,8 @@ pub fn exit(success: bool) -> ! {
 unsafe fn DefaultHandler(irqn: i16) {
     if irqn == crate::lan9118::IRQ as i16 {
         crate::lan9118::on_interrupt();
+    } else if irqn == crate::uart::IRQ_RX as i16 || irqn == crate::uart::IRQ_TX as i16 {
+        crate::uart::on_interrupt();
     } else {
         defmt::error!("unexpected interrupt {}", irqn);
         exit(false);

@@ -20,7 +20,7 @@
 //! | 187 | 1+128 | trusted publisher keys (count ≤ 4, then 32 bytes each) |
 //! | 316 | 1+32 | site |
 //! | 349 | 1+32 | segment |
-//! | 382 | 1 | flags (reserved, 0) |
+//! | 382 | 1 | flags: bit 0 = reach the manager over UART0 ([`FLAG_SERIAL`]); other bits 0 |
 //! | 504 | 8 | first 8 bytes of SHA-256 over bytes 0..504 |
 //!
 //! A block with a wrong magic or checksum is ignored: the device then derives
@@ -34,6 +34,9 @@ use sha2::{Digest as _, Sha256};
 pub const CONFIG_LEN: usize = 512;
 /// Magic at the start of a provisioning block (format 1).
 pub const CONFIG_MAGIC: &[u8; 8] = b"BATONCF1";
+/// `flags` bit: the manager session runs over UART0 (COBS-framed) instead of TCP;
+/// the device then serves no peers (no listener).
+pub const FLAG_SERIAL: u8 = 1;
 const CHECK_AT: usize = 504;
 
 /// A bounded byte string with its length (ids, tokens, names).
@@ -107,7 +110,7 @@ pub struct Config {
     pub site: Bytes<32>,
     /// Segment name for reports.
     pub segment: Bytes<32>,
-    /// Option bits (reserved, 0).
+    /// Option bits: [`FLAG_SERIAL`]; the others are reserved (0).
     pub flags: u8,
 }
 
@@ -161,6 +164,11 @@ fn checksum(b: &[u8]) -> [u8; 8] {
 }
 
 impl Config {
+    /// Whether the manager is reached over UART0 rather than TCP.
+    pub fn serial(&self) -> bool {
+        self.flags & FLAG_SERIAL != 0
+    }
+
     /// Decodes a block (see the module docs for the layout).
     pub fn decode(b: &[u8; CONFIG_LEN]) -> Result<Config, ConfigError> {
         if &b[..8] != CONFIG_MAGIC {

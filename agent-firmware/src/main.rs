@@ -11,7 +11,9 @@
 //!    [`psram::NorPartition`]), so verified chunks survive power cuts;
 //! 4. brings up the LAN9118 ([`lan9118`]) and embassy-net with a static IPv4
 //!    address, then runs the manager session, the peer listener and outgoing
-//!    peer connections ([`node`]).
+//!    peer connections ([`node`]). A device provisioned for a serial link
+//!    talks to the manager over UART0 instead ([`uart`], COBS framing) and
+//!    serves no peers.
 //!
 //! Logs go out as defmt frames over semihosting (QEMU's stdout); decode them
 //! with `defmt-print -e target/thumbv7m-none-eabi/release/baton-firmware`.
@@ -22,11 +24,13 @@
 #![warn(missing_docs)]
 
 mod board;
+mod cobs_tx;
 mod config;
 mod entropy;
 mod lan9118;
 mod node;
 mod psram;
+mod uart;
 
 use baton_agent_core::flash::FlashStore;
 use baton_agent_core::store::ContentStore as _;
@@ -195,11 +199,18 @@ fn boot() -> (embassy_net::Runner<'static, Lan9118>, &'static mut Node) {
         core::mem::size_of::<FrameBuf>()
     );
 
+    // A serial device's manager session runs over UART0: the manager
+    // socket's receive buffer then holds the serial line's COBS frames.
+    let manager_rx: &'static mut [u8] = MANAGER_RX.init_with(|| [0; node::BIG_RX]);
+    let serial = cfg.as_ref().is_some_and(|c| c.serial());
+    let (manager_rx, serial_rx): (&'static mut [u8], _) = if serial {
+        uart::init();
+        (&mut [], Some(manager_rx))
+    } else {
+        (manager_rx, None)
+    };
     let sockets = SocketBuffers {
-        manager: (
-            MANAGER_RX.init_with(|| [0; node::BIG_RX]),
-            MANAGER_TX.init_with(|| [0; node::MANAGER_TX]),
-        ),
+        manager: (manager_rx, MANAGER_TX.init_with(|| [0; node::MANAGER_TX])),
         outgoing: (
             OUT_RX.init_with(|| [0; node::BIG_RX]),
             OUT_TX.init_with(|| [0; node::OUT_TX]),
@@ -208,6 +219,7 @@ fn boot() -> (embassy_net::Runner<'static, Lan9118>, &'static mut Node) {
             IN_RX.init_with(|| [0; node::SMALL_RX]),
             IN_TX.init_with(|| [0; node::IN_TX]),
         ),
+        serial: serial_rx,
     };
     let frame = FRAME.init_with(|| [0; core::mem::size_of::<FrameBuf>()]);
     let node = NODE.init_with(|| {

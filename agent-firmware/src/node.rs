@@ -31,6 +31,19 @@
 //! connection whose turn has not come waits, TCP-connected, in
 //! `State::Connected`). Two engines, not one: two devices dialling each
 //! other at once would otherwise each wait for the other's responder.
+//!
+//! **Serial link.** A device provisioned with `FLAG_SERIAL` runs slot 0 over
+//! UART0 instead of TCP ([`crate::uart`]): the same Noise handshake and
+//! encrypted messages, each frame COBS-encoded and ended by `0x00` (SPEC §1).
+//! Received bytes go through a `CobsReader` whose buffer is the manager
+//! socket's receive buffer (unused then); a complete frame is copied into the
+//! frame buffer and handled like a TCP frame. Outgoing frames are encoded
+//! byte by byte from the frame buffer as the UART takes them
+//! ([`crate::cobs_tx`]). A serial line has no connection state, so the slot
+//! counts as up from the first handshake message and as lost when the
+//! handshake stalls or the manager stays silent (the agent pings it every
+//! 10 s); then a new handshake starts. Handshake messages begin with an extra
+//! `0x00`, which ends whatever a cut-off frame left on the line.
 
 use core::future::poll_fn;
 use core::pin::pin;
@@ -40,7 +53,7 @@ use core::time::Duration as CoreDuration;
 use baton_agent_core::agent::{Agent, AgentConfig, ConnId, Direction, Event, PeerInfo};
 use baton_agent_core::flash::FlashStore;
 use baton_agent_core::store::ContentStore;
-use baton_protocol::frame;
+use baton_protocol::frame::{self, CobsReader};
 use baton_protocol::identity::Identity;
 use baton_protocol::merkle::Proof;
 use baton_protocol::message::CHUNK_OVERHEAD;
@@ -52,9 +65,11 @@ use embassy_net::{IpEndpoint, Ipv4Address, Stack};
 use embassy_time::{Duration, Instant, Timer};
 use sha2::{Digest as _, Sha256};
 
+use crate::cobs_tx::CobsWriter;
 use crate::config::Config;
 use crate::entropy::Entropy;
 use crate::psram::NorPartition;
+use crate::uart;
 
 /// Largest chunk this device accepts (reported as `max_chunk`).
 pub const MAX_CHUNK: u32 = 4096;
@@ -79,9 +94,17 @@ const PEER_TABLE: usize = 2;
 /// The agent as this device runs it: one content, two peer connections.
 pub type DeviceAgent = Agent<FlashStore<NorPartition>, 1, PEER_TABLE>;
 
+/// Largest COBS encoding of a frame (delimiter not included).
+const COBS_MAX: usize = FRAME_MAX + FRAME_MAX / 254 + 1;
 /// Receive buffer of the manager and outgoing-peer sockets (also the TCP
-/// window): one whole chunk frame with its length header.
-pub const BIG_RX: usize = (frame::HEADER_LEN + FRAME_MAX).next_multiple_of(64);
+/// window): one whole chunk frame with its length header. On a serial device
+/// the manager's buffer holds one COBS-encoded frame instead.
+pub const BIG_RX: usize = if COBS_MAX > frame::HEADER_LEN + FRAME_MAX {
+    COBS_MAX
+} else {
+    frame::HEADER_LEN + FRAME_MAX
+}
+.next_multiple_of(64);
 /// Receive buffer of an incoming-peer socket (handshake and requests only).
 pub const SMALL_RX: usize = 384;
 /// Transmit buffer of the manager socket (reports, progress; written in parts if larger).
@@ -103,6 +126,13 @@ const SEND_STALL: Duration = Duration::from_secs(20);
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEPALIVE: Duration = Duration::from_secs(10);
 const CLOSE_GRACE: Duration = Duration::from_millis(200);
+/// A serial handshake answers within this (QEMU's pty backend may take ~1 s to notice a reader).
+const SERIAL_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(4);
+/// A serial session with nothing from the manager for this long is started again
+/// (the agent pings the manager every 10 s, so a live manager is never this quiet).
+const SERIAL_SILENCE: Duration = Duration::from_secs(25);
+/// How long a handshake message may wait for the UART.
+const SERIAL_WRITE_LIMIT: Duration = Duration::from_millis(200);
 
 /// What a slot is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, defmt::Format)]
@@ -164,6 +194,16 @@ struct Pending {
 /// waits for room in its socket no frame is read.
 pub type FrameBuf = [u8; frame::HEADER_LEN + FRAME_MAX];
 
+/// The manager session's serial line (slot 0 on a serial device).
+struct SerialLink {
+    /// Decodes received bytes; its buffer is the manager socket's receive buffer.
+    rx: CobsReader<'static>,
+    /// Progress of the pending frame on the line.
+    tx: CobsWriter,
+    /// When the last frame came in (liveness).
+    last_rx: Instant,
+}
+
 /// When the current job started, for the transfer rate in the completion log.
 #[derive(Clone, Copy)]
 struct JobClock {
@@ -189,6 +229,7 @@ pub struct Node {
     next_conn: u32,
     backoff: Duration,
     clock: Option<JobClock>,
+    serial: Option<SerialLink>,
 }
 
 /// The agent's time: milliseconds since boot.
@@ -250,6 +291,7 @@ impl Node {
             manager,
             outgoing,
             incoming,
+            serial,
         } = sockets;
         let slot = |(rx, tx): SocketBuf, kind: Kind| {
             let sock = TcpSocket::new(stack, rx, tx);
@@ -288,18 +330,35 @@ impl Node {
                 .and_then(|c| c.token.as_str())
                 .filter(|t| !t.is_empty())
                 .and_then(|t| heapless::String::try_from(t).ok()),
-            listen_port: cfg.map_or(0, |c| c.listen_port),
+            listen_port: if serial.is_some() {
+                0
+            } else {
+                cfg.map_or(0, |c| c.listen_port)
+            },
             pending: None,
             next_conn: 1,
             backoff: Duration::from_millis(250),
             clock: None,
+            serial: serial.map(|buf| SerialLink {
+                rx: CobsReader::new(buf),
+                tx: CobsWriter::new(),
+                last_rx: Instant::now(),
+            }),
         }
+    }
+
+    /// Whether slot `i` runs over the serial line.
+    fn on_serial(&self, i: usize) -> bool {
+        i == 0 && self.serial.is_some()
     }
 
     /// Runs the node forever.
     pub async fn run(&mut self) -> ! {
-        if self.manager.is_none() || self.manager_key.is_none() {
+        if (self.manager.is_none() && self.serial.is_none()) || self.manager_key.is_none() {
             defmt::warn!("not provisioned: no manager address or key");
+        }
+        if self.serial.is_some() {
+            defmt::info!("manager link: serial (UART0, COBS)");
         }
         let mut boot_report = true;
         loop {
@@ -391,13 +450,24 @@ impl Node {
         match s.state {
             State::Idle { retry } => match s.kind {
                 Kind::Manager => {
-                    if retry.is_some_and(|r| r <= now)
-                        && let (Some(ep), Some(_)) = (self.manager, self.manager_key)
-                    {
-                        self.dial(i, ep);
+                    if retry.is_none_or(|r| r > now) || self.manager_key.is_none() {
+                        return false;
+                    }
+                    if let Some(ser) = &mut self.serial {
+                        // No connection to make: the handshake starts at once.
+                        ser.last_rx = now;
+                        s.state = State::Connected {
+                            deadline: now + SERIAL_HANDSHAKE_TIMEOUT,
+                        };
                         return true;
                     }
-                    false
+                    match self.manager {
+                        Some(ep) => {
+                            self.dial(i, ep);
+                            true
+                        }
+                        None => false,
+                    }
                 }
                 Kind::Incoming if self.listen_port != 0 => {
                     let port = self.listen_port;
@@ -443,7 +513,9 @@ impl Node {
                 }
             },
             State::Connected { deadline } => {
-                if now >= deadline || !s.sock.may_send() {
+                // A serial line has no connection that could have dropped.
+                let line_up = (i == 0 && self.serial.is_some()) || s.sock.may_send();
+                if now >= deadline || !line_up {
                     self.close(i, "handshake never started");
                     true
                 } else if self.hs[engine(s.kind)].is_none() {
@@ -456,6 +528,15 @@ impl Node {
             }
             State::Handshake { deadline } if now >= deadline => {
                 self.close(i, "handshake timed out");
+                true
+            }
+            State::Up { .. }
+                if self
+                    .serial
+                    .as_ref()
+                    .is_some_and(|ser| i == 0 && now > ser.last_rx + SERIAL_SILENCE) =>
+            {
+                self.close(i, "manager silent on the serial line");
                 true
             }
             State::Handshake { .. } | State::Up { .. } => self.read_frame(i),
@@ -503,7 +584,12 @@ impl Node {
         let hello = self.peer_hello();
         let hs = match self.slots[i].kind {
             Kind::Manager => {
-                let mut hello = Hello::new(Role::Agent, hello.id, hello.caps, None);
+                let caps = if self.serial.is_some() {
+                    hello.caps | caps::SERIAL
+                } else {
+                    hello.caps
+                };
+                let mut hello = Hello::new(Role::Agent, hello.id, caps, None);
                 if let Some(t) = &self.token {
                     hello = hello.with_token(t.clone());
                 }
@@ -555,7 +641,12 @@ impl Node {
                 return self.close(i, "handshake message too large");
             };
             msg[..H].copy_from_slice(&h);
-            if !write_now(&mut self.slots[i].sock, &msg[..H + n]) {
+            let written = if i == 0 && self.serial.is_some() {
+                serial_write(&msg[H..H + n])
+            } else {
+                write_now(&mut self.slots[i].sock, &msg[..H + n])
+            };
+            if !written {
                 return self.close(i, "no room for a handshake message");
             }
         }
@@ -649,7 +740,7 @@ impl Node {
             }
             Ok(None) => {
                 let s = &self.slots[i];
-                if !s.sock.may_recv() && s.sock.recv_queue() == 0 {
+                if !self.on_serial(i) && !s.sock.may_recv() && s.sock.recv_queue() == 0 {
                     self.close(i, "closed by the other side");
                     return true;
                 }
@@ -664,6 +755,11 @@ impl Node {
 
     /// Reads one frame into the frame buffer if it is completely in the socket.
     fn next_frame(&mut self, i: usize) -> Result<Option<usize>, &'static str> {
+        if i == 0
+            && let Some(ser) = &mut self.serial
+        {
+            return Ok(serial_frame(ser, self.buf));
+        }
         let s = &mut self.slots[i];
         while s.have_header < H && s.sock.recv_queue() > 0 {
             let (have, hdr) = (s.have_header, &mut s.header);
@@ -750,6 +846,25 @@ impl Node {
         let Some(mut p) = self.pending else {
             return true;
         };
+        if p.slot == 0
+            && let Some(ser) = &mut self.serial
+        {
+            let frame = &self.buf[p.off..p.end];
+            while uart::tx_ready() {
+                match ser.tx.next_byte(frame) {
+                    Some(b) => uart::write(b),
+                    None => {
+                        self.pending = None;
+                        return true;
+                    }
+                }
+            }
+            if Instant::now().saturating_duration_since(p.since) > SEND_STALL {
+                self.pending = None;
+                self.close(p.slot, "serial line stalled");
+            }
+            return self.pending.is_none();
+        }
         let s = &mut self.slots[p.slot];
         while p.off < p.end {
             match poll_once(s.sock.write(&self.buf[p.off..p.end])) {
@@ -808,6 +923,19 @@ impl Node {
                 return;
             }
         };
+        if i == 0
+            && let Some(ser) = &mut self.serial
+        {
+            // COBS-encoded on the way out, from the frame buffer.
+            ser.tx = CobsWriter::new();
+            self.pending = Some(Pending {
+                slot: i,
+                off: H,
+                end: H + n,
+                since: Instant::now(),
+            });
+            return;
+        }
         let Ok(h) = frame::header(n) else {
             return;
         };
@@ -950,6 +1078,15 @@ impl Node {
             if let Some(p) = self.pending {
                 at(p.since + SEND_STALL);
             }
+            if let Some(ser) = &self.serial {
+                if matches!(self.slots[0].state, State::Up { .. }) {
+                    at(ser.last_rx + SERIAL_SILENCE);
+                }
+                // Bytes left in the ring after a frame was taken: look again soon.
+                if reading && uart::rx_queued() > 0 {
+                    at(now + Duration::from_millis(1));
+                }
+            }
             for s in &self.slots {
                 match s.state {
                     State::Idle { retry: Some(r) } if s.kind == Kind::Manager => at(r),
@@ -974,6 +1111,7 @@ impl Node {
             *q = s.sock.recv_queue();
         }
         let slots = &self.slots;
+        let serial = self.serial.is_some();
         let mut timer = pin!(Timer::at(deadline));
         poll_fn(|cx| {
             if timer.as_mut().poll(cx).is_ready() {
@@ -987,6 +1125,13 @@ impl Node {
                     State::Connecting { .. } | State::Listening => (false, true),
                     _ => (false, false),
                 };
+                if serial && i == 0 {
+                    // The UART, not the (unused) manager socket.
+                    if (read && uart::poll_rx(cx)) || (write && uart::poll_tx(cx)) {
+                        return Poll::Ready(());
+                    }
+                    continue;
+                }
                 if read {
                     if s.sock.recv_queue() != queued[i] {
                         return Poll::Ready(());
@@ -1022,6 +1167,51 @@ fn write_now(sock: &mut TcpSocket<'static>, bytes: &[u8]) -> bool {
     true
 }
 
+/// Writes one handshake message to the serial line (a leading delimiter, then
+/// the COBS frame), waiting for the UART at most [`SERIAL_WRITE_LIMIT`].
+fn serial_write(msg: &[u8]) -> bool {
+    let mut enc = CobsWriter::new();
+    let give_up = Instant::now() + SERIAL_WRITE_LIMIT;
+    let mut lead = true;
+    loop {
+        if !uart::tx_ready() {
+            if Instant::now() > give_up {
+                return false;
+            }
+            continue;
+        }
+        let b = if lead {
+            lead = false;
+            0
+        } else {
+            match enc.next_byte(msg) {
+                Some(b) => b,
+                None => return true,
+            }
+        };
+        uart::write(b);
+    }
+}
+
+/// Feeds received serial bytes to the COBS reader until a frame is complete;
+/// copies it into the frame buffer and returns its length. A corrupt or
+/// oversized frame is dropped (the reader resynchronises at the next `0x00`).
+fn serial_frame(ser: &mut SerialLink, buf: &mut FrameBuf) -> Option<usize> {
+    while let Some(b) = uart::pop() {
+        match ser.rx.push(b) {
+            None => {}
+            Some(Ok(n)) if n <= FRAME_MAX => {
+                buf[H..H + n].copy_from_slice(&ser.rx.frame()[..n]);
+                ser.last_rx = Instant::now();
+                return Some(n);
+            }
+            Some(Ok(n)) => defmt::warn!("serial: {}-byte frame over the limit dropped", n),
+            Some(Err(e)) => defmt::warn!("serial: frame dropped: {}", e),
+        }
+    }
+    None
+}
+
 /// Receive and transmit buffers of one socket.
 pub type SocketBuf = (&'static mut [u8], &'static mut [u8]);
 
@@ -1033,12 +1223,15 @@ pub struct SocketBuffers {
     pub outgoing: SocketBuf,
     /// Incoming peer.
     pub incoming: SocketBuf,
+    /// On a serial device: the serial line's receive buffer (one COBS frame).
+    pub serial: Option<&'static mut [u8]>,
 }
 
 /// The agent's configuration for this device.
 pub fn agent_config(cfg: Option<&Config>, id: AgentId, ip: [u8; 4]) -> AgentConfig {
     let mut c = AgentConfig::new(id);
-    let listen = cfg.map_or(0, |c| c.listen_port);
+    // A serial device serves no peers: it has no listener to report.
+    let listen = cfg.filter(|c| !c.serial()).map_or(0, |c| c.listen_port);
     c.listen = (listen != 0).then_some(PeerAddr::V4(ip, listen));
     c.can_serve = listen != 0;
     c.max_chunk = MAX_CHUNK;

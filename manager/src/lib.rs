@@ -11,6 +11,7 @@
 //! - [`content`]: the manager's keys, publishing files and serving their chunks;
 //! - [`registry`]: enrolled agents and live sessions, handshake authorization;
 //! - [`net`]: the TCP agent server and the task that drives the engine;
+//! - [`serial`]: serial-attached devices (COBS-framed sessions over a UART);
 //! - [`http`]: the authenticated JSON API under `/api/v1`;
 //! - [`server`]: everything above wired together, as `baton serve` runs it.
 
@@ -27,6 +28,8 @@ pub mod http;
 pub mod net;
 #[cfg(feature = "server")]
 pub mod registry;
+#[cfg(feature = "server")]
+pub mod serial;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

@@ -29,7 +29,8 @@ use baton_protocol::message::{MAX_PUBLISHERS, Message, Report};
 use baton_protocol::session::{Hello, Role};
 use baton_protocol::types::{AgentId, PublicKey};
 use serde::Serialize;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -466,8 +467,12 @@ impl AgentServer {
         )
     }
 
-    /// Serves one agent connection until it ends.
-    pub async fn handle(self: Arc<Self>, stream: TcpStream, addr: SocketAddr) {
+    /// Serves one agent connection until it ends: a TCP stream, or a serial
+    /// line's session (see [`crate::serial`]), which has no address of its own.
+    pub async fn handle<S>(self: Arc<Self>, stream: S, addr: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let registry = self.registry.clone();
         let accepted = link::accept(stream, &self.identity, self.hello(), &self.limits, |hs| {
             registry
@@ -545,6 +550,12 @@ impl AgentServer {
             },
         );
         tracing::info!(agent = %id, %addr, took_over, "agent connected");
+        if took_over {
+            // The previous session is dead (e.g. the device lost power and came back
+            // before the old connection timed out) and will not report it: the id now
+            // belongs to this session. The engine must see it go, so it instructs again.
+            let _ = self.core.send(CoreInput::Offline { id: id.clone() });
+        }
         let _ = self.core.send(CoreInput::Online {
             id: id.clone(),
             key: auth.key,

@@ -49,6 +49,8 @@ pub struct ServeOptions {
     pub ready_file: Option<PathBuf>,
     /// Most agent connections at once.
     pub max_connections: usize,
+    /// Serial ports with a device on each (`/dev/ttyUSB0`, a pty), served like agent connections.
+    pub serial: Vec<PathBuf>,
 }
 
 impl ServeOptions {
@@ -63,6 +65,7 @@ impl ServeOptions {
             give_up: Duration::from_secs(60),
             ready_file: None,
             max_connections: 100_000,
+            serial: Vec::new(),
         }
     }
 }
@@ -630,7 +633,7 @@ pub async fn serve(
     let core_task = tokio::spawn(core.run(core_rx, stopped(stop_rx.clone())));
     let agent_task = tokio::spawn(crate::net::run_agent_server(
         agent_listener,
-        agent_server,
+        agent_server.clone(),
         stopped(stop_rx.clone()),
     ));
     let http_task = tokio::spawn(crate::http::run(
@@ -638,6 +641,17 @@ pub async fn serve(
         manager.clone(),
         stopped(stop_rx.clone()),
     ));
+    let serial_tasks: Vec<_> = opts
+        .serial
+        .iter()
+        .map(|path| {
+            tokio::spawn(crate::serial::run_serial_port(
+                path.clone(),
+                agent_server.clone(),
+                stopped(stop_rx.clone()),
+            ))
+        })
+        .collect();
 
     let info = ReadyInfo {
         agent_addr: agent_addr.to_string(),
@@ -670,6 +684,9 @@ pub async fn serve(
     registry.close_all();
     let grace = Duration::from_secs(5);
     let _ = tokio::time::timeout(grace, agent_task).await;
+    for task in serial_tasks {
+        let _ = tokio::time::timeout(grace, task).await;
+    }
     let http_result = tokio::time::timeout(grace, http_task).await;
     if !core_task.is_finished() {
         let _ = tokio::time::timeout(grace, &mut core_task).await;

@@ -36,6 +36,9 @@ pub struct ServeArgs {
     /// Most agent connections at once.
     #[arg(long, default_value_t = 100_000)]
     pub max_connections: usize,
+    /// A serial port with a device on it, e.g. /dev/ttyUSB0 or a pty (repeat for more).
+    #[arg(long = "serial", value_name = "PATH")]
+    pub serial: Vec<PathBuf>,
 }
 
 impl ServeArgs {
@@ -50,6 +53,7 @@ impl ServeArgs {
             give_up: Duration::from_secs(self.give_up.max(1)),
             ready_file: self.ready_file.clone(),
             max_connections: self.max_connections,
+            serial: self.serial.clone(),
         }
     }
 }

@@ -14,6 +14,10 @@
 //! key=5f0c…
 //! ```
 //!
+//! `--serial` makes the device reach the manager over UART0 (COBS-framed,
+//! for `baton serve --serial PATH`) instead of `--manager`'s TCP address;
+//! `--tcp` switches back. A serial device serves no peers.
+//!
 //! `--show` prints what a file holds; `--erase-content` erases the content
 //! partition (as after a factory reset). The block layout is in `src/config.rs`
 //! of the firmware, which this tool compiles in unchanged.
@@ -29,7 +33,12 @@ use baton_protocol::identity::Identity;
 #[allow(dead_code)]
 mod config;
 
-use config::{Bytes, CONFIG_LEN, Config};
+use config::{Bytes, CONFIG_LEN, Config, FLAG_SERIAL};
+
+/// The firmware's serial-link encoder, compiled here for its tests.
+#[cfg(test)]
+#[path = "../../../src/cobs_tx.rs"]
+mod cobs_tx;
 
 /// Size of the flash file: QEMU's mps2 PSRAM.
 const FLASH_SIZE: u64 = 16 * 1024 * 1024;
@@ -39,7 +48,7 @@ const CONTENT_OFFSET: u64 = 0x1_0000;
 const USAGE: &str = "usage: baton-fw-provision --flash FILE [--show] [--erase-content]
     [--id ID] [--seed HEX | --new-seed] [--ip A.B.C.D/PREFIX] [--gateway A.B.C.D]
     [--manager A.B.C.D:PORT] [--manager-key HEX] [--listen-port N] [--token TOKEN]
-    [--publisher-key HEX]... [--site NAME] [--segment NAME]";
+    [--publisher-key HEX]... [--site NAME] [--segment NAME] [--serial | --tcp]";
 
 fn parse_hex32(s: &str, what: &str) -> Result<[u8; 32], String> {
     let s = s.trim();
@@ -101,6 +110,7 @@ fn show(c: &Config) {
         SocketAddrV4::new(Ipv4Addr::from(c.manager_ip), c.manager_port)
     );
     println!("manager_key={}", hex(&c.manager_key));
+    println!("link={}", if c.serial() { "serial" } else { "tcp" });
     println!("listen_port={}", c.listen_port);
     println!("site={}", c.site.as_str().unwrap_or(""));
     println!("segment={}", c.segment.as_str().unwrap_or(""));
@@ -118,6 +128,7 @@ fn run() -> Result<(), String> {
     let mut seed = None;
     let mut sets: Vec<(String, String)> = Vec::new();
     let mut publishers = Vec::new();
+    let mut link = None;
     while let Some(a) = args.next() {
         let mut value = || {
             args.next()
@@ -128,6 +139,8 @@ fn run() -> Result<(), String> {
             "--show" => show_only = true,
             "--erase-content" => erase = true,
             "--new-seed" => new_seed = true,
+            "--serial" => link = Some(true),
+            "--tcp" => link = Some(false),
             "--seed" => seed = Some(parse_hex32(&value()?, "--seed")?),
             "--publisher-key" => publishers.push(parse_hex32(&value()?, "--publisher-key")?),
             "--id" | "--ip" | "--gateway" | "--manager" | "--manager-key" | "--listen-port"
@@ -216,6 +229,11 @@ fn run() -> Result<(), String> {
             _ => unreachable!("only the options matched above are collected"),
         }
     }
+    match link {
+        Some(true) => c.flags |= FLAG_SERIAL,
+        Some(false) => c.flags &= !FLAG_SERIAL,
+        None => {}
+    }
     if !publishers.is_empty() {
         if publishers.len() > 4 {
             return Err("at most 4 --publisher-key".into());
@@ -272,5 +290,102 @@ mod test {
             Config::decode(&[0xFF; CONFIG_LEN]),
             Err(config::ConfigError::Missing)
         );
+    }
+
+    #[test]
+    fn serial_flag_round_trips() {
+        let mut c = empty_config();
+        assert!(!Config::decode(&c.encode()).unwrap().serial());
+        c.flags |= FLAG_SERIAL;
+        assert!(Config::decode(&c.encode()).unwrap().serial());
+    }
+
+    /// The encoding `CobsWriter` produces, byte by byte.
+    fn stream(frame: &[u8]) -> Vec<u8> {
+        let mut w = cobs_tx::CobsWriter::new();
+        let mut out = Vec::new();
+        while let Some(b) = w.next_byte(frame) {
+            out.push(b);
+            assert!(
+                out.len() <= frame.len() + frame.len() / 254 + 2,
+                "runs away"
+            );
+        }
+        assert_eq!(w.next_byte(frame), None, "stays finished");
+        out
+    }
+
+    #[test]
+    fn cobs_writer_round_trips_through_the_protocol_reader() {
+        use baton_protocol::frame::CobsReader;
+        let mut cases: Vec<Vec<u8>> = vec![
+            vec![0],
+            vec![0, 0],
+            vec![1],
+            vec![0x11, 0, 0x22],
+            vec![0x11, 0x22, 0],
+            vec![1; 253],
+            vec![1; 254],
+            vec![1; 255],
+            vec![1; 508],
+            vec![1; 509],
+        ];
+        let mut with_zero = vec![1u8; 600];
+        with_zero[254] = 0;
+        cases.push(with_zero);
+        // Pseudo-random frames of every length up to a chunk frame, sparse and dense zeros.
+        let mut x: u32 = 12345;
+        for len in (1..4600).step_by(97) {
+            let frame: Vec<u8> = (0..len)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    let b = (x >> 16) as u8;
+                    if len % 2 == 0 { b } else { b | 1 }
+                })
+                .collect();
+            cases.push(frame);
+        }
+        let mut buf = vec![0u8; 8192];
+        for frame in &cases {
+            let wire = stream(frame);
+            assert_eq!(*wire.last().unwrap(), 0, "ends with the delimiter");
+            assert!(!wire[..wire.len() - 1].contains(&0), "no zero inside");
+            // The protocol's decoder gets the frame back.
+            let mut r = CobsReader::new(&mut buf);
+            let mut got = None;
+            for &b in &wire {
+                if let Some(res) = r.push(b) {
+                    got = Some(res.expect("decodes"));
+                }
+            }
+            let n = got.expect("one frame");
+            assert_eq!(&r.frame()[..n], &frame[..], "len {}", frame.len());
+        }
+    }
+
+    #[test]
+    fn cobs_writer_writes_what_the_protocol_encoder_writes() {
+        let mut out = vec![0u8; 8192];
+        let mut x: u32 = 99;
+        let mut cases: Vec<Vec<u8>> = [0usize, 1, 253, 254, 255, 508, 509, 4540]
+            .iter()
+            .map(|&n| vec![1u8; n.max(1)])
+            .collect();
+        cases.push(vec![5, 0, 7, 0, 0, 9]);
+        cases.push([vec![0], vec![1; 254]].concat());
+        for len in (1..4600).step_by(131) {
+            cases.push(
+                (0..len)
+                    .map(|_| {
+                        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                        (x >> 16) as u8 | (len % 3 != 0) as u8
+                    })
+                    .collect(),
+            );
+        }
+        for frame in &cases {
+            let n = baton_protocol::frame::cobs_encode(frame, &mut out).unwrap();
+            assert_eq!(stream(frame), &out[..n], "len {}", frame.len());
+        }
     }
 }

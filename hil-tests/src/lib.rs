@@ -1,0 +1,1091 @@
+//! Hardware-in-the-loop harness: QEMU firmware devices, Linux agents and the
+//! manager on one bridged Ethernet segment in a private network namespace.
+//!
+//! A [`Lab`] is one test's world: a network namespace of its own (a unique
+//! name per test, so tests never see each other's bridge, taps or ports), a
+//! bridge `br0` at `10.77.0.1/24` with one tap per QEMU device, and a
+//! temporary directory for flash images, logs and the manager's data. Every
+//! process it starts (`baton serve`, `baton agent`, QEMU through
+//! `agent-firmware/run-qemu.sh`, helpers) leads its own process group inside
+//! the namespace; dropping the lab, also while a failed test unwinds, kills
+//! those groups and deletes the taps and the namespace. Namespaces left by a
+//! test process that was itself killed are removed by the next run.
+//!
+//! What the tests need is checked once by [`Env::require`], which fails with
+//! a clear message instead of skipping: root (namespaces, taps),
+//! `qemu-system-arm`, `ip`, `defmt-print`, and the artefacts that
+//! `scripts/build-firmware.sh` builds before `cargo test` runs (the
+//! firmware ELF, the provisioning tool and `target/release/baton`). The
+//! `baton` binary is found next to the test executable (`target/release/`,
+//! the same target directory), or at `BATON_BIN`; a binary or ELF older than
+//! any source file its cargo dep-info lists is refused as stale, so a test
+//! never runs yesterday's manager. (A test cannot get another package's
+//! binary from cargo, and must not run a nested cargo.)
+//!
+//! Device logs are decoded defmt lines (`12.345 INFO  chunk 7 stored`), one
+//! file per boot; [`Device::wait_log`] and the parsers below turn them into
+//! facts the tests assert.
+
+#![warn(missing_docs)]
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::Read as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2_std::{Digest as _, Sha256};
+
+/// The bound on any single wait in these tests.
+pub const BOUND: Duration = Duration::from_secs(30);
+/// The manager's address on the segment (the bridge's address).
+pub const MANAGER_IP: &str = "10.77.0.1";
+/// The manager's agent port.
+pub const MANAGER_PORT: u16 = 7700;
+/// The peer port devices listen on.
+pub const DEVICE_PORT: u16 = 7400;
+/// Chunk size the devices take (their `max_chunk`).
+pub const CHUNK: usize = 4096;
+
+static HIL: Mutex<()> = Mutex::new(());
+
+/// Serialises the HIL tests of a test binary: they share the CPU budget and QEMU.
+pub fn one_at_a_time() -> MutexGuard<'static, ()> {
+    HIL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Paths to what the tests run, checked once.
+#[derive(Debug)]
+pub struct Env {
+    /// The workspace root.
+    pub root: PathBuf,
+    /// The manager and Linux agent binary.
+    pub baton: PathBuf,
+    /// The firmware ELF.
+    pub firmware: PathBuf,
+    /// The firmware provisioning tool.
+    pub provision: PathBuf,
+    /// `agent-firmware/run-qemu.sh`.
+    pub run_qemu: PathBuf,
+    /// `PATH` for child processes (with `defmt-print`'s directory).
+    pub path: OsString,
+}
+
+impl Env {
+    /// The checked environment; panics with what is missing and how to get it.
+    pub fn require() -> &'static Env {
+        static ENV: OnceLock<Result<Env, String>> = OnceLock::new();
+        match ENV.get_or_init(Env::probe) {
+            Ok(env) => env,
+            Err(why) => panic!("HIL tests cannot run:\n{why}"),
+        }
+    }
+
+    fn probe() -> Result<Env, String> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("hil-tests sits in the workspace")
+            .to_path_buf();
+        let mut problems = Vec::new();
+        if effective_uid() != Some(0) {
+            problems.push(
+                "- not root: the tests create network namespaces, bridges and taps (run them as root)"
+                    .to_string(),
+            );
+        }
+        let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect())
+            .unwrap_or_default();
+        // cargo-installed tools (defmt-print) even when ~/.cargo/bin is not on PATH.
+        if let Some(home) = std::env::var_os("CARGO_HOME") {
+            dirs.push(PathBuf::from(home).join("bin"));
+        }
+        if let Some(home) = std::env::var_os("HOME") {
+            dirs.push(PathBuf::from(home).join(".cargo/bin"));
+        }
+        let find = |tool: &str| dirs.iter().map(|d| d.join(tool)).find(|p| p.is_file());
+        for (tool, how) in [
+            ("qemu-system-arm", "apt-get install qemu-system-arm"),
+            ("ip", "apt-get install iproute2"),
+            ("kill", "apt-get install procps"),
+            ("defmt-print", "cargo install defmt-print --locked"),
+        ] {
+            if find(tool).is_none() {
+                problems.push(format!("- {tool} is not installed ({how})"));
+            }
+        }
+        let path = std::env::join_paths(&dirs).unwrap_or_default();
+        let build = "run scripts/build-firmware.sh first";
+        let fw_dir = root.join("agent-firmware");
+        let firmware = fw_dir.join("target/thumbv7m-none-eabi/release/baton-firmware");
+        check_fresh(&firmware, "the firmware ELF", build, &mut problems);
+        let provision = std::fs::read_dir(fw_dir.join("target/host"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("release/baton-fw-provision"))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| fw_dir.join("target/host/<host>/release/baton-fw-provision"));
+        check_fresh(&provision, "the provisioning tool", build, &mut problems);
+        let baton = match std::env::var_os("BATON_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|exe| Some(exe.parent()?.parent()?.join("baton")))
+                .unwrap_or_else(|| root.join("target/release/baton")),
+        };
+        check_fresh(
+            &baton,
+            "the baton binary",
+            "run scripts/build-firmware.sh (it builds it into the same target directory), or set BATON_BIN",
+            &mut problems,
+        );
+        if !problems.is_empty() {
+            return Err(problems.join("\n"));
+        }
+        Ok(Env {
+            run_qemu: fw_dir.join("run-qemu.sh"),
+            root,
+            baton,
+            firmware,
+            provision,
+            path,
+        })
+    }
+}
+
+/// The effective user id, from `/proc/self/status`.
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Checks that `artifact` exists and is newer than every source its cargo
+/// dep-info (`<artifact>.d`) lists.
+fn check_fresh(artifact: &Path, what: &str, how: &str, problems: &mut Vec<String>) {
+    let Ok(built) = std::fs::metadata(artifact).and_then(|m| m.modified()) else {
+        problems.push(format!(
+            "- {what} is missing at {} ({how})",
+            artifact.display()
+        ));
+        return;
+    };
+    let dep_info = artifact.with_extension("d");
+    let Ok(deps) = std::fs::read_to_string(&dep_info) else {
+        return; // no dep-info: nothing to compare with
+    };
+    if let Some((newest, changed)) = dep_info_sources(&deps)
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max_by_key(|(t, _)| *t)
+        && newest > built
+    {
+        problems.push(format!(
+            "- {what} at {} is older than {} ({how})",
+            artifact.display(),
+            changed.display()
+        ));
+    }
+}
+
+/// The source paths in a makefile-style dep-info file (`out: a b\ c`).
+fn dep_info_sources(text: &str) -> impl Iterator<Item = PathBuf> + '_ {
+    text.lines()
+        .filter_map(|l| l.split_once(": "))
+        .flat_map(|(_, deps)| {
+            let mut out = Vec::new();
+            let mut cur = String::new();
+            let mut chars = deps.chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => cur.extend(chars.next()),
+                    ' ' => {
+                        if !cur.is_empty() {
+                            out.push(PathBuf::from(std::mem::take(&mut cur)));
+                        }
+                    }
+                    c => cur.push(c),
+                }
+            }
+            if !cur.is_empty() {
+                out.push(PathBuf::from(cur));
+            }
+            out
+        })
+}
+
+/// Polls `probe` every 5 ms until it returns `Some`; panics with `what` and `context()` past `limit`.
+pub fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    context: impl Fn() -> String,
+    mut probe: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(t) = probe() {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {limit:?}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Reads a text file, empty if it does not exist (yet).
+pub fn read_text(path: &Path) -> String {
+    let mut bytes = Vec::new();
+    if let Ok(mut f) = File::open(path) {
+        let _ = f.read_to_end(&mut bytes);
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The last `n` lines of `text`, for failure messages.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// `n` random bytes.
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut v);
+    v
+}
+
+/// The value after `key=` in a log line (up to the next space).
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pat = format!("{key}=");
+    let at = line.find(&pat)? + pat.len();
+    Some(line[at..].split_whitespace().next().unwrap_or(""))
+}
+
+/// Indices of the `chunk K stored` lines in a device log, in log order.
+pub fn stored_chunks(log: &str) -> Vec<u32> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = l.split("chunk ").nth(1)?;
+            let (k, tail) = rest.split_once(' ')?;
+            (tail.trim() == "stored").then(|| k.parse().ok())?
+        })
+        .collect()
+}
+
+/// What a device logged when a job completed (SHA-256 recomputed from flash).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The job.
+    pub job: u64,
+    /// SHA-256 of the content read back from flash.
+    pub sha256: String,
+    /// Content length.
+    pub length: u64,
+    /// Bytes fetched in this boot.
+    pub fetched: u64,
+    /// Milliseconds from `Fetch` to the last chunk.
+    pub ms: u64,
+    /// `fetched` per second.
+    pub rate: u64,
+}
+
+/// The device's `job J complete ...` line, if it logged one.
+pub fn completion(log: &str) -> Option<Completion> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(" complete sha256="))?;
+    let num = |k: &str| field(line, k)?.trim_end_matches("B/s").parse::<u64>().ok();
+    let job = line.split("job ").nth(1)?.split(' ').next()?.parse().ok()?;
+    Some(Completion {
+        job,
+        sha256: field(line, "sha256")?.to_string(),
+        length: num("length")?,
+        fetched: num("fetched")?,
+        ms: num("ms")?,
+        rate: num("rate")?,
+    })
+}
+
+/// A device's RAM use as it logged it (`footprint: stack_peak=P stack_size=S data=D bss=B`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Footprint {
+    /// Deepest stack use since boot (painted high-water mark), bytes.
+    pub stack_peak: u64,
+    /// The stack region: RAM left after static data, bytes.
+    pub stack_size: u64,
+    /// Initialised statics, bytes.
+    pub data: u64,
+    /// Zeroed statics, bytes.
+    pub bss: u64,
+}
+
+impl Footprint {
+    /// Static data plus the deepest stack: what the device needed of its RAM.
+    pub fn ram_used(&self) -> u64 {
+        self.data + self.bss + self.stack_peak
+    }
+}
+
+/// The device's last `footprint:` line.
+pub fn footprint(log: &str) -> Option<Footprint> {
+    let line = log.lines().rev().find(|l| l.contains("footprint: "))?;
+    let num = |k: &str| field(line, k)?.parse::<u64>().ok();
+    Some(Footprint {
+        stack_peak: num("stack_peak")?,
+        stack_size: num("stack_size")?,
+        data: num("data")?,
+        bss: num("bss")?,
+    })
+}
+
+/// Asserts that a device's logged footprint fits its 64 KiB of RAM with the
+/// stack inside its region; returns it.
+pub fn assert_fits(dev: &Device) -> Footprint {
+    let log = dev.log();
+    let f = footprint(&log)
+        .unwrap_or_else(|| panic!("{} logged no footprint:\n{}", dev.id, tail(&log, 20)));
+    assert!(
+        f.stack_peak < f.stack_size && f.data + f.bss + f.stack_size <= 64 * 1024,
+        "{}: {f:?} does not fit 64 KiB of RAM",
+        dev.id
+    );
+    f
+}
+
+/// A process the lab started: the leader of its own process group.
+#[derive(Debug)]
+pub struct Proc {
+    /// What it is, for messages.
+    pub label: String,
+    /// Where its output goes.
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Proc {
+    /// Its pid (also its process group id).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The child, for its piped standard streams.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// SIGKILL to the process itself only (a power cut for QEMU), then waits
+    /// until the rest of its group (the log decoder) has drained and exited.
+    pub fn kill_leader(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while group_alive(self.pid()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGKILL to the whole group, then reaps the leader.
+    pub fn kill_group(&mut self) {
+        signal_group(self.pid(), "KILL");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill_group();
+    }
+}
+
+fn signal_group(pgid: u32, signal: &str) -> bool {
+    Command::new("kill")
+        .args(["-s", signal, "--", &format!("-{pgid}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn group_alive(pgid: u32) -> bool {
+    signal_group(pgid, "0")
+}
+
+/// A finished command's output.
+#[derive(Debug)]
+pub struct Output {
+    /// Whether it exited with status 0.
+    pub success: bool,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
+/// The manager the lab runs (`baton serve`).
+#[derive(Debug, Clone)]
+pub struct ManagerInfo {
+    /// Its data directory (the CLI finds it through this).
+    pub data_dir: PathBuf,
+    /// Its Ed25519 public key, hex.
+    pub key: String,
+    /// Its log file.
+    pub log: PathBuf,
+    /// Index of its process in the lab.
+    pub proc: usize,
+}
+
+/// A firmware device: its flash image and how it is attached.
+#[derive(Debug)]
+pub struct Device {
+    /// Agent id.
+    pub id: String,
+    /// Ed25519 public key (hex), enrolled at the manager.
+    pub key: String,
+    /// Its number in the lab (1-based; its tap, MAC and IP derive from it).
+    pub n: u8,
+    /// IPv4 address on the segment.
+    pub ip: String,
+    /// The 16 MiB flash image (QEMU's file-backed PSRAM).
+    pub flash: PathBuf,
+    /// Talks to the manager over UART0 (a pty) instead of TCP.
+    pub serial: bool,
+    /// For a serial device: the stable path the manager opens (a symlink to the pty).
+    pub tty: PathBuf,
+    /// Boots so far.
+    pub boots: u32,
+    dir: PathBuf,
+    proc: Option<usize>,
+}
+
+impl Device {
+    /// A TCP device whose flash image the caller provisioned (`n` gives its tap and MAC).
+    pub fn detached(id: &str, key: &str, n: u8, flash: &Path, dir: &Path) -> Device {
+        Device {
+            id: id.to_string(),
+            key: key.to_string(),
+            n,
+            ip: format!("10.77.0.{}", 10 + n as u32),
+            flash: flash.to_path_buf(),
+            serial: false,
+            tty: dir.join(format!("{id}.tty")),
+            boots: 0,
+            dir: dir.to_path_buf(),
+            proc: None,
+        }
+    }
+
+    /// The decoded log of boot `boot` (1-based).
+    pub fn log_path(&self, boot: u32) -> PathBuf {
+        self.dir.join(format!("{}.boot{boot}.log", self.id))
+    }
+
+    /// The log of the current (last) boot.
+    pub fn log(&self) -> String {
+        read_text(&self.log_path(self.boots))
+    }
+
+    /// Waits until the current boot's log has a line containing `pat`; returns it.
+    pub fn wait_log(&self, pat: &str, limit: Duration) -> String {
+        wait_for(
+            &format!("{} logging {pat:?}", self.id),
+            limit,
+            || format!("{} log:\n{}", self.id, tail(&self.log(), 40)),
+            || {
+                self.log()
+                    .lines()
+                    .find(|l| l.contains(pat))
+                    .map(str::to_string)
+            },
+        )
+    }
+}
+
+/// A Linux agent (`baton agent`) on the segment.
+#[derive(Debug)]
+pub struct LinuxAgent {
+    /// Agent id.
+    pub id: String,
+    /// Where it exports completed content.
+    pub export: PathBuf,
+    /// Its log.
+    pub log: PathBuf,
+}
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+/// One test's network namespace, processes and files (see the crate docs).
+pub struct Lab {
+    /// What the tests run.
+    pub env: &'static Env,
+    /// The namespace's name (unique per test).
+    pub ns: String,
+    /// Files of this test (flash images, logs, data directories).
+    pub dir: PathBuf,
+    tmp: Option<tempfile::TempDir>,
+    procs: Vec<Option<Proc>>,
+    created: bool,
+}
+
+impl std::fmt::Debug for Lab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lab")
+            .field("ns", &self.ns)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lab {
+    /// A namespace with a bridge at `10.77.0.1/24` and `taps` taps on it (`tap1`..).
+    pub fn new(test: &str, taps: u8) -> Lab {
+        let env = Env::require();
+        remove_stale_namespaces();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("baton-hil-{test}-"))
+            .tempdir()
+            .expect("temporary directory");
+        let ns = format!(
+            "bhil-{}-{}",
+            std::process::id(),
+            LABS.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut lab = Lab {
+            env,
+            dir: tmp.path().to_path_buf(),
+            tmp: Some(tmp),
+            ns,
+            procs: Vec::new(),
+            created: false,
+        };
+        // From here on, a failure unwinds through `Drop`, which removes what exists.
+        run_ok(Command::new("ip").args(["netns", "add", &lab.ns]));
+        lab.created = true;
+        lab.ip(&["link", "set", "lo", "up"]);
+        lab.ip(&["link", "add", "br0", "type", "bridge"]);
+        lab.ip(&["addr", "add", &format!("{MANAGER_IP}/24"), "dev", "br0"]);
+        lab.ip(&["link", "set", "br0", "up"]);
+        for i in 1..=taps {
+            let tap = format!("tap{i}");
+            lab.ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]);
+            lab.ip(&["link", "set", &tap, "master", "br0", "up"]);
+        }
+        lab
+    }
+
+    /// Keeps the files after the test (printed path) instead of deleting them.
+    pub fn keep_files(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let path = tmp.keep();
+            eprintln!("HIL files kept in {}", path.display());
+        }
+    }
+
+    /// Runs `ip -n <ns> args…`, panicking on failure.
+    pub fn ip(&self, args: &[&str]) {
+        run_ok(Command::new("ip").arg("-n").arg(&self.ns).args(args));
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns])
+            .arg(program)
+            .env("PATH", &self.env.path);
+        c
+    }
+
+    /// Starts `cmd` as a process group leader, stdout and stderr into `log`; returns its index.
+    pub fn spawn(&mut self, label: &str, mut cmd: Command, log: &Path) -> usize {
+        let out = File::create(log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        self.spawn_with(label, cmd, log)
+    }
+
+    /// Starts `cmd` (stdio as the caller set it) as a process group leader; returns its index.
+    pub fn spawn_with(&mut self, label: &str, mut cmd: Command, log: &Path) -> usize {
+        cmd.process_group(0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {label}: {e}"));
+        self.procs.push(Some(Proc {
+            label: label.to_string(),
+            log: log.to_path_buf(),
+            child,
+        }));
+        self.procs.len() - 1
+    }
+
+    /// The process at `index` (panics if it was removed).
+    pub fn proc(&mut self, index: usize) -> &mut Proc {
+        self.procs[index].as_mut().expect("process still owned")
+    }
+
+    /// Runs `program args…` in the namespace to completion within `limit`.
+    pub fn run(&self, program: &Path, args: &[&str], limit: Duration) -> Output {
+        let out = self
+            .dir
+            .join(format!(".run-{}.out", LABS.fetch_add(1, Ordering::Relaxed)));
+        let err = out.with_extension("err");
+        let mut child = self
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).expect("output file"))
+            .stderr(File::create(&err).expect("output file"))
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                signal_group(child.id(), "KILL");
+                let _ = child.wait();
+                panic!(
+                    "{} {args:?} did not finish within {limit:?}; stderr:\n{}",
+                    program.display(),
+                    read_text(&err)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let output = Output {
+            success: status.success(),
+            stdout: read_text(&out),
+            stderr: read_text(&err),
+        };
+        let _ = std::fs::remove_file(&out);
+        let _ = std::fs::remove_file(&err);
+        output
+    }
+
+    /// Runs `baton args…` in the namespace; panics unless it succeeds; returns its stdout.
+    pub fn baton(&self, args: &[&str]) -> String {
+        let out = self.run(&self.env.baton, args, BOUND);
+        assert!(
+            out.success,
+            "baton {args:?} failed:\n{}\n{}",
+            out.stdout, out.stderr
+        );
+        out.stdout
+    }
+
+    /// Starts `baton serve` on `10.77.0.1:7700` (HTTP on the namespace's loopback).
+    pub fn start_manager(&mut self, extra: &[&str]) -> ManagerInfo {
+        let data_dir = self.dir.join("manager");
+        let ready = self.dir.join("ready.json");
+        let log = self.dir.join("manager.log");
+        let mut cmd = self.command(&self.env.baton.clone());
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--listen", &format!("{MANAGER_IP}:{MANAGER_PORT}")])
+            .args(["--http", "127.0.0.1:7780", "--give-up", "20"])
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(extra)
+            .env("RUST_LOG", "info");
+        let proc = self.spawn("baton serve", cmd, &log);
+        let info: Value = {
+            let lab = &mut *self;
+            wait_for(
+                "the manager's ready file",
+                BOUND,
+                || format!("manager log:\n{}", tail(&read_text(&log), 40)),
+                || {
+                    assert!(
+                        lab.proc(proc).running(),
+                        "baton serve exited; log:\n{}",
+                        read_text(&log)
+                    );
+                    serde_json::from_slice(&std::fs::read(&ready).ok()?).ok()
+                },
+            )
+        };
+        ManagerInfo {
+            key: info["manager_key"]
+                .as_str()
+                .expect("manager key")
+                .to_string(),
+            data_dir,
+            log,
+            proc,
+        }
+    }
+
+    /// Enrols `id` with `key` at the manager.
+    pub fn enroll(&self, m: &ManagerInfo, id: &str, key: &str) {
+        let dir = m.data_dir.to_string_lossy();
+        self.baton(&["enroll", "--data-dir", &dir, "--id", id, "--key", key]);
+    }
+
+    /// Provisions device `n` (flash image, identity, address) and enrols it.
+    ///
+    /// TCP devices use `tap<n>`, MAC `52:54:00:77:00:<n>`, IP `10.77.0.<10+n>`
+    /// and listen for peers on [`DEVICE_PORT`] when `serve` is set; a serial
+    /// device talks to the manager over a pty instead and serves no peers.
+    pub fn device(
+        &self,
+        m: &ManagerInfo,
+        n: u8,
+        serial: bool,
+        serve: bool,
+        segment: &str,
+    ) -> Device {
+        let id = if serial {
+            format!("fw-s{n}")
+        } else {
+            format!("fw-{n}")
+        };
+        let ip = format!("10.77.0.{}", 10 + n as u32);
+        let flash = self.dir.join(format!("{id}.img"));
+        let listen = if serve && !serial {
+            DEVICE_PORT.to_string()
+        } else {
+            "0".into()
+        };
+        let manager = format!("{MANAGER_IP}:{MANAGER_PORT}");
+        let flash_arg = flash.to_string_lossy().into_owned();
+        let mut args = vec![
+            "--flash",
+            &flash_arg,
+            "--id",
+            &id,
+            "--manager-key",
+            &m.key,
+            "--listen-port",
+            &listen,
+            "--segment",
+            segment,
+            "--site",
+            "hil",
+        ];
+        let ip_arg = format!("{ip}/24");
+        if serial {
+            args.push("--serial");
+        } else {
+            args.extend(["--ip", &ip_arg, "--manager", &manager, "--tcp"]);
+        }
+        let out = self.run(&self.env.provision, &args, BOUND);
+        assert!(out.success, "provisioning {id} failed: {}", out.stderr);
+        let key = out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("key="))
+            .expect("the tool prints the key")
+            .to_string();
+        self.enroll(m, &id, &key);
+        Device {
+            tty: self.dir.join(format!("{id}.tty")),
+            id,
+            key,
+            n,
+            ip,
+            flash,
+            serial,
+            boots: 0,
+            dir: self.dir.clone(),
+            proc: None,
+        }
+    }
+
+    /// Boots `dev` in QEMU (a new log file per boot); waits for its `ready` line.
+    /// A serial device's pty is linked at `dev.tty` for the manager.
+    pub fn boot(&mut self, dev: &mut Device) {
+        assert!(dev.proc.is_none(), "{} is already running", dev.id);
+        dev.boots += 1;
+        let log = dev.log_path(dev.boots);
+        let mut cmd = self.command(&self.env.run_qemu.clone());
+        cmd.arg("--flash")
+            .arg(&dev.flash)
+            .args(["--mac", &format!("52:54:00:77:00:{:02x}", dev.n)]);
+        let pty_file = self.dir.join(format!("{}.pty", dev.id));
+        if dev.serial {
+            let _ = std::fs::remove_file(&pty_file);
+            cmd.args(["--serial", "pty", "--pty-file"]).arg(&pty_file);
+        } else {
+            cmd.args(["--tap", &format!("tap{}", dev.n)]);
+        }
+        cmd.arg(&self.env.firmware);
+        let label = format!("QEMU {}", dev.id);
+        dev.proc = Some(self.spawn(&label, cmd, &log));
+        dev.wait_log("ready id=", BOUND);
+        if dev.serial {
+            let pty = wait_for(
+                "QEMU's pty",
+                BOUND,
+                || tail(&dev.log(), 20),
+                || {
+                    let p = read_text(&pty_file);
+                    let p = p.trim();
+                    (!p.is_empty()).then(|| p.to_string())
+                },
+            );
+            let _ = std::fs::remove_file(&dev.tty);
+            std::os::unix::fs::symlink(&pty, &dev.tty).expect("link the pty");
+        }
+    }
+
+    /// Cuts `dev`'s power: SIGKILL to QEMU, mid-whatever it was doing. Its log
+    /// is complete once this returns (the decoder drained what QEMU wrote).
+    pub fn power_cut(&mut self, dev: &mut Device) {
+        let index = dev.proc.take().expect("device is running");
+        if let Some(mut p) = self.procs[index].take() {
+            p.kill_leader();
+        }
+    }
+
+    /// Starts a Linux agent `id` on the segment (listening on the bridge's address) and enrols it.
+    pub fn linux_agent(&mut self, m: &ManagerInfo, id: &str, segment: &str) -> LinuxAgent {
+        let data = self.dir.join(id);
+        let key = self
+            .baton(&[
+                "agent",
+                "--data-dir",
+                &data.to_string_lossy(),
+                "--print-key",
+            ])
+            .trim()
+            .to_string();
+        self.enroll(m, id, &key);
+        let export = self.dir.join(format!("{id}.out"));
+        let log = self.dir.join(format!("{id}.log"));
+        let mut cmd = self.command(&self.env.baton.clone());
+        cmd.arg("agent")
+            .args(["--manager", &format!("{MANAGER_IP}:{MANAGER_PORT}")])
+            .args(["--manager-key", &m.key, "--id", id])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", &format!("{MANAGER_IP}:0")])
+            .args(["--segment", segment, "--site", "hil"])
+            .arg("--export")
+            .arg(&export)
+            .env("RUST_LOG", "info");
+        self.spawn(&format!("baton agent {id}"), cmd, &log);
+        LinuxAgent {
+            id: id.to_string(),
+            export,
+            log,
+        }
+    }
+
+    /// Waits until the manager lists every agent in `ids` as connected.
+    pub fn wait_connected(&self, m: &ManagerInfo, ids: &[&str]) {
+        let dir = m.data_dir.to_string_lossy().into_owned();
+        wait_for(
+            &format!("agents {ids:?} connected"),
+            BOUND,
+            || format!("manager log:\n{}", tail(&read_text(&m.log), 30)),
+            || {
+                let out = self.run(
+                    &self.env.baton,
+                    &["agents", "--json", "--data-dir", &dir],
+                    BOUND,
+                );
+                let list: Value = serde_json::from_str(&out.stdout).ok()?;
+                let up: Vec<&str> = list
+                    .as_array()?
+                    .iter()
+                    .filter(|a| a["connected"].as_bool() == Some(true))
+                    .filter_map(|a| a["id"].as_str())
+                    .collect();
+                ids.iter().all(|id| up.contains(id)).then_some(())
+            },
+        );
+    }
+
+    /// Publishes `file` (4 KiB chunks) and starts a job for `agents`; returns the job id.
+    pub fn push(&self, m: &ManagerInfo, file: &Path, agents: &[&str]) -> u64 {
+        let out = self.baton(&[
+            "push",
+            &file.to_string_lossy(),
+            "--agents",
+            &agents.join(","),
+            "--chunk-size",
+            &CHUNK.to_string(),
+            "--json",
+            "--data-dir",
+            &m.data_dir.to_string_lossy(),
+        ]);
+        let created: Value = serde_json::from_str(out.trim()).expect("push prints JSON");
+        created["id"].as_u64().expect("job id")
+    }
+
+    /// The job's detail (`baton job N --json`).
+    pub fn job(&self, m: &ManagerInfo, job: u64) -> Value {
+        let out = self.baton(&[
+            "job",
+            &job.to_string(),
+            "--json",
+            "--data-dir",
+            &m.data_dir.to_string_lossy(),
+        ]);
+        serde_json::from_str(&out).expect("job JSON")
+    }
+
+    /// Waits until the job is over (every participant confirmed or failed); returns its detail.
+    pub fn wait_job(&self, m: &ManagerInfo, job: u64, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let detail = self.job(m, job);
+            if !matches!(detail["state"].as_str(), Some("pending" | "running")) {
+                return detail;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {job} still {} after {limit:?}: {detail}\nmanager log:\n{}",
+                detail["state"],
+                tail(&read_text(&m.log), 40)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Everything the lab's processes logged, for a failure message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for p in self.procs.iter().flatten() {
+            out.push_str(&format!(
+                "---- {} ({})\n{}\n",
+                p.label,
+                p.log.display(),
+                tail(&read_text(&p.log), 30)
+            ));
+        }
+        out
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Processes first (they hold the taps), then the namespace and its devices.
+        for p in self.procs.iter_mut().filter_map(Option::take) {
+            drop(p);
+        }
+        if self.created {
+            delete_namespace(&self.ns);
+        }
+        if std::thread::panicking() && std::env::var_os("HIL_KEEP").is_some() {
+            self.keep_files();
+        }
+    }
+}
+
+/// Runs a setup command, panicking with its stderr on failure.
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Kills what still runs in namespace `ns`, deletes its links and the namespace.
+fn delete_namespace(ns: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-s", "KILL", pid]).status();
+        }
+    }
+    // Taps are persistent devices: delete them explicitly rather than rely on
+    // the namespace taking them along.
+    if let Ok(out) = Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show", "type", "tun"])
+        .output()
+    {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(name) = line.split(':').nth(1) {
+                let name = name.trim().split('@').next().unwrap_or("");
+                let _ = Command::new("ip")
+                    .args(["-n", ns, "link", "del", name])
+                    .status();
+            }
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", ns]).status();
+}
+
+/// Removes namespaces left by HIL test processes that no longer exist.
+fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(pid) = name
+            .strip_prefix("bhil-")
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if pid != std::process::id().to_string() && !Path::new("/proc").join(pid).exists() {
+            delete_namespace(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn parses_device_log_lines() {
+        let log = "0.010 INFO  chunk 3 stored\n0.011 INFO  chunk 12 stored\n\
+                   0.012 WARN  chunk 4 refused\n\
+                   0.140 INFO  job 1 complete sha256=abcd length=524288 fetched=8192 ms=134 rate=61134B/s hash_ms=10\n";
+        assert_eq!(stored_chunks(log), vec![3, 12]);
+        let c = completion(log).unwrap();
+        assert_eq!(
+            c,
+            Completion {
+                job: 1,
+                sha256: "abcd".into(),
+                length: 524288,
+                fetched: 8192,
+                ms: 134,
+                rate: 61134
+            }
+        );
+        assert_eq!(completion("nothing"), None);
+        let f = footprint(
+            "1.0 INFO  footprint: stack_peak=100 stack_size=200 data=28 bss=300\n\
+             2.0 INFO  footprint: stack_peak=150 stack_size=200 data=28 bss=300\n",
+        )
+        .unwrap();
+        assert_eq!((f.stack_peak, f.ram_used()), (150, 478));
+    }
+
+    #[test]
+    fn reads_dep_info_paths_with_escaped_spaces() {
+        let d = "/t/baton: /src/a.rs /src/my\\ file.rs\n\n/src/a.rs:\n";
+        let paths: Vec<PathBuf> = dep_info_sources(d).collect();
+        assert_eq!(
+            paths,
+            vec![PathBuf::from("/src/a.rs"), PathBuf::from("/src/my file.rs")]
+        );
+    }
+}

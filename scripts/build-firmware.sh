@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Builds everything the hardware-in-the-loop tests run, before
+# `cargo test -p baton-hil-tests --release` (a test must not run a nested cargo):
+#
+#   - installs what is missing: the thumbv7m-none-eabi target, qemu-system-arm
+#     (Debian package, via apt-get), defmt-print (cargo install);
+#   - the firmware ELF (agent-firmware, release profile tuned for size);
+#   - the firmware provisioning tool (agent-firmware/tools/provision);
+#   - the manager and Linux agent binary, `baton`, into this workspace's target
+#     directory (CARGO_TARGET_DIR if set), where the HIL tests look for it;
+#   - prints the firmware's footprint: flash and static RAM against the budgets,
+#     and the peak stack of a booted device, measured by stack painting.
+#
+# Usage: scripts/build-firmware.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n=== %s\n' "$1"; }
+
+step "tools"
+if ! rustup target list --installed | grep -qx thumbv7m-none-eabi; then
+    rustup target add thumbv7m-none-eabi
+fi
+if ! command -v qemu-system-arm >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq qemu-system-arm
+fi
+cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+if ! command -v defmt-print >/dev/null 2>&1 && [ ! -x "$cargo_bin/defmt-print" ]; then
+    cargo install defmt-print --locked
+fi
+qemu-system-arm --version | head -1
+
+# The firmware and its tool build in agent-firmware/target (their own
+# .cargo/config.toml), where run-qemu.sh and the tests look, whatever
+# CARGO_TARGET_DIR says for the workspace.
+step "firmware (agent-firmware, thumbv7m-none-eabi)"
+(cd agent-firmware && env -u CARGO_TARGET_DIR cargo build --release)
+
+step "provisioning tool"
+(cd agent-firmware/tools/provision && env -u CARGO_TARGET_DIR cargo build --release)
+
+step "baton (manager and Linux agent)"
+cargo build --release -p baton-manager --bin baton
+
+step "footprint"
+PATH="$PATH:$cargo_bin" agent-firmware/size.sh --boot
