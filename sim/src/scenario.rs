@@ -1,0 +1,534 @@
+//! Scenarios: the fleet, its links and its faults, generated from a seed.
+//!
+//! A [`Scenario`] is the description a run starts from (sizes, rate ranges,
+//! latency, loss, segments, fault counts); [`Scenario::build`] draws every
+//! agent's link and the fault schedule from the seed, so the same scenario and
+//! seed always give the same [`Built`] fleet — and the same run.
+
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// How many faults of each kind a run injects, and when.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FaultConfig {
+    /// Probability that a frame sent during the fault window is dropped. On a TCP link a
+    /// frame cannot vanish: a drop is the connection breaking (both ends learn it).
+    pub drop_rate: f64,
+    /// Drops as on a lossy serial link: the frame vanishes, and the session breaks only when
+    /// the next frame in that direction fails to decrypt (if none follows, nobody notices).
+    pub serial_drops: bool,
+    /// Partitions: a segment (or a random tenth of the fleet) cut off from everyone else.
+    pub partitions: u32,
+    /// Agent crashes followed by a restart over the same store.
+    pub crashes: u32,
+    /// Agent crashes without restart.
+    pub permanent_crashes: u32,
+    /// Agents that corrupt every chunk they serve.
+    pub malicious: u32,
+    /// Manager crashes followed by a restart with a higher epoch.
+    pub manager_restarts: u32,
+    /// Faults start within this long after the job starts (default: the lower bound).
+    pub window: Option<Duration>,
+}
+
+impl Default for FaultConfig {
+    fn default() -> Self {
+        FaultConfig {
+            drop_rate: 0.0,
+            serial_drops: false,
+            partitions: 0,
+            crashes: 0,
+            permanent_crashes: 0,
+            malicious: 0,
+            manager_restarts: 0,
+            window: None,
+        }
+    }
+}
+
+impl FaultConfig {
+    /// Whether any fault is configured.
+    pub fn any(&self) -> bool {
+        self.drop_rate > 0.0
+            || self.partitions > 0
+            || self.crashes > 0
+            || self.permanent_crashes > 0
+            || self.malicious > 0
+            || self.manager_restarts > 0
+    }
+}
+
+/// How big the fleets of a faulty sweep are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SweepSize {
+    /// 3–12 agents, 8–48 chunks: the CI sweep (a thousand seeds in seconds, even in debug).
+    Small,
+    /// 13–64 agents, 32–128 chunks: enough sources over time to fill an agent's source table.
+    Medium,
+}
+
+/// Everything a run is generated from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scenario {
+    /// Number of agents.
+    pub agents: usize,
+    /// Seed for links, content and faults.
+    pub seed: u64,
+    /// Virtual content size `S` in bytes (what the link model charges).
+    pub content_bytes: u64,
+    /// Number of chunks (each really [`REAL_CHUNK`](crate::content::REAL_CHUNK) bytes,
+    /// virtually `S / chunks`).
+    pub chunks: u32,
+    /// Agent upload rates are log-uniform in `up_min..=up_max` bytes/s.
+    pub up_min: u64,
+    /// See `up_min`.
+    pub up_max: u64,
+    /// Agent download rates are log-uniform in `down_min..=down_max` bytes/s.
+    pub down_min: u64,
+    /// See `down_min`.
+    pub down_max: u64,
+    /// The manager's upload rate, bytes/s.
+    pub manager_up: u64,
+    /// The manager's download rate, bytes/s.
+    pub manager_down: u64,
+    /// One-way access latency of each agent, uniform in `latency_min..=latency_max`.
+    pub latency_min: Duration,
+    /// See `latency_min`.
+    pub latency_max: Duration,
+    /// The manager's one-way access latency.
+    pub manager_latency: Duration,
+    /// Each agent's loss probability per frame is uniform in `0..=loss`; a lost frame is
+    /// retransmitted (TCP): it and later frames on its connection arrive one RTO later.
+    pub loss: f64,
+    /// LAN segments behind WAN links (`0` = a flat network, no WAN links).
+    pub segments: u32,
+    /// Upload of each segment's WAN link, bytes/s (shared by its agents' outbound traffic).
+    pub wan_up: u64,
+    /// Download of each segment's WAN link, bytes/s.
+    pub wan_down: u64,
+    /// One-way latency of a WAN link.
+    pub wan_latency: Duration,
+    /// Fraction of agents that do not serve peers.
+    pub leaf_fraction: f64,
+    /// Chunk requests in flight per source (the agents' `window`).
+    pub window: u16,
+    /// Peers each agent serves at once (its `max_peers`).
+    pub max_peers: u16,
+    /// Most stripes the planner may cut the content into (policy `max_stripes`).
+    pub max_stripes: u16,
+    /// Most peers one agent serves in a job (policy `max_peers_per_source`).
+    pub max_peers_per_source: u16,
+    /// Most copies of the content the manager sends by plan (policy `manager_max_copies`).
+    pub manager_copies: f64,
+    /// Silent and disconnected this long, a participant is given up by the engine.
+    pub give_up_after: Duration,
+    /// Faults to inject.
+    pub faults: FaultConfig,
+    /// Every live agent must be confirmed this long after the last fault healed (or after the
+    /// job started, without faults); `None` = 180 s + 20·T*.
+    pub bound: Option<Duration>,
+}
+
+impl Scenario {
+    /// The default heterogeneous scenario for `agents` agents: upload 1–8 MB/s (8×), download
+    /// 8–64 MB/s, 32 MiB in 1024 chunks (32 KiB virtual each), manager 20 MB/s up, latency
+    /// 0.5–20 ms one way, no loss, a flat network, no faults.
+    pub fn new(agents: usize, seed: u64) -> Self {
+        Scenario {
+            agents,
+            seed,
+            content_bytes: 32 << 20,
+            chunks: 1024,
+            up_min: 1_000_000,
+            up_max: 8_000_000,
+            down_min: 8_000_000,
+            down_max: 64_000_000,
+            manager_up: 20_000_000,
+            manager_down: 100_000_000,
+            latency_min: Duration::from_micros(500),
+            latency_max: Duration::from_millis(20),
+            manager_latency: Duration::from_millis(1),
+            loss: 0.0,
+            segments: 0,
+            wan_up: 50_000_000,
+            wan_down: 100_000_000,
+            wan_latency: Duration::from_millis(10),
+            leaf_fraction: 0.0,
+            window: 8,
+            max_peers: 48,
+            max_stripes: 8,
+            max_peers_per_source: 32,
+            manager_copies: 1.0,
+            give_up_after: Duration::from_secs(60),
+            faults: FaultConfig::default(),
+            bound: None,
+        }
+    }
+
+    /// How long after the faults heal every live agent must be confirmed (see `bound`).
+    pub fn liveness_bound(&self, lower_bound: f64) -> Duration {
+        self.bound.unwrap_or_else(|| {
+            Duration::from_secs(180) + Duration::from_secs_f64(20.0 * lower_bound.max(0.0))
+        })
+    }
+
+    /// A small scenario with faults drawn from `seed`, for seed sweeps (kept small so a debug
+    /// build runs a thousand seeds in a few minutes). Links are slow (0.1–0.8 MB/s up) so that
+    /// the transfer takes seconds and the faults, spread over the lower bound, hit it midway.
+    pub fn faulty(seed: u64) -> Self {
+        Self::faulty_sized(seed, SweepSize::Small)
+    }
+
+    /// Like [`Scenario::faulty`], with fleets and contents of the given size.
+    pub fn faulty_sized(seed: u64, size: SweepSize) -> Self {
+        let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0xFA_17);
+        let (agents, chunks) = match size {
+            SweepSize::Small => (r.gen_range(3..=12), r.gen_range(8..=48)),
+            SweepSize::Medium => (r.gen_range(13..=64), r.gen_range(32..=128)),
+        };
+        let mut s = Scenario::new(agents, seed);
+        s.chunks = chunks;
+        s.content_bytes = s.chunks as u64 * 64 * 1024;
+        s.up_min = 100_000;
+        s.up_max = 800_000;
+        s.down_min = 800_000;
+        s.down_max = 6_400_000;
+        s.manager_up = 2_000_000;
+        s.manager_down = 10_000_000;
+        s.segments = if r.gen_bool(0.4) {
+            r.gen_range(1..=3)
+        } else {
+            0
+        };
+        s.wan_up = 2_000_000;
+        s.wan_down = 4_000_000;
+        s.loss = if r.gen_bool(0.3) { 0.01 } else { 0.0 };
+        s.leaf_fraction = if r.gen_bool(0.2) { 0.3 } else { 0.0 };
+        s.window = r.gen_range(1..=8);
+        s.max_peers = r.gen_range(2..=8);
+        s.max_stripes = r.gen_range(1..=8);
+        // Longer than any outage below plus the agents' reconnection backoff, so that no live
+        // agent is legitimately given up (which would void the liveness invariant).
+        s.give_up_after = Duration::from_secs(120);
+        let f = &mut s.faults;
+        f.drop_rate = if r.gen_bool(0.4) { 0.005 } else { 0.0 };
+        f.serial_drops = r.gen_bool(0.5);
+        f.partitions = r.gen_range(0..=2);
+        f.crashes = r.gen_range(0..=3);
+        f.permanent_crashes = u32::from(r.gen_bool(0.15));
+        f.malicious = u32::from(r.gen_bool(0.3));
+        f.manager_restarts = r.gen_range(0..=2);
+        s
+    }
+
+    /// Virtual bytes per chunk.
+    pub fn virtual_chunk(&self) -> u64 {
+        (self.content_bytes / self.chunks.max(1) as u64).max(1)
+    }
+
+    /// Draws every agent's link and the fault schedule from the seed.
+    pub fn build(&self) -> Built {
+        let mut r = ChaCha8Rng::seed_from_u64(self.seed);
+        let log_uniform = |r: &mut ChaCha8Rng, lo: u64, hi: u64| -> u64 {
+            let (lo, hi) = (lo.max(1) as f64, hi.max(lo.max(1)) as f64);
+            (lo * (hi / lo).powf(r.gen_range(0.0..=1.0))).round() as u64
+        };
+        let mut agents: Vec<AgentParams> = (0..self.agents)
+            .map(|i| {
+                let up = log_uniform(&mut r, self.up_min, self.up_max);
+                let down = log_uniform(&mut r, self.down_min, self.down_max);
+                let lat = r.gen_range(
+                    self.latency_min.as_nanos() as u64..=self.latency_max.as_nanos().max(1) as u64,
+                );
+                let loss = if self.loss > 0.0 {
+                    r.gen_range(0.0..=self.loss)
+                } else {
+                    0.0
+                };
+                let segment = (self.segments > 0).then(|| (i as u32) % self.segments);
+                AgentParams {
+                    up,
+                    down,
+                    latency: Duration::from_nanos(lat),
+                    loss,
+                    segment,
+                    serves: true,
+                    malicious: false,
+                }
+            })
+            .collect();
+        let leaves = (self.leaf_fraction * self.agents as f64).round() as usize;
+        for i in pick(&mut r, self.agents, leaves) {
+            agents[i].serves = false;
+        }
+
+        let lower_bound = lower_bound(
+            self.content_bytes,
+            self.manager_up,
+            agents.iter().map(|a| (a.up, a.down)),
+        );
+        let f = &self.faults;
+        let window = f
+            .window
+            .unwrap_or_else(|| Duration::from_secs_f64(lower_bound.max(0.5)));
+        let at = |r: &mut ChaCha8Rng| {
+            Duration::from_secs_f64(r.gen_range(0.0..=1.0) * window.as_secs_f64())
+        };
+        let mut faults = Vec::new();
+        for _ in 0..f.manager_restarts {
+            faults.push(Fault::ManagerRestart {
+                at: at(&mut r),
+                downtime: Duration::from_millis(r.gen_range(100..=8_000)),
+            });
+        }
+        let crashable = pick(
+            &mut r,
+            self.agents,
+            (f.crashes + f.permanent_crashes + f.malicious) as usize,
+        );
+        let mut it = crashable.into_iter();
+        for _ in 0..f.crashes {
+            if let Some(agent) = it.next() {
+                faults.push(Fault::Crash {
+                    agent,
+                    at: at(&mut r),
+                    restart_after: Some(Duration::from_millis(r.gen_range(50..=15_000))),
+                });
+            }
+        }
+        for _ in 0..f.permanent_crashes {
+            if let Some(agent) = it.next() {
+                faults.push(Fault::Crash {
+                    agent,
+                    at: at(&mut r),
+                    restart_after: None,
+                });
+            }
+        }
+        for _ in 0..f.malicious {
+            if let Some(agent) = it.next() {
+                agents[agent].malicious = true;
+            }
+        }
+        for _ in 0..f.partitions {
+            let members: Vec<usize> = if self.segments > 0 {
+                let seg = r.gen_range(0..self.segments);
+                (0..self.agents)
+                    .filter(|&i| agents[i].segment == Some(seg))
+                    .collect()
+            } else {
+                let n = (self.agents / 10).max(1);
+                pick(&mut r, self.agents, n)
+            };
+            faults.push(Fault::Partition {
+                members,
+                at: at(&mut r),
+                duration: Duration::from_millis(r.gen_range(500..=30_000)),
+            });
+        }
+        if f.drop_rate > 0.0 {
+            let from = at(&mut r);
+            faults.push(Fault::Drops {
+                from,
+                until: from + window,
+                rate: f.drop_rate,
+                serial: f.serial_drops,
+            });
+        }
+        faults.sort_by_key(|f| f.start());
+        Built {
+            agents,
+            faults,
+            lower_bound,
+        }
+    }
+}
+
+/// `n` distinct indices out of `0..len`, drawn from `r`, in ascending order.
+fn pick(r: &mut ChaCha8Rng, len: usize, n: usize) -> Vec<usize> {
+    let mut all: Vec<usize> = (0..len).collect();
+    let n = n.min(len);
+    for i in 0..n {
+        let j = r.gen_range(i..len);
+        all.swap(i, j);
+    }
+    let mut out = all[..n].to_vec();
+    out.sort_unstable();
+    out
+}
+
+/// The Kumar–Ross lower bound in seconds: `max(S/u_s, S/d_min, N·S/(u_s + Σu_i))`.
+pub fn lower_bound(content: u64, manager_up: u64, agents: impl Iterator<Item = (u64, u64)>) -> f64 {
+    let s = content as f64;
+    let (mut n, mut sum_up, mut d_min) = (0usize, 0f64, f64::INFINITY);
+    for (up, down) in agents {
+        n += 1;
+        sum_up += up as f64;
+        d_min = d_min.min(down as f64);
+    }
+    if n == 0 {
+        return 0.0;
+    }
+    let us = manager_up.max(1) as f64;
+    (s / us).max(s / d_min).max(n as f64 * s / (us + sum_up))
+}
+
+/// Which term of the lower bound binds: `"manager"`, `"download"` or `"aggregate"`.
+pub fn binding_term(content: u64, manager_up: u64, agents: &[AgentParams]) -> &'static str {
+    let s = content as f64;
+    let us = manager_up.max(1) as f64;
+    let d_min = agents.iter().map(|a| a.down).min().unwrap_or(1) as f64;
+    let agg = agents.len() as f64 * s / (us + agents.iter().map(|a| a.up as f64).sum::<f64>());
+    let (m, d) = (s / us, s / d_min);
+    if agg >= m && agg >= d {
+        "aggregate"
+    } else if d >= m {
+        "download"
+    } else {
+        "manager"
+    }
+}
+
+/// One agent's link and role, as drawn for a run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentParams {
+    /// Upload, bytes/s.
+    pub up: u64,
+    /// Download, bytes/s.
+    pub down: u64,
+    /// One-way access latency.
+    pub latency: Duration,
+    /// Per-frame loss probability.
+    pub loss: f64,
+    /// LAN segment behind a WAN link, if any.
+    pub segment: Option<u32>,
+    /// Whether it serves peers.
+    pub serves: bool,
+    /// Whether it corrupts every chunk it serves.
+    pub malicious: bool,
+}
+
+/// A fault, timed from the start of the job.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fault {
+    /// Agent `agent` crashes at `at`; it restarts over the same store after `restart_after`.
+    Crash {
+        /// The agent's index.
+        agent: usize,
+        /// When.
+        at: Duration,
+        /// Downtime; `None` = it never comes back.
+        restart_after: Option<Duration>,
+    },
+    /// `members` are cut off from everyone else (the manager included) from `at` for `duration`.
+    Partition {
+        /// The agents' indices.
+        members: Vec<usize>,
+        /// When.
+        at: Duration,
+        /// How long.
+        duration: Duration,
+    },
+    /// The manager crashes at `at` and restarts after `downtime` with a higher epoch.
+    ManagerRestart {
+        /// When.
+        at: Duration,
+        /// How long it is down.
+        downtime: Duration,
+    },
+    /// Frames sent between `from` and `until` are dropped with probability `rate`.
+    Drops {
+        /// Start.
+        from: Duration,
+        /// End.
+        until: Duration,
+        /// Probability per frame.
+        rate: f64,
+        /// Serial-link semantics (see [`FaultConfig::serial_drops`]).
+        serial: bool,
+    },
+}
+
+impl Fault {
+    /// When the fault begins.
+    pub fn start(&self) -> Duration {
+        match self {
+            Fault::Crash { at, .. }
+            | Fault::Partition { at, .. }
+            | Fault::ManagerRestart { at, .. } => *at,
+            Fault::Drops { from, .. } => *from,
+        }
+    }
+
+    /// When the fault has healed (`None` for a permanent crash: it never heals, the agent is
+    /// no longer live).
+    pub fn end(&self) -> Duration {
+        match self {
+            Fault::Crash {
+                at, restart_after, ..
+            } => *at + restart_after.unwrap_or_default(),
+            Fault::Partition { at, duration, .. } => *at + *duration,
+            Fault::ManagerRestart { at, downtime } => *at + *downtime,
+            Fault::Drops { until, .. } => *until,
+        }
+    }
+}
+
+/// A scenario drawn from its seed: every agent's link, the faults, and the lower bound.
+#[derive(Clone, Debug)]
+pub struct Built {
+    /// Per agent.
+    pub agents: Vec<AgentParams>,
+    /// Faults in order of their start.
+    pub faults: Vec<Fault>,
+    /// Kumar–Ross lower bound `T*`, seconds.
+    pub lower_bound: f64,
+}
+
+impl Built {
+    /// When the last fault has healed (relative to the job start).
+    pub fn healed_at(&self) -> Duration {
+        self.faults.iter().map(Fault::end).max().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_fleet() {
+        let a = Scenario::faulty(42).build();
+        let b = Scenario::faulty(42).build();
+        assert_eq!(a.agents, b.agents);
+        assert_eq!(a.faults, b.faults);
+    }
+
+    #[test]
+    fn default_is_heterogeneous_and_aggregate_bound() {
+        let s = Scenario::new(1000, 1);
+        let b = s.build();
+        let min = b.agents.iter().map(|a| a.up).min().unwrap();
+        let max = b.agents.iter().map(|a| a.up).max().unwrap();
+        assert!(max >= 4 * min, "rates differ {min}..{max}");
+        assert_eq!(
+            binding_term(s.content_bytes, s.manager_up, &b.agents),
+            "aggregate"
+        );
+        assert_eq!(s.virtual_chunk(), 32 * 1024);
+        assert_eq!(crate::content::REAL_CHUNK, 256);
+    }
+
+    #[test]
+    fn lower_bound_terms() {
+        // 10 agents of 1 MB/s up, 10 MB/s down; manager 2 MB/s; 12 MB: max(6, 1.2, 10).
+        let t = lower_bound(
+            12_000_000,
+            2_000_000,
+            (0..10).map(|_| (1_000_000, 10_000_000)),
+        );
+        assert!((t - 10.0).abs() < 1e-9);
+    }
+}
