@@ -14,6 +14,7 @@
 //!   the manager-signed certificates that let two agents trust each other.
 //! - [`session`]: the mutually authenticated Noise XX handshake and the
 //!   encrypted transport that follows it.
+//! - [`discovery`]: the signed UDP datagrams of segment discovery and leader election.
 //! - [`frame`]: length-prefixed framing for streams and COBS framing for serial.
 //!
 //! `SPEC.md` beside this crate lists every message, field and limit.
@@ -24,6 +25,7 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+pub mod discovery;
 pub mod frame;
 pub mod identity;
 pub mod manifest;

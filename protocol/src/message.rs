@@ -28,6 +28,8 @@ pub const MAX_RECEIVED_PER_PROGRESS: usize = 16;
 pub const MAX_HOLDINGS: usize = 4;
 /// Most trusted publisher keys one [`Message::Welcome`] carries.
 pub const MAX_PUBLISHERS: usize = 4;
+/// Most members one [`SegmentReport`] page carries; larger segments are sent in several pages.
+pub const MAX_MEMBERS_PER_PAGE: usize = 4;
 
 /// What an agent says of itself (claims 1 and 2).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -289,6 +291,60 @@ pub enum Message<'a> {
         /// The ping's nonce.
         nonce: u64,
     },
+    /// Segment leader → manager: one page of the segment discovery report (claims 7, 11).
+    SegmentReport(SegmentReport),
+    /// Manager → agent: cap the rate at which the agent fetches this job's content (a policy).
+    Throttle {
+        /// The job.
+        job: JobRef,
+        /// Most verified chunk bytes per second it may fetch; 0 lifts the cap.
+        max_bytes_per_second: u64,
+    },
+}
+
+/// One page of a segment leader's discovery report: who is on the segment and how they reach each other.
+///
+/// A leader sends pages `0..pages` of one `term` back to back; the manager
+/// replaces its view of the segment once it holds every page of a term.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct SegmentReport {
+    /// The segment's name, as the members report it.
+    pub segment: Name,
+    /// The elected leader sending this report (must be the session's agent).
+    pub leader: AgentId,
+    /// Grows with every report the leader sends; pages of one report share it.
+    pub term: u32,
+    /// This page's index, from 0.
+    pub page: u16,
+    /// How many pages this report has (at least 1).
+    pub pages: u16,
+    /// Members on this page, the leader included on some page.
+    pub members: heapless::Vec<SegmentMember, MAX_MEMBERS_PER_PAGE>,
+}
+
+/// What a segment leader knows of one member: its capabilities and measured delays.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct SegmentMember {
+    /// The member's id.
+    pub id: AgentId,
+    /// Its capability score, the one the election compared.
+    pub score: u32,
+    /// Where peers reach it, if it serves peers.
+    pub listen: Option<PeerAddr>,
+    /// Performance class (1..=1000).
+    pub performance: u32,
+    /// Free storage for content, in bytes.
+    pub free_storage: u64,
+    /// Whether it serves peers.
+    pub can_serve: bool,
+    /// Link speed and reliability.
+    pub link: LinkInfo,
+    /// Round-trip times it measured to the manager and to other members.
+    pub delays: heapless::Vec<Delay, MAX_DELAYS>,
+    /// Milliseconds since the leader last heard from it.
+    pub last_heard_ms: u32,
 }
 
 /// Why a message could not be encoded or decoded.
@@ -360,6 +416,8 @@ impl<'a> Message<'a> {
             Message::Refuse { .. } => "Refuse",
             Message::Ping { .. } => "Ping",
             Message::Pong { .. } => "Pong",
+            Message::SegmentReport(_) => "SegmentReport",
+            Message::Throttle { .. } => "Throttle",
         }
     }
 }
