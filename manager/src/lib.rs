@@ -10,6 +10,8 @@
 //! - [`store`]: the database (SQLite by default) behind the [`store::Store`] trait;
 //! - [`content`]: the manager's keys, publishing files and serving their chunks;
 //! - [`registry`]: enrolled agents and live sessions, handshake authorization;
+//! - [`segments`]: checking and assembling leaders' segment discovery reports;
+//! - [`admin_api`]: segments, content groups and named policies over HTTP;
 //! - [`net`]: the TCP agent server and the task that drives the engine;
 //! - [`serial`]: serial-attached devices (COBS-framed sessions over a UART);
 //! - [`http`]: the authenticated JSON API under `/api/v1`;
@@ -21,6 +23,8 @@ pub mod engine;
 pub mod planner;
 
 #[cfg(feature = "server")]
+pub mod admin_api;
+#[cfg(feature = "server")]
 pub mod content;
 #[cfg(feature = "server")]
 pub mod http;
@@ -28,6 +32,8 @@ pub mod http;
 pub mod net;
 #[cfg(feature = "server")]
 pub mod registry;
+#[cfg(feature = "server")]
+pub mod segments;
 #[cfg(feature = "server")]
 pub mod serial;
 #[cfg(feature = "server")]
