@@ -569,7 +569,21 @@ fn segment_reports_are_checked_assembled_and_replace_the_segment_view() {
         ping(&mut r2, &mut w2, 5).await;
         let (_, seg) = m.api("GET", "/api/v1/segments/loopback", None);
         assert_eq!(seg["members"].as_array().unwrap().len(), 1, "{seg}");
+
+        // An agent that moves reports its new segment first; names may hold '/'.
+        let mut moved = report("lead-1");
+        moved.segment = "site/lan-9".try_into().unwrap();
+        w1.send(&Message::Report(moved).to_vec()).await.unwrap();
+        w1.send(&page("site/lan-9", "lead-1", 2, 0, 1, &["lead-1"]))
+            .await
+            .unwrap();
+        ping(&mut r1, &mut w1, 6).await;
     });
+    let shown = ok(&m, &["segments", "show", "site/lan-9"]);
+    assert!(
+        shown.contains("segment site/lan-9: leader lead-1"),
+        "{shown}"
+    );
 
     let table = ok(&m, &["segments"]);
     assert!(

@@ -235,16 +235,21 @@ fn yes_no(v: &Value) -> String {
     }
 }
 
-/// A name as one URL path segment (names are letters, digits, `.`, `_`, `-`).
-fn path_part(name: &str) -> anyhow::Result<&str> {
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    {
-        bail!("{name:?} is not a valid name: use letters, digits, '.', '_' and '-'");
+/// A name as one URL path segment: every byte but `A-Z a-z 0-9 - . _ ~` percent-encoded
+/// (segment names may hold `/`).
+fn path_part(name: &str) -> anyhow::Result<String> {
+    if name.is_empty() {
+        bail!("give a name");
     }
-    Ok(name)
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Ok(out)
 }
 
 /// Splits `key=value`.
@@ -806,6 +811,13 @@ mod test {
                 "weights": { "down": 1.0, "up": 5.0 },
             })
         );
+    }
+
+    #[test]
+    fn names_are_one_path_segment() {
+        assert_eq!(path_part("fra-2/rack 4").unwrap(), "fra-2%2Frack%204");
+        assert_eq!(path_part("edge_1.x").unwrap(), "edge_1.x");
+        assert!(path_part("").is_err());
     }
 
     #[test]
