@@ -600,3 +600,61 @@ fn segment_reports_are_checked_assembled_and_replace_the_segment_view() {
     let err = fails(&m, &["segments", "show", "nowhere"]);
     assert!(err.contains("404"), "{err}");
 }
+
+#[test]
+fn a_resumed_job_keeps_its_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A fixed agent port, so that the agents find the restarted manager.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut m = Manager::start_on(tmp.path(), &listen);
+    let root = tmp.path().to_path_buf();
+    // Slow downloads, so that the job is still running when the manager dies.
+    let agents: Vec<AgentProc> = ["k1", "k2", "k3"]
+        .iter()
+        .map(|n| AgentProc::spawn(&m, &root, n, &["--down-bps", "256KiB"]))
+        .collect();
+    m.wait_connected(&["k1", "k2", "k3"]);
+    // No relaying: every byte comes from the manager, before and after the restart.
+    ok(&m, &["policies", "add", "direct", "--relay", "false"]);
+    let bytes = pseudo_random(1_500_000, 11);
+    let file = root.join("bundle.bin");
+    std::fs::write(&file, &bytes).unwrap();
+    let created = json_of(&ok(
+        &m,
+        &[
+            "push",
+            file.to_str().unwrap(),
+            "--agents",
+            "k1,k2,k3",
+            "--policy",
+            "direct",
+            "--json",
+        ],
+    ));
+    let id = created["id"].as_u64().unwrap();
+    m.wait_job(id, BOUND, |j| {
+        j["participants"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["verified"].as_u64().unwrap_or(0) > 0))
+    });
+    let _ = m.child.kill();
+    let _ = m.child.wait();
+
+    let m = Manager::start_on(tmp.path(), &listen);
+    let done = m.wait_job(id, Duration::from_secs(60), |j| j["state"] == "finished");
+    assert_eq!(done["confirmed_count"], 3, "{done}");
+    assert_eq!(done["policy"], "direct", "{done}");
+    assert_eq!(done["policy_spec"]["relay"], false, "{done}");
+    assert_eq!(
+        done["bytes_from_peers"], 0,
+        "the resumed job did not relay: {done}"
+    );
+    for a in &agents {
+        a.wait_export(&bytes);
+    }
+}
