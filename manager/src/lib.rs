@@ -15,6 +15,7 @@
 //! - [`net`]: the TCP agent server and the task that drives the engine;
 //! - [`serial`]: serial-attached devices (COBS-framed sessions over a UART);
 //! - [`http`]: the authenticated JSON API under `/api/v1`;
+//! - [`lab`]: network namespaces for demos and tests (segments, router, shaped and delayed links);
 //! - [`server`]: everything above wired together, as `baton serve` runs it.
 
 #![warn(missing_docs)]
@@ -28,6 +29,8 @@ pub mod admin_api;
 pub mod content;
 #[cfg(feature = "server")]
 pub mod http;
+#[cfg(feature = "server")]
+pub mod lab;
 #[cfg(feature = "server")]
 pub mod net;
 #[cfg(feature = "server")]
