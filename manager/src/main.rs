@@ -1,7 +1,8 @@
 //! `baton`: the Baton command.
 //!
-//! `baton serve` runs the manager; `enroll`, `push`, `jobs`, `job`, `cancel`
-//! and `agents` talk to a running manager over its HTTP API; `baton agent` runs
+//! `baton serve` runs the manager; `enroll`, `push`, `jobs`, `job`, `cancel`,
+//! `agents`, `segments`, `groups` and `policies` talk to a running manager over
+//! its HTTP API; `baton agent` runs
 //! a Linux agent. Logging goes to
 //! stderr and follows `RUST_LOG` (default `info` for `serve`, `warn` for the
 //! client commands).
@@ -42,6 +43,12 @@ enum Command {
     Cancel(cli::show::JobArgs),
     /// List enrolled agents and whether they are connected.
     Agents(cli::show::AgentsArgs),
+    /// List network segments as their leaders report them; `segments show NAME` for one.
+    Segments(cli::admin::SegmentsArgs),
+    /// Content groups: named sets of agents, by id or label (`list|show|add|set|rm`).
+    Groups(cli::admin::GroupsArgs),
+    /// Named distribution policies (`list|show|add|set|rm`).
+    Policies(cli::admin::PoliciesArgs),
     /// Run a Linux agent (the same as `baton-agent`).
     Agent(Box<baton_agent_core::linux::AgentArgs>),
     /// Run a whole distribution on this machine: a manager and N agents as processes, real TCP, link caps.
@@ -99,6 +106,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agents(args) => {
             init_logging("warn");
             cli::show::agents(args)?;
+        }
+        Command::Segments(args) => {
+            init_logging("warn");
+            cli::admin::segments(args)?;
+        }
+        Command::Groups(args) => {
+            init_logging("warn");
+            cli::admin::groups(args)?;
+        }
+        Command::Policies(args) => {
+            init_logging("warn");
+            cli::admin::policies(args)?;
         }
         Command::Agent(args) => {
             init_logging("info");
