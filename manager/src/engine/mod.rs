@@ -418,6 +418,8 @@ struct Part {
     pleas: u8,
     /// Its LAN segment's number in the job's [`Segments`] (`0` = unknown).
     segment: u32,
+    /// `segment` was worked out from a report (and the participant listed on its segment).
+    segment_known: bool,
     /// The rate cap last sent to it with `Throttle` on its current instruction (`0` = none).
     throttle: u64,
 }
@@ -441,6 +443,7 @@ impl Part {
             deadline: None,
             pleas: 0,
             segment: 0,
+            segment_known: false,
             throttle: 0,
         }
     }
@@ -495,7 +498,7 @@ struct Job {
     failed: u32,
     /// Segment names numbered for the plan.
     segments: Segments,
-    /// Participants per segment number (for per-segment rate caps).
+    /// Participants per named segment's number (for per-segment rate caps).
     segment_parts: HashMap<u32, Vec<u32>>,
     /// Policy rules that cannot be met, in the order they were found.
     warnings: Vec<String>,
@@ -1241,16 +1244,19 @@ impl Job {
         profile: &Profile,
     ) -> NodeInfo {
         let segment = self.segments.id(&profile.segment);
-        let old = self.parts[idx as usize].segment;
-        if old != segment || !self.segment_parts.contains_key(&segment) {
-            if let Some(list) = self.segment_parts.get_mut(&old) {
+        let p = &mut self.parts[idx as usize];
+        if !p.segment_known || p.segment != segment {
+            if p.segment_known
+                && p.segment != 0
+                && let Some(list) = self.segment_parts.get_mut(&p.segment)
+            {
                 list.retain(|&i| i != idx);
             }
-            let list = self.segment_parts.entry(segment).or_default();
-            if !list.contains(&idx) {
-                list.push(idx);
+            if segment != 0 {
+                self.segment_parts.entry(segment).or_default().push(idx);
             }
-            self.parts[idx as usize].segment = segment;
+            p.segment = segment;
+            p.segment_known = true;
         }
         node_info(
             &self.spec.policy,
