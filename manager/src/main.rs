@@ -1,6 +1,7 @@
 //! `baton`: the Baton command.
 //!
-//! `baton serve` runs the manager; `enroll`, `push`, `jobs`, `job`, `cancel`,
+//! `baton serve` runs the manager; `baton demo` and `baton lab` run whole
+//! distributions on this machine; `enroll`, `push`, `jobs`, `job`, `cancel`,
 //! `agents`, `segments`, `groups` and `policies` talk to a running manager over
 //! its HTTP API; `baton agent` runs
 //! a Linux agent. Logging goes to
@@ -53,6 +54,8 @@ enum Command {
     Agent(Box<baton_agent_core::linux::AgentArgs>),
     /// Run a whole distribution on this machine: a manager and N agents as processes, real TCP, link caps.
     Demo(demo::DemoArgs),
+    /// Measure against the lower bound: N agents and a manager in network namespaces, shaped and delayed links (root).
+    Lab(demo::lab::LabArgs),
 }
 
 /// Exits the process once standard input reaches end of file (the parent is gone).
@@ -129,6 +132,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let json = args.json;
             let report = demo::run(args)?;
             demo::print(&report, json);
+            if report.confirmed < report.agents {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Lab(args) => {
+            init_logging("warn");
+            let json = args.json;
+            let report = demo::lab::run(args)?;
+            demo::lab::print(&report, json);
             if report.confirmed < report.agents {
                 return Ok(ExitCode::from(1));
             }
