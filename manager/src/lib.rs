@@ -12,7 +12,9 @@
 //! - [`registry`]: enrolled agents and live sessions, handshake authorization;
 //! - [`net`]: the TCP agent server and the task that drives the engine;
 //! - [`serial`]: serial-attached devices (COBS-framed sessions over a UART);
-//! - [`http`]: the authenticated JSON API under `/api/v1`;
+//! - [`http`]: the HTTP server: the authenticated JSON API under `/api/v1`, its
+//!   OpenAPI document, `/metrics`, HTTPS;
+//! - [`web`]: the administrators' web UI, logins, sessions and API tokens;
 //! - [`server`]: everything above wired together, as `baton serve` runs it.
 
 #![warn(missing_docs)]
@@ -34,3 +36,5 @@ pub mod serial;
 pub mod server;
 #[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
+pub mod web;

@@ -1,6 +1,7 @@
 //! `baton`: the Baton command.
 //!
-//! `baton serve` runs the manager; `enroll`, `push`, `jobs`, `job`, `cancel`
+//! `baton serve` runs the manager; `baton admin` manages web UI administrators
+//! and API tokens in its database; `enroll`, `push`, `jobs`, `job`, `cancel`
 //! and `agents` talk to a running manager over its HTTP API; `baton agent` runs
 //! a Linux agent. Logging goes to
 //! stderr and follows `RUST_LOG` (default `info` for `serve`, `warn` for the
@@ -42,6 +43,9 @@ enum Command {
     Cancel(cli::show::JobArgs),
     /// List enrolled agents and whether they are connected.
     Agents(cli::show::AgentsArgs),
+    /// Administrators of the web UI and API tokens: `add NAME`, `token NAME`, `revoke-token NAME`, `list`.
+    #[command(subcommand)]
+    Admin(cli::admin::AdminCommand),
     /// Run a Linux agent (the same as `baton-agent`).
     Agent(Box<baton_agent_core::linux::AgentArgs>),
     /// Run a whole distribution on this machine: a manager and N agents as processes, real TCP, link caps.
@@ -99,6 +103,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agents(args) => {
             init_logging("warn");
             cli::show::agents(args)?;
+        }
+        Command::Admin(cmd) => {
+            init_logging("warn");
+            cli::admin::run(cmd)?;
         }
         Command::Agent(args) => {
             init_logging("info");

@@ -6,6 +6,7 @@
 //! `--admin-token`, or else through the manager's data directory: `admin.token`
 //! and the `serve.json` a running manager keeps there.
 
+pub mod admin;
 pub mod push;
 pub mod serve;
 pub mod show;
