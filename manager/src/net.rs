@@ -528,6 +528,7 @@ impl AgentServer {
                 }
             },
         };
+        self.registry.note_report(&report);
         let mut publishers = heapless::Vec::<PublicKey, MAX_PUBLISHERS>::new();
         for key in self.publishers.iter().take(MAX_PUBLISHERS) {
             let _ = publishers.push(*key);
@@ -667,8 +668,24 @@ impl AgentServer {
                     tracing::warn!(agent = %id, claimed = %r.id, "report for another id; closing");
                     return "report for another id".into();
                 }
-                Message::Report(_)
-                | Message::Progress { .. }
+                Message::SegmentReport(page) => match self.registry.segment_report(id, page) {
+                    Ok(Some(s)) => {
+                        tracing::info!(agent = %id, segment = %s.segment, members = s.members, unknown = s.unknown, leader_changed = s.leader_changed, "segment report stored")
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(agent = %id, "segment report refused: {e}"),
+                },
+                Message::Report(ref r) => {
+                    self.registry.note_report(r);
+                    let input = CoreInput::Message {
+                        id: id.clone(),
+                        bytes: bytes.to_vec(),
+                    };
+                    if self.core.send(input).is_err() {
+                        return "manager shutting down".into();
+                    }
+                }
+                Message::Progress { .. }
                 | Message::Have { .. }
                 | Message::Failed { .. }
                 | Message::NextPlease { .. }

@@ -37,9 +37,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::net::JobEvent;
-use crate::planner::Policy;
 use crate::registry::{lock, token_hash, unix_now};
-use crate::server::{ApiError, Manager, PublishRequest};
+use crate::server::{ApiError, JobRequest, Manager, PolicyChoice, PublishRequest};
 use crate::store::{
     AgentRecord, Confirmation, Enrolled, JobRecord, PartState, ParticipantRecord, SourceBytes,
     TargetSpec,
@@ -48,7 +47,7 @@ use crate::store::{
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -56,7 +55,11 @@ impl IntoResponse for ApiError {
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!("API error: {self}");
         }
-        (status, Json(json!({ "error": self.to_string() }))).into_response()
+        let mut body = json!({ "error": self.to_string() });
+        if let ApiError::Invalid { field, .. } = &self {
+            body["field"] = json!(field);
+        }
+        (status, Json(body)).into_response()
     }
 }
 
@@ -452,11 +455,13 @@ pub struct CreateJobRequest {
     pub version: Option<u64>,
     /// Chunk size in bytes (default 32 KiB).
     pub chunk_size: Option<u64>,
-    /// Which agents.
-    pub targets: TargetsRequest,
-    /// Ranking and relay policy (default: the planner's defaults).
+    /// Which agents (or give `group`).
+    pub targets: Option<TargetsRequest>,
+    /// A content group: the job goes to its members at creation.
+    pub group: Option<String>,
+    /// A named policy, or the policy's fields inline (default: the planner's defaults).
     #[schema(value_type = Option<Object>)]
-    pub policy: Option<Policy>,
+    pub policy: Option<PolicyChoice>,
 }
 
 /// `POST /api/v1/jobs` answer.
@@ -503,7 +508,12 @@ async fn create_job(
     body: Result<Json<CreateJobRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<JobCreated>), ApiError> {
     let Json(req) = body.map_err(bad_json)?;
-    let targets = target_spec(req.targets)?;
+    let targets = req.targets.map(target_spec).transpose()?;
+    let job = m.resolve_job(JobRequest {
+        targets,
+        group: req.group,
+        policy: req.policy,
+    })?;
     let content = m
         .publish(PublishRequest {
             path: req.path,
@@ -512,7 +522,7 @@ async fn create_job(
             chunk_size: req.chunk_size,
         })
         .await?;
-    let id = m.create_job(content.root, targets, req.policy).await?;
+    let id = m.start_job(content.root, job).await?;
     Ok((
         StatusCode::CREATED,
         Json(JobCreated {

@@ -75,7 +75,9 @@ impl utoipa::Modify for SecuritySchemes {
 /// Every authenticated API route with its documentation: the single list the router and
 /// the OpenAPI document are both built from.
 pub fn api_routes() -> OpenApiRouter<Arc<Manager>> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(api::routes())
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(api::routes())
+        .merge(crate::admin_api::routes())
 }
 
 /// The OpenAPI document served at `/api/v1/openapi.json`.
@@ -267,6 +269,12 @@ mod test {
             "/api/v1/jobs/{id}/cancel",
             "/api/v1/jobs/{id}/events",
             "/api/v1/uploads",
+            "/api/v1/segments",
+            "/api/v1/segments/{name}",
+            "/api/v1/groups",
+            "/api/v1/groups/{name}",
+            "/api/v1/policies",
+            "/api/v1/policies/{name}",
         ] {
             assert!(paths.contains(&want), "{want} missing from {paths:?}");
         }
