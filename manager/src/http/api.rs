@@ -273,6 +273,10 @@ pub struct JobSummary {
     pub confirmed: usize,
     /// Of which failed.
     pub failed: usize,
+    /// The content group it was created for, if any.
+    pub group: Option<String>,
+    /// The named policy it runs under, if any.
+    pub policy: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs",
@@ -301,6 +305,8 @@ async fn jobs(State(m): State<Arc<Manager>>) -> Result<Json<Vec<JobSummary>>, Ap
                 .iter()
                 .filter(|p| p.state == PartState::Failed)
                 .count(),
+            group: job.group.clone(),
+            policy: job.policy.clone(),
         });
     }
     Ok(Json(out))
