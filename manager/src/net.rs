@@ -319,6 +319,13 @@ impl Core {
                         return;
                     }
                 };
+                if let Message::PeerTrouble {
+                    trouble: baton_protocol::message::Trouble::BadChunk { .. },
+                    ..
+                } = msg
+                {
+                    crate::http::metrics::count_chunk_verification_failure();
+                }
                 if let Message::Report(report) = msg {
                     if report.id != id {
                         tracing::warn!(agent = %id, claimed = %report.id, "report for another id ignored");
