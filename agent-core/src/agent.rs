@@ -403,8 +403,20 @@ struct Pace {
     remainder: u64,
 }
 
+/// Rates above this (1 TiB/s) are paced as this: no link is faster, and the
+/// bucket arithmetic then stays within `u64` (no 128-bit division on a Cortex-M3).
+const MAX_PACED_RATE: u64 = 1 << 40;
+
+/// Whole microseconds in `d`, saturating.
+fn micros_u64(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1_000_000)
+        .saturating_add(u64::from(d.subsec_micros()))
+}
+
 impl Pace {
     fn new(rate: u64, chunk_size: u32, now: Duration) -> Pace {
+        let rate = rate.min(MAX_PACED_RATE);
         let burst = i64::try_from((rate / 10).max(u64::from(chunk_size))).unwrap_or(i64::MAX);
         Pace {
             rate,
@@ -420,10 +432,19 @@ impl Pace {
         let Some(dt) = now.checked_sub(self.at) else {
             return;
         };
-        let total = u128::from(self.rate) * dt.as_micros() + u128::from(self.remainder);
-        let add = i64::try_from(total / 1_000_000).unwrap_or(i64::MAX);
-        self.remainder = (total % 1_000_000) as u64;
-        self.tokens = self.tokens.saturating_add(add).min(self.burst);
+        // Overflow needs over 2^64 byte-microseconds: far more than a full bucket.
+        match self
+            .rate
+            .checked_mul(micros_u64(dt))
+            .and_then(|v| v.checked_add(self.remainder))
+        {
+            Some(total) => {
+                let add = i64::try_from(total / 1_000_000).unwrap_or(i64::MAX);
+                self.remainder = total % 1_000_000;
+                self.tokens = self.tokens.saturating_add(add).min(self.burst);
+            }
+            None => self.tokens = self.burst,
+        }
         if self.tokens == self.burst {
             self.remainder = 0;
         }
@@ -443,11 +464,9 @@ impl Pace {
         if self.allows() {
             return self.at;
         }
-        let owed = u128::from(self.cost.abs_diff(self.tokens)) * 1_000_000;
-        let wait_us = owed
-            .saturating_sub(u128::from(self.remainder))
-            .div_ceil(u128::from(self.rate));
-        self.at + Duration::from_micros(u64::try_from(wait_us).unwrap_or(u64::MAX))
+        let owed = self.cost.abs_diff(self.tokens).saturating_mul(1_000_000);
+        let wait_us = owed.saturating_sub(self.remainder).div_ceil(self.rate);
+        self.at + Duration::from_micros(wait_us)
     }
 }
 
