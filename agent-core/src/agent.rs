@@ -74,6 +74,8 @@ const FENCES: usize = 16;
 const THROTTLES: usize = 8;
 /// Peer delays kept for the report (the manager's delay comes first).
 const PEER_DELAYS: usize = baton_protocol::MAX_DELAYS - 1;
+/// Changes of a peer delay below this many microseconds do not send the report again.
+pub const PEER_DELAY_NOISE_US: u32 = 500;
 
 /// A connection, numbered by the driver; [`ConnId::MANAGER`] is the manager session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -793,17 +795,22 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
 
     /// Sets the round-trip times to segment peers (nearest first) for the report.
     ///
-    /// The report is sent again when the set of peers changes or a delay moves by more than a quarter.
+    /// The report is sent again only when the set of peers changes or a delay moves by
+    /// more than a quarter and more than [`PEER_DELAY_NOISE_US`]: every report makes the
+    /// manager re-place the agent in running plans, so LAN jitter must not trigger one.
     pub fn set_peer_delays(&mut self, delays: &[Delay]) {
         let delays = &delays[..delays.len().min(PEER_DELAYS)];
-        let changed = delays.len() != self.peer_delays.len()
-            || delays
+        let moved = |new: &Delay| {
+            self.peer_delays
                 .iter()
-                .zip(self.peer_delays.iter())
-                .any(|(new, old)| {
-                    new.to != old.to || new.rtt_us.abs_diff(old.rtt_us) > old.rtt_us / 4
-                });
-        if changed {
+                .find(|old| old.to == new.to)
+                .is_none_or(|old| {
+                    let diff = new.rtt_us.abs_diff(old.rtt_us);
+                    diff > old.rtt_us / 4 && diff > PEER_DELAY_NOISE_US
+                })
+        };
+        // Kept as of the last significant change, so a slow drift is caught too.
+        if delays.len() != self.peer_delays.len() || delays.iter().any(moved) {
             self.peer_delays.clear();
             let _ = self.peer_delays.extend_from_slice(delays);
             self.report_due |= self.manager_up;
@@ -2472,6 +2479,11 @@ mod test {
         // A small change does not send the report again; a large one does.
         let mut moved = peers.clone();
         moved[0].rtt_us = 320;
+        w.agent.set_peer_delays(&moved);
+        assert!(w.drain().is_empty());
+        // Nor does jitter under the noise floor, or the same peers in another order.
+        moved[0].rtt_us = 700;
+        moved.swap(0, 1);
         w.agent.set_peer_delays(&moved);
         assert!(w.drain().is_empty());
         moved[0].rtt_us = 3000;
