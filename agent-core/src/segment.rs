@@ -971,6 +971,8 @@ mod test {
                 {
                     self.nodes[i].seg.handle_tick(next);
                     self.drain(i);
+                    let after = self.nodes[i].seg.poll_timeout().unwrap();
+                    assert!(after > next, "node {i} asks to be woken again at once");
                 }
             }
             next < until
