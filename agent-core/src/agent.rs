@@ -74,6 +74,8 @@ const FENCES: usize = 16;
 const THROTTLES: usize = 8;
 /// Peer delays kept for the report (the manager's delay comes first).
 const PEER_DELAYS: usize = baton_protocol::MAX_DELAYS - 1;
+/// Changes of a peer delay below this many microseconds do not send the report again.
+pub const PEER_DELAY_NOISE_US: u32 = 500;
 
 /// A connection, numbered by the driver; [`ConnId::MANAGER`] is the manager session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -403,8 +405,20 @@ struct Pace {
     remainder: u64,
 }
 
+/// Rates above this (1 TiB/s) are paced as this: no link is faster, and the
+/// bucket arithmetic then stays within `u64` (no 128-bit division on a Cortex-M3).
+const MAX_PACED_RATE: u64 = 1 << 40;
+
+/// Whole microseconds in `d`, saturating.
+fn micros_u64(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1_000_000)
+        .saturating_add(u64::from(d.subsec_micros()))
+}
+
 impl Pace {
     fn new(rate: u64, chunk_size: u32, now: Duration) -> Pace {
+        let rate = rate.min(MAX_PACED_RATE);
         let burst = i64::try_from((rate / 10).max(u64::from(chunk_size))).unwrap_or(i64::MAX);
         Pace {
             rate,
@@ -420,10 +434,19 @@ impl Pace {
         let Some(dt) = now.checked_sub(self.at) else {
             return;
         };
-        let total = u128::from(self.rate) * dt.as_micros() + u128::from(self.remainder);
-        let add = i64::try_from(total / 1_000_000).unwrap_or(i64::MAX);
-        self.remainder = (total % 1_000_000) as u64;
-        self.tokens = self.tokens.saturating_add(add).min(self.burst);
+        // Overflow needs over 2^64 byte-microseconds: far more than a full bucket.
+        match self
+            .rate
+            .checked_mul(micros_u64(dt))
+            .and_then(|v| v.checked_add(self.remainder))
+        {
+            Some(total) => {
+                let add = i64::try_from(total / 1_000_000).unwrap_or(i64::MAX);
+                self.remainder = total % 1_000_000;
+                self.tokens = self.tokens.saturating_add(add).min(self.burst);
+            }
+            None => self.tokens = self.burst,
+        }
         if self.tokens == self.burst {
             self.remainder = 0;
         }
@@ -443,11 +466,9 @@ impl Pace {
         if self.allows() {
             return self.at;
         }
-        let owed = u128::from(self.cost.abs_diff(self.tokens)) * 1_000_000;
-        let wait_us = owed
-            .saturating_sub(u128::from(self.remainder))
-            .div_ceil(u128::from(self.rate));
-        self.at + Duration::from_micros(u64::try_from(wait_us).unwrap_or(u64::MAX))
+        let owed = self.cost.abs_diff(self.tokens).saturating_mul(1_000_000);
+        let wait_us = owed.saturating_sub(self.remainder).div_ceil(self.rate);
+        self.at + Duration::from_micros(wait_us)
     }
 }
 
@@ -774,17 +795,22 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
 
     /// Sets the round-trip times to segment peers (nearest first) for the report.
     ///
-    /// The report is sent again when the set of peers changes or a delay moves by more than a quarter.
+    /// The report is sent again only when the set of peers changes or a delay moves by
+    /// more than a quarter and more than [`PEER_DELAY_NOISE_US`]: every report makes the
+    /// manager re-place the agent in running plans, so LAN jitter must not trigger one.
     pub fn set_peer_delays(&mut self, delays: &[Delay]) {
         let delays = &delays[..delays.len().min(PEER_DELAYS)];
-        let changed = delays.len() != self.peer_delays.len()
-            || delays
+        let moved = |new: &Delay| {
+            self.peer_delays
                 .iter()
-                .zip(self.peer_delays.iter())
-                .any(|(new, old)| {
-                    new.to != old.to || new.rtt_us.abs_diff(old.rtt_us) > old.rtt_us / 4
-                });
-        if changed {
+                .find(|old| old.to == new.to)
+                .is_none_or(|old| {
+                    let diff = new.rtt_us.abs_diff(old.rtt_us);
+                    diff > old.rtt_us / 4 && diff > PEER_DELAY_NOISE_US
+                })
+        };
+        // Kept as of the last significant change, so a slow drift is caught too.
+        if delays.len() != self.peer_delays.len() || delays.iter().any(moved) {
             self.peer_delays.clear();
             let _ = self.peer_delays.extend_from_slice(delays);
             self.report_due |= self.manager_up;
@@ -2453,6 +2479,11 @@ mod test {
         // A small change does not send the report again; a large one does.
         let mut moved = peers.clone();
         moved[0].rtt_us = 320;
+        w.agent.set_peer_delays(&moved);
+        assert!(w.drain().is_empty());
+        // Nor does jitter under the noise floor, or the same peers in another order.
+        moved[0].rtt_us = 700;
+        moved.swap(0, 1);
         w.agent.set_peer_delays(&moved);
         assert!(w.drain().is_empty());
         moved[0].rtt_us = 3000;

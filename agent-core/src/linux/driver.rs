@@ -883,6 +883,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                     if let (Some(seg), Some(cert)) = (segment.as_mut(), agent.cert()) {
                         seg.set_capabilities(now, agent.capabilities());
                         seg.start(now, cert.clone(), unix_micros());
+                        // A new manager session: the leader tells the manager again.
+                        seg.request_report();
                     }
                 }
                 Event::JobStarted {
