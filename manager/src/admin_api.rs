@@ -20,14 +20,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
 use baton_protocol::types::{AgentId, MAX_LABEL_KEY, MAX_LABEL_VALUE};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::planner::Policy;
 use crate::registry::{lock, unix_now};
@@ -37,21 +38,15 @@ use crate::store::{AgentRecord, GroupRecord, LeaderChange, PolicyRecord, Segment
 /// Longest group or policy name.
 pub const MAX_NAME: usize = 64;
 
-/// The routes of this module, to merge into the API router.
-pub fn routes() -> Router<Arc<Manager>> {
-    Router::new()
-        .route("/api/v1/segments", get(segments))
-        .route("/api/v1/segments/{name}", get(segment))
-        .route("/api/v1/groups", get(groups).post(add_group))
-        .route(
-            "/api/v1/groups/{name}",
-            get(group).put(set_group).delete(remove_group),
-        )
-        .route("/api/v1/policies", get(policies).post(add_policy))
-        .route(
-            "/api/v1/policies/{name}",
-            get(policy).put(set_policy).delete(remove_policy),
-        )
+/// The routes of this module with their OpenAPI operations, merged into the API router.
+pub fn routes() -> OpenApiRouter<Arc<Manager>> {
+    OpenApiRouter::new()
+        .routes(routes!(segments))
+        .routes(routes!(segment))
+        .routes(routes!(groups, add_group))
+        .routes(routes!(group, set_group, remove_group))
+        .routes(routes!(policies, add_policy))
+        .routes(routes!(policy, set_policy, remove_policy))
 }
 
 fn body_of(body: Result<Json<Value>, JsonRejection>) -> Result<Map<String, Value>, ApiError> {
@@ -119,10 +114,14 @@ pub struct SegmentDetail {
     pub leader_history: Vec<LeaderChange>,
 }
 
+#[utoipa::path(get, path = "/api/v1/segments", tag = "segments",
+    responses((status = 200, description = "Every segment as its leader last reported it: `[{name, leader, term, reported_at_ms, members: [{id, score, performance, free_storage, can_serve, link, delays, last_heard_ms}]}]`", body = [Object])))]
 async fn segments(State(m): State<Arc<Manager>>) -> Result<Json<Vec<SegmentRecord>>, ApiError> {
     Ok(Json(lock(&m.store).segments()?))
 }
 
+#[utoipa::path(get, path = "/api/v1/segments/{name}", tag = "segments", params(("name" = String, Path, description = "Its name")),
+    responses((status = 200, description = "The segment with `leader_history: [{leader, term, since_ms}]`", body = Object), (status = 404, body = crate::http::api::ErrorBody)))]
 async fn segment(
     State(m): State<Arc<Manager>>,
     Path(name): Path<String>,
@@ -310,6 +309,8 @@ fn parse_group(
     })
 }
 
+#[utoipa::path(get, path = "/api/v1/groups", tag = "groups",
+    responses((status = 200, description = "Content groups: `[{name, agents, selector, members}]`", body = [Object])))]
 async fn groups(State(m): State<Arc<Manager>>) -> Result<Json<Vec<GroupView>>, ApiError> {
     let (groups, agents) = {
         let store = lock(&m.store);
@@ -326,6 +327,8 @@ async fn groups(State(m): State<Arc<Manager>>) -> Result<Json<Vec<GroupView>>, A
     ))
 }
 
+#[utoipa::path(get, path = "/api/v1/groups/{name}", tag = "groups", params(("name" = String, Path, description = "Its name")),
+    responses((status = 200, description = "The group with `members`: the enrolled agents it resolves to", body = Object), (status = 404, body = crate::http::api::ErrorBody)))]
 async fn group(
     State(m): State<Arc<Manager>>,
     Path(name): Path<String>,
@@ -336,6 +339,9 @@ async fn group(
     Ok(Json(group_view(&m, group)?))
 }
 
+#[utoipa::path(post, path = "/api/v1/groups", tag = "groups",
+    request_body(content = Object, description = "`{name, agents: [ids], selector: {label: value}}`"),
+    responses((status = 201, body = Object), (status = 400, description = "One field is wrong: `{error, field}`", body = crate::http::api::ErrorBody), (status = 409, description = "The name exists", body = crate::http::api::ErrorBody)))]
 async fn add_group(
     State(m): State<Arc<Manager>>,
     body: Result<Json<Value>, JsonRejection>,
@@ -347,6 +353,9 @@ async fn add_group(
     Ok((StatusCode::CREATED, Json(group_view(&m, group)?)))
 }
 
+#[utoipa::path(put, path = "/api/v1/groups/{name}", tag = "groups", params(("name" = String, Path, description = "Its name")),
+    request_body(content = Object, description = "`{agents: [ids], selector: {label: value}}`"),
+    responses((status = 200, body = Object), (status = 400, description = "One field is wrong: `{error, field}`", body = crate::http::api::ErrorBody), (status = 404, body = crate::http::api::ErrorBody)))]
 async fn set_group(
     State(m): State<Arc<Manager>>,
     Path(name): Path<String>,
@@ -362,6 +371,8 @@ async fn set_group(
     Ok(Json(group_view(&m, group)?))
 }
 
+#[utoipa::path(delete, path = "/api/v1/groups/{name}", tag = "groups", params(("name" = String, Path, description = "Its name")),
+    responses((status = 200, description = "Removed"), (status = 404, body = crate::http::api::ErrorBody)))]
 async fn remove_group(
     State(m): State<Arc<Manager>>,
     Path(name): Path<String>,
@@ -488,11 +499,15 @@ fn policy_view(record: PolicyRecord) -> Value {
     Value::Object(out)
 }
 
+#[utoipa::path(get, path = "/api/v1/policies", tag = "policies",
+    responses((status = 200, description = "Named policies: `[{name, ...fields of the planner's Policy}]`", body = [Object])))]
 async fn policies(State(m): State<Arc<Manager>>) -> Result<Json<Vec<Value>>, ApiError> {
     let all = lock(&m.store).policies()?;
     Ok(Json(all.into_iter().map(policy_view).collect()))
 }
 
+#[utoipa::path(get, path = "/api/v1/policies/{name}", tag = "policies", params(("name" = String, Path, description = "Its name")),
+    responses((status = 200, body = Object), (status = 404, body = crate::http::api::ErrorBody)))]
 async fn policy(
     State(m): State<Arc<Manager>>,
     Path(name): Path<String>,
@@ -503,6 +518,9 @@ async fn policy(
     Ok(Json(policy_view(record)))
 }
 
+#[utoipa::path(post, path = "/api/v1/policies", tag = "policies",
+    request_body(content = Object, description = "`{name, ...fields of the planner's Policy}` (every field defaulted)"),
+    responses((status = 201, body = Object), (status = 400, description = "One field is wrong: `{error, field}`", body = crate::http::api::ErrorBody), (status = 409, description = "The name exists", body = crate::http::api::ErrorBody)))]
 async fn add_policy(
     State(m): State<Arc<Manager>>,
     body: Result<Json<Value>, JsonRejection>,
@@ -514,6 +532,9 @@ async fn add_policy(
     Ok((StatusCode::CREATED, Json(policy_view(record))))
 }
 
+#[utoipa::path(put, path = "/api/v1/policies/{name}", tag = "policies", params(("name" = String, Path, description = "Its name")),
+    request_body(content = Object, description = "The policy's fields"),
+    responses((status = 200, body = Object), (status = 400, description = "One field is wrong: `{error, field}`", body = crate::http::api::ErrorBody), (status = 404, body = crate::http::api::ErrorBody)))]
 async fn set_policy(
     State(m): State<Arc<Manager>>,
     Path(name): Path<String>,
@@ -529,6 +550,8 @@ async fn set_policy(
     Ok(Json(policy_view(record)))
 }
 
+#[utoipa::path(delete, path = "/api/v1/policies/{name}", tag = "policies", params(("name" = String, Path, description = "Its name")),
+    responses((status = 200, description = "Removed"), (status = 404, body = crate::http::api::ErrorBody)))]
 async fn remove_policy(
     State(m): State<Arc<Manager>>,
     Path(name): Path<String>,

@@ -14,7 +14,9 @@
 //! - [`admin_api`]: segments, content groups and named policies over HTTP;
 //! - [`net`]: the TCP agent server and the task that drives the engine;
 //! - [`serial`]: serial-attached devices (COBS-framed sessions over a UART);
-//! - [`http`]: the authenticated JSON API under `/api/v1`;
+//! - [`http`]: the HTTP server: the authenticated JSON API under `/api/v1`, its
+//!   OpenAPI document, `/metrics`, HTTPS;
+//! - [`web`]: the administrators' web UI, logins, sessions and API tokens;
 //! - [`lab`]: network namespaces for demos and tests (segments, router, shaped and delayed links);
 //! - [`server`]: everything above wired together, as `baton serve` runs it.
 
@@ -43,3 +45,5 @@ pub mod serial;
 pub mod server;
 #[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
+pub mod web;

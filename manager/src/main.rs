@@ -1,6 +1,8 @@
 //! `baton`: the Baton command.
 //!
-//! `baton serve` runs the manager; `enroll`, `push`, `jobs`, `job`, `cancel`,
+//! `baton serve` runs the manager; `baton demo` and `baton lab` run whole
+//! distributions on this machine; `baton admin` manages web UI administrators
+//! and API tokens; `enroll`, `push`, `jobs`, `job`, `cancel`,
 //! `agents`, `segments`, `groups` and `policies` talk to a running manager over
 //! its HTTP API; `baton agent` runs
 //! a Linux agent. Logging goes to
@@ -44,15 +46,20 @@ enum Command {
     /// List enrolled agents and whether they are connected.
     Agents(cli::show::AgentsArgs),
     /// List network segments as their leaders report them; `segments show NAME` for one.
-    Segments(cli::admin::SegmentsArgs),
+    Segments(cli::fleet::SegmentsArgs),
     /// Content groups: named sets of agents, by id or label (`list|show|add|set|rm`).
-    Groups(cli::admin::GroupsArgs),
+    Groups(cli::fleet::GroupsArgs),
     /// Named distribution policies (`list|show|add|set|rm`).
-    Policies(cli::admin::PoliciesArgs),
+    Policies(cli::fleet::PoliciesArgs),
+    /// Administrators of the web UI and API tokens: `add NAME`, `token NAME`, `revoke-token NAME`, `list`.
+    #[command(subcommand)]
+    Admin(cli::admin::AdminCommand),
     /// Run a Linux agent (the same as `baton-agent`).
     Agent(Box<baton_agent_core::linux::AgentArgs>),
     /// Run a whole distribution on this machine: a manager and N agents as processes, real TCP, link caps.
     Demo(demo::DemoArgs),
+    /// Measure against the lower bound: N agents and a manager in network namespaces, shaped and delayed links (root).
+    Lab(demo::lab::LabArgs),
 }
 
 /// Exits the process once standard input reaches end of file (the parent is gone).
@@ -109,15 +116,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Segments(args) => {
             init_logging("warn");
-            cli::admin::segments(args)?;
+            cli::fleet::segments(args)?;
         }
         Command::Groups(args) => {
             init_logging("warn");
-            cli::admin::groups(args)?;
+            cli::fleet::groups(args)?;
         }
         Command::Policies(args) => {
             init_logging("warn");
-            cli::admin::policies(args)?;
+            cli::fleet::policies(args)?;
+        }
+        Command::Admin(cmd) => {
+            init_logging("warn");
+            cli::admin::run(cmd)?;
         }
         Command::Agent(args) => {
             init_logging("info");
@@ -129,6 +140,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let json = args.json;
             let report = demo::run(args)?;
             demo::print(&report, json);
+            if report.confirmed < report.agents {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Lab(args) => {
+            init_logging("warn");
+            let json = args.json;
+            let report = demo::lab::run(args)?;
+            demo::lab::print(&report, json);
             if report.confirmed < report.agents {
                 return Ok(ExitCode::from(1));
             }

@@ -51,6 +51,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// Serial ports with a device on each (`/dev/ttyUSB0`, a pty), served like agent connections.
     pub serial: Vec<PathBuf>,
+    /// HTTPS: PEM certificate chain and private key for the HTTP server (`None` = plain HTTP).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl ServeOptions {
@@ -66,6 +68,7 @@ impl ServeOptions {
             ready_file: None,
             max_connections: 100_000,
             serial: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -134,6 +137,17 @@ pub enum ServeError {
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
+    /// The HTTPS certificate or key.
+    #[error(transparent)]
+    Tls(#[from] crate::http::tls::TlsError),
+    /// The administrators' tables.
+    #[error("{path}: {source}")]
+    Users {
+        /// The database file.
+        path: PathBuf,
+        /// What failed.
+        source: crate::web::users::UserError,
+    },
 }
 
 /// The running manager, as the HTTP API sees it.
@@ -689,6 +703,20 @@ pub async fn serve(
         None => sqlite.set_meta("manager_key", &manager_key.0)?,
     }
     let epoch = sqlite.next_epoch()?;
+    let tls = match &opts.tls {
+        Some((cert, key)) => Some(Arc::new(crate::http::tls::load_config(cert, key)?)),
+        None => None,
+    };
+    let web_store =
+        crate::web::users::WebStore::open(&db_path).map_err(|source| ServeError::Users {
+            path: db_path.clone(),
+            source,
+        })?;
+    let http_config = crate::http::HttpConfig {
+        web: Arc::new(crate::web::Web::new(web_store, tls.is_some())),
+        upload_dir: opts.data_dir.join("uploads"),
+        tls,
+    };
     let store: SharedStore = Arc::new(Mutex::new(Box::new(sqlite) as Box<dyn Store>));
     let registry = Arc::new(Registry::load(store.clone())?);
     let library = Arc::new(Library::new());
@@ -779,6 +807,7 @@ pub async fn serve(
     let http_task = tokio::spawn(crate::http::run(
         http_listener,
         manager.clone(),
+        http_config,
         stopped(stop_rx.clone()),
     ));
     let serial_tasks: Vec<_> = opts

@@ -8,6 +8,7 @@
 //! and the `serve.json` a running manager keeps there.
 
 pub mod admin;
+pub mod fleet;
 pub mod push;
 pub mod serve;
 pub mod show;
