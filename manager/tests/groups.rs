@@ -458,6 +458,41 @@ fn policies_are_managed_checked_and_used_by_jobs() {
             .all(|t| t["from"] != "p2"),
         "{job}"
     );
+    // A policy that cannot be met is reported with the job, not silently ignored.
+    ok(&m, &["policies", "add", "leaves", "--leaf-only", "p1,p2"]);
+    let leafy = json_of(&ok(
+        &m,
+        &[
+            "push",
+            bin.to_str().unwrap(),
+            "--agents",
+            "p1,p2",
+            "--name",
+            "leafy",
+            "--policy",
+            "leaves",
+            "--wait",
+            "--json",
+        ],
+    ));
+    assert_eq!(leafy["confirmed_count"], 2, "{leafy}");
+    let warnings: Vec<&str> = leafy["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("no participant may relay")),
+        "{leafy}"
+    );
+    let shown = ok(&m, &["job", &leafy["id"].to_string()]);
+    assert!(
+        shown.contains("warning: no participant may relay"),
+        "{shown}"
+    );
     let err = fails(
         &m,
         &["push", bin.to_str().unwrap(), "--all", "--policy", "absent"],
