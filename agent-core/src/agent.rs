@@ -26,6 +26,10 @@
 //! reported to the manager and not asked again for that job (its chunks fall
 //! back to the manager until the manager names new sources).
 //!
+//! Pacing: a `Throttle` from the manager caps the rate at which one job's
+//! chunks are requested (a token bucket over `now`; 0 lifts the cap). It may
+//! arrive before the job's `Fetch` and is then applied when the job starts.
+//!
 //! Serving: a `ChunkRequest` is answered from any verified chunk held,
 //! including chunks of content still being fetched (cut-through); a request
 //! for a chunk of content being fetched that is not verified yet is parked
@@ -66,6 +70,10 @@ const REPLY_QUEUE: usize = 32;
 const MANAGER_QUEUE: usize = 16;
 const EVENT_QUEUE: usize = 32;
 const FENCES: usize = 16;
+/// Rate caps remembered per job id (a `Throttle` may precede its `Fetch`).
+const THROTTLES: usize = 8;
+/// Peer delays kept for the report (the manager's delay comes first).
+const PEER_DELAYS: usize = baton_protocol::MAX_DELAYS - 1;
 
 /// A connection, numbered by the driver; [`ConnId::MANAGER`] is the manager session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -377,9 +385,77 @@ struct Range {
     cursor: u32,
 }
 
+/// Paces one job's chunk requests: a token bucket of bytes over the driver's `now`.
+///
+/// A request is allowed when the bucket holds a whole chunk (`chunk_size`
+/// bytes) and takes its chunk's length. The bucket refills at `rate` bytes
+/// per second up to `burst` (a tenth of a second's worth, at least one
+/// chunk), so over any time `T` at most `burst + rate · T` bytes are requested.
+#[derive(Clone, Copy, Debug)]
+struct Pace {
+    rate: u64,
+    /// What one request needs in the bucket: the job's chunk size.
+    cost: i64,
+    tokens: i64,
+    burst: i64,
+    /// Refill time so far, and the sub-byte remainder (in byte-microseconds).
+    at: Duration,
+    remainder: u64,
+}
+
+impl Pace {
+    fn new(rate: u64, chunk_size: u32, now: Duration) -> Pace {
+        let burst = i64::try_from((rate / 10).max(u64::from(chunk_size))).unwrap_or(i64::MAX);
+        Pace {
+            rate,
+            cost: i64::from(chunk_size),
+            tokens: i64::from(chunk_size),
+            burst,
+            at: now,
+            remainder: 0,
+        }
+    }
+
+    fn refill(&mut self, now: Duration) {
+        let Some(dt) = now.checked_sub(self.at) else {
+            return;
+        };
+        let total = u128::from(self.rate) * dt.as_micros() + u128::from(self.remainder);
+        let add = i64::try_from(total / 1_000_000).unwrap_or(i64::MAX);
+        self.remainder = (total % 1_000_000) as u64;
+        self.tokens = self.tokens.saturating_add(add).min(self.burst);
+        if self.tokens == self.burst {
+            self.remainder = 0;
+        }
+        self.at = now;
+    }
+
+    fn allows(&self) -> bool {
+        self.tokens >= self.cost
+    }
+
+    fn take(&mut self, bytes: u32) {
+        self.tokens = self.tokens.saturating_sub(i64::from(bytes));
+    }
+
+    /// When the bucket holds a whole chunk again.
+    fn ready_at(&self) -> Duration {
+        if self.allows() {
+            return self.at;
+        }
+        let owed = u128::from(self.cost.abs_diff(self.tokens)) * 1_000_000;
+        let wait_us = owed
+            .saturating_sub(u128::from(self.remainder))
+            .div_ceil(u128::from(self.rate));
+        self.at + Duration::from_micros(u64::try_from(wait_us).unwrap_or(u64::MAX))
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Job {
     job: JobRef,
+    /// The manager's rate cap for this job, if any.
+    pace: Option<Pace>,
     manifest: Manifest,
     state: JobState,
     /// `ranges[0]` is the manager's default range over the whole content.
@@ -515,6 +591,10 @@ pub struct Agent<S: ContentStore, const JOBS: usize = 2, const PEERS: usize = 8>
     served_other: u64,
     /// Round-trip measurement to the manager.
     rtt: RttProbe,
+    /// Round-trip times to segment peers, nearest first (from the driver's segment machine).
+    peer_delays: Vec<Delay, PEER_DELAYS>,
+    /// Rate caps by job id, from `Throttle`.
+    throttles: Vec<(u64, u64), THROTTLES>,
 }
 
 /// Measures the round-trip time to the manager with `Ping`/`Pong` (claim 9's delays).
@@ -604,6 +684,8 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
             to_manager: Deque::new(),
             events: Deque::new(),
             served_other: 0,
+            peer_delays: Vec::new(),
+            throttles: Vec::new(),
         }
     }
 
@@ -671,6 +753,47 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
     pub fn set_link(&mut self, link: LinkInfo) {
         self.config.link = link;
         self.report_due = self.manager_up;
+    }
+
+    /// The measured round-trip time to the manager, in microseconds.
+    pub fn manager_rtt_us(&self) -> Option<u32> {
+        self.rtt.rtt_us
+    }
+
+    /// What this agent says of itself on its segment (the score's inputs, see [`crate::segment`]).
+    pub fn capabilities(&self) -> crate::segment::Capabilities {
+        crate::segment::Capabilities {
+            listen: self.config.listen,
+            performance: self.config.performance,
+            free_storage: self.store.free_bytes(),
+            can_serve: self.config.can_serve,
+            link: self.config.link,
+            manager_rtt_us: self.rtt.rtt_us,
+        }
+    }
+
+    /// Sets the round-trip times to segment peers (nearest first) for the report.
+    ///
+    /// The report is sent again when the set of peers changes or a delay moves by more than a quarter.
+    pub fn set_peer_delays(&mut self, delays: &[Delay]) {
+        let delays = &delays[..delays.len().min(PEER_DELAYS)];
+        let changed = delays.len() != self.peer_delays.len()
+            || delays
+                .iter()
+                .zip(self.peer_delays.iter())
+                .any(|(new, old)| {
+                    new.to != old.to || new.rtt_us.abs_diff(old.rtt_us) > old.rtt_us / 4
+                });
+        if changed {
+            self.peer_delays.clear();
+            let _ = self.peer_delays.extend_from_slice(delays);
+            self.report_due |= self.manager_up;
+        }
+    }
+
+    /// The rate cap in force for job `id` (bytes per second), if any.
+    pub fn throttle(&self, id: u64) -> Option<u64> {
+        self.throttles.iter().find(|t| t.0 == id).map(|t| t.1)
     }
 
     fn event(&mut self, e: Event) {
@@ -901,6 +1024,13 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
                 self.on_done(job, true);
                 Ok(())
             }
+            Message::Throttle {
+                job,
+                max_bytes_per_second,
+            } if from_manager => {
+                self.on_throttle(now, job, max_bytes_per_second);
+                Ok(())
+            }
             Message::ChunkRequest { root, index } => {
                 self.on_chunk_request(now, conn, root, index);
                 Ok(())
@@ -1067,8 +1197,12 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
         };
         let chunks = manifest.chunks();
         let root = manifest.root;
+        let pace = self
+            .throttle(job.id)
+            .map(|rate| Pace::new(rate, manifest.chunk_size, now));
         let mut j = Job {
             job,
+            pace,
             manifest,
             state: JobState::Fetching,
             ranges: Vec::new(),
@@ -1192,6 +1326,23 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
         j.rewind_all();
         if dropped {
             self.ignored("source table full: some ranges fall back to the manager");
+        }
+    }
+
+    fn on_throttle(&mut self, now: Duration, job: JobRef, rate: u64) {
+        if !self.fence(job) {
+            self.ignored("stale Throttle (older epoch)");
+            return;
+        }
+        self.throttles.retain(|t| t.0 != job.id);
+        if rate > 0 {
+            if self.throttles.is_full() {
+                self.throttles.remove(0);
+            }
+            let _ = self.throttles.push((job.id, rate));
+        }
+        if let Some(j) = self.jobs.iter_mut().find(|j| j.job.id == job.id) {
+            j.pace = (rate > 0).then(|| Pace::new(rate, j.manifest.chunk_size, now));
         }
     }
 
@@ -1523,6 +1674,11 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
                 {
                     t = min_opt(t, last + self.config.progress_interval);
                 }
+                if let Some(p) = &j.pace
+                    && !p.allows()
+                {
+                    t = min_opt(t, p.ready_at());
+                }
                 for s in &j.sources {
                     // `handle_timeout` clears a pause once it has passed.
                     if let Some(p) = s.paused_until {
@@ -1603,6 +1759,11 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
                 to: DelayTo::Manager,
                 rtt_us,
             });
+        }
+        for d in &self.peer_delays {
+            if delays.push(d.clone()).is_err() {
+                break;
+            }
         }
         Report {
             id: self.config.id.clone(),
@@ -1837,6 +1998,12 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
             if self.jobs[jp].state != JobState::Fetching {
                 continue;
             }
+            if let Some(p) = &mut self.jobs[jp].pace {
+                p.refill(now);
+                if !p.allows() {
+                    continue;
+                }
+            }
             for sp in 0..self.jobs[jp].sources.len() {
                 let slot = &self.jobs[jp].sources[sp];
                 if slot.avoided.is_some() || slot.in_flight.len() >= window {
@@ -1853,6 +2020,10 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
                     Ok(Some(index)) => {
                         let j = &mut self.jobs[jp];
                         let _ = j.sources[sp].in_flight.push((index, now));
+                        let len = j.manifest.chunk_len(index);
+                        if let Some(p) = &mut j.pace {
+                            p.take(len);
+                        }
                         let root = j.manifest.root;
                         return self.encode_to(conn, &Message::ChunkRequest { root, index }, buf);
                     }
@@ -2199,6 +2370,97 @@ mod test {
         w.agent.handle_timeout(w.now);
         let out = w.drain();
         assert_eq!(kinds(&out).iter().filter(|k| **k == "Progress").count(), 1);
+    }
+
+    #[test]
+    fn throttle_paces_requests_and_zero_lifts_it() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 40 * 1024);
+        // The cap may come before the job's Fetch: 10 KiB/s, ten 1 KiB chunks a second.
+        let throttle = |rate| {
+            Message::Throttle {
+                job: job(1),
+                max_bytes_per_second: rate,
+            }
+            .to_vec()
+        };
+        w.frame(ConnId::MANAGER, &throttle(10 * 1024)).unwrap();
+        assert_eq!(w.agent.throttle(7), Some(10 * 1024));
+        let start = w.now;
+        w.fetch(&c, 1, &[]);
+        let mut times = StdVec::new();
+        let mut out = w.drain();
+        for _ in 0..1000 {
+            for (_, index) in requests(&out) {
+                times.push((w.now - start, index));
+            }
+            w.serve(&out, &c);
+            out = w.drain();
+            if !out
+                .iter()
+                .any(|(_, b)| matches!(Message::decode(b).unwrap(), Message::ChunkRequest { .. }))
+            {
+                let next = w.agent.poll_timeout().expect("a throttled job wakes up");
+                assert!(next > w.now, "no busy loop while throttled");
+                if next - start > Duration::from_millis(1000) {
+                    break;
+                }
+                w.now = next;
+                w.agent.handle_timeout(w.now);
+                out.extend(w.drain());
+            }
+        }
+        // One chunk at once, then one per 100 ms: 11 within the first second, never faster.
+        assert_eq!(times.len(), 11, "{times:?}");
+        for pair in times.windows(2) {
+            assert!(pair[1].0 - pair[0].0 >= 100 * MS, "{times:?}");
+        }
+        // Lifting the cap: the window fills at once.
+        w.frame(ConnId::MANAGER, &throttle(0)).unwrap();
+        assert_eq!(w.agent.throttle(7), None);
+        w.serve(&out, &c);
+        let out = w.drain();
+        assert_eq!(requests(&out).len(), 4);
+    }
+
+    #[test]
+    fn peer_delays_follow_the_manager_delay_in_the_report() {
+        let mut w = world();
+        w.now += Duration::from_millis(2);
+        w.frame(
+            ConnId::MANAGER,
+            &Message::Pong { nonce: 1_000_000 }.to_vec(),
+        )
+        .unwrap();
+        w.drain();
+        let peers = [
+            Delay {
+                to: DelayTo::Peer(id("p1")),
+                rtt_us: 300,
+            },
+            Delay {
+                to: DelayTo::Peer(id("p2")),
+                rtt_us: 900,
+            },
+        ];
+        w.agent.set_peer_delays(&peers);
+        let out = w.drain();
+        let Message::Report(r) = Message::decode(&out[0].1).unwrap() else {
+            panic!("a report after new peer delays");
+        };
+        assert_eq!(r.delays[0].to, DelayTo::Manager);
+        assert_eq!(&r.delays[1..], &peers);
+        // A small change does not send the report again; a large one does.
+        let mut moved = peers.clone();
+        moved[0].rtt_us = 320;
+        w.agent.set_peer_delays(&moved);
+        assert!(w.drain().is_empty());
+        moved[0].rtt_us = 3000;
+        w.agent.set_peer_delays(&moved);
+        assert_eq!(kinds(&w.drain()), ["Report"]);
+        let caps = w.agent.capabilities();
+        assert_eq!(caps.manager_rtt_us, Some(2000));
+        assert!(caps.can_serve);
     }
 
     /// Fetch with chunks 4..8 from peer `p1`; returns the connection to it.

@@ -24,4 +24,5 @@ pub mod linux;
 
 pub mod agent;
 pub mod flash;
+pub mod segment;
 pub mod store;

@@ -10,9 +10,13 @@
 //! - [`store`]: the database (SQLite by default) behind the [`store::Store`] trait;
 //! - [`content`]: the manager's keys, publishing files and serving their chunks;
 //! - [`registry`]: enrolled agents and live sessions, handshake authorization;
+//! - [`segments`]: checking and assembling leaders' segment discovery reports;
+//! - [`admin_api`]: segments, content groups and named policies over HTTP;
 //! - [`net`]: the TCP agent server and the task that drives the engine;
 //! - [`serial`]: serial-attached devices (COBS-framed sessions over a UART);
-//! - [`http`]: the authenticated JSON API under `/api/v1`;
+//! - [`http`]: the HTTP server: the authenticated JSON API under `/api/v1`, its
+//!   OpenAPI document, `/metrics`, HTTPS;
+//! - [`web`]: the administrators' web UI, logins, sessions and API tokens;
 //! - [`lab`]: network namespaces for demos and tests (segments, router, shaped and delayed links);
 //! - [`server`]: everything above wired together, as `baton serve` runs it.
 
@@ -21,6 +25,8 @@
 pub mod engine;
 pub mod planner;
 
+#[cfg(feature = "server")]
+pub mod admin_api;
 #[cfg(feature = "server")]
 pub mod content;
 #[cfg(feature = "server")]
@@ -32,8 +38,12 @@ pub mod net;
 #[cfg(feature = "server")]
 pub mod registry;
 #[cfg(feature = "server")]
+pub mod segments;
+#[cfg(feature = "server")]
 pub mod serial;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
+pub mod web;

@@ -144,6 +144,13 @@ pub enum JobEvent {
         /// The job.
         job: u64,
     },
+    /// A rule of the job's policy cannot be met (stored with the job as a warning).
+    Warning {
+        /// The job.
+        job: u64,
+        /// What cannot be met, for people.
+        text: String,
+    },
 }
 
 impl JobEvent {
@@ -154,6 +161,7 @@ impl JobEvent {
             | JobEvent::Confirmed { job, .. }
             | JobEvent::Failed { job, .. }
             | JobEvent::Finished { job, .. }
+            | JobEvent::Warning { job, .. }
             | JobEvent::Cancelled { job } => *job,
         }
     }
@@ -194,6 +202,7 @@ impl JobEvent {
                 confirmed,
                 failed,
             },
+            EngineEvent::PolicyWarning { job, text } => JobEvent::Warning { job, text },
         }
     }
 }
@@ -236,6 +245,8 @@ impl Core {
         events: broadcast::Sender<JobEvent>,
         origin: Instant,
     ) -> Self {
+        let mut engine = engine;
+        engine.set_wall_clock(origin.elapsed(), unix_now());
         Core {
             engine,
             store,
@@ -282,6 +293,7 @@ impl Core {
                 }
                 _ = sleep_until(deadline) => {
                     let now = self.now();
+                    self.engine.set_wall_clock(now, unix_now());
                     self.engine.handle_timeout(now);
                 }
             }
@@ -293,6 +305,7 @@ impl Core {
     /// Feeds one input to the engine (and the store where it records agent facts).
     pub fn handle(&mut self, input: CoreInput) {
         let now = self.now();
+        self.engine.set_wall_clock(now, unix_now());
         match input {
             CoreInput::Online { id, key, report } => {
                 self.record_report(&report);
@@ -306,6 +319,13 @@ impl Core {
                         return;
                     }
                 };
+                if let Message::PeerTrouble {
+                    trouble: baton_protocol::message::Trouble::BadChunk { .. },
+                    ..
+                } = msg
+                {
+                    crate::http::metrics::count_chunk_verification_failure();
+                }
                 if let Message::Report(report) = msg {
                     if report.id != id {
                         tracing::warn!(agent = %id, claimed = %report.id, "report for another id ignored");
@@ -521,6 +541,7 @@ impl AgentServer {
                 }
             },
         };
+        self.registry.note_report(&report);
         let mut publishers = heapless::Vec::<PublicKey, MAX_PUBLISHERS>::new();
         for key in self.publishers.iter().take(MAX_PUBLISHERS) {
             let _ = publishers.push(*key);
@@ -660,8 +681,24 @@ impl AgentServer {
                     tracing::warn!(agent = %id, claimed = %r.id, "report for another id; closing");
                     return "report for another id".into();
                 }
-                Message::Report(_)
-                | Message::Progress { .. }
+                Message::SegmentReport(page) => match self.registry.segment_report(id, page) {
+                    Ok(Some(s)) => {
+                        tracing::info!(agent = %id, segment = %s.segment, members = s.members, unknown = s.unknown, leader_changed = s.leader_changed, "segment report stored")
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(agent = %id, "segment report refused: {e}"),
+                },
+                Message::Report(ref r) => {
+                    self.registry.note_report(r);
+                    let input = CoreInput::Message {
+                        id: id.clone(),
+                        bytes: bytes.to_vec(),
+                    };
+                    if self.core.send(input).is_err() {
+                        return "manager shutting down".into();
+                    }
+                }
+                Message::Progress { .. }
                 | Message::Have { .. }
                 | Message::Failed { .. }
                 | Message::NextPlease { .. }

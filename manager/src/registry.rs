@@ -9,17 +9,25 @@
 //! Each live connection registers a [`Session`]; an agent that connects again
 //! with the same key takes over: the old session is told to close, and its
 //! later disconnect is recognised as stale by its generation number.
+//!
+//! The registry also takes segment discovery reports from leaders
+//! ([`Registry::segment_report`]): each page is checked against the session
+//! that carried it and the segment its agent reported, pages are assembled
+//! ([`crate::segments::Assembler`]), and a complete report replaces the
+//! segment's stored view.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use baton_protocol::message::{Report, SegmentReport};
 use baton_protocol::session::{Handshake, Role};
 use baton_protocol::types::{AgentId, PublicKey};
 use sha2_std::{Digest as _, Sha256};
 use tokio::sync::{Notify, mpsc};
 
+use crate::segments::{self, Assembler};
 use crate::store::{Enrolled, Store, StoreError};
 
 /// The store shared by the manager's tasks.
@@ -28,6 +36,14 @@ pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
 /// Locks the shared store (a panic elsewhere does not make it unusable).
 pub fn lock(store: &SharedStore) -> std::sync::MutexGuard<'_, Box<dyn Store>> {
     store.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Unix time in milliseconds.
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Unix time in seconds.
@@ -107,6 +123,35 @@ pub struct Registry {
     keys: RwLock<HashMap<AgentId, PublicKey>>,
     sessions: Mutex<HashMap<AgentId, Session>>,
     generation: AtomicU64,
+    /// The segment each agent named in its latest report.
+    reported_segments: Mutex<HashMap<AgentId, String>>,
+    /// Segment report pages being assembled.
+    assembler: Mutex<Assembler>,
+}
+
+/// Why a segment report page was not stored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SegmentReportError {
+    /// The page was refused (wrong leader, wrong segment, bad page numbers, stale).
+    #[error(transparent)]
+    Refused(#[from] segments::Refusal),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a stored segment report changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentStored {
+    /// The segment.
+    pub segment: String,
+    /// Members in the report.
+    pub members: usize,
+    /// Members the manager does not know (not enrolled).
+    pub unknown: usize,
+    /// Whether the segment has a new leader.
+    pub leader_changed: bool,
 }
 
 impl Registry {
@@ -126,6 +171,8 @@ impl Registry {
             keys: RwLock::new(keys),
             sessions: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
+            reported_segments: Mutex::new(HashMap::new()),
+            assembler: Mutex::new(Assembler::new()),
         })
     }
 
@@ -207,6 +254,10 @@ impl Registry {
     ///
     /// Returns whether an older session was taken over.
     pub fn register(&self, id: AgentId, session: Session) -> bool {
+        self.assembler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget_leader(&id);
         let old = self
             .sessions
             .lock()
@@ -256,6 +307,55 @@ impl Registry {
         let mut ids: Vec<AgentId> = sessions.keys().cloned().collect();
         ids.sort();
         ids
+    }
+
+    /// Notes the segment an agent named in its report (segment report pages are checked
+    /// against it).
+    pub fn note_report(&self, report: &Report) {
+        self.reported_segments
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(report.id.clone(), report.segment.to_string());
+    }
+
+    /// The segment `id` named in its latest report this run.
+    pub fn reported_segment(&self, id: &AgentId) -> Option<String> {
+        self.reported_segments
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Takes one segment report page that agent `session` sent over its own session; once the
+    /// report is complete it replaces the segment's stored view (the answer is then `Some`).
+    pub fn segment_report(
+        &self,
+        session: &AgentId,
+        page: SegmentReport,
+    ) -> Result<Option<SegmentStored>, SegmentReportError> {
+        let reported = self.reported_segment(session);
+        let now_ms = unix_now_ms();
+        let (segment, leader, term) = (page.segment.clone(), page.leader.clone(), page.term);
+        let members = self
+            .assembler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .handle_page(session, reported.as_deref(), page, now_ms)?;
+        let Some(members) = members else {
+            return Ok(None);
+        };
+        let record = segments::segment_record(&segment, &leader, term, &members, now_ms, |m| {
+            self.is_enrolled(m)
+        });
+        let unknown = record.members.iter().filter(|m| !m.known).count();
+        let leader_changed = lock(&self.store).replace_segment(&record)?;
+        Ok(Some(SegmentStored {
+            segment: record.name,
+            members: record.members.len(),
+            unknown,
+            leader_changed,
+        }))
     }
 
     /// Tells every session to close (shutdown).

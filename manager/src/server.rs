@@ -27,7 +27,7 @@ use crate::net::{AgentServer, Core, CoreInput, JobEvent};
 use crate::planner::Policy;
 use crate::registry::{Registry, SharedStore, lock, unix_now};
 use crate::store::{
-    ContentRecord, JobRecord, JobState, SqliteStore, Store, StoreError, TargetSpec,
+    ContentRecord, JobOrigin, JobRecord, JobState, SqliteStore, Store, StoreError, TargetSpec,
 };
 
 /// How `baton serve` runs.
@@ -51,6 +51,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// Serial ports with a device on each (`/dev/ttyUSB0`, a pty), served like agent connections.
     pub serial: Vec<PathBuf>,
+    /// HTTPS: PEM certificate chain and private key for the HTTP server (`None` = plain HTTP).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl ServeOptions {
@@ -66,6 +68,7 @@ impl ServeOptions {
             ready_file: None,
             max_connections: 100_000,
             serial: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -134,6 +137,17 @@ pub enum ServeError {
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
+    /// The HTTPS certificate or key.
+    #[error(transparent)]
+    Tls(#[from] crate::http::tls::TlsError),
+    /// The administrators' tables.
+    #[error("{path}: {source}")]
+    Users {
+        /// The database file.
+        path: PathBuf,
+        /// What failed.
+        source: crate::web::users::UserError,
+    },
 }
 
 /// The running manager, as the HTTP API sees it.
@@ -189,6 +203,14 @@ pub enum ApiError {
     /// Conflicts with the current state (409).
     #[error("{0}")]
     Conflict(String),
+    /// One field of the request is wrong (400, the answer names the field).
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field, as the request names it (`name`, `agents`, `weights.up`, ...).
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// The manager failed (500).
     #[error("{0}")]
     Internal(String),
@@ -199,6 +221,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::KeyConflict(_) => ApiError::Conflict(e.to_string()),
             StoreError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            StoreError::Duplicate(_) => ApiError::Conflict(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -213,6 +236,49 @@ impl From<ContentError> for ApiError {
             other => ApiError::BadRequest(other.to_string()),
         }
     }
+}
+
+impl ApiError {
+    /// A validation error naming `field`.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A job's policy as a request gives it: a stored policy's name, or the policy's fields.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PolicyChoice {
+    /// A named policy (`baton policies`).
+    Named(String),
+    /// The fields of a `planner::Policy`, given inline.
+    Inline(serde_json::Value),
+}
+
+/// What a new job is for, before it is checked: explicit targets or a content group, and a
+/// policy.
+#[derive(Clone, Debug, Default)]
+pub struct JobRequest {
+    /// Explicit targets (`{"all": true}` or agent ids).
+    pub targets: Option<TargetSpec>,
+    /// A content group, resolved to its members when the job is created.
+    pub group: Option<String>,
+    /// The policy (default: the planner's defaults).
+    pub policy: Option<PolicyChoice>,
+}
+
+/// A checked job request: resolved targets and the policy it runs under.
+#[derive(Clone, Debug)]
+pub struct ResolvedJob {
+    /// Who gets the content.
+    pub targets: TargetSpec,
+    /// The policy.
+    pub policy: Policy,
+    /// Where targets and policy came from (stored with the job).
+    pub origin: JobOrigin,
 }
 
 /// The engine's targets for a stored target spec (unknown-length ids are refused).
@@ -319,6 +385,59 @@ impl Manager {
         Ok(record)
     }
 
+    /// Checks a job request: resolves a content group to its enrolled members (a snapshot:
+    /// later changes to the group do not change the job) and a named policy to its fields.
+    pub fn resolve_job(&self, req: JobRequest) -> Result<ResolvedJob, ApiError> {
+        let mut origin = JobOrigin::default();
+        let targets = match (req.targets, req.group) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid(
+                    "group",
+                    "give either targets or a group, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ApiError::invalid(
+                    "targets",
+                    "say which agents: targets {\"all\": true}, {\"agents\": [..]}, or a group",
+                ));
+            }
+            (Some(targets), None) => targets,
+            (None, Some(group)) => {
+                let members = crate::admin_api::group_members(self, &group)?;
+                if members.is_empty() {
+                    return Err(ApiError::invalid(
+                        "group",
+                        format!(
+                            "group {group:?} has no members: none of its agents is enrolled and no enrolled agent carries all of its selector labels"
+                        ),
+                    ));
+                }
+                origin.group = Some(group);
+                TargetSpec::Agents(members)
+            }
+        };
+        let policy = match req.policy {
+            None => Policy::default(),
+            Some(PolicyChoice::Named(name)) => {
+                let record = lock(&self.store).policy(&name)?.ok_or_else(|| {
+                    ApiError::NotFound(format!("no policy {name:?} (see `baton policies list`)"))
+                })?;
+                let policy = crate::admin_api::policy_from_json(&record.policy)?;
+                origin.policy_name = Some(name);
+                policy
+            }
+            Some(PolicyChoice::Inline(value)) => crate::admin_api::policy_from_json(&value)?,
+        };
+        origin.policy =
+            Some(serde_json::to_value(&policy).map_err(|e| ApiError::Internal(e.to_string()))?);
+        Ok(ResolvedJob {
+            targets,
+            policy,
+            origin,
+        })
+    }
+
     /// Creates a job for published content and starts it in the engine.
     pub async fn create_job(
         &self,
@@ -326,6 +445,31 @@ impl Manager {
         targets: TargetSpec,
         policy: Option<Policy>,
     ) -> Result<u64, ApiError> {
+        let policy = policy.unwrap_or_default();
+        let origin = JobOrigin {
+            policy: Some(
+                serde_json::to_value(&policy).map_err(|e| ApiError::Internal(e.to_string()))?,
+            ),
+            ..JobOrigin::default()
+        };
+        self.start_job(
+            root,
+            ResolvedJob {
+                targets,
+                policy,
+                origin,
+            },
+        )
+        .await
+    }
+
+    /// Creates a job from a checked request for published content and starts it in the engine.
+    pub async fn start_job(&self, root: Digest, job: ResolvedJob) -> Result<u64, ApiError> {
+        let ResolvedJob {
+            targets,
+            policy,
+            origin,
+        } = job;
         let engine_targets = engine_targets(&targets).map_err(ApiError::BadRequest)?;
         if let Targets::Agents(ids) = &engine_targets {
             if ids.is_empty() {
@@ -351,13 +495,16 @@ impl Manager {
                 .content(&root)?
                 .ok_or_else(|| ApiError::NotFound("content not published".into()))?;
             let manifest = decode_manifest(&record)?;
-            (store.create_job(&root, &targets, unix_now())?, manifest)
+            (
+                store.create_job_from(&root, &targets, &origin, unix_now())?,
+                manifest,
+            )
         };
         let spec = JobSpec {
             id: job,
             manifest,
             targets: engine_targets,
-            policy: policy.unwrap_or_default(),
+            policy,
         };
         let (reply, answer) = oneshot::channel();
         self.core
@@ -495,11 +642,18 @@ async fn resume_job(
             .map_err(|e| format!("content {}: {e}", record.name))?;
         library.insert(content);
     }
+    // The job keeps the policy it was created with (jobs from before policies were stored
+    // ran under the defaults).
+    let policy = match &job.policy_spec {
+        Some(spec) => serde_json::from_value::<Policy>(spec.clone())
+            .map_err(|e| format!("its stored policy does not read back: {e}"))?,
+        None => Policy::default(),
+    };
     let spec = JobSpec {
         id: job.id,
         manifest,
         targets: engine_targets(&job.targets)?,
-        policy: Policy::default(),
+        policy,
     };
     let now = core.now();
     if job.state == JobState::Pending {
@@ -549,6 +703,20 @@ pub async fn serve(
         None => sqlite.set_meta("manager_key", &manager_key.0)?,
     }
     let epoch = sqlite.next_epoch()?;
+    let tls = match &opts.tls {
+        Some((cert, key)) => Some(Arc::new(crate::http::tls::load_config(cert, key)?)),
+        None => None,
+    };
+    let web_store =
+        crate::web::users::WebStore::open(&db_path).map_err(|source| ServeError::Users {
+            path: db_path.clone(),
+            source,
+        })?;
+    let http_config = crate::http::HttpConfig {
+        web: Arc::new(crate::web::Web::new(web_store, tls.is_some())),
+        upload_dir: opts.data_dir.join("uploads"),
+        tls,
+    };
     let store: SharedStore = Arc::new(Mutex::new(Box::new(sqlite) as Box<dyn Store>));
     let registry = Arc::new(Registry::load(store.clone())?);
     let library = Arc::new(Library::new());
@@ -639,6 +807,7 @@ pub async fn serve(
     let http_task = tokio::spawn(crate::http::run(
         http_listener,
         manager.clone(),
+        http_config,
         stopped(stop_rx.clone()),
     ));
     let serial_tasks: Vec<_> = opts

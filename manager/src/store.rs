@@ -1,6 +1,8 @@
 //! The manager's database: enrolled agents and their latest reports, one-time
 //! enrolment tokens, published content, jobs, participants, confirmations and
-//! the bytes each source delivered (claim 8).
+//! the bytes each source delivered (claim 8); the segments their leaders
+//! report, with each segment's leader history; and what administrators define:
+//! content groups and named distribution policies (claim 9).
 //!
 //! [`Store`] is the interface the rest of the manager uses, so another
 //! backend (PostgreSQL) can be added beside [`SqliteStore`], the default: one
@@ -47,6 +49,9 @@ pub enum StoreError {
     /// The named thing does not exist.
     #[error("{0} not found")]
     NotFound(String),
+    /// Something of that name exists already.
+    #[error("{0} already exists")]
+    Duplicate(String),
 }
 
 /// Result of a store operation.
@@ -205,6 +210,38 @@ pub struct JobRecord {
     pub failed: Option<u32>,
     /// Why the engine refused it, if it did.
     pub error: Option<String>,
+    /// The content group its targets were resolved from, if any.
+    pub group: Option<String>,
+    /// The named policy it was created with, if any.
+    pub policy: Option<String>,
+    /// The policy it runs under (JSON of `planner::Policy`), kept so a resumed job keeps it.
+    pub policy_spec: Option<serde_json::Value>,
+    /// Policy rules the planner could not meet, in the order first reported.
+    pub warnings: Vec<String>,
+    /// Bytes actually carried per edge (`from: None` = the manager), filled by [`Store::job`].
+    pub transfers: Vec<Transfer>,
+}
+
+/// Where a new job's targets and policy came from (see [`Store::create_job_from`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobOrigin {
+    /// The content group its targets were resolved from.
+    pub group: Option<String>,
+    /// The named policy it uses.
+    pub policy_name: Option<String>,
+    /// The policy itself (JSON of `planner::Policy`), a snapshot taken at creation.
+    pub policy: Option<serde_json::Value>,
+}
+
+/// Bytes carried over one edge of a job's relay: from a source to a receiver.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    /// The source agent; `None` = the manager.
+    pub from: Option<String>,
+    /// The receiving agent.
+    pub to: String,
+    /// Verified bytes the receiver reported from this source.
+    pub bytes: u64,
 }
 
 fn ser_digest<S: serde::Serializer>(d: &Digest, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -289,6 +326,99 @@ pub struct Confirmation {
     pub confirmed_at: u64,
 }
 
+/// Link speed and reliability of a segment member, as its leader reported them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkRecord {
+    /// Upload capacity in bytes per second.
+    pub up_bps: u64,
+    /// Download capacity in bytes per second.
+    pub down_bps: u64,
+    /// Loss in parts per million.
+    pub loss_ppm: u32,
+    /// Seconds the link has been up.
+    pub uptime_s: u64,
+}
+
+/// One measured round-trip time of a segment member.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DelayRecord {
+    /// Measured to this peer; `None` = the manager.
+    pub to: Option<String>,
+    /// Round-trip time in microseconds.
+    pub rtt_us: u32,
+}
+
+/// One member of a segment, as the segment's leader last reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// The member's id.
+    pub id: String,
+    /// Its capability score (the one the election compared).
+    pub score: u32,
+    /// Where peers reach it, if it serves peers.
+    pub listen: Option<String>,
+    /// Performance class.
+    pub performance: u32,
+    /// Free storage in bytes.
+    pub free_storage: u64,
+    /// Whether it serves peers.
+    pub can_serve: bool,
+    /// Link speed and reliability.
+    pub link: LinkRecord,
+    /// Round-trip times it measured.
+    pub delays: Vec<DelayRecord>,
+    /// Milliseconds since the leader last heard from it (when the report was made).
+    pub last_heard_ms: u32,
+    /// Whether the manager knows this agent (enrolled); unknown members are kept but flagged.
+    pub known: bool,
+}
+
+/// A network segment as its leader last reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRecord {
+    /// The segment's name.
+    pub name: String,
+    /// Its elected leader.
+    pub leader: String,
+    /// The leader's report counter for this report.
+    pub term: u32,
+    /// When the manager stored the report (Unix milliseconds).
+    pub reported_at_ms: u64,
+    /// Its members, by id.
+    pub members: Vec<MemberRecord>,
+}
+
+/// A change of a segment's leader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderChange {
+    /// The new leader.
+    pub leader: String,
+    /// Its term in the first report it sent.
+    pub term: u32,
+    /// Since when it leads (Unix milliseconds of that report).
+    pub since_ms: u64,
+}
+
+/// A content group: an administrator's named set of agents, by id and by label selector.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    /// The group's name.
+    pub name: String,
+    /// Agents in the group by id.
+    pub agents: Vec<String>,
+    /// Agents carrying every one of these labels are in the group too (empty = no label match).
+    pub selector: std::collections::BTreeMap<String, String>,
+}
+
+/// A named distribution policy: the JSON of a `planner::Policy`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// The policy's name.
+    pub name: String,
+    /// Its fields (serde JSON of `planner::Policy`, defaults filled in).
+    pub policy: serde_json::Value,
+}
+
 /// The manager's persistent state. One implementation per database backend.
 ///
 /// Times are Unix seconds passed by the caller. Every method is one
@@ -333,7 +463,20 @@ pub trait Store: Send + std::fmt::Debug {
     fn latest_version(&self, name: &str) -> Result<Option<u64>>;
 
     /// Creates a job in state [`JobState::Pending`] and returns its id.
-    fn create_job(&mut self, root: &Digest, targets: &TargetSpec, now: u64) -> Result<u64>;
+    fn create_job(&mut self, root: &Digest, targets: &TargetSpec, now: u64) -> Result<u64> {
+        self.create_job_from(root, targets, &JobOrigin::default(), now)
+    }
+    /// Creates a job in state [`JobState::Pending`], recording its group and policy; returns
+    /// its id.
+    fn create_job_from(
+        &mut self,
+        root: &Digest,
+        targets: &TargetSpec,
+        origin: &JobOrigin,
+        now: u64,
+    ) -> Result<u64>;
+    /// Adds a policy rule the planner could not meet to a job (a repeated text is kept once).
+    fn add_job_warning(&mut self, job: u64, text: &str, now: u64) -> Result<()>;
     /// Sets a job's state (and error); a final state also sets `finished_at`.
     fn set_job_state(
         &mut self,
@@ -352,11 +495,55 @@ pub trait Store: Send + std::fmt::Debug {
     fn participants(&self, job: u64) -> Result<Vec<ParticipantRecord>>;
     /// A job's bytes per receiver and source.
     fn source_bytes(&self, job: u64) -> Result<Vec<SourceBytes>>;
+    /// A job's bytes per edge of its relay (source → receiver).
+    fn transfers(&self, job: u64) -> Result<Vec<Transfer>> {
+        Ok(self
+            .source_bytes(job)?
+            .into_iter()
+            .map(|s| Transfer {
+                from: s.from,
+                to: s.agent,
+                bytes: s.bytes,
+            })
+            .collect())
+    }
     /// A job's confirmations.
     fn confirmations(&self, job: u64) -> Result<Vec<Confirmation>>;
 
     /// Applies the engine's records in order, all in one transaction.
     fn apply(&mut self, records: &[Persist], now: u64) -> Result<()>;
+
+    /// Replaces the stored view of `segment.name` with this complete report; a new leader is
+    /// recorded in the segment's history. Returns whether the leader changed.
+    fn replace_segment(&mut self, segment: &SegmentRecord) -> Result<bool>;
+    /// Every reported segment, by name.
+    fn segments(&self) -> Result<Vec<SegmentRecord>>;
+    /// One segment.
+    fn segment(&self, name: &str) -> Result<Option<SegmentRecord>>;
+    /// A segment's leaders, oldest first.
+    fn leader_history(&self, name: &str) -> Result<Vec<LeaderChange>>;
+
+    /// Adds a content group; [`StoreError::Duplicate`] if the name is taken.
+    fn add_group(&mut self, group: &GroupRecord, now: u64) -> Result<()>;
+    /// Replaces a content group; [`StoreError::NotFound`] if there is none of that name.
+    fn set_group(&mut self, group: &GroupRecord, now: u64) -> Result<()>;
+    /// Removes a content group; [`StoreError::NotFound`] if there is none of that name.
+    fn remove_group(&mut self, name: &str) -> Result<()>;
+    /// One content group.
+    fn group(&self, name: &str) -> Result<Option<GroupRecord>>;
+    /// Every content group, by name.
+    fn groups(&self) -> Result<Vec<GroupRecord>>;
+
+    /// Adds a named policy; [`StoreError::Duplicate`] if the name is taken.
+    fn add_policy(&mut self, policy: &PolicyRecord, now: u64) -> Result<()>;
+    /// Replaces a named policy; [`StoreError::NotFound`] if there is none of that name.
+    fn set_policy(&mut self, policy: &PolicyRecord, now: u64) -> Result<()>;
+    /// Removes a named policy; [`StoreError::NotFound`] if there is none of that name.
+    fn remove_policy(&mut self, name: &str) -> Result<()>;
+    /// One named policy.
+    fn policy(&self, name: &str) -> Result<Option<PolicyRecord>>;
+    /// Every named policy, by name.
+    fn policies(&self) -> Result<Vec<PolicyRecord>>;
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
@@ -436,6 +623,62 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (job, agent)
     );
     ",
+    // 2: segments and their leaders, content groups, named policies; a job's group, policy
+    // and warnings.
+    "
+    CREATE TABLE segments (
+        name        TEXT PRIMARY KEY,
+        leader      TEXT NOT NULL,
+        term        INTEGER NOT NULL,
+        reported_at INTEGER NOT NULL
+    );
+    CREATE TABLE segment_members (
+        segment       TEXT NOT NULL REFERENCES segments(name) ON DELETE CASCADE,
+        id            TEXT NOT NULL,
+        score         INTEGER NOT NULL,
+        listen        TEXT,
+        performance   INTEGER NOT NULL,
+        free_storage  INTEGER NOT NULL,
+        can_serve     INTEGER NOT NULL,
+        up_bps        INTEGER NOT NULL,
+        down_bps      INTEGER NOT NULL,
+        loss_ppm      INTEGER NOT NULL,
+        uptime_s      INTEGER NOT NULL,
+        delays        TEXT NOT NULL,
+        last_heard_ms INTEGER NOT NULL,
+        known         INTEGER NOT NULL,
+        PRIMARY KEY (segment, id)
+    );
+    CREATE TABLE leader_history (
+        segment  TEXT NOT NULL,
+        leader   TEXT NOT NULL,
+        term     INTEGER NOT NULL,
+        since_ms INTEGER NOT NULL
+    );
+    CREATE INDEX leader_history_by_segment ON leader_history(segment, since_ms);
+    CREATE TABLE content_groups (
+        name       TEXT PRIMARY KEY,
+        agents     TEXT NOT NULL,
+        selector   TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE policies (
+        name       TEXT PRIMARY KEY,
+        policy     TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    ALTER TABLE jobs ADD COLUMN group_name TEXT;
+    ALTER TABLE jobs ADD COLUMN policy_name TEXT;
+    ALTER TABLE jobs ADD COLUMN policy TEXT;
+    CREATE TABLE job_warnings (
+        job      INTEGER NOT NULL REFERENCES jobs(id),
+        text     TEXT NOT NULL,
+        added_at INTEGER NOT NULL,
+        PRIMARY KEY (job, text)
+    );
+    ",
 ];
 
 /// Newest schema version this build knows.
@@ -468,6 +711,24 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", true)?;
         migrate(&mut conn)?;
         Ok(SqliteStore { conn })
+    }
+
+    /// A job record with its warnings filled in.
+    fn job_with_warnings(&self, mut job: JobRecord) -> Result<JobRecord> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT text FROM job_warnings WHERE job = ?1 ORDER BY added_at, rowid",
+        )?;
+        job.warnings = stmt
+            .query_map([job.id], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(job)
+    }
+
+    /// A job record with its warnings and transfers filled in.
+    fn job_with_details(&self, job: JobRecord) -> Result<JobRecord> {
+        let mut job = self.job_with_warnings(job)?;
+        job.transfers = self.transfers(job.id)?;
+        Ok(job)
     }
 
     /// The schema version of the open database.
@@ -589,51 +850,70 @@ fn agent_record(row: AgentRow) -> Result<AgentRecord> {
     })
 }
 
-const JOB_COLUMNS: &str =
-    "id, root, epoch, state, created_at, finished_at, targets, confirmed, failed, error";
-
-type JobRow = (
-    u64,
-    Vec<u8>,
-    Option<u32>,
-    String,
-    u64,
-    Option<u64>,
-    String,
-    Option<u32>,
-    Option<u32>,
-    Option<String>,
-);
+const JOB_COLUMNS: &str = "id, root, epoch, state, created_at, finished_at, targets, confirmed, \
+     failed, error, group_name, policy_name, policy";
 
 fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-        r.get(8)?,
-        r.get(9)?,
-    ))
+    Ok(JobRow {
+        id: r.get(0)?,
+        root: r.get(1)?,
+        epoch: r.get(2)?,
+        state: r.get(3)?,
+        created_at: r.get(4)?,
+        finished_at: r.get(5)?,
+        targets: r.get(6)?,
+        confirmed: r.get(7)?,
+        failed: r.get(8)?,
+        error: r.get(9)?,
+        group: r.get(10)?,
+        policy_name: r.get(11)?,
+        policy: r.get(12)?,
+    })
+}
+
+/// A job row read raw (conversions that can fail happen after the query).
+struct JobRow {
+    id: u64,
+    root: Vec<u8>,
+    epoch: Option<u32>,
+    state: String,
+    created_at: u64,
+    finished_at: Option<u64>,
+    targets: String,
+    confirmed: Option<u32>,
+    failed: Option<u32>,
+    error: Option<String>,
+    group: Option<String>,
+    policy_name: Option<String>,
+    policy: Option<String>,
 }
 
 fn job_record(row: JobRow) -> Result<JobRecord> {
-    let (id, root, epoch, state, created_at, finished_at, targets, confirmed, failed, error) = row;
+    let id = row.id;
+    let policy_spec = match row.policy {
+        Some(json) => Some(
+            serde_json::from_str(&json)
+                .map_err(|e| StoreError::Corrupt(format!("policy of job {id}: {e}")))?,
+        ),
+        None => None,
+    };
     Ok(JobRecord {
         id,
-        root: digest_from(root)?,
-        epoch,
-        state: JobState::parse(&state)?,
-        created_at,
-        finished_at,
-        targets: serde_json::from_str(&targets)
+        root: digest_from(row.root)?,
+        epoch: row.epoch,
+        state: JobState::parse(&row.state)?,
+        created_at: row.created_at,
+        finished_at: row.finished_at,
+        targets: serde_json::from_str(&row.targets)
             .map_err(|e| StoreError::Corrupt(format!("targets of job {id}: {e}")))?,
-        confirmed,
-        failed,
-        error,
+        confirmed: row.confirmed,
+        failed: row.failed,
+        error: row.error,
+        group: row.group,
+        policy: row.policy_name,
+        policy_spec,
+        warnings: Vec::new(),
+        transfers: Vec::new(),
     })
 }
 
@@ -803,6 +1083,50 @@ fn apply_one(tx: &Transaction<'_>, record: &Persist, now: u64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Adds a warning to a job (kept once per text); also for use inside an [`apply`] batch
+/// (a `Transaction` derefs to its `Connection`).
+///
+/// [`apply`]: Store::apply
+fn insert_warning(conn: &Connection, job: u64, text: &str, now: u64) -> Result<()> {
+    let exists: Option<u64> = conn
+        .query_row("SELECT id FROM jobs WHERE id = ?1", [job], |r| r.get(0))
+        .optional()?;
+    if exists.is_none() {
+        return Err(StoreError::NotFound(format!("job {job}")));
+    }
+    conn.execute(
+        "INSERT OR IGNORE INTO job_warnings (job, text, added_at) VALUES (?1, ?2, ?3)",
+        params![job, text, now],
+    )?;
+    Ok(())
+}
+
+fn group_columns(group: &GroupRecord) -> Result<(String, String)> {
+    let agents = serde_json::to_string(&group.agents)
+        .map_err(|e| StoreError::Corrupt(format!("group agents do not encode: {e}")))?;
+    let selector = serde_json::to_string(&group.selector)
+        .map_err(|e| StoreError::Corrupt(format!("group selector does not encode: {e}")))?;
+    Ok((agents, selector))
+}
+
+fn group_record((name, agents, selector): (String, String, String)) -> Result<GroupRecord> {
+    Ok(GroupRecord {
+        agents: serde_json::from_str(&agents)
+            .map_err(|e| StoreError::Corrupt(format!("agents of group {name}: {e}")))?,
+        selector: serde_json::from_str(&selector)
+            .map_err(|e| StoreError::Corrupt(format!("selector of group {name}: {e}")))?,
+        name,
+    })
+}
+
+fn policy_record((name, policy): (String, String)) -> Result<PolicyRecord> {
+    Ok(PolicyRecord {
+        policy: serde_json::from_str(&policy)
+            .map_err(|e| StoreError::Corrupt(format!("policy {name}: {e}")))?,
+        name,
+    })
 }
 
 impl Store for SqliteStore {
@@ -1009,14 +1333,33 @@ impl Store for SqliteStore {
         )?)
     }
 
-    fn create_job(&mut self, root: &Digest, targets: &TargetSpec, now: u64) -> Result<u64> {
+    fn create_job_from(
+        &mut self,
+        root: &Digest,
+        targets: &TargetSpec,
+        origin: &JobOrigin,
+        now: u64,
+    ) -> Result<u64> {
         let targets = serde_json::to_string(targets)
             .map_err(|e| StoreError::Corrupt(format!("targets do not encode: {e}")))?;
+        let policy = origin.policy.as_ref().map(|p| p.to_string());
         self.conn.execute(
-            "INSERT INTO jobs (root, state, created_at, targets) VALUES (?1, 'pending', ?2, ?3)",
-            params![&root[..], now, targets],
+            "INSERT INTO jobs (root, state, created_at, targets, group_name, policy_name, policy)
+             VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6)",
+            params![
+                &root[..],
+                now,
+                targets,
+                origin.group,
+                origin.policy_name,
+                policy
+            ],
         )?;
         Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    fn add_job_warning(&mut self, job: u64, text: &str, now: u64) -> Result<()> {
+        insert_warning(&self.conn, job, text, now)
     }
 
     fn set_job_state(
@@ -1048,7 +1391,8 @@ impl Store for SqliteStore {
                 job_row,
             )
             .optional()?;
-        row.map(job_record).transpose()
+        row.map(|r| self.job_with_details(job_record(r)?))
+            .transpose()
     }
 
     fn jobs(&self) -> Result<Vec<JobRecord>> {
@@ -1056,7 +1400,8 @@ impl Store for SqliteStore {
             .conn
             .prepare(&format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY id DESC"))?;
         let rows = stmt.query_map([], job_row)?;
-        rows.map(|r| job_record(r?)).collect()
+        rows.map(|r| self.job_with_warnings(job_record(r?)?))
+            .collect()
     }
 
     fn unfinished_jobs(&self) -> Result<Vec<JobRecord>> {
@@ -1064,7 +1409,8 @@ impl Store for SqliteStore {
             "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('pending', 'running') ORDER BY id"
         ))?;
         let rows = stmt.query_map([], job_row)?;
-        rows.map(|r| job_record(r?)).collect()
+        rows.map(|r| self.job_with_warnings(job_record(r?)?))
+            .collect()
     }
 
     fn participants(&self, job: u64) -> Result<Vec<ParticipantRecord>> {
@@ -1140,6 +1486,271 @@ impl Store for SqliteStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    fn replace_segment(&mut self, segment: &SegmentRecord) -> Result<bool> {
+        let tx = self.conn.transaction()?;
+        let previous: Option<String> = tx
+            .query_row(
+                "SELECT leader FROM segments WHERE name = ?1",
+                [&segment.name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        tx.execute(
+            "INSERT INTO segments (name, leader, term, reported_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (name) DO UPDATE SET leader = excluded.leader, term = excluded.term,
+                reported_at = excluded.reported_at",
+            params![
+                segment.name,
+                segment.leader,
+                segment.term,
+                saturate(segment.reported_at_ms)
+            ],
+        )?;
+        tx.execute(
+            "DELETE FROM segment_members WHERE segment = ?1",
+            [&segment.name],
+        )?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR REPLACE INTO segment_members (segment, id, score, listen, performance,
+                    free_storage, can_serve, up_bps, down_bps, loss_ppm, uptime_s, delays,
+                    last_heard_ms, known)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )?;
+            for m in &segment.members {
+                let delays = serde_json::to_string(&m.delays)
+                    .map_err(|e| StoreError::Corrupt(format!("delays do not encode: {e}")))?;
+                insert.execute(params![
+                    segment.name,
+                    m.id,
+                    m.score,
+                    m.listen,
+                    m.performance,
+                    saturate(m.free_storage),
+                    m.can_serve,
+                    saturate(m.link.up_bps),
+                    saturate(m.link.down_bps),
+                    m.link.loss_ppm,
+                    saturate(m.link.uptime_s),
+                    delays,
+                    m.last_heard_ms,
+                    m.known,
+                ])?;
+            }
+        }
+        let changed = previous.as_deref() != Some(segment.leader.as_str());
+        if changed {
+            tx.execute(
+                "INSERT INTO leader_history (segment, leader, term, since_ms)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    segment.name,
+                    segment.leader,
+                    segment.term,
+                    saturate(segment.reported_at_ms)
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(changed)
+    }
+
+    fn segments(&self) -> Result<Vec<SegmentRecord>> {
+        let names: Vec<String> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT name FROM segments ORDER BY name")?;
+            stmt.query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some(s) = self.segment(&name)? {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    fn segment(&self, name: &str) -> Result<Option<SegmentRecord>> {
+        let head: Option<(String, String, u32, u64)> = self
+            .conn
+            .query_row(
+                "SELECT name, leader, term, reported_at FROM segments WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let Some((name, leader, term, reported_at_ms)) = head else {
+            return Ok(None);
+        };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, score, listen, performance, free_storage, can_serve, up_bps, down_bps,
+                loss_ppm, uptime_s, delays, last_heard_ms, known
+             FROM segment_members WHERE segment = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([&name], |r| {
+            Ok((
+                MemberRecord {
+                    id: r.get(0)?,
+                    score: r.get(1)?,
+                    listen: r.get(2)?,
+                    performance: r.get(3)?,
+                    free_storage: r.get(4)?,
+                    can_serve: r.get(5)?,
+                    link: LinkRecord {
+                        up_bps: r.get(6)?,
+                        down_bps: r.get(7)?,
+                        loss_ppm: r.get(8)?,
+                        uptime_s: r.get(9)?,
+                    },
+                    delays: Vec::new(),
+                    last_heard_ms: r.get(11)?,
+                    known: r.get(12)?,
+                },
+                r.get::<_, String>(10)?,
+            ))
+        })?;
+        let mut members = Vec::new();
+        for row in rows {
+            let (mut member, delays) = row?;
+            member.delays = serde_json::from_str(&delays).map_err(|e| {
+                StoreError::Corrupt(format!("delays of {} in segment {name}: {e}", member.id))
+            })?;
+            members.push(member);
+        }
+        Ok(Some(SegmentRecord {
+            name,
+            leader,
+            term,
+            reported_at_ms,
+            members,
+        }))
+    }
+
+    fn leader_history(&self, name: &str) -> Result<Vec<LeaderChange>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT leader, term, since_ms FROM leader_history WHERE segment = ?1
+             ORDER BY since_ms, rowid",
+        )?;
+        let rows = stmt.query_map([name], |r| {
+            Ok(LeaderChange {
+                leader: r.get(0)?,
+                term: r.get(1)?,
+                since_ms: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn add_group(&mut self, group: &GroupRecord, now: u64) -> Result<()> {
+        let (agents, selector) = group_columns(group)?;
+        let added = self.conn.execute(
+            "INSERT INTO content_groups (name, agents, selector, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (name) DO NOTHING",
+            params![group.name, agents, selector, now],
+        )?;
+        if added == 0 {
+            return Err(StoreError::Duplicate(format!("group {:?}", group.name)));
+        }
+        Ok(())
+    }
+
+    fn set_group(&mut self, group: &GroupRecord, now: u64) -> Result<()> {
+        let (agents, selector) = group_columns(group)?;
+        let changed = self.conn.execute(
+            "UPDATE content_groups SET agents = ?2, selector = ?3, updated_at = ?4 WHERE name = ?1",
+            params![group.name, agents, selector, now],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!("group {:?}", group.name)));
+        }
+        Ok(())
+    }
+
+    fn remove_group(&mut self, name: &str) -> Result<()> {
+        let removed = self
+            .conn
+            .execute("DELETE FROM content_groups WHERE name = ?1", [name])?;
+        if removed == 0 {
+            return Err(StoreError::NotFound(format!("group {name:?}")));
+        }
+        Ok(())
+    }
+
+    fn group(&self, name: &str) -> Result<Option<GroupRecord>> {
+        let row: Option<(String, String, String)> = self
+            .conn
+            .query_row(
+                "SELECT name, agents, selector FROM content_groups WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        row.map(group_record).transpose()
+    }
+
+    fn groups(&self) -> Result<Vec<GroupRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, agents, selector FROM content_groups ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.map(|r| group_record(r?)).collect()
+    }
+
+    fn add_policy(&mut self, policy: &PolicyRecord, now: u64) -> Result<()> {
+        let added = self.conn.execute(
+            "INSERT INTO policies (name, policy, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?3) ON CONFLICT (name) DO NOTHING",
+            params![policy.name, policy.policy.to_string(), now],
+        )?;
+        if added == 0 {
+            return Err(StoreError::Duplicate(format!("policy {:?}", policy.name)));
+        }
+        Ok(())
+    }
+
+    fn set_policy(&mut self, policy: &PolicyRecord, now: u64) -> Result<()> {
+        let changed = self.conn.execute(
+            "UPDATE policies SET policy = ?2, updated_at = ?3 WHERE name = ?1",
+            params![policy.name, policy.policy.to_string(), now],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!("policy {:?}", policy.name)));
+        }
+        Ok(())
+    }
+
+    fn remove_policy(&mut self, name: &str) -> Result<()> {
+        let removed = self
+            .conn
+            .execute("DELETE FROM policies WHERE name = ?1", [name])?;
+        if removed == 0 {
+            return Err(StoreError::NotFound(format!("policy {name:?}")));
+        }
+        Ok(())
+    }
+
+    fn policy(&self, name: &str) -> Result<Option<PolicyRecord>> {
+        let row: Option<(String, String)> = self
+            .conn
+            .query_row(
+                "SELECT name, policy FROM policies WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        row.map(policy_record).transpose()
+    }
+
+    fn policies(&self) -> Result<Vec<PolicyRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, policy FROM policies ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.map(|r| policy_record(r?)).collect()
     }
 }
 
@@ -1497,6 +2108,223 @@ mod test {
             s.set_job_state(99, JobState::Running, None, 1),
             Err(StoreError::NotFound(_))
         ));
+    }
+
+    fn member(id: &str, known: bool) -> MemberRecord {
+        MemberRecord {
+            id: id.into(),
+            score: 7,
+            listen: Some("10.0.0.2:7701".into()),
+            performance: 100,
+            free_storage: 1 << 40,
+            can_serve: true,
+            link: LinkRecord {
+                up_bps: 5_000_000,
+                down_bps: 1000,
+                loss_ppm: 3,
+                uptime_s: 60,
+            },
+            delays: vec![
+                DelayRecord {
+                    to: None,
+                    rtt_us: 1500,
+                },
+                DelayRecord {
+                    to: Some("b".into()),
+                    rtt_us: 200,
+                },
+            ],
+            last_heard_ms: 40,
+            known,
+        }
+    }
+
+    #[test]
+    fn segment_reports_replace_the_view_and_record_leader_changes() {
+        let mut s = SqliteStore::in_memory().unwrap();
+        let report = |leader: &str, term, at, members: Vec<MemberRecord>| SegmentRecord {
+            name: "lan-1".into(),
+            leader: leader.into(),
+            term,
+            reported_at_ms: at,
+            members,
+        };
+        assert!(
+            s.replace_segment(&report(
+                "a",
+                1,
+                1000,
+                vec![member("a", true), member("b", true)]
+            ))
+            .unwrap()
+        );
+        assert!(
+            !s.replace_segment(&report(
+                "a",
+                2,
+                2000,
+                vec![member("a", true), member("z", false)]
+            ))
+            .unwrap()
+        );
+        let seg = s.segment("lan-1").unwrap().unwrap();
+        assert_eq!(
+            (seg.leader.as_str(), seg.term, seg.reported_at_ms),
+            ("a", 2, 2000)
+        );
+        let ids: Vec<&str> = seg.members.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["a", "z"], "the old view is replaced");
+        assert_eq!(seg.members[0], member("a", true));
+        assert!(!seg.members[1].known);
+        assert!(
+            s.replace_segment(&report("b", 1, 3000, vec![member("b", true)]))
+                .unwrap()
+        );
+        let history = s.leader_history("lan-1").unwrap();
+        assert_eq!(
+            history,
+            vec![
+                LeaderChange {
+                    leader: "a".into(),
+                    term: 1,
+                    since_ms: 1000
+                },
+                LeaderChange {
+                    leader: "b".into(),
+                    term: 1,
+                    since_ms: 3000
+                },
+            ]
+        );
+        assert_eq!(s.segments().unwrap().len(), 1);
+        assert!(s.segment("other").unwrap().is_none());
+    }
+
+    #[test]
+    fn groups_and_policies_are_named_and_unique() {
+        let mut s = SqliteStore::in_memory().unwrap();
+        let mut g = GroupRecord {
+            name: "edge".into(),
+            agents: vec!["a".into()],
+            selector: [("role".to_string(), "edge".to_string())].into(),
+        };
+        s.add_group(&g, 1).unwrap();
+        assert!(matches!(s.add_group(&g, 2), Err(StoreError::Duplicate(_))));
+        g.agents.push("b".into());
+        s.set_group(&g, 3).unwrap();
+        assert_eq!(s.group("edge").unwrap().unwrap(), g);
+        assert_eq!(s.groups().unwrap(), vec![g.clone()]);
+        g.name = "none".into();
+        assert!(matches!(s.set_group(&g, 3), Err(StoreError::NotFound(_))));
+        s.remove_group("edge").unwrap();
+        assert!(matches!(
+            s.remove_group("edge"),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(s.groups().unwrap().is_empty());
+
+        let p = PolicyRecord {
+            name: "slow".into(),
+            policy: serde_json::json!({ "max_peers_per_source": 2 }),
+        };
+        s.add_policy(&p, 1).unwrap();
+        assert!(matches!(s.add_policy(&p, 1), Err(StoreError::Duplicate(_))));
+        let p2 = PolicyRecord {
+            policy: serde_json::json!({ "max_peers_per_source": 3 }),
+            ..p.clone()
+        };
+        s.set_policy(&p2, 2).unwrap();
+        assert_eq!(s.policy("slow").unwrap().unwrap(), p2);
+        assert_eq!(s.policies().unwrap().len(), 1);
+        s.remove_policy("slow").unwrap();
+        assert!(s.policy("slow").unwrap().is_none());
+        assert!(matches!(
+            s.remove_policy("slow"),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn jobs_keep_group_policy_warnings_and_transfers() {
+        let mut s = SqliteStore::in_memory().unwrap();
+        s.put_content(&content(1, "fw", 1)).unwrap();
+        let origin = JobOrigin {
+            group: Some("edge".into()),
+            policy_name: Some("slow".into()),
+            policy: Some(serde_json::json!({ "max_peers_per_source": 2 })),
+        };
+        let job = s
+            .create_job_from(&[1; 32], &TargetSpec::Agents(vec!["a".into()]), &origin, 1)
+            .unwrap();
+        s.add_job_warning(job, "rule one cannot be met", 2).unwrap();
+        s.add_job_warning(job, "rule two cannot be met", 3).unwrap();
+        s.add_job_warning(job, "rule one cannot be met", 4).unwrap();
+        assert!(matches!(
+            s.add_job_warning(job + 1, "x", 4),
+            Err(StoreError::NotFound(_))
+        ));
+        s.apply(
+            &[Persist::SourceBytes {
+                job,
+                agent: id("a"),
+                from: None,
+                bytes: 100,
+            }],
+            5,
+        )
+        .unwrap();
+        let j = s.job(job).unwrap().unwrap();
+        assert_eq!(j.group.as_deref(), Some("edge"));
+        assert_eq!(j.policy.as_deref(), Some("slow"));
+        assert_eq!(j.policy_spec, origin.policy);
+        assert_eq!(
+            j.warnings,
+            ["rule one cannot be met", "rule two cannot be met"]
+        );
+        assert_eq!(
+            j.transfers,
+            vec![Transfer {
+                from: None,
+                to: "a".into(),
+                bytes: 100
+            }]
+        );
+        let listed = &s.unfinished_jobs().unwrap()[0];
+        assert_eq!(listed.warnings.len(), 2);
+        assert_eq!(listed.policy_spec, origin.policy);
+        // A job created without an origin has none.
+        let plain = s.create_job(&[1; 32], &TargetSpec::All, 6).unwrap();
+        let p = s.job(plain).unwrap().unwrap();
+        assert_eq!((p.group, p.policy, p.policy_spec), (None, None, None));
+    }
+
+    #[test]
+    fn a_version_1_database_migrates_and_keeps_its_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("baton.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO content (root, name, version, length, chunk_size, path, manifest,
+                    created_at) VALUES (?1, 'fw', 1, 10, 256, '/x', x'00', 1)",
+                [&[1u8; 32][..]],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO jobs (root, state, created_at, targets)
+                 VALUES (?1, 'running', 1, '\"all\"')",
+                [&[1u8; 32][..]],
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        let jobs = s.unfinished_jobs().unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].policy_spec, None);
+        assert!(jobs[0].warnings.is_empty());
     }
 
     #[test]

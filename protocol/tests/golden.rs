@@ -38,9 +38,11 @@
 //!    an exhaustive `match` precisely so that a new variant fails to compile
 //!    until its golden vector exists.
 
+use baton_protocol::discovery::{self, Announcement, DiscoveryError};
 use baton_protocol::identity::{AgentCert, Identity};
 use baton_protocol::message::{
-    FailReason, Holding, Received, Refusal, Report, Source, SourceRange, Trouble,
+    CodecError, FailReason, Holding, Received, Refusal, Report, SegmentMember, SegmentReport,
+    Source, SourceRange, Trouble,
 };
 use baton_protocol::session::{Hello, Role};
 use baton_protocol::{
@@ -303,6 +305,8 @@ fn variant_index(msg: &Message<'_>) -> u8 {
         Message::Refuse { .. } => 13,
         Message::Ping { .. } => 14,
         Message::Pong { .. } => 15,
+        Message::SegmentReport(_) => 16,
+        Message::Throttle { .. } => 17,
     }
 }
 
@@ -665,8 +669,248 @@ fn v15_pong() {
 #[test]
 fn unknown_variant_is_refused() {
     assert_eq!(
-        Message::decode(&[16]),
+        Message::decode(&[18]),
         Err(baton_protocol::message::CodecError::Malformed)
+    );
+}
+
+/// A segment member with every option set and every list non-empty.
+fn segment_member() -> SegmentMember {
+    SegmentMember {
+        id: id("edge-2"),
+        score: 1234,
+        listen: Some(PeerAddr::V4([10, 0, 0, 8], 7001)),
+        performance: 300,
+        free_storage: 1_000_000,
+        can_serve: false,
+        link: LinkInfo {
+            up_bps: 1_000,
+            down_bps: 2_000,
+            loss_ppm: 3,
+            uptime_s: 4,
+        },
+        delays: heapless::Vec::from_slice(&[
+            Delay {
+                to: DelayTo::Manager,
+                rtt_us: 900,
+            },
+            Delay {
+                to: DelayTo::Peer(id("edge-3")),
+                rtt_us: 120,
+            },
+        ])
+        .unwrap(),
+        last_heard_ms: 450,
+    }
+}
+
+fn segment_member_hex() -> String {
+    [
+        EDGE2,                 // id
+        "d209",                // score 1234
+        "01 00 0a000008 d936", // listen: Some, V4 (0), 10.0.0.8, port 7001
+        "ac02",                // performance 300
+        "c0843d",              // free_storage 1 000 000
+        "00",                  // can_serve false
+        "e807",                // link.up_bps 1 000
+        "d00f",                // link.down_bps 2 000
+        "03",                  // link.loss_ppm 3
+        "04",                  // link.uptime_s 4
+        "02",                  // delays: 2
+        "00 8407",             //   Manager (0), rtt 900
+        "01",                  //   Peer (1)
+        EDGE3,                 //     "edge-3"
+        "78",                  //     rtt 120
+        "c203",                // last_heard_ms 450
+    ]
+    .concat()
+}
+
+#[test]
+fn v16_segment_report() {
+    let msg = Message::SegmentReport(SegmentReport {
+        segment: heapless::String::try_from("fra-2/rack-4").unwrap(),
+        leader: id("edge-1"),
+        term: 7,
+        page: 1,
+        pages: 3,
+        members: heapless::Vec::from_slice(&[segment_member()]).unwrap(),
+    });
+    check_message(
+        &msg,
+        &[
+            "10",                          // variant 16: SegmentReport
+            "0c 6672612d322f7261636b2d34", // segment "fra-2/rack-4"
+            EDGE1,                         // leader
+            "07",                          // term 7
+            "01",                          // page 1
+            "03",                          // pages 3
+            "01",                          // members: 1
+            &segment_member_hex(),         //   the member
+        ],
+    );
+}
+
+#[test]
+fn v17_throttle() {
+    let msg = Message::Throttle {
+        job: JOB,
+        max_bytes_per_second: 1 << 20,
+    };
+    // 2^20: groups of 7 bits from the least significant: 0, 0, 64.
+    check_message(&msg, &["11", JOB_HEX, "808040"]);
+    let lift = Message::Throttle {
+        job: JOB,
+        max_bytes_per_second: 0,
+    };
+    check_message(&lift, &["11", JOB_HEX, "00"]);
+}
+
+// ---------------------------------------------------------------------------
+// Discovery datagrams (SPEC.md §7).
+
+/// Edge-1's signature over `"baton discovery v1\0" ‖ cert ‖ seq ‖ beacon`
+/// (cross-checked with an independent Ed25519 implementation).
+const BEACON_SIG: &str = concat!(
+    "1abda15aadfacf92af0b14d09b457a833abe0da4839b7926ff5c343a7186cfba",
+    "1de24210fa0f872135cc13135ad715199f1fdef355751007b46c4fb263004404",
+);
+
+fn beacon() -> Announcement {
+    Announcement::Beacon {
+        segment: heapless::String::try_from("fra-2/rack-4").unwrap(),
+        score: 5000,
+        listen: Some(PeerAddr::V4([10, 0, 0, 7], 7000)),
+        leader: Some(id("edge-2")),
+    }
+}
+
+fn beacon_datagram_hex() -> String {
+    [
+        &cert_hex() as &str,           // sender: id, key, manager's signature
+        "05",                          // seq 5
+        "00",                          // body: Beacon (0)
+        "0c 6672612d322f7261636b2d34", //   segment "fra-2/rack-4"
+        "8827",                        //   score 5000
+        "01 00 0a000007 d836",         //   listen: Some, V4, 10.0.0.7, port 7000
+        "01",                          //   leader: Some
+        EDGE2,                         //     "edge-2"
+        BEACON_SIG,                    // signature: 64 raw bytes
+    ]
+    .concat()
+}
+
+#[test]
+fn discovery_beacon_datagram() {
+    let golden = bytes_of(&[&beacon_datagram_hex()]);
+    let mut buf = [0u8; discovery::MAX_DATAGRAM];
+    let n = discovery::seal(&identity(2), &cert(), 5, &beacon(), &mut buf).unwrap();
+    assert_eq!(hex::encode(&buf[..n]), hex::encode(&golden));
+    let dg = discovery::open(&golden, &key(1)).expect("golden datagram opens");
+    assert_eq!(dg.sender, cert());
+    assert_eq!(dg.seq, 5);
+    assert_eq!(dg.body, beacon());
+}
+
+#[test]
+fn discovery_announcement_variants() {
+    check_value(
+        &beacon(),
+        &[
+            "00 0c 6672612d322f7261636b2d34 8827 01 00 0a000007 d836 01",
+            EDGE2,
+        ],
+    );
+    check_value(
+        &Announcement::Beacon {
+            segment: heapless::String::new(),
+            score: 0,
+            listen: None,
+            leader: None,
+        },
+        &["00 00 00 00 00"],
+    );
+    check_value(&Announcement::Probe { nonce: 300 }, &["01 ac02"]);
+    check_value(&Announcement::Echo { nonce: 300 }, &["02 ac02"]);
+    check_value(
+        &Announcement::Member(segment_member()),
+        &["03", &segment_member_hex()],
+    );
+}
+
+#[test]
+fn discovery_open_refuses_tampering() {
+    let golden = bytes_of(&[&beacon_datagram_hex()]);
+    // Another manager's key: the certificate does not verify.
+    assert_eq!(
+        discovery::open(&golden, &key(4)),
+        Err(DiscoveryError::BadCert)
+    );
+    // Any flipped byte is refused: in the certificate, the signed fields or the signature.
+    for at in 0..golden.len() {
+        let mut bad = golden.clone();
+        bad[at] ^= 0x01;
+        assert!(
+            discovery::open(&bad, &key(1)).is_err(),
+            "flipped byte {at} accepted"
+        );
+    }
+    // A flipped bit in the body (score) is a bad signature, not a bad certificate.
+    let score_at = cert_hex().len() / 2 + 1 + 1 + 13;
+    let mut bad = golden.clone();
+    bad[score_at] ^= 0x01;
+    assert_eq!(
+        discovery::open(&bad, &key(1)),
+        Err(DiscoveryError::BadSignature)
+    );
+    // A flipped bit in the signature.
+    let mut bad = golden.clone();
+    *bad.last_mut().unwrap() ^= 0x80;
+    assert_eq!(
+        discovery::open(&bad, &key(1)),
+        Err(DiscoveryError::BadSignature)
+    );
+    // Trailing bytes before the signature (the signed part does not end where the body does).
+    let body_end = golden.len() - 64;
+    let mut longer = golden[..body_end].to_vec();
+    longer.push(0);
+    longer.extend_from_slice(&golden[body_end..]);
+    assert_eq!(
+        discovery::open(&longer, &key(1)),
+        Err(DiscoveryError::Codec(CodecError::TrailingBytes))
+    );
+    // A byte appended after the signature: the signature no longer lines up.
+    let mut appended = golden.clone();
+    appended.push(0);
+    assert!(discovery::open(&appended, &key(1)).is_err());
+    // Every truncation is refused.
+    for len in 0..golden.len() {
+        assert!(
+            discovery::open(&golden[..len], &key(1)).is_err(),
+            "truncation to {len} accepted"
+        );
+    }
+    // Oversized input is refused before decoding.
+    let huge = vec![0u8; discovery::MAX_DATAGRAM + 1];
+    assert_eq!(
+        discovery::open(&huge, &key(1)),
+        Err(DiscoveryError::Codec(CodecError::Malformed))
+    );
+}
+
+#[test]
+fn discovery_seal_refuses_a_small_buffer() {
+    let mut small = [0u8; 100];
+    assert_eq!(
+        discovery::seal(&identity(2), &cert(), 5, &beacon(), &mut small),
+        Err(DiscoveryError::Codec(CodecError::BufferFull))
+    );
+    // A datagram signed with a key other than the certificate's fails to open.
+    let mut buf = [0u8; discovery::MAX_DATAGRAM];
+    let n = discovery::seal(&identity(3), &cert(), 5, &beacon(), &mut buf).unwrap();
+    assert_eq!(
+        discovery::open(&buf[..n], &key(1)),
+        Err(DiscoveryError::BadSignature)
     );
 }
 

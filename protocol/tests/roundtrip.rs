@@ -7,15 +7,16 @@
 
 #![cfg(feature = "alloc")]
 
+use baton_protocol::discovery::{self, Announcement, DiscoveryError};
 use baton_protocol::frame::{self, CobsReader, FrameError, StreamReader};
 use baton_protocol::identity::{AgentCert, Identity};
 use baton_protocol::merkle::{
     MAX_DEPTH, MerkleTree, Proof, RootBuilder, VerifyError, leaf_hash, proof_len, verify_leaf,
 };
 use baton_protocol::message::{
-    CHUNK_OVERHEAD, CodecError, FailReason, Holding, MAX_HOLDINGS, MAX_PUBLISHERS,
-    MAX_RECEIVED_PER_PROGRESS, MAX_SOURCES_PER_MESSAGE, Received, Refusal, Report, Source,
-    SourceRange, Trouble,
+    CHUNK_OVERHEAD, CodecError, FailReason, Holding, MAX_HOLDINGS, MAX_MEMBERS_PER_PAGE,
+    MAX_PUBLISHERS, MAX_RECEIVED_PER_PROGRESS, MAX_SOURCES_PER_MESSAGE, Received, Refusal, Report,
+    SegmentMember, SegmentReport, Source, SourceRange, Trouble,
 };
 use baton_protocol::session::{
     Handshake, Hello, MAX_HANDSHAKE_MSG, MAX_TOKEN_LEN, Role, SessionError, TAG_LEN, Transport,
@@ -126,12 +127,95 @@ fn manifest() -> impl Strategy<Value = Manifest> {
         )
 }
 
-fn report() -> impl Strategy<Value = Report> {
-    let delay = (
+fn delay() -> impl Strategy<Value = Delay> {
+    (
         prop_oneof![Just(DelayTo::Manager), agent_id().prop_map(DelayTo::Peer)],
         any::<u32>(),
     )
-        .prop_map(|(to, rtt_us)| Delay { to, rtt_us });
+        .prop_map(|(to, rtt_us)| Delay { to, rtt_us })
+}
+
+fn link_info() -> impl Strategy<Value = LinkInfo> {
+    any::<(u64, u64, u32, u64)>().prop_map(|(up_bps, down_bps, loss_ppm, uptime_s)| LinkInfo {
+        up_bps,
+        down_bps,
+        loss_ppm,
+        uptime_s,
+    })
+}
+
+fn segment_member() -> impl Strategy<Value = SegmentMember> {
+    (
+        agent_id(),
+        any::<(u32, u32, u64, bool, u32)>(),
+        proptest::option::of(peer_addr()),
+        link_info(),
+        bounded_vec::<_, MAX_DELAYS>(delay()),
+    )
+        .prop_map(
+            |(
+                id,
+                (score, performance, free_storage, can_serve, last_heard_ms),
+                listen,
+                link,
+                delays,
+            )| {
+                SegmentMember {
+                    id,
+                    score,
+                    listen,
+                    performance,
+                    free_storage,
+                    can_serve,
+                    link,
+                    delays,
+                    last_heard_ms,
+                }
+            },
+        )
+}
+
+fn segment_report() -> impl Strategy<Value = SegmentReport> {
+    (
+        bounded_string::<MAX_NAME_LEN>(),
+        agent_id(),
+        any::<(u32, u16, u16)>(),
+        bounded_vec::<_, MAX_MEMBERS_PER_PAGE>(segment_member()),
+    )
+        .prop_map(
+            |(segment, leader, (term, page, pages), members)| SegmentReport {
+                segment,
+                leader,
+                term,
+                page,
+                pages,
+                members,
+            },
+        )
+}
+
+fn announcement() -> impl Strategy<Value = Announcement> {
+    prop_oneof![
+        (
+            bounded_string::<MAX_NAME_LEN>(),
+            any::<u32>(),
+            proptest::option::of(peer_addr()),
+            proptest::option::of(agent_id()),
+        )
+            .prop_map(|(segment, score, listen, leader)| Announcement::Beacon {
+                segment,
+                score,
+                listen,
+                leader
+            }),
+        any::<u64>().prop_map(|nonce| Announcement::Probe { nonce }),
+        any::<u64>().prop_map(|nonce| Announcement::Echo { nonce }),
+        segment_member().prop_map(Announcement::Member),
+    ]
+}
+
+fn report() -> impl Strategy<Value = Report> {
+    let delay = delay();
     let label = (
         bounded_string::<MAX_LABEL_KEY>(),
         bounded_string::<MAX_LABEL_VALUE>(),
@@ -145,13 +229,7 @@ fn report() -> impl Strategy<Value = Report> {
                 complete,
             }
         });
-    let link =
-        any::<(u64, u64, u32, u64)>().prop_map(|(up_bps, down_bps, loss_ppm, uptime_s)| LinkInfo {
-            up_bps,
-            down_bps,
-            loss_ppm,
-            uptime_s,
-        });
+    let link = link_info();
     (
         (
             agent_id(),
@@ -379,6 +457,15 @@ fn sample() -> impl Strategy<Value = Sample> {
                 .prop_map(|nonce| Message::Pong { nonce })
                 .boxed()
         ),
+        plain(segment_report().prop_map(Message::SegmentReport).boxed()),
+        plain(
+            (job(), any::<u64>())
+                .prop_map(|(job, max_bytes_per_second)| Message::Throttle {
+                    job,
+                    max_bytes_per_second
+                })
+                .boxed()
+        ),
     ]
 }
 
@@ -452,6 +539,56 @@ proptest! {
         let mut buf = [0u8; 512];
         let encoded = postcard::to_slice(&h, &mut buf).expect("a hello fits 512 bytes");
         prop_assert_eq!(postcard::from_bytes::<Hello>(encoded), Ok(h));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Discovery datagrams.
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Any announcement seals into one datagram that opens to the same sender, seq and body
+    /// under the manager's key, and under no other.
+    #[test]
+    fn datagrams_round_trip(body in announcement(), seq in any::<u64>(), name in agent_id()) {
+        let manager = Identity::from_seed([1; 32]);
+        let agent = Identity::from_seed([2; 32]);
+        let cert = AgentCert::issue(&manager, name, agent.public());
+        let mut buf = [0u8; discovery::MAX_DATAGRAM];
+        let n = discovery::seal(&agent, &cert, seq, &body, &mut buf).expect("fits a datagram");
+        let dg = discovery::open(&buf[..n], &manager.public()).expect("opens");
+        prop_assert_eq!(dg.sender, cert);
+        prop_assert_eq!(dg.seq, seq);
+        prop_assert_eq!(dg.body, body);
+        prop_assert_eq!(
+            discovery::open(&buf[..n], &Identity::from_seed([9; 32]).public()),
+            Err(DiscoveryError::BadCert)
+        );
+    }
+
+    /// Changing any byte of a datagram makes it refused (never opened as something else).
+    #[test]
+    fn altered_datagrams_are_refused(
+        body in announcement(),
+        at in any::<Index>(),
+        flip in 1u8..=255,
+    ) {
+        let manager = Identity::from_seed([1; 32]);
+        let agent = Identity::from_seed([2; 32]);
+        let cert = AgentCert::issue(&manager, AgentId::try_from("edge-1").unwrap(), agent.public());
+        let mut buf = [0u8; discovery::MAX_DATAGRAM];
+        let n = discovery::seal(&agent, &cert, 1, &body, &mut buf).unwrap();
+        let at = at.index(n);
+        buf[at] ^= flip;
+        prop_assert!(discovery::open(&buf[..n], &manager.public()).is_err());
+    }
+
+    /// Arbitrary bytes never panic the datagram decoder.
+    #[test]
+    fn arbitrary_datagrams_never_panic(bytes in vec(any::<u8>(), 0..1500)) {
+        let manager = Identity::from_seed([1; 32]);
+        let _ = discovery::open(&bytes, &manager.public());
     }
 }
 

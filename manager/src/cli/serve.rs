@@ -39,6 +39,12 @@ pub struct ServeArgs {
     /// A serial port with a device on it, e.g. /dev/ttyUSB0 or a pty (repeat for more).
     #[arg(long = "serial", value_name = "PATH")]
     pub serial: Vec<PathBuf>,
+    /// Serve the HTTP API and web UI over HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -54,6 +60,7 @@ impl ServeArgs {
             ready_file: self.ready_file.clone(),
             max_connections: self.max_connections,
             serial: self.serial.clone(),
+            tls: self.tls_cert.clone().zip(self.tls_key.clone()),
         }
     }
 }

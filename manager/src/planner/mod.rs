@@ -25,7 +25,10 @@
 
 mod relay;
 
-pub use relay::{Assignment, Holder, NodeInfo, RelayPlan, Seed};
+pub use relay::{Assignment, Holder, NodeInfo, RelayPlan, Seed, SegmentEntry};
+
+use core::fmt;
+use std::collections::BTreeMap;
 
 use baton_protocol::message::Report;
 use baton_protocol::types::{AgentId, DelayTo, LinkInfo, Name, PeerAddr};
@@ -92,6 +95,82 @@ pub struct Policy {
     /// seeded once). Above 1 the manager also serves fetchers directly, in proportion to
     /// its upload; repairs after faults come on top.
     pub manager_max_copies: f64,
+    /// Agents carrying every one of these labels only receive and never serve; empty = off
+    /// (the same matching as a content group's selector).
+    pub leaf_only_labels: BTreeMap<String, String>,
+    /// Most verified bytes per second each participant fetches (sent as `Throttle`); `0` = none.
+    pub agent_rate_cap_bps: u64,
+    /// Most bytes per second entering one segment across its WAN link, split evenly over the
+    /// segment's participants that fetch from outside it (sent as `Throttle`); `0` = none.
+    pub segment_rate_cap_bps: u64,
+    /// Most participants of one segment that fetch from outside it at once (the content
+    /// enters through at most this many entry nodes); `0` = no limit.
+    pub max_wan_transfers_per_segment: u16,
+    /// When the job may run (UTC); outside it the job waits. `None` = any time.
+    pub window: Option<TimeWindow>,
+}
+
+/// A daily time window in UTC minutes of the day (`0..1440`); it wraps midnight when
+/// `end_minute < start_minute` (22:00–06:00 is `1320..360`). `start == end` is the whole day.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeWindow {
+    /// First minute of the day inside the window.
+    pub start_minute: u16,
+    /// First minute of the day after the window.
+    pub end_minute: u16,
+}
+
+/// Minutes in a day.
+const DAY_MINUTES: u64 = 24 * 60;
+
+impl TimeWindow {
+    /// Whether `unix_secs` (UTC) falls inside the window.
+    pub fn contains(&self, unix_secs: u64) -> bool {
+        self.wait_secs(unix_secs) == 0
+    }
+
+    /// Seconds from `unix_secs` until the window next opens; `0` while it is open.
+    pub fn wait_secs(&self, unix_secs: u64) -> u64 {
+        let start = self.start_minute as u64 % DAY_MINUTES;
+        let end = self.end_minute as u64 % DAY_MINUTES;
+        if start == end {
+            return 0;
+        }
+        let day_secs = unix_secs % (DAY_MINUTES * 60);
+        let minute = day_secs / 60;
+        let open = if start < end {
+            (start..end).contains(&minute)
+        } else {
+            minute >= start || minute < end
+        };
+        if open {
+            return 0;
+        }
+        let start_secs = start * 60;
+        if start_secs > day_secs {
+            start_secs - day_secs
+        } else {
+            DAY_MINUTES * 60 - day_secs + start_secs
+        }
+    }
+}
+
+impl fmt::Display for TimeWindow {
+    /// `22:00-06:00 UTC`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (s, e) = (
+            self.start_minute as u64 % DAY_MINUTES,
+            self.end_minute as u64 % DAY_MINUTES,
+        );
+        write!(
+            f,
+            "{:02}:{:02}-{:02}:{:02} UTC",
+            s / 60,
+            s % 60,
+            e / 60,
+            e % 60
+        )
+    }
 }
 
 impl Default for Policy {
@@ -105,6 +184,11 @@ impl Default for Policy {
             leaf_below_up_bps: 0,
             segment_local: true,
             manager_max_copies: 1.0,
+            leaf_only_labels: BTreeMap::new(),
+            agent_rate_cap_bps: 0,
+            segment_rate_cap_bps: 0,
+            max_wan_transfers_per_segment: 0,
+            window: None,
         }
     }
 }
@@ -120,6 +204,19 @@ impl Policy {
                 && profile.link.up_bps > 0
                 && profile.link.up_bps < self.leaf_below_up_bps)
             && !self.leaf_only.iter().any(|l| l == id)
+            && !self.leaf_by_labels(profile)
+    }
+
+    /// Whether `profile` carries every label of [`leaf_only_labels`](Self::leaf_only_labels)
+    /// (never when that is empty).
+    pub fn leaf_by_labels(&self, profile: &Profile) -> bool {
+        !self.leaf_only_labels.is_empty()
+            && self.leaf_only_labels.iter().all(|(k, v)| {
+                profile
+                    .labels
+                    .iter()
+                    .any(|(pk, pv)| **pk == **k && **pv == **v)
+            })
     }
 
     /// The relay plan's view of one agent under this policy (its segment number is left `0`;
@@ -136,6 +233,7 @@ impl Policy {
             capacity: if server { capacity } else { 0 },
             max_sources: profile.max_sources.max(1),
             segment: 0,
+            leader: false,
         }
     }
 }
@@ -154,6 +252,14 @@ impl Segments {
         }
         let next = self.ids.len() as u32 + 1;
         *self.ids.entry(segment.clone()).or_insert(next)
+    }
+
+    /// The name numbered `id`, if any.
+    pub fn name(&self, id: u32) -> Option<&Name> {
+        self.ids
+            .iter()
+            .find(|(_, n)| **n == id)
+            .map(|(name, _)| name)
     }
 }
 
@@ -182,6 +288,8 @@ pub struct Profile {
     pub link: LinkInfo,
     /// Measured round-trip time to the manager, microseconds, if reported.
     pub manager_rtt_us: Option<u32>,
+    /// Labels from its configuration, `(key, value)` (for label-based policy rules).
+    pub labels: Vec<(Box<str>, Box<str>)>,
 }
 
 impl From<&Report> for Profile {
@@ -203,6 +311,11 @@ impl From<&Report> for Profile {
                 .filter(|d| d.to == DelayTo::Manager)
                 .map(|d| d.rtt_us)
                 .min(),
+            labels: r
+                .labels
+                .iter()
+                .map(|l| (l.key.as_str().into(), l.value.as_str().into()))
+                .collect(),
         }
     }
 }

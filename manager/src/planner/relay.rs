@@ -34,6 +34,11 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 
 use super::Policy;
 
+mod segments;
+
+pub use segments::SegmentEntry;
+use segments::SegmentServers;
+
 /// Parent value: the manager.
 const MANAGER: u32 = u32::MAX;
 
@@ -99,6 +104,9 @@ pub struct NodeInfo {
     /// Its LAN segment, as a number (`0` = unknown: no locality); sources on the same
     /// segment are preferred.
     pub segment: u32,
+    /// It is its segment's elected leader (a hint: content enters the segment through it
+    /// first, if it may serve).
+    pub leader: bool,
 }
 
 impl Default for NodeInfo {
@@ -109,6 +117,7 @@ impl Default for NodeInfo {
             capacity: 0,
             max_sources: 1,
             segment: 0,
+            leader: false,
         }
     }
 }
@@ -153,6 +162,8 @@ struct Node {
     queued_confirmed: bool,
     /// Being emptied of fetchers: not offered to anyone meanwhile.
     draining: bool,
+    /// Listed in its segment's [`SegmentServers`].
+    listed_on_segment: bool,
 }
 
 impl Node {
@@ -169,6 +180,7 @@ impl Node {
             queued_group: false,
             queued_confirmed: false,
             draining: false,
+            listed_on_segment: false,
         }
     }
 }
@@ -208,6 +220,13 @@ pub struct RelayPlan {
     /// Upload assumed for agents that report none.
     default_up: u64,
     relay: bool,
+    /// Participants report named segments and the policy keeps content inside them: the
+    /// plan was built by [`segments`] and repairs look for sources on the fetcher's segment.
+    segmented: bool,
+    /// Per segment number: the nodes that serve there (for repairs inside the segment).
+    segment_servers: HashMap<u32, SegmentServers>,
+    /// Per segment, where content enters it, best segment first (see [`SegmentEntry`]).
+    entries: Vec<SegmentEntry>,
 }
 
 /// The mean of the known (non-zero) values, if any.
@@ -373,6 +392,9 @@ impl RelayPlan {
             confirmed: VecDeque::new(),
             default_up,
             relay,
+            segmented: false,
+            segment_servers: HashMap::new(),
+            entries: Vec::new(),
         };
         for (g, ms) in members.iter().enumerate() {
             for &m in ms {
@@ -384,12 +406,25 @@ impl RelayPlan {
         let manager_up = manager_up_bps as u128;
         // Fetchers per stripe the manager may serve directly beyond seeding the stripe.
         let extra = (policy.manager_max_copies - 1.0).max(0.0).floor() as u128;
-        for (g, ms) in members.iter().enumerate() {
-            let manager = ManagerBudget {
-                up: manager_up,
-                extra,
-            };
-            plan.build_stripe(g, ms, &fetchers, manager, total_up, group_up[g]);
+        plan.segmented = relay
+            && plan
+                .nodes
+                .iter()
+                .any(|n| n.info.segment != 0 && (n.online || n.confirmed));
+        for i in 0..plan.nodes.len() as u32 {
+            plan.list_on_segment(i);
+        }
+        if plan.segmented {
+            let slots = (1 + extra).min(u32::MAX as u128) as u32;
+            plan.build_segmented(&fetchers, slots, policy.max_wan_transfers_per_segment);
+        } else {
+            for (g, ms) in members.iter().enumerate() {
+                let manager = ManagerBudget {
+                    up: manager_up,
+                    extra,
+                };
+                plan.build_stripe(g, ms, &fetchers, manager, total_up, group_up[g]);
+            }
         }
         for &f in &fetchers {
             plan.normalize(f);
@@ -616,6 +651,7 @@ impl RelayPlan {
             ..info
         };
         n.online = true;
+        self.segmented |= self.relay && info.segment != 0;
         if !was_online && n.retired == Retired::UntilReturn {
             n.retired = Retired::No;
         }
@@ -635,6 +671,7 @@ impl RelayPlan {
         }
         if n.confirmed {
             self.requeue(node);
+            self.list_on_segment(node);
             return changed;
         }
         let n = &mut self.nodes[node as usize];
@@ -650,6 +687,7 @@ impl RelayPlan {
             self.nodes[node as usize].group = g as u32;
         }
         self.requeue(node);
+        self.list_on_segment(node);
         let mut prefer = None;
         for s in 0..self.stripes.len() {
             let cur = self.parent(node, s);
@@ -684,6 +722,7 @@ impl RelayPlan {
         self.nodes[node as usize].failed = false;
         self.release(node);
         self.requeue(node);
+        self.list_on_segment(node);
     }
 
     /// `node` gave up or was given up: it neither fetches nor serves; its fetchers are rerouted.
@@ -1050,6 +1089,11 @@ impl RelayPlan {
         if !self.relay {
             return MANAGER;
         }
+        if self.segmented
+            && let Some(h) = self.pick_on_segment(fetcher, s)
+        {
+            return h;
+        }
         if let Some(h) = self.pick(Queue::Confirmed, fetcher, s) {
             return h;
         }
@@ -1139,6 +1183,7 @@ mod test {
                 capacity: cap,
                 max_sources: 16,
                 segment: 0,
+                leader: false,
             }),
             ..Seed::default()
         }
@@ -1152,6 +1197,7 @@ mod test {
                 capacity: 0,
                 max_sources,
                 segment: 0,
+                leader: false,
             }),
             ..Seed::default()
         }
@@ -1379,6 +1425,165 @@ mod test {
             match a.holder {
                 Holder::Peer(p) => assert_eq!(plan.nodes[p as usize].info.segment, 2),
                 Holder::Manager => {}
+            }
+        }
+    }
+
+    /// `segments` × `per` agents with mixed links: per segment two leaves, the rest servers
+    /// with uploads of 1–8 MB/s and capacities 3–16.
+    fn segmented_fleet(segments: u32, per: u32) -> Vec<Seed> {
+        (0..segments * per)
+            .map(|i| {
+                let mut seed = if i % per >= per - 2 {
+                    leaf(2 + (i % 3) as u16)
+                } else {
+                    server(1_000_000 << (i % 4), 3 + (i * 7 % 14) as u16)
+                };
+                if let Some(info) = &mut seed.info {
+                    info.segment = 1 + i / per;
+                }
+                seed
+            })
+            .collect()
+    }
+
+    #[test]
+    fn content_crosses_into_each_segment_once() {
+        let chunks = 512;
+        for (segments, per) in [(3, 8), (5, 12), (2, 40)] {
+            let seeds = segmented_fleet(segments, per);
+            let plan = RelayPlan::build(chunks, 4_000_000, &Policy::default(), &seeds);
+            plan.check().unwrap();
+            assert_covers(&plan);
+            for seg in 1..=segments {
+                let crossing = plan.chunks_into_segment(seg);
+                eprintln!(
+                    "{segments}×{per}: segment {seg}: {crossing} of {chunks} chunks cross, {} agents fetch across",
+                    plan.wan_fetchers(seg)
+                );
+                assert!(
+                    crossing <= chunks as u64,
+                    "segment {seg} of {segments}×{per}: {crossing} chunks planned to cross"
+                );
+            }
+            assert_eq!(plan.segment_entries().len(), segments as usize);
+        }
+    }
+
+    #[test]
+    fn at_most_m_agents_of_a_segment_fetch_across_the_wan_leader_first() {
+        let mut seeds = segmented_fleet(3, 8);
+        // Agent 13 (segment 2) is its segment's elected leader.
+        seeds[13].info.as_mut().unwrap().leader = true;
+        for m in [1u16, 2, 3] {
+            let policy = Policy {
+                max_wan_transfers_per_segment: m,
+                ..Policy::default()
+            };
+            let plan = RelayPlan::build(400, 4_000_000, &policy, &seeds);
+            plan.check().unwrap();
+            assert_covers(&plan);
+            for seg in 1..=3 {
+                assert!(
+                    plan.wan_fetchers(seg) <= m as usize,
+                    "m={m}: segment {seg} has {} fetching across",
+                    plan.wan_fetchers(seg)
+                );
+                assert!(plan.chunks_into_segment(seg) <= 400);
+            }
+            let entry = plan
+                .segment_entries()
+                .iter()
+                .find(|e| e.segment == 2)
+                .unwrap();
+            assert_eq!(entry.entries[0], 13, "the leader enters first");
+            if m == 1 {
+                assert!(plan.fetches_across(13));
+            }
+        }
+        // Without a limit the stripes enter through different agents, in parallel.
+        for seed in &mut seeds {
+            if let Some(info) = &mut seed.info
+                && info.server
+            {
+                info.capacity = 16;
+            }
+        }
+        let plan = RelayPlan::build(400, 4_000_000, &Policy::default(), &seeds);
+        plan.check().unwrap();
+        assert!(plan.stripes().len() > 1);
+        assert!(plan.wan_fetchers(2) > 1);
+        assert!(plan.chunks_into_segment(2) <= 400);
+    }
+
+    #[test]
+    fn a_segment_without_servers_fetches_across_and_repairs_stay_inside() {
+        let mut seeds = segmented_fleet(3, 8);
+        for seed in seeds.iter_mut().skip(16) {
+            *seed = Seed {
+                info: Some(NodeInfo {
+                    segment: 3,
+                    ..leaf(4).info.unwrap()
+                }),
+                ..Seed::default()
+            };
+        }
+        let mut plan = RelayPlan::build(256, 4_000_000, &Policy::default(), &seeds);
+        plan.check().unwrap();
+        assert_eq!(plan.wan_fetchers(3), 8);
+        let seg3 = plan
+            .segment_entries()
+            .iter()
+            .find(|e| e.segment == 3)
+            .unwrap();
+        assert_eq!((seg3.servers, seg3.entries.len()), (0, 0));
+        // A source in segment 1 leaves: its in-segment fetchers get sources in segment 1.
+        let entry = plan.segment_entries()[0].clone();
+        let gone = entry.entries[0];
+        let seg = entry.segment;
+        let before = plan.chunks_into_segment(seg);
+        let changed = plan.depart(gone);
+        plan.check().unwrap();
+        for c in changed {
+            if plan.nodes[c as usize].info.segment != seg {
+                continue;
+            }
+            for a in plan.sources(c) {
+                if let Holder::Peer(p) = a.holder {
+                    assert_eq!(plan.nodes[p as usize].info.segment, seg);
+                }
+            }
+        }
+        // Only what the departed entry fetched from outside is fetched from outside again.
+        assert!(plan.chunks_into_segment(seg) <= before);
+    }
+
+    #[test]
+    fn no_source_serves_more_fetchers_than_the_policy_allows() {
+        let mut seeds = segmented_fleet(3, 8);
+        seeds.extend((0..40).map(|_| leaf(2)));
+        for cap in [1u16, 2, 4] {
+            let policy = Policy {
+                max_peers_per_source: cap,
+                ..Policy::default()
+            };
+            let infos: Vec<Seed> = seeds
+                .iter()
+                .map(|s| {
+                    let mut s = *s;
+                    if let Some(i) = &mut s.info
+                        && i.server
+                    {
+                        i.capacity = i.capacity.min(cap);
+                    }
+                    s
+                })
+                .collect();
+            let plan = RelayPlan::build(300, 1_000_000, &policy, &infos);
+            plan.check().unwrap();
+            assert_covers(&plan);
+            for i in 0..plan.len() as u32 {
+                assert!(plan.load(i) <= cap as usize, "{i} serves {}", plan.load(i));
             }
         }
     }

@@ -1,8 +1,7 @@
-//! The HTTP API: JSON under `/api/v1`, for the CLI, scripts and the web UI.
+//! The JSON API's handlers under `/api/v1`, each annotated for the OpenAPI document.
 //!
-//! Every route needs `Authorization: Bearer <admin token>` (the token is in
-//! `<data-dir>/admin.token`); without it the answer is `401` with a JSON
-//! error. Errors are always `{"error": "..."}` with a fitting status.
+//! Errors are always `{"error": "..."}` with a fitting status (and `"field"` when
+//! one field of the request is at fault).
 //!
 //! | method and path | what |
 //! |---|---|
@@ -12,35 +11,34 @@
 //! | `POST /api/v1/agents` | enrol `{id, key}` (key: 64 hex digits, Ed25519) |
 //! | `POST /api/v1/enrolment-tokens` | a new one-time enrolment token |
 //! | `GET /api/v1/jobs` | jobs, newest first, with counts |
-//! | `POST /api/v1/jobs` | publish `{path, name?, version?, chunk_size?}` and distribute it to `targets: {all: true}` or `{agents: [..]}` |
+//! | `POST /api/v1/jobs` | publish `{path, name?, version?, chunk_size?}` and distribute it to `targets: {all: true}` or `{agents: [..]}`, or to `group: NAME`; `policy`: a policy's name or its fields |
 //! | `GET /api/v1/jobs/{id}` | a job: participants, verified/total, confirmations, bytes per source |
 //! | `POST /api/v1/jobs/{id}/cancel` | cancel a job |
 //! | `GET /api/v1/jobs/{id}/events` | server-sent events: a `snapshot` (the job as above), then `event`s ([`JobEvent`]) until the job ends |
+//! | `POST /api/v1/uploads?name=N` | stores the request body as a file the manager holds; answers its `path` for `POST /api/v1/jobs` |
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json};
 use baton_protocol::identity::x25519_of;
 use baton_protocol::types::{AgentId, PublicKey};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio::sync::broadcast;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::net::JobEvent;
-use crate::planner::Policy;
 use crate::registry::{lock, token_hash, unix_now};
-use crate::server::{ApiError, Manager, PublishRequest};
+use crate::server::{ApiError, JobRequest, Manager, PolicyChoice, PublishRequest};
 use crate::store::{
     AgentRecord, Confirmation, Enrolled, JobRecord, PartState, ParticipantRecord, SourceBytes,
     TargetSpec,
@@ -49,7 +47,7 @@ use crate::store::{
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -57,81 +55,44 @@ impl IntoResponse for ApiError {
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!("API error: {self}");
         }
-        (status, Json(json!({ "error": self.to_string() }))).into_response()
+        let mut body = json!({ "error": self.to_string() });
+        if let ApiError::Invalid { field, .. } = &self {
+            body["field"] = json!(field);
+        }
+        (status, Json(body)).into_response()
     }
+}
+
+/// Every error answer: a message for people and, when one request field is at fault, its name.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+    /// The request field at fault, if one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
 }
 
 fn bad_json(e: JsonRejection) -> ApiError {
     ApiError::BadRequest(format!("bad request body: {}", e.body_text()))
 }
 
-/// The API's router over a running manager.
-pub fn router(manager: Arc<Manager>) -> Router {
-    Router::new()
-        .route("/api/v1/status", get(status))
-        .route("/api/v1/agents", get(agents).post(enrol))
-        .route("/api/v1/agents/{id}", get(agent))
-        .route("/api/v1/enrolment-tokens", post(new_token))
-        .route("/api/v1/jobs", get(jobs).post(create_job))
-        .route("/api/v1/jobs/{id}", get(job))
-        .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
-        .route("/api/v1/jobs/{id}/events", get(job_events))
-        .fallback(not_found)
-        .layer(middleware::from_fn_with_state(
-            manager.clone(),
-            require_token,
-        ))
-        .with_state(manager)
-}
-
-/// Serves the API on `listener` until `shutdown` completes.
-pub async fn run(
-    listener: TcpListener,
-    manager: Arc<Manager>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(manager))
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-/// Compares in time independent of where the first difference is.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-async fn require_token(State(m): State<Arc<Manager>>, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        Some(token) if same_secret(token.as_bytes(), m.admin_token.as_bytes()) => {
-            next.run(req).await
-        }
-        _ => {
-            let mut resp = (
-                StatusCode::UNAUTHORIZED,
-                Json(json!({
-                    "error": "missing or wrong bearer token: send `Authorization: Bearer <token>` with the token from <data-dir>/admin.token"
-                })),
-            )
-                .into_response();
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            resp
-        }
-    }
-}
-
-async fn not_found() -> ApiError {
-    ApiError::NotFound("no such API route (see /api/v1/status)".into())
+/// The API routes with their OpenAPI operations: the one list both are built from.
+pub fn routes() -> OpenApiRouter<Arc<Manager>> {
+    OpenApiRouter::new()
+        .routes(routes!(status))
+        .routes(routes!(agents, enrol))
+        .routes(routes!(agent))
+        .routes(routes!(new_token))
+        .routes(routes!(jobs, create_job))
+        .routes(routes!(job))
+        .routes(routes!(cancel_job))
+        .routes(routes!(job_events))
+        .routes(routes!(upload))
 }
 
 /// `GET /api/v1/status`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct StatusView {
     /// Agent port.
     pub agent_addr: String,
@@ -155,6 +116,8 @@ pub struct StatusView {
     pub up_bps: u64,
 }
 
+#[utoipa::path(get, path = "/api/v1/status", tag = "manager",
+    responses((status = 200, description = "The manager's addresses, keys and counters", body = StatusView)))]
 async fn status(State(m): State<Arc<Manager>>) -> Json<StatusView> {
     let connected: Vec<String> = m
         .registry
@@ -177,10 +140,11 @@ async fn status(State(m): State<Arc<Manager>>) -> Json<StatusView> {
 }
 
 /// An agent as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct AgentView {
-    /// The stored record.
+    /// The stored record: id, key, enrolled_at, last_seen, report, site, segment, listen, performance, up_bps, down_bps, free_storage.
     #[serde(flatten)]
+    #[schema(value_type = Object)]
     pub record: AgentRecord,
     /// Whether it is connected now.
     pub connected: bool,
@@ -193,6 +157,8 @@ fn agent_view(m: &Manager, record: AgentRecord) -> AgentView {
     AgentView { record, connected }
 }
 
+#[utoipa::path(get, path = "/api/v1/agents", tag = "agents",
+    responses((status = 200, description = "Enrolled agents with their latest reports", body = [AgentView])))]
 async fn agents(State(m): State<Arc<Manager>>) -> Result<Json<Vec<AgentView>>, ApiError> {
     let records = lock(&m.store).agents()?;
     Ok(Json(
@@ -200,6 +166,9 @@ async fn agents(State(m): State<Arc<Manager>>) -> Result<Json<Vec<AgentView>>, A
     ))
 }
 
+#[utoipa::path(get, path = "/api/v1/agents/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent id")),
+    responses((status = 200, body = AgentView), (status = 404, body = ErrorBody)))]
 async fn agent(
     State(m): State<Arc<Manager>>,
     Path(id): Path<String>,
@@ -211,7 +180,7 @@ async fn agent(
 }
 
 /// `POST /api/v1/agents` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct EnrolRequest {
     /// The agent's id (1..=32 bytes, no spaces).
     pub id: String,
@@ -244,6 +213,9 @@ pub fn parse_key(hex_key: &str) -> Result<PublicKey, ApiError> {
     Ok(key)
 }
 
+#[utoipa::path(post, path = "/api/v1/agents", tag = "agents", request_body = EnrolRequest,
+    responses((status = 201, description = "Enrolled"), (status = 200, description = "Already enrolled with this key"),
+        (status = 400, body = ErrorBody), (status = 409, description = "Enrolled with another key", body = ErrorBody)))]
 async fn enrol(
     State(m): State<Arc<Manager>>,
     body: Result<Json<EnrolRequest>, JsonRejection>,
@@ -263,6 +235,8 @@ async fn enrol(
     ))
 }
 
+#[utoipa::path(post, path = "/api/v1/enrolment-tokens", tag = "agents",
+    responses((status = 201, description = "`{\"token\": \"...\"}`: a one-time enrolment token")))]
 async fn new_token(
     State(m): State<Arc<Manager>>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
@@ -275,7 +249,7 @@ async fn new_token(
 }
 
 /// A job in the job list.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct JobSummary {
     /// Job id.
     pub id: u64,
@@ -299,8 +273,14 @@ pub struct JobSummary {
     pub confirmed: usize,
     /// Of which failed.
     pub failed: usize,
+    /// The content group it was created for, if any.
+    pub group: Option<String>,
+    /// The named policy it runs under, if any.
+    pub policy: Option<String>,
 }
 
+#[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs",
+    responses((status = 200, description = "Jobs, newest first", body = [JobSummary])))]
 async fn jobs(State(m): State<Arc<Manager>>) -> Result<Json<Vec<JobSummary>>, ApiError> {
     let store = lock(&m.store);
     let mut out = Vec::new();
@@ -325,13 +305,15 @@ async fn jobs(State(m): State<Arc<Manager>>) -> Result<Json<Vec<JobSummary>>, Ap
                 .iter()
                 .filter(|p| p.state == PartState::Failed)
                 .count(),
+            group: job.group.clone(),
+            policy: job.policy.clone(),
         });
     }
     Ok(Json(out))
 }
 
 /// Content as the API shows it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ContentView {
     /// Merkle root (hex).
     pub root: String,
@@ -350,10 +332,11 @@ pub struct ContentView {
 }
 
 /// A participant as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ParticipantView {
-    /// The stored record.
+    /// The stored record: agent, state, verified, updated_at, reason, source, position.
     #[serde(flatten)]
+    #[schema(value_type = Object)]
     pub record: ParticipantRecord,
     /// Chunks in the content.
     pub total: u32,
@@ -362,10 +345,11 @@ pub struct ParticipantView {
 }
 
 /// `GET /api/v1/jobs/{id}` and the `snapshot` event.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct JobDetail {
-    /// The stored job.
+    /// The stored job: id, root, epoch, state, created_at, finished_at, targets, confirmed, failed, error.
     #[serde(flatten)]
+    #[schema(value_type = Object)]
     pub job: JobRecord,
     /// What it distributes.
     pub content: Option<ContentView>,
@@ -377,9 +361,11 @@ pub struct JobDetail {
     pub confirmed_count: usize,
     /// Participants that failed.
     pub failed_count: usize,
-    /// Confirmations with times.
+    /// Confirmations with times: `[{agent, confirmed_at}]`.
+    #[schema(value_type = Vec<Object>)]
     pub confirmations: Vec<Confirmation>,
-    /// Verified bytes per receiver and source.
+    /// Verified bytes per receiver and source: `[{agent, from, bytes}]` (`from` null = the manager).
+    #[schema(value_type = Vec<Object>)]
     pub source_bytes: Vec<SourceBytes>,
     /// Sum of bytes received from the manager.
     pub bytes_from_manager: u64,
@@ -443,6 +429,8 @@ pub fn job_detail(m: &Manager, id: u64) -> Result<JobDetail, ApiError> {
     })
 }
 
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", params(("id" = u64, Path, description = "Job id")),
+    responses((status = 200, body = JobDetail), (status = 404, body = ErrorBody)))]
 async fn job(
     State(m): State<Arc<Manager>>,
     Path(id): Path<u64>,
@@ -451,7 +439,7 @@ async fn job(
 }
 
 /// Which agents a new job is for: `{"all": true}` or `{"agents": ["a", "b"]}`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TargetsRequest {
     /// Every agent connected now, and every agent that connects while the job runs.
@@ -462,9 +450,10 @@ pub struct TargetsRequest {
 }
 
 /// `POST /api/v1/jobs` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateJobRequest {
-    /// A file the manager can read (absolute path).
+    /// A file the manager can read (absolute path), e.g. one `POST /api/v1/uploads` stored.
+    #[schema(value_type = String)]
     pub path: PathBuf,
     /// Content name (default: the file name).
     pub name: Option<String>,
@@ -472,14 +461,17 @@ pub struct CreateJobRequest {
     pub version: Option<u64>,
     /// Chunk size in bytes (default 32 KiB).
     pub chunk_size: Option<u64>,
-    /// Which agents.
-    pub targets: TargetsRequest,
-    /// Ranking and relay policy (default: the planner's defaults).
-    pub policy: Option<Policy>,
+    /// Which agents (or give `group`).
+    pub targets: Option<TargetsRequest>,
+    /// A content group: the job goes to its members at creation.
+    pub group: Option<String>,
+    /// A named policy, or the policy's fields inline (default: the planner's defaults).
+    #[schema(value_type = Option<Object>)]
+    pub policy: Option<PolicyChoice>,
 }
 
 /// `POST /api/v1/jobs` answer.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct JobCreated {
     /// The new job's id.
     pub id: u64,
@@ -515,12 +507,19 @@ fn target_spec(t: TargetsRequest) -> Result<TargetSpec, ApiError> {
     }
 }
 
+#[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", request_body = CreateJobRequest,
+    responses((status = 201, body = JobCreated), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn create_job(
     State(m): State<Arc<Manager>>,
     body: Result<Json<CreateJobRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<JobCreated>), ApiError> {
     let Json(req) = body.map_err(bad_json)?;
-    let targets = target_spec(req.targets)?;
+    let targets = req.targets.map(target_spec).transpose()?;
+    let job = m.resolve_job(JobRequest {
+        targets,
+        group: req.group,
+        policy: req.policy,
+    })?;
     let content = m
         .publish(PublishRequest {
             path: req.path,
@@ -529,7 +528,7 @@ async fn create_job(
             chunk_size: req.chunk_size,
         })
         .await?;
-    let id = m.create_job(content.root, targets, req.policy).await?;
+    let id = m.start_job(content.root, job).await?;
     Ok((
         StatusCode::CREATED,
         Json(JobCreated {
@@ -544,6 +543,8 @@ async fn create_job(
     ))
 }
 
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = u64, Path, description = "Job id")),
+    responses((status = 200, description = "Cancelled"), (status = 404, body = ErrorBody), (status = 409, description = "Already over", body = ErrorBody)))]
 async fn cancel_job(
     State(m): State<Arc<Manager>>,
     Path(id): Path<u64>,
@@ -571,6 +572,10 @@ fn snapshot(m: &Manager, job: u64) -> Result<(Event, bool), ApiError> {
     Ok((event, over))
 }
 
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/events", tag = "jobs", params(("id" = u64, Path, description = "Job id")),
+    responses((status = 200, content_type = "text/event-stream",
+        description = "Server-sent events: `snapshot` (the job detail), then `event`s (progress, confirmed, failed, finished, cancelled) until the job ends"),
+        (status = 404, body = ErrorBody)))]
 async fn job_events(
     State(m): State<Arc<Manager>>,
     Path(job): Path<u64>,
@@ -614,4 +619,116 @@ async fn job_events(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// Where `POST /api/v1/uploads` stores files (given to the router as an extension).
+#[derive(Clone, Debug)]
+pub struct UploadDir(pub PathBuf);
+
+/// `POST /api/v1/uploads` query.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct UploadQuery {
+    /// The content's name (default `upload`); the stored file is named after it.
+    pub name: Option<String>,
+}
+
+/// `POST /api/v1/uploads` answer.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Uploaded {
+    /// The file the manager now holds: give it as `path` to `POST /api/v1/jobs`.
+    pub path: String,
+    /// The name given.
+    pub name: String,
+    /// Bytes stored.
+    pub length: u64,
+}
+
+/// The file name for an uploaded content name: letters, digits, `.`, `-`, `_` kept, the rest `_`.
+fn upload_file_name(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let clean = clean.trim_start_matches('.');
+    if clean.is_empty() {
+        "upload".into()
+    } else {
+        clean.into()
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/uploads", tag = "jobs", params(UploadQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The content's bytes"),
+    responses((status = 201, body = Uploaded), (status = 400, body = ErrorBody)))]
+async fn upload(
+    Extension(UploadDir(dir)): Extension<UploadDir>,
+    Query(query): Query<UploadQuery>,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<Uploaded>), ApiError> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+
+    let name = query.name.unwrap_or_else(|| "upload".into());
+    crate::content::check_name(&name).map_err(|e| ApiError::BadRequest(format!("name: {e}")))?;
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| ApiError::Internal(format!("{}: {e}", dir.display())))?;
+    let mut stamp = [0u8; 6];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut stamp);
+    let path = dir.join(format!(
+        "{}-{}-{}",
+        unix_now(),
+        hex::encode(stamp),
+        upload_file_name(&name)
+    ));
+    let io = |e: std::io::Error| ApiError::Internal(format!("{}: {e}", path.display()));
+    let mut file = tokio::fs::File::create(&path).await.map_err(io)?;
+    let mut stream = body.into_data_stream();
+    let mut length = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                drop(file);
+                let _ = tokio::fs::remove_file(&path).await;
+                return Err(ApiError::BadRequest(format!("upload broke off: {e}")));
+            }
+        };
+        length += chunk.len() as u64;
+        file.write_all(&chunk).await.map_err(io)?;
+    }
+    file.sync_all().await.map_err(io)?;
+    if length == 0 {
+        let _ = tokio::fs::remove_file(&path).await;
+        return Err(ApiError::BadRequest("the upload is empty".into()));
+    }
+    tracing::info!(path = %path.display(), length, "content uploaded");
+    Ok((
+        StatusCode::CREATED,
+        Json(Uploaded {
+            path: path.to_string_lossy().into_owned(),
+            name,
+            length,
+        }),
+    ))
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn upload_names_stay_inside_the_directory() {
+        assert_eq!(upload_file_name("fw-1.2.bin"), "fw-1.2.bin");
+        assert_eq!(upload_file_name("../../etc/passwd"), "_.._etc_passwd");
+        assert_eq!(upload_file_name("..."), "upload");
+        assert_eq!(upload_file_name("a b/c"), "a_b_c");
+    }
 }

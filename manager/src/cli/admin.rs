@@ -1,0 +1,154 @@
+//! `baton admin`: administrators of the web UI and named API tokens, written
+//! straight into the manager's database file (a running manager sees them at once).
+//!
+//! - `baton admin add NAME` reads the password from `--password-file`, or else
+//!   from standard input (prompted twice, without echo, on a terminal);
+//!   adding an existing name changes its password.
+//! - `baton admin token NAME` creates (or replaces) an API token for scripts and
+//!   prints it once; `baton admin revoke-token NAME` deletes it.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use baton_manager::registry::unix_now;
+use baton_manager::web::users::{AdminSet, WebStore};
+use clap::{Args, Subcommand};
+
+/// Where the manager's database is.
+#[derive(Args, Debug, Clone)]
+pub struct DbOpts {
+    /// The manager's data directory (the database is `<data-dir>/baton.db` unless --db).
+    #[arg(long, env = "BATON_DATA_DIR", default_value = "baton-data")]
+    pub data_dir: PathBuf,
+    /// The database file, as given to `baton serve --db`.
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+}
+
+impl DbOpts {
+    fn open(&self) -> anyhow::Result<WebStore> {
+        let path = self
+            .db
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("baton.db"));
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        WebStore::open(&path).with_context(|| format!("database {}", path.display()))
+    }
+}
+
+/// `baton admin` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Add an administrator of the web UI (or change its password).
+    Add {
+        /// The administrator's login name.
+        name: String,
+        /// Read the password from this file (first line) instead of standard input.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbOpts,
+    },
+    /// Create (or replace) a named API token for scripts; prints it once.
+    Token {
+        /// The token's name.
+        name: String,
+        #[command(flatten)]
+        db: DbOpts,
+    },
+    /// Delete a named API token.
+    RevokeToken {
+        /// The token's name.
+        name: String,
+        #[command(flatten)]
+        db: DbOpts,
+    },
+    /// List administrators.
+    List {
+        #[command(flatten)]
+        db: DbOpts,
+    },
+}
+
+/// Reads a line from the terminal with echo off (restored afterwards).
+fn read_hidden(prompt: &str) -> anyhow::Result<String> {
+    eprint!("{prompt}");
+    std::io::stderr().flush().ok();
+    let stty = |arg: &str| {
+        std::process::Command::new("stty")
+            .arg(arg)
+            .stdin(std::process::Stdio::inherit())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let hidden = stty("-echo");
+    let mut line = String::new();
+    let read = std::io::stdin().lock().read_line(&mut line);
+    if hidden {
+        stty("echo");
+    }
+    eprintln!();
+    read.context("cannot read the password")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+fn read_password(file: Option<&PathBuf>) -> anyhow::Result<String> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        return Ok(text.lines().next().unwrap_or("").to_string());
+    }
+    if std::io::stdin().is_terminal() {
+        let first = read_hidden("Password: ")?;
+        let again = read_hidden("Again: ")?;
+        if first != again {
+            bail!("the passwords differ");
+        }
+        return Ok(first);
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read the password from standard input")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+/// Runs `baton admin ...`.
+pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
+    match cmd {
+        AdminCommand::Add {
+            name,
+            password_file,
+            db,
+        } => {
+            let password = read_password(password_file.as_ref())?;
+            let store = db.open()?;
+            match store.set_admin(&name, &password, unix_now())? {
+                AdminSet::Added => println!("administrator {name} added"),
+                AdminSet::PasswordChanged => println!("password of administrator {name} changed"),
+            }
+        }
+        AdminCommand::Token { name, db } => {
+            let token = db.open()?.new_api_token(&name, unix_now())?;
+            eprintln!("API token {name} (shown once; send it as `Authorization: Bearer <token>`):");
+            println!("{token}");
+        }
+        AdminCommand::RevokeToken { name, db } => {
+            if !db.open()?.revoke_api_token(&name)? {
+                bail!("no API token named {name:?}");
+            }
+            println!("API token {name} revoked");
+        }
+        AdminCommand::List { db } => {
+            for name in db.open()?.admins()? {
+                println!("{name}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! Prometheus `/metrics` in the text exposition format, written by hand.
+//!
+//! | metric | type | what |
+//! |---|---|---|
+//! | `baton_connected_agents` | gauge | agents connected now |
+//! | `baton_enrolled_agents` | gauge | agents enrolled |
+//! | `baton_jobs{state}` | gauge | jobs per state |
+//! | `baton_served_bytes_total{source="manager"\|"relays"}` | counter | verified content bytes agents received from the manager and from relaying peers (all jobs, from the database) |
+//! | `baton_agent_port_sent_bytes_total` | counter | wire bytes the agent port sent since start |
+//! | `baton_agent_port_received_bytes_total` | counter | wire bytes the agent port received since start |
+//! | `baton_chunk_verification_failures_total` | counter | chunks agents reported failing verification (`PeerTrouble::BadChunk`) since start |
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Extension;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+
+use crate::registry::lock;
+use crate::server::{ApiError, Manager};
+use crate::store::JobState;
+use crate::web::Web;
+use crate::web::users::StoreTotals;
+
+/// Chunks agents reported as failing verification since the process started.
+pub static CHUNK_VERIFICATION_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one chunk an agent reported as failing verification.
+pub fn count_chunk_verification_failure() {
+    CHUNK_VERIFICATION_FAILURES.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What one scrape reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sample {
+    /// Agents connected now.
+    pub connected_agents: u64,
+    /// Agents enrolled.
+    pub enrolled_agents: u64,
+    /// Totals read from the database.
+    pub totals: StoreTotals,
+    /// Agent port wire bytes sent.
+    pub wire_sent: u64,
+    /// Agent port wire bytes received.
+    pub wire_received: u64,
+    /// Chunk verification failures reported.
+    pub chunk_failures: u64,
+}
+
+const JOB_STATES: [JobState; 5] = [
+    JobState::Pending,
+    JobState::Running,
+    JobState::Finished,
+    JobState::Cancelled,
+    JobState::Refused,
+];
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Renders a sample in the Prometheus text format (every job state appears, zero or not).
+pub fn render(s: &Sample) -> String {
+    let mut out = String::with_capacity(1024);
+    family(
+        &mut out,
+        "baton_connected_agents",
+        "gauge",
+        "Agents connected to the manager now.",
+    );
+    let _ = writeln!(out, "baton_connected_agents {}", s.connected_agents);
+    family(
+        &mut out,
+        "baton_enrolled_agents",
+        "gauge",
+        "Agents enrolled at the manager.",
+    );
+    let _ = writeln!(out, "baton_enrolled_agents {}", s.enrolled_agents);
+    family(&mut out, "baton_jobs", "gauge", "Jobs by state.");
+    for state in JOB_STATES {
+        let n = s
+            .totals
+            .jobs_by_state
+            .iter()
+            .filter(|(name, _)| name == state.as_str())
+            .map(|(_, n)| *n)
+            .sum::<u64>();
+        let _ = writeln!(out, "baton_jobs{{state=\"{}\"}} {n}", state.as_str());
+    }
+    family(
+        &mut out,
+        "baton_served_bytes_total",
+        "counter",
+        "Verified content bytes agents received, by who served them (the manager or relaying peers).",
+    );
+    let _ = writeln!(
+        out,
+        "baton_served_bytes_total{{source=\"manager\"}} {}",
+        s.totals.bytes_from_manager
+    );
+    let _ = writeln!(
+        out,
+        "baton_served_bytes_total{{source=\"relays\"}} {}",
+        s.totals.bytes_from_relays
+    );
+    family(
+        &mut out,
+        "baton_agent_port_sent_bytes_total",
+        "counter",
+        "Wire bytes the manager's agent port sent since start.",
+    );
+    let _ = writeln!(out, "baton_agent_port_sent_bytes_total {}", s.wire_sent);
+    family(
+        &mut out,
+        "baton_agent_port_received_bytes_total",
+        "counter",
+        "Wire bytes the manager's agent port received since start.",
+    );
+    let _ = writeln!(
+        out,
+        "baton_agent_port_received_bytes_total {}",
+        s.wire_received
+    );
+    family(
+        &mut out,
+        "baton_chunk_verification_failures_total",
+        "counter",
+        "Chunks that agents reported failing verification since start.",
+    );
+    let _ = writeln!(
+        out,
+        "baton_chunk_verification_failures_total {}",
+        s.chunk_failures
+    );
+    out
+}
+
+/// `GET /metrics`.
+pub async fn metrics(
+    State(m): State<Arc<Manager>>,
+    Extension(web): Extension<Arc<Web>>,
+) -> Result<impl IntoResponse, ApiError> {
+    let totals = tokio::task::spawn_blocking(move || web.store.totals())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let enrolled = lock(&m.store).agents()?.len() as u64;
+    let sample = Sample {
+        connected_agents: m.registry.connected().len() as u64,
+        enrolled_agents: enrolled,
+        totals,
+        wire_sent: m.bytes_sent(),
+        wire_received: m.bytes_received(),
+        chunk_failures: CHUNK_VERIFICATION_FAILURES.load(Ordering::Relaxed),
+    };
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        render(&sample),
+    ))
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn text_format() {
+        let text = render(&Sample {
+            connected_agents: 3,
+            enrolled_agents: 4,
+            totals: StoreTotals {
+                jobs_by_state: vec![("finished".into(), 2), ("running".into(), 1)],
+                bytes_from_manager: 100,
+                bytes_from_relays: 250,
+            },
+            wire_sent: 7,
+            wire_received: 8,
+            chunk_failures: 1,
+        });
+        for line in [
+            "baton_connected_agents 3",
+            "baton_jobs{state=\"finished\"} 2",
+            "baton_jobs{state=\"running\"} 1",
+            "baton_jobs{state=\"pending\"} 0",
+            "baton_served_bytes_total{source=\"manager\"} 100",
+            "baton_served_bytes_total{source=\"relays\"} 250",
+            "baton_chunk_verification_failures_total 1",
+            "# TYPE baton_served_bytes_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        // Every sample line is `name{labels} value`.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, value) = l.rsplit_once(' ').unwrap();
+            value.parse::<u64>().unwrap();
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! Segment-aware relay: content crosses each segment's WAN link once and fans out inside it.
+//!
+//! When participants report named LAN segments (and the policy keeps content
+//! local), [`RelayPlan::build`] plans every stripe on two levels:
+//!
+//! 1. **Across the WAN.** Each segment gets its entry nodes: its elected
+//!    leader first (if it may serve), then its other serving participants in
+//!    the order of the prioritized list (score: capabilities, policy weights,
+//!    measured delay to the manager), at most
+//!    [`Policy::max_wan_transfers_per_segment`](crate::planner::Policy) of
+//!    them. Segments are ranked by their best entry. Per stripe, one entry of
+//!    each segment fetches the stripe from outside: from the manager while the
+//!    manager's copies last (`Policy::manager_max_copies`), else from a holder
+//!    of the stripe in a segment ranked earlier (round-robin, within
+//!    capacities). So each stripe crosses into each segment once.
+//! 2. **Inside the segment.** The stripe fans out from the entry (or from a
+//!    participant of the segment that already holds the whole content): the
+//!    segment's members of the stripe's group first, each taking fetchers in
+//!    proportion to its upload, then everyone else; a fetcher goes outside its
+//!    segment only when nobody inside has room left.
+//!
+//! A segment without any agent allowed to serve has no entry: each of its
+//! participants fetches across the WAN (the engine reports it as a warning).
+//! Repairs and late joiners look for a source on their own segment first
+//! ([`RelayPlan::pick_on_segment`]) and cross the WAN only when none is left.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+use super::{MANAGER, RelayPlan, SCAN_LIMIT, UNSET, is_peer};
+
+/// Where content enters one segment, as planned when the job started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentEntry {
+    /// The segment's number (see [`NodeInfo::segment`](super::NodeInfo)).
+    pub segment: u32,
+    /// Entry nodes (plan indices), best first: the participants that fetch from outside.
+    pub entries: Vec<u32>,
+    /// Participants of the segment that were fetching when the plan was built.
+    pub fetchers: u32,
+    /// Of them, those allowed to serve peers.
+    pub servers: u32,
+}
+
+/// The serving nodes of one segment, scanned round-robin by repairs.
+#[derive(Clone, Debug, Default)]
+pub(super) struct SegmentServers {
+    nodes: Vec<u32>,
+    cursor: usize,
+}
+
+/// One segment while the plan is built.
+#[derive(Debug, Default)]
+struct View {
+    segment: u32,
+    /// Fetching participants, in priority order.
+    fetchers: Vec<u32>,
+    /// Online participants holding the whole content that may serve.
+    confirmed: Vec<u32>,
+    /// Entry nodes, best first.
+    entries: Vec<u32>,
+    /// Fetchers allowed to serve.
+    servers: u32,
+}
+
+/// Per stripe: the manager's copies left and the holders other segments may fetch from.
+#[derive(Debug)]
+struct Wan {
+    manager_left: u32,
+    holders: Holders,
+}
+
+/// The holders of one stripe inside a segment, soonest to finish its uploads first.
+#[derive(Debug, Default)]
+struct Holders {
+    /// `(time to finish what it serves plus one more copy of the stripe, node)`.
+    heap: BinaryHeap<Reverse<(u128, u32)>>,
+}
+
+impl Holders {
+    /// When `node` would finish serving what it serves now plus `len` more chunks (scaled).
+    fn key(plan: &RelayPlan, node: u32, len: u64, served: &[u64]) -> u128 {
+        (((served[node as usize] + len) as u128) << 24) / plan.eff_up(node).max(1) as u128
+    }
+
+    /// Offers `node` as a holder if it may take another fetcher.
+    fn push(&mut self, plan: &RelayPlan, node: u32, len: u64, served: &[u64]) {
+        if plan.spare(node) == 0 {
+            return;
+        }
+        let key = Self::key(plan, node, len, served);
+        self.heap.push(Reverse((key, node)));
+    }
+
+    /// The holder that would finish first and may serve stripe `g` to `fetcher` (charged with
+    /// the stripe); `None` if none has room.
+    fn take(
+        &mut self,
+        plan: &RelayPlan,
+        fetcher: u32,
+        g: usize,
+        served: &mut [u64],
+    ) -> Option<u32> {
+        let len = plan.stripe_len(g) as u64;
+        let mut skipped = Vec::new();
+        let mut found = None;
+        while let Some(Reverse((key, h))) = self.heap.pop() {
+            if plan.spare(h) == 0 && !plan.uses(fetcher, h) {
+                continue; // full for good
+            }
+            let now = Self::key(plan, h, len, served);
+            if now > key {
+                // It took on more since it was queued: queue it again at its real place.
+                self.heap.push(Reverse((now, h)));
+                if skipped.len() + 1 >= SCAN_LIMIT {
+                    break;
+                }
+                continue;
+            }
+            if plan.valid(fetcher, h, g) {
+                found = Some(h);
+                break;
+            }
+            skipped.push(h);
+            if skipped.len() >= SCAN_LIMIT {
+                break;
+            }
+        }
+        for h in skipped {
+            self.push(plan, h, len, served);
+        }
+        let h = found?;
+        served[h as usize] += len;
+        self.push(plan, h, len, served);
+        Some(h)
+    }
+}
+
+impl RelayPlan {
+    /// Builds every stripe's sources segment by segment (see the module documentation).
+    ///
+    /// `manager_slots` is how many fetchers the manager serves per stripe by plan;
+    /// `max_wan` the most entry nodes per segment (`0` = every serving participant).
+    pub(super) fn build_segmented(&mut self, fetchers: &[u32], manager_slots: u32, max_wan: u16) {
+        let k = self.stripes.len();
+        let mut by_segment: HashMap<u32, View> = HashMap::new();
+        for &f in fetchers {
+            let seg = self.nodes[f as usize].info.segment;
+            let view = by_segment.entry(seg).or_default();
+            view.segment = seg;
+            view.fetchers.push(f);
+        }
+        let mut confirmed_anywhere = Vec::new();
+        for i in 0..self.nodes.len() as u32 {
+            let n = &self.nodes[i as usize];
+            if n.confirmed && self.serving(i) {
+                confirmed_anywhere.push(i);
+                if let Some(view) = by_segment.get_mut(&n.info.segment) {
+                    view.confirmed.push(i);
+                }
+            }
+        }
+        let mut views: Vec<View> = by_segment.into_values().collect();
+        for view in &mut views {
+            let mut servers: Vec<u32> = view
+                .fetchers
+                .iter()
+                .copied()
+                .filter(|&f| self.cap(f) > 0)
+                .collect();
+            view.servers = servers.len() as u32;
+            if let Some(pos) = servers
+                .iter()
+                .position(|&s| self.nodes[s as usize].info.leader)
+            {
+                let leader = servers.remove(pos);
+                servers.insert(0, leader);
+            }
+            if max_wan > 0 {
+                servers.truncate(max_wan as usize);
+            }
+            view.entries = servers;
+        }
+        // The best entry (earliest on the prioritized list) ranks its segment.
+        views.sort_by_key(|v| (v.entries.first().copied().unwrap_or(UNSET), v.segment));
+
+        let mut served = vec![0u64; self.nodes.len()];
+        let mut wan: Vec<Wan> = (0..k)
+            .map(|g| {
+                let mut holders = Holders::default();
+                for &c in &confirmed_anywhere {
+                    holders.push(self, c, self.stripe_len(g) as u64, &served);
+                }
+                Wan {
+                    manager_left: manager_slots.max(1),
+                    holders,
+                }
+            })
+            .collect();
+        for (g, wan) in wan.iter_mut().enumerate() {
+            for view in &views {
+                self.fan_out(g, view, wan, &mut served);
+            }
+        }
+        self.entries = views
+            .into_iter()
+            .filter(|v| v.segment != 0)
+            .map(|v| SegmentEntry {
+                segment: v.segment,
+                entries: v.entries,
+                fetchers: v.fetchers.len() as u32,
+                servers: v.servers,
+            })
+            .collect();
+    }
+
+    /// Plans stripe `g` for the fetchers of one segment: one entry fetches it from outside,
+    /// everyone else from inside, each from the holder that would finish its uploads first.
+    fn fan_out(&mut self, g: usize, view: &View, wan: &mut Wan, served: &mut [u64]) {
+        let len = self.stripe_len(g) as u64;
+        let mut holders = Holders::default();
+        let entry = if view.confirmed.is_empty() {
+            let Some(e) = (!view.entries.is_empty()).then(|| view.entries[g % view.entries.len()])
+            else {
+                // Nobody here may serve: every participant fetches across the WAN.
+                for &f in &view.fetchers {
+                    let h = self.wan_source(f, g, wan, served);
+                    self.set_parent(f, g, h);
+                }
+                return;
+            };
+            let h = self.wan_source(e, g, wan, served);
+            self.set_parent(e, g, h);
+            holders.push(self, e, len, served);
+            Some(e)
+        } else {
+            for &c in &view.confirmed {
+                holders.push(self, c, len, served);
+            }
+            None
+        };
+        // Servers first (rotated per stripe, so each stripe's tree starts elsewhere), then leaves.
+        let (mut servers, leaves): (Vec<u32>, Vec<u32>) = view
+            .fetchers
+            .iter()
+            .copied()
+            .filter(|&f| Some(f) != entry)
+            .partition(|&f| self.cap(f) > 0);
+        if !servers.is_empty() {
+            let at = g % servers.len();
+            servers.rotate_left(at);
+        }
+        for f in servers.into_iter().chain(leaves) {
+            let h = match self.local_source(f, g, &mut holders, served) {
+                Some(h) => h,
+                None => self.wan_source(f, g, wan, served),
+            };
+            self.set_parent(f, g, h);
+            holders.push(self, f, len, served);
+        }
+        // This segment's holders of the stripe may now serve segments ranked later.
+        for &f in &view.fetchers {
+            if self.cap(f) > 0 {
+                wan.holders.push(self, f, len, served);
+            }
+        }
+    }
+
+    /// A source for stripe `g` of `fetcher` inside its segment: the holder that would finish
+    /// its uploads first; `None` if nobody inside has room.
+    fn local_source(
+        &self,
+        fetcher: u32,
+        g: usize,
+        holders: &mut Holders,
+        served: &mut [u64],
+    ) -> Option<u32> {
+        let seg = self.nodes[fetcher as usize].info.segment;
+        let len = self.stripe_len(g) as u64;
+        // Tracking all the sources it can: reuse one of them if it holds the stripe.
+        if self.distinct_sources(fetcher) >= self.nodes[fetcher as usize].info.max_sources as usize
+        {
+            for s in 0..self.stripes.len() {
+                let p = self.parent(fetcher, s);
+                if is_peer(p)
+                    && self.nodes[p as usize].info.segment == seg
+                    && self.valid(fetcher, p, g)
+                {
+                    served[p as usize] += len;
+                    return Some(p);
+                }
+            }
+        }
+        holders.take(self, fetcher, g, served)
+    }
+
+    /// A source outside the fetcher's segment for stripe `g`: the manager while its copies
+    /// last, else a holder in a segment ranked earlier, else the manager.
+    fn wan_source(&mut self, fetcher: u32, g: usize, wan: &mut Wan, served: &mut [u64]) -> u32 {
+        if wan.manager_left > 0 {
+            wan.manager_left -= 1;
+            return MANAGER;
+        }
+        wan.holders
+            .take(self, fetcher, g, served)
+            .unwrap_or(MANAGER)
+    }
+
+    /// Fetchers `node` may still take on (0 for non-servers).
+    fn spare(&self, node: u32) -> usize {
+        self.cap(node).saturating_sub(self.load(node))
+    }
+
+    /// Distinct holders `fetcher` uses now.
+    fn distinct_sources(&self, fetcher: u32) -> usize {
+        let mut seen: Vec<u32> = Vec::new();
+        for s in 0..self.stripes.len() {
+            let h = self.parent(fetcher, s);
+            if h != UNSET && !seen.contains(&h) {
+                seen.push(h);
+            }
+        }
+        seen.len()
+    }
+
+    /// Lists `node` among its segment's servers (once), if it may serve on a named segment.
+    pub(super) fn list_on_segment(&mut self, node: u32) {
+        let n = &self.nodes[node as usize];
+        if n.listed_on_segment || n.info.segment == 0 || !n.info.server || n.failed {
+            return;
+        }
+        let seg = n.info.segment;
+        self.nodes[node as usize].listed_on_segment = true;
+        self.segment_servers
+            .entry(seg)
+            .or_default()
+            .nodes
+            .push(node);
+    }
+
+    /// A source for stripe `s` of `fetcher` on its own segment (round-robin over the
+    /// segment's servers), if one can take it.
+    pub(super) fn pick_on_segment(&mut self, fetcher: u32, s: usize) -> Option<u32> {
+        let seg = self.nodes[fetcher as usize].info.segment;
+        if seg == 0 {
+            return None;
+        }
+        let list = self.segment_servers.get(&seg)?;
+        let n = list.nodes.len();
+        if n == 0 {
+            return None;
+        }
+        let start = list.cursor % n;
+        let scan = n.min(SCAN_LIMIT);
+        let found = (0..scan)
+            .map(|step| (step, list.nodes[(start + step) % n]))
+            .find(|&(_, h)| self.valid(fetcher, h, s));
+        let list = self.segment_servers.get_mut(&seg).expect("looked up above");
+        match found {
+            Some((step, h)) => {
+                list.cursor = start + step + 1;
+                Some(h)
+            }
+            None => {
+                list.cursor = start + scan;
+                None
+            }
+        }
+    }
+
+    /// Where content enters each segment, best segment first (empty unless the plan was built
+    /// segment by segment).
+    pub fn segment_entries(&self) -> &[SegmentEntry] {
+        &self.entries
+    }
+
+    /// Chunks planned to cross into segment `segment` now: stripes its participants fetch from
+    /// the manager or from a participant of another segment (for tests and reports).
+    pub fn chunks_into_segment(&self, segment: u32) -> u64 {
+        let mut total = 0;
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.info.segment != segment {
+                continue;
+            }
+            for s in 0..self.stripes.len() {
+                let h = self.parent(i as u32, s);
+                if h == MANAGER || (is_peer(h) && self.nodes[h as usize].info.segment != segment) {
+                    total += self.stripe_len(s) as u64;
+                }
+            }
+        }
+        total
+    }
+
+    /// Participants of `segment` that fetch at least one stripe from outside it now.
+    pub fn wan_fetchers(&self, segment: u32) -> usize {
+        (0..self.nodes.len() as u32)
+            .filter(|&i| self.nodes[i as usize].info.segment == segment && self.fetches_across(i))
+            .count()
+    }
+
+    /// Whether `fetcher` fetches anything from outside its own segment now.
+    pub fn fetches_across(&self, fetcher: u32) -> bool {
+        let seg = self.nodes[fetcher as usize].info.segment;
+        (0..self.stripes.len()).any(|s| {
+            let h = self.parent(fetcher, s);
+            h == MANAGER || (is_peer(h) && self.nodes[h as usize].info.segment != seg)
+        })
+    }
+}

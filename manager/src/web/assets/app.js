@@ -1,0 +1,688 @@
+// Baton administrator UI: plain JavaScript over /api/v1 with the session cookie.
+// Views are chosen by the URL fragment: #/fleet, #/segments, #/groups[/name|/new],
+// #/policies[/name|/new], #/jobs[/new|/id]. Changing requests carry X-CSRF-Token.
+"use strict";
+
+const CSRF = document.querySelector('meta[name="csrf-token"]').content;
+const view = document.getElementById("view");
+let cleanup = null; // closes the current view's event stream and timers
+
+// ---------- helpers ----------
+
+function h(tag, attrs, ...children) {
+  const el = document.createElementNS(
+    tag === "svg" || attrs?.svg ? "http://www.w3.org/2000/svg" : "http://www.w3.org/1999/xhtml", tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false || k === "svg") continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.setAttribute("class", v);
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat(Infinity)) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+function s(tag, attrs, ...children) { return h(tag, Object.assign({ svg: true }, attrs), ...children); }
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super(body && body.error ? body.error : "HTTP " + status);
+    this.status = status;
+    this.field = body && body.field;
+  }
+}
+
+async function api(method, path, body, raw) {
+  const opts = { method, credentials: "same-origin", headers: {} };
+  if (method !== "GET") opts.headers["X-CSRF-Token"] = CSRF;
+  if (raw !== undefined) {
+    opts.body = raw;
+    opts.headers["Content-Type"] = "application/octet-stream";
+  } else if (body !== undefined) {
+    opts.body = JSON.stringify(body);
+    opts.headers["Content-Type"] = "application/json";
+  }
+  const resp = await fetch(path, opts);
+  if (resp.status === 401) { location.reload(); throw new ApiError(401, { error: "signed out" }); }
+  let data = null;
+  const text = await resp.text();
+  try { data = text ? JSON.parse(text) : null; } catch (_) { data = { error: text }; }
+  if (!resp.ok) throw new ApiError(resp.status, data);
+  return data;
+}
+async function apiOr(path, fallback) {
+  try { return await api("GET", path); } catch (e) { if (e.status === 404) return fallback; throw e; }
+}
+
+function bytes(n) {
+  if (n === null || n === undefined) return "—";
+  const u = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0, v = Number(n);
+  while (v >= 1024 && i < u.length - 1) { v /= 1024; i++; }
+  return (i === 0 ? v.toFixed(0) : v.toFixed(v < 10 ? 1 : 0)) + " " + u[i];
+}
+function rate(bps) { return bps ? bytes(bps) + "/s" : "—"; }
+function ago(unix) {
+  if (!unix) return "never";
+  const d = Math.max(0, Date.now() / 1000 - unix);
+  if (d < 5) return "just now";
+  if (d < 60) return Math.floor(d) + " s ago";
+  if (d < 3600) return Math.floor(d / 60) + " min ago";
+  if (d < 86400) return Math.floor(d / 3600) + " h ago";
+  return Math.floor(d / 86400) + " d ago";
+}
+function when(unix) { return unix ? new Date(unix * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC" : "—"; }
+function ms(us) { return us === null || us === undefined ? "—" : (us / 1000).toFixed(us < 10000 ? 1 : 0) + " ms"; }
+function pct(a, b) { return b ? Math.round((100 * a) / b) : 0; }
+
+const STATE_CLASS = {
+  confirmed: "ok", finished: "ok", connected: "ok",
+  fetching: "run", running: "run",
+  waiting: "", pending: "", offline: "",
+  failed: "bad", refused: "bad", cancelled: "warn",
+};
+function pill(state, text) { return h("span", { class: "pill " + (STATE_CLASS[state] || ""), "data-state": state }, text || state); }
+function progress(done, total, cls) {
+  const p = pct(done, total);
+  return h("div", { class: "progress" },
+    h("div", { class: "bar " + (cls || "") }, h("span", { style: "width:" + p + "%" })),
+    h("span", { class: "pct" }, p + "%"));
+}
+function pageHead(title, sub, ...actions) {
+  return h("div", { class: "page-head" },
+    h("div", {}, h("h1", {}, title), sub ? h("p", {}, sub) : null),
+    h("div", { class: "toolbar" }, actions));
+}
+function table(headers, rows, empty) {
+  return h("div", { class: "table-wrap" },
+    h("table", {},
+      h("thead", {}, h("tr", {}, headers.map(([t, cls]) => h("th", { class: cls || null }, t)))),
+      h("tbody", {}, rows.length ? rows : h("tr", {}, h("td", { class: "empty", colspan: headers.length }, empty || "Nothing here yet.")))));
+}
+function stat(label, value, cls) {
+  return h("div", { class: "stat" }, h("div", { class: "label" }, label), h("div", { class: "value " + (cls || "") }, value));
+}
+function failure(e) {
+  return h("div", { class: "card" }, h("div", { class: "card-body" }, h("p", { class: "form-error" }, e.message)));
+}
+function labelsOf(report) {
+  const out = {};
+  for (const l of (report && report.labels) || []) {
+    if (Array.isArray(l)) out[l[0]] = l[1];
+    else if (l && typeof l === "object") out[l.key ?? l.k ?? Object.keys(l)[0]] = l.value ?? l.v ?? Object.values(l)[0];
+  }
+  return out;
+}
+function managerRtt(report) {
+  for (const d of (report && report.delays) || []) {
+    if (d.to === "Manager" || d.to === null || (d.to && d.to.Manager !== undefined)) return d.rtt_us;
+  }
+  return null;
+}
+function parseKv(text, field) {
+  const out = {};
+  for (const raw of text.split(/\n|,/)) {
+    const line = raw.trim();
+    if (!line) continue;
+    const i = line.indexOf("=");
+    if (i <= 0) throw new ApiError(400, { error: "write label=value, one per line", field });
+    out[line.slice(0, i).trim()] = line.slice(i + 1).trim();
+  }
+  return out;
+}
+function kvText(obj) { return Object.entries(obj || {}).map(([k, v]) => k + "=" + v).join("\n"); }
+
+// Forms: fields with id "f-<name>", errors shown in "e-<name>" next to the field.
+function field(name, label, input, hint, cls) {
+  return h("div", { class: "field " + (cls || ""), id: "w-" + name },
+    h("label", { for: "f-" + name }, label), input,
+    hint ? h("span", { class: "hint" }, hint) : null,
+    h("span", { class: "field-error", id: "e-" + name, role: "alert" }));
+}
+function clearErrors(form) {
+  form.querySelectorAll(".field-error").forEach((e) => (e.textContent = ""));
+  form.querySelectorAll(".has-error").forEach((e) => e.classList.remove("has-error"));
+  const top = form.querySelector(".form-error");
+  if (top) top.textContent = "";
+}
+function showError(form, err) {
+  let f = err.field;
+  while (f) {
+    const slot = form.querySelector("#e-" + CSS.escape(f));
+    if (slot) {
+      slot.textContent = err.message;
+      slot.parentElement.classList.add("has-error");
+      const input = slot.parentElement.querySelector("input,select,textarea");
+      if (input) input.focus();
+      return;
+    }
+    f = f.includes(".") ? f.slice(0, f.lastIndexOf(".")) : f.includes("[") ? f.slice(0, f.indexOf("[")) : null;
+  }
+  form.querySelector(".form-error").textContent = err.message;
+}
+function numberValue(form, name) {
+  const v = form.querySelector("#f-" + name).value.trim();
+  if (v === "") return 0;
+  const n = Number(v);
+  if (!Number.isFinite(n) || n < 0) throw new ApiError(400, { error: "must be a number, 0 or more", field: name });
+  return n;
+}
+
+// ---------- router ----------
+
+const routes = [
+  [/^#\/fleet$/, fleet, "fleet"],
+  [/^#\/segments$/, segments, "segments"],
+  [/^#\/groups$/, groups, "groups"],
+  [/^#\/groups\/new$/, () => groupForm(null), "groups"],
+  [/^#\/groups\/(.+)$/, (m) => groupForm(decodeURIComponent(m[1])), "groups"],
+  [/^#\/policies$/, policies, "policies"],
+  [/^#\/policies\/new$/, () => policyForm(null), "policies"],
+  [/^#\/policies\/(.+)$/, (m) => policyForm(decodeURIComponent(m[1])), "policies"],
+  [/^#\/jobs$/, jobs, "jobs"],
+  [/^#\/jobs\/new$/, newJob, "jobs"],
+  [/^#\/jobs\/(\d+)$/, (m) => jobPage(Number(m[1])), "jobs"],
+];
+
+async function route() {
+  if (cleanup) { cleanup(); cleanup = null; }
+  const hash = location.hash || "#/fleet";
+  for (const [re, fn, nav] of routes) {
+    const m = hash.match(re);
+    if (!m) continue;
+    document.querySelectorAll("[data-nav]").forEach((a) => a.classList.toggle("active", a.dataset.nav === nav));
+    try {
+      const node = await fn(m);
+      if (node) view.replaceChildren(node);
+    } catch (e) {
+      view.replaceChildren(failure(e));
+    }
+    return;
+  }
+  location.hash = "#/fleet";
+}
+window.addEventListener("hashchange", route);
+document.addEventListener("DOMContentLoaded", route);
+
+// ---------- fleet ----------
+
+async function fleet() {
+  const [agents, segs, jobList] = await Promise.all([
+    api("GET", "/api/v1/agents"), apiOr("/api/v1/segments", []), api("GET", "/api/v1/jobs")]);
+  const leaders = new Set(segs.map((s) => s.leader));
+  const segNames = [...new Set(agents.map((a) => a.segment).filter(Boolean))].sort();
+  const search = h("input", { type: "search", placeholder: "Filter by id, site or label…", "aria-label": "Filter", id: "fleet-filter" });
+  const segSel = h("select", { "aria-label": "Segment", id: "fleet-segment" },
+    h("option", { value: "" }, "All segments"), segNames.map((n) => h("option", { value: n }, n)));
+  const stateSel = h("select", { "aria-label": "Status", id: "fleet-status" },
+    h("option", { value: "" }, "Any status"), h("option", { value: "connected" }, "Connected"), h("option", { value: "offline" }, "Offline"));
+  const leaderOnly = h("input", { type: "checkbox", id: "fleet-leaders" });
+  const body = h("tbody");
+  const rows = agents.map((a) => {
+    const r = a.report || {};
+    const link = r.link || {};
+    const labels = labelsOf(r);
+    const isLeader = leaders.has(a.id);
+    const tr = h("tr", { "data-agent": a.id },
+      h("td", {}, h("strong", {}, a.id), isLeader ? h("span", { class: "badge leader", title: "Segment leader" }, "leader") : null,
+        h("div", {}, Object.entries(labels).map(([k, v]) => h("span", { class: "chip" }, k + "=" + v)))),
+      h("td", {}, a.connected ? pill("connected") : pill("offline")),
+      h("td", { class: "opt" }, a.site || "—"),
+      h("td", {}, a.segment || "—"),
+      h("td", { class: "num opt" }, a.performance ?? "—"),
+      h("td", { class: "num opt" }, bytes(a.free_storage)),
+      h("td", { class: "num" }, h("span", { title: "upload" }, "↑ " + rate(a.up_bps)), " ", h("span", { class: "muted", title: "download" }, "↓ " + rate(a.down_bps))),
+      h("td", { class: "num opt" }, link.loss_ppm !== undefined ? (link.loss_ppm / 10000).toFixed(2) + " %" : "—"),
+      h("td", { class: "num opt" }, ms(managerRtt(r))),
+      h("td", { title: when(a.last_seen) }, a.connected ? "now" : ago(a.last_seen)));
+    tr._match = { text: (a.id + " " + (a.site || "") + " " + Object.entries(labels).map(([k, v]) => k + "=" + v).join(" ")).toLowerCase(),
+      seg: a.segment || "", state: a.connected ? "connected" : "offline", leader: isLeader };
+    return tr;
+  });
+  const count = h("span", { class: "muted small" });
+  function apply() {
+    const q = search.value.trim().toLowerCase();
+    let shown = 0;
+    body.replaceChildren();
+    for (const tr of rows) {
+      const m = tr._match;
+      if ((q && !m.text.includes(q)) || (segSel.value && m.seg !== segSel.value) ||
+          (stateSel.value && m.state !== stateSel.value) || (leaderOnly.checked && !m.leader)) continue;
+      body.append(tr);
+      shown++;
+    }
+    if (!shown) body.append(h("tr", {}, h("td", { class: "empty", colspan: 10 }, agents.length ? "No agent matches the filters." : "No agent is enrolled yet. Enrol one with baton enroll.")));
+    count.textContent = shown + " of " + agents.length + " agents";
+  }
+  [search, segSel, stateSel, leaderOnly].forEach((el) => el.addEventListener("input", apply));
+  apply();
+  const connected = agents.filter((a) => a.connected).length;
+  const running = jobList.filter((j) => j.state === "running" || j.state === "pending").length;
+  return h("div", {},
+    pageHead("Fleet", "Enrolled agents and what they last reported."),
+    h("div", { class: "stats" },
+      stat("Agents", agents.length), stat("Connected", connected, connected ? "ok" : ""),
+      stat("Segments", segs.length || segNames.length), stat("Active jobs", running)),
+    h("div", { class: "card" },
+      h("div", { class: "card-head" },
+        h("div", { class: "toolbar" }, search, segSel, stateSel, h("label", { class: "small" }, leaderOnly, " Leaders only")), count),
+      h("div", { class: "table-wrap" }, h("table", {},
+        h("thead", {}, h("tr", {}, ["Agent", "Status", ["Site", "opt"], "Segment", ["Perf.", "num opt"], ["Free storage", "num opt"], ["Link", "num"], ["Loss", "num opt"], ["RTT", "num opt"], "Last seen"]
+          .map((x) => Array.isArray(x) ? h("th", { class: x[1] }, x[0]) : h("th", {}, x)))),
+        body))));
+}
+
+// ---------- segments ----------
+
+async function segments() {
+  const segs = await api("GET", "/api/v1/segments");
+  const cards = segs.map((seg) => {
+    const ids = seg.members.map((m) => m.id);
+    const rtt = (m, to) => {
+      const d = (m.delays || []).find((x) => x.to === to);
+      return d ? ms(d.rtt_us) : "—";
+    };
+    return h("div", { class: "card", "data-segment": seg.name },
+      h("div", { class: "card-head" },
+        h("div", {}, h("h2", {}, seg.name), h("span", { class: "muted small" }, seg.members.length + " members · leader ", h("strong", {}, seg.leader), " · term " + seg.term)),
+        h("span", { class: "muted small" }, "reported " + ago(seg.reported_at_ms / 1000))),
+      table([["Member"], ["Score", "num"], ["Perf.", "num opt"], ["Free storage", "num opt"], ["Link", "num"], ["Loss", "num opt"], ["RTT manager", "num"], ["Heard", "opt"]],
+        seg.members.map((m) => h("tr", { "data-agent": m.id },
+          h("td", {}, h("strong", {}, m.id), m.id === seg.leader ? h("span", { class: "badge leader" }, "leader") : null, m.can_serve ? null : h("span", { class: "badge" }, "leaf")),
+          h("td", { class: "num" }, m.score),
+          h("td", { class: "num opt" }, m.performance),
+          h("td", { class: "num opt" }, bytes(m.free_storage)),
+          h("td", { class: "num" }, "↑ " + rate(m.link && m.link.up_bps) + "  ↓ " + rate(m.link && m.link.down_bps)),
+          h("td", { class: "num opt" }, m.link ? (m.link.loss_ppm / 10000).toFixed(2) + " %" : "—"),
+          h("td", { class: "num" }, rtt(m, null)),
+          h("td", { class: "opt" }, m.last_heard_ms ? ago(m.last_heard_ms / 1000) : "—")))),
+      ids.length > 1 ? h("div", { class: "card-body" },
+        h("h3", {}, "Round-trip times between members"),
+        table([[""], ...ids.map((i) => [i, "num"])],
+          seg.members.map((m) => h("tr", {}, h("th", {}, m.id), ids.map((to) => h("td", { class: "num" }, to === m.id ? "·" : rtt(m, to))))))) : null);
+  });
+  return h("div", {},
+    pageHead("Segments", "LANs the agents discovered, their elected leaders, members and measured delays."),
+    cards.length ? cards : h("div", { class: "card" }, h("div", { class: "empty" }, "No segment report yet. Leaders report once agents on a LAN have found each other.")));
+}
+
+// ---------- groups ----------
+
+async function groups() {
+  const list = await api("GET", "/api/v1/groups");
+  return h("div", {},
+    pageHead("Content groups", "Sets of agents that receive the same content: listed by id or matched by labels.",
+      h("a", { class: "btn primary", href: "#/groups/new", id: "new-group" }, "New group")),
+    h("div", { class: "card" }, table([["Name"], ["Agents listed"], ["Selector", "opt"], ["Members now", "num"], [""]],
+      list.map((g) => h("tr", { "data-group": g.name },
+        h("td", {}, h("a", { href: "#/groups/" + encodeURIComponent(g.name) }, h("strong", {}, g.name))),
+        h("td", { class: "wrap" }, g.agents.length ? g.agents.join(", ") : h("span", { class: "muted" }, "—")),
+        h("td", { class: "opt" }, Object.entries(g.selector || {}).map(([k, v]) => h("span", { class: "chip" }, k + "=" + v))),
+        h("td", { class: "num" }, (g.members || []).length),
+        h("td", { class: "num" }, h("a", { class: "btn small", href: "#/groups/" + encodeURIComponent(g.name) }, "Edit")))),
+      "No content group yet.")));
+}
+
+async function groupForm(name) {
+  const [group, agents] = await Promise.all([
+    name ? api("GET", "/api/v1/groups/" + encodeURIComponent(name)) : null, api("GET", "/api/v1/agents")]);
+  const listed = new Set(group ? group.agents : []);
+  const form = h("form", { class: "card-body", novalidate: true, id: "group-form" },
+    h("p", { class: "form-error", role: "alert" }),
+    h("div", { class: "form" },
+      field("name", "Name", h("input", { type: "text", id: "f-name", value: group ? group.name : "", disabled: !!group, required: true }), "Letters, digits, '.', '_' and '-'."),
+      field("selector", "Label selector", h("textarea", { id: "f-selector", placeholder: "site=plant-3\nrole=edge" }, kvText(group && group.selector)),
+        "An agent carrying every label=value listed here is a member. One per line."),
+      field("agents", "Agents", h("div", { class: "checklist", id: "f-agents" },
+        agents.length ? agents.map((a) => h("label", {}, h("input", { type: "checkbox", value: a.id, checked: listed.has(a.id) }), a.id)) : h("span", { class: "muted" }, "No agent enrolled.")),
+        "Listed agents are members whatever their labels.", "full")),
+    h("div", { class: "form-actions" },
+      h("button", { type: "submit", class: "btn primary", id: "save-group" }, group ? "Save changes" : "Create group"),
+      h("a", { class: "btn", href: "#/groups" }, "Cancel"),
+      group ? h("button", { type: "button", class: "btn danger", id: "delete-group", onclick: async () => {
+        if (!confirm("Delete group " + group.name + "?")) return;
+        try { await api("DELETE", "/api/v1/groups/" + encodeURIComponent(group.name)); location.hash = "#/groups"; }
+        catch (e) { showError(form, e); }
+      } }, "Delete") : null));
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    clearErrors(form);
+    try {
+      const body = {
+        name: form.querySelector("#f-name").value.trim(),
+        agents: [...form.querySelectorAll("#f-agents input:checked")].map((i) => i.value),
+        selector: parseKv(form.querySelector("#f-selector").value, "selector"),
+      };
+      if (group) await api("PUT", "/api/v1/groups/" + encodeURIComponent(group.name), body);
+      else await api("POST", "/api/v1/groups", body);
+      location.hash = "#/groups";
+    } catch (e) { showError(form, e); }
+  });
+  return h("div", {},
+    pageHead(group ? "Group " + group.name : "New content group",
+      group ? "Members now: " + ((group.members || []).join(", ") || "none") : "Who receives content sent to this group."),
+    h("div", { class: "card" }, form));
+}
+
+// ---------- policies ----------
+
+const POLICY_NUMBERS = [
+  ["max_peers_per_source", "Peers per source", "Most peers one agent serves in a job; 0 = the agent's own limit."],
+  ["max_stripes", "Stripes", "Most stripes the content is cut into, relayed separately."],
+  ["manager_max_copies", "Manager copies", "Copies the manager sends by plan (at least 1)."],
+  ["leaf_below_up_bps", "Leaf below upload (B/s)", "Agents with less upload only receive; 0 = off."],
+  ["agent_rate_cap_bps", "Per-agent rate cap (B/s)", "0 = none."],
+  ["segment_rate_cap_bps", "Per-segment WAN cap (B/s)", "Split over a segment's fetchers from outside; 0 = none."],
+  ["max_wan_transfers_per_segment", "WAN transfers per segment", "Entry nodes per segment at once; 0 = no limit."],
+];
+function minutesText(m) { return m === undefined || m === null ? "" : String(Math.floor(m / 60)).padStart(2, "0") + ":" + String(m % 60).padStart(2, "0"); }
+function textMinutes(t, field) {
+  const m = /^(\d{1,2}):(\d{2})$/.exec(t.trim());
+  if (!m || Number(m[1]) > 23 || Number(m[2]) > 59) throw new ApiError(400, { error: "write the time as HH:MM (UTC)", field });
+  return Number(m[1]) * 60 + Number(m[2]);
+}
+
+async function policies() {
+  const list = await api("GET", "/api/v1/policies");
+  return h("div", {},
+    pageHead("Policies", "Rules a job runs under: relaying, fan-out, rate caps and time windows.",
+      h("a", { class: "btn primary", href: "#/policies/new", id: "new-policy" }, "New policy")),
+    h("div", { class: "card" }, table([["Name"], ["Relay"], ["Segment-local", "opt"], ["Peers/source", "num opt"], ["Agent cap", "num"], ["Segment cap", "num opt"], ["Window (UTC)"], [""]],
+      list.map((p) => h("tr", { "data-policy": p.name },
+        h("td", {}, h("a", { href: "#/policies/" + encodeURIComponent(p.name) }, h("strong", {}, p.name))),
+        h("td", {}, p.relay ? pill("ok", "relay") : pill("warn", "manager only")),
+        h("td", { class: "opt" }, p.segment_local ? "yes" : "no"),
+        h("td", { class: "num opt" }, p.max_peers_per_source),
+        h("td", { class: "num" }, rate(p.agent_rate_cap_bps)),
+        h("td", { class: "num opt" }, rate(p.segment_rate_cap_bps)),
+        h("td", {}, p.window ? minutesText(p.window.start_minute) + "–" + minutesText(p.window.end_minute) : "any time"),
+        h("td", { class: "num" }, h("a", { class: "btn small", href: "#/policies/" + encodeURIComponent(p.name) }, "Edit")))),
+      "No policy yet. Jobs without one use the planner's defaults.")));
+}
+
+async function policyForm(name) {
+  const p = name ? await api("GET", "/api/v1/policies/" + encodeURIComponent(name)) : null;
+  const d = p || { relay: true, segment_local: true, max_peers_per_source: 32, max_stripes: 8, manager_max_copies: 1,
+    leaf_below_up_bps: 0, agent_rate_cap_bps: 0, segment_rate_cap_bps: 0, max_wan_transfers_per_segment: 0, leaf_only: [], leaf_only_labels: {} };
+  const form = h("form", { class: "card-body", novalidate: true, id: "policy-form" },
+    h("p", { class: "form-error", role: "alert" }),
+    h("div", { class: "form" },
+      field("name", "Name", h("input", { type: "text", id: "f-name", value: p ? p.name : "", disabled: !!p }), "Letters, digits, '.', '_' and '-'."),
+      h("div", { class: "field" },
+        h("label", { class: "field check" }, h("input", { type: "checkbox", id: "f-relay", checked: d.relay }), "Agents relay to each other"),
+        h("label", { class: "field check" }, h("input", { type: "checkbox", id: "f-segment_local", checked: d.segment_local }), "Prefer sources on the same segment"),
+        h("span", { class: "field-error", id: "e-relay" }), h("span", { class: "field-error", id: "e-segment_local" })),
+      POLICY_NUMBERS.map(([k, label, hint]) => field(k, label, h("input", { type: "text", inputmode: "numeric", id: "f-" + k, value: d[k] ?? 0 }), hint)),
+      field("window", "Time window (UTC)", h("div", { class: "toolbar" },
+        h("input", { type: "text", id: "f-window-start", placeholder: "22:00", size: 6, value: d.window ? minutesText(d.window.start_minute) : "" }), "to",
+        h("input", { type: "text", id: "f-window-end", placeholder: "06:00", size: 6, value: d.window ? minutesText(d.window.end_minute) : "" })),
+        "Empty = any time. May wrap midnight."),
+      field("leaf_only", "Leaf-only agents", h("input", { type: "text", id: "f-leaf_only", value: (d.leaf_only || []).join(", ") }), "Agent ids that only receive, comma separated."),
+      field("leaf_only_labels", "Leaf-only labels", h("textarea", { id: "f-leaf_only_labels", placeholder: "class=sensor" }, kvText(d.leaf_only_labels)), "Agents with all these labels only receive.")),
+    h("div", { class: "form-actions" },
+      h("button", { type: "submit", class: "btn primary", id: "save-policy" }, p ? "Save changes" : "Create policy"),
+      h("a", { class: "btn", href: "#/policies" }, "Cancel"),
+      p ? h("button", { type: "button", class: "btn danger", id: "delete-policy", onclick: async () => {
+        if (!confirm("Delete policy " + p.name + "?")) return;
+        try { await api("DELETE", "/api/v1/policies/" + encodeURIComponent(p.name)); location.hash = "#/policies"; }
+        catch (e) { showError(form, e); }
+      } }, "Delete") : null));
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    clearErrors(form);
+    try {
+      const body = Object.assign({}, p || {});
+      body.name = form.querySelector("#f-name").value.trim();
+      body.relay = form.querySelector("#f-relay").checked;
+      body.segment_local = form.querySelector("#f-segment_local").checked;
+      for (const [k] of POLICY_NUMBERS) body[k] = numberValue(form, k);
+      const ws = form.querySelector("#f-window-start").value, we = form.querySelector("#f-window-end").value;
+      body.window = ws.trim() || we.trim()
+        ? { start_minute: textMinutes(ws, "window"), end_minute: textMinutes(we, "window") } : null;
+      body.leaf_only = form.querySelector("#f-leaf_only").value.split(",").map((x) => x.trim()).filter(Boolean);
+      body.leaf_only_labels = parseKv(form.querySelector("#f-leaf_only_labels").value, "leaf_only_labels");
+      if (p) await api("PUT", "/api/v1/policies/" + encodeURIComponent(p.name), body);
+      else await api("POST", "/api/v1/policies", body);
+      location.hash = "#/policies";
+    } catch (e) { showError(form, e); }
+  });
+  return h("div", {}, pageHead(p ? "Policy " + p.name : "New policy", "Fields left at their defaults keep the planner's behaviour."), h("div", { class: "card" }, form));
+}
+
+// ---------- jobs ----------
+
+async function jobs() {
+  const list = await api("GET", "/api/v1/jobs");
+  return h("div", {},
+    pageHead("Jobs", "Content distributions, newest first.", h("a", { class: "btn primary", href: "#/jobs/new", id: "new-job" }, "New job")),
+    h("div", { class: "card" }, table([["Job"], ["Content"], ["State"], ["Confirmed"], ["Group", "opt"], ["Policy", "opt"], ["Created", "opt"]],
+      list.map((j) => h("tr", { "data-job": j.id },
+        h("td", {}, h("a", { href: "#/jobs/" + j.id }, h("strong", {}, "#" + j.id))),
+        h("td", {}, j.name, h("span", { class: "muted" }, " v" + j.version + " · " + bytes(j.length))),
+        h("td", {}, pill(j.state)),
+        h("td", {}, h("div", { class: "progress" },
+          h("div", { class: "bar " + (j.failed ? "bad" : j.confirmed === j.participants && j.participants ? "ok" : "") },
+            h("span", { style: "width:" + pct(j.confirmed, j.participants) + "%" })),
+          h("span", { class: "small muted" }, j.confirmed + "/" + j.participants))),
+        h("td", { class: "opt" }, j.group || "—"),
+        h("td", { class: "opt" }, j.policy || "—"),
+        h("td", { class: "opt", title: when(j.created_at) }, ago(j.created_at)))),
+      "No job yet.")));
+}
+
+async function newJob() {
+  const [groupList, policyList, agents] = await Promise.all([
+    api("GET", "/api/v1/groups"), api("GET", "/api/v1/policies"), api("GET", "/api/v1/agents")]);
+  const targetSel = h("select", { id: "f-target" },
+    groupList.map((g) => h("option", { value: "group:" + g.name }, "Group " + g.name + " (" + (g.members || []).length + ")")),
+    h("option", { value: "all" }, "Every agent (and those that connect while it runs)"),
+    h("option", { value: "agents" }, "Chosen agents"));
+  const agentList = h("div", { class: "checklist", id: "f-agents", hidden: true },
+    agents.map((a) => h("label", {}, h("input", { type: "checkbox", value: a.id }), a.id)));
+  targetSel.addEventListener("input", () => (agentList.hidden = targetSel.value !== "agents"));
+  const form = h("form", { class: "card-body", novalidate: true, id: "job-form" },
+    h("p", { class: "form-error", role: "alert" }),
+    h("div", { class: "form" },
+      field("file", "Upload content", h("input", { type: "file", id: "f-file" }), "Or name a file the manager holds below."),
+      field("path", "File on the manager", h("input", { type: "text", id: "f-path", placeholder: "/srv/firmware/fw-2.4.bin" }), "Absolute path."),
+      field("content_name", "Content name", h("input", { type: "text", id: "f-content_name", placeholder: "default: the file name" })),
+      field("policy", "Policy", h("select", { id: "f-policy" }, h("option", { value: "" }, "Planner defaults"),
+        policyList.map((p) => h("option", { value: p.name }, p.name)))),
+      field("targets", "Send to", h("div", {}, targetSel, agentList), null, "full")),
+    h("div", { class: "form-actions" },
+      h("button", { type: "submit", class: "btn primary", id: "start-job" }, "Start job"),
+      h("a", { class: "btn", href: "#/jobs" }, "Cancel")));
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    clearErrors(form);
+    const button = form.querySelector("#start-job");
+    button.disabled = true;
+    try {
+      const file = form.querySelector("#f-file").files[0];
+      let path = form.querySelector("#f-path").value.trim();
+      const name = form.querySelector("#f-content_name").value.trim() || (file ? file.name : "");
+      if (file) {
+        button.textContent = "Uploading…";
+        const up = await api("POST", "/api/v1/uploads?name=" + encodeURIComponent(name), undefined, file);
+        path = up.path;
+      }
+      if (!path) throw new ApiError(400, { error: "upload a file or name one the manager holds", field: "path" });
+      const body = { path };
+      if (name) body.name = name;
+      const t = targetSel.value;
+      if (t.startsWith("group:")) body.group = t.slice(6);
+      else if (t === "all") body.targets = { all: true };
+      else body.targets = { agents: [...agentList.querySelectorAll("input:checked")].map((i) => i.value) };
+      const policy = form.querySelector("#f-policy").value;
+      if (policy) body.policy = policy;
+      button.textContent = "Starting…";
+      const job = await api("POST", "/api/v1/jobs", body);
+      location.hash = "#/jobs/" + job.id;
+    } catch (e) {
+      if (e.field === "name") e.field = "content_name";
+      if (e.field === "group" || e.field === "agents") e.field = "targets";
+      showError(form, e);
+      button.disabled = false;
+      button.textContent = "Start job";
+    }
+  });
+  return h("div", {}, pageHead("New job", "Publish content and distribute it by relay."), h("div", { class: "card" }, form));
+}
+
+// ---------- job page ----------
+
+function transfersOf(job) {
+  if (Array.isArray(job.transfers)) return job.transfers.map((t) => ({ from: t.from, to: t.to, bytes: t.bytes }));
+  return (job.source_bytes || []).map((t) => ({ from: t.from, to: t.agent, bytes: t.bytes }));
+}
+
+// Lays the relay tree out in columns by hops from the manager over edges that carried data.
+function relayTree(job) {
+  const edges = transfersOf(job).filter((t) => t.bytes > 0);
+  const parts = new Map(job.participants.map((p) => [p.agent, p]));
+  const MANAGER = "\u0000manager";
+  const key = (x) => (x === null || x === undefined ? MANAGER : x);
+  const depth = new Map([[MANAGER, 0]]);
+  let frontier = [MANAGER];
+  while (frontier.length) {
+    const next = [];
+    for (const n of frontier)
+      for (const e of edges)
+        if (key(e.from) === n && !depth.has(e.to)) { depth.set(e.to, depth.get(n) + 1); next.push(e.to); }
+    frontier = next;
+  }
+  let maxDepth = Math.max(0, ...depth.values());
+  for (const p of job.participants) if (!depth.has(p.agent)) depth.set(p.agent, maxDepth + 1);
+  maxDepth = Math.max(0, ...depth.values());
+  const columns = [];
+  for (const [n, d] of depth) (columns[d] = columns[d] || []).push(n);
+  // Order each column by the position of the node's main source in the column before.
+  const row = new Map([[MANAGER, 0]]);
+  for (let d = 1; d <= maxDepth; d++) {
+    const col = columns[d] || [];
+    const parentRow = (n) => {
+      const best = edges.filter((e) => e.to === n).sort((a, b) => b.bytes - a.bytes)[0];
+      return best ? row.get(key(best.from)) ?? 0 : 1e9;
+    };
+    col.sort((a, b) => parentRow(a) - parentRow(b) || a.localeCompare(b));
+    col.forEach((n, i) => row.set(n, i));
+  }
+  const W = 170, H = 44, GX = 90, GY = 18, PAD = 16;
+  const rows = Math.max(...columns.map((c) => (c ? c.length : 0)), 1);
+  const width = PAD * 2 + (maxDepth + 1) * W + maxDepth * GX;
+  const height = PAD * 2 + rows * H + (rows - 1) * GY;
+  const pos = (n) => {
+    const d = depth.get(n), col = columns[d] || [n];
+    const offset = (rows - col.length) * (H + GY) / 2;
+    return { x: PAD + d * (W + GX), y: PAD + offset + row.get(n) * (H + GY) };
+  };
+  const maxBytes = Math.max(1, ...edges.map((e) => e.bytes));
+  const svg = s("svg", { class: "tree", id: "relay-tree", viewBox: "0 0 " + width + " " + height, width, height, role: "img", "aria-label": "Relay tree" });
+  for (const e of edges) {
+    const a = pos(key(e.from)), b = pos(e.to);
+    if (!a || !b) continue;
+    const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2;
+    const back = x2 <= x1;
+    const mx = back ? Math.max(x1, x2 + W) + 40 : (x1 + x2) / 2;
+    const d = back
+      ? `M${a.x + W / 2},${a.y + H} C${a.x + W / 2},${a.y + H + 40} ${b.x + W / 2},${b.y + H + 40} ${b.x + W / 2},${b.y + H}`
+      : `M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2},${y2}`;
+    const receiver = parts.get(e.to);
+    const active = receiver && receiver.state === "fetching";
+    const width = 1.5 + 5 * Math.sqrt(e.bytes / maxBytes);
+    svg.append(s("path", { class: "edge" + (e.from ? "" : " from-manager") + (active ? " active" : ""), d, "stroke-width": width.toFixed(1),
+      "data-from": e.from || "manager", "data-to": e.to, "data-bytes": e.bytes },
+      s("title", {}, (e.from || "manager") + " → " + e.to + ": " + bytes(e.bytes))));
+    if (!back) svg.append(s("text", { class: "edge-label", x: mx, y: (y1 + y2) / 2 - 4, "text-anchor": "middle" }, bytes(e.bytes)));
+  }
+  for (const [n] of depth) {
+    const p = pos(n);
+    const part = parts.get(n);
+    const state = n === MANAGER ? "manager" : part ? part.state : "waiting";
+    const sub = n === MANAGER ? "source" : part ? state + " · " + pct(part.verified, part.total || job.total_chunks) + "%" : "";
+    const g = s("g", { class: "node " + state, transform: `translate(${p.x},${p.y})`, "data-node": n === MANAGER ? "manager" : n, "data-state": state },
+      s("rect", { width: W, height: H, rx: 8 }),
+      s("text", { x: 12, y: 18 }, n === MANAGER ? "Manager" : n.length > 18 ? n.slice(0, 17) + "…" : n),
+      s("text", { class: "sub", x: 12, y: 34 }, sub));
+    if (state === "confirmed") g.append(s("path", { class: "mark", d: `M${W - 26},${H / 2} l5,5 l9,-10`, fill: "none", stroke: "#16a34a", "stroke-width": 2.4, "stroke-linecap": "round", "stroke-linejoin": "round" }));
+    svg.append(g);
+  }
+  return svg;
+}
+
+async function jobPage(id) {
+  let job = await api("GET", "/api/v1/jobs/" + id);
+  const root = h("div", { id: "job-page", "data-job": id });
+  const live = h("span", { class: "live", id: "live" }, "live");
+  let source = null, refetch = null, stopped = false;
+  const confirmedAt = () => new Map((job.confirmations || []).map((c) => [c.agent, c.confirmed_at]));
+
+  function render() {
+    const c = job.content || {};
+    const over = !["pending", "running"].includes(job.state);
+    const total = job.total_chunks;
+    const conf = confirmedAt();
+    root.replaceChildren(
+      pageHead(h("span", {}, "Job #" + job.id + " ", pill(job.state)),
+        (c.name || "?") + " v" + (c.version ?? "?") + " · " + bytes(c.length) + " in " + (c.chunks ?? 0) + " chunks of " + bytes(c.chunk_size),
+        live,
+        over ? null : h("button", { class: "btn danger", id: "cancel-job", onclick: async () => {
+          if (!confirm("Cancel job #" + job.id + "? Agents keep the chunks they verified.")) return;
+          try { await api("POST", "/api/v1/jobs/" + job.id + "/cancel"); } catch (e) { alert(e.message); }
+          refresh();
+        } }, "Cancel job")),
+      job.warnings && job.warnings.length ? h("div", { class: "warnings", id: "warnings" }, h("strong", {}, "Policy rules that cannot be met"), h("ul", {}, job.warnings.map((w) => h("li", {}, w)))) : null,
+      h("div", { class: "stats" },
+        stat("Participants", job.participants.length),
+        stat("Confirmed", job.confirmed_count + " / " + job.participants.length, job.confirmed_count === job.participants.length && job.participants.length ? "ok" : ""),
+        stat("Failed", job.failed_count, job.failed_count ? "bad" : ""),
+        stat("From manager", bytes(job.bytes_from_manager)),
+        stat("From peers", bytes(job.bytes_from_peers))),
+      h("div", { class: "card" },
+        h("div", { class: "card-head" }, h("h2", {}, "Relay tree"),
+          h("div", { class: "legend" }, h("span", { class: "l-confirmed" }, "confirmed"), h("span", { class: "l-fetching" }, "fetching"), h("span", { class: "l-waiting" }, "waiting"), h("span", { class: "l-failed" }, "failed"),
+            h("span", { class: "muted" }, "edges: bytes actually carried"))),
+        h("div", { class: "card-body tree-wrap" }, relayTree(job))),
+      h("div", { class: "card" },
+        h("div", { class: "card-head" }, h("h2", {}, "Participants"),
+          h("span", { class: "muted small" }, [job.group ? "group " + job.group : null, job.policy ? "policy " + job.policy : null, "created " + when(job.created_at)].filter(Boolean).join(" · "))),
+        table([["Agent"], ["State"], ["Progress"], ["Source", "opt"], ["Connection", "opt"], ["Confirmed"]],
+          job.participants.map((p) => h("tr", { "data-agent": p.agent, "data-state": p.state, class: "participant" },
+            h("td", {}, h("strong", {}, p.agent)),
+            h("td", {}, pill(p.state)),
+            h("td", {}, progress(p.verified, p.total || total, p.state === "confirmed" ? "ok" : p.state === "failed" ? "bad" : ""), ),
+            h("td", { class: "opt wrap small" }, p.reason ? h("span", { class: "muted" }, p.reason) : p.source || "—"),
+            h("td", { class: "opt" }, p.connected ? pill("connected") : pill("offline")),
+            h("td", {}, conf.has(p.agent) ? h("span", { class: "pill ok confirmed-mark", title: when(conf.get(p.agent)) }, "✓ " + when(conf.get(p.agent)).slice(11, 19)) : "—"))),
+          "No participant yet.")));
+  }
+  async function refresh() {
+    try { job = await api("GET", "/api/v1/jobs/" + id); render(); } catch (_) { /* keep the last view */ }
+  }
+  function scheduleRefresh() {
+    if (refetch || stopped) return;
+    refetch = setTimeout(() => { refetch = null; refresh(); }, 700);
+  }
+  render();
+  if (["pending", "running"].includes(job.state)) {
+    source = new EventSource("/api/v1/jobs/" + id + "/events");
+    source.addEventListener("open", () => live.classList.add("on"));
+    source.addEventListener("snapshot", (ev) => { job = JSON.parse(ev.data); render(); live.classList.add("on"); });
+    source.addEventListener("event", (ev) => {
+      const e = JSON.parse(ev.data);
+      const p = job.participants.find((x) => x.agent === e.agent);
+      if (e.kind === "progress" && p) { p.verified = e.verified; if (p.state === "waiting") p.state = "fetching"; }
+      else if (e.kind === "confirmed" && p) { p.state = "confirmed"; p.verified = p.total || job.total_chunks; }
+      else if (e.kind === "failed" && p) { p.state = "failed"; p.reason = e.reason; }
+      render();
+      live.classList.add("on");
+      scheduleRefresh();
+      if (e.kind === "finished" || e.kind === "cancelled") { source.close(); live.classList.remove("on"); refresh(); }
+    });
+    source.addEventListener("error", () => { live.classList.remove("on"); });
+  }
+  cleanup = () => { stopped = true; if (source) source.close(); if (refetch) clearTimeout(refetch); };
+  return root;
+}

@@ -1,0 +1,415 @@
+//! The administrators' web UI: login, sessions, CSRF, and the pages.
+//!
+//! Everything the browser loads is compiled into the `baton` binary
+//! (`include_str!`): the login page, the application page, one stylesheet and
+//! one script of plain JavaScript that talks to `/api/v1` with the session
+//! cookie. No front-end build step.
+//!
+//! - `GET /` answers the login form (an HTML page with a password field) to a
+//!   visitor without a session and the application to an administrator;
+//! - `POST /login` checks name and password (argon2) and sets the session
+//!   cookie (`HttpOnly`, `SameSite=Strict`, `Secure` over HTTPS);
+//! - `POST /logout` ends the session.
+//!
+//! CSRF: the login form carries a token that must match a cookie set with the
+//! form (double submit); a session has its own random token, given to the page
+//! in a `<meta>` tag, which every changing request must send back in
+//! `X-CSRF-Token` (the logout form sends it as a field). Sessions live in
+//! memory and end after [`SESSION_IDLE`] without use or when the manager restarts.
+
+pub mod users;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use serde::Deserialize;
+use sha2_std::{Digest as _, Sha256};
+
+use users::WebStore;
+
+/// Name of the session cookie.
+pub const SESSION_COOKIE: &str = "baton_session";
+/// Name of the cookie that carries the login form's CSRF token.
+pub const LOGIN_CSRF_COOKIE: &str = "baton_login_csrf";
+/// Header in which the UI sends the session's CSRF token.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+/// A session unused this long ends.
+pub const SESSION_IDLE: Duration = Duration::from_secs(12 * 3600);
+/// Most sessions kept at once (the oldest is dropped beyond).
+const MAX_SESSIONS: usize = 10_000;
+
+const LOGIN_HTML: &str = include_str!("assets/login.html");
+const APP_HTML: &str = include_str!("assets/app.html");
+const STYLE_CSS: &str = include_str!("assets/style.css");
+const APP_JS: &str = include_str!("assets/app.js");
+const ICON_SVG: &str = include_str!("assets/icon.svg");
+
+/// A logged-in administrator's session, as the auth layer sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// The administrator.
+    pub admin: String,
+    /// The token changing requests must carry.
+    pub csrf: String,
+}
+
+#[derive(Debug)]
+struct Session {
+    info: SessionInfo,
+    last_used: Instant,
+}
+
+/// Administrators, API tokens and live sessions.
+#[derive(Debug)]
+pub struct Web {
+    /// The administrators' and tokens' tables.
+    pub store: WebStore,
+    sessions: Mutex<HashMap<[u8; 32], Session>>,
+    /// Whether cookies get `Secure` (the server speaks HTTPS).
+    pub secure_cookies: bool,
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut raw = vec![0u8; bytes];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
+    hex::encode(raw)
+}
+
+fn session_key(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim())
+}
+
+/// Escapes text for HTML element content and attribute values.
+pub fn escape_html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+impl Web {
+    /// Over `store`; `secure_cookies` when served over HTTPS.
+    pub fn new(store: WebStore, secure_cookies: bool) -> Self {
+        Web {
+            store,
+            sessions: Mutex::new(HashMap::new()),
+            secure_cookies,
+        }
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Session>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a session for `admin`; returns the cookie token.
+    pub fn start_session(&self, admin: &str) -> String {
+        let token = random_hex(32);
+        let now = Instant::now();
+        let mut sessions = self.sessions();
+        sessions.retain(|_, s| now.duration_since(s.last_used) < SESSION_IDLE);
+        if sessions.len() >= MAX_SESSIONS
+            && let Some(oldest) = sessions
+                .iter()
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(k, _)| *k)
+        {
+            sessions.remove(&oldest);
+        }
+        sessions.insert(
+            session_key(&token),
+            Session {
+                info: SessionInfo {
+                    admin: admin.to_string(),
+                    csrf: random_hex(24),
+                },
+                last_used: now,
+            },
+        );
+        token
+    }
+
+    /// The live session the request's cookie names (and marks it used).
+    pub fn session_of(&self, headers: &HeaderMap) -> Option<SessionInfo> {
+        let token = cookie(headers, SESSION_COOKIE)?;
+        let key = session_key(token);
+        let now = Instant::now();
+        let mut sessions = self.sessions();
+        let session = sessions.get_mut(&key)?;
+        if now.duration_since(session.last_used) >= SESSION_IDLE {
+            sessions.remove(&key);
+            return None;
+        }
+        session.last_used = now;
+        Some(session.info.clone())
+    }
+
+    /// Ends the session the request's cookie names.
+    pub fn end_session(&self, headers: &HeaderMap) {
+        if let Some(token) = cookie(headers, SESSION_COOKIE) {
+            self.sessions().remove(&session_key(token));
+        }
+    }
+
+    fn cookie_header(&self, name: &str, value: &str, max_age: Option<u64>) -> HeaderValue {
+        let mut c = format!("{name}={value}; Path=/; HttpOnly; SameSite=Strict");
+        if let Some(age) = max_age {
+            c.push_str(&format!("; Max-Age={age}"));
+        }
+        if self.secure_cookies {
+            c.push_str("; Secure");
+        }
+        HeaderValue::from_str(&c).expect("cookie values are hex")
+    }
+}
+
+/// The UI's routes (all public; the pages themselves check the session).
+pub fn routes(web: Arc<Web>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/login", post(login).get(|| async { Redirect::to("/") }))
+        .route("/logout", post(logout))
+        .route("/static/{file}", get(asset))
+        .with_state(web)
+}
+
+fn html_page(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; \
+                 connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn login_page(web: &Web, status: StatusCode, error: Option<&str>, name: &str) -> Response {
+    let csrf = random_hex(24);
+    let error_html = error
+        .map(|e| {
+            format!(
+                r#"<p class="form-error" role="alert">{}</p>"#,
+                escape_html(e)
+            )
+        })
+        .unwrap_or_default();
+    let body = LOGIN_HTML
+        .replace("{{csrf}}", &csrf)
+        .replace("{{error}}", &error_html)
+        .replace("{{name}}", &escape_html(name));
+    let mut resp = html_page(status, body);
+    resp.headers_mut().append(
+        header::SET_COOKIE,
+        web.cookie_header(LOGIN_CSRF_COOKIE, &csrf, Some(3600)),
+    );
+    resp
+}
+
+async fn index(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
+    match web.session_of(&headers) {
+        Some(session) => html_page(
+            StatusCode::OK,
+            APP_HTML
+                .replace("{{csrf}}", &session.csrf)
+                .replace("{{admin}}", &escape_html(&session.admin)),
+        ),
+        None => login_page(&web, StatusCode::OK, None, ""),
+    }
+}
+
+/// The login form's fields.
+#[derive(Debug, Deserialize)]
+pub struct LoginForm {
+    /// Administrator name.
+    pub name: String,
+    /// Password.
+    pub password: String,
+    /// The form's CSRF token.
+    pub csrf: String,
+}
+
+async fn login(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    form: Result<Form<LoginForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let Ok(Form(form)) = form else {
+        return login_page(
+            &web,
+            StatusCode::BAD_REQUEST,
+            Some("Fill in name and password."),
+            "",
+        );
+    };
+    let expected = cookie(&headers, LOGIN_CSRF_COOKIE).unwrap_or("");
+    if expected.is_empty() || !crate::http::same_secret(expected.as_bytes(), form.csrf.as_bytes()) {
+        return login_page(
+            &web,
+            StatusCode::FORBIDDEN,
+            Some("The form expired. Please try again."),
+            &form.name,
+        );
+    }
+    let name = form.name.trim().to_string();
+    let web2 = web.clone();
+    let lookup = name.clone();
+    let password = form.password;
+    let ok = tokio::task::spawn_blocking(move || match web2.store.admin_hash(&lookup) {
+        Ok(Some(hash)) => users::password_matches(&password, &hash),
+        Ok(None) => {
+            // Spend the same time as a real check, so names cannot be probed by timing.
+            let _ = users::hash_password(&password);
+            false
+        }
+        Err(e) => {
+            tracing::error!("cannot read administrators: {e}");
+            false
+        }
+    })
+    .await
+    .unwrap_or(false);
+    if !ok {
+        tracing::warn!(admin = %name, "failed login");
+        return login_page(
+            &web,
+            StatusCode::UNAUTHORIZED,
+            Some("Wrong name or password."),
+            &name,
+        );
+    }
+    tracing::info!(admin = %name, "administrator logged in");
+    let token = web.start_session(&name);
+    let mut resp = Redirect::to("/").into_response();
+    let h = resp.headers_mut();
+    h.append(
+        header::SET_COOKIE,
+        web.cookie_header(SESSION_COOKIE, &token, None),
+    );
+    h.append(
+        header::SET_COOKIE,
+        web.cookie_header(LOGIN_CSRF_COOKIE, "", Some(0)),
+    );
+    resp
+}
+
+/// The logout form's fields.
+#[derive(Debug, Deserialize)]
+pub struct LogoutForm {
+    /// The session's CSRF token.
+    pub csrf: String,
+}
+
+async fn logout(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    form: Result<Form<LogoutForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let Some(session) = web.session_of(&headers) else {
+        return Redirect::to("/").into_response();
+    };
+    let given = form.map(|Form(f)| f.csrf).unwrap_or_default();
+    if !crate::http::same_secret(given.as_bytes(), session.csrf.as_bytes()) {
+        return (StatusCode::FORBIDDEN, "missing or wrong CSRF token").into_response();
+    }
+    web.end_session(&headers);
+    tracing::info!(admin = %session.admin, "administrator logged out");
+    let mut resp = Redirect::to("/").into_response();
+    resp.headers_mut().append(
+        header::SET_COOKIE,
+        web.cookie_header(SESSION_COOKIE, "", Some(0)),
+    );
+    resp
+}
+
+async fn asset(Path(file): Path<String>) -> Response {
+    let (body, kind) = match file.as_str() {
+        "style.css" => (STYLE_CSS, "text/css; charset=utf-8"),
+        "app.js" => (APP_JS, "text/javascript; charset=utf-8"),
+        "icon.svg" => (ICON_SVG, "image/svg+xml"),
+        _ => return (StatusCode::NOT_FOUND, "no such file").into_response(),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn cookies_and_escaping() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; baton_session=abc"),
+        );
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        assert_eq!(cookie(&h, SESSION_COOKIE), Some("abc"));
+        assert_eq!(cookie(&h, "b"), Some("2"));
+        assert_eq!(cookie(&h, "c"), None);
+        assert_eq!(
+            escape_html("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+    }
+
+    #[test]
+    fn sessions_start_and_end() {
+        let web = Web::new(WebStore::in_memory().unwrap(), true);
+        let token = web.start_session("ops");
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("{SESSION_COOKIE}={token}")).unwrap(),
+        );
+        let s = web.session_of(&h).unwrap();
+        assert_eq!(s.admin, "ops");
+        assert_eq!(s.csrf.len(), 48);
+        let mut other = HeaderMap::new();
+        other.insert(header::COOKIE, HeaderValue::from_static("baton_session=00"));
+        assert_eq!(web.session_of(&other), None);
+        web.end_session(&h);
+        assert_eq!(web.session_of(&h), None);
+        let c = web.cookie_header(SESSION_COOKIE, "x", None);
+        let c = c.to_str().unwrap();
+        assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.contains("Secure"));
+    }
+}

@@ -1,0 +1,572 @@
+//! The HTTP server as a browser, a script and Prometheus meet it: public and
+//! protected routes, administrator login with sessions and CSRF, named API
+//! tokens, the OpenAPI document against the routes, `/metrics`, and HTTPS.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+/// A plain HTTP client that neither follows redirects nor keeps cookies.
+fn client() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_global(Some(BOUND))
+        .build()
+        .into()
+}
+
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    /// The value of cookie `name` from this answer's `Set-Cookie` headers.
+    fn cookie(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+            .filter_map(|(_, v)| v.split(';').next()?.split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
+fn request(
+    m: &Manager,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, String)>,
+) -> Answer {
+    let url = m.url(path);
+    let agent = client();
+    let mut req = ureq::http::Request::builder().method(method).uri(&url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = match body {
+        Some((kind, text)) => agent
+            .run(req.header("content-type", kind).body(text).unwrap())
+            .expect("request"),
+        None => agent.run(req.body(()).unwrap()).expect("request"),
+    };
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let body = resp.into_body().read_to_string().unwrap_or_default();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn add_admin(m: &Manager, name: &str, password: &str) {
+    let file = m.dir.join(format!("{name}.password"));
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    let out = baton(
+        &[
+            "admin",
+            "add",
+            name,
+            "--password-file",
+            file.to_str().unwrap(),
+            "--data-dir",
+            m.data_dir().to_str().unwrap(),
+        ],
+        BOUND,
+    );
+    assert!(out.success, "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("added"), "{}", out.stdout);
+}
+
+/// Logs in through the form; returns the session cookie and the page's CSRF token.
+fn login(m: &Manager, name: &str, password: &str) -> (String, String) {
+    let page = request(m, "GET", "/", &[], None);
+    let form_csrf = page.cookie("baton_login_csrf").expect("login CSRF cookie");
+    assert!(page.body.contains(&format!("value=\"{form_csrf}\"")));
+    let cookie = format!("baton_login_csrf={form_csrf}");
+    let body = format!("name={name}&password={password}&csrf={form_csrf}");
+    let answer = request(
+        m,
+        "POST",
+        "/login",
+        &[("cookie", &cookie)],
+        Some(("application/x-www-form-urlencoded", body)),
+    );
+    assert_eq!(answer.status, 303, "{}", answer.body);
+    let set = answer
+        .headers
+        .iter()
+        .find(|(k, v)| k == "set-cookie" && v.starts_with("baton_session="))
+        .map(|(_, v)| v.clone())
+        .expect("session cookie");
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    assert!(
+        !set.contains("Secure"),
+        "plain HTTP: no Secure flag ({set})"
+    );
+    let session = answer.cookie("baton_session").unwrap();
+    let app = request(
+        m,
+        "GET",
+        "/",
+        &[("cookie", &format!("baton_session={session}"))],
+        None,
+    );
+    assert_eq!(app.status, 200);
+    let csrf = app
+        .body
+        .split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("CSRF token in the application page")
+        .to_string();
+    (session, csrf)
+}
+
+#[test]
+fn must_show_openapi_login_page_and_401() {
+    let m = Manager::start();
+    // The OpenAPI document is public and lists agents, segments, groups, policies and jobs.
+    let doc = request(&m, "GET", "/api/v1/openapi.json", &[], None);
+    assert_eq!(doc.status, 200);
+    let doc = doc.json();
+    let paths: Vec<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for want in [
+        "/api/v1/agents",
+        "/api/v1/segments",
+        "/api/v1/groups",
+        "/api/v1/policies",
+        "/api/v1/jobs",
+    ] {
+        assert!(paths.contains(&want), "{want} not in {paths:?}");
+    }
+    // `/` is the login page itself: HTML with a password field, no redirect.
+    let page = request(&m, "GET", "/", &[], None);
+    assert_eq!(page.status, 200);
+    assert!(
+        page.header("content-type")
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert!(page.body.contains("type=\"password\""), "{}", page.body);
+    assert!(page.body.contains("action=\"/login\""));
+    // Without credentials the API answers 401, and nothing else.
+    for path in [
+        "/api/v1/agents",
+        "/api/v1/jobs/1",
+        "/api/v1/nowhere",
+        "/metrics",
+    ] {
+        let a = request(&m, "GET", path, &[], None);
+        assert_eq!(a.status, 401, "{path}: {}", a.body);
+        assert!(!a.body.contains("agent"), "{path} leaks: {}", a.body);
+    }
+    let a = request(&m, "GET", "/static/style.css", &[], None);
+    assert_eq!(a.status, 200);
+    assert!(a.header("content-type").unwrap().starts_with("text/css"));
+}
+
+#[test]
+fn every_documented_route_is_served() {
+    let m = Manager::start();
+    let doc = request(&m, "GET", "/api/v1/openapi.json", &[], None).json();
+    let auth = format!("Bearer {}", m.info.admin_token);
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in ["get", "post", "put", "delete"] {
+            if item.get(method).is_none() {
+                continue;
+            }
+            let concrete = path.replace("{id}", "999").replace("{name}", "nothing");
+            let a = if method == "get" && concrete.ends_with("/events") {
+                // A stream of a job that does not exist ends at once with 404.
+                request(&m, "GET", &concrete, &[("authorization", &auth)], None)
+            } else {
+                request(
+                    &m,
+                    &method.to_uppercase(),
+                    &concrete,
+                    &[("authorization", &auth)],
+                    (method != "get").then(|| ("application/json", "{}".to_string())),
+                )
+            };
+            assert!(
+                !(a.status == 404 && a.body.contains("no such route")),
+                "{method} {path} is documented but not routed"
+            );
+            assert_ne!(a.status, 405, "{method} {path}: {}", a.body);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "only {checked} operations documented");
+    let a = request(
+        &m,
+        "GET",
+        "/api/v1/undocumented",
+        &[("authorization", &auth)],
+        None,
+    );
+    assert_eq!(a.status, 404);
+}
+
+#[test]
+fn sessions_csrf_and_api_tokens() {
+    let m = Manager::start();
+    add_admin(&m, "ops", "correct-horse");
+    // Wrong password: the login page again, 401, no session.
+    let page = request(&m, "GET", "/", &[], None);
+    let form_csrf = page.cookie("baton_login_csrf").unwrap();
+    let wrong = request(
+        &m,
+        "POST",
+        "/login",
+        &[("cookie", &format!("baton_login_csrf={form_csrf}"))],
+        Some((
+            "application/x-www-form-urlencoded",
+            format!("name=ops&password=nope-nope&csrf={form_csrf}"),
+        )),
+    );
+    assert_eq!(wrong.status, 401);
+    assert!(wrong.body.contains("Wrong name or password"));
+    assert!(wrong.cookie("baton_session").is_none());
+    // A login without the form's CSRF cookie is refused.
+    let forged = request(
+        &m,
+        "POST",
+        "/login",
+        &[],
+        Some((
+            "application/x-www-form-urlencoded",
+            "name=ops&password=correct-horse&csrf=abc".into(),
+        )),
+    );
+    assert_eq!(forged.status, 403);
+    assert!(forged.cookie("baton_session").is_none());
+
+    let (session, csrf) = login(&m, "ops", "correct-horse");
+    let cookie = format!("baton_session={session}");
+    let a = request(&m, "GET", "/api/v1/agents", &[("cookie", &cookie)], None);
+    assert_eq!(a.status, 200, "{}", a.body);
+    // Changes need the CSRF header with a session.
+    let body = || {
+        Some((
+            "application/json",
+            json!({"name": "edge", "selector": {"role": "edge"}}).to_string(),
+        ))
+    };
+    let a = request(&m, "POST", "/api/v1/groups", &[("cookie", &cookie)], body());
+    assert_eq!(a.status, 403, "{}", a.body);
+    let a = request(
+        &m,
+        "POST",
+        "/api/v1/groups",
+        &[("cookie", &cookie), ("x-csrf-token", "0000")],
+        body(),
+    );
+    assert_eq!(a.status, 403);
+    let a = request(
+        &m,
+        "POST",
+        "/api/v1/groups",
+        &[("cookie", &cookie), ("x-csrf-token", &csrf)],
+        body(),
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+    // Validation errors name the field.
+    let a = request(
+        &m,
+        "POST",
+        "/api/v1/groups",
+        &[("cookie", &cookie), ("x-csrf-token", &csrf)],
+        Some((
+            "application/json",
+            json!({"name": "bad name", "selector": {"a": "b"}}).to_string(),
+        )),
+    );
+    assert_eq!(a.status, 400);
+    assert_eq!(a.json()["field"], "name", "{}", a.body);
+    // /metrics with a session.
+    let metrics = request(&m, "GET", "/metrics", &[("cookie", &cookie)], None);
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics.body.contains("baton_connected_agents 0"),
+        "{}",
+        metrics.body
+    );
+    assert!(metrics.body.contains("baton_jobs{state=\"running\"} 0"));
+    assert!(
+        metrics
+            .body
+            .contains("baton_served_bytes_total{source=\"relays\"} 0")
+    );
+    assert!(
+        metrics
+            .body
+            .contains("baton_chunk_verification_failures_total 0")
+    );
+    // Logout needs the CSRF token too, then the cookie is worthless.
+    let a = request(
+        &m,
+        "POST",
+        "/logout",
+        &[("cookie", &cookie)],
+        Some(("application/x-www-form-urlencoded", "csrf=wrong".into())),
+    );
+    assert_eq!(a.status, 403);
+    let a = request(
+        &m,
+        "POST",
+        "/logout",
+        &[("cookie", &cookie)],
+        Some(("application/x-www-form-urlencoded", format!("csrf={csrf}"))),
+    );
+    assert_eq!(a.status, 303);
+    let a = request(&m, "GET", "/api/v1/agents", &[("cookie", &cookie)], None);
+    assert_eq!(a.status, 401);
+    let page = request(&m, "GET", "/", &[("cookie", &cookie)], None);
+    assert!(page.body.contains("type=\"password\""));
+
+    // Named API tokens work as bearer tokens until revoked.
+    let data = m.data_dir();
+    let out = baton(
+        &["admin", "token", "ci", "--data-dir", data.to_str().unwrap()],
+        BOUND,
+    );
+    assert!(out.success, "{}", out.stderr);
+    let token = out.stdout.trim().to_string();
+    let bearer = format!("Bearer {token}");
+    let a = request(
+        &m,
+        "GET",
+        "/api/v1/jobs",
+        &[("authorization", &bearer)],
+        None,
+    );
+    assert_eq!(a.status, 200);
+    let a = request(
+        &m,
+        "POST",
+        "/api/v1/enrolment-tokens",
+        &[("authorization", &bearer)],
+        None,
+    );
+    assert_eq!(
+        a.status, 201,
+        "bearer tokens need no CSRF token: {}",
+        a.body
+    );
+    let out = baton(
+        &[
+            "admin",
+            "revoke-token",
+            "ci",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        BOUND,
+    );
+    assert!(out.success);
+    let a = request(
+        &m,
+        "GET",
+        "/api/v1/jobs",
+        &[("authorization", &bearer)],
+        None,
+    );
+    assert_eq!(a.status, 401);
+}
+
+#[test]
+fn uploads_become_jobs() {
+    let m = Manager::start();
+    let auth = format!("Bearer {}", m.info.admin_token);
+    let a = request(
+        &m,
+        "POST",
+        "/api/v1/uploads?name=fw-1.bin",
+        &[("authorization", &auth)],
+        Some(("application/octet-stream", "x".repeat(100_000))),
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+    let up = a.json();
+    assert_eq!(up["length"], 100_000);
+    let path = up["path"].as_str().unwrap();
+    assert!(path.starts_with(m.data_dir().join("uploads").to_str().unwrap()));
+    assert_eq!(std::fs::read(path).unwrap().len(), 100_000);
+    let key = baton_protocol::identity::Identity::from_seed([7; 32]).public();
+    m.enrol("e1", &key);
+    let (status, job) = m.api(
+        "POST",
+        "/api/v1/jobs",
+        Some(json!({"path": path, "name": "fw", "targets": {"agents": ["e1"]}})),
+    );
+    assert_eq!(status, 201, "{job}");
+    assert_eq!(job["length"], 100_000);
+    let a = request(
+        &m,
+        "POST",
+        "/api/v1/uploads?name=empty",
+        &[("authorization", &auth)],
+        Some(("application/octet-stream", String::new())),
+    );
+    assert_eq!(a.status, 400);
+}
+
+/// Writes a self-signed certificate for 127.0.0.1 and its key with the openssl command.
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .args([
+            "-subj",
+            "/CN=baton-test",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("the openssl command is needed for this test");
+    assert!(status.success(), "openssl could not make a certificate");
+    (cert, key)
+}
+
+#[test]
+fn https_with_a_self_signed_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(tmp.path());
+    let ready = tmp.path().join("ready.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["serve", "--data-dir"])
+        .arg(tmp.path().join("data"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--tls-cert",
+        ])
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let deadline = Instant::now() + BOUND;
+    let info: Value = loop {
+        if let Ok(b) = std::fs::read(&ready) {
+            break serde_json::from_slice(&b).unwrap();
+        }
+        assert!(child.try_wait().unwrap().is_none(), "serve exited");
+        assert!(Instant::now() < deadline, "no ready file");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _guard = Kill(child);
+    let addr: std::net::SocketAddr = info["http_addr"].as_str().unwrap().parse().unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (status_line, body, set_cookie) = rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_rustls::rustls;
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(&cert).unwrap();
+        let der = rustls::pki_types::pem::PemObject::from_pem_slice(&pem).unwrap();
+        roots.add(der).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = connector.connect(name, tcp).await.expect("TLS handshake");
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(BOUND, tls.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .ok();
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status_line = text.lines().next().unwrap_or("").to_string();
+        let set_cookie = text
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+            .unwrap_or("")
+            .to_string();
+        (status_line, text, set_cookie)
+    });
+    assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
+    assert!(body.contains("type=\"password\""));
+    assert!(
+        set_cookie.contains("Secure"),
+        "cookies are Secure over HTTPS: {set_cookie}"
+    );
+    // Plain HTTP to the HTTPS port gets no HTTP answer.
+    let plain = client().get(format!("http://{addr}/")).call();
+    assert!(
+        plain.is_err() || plain.unwrap().status().as_u16() != 200,
+        "plain HTTP must not be served"
+    );
+}
