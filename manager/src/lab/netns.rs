@@ -63,7 +63,12 @@ pub fn add(ns: &str) -> Result<(), LabError> {
 /// Kills every process still inside `ns` and deletes it (with every link in it).
 pub fn delete(ns: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        let own = std::process::id().to_string();
+        // A thread of this process may have entered the namespace (to reach a server in it).
+        for pid in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter(|pid| *pid != own)
+        {
             let _ = Command::new("kill")
                 .args(["-s", "KILL", pid])
                 .stderr(Stdio::null())
