@@ -167,7 +167,15 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
         "return document.querySelector('#e-name').textContent.length > 0",
         WAIT,
     );
-    assert!(b.text(&e).contains("name"), "{}", b.text(&e));
+    assert!(b.text(&e).contains("use letters, digits"), "{}", b.text(&e));
+    assert_eq!(
+        b.eval(
+            "return document.querySelector('#w-name').classList.contains('has-error')",
+            json!([])
+        ),
+        true,
+        "the error is shown at the name field"
+    );
     b.screenshot(&shots().join("03-group-validation.png"));
     b.fill(&b.find("#f-name"), "edge");
     b.click(&b.find("#save-group"));
