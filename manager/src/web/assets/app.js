@@ -282,6 +282,7 @@ async function fleet() {
 async function segments() {
   const segs = await api("GET", "/api/v1/segments");
   const cards = segs.map((seg) => {
+    seg.members.sort((a, b) => (b.id === seg.leader) - (a.id === seg.leader) || b.score - a.score);
     const ids = seg.members.map((m) => m.id);
     const rtt = (m, to) => {
       const d = (m.delays || []).find((x) => x.to === to);
@@ -293,15 +294,17 @@ async function segments() {
         h("span", { class: "muted small" }, "reported " + ago(seg.reported_at_ms / 1000))),
       table([["Member"], ["Score", "num"], ["Perf.", "num opt"], ["Free storage", "num opt"], ["Link", "num"], ["Loss", "num opt"], ["RTT manager", "num"], ["Heard", "opt"]],
         seg.members.map((m) => h("tr", { "data-agent": m.id },
-          h("td", {}, h("strong", {}, m.id), m.id === seg.leader ? h("span", { class: "badge leader" }, "leader") : null, m.can_serve ? null : h("span", { class: "badge" }, "leaf")),
+          h("td", {}, h("strong", {}, m.id), m.id === seg.leader ? h("span", { class: "badge leader" }, "leader") : null,
+            m.can_serve ? null : h("span", { class: "badge" }, "leaf"), m.known === false ? h("span", { class: "badge", title: "not enrolled at this manager" }, "unknown") : null),
           h("td", { class: "num" }, m.score),
           h("td", { class: "num opt" }, m.performance),
           h("td", { class: "num opt" }, bytes(m.free_storage)),
           h("td", { class: "num" }, "↑ " + rate(m.link && m.link.up_bps) + "  ↓ " + rate(m.link && m.link.down_bps)),
           h("td", { class: "num opt" }, m.link ? (m.link.loss_ppm / 10000).toFixed(2) + " %" : "—"),
           h("td", { class: "num" }, rtt(m, null)),
-          h("td", { class: "opt" }, m.last_heard_ms ? ago(m.last_heard_ms / 1000) : "—")))),
-      ids.length > 1 ? h("div", { class: "card-body" },
+          h("td", { class: "opt", title: "when the leader last heard from it, before its report" },
+            m.last_heard_ms === undefined ? "—" : (m.last_heard_ms / 1000).toFixed(1) + " s before")))),
+      ids.length > 1 ? h("div", { class: "card-body matrix" },
         h("h3", {}, "Round-trip times between members"),
         table([[""], ...ids.map((i) => [i, "num"])],
           seg.members.map((m) => h("tr", {}, h("th", {}, m.id), ids.map((to) => h("td", { class: "num" }, to === m.id ? "·" : rtt(m, to))))))) : null);
