@@ -408,8 +408,36 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     b.click(&b.find("#logout"));
     b.wait_find("input[type=password]", WAIT);
 
-    // The metrics reflect the job.
+    // The metrics reflect the job: bytes served by the manager and by relays, as drawn.
     let (_, status) = m.api("GET", "/api/v1/status", None);
     assert_eq!(status["connected_agents"], 5);
+    let metrics = ureq::get(m.url("/metrics"))
+        .header("Authorization", &format!("Bearer {}", m.info.admin_token))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    let relayed: u64 = want
+        .iter()
+        .filter(|((from, _), _)| from != "manager")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(
+        value("baton_served_bytes_total{source=\"relays\"}"),
+        relayed
+    );
+    assert_eq!(
+        value("baton_served_bytes_total{source=\"manager\"}"),
+        job["bytes_from_manager"].as_u64().unwrap()
+    );
+    assert_eq!(value("baton_connected_agents"), 5);
+    assert_eq!(value("baton_jobs{state=\"finished\"}"), 1);
     drop(leader_tx);
 }
