@@ -50,6 +50,7 @@ fn seeds(n: usize) -> Vec<Seed> {
                 capacity: if i % 4 != 3 { 16 } else { 0 },
                 max_sources: 8,
                 segment: (i / 50) as u32,
+                leader: false,
             }),
             ..Seed::default()
         })

@@ -14,6 +14,9 @@
 //! SIGKILL); the demo also kills them on its way out and on Ctrl-C, and
 //! removes its temporary directory.
 
+pub mod lab;
+pub mod segments;
+
 use std::io::{BufRead as _, Read as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,13 +29,13 @@ use serde_json::Value;
 use sha2_std::{Digest as _, Sha256};
 
 /// How long to wait for children to start and connect.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Set when the user interrupts the demo (Ctrl-C, SIGTERM).
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+pub(crate) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Turns Ctrl-C and SIGTERM into [`INTERRUPTED`], so the demo unwinds and cleans up.
-fn catch_interrupts() {
+pub(crate) fn catch_interrupts() {
     std::thread::spawn(|| {
         let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -123,9 +126,17 @@ pub struct DemoArgs {
     /// Give up if the job has not finished after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
+    /// Build K LAN segments in network namespaces (needs root) and spread the agents over
+    /// them: each segment is a bridge behind its own rate-limited WAN link to a router, the
+    /// manager sits behind the router; agents find their segment's leader by UDP broadcast.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub segments: usize,
+    /// With --segments: the rate of each segment's WAN link, each way (e.g. 8MiB, per second).
+    #[arg(long, default_value = "8MiB", value_parser = parse_size_arg, value_name = "SIZE")]
+    pub wan_bps: u64,
 }
 
-fn parse_size_arg(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size_arg(s: &str) -> Result<u64, String> {
     baton_agent_core::linux::size::parse_size(s).map_err(|e| e.to_string())
 }
 
@@ -152,12 +163,24 @@ pub struct DemoReport {
     pub agent_max_rss_bytes: u64,
     /// The link profile (absent without caps).
     pub caps: Option<LinkProfile>,
+    /// With --segments: the number of segments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segments: Option<usize>,
+    /// With --segments: distinct leaders named in the segment reports the manager received.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leaders: Option<usize>,
+    /// With --segments: the most bytes (frames, headers included) the router forwarded into
+    /// one segment during the job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wan_bytes_max_per_segment: Option<u64>,
 }
 
 /// A child process that is killed when dropped.
-struct Kid {
-    name: String,
-    child: Child,
+pub(crate) struct Kid {
+    /// Its name in messages and its log file's name.
+    pub name: String,
+    /// The process.
+    pub child: Child,
 }
 
 impl Drop for Kid {
@@ -168,9 +191,30 @@ impl Drop for Kid {
 }
 
 /// The demo's temporary directory, removed when dropped unless kept.
-struct Scratch {
-    path: PathBuf,
+pub(crate) struct Scratch {
+    /// The directory.
+    pub path: PathBuf,
     keep: bool,
+}
+
+impl Scratch {
+    /// A fresh directory under the system's temporary directory.
+    pub(crate) fn new(prefix: &str, keep: bool) -> anyhow::Result<Scratch> {
+        let scratch = Scratch {
+            path: std::env::temp_dir().join(format!(
+                "{prefix}-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0)
+            )),
+            keep,
+        };
+        std::fs::create_dir_all(&scratch.path)
+            .with_context(|| format!("cannot create {}", scratch.path.display()))?;
+        Ok(scratch)
+    }
 }
 
 impl Drop for Scratch {
@@ -183,26 +227,17 @@ impl Drop for Scratch {
     }
 }
 
-/// Runs `baton demo`.
+/// Runs `baton demo`: on loopback, or with `--segments K` in network namespaces.
 pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     if args.agents == 0 {
         bail!("--agents must be at least 1");
     }
+    if args.segments > 0 {
+        return segments::run(args);
+    }
     catch_interrupts();
     let exe = std::env::current_exe().context("cannot find the running executable")?;
-    let scratch = Scratch {
-        path: std::env::temp_dir().join(format!(
-            "baton-demo-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        )),
-        keep: args.keep,
-    };
-    std::fs::create_dir_all(&scratch.path)
-        .with_context(|| format!("cannot create {}", scratch.path.display()))?;
+    let scratch = Scratch::new("baton-demo", args.keep)?;
     let dir = scratch.path.clone();
     let profile = LinkProfile::heterogeneous(args.agents);
 
@@ -211,33 +246,121 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     let source_sha = write_random(&content, args.size)?;
 
     // Manager.
-    let ready = dir.join("manager-ready.json");
     let mut manager_cmd = Command::new(&exe);
-    manager_cmd.args([
-        "serve",
-        "--die-with-parent",
-        "--listen",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-    ]);
-    manager_cmd.arg("--data-dir").arg(dir.join("manager"));
-    manager_cmd.arg("--ready-file").arg(&ready);
-    manager_cmd.args(["--give-up", "60"]);
+    manager_cmd.args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"]);
     if !args.no_caps {
         manager_cmd.args(["--up-bps", &profile.manager_up_bps.to_string()]);
     }
-    let mut kids = vec![spawn(&mut manager_cmd, "manager", &dir)?];
-    let ready = wait_for_json(&ready, &mut kids)?;
-    let api = Api::from_ready(&ready)?;
-    let agent_addr = str_field(&ready, "agent_addr")?;
-    let manager_key = str_field(&ready, "manager_key")?;
+    let mut fleet = Fleet::start_manager(manager_cmd, &dir)?;
 
-    // Agents: create each identity, enrol it, start it.
-    let ids: Vec<String> = (0..args.agents).map(|i| format!("agent-{i:02}")).collect();
+    // Agents.
+    let ids = agent_ids(args.agents);
     for (i, id) in ids.iter().enumerate() {
-        let data = dir.join(id);
-        let out = Command::new(&exe)
+        let mut cmd = Command::new(&exe);
+        cmd.args(["agent", "--listen", "127.0.0.1:0"]);
+        if !args.no_caps {
+            cmd.args(["--up-bps", &profile.agent_up_bps[i].to_string()]);
+            cmd.args(["--down-bps", &profile.agent_down_bps[i].to_string()]);
+        }
+        fleet.start_agent(&exe, id, cmd)?;
+    }
+    fleet.wait_connected()?;
+
+    let run = fleet.run_job(&content, args.chunk_size, args.timeout, args.json)?;
+    let checked = fleet.check_copies(&run, &source_sha, args.json)?;
+    let (lower_bound_seconds, ratio) = if args.no_caps {
+        (0.0, 0.0)
+    } else {
+        let t = profile.lower_bound_seconds(args.size);
+        (t, run.seconds / t)
+    };
+    drop(fleet);
+    Ok(DemoReport {
+        agents: args.agents,
+        confirmed: checked.confirmed,
+        bytes: args.size,
+        seconds: run.seconds,
+        lower_bound_seconds,
+        ratio,
+        manager_bytes_sent: checked.manager_bytes_sent,
+        agent_bytes_received: checked.agent_bytes_received,
+        agent_max_rss_bytes: checked.agent_max_rss_bytes,
+        caps: (!args.no_caps).then_some(profile),
+        segments: None,
+        leaders: None,
+        wan_bytes_max_per_segment: None,
+    })
+}
+
+/// The demo's agent ids: `agent-00`, `agent-01`, …
+pub(crate) fn agent_ids(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("agent-{i:02}")).collect()
+}
+
+/// A manager and its agents as child processes, and the manager's API.
+pub(crate) struct Fleet {
+    /// The manager first, then the agents in the order they were started.
+    pub kids: Vec<Kid>,
+    /// The manager's HTTP API.
+    pub api: Api,
+    /// The agents' ids, in the order they were started.
+    pub ids: Vec<String>,
+    /// The demo directory (logs, data directories).
+    pub dir: PathBuf,
+    agent_addr: String,
+    manager_key: String,
+}
+
+/// What one job run measured.
+pub(crate) struct JobRun {
+    /// Seconds from submission to the last participant finishing.
+    pub seconds: f64,
+    /// Per agent (in [`Fleet::ids`] order): seconds from submission until it was seen confirmed.
+    pub completion: Vec<Option<f64>>,
+    /// The job's last JSON status.
+    pub last_status: Value,
+}
+
+/// What checking the agents' copies found.
+pub(crate) struct Checked {
+    /// Agents confirmed with a copy matching the source.
+    pub confirmed: usize,
+    /// Bytes the manager wrote to agent connections.
+    pub manager_bytes_sent: u64,
+    /// Sum over agents of verified bytes received.
+    pub agent_bytes_received: u64,
+    /// Largest agent VmHWM.
+    pub agent_max_rss_bytes: u64,
+}
+
+impl Fleet {
+    /// Starts the manager from `cmd` (`baton serve` with its addresses; the data directory,
+    /// ready file and give-up are added here) and waits until it is ready. The API must be
+    /// reachable from the calling thread.
+    pub fn start_manager(mut cmd: Command, dir: &Path) -> anyhow::Result<Fleet> {
+        let ready = dir.join("manager-ready.json");
+        cmd.arg("--die-with-parent");
+        cmd.arg("--data-dir").arg(dir.join("manager"));
+        cmd.arg("--ready-file").arg(&ready);
+        cmd.args(["--give-up", "60"]);
+        let mut kids = vec![spawn(&mut cmd, "manager", dir)?];
+        let ready = wait_for_json(&ready, &mut kids)?;
+        Ok(Fleet {
+            api: Api::from_ready(&ready)?,
+            agent_addr: str_field(&ready, "agent_addr")?,
+            manager_key: str_field(&ready, "manager_key")?,
+            kids,
+            ids: Vec::new(),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Creates agent `id`'s identity, enrols it, and starts it from `cmd` (`baton agent` with
+    /// its listen address and caps; manager, key, id, data directory, export and status
+    /// file are added here).
+    pub fn start_agent(&mut self, exe: &Path, id: &str, mut cmd: Command) -> anyhow::Result<()> {
+        let data = self.dir.join(id);
+        let out = Command::new(exe)
             .args(["agent", "--print-key", "--data-dir"])
             .arg(&data)
             .output()
@@ -249,137 +372,163 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
             );
         }
         let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        api.post(
-            "/api/v1/agents",
-            &serde_json::json!({ "id": id, "key": key }),
-        )
-        .with_context(|| format!("cannot enrol {id}"))?;
-        let mut cmd = Command::new(&exe);
-        cmd.args(["agent", "--die-with-parent", "--listen", "127.0.0.1:0"]);
+        self.api
+            .post(
+                "/api/v1/agents",
+                &serde_json::json!({ "id": id, "key": key }),
+            )
+            .with_context(|| format!("cannot enrol {id}"))?;
         cmd.args([
+            "--die-with-parent",
             "--manager",
-            &agent_addr,
+            &self.agent_addr,
             "--manager-key",
-            &manager_key,
+            &self.manager_key,
             "--id",
             id,
         ]);
         cmd.arg("--data-dir").arg(&data);
         cmd.arg("--export").arg(data.join("export.bin"));
         cmd.arg("--status-file").arg(data.join("status.json"));
-        if !args.no_caps {
-            cmd.args(["--up-bps", &profile.agent_up_bps[i].to_string()]);
-            cmd.args(["--down-bps", &profile.agent_down_bps[i].to_string()]);
-        }
-        kids.push(spawn(&mut cmd, id, &dir)?);
+        self.kids.push(spawn(&mut cmd, id, &self.dir)?);
+        self.ids.push(id.to_string());
+        Ok(())
     }
-    wait_connected(&api, &ids, &mut kids)?;
 
-    // The job.
-    let job: Value = api.post(
-        "/api/v1/jobs",
-        &serde_json::json!({
-            "path": content,
-            "name": "demo",
-            "chunk_size": args.chunk_size,
-            "targets": { "agents": ids },
-        }),
-    )?;
-    let job_id = job["id"]
-        .as_u64()
-        .context("the manager's job answer has no id")?;
-    let started = Instant::now();
-    let bar = progress_bar(args.agents as u64, args.json);
-    let deadline = started + Duration::from_secs(args.timeout);
-    let mut finished_at = None;
-    let mut last_status = Value::Null;
-    while Instant::now() < deadline {
-        check_alive(&mut kids)?;
-        let status: Value = api.get(&format!("/api/v1/jobs/{job_id}"))?;
-        let parts = status["participants"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let (mut confirmed, mut failed, mut verified, mut total) = (0, 0, 0u64, 0u64);
-        for p in &parts {
-            match p["state"].as_str().unwrap_or("") {
-                "confirmed" => confirmed += 1,
-                "failed" => failed += 1,
-                _ => {}
+    /// Waits until every agent is connected.
+    pub fn wait_connected(&mut self) -> anyhow::Result<()> {
+        wait_connected(&self.api, &self.ids, &mut self.kids)
+    }
+
+    /// Fails if a child exited or the user interrupted.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        check_alive(&mut self.kids)
+    }
+
+    /// Publishes `content` to every agent and follows the job until every participant
+    /// confirmed or failed (`on_poll` runs on every poll, e.g. to sample counters).
+    pub fn run_job_with(
+        &mut self,
+        content: &Path,
+        chunk_size: u64,
+        timeout: u64,
+        quiet: bool,
+        mut on_poll: impl FnMut(&mut Fleet, f64) -> anyhow::Result<()>,
+    ) -> anyhow::Result<JobRun> {
+        let job: Value = self.api.post(
+            "/api/v1/jobs",
+            &serde_json::json!({
+                "path": content,
+                "name": "demo",
+                "chunk_size": chunk_size,
+                "targets": { "agents": self.ids },
+            }),
+        )?;
+        let job_id = job["id"]
+            .as_u64()
+            .context("the manager's job answer has no id")?;
+        let started = Instant::now();
+        let bar = progress_bar(self.ids.len() as u64, quiet);
+        let deadline = started + Duration::from_secs(timeout);
+        let mut completion = vec![None; self.ids.len()];
+        let mut last_status = Value::Null;
+        while Instant::now() < deadline {
+            check_alive(&mut self.kids)?;
+            let status: Value = self.api.get(&format!("/api/v1/jobs/{job_id}"))?;
+            let elapsed = started.elapsed().as_secs_f64();
+            on_poll(self, elapsed)?;
+            let parts = status["participants"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let (mut confirmed, mut failed, mut verified, mut total) = (0, 0, 0u64, 0u64);
+            for p in &parts {
+                match p["state"].as_str().unwrap_or("") {
+                    "confirmed" => {
+                        confirmed += 1;
+                        if let Some(i) = self.ids.iter().position(|id| p["agent"] == id.as_str()) {
+                            completion[i].get_or_insert(elapsed);
+                        }
+                    }
+                    "failed" => failed += 1,
+                    _ => {}
+                }
+                verified += p["verified"].as_u64().unwrap_or(0);
+                total += p["total"].as_u64().unwrap_or(0);
             }
-            verified += p["verified"].as_u64().unwrap_or(0);
-            total += p["total"].as_u64().unwrap_or(0);
+            bar.set_position(confirmed);
+            bar.set_message(format!(
+                "{:.0}% of chunks verified, {failed} failed",
+                100.0 * verified as f64 / total.max(1) as f64
+            ));
+            last_status = status;
+            if !parts.is_empty() && confirmed + failed == parts.len() as u64 {
+                bar.finish_and_clear();
+                return Ok(JobRun {
+                    seconds: elapsed,
+                    completion,
+                    last_status,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        bar.set_position(confirmed);
-        bar.set_message(format!(
-            "{:.0}% of chunks verified, {failed} failed",
-            100.0 * verified as f64 / total.max(1) as f64
-        ));
-        last_status = status;
-        if !parts.is_empty() && confirmed + failed == parts.len() as u64 {
-            finished_at = Some(Instant::now());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        bar.finish_and_clear();
+        bail!("the job did not finish within {timeout} s; last status: {last_status}")
     }
-    bar.finish_and_clear();
-    let Some(finished_at) = finished_at else {
-        bail!(
-            "the job did not finish within {} s; last status: {last_status}",
-            args.timeout
-        );
-    };
-    let seconds = (finished_at - started).as_secs_f64();
 
-    // Check every copy and gather the figures.
-    let mut confirmed = 0;
-    let mut agent_bytes_received = 0;
-    let mut agent_max_rss_bytes = 0;
-    for (id, kid) in ids.iter().zip(kids.iter().skip(1)) {
-        let data = dir.join(id);
-        let state = last_status["participants"]
-            .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["agent"] == id.as_str()))
-            .and_then(|p| p["state"].as_str())
-            .unwrap_or("");
-        let copy = data.join("export.bin");
-        // The agent exports after it confirms (a temporary file, then a rename).
-        let export_deadline = Instant::now() + Duration::from_secs(30);
-        while state == "confirmed" && !copy.exists() && Instant::now() < export_deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if state == "confirmed" && copy.exists() && sha256_file(&copy)? == source_sha {
-            confirmed += 1;
-        } else if !args.json {
-            eprintln!(
-                "{id}: not confirmed (state {state:?}, copy present: {})",
-                copy.exists()
-            );
-        }
-        agent_bytes_received += status_bytes_received(&data.join("status.json"));
-        agent_max_rss_bytes = agent_max_rss_bytes.max(peak_rss(kid.child.id()));
+    /// [`Fleet::run_job_with`] without a per-poll hook.
+    pub fn run_job(
+        &mut self,
+        content: &Path,
+        chunk_size: u64,
+        timeout: u64,
+        quiet: bool,
+    ) -> anyhow::Result<JobRun> {
+        self.run_job_with(content, chunk_size, timeout, quiet, |_, _| Ok(()))
     }
-    let status: Value = api.get("/api/v1/status")?;
-    let manager_bytes_sent = status["bytes_sent"].as_u64().unwrap_or(0);
-    let (lower_bound_seconds, ratio) = if args.no_caps {
-        (0.0, 0.0)
-    } else {
-        let t = profile.lower_bound_seconds(args.size);
-        (t, seconds / t)
-    };
-    drop(kids);
-    Ok(DemoReport {
-        agents: args.agents,
-        confirmed,
-        bytes: args.size,
-        seconds,
-        lower_bound_seconds,
-        ratio,
-        manager_bytes_sent,
-        agent_bytes_received,
-        agent_max_rss_bytes,
-        caps: (!args.no_caps).then_some(profile),
-    })
+
+    /// Checks every agent's exported copy against the source's SHA-256 and gathers figures.
+    pub fn check_copies(
+        &self,
+        run: &JobRun,
+        source_sha: &[u8; 32],
+        quiet: bool,
+    ) -> anyhow::Result<Checked> {
+        let mut confirmed = 0;
+        let mut agent_bytes_received = 0;
+        let mut agent_max_rss_bytes = 0;
+        for (id, kid) in self.ids.iter().zip(self.kids.iter().skip(1)) {
+            let data = self.dir.join(id);
+            let state = run.last_status["participants"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["agent"] == id.as_str()))
+                .and_then(|p| p["state"].as_str())
+                .unwrap_or("");
+            let copy = data.join("export.bin");
+            // The agent exports after it confirms (a temporary file, then a rename).
+            let export_deadline = Instant::now() + Duration::from_secs(30);
+            while state == "confirmed" && !copy.exists() && Instant::now() < export_deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if state == "confirmed" && copy.exists() && sha256_file(&copy)? == *source_sha {
+                confirmed += 1;
+            } else if !quiet {
+                eprintln!(
+                    "{id}: not confirmed (state {state:?}, copy present: {})",
+                    copy.exists()
+                );
+            }
+            agent_bytes_received += status_bytes_received(&data.join("status.json"));
+            agent_max_rss_bytes = agent_max_rss_bytes.max(peak_rss(kid.child.id()));
+        }
+        let status: Value = self.api.get("/api/v1/status")?;
+        Ok(Checked {
+            confirmed,
+            manager_bytes_sent: status["bytes_sent"].as_u64().unwrap_or(0),
+            agent_bytes_received,
+            agent_max_rss_bytes,
+        })
+    }
 }
 
 /// Prints the report: a summary for people, and with `--json` one JSON line last.
@@ -392,6 +541,17 @@ pub fn print(report: &DemoReport, json: bool) {
         mib(report.bytes),
         report.seconds
     );
+    if let (Some(k), Some(leaders), Some(wan)) = (
+        report.segments,
+        report.leaders,
+        report.wan_bytes_max_per_segment,
+    ) {
+        println!(
+            "{k} segments, {leaders} leaders reported; at most {:.1} MiB ({:.3}× the content) crossed one WAN link",
+            mib(wan),
+            wan as f64 / report.bytes.max(1) as f64
+        );
+    }
     if report.lower_bound_seconds > 0.0 {
         println!(
             "lower bound T* = {:.2} s, seconds/T* = {:.3}",
@@ -413,7 +573,7 @@ pub fn print(report: &DemoReport, json: bool) {
     }
 }
 
-fn spawn(cmd: &mut Command, name: &str, dir: &Path) -> anyhow::Result<Kid> {
+pub(crate) fn spawn(cmd: &mut Command, name: &str, dir: &Path) -> anyhow::Result<Kid> {
     let log = std::fs::File::create(dir.join(format!("{name}.log")))
         .with_context(|| format!("cannot create the log of {name}"))?;
     let child = cmd
@@ -429,7 +589,7 @@ fn spawn(cmd: &mut Command, name: &str, dir: &Path) -> anyhow::Result<Kid> {
 }
 
 /// Fails if any child has exited, or the user interrupted the demo.
-fn check_alive(kids: &mut [Kid]) -> anyhow::Result<()> {
+pub(crate) fn check_alive(kids: &mut [Kid]) -> anyhow::Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted; stopped the manager and agents and removed the demo directory");
     }
@@ -444,7 +604,7 @@ fn check_alive(kids: &mut [Kid]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wait_for_json(path: &Path, kids: &mut [Kid]) -> anyhow::Result<Value> {
+pub(crate) fn wait_for_json(path: &Path, kids: &mut [Kid]) -> anyhow::Result<Value> {
     let deadline = Instant::now() + START_TIMEOUT;
     while Instant::now() < deadline {
         check_alive(kids)?;
@@ -486,7 +646,7 @@ fn str_field(v: &Value, key: &str) -> anyhow::Result<String> {
         .with_context(|| format!("the manager's ready file has no {key}"))
 }
 
-fn write_random(path: &Path, size: u64) -> anyhow::Result<[u8; 32]> {
+pub(crate) fn write_random(path: &Path, size: u64) -> anyhow::Result<[u8; 32]> {
     use rand::RngCore as _;
     use std::io::Write as _;
     let mut file = std::io::BufWriter::new(
@@ -507,7 +667,7 @@ fn write_random(path: &Path, size: u64) -> anyhow::Result<[u8; 32]> {
     Ok(hasher.finalize().into())
 }
 
-fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
+pub(crate) fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut hasher = Sha256::new();
@@ -572,7 +732,7 @@ fn progress_bar(len: u64, quiet: bool) -> indicatif::ProgressBar {
 }
 
 /// A minimal client for the manager's HTTP API with the admin token.
-struct Api {
+pub(crate) struct Api {
     base: String,
     token: String,
 }
@@ -585,7 +745,8 @@ impl Api {
         })
     }
 
-    fn get(&self, path: &str) -> anyhow::Result<Value> {
+    /// `GET path` as JSON.
+    pub fn get(&self, path: &str) -> anyhow::Result<Value> {
         let mut resp = ureq::get(format!("{}{path}", self.base))
             .header("authorization", format!("Bearer {}", self.token))
             .call()
@@ -593,7 +754,8 @@ impl Api {
         Ok(resp.body_mut().read_json()?)
     }
 
-    fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+    /// `POST path` with a JSON body.
+    pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         let mut resp = ureq::post(format!("{}{path}", self.base))
             .header("authorization", format!("Bearer {}", self.token))
             .send_json(body)

@@ -1,8 +1,10 @@
 //! `baton`: the Baton command.
 //!
-//! `baton serve` runs the manager; `baton admin` manages web UI administrators
-//! and API tokens in its database; `enroll`, `push`, `jobs`, `job`, `cancel`
-//! and `agents` talk to a running manager over its HTTP API; `baton agent` runs
+//! `baton serve` runs the manager; `baton demo` and `baton lab` run whole
+//! distributions on this machine; `baton admin` manages web UI administrators
+//! and API tokens; `enroll`, `push`, `jobs`, `job`, `cancel`,
+//! `agents`, `segments`, `groups` and `policies` talk to a running manager over
+//! its HTTP API; `baton agent` runs
 //! a Linux agent. Logging goes to
 //! stderr and follows `RUST_LOG` (default `info` for `serve`, `warn` for the
 //! client commands).
@@ -43,6 +45,12 @@ enum Command {
     Cancel(cli::show::JobArgs),
     /// List enrolled agents and whether they are connected.
     Agents(cli::show::AgentsArgs),
+    /// List network segments as their leaders report them; `segments show NAME` for one.
+    Segments(cli::fleet::SegmentsArgs),
+    /// Content groups: named sets of agents, by id or label (`list|show|add|set|rm`).
+    Groups(cli::fleet::GroupsArgs),
+    /// Named distribution policies (`list|show|add|set|rm`).
+    Policies(cli::fleet::PoliciesArgs),
     /// Administrators of the web UI and API tokens: `add NAME`, `token NAME`, `revoke-token NAME`, `list`.
     #[command(subcommand)]
     Admin(cli::admin::AdminCommand),
@@ -50,6 +58,8 @@ enum Command {
     Agent(Box<baton_agent_core::linux::AgentArgs>),
     /// Run a whole distribution on this machine: a manager and N agents as processes, real TCP, link caps.
     Demo(demo::DemoArgs),
+    /// Measure against the lower bound: N agents and a manager in network namespaces, shaped and delayed links (root).
+    Lab(demo::lab::LabArgs),
 }
 
 /// Exits the process once standard input reaches end of file (the parent is gone).
@@ -104,6 +114,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging("warn");
             cli::show::agents(args)?;
         }
+        Command::Segments(args) => {
+            init_logging("warn");
+            cli::fleet::segments(args)?;
+        }
+        Command::Groups(args) => {
+            init_logging("warn");
+            cli::fleet::groups(args)?;
+        }
+        Command::Policies(args) => {
+            init_logging("warn");
+            cli::fleet::policies(args)?;
+        }
         Command::Admin(cmd) => {
             init_logging("warn");
             cli::admin::run(cmd)?;
@@ -118,6 +140,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let json = args.json;
             let report = demo::run(args)?;
             demo::print(&report, json);
+            if report.confirmed < report.agents {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Lab(args) => {
+            init_logging("warn");
+            let json = args.json;
+            let report = demo::lab::run(args)?;
+            demo::lab::print(&report, json);
             if report.confirmed < report.agents {
                 return Ok(ExitCode::from(1));
             }

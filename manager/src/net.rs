@@ -144,6 +144,13 @@ pub enum JobEvent {
         /// The job.
         job: u64,
     },
+    /// A rule of the job's policy cannot be met (stored with the job as a warning).
+    Warning {
+        /// The job.
+        job: u64,
+        /// What cannot be met, for people.
+        text: String,
+    },
 }
 
 impl JobEvent {
@@ -154,6 +161,7 @@ impl JobEvent {
             | JobEvent::Confirmed { job, .. }
             | JobEvent::Failed { job, .. }
             | JobEvent::Finished { job, .. }
+            | JobEvent::Warning { job, .. }
             | JobEvent::Cancelled { job } => *job,
         }
     }
@@ -194,6 +202,7 @@ impl JobEvent {
                 confirmed,
                 failed,
             },
+            EngineEvent::PolicyWarning { job, text } => JobEvent::Warning { job, text },
         }
     }
 }
@@ -236,6 +245,8 @@ impl Core {
         events: broadcast::Sender<JobEvent>,
         origin: Instant,
     ) -> Self {
+        let mut engine = engine;
+        engine.set_wall_clock(origin.elapsed(), unix_now());
         Core {
             engine,
             store,
@@ -282,6 +293,7 @@ impl Core {
                 }
                 _ = sleep_until(deadline) => {
                     let now = self.now();
+                    self.engine.set_wall_clock(now, unix_now());
                     self.engine.handle_timeout(now);
                 }
             }
@@ -293,6 +305,7 @@ impl Core {
     /// Feeds one input to the engine (and the store where it records agent facts).
     pub fn handle(&mut self, input: CoreInput) {
         let now = self.now();
+        self.engine.set_wall_clock(now, unix_now());
         match input {
             CoreInput::Online { id, key, report } => {
                 self.record_report(&report);

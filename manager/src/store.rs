@@ -1085,6 +1085,24 @@ fn apply_one(tx: &Transaction<'_>, record: &Persist, now: u64) -> Result<()> {
     Ok(())
 }
 
+/// Adds a warning to a job (kept once per text); also for use inside an [`apply`] batch
+/// (a `Transaction` derefs to its `Connection`).
+///
+/// [`apply`]: Store::apply
+fn insert_warning(conn: &Connection, job: u64, text: &str, now: u64) -> Result<()> {
+    let exists: Option<u64> = conn
+        .query_row("SELECT id FROM jobs WHERE id = ?1", [job], |r| r.get(0))
+        .optional()?;
+    if exists.is_none() {
+        return Err(StoreError::NotFound(format!("job {job}")));
+    }
+    conn.execute(
+        "INSERT OR IGNORE INTO job_warnings (job, text, added_at) VALUES (?1, ?2, ?3)",
+        params![job, text, now],
+    )?;
+    Ok(())
+}
+
 fn group_columns(group: &GroupRecord) -> Result<(String, String)> {
     let agents = serde_json::to_string(&group.agents)
         .map_err(|e| StoreError::Corrupt(format!("group agents do not encode: {e}")))?;
@@ -1341,18 +1359,7 @@ impl Store for SqliteStore {
     }
 
     fn add_job_warning(&mut self, job: u64, text: &str, now: u64) -> Result<()> {
-        let exists: Option<u64> = self
-            .conn
-            .query_row("SELECT id FROM jobs WHERE id = ?1", [job], |r| r.get(0))
-            .optional()?;
-        if exists.is_none() {
-            return Err(StoreError::NotFound(format!("job {job}")));
-        }
-        self.conn.execute(
-            "INSERT OR IGNORE INTO job_warnings (job, text, added_at) VALUES (?1, ?2, ?3)",
-            params![job, text, now],
-        )?;
-        Ok(())
+        insert_warning(&self.conn, job, text, now)
     }
 
     fn set_job_state(

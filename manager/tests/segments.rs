@@ -12,10 +12,12 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use baton_manager::lab::{Lab, LinkShape, SegmentSpec, Topology, netns};
+use serde_json::Value;
 
 fn require_root() {
     assert!(
@@ -209,4 +211,364 @@ fn lab_plumbing() {
         !String::from_utf8_lossy(&out.stdout).contains(" a1:"),
         "a lab link leaked into the host namespace"
     );
+}
+
+/// A child process killed when dropped.
+struct Proc {
+    name: String,
+    child: std::process::Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The manager's HTTP API with the admin token.
+struct Api {
+    base: String,
+    token: String,
+}
+
+impl Api {
+    fn call(&self, path: &str, body: Option<Value>) -> Value {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let url = format!("{}{path}", self.base);
+        let auth = format!("Bearer {}", self.token);
+        let mut resp = match &body {
+            None => agent.get(&url).header("Authorization", &auth).call(),
+            Some(b) => agent.post(&url).header("Authorization", &auth).send_json(b),
+        }
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap();
+        assert!(
+            (200..300).contains(&status),
+            "{path} answered {status}: {text}"
+        );
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    }
+
+    fn get(&self, path: &str) -> Value {
+        self.call(path, None)
+    }
+
+    /// The leader the manager has for segment `name`.
+    fn leader_of(&self, name: &str) -> Option<String> {
+        self.get("/api/v1/segments")
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == name)?["leader"]
+            .as_str()
+            .map(str::to_string)
+    }
+}
+
+/// A manager and agents in a lab; the test thread lives in the manager's namespace.
+struct Fleet {
+    dir: tempfile::TempDir,
+    api: Api,
+    agent_addr: String,
+    manager_key: String,
+    /// The manager first.
+    procs: Vec<Proc>,
+}
+
+/// How long any single wait in these tests may take.
+const BOUND: Duration = Duration::from_secs(60);
+
+impl Fleet {
+    /// Starts `baton serve` in the manager's namespace (the calling thread must be in it too).
+    fn start(lab: &Lab, give_up_s: u64) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("ready.json");
+        let log = std::fs::File::create(dir.path().join("manager.log")).unwrap();
+        let child = Lab::command(&lab.manager.ns, env!("CARGO_BIN_EXE_baton"))
+            .args(["serve", "--data-dir"])
+            .arg(dir.path().join("manager"))
+            .args(["--listen", &format!("{}:7700", lab.manager.ip)])
+            .args(["--http", "127.0.0.1:0", "--give-up", &give_up_s.to_string()])
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start baton serve");
+        let mut fleet = Fleet {
+            dir,
+            api: Api {
+                base: String::new(),
+                token: String::new(),
+            },
+            agent_addr: String::new(),
+            manager_key: String::new(),
+            procs: vec![Proc {
+                name: "manager".into(),
+                child,
+            }],
+        };
+        let info: Value = fleet.wait("the manager's ready file", |_, _| {
+            std::fs::read(&ready)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+        });
+        let field = |k: &str| info[k].as_str().expect("ready field").to_string();
+        fleet.api = Api {
+            base: format!("http://{}", field("http_addr")),
+            token: field("admin_token"),
+        };
+        fleet.agent_addr = field("agent_addr");
+        fleet.manager_key = field("manager_key");
+        fleet
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Polls `f(api, dir)` every 50 ms until it gives a value; panics with the manager's log
+    /// after [`BOUND`], or with a process's log when that process exits.
+    fn wait<T>(&mut self, what: &str, mut f: impl FnMut(&Api, &Path) -> Option<T>) -> T {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            if let Some(v) = f(&self.api, self.dir.path()) {
+                return v;
+            }
+            for p in &mut self.procs {
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    panic!(
+                        "{} exited ({status}) while waiting for {what}; its log:\n{}",
+                        p.name,
+                        std::fs::read_to_string(self.dir.path().join(format!("{}.log", p.name)))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; manager log:\n{}",
+                self.log("manager")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Enrols and starts agent `id` in lab node `node` with discovery on its segment.
+    fn start_agent(&mut self, lab: &Lab, node: usize, id: &str, extra: &[&str]) {
+        let exe = env!("CARGO_BIN_EXE_baton");
+        let data = self.dir.path().join(id);
+        let out = Command::new(exe)
+            .args(["agent", "--print-key", "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "--print-key failed");
+        let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        self.api.call(
+            "/api/v1/agents",
+            Some(serde_json::json!({ "id": id, "key": key })),
+        );
+        let n = &lab.agents[node];
+        let s = n.segment.unwrap();
+        let log = std::fs::File::create(self.dir.path().join(format!("{id}.log"))).unwrap();
+        let child = Lab::command(&n.ns, exe)
+            .args(["agent", "--listen", &format!("{}:7701", n.ip)])
+            .args([
+                "--manager",
+                &self.agent_addr,
+                "--manager-key",
+                &self.manager_key,
+            ])
+            .args(["--id", id, "--segment", &format!("seg-{s}")])
+            .args(["--discovery-port", "7790", "--discovery-broadcast"])
+            .arg(lab.segments[s].broadcast.to_string())
+            .args(extra)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--export")
+            .arg(data.join("export.bin"))
+            .arg("--status-file")
+            .arg(data.join("status.json"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start baton agent");
+        self.procs.push(Proc {
+            name: id.to_string(),
+            child,
+        });
+    }
+
+    fn kill(&mut self, id: &str) {
+        let index = self
+            .procs
+            .iter()
+            .position(|p| p.name == id)
+            .expect("known process");
+        // Dropping kills and reaps it; later liveness checks no longer see it.
+        drop(self.procs.remove(index));
+    }
+}
+
+/// The agent's status file, if it parses.
+fn status_of(dir: &Path, id: &str) -> Option<Value> {
+    let text = std::fs::read_to_string(dir.join(id).join("status.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+#[test]
+fn killed_leader_is_replaced_and_the_job_completes() {
+    require_root();
+    const BEACON_MS: u64 = 300;
+    const LEADER_TIMEOUT_MS: u64 = 1500;
+    // From the election to the manager's answer: the new leader's first report (sent when
+    // it takes over, or on its next report tick) and our 50 ms polls.
+    const REPORT_ALLOWANCE_MS: u64 = 1500;
+    const SIZE: usize = 12 * 1024 * 1024;
+    let per_segment = 4;
+    let rate = 1024 * 1024;
+    let agent = LinkShape {
+        up_bps: rate,
+        down_bps: rate,
+        delay: Duration::ZERO,
+    };
+    let topology = Topology {
+        manager: LinkShape {
+            up_bps: rate,
+            ..LinkShape::default()
+        },
+        segments: vec![
+            SegmentSpec {
+                agents: vec![agent; per_segment],
+                wan: LinkShape::default(),
+            };
+            2
+        ],
+    };
+    let lab = Lab::build(&topology).expect("build the lab");
+    netns::enter(&lab.manager.ns).unwrap();
+    let mut fleet = Fleet::start(&lab, 8);
+    let ids: Vec<String> = (0..lab.agents.len())
+        .map(|i| format!("agent-{i}"))
+        .collect();
+    let (beacon, timeout) = (BEACON_MS.to_string(), LEADER_TIMEOUT_MS.to_string());
+    let extra = [
+        "--beacon-interval-ms",
+        &beacon,
+        "--leader-timeout-ms",
+        &timeout,
+        "--up-bps",
+        "1MiB",
+        "--down-bps",
+        "1MiB",
+    ];
+    for (i, id) in ids.iter().enumerate() {
+        fleet.start_agent(&lab, i, id, &extra);
+    }
+    let all = ids.clone();
+    fleet.wait("every agent connected", |api, _| {
+        let agents = api.get("/api/v1/agents");
+        let list = agents.as_array()?;
+        all.iter()
+            .all(|id| {
+                list.iter()
+                    .any(|a| a["id"] == id.as_str() && a["connected"] == true)
+            })
+            .then_some(())
+    });
+    let leader = fleet.wait("a leader reported for both segments", |api, _| {
+        let first = api.leader_of("seg-0")?;
+        api.leader_of("seg-1")?;
+        Some(first)
+    });
+    assert!(
+        ids[..per_segment].contains(&leader),
+        "segment 0's leader {leader} is not one of its agents"
+    );
+    let led = leader.clone();
+    fleet.wait("the leader's own status naming it leader", |_, dir| {
+        (status_of(dir, &led)?["segment"]["is_leader"] == true).then_some(())
+    });
+
+    // The job: 12 MiB at 1 MiB/s per agent takes well over ten seconds.
+    let content = fleet.dir.path().join("content.bin");
+    let bytes: Vec<u8> = (0..SIZE as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&content, &bytes).unwrap();
+    let job = fleet.api.call(
+        "/api/v1/jobs",
+        Some(serde_json::json!({
+            "path": content, "name": "leader-kill", "chunk_size": 32 * 1024,
+            "targets": { "agents": ids },
+        })),
+    );
+    let job_id = job["id"].as_u64().expect("job id");
+    // Mid-job: the leader holds some chunks, not all.
+    let led = leader.clone();
+    fleet.wait("the leader to be part-way through the job", |api, _| {
+        let job = api.get(&format!("/api/v1/jobs/{job_id}"));
+        let p = job["participants"]
+            .as_array()?
+            .iter()
+            .find(|p| p["agent"] == led.as_str())?
+            .clone();
+        let (v, t) = (p["verified"].as_u64()?, p["total"].as_u64()?);
+        (v > 0 && v < t / 2).then_some(())
+    });
+    fleet.kill(&leader);
+    let killed_at = Instant::now();
+    let gone = leader.clone();
+    let new_leader = fleet.wait("a new leader for segment 0", |api, _| {
+        api.leader_of("seg-0").filter(|l| *l != gone)
+    });
+    let took = killed_at.elapsed();
+    let bound = Duration::from_millis(LEADER_TIMEOUT_MS + BEACON_MS + REPORT_ALLOWANCE_MS);
+    eprintln!("leader {leader} killed; {new_leader} reported after {took:?} (bound {bound:?})");
+    assert!(
+        took <= bound,
+        "the new leader was reported after {took:?}, beyond {bound:?}"
+    );
+    assert!(ids[..per_segment].contains(&new_leader));
+    let nl = new_leader.clone();
+    fleet.wait("the new leader's own status naming it leader", |_, dir| {
+        (status_of(dir, &nl)?["segment"]["is_leader"] == true).then_some(())
+    });
+
+    // Every live agent confirms and holds the content; the killed one is given up.
+    let job = fleet.wait("the job to finish", |api, _| {
+        let job = api.get(&format!("/api/v1/jobs/{job_id}"));
+        let parts = job["participants"].as_array()?;
+        parts
+            .iter()
+            .all(|p| matches!(p["state"].as_str(), Some("confirmed" | "failed")))
+            .then(|| job.clone())
+    });
+    for id in &ids {
+        let p = job["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["agent"] == id.as_str())
+            .unwrap_or_else(|| panic!("{id} is not in the job: {job}"));
+        if *id == leader {
+            continue;
+        }
+        assert_eq!(p["state"], "confirmed", "{id}: {p}");
+        let export = fleet.dir.path().join(id).join("export.bin");
+        let copy = fleet.wait("an exported copy", |_, _| std::fs::read(&export).ok());
+        assert!(copy == bytes, "{id}'s copy differs from the content");
+    }
+    drop(fleet);
+    drop(lab);
 }

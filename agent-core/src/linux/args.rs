@@ -82,6 +82,22 @@ pub struct AgentArgs {
     /// Exit with status 0 after the first Done.
     #[arg(long)]
     pub exit_when_done: bool,
+    /// Relative performance score 1..=1000 (default 100), reported and used in the segment election.
+    #[arg(long, value_name = "N")]
+    pub performance: Option<u32>,
+    /// UDP port for segment discovery (default 7790; 0 turns discovery off).
+    #[arg(long, value_name = "PORT")]
+    pub discovery_port: Option<u16>,
+    /// Broadcast address beacons go to (default 255.255.255.255; 127.255.255.255 on one host).
+    #[arg(long, value_name = "ADDR")]
+    pub discovery_broadcast: Option<String>,
+    /// Milliseconds between two segment beacons (default 1000).
+    #[arg(long, value_name = "MS")]
+    pub beacon_interval_ms: Option<u64>,
+    /// Milliseconds after which a silent segment member, the leader included, is dropped
+    /// (default 3000); a silent leader is replaced within this plus one beacon interval.
+    #[arg(long, value_name = "MS")]
+    pub leader_timeout_ms: Option<u64>,
 }
 
 /// Accepts a size as a TOML string ("10MiB") or integer (65536).
@@ -123,6 +139,11 @@ impl AgentArgs {
         or(&mut self.on_complete, file.on_complete);
         or(&mut self.status_file, file.status_file);
         or(&mut self.max_storage, file.max_storage);
+        or(&mut self.performance, file.performance);
+        or(&mut self.discovery_port, file.discovery_port);
+        or(&mut self.discovery_broadcast, file.discovery_broadcast);
+        or(&mut self.beacon_interval_ms, file.beacon_interval_ms);
+        or(&mut self.leader_timeout_ms, file.leader_timeout_ms);
         if self.label.is_empty() {
             self.label = file.label;
         }
@@ -165,7 +186,7 @@ mod test {
         let path = dir.path().join("agent.toml");
         std::fs::write(
             &path,
-            "manager = \"10.0.0.1:7000\"\nid = \"file-id\"\nup-bps = 65536\ndown-bps = \"1MiB\"\nlabel = [\"role=edge\"]\nexit-when-done = true\n",
+            "manager = \"10.0.0.1:7000\"\nid = \"file-id\"\nup-bps = 65536\ndown-bps = \"1MiB\"\nlabel = [\"role=edge\"]\nexit-when-done = true\ndiscovery-port = 7000\nleader-timeout-ms = 1500\n",
         )
         .unwrap();
         let cli = Cli::parse_from([
@@ -176,6 +197,8 @@ mod test {
             "flag-id",
             "--label",
             "tier=1",
+            "--discovery-port",
+            "7999",
         ]);
         let args = cli.args.resolve().unwrap();
         assert_eq!(args.manager.as_deref(), Some("10.0.0.1:7000"));
@@ -184,6 +207,8 @@ mod test {
         assert_eq!(args.down_bps.as_deref(), Some("1MiB"));
         assert_eq!(args.label, ["tier=1"]);
         assert!(args.exit_when_done);
+        assert_eq!(args.discovery_port, Some(7999));
+        assert_eq!(args.leader_timeout_ms, Some(1500));
     }
 
     #[test]

@@ -9,9 +9,15 @@
 //! backoff; peers connect to the listener and must show a certificate signed
 //! by the manager; outgoing peer connections pin the key the manager named.
 //! Rate limits (`--up-bps`, `--down-bps`) are process-wide.
+//!
+//! Segment discovery (`--discovery-port`, 0 = off) runs beside the agent: a
+//! [`Segment`] fed from the discovery sockets (see [`super::discovery`]),
+//! started once the manager's `Welcome` gave the agent its certificate. Its
+//! report pages go out on the manager session; the agent's report carries
+//! the peer delays it measures.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
@@ -21,7 +27,9 @@ use baton_protocol::identity::{AgentCert, Identity};
 
 use baton_protocol::message::CHUNK_OVERHEAD;
 use baton_protocol::session::{Hello, MAX_TOKEN_LEN, Role};
-use baton_protocol::{AgentId, JobRef, Label, LinkInfo, MAX_FRAME, PeerAddr, PublicKey, caps};
+use baton_protocol::{
+    AgentId, JobRef, Label, LinkInfo, MAX_DELAYS, MAX_FRAME, Message, PeerAddr, PublicKey, caps,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -30,11 +38,13 @@ use tokio::time::Instant;
 use super::meter::LinkMeter;
 
 use super::args::AgentArgs;
+use super::discovery::DiscoverySockets;
 use super::link::{self, Limits, Link, LinkError};
 use super::rate::RateLimiter;
 use super::size::parse_size;
 use super::store::{DirStore, DirStoreError, export};
 use crate::agent::{Agent, AgentConfig, ConnId, Direction, Event, JobState, PeerInfo};
+use crate::segment::{Destination, Segment, SegmentConfig, SegmentEvent};
 use crate::store::ContentStore;
 
 /// The Linux agent: a directory store, up to 4 concurrent jobs and 64 peer connections.
@@ -135,8 +145,18 @@ fn bounded<const N: usize>(s: &str, what: &str) -> Result<heapless::String<N>, A
         .map_err(|_| config_err(format!("{what} is longer than {N} bytes")))
 }
 
+/// Segment discovery settings.
+#[derive(Clone, Debug)]
+struct DiscoverySettings {
+    port: u16,
+    broadcast: Ipv4Addr,
+    beacon_interval: Duration,
+    leader_timeout: Duration,
+}
+
 /// Everything the driver needs, checked.
 struct Settings {
+    discovery: Option<DiscoverySettings>,
     manager: String,
     manager_key: PublicKey,
     data_dir: PathBuf,
@@ -186,6 +206,12 @@ impl Settings {
                 .push(parse_key(k, "--publisher-key")?)
                 .map_err(|_| config_err("at most 4 publisher keys"))?;
         }
+        if let Some(p) = a.performance {
+            if !(1..=1000).contains(&p) {
+                return Err(config_err("--performance must be 1..=1000"));
+            }
+            config.performance = p;
+        }
         config.max_peers = a.max_peers.unwrap_or(DEFAULT_MAX_PEERS);
         if usize::from(config.max_peers) >= LINUX_PEERS {
             return Err(config_err(format!(
@@ -219,7 +245,38 @@ impl Settings {
                     .map_err(|e| config_err(format!("--advertise {s:?}: {e}")))
             })
             .transpose()?;
+        let port = a
+            .discovery_port
+            .unwrap_or(baton_protocol::discovery::DEFAULT_DISCOVERY_PORT);
+        let discovery = if port == 0 {
+            None
+        } else {
+            let broadcast = a
+                .discovery_broadcast
+                .as_deref()
+                .unwrap_or("255.255.255.255");
+            let broadcast = broadcast
+                .parse::<Ipv4Addr>()
+                .map_err(|e| config_err(format!("--discovery-broadcast {broadcast:?}: {e}")))?;
+            let beacon_interval = Duration::from_millis(a.beacon_interval_ms.unwrap_or(1000));
+            let leader_timeout = Duration::from_millis(a.leader_timeout_ms.unwrap_or(3000));
+            if beacon_interval.is_zero() {
+                return Err(config_err("--beacon-interval-ms must be at least 1"));
+            }
+            if leader_timeout <= beacon_interval {
+                return Err(config_err(
+                    "--leader-timeout-ms must be longer than --beacon-interval-ms",
+                ));
+            }
+            Some(DiscoverySettings {
+                port,
+                broadcast,
+                beacon_interval,
+                leader_timeout,
+            })
+        };
         Ok(Settings {
+            discovery,
             manager: need(&a.manager, "manager")?,
             manager_key: parse_key(&need(&a.manager_key, "manager-key")?, "--manager-key")?,
             data_dir: a
@@ -259,6 +316,7 @@ enum Input {
     ConnectFailed(AgentId),
     Frame(ConnId, Vec<u8>),
     Closed(ConnId),
+    Datagram(SocketAddr, Vec<u8>),
 }
 
 /// Shared by the connection tasks.
@@ -535,6 +593,38 @@ struct StatusJson<'a> {
     wire_bytes_sent: u64,
     wire_bytes_received: u64,
     jobs: Vec<&'a JobJson>,
+    /// `null` when discovery is off.
+    segment: Option<SegmentJson>,
+}
+
+/// The status file's view of the segment (contract C2).
+#[derive(Debug, serde::Serialize, PartialEq)]
+struct SegmentJson {
+    name: String,
+    leader: Option<String>,
+    is_leader: bool,
+    members: usize,
+    term: u32,
+    score: u32,
+}
+
+impl SegmentJson {
+    fn of(seg: &Segment) -> SegmentJson {
+        SegmentJson {
+            name: seg.config().segment.to_string(),
+            leader: seg.leader().map(|l| l.to_string()),
+            is_leader: seg.is_leader(),
+            members: seg.member_count(),
+            term: seg.term(),
+            score: seg.score(),
+        }
+    }
+}
+
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 fn state_name(s: JobState) -> std::borrow::Cow<'static, str> {
@@ -623,6 +713,23 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         ..Limits::default()
     };
     let (inputs, mut in_rx) = mpsc::channel::<Input>(1024);
+    let sockets = match &s.discovery {
+        Some(d) => Some(
+            DiscoverySockets::bind(d.port, d.broadcast).map_err(|source| {
+                AgentRunError::Listen {
+                    addr: format!("udp 0.0.0.0:{}", d.port),
+                    source,
+                }
+            })?,
+        ),
+        None => None,
+    };
+    let mut segment: Option<Segment> = s.discovery.as_ref().map(|d| {
+        let mut config = SegmentConfig::new(s.config.id.clone(), s.config.segment.clone());
+        config.beacon_interval = d.beacon_interval;
+        config.leader_timeout = d.leader_timeout;
+        Segment::new(config, identity.clone(), s.manager_key)
+    });
     let shared = Shared {
         identity,
         id: s.config.id.clone(),
@@ -639,6 +746,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         agent.set_listen(Some(bound.into()));
     }
     let mut tasks = JoinSet::new();
+    if let Some(sockets) = &sockets {
+        sockets.spawn_readers(shared.inputs.clone(), Input::Datagram, &mut tasks);
+        tracing::info!(port = %sockets.broadcast.port(), broadcast = %sockets.broadcast, "segment discovery on");
+    }
+    let mut datagram = vec![0u8; baton_protocol::discovery::MAX_DATAGRAM];
     tasks.spawn(accept_loop(shared.clone(), listener));
     tasks.spawn(manager_loop(
         shared.clone(),
@@ -669,6 +781,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
 
     loop {
         let deadline = agent.poll_timeout().map(|d| origin + d);
+        let segment_deadline = segment
+            .as_ref()
+            .and_then(|seg| seg.poll_timeout())
+            .map(|d| origin + d);
         tokio::select! {
             input = in_rx.recv() => {
                 let Some(input) = input else { break };
@@ -692,9 +808,18 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                     Input::Frame(conn, frame) => {
                         if let Err(e) = agent.handle_frame(now, conn, &frame) {
                             tracing::warn!(?conn, "refused frame: {e}");
-                            if e.must_close() && conn != ConnId::MANAGER {
+                            if e.must_close() {
+                                // Dropping the sender ends the connection; the manager
+                                // session is then re-established by its loop.
                                 conns.remove(&conn);
                             }
+                        }
+                    }
+                    Input::Datagram(from, bytes) => {
+                        if let Some(seg) = segment.as_mut()
+                            && let Err(e) = seg.handle_datagram(now, from, &bytes)
+                        {
+                            tracing::debug!(%from, "discovery datagram dropped: {e}");
                         }
                     }
                     Input::Closed(conn) => {
@@ -705,6 +830,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
             }
             _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => {
                 agent.handle_timeout(origin.elapsed());
+            }
+            _ = async { tokio::time::sleep_until(segment_deadline.unwrap_or_else(Instant::now)).await }, if segment_deadline.is_some() => {
+                if let Some(seg) = segment.as_mut() {
+                    seg.handle_tick(origin.elapsed());
+                }
             }
             _ = status_tick.tick() => status_due = true,
             _ = meter_tick.tick(), if s.up.is_none() || s.down.is_none() => {
@@ -750,6 +880,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 Event::Welcomed => {
                     *shared.cert.write().unwrap_or_else(|e| e.into_inner()) = agent.cert().cloned();
                     tracing::info!("welcomed by the manager");
+                    if let (Some(seg), Some(cert)) = (segment.as_mut(), agent.cert()) {
+                        seg.set_capabilities(now, agent.capabilities());
+                        seg.start(now, cert.clone(), unix_micros());
+                    }
                 }
                 Event::JobStarted {
                     job,
@@ -806,6 +940,52 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 Event::Ignored { what } => tracing::debug!("ignored: {what}"),
             }
         }
+        if let (Some(seg), Some(sockets)) = (segment.as_mut(), &sockets) {
+            if status_due {
+                // Capabilities and delays move slowly: exchange them on the status tick.
+                seg.set_capabilities(now, agent.capabilities());
+                let delays: heapless::Vec<_, MAX_DELAYS> = seg.peer_delays();
+                agent.set_peer_delays(&delays);
+                while let Some(t) = agent.poll_transmit(now, &mut buf) {
+                    if let Some(tx) = conns.get(&t.conn) {
+                        let _ = tx.send(buf[..t.len].to_vec());
+                    }
+                }
+            }
+            while let Some(out) = seg.poll_transmit(now, &mut datagram) {
+                let to = match out.to {
+                    Destination::Broadcast => sockets.broadcast,
+                    Destination::Unicast(addr) => addr,
+                };
+                sockets.send(to, &datagram[..out.len]);
+            }
+            while let Some(page) = seg.poll_report(now) {
+                match conns.get(&ConnId::MANAGER) {
+                    Some(tx) if agent.manager_connected() => {
+                        tracing::debug!(
+                            term = page.term,
+                            page = page.page,
+                            pages = page.pages,
+                            "segment report"
+                        );
+                        let _ = tx.send(Message::SegmentReport(page).to_vec());
+                    }
+                    _ => tracing::debug!("segment report dropped: manager session down"),
+                }
+            }
+            while let Some(ev) = seg.poll_event() {
+                status_due = true;
+                match ev {
+                    SegmentEvent::LeaderChanged { leader, is_self } => {
+                        tracing::info!(%leader, is_self, "segment leader changed");
+                    }
+                    SegmentEvent::MemberJoined { id } => {
+                        tracing::info!(%id, "segment member joined")
+                    }
+                    SegmentEvent::MemberLeft { id } => tracing::info!(%id, "segment member left"),
+                }
+            }
+        }
         // Keep the jobs' figures current (cheap: no allocation once a job is known), but
         // serialise and write the status file only on the tick, after events, and at exit.
         for j in agent.jobs() {
@@ -843,6 +1023,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 wire_bytes_sent: limits.sent.load(Ordering::Relaxed),
                 wire_bytes_received: limits.received.load(Ordering::Relaxed),
                 jobs: jobs_json.values().collect(),
+                segment: segment.as_ref().map(SegmentJson::of),
             };
             let text = serde_json::to_string_pretty(&status).unwrap_or_default();
             if text != last_status {

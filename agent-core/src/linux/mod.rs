@@ -5,6 +5,7 @@
 //! protocol decisions are made in this module.
 
 pub mod args;
+pub mod discovery;
 pub mod driver;
 pub mod flash;
 pub mod link;

@@ -1,12 +1,14 @@
 //! The `baton` command's subcommands, and the HTTP client the client commands share.
 //!
 //! `baton serve` runs the manager in this process; every other manager
-//! command (`enroll`, `push`, `jobs`, `job`, `agents`) is a client of its
+//! command (`enroll`, `push`, `jobs`, `job`, `agents`, `segments`, `groups`,
+//! `policies`) is a client of its
 //! HTTP API. The client finds the manager through `--manager-url` and
 //! `--admin-token`, or else through the manager's data directory: `admin.token`
 //! and the `serve.json` a running manager keeps there.
 
 pub mod admin;
+pub mod fleet;
 pub mod push;
 pub mod serve;
 pub mod show;
@@ -153,6 +155,36 @@ impl Client {
         self.check(resp)?
             .read_json()
             .with_context(|| format!("unexpected answer to POST {path}"))
+    }
+
+    /// `PUT path` with a JSON body, answer as JSON.
+    pub fn put<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<T> {
+        let resp = self
+            .agent
+            .put(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .send_json(body)
+            .map_err(|e| self.unreachable(e))?;
+        self.check(resp)?
+            .read_json()
+            .with_context(|| format!("unexpected answer to PUT {path}"))
+    }
+
+    /// `DELETE path`, answer as JSON.
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let resp = self
+            .agent
+            .delete(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call()
+            .map_err(|e| self.unreachable(e))?;
+        self.check(resp)?
+            .read_json()
+            .with_context(|| format!("unexpected answer to DELETE {path}"))
     }
 
     /// Follows a server-sent events stream, calling `on_event(name, data)` until it ends or

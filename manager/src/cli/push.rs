@@ -1,4 +1,5 @@
-//! `baton push FILE`: publish a file and distribute it; with `--wait`, follow it to the end.
+//! `baton push FILE`: publish a file and distribute it (to agents, all, or a content group,
+//! under a named policy); with `--wait`, follow it to the end.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,13 +22,19 @@ pub struct PushArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        conflicts_with = "all",
-        required_unless_present = "all"
+        conflicts_with_all = ["all", "group"],
+        required_unless_present_any = ["all", "group"]
     )]
     pub agents: Vec<String>,
     /// Target every agent connected now, and every agent that connects while the job runs.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "group")]
     pub all: bool,
+    /// Target the members of this content group (resolved when the job is created).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Distribute under this named policy (`baton policies`; default: the planner's defaults).
+    #[arg(long)]
+    pub policy: Option<String>,
     /// Content name (default: the file name).
     #[arg(long)]
     pub name: Option<String>,
@@ -161,7 +168,9 @@ pub fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     let client = Client::new(&args.client)?;
     let path = std::fs::canonicalize(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let targets = if args.all {
+    let targets = if args.group.is_some() {
+        Value::Null
+    } else if args.all {
         json!({ "all": true })
     } else {
         let agents: Vec<&str> = args
@@ -175,7 +184,15 @@ pub fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
         }
         json!({ "agents": agents })
     };
-    let mut body = json!({ "path": path, "targets": targets });
+    let mut body = json!({ "path": path });
+    if let Some(g) = &args.group {
+        body["group"] = json!(g);
+    } else {
+        body["targets"] = targets;
+    }
+    if let Some(p) = &args.policy {
+        body["policy"] = json!(p);
+    }
     if let Some(n) = &args.name {
         body["name"] = json!(n);
     }

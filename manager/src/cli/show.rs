@@ -62,7 +62,8 @@ pub struct AgentsArgs {
     pub client: ClientOpts,
 }
 
-fn text(v: &Value) -> String {
+/// A JSON value as a table cell (`-` for null).
+pub fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -70,7 +71,8 @@ fn text(v: &Value) -> String {
     }
 }
 
-fn rate(v: &Value) -> String {
+/// Bytes per second as a table cell (`-` for none or 0).
+pub fn rate(v: &Value) -> String {
     match v.as_u64() {
         Some(0) | None => "-".into(),
         Some(b) => format!("{}/s", format_size(b)),
@@ -78,7 +80,7 @@ fn rate(v: &Value) -> String {
 }
 
 /// Prints rows as aligned columns.
-fn table(header: &[&str], rows: &[Vec<String>]) {
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -236,6 +238,15 @@ pub fn print_job(job: &Value) {
     println!("root {}", text(&content["root"]));
     if let Some(err) = job["error"].as_str() {
         println!("error: {err}");
+    }
+    if let Some(group) = job["group"].as_str() {
+        println!("group {group}");
+    }
+    if let Some(policy) = job["policy"].as_str() {
+        println!("policy {policy}");
+    }
+    for warning in job["warnings"].as_array().into_iter().flatten() {
+        println!("warning: {}", warning.as_str().unwrap_or("?"));
     }
     let parts = job["participants"].as_array().cloned().unwrap_or_default();
     println!(

@@ -40,11 +40,15 @@ use baton_protocol::Manifest;
 use baton_protocol::message::{
     FailReason, MAX_SOURCES_PER_MESSAGE, Message, Received, Report, Source, SourceRange, Trouble,
 };
-use baton_protocol::types::{AgentId, JobRef, PublicKey};
+use baton_protocol::types::{AgentId, JobRef, Name, PublicKey};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::planner::{Holder, NodeInfo, Policy, Profile, RelayPlan, Seed, Segments, prioritize};
+
+mod policy;
+
+pub use policy::{format_duration, format_rate};
 
 /// Settings of the engine, the same for every job.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -264,6 +268,14 @@ pub enum EngineEvent {
         /// Participants that failed or were given up.
         failed: u32,
     },
+    /// A rule of the job's policy cannot be met as asked; `text` says which and what happens
+    /// instead (for the job's stored warnings, the UI and the logs). Each text once per job.
+    PolicyWarning {
+        /// The job.
+        job: u64,
+        /// What cannot be met, for people.
+        text: String,
+    },
 }
 
 /// How a job stands as a whole.
@@ -307,6 +319,10 @@ pub struct JobStatus {
     pub failed: u32,
     /// Every participant, in the order of the prioritized list (late joiners last).
     pub participants: Vec<ParticipantStatus>,
+    /// Policy rules that cannot be met (see [`EngineEvent::PolicyWarning`]).
+    pub warnings: Vec<String>,
+    /// While the job waits for its policy's time window: when it opens (engine time).
+    pub opens_at: Option<Duration>,
 }
 
 /// Why the engine refused an input. Nothing changed.
@@ -400,6 +416,12 @@ struct Part {
     deadline: Option<Duration>,
     /// `NextPlease`s without progress in between.
     pleas: u8,
+    /// Its LAN segment's number in the job's [`Segments`] (`0` = unknown).
+    segment: u32,
+    /// `segment` was worked out from a report (and the participant listed on its segment).
+    segment_known: bool,
+    /// The rate cap last sent to it with `Throttle` on its current instruction (`0` = none).
+    throttle: u64,
 }
 
 impl Part {
@@ -420,6 +442,9 @@ impl Part {
             sources_queued: false,
             deadline: None,
             pleas: 0,
+            segment: 0,
+            segment_known: false,
+            throttle: 0,
         }
     }
 }
@@ -430,6 +455,7 @@ enum Out {
     Fetch { job: u64, part: u32 },
     Sources { job: u64, part: u32 },
     End { job: u64, part: u32 },
+    Throttle { job: u64, part: u32 },
 }
 
 /// The engine's output queues and timers, apart from the jobs so both can be borrowed.
@@ -449,6 +475,8 @@ struct Ctx<'a> {
     agents: &'a HashMap<AgentId, Agent>,
     config: &'a EngineConfig,
     now: Duration,
+    /// Segment leaders from the segment reports.
+    leaders: &'a HashMap<Name, AgentId>,
 }
 
 /// One job.
@@ -470,6 +498,16 @@ struct Job {
     failed: u32,
     /// Segment names numbered for the plan.
     segments: Segments,
+    /// Participants per named segment's number (for per-segment rate caps).
+    segment_parts: HashMap<u32, Vec<u32>>,
+    /// Policy rules that cannot be met, in the order they were found.
+    warnings: Vec<String>,
+    /// While the job waits for its time window: when the window opens (engine time).
+    opens_at: Option<Duration>,
+    /// Segments whose participants' rate caps must be worked out again.
+    throttle_segments: BTreeSet<u32>,
+    /// Participants (outside named segments) whose rate cap must be worked out again.
+    throttle_parts: Vec<u32>,
 }
 
 /// The manager's job engine. See the [module documentation](self) for the calling convention.
@@ -482,6 +520,10 @@ pub struct Engine {
     /// Agent → the jobs it takes part in, with its participant index.
     memberships: HashMap<AgentId, Vec<(u64, u32)>>,
     out: Outputs,
+    /// The elected leader of each segment, from the segment reports.
+    leaders: HashMap<Name, AgentId>,
+    /// Wall clock anchor: engine time and UTC seconds at the same instant.
+    wall: Option<(Duration, u64)>,
 }
 
 impl Engine {
@@ -494,6 +536,40 @@ impl Engine {
             jobs: BTreeMap::new(),
             memberships: HashMap::new(),
             out: Outputs::default(),
+            leaders: HashMap::new(),
+            wall: None,
+        }
+    }
+
+    /// Tells the engine the wall clock: at engine time `now` it is `unix_secs` (UTC). Policy
+    /// time windows need it; call it at start and whenever the driver's tick runs (the engine
+    /// extrapolates from the latest anchor with its monotonic time).
+    pub fn set_wall_clock(&mut self, now: Duration, unix_secs: u64) {
+        self.wall = Some((now, unix_secs));
+    }
+
+    /// UTC seconds at engine time `now`, if the wall clock is known.
+    fn unix_at(&self, now: Duration) -> Option<u64> {
+        self.wall.map(|(at, unix)| {
+            if now >= at {
+                unix + (now - at).as_secs()
+            } else {
+                unix.saturating_sub((at - now).as_secs())
+            }
+        })
+    }
+
+    /// Records `leader` as the elected leader of `segment` (from its segment report), or
+    /// forgets the segment's leader (`None`). Plans made from now on let content enter the
+    /// segment through the leader first, if it may serve.
+    pub fn set_segment_leader(&mut self, segment: &Name, leader: Option<AgentId>) {
+        match leader {
+            Some(l) => {
+                self.leaders.insert(segment.clone(), l);
+            }
+            None => {
+                self.leaders.remove(segment);
+            }
         }
     }
 
@@ -547,6 +623,7 @@ impl Engine {
             agents: &self.agents,
             config: &self.config,
             now,
+            leaders: &self.leaders,
         };
         for (job_id, idx) in memberships {
             if let Some(job) = self.jobs.get_mut(&job_id) {
@@ -567,6 +644,7 @@ impl Engine {
             agents: &self.agents,
             config: &self.config,
             now,
+            leaders: &self.leaders,
         };
         for (job_id, idx) in memberships {
             if let Some(job) = self.jobs.get_mut(&job_id) {
@@ -594,6 +672,12 @@ impl Engine {
             | Message::NextPlease { job }
             | Message::PeerTrouble { job, .. } => *job,
             Message::Ping { .. } | Message::Pong { .. } => return Ok(()),
+            Message::SegmentReport(report) => {
+                if report.leader == *from {
+                    self.set_segment_leader(&report.segment, Some(from.clone()));
+                }
+                return Ok(());
+            }
             other => return Err(EngineError::Unexpected { kind: other.kind() }),
         };
         let job_id = job_ref.id;
@@ -632,6 +716,7 @@ impl Engine {
             agents: &self.agents,
             config: &self.config,
             now,
+            leaders: &self.leaders,
         };
         if job.outcome != JobOutcome::Running {
             // The list is exhausted; remind a participant that asks.
@@ -705,31 +790,25 @@ impl Engine {
             .map(|(id, _)| id)
             .chain(offline)
             .collect();
-        let mut segments = Segments::default();
-        let seeds: Vec<Seed> = order
-            .iter()
-            .map(|id| Seed {
-                info: self
-                    .agents
-                    .get(id)
-                    .filter(|a| a.online)
-                    .map(|a| node_info(&spec.policy, &mut segments, id, &a.profile)),
+        let chunks = spec.manifest.chunks();
+        let mut job = Job::new(spec, chunks, None);
+        for id in &order {
+            job.add_part(id.clone(), ParticipantState::Waiting);
+        }
+        let seeds: Vec<Seed> = (0..order.len() as u32)
+            .map(|idx| Seed {
+                info: job.online_info(&self.agents, &self.leaders, idx),
                 ..Seed::default()
             })
             .collect();
-        let chunks = spec.manifest.chunks();
-        let plan = RelayPlan::build(chunks, self.config.manager_up_bps, &spec.policy, &seeds);
+        let plan = RelayPlan::build(chunks, self.config.manager_up_bps, &job.spec.policy, &seeds);
         info!(
             job = job_id,
             participants = order.len(),
             stripes = plan.stripes().len(),
             "job started"
         );
-        let mut job = Job::new(spec, chunks, Some(plan));
-        job.segments = segments;
-        for id in &order {
-            job.add_part(id.clone(), ParticipantState::Waiting);
-        }
+        job.plan = Some(plan);
         self.out.persist.push_back(Persist::JobStarted {
             job: job_id,
             epoch: self.epoch,
@@ -773,17 +852,14 @@ impl Engine {
                 _ => {}
             }
         }
-        let seeds: Vec<Seed> = job
-            .parts
-            .iter()
-            .map(|p| Seed {
-                info: self
-                    .agents
-                    .get(&p.id)
-                    .filter(|a| a.online)
-                    .map(|a| node_info(&job.spec.policy, &mut job.segments, &p.id, &a.profile)),
-                confirmed: p.state == ParticipantState::Confirmed,
-                failed: matches!(p.state, ParticipantState::Failed(_)),
+        let seeds: Vec<Seed> = (0..job.parts.len() as u32)
+            .map(|idx| {
+                let state = job.parts[idx as usize].state;
+                Seed {
+                    info: job.online_info(&self.agents, &self.leaders, idx),
+                    confirmed: state == ParticipantState::Confirmed,
+                    failed: matches!(state, ParticipantState::Failed(_)),
+                }
             })
             .collect();
         job.plan = Some(RelayPlan::build(
@@ -809,6 +885,10 @@ impl Engine {
     /// Registers `job`, instructs its online participants, starts the give-up timers of the
     /// others (the plan is already built and `JobStarted` queued).
     fn begin(&mut self, now: Duration, job_id: u64, mut job: Job) {
+        for text in job.policy_warnings(now, self.unix_at(now), &self.agents, &self.leaders) {
+            job.warn(&mut self.out, job_id, text);
+        }
+        let waiting = job.opens_at.is_some();
         self.out.persist.reserve(job.parts.len());
         self.out.transmit.reserve(job.parts.len());
         for (idx, p) in job.parts.iter().enumerate() {
@@ -822,25 +902,30 @@ impl Engine {
             agents: &self.agents,
             config: &self.config,
             now,
+            leaders: &self.leaders,
         };
         for idx in 0..job.parts.len() as u32 {
             let p = &mut job.parts[idx as usize];
             let state = p.state;
             if cx.agents.get(&p.id).is_some_and(|a| a.online) {
-                if state == ParticipantState::Failed(FailCause::GaveUp) {
+                if state == ParticipantState::Failed(FailCause::GaveUp) && !waiting {
                     // Given up before a restart, but here now: it gets another chance.
                     job.on_online(&mut cx, idx);
                     continue;
                 }
                 p.online = true;
-                if !state.is_terminal() {
+                if waiting {
+                    if state == ParticipantState::Waiting {
+                        job.persist_part(&mut cx, job_id, idx, false);
+                    }
+                } else if !state.is_terminal() {
                     job.instruct(&mut cx, job_id, idx);
                 }
             } else {
                 if state == ParticipantState::Waiting {
                     job.persist_part(&mut cx, job_id, idx, false);
                 }
-                if !state.is_terminal() {
+                if !state.is_terminal() && !waiting {
                     job.arm_give_up(&mut cx, job_id, idx);
                 }
             }
@@ -865,6 +950,7 @@ impl Engine {
             agents: &self.agents,
             config: &self.config,
             now,
+            leaders: &self.leaders,
         };
         info!(job, "job cancelled");
         j.end(&mut cx, job, JobOutcome::Cancelled);
@@ -897,6 +983,7 @@ impl Engine {
             agents: &self.agents,
             config: &self.config,
             now,
+            leaders: &self.leaders,
         };
         while let Some(&(when, job_id, idx)) = cx.out.deadlines.first() {
             if when > now {
@@ -920,6 +1007,9 @@ impl Engine {
             if job.flush_at.is_some_and(|t| t <= now) {
                 job.flush(&mut cx, job_id);
             }
+            if job.opens_at.is_some_and(|t| t <= now) {
+                job.open_window(&mut cx, job_id);
+            }
         }
     }
 
@@ -933,6 +1023,9 @@ impl Engine {
     pub fn poll_transmit(&mut self) -> Option<(AgentId, Message<'static>)> {
         if !self.out.persist.is_empty() {
             return None;
+        }
+        for job in self.jobs.values_mut() {
+            job.settle_throttles(&mut self.out);
         }
         loop {
             if let Some(m) = self.out.staged.pop_front() {
@@ -949,10 +1042,15 @@ impl Engine {
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called: the earliest
-    /// give-up deadline or progress flush.
+    /// give-up deadline, progress flush or opening of a job's time window.
     pub fn poll_timeout(&self) -> Option<Duration> {
         let deadline = self.out.deadlines.first().map(|d| d.0);
-        let flush = self.jobs.values().filter_map(|j| j.flush_at).min();
+        let flush = self
+            .jobs
+            .values()
+            .flat_map(|j| [j.flush_at, j.opens_at])
+            .flatten()
+            .min();
         match (deadline, flush) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -980,6 +1078,8 @@ impl Engine {
                     sources: j.distinct_sources(idx as u32),
                 })
                 .collect(),
+            warnings: j.warnings.clone(),
+            opens_at: j.opens_at,
         })
     }
 
@@ -1035,6 +1135,26 @@ impl Engine {
                     ));
                 }
             }
+            Out::Throttle { job: job_id, part } => {
+                let Some(job) = self.jobs.get(&job_id) else {
+                    return;
+                };
+                let p = &job.parts[part as usize];
+                if job.outcome != JobOutcome::Running
+                    || !p.online
+                    || !p.instructed
+                    || p.state.is_terminal()
+                {
+                    return;
+                }
+                self.out.staged.push_back((
+                    p.id.clone(),
+                    Message::Throttle {
+                        job: JobRef { id: job_id, epoch },
+                        max_bytes_per_second: p.throttle,
+                    },
+                ));
+            }
             Out::End { job: job_id, part } => {
                 let Some(job) = self.jobs.get(&job_id) else {
                     return;
@@ -1054,20 +1174,18 @@ impl Engine {
     }
 }
 
-/// The relay plan's view of an agent: the policy's, with its segment numbered.
+/// The relay plan's view of an agent: the policy's, with its segment number (`0` unless the
+/// policy keeps content local) and whether it leads its segment.
 fn node_info(
     policy: &Policy,
-    segments: &mut Segments,
+    segment: u32,
+    leaders: &HashMap<Name, AgentId>,
     id: &AgentId,
     profile: &Profile,
 ) -> NodeInfo {
-    let segment = if policy.segment_local {
-        segments.id(&profile.segment)
-    } else {
-        0
-    };
     NodeInfo {
-        segment,
+        segment: if policy.segment_local { segment } else { 0 },
+        leader: leaders.get(&profile.segment) == Some(id),
         ..policy.node_info(id, profile)
     }
 }
@@ -1097,7 +1215,56 @@ impl Job {
             confirmed: 0,
             failed: 0,
             segments: Segments::default(),
+            segment_parts: HashMap::new(),
+            warnings: Vec::new(),
+            opens_at: None,
+            throttle_segments: BTreeSet::new(),
+            throttle_parts: Vec::new(),
         }
+    }
+
+    /// The plan's view of participant `idx` if its agent is online (numbering its segment).
+    fn online_info(
+        &mut self,
+        agents: &HashMap<AgentId, Agent>,
+        leaders: &HashMap<Name, AgentId>,
+        idx: u32,
+    ) -> Option<NodeInfo> {
+        let agent = agents.get(&self.parts[idx as usize].id)?;
+        // Known agents get their segment numbered even when offline (for rate caps).
+        let info = self.info_of(leaders, idx, &agent.profile);
+        agent.online.then_some(info)
+    }
+
+    /// The plan's view of participant `idx` with `profile`; records its segment.
+    fn info_of(
+        &mut self,
+        leaders: &HashMap<Name, AgentId>,
+        idx: u32,
+        profile: &Profile,
+    ) -> NodeInfo {
+        let segment = self.segments.id(&profile.segment);
+        let p = &mut self.parts[idx as usize];
+        if !p.segment_known || p.segment != segment {
+            if p.segment_known
+                && p.segment != 0
+                && let Some(list) = self.segment_parts.get_mut(&p.segment)
+            {
+                list.retain(|&i| i != idx);
+            }
+            if segment != 0 {
+                self.segment_parts.entry(segment).or_default().push(idx);
+            }
+            p.segment = segment;
+            p.segment_known = true;
+        }
+        node_info(
+            &self.spec.policy,
+            segment,
+            leaders,
+            &self.parts[idx as usize].id,
+            profile,
+        )
     }
 
     fn add_part(&mut self, id: AgentId, state: ParticipantState) -> u32 {
@@ -1204,11 +1371,14 @@ impl Job {
         p.state = ParticipantState::Fetching {
             verified: p.verified,
         };
+        // A fresh instruction: whatever cap applies is sent again after the `Fetch`.
+        p.throttle = 0;
         self.persist_part(cx, job_id, idx, true);
         cx.out.transmit.push_back(Out::Fetch {
             job: job_id,
             part: idx,
         });
+        self.mark_throttle(idx);
     }
 
     /// Queues `Sources` for fetchers whose sources changed (those connected and instructed).
@@ -1224,6 +1394,7 @@ impl Job {
                 job: job_id,
                 part: c,
             });
+            self.mark_throttle(c);
         }
     }
 
@@ -1264,7 +1435,7 @@ impl Job {
                 && let Some(agent) = cx.agents.get(&p.id)
                 && !matches!(p.state, ParticipantState::Failed(_))
             {
-                let info = node_info(&self.spec.policy, &mut self.segments, &p.id, &agent.profile);
+                let info = self.info_of(cx.leaders, idx, &agent.profile);
                 let plan = self.plan.as_mut().expect("running jobs have a plan");
                 let changed: Vec<u32> = plan
                     .place(idx, info)
@@ -1284,18 +1455,15 @@ impl Job {
         let Some(agent) = cx.agents.get(&self.parts[idx as usize].id) else {
             return;
         };
-        let info = node_info(
-            &self.spec.policy,
-            &mut self.segments,
-            &self.parts[idx as usize].id,
-            &agent.profile,
-        );
+        let info = self.info_of(cx.leaders, idx, &agent.profile);
+        let waiting = self.opens_at.is_some();
         let plan = self.plan.as_mut().expect("running jobs have a plan");
         match self.parts[idx as usize].state {
             ParticipantState::Confirmed => {
                 plan.place(idx, info);
             }
             ParticipantState::Failed(FailCause::Agent(_)) => {}
+            ParticipantState::Failed(FailCause::GaveUp) if waiting => {}
             ParticipantState::Failed(FailCause::GaveUp) => {
                 info!(job = job_id, agent = %self.parts[idx as usize].id, "given-up participant is back");
                 self.failed -= 1;
@@ -1305,7 +1473,9 @@ impl Job {
             }
             ParticipantState::Waiting | ParticipantState::Fetching { .. } => {
                 plan.place(idx, info);
-                self.instruct(cx, job_id, idx);
+                if !waiting {
+                    self.instruct(cx, job_id, idx);
+                }
             }
         }
     }
@@ -1327,7 +1497,8 @@ impl Job {
             .map(|plan| plan.depart(idx))
             .unwrap_or_default();
         self.resend_sources(cx, job_id, &changed);
-        if !self.parts[idx as usize].state.is_terminal() {
+        self.mark_throttle(idx);
+        if !self.parts[idx as usize].state.is_terminal() && self.opens_at.is_none() {
             self.arm_give_up(cx, job_id, idx);
         }
     }
@@ -1425,6 +1596,7 @@ impl Job {
         if let Some(plan) = &mut self.plan {
             plan.confirm(idx);
         }
+        self.mark_throttle(idx);
         self.persist_part(cx, job_id, idx, false);
         cx.out.events.push_back(EngineEvent::Confirmed {
             job: job_id,
@@ -1443,6 +1615,7 @@ impl Job {
             .as_mut()
             .map(|plan| plan.fail(idx))
             .unwrap_or_default();
+        self.mark_throttle(idx);
         self.persist_part(cx, job_id, idx, false);
         let agent = self.parts[idx as usize].id.clone();
         info!(job = job_id, agent = %agent, %cause, "participant failed");

@@ -11,7 +11,7 @@
 //! | `POST /api/v1/agents` | enrol `{id, key}` (key: 64 hex digits, Ed25519) |
 //! | `POST /api/v1/enrolment-tokens` | a new one-time enrolment token |
 //! | `GET /api/v1/jobs` | jobs, newest first, with counts |
-//! | `POST /api/v1/jobs` | publish `{path, name?, version?, chunk_size?}` and distribute it to `targets: {all: true}` or `{agents: [..]}` |
+//! | `POST /api/v1/jobs` | publish `{path, name?, version?, chunk_size?}` and distribute it to `targets: {all: true}` or `{agents: [..]}`, or to `group: NAME`; `policy`: a policy's name or its fields |
 //! | `GET /api/v1/jobs/{id}` | a job: participants, verified/total, confirmations, bytes per source |
 //! | `POST /api/v1/jobs/{id}/cancel` | cancel a job |
 //! | `GET /api/v1/jobs/{id}/events` | server-sent events: a `snapshot` (the job as above), then `event`s ([`JobEvent`]) until the job ends |

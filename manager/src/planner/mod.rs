@@ -253,6 +253,14 @@ impl Segments {
         let next = self.ids.len() as u32 + 1;
         *self.ids.entry(segment.clone()).or_insert(next)
     }
+
+    /// The name numbered `id`, if any.
+    pub fn name(&self, id: u32) -> Option<&Name> {
+        self.ids
+            .iter()
+            .find(|(_, n)| **n == id)
+            .map(|(name, _)| name)
+    }
 }
 
 /// The part of a [`Report`] the planner and engine keep per agent (compact: no labels or holdings).

@@ -1,0 +1,235 @@
+//! `baton demo --segments K`: the demo across K LAN segments in network namespaces.
+//!
+//! The lab ([`baton_manager::lab`]) puts the manager behind a router and the
+//! agents, spread evenly, into K segment bridges, each behind its own WAN
+//! link shaped with htb. Agents run discovery on their segment's broadcast
+//! address; the demo waits until the manager has a segment report with a
+//! leader from every segment, runs one job, and reads from the router's
+//! counters how many bytes crossed each WAN link into its segment during
+//! the job. The demo's own thread moves into the manager's namespace to
+//! reach the API on the manager's loopback; everything is removed at the
+//! end, also on failure (children first, then the namespaces).
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail};
+use baton_manager::lab::{Lab, LinkShape, Topology, netns};
+use serde_json::Value;
+
+use super::{
+    DemoArgs, DemoReport, Fleet, LinkProfile, START_TIMEOUT, Scratch, agent_ids, catch_interrupts,
+    write_random,
+};
+
+/// The manager's agent port inside the lab.
+pub const MANAGER_PORT: u16 = 7700;
+/// Every agent's peer port inside its namespace.
+pub const AGENT_PORT: u16 = 7701;
+/// The UDP port of segment discovery.
+pub const DISCOVERY_PORT: u16 = 7790;
+
+/// The name the demo gives segment `s` (the agents' `--segment`).
+pub fn segment_name(s: usize) -> String {
+    format!("seg-{s}")
+}
+
+/// Runs `baton demo --segments K`.
+pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
+    baton_manager::lab::require_root().map_err(|_| {
+        anyhow!(
+            "`baton demo --segments` builds network namespaces, links and tc rules, so it needs root; run it as root (e.g. with sudo)"
+        )
+    })?;
+    if args.segments > args.agents {
+        bail!(
+            "--segments {} needs at least as many agents (--agents {})",
+            args.segments,
+            args.agents
+        );
+    }
+    catch_interrupts();
+    let exe = std::env::current_exe().context("cannot find the running executable")?;
+    let scratch = Scratch::new("baton-demo-segments", args.keep)?;
+    let dir = scratch.path.clone();
+    let profile = LinkProfile::heterogeneous(args.agents);
+    let content = dir.join("content.bin");
+    let source_sha = write_random(&content, args.size)?;
+
+    // The network: agents' access links shaped to their profile, WAN links to --wan-bps.
+    let shapes: Vec<LinkShape> = (0..args.agents)
+        .map(|i| {
+            if args.no_caps {
+                LinkShape::default()
+            } else {
+                LinkShape {
+                    up_bps: profile.agent_up_bps[i],
+                    down_bps: profile.agent_down_bps[i],
+                    delay: Duration::ZERO,
+                }
+            }
+        })
+        .collect();
+    let wan = LinkShape {
+        up_bps: args.wan_bps,
+        down_bps: args.wan_bps,
+        delay: Duration::ZERO,
+    };
+    let mut topology = Topology::spread(&shapes, args.segments, wan);
+    if !args.no_caps {
+        topology.manager.up_bps = profile.manager_up_bps;
+    }
+    // Declared before the fleet: dropped after it (children die before their namespaces).
+    let lab = Lab::build(&topology).context("cannot build the network lab")?;
+    netns::enter(&lab.manager.ns).context("cannot enter the manager's namespace")?;
+
+    let mut manager_cmd = Lab::command(&lab.manager.ns, &exe);
+    manager_cmd.args([
+        "serve",
+        "--listen",
+        &format!("{}:{MANAGER_PORT}", lab.manager.ip),
+        "--http",
+        "127.0.0.1:0",
+    ]);
+    if !args.no_caps {
+        manager_cmd.args(["--up-bps", &profile.manager_up_bps.to_string()]);
+    }
+    let mut fleet = Fleet::start_manager(manager_cmd, &dir)?;
+    let ids = agent_ids(args.agents);
+    for (i, id) in ids.iter().enumerate() {
+        let node = &lab.agents[i];
+        let s = node.segment.expect("agents sit in segments");
+        fleet.start_agent(
+            &exe,
+            id,
+            agent_command(&lab, i, &exe, &profile, args.no_caps),
+        )?;
+        tracing::debug!(%id, segment = s, ip = %node.ip, "agent started");
+    }
+    fleet.wait_connected()?;
+    wait_for_segment_reports(&mut fleet, lab.segments.len())?;
+
+    let before = lab.wan_tx_bytes_all()?;
+    let run = fleet.run_job(&content, args.chunk_size, args.timeout, args.json)?;
+    let after = lab.wan_tx_bytes_all()?;
+    let wan_bytes_max_per_segment = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .max()
+        .unwrap_or(0);
+    let leaders = distinct_leaders(&fleet)?;
+    let checked = fleet.check_copies(&run, &source_sha, args.json)?;
+    let (lower_bound_seconds, ratio) = if args.no_caps {
+        (0.0, 0.0)
+    } else {
+        let t = profile.lower_bound_seconds(args.size);
+        (t, run.seconds / t)
+    };
+    drop(fleet);
+    drop(lab);
+    Ok(DemoReport {
+        agents: args.agents,
+        confirmed: checked.confirmed,
+        bytes: args.size,
+        seconds: run.seconds,
+        lower_bound_seconds,
+        ratio,
+        manager_bytes_sent: checked.manager_bytes_sent,
+        agent_bytes_received: checked.agent_bytes_received,
+        agent_max_rss_bytes: checked.agent_max_rss_bytes,
+        caps: (!args.no_caps).then_some(profile),
+        segments: Some(args.segments),
+        leaders: Some(leaders),
+        wan_bytes_max_per_segment: Some(wan_bytes_max_per_segment),
+    })
+}
+
+/// `baton agent` for lab agent `i`: its address, segment, discovery on the segment's
+/// broadcast address, and (unless `no_caps`) its caps.
+pub fn agent_command(
+    lab: &Lab,
+    i: usize,
+    exe: &std::path::Path,
+    profile: &LinkProfile,
+    no_caps: bool,
+) -> Command {
+    let node = &lab.agents[i];
+    let s = node.segment.expect("agents sit in segments");
+    let mut cmd = Lab::command(&node.ns, exe);
+    cmd.args([
+        "agent",
+        "--listen",
+        &format!("{}:{AGENT_PORT}", node.ip),
+        "--segment",
+        &segment_name(s),
+        "--discovery-port",
+        &DISCOVERY_PORT.to_string(),
+        "--discovery-broadcast",
+        &lab.segments[s].broadcast.to_string(),
+    ]);
+    if !no_caps {
+        cmd.args(["--up-bps", &profile.agent_up_bps[i].to_string()]);
+        cmd.args(["--down-bps", &profile.agent_down_bps[i].to_string()]);
+    }
+    cmd
+}
+
+/// The manager's segments (`GET /api/v1/segments`), as a list.
+fn segments(fleet: &Fleet) -> anyhow::Result<Vec<Value>> {
+    let v = fleet.api.get("/api/v1/segments").context(
+        "the manager did not answer GET /api/v1/segments (does this build have segment reports?)",
+    )?;
+    v.as_array()
+        .cloned()
+        .with_context(|| format!("GET /api/v1/segments answered {v}, not a list"))
+}
+
+/// Waits until the manager has a report naming a leader from each of `count` segments.
+fn wait_for_segment_reports(fleet: &mut Fleet, count: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        fleet.check_alive()?;
+        seen = segments(fleet)?;
+        let led = (0..count)
+            .filter(|s| {
+                seen.iter().any(|seg| {
+                    seg["name"] == segment_name(*s).as_str() && seg["leader"].is_string()
+                })
+            })
+            .count();
+        if led == count {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!(
+        "the manager did not receive a segment report with a leader from each of the {count} segments within {START_TIMEOUT:?}; it has: {}",
+        Value::Array(seen)
+    )
+}
+
+/// Distinct leaders named in the segment reports the manager received: each segment's
+/// current leader and its leader history.
+fn distinct_leaders(fleet: &Fleet) -> anyhow::Result<usize> {
+    let mut leaders = BTreeSet::new();
+    for seg in segments(fleet)? {
+        if let Some(l) = seg["leader"].as_str() {
+            leaders.insert(l.to_string());
+        }
+        let Some(name) = seg["name"].as_str() else {
+            continue;
+        };
+        // The history is part of the one-segment answer; without it, the current leaders count.
+        if let Ok(detail) = fleet.api.get(&format!("/api/v1/segments/{name}")) {
+            for entry in detail["leader_history"].as_array().into_iter().flatten() {
+                if let Some(l) = entry["leader"].as_str() {
+                    leaders.insert(l.to_string());
+                }
+            }
+        }
+    }
+    Ok(leaders.len())
+}
