@@ -17,6 +17,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use baton_protocol::identity::Identity;
+use baton_protocol::message::{Message, SegmentMember, SegmentReport};
+use baton_protocol::types::{Delay, DelayTo, LinkInfo};
 use common::*;
 use serde_json::{Value, json};
 use webdriver::Browser;
@@ -25,6 +28,39 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn shots() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshots")
+}
+
+/// A member of the segment report the fake leader sends.
+fn member(name: &str, score: u32, rtts: &[(Option<&str>, u32)]) -> SegmentMember {
+    let mut delays = heapless::Vec::new();
+    for (to, rtt_us) in rtts {
+        let to = match to {
+            None => DelayTo::Manager,
+            Some(peer) => DelayTo::Peer(id(peer)),
+        };
+        delays
+            .push(Delay {
+                to,
+                rtt_us: *rtt_us,
+            })
+            .unwrap();
+    }
+    SegmentMember {
+        id: id(name),
+        score,
+        listen: None,
+        performance: 100,
+        free_storage: 8 << 30,
+        can_serve: true,
+        link: LinkInfo {
+            up_bps: 12 << 20,
+            down_bps: 100 << 20,
+            loss_ppm: 150,
+            uptime_s: 86_400,
+        },
+        delays,
+        last_heard_ms: 400,
+    }
 }
 
 fn content(len: usize) -> Vec<u8> {
@@ -128,6 +164,57 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     })
     .collect();
     m.wait_connected(&["edge-a", "edge-b", "edge-c", "spare-1"]);
+
+    // A segment leader (speaking the real protocol over a real session) reports its LAN.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_, token) = m.api("POST", "/api/v1/enrolment-tokens", None);
+    let leader = Identity::from_seed([42; 32]);
+    let (_leader_rx, mut leader_tx, _) = rt
+        .block_on(join(&m, &leader, "gw-1", token["token"].as_str()))
+        .expect("the leader joins");
+    let mut members = heapless::Vec::new();
+    for m in [
+        member(
+            "gw-1",
+            900,
+            &[(None, 1800), (Some("edge-a"), 310), (Some("edge-b"), 290)],
+        ),
+        member(
+            "edge-a",
+            700,
+            &[(None, 2100), (Some("gw-1"), 320), (Some("edge-b"), 240)],
+        ),
+        member(
+            "edge-b",
+            650,
+            &[(None, 2300), (Some("gw-1"), 300), (Some("edge-a"), 250)],
+        ),
+    ] {
+        members.push(m).unwrap();
+    }
+    let page = SegmentReport {
+        segment: "loopback".try_into().unwrap(),
+        leader: id("gw-1"),
+        term: 3,
+        page: 0,
+        pages: 1,
+        members,
+    };
+    rt.block_on(leader_tx.send(&Message::SegmentReport(page).to_vec()))
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, seg) = m.api("GET", "/api/v1/segments/loopback", None);
+        if status == 200 {
+            assert_eq!(seg["leader"], "gw-1");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "segment not stored: {seg}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let bytes = content(6_000_000);
     let file = root.join("router-fw-2.4.bin");
     std::fs::write(&file, &bytes).unwrap();
@@ -150,11 +237,23 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
 
     // The fleet shows the four agents, connected.
     b.wait_until(
-        "four connected agents in the fleet",
-        "return document.querySelectorAll('tr[data-agent] .pill[data-state=connected]').length === 4",
+        "five connected agents in the fleet, gw-1 marked leader",
+        "return document.querySelectorAll('tr[data-agent] .pill[data-state=connected]').length === 5 \
+            && !!document.querySelector('tr[data-agent=gw-1] .badge.leader')",
         WAIT,
     );
     b.screenshot(&shots().join("02-fleet.png"));
+
+    // The segment: leader, members, delays between them.
+    b.goto(&format!("{base}/#/segments"));
+    b.wait_find("[data-segment=loopback] tr[data-agent=edge-b]", WAIT);
+    let text = b.text(&b.find("[data-segment=loopback]"));
+    assert!(text.contains("leader gw-1"), "{text}");
+    assert!(
+        text.contains("0.3 ms") && text.contains("2.3 ms"),
+        "delays shown: {text}"
+    );
+    b.screenshot(&shots().join("02b-segments.png"));
 
     // A content group: a bad name is refused next to the field, then it is created.
     b.goto(&format!("{base}/#/groups/new"));
@@ -167,7 +266,15 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
         "return document.querySelector('#e-name').textContent.length > 0",
         WAIT,
     );
-    assert!(b.text(&e).contains("name"), "{}", b.text(&e));
+    assert!(b.text(&e).contains("use letters, digits"), "{}", b.text(&e));
+    assert_eq!(
+        b.eval(
+            "return document.querySelector('#w-name').classList.contains('has-error')",
+            json!([])
+        ),
+        true,
+        "the error is shown at the name field"
+    );
     b.screenshot(&shots().join("03-group-validation.png"));
     b.fill(&b.find("#f-name"), "edge");
     b.click(&b.find("#save-group"));
@@ -301,7 +408,36 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     b.click(&b.find("#logout"));
     b.wait_find("input[type=password]", WAIT);
 
-    // The metrics reflect the job.
+    // The metrics reflect the job: bytes served by the manager and by relays, as drawn.
     let (_, status) = m.api("GET", "/api/v1/status", None);
-    assert_eq!(status["connected_agents"], 4);
+    assert_eq!(status["connected_agents"], 5);
+    let metrics = ureq::get(m.url("/metrics"))
+        .header("Authorization", &format!("Bearer {}", m.info.admin_token))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    let relayed: u64 = want
+        .iter()
+        .filter(|((from, _), _)| from != "manager")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(
+        value("baton_served_bytes_total{source=\"relays\"}"),
+        relayed
+    );
+    assert_eq!(
+        value("baton_served_bytes_total{source=\"manager\"}"),
+        job["bytes_from_manager"].as_u64().unwrap()
+    );
+    assert_eq!(value("baton_connected_agents"), 5);
+    assert_eq!(value("baton_jobs{state=\"finished\"}"), 1);
+    drop(leader_tx);
 }
