@@ -17,9 +17,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use baton_protocol::identity::Identity;
-use baton_protocol::message::{Message, SegmentMember, SegmentReport};
-use baton_protocol::types::{Delay, DelayTo, LinkInfo};
 use common::*;
 use serde_json::{Value, json};
 use webdriver::Browser;
@@ -28,39 +25,6 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn shots() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshots")
-}
-
-/// A member of the segment report the fake leader sends.
-fn member(name: &str, score: u32, rtts: &[(Option<&str>, u32)]) -> SegmentMember {
-    let mut delays = heapless::Vec::new();
-    for (to, rtt_us) in rtts {
-        let to = match to {
-            None => DelayTo::Manager,
-            Some(peer) => DelayTo::Peer(id(peer)),
-        };
-        delays
-            .push(Delay {
-                to,
-                rtt_us: *rtt_us,
-            })
-            .unwrap();
-    }
-    SegmentMember {
-        id: id(name),
-        score,
-        listen: None,
-        performance: 100,
-        free_storage: 8 << 30,
-        can_serve: true,
-        link: LinkInfo {
-            up_bps: 12 << 20,
-            down_bps: 100 << 20,
-            loss_ppm: 150,
-            uptime_s: 86_400,
-        },
-        delays,
-        last_heard_ms: 400,
-    }
 }
 
 fn content(len: usize) -> Vec<u8> {
@@ -138,6 +102,12 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     assert!(out.success, "{}", out.stderr);
 
     // Four real agents; three carry the label the group selects.
+    let port = std::net::UdpSocket::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
     let agents: Vec<AgentProc> = [
         ("edge-a", "role=edge"),
         ("edge-b", "role=edge"),
@@ -146,11 +116,24 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     ]
     .iter()
     .map(|(name, label)| {
+        let performance = if *name == "edge-a" { "900" } else { "300" };
         AgentProc::spawn(
             &m,
             &root,
             name,
             &[
+                "--segment",
+                "rack-1",
+                "--performance",
+                performance,
+                "--discovery-port",
+                &port,
+                "--discovery-broadcast",
+                "127.255.255.255",
+                "--beacon-interval-ms",
+                "200",
+                "--leader-timeout-ms",
+                "1000",
                 "--up-bps",
                 "3MiB",
                 "--down-bps",
@@ -165,56 +148,34 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     .collect();
     m.wait_connected(&["edge-a", "edge-b", "edge-c", "spare-1"]);
 
-    // A segment leader (speaking the real protocol over a real session) reports its LAN.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (_, token) = m.api("POST", "/api/v1/enrolment-tokens", None);
-    let leader = Identity::from_seed([42; 32]);
-    let (_leader_rx, mut leader_tx, _) = rt
-        .block_on(join(&m, &leader, "gw-1", token["token"].as_str()))
-        .expect("the leader joins");
-    let mut members = heapless::Vec::new();
-    for m in [
-        member(
-            "gw-1",
-            900,
-            &[(None, 1800), (Some("edge-a"), 310), (Some("edge-b"), 290)],
-        ),
-        member(
-            "edge-a",
-            700,
-            &[(None, 2100), (Some("gw-1"), 320), (Some("edge-b"), 240)],
-        ),
-        member(
-            "edge-b",
-            650,
-            &[(None, 2300), (Some("gw-1"), 300), (Some("edge-a"), 250)],
-        ),
-    ] {
-        members.push(m).unwrap();
-    }
-    let page = SegmentReport {
-        segment: "loopback".try_into().unwrap(),
-        leader: id("gw-1"),
-        term: 3,
-        page: 0,
-        pages: 1,
-        members,
-    };
-    rt.block_on(leader_tx.send(&Message::SegmentReport(page).to_vec()))
-        .unwrap();
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (status, seg) = m.api("GET", "/api/v1/segments/loopback", None);
-        if status == 200 {
-            assert_eq!(seg["leader"], "gw-1");
-            break;
+    // The agents share one LAN segment: they find each other by UDP broadcast on loopback,
+    // elect the strongest (edge-a) and its report reaches the manager.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let segment = loop {
+        let (status, segs) = m.api("GET", "/api/v1/segments", None);
+        assert_eq!(status, 200, "{segs}");
+        // Wait for a report that also carries measured delays between members.
+        if let Some(seg) = segs.as_array().unwrap().iter().find(|s| {
+            s["name"] == "rack-1"
+                && s["members"].as_array().is_some_and(|m| {
+                    m.len() == 4
+                        && m.iter().any(|m| {
+                            m["delays"]
+                                .as_array()
+                                .is_some_and(|d| d.iter().any(|d| d["to"].is_string()))
+                        })
+                })
+        }) {
+            break seg.clone();
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "segment not stored: {seg}"
+            "no report of segment rack-1 with 4 members: {segs}; log:\n{}",
+            m.log()
         );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(segment["leader"], "edge-a", "{segment}");
     let bytes = content(6_000_000);
     let file = root.join("router-fw-2.4.bin");
     std::fs::write(&file, &bytes).unwrap();
@@ -237,21 +198,26 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
 
     // The fleet shows the four agents, connected.
     b.wait_until(
-        "five connected agents in the fleet, gw-1 marked leader",
-        "return document.querySelectorAll('tr[data-agent] .pill[data-state=connected]').length === 5 \
-            && !!document.querySelector('tr[data-agent=gw-1] .badge.leader')",
+        "four connected agents in the fleet, edge-a marked leader",
+        "return document.querySelectorAll('tr[data-agent] .pill[data-state=connected]').length === 4 \
+            && !!document.querySelector('tr[data-agent=edge-a] .badge.leader')",
         WAIT,
     );
     b.screenshot(&shots().join("02-fleet.png"));
 
     // The segment: leader, members, delays between them.
     b.goto(&format!("{base}/#/segments"));
-    b.wait_find("[data-segment=loopback] tr[data-agent=edge-b]", WAIT);
-    let text = b.text(&b.find("[data-segment=loopback]"));
-    assert!(text.contains("leader gw-1"), "{text}");
+    b.wait_find("[data-segment=rack-1] tr[data-agent=spare-1]", WAIT);
+    let text = b.text(&b.find("[data-segment=rack-1]"));
+    assert!(text.contains("leader edge-a"), "{text}");
+    let peer_rtts = b.eval(
+        "return [...document.querySelectorAll('[data-segment=rack-1] .matrix td')]
+            .filter(td => td.textContent.endsWith(' ms')).length",
+        json!([]),
+    );
     assert!(
-        text.contains("0.3 ms") && text.contains("2.3 ms"),
-        "delays shown: {text}"
+        peer_rtts.as_u64() > Some(0),
+        "no delay between members shown: {text}"
     );
     b.screenshot(&shots().join("02b-segments.png"));
 
@@ -410,7 +376,7 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
 
     // The metrics reflect the job: bytes served by the manager and by relays, as drawn.
     let (_, status) = m.api("GET", "/api/v1/status", None);
-    assert_eq!(status["connected_agents"], 5);
+    assert_eq!(status["connected_agents"], 4);
     let metrics = ureq::get(m.url("/metrics"))
         .header("Authorization", &format!("Bearer {}", m.info.admin_token))
         .call()
@@ -437,7 +403,6 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
         value("baton_served_bytes_total{source=\"manager\"}"),
         job["bytes_from_manager"].as_u64().unwrap()
     );
-    assert_eq!(value("baton_connected_agents"), 5);
+    assert_eq!(value("baton_connected_agents"), 4);
     assert_eq!(value("baton_jobs{state=\"finished\"}"), 1);
-    drop(leader_tx);
 }
