@@ -53,6 +53,8 @@ pub struct ServeOptions {
     pub serial: Vec<PathBuf>,
     /// HTTPS: PEM certificate chain and private key for the HTTP server (`None` = plain HTTP).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Largest content upload over HTTP, in bytes.
+    pub max_upload: u64,
 }
 
 impl ServeOptions {
@@ -69,6 +71,7 @@ impl ServeOptions {
             max_connections: 100_000,
             serial: Vec::new(),
             tls: None,
+            max_upload: crate::http::api::DEFAULT_MAX_UPLOAD,
         }
     }
 }
@@ -715,6 +718,7 @@ pub async fn serve(
     let http_config = crate::http::HttpConfig {
         web: Arc::new(crate::web::Web::new(web_store, tls.is_some())),
         upload_dir: opts.data_dir.join("uploads"),
+        max_upload_bytes: opts.max_upload,
         tls,
     };
     let store: SharedStore = Arc::new(Mutex::new(Box::new(sqlite) as Box<dyn Store>));

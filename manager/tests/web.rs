@@ -570,3 +570,157 @@ fn https_with_a_self_signed_certificate() {
         "plain HTTP must not be served"
     );
 }
+
+/// One login through the form with a fresh form token; the answer as it comes.
+fn try_login(m: &Manager, name: &str, password: &str) -> Answer {
+    let page = request(m, "GET", "/", &[], None);
+    let form_csrf = page.cookie("baton_login_csrf").expect("login CSRF cookie");
+    request(
+        m,
+        "POST",
+        "/login",
+        &[("cookie", &format!("baton_login_csrf={form_csrf}"))],
+        Some((
+            "application/x-www-form-urlencoded",
+            format!("name={name}&password={password}&csrf={form_csrf}"),
+        )),
+    )
+}
+
+#[test]
+fn failed_logins_back_off() {
+    let m = Manager::start();
+    add_admin(&m, "ops", "correct-horse-battery");
+    for i in 0..4 {
+        let a = try_login(&m, "ops", "wrong");
+        assert_eq!(a.status, 401, "failure {i}: {}", a.body);
+        assert!(a.body.contains("Wrong name or password"));
+    }
+    // The fifth failure locks the name (and counts against the address).
+    let a = try_login(&m, "ops", "wrong");
+    assert_eq!(a.status, 429, "{}", a.body);
+    assert_eq!(a.header("retry-after"), Some("1"));
+    assert!(a.body.contains("Too many failed logins"), "{}", a.body);
+    assert!(a.body.contains("type=\"password\""), "still the login form");
+    // While locked, even the right password is not checked.
+    let locked_at = Instant::now();
+    let a = try_login(&m, "OPS", "correct-horse-battery");
+    assert_eq!(a.status, 429, "{}", a.body);
+    assert!(a.header("retry-after").is_some());
+    // The lock lifts after Retry-After; the right password then logs in and clears the count.
+    let ok = wait_for(
+        "login after the back-off",
+        Duration::from_secs(10),
+        || String::new(),
+        || {
+            let a = try_login(&m, "ops", "correct-horse-battery");
+            (a.status != 429).then_some(a)
+        },
+    );
+    assert_eq!(ok.status, 303, "{}", ok.body);
+    assert!(locked_at.elapsed() >= Duration::from_millis(500));
+    assert!(ok.cookie("baton_session").is_some());
+    // Failures then lock the address too: other names from here, past 10 address failures.
+    // (The successful login cleared both counts.)
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        statuses.push(try_login(&m, &format!("nobody{i}"), "x").status);
+    }
+    assert_eq!(&statuses[..9], &[401; 9], "{statuses:?}");
+    assert_eq!(statuses[9], 429, "{statuses:?}");
+    let a = try_login(&m, "someone-else", "x");
+    assert_eq!(a.status, 429, "the address is locked for every name");
+}
+
+#[test]
+fn uploads_are_capped_and_leave_nothing_when_refused_or_broken() {
+    let m = Manager::start_args(&["--give-up", "5", "--max-upload", "64KiB"]);
+    let auth = format!("Bearer {}", m.info.admin_token);
+    let uploads = m.data_dir().join("uploads");
+    let files = || -> Vec<String> {
+        std::fs::read_dir(&uploads)
+            .map(|d| {
+                d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // At the cap: stored.
+    let a = request(
+        &m,
+        "POST",
+        "/api/v1/uploads?name=fits.bin",
+        &[("authorization", &auth)],
+        Some(("application/octet-stream", "x".repeat(64 * 1024))),
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+    assert_eq!(files().len(), 1, "{:?}", files());
+    // Over the cap, declared in Content-Length: 413 before anything is written.
+    let a = request(
+        &m,
+        "POST",
+        "/api/v1/uploads?name=big.bin",
+        &[("authorization", &auth)],
+        Some(("application/octet-stream", "x".repeat(64 * 1024 + 1))),
+    );
+    assert_eq!(a.status, 413, "{}", a.body);
+    assert_eq!(a.json()["max_bytes"], 65536, "{}", a.body);
+    assert!(a.json()["error"].as_str().unwrap().contains("--max-upload"));
+    assert_eq!(files().len(), 1, "{:?}", files());
+
+    // Over the cap without a length (chunked): refused midway, the part file removed.
+    let raw = |head: &str, body: &[u8]| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(m.info.http_addr.as_str()).unwrap();
+        s.set_read_timeout(Some(BOUND)).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let mut chunked = Vec::new();
+    for _ in 0..5 {
+        chunked.extend_from_slice(format!("{:x}\r\n", 20_000).as_bytes());
+        chunked.extend_from_slice(&[b'y'; 20_000]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let answer = raw(
+        &format!(
+            "POST /api/v1/uploads?name=chunked.bin HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\
+             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        ),
+        &chunked,
+    );
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(files().len(), 1, "{:?}", files());
+
+    // A client that goes away midway: the handler is dropped and so is the part file.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(m.info.http_addr.as_str()).unwrap();
+        s.write_all(
+            format!(
+                "POST /api/v1/uploads?name=broken.bin HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\
+                 Content-Length: 60000\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        s.write_all(&[b'z'; 30_000]).unwrap();
+        wait_for(
+            "the upload's part file",
+            BOUND,
+            || format!("{:?}", files()),
+            || files().iter().any(|f| f.ends_with(".part")).then_some(()),
+        );
+    }
+    wait_for(
+        "the broken upload's part file removed",
+        BOUND,
+        || format!("{:?}", files()),
+        || (files().len() == 1).then_some(()),
+    );
+    assert!(files()[0].ends_with("fits.bin"), "{:?}", files());
+}

@@ -45,6 +45,9 @@ pub struct ServeArgs {
     /// The PEM private key for --tls-cert.
     #[arg(long, requires = "tls_cert", value_name = "PEM")]
     pub tls_key: Option<PathBuf>,
+    /// Largest content upload over HTTP (`POST /api/v1/uploads`), e.g. `512MiB`; larger ones get 413.
+    #[arg(long, value_parser = super::parse_size, default_value = "4GiB")]
+    pub max_upload: u64,
 }
 
 impl ServeArgs {
@@ -61,6 +64,7 @@ impl ServeArgs {
             max_connections: self.max_connections,
             serial: self.serial.clone(),
             tls: self.tls_cert.clone().zip(self.tls_key.clone()),
+            max_upload: self.max_upload,
         }
     }
 }

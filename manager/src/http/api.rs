@@ -10,7 +10,7 @@
 //! | `GET /api/v1/agents/{id}` | one agent |
 //! | `POST /api/v1/agents` | enrol `{id, key}` (key: 64 hex digits, Ed25519) |
 //! | `POST /api/v1/enrolment-tokens` | a new one-time enrolment token |
-//! | `GET /api/v1/jobs` | jobs, newest first, with counts |
+//! | `GET /api/v1/jobs` | jobs, newest first, with counts, group, policy and the number of warnings |
 //! | `POST /api/v1/jobs` | publish `{path, name?, version?, chunk_size?}` and distribute it to `targets: {all: true}` or `{agents: [..]}`, or to `group: NAME`; `policy`: a policy's name or its fields |
 //! | `GET /api/v1/jobs/{id}` | a job: participants, verified/total, confirmations, bytes per source |
 //! | `POST /api/v1/jobs/{id}/cancel` | cancel a job |
@@ -277,6 +277,8 @@ pub struct JobSummary {
     pub group: Option<String>,
     /// The named policy it runs under, if any.
     pub policy: Option<String>,
+    /// How many policy rules the job cannot meet (the texts are in `GET /api/v1/jobs/{id}`).
+    pub warnings: usize,
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs",
@@ -307,6 +309,7 @@ async fn jobs(State(m): State<Arc<Manager>>) -> Result<Json<Vec<JobSummary>>, Ap
                 .count(),
             group: job.group.clone(),
             policy: job.policy.clone(),
+            warnings: job.warnings.len(),
         });
     }
     Ok(Json(out))
@@ -621,9 +624,18 @@ async fn job_events(
         .into_response())
 }
 
-/// Where `POST /api/v1/uploads` stores files (given to the router as an extension).
+/// Where `POST /api/v1/uploads` stores files and how large one may be (given to the router
+/// as an extension).
 #[derive(Clone, Debug)]
-pub struct UploadDir(pub PathBuf);
+pub struct Uploads {
+    /// The directory uploaded files are kept in.
+    pub dir: PathBuf,
+    /// Largest upload in bytes; larger ones are refused with `413`.
+    pub max_bytes: u64,
+}
+
+/// The default cap on one upload: 4 GiB.
+pub const DEFAULT_MAX_UPLOAD: u64 = 4 << 30;
 
 /// `POST /api/v1/uploads` query.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -664,51 +676,118 @@ fn upload_file_name(name: &str) -> String {
     }
 }
 
+/// Why an upload was refused.
+#[derive(Debug)]
+enum UploadRefused {
+    /// Any other error.
+    Api(ApiError),
+    /// Larger than the cap (which it carries).
+    TooLarge(u64),
+}
+
+impl From<ApiError> for UploadRefused {
+    fn from(e: ApiError) -> Self {
+        UploadRefused::Api(e)
+    }
+}
+
+impl IntoResponse for UploadRefused {
+    fn into_response(self) -> Response {
+        match self {
+            UploadRefused::Api(e) => e.into_response(),
+            UploadRefused::TooLarge(max) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Json(json!({
+                    "error": format!(
+                        "the upload is larger than this manager accepts ({max} bytes; \
+                         `baton serve --max-upload` sets the cap)"
+                    ),
+                    "max_bytes": max,
+                })),
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// A partly written upload: removed when dropped unless kept, so that an upload that
+/// fails midway (error, cap, client gone and the handler dropped) leaves no file.
+struct PartFile {
+    path: PathBuf,
+    kept: bool,
+}
+
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        if !self.kept
+            && let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.path.display(), "cannot remove a broken upload: {e}");
+        }
+    }
+}
+
 #[utoipa::path(post, path = "/api/v1/uploads", tag = "jobs", params(UploadQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The content's bytes"),
-    responses((status = 201, body = Uploaded), (status = 400, body = ErrorBody)))]
+    responses((status = 201, body = Uploaded), (status = 400, body = ErrorBody),
+        (status = 413, description = "Larger than the manager's cap (`baton serve --max-upload`)", body = ErrorBody)))]
 async fn upload(
-    Extension(UploadDir(dir)): Extension<UploadDir>,
+    Extension(uploads): Extension<Uploads>,
     Query(query): Query<UploadQuery>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Body,
-) -> Result<(StatusCode, Json<Uploaded>), ApiError> {
+) -> Result<(StatusCode, Json<Uploaded>), UploadRefused> {
     use futures_util::StreamExt;
     use tokio::io::AsyncWriteExt;
 
     let name = query.name.unwrap_or_else(|| "upload".into());
     crate::content::check_name(&name).map_err(|e| ApiError::BadRequest(format!("name: {e}")))?;
-    tokio::fs::create_dir_all(&dir)
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > uploads.max_bytes) {
+        return Err(UploadRefused::TooLarge(uploads.max_bytes));
+    }
+    let dir = &uploads.dir;
+    tokio::fs::create_dir_all(dir)
         .await
         .map_err(|e| ApiError::Internal(format!("{}: {e}", dir.display())))?;
     let mut stamp = [0u8; 6];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut stamp);
-    let path = dir.join(format!(
+    let file_name = format!(
         "{}-{}-{}",
         unix_now(),
         hex::encode(stamp),
         upload_file_name(&name)
-    ));
+    );
+    let path = dir.join(&file_name);
+    // Written under a hidden name and renamed once complete.
+    let mut part = PartFile {
+        path: dir.join(format!(".{file_name}.part")),
+        kept: false,
+    };
     let io = |e: std::io::Error| ApiError::Internal(format!("{}: {e}", path.display()));
-    let mut file = tokio::fs::File::create(&path).await.map_err(io)?;
+    let mut file = tokio::fs::File::create(&part.path).await.map_err(io)?;
     let mut stream = body.into_data_stream();
     let mut length = 0u64;
     while let Some(chunk) = stream.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                drop(file);
-                let _ = tokio::fs::remove_file(&path).await;
-                return Err(ApiError::BadRequest(format!("upload broke off: {e}")));
-            }
-        };
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("upload broke off: {e}")))?;
         length += chunk.len() as u64;
+        if length > uploads.max_bytes {
+            tracing::warn!(name, max = uploads.max_bytes, "upload refused: too large");
+            return Err(UploadRefused::TooLarge(uploads.max_bytes));
+        }
         file.write_all(&chunk).await.map_err(io)?;
     }
-    file.sync_all().await.map_err(io)?;
     if length == 0 {
-        let _ = tokio::fs::remove_file(&path).await;
-        return Err(ApiError::BadRequest("the upload is empty".into()));
+        return Err(ApiError::BadRequest("the upload is empty".into()).into());
     }
+    file.sync_all().await.map_err(io)?;
+    drop(file);
+    tokio::fs::rename(&part.path, &path).await.map_err(io)?;
+    part.kept = true;
     tracing::info!(path = %path.display(), length, "content uploaded");
     Ok((
         StatusCode::CREATED,

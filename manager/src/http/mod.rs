@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod tls;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -92,6 +93,8 @@ pub struct HttpConfig {
     pub web: Arc<Web>,
     /// Where uploaded content is stored.
     pub upload_dir: PathBuf,
+    /// Largest upload accepted, in bytes (`413` beyond).
+    pub max_upload_bytes: u64,
     /// HTTPS: the rustls configuration (`None` = plain HTTP).
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
@@ -124,7 +127,10 @@ pub fn router(manager: Arc<Manager>, config: &HttpConfig) -> Router {
     let protected = api
         .route("/metrics", get(metrics::metrics))
         .fallback(not_found)
-        .layer(Extension(api::UploadDir(config.upload_dir.clone())))
+        .layer(Extension(api::Uploads {
+            dir: config.upload_dir.clone(),
+            max_bytes: config.max_upload_bytes,
+        }))
         .layer(Extension(config.web.clone()))
         .layer(middleware::from_fn_with_state(auth, require_credentials))
         .with_state(manager);
@@ -140,6 +146,26 @@ pub fn router(manager: Arc<Manager>, config: &HttpConfig) -> Router {
         .layer(middleware::from_fn(security_headers))
 }
 
+/// The client's address, as handlers get it (`ConnectInfo<ClientAddr>`), over HTTP and HTTPS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::TlsListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
 /// Serves on `listener` (HTTPS when `config.tls` is set) until `shutdown` completes.
 pub async fn run(
     listener: TcpListener,
@@ -150,14 +176,20 @@ pub async fn run(
     let app = router(manager, &config);
     match config.tls {
         None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<ClientAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
         }
         Some(tls) => {
-            axum::serve(tls::TlsListener::new(listener, tls), app)
-                .with_graceful_shutdown(shutdown)
-                .await
+            axum::serve(
+                tls::TlsListener::new(listener, tls),
+                app.into_make_service_with_connect_info::<ClientAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
         }
     }
 }

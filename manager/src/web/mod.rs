@@ -11,19 +11,23 @@
 //!   cookie (`HttpOnly`, `SameSite=Strict`, `Secure` over HTTPS);
 //! - `POST /logout` ends the session.
 //!
+//! Failed logins back off per client address and per name ([`login_limit`]):
+//! past a few failures the answer is `429` with `Retry-After`, doubling.
+//!
 //! CSRF: the login form carries a token that must match a cookie set with the
 //! form (double submit); a session has its own random token, given to the page
 //! in a `<meta>` tag, which every changing request must send back in
 //! `X-CSRF-Token` (the logout form sends it as a field). Sessions live in
 //! memory and end after [`SESSION_IDLE`] without use or when the manager restarts.
 
+pub mod login_limit;
 pub mod users;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -31,6 +35,7 @@ use axum::{Form, Router};
 use serde::Deserialize;
 use sha2_std::{Digest as _, Sha256};
 
+use login_limit::{LoginLimiter, LoginLimits, retry_after_secs};
 use users::WebStore;
 
 /// Name of the session cookie.
@@ -73,6 +78,8 @@ pub struct Web {
     sessions: Mutex<HashMap<[u8; 32], Session>>,
     /// Whether cookies get `Secure` (the server speaks HTTPS).
     pub secure_cookies: bool,
+    /// Failed logins per client address and per name.
+    login_limiter: Mutex<LoginLimiter>,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -120,7 +127,18 @@ impl Web {
             store,
             sessions: Mutex::new(HashMap::new()),
             secure_cookies,
+            login_limiter: Mutex::new(LoginLimiter::new(LoginLimits::default())),
         }
+    }
+
+    /// With other login back-off limits than the defaults.
+    pub fn with_login_limits(mut self, limits: LoginLimits) -> Self {
+        self.login_limiter = Mutex::new(LoginLimiter::new(limits));
+        self
+    }
+
+    fn login_limiter(&self) -> std::sync::MutexGuard<'_, LoginLimiter> {
+        self.login_limiter.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Session>> {
@@ -237,6 +255,20 @@ fn login_page(web: &Web, status: StatusCode, error: Option<&str>, name: &str) ->
     resp
 }
 
+/// The login page answered `429` with `Retry-After` while a login's address or name is locked.
+fn too_many_logins(web: &Web, wait: Duration, name: &str) -> Response {
+    let secs = retry_after_secs(wait);
+    let mut resp = login_page(
+        web,
+        StatusCode::TOO_MANY_REQUESTS,
+        Some(&format!("Too many failed logins. Try again in {secs} s.")),
+        name,
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
+}
+
 async fn index(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
     match web.session_of(&headers) {
         Some(session) => html_page(
@@ -262,6 +294,7 @@ pub struct LoginForm {
 
 async fn login(
     State(web): State<Arc<Web>>,
+    ConnectInfo(crate::http::ClientAddr(client)): ConnectInfo<crate::http::ClientAddr>,
     headers: HeaderMap,
     form: Result<Form<LoginForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
@@ -283,6 +316,11 @@ async fn login(
         );
     }
     let name = form.name.trim().to_string();
+    let keys = LoginLimiter::keys(client.ip(), &name);
+    if let Some(wait) = web.login_limiter().locked_for(&keys, Instant::now()) {
+        tracing::warn!(admin = %name, %client, "login refused: too many failures");
+        return too_many_logins(&web, wait, &name);
+    }
     let web2 = web.clone();
     let lookup = name.clone();
     let password = form.password;
@@ -301,7 +339,10 @@ async fn login(
     .await
     .unwrap_or(false);
     if !ok {
-        tracing::warn!(admin = %name, "failed login");
+        tracing::warn!(admin = %name, %client, "failed login");
+        if let Some(wait) = web.login_limiter().failed(&keys, Instant::now()) {
+            return too_many_logins(&web, wait, &name);
+        }
         return login_page(
             &web,
             StatusCode::UNAUTHORIZED,
@@ -309,6 +350,7 @@ async fn login(
             &name,
         );
     }
+    web.login_limiter().succeeded(&keys);
     tracing::info!(admin = %name, "administrator logged in");
     let token = web.start_session(&name);
     let mut resp = Redirect::to("/").into_response();

@@ -463,7 +463,7 @@ async function jobs() {
   const list = await api("GET", "/api/v1/jobs");
   return h("div", {},
     pageHead("Jobs", "Content distributions, newest first.", h("a", { class: "btn primary", href: "#/jobs/new", id: "new-job" }, "New job")),
-    h("div", { class: "card" }, table([["Job"], ["Content"], ["State"], ["Confirmed"], ["Group", "opt"], ["Policy", "opt"], ["Created", "opt"]],
+    h("div", { class: "card" }, table([["Job"], ["Content"], ["State"], ["Confirmed"], ["Group", "opt"], ["Policy", "opt"], ["Warnings", "opt"], ["Created", "opt"]],
       list.map((j) => h("tr", { "data-job": j.id },
         h("td", {}, h("a", { href: "#/jobs/" + j.id }, h("strong", {}, "#" + j.id))),
         h("td", {}, j.name, h("span", { class: "muted" }, " v" + j.version + " · " + bytes(j.length))),
@@ -474,6 +474,7 @@ async function jobs() {
           h("span", { class: "small muted" }, j.confirmed + "/" + j.participants))),
         h("td", { class: "opt" }, j.group || "—"),
         h("td", { class: "opt" }, j.policy || "—"),
+        h("td", { class: "opt", "data-warnings": j.warnings || 0 }, j.warnings ? h("a", { href: "#/jobs/" + j.id, class: "pill warn", title: "Policy rules this job cannot meet" }, String(j.warnings)) : h("span", { class: "muted" }, "0")),
         h("td", { class: "opt", title: when(j.created_at) }, ago(j.created_at)))),
       "No job yet.")));
 }
