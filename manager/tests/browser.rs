@@ -39,6 +39,93 @@ fn content(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Checks the relay tree on the page: every agent one column right of the source that gave
+/// it the most bytes, every edge labelled (main-source labels visible), no two nodes
+/// overlapping, every segment's agents inside their segment's box; answers what it checked.
+const TREE_CHECK: &str = r#"
+const svg = document.querySelector('#relay-tree');
+const nodes = [...svg.querySelectorAll('g.node')];
+const col = new Map(nodes.map(g => [g.dataset.node, Number(g.dataset.column)]));
+const edges = [...svg.querySelectorAll('path.edge')];
+const problems = [];
+for (const g of nodes) {
+  const n = g.dataset.node;
+  if (n === 'manager') { if (col.get(n) !== 0) problems.push('manager not in column 0'); continue; }
+  const ins = edges.filter(e => e.dataset.to === n).sort((a, b) => b.dataset.bytes - a.dataset.bytes);
+  const main = ins.find(e => e.dataset.main === '1');
+  const biggest = ins.length && main && Number(main.dataset.bytes) === Number(ins[0].dataset.bytes);
+  if (biggest) {
+    if (col.get(n) !== col.get(main.dataset.from) + 1) problems.push(n + ' column ' + col.get(n) + ' vs source ' + main.dataset.from);
+  } else if (ins.length) {
+    // Only where agents fed each other in a loop: the loop hangs off the manager.
+    if (col.get(n) !== 1 || (main && main.dataset.from !== 'manager')) problems.push(n + ': main source is not the biggest');
+  }
+}
+const labels = [...svg.querySelectorAll('text.edge-label')];
+for (const e of edges) {
+  const l = labels.find(t => t.dataset.from === e.dataset.from && t.dataset.to === e.dataset.to);
+  if (!l) problems.push('no label for ' + e.dataset.from + '->' + e.dataset.to);
+  else if (e.dataset.main === '1' && getComputedStyle(l).opacity === '0') problems.push('main label hidden ' + e.dataset.to);
+}
+const boxes = nodes.map(g => [g.dataset.node, g.querySelector('rect').getBoundingClientRect()]);
+for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+  const [a, r] = boxes[i], [b, q] = boxes[j];
+  if (r.left < q.right - 1 && q.left < r.right - 1 && r.top < q.bottom - 1 && q.top < r.bottom - 1) problems.push('overlap ' + a + ' ' + b);
+}
+const segments = [...svg.querySelectorAll('g.segment-box')];
+for (const box of segments) {
+  const r = box.querySelector('rect').getBoundingClientRect();
+  for (const [n, q] of boxes) {
+    const inside = q.left >= r.left && q.right <= r.right && q.top >= r.top && q.bottom <= r.bottom;
+    const member = (arguments[0] || {})[n] === box.dataset.segment;
+    if (member && !inside) problems.push(n + ' outside its segment box ' + box.dataset.segment);
+    if (!member && inside && n !== 'manager') problems.push(n + ' inside foreign segment box ' + box.dataset.segment);
+  }
+}
+return { problems, nodes: nodes.length, edges: edges.length, segments: segments.length,
+  leaders: svg.querySelectorAll('g.node.leader').length, columns: Math.max(...col.values()) + 1 };
+"#;
+
+/// A made-up finished-and-running job of 24 agents in four segments, to render.
+fn big_job() -> Value {
+    let mut participants = Vec::new();
+    let mut transfers = Vec::new();
+    let mib = 1u64 << 20;
+    for s in 0..4 {
+        for i in 0..6 {
+            let agent = format!("rack{}-node{:02}", s + 1, i);
+            let state = match (s, i) {
+                (3, 4) => "fetching",
+                (3, 5) => "waiting",
+                (2, 5) => "failed",
+                _ => "confirmed",
+            };
+            participants.push(json!({"agent": agent, "state": state, "verified": if state == "confirmed" { 128 } else { 40 },
+                "total": 128, "segment": format!("rack-{}", s + 1), "leader": i == 0, "connected": true}));
+            if i == 0 {
+                transfers.push(json!({"from": null, "to": agent, "bytes": 4 * mib}));
+            } else if state != "waiting" {
+                // Members take most from their leader (or a member relaying on), a little elsewhere.
+                let main = if i >= 4 {
+                    format!("rack{}-node01", s + 1)
+                } else {
+                    format!("rack{}-node00", s + 1)
+                };
+                transfers.push(json!({"from": main, "to": agent, "bytes": 3 * mib}));
+                let other = if i % 2 == 0 {
+                    Value::Null
+                } else {
+                    json!(format!("rack{}-node02", s + 1))
+                };
+                if other.as_str() != Some(agent.as_str()) {
+                    transfers.push(json!({"from": other, "to": agent, "bytes": mib}));
+                }
+            }
+        }
+    }
+    json!({"id": 99, "state": "running", "total_chunks": 128, "participants": participants, "transfers": transfers})
+}
+
 /// Edges of the relay tree as drawn: (from, to) → bytes.
 fn drawn_edges(b: &Browser) -> BTreeMap<(String, String), u64> {
     let v = b.eval(
@@ -351,7 +438,55 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
         json!([]),
     );
     assert_eq!(confirmed_nodes, 3);
+    let segment_of: serde_json::Map<String, Value> = job["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| Some((p["agent"].as_str()?.to_string(), p["segment"].clone())))
+        .collect();
+    let check = b.eval(TREE_CHECK, json!([segment_of]));
+    assert_eq!(check["problems"], json!([]), "{check}");
+    assert_eq!(check["nodes"], 4, "{check}");
+    assert_eq!(
+        check["segments"], 1,
+        "the agents' segment is boxed: {check}"
+    );
+    assert_eq!(check["leaders"], 1, "edge-a is marked leader: {check}");
     b.screenshot(&shots().join("06-job-confirmed.png"));
+
+    // A larger job renders readably too: 24 agents in four segments, relaying in layers.
+    let big = big_job();
+    let big_segments: serde_json::Map<String, Value> = big["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["agent"].as_str().unwrap().to_string(),
+                p["segment"].clone(),
+            )
+        })
+        .collect();
+    b.eval(
+        "const job = arguments[0];
+         document.getElementById('view').replaceChildren(h('div', {},
+           pageHead('Relay tree of 24 agents', 'Rendered from made-up transfers'),
+           h('div', { class: 'card' }, h('div', { class: 'card-body tree-wrap' }, relayTree(job)), transfersTable(job))));
+         return true",
+        json!([big]),
+    );
+    let check = b.eval(TREE_CHECK, json!([big_segments]));
+    assert_eq!(check["problems"], json!([]), "{check}");
+    assert_eq!(check["nodes"], 25, "{check}");
+    assert_eq!(check["segments"], 4, "{check}");
+    assert_eq!(check["leaders"], 4, "{check}");
+    assert_eq!(
+        check["columns"], 4,
+        "manager, leaders, members, relayed-on members: {check}"
+    );
+    b.resize(1366, 1240);
+    b.screenshot(&shots().join("06b-job-24-agents.png"));
+    b.resize(1366, 900);
 
     b.goto(&format!("{base}/#/jobs"));
     b.wait_find(

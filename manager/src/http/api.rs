@@ -345,6 +345,10 @@ pub struct ParticipantView {
     pub total: u32,
     /// Whether the agent is connected now.
     pub connected: bool,
+    /// The network segment the agent last reported, if any.
+    pub segment: Option<String>,
+    /// Whether it is its segment's leader (as the leader last reported).
+    pub leader: bool,
 }
 
 /// `GET /api/v1/jobs/{id}` and the `snapshot` event.
@@ -384,6 +388,13 @@ pub fn job_detail(m: &Manager, id: u64) -> Result<JobDetail, ApiError> {
         .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
     let content = store.content(&job.root)?;
     let total = content.as_ref().map_or(0, |c| c.chunks());
+    let segment_of: std::collections::HashMap<String, String> = store
+        .agents()?
+        .into_iter()
+        .filter_map(|a| Some((a.id, a.segment?)))
+        .collect();
+    let leaders: std::collections::HashSet<String> =
+        store.segments()?.into_iter().map(|s| s.leader).collect();
     let participants: Vec<ParticipantView> = store
         .participants(id)?
         .into_iter()
@@ -392,6 +403,8 @@ pub fn job_detail(m: &Manager, id: u64) -> Result<JobDetail, ApiError> {
                 .map(|a| m.registry.is_connected(&a))
                 .unwrap_or(false);
             ParticipantView {
+                segment: segment_of.get(&record.agent).cloned(),
+                leader: leaders.contains(&record.agent),
                 record,
                 total,
                 connected,

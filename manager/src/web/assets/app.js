@@ -545,98 +545,200 @@ function transfersOf(job) {
   return (job.source_bytes || []).map((t) => ({ from: t.from, to: t.agent, bytes: t.bytes }));
 }
 
-// Lays the relay tree out in columns by hops from the manager over edges that carried data.
-function relayTree(job) {
-  const edges = transfersOf(job).filter((t) => t.bytes > 0);
-  const parts = new Map(job.participants.map((p) => [p.agent, p]));
+// The relay tree, laid out from the bytes actually carried. Every agent hangs off the
+// source that gave it the most bytes (its "main source"); its column is one more than that
+// source's (the manager is column 0), so relays read left to right as a tree. Main-source
+// edges are drawn bold with their bytes; other transfers thin, labelled when the graph is
+// small and on hover otherwise (the transfers table lists them all). Agents of one network
+// segment share a light box, with the segment's leader marked.
+function treeLayout(job) {
   const MANAGER = "\u0000manager";
   const key = (x) => (x === null || x === undefined ? MANAGER : x);
-  const depth = new Map([[MANAGER, 0]]);
-  let frontier = [MANAGER];
-  while (frontier.length) {
-    const next = [];
-    for (const n of frontier)
-      for (const e of edges)
-        if (key(e.from) === n && !depth.has(e.to)) { depth.set(e.to, depth.get(n) + 1); next.push(e.to); }
-    frontier = next;
+  const edges = transfersOf(job).filter((t) => t.bytes > 0).map((t) => ({ from: key(t.from), to: t.to, bytes: t.bytes }));
+  const parts = new Map(job.participants.map((p) => [p.agent, p]));
+  const names = [...new Set([...job.participants.map((p) => p.agent), ...edges.map((e) => e.to), ...edges.map((e) => e.from).filter((f) => f !== MANAGER)])];
+  const incoming = new Map(names.map((n) => [n, []]));
+  for (const e of edges) incoming.get(e.to).push(e);
+  for (const list of incoming.values())
+    list.sort((a, b) => b.bytes - a.bytes || (a.from === MANAGER ? -1 : b.from === MANAGER ? 1 : a.from.localeCompare(b.from)));
+  // Main source of each agent; a cycle of main sources (agents that fed each other) is
+  // broken at the member that took the most from the manager, which then hangs off it.
+  const parent = new Map(names.map((n) => [n, incoming.get(n).length ? incoming.get(n)[0].from : MANAGER]));
+  const fromManager = (n) => (incoming.get(n).find((e) => e.from === MANAGER) || { bytes: 0 }).bytes;
+  const column = new Map([[MANAGER, 0]]);
+  for (const start of names) {
+    const path = [];
+    let n = start;
+    while (!column.has(n) && !path.includes(n)) { path.push(n); n = parent.get(n); }
+    if (!column.has(n)) {
+      const cycle = path.slice(path.indexOf(n));
+      const head = cycle.reduce((best, c) => (fromManager(c) > fromManager(best) || (fromManager(c) === fromManager(best) && c < best) ? c : best));
+      parent.set(head, MANAGER);
+      path.length = path.indexOf(head) + 1;
+      n = MANAGER;
+    }
+    for (let i = path.length - 1; i >= 0; i--) column.set(path[i], column.get(parent.get(path[i])) + 1);
   }
-  let maxDepth = Math.max(0, ...depth.values());
-  for (const p of job.participants) if (!depth.has(p.agent)) depth.set(p.agent, maxDepth + 1);
-  maxDepth = Math.max(0, ...depth.values());
-  const columns = [];
-  for (const [n, d] of depth) (columns[d] = columns[d] || []).push(n);
-  // Order each column by the position of the node's main source in the column before.
-  const row = new Map([[MANAGER, 0]]);
-  for (let d = 1; d <= maxDepth; d++) {
-    const col = columns[d] || [];
-    const parentRow = (n) => {
-      const best = edges.filter((e) => e.to === n).sort((a, b) => b.bytes - a.bytes)[0];
-      return best ? row.get(key(best.from)) ?? 0 : 1e9;
+  const isTreeEdge = (e) => parent.get(e.to) === e.from;
+  // Segments: one band each (agents without a segment last), rows assigned depth first
+  // within a band so that every sub-tree takes a contiguous run of rows.
+  const segOf = (n) => (parts.get(n) && parts.get(n).segment) || "";
+  const bands = new Map();
+  for (const n of names) { const s = segOf(n); if (!bands.has(s)) bands.set(s, []); bands.get(s).push(n); }
+  const bandList = [...bands.entries()].map(([name, members]) => ({ name, members, minCol: Math.min(...members.map((m) => column.get(m))) }))
+    .sort((a, b) => (a.name === "") - (b.name === "") || a.minCol - b.minCol || a.name.localeCompare(b.name));
+  const received = (n) => incoming.get(n).reduce((s, e) => s + e.bytes, 0);
+  const row = new Map();
+  let next = 0;
+  for (const band of bandList) {
+    band.firstRow = next;
+    const inBand = new Set(band.members);
+    const children = (n) => band.members.filter((c) => parent.get(c) === n).sort((a, b) => a.localeCompare(b));
+    const roots = band.members.filter((n) => !inBand.has(parent.get(n)))
+      .sort((a, b) => column.get(a) - column.get(b) || (parts.get(b)?.leader ? 1 : 0) - (parts.get(a)?.leader ? 1 : 0) || a.localeCompare(b));
+    const place = (n) => {
+      const kids = children(n);
+      if (!kids.length) { row.set(n, next++); return; }
+      kids.forEach(place);
+      row.set(n, (row.get(kids[0]) + row.get(kids[kids.length - 1])) / 2);
     };
-    col.sort((a, b) => parentRow(a) - parentRow(b) || a.localeCompare(b));
-    col.forEach((n, i) => row.set(n, i));
+    roots.forEach(place);
+    band.lastRow = next - 1;
   }
-  const W = 170, H = 44, GX = 110, GY = 22, PAD = 16;
-  // Edges between agents of one column get their own lane each, right of the column.
-  const lane = new Map();
-  edges.filter((e) => depth.get(key(e.from)) === depth.get(e.to))
-    .sort((x, y) => Math.abs(row.get(key(x.from)) - row.get(x.to)) - Math.abs(row.get(key(y.from)) - row.get(y.to)) ||
-      row.get(key(x.from)) - row.get(key(y.from)))
-    .forEach((e, i) => lane.set(e, i));
-  const sameColumn = lane.size > 0;
-  const rows = Math.max(...columns.map((c) => (c ? c.length : 0)), 1);
-  const width = PAD * 2 + (maxDepth + 1) * W + maxDepth * GX + (sameColumn ? 40 + 16 * lane.size : 0);
-  const height = PAD * 2 + rows * H + (rows - 1) * GY + 28;
-  const pos = (n) => {
-    const d = depth.get(n), col = columns[d] || [n];
-    const offset = (rows - col.length) * (H + GY) / 2;
-    return { x: PAD + d * (W + GX), y: PAD + offset + row.get(n) * (H + GY) };
+  return { MANAGER, edges, parts, names, parent, column, row, bands: bandList, rows: next, isTreeEdge, received };
+}
+
+function relayTree(job) {
+  const L = treeLayout(job);
+  const { MANAGER, edges, parts, column, row } = L;
+  const compact = L.names.length > 10;
+  const W = compact ? 150 : 172, H = compact ? 28 : 46, PITCH = H + (compact ? 8 : 16), GX = compact ? 96 : 120;
+  const PAD = 18, BAND_HEAD = 22, BAND_GAP = 14, BAND_PAD = 8;
+  const maxCol = Math.max(1, ...L.names.map((n) => column.get(n)));
+  const segmented = L.bands.some((b) => b.name !== "");
+  // y of each row: rows of a band follow its heading; bands are separated by a gap.
+  const bandOfRow = [];
+  L.bands.forEach((b, i) => { for (let r = b.firstRow; r <= b.lastRow; r++) bandOfRow[r] = i; });
+  const rowTop = (r) => {
+    const bi = bandOfRow[Math.floor(r)] ?? 0;
+    const extra = segmented ? (bi + 1) * (BAND_HEAD + BAND_PAD) + bi * (BAND_GAP + BAND_PAD) : 0;
+    return PAD + extra + r * PITCH;
   };
+  const contentHeight = L.rows ? rowTop(L.rows - 1) + H - PAD + (segmented ? BAND_PAD : 0) : H;
+  const height = PAD * 2 + Math.max(contentHeight, H);
+  const width = PAD * 2 + (maxCol + 1) * W + maxCol * GX + 40;
+  const pos = (n) => n === MANAGER
+    ? { x: PAD, y: PAD + (contentHeight - H) / 2 }
+    : { x: PAD + column.get(n) * (W + GX), y: rowTop(row.get(n)) };
   const maxBytes = Math.max(1, ...edges.map((e) => e.bytes));
-  const svg = s("svg", { class: "tree", id: "relay-tree", viewBox: "0 0 " + width + " " + height, width, height, role: "img",
-    "aria-label": "Relay tree", style: "max-width:" + Math.round(width * 1.3) + "px" });
+  const labelAll = edges.length <= 14;
+  const svg = s("svg", { class: "tree" + (compact ? " compact" : ""), id: "relay-tree", viewBox: "0 0 " + width + " " + height, width, height, role: "img",
+    "aria-label": "Relay tree", style: "max-width:" + Math.round(width * 1.25) + "px" });
   svg.append(s("defs", {},
-    ["manager", "peer"].map((k) => s("marker", { id: "arrow-" + k, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 9, markerHeight: 9, orient: "auto-start-reverse", markerUnits: "userSpaceOnUse" },
+    ["manager", "peer", "extra"].map((k) => s("marker", { id: "arrow-" + k, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 8, markerHeight: 8, orient: "auto-start-reverse", markerUnits: "userSpaceOnUse" },
       s("path", { d: "M0,0 L10,5 L0,10 z", class: "arrow-" + k })))));
+  // Segment boxes behind everything.
+  if (segmented) L.bands.forEach((b) => {
+    if (b.name === "") return;
+    const cols = b.members.map((n) => column.get(n));
+    const x0 = PAD + Math.min(...cols) * (W + GX) - 10, x1 = PAD + Math.max(...cols) * (W + GX) + W + 10;
+    const y0 = rowTop(b.firstRow) - BAND_HEAD - BAND_PAD, y1 = rowTop(b.lastRow) + H + BAND_PAD;
+    const leader = b.members.find((n) => parts.get(n)?.leader);
+    svg.append(s("g", { class: "segment-box", "data-segment": b.name },
+      s("rect", { x: x0, y: y0, width: x1 - x0, height: y1 - y0, rx: 10 }),
+      s("text", { x: x0 + 10, y: y0 + 15 }, "segment " + b.name + (leader ? " · leader " + leader : "") + " · " + b.members.length + (b.members.length === 1 ? " agent" : " agents"))));
+  });
+  const edgeGroup = s("g", { class: "edges" }), labelGroup = s("g", { class: "labels" }), nodeGroup = s("g", { class: "nodes" });
+  svg.append(edgeGroup, labelGroup, nodeGroup);
+  // Secondary edges into one node's right side get their own lanes; those drawn under the
+  // nodes each their own depth.
+  const lanes = new Map();
+  let under = 0, lowest = 0;
   for (const e of edges) {
-    const a = pos(key(e.from)), b = pos(e.to);
-    if (!a || !b) continue;
+    const a = pos(e.from), b = pos(e.to);
+    const tree = L.isTreeEdge(e);
     const receiver = parts.get(e.to);
     const active = receiver && receiver.state === "fetching";
-    const stroke = 1.4 + 3.6 * Math.sqrt(e.bytes / maxBytes);
-    let d, lx, ly, anchor = "middle";
-    if (lane.has(e)) {
-      const l = lane.get(e), out = 20 + 16 * l, shift = -12 + (l % 5) * 6;
-      const y1 = a.y + H / 2 + shift, y2 = b.y + H / 2 + shift;
-      d = `M${a.x + W},${y1} C${a.x + W + out * 1.33},${y1} ${b.x + W + out * 1.33},${y2} ${b.x + W + 2},${y2}`;
-      lx = null;
-    } else if (b.x > a.x) {
-      const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x - 2, y2 = b.y + H / 2, mx = (x1 + x2) / 2;
+    const kind = tree ? (e.from === MANAGER ? "manager" : "peer") : "extra";
+    const stroke = (tree ? 1.6 : 1) + (tree ? 3.4 : 2) * Math.sqrt(e.bytes / maxBytes);
+    let d, lx, ly, anchor;
+    const span = column.get(e.to) - column.get(e.from);
+    if (tree || span === 1) {
+      // Next column: straight across, right side to left side.
+      const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x - 3, y2 = b.y + H / 2, mx = x1 + (x2 - x1) * 0.5;
       d = `M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2},${y2}`;
-      lx = mx; ly = (y1 + y2) / 2 - 6;
+      if (tree) { lx = x2 - 10; ly = y2 - 6; anchor = "end"; }
+      else { lx = mx; ly = (y1 + y2) / 2 - 4; anchor = "middle"; }
+    } else if (span === 0) {
+      // Same column: an arc out on the right, one lane per edge into a node.
+      const lane = (lanes.get(e.to) || 0); lanes.set(e.to, lane + 1);
+      const out = 26 + 14 * lane;
+      const y1 = a.y + H / 2 + (a.y < b.y ? 4 : -4), y2 = b.y + H / 2 + (a.y < b.y ? -4 : 4);
+      const xa = a.x + W, xb = b.x + W + 3, xo = Math.max(xa, xb) + out;
+      d = `M${xa},${y1} C${xo},${y1} ${xo},${y2} ${xb},${y2}`;
+      lx = xo - out * 0.22; ly = (y1 + y2) / 2 + 4; anchor = "start";
     } else {
-      const y = Math.max(a.y, b.y) + H + 24;
-      d = `M${a.x + W / 2},${a.y + H} C${a.x + W / 2},${y} ${b.x + W / 2},${y} ${b.x + W / 2},${b.y + H + 3}`;
-      lx = (a.x + b.x + W) / 2; ly = y;
+      // Backwards or over a column: under the nodes, into the receiver from below.
+      const lane = under++;
+      const dip = 22 + 16 * (lane % 5);
+      const x0 = a.x + (e.from === MANAGER ? W / 2 : W * 0.62), y0 = a.y + H;
+      const x3 = b.x + W * 0.38 + (lane % 3) * 8, y3 = b.y + H + 3;
+      const yl = Math.max(y0, y3) + dip;
+      d = `M${x0},${y0} C${x0},${yl} ${x3},${yl} ${x3},${y3}`;
+      lx = (x0 + x3) / 2; ly = (y0 + 3 * yl + 3 * yl + y3) / 8 + 4; anchor = "middle";
+      lowest = Math.max(lowest, yl);
     }
-    const kind = e.from ? "peer" : "manager";
-    svg.append(s("path", { class: "edge " + kind + (active ? " active" : ""), d, "stroke-width": stroke.toFixed(1),
-      "marker-end": "url(#arrow-" + kind + ")", "data-from": e.from || "manager", "data-to": e.to, "data-bytes": e.bytes },
-      s("title", {}, (e.from || "manager") + " → " + e.to + ": " + bytes(e.bytes))));
-    if (lx !== null) svg.append(s("text", { class: "edge-label", x: lx, y: ly, "text-anchor": anchor }, bytes(e.bytes)));
+    const from = e.from === MANAGER ? "manager" : e.from;
+    const path = s("path", { class: "edge " + kind + (tree ? " main" : "") + (active ? " active" : ""), d, "stroke-width": stroke.toFixed(1),
+      "marker-end": "url(#arrow-" + kind + ")", "data-from": from, "data-to": e.to, "data-bytes": e.bytes, "data-main": tree ? "1" : "0" },
+      s("title", {}, from + " → " + e.to + ": " + bytes(e.bytes) + (tree ? " (main source)" : "")));
+    edgeGroup.append(path);
+    labelGroup.append(s("text", { class: "edge-label" + (tree ? "" : " extra") + (tree || labelAll ? "" : " on-hover"), x: lx, y: ly, "text-anchor": anchor, "data-from": from, "data-to": e.to }, bytes(e.bytes)));
   }
-  for (const [n] of depth) {
+  for (const n of [MANAGER, ...L.names]) {
     const p = pos(n);
     const part = parts.get(n);
     const state = n === MANAGER ? "manager" : part ? part.state : "waiting";
-    const sub = n === MANAGER ? "source" : part ? state + " · " + pct(part.verified, part.total || job.total_chunks) + "%" : "";
-    const g = s("g", { class: "node " + state, transform: `translate(${p.x},${p.y})`, "data-node": n === MANAGER ? "manager" : n, "data-state": state },
-      s("rect", { width: W, height: H, rx: 8 }),
-      s("text", { x: 12, y: 18 }, n === MANAGER ? "Manager" : n.length > 18 ? n.slice(0, 17) + "…" : n),
-      s("text", { class: "sub", x: 12, y: 34 }, sub));
-    if (state === "confirmed") g.append(s("path", { class: "mark", d: `M${W - 26},${H / 2} l5,5 l9,-10`, fill: "none", stroke: "#16a34a", "stroke-width": 2.4, "stroke-linecap": "round", "stroke-linejoin": "round" }));
-    svg.append(g);
+    const done = part ? pct(part.verified, part.total || job.total_chunks) : 0;
+    const label = n === MANAGER ? "Manager" : n;
+    const maxChars = compact ? 15 : 18;
+    const short = label.length > maxChars ? label.slice(0, maxChars - 1) + "…" : label;
+    const g = s("g", { class: "node " + state + (part && part.leader ? " leader" : ""), transform: `translate(${p.x},${p.y})`, "data-node": n === MANAGER ? "manager" : n, "data-state": state,
+      "data-column": column.get(n) },
+      s("title", {}, n === MANAGER ? "Manager: the source" : n + " · " + state + " · " + done + "% · received " + bytes(L.received(n)) + (part && part.segment ? " · segment " + part.segment : "") + (part && part.leader ? " (leader)" : "")),
+      s("rect", { width: W, height: H, rx: 7 }));
+    if (compact) {
+      g.append(s("text", { x: 10, y: H / 2 + 4 }, short));
+      g.append(s("text", { class: "sub", x: W - 10, y: H / 2 + 4, "text-anchor": "end" }, n === MANAGER ? "source" : state === "confirmed" ? "✓" : done + "%"));
+    } else {
+      g.append(s("text", { x: 12, y: 19 }, short));
+      g.append(s("text", { class: "sub", x: 12, y: 35 }, n === MANAGER ? "source of the content" : state + " · " + done + "%"));
+      if (state === "confirmed") g.append(s("path", { class: "mark", d: `M${W - 26},${H / 2} l5,5 l9,-10`, fill: "none", stroke: "#16a34a", "stroke-width": 2.4, "stroke-linecap": "round", "stroke-linejoin": "round" }));
+    }
+    if (part && part.leader) g.append(s("g", { class: "leader-tag", transform: `translate(${W - 60},-9)` },
+      s("rect", { width: 52, height: 15, rx: 7.5 }), s("text", { x: 26, y: 11, "text-anchor": "middle" }, "leader")));
+    if (state !== "confirmed" && part && part.state === "fetching" && !compact)
+      g.append(s("rect", { class: "done-bar", x: 12, y: H - 6, width: Math.max(2, (W - 24) * done / 100), height: 3, rx: 1.5 }));
+    // Hover: this node's transfers stand out, the rest fade.
+    g.addEventListener("mouseenter", () => {
+      svg.classList.add("focus");
+      const id = n === MANAGER ? "manager" : n;
+      svg.querySelectorAll(".edge, .edge-label").forEach((el) => {
+        const on = el.dataset.from === id || el.dataset.to === id;
+        el.classList.toggle("hl", on);
+        el.classList.toggle("hl-in", on && el.dataset.to === id);
+      });
+      g.classList.add("hl");
+    });
+    g.addEventListener("mouseleave", () => { svg.classList.remove("focus"); g.classList.remove("hl"); });
+    nodeGroup.append(g);
   }
+  const fullHeight = Math.max(height, lowest + 16);
+  const fullWidth = width + (lanes.size ? 50 : 0);
+  svg.setAttribute("viewBox", "0 0 " + fullWidth + " " + fullHeight);
+  svg.setAttribute("width", fullWidth);
+  svg.setAttribute("height", fullHeight);
+  svg.style.maxWidth = Math.round(fullWidth * 1.25) + "px";
   return svg;
 }
 
@@ -684,8 +786,9 @@ async function jobPage(id) {
         stat("From manager", bytes(job.bytes_from_manager)),
         stat("From peers", bytes(job.bytes_from_peers))),
       h("div", { class: "card" },
-        h("div", { class: "card-head" }, h("div", {}, h("h2", {}, "Relay tree"), h("span", { class: "muted small" }, "Who fetched from whom: every edge is bytes actually carried; dashed edges are still carrying.")),
-          h("div", { class: "legend" }, h("span", { class: "l-confirmed" }, "confirmed"), h("span", { class: "l-fetching" }, "fetching"), h("span", { class: "l-waiting" }, "waiting"), h("span", { class: "l-failed" }, "failed"))),
+        h("div", { class: "card-head" }, h("div", {}, h("h2", {}, "Relay tree"), h("span", { class: "muted small" }, "Bytes actually carried, source → receiver. Each agent sits one column right of the source that gave it the most (bold, with bytes); grey edges are its other sources. Hover an agent for its transfers; dashed edges are still carrying.")),
+          h("div", { class: "legend" }, h("span", { class: "l-e-manager" }, "from manager"), h("span", { class: "l-e-peer" }, "relayed"), h("span", { class: "l-e-extra" }, "other source"),
+            h("span", { class: "l-confirmed" }, "confirmed"), h("span", { class: "l-fetching" }, "fetching"), h("span", { class: "l-waiting" }, "waiting"), h("span", { class: "l-failed" }, "failed"))),
         h("div", { class: "card-body tree-wrap" }, relayTree(job)),
         transfersTable(job)),
       h("div", { class: "card" },
