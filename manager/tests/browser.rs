@@ -488,10 +488,54 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     b.screenshot(&shots().join("06b-job-24-agents.png"));
     b.resize(1366, 900);
 
+    // A second job under a policy no one can relay under: its warnings are counted in the list.
+    let (status, second) = m.api(
+        "POST",
+        "/api/v1/jobs",
+        Some(json!({"path": file, "name": "router-fw", "group": "edge",
+            "policy": {"leaf_only": ["edge-a", "edge-b", "edge-c"]}})),
+    );
+    assert_eq!(status, 201, "{second}");
+    let second_id = second["id"].as_u64().unwrap();
+    let second = m.wait_job(second_id, Duration::from_secs(90), |j| {
+        j["state"] == "finished"
+    });
+    let warnings = second["warnings"].as_array().unwrap().len();
+    assert!(warnings >= 1, "{second}");
+    let (_, list) = m.api("GET", "/api/v1/jobs", None);
+    let listed = |job: u64| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == job)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(listed(second_id)["warnings"], warnings, "{list}");
+    assert_eq!(listed(id)["warnings"], 0, "{list}");
+    assert_eq!(listed(id)["group"], "edge", "{list}");
+    assert_eq!(listed(id)["policy"], "night-relay", "{list}");
+
     b.goto(&format!("{base}/#/jobs"));
     b.wait_find(
         &format!("tr[data-job='{id}'] .pill[data-state=finished]"),
         WAIT,
+    );
+    b.wait_find(
+        &format!("tr[data-job='{second_id}'] .pill[data-state=finished]"),
+        WAIT,
+    );
+    let shown = b.eval(
+        "return [...document.querySelectorAll('tr[data-job]')].map(r => [Number(r.dataset.job), r.querySelector('[data-warnings]').dataset.warnings, r.cells[4].textContent, r.cells[5].textContent])",
+        json!([]),
+    );
+    assert_eq!(
+        shown,
+        json!([
+            [second_id, warnings.to_string(), "edge", "—"],
+            [id, "0", "edge", "night-relay"]
+        ]),
+        "jobs page: warnings, group, policy"
     );
     b.screenshot(&shots().join("07-jobs.png"));
 
@@ -509,7 +553,7 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     b.click(&b.find("#logout"));
     b.wait_find("input[type=password]", WAIT);
 
-    // The metrics reflect the job: bytes served by the manager and by relays, as drawn.
+    // The metrics reflect both jobs: bytes served by the manager and by relays, as drawn.
     let (_, status) = m.api("GET", "/api/v1/status", None);
     assert_eq!(status["connected_agents"], 4);
     let metrics = ureq::get(m.url("/metrics"))
@@ -527,6 +571,7 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     };
     let relayed: u64 = want
         .iter()
+        .chain(carried(&second).iter())
         .filter(|((from, _), _)| from != "manager")
         .map(|(_, n)| n)
         .sum();
@@ -537,7 +582,8 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     assert_eq!(
         value("baton_served_bytes_total{source=\"manager\"}"),
         job["bytes_from_manager"].as_u64().unwrap()
+            + second["bytes_from_manager"].as_u64().unwrap()
     );
     assert_eq!(value("baton_connected_agents"), 4);
-    assert_eq!(value("baton_jobs{state=\"finished\"}"), 1);
+    assert_eq!(value("baton_jobs{state=\"finished\"}"), 2);
 }
