@@ -100,7 +100,7 @@ fn big_job() -> Value {
                 (2, 5) => "failed",
                 _ => "confirmed",
             };
-            participants.push(json!({"agent": agent, "state": state, "verified": if state == "confirmed" { 128 } else { 40 },
+            participants.push(json!({"agent": agent, "state": state, "verified": match state { "confirmed" => 128, "waiting" => 0, _ => 40 },
                 "total": 128, "segment": format!("rack-{}", s + 1), "leader": i == 0, "connected": true}));
             if i == 0 {
                 transfers.push(json!({"from": null, "to": agent, "bytes": 4 * mib}));
@@ -486,6 +486,19 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     );
     b.resize(1366, 1240);
     b.screenshot(&shots().join("06b-job-24-agents.png"));
+    // Crowded: other sources' bytes show when their receiver is hovered.
+    let hidden = "return [...document.querySelectorAll('#relay-tree text.edge-label.on-hover[data-to=\"rack2-node05\"]')].map(t => getComputedStyle(t).opacity)";
+    assert_eq!(b.eval(hidden, json!([])), json!(["0"]));
+    b.eval(
+        "document.querySelector('#relay-tree g.node[data-node=\"rack2-node05\"]').dispatchEvent(new MouseEvent('mouseenter')); return true",
+        json!([]),
+    );
+    b.wait_until(
+        "the hovered agent's other source labelled",
+        "return [...document.querySelectorAll('#relay-tree text.edge-label[data-to=\"rack2-node05\"]')].every(t => getComputedStyle(t).opacity === '1')",
+        WAIT,
+    );
+    b.screenshot(&shots().join("06c-job-24-agents-hover.png"));
     b.resize(1366, 900);
 
     // A second job under a policy no one can relay under: its warnings are counted in the list.

@@ -611,7 +611,7 @@ fn failed_logins_back_off() {
     let ok = wait_for(
         "login after the back-off",
         Duration::from_secs(10),
-        || String::new(),
+        String::new,
         || {
             let a = try_login(&m, "ops", "correct-horse-battery");
             (a.status != 429).then_some(a)

@@ -551,6 +551,15 @@ function transfersOf(job) {
 // edges are drawn bold with their bytes; other transfers thin, labelled when the graph is
 // small and on hover otherwise (the transfers table lists them all). Agents of one network
 // segment share a light box, with the segment's leader marked.
+// The longest of `texts` (longest first) that fits `width` pixels at about `charWidth` each.
+function fitText(width, charWidth, texts) {
+  const last = texts[texts.length - 1];
+  const fit = texts.find((t) => t.length * charWidth <= width);
+  if (fit) return fit;
+  const n = Math.max(1, Math.floor(width / charWidth) - 1);
+  return last.length > n ? last.slice(0, n) + "…" : last;
+}
+
 function treeLayout(job) {
   const MANAGER = "\u0000manager";
   const key = (x) => (x === null || x === undefined ? MANAGER : x);
@@ -646,7 +655,10 @@ function relayTree(job) {
     const leader = b.members.find((n) => parts.get(n)?.leader);
     svg.append(s("g", { class: "segment-box", "data-segment": b.name },
       s("rect", { x: x0, y: y0, width: x1 - x0, height: y1 - y0, rx: 10 }),
-      s("text", { x: x0 + 10, y: y0 + 15 }, "segment " + b.name + (leader ? " · leader " + leader : "") + " · " + b.members.length + (b.members.length === 1 ? " agent" : " agents"))));
+      s("title", {}, "segment " + b.name + (leader ? ", leader " + leader : ", no leader reported") + ", " + b.members.length + (b.members.length === 1 ? " agent" : " agents")),
+      s("text", { x: x0 + 10, y: y0 + 15 }, fitText(x1 - x0 - 20, 6.6,
+        ["segment " + b.name + (leader ? " · leader " + leader : "") + " · " + b.members.length + (b.members.length === 1 ? " agent" : " agents"),
+          "segment " + b.name + (leader ? " · leader " + leader : ""), "segment " + b.name, b.name]))));
   });
   const edgeGroup = s("g", { class: "edges" }), labelGroup = s("g", { class: "labels" }), nodeGroup = s("g", { class: "nodes" });
   svg.append(edgeGroup, labelGroup, nodeGroup);
