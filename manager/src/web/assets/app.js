@@ -575,6 +575,7 @@ function treeLayout(job) {
   const parent = new Map(names.map((n) => [n, incoming.get(n).length ? incoming.get(n)[0].from : MANAGER]));
   const fromManager = (n) => (incoming.get(n).find((e) => e.from === MANAGER) || { bytes: 0 }).bytes;
   const column = new Map([[MANAGER, 0]]);
+  const loopHeads = new Set();
   for (const start of names) {
     const path = [];
     let n = start;
@@ -583,6 +584,7 @@ function treeLayout(job) {
       const cycle = path.slice(path.indexOf(n));
       const head = cycle.reduce((best, c) => (fromManager(c) > fromManager(best) || (fromManager(c) === fromManager(best) && c < best) ? c : best));
       parent.set(head, MANAGER);
+      loopHeads.add(head);
       path.length = path.indexOf(head) + 1;
       n = MANAGER;
     }
@@ -614,7 +616,7 @@ function treeLayout(job) {
     roots.forEach(place);
     band.lastRow = next - 1;
   }
-  return { MANAGER, edges, parts, names, parent, column, row, bands: bandList, rows: next, isTreeEdge, received };
+  return { MANAGER, edges, parts, names, parent, column, row, bands: bandList, rows: next, isTreeEdge, received, loopHeads };
 }
 
 function relayTree(job) {
@@ -717,7 +719,7 @@ function relayTree(job) {
     const short = label.length > maxChars ? label.slice(0, maxChars - 1) + "…" : label;
     const g = s("g", { class: "node " + state + (part && part.leader ? " leader" : ""), transform: `translate(${p.x},${p.y})`, "data-node": n === MANAGER ? "manager" : n, "data-state": state,
       "data-column": column.get(n) },
-      s("title", {}, n === MANAGER ? "Manager: the source" : n + " · " + state + " · " + done + "% · received " + bytes(L.received(n)) + (part && part.segment ? " · segment " + part.segment : "") + (part && part.leader ? " (leader)" : "")),
+      s("title", {}, n === MANAGER ? "Manager: the source" : n + " · " + state + " · " + done + "% · received " + bytes(L.received(n)) + (part && part.segment ? " · segment " + part.segment : "") + (part && part.leader ? " (leader)" : "") + (L.loopHeads.has(n) ? " · its biggest source was fed by it in turn, so it is drawn off the manager" : "")),
       s("rect", { width: W, height: H, rx: 7 }));
     if (compact) {
       g.append(s("text", { x: 10, y: H / 2 + 4 }, short));
