@@ -1752,6 +1752,13 @@ fn at_most_m_agents_of_a_segment_fetch_from_outside_it() {
             assert!(list.len() <= m as usize, "m={m}: {seg}: {list:?}");
         }
         assert!(across[&Name::try_from("seg-1").unwrap()].contains(&leader));
+        // The job's list of segments and their entry nodes, leader first.
+        let segments = fleet.engine.job_status(1).unwrap().segments;
+        assert_eq!(segments.len(), 3);
+        let seg1 = segments.iter().find(|s| s.segment == "seg-1").unwrap();
+        assert_eq!(seg1.entries[0], leader);
+        assert_eq!(seg1.entries.len(), m as usize);
+        assert_eq!((seg1.fetchers, seg1.servers), (6, 6));
         for _ in 0..600 {
             if fleet.finished(1) {
                 break;
