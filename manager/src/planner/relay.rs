@@ -1467,6 +1467,33 @@ mod test {
                 );
             }
             assert_eq!(plan.segment_entries().len(), segments as usize);
+            // And everyone's upload is still used well (chunks of 1 kB).
+            let ups: Vec<u64> = seeds
+                .iter()
+                .map(|s| s.info.map_or(0, |i| if i.server { i.up_bps } else { 0 }))
+                .collect();
+            let t = plan_time(&plan, 1000.0, 4_000_000, &ups);
+            let bytes = chunks as f64 * 1000.0;
+            let total_up = 4e6 + ups.iter().sum::<u64>() as f64;
+            let bound = (bytes / 4e6).max(seeds.len() as f64 * bytes / total_up);
+            let flat_seeds: Vec<Seed> = seeds
+                .iter()
+                .map(|s| {
+                    let mut s = *s;
+                    if let Some(i) = &mut s.info {
+                        i.segment = 0;
+                    }
+                    s
+                })
+                .collect();
+            let flat = RelayPlan::build(chunks, 4_000_000, &Policy::default(), &flat_seeds);
+            let tf = plan_time(&flat, 1000.0, 4_000_000, &ups);
+            eprintln!(
+                "{segments}×{per}: plan {t:.3} s (flat {tf:.3} s), bound {bound:.3} s, {} stripes",
+                plan.stripes().len()
+            );
+            // Keeping content inside segments costs (almost) no speed.
+            assert!(t <= tf * 1.1, "plan {t} s vs {tf} s without segments");
         }
     }
 

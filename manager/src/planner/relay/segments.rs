@@ -251,8 +251,20 @@ impl RelayPlan {
         let len = self.stripe_len(g) as u64;
         let mut holders = Holders::new(MAX_LOCAL_DEPTH);
         let entry = if view.confirmed.is_empty() {
-            let Some(e) = (!view.entries.is_empty()).then(|| view.entries[g % view.entries.len()])
-            else {
+            // The first stripe enters through the best entry (the leader, if any); the others
+            // through the entry with the most upload to spare so far.
+            let e = if g == 0 {
+                view.entries.first().copied()
+            } else {
+                view.entries.iter().copied().min_by_key(|&e| {
+                    (
+                        (((load.served[e as usize] + len) as u128) << 24)
+                            / self.eff_up(e).max(1) as u128,
+                        e,
+                    )
+                })
+            };
+            let Some(e) = e else {
                 // Nobody here may serve: every participant fetches across the WAN.
                 for &f in &view.fetchers {
                     let h = self.wan_source(f, g, wan, load);
