@@ -81,6 +81,19 @@ fn bench_planner(c: &mut Criterion) {
             b.iter(|| RelayPlan::build(32_768, 50_000_000, &policy, black_box(&s)))
         });
     }
+    // The same fleet without segments (one flat pool: the striped Kumar–Ross plan).
+    let flat: Vec<Seed> = seeds(100_000)
+        .into_iter()
+        .map(|mut s| {
+            if let Some(info) = &mut s.info {
+                info.segment = 0;
+            }
+            s
+        })
+        .collect();
+    c.bench_function("relay_plan_build_flat_100000", |b| {
+        b.iter(|| RelayPlan::build(32_768, 50_000_000, &policy, black_box(&flat)))
+    });
     let reports: Vec<Report> = (0..100_000).map(report).collect();
     let profiles: Vec<(AgentId, Profile)> = reports
         .iter()
@@ -94,31 +107,44 @@ fn bench_planner(c: &mut Criterion) {
 fn bench_engine(c: &mut Criterion) {
     let mut group = c.benchmark_group("engine");
     group.sample_size(10);
-    group.bench_function("start_job_100000", |b| {
-        b.iter_batched(
-            || {
-                let mut engine = Engine::new(1, EngineConfig::default());
-                for i in 0..100_000 {
-                    let r = report(i);
-                    engine.agent_online(Duration::ZERO, r.id.clone(), PublicKey([1; 32]), r);
-                }
-                engine
-            },
-            |mut engine| {
-                let spec = JobSpec {
-                    id: 1,
-                    manifest: manifest(),
-                    targets: Targets::All,
-                    policy: Policy::default(),
-                };
-                engine.start_job(Duration::from_secs(1), spec).unwrap();
-                while engine.poll_persist().is_some() {}
-                while engine.poll_transmit().is_some() {}
-                engine
-            },
-            BatchSize::PerIteration,
-        )
-    });
+    // Default policy, and one with rate caps per agent and per segment and at most two
+    // agents per segment fetching across the WAN (every participant also gets a Throttle).
+    let capped = Policy {
+        agent_rate_cap_bps: 5_000_000,
+        segment_rate_cap_bps: 20_000_000,
+        max_wan_transfers_per_segment: 2,
+        ..Policy::default()
+    };
+    for (name, policy) in [
+        ("start_job_100000", Policy::default()),
+        ("start_job_100000_caps", capped),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    let mut engine = Engine::new(1, EngineConfig::default());
+                    for i in 0..100_000 {
+                        let r = report(i);
+                        engine.agent_online(Duration::ZERO, r.id.clone(), PublicKey([1; 32]), r);
+                    }
+                    engine
+                },
+                |mut engine| {
+                    let spec = JobSpec {
+                        id: 1,
+                        manifest: manifest(),
+                        targets: Targets::All,
+                        policy: policy.clone(),
+                    };
+                    engine.start_job(Duration::from_secs(1), spec).unwrap();
+                    while engine.poll_persist().is_some() {}
+                    while engine.poll_transmit().is_some() {}
+                    engine
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
     group.finish();
 }
 

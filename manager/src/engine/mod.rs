@@ -323,6 +323,23 @@ pub struct JobStatus {
     pub warnings: Vec<String>,
     /// While the job waits for its policy's time window: when it opens (engine time).
     pub opens_at: Option<Duration>,
+    /// Where content enters each segment, best segment first (the list of segment leaders
+    /// and entry nodes the plan was built from; empty for a plan without segments).
+    pub segments: Vec<SegmentStatus>,
+}
+
+/// Where content enters one segment in a job's plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentStatus {
+    /// The segment's name.
+    pub segment: Name,
+    /// The participants that fetch from outside the segment, best first (its leader first
+    /// if it may serve).
+    pub entries: Vec<AgentId>,
+    /// Participants of the segment fetching when the plan was built.
+    pub fetchers: u32,
+    /// Of them, those allowed to relay.
+    pub servers: u32,
 }
 
 /// Why the engine refused an input. Nothing changed.
@@ -1080,6 +1097,25 @@ impl Engine {
                 .collect(),
             warnings: j.warnings.clone(),
             opens_at: j.opens_at,
+            segments: j
+                .plan
+                .as_ref()
+                .map(|plan| {
+                    plan.segment_entries()
+                        .iter()
+                        .map(|e| SegmentStatus {
+                            segment: j.segments.name(e.segment).cloned().unwrap_or_default(),
+                            entries: e
+                                .entries
+                                .iter()
+                                .map(|&i| j.parts[i as usize].id.clone())
+                                .collect(),
+                            fetchers: e.fetchers,
+                            servers: e.servers,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     }
 

@@ -1297,41 +1297,47 @@ fn poll_timeout_is_the_earliest_of_flush_and_give_up() {
 #[test]
 #[ignore]
 fn starts_a_job_for_100k_agents_fast() {
-    let mut engine = Engine::new(1, config());
-    let mut fleet = Fleet::new(1);
-    for i in 0..100_000usize {
-        let name = format!("n{i:06}");
-        let serve = i % 4 != 3;
-        let r = report(&name, serve, 1_000_000 + (i as u64 % 7) * 500_000, 8, i);
-        engine.agent_online(fleet.now, id(&name), PublicKey([1; 32]), r);
+    // Flat, and on 2,000 segments of 50.
+    for segments in [false, true] {
+        let mut engine = Engine::new(1, config());
+        let mut fleet = Fleet::new(1);
+        for i in 0..100_000usize {
+            let name = format!("n{i:06}");
+            let serve = i % 4 != 3;
+            let mut r = report(&name, serve, 1_000_000 + (i as u64 % 7) * 500_000, 8, i);
+            if segments {
+                r.segment = Name::try_from(format!("seg-{}", i / 50).as_str()).unwrap();
+            }
+            engine.agent_online(fleet.now, id(&name), PublicKey([1; 32]), r);
+        }
+        fleet.now += Duration::from_secs(1);
+        let start = std::time::Instant::now();
+        engine
+            .start_job(
+                fleet.now,
+                JobSpec {
+                    id: 1,
+                    manifest: manifest(32_768),
+                    targets: Targets::All,
+                    policy: Policy::default(),
+                },
+            )
+            .unwrap();
+        let planned = start.elapsed();
+        let (mut records, mut messages) = (0, 0);
+        while engine.poll_persist().is_some() {
+            records += 1;
+        }
+        while engine.poll_transmit().is_some() {
+            messages += 1;
+        }
+        let drained = start.elapsed();
+        eprintln!(
+            "start_job(100k, segments: {segments}): planned in {planned:?}, drained {records} records and {messages} messages by {drained:?}"
+        );
+        assert!(messages >= 100_000);
+        assert!(planned < Duration::from_secs(1), "{planned:?}");
     }
-    fleet.now += Duration::from_secs(1);
-    let start = std::time::Instant::now();
-    engine
-        .start_job(
-            fleet.now,
-            JobSpec {
-                id: 1,
-                manifest: manifest(32_768),
-                targets: Targets::All,
-                policy: Policy::default(),
-            },
-        )
-        .unwrap();
-    let planned = start.elapsed();
-    let (mut records, mut messages) = (0, 0);
-    while engine.poll_persist().is_some() {
-        records += 1;
-    }
-    while engine.poll_transmit().is_some() {
-        messages += 1;
-    }
-    let drained = start.elapsed();
-    eprintln!(
-        "start_job(100k): planned in {planned:?}, drained {records} records and {messages} messages by {drained:?}"
-    );
-    assert!(messages >= 100_000);
-    assert!(planned < Duration::from_secs(1), "{planned:?}");
 }
 
 #[test]
@@ -1746,6 +1752,13 @@ fn at_most_m_agents_of_a_segment_fetch_from_outside_it() {
             assert!(list.len() <= m as usize, "m={m}: {seg}: {list:?}");
         }
         assert!(across[&Name::try_from("seg-1").unwrap()].contains(&leader));
+        // The job's list of segments and their entry nodes, leader first.
+        let segments = fleet.engine.job_status(1).unwrap().segments;
+        assert_eq!(segments.len(), 3);
+        let seg1 = segments.iter().find(|s| s.segment == "seg-1").unwrap();
+        assert_eq!(seg1.entries[0], leader);
+        assert_eq!(seg1.entries.len(), m as usize);
+        assert_eq!((seg1.fetchers, seg1.servers), (6, 6));
         for _ in 0..600 {
             if fleet.finished(1) {
                 break;

@@ -20,6 +20,18 @@
 //!    The plan keeps each agent within its `max_peers` and `max_sources`,
 //!    never names an agent that cannot serve as a source, and is repaired in
 //!    place when a source leaves, fails or misbehaves.
+//! 3. **Segments.** When agents report LAN segments, the plan is made per
+//!    segment: each segment's entry nodes (its elected leader first, then its
+//!    best-ranked servers, at most [`Policy::max_wan_transfers_per_segment`])
+//!    fetch each stripe from outside once, and it fans out inside the
+//!    segment; segments are ranked by their best entry, and
+//!    [`RelayPlan::segment_entries`] lists them. Members fetch across the WAN
+//!    only when nobody on their segment can serve them (no agent there may
+//!    relay, or as a repair).
+//!
+//! Rate caps and time windows are carried out by the engine (`Throttle`
+//! messages, a job that waits for its window); leaf-only rules (by id, by
+//! labels, by upload) decide who may serve ([`Policy::may_serve`]).
 //!
 //! Planning is `O(N log N)` in the number of participants.
 
@@ -193,7 +205,63 @@ impl Default for Policy {
     }
 }
 
+/// A policy field out of range (for the API's `400 {"error", "field"}` answers).
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+#[error("{field}: {reason}")]
+pub struct PolicyError {
+    /// The field's name, as in the policy's JSON (`window.start_minute`, `max_stripes`, ...).
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
 impl Policy {
+    /// Checks every field's range: window minutes within a day, at least one stripe, the
+    /// manager's copies and the weights finite and not negative.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let err = |field: &'static str, reason: &str| {
+            Err(PolicyError {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        if let Some(w) = &self.window {
+            if w.start_minute as u64 >= DAY_MINUTES {
+                return err(
+                    "window.start_minute",
+                    "must be a UTC minute of the day, 0..1440",
+                );
+            }
+            if w.end_minute as u64 >= DAY_MINUTES {
+                return err(
+                    "window.end_minute",
+                    "must be a UTC minute of the day, 0..1440",
+                );
+            }
+        }
+        if self.max_stripes == 0 {
+            return err("max_stripes", "must be at least 1");
+        }
+        if !self.manager_max_copies.is_finite() || self.manager_max_copies < 1.0 {
+            return err("manager_max_copies", "must be a number of at least 1");
+        }
+        let w = &self.weights;
+        for (field, value) in [
+            ("weights.up", w.up),
+            ("weights.down", w.down),
+            ("weights.loss", w.loss),
+            ("weights.uptime", w.uptime),
+            ("weights.performance", w.performance),
+            ("weights.delay", w.delay),
+            ("weights.serve", w.serve),
+        ] {
+            if !value.is_finite() || value < 0.0 {
+                return err(field, "must be a number of at least 0");
+            }
+        }
+        Ok(())
+    }
+
     /// Whether `id` (with `profile`) may serve peers in a job under this policy.
     pub fn may_serve(&self, id: &AgentId, profile: &Profile) -> bool {
         self.relay
@@ -534,6 +602,79 @@ mod test {
         }
         .node_info(&id("strong"), &p);
         assert_eq!(info.capacity, 4);
+    }
+
+    #[test]
+    fn time_windows_wrap_midnight_and_policies_validate() {
+        let night = TimeWindow {
+            start_minute: 22 * 60,
+            end_minute: 6 * 60,
+        };
+        let day = 86_400 * 19_000;
+        assert!(night.contains(day + 23 * 3600));
+        assert!(night.contains(day + 3600));
+        assert!(!night.contains(day + 6 * 3600));
+        assert_eq!(night.wait_secs(day + 12 * 3600), 10 * 3600);
+        assert_eq!(night.wait_secs(day + 21 * 3600 + 59 * 60 + 30), 30);
+        let office = TimeWindow {
+            start_minute: 9 * 60,
+            end_minute: 17 * 60,
+        };
+        assert_eq!(office.wait_secs(day + 18 * 3600), 15 * 3600);
+        assert_eq!(office.wait_secs(day + 10 * 3600), 0);
+        assert_eq!(night.to_string(), "22:00-06:00 UTC");
+        let always = TimeWindow {
+            start_minute: 300,
+            end_minute: 300,
+        };
+        assert!(always.contains(day + 7));
+
+        assert_eq!(Policy::default().validate(), Ok(()));
+        let bad = Policy {
+            window: Some(TimeWindow {
+                start_minute: 1440,
+                end_minute: 0,
+            }),
+            ..Policy::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().field, "window.start_minute");
+        let bad = Policy {
+            weights: Weights {
+                delay: f64::NAN,
+                ..Weights::default()
+            },
+            ..Policy::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().field, "weights.delay");
+    }
+
+    #[cfg(feature = "server")]
+    #[test]
+    fn partial_policy_json_takes_defaults() {
+        // Every field has a default: `{}` and partial JSON are whole policies.
+        let p: Policy =
+            serde_json::from_str(r#"{"window":{"start_minute":60,"end_minute":120}}"#).unwrap();
+        assert_eq!(p.window.unwrap().end_minute, 120);
+        assert_eq!(p.max_stripes, 8);
+    }
+
+    #[test]
+    fn leaves_by_labels_need_every_label() {
+        let mut p = profile(1_000_000, 0, true);
+        p.labels = vec![
+            ("role".into(), "meter".into()),
+            ("site".into(), "fra".into()),
+        ];
+        let mut policy = Policy::default();
+        assert!(policy.may_serve(&id("x"), &p));
+        policy
+            .leaf_only_labels
+            .insert("role".to_string(), "meter".to_string());
+        assert!(!policy.may_serve(&id("x"), &p));
+        policy
+            .leaf_only_labels
+            .insert("site".to_string(), "ams".to_string());
+        assert!(policy.may_serve(&id("x"), &p));
     }
 
     #[test]

@@ -70,37 +70,64 @@ struct Wan {
     holders: Holders,
 }
 
-/// The holders of one stripe inside a segment, soonest to finish its uploads first.
-#[derive(Debug, Default)]
+/// The holders of one stripe, the one that finishes its uploads first first.
+#[derive(Debug)]
 struct Holders {
-    /// `(time to finish what it serves plus one more copy of the stripe, node)`.
+    /// `(key, node)`: about the time to finish what it serves plus one more copy.
     heap: BinaryHeap<Reverse<(u128, u32)>>,
+    /// Holders this many hops or more below `base_depth` are not offered.
+    max_depth: u16,
+    /// The depth where the stripe entered (the segment, or `0` across the WAN).
+    base_depth: u16,
+}
+
+/// Most hops a stripe's tree grows inside one segment, and across segments. Holders that
+/// finish first are preferred, which would otherwise make long chains (slow to start, and
+/// every repair and cycle check walks them).
+const MAX_LOCAL_DEPTH: u16 = 6;
+/// See [`MAX_LOCAL_DEPTH`]: how deep a holder may sit and still serve another segment.
+const MAX_WAN_DEPTH: u16 = 12;
+
+/// What each node serves in the plan being built, and its depth in the current stripe's tree.
+#[derive(Debug)]
+struct Load {
+    /// Chunks each node is set to serve so far (all stripes).
+    served: Vec<u64>,
+    /// Hops from the manager in the stripe being planned (`1` = fetches from the manager).
+    depth: Vec<u16>,
 }
 
 impl Holders {
-    /// When `node` would finish serving what it serves now plus `len` more chunks (scaled).
-    fn key(plan: &RelayPlan, node: u32, len: u64, served: &[u64]) -> u128 {
-        (((served[node as usize] + len) as u128) << 24) / plan.eff_up(node).max(1) as u128
+    fn new(max_depth: u16) -> Self {
+        Holders {
+            heap: BinaryHeap::new(),
+            max_depth,
+            base_depth: 0,
+        }
     }
 
-    /// Offers `node` as a holder if it may take another fetcher.
-    fn push(&mut self, plan: &RelayPlan, node: u32, len: u64, served: &[u64]) {
-        if plan.spare(node) == 0 {
+    /// When `node` would finish serving what it serves now plus `len` more chunks (scaled).
+    fn key(&self, plan: &RelayPlan, node: u32, len: u64, load: &Load) -> u128 {
+        let up = plan.eff_up(node).max(1) as u128;
+        let served = load.served[node as usize] as u128;
+        ((served + len as u128) << 24) / up
+    }
+
+    /// Offers `node` as a holder if it may take another fetcher and is less than
+    /// `max_depth` hops below where the stripe entered.
+    fn push(&mut self, plan: &RelayPlan, node: u32, len: u64, load: &Load) {
+        if plan.spare(node) == 0
+            || load.depth[node as usize].saturating_sub(self.base_depth) >= self.max_depth
+        {
             return;
         }
-        let key = Self::key(plan, node, len, served);
+        let key = self.key(plan, node, len, load);
         self.heap.push(Reverse((key, node)));
     }
 
     /// The holder that would finish first and may serve stripe `g` to `fetcher` (charged with
     /// the stripe); `None` if none has room.
-    fn take(
-        &mut self,
-        plan: &RelayPlan,
-        fetcher: u32,
-        g: usize,
-        served: &mut [u64],
-    ) -> Option<u32> {
+    fn take(&mut self, plan: &RelayPlan, fetcher: u32, g: usize, load: &mut Load) -> Option<u32> {
         let len = plan.stripe_len(g) as u64;
         let mut skipped = Vec::new();
         let mut found = None;
@@ -108,7 +135,7 @@ impl Holders {
             if plan.spare(h) == 0 && !plan.uses(fetcher, h) {
                 continue; // full for good
             }
-            let now = Self::key(plan, h, len, served);
+            let now = self.key(plan, h, len, load);
             if now > key {
                 // It took on more since it was queued: queue it again at its real place.
                 self.heap.push(Reverse((now, h)));
@@ -117,7 +144,7 @@ impl Holders {
                 }
                 continue;
             }
-            if plan.valid(fetcher, h, g) {
+            if plan.may_take(fetcher, h, g) {
                 found = Some(h);
                 break;
             }
@@ -127,11 +154,11 @@ impl Holders {
             }
         }
         for h in skipped {
-            self.push(plan, h, len, served);
+            self.push(plan, h, len, load);
         }
         let h = found?;
-        served[h as usize] += len;
-        self.push(plan, h, len, served);
+        load.served[h as usize] += len;
+        self.push(plan, h, len, load);
         Some(h)
     }
 }
@@ -176,7 +203,8 @@ impl RelayPlan {
                 let leader = servers.remove(pos);
                 servers.insert(0, leader);
             }
-            if max_wan > 0 {
+            // Segment 0 (not reported) has no WAN link of its own to protect.
+            if max_wan > 0 && view.segment != 0 {
                 servers.truncate(max_wan as usize);
             }
             view.entries = servers;
@@ -184,12 +212,15 @@ impl RelayPlan {
         // The best entry (earliest on the prioritized list) ranks its segment.
         views.sort_by_key(|v| (v.entries.first().copied().unwrap_or(UNSET), v.segment));
 
-        let mut served = vec![0u64; self.nodes.len()];
+        let mut load = Load {
+            served: vec![0; self.nodes.len()],
+            depth: vec![0; self.nodes.len()],
+        };
         let mut wan: Vec<Wan> = (0..k)
             .map(|g| {
-                let mut holders = Holders::default();
+                let mut holders = Holders::new(MAX_WAN_DEPTH);
                 for &c in &confirmed_anywhere {
-                    holders.push(self, c, self.stripe_len(g) as u64, &served);
+                    holders.push(self, c, self.stripe_len(g) as u64, &load);
                 }
                 Wan {
                     manager_left: manager_slots.max(1),
@@ -199,7 +230,7 @@ impl RelayPlan {
             .collect();
         for (g, wan) in wan.iter_mut().enumerate() {
             for view in &views {
-                self.fan_out(g, view, wan, &mut served);
+                self.fan_out(g, view, wan, &mut load);
             }
         }
         self.entries = views
@@ -216,26 +247,39 @@ impl RelayPlan {
 
     /// Plans stripe `g` for the fetchers of one segment: one entry fetches it from outside,
     /// everyone else from inside, each from the holder that would finish its uploads first.
-    fn fan_out(&mut self, g: usize, view: &View, wan: &mut Wan, served: &mut [u64]) {
+    fn fan_out(&mut self, g: usize, view: &View, wan: &mut Wan, load: &mut Load) {
         let len = self.stripe_len(g) as u64;
-        let mut holders = Holders::default();
+        let mut holders = Holders::new(MAX_LOCAL_DEPTH);
         let entry = if view.confirmed.is_empty() {
-            let Some(e) = (!view.entries.is_empty()).then(|| view.entries[g % view.entries.len()])
-            else {
+            // The first stripe enters through the best entry (the leader, if any); the others
+            // through the entry with the most upload to spare so far.
+            let e = if g == 0 {
+                view.entries.first().copied()
+            } else {
+                view.entries.iter().copied().min_by_key(|&e| {
+                    (
+                        (((load.served[e as usize] + len) as u128) << 24)
+                            / self.eff_up(e).max(1) as u128,
+                        e,
+                    )
+                })
+            };
+            let Some(e) = e else {
                 // Nobody here may serve: every participant fetches across the WAN.
                 for &f in &view.fetchers {
-                    let h = self.wan_source(f, g, wan, served);
-                    self.set_parent(f, g, h);
+                    let h = self.wan_source(f, g, wan, load);
+                    self.assign(f, g, h, load);
                 }
                 return;
             };
-            let h = self.wan_source(e, g, wan, served);
-            self.set_parent(e, g, h);
-            holders.push(self, e, len, served);
+            let h = self.wan_source(e, g, wan, load);
+            self.assign(e, g, h, load);
+            holders.base_depth = load.depth[e as usize];
+            holders.push(self, e, len, load);
             Some(e)
         } else {
             for &c in &view.confirmed {
-                holders.push(self, c, len, served);
+                holders.push(self, c, len, load);
             }
             None
         };
@@ -251,17 +295,19 @@ impl RelayPlan {
             servers.rotate_left(at);
         }
         for f in servers.into_iter().chain(leaves) {
-            let h = match self.local_source(f, g, &mut holders, served) {
+            let h = match self.local_source(f, g, &mut holders, load) {
                 Some(h) => h,
-                None => self.wan_source(f, g, wan, served),
+                None => self.wan_source(f, g, wan, load),
             };
-            self.set_parent(f, g, h);
-            holders.push(self, f, len, served);
+            self.assign(f, g, h, load);
+            holders.push(self, f, len, load);
         }
-        // This segment's holders of the stripe may now serve segments ranked later.
+        // This segment's holders of the stripe near where it entered may now serve segments
+        // ranked later (deeper ones would only make longer chains).
+        let near = holders.base_depth.saturating_add(1);
         for &f in &view.fetchers {
-            if self.cap(f) > 0 {
-                wan.holders.push(self, f, len, served);
+            if self.cap(f) > 0 && load.depth[f as usize] <= near {
+                wan.holders.push(self, f, len, load);
             }
         }
     }
@@ -273,37 +319,57 @@ impl RelayPlan {
         fetcher: u32,
         g: usize,
         holders: &mut Holders,
-        served: &mut [u64],
+        load: &mut Load,
     ) -> Option<u32> {
         let seg = self.nodes[fetcher as usize].info.segment;
         let len = self.stripe_len(g) as u64;
         // Tracking all the sources it can: reuse one of them if it holds the stripe.
-        if self.distinct_sources(fetcher) >= self.nodes[fetcher as usize].info.max_sources as usize
-        {
+        let max_sources = self.nodes[fetcher as usize].info.max_sources as usize;
+        if max_sources < self.stripes.len() && self.distinct_sources(fetcher) >= max_sources {
             for s in 0..self.stripes.len() {
                 let p = self.parent(fetcher, s);
                 if is_peer(p)
                     && self.nodes[p as usize].info.segment == seg
                     && self.valid(fetcher, p, g)
                 {
-                    served[p as usize] += len;
+                    load.served[p as usize] += len;
                     return Some(p);
                 }
             }
         }
-        holders.take(self, fetcher, g, served)
+        holders.take(self, fetcher, g, load)
     }
 
     /// A source outside the fetcher's segment for stripe `g`: the manager while its copies
     /// last, else a holder in a segment ranked earlier, else the manager.
-    fn wan_source(&mut self, fetcher: u32, g: usize, wan: &mut Wan, served: &mut [u64]) -> u32 {
+    fn wan_source(&mut self, fetcher: u32, g: usize, wan: &mut Wan, load: &mut Load) -> u32 {
         if wan.manager_left > 0 {
             wan.manager_left -= 1;
             return MANAGER;
         }
-        wan.holders
-            .take(self, fetcher, g, served)
-            .unwrap_or(MANAGER)
+        wan.holders.take(self, fetcher, g, load).unwrap_or(MANAGER)
+    }
+
+    /// [`valid`](Self::valid) for the plan being built, without the cycle check: holders
+    /// are offered only once they have a source for the stripe, and `fetcher` has none yet,
+    /// so no holder can be below it.
+    fn may_take(&self, fetcher: u32, holder: u32, g: usize) -> bool {
+        debug_assert_eq!(self.parent(fetcher, g), UNSET);
+        holder != fetcher
+            && self.serving(holder)
+            && (self.spare(holder) > 0 || self.uses(fetcher, holder))
+            && (self.nodes[holder as usize].confirmed || self.parent(holder, g) != UNSET)
+            && !self.nodes[fetcher as usize].banned.contains(&holder)
+    }
+
+    /// Sets `fetcher`'s source for stripe `g` to `holder` and records its depth in the stripe.
+    fn assign(&mut self, fetcher: u32, g: usize, holder: u32, load: &mut Load) {
+        self.set_parent(fetcher, g, holder);
+        load.depth[fetcher as usize] = if is_peer(holder) {
+            load.depth[holder as usize].saturating_add(1)
+        } else {
+            1
+        };
     }
 
     /// Fetchers `node` may still take on (0 for non-servers).
