@@ -156,6 +156,7 @@ pub struct Outgoing {
 
 /// What changed on the segment, for logs and status.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[non_exhaustive]
 pub enum SegmentEvent {
     /// The elected leader changed.
@@ -179,6 +180,7 @@ pub enum SegmentEvent {
 
 /// Why a datagram was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[non_exhaustive]
 pub enum SegmentError {
     /// Discovery has not started (no certificate yet).
