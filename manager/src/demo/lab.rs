@@ -76,7 +76,11 @@ pub fn agent_delay_ms(i: usize, n: usize, (min, max): (u64, u64)) -> u64 {
         return min;
     }
     // 7919 is prime: i ↦ 7919·i mod n is a permutation unless n is a multiple of it.
-    let rank = if n.is_multiple_of(7919) { i } else { i * 7919 % n };
+    let rank = if n.is_multiple_of(7919) {
+        i
+    } else {
+        i * 7919 % n
+    };
     min + (max - min) * rank as u64 / (n as u64 - 1)
 }
 
