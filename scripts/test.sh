@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Baton's whole test run: installs what it needs on a fresh Debian machine,
 # then checks formatting, lints, the no_std build, all tests, the firmware (size,
-# stack, clippy), the QEMU hardware-in-the-loop tests (needs root), and a short fuzz run.
+# stack, clippy), the QEMU hardware-in-the-loop tests (needs root), the simulator's
+# seed sweep, and a short fuzz run. Browser tests need chromium (installed here).
 # Usage: scripts/test.sh            (FUZZ_SECONDS=N to change the fuzz time per target)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,18 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
+stage "install system packages (chromium, iproute2, openssl)"
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+command -v tc >/dev/null 2>&1 || missing+=(iproute2)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+if [ "${#missing[@]}" -gt 0 ]; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
+
 stage "cargo fmt --check"
 cargo fmt --all --check
 
@@ -47,6 +60,9 @@ scripts/build-firmware.sh
 
 stage "hardware-in-the-loop tests (QEMU, as root)"
 cargo test -p baton-hil-tests --release
+
+stage "simulator seed sweep (release)"
+scripts/sim-sweep.sh
 
 stage "fuzz (${FUZZ_SECONDS}s per target)"
 protocol/fuzz/run-all.sh "$FUZZ_SECONDS"

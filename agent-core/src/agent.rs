@@ -59,10 +59,14 @@ pub const MAX_WINDOW: usize = 16;
 pub const MAX_SOURCE_SLOTS: usize = 9;
 /// Most source ranges kept per job (beyond, shadowed and then oldest ranges are dropped).
 pub const MAX_RANGES: usize = 32;
-/// Most peer requests parked until their chunk is verified.
+/// Default for the most peer requests parked until their chunk is verified (the `PARKED`
+/// parameter of [`Agent`]; a relay serving many peers wants about `max_peers × window`).
 pub const MAX_PARKED: usize = 16;
 /// Consecutive `Busy`/`Unknown` refusals after which a source is reported and avoided.
 pub const MAX_REFUSALS: u16 = 50;
+/// Park timeouts' worth of `NotYet` refusals (with no chunk between) after which a source
+/// is reported and avoided, as one that keeps refusing.
+pub const NOT_YET_PARKS: u32 = 6;
 /// Connection losses after which a peer source is reported unreachable.
 pub const MAX_DISCONNECTS: u8 = 3;
 
@@ -74,6 +78,8 @@ const FENCES: usize = 16;
 const THROTTLES: usize = 8;
 /// Peer delays kept for the report (the manager's delay comes first).
 const PEER_DELAYS: usize = baton_protocol::MAX_DELAYS - 1;
+/// Changes of a peer delay below this many microseconds do not send the report again.
+pub const PEER_DELAY_NOISE_US: u32 = 500;
 
 /// A connection, numbered by the driver; [`ConnId::MANAGER`] is the manager session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -355,6 +361,8 @@ struct SourceSlot {
     in_flight: Vec<(u32, Duration), MAX_WINDOW>,
     paused_until: Option<Duration>,
     refusals: u16,
+    /// Since when it has refused `NotYet` without sending a chunk.
+    not_yet_since: Option<Duration>,
     disconnects: u8,
     received_delta: u64,
 }
@@ -367,6 +375,7 @@ impl SourceSlot {
             in_flight: Vec::new(),
             paused_until: None,
             refusals: 0,
+            not_yet_since: None,
             disconnects: 0,
             received_delta: 0,
         }
@@ -403,8 +412,20 @@ struct Pace {
     remainder: u64,
 }
 
+/// Rates above this (1 TiB/s) are paced as this: no link is faster, and the
+/// bucket arithmetic then stays within `u64` (no 128-bit division on a Cortex-M3).
+const MAX_PACED_RATE: u64 = 1 << 40;
+
+/// Whole microseconds in `d`, saturating.
+fn micros_u64(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1_000_000)
+        .saturating_add(u64::from(d.subsec_micros()))
+}
+
 impl Pace {
     fn new(rate: u64, chunk_size: u32, now: Duration) -> Pace {
+        let rate = rate.min(MAX_PACED_RATE);
         let burst = i64::try_from((rate / 10).max(u64::from(chunk_size))).unwrap_or(i64::MAX);
         Pace {
             rate,
@@ -420,10 +441,19 @@ impl Pace {
         let Some(dt) = now.checked_sub(self.at) else {
             return;
         };
-        let total = u128::from(self.rate) * dt.as_micros() + u128::from(self.remainder);
-        let add = i64::try_from(total / 1_000_000).unwrap_or(i64::MAX);
-        self.remainder = (total % 1_000_000) as u64;
-        self.tokens = self.tokens.saturating_add(add).min(self.burst);
+        // Overflow needs over 2^64 byte-microseconds: far more than a full bucket.
+        match self
+            .rate
+            .checked_mul(micros_u64(dt))
+            .and_then(|v| v.checked_add(self.remainder))
+        {
+            Some(total) => {
+                let add = i64::try_from(total / 1_000_000).unwrap_or(i64::MAX);
+                self.remainder = total % 1_000_000;
+                self.tokens = self.tokens.saturating_add(add).min(self.burst);
+            }
+            None => self.tokens = self.burst,
+        }
         if self.tokens == self.burst {
             self.remainder = 0;
         }
@@ -443,11 +473,9 @@ impl Pace {
         if self.allows() {
             return self.at;
         }
-        let owed = u128::from(self.cost.abs_diff(self.tokens)) * 1_000_000;
-        let wait_us = owed
-            .saturating_sub(u128::from(self.remainder))
-            .div_ceil(u128::from(self.rate));
-        self.at + Duration::from_micros(u64::try_from(wait_us).unwrap_or(u64::MAX))
+        let owed = self.cost.abs_diff(self.tokens).saturating_mul(1_000_000);
+        let wait_us = owed.saturating_sub(self.remainder).div_ceil(self.rate);
+        self.at + Duration::from_micros(wait_us)
     }
 }
 
@@ -513,6 +541,40 @@ impl Job {
         }
     }
 
+    /// Takes chunks `first..end` out of every named range (not the manager's default one):
+    /// ranges inside are removed, overlapping ones trimmed, one straddling both ends split
+    /// (if the table has room; else it keeps its right part, which the caller's new range
+    /// then shadows as a later range).
+    fn clear_ranges(&mut self, first: u32, end: u32) {
+        let mut r = 1;
+        while r < self.ranges.len() {
+            let range = self.ranges[r];
+            if range.end <= first || end <= range.first {
+                r += 1;
+            } else if first <= range.first && range.end <= end {
+                self.ranges.remove(r);
+            } else if range.first < first && end < range.end {
+                self.ranges[r].end = first;
+                let right = Range {
+                    slot: range.slot,
+                    first: end,
+                    end: range.end,
+                    cursor: end,
+                };
+                if self.ranges.push(right).is_err() {
+                    self.ranges[r].end = range.end;
+                }
+                r += 1;
+            } else if range.first < first {
+                self.ranges[r].end = first;
+                r += 1;
+            } else {
+                self.ranges[r].first = end;
+                r += 1;
+            }
+        }
+    }
+
     fn set_default_range(&mut self) {
         self.ranges.clear();
         let _ = self.ranges.push(Range {
@@ -573,8 +635,14 @@ struct Welcome {
 }
 
 /// The agent state machine over a content store `S`, with room for `JOBS`
-/// concurrent jobs and `PEERS` peer connections (see the module docs).
-pub struct Agent<S: ContentStore, const JOBS: usize = 2, const PEERS: usize = 8> {
+/// concurrent jobs, `PEERS` peer connections and `PARKED` parked peer requests (see the
+/// module docs).
+pub struct Agent<
+    S: ContentStore,
+    const JOBS: usize = 2,
+    const PEERS: usize = 8,
+    const PARKED: usize = MAX_PARKED,
+> {
     store: S,
     config: AgentConfig,
     manager_up: bool,
@@ -584,7 +652,7 @@ pub struct Agent<S: ContentStore, const JOBS: usize = 2, const PEERS: usize = 8>
     fences: Deque<JobRef, FENCES>,
     peers: Vec<Peer, PEERS>,
     serving: Vec<ConnId, PEERS>,
-    parked: Vec<Parked, MAX_PARKED>,
+    parked: Vec<Parked, PARKED>,
     replies: Deque<Reply, REPLY_QUEUE>,
     to_manager: Deque<ToManager, MANAGER_QUEUE>,
     events: Deque<Event, EVENT_QUEUE>,
@@ -610,8 +678,8 @@ struct RttProbe {
     rtt_us: Option<u32>,
 }
 
-impl<S: ContentStore, const JOBS: usize, const PEERS: usize> core::fmt::Debug
-    for Agent<S, JOBS, PEERS>
+impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize> core::fmt::Debug
+    for Agent<S, JOBS, PEERS, PARKED>
 {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Agent")
@@ -665,7 +733,9 @@ fn min_opt(a: Option<Duration>, b: Duration) -> Option<Duration> {
     Some(a.map_or(b, |a| a.min(b)))
 }
 
-impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEERS> {
+impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize>
+    Agent<S, JOBS, PEERS, PARKED>
+{
     /// An agent over `store` (already mounted: what it holds is resumed and served).
     pub fn new(config: AgentConfig, store: S) -> Self {
         Agent {
@@ -774,17 +844,22 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
 
     /// Sets the round-trip times to segment peers (nearest first) for the report.
     ///
-    /// The report is sent again when the set of peers changes or a delay moves by more than a quarter.
+    /// The report is sent again only when the set of peers changes or a delay moves by
+    /// more than a quarter and more than [`PEER_DELAY_NOISE_US`]: every report makes the
+    /// manager re-place the agent in running plans, so LAN jitter must not trigger one.
     pub fn set_peer_delays(&mut self, delays: &[Delay]) {
         let delays = &delays[..delays.len().min(PEER_DELAYS)];
-        let changed = delays.len() != self.peer_delays.len()
-            || delays
+        let moved = |new: &Delay| {
+            self.peer_delays
                 .iter()
-                .zip(self.peer_delays.iter())
-                .any(|(new, old)| {
-                    new.to != old.to || new.rtt_us.abs_diff(old.rtt_us) > old.rtt_us / 4
-                });
-        if changed {
+                .find(|old| old.to == new.to)
+                .is_none_or(|old| {
+                    let diff = new.rtt_us.abs_diff(old.rtt_us);
+                    diff > old.rtt_us / 4 && diff > PEER_DELAY_NOISE_US
+                })
+        };
+        // Kept as of the last significant change, so a slow drift is caught too.
+        if delays.len() != self.peer_delays.len() || delays.iter().any(moved) {
             self.peer_delays.clear();
             let _ = self.peer_delays.extend_from_slice(delays);
             self.report_due |= self.manager_up;
@@ -1258,6 +1333,10 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
             if sr.first >= end {
                 continue;
             }
+            // A named range replaces what earlier ranges said of its chunks (the manager
+            // sends the full list): trim them, so that their sources' slots free up and an
+            // avoided new source falls back to the manager, not to a stale older source.
+            j.clear_ranges(sr.first, end);
             let slot = match &sr.source {
                 Source::Manager => 0,
                 Source::Peer { id, addr, key } => {
@@ -1269,17 +1348,23 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
                             s.avoided = None;
                             s.refusals = 0;
                             s.disconnects = 0;
+                            s.not_yet_since = None;
                         }
                         pos
                     } else {
                         if j.sources.is_full() {
-                            // Recycle a slot no range uses and nothing is in flight on.
-                            let free = (1..j.sources.len()).find(|&s| {
-                                j.sources[s].in_flight.is_empty()
-                                    && !j.ranges.iter().any(|r| r.slot as usize == s)
-                            });
+                            // Recycle a slot no range uses (any longer): prefer one with
+                            // nothing in flight; else its requests are given up and rewound
+                            // (a late answer is ignored as unsolicited).
+                            let unused = |s: usize| !j.ranges.iter().any(|r| r.slot as usize == s);
+                            let free = (1..j.sources.len())
+                                .find(|&s| unused(s) && j.sources[s].in_flight.is_empty())
+                                .or_else(|| (1..j.sources.len()).find(|&s| unused(s)));
                             match free {
                                 Some(s) => {
+                                    for (i, _) in core::mem::take(&mut j.sources[s].in_flight) {
+                                        j.rewind(i);
+                                    }
                                     j.sources[s] = SourceSlot::new(Some((id.clone(), *addr, *key)));
                                     s
                                 }
@@ -1527,6 +1612,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
         }
         j.sources[sp].refusals = 0;
         j.sources[sp].disconnects = 0;
+        j.sources[sp].not_yet_since = None;
         match self.store.is_verified(root, index) {
             Ok(true) => return, // a duplicate
             Ok(false) => {}
@@ -1577,10 +1663,16 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize> Agent<S, JOBS, PEER
         let job = j.job;
         let slot = &mut j.sources[sp];
         slot.paused_until = Some(now + retry);
-        if reason != Refusal::NotYet {
+        let stuck = if reason == Refusal::NotYet {
+            // A source still fetching may refuse `NotYet` for a while, not forever: past
+            // `NOT_YET_PARKS` park timeouts without a chunk from it, it is reported.
+            let since = *slot.not_yet_since.get_or_insert(now);
+            now.saturating_sub(since) >= self.config.park_timeout * NOT_YET_PARKS
+        } else {
             slot.refusals += 1;
-        }
-        if slot.refusals >= MAX_REFUSALS
+            false
+        };
+        if (stuck || slot.refusals >= MAX_REFUSALS)
             && let Some((id, ..)) = slot.peer.clone()
         {
             slot.avoided = Some(Avoid::Trouble);
@@ -2453,6 +2545,11 @@ mod test {
         // A small change does not send the report again; a large one does.
         let mut moved = peers.clone();
         moved[0].rtt_us = 320;
+        w.agent.set_peer_delays(&moved);
+        assert!(w.drain().is_empty());
+        // Nor does jitter under the noise floor, or the same peers in another order.
+        moved[0].rtt_us = 700;
+        moved.swap(0, 1);
         w.agent.set_peer_delays(&moved);
         assert!(w.drain().is_empty());
         moved[0].rtt_us = 3000;

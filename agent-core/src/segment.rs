@@ -343,6 +343,12 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
         self.elect(now);
     }
 
+    /// Asks for a report as soon as the spacing allows (e.g. the manager session
+    /// came back, so the manager's view may be stale). Only the leader reports.
+    pub fn request_report(&mut self) {
+        self.report_due = true;
+    }
+
     /// Whether [`Segment::start`] was called.
     pub fn started(&self) -> bool {
         self.cert.is_some()
@@ -965,6 +971,8 @@ mod test {
                 {
                     self.nodes[i].seg.handle_tick(next);
                     self.drain(i);
+                    let after = self.nodes[i].seg.poll_timeout().unwrap();
+                    assert!(after > next, "node {i} asks to be woken again at once");
                 }
             }
             next < until

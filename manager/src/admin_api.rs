@@ -418,7 +418,11 @@ pub fn policy_from_json(value: &Value) -> Result<Policy, ApiError> {
                 format!("unknown policy field {key:?} (known: {})", names.join(", ")),
             ));
         };
-        if let (Value::Object(inner), Value::Object(given)) = (default, v) {
+        // A nested struct (`weights`) has its fields in the default; a map
+        // (`leaf_only_labels`) defaults to empty and takes any key.
+        if let (Value::Object(inner), Value::Object(given)) = (default, v)
+            && !inner.is_empty()
+        {
             for sub in given.keys() {
                 if !inner.contains_key(sub) {
                     let names: Vec<&str> = inner.keys().map(String::as_str).collect();
@@ -623,8 +627,13 @@ mod test {
 
     #[test]
     fn policy_errors_name_the_field() {
-        let ok = policy_from_json(&json!({ "max_peers_per_source": 3, "weights": { "up": 2.0 } }))
-            .unwrap();
+        let ok = policy_from_json(&json!({
+            "max_peers_per_source": 3,
+            "weights": { "up": 2.0 },
+            "leaf_only_labels": { "class": "mcu" },
+        }))
+        .unwrap();
+        assert_eq!(ok.leaf_only_labels["class"], "mcu");
         assert_eq!(ok.max_peers_per_source, 3);
         assert_eq!(ok.weights.up, 2.0);
         assert_eq!(ok.weights.down, Policy::default().weights.down);

@@ -404,9 +404,18 @@ impl Core {
             let _ = reply.send(result);
         }
         while let Some(event) = self.engine.poll_event() {
-            if let EngineEvent::JobFinished { job, .. } = event {
-                // Its records are persisted and its last instructions sent: free its state.
-                self.engine.forget_job(job);
+            match &event {
+                EngineEvent::JobFinished { job, .. } => {
+                    // Its records are persisted and its last instructions sent: free its state.
+                    self.engine.forget_job(*job);
+                }
+                EngineEvent::PolicyWarning { job, text } => {
+                    tracing::warn!(job, "policy cannot be met: {text}");
+                    if let Err(e) = lock(&self.store).add_job_warning(*job, text, unix_now()) {
+                        tracing::error!(job, "cannot record policy warning: {e}");
+                    }
+                }
+                _ => {}
             }
             let _ = self.events.send(JobEvent::from_engine(event));
         }

@@ -102,6 +102,12 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     assert!(out.success, "{}", out.stderr);
 
     // Four real agents; three carry the label the group selects.
+    let port = std::net::UdpSocket::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
     let agents: Vec<AgentProc> = [
         ("edge-a", "role=edge"),
         ("edge-b", "role=edge"),
@@ -110,11 +116,24 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     ]
     .iter()
     .map(|(name, label)| {
+        let performance = if *name == "edge-a" { "900" } else { "300" };
         AgentProc::spawn(
             &m,
             &root,
             name,
             &[
+                "--segment",
+                "rack-1",
+                "--performance",
+                performance,
+                "--discovery-port",
+                &port,
+                "--discovery-broadcast",
+                "127.255.255.255",
+                "--beacon-interval-ms",
+                "200",
+                "--leader-timeout-ms",
+                "1000",
                 "--up-bps",
                 "3MiB",
                 "--down-bps",
@@ -128,6 +147,35 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     })
     .collect();
     m.wait_connected(&["edge-a", "edge-b", "edge-c", "spare-1"]);
+
+    // The agents share one LAN segment: they find each other by UDP broadcast on loopback,
+    // elect the strongest (edge-a) and its report reaches the manager.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let segment = loop {
+        let (status, segs) = m.api("GET", "/api/v1/segments", None);
+        assert_eq!(status, 200, "{segs}");
+        // Wait for a report that also carries measured delays between members.
+        if let Some(seg) = segs.as_array().unwrap().iter().find(|s| {
+            s["name"] == "rack-1"
+                && s["members"].as_array().is_some_and(|m| {
+                    m.len() == 4
+                        && m.iter().any(|m| {
+                            m["delays"]
+                                .as_array()
+                                .is_some_and(|d| d.iter().any(|d| d["to"].is_string()))
+                        })
+                })
+        }) {
+            break seg.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no report of segment rack-1 with 4 members: {segs}; log:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(segment["leader"], "edge-a", "{segment}");
     let bytes = content(6_000_000);
     let file = root.join("router-fw-2.4.bin");
     std::fs::write(&file, &bytes).unwrap();
@@ -150,11 +198,28 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
 
     // The fleet shows the four agents, connected.
     b.wait_until(
-        "four connected agents in the fleet",
-        "return document.querySelectorAll('tr[data-agent] .pill[data-state=connected]').length === 4",
+        "four connected agents in the fleet, edge-a marked leader",
+        "return document.querySelectorAll('tr[data-agent] .pill[data-state=connected]').length === 4 \
+            && !!document.querySelector('tr[data-agent=edge-a] .badge.leader')",
         WAIT,
     );
     b.screenshot(&shots().join("02-fleet.png"));
+
+    // The segment: leader, members, delays between them.
+    b.goto(&format!("{base}/#/segments"));
+    b.wait_find("[data-segment=rack-1] tr[data-agent=spare-1]", WAIT);
+    let text = b.text(&b.find("[data-segment=rack-1]"));
+    assert!(text.contains("leader edge-a"), "{text}");
+    let peer_rtts = b.eval(
+        "return [...document.querySelectorAll('[data-segment=rack-1] .matrix td')]
+            .filter(td => td.textContent.endsWith(' ms')).length",
+        json!([]),
+    );
+    assert!(
+        peer_rtts.as_u64() > Some(0),
+        "no delay between members shown: {text}"
+    );
+    b.screenshot(&shots().join("02b-segments.png"));
 
     // A content group: a bad name is refused next to the field, then it is created.
     b.goto(&format!("{base}/#/groups/new"));
@@ -167,7 +232,15 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
         "return document.querySelector('#e-name').textContent.length > 0",
         WAIT,
     );
-    assert!(b.text(&e).contains("name"), "{}", b.text(&e));
+    assert!(b.text(&e).contains("use letters, digits"), "{}", b.text(&e));
+    assert_eq!(
+        b.eval(
+            "return document.querySelector('#w-name').classList.contains('has-error')",
+            json!([])
+        ),
+        true,
+        "the error is shown at the name field"
+    );
     b.screenshot(&shots().join("03-group-validation.png"));
     b.fill(&b.find("#f-name"), "edge");
     b.click(&b.find("#save-group"));
@@ -301,7 +374,35 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     b.click(&b.find("#logout"));
     b.wait_find("input[type=password]", WAIT);
 
-    // The metrics reflect the job.
+    // The metrics reflect the job: bytes served by the manager and by relays, as drawn.
     let (_, status) = m.api("GET", "/api/v1/status", None);
     assert_eq!(status["connected_agents"], 4);
+    let metrics = ureq::get(m.url("/metrics"))
+        .header("Authorization", &format!("Bearer {}", m.info.admin_token))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    let relayed: u64 = want
+        .iter()
+        .filter(|((from, _), _)| from != "manager")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(
+        value("baton_served_bytes_total{source=\"relays\"}"),
+        relayed
+    );
+    assert_eq!(
+        value("baton_served_bytes_total{source=\"manager\"}"),
+        job["bytes_from_manager"].as_u64().unwrap()
+    );
+    assert_eq!(value("baton_connected_agents"), 4);
+    assert_eq!(value("baton_jobs{state=\"finished\"}"), 1);
 }

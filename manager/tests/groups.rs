@@ -378,13 +378,8 @@ fn policies_are_managed_checked_and_used_by_jobs() {
         "refused policies were not stored"
     );
 
-    // The rate cap and window fields of the planner's policy: accepted once the planner has
-    // them, refused as unknown fields by a planner that does not.
-    let planner_has = serde_json::to_value(baton_manager::planner::Policy::default())
-        .unwrap()
-        .get("agent_rate_cap_bps")
-        .is_some();
-    let out = cli(
+    // The rate caps, WAN limit, window and label leaves of the planner's policy.
+    let capped = json_of(&ok(
         &m,
         &[
             "policies",
@@ -392,21 +387,47 @@ fn policies_are_managed_checked_and_used_by_jobs() {
             "capped",
             "--agent-rate-cap",
             "1MiB/s",
+            "--segment-rate-cap",
+            "4MiB/s",
+            "--max-wan-transfers",
+            "2",
+            "--window",
+            "22:00-06:30",
+            "--leaf-only-label",
+            "class=mcu",
             "--json",
         ],
+    ));
+    assert_eq!(capped["agent_rate_cap_bps"], 1024 * 1024, "{capped}");
+    assert_eq!(capped["segment_rate_cap_bps"], 4 * 1024 * 1024, "{capped}");
+    assert_eq!(capped["max_wan_transfers_per_segment"], 2, "{capped}");
+    assert_eq!(
+        capped["window"],
+        json!({ "start_minute": 1320, "end_minute": 390 }),
+        "{capped}"
     );
-    if planner_has {
-        assert!(out.success, "{}", out.stderr);
-        assert_eq!(json_of(&out.stdout)["agent_rate_cap_bps"], 1024 * 1024);
-    } else {
-        assert!(!out.success);
-        assert!(
-            out.stderr
-                .contains("unknown policy field \"agent_rate_cap_bps\""),
-            "{}",
-            out.stderr
-        );
-    }
+    assert_eq!(
+        capped["leaf_only_labels"],
+        json!({ "class": "mcu" }),
+        "{capped}"
+    );
+    let (status, body) = m.api(
+        "POST",
+        "/api/v1/policies",
+        Some(json!({ "name": "t", "window": { "start_minute": 1440, "end_minute": 0 } })),
+    );
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (400, Some("window.start_minute")),
+        "{body}"
+    );
+    let unwindowed = json_of(&ok(
+        &m,
+        &["policies", "set", "capped", "--no-window", "--json"],
+    ));
+    assert_eq!(unwindowed["window"], Value::Null);
+    assert_eq!(unwindowed["agent_rate_cap_bps"], 1024 * 1024);
+    ok(&m, &["policies", "rm", "capped"]);
 
     // A job under a named policy records its name and a copy of its fields.
     let bin = root.join("p.bin");
@@ -436,6 +457,41 @@ fn policies_are_managed_checked_and_used_by_jobs() {
             .iter()
             .all(|t| t["from"] != "p2"),
         "{job}"
+    );
+    // A policy that cannot be met is reported with the job, not silently ignored.
+    ok(&m, &["policies", "add", "leaves", "--leaf-only", "p1,p2"]);
+    let leafy = json_of(&ok(
+        &m,
+        &[
+            "push",
+            bin.to_str().unwrap(),
+            "--agents",
+            "p1,p2",
+            "--name",
+            "leafy",
+            "--policy",
+            "leaves",
+            "--wait",
+            "--json",
+        ],
+    ));
+    assert_eq!(leafy["confirmed_count"], 2, "{leafy}");
+    let warnings: Vec<&str> = leafy["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("no participant may relay")),
+        "{leafy}"
+    );
+    let shown = ok(&m, &["job", &leafy["id"].to_string()]);
+    assert!(
+        shown.contains("warning: no participant may relay"),
+        "{shown}"
     );
     let err = fails(
         &m,

@@ -54,7 +54,7 @@ use crate::scenario::{Built, Fault, Scenario};
 use crate::store::RamStore;
 
 /// The agent type the simulator runs: the Linux agent's shape (64 peer connections).
-pub type SimAgent = Agent<RamStore, 2, 64>;
+pub type SimAgent = Agent<RamStore, 2, 64, 512>;
 
 /// The job every run distributes.
 pub const JOB: u64 = 1;

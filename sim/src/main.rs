@@ -390,6 +390,22 @@ fn run_one(args: &Args) -> Result<ExitCode> {
             .enumerate()
             .map(|(n, (&b, &r))| (n, b as f64 / r.max(1) as f64))
             .max_by(|a, b| a.1.total_cmp(&b.1));
+        if std::env::var_os("BATON_SIM_UPLOADERS").is_some() {
+            let mut v: Vec<(usize, f64, u64, u64)> = out
+                .uploaded
+                .iter()
+                .zip(&out.up_rates)
+                .enumerate()
+                .map(|(n, (&b, &r))| (n, b as f64 / r.max(1) as f64 / built.lower_bound, b, r))
+                .collect();
+            v.sort_by(|a, b| b.1.total_cmp(&a.1));
+            for (n, ratio, b, r) in v.iter().take(30) {
+                eprintln!(
+                    "uploader {n}: {ratio:.3} T*, {b} B at {r} B/s, done {:?}",
+                    out.completion.get(n.wrapping_sub(1))
+                );
+            }
+        }
         if let Some((n, secs)) = busiest {
             e.insert(
                 "busiest_uploader".into(),

@@ -54,17 +54,17 @@ fn a_thousand_faulty_seeds_keep_every_invariant() {
 }
 
 /// Medium fleets (13–64 agents) name enough sources over a faulty run to fill an agent's
-/// source table; seeds 482 and 507 (and 881, 1640, 1778, 2549, 2665 further on) then stall
-/// for good: agent-core overlays each `Sources` on the ranges it already has, a range whose
-/// new source does not fit its nine source slots is dropped, and the agent keeps asking an
-/// older source that may itself wait on it — `Refuse(NotYet)` forever, never reported.
-/// Ignored until agent-core replaces its ranges on `Sources` (the engine always sends the full
-/// list); run it with `cargo test --release -p baton-sim --test sweep -- --ignored`.
+/// source table. Seeds 482 and 507 (and 881, 1640, 1778, 2549, 2665 further on) used to stall
+/// for good when agent-core overlaid each `Sources` on the ranges it already had: a range whose
+/// new source did not fit its nine source slots was dropped and the agent kept asking an older
+/// source that itself waited on it (`Refuse(NotYet)` forever, never reported). A hundred seeds
+/// around those two run here; the soak runs the rest:
+/// `cargo run --release -p baton-sim -- --sweep 3000 --sweep-size medium`.
 #[test]
-#[ignore = "agent-core keeps stale source ranges after Sources (seeds 482, 507): see the doc comment"]
 fn medium_faulty_fleets_keep_every_invariant() {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let r = baton_sim::sweep::sweep_sized(0, 600, threads, baton_sim::scenario::SweepSize::Medium);
+    let r =
+        baton_sim::sweep::sweep_sized(450, 100, threads, baton_sim::scenario::SweepSize::Medium);
     for f in &r.failures {
         eprint!("{f}");
     }

@@ -48,10 +48,12 @@ use crate::segment::{Destination, Segment, SegmentConfig, SegmentEvent};
 use crate::store::ContentStore;
 
 /// The Linux agent: a directory store, up to 4 concurrent jobs and 64 peer connections.
-pub type LinuxAgent = Agent<DirStore, 4, LINUX_PEERS>;
+pub type LinuxAgent = Agent<DirStore, 4, LINUX_PEERS, LINUX_PARKED>;
 
 /// Peer connection slots of the Linux agent (incoming and outgoing).
 const LINUX_PEERS: usize = 64;
+/// Peer requests parked until their chunk is verified (about peers served × window).
+const LINUX_PARKED: usize = 512;
 /// Peers a Linux agent serves at once unless `--max-peers` says otherwise.
 const DEFAULT_MAX_PEERS: u16 = 48;
 
@@ -883,6 +885,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                     if let (Some(seg), Some(cert)) = (segment.as_mut(), agent.cert()) {
                         seg.set_capabilities(now, agent.capabilities());
                         seg.start(now, cert.clone(), unix_micros());
+                        // A new manager session: the leader tells the manager again.
+                        seg.request_report();
                     }
                 }
                 Event::JobStarted {

@@ -557,7 +557,9 @@ pub fn parse_window(s: &str) -> Result<Value, String> {
         .ok_or_else(|| format!("{s:?} is not HH:MM-HH:MM"))?;
     let (start, end) = (minute(a)?, minute(b)?);
     if start == end {
-        return Err(format!("{s:?} is an empty window"));
+        return Err(format!(
+            "{s:?} starts where it ends, which is the whole day: leave --window out"
+        ));
     }
     Ok(json!({ "start_minute": start, "end_minute": end }))
 }

@@ -474,23 +474,29 @@ impl RelayPlan {
                     .filter(|&c| self.nodes[c as usize].group != g as u32),
             )
             .collect();
-        // Quotas by water-filling: every holder takes fetchers in proportion to its upload
-        // (the manager with its own share of the manager's upload), up to its capacity;
-        // what capped members cannot take is spread over the others, else the manager.
+        // Quotas. The manager serves the root and, beyond it, at most `manager_extra`
+        // fetchers (its upload-proportional share). The members share the rest in proportion
+        // to their upload, by water-filling: a member whose share exceeds its capacity takes
+        // its capacity and the others share what is left. Integer quotas: the floors of the
+        // shares, then one fetcher at a time to the member whose load (quota + 1) / upload
+        // stays least, so rounding never gives a slow member a whole extra copy to send.
         // holders[0] is the manager, holders[t + 1] is member ms[t].
         let mut quota: Vec<u128> = vec![0; ms.len() + 1];
+        let manager_share = (manager_up * group_up)
+            .checked_div(total_up)
+            .unwrap_or(manager_up);
+        let manager_fair = ((consumers.len() as u128 + 1) * manager_share)
+            .checked_div(manager_share + group_up)
+            .unwrap_or(0);
+        quota[0] = manager_fair.saturating_sub(1).min(manager_extra);
+        let mut remaining = consumers.len() as u128 - quota[0].min(consumers.len() as u128);
         let mut by_room: Vec<usize> = (0..ms.len()).collect();
         let room = |t: usize| (self.cap(ms[t]) as u128, self.eff_up(ms[t]) as u128);
         by_room.sort_by(|&a, &b| {
             let ((ca, ua), (cb, ub)) = (room(a), room(b));
             (ca * ub).cmp(&(cb * ua)).then(a.cmp(&b))
         });
-        let manager_share = (manager_up * group_up)
-            .checked_div(total_up)
-            .unwrap_or(manager_up);
-        // The root's copy comes from the manager too: count it, then take it off the manager.
-        let mut remaining = consumers.len() as u128 + 1;
-        let mut weight = manager_share + group_up;
+        let mut weight = group_up;
         let mut uncapped = by_room.len();
         for (n, &t) in by_room.iter().enumerate() {
             let (cap, up) = room(t);
@@ -502,16 +508,41 @@ impl RelayPlan {
             remaining -= cap;
             weight -= up;
         }
-        if uncapped == by_room.len() {
-            quota[0] = remaining;
-        } else {
+        // On segments, quotas round up instead: the slack lets more fetchers find a member of
+        // their own segment (a WAN crossing costs more than a slightly uneven load).
+        let segmented = ms.iter().any(|&m| self.nodes[m as usize].info.segment != 0);
+        if weight > 0 {
+            let mut given = 0;
             for &t in &by_room[uncapped..] {
                 let (cap, up) = room(t);
-                quota[t + 1] = (remaining * up).div_ceil(weight).min(cap);
+                let share = if segmented {
+                    (remaining * up).div_ceil(weight)
+                } else {
+                    remaining * up / weight
+                };
+                quota[t + 1] = share.min(cap);
+                given += quota[t + 1];
             }
-            quota[0] = remaining * manager_share / weight;
+            // Load key of one more fetcher: (quota + 1) / upload, in fixed point.
+            let key = |q: u128, up: u128| ((q + 1) << 64) / up.max(1);
+            let mut heap: BinaryHeap<Reverse<(u128, usize)>> = by_room[uncapped..]
+                .iter()
+                .filter(|&&t| quota[t + 1] < room(t).0)
+                .map(|&t| Reverse((key(quota[t + 1], room(t).1), t)))
+                .collect();
+            let mut left = remaining.saturating_sub(given);
+            while left > 0 {
+                let Some(Reverse((_, t))) = heap.pop() else {
+                    break;
+                };
+                quota[t + 1] += 1;
+                left -= 1;
+                let (cap, up) = room(t);
+                if quota[t + 1] < cap {
+                    heap.push(Reverse((key(quota[t + 1], up), t)));
+                }
+            }
         }
-        quota[0] = quota[0].saturating_sub(1).min(manager_extra);
         let holder = |t: usize| if t == 0 { MANAGER } else { ms[t - 1] };
 
         // First, inside segments: a consumer takes a member of its own segment (an earlier

@@ -16,6 +16,7 @@ function h(tag, attrs, ...children) {
     if (v === null || v === undefined || v === false || k === "svg") continue;
     if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
     else if (k === "class") el.setAttribute("class", v);
+    else if (k === "style") el.style.cssText = v; // not an attribute: the CSP allows no inline styles
     else el.setAttribute(k, v === true ? "" : v);
   }
   for (const c of children.flat(Infinity)) {
@@ -58,6 +59,7 @@ async function apiOr(path, fallback) {
 
 function bytes(n) {
   if (n === null || n === undefined) return "—";
+  if (n >= 2 ** 60) return "unlimited";
   const u = ["B", "KiB", "MiB", "GiB", "TiB"];
   let i = 0, v = Number(n);
   while (v >= 1024 && i < u.length - 1) { v /= 1024; i++; }
@@ -149,6 +151,7 @@ function clearErrors(form) {
 }
 function showError(form, err) {
   let f = err.field;
+  if (f && err.message.startsWith(f + ": ")) err.message = err.message.slice(f.length + 2);
   while (f) {
     const slot = form.querySelector("#e-" + CSS.escape(f));
     if (slot) {
@@ -279,6 +282,7 @@ async function fleet() {
 async function segments() {
   const segs = await api("GET", "/api/v1/segments");
   const cards = segs.map((seg) => {
+    seg.members.sort((a, b) => (b.id === seg.leader) - (a.id === seg.leader) || b.score - a.score);
     const ids = seg.members.map((m) => m.id);
     const rtt = (m, to) => {
       const d = (m.delays || []).find((x) => x.to === to);
@@ -290,15 +294,17 @@ async function segments() {
         h("span", { class: "muted small" }, "reported " + ago(seg.reported_at_ms / 1000))),
       table([["Member"], ["Score", "num"], ["Perf.", "num opt"], ["Free storage", "num opt"], ["Link", "num"], ["Loss", "num opt"], ["RTT manager", "num"], ["Heard", "opt"]],
         seg.members.map((m) => h("tr", { "data-agent": m.id },
-          h("td", {}, h("strong", {}, m.id), m.id === seg.leader ? h("span", { class: "badge leader" }, "leader") : null, m.can_serve ? null : h("span", { class: "badge" }, "leaf")),
+          h("td", {}, h("strong", {}, m.id), m.id === seg.leader ? h("span", { class: "badge leader" }, "leader") : null,
+            m.can_serve ? null : h("span", { class: "badge" }, "leaf"), m.known === false ? h("span", { class: "badge", title: "not enrolled at this manager" }, "unknown") : null),
           h("td", { class: "num" }, m.score),
           h("td", { class: "num opt" }, m.performance),
           h("td", { class: "num opt" }, bytes(m.free_storage)),
           h("td", { class: "num" }, "↑ " + rate(m.link && m.link.up_bps) + "  ↓ " + rate(m.link && m.link.down_bps)),
           h("td", { class: "num opt" }, m.link ? (m.link.loss_ppm / 10000).toFixed(2) + " %" : "—"),
           h("td", { class: "num" }, rtt(m, null)),
-          h("td", { class: "opt" }, m.last_heard_ms ? ago(m.last_heard_ms / 1000) : "—")))),
-      ids.length > 1 ? h("div", { class: "card-body" },
+          h("td", { class: "opt", title: "when the leader last heard from it, before its report" },
+            m.last_heard_ms === undefined ? "—" : (m.last_heard_ms / 1000).toFixed(1) + " s before")))),
+      ids.length > 1 ? h("div", { class: "card-body matrix" },
         h("h3", {}, "Round-trip times between members"),
         table([[""], ...ids.map((i) => [i, "num"])],
           seg.members.map((m) => h("tr", {}, h("th", {}, m.id), ids.map((to) => h("td", { class: "num" }, to === m.id ? "·" : rtt(m, to))))))) : null);
@@ -569,33 +575,54 @@ function relayTree(job) {
     col.sort((a, b) => parentRow(a) - parentRow(b) || a.localeCompare(b));
     col.forEach((n, i) => row.set(n, i));
   }
-  const W = 170, H = 44, GX = 90, GY = 18, PAD = 16;
+  const W = 170, H = 44, GX = 110, GY = 22, PAD = 16;
+  // Edges between agents of one column get their own lane each, right of the column.
+  const lane = new Map();
+  edges.filter((e) => depth.get(key(e.from)) === depth.get(e.to))
+    .sort((x, y) => Math.abs(row.get(key(x.from)) - row.get(x.to)) - Math.abs(row.get(key(y.from)) - row.get(y.to)) ||
+      row.get(key(x.from)) - row.get(key(y.from)))
+    .forEach((e, i) => lane.set(e, i));
+  const sameColumn = lane.size > 0;
   const rows = Math.max(...columns.map((c) => (c ? c.length : 0)), 1);
-  const width = PAD * 2 + (maxDepth + 1) * W + maxDepth * GX;
-  const height = PAD * 2 + rows * H + (rows - 1) * GY;
+  const width = PAD * 2 + (maxDepth + 1) * W + maxDepth * GX + (sameColumn ? 40 + 16 * lane.size : 0);
+  const height = PAD * 2 + rows * H + (rows - 1) * GY + 28;
   const pos = (n) => {
     const d = depth.get(n), col = columns[d] || [n];
     const offset = (rows - col.length) * (H + GY) / 2;
     return { x: PAD + d * (W + GX), y: PAD + offset + row.get(n) * (H + GY) };
   };
   const maxBytes = Math.max(1, ...edges.map((e) => e.bytes));
-  const svg = s("svg", { class: "tree", id: "relay-tree", viewBox: "0 0 " + width + " " + height, width, height, role: "img", "aria-label": "Relay tree" });
+  const svg = s("svg", { class: "tree", id: "relay-tree", viewBox: "0 0 " + width + " " + height, width, height, role: "img",
+    "aria-label": "Relay tree", style: "max-width:" + Math.round(width * 1.3) + "px" });
+  svg.append(s("defs", {},
+    ["manager", "peer"].map((k) => s("marker", { id: "arrow-" + k, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 9, markerHeight: 9, orient: "auto-start-reverse", markerUnits: "userSpaceOnUse" },
+      s("path", { d: "M0,0 L10,5 L0,10 z", class: "arrow-" + k })))));
   for (const e of edges) {
     const a = pos(key(e.from)), b = pos(e.to);
     if (!a || !b) continue;
-    const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2;
-    const back = x2 <= x1;
-    const mx = back ? Math.max(x1, x2 + W) + 40 : (x1 + x2) / 2;
-    const d = back
-      ? `M${a.x + W / 2},${a.y + H} C${a.x + W / 2},${a.y + H + 40} ${b.x + W / 2},${b.y + H + 40} ${b.x + W / 2},${b.y + H}`
-      : `M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2},${y2}`;
     const receiver = parts.get(e.to);
     const active = receiver && receiver.state === "fetching";
-    const width = 1.5 + 5 * Math.sqrt(e.bytes / maxBytes);
-    svg.append(s("path", { class: "edge" + (e.from ? "" : " from-manager") + (active ? " active" : ""), d, "stroke-width": width.toFixed(1),
-      "data-from": e.from || "manager", "data-to": e.to, "data-bytes": e.bytes },
+    const stroke = 1.4 + 3.6 * Math.sqrt(e.bytes / maxBytes);
+    let d, lx, ly, anchor = "middle";
+    if (lane.has(e)) {
+      const l = lane.get(e), out = 20 + 16 * l, shift = -12 + (l % 5) * 6;
+      const y1 = a.y + H / 2 + shift, y2 = b.y + H / 2 + shift;
+      d = `M${a.x + W},${y1} C${a.x + W + out * 1.33},${y1} ${b.x + W + out * 1.33},${y2} ${b.x + W + 2},${y2}`;
+      lx = null;
+    } else if (b.x > a.x) {
+      const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x - 2, y2 = b.y + H / 2, mx = (x1 + x2) / 2;
+      d = `M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2},${y2}`;
+      lx = mx; ly = (y1 + y2) / 2 - 6;
+    } else {
+      const y = Math.max(a.y, b.y) + H + 24;
+      d = `M${a.x + W / 2},${a.y + H} C${a.x + W / 2},${y} ${b.x + W / 2},${y} ${b.x + W / 2},${b.y + H + 3}`;
+      lx = (a.x + b.x + W) / 2; ly = y;
+    }
+    const kind = e.from ? "peer" : "manager";
+    svg.append(s("path", { class: "edge " + kind + (active ? " active" : ""), d, "stroke-width": stroke.toFixed(1),
+      "marker-end": "url(#arrow-" + kind + ")", "data-from": e.from || "manager", "data-to": e.to, "data-bytes": e.bytes },
       s("title", {}, (e.from || "manager") + " → " + e.to + ": " + bytes(e.bytes))));
-    if (!back) svg.append(s("text", { class: "edge-label", x: mx, y: (y1 + y2) / 2 - 4, "text-anchor": "middle" }, bytes(e.bytes)));
+    if (lx !== null) svg.append(s("text", { class: "edge-label", x: lx, y: ly, "text-anchor": anchor }, bytes(e.bytes)));
   }
   for (const [n] of depth) {
     const p = pos(n);
@@ -612,6 +639,20 @@ function relayTree(job) {
   return svg;
 }
 
+function transfersTable(job) {
+  const list = transfersOf(job).filter((t) => t.bytes > 0).sort((a, b) => b.bytes - a.bytes);
+  if (!list.length) return null;
+  const max = list[0].bytes;
+  return h("details", { class: "transfers", open: list.length <= 12 },
+    h("summary", {}, "Transfers (" + list.length + ")"),
+    table([["From"], ["To"], ["Bytes carried", "num"], [""]],
+      list.map((t) => h("tr", { "data-from": t.from || "manager", "data-to": t.to },
+        h("td", {}, t.from ? t.from : h("span", { class: "badge" }, "manager")),
+        h("td", {}, t.to),
+        h("td", { class: "num" }, bytes(t.bytes)),
+        h("td", { class: "share" }, h("div", { class: "bar " + (t.from ? "peer" : "") }, h("span", { style: "width:" + pct(t.bytes, max) + "%" })))))));
+}
+
 async function jobPage(id) {
   let job = await api("GET", "/api/v1/jobs/" + id);
   const root = h("div", { id: "job-page", "data-job": id });
@@ -624,7 +665,8 @@ async function jobPage(id) {
     const over = !["pending", "running"].includes(job.state);
     const total = job.total_chunks;
     const conf = confirmedAt();
-    root.replaceChildren(
+    live.hidden = over;
+    root.replaceChildren(...[
       pageHead(h("span", {}, "Job #" + job.id + " ", pill(job.state)),
         (c.name || "?") + " v" + (c.version ?? "?") + " · " + bytes(c.length) + " in " + (c.chunks ?? 0) + " chunks of " + bytes(c.chunk_size),
         live,
@@ -641,10 +683,10 @@ async function jobPage(id) {
         stat("From manager", bytes(job.bytes_from_manager)),
         stat("From peers", bytes(job.bytes_from_peers))),
       h("div", { class: "card" },
-        h("div", { class: "card-head" }, h("h2", {}, "Relay tree"),
-          h("div", { class: "legend" }, h("span", { class: "l-confirmed" }, "confirmed"), h("span", { class: "l-fetching" }, "fetching"), h("span", { class: "l-waiting" }, "waiting"), h("span", { class: "l-failed" }, "failed"),
-            h("span", { class: "muted" }, "edges: bytes actually carried"))),
-        h("div", { class: "card-body tree-wrap" }, relayTree(job))),
+        h("div", { class: "card-head" }, h("div", {}, h("h2", {}, "Relay tree"), h("span", { class: "muted small" }, "Who fetched from whom: every edge is bytes actually carried; dashed edges are still carrying.")),
+          h("div", { class: "legend" }, h("span", { class: "l-confirmed" }, "confirmed"), h("span", { class: "l-fetching" }, "fetching"), h("span", { class: "l-waiting" }, "waiting"), h("span", { class: "l-failed" }, "failed"))),
+        h("div", { class: "card-body tree-wrap" }, relayTree(job)),
+        transfersTable(job)),
       h("div", { class: "card" },
         h("div", { class: "card-head" }, h("h2", {}, "Participants"),
           h("span", { class: "muted small" }, [job.group ? "group " + job.group : null, job.policy ? "policy " + job.policy : null, "created " + when(job.created_at)].filter(Boolean).join(" · "))),
@@ -656,7 +698,7 @@ async function jobPage(id) {
             h("td", { class: "opt wrap small" }, p.reason ? h("span", { class: "muted" }, p.reason) : p.source || "—"),
             h("td", { class: "opt" }, p.connected ? pill("connected") : pill("offline")),
             h("td", {}, conf.has(p.agent) ? h("span", { class: "pill ok confirmed-mark", title: when(conf.get(p.agent)) }, "✓ " + when(conf.get(p.agent)).slice(11, 19)) : "—"))),
-          "No participant yet.")));
+          "No participant yet."))].filter(Boolean));
   }
   async function refresh() {
     try { job = await api("GET", "/api/v1/jobs/" + id); render(); } catch (_) { /* keep the last view */ }
