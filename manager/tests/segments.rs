@@ -573,8 +573,8 @@ fn killed_leader_is_replaced_and_the_job_completes() {
     drop(lab);
 }
 
-/// Runs `baton args…` to completion within `limit`; returns exit code, stdout, stderr.
-fn baton(args: &[&str], limit: Duration) -> (i32, String, String) {
+/// Runs `baton args…` to completion within `limit`; returns exit code, stdout, stderr, pid.
+fn baton(args: &[&str], limit: Duration) -> (i32, String, String, u32) {
     let dir = tempfile::tempdir().unwrap();
     let (out, err) = (dir.path().join("out"), dir.path().join("err"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
@@ -606,6 +606,7 @@ fn baton(args: &[&str], limit: Duration) -> (i32, String, String) {
         status.code().unwrap_or(-1),
         std::fs::read_to_string(&out).unwrap(),
         std::fs::read_to_string(&err).unwrap(),
+        child.id(),
     )
 }
 
@@ -618,7 +619,7 @@ fn last_json(stdout: &str) -> Value {
 #[test]
 fn demo_across_segments_reports_leaders_and_wan_bytes() {
     require_root();
-    let (code, out, err) = baton(
+    let (code, out, err, pid) = baton(
         &[
             "demo",
             "--segments",
@@ -655,19 +656,19 @@ fn demo_across_segments_reports_leaders_and_wan_bytes() {
     ] {
         assert!(report.get(key).is_some(), "no {key} in {report}");
     }
-    let ours = format!("{}", std::process::id());
+    // The demo removed its namespaces (they carry its pid).
     assert!(
         netns::lab_namespaces()
             .iter()
-            .all(|n| netns::owner_pid(n).map(|p| p.to_string()) != Some(ours.clone())),
-        "namespaces left behind"
+            .all(|n| netns::owner_pid(n) != Some(pid)),
+        "the demo left namespaces behind"
     );
 }
 
 #[test]
 fn lab_command_measures_against_the_lower_bound() {
     require_root();
-    let (code, out, err) = baton(
+    let (code, out, err, _) = baton(
         &[
             "lab",
             "--agents",
