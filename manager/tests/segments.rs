@@ -572,3 +572,149 @@ fn killed_leader_is_replaced_and_the_job_completes() {
     drop(fleet);
     drop(lab);
 }
+
+/// Runs `baton args…` to completion within `limit`; returns exit code, stdout, stderr, pid.
+fn baton(args: &[&str], limit: Duration) -> (i32, String, String, u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("start baton");
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            // SIGTERM: the demo unwinds and removes its namespaces.
+            let _ = Command::new("kill")
+                .args(["-s", "TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+            panic!(
+                "baton {args:?} did not finish within {limit:?}; stderr:\n{}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (
+        status.code().unwrap_or(-1),
+        std::fs::read_to_string(&out).unwrap(),
+        std::fs::read_to_string(&err).unwrap(),
+        child.id(),
+    )
+}
+
+/// The JSON object on the last line of `stdout`.
+fn last_json(stdout: &str) -> Value {
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {stdout}"))
+}
+
+#[test]
+fn demo_across_segments_reports_leaders_and_wan_bytes() {
+    require_root();
+    let (code, out, err, pid) = baton(
+        &[
+            "demo",
+            "--segments",
+            "2",
+            "--agents",
+            "6",
+            "--size",
+            "4MiB",
+            "--json",
+        ],
+        Duration::from_secs(240),
+    );
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let report = last_json(&out);
+    eprintln!("{report}");
+    let bytes = report["bytes"].as_u64().unwrap();
+    assert_eq!(report["confirmed"], 6);
+    assert_eq!(report["segments"], 2);
+    assert_eq!(report["leaders"], 2);
+    let wan = report["wan_bytes_max_per_segment"].as_u64().unwrap();
+    assert!(
+        wan >= bytes && wan as f64 <= 1.15 * bytes as f64,
+        "{wan} bytes crossed one WAN link for {bytes} bytes of content"
+    );
+    // The plain demo's keys are all there too.
+    for key in [
+        "agents",
+        "seconds",
+        "lower_bound_seconds",
+        "ratio",
+        "manager_bytes_sent",
+        "agent_bytes_received",
+        "agent_max_rss_bytes",
+    ] {
+        assert!(report.get(key).is_some(), "no {key} in {report}");
+    }
+    // The demo removed its namespaces (they carry its pid).
+    assert!(
+        netns::lab_namespaces()
+            .iter()
+            .all(|n| netns::owner_pid(n) != Some(pid)),
+        "the demo left namespaces behind"
+    );
+}
+
+#[test]
+fn lab_command_measures_against_the_lower_bound() {
+    require_root();
+    let (code, out, err, _) = baton(
+        &[
+            "lab",
+            "--agents",
+            "4",
+            "--size",
+            "2MiB",
+            "--delay-ms",
+            "1..20",
+            "--json",
+        ],
+        Duration::from_secs(240),
+    );
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let r = last_json(&out);
+    eprintln!("{r}");
+    assert_eq!(r["confirmed"], 4);
+    let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("no {k} in {r}"));
+    // T* from the documented profile: 4 agents upload 0.5+1+1.5+2 MiB/s, the manager 0.5.
+    let mib: f64 = 1024.0 * 1024.0;
+    let expected = (2.0 * mib / (0.5 * mib))
+        .max(2.0 * mib / (2.0 * mib))
+        .max(4.0 * 2.0 * mib / (5.5 * mib));
+    assert!((f("lower_bound_seconds") - expected).abs() < 1e-9);
+    // Nothing beats the bound (poll granularity aside), and the figures are consistent.
+    assert!(f("ratio") >= 0.95, "{r}");
+    assert!(f("p50_seconds") <= f("p99_seconds") && f("p99_seconds") <= f("makespan_seconds"));
+    assert!((f("ratio") - f("makespan_seconds") / f("lower_bound_seconds")).abs() < 1e-9);
+    assert!(r["origin_bytes"].as_u64().unwrap() >= 2 * 1024 * 1024);
+    assert_eq!(r["forwarder_drops"], 0);
+}
+
+#[test]
+fn lab_commands_refuse_to_run_without_root() {
+    require_root();
+    for args in [
+        &["demo", "--segments", "2", "--agents", "2"][..],
+        &["lab", "--agents", "2"][..],
+    ] {
+        let out = Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_baton"))
+            .args(args)
+            .output()
+            .expect("run setpriv (util-linux)");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("needs root"), "{args:?}: {stderr}");
+    }
+}

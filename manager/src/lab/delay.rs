@@ -1,12 +1,14 @@
 //! Delay in userspace: two TAP devices joined by a forwarder that holds every frame.
 //!
 //! This kernel has no `netem`, so a delayed link is built from two TAP
-//! devices, one in each namespace, and a [`Forwarder`] in this process: one
-//! thread per direction reads a frame from one tap, keeps it in a bounded
-//! queue until its due time (arrival + delay) and writes it to the other.
-//! A full queue drops the frame, as a full router queue would. Rate shaping
-//! stays in the kernel (htb on each tap's transmit side), so a frame is first
-//! paced, then delayed.
+//! devices, one in each namespace, and a [`Forwarder`] in this process. In
+//! each direction a reader thread takes frames from one tap (blocking reads)
+//! and stamps them with their due time (arrival + delay) into a bounded
+//! queue; a writer thread sleeps until each frame is due and writes it to the
+//! other tap. A full queue drops the frame, as a full router queue would.
+//! Rate shaping stays in the kernel (htb on each tap's transmit side), so a
+//! frame is first paced, then delayed. Teardown deletes the taps, which wakes
+//! the blocked readers.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
