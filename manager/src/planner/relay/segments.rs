@@ -9,20 +9,24 @@
 //!    measured delay to the manager), at most
 //!    [`Policy::max_wan_transfers_per_segment`](crate::planner::Policy) of
 //!    them. Segments are ranked by their best entry. Per stripe, one entry of
-//!    each segment fetches the stripe from outside: from the manager while the
-//!    manager's copies last (`Policy::manager_max_copies`), else from a holder
-//!    of the stripe in a segment ranked earlier (round-robin, within
-//!    capacities). So each stripe crosses into each segment once.
+//!    each segment fetches the stripe from outside (the first stripe through
+//!    the best entry, the others through the entry with the most upload to
+//!    spare): from the manager while the manager's copies last
+//!    (`Policy::manager_max_copies`), else from the holder of the stripe in a
+//!    segment ranked earlier that would finish its uploads first. So each
+//!    stripe crosses into each segment once.
 //! 2. **Inside the segment.** The stripe fans out from the entry (or from a
-//!    participant of the segment that already holds the whole content): the
-//!    segment's members of the stripe's group first, each taking fetchers in
-//!    proportion to its upload, then everyone else; a fetcher goes outside its
-//!    segment only when nobody inside has room left.
+//!    participant of the segment that already holds the whole content):
+//!    servers first, then leaves, each from the holder that would finish its
+//!    uploads first (what every node serves is counted over all stripes, so
+//!    uploads even out), within capacities and a bounded tree depth. A
+//!    fetcher goes outside its segment only when nobody inside has room left.
 //!
 //! A segment without any agent allowed to serve has no entry: each of its
 //! participants fetches across the WAN (the engine reports it as a warning).
 //! Repairs and late joiners look for a source on their own segment first
-//! ([`RelayPlan::pick_on_segment`]) and cross the WAN only when none is left.
+//! ([`RelayPlan::pick_on_segment`]) and cross the WAN only when none is left;
+//! the limit on entry nodes is not enforced for such repairs.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
