@@ -692,7 +692,15 @@ impl AgentServer {
                 }
                 Message::SegmentReport(page) => match self.registry.segment_report(id, page) {
                     Ok(Some(s)) => {
-                        tracing::info!(agent = %id, segment = %s.segment, members = s.members, unknown = s.unknown, leader_changed = s.leader_changed, "segment report stored")
+                        tracing::info!(agent = %id, segment = %s.segment, members = s.members, unknown = s.unknown, leader_changed = s.leader_changed, "segment report stored");
+                        // The engine plans with the segment's leader as its first entry node.
+                        let input = CoreInput::Message {
+                            id: id.clone(),
+                            bytes: bytes.to_vec(),
+                        };
+                        if self.core.send(input).is_err() {
+                            return "manager shutting down".into();
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => tracing::warn!(agent = %id, "segment report refused: {e}"),
