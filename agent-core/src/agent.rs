@@ -556,6 +556,9 @@ pub struct Agent<
     peers: Vec<Peer, PEERS>,
     serving: Vec<ConnId, PEERS>,
     parked: Vec<Parked, PARKED>,
+    /// Something parked requests wait on may have changed (a chunk verified, a job ended,
+    /// time passed): `parked` is scanned again only then.
+    parked_dirty: bool,
     replies: Deque<Reply, REPLY_QUEUE>,
     to_manager: Deque<ToManager, MANAGER_QUEUE>,
     events: Deque<Event, EVENT_QUEUE>,
@@ -649,6 +652,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             peers: Vec::new(),
             serving: Vec::new(),
             parked: Vec::new(),
+            parked_dirty: false,
             replies: Deque::new(),
             to_manager: Deque::new(),
             events: Deque::new(),
@@ -858,6 +862,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
 
     /// Time passed: requests past their timeout are given up.
     pub fn handle_timeout(&mut self, now: Duration) {
+        self.parked_dirty = true;
         if self.manager_up && !self.config.ping_interval.is_zero() && now >= self.rtt.next {
             self.rtt.due = true;
             self.rtt.next = now + self.config.ping_interval;
@@ -1046,6 +1051,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
     }
 
     fn fail_job(&mut self, job: JobRef, reason: FailReason) {
+        self.parked_dirty = true;
         if let Some(j) = self.jobs.iter_mut().find(|j| j.job.id == job.id) {
             j.state = JobState::Failed(reason);
             j.failed_due = true;
@@ -1073,6 +1079,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             self.ignored("stale Fetch (older epoch)");
             return;
         }
+        self.parked_dirty = true;
         if let Some(pos) = self.jobs.iter().position(|j| j.job.id == job.id) {
             if self.jobs[pos].manifest.root == manifest.root {
                 // The same job again (e.g. after a manager restart): new sources, same progress.
@@ -1450,6 +1457,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             self.fail_job(job, store_fail(e));
             return;
         }
+        self.parked_dirty = true;
         let j = &mut self.jobs[jp];
         j.stats.verified += 1;
         j.stats.fetched += 1;
@@ -1856,9 +1864,19 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         Ok(head + len)
     }
 
+    /// Moves parked requests that can be answered now (chunk verified) or must be refused
+    /// (timed out, content no longer fetched) to the reply queue, in one scan per change.
     fn parked_transmit(&mut self, now: Duration) -> Option<Step> {
+        if !self.parked_dirty {
+            return None;
+        }
+        let mut moved = false;
         let mut i = 0;
         while i < self.parked.len() {
+            if self.replies.is_full() {
+                // Scanned again once the replies are sent (still dirty).
+                return moved.then_some(Step::Skip);
+            }
             let p = self.parked[i];
             let ready = self.store.is_verified(&p.root, p.index).unwrap_or(false);
             if ready || now >= p.until || !self.fetching(&p.root) {
@@ -1878,11 +1896,13 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
                     }
                 };
                 self.reply(r);
-                return Some(Step::Skip);
+                moved = true;
+                continue;
             }
             i += 1;
         }
-        None
+        self.parked_dirty = false;
+        moved.then_some(Step::Skip)
     }
 
     fn slot_conn(&self, slot: &SourceSlot) -> Option<ConnId> {
