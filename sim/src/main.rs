@@ -111,8 +111,9 @@ struct Args {
     #[arg(long, default_value_t = 0.0)]
     leaf_fraction: f64,
 
-    /// Chunk requests in flight per source (agent `window`).
-    #[arg(long, default_value_t = 8)]
+    /// Chunk requests in flight per source (agent `window`; the agent's own default is 8, but
+    /// fewer lets a relay share its upload more evenly among its children).
+    #[arg(long, default_value_t = 3)]
     window: u16,
     /// Peers an agent serves at once (agent `max_peers`).
     #[arg(long, default_value_t = 48)]
