@@ -2768,4 +2768,71 @@ mod test {
         assert!(!w.agent.store_mut().is_verified(&root, 0).unwrap());
         assert_eq!(failed(&mut w), Some(FailReason::StorageError));
     }
+
+    #[test]
+    fn sources_replace_the_ranges_they_name_even_with_a_full_source_table() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 10 * 1024);
+        // Eight peers, one chunk each: with the manager, every source slot is taken.
+        let names = ["p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8"];
+        let sources: StdVec<SourceRange> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| peer_source(n, i as u32, i as u32 + 1))
+            .collect();
+        w.fetch(&c, 1, &sources);
+        w.events();
+        // The manager names one new source for everything: it must be used, not dropped.
+        let msg = Message::Sources {
+            job: job(1),
+            sources: heapless::Vec::from_slice(&[peer_source("p9", 0, 10)]).unwrap(),
+        };
+        w.frame(ConnId::MANAGER, &msg.to_vec()).unwrap();
+        let j = &w.agent.jobs[0];
+        let slot = j
+            .sources
+            .iter()
+            .position(|s| s.id() == Some(&id("p9")))
+            .expect("p9 has a source slot");
+        for i in 0..10 {
+            assert_eq!(j.ranges[j.owner(i)].slot as usize, slot, "chunk {i}");
+        }
+        // The older ranges are gone, not merely shadowed.
+        assert_eq!(j.ranges.len(), 2);
+    }
+
+    #[test]
+    fn a_source_that_only_refuses_not_yet_is_reported_in_the_end() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 10 * 1024);
+        let peer = with_peer(&mut w, &c);
+        let start = w.now;
+        let mut reported = false;
+        for _ in 0..10_000 {
+            let out = w.drain();
+            if kinds(&out).contains(&"PeerTrouble") {
+                reported = true;
+                break;
+            }
+            for (conn, index) in requests(&out) {
+                if conn == peer {
+                    let refuse = Message::Refuse {
+                        root: c.manifest.root,
+                        index,
+                        reason: Refusal::NotYet,
+                    };
+                    w.frame(peer, &refuse.to_vec()).unwrap();
+                }
+            }
+            w.now = w.agent.poll_timeout().unwrap().max(w.now + MS);
+            w.agent.handle_timeout(w.now);
+        }
+        assert!(reported, "never reported");
+        let after = w.now - start;
+        let limit = AgentConfig::new(id("x")).park_timeout * NOT_YET_PARKS;
+        assert!(
+            after >= limit && after < limit + Duration::from_secs(2),
+            "{after:?}"
+        );
+    }
 }
