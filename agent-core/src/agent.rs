@@ -18,8 +18,9 @@
 //! numbers peer connections from 1. Peers are authenticated by the driver
 //! (certificate or expected key) before `handle_connected`.
 //!
-//! Fetching: each job has a source table by chunk range (later ranges win;
-//! chunks no usable range covers come from the manager). Each source gets up
+//! Fetching: each job has a source table by chunk range (a range named later
+//! takes its chunks out of earlier ones; chunks no usable range covers come from
+//! the manager). Each source gets up
 //! to `window` chunk requests in flight, in index order within its ranges.
 //! Every chunk is verified against the manifest's root before it is written;
 //! a source that sends a bad chunk, is unreachable or keeps refusing is
