@@ -18,8 +18,9 @@
 //! numbers peer connections from 1. Peers are authenticated by the driver
 //! (certificate or expected key) before `handle_connected`.
 //!
-//! Fetching: each job has a source table by chunk range (later ranges win;
-//! chunks no usable range covers come from the manager). Each source gets up
+//! Fetching: each job has a source table by chunk range (a range named later
+//! takes its chunks out of earlier ones; chunks no usable range covers come from
+//! the manager). Each source gets up
 //! to `window` chunk requests in flight, in index order within its ranges.
 //! Every chunk is verified against the manifest's root before it is written;
 //! a source that sends a bad chunk, is unreachable or keeps refusing is
@@ -653,6 +654,9 @@ pub struct Agent<
     peers: Vec<Peer, PEERS>,
     serving: Vec<ConnId, PEERS>,
     parked: Vec<Parked, PARKED>,
+    /// Something parked requests wait on may have changed (a chunk verified, a job ended,
+    /// time passed): `parked` is scanned again only then.
+    parked_dirty: bool,
     replies: Deque<Reply, REPLY_QUEUE>,
     to_manager: Deque<ToManager, MANAGER_QUEUE>,
     events: Deque<Event, EVENT_QUEUE>,
@@ -750,6 +754,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             peers: Vec::new(),
             serving: Vec::new(),
             parked: Vec::new(),
+            parked_dirty: false,
             replies: Deque::new(),
             to_manager: Deque::new(),
             events: Deque::new(),
@@ -1007,6 +1012,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
 
     /// Time passed: requests past their timeout are given up.
     pub fn handle_timeout(&mut self, now: Duration) {
+        self.parked_dirty = true;
         if self.manager_up && !self.config.ping_interval.is_zero() && now >= self.rtt.next {
             self.rtt.due = true;
             self.rtt.next = now + self.config.ping_interval;
@@ -1202,6 +1208,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
     }
 
     fn fail_job(&mut self, job: JobRef, reason: FailReason) {
+        self.parked_dirty = true;
         if let Some(j) = self.jobs.iter_mut().find(|j| j.job.id == job.id) {
             j.state = JobState::Failed(reason);
             j.failed_due = true;
@@ -1229,6 +1236,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             self.ignored("stale Fetch (older epoch)");
             return;
         }
+        self.parked_dirty = true;
         if let Some(pos) = self.jobs.iter().position(|j| j.job.id == job.id) {
             if self.jobs[pos].manifest.root == manifest.root {
                 // The same job again (e.g. after a manager restart): new sources, same progress.
@@ -1627,6 +1635,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             self.fail_job(job, store_fail(e));
             return;
         }
+        self.parked_dirty = true;
         let j = &mut self.jobs[jp];
         j.stats.verified += 1;
         j.stats.fetched += 1;
@@ -2043,9 +2052,19 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         Ok(head + len)
     }
 
+    /// Moves parked requests that can be answered now (chunk verified) or must be refused
+    /// (timed out, content no longer fetched) to the reply queue, in one scan per change.
     fn parked_transmit(&mut self, now: Duration) -> Option<Step> {
+        if !self.parked_dirty {
+            return None;
+        }
+        let mut moved = false;
         let mut i = 0;
         while i < self.parked.len() {
+            if self.replies.is_full() {
+                // Scanned again once the replies are sent (still dirty).
+                return moved.then_some(Step::Skip);
+            }
             let p = self.parked[i];
             let ready = self.store.is_verified(&p.root, p.index).unwrap_or(false);
             if ready || now >= p.until || !self.fetching(&p.root) {
@@ -2065,11 +2084,13 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
                     }
                 };
                 self.reply(r);
-                return Some(Step::Skip);
+                moved = true;
+                continue;
             }
             i += 1;
         }
-        None
+        self.parked_dirty = false;
+        moved.then_some(Step::Skip)
     }
 
     fn slot_conn(&self, slot: &SourceSlot) -> Option<ConnId> {
@@ -3040,5 +3061,72 @@ mod test {
         w.agent.store_mut().flash_mut().fail_after = None;
         assert!(!w.agent.store_mut().is_verified(&root, 0).unwrap());
         assert_eq!(failed(&mut w), Some(FailReason::StorageError));
+    }
+
+    #[test]
+    fn sources_replace_the_ranges_they_name_even_with_a_full_source_table() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 10 * 1024);
+        // Eight peers, one chunk each: with the manager, every source slot is taken.
+        let names = ["p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8"];
+        let sources: StdVec<SourceRange> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| peer_source(n, i as u32, i as u32 + 1))
+            .collect();
+        w.fetch(&c, 1, &sources);
+        w.events();
+        // The manager names one new source for everything: it must be used, not dropped.
+        let msg = Message::Sources {
+            job: job(1),
+            sources: heapless::Vec::from_slice(&[peer_source("p9", 0, 10)]).unwrap(),
+        };
+        w.frame(ConnId::MANAGER, &msg.to_vec()).unwrap();
+        let j = &w.agent.jobs[0];
+        let slot = j
+            .sources
+            .iter()
+            .position(|s| s.id() == Some(&id("p9")))
+            .expect("p9 has a source slot");
+        for i in 0..10 {
+            assert_eq!(j.ranges[j.owner(i)].slot as usize, slot, "chunk {i}");
+        }
+        // The older ranges are gone, not merely shadowed.
+        assert_eq!(j.ranges.len(), 2);
+    }
+
+    #[test]
+    fn a_source_that_only_refuses_not_yet_is_reported_in_the_end() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 10 * 1024);
+        let peer = with_peer(&mut w, &c);
+        let start = w.now;
+        let mut reported = false;
+        for _ in 0..10_000 {
+            let out = w.drain();
+            if kinds(&out).contains(&"PeerTrouble") {
+                reported = true;
+                break;
+            }
+            for (conn, index) in requests(&out) {
+                if conn == peer {
+                    let refuse = Message::Refuse {
+                        root: c.manifest.root,
+                        index,
+                        reason: Refusal::NotYet,
+                    };
+                    w.frame(peer, &refuse.to_vec()).unwrap();
+                }
+            }
+            w.now = w.agent.poll_timeout().unwrap().max(w.now + MS);
+            w.agent.handle_timeout(w.now);
+        }
+        assert!(reported, "never reported");
+        let after = w.now - start;
+        let limit = AgentConfig::new(id("x")).park_timeout * NOT_YET_PARKS;
+        assert!(
+            after >= limit && after < limit + Duration::from_secs(2),
+            "{after:?}"
+        );
     }
 }

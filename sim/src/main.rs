@@ -20,8 +20,9 @@ use serde_json::json;
 type Result<T> = std::result::Result<T, String>;
 
 /// Agent × chunk transfers above which the default chunk count is lowered (keeps a
-/// 10 000-agent run near a minute on two cores: the simulator's cost is per chunk transfer).
-const DEFAULT_WORK: u64 = 2_000_000;
+/// 10 000-agent run near a minute of CPU: the simulator's cost is per chunk transfer, about
+/// 20 µs each). Fewer chunks cost ratio: every hop of a stripe's tree lags about one chunk.
+const DEFAULT_WORK: u64 = 3_000_000;
 
 const ABOUT: &str = "Deterministic simulation of a Baton fleet: the real agents and the real manager \
 engine over a modelled network, compared with the Kumar-Ross lower bound and with baseline strategies.";
@@ -66,8 +67,8 @@ struct Args {
     /// Virtual content size S [default: chunks × 32KiB, the protocol's largest chunk].
     #[arg(long, value_parser = parse_bytes)]
     content_size: Option<u64>,
-    /// Chunks (each 256 real bytes) [default: 1024, fewer above 1953 agents so that
-    /// agents × chunks ≤ 2 M (200 at 10 000 agents), at least 128].
+    /// Chunks (each 256 real bytes) [default: 1024, fewer above 2929 agents so that
+    /// agents × chunks ≤ 3 M (300 at 10 000 agents), at least 128].
     #[arg(long)]
     chunks: Option<u32>,
     /// Least agent upload (agent uploads are log-uniform between min and max).
@@ -111,8 +112,9 @@ struct Args {
     #[arg(long, default_value_t = 0.0)]
     leaf_fraction: f64,
 
-    /// Chunk requests in flight per source (agent `window`).
-    #[arg(long, default_value_t = 8)]
+    /// Chunk requests in flight per source (agent `window`; the agent's own default is 8, but
+    /// fewer lets a relay share its upload more evenly among its children).
+    #[arg(long, default_value_t = 3)]
     window: u16,
     /// Peers an agent serves at once (agent `max_peers`).
     #[arg(long, default_value_t = 48)]
