@@ -1103,6 +1103,128 @@ fn insert_warning(conn: &Connection, job: u64, text: &str, now: u64) -> Result<(
     Ok(())
 }
 
+/// A table of records known by a unique name (content groups, policies): the statements
+/// they share, and the word for one record in errors.
+#[derive(Debug, Clone, Copy)]
+struct NamedTable {
+    /// The SQL table.
+    table: &'static str,
+    /// The columns after `name`, in the order the statements bind them (`?2`, `?3`, ...).
+    columns: &'static [&'static str],
+    /// What one record is called in `Duplicate` / `NotFound` errors.
+    kind: &'static str,
+}
+
+/// The content groups: `name, agents, selector`.
+const GROUPS: NamedTable = NamedTable {
+    table: "content_groups",
+    columns: &["agents", "selector"],
+    kind: "group",
+};
+
+/// The policies: `name, policy`.
+const POLICIES: NamedTable = NamedTable {
+    table: "policies",
+    columns: &["policy"],
+    kind: "policy",
+};
+
+impl NamedTable {
+    /// `?1` is the name, `?2..` the columns, then `now`.
+    fn now_param(self) -> usize {
+        self.columns.len() + 2
+    }
+
+    /// Inserts a new record; binds the name, the columns, then `now`. A taken name is `Duplicate`.
+    fn add(self, conn: &Connection, name: &str, values: &[&dyn rusqlite::ToSql]) -> Result<()> {
+        let now = self.now_param();
+        let sql = format!(
+            "INSERT INTO {} (name, {}, created_at, updated_at)
+             VALUES ({}, ?{now}, ?{now}) ON CONFLICT (name) DO NOTHING",
+            self.table,
+            self.columns.join(", "),
+            (1..now)
+                .map(|i| format!("?{i}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        if conn.execute(&sql, values)? == 0 {
+            return Err(StoreError::Duplicate(format!("{} {name:?}", self.kind)));
+        }
+        Ok(())
+    }
+
+    /// Replaces the columns of an existing record; binds as `add`. An unknown name is `NotFound`.
+    fn set(self, conn: &Connection, name: &str, values: &[&dyn rusqlite::ToSql]) -> Result<()> {
+        let now = self.now_param();
+        let sets: Vec<String> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, column)| format!("{column} = ?{}", i + 2))
+            .collect();
+        let sql = format!(
+            "UPDATE {} SET {}, updated_at = ?{now} WHERE name = ?1",
+            self.table,
+            sets.join(", "),
+        );
+        if conn.execute(&sql, values)? == 0 {
+            return Err(StoreError::NotFound(format!("{} {name:?}", self.kind)));
+        }
+        Ok(())
+    }
+
+    /// Deletes a record. An unknown name is `NotFound`.
+    fn remove(self, conn: &Connection, name: &str) -> Result<()> {
+        let sql = format!("DELETE FROM {} WHERE name = ?1", self.table);
+        if conn.execute(&sql, [name])? == 0 {
+            return Err(StoreError::NotFound(format!("{} {name:?}", self.kind)));
+        }
+        Ok(())
+    }
+
+    /// `SELECT name, columns...` of one record, mapped by `row`.
+    fn one<T>(
+        self,
+        conn: &Connection,
+        name: &str,
+        row: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Option<T>> {
+        let sql = format!("{} WHERE name = ?1", self.select());
+        Ok(conn.query_row(&sql, [name], row).optional()?)
+    }
+
+    /// `SELECT name, columns...` of every record by name, mapped by `row`.
+    fn all<T>(
+        self,
+        conn: &Connection,
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
+        let mut stmt = conn.prepare(&format!("{} ORDER BY name", self.select()))?;
+        let rows = stmt.query_map([], row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// `SELECT name, columns... FROM table`.
+    fn select(self) -> String {
+        format!(
+            "SELECT name, {} FROM {}",
+            self.columns.join(", "),
+            self.table
+        )
+    }
+}
+
+/// The `name, agents, selector` columns of a group row.
+fn group_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+}
+
+/// The `name, policy` columns of a policy row.
+fn policy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String)> {
+    Ok((r.get(0)?, r.get(1)?))
+}
+
 fn group_columns(group: &GroupRecord) -> Result<(String, String)> {
     let agents = serde_json::to_string(&group.agents)
         .map_err(|e| StoreError::Corrupt(format!("group agents do not encode: {e}")))?;
@@ -1647,110 +1769,74 @@ impl Store for SqliteStore {
 
     fn add_group(&mut self, group: &GroupRecord, now: u64) -> Result<()> {
         let (agents, selector) = group_columns(group)?;
-        let added = self.conn.execute(
-            "INSERT INTO content_groups (name, agents, selector, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (name) DO NOTHING",
+        GROUPS.add(
+            &self.conn,
+            &group.name,
             params![group.name, agents, selector, now],
-        )?;
-        if added == 0 {
-            return Err(StoreError::Duplicate(format!("group {:?}", group.name)));
-        }
-        Ok(())
+        )
     }
 
     fn set_group(&mut self, group: &GroupRecord, now: u64) -> Result<()> {
         let (agents, selector) = group_columns(group)?;
-        let changed = self.conn.execute(
-            "UPDATE content_groups SET agents = ?2, selector = ?3, updated_at = ?4 WHERE name = ?1",
+        GROUPS.set(
+            &self.conn,
+            &group.name,
             params![group.name, agents, selector, now],
-        )?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(format!("group {:?}", group.name)));
-        }
-        Ok(())
+        )
     }
 
     fn remove_group(&mut self, name: &str) -> Result<()> {
-        let removed = self
-            .conn
-            .execute("DELETE FROM content_groups WHERE name = ?1", [name])?;
-        if removed == 0 {
-            return Err(StoreError::NotFound(format!("group {name:?}")));
-        }
-        Ok(())
+        GROUPS.remove(&self.conn, name)
     }
 
     fn group(&self, name: &str) -> Result<Option<GroupRecord>> {
-        let row: Option<(String, String, String)> = self
-            .conn
-            .query_row(
-                "SELECT name, agents, selector FROM content_groups WHERE name = ?1",
-                [name],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        row.map(group_record).transpose()
+        GROUPS
+            .one(&self.conn, name, group_row)?
+            .map(group_record)
+            .transpose()
     }
 
     fn groups(&self) -> Result<Vec<GroupRecord>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT name, agents, selector FROM content_groups ORDER BY name")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        rows.map(|r| group_record(r?)).collect()
+        GROUPS
+            .all(&self.conn, group_row)?
+            .into_iter()
+            .map(group_record)
+            .collect()
     }
 
     fn add_policy(&mut self, policy: &PolicyRecord, now: u64) -> Result<()> {
-        let added = self.conn.execute(
-            "INSERT INTO policies (name, policy, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?3) ON CONFLICT (name) DO NOTHING",
+        POLICIES.add(
+            &self.conn,
+            &policy.name,
             params![policy.name, policy.policy.to_string(), now],
-        )?;
-        if added == 0 {
-            return Err(StoreError::Duplicate(format!("policy {:?}", policy.name)));
-        }
-        Ok(())
+        )
     }
 
     fn set_policy(&mut self, policy: &PolicyRecord, now: u64) -> Result<()> {
-        let changed = self.conn.execute(
-            "UPDATE policies SET policy = ?2, updated_at = ?3 WHERE name = ?1",
+        POLICIES.set(
+            &self.conn,
+            &policy.name,
             params![policy.name, policy.policy.to_string(), now],
-        )?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(format!("policy {:?}", policy.name)));
-        }
-        Ok(())
+        )
     }
 
     fn remove_policy(&mut self, name: &str) -> Result<()> {
-        let removed = self
-            .conn
-            .execute("DELETE FROM policies WHERE name = ?1", [name])?;
-        if removed == 0 {
-            return Err(StoreError::NotFound(format!("policy {name:?}")));
-        }
-        Ok(())
+        POLICIES.remove(&self.conn, name)
     }
 
     fn policy(&self, name: &str) -> Result<Option<PolicyRecord>> {
-        let row: Option<(String, String)> = self
-            .conn
-            .query_row(
-                "SELECT name, policy FROM policies WHERE name = ?1",
-                [name],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        row.map(policy_record).transpose()
+        POLICIES
+            .one(&self.conn, name, policy_row)?
+            .map(policy_record)
+            .transpose()
     }
 
     fn policies(&self) -> Result<Vec<PolicyRecord>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT name, policy FROM policies ORDER BY name")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        rows.map(|r| policy_record(r?)).collect()
+        POLICIES
+            .all(&self.conn, policy_row)?
+            .into_iter()
+            .map(policy_record)
+            .collect()
     }
 }
 
