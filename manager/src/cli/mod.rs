@@ -127,17 +127,27 @@ impl Client {
         bail!("the manager answered {status}: {msg}")
     }
 
+    /// Adds the admin token to a request.
+    fn authorised<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        request.header("Authorization", format!("Bearer {}", self.token))
+    }
+
+    /// The JSON answer to a request sent as `method path`, or why there is none.
+    fn answer<T: DeserializeOwned>(
+        &self,
+        sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+        method: &str,
+        path: &str,
+    ) -> anyhow::Result<T> {
+        self.check(sent.map_err(|e| self.unreachable(e))?)?
+            .read_json()
+            .with_context(|| format!("unexpected answer to {method} {path}"))
+    }
+
     /// `GET path` as JSON.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let resp = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .call()
-            .map_err(|e| self.unreachable(e))?;
-        self.check(resp)?
-            .read_json()
-            .with_context(|| format!("unexpected answer to GET {path}"))
+        let request = self.agent.get(format!("{}{path}", self.base));
+        self.answer(self.authorised(request).call(), "GET", path)
     }
 
     /// `POST path` with a JSON body, answer as JSON.
@@ -146,15 +156,8 @@ impl Client {
         path: &str,
         body: &serde_json::Value,
     ) -> anyhow::Result<T> {
-        let resp = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .send_json(body)
-            .map_err(|e| self.unreachable(e))?;
-        self.check(resp)?
-            .read_json()
-            .with_context(|| format!("unexpected answer to POST {path}"))
+        let request = self.agent.post(format!("{}{path}", self.base));
+        self.answer(self.authorised(request).send_json(body), "POST", path)
     }
 
     /// `PUT path` with a JSON body, answer as JSON.
@@ -163,28 +166,14 @@ impl Client {
         path: &str,
         body: &serde_json::Value,
     ) -> anyhow::Result<T> {
-        let resp = self
-            .agent
-            .put(format!("{}{path}", self.base))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .send_json(body)
-            .map_err(|e| self.unreachable(e))?;
-        self.check(resp)?
-            .read_json()
-            .with_context(|| format!("unexpected answer to PUT {path}"))
+        let request = self.agent.put(format!("{}{path}", self.base));
+        self.answer(self.authorised(request).send_json(body), "PUT", path)
     }
 
     /// `DELETE path`, answer as JSON.
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let resp = self
-            .agent
-            .delete(format!("{}{path}", self.base))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .call()
-            .map_err(|e| self.unreachable(e))?;
-        self.check(resp)?
-            .read_json()
-            .with_context(|| format!("unexpected answer to DELETE {path}"))
+        let request = self.agent.delete(format!("{}{path}", self.base));
+        self.answer(self.authorised(request).call(), "DELETE", path)
     }
 
     /// Follows a server-sent events stream, calling `on_event(name, data)` until it ends or
@@ -195,9 +184,7 @@ impl Client {
         mut on_event: impl FnMut(&str, &str) -> anyhow::Result<bool>,
     ) -> anyhow::Result<()> {
         let resp = self
-            .streaming
-            .get(format!("{}{path}", self.base))
-            .header("Authorization", format!("Bearer {}", self.token))
+            .authorised(self.streaming.get(format!("{}{path}", self.base)))
             .header("Accept", "text/event-stream")
             .call()
             .map_err(|e| self.unreachable(e))?;
