@@ -344,14 +344,7 @@ async function groupForm(name) {
       field("agents", "Agents", h("div", { class: "checklist", id: "f-agents" },
         agents.length ? agents.map((a) => h("label", {}, h("input", { type: "checkbox", value: a.id, checked: listed.has(a.id) }), a.id)) : h("span", { class: "muted" }, "No agent enrolled.")),
         "Listed agents are members whatever their labels.", "full")),
-    h("div", { class: "form-actions" },
-      h("button", { type: "submit", class: "btn primary", id: "save-group" }, group ? "Save changes" : "Create group"),
-      h("a", { class: "btn", href: "#/groups" }, "Cancel"),
-      group ? h("button", { type: "button", class: "btn danger", id: "delete-group", onclick: async () => {
-        if (!confirm("Delete group " + group.name + "?")) return;
-        try { await api("DELETE", "/api/v1/groups/" + encodeURIComponent(group.name)); location.hash = "#/groups"; }
-        catch (e) { showError(form, e); }
-      } }, "Delete") : null));
+    editActions("group", "groups", group, () => form));
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     clearErrors(form);
@@ -361,15 +354,34 @@ async function groupForm(name) {
         agents: [...form.querySelectorAll("#f-agents input:checked")].map((i) => i.value),
         selector: parseKv(form.querySelector("#f-selector").value, "selector"),
       };
-      if (group) await api("PUT", "/api/v1/groups/" + encodeURIComponent(group.name), body);
-      else await api("POST", "/api/v1/groups", body);
-      location.hash = "#/groups";
+      await saveNamed("groups", group, body);
     } catch (e) { showError(form, e); }
   });
   return h("div", {},
     pageHead(group ? "Group " + group.name : "New content group",
       group ? "Members now: " + ((group.members || []).join(", ") || "none") : "Who receives content sent to this group."),
     h("div", { class: "card" }, form));
+}
+
+// Save / Cancel / Delete buttons of the form editing `record` (null = a new one), a named
+// `kind` of record kept at /api/v1/`collection`; `formOf()` is the form, for errors.
+function editActions(kind, collection, record, formOf) {
+  return h("div", { class: "form-actions" },
+    h("button", { type: "submit", class: "btn primary", id: "save-" + kind }, record ? "Save changes" : "Create " + kind),
+    h("a", { class: "btn", href: "#/" + collection }, "Cancel"),
+    record ? h("button", { type: "button", class: "btn danger", id: "delete-" + kind, onclick: async () => {
+      if (!confirm("Delete " + kind + " " + record.name + "?")) return;
+      try { await api("DELETE", "/api/v1/" + collection + "/" + encodeURIComponent(record.name)); location.hash = "#/" + collection; }
+      catch (e) { showError(formOf(), e); }
+    } }, "Delete") : null);
+}
+
+// Stores `body` as `record` (PUT) or as a new record (POST) of /api/v1/`collection`, then
+// goes back to its list.
+async function saveNamed(collection, record, body) {
+  if (record) await api("PUT", "/api/v1/" + collection + "/" + encodeURIComponent(record.name), body);
+  else await api("POST", "/api/v1/" + collection, body);
+  location.hash = "#/" + collection;
 }
 
 // ---------- policies ----------
@@ -427,14 +439,7 @@ async function policyForm(name) {
         "Empty = any time. May wrap midnight."),
       field("leaf_only", "Leaf-only agents", h("input", { type: "text", id: "f-leaf_only", value: (d.leaf_only || []).join(", ") }), "Agent ids that only receive, comma separated."),
       field("leaf_only_labels", "Leaf-only labels", h("textarea", { id: "f-leaf_only_labels", placeholder: "class=sensor" }, kvText(d.leaf_only_labels)), "Agents with all these labels only receive.")),
-    h("div", { class: "form-actions" },
-      h("button", { type: "submit", class: "btn primary", id: "save-policy" }, p ? "Save changes" : "Create policy"),
-      h("a", { class: "btn", href: "#/policies" }, "Cancel"),
-      p ? h("button", { type: "button", class: "btn danger", id: "delete-policy", onclick: async () => {
-        if (!confirm("Delete policy " + p.name + "?")) return;
-        try { await api("DELETE", "/api/v1/policies/" + encodeURIComponent(p.name)); location.hash = "#/policies"; }
-        catch (e) { showError(form, e); }
-      } }, "Delete") : null));
+    editActions("policy", "policies", p, () => form));
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     clearErrors(form);
@@ -449,9 +454,7 @@ async function policyForm(name) {
         ? { start_minute: textMinutes(ws, "window"), end_minute: textMinutes(we, "window") } : null;
       body.leaf_only = form.querySelector("#f-leaf_only").value.split(",").map((x) => x.trim()).filter(Boolean);
       body.leaf_only_labels = parseKv(form.querySelector("#f-leaf_only_labels").value, "leaf_only_labels");
-      if (p) await api("PUT", "/api/v1/policies/" + encodeURIComponent(p.name), body);
-      else await api("POST", "/api/v1/policies", body);
-      location.hash = "#/policies";
+      await saveNamed("policies", p, body);
     } catch (e) { showError(form, e); }
   });
   return h("div", {}, pageHead(p ? "Policy " + p.name : "New policy", "Fields left at their defaults keep the planner's behaviour."), h("div", { class: "card" }, form));
