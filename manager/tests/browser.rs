@@ -27,18 +27,6 @@ fn shots() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshots")
 }
 
-fn content(len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x9e37_79b9;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 /// Checks the relay tree on the page: every agent one column right of the source that gave
 /// it the most bytes, every edge labelled (main-source labels visible), no two nodes
 /// overlapping, every segment's agents inside their segment's box; answers what it checked.
@@ -263,7 +251,7 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(segment["leader"], "edge-a", "{segment}");
-    let bytes = content(6_000_000);
+    let bytes = pseudo_random(6_000_000, 3);
     let file = root.join("router-fw-2.4.bin");
     std::fs::write(&file, &bytes).unwrap();
 

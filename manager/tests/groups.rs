@@ -661,20 +661,10 @@ fn segment_reports_are_checked_assembled_and_replace_the_segment_view() {
 fn a_resumed_job_keeps_its_policy() {
     let tmp = tempfile::tempdir().unwrap();
     // A fixed agent port, so that the agents find the restarted manager.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = free_loopback_addr();
     let mut m = Manager::start_on(tmp.path(), &listen);
     let root = tmp.path().to_path_buf();
-    // Slow downloads, so that the job is still running when the manager dies.
-    let agents: Vec<AgentProc> = ["k1", "k2", "k3"]
-        .iter()
-        .map(|n| AgentProc::spawn(&m, &root, n, &["--down-bps", "256KiB"]))
-        .collect();
-    m.wait_connected(&["k1", "k2", "k3"]);
+    let agents = AgentProc::spawn_slow(&m, &root, &["k1", "k2", "k3"]);
     // No relaying: every byte comes from the manager, before and after the restart.
     ok(&m, &["policies", "add", "direct", "--relay", "false"]);
     let bytes = pseudo_random(1_500_000, 11);
@@ -693,13 +683,8 @@ fn a_resumed_job_keeps_its_policy() {
         ],
     ));
     let id = created["id"].as_u64().unwrap();
-    m.wait_job(id, BOUND, |j| {
-        j["participants"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["verified"].as_u64().unwrap_or(0) > 0))
-    });
-    let _ = m.child.kill();
-    let _ = m.child.wait();
+    m.wait_job_started(id);
+    m.crash();
 
     let m = Manager::start_on(tmp.path(), &listen);
     let done = m.wait_job(id, Duration::from_secs(60), |j| j["state"] == "finished");

@@ -12,18 +12,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-fn content(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn push_wait_relays_to_every_agent_and_records_confirmations() {
     let m = Manager::start();
@@ -36,7 +24,7 @@ fn push_wait_relays_to_every_agent_and_records_confirmations() {
         .collect();
     m.wait_connected(&["a1", "a2", "a3"]);
 
-    let bytes = content(1_500_000, 1);
+    let bytes = pseudo_random(1_500_000, 1);
     let file = root.join("firmware.bin");
     std::fs::write(&file, &bytes).unwrap();
     let out = baton(
@@ -171,21 +159,11 @@ fn client_errors_say_what_to_do() {
 fn a_job_survives_a_manager_crash_and_resumes_under_a_new_epoch() {
     let tmp = tempfile::tempdir().unwrap();
     // A fixed agent port, so that the agents find the restarted manager.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = free_loopback_addr();
     let mut m = Manager::start_on(tmp.path(), &listen);
     let root = tmp.path().to_path_buf();
-    // Slow downloads, so that the job is still running when the manager dies.
-    let agents: Vec<AgentProc> = ["r1", "r2"]
-        .iter()
-        .map(|n| AgentProc::spawn(&m, &root, n, &["--down-bps", "256KiB"]))
-        .collect();
-    m.wait_connected(&["r1", "r2"]);
-    let bytes = content(2_000_000, 7);
+    let agents = AgentProc::spawn_slow(&m, &root, &["r1", "r2"]);
+    let bytes = pseudo_random(2_000_000, 7);
     let file = root.join("bundle.bin");
     std::fs::write(&file, &bytes).unwrap();
     let (status, job) = m.api(
@@ -195,14 +173,9 @@ fn a_job_survives_a_manager_crash_and_resumes_under_a_new_epoch() {
     );
     assert_eq!(status, 201, "{job}");
     let id = job["id"].as_u64().unwrap();
-    m.wait_job(id, BOUND, |j| {
-        j["participants"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["verified"].as_u64().unwrap_or(0) > 0))
-    });
+    m.wait_job_started(id);
     // Crash: no chance to clean up.
-    let _ = m.child.kill();
-    let _ = m.child.wait();
+    m.crash();
 
     let m = Manager::start_on(tmp.path(), &listen);
     assert_eq!(m.info.epoch, 2);

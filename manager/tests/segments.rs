@@ -10,6 +10,8 @@
 //!   killed mid-job; a new leader must be reported within the configured bound
 //!   and every live agent must still confirm.
 
+mod common;
+
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
@@ -17,6 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use baton_manager::lab::{Lab, LinkShape, SegmentSpec, Topology, netns};
+use common::baton;
 use serde_json::Value;
 
 fn require_root() {
@@ -573,43 +576,6 @@ fn killed_leader_is_replaced_and_the_job_completes() {
     drop(lab);
 }
 
-/// Runs `baton args…` to completion within `limit`; returns exit code, stdout, stderr, pid.
-fn baton(args: &[&str], limit: Duration) -> (i32, String, String, u32) {
-    let dir = tempfile::tempdir().unwrap();
-    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .expect("start baton");
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            // SIGTERM: the demo unwinds and removes its namespaces.
-            let _ = Command::new("kill")
-                .args(["-s", "TERM", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
-            panic!(
-                "baton {args:?} did not finish within {limit:?}; stderr:\n{}",
-                std::fs::read_to_string(&err).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    (
-        status.code().unwrap_or(-1),
-        std::fs::read_to_string(&out).unwrap(),
-        std::fs::read_to_string(&err).unwrap(),
-        child.id(),
-    )
-}
-
 /// The JSON object on the last line of `stdout`.
 fn last_json(stdout: &str) -> Value {
     let line = stdout.lines().last().unwrap_or_default();
@@ -619,7 +585,7 @@ fn last_json(stdout: &str) -> Value {
 #[test]
 fn demo_across_segments_reports_leaders_and_wan_bytes() {
     require_root();
-    let (code, out, err, pid) = baton(
+    let run = baton(
         &[
             "demo",
             "--segments",
@@ -632,8 +598,12 @@ fn demo_across_segments_reports_leaders_and_wan_bytes() {
         ],
         Duration::from_secs(240),
     );
-    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    let report = last_json(&out);
+    assert!(
+        run.success,
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout, run.stderr
+    );
+    let report = last_json(&run.stdout);
     eprintln!("{report}");
     let bytes = report["bytes"].as_u64().unwrap();
     assert_eq!(report["confirmed"], 6);
@@ -660,7 +630,7 @@ fn demo_across_segments_reports_leaders_and_wan_bytes() {
     assert!(
         netns::lab_namespaces()
             .iter()
-            .all(|n| netns::owner_pid(n) != Some(pid)),
+            .all(|n| netns::owner_pid(n) != Some(run.pid)),
         "the demo left namespaces behind"
     );
 }
@@ -668,7 +638,7 @@ fn demo_across_segments_reports_leaders_and_wan_bytes() {
 #[test]
 fn lab_command_measures_against_the_lower_bound() {
     require_root();
-    let (code, out, err, _) = baton(
+    let run = baton(
         &[
             "lab",
             "--agents",
@@ -681,8 +651,12 @@ fn lab_command_measures_against_the_lower_bound() {
         ],
         Duration::from_secs(240),
     );
-    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    let r = last_json(&out);
+    assert!(
+        run.success,
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout, run.stderr
+    );
+    let r = last_json(&run.stdout);
     eprintln!("{r}");
     assert_eq!(r["confirmed"], 4);
     let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("no {k} in {r}"));

@@ -98,6 +98,21 @@ impl Manager {
         }
     }
 
+    /// Kills the manager (SIGKILL, no chance to clean up) and waits for it to exit.
+    pub fn crash(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits until some participant of job `id` has verified a chunk.
+    pub fn wait_job_started(&self, id: u64) {
+        self.wait_job(id, BOUND, |j| {
+            j["participants"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["verified"].as_u64().unwrap_or(0) > 0))
+        });
+    }
+
     /// The data directory (admin token, keys, database).
     pub fn data_dir(&self) -> PathBuf {
         self.dir.join("data")
@@ -396,6 +411,17 @@ pub struct AgentProc {
 }
 
 impl AgentProc {
+    /// Starts agents `names` with slow (256 KiB/s) downloads, so that a job is still running
+    /// when the test interrupts it; waits until all are connected.
+    pub fn spawn_slow(m: &Manager, root: &Path, names: &[&str]) -> Vec<Self> {
+        let agents = names
+            .iter()
+            .map(|n| Self::spawn(m, root, n, &["--down-bps", "256KiB"]))
+            .collect();
+        m.wait_connected(names);
+        agents
+    }
+
     /// Starts agent `name` under `root/name`, enrolling with a fresh one-time token.
     pub fn spawn(m: &Manager, root: &Path, name: &str, extra: &[&str]) -> Self {
         let (status, token) = m.api("POST", "/api/v1/enrolment-tokens", None);
@@ -459,12 +485,31 @@ impl Drop for AgentProc {
 /// What a finished `baton` client command printed.
 pub struct Output {
     pub success: bool,
+    /// The child's process id (namespaces a `demo` creates carry it).
+    pub pid: u32,
     pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
 }
 
-/// Runs `baton args…` to completion within `limit` (killed and failed past it).
+/// Stops an overdue child: SIGTERM first, so that a `demo` or `lab` unwinds and removes its
+/// namespaces; SIGKILL if it has not exited 10 s later.
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-s", "TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Runs `baton args…` to completion within `limit` (stopped and failed past it).
 pub fn baton(args: &[&str], limit: Duration) -> Output {
     let dir = tempfile::tempdir().unwrap();
     let out = std::fs::File::create(dir.path().join("out")).unwrap();
@@ -482,8 +527,7 @@ pub fn baton(args: &[&str], limit: Duration) -> Output {
             break status;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+            stop(&mut child);
             panic!(
                 "baton {args:?} did not finish in {limit:?}; stderr:\n{}",
                 std::fs::read_to_string(dir.path().join("err")).unwrap_or_default()
@@ -493,6 +537,7 @@ pub fn baton(args: &[&str], limit: Duration) -> Output {
     };
     Output {
         success: status.success(),
+        pid: child.id(),
         code: status.code(),
         stdout: std::fs::read_to_string(dir.path().join("out")).unwrap(),
         stderr: std::fs::read_to_string(dir.path().join("err")).unwrap(),
@@ -521,6 +566,13 @@ pub fn wait_for<T>(
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A loopback address with a port free now, for a manager that must keep its address across
+/// a restart.
+pub fn free_loopback_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", listener.local_addr().unwrap().port())
 }
 
 /// Deterministic pseudo-random content of `len` bytes.
