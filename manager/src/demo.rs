@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use baton_manager::lab::{Lab, Topology, netns};
 use serde::Serialize;
 use serde_json::Value;
 use sha2_std::{Digest as _, Sha256};
@@ -235,15 +236,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     if args.segments > 0 {
         return segments::run(args);
     }
-    catch_interrupts();
-    let exe = std::env::current_exe().context("cannot find the running executable")?;
-    let scratch = Scratch::new("baton-demo", args.keep)?;
+    let Setup {
+        exe,
+        scratch,
+        profile,
+        content,
+        source_sha,
+    } = Setup::prepare("baton-demo", args.agents, args.size, args.keep)?;
     let dir = scratch.path.clone();
-    let profile = LinkProfile::heterogeneous(args.agents);
-
-    // Content.
-    let content = dir.join("content.bin");
-    let source_sha = write_random(&content, args.size)?;
 
     // Manager.
     let mut manager_cmd = Command::new(&exe);
@@ -268,28 +268,75 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
 
     let run = fleet.run_job(&content, args.chunk_size, args.timeout, args.json)?;
     let checked = fleet.check_copies(&run, &source_sha, args.json)?;
-    let (lower_bound_seconds, ratio) = if args.no_caps {
-        (0.0, 0.0)
-    } else {
-        let t = profile.lower_bound_seconds(args.size);
-        (t, run.seconds / t)
-    };
     drop(fleet);
-    Ok(DemoReport {
-        agents: args.agents,
-        confirmed: checked.confirmed,
-        bytes: args.size,
-        seconds: run.seconds,
-        lower_bound_seconds,
-        ratio,
-        manager_bytes_sent: checked.manager_bytes_sent,
-        agent_bytes_received: checked.agent_bytes_received,
-        agent_max_rss_bytes: checked.agent_max_rss_bytes,
-        caps: (!args.no_caps).then_some(profile),
-        segments: None,
-        leaders: None,
-        wan_bytes_max_per_segment: None,
-    })
+    Ok(DemoReport::measured(&args, profile, &run, &checked))
+}
+
+/// What every demo run starts from: the running executable, its scratch directory, the
+/// link profile, and the random content with its SHA-256.
+pub(crate) struct Setup {
+    /// The running `baton`, started again as manager and agents.
+    pub exe: PathBuf,
+    /// The temporary directory (content, logs, data directories).
+    pub scratch: Scratch,
+    /// The agents' and the manager's caps.
+    pub profile: LinkProfile,
+    /// The content file.
+    pub content: PathBuf,
+    /// The content's SHA-256, to check the agents' copies against.
+    pub source_sha: [u8; 32],
+}
+
+impl Setup {
+    /// Turns interrupts into [`INTERRUPTED`], makes a scratch directory named after `prefix`
+    /// (kept if `keep`) and writes `size` random bytes of content into it.
+    pub fn prepare(prefix: &str, agents: usize, size: u64, keep: bool) -> anyhow::Result<Setup> {
+        catch_interrupts();
+        let exe = std::env::current_exe().context("cannot find the running executable")?;
+        let scratch = Scratch::new(prefix, keep)?;
+        let content = scratch.path.join("content.bin");
+        let source_sha = write_random(&content, size)?;
+        Ok(Setup {
+            exe,
+            scratch,
+            profile: LinkProfile::heterogeneous(agents),
+            content,
+            source_sha,
+        })
+    }
+}
+
+impl DemoReport {
+    /// The report of a demo run with `args` on `profile`: the job's time against the lower
+    /// bound (none without caps) and what checking the copies found; no segment figures.
+    pub(crate) fn measured(
+        args: &DemoArgs,
+        profile: LinkProfile,
+        run: &JobRun,
+        checked: &Checked,
+    ) -> DemoReport {
+        let (lower_bound_seconds, ratio) = if args.no_caps {
+            (0.0, 0.0)
+        } else {
+            let t = profile.lower_bound_seconds(args.size);
+            (t, run.seconds / t)
+        };
+        DemoReport {
+            agents: args.agents,
+            confirmed: checked.confirmed,
+            bytes: args.size,
+            seconds: run.seconds,
+            lower_bound_seconds,
+            ratio,
+            manager_bytes_sent: checked.manager_bytes_sent,
+            agent_bytes_received: checked.agent_bytes_received,
+            agent_max_rss_bytes: checked.agent_max_rss_bytes,
+            caps: (!args.no_caps).then_some(profile),
+            segments: None,
+            leaders: None,
+            wan_bytes_max_per_segment: None,
+        }
+    }
 }
 
 /// The demo's agent ids: `agent-00`, `agent-01`, …
@@ -334,6 +381,34 @@ pub(crate) struct Checked {
 }
 
 impl Fleet {
+    /// Builds the network lab of `topology`, moves this process into the manager's
+    /// namespace (where the manager's HTTP API is on loopback) and starts the manager there,
+    /// listening for agents on `port`, its uplink capped at `up_bps` if given. The lab is
+    /// returned to be dropped after the fleet (children die before their namespaces).
+    pub fn start_in_lab(
+        topology: &Topology,
+        exe: &Path,
+        port: u16,
+        up_bps: Option<u64>,
+        dir: &Path,
+    ) -> anyhow::Result<(Lab, Fleet)> {
+        let lab = Lab::build(topology).context("cannot build the network lab")?;
+        netns::enter(&lab.manager.ns).context("cannot enter the manager's namespace")?;
+        let mut manager_cmd = Lab::command(&lab.manager.ns, exe);
+        manager_cmd.args([
+            "serve",
+            "--listen",
+            &format!("{}:{port}", lab.manager.ip),
+            "--http",
+            "127.0.0.1:0",
+        ]);
+        if let Some(up_bps) = up_bps {
+            manager_cmd.args(["--up-bps", &up_bps.to_string()]);
+        }
+        let fleet = Fleet::start_manager(manager_cmd, dir)?;
+        Ok((lab, fleet))
+    }
+
     /// Starts the manager from `cmd` (`baton serve` with its addresses; the data directory,
     /// ready file and give-up are added here) and waits until it is ready. The API must be
     /// reachable from the calling thread.

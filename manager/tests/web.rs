@@ -80,6 +80,11 @@ fn request(
     }
 }
 
+/// `GET path` with these headers.
+fn get(m: &Manager, path: &str, headers: &[(&str, &str)]) -> Answer {
+    request(m, "GET", path, headers, None)
+}
+
 fn add_admin(m: &Manager, name: &str, password: &str) {
     let file = m.dir.join(format!("{name}.password"));
     std::fs::write(&file, format!("{password}\n")).unwrap();
@@ -101,7 +106,7 @@ fn add_admin(m: &Manager, name: &str, password: &str) {
 
 /// Logs in through the form; returns the session cookie and the page's CSRF token.
 fn login(m: &Manager, name: &str, password: &str) -> (String, String) {
-    let page = request(m, "GET", "/", &[], None);
+    let page = get(m, "/", &[]);
     let form_csrf = page.cookie("baton_login_csrf").expect("login CSRF cookie");
     assert!(page.body.contains(&format!("value=\"{form_csrf}\"")));
     let cookie = format!("baton_login_csrf={form_csrf}");
@@ -129,13 +134,7 @@ fn login(m: &Manager, name: &str, password: &str) -> (String, String) {
         "plain HTTP: no Secure flag ({set})"
     );
     let session = answer.cookie("baton_session").unwrap();
-    let app = request(
-        m,
-        "GET",
-        "/",
-        &[("cookie", &format!("baton_session={session}"))],
-        None,
-    );
+    let app = get(m, "/", &[("cookie", &format!("baton_session={session}"))]);
     assert_eq!(app.status, 200);
     let csrf = app
         .body
@@ -151,7 +150,7 @@ fn login(m: &Manager, name: &str, password: &str) -> (String, String) {
 fn must_show_openapi_login_page_and_401() {
     let m = Manager::start();
     // The OpenAPI document is public and lists agents, segments, groups, policies and jobs.
-    let doc = request(&m, "GET", "/api/v1/openapi.json", &[], None);
+    let doc = get(&m, "/api/v1/openapi.json", &[]);
     assert_eq!(doc.status, 200);
     let doc = doc.json();
     let paths: Vec<&str> = doc["paths"]
@@ -170,7 +169,7 @@ fn must_show_openapi_login_page_and_401() {
         assert!(paths.contains(&want), "{want} not in {paths:?}");
     }
     // `/` is the login page itself: HTML with a password field, no redirect.
-    let page = request(&m, "GET", "/", &[], None);
+    let page = get(&m, "/", &[]);
     assert_eq!(page.status, 200);
     assert!(
         page.header("content-type")
@@ -186,11 +185,11 @@ fn must_show_openapi_login_page_and_401() {
         "/api/v1/nowhere",
         "/metrics",
     ] {
-        let a = request(&m, "GET", path, &[], None);
+        let a = get(&m, path, &[]);
         assert_eq!(a.status, 401, "{path}: {}", a.body);
         assert!(!a.body.contains("agent"), "{path} leaks: {}", a.body);
     }
-    let a = request(&m, "GET", "/static/style.css", &[], None);
+    let a = get(&m, "/static/style.css", &[]);
     assert_eq!(a.status, 200);
     assert!(a.header("content-type").unwrap().starts_with("text/css"));
 }
@@ -198,7 +197,7 @@ fn must_show_openapi_login_page_and_401() {
 #[test]
 fn every_documented_route_is_served() {
     let m = Manager::start();
-    let doc = request(&m, "GET", "/api/v1/openapi.json", &[], None).json();
+    let doc = get(&m, "/api/v1/openapi.json", &[]).json();
     let auth = format!("Bearer {}", m.info.admin_token);
     let mut checked = 0;
     for (path, item) in doc["paths"].as_object().unwrap() {
@@ -209,7 +208,7 @@ fn every_documented_route_is_served() {
             let concrete = path.replace("{id}", "999").replace("{name}", "nothing");
             let a = if method == "get" && concrete.ends_with("/events") {
                 // A stream of a job that does not exist ends at once with 404.
-                request(&m, "GET", &concrete, &[("authorization", &auth)], None)
+                get(&m, &concrete, &[("authorization", &auth)])
             } else {
                 request(
                     &m,
@@ -228,13 +227,7 @@ fn every_documented_route_is_served() {
         }
     }
     assert!(checked >= 20, "only {checked} operations documented");
-    let a = request(
-        &m,
-        "GET",
-        "/api/v1/undocumented",
-        &[("authorization", &auth)],
-        None,
-    );
+    let a = get(&m, "/api/v1/undocumented", &[("authorization", &auth)]);
     assert_eq!(a.status, 404);
 }
 
@@ -243,7 +236,7 @@ fn sessions_csrf_and_api_tokens() {
     let m = Manager::start();
     add_admin(&m, "ops", "correct-horse");
     // Wrong password: the login page again, 401, no session.
-    let page = request(&m, "GET", "/", &[], None);
+    let page = get(&m, "/", &[]);
     let form_csrf = page.cookie("baton_login_csrf").unwrap();
     let wrong = request(
         &m,
@@ -274,7 +267,7 @@ fn sessions_csrf_and_api_tokens() {
 
     let (session, csrf) = login(&m, "ops", "correct-horse");
     let cookie = format!("baton_session={session}");
-    let a = request(&m, "GET", "/api/v1/agents", &[("cookie", &cookie)], None);
+    let a = get(&m, "/api/v1/agents", &[("cookie", &cookie)]);
     assert_eq!(a.status, 200, "{}", a.body);
     // Changes need the CSRF header with a session.
     let body = || {
@@ -315,7 +308,7 @@ fn sessions_csrf_and_api_tokens() {
     assert_eq!(a.status, 400);
     assert_eq!(a.json()["field"], "name", "{}", a.body);
     // /metrics with a session.
-    let metrics = request(&m, "GET", "/metrics", &[("cookie", &cookie)], None);
+    let metrics = get(&m, "/metrics", &[("cookie", &cookie)]);
     assert_eq!(metrics.status, 200);
     assert!(
         metrics.body.contains("baton_connected_agents 0"),
@@ -350,9 +343,9 @@ fn sessions_csrf_and_api_tokens() {
         Some(("application/x-www-form-urlencoded", format!("csrf={csrf}"))),
     );
     assert_eq!(a.status, 303);
-    let a = request(&m, "GET", "/api/v1/agents", &[("cookie", &cookie)], None);
+    let a = get(&m, "/api/v1/agents", &[("cookie", &cookie)]);
     assert_eq!(a.status, 401);
-    let page = request(&m, "GET", "/", &[("cookie", &cookie)], None);
+    let page = get(&m, "/", &[("cookie", &cookie)]);
     assert!(page.body.contains("type=\"password\""));
 
     // Named API tokens work as bearer tokens until revoked.
@@ -364,13 +357,7 @@ fn sessions_csrf_and_api_tokens() {
     assert!(out.success, "{}", out.stderr);
     let token = out.stdout.trim().to_string();
     let bearer = format!("Bearer {token}");
-    let a = request(
-        &m,
-        "GET",
-        "/api/v1/jobs",
-        &[("authorization", &bearer)],
-        None,
-    );
+    let a = get(&m, "/api/v1/jobs", &[("authorization", &bearer)]);
     assert_eq!(a.status, 200);
     let a = request(
         &m,
@@ -395,13 +382,7 @@ fn sessions_csrf_and_api_tokens() {
         BOUND,
     );
     assert!(out.success);
-    let a = request(
-        &m,
-        "GET",
-        "/api/v1/jobs",
-        &[("authorization", &bearer)],
-        None,
-    );
+    let a = get(&m, "/api/v1/jobs", &[("authorization", &bearer)]);
     assert_eq!(a.status, 401);
 }
 
@@ -573,7 +554,7 @@ fn https_with_a_self_signed_certificate() {
 
 /// One login through the form with a fresh form token; the answer as it comes.
 fn try_login(m: &Manager, name: &str, password: &str) -> Answer {
-    let page = request(m, "GET", "/", &[], None);
+    let page = get(m, "/", &[]);
     let form_csrf = page.cookie("baton_login_csrf").expect("login CSRF cookie");
     request(
         m,

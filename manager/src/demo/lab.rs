@@ -15,13 +15,12 @@
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context as _, anyhow, bail};
-use baton_manager::lab::{Lab, LinkShape, Topology, netns};
+use anyhow::{anyhow, bail};
+use baton_manager::lab::{Lab, LinkShape, Topology};
 use serde::Serialize;
 
-use super::{
-    Fleet, LinkProfile, Scratch, agent_ids, catch_interrupts, parse_size_arg, write_random,
-};
+use super::segments::{AGENT_PORT, MANAGER_PORT};
+use super::{Fleet, LinkProfile, Setup, agent_ids, parse_size_arg};
 
 /// Options of `baton lab`.
 #[derive(Clone, Debug, clap::Args)]
@@ -145,13 +144,14 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
             baton_manager::lab::MAX_AGENTS_PER_SEGMENT
         );
     }
-    catch_interrupts();
-    let exe = std::env::current_exe().context("cannot find the running executable")?;
-    let scratch = Scratch::new("baton-lab", args.keep)?;
+    let Setup {
+        exe,
+        scratch,
+        profile,
+        content,
+        source_sha,
+    } = Setup::prepare("baton-lab", args.agents, args.size, args.keep)?;
     let dir = scratch.path.clone();
-    let profile = LinkProfile::heterogeneous(args.agents);
-    let content = dir.join("content.bin");
-    let source_sha = write_random(&content, args.size)?;
 
     let shapes: Vec<LinkShape> = (0..args.agents)
         .map(|i| LinkShape {
@@ -162,25 +162,18 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
         .collect();
     let mut topology = Topology::spread(&shapes, 1, LinkShape::default());
     topology.manager.up_bps = profile.manager_up_bps;
-    // Declared before the fleet: dropped after it (children die before their namespaces).
-    let lab = Lab::build(&topology).context("cannot build the network lab")?;
-    netns::enter(&lab.manager.ns).context("cannot enter the manager's namespace")?;
-
-    let mut manager_cmd = Lab::command(&lab.manager.ns, &exe);
-    manager_cmd.args([
-        "serve",
-        "--listen",
-        &format!("{}:7700", lab.manager.ip),
-        "--http",
-        "127.0.0.1:0",
-        "--up-bps",
-        &profile.manager_up_bps.to_string(),
-    ]);
-    let mut fleet = Fleet::start_manager(manager_cmd, &dir)?;
+    // The lab is dropped after the fleet (children die before their namespaces).
+    let (lab, mut fleet) = Fleet::start_in_lab(
+        &topology,
+        &exe,
+        MANAGER_PORT,
+        Some(profile.manager_up_bps),
+        &dir,
+    )?;
     for (i, id) in agent_ids(args.agents).iter().enumerate() {
         let node = &lab.agents[i];
         let mut cmd: Command = Lab::command(&node.ns, &exe);
-        cmd.args(["agent", "--listen", &format!("{}:7701", node.ip)]);
+        cmd.args(["agent", "--listen", &format!("{}:{AGENT_PORT}", node.ip)]);
         if !args.tc_only {
             cmd.args(["--up-bps", &profile.agent_up_bps[i].to_string()]);
             cmd.args(["--down-bps", &profile.agent_down_bps[i].to_string()]);

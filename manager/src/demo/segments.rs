@@ -15,13 +15,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
-use baton_manager::lab::{Lab, LinkShape, Topology, netns};
+use baton_manager::lab::{Lab, LinkShape, Topology};
 use serde_json::Value;
 
-use super::{
-    DemoArgs, DemoReport, Fleet, LinkProfile, START_TIMEOUT, Scratch, agent_ids, catch_interrupts,
-    write_random,
-};
+use super::{DemoArgs, DemoReport, Fleet, LinkProfile, START_TIMEOUT, Setup, agent_ids};
 
 /// The manager's agent port inside the lab.
 pub const MANAGER_PORT: u16 = 7700;
@@ -49,13 +46,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
             args.agents
         );
     }
-    catch_interrupts();
-    let exe = std::env::current_exe().context("cannot find the running executable")?;
-    let scratch = Scratch::new("baton-demo-segments", args.keep)?;
+    let Setup {
+        exe,
+        scratch,
+        profile,
+        content,
+        source_sha,
+    } = Setup::prepare("baton-demo-segments", args.agents, args.size, args.keep)?;
     let dir = scratch.path.clone();
-    let profile = LinkProfile::heterogeneous(args.agents);
-    let content = dir.join("content.bin");
-    let source_sha = write_random(&content, args.size)?;
 
     // The network: agents' access links shaped to their profile, WAN links to --wan-bps.
     let shapes: Vec<LinkShape> = (0..args.agents)
@@ -80,22 +78,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     if !args.no_caps {
         topology.manager.up_bps = profile.manager_up_bps;
     }
-    // Declared before the fleet: dropped after it (children die before their namespaces).
-    let lab = Lab::build(&topology).context("cannot build the network lab")?;
-    netns::enter(&lab.manager.ns).context("cannot enter the manager's namespace")?;
-
-    let mut manager_cmd = Lab::command(&lab.manager.ns, &exe);
-    manager_cmd.args([
-        "serve",
-        "--listen",
-        &format!("{}:{MANAGER_PORT}", lab.manager.ip),
-        "--http",
-        "127.0.0.1:0",
-    ]);
-    if !args.no_caps {
-        manager_cmd.args(["--up-bps", &profile.manager_up_bps.to_string()]);
-    }
-    let mut fleet = Fleet::start_manager(manager_cmd, &dir)?;
+    let manager_up_bps = (!args.no_caps).then_some(profile.manager_up_bps);
+    // The lab is dropped after the fleet (children die before their namespaces).
+    let (lab, mut fleet) =
+        Fleet::start_in_lab(&topology, &exe, MANAGER_PORT, manager_up_bps, &dir)?;
     let ids = agent_ids(args.agents);
     for (i, id) in ids.iter().enumerate() {
         let node = &lab.agents[i];
@@ -121,28 +107,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
         .unwrap_or(0);
     let leaders = distinct_leaders(&fleet)?;
     let checked = fleet.check_copies(&run, &source_sha, args.json)?;
-    let (lower_bound_seconds, ratio) = if args.no_caps {
-        (0.0, 0.0)
-    } else {
-        let t = profile.lower_bound_seconds(args.size);
-        (t, run.seconds / t)
-    };
     drop(fleet);
     drop(lab);
     Ok(DemoReport {
-        agents: args.agents,
-        confirmed: checked.confirmed,
-        bytes: args.size,
-        seconds: run.seconds,
-        lower_bound_seconds,
-        ratio,
-        manager_bytes_sent: checked.manager_bytes_sent,
-        agent_bytes_received: checked.agent_bytes_received,
-        agent_max_rss_bytes: checked.agent_max_rss_bytes,
-        caps: (!args.no_caps).then_some(profile),
         segments: Some(args.segments),
         leaders: Some(leaders),
         wan_bytes_max_per_segment: Some(wan_bytes_max_per_segment),
+        ..DemoReport::measured(&args, profile, &run, &checked)
     })
 }
 
