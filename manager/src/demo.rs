@@ -71,6 +71,12 @@ pub struct LinkProfile {
 }
 
 impl LinkProfile {
+    /// Adds agent `i`'s caps (`--up-bps`, `--down-bps`) to its `baton agent` command.
+    pub(crate) fn cap_agent(&self, cmd: &mut Command, i: usize) {
+        cmd.args(["--up-bps", &self.agent_up_bps[i].to_string()]);
+        cmd.args(["--down-bps", &self.agent_down_bps[i].to_string()]);
+    }
+
     /// The documented heterogeneous default for `agents` agents (see README):
     /// agent `i` in class `k = i mod 4` uploads (k+1)·512 KiB/s and downloads
     /// (k+1)·2 MiB/s; the manager uploads a tenth of the agents' sum.
@@ -254,17 +260,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     let mut fleet = Fleet::start_manager(manager_cmd, &dir)?;
 
     // Agents.
-    let ids = agent_ids(args.agents);
-    for (i, id) in ids.iter().enumerate() {
+    fleet.start_agents(&exe, args.agents, |i| {
         let mut cmd = Command::new(&exe);
         cmd.args(["agent", "--listen", "127.0.0.1:0"]);
         if !args.no_caps {
-            cmd.args(["--up-bps", &profile.agent_up_bps[i].to_string()]);
-            cmd.args(["--down-bps", &profile.agent_down_bps[i].to_string()]);
+            profile.cap_agent(&mut cmd, i);
         }
-        fleet.start_agent(&exe, id, cmd)?;
-    }
-    fleet.wait_connected()?;
+        cmd
+    })?;
 
     let run = fleet.run_job(&content, args.chunk_size, args.timeout, args.json)?;
     let checked = fleet.check_copies(&run, &source_sha, args.json)?;
@@ -468,6 +471,20 @@ impl Fleet {
         self.kids.push(spawn(&mut cmd, id, &self.dir)?);
         self.ids.push(id.to_string());
         Ok(())
+    }
+
+    /// Starts agents `agent-00`, `agent-01`, … (`n` of them), agent `i` from `command(i)` as
+    /// in [`Fleet::start_agent`], and waits until all are connected.
+    pub fn start_agents(
+        &mut self,
+        exe: &Path,
+        n: usize,
+        mut command: impl FnMut(usize) -> Command,
+    ) -> anyhow::Result<()> {
+        for (i, id) in agent_ids(n).iter().enumerate() {
+            self.start_agent(exe, id, command(i))?;
+        }
+        self.wait_connected()
     }
 
     /// Waits until every agent is connected.

@@ -1183,26 +1183,31 @@ impl NamedTable {
         Ok(())
     }
 
-    /// `SELECT name, columns...` of one record, mapped by `row`.
-    fn one<T>(
+    /// One record: its `SELECT name, columns...` row read by `row`, then decoded by `record`.
+    fn one<T, R>(
         self,
         conn: &Connection,
         name: &str,
-        row: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-    ) -> Result<Option<T>> {
+        row: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+        record: fn(T) -> Result<R>,
+    ) -> Result<Option<R>> {
         let sql = format!("{} WHERE name = ?1", self.select());
-        Ok(conn.query_row(&sql, [name], row).optional()?)
+        conn.query_row(&sql, [name], row)
+            .optional()?
+            .map(record)
+            .transpose()
     }
 
-    /// `SELECT name, columns...` of every record by name, mapped by `row`.
-    fn all<T>(
+    /// Every record by name: rows read by `row`, then decoded by `record`.
+    fn all<T, R>(
         self,
         conn: &Connection,
-        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-    ) -> Result<Vec<T>> {
+        row: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+        record: fn(T) -> Result<R>,
+    ) -> Result<Vec<R>> {
         let mut stmt = conn.prepare(&format!("{} ORDER BY name", self.select()))?;
         let rows = stmt.query_map([], row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        rows.map(|r| record(r?)).collect()
     }
 
     /// `SELECT name, columns... FROM table`.
@@ -1790,18 +1795,11 @@ impl Store for SqliteStore {
     }
 
     fn group(&self, name: &str) -> Result<Option<GroupRecord>> {
-        GROUPS
-            .one(&self.conn, name, group_row)?
-            .map(group_record)
-            .transpose()
+        GROUPS.one(&self.conn, name, group_row, group_record)
     }
 
     fn groups(&self) -> Result<Vec<GroupRecord>> {
-        GROUPS
-            .all(&self.conn, group_row)?
-            .into_iter()
-            .map(group_record)
-            .collect()
+        GROUPS.all(&self.conn, group_row, group_record)
     }
 
     fn add_policy(&mut self, policy: &PolicyRecord, now: u64) -> Result<()> {
@@ -1825,18 +1823,11 @@ impl Store for SqliteStore {
     }
 
     fn policy(&self, name: &str) -> Result<Option<PolicyRecord>> {
-        POLICIES
-            .one(&self.conn, name, policy_row)?
-            .map(policy_record)
-            .transpose()
+        POLICIES.one(&self.conn, name, policy_row, policy_record)
     }
 
     fn policies(&self) -> Result<Vec<PolicyRecord>> {
-        POLICIES
-            .all(&self.conn, policy_row)?
-            .into_iter()
-            .map(policy_record)
-            .collect()
+        POLICIES.all(&self.conn, policy_row, policy_record)
     }
 }
 

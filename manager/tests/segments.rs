@@ -576,35 +576,35 @@ fn killed_leader_is_replaced_and_the_job_completes() {
     drop(lab);
 }
 
-/// The JSON object on the last line of `stdout`.
-fn last_json(stdout: &str) -> Value {
-    let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {stdout}"))
-}
-
-#[test]
-fn demo_across_segments_reports_leaders_and_wan_bytes() {
-    require_root();
-    let run = baton(
-        &[
-            "demo",
-            "--segments",
-            "2",
-            "--agents",
-            "6",
-            "--size",
-            "4MiB",
-            "--json",
-        ],
-        Duration::from_secs(240),
-    );
+/// Runs `baton args…` (within 240 s), which must succeed; returns the run and the JSON
+/// object on the last line of its stdout.
+fn run_json(args: &[&str]) -> (common::Output, Value) {
+    let run = baton(args, Duration::from_secs(240));
     assert!(
         run.success,
         "stdout:\n{}\nstderr:\n{}",
         run.stdout, run.stderr
     );
-    let report = last_json(&run.stdout);
+    let line = run.stdout.lines().last().unwrap_or_default();
+    let report: Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {}", run.stdout));
     eprintln!("{report}");
+    (run, report)
+}
+
+#[test]
+fn demo_across_segments_reports_leaders_and_wan_bytes() {
+    require_root();
+    let (run, report) = run_json(&[
+        "demo",
+        "--segments",
+        "2",
+        "--agents",
+        "6",
+        "--size",
+        "4MiB",
+        "--json",
+    ]);
     let bytes = report["bytes"].as_u64().unwrap();
     assert_eq!(report["confirmed"], 6);
     assert_eq!(report["segments"], 2);
@@ -638,26 +638,16 @@ fn demo_across_segments_reports_leaders_and_wan_bytes() {
 #[test]
 fn lab_command_measures_against_the_lower_bound() {
     require_root();
-    let run = baton(
-        &[
-            "lab",
-            "--agents",
-            "4",
-            "--size",
-            "2MiB",
-            "--delay-ms",
-            "1..20",
-            "--json",
-        ],
-        Duration::from_secs(240),
-    );
-    assert!(
-        run.success,
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout, run.stderr
-    );
-    let r = last_json(&run.stdout);
-    eprintln!("{r}");
+    let (_, r) = run_json(&[
+        "lab",
+        "--agents",
+        "4",
+        "--size",
+        "2MiB",
+        "--delay-ms",
+        "1..20",
+        "--json",
+    ]);
     assert_eq!(r["confirmed"], 4);
     let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("no {k} in {r}"));
     // T* from the documented profile: 4 agents upload 0.5+1+1.5+2 MiB/s, the manager 0.5.

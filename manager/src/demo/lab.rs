@@ -20,7 +20,7 @@ use baton_manager::lab::{Lab, LinkShape, Topology};
 use serde::Serialize;
 
 use super::segments::{AGENT_PORT, MANAGER_PORT};
-use super::{Fleet, LinkProfile, Setup, agent_ids, parse_size_arg};
+use super::{Fleet, LinkProfile, Setup, parse_size_arg};
 
 /// Options of `baton lab`.
 #[derive(Clone, Debug, clap::Args)]
@@ -170,17 +170,15 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
         Some(profile.manager_up_bps),
         &dir,
     )?;
-    for (i, id) in agent_ids(args.agents).iter().enumerate() {
+    fleet.start_agents(&exe, args.agents, |i| {
         let node = &lab.agents[i];
         let mut cmd: Command = Lab::command(&node.ns, &exe);
         cmd.args(["agent", "--listen", &format!("{}:{AGENT_PORT}", node.ip)]);
         if !args.tc_only {
-            cmd.args(["--up-bps", &profile.agent_up_bps[i].to_string()]);
-            cmd.args(["--down-bps", &profile.agent_down_bps[i].to_string()]);
+            profile.cap_agent(&mut cmd, i);
         }
-        fleet.start_agent(&exe, id, cmd)?;
-    }
-    fleet.wait_connected()?;
+        cmd
+    })?;
     let run = fleet.run_job(&content, args.chunk_size, args.timeout, args.json)?;
     let checked = fleet.check_copies(&run, &source_sha, args.json)?;
     let forwarder_drops = lab.forwarder_drops();

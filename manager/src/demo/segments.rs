@@ -18,7 +18,7 @@ use anyhow::{Context as _, anyhow, bail};
 use baton_manager::lab::{Lab, LinkShape, Topology};
 use serde_json::Value;
 
-use super::{DemoArgs, DemoReport, Fleet, LinkProfile, START_TIMEOUT, Setup, agent_ids};
+use super::{DemoArgs, DemoReport, Fleet, LinkProfile, START_TIMEOUT, Setup};
 
 /// The manager's agent port inside the lab.
 pub const MANAGER_PORT: u16 = 7700;
@@ -82,18 +82,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     // The lab is dropped after the fleet (children die before their namespaces).
     let (lab, mut fleet) =
         Fleet::start_in_lab(&topology, &exe, MANAGER_PORT, manager_up_bps, &dir)?;
-    let ids = agent_ids(args.agents);
-    for (i, id) in ids.iter().enumerate() {
+    fleet.start_agents(&exe, args.agents, |i| {
         let node = &lab.agents[i];
-        let s = node.segment.expect("agents sit in segments");
-        fleet.start_agent(
-            &exe,
-            id,
-            agent_command(&lab, i, &exe, &profile, args.no_caps),
-        )?;
-        tracing::debug!(%id, segment = s, ip = %node.ip, "agent started");
-    }
-    fleet.wait_connected()?;
+        tracing::debug!(agent = i, segment = node.segment, ip = %node.ip, "starting agent");
+        agent_command(&lab, i, &exe, &profile, args.no_caps)
+    })?;
     wait_for_segment_reports(&mut fleet, lab.segments.len())?;
 
     let before = lab.wan_tx_bytes_all()?;
@@ -141,8 +134,7 @@ pub fn agent_command(
         &lab.segments[s].broadcast.to_string(),
     ]);
     if !no_caps {
-        cmd.args(["--up-bps", &profile.agent_up_bps[i].to_string()]);
-        cmd.args(["--down-bps", &profile.agent_down_bps[i].to_string()]);
+        profile.cap_agent(&mut cmd, i);
     }
     cmd
 }
