@@ -242,37 +242,31 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     if args.segments > 0 {
         return segments::run(args);
     }
-    let Setup {
-        exe,
-        scratch,
-        profile,
-        content,
-        source_sha,
-    } = Setup::prepare("baton-demo", args.agents, args.size, args.keep)?;
-    let dir = scratch.path.clone();
+    let setup = Setup::prepare("baton-demo", args.agents, args.size, args.keep)?;
+    let dir = setup.scratch.path.clone();
 
     // Manager.
-    let mut manager_cmd = Command::new(&exe);
+    let mut manager_cmd = Command::new(&setup.exe);
     manager_cmd.args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"]);
     if !args.no_caps {
-        manager_cmd.args(["--up-bps", &profile.manager_up_bps.to_string()]);
+        manager_cmd.args(["--up-bps", &setup.profile.manager_up_bps.to_string()]);
     }
     let mut fleet = Fleet::start_manager(manager_cmd, &dir)?;
 
     // Agents.
-    fleet.start_agents(&exe, args.agents, |i| {
-        let mut cmd = Command::new(&exe);
+    fleet.start_agents(&setup.exe, args.agents, |i| {
+        let mut cmd = Command::new(&setup.exe);
         cmd.args(["agent", "--listen", "127.0.0.1:0"]);
         if !args.no_caps {
-            profile.cap_agent(&mut cmd, i);
+            setup.profile.cap_agent(&mut cmd, i);
         }
         cmd
     })?;
 
-    let run = fleet.run_job(&content, args.chunk_size, args.timeout, args.json)?;
-    let checked = fleet.check_copies(&run, &source_sha, args.json)?;
+    let run = fleet.run_job(&setup.content, args.chunk_size, args.timeout, args.json)?;
+    let checked = fleet.check_copies(&run, &setup.source_sha, args.json)?;
     drop(fleet);
-    Ok(DemoReport::measured(&args, profile, &run, &checked))
+    Ok(DemoReport::measured(&args, setup.profile, &run, &checked))
 }
 
 /// What every demo run starts from: the running executable, its scratch directory, the

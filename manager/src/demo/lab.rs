@@ -144,49 +144,43 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
             baton_manager::lab::MAX_AGENTS_PER_SEGMENT
         );
     }
-    let Setup {
-        exe,
-        scratch,
-        profile,
-        content,
-        source_sha,
-    } = Setup::prepare("baton-lab", args.agents, args.size, args.keep)?;
-    let dir = scratch.path.clone();
+    let setup = Setup::prepare("baton-lab", args.agents, args.size, args.keep)?;
+    let dir = setup.scratch.path.clone();
 
     let shapes: Vec<LinkShape> = (0..args.agents)
         .map(|i| LinkShape {
-            up_bps: profile.agent_up_bps[i],
-            down_bps: profile.agent_down_bps[i],
+            up_bps: setup.profile.agent_up_bps[i],
+            down_bps: setup.profile.agent_down_bps[i],
             delay: Duration::from_millis(agent_delay_ms(i, args.agents, args.delay_ms)),
         })
         .collect();
     let mut topology = Topology::spread(&shapes, 1, LinkShape::default());
-    topology.manager.up_bps = profile.manager_up_bps;
+    topology.manager.up_bps = setup.profile.manager_up_bps;
     // The lab is dropped after the fleet (children die before their namespaces).
     let (lab, mut fleet) = Fleet::start_in_lab(
         &topology,
-        &exe,
+        &setup.exe,
         MANAGER_PORT,
-        Some(profile.manager_up_bps),
+        Some(setup.profile.manager_up_bps),
         &dir,
     )?;
-    fleet.start_agents(&exe, args.agents, |i| {
+    fleet.start_agents(&setup.exe, args.agents, |i| {
         let node = &lab.agents[i];
-        let mut cmd: Command = Lab::command(&node.ns, &exe);
+        let mut cmd: Command = Lab::command(&node.ns, &setup.exe);
         cmd.args(["agent", "--listen", &format!("{}:{AGENT_PORT}", node.ip)]);
         if !args.tc_only {
-            profile.cap_agent(&mut cmd, i);
+            setup.profile.cap_agent(&mut cmd, i);
         }
         cmd
     })?;
-    let run = fleet.run_job(&content, args.chunk_size, args.timeout, args.json)?;
-    let checked = fleet.check_copies(&run, &source_sha, args.json)?;
+    let run = fleet.run_job(&setup.content, args.chunk_size, args.timeout, args.json)?;
+    let checked = fleet.check_copies(&run, &setup.source_sha, args.json)?;
     let forwarder_drops = lab.forwarder_drops();
     drop(fleet);
     drop(lab);
 
     let done: Vec<f64> = run.completion.iter().flatten().copied().collect();
-    let t = profile.lower_bound_seconds(args.size);
+    let t = setup.profile.lower_bound_seconds(args.size);
     let makespan = done.iter().copied().fold(0.0, f64::max);
     let (p50, p99) = (quantile(&done, 0.5), quantile(&done, 0.99));
     Ok(LabReport {
@@ -205,7 +199,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
         delay_ms: args.delay_ms,
         forwarder_drops,
         agents_know_rates: !args.tc_only,
-        caps: profile,
+        caps: setup.profile,
     })
 }
 

@@ -46,14 +46,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
             args.agents
         );
     }
-    let Setup {
-        exe,
-        scratch,
-        profile,
-        content,
-        source_sha,
-    } = Setup::prepare("baton-demo-segments", args.agents, args.size, args.keep)?;
-    let dir = scratch.path.clone();
+    let setup = Setup::prepare("baton-demo-segments", args.agents, args.size, args.keep)?;
+    let dir = setup.scratch.path.clone();
 
     // The network: agents' access links shaped to their profile, WAN links to --wan-bps.
     let shapes: Vec<LinkShape> = (0..args.agents)
@@ -62,8 +56,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
                 LinkShape::default()
             } else {
                 LinkShape {
-                    up_bps: profile.agent_up_bps[i],
-                    down_bps: profile.agent_down_bps[i],
+                    up_bps: setup.profile.agent_up_bps[i],
+                    down_bps: setup.profile.agent_down_bps[i],
                     delay: Duration::ZERO,
                 }
             }
@@ -76,21 +70,21 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     };
     let mut topology = Topology::spread(&shapes, args.segments, wan);
     if !args.no_caps {
-        topology.manager.up_bps = profile.manager_up_bps;
+        topology.manager.up_bps = setup.profile.manager_up_bps;
     }
-    let manager_up_bps = (!args.no_caps).then_some(profile.manager_up_bps);
+    let manager_up_bps = (!args.no_caps).then_some(setup.profile.manager_up_bps);
     // The lab is dropped after the fleet (children die before their namespaces).
     let (lab, mut fleet) =
-        Fleet::start_in_lab(&topology, &exe, MANAGER_PORT, manager_up_bps, &dir)?;
-    fleet.start_agents(&exe, args.agents, |i| {
+        Fleet::start_in_lab(&topology, &setup.exe, MANAGER_PORT, manager_up_bps, &dir)?;
+    fleet.start_agents(&setup.exe, args.agents, |i| {
         let node = &lab.agents[i];
         tracing::debug!(agent = i, segment = node.segment, ip = %node.ip, "starting agent");
-        agent_command(&lab, i, &exe, &profile, args.no_caps)
+        agent_command(&lab, i, &setup.exe, &setup.profile, args.no_caps)
     })?;
     wait_for_segment_reports(&mut fleet, lab.segments.len())?;
 
     let before = lab.wan_tx_bytes_all()?;
-    let run = fleet.run_job(&content, args.chunk_size, args.timeout, args.json)?;
+    let run = fleet.run_job(&setup.content, args.chunk_size, args.timeout, args.json)?;
     let after = lab.wan_tx_bytes_all()?;
     let wan_bytes_max_per_segment = after
         .iter()
@@ -99,14 +93,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
         .max()
         .unwrap_or(0);
     let leaders = distinct_leaders(&fleet)?;
-    let checked = fleet.check_copies(&run, &source_sha, args.json)?;
+    let checked = fleet.check_copies(&run, &setup.source_sha, args.json)?;
     drop(fleet);
     drop(lab);
     Ok(DemoReport {
         segments: Some(args.segments),
         leaders: Some(leaders),
         wan_bytes_max_per_segment: Some(wan_bytes_max_per_segment),
-        ..DemoReport::measured(&args, profile, &run, &checked)
+        ..DemoReport::measured(&args, setup.profile, &run, &checked)
     })
 }
 
