@@ -81,7 +81,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
         tracing::debug!(agent = i, segment = node.segment, ip = %node.ip, "starting agent");
         agent_command(&lab, i, &setup.exe, &setup.profile, args.no_caps)
     })?;
-    wait_for_segment_reports(&mut fleet, lab.segments.len())?;
+    let mut sizes = vec![0usize; lab.segments.len()];
+    for node in &lab.agents {
+        sizes[node.segment.expect("agents sit in segments")] += 1;
+    }
+    wait_for_segment_reports(&mut fleet, &sizes)?;
+    // Leaders of a fleet still starting up (a lone first agent leads itself) do not count.
+    let settled_ms = unix_ms();
 
     let before = lab.wan_tx_bytes_all()?;
     let run = fleet.run_job(&setup.content, args.chunk_size, args.timeout, args.json)?;
@@ -92,7 +98,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
         .map(|(a, b)| a.saturating_sub(*b))
         .max()
         .unwrap_or(0);
-    let leaders = distinct_leaders(&fleet)?;
+    let leaders = distinct_leaders(&fleet, settled_ms)?;
     let checked = fleet.check_copies(&run, &setup.source_sha, args.json)?;
     drop(fleet);
     drop(lab);
@@ -143,34 +149,47 @@ fn segments(fleet: &Fleet) -> anyhow::Result<Vec<Value>> {
         .with_context(|| format!("GET /api/v1/segments answered {v}, not a list"))
 }
 
-/// Waits until the manager has a report naming a leader from each of `count` segments.
-fn wait_for_segment_reports(fleet: &mut Fleet, count: usize) -> anyhow::Result<()> {
+/// Milliseconds since the Unix epoch, the clock of the manager's leader history.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Waits until the manager has, from every segment `s`, a report naming a leader and
+/// listing all `sizes[s]` agents of that segment (the whole fleet has found each other).
+fn wait_for_segment_reports(fleet: &mut Fleet, sizes: &[usize]) -> anyhow::Result<()> {
     let deadline = Instant::now() + START_TIMEOUT;
     let mut seen = Vec::new();
     while Instant::now() < deadline {
         fleet.check_alive()?;
         seen = segments(fleet)?;
-        let led = (0..count)
-            .filter(|s| {
+        let complete = sizes
+            .iter()
+            .enumerate()
+            .filter(|&(s, &size)| {
                 seen.iter().any(|seg| {
-                    seg["name"] == segment_name(*s).as_str() && seg["leader"].is_string()
+                    seg["name"] == segment_name(s).as_str()
+                        && seg["leader"].is_string()
+                        && seg["members"].as_array().map_or(0, Vec::len) == size
                 })
             })
             .count();
-        if led == count {
+        if complete == sizes.len() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     bail!(
-        "the manager did not receive a segment report with a leader from each of the {count} segments within {START_TIMEOUT:?}; it has: {}",
+        "the manager did not receive, from each of the {} segments, a report with a leader and all its agents within {START_TIMEOUT:?}; it has: {}",
+        sizes.len(),
         Value::Array(seen)
     )
 }
 
-/// Distinct leaders named in the segment reports the manager received: each segment's
-/// current leader and its leader history.
-fn distinct_leaders(fleet: &Fleet) -> anyhow::Result<usize> {
+/// Distinct leaders named in the segment reports the manager received since `since_ms`
+/// (once every agent was up): each segment's current leader and the later leader history.
+fn distinct_leaders(fleet: &Fleet, since_ms: u64) -> anyhow::Result<usize> {
     let mut leaders = BTreeSet::new();
     for seg in segments(fleet)? {
         if let Some(l) = seg["leader"].as_str() {
@@ -182,6 +201,9 @@ fn distinct_leaders(fleet: &Fleet) -> anyhow::Result<usize> {
         // The history is part of the one-segment answer; without it, the current leaders count.
         if let Ok(detail) = fleet.api.get(&format!("/api/v1/segments/{name}")) {
             for entry in detail["leader_history"].as_array().into_iter().flatten() {
+                if entry["since_ms"].as_u64().is_some_and(|t| t < since_ms) {
+                    continue;
+                }
                 if let Some(l) = entry["leader"].as_str() {
                     leaders.insert(l.to_string());
                 }
