@@ -1529,6 +1529,44 @@ mod test {
     }
 
     #[test]
+    fn the_segments_demo_fleet_plans_as_fast_as_a_flat_one() {
+        // `baton demo --segments 3 --agents 24 --size 16MiB`: 32 KiB chunks, uploads of
+        // 0.5–2 MiB/s, manager 3 MiB/s, eight agents per segment, a 2 MiB/s leader in each.
+        let mib = 1u64 << 20;
+        let chunks = 512;
+        let ups: Vec<u64> = (0..24u64).map(|i| (1 + i % 4) * mib / 2).collect();
+        let fleet = |segments: bool| -> Vec<Seed> {
+            (0..24u32)
+                .map(|i| Seed {
+                    info: Some(NodeInfo {
+                        up_bps: ups[i as usize],
+                        server: true,
+                        capacity: 32,
+                        max_sources: 9,
+                        segment: if segments { 1 + i / 8 } else { 0 },
+                        leader: segments && i % 8 == 3,
+                    }),
+                    ..Seed::default()
+                })
+                .collect()
+        };
+        let chunk_bytes = (16 * mib / chunks as u64) as f64;
+        let plan = RelayPlan::build(chunks, 3 * mib, &Policy::default(), &fleet(true));
+        plan.check().unwrap();
+        assert_covers(&plan);
+        let flat = RelayPlan::build(chunks, 3 * mib, &Policy::default(), &fleet(false));
+        let t = plan_time(&plan, chunk_bytes, 3 * mib, &ups);
+        let tf = plan_time(&flat, chunk_bytes, 3 * mib, &ups);
+        eprintln!("demo fleet: plan {t:.2} s with segments, {tf:.2} s without");
+        assert!(t <= tf * 1.1, "plan {t} s vs {tf} s without segments");
+        for seg in 1..=3 {
+            assert!(plan.chunks_into_segment(seg) <= chunks as u64);
+            let entry = &plan.segment_entries()[seg as usize - 1];
+            assert!(plan.fetches_across(entry.entries[0]));
+        }
+    }
+
+    #[test]
     fn at_most_m_agents_of_a_segment_fetch_across_the_wan_leader_first() {
         let mut seeds = segmented_fleet(3, 8);
         // Agent 13 (segment 2) is its segment's elected leader.

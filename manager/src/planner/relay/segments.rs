@@ -8,19 +8,23 @@
 //!    the order of the prioritized list (score: capabilities, policy weights,
 //!    measured delay to the manager), at most
 //!    [`Policy::max_wan_transfers_per_segment`](crate::planner::Policy) of
-//!    them. Segments are ranked by their best entry. Per stripe, one entry of
-//!    each segment fetches the stripe from outside (the first stripe through
-//!    the best entry, the others through the entry with the most upload to
-//!    spare): from the manager while the manager's copies last
-//!    (`Policy::manager_max_copies`), else from the holder of the stripe in a
-//!    segment ranked earlier that would finish its uploads first. So each
-//!    stripe crosses into each segment once.
+//!    them. Segments are ranked by their best entry. Per stripe, before any
+//!    fan-out, one entry of each segment fetches the stripe from outside (the
+//!    first stripe through the leader, else through the entry that would
+//!    finish its uploads first, i.e. the fastest; the other stripes through
+//!    the entry that would finish first, so stripes enter through different
+//!    entries and all their uploads are used): from the manager while the
+//!    manager's copies last (`Policy::manager_max_copies`), else from the
+//!    entry of a segment ranked earlier that would finish its uploads first
+//!    (cut-through; an entry keeps room for its own segment). So each stripe
+//!    crosses into each segment once.
 //! 2. **Inside the segment.** The stripe fans out from the entry (or from a
 //!    participant of the segment that already holds the whole content):
-//!    servers first, then leaves, each from the holder that would finish its
-//!    uploads first (what every node serves is counted over all stripes, so
-//!    uploads even out), within capacities and a bounded tree depth. A
-//!    fetcher goes outside its segment only when nobody inside has room left.
+//!    servers first, fastest first, then leaves, each from the holder that
+//!    would finish its uploads first (what every node serves is counted over
+//!    all stripes and across the WAN, so uploads even out: the least-load
+//!    rule), within capacities and a bounded tree depth. A fetcher goes
+//!    outside its segment only when nobody inside has room left.
 //!
 //! A segment without any agent allowed to serve has no entry: each of its
 //! participants fetches across the WAN (the engine reports it as a warning).
@@ -38,7 +42,9 @@ use super::{MANAGER, RelayPlan, SCAN_LIMIT, UNSET, is_peer};
 pub struct SegmentEntry {
     /// The segment's number (see [`NodeInfo::segment`](super::NodeInfo)).
     pub segment: u32,
-    /// Entry nodes (plan indices), best first: the participants that fetch from outside.
+    /// Entry nodes (plan indices), best first: the participants that fetch stripes from
+    /// outside (the first stripe's first, then in the order of first use), then the other
+    /// candidates allowed to.
     pub entries: Vec<u32>,
     /// Participants of the segment that were fetching when the plan was built.
     pub fetchers: u32,
@@ -83,6 +89,9 @@ struct Holders {
     max_depth: u16,
     /// The depth where the stripe entered (the segment, or `0` across the WAN).
     base_depth: u16,
+    /// Fetchers each holder keeps room for beyond those it takes from here (across the WAN:
+    /// one, so an entry that serves other segments can still start the fan-out in its own).
+    reserve: usize,
 }
 
 /// Most hops a stripe's tree grows inside one segment, and across segments. Holders that
@@ -107,6 +116,7 @@ impl Holders {
             heap: BinaryHeap::new(),
             max_depth,
             base_depth: 0,
+            reserve: 0,
         }
     }
 
@@ -117,10 +127,10 @@ impl Holders {
         ((served + len as u128) << 24) / up
     }
 
-    /// Offers `node` as a holder if it may take another fetcher and is less than
-    /// `max_depth` hops below where the stripe entered.
+    /// Offers `node` as a holder if it may take another fetcher (beyond its reserve) and is
+    /// less than `max_depth` hops below where the stripe entered.
     fn push(&mut self, plan: &RelayPlan, node: u32, len: u64, load: &Load) {
-        if plan.spare(node) == 0
+        if plan.spare(node) <= self.reserve
             || load.depth[node as usize].saturating_sub(self.base_depth) >= self.max_depth
         {
             return;
@@ -136,7 +146,7 @@ impl Holders {
         let mut skipped = Vec::new();
         let mut found = None;
         while let Some(Reverse((key, h))) = self.heap.pop() {
-            if plan.spare(h) == 0 && !plan.uses(fetcher, h) {
+            if plan.spare(h) <= self.reserve && !plan.uses(fetcher, h) {
                 continue; // full for good
             }
             let now = self.key(plan, h, len, load);
@@ -223,6 +233,7 @@ impl RelayPlan {
         let mut wan: Vec<Wan> = (0..k)
             .map(|g| {
                 let mut holders = Holders::new(MAX_WAN_DEPTH);
+                holders.reserve = 1;
                 for &c in &confirmed_anywhere {
                     holders.push(self, c, self.stripe_len(g) as u64, &load);
                 }
@@ -232,62 +243,119 @@ impl RelayPlan {
                 }
             })
             .collect();
+        // Per segment, the entries that stripes entered through, in the order of first use.
+        let mut used: Vec<Vec<u32>> = vec![Vec::new(); views.len()];
         for (g, wan) in wan.iter_mut().enumerate() {
-            for view in &views {
-                self.fan_out(g, view, wan, &mut load);
+            // Across the WAN first: every segment's entry for this stripe, best segment first,
+            // so entries of later segments fetch from entries of earlier ones (cut-through) and
+            // each segment's fan-out knows what its entry already serves across the WAN.
+            let entries: Vec<Option<u32>> = views
+                .iter()
+                .map(|view| self.enter(g, view, wan, &mut load))
+                .collect();
+            for (used, &entry) in used.iter_mut().zip(&entries) {
+                if let Some(e) = entry
+                    && !used.contains(&e)
+                {
+                    used.push(e);
+                }
+            }
+            for (view, &entry) in views.iter().zip(&entries) {
+                if entry.is_some() || !view.confirmed.is_empty() {
+                    self.fan_out(g, view, entry, wan, &mut load);
+                }
+            }
+            // Segments where nobody may serve: every participant fetches across the WAN, from
+            // holders near where the stripe entered other segments.
+            for (view, &entry) in views.iter().zip(&entries) {
+                if entry.is_none() && view.confirmed.is_empty() {
+                    for &f in &view.fetchers {
+                        let h = self.wan_source(f, g, wan, &mut load);
+                        self.assign(f, g, h, &mut load);
+                    }
+                }
             }
         }
         self.entries = views
             .into_iter()
-            .filter(|v| v.segment != 0)
-            .map(|v| SegmentEntry {
-                segment: v.segment,
-                entries: v.entries,
-                fetchers: v.fetchers.len() as u32,
-                servers: v.servers,
+            .zip(used)
+            .filter(|(v, _)| v.segment != 0)
+            .map(|(v, mut entries)| {
+                // The entries used first (the first stripe's first), then the other candidates.
+                for e in v.entries {
+                    if !entries.contains(&e) {
+                        entries.push(e);
+                    }
+                }
+                SegmentEntry {
+                    segment: v.segment,
+                    entries,
+                    fetchers: v.fetchers.len() as u32,
+                    servers: v.servers,
+                }
             })
             .collect();
     }
 
-    /// Plans stripe `g` for the fetchers of one segment: one entry fetches it from outside,
-    /// everyone else from inside, each from the holder that would finish its uploads first.
-    fn fan_out(&mut self, g: usize, view: &View, wan: &mut Wan, load: &mut Load) {
+    /// The entry node through which stripe `g` enters the segment of `view` (assigned its source
+    /// outside and offered as a holder to segments ranked later); `None` if a participant of
+    /// the segment holds the whole content already, or nobody there may serve.
+    ///
+    /// The first stripe enters through the elected leader, if it may serve; every other
+    /// stripe through the entry that would finish its uploads first (the fastest, at first),
+    /// so the stripes enter through different entries and all their uploads are used.
+    fn enter(&mut self, g: usize, view: &View, wan: &mut Wan, load: &mut Load) -> Option<u32> {
+        if !view.confirmed.is_empty() {
+            return None;
+        }
+        let len = self.stripe_len(g) as u64;
+        let leader = view
+            .entries
+            .first()
+            .copied()
+            .filter(|&e| g == 0 && self.nodes[e as usize].info.leader);
+        let e = leader.or_else(|| {
+            view.entries.iter().copied().min_by_key(|&e| {
+                (
+                    (((load.served[e as usize] + len) as u128) << 24)
+                        / self.eff_up(e).max(1) as u128,
+                    e,
+                )
+            })
+        })?;
+        let h = self.wan_source(e, g, wan, load);
+        self.assign(e, g, h, load);
+        wan.holders.push(self, e, len, load);
+        Some(e)
+    }
+
+    /// Plans stripe `g` for the other fetchers of one segment, from its `entry` (or from its
+    /// participants that hold the whole content): each from the holder inside that would
+    /// finish its uploads first, the fastest servers first (so they hold the stripe early and
+    /// carry most of the copies), across the WAN only when nobody inside has room.
+    fn fan_out(
+        &mut self,
+        g: usize,
+        view: &View,
+        entry: Option<u32>,
+        wan: &mut Wan,
+        load: &mut Load,
+    ) {
         let len = self.stripe_len(g) as u64;
         let mut holders = Holders::new(MAX_LOCAL_DEPTH);
-        let entry = if view.confirmed.is_empty() {
-            // The first stripe enters through the best entry (the leader, if any); the others
-            // through the entry with the most upload to spare so far.
-            let e = if g == 0 {
-                view.entries.first().copied()
-            } else {
-                view.entries.iter().copied().min_by_key(|&e| {
-                    (
-                        (((load.served[e as usize] + len) as u128) << 24)
-                            / self.eff_up(e).max(1) as u128,
-                        e,
-                    )
-                })
-            };
-            let Some(e) = e else {
-                // Nobody here may serve: every participant fetches across the WAN.
-                for &f in &view.fetchers {
-                    let h = self.wan_source(f, g, wan, load);
-                    self.assign(f, g, h, load);
-                }
-                return;
-            };
-            let h = self.wan_source(e, g, wan, load);
-            self.assign(e, g, h, load);
-            holders.base_depth = load.depth[e as usize];
-            holders.push(self, e, len, load);
-            Some(e)
-        } else {
-            for &c in &view.confirmed {
-                holders.push(self, c, len, load);
+        match entry {
+            Some(e) => {
+                holders.base_depth = load.depth[e as usize];
+                holders.push(self, e, len, load);
             }
-            None
-        };
-        // Servers first (rotated per stripe, so each stripe's tree starts elsewhere), then leaves.
+            None => {
+                for &c in &view.confirmed {
+                    holders.push(self, c, len, load);
+                }
+            }
+        }
+        // Servers first, fastest first (equal ones rotated per stripe, so each stripe's tree
+        // starts elsewhere), then leaves.
         let (mut servers, leaves): (Vec<u32>, Vec<u32>) = view
             .fetchers
             .iter()
@@ -297,6 +365,7 @@ impl RelayPlan {
         if !servers.is_empty() {
             let at = g % servers.len();
             servers.rotate_left(at);
+            servers.sort_by_key(|&f| Reverse(self.eff_up(f)));
         }
         for f in servers.into_iter().chain(leaves) {
             let h = match self.local_source(f, g, &mut holders, load) {
@@ -307,10 +376,10 @@ impl RelayPlan {
             holders.push(self, f, len, load);
         }
         // This segment's holders of the stripe near where it entered may now serve segments
-        // ranked later (deeper ones would only make longer chains).
+        // without servers (deeper ones would only make longer chains).
         let near = holders.base_depth.saturating_add(1);
         for &f in &view.fetchers {
-            if self.cap(f) > 0 && load.depth[f as usize] <= near {
+            if Some(f) != entry && self.cap(f) > 0 && load.depth[f as usize] <= near {
                 wan.holders.push(self, f, len, load);
             }
         }
