@@ -50,6 +50,10 @@ pub struct LabArgs {
     /// Give up if the job has not finished after this many seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
+    /// Chunk requests in flight per source, passed to every agent as `--window`
+    /// (default: the agent's own default).
+    #[arg(long)]
+    pub agent_window: Option<u16>,
 }
 
 /// Reads `MIN..MAX` (milliseconds).
@@ -184,6 +188,9 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
         if !args.tc_only {
             cmd.args(["--up-bps", &profile.agent_up_bps[i].to_string()]);
             cmd.args(["--down-bps", &profile.agent_down_bps[i].to_string()]);
+        }
+        if let Some(window) = args.agent_window {
+            cmd.args(["--window", &window.to_string()]);
         }
         fleet.start_agent(&exe, id, cmd)?;
     }
