@@ -347,6 +347,10 @@ pub struct Fleet {
     agents: Vec<AgentNode>,
     ids: HashMap<AgentId, usize>,
     manager: ManagerNode,
+    /// Per node (the manager first): its incarnation and whether it runs, copied
+    /// from `manager` and `agents` so that the check of every frame in flight
+    /// reads 8 bytes instead of a whole agent node (a cache miss at 10 000 agents).
+    node_state: Vec<(u32, bool)>,
     conns: Vec<Conn>,
     free_conns: Vec<u32>,
     frames: Vec<Option<Frame>>,
@@ -513,6 +517,7 @@ impl Fleet {
             agents,
             ids,
             manager,
+            node_state: vec![(0, true); n + 1],
             conns: Vec::new(),
             free_conns: Vec::new(),
             frames: Vec::new(),
@@ -757,19 +762,21 @@ impl Fleet {
     }
 
     fn node_inc(&self, n: usize) -> u32 {
-        if n == MANAGER {
-            self.manager.inc
-        } else {
-            self.agents[n - 1].inc
-        }
+        self.node_state[n].0
     }
 
     fn node_alive(&self, n: usize) -> bool {
-        if n == MANAGER {
-            self.manager.engine.is_some()
+        self.node_state[n].1
+    }
+
+    /// Copies node `n`'s incarnation and liveness into `node_state`.
+    fn sync_node_state(&mut self, n: usize) {
+        self.node_state[n] = if n == MANAGER {
+            (self.manager.inc, self.manager.engine.is_some())
         } else {
-            self.agents[n - 1].agent.is_some()
-        }
+            let node = &self.agents[n - 1];
+            (node.inc, node.agent.is_some())
+        };
     }
 
     fn new_conn(&mut self, a: End, b: End) -> u32 {
@@ -1715,6 +1722,7 @@ impl Fleet {
         let Some(mut agent) = self.agents[k].agent.take() else {
             return;
         };
+        self.sync_node_state(agent_node(k));
         self.stats.crashes += 1;
         let store = std::mem::take(agent.store_mut());
         drop(agent);
@@ -1734,6 +1742,7 @@ impl Fleet {
                 self.live_unconfirmed -= 1;
             }
         }
+        self.sync_node_state(agent_node(k));
     }
 
     fn restart_agent(&mut self, k: usize) {
@@ -1745,6 +1754,7 @@ impl Fleet {
         node.agent = Some(Box::new(Agent::new(node.config.clone(), store)));
         node.backoff = BACKOFF_MIN;
         let inc = node.inc;
+        self.sync_node_state(agent_node(k));
         self.push(
             self.now,
             Ev::Dial {
@@ -1758,12 +1768,14 @@ impl Fleet {
         if self.manager.engine.take().is_none() {
             return;
         }
+        self.sync_node_state(MANAGER);
         for (c, side) in self.open_conns_of(MANAGER) {
             self.close_from(c, side);
         }
         self.manager.inc += 1;
         self.manager.timer = None;
         self.manager.sessions.iter_mut().for_each(|s| *s = None);
+        self.sync_node_state(MANAGER);
     }
 
     fn restart_manager(&mut self) {
@@ -1800,6 +1812,7 @@ impl Fleet {
             engine.resume_job(now, self.manager.spec.clone(), parts);
         }
         self.manager.engine = Some(engine);
+        self.sync_node_state(MANAGER);
         self.drain_engine();
     }
 }

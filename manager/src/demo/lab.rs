@@ -49,6 +49,10 @@ pub struct LabArgs {
     /// Give up if the job has not finished after this many seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
+    /// Chunk requests in flight per source, passed to every agent as `--window`
+    /// (default: the agent's own default).
+    #[arg(long)]
+    pub agent_window: Option<u16>,
 }
 
 /// Reads `MIN..MAX` (milliseconds).
@@ -170,6 +174,9 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
         cmd.args(["agent", "--listen", &format!("{}:{AGENT_PORT}", node.ip)]);
         if !args.tc_only {
             setup.profile.cap_agent(&mut cmd, i);
+        }
+        if let Some(window) = args.agent_window {
+            cmd.args(["--window", &window.to_string()]);
         }
         cmd
     })?;
