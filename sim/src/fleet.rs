@@ -48,7 +48,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::content::{REAL_CHUNK, Truth};
-use crate::net::{Link, MANAGER, Net, Route, Step, Wan};
+use crate::net::{MANAGER, Net, Route, Step};
 use crate::queue::EventQueue;
 use crate::scenario::{Built, Fault, Scenario};
 use crate::store::RamStore;
@@ -410,26 +410,7 @@ impl Fleet {
             scenario.chunks.max(1),
             scenario.virtual_chunk(),
         ));
-        let mut links = vec![Link {
-            up: scenario.manager_up,
-            down: scenario.manager_down,
-            latency: scenario.manager_latency,
-            segment: None,
-        }];
-        links.extend(built.agents.iter().map(|a| Link {
-            up: a.up,
-            down: a.down,
-            latency: a.latency,
-            segment: a.segment,
-        }));
-        let wans = (0..scenario.segments)
-            .map(|_| Wan {
-                up: scenario.wan_up,
-                down: scenario.wan_down,
-                latency: scenario.wan_latency,
-            })
-            .collect();
-        let net = Net::new(links, wans);
+        let net = built.network(scenario);
 
         let mut agents = Vec::with_capacity(built.agents.len());
         let mut ids = HashMap::with_capacity(built.agents.len());

@@ -10,6 +10,8 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::net::{Link, Net, Wan};
+
 /// How many faults of each kind a run injects, and when.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FaultConfig {
@@ -492,6 +494,30 @@ pub struct Built {
 }
 
 impl Built {
+    /// The modelled network of this fleet: the manager's link first, then each agent's, and the segments' WAN links.
+    pub fn network(&self, scenario: &Scenario) -> Net {
+        let mut links = vec![Link {
+            up: scenario.manager_up,
+            down: scenario.manager_down,
+            latency: scenario.manager_latency,
+            segment: None,
+        }];
+        links.extend(self.agents.iter().map(|a| Link {
+            up: a.up,
+            down: a.down,
+            latency: a.latency,
+            segment: a.segment,
+        }));
+        let wans = (0..scenario.segments)
+            .map(|_| Wan {
+                up: scenario.wan_up,
+                down: scenario.wan_down,
+                latency: scenario.wan_latency,
+            })
+            .collect();
+        Net::new(links, wans)
+    }
+
     /// When the last fault has healed (relative to the job start).
     pub fn healed_at(&self) -> Duration {
         self.faults.iter().map(Fault::end).max().unwrap_or_default()

@@ -24,7 +24,7 @@ use std::time::Duration;
 use baton_manager::planner::{Policy, Profile, prioritize};
 use baton_protocol::{AgentId, LinkInfo, PeerAddr};
 
-use crate::net::{Link, MANAGER, Net, Route, Step, Wan};
+use crate::net::{MANAGER, Net, Route, Step};
 use crate::queue::EventQueue;
 use crate::report::StrategyResult;
 use crate::scenario::{Built, Scenario};
@@ -110,29 +110,11 @@ struct Run<'a> {
 
 impl<'a> Run<'a> {
     fn new(scenario: &'a Scenario, built: &'a Built) -> Self {
-        let mut links = vec![Link {
-            up: scenario.manager_up,
-            down: scenario.manager_down,
-            latency: scenario.manager_latency,
-            segment: None,
-        }];
-        links.extend(built.agents.iter().map(|a| Link {
-            up: a.up,
-            down: a.down,
-            latency: a.latency,
-            segment: a.segment,
-        }));
-        let wans = (0..scenario.segments)
-            .map(|_| Wan {
-                up: scenario.wan_up,
-                down: scenario.wan_down,
-                latency: scenario.wan_latency,
-            })
-            .collect();
+        let net = built.network(scenario);
         Run {
             scenario,
             built,
-            net: Net::new(links, wans),
+            net,
             queue: EventQueue::new(),
             now: Duration::ZERO,
             frames: Vec::new(),
