@@ -424,34 +424,7 @@ impl AgentProc {
 
     /// Starts agent `name` under `root/name`, enrolling with a fresh one-time token.
     pub fn spawn(m: &Manager, root: &Path, name: &str, extra: &[&str]) -> Self {
-        let (status, token) = m.api("POST", "/api/v1/enrolment-tokens", None);
-        assert_eq!(status, 201);
-        let dir = root.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_baton"))
-            .arg("agent")
-            .args(["--manager", &m.agent_addr().to_string()])
-            .args(["--manager-key", &m.info.manager_key])
-            .args(["--id", name])
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .args(["--token", token["token"].as_str().unwrap()])
-            .args(["--listen", "127.0.0.1:0"])
-            .arg("--export")
-            .arg(dir.join("out"))
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start baton agent");
-        AgentProc {
-            child,
-            dir,
-            name: name.to_string(),
-        }
+        Self::spawn_custom(m, root, name, &m.agent_addr().to_string(), true, extra)
     }
 
     /// Waits until the agent exported content equal to `expected`.
