@@ -256,7 +256,9 @@ pub struct AgentConfig {
     /// Most distinct sources (the manager included) the agent reports it can use for
     /// one job; capped at [`MAX_SOURCE_SLOTS`]. A device with few connection slots says so here.
     pub max_sources: u16,
-    /// Chunk requests in flight per source (1..=[`MAX_WINDOW`]).
+    /// Chunk requests in flight per source (1..=[`MAX_WINDOW`]); twice as many (at most
+    /// [`MAX_WINDOW`]) to a source whose chunks this agent relays to peers, so that its
+    /// requests reach the source ahead of those of agents that only consume.
     pub window: u16,
     /// Link capacity and reliability as known.
     pub link: LinkInfo,
@@ -366,6 +368,9 @@ struct SourceSlot {
     not_yet_since: Option<Duration>,
     disconnects: u8,
     received_delta: u64,
+    /// Peers ask this agent for chunks of this source's ranges: it relays them, so it asks
+    /// its source further ahead (twice the window).
+    relayed: bool,
 }
 
 impl SourceSlot {
@@ -379,6 +384,7 @@ impl SourceSlot {
             not_yet_since: None,
             disconnects: 0,
             received_delta: 0,
+            relayed: false,
         }
     }
 
@@ -1529,6 +1535,14 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             self.reply(refuse(Refusal::Unknown));
             return;
         }
+        if conn != ConnId::MANAGER
+            && let Some(j) = self.jobs.iter_mut().find(|j| j.manifest.root == root)
+        {
+            let slot = j.ranges.get(j.owner(index)).map(|r| r.slot as usize);
+            if let Some(s) = slot.and_then(|s| j.sources.get_mut(s)) {
+                s.relayed = true;
+            }
+        }
         match self.store.is_verified(&root, index) {
             Ok(true) => self.reply(Reply::Chunk { conn, root, index }),
             Ok(false) if self.fetching(&root) => {
@@ -2119,6 +2133,11 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             }
             for sp in 0..self.jobs[jp].sources.len() {
                 let slot = &self.jobs[jp].sources[sp];
+                let window = if slot.relayed {
+                    (2 * window).min(MAX_WINDOW)
+                } else {
+                    window
+                };
                 if slot.avoided.is_some() || slot.in_flight.len() >= window {
                     continue;
                 }
@@ -2796,6 +2815,26 @@ mod test {
                 index: 9,
                 reason: Refusal::NotYet
             }
+        );
+    }
+
+    #[test]
+    fn a_relay_asks_its_source_twice_as_far_ahead() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 20 * 1024);
+        let root = c.manifest.root;
+        w.fetch(&c, 1, &[]);
+        // Window of 4 from the manager.
+        assert_eq!(requests(&w.drain()).len(), 4);
+        // A peer asks for a chunk of the manager's range: this agent relays that range …
+        let b = incoming(&mut w, 1, "b");
+        w.frame(b, &request(root, 1)).unwrap();
+        // … so it keeps 8 requests in flight to the manager.
+        let more = requests(&w.drain());
+        assert_eq!(
+            more,
+            [4, 5, 6, 7].map(|i| (ConnId::MANAGER, i)),
+            "four more requests, in index order"
         );
     }
 

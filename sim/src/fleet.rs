@@ -369,6 +369,8 @@ pub struct Fleet {
     /// Node whose every frame is traced.
     watch: Option<usize>,
     same_time: u64,
+    /// With `BATON_SIM_CRITICAL`: per `(agent, chunk)`, who delivered it and when.
+    arrivals: Option<HashMap<(usize, u32), (usize, Duration)>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -515,6 +517,7 @@ impl Fleet {
             trace: false,
             watch: None,
             same_time: 0,
+            arrivals: std::env::var_os("BATON_SIM_CRITICAL").map(|_| HashMap::new()),
         };
         for k in 0..n {
             // Agents start within the first 100 ms.
@@ -634,6 +637,9 @@ impl Fleet {
                 missing.join(", ")
             ));
         }
+        if self.arrivals.is_some() {
+            self.print_critical_path();
+        }
         let start = JOB_START;
         let completion = self
             .agents
@@ -657,6 +663,68 @@ impl Fleet {
             stats: std::mem::take(&mut self.stats),
             uploaded,
             up_rates,
+        }
+    }
+
+    /// Prints, for `BATON_SIM_CRITICAL`, the path by which the last agent's last chunk
+    /// came from the manager: every hop with its sender's link and the time it took.
+    fn print_critical_path(&self) {
+        let Some(arrivals) = &self.arrivals else {
+            return;
+        };
+        let start = JOB_START;
+        let last_chunk = |k: usize| {
+            arrivals
+                .iter()
+                .filter(|((a, _), _)| *a == k)
+                .max_by_key(|(_, (_, t))| *t)
+                .map(|((_, c), &(from, t))| (*c, from, t))
+        };
+        let mut by_done: Vec<(Duration, usize)> = self
+            .agents
+            .iter()
+            .enumerate()
+            .filter_map(|(k, a)| a.complete_at.map(|t| (t, k)))
+            .collect();
+        by_done.sort();
+        let link = |n: usize| self.net.link(n);
+        for &(done, k) in by_done.iter().rev().take(3) {
+            let Some((chunk, mut from, mut t)) = last_chunk(k) else {
+                continue;
+            };
+            eprintln!(
+                "critical path of {} (done {:.3}s), last chunk {chunk}:",
+                self.agents[k].id,
+                done.saturating_sub(start).as_secs_f64()
+            );
+            let mut node = k + 1;
+            for _ in 0..64 {
+                let prev = if from == MANAGER {
+                    None
+                } else {
+                    arrivals.get(&(from - 1, chunk)).copied()
+                };
+                let since = prev.map_or(start, |(_, pt)| pt);
+                eprintln!(
+                    "  {:>8} -> {:>8} at {:.3}s (+{:5.1} ms; sender up {:.1} MB/s, uploads {:.2} T*, lat {:.1}+{:.1} ms)",
+                    self.node_name(from),
+                    self.node_name(node),
+                    t.saturating_sub(start).as_secs_f64(),
+                    t.saturating_sub(since).as_secs_f64() * 1e3,
+                    link(from).up as f64 / 1e6,
+                    self.net.uploaded(from) as f64
+                        / link(from).up.max(1) as f64
+                        / self.built.lower_bound,
+                    link(from).latency.as_secs_f64() * 1e3,
+                    link(node).latency.as_secs_f64() * 1e3,
+                );
+                let Some((pf, pt)) = prev else {
+                    break;
+                };
+                node = from;
+                from = pf;
+                t = pt;
+            }
         }
     }
 
@@ -1000,6 +1068,15 @@ impl Fleet {
                     brief(&frame.bytes)
                 ));
             }
+        }
+        if let Some(arrivals) = self.arrivals.as_mut()
+            && to.node != MANAGER
+            && let Ok(Message::Chunk { index, .. }) = Message::decode(&frame.bytes)
+        {
+            let from = self.conns[conn as usize].ends[dir].node;
+            arrivals
+                .entry((to.node - 1, index))
+                .or_insert((from, self.now));
         }
         if to.node == MANAGER {
             let agent = self.conns[conn as usize].ends[dir].node - 1;

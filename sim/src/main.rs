@@ -19,10 +19,11 @@ use serde_json::json;
 /// Errors of the binary are messages for people.
 type Result<T> = std::result::Result<T, String>;
 
-/// Agent × chunk transfers above which the default chunk count is lowered (keeps a
-/// 10 000-agent run near a minute of CPU: the simulator's cost is per chunk transfer, about
-/// 20 µs each). Fewer chunks cost ratio: every hop of a stripe's tree lags about one chunk.
-const DEFAULT_WORK: u64 = 3_000_000;
+/// Agent × chunk transfers above which the default chunk count is lowered: 1024 chunks
+/// (32 MiB) up to 10 240 agents, about 2.5 minutes of CPU at 10 000 (the simulator's cost is
+/// per chunk transfer, about 14 µs each). Fewer chunks cost ratio: every hop of a stripe's
+/// tree lags its parent by up to one chunk per fetcher of that parent.
+const DEFAULT_WORK: u64 = 10_485_760;
 
 const ABOUT: &str = "Deterministic simulation of a Baton fleet: the real agents and the real manager \
 engine over a modelled network, compared with the Kumar-Ross lower bound and with baseline strategies.";
@@ -67,8 +68,8 @@ struct Args {
     /// Virtual content size S [default: chunks × 32KiB, the protocol's largest chunk].
     #[arg(long, value_parser = parse_bytes)]
     content_size: Option<u64>,
-    /// Chunks (each 256 real bytes) [default: 1024, fewer above 2929 agents so that
-    /// agents × chunks ≤ 3 M (300 at 10 000 agents), at least 128].
+    /// Chunks (each 256 real bytes) [default: 1024, fewer above 10 240 agents so that
+    /// agents × chunks ≤ 10 Mi (1024 at 10 000 agents), at least 128].
     #[arg(long)]
     chunks: Option<u32>,
     /// Least agent upload (agent uploads are log-uniform between min and max).

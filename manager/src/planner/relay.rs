@@ -42,11 +42,12 @@ use segments::SegmentServers;
 /// Parent value: the manager.
 const MANAGER: u32 = u32::MAX;
 
-/// What the manager brings to one stripe: its upload and how many fetchers it may serve
-/// directly beyond seeding the stripe ([`Policy::manager_max_copies`]).
+/// What the manager brings to one stripe: its share of its upload (in proportion to the
+/// stripe's group upload) and how many fetchers it may serve directly beyond seeding the
+/// stripe ([`Policy::manager_max_copies`]).
 #[derive(Clone, Copy, Debug)]
 struct ManagerBudget {
-    up: u128,
+    share: u128,
     extra: u128,
 }
 /// Parent value: nothing assigned (the node is offline, confirmed or failed).
@@ -255,6 +256,188 @@ fn apportion(total: u32, weights: &[u128]) -> Vec<u32> {
     sizes
 }
 
+/// Groups, stripe lengths and whole-number quotas that give every server about the same
+/// upload time (a flat fleet).
+///
+/// A server's fair share of a stripe's fetchers, `y`, is rarely a whole number;
+/// rounding it alone leaves a slow server (y ≈ 2.4) up to 25 % over or under its
+/// share, and the most loaded server of a stripe paces everything below it. So the
+/// servers are sorted by how far their rounded quota is above their share
+/// (`q / y`) and cut into `k` groups of about one stripe's fetchers each; inside a
+/// group the quotas are the least-maximum apportionment of the stripe's fetchers;
+/// and every stripe is made shorter the more its most loaded member is over (its
+/// length is the least-maximum apportionment of the chunks by that load). A
+/// server's load, `q · stripe length`, then matches its upload closely whatever its
+/// rounding. A few passes re-sort and re-cut by the new quotas; the best is kept.
+struct Balanced {
+    /// Per group, its members in priority order.
+    members: Vec<Vec<u32>>,
+    /// Per group, its stripe's length in chunks.
+    sizes: Vec<u32>,
+    /// Per node, its quota of fetchers in its group's stripe (0 if it is no member).
+    quotas: Vec<u32>,
+}
+
+/// One pass of [`balance`]: groups (indices into its `servers`), stripe lengths, quotas, and
+/// the largest `worst ratio · stripe length` it leads to.
+struct Candidate {
+    load: u128,
+    groups: Vec<Vec<usize>>,
+    sizes: Vec<u32>,
+    quota: Vec<u32>,
+}
+
+/// Refinement passes of [`balance`].
+const BALANCE_PASSES: usize = 3;
+
+/// Splits `total` chunks into `k = costs.len()` parts (each at least 1, `total >= k`) so
+/// that the largest `cost · part` is least.
+fn apportion_min_max(total: u32, costs: &[u128]) -> Vec<u32> {
+    let weights: Vec<u128> = costs.iter().map(|&c| (1u128 << 96) / c.max(1)).collect();
+    let sum: u128 = weights.iter().sum::<u128>().max(1);
+    let rest = (total as usize - costs.len()) as u128;
+    let mut parts: Vec<u32> = weights
+        .iter()
+        .map(|&w| 1 + (rest * w / sum) as u32)
+        .collect();
+    let given: u32 = parts.iter().sum();
+    let mut heap: BinaryHeap<Reverse<(u128, usize)>> = (0..costs.len())
+        .map(|g| Reverse((costs[g] * (parts[g] as u128 + 1), g)))
+        .collect();
+    for _ in given..total {
+        let Reverse((_, g)) = heap.pop().expect("k >= 1 parts");
+        parts[g] += 1;
+        heap.push(Reverse((costs[g] * (parts[g] as u128 + 1), g)));
+    }
+    parts
+}
+
+/// Computes [`Balanced`] for `servers` given as `(node, upload, capacity)` in priority
+/// order, `consumers` fetchers per stripe; `None` if the fleet is too small to gain from it.
+fn balance(
+    k: usize,
+    chunks: u32,
+    consumers: u32,
+    servers: &[(u32, u128, u32)],
+    node_count: usize,
+) -> Option<Balanced> {
+    if k < 2 || servers.len() < 2 * k || consumers == 0 || chunks < 2 * k as u32 {
+        return None;
+    }
+    let total_up: u128 = servers.iter().map(|s| s.1).sum::<u128>().max(1);
+    let demand = k as u128 * consumers as u128;
+    // Shares in fixed point (1 << 32 = one fetcher of one stripe).
+    let share: Vec<u128> = servers
+        .iter()
+        .map(|&(_, up, _)| ((demand * up) << 32) / total_up)
+        .collect();
+    let cap = |i: usize| servers[i].2;
+    // First quotas: floors, then the largest remainders.
+    let mut quota: Vec<u32> = (0..servers.len())
+        .map(|i| ((share[i] >> 32) as u32).min(cap(i)))
+        .collect();
+    let given: u128 = quota.iter().map(|&q| q as u128).sum();
+    let mut by_remainder: Vec<usize> = (0..servers.len()).filter(|&i| quota[i] < cap(i)).collect();
+    by_remainder.sort_by_key(|&i| (Reverse(share[i] & 0xffff_ffff), i));
+    let extra = demand.saturating_sub(given).min(by_remainder.len() as u128) as usize;
+    for &i in &by_remainder[..extra] {
+        quota[i] += 1;
+    }
+    // Over-share ratio q / y in fixed point (1 << 32 = exactly the share).
+    let ratio = |quota: &[u32], i: usize| ((quota[i] as u128) << 64) / share[i].max(1);
+    let key = |q: u32, i: usize| ((q as u128 + 1) << 64) / share[i].max(1);
+
+    let mut best: Option<Candidate> = None;
+    for _ in 0..BALANCE_PASSES {
+        let mut order: Vec<usize> = (0..servers.len()).filter(|&i| quota[i] > 0).collect();
+        order.sort_by_key(|&i| (Reverse(ratio(&quota, i)), i));
+        let placed: u128 = order.iter().map(|&i| quota[i] as u128).sum();
+        if placed == 0 {
+            break;
+        }
+        let mut groups: Vec<Vec<usize>> = vec![Vec::new(); k];
+        let mut before: u128 = 0;
+        for &i in &order {
+            let q = quota[i] as u128;
+            // The group whose stretch of the cumulative quota holds this server's middle.
+            let g = (((2 * before + q) * k as u128) / (2 * placed)).min(k as u128 - 1) as usize;
+            before += q;
+            groups[g].push(i);
+        }
+        if groups.iter().any(Vec::is_empty) {
+            break;
+        }
+        // Inside a group, the least-maximum apportionment of the stripe's fetchers: floors of
+        // the proportional shares, then one at a time to whoever stays least loaded.
+        for list in &groups {
+            let y: u128 = list.iter().map(|&i| share[i]).sum::<u128>().max(1);
+            for &i in list {
+                quota[i] = ((consumers as u128 * share[i] / y) as u32).min(cap(i));
+            }
+            let sum: u32 = list.iter().map(|&i| quota[i]).sum();
+            let mut heap: BinaryHeap<Reverse<(u128, usize)>> = list
+                .iter()
+                .filter(|&&i| quota[i] < cap(i))
+                .map(|&i| Reverse((key(quota[i], i), i)))
+                .collect();
+            for _ in sum..consumers {
+                let Some(Reverse((_, i))) = heap.pop() else {
+                    break;
+                };
+                quota[i] += 1;
+                if quota[i] < cap(i) {
+                    heap.push(Reverse((key(quota[i], i), i)));
+                }
+            }
+        }
+        let worst: Vec<u128> = groups
+            .iter()
+            .map(|list| {
+                list.iter()
+                    .map(|&i| ratio(&quota, i))
+                    .max()
+                    .unwrap_or(1 << 32)
+            })
+            .collect();
+        let sizes = apportion_min_max(chunks, &worst);
+        let load = (0..k)
+            .map(|g| worst[g] * sizes[g] as u128)
+            .max()
+            .unwrap_or(0);
+        if best.as_ref().is_none_or(|b| load < b.load) {
+            best = Some(Candidate {
+                load,
+                groups,
+                sizes,
+                quota: quota.clone(),
+            });
+        }
+    }
+    let Candidate {
+        groups,
+        sizes,
+        quota,
+        ..
+    } = best?;
+    let members: Vec<Vec<u32>> = groups
+        .iter()
+        .map(|list| {
+            let mut m: Vec<u32> = list.iter().map(|&i| servers[i].0).collect();
+            m.sort_unstable();
+            m
+        })
+        .collect();
+    let mut quotas = vec![0; node_count];
+    for (i, &(node, _, _)) in servers.iter().enumerate() {
+        quotas[node as usize] = quota[i];
+    }
+    Some(Balanced {
+        members,
+        sizes,
+        quotas,
+    })
+}
+
 impl RelayPlan {
     /// Builds the plan for content of `chunks` chunks among `seeds` (in priority order).
     ///
@@ -315,61 +498,92 @@ impl RelayPlan {
             (servers.len() + absent).min(by_capacity).clamp(1, max_k)
         };
 
-        // Groups. First, on each named segment, the fastest servers (up to one per group) go
-        // to distinct groups, so every stripe can enter the segment once and fan out inside
-        // it. Then the rest, fastest first, each to the group with the least upload so far
-        // (longest processing time first: it balances the groups' upload).
-        let mut members: Vec<Vec<u32>> = vec![Vec::new(); k];
-        let mut sums: Vec<u128> = vec![0; k];
-        let mut on_segment: HashMap<u32, Vec<u32>> = HashMap::new();
-        for &i in &servers {
-            let seg = nodes[i as usize].info.segment;
-            if seg != 0 {
-                on_segment.entry(seg).or_default().push(i);
+        let flat = !nodes
+            .iter()
+            .any(|n| n.info.segment != 0 && (n.online || n.confirmed));
+        // Balanced groups when the manager only seeds the stripes (its own share of the
+        // fetchers is planned by the proportional quotas below).
+        let balanced = if relay && flat && policy.manager_max_copies < 2.0 {
+            let list: Vec<(u32, u128, u32)> = servers
+                .iter()
+                .map(|&i| {
+                    let cap = nodes[i as usize].info.capacity as u32;
+                    (i, eff(i), cap)
+                })
+                .collect();
+            let consumers = fetchers.len().saturating_sub(1) as u32;
+            balance(k, chunks, consumers, &list, nodes.len())
+        } else {
+            None
+        };
+        let (members, group_up, sizes) = match &balanced {
+            Some(b) => {
+                let group_up: Vec<u128> = b
+                    .members
+                    .iter()
+                    .map(|m| m.iter().map(|&i| eff(i)).sum())
+                    .collect();
+                (b.members.clone(), group_up, b.sizes.clone())
             }
-        }
-        let mut segments: Vec<(u32, Vec<u32>)> = on_segment.into_iter().collect();
-        segments.sort_by_key(|(seg, list)| (Reverse(list.len()), *seg));
-        let mut placed = vec![false; nodes.len()];
-        for (_, mut list) in segments {
-            list.sort_by_key(|&i| (Reverse(eff(i)), i));
-            let mut used = vec![false; k];
-            for &i in list.iter().take(k) {
-                let g = (0..k)
-                    .filter(|&g| !used[g])
-                    .min_by_key(|&g| (sums[g], g))
-                    .expect("at most k servers per segment here");
-                used[g] = true;
-                members[g].push(i);
-                sums[g] += eff(i);
-                placed[i as usize] = true;
+            None => {
+                // Groups. First, on each named segment, the fastest servers (up to one per group) go
+                // to distinct groups, so every stripe can enter the segment once and fan out inside
+                // it. Then the rest, fastest first, each to the group with the least upload so far
+                // (longest processing time first: it balances the groups' upload).
+                let mut members: Vec<Vec<u32>> = vec![Vec::new(); k];
+                let mut sums: Vec<u128> = vec![0; k];
+                let mut on_segment: HashMap<u32, Vec<u32>> = HashMap::new();
+                for &i in &servers {
+                    let seg = nodes[i as usize].info.segment;
+                    if seg != 0 {
+                        on_segment.entry(seg).or_default().push(i);
+                    }
+                }
+                let mut segments: Vec<(u32, Vec<u32>)> = on_segment.into_iter().collect();
+                segments.sort_by_key(|(seg, list)| (Reverse(list.len()), *seg));
+                let mut placed = vec![false; nodes.len()];
+                for (_, mut list) in segments {
+                    list.sort_by_key(|&i| (Reverse(eff(i)), i));
+                    let mut used = vec![false; k];
+                    for &i in list.iter().take(k) {
+                        let g = (0..k)
+                            .filter(|&g| !used[g])
+                            .min_by_key(|&g| (sums[g], g))
+                            .expect("at most k servers per segment here");
+                        used[g] = true;
+                        members[g].push(i);
+                        sums[g] += eff(i);
+                        placed[i as usize] = true;
+                    }
+                }
+                let mut by_up: Vec<u32> = servers
+                    .iter()
+                    .copied()
+                    .filter(|&i| !placed[i as usize])
+                    .collect();
+                by_up.sort_by_key(|&i| (Reverse(eff(i)), i));
+                let mut heap: BinaryHeap<Reverse<(u128, usize)>> =
+                    (0..k).map(|g| Reverse((sums[g], g))).collect();
+                for i in by_up {
+                    let Reverse((sum, g)) = heap.pop().expect("k >= 1 groups");
+                    members[g].push(i);
+                    heap.push(Reverse((sum + eff(i), g)));
+                }
+                for m in &mut members {
+                    m.sort_unstable();
+                }
+                let group_up: Vec<u128> = members
+                    .iter()
+                    .map(|m| m.iter().map(|&i| eff(i)).sum())
+                    .collect();
+                let weights: Vec<u128> = group_up
+                    .iter()
+                    .map(|&u| if u == 0 { default_up as u128 } else { u })
+                    .collect();
+                let sizes = apportion(chunks, &weights);
+                (members, group_up, sizes)
             }
-        }
-        let mut by_up: Vec<u32> = servers
-            .iter()
-            .copied()
-            .filter(|&i| !placed[i as usize])
-            .collect();
-        by_up.sort_by_key(|&i| (Reverse(eff(i)), i));
-        let mut heap: BinaryHeap<Reverse<(u128, usize)>> =
-            (0..k).map(|g| Reverse((sums[g], g))).collect();
-        for i in by_up {
-            let Reverse((sum, g)) = heap.pop().expect("k >= 1 groups");
-            members[g].push(i);
-            heap.push(Reverse((sum + eff(i), g)));
-        }
-        for m in &mut members {
-            m.sort_unstable();
-        }
-        let group_up: Vec<u128> = members
-            .iter()
-            .map(|m| m.iter().map(|&i| eff(i)).sum())
-            .collect();
-        let weights: Vec<u128> = group_up
-            .iter()
-            .map(|&u| if u == 0 { default_up as u128 } else { u })
-            .collect();
-        let sizes = apportion(chunks, &weights);
+        };
         let mut stripes = Vec::with_capacity(k);
         let mut first = 0;
         for s in sizes {
@@ -420,10 +634,13 @@ impl RelayPlan {
         } else {
             for (g, ms) in members.iter().enumerate() {
                 let manager = ManagerBudget {
-                    up: manager_up,
+                    share: (manager_up * group_up[g])
+                        .checked_div(total_up)
+                        .unwrap_or(manager_up),
                     extra,
                 };
-                plan.build_stripe(g, ms, &fetchers, manager, total_up, group_up[g]);
+                let given = balanced.as_ref().map(|b| b.quotas.as_slice());
+                plan.build_stripe(g, ms, &fetchers, manager, group_up[g], given);
             }
         }
         for &f in &fetchers {
@@ -450,11 +667,11 @@ impl RelayPlan {
         ms: &[u32],
         fetchers: &[u32],
         manager: ManagerBudget,
-        total_up: u128,
         group_up: u128,
+        given: Option<&[u32]>,
     ) {
         let ManagerBudget {
-            up: manager_up,
+            share: manager_share,
             extra: manager_extra,
         } = manager;
         let Some(&root) = ms.first() else {
@@ -482,9 +699,6 @@ impl RelayPlan {
         // stays least, so rounding never gives a slow member a whole extra copy to send.
         // holders[0] is the manager, holders[t + 1] is member ms[t].
         let mut quota: Vec<u128> = vec![0; ms.len() + 1];
-        let manager_share = (manager_up * group_up)
-            .checked_div(total_up)
-            .unwrap_or(manager_up);
         let manager_fair = ((consumers.len() as u128 + 1) * manager_share)
             .checked_div(manager_share + group_up)
             .unwrap_or(0);
@@ -496,41 +710,20 @@ impl RelayPlan {
             let ((ca, ua), (cb, ub)) = (room(a), room(b));
             (ca * ub).cmp(&(cb * ua)).then(a.cmp(&b))
         });
-        let mut weight = group_up;
-        let mut uncapped = by_room.len();
-        for (n, &t) in by_room.iter().enumerate() {
-            let (cap, up) = room(t);
-            if weight == 0 || cap * weight > remaining * up {
-                uncapped = n;
-                break;
+        if let Some(given) = given {
+            // Balanced quotas (see [`balance`]); any shortfall goes one fetcher at a time to
+            // the member whose load stays least.
+            let mut placed = 0;
+            for (t, &m) in ms.iter().enumerate() {
+                quota[t + 1] = (given[m as usize] as u128).min(room(t).0);
+                placed += quota[t + 1];
             }
-            quota[t + 1] = cap;
-            remaining -= cap;
-            weight -= up;
-        }
-        // On segments, quotas round up instead: the slack lets more fetchers find a member of
-        // their own segment (a WAN crossing costs more than a slightly uneven load).
-        let segmented = ms.iter().any(|&m| self.nodes[m as usize].info.segment != 0);
-        if weight > 0 {
-            let mut given = 0;
-            for &t in &by_room[uncapped..] {
-                let (cap, up) = room(t);
-                let share = if segmented {
-                    (remaining * up).div_ceil(weight)
-                } else {
-                    remaining * up / weight
-                };
-                quota[t + 1] = share.min(cap);
-                given += quota[t + 1];
-            }
-            // Load key of one more fetcher: (quota + 1) / upload, in fixed point.
             let key = |q: u128, up: u128| ((q + 1) << 64) / up.max(1);
-            let mut heap: BinaryHeap<Reverse<(u128, usize)>> = by_room[uncapped..]
-                .iter()
-                .filter(|&&t| quota[t + 1] < room(t).0)
-                .map(|&t| Reverse((key(quota[t + 1], room(t).1), t)))
+            let mut heap: BinaryHeap<Reverse<(u128, usize)>> = (0..ms.len())
+                .filter(|&t| quota[t + 1] < room(t).0)
+                .map(|t| Reverse((key(quota[t + 1], room(t).1), t)))
                 .collect();
-            let mut left = remaining.saturating_sub(given);
+            let mut left = remaining.saturating_sub(placed);
             while left > 0 {
                 let Some(Reverse((_, t))) = heap.pop() else {
                     break;
@@ -540,6 +733,54 @@ impl RelayPlan {
                 let (cap, up) = room(t);
                 if quota[t + 1] < cap {
                     heap.push(Reverse((key(quota[t + 1], up), t)));
+                }
+            }
+        } else {
+            let mut weight = group_up;
+            let mut uncapped = by_room.len();
+            for (n, &t) in by_room.iter().enumerate() {
+                let (cap, up) = room(t);
+                if weight == 0 || cap * weight > remaining * up {
+                    uncapped = n;
+                    break;
+                }
+                quota[t + 1] = cap;
+                remaining -= cap;
+                weight -= up;
+            }
+            // On segments, quotas round up instead: the slack lets more fetchers find a member of
+            // their own segment (a WAN crossing costs more than a slightly uneven load).
+            let segmented = ms.iter().any(|&m| self.nodes[m as usize].info.segment != 0);
+            if weight > 0 {
+                let mut given = 0;
+                for &t in &by_room[uncapped..] {
+                    let (cap, up) = room(t);
+                    let share = if segmented {
+                        (remaining * up).div_ceil(weight)
+                    } else {
+                        remaining * up / weight
+                    };
+                    quota[t + 1] = share.min(cap);
+                    given += quota[t + 1];
+                }
+                // Load key of one more fetcher: (quota + 1) / upload, in fixed point.
+                let key = |q: u128, up: u128| ((q + 1) << 64) / up.max(1);
+                let mut heap: BinaryHeap<Reverse<(u128, usize)>> = by_room[uncapped..]
+                    .iter()
+                    .filter(|&&t| quota[t + 1] < room(t).0)
+                    .map(|&t| Reverse((key(quota[t + 1], room(t).1), t)))
+                    .collect();
+                let mut left = remaining.saturating_sub(given);
+                while left > 0 {
+                    let Some(Reverse((_, t))) = heap.pop() else {
+                        break;
+                    };
+                    quota[t + 1] += 1;
+                    left -= 1;
+                    let (cap, up) = room(t);
+                    if quota[t + 1] < cap {
+                        heap.push(Reverse((key(quota[t + 1], up), t)));
+                    }
                 }
             }
         }
@@ -1350,6 +1591,51 @@ mod test {
         assert!(plan.served_chunks(Holder::Manager) > 20 * 1000);
     }
 
+    /// Servers with log-uniform uploads of 1–8 MB/s (the simulator's default fleet).
+    fn log_uniform_fleet(n: usize) -> (Vec<Seed>, Vec<u64>) {
+        let mut x: u64 = 12345;
+        let ups: Vec<u64> = (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let f = (x >> 11) as f64 / (1u64 << 53) as f64;
+                (1e6 * 8f64.powf(f)) as u64
+            })
+            .collect();
+        let seeds = ups.iter().map(|&u| server(u, 32)).collect();
+        (seeds, ups)
+    }
+
+    #[test]
+    fn whole_number_quotas_still_give_every_server_its_share() {
+        // Fair shares of 2.4–19 fetchers per stripe: rounding each alone left the busiest
+        // server 8 % over T* (2000 servers, 300 chunks); balanced groups and stripe lengths
+        // keep it within 5 %.
+        for (n, chunks, within) in [(2000, 300, 1.06), (1000, 1024, 1.05), (200, 1024, 1.08)] {
+            let (seeds, ups) = log_uniform_fleet(n);
+            let plan = RelayPlan::build(chunks, 20_000_000, &Policy::default(), &seeds);
+            plan.check().unwrap();
+            assert_covers(&plan);
+            let chunk = 32768.0;
+            let t = plan_time(&plan, chunk, 20_000_000, &ups);
+            let bound = crate::planner::lower_bound_secs(
+                chunks as u64 * chunk as u64,
+                20_000_000,
+                &ups.iter().map(|&u| (u, 64_000_000)).collect::<Vec<_>>(),
+            )
+            .unwrap();
+            eprintln!(
+                "{n} servers, {chunks} chunks: busiest server {:.3} T*",
+                t / bound
+            );
+            assert!(
+                t / bound < within,
+                "{n}/{chunks}: plan {t} s vs bound {bound} s"
+            );
+        }
+    }
+
     /// Planning time for 100 000 participants (run with `--release --ignored`).
     #[test]
     #[ignore]
@@ -1523,8 +1809,10 @@ mod test {
                 "{segments}×{per}: plan {t:.3} s (flat {tf:.3} s), bound {bound:.3} s, {} stripes",
                 plan.stripes().len()
             );
-            // Keeping content inside segments costs (almost) no speed.
-            assert!(t <= tf * 1.1, "plan {t} s vs {tf} s without segments");
+            // Keeping content inside segments costs little speed. (Flat plans balance their
+            // quotas across groups ([`balance`]); segmented ones keep upload-proportional
+            // quotas, which leaves the busiest server up to ~15 % over the flat plan's.)
+            assert!(t <= tf * 1.2, "plan {t} s vs {tf} s without segments");
         }
     }
 
