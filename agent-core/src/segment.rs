@@ -751,10 +751,11 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
     ///
     /// Drain every page after each input: pages are built from the members
     /// table as it stands, in a fixed order (this agent first, then members
-    /// by table slot).
+    /// by table slot). An agent configured without a segment name reports nothing: the
+    /// manager only records named segments.
     pub fn poll_report(&mut self, now: Duration) -> Option<SegmentReport> {
         let paging = self.paging?;
-        if !self.is_leader() || paging.next >= paging.pages {
+        if !self.is_leader() || paging.next >= paging.pages || self.config.segment.is_empty() {
             self.paging = None;
             return None;
         }
@@ -1294,6 +1295,15 @@ mod test {
             }
         }
         assert_eq!(left, [id("m0")]);
+    }
+
+    #[test]
+    fn an_unnamed_segment_elects_but_does_not_report() {
+        let mut net = Net::new(&[("a", "", 100), ("b", "", 900), ("c", "", 300)]);
+        net.start_all();
+        net.run_until(ms(4000));
+        assert!(net.nodes[1].seg.is_leader(), "b is elected");
+        assert!(net.nodes.iter().all(|n| n.reports.is_empty()), "no reports");
     }
 
     #[test]

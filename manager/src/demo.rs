@@ -351,6 +351,8 @@ pub(crate) struct Fleet {
     pub ids: Vec<String>,
     /// The demo directory (logs, data directories).
     pub dir: PathBuf,
+    /// The policy jobs are submitted with, inline (default: the planner's defaults).
+    pub job_policy: Option<Value>,
     agent_addr: String,
     manager_key: String,
 }
@@ -424,6 +426,7 @@ impl Fleet {
             kids,
             ids: Vec::new(),
             dir: dir.to_path_buf(),
+            job_policy: None,
         })
     }
 
@@ -501,15 +504,16 @@ impl Fleet {
         quiet: bool,
         mut on_poll: impl FnMut(&mut Fleet, f64) -> anyhow::Result<()>,
     ) -> anyhow::Result<JobRun> {
-        let job: Value = self.api.post(
-            "/api/v1/jobs",
-            &serde_json::json!({
-                "path": content,
-                "name": "demo",
-                "chunk_size": chunk_size,
-                "targets": { "agents": self.ids },
-            }),
-        )?;
+        let mut request = serde_json::json!({
+            "path": content,
+            "name": "demo",
+            "chunk_size": chunk_size,
+            "targets": { "agents": self.ids },
+        });
+        if let Some(policy) = &self.job_policy {
+            request["policy"] = policy.clone();
+        }
+        let job: Value = self.api.post("/api/v1/jobs", &request)?;
         let job_id = job["id"]
             .as_u64()
             .context("the manager's job answer has no id")?;

@@ -49,10 +49,28 @@ pub struct LabArgs {
     /// Give up if the job has not finished after this many seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
+    /// Most copies of the content the manager sends by plan (policy `manager_max_copies`):
+    /// the lower bound counts the manager's upload (a tenth of the agents' here), so by
+    /// default it sends two copies, not only the one that seeds the stripes (its fair share,
+    /// about three, would leave it no slack to seed the stripes quickly).
+    #[arg(long, default_value_t = 2.0)]
+    pub manager_copies: f64,
+    /// More policy fields for the job, as a JSON object (e.g. `{"max_stripes": 4}`).
+    #[arg(long, value_parser = parse_policy_arg)]
+    pub policy: Option<serde_json::Map<String, serde_json::Value>>,
     /// Chunk requests in flight per source, passed to every agent as `--window`
     /// (default: the agent's own default).
     #[arg(long)]
     pub agent_window: Option<u16>,
+}
+
+/// Reads `--policy`: a JSON object of policy fields.
+fn parse_policy_arg(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err(format!("{s:?} is not a JSON object of policy fields")),
+        Err(e) => Err(format!("{s:?} is not JSON: {e}")),
+    }
 }
 
 /// Reads `MIN..MAX` (milliseconds).
@@ -180,6 +198,9 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
         }
         cmd
     })?;
+    let mut policy = args.policy.clone().unwrap_or_default();
+    policy.insert("manager_max_copies".into(), args.manager_copies.into());
+    fleet.job_policy = Some(serde_json::Value::Object(policy));
     let run = fleet.run_job(&setup.content, args.chunk_size, args.timeout, args.json)?;
     let checked = fleet.check_copies(&run, &setup.source_sha, args.json)?;
     let forwarder_drops = lab.forwarder_drops();

@@ -276,6 +276,8 @@ struct Balanced {
     sizes: Vec<u32>,
     /// Per node, its quota of fetchers in its group's stripe (0 if it is no member).
     quotas: Vec<u32>,
+    /// Fetchers of every stripe the manager serves directly beyond the stripe's root.
+    manager: u32,
 }
 
 /// One pass of [`balance`]: groups (indices into its `servers`), stripe lengths, quotas, and
@@ -313,18 +315,30 @@ fn apportion_min_max(total: u32, costs: &[u128]) -> Vec<u32> {
 }
 
 /// Computes [`Balanced`] for `servers` given as `(node, upload, capacity)` in priority
-/// order, `consumers` fetchers per stripe; `None` if the fleet is too small to gain from it.
+/// order, `consumers` fetchers per stripe, and the manager's budget (its whole upload and the
+/// most fetchers per stripe it may serve beyond the root); `None` if the fleet is too small
+/// to gain from it.
 fn balance(
     k: usize,
     chunks: u32,
     consumers: u32,
     servers: &[(u32, u128, u32)],
+    manager: ManagerBudget,
     node_count: usize,
 ) -> Option<Balanced> {
     if k < 2 || servers.len() < 2 * k || consumers == 0 || chunks < 2 * k as u32 {
         return None;
     }
     let total_up: u128 = servers.iter().map(|s| s.1).sum::<u128>().max(1);
+    // The manager's upload-proportional part of every stripe's fetchers (the root included),
+    // rounded, within its budget; the servers share the rest.
+    let all_up = total_up + manager.share;
+    let fair = ((consumers as u128 + 1) * manager.share + all_up / 2) / all_up;
+    let manager_quota = fair
+        .saturating_sub(1)
+        .min(manager.extra)
+        .min(consumers as u128 / 2) as u32;
+    let consumers = consumers - manager_quota;
     let demand = k as u128 * consumers as u128;
     // Shares in fixed point (1 << 32 = one fetcher of one stripe).
     let share: Vec<u128> = servers
@@ -435,6 +449,7 @@ fn balance(
         members,
         sizes,
         quotas,
+        manager: manager_quota,
     })
 }
 
@@ -503,7 +518,9 @@ impl RelayPlan {
             .any(|n| n.info.segment != 0 && (n.online || n.confirmed));
         // Balanced groups when the manager only seeds the stripes (its own share of the
         // fetchers is planned by the proportional quotas below).
-        let balanced = if relay && flat && policy.manager_max_copies < 2.0 {
+        // Fetchers per stripe the manager may serve directly beyond seeding the stripe.
+        let extra = (policy.manager_max_copies - 1.0).max(0.0).floor() as u128;
+        let balanced = if relay && flat {
             let list: Vec<(u32, u128, u32)> = servers
                 .iter()
                 .map(|&i| {
@@ -512,7 +529,11 @@ impl RelayPlan {
                 })
                 .collect();
             let consumers = fetchers.len().saturating_sub(1) as u32;
-            balance(k, chunks, consumers, &list, nodes.len())
+            let manager = ManagerBudget {
+                share: manager_up_bps as u128,
+                extra,
+            };
+            balance(k, chunks, consumers, &list, manager, nodes.len())
         } else {
             None
         };
@@ -618,8 +639,6 @@ impl RelayPlan {
 
         let total_up: u128 = group_up.iter().sum();
         let manager_up = manager_up_bps as u128;
-        // Fetchers per stripe the manager may serve directly beyond seeding the stripe.
-        let extra = (policy.manager_max_copies - 1.0).max(0.0).floor() as u128;
         plan.segmented = relay
             && plan
                 .nodes
@@ -639,8 +658,7 @@ impl RelayPlan {
                         .unwrap_or(manager_up),
                     extra,
                 };
-                let given = balanced.as_ref().map(|b| b.quotas.as_slice());
-                plan.build_stripe(g, ms, &fetchers, manager, group_up[g], given);
+                plan.build_stripe(g, ms, &fetchers, manager, group_up[g], balanced.as_ref());
             }
         }
         for &f in &fetchers {
@@ -668,7 +686,7 @@ impl RelayPlan {
         fetchers: &[u32],
         manager: ManagerBudget,
         group_up: u128,
-        given: Option<&[u32]>,
+        balanced: Option<&Balanced>,
     ) {
         let ManagerBudget {
             share: manager_share,
@@ -702,7 +720,10 @@ impl RelayPlan {
         let manager_fair = ((consumers.len() as u128 + 1) * manager_share)
             .checked_div(manager_share + group_up)
             .unwrap_or(0);
-        quota[0] = manager_fair.saturating_sub(1).min(manager_extra);
+        quota[0] = match balanced {
+            Some(b) => (b.manager as u128).min(manager_extra),
+            None => manager_fair.saturating_sub(1).min(manager_extra),
+        };
         let mut remaining = consumers.len() as u128 - quota[0].min(consumers.len() as u128);
         let mut by_room: Vec<usize> = (0..ms.len()).collect();
         let room = |t: usize| (self.cap(ms[t]) as u128, self.eff_up(ms[t]) as u128);
@@ -710,7 +731,7 @@ impl RelayPlan {
             let ((ca, ua), (cb, ub)) = (room(a), room(b));
             (ca * ub).cmp(&(cb * ua)).then(a.cmp(&b))
         });
-        if let Some(given) = given {
+        if let Some(given) = balanced.map(|b| b.quotas.as_slice()) {
             // Balanced quotas (see [`balance`]); any shortfall goes one fetcher at a time to
             // the member whose load stays least.
             let mut placed = 0;
