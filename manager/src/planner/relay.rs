@@ -256,6 +256,30 @@ fn apportion(total: u32, weights: &[u128]) -> Vec<u32> {
     sizes
 }
 
+/// Gives `left` more fetchers, one at a time, to the members `ts` (member `t` has quota
+/// `quota[t + 1]`) whose load `(quota + 1) / upload` stays least, within their capacities;
+/// `room(t)` is member `t`'s `(capacity, upload)`.
+fn top_up(quota: &mut [u128], ts: &[usize], mut left: u128, room: impl Fn(usize) -> (u128, u128)) {
+    // Load key of one more fetcher: (quota + 1) / upload, in fixed point.
+    let key = |q: u128, up: u128| ((q + 1) << 64) / up.max(1);
+    let mut heap: BinaryHeap<Reverse<(u128, usize)>> = ts
+        .iter()
+        .filter(|&&t| quota[t + 1] < room(t).0)
+        .map(|&t| Reverse((key(quota[t + 1], room(t).1), t)))
+        .collect();
+    while left > 0 {
+        let Some(Reverse((_, t))) = heap.pop() else {
+            break;
+        };
+        quota[t + 1] += 1;
+        left -= 1;
+        let (cap, up) = room(t);
+        if quota[t + 1] < cap {
+            heap.push(Reverse((key(quota[t + 1], up), t)));
+        }
+    }
+}
+
 /// Groups, stripe lengths and whole-number quotas that give every server about the same
 /// upload time (a flat fleet).
 ///
@@ -337,8 +361,11 @@ fn balance(
     let manager_quota = fair
         .saturating_sub(1)
         .min(manager.extra)
-        .min(consumers as u128 / 2) as u32;
+        .min(consumers as u128) as u32;
     let consumers = consumers - manager_quota;
+    if consumers == 0 {
+        return None;
+    }
     let demand = k as u128 * consumers as u128;
     // Shares in fixed point (1 << 32 = one fetcher of one stripe).
     let share: Vec<u128> = servers
@@ -739,23 +766,8 @@ impl RelayPlan {
                 quota[t + 1] = (given[m as usize] as u128).min(room(t).0);
                 placed += quota[t + 1];
             }
-            let key = |q: u128, up: u128| ((q + 1) << 64) / up.max(1);
-            let mut heap: BinaryHeap<Reverse<(u128, usize)>> = (0..ms.len())
-                .filter(|&t| quota[t + 1] < room(t).0)
-                .map(|t| Reverse((key(quota[t + 1], room(t).1), t)))
-                .collect();
-            let mut left = remaining.saturating_sub(placed);
-            while left > 0 {
-                let Some(Reverse((_, t))) = heap.pop() else {
-                    break;
-                };
-                quota[t + 1] += 1;
-                left -= 1;
-                let (cap, up) = room(t);
-                if quota[t + 1] < cap {
-                    heap.push(Reverse((key(quota[t + 1], up), t)));
-                }
-            }
+            let all: Vec<usize> = (0..ms.len()).collect();
+            top_up(&mut quota, &all, remaining.saturating_sub(placed), room);
         } else {
             let mut weight = group_up;
             let mut uncapped = by_room.len();
@@ -784,25 +796,12 @@ impl RelayPlan {
                     quota[t + 1] = share.min(cap);
                     given += quota[t + 1];
                 }
-                // Load key of one more fetcher: (quota + 1) / upload, in fixed point.
-                let key = |q: u128, up: u128| ((q + 1) << 64) / up.max(1);
-                let mut heap: BinaryHeap<Reverse<(u128, usize)>> = by_room[uncapped..]
-                    .iter()
-                    .filter(|&&t| quota[t + 1] < room(t).0)
-                    .map(|&t| Reverse((key(quota[t + 1], room(t).1), t)))
-                    .collect();
-                let mut left = remaining.saturating_sub(given);
-                while left > 0 {
-                    let Some(Reverse((_, t))) = heap.pop() else {
-                        break;
-                    };
-                    quota[t + 1] += 1;
-                    left -= 1;
-                    let (cap, up) = room(t);
-                    if quota[t + 1] < cap {
-                        heap.push(Reverse((key(quota[t + 1], up), t)));
-                    }
-                }
+                top_up(
+                    &mut quota,
+                    &by_room[uncapped..],
+                    remaining.saturating_sub(given),
+                    room,
+                );
             }
         }
         let holder = |t: usize| if t == 0 { MANAGER } else { ms[t - 1] };
