@@ -292,7 +292,8 @@ fn top_up(quota: &mut [u128], ts: &[usize], mut left: u128, room: impl Fn(usize)
 /// and every stripe is made shorter the more its most loaded member is over (its
 /// length is the least-maximum apportionment of the chunks by that load). A
 /// server's load, `q · stripe length`, then matches its upload closely whatever its
-/// rounding. A few passes re-sort and re-cut by the new quotas; the best is kept.
+/// rounding. A few passes re-sort and re-cut by the new quotas, and one groups the servers
+/// by upload alone (exact when the shares are whole numbers); the best is kept.
 struct Balanced {
     /// Per group, its members in priority order.
     members: Vec<Vec<u32>>,
@@ -313,7 +314,7 @@ struct Candidate {
     quota: Vec<u32>,
 }
 
-/// Refinement passes of [`balance`].
+/// Passes of [`balance`] that cut the servers by over-share ratio (after one by upload).
 const BALANCE_PASSES: usize = 3;
 
 /// Splits `total` chunks into `k = costs.len()` parts (each at least 1, `total >= k`) so
@@ -388,25 +389,47 @@ fn balance(
     let ratio = |quota: &[u32], i: usize| ((quota[i] as u128) << 64) / share[i].max(1);
     let key = |q: u32, i: usize| ((q as u128 + 1) << 64) / share[i].max(1);
 
+    // The first candidate groups the servers by upload alone (fastest first, each to the
+    // group with the least upload so far): where shares are whole numbers (a few rate classes)
+    // that is already exact. The others cut the servers sorted by over-share ratio.
+    let mut by_upload: Vec<usize> = (0..servers.len()).collect();
+    by_upload.sort_by_key(|&i| (Reverse(servers[i].1), i));
+    let mut lightest: BinaryHeap<Reverse<(u128, usize)>> =
+        (0..k).map(|g| Reverse((0, g))).collect();
+    let mut upload_groups: Vec<Vec<usize>> = vec![Vec::new(); k];
+    for i in by_upload {
+        let Reverse((sum, g)) = lightest.pop().expect("k >= 1 groups");
+        upload_groups[g].push(i);
+        lightest.push(Reverse((sum + servers[i].1, g)));
+    }
+    let mut initial = quota.clone();
     let mut best: Option<Candidate> = None;
-    for _ in 0..BALANCE_PASSES {
-        let mut order: Vec<usize> = (0..servers.len()).filter(|&i| quota[i] > 0).collect();
-        order.sort_by_key(|&i| (Reverse(ratio(&quota, i)), i));
-        let placed: u128 = order.iter().map(|&i| quota[i] as u128).sum();
-        if placed == 0 {
-            break;
-        }
-        let mut groups: Vec<Vec<usize>> = vec![Vec::new(); k];
-        let mut before: u128 = 0;
-        for &i in &order {
-            let q = quota[i] as u128;
-            // The group whose stretch of the cumulative quota holds this server's middle.
-            let g = (((2 * before + q) * k as u128) / (2 * placed)).min(k as u128 - 1) as usize;
-            before += q;
-            groups[g].push(i);
-        }
+    for pass in 0..=BALANCE_PASSES {
+        let groups = if pass == 0 {
+            upload_groups.clone()
+        } else {
+            if pass == 1 {
+                quota = std::mem::take(&mut initial);
+            }
+            let mut order: Vec<usize> = (0..servers.len()).filter(|&i| quota[i] > 0).collect();
+            order.sort_by_key(|&i| (Reverse(ratio(&quota, i)), i));
+            let placed: u128 = order.iter().map(|&i| quota[i] as u128).sum();
+            if placed == 0 {
+                break;
+            }
+            let mut groups: Vec<Vec<usize>> = vec![Vec::new(); k];
+            let mut before: u128 = 0;
+            for &i in &order {
+                let q = quota[i] as u128;
+                // The group whose stretch of the cumulative quota holds this server's middle.
+                let g = (((2 * before + q) * k as u128) / (2 * placed)).min(k as u128 - 1) as usize;
+                before += q;
+                groups[g].push(i);
+            }
+            groups
+        };
         if groups.iter().any(Vec::is_empty) {
-            break;
+            continue;
         }
         // Inside a group, the least-maximum apportionment of the stripe's fetchers: floors of
         // the proportional shares, then one at a time to whoever stays least loaded.
@@ -1653,6 +1676,27 @@ mod test {
                 t / bound < within,
                 "{n}/{chunks}: plan {t} s vs bound {bound} s"
             );
+        }
+    }
+
+    #[test]
+    fn rate_classes_that_divide_evenly_plan_exactly() {
+        // The lab's fleet: agent i uploads (i mod 4 + 1) · 512 KiB/s; one copy from the
+        // manager, so the agents upload n - 1 copies between them. With 16 agents every
+        // share is a whole number of fetchers and the plan is exact; with 32 a share is
+        // 3.1 · the agent's class and the busiest agent sends one fetcher more than its share.
+        for (n, within) in [(16usize, 1.001), (32, 1.05)] {
+            let ups: Vec<u64> = (0..n).map(|i| (i as u64 % 4 + 1) * 512 * 1024).collect();
+            let seeds: Vec<Seed> = ups.iter().map(|&u| server(u, 48)).collect();
+            let manager_up = ups.iter().sum::<u64>() / 10;
+            let plan = RelayPlan::build(512, manager_up, &Policy::default(), &seeds);
+            plan.check().unwrap();
+            assert_covers(&plan);
+            let chunk = 32768.0;
+            let t = plan_time(&plan, chunk, manager_up, &ups);
+            let best = (n - 1) as f64 * 512.0 * chunk / ups.iter().sum::<u64>() as f64;
+            eprintln!("{n} agents: plan {t:.3} s, best {best:.3} s");
+            assert!(t <= best * within, "{n} agents: plan {t} s vs {best} s");
         }
     }
 
