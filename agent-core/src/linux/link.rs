@@ -352,6 +352,36 @@ mod test {
         (c.unwrap(), s.unwrap().0)
     }
 
+    /// The agent's and the manager's ends of a link set up over `(c, s)` with the test
+    /// identities (the manager admits anyone), each side with its own limits.
+    async fn linked(
+        c: TcpStream,
+        s: TcpStream,
+        agent_limits: &Limits,
+        manager_limits: &Limits,
+    ) -> (Link<TcpStream>, Link<TcpStream>) {
+        let manager = Identity::from_seed([1; 32]);
+        let agent = Identity::from_seed([2; 32]);
+        let manager_pub = manager.public();
+        let (client, server) = tokio::join!(
+            connect(
+                c,
+                &agent,
+                &manager_pub,
+                hello(Role::Agent, "a1"),
+                agent_limits
+            ),
+            accept(
+                s,
+                &manager,
+                hello(Role::Manager, "m"),
+                manager_limits,
+                |_| Ok(())
+            ),
+        );
+        (client.unwrap(), server.unwrap().0)
+    }
+
     #[tokio::test]
     async fn frames_both_ways_over_loopback() {
         let (c, s) = pair().await;
@@ -472,16 +502,10 @@ mod test {
             let _ = tokio::io::copy(&mut p_out_r, &mut p_in_w).await;
         });
         tokio::spawn(tampering_proxy(p_in_r, p_out_w, tamper));
-        let manager = Identity::from_seed([1; 32]);
-        let agent = Identity::from_seed([2; 32]);
         let limits = Limits::default();
-        let manager_pub = manager.public();
-        let (client, server) = tokio::join!(
-            connect(c, &agent, &manager_pub, hello(Role::Agent, "a1"), &limits),
-            accept(s, &manager, hello(Role::Manager, "m"), &limits, |_| Ok(())),
-        );
-        let (_cr, mut cw) = client.unwrap().split();
-        let (mut sr, _sw) = server.unwrap().0.split();
+        let (client, server) = linked(c, s, &limits, &limits).await;
+        let (_cr, mut cw) = client.split();
+        let (mut sr, _sw) = server.split();
         cw.send(b"a frame worth tampering with").await.unwrap();
         let err = tokio::time::timeout(Duration::from_secs(5), sr.recv())
             .await
@@ -540,16 +564,10 @@ mod test {
     #[tokio::test]
     async fn transport_frame_over_the_readers_limit_is_refused() {
         let (c, s) = pair().await;
-        let manager = Identity::from_seed([1; 32]);
-        let agent = Identity::from_seed([2; 32]);
         let limits = Limits::default();
-        let manager_pub = manager.public();
-        let (client, server) = tokio::join!(
-            connect(c, &agent, &manager_pub, hello(Role::Agent, "a1"), &limits),
-            accept(s, &manager, hello(Role::Manager, "m"), &limits, |_| Ok(())),
-        );
-        let (_cr, mut cw) = client.unwrap().split();
-        let (mut sr, _sw) = server.unwrap().0.split();
+        let (client, server) = linked(c, s, &limits, &limits).await;
+        let (_cr, mut cw) = client.split();
+        let (mut sr, _sw) = server.split();
         sr.set_max_frame(100);
         cw.send(&[1u8; 200]).await.unwrap();
         assert!(matches!(
@@ -564,8 +582,6 @@ mod test {
     /// Sends `secs` seconds' worth of data at `bps` and returns the rate the receiver saw.
     async fn measured_rate(bps: u64, secs: f64, up: bool) -> f64 {
         let (c, s) = pair().await;
-        let manager = Identity::from_seed([1; 32]);
-        let agent = Identity::from_seed([2; 32]);
         let limiter = Some(Arc::new(RateLimiter::new(bps)));
         let capped = Limits {
             up: if up { limiter.clone() } else { None },
@@ -579,25 +595,9 @@ mod test {
         } else {
             (&free, &capped)
         };
-        let manager_pub = manager.public();
-        let (client, server) = tokio::join!(
-            connect(
-                c,
-                &agent,
-                &manager_pub,
-                hello(Role::Agent, "a1"),
-                client_limits
-            ),
-            accept(
-                s,
-                &manager,
-                hello(Role::Manager, "m"),
-                server_limits,
-                |_| Ok(())
-            ),
-        );
-        let (_cr, mut cw) = client.unwrap().split();
-        let (mut sr, _sw) = server.unwrap().0.split();
+        let (client, server) = linked(c, s, client_limits, server_limits).await;
+        let (_cr, mut cw) = client.split();
+        let (mut sr, _sw) = server.split();
         let frame = 16 * 1024;
         let frames = (bps as f64 * secs / frame as f64) as usize;
         let sender = tokio::spawn(async move {
