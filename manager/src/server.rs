@@ -91,6 +91,10 @@ pub struct ReadyInfo {
     pub admin_token: String,
     /// The manager's epoch for this run.
     pub epoch: u32,
+    /// The certificate (PEM) the HTTP API serves, if it speaks HTTPS: a CLI on this host
+    /// trusts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
 }
 
 /// Name of the status file a running manager keeps in its data directory.
@@ -833,6 +837,10 @@ pub async fn serve(
         publisher_key: hex::encode(keys.publisher.public().0),
         admin_token,
         epoch,
+        tls_cert: opts
+            .tls
+            .as_ref()
+            .map(|(cert, _)| std::path::absolute(cert).unwrap_or_else(|_| cert.clone())),
     };
     let status_path = opts.data_dir.join(STATUS_FILE);
     write_ready_file(&status_path, &info)?;

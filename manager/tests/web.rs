@@ -550,6 +550,43 @@ fn https_with_a_self_signed_certificate() {
         plain.is_err() || plain.unwrap().status().as_u16() != 200,
         "plain HTTP must not be served"
     );
+
+    // The CLI on this host: the data directory says https and which certificate to trust.
+    let cli = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_baton"))
+            .arg("agents")
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = cli(&[]);
+    assert!(
+        out.status.success(),
+        "baton agents over https: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Another certificate to trust: the handshake fails and says why.
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let (other_cert, _) = self_signed(&other);
+    let url = format!("https://{addr}");
+    let out = cli(&[
+        "--manager-url",
+        &url,
+        "--ca-cert",
+        other_cert.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("cannot reach manager"), "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    // A file without certificates is refused before any connection.
+    let out = cli(&["--manager-url", &url, "--ca-cert", "/dev/null"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no PEM certificate"), "{err}");
 }
 
 /// One login through the form with a fresh form token; the answer as it comes.

@@ -14,7 +14,7 @@ pub mod serve;
 pub mod show;
 
 use std::io::BufRead;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -34,6 +34,40 @@ pub struct ClientOpts {
     /// The admin bearer token (default: `<data-dir>/admin.token`).
     #[arg(long, env = "BATON_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Certificates (PEM) to trust for an https manager URL (default: the certificate the
+    /// manager in --data-dir serves, else the system's bundle).
+    #[arg(long, env = "BATON_CA_CERT", value_name = "PEM")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// The system's CA bundle (Debian and derivatives).
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// TLS settings that trust the certificates in `pem` (a file of one or more PEM certificates).
+fn tls_trusting(pem: &Path) -> anyhow::Result<ureq::tls::TlsConfig> {
+    let bytes = std::fs::read(pem).with_context(|| {
+        format!(
+            "cannot read the certificates to trust for https, {} — pass --ca-cert",
+            pem.display()
+        )
+    })?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&bytes) {
+        match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+            Ok(_) => {}
+            Err(e) => bail!("{}: not PEM certificates: {e}", pem.display()),
+        }
+    }
+    if certs.is_empty() {
+        bail!("{}: no PEM certificate in it", pem.display());
+    }
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    Ok(ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+        .unversioned_rustls_crypto_provider(provider)
+        .build())
 }
 
 /// An HTTP client of one manager.
@@ -45,15 +79,16 @@ pub struct Client {
 }
 
 /// The URL for an `ip:port` the manager bound (an unspecified address means this host).
-fn url_for(addr: &str) -> String {
+fn url_for(addr: &str, https: bool) -> String {
+    let scheme = if https { "https" } else { "http" };
     match addr.parse::<std::net::SocketAddr>() {
         Ok(mut a) => {
             if a.ip().is_unspecified() {
                 a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
-            format!("http://{a}")
+            format!("{scheme}://{a}")
         }
-        Err(_) => format!("http://{addr}"),
+        Err(_) => format!("{scheme}://{addr}"),
     }
 }
 
@@ -65,7 +100,7 @@ impl Client {
             .and_then(|b| serde_json::from_slice(&b).ok());
         let base = match (&opts.manager_url, &status) {
             (Some(url), _) => url.trim_end_matches('/').to_string(),
-            (None, Some(info)) => url_for(&info.http_addr),
+            (None, Some(info)) => url_for(&info.http_addr, info.tls_cert.is_some()),
             (None, None) => "http://127.0.0.1:7780".to_string(),
         };
         let token = match &opts.admin_token {
@@ -82,15 +117,28 @@ impl Client {
                     })?
             }
         };
+        let tls = if base.starts_with("https://") {
+            let served = status.as_ref().and_then(|i| i.tls_cert.clone());
+            let pem = opts
+                .ca_cert
+                .clone()
+                .or(served)
+                .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE));
+            tls_trusting(&pem)?
+        } else {
+            ureq::tls::TlsConfig::default()
+        };
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(5)))
             .timeout_global(Some(Duration::from_secs(600)))
+            .tls_config(tls.clone())
             .build()
             .into();
         let streaming = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(5)))
+            .tls_config(tls)
             .build()
             .into();
         Ok(Client {
@@ -256,7 +304,8 @@ mod test {
         assert_eq!(format_time(0), "1970-01-01 00:00:00");
         assert_eq!(format_time(1_700_000_000), "2023-11-14 22:13:20");
         assert_eq!(format_time(951_782_400), "2000-02-29 00:00:00");
-        assert_eq!(url_for("0.0.0.0:7780"), "http://127.0.0.1:7780");
-        assert_eq!(url_for("10.0.0.1:80"), "http://10.0.0.1:80");
+        assert_eq!(url_for("0.0.0.0:7780", false), "http://127.0.0.1:7780");
+        assert_eq!(url_for("10.0.0.1:80", false), "http://10.0.0.1:80");
+        assert_eq!(url_for("0.0.0.0:7443", true), "https://127.0.0.1:7443");
     }
 }
