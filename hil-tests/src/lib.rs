@@ -947,12 +947,25 @@ impl Lab {
     }
 
     /// Waits until the job is over (every participant confirmed or failed); returns its detail.
-    pub fn wait_job(&self, m: &ManagerInfo, job: u64, limit: Duration) -> Value {
+    /// A lab process that dies meanwhile (a device's QEMU after a lockup, the manager, an
+    /// agent) fails at once with its log, instead of when the time is up.
+    pub fn wait_job(&mut self, m: &ManagerInfo, job: u64, limit: Duration) -> Value {
         let deadline = Instant::now() + limit;
         loop {
             let detail = self.job(m, job);
             if !matches!(detail["state"].as_str(), Some("pending" | "running")) {
                 return detail;
+            }
+            for p in self.procs.iter_mut().flatten() {
+                if let Ok(Some(status)) = p.child.try_wait()
+                    && !status.success()
+                {
+                    panic!(
+                        "{} exited ({status}) while job {job} ran; its log:\n{}",
+                        p.label,
+                        tail(&read_text(&p.log), 30)
+                    );
+                }
             }
             assert!(
                 Instant::now() < deadline,
