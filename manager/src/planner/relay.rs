@@ -256,6 +256,28 @@ fn apportion(total: u32, weights: &[u128]) -> Vec<u32> {
     sizes
 }
 
+/// Longest processing time first: `items`, largest `up` first (ties by item), each to the
+/// group whose upload `sums` is least so far (ties to the lower group).
+fn fill_lightest<T: Copy + Ord>(
+    groups: &mut [Vec<T>],
+    sums: &mut [u128],
+    mut items: Vec<T>,
+    up: impl Fn(T) -> u128,
+) {
+    items.sort_by_key(|&i| (Reverse(up(i)), i));
+    let mut lightest: BinaryHeap<Reverse<(u128, usize)>> = sums
+        .iter()
+        .enumerate()
+        .map(|(g, &s)| Reverse((s, g)))
+        .collect();
+    for i in items {
+        let Reverse((sum, g)) = lightest.pop().expect("at least one group");
+        groups[g].push(i);
+        sums[g] = sum + up(i);
+        lightest.push(Reverse((sums[g], g)));
+    }
+}
+
 /// Gives `left` more fetchers, one at a time, to the members `ts` (member `t` has quota
 /// `quota[t + 1]`) whose load `(quota + 1) / upload` stays least, within their capacities;
 /// `room(t)` is member `t`'s `(capacity, upload)`.
@@ -392,16 +414,13 @@ fn balance(
     // The first candidate groups the servers by upload alone (fastest first, each to the
     // group with the least upload so far): where shares are whole numbers (a few rate classes)
     // that is already exact. The others cut the servers sorted by over-share ratio.
-    let mut by_upload: Vec<usize> = (0..servers.len()).collect();
-    by_upload.sort_by_key(|&i| (Reverse(servers[i].1), i));
-    let mut lightest: BinaryHeap<Reverse<(u128, usize)>> =
-        (0..k).map(|g| Reverse((0, g))).collect();
     let mut upload_groups: Vec<Vec<usize>> = vec![Vec::new(); k];
-    for i in by_upload {
-        let Reverse((sum, g)) = lightest.pop().expect("k >= 1 groups");
-        upload_groups[g].push(i);
-        lightest.push(Reverse((sum + servers[i].1, g)));
-    }
+    fill_lightest(
+        &mut upload_groups,
+        &mut vec![0; k],
+        (0..servers.len()).collect(),
+        |i| servers[i].1,
+    );
     let mut initial = quota.clone();
     let mut best: Option<Candidate> = None;
     for pass in 0..=BALANCE_PASSES {
@@ -627,19 +646,12 @@ impl RelayPlan {
                         placed[i as usize] = true;
                     }
                 }
-                let mut by_up: Vec<u32> = servers
+                let rest: Vec<u32> = servers
                     .iter()
                     .copied()
                     .filter(|&i| !placed[i as usize])
                     .collect();
-                by_up.sort_by_key(|&i| (Reverse(eff(i)), i));
-                let mut heap: BinaryHeap<Reverse<(u128, usize)>> =
-                    (0..k).map(|g| Reverse((sums[g], g))).collect();
-                for i in by_up {
-                    let Reverse((sum, g)) = heap.pop().expect("k >= 1 groups");
-                    members[g].push(i);
-                    heap.push(Reverse((sum + eff(i), g)));
-                }
+                fill_lightest(&mut members, &mut sums, rest, eff);
                 for m in &mut members {
                     m.sort_unstable();
                 }
