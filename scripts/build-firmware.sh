@@ -43,7 +43,7 @@ step "provisioning tool"
 (cd agent-firmware/tools/provision && env -u CARGO_TARGET_DIR cargo build --release)
 
 step "baton (manager and Linux agent)"
-cargo build --release -p baton-manager --bin baton
+cargo build --release -p baton --bin baton
 
 step "footprint"
 PATH="$PATH:$cargo_bin" agent-firmware/size.sh --boot

@@ -17,7 +17,7 @@
 //! carries every label of the group's selector (an empty selector matches no
 //! one); listed agents must be enrolled.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -30,10 +30,11 @@ use serde_json::{Map, Value, json};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::planner::Policy;
+use baton_manager_core::planner::Policy;
 use crate::registry::{lock, unix_now};
 use crate::server::{ApiError, Manager};
-use crate::store::{AgentRecord, GroupRecord, LeaderChange, PolicyRecord, SegmentRecord};
+use baton_manager_core::groups::resolve_group;
+use crate::store::{GroupRecord, LeaderChange, PolicyRecord, SegmentRecord};
 
 /// Longest group or policy name.
 pub const MAX_NAME: usize = 64;
@@ -149,43 +150,6 @@ pub struct GroupView {
     pub group: GroupRecord,
     /// The enrolled agents it resolves to now, by id.
     pub members: Vec<String>,
-}
-
-/// The labels of an agent, from its latest report.
-pub fn agent_labels(agent: &AgentRecord) -> BTreeMap<String, String> {
-    agent
-        .report
-        .as_ref()
-        .and_then(|r| r.get("labels"))
-        .and_then(Value::as_array)
-        .map(|labels| {
-            labels
-                .iter()
-                .filter_map(|l| {
-                    Some((
-                        l.get("key")?.as_str()?.to_string(),
-                        l.get("value")?.as_str()?.to_string(),
-                    ))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The enrolled agents in `group`: listed, or carrying every selector label; by id.
-pub fn resolve_group(group: &GroupRecord, agents: &[AgentRecord]) -> Vec<String> {
-    let listed: BTreeSet<&str> = group.agents.iter().map(String::as_str).collect();
-    agents
-        .iter()
-        .filter(|a| {
-            listed.contains(a.id.as_str())
-                || (!group.selector.is_empty() && {
-                    let labels = agent_labels(a);
-                    group.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-                })
-        })
-        .map(|a| a.id.clone())
-        .collect()
 }
 
 /// The members of the group `name` now (404 if there is no such group).
@@ -567,56 +531,6 @@ async fn remove_policy(
 #[cfg(test)]
 mod test {
     use super::*;
-    use baton_protocol::types::PublicKey;
-
-    fn agent(id: &str, labels: &[(&str, &str)]) -> AgentRecord {
-        let labels: Vec<Value> = labels
-            .iter()
-            .map(|(k, v)| json!({ "key": k, "value": v }))
-            .collect();
-        AgentRecord {
-            id: id.into(),
-            key: PublicKey([1; 32]),
-            enrolled_at: 0,
-            last_seen: None,
-            report: Some(json!({ "labels": labels })),
-            site: None,
-            segment: None,
-            listen: None,
-            performance: None,
-            up_bps: None,
-            down_bps: None,
-            free_storage: None,
-        }
-    }
-
-    #[test]
-    fn groups_resolve_by_id_or_by_every_selector_label() {
-        let agents = [
-            agent("a", &[("role", "edge"), ("site", "fra")]),
-            agent("b", &[("role", "edge")]),
-            agent("c", &[]),
-        ];
-        let g = |ids: &[&str], sel: &[(&str, &str)]| GroupRecord {
-            name: "g".into(),
-            agents: ids.iter().map(|s| s.to_string()).collect(),
-            selector: sel
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        assert_eq!(resolve_group(&g(&["c"], &[]), &agents), ["c"]);
-        assert_eq!(
-            resolve_group(&g(&[], &[("role", "edge")]), &agents),
-            ["a", "b"]
-        );
-        assert_eq!(
-            resolve_group(&g(&["c"], &[("role", "edge"), ("site", "fra")]), &agents),
-            ["a", "c"]
-        );
-        // An empty selector matches no one.
-        assert!(resolve_group(&g(&[], &[]), &agents).is_empty());
-    }
 
     fn field_of(e: ApiError) -> String {
         match e {

@@ -22,28 +22,13 @@
 
 #![warn(missing_docs)]
 
-pub mod engine;
-pub mod planner;
 
-#[cfg(feature = "server")]
 pub mod admin_api;
-#[cfg(feature = "server")]
 pub mod content;
-#[cfg(feature = "server")]
 pub mod http;
-#[cfg(feature = "server")]
-pub mod lab;
-#[cfg(feature = "server")]
 pub mod net;
-#[cfg(feature = "server")]
 pub mod registry;
-#[cfg(feature = "server")]
-pub mod segments;
-#[cfg(feature = "server")]
 pub mod serial;
-#[cfg(feature = "server")]
 pub mod server;
-#[cfg(feature = "server")]
 pub mod store;
-#[cfg(feature = "server")]
 pub mod web;

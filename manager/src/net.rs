@@ -35,7 +35,7 @@ use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::content::Library;
-use crate::engine::{Engine, EngineEvent, JobSpec};
+use baton_manager_core::engine::{Engine, EngineEvent, JobSpec};
 use crate::registry::{Registry, Session, SharedStore, lock, unix_now};
 use crate::store::{JobState, StoreError};
 

@@ -13,7 +13,7 @@
 //! The registry also takes segment discovery reports from leaders
 //! ([`Registry::segment_report`]): each page is checked against the session
 //! that carried it and the segment its agent reported, pages are assembled
-//! ([`crate::segments::Assembler`]), and a complete report replaces the
+//! ([`baton_manager_core::segments::Assembler`]), and a complete report replaces the
 //! segment's stored view.
 
 use std::collections::HashMap;
@@ -27,7 +27,7 @@ use baton_protocol::types::{AgentId, PublicKey};
 use sha2_std::{Digest as _, Sha256};
 use tokio::sync::{Notify, mpsc};
 
-use crate::segments::{self, Assembler};
+use baton_manager_core::segments::{self, Assembler};
 use crate::store::{Enrolled, Store, StoreError};
 
 /// The store shared by the manager's tasks.

@@ -22,9 +22,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 
 use crate::content::{self, Content, ContentError, Keys, Library};
-use crate::engine::{Engine, EngineConfig, JobSpec, Targets};
+use baton_manager_core::engine::{Engine, EngineConfig, JobSpec, Targets};
 use crate::net::{AgentServer, Core, CoreInput, JobEvent};
-use crate::planner::Policy;
+use baton_manager_core::planner::Policy;
 use crate::registry::{Registry, SharedStore, lock, unix_now};
 use crate::store::{
     ContentRecord, JobOrigin, JobRecord, JobState, SqliteStore, Store, StoreError, TargetSpec,

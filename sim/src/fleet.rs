@@ -37,10 +37,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_agent_core::agent::{Agent, AgentConfig, ConnId, Direction, Event, PeerInfo};
-use baton_manager::engine::{
+use baton_manager_core::engine::{
     Engine, EngineConfig, EngineEvent, JobSpec, ParticipantState, Persist, Targets,
 };
-use baton_manager::planner::Policy;
+use baton_manager_core::planner::Policy;
 use baton_protocol::identity::{AgentCert, Identity};
 use baton_protocol::message::{CHUNK_OVERHEAD, Refusal, Trouble};
 use baton_protocol::{AgentId, LinkInfo, MAX_CHUNK_SIZE, Message, Name, PeerAddr, PublicKey};

@@ -21,7 +21,7 @@
 
 use std::time::Duration;
 
-use baton_manager::planner::{Policy, Profile, prioritize};
+use baton_manager_core::planner::{Policy, Profile, prioritize};
 use baton_protocol::{AgentId, LinkInfo, PeerAddr};
 
 use crate::net::{MANAGER, Net, Route, Step};

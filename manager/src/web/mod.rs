@@ -11,7 +11,7 @@
 //!   cookie (`HttpOnly`, `SameSite=Strict`, `Secure` over HTTPS);
 //! - `POST /logout` ends the session.
 //!
-//! Failed logins back off per client address and per name ([`login_limit`]):
+//! Failed logins back off per client address and per name ([`baton_manager_core::login_limit`]):
 //! past a few failures the answer is `429` with `Retry-After`, doubling.
 //!
 //! CSRF: the login form carries a token that must match a cookie set with the
@@ -20,7 +20,7 @@
 //! `X-CSRF-Token` (the logout form sends it as a field). Sessions live in
 //! memory and end after [`SESSION_IDLE`] without use or when the manager restarts.
 
-pub mod login_limit;
+
 pub mod users;
 
 use std::collections::HashMap;
@@ -35,7 +35,7 @@ use axum::{Form, Router};
 use serde::Deserialize;
 use sha2_std::{Digest as _, Sha256};
 
-use login_limit::{LoginLimiter, LoginLimits, retry_after_secs};
+use baton_manager_core::login_limit::{LoginLimiter, LoginLimits, retry_after_secs};
 use users::WebStore;
 
 /// Name of the session cookie.

@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
-use baton_manager::lab::{Lab, LinkShape, Topology};
+use baton::lab::{Lab, LinkShape, Topology};
 use serde::Serialize;
 
 use super::segments::{AGENT_PORT, MANAGER_PORT};
@@ -155,15 +155,15 @@ fn quantile(values: &[f64], q: f64) -> f64 {
 
 /// Runs `baton lab`.
 pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
-    baton_manager::lab::require_root().map_err(|_| {
+    baton::lab::require_root().map_err(|_| {
         anyhow!(
             "`baton lab` builds network namespaces, TAP devices and tc rules, so it needs root; run it as root"
         )
     })?;
-    if args.agents == 0 || args.agents > baton_manager::lab::MAX_AGENTS_PER_SEGMENT {
+    if args.agents == 0 || args.agents > baton::lab::MAX_AGENTS_PER_SEGMENT {
         bail!(
             "--agents must be 1 to {}",
-            baton_manager::lab::MAX_AGENTS_PER_SEGMENT
+            baton::lab::MAX_AGENTS_PER_SEGMENT
         );
     }
     let setup = Setup::prepare("baton-lab", args.agents, args.size, args.keep)?;

@@ -1,6 +1,6 @@
 //! `baton demo --segments K`: the demo across K LAN segments in network namespaces.
 //!
-//! The lab ([`baton_manager::lab`]) puts the manager behind a router and the
+//! The lab ([`baton::lab`]) puts the manager behind a router and the
 //! agents, spread evenly, into K segment bridges, each behind its own WAN
 //! link shaped with htb. Agents run discovery on their segment's broadcast
 //! address; the demo waits until the manager has a segment report with a
@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
-use baton_manager::lab::{Lab, LinkShape, Topology};
+use baton::lab::{Lab, LinkShape, Topology};
 use serde_json::Value;
 
 use super::{DemoArgs, DemoReport, Fleet, LinkProfile, START_TIMEOUT, Setup};
@@ -34,7 +34,7 @@ pub fn segment_name(s: usize) -> String {
 
 /// Runs `baton demo --segments K`.
 pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
-    baton_manager::lab::require_root().map_err(|_| {
+    baton::lab::require_root().map_err(|_| {
         anyhow!(
             "`baton demo --segments` builds network namespaces, links and tc rules, so it needs root; run it as root (e.g. with sudo)"
         )

@@ -7,7 +7,7 @@
 //! the one that agent reported itself in, keeps the pages of the newest term
 //! of each leader, and hands back the whole report once every page arrived.
 //! The caller stores it (replacing the segment's earlier view) with
-//! [`crate::store::Store::replace_segment`]. The assembler holds no clock:
+//! the store's `replace_segment`. The assembler holds no clock:
 //! the caller passes `now_ms`.
 
 use std::collections::HashMap;
@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use baton_protocol::message::{SegmentMember, SegmentReport};
 use baton_protocol::types::{AgentId, DelayTo};
 
-use crate::store::{DelayRecord, LinkRecord, MemberRecord, SegmentRecord};
+use crate::records::{DelayRecord, LinkRecord, MemberRecord, SegmentRecord};
 
 /// Most pages one report may have (4 members each: 4096 members).
 pub const MAX_PAGES: u16 = 1024;

@@ -716,7 +716,7 @@ pub fn policies(args: PoliciesArgs) -> anyhow::Result<()> {
 /// The fields of a policy that differ from this build's defaults, `key=value`.
 fn differences(p: &Value) -> String {
     let defaults =
-        serde_json::to_value(baton_manager::planner::Policy::default()).unwrap_or(Value::Null);
+        serde_json::to_value(baton_manager_core::planner::Policy::default()).unwrap_or(Value::Null);
     let mut out = Vec::new();
     for (k, v) in p.as_object().into_iter().flatten() {
         if k == "name" || defaults.get(k) == Some(v) {

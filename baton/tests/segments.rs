@@ -18,13 +18,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use baton_manager::lab::{Lab, LinkShape, SegmentSpec, Topology, netns};
+use baton::lab::{Lab, LinkShape, SegmentSpec, Topology, netns};
 use common::baton;
 use serde_json::Value;
 
 fn require_root() {
     assert!(
-        baton_manager::lab::require_root().is_ok(),
+        baton::lab::require_root().is_ok(),
         "these tests build network namespaces and must run as root"
     );
 }
@@ -135,7 +135,7 @@ fn lab_plumbing() {
     assert!((40.0..80.0).contains(&rtt), "delayed rtt {rtt} ms");
 
     // Broadcast reaches the segment and nothing beyond it.
-    let listen = |node: &baton_manager::lab::Node| {
+    let listen = |node: &baton::lab::Node| {
         in_ns(&node.ns, || {
             let s = UdpSocket::bind("0.0.0.0:7790").expect("bind 7790");
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();

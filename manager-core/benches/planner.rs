@@ -5,8 +5,8 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use baton_manager::engine::{Engine, EngineConfig, JobSpec, Targets};
-use baton_manager::planner::{NodeInfo, Policy, Profile, RelayPlan, Seed, prioritize};
+use baton_manager_core::engine::{Engine, EngineConfig, JobSpec, Targets};
+use baton_manager_core::planner::{NodeInfo, Policy, Profile, RelayPlan, Seed, prioritize};
 use baton_protocol::Manifest;
 use baton_protocol::identity::Identity;
 use baton_protocol::message::Report;

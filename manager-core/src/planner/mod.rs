@@ -648,7 +648,6 @@ mod test {
         assert_eq!(bad.validate().unwrap_err().field, "weights.delay");
     }
 
-    #[cfg(feature = "server")]
     #[test]
     fn partial_policy_json_takes_defaults() {
         // Every field has a default: `{}` and partial JSON are whole policies.

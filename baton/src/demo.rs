@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use baton_manager::lab::{Lab, Topology, netns};
+use baton::lab::{Lab, Topology, netns};
 use serde::Serialize;
 use serde_json::Value;
 use sha2_std::{Digest as _, Sha256};
