@@ -10,7 +10,7 @@
 //!   certificate (and a boot-unique sequence base, e.g. Unix microseconds);
 //! - [`Segment::handle_datagram`] for every datagram received on the
 //!   discovery port (broadcast or unicast), with its source address;
-//! - [`Segment::handle_tick`] when [`Segment::poll_timeout`] is reached;
+//! - [`Segment::handle_timeout`] when [`Segment::poll_timeout`] is reached;
 //! - [`Segment::set_capabilities`] when what the agent reports changes;
 //!
 //! and after every input drains, in this order and until `None`,
@@ -577,7 +577,7 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
     }
 
     /// Time passed: expire silent members, send what is due.
-    pub fn handle_tick(&mut self, now: Duration) {
+    pub fn handle_timeout(&mut self, now: Duration) {
         if !self.started() {
             return;
         }
@@ -663,7 +663,7 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
 
     // --------------------------------------------------------------- outputs
 
-    /// When [`Segment::handle_tick`] should be called next.
+    /// When [`Segment::handle_timeout`] should be called next.
     pub fn poll_timeout(&self) -> Option<Duration> {
         if !self.started() {
             return None;
@@ -972,7 +972,7 @@ mod test {
                 if self.nodes[i].alive
                     && self.nodes[i].seg.poll_timeout().is_some_and(|t| t <= next)
                 {
-                    self.nodes[i].seg.handle_tick(next);
+                    self.nodes[i].seg.handle_timeout(next);
                     self.drain(i);
                     let after = self.nodes[i].seg.poll_timeout().unwrap();
                     assert!(after > next, "node {i} asks to be woken again at once");
@@ -1284,7 +1284,7 @@ mod test {
         assert_eq!(seg.member_count(), 3);
         // m1 keeps beaconing, m0 falls silent and expires; m2 then gets m0's slot.
         assert_eq!(send(&mut seg, 1, 2, ms(2000)), Ok(()));
-        seg.handle_tick(ms(3000));
+        seg.handle_timeout(ms(3000));
         assert_eq!(seg.member_count(), 2);
         assert_eq!(send(&mut seg, 2, 2, ms(3100)), Ok(()));
         assert_eq!(seg.member_count(), 3);

@@ -835,7 +835,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
             }
             _ = async { tokio::time::sleep_until(segment_deadline.unwrap_or_else(Instant::now)).await }, if segment_deadline.is_some() => {
                 if let Some(seg) = segment.as_mut() {
-                    seg.handle_tick(origin.elapsed());
+                    seg.handle_timeout(origin.elapsed());
                 }
             }
             _ = status_tick.tick() => status_due = true,

@@ -80,7 +80,7 @@ fuzz_target!(|data: &[u8]| {
                 // Tick at the machine's own deadline.
                 if let Some(t) = seg.poll_timeout() {
                     now = now.max(t);
-                    seg.handle_tick(now);
+                    seg.handle_timeout(now);
                     drain(&mut seg, now, &manager, &mut last_seq, &mut buf);
                     let after = seg.poll_timeout().expect("started");
                     assert!(
