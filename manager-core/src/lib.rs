@@ -12,14 +12,14 @@
 //! - [`planner`]: scores agents from their reports and the policy and builds the
 //!   relay plan.
 //! - [`segments`]: checks and assembles the pages of a segment leader's report.
-//! - [`groups`]: which enrolled agents a content group names.
+//! - [`definitions`]: content groups and named policies: names, policy fields, group members.
 //! - [`records`]: the plain records the store keeps and the parts above exchange.
 //! - [`login_limit`]: the back-off that slows password guessing.
 
 #![warn(missing_docs)]
 
+pub mod definitions;
 pub mod engine;
-pub mod groups;
 pub mod login_limit;
 pub mod planner;
 pub mod records;

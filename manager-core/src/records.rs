@@ -372,4 +372,3 @@ pub struct PolicyRecord {
     /// Its fields (serde JSON of `planner::Policy`, defaults filled in).
     pub policy: serde_json::Value,
 }
-

@@ -1,34 +1,28 @@
-//! The Baton manager: it ranks agents, instructs them, and records who holds what.
+//! The Baton manager server: the IO around the sans-IO core (`baton-manager-core`).
 //!
-//! Layers, from the inside out:
-//! - [`engine`]: the sans-IO job state machine (claims 1, 3, 5): events in,
-//!   instructions, persistence records and timers out. No sockets, no clock.
-//! - [`planner`]: scores agents from their reports and the policy and builds
-//!   the relay plan (claims 2, 4, 9).
-//!
-//! With the default `server` feature, the IO around them:
-//! - [`store`]: the database (SQLite by default) behind the [`store::Store`] trait;
+//! Layers, from the bottom up; a module imports only modules below it:
+//! - [`store`]: the database behind the [`store::Store`] trait (SQLite by
+//!   default); one list of migrations owns every table;
 //! - [`content`]: the manager's keys, publishing files and serving their chunks;
-//! - [`registry`]: enrolled agents and live sessions, handshake authorization;
-//! - [`segments`]: checking and assembling leaders' segment discovery reports;
-//! - [`admin_api`]: segments, content groups and named policies over HTTP;
-//! - [`net`]: the TCP agent server and the task that drives the engine;
-//! - [`serial`]: serial-attached devices (COBS-framed sessions over a UART);
-//! - [`http`]: the HTTP server: the authenticated JSON API under `/api/v1`, its
-//!   OpenAPI document, `/metrics`, HTTPS;
-//! - [`web`]: the administrators' web UI, logins, sessions and API tokens;
-//! - [`lab`]: network namespaces for demos and tests (segments, router, shaped and delayed links);
-//! - [`server`]: everything above wired together, as `baton serve` runs it.
+//! - [`registry`]: enrolled agents and live sessions, handshake authorization,
+//!   segment reports;
+//! - [`engine_task`]: the task that owns the engine: persists, then instructs;
+//! - [`agent_port`]: the TCP agent port, one handler per connection;
+//!   [`serial`]: serial-attached devices, handed to the same handler;
+//! - [`service`]: [`service::Manager`], what the HTTP API asks of the manager:
+//!   publishing, jobs, groups and policies, reading the database;
+//! - [`http`]: the HTTP server: the JSON API under `/api/v1` and its OpenAPI
+//!   document, the administrators' part, `/metrics`, HTTPS, the web UI;
+//! - [`serve`]: everything above wired together, as `baton serve` runs it.
 
 #![warn(missing_docs)]
 
-
-pub mod admin_api;
+pub mod agent_port;
 pub mod content;
+pub mod engine_task;
 pub mod http;
-pub mod net;
 pub mod registry;
 pub mod serial;
-pub mod server;
+pub mod serve;
+pub mod service;
 pub mod store;
-pub mod web;

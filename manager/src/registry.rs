@@ -27,8 +27,8 @@ use baton_protocol::types::{AgentId, PublicKey};
 use sha2_std::{Digest as _, Sha256};
 use tokio::sync::{Notify, mpsc};
 
-use baton_manager_core::segments::{self, Assembler};
 use crate::store::{Enrolled, Store, StoreError};
+use baton_manager_core::segments::{self, Assembler};
 
 /// The store shared by the manager's tasks.
 pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;

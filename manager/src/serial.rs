@@ -5,7 +5,7 @@
 //! is COBS-encoded and ends with `0x00` instead of carrying a 2-byte length
 //! (SPEC §1). [`run_serial_port`] opens the port with the `serialport` crate
 //! (raw mode, exclusive) and, for each session, gives the manager's ordinary
-//! connection handler ([`AgentServer::handle`]) one end of an in-memory
+//! connection handler ([`AgentPort::handle`]) one end of an in-memory
 //! stream; [`serve_line`] translates the other end to and from the line:
 //! length-prefixed frames from the handler go out COBS-encoded, COBS frames
 //! from the line go in length-prefixed. Authorization, the first `Report`,
@@ -40,7 +40,7 @@ use baton_protocol::frame::{self, CobsReader, HEADER_LEN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tracing::Instrument as _;
 
-use crate::net::AgentServer;
+use crate::agent_port::AgentPort;
 
 /// Line speed set on the port (devices and QEMU's UART model ignore it; a real UART needs it).
 pub const SERIAL_BAUD: u32 = 115_200;
@@ -82,7 +82,7 @@ impl std::fmt::Display for LineEnd {
 /// opening the port again whenever it fails or cannot be opened.
 pub async fn run_serial_port(
     path: PathBuf,
-    server: Arc<AgentServer>,
+    server: Arc<AgentPort>,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -116,7 +116,7 @@ pub async fn run_serial_port(
 pub async fn serve_line<L, F>(
     line: L,
     label: &str,
-    server: Arc<AgentServer>,
+    server: Arc<AgentPort>,
     shutdown: &mut Pin<&mut F>,
 ) -> LineEnd
 where
@@ -388,7 +388,7 @@ mod test {
 
     use super::*;
     use crate::content::Library;
-    use crate::net::CoreInput;
+    use crate::engine_task::EngineInput;
     use crate::registry::{Registry, SharedStore};
     use crate::store::{SqliteStore, Store};
 
@@ -514,19 +514,19 @@ mod test {
         }
     }
 
-    /// A manager's agent server over an in-memory store; `core` receives its engine inputs.
-    fn server() -> (Arc<AgentServer>, mpsc::UnboundedReceiver<CoreInput>) {
+    /// A manager's agent port over an in-memory store; `engine` receives its engine inputs.
+    fn server() -> (Arc<AgentPort>, mpsc::UnboundedReceiver<EngineInput>) {
         let store: SharedStore = Arc::new(Mutex::new(
             Box::new(SqliteStore::in_memory().unwrap()) as Box<dyn Store>
         ));
-        let (core, inputs) = mpsc::unbounded_channel();
-        let server = AgentServer {
+        let (engine, inputs) = mpsc::unbounded_channel();
+        let server = AgentPort {
             identity: Identity::from_seed([1; 32]),
             publishers: vec![Identity::from_seed([2; 32]).public()],
             registry: Arc::new(Registry::load(store).unwrap()),
             library: Arc::new(Library::new()),
             limits: Limits::default(),
-            core,
+            engine,
             connections: Arc::new(Semaphore::new(10)),
         };
         (Arc::new(server), inputs)
@@ -614,8 +614,8 @@ mod test {
             }
             let online = tokio::time::timeout(BOUND, async {
                 loop {
-                    match inputs.recv().await.expect("core input") {
-                        CoreInput::Online {
+                    match inputs.recv().await.expect("engine input") {
+                        EngineInput::Online {
                             id: who, report, ..
                         } => return (who, report),
                         _ => continue,

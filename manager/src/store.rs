@@ -17,8 +17,8 @@ use baton_protocol::message::Report;
 use baton_protocol::types::{Digest, PublicKey};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-pub use baton_manager_core::records::*;
 use baton_manager_core::engine::{FailCause, ParticipantState, Persist};
+pub use baton_manager_core::records::*;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -11,8 +11,8 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use baton_manager::http::web::users::{AdminSet, WebStore};
 use baton_manager::registry::unix_now;
-use baton_manager::web::users::{AdminSet, WebStore};
 use clap::{Args, Subcommand};
 
 /// Where the manager's database is.

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use baton_manager::server::{ADMIN_TOKEN_FILE, ReadyInfo, STATUS_FILE};
+use baton_manager::serve::{ADMIN_TOKEN_FILE, ReadyInfo, STATUS_FILE};
 use clap::Args;
 use serde::de::DeserializeOwned;
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use baton_manager::server::{ServeOptions, serve};
+use baton_manager::serve::{ServeOptions, serve};
 use clap::Args;
 
 /// Flags of `baton serve`.

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use baton_agent_core::linux::link::{self, Limits, LinkError, LinkReader, LinkWriter};
-use baton_manager::server::ReadyInfo;
+use baton_manager::serve::ReadyInfo;
 use baton_protocol::frame;
 use baton_protocol::identity::{AgentCert, Identity};
 use baton_protocol::message::{Message, Report};

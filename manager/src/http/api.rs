@@ -36,9 +36,9 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::net::JobEvent;
+use crate::engine_task::JobEvent;
 use crate::registry::{lock, token_hash, unix_now};
-use crate::server::{ApiError, JobRequest, Manager, PolicyChoice, PublishRequest};
+use crate::service::{ApiError, JobRequest, Manager, PolicyChoice, PublishRequest};
 use crate::store::{
     AgentRecord, Confirmation, Enrolled, JobRecord, PartState, ParticipantRecord, SourceBytes,
     TargetSpec,

@@ -12,26 +12,18 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use axum::Extension;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
+use crate::http::web::Web;
+use crate::http::web::users::StoreTotals;
 use crate::registry::lock;
-use crate::server::{ApiError, Manager};
+use crate::service::{ApiError, Manager};
 use crate::store::JobState;
-use crate::web::Web;
-use crate::web::users::StoreTotals;
-
-/// Chunks agents reported as failing verification since the process started.
-pub static CHUNK_VERIFICATION_FAILURES: AtomicU64 = AtomicU64::new(0);
-
-/// Counts one chunk an agent reported as failing verification.
-pub fn count_chunk_verification_failure() {
-    CHUNK_VERIFICATION_FAILURES.fetch_add(1, Ordering::Relaxed);
-}
 
 /// What one scrape reports.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -155,7 +147,7 @@ pub async fn metrics(
         totals,
         wire_sent: m.bytes_sent(),
         wire_received: m.bytes_received(),
-        chunk_failures: CHUNK_VERIFICATION_FAILURES.load(Ordering::Relaxed),
+        chunk_failures: m.stats.chunk_verification_failures.load(Ordering::Relaxed),
     };
     Ok((
         [(

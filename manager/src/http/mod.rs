@@ -15,12 +15,14 @@
 //! Submodules: [`api`] (handlers), [`metrics`], [`tls`]; the UI lives in
 //! [`crate::web`].
 
+pub mod admin;
 pub mod api;
+pub mod client;
 pub mod metrics;
 pub mod tls;
+pub mod web;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -36,8 +38,9 @@ use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::server::{ApiError, Manager};
-use crate::web::{SESSION_COOKIE, Web};
+use crate::service::{ApiError, Manager};
+use client::{ClientAddr, same_secret};
+use web::{SESSION_COOKIE, Web};
 
 pub use api::{job_detail, parse_agent_id, parse_key};
 
@@ -78,7 +81,7 @@ impl utoipa::Modify for SecuritySchemes {
 pub fn api_routes() -> OpenApiRouter<Arc<Manager>> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(api::routes())
-        .merge(crate::admin_api::routes())
+        .merge(crate::http::admin::routes())
 }
 
 /// The OpenAPI document served at `/api/v1/openapi.json`.
@@ -142,28 +145,8 @@ pub fn router(manager: Arc<Manager>, config: &HttpConfig) -> Router {
                 async move { Json(doc.as_ref().clone()) }
             }),
         )
-        .merge(crate::web::routes(config.web.clone()))
+        .merge(crate::http::web::routes(config.web.clone()))
         .layer(middleware::from_fn(security_headers))
-}
-
-/// The client's address, as handlers get it (`ConnectInfo<ClientAddr>`), over HTTP and HTTPS.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ClientAddr(pub SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>>
-    for ClientAddr
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
-        ClientAddr(*stream.remote_addr())
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::TlsListener>>
-    for ClientAddr
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Self {
-        ClientAddr(*stream.remote_addr())
-    }
 }
 
 /// Serves on `listener` (HTTPS when `config.tls` is set) until `shutdown` completes.
@@ -192,11 +175,6 @@ pub async fn run(
             .await
         }
     }
-}
-
-/// Compares in time independent of where the first difference is.
-pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn unauthorized() -> Response {
@@ -243,7 +221,7 @@ async fn require_credentials(
         if changes_something(req.method()) {
             let given = req
                 .headers()
-                .get(crate::web::CSRF_HEADER)
+                .get(crate::http::web::CSRF_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             if !same_secret(given.as_bytes(), session.csrf.as_bytes()) {

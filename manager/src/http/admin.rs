@@ -1,6 +1,6 @@
 //! The administrator's part of the HTTP API: segments, content groups and
-//! named distribution policies (claims 8–10), merged into [`crate::http`]'s
-//! router (same bearer token, same JSON errors).
+//! named distribution policies (claims 8–10), merged into the API router of
+//! [`crate::http`] (same bearer token, same JSON errors).
 //!
 //! | method and path | what |
 //! |---|---|
@@ -30,14 +30,10 @@ use serde_json::{Map, Value, json};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use baton_manager_core::planner::Policy;
 use crate::registry::{lock, unix_now};
-use crate::server::{ApiError, Manager};
-use baton_manager_core::groups::resolve_group;
+use crate::service::{ApiError, Manager};
 use crate::store::{GroupRecord, LeaderChange, PolicyRecord, SegmentRecord};
-
-/// Longest group or policy name.
-pub const MAX_NAME: usize = 64;
+use baton_manager_core::definitions::{check_name, policy_from_json, resolve_group};
 
 /// The routes of this module with their OpenAPI operations, merged into the API router.
 pub fn routes() -> OpenApiRouter<Arc<Manager>> {
@@ -59,26 +55,6 @@ fn body_of(body: Result<Json<Value>, JsonRejection>) -> Result<Map<String, Value
             "the request body must be a JSON object".into(),
         )),
     }
-}
-
-/// Checks a group or policy name: 1..=64 of `A-Z a-z 0-9 . _ -`.
-pub fn check_name(name: &str) -> Result<(), ApiError> {
-    if name.is_empty() || name.len() > MAX_NAME {
-        return Err(ApiError::invalid(
-            "name",
-            format!("must be 1 to {MAX_NAME} characters"),
-        ));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(ApiError::invalid(
-            "name",
-            format!("{name:?} has {c:?}; use letters, digits, '.', '_' and '-'"),
-        ));
-    }
-    Ok(())
 }
 
 /// The name in a body: required for POST; for PUT it may be left out but must match the path.
@@ -150,13 +126,6 @@ pub struct GroupView {
     pub group: GroupRecord,
     /// The enrolled agents it resolves to now, by id.
     pub members: Vec<String>,
-}
-
-/// The members of the group `name` now (404 if there is no such group).
-pub fn group_members(m: &Manager, name: &str) -> Result<Vec<String>, ApiError> {
-    let store = lock(&m.store);
-    let group = store.group(name)?.ok_or_else(|| no_group(name))?;
-    Ok(resolve_group(&group, &store.agents()?))
 }
 
 fn no_group(name: &str) -> ApiError {
@@ -355,94 +324,6 @@ fn no_policy(name: &str) -> ApiError {
     ApiError::NotFound(format!("no policy {name:?} (see `baton policies list`)"))
 }
 
-/// The field names a JSON object of `planner::Policy` may have, with the nested ones of
-/// object-valued fields (`weights`).
-fn known_fields() -> Map<String, Value> {
-    match serde_json::to_value(Policy::default()) {
-        Ok(Value::Object(map)) => map,
-        _ => Map::new(),
-    }
-}
-
-/// Checks the fields of a policy given as JSON and reads it; the error names the first field
-/// that is unknown or wrong.
-pub fn policy_from_json(value: &Value) -> Result<Policy, ApiError> {
-    let Value::Object(fields) = value else {
-        return Err(ApiError::invalid(
-            "policy",
-            "must be a JSON object of policy fields",
-        ));
-    };
-    let known = known_fields();
-    for (key, v) in fields {
-        let Some(default) = known.get(key) else {
-            let names: Vec<&str> = known.keys().map(String::as_str).collect();
-            return Err(ApiError::invalid(
-                key.clone(),
-                format!("unknown policy field {key:?} (known: {})", names.join(", ")),
-            ));
-        };
-        // A nested struct (`weights`) has its fields in the default; a map
-        // (`leaf_only_labels`) defaults to empty and takes any key.
-        if let (Value::Object(inner), Value::Object(given)) = (default, v)
-            && !inner.is_empty()
-        {
-            for sub in given.keys() {
-                if !inner.contains_key(sub) {
-                    let names: Vec<&str> = inner.keys().map(String::as_str).collect();
-                    return Err(ApiError::invalid(
-                        format!("{key}.{sub}"),
-                        format!(
-                            "unknown field {sub:?} of {key} (known: {})",
-                            names.join(", ")
-                        ),
-                    ));
-                }
-            }
-        }
-        let mut alone = Map::new();
-        alone.insert(key.clone(), v.clone());
-        if let Err(e) = serde_json::from_value::<Policy>(Value::Object(alone)) {
-            return Err(ApiError::invalid(key.clone(), e.to_string()));
-        }
-        check_field(key, v)?;
-    }
-    serde_json::from_value(value.clone()).map_err(|e| ApiError::invalid("policy", e.to_string()))
-}
-
-/// Range checks of fields whose type alone does not say enough.
-fn check_field(key: &str, v: &Value) -> Result<(), ApiError> {
-    match key {
-        "max_stripes" if v.as_u64() == Some(0) => Err(ApiError::invalid(key, "must be at least 1")),
-        "manager_max_copies" if !v.as_f64().is_some_and(|c| c.is_finite() && c >= 1.0) => {
-            Err(ApiError::invalid(key, "must be a number of at least 1"))
-        }
-        "weights" => {
-            for (name, w) in v.as_object().into_iter().flatten() {
-                if !w.as_f64().is_some_and(|w| w.is_finite() && w >= 0.0) {
-                    return Err(ApiError::invalid(
-                        format!("weights.{name}"),
-                        "must be a number of at least 0",
-                    ));
-                }
-            }
-            Ok(())
-        }
-        "window" if v.is_object() => {
-            for end in ["start_minute", "end_minute"] {
-                if v[end].as_u64().is_none_or(|m| m >= 24 * 60) {
-                    return Err(ApiError::invalid(
-                        format!("window.{end}"),
-                        "must be a UTC minute of the day, 0 to 1439",
-                    ));
-                }
-            }
-            Ok(())
-        }
-        _ => Ok(()),
-    }
-}
-
 /// Checks a policy body (`{name, ...fields}`) and returns the stored form (defaults filled in).
 fn parse_policy(body: &Map<String, Value>, path: Option<&str>) -> Result<PolicyRecord, ApiError> {
     let name = name_in(body, path)?;
@@ -526,65 +407,4 @@ async fn remove_policy(
     })?;
     tracing::info!(policy = %name, "policy removed");
     Ok(Json(json!({ "name": name, "removed": true })))
-}
-
-#[cfg(test)]
-mod test {
-    use super::*;
-
-    fn field_of(e: ApiError) -> String {
-        match e {
-            ApiError::Invalid { field, .. } => field,
-            other => panic!("expected a field error, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn policy_errors_name_the_field() {
-        let ok = policy_from_json(&json!({
-            "max_peers_per_source": 3,
-            "weights": { "up": 2.0 },
-            "leaf_only_labels": { "class": "mcu" },
-        }))
-        .unwrap();
-        assert_eq!(ok.leaf_only_labels["class"], "mcu");
-        assert_eq!(ok.max_peers_per_source, 3);
-        assert_eq!(ok.weights.up, 2.0);
-        assert_eq!(ok.weights.down, Policy::default().weights.down);
-        let cases = [
-            (json!({ "max_peers_per_sauce": 3 }), "max_peers_per_sauce"),
-            (
-                json!({ "max_peers_per_source": "x" }),
-                "max_peers_per_source",
-            ),
-            (
-                json!({ "max_peers_per_source": -1 }),
-                "max_peers_per_source",
-            ),
-            (json!({ "weights": { "upp": 1.0 } }), "weights.upp"),
-            (json!({ "weights": { "up": -1.0 } }), "weights.up"),
-            (json!({ "max_stripes": 0 }), "max_stripes"),
-            (json!({ "manager_max_copies": 0.5 }), "manager_max_copies"),
-            (json!({ "leaf_only": ["x".repeat(40)] }), "leaf_only"),
-        ];
-        for (body, field) in cases {
-            assert_eq!(
-                field_of(policy_from_json(&body).unwrap_err()),
-                field,
-                "{body}"
-            );
-        }
-        assert_eq!(
-            field_of(policy_from_json(&json!([1])).unwrap_err()),
-            "policy"
-        );
-    }
-
-    #[test]
-    fn names_are_checked() {
-        check_name("fw-canary_2.1").unwrap();
-        for bad in ["", "a b", "a/b", &"x".repeat(65)] {
-            assert_eq!(field_of(check_name(bad).unwrap_err()), "name");
-        }
-    }
 }

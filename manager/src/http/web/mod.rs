@@ -20,7 +20,6 @@
 //! `X-CSRF-Token` (the logout form sends it as a field). Sessions live in
 //! memory and end after [`SESSION_IDLE`] without use or when the manager restarts.
 
-
 pub mod users;
 
 use std::collections::HashMap;
@@ -294,7 +293,9 @@ pub struct LoginForm {
 
 async fn login(
     State(web): State<Arc<Web>>,
-    ConnectInfo(crate::http::ClientAddr(client)): ConnectInfo<crate::http::ClientAddr>,
+    ConnectInfo(crate::http::client::ClientAddr(client)): ConnectInfo<
+        crate::http::client::ClientAddr,
+    >,
     headers: HeaderMap,
     form: Result<Form<LoginForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
@@ -307,7 +308,9 @@ async fn login(
         );
     };
     let expected = cookie(&headers, LOGIN_CSRF_COOKIE).unwrap_or("");
-    if expected.is_empty() || !crate::http::same_secret(expected.as_bytes(), form.csrf.as_bytes()) {
+    if expected.is_empty()
+        || !crate::http::client::same_secret(expected.as_bytes(), form.csrf.as_bytes())
+    {
         return login_page(
             &web,
             StatusCode::FORBIDDEN,
@@ -382,7 +385,7 @@ async fn logout(
         return Redirect::to("/").into_response();
     };
     let given = form.map(|Form(f)| f.csrf).unwrap_or_default();
-    if !crate::http::same_secret(given.as_bytes(), session.csrf.as_bytes()) {
+    if !crate::http::client::same_secret(given.as_bytes(), session.csrf.as_bytes()) {
         return (StatusCode::FORBIDDEN, "missing or wrong CSRF token").into_response();
     }
     web.end_session(&headers);

@@ -1,0 +1,425 @@
+//! The engine's driver: the one task that owns the sans-IO [`Engine`].
+//!
+//! Inputs ([`EngineInput`]) come from the agent port and serial lines (agents
+//! online, their messages, offline) and from the service layer (start and
+//! cancel jobs). After every batch of inputs [`EngineTask`] drains
+//! `poll_persist` into the store in one transaction, and only then sends what
+//! `poll_transmit` returns through the registry (persist before instruct),
+//! then publishes `poll_event` as [`JobEvent`]s and arms the timer at
+//! `poll_timeout`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use baton_protocol::message::{Message, Report};
+use baton_protocol::types::{AgentId, PublicKey};
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::registry::{Registry, SharedStore, lock, unix_now};
+use crate::store::{JobState, StoreError};
+use baton_manager_core::engine::{Engine, EngineEvent, JobSpec};
+
+/// Inputs the engine task takes at once before persisting and transmitting.
+const INPUT_BATCH: usize = 256;
+
+/// What the engine task counts while it runs, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Chunks agents reported as failing verification (`PeerTrouble::BadChunk`) since start.
+    pub chunk_verification_failures: AtomicU64,
+}
+
+/// An input to the engine task.
+pub enum EngineInput {
+    /// An agent connected and sent its first report.
+    Online {
+        /// The agent.
+        id: AgentId,
+        /// Its authenticated key.
+        key: PublicKey,
+        /// Its report.
+        report: Box<Report>,
+    },
+    /// An encoded message from a connected agent, for the engine.
+    Message {
+        /// The agent.
+        id: AgentId,
+        /// The decrypted plaintext (one `Message`).
+        bytes: Vec<u8>,
+    },
+    /// An agent's connection ended.
+    Offline {
+        /// The agent.
+        id: AgentId,
+    },
+    /// Start a job (created in the store as pending).
+    StartJob {
+        /// What to distribute to whom.
+        spec: Box<JobSpec>,
+        /// The engine's answer.
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Cancel a job.
+    CancelJob {
+        /// The job.
+        job: u64,
+        /// The engine's answer.
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+impl std::fmt::Debug for EngineInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineInput::Online { id, .. } => write!(f, "Online({id})"),
+            EngineInput::Message { id, bytes } => write!(f, "Message({id}, {} bytes)", bytes.len()),
+            EngineInput::Offline { id } => write!(f, "Offline({id})"),
+            EngineInput::StartJob { spec, .. } => write!(f, "StartJob({})", spec.id),
+            EngineInput::CancelJob { job, .. } => write!(f, "CancelJob({job})"),
+        }
+    }
+}
+
+/// Progress of a job, as the API streams it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobEvent {
+    /// A participant verified more chunks.
+    Progress {
+        /// The job.
+        job: u64,
+        /// The participant.
+        agent: String,
+        /// Chunks verified.
+        verified: u32,
+        /// Chunks in the content.
+        total: u32,
+    },
+    /// A participant confirmed.
+    Confirmed {
+        /// The job.
+        job: u64,
+        /// The participant.
+        agent: String,
+    },
+    /// A participant failed or was given up.
+    Failed {
+        /// The job.
+        job: u64,
+        /// The participant.
+        agent: String,
+        /// Why.
+        reason: String,
+    },
+    /// Every participant confirmed or was given up.
+    Finished {
+        /// The job.
+        job: u64,
+        /// Participants that confirmed.
+        confirmed: u32,
+        /// Participants that failed.
+        failed: u32,
+    },
+    /// The administrator cancelled the job.
+    Cancelled {
+        /// The job.
+        job: u64,
+    },
+    /// A rule of the job's policy cannot be met (stored with the job as a warning).
+    Warning {
+        /// The job.
+        job: u64,
+        /// What cannot be met, for people.
+        text: String,
+    },
+}
+
+impl JobEvent {
+    /// The job the event is about.
+    pub fn job(&self) -> u64 {
+        match self {
+            JobEvent::Progress { job, .. }
+            | JobEvent::Confirmed { job, .. }
+            | JobEvent::Failed { job, .. }
+            | JobEvent::Finished { job, .. }
+            | JobEvent::Warning { job, .. }
+            | JobEvent::Cancelled { job } => *job,
+        }
+    }
+
+    /// Whether nothing more will happen to the job after this event.
+    pub fn is_final(&self) -> bool {
+        matches!(self, JobEvent::Finished { .. } | JobEvent::Cancelled { .. })
+    }
+
+    fn from_engine(event: EngineEvent) -> Self {
+        match event {
+            EngineEvent::Progress {
+                job,
+                agent,
+                verified,
+                total,
+            } => JobEvent::Progress {
+                job,
+                agent: agent.to_string(),
+                verified,
+                total,
+            },
+            EngineEvent::Confirmed { job, agent } => JobEvent::Confirmed {
+                job,
+                agent: agent.to_string(),
+            },
+            EngineEvent::ParticipantFailed { job, agent, reason } => JobEvent::Failed {
+                job,
+                agent: agent.to_string(),
+                reason,
+            },
+            EngineEvent::JobFinished {
+                job,
+                confirmed,
+                failed,
+            } => JobEvent::Finished {
+                job,
+                confirmed,
+                failed,
+            },
+            EngineEvent::PolicyWarning { job, text } => JobEvent::Warning { job, text },
+        }
+    }
+}
+
+/// Why the engine task stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineTaskError {
+    /// Persisting the engine's records failed: nothing may be instructed that is not recorded.
+    #[error("cannot persist job state, stopping so that no unrecorded instruction is sent: {0}")]
+    Persist(#[source] StoreError),
+}
+
+/// The task that owns the [`Engine`]: feeds it inputs, persists, transmits, publishes events.
+pub struct EngineTask {
+    engine: Engine,
+    store: SharedStore,
+    registry: Arc<Registry>,
+    events: broadcast::Sender<JobEvent>,
+    stats: Arc<EngineStats>,
+    origin: Instant,
+    /// Answers to commands, sent once what the command caused is persisted.
+    replies: Vec<Reply>,
+}
+
+/// A command's answer channel and its result.
+type Reply = (oneshot::Sender<Result<(), String>>, Result<(), String>);
+
+impl std::fmt::Debug for EngineTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineTask").finish_non_exhaustive()
+    }
+}
+
+impl EngineTask {
+    /// A driver for `engine`; `origin` is the engine's time zero.
+    pub fn new(
+        engine: Engine,
+        store: SharedStore,
+        registry: Arc<Registry>,
+        events: broadcast::Sender<JobEvent>,
+        origin: Instant,
+    ) -> Self {
+        let mut engine = engine;
+        engine.set_wall_clock(origin.elapsed(), unix_now());
+        EngineTask {
+            engine,
+            store,
+            registry,
+            events,
+            stats: Arc::default(),
+            origin,
+            replies: Vec::new(),
+        }
+    }
+
+    /// What the task counts, shared with whoever reports it.
+    pub fn stats(&self) -> Arc<EngineStats> {
+        self.stats.clone()
+    }
+
+    /// The engine's clock: time since `origin`.
+    pub fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    /// The engine, for setting up before [`EngineTask::run`] (resuming jobs).
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    /// Runs until `shutdown` completes or every input sender is gone.
+    pub async fn run(
+        mut self,
+        mut inputs: mpsc::UnboundedReceiver<EngineInput>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), EngineTaskError> {
+        tokio::pin!(shutdown);
+        self.drain()?;
+        loop {
+            let deadline = self.engine.poll_timeout().map(|t| self.origin + t);
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                input = inputs.recv() => {
+                    let Some(input) = input else { break };
+                    self.handle(input);
+                    // Take what else is ready, then persist and instruct once.
+                    for _ in 1..INPUT_BATCH {
+                        match inputs.try_recv() {
+                            Ok(input) => self.handle(input),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    let now = self.now();
+                    self.engine.set_wall_clock(now, unix_now());
+                    self.engine.handle_timeout(now);
+                }
+            }
+            self.drain()?;
+        }
+        Ok(())
+    }
+
+    /// Feeds one input to the engine (and the store where it records agent facts).
+    pub fn handle(&mut self, input: EngineInput) {
+        let now = self.now();
+        self.engine.set_wall_clock(now, unix_now());
+        match input {
+            EngineInput::Online { id, key, report } => {
+                self.record_report(&report);
+                self.engine.agent_online(now, id, key, *report);
+            }
+            EngineInput::Message { id, bytes } => {
+                let msg = match Message::decode(&bytes) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(agent = %id, "undecodable message reached the engine task: {e}");
+                        return;
+                    }
+                };
+                if let Message::PeerTrouble {
+                    trouble: baton_protocol::message::Trouble::BadChunk { .. },
+                    ..
+                } = msg
+                {
+                    self.stats
+                        .chunk_verification_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                if let Message::Report(report) = msg {
+                    if report.id != id {
+                        tracing::warn!(agent = %id, claimed = %report.id, "report for another id ignored");
+                        return;
+                    }
+                    let Some(key) = self.registry.key_of(&id) else {
+                        return;
+                    };
+                    self.record_report(&report);
+                    self.engine.agent_online(now, id, key, report);
+                } else if let Err(e) = self.engine.handle_message(now, &id, &msg) {
+                    tracing::warn!(agent = %id, kind = msg.kind(), "engine refused message: {e}");
+                }
+            }
+            EngineInput::Offline { id } => {
+                if let Err(e) = lock(&self.store).mark_seen(&id, unix_now()) {
+                    tracing::warn!(agent = %id, "cannot record last-seen time: {e}");
+                }
+                self.engine.agent_offline(now, &id);
+            }
+            EngineInput::StartJob { spec, reply } => {
+                let job = spec.id;
+                let result = self.engine.start_job(now, *spec).map_err(|e| e.to_string());
+                if let Err(e) = &result {
+                    tracing::warn!(job, "engine refused job: {e}");
+                    if let Err(se) =
+                        lock(&self.store).set_job_state(job, JobState::Refused, Some(e), unix_now())
+                    {
+                        tracing::error!(job, "cannot record refused job: {se}");
+                    }
+                } else {
+                    tracing::info!(job, "job started");
+                }
+                self.replies.push((reply, result));
+            }
+            EngineInput::CancelJob { job, reply } => {
+                let result = match self.engine.cancel_job(now, job) {
+                    Ok(()) => lock(&self.store)
+                        .set_job_state(job, JobState::Cancelled, None, unix_now())
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if result.is_ok() {
+                    tracing::info!(job, "job cancelled");
+                    let _ = self.events.send(JobEvent::Cancelled { job });
+                }
+                self.replies.push((reply, result));
+            }
+        }
+    }
+
+    fn record_report(&self, report: &Report) {
+        if let Err(e) = lock(&self.store).record_report(report, unix_now()) {
+            tracing::warn!(agent = %report.id, "cannot record report: {e}");
+        }
+    }
+
+    /// Persists every pending record (one transaction), then transmits, answers commands, and
+    /// publishes events.
+    pub fn drain(&mut self) -> Result<(), EngineTaskError> {
+        let mut records = Vec::new();
+        while let Some(r) = self.engine.poll_persist() {
+            records.push(r);
+        }
+        if !records.is_empty() {
+            lock(&self.store)
+                .apply(&records, unix_now())
+                .map_err(EngineTaskError::Persist)?;
+        }
+        while let Some((to, msg)) = self.engine.poll_transmit() {
+            if !self.registry.send(&to, msg.to_vec()) {
+                tracing::debug!(agent = %to, kind = msg.kind(), "agent not connected; instruction dropped");
+            }
+        }
+        for (reply, result) in self.replies.drain(..) {
+            let _ = reply.send(result);
+        }
+        while let Some(event) = self.engine.poll_event() {
+            match &event {
+                EngineEvent::JobFinished { job, .. } => {
+                    // Its records are persisted and its last instructions sent: free its state.
+                    self.engine.forget_job(*job);
+                }
+                EngineEvent::PolicyWarning { job, text } => {
+                    tracing::warn!(job, "policy cannot be met: {text}");
+                    if let Err(e) = lock(&self.store).add_job_warning(*job, text, unix_now()) {
+                        tracing::error!(job, "cannot record policy warning: {e}");
+                    }
+                }
+                _ => {}
+            }
+            let _ = self.events.send(JobEvent::from_engine(event));
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,476 @@
+//! `baton serve`: the manager's parts wired together.
+//!
+//! [`serve`] opens the data directory (keys, admin token, database), starts a
+//! new epoch, resumes unfinished jobs, binds the agent port and the HTTP API,
+//! writes the ready file, and runs until its shutdown future completes or the
+//! engine task fails. The HTTP API works on the [`Manager`] service it builds.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_agent_core::linux::link::Limits;
+use baton_agent_core::linux::rate::RateLimiter;
+use baton_manager_core::engine::{Engine, EngineConfig, JobSpec};
+use baton_manager_core::planner::Policy;
+use baton_protocol::types::AgentId;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, broadcast, mpsc, watch};
+
+use crate::agent_port::AgentPort;
+use crate::content::{self, Content, ContentError, Keys, Library};
+use crate::engine_task::EngineTask;
+use crate::registry::{Registry, SharedStore, lock, unix_now};
+use crate::service::{Manager, decode_manifest, engine_targets};
+use crate::store::{JobRecord, JobState, SqliteStore, Store, StoreError};
+
+/// How `baton serve` runs.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Keys, admin token, database and status file live here.
+    pub data_dir: PathBuf,
+    /// The database file (default `<data_dir>/baton.db`).
+    pub db: Option<PathBuf>,
+    /// Agent port address.
+    pub listen: SocketAddr,
+    /// HTTP API address.
+    pub http: SocketAddr,
+    /// The manager's upload cap in bytes per second (`0` = none).
+    pub up_bps: u64,
+    /// A participant silent this long is given up and routed around.
+    pub give_up: Duration,
+    /// Where to write the ready file once listening.
+    pub ready_file: Option<PathBuf>,
+    /// Most agent connections at once.
+    pub max_connections: usize,
+    /// Serial ports with a device on each (`/dev/ttyUSB0`, a pty), served like agent connections.
+    pub serial: Vec<PathBuf>,
+    /// HTTPS: PEM certificate chain and private key for the HTTP server (`None` = plain HTTP).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Largest content upload over HTTP, in bytes.
+    pub max_upload: u64,
+}
+
+impl ServeOptions {
+    /// Defaults for a data directory: agent port 7700 on all addresses, API on loopback 7780.
+    pub fn new(data_dir: PathBuf) -> Self {
+        ServeOptions {
+            data_dir,
+            db: None,
+            listen: SocketAddr::from(([0, 0, 0, 0], 7700)),
+            http: SocketAddr::from(([127, 0, 0, 1], 7780)),
+            up_bps: 0,
+            give_up: Duration::from_secs(60),
+            ready_file: None,
+            max_connections: 100_000,
+            serial: Vec::new(),
+            tls: None,
+            max_upload: crate::http::api::DEFAULT_MAX_UPLOAD,
+        }
+    }
+}
+
+/// What a running manager tells its clients: the ready file and `<data-dir>/serve.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyInfo {
+    /// Agent port, `ip:port`.
+    pub agent_addr: String,
+    /// HTTP API, `ip:port`.
+    pub http_addr: String,
+    /// The manager's Ed25519 public key (hex), which agents pin.
+    pub manager_key: String,
+    /// The publisher's Ed25519 public key (hex), which agents may trust for manifests.
+    pub publisher_key: String,
+    /// The bearer token for the HTTP API.
+    pub admin_token: String,
+    /// The manager's epoch for this run.
+    pub epoch: u32,
+    /// The certificate (PEM) the HTTP API serves, if it speaks HTTPS: a CLI on this host
+    /// trusts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+}
+
+/// Name of the status file a running manager keeps in its data directory.
+pub const STATUS_FILE: &str = "serve.json";
+/// Name of the admin token file in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Why the manager could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// A file in the data directory.
+    #[error(transparent)]
+    Files(#[from] ContentError),
+    /// The database.
+    #[error("{path}: {source}")]
+    Store {
+        /// The database file.
+        path: PathBuf,
+        /// What failed.
+        source: StoreError,
+    },
+    /// The database, while running.
+    #[error(transparent)]
+    Database(#[from] StoreError),
+    /// A port could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Which port.
+        what: &'static str,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Some other file operation.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The engine task stopped with an error.
+    #[error(transparent)]
+    Engine(#[from] crate::engine_task::EngineTaskError),
+    /// The HTTP server failed.
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
+    /// The HTTPS certificate or key.
+    #[error(transparent)]
+    Tls(#[from] crate::http::tls::TlsError),
+    /// The administrators' tables.
+    #[error("{path}: {source}")]
+    Users {
+        /// The database file.
+        path: PathBuf,
+        /// What failed.
+        source: crate::http::web::users::UserError,
+    },
+}
+
+/// Creates the data directory (owner-only) if it does not exist.
+fn ensure_dir(dir: &Path) -> Result<(), ServeError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| ServeError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Reads the admin token from `<data_dir>/admin.token`, creating it (mode 0600) on first run.
+pub fn load_or_create_admin_token(data_dir: &Path) -> Result<String, ContentError> {
+    let (secret, created) = content::load_or_create_secret(&data_dir.join(ADMIN_TOKEN_FILE))?;
+    if created {
+        tracing::info!(
+            "created admin token in {}",
+            data_dir.join(ADMIN_TOKEN_FILE).display()
+        );
+    }
+    Ok(hex::encode(secret))
+}
+
+/// Writes `info` as JSON to `path` atomically (a temporary file renamed into place), mode 0600.
+pub fn write_ready_file(path: &Path, info: &ReadyInfo) -> Result<(), ServeError> {
+    let io = |source| ServeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let json = serde_json::to_vec_pretty(info).expect("ready info encodes");
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "ready".into());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    content::write_private(&tmp, &json)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Loads each unfinished job's content and hands the job to the engine (after a restart).
+async fn resume_jobs(
+    store: &SharedStore,
+    library: &Library,
+    task: &mut EngineTask,
+) -> Result<(), ServeError> {
+    let jobs = lock(store).unfinished_jobs()?;
+    for job in jobs {
+        if let Err(why) = resume_job(store, library, task, &job).await {
+            tracing::error!(job = job.id, "cannot resume job: {why}");
+            lock(store).set_job_state(job.id, JobState::Refused, Some(&why), unix_now())?;
+        }
+    }
+    Ok(())
+}
+
+async fn resume_job(
+    store: &SharedStore,
+    library: &Library,
+    task: &mut EngineTask,
+    job: &JobRecord,
+) -> Result<(), String> {
+    let (record, participants) = {
+        let s = lock(store);
+        let record = s
+            .content(&job.root)
+            .map_err(|e| e.to_string())?
+            .ok_or("its content is not in the database")?;
+        (record, s.participants(job.id).map_err(|e| e.to_string())?)
+    };
+    let manifest = decode_manifest(&record).map_err(|e| e.to_string())?;
+    if library.get(&record.root).is_none() {
+        let path = PathBuf::from(&record.path);
+        let m = manifest.clone();
+        let content = tokio::task::spawn_blocking(move || Content::reopen(&path, m))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("content {}: {e}", record.name))?;
+        library.insert(content);
+    }
+    // The job keeps the policy it was created with (jobs from before policies were stored
+    // ran under the defaults).
+    let policy = match &job.policy_spec {
+        Some(spec) => serde_json::from_value::<Policy>(spec.clone())
+            .map_err(|e| format!("its stored policy does not read back: {e}"))?,
+        None => Policy::default(),
+    };
+    let spec = JobSpec {
+        id: job.id,
+        manifest,
+        targets: engine_targets(&job.targets)?,
+        policy,
+    };
+    let now = task.now();
+    if job.state == JobState::Pending {
+        tracing::info!(
+            job = job.id,
+            "starting job that was created before the restart"
+        );
+        task.engine_mut()
+            .start_job(now, spec)
+            .map_err(|e| e.to_string())?;
+        return Ok(());
+    }
+    let mut states = Vec::with_capacity(participants.len());
+    for p in &participants {
+        let Ok(id) = AgentId::try_from(p.agent.as_str()) else {
+            continue;
+        };
+        states.push((id, crate::store::resume_state(p)));
+    }
+    tracing::info!(job = job.id, participants = states.len(), "resuming job");
+    task.engine_mut().resume_job(now, spec, states);
+    Ok(())
+}
+
+/// Runs the manager until `shutdown` completes (or the engine task fails).
+pub async fn serve(
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    ensure_dir(&opts.data_dir)?;
+    let keys = Keys::load_or_create(&opts.data_dir)?;
+    let admin_token = load_or_create_admin_token(&opts.data_dir)?;
+    let db_path = opts
+        .db
+        .clone()
+        .unwrap_or_else(|| opts.data_dir.join("baton.db"));
+    let mut sqlite = SqliteStore::open(&db_path).map_err(|source| ServeError::Store {
+        path: db_path.clone(),
+        source,
+    })?;
+    let manager_key = keys.manager.public();
+    match sqlite.meta("manager_key")? {
+        Some(k) if k != manager_key.0 => tracing::warn!(
+            "manager.key differs from the key this database was created with; agents that pinned the old key will refuse this manager"
+        ),
+        Some(_) => {}
+        None => sqlite.set_meta("manager_key", &manager_key.0)?,
+    }
+    let epoch = sqlite.next_epoch()?;
+    let tls = match &opts.tls {
+        Some((cert, key)) => Some(Arc::new(crate::http::tls::load_config(cert, key)?)),
+        None => None,
+    };
+    let web_store =
+        crate::http::web::users::WebStore::open(&db_path).map_err(|source| ServeError::Users {
+            path: db_path.clone(),
+            source,
+        })?;
+    let http_config = crate::http::HttpConfig {
+        web: Arc::new(crate::http::web::Web::new(web_store, tls.is_some())),
+        upload_dir: opts.data_dir.join("uploads"),
+        max_upload_bytes: opts.max_upload,
+        tls,
+    };
+    let store: SharedStore = Arc::new(Mutex::new(Box::new(sqlite) as Box<dyn Store>));
+    let registry = Arc::new(Registry::load(store.clone())?);
+    let library = Arc::new(Library::new());
+    let limits = Limits {
+        up: (opts.up_bps > 0).then(|| Arc::new(RateLimiter::new(opts.up_bps))),
+        ..Limits::default()
+    };
+    let (events, _) = broadcast::channel(4096);
+    let engine = Engine::new(
+        epoch,
+        EngineConfig {
+            give_up_after: opts.give_up,
+            progress_flush: Duration::from_millis(500),
+            manager_up_bps: opts.up_bps,
+        },
+    );
+    let mut engine_task = EngineTask::new(
+        engine,
+        store.clone(),
+        registry.clone(),
+        events.clone(),
+        tokio::time::Instant::now(),
+    );
+    resume_jobs(&store, &library, &mut engine_task).await?;
+
+    let agent_listener =
+        TcpListener::bind(opts.listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: opts.listen,
+                what: "agent port, --listen",
+                source,
+            })?;
+    let http_listener = TcpListener::bind(opts.http)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: opts.http,
+            what: "HTTP API, --http",
+            source,
+        })?;
+    let agent_addr = agent_listener
+        .local_addr()
+        .map_err(|source| ServeError::Io {
+            path: PathBuf::from("agent listener"),
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| ServeError::Io {
+            path: PathBuf::from("http listener"),
+            source,
+        })?;
+
+    let (engine_tx, engine_rx) = mpsc::unbounded_channel();
+    let manager = Arc::new(Manager {
+        store: store.clone(),
+        registry: registry.clone(),
+        library: library.clone(),
+        keys: keys.clone(),
+        engine: engine_tx.clone(),
+        events: events.clone(),
+        stats: engine_task.stats(),
+        limits: limits.clone(),
+        epoch,
+        agent_addr,
+        http_addr,
+        admin_token: admin_token.clone(),
+    });
+    let agent_port = Arc::new(AgentPort {
+        identity: keys.manager.clone(),
+        publishers: vec![keys.publisher.public()],
+        registry: registry.clone(),
+        library: library.clone(),
+        limits: limits.clone(),
+        engine: engine_tx,
+        connections: Arc::new(Semaphore::new(opts.max_connections.max(1))),
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let engine_run = tokio::spawn(engine_task.run(engine_rx, stopped(stop_rx.clone())));
+    let agent_task = tokio::spawn(crate::agent_port::run_agent_port(
+        agent_listener,
+        agent_port.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    let http_task = tokio::spawn(crate::http::run(
+        http_listener,
+        manager.clone(),
+        http_config,
+        stopped(stop_rx.clone()),
+    ));
+    let serial_tasks: Vec<_> = opts
+        .serial
+        .iter()
+        .map(|path| {
+            tokio::spawn(crate::serial::run_serial_port(
+                path.clone(),
+                agent_port.clone(),
+                stopped(stop_rx.clone()),
+            ))
+        })
+        .collect();
+
+    let info = ReadyInfo {
+        agent_addr: agent_addr.to_string(),
+        http_addr: http_addr.to_string(),
+        manager_key: hex::encode(manager_key.0),
+        publisher_key: hex::encode(keys.publisher.public().0),
+        admin_token,
+        epoch,
+        tls_cert: opts
+            .tls
+            .as_ref()
+            .map(|(cert, _)| std::path::absolute(cert).unwrap_or_else(|_| cert.clone())),
+    };
+    let status_path = opts.data_dir.join(STATUS_FILE);
+    write_ready_file(&status_path, &info)?;
+    if let Some(ready) = &opts.ready_file {
+        write_ready_file(ready, &info)?;
+    }
+    tracing::info!(%agent_addr, %http_addr, epoch, manager_key = %info.manager_key, "manager ready");
+
+    tokio::pin!(engine_run);
+    let result = tokio::select! {
+        _ = shutdown => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+        r = &mut engine_run => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServeError::Engine(e)),
+            Err(e) => Err(ServeError::Http(std::io::Error::other(format!("engine task panicked: {e}")))),
+        },
+    };
+    let _ = stop_tx.send(true);
+    registry.close_all();
+    let grace = Duration::from_secs(5);
+    let _ = tokio::time::timeout(grace, agent_task).await;
+    for task in serial_tasks {
+        let _ = tokio::time::timeout(grace, task).await;
+    }
+    let http_result = tokio::time::timeout(grace, http_task).await;
+    if !engine_run.is_finished() {
+        let _ = tokio::time::timeout(grace, &mut engine_run).await;
+    }
+    let _ = std::fs::remove_file(&status_path);
+    result?;
+    if let Ok(Ok(Err(e))) = http_result {
+        return Err(ServeError::Http(e));
+    }
+    Ok(())
+}
