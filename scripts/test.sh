@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Baton's whole test run: installs what it needs on a fresh Debian machine,
-# then checks formatting, lints, the no_std build, all tests, the firmware (size,
+# then checks formatting, lints, the manager's layering (scripts/check-layers.py) and
+# that its sans-IO core builds alone, the no_std build, all tests, the firmware (size,
 # stack, clippy), the QEMU hardware-in-the-loop tests (needs root), the simulator's
 # seed sweep, and a short fuzz run. Browser tests need chromium (installed here).
 # Usage: scripts/test.sh            (FUZZ_SECONDS=N to change the fuzz time per target)
@@ -30,12 +31,13 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
-stage "install system packages (chromium, iproute2, openssl)"
+stage "install system packages (chromium, iproute2, openssl, python3)"
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 command -v tc >/dev/null 2>&1 || missing+=(iproute2)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 if [ "${#missing[@]}" -gt 0 ]; then
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
@@ -47,6 +49,16 @@ cargo fmt --all --check
 
 stage "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+
+stage "manager layering (import cycles, global state)"
+scripts/check-layers.py
+
+stage "manager core builds alone (no tokio, no database)"
+cargo build -p baton-manager-core
+if cargo tree -p baton-manager-core -e normal | grep -E '\b(tokio|rusqlite|axum|socket2) v'; then
+    echo "baton-manager-core must not depend on an IO crate (above)" >&2
+    exit 1
+fi
 
 stage "no_std check (thumbv7m)"
 cargo check -p baton-protocol -p baton-agent-core --no-default-features --target thumbv7m-none-eabi

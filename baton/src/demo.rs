@@ -251,7 +251,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     if !args.no_caps {
         manager_cmd.args(["--up-bps", &setup.profile.manager_up_bps.to_string()]);
     }
-    let mut fleet = Fleet::start_manager(manager_cmd, &dir)?;
+    let mut fleet = DemoProcesses::start_manager(manager_cmd, &dir)?;
 
     // Agents.
     fleet.start_agents(&setup.exe, args.agents, |i| {
@@ -342,7 +342,7 @@ pub(crate) fn agent_ids(n: usize) -> Vec<String> {
 }
 
 /// A manager and its agents as child processes, and the manager's API.
-pub(crate) struct Fleet {
+pub(crate) struct DemoProcesses {
     /// The manager first, then the agents in the order they were started.
     pub kids: Vec<Kid>,
     /// The manager's HTTP API.
@@ -361,7 +361,7 @@ pub(crate) struct Fleet {
 pub(crate) struct JobRun {
     /// Seconds from submission to the last participant finishing.
     pub seconds: f64,
-    /// Per agent (in [`Fleet::ids`] order): seconds from submission until it was seen confirmed.
+    /// Per agent (in [`DemoProcesses::ids`] order): seconds from submission until it was seen confirmed.
     pub completion: Vec<Option<f64>>,
     /// The job's last JSON status.
     pub last_status: Value,
@@ -379,7 +379,7 @@ pub(crate) struct Checked {
     pub agent_max_rss_bytes: u64,
 }
 
-impl Fleet {
+impl DemoProcesses {
     /// Builds the network lab of `topology`, moves this process into the manager's
     /// namespace (where the manager's HTTP API is on loopback) and starts the manager there,
     /// listening for agents on `port`, its uplink capped at `up_bps` if given. The lab is
@@ -390,7 +390,7 @@ impl Fleet {
         port: u16,
         up_bps: Option<u64>,
         dir: &Path,
-    ) -> anyhow::Result<(Lab, Fleet)> {
+    ) -> anyhow::Result<(Lab, DemoProcesses)> {
         let lab = Lab::build(topology).context("cannot build the network lab")?;
         netns::enter(&lab.manager.ns).context("cannot enter the manager's namespace")?;
         let mut manager_cmd = Lab::command(&lab.manager.ns, exe);
@@ -404,14 +404,14 @@ impl Fleet {
         if let Some(up_bps) = up_bps {
             manager_cmd.args(["--up-bps", &up_bps.to_string()]);
         }
-        let fleet = Fleet::start_manager(manager_cmd, dir)?;
+        let fleet = DemoProcesses::start_manager(manager_cmd, dir)?;
         Ok((lab, fleet))
     }
 
     /// Starts the manager from `cmd` (`baton serve` with its addresses; the data directory,
     /// ready file and give-up are added here) and waits until it is ready. The API must be
     /// reachable from the calling thread.
-    pub fn start_manager(mut cmd: Command, dir: &Path) -> anyhow::Result<Fleet> {
+    pub fn start_manager(mut cmd: Command, dir: &Path) -> anyhow::Result<DemoProcesses> {
         let ready = dir.join("manager-ready.json");
         cmd.arg("--die-with-parent");
         cmd.arg("--data-dir").arg(dir.join("manager"));
@@ -419,7 +419,7 @@ impl Fleet {
         cmd.args(["--give-up", "60"]);
         let mut kids = vec![spawn(&mut cmd, "manager", dir)?];
         let ready = wait_for_json(&ready, &mut kids)?;
-        Ok(Fleet {
+        Ok(DemoProcesses {
             api: Api::from_ready(&ready)?,
             agent_addr: str_field(&ready, "agent_addr")?,
             manager_key: str_field(&ready, "manager_key")?,
@@ -471,7 +471,7 @@ impl Fleet {
     }
 
     /// Starts agents `agent-00`, `agent-01`, … (`n` of them), agent `i` from `command(i)` as
-    /// in [`Fleet::start_agent`], and waits until all are connected.
+    /// in [`DemoProcesses::start_agent`], and waits until all are connected.
     pub fn start_agents(
         &mut self,
         exe: &Path,
@@ -502,7 +502,7 @@ impl Fleet {
         chunk_size: u64,
         timeout: u64,
         quiet: bool,
-        mut on_poll: impl FnMut(&mut Fleet, f64) -> anyhow::Result<()>,
+        mut on_poll: impl FnMut(&mut DemoProcesses, f64) -> anyhow::Result<()>,
     ) -> anyhow::Result<JobRun> {
         let mut request = serde_json::json!({
             "path": content,
@@ -566,7 +566,7 @@ impl Fleet {
         bail!("the job did not finish within {timeout} s; last status: {last_status}")
     }
 
-    /// [`Fleet::run_job_with`] without a per-poll hook.
+    /// [`DemoProcesses::run_job_with`] without a per-poll hook.
     pub fn run_job(
         &mut self,
         content: &Path,

@@ -34,7 +34,7 @@ enum Command {
     /// Run the manager: agent port, HTTP API, database.
     Serve(cli::serve::ServeArgs),
     /// Enrol an agent's key (`--id ID --key HEX`), or create a one-time enrolment token (`--token`).
-    Enroll(cli::show::EnrollArgs),
+    Enroll(cli::enroll::EnrollArgs),
     /// Publish a file and distribute it to agents.
     Push(cli::push::PushArgs),
     /// List jobs.
@@ -46,11 +46,11 @@ enum Command {
     /// List enrolled agents and whether they are connected.
     Agents(cli::show::AgentsArgs),
     /// List network segments as their leaders report them; `segments show NAME` for one.
-    Segments(cli::fleet::SegmentsArgs),
+    Segments(cli::segments::SegmentsArgs),
     /// Content groups: named sets of agents, by id or label (`list|show|add|set|rm`).
-    Groups(cli::fleet::GroupsArgs),
+    Groups(cli::definitions::GroupsArgs),
     /// Named distribution policies (`list|show|add|set|rm`).
-    Policies(cli::fleet::PoliciesArgs),
+    Policies(cli::definitions::PoliciesArgs),
     /// Administrators of the web UI and API tokens: `add NAME`, `token NAME`, `revoke-token NAME`, `list`.
     #[command(subcommand)]
     Admin(cli::admin::AdminCommand),
@@ -92,7 +92,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Enroll(args) => {
             init_logging("warn");
-            cli::show::enroll(args)?;
+            cli::enroll::enroll(args)?;
         }
         Command::Push(args) => {
             init_logging("warn");
@@ -116,15 +116,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Segments(args) => {
             init_logging("warn");
-            cli::fleet::segments(args)?;
+            cli::segments::segments(args)?;
         }
         Command::Groups(args) => {
             init_logging("warn");
-            cli::fleet::groups(args)?;
+            cli::definitions::groups(args)?;
         }
         Command::Policies(args) => {
             init_logging("warn");
-            cli::fleet::policies(args)?;
+            cli::definitions::policies(args)?;
         }
         Command::Admin(cmd) => {
             init_logging("warn");

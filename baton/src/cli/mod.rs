@@ -8,8 +8,10 @@
 //! and the `serve.json` a running manager keeps there.
 
 pub mod admin;
-pub mod fleet;
+pub mod definitions;
+pub mod enroll;
 pub mod push;
+pub mod segments;
 pub mod serve;
 pub mod show;
 
@@ -293,6 +295,36 @@ pub fn format_time(unix: u64) -> String {
         secs / 60 % 60,
         secs % 60
     )
+}
+
+/// Flags of a command on one named thing.
+#[derive(Args, Debug, Clone)]
+pub struct NamedArgs {
+    /// The name.
+    pub name: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientOpts,
+}
+
+/// A name as one URL path segment: every byte but `A-Z a-z 0-9 - . _ ~` percent-encoded
+/// (segment names may hold `/`).
+pub fn path_part(name: &str) -> anyhow::Result<String> {
+    if name.is_empty() {
+        bail!("give a name");
+    }
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use baton::lab::{Lab, LinkShape, Topology};
 use serde::Serialize;
 
 use super::segments::{AGENT_PORT, MANAGER_PORT};
-use super::{Fleet, LinkProfile, Setup, parse_size_arg};
+use super::{DemoProcesses, LinkProfile, Setup, parse_size_arg};
 
 /// Options of `baton lab`.
 #[derive(Clone, Debug, clap::Args)]
@@ -179,7 +179,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
     let mut topology = Topology::spread(&shapes, 1, LinkShape::default());
     topology.manager.up_bps = setup.profile.manager_up_bps;
     // The lab is dropped after the fleet (children die before their namespaces).
-    let (lab, mut fleet) = Fleet::start_in_lab(
+    let (lab, mut fleet) = DemoProcesses::start_in_lab(
         &topology,
         &setup.exe,
         MANAGER_PORT,

@@ -18,7 +18,7 @@ use anyhow::{Context as _, anyhow, bail};
 use baton::lab::{Lab, LinkShape, Topology};
 use serde_json::Value;
 
-use super::{DemoArgs, DemoReport, Fleet, LinkProfile, START_TIMEOUT, Setup};
+use super::{DemoArgs, DemoProcesses, DemoReport, LinkProfile, START_TIMEOUT, Setup};
 
 /// The manager's agent port inside the lab.
 pub const MANAGER_PORT: u16 = 7700;
@@ -75,7 +75,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     let manager_up_bps = (!args.no_caps).then_some(setup.profile.manager_up_bps);
     // The lab is dropped after the fleet (children die before their namespaces).
     let (lab, mut fleet) =
-        Fleet::start_in_lab(&topology, &setup.exe, MANAGER_PORT, manager_up_bps, &dir)?;
+        DemoProcesses::start_in_lab(&topology, &setup.exe, MANAGER_PORT, manager_up_bps, &dir)?;
     fleet.start_agents(&setup.exe, args.agents, |i| {
         let node = &lab.agents[i];
         tracing::debug!(agent = i, segment = node.segment, ip = %node.ip, "starting agent");
@@ -140,7 +140,7 @@ pub fn agent_command(
 }
 
 /// The manager's segments (`GET /api/v1/segments`), as a list.
-fn segments(fleet: &Fleet) -> anyhow::Result<Vec<Value>> {
+fn segments(fleet: &DemoProcesses) -> anyhow::Result<Vec<Value>> {
     let v = fleet.api.get("/api/v1/segments").context(
         "the manager did not answer GET /api/v1/segments (does this build have segment reports?)",
     )?;
@@ -158,7 +158,7 @@ fn unix_ms() -> u64 {
 
 /// Waits until the manager has, from every segment `s`, a report naming a leader and
 /// listing all `sizes[s]` agents of that segment (the whole fleet has found each other).
-fn wait_for_segment_reports(fleet: &mut Fleet, sizes: &[usize]) -> anyhow::Result<()> {
+fn wait_for_segment_reports(fleet: &mut DemoProcesses, sizes: &[usize]) -> anyhow::Result<()> {
     let deadline = Instant::now() + START_TIMEOUT;
     let mut seen = Vec::new();
     while Instant::now() < deadline {
@@ -189,7 +189,7 @@ fn wait_for_segment_reports(fleet: &mut Fleet, sizes: &[usize]) -> anyhow::Resul
 
 /// Distinct leaders named in the segment reports the manager received since `since_ms`
 /// (once every agent was up): each segment's current leader and the later leader history.
-fn distinct_leaders(fleet: &Fleet, since_ms: u64) -> anyhow::Result<usize> {
+fn distinct_leaders(fleet: &DemoProcesses, since_ms: u64) -> anyhow::Result<usize> {
     let mut leaders = BTreeSet::new();
     for seg in segments(fleet)? {
         if let Some(l) = seg["leader"].as_str() {
