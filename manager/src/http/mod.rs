@@ -12,8 +12,10 @@
 //!   `X-CSRF-Token`. Without credentials the answer is `401` and nothing else,
 //!   whatever the path.
 //!
-//! Submodules: [`api`] (handlers), [`metrics`], [`tls`]; the UI lives in
-//! [`crate::web`].
+//! Submodules: [`api`] (jobs, agents, content, uploads), [`admin`] (segments,
+//! content groups, policies), [`metrics`], [`client`] (the client's address,
+//! secret comparison), [`tls`], and [`web`] (the administrators' UI, logins and
+//! sessions). Handlers call the service layer ([`crate::service::Manager`]).
 
 pub mod admin;
 pub mod api;
