@@ -40,9 +40,9 @@ def module_files(src):
         for name in files:
             if not name.endswith(".rs"):
                 continue
-            path = os.path.join(dirpath, name)
-            if os.path.normpath(path) in tests:
-                continue
+            path = os.path.normpath(os.path.join(dirpath, name))
+            if any(path == t or path.startswith(t[: -len("mod.rs") if t.endswith("/mod.rs") else -3] + "/") for t in tests):
+                continue  # a test module, or a file of one
             rel = os.path.relpath(path, src)[:-3].split(os.sep)
             if rel in (["lib"], ["main"]):
                 parts = ()

@@ -23,9 +23,8 @@ use std::collections::{BTreeMap, HashMap};
 use baton_protocol::types::{AgentId, Name};
 use tracing::{info, warn};
 
-use super::{
-    Agent, Ctx, EngineEvent, FailCause, Job, JobOutcome, Out, Outputs, ParticipantState, node_info,
-};
+use super::state::node_info;
+use super::{Agent, Ctx, EngineEvent, FailCause, Job, JobOutcome, Out, Outputs, ParticipantState};
 use crate::planner::Holder;
 
 /// A rate cap that makes one transfer take longer than this is reported (without a window).

@@ -547,3 +547,272 @@ impl RelayPlan {
         })
     }
 }
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use crate::planner::Policy;
+    use crate::planner::relay::test_util::{
+        assert_covers, leaf, plan_time, segmented_fleet, server,
+    };
+    use crate::planner::relay::{Holder, NodeInfo, Seed};
+
+    /// (fetcher, stripe) edges that cross segments (or come from the manager).
+    fn cross_segment_edges(plan: &RelayPlan) -> usize {
+        let mut n = 0;
+        for f in 0..plan.len() as u32 {
+            for s in 0..plan.stripes().len() {
+                let h = plan.parent(f, s);
+                if h == UNSET {
+                    continue;
+                }
+                if h == MANAGER
+                    || plan.nodes[h as usize].info.segment != plan.nodes[f as usize].info.segment
+                {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn stripes_enter_each_segment_once_and_fan_out_inside() {
+        // 4 segments of 12 servers and 4 leaves; uploads vary.
+        let fleet = |segments: bool| -> Vec<Seed> {
+            (0..64u32)
+                .map(|i| {
+                    let mut seed = if i % 16 < 12 {
+                        server(1_000_000 * (1 + i as u64 % 3), 16)
+                    } else {
+                        leaf(8)
+                    };
+                    if let Some(info) = &mut seed.info {
+                        info.segment = if segments { 1 + i / 16 } else { 0 };
+                    }
+                    seed
+                })
+                .collect()
+        };
+        let local = RelayPlan::build(800, 2_000_000, &Policy::default(), &fleet(true));
+        local.check().unwrap();
+        assert_covers(&local);
+        let k = local.stripes().len();
+        assert_eq!(k, 8);
+        let cross = cross_segment_edges(&local);
+        let mut blind = RelayPlan::build(800, 2_000_000, &Policy::default(), &fleet(false));
+        for (n, seed) in fleet(true).iter().enumerate() {
+            blind.nodes[n].info.segment = seed.info.unwrap().segment;
+        }
+        let blind = cross_segment_edges(&blind);
+        eprintln!(
+            "cross-segment edges: {cross} with locality, {blind} without, of {}",
+            64 * k
+        );
+        // Each stripe enters each segment about once (k · 4 edges), plus what a segment's
+        // members cannot take within their upload share.
+        assert!(cross <= 3 * k * 4, "{cross} cross-segment edges");
+        assert!(
+            cross * 3 < blind,
+            "locality did not help: {cross} vs {blind}"
+        );
+        // And it still uses everyone's upload well.
+        let ups: Vec<u64> = (0..64).map(|i| 1_000_000 * (1 + i % 3)).collect();
+        let t = plan_time(&local, 1000.0, 2_000_000, &ups);
+        let total_up: f64 = 2e6
+            + (0..64)
+                .filter(|i| i % 16 < 12)
+                .map(|i| ups[i] as f64)
+                .sum::<f64>();
+        let bound = (800_000.0 / 2e6f64).max(64.0 * 800_000.0 / total_up);
+        assert!(t / bound < 1.3, "plan {t} s vs bound {bound} s");
+
+        // A late joiner on segment 2 takes sources on segment 2.
+        let mut plan = local;
+        let newcomer = plan.add_node();
+        let info = NodeInfo {
+            segment: 2,
+            ..leaf(16).info.unwrap()
+        };
+        plan.place(newcomer, info);
+        plan.check().unwrap();
+        for a in plan.sources(newcomer) {
+            match a.holder {
+                Holder::Peer(p) => assert_eq!(plan.nodes[p as usize].info.segment, 2),
+                Holder::Manager => {}
+            }
+        }
+    }
+
+    #[test]
+    fn content_crosses_into_each_segment_once() {
+        let chunks = 512;
+        for (segments, per) in [(3, 8), (5, 12), (2, 40)] {
+            let seeds = segmented_fleet(segments, per);
+            let plan = RelayPlan::build(chunks, 4_000_000, &Policy::default(), &seeds);
+            plan.check().unwrap();
+            assert_covers(&plan);
+            for seg in 1..=segments {
+                let crossing = plan.chunks_into_segment(seg);
+                eprintln!(
+                    "{segments}×{per}: segment {seg}: {crossing} of {chunks} chunks cross, {} agents fetch across",
+                    plan.wan_fetchers(seg)
+                );
+                assert!(
+                    crossing <= chunks as u64,
+                    "segment {seg} of {segments}×{per}: {crossing} chunks planned to cross"
+                );
+            }
+            assert_eq!(plan.segment_entries().len(), segments as usize);
+            // And everyone's upload is still used well (chunks of 1 kB).
+            let ups: Vec<u64> = seeds
+                .iter()
+                .map(|s| s.info.map_or(0, |i| if i.server { i.up_bps } else { 0 }))
+                .collect();
+            let t = plan_time(&plan, 1000.0, 4_000_000, &ups);
+            let bytes = chunks as f64 * 1000.0;
+            let total_up = 4e6 + ups.iter().sum::<u64>() as f64;
+            let bound = (bytes / 4e6).max(seeds.len() as f64 * bytes / total_up);
+            let flat_seeds: Vec<Seed> = seeds
+                .iter()
+                .map(|s| {
+                    let mut s = *s;
+                    if let Some(i) = &mut s.info {
+                        i.segment = 0;
+                    }
+                    s
+                })
+                .collect();
+            let flat = RelayPlan::build(chunks, 4_000_000, &Policy::default(), &flat_seeds);
+            let tf = plan_time(&flat, 1000.0, 4_000_000, &ups);
+            eprintln!(
+                "{segments}×{per}: plan {t:.3} s (flat {tf:.3} s), bound {bound:.3} s, {} stripes",
+                plan.stripes().len()
+            );
+            // Keeping content inside segments costs little speed. (Flat plans balance their
+            // quotas across groups ([`balance`]); segmented ones keep upload-proportional
+            // quotas, which leaves the busiest server up to ~15 % over the flat plan's.)
+            assert!(t <= tf * 1.2, "plan {t} s vs {tf} s without segments");
+        }
+    }
+
+    #[test]
+    fn the_segments_demo_fleet_plans_as_fast_as_a_flat_one() {
+        // `baton demo --segments 3 --agents 24 --size 16MiB`: 32 KiB chunks, uploads of
+        // 0.5–2 MiB/s, manager 3 MiB/s, eight agents per segment, a 2 MiB/s leader in each.
+        let mib = 1u64 << 20;
+        let chunks = 512;
+        let ups: Vec<u64> = (0..24u64).map(|i| (1 + i % 4) * mib / 2).collect();
+        let fleet = |segments: bool| -> Vec<Seed> {
+            (0..24u32)
+                .map(|i| Seed {
+                    info: Some(NodeInfo {
+                        up_bps: ups[i as usize],
+                        server: true,
+                        capacity: 32,
+                        max_sources: 9,
+                        segment: if segments { 1 + i / 8 } else { 0 },
+                        leader: segments && i % 8 == 3,
+                    }),
+                    ..Seed::default()
+                })
+                .collect()
+        };
+        let chunk_bytes = (16 * mib / chunks as u64) as f64;
+        let plan = RelayPlan::build(chunks, 3 * mib, &Policy::default(), &fleet(true));
+        plan.check().unwrap();
+        assert_covers(&plan);
+        let flat = RelayPlan::build(chunks, 3 * mib, &Policy::default(), &fleet(false));
+        let t = plan_time(&plan, chunk_bytes, 3 * mib, &ups);
+        let tf = plan_time(&flat, chunk_bytes, 3 * mib, &ups);
+        eprintln!("demo fleet: plan {t:.2} s with segments, {tf:.2} s without");
+        assert!(t <= tf * 1.1, "plan {t} s vs {tf} s without segments");
+        for seg in 1..=3 {
+            assert!(plan.chunks_into_segment(seg) <= chunks as u64);
+            let entry = &plan.segment_entries()[seg as usize - 1];
+            assert!(plan.fetches_across(entry.entries[0]));
+        }
+    }
+
+    #[test]
+    fn at_most_m_agents_of_a_segment_fetch_across_the_wan_leader_first() {
+        let mut seeds = segmented_fleet(3, 8);
+        // Agent 13 (segment 2) is its segment's elected leader.
+        seeds[13].info.as_mut().unwrap().leader = true;
+        for m in [1u16, 2, 3] {
+            let policy = Policy {
+                max_wan_transfers_per_segment: m,
+                ..Policy::default()
+            };
+            let plan = RelayPlan::build(400, 4_000_000, &policy, &seeds);
+            plan.check().unwrap();
+            assert_covers(&plan);
+            for seg in 1..=3 {
+                assert!(
+                    plan.wan_fetchers(seg) <= m as usize,
+                    "m={m}: segment {seg} has {} fetching across",
+                    plan.wan_fetchers(seg)
+                );
+                assert!(plan.chunks_into_segment(seg) <= 400);
+            }
+            let entry = plan
+                .segment_entries()
+                .iter()
+                .find(|e| e.segment == 2)
+                .unwrap();
+            assert_eq!(entry.entries[0], 13, "the leader enters first");
+            if m == 1 {
+                assert!(plan.fetches_across(13));
+            }
+        }
+        // Without a limit the stripes enter through different agents, in parallel.
+        for seed in &mut seeds {
+            if let Some(info) = &mut seed.info
+                && info.server
+            {
+                info.capacity = 16;
+            }
+        }
+        let plan = RelayPlan::build(400, 4_000_000, &Policy::default(), &seeds);
+        plan.check().unwrap();
+        assert!(plan.stripes().len() > 1);
+        assert!(plan.wan_fetchers(2) > 1);
+        assert!(plan.chunks_into_segment(2) <= 400);
+    }
+
+    #[test]
+    fn a_segment_without_servers_fetches_across_and_repairs_stay_inside() {
+        let mut seeds = segmented_fleet(3, 8);
+        for seed in seeds.iter_mut().skip(16) {
+            *seed = Seed {
+                info: Some(NodeInfo {
+                    segment: 3,
+                    ..leaf(4).info.unwrap()
+                }),
+                ..Seed::default()
+            };
+        }
+        let mut plan = RelayPlan::build(256, 4_000_000, &Policy::default(), &seeds);
+        plan.check().unwrap();
+        assert_eq!(plan.wan_fetchers(3), 8);
+        let seg3 = plan
+            .segment_entries()
+            .iter()
+            .find(|e| e.segment == 3)
+            .unwrap();
+        assert_eq!((seg3.servers, seg3.entries.len()), (0, 0));
+        // A source in segment 1 leaves: its in-segment fetchers get sources in segment 1.
+        let entry = plan.segment_entries()[0].clone();
+        let gone = entry.entries[0];
+        let seg = entry.segment;
+        let before = plan.chunks_into_segment(seg);
+        let across_before = plan.wan_fetchers(seg);
+        let changed = plan.depart(gone);
+        plan.check().unwrap();
+        assert!(!changed.is_empty());
+        // Only what the departed entry fetched from outside is fetched from outside again
+        // (by those of its fetchers for whom no source is left inside the segment).
+        assert!(plan.chunks_into_segment(seg) <= before);
+        assert!(plan.wan_fetchers(seg) <= across_before + 1);
+    }
+}

@@ -1,0 +1,496 @@
+//! The engine's inputs: agents coming and going, their messages, and timers firing.
+//!
+//! The `Engine` methods here check an input and route it to the jobs it
+//! concerns; the `Job` handlers update the participant, the relay plan and the
+//! counts, and queue what follows (new sources, records, events, the end of
+//! the job when everyone has confirmed or failed).
+
+use core::time::Duration;
+
+use baton_protocol::message::{Message, Received, Report, Trouble};
+use baton_protocol::types::{AgentId, PublicKey};
+use tracing::{debug, info};
+
+use super::{
+    Agent, Ctx, Engine, EngineError, EngineEvent, FailCause, Job, JobOutcome, ParticipantState,
+    Persist, Targets,
+};
+use crate::planner::Profile;
+
+impl Engine {
+    /// An agent is connected and sent `report` (its first on this connection, or an update).
+    ///
+    /// Call it for every `Report`, after the handshake authenticated `id` with `key`. A
+    /// participant of a running job that was not instructed on this connection gets a `Fetch`;
+    /// for `Targets::All` jobs a new agent joins as a late participant.
+    pub fn agent_online(&mut self, now: Duration, id: AgentId, key: PublicKey, report: Report) {
+        let profile = Profile::from(&report);
+        let agent = self.agents.entry(id.clone()).or_insert(Agent {
+            key,
+            profile: profile.clone(),
+            online: false,
+        });
+        agent.key = key;
+        agent.profile = profile;
+        agent.online = true;
+
+        let joining: Vec<u64> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                j.outcome == JobOutcome::Running
+                    && j.spec.targets == Targets::All
+                    && !j.index.contains_key(&id)
+            })
+            .map(|(&k, _)| k)
+            .collect();
+        for job_id in joining {
+            let job = self.jobs.get_mut(&job_id).expect("listed above");
+            let idx = job.add_part(id.clone(), ParticipantState::Waiting);
+            if let Some(plan) = &mut job.plan {
+                plan.add_node();
+            }
+            info!(job = job_id, agent = %id, "late joiner");
+            self.memberships
+                .entry(id.clone())
+                .or_default()
+                .push((job_id, idx));
+        }
+
+        let memberships = self.memberships.get(&id).cloned().unwrap_or_default();
+        let mut cx = Ctx {
+            out: &mut self.out,
+            agents: &self.agents,
+            config: &self.config,
+            now,
+            leaders: &self.leaders,
+        };
+        for (job_id, idx) in memberships {
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                job.on_online(&mut cx, idx);
+            }
+        }
+    }
+
+    /// An agent's connection closed. Its fetchers are routed around it; if it is still
+    /// working on a job, its give-up timer starts.
+    pub fn agent_offline(&mut self, now: Duration, id: &AgentId) {
+        if let Some(agent) = self.agents.get_mut(id) {
+            agent.online = false;
+        }
+        let memberships = self.memberships.get(id).cloned().unwrap_or_default();
+        let mut cx = Ctx {
+            out: &mut self.out,
+            agents: &self.agents,
+            config: &self.config,
+            now,
+            leaders: &self.leaders,
+        };
+        for (job_id, idx) in memberships {
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                job.on_offline(&mut cx, job_id, idx);
+            }
+        }
+    }
+
+    /// A message from agent `from` (authenticated by the driver): `Progress`, `Have`, `Failed`,
+    /// `NextPlease`, `PeerTrouble`; `Ping`/`Pong` are accepted and ignored.
+    ///
+    /// Messages under an older epoch are ignored (`Ok`). Any other message, an unknown job, a
+    /// sender that is not a participant, a newer epoch or a `Have` with another root is an
+    /// error and changes nothing.
+    pub fn handle_message(
+        &mut self,
+        now: Duration,
+        from: &AgentId,
+        msg: &Message<'_>,
+    ) -> Result<(), EngineError> {
+        let job_ref = match msg {
+            Message::Progress { job, .. }
+            | Message::Have { job, .. }
+            | Message::Failed { job, .. }
+            | Message::NextPlease { job }
+            | Message::PeerTrouble { job, .. } => *job,
+            Message::Ping { .. } | Message::Pong { .. } => return Ok(()),
+            Message::SegmentReport(report) => {
+                if report.leader == *from {
+                    self.set_segment_leader(&report.segment, Some(from.clone()));
+                }
+                return Ok(());
+            }
+            other => return Err(EngineError::Unexpected { kind: other.kind() }),
+        };
+        let job_id = job_ref.id;
+        let job = self
+            .jobs
+            .get_mut(&job_id)
+            .ok_or(EngineError::UnknownJob(job_id))?;
+        if job_ref.epoch < self.epoch {
+            debug!(job = job_id, agent = %from, epoch = job_ref.epoch, kind = msg.kind(), "stale epoch, ignored");
+            return Ok(());
+        }
+        if job_ref.epoch > self.epoch {
+            return Err(EngineError::FutureEpoch {
+                job: job_id,
+                epoch: job_ref.epoch,
+                current: self.epoch,
+            });
+        }
+        let idx = *job
+            .index
+            .get(from)
+            .ok_or_else(|| EngineError::NotParticipant {
+                job: job_id,
+                agent: from.clone(),
+            })?;
+        if let Message::Have { root, .. } = msg
+            && *root != job.spec.manifest.root
+        {
+            return Err(EngineError::RootMismatch {
+                job: job_id,
+                agent: from.clone(),
+            });
+        }
+        let mut cx = Ctx {
+            out: &mut self.out,
+            agents: &self.agents,
+            config: &self.config,
+            now,
+            leaders: &self.leaders,
+        };
+        if job.outcome != JobOutcome::Running {
+            // The list is exhausted; remind a participant that asks.
+            if let Message::NextPlease { .. } = msg {
+                job.send_end(&mut cx, job_id, idx);
+            }
+            return Ok(());
+        }
+        match msg {
+            Message::Progress {
+                verified, received, ..
+            } => job.on_progress(&mut cx, job_id, idx, *verified, received),
+            Message::Have { .. } => job.on_have(&mut cx, job_id, idx),
+            Message::Failed { reason, .. } => {
+                if !job.parts[idx as usize].state.is_terminal() {
+                    job.fail(&mut cx, job_id, idx, FailCause::Agent(*reason));
+                }
+            }
+            Message::NextPlease { .. } => job.on_next_please(&mut cx, job_id, idx),
+            Message::PeerTrouble { peer, trouble, .. } => match job.index.get(peer) {
+                Some(&p) => job.on_trouble(&mut cx, job_id, idx, p, *trouble),
+                None => {
+                    debug!(job = job_id, agent = %from, peer = %peer, "trouble with a non-participant, ignored")
+                }
+            },
+            _ => unreachable!("filtered above"),
+        }
+        Ok(())
+    }
+
+    /// A timer fired: gives up silent participants and flushes batched progress that is due.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        let mut cx = Ctx {
+            out: &mut self.out,
+            agents: &self.agents,
+            config: &self.config,
+            now,
+            leaders: &self.leaders,
+        };
+        while let Some(&(when, job_id, idx)) = cx.out.deadlines.first() {
+            if when > now {
+                break;
+            }
+            cx.out.deadlines.pop_first();
+            let Some(job) = self.jobs.get_mut(&job_id) else {
+                continue;
+            };
+            let p = &mut job.parts[idx as usize];
+            if p.deadline != Some(when) {
+                continue;
+            }
+            p.deadline = None;
+            if job.outcome == JobOutcome::Running && !p.online && !p.state.is_terminal() {
+                info!(job = job_id, agent = %p.id, "participant given up");
+                job.fail(&mut cx, job_id, idx, FailCause::GaveUp);
+            }
+        }
+        for (&job_id, job) in self.jobs.iter_mut() {
+            if job.flush_at.is_some_and(|t| t <= now) {
+                job.flush(&mut cx, job_id);
+            }
+            if job.opens_at.is_some_and(|t| t <= now) {
+                job.open_window(&mut cx, job_id);
+            }
+        }
+    }
+}
+
+impl Job {
+    pub(super) fn on_online(&mut self, cx: &mut Ctx<'_>, idx: u32) {
+        let job_id = self.spec.id;
+        let p = &mut self.parts[idx as usize];
+        if p.online && (p.instructed || p.state.is_terminal()) {
+            // A report update on the same connection: the plan learns what changed (an agent
+            // that serves fewer peers now hands some of its fetchers to others).
+            if self.outcome == JobOutcome::Running
+                && let Some(agent) = cx.agents.get(&p.id)
+                && !matches!(p.state, ParticipantState::Failed(_))
+            {
+                let info = self.info_of(cx.leaders, idx, &agent.profile);
+                let plan = self.plan.as_mut().expect("running jobs have a plan");
+                let changed: Vec<u32> = plan
+                    .place(idx, info)
+                    .into_iter()
+                    .filter(|&c| c != idx)
+                    .collect();
+                self.resend_sources(cx, job_id, &changed);
+            }
+            return;
+        }
+        p.online = true;
+        self.disarm_give_up(cx, job_id, idx);
+        if self.outcome != JobOutcome::Running {
+            self.send_end(cx, job_id, idx);
+            return;
+        }
+        let Some(agent) = cx.agents.get(&self.parts[idx as usize].id) else {
+            return;
+        };
+        let info = self.info_of(cx.leaders, idx, &agent.profile);
+        let waiting = self.opens_at.is_some();
+        let plan = self.plan.as_mut().expect("running jobs have a plan");
+        match self.parts[idx as usize].state {
+            ParticipantState::Confirmed => {
+                plan.place(idx, info);
+            }
+            ParticipantState::Failed(FailCause::Agent(_)) => {}
+            ParticipantState::Failed(FailCause::GaveUp) if waiting => {}
+            ParticipantState::Failed(FailCause::GaveUp) => {
+                info!(job = job_id, agent = %self.parts[idx as usize].id, "given-up participant is back");
+                self.failed -= 1;
+                plan.revive(idx);
+                plan.place(idx, info);
+                self.instruct(cx, job_id, idx);
+            }
+            ParticipantState::Waiting | ParticipantState::Fetching { .. } => {
+                plan.place(idx, info);
+                if !waiting {
+                    self.instruct(cx, job_id, idx);
+                }
+            }
+        }
+    }
+
+    fn on_offline(&mut self, cx: &mut Ctx<'_>, job_id: u64, idx: u32) {
+        let p = &mut self.parts[idx as usize];
+        if !p.online {
+            return;
+        }
+        p.online = false;
+        p.instructed = false;
+        p.sources_queued = false;
+        if self.outcome != JobOutcome::Running {
+            return;
+        }
+        let changed = self
+            .plan
+            .as_mut()
+            .map(|plan| plan.depart(idx))
+            .unwrap_or_default();
+        self.resend_sources(cx, job_id, &changed);
+        self.mark_throttle(idx);
+        if !self.parts[idx as usize].state.is_terminal() && self.opens_at.is_none() {
+            self.arm_give_up(cx, job_id, idx);
+        }
+    }
+
+    fn on_progress(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        job_id: u64,
+        idx: u32,
+        verified: u32,
+        received: &[Received],
+    ) {
+        let chunks = self.chunks;
+        let p = &mut self.parts[idx as usize];
+        if let ParticipantState::Fetching { .. } = p.state {
+            let verified = verified.min(chunks);
+            if verified > p.verified {
+                p.pleas = 0;
+            }
+            if verified != p.verified {
+                p.verified = verified;
+                p.state = ParticipantState::Fetching { verified };
+                if !p.dirty {
+                    p.dirty = true;
+                    self.dirty.push(idx);
+                }
+            }
+        }
+        for r in received {
+            if r.bytes > 0 {
+                *self.bytes.entry((idx, r.from.clone())).or_default() += r.bytes;
+            }
+        }
+        if self.dirty.is_empty() && self.bytes.is_empty() {
+            return;
+        }
+        if self.flush_at.is_none() {
+            let due = self
+                .last_flush
+                .map_or(cx.now, |last| last + cx.config.progress_flush);
+            if due <= cx.now {
+                self.flush(cx, job_id);
+            } else {
+                self.flush_at = Some(due);
+            }
+        }
+    }
+
+    /// Persists and reports the batched progress and source bytes.
+    fn flush(&mut self, cx: &mut Ctx<'_>, job_id: u64) {
+        self.flush_at = None;
+        if self.dirty.is_empty() && self.bytes.is_empty() {
+            return;
+        }
+        self.last_flush = Some(cx.now);
+        let mut updates = Vec::with_capacity(self.dirty.len());
+        for idx in std::mem::take(&mut self.dirty) {
+            let p = &mut self.parts[idx as usize];
+            p.dirty = false;
+            updates.push((p.id.clone(), p.verified));
+            cx.out.events.push_back(EngineEvent::Progress {
+                job: job_id,
+                agent: p.id.clone(),
+                verified: p.verified,
+                total: self.chunks,
+            });
+        }
+        if !updates.is_empty() {
+            cx.out.persist.push_back(Persist::Progress {
+                job: job_id,
+                updates,
+            });
+        }
+        for ((idx, from), bytes) in std::mem::take(&mut self.bytes) {
+            cx.out.persist.push_back(Persist::SourceBytes {
+                job: job_id,
+                agent: self.parts[idx as usize].id.clone(),
+                from,
+                bytes,
+            });
+        }
+    }
+
+    fn on_have(&mut self, cx: &mut Ctx<'_>, job_id: u64, idx: u32) {
+        let p = &mut self.parts[idx as usize];
+        match p.state {
+            ParticipantState::Confirmed => return,
+            ParticipantState::Failed(_) => self.failed -= 1,
+            _ => {}
+        }
+        p.state = ParticipantState::Confirmed;
+        p.verified = self.chunks;
+        self.confirmed += 1;
+        self.disarm_give_up(cx, job_id, idx);
+        if let Some(plan) = &mut self.plan {
+            plan.confirm(idx);
+        }
+        self.mark_throttle(idx);
+        self.persist_part(cx, job_id, idx, false);
+        cx.out.events.push_back(EngineEvent::Confirmed {
+            job: job_id,
+            agent: self.parts[idx as usize].id.clone(),
+        });
+        debug!(job = job_id, agent = %self.parts[idx as usize].id, "confirmed");
+        self.check_finished(cx, job_id);
+    }
+
+    fn fail(&mut self, cx: &mut Ctx<'_>, job_id: u64, idx: u32, cause: FailCause) {
+        self.parts[idx as usize].state = ParticipantState::Failed(cause);
+        self.failed += 1;
+        self.disarm_give_up(cx, job_id, idx);
+        let changed = self
+            .plan
+            .as_mut()
+            .map(|plan| plan.fail(idx))
+            .unwrap_or_default();
+        self.mark_throttle(idx);
+        self.persist_part(cx, job_id, idx, false);
+        let agent = self.parts[idx as usize].id.clone();
+        info!(job = job_id, agent = %agent, %cause, "participant failed");
+        cx.out.events.push_back(EngineEvent::ParticipantFailed {
+            job: job_id,
+            agent,
+            reason: cause.to_string(),
+        });
+        self.resend_sources(cx, job_id, &changed);
+        self.check_finished(cx, job_id);
+    }
+
+    fn on_next_please(&mut self, cx: &mut Ctx<'_>, job_id: u64, idx: u32) {
+        let p = &mut self.parts[idx as usize];
+        if !matches!(p.state, ParticipantState::Fetching { .. }) || !p.instructed {
+            return; // confirmed: nothing more until the list is exhausted
+        }
+        p.pleas = p.pleas.saturating_add(1);
+        let pleas = p.pleas;
+        let plan = self.plan.as_mut().expect("running jobs have a plan");
+        if pleas > 1 {
+            debug!(job = job_id, agent = %p.id, "asked again without progress: all from the manager");
+            plan.all_from_manager(idx);
+        } else {
+            plan.refresh(idx);
+        }
+        self.resend_sources(cx, job_id, &[idx]);
+    }
+
+    fn on_trouble(&mut self, cx: &mut Ctx<'_>, job_id: u64, idx: u32, peer: u32, trouble: Trouble) {
+        debug!(job = job_id, agent = %self.parts[idx as usize].id, peer = %self.parts[peer as usize].id, ?trouble, "peer trouble");
+        let plan = self.plan.as_mut().expect("running jobs have a plan");
+        let mut changed = Vec::new();
+        if plan.ban(idx, peer) {
+            changed.push(idx);
+        }
+        match trouble {
+            Trouble::BadChunk { .. } => changed.extend(plan.retire(peer, true)),
+            Trouble::Unreachable => changed.extend(plan.retire(peer, false)),
+            _ => {}
+        }
+        self.resend_sources(cx, job_id, &changed);
+    }
+
+    pub(super) fn check_finished(&mut self, cx: &mut Ctx<'_>, job_id: u64) {
+        if self.outcome == JobOutcome::Running && self.parts.iter().all(|p| p.state.is_terminal()) {
+            info!(
+                job = job_id,
+                confirmed = self.confirmed,
+                failed = self.failed,
+                "job finished"
+            );
+            self.end(cx, job_id, JobOutcome::Finished);
+        }
+    }
+
+    /// Ends the job: flushes progress, persists the end, tells connected participants.
+    pub(super) fn end(&mut self, cx: &mut Ctx<'_>, job_id: u64, outcome: JobOutcome) {
+        self.flush(cx, job_id);
+        self.outcome = outcome;
+        self.plan = None;
+        cx.out.persist.push_back(Persist::JobFinished {
+            job: job_id,
+            confirmed: self.confirmed,
+            failed: self.failed,
+        });
+        cx.out.events.push_back(EngineEvent::JobFinished {
+            job: job_id,
+            confirmed: self.confirmed,
+            failed: self.failed,
+        });
+        for idx in 0..self.parts.len() as u32 {
+            self.disarm_give_up(cx, job_id, idx);
+            self.send_end(cx, job_id, idx);
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The administrator's commands: start a job, resume it after a restart, cancel and forget it.
+//!
+//! Starting ranks the online targets and builds the relay plan; resuming
+//! rebuilds it from the stored states under the new epoch. Both queue the
+//! `JobStarted` record first and then [`Engine::begin`]: instruct whoever is
+//! online, start the give-up timers of the others, or wait for the policy's
+//! time window.
+
+use core::time::Duration;
+
+use baton_protocol::types::AgentId;
+use tracing::{info, warn};
+
+use super::{
+    Ctx, Engine, EngineError, FailCause, Job, JobOutcome, JobSpec, ParticipantState, Persist,
+    Targets,
+};
+use crate::planner::{RelayPlan, Seed, prioritize};
+
+impl Engine {
+    /// Starts a job: selects the online targets, ranks them, plans, persists the plan, and
+    /// instructs each online participant in the order of the list.
+    pub fn start_job(&mut self, now: Duration, spec: JobSpec) -> Result<(), EngineError> {
+        let job_id = spec.id;
+        if self.jobs.contains_key(&job_id) {
+            return Err(EngineError::DuplicateJob(job_id));
+        }
+        spec.manifest
+            .check_limits(None)
+            .map_err(|e| EngineError::InvalidManifest {
+                job: job_id,
+                reason: e.to_string(),
+            })?;
+        let (online, mut offline): (Vec<AgentId>, Vec<AgentId>) = match &spec.targets {
+            Targets::All => (
+                self.agents
+                    .iter()
+                    .filter(|(_, a)| a.online)
+                    .map(|(id, _)| id.clone())
+                    .collect(),
+                Vec::new(),
+            ),
+            Targets::Agents(list) => {
+                let mut seen = std::collections::HashSet::new();
+                list.iter()
+                    .filter(|id| seen.insert(*id))
+                    .cloned()
+                    .partition(|id| self.agents.get(id).is_some_and(|a| a.online))
+            }
+        };
+        if online.is_empty() && offline.is_empty() {
+            return Err(EngineError::NoTargets(job_id));
+        }
+        let ranked = prioritize(
+            online.iter().map(|id| (id, &self.agents[id].profile)),
+            &spec.policy,
+        );
+        offline.sort();
+        let order: Vec<AgentId> = ranked
+            .into_iter()
+            .map(|(id, _)| id)
+            .chain(offline)
+            .collect();
+        let chunks = spec.manifest.chunks();
+        let mut job = Job::new(spec, chunks, None);
+        for id in &order {
+            job.add_part(id.clone(), ParticipantState::Waiting);
+        }
+        let seeds: Vec<Seed> = (0..order.len() as u32)
+            .map(|idx| Seed {
+                info: job.online_info(&self.agents, &self.leaders, idx),
+                ..Seed::default()
+            })
+            .collect();
+        let plan = RelayPlan::build(chunks, self.config.manager_up_bps, &job.spec.policy, &seeds);
+        info!(
+            job = job_id,
+            participants = order.len(),
+            stripes = plan.stripes().len(),
+            "job started"
+        );
+        job.plan = Some(plan);
+        self.out.persist.push_back(Persist::JobStarted {
+            job: job_id,
+            epoch: self.epoch,
+            order,
+        });
+        self.begin(now, job_id, job);
+        Ok(())
+    }
+
+    /// Resumes a job after a manager restart, under this engine's (newer) epoch.
+    ///
+    /// `participants` are the stored states, in the stored order. Confirmed and failed ones
+    /// stay so; the others are planned again and get a `Fetch` with the new epoch as they come
+    /// online (they resume from the chunks they verified). A job id already known is ignored.
+    pub fn resume_job(
+        &mut self,
+        now: Duration,
+        spec: JobSpec,
+        participants: Vec<(AgentId, ParticipantState)>,
+    ) {
+        let job_id = spec.id;
+        if self.jobs.contains_key(&job_id) {
+            warn!(
+                job = job_id,
+                "resume of a job that is already running, ignored"
+            );
+            return;
+        }
+        let chunks = spec.manifest.chunks().max(1);
+        let mut job = Job::new(spec, chunks, None);
+        for (id, state) in participants {
+            if job.index.contains_key(&id) {
+                continue;
+            }
+            let idx = job.add_part(id, state);
+            // Everyone past `Waiting` knew the job before the restart: they get `Done` at the end.
+            job.parts[idx as usize].ever_instructed = state != ParticipantState::Waiting;
+            match state {
+                ParticipantState::Confirmed => job.confirmed += 1,
+                ParticipantState::Failed(_) => job.failed += 1,
+                _ => {}
+            }
+        }
+        let seeds: Vec<Seed> = (0..job.parts.len() as u32)
+            .map(|idx| {
+                let state = job.parts[idx as usize].state;
+                Seed {
+                    info: job.online_info(&self.agents, &self.leaders, idx),
+                    confirmed: state == ParticipantState::Confirmed,
+                    failed: matches!(state, ParticipantState::Failed(_)),
+                }
+            })
+            .collect();
+        job.plan = Some(RelayPlan::build(
+            chunks,
+            self.config.manager_up_bps,
+            &job.spec.policy,
+            &seeds,
+        ));
+        info!(
+            job = job_id,
+            epoch = self.epoch,
+            participants = job.parts.len(),
+            "job resumed"
+        );
+        self.out.persist.push_back(Persist::JobStarted {
+            job: job_id,
+            epoch: self.epoch,
+            order: job.parts.iter().map(|p| p.id.clone()).collect(),
+        });
+        self.begin(now, job_id, job);
+    }
+
+    /// Registers `job`, instructs its online participants, starts the give-up timers of the
+    /// others (the plan is already built and `JobStarted` queued).
+    fn begin(&mut self, now: Duration, job_id: u64, mut job: Job) {
+        for text in job.policy_warnings(now, self.unix_at(now), &self.agents, &self.leaders) {
+            job.warn(&mut self.out, job_id, text);
+        }
+        let waiting = job.opens_at.is_some();
+        self.out.persist.reserve(job.parts.len());
+        self.out.transmit.reserve(job.parts.len());
+        for (idx, p) in job.parts.iter().enumerate() {
+            self.memberships
+                .entry(p.id.clone())
+                .or_default()
+                .push((job_id, idx as u32));
+        }
+        let mut cx = Ctx {
+            out: &mut self.out,
+            agents: &self.agents,
+            config: &self.config,
+            now,
+            leaders: &self.leaders,
+        };
+        for idx in 0..job.parts.len() as u32 {
+            let p = &mut job.parts[idx as usize];
+            let state = p.state;
+            if cx.agents.get(&p.id).is_some_and(|a| a.online) {
+                if state == ParticipantState::Failed(FailCause::GaveUp) && !waiting {
+                    // Given up before a restart, but here now: it gets another chance.
+                    job.on_online(&mut cx, idx);
+                    continue;
+                }
+                p.online = true;
+                if waiting {
+                    if state == ParticipantState::Waiting {
+                        job.persist_part(&mut cx, job_id, idx, false);
+                    }
+                } else if !state.is_terminal() {
+                    job.instruct(&mut cx, job_id, idx);
+                }
+            } else {
+                if state == ParticipantState::Waiting {
+                    job.persist_part(&mut cx, job_id, idx, false);
+                }
+                if !state.is_terminal() && !waiting {
+                    job.arm_give_up(&mut cx, job_id, idx);
+                }
+            }
+        }
+        if !job.parts.is_empty() {
+            job.check_finished(&mut cx, job_id);
+        }
+        self.jobs.insert(job_id, job);
+    }
+
+    /// Cancels a running job: every connected participant gets `Cancel`; the job ends.
+    pub fn cancel_job(&mut self, now: Duration, job: u64) -> Result<(), EngineError> {
+        let j = self
+            .jobs
+            .get_mut(&job)
+            .ok_or(EngineError::UnknownJob(job))?;
+        if j.outcome != JobOutcome::Running {
+            return Err(EngineError::JobEnded(job));
+        }
+        let mut cx = Ctx {
+            out: &mut self.out,
+            agents: &self.agents,
+            config: &self.config,
+            now,
+            leaders: &self.leaders,
+        };
+        info!(job, "job cancelled");
+        j.end(&mut cx, job, JobOutcome::Cancelled);
+        Ok(())
+    }
+
+    /// Forgets an ended job (its status is no longer available). Returns whether it existed
+    /// and had ended; a running job is kept.
+    pub fn forget_job(&mut self, job: u64) -> bool {
+        match self.jobs.get(&job) {
+            Some(j) if j.outcome != JobOutcome::Running => {}
+            _ => return false,
+        }
+        let j = self.jobs.remove(&job).expect("checked above");
+        for p in &j.parts {
+            if let Some(list) = self.memberships.get_mut(&p.id) {
+                list.retain(|&(k, _)| k != job);
+                if list.is_empty() {
+                    self.memberships.remove(&p.id);
+                }
+            }
+        }
+        true
+    }
+}

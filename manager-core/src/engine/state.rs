@@ -1,0 +1,244 @@
+//! Where jobs and participants stand: the states the store keeps, and the job's own records.
+//!
+//! [`ParticipantState`] and [`JobOutcome`] are what the driver persists and shows;
+//! [`FailCause`] round-trips through text so a store can keep it. The rest builds
+//! the engine's records of a job: its participants, and the relay plan's view of
+//! each (its segment numbered, its leadership and the policy's serving rules
+//! applied).
+
+use core::fmt;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use baton_protocol::message::FailReason;
+use baton_protocol::types::{AgentId, Name};
+use serde::{Deserialize, Serialize};
+
+use super::{Agent, EngineError, Job, JobSpec, Part};
+use crate::planner::{NodeInfo, Policy, Profile, RelayPlan, Segments};
+
+/// Why a participant failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailCause {
+    /// The agent reported that it gave up (`Failed`).
+    Agent(FailReason),
+    /// It was silent and disconnected for longer than
+    /// [`EngineConfig::give_up_after`](super::EngineConfig::give_up_after).
+    GaveUp,
+}
+
+impl core::str::FromStr for FailCause {
+    type Err = EngineError;
+
+    /// Parses what [`Display`](fmt::Display) writes (so a store can keep the cause as text).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const REASONS: [FailReason; 9] = [
+            FailReason::StorageFull,
+            FailReason::StorageError,
+            FailReason::BadManifest,
+            FailReason::BadSignature,
+            FailReason::Expired,
+            FailReason::Downgrade,
+            FailReason::Busy,
+            FailReason::NoSource,
+            FailReason::ChunkTooLarge,
+        ];
+        if s == FailCause::GaveUp.to_string() {
+            return Ok(FailCause::GaveUp);
+        }
+        REASONS
+            .into_iter()
+            .map(FailCause::Agent)
+            .find(|c| c.to_string() == s)
+            .ok_or_else(|| EngineError::UnknownFailCause(s.into()))
+    }
+}
+
+impl fmt::Display for FailCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FailCause::Agent(reason) => write!(f, "agent failed: {reason:?}"),
+            FailCause::GaveUp => f.write_str("given up: disconnected without progress"),
+        }
+    }
+}
+
+/// Where one participant of a job stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ParticipantState {
+    /// Not instructed yet (not online since the job started).
+    Waiting,
+    /// Instructed; `verified` chunks verified and stored so far.
+    Fetching {
+        /// Chunks verified so far.
+        verified: u32,
+    },
+    /// Confirmed (`Have`): it holds every chunk, verified.
+    Confirmed,
+    /// Failed or given up; routed around.
+    Failed(FailCause),
+}
+
+impl ParticipantState {
+    /// Whether the participant is done with the job (confirmed or failed).
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            ParticipantState::Confirmed | ParticipantState::Failed(_)
+        )
+    }
+
+    /// A short lowercase name: `waiting`, `fetching`, `confirmed`, `failed`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ParticipantState::Waiting => "waiting",
+            ParticipantState::Fetching { .. } => "fetching",
+            ParticipantState::Confirmed => "confirmed",
+            ParticipantState::Failed(_) => "failed",
+        }
+    }
+}
+
+/// How a job stands as a whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobOutcome {
+    /// Participants are still working.
+    Running,
+    /// Every participant confirmed or failed; `Done` was sent.
+    Finished,
+    /// Cancelled by the administrator; `Cancel` was sent.
+    Cancelled,
+}
+
+impl Part {
+    fn new(id: AgentId, state: ParticipantState) -> Self {
+        let verified = match state {
+            ParticipantState::Fetching { verified } => verified,
+            _ => 0,
+        };
+        Part {
+            id,
+            state,
+            verified,
+            online: false,
+            instructed: false,
+            ever_instructed: false,
+            end_sent: false,
+            dirty: false,
+            sources_queued: false,
+            deadline: None,
+            pleas: 0,
+            segment: 0,
+            segment_known: false,
+            throttle: 0,
+        }
+    }
+}
+
+/// The relay plan's view of an agent: the policy's, with its segment number (`0` unless the
+/// policy keeps content local) and whether it leads its segment.
+pub(super) fn node_info(
+    policy: &Policy,
+    segment: u32,
+    leaders: &HashMap<Name, AgentId>,
+    id: &AgentId,
+    profile: &Profile,
+) -> NodeInfo {
+    NodeInfo {
+        segment: if policy.segment_local { segment } else { 0 },
+        leader: leaders.get(&profile.segment) == Some(id),
+        ..policy.node_info(id, profile)
+    }
+}
+
+impl Job {
+    pub(super) fn new(spec: JobSpec, chunks: u32, plan: Option<RelayPlan>) -> Self {
+        Job {
+            spec,
+            chunks,
+            plan,
+            parts: Vec::new(),
+            index: HashMap::new(),
+            outcome: JobOutcome::Running,
+            dirty: Vec::new(),
+            bytes: BTreeMap::new(),
+            flush_at: None,
+            last_flush: None,
+            confirmed: 0,
+            failed: 0,
+            segments: Segments::default(),
+            segment_parts: HashMap::new(),
+            warnings: Vec::new(),
+            opens_at: None,
+            throttle_segments: BTreeSet::new(),
+            throttle_parts: Vec::new(),
+        }
+    }
+
+    /// The plan's view of participant `idx` if its agent is online (numbering its segment).
+    pub(super) fn online_info(
+        &mut self,
+        agents: &HashMap<AgentId, Agent>,
+        leaders: &HashMap<Name, AgentId>,
+        idx: u32,
+    ) -> Option<NodeInfo> {
+        let agent = agents.get(&self.parts[idx as usize].id)?;
+        // Known agents get their segment numbered even when offline (for rate caps).
+        let info = self.info_of(leaders, idx, &agent.profile);
+        agent.online.then_some(info)
+    }
+
+    /// The plan's view of participant `idx` with `profile`; records its segment.
+    pub(super) fn info_of(
+        &mut self,
+        leaders: &HashMap<Name, AgentId>,
+        idx: u32,
+        profile: &Profile,
+    ) -> NodeInfo {
+        let segment = self.segments.id(&profile.segment);
+        let p = &mut self.parts[idx as usize];
+        if !p.segment_known || p.segment != segment {
+            if p.segment_known
+                && p.segment != 0
+                && let Some(list) = self.segment_parts.get_mut(&p.segment)
+            {
+                list.retain(|&i| i != idx);
+            }
+            if segment != 0 {
+                self.segment_parts.entry(segment).or_default().push(idx);
+            }
+            p.segment = segment;
+            p.segment_known = true;
+        }
+        node_info(
+            &self.spec.policy,
+            segment,
+            leaders,
+            &self.parts[idx as usize].id,
+            profile,
+        )
+    }
+
+    pub(super) fn add_part(&mut self, id: AgentId, state: ParticipantState) -> u32 {
+        let idx = self.parts.len() as u32;
+        self.index.insert(id.clone(), idx);
+        self.parts.push(Part::new(id, state));
+        idx
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn fail_causes_round_trip_through_text() {
+        for cause in [
+            FailCause::GaveUp,
+            FailCause::Agent(FailReason::StorageFull),
+            FailCause::Agent(FailReason::ChunkTooLarge),
+        ] {
+            assert_eq!(cause.to_string().parse::<FailCause>(), Ok(cause));
+        }
+        assert!("bored".parse::<FailCause>().is_err());
+    }
+}
