@@ -1,6 +1,7 @@
 //! The records the manager keeps: enrolled agents, content, jobs and their
 //! participants, segments as their leaders report them, content groups and
-//! named policies.
+//! named policies; the web UI's administrators' sessions and the totals
+//! `/metrics` reports.
 //!
 //! These are plain data, shared by the engine's callers, the segment report
 //! assembly, group resolution and the store (`baton-manager`'s `Store` trait
@@ -371,4 +372,40 @@ pub struct PolicyRecord {
     pub name: String,
     /// Its fields (serde JSON of `planner::Policy`, defaults filled in).
     pub policy: serde_json::Value,
+}
+
+/// What setting an administrator's password did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminSet {
+    /// A new administrator was added.
+    Added,
+    /// An existing administrator's password was replaced.
+    PasswordChanged,
+}
+
+/// An administrator's web UI session. Only a hash of the session id (the cookie's value)
+/// is kept, so a copy of the database does not log anyone in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// SHA-256 of the session id.
+    pub id_hash: Digest,
+    /// The administrator logged in.
+    pub admin: String,
+    /// The token the session's changing requests must carry.
+    pub csrf: String,
+    /// When the session started (Unix seconds).
+    pub created_at: u64,
+    /// When it was last used (Unix seconds).
+    pub last_used: u64,
+}
+
+/// Totals over every job, as `/metrics` reports them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreTotals {
+    /// Jobs per state name (`pending`, `running`, `finished`, ...).
+    pub jobs_by_state: Vec<(String, u64)>,
+    /// Verified bytes agents received from the manager, all jobs.
+    pub bytes_from_manager: u64,
+    /// Verified bytes agents received from relaying peers, all jobs.
+    pub bytes_from_relays: u64,
 }

@@ -144,14 +144,6 @@ pub enum ServeError {
     /// The HTTPS certificate or key.
     #[error(transparent)]
     Tls(#[from] crate::http::tls::TlsError),
-    /// The administrators' tables.
-    #[error("{path}: {source}")]
-    Users {
-        /// The database file.
-        path: PathBuf,
-        /// What failed.
-        source: crate::http::web::users::UserError,
-    },
 }
 
 /// Creates the data directory (owner-only) if it does not exist.
@@ -308,18 +300,13 @@ pub async fn serve(
         Some((cert, key)) => Some(Arc::new(crate::http::tls::load_config(cert, key)?)),
         None => None,
     };
-    let web_store =
-        crate::http::web::users::WebStore::open(&db_path).map_err(|source| ServeError::Users {
-            path: db_path.clone(),
-            source,
-        })?;
+    let store: SharedStore = Arc::new(Mutex::new(Box::new(sqlite) as Box<dyn Store>));
     let http_config = crate::http::HttpConfig {
-        web: Arc::new(crate::http::web::Web::new(web_store, tls.is_some())),
+        web: Arc::new(crate::http::web::Web::new(store.clone(), tls.is_some())),
         upload_dir: opts.data_dir.join("uploads"),
         max_upload_bytes: opts.max_upload,
         tls,
     };
-    let store: SharedStore = Arc::new(Mutex::new(Box::new(sqlite) as Box<dyn Store>));
     let registry = Arc::new(Registry::load(store.clone())?);
     let library = Arc::new(Library::new());
     let limits = Limits {

@@ -1,5 +1,6 @@
 //! `baton admin`: administrators of the web UI and named API tokens, written
-//! straight into the manager's database file (a running manager sees them at once).
+//! straight into the manager's database file through its store (SQLite in WAL
+//! mode, so this works beside a running manager, which sees them at once).
 //!
 //! - `baton admin add NAME` reads the password from `--password-file`, or else
 //!   from standard input (prompted twice, without echo, on a terminal);
@@ -11,8 +12,9 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use baton_manager::http::web::users::{AdminSet, WebStore};
+use baton_manager::http::web::users;
 use baton_manager::registry::unix_now;
+use baton_manager::store::{AdminSet, SqliteStore, Store};
 use clap::{Args, Subcommand};
 
 /// Where the manager's database is.
@@ -27,7 +29,7 @@ pub struct DbOpts {
 }
 
 impl DbOpts {
-    fn open(&self) -> anyhow::Result<WebStore> {
+    fn open(&self) -> anyhow::Result<SqliteStore> {
         let path = self
             .db
             .clone()
@@ -36,7 +38,7 @@ impl DbOpts {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        WebStore::open(&path).with_context(|| format!("database {}", path.display()))
+        SqliteStore::open(&path).with_context(|| format!("database {}", path.display()))
     }
 }
 
@@ -127,14 +129,14 @@ pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
             db,
         } => {
             let password = read_password(password_file.as_ref())?;
-            let store = db.open()?;
-            match store.set_admin(&name, &password, unix_now())? {
+            let mut store = db.open()?;
+            match users::set_admin(&mut store, &name, &password, unix_now())? {
                 AdminSet::Added => println!("administrator {name} added"),
                 AdminSet::PasswordChanged => println!("password of administrator {name} changed"),
             }
         }
         AdminCommand::Token { name, db } => {
-            let token = db.open()?.new_api_token(&name, unix_now())?;
+            let token = users::new_api_token(&mut db.open()?, &name, unix_now())?;
             eprintln!("API token {name} (shown once; send it as `Authorization: Bearer <token>`):");
             println!("{token}");
         }

@@ -14,16 +14,13 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::Extension;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
-use crate::http::web::Web;
-use crate::http::web::users::StoreTotals;
 use crate::registry::lock;
 use crate::service::{ApiError, Manager};
-use crate::store::JobState;
+use crate::store::{JobState, StoreTotals};
 
 /// What one scrape reports.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -132,15 +129,14 @@ pub fn render(s: &Sample) -> String {
 }
 
 /// `GET /metrics`.
-pub async fn metrics(
-    State(m): State<Arc<Manager>>,
-    Extension(web): Extension<Arc<Web>>,
-) -> Result<impl IntoResponse, ApiError> {
-    let totals = tokio::task::spawn_blocking(move || web.store.totals())
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let enrolled = lock(&m.store).agents()?.len() as u64;
+pub async fn metrics(State(m): State<Arc<Manager>>) -> Result<impl IntoResponse, ApiError> {
+    let (totals, enrolled) = {
+        let store = lock(&m.store);
+        let totals = store
+            .totals()
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        (totals, store.agents()?.len() as u64)
+    };
     let sample = Sample {
         connected_agents: m.registry.connected().len() as u64,
         enrolled_agents: enrolled,

@@ -40,6 +40,7 @@ use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 
+use crate::registry::lock;
 use crate::service::{ApiError, Manager};
 use client::{ClientAddr, same_secret};
 use web::{SESSION_COOKIE, Web};
@@ -136,7 +137,6 @@ pub fn router(manager: Arc<Manager>, config: &HttpConfig) -> Router {
             dir: config.upload_dir.clone(),
             max_bytes: config.max_upload_bytes,
         }))
-        .layer(Extension(config.web.clone()))
         .layer(middleware::from_fn_with_state(auth, require_credentials))
         .with_state(manager);
     protected
@@ -211,13 +211,15 @@ async fn require_credentials(
         if same_secret(token.as_bytes(), auth.manager.admin_token.as_bytes()) {
             Some(Caller::AdminToken)
         } else {
-            let web = auth.web.clone();
-            tokio::task::spawn_blocking(move || web.store.api_token_name(&token))
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .flatten()
-                .map(Caller::ApiToken)
+            let store = auth.web.store.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::http::web::users::api_token_name(&**lock(&store), &token)
+            })
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .flatten()
+            .map(Caller::ApiToken)
         }
     } else if let Some(session) = auth.web.session_of(req.headers()) {
         if changes_something(req.method()) {

@@ -17,12 +17,15 @@
 //! CSRF: the login form carries a token that must match a cookie set with the
 //! form (double submit); a session has its own random token, given to the page
 //! in a `<meta>` tag, which every changing request must send back in
-//! `X-CSRF-Token` (the logout form sends it as a field). Sessions live in
-//! memory and end after [`SESSION_IDLE`] without use or when the manager restarts.
+//! `X-CSRF-Token` (the logout form sends it as a field).
+//!
+//! Sessions are kept in the manager's database through the [`crate::store::Store`] (only a
+//! hash of the session id, so a copy of the file logs nobody in): they survive
+//! a restart of the manager and end at logout or after [`SESSION_IDLE`]
+//! without use. Passwords and API tokens: [`users`].
 
 pub mod users;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,8 +37,9 @@ use axum::{Form, Router};
 use serde::Deserialize;
 use sha2_std::{Digest as _, Sha256};
 
+use crate::registry::{SharedStore, lock, unix_now};
+use crate::store::{SessionRecord, StoreError};
 use baton_manager_core::login_limit::{LoginLimiter, LoginLimits, retry_after_secs};
-use users::WebStore;
 
 /// Name of the session cookie.
 pub const SESSION_COOKIE: &str = "baton_session";
@@ -63,18 +67,11 @@ pub struct SessionInfo {
     pub csrf: String,
 }
 
-#[derive(Debug)]
-struct Session {
-    info: SessionInfo,
-    last_used: Instant,
-}
-
-/// Administrators, API tokens and live sessions.
+/// The web UI's state: the store (administrators, sessions) and the login back-off.
 #[derive(Debug)]
 pub struct Web {
-    /// The administrators' and tokens' tables.
-    pub store: WebStore,
-    sessions: Mutex<HashMap<[u8; 32], Session>>,
+    /// The manager's store, where administrators, API tokens and sessions are kept.
+    pub store: SharedStore,
     /// Whether cookies get `Secure` (the server speaks HTTPS).
     pub secure_cookies: bool,
     /// Failed logins per client address and per name.
@@ -120,11 +117,10 @@ pub fn escape_html(s: &str) -> String {
 }
 
 impl Web {
-    /// Over `store`; `secure_cookies` when served over HTTPS.
-    pub fn new(store: WebStore, secure_cookies: bool) -> Self {
+    /// Over the manager's `store`; `secure_cookies` when served over HTTPS.
+    pub fn new(store: SharedStore, secure_cookies: bool) -> Self {
         Web {
             store,
-            sessions: Mutex::new(HashMap::new()),
             secure_cookies,
             login_limiter: Mutex::new(LoginLimiter::new(LoginLimits::default())),
         }
@@ -140,56 +136,64 @@ impl Web {
         self.login_limiter.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Session>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    /// Starts a session for `admin`; returns the cookie token.
+    pub fn start_session(&self, admin: &str) -> Result<String, StoreError> {
+        self.start_session_at(admin, unix_now())
     }
 
-    /// Starts a session for `admin`; returns the cookie token.
-    pub fn start_session(&self, admin: &str) -> String {
+    /// [`Web::start_session`] at `now` (Unix seconds). Idle sessions end first, and the
+    /// least recently used beyond [`MAX_SESSIONS`].
+    fn start_session_at(&self, admin: &str, now: u64) -> Result<String, StoreError> {
         let token = random_hex(32);
-        let now = Instant::now();
-        let mut sessions = self.sessions();
-        sessions.retain(|_, s| now.duration_since(s.last_used) < SESSION_IDLE);
-        if sessions.len() >= MAX_SESSIONS
-            && let Some(oldest) = sessions
-                .iter()
-                .min_by_key(|(_, s)| s.last_used)
-                .map(|(k, _)| *k)
-        {
-            sessions.remove(&oldest);
-        }
-        sessions.insert(
-            session_key(&token),
-            Session {
-                info: SessionInfo {
-                    admin: admin.to_string(),
-                    csrf: random_hex(24),
-                },
-                last_used: now,
-            },
-        );
-        token
+        let mut store = lock(&self.store);
+        store.expire_sessions(now.saturating_sub(SESSION_IDLE.as_secs()), MAX_SESSIONS - 1)?;
+        store.create_session(&SessionRecord {
+            id_hash: session_key(&token),
+            admin: admin.to_string(),
+            csrf: random_hex(24),
+            created_at: now,
+            last_used: now,
+        })?;
+        Ok(token)
     }
 
     /// The live session the request's cookie names (and marks it used).
     pub fn session_of(&self, headers: &HeaderMap) -> Option<SessionInfo> {
+        self.session_at(headers, unix_now())
+    }
+
+    /// [`Web::session_of`] at `now` (Unix seconds). A store that fails is no session.
+    fn session_at(&self, headers: &HeaderMap, now: u64) -> Option<SessionInfo> {
         let token = cookie(headers, SESSION_COOKIE)?;
         let key = session_key(token);
-        let now = Instant::now();
-        let mut sessions = self.sessions();
-        let session = sessions.get_mut(&key)?;
-        if now.duration_since(session.last_used) >= SESSION_IDLE {
-            sessions.remove(&key);
+        let mut store = lock(&self.store);
+        let session = store
+            .session(&key)
+            .inspect_err(|e| tracing::error!("cannot read sessions: {e}"))
+            .ok()??;
+        if now.saturating_sub(session.last_used) >= SESSION_IDLE.as_secs() {
+            if let Err(e) = store.delete_session(&key) {
+                tracing::error!("cannot end an idle session: {e}");
+            }
             return None;
         }
-        session.last_used = now;
-        Some(session.info.clone())
+        if now > session.last_used
+            && let Err(e) = store.touch_session(&key, now)
+        {
+            tracing::error!("cannot mark a session used: {e}");
+        }
+        Some(SessionInfo {
+            admin: session.admin,
+            csrf: session.csrf,
+        })
     }
 
     /// Ends the session the request's cookie names.
     pub fn end_session(&self, headers: &HeaderMap) {
-        if let Some(token) = cookie(headers, SESSION_COOKIE) {
-            self.sessions().remove(&session_key(token));
+        if let Some(token) = cookie(headers, SESSION_COOKIE)
+            && let Err(e) = lock(&self.store).delete_session(&session_key(token))
+        {
+            tracing::error!("cannot end a session: {e}");
         }
     }
 
@@ -324,19 +328,23 @@ async fn login(
         tracing::warn!(admin = %name, %client, "login refused: too many failures");
         return too_many_logins(&web, wait, &name);
     }
-    let web2 = web.clone();
+    let store = web.store.clone();
     let lookup = name.clone();
     let password = form.password;
-    let ok = tokio::task::spawn_blocking(move || match web2.store.admin_hash(&lookup) {
-        Ok(Some(hash)) => users::password_matches(&password, &hash),
-        Ok(None) => {
-            // Spend the same time as a real check, so names cannot be probed by timing.
-            let _ = users::hash_password(&password);
-            false
-        }
-        Err(e) => {
-            tracing::error!("cannot read administrators: {e}");
-            false
+    let ok = tokio::task::spawn_blocking(move || {
+        // The store is locked for the lookup only, not while argon2 works.
+        let hash = lock(&store).admin_hash(&lookup);
+        match hash {
+            Ok(Some(hash)) => users::password_matches(&password, &hash),
+            Ok(None) => {
+                // Spend the same time as a real check, so names cannot be probed by timing.
+                let _ = users::hash_password(&password);
+                false
+            }
+            Err(e) => {
+                tracing::error!("cannot read administrators: {e}");
+                false
+            }
         }
     })
     .await
@@ -355,7 +363,18 @@ async fn login(
     }
     web.login_limiter().succeeded(&keys);
     tracing::info!(admin = %name, "administrator logged in");
-    let token = web.start_session(&name);
+    let token = match web.start_session(&name) {
+        Ok(token) => token,
+        Err(e) => {
+            tracing::error!(admin = %name, "cannot start a session: {e}");
+            return login_page(
+                &web,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Some("The login could not be recorded. Please try again."),
+                &name,
+            );
+        }
+    };
     let mut resp = Redirect::to("/").into_response();
     let h = resp.headers_mut();
     h.append(
@@ -418,6 +437,7 @@ async fn asset(Path(file): Path<String>) -> Response {
 #[cfg(test)]
 mod test {
     use super::*;
+    use crate::store::Store;
 
     #[test]
     fn cookies_and_escaping() {
@@ -436,25 +456,79 @@ mod test {
         );
     }
 
-    #[test]
-    fn sessions_start_and_end() {
-        let web = Web::new(WebStore::in_memory().unwrap(), true);
-        let token = web.start_session("ops");
+    fn web_over(store: crate::store::SqliteStore) -> Web {
+        Web::new(
+            Arc::new(Mutex::new(Box::new(store) as Box<dyn Store>)),
+            true,
+        )
+    }
+
+    fn with_cookie(token: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(
             header::COOKIE,
             HeaderValue::from_str(&format!("{SESSION_COOKIE}={token}")).unwrap(),
         );
+        h
+    }
+
+    #[test]
+    fn sessions_start_and_end() {
+        let web = web_over(crate::store::SqliteStore::in_memory().unwrap());
+        let token = web.start_session("ops").unwrap();
+        let h = with_cookie(&token);
         let s = web.session_of(&h).unwrap();
         assert_eq!(s.admin, "ops");
         assert_eq!(s.csrf.len(), 48);
         let mut other = HeaderMap::new();
         other.insert(header::COOKIE, HeaderValue::from_static("baton_session=00"));
         assert_eq!(web.session_of(&other), None);
+        // Only a hash of the session id is stored.
+        let stored = lock(&web.store).session(&session_key(&token)).unwrap();
+        assert_eq!(stored.unwrap().admin, "ops");
         web.end_session(&h);
         assert_eq!(web.session_of(&h), None);
         let c = web.cookie_header(SESSION_COOKIE, "x", None);
         let c = c.to_str().unwrap();
         assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.contains("Secure"));
+    }
+
+    #[test]
+    fn sessions_end_when_idle_and_use_keeps_them() {
+        let web = web_over(crate::store::SqliteStore::in_memory().unwrap());
+        let idle = SESSION_IDLE.as_secs();
+        let h = with_cookie(&web.start_session_at("ops", 1000).unwrap());
+        assert!(
+            web.session_at(&h, 1000 + idle - 1).is_some(),
+            "used just in time"
+        );
+        assert!(
+            web.session_at(&h, 1000 + 2 * idle - 2).is_some(),
+            "use restarts the clock"
+        );
+        assert_eq!(
+            web.session_at(&h, 1000 + 3 * idle - 2),
+            None,
+            "idle too long"
+        );
+        // An idle session is gone, not only refused.
+        assert_eq!(web.session_at(&h, 1000), None);
+        // Starting a session clears idle ones.
+        let old = session_key(&web.start_session_at("a", 5000).unwrap());
+        web.start_session_at("b", 5000 + idle).unwrap();
+        assert_eq!(lock(&web.store).session(&old).unwrap(), None);
+    }
+
+    #[test]
+    fn sessions_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("baton.db");
+        let web = web_over(crate::store::SqliteStore::open(&path).unwrap());
+        let h = with_cookie(&web.start_session("ops").unwrap());
+        let csrf = web.session_of(&h).unwrap().csrf;
+        drop(web);
+        let web = web_over(crate::store::SqliteStore::open(&path).unwrap());
+        let s = web.session_of(&h).unwrap();
+        assert_eq!((s.admin.as_str(), s.csrf), ("ops", csrf));
     }
 }

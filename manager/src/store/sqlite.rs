@@ -1,15 +1,9 @@
-//! The manager's database: enrolled agents and their latest reports, one-time
-//! enrolment tokens, published content, jobs, participants, confirmations and
-//! the bytes each source delivered (claim 8); the segments their leaders
-//! report, with each segment's leader history; and what administrators define:
-//! content groups and named distribution policies (claim 9).
+//! [`SqliteStore`]: the [`Store`] on one SQLite file in WAL mode (readers do
+//! not block the writer, so `baton admin` can write beside a running manager).
 //!
-//! [`Store`] is the interface the rest of the manager uses, so another
-//! backend (PostgreSQL) can be added beside [`SqliteStore`], the default: one
-//! SQLite file in WAL mode whose schema is migrated in order by
-//! `PRAGMA user_version`. The job engine's [`Persist`] records are applied
-//! with [`Store::apply`], all of one batch in one transaction, before any
-//! instruction that depends on them is sent (persist before instruct).
+//! Opening a file migrates it to [`SCHEMA_VERSION`] ([`super::schema`]). Rows
+//! are read raw and converted after the query, so a value this build cannot
+//! read back is [`StoreError::Corrupt`] rather than a panic.
 
 use std::path::Path;
 
@@ -17,310 +11,9 @@ use baton_protocol::message::Report;
 use baton_protocol::types::{Digest, PublicKey};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use baton_manager_core::engine::{FailCause, ParticipantState, Persist};
-pub use baton_manager_core::records::*;
-
-/// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// The database itself failed (IO, corruption, constraint).
-    #[error("database error: {0}")]
-    Database(#[from] rusqlite::Error),
-    /// The database was written by a newer Baton whose schema this build does not know.
-    #[error(
-        "database schema version {found} is newer than this build knows ({known}); use a newer baton"
-    )]
-    NewerSchema {
-        /// The schema version found in the file.
-        found: u32,
-        /// The newest schema version this build knows.
-        known: u32,
-    },
-    /// An agent id is already enrolled with another key.
-    #[error("agent {0:?} is already enrolled with another key")]
-    KeyConflict(String),
-    /// The enrolment token is unknown or was already used.
-    #[error("enrolment token is unknown or already used")]
-    BadToken,
-    /// A row holds a value this build cannot read back.
-    #[error("corrupt database row: {0}")]
-    Corrupt(String),
-    /// The named thing does not exist.
-    #[error("{0} not found")]
-    NotFound(String),
-    /// Something of that name exists already.
-    #[error("{0} already exists")]
-    Duplicate(String),
-}
-
-/// Result of a store operation.
-pub type Result<T, E = StoreError> = std::result::Result<T, E>;
-
-/// The manager's persistent state. One implementation per database backend.
-///
-/// Times are Unix seconds passed by the caller. Every method is one
-/// transaction: it either happens whole or not at all.
-pub trait Store: Send + std::fmt::Debug {
-    /// The current manager epoch (0 before the first start).
-    fn epoch(&self) -> Result<u32>;
-    /// Increments the stored epoch and returns the new value (once per manager start).
-    fn next_epoch(&mut self) -> Result<u32>;
-    /// A value from the `meta` table.
-    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
-    /// Sets a value in the `meta` table.
-    fn set_meta(&mut self, key: &str, value: &[u8]) -> Result<()>;
-
-    /// Enrols `id` with `key`. The same key again is [`Enrolled::Unchanged`]; another key is
-    /// [`StoreError::KeyConflict`].
-    fn enrol(&mut self, id: &str, key: &PublicKey, now: u64) -> Result<Enrolled>;
-    /// Stores the hash of a new one-time enrolment token.
-    fn add_token(&mut self, hash: &Digest, now: u64) -> Result<()>;
-    /// Uses the token with this hash to enrol `id` with `key`: both or neither happen.
-    fn enrol_with_token(
-        &mut self,
-        hash: &Digest,
-        id: &str,
-        key: &PublicKey,
-        now: u64,
-    ) -> Result<Enrolled>;
-    /// One agent.
-    fn agent(&self, id: &str) -> Result<Option<AgentRecord>>;
-    /// Every enrolled agent, by id.
-    fn agents(&self) -> Result<Vec<AgentRecord>>;
-    /// Records an agent's latest report (and that it was seen now).
-    fn record_report(&mut self, report: &Report, now: u64) -> Result<()>;
-    /// Records that an agent was seen now.
-    fn mark_seen(&mut self, id: &str, now: u64) -> Result<()>;
-
-    /// Stores content (replacing an earlier record of the same root).
-    fn put_content(&mut self, content: &ContentRecord) -> Result<()>;
-    /// Content by root.
-    fn content(&self, root: &Digest) -> Result<Option<ContentRecord>>;
-    /// The highest version published under `name`.
-    fn latest_version(&self, name: &str) -> Result<Option<u64>>;
-
-    /// Creates a job in state [`JobState::Pending`] and returns its id.
-    fn create_job(&mut self, root: &Digest, targets: &TargetSpec, now: u64) -> Result<u64> {
-        self.create_job_from(root, targets, &JobOrigin::default(), now)
-    }
-    /// Creates a job in state [`JobState::Pending`], recording its group and policy; returns
-    /// its id.
-    fn create_job_from(
-        &mut self,
-        root: &Digest,
-        targets: &TargetSpec,
-        origin: &JobOrigin,
-        now: u64,
-    ) -> Result<u64>;
-    /// Adds a policy rule the planner could not meet to a job (a repeated text is kept once).
-    fn add_job_warning(&mut self, job: u64, text: &str, now: u64) -> Result<()>;
-    /// Sets a job's state (and error); a final state also sets `finished_at`.
-    fn set_job_state(
-        &mut self,
-        job: u64,
-        state: JobState,
-        error: Option<&str>,
-        now: u64,
-    ) -> Result<()>;
-    /// One job.
-    fn job(&self, job: u64) -> Result<Option<JobRecord>>;
-    /// Every job, newest first.
-    fn jobs(&self) -> Result<Vec<JobRecord>>;
-    /// Jobs that are pending or running, oldest first (to resume after a restart).
-    fn unfinished_jobs(&self) -> Result<Vec<JobRecord>>;
-    /// A job's participants, in plan order.
-    fn participants(&self, job: u64) -> Result<Vec<ParticipantRecord>>;
-    /// A job's bytes per receiver and source.
-    fn source_bytes(&self, job: u64) -> Result<Vec<SourceBytes>>;
-    /// A job's bytes per edge of its relay (source → receiver).
-    fn transfers(&self, job: u64) -> Result<Vec<Transfer>> {
-        Ok(self
-            .source_bytes(job)?
-            .into_iter()
-            .map(|s| Transfer {
-                from: s.from,
-                to: s.agent,
-                bytes: s.bytes,
-            })
-            .collect())
-    }
-    /// A job's confirmations.
-    fn confirmations(&self, job: u64) -> Result<Vec<Confirmation>>;
-
-    /// Applies the engine's records in order, all in one transaction.
-    fn apply(&mut self, records: &[Persist], now: u64) -> Result<()>;
-
-    /// Replaces the stored view of `segment.name` with this complete report; a new leader is
-    /// recorded in the segment's history. Returns whether the leader changed.
-    fn replace_segment(&mut self, segment: &SegmentRecord) -> Result<bool>;
-    /// Every reported segment, by name.
-    fn segments(&self) -> Result<Vec<SegmentRecord>>;
-    /// One segment.
-    fn segment(&self, name: &str) -> Result<Option<SegmentRecord>>;
-    /// A segment's leaders, oldest first.
-    fn leader_history(&self, name: &str) -> Result<Vec<LeaderChange>>;
-
-    /// Adds a content group; [`StoreError::Duplicate`] if the name is taken.
-    fn add_group(&mut self, group: &GroupRecord, now: u64) -> Result<()>;
-    /// Replaces a content group; [`StoreError::NotFound`] if there is none of that name.
-    fn set_group(&mut self, group: &GroupRecord, now: u64) -> Result<()>;
-    /// Removes a content group; [`StoreError::NotFound`] if there is none of that name.
-    fn remove_group(&mut self, name: &str) -> Result<()>;
-    /// One content group.
-    fn group(&self, name: &str) -> Result<Option<GroupRecord>>;
-    /// Every content group, by name.
-    fn groups(&self) -> Result<Vec<GroupRecord>>;
-
-    /// Adds a named policy; [`StoreError::Duplicate`] if the name is taken.
-    fn add_policy(&mut self, policy: &PolicyRecord, now: u64) -> Result<()>;
-    /// Replaces a named policy; [`StoreError::NotFound`] if there is none of that name.
-    fn set_policy(&mut self, policy: &PolicyRecord, now: u64) -> Result<()>;
-    /// Removes a named policy; [`StoreError::NotFound`] if there is none of that name.
-    fn remove_policy(&mut self, name: &str) -> Result<()>;
-    /// One named policy.
-    fn policy(&self, name: &str) -> Result<Option<PolicyRecord>>;
-    /// Every named policy, by name.
-    fn policies(&self) -> Result<Vec<PolicyRecord>>;
-}
-
-/// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[
-    // 1: the first schema.
-    "
-    CREATE TABLE meta (
-        key   TEXT PRIMARY KEY,
-        value BLOB NOT NULL
-    );
-    CREATE TABLE agents (
-        id           TEXT PRIMARY KEY,
-        key          BLOB NOT NULL,
-        enrolled_at  INTEGER NOT NULL,
-        last_seen    INTEGER,
-        report       TEXT,
-        site         TEXT,
-        segment      TEXT,
-        listen       TEXT,
-        performance  INTEGER,
-        up_bps       INTEGER,
-        down_bps     INTEGER,
-        free_storage INTEGER
-    );
-    CREATE TABLE enrolment_tokens (
-        hash       BLOB PRIMARY KEY,
-        created_at INTEGER NOT NULL,
-        used_at    INTEGER,
-        used_by    TEXT
-    );
-    CREATE TABLE content (
-        root       BLOB PRIMARY KEY,
-        name       TEXT NOT NULL,
-        version    INTEGER NOT NULL,
-        length     INTEGER NOT NULL,
-        chunk_size INTEGER NOT NULL,
-        path       TEXT NOT NULL,
-        manifest   BLOB NOT NULL,
-        created_at INTEGER NOT NULL
-    );
-    CREATE INDEX content_by_name ON content(name, version);
-    CREATE TABLE jobs (
-        id          INTEGER PRIMARY KEY AUTOINCREMENT,
-        root        BLOB NOT NULL REFERENCES content(root),
-        epoch       INTEGER,
-        state       TEXT NOT NULL,
-        created_at  INTEGER NOT NULL,
-        finished_at INTEGER,
-        targets     TEXT NOT NULL,
-        confirmed   INTEGER,
-        failed      INTEGER,
-        error       TEXT
-    );
-    CREATE TABLE participants (
-        job        INTEGER NOT NULL REFERENCES jobs(id),
-        agent      TEXT NOT NULL,
-        state      TEXT NOT NULL,
-        verified   INTEGER NOT NULL DEFAULT 0,
-        updated_at INTEGER NOT NULL,
-        reason     TEXT,
-        cause      TEXT,
-        source     TEXT,
-        position   INTEGER,
-        PRIMARY KEY (job, agent)
-    );
-    CREATE TABLE source_bytes (
-        job        INTEGER NOT NULL REFERENCES jobs(id),
-        agent      TEXT NOT NULL,
-        from_agent TEXT,
-        bytes      INTEGER NOT NULL
-    );
-    CREATE UNIQUE INDEX source_bytes_key ON source_bytes(job, agent, ifnull(from_agent, ''));
-    CREATE TABLE confirmations (
-        job          INTEGER NOT NULL REFERENCES jobs(id),
-        agent        TEXT NOT NULL,
-        confirmed_at INTEGER NOT NULL,
-        PRIMARY KEY (job, agent)
-    );
-    ",
-    // 2: segments and their leaders, content groups, named policies; a job's group, policy
-    // and warnings.
-    "
-    CREATE TABLE segments (
-        name        TEXT PRIMARY KEY,
-        leader      TEXT NOT NULL,
-        term        INTEGER NOT NULL,
-        reported_at INTEGER NOT NULL
-    );
-    CREATE TABLE segment_members (
-        segment       TEXT NOT NULL REFERENCES segments(name) ON DELETE CASCADE,
-        id            TEXT NOT NULL,
-        score         INTEGER NOT NULL,
-        listen        TEXT,
-        performance   INTEGER NOT NULL,
-        free_storage  INTEGER NOT NULL,
-        can_serve     INTEGER NOT NULL,
-        up_bps        INTEGER NOT NULL,
-        down_bps      INTEGER NOT NULL,
-        loss_ppm      INTEGER NOT NULL,
-        uptime_s      INTEGER NOT NULL,
-        delays        TEXT NOT NULL,
-        last_heard_ms INTEGER NOT NULL,
-        known         INTEGER NOT NULL,
-        PRIMARY KEY (segment, id)
-    );
-    CREATE TABLE leader_history (
-        segment  TEXT NOT NULL,
-        leader   TEXT NOT NULL,
-        term     INTEGER NOT NULL,
-        since_ms INTEGER NOT NULL
-    );
-    CREATE INDEX leader_history_by_segment ON leader_history(segment, since_ms);
-    CREATE TABLE content_groups (
-        name       TEXT PRIMARY KEY,
-        agents     TEXT NOT NULL,
-        selector   TEXT NOT NULL,
-        created_at INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL
-    );
-    CREATE TABLE policies (
-        name       TEXT PRIMARY KEY,
-        policy     TEXT NOT NULL,
-        created_at INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL
-    );
-    ALTER TABLE jobs ADD COLUMN group_name TEXT;
-    ALTER TABLE jobs ADD COLUMN policy_name TEXT;
-    ALTER TABLE jobs ADD COLUMN policy TEXT;
-    CREATE TABLE job_warnings (
-        job      INTEGER NOT NULL REFERENCES jobs(id),
-        text     TEXT NOT NULL,
-        added_at INTEGER NOT NULL,
-        PRIMARY KEY (job, text)
-    );
-    ",
-];
-
-/// Newest schema version this build knows.
-pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+use super::schema::migrate;
+use super::*;
+use baton_manager_core::engine::{ParticipantState, Persist};
 
 /// The SQLite backend: one database file in WAL mode.
 #[derive(Debug)]
@@ -375,25 +68,6 @@ impl SqliteStore {
             .conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
-}
-
-/// Applies every migration the database has not seen, each in its own transaction.
-fn migrate(conn: &mut Connection) -> Result<()> {
-    let found: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if found > SCHEMA_VERSION {
-        return Err(StoreError::NewerSchema {
-            found,
-            known: SCHEMA_VERSION,
-        });
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (i + 1) as u32)?;
-        tx.commit()?;
-        tracing::info!(version = i + 1, "database schema migrated");
-    }
-    Ok(())
 }
 
 /// A `u64` as SQLite's signed 64-bit integer; values past `i64::MAX` ("unlimited") saturate.
@@ -589,23 +263,6 @@ fn participant_columns(state: &ParticipantState) -> StateColumns {
             None,
             Some(cause.to_string()),
             serde_json::to_string(cause).ok(),
-        ),
-    }
-}
-
-/// The engine state a stored participant resumes in.
-pub fn resume_state(p: &ParticipantRecord) -> ParticipantState {
-    match p.state {
-        PartState::Waiting => ParticipantState::Waiting,
-        PartState::Fetching => ParticipantState::Fetching {
-            verified: p.verified,
-        },
-        PartState::Confirmed => ParticipantState::Confirmed,
-        PartState::Failed => ParticipantState::Failed(
-            p.cause
-                .as_deref()
-                .and_then(|c| serde_json::from_str::<FailCause>(c).ok())
-                .unwrap_or(FailCause::GaveUp),
         ),
     }
 }
@@ -1469,587 +1126,163 @@ impl Store for SqliteStore {
     fn policies(&self) -> Result<Vec<PolicyRecord>> {
         POLICIES.all(&self.conn, policy_row, policy_record)
     }
-}
 
-#[cfg(test)]
-mod test {
-    use super::*;
-    use baton_protocol::types::{AgentId, LinkInfo};
-
-    fn id(s: &str) -> AgentId {
-        AgentId::try_from(s).unwrap()
+    fn set_admin(&mut self, name: &str, password_hash: &str, now: u64) -> Result<AdminSet> {
+        let tx = self.conn.transaction()?;
+        let changed = tx.execute(
+            "UPDATE admin_users SET password_hash = ?2, updated_at = ?3 WHERE name = ?1",
+            params![name, password_hash, saturate(now)],
+        )?;
+        let done = if changed > 0 {
+            AdminSet::PasswordChanged
+        } else {
+            tx.execute(
+                "INSERT INTO admin_users (name, password_hash, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?3)",
+                params![name, password_hash, saturate(now)],
+            )?;
+            AdminSet::Added
+        };
+        tx.commit()?;
+        Ok(done)
     }
 
-    fn report(agent: &str) -> Report {
-        Report {
-            id: id(agent),
-            listen: Some(baton_protocol::PeerAddr::V4([127, 0, 0, 1], 7701)),
-            site: "fra-2".try_into().unwrap(),
-            segment: "fra-2/rack-4".try_into().unwrap(),
-            performance: 100,
-            free_storage: 1 << 30,
-            can_serve: true,
-            max_chunk: 32768,
-            max_sources: 4,
-            max_peers: 8,
-            link: LinkInfo {
-                up_bps: 1_000_000,
-                down_bps: u64::MAX,
-                loss_ppm: 0,
-                uptime_s: 5,
-            },
-            delays: heapless::Vec::new(),
-            labels: heapless::Vec::new(),
-            holdings: heapless::Vec::new(),
-        }
-    }
-
-    fn content(root: u8, name: &str, version: u64) -> ContentRecord {
-        ContentRecord {
-            root: [root; 32],
-            name: name.into(),
-            version,
-            length: 100_000,
-            chunk_size: 32768,
-            path: "/tmp/x".into(),
-            manifest: vec![1, 2, 3],
-            created_at: 10,
-        }
-    }
-
-    #[test]
-    fn fresh_file_migrates_and_reopen_keeps_data() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("baton.db");
-        {
-            let mut s = SqliteStore::open(&path).unwrap();
-            assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
-            assert_eq!(s.epoch().unwrap(), 0);
-            assert_eq!(s.next_epoch().unwrap(), 1);
-            s.enrol("edge-1", &PublicKey([1; 32]), 5).unwrap();
-        }
-        let mut s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
-        assert_eq!(s.epoch().unwrap(), 1);
-        assert_eq!(s.next_epoch().unwrap(), 2);
-        assert_eq!(s.agent("edge-1").unwrap().unwrap().key, PublicKey([1; 32]));
-        let mode: String = s
+    fn admin_hash(&self, name: &str) -> Result<Option<String>> {
+        Ok(self
             .conn
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(mode, "wal");
-    }
-
-    #[test]
-    fn newer_schema_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("baton.db");
-        drop(SqliteStore::open(&path).unwrap());
-        let conn = Connection::open(&path).unwrap();
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
-            .unwrap();
-        drop(conn);
-        match SqliteStore::open(&path) {
-            Err(StoreError::NewerSchema { found, known }) => {
-                assert_eq!((found, known), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
-            }
-            other => panic!("expected NewerSchema, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn enrolment_is_idempotent_and_conflicts_are_refused() {
-        let mut s = SqliteStore::in_memory().unwrap();
-        assert_eq!(s.enrol("a", &PublicKey([1; 32]), 1).unwrap(), Enrolled::New);
-        assert_eq!(
-            s.enrol("a", &PublicKey([1; 32]), 2).unwrap(),
-            Enrolled::Unchanged
-        );
-        assert!(matches!(
-            s.enrol("a", &PublicKey([2; 32]), 3),
-            Err(StoreError::KeyConflict(_))
-        ));
-        let a = s.agent("a").unwrap().unwrap();
-        assert_eq!((a.key, a.enrolled_at), (PublicKey([1; 32]), 1));
-        assert!(s.agent("b").unwrap().is_none());
-    }
-
-    #[test]
-    fn tokens_are_one_time_and_atomic() {
-        let mut s = SqliteStore::in_memory().unwrap();
-        let hash = [7; 32];
-        s.add_token(&hash, 1).unwrap();
-        assert!(matches!(
-            s.enrol_with_token(&[8; 32], "x", &PublicKey([1; 32]), 2),
-            Err(StoreError::BadToken)
-        ));
-        // A conflicting enrolment does not use the token up.
-        s.enrol("taken", &PublicKey([9; 32]), 1).unwrap();
-        assert!(matches!(
-            s.enrol_with_token(&hash, "taken", &PublicKey([1; 32]), 2),
-            Err(StoreError::KeyConflict(_))
-        ));
-        assert_eq!(
-            s.enrol_with_token(&hash, "x", &PublicKey([1; 32]), 3)
-                .unwrap(),
-            Enrolled::New
-        );
-        assert!(matches!(
-            s.enrol_with_token(&hash, "y", &PublicKey([2; 32]), 4),
-            Err(StoreError::BadToken)
-        ));
-        assert!(s.agent("y").unwrap().is_none());
-    }
-
-    #[test]
-    fn reports_update_main_columns() {
-        let mut s = SqliteStore::in_memory().unwrap();
-        assert!(matches!(
-            s.record_report(&report("a"), 1),
-            Err(StoreError::NotFound(_))
-        ));
-        s.enrol("a", &PublicKey([1; 32]), 1).unwrap();
-        s.record_report(&report("a"), 9).unwrap();
-        let a = s.agent("a").unwrap().unwrap();
-        assert_eq!(a.last_seen, Some(9));
-        assert_eq!(a.site.as_deref(), Some("fra-2"));
-        assert_eq!(a.listen.as_deref(), Some("127.0.0.1:7701"));
-        assert_eq!(a.up_bps, Some(1_000_000));
-        assert_eq!(a.down_bps, Some(i64::MAX as u64));
-        let back: Report = serde_json::from_value(a.report.unwrap()).unwrap();
-        assert_eq!(back, report("a"));
-        s.mark_seen("a", 12).unwrap();
-        assert_eq!(s.agents().unwrap()[0].last_seen, Some(12));
-    }
-
-    #[test]
-    fn content_versions_by_name() {
-        let mut s = SqliteStore::in_memory().unwrap();
-        assert_eq!(s.latest_version("fw").unwrap(), None);
-        s.put_content(&content(1, "fw", 1)).unwrap();
-        s.put_content(&content(2, "fw", 2)).unwrap();
-        s.put_content(&content(3, "other", 7)).unwrap();
-        assert_eq!(s.latest_version("fw").unwrap(), Some(2));
-        let c = s.content(&[2; 32]).unwrap().unwrap();
-        assert_eq!(c, content(2, "fw", 2));
-        assert_eq!(c.chunks(), 4);
-        // Re-publishing the same root replaces its record.
-        s.put_content(&content(2, "fw", 5)).unwrap();
-        assert_eq!(s.latest_version("fw").unwrap(), Some(5));
-        assert!(s.content(&[4; 32]).unwrap().is_none());
-    }
-
-    #[test]
-    fn engine_records_apply_in_one_transaction() {
-        let mut s = SqliteStore::in_memory().unwrap();
-        s.put_content(&content(1, "fw", 1)).unwrap();
-        let job = s
-            .create_job(
-                &[1; 32],
-                &TargetSpec::Agents(vec!["a".into(), "b".into()]),
-                1,
+            .query_row(
+                "SELECT password_hash FROM admin_users WHERE name = ?1",
+                [name],
+                |r| r.get(0),
             )
-            .unwrap();
-        assert_eq!(s.job(job).unwrap().unwrap().state, JobState::Pending);
-        s.apply(
-            &[
-                Persist::JobStarted {
-                    job,
-                    epoch: 3,
-                    order: vec![id("b"), id("a")],
-                },
-                Persist::Participant {
-                    job,
-                    agent: id("b"),
-                    state: ParticipantState::Fetching { verified: 0 },
-                    source_note: Some("manager".into()),
-                },
-                Persist::Progress {
-                    job,
-                    updates: vec![(id("b"), 2), (id("a"), 1)],
-                },
-                Persist::SourceBytes {
-                    job,
-                    agent: id("b"),
-                    from: None,
-                    bytes: 1000,
-                },
-                Persist::SourceBytes {
-                    job,
-                    agent: id("b"),
-                    from: None,
-                    bytes: 500,
-                },
-                Persist::SourceBytes {
-                    job,
-                    agent: id("a"),
-                    from: Some(id("b")),
-                    bytes: 700,
-                },
-            ],
-            2,
-        )
-        .unwrap();
-        let j = s.job(job).unwrap().unwrap();
-        assert_eq!((j.state, j.epoch), (JobState::Running, Some(3)));
-        let p = s.participants(job).unwrap();
-        assert_eq!(p.len(), 2);
-        assert_eq!((p[0].agent.as_str(), p[0].position), ("b", Some(0)));
-        assert_eq!((p[0].state, p[0].verified), (PartState::Fetching, 2));
-        assert_eq!(p[0].source.as_deref(), Some("manager"));
-        assert_eq!((p[1].state, p[1].verified), (PartState::Fetching, 1));
-        let bytes = s.source_bytes(job).unwrap();
-        assert_eq!(
-            bytes,
-            vec![
-                SourceBytes {
-                    agent: "a".into(),
-                    from: Some("b".into()),
-                    bytes: 700
-                },
-                SourceBytes {
-                    agent: "b".into(),
-                    from: None,
-                    bytes: 1500
-                },
-            ]
-        );
-        s.apply(
-            &[
-                Persist::Participant {
-                    job,
-                    agent: id("b"),
-                    state: ParticipantState::Confirmed,
-                    source_note: None,
-                },
-                Persist::JobFinished {
-                    job,
-                    confirmed: 1,
-                    failed: 1,
-                },
-            ],
-            4,
-        )
-        .unwrap();
-        let p = s.participants(job).unwrap();
-        assert_eq!((p[0].state, p[0].verified), (PartState::Confirmed, 4));
-        assert_eq!(resume_state(&p[0]), ParticipantState::Confirmed);
-        assert_eq!(
-            resume_state(&p[1]),
-            ParticipantState::Fetching { verified: 1 }
-        );
-        let cause = FailCause::Agent(baton_protocol::message::FailReason::StorageFull);
-        s.apply(
-            &[Persist::Participant {
-                job,
-                agent: id("a"),
-                state: ParticipantState::Failed(cause),
-                source_note: None,
-            }],
-            4,
-        )
-        .unwrap();
-        let p = s.participants(job).unwrap();
-        assert_eq!(p[1].state, PartState::Failed);
-        assert!(p[1].reason.as_deref().unwrap().contains("StorageFull"));
-        assert_eq!(resume_state(&p[1]), ParticipantState::Failed(cause));
-        let c = s.confirmations(job).unwrap();
-        assert_eq!(
-            c,
-            vec![Confirmation {
-                agent: "b".into(),
-                confirmed_at: 4
-            }]
-        );
-        let j = s.job(job).unwrap().unwrap();
-        assert_eq!(
-            (j.state, j.finished_at, j.confirmed, j.failed),
-            (JobState::Finished, Some(4), Some(1), Some(1))
-        );
-        assert!(s.unfinished_jobs().unwrap().is_empty());
+            .optional()?)
     }
 
-    #[test]
-    fn a_failing_batch_changes_nothing() {
-        let mut s = SqliteStore::in_memory().unwrap();
-        s.put_content(&content(1, "fw", 1)).unwrap();
-        let job = s.create_job(&[1; 32], &TargetSpec::All, 1).unwrap();
-        let err = s.apply(
-            &[
-                Persist::Progress {
-                    job,
-                    updates: vec![(id("a"), 1)],
-                },
-                Persist::JobStarted {
-                    job: job + 100,
-                    epoch: 1,
-                    order: vec![],
-                },
-            ],
-            2,
-        );
-        assert!(matches!(err, Err(StoreError::NotFound(_))));
-        assert!(s.participants(job).unwrap().is_empty());
+    fn admins(&self) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name FROM admin_users ORDER BY name")?;
+        let names = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(names)
     }
 
-    #[test]
-    fn jobs_list_states_and_unfinished() {
-        let mut s = SqliteStore::in_memory().unwrap();
-        s.put_content(&content(1, "fw", 1)).unwrap();
-        let a = s.create_job(&[1; 32], &TargetSpec::All, 1).unwrap();
-        let b = s.create_job(&[1; 32], &TargetSpec::All, 2).unwrap();
-        let c = s.create_job(&[1; 32], &TargetSpec::All, 3).unwrap();
-        s.set_job_state(b, JobState::Cancelled, None, 5).unwrap();
-        s.set_job_state(c, JobState::Refused, Some("no targets"), 5)
-            .unwrap();
-        let ids: Vec<u64> = s.jobs().unwrap().iter().map(|j| j.id).collect();
-        assert_eq!(ids, vec![c, b, a]);
-        let open: Vec<u64> = s.unfinished_jobs().unwrap().iter().map(|j| j.id).collect();
-        assert_eq!(open, vec![a]);
-        let cj = s.job(c).unwrap().unwrap();
-        assert_eq!(cj.error.as_deref(), Some("no targets"));
-        assert_eq!(cj.finished_at, Some(5));
-        assert_eq!(cj.targets, TargetSpec::All);
-        // A job finishing after it was cancelled stays cancelled.
-        s.apply(
-            &[Persist::JobFinished {
-                job: b,
-                confirmed: 0,
-                failed: 0,
-            }],
-            6,
-        )
-        .unwrap();
-        assert_eq!(s.job(b).unwrap().unwrap().state, JobState::Cancelled);
-        assert!(matches!(
-            s.set_job_state(99, JobState::Running, None, 1),
-            Err(StoreError::NotFound(_))
-        ));
+    fn new_api_token(&mut self, name: &str, hash: &Digest, now: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO api_tokens (name, hash, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET hash = excluded.hash, created_at = excluded.created_at",
+            params![name, &hash[..], saturate(now)],
+        )?;
+        Ok(())
     }
 
-    fn member(id: &str, known: bool) -> MemberRecord {
-        MemberRecord {
-            id: id.into(),
-            score: 7,
-            listen: Some("10.0.0.2:7701".into()),
-            performance: 100,
-            free_storage: 1 << 40,
-            can_serve: true,
-            link: LinkRecord {
-                up_bps: 5_000_000,
-                down_bps: 1000,
-                loss_ppm: 3,
-                uptime_s: 60,
-            },
-            delays: vec![
-                DelayRecord {
-                    to: None,
-                    rtt_us: 1500,
-                },
-                DelayRecord {
-                    to: Some("b".into()),
-                    rtt_us: 200,
-                },
-            ],
-            last_heard_ms: 40,
-            known,
-        }
-    }
-
-    #[test]
-    fn segment_reports_replace_the_view_and_record_leader_changes() {
-        let mut s = SqliteStore::in_memory().unwrap();
-        let report = |leader: &str, term, at, members: Vec<MemberRecord>| SegmentRecord {
-            name: "lan-1".into(),
-            leader: leader.into(),
-            term,
-            reported_at_ms: at,
-            members,
-        };
-        assert!(
-            s.replace_segment(&report(
-                "a",
-                1,
-                1000,
-                vec![member("a", true), member("b", true)]
-            ))
-            .unwrap()
-        );
-        assert!(
-            !s.replace_segment(&report(
-                "a",
-                2,
-                2000,
-                vec![member("a", true), member("z", false)]
-            ))
-            .unwrap()
-        );
-        let seg = s.segment("lan-1").unwrap().unwrap();
-        assert_eq!(
-            (seg.leader.as_str(), seg.term, seg.reported_at_ms),
-            ("a", 2, 2000)
-        );
-        let ids: Vec<&str> = seg.members.iter().map(|m| m.id.as_str()).collect();
-        assert_eq!(ids, ["a", "z"], "the old view is replaced");
-        assert_eq!(seg.members[0], member("a", true));
-        assert!(!seg.members[1].known);
-        assert!(
-            s.replace_segment(&report("b", 1, 3000, vec![member("b", true)]))
-                .unwrap()
-        );
-        let history = s.leader_history("lan-1").unwrap();
-        assert_eq!(
-            history,
-            vec![
-                LeaderChange {
-                    leader: "a".into(),
-                    term: 1,
-                    since_ms: 1000
-                },
-                LeaderChange {
-                    leader: "b".into(),
-                    term: 1,
-                    since_ms: 3000
-                },
-            ]
-        );
-        assert_eq!(s.segments().unwrap().len(), 1);
-        assert!(s.segment("other").unwrap().is_none());
-    }
-
-    #[test]
-    fn groups_and_policies_are_named_and_unique() {
-        let mut s = SqliteStore::in_memory().unwrap();
-        let mut g = GroupRecord {
-            name: "edge".into(),
-            agents: vec!["a".into()],
-            selector: [("role".to_string(), "edge".to_string())].into(),
-        };
-        s.add_group(&g, 1).unwrap();
-        assert!(matches!(s.add_group(&g, 2), Err(StoreError::Duplicate(_))));
-        g.agents.push("b".into());
-        s.set_group(&g, 3).unwrap();
-        assert_eq!(s.group("edge").unwrap().unwrap(), g);
-        assert_eq!(s.groups().unwrap(), vec![g.clone()]);
-        g.name = "none".into();
-        assert!(matches!(s.set_group(&g, 3), Err(StoreError::NotFound(_))));
-        s.remove_group("edge").unwrap();
-        assert!(matches!(
-            s.remove_group("edge"),
-            Err(StoreError::NotFound(_))
-        ));
-        assert!(s.groups().unwrap().is_empty());
-
-        let p = PolicyRecord {
-            name: "slow".into(),
-            policy: serde_json::json!({ "max_peers_per_source": 2 }),
-        };
-        s.add_policy(&p, 1).unwrap();
-        assert!(matches!(s.add_policy(&p, 1), Err(StoreError::Duplicate(_))));
-        let p2 = PolicyRecord {
-            policy: serde_json::json!({ "max_peers_per_source": 3 }),
-            ..p.clone()
-        };
-        s.set_policy(&p2, 2).unwrap();
-        assert_eq!(s.policy("slow").unwrap().unwrap(), p2);
-        assert_eq!(s.policies().unwrap().len(), 1);
-        s.remove_policy("slow").unwrap();
-        assert!(s.policy("slow").unwrap().is_none());
-        assert!(matches!(
-            s.remove_policy("slow"),
-            Err(StoreError::NotFound(_))
-        ));
-    }
-
-    #[test]
-    fn jobs_keep_group_policy_warnings_and_transfers() {
-        let mut s = SqliteStore::in_memory().unwrap();
-        s.put_content(&content(1, "fw", 1)).unwrap();
-        let origin = JobOrigin {
-            group: Some("edge".into()),
-            policy_name: Some("slow".into()),
-            policy: Some(serde_json::json!({ "max_peers_per_source": 2 })),
-        };
-        let job = s
-            .create_job_from(&[1; 32], &TargetSpec::Agents(vec!["a".into()]), &origin, 1)
-            .unwrap();
-        s.add_job_warning(job, "rule one cannot be met", 2).unwrap();
-        s.add_job_warning(job, "rule two cannot be met", 3).unwrap();
-        s.add_job_warning(job, "rule one cannot be met", 4).unwrap();
-        assert!(matches!(
-            s.add_job_warning(job + 1, "x", 4),
-            Err(StoreError::NotFound(_))
-        ));
-        s.apply(
-            &[Persist::SourceBytes {
-                job,
-                agent: id("a"),
-                from: None,
-                bytes: 100,
-            }],
-            5,
-        )
-        .unwrap();
-        let j = s.job(job).unwrap().unwrap();
-        assert_eq!(j.group.as_deref(), Some("edge"));
-        assert_eq!(j.policy.as_deref(), Some("slow"));
-        assert_eq!(j.policy_spec, origin.policy);
-        assert_eq!(
-            j.warnings,
-            ["rule one cannot be met", "rule two cannot be met"]
-        );
-        assert_eq!(
-            j.transfers,
-            vec![Transfer {
-                from: None,
-                to: "a".into(),
-                bytes: 100
-            }]
-        );
-        let listed = &s.unfinished_jobs().unwrap()[0];
-        assert_eq!(listed.warnings.len(), 2);
-        assert_eq!(listed.policy_spec, origin.policy);
-        // A job created without an origin has none.
-        let plain = s.create_job(&[1; 32], &TargetSpec::All, 6).unwrap();
-        let p = s.job(plain).unwrap().unwrap();
-        assert_eq!((p.group, p.policy, p.policy_spec), (None, None, None));
-    }
-
-    #[test]
-    fn a_version_1_database_migrates_and_keeps_its_jobs() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("baton.db");
-        {
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(MIGRATIONS[0]).unwrap();
-            conn.pragma_update(None, "user_version", 1).unwrap();
-            conn.execute(
-                "INSERT INTO content (root, name, version, length, chunk_size, path, manifest,
-                    created_at) VALUES (?1, 'fw', 1, 10, 256, '/x', x'00', 1)",
-                [&[1u8; 32][..]],
+    fn api_token_name(&self, hash: &Digest) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT name FROM api_tokens WHERE hash = ?1",
+                [&hash[..]],
+                |r| r.get(0),
             )
-            .unwrap();
-            conn.execute(
-                "INSERT INTO jobs (root, state, created_at, targets)
-                 VALUES (?1, 'running', 1, '\"all\"')",
-                [&[1u8; 32][..]],
-            )
-            .unwrap();
-        }
-        let s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
-        let jobs = s.unfinished_jobs().unwrap();
-        assert_eq!(jobs.len(), 1);
-        assert_eq!(jobs[0].policy_spec, None);
-        assert!(jobs[0].warnings.is_empty());
+            .optional()?)
     }
 
-    #[test]
-    fn meta_round_trips() {
-        let mut s = SqliteStore::in_memory().unwrap();
-        assert_eq!(s.meta("k").unwrap(), None);
-        s.set_meta("k", b"v1").unwrap();
-        s.set_meta("k", b"v2").unwrap();
-        assert_eq!(s.meta("k").unwrap().as_deref(), Some(&b"v2"[..]));
+    fn revoke_api_token(&mut self, name: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM api_tokens WHERE name = ?1", [name])?
+            > 0)
+    }
+
+    fn create_session(&mut self, session: &SessionRecord) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO web_sessions (id_hash, admin, csrf, created_at, last_used)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                &session.id_hash[..],
+                session.admin,
+                session.csrf,
+                saturate(session.created_at),
+                saturate(session.last_used)
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn session(&self, id_hash: &Digest) -> Result<Option<SessionRecord>> {
+        let row: Option<(Vec<u8>, String, String, u64, u64)> = self
+            .conn
+            .query_row(
+                "SELECT id_hash, admin, csrf, created_at, last_used
+                 FROM web_sessions WHERE id_hash = ?1",
+                [&id_hash[..]],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .optional()?;
+        row.map(|(id_hash, admin, csrf, created_at, last_used)| {
+            Ok(SessionRecord {
+                id_hash: id_hash
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("session id hash is not 32 bytes".into()))?,
+                admin,
+                csrf,
+                created_at,
+                last_used,
+            })
+        })
+        .transpose()
+    }
+
+    fn touch_session(&mut self, id_hash: &Digest, now: u64) -> Result<bool> {
+        Ok(self.conn.execute(
+            "UPDATE web_sessions SET last_used = max(last_used, ?2) WHERE id_hash = ?1",
+            params![&id_hash[..], saturate(now)],
+        )? > 0)
+    }
+
+    fn delete_session(&mut self, id_hash: &Digest) -> Result<bool> {
+        Ok(self.conn.execute(
+            "DELETE FROM web_sessions WHERE id_hash = ?1",
+            [&id_hash[..]],
+        )? > 0)
+    }
+
+    fn expire_sessions(&mut self, idle_since: u64, keep: usize) -> Result<u64> {
+        let tx = self.conn.transaction()?;
+        let idle = tx.execute(
+            "DELETE FROM web_sessions WHERE last_used <= ?1",
+            [saturate(idle_since)],
+        )?;
+        let beyond = tx.execute(
+            "DELETE FROM web_sessions WHERE id_hash NOT IN (
+                SELECT id_hash FROM web_sessions
+                ORDER BY last_used DESC, created_at DESC, id_hash LIMIT ?1)",
+            [saturate(keep as u64)],
+        )?;
+        tx.commit()?;
+        Ok((idle + beyond) as u64)
+    }
+
+    fn totals(&self) -> Result<StoreTotals> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")?;
+        let jobs_by_state = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+            .map(|r| r.map(|(state, n)| (state, u64::try_from(n).unwrap_or(0))))
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let (from_manager, from_relays): (i64, i64) = self.conn.query_row(
+            "SELECT ifnull(sum(CASE WHEN from_agent IS NULL THEN bytes END), 0),
+                    ifnull(sum(CASE WHEN from_agent IS NOT NULL THEN bytes END), 0)
+             FROM source_bytes",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok(StoreTotals {
+            jobs_by_state,
+            bytes_from_manager: u64::try_from(from_manager).unwrap_or(0),
+            bytes_from_relays: u64::try_from(from_relays).unwrap_or(0),
+        })
     }
 }

@@ -1,0 +1,246 @@
+//! The manager's database: enrolled agents and their latest reports, one-time
+//! enrolment tokens, published content, jobs, participants, confirmations and
+//! the bytes each source delivered (claim 8); the segments their leaders
+//! report, with each segment's leader history; what administrators define:
+//! content groups and named distribution policies (claim 9); and the web UI's
+//! administrators, named API tokens and sessions.
+//!
+//! [`Store`] is the one way into the database for the rest of the manager
+//! (and for `baton admin`), so another backend (PostgreSQL) can be added beside
+//! [`SqliteStore`], the default. The job engine's [`Persist`] records are
+//! applied with [`Store::apply`], all of one batch in one transaction, before
+//! any instruction that depends on them is sent (persist before instruct).
+//! Secrets never reach the store in the clear: it keeps password hashes and
+//! token and session-id digests, computed by the callers (`http::web::users`).
+//!
+//! - this module: the [`Store`] trait, [`StoreError`] and the records it reads
+//!   and writes (re-exported from `baton_manager_core::records`);
+//! - [`schema`]: the one list of migrations, which creates every table, and
+//!   [`SCHEMA_VERSION`];
+//! - [`sqlite`]: [`SqliteStore`], one SQLite file in WAL mode.
+
+pub mod schema;
+pub mod sqlite;
+
+pub use schema::SCHEMA_VERSION;
+pub use sqlite::SqliteStore;
+
+use baton_protocol::message::Report;
+use baton_protocol::types::{Digest, PublicKey};
+
+use baton_manager_core::engine::{FailCause, ParticipantState, Persist};
+pub use baton_manager_core::records::*;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database itself failed (IO, corruption, constraint).
+    #[error("database error: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// The database was written by a newer Baton whose schema this build does not know.
+    #[error(
+        "database schema version {found} is newer than this build knows ({known}); use a newer baton"
+    )]
+    NewerSchema {
+        /// The schema version found in the file.
+        found: u32,
+        /// The newest schema version this build knows.
+        known: u32,
+    },
+    /// An agent id is already enrolled with another key.
+    #[error("agent {0:?} is already enrolled with another key")]
+    KeyConflict(String),
+    /// The enrolment token is unknown or was already used.
+    #[error("enrolment token is unknown or already used")]
+    BadToken,
+    /// A row holds a value this build cannot read back.
+    #[error("corrupt database row: {0}")]
+    Corrupt(String),
+    /// The named thing does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// Something of that name exists already.
+    #[error("{0} already exists")]
+    Duplicate(String),
+}
+
+/// Result of a store operation.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The manager's persistent state. One implementation per database backend.
+///
+/// Times are Unix seconds passed by the caller. Every method is one
+/// transaction: it either happens whole or not at all.
+pub trait Store: Send + std::fmt::Debug {
+    /// The current manager epoch (0 before the first start).
+    fn epoch(&self) -> Result<u32>;
+    /// Increments the stored epoch and returns the new value (once per manager start).
+    fn next_epoch(&mut self) -> Result<u32>;
+    /// A value from the `meta` table.
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Sets a value in the `meta` table.
+    fn set_meta(&mut self, key: &str, value: &[u8]) -> Result<()>;
+
+    /// Enrols `id` with `key`. The same key again is [`Enrolled::Unchanged`]; another key is
+    /// [`StoreError::KeyConflict`].
+    fn enrol(&mut self, id: &str, key: &PublicKey, now: u64) -> Result<Enrolled>;
+    /// Stores the hash of a new one-time enrolment token.
+    fn add_token(&mut self, hash: &Digest, now: u64) -> Result<()>;
+    /// Uses the token with this hash to enrol `id` with `key`: both or neither happen.
+    fn enrol_with_token(
+        &mut self,
+        hash: &Digest,
+        id: &str,
+        key: &PublicKey,
+        now: u64,
+    ) -> Result<Enrolled>;
+    /// One agent.
+    fn agent(&self, id: &str) -> Result<Option<AgentRecord>>;
+    /// Every enrolled agent, by id.
+    fn agents(&self) -> Result<Vec<AgentRecord>>;
+    /// Records an agent's latest report (and that it was seen now).
+    fn record_report(&mut self, report: &Report, now: u64) -> Result<()>;
+    /// Records that an agent was seen now.
+    fn mark_seen(&mut self, id: &str, now: u64) -> Result<()>;
+
+    /// Stores content (replacing an earlier record of the same root).
+    fn put_content(&mut self, content: &ContentRecord) -> Result<()>;
+    /// Content by root.
+    fn content(&self, root: &Digest) -> Result<Option<ContentRecord>>;
+    /// The highest version published under `name`.
+    fn latest_version(&self, name: &str) -> Result<Option<u64>>;
+
+    /// Creates a job in state [`JobState::Pending`] and returns its id.
+    fn create_job(&mut self, root: &Digest, targets: &TargetSpec, now: u64) -> Result<u64> {
+        self.create_job_from(root, targets, &JobOrigin::default(), now)
+    }
+    /// Creates a job in state [`JobState::Pending`], recording its group and policy; returns
+    /// its id.
+    fn create_job_from(
+        &mut self,
+        root: &Digest,
+        targets: &TargetSpec,
+        origin: &JobOrigin,
+        now: u64,
+    ) -> Result<u64>;
+    /// Adds a policy rule the planner could not meet to a job (a repeated text is kept once).
+    fn add_job_warning(&mut self, job: u64, text: &str, now: u64) -> Result<()>;
+    /// Sets a job's state (and error); a final state also sets `finished_at`.
+    fn set_job_state(
+        &mut self,
+        job: u64,
+        state: JobState,
+        error: Option<&str>,
+        now: u64,
+    ) -> Result<()>;
+    /// One job.
+    fn job(&self, job: u64) -> Result<Option<JobRecord>>;
+    /// Every job, newest first.
+    fn jobs(&self) -> Result<Vec<JobRecord>>;
+    /// Jobs that are pending or running, oldest first (to resume after a restart).
+    fn unfinished_jobs(&self) -> Result<Vec<JobRecord>>;
+    /// A job's participants, in plan order.
+    fn participants(&self, job: u64) -> Result<Vec<ParticipantRecord>>;
+    /// A job's bytes per receiver and source.
+    fn source_bytes(&self, job: u64) -> Result<Vec<SourceBytes>>;
+    /// A job's bytes per edge of its relay (source → receiver).
+    fn transfers(&self, job: u64) -> Result<Vec<Transfer>> {
+        Ok(self
+            .source_bytes(job)?
+            .into_iter()
+            .map(|s| Transfer {
+                from: s.from,
+                to: s.agent,
+                bytes: s.bytes,
+            })
+            .collect())
+    }
+    /// A job's confirmations.
+    fn confirmations(&self, job: u64) -> Result<Vec<Confirmation>>;
+
+    /// Applies the engine's records in order, all in one transaction.
+    fn apply(&mut self, records: &[Persist], now: u64) -> Result<()>;
+
+    /// Replaces the stored view of `segment.name` with this complete report; a new leader is
+    /// recorded in the segment's history. Returns whether the leader changed.
+    fn replace_segment(&mut self, segment: &SegmentRecord) -> Result<bool>;
+    /// Every reported segment, by name.
+    fn segments(&self) -> Result<Vec<SegmentRecord>>;
+    /// One segment.
+    fn segment(&self, name: &str) -> Result<Option<SegmentRecord>>;
+    /// A segment's leaders, oldest first.
+    fn leader_history(&self, name: &str) -> Result<Vec<LeaderChange>>;
+
+    /// Adds a content group; [`StoreError::Duplicate`] if the name is taken.
+    fn add_group(&mut self, group: &GroupRecord, now: u64) -> Result<()>;
+    /// Replaces a content group; [`StoreError::NotFound`] if there is none of that name.
+    fn set_group(&mut self, group: &GroupRecord, now: u64) -> Result<()>;
+    /// Removes a content group; [`StoreError::NotFound`] if there is none of that name.
+    fn remove_group(&mut self, name: &str) -> Result<()>;
+    /// One content group.
+    fn group(&self, name: &str) -> Result<Option<GroupRecord>>;
+    /// Every content group, by name.
+    fn groups(&self) -> Result<Vec<GroupRecord>>;
+
+    /// Adds a named policy; [`StoreError::Duplicate`] if the name is taken.
+    fn add_policy(&mut self, policy: &PolicyRecord, now: u64) -> Result<()>;
+    /// Replaces a named policy; [`StoreError::NotFound`] if there is none of that name.
+    fn set_policy(&mut self, policy: &PolicyRecord, now: u64) -> Result<()>;
+    /// Removes a named policy; [`StoreError::NotFound`] if there is none of that name.
+    fn remove_policy(&mut self, name: &str) -> Result<()>;
+    /// One named policy.
+    fn policy(&self, name: &str) -> Result<Option<PolicyRecord>>;
+    /// Every named policy, by name.
+    fn policies(&self) -> Result<Vec<PolicyRecord>>;
+
+    /// Adds administrator `name` with `password_hash` (a PHC string), or replaces the hash
+    /// of an existing one.
+    fn set_admin(&mut self, name: &str, password_hash: &str, now: u64) -> Result<AdminSet>;
+    /// The stored password hash of administrator `name`.
+    fn admin_hash(&self, name: &str) -> Result<Option<String>>;
+    /// Every administrator's name, sorted.
+    fn admins(&self) -> Result<Vec<String>>;
+
+    /// Stores the API token `name` by its hash, replacing an earlier token of that name.
+    fn new_api_token(&mut self, name: &str, hash: &Digest, now: u64) -> Result<()>;
+    /// The name of the API token with this hash, if there is one.
+    fn api_token_name(&self, hash: &Digest) -> Result<Option<String>>;
+    /// Deletes the API token `name`; whether there was one.
+    fn revoke_api_token(&mut self, name: &str) -> Result<bool>;
+
+    /// Stores a new web UI session.
+    fn create_session(&mut self, session: &SessionRecord) -> Result<()>;
+    /// The session whose id has this hash.
+    fn session(&self, id_hash: &Digest) -> Result<Option<SessionRecord>>;
+    /// Marks a session used at `now`; whether it exists.
+    fn touch_session(&mut self, id_hash: &Digest, now: u64) -> Result<bool>;
+    /// Ends a session; whether it existed.
+    fn delete_session(&mut self, id_hash: &Digest) -> Result<bool>;
+    /// Ends every session last used at or before `idle_since`, then the least recently used
+    /// ones beyond the `keep` most recent; returns how many ended.
+    fn expire_sessions(&mut self, idle_since: u64, keep: usize) -> Result<u64>;
+
+    /// Jobs per state and the bytes the manager and relays delivered, over all jobs.
+    fn totals(&self) -> Result<StoreTotals>;
+}
+
+/// The engine state a stored participant resumes in.
+pub fn resume_state(p: &ParticipantRecord) -> ParticipantState {
+    match p.state {
+        PartState::Waiting => ParticipantState::Waiting,
+        PartState::Fetching => ParticipantState::Fetching {
+            verified: p.verified,
+        },
+        PartState::Confirmed => ParticipantState::Confirmed,
+        PartState::Failed => ParticipantState::Failed(
+            p.cause
+                .as_deref()
+                .and_then(|c| serde_json::from_str::<FailCause>(c).ok())
+                .unwrap_or(FailCause::GaveUp),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,194 @@
+//! The database schema: the one list of migrations, which creates every table
+//! the manager keeps, and the code that applies them.
+//!
+//! A database records how many migrations it has seen in `PRAGMA user_version`;
+//! opening it applies the rest, in order, each in its own transaction. A
+//! database from a newer build (more migrations than [`MIGRATIONS`]) is
+//! refused rather than guessed at. Nothing outside this module creates or
+//! alters a table.
+
+use rusqlite::Connection;
+
+use super::{Result, StoreError};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
+///
+/// Only append: a released migration never changes.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    );
+    CREATE TABLE agents (
+        id           TEXT PRIMARY KEY,
+        key          BLOB NOT NULL,
+        enrolled_at  INTEGER NOT NULL,
+        last_seen    INTEGER,
+        report       TEXT,
+        site         TEXT,
+        segment      TEXT,
+        listen       TEXT,
+        performance  INTEGER,
+        up_bps       INTEGER,
+        down_bps     INTEGER,
+        free_storage INTEGER
+    );
+    CREATE TABLE enrolment_tokens (
+        hash       BLOB PRIMARY KEY,
+        created_at INTEGER NOT NULL,
+        used_at    INTEGER,
+        used_by    TEXT
+    );
+    CREATE TABLE content (
+        root       BLOB PRIMARY KEY,
+        name       TEXT NOT NULL,
+        version    INTEGER NOT NULL,
+        length     INTEGER NOT NULL,
+        chunk_size INTEGER NOT NULL,
+        path       TEXT NOT NULL,
+        manifest   BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX content_by_name ON content(name, version);
+    CREATE TABLE jobs (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        root        BLOB NOT NULL REFERENCES content(root),
+        epoch       INTEGER,
+        state       TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        finished_at INTEGER,
+        targets     TEXT NOT NULL,
+        confirmed   INTEGER,
+        failed      INTEGER,
+        error       TEXT
+    );
+    CREATE TABLE participants (
+        job        INTEGER NOT NULL REFERENCES jobs(id),
+        agent      TEXT NOT NULL,
+        state      TEXT NOT NULL,
+        verified   INTEGER NOT NULL DEFAULT 0,
+        updated_at INTEGER NOT NULL,
+        reason     TEXT,
+        cause      TEXT,
+        source     TEXT,
+        position   INTEGER,
+        PRIMARY KEY (job, agent)
+    );
+    CREATE TABLE source_bytes (
+        job        INTEGER NOT NULL REFERENCES jobs(id),
+        agent      TEXT NOT NULL,
+        from_agent TEXT,
+        bytes      INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX source_bytes_key ON source_bytes(job, agent, ifnull(from_agent, ''));
+    CREATE TABLE confirmations (
+        job          INTEGER NOT NULL REFERENCES jobs(id),
+        agent        TEXT NOT NULL,
+        confirmed_at INTEGER NOT NULL,
+        PRIMARY KEY (job, agent)
+    );
+    ",
+    // 2: segments and their leaders, content groups, named policies; a job's group, policy
+    // and warnings.
+    "
+    CREATE TABLE segments (
+        name        TEXT PRIMARY KEY,
+        leader      TEXT NOT NULL,
+        term        INTEGER NOT NULL,
+        reported_at INTEGER NOT NULL
+    );
+    CREATE TABLE segment_members (
+        segment       TEXT NOT NULL REFERENCES segments(name) ON DELETE CASCADE,
+        id            TEXT NOT NULL,
+        score         INTEGER NOT NULL,
+        listen        TEXT,
+        performance   INTEGER NOT NULL,
+        free_storage  INTEGER NOT NULL,
+        can_serve     INTEGER NOT NULL,
+        up_bps        INTEGER NOT NULL,
+        down_bps      INTEGER NOT NULL,
+        loss_ppm      INTEGER NOT NULL,
+        uptime_s      INTEGER NOT NULL,
+        delays        TEXT NOT NULL,
+        last_heard_ms INTEGER NOT NULL,
+        known         INTEGER NOT NULL,
+        PRIMARY KEY (segment, id)
+    );
+    CREATE TABLE leader_history (
+        segment  TEXT NOT NULL,
+        leader   TEXT NOT NULL,
+        term     INTEGER NOT NULL,
+        since_ms INTEGER NOT NULL
+    );
+    CREATE INDEX leader_history_by_segment ON leader_history(segment, since_ms);
+    CREATE TABLE content_groups (
+        name       TEXT PRIMARY KEY,
+        agents     TEXT NOT NULL,
+        selector   TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE policies (
+        name       TEXT PRIMARY KEY,
+        policy     TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    ALTER TABLE jobs ADD COLUMN group_name TEXT;
+    ALTER TABLE jobs ADD COLUMN policy_name TEXT;
+    ALTER TABLE jobs ADD COLUMN policy TEXT;
+    CREATE TABLE job_warnings (
+        job      INTEGER NOT NULL REFERENCES jobs(id),
+        text     TEXT NOT NULL,
+        added_at INTEGER NOT NULL,
+        PRIMARY KEY (job, text)
+    );
+    ",
+    // 3: administrators and named API tokens (earlier builds created these two outside the
+    // migrations, hence `IF NOT EXISTS`), and the web UI's sessions.
+    "
+    CREATE TABLE IF NOT EXISTS admin_users (
+        name          TEXT PRIMARY KEY,
+        password_hash TEXT NOT NULL,
+        created_at    INTEGER NOT NULL,
+        updated_at    INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS api_tokens (
+        name       TEXT PRIMARY KEY,
+        hash       BLOB NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE web_sessions (
+        id_hash    BLOB PRIMARY KEY,
+        admin      TEXT NOT NULL,
+        csrf       TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        last_used  INTEGER NOT NULL
+    );
+    CREATE INDEX web_sessions_by_use ON web_sessions(last_used);
+    ",
+];
+
+/// Newest schema version this build knows.
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Applies every migration the database has not seen, each in its own transaction.
+pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
+    let found: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as u32)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "database schema migrated");
+    }
+    Ok(())
+}

@@ -1,0 +1,726 @@
+//! Tests of [`SqliteStore`] through the [`Store`] trait: migrations, each
+//! table's operations, transactions that happen whole or not at all.
+
+use rusqlite::Connection;
+
+use super::schema::MIGRATIONS;
+use super::*;
+use baton_manager_core::engine::{FailCause, ParticipantState, Persist};
+use baton_protocol::types::{AgentId, LinkInfo};
+
+fn id(s: &str) -> AgentId {
+    AgentId::try_from(s).unwrap()
+}
+
+fn report(agent: &str) -> Report {
+    Report {
+        id: id(agent),
+        listen: Some(baton_protocol::PeerAddr::V4([127, 0, 0, 1], 7701)),
+        site: "fra-2".try_into().unwrap(),
+        segment: "fra-2/rack-4".try_into().unwrap(),
+        performance: 100,
+        free_storage: 1 << 30,
+        can_serve: true,
+        max_chunk: 32768,
+        max_sources: 4,
+        max_peers: 8,
+        link: LinkInfo {
+            up_bps: 1_000_000,
+            down_bps: u64::MAX,
+            loss_ppm: 0,
+            uptime_s: 5,
+        },
+        delays: heapless::Vec::new(),
+        labels: heapless::Vec::new(),
+        holdings: heapless::Vec::new(),
+    }
+}
+
+fn content(root: u8, name: &str, version: u64) -> ContentRecord {
+    ContentRecord {
+        root: [root; 32],
+        name: name.into(),
+        version,
+        length: 100_000,
+        chunk_size: 32768,
+        path: "/tmp/x".into(),
+        manifest: vec![1, 2, 3],
+        created_at: 10,
+    }
+}
+
+#[test]
+fn fresh_file_migrates_and_reopen_keeps_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.db");
+    {
+        let mut s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(s.epoch().unwrap(), 0);
+        assert_eq!(s.next_epoch().unwrap(), 1);
+        s.enrol("edge-1", &PublicKey([1; 32]), 5).unwrap();
+    }
+    let mut s = SqliteStore::open(&path).unwrap();
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+    assert_eq!(s.epoch().unwrap(), 1);
+    assert_eq!(s.next_epoch().unwrap(), 2);
+    assert_eq!(s.agent("edge-1").unwrap().unwrap().key, PublicKey([1; 32]));
+    // WAL is a property of the file: another connection sees it.
+    let mode: String = Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.db");
+    drop(SqliteStore::open(&path).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+        .unwrap();
+    drop(conn);
+    match SqliteStore::open(&path) {
+        Err(StoreError::NewerSchema { found, known }) => {
+            assert_eq!((found, known), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
+        }
+        other => panic!("expected NewerSchema, got {other:?}"),
+    }
+}
+
+#[test]
+fn enrolment_is_idempotent_and_conflicts_are_refused() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    assert_eq!(s.enrol("a", &PublicKey([1; 32]), 1).unwrap(), Enrolled::New);
+    assert_eq!(
+        s.enrol("a", &PublicKey([1; 32]), 2).unwrap(),
+        Enrolled::Unchanged
+    );
+    assert!(matches!(
+        s.enrol("a", &PublicKey([2; 32]), 3),
+        Err(StoreError::KeyConflict(_))
+    ));
+    let a = s.agent("a").unwrap().unwrap();
+    assert_eq!((a.key, a.enrolled_at), (PublicKey([1; 32]), 1));
+    assert!(s.agent("b").unwrap().is_none());
+}
+
+#[test]
+fn tokens_are_one_time_and_atomic() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    let hash = [7; 32];
+    s.add_token(&hash, 1).unwrap();
+    assert!(matches!(
+        s.enrol_with_token(&[8; 32], "x", &PublicKey([1; 32]), 2),
+        Err(StoreError::BadToken)
+    ));
+    // A conflicting enrolment does not use the token up.
+    s.enrol("taken", &PublicKey([9; 32]), 1).unwrap();
+    assert!(matches!(
+        s.enrol_with_token(&hash, "taken", &PublicKey([1; 32]), 2),
+        Err(StoreError::KeyConflict(_))
+    ));
+    assert_eq!(
+        s.enrol_with_token(&hash, "x", &PublicKey([1; 32]), 3)
+            .unwrap(),
+        Enrolled::New
+    );
+    assert!(matches!(
+        s.enrol_with_token(&hash, "y", &PublicKey([2; 32]), 4),
+        Err(StoreError::BadToken)
+    ));
+    assert!(s.agent("y").unwrap().is_none());
+}
+
+#[test]
+fn reports_update_main_columns() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    assert!(matches!(
+        s.record_report(&report("a"), 1),
+        Err(StoreError::NotFound(_))
+    ));
+    s.enrol("a", &PublicKey([1; 32]), 1).unwrap();
+    s.record_report(&report("a"), 9).unwrap();
+    let a = s.agent("a").unwrap().unwrap();
+    assert_eq!(a.last_seen, Some(9));
+    assert_eq!(a.site.as_deref(), Some("fra-2"));
+    assert_eq!(a.listen.as_deref(), Some("127.0.0.1:7701"));
+    assert_eq!(a.up_bps, Some(1_000_000));
+    assert_eq!(a.down_bps, Some(i64::MAX as u64));
+    let back: Report = serde_json::from_value(a.report.unwrap()).unwrap();
+    assert_eq!(back, report("a"));
+    s.mark_seen("a", 12).unwrap();
+    assert_eq!(s.agents().unwrap()[0].last_seen, Some(12));
+}
+
+#[test]
+fn content_versions_by_name() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    assert_eq!(s.latest_version("fw").unwrap(), None);
+    s.put_content(&content(1, "fw", 1)).unwrap();
+    s.put_content(&content(2, "fw", 2)).unwrap();
+    s.put_content(&content(3, "other", 7)).unwrap();
+    assert_eq!(s.latest_version("fw").unwrap(), Some(2));
+    let c = s.content(&[2; 32]).unwrap().unwrap();
+    assert_eq!(c, content(2, "fw", 2));
+    assert_eq!(c.chunks(), 4);
+    // Re-publishing the same root replaces its record.
+    s.put_content(&content(2, "fw", 5)).unwrap();
+    assert_eq!(s.latest_version("fw").unwrap(), Some(5));
+    assert!(s.content(&[4; 32]).unwrap().is_none());
+}
+
+#[test]
+fn engine_records_apply_in_one_transaction() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    s.put_content(&content(1, "fw", 1)).unwrap();
+    let job = s
+        .create_job(
+            &[1; 32],
+            &TargetSpec::Agents(vec!["a".into(), "b".into()]),
+            1,
+        )
+        .unwrap();
+    assert_eq!(s.job(job).unwrap().unwrap().state, JobState::Pending);
+    s.apply(
+        &[
+            Persist::JobStarted {
+                job,
+                epoch: 3,
+                order: vec![id("b"), id("a")],
+            },
+            Persist::Participant {
+                job,
+                agent: id("b"),
+                state: ParticipantState::Fetching { verified: 0 },
+                source_note: Some("manager".into()),
+            },
+            Persist::Progress {
+                job,
+                updates: vec![(id("b"), 2), (id("a"), 1)],
+            },
+            Persist::SourceBytes {
+                job,
+                agent: id("b"),
+                from: None,
+                bytes: 1000,
+            },
+            Persist::SourceBytes {
+                job,
+                agent: id("b"),
+                from: None,
+                bytes: 500,
+            },
+            Persist::SourceBytes {
+                job,
+                agent: id("a"),
+                from: Some(id("b")),
+                bytes: 700,
+            },
+        ],
+        2,
+    )
+    .unwrap();
+    let j = s.job(job).unwrap().unwrap();
+    assert_eq!((j.state, j.epoch), (JobState::Running, Some(3)));
+    let p = s.participants(job).unwrap();
+    assert_eq!(p.len(), 2);
+    assert_eq!((p[0].agent.as_str(), p[0].position), ("b", Some(0)));
+    assert_eq!((p[0].state, p[0].verified), (PartState::Fetching, 2));
+    assert_eq!(p[0].source.as_deref(), Some("manager"));
+    assert_eq!((p[1].state, p[1].verified), (PartState::Fetching, 1));
+    let bytes = s.source_bytes(job).unwrap();
+    assert_eq!(
+        bytes,
+        vec![
+            SourceBytes {
+                agent: "a".into(),
+                from: Some("b".into()),
+                bytes: 700
+            },
+            SourceBytes {
+                agent: "b".into(),
+                from: None,
+                bytes: 1500
+            },
+        ]
+    );
+    s.apply(
+        &[
+            Persist::Participant {
+                job,
+                agent: id("b"),
+                state: ParticipantState::Confirmed,
+                source_note: None,
+            },
+            Persist::JobFinished {
+                job,
+                confirmed: 1,
+                failed: 1,
+            },
+        ],
+        4,
+    )
+    .unwrap();
+    let p = s.participants(job).unwrap();
+    assert_eq!((p[0].state, p[0].verified), (PartState::Confirmed, 4));
+    assert_eq!(resume_state(&p[0]), ParticipantState::Confirmed);
+    assert_eq!(
+        resume_state(&p[1]),
+        ParticipantState::Fetching { verified: 1 }
+    );
+    let cause = FailCause::Agent(baton_protocol::message::FailReason::StorageFull);
+    s.apply(
+        &[Persist::Participant {
+            job,
+            agent: id("a"),
+            state: ParticipantState::Failed(cause),
+            source_note: None,
+        }],
+        4,
+    )
+    .unwrap();
+    let p = s.participants(job).unwrap();
+    assert_eq!(p[1].state, PartState::Failed);
+    assert!(p[1].reason.as_deref().unwrap().contains("StorageFull"));
+    assert_eq!(resume_state(&p[1]), ParticipantState::Failed(cause));
+    let c = s.confirmations(job).unwrap();
+    assert_eq!(
+        c,
+        vec![Confirmation {
+            agent: "b".into(),
+            confirmed_at: 4
+        }]
+    );
+    let j = s.job(job).unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.finished_at, j.confirmed, j.failed),
+        (JobState::Finished, Some(4), Some(1), Some(1))
+    );
+    assert!(s.unfinished_jobs().unwrap().is_empty());
+}
+
+#[test]
+fn a_failing_batch_changes_nothing() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    s.put_content(&content(1, "fw", 1)).unwrap();
+    let job = s.create_job(&[1; 32], &TargetSpec::All, 1).unwrap();
+    let err = s.apply(
+        &[
+            Persist::Progress {
+                job,
+                updates: vec![(id("a"), 1)],
+            },
+            Persist::JobStarted {
+                job: job + 100,
+                epoch: 1,
+                order: vec![],
+            },
+        ],
+        2,
+    );
+    assert!(matches!(err, Err(StoreError::NotFound(_))));
+    assert!(s.participants(job).unwrap().is_empty());
+}
+
+#[test]
+fn jobs_list_states_and_unfinished() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    s.put_content(&content(1, "fw", 1)).unwrap();
+    let a = s.create_job(&[1; 32], &TargetSpec::All, 1).unwrap();
+    let b = s.create_job(&[1; 32], &TargetSpec::All, 2).unwrap();
+    let c = s.create_job(&[1; 32], &TargetSpec::All, 3).unwrap();
+    s.set_job_state(b, JobState::Cancelled, None, 5).unwrap();
+    s.set_job_state(c, JobState::Refused, Some("no targets"), 5)
+        .unwrap();
+    let ids: Vec<u64> = s.jobs().unwrap().iter().map(|j| j.id).collect();
+    assert_eq!(ids, vec![c, b, a]);
+    let open: Vec<u64> = s.unfinished_jobs().unwrap().iter().map(|j| j.id).collect();
+    assert_eq!(open, vec![a]);
+    let cj = s.job(c).unwrap().unwrap();
+    assert_eq!(cj.error.as_deref(), Some("no targets"));
+    assert_eq!(cj.finished_at, Some(5));
+    assert_eq!(cj.targets, TargetSpec::All);
+    // A job finishing after it was cancelled stays cancelled.
+    s.apply(
+        &[Persist::JobFinished {
+            job: b,
+            confirmed: 0,
+            failed: 0,
+        }],
+        6,
+    )
+    .unwrap();
+    assert_eq!(s.job(b).unwrap().unwrap().state, JobState::Cancelled);
+    assert!(matches!(
+        s.set_job_state(99, JobState::Running, None, 1),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+fn member(id: &str, known: bool) -> MemberRecord {
+    MemberRecord {
+        id: id.into(),
+        score: 7,
+        listen: Some("10.0.0.2:7701".into()),
+        performance: 100,
+        free_storage: 1 << 40,
+        can_serve: true,
+        link: LinkRecord {
+            up_bps: 5_000_000,
+            down_bps: 1000,
+            loss_ppm: 3,
+            uptime_s: 60,
+        },
+        delays: vec![
+            DelayRecord {
+                to: None,
+                rtt_us: 1500,
+            },
+            DelayRecord {
+                to: Some("b".into()),
+                rtt_us: 200,
+            },
+        ],
+        last_heard_ms: 40,
+        known,
+    }
+}
+
+#[test]
+fn segment_reports_replace_the_view_and_record_leader_changes() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    let report = |leader: &str, term, at, members: Vec<MemberRecord>| SegmentRecord {
+        name: "lan-1".into(),
+        leader: leader.into(),
+        term,
+        reported_at_ms: at,
+        members,
+    };
+    assert!(
+        s.replace_segment(&report(
+            "a",
+            1,
+            1000,
+            vec![member("a", true), member("b", true)]
+        ))
+        .unwrap()
+    );
+    assert!(
+        !s.replace_segment(&report(
+            "a",
+            2,
+            2000,
+            vec![member("a", true), member("z", false)]
+        ))
+        .unwrap()
+    );
+    let seg = s.segment("lan-1").unwrap().unwrap();
+    assert_eq!(
+        (seg.leader.as_str(), seg.term, seg.reported_at_ms),
+        ("a", 2, 2000)
+    );
+    let ids: Vec<&str> = seg.members.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["a", "z"], "the old view is replaced");
+    assert_eq!(seg.members[0], member("a", true));
+    assert!(!seg.members[1].known);
+    assert!(
+        s.replace_segment(&report("b", 1, 3000, vec![member("b", true)]))
+            .unwrap()
+    );
+    let history = s.leader_history("lan-1").unwrap();
+    assert_eq!(
+        history,
+        vec![
+            LeaderChange {
+                leader: "a".into(),
+                term: 1,
+                since_ms: 1000
+            },
+            LeaderChange {
+                leader: "b".into(),
+                term: 1,
+                since_ms: 3000
+            },
+        ]
+    );
+    assert_eq!(s.segments().unwrap().len(), 1);
+    assert!(s.segment("other").unwrap().is_none());
+}
+
+#[test]
+fn groups_and_policies_are_named_and_unique() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    let mut g = GroupRecord {
+        name: "edge".into(),
+        agents: vec!["a".into()],
+        selector: [("role".to_string(), "edge".to_string())].into(),
+    };
+    s.add_group(&g, 1).unwrap();
+    assert!(matches!(s.add_group(&g, 2), Err(StoreError::Duplicate(_))));
+    g.agents.push("b".into());
+    s.set_group(&g, 3).unwrap();
+    assert_eq!(s.group("edge").unwrap().unwrap(), g);
+    assert_eq!(s.groups().unwrap(), vec![g.clone()]);
+    g.name = "none".into();
+    assert!(matches!(s.set_group(&g, 3), Err(StoreError::NotFound(_))));
+    s.remove_group("edge").unwrap();
+    assert!(matches!(
+        s.remove_group("edge"),
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(s.groups().unwrap().is_empty());
+
+    let p = PolicyRecord {
+        name: "slow".into(),
+        policy: serde_json::json!({ "max_peers_per_source": 2 }),
+    };
+    s.add_policy(&p, 1).unwrap();
+    assert!(matches!(s.add_policy(&p, 1), Err(StoreError::Duplicate(_))));
+    let p2 = PolicyRecord {
+        policy: serde_json::json!({ "max_peers_per_source": 3 }),
+        ..p.clone()
+    };
+    s.set_policy(&p2, 2).unwrap();
+    assert_eq!(s.policy("slow").unwrap().unwrap(), p2);
+    assert_eq!(s.policies().unwrap().len(), 1);
+    s.remove_policy("slow").unwrap();
+    assert!(s.policy("slow").unwrap().is_none());
+    assert!(matches!(
+        s.remove_policy("slow"),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[test]
+fn jobs_keep_group_policy_warnings_and_transfers() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    s.put_content(&content(1, "fw", 1)).unwrap();
+    let origin = JobOrigin {
+        group: Some("edge".into()),
+        policy_name: Some("slow".into()),
+        policy: Some(serde_json::json!({ "max_peers_per_source": 2 })),
+    };
+    let job = s
+        .create_job_from(&[1; 32], &TargetSpec::Agents(vec!["a".into()]), &origin, 1)
+        .unwrap();
+    s.add_job_warning(job, "rule one cannot be met", 2).unwrap();
+    s.add_job_warning(job, "rule two cannot be met", 3).unwrap();
+    s.add_job_warning(job, "rule one cannot be met", 4).unwrap();
+    assert!(matches!(
+        s.add_job_warning(job + 1, "x", 4),
+        Err(StoreError::NotFound(_))
+    ));
+    s.apply(
+        &[Persist::SourceBytes {
+            job,
+            agent: id("a"),
+            from: None,
+            bytes: 100,
+        }],
+        5,
+    )
+    .unwrap();
+    let j = s.job(job).unwrap().unwrap();
+    assert_eq!(j.group.as_deref(), Some("edge"));
+    assert_eq!(j.policy.as_deref(), Some("slow"));
+    assert_eq!(j.policy_spec, origin.policy);
+    assert_eq!(
+        j.warnings,
+        ["rule one cannot be met", "rule two cannot be met"]
+    );
+    assert_eq!(
+        j.transfers,
+        vec![Transfer {
+            from: None,
+            to: "a".into(),
+            bytes: 100
+        }]
+    );
+    let listed = &s.unfinished_jobs().unwrap()[0];
+    assert_eq!(listed.warnings.len(), 2);
+    assert_eq!(listed.policy_spec, origin.policy);
+    // A job created without an origin has none.
+    let plain = s.create_job(&[1; 32], &TargetSpec::All, 6).unwrap();
+    let p = s.job(plain).unwrap().unwrap();
+    assert_eq!((p.group, p.policy, p.policy_spec), (None, None, None));
+}
+
+#[test]
+fn a_version_1_database_migrates_and_keeps_its_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO content (root, name, version, length, chunk_size, path, manifest,
+                created_at) VALUES (?1, 'fw', 1, 10, 256, '/x', x'00', 1)",
+            [&[1u8; 32][..]],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO jobs (root, state, created_at, targets)
+             VALUES (?1, 'running', 1, '\"all\"')",
+            [&[1u8; 32][..]],
+        )
+        .unwrap();
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+    let jobs = s.unfinished_jobs().unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].policy_spec, None);
+    assert!(jobs[0].warnings.is_empty());
+}
+
+#[test]
+fn meta_round_trips() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    assert_eq!(s.meta("k").unwrap(), None);
+    s.set_meta("k", b"v1").unwrap();
+    s.set_meta("k", b"v2").unwrap();
+    assert_eq!(s.meta("k").unwrap().as_deref(), Some(&b"v2"[..]));
+}
+
+#[test]
+fn administrators_and_api_tokens() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    assert_eq!(s.set_admin("ops", "$hash-1", 1).unwrap(), AdminSet::Added);
+    assert_eq!(
+        s.set_admin("ops", "$hash-2", 2).unwrap(),
+        AdminSet::PasswordChanged
+    );
+    s.set_admin("dev", "$hash-3", 3).unwrap();
+    assert_eq!(s.admin_hash("ops").unwrap().as_deref(), Some("$hash-2"));
+    assert_eq!(s.admin_hash("nobody").unwrap(), None);
+    assert_eq!(s.admins().unwrap(), ["dev", "ops"]);
+
+    s.new_api_token("ci", &[1; 32], 1).unwrap();
+    assert_eq!(s.api_token_name(&[1; 32]).unwrap().as_deref(), Some("ci"));
+    s.new_api_token("ci", &[2; 32], 2).unwrap();
+    assert_eq!(s.api_token_name(&[1; 32]).unwrap(), None, "replaced");
+    assert_eq!(s.api_token_name(&[2; 32]).unwrap().as_deref(), Some("ci"));
+    assert!(s.revoke_api_token("ci").unwrap());
+    assert!(!s.revoke_api_token("ci").unwrap());
+    assert_eq!(s.api_token_name(&[2; 32]).unwrap(), None);
+}
+
+fn session(id: u8, admin: &str, last_used: u64) -> SessionRecord {
+    SessionRecord {
+        id_hash: [id; 32],
+        admin: admin.into(),
+        csrf: format!("csrf-{id}"),
+        created_at: last_used,
+        last_used,
+    }
+}
+
+#[test]
+fn sessions_are_touched_and_expire() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    s.create_session(&session(1, "ops", 100)).unwrap();
+    s.create_session(&session(2, "ops", 200)).unwrap();
+    s.create_session(&session(3, "dev", 300)).unwrap();
+    assert_eq!(s.session(&[1; 32]).unwrap(), Some(session(1, "ops", 100)));
+    assert_eq!(s.session(&[9; 32]).unwrap(), None);
+    assert!(s.touch_session(&[1; 32], 400).unwrap());
+    assert!(!s.touch_session(&[9; 32], 400).unwrap());
+    let touched = s.session(&[1; 32]).unwrap().unwrap();
+    assert_eq!((touched.created_at, touched.last_used), (100, 400));
+    // Idle at or before 200: session 2 ends.
+    assert_eq!(s.expire_sessions(200, 10).unwrap(), 1);
+    assert_eq!(s.session(&[2; 32]).unwrap(), None);
+    // Keep the most recently used one only: session 3 (last used 300) ends.
+    assert_eq!(s.expire_sessions(0, 1).unwrap(), 1);
+    assert!(s.session(&[1; 32]).unwrap().is_some());
+    assert!(s.session(&[3; 32]).unwrap().is_none());
+    assert!(s.delete_session(&[1; 32]).unwrap());
+    assert!(!s.delete_session(&[1; 32]).unwrap());
+}
+
+#[test]
+fn sessions_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.db");
+    SqliteStore::open(&path)
+        .unwrap()
+        .create_session(&session(1, "ops", 100))
+        .unwrap();
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!(s.session(&[1; 32]).unwrap(), Some(session(1, "ops", 100)));
+}
+
+#[test]
+fn totals_count_jobs_and_bytes_by_source() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    assert_eq!(s.totals().unwrap(), StoreTotals::default());
+    s.put_content(&content(1, "fw", 1)).unwrap();
+    let a = s.create_job(&[1; 32], &TargetSpec::All, 1).unwrap();
+    let b = s.create_job(&[1; 32], &TargetSpec::All, 2).unwrap();
+    s.create_job(&[1; 32], &TargetSpec::All, 3).unwrap();
+    s.set_job_state(b, JobState::Cancelled, None, 4).unwrap();
+    s.apply(
+        &[
+            Persist::SourceBytes {
+                job: a,
+                agent: id("a"),
+                from: None,
+                bytes: 1000,
+            },
+            Persist::SourceBytes {
+                job: a,
+                agent: id("b"),
+                from: Some(id("a")),
+                bytes: 600,
+            },
+            Persist::SourceBytes {
+                job: b,
+                agent: id("c"),
+                from: Some(id("a")),
+                bytes: 50,
+            },
+        ],
+        5,
+    )
+    .unwrap();
+    assert_eq!(
+        s.totals().unwrap(),
+        StoreTotals {
+            jobs_by_state: vec![("cancelled".into(), 1), ("pending".into(), 2)],
+            bytes_from_manager: 1000,
+            bytes_from_relays: 650,
+        }
+    );
+}
+
+#[test]
+fn a_version_2_database_with_web_tables_migrates_and_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.execute_batch(MIGRATIONS[1]).unwrap();
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        // What earlier builds created beside the migrations, with a row in each.
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS admin_users (
+                name TEXT PRIMARY KEY, password_hash TEXT NOT NULL,
+                created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS api_tokens (
+                name TEXT PRIMARY KEY, hash BLOB NOT NULL UNIQUE, created_at INTEGER NOT NULL);
+             INSERT INTO admin_users VALUES ('ops', '$old', 1, 1);
+             INSERT INTO api_tokens VALUES ('ci', x'0707070707070707070707070707070707070707070707070707070707070707', 1);",
+        )
+        .unwrap();
+    }
+    let mut s = SqliteStore::open(&path).unwrap();
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+    assert_eq!(s.admin_hash("ops").unwrap().as_deref(), Some("$old"));
+    assert_eq!(s.api_token_name(&[7; 32]).unwrap().as_deref(), Some("ci"));
+    s.create_session(&session(1, "ops", 1)).unwrap();
+}
