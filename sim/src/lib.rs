@@ -1,8 +1,8 @@
 //! `baton-sim`: a deterministic discrete-event simulator of a Baton fleet.
 //!
 //! It runs the *real* sans-IO agent state machines (`baton-agent-core`, built
-//! without `std`) and the *real* manager engine and planner (`baton-manager`,
-//! built without its server) in one process, under a simulated clock and a
+//! without `std`) and the *real* manager sessions, engine and planner
+//! (`baton-manager-core`) in one process, under a simulated clock and a
 //! modelled network, so that a whole fleet — up to tens of thousands of agents
 //! — can be distributed to in seconds of wall time, replayed exactly from a
 //! seed, and put through faults with invariants checked after every event.

@@ -19,11 +19,14 @@
 //! charged by the link model at their virtual size (see [`crate::content`]),
 //! and the network is [`crate::net`]'s.
 //!
-//! The manager node is what `baton serve` does around its engine: it answers
-//! the first `Report` of a session with `Welcome`, feeds reports and agent
-//! messages to the engine, answers `ChunkRequest`s itself from the content,
-//! keeps the persisted records, and after a restart builds a new engine with
-//! the next epoch and resumes the job from those records.
+//! The manager node is what `baton serve` does around its engine: it drives
+//! the real manager session ([`AgentSession`]) on each agent connection, which
+//! answers the first `Report` with `Welcome` and says where each message goes;
+//! the node carries that out (reports and agent messages to the engine,
+//! segment report pages to an [`Assembler`], `ChunkRequest`s answered from the
+//! true content, a later session of the same agent taking over the earlier
+//! one), keeps the persisted records, and after a restart builds a new engine
+//! with the next epoch and resumes the job from those records.
 //!
 //! Invariants are checked as the run goes (see [`Simulation::violations`]): after
 //! every event, no store holds a chunk that is not the true one; every chunk
