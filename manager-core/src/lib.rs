@@ -11,6 +11,8 @@
 //!   persist and timers out.
 //! - [`planner`]: scores agents from their reports and the policy and builds the
 //!   relay plan.
+//! - [`session`]: one agent connection's rules (first report, `Welcome`, where
+//!   each message goes), driven per connection by the server and the simulator.
 //! - [`segments`]: checks and assembles the pages of a segment leader's report.
 //! - [`definitions`]: content groups and named policies: names, policy fields, group members.
 //! - [`records`]: the plain records the store keeps and the parts above exchange.
@@ -24,3 +26,4 @@ pub mod login_limit;
 pub mod planner;
 pub mod records;
 pub mod segments;
+pub mod session;

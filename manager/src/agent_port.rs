@@ -2,12 +2,16 @@
 //!
 //! [`run_agent_port`] is the accept loop (`run(listener, shutdown)`, a
 //! semaphore bounding live connections). Each connection runs the handshake
-//! through the link layer with [`Registry::authorize`], expects a `Report`
-//! from the authenticated agent first, answers `Welcome`, and then:
-//! - answers `ChunkRequest` (from the [`Library`]) and `Ping` itself;
-//! - forwards what the engine handles (`Report`, `Progress`, `Have`, `Failed`,
-//!   `NextPlease`, `PeerTrouble`, `Pong`) to the [`EngineTask`];
-//! - carries the engine's instructions back out.
+//! through the link layer with [`Registry::authorize`], then drives one
+//! [`AgentSession`] (the session rules: first report, `Welcome`, where each
+//! message goes) and carries out what it asks, IO only:
+//! - sends what the session transmits (`Welcome`, `Pong`) on the connection;
+//! - registers the session in the [`Registry`] once the agent is online and
+//!   tells the [`EngineTask`] (online, its messages, offline);
+//! - answers `ChunkRequest`s from the [`Library`] on a blocking task;
+//! - hands segment report pages to the registry's assembly, and complete
+//!   reports to the engine;
+//! - carries the engine's instructions back out (the writer task).
 //!
 //! Serial lines ([`crate::serial`]) hand their sessions to the same handler.
 //! A malformed, oversized or undecryptable frame closes that one connection
@@ -21,20 +25,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_agent_core::linux::link::{self, Limits, LinkError};
-use baton_protocol::identity::{AgentCert, Identity};
-use baton_protocol::message::{MAX_PUBLISHERS, Message};
+use baton_manager_core::session::{AgentSession, SessionConfig, SessionEvent};
+use baton_protocol::message::Message;
 use baton_protocol::session::{Hello, Role};
-use baton_protocol::types::{AgentId, PublicKey};
+use baton_protocol::types::AgentId;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::time::Instant;
 
 use crate::content::Library;
 use crate::engine_task::EngineInput;
 use crate::registry::{Registry, Session, unix_now};
 
-/// How long a new connection has to send its first `Report` after the handshake.
-pub const FIRST_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest frame the manager accepts from an agent (agents send small control messages).
 pub const MAX_AGENT_FRAME: usize = 16 * 1024;
 /// Chunk answers queued per connection before its reader waits (backpressure).
@@ -43,10 +46,9 @@ const DATA_QUEUE: usize = 8;
 /// What every agent connection shares.
 #[derive(Debug)]
 pub struct AgentPort {
-    /// The manager's session identity.
-    pub identity: Identity,
-    /// Publisher keys announced in `Welcome`.
-    pub publishers: Vec<PublicKey>,
+    /// The manager's identity (the handshake's and the certificates') and the
+    /// publisher keys announced in `Welcome`.
+    pub session: Arc<SessionConfig>,
     /// Enrolled keys and live sessions.
     pub registry: Arc<Registry>,
     /// Content served to `ChunkRequest`s.
@@ -113,7 +115,8 @@ impl AgentPort {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let registry = self.registry.clone();
-        let accepted = link::accept(stream, &self.identity, self.hello(), &self.limits, |hs| {
+        let identity = self.session.identity();
+        let accepted = link::accept(stream, identity, self.hello(), &self.limits, |hs| {
             registry
                 .authorize(hs)
                 .map_err(|e| LinkError::Refused(e.to_string()))
@@ -133,47 +136,50 @@ impl AgentPort {
         let id = auth.id;
         let (mut reader, mut writer) = link.split();
         reader.set_max_frame(MAX_AGENT_FRAME);
+        // The session's clock: time since this connection's handshake.
+        let origin = Instant::now();
+        let mut session =
+            AgentSession::new(origin.elapsed(), id.clone(), auth.key, self.session.clone());
 
-        // The first message must be the agent's report about itself.
-        let report = match tokio::time::timeout(FIRST_REPORT_TIMEOUT, reader.recv()).await {
-            Err(_) => {
-                tracing::warn!(agent = %id, %addr, "no report within {FIRST_REPORT_TIMEOUT:?}; closing");
-                return;
+        // Until the session is online (its first report): answers go out directly.
+        let report = loop {
+            let deadline = session.poll_timeout().map(|t| origin + t);
+            let frame = tokio::select! {
+                _ = sleep_until(deadline) => None,
+                r = reader.recv() => Some(r),
+            };
+            match frame {
+                None => session.handle_timeout(origin.elapsed()),
+                Some(Err(e)) => {
+                    tracing::warn!(agent = %id, %addr, "connection failed before the first report: {e}");
+                    return;
+                }
+                Some(Ok(bytes)) => session.handle_frame(origin.elapsed(), unix_now(), bytes),
             }
-            Ok(Err(e)) => {
-                tracing::warn!(agent = %id, %addr, "connection failed before the first report: {e}");
-                return;
+            while let Some(msg) = session.poll_transmit() {
+                if let Err(e) = writer.send(&msg.to_vec()).await {
+                    tracing::warn!(agent = %id, %addr, "cannot send {}: {e}", msg.kind());
+                    return;
+                }
             }
-            Ok(Ok(bytes)) => match Message::decode(bytes) {
-                Ok(Message::Report(r)) if r.id == id => r,
-                Ok(Message::Report(r)) => {
-                    tracing::warn!(agent = %id, %addr, claimed = %r.id, "report id differs from the authenticated id; closing");
-                    return;
+            let mut online = None;
+            while let Some(event) = session.poll_event() {
+                match event {
+                    SessionEvent::Online { report } => online = Some(report),
+                    SessionEvent::Close(why) => {
+                        tracing::warn!(agent = %id, %addr, "{why}; closing");
+                        return;
+                    }
+                    other => {
+                        tracing::error!(agent = %id, "session event before the first report: {other:?}")
+                    }
                 }
-                Ok(other) => {
-                    tracing::warn!(agent = %id, %addr, kind = other.kind(), "first message is not a report; closing");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(agent = %id, %addr, "malformed first message: {e}; closing");
-                    return;
-                }
-            },
+            }
+            if let Some(report) = online {
+                break report;
+            }
         };
         self.registry.note_report(&report);
-        let mut publishers = heapless::Vec::<PublicKey, MAX_PUBLISHERS>::new();
-        for key in self.publishers.iter().take(MAX_PUBLISHERS) {
-            let _ = publishers.push(*key);
-        }
-        let welcome = Message::Welcome {
-            cert: AgentCert::issue(&self.identity, id.clone(), auth.key),
-            unix_time: unix_now(),
-            publishers,
-        };
-        if let Err(e) = writer.send(&welcome.to_vec()).await {
-            tracing::warn!(agent = %id, %addr, "cannot send welcome: {e}");
-            return;
-        }
 
         let (control_tx, mut control_rx) = mpsc::unbounded_channel::<Vec<u8>>();
         let (data_tx, mut data_rx) = mpsc::channel::<Vec<u8>>(DATA_QUEUE);
@@ -199,7 +205,7 @@ impl AgentPort {
         let _ = self.engine.send(EngineInput::Online {
             id: id.clone(),
             key: auth.key,
-            report: Box::new(report),
+            report,
         });
 
         // Writer: engine instructions first, then chunk answers.
@@ -222,7 +228,9 @@ impl AgentPort {
             let _ = writer.close().await;
         });
 
-        let reason = self.read_loop(&id, &mut reader, &data_tx, &close).await;
+        let reason = self
+            .read_loop(&mut session, origin, &mut reader, &data_tx, &close)
+            .await;
         tracing::info!(agent = %id, %addr, "agent disconnected: {reason}");
         // Unregister before the writer can close the stream: whoever sees the
         // connection closed also sees the agent gone from the registry.
@@ -238,10 +246,12 @@ impl AgentPort {
         }
     }
 
-    /// Reads the agent's messages until the connection ends; returns why it ended.
+    /// Feeds the agent's frames to its online session and carries out what it
+    /// asks until the connection ends; returns why it ended.
     async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
         &self,
-        id: &AgentId,
+        session: &mut AgentSession,
+        origin: Instant,
         reader: &mut link::LinkReader<R>,
         data_tx: &mpsc::Sender<Vec<u8>>,
         close: &Notify,
@@ -255,94 +265,93 @@ impl AgentPort {
                 Ok(b) => b,
                 Err(LinkError::Closed) => return "closed by the agent".into(),
                 Err(e) => {
-                    tracing::warn!(agent = %id, "closing connection: {e}");
+                    tracing::warn!(agent = %session.agent(), "closing connection: {e}");
                     return format!("link error: {e}");
                 }
             };
-            let msg = match Message::decode(bytes) {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(agent = %id, "malformed message ({e}); closing its connection");
-                    return format!("malformed message: {e}");
+            session.handle_frame(origin.elapsed(), unix_now(), bytes);
+            // Pongs queue behind the chunk answers, as the agent asked for them.
+            while let Some(msg) = session.poll_transmit() {
+                if data_tx.send(msg.to_vec()).await.is_err() {
+                    return "writer stopped".into();
                 }
-            };
-            match msg {
-                Message::ChunkRequest { root, index } => {
-                    let library = self.library.clone();
-                    let answer =
-                        match tokio::task::spawn_blocking(move || library.answer(&root, index))
-                            .await
-                        {
-                            Ok(a) => a,
-                            Err(e) => {
-                                tracing::error!("chunk reader task failed: {e}");
-                                crate::content::refuse(
-                                    root,
-                                    index,
-                                    baton_protocol::message::Refusal::Busy,
-                                )
-                            }
-                        };
-                    if data_tx.send(answer).await.is_err() {
-                        return "writer stopped".into();
-                    }
-                }
-                Message::Ping { nonce } => {
-                    if data_tx
-                        .send(Message::Pong { nonce }.to_vec())
-                        .await
-                        .is_err()
-                    {
-                        return "writer stopped".into();
-                    }
-                }
-                Message::Report(ref r) if r.id != *id => {
-                    tracing::warn!(agent = %id, claimed = %r.id, "report for another id; closing");
-                    return "report for another id".into();
-                }
-                Message::SegmentReport(page) => match self.registry.segment_report(id, page) {
-                    Ok(Some(s)) => {
-                        tracing::info!(agent = %id, segment = %s.segment, members = s.members, unknown = s.unknown, leader_changed = s.leader_changed, "segment report stored");
-                        // The engine plans with the segment's leader as its first entry node.
-                        let input = EngineInput::Message {
-                            id: id.clone(),
-                            bytes: bytes.to_vec(),
-                        };
-                        if self.engine.send(input).is_err() {
-                            return "manager shutting down".into();
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(agent = %id, "segment report refused: {e}"),
-                },
-                Message::Report(ref r) => {
-                    self.registry.note_report(r);
-                    let input = EngineInput::Message {
-                        id: id.clone(),
-                        bytes: bytes.to_vec(),
-                    };
-                    if self.engine.send(input).is_err() {
-                        return "manager shutting down".into();
-                    }
-                }
-                Message::Progress { .. }
-                | Message::Have { .. }
-                | Message::Failed { .. }
-                | Message::NextPlease { .. }
-                | Message::PeerTrouble { .. }
-                | Message::Pong { .. } => {
-                    let input = EngineInput::Message {
-                        id: id.clone(),
-                        bytes: bytes.to_vec(),
-                    };
-                    if self.engine.send(input).is_err() {
-                        return "manager shutting down".into();
-                    }
-                }
-                other => {
-                    tracing::warn!(agent = %id, kind = other.kind(), "agents do not send this message; ignored");
+            }
+            while let Some(event) = session.poll_event() {
+                if let Err(reason) = self.carry_out(session.agent(), event, data_tx).await {
+                    return reason;
                 }
             }
         }
+    }
+
+    /// Carries out one event of an online session; `Err` ends the connection with that reason.
+    async fn carry_out(
+        &self,
+        id: &AgentId,
+        event: SessionEvent,
+        data_tx: &mpsc::Sender<Vec<u8>>,
+    ) -> Result<(), String> {
+        let for_engine = match event {
+            SessionEvent::ChunkRequest { root, index } => {
+                let library = self.library.clone();
+                let answer = match tokio::task::spawn_blocking(move || library.answer(&root, index))
+                    .await
+                {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::error!("chunk reader task failed: {e}");
+                        crate::content::refuse(root, index, baton_protocol::message::Refusal::Busy)
+                    }
+                };
+                return data_tx
+                    .send(answer)
+                    .await
+                    .map_err(|_| "writer stopped".to_string());
+            }
+            SessionEvent::SegmentPage(page) => {
+                // The engine plans with the segment's leader as its first entry node: it
+                // hears of a report once the report is complete (with its last page).
+                let last = Message::SegmentReport(page.clone());
+                match self.registry.segment_report(id, page) {
+                    Ok(Some(s)) => {
+                        tracing::info!(agent = %id, segment = %s.segment, members = s.members, unknown = s.unknown, leader_changed = s.leader_changed, "segment report stored");
+                        last
+                    }
+                    Ok(None) => return Ok(()),
+                    Err(e) => {
+                        tracing::warn!(agent = %id, "segment report refused: {e}");
+                        return Ok(());
+                    }
+                }
+            }
+            SessionEvent::Report(report) => {
+                self.registry.note_report(&report);
+                Message::Report(*report)
+            }
+            SessionEvent::ForEngine(msg) => msg,
+            SessionEvent::Close(why) => {
+                tracing::warn!(agent = %id, "{why}; closing");
+                return Err(why.to_string());
+            }
+            other => {
+                tracing::error!(agent = %id, "unexpected session event: {other:?}");
+                return Ok(());
+            }
+        };
+        let input = EngineInput::Message {
+            id: id.clone(),
+            msg: Box::new(for_engine),
+        };
+        self.engine
+            .send(input)
+            .map_err(|_| "manager shutting down".to_string())
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }

@@ -44,12 +44,12 @@ pub enum EngineInput {
         /// Its report.
         report: Box<Report>,
     },
-    /// An encoded message from a connected agent, for the engine.
+    /// A message from a connected agent, for the engine (its session routed it here).
     Message {
         /// The agent.
         id: AgentId,
-        /// The decrypted plaintext (one `Message`).
-        bytes: Vec<u8>,
+        /// The message.
+        msg: Box<Message<'static>>,
     },
     /// An agent's connection ended.
     Offline {
@@ -76,7 +76,7 @@ impl std::fmt::Debug for EngineInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             EngineInput::Online { id, .. } => write!(f, "Online({id})"),
-            EngineInput::Message { id, bytes } => write!(f, "Message({id}, {} bytes)", bytes.len()),
+            EngineInput::Message { id, msg } => write!(f, "Message({id}, {})", msg.kind()),
             EngineInput::Offline { id } => write!(f, "Offline({id})"),
             EngineInput::StartJob { spec, .. } => write!(f, "StartJob({})", spec.id),
             EngineInput::CancelJob { job, .. } => write!(f, "CancelJob({job})"),
@@ -303,35 +303,33 @@ impl EngineTask {
                 self.record_report(&report);
                 self.engine.agent_online(now, id, key, *report);
             }
-            EngineInput::Message { id, bytes } => {
-                let msg = match Message::decode(&bytes) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!(agent = %id, "undecodable message reached the engine task: {e}");
-                        return;
-                    }
-                };
+            EngineInput::Message { id, msg } => {
                 if let Message::PeerTrouble {
                     trouble: baton_protocol::message::Trouble::BadChunk { .. },
                     ..
-                } = msg
+                } = &*msg
                 {
                     self.stats
                         .chunk_verification_failures
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                if let Message::Report(report) = msg {
-                    if report.id != id {
-                        tracing::warn!(agent = %id, claimed = %report.id, "report for another id ignored");
-                        return;
+                match *msg {
+                    Message::Report(report) => {
+                        if report.id != id {
+                            tracing::warn!(agent = %id, claimed = %report.id, "report for another id ignored");
+                            return;
+                        }
+                        let Some(key) = self.registry.key_of(&id) else {
+                            return;
+                        };
+                        self.record_report(&report);
+                        self.engine.agent_online(now, id, key, report);
                     }
-                    let Some(key) = self.registry.key_of(&id) else {
-                        return;
-                    };
-                    self.record_report(&report);
-                    self.engine.agent_online(now, id, key, report);
-                } else if let Err(e) = self.engine.handle_message(now, &id, &msg) {
-                    tracing::warn!(agent = %id, kind = msg.kind(), "engine refused message: {e}");
+                    msg => {
+                        if let Err(e) = self.engine.handle_message(now, &id, &msg) {
+                            tracing::warn!(agent = %id, kind = msg.kind(), "engine refused message: {e}");
+                        }
+                    }
                 }
             }
             EngineInput::Offline { id } => {

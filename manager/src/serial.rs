@@ -380,6 +380,7 @@ mod test {
     use std::sync::Mutex;
 
     use baton_agent_core::linux::link::Limits;
+    use baton_manager_core::session::SessionConfig;
     use baton_protocol::identity::Identity;
     use baton_protocol::message::{Message, Report};
     use baton_protocol::session::{Handshake, Hello, Role, Transport};
@@ -521,8 +522,10 @@ mod test {
         ));
         let (engine, inputs) = mpsc::unbounded_channel();
         let server = AgentPort {
-            identity: Identity::from_seed([1; 32]),
-            publishers: vec![Identity::from_seed([2; 32]).public()],
+            session: Arc::new(SessionConfig::new(
+                Identity::from_seed([1; 32]),
+                [Identity::from_seed([2; 32]).public()],
+            )),
             registry: Arc::new(Registry::load(store).unwrap()),
             library: Arc::new(Library::new()),
             limits: Limits::default(),

@@ -15,6 +15,7 @@ use baton_agent_core::linux::link::Limits;
 use baton_agent_core::linux::rate::RateLimiter;
 use baton_manager_core::engine::{Engine, EngineConfig, JobSpec};
 use baton_manager_core::planner::Policy;
+use baton_manager_core::session::SessionConfig;
 use baton_protocol::types::AgentId;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -375,8 +376,10 @@ pub async fn serve(
         admin_token: admin_token.clone(),
     });
     let agent_port = Arc::new(AgentPort {
-        identity: keys.manager.clone(),
-        publishers: vec![keys.publisher.public()],
+        session: Arc::new(SessionConfig::new(
+            keys.manager.clone(),
+            [keys.publisher.public()],
+        )),
         registry: registry.clone(),
         library: library.clone(),
         limits: limits.clone(),

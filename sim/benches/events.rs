@@ -7,8 +7,8 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use baton_sim::fleet::Fleet;
 use baton_sim::scenario::Scenario;
+use baton_sim::simulation::Simulation;
 use baton_sim::sweep::run_seed;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -37,16 +37,16 @@ fn events_per_second(name: &str, events: u64, run: impl Fn() -> u64) {
 
 fn bench_events(c: &mut Criterion) {
     let s = fleet_scenario();
-    let events = Fleet::new(&s).run().stats.events;
+    let events = Simulation::new(&s).run().stats.events;
     events_per_second("fleet_500x128", events, || {
-        Fleet::new(&s).run().stats.events
+        Simulation::new(&s).run().stats.events
     });
     let mut g = c.benchmark_group("simulator");
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(15));
     g.throughput(Throughput::Elements(events));
     g.bench_function("fleet_500x128", |b| {
-        b.iter(|| black_box(Fleet::new(black_box(&s)).run().stats.events))
+        b.iter(|| black_box(Simulation::new(black_box(&s)).run().stats.events))
     });
     let seeds = 0..50u64;
     let sweep_events: u64 = seeds.clone().map(|s| run_seed(s).stats.events).sum();

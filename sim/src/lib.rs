@@ -1,8 +1,8 @@
 //! `baton-sim`: a deterministic discrete-event simulator of a Baton fleet.
 //!
 //! It runs the *real* sans-IO agent state machines (`baton-agent-core`, built
-//! without `std`) and the *real* manager engine and planner (`baton-manager`,
-//! built without its server) in one process, under a simulated clock and a
+//! without `std`) and the *real* manager sessions, engine and planner
+//! (`baton-manager-core`) in one process, under a simulated clock and a
 //! modelled network, so that a whole fleet — up to tens of thousands of agents
 //! — can be distributed to in seconds of wall time, replayed exactly from a
 //! seed, and put through faults with invariants checked after every event.
@@ -15,7 +15,7 @@
 //!   proofs, a signed manifest) and its virtual size.
 //! - [`store`] — a RAM [`ContentStore`](baton_agent_core::store::ContentStore)
 //!   that checks every write against the truth.
-//! - [`fleet`] — the Baton run itself — agents, manager, faults, invariants.
+//! - [`simulation`] — the Baton run itself — agents, manager, faults, invariants.
 //! - [`strategies`] — the baselines (`unicast`, `chain_whole_file`, `binomial`)
 //!   as simple schedulers over the same link model, with their closed forms.
 //! - [`report`] — metrics (makespan, percentiles, the Kumar–Ross bound and
@@ -23,7 +23,7 @@
 //! - [`sweep`] — seed sweeps with faults; a failing seed replays from
 //!   `BATON_SIM_SEED`.
 //!
-//! What is modelled rather than real (details in [`fleet`], [`net`], [`content`]):
+//! What is modelled rather than real (details in [`simulation`], [`net`], [`content`]):
 //!
 //! - the Noise handshake and encryption are skipped: a connection is up 1.5
 //!   round trips after it is asked for, and carries the real plaintext frames
@@ -50,11 +50,11 @@
 #![warn(missing_docs)]
 
 pub mod content;
-pub mod fleet;
 pub mod net;
 pub mod queue;
 pub mod report;
 pub mod scenario;
+pub mod simulation;
 pub mod store;
 pub mod strategies;
 pub mod sweep;

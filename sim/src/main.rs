@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use baton_sim::fleet::Fleet;
 use baton_sim::report::{StrategyResult, Summary};
 use baton_sim::scenario::{Scenario, SweepSize, binding_term};
+use baton_sim::simulation::Simulation;
 use baton_sim::strategies::{self, Strategy};
 use baton_sim::sweep;
 use baton_sim::units::{parse_bytes, parse_duration};
@@ -252,13 +252,13 @@ fn run_sweep(args: &Args, count: u64) -> Result<ExitCode> {
         Some(seed) => {
             eprintln!("replaying seed {seed} ({} is set)", sweep::SEED_VAR);
             if args.trace {
-                let mut fleet = Fleet::new(&Scenario::faulty_sized(seed, args.sweep_size));
-                fleet.set_trace(true);
+                let mut sim = Simulation::new(&Scenario::faulty_sized(seed, args.sweep_size));
+                sim.set_trace(true);
                 if let Some(id) = &args.watch {
-                    fleet.watch(id);
+                    sim.watch(id);
                 }
-                eprintln!("{:#?}", fleet.built());
-                let out = fleet.run();
+                eprintln!("{:#?}", sim.built());
+                let out = sim.run();
                 eprintln!("{:?}\nviolations: {:#?}", out.stats, out.violations);
             }
             (seed, 1)
@@ -326,12 +326,12 @@ fn run_one(args: &Args) -> Result<ExitCode> {
         }
     }
     let started = Instant::now();
-    let mut fleet = Fleet::new(&scenario);
-    fleet.set_trace(args.trace);
+    let mut sim = Simulation::new(&scenario);
+    sim.set_trace(args.trace);
     if let Some(id) = &args.watch {
-        fleet.watch(id);
+        sim.watch(id);
     }
-    let built = fleet.built().clone();
+    let built = sim.built().clone();
     let setup = started.elapsed();
 
     let (baton_out, base_results) = std::thread::scope(|scope| {
@@ -341,7 +341,7 @@ fn run_one(args: &Args) -> Result<ExitCode> {
                 .map(|&s| strategies::run(s, &scenario, &built))
                 .collect::<Vec<_>>()
         });
-        let out = baton.then(|| fleet.run());
+        let out = baton.then(|| sim.run());
         (out, base.join())
     });
     let base_results = base_results.map_err(|_| "a baseline panicked".to_string())?;

@@ -11,8 +11,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::fleet::{Fleet, Outcome, Stats};
 use crate::scenario::{Scenario, SweepSize};
+use crate::simulation::{Outcome, Simulation, Stats};
 
 /// The environment variable naming one seed to replay.
 pub const SEED_VAR: &str = "BATON_SIM_SEED";
@@ -29,7 +29,7 @@ pub fn run_seed(seed: u64) -> Outcome {
 
 /// Runs the faulty scenario of `seed` with fleets of `size`.
 pub fn run_sized(seed: u64, size: SweepSize) -> Outcome {
-    Fleet::new(&Scenario::faulty_sized(seed, size)).run()
+    Simulation::new(&Scenario::faulty_sized(seed, size)).run()
 }
 
 /// One failing seed.

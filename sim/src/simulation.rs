@@ -19,13 +19,16 @@
 //! charged by the link model at their virtual size (see [`crate::content`]),
 //! and the network is [`crate::net`]'s.
 //!
-//! The manager node is what `baton serve` does around its engine: it answers
-//! the first `Report` of a session with `Welcome`, feeds reports and agent
-//! messages to the engine, answers `ChunkRequest`s itself from the content,
-//! keeps the persisted records, and after a restart builds a new engine with
-//! the next epoch and resumes the job from those records.
+//! The manager node is what `baton serve` does around its engine: it drives
+//! the real manager session ([`AgentSession`]) on each agent connection, which
+//! answers the first `Report` with `Welcome` and says where each message goes;
+//! the node carries that out (reports and agent messages to the engine,
+//! segment report pages to an [`Assembler`], `ChunkRequest`s answered from the
+//! true content, a later session of the same agent taking over the earlier
+//! one), keeps the persisted records, and after a restart builds a new engine
+//! with the next epoch and resumes the job from those records.
 //!
-//! Invariants are checked as the run goes (see [`Fleet::violations`]): after
+//! Invariants are checked as the run goes (see [`Simulation::violations`]): after
 //! every event, no store holds a chunk that is not the true one; every chunk
 //! an honest agent sends is true and verified in its store; an agent that
 //! completes, or that the engine confirms, holds every chunk; the engine
@@ -41,9 +44,13 @@ use baton_manager_core::engine::{
     Engine, EngineConfig, EngineEvent, JobSpec, ParticipantState, Persist, Targets,
 };
 use baton_manager_core::planner::Policy;
-use baton_protocol::identity::{AgentCert, Identity};
+use baton_manager_core::segments::Assembler;
+use baton_manager_core::session::{AgentSession, SessionConfig, SessionEvent};
+use baton_protocol::identity::Identity;
 use baton_protocol::message::{CHUNK_OVERHEAD, Refusal, Trouble};
-use baton_protocol::{AgentId, LinkInfo, MAX_CHUNK_SIZE, Message, Name, PeerAddr, PublicKey};
+use baton_protocol::{
+    AgentId, Digest, LinkInfo, MAX_CHUNK_SIZE, Message, Name, PeerAddr, PublicKey,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -97,6 +104,11 @@ enum Ev {
     },
     /// The manager session's handshake is done.
     ManagerUp {
+        conn: u32,
+        serial: u32,
+    },
+    /// A manager-side agent session's timer (its first-report deadline).
+    SessionTimer {
         conn: u32,
         serial: u32,
     },
@@ -216,13 +228,20 @@ struct StoredJob {
 
 #[derive(Debug)]
 struct ManagerNode {
-    identity: Identity,
+    /// What every agent session shares (the identity and publishers of the `Welcome`).
+    session_config: Arc<SessionConfig>,
     engine: Option<Engine>,
     config: EngineConfig,
     epoch: u32,
     inc: u32,
+    /// Per agent: the connection of its registered (welcomed, current) session.
     sessions: Vec<Option<u32>>,
-    certs: Vec<Option<AgentCert>>,
+    /// The session of each manager connection that is still read, by connection (with its serial).
+    live: HashMap<u32, (u32, AgentSession)>,
+    /// Segment report assembly (the server's registry does it there).
+    segments: Assembler,
+    /// Per agent: the segment it named in its latest report.
+    reported: Vec<Option<Name>>,
     timer: Option<Duration>,
     spec: JobSpec,
     stored: BTreeMap<u64, StoredJob>,
@@ -336,8 +355,8 @@ impl Outcome {
     }
 }
 
-/// The simulated fleet (see the module documentation).
-pub struct Fleet {
+/// One simulated run of a scenario: the fleet's agents, the manager and the network (see the module documentation).
+pub struct Simulation {
     now: Duration,
     queue: EventQueue<Ev>,
     net: Net,
@@ -373,9 +392,9 @@ pub struct Fleet {
     arrivals: Option<HashMap<(usize, u32), (usize, Duration)>>,
 }
 
-impl std::fmt::Debug for Fleet {
+impl std::fmt::Debug for Simulation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fleet")
+        f.debug_struct("Simulation")
             .field("now", &self.now)
             .field("agents", &self.agents.len())
             .field("queue", &self.queue.len())
@@ -403,8 +422,8 @@ fn agent_at(a: &PeerAddr) -> Option<usize> {
     }
 }
 
-impl Fleet {
-    /// Builds the fleet for `scenario`: agents, links, content, manager, and the fault schedule.
+impl Simulation {
+    /// Builds the run of `scenario`: agents, links, content, manager, and the fault schedule.
     pub fn new(scenario: &Scenario) -> Self {
         let built = scenario.build();
         let truth = Arc::new(Truth::new(
@@ -477,19 +496,24 @@ impl Fleet {
         };
         let n = agents.len();
         let manager = ManagerNode {
-            identity: Identity::from_seed([0x4D; 32]),
+            session_config: Arc::new(SessionConfig::new(
+                Identity::from_seed([0x4D; 32]),
+                [truth.publisher().public()],
+            )),
             engine: Some(Engine::new(1, config.clone())),
             config,
             epoch: 1,
             inc: 0,
             sessions: vec![None; n],
-            certs: vec![None; n],
+            live: HashMap::new(),
+            segments: Assembler::new(),
+            reported: vec![None; n],
             timer: None,
             spec,
             stored: BTreeMap::new(),
         };
         let deadline = JOB_START + built.healed_at() + scenario.liveness_bound(built.lower_bound);
-        let mut fleet = Fleet {
+        let mut sim = Simulation {
             now: Duration::ZERO,
             queue: EventQueue::new(),
             net,
@@ -521,8 +545,8 @@ impl Fleet {
         };
         for k in 0..n {
             // Agents start within the first 100 ms.
-            let at = Duration::from_micros(fleet.rng.gen_range(0..100_000));
-            fleet.push(
+            let at = Duration::from_micros(sim.rng.gen_range(0..100_000));
+            sim.push(
                 at,
                 Ev::Dial {
                     agent: k as u32,
@@ -530,11 +554,11 @@ impl Fleet {
                 },
             );
         }
-        fleet.push(JOB_START, Ev::StartJob);
-        for (i, f) in fleet.built.faults.clone().iter().enumerate() {
-            fleet.push(JOB_START + f.start(), Ev::FaultStart(i as u32));
+        sim.push(JOB_START, Ev::StartJob);
+        for (i, f) in sim.built.faults.clone().iter().enumerate() {
+            sim.push(JOB_START + f.start(), Ev::FaultStart(i as u32));
         }
-        fleet
+        sim
     }
 
     /// Prints the manager's instructions, faults and the agents' job events to stderr.
@@ -793,6 +817,7 @@ impl Fleet {
             Ev::EngineTimer { inc } => self.on_engine_timer(inc),
             Ev::Dial { agent, inc } => self.on_dial(agent as usize, inc),
             Ev::ManagerUp { conn, serial } => self.on_manager_up(conn, serial),
+            Ev::SessionTimer { conn, serial } => self.on_session_timer(conn, serial),
             Ev::Connect(a) => self.on_connect(a),
             Ev::Closed { conn, serial, side } => self.on_closed(conn, serial, side),
             Ev::StartJob => self.on_start_job(),
@@ -1333,6 +1358,13 @@ impl Fleet {
         }
         let k = c.ends[0].node - 1;
         let now = self.now;
+        // The manager's side: the handshake authenticated the agent; its session begins.
+        let (id, key) = (self.agents[k].id.clone(), self.agents[k].key);
+        let session = AgentSession::new(now, id, key, self.manager.session_config.clone());
+        if let Some(t) = session.poll_timeout() {
+            self.push(t, Ev::SessionTimer { conn, serial });
+        }
+        self.manager.live.insert(conn, (serial, session));
         let node = &mut self.agents[k];
         node.session_since = now;
         if let Some(a) = node.agent.as_mut() {
@@ -1466,6 +1498,9 @@ impl Fleet {
         let now = self.now;
         if end.node == MANAGER {
             let k = peer_node - 1;
+            if self.manager.live.get(&conn).is_some_and(|l| l.0 == serial) {
+                self.manager.live.remove(&conn);
+            }
             if self.manager.sessions[k] == Some(conn) {
                 self.manager.sessions[k] = None;
                 let id = self.agents[k].id.clone();
@@ -1503,80 +1538,124 @@ impl Fleet {
 
     // ------------------------------------------------------------ manager
 
+    /// A frame from agent `k` on manager connection `conn`: its session applies the rules.
     fn manager_receive(&mut self, k: usize, conn: u32, bytes: &[u8]) {
         let now = self.now;
-        let Ok(msg) = Message::decode(bytes) else {
-            self.close_from(conn, 1);
+        // Frames on a connection whose session ended are not read (the server stops reading).
+        let Some((_, session)) = self.manager.live.get_mut(&conn) else {
             return;
         };
-        let in_session = self.manager.sessions[k] == Some(conn);
-        match msg {
-            Message::Report(report) => {
-                if report.id != self.agents[k].id {
-                    self.close_from(conn, 1);
-                    return;
-                }
-                if !in_session {
+        session.handle_frame(now, unix_time(now), bytes);
+        self.drain_session(k, conn);
+    }
+
+    fn on_session_timer(&mut self, conn: u32, serial: u32) {
+        let c = &self.conns[conn as usize];
+        let k = c.ends[0].node - 1;
+        let now = self.now;
+        let Some((s, session)) = self.manager.live.get_mut(&conn) else {
+            return;
+        };
+        if *s != serial {
+            return;
+        }
+        session.handle_timeout(now);
+        self.drain_session(k, conn);
+    }
+
+    /// Carries out what agent `k`'s session on `conn` asks: its transmits, then its events.
+    fn drain_session(&mut self, k: usize, conn: u32) {
+        let now = self.now;
+        while let Some(msg) = self
+            .manager
+            .live
+            .get_mut(&conn)
+            .and_then(|(_, s)| s.poll_transmit())
+        {
+            self.manager_send(conn, &msg);
+        }
+        while let Some(event) = self
+            .manager
+            .live
+            .get_mut(&conn)
+            .and_then(|(_, s)| s.poll_event())
+        {
+            let (id, key) = (self.agents[k].id.clone(), self.agents[k].key);
+            match event {
+                SessionEvent::Online { report } => {
                     if let Some(old) = self.manager.sessions[k].replace(conn) {
+                        // Taken over (the server's registry does the same): the old
+                        // connection is closed and no longer read, and the engine sees the
+                        // agent go before it comes back.
+                        self.manager.live.remove(&old);
                         self.close_from(old, 1);
+                        if let Some(e) = self.manager.engine.as_mut() {
+                            e.agent_offline(now, &id);
+                        }
                     }
-                    let id = self.agents[k].id.clone();
-                    let key = self.agents[k].key;
-                    let cert = self.manager.certs[k]
-                        .get_or_insert_with(|| AgentCert::issue(&self.manager.identity, id, key))
-                        .clone();
-                    let welcome = Message::Welcome {
-                        cert,
-                        unix_time: 1_700_000_000 + now.as_secs(),
-                        publishers: [self.truth.publisher().public()].into_iter().collect(),
-                    };
-                    self.manager_send(conn, &welcome);
+                    self.manager.reported[k] = Some(report.segment.clone());
+                    if let Some(e) = self.manager.engine.as_mut() {
+                        e.agent_online(now, id, key, *report);
+                    }
                 }
-                let (id, key) = (self.agents[k].id.clone(), self.agents[k].key);
-                if let Some(e) = self.manager.engine.as_mut() {
-                    e.agent_online(now, id, key, report);
+                SessionEvent::Report(report) => {
+                    self.manager.reported[k] = Some(report.segment.clone());
+                    if let Some(e) = self.manager.engine.as_mut() {
+                        e.agent_online(now, id, key, *report);
+                    }
                 }
-            }
-            _ if !in_session => {
-                // The first message of a session must be the agent's report.
-                self.close_from(conn, 1);
-                return;
-            }
-            Message::ChunkRequest { root, index } => {
-                if root == *self.truth.root() && index < self.truth.chunks() {
-                    let mut buf = std::mem::take(&mut self.buf);
-                    let n = self.truth.encode_chunk(index, &mut buf);
-                    self.stats.manager_chunks += 1;
-                    self.stats.origin_bytes += self.truth.virtual_chunk();
-                    let size = n as u64 - REAL_CHUNK as u64 + self.truth.virtual_chunk();
-                    self.send(conn, 1, &buf[..n], size);
-                    self.buf = buf;
-                } else {
-                    let refuse = Message::Refuse {
-                        root,
-                        index,
-                        reason: Refusal::Unknown,
-                    };
-                    self.manager_send(conn, &refuse);
+                SessionEvent::ForEngine(msg) => {
+                    if let Some(e) = self.manager.engine.as_mut()
+                        && e.handle_message(now, &id, &msg).is_err()
+                    {
+                        self.stats.engine_errors += 1;
+                    }
                 }
-            }
-            Message::Ping { nonce } => self.manager_send(conn, &Message::Pong { nonce }),
-            Message::Progress { .. }
-            | Message::Have { .. }
-            | Message::Failed { .. }
-            | Message::NextPlease { .. }
-            | Message::PeerTrouble { .. }
-            | Message::Pong { .. } => {
-                let id = self.agents[k].id.clone();
-                if let Some(e) = self.manager.engine.as_mut()
-                    && e.handle_message(now, &id, &msg).is_err()
-                {
-                    self.stats.engine_errors += 1;
+                SessionEvent::ChunkRequest { root, index } => {
+                    self.answer_chunk(conn, root, index);
                 }
+                SessionEvent::SegmentPage(page) => {
+                    let reported = self.manager.reported[k].as_deref();
+                    let last = Message::SegmentReport(page.clone());
+                    let unix_ms = unix_time(now) * 1000 + u64::from(now.subsec_millis());
+                    if let Ok(Some(_)) = self
+                        .manager
+                        .segments
+                        .handle_page(&id, reported, page, unix_ms)
+                        && let Some(e) = self.manager.engine.as_mut()
+                        && e.handle_message(now, &id, &last).is_err()
+                    {
+                        self.stats.engine_errors += 1;
+                    }
+                }
+                SessionEvent::Close(_) => {
+                    self.manager.live.remove(&conn);
+                    self.close_from(conn, 1);
+                }
+                _ => {}
             }
-            _ => {}
         }
         self.drain_engine();
+    }
+
+    /// Answers a chunk request on `conn` from the true content: the simulator's library.
+    fn answer_chunk(&mut self, conn: u32, root: Digest, index: u32) {
+        if root == *self.truth.root() && index < self.truth.chunks() {
+            let mut buf = std::mem::take(&mut self.buf);
+            let n = self.truth.encode_chunk(index, &mut buf);
+            self.stats.manager_chunks += 1;
+            self.stats.origin_bytes += self.truth.virtual_chunk();
+            let size = n as u64 - REAL_CHUNK as u64 + self.truth.virtual_chunk();
+            self.send(conn, 1, &buf[..n], size);
+            self.buf = buf;
+        } else {
+            let refuse = Message::Refuse {
+                root,
+                index,
+                reason: Refusal::Unknown,
+            };
+            self.manager_send(conn, &refuse);
+        }
     }
 
     fn manager_send(&mut self, conn: u32, msg: &Message<'_>) {
@@ -1833,6 +1912,7 @@ impl Fleet {
         self.manager.inc += 1;
         self.manager.timer = None;
         self.manager.sessions.iter_mut().for_each(|s| *s = None);
+        self.manager.live.clear();
         self.sync_node_state(MANAGER);
     }
 
@@ -1873,6 +1953,11 @@ impl Fleet {
         self.sync_node_state(MANAGER);
         self.drain_engine();
     }
+}
+
+/// The wall clock the manager reads at simulated time `now` (UTC seconds).
+fn unix_time(now: Duration) -> u64 {
+    1_700_000_000 + now.as_secs()
 }
 
 /// A short description of any frame, for traces.
@@ -1954,7 +2039,7 @@ mod test {
 
     #[test]
     fn a_small_fleet_gets_the_content() {
-        let out = Fleet::new(&small(8, 1)).run();
+        let out = Simulation::new(&small(8, 1)).run();
         assert!(out.violations.is_empty(), "{:?}", out.violations);
         assert_eq!(out.confirmed, 8);
         assert!(out.completion.iter().all(Option::is_some));
@@ -1969,8 +2054,8 @@ mod test {
 
     #[test]
     fn same_seed_same_run() {
-        let a = Fleet::new(&small(6, 9)).run();
-        let b = Fleet::new(&small(6, 9)).run();
+        let a = Simulation::new(&small(6, 9)).run();
+        let b = Simulation::new(&small(6, 9)).run();
         assert_eq!(a.completion, b.completion);
         assert_eq!(a.stats.events, b.stats.events);
         assert_eq!(a.stats.frames, b.stats.frames);
@@ -1984,14 +2069,14 @@ mod test {
         s.faults.partitions = 1;
         s.faults.drop_rate = 0.01;
         s.give_up_after = Duration::from_secs(120);
-        let out = Fleet::new(&s).run();
+        let out = Simulation::new(&s).run();
         assert!(out.violations.is_empty(), "{:?}", out.violations);
         assert_eq!(out.confirmed, 10);
         assert!(out.stats.bad_chunks > 0, "{:?}", out.stats);
         assert_eq!(out.stats.crashes, 2);
         // A manager restart on top: the job resumes under the next epoch.
         s.faults.manager_restarts = 1;
-        let out = Fleet::new(&s).run();
+        let out = Simulation::new(&s).run();
         assert!(out.violations.is_empty(), "{:?}", out.violations);
         assert_eq!(out.confirmed, 10);
         assert_eq!(out.stats.manager_restarts, 1);

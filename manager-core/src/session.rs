@@ -1,0 +1,624 @@
+//! One agent connection as the manager sees it: the session rules, without IO.
+//!
+//! The server's agent port (TCP and serial lines) and the simulator's manager
+//! node both drive an [`AgentSession`] per agent connection, so the rules of a
+//! manager session are written once, here:
+//!
+//! - after the authenticated handshake, the first message must be a `Report`
+//!   whose id is the session's authenticated id, within
+//!   [`FIRST_REPORT_TIMEOUT`]; it is answered with `Welcome` (the agent's
+//!   certificate, the manager's clock and the publisher keys) and the agent is
+//!   online;
+//! - then `Ping` is answered with `Pong`; a `ChunkRequest` is for the content
+//!   library; a later `Report` (same id) and `Progress`, `Have`, `Failed`,
+//!   `NextPlease`, `PeerTrouble` and `Pong` are for the engine; a
+//!   `SegmentReport` page is for segment-report assembly;
+//! - a `Report` for another id or a malformed message ends the session; a
+//!   message that agents do not send is ignored with a warning.
+//!
+//! The session holds no socket and reads no clock: the driver passes `now`
+//! (time since its origin) and the wall clock, and carries out what comes back.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_protocol::identity::{AgentCert, Identity};
+use baton_protocol::message::{CodecError, MAX_PUBLISHERS, Message, Report, SegmentReport};
+use baton_protocol::types::{AgentId, Digest, PublicKey};
+
+/// How long a new session has to receive its first `Report` after the handshake.
+pub const FIRST_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every session of one manager shares: the identity that signs the
+/// agents' certificates and the publisher keys the `Welcome` announces.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    identity: Identity,
+    publishers: heapless::Vec<PublicKey, MAX_PUBLISHERS>,
+    first_report_timeout: Duration,
+}
+
+impl SessionConfig {
+    /// Sessions of the manager `identity`, announcing `publishers` (the first
+    /// [`MAX_PUBLISHERS`]), with the [`FIRST_REPORT_TIMEOUT`].
+    pub fn new(identity: Identity, publishers: impl IntoIterator<Item = PublicKey>) -> Self {
+        let mut announced = heapless::Vec::new();
+        for key in publishers.into_iter().take(MAX_PUBLISHERS) {
+            let _ = announced.push(key);
+        }
+        SessionConfig {
+            identity,
+            publishers: announced,
+            first_report_timeout: FIRST_REPORT_TIMEOUT,
+        }
+    }
+
+    /// The manager's identity (the driver's handshake uses it too).
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The publisher keys the `Welcome` announces.
+    pub fn publishers(&self) -> &[PublicKey] {
+        &self.publishers
+    }
+
+    /// How long a session waits for its first `Report`.
+    pub fn first_report_timeout(&self) -> Duration {
+        self.first_report_timeout
+    }
+
+    /// The `Welcome` for agent `id` with key `key` at `unix_time`: the one place it is made.
+    fn welcome(&self, id: AgentId, key: PublicKey, unix_time: u64) -> Message<'static> {
+        Message::Welcome {
+            cert: AgentCert::issue(&self.identity, id, key),
+            unix_time,
+            publishers: self.publishers.clone(),
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// No `Report` arrived within the first-report timeout.
+    #[error("no report within {0:?}")]
+    NoFirstReport(Duration),
+    /// The first message was not a `Report`.
+    #[error("first message is not a report but {kind}")]
+    FirstNotReport {
+        /// The kind of message it was.
+        kind: &'static str,
+    },
+    /// A `Report` named an id other than the session's authenticated one.
+    #[error("report for another id ({claimed})")]
+    OtherId {
+        /// The id the report named.
+        claimed: AgentId,
+    },
+    /// A frame did not decode as a message.
+    #[error("malformed message: {0}")]
+    Malformed(CodecError),
+}
+
+/// What the driver must carry out for a session, from [`AgentSession::poll_event`].
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum SessionEvent {
+    /// The first report arrived and the `Welcome` is queued: the agent is online.
+    /// Register the session (a previous one of the same agent is taken over) and
+    /// tell the engine (`Engine::agent_online`).
+    Online {
+        /// The agent's report about itself.
+        report: Box<Report>,
+    },
+    /// A later report (the agent changed): for the engine (`Engine::agent_online` again).
+    Report(Box<Report>),
+    /// A message for the engine (`Engine::handle_message`): `Progress`, `Have`,
+    /// `Failed`, `NextPlease`, `PeerTrouble` or `Pong`.
+    ForEngine(Message<'static>),
+    /// The agent asks for a chunk: answer it on this connection from the content
+    /// (a `Chunk`, or a `Refuse`).
+    ChunkRequest {
+        /// The content's root.
+        root: Digest,
+        /// The chunk's index.
+        index: u32,
+    },
+    /// One page of a segment report: give it to segment-report assembly
+    /// ([`crate::segments::Assembler`]); once a report is complete, hand
+    /// `Message::SegmentReport` with its last page to the engine.
+    SegmentPage(SegmentReport),
+    /// The session is over: close the connection. Nothing more comes out.
+    Close(SessionError),
+}
+
+/// Where a session is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Handshake done; the first report is due by `deadline`.
+    AwaitingReport { deadline: Duration },
+    /// Welcomed: messages are routed.
+    Open,
+    /// Ended; input is ignored.
+    Closed,
+}
+
+/// The manager's side of one authenticated agent connection.
+///
+/// One per connection, made once the link handshake has authenticated the
+/// agent. The driver calls, in this order:
+///
+/// 1. [`AgentSession::new`] after the handshake, then arms a timer at
+///    [`AgentSession::poll_timeout`];
+/// 2. for each frame received, [`AgentSession::handle_frame`] (with the wall
+///    clock, which goes into the `Welcome`); when the timer fires,
+///    [`AgentSession::handle_timeout`];
+/// 3. after each input, drains [`AgentSession::poll_transmit`] until `None`,
+///    sending each message on this connection, **then** drains
+///    [`AgentSession::poll_event`] until `None`, carrying each out (the
+///    `Welcome` must reach the agent before anything the engine sends it,
+///    which can only follow [`SessionEvent::Online`]), and re-arms the timer
+///    at [`AgentSession::poll_timeout`].
+///
+/// After [`SessionEvent::Close`] the driver closes the connection and drops
+/// the session. When the connection ends otherwise (the agent closed it, a
+/// link error, the manager took it over), the driver drops the session; the
+/// session itself has nothing to say about that.
+#[derive(Debug)]
+pub struct AgentSession {
+    agent: AgentId,
+    key: PublicKey,
+    config: Arc<SessionConfig>,
+    state: State,
+    transmit: VecDeque<Message<'static>>,
+    events: VecDeque<SessionEvent>,
+}
+
+impl AgentSession {
+    /// A session for `agent`, authenticated with `key`, whose handshake ended at `now`.
+    pub fn new(now: Duration, agent: AgentId, key: PublicKey, config: Arc<SessionConfig>) -> Self {
+        let deadline = now.saturating_add(config.first_report_timeout);
+        AgentSession {
+            agent,
+            key,
+            config,
+            state: State::AwaitingReport { deadline },
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The authenticated agent.
+    pub fn agent(&self) -> &AgentId {
+        &self.agent
+    }
+
+    /// The agent's authenticated key.
+    pub fn key(&self) -> PublicKey {
+        self.key
+    }
+
+    /// Whether the first report arrived and the session is not over.
+    pub fn is_online(&self) -> bool {
+        self.state == State::Open
+    }
+
+    /// Whether the session is over.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Takes one frame (one plaintext message) from the agent, received at `now`;
+    /// `unix_time` is the wall clock (UTC seconds), which the `Welcome` carries.
+    pub fn handle_frame(&mut self, now: Duration, unix_time: u64, frame: &[u8]) {
+        match self.state {
+            State::Closed => {}
+            State::AwaitingReport { deadline } if now >= deadline => {
+                self.close(SessionError::NoFirstReport(
+                    self.config.first_report_timeout,
+                ));
+            }
+            State::AwaitingReport { .. } => self.first(unix_time, frame),
+            State::Open => self.route(frame),
+        }
+    }
+
+    /// The timer armed at [`AgentSession::poll_timeout`] fired at `now`.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        if let State::AwaitingReport { deadline } = self.state
+            && now >= deadline
+        {
+            self.close(SessionError::NoFirstReport(
+                self.config.first_report_timeout,
+            ));
+        }
+    }
+
+    /// The next message to send on this connection (`Welcome`, `Pong`).
+    pub fn poll_transmit(&mut self) -> Option<Message<'static>> {
+        self.transmit.pop_front()
+    }
+
+    /// The next thing for the driver to carry out.
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`AgentSession::handle_timeout`] is due: the first report's deadline, while it is awaited.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        match self.state {
+            State::AwaitingReport { deadline } => Some(deadline),
+            State::Open | State::Closed => None,
+        }
+    }
+
+    fn close(&mut self, why: SessionError) {
+        self.state = State::Closed;
+        self.events.push_back(SessionEvent::Close(why));
+    }
+
+    /// The first message: the agent's report about itself, answered with `Welcome`.
+    fn first(&mut self, unix_time: u64, frame: &[u8]) {
+        match Message::decode(frame) {
+            Ok(Message::Report(report)) if report.id == self.agent => {
+                let welcome = self.config.welcome(self.agent.clone(), self.key, unix_time);
+                self.transmit.push_back(welcome);
+                self.state = State::Open;
+                self.events.push_back(SessionEvent::Online {
+                    report: Box::new(report),
+                });
+            }
+            Ok(Message::Report(report)) => self.close(SessionError::OtherId { claimed: report.id }),
+            Ok(other) => self.close(SessionError::FirstNotReport { kind: other.kind() }),
+            Err(e) => self.close(SessionError::Malformed(e)),
+        }
+    }
+
+    /// Any later message: answered, routed, ignored, or the end of the session.
+    fn route(&mut self, frame: &[u8]) {
+        let msg = match Message::decode(frame) {
+            Ok(m) => m,
+            Err(e) => return self.close(SessionError::Malformed(e)),
+        };
+        let for_engine = match msg {
+            Message::Ping { nonce } => {
+                self.transmit.push_back(Message::Pong { nonce });
+                return;
+            }
+            Message::ChunkRequest { root, index } => {
+                self.events
+                    .push_back(SessionEvent::ChunkRequest { root, index });
+                return;
+            }
+            Message::Report(report) if report.id != self.agent => {
+                return self.close(SessionError::OtherId { claimed: report.id });
+            }
+            Message::Report(report) => {
+                self.events
+                    .push_back(SessionEvent::Report(Box::new(report)));
+                return;
+            }
+            Message::SegmentReport(page) => {
+                self.events.push_back(SessionEvent::SegmentPage(page));
+                return;
+            }
+            Message::Progress {
+                job,
+                verified,
+                received,
+            } => Message::Progress {
+                job,
+                verified,
+                received,
+            },
+            Message::Have { job, root } => Message::Have { job, root },
+            Message::Failed { job, reason } => Message::Failed { job, reason },
+            Message::NextPlease { job } => Message::NextPlease { job },
+            Message::PeerTrouble { job, peer, trouble } => {
+                Message::PeerTrouble { job, peer, trouble }
+            }
+            Message::Pong { nonce } => Message::Pong { nonce },
+            other => {
+                tracing::warn!(agent = %self.agent, kind = other.kind(), "agents do not send this message; ignored");
+                return;
+            }
+        };
+        self.events.push_back(SessionEvent::ForEngine(for_engine));
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use baton_protocol::message::{FailReason, Refusal, SegmentMember, Trouble};
+    use baton_protocol::types::{JobRef, LinkInfo};
+
+    const UNIX: u64 = 1_700_000_000;
+
+    fn id(s: &str) -> AgentId {
+        AgentId::try_from(s).unwrap()
+    }
+
+    fn manager() -> Identity {
+        Identity::from_seed([1; 32])
+    }
+
+    fn agent_key() -> PublicKey {
+        Identity::from_seed([3; 32]).public()
+    }
+
+    fn config() -> Arc<SessionConfig> {
+        let publishers = [
+            Identity::from_seed([2; 32]).public(),
+            Identity::from_seed([4; 32]).public(),
+        ];
+        Arc::new(SessionConfig::new(manager(), publishers))
+    }
+
+    fn report(of: &str) -> Report {
+        Report {
+            id: id(of),
+            listen: None,
+            site: heapless::String::new(),
+            segment: heapless::String::try_from("seg-1").unwrap(),
+            performance: 10,
+            free_storage: 1 << 24,
+            can_serve: false,
+            max_chunk: 4096,
+            max_sources: 1,
+            max_peers: 0,
+            link: LinkInfo::default(),
+            delays: heapless::Vec::new(),
+            labels: heapless::Vec::new(),
+            holdings: heapless::Vec::new(),
+        }
+    }
+
+    fn session() -> AgentSession {
+        AgentSession::new(Duration::from_secs(5), id("a1"), agent_key(), config())
+    }
+
+    fn transmits(s: &mut AgentSession) -> Vec<Message<'static>> {
+        std::iter::from_fn(|| s.poll_transmit()).collect()
+    }
+
+    fn events(s: &mut AgentSession) -> Vec<SessionEvent> {
+        std::iter::from_fn(|| s.poll_event()).collect()
+    }
+
+    fn send(s: &mut AgentSession, msg: &Message<'_>) {
+        s.handle_frame(Duration::from_secs(6), UNIX, &msg.to_vec());
+    }
+
+    /// A session past its first report, with the Welcome and Online drained.
+    fn online() -> AgentSession {
+        let mut s = session();
+        send(&mut s, &Message::Report(report("a1")));
+        assert_eq!(transmits(&mut s).len(), 1);
+        assert_eq!(events(&mut s).len(), 1);
+        s
+    }
+
+    fn job() -> JobRef {
+        JobRef { id: 7, epoch: 1 }
+    }
+
+    #[test]
+    fn the_first_report_is_welcomed_with_a_certificate_the_agents_can_check() {
+        let mut s = session();
+        assert_eq!(s.poll_timeout(), Some(Duration::from_secs(15)));
+        send(&mut s, &Message::Report(report("a1")));
+        let sent = transmits(&mut s);
+        let [
+            Message::Welcome {
+                cert,
+                unix_time,
+                publishers,
+            },
+        ] = sent.as_slice()
+        else {
+            panic!("expected one Welcome, got {sent:?}");
+        };
+        assert_eq!(cert.id, id("a1"));
+        assert_eq!(cert.key, agent_key());
+        cert.verify(&manager().public())
+            .expect("signed by the manager");
+        assert!(cert.verify(&agent_key()).is_err());
+        assert_eq!(*unix_time, UNIX);
+        assert_eq!(publishers.as_slice(), config().publishers());
+        assert_eq!(
+            events(&mut s),
+            vec![SessionEvent::Online {
+                report: Box::new(report("a1"))
+            }]
+        );
+        assert!(s.is_online());
+        assert_eq!(s.poll_timeout(), None, "no deadline once welcomed");
+        s.handle_timeout(Duration::from_secs(60));
+        assert!(events(&mut s).is_empty());
+    }
+
+    #[test]
+    fn a_first_message_that_is_not_a_report_closes() {
+        let mut s = session();
+        send(&mut s, &Message::Ping { nonce: 1 });
+        assert!(transmits(&mut s).is_empty(), "no pong before the report");
+        assert_eq!(
+            events(&mut s),
+            vec![SessionEvent::Close(SessionError::FirstNotReport {
+                kind: "Ping"
+            })]
+        );
+        assert!(s.is_closed());
+        send(&mut s, &Message::Report(report("a1")));
+        assert!(transmits(&mut s).is_empty() && events(&mut s).is_empty());
+    }
+
+    #[test]
+    fn a_first_report_for_another_id_closes() {
+        let mut s = session();
+        send(&mut s, &Message::Report(report("a2")));
+        assert!(transmits(&mut s).is_empty(), "no welcome");
+        assert_eq!(
+            events(&mut s),
+            vec![SessionEvent::Close(SessionError::OtherId {
+                claimed: id("a2")
+            })]
+        );
+    }
+
+    #[test]
+    fn a_later_report_for_another_id_closes_and_one_for_this_id_goes_to_the_engine() {
+        let mut s = online();
+        let mut changed = report("a1");
+        changed.can_serve = true;
+        send(&mut s, &Message::Report(changed.clone()));
+        assert_eq!(
+            events(&mut s),
+            vec![SessionEvent::Report(Box::new(changed))]
+        );
+        send(&mut s, &Message::Report(report("a2")));
+        assert_eq!(
+            events(&mut s),
+            vec![SessionEvent::Close(SessionError::OtherId {
+                claimed: id("a2")
+            })]
+        );
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn no_report_in_time_closes() {
+        let mut s = session();
+        s.handle_timeout(Duration::from_secs(14));
+        assert!(events(&mut s).is_empty(), "not yet");
+        s.handle_timeout(Duration::from_secs(15));
+        assert_eq!(
+            events(&mut s),
+            vec![SessionEvent::Close(SessionError::NoFirstReport(
+                FIRST_REPORT_TIMEOUT
+            ))]
+        );
+        assert_eq!(s.poll_timeout(), None);
+        assert_eq!(
+            SessionError::NoFirstReport(FIRST_REPORT_TIMEOUT).to_string(),
+            "no report within 10s"
+        );
+    }
+
+    #[test]
+    fn a_report_after_the_deadline_is_too_late() {
+        let mut s = session();
+        let frame = Message::Report(report("a1")).to_vec();
+        s.handle_frame(Duration::from_secs(15), UNIX, &frame);
+        assert!(transmits(&mut s).is_empty());
+        assert_eq!(
+            events(&mut s),
+            vec![SessionEvent::Close(SessionError::NoFirstReport(
+                FIRST_REPORT_TIMEOUT
+            ))]
+        );
+    }
+
+    #[test]
+    fn a_malformed_frame_closes_before_and_after_the_report() {
+        let mut s = session();
+        s.handle_frame(Duration::from_secs(6), UNIX, &[0xFF, 0xFF, 0xFF]);
+        assert!(matches!(
+            events(&mut s).as_slice(),
+            [SessionEvent::Close(SessionError::Malformed(_))]
+        ));
+
+        let mut s = online();
+        s.handle_frame(Duration::from_secs(7), UNIX, &[]);
+        let got = events(&mut s);
+        assert!(
+            matches!(
+                got.as_slice(),
+                [SessionEvent::Close(SessionError::Malformed(_))]
+            ),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn ping_is_answered_on_the_connection() {
+        let mut s = online();
+        send(&mut s, &Message::Ping { nonce: 42 });
+        assert_eq!(transmits(&mut s), vec![Message::Pong { nonce: 42 }]);
+        assert!(events(&mut s).is_empty());
+    }
+
+    #[test]
+    fn each_message_kind_goes_where_it_belongs() {
+        let mut s = online();
+        let root = [9; 32];
+        send(&mut s, &Message::ChunkRequest { root, index: 3 });
+        assert_eq!(
+            events(&mut s),
+            vec![SessionEvent::ChunkRequest { root, index: 3 }]
+        );
+
+        let page = SegmentReport {
+            segment: heapless::String::try_from("seg-1").unwrap(),
+            leader: id("a1"),
+            term: 1,
+            page: 0,
+            pages: 1,
+            members: heapless::Vec::<SegmentMember, _>::new(),
+        };
+        send(&mut s, &Message::SegmentReport(page.clone()));
+        assert_eq!(events(&mut s), vec![SessionEvent::SegmentPage(page)]);
+
+        let for_engine = [
+            Message::Progress {
+                job: job(),
+                verified: 3,
+                received: heapless::Vec::new(),
+            },
+            Message::Have { job: job(), root },
+            Message::Failed {
+                job: job(),
+                reason: FailReason::StorageFull,
+            },
+            Message::NextPlease { job: job() },
+            Message::PeerTrouble {
+                job: job(),
+                peer: id("a2"),
+                trouble: Trouble::Unreachable,
+            },
+            Message::Pong { nonce: 5 },
+        ];
+        for msg in for_engine {
+            send(&mut s, &msg);
+            assert_eq!(events(&mut s), vec![SessionEvent::ForEngine(msg)]);
+            assert!(transmits(&mut s).is_empty());
+        }
+
+        // What only the manager sends is ignored; the session goes on.
+        let ignored = [
+            Message::Done { job: job() },
+            Message::Cancel { job: job() },
+            Message::Refuse {
+                root,
+                index: 1,
+                reason: Refusal::Unknown,
+            },
+        ];
+        for msg in ignored {
+            send(&mut s, &msg);
+            assert!(events(&mut s).is_empty() && transmits(&mut s).is_empty());
+        }
+        assert!(s.is_online());
+    }
+
+    #[test]
+    fn only_the_first_publishers_are_announced() {
+        let keys = (0..MAX_PUBLISHERS as u8 + 3).map(|i| Identity::from_seed([i; 32]).public());
+        let c = SessionConfig::new(manager(), keys);
+        assert_eq!(c.publishers().len(), MAX_PUBLISHERS);
+    }
+}
