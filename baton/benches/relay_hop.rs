@@ -18,46 +18,47 @@
 //! Every agent's bytes per source are checked in the manager's API, so a figure is
 //! never printed for a transfer that did not take the path it names.
 //!
-//! `cargo bench -p baton-manager --bench relay_hop`; `RELAY_HOP_MIB=N` changes the
+//! `cargo bench -p baton --bench relay_hop`; `RELAY_HOP_MIB=N` changes the
 //! size. Without `--bench` (e.g. `cargo test --benches`) it runs once with 8 MiB as a
 //! smoke test.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::io::Write as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Manager, bytes_from, participant, wait_for};
+use baton_test_support::manager::{bytes_from, participant};
+use baton_test_support::{Manager, Proc, read_text, wait_for};
 use serde_json::{Value, json};
+
+/// The `baton` executable under test.
+const BATON: &str = env!("CARGO_BIN_EXE_baton");
 
 /// The longest any one phase may take before the bench gives up.
 const PHASE_LIMIT: Duration = Duration::from_secs(120);
 const CHUNK: u64 = 32 * 1024;
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// A `baton agent` child: dies with the bench (`--die-with-parent`), killed when dropped.
+/// A `baton agent` child: dies with the bench (`--die-with-parent`), its group killed when
+/// dropped.
 struct Agent {
-    child: Child,
+    proc: Proc,
     name: String,
     dir: std::path::PathBuf,
 }
 
 impl Agent {
     fn spawn(m: &Manager, root: &Path, name: &str) -> Self {
-        let (status, token) = m.api("POST", "/api/v1/enrolment-tokens", None);
-        assert_eq!(status, 201, "{token}");
+        let token = m.enrolment_token();
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_baton"))
-            .args(["agent", "--die-with-parent"])
+        let log = dir.join("agent.log");
+        let mut cmd = Command::new(BATON);
+        cmd.args(["agent", "--die-with-parent"])
             .args(["--manager", &m.agent_addr().to_string()])
             .args(["--manager-key", &m.info.manager_key])
             .args(["--id", name, "--listen", "127.0.0.1:0"])
-            .args(["--token", token["token"].as_str().unwrap()])
+            .args(["--token", &token])
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--status-file")
@@ -65,11 +66,9 @@ impl Agent {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start baton agent");
+            .stderr(std::fs::File::create(&log).unwrap());
         Agent {
-            child,
+            proc: Proc::spawn_with(name, cmd, Some(&log)),
             name: name.into(),
             dir,
         }
@@ -77,7 +76,7 @@ impl Agent {
 
     /// A field of `/proc/PID/status` in KiB (`VmHWM`, `VmRSS`).
     fn proc_kib(&self, field: &str) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid())).ok()?;
         status
             .lines()
             .find(|l| l.starts_with(field))?
@@ -89,18 +88,11 @@ impl Agent {
 
     /// Resets the peak resident set (`VmHWM`) to the current one; false if not possible.
     fn reset_peak(&self) -> bool {
-        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").is_ok()
+        std::fs::write(format!("/proc/{}/clear_refs", self.proc.pid()), "5").is_ok()
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        read_text(&self.dir.join("agent.log"))
     }
 }
 
@@ -189,7 +181,7 @@ fn main() {
     let load_before = load();
     let started = Instant::now();
 
-    let m = Manager::start_args(&["--give-up", "60"]);
+    let m = Manager::start_args(BATON, &["--give-up", "60"]);
     let root = m.dir.clone();
     let file = root.join("content.bin");
     write_content(&file, len);

@@ -10,12 +10,14 @@
 //! leader is killed with SIGKILL, every survivor names the next one within
 //! the configured bound (leader timeout + beacon interval).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use baton_test_support::manager::BOUND;
+use baton_test_support::{AgentProc, Manager, free_udp_port, wait_for};
 use serde_json::Value;
+
+/// The `baton` executable under test.
+const BATON: &str = env!("CARGO_BIN_EXE_baton");
 
 const BEACON_MS: u64 = 400;
 const LEADER_TIMEOUT_MS: u64 = 1600;
@@ -31,16 +33,11 @@ fn segment_of(agent: &AgentProc) -> Option<Value> {
         .filter(|s| !s.is_null())
 }
 
-/// A UDP port nobody on this host uses right now (other tests' agents use the default).
-fn free_udp_port() -> u16 {
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-    socket.local_addr().unwrap().port()
-}
-
 #[test]
 fn agents_elect_the_strongest_and_replace_a_killed_leader_within_the_bound() {
-    let m = Manager::start_args(&["--give-up", "5"]);
+    let m = Manager::start_args(BATON, &["--give-up", "5"]);
     let root = tempfile::tempdir().unwrap();
+    // A port of our own: other tests' agents use the default.
     let port = free_udp_port().to_string();
     let beacon = BEACON_MS.to_string();
     let timeout = LEADER_TIMEOUT_MS.to_string();

@@ -10,17 +10,18 @@
 //!   killed mid-job; a new leader must be reported within the configured bound
 //!   and every live agent must still confirm.
 
-mod common;
-
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton::lab::{Lab, LinkShape, SegmentSpec, Topology, netns};
-use common::baton;
+use baton_test_support::{Output, Proc, read_text, run, wait_for};
 use serde_json::Value;
+
+/// The `baton` executable under test.
+const BATON: &str = env!("CARGO_BIN_EXE_baton");
 
 fn require_root() {
     assert!(
@@ -216,19 +217,6 @@ fn lab_plumbing() {
     );
 }
 
-/// A child process killed when dropped.
-struct Proc {
-    name: String,
-    child: std::process::Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The manager's HTTP API with the admin token.
 struct Api {
     base: String,
@@ -273,8 +261,9 @@ impl Api {
     }
 }
 
-/// A manager and agents in a lab; the test thread lives in the manager's namespace.
-struct Fleet {
+/// A manager and agents running in a lab's namespaces; the test thread lives in the
+/// manager's namespace.
+struct LabFleet {
     dir: tempfile::TempDir,
     api: Api,
     agent_addr: String,
@@ -286,26 +275,21 @@ struct Fleet {
 /// How long any single wait in these tests may take.
 const BOUND: Duration = Duration::from_secs(60);
 
-impl Fleet {
+impl LabFleet {
     /// Starts `baton serve` in the manager's namespace (the calling thread must be in it too).
-    fn start(lab: &Lab, give_up_s: u64) -> Fleet {
+    fn start(lab: &Lab, give_up_s: u64) -> LabFleet {
         let dir = tempfile::tempdir().unwrap();
         let ready = dir.path().join("ready.json");
-        let log = std::fs::File::create(dir.path().join("manager.log")).unwrap();
-        let child = Lab::command(&lab.manager.ns, env!("CARGO_BIN_EXE_baton"))
-            .args(["serve", "--data-dir"])
+        let mut cmd = Lab::command(&lab.manager.ns, BATON);
+        cmd.args(["serve", "--data-dir"])
             .arg(dir.path().join("manager"))
             .args(["--listen", &format!("{}:7700", lab.manager.ip)])
             .args(["--http", "127.0.0.1:0", "--give-up", &give_up_s.to_string()])
             .arg("--ready-file")
             .arg(&ready)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start baton serve");
-        let mut fleet = Fleet {
+            .env("RUST_LOG", "info");
+        let manager = Proc::spawn("manager", cmd, &dir.path().join("manager.log"));
+        let mut fleet = LabFleet {
             dir,
             api: Api {
                 base: String::new(),
@@ -313,10 +297,7 @@ impl Fleet {
             },
             agent_addr: String::new(),
             manager_key: String::new(),
-            procs: vec![Proc {
-                name: "manager".into(),
-                child,
-            }],
+            procs: vec![manager],
         };
         let info: Value = fleet.wait("the manager's ready file", |_, _| {
             std::fs::read(&ready)
@@ -333,42 +314,28 @@ impl Fleet {
         fleet
     }
 
-    fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
-    }
-
-    /// Polls `f(api, dir)` every 50 ms until it gives a value; panics with the manager's log
-    /// after [`BOUND`], or with a process's log when that process exits.
+    /// Polls `f(api, dir)` until it gives a value; panics with the manager's log after
+    /// [`BOUND`], or with a process's log when that process exits.
     fn wait<T>(&mut self, what: &str, mut f: impl FnMut(&Api, &Path) -> Option<T>) -> T {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            if let Some(v) = f(&self.api, self.dir.path()) {
-                return v;
-            }
-            for p in &mut self.procs {
-                if let Ok(Some(status)) = p.child.try_wait() {
-                    panic!(
-                        "{} exited ({status}) while waiting for {what}; its log:\n{}",
-                        p.name,
-                        std::fs::read_to_string(self.dir.path().join(format!("{}.log", p.name)))
-                            .unwrap_or_default()
-                    );
+        let (api, dir, procs) = (&self.api, self.dir.path(), &mut self.procs);
+        let waiting = format!("waiting for {what}");
+        wait_for(
+            what,
+            BOUND,
+            || format!("manager log:\n{}", read_text(&dir.join("manager.log"))),
+            || {
+                for p in procs.iter_mut() {
+                    p.assert_running(&waiting);
                 }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; manager log:\n{}",
-                self.log("manager")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                f(api, dir)
+            },
+        )
     }
 
     /// Enrols and starts agent `id` in lab node `node` with discovery on its segment.
     fn start_agent(&mut self, lab: &Lab, node: usize, id: &str, extra: &[&str]) {
-        let exe = env!("CARGO_BIN_EXE_baton");
         let data = self.dir.path().join(id);
-        let out = Command::new(exe)
+        let out = Command::new(BATON)
             .args(["agent", "--print-key", "--data-dir"])
             .arg(&data)
             .output()
@@ -381,9 +348,8 @@ impl Fleet {
         );
         let n = &lab.agents[node];
         let s = n.segment.unwrap();
-        let log = std::fs::File::create(self.dir.path().join(format!("{id}.log"))).unwrap();
-        let child = Lab::command(&n.ns, exe)
-            .args(["agent", "--listen", &format!("{}:7701", n.ip)])
+        let mut cmd = Lab::command(&n.ns, BATON);
+        cmd.args(["agent", "--listen", &format!("{}:7701", n.ip)])
             .args([
                 "--manager",
                 &self.agent_addr,
@@ -400,23 +366,16 @@ impl Fleet {
             .arg(data.join("export.bin"))
             .arg("--status-file")
             .arg(data.join("status.json"))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start baton agent");
-        self.procs.push(Proc {
-            name: id.to_string(),
-            child,
-        });
+            .env("RUST_LOG", "info");
+        let log = self.dir.path().join(format!("{id}.log"));
+        self.procs.push(Proc::spawn(id, cmd, &log));
     }
 
     fn kill(&mut self, id: &str) {
         let index = self
             .procs
             .iter()
-            .position(|p| p.name == id)
+            .position(|p| p.label == id)
             .expect("known process");
         // Dropping kills and reaps it; later liveness checks no longer see it.
         drop(self.procs.remove(index));
@@ -435,7 +394,7 @@ fn killed_leader_is_replaced_and_the_job_completes() {
     const BEACON_MS: u64 = 300;
     const LEADER_TIMEOUT_MS: u64 = 1500;
     // From the election to the manager's answer: the new leader's first report (sent when
-    // it takes over, or on its next report tick) and our 50 ms polls.
+    // it takes over, or on its next report tick) and our 20 ms polls.
     const REPORT_ALLOWANCE_MS: u64 = 1500;
     const SIZE: usize = 12 * 1024 * 1024;
     let per_segment = 4;
@@ -460,7 +419,7 @@ fn killed_leader_is_replaced_and_the_job_completes() {
     };
     let lab = Lab::build(&topology).expect("build the lab");
     netns::enter(&lab.manager.ns).unwrap();
-    let mut fleet = Fleet::start(&lab, 8);
+    let mut fleet = LabFleet::start(&lab, 8);
     let ids: Vec<String> = (0..lab.agents.len())
         .map(|i| format!("agent-{i}"))
         .collect();
@@ -578,8 +537,10 @@ fn killed_leader_is_replaced_and_the_job_completes() {
 
 /// Runs `baton args…` (within 240 s), which must succeed; returns the run and the JSON
 /// object on the last line of its stdout.
-fn run_json(args: &[&str]) -> (common::Output, Value) {
-    let run = baton(args, Duration::from_secs(240));
+fn run_json(args: &[&str]) -> (Output, Value) {
+    let mut cmd = Command::new(BATON);
+    cmd.args(args);
+    let run = run(cmd, Duration::from_secs(240));
     assert!(
         run.success,
         "stdout:\n{}\nstderr:\n{}",
@@ -673,7 +634,7 @@ fn lab_commands_refuse_to_run_without_root() {
     ] {
         let out = Command::new("setpriv")
             .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-            .arg(env!("CARGO_BIN_EXE_baton"))
+            .arg(BATON)
             .args(args)
             .output()
             .expect("run setpriv (util-linux)");

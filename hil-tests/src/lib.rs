@@ -2,14 +2,17 @@
 //! manager on one bridged Ethernet segment in a private network namespace.
 //!
 //! A [`Lab`] is one test's world: a network namespace of its own (a unique
-//! name per test, so tests never see each other's bridge, taps or ports), a
+//! name per test, `btl-<pid>-hil<n>` in the product lab's naming scheme, so
+//! tests never see each other's bridge, taps or ports), a
 //! bridge `br0` at `10.77.0.1/24` with one tap per QEMU device, and a
 //! temporary directory for flash images, logs and the manager's data. Every
 //! process it starts (`baton serve`, `baton agent`, QEMU through
 //! `agent-firmware/run-qemu.sh`, helpers) leads its own process group inside
 //! the namespace; dropping the lab, also while a failed test unwinds, kills
 //! those groups and deletes the taps and the namespace. Namespaces left by a
-//! test process that was itself killed are removed by the next run.
+//! test process that was itself killed are removed by the next run, or by the
+//! next `baton lab` (they carry the dead process's pid, as the lab's own do).
+//! Processes, namespaces and polling come from `baton-test-support`.
 //!
 //! What the tests need is checked once by [`Env::require`], which fails with
 //! a clear message instead of skipping: root (namespaces, taps),
@@ -29,15 +32,13 @@
 #![warn(missing_docs)]
 
 use std::ffi::OsString;
-use std::fs::File;
-use std::io::Read as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use baton_test_support::netns::Namespace;
+pub use baton_test_support::{Output, Proc, read_text, tail, wait_for};
 use serde_json::Value;
 use sha2_std::{Digest as _, Sha256};
 
@@ -219,42 +220,6 @@ fn dep_info_sources(text: &str) -> impl Iterator<Item = PathBuf> + '_ {
         })
 }
 
-/// Polls `probe` every 5 ms until it returns `Some`; panics with `what` and `context()` past `limit`.
-pub fn wait_for<T>(
-    what: &str,
-    limit: Duration,
-    context: impl Fn() -> String,
-    mut probe: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(t) = probe() {
-            return t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {limit:?}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Reads a text file, empty if it does not exist (yet).
-pub fn read_text(path: &Path) -> String {
-    let mut bytes = Vec::new();
-    if let Ok(mut f) = File::open(path) {
-        let _ = f.read_to_end(&mut bytes);
-    }
-    String::from_utf8_lossy(&bytes).into_owned()
-}
-
-/// The last `n` lines of `text`, for failure messages.
-pub fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// Lowercase hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -366,81 +331,6 @@ pub fn assert_fits(dev: &Device) -> Footprint {
     f
 }
 
-/// A process the lab started: the leader of its own process group.
-#[derive(Debug)]
-pub struct Proc {
-    /// What it is, for messages.
-    pub label: String,
-    /// Where its output goes.
-    pub log: PathBuf,
-    child: Child,
-}
-
-impl Proc {
-    /// Its pid (also its process group id).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Whether it is still running.
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// The child, for its piped standard streams.
-    pub fn child(&mut self) -> &mut Child {
-        &mut self.child
-    }
-
-    /// SIGKILL to the process itself only (a power cut for QEMU), then waits
-    /// until the rest of its group (the log decoder) has drained and exited.
-    pub fn kill_leader(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while group_alive(self.pid()) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// SIGKILL to the whole group, then reaps the leader.
-    pub fn kill_group(&mut self) {
-        signal_group(self.pid(), "KILL");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill_group();
-    }
-}
-
-fn signal_group(pgid: u32, signal: &str) -> bool {
-    Command::new("kill")
-        .args(["-s", signal, "--", &format!("-{pgid}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn group_alive(pgid: u32) -> bool {
-    signal_group(pgid, "0")
-}
-
-/// A finished command's output.
-#[derive(Debug)]
-pub struct Output {
-    /// Whether it exited with status 0.
-    pub success: bool,
-    /// Its standard output.
-    pub stdout: String,
-    /// Its standard error.
-    pub stderr: String,
-}
-
 /// The manager the lab runs (`baton serve`).
 #[derive(Debug, Clone)]
 pub struct ManagerInfo {
@@ -531,19 +421,16 @@ pub struct LinuxAgent {
     pub log: PathBuf,
 }
 
-static LABS: AtomicU32 = AtomicU32::new(0);
-
 /// One test's network namespace, processes and files (see the crate docs).
 pub struct Lab {
     /// What the tests run.
     pub env: &'static Env,
-    /// The namespace's name (unique per test).
-    pub ns: String,
+    /// The namespace (unique per test); deleted after the processes, when the lab drops.
+    pub ns: Namespace,
     /// Files of this test (flash images, logs, data directories).
     pub dir: PathBuf,
     tmp: Option<tempfile::TempDir>,
     procs: Vec<Option<Proc>>,
-    created: bool,
 }
 
 impl std::fmt::Debug for Lab {
@@ -559,28 +446,19 @@ impl Lab {
     /// A namespace with a bridge at `10.77.0.1/24` and `taps` taps on it (`tap1`..).
     pub fn new(test: &str, taps: u8) -> Lab {
         let env = Env::require();
-        remove_stale_namespaces();
         let tmp = tempfile::Builder::new()
             .prefix(&format!("baton-hil-{test}-"))
             .tempdir()
             .expect("temporary directory");
-        let ns = format!(
-            "bhil-{}-{}",
-            std::process::id(),
-            LABS.fetch_add(1, Ordering::Relaxed)
-        );
-        let mut lab = Lab {
+        // Removes stale namespaces first; from here on, a failure unwinds through `Drop`,
+        // which removes what exists.
+        let lab = Lab {
             env,
             dir: tmp.path().to_path_buf(),
             tmp: Some(tmp),
-            ns,
+            ns: Namespace::create("hil"),
             procs: Vec::new(),
-            created: false,
         };
-        // From here on, a failure unwinds through `Drop`, which removes what exists.
-        run_ok(Command::new("ip").args(["netns", "add", &lab.ns]));
-        lab.created = true;
-        lab.ip(&["link", "set", "lo", "up"]);
         lab.ip(&["link", "add", "br0", "type", "bridge"]);
         lab.ip(&["addr", "add", &format!("{MANAGER_IP}/24"), "dev", "br0"]);
         lab.ip(&["link", "set", "br0", "up"]);
@@ -602,37 +480,26 @@ impl Lab {
 
     /// Runs `ip -n <ns> args…`, panicking on failure.
     pub fn ip(&self, args: &[&str]) {
-        run_ok(Command::new("ip").arg("-n").arg(&self.ns).args(args));
+        self.ns.ip(args);
     }
 
     /// A command that runs `program` inside the namespace.
     pub fn command(&self, program: &Path) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns])
-            .arg(program)
-            .env("PATH", &self.env.path);
+        let mut c = self.ns.command(program);
+        c.env("PATH", &self.env.path);
         c
     }
 
     /// Starts `cmd` as a process group leader, stdout and stderr into `log`; returns its index.
-    pub fn spawn(&mut self, label: &str, mut cmd: Command, log: &Path) -> usize {
-        let out = File::create(log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        self.spawn_with(label, cmd, log)
+    pub fn spawn(&mut self, label: &str, cmd: Command, log: &Path) -> usize {
+        self.procs.push(Some(Proc::spawn(label, cmd, log)));
+        self.procs.len() - 1
     }
 
     /// Starts `cmd` (stdio as the caller set it) as a process group leader; returns its index.
-    pub fn spawn_with(&mut self, label: &str, mut cmd: Command, log: &Path) -> usize {
-        cmd.process_group(0);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {label}: {e}"));
-        self.procs.push(Some(Proc {
-            label: label.to_string(),
-            log: log.to_path_buf(),
-            child,
-        }));
+    pub fn spawn_with(&mut self, label: &str, cmd: Command, log: &Path) -> usize {
+        self.procs
+            .push(Some(Proc::spawn_with(label, cmd, Some(log))));
         self.procs.len() - 1
     }
 
@@ -643,43 +510,9 @@ impl Lab {
 
     /// Runs `program args…` in the namespace to completion within `limit`.
     pub fn run(&self, program: &Path, args: &[&str], limit: Duration) -> Output {
-        let out = self
-            .dir
-            .join(format!(".run-{}.out", LABS.fetch_add(1, Ordering::Relaxed)));
-        let err = out.with_extension("err");
-        let mut child = self
-            .command(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).expect("output file"))
-            .stderr(File::create(&err).expect("output file"))
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("wait") {
-                break s;
-            }
-            if Instant::now() > deadline {
-                signal_group(child.id(), "KILL");
-                let _ = child.wait();
-                panic!(
-                    "{} {args:?} did not finish within {limit:?}; stderr:\n{}",
-                    program.display(),
-                    read_text(&err)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let output = Output {
-            success: status.success(),
-            stdout: read_text(&out),
-            stderr: read_text(&err),
-        };
-        let _ = std::fs::remove_file(&out);
-        let _ = std::fs::remove_file(&err);
-        output
+        let mut cmd = self.command(program);
+        cmd.args(args);
+        baton_test_support::run(cmd, limit)
     }
 
     /// Runs `baton args…` in the namespace; panics unless it succeeds; returns its stdout.
@@ -957,13 +790,13 @@ impl Lab {
                 return detail;
             }
             for p in self.procs.iter_mut().flatten() {
-                if let Ok(Some(status)) = p.child.try_wait()
+                if let Some(status) = p.exited()
                     && !status.success()
                 {
                     panic!(
                         "{} exited ({status}) while job {job} ran; its log:\n{}",
                         p.label,
-                        tail(&read_text(&p.log), 30)
+                        tail(&p.log(), 30)
                     );
                 }
             }
@@ -981,11 +814,12 @@ impl Lab {
     pub fn logs(&self) -> String {
         let mut out = String::new();
         for p in self.procs.iter().flatten() {
+            let path = p.log.as_deref().unwrap_or(Path::new("-"));
             out.push_str(&format!(
                 "---- {} ({})\n{}\n",
                 p.label,
-                p.log.display(),
-                tail(&read_text(&p.log), 30)
+                path.display(),
+                tail(&p.log(), 30)
             ));
         }
         out
@@ -994,69 +828,13 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        // Processes first (they hold the taps), then the namespace and its devices.
+        // Processes first (they hold the taps); the namespace and its devices go when the
+        // `ns` field drops, after this.
         for p in self.procs.iter_mut().filter_map(Option::take) {
             drop(p);
         }
-        if self.created {
-            delete_namespace(&self.ns);
-        }
         if std::thread::panicking() && std::env::var_os("HIL_KEEP").is_some() {
             self.keep_files();
-        }
-    }
-}
-
-/// Runs a setup command, panicking with its stderr on failure.
-fn run_ok(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Kills what still runs in namespace `ns`, deletes its links and the namespace.
-fn delete_namespace(ns: &str) {
-    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = Command::new("kill").args(["-s", "KILL", pid]).status();
-        }
-    }
-    // Taps are persistent devices: delete them explicitly rather than rely on
-    // the namespace taking them along.
-    if let Ok(out) = Command::new("ip")
-        .args(["-n", ns, "-o", "link", "show", "type", "tun"])
-        .output()
-    {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Some(name) = line.split(':').nth(1) {
-                let name = name.trim().split('@').next().unwrap_or("");
-                let _ = Command::new("ip")
-                    .args(["-n", ns, "link", "del", name])
-                    .status();
-            }
-        }
-    }
-    let _ = Command::new("ip").args(["netns", "del", ns]).status();
-}
-
-/// Removes namespaces left by HIL test processes that no longer exist.
-fn remove_stale_namespaces() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let Some(pid) = name
-            .strip_prefix("bhil-")
-            .and_then(|rest| rest.split('-').next())
-        else {
-            continue;
-        };
-        if pid != std::process::id().to_string() && !Path::new("/proc").join(pid).exists() {
-            delete_namespace(name);
         }
     }
 }

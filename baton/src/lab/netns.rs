@@ -101,21 +101,27 @@ pub fn owner_pid(name: &str) -> Option<u32> {
     name.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
 }
 
+/// The lab namespaces whose creating process no longer exists (left by a run that was killed).
+pub fn leftovers() -> Vec<String> {
+    lab_namespaces()
+        .into_iter()
+        .filter(|name| {
+            owner_pid(name).is_some_and(|pid| {
+                pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists()
+            })
+        })
+        .collect()
+}
+
 /// Deletes lab namespaces whose creating process no longer exists (a run that was killed).
 /// Returns how many were removed.
 pub fn remove_leftovers() -> usize {
-    let mut removed = 0;
-    for name in lab_namespaces() {
-        let Some(pid) = owner_pid(&name) else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
-            tracing::info!(namespace = %name, "removing a namespace left by an earlier run");
-            delete(&name);
-            removed += 1;
-        }
+    let names = leftovers();
+    for name in &names {
+        tracing::info!(namespace = %name, "removing a namespace left by an earlier run");
+        delete(name);
     }
-    removed
+    names.len()
 }
 
 /// Moves the calling thread into namespace `ns`: sockets it opens from now on live there.

@@ -2,12 +2,11 @@
 //! protected routes, administrator login with sessions and CSRF, named API
 //! tokens, the OpenAPI document against the routes, `/metrics`, and HTTPS.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
+use baton_test_support::{Manager, manager::BOUND, wait_for};
 use serde_json::{Value, json};
 
 /// A plain HTTP client that neither follows redirects nor keeps cookies.
@@ -148,7 +147,7 @@ fn login(m: &Manager, name: &str, password: &str) -> (String, String) {
 
 #[test]
 fn must_show_openapi_login_page_and_401() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     // The OpenAPI document is public and lists agents, segments, groups, policies and jobs.
     let doc = get(&m, "/api/v1/openapi.json", &[]);
     assert_eq!(doc.status, 200);
@@ -196,7 +195,7 @@ fn must_show_openapi_login_page_and_401() {
 
 #[test]
 fn every_documented_route_is_served() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     let doc = get(&m, "/api/v1/openapi.json", &[]).json();
     let auth = format!("Bearer {}", m.info.admin_token);
     let mut checked = 0;
@@ -233,7 +232,7 @@ fn every_documented_route_is_served() {
 
 #[test]
 fn sessions_csrf_and_api_tokens() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     add_admin(&m, "ops", "correct-horse");
     // Wrong password: the login page again, 401, no session.
     let page = get(&m, "/", &[]);
@@ -388,7 +387,7 @@ fn sessions_csrf_and_api_tokens() {
 
 #[test]
 fn uploads_become_jobs() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     let auth = format!("Bearer {}", m.info.admin_token);
     let a = request(
         &m,
@@ -607,7 +606,7 @@ fn try_login(m: &Manager, name: &str, password: &str) -> Answer {
 
 #[test]
 fn failed_logins_back_off() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     add_admin(&m, "ops", "correct-horse-battery");
     for i in 0..4 {
         let a = try_login(&m, "ops", "wrong");
@@ -652,7 +651,7 @@ fn failed_logins_back_off() {
 
 #[test]
 fn uploads_are_capped_and_leave_nothing_when_refused_or_broken() {
-    let m = Manager::start_args(&["--give-up", "5", "--max-upload", "64KiB"]);
+    let m = Manager::start_args(BATON, &["--give-up", "5", "--max-upload", "64KiB"]);
     let auth = format!("Bearer {}", m.info.admin_token);
     let uploads = m.data_dir().join("uploads");
     let files = || -> Vec<String> {

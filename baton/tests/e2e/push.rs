@@ -5,16 +5,15 @@
 //! holds a confirmation for each. A manager killed mid-job resumes it under a
 //! new epoch after its restart. Every wait is bounded.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
+use baton_test_support::{AgentProc, Manager, free_loopback_addr, manager::BOUND, pseudo_random};
 use serde_json::Value;
 
 #[test]
 fn push_wait_relays_to_every_agent_and_records_confirmations() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     let root = m.dir.clone();
     let data = m.data_dir();
     let data = data.to_str().unwrap();
@@ -126,7 +125,7 @@ fn client_errors_say_what_to_do() {
     );
     assert!(out.stderr.contains("baton serve"), "{}", out.stderr);
 
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     let url = format!("http://{}", m.info.http_addr);
     let out = baton(
         &["agents", "--manager-url", &url, "--admin-token", "wrong"],
@@ -160,7 +159,7 @@ fn a_job_survives_a_manager_crash_and_resumes_under_a_new_epoch() {
     let tmp = tempfile::tempdir().unwrap();
     // A fixed agent port, so that the agents find the restarted manager.
     let listen = free_loopback_addr();
-    let mut m = Manager::start_on(tmp.path(), &listen);
+    let mut m = Manager::start_on(BATON, tmp.path(), &listen);
     let root = tmp.path().to_path_buf();
     let agents = AgentProc::spawn_slow(&m, &root, &["r1", "r2"]);
     let bytes = pseudo_random(2_000_000, 7);
@@ -177,7 +176,7 @@ fn a_job_survives_a_manager_crash_and_resumes_under_a_new_epoch() {
     // Crash: no chance to clean up.
     m.crash();
 
-    let m = Manager::start_on(tmp.path(), &listen);
+    let m = Manager::start_on(BATON, tmp.path(), &listen);
     assert_eq!(m.info.epoch, 2);
     let done = m.wait_job(id, Duration::from_secs(60), |j| j["state"] == "finished");
     assert_eq!(done["epoch"], 2, "{done}");

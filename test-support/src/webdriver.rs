@@ -3,18 +3,21 @@
 //! click, type, run a script, take a screenshot). Kept in-tree so the browser
 //! tests add no dependency tree to the build.
 
-#![allow(dead_code)]
-
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
-/// A chromedriver process with one browser session; both end when dropped.
+use crate::net::free_tcp_port;
+use crate::process::Proc;
+use crate::wait::wait_for;
+
+/// A chromedriver process with one browser session; both end when dropped (Chromium runs in
+/// chromedriver's process group and goes with it).
+#[derive(Debug)]
 pub struct Browser {
-    driver: Child,
+    driver: Proc,
     base: String,
     session: String,
     http: ureq::Agent,
@@ -24,14 +27,7 @@ pub struct Browser {
 #[derive(Clone, Debug)]
 pub struct Element(String);
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// The first of `names` found on `PATH`.
 fn which(names: &[&str]) -> Option<String> {
     for n in names {
         for dir in std::env::var("PATH").unwrap_or_default().split(':') {
@@ -53,14 +49,13 @@ impl Browser {
         );
         let chrome_bin = which(&["chromium", "chromium-browser", "google-chrome"])
             .expect("chromium not found: install Debian's `chromium` package");
-        let port = free_port();
-        let driver = Command::new(driver_bin)
-            .arg(format!("--port={port}"))
+        let port = free_tcp_port();
+        let mut cmd = Command::new(driver_bin);
+        cmd.arg(format!("--port={port}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromedriver");
+            .stderr(Stdio::null());
+        let driver = Proc::spawn_with("chromedriver", cmd, None);
         let http: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(60)))
@@ -73,18 +68,16 @@ impl Browser {
             session: String::new(),
             http,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut r) = b.http.get(format!("{}/status", b.base)).call()
-                && r.body_mut()
-                    .read_json::<Value>()
-                    .is_ok_and(|v| v["value"]["ready"] == true)
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "chromedriver did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for(
+            "chromedriver ready",
+            Duration::from_secs(20),
+            String::new,
+            || {
+                let mut r = b.http.get(format!("{}/status", b.base)).call().ok()?;
+                let v = r.body_mut().read_json::<Value>().ok()?;
+                (v["value"]["ready"] == true).then_some(())
+            },
+        );
         let caps = json!({
             "capabilities": { "alwaysMatch": {
                 "browserName": "chrome",
@@ -106,6 +99,7 @@ impl Browser {
         b
     }
 
+    /// One WebDriver request; panics on an error status; returns the answer's `value`.
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let url = format!("{}{path}", self.base);
         let resp = match method {
@@ -123,6 +117,7 @@ impl Browser {
         v["value"].clone()
     }
 
+    /// `path` under this session.
     fn s(&self, path: &str) -> String {
         format!("/session/{}{path}", self.session)
     }
@@ -143,18 +138,12 @@ impl Browser {
 
     /// The first element matching the CSS selector, waiting up to `limit` for it.
     pub fn wait_find(&self, css: &str, limit: Duration) -> Element {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(e) = self.find_all(css).into_iter().next() {
-                return e;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no element {css:?} within {limit:?}; page text:\n{}",
-                self.page_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for(
+            &format!("element {css:?}"),
+            limit,
+            || format!("page text:\n{}", self.page_text()),
+            || self.find_all(css).into_iter().next(),
+        )
     }
 
     /// The first element matching the CSS selector (waits up to 10 s).
@@ -226,18 +215,12 @@ impl Browser {
 
     /// Waits until `script` returns `true`, for at most `limit`.
     pub fn wait_until(&self, what: &str, script: &str, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        loop {
-            if self.eval(script, json!([])) == Value::Bool(true) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: not within {limit:?}; page text:\n{}",
-                self.page_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for(
+            what,
+            limit,
+            || format!("page text:\n{}", self.page_text()),
+            || (self.eval(script, json!([])) == Value::Bool(true)).then_some(()),
+        );
     }
 
     /// The page's text, for failure messages.
@@ -279,8 +262,7 @@ impl Drop for Browser {
                 .delete(format!("{}/session/{}", self.base, self.session))
                 .call();
         }
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+        self.driver.kill_group();
     }
 }
 
@@ -310,9 +292,14 @@ pub fn base64_decode(text: &str) -> Vec<u8> {
     out
 }
 
-#[test]
-fn base64_round() {
-    assert_eq!(base64_decode("aGVsbG8="), b"hello");
-    assert_eq!(base64_decode("aGk="), b"hi");
-    assert_eq!(base64_decode("AAEC\n/w=="), [0, 1, 2, 255]);
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn base64_round() {
+        assert_eq!(base64_decode("aGVsbG8="), b"hello");
+        assert_eq!(base64_decode("aGk="), b"hi");
+        assert_eq!(base64_decode("AAEC\n/w=="), [0, 1, 2, 255]);
+    }
 }

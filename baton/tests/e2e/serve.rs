@@ -5,8 +5,7 @@
 //! with the link layer (or raw bytes where the test needs malformed input).
 //! Every wait is bounded.
 
-mod common;
-
+use crate::common::*;
 use baton_agent_core::linux::link::{self, Limits, LinkError};
 use baton_protocol::frame;
 use baton_protocol::identity::Identity;
@@ -14,14 +13,14 @@ use baton_protocol::merkle;
 use baton_protocol::message::{Message, Refusal};
 use baton_protocol::session::{Hello, Role};
 use baton_protocol::types::PublicKey;
-use common::*;
+use baton_test_support::{Manager, manager::log_of};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 #[test]
 fn api_refuses_requests_without_the_admin_token() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     for token in [None, Some("wrong")] {
         let (status, body) = m.api_with("GET", "/api/v1/status", None, token);
         assert_eq!(status, 401, "{body}");
@@ -50,7 +49,7 @@ fn api_refuses_requests_without_the_admin_token() {
 
 #[test]
 fn enrolment_through_the_api() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     let key = Identity::from_seed([2; 32]).public();
     let body = json!({ "id": "edge-1", "key": hex::encode(key.0) });
     let (status, _) = m.api("POST", "/api/v1/agents", Some(body.clone()));
@@ -92,7 +91,7 @@ fn enrolment_through_the_api() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_are_authenticated_against_their_enrolled_keys() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     let good = Identity::from_seed([2; 32]);
     let impostor = Identity::from_seed([3; 32]);
 
@@ -148,7 +147,7 @@ async fn agents_are_authenticated_against_their_enrolled_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_time_token_enrols_an_agent_once() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     let (_, token) = m.api("POST", "/api/v1/enrolment-tokens", None);
     let token = token["token"].as_str().unwrap().to_string();
     let a = Identity::from_seed([4; 32]);
@@ -165,7 +164,7 @@ async fn a_one_time_token_enrols_an_agent_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_close_only_their_own_connection() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     let a = Identity::from_seed([2; 32]);
     let b = Identity::from_seed([3; 32]);
     let c = Identity::from_seed([4; 32]);
@@ -207,7 +206,7 @@ async fn bad_frames_close_only_their_own_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_and_garbage_handshakes_are_refused() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     // A handshake header over the handshake limit: closed before any body is sent.
     let mut s = TcpStream::connect(m.agent_addr()).await.unwrap();
     s.write_all(&[0xff, 0xff]).await.unwrap();
@@ -231,7 +230,7 @@ async fn oversize_and_garbage_handshakes_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_content_is_served_with_proofs() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     let a = Identity::from_seed([2; 32]);
     m.enrol("a", &a.public());
     let file = m.dir.join("content.bin");
@@ -374,7 +373,7 @@ fn a_restart_keeps_keys_and_agents_and_starts_a_new_epoch() {
     let tmp = tempfile::tempdir().unwrap();
     let key = Identity::from_seed([2; 32]).public();
     let (first_key, token) = {
-        let mut m = Manager::start_in(tmp.path());
+        let mut m = Manager::start_in(BATON, tmp.path());
         assert_eq!(m.info.epoch, 1);
         m.enrol("edge-1", &key);
         let k = m.info.manager_key.clone();
@@ -382,7 +381,7 @@ fn a_restart_keeps_keys_and_agents_and_starts_a_new_epoch() {
         m.stop();
         (k, t)
     };
-    let m = Manager::start_in(tmp.path());
+    let m = Manager::start_in(BATON, tmp.path());
     assert_eq!(m.info.epoch, 2);
     assert_eq!(m.info.manager_key, first_key);
     assert_eq!(m.info.admin_token, token);

@@ -8,15 +8,16 @@
 //! segment it is not in, is refused, and complete reports replace the
 //! segment's view and record leader changes. Every wait is bounded.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::common::*;
 use baton_protocol::identity::Identity;
 use baton_protocol::message::{Message, SegmentMember, SegmentReport};
 use baton_protocol::types::{Delay, DelayTo, LinkInfo};
-use common::*;
+use baton_test_support::{
+    AgentProc, Manager, Output, free_loopback_addr, manager::BOUND, pseudo_random, wait_for,
+};
 use serde_json::{Value, json};
 
 /// Runs `baton args… --data-dir <m's data dir>`.
@@ -106,7 +107,7 @@ fn received_nothing(a: &AgentProc, job: u64, file: &str) {
 
 #[test]
 fn a_group_job_reaches_its_members_and_nothing_reaches_the_others() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     let root = m.dir.clone();
     let agents = [
         spawn(&m, &root, "g1", &["role=edge", "site=fra"]),
@@ -259,7 +260,7 @@ fn a_group_job_reaches_its_members_and_nothing_reaches_the_others() {
 
 #[test]
 fn policies_are_managed_checked_and_used_by_jobs() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     let root = m.dir.clone();
     let _agents = [spawn(&m, &root, "p1", &[]), spawn(&m, &root, "p2", &[])];
     m.wait_connected(&["p1", "p2"]);
@@ -549,7 +550,7 @@ fn page(
 
 #[test]
 fn segment_reports_are_checked_assembled_and_replace_the_segment_view() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     let one = Identity::from_seed([31; 32]);
     let two = Identity::from_seed([32; 32]);
     m.enrol("lead-1", &one.public());
@@ -662,7 +663,7 @@ fn a_resumed_job_keeps_its_policy() {
     let tmp = tempfile::tempdir().unwrap();
     // A fixed agent port, so that the agents find the restarted manager.
     let listen = free_loopback_addr();
-    let mut m = Manager::start_on(tmp.path(), &listen);
+    let mut m = Manager::start_on(BATON, tmp.path(), &listen);
     let root = tmp.path().to_path_buf();
     let agents = AgentProc::spawn_slow(&m, &root, &["k1", "k2", "k3"]);
     // No relaying: every byte comes from the manager, before and after the restart.
@@ -686,7 +687,7 @@ fn a_resumed_job_keeps_its_policy() {
     m.wait_job_started(id);
     m.crash();
 
-    let m = Manager::start_on(tmp.path(), &listen);
+    let m = Manager::start_on(BATON, tmp.path(), &listen);
     let done = m.wait_job(id, Duration::from_secs(60), |j| j["state"] == "finished");
     assert_eq!(done["confirmed_count"], 3, "{done}");
     assert_eq!(done["policy"], "direct", "{done}");

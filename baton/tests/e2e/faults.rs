@@ -11,8 +11,6 @@
 //! deadline, and every child process is killed when its handle is dropped,
 //! also when a test panics.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
@@ -20,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use baton_agent_core::linux::link::{self, Limits, LinkError};
 use baton_protocol::identity::Identity;
 use baton_protocol::merkle::{self, Proof};
@@ -27,7 +26,11 @@ use baton_protocol::message::{Message, Received, Refusal, Report};
 use baton_protocol::session::{Hello, Role};
 use baton_protocol::types::{JobRef, LinkInfo, Name};
 use baton_protocol::{Digest, caps};
-use common::*;
+use baton_test_support::{
+    AgentProc, Manager,
+    manager::{BOUND, bytes_from, participant},
+    pseudo_random, wait_for,
+};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -324,7 +327,7 @@ async fn mallory_serve_peer(
 #[test]
 fn a_peer_serving_corrupted_chunks_is_reported_and_routed_around() {
     let t = Deadline::start();
-    let m = Manager::start_args(&["--give-up", "10"]);
+    let m = Manager::start_args(BATON, &["--give-up", "10"]);
     let root = m.dir.clone();
     let rt = runtime();
     let state = Arc::new(Mallory::default());
@@ -499,7 +502,7 @@ fn a_peer_serving_corrupted_chunks_is_reported_and_routed_around() {
 #[test]
 fn a_source_killed_mid_job_is_routed_around_and_given_up() {
     let t = Deadline::start();
-    let m = Manager::start_args(&["--give-up", "3", "--up-bps", "256KiB"]);
+    let m = Manager::start_args(BATON, &["--give-up", "3", "--up-bps", "256KiB"]);
     let root = m.dir.clone();
     let names = ["k1", "k2", "k3", "k4", "k5"];
     let mut agents: Vec<AgentProc> = names
@@ -603,7 +606,7 @@ fn a_source_killed_mid_job_is_routed_around_and_given_up() {
 #[test]
 fn a_killed_agent_resumes_and_refetches_at_most_its_window() {
     let t = Deadline::start();
-    let m = Manager::start_args(&["--give-up", "30", "--up-bps", "768KiB"]);
+    let m = Manager::start_args(BATON, &["--give-up", "30", "--up-bps", "768KiB"]);
     let root = m.dir.clone();
     let window = 4u64;
     let chunk = 16384u64;
@@ -687,7 +690,7 @@ fn a_killed_agent_resumes_and_refetches_at_most_its_window() {
 #[test]
 fn an_agent_with_a_full_disk_fails_and_is_routed_around() {
     let t = Deadline::start();
-    let m = Manager::start_args(&["--give-up", "10"]);
+    let m = Manager::start_args(BATON, &["--give-up", "10"]);
     let root = m.dir.clone();
     // The full one reports the fastest upload, so the planner wants it as a source.
     let full = AgentProc::spawn(
@@ -832,7 +835,7 @@ fn closed_by_peer(s: &mut std::net::TcpStream) -> bool {
 #[test]
 fn a_replayed_handshake_and_a_tampered_frame_are_refused_at_the_server() {
     let t = Deadline::start();
-    let m = Manager::start_args(&["--give-up", "10"]);
+    let m = Manager::start_args(BATON, &["--give-up", "10"]);
     let root = m.dir.clone();
     let rt = runtime();
     let proxy = Arc::new(ProxyState::default());

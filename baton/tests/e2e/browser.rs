@@ -9,17 +9,14 @@
 //! Needs Debian's `chromium` and `chromium-driver` (scripts/test.sh installs
 //! them); without them the test fails, it does not skip.
 
-mod common;
-#[path = "support/webdriver.rs"]
-mod webdriver;
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
+use baton_test_support::webdriver::Browser;
+use baton_test_support::{AgentProc, Manager, manager::BOUND, pseudo_random};
 use serde_json::{Value, json};
-use webdriver::Browser;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -157,7 +154,7 @@ fn carried(job: &Value) -> BTreeMap<(String, String), u64> {
 
 #[test]
 fn administrator_pushes_to_a_group_and_watches_the_relay() {
-    let m = Manager::start();
+    let m = Manager::start(BATON);
     let root = m.dir.clone();
     let data = m.data_dir();
     let password_file = root.join("password");

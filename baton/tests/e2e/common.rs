@@ -1,0 +1,198 @@
+//! What the end-to-end tests share that only they need: the `baton` executable cargo
+//! built for them, its client commands, and a fake agent speaking the protocol itself.
+//! Processes, polling and the manager's API are in `baton_test_support`.
+
+use std::time::Duration;
+
+use baton_agent_core::linux::link::{self, Limits, LinkError, LinkReader, LinkWriter};
+use baton_protocol::frame;
+use baton_protocol::identity::{AgentCert, Identity};
+use baton_protocol::message::{Message, Report};
+use baton_protocol::session::{Handshake, Hello, MAX_HANDSHAKE_MSG, Role};
+use baton_protocol::types::{AgentId, LinkInfo, PublicKey};
+use baton_test_support::manager::BOUND;
+use baton_test_support::{Manager, Output};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+
+/// The `baton` executable under test.
+pub const BATON: &str = env!("CARGO_BIN_EXE_baton");
+
+/// Runs `baton args…` to completion within `limit` (stopped and failed past it).
+pub fn baton(args: &[&str], limit: Duration) -> Output {
+    let mut cmd = std::process::Command::new(BATON);
+    cmd.args(args);
+    baton_test_support::run(cmd, limit)
+}
+
+/// An agent id.
+pub fn id(s: &str) -> AgentId {
+    AgentId::try_from(s).unwrap()
+}
+
+/// The report a fake agent sends after its handshake.
+pub fn report(agent: &str) -> Report {
+    Report {
+        id: id(agent),
+        listen: None,
+        site: "test".try_into().unwrap(),
+        segment: "loopback".try_into().unwrap(),
+        performance: 100,
+        free_storage: 1 << 30,
+        can_serve: false,
+        max_chunk: 32 * 1024,
+        max_sources: 4,
+        max_peers: 0,
+        link: LinkInfo::default(),
+        delays: heapless::Vec::new(),
+        labels: heapless::Vec::new(),
+        holdings: heapless::Vec::new(),
+    }
+}
+
+/// A fake agent's receiving half.
+pub type Reader = LinkReader<ReadHalf<TcpStream>>;
+/// A fake agent's sending half.
+pub type Writer = LinkWriter<WriteHalf<TcpStream>>;
+
+/// What a fake agent learned from `Welcome`.
+#[derive(Debug)]
+pub struct Welcomed {
+    pub publishers: Vec<PublicKey>,
+}
+
+/// Connects as agent `name` with identity `me` (and a token), sends a report, awaits `Welcome`.
+pub async fn join(
+    m: &Manager,
+    me: &Identity,
+    name: &str,
+    token: Option<&str>,
+) -> Result<(Reader, Writer, Welcomed), LinkError> {
+    let stream = TcpStream::connect(m.agent_addr()).await?;
+    let mut hello = Hello::new(Role::Agent, id(name), baton_protocol::caps::RELAY_V1, None);
+    if let Some(t) = token {
+        // Enrolling: the hello carries the agent's self-signed certificate (SPEC §2).
+        let own = AgentCert::issue(me, id(name), me.public());
+        hello = Hello::new(
+            Role::Agent,
+            id(name),
+            baton_protocol::caps::RELAY_V1,
+            Some(own),
+        )
+        .with_token(t.try_into().unwrap());
+    }
+    let link = link::connect(stream, me, &m.key(), hello, &Limits::default()).await?;
+    let (mut r, mut w) = link.split();
+    // A refused agent may find its report already rejected by a closed socket.
+    let _ = w.send(&Message::Report(report(name)).to_vec()).await;
+    let bytes = tokio::time::timeout(BOUND, r.recv())
+        .await
+        .map_err(|_| LinkError::Timeout)??;
+    match Message::decode(bytes) {
+        Ok(Message::Welcome {
+            cert, publishers, ..
+        }) => {
+            cert.verify(&m.key()).expect("cert signed by the manager");
+            assert_eq!(cert.id, id(name));
+            assert_eq!(
+                baton_protocol::identity::x25519_of(&cert.key).unwrap(),
+                me.x25519_public()
+            );
+            Ok((
+                r,
+                w,
+                Welcomed {
+                    publishers: publishers.to_vec(),
+                },
+            ))
+        }
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
+/// Receives messages until `pick` returns something; other messages are skipped.
+pub async fn recv_until<T>(r: &mut Reader, mut pick: impl FnMut(Message<'_>) -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    for _ in 0..10_000 {
+        let bytes = tokio::time::timeout_at(deadline, r.recv())
+            .await
+            .expect("message in time")
+            .expect("link alive");
+        if let Some(t) = pick(Message::decode(bytes).expect("decodes")) {
+            return t;
+        }
+    }
+    panic!("too many unrelated messages");
+}
+
+/// Pings and expects the pong: the connection is alive and served.
+pub async fn ping(r: &mut Reader, w: &mut Writer, nonce: u64) {
+    w.send(&Message::Ping { nonce }.to_vec()).await.unwrap();
+    recv_until(r, |m| match m {
+        Message::Pong { nonce: n } if n == nonce => Some(()),
+        _ => None,
+    })
+    .await;
+}
+
+/// Waits until the connection is closed by the manager.
+pub async fn expect_closed(r: &mut Reader) {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    for _ in 0..1000 {
+        match tokio::time::timeout_at(deadline, r.recv())
+            .await
+            .expect("closed in time")
+        {
+            Ok(_) => continue,
+            Err(_) => return,
+        }
+    }
+    panic!("connection stayed open");
+}
+
+/// Runs the agent side of a handshake over a raw stream; returns the stream and the session.
+pub async fn raw_session(
+    m: &Manager,
+    me: &Identity,
+    name: &str,
+) -> (TcpStream, baton_protocol::session::Transport) {
+    let mut s = TcpStream::connect(m.agent_addr()).await.unwrap();
+    let mut hs = Handshake::initiator(
+        me,
+        [77; 32],
+        &m.key(),
+        Hello::new(Role::Agent, id(name), 0, None),
+    )
+    .unwrap();
+    let mut buf = [0u8; 2 + MAX_HANDSHAKE_MSG];
+    for step in 0..3 {
+        if step == 1 {
+            let mut header = [0u8; 2];
+            s.read_exact(&mut header).await.unwrap();
+            let n = frame::parse_header(header, MAX_HANDSHAKE_MSG).unwrap();
+            s.read_exact(&mut buf[..n]).await.unwrap();
+            hs.read_message(&buf[..n]).unwrap();
+        } else {
+            let n = hs.write_message(&mut buf[2..]).unwrap();
+            buf[..2].copy_from_slice(&frame::header(n).unwrap());
+            s.write_all(&buf[..2 + n]).await.unwrap();
+        }
+    }
+    (s, hs.finish().unwrap())
+}
+
+/// Reads until the peer closes (EOF or reset); panics if it does not within the bound.
+pub async fn raw_expect_closed(s: &mut TcpStream) {
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + BOUND;
+    for _ in 0..10_000 {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf))
+            .await
+            .expect("closed in time")
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => continue,
+        }
+    }
+    panic!("connection stayed open");
+}
