@@ -418,7 +418,7 @@ impl DemoProcesses {
         cmd.arg("--ready-file").arg(&ready);
         cmd.args(["--give-up", "60"]);
         let mut kids = vec![spawn(&mut cmd, "manager", dir)?];
-        let ready = wait_for_json(&ready, &mut kids)?;
+        let ready = wait_until_json(&ready, &mut kids)?;
         Ok(DemoProcesses {
             api: Api::from_ready(&ready)?,
             agent_addr: str_field(&ready, "agent_addr")?,
@@ -694,7 +694,7 @@ pub(crate) fn check_alive(kids: &mut [Kid]) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn wait_for_json(path: &Path, kids: &mut [Kid]) -> anyhow::Result<Value> {
+pub(crate) fn wait_until_json(path: &Path, kids: &mut [Kid]) -> anyhow::Result<Value> {
     let deadline = Instant::now() + START_TIMEOUT;
     while Instant::now() < deadline {
         check_alive(kids)?;

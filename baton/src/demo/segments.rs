@@ -85,7 +85,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     for node in &lab.agents {
         sizes[node.segment.expect("agents sit in segments")] += 1;
     }
-    wait_for_segment_reports(&mut fleet, &sizes)?;
+    wait_until_segments_reported(&mut fleet, &sizes)?;
     // Leaders of a fleet still starting up (a lone first agent leads itself) do not count.
     let settled_ms = unix_ms();
 
@@ -158,7 +158,7 @@ fn unix_ms() -> u64 {
 
 /// Waits until the manager has, from every segment `s`, a report naming a leader and
 /// listing all `sizes[s]` agents of that segment (the whole fleet has found each other).
-fn wait_for_segment_reports(fleet: &mut DemoProcesses, sizes: &[usize]) -> anyhow::Result<()> {
+fn wait_until_segments_reported(fleet: &mut DemoProcesses, sizes: &[usize]) -> anyhow::Result<()> {
     let deadline = Instant::now() + START_TIMEOUT;
     let mut seen = Vec::new();
     while Instant::now() < deadline {
