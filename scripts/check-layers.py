@@ -101,12 +101,18 @@ def strip_comments_and_strings(text):
 
 
 def code_of(path):
-    """The file's code without comments, literals and `#[cfg(test)]` modules."""
+    """The file's code without comments, literals and inline `#[cfg(test)] mod … { … }` blocks."""
     text = strip_comments_and_strings(open(path, encoding="utf-8").read())
-    cut = re.search(r"#\[cfg\(test\)\]\s*(pub(\([^)]*\))?\s*)?mod\s+\w+\s*[{;]", text)
-    if cut:
-        text = text[: cut.start()]
-    return text
+    inline_test = re.compile(r"#\[cfg\(test\)\]\s*(pub(\([^)]*\))?\s*)?mod\s+\w+\s*\{")
+    while True:
+        m = inline_test.search(text)
+        if not m:
+            return text
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        text = text[: m.start()] + text[i:]
 
 
 def test_modules(src):
@@ -125,8 +131,9 @@ def test_modules(src):
     return out
 
 
-def expand_use_groups(code):
-    """Yields every path a `use` declaration names, with `{a, b::{c, d}}` groups expanded."""
+def expand_use_groups(code, keep_alias=False):
+    """Yields every path a `use` declaration names, with `{a, b::{c, d}}` groups expanded
+    (with its `as` alias when `keep_alias`)."""
 
     def expand(prefix, tree):
         tree = tree.strip()
@@ -145,10 +152,28 @@ def expand_use_groups(code):
                     yield from expand(prefix + head, body[start:i])
                     start = i + 1
         else:
-            yield prefix + tree.split(" as ")[0].strip()
+            yield prefix + (tree if keep_alias else re.split(r"\s+as\s+", tree)[0].strip())
 
     for m in re.finditer(r"\buse\s+([^;]+);", code):
-        yield from expand("", re.sub(r"\s+", "", m.group(1)).replace("::{", "::{"))
+        tree = re.sub(r"\s+", " ", m.group(1))
+        yield from expand("", re.sub(r"\s*(::|[{},])\s*", r"\1", tree))
+
+
+def reexports(code, here, modules):
+    """The names module `here` re-exports (`pub use a::b::Thing`), each with the module it
+    comes from: a path through `here::Thing` is a path into that module."""
+    out = {}
+    for m in re.finditer(r"\bpub(?:\([^)]*\))?\s+use\s+([^;]+);", code):
+        tree = re.sub(r"\s+", " ", m.group(1))
+        tree = re.sub(r"\s*(::|[{},])\s*", r"\1", tree)
+        for spec in expand_use_groups(f"use {tree};", keep_alias=True):
+            alias = re.search(r"\s+as\s+(\w+)\s*$", spec)
+            path = spec if not alias else spec[: alias.start()]
+            item = (alias.group(1) if alias else path.split("::")[-1]).strip()
+            source = resolve(path, here, modules)
+            if source is not None and source != here and item != "*":
+                out[item] = source
+    return out
 
 
 def referenced_paths(code):
@@ -159,8 +184,9 @@ def referenced_paths(code):
     return seen
 
 
-def resolve(path, here, modules):
-    """The deepest module `path` names, seen from module `here`; None outside the crate."""
+def resolve(path, here, modules, exported=None):
+    """The deepest module `path` names, seen from module `here`; None outside the crate.
+    With `exported` (module -> {name: module}), a re-exported name leads to its module."""
     parts = path.split("::")
     if parts[0] == "crate":
         base, rest = (), parts[1:]
@@ -179,6 +205,8 @@ def resolve(path, here, modules):
     for p in rest:
         if target + (p,) in modules:
             target = target + (p,)
+        elif exported and p in exported.get(target, {}):
+            target = exported[target][p]
         else:
             break
     return target
@@ -247,15 +275,17 @@ def check_crate(crate):
         for k in range(1, len(m)):
             graph.setdefault(m[:k], set())
     problems = []
+    codes = {here: code_of(path) for here, path in modules.items()}
+    exported = {here: reexports(code, here, modules) for here, code in codes.items()}
     for here, path in modules.items():
-        code = code_of(path)
+        code = codes[here]
         for lineno, line in enumerate(open(path, encoding="utf-8"), 1):
             if crate in NO_GLOBAL_STATE and GLOBAL_STATE.search(line):
                 problems.append(
                     f"{os.path.relpath(path, ROOT)}:{lineno}: global mutable state: {line.strip()}"
                 )
         for p in referenced_paths(code):
-            target = resolve(p, here, modules)
+            target = resolve(p, here, modules, exported)
             # The crate root only declares modules; a path through it names no module.
             if target is None or target == here or target == ():
                 continue

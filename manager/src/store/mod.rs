@@ -195,7 +195,7 @@ pub trait Store: Send + std::fmt::Debug {
     fn policies(&self) -> Result<Vec<PolicyRecord>>;
 
     /// Adds administrator `name` with `password_hash` (a PHC string), or replaces the hash
-    /// of an existing one.
+    /// of an existing one and ends its web sessions (a stolen session ends with the password).
     fn set_admin(&mut self, name: &str, password_hash: &str, now: u64) -> Result<AdminSet>;
     /// The stored password hash of administrator `name`.
     fn admin_hash(&self, name: &str) -> Result<Option<String>>;
@@ -213,7 +213,7 @@ pub trait Store: Send + std::fmt::Debug {
     fn create_session(&mut self, session: &SessionRecord) -> Result<()>;
     /// The session whose id has this hash.
     fn session(&self, id_hash: &Digest) -> Result<Option<SessionRecord>>;
-    /// Marks a session used at `now`; whether it exists.
+    /// Marks a session used at `now` (the wall clock, also if it stepped back); whether it exists.
     fn touch_session(&mut self, id_hash: &Digest, now: u64) -> Result<bool>;
     /// Ends a session; whether it existed.
     fn delete_session(&mut self, id_hash: &Digest) -> Result<bool>;

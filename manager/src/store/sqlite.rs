@@ -1134,6 +1134,8 @@ impl Store for SqliteStore {
             params![name, password_hash, saturate(now)],
         )?;
         let done = if changed > 0 {
+            // A new password ends the sessions signed in with the old one.
+            tx.execute("DELETE FROM web_sessions WHERE admin = ?1", [name])?;
             AdminSet::PasswordChanged
         } else {
             tx.execute(
@@ -1236,7 +1238,7 @@ impl Store for SqliteStore {
 
     fn touch_session(&mut self, id_hash: &Digest, now: u64) -> Result<bool> {
         Ok(self.conn.execute(
-            "UPDATE web_sessions SET last_used = max(last_used, ?2) WHERE id_hash = ?1",
+            "UPDATE web_sessions SET last_used = ?2 WHERE id_hash = ?1",
             params![&id_hash[..], saturate(now)],
         )? > 0)
     }

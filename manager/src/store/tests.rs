@@ -643,6 +643,24 @@ fn sessions_are_touched_and_expire() {
 }
 
 #[test]
+fn a_new_password_ends_the_administrators_sessions() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    s.set_admin("ops", "hash-1", 1).unwrap();
+    s.set_admin("dev", "hash-2", 1).unwrap();
+    s.create_session(&session(1, "ops", 100)).unwrap();
+    s.create_session(&session(2, "dev", 100)).unwrap();
+    assert_eq!(
+        s.set_admin("ops", "hash-3", 2).unwrap(),
+        AdminSet::PasswordChanged
+    );
+    assert_eq!(s.session(&[1; 32]).unwrap(), None);
+    assert!(s.session(&[2; 32]).unwrap().is_some(), "others keep theirs");
+    // A clock that stepped back is taken as it is: the session can still go idle.
+    assert!(s.touch_session(&[2; 32], 50).unwrap());
+    assert_eq!(s.session(&[2; 32]).unwrap().unwrap().last_used, 50);
+}
+
+#[test]
 fn sessions_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("baton.db");

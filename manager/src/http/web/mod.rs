@@ -171,13 +171,15 @@ impl Web {
             .session(&key)
             .inspect_err(|e| tracing::error!("cannot read sessions: {e}"))
             .ok()??;
-        if now.saturating_sub(session.last_used) >= SESSION_IDLE.as_secs() {
+        // Idle this long either way: a wall clock that stepped back a long way ends the
+        // session too, rather than keeping it alive until the clock catches up.
+        if now.abs_diff(session.last_used) >= SESSION_IDLE.as_secs() {
             if let Err(e) = store.delete_session(&key) {
                 tracing::error!("cannot end an idle session: {e}");
             }
             return None;
         }
-        if now > session.last_used
+        if now != session.last_used
             && let Err(e) = store.touch_session(&key, now)
         {
             tracing::error!("cannot mark a session used: {e}");
