@@ -28,7 +28,7 @@ use baton_agent_core::linux::link::{self, Limits, LinkError};
 use baton_manager_core::session::{AgentSession, SessionConfig, SessionEvent};
 use baton_protocol::message::Message;
 use baton_protocol::session::{Hello, Role};
-use baton_protocol::types::AgentId;
+use baton_protocol::types::{AgentId, PublicKey};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -277,7 +277,10 @@ impl AgentPort {
                 }
             }
             while let Some(event) = session.poll_event() {
-                if let Err(reason) = self.carry_out(session.agent(), event, data_tx).await {
+                if let Err(reason) = self
+                    .carry_out(session.agent(), session.key(), event, data_tx)
+                    .await
+                {
                     return reason;
                 }
             }
@@ -288,6 +291,7 @@ impl AgentPort {
     async fn carry_out(
         &self,
         id: &AgentId,
+        key: PublicKey,
         event: SessionEvent,
         data_tx: &mpsc::Sender<Vec<u8>>,
     ) -> Result<(), String> {
@@ -326,7 +330,15 @@ impl AgentPort {
             }
             SessionEvent::Report(report) => {
                 self.registry.note_report(&report);
-                Message::Report(*report)
+                let input = EngineInput::Online {
+                    id: id.clone(),
+                    key,
+                    report,
+                };
+                return self
+                    .engine
+                    .send(input)
+                    .map_err(|_| "manager shutting down".to_string());
             }
             SessionEvent::ForEngine(msg) => msg,
             SessionEvent::Close(why) => {

@@ -35,7 +35,8 @@ pub struct EngineStats {
 
 /// An input to the engine task.
 pub enum EngineInput {
-    /// An agent connected and sent its first report.
+    /// An agent's report, checked by its session (its own id): the first of a connection, or a
+    /// later one when the agent changed.
     Online {
         /// The agent.
         id: AgentId,
@@ -313,23 +314,8 @@ impl EngineTask {
                         .chunk_verification_failures
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                match *msg {
-                    Message::Report(report) => {
-                        if report.id != id {
-                            tracing::warn!(agent = %id, claimed = %report.id, "report for another id ignored");
-                            return;
-                        }
-                        let Some(key) = self.registry.key_of(&id) else {
-                            return;
-                        };
-                        self.record_report(&report);
-                        self.engine.agent_online(now, id, key, report);
-                    }
-                    msg => {
-                        if let Err(e) = self.engine.handle_message(now, &id, &msg) {
-                            tracing::warn!(agent = %id, kind = msg.kind(), "engine refused message: {e}");
-                        }
-                    }
+                if let Err(e) = self.engine.handle_message(now, &id, &msg) {
+                    tracing::warn!(agent = %id, kind = msg.kind(), "engine refused message: {e}");
                 }
             }
             EngineInput::Offline { id } => {

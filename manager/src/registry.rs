@@ -24,10 +24,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use baton_protocol::message::{Report, SegmentReport};
 use baton_protocol::session::{Handshake, Role};
 use baton_protocol::types::{AgentId, PublicKey};
-use sha2_std::{Digest as _, Sha256};
 use tokio::sync::{Notify, mpsc};
 
-use crate::store::{Enrolled, Store, StoreError};
+use crate::store::{Enrolled, Store, StoreError, secret_digest};
 use baton_manager_core::segments::{self, Assembler};
 
 /// The store shared by the manager's tasks.
@@ -52,11 +51,6 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// SHA-256 of an enrolment token: only this is stored.
-pub fn token_hash(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
 }
 
 /// Why a handshake's initiator is not accepted as an agent.
@@ -226,7 +220,7 @@ impl Registry {
             return Err(AuthError::Unknown(id.to_string()));
         };
         let key = self_signed_key(hs).ok_or_else(|| AuthError::NoSelfCert(id.to_string()))?;
-        let hash = token_hash(token);
+        let hash = secret_digest(token);
         match lock(&self.store).enrol_with_token(&hash, &id, &key, unix_now()) {
             Ok(_) => {}
             Err(StoreError::BadToken) => return Err(AuthError::BadToken(id.to_string())),
@@ -454,7 +448,7 @@ mod test {
     fn a_token_enrols_once() {
         let reg = registry();
         lock(reg.store())
-            .add_token(&token_hash("tok-1"), 1)
+            .add_token(&secret_digest("tok-1"), 1)
             .unwrap();
         let agent = Identity::from_seed([2; 32]);
         let b = Identity::from_seed([4; 32]);
@@ -484,7 +478,7 @@ mod test {
     #[test]
     fn a_token_enrolment_needs_a_self_signed_certificate_of_the_proven_key() {
         let reg = registry();
-        lock(reg.store()).add_token(&token_hash("t"), 1).unwrap();
+        lock(reg.store()).add_token(&secret_digest("t"), 1).unwrap();
         let agent = Identity::from_seed([2; 32]);
         let token_hello = |cert: Option<AgentCert>| {
             Hello::new(Role::Agent, id("z"), 0, cert)

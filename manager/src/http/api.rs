@@ -37,11 +37,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::engine_task::JobEvent;
-use crate::registry::{lock, token_hash, unix_now};
+use crate::registry::{lock, unix_now};
 use crate::service::{ApiError, JobRequest, Manager, PolicyChoice, PublishRequest};
 use crate::store::{
     AgentRecord, Confirmation, Enrolled, JobRecord, PartState, ParticipantRecord, SourceBytes,
-    TargetSpec,
+    TargetSpec, secret_digest,
 };
 
 impl IntoResponse for ApiError {
@@ -243,7 +243,7 @@ async fn new_token(
     let mut raw = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
     let token = hex::encode(raw);
-    lock(&m.store).add_token(&token_hash(&token), unix_now())?;
+    lock(&m.store).add_token(&secret_digest(&token), unix_now())?;
     tracing::info!("one-time enrolment token created");
     Ok((StatusCode::CREATED, Json(json!({ "token": token }))))
 }

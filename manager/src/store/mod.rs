@@ -31,6 +31,13 @@ use baton_protocol::types::{Digest, PublicKey};
 use baton_manager_core::engine::{FailCause, ParticipantState, Persist};
 pub use baton_manager_core::records::*;
 
+/// What a store keeps of a secret (an enrolment token, an API token, a web session's id):
+/// its SHA-256, never the secret itself.
+pub fn secret_digest(secret: &str) -> [u8; 32] {
+    use sha2_std::Digest as _;
+    sha2_std::Sha256::digest(secret.as_bytes()).into()
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -35,10 +35,9 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
 use serde::Deserialize;
-use sha2_std::{Digest as _, Sha256};
 
 use crate::registry::{SharedStore, lock, unix_now};
-use crate::store::{SessionRecord, StoreError};
+use crate::store::{SessionRecord, StoreError, secret_digest};
 use baton_manager_core::login_limit::{LoginLimiter, LoginLimits, retry_after_secs};
 
 /// Name of the session cookie.
@@ -78,14 +77,11 @@ pub struct Web {
     login_limiter: Mutex<LoginLimiter>,
 }
 
-fn random_hex(bytes: usize) -> String {
+/// `bytes` random bytes from the OS, in hex (session ids, CSRF tokens, API tokens).
+pub(crate) fn random_hex(bytes: usize) -> String {
     let mut raw = vec![0u8; bytes];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
     hex::encode(raw)
-}
-
-fn session_key(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
@@ -148,7 +144,7 @@ impl Web {
         let mut store = lock(&self.store);
         store.expire_sessions(now.saturating_sub(SESSION_IDLE.as_secs()), MAX_SESSIONS - 1)?;
         store.create_session(&SessionRecord {
-            id_hash: session_key(&token),
+            id_hash: secret_digest(&token),
             admin: admin.to_string(),
             csrf: random_hex(24),
             created_at: now,
@@ -165,7 +161,7 @@ impl Web {
     /// [`Web::session_of`] at `now` (Unix seconds). A store that fails is no session.
     fn session_at(&self, headers: &HeaderMap, now: u64) -> Option<SessionInfo> {
         let token = cookie(headers, SESSION_COOKIE)?;
-        let key = session_key(token);
+        let key = secret_digest(token);
         let mut store = lock(&self.store);
         let session = store
             .session(&key)
@@ -193,7 +189,7 @@ impl Web {
     /// Ends the session the request's cookie names.
     pub fn end_session(&self, headers: &HeaderMap) {
         if let Some(token) = cookie(headers, SESSION_COOKIE)
-            && let Err(e) = lock(&self.store).delete_session(&session_key(token))
+            && let Err(e) = lock(&self.store).delete_session(&secret_digest(token))
         {
             tracing::error!("cannot end a session: {e}");
         }
@@ -486,7 +482,7 @@ mod test {
         other.insert(header::COOKIE, HeaderValue::from_static("baton_session=00"));
         assert_eq!(web.session_of(&other), None);
         // Only a hash of the session id is stored.
-        let stored = lock(&web.store).session(&session_key(&token)).unwrap();
+        let stored = lock(&web.store).session(&secret_digest(&token)).unwrap();
         assert_eq!(stored.unwrap().admin, "ops");
         web.end_session(&h);
         assert_eq!(web.session_of(&h), None);
@@ -516,7 +512,7 @@ mod test {
         // An idle session is gone, not only refused.
         assert_eq!(web.session_at(&h, 1000), None);
         // Starting a session clears idle ones.
-        let old = session_key(&web.start_session_at("a", 5000).unwrap());
+        let old = secret_digest(&web.start_session_at("a", 5000).unwrap());
         web.start_session_at("b", 5000 + idle).unwrap();
         assert_eq!(lock(&web.store).session(&old).unwrap(), None);
     }

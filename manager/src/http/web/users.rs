@@ -9,9 +9,8 @@
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use sha2_std::{Digest as _, Sha256};
 
-use crate::store::{AdminSet, Store, StoreError};
+use crate::store::{AdminSet, Store, StoreError, secret_digest};
 
 /// Shortest password `baton admin add` accepts.
 pub const MIN_PASSWORD_LEN: usize = 8;
@@ -68,11 +67,6 @@ pub fn password_matches(password: &str, hash: &str) -> bool {
     })
 }
 
-/// SHA-256 of an API token, as stored.
-pub fn token_digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
 /// Adds administrator `name` with `password`, or replaces its password.
 pub fn set_admin(store: &mut dyn Store, name: &str, password: &str, now: u64) -> Result<AdminSet> {
     check_name(name)?;
@@ -86,16 +80,14 @@ pub fn set_admin(store: &mut dyn Store, name: &str, password: &str, now: u64) ->
 /// Creates (or replaces) the named API token and returns the token itself (shown once).
 pub fn new_api_token(store: &mut dyn Store, name: &str, now: u64) -> Result<String> {
     check_name(name)?;
-    let mut raw = [0u8; 24];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
-    let token = format!("bt_{}", hex::encode(raw));
-    store.new_api_token(name, &token_digest(&token), now)?;
+    let token = format!("bt_{}", super::random_hex(24));
+    store.new_api_token(name, &secret_digest(&token), now)?;
     Ok(token)
 }
 
 /// The name of the API token `token`, if it is one.
 pub fn api_token_name(store: &dyn Store, token: &str) -> Result<Option<String>> {
-    Ok(store.api_token_name(&token_digest(token))?)
+    Ok(store.api_token_name(&secret_digest(token))?)
 }
 
 #[cfg(test)]
