@@ -187,7 +187,8 @@ impl Engine {
         Ok(())
     }
 
-    /// A timer fired: gives up silent participants and flushes batched progress that is due.
+    /// A timer fired: gives up silent participants, flushes batched progress that is due, and
+    /// closes upload measurement windows (re-planning a job whose measured rates drifted).
     pub fn handle_timeout(&mut self, now: Duration) {
         let mut cx = Ctx {
             out: &mut self.out,
@@ -220,6 +221,9 @@ impl Engine {
             }
             if job.opens_at.is_some_and(|t| t <= now) {
                 job.open_window(&mut cx, job_id);
+            }
+            if job.rates.window_end().is_some_and(|t| t <= now) {
+                job.rate_window_closed(&mut cx, job_id);
             }
         }
     }
@@ -330,6 +334,9 @@ impl Job {
         }
         for r in received {
             if r.bytes > 0 {
+                if let Some(&source) = r.from.as_ref().and_then(|id| self.index.get(id)) {
+                    self.rates.record(cx.now, source, r.bytes);
+                }
                 *self.bytes.entry((idx, r.from.clone())).or_default() += r.bytes;
             }
         }

@@ -37,8 +37,9 @@
 //! messages, timers firing), `lifecycle` the administrator's commands (start,
 //! resume after a restart, cancel, forget), `instruct` what participants are
 //! told and when they are given up, `output` the records, messages, events
-//! and status the driver drains, and `policy` the job policy's time windows,
-//! rate caps and warnings. This module holds the engine's configuration, its
+//! and status the driver drains, `policy` the job policy's time windows,
+//! rate caps and warnings, and `rates` the measured upload rates and when they
+//! call for a new plan. This module holds the engine's configuration, its
 //! errors and the records it keeps per agent, job and participant.
 
 use core::time::Duration;
@@ -56,6 +57,7 @@ mod instruct;
 mod lifecycle;
 mod output;
 mod policy;
+mod rates;
 mod state;
 
 pub use output::{EngineEvent, JobStatus, ParticipantStatus, Persist, SegmentStatus};
@@ -264,6 +266,8 @@ struct Job {
     throttle_segments: BTreeSet<u32>,
     /// Participants (outside named segments) whose rate cap must be worked out again.
     throttle_parts: Vec<u32>,
+    /// What each participant delivers to its fetchers, and when the plan was last made.
+    rates: rates::UploadMeter,
 }
 
 /// The manager's job engine. See the [module documentation](self) for the calling convention.

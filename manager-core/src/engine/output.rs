@@ -209,7 +209,13 @@ impl Engine {
         let flush = self
             .jobs
             .values()
-            .flat_map(|j| [j.flush_at, j.opens_at])
+            .flat_map(|j| {
+                let rates = j
+                    .rates
+                    .window_end()
+                    .filter(|_| j.outcome == JobOutcome::Running);
+                [j.flush_at, j.opens_at, rates]
+            })
             .flatten()
             .min();
         match (deadline, flush) {

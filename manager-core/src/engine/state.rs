@@ -171,6 +171,7 @@ impl Job {
             opens_at: None,
             throttle_segments: BTreeSet::new(),
             throttle_parts: Vec::new(),
+            rates: Default::default(),
         }
     }
 
@@ -187,7 +188,8 @@ impl Job {
         agent.online.then_some(info)
     }
 
-    /// The plan's view of participant `idx` with `profile`; records its segment.
+    /// The plan's view of participant `idx` with `profile` (its upload as measured in this
+    /// job, once it has delivered to fetchers); records its segment.
     pub(super) fn info_of(
         &mut self,
         leaders: &HashMap<Name, AgentId>,
@@ -209,13 +211,19 @@ impl Job {
             p.segment = segment;
             p.segment_known = true;
         }
-        node_info(
+        let mut info = node_info(
             &self.spec.policy,
             segment,
             leaders,
             &self.parts[idx as usize].id,
             profile,
-        )
+        );
+        if info.server
+            && let Some(measured) = self.rates.upload(idx)
+        {
+            info.up_bps = measured;
+        }
+        info
     }
 
     pub(super) fn add_part(&mut self, id: AgentId, state: ParticipantState) -> u32 {

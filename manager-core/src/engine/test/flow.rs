@@ -356,3 +356,90 @@ fn a_report_update_that_stops_serving_moves_its_fetchers() {
     );
     fleet.run(1, 2, 500);
 }
+
+#[test]
+fn a_blind_job_is_planned_again_with_the_uploads_its_fetchers_measure() {
+    // Eight servers that declared no rates: the first plan treats them alike.
+    let mut fleet = Fleet::new(1);
+    for i in 0..8 {
+        fleet.add(&format!("b{i}"), true, 0, 8);
+    }
+    fleet.connect_all();
+    fleet.start(1, 800, Targets::All, Policy::default());
+    let plan = |fleet: &Fleet| fleet.engine.jobs[&1].plan.clone().unwrap();
+    let served = |plan: &RelayPlan, i: u32| plan.served_chunks(crate::planner::Holder::Peer(i));
+    let first = plan(&fleet);
+    let sent_before = fleet.log.len();
+    // What the fetchers report: b0..b3 deliver five times what b4..b7 do.
+    let rate = |j: usize| if j < 4 { 500_000u64 } else { 100_000 };
+    let job = JobRef { id: 1, epoch: 1 };
+    for _ in 0..2 {
+        for f in 0..8 {
+            let mut received = heapless::Vec::new();
+            for j in (0..8).filter(|&j| j != f) {
+                let from = Some(fleet.agents[j].id.clone());
+                // A quarter of a window's worth from each source to each of 7 fetchers.
+                let bytes = rate(j) / 7 / 4;
+                received.push(Received { from, bytes }).unwrap();
+            }
+            fleet.send(
+                f,
+                Message::Progress {
+                    job,
+                    verified: 1,
+                    received,
+                },
+            );
+        }
+        fleet.now += rates::RATE_WINDOW;
+        fleet.engine.handle_timeout(fleet.now);
+        fleet.drain();
+    }
+    let second = plan(&fleet);
+    second.check().unwrap();
+    assert_eq!(fleet.engine.jobs[&1].rates.replans, 1, "one re-plan");
+    let fast = |p: &RelayPlan| (0..4).map(|i| served(p, i)).sum::<u64>();
+    let slow = |p: &RelayPlan| (4..8).map(|i| served(p, i)).sum::<u64>();
+    assert!(
+        fast(&first) < 2 * slow(&first),
+        "blind: about equal shares ({} vs {})",
+        fast(&first),
+        slow(&first)
+    );
+    assert!(
+        fast(&second) > 3 * slow(&second),
+        "measured: the fast sources serve most ({} vs {})",
+        fast(&second),
+        slow(&second)
+    );
+    let resent = fleet.log[sent_before..]
+        .iter()
+        .filter(|o| matches!(o, Output::Transmit(_, Message::Sources { .. })))
+        .count();
+    assert!(resent >= 4, "fetchers learn their new sources ({resent})");
+    // Measured rates matching the plan call for nothing more.
+    for f in 0..8 {
+        let mut received = heapless::Vec::new();
+        for j in (0..8).filter(|&j| j != f) {
+            let from = Some(fleet.agents[j].id.clone());
+            received
+                .push(Received {
+                    from,
+                    bytes: rate(j) / 7 / 2,
+                })
+                .unwrap();
+        }
+        fleet.send(
+            f,
+            Message::Progress {
+                job,
+                verified: 2,
+                received,
+            },
+        );
+    }
+    fleet.now += rates::REPLAN_GAP;
+    fleet.engine.handle_timeout(fleet.now);
+    fleet.drain();
+    assert_eq!(fleet.engine.jobs[&1].rates.replans, 1, "no churn");
+}

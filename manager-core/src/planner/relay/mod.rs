@@ -264,6 +264,12 @@ impl RelayPlan {
         (g != NO_GROUP).then_some(g as usize)
     }
 
+    /// The upload rate (bytes/s, `0` = unknown) `node` was planned with, if it is online.
+    pub fn planned_up_bps(&self, node: u32) -> Option<u64> {
+        let n = self.nodes.get(node as usize)?;
+        n.online.then_some(n.info.up_bps)
+    }
+
     /// Number of distinct fetchers currently using `node` as a source.
     pub fn load(&self, node: u32) -> usize {
         self.nodes[node as usize].children.len()

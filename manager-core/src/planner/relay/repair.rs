@@ -5,11 +5,14 @@
 //! fetcher's segment, a confirmed holder, the lost source's own source, a member
 //! of the stripe's group, else the manager) and then grouped onto at most
 //! `max_sources` holders by [`RelayPlan::normalize`]. Each public method returns
-//! the fetchers whose sources changed, so the engine can tell them.
+//! the fetchers whose sources changed, so the engine can tell them. One change
+//! is global: [`RelayPlan::adapt_to_rates`] moves fetchers between the members
+//! of a stripe's group and the stripe boundaries to measured upload rates.
 
 use std::cmp::Reverse;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
+use super::apportion::apportion_min_max;
 use super::{MANAGER, NO_GROUP, NodeInfo, RelayPlan, Retired, SCAN_LIMIT, UNSET, is_peer};
 
 /// Which queue of serving candidates.
@@ -146,6 +149,158 @@ impl RelayPlan {
             }
         }
         self.normalize(fetcher);
+        true
+    }
+
+    /// Takes measured upload rates (`(node, bytes/s)`) and adapts the plan to them: inside
+    /// each stripe's group, fetchers move from members with more than their upload's share
+    /// to members with less ([`RelayPlan::rebalance_fetchers`]), and then every stripe gets
+    /// the length that makes its most loaded holder finish with the others
+    /// ([`RelayPlan::resize_stripes`]). Returns whether anything changed.
+    pub fn adapt_to_rates(&mut self, rates: &[(u32, u64)], manager_up_bps: u64) -> bool {
+        for &(node, up) in rates {
+            if let Some(n) = self.nodes.get_mut(node as usize)
+                && up > 0
+            {
+                n.info.up_bps = up;
+            }
+        }
+        let moved = !self.rebalance_fetchers().is_empty();
+        let resized = self.resize_stripes(manager_up_bps);
+        moved || resized
+    }
+
+    /// Moves fetchers inside each stripe's group so that every member's fetchers in the
+    /// stripe are about in proportion to its upload (the least-maximum split of the
+    /// movable ones; a member's own group members stay where they are, so no relay chain
+    /// changes and no cycle can form). A fetcher that already uses the new member for another
+    /// stripe is moved first (no new connection). Returns the fetchers that moved.
+    pub fn rebalance_fetchers(&mut self) -> Vec<u32> {
+        const SCALE: u128 = 1 << 40;
+        let k = self.stripes.len();
+        let mut moved: Vec<u32> = Vec::new();
+        for s in 0..k {
+            let members: Vec<u32> = (0..self.nodes.len() as u32)
+                .filter(|&i| self.nodes[i as usize].group == s as u32 && self.serving(i))
+                .collect();
+            if members.len() < 2 {
+                continue;
+            }
+            // Per member: fetchers of stripe `s` that are members too (fixed), and the others.
+            let mut fixed = vec![0u128; members.len()];
+            let mut movable: Vec<Vec<u32>> = vec![Vec::new(); members.len()];
+            for f in 0..self.nodes.len() as u32 {
+                let h = self.parent(f, s);
+                let Some(m) = members.iter().position(|&m| m == h) else {
+                    continue;
+                };
+                if self.nodes[f as usize].group == s as u32 {
+                    fixed[m] += 1;
+                } else {
+                    movable[m].push(f);
+                }
+            }
+            let total: usize = movable.iter().map(Vec::len).sum();
+            let up: Vec<u128> = members
+                .iter()
+                .map(|&m| self.eff_up(m).max(1) as u128)
+                .collect();
+            let mut target = vec![0u128; members.len()];
+            for _ in 0..total {
+                let m = (0..members.len())
+                    .min_by_key(|&m| ((fixed[m] + target[m] + 1) * SCALE / up[m], m))
+                    .expect("two members or more");
+                target[m] += 1;
+            }
+            let mut surplus: Vec<u32> = Vec::new();
+            for m in 0..members.len() {
+                let keep = target[m] as usize;
+                if movable[m].len() > keep {
+                    surplus.extend(movable[m].drain(keep..));
+                }
+            }
+            for m in 0..members.len() {
+                let dest = members[m];
+                let mut want = (target[m] as usize).saturating_sub(movable[m].len());
+                // Those already connected to `dest` first, then any it may serve.
+                for pass in 0..2 {
+                    let mut i = 0;
+                    while want > 0 && i < surplus.len() {
+                        let f = surplus[i];
+                        let connected = self.uses(f, dest);
+                        if (pass == 0 && !connected) || !self.valid(f, dest, s) {
+                            i += 1;
+                            continue;
+                        }
+                        self.set_parent(f, s, dest);
+                        surplus.swap_remove(i);
+                        moved.push(f);
+                        want -= 1;
+                    }
+                }
+            }
+        }
+        moved.sort_unstable();
+        moved.dedup();
+        for &f in &moved {
+            self.normalize(f);
+        }
+        moved
+    }
+
+    /// Resizes the stripes to the plan's upload rates: every stripe gets the length that
+    /// makes its most loaded holder (its fetchers in the stripe over its upload; the
+    /// manager's upload counted as shared evenly by the stripes) finish with the others.
+    /// Who fetches from whom stays as it is, so no new connection is needed; only the chunk
+    /// ranges move. Returns whether any stripe changed.
+    pub fn resize_stripes(&mut self, manager_up_bps: u64) -> bool {
+        let k = self.stripes.len();
+        if k < 2 || self.chunks < k as u32 {
+            return false;
+        }
+        // Fetchers per holder and stripe (the manager as holder `nodes.len()`).
+        let manager = self.nodes.len();
+        let mut load: HashMap<(usize, usize), u128> = HashMap::new();
+        for node in 0..self.nodes.len() {
+            for s in 0..k {
+                let h = self.parent(node as u32, s);
+                if h == MANAGER {
+                    *load.entry((manager, s)).or_default() += 1;
+                } else if is_peer(h) {
+                    *load.entry((h as usize, s)).or_default() += 1;
+                }
+            }
+        }
+        const SCALE: u128 = 1 << 40;
+        let manager_up = (manager_up_bps.max(1) as u128).div_ceil(k as u128);
+        let mut costs = vec![1u128; k];
+        for (&(h, s), &fetchers) in &load {
+            let up = if h == manager {
+                manager_up
+            } else {
+                self.eff_up(h as u32) as u128
+            };
+            costs[s] = costs[s].max(fetchers * SCALE / up.max(1));
+        }
+        let sizes = apportion_min_max(self.chunks, &costs);
+        let mut first = 0;
+        let stripes: Vec<(u32, u32)> = sizes
+            .iter()
+            .map(|&len| {
+                first += len;
+                (first - len, first)
+            })
+            .collect();
+        if stripes == self.stripes {
+            return false;
+        }
+        self.stripes = stripes;
+        for g in 0..self.groups.len() {
+            self.groups[g].up = (0..self.nodes.len() as u32)
+                .filter(|&i| self.nodes[i as usize].group == g as u32)
+                .map(|i| self.eff_up(i) as u128)
+                .sum();
+        }
         true
     }
 

@@ -1,0 +1,300 @@
+//! Measured upload rates, and re-planning a running job when they differ from the plan's.
+//!
+//! Nobody has to declare a link rate: in every `Progress` an agent reports the
+//! verified bytes it received from each source since its previous one, so the
+//! manager sees what every source delivers to every fetcher. Summed per source
+//! over a window of [`RATE_WINDOW`], that is the source's delivered upload
+//! rate. A source serving a relay stripe has more demand than its link
+//! carries (its fetchers keep requests in flight), so the delivered rate is
+//! its usable upload. The estimate is the highest of the last
+//! [`WINDOWS_KEPT`] windows in which it delivered anything: it follows a link
+//! that slows down within that many windows, and a window in which the
+//! source had little to do (a stripe's start, its last chunks) does not pull
+//! it down.
+//!
+//! The plan is made from what was known when the job started (declared rates,
+//! or nothing). Once a window closes, the engine compares the estimates with
+//! the rates the plan was made with; when they differ by more than
+//! [`REPLAN_DRIFT`] of the total upload, the plan is built again over the same
+//! participants with the measured rates (stripes resized, groups and fan-out
+//! redrawn, confirmed holders as sources) and every fetcher whose sources
+//! changed is sent its new ones. Chunks already verified stay verified: a
+//! fetcher skips them, and a relay parks requests for chunks it is still
+//! fetching. The first re-plan may follow the first window; later ones are at
+//! least [`REPLAN_GAP`] apart and stop once
+//! [`REPLAN_UNTIL`] of the job's chunks are verified (a new plan so late moves
+//! more than it saves). Sources that were routed around stay so (bans and
+//! retirements carry over), and a plan with LAN segments is kept: a new one
+//! would pick other segment entries and send content across the WAN again.
+
+use core::time::Duration;
+
+use tracing::info;
+
+use super::{Ctx, Job, JobOutcome, ParticipantState};
+
+/// Length of one measurement window.
+pub(super) const RATE_WINDOW: Duration = Duration::from_secs(2);
+/// Active windows a source's estimate is the highest of.
+const WINDOWS_KEPT: usize = 4;
+/// Relative difference (of the summed upload) between estimates and the plan's rates
+/// that makes a new plan worth its disruption.
+const REPLAN_DRIFT: f64 = 0.2;
+/// Least time between two plans of one job.
+pub(super) const REPLAN_GAP: Duration = Duration::from_secs(6);
+/// Fraction of all participants' chunks verified after which the plan is kept.
+const REPLAN_UNTIL: f64 = 0.8;
+
+/// Per participant of one job: bytes it delivered to fetchers, in windows.
+#[derive(Clone, Debug, Default)]
+pub(super) struct UploadMeter {
+    /// When the open window started (`None` before the first report of bytes).
+    window_start: Option<Duration>,
+    /// Bytes each participant delivered in the open window.
+    open: Vec<u64>,
+    /// Per participant: the rates (bytes/s) of its last active windows, newest last.
+    kept: Vec<RecentRates>,
+    /// When the job was last planned again (not counting its first plan).
+    replanned_at: Option<Duration>,
+    /// Re-plans made so far.
+    pub(super) replans: u32,
+}
+
+/// The rates (bytes/s) of one source's last [`WINDOWS_KEPT`] active windows, oldest
+/// overwritten first.
+#[derive(Clone, Copy, Debug, Default)]
+struct RecentRates {
+    rates: [u64; WINDOWS_KEPT],
+    next: u8,
+}
+
+impl RecentRates {
+    /// Keeps `rate`, dropping the oldest.
+    fn push(&mut self, rate: u64) {
+        self.rates[self.next as usize] = rate;
+        self.next = ((self.next as usize + 1) % WINDOWS_KEPT) as u8;
+    }
+
+    /// The highest kept rate (`0` if none).
+    fn max(&self) -> u64 {
+        self.rates.iter().copied().max().unwrap_or(0)
+    }
+}
+
+impl UploadMeter {
+    /// Counts `bytes` delivered by participant `source` (reported by one of its fetchers).
+    pub(super) fn record(&mut self, now: Duration, source: u32, bytes: u64) {
+        let s = source as usize;
+        if self.open.len() <= s {
+            self.open.resize(s + 1, 0);
+        }
+        self.open[s] += bytes;
+        self.window_start.get_or_insert(now);
+    }
+
+    /// When the open window closes, if one is open.
+    pub(super) fn window_end(&self) -> Option<Duration> {
+        self.window_start.map(|t| t + RATE_WINDOW)
+    }
+
+    /// Closes the open window if it is due at `now`; returns whether it closed.
+    pub(super) fn roll(&mut self, now: Duration) -> bool {
+        let Some(start) = self.window_start else {
+            return false;
+        };
+        let elapsed = now.saturating_sub(start);
+        if elapsed < RATE_WINDOW {
+            return false;
+        }
+        if self.kept.len() < self.open.len() {
+            self.kept.resize(self.open.len(), Default::default());
+        }
+        let secs = elapsed.as_secs_f64();
+        for (bytes, ring) in self.open.iter_mut().zip(self.kept.iter_mut()) {
+            if *bytes > 0 {
+                ring.push((*bytes as f64 / secs) as u64);
+                *bytes = 0;
+            }
+        }
+        // The next window opens with the next bytes reported.
+        self.window_start = None;
+        true
+    }
+
+    /// The measured upload of participant `idx` in bytes/s, if it has delivered anything.
+    pub(super) fn upload(&self, idx: u32) -> Option<u64> {
+        self.kept
+            .get(idx as usize)
+            .map(|r| r.max())
+            .filter(|&r| r > 0)
+    }
+
+    /// Notes that the job was planned again at `now`.
+    pub(super) fn replanned(&mut self, now: Duration) {
+        self.replanned_at = Some(now);
+        self.replans += 1;
+    }
+
+    /// Whether a new plan may be made at `now`, given the share of chunks verified.
+    pub(super) fn may_replan(&self, now: Duration, verified_share: f64) -> bool {
+        verified_share < REPLAN_UNTIL
+            && self
+                .replanned_at
+                .is_none_or(|at| now.saturating_sub(at) >= REPLAN_GAP)
+    }
+}
+
+/// Whether the upload rates a plan was made with (`planned`, `0` = unknown) are far enough
+/// from the current ones (`current`) to plan again: the summed absolute difference exceeds
+/// [`REPLAN_DRIFT`] of the summed current rates. Unknown planned rates count as the mean
+/// of the current ones (what the planner assumed for them).
+pub(super) fn drifted(planned_and_current: &[(u64, u64)]) -> bool {
+    let known: Vec<u64> = planned_and_current
+        .iter()
+        .map(|&(_, c)| c)
+        .filter(|&c| c > 0)
+        .collect();
+    if known.is_empty() {
+        return false;
+    }
+    let mean = known.iter().sum::<u64>() as f64 / known.len() as f64;
+    let (mut diff, mut total) = (0.0, 0.0);
+    for &(planned, current) in planned_and_current {
+        let current = if current > 0 { current as f64 } else { mean };
+        let planned = if planned > 0 { planned as f64 } else { mean };
+        diff += (current - planned).abs();
+        total += current;
+    }
+    total > 0.0 && diff > REPLAN_DRIFT * total
+}
+
+impl Job {
+    /// The open measurement window is due: closes it and, if the measured rates drifted from
+    /// the plan's and a new plan is allowed now, plans the job again.
+    pub(super) fn rate_window_closed(&mut self, cx: &mut Ctx<'_>, job_id: u64) {
+        if !self.rates.roll(cx.now)
+            || self.outcome != JobOutcome::Running
+            || self.opens_at.is_some()
+            || self.parts.is_empty()
+        {
+            return;
+        }
+        let verified: u64 = self
+            .parts
+            .iter()
+            .map(|p| match p.state {
+                ParticipantState::Confirmed => u64::from(self.chunks),
+                _ => u64::from(p.verified.min(self.chunks)),
+            })
+            .sum();
+        let share = verified as f64 / (self.parts.len() as f64 * f64::from(self.chunks.max(1)));
+        if !self.rates.may_replan(cx.now, share) {
+            return;
+        }
+        let Some(plan) = &self.plan else { return };
+        if !plan.segment_entries().is_empty() {
+            // Content enters each segment once, through its entries; a new plan would pick
+            // other entries and send it across the WAN again.
+            return;
+        }
+        let rates: Vec<(u64, u64)> = (0..self.parts.len() as u32)
+            .filter_map(|idx| {
+                let planned = plan.planned_up_bps(idx)?;
+                let measured = self.rates.upload(idx)?;
+                Some((planned, measured))
+            })
+            .collect();
+        if drifted(&rates) {
+            self.replan(cx, job_id);
+        }
+    }
+
+    /// Resizes the plan's stripes to the measured upload rates and sends new sources to
+    /// every fetcher whose ranges moved.
+    fn replan(&mut self, cx: &mut Ctx<'_>, job_id: u64) {
+        let rates: Vec<(u32, u64)> = (0..self.parts.len() as u32)
+            .filter_map(|idx| Some((idx, self.rates.upload(idx)?)))
+            .collect();
+        let plan = self.plan.as_mut().expect("running jobs have a plan");
+        let old: Vec<_> = (0..self.parts.len() as u32)
+            .map(|i| plan.sources(i))
+            .collect();
+        let resized = plan.adapt_to_rates(&rates, cx.config.manager_up_bps);
+        // Resized or not, the plan now holds the measured rates: the next drift counts from
+        // them.
+        self.rates.replanned(cx.now);
+        if !resized {
+            return;
+        }
+        let changed: Vec<u32> = (0..self.parts.len() as u32)
+            .filter(|&i| plan.sources(i) != old[i as usize])
+            .collect();
+        info!(
+            job = job_id,
+            replans = self.rates.replans,
+            stripes = ?plan.stripes(),
+            changed = changed.len(),
+            "stripes resized to measured upload rates"
+        );
+        self.resend_sources(cx, job_id, &changed);
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn estimate_is_the_highest_active_window() {
+        let mut m = UploadMeter::default();
+        let t = Duration::from_secs(10);
+        assert_eq!(m.window_end(), None);
+        m.record(t, 1, 2_000_000);
+        m.record(t, 3, 1_000_000);
+        assert!(!m.roll(t + Duration::from_secs(1)));
+        assert!(m.roll(t + RATE_WINDOW));
+        assert_eq!(m.upload(1), Some(1_000_000));
+        assert_eq!(m.upload(3), Some(500_000));
+        assert_eq!(m.upload(0), None);
+        // A slower window keeps the estimate; after WINDOWS_KEPT slow ones it follows.
+        for k in 1..=WINDOWS_KEPT as u64 {
+            let at = t + RATE_WINDOW * (2 * k as u32);
+            m.record(at, 1, 400_000);
+            assert!(m.roll(at + RATE_WINDOW));
+            let expect = if (k as usize) < WINDOWS_KEPT {
+                1_000_000
+            } else {
+                200_000
+            };
+            assert_eq!(m.upload(1), Some(expect), "after {k} slow windows");
+        }
+        // Windows in which it delivered nothing do not count.
+        assert_eq!(m.upload(3), Some(500_000));
+    }
+
+    #[test]
+    fn drift_counts_unknown_rates_as_the_mean() {
+        // Blind plan (all unknown), measured 1:5 apart: far from "all equal".
+        assert!(drifted(&[(0, 100), (0, 500), (0, 100), (0, 500)]));
+        // Blind plan, measured all equal: nothing to gain.
+        assert!(!drifted(&[(0, 300), (0, 300), (0, 300)]));
+        // Declared right within 10 %: kept.
+        assert!(!drifted(&[(100, 110), (500, 460), (300, 300)]));
+        // One of four halved: 250 of 1 600 (16 %) is kept, two halved are not.
+        assert!(!drifted(&[(500, 250), (500, 500), (300, 300), (300, 300)]));
+        assert!(drifted(&[(500, 250), (500, 250), (300, 300), (300, 300)]));
+        // Nothing measured yet: no decision.
+        assert!(!drifted(&[(0, 0), (100, 0)]));
+    }
+
+    #[test]
+    fn replans_are_spaced_and_stop_near_the_end() {
+        let mut m = UploadMeter::default();
+        let t = Duration::from_secs(5);
+        assert!(m.may_replan(t, 0.1));
+        m.replanned(t);
+        assert!(!m.may_replan(t + Duration::from_secs(1), 0.1));
+        assert!(m.may_replan(t + REPLAN_GAP, 0.1));
+        assert!(!m.may_replan(t + REPLAN_GAP, 0.9));
+    }
+}
