@@ -84,12 +84,80 @@ impl LinkProfile {
         let class = |i: usize| (i % 4) as u64 + 1;
         let agent_up_bps: Vec<u64> = (0..agents).map(|i| class(i) * 512 * 1024).collect();
         let agent_down_bps = (0..agents).map(|i| class(i) * 2 * 1024 * 1024).collect();
+        Self::with_manager_share(agent_up_bps, agent_down_bps)
+    }
+
+    /// Symmetric links drawn from `seed`: agent `i` uploads and downloads the same rate
+    /// `r_i`, log-uniform in 512..=2560 KiB/s (5:1), the slowest agent exactly at 512 KiB/s
+    /// and the fastest at 2560 KiB/s (see [`spread_log_uniform`]); the manager uploads a
+    /// tenth of the agents' sum. T* is then S/d_min (the slowest download) once there are
+    /// more than a handful of agents; with fewer, the manager's upload binds.
+    pub fn symmetric(agents: usize, seed: u64) -> Self {
+        let rates = spread_log_uniform(agents, 512 * 1024, 2560 * 1024, seed);
+        Self::with_manager_share(rates.clone(), rates)
+    }
+
+    /// Asymmetric links drawn from `seed`: agent `i` uploads `u_i`, log-uniform in
+    /// 256..=1280 KiB/s (5:1, both ends taken, see [`spread_log_uniform`]), and downloads
+    /// 5·u_i; the manager uploads a tenth of the agents' sum. T* is then the aggregate
+    /// upload term N·S/(u_s + Σu_i) from 12 agents on; with fewer, S/u_s binds.
+    pub fn asymmetric(agents: usize, seed: u64) -> Self {
+        let up = spread_log_uniform(agents, 256 * 1024, 1280 * 1024, seed);
+        let down = up.iter().map(|u| 5 * u).collect();
+        Self::with_manager_share(up, down)
+    }
+
+    /// The agents' rates with the manager uploading a tenth of their upload sum (at least
+    /// 64 KiB/s).
+    fn with_manager_share(agent_up_bps: Vec<u64>, agent_down_bps: Vec<u64>) -> Self {
         let sum: u64 = agent_up_bps.iter().sum();
         LinkProfile {
             manager_up_bps: (sum / 10).max(64 * 1024),
             agent_up_bps,
             agent_down_bps,
         }
+    }
+
+    /// The lower bound on every agent's own completion, in seconds: agent `i` cannot finish
+    /// before it downloaded `bytes` (S/d_i), nor before the manager uploaded them once
+    /// (S/u_s). One entry per agent.
+    pub fn own_lower_bounds_seconds(&self, bytes: u64) -> Vec<f64> {
+        let s = bytes as f64;
+        self.agent_down_bps
+            .iter()
+            .map(|&d| (s / d as f64).max(s / self.manager_up_bps as f64))
+            .collect()
+    }
+
+    /// The fluid lower bound when agent `agent`'s upload falls to `new_up_bps` at
+    /// `at_seconds` after the push, in seconds: S/u_s and S/d_min do not involve the agents'
+    /// uploads and stay; the aggregate term becomes the T at which the upload capacity
+    /// delivered, (u_s + Σu)·t_d + (u_s + Σu')·(T − t_d), reaches N·S (unchanged if the
+    /// original aggregate term ends before the drop).
+    pub fn lower_bound_after_upload_drop_seconds(
+        &self,
+        bytes: u64,
+        agent: usize,
+        new_up_bps: u64,
+        at_seconds: f64,
+    ) -> f64 {
+        let s = bytes as f64;
+        let n = self.agent_up_bps.len() as f64;
+        let d_min = self
+            .agent_down_bps
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(u64::MAX) as f64;
+        let before = self.manager_up_bps as f64 + self.agent_up_bps.iter().sum::<u64>() as f64;
+        let after = before - self.agent_up_bps[agent] as f64 + new_up_bps as f64;
+        let mut aggregate = n * s / before;
+        if aggregate > at_seconds {
+            aggregate = at_seconds + (n * s - before * at_seconds) / after;
+        }
+        (s / self.manager_up_bps as f64)
+            .max(s / d_min)
+            .max(aggregate)
     }
 
     /// The Kumar–Ross lower bound for `bytes` of content, in seconds.
@@ -106,6 +174,45 @@ impl LinkProfile {
         (s / self.manager_up_bps as f64)
             .max(s / d_min)
             .max(n * s / aggregate)
+    }
+}
+
+/// `n` rates log-uniform in `min..=max`, drawn from `seed` with [`SplitMix64`] and then
+/// stretched (an affine map of their logarithms) so that the lowest is exactly `min` and the
+/// highest exactly `max` whenever `n >= 2`: the spread is always `max:min`. One agent gets
+/// `min`.
+pub fn spread_log_uniform(n: usize, min: u64, max: u64, seed: u64) -> Vec<u64> {
+    let mut rng = SplitMix64(seed);
+    let draws: Vec<f64> = (0..n).map(|_| rng.next_unit()).collect();
+    let lo = draws.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = draws.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let ratio = max as f64 / min as f64;
+    draws
+        .iter()
+        .map(|&x| {
+            let position = if hi > lo { (x - lo) / (hi - lo) } else { 0.0 };
+            ((min as f64 * ratio.powf(position)).round() as u64).clamp(min, max)
+        })
+        .collect()
+}
+
+/// Sebastiano Vigna's splitmix64: a tiny deterministic generator, enough to draw lab rates
+/// from a seed the same way on every machine.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// The next 64 random bits.
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A uniform draw in `[0, 1)` (53 bits).
+    fn next_unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
@@ -353,6 +460,9 @@ pub(crate) struct DemoProcesses {
     pub dir: PathBuf,
     /// The policy jobs are submitted with, inline (default: the planner's defaults).
     pub job_policy: Option<Value>,
+    /// Each agent's command line from its subcommand on (`baton agent --listen …`), in
+    /// [`DemoProcesses::ids`] order, as a shell would read it.
+    pub agent_commands: Vec<String>,
     agent_addr: String,
     manager_key: String,
 }
@@ -427,6 +537,7 @@ impl DemoProcesses {
             ids: Vec::new(),
             dir: dir.to_path_buf(),
             job_policy: None,
+            agent_commands: Vec::new(),
         })
     }
 
@@ -467,6 +578,7 @@ impl DemoProcesses {
         cmd.arg("--status-file").arg(data.join("status.json"));
         self.kids.push(spawn(&mut cmd, id, &self.dir)?);
         self.ids.push(id.to_string());
+        self.agent_commands.push(baton_command_line(&cmd));
         Ok(())
     }
 
@@ -678,6 +790,31 @@ pub(crate) fn spawn(cmd: &mut Command, name: &str, dir: &Path) -> anyhow::Result
     })
 }
 
+/// `cmd` from its `agent` subcommand on, as `baton agent …` (the program and any `ip netns
+/// exec` before it left out), arguments quoted for a shell where they need it.
+fn baton_command_line(cmd: &Command) -> String {
+    let args: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let from = args.iter().position(|a| a == "agent").unwrap_or(0);
+    std::iter::once("baton".to_string())
+        .chain(args[from..].iter().map(|a| shell_quoted(a)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `arg` as a shell reads it back: unchanged if it holds only safe characters, else in
+/// single quotes.
+fn shell_quoted(arg: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./:=@,+%".contains(c);
+    if !arg.is_empty() && arg.chars().all(safe) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
 /// Fails if any child has exited, or the user interrupted the demo.
 pub(crate) fn check_alive(kids: &mut [Kid]) -> anyhow::Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
@@ -877,5 +1014,125 @@ mod test {
                 / (p.manager_up_bps + p.agent_up_bps.iter().sum::<u64>()) as f64;
             assert_eq!(p.lower_bound_seconds(s), aggregate);
         }
+    }
+
+    /// The three terms of T*: S/u_s, S/d_min, N·S/(u_s + Σu).
+    fn terms(p: &LinkProfile, bytes: u64) -> [f64; 3] {
+        let s = bytes as f64;
+        let d_min = *p.agent_down_bps.iter().min().unwrap() as f64;
+        let aggregate = (p.manager_up_bps + p.agent_up_bps.iter().sum::<u64>()) as f64;
+        [
+            s / p.manager_up_bps as f64,
+            s / d_min,
+            p.agent_up_bps.len() as f64 * s / aggregate,
+        ]
+    }
+
+    #[test]
+    fn symmetric_rates_span_five_to_one_and_the_slowest_download_binds() {
+        let (min, max) = (512 * 1024, 2560 * 1024);
+        for n in [2usize, 8, 32] {
+            for seed in 1..=5 {
+                let p = LinkProfile::symmetric(n, seed);
+                assert_eq!(p.agent_up_bps, p.agent_down_bps);
+                assert_eq!(*p.agent_up_bps.iter().min().unwrap(), min);
+                assert_eq!(*p.agent_up_bps.iter().max().unwrap(), max);
+                assert_eq!(p.manager_up_bps, p.agent_up_bps.iter().sum::<u64>() / 10);
+            }
+        }
+        for seed in 1..=5 {
+            let p = LinkProfile::symmetric(32, seed);
+            let [manager, slowest, aggregate] = terms(&p, 64 << 20);
+            assert!(slowest > manager && slowest > aggregate, "seed {seed}");
+            assert_eq!(p.lower_bound_seconds(64 << 20), slowest);
+        }
+    }
+
+    #[test]
+    fn asymmetric_rates_download_five_times_upload_and_the_aggregate_binds() {
+        let (min, max) = (256 * 1024, 1280 * 1024);
+        for seed in 1..=5 {
+            let p = LinkProfile::asymmetric(32, seed);
+            assert_eq!(*p.agent_up_bps.iter().min().unwrap(), min);
+            assert_eq!(*p.agent_up_bps.iter().max().unwrap(), max);
+            for (u, d) in p.agent_up_bps.iter().zip(&p.agent_down_bps) {
+                assert_eq!(*d, 5 * u);
+            }
+            let [manager, slowest, aggregate] = terms(&p, 64 << 20);
+            assert!(aggregate > manager && aggregate > slowest, "seed {seed}");
+            assert_eq!(p.lower_bound_seconds(64 << 20), aggregate);
+        }
+    }
+
+    #[test]
+    fn seeded_rates_repeat_per_seed_and_differ_between_seeds() {
+        assert_eq!(
+            LinkProfile::symmetric(16, 7).agent_up_bps,
+            LinkProfile::symmetric(16, 7).agent_up_bps
+        );
+        assert_ne!(
+            LinkProfile::symmetric(16, 7).agent_up_bps,
+            LinkProfile::symmetric(16, 8).agent_up_bps
+        );
+        // Log-uniform: about half the agents below the geometric middle (√5 × the minimum).
+        let rates = spread_log_uniform(1000, 1000, 5000, 3);
+        let middle = 1000.0 * 5f64.sqrt();
+        let below = rates.iter().filter(|&&r| (r as f64) < middle).count();
+        assert!(
+            (400..600).contains(&below),
+            "{below} of 1000 below the middle"
+        );
+        assert_eq!(spread_log_uniform(1, 1000, 5000, 3), [1000]);
+        assert!(spread_log_uniform(0, 1000, 5000, 3).is_empty());
+    }
+
+    #[test]
+    fn own_bounds_are_the_slower_of_own_download_and_manager_upload() {
+        let p = LinkProfile {
+            manager_up_bps: 100,
+            agent_up_bps: vec![50, 50],
+            agent_down_bps: vec![50, 400],
+        };
+        assert_eq!(p.own_lower_bounds_seconds(1000), [20.0, 10.0]);
+    }
+
+    #[test]
+    fn an_upload_drop_stretches_only_the_aggregate_term_after_it() {
+        // u_s = 100, Σu = 300: aggregate capacity 400; N·S = 4 × 1000 → T* = 10 s.
+        let p = LinkProfile {
+            manager_up_bps: 100,
+            agent_up_bps: vec![100, 100, 50, 50],
+            agent_down_bps: vec![1000; 4],
+        };
+        assert_eq!(p.lower_bound_seconds(1000), 10.0);
+        // Agent 0 falls to 50 at 4 s: 1600 delivered by then, 2400 left at 350/s.
+        let t = p.lower_bound_after_upload_drop_seconds(1000, 0, 50, 4.0);
+        assert!((t - (4.0 + 2400.0 / 350.0)).abs() < 1e-9, "{t}");
+        // A drop after T* changes nothing; nor one on a bound that download limits.
+        assert_eq!(
+            p.lower_bound_after_upload_drop_seconds(1000, 0, 50, 12.0),
+            10.0
+        );
+        let slow = LinkProfile {
+            agent_down_bps: vec![10; 4],
+            ..p
+        };
+        assert_eq!(
+            slow.lower_bound_after_upload_drop_seconds(1000, 0, 50, 4.0),
+            100.0
+        );
+    }
+
+    #[test]
+    fn command_lines_start_at_the_subcommand_and_quote_what_needs_it() {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", "btl-1-0-a0", "/x/baton", "agent", "--id"])
+            .arg("agent-00")
+            .arg("--data-dir")
+            .arg("/tmp/a b/it's");
+        assert_eq!(
+            baton_command_line(&cmd),
+            r"baton agent --id agent-00 --data-dir '/tmp/a b/it'\''s'"
+        );
     }
 }

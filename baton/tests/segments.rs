@@ -611,18 +611,59 @@ fn lab_command_measures_against_the_lower_bound() {
     ]);
     assert_eq!(r["confirmed"], 4);
     let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("no {k} in {r}"));
-    // T* from the documented profile: 4 agents upload 0.5+1+1.5+2 MiB/s, the manager 0.5.
-    let mib: f64 = 1024.0 * 1024.0;
-    let expected = (2.0 * mib / (0.5 * mib))
-        .max(2.0 * mib / (2.0 * mib))
-        .max(4.0 * 2.0 * mib / (5.5 * mib));
+    // The default: symmetric rates from seed 1 spanning 512..2560 KiB/s, agents blind.
+    assert_eq!(r["profile"], "sym");
+    assert_eq!(r["seed"], 1);
+    assert_eq!(r["declared_rates"], false);
+    let rates = |k: &str| -> Vec<f64> {
+        r["caps"][k]
+            .as_array()
+            .unwrap_or_else(|| panic!("no caps.{k} in {r}"))
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let (up, down) = (rates("agent_up_bps"), rates("agent_down_bps"));
+    assert_eq!(up, down);
+    assert_eq!(
+        up.iter().copied().fold(f64::INFINITY, f64::min),
+        512.0 * 1024.0
+    );
+    assert_eq!(up.iter().copied().fold(0.0, f64::max), 2560.0 * 1024.0);
+    // T* from the reported rates.
+    let s = 2.0 * 1024.0 * 1024.0;
+    let manager = r["caps"]["manager_up_bps"].as_f64().unwrap();
+    let d_min = down.iter().copied().fold(f64::INFINITY, f64::min);
+    let expected = (s / manager)
+        .max(s / d_min)
+        .max(4.0 * s / (manager + up.iter().sum::<f64>()));
     assert!((f("lower_bound_seconds") - expected).abs() < 1e-9);
     // Nothing beats the bound (poll granularity aside), and the figures are consistent.
     assert!(f("ratio") >= 0.95, "{r}");
     assert!(f("p50_seconds") <= f("p99_seconds") && f("p99_seconds") <= f("makespan_seconds"));
     assert!((f("ratio") - f("makespan_seconds") / f("lower_bound_seconds")).abs() < 1e-9);
+    assert!(f("host_ratio_p50") <= f("host_ratio_max") && f("host_ratio_p50") >= 0.95);
+    assert!(f("p50_over_makespan") > 0.0 && f("p50_over_makespan") <= 1.0);
     assert!(r["origin_bytes"].as_u64().unwrap() >= 2 * 1024 * 1024);
     assert_eq!(r["forwarder_drops"], 0);
+    // CPU: the product did work; the machine's share is a share.
+    assert!(
+        f("cpu_seconds_product") > 0.0 && f("cpu_ns_per_byte") > 0.0,
+        "{r}"
+    );
+    assert!(f("cpu_seconds_lab") >= 0.0);
+    assert!((0.0..=1.0).contains(&f("machine_cpu_share")));
+    // Blind agents: their command lines carry no rates.
+    let commands = r["agent_commands"].as_array().expect("agent_commands");
+    assert_eq!(commands.len(), 4);
+    for c in commands {
+        let c = c.as_str().unwrap();
+        assert!(
+            c.starts_with("baton agent ") && !c.contains("--up-bps"),
+            "{c}"
+        );
+    }
+    assert!(r.get("lower_bound_after_drop_seconds").is_none());
 }
 
 #[test]

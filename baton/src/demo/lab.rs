@@ -1,26 +1,74 @@
-//! `baton lab`: N real agents and a manager in network namespaces, heterogeneous shaped and
-//! delayed links, measured against the Kumar–Ross lower bound.
+//! `baton lab`: N real agents and a manager in network namespaces, shaped and delayed
+//! links, measured against the Kumar–Ross lower bound.
 //!
-//! Every agent gets the rates of [`LinkProfile::heterogeneous`] (uploads and
-//! downloads differing 4×), shaped with htb on its access link, and a one-way
-//! delay from `--delay-ms MIN..MAX` added in each direction by the lab's
-//! userspace TAP forwarder (this kernel has no `netem`). The manager's uplink
-//! is shaped to the profile's manager rate. Agents also know their rates
-//! (`--up-bps`/`--down-bps`, equal to the shaped rates) unless `--tc-only`.
+//! Every agent's rates come from `--profile` (see [`RateProfile`]; by default
+//! symmetric links drawn from `--seed`, 512 KiB/s to 2.5 MiB/s), shaped with
+//! htb on its access link, and a one-way delay from `--delay-ms MIN..MAX` is
+//! added in each direction by the lab's userspace TAP forwarder (this kernel
+//! has no `netem`). The manager's uplink is shaped to a tenth of the agents'
+//! upload sum. Agents are blind by default: they measure their links; with
+//! `--declared-rates` they are told the shaped rates (`--up-bps`/`--down-bps`).
 //! One job of `--size` bytes runs to every agent; the report gives the
 //! makespan (the last confirmation), T* = max(S/u_s, S/d_min, N·S/(u_s + Σu_i))
 //! from the configured rates, their ratio, p50 and p99 completion (also as
-//! ratios to T*), and the bytes the manager sent (origin egress).
+//! ratios to T*), every host against its own bound max(S/d_i, S/u_s), the
+//! bytes the manager sent (origin egress), and the CPU the manager and agents
+//! used per byte delivered. `--drop-upload HOST@FRACTION` halves one agent's
+//! upload once FRACTION of T* has passed and reports the bound that follows.
 
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail};
+use anyhow::{Context as _, anyhow, bail};
 use baton::lab::{Lab, LinkShape, Topology};
 use serde::Serialize;
 
 use super::segments::{AGENT_PORT, MANAGER_PORT};
 use super::{DemoProcesses, LinkProfile, Setup, parse_size_arg};
+
+/// The agents' link rates `baton lab --profile` draws.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RateProfile {
+    /// [`LinkProfile::heterogeneous`]: four classes, uploads 0.5–2 MiB/s, downloads 4× that.
+    #[value(name = "hetero")]
+    Heterogeneous,
+    /// [`LinkProfile::symmetric`]: up = down, 512..2560 KiB/s from the seed (S/d_min binds).
+    #[value(name = "sym")]
+    Symmetric,
+    /// [`LinkProfile::asymmetric`]: uploads 256..1280 KiB/s from the seed, downloads 5× that
+    /// (the aggregate upload term binds).
+    #[value(name = "asym")]
+    Asymmetric,
+}
+
+impl RateProfile {
+    /// The name `--profile` takes and the report carries.
+    pub fn name(self) -> &'static str {
+        match self {
+            RateProfile::Heterogeneous => "hetero",
+            RateProfile::Symmetric => "sym",
+            RateProfile::Asymmetric => "asym",
+        }
+    }
+
+    /// The rates of `agents` agents (`seed` draws them; the heterogeneous classes ignore it).
+    pub fn link_profile(self, agents: usize, seed: u64) -> LinkProfile {
+        match self {
+            RateProfile::Heterogeneous => LinkProfile::heterogeneous(agents),
+            RateProfile::Symmetric => LinkProfile::symmetric(agents, seed),
+            RateProfile::Asymmetric => LinkProfile::asymmetric(agents, seed),
+        }
+    }
+}
+
+/// `--drop-upload HOST@FRACTION`: agent HOST's upload halves once FRACTION of T* has passed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UploadDrop {
+    /// The agent's index (0 = `agent-00`).
+    pub agent: usize,
+    /// When, as a share of T* after the push.
+    pub fraction: f64,
+}
 
 /// Options of `baton lab`.
 #[derive(Clone, Debug, clap::Args)]
@@ -37,9 +85,21 @@ pub struct LabArgs {
     /// Chunk size, e.g. 32KiB.
     #[arg(long, default_value = "32KiB", value_parser = parse_size_arg)]
     pub chunk_size: u64,
-    /// Shape links with tc only: agents are not told their rates and measure them.
+    /// The agents' link rates: `sym` (up = down, 512 KiB/s..2.5 MiB/s log-uniform),
+    /// `asym` (up 256..1280 KiB/s, down 5× up) or `hetero` (the demo's four classes).
+    #[arg(long, value_enum, default_value = "sym")]
+    pub profile: RateProfile,
+    /// Seed of the `sym` and `asym` rate draws.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Tell every agent its shaped rates (`--up-bps`/`--down-bps`); by default agents are
+    /// blind and measure their links.
     #[arg(long)]
-    pub tc_only: bool,
+    pub declared_rates: bool,
+    /// Halve agent HOST's upload (its htb rate) once FRACTION of T* has passed after the
+    /// push, e.g. `0@0.33`; the report adds the lower bound with the halved rate.
+    #[arg(long, value_parser = parse_upload_drop, value_name = "HOST@FRACTION")]
+    pub drop_upload: Option<UploadDrop>,
     /// Print one JSON object with the results on the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -62,6 +122,25 @@ pub struct LabArgs {
     /// (default: the agent's own default).
     #[arg(long)]
     pub agent_window: Option<u16>,
+}
+
+/// Reads `--drop-upload HOST@FRACTION` (the agent's index, a share of T*).
+fn parse_upload_drop(s: &str) -> Result<UploadDrop, String> {
+    let (host, fraction) = s
+        .split_once('@')
+        .ok_or_else(|| format!("{s:?} is not HOST@FRACTION (e.g. 0@0.33)"))?;
+    let agent = host
+        .trim()
+        .parse()
+        .map_err(|_| format!("{host:?} is not an agent index"))?;
+    let fraction: f64 = fraction
+        .trim()
+        .parse()
+        .map_err(|_| format!("{fraction:?} is not a fraction of T*"))?;
+    if !fraction.is_finite() || fraction < 0.0 {
+        return Err(format!("{fraction} is not a share of T* (0 or more)"));
+    }
+    Ok(UploadDrop { agent, fraction })
 }
 
 /// Reads `--policy`: a JSON object of policy fields.
@@ -128,6 +207,12 @@ pub struct LabReport {
     pub p50_ratio: f64,
     /// `p99_seconds / lower_bound_seconds`.
     pub p99_ratio: f64,
+    /// Median over confirmed agents of completion ÷ the agent's own bound max(S/d_i, S/u_s).
+    pub host_ratio_p50: f64,
+    /// Largest completion ÷ own bound of any confirmed agent.
+    pub host_ratio_max: f64,
+    /// `p50_seconds / makespan_seconds`: how early the typical host is done.
+    pub p50_over_makespan: f64,
     /// Bytes the manager sent to agents (frames, headers included).
     pub origin_bytes: u64,
     /// Sum over agents of verified content bytes received.
@@ -136,10 +221,46 @@ pub struct LabReport {
     pub delay_ms: (u64, u64),
     /// Frames the delay forwarders dropped on a full queue.
     pub forwarder_drops: u64,
-    /// Whether the agents were told their rates (`false` with `--tc-only`).
-    pub agents_know_rates: bool,
+    /// The rate profile (`sym`, `asym` or `hetero`).
+    pub profile: &'static str,
+    /// The seed the rates were drawn from (`hetero` ignores it).
+    pub seed: u64,
+    /// Whether the agents were told their shaped rates (`--declared-rates`).
+    pub declared_rates: bool,
+    /// CPU seconds (user + system) the manager and all agents used from the push until
+    /// every copy was checked.
+    pub cpu_seconds_product: f64,
+    /// The manager's part of `cpu_seconds_product`.
+    pub cpu_seconds_manager: f64,
+    /// `cpu_seconds_product` per content byte delivered (agents × size), in nanoseconds.
+    pub cpu_ns_per_byte: f64,
+    /// CPU seconds this lab process used during the job: the delay forwarders' threads
+    /// (and the lab's status polls).
+    pub cpu_seconds_lab: f64,
+    /// The machine's busy share over all cores during the job (0..1, from `/proc/stat`).
+    pub machine_cpu_share: f64,
+    /// With `--drop-upload`: the drop and the bound that follows it.
+    #[serde(flatten)]
+    pub upload_drop: Option<UploadDropReport>,
+    /// Each agent's command line, `baton agent …`, in agent order.
+    pub agent_commands: Vec<String>,
     /// The configured rates.
     pub caps: LinkProfile,
+}
+
+/// What `--drop-upload` did and the lower bound with the halved rate.
+#[derive(Debug, Serialize)]
+pub struct UploadDropReport {
+    /// The agent whose upload was halved (0 = `agent-00`).
+    pub drop_agent: usize,
+    /// Its upload before and after the drop, bytes per second.
+    pub drop_upload_bps: (u64, u64),
+    /// Seconds after the push the rate changed (`None`: the job ended first).
+    pub drop_at_seconds: Option<f64>,
+    /// The fluid lower bound with the halved rate from the drop on (T* if it never came).
+    pub lower_bound_after_drop_seconds: f64,
+    /// `makespan_seconds / lower_bound_after_drop_seconds`.
+    pub ratio_after_drop: f64,
 }
 
 /// The `q`-quantile (0..=1) of `values` (nearest rank).
@@ -151,6 +272,96 @@ fn quantile(values: &[f64], q: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
     v[rank - 1]
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat`'s CPU times (USER_HZ). `sysconf(_SC_CLK_TCK)`
+/// would say, but this crate does not depend on `libc` (nor enable rustix's `param`); Linux
+/// fixes USER_HZ at 100 on every architecture Baton runs on, so 100 is assumed.
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU seconds (user + system, fields 14 and 15 of `/proc/<pid>/stat`) a process has used:
+/// `pid` a number or `self`. `None` if it cannot be read (the process is gone).
+fn process_cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11); // field 3 is the first here
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some((user + system) as f64 / CLOCK_TICKS_PER_SECOND)
+}
+
+/// The machine's CPU time so far over all cores, in clock ticks (first line of `/proc/stat`).
+#[derive(Clone, Copy, Debug, Default)]
+struct MachineTicks {
+    /// Ticks not idle and not waiting for IO.
+    busy: u64,
+    /// All ticks (user, nice, system, idle, iowait, irq, softirq, steal).
+    total: u64,
+}
+
+impl MachineTicks {
+    /// Reads `/proc/stat` now (zeros if it cannot).
+    fn now() -> MachineTicks {
+        std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|text| MachineTicks::parse(text.lines().next()?))
+            .unwrap_or_default()
+    }
+
+    /// Reads the `cpu …` line of `/proc/stat`.
+    fn parse(line: &str) -> Option<MachineTicks> {
+        let mut words = line.split_whitespace();
+        if words.next()? != "cpu" {
+            return None;
+        }
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let ticks: Vec<u64> = words.take(8).map_while(|w| w.parse().ok()).collect();
+        if ticks.len() < 5 {
+            return None;
+        }
+        let total: u64 = ticks.iter().sum();
+        Some(MachineTicks {
+            busy: total - ticks[3] - ticks[4],
+            total,
+        })
+    }
+
+    /// The busy share of all cores between `self` and the later `end` (0..1).
+    fn busy_share_until(self, end: MachineTicks) -> f64 {
+        let total = end.total.saturating_sub(self.total);
+        if total == 0 {
+            return 0.0;
+        }
+        end.busy.saturating_sub(self.busy) as f64 / total as f64
+    }
+}
+
+/// CPU counters taken at one moment: the manager's and every agent's, this process's, the
+/// machine's.
+#[derive(Clone, Debug, Default)]
+struct CpuSample {
+    /// Per child, manager first then the agents: CPU seconds so far (0 if unreadable).
+    children: Vec<f64>,
+    /// This process's CPU seconds so far.
+    lab: f64,
+    /// The machine's ticks so far.
+    machine: MachineTicks,
+}
+
+impl CpuSample {
+    /// Reads the counters of `fleet`'s children, this process and the machine now.
+    fn now(fleet: &DemoProcesses) -> CpuSample {
+        CpuSample {
+            children: fleet
+                .kids
+                .iter()
+                .map(|kid| process_cpu_seconds(&kid.child.id().to_string()).unwrap_or(0.0))
+                .collect(),
+            lab: process_cpu_seconds("self").unwrap_or(0.0),
+            machine: MachineTicks::now(),
+        }
+    }
 }
 
 /// Runs `baton lab`.
@@ -166,51 +377,134 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
             baton::lab::MAX_AGENTS_PER_SEGMENT
         );
     }
-    let setup = Setup::prepare("baton-lab", args.agents, args.size, args.keep)?;
+    if let Some(drop) = args.drop_upload
+        && drop.agent >= args.agents
+    {
+        bail!(
+            "--drop-upload {}@…: there are only agents 0 to {}",
+            drop.agent,
+            args.agents - 1
+        );
+    }
+    let mut setup = Setup::prepare("baton-lab", args.agents, args.size, args.keep)?;
+    setup.profile = args.profile.link_profile(args.agents, args.seed);
+    let profile = &setup.profile;
     let dir = setup.scratch.path.clone();
+    let t = profile.lower_bound_seconds(args.size);
 
     let shapes: Vec<LinkShape> = (0..args.agents)
         .map(|i| LinkShape {
-            up_bps: setup.profile.agent_up_bps[i],
-            down_bps: setup.profile.agent_down_bps[i],
+            up_bps: profile.agent_up_bps[i],
+            down_bps: profile.agent_down_bps[i],
             delay: Duration::from_millis(agent_delay_ms(i, args.agents, args.delay_ms)),
         })
         .collect();
     let mut topology = Topology::spread(&shapes, 1, LinkShape::default());
-    topology.manager.up_bps = setup.profile.manager_up_bps;
+    topology.manager.up_bps = profile.manager_up_bps;
     // The lab is dropped after the fleet (children die before their namespaces).
     let (lab, mut fleet) = DemoProcesses::start_in_lab(
         &topology,
         &setup.exe,
         MANAGER_PORT,
-        Some(setup.profile.manager_up_bps),
+        Some(profile.manager_up_bps),
         &dir,
     )?;
     fleet.start_agents(&setup.exe, args.agents, |i| {
         let node = &lab.agents[i];
         let mut cmd: Command = Lab::command(&node.ns, &setup.exe);
         cmd.args(["agent", "--listen", &format!("{}:{AGENT_PORT}", node.ip)]);
-        if !args.tc_only {
-            setup.profile.cap_agent(&mut cmd, i);
+        if args.declared_rates {
+            profile.cap_agent(&mut cmd, i);
         }
         if let Some(window) = args.agent_window {
             cmd.args(["--window", &window.to_string()]);
         }
         cmd
     })?;
+    for line in &fleet.agent_commands {
+        if args.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
     let mut policy = args.policy.clone().unwrap_or_default();
     policy.insert("manager_max_copies".into(), args.manager_copies.into());
     fleet.job_policy = Some(serde_json::Value::Object(policy));
-    let run = fleet.run_job(&setup.content, args.chunk_size, args.timeout, args.json)?;
+
+    // The first poll follows the push: CPU counters start there, and the drop is timed from it.
+    let mut start: Option<CpuSample> = None;
+    let mut dropped_at: Option<f64> = None;
+    let run = fleet.run_job_with(
+        &setup.content,
+        args.chunk_size,
+        args.timeout,
+        args.json,
+        |fleet, elapsed| {
+            if start.is_none() {
+                start = Some(CpuSample::now(fleet));
+            }
+            if let Some(drop) = args.drop_upload
+                && dropped_at.is_none()
+                && elapsed >= drop.fraction * t
+            {
+                let halved = profile.agent_up_bps[drop.agent] / 2;
+                lab.set_agent_upload(drop.agent, halved)
+                    .with_context(|| format!("cannot halve agent {}'s upload", drop.agent))?;
+                dropped_at = Some(elapsed);
+                if !args.json {
+                    // The progress bar redraws below.
+                    eprintln!(
+                        "agent {}'s upload halved to {:.0} KiB/s at {elapsed:.2} s",
+                        drop.agent,
+                        halved as f64 / 1024.0
+                    );
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let job_end = CpuSample::now(&fleet);
     let checked = fleet.check_copies(&run, &setup.source_sha, args.json)?;
+    // The children's counters once every copy is exported and checked, while they still run.
+    let end = CpuSample {
+        children: CpuSample::now(&fleet).children,
+        ..job_end
+    };
     let forwarder_drops = lab.forwarder_drops();
+    let agent_commands = std::mem::take(&mut fleet.agent_commands);
     drop(fleet);
     drop(lab);
 
+    let start = start.unwrap_or_default();
+    let used = |i: usize| end.children[i] - start.children.get(i).copied().unwrap_or(0.0);
+    let cpu_seconds_manager = used(0);
+    let cpu_seconds_product: f64 = (0..end.children.len()).map(used).sum();
+    let delivered = args.agents as f64 * args.size as f64;
+
     let done: Vec<f64> = run.completion.iter().flatten().copied().collect();
-    let t = setup.profile.lower_bound_seconds(args.size);
+    let own_bounds = profile.own_lower_bounds_seconds(args.size);
+    let host_ratios: Vec<f64> = run
+        .completion
+        .iter()
+        .zip(&own_bounds)
+        .filter_map(|(done, bound)| Some(done.as_ref()? / bound))
+        .collect();
     let makespan = done.iter().copied().fold(0.0, f64::max);
     let (p50, p99) = (quantile(&done, 0.5), quantile(&done, 0.99));
+    let upload_drop = args.drop_upload.map(|drop| {
+        let before = profile.agent_up_bps[drop.agent];
+        let bound = dropped_at.map_or(t, |at| {
+            profile.lower_bound_after_upload_drop_seconds(args.size, drop.agent, before / 2, at)
+        });
+        UploadDropReport {
+            drop_agent: drop.agent,
+            drop_upload_bps: (before, before / 2),
+            drop_at_seconds: dropped_at,
+            lower_bound_after_drop_seconds: bound,
+            ratio_after_drop: makespan / bound,
+        }
+    });
     Ok(LabReport {
         agents: args.agents,
         confirmed: checked.confirmed,
@@ -222,11 +516,23 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
         p99_seconds: p99,
         p50_ratio: p50 / t,
         p99_ratio: p99 / t,
+        host_ratio_p50: quantile(&host_ratios, 0.5),
+        host_ratio_max: host_ratios.iter().copied().fold(0.0, f64::max),
+        p50_over_makespan: if makespan > 0.0 { p50 / makespan } else { 0.0 },
         origin_bytes: checked.manager_bytes_sent,
         agent_bytes_received: checked.agent_bytes_received,
         delay_ms: args.delay_ms,
         forwarder_drops,
-        agents_know_rates: !args.tc_only,
+        profile: args.profile.name(),
+        seed: args.seed,
+        declared_rates: args.declared_rates,
+        cpu_seconds_product,
+        cpu_seconds_manager,
+        cpu_ns_per_byte: cpu_seconds_product * 1e9 / delivered,
+        cpu_seconds_lab: end.lab - start.lab,
+        machine_cpu_share: start.machine.busy_share_until(end.machine),
+        upload_drop,
+        agent_commands,
         caps: setup.profile,
     })
 }
@@ -244,16 +550,56 @@ pub fn print(report: &LabReport, json: bool) {
         report.ratio
     );
     println!(
-        "p50 {:.2} s ({:.3} T*), p99 {:.2} s ({:.3} T*); origin sent {:.1} MiB ({:.2}× the content); delays {}..{} ms each way",
-        report.p50_seconds,
-        report.p50_ratio,
-        report.p99_seconds,
-        report.p99_ratio,
-        mib(report.origin_bytes),
-        report.origin_bytes as f64 / report.bytes.max(1) as f64,
+        "profile {} (seed {}), agents {}; delays {}..{} ms each way",
+        report.profile,
+        report.seed,
+        if report.declared_rates {
+            "told their rates"
+        } else {
+            "blind to their rates"
+        },
         report.delay_ms.0,
         report.delay_ms.1
     );
+    println!(
+        "p50 {:.2} s ({:.3} T*, {:.3} of the makespan), p99 {:.2} s ({:.3} T*); against each host's own bound: p50 {:.3}, max {:.3}",
+        report.p50_seconds,
+        report.p50_ratio,
+        report.p50_over_makespan,
+        report.p99_seconds,
+        report.p99_ratio,
+        report.host_ratio_p50,
+        report.host_ratio_max
+    );
+    println!(
+        "origin sent {:.1} MiB ({:.2}× the content)",
+        mib(report.origin_bytes),
+        report.origin_bytes as f64 / report.bytes.max(1) as f64
+    );
+    println!(
+        "CPU: manager and agents {:.2} s ({:.2} s the manager), {:.2} ns per byte delivered; lab process (forwarders) {:.2} s; machine {:.0}% busy during the job",
+        report.cpu_seconds_product,
+        report.cpu_seconds_manager,
+        report.cpu_ns_per_byte,
+        report.cpu_seconds_lab,
+        100.0 * report.machine_cpu_share
+    );
+    if let Some(d) = &report.upload_drop {
+        match d.drop_at_seconds {
+            Some(at) => println!(
+                "agent {}'s upload halved ({:.0} → {:.0} KiB/s) at {at:.2} s: lower bound {:.2} s, ratio {:.3}",
+                d.drop_agent,
+                d.drop_upload_bps.0 as f64 / 1024.0,
+                d.drop_upload_bps.1 as f64 / 1024.0,
+                d.lower_bound_after_drop_seconds,
+                d.ratio_after_drop
+            ),
+            None => println!(
+                "agent {}'s upload was not halved: the job ended first",
+                d.drop_agent
+            ),
+        }
+    }
     if json {
         println!(
             "{}",
@@ -278,6 +624,35 @@ mod test {
         assert_eq!(parse_delay_range("1..40"), Ok((1, 40)));
         assert!(parse_delay_range("40..1").is_err());
         assert!(parse_delay_range("5").is_err());
+    }
+
+    #[test]
+    fn upload_drops_read_host_at_fraction() {
+        assert_eq!(
+            parse_upload_drop("0@0.33"),
+            Ok(UploadDrop {
+                agent: 0,
+                fraction: 0.33
+            })
+        );
+        assert!(parse_upload_drop("0").is_err());
+        assert!(parse_upload_drop("x@0.5").is_err());
+        assert!(parse_upload_drop("1@-0.5").is_err());
+    }
+
+    #[test]
+    fn cpu_counters_read_from_proc() {
+        let line = "cpu  100 5 50 800 20 3 2 0 0 0";
+        let start = MachineTicks::parse(line).unwrap();
+        assert_eq!((start.busy, start.total), (160, 980));
+        let end = MachineTicks {
+            busy: 260,
+            total: 1380,
+        };
+        assert_eq!(start.busy_share_until(end), 0.25);
+        assert!(MachineTicks::parse("intr 1 2 3").is_none());
+        // This test's own process has a stat file with CPU times.
+        assert!(process_cpu_seconds("self").is_some());
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //! by a userspace [`delay::Forwarder`]. Rates are shaped with htb on each
 //! link's transmit side; the router's side of segment `s`'s WAN link (`w<s>`)
 //! carries everything forwarded into the segment, and
-//! [`Lab::wan_tx_bytes`] reads its counter.
+//! [`Lab::wan_tx_bytes`] reads its counter; [`Lab::set_agent_upload`] changes
+//! one agent's upload rate while it runs.
 //!
 //! Everything the lab creates is owned by the [`Lab`] value: dropping it
 //! (normally, or while unwinding from a panic) stops the forwarders, kills
@@ -59,6 +60,9 @@ pub enum LabError {
 
 /// The MTU of every lab link: jumbo frames keep the userspace delay forwarder's frame rate low.
 pub const MTU: u32 = 9000;
+
+/// Every agent's device in its namespace: its side of its access link.
+const AGENT_DEVICE: &str = "eth0";
 
 /// Most agents in one segment (addresses `.10` to `.249`).
 pub const MAX_AGENTS_PER_SEGMENT: usize = 240;
@@ -263,12 +267,12 @@ impl Lab {
                 let agent_ns = format!("{prefix}-a{index}");
                 lab.add_namespace(&agent_ns)?;
                 let port = format!("a{index}");
-                lab.link(&agent_ns, "eth0", &seg_ns, &port, *shape, &port)?;
+                lab.link(&agent_ns, AGENT_DEVICE, &seg_ns, &port, *shape, &port)?;
                 netns::ip(&seg_ns, &["link", "set", "dev", &port, "master", "br0"])?;
                 let ip = Ipv4Addr::new(10, 200, octet, 10 + j as u8);
                 netns::ip(
                     &agent_ns,
-                    &["addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+                    &["addr", "add", &format!("{ip}/24"), "dev", AGENT_DEVICE],
                 )?;
                 netns::ip(
                     &agent_ns,
@@ -355,6 +359,16 @@ impl Lab {
         (0..self.segments.len())
             .map(|s| self.wan_tx_bytes(s))
             .collect()
+    }
+
+    /// Changes agent `i`'s upload rate (the htb class on its side of its access link) to
+    /// `bytes_per_second` while it runs. The link must have been built with an upload rate.
+    pub fn set_agent_upload(&self, i: usize, bytes_per_second: u64) -> Result<(), LabError> {
+        let node = self
+            .agents
+            .get(i)
+            .ok_or_else(|| LabError::Topology(format!("no agent {i}")))?;
+        netns::reshape(&node.ns, AGENT_DEVICE, bytes_per_second, MTU)
     }
 
     /// Frames the delay forwarders dropped because a queue was full.

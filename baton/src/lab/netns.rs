@@ -163,12 +163,6 @@ pub fn counter(ns: &str, dev: &str, counter: &str) -> Result<u64, LabError> {
 
 /// Shapes what `dev` in `ns` transmits to `bytes_per_second` with htb, a short byte FIFO below it.
 pub fn shape(ns: &str, dev: &str, bytes_per_second: u64, mtu: u32) -> Result<(), LabError> {
-    let bits = format!("{}bit", bytes_per_second.saturating_mul(8));
-    // Bursts of about 10 ms, at least two frames (and GSO frames up to 64 KiB).
-    let burst = (bytes_per_second / 100)
-        .max(2 * u64::from(mtu) + 1514)
-        .to_string();
-    let quantum = (mtu + 100).to_string();
     // About 100 ms of queue: deep enough for TCP, short enough to keep control traffic timely.
     let limit = (bytes_per_second / 10).max(256 * 1024).to_string();
     tc(
@@ -177,13 +171,7 @@ pub fn shape(ns: &str, dev: &str, bytes_per_second: u64, mtu: u32) -> Result<(),
             "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "1",
         ],
     )?;
-    tc(
-        ns,
-        &[
-            "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", &bits,
-            "ceil", &bits, "burst", &burst, "cburst", &burst, "quantum", &quantum,
-        ],
-    )?;
+    htb_class(ns, dev, "add", bytes_per_second, mtu)?;
     tc(
         ns,
         &[
@@ -191,6 +179,36 @@ pub fn shape(ns: &str, dev: &str, bytes_per_second: u64, mtu: u32) -> Result<(),
         ],
     )?;
     Ok(())
+}
+
+/// Changes the rate of what `dev` in `ns` transmits, shaped earlier by [`shape`], to
+/// `bytes_per_second` while traffic flows (`tc class change`; the FIFO below keeps its limit).
+pub fn reshape(ns: &str, dev: &str, bytes_per_second: u64, mtu: u32) -> Result<(), LabError> {
+    htb_class(ns, dev, "change", bytes_per_second, mtu)
+}
+
+/// `tc class <verb>` (`add` or `change`) of the htb class `1:1` on `dev` at `bytes_per_second`.
+fn htb_class(
+    ns: &str,
+    dev: &str,
+    verb: &str,
+    bytes_per_second: u64,
+    mtu: u32,
+) -> Result<(), LabError> {
+    let bits = format!("{}bit", bytes_per_second.saturating_mul(8));
+    // Bursts of about 10 ms, at least two frames (and GSO frames up to 64 KiB).
+    let burst = (bytes_per_second / 100)
+        .max(2 * u64::from(mtu) + 1514)
+        .to_string();
+    let quantum = (mtu + 100).to_string();
+    tc(
+        ns,
+        &[
+            "class", verb, "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", &bits,
+            "ceil", &bits, "burst", &burst, "cburst", &burst, "quantum", &quantum,
+        ],
+    )
+    .map(drop)
 }
 
 #[cfg(test)]
