@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The simulator's seed sweep (issue 5): faulty fleets (drops, partitions, crashes and
-# restarts, a malicious peer, manager restarts) with every invariant checked after every
-# event. Prints failing seeds; replay one with BATON_SIM_SEED=<seed> (see below).
+# restarts, a malicious peer, manager restarts; true, unknown or wrong declared rates, some
+# uploads changing mid-job) with every invariant checked after every event. Prints failing seeds; replay one with BATON_SIM_SEED=<seed> (see below).
 # Usage: scripts/sim-sweep.sh [SMALL_SEEDS [MEDIUM_SEEDS]]   (defaults 2000 and 300)
 # Soak:  scripts/sim-sweep.sh 100000 5000
 # Replay: BATON_SIM_SEED=1234 cargo run --release -p baton-sim -- --sweep 1 --trace

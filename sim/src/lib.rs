@@ -7,7 +7,9 @@
 //! — can be distributed to in seconds of wall time, replayed exactly from a
 //! seed, and put through faults with invariants checked after every event.
 //!
-//! - [`scenario`] — the fleet, its links and faults, drawn from a seed.
+//! - [`scenario`] — the fleet, its links and faults, what the agents declare
+//!   of their rates (true, unknown or wrong) and mid-job upload changes, drawn
+//!   from a seed.
 //! - [`queue`] — the event queue (a radix heap over simulated time).
 //! - [`net`] — the link model (per-node upload/download FIFO ports, WAN links in
 //!   front of segments, latency, partitions).
@@ -31,6 +33,9 @@
 //! - a chunk is 256 real bytes, hashed and Merkle-verified by the agent, but
 //!   the link model charges it at its *virtual* size (content size / chunks),
 //!   so 32 MiB of content costs the simulator 256 KiB of hashing;
+//! - the rates an agent declares (its `LinkInfo`) may differ from the rates
+//!   its ports serve at (`--rates blind|wrong`, `--rate-change`); the bound
+//!   `T*` always uses the true ones;
 //! - links are FIFO ports (upload, download, WAN) with latency; loss delays a
 //!   frame (and those behind it on its connection) by a retransmission timeout;
 //!   a dropped frame breaks its connection (TCP) or, with serial semantics,

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use baton_sim::report::{StrategyResult, Summary};
-use baton_sim::scenario::{Scenario, SweepSize, binding_term};
+use baton_sim::scenario::{RateChange, RatesMode, Scenario, SweepSize, binding_term};
 use baton_sim::simulation::Simulation;
 use baton_sim::strategies::{self, Strategy};
 use baton_sim::sweep;
@@ -39,6 +39,12 @@ Sizes and rates take SI (k, M, G) or binary (Ki, Mi, Gi) prefixes, rates in byte
 
 Each chunk is 256 real bytes (hashed and verified by the agents) that the link model charges at \
 its virtual size, content-size / chunks.
+
+--rates says what the agents declare of their rates: their true ones (declared), none (blind: 0, \
+as an agent started without --up-bps/--down-bps), or wrong ones (each agent's true rates times \
+factors drawn from the seed, log-uniform in 0.3-3). --rate-change F@T multiplies a tenth of the \
+agents' upload by F at T x T* after the job starts; the report then also gives the piecewise \
+bound after the change and the ratio against it.
 
 With --sweep COUNT, runs COUNT small faulty scenarios (seeds --seed .. --seed+COUNT) checking the \
 invariants after every event, and prints failing seeds; BATON_SIM_SEED=S replays seed S alone.
@@ -129,6 +135,15 @@ struct Args {
     /// Planner: most copies the manager sends by plan (policy `manager_max_copies`).
     #[arg(long, default_value_t = 1.0)]
     manager_copies: f64,
+    /// What the agents declare of their rates: declared (their true rates), blind (0: unknown,
+    /// whatever the agent measures later) or wrong (true × a factor log-uniform in 0.3-3 per
+    /// agent and direction, from the seed).
+    #[arg(long, default_value = "declared", value_parser = parse_rates)]
+    rates: RatesMode,
+    /// FACTOR@TIME_FRACTION: a tenth of the agents (at least one, from the seed) get their upload
+    /// multiplied by FACTOR at TIME_FRACTION × T* after the job starts (e.g. 0.5@0.33).
+    #[arg(long, value_parser = parse_rate_change)]
+    rate_change: Option<RateChange>,
     /// Engine: a silent, disconnected participant is given up after this long.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     give_up_after: Duration,
@@ -210,6 +225,8 @@ impl Args {
         s.max_peers_per_source = self.max_peers_per_source;
         s.manager_copies = self.manager_copies;
         s.give_up_after = self.give_up_after;
+        s.rates = self.rates;
+        s.rate_change = self.rate_change;
         let f = &mut s.faults;
         f.drop_rate = self.drop_rate.clamp(0.0, 1.0);
         f.serial_drops = self.serial_drops;
@@ -222,6 +239,14 @@ impl Args {
         s.bound = self.bound;
         s
     }
+}
+
+fn parse_rates(s: &str) -> Result<RatesMode> {
+    s.parse()
+}
+
+fn parse_rate_change(s: &str) -> Result<RateChange> {
+    s.parse()
 }
 
 fn parse_sweep_size(s: &str) -> Result<SweepSize> {
@@ -352,6 +377,8 @@ fn run_one(args: &Args) -> Result<ExitCode> {
         confirmed: 0,
         lower_bound: built.lower_bound,
         binding: binding_term(scenario.content_bytes, scenario.manager_up, &built.agents),
+        rates: scenario.rates.name(),
+        lower_bound_after_change: built.rate_change.as_ref().map(|c| c.lower_bound_after),
         content_bytes: scenario.content_bytes,
         strategies: Vec::new(),
         extra: BTreeMap::new(),
@@ -368,6 +395,16 @@ fn run_one(args: &Args) -> Result<ExitCode> {
         let e = &mut summary.extra;
         e.insert("seed".into(), json!(scenario.seed));
         e.insert("chunks".into(), json!(scenario.chunks));
+        if let Some(c) = &built.rate_change {
+            e.insert(
+                "rate_change".into(),
+                json!({
+                    "factor": c.factor,
+                    "at_seconds": c.at.as_secs_f64(),
+                    "agents": c.agents.len(),
+                }),
+            );
+        }
         e.insert("events".into(), json!(st.events));
         e.insert(
             "events_per_second".into(),
@@ -387,19 +424,19 @@ fn run_one(args: &Args) -> Result<ExitCode> {
         // How long the busiest uploader had to send (bytes / rate): if it is near the
         // makespan, the plan's load balance limits; if well below, the protocol's dynamics do.
         let busiest = out
-            .uploaded
+            .upload_seconds
             .iter()
-            .zip(&out.up_rates)
+            .copied()
             .enumerate()
-            .map(|(n, (&b, &r))| (n, b as f64 / r.max(1) as f64))
             .max_by(|a, b| a.1.total_cmp(&b.1));
         if std::env::var_os("BATON_SIM_UPLOADERS").is_some() {
             let mut v: Vec<(usize, f64, u64, u64)> = out
                 .uploaded
                 .iter()
                 .zip(&out.up_rates)
+                .zip(&out.upload_seconds)
                 .enumerate()
-                .map(|(n, (&b, &r))| (n, b as f64 / r.max(1) as f64 / built.lower_bound, b, r))
+                .map(|(n, ((&b, &r), &secs))| (n, secs / built.lower_bound, b, r))
                 .collect();
             v.sort_by(|a, b| b.1.total_cmp(&a.1));
             for (n, ratio, b, r) in v.iter().take(30) {

@@ -24,6 +24,11 @@
 //!
 //! Partitions cut a set of agents off from everyone else; the driver asks
 //! [`Net::cut`] when it delivers, connects or decides a connection's fate.
+//!
+//! A node's upload rate can change mid-run ([`Net::set_up_rate`]): a frame is
+//! timed when it is handed to the port, so the new rate applies to frames
+//! handed to it from then on, and frames already queued leave at the rate they
+//! were queued at (a port's backlog is a few requests' worth of chunks).
 
 use std::time::Duration;
 
@@ -64,6 +69,8 @@ struct Port {
     free: Duration,
     /// Virtual bytes that passed.
     bytes: u64,
+    /// Time spent serializing them.
+    busy: Duration,
 }
 
 impl Port {
@@ -72,6 +79,7 @@ impl Port {
             rate: rate.max(1),
             free: Duration::ZERO,
             bytes: 0,
+            busy: Duration::ZERO,
         }
     }
 
@@ -80,6 +88,7 @@ impl Port {
         let ser = Duration::from_nanos((size as u128 * 1_000_000_000 / self.rate as u128) as u64);
         self.free = self.free.max(now) + ser;
         self.bytes += size;
+        self.busy += ser;
         self.free
     }
 }
@@ -155,7 +164,7 @@ impl Net {
         self.links.is_empty()
     }
 
-    /// Node `n`'s link.
+    /// Node `n`'s link as built (its upload before any [`Net::set_up_rate`]).
     pub fn link(&self, n: usize) -> &Link {
         &self.links[n]
     }
@@ -163,6 +172,23 @@ impl Net {
     /// Virtual bytes node `n` has uploaded (bulk frames only).
     pub fn uploaded(&self, n: usize) -> u64 {
         self.up[n].bytes
+    }
+
+    /// How long node `n`'s upload has been busy sending bulk frames (their bytes over the rate
+    /// each was sent at).
+    pub fn upload_busy(&self, n: usize) -> Duration {
+        self.up[n].busy
+    }
+
+    /// Node `n`'s upload rate now, bytes/s.
+    pub fn up_rate(&self, n: usize) -> u64 {
+        self.up[n].rate
+    }
+
+    /// Changes node `n`'s upload rate to `rate` bytes/s (at least 1): frames handed to its
+    /// upload from now on are serialized at the new rate; those already queued keep theirs.
+    pub fn set_up_rate(&mut self, n: usize, rate: u64) {
+        self.up[n].rate = rate.max(1);
     }
 
     /// One-way propagation latency from `a` to `b`.
@@ -321,6 +347,29 @@ mod test {
         // Small frames skip the queues.
         assert_eq!(run(&mut net, Duration::ZERO, 0, 1, 100), 15 * MS);
         assert_eq!(net.uploaded(0), 200_000);
+    }
+
+    #[test]
+    fn an_upload_rate_change_applies_to_later_frames() {
+        let mut net = Net::new(
+            vec![
+                link(1_000_000, 10_000_000, 0, None),
+                link(1_000_000, 10_000_000, 0, None),
+            ],
+            vec![],
+        );
+        // 100 kB at 1 MB/s leaves at 100 ms (then 10 ms down).
+        assert_eq!(run(&mut net, Duration::ZERO, 0, 1, 100_000), 110 * MS);
+        // Queued before the change: still 1 MB/s, so it leaves at 200 ms.
+        let (_, queued) = net.send(Duration::ZERO, 0, 1, 100_000);
+        assert_eq!(queued, Step::Hop(200 * MS));
+        net.set_up_rate(0, 500_000);
+        assert_eq!(net.up_rate(0), 500_000);
+        // Handed over after it: 200 ms at half the rate, behind the queued frame.
+        let (_, later) = net.send(Duration::ZERO, 0, 1, 100_000);
+        assert_eq!(later, Step::Hop(400 * MS));
+        assert_eq!(net.upload_busy(0), 400 * MS);
+        assert_eq!(net.link(0).up, 1_000_000, "the link as built");
     }
 
     #[test]

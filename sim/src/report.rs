@@ -4,7 +4,10 @@
 //! holds every verified chunk. The makespan is the last agent's; percentiles
 //! use the nearest-rank method over all agents (an agent that never completed
 //! counts as infinitely late). Ratios divide by the Kumar–Ross lower bound
-//! `T* = max(S/u_s, S/d_min, N·S/(u_s + Σu_i))`.
+//! `T* = max(S/u_s, S/d_min, N·S/(u_s + Σu_i))`; when some uploads change
+//! mid-job, the summary also gives the piecewise bound after the change
+//! ([`lower_bound_after_change`](crate::scenario::lower_bound_after_change))
+//! and Baton's ratio against it.
 
 use std::collections::BTreeMap;
 
@@ -75,6 +78,10 @@ pub struct Summary {
     pub lower_bound: f64,
     /// Which term of the bound binds.
     pub binding: &'static str,
+    /// What the agents declared of their rates (`declared`, `blind` or `wrong`).
+    pub rates: &'static str,
+    /// The piecewise lower bound when uploads changed mid-job, seconds.
+    pub lower_bound_after_change: Option<f64>,
     /// Virtual content size, bytes.
     pub content_bytes: u64,
     /// The Baton run and the baselines, in the order run.
@@ -129,7 +136,15 @@ impl Summary {
             "strategy_detail": detail,
             "binding_term": self.binding,
             "content_bytes": self.content_bytes,
+            "rates": self.rates,
         });
+        if let (Some(after), Value::Object(m)) = (self.lower_bound_after_change, &mut v) {
+            m.insert("lower_bound_after_change_seconds".into(), json!(after));
+            m.insert(
+                "ratio_after_change".into(),
+                b.map_or(Value::Null, |b| finite(b.makespan / after)),
+            );
+        }
         if let Value::Object(m) = &mut v {
             for (k, x) in &self.extra {
                 m.insert(k.clone(), x.clone());
@@ -142,12 +157,18 @@ impl Summary {
     pub fn text(&self) -> String {
         let t = self.lower_bound;
         let mut out = format!(
-            "{} agents, {} content, lower bound T* = {:.3} s ({} term binds)\n",
+            "{} agents, {} content, lower bound T* = {:.3} s ({} term binds), {} rates\n",
             self.agents,
             crate::units::format_bytes(self.content_bytes),
             t,
-            self.binding
+            self.binding,
+            self.rates
         );
+        if let Some(after) = self.lower_bound_after_change {
+            out.push_str(&format!(
+                "uploads change mid-job: lower bound after the change {after:.3} s\n"
+            ));
+        }
         out.push_str(&format!(
             "{:<18} {:>9} {:>11} {:>8} {:>9} {:>9} {:>12}\n",
             "strategy", "complete", "makespan s", "ratio", "p50/T*", "p99/T*", "origin"
@@ -166,11 +187,18 @@ impl Summary {
         }
         if let Some(b) = self.baton() {
             out.push_str(&format!(
-                "baton: {} of {} confirmed, ratio {:.3}\n",
+                "baton: {} of {} confirmed, ratio {:.3}",
                 self.confirmed,
                 self.agents,
                 b.makespan / t
             ));
+            if let Some(after) = self.lower_bound_after_change {
+                out.push_str(&format!(
+                    ", {:.3} against the bound after the change",
+                    b.makespan / after
+                ));
+            }
+            out.push('\n');
         }
         out
     }
@@ -204,6 +232,8 @@ mod test {
             confirmed: 3,
             lower_bound: 2.0,
             binding: "aggregate",
+            rates: "declared",
+            lower_bound_after_change: None,
             content_bytes: 100,
             strategies: vec![
                 StrategyResult::new("baton", &[Some(2.0), Some(2.2), Some(2.1)], 100),
@@ -228,5 +258,33 @@ mod test {
         assert_eq!(v["ratio"], v["strategies"]["baton"]);
         assert!((v["ratio"].as_f64().unwrap() - 1.1).abs() < 1e-9);
         assert_eq!(v["strategies"]["unicast"], json!(3.0));
+        assert_eq!(v["rates"], json!("declared"));
+        assert!(v.get("lower_bound_after_change_seconds").is_none());
+    }
+
+    #[test]
+    fn a_rate_change_reports_its_bound_and_ratio() {
+        let s = Summary {
+            agents: 2,
+            confirmed: 2,
+            lower_bound: 2.0,
+            binding: "aggregate",
+            rates: "blind",
+            lower_bound_after_change: Some(2.5),
+            content_bytes: 100,
+            strategies: vec![StrategyResult::new("baton", &[Some(2.0), Some(3.0)], 100)],
+            extra: BTreeMap::new(),
+        };
+        let v = s.to_json();
+        assert_eq!(v["rates"], json!("blind"));
+        assert_eq!(v["lower_bound_after_change_seconds"], json!(2.5));
+        assert!((v["ratio_after_change"].as_f64().unwrap() - 1.2).abs() < 1e-9);
+        assert!((v["ratio"].as_f64().unwrap() - 1.5).abs() < 1e-9);
+        let text = s.text();
+        assert!(text.contains("blind rates"), "{text}");
+        assert!(
+            text.contains("1.200 against the bound after the change"),
+            "{text}"
+        );
     }
 }

@@ -1,10 +1,18 @@
 //! Scenarios: the fleet, its links and its faults, generated from a seed.
 //!
 //! A [`Scenario`] is the description a run starts from (sizes, rate ranges,
-//! latency, loss, segments, fault counts); [`Scenario::build`] draws every
-//! agent's link and the fault schedule from the seed, so the same scenario and
-//! seed always give the same [`Built`] fleet — and the same run.
+//! latency, loss, segments, fault counts, what the agents declare of their
+//! rates and whether some uploads change mid-job); [`Scenario::build`] draws
+//! every agent's link and the fault schedule from the seed, so the same
+//! scenario and seed always give the same [`Built`] fleet — and the same run.
+//!
+//! The rates an agent *declares* (its `LinkInfo`, what the manager plans
+//! with) are kept apart from its true ones (what the link model serves at):
+//! [`RatesMode`] says how they relate, and each draw that only concerns the
+//! declared rates or the rate change comes from its own stream of the seed,
+//! so switching modes never changes the fleet's true links or faults.
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -71,6 +79,87 @@ pub enum SweepSize {
     Medium,
 }
 
+/// What the agents declare of their link rates (`LinkInfo::up_bps`/`down_bps`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RatesMode {
+    /// Every agent declares its true rates (as one started with the right `--up-bps` and
+    /// `--down-bps`).
+    #[default]
+    Declared,
+    /// Every agent declares 0 for both (unknown: an agent started without `--up-bps` or
+    /// `--down-bps`, before it has measured anything); whatever the agent core measures and
+    /// reports later is what the manager gets.
+    Blind,
+    /// Every agent declares its true rates times a factor drawn per agent from the seed,
+    /// log-uniform in [`WRONG_FACTOR_MIN`]`..=`[`WRONG_FACTOR_MAX`], independently for upload
+    /// and download.
+    Wrong,
+}
+
+/// Least factor between a [`RatesMode::Wrong`] agent's declared and true rate.
+pub const WRONG_FACTOR_MIN: f64 = 0.3;
+/// Greatest factor between a [`RatesMode::Wrong`] agent's declared and true rate.
+pub const WRONG_FACTOR_MAX: f64 = 3.0;
+
+impl RatesMode {
+    /// Every mode, in the order a sweep draws them from.
+    pub const ALL: [RatesMode; 3] = [RatesMode::Declared, RatesMode::Blind, RatesMode::Wrong];
+
+    /// The name on the command line and in reports: `declared`, `blind` or `wrong`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RatesMode::Declared => "declared",
+            RatesMode::Blind => "blind",
+            RatesMode::Wrong => "wrong",
+        }
+    }
+}
+
+impl FromStr for RatesMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        RatesMode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("{s:?}: expected declared, blind or wrong"))
+    }
+}
+
+/// A change of some agents' upload capacity mid-job (`--rate-change FACTOR@TIME_FRACTION`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateChange {
+    /// The changed agents' upload is multiplied by this (> 0).
+    pub factor: f64,
+    /// When, as a fraction of the scenario's lower bound `T*` after the job starts.
+    pub at_fraction: f64,
+}
+
+/// Fraction of the agents whose upload a [`RateChange`] changes (at least one agent).
+pub const RATE_CHANGE_SHARE: f64 = 0.1;
+
+impl FromStr for RateChange {
+    type Err = String;
+
+    /// Parses `FACTOR@TIME_FRACTION`, e.g. `0.5@0.33`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = || format!("{s:?}: expected FACTOR@TIME_FRACTION, e.g. 0.5@0.33");
+        let (factor, at) = s.split_once('@').ok_or_else(usage)?;
+        let factor: f64 = factor.trim().parse().map_err(|_| usage())?;
+        let at_fraction: f64 = at.trim().parse().map_err(|_| usage())?;
+        if !(factor.is_finite() && factor > 0.0) {
+            return Err(format!("{s:?}: the factor must be above 0"));
+        }
+        if !(at_fraction.is_finite() && at_fraction >= 0.0) {
+            return Err(format!("{s:?}: the time fraction must be 0 or more"));
+        }
+        Ok(RateChange {
+            factor,
+            at_fraction,
+        })
+    }
+}
+
 /// Everything a run is generated from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scenario {
@@ -130,6 +219,10 @@ pub struct Scenario {
     pub manager_copies: f64,
     /// Silent and disconnected this long, a participant is given up by the engine.
     pub give_up_after: Duration,
+    /// What the agents declare of their rates.
+    pub rates: RatesMode,
+    /// A change of a tenth of the agents' upload mid-job, if any.
+    pub rate_change: Option<RateChange>,
     /// Faults to inject.
     pub faults: FaultConfig,
     /// Every live agent must be confirmed this long after the last fault healed (or after the
@@ -140,7 +233,7 @@ pub struct Scenario {
 impl Scenario {
     /// The default heterogeneous scenario for `agents` agents: upload 1–8 MB/s (8×), download
     /// 8–64 MB/s, 32 MiB in 1024 chunks (32 KiB virtual each), manager 20 MB/s up, latency
-    /// 0.5–20 ms one way, no loss, a flat network, no faults.
+    /// 0.5–20 ms one way, no loss, a flat network, declared rates, no rate change, no faults.
     pub fn new(agents: usize, seed: u64) -> Self {
         Scenario {
             agents,
@@ -168,6 +261,8 @@ impl Scenario {
             max_peers_per_source: 32,
             manager_copies: 1.0,
             give_up_after: Duration::from_secs(60),
+            rates: RatesMode::Declared,
+            rate_change: None,
             faults: FaultConfig::default(),
             bound: None,
         }
@@ -188,6 +283,11 @@ impl Scenario {
     }
 
     /// Like [`Scenario::faulty`], with fleets and contents of the given size.
+    ///
+    /// Besides the faults, each seed declares its rates in one of the [`RatesMode`]s (a third
+    /// each) and a fifth of the seeds change a tenth of the agents' upload (by a factor of
+    /// 0.25–2, log-uniform, at 0–1 × `T*`). These come from their own stream of the seed, so the
+    /// fleets and faults of every seed are what they were before rates were drawn.
     pub fn faulty_sized(seed: u64, size: SweepSize) -> Self {
         let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0xFA_17);
         let (agents, chunks) = match size {
@@ -226,6 +326,14 @@ impl Scenario {
         f.permanent_crashes = u32::from(r.gen_bool(0.15));
         f.malicious = u32::from(r.gen_bool(0.3));
         f.manager_restarts = r.gen_range(0..=2);
+        let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0x8A7E_5EED);
+        s.rates = RatesMode::ALL[r.gen_range(0..RatesMode::ALL.len())];
+        if r.gen_bool(0.2) {
+            s.rate_change = Some(RateChange {
+                factor: 0.25 * 8f64.powf(r.gen_range(0.0..=1.0)),
+                at_fraction: r.gen_range(0.0..=1.0),
+            });
+        }
         s
     }
 
@@ -257,6 +365,8 @@ impl Scenario {
                 AgentParams {
                     up,
                     down,
+                    declared_up: up,
+                    declared_down: down,
                     latency: Duration::from_nanos(lat),
                     loss,
                     segment,
@@ -270,11 +380,42 @@ impl Scenario {
             agents[i].serves = false;
         }
 
+        self.declare_rates(&mut agents);
+
         let lower_bound = lower_bound(
             self.content_bytes,
             self.manager_up,
             agents.iter().map(|a| (a.up, a.down)),
         );
+        let rate_change = self.rate_change.map(|c| {
+            let mut r = ChaCha8Rng::seed_from_u64(self.seed ^ 0x5107_C4A6);
+            let count = ((RATE_CHANGE_SHARE * self.agents as f64).round() as usize).max(1);
+            let changed = pick(&mut r, self.agents, count);
+            let at = Duration::from_secs_f64(c.at_fraction * lower_bound.max(0.0));
+            let after = lower_bound_after_change(
+                self.content_bytes,
+                self.manager_up,
+                agents.iter().enumerate().map(|(k, a)| {
+                    let changed = changed.binary_search(&k).is_ok();
+                    (
+                        a.up,
+                        a.down,
+                        if changed {
+                            scaled(a.up, c.factor)
+                        } else {
+                            a.up
+                        },
+                    )
+                }),
+                at.as_secs_f64(),
+            );
+            ScheduledRateChange {
+                agents: changed,
+                at,
+                factor: c.factor,
+                lower_bound_after: after,
+            }
+        });
         let f = &self.faults;
         let window = f
             .window
@@ -348,8 +489,35 @@ impl Scenario {
             agents,
             faults,
             lower_bound,
+            rate_change,
         }
     }
+
+    /// Sets every agent's declared rates from its true ones, as [`Scenario::rates`] says.
+    fn declare_rates(&self, agents: &mut [AgentParams]) {
+        let mut r = ChaCha8Rng::seed_from_u64(self.seed ^ 0xDEC1_A4ED);
+        for a in agents {
+            (a.declared_up, a.declared_down) = match self.rates {
+                RatesMode::Declared => (a.up, a.down),
+                RatesMode::Blind => (0, 0),
+                RatesMode::Wrong => {
+                    let up = wrong_factor(&mut r);
+                    let down = wrong_factor(&mut r);
+                    (scaled(a.up, up), scaled(a.down, down))
+                }
+            };
+        }
+    }
+}
+
+/// A factor log-uniform in [`WRONG_FACTOR_MIN`]`..=`[`WRONG_FACTOR_MAX`].
+fn wrong_factor(r: &mut ChaCha8Rng) -> f64 {
+    WRONG_FACTOR_MIN * (WRONG_FACTOR_MAX / WRONG_FACTOR_MIN).powf(r.gen_range(0.0..=1.0))
+}
+
+/// `rate × factor`, rounded, at least 1 byte/s.
+pub fn scaled(rate: u64, factor: f64) -> u64 {
+    ((rate as f64 * factor).round() as u64).max(1)
 }
 
 /// `n` distinct indices out of `0..len`, drawn from `r`, in ascending order.
@@ -381,6 +549,39 @@ pub fn lower_bound(content: u64, manager_up: u64, agents: impl Iterator<Item = (
     (s / us).max(s / d_min).max(n as f64 * s / (us + sum_up))
 }
 
+/// The Kumar–Ross bound when uploads change at `change_at` seconds after the start, from
+/// agents given as `(up before, down, up after)`: the manager and download terms as in
+/// [`lower_bound`], and the aggregate term piecewise — the fleet uploads at `u_s + Σu` until
+/// `t_c` and at `u_s + Σu'` after, so the `T` solving `(u_s+Σu)·t_c + (u_s+Σu')·(T−t_c) = N·S`
+/// when that `T` is past `t_c`, else `N·S/(u_s+Σu)` (the change comes too late to matter).
+pub fn lower_bound_after_change(
+    content: u64,
+    manager_up: u64,
+    agents: impl Iterator<Item = (u64, u64, u64)>,
+    change_at: f64,
+) -> f64 {
+    let s = content as f64;
+    let (mut n, mut sum_before, mut sum_after, mut d_min) = (0usize, 0f64, 0f64, f64::INFINITY);
+    for (before, down, after) in agents {
+        n += 1;
+        sum_before += before as f64;
+        sum_after += after as f64;
+        d_min = d_min.min(down as f64);
+    }
+    if n == 0 {
+        return 0.0;
+    }
+    let us = manager_up.max(1) as f64;
+    let total = n as f64 * s;
+    let (rate_before, rate_after) = (us + sum_before, us + sum_after);
+    let aggregate = if total <= rate_before * change_at {
+        total / rate_before
+    } else {
+        change_at + (total - rate_before * change_at) / rate_after
+    };
+    (s / us).max(s / d_min).max(aggregate)
+}
+
 /// Which term of the lower bound binds: `"manager"`, `"download"` or `"aggregate"`.
 pub fn binding_term(content: u64, manager_up: u64, agents: &[AgentParams]) -> &'static str {
     let s = content as f64;
@@ -400,10 +601,14 @@ pub fn binding_term(content: u64, manager_up: u64, agents: &[AgentParams]) -> &'
 /// One agent's link and role, as drawn for a run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentParams {
-    /// Upload, bytes/s.
+    /// True upload at the start, bytes/s (what the link model serves at).
     pub up: u64,
-    /// Download, bytes/s.
+    /// True download, bytes/s.
     pub down: u64,
+    /// The upload the agent declares in its `LinkInfo` (0 = unknown), bytes/s.
+    pub declared_up: u64,
+    /// The download the agent declares in its `LinkInfo` (0 = unknown), bytes/s.
+    pub declared_down: u64,
     /// One-way access latency.
     pub latency: Duration,
     /// Per-frame loss probability.
@@ -489,8 +694,23 @@ pub struct Built {
     pub agents: Vec<AgentParams>,
     /// Faults in order of their start.
     pub faults: Vec<Fault>,
-    /// Kumar–Ross lower bound `T*`, seconds.
+    /// Kumar–Ross lower bound `T*`, seconds (with every agent's upload as at the start).
     pub lower_bound: f64,
+    /// The upload change, if the scenario has one.
+    pub rate_change: Option<ScheduledRateChange>,
+}
+
+/// A [`RateChange`] as drawn for a run: whose upload changes, when, and the bound after it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScheduledRateChange {
+    /// The agents whose upload changes, ascending.
+    pub agents: Vec<usize>,
+    /// When, after the job starts.
+    pub at: Duration,
+    /// Their upload is multiplied by this.
+    pub factor: f64,
+    /// The piecewise lower bound with the change (see [`lower_bound_after_change`]), seconds.
+    pub lower_bound_after: f64,
 }
 
 impl Built {
@@ -560,5 +780,162 @@ mod test {
             (0..10).map(|_| (1_000_000, 10_000_000)),
         );
         assert!((t - 10.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn wrong_factors_stay_in_range_and_follow_the_seed() {
+        let mut s = Scenario::new(500, 3);
+        s.rates = RatesMode::Wrong;
+        let a = s.build();
+        let factor = |declared: u64, true_rate: u64| declared as f64 / true_rate as f64;
+        let (mut below, mut above) = (false, false);
+        for p in &a.agents {
+            for f in [factor(p.declared_up, p.up), factor(p.declared_down, p.down)] {
+                assert!(
+                    (WRONG_FACTOR_MIN - 1e-6..=WRONG_FACTOR_MAX + 1e-6).contains(&f),
+                    "{f}"
+                );
+                below |= f < 0.5;
+                above |= f > 2.0;
+            }
+        }
+        assert!(below && above, "the factors spread over the range");
+        assert_ne!(
+            a.agents[0].declared_up as f64 / a.agents[0].up as f64,
+            a.agents[0].declared_down as f64 / a.agents[0].down as f64,
+            "up and down are drawn independently"
+        );
+        // Same seed, same factors; the true links are those of declared rates.
+        assert_eq!(s.build().agents, a.agents);
+        s.rates = RatesMode::Declared;
+        let declared = s.build();
+        for (w, d) in a.agents.iter().zip(&declared.agents) {
+            assert_eq!((w.up, w.down, w.latency), (d.up, d.down, d.latency));
+            assert_eq!((d.declared_up, d.declared_down), (d.up, d.down));
+        }
+        assert_eq!(a.lower_bound, declared.lower_bound);
+        // Another seed, other factors.
+        s.rates = RatesMode::Wrong;
+        s.seed = 4;
+        let other = s.build();
+        assert_ne!(
+            other
+                .agents
+                .iter()
+                .map(|p| factor(p.declared_up, p.up))
+                .collect::<Vec<_>>(),
+            a.agents
+                .iter()
+                .map(|p| factor(p.declared_up, p.up))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn blind_declares_nothing() {
+        let mut s = Scenario::new(50, 1);
+        s.rates = RatesMode::Blind;
+        let b = s.build();
+        assert!(
+            b.agents
+                .iter()
+                .all(|a| a.declared_up == 0 && a.declared_down == 0 && a.up > 0)
+        );
+    }
+
+    #[test]
+    fn modes_and_rate_changes_parse() {
+        for m in RatesMode::ALL {
+            assert_eq!(m.name().parse::<RatesMode>(), Ok(m));
+        }
+        assert!("guessed".parse::<RatesMode>().is_err());
+        assert_eq!(
+            "0.5@0.33".parse::<RateChange>(),
+            Ok(RateChange {
+                factor: 0.5,
+                at_fraction: 0.33
+            })
+        );
+        for bad in ["0.5", "0@0.5", "-1@0.5", "x@1", "0.5@-1", "0.5@"] {
+            assert!(bad.parse::<RateChange>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn piecewise_bound() {
+        // 10 agents of 1 MB/s up, 10 MB/s down; manager 2 MB/s; 12 MB: T* = 10 s (aggregate).
+        let (s, us) = (12_000_000, 2_000_000);
+        let fleet = |after: u64| (0..10).map(move |_| (1_000_000, 10_000_000, after));
+        let t_star = lower_bound(s, us, (0..10).map(|_| (1_000_000, 10_000_000)));
+        // A change at or after T* changes nothing.
+        for at in [10.0, 12.0, 100.0] {
+            let t = lower_bound_after_change(s, us, fleet(500_000), at);
+            assert!((t - t_star).abs() < 1e-9, "{t} at {at}");
+        }
+        // Unchanged rates: T* whenever the change comes.
+        let t = lower_bound_after_change(s, us, fleet(1_000_000), 3.0);
+        assert!((t - t_star).abs() < 1e-9);
+        // Every upload halves at 2 s: 12 MB/s × 2 s, then 7 MB/s for the remaining 96 MB.
+        let t = lower_bound_after_change(s, us, fleet(500_000), 2.0);
+        assert!((t - (2.0 + 96.0 / 7.0)).abs() < 1e-9, "{t}");
+        // The earlier the halving, the longer.
+        let later = lower_bound_after_change(s, us, fleet(500_000), 6.0);
+        assert!(t > later && later > t_star, "{t} {later}");
+        // The manager and download terms are kept.
+        let slow_down = (0..10).map(|_| (1_000_000, 100_000, 500_000));
+        assert!((lower_bound_after_change(s, us, slow_down, 2.0) - 120.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_rate_change_halving_early_raises_the_bound() {
+        let mut s = Scenario::new(200, 5);
+        s.rate_change = Some(RateChange {
+            factor: 0.5,
+            at_fraction: 0.1,
+        });
+        let b = s.build();
+        let c = b.rate_change.as_ref().expect("scheduled");
+        assert_eq!(c.agents.len(), 20);
+        assert!(c.agents.windows(2).all(|w| w[0] < w[1]));
+        assert!((c.at.as_secs_f64() - 0.1 * b.lower_bound).abs() < 1e-6);
+        assert!(c.lower_bound_after > b.lower_bound * 1.01, "{c:?}");
+        assert_eq!(s.build().rate_change, b.rate_change, "follows the seed");
+        // After T*, the bound is T*; one agent at least, however small the fleet.
+        s.rate_change = Some(RateChange {
+            factor: 0.5,
+            at_fraction: 1.5,
+        });
+        let late = s.build();
+        let c = late.rate_change.expect("scheduled");
+        assert!((c.lower_bound_after - late.lower_bound).abs() < 1e-9);
+        s.agents = 3;
+        assert_eq!(s.build().rate_change.expect("scheduled").agents.len(), 1);
+    }
+
+    #[test]
+    fn sweeps_draw_every_rates_mode_without_changing_the_fleets() {
+        let modes: Vec<RatesMode> = (0..60).map(|seed| Scenario::faulty(seed).rates).collect();
+        for m in RatesMode::ALL {
+            let n = modes.iter().filter(|&&x| x == m).count();
+            assert!((10..=30).contains(&n), "{m:?}: {n} of 60");
+        }
+        assert!((0..60).any(|seed| Scenario::faulty(seed).rate_change.is_some()));
+        // The rates mode is drawn apart: the same seed's true links are those of declared rates.
+        let seed = (0..60)
+            .find(|&s| modes[s as usize] == RatesMode::Wrong)
+            .unwrap();
+        let mut s = Scenario::faulty(seed);
+        let wrong = s.build();
+        s.rates = RatesMode::Declared;
+        s.rate_change = None;
+        let declared = s.build();
+        assert_eq!(wrong.faults, declared.faults);
+        assert!(
+            wrong
+                .agents
+                .iter()
+                .zip(&declared.agents)
+                .all(|(w, d)| (w.up, w.down, w.serves) == (d.up, d.down, d.serves))
+        );
     }
 }

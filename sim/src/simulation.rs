@@ -28,6 +28,12 @@
 //! one), keeps the persisted records, and after a restart builds a new engine
 //! with the next epoch and resumes the job from those records.
 //!
+//! Each agent's `LinkInfo` carries the rates it *declares* (the scenario's
+//! [`RatesMode`](crate::scenario::RatesMode): true, unknown or wrong), while
+//! the link model serves at its true ones; a scenario's rate change sets the
+//! chosen agents' upload ports to their new rate at its time, and they keep
+//! declaring what they did. The manager's own upload is always known.
+//!
 //! Invariants are checked as the run goes (see [`Simulation::violations`]): after
 //! every event, no store holds a chunk that is not the true one; every chunk
 //! an honest agent sends is true and verified in its store; an agent that
@@ -57,7 +63,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::content::{REAL_CHUNK, Truth};
 use crate::net::{MANAGER, Net, Route, Step};
 use crate::queue::EventQueue;
-use crate::scenario::{Built, Fault, Scenario};
+use crate::scenario::{Built, Fault, Scenario, scaled};
 use crate::store::RamStore;
 
 /// The agent type the simulator runs: the Linux agent's shape (64 peer connections).
@@ -125,6 +131,8 @@ enum Ev {
     FaultEnd(u32),
     /// Connections across a partition break (if it is still there).
     PartitionTimeout(u32),
+    /// The scenario's rate change: the chosen agents' uploads take their new rate.
+    RateChange,
 }
 
 /// One end of a connection: a node (0 = manager), the agent's `ConnId`, the node's incarnation.
@@ -341,8 +349,11 @@ pub struct Outcome {
     pub stats: Stats,
     /// Virtual bytes each node uploaded (index 0 is the manager, `k + 1` agent `k`).
     pub uploaded: Vec<u64>,
-    /// Upload rate of each node, bytes/s (same indexing).
+    /// Upload rate of each node at the start, bytes/s (same indexing).
     pub up_rates: Vec<u64>,
+    /// Seconds each node's upload was busy sending (same indexing): its bytes over the rate
+    /// each was sent at, which a rate change makes differ from `uploaded / up_rates`.
+    pub upload_seconds: Vec<f64>,
 }
 
 impl Outcome {
@@ -448,8 +459,8 @@ impl Simulation {
                 config.site = config.segment.clone();
             }
             config.link = LinkInfo {
-                up_bps: p.up,
-                down_bps: p.down,
+                up_bps: p.declared_up,
+                down_bps: p.declared_down,
                 loss_ppm: (p.loss * 1e6) as u32,
                 uptime_s: 0,
             };
@@ -512,7 +523,11 @@ impl Simulation {
             spec,
             stored: BTreeMap::new(),
         };
-        let deadline = JOB_START + built.healed_at() + scenario.liveness_bound(built.lower_bound);
+        // A slower upload later lengthens the bound the liveness deadline counts from.
+        let slowest_bound = built.rate_change.as_ref().map_or(built.lower_bound, |c| {
+            c.lower_bound_after.max(built.lower_bound)
+        });
+        let deadline = JOB_START + built.healed_at() + scenario.liveness_bound(slowest_bound);
         let mut sim = Simulation {
             now: Duration::ZERO,
             queue: EventQueue::new(),
@@ -555,6 +570,9 @@ impl Simulation {
             );
         }
         sim.push(JOB_START, Ev::StartJob);
+        if let Some(c) = &sim.built.rate_change {
+            sim.push(JOB_START + c.at, Ev::RateChange);
+        }
         for (i, f) in sim.built.faults.clone().iter().enumerate() {
             sim.push(JOB_START + f.start(), Ev::FaultStart(i as u32));
         }
@@ -677,6 +695,9 @@ impl Simulation {
             .count();
         let uploaded = (0..self.net.len()).map(|n| self.net.uploaded(n)).collect();
         let up_rates = (0..self.net.len()).map(|n| self.net.link(n).up).collect();
+        let upload_seconds = (0..self.net.len())
+            .map(|n| self.net.upload_busy(n).as_secs_f64())
+            .collect();
         Outcome {
             agents: self.agents.len(),
             confirmed,
@@ -687,6 +708,7 @@ impl Simulation {
             stats: std::mem::take(&mut self.stats),
             uploaded,
             up_rates,
+            upload_seconds,
         }
     }
 
@@ -736,9 +758,7 @@ impl Simulation {
                     t.saturating_sub(start).as_secs_f64(),
                     t.saturating_sub(since).as_secs_f64() * 1e3,
                     link(from).up as f64 / 1e6,
-                    self.net.uploaded(from) as f64
-                        / link(from).up.max(1) as f64
-                        / self.built.lower_bound,
+                    self.net.upload_busy(from).as_secs_f64() / self.built.lower_bound,
                     link(from).latency.as_secs_f64() * 1e3,
                     link(node).latency.as_secs_f64() * 1e3,
                 );
@@ -824,6 +844,7 @@ impl Simulation {
             Ev::FaultStart(i) => self.on_fault(i as usize, true),
             Ev::FaultEnd(i) => self.on_fault(i as usize, false),
             Ev::PartitionTimeout(i) => self.on_partition_timeout(i as usize),
+            Ev::RateChange => self.on_rate_change(),
         }
     }
 
@@ -1828,6 +1849,22 @@ impl Simulation {
         }
     }
 
+    fn on_rate_change(&mut self) {
+        let Some(change) = self.built.rate_change.clone() else {
+            return;
+        };
+        self.trace(format_args!(
+            "upload × {} for {} agents",
+            change.factor,
+            change.agents.len()
+        ));
+        for k in change.agents {
+            let n = agent_node(k);
+            let rate = scaled(self.net.link(n).up, change.factor);
+            self.net.set_up_rate(n, rate);
+        }
+    }
+
     fn on_partition_timeout(&mut self, i: usize) {
         if !self.net.active(i as u64) {
             return;
@@ -2080,6 +2117,61 @@ mod test {
         assert!(out.violations.is_empty(), "{:?}", out.violations);
         assert_eq!(out.confirmed, 10);
         assert_eq!(out.stats.manager_restarts, 1);
+    }
+
+    #[test]
+    fn blind_agents_declare_no_rates_and_still_get_the_content() {
+        let mut s = small(8, 2);
+        s.rates = crate::scenario::RatesMode::Blind;
+        let sim = Simulation::new(&s);
+        for node in &sim.agents {
+            assert_eq!((node.config.link.up_bps, node.config.link.down_bps), (0, 0));
+        }
+        let out = sim.run();
+        assert!(out.violations.is_empty(), "{:?}", out.violations);
+        assert_eq!(out.confirmed, 8);
+    }
+
+    #[test]
+    fn wrong_agents_declare_their_drawn_rates() {
+        let mut s = small(8, 2);
+        s.rates = crate::scenario::RatesMode::Wrong;
+        let sim = Simulation::new(&s);
+        for (node, p) in sim.agents.iter().zip(&sim.built.agents) {
+            let link = node.config.link;
+            assert_eq!(
+                (link.up_bps, link.down_bps),
+                (p.declared_up, p.declared_down)
+            );
+            assert_ne!(link.up_bps, p.up);
+        }
+        let out = sim.run();
+        assert!(out.violations.is_empty(), "{:?}", out.violations);
+        assert_eq!(out.confirmed, 8);
+    }
+
+    #[test]
+    fn a_rate_change_reaches_the_upload_ports() {
+        let mut s = small(10, 3);
+        s.rate_change = Some(crate::scenario::RateChange {
+            factor: 0.5,
+            at_fraction: 0.2,
+        });
+        let mut sim = Simulation::new(&s);
+        let change = sim.built.rate_change.clone().expect("scheduled");
+        assert_eq!(change.agents.len(), 1);
+        let n = agent_node(change.agents[0]);
+        let before = sim.net.up_rate(n);
+        let at = JOB_START + change.at;
+        while sim.now < at {
+            assert_eq!(sim.net.up_rate(n), before);
+            assert!(sim.step(), "the run ended before the change");
+        }
+        while sim.now <= at && sim.step() {}
+        assert_eq!(sim.net.up_rate(n), scaled(before, 0.5));
+        let out = sim.run();
+        assert!(out.violations.is_empty(), "{:?}", out.violations);
+        assert_eq!(out.confirmed, 10);
     }
 
     #[test]

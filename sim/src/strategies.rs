@@ -18,6 +18,10 @@
 //!   the content) sends it to one new agent, in id order; a round ends when
 //!   its last transfer does. Closed form: the sum over rounds of the slowest
 //!   transfer `S/min(u_from, d_to)` plus its latency.
+//!
+//! A scenario's rate change reaches the baselines' ports as it does Baton's
+//! (the closed forms use the rates at the start); the chain's ranking uses the
+//! rates the agents declare, as the planner would see them.
 
 use std::time::Duration;
 
@@ -27,7 +31,7 @@ use baton_protocol::{AgentId, LinkInfo, PeerAddr};
 use crate::net::{MANAGER, Net, Route, Step};
 use crate::queue::EventQueue;
 use crate::report::StrategyResult;
-use crate::scenario::{Built, Scenario};
+use crate::scenario::{Built, Scenario, scaled};
 
 /// Frames each transfer keeps queued at its sender's upload (enough to cover the latency
 /// before the sender learns a frame has left).
@@ -73,6 +77,8 @@ pub fn frame_size(scenario: &Scenario) -> u64 {
 enum Ev {
     Hop(u32),
     Deliver(u32),
+    /// The scenario's rate change: the chosen agents' uploads take their new rate.
+    RateChange,
 }
 
 #[derive(Debug)]
@@ -111,11 +117,15 @@ struct Run<'a> {
 impl<'a> Run<'a> {
     fn new(scenario: &'a Scenario, built: &'a Built) -> Self {
         let net = built.network(scenario);
+        let mut queue = EventQueue::new();
+        if let Some(c) = &built.rate_change {
+            queue.push(c.at, Ev::RateChange);
+        }
         Run {
             scenario,
             built,
             net,
-            queue: EventQueue::new(),
+            queue,
             now: Duration::ZERO,
             frames: Vec::new(),
             free_frames: Vec::new(),
@@ -197,6 +207,15 @@ impl<'a> Run<'a> {
                     if first {
                         self.flows[f as usize].queued -= 1;
                         self.refill(f);
+                    }
+                }
+                Ev::RateChange => {
+                    let built = self.built;
+                    if let Some(change) = &built.rate_change {
+                        for &k in &change.agents {
+                            let rate = scaled(self.net.link(k + 1).up, change.factor);
+                            self.net.set_up_rate(k + 1, rate);
+                        }
                     }
                 }
                 Ev::Deliver(i) => {
@@ -320,8 +339,8 @@ fn ranked(scenario: &Scenario, built: &Built) -> Vec<usize> {
             max_peers: scenario.max_peers,
             performance: 100,
             link: LinkInfo {
-                up_bps: a.up,
-                down_bps: a.down,
+                up_bps: a.declared_up,
+                down_bps: a.declared_down,
                 loss_ppm: (a.loss * 1e6) as u32,
                 uptime_s: 0,
             },

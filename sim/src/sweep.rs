@@ -2,7 +2,9 @@
 //!
 //! Seed `s` builds [`Scenario::faulty(s)`](Scenario::faulty) — a few agents,
 //! a few dozen chunks, and a random mix of drops, partitions, crashes and
-//! restarts, a malicious peer and manager restarts — and runs it to the end
+//! restarts, a malicious peer and manager restarts, with the agents declaring
+//! their true rates, none or wrong ones (a third of the seeds each) and a
+//! fifth of the seeds changing some uploads mid-job — and runs it to the end
 //! with every invariant checked after every event. A failing seed is printed
 //! with what broke; setting `BATON_SIM_SEED` to it replays exactly that run
 //! (see [`replay_seed`]).
