@@ -1341,16 +1341,23 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         if replace {
             j.set_default_range();
         }
+        // A named range replaces what earlier ranges said of its chunks (the manager sends
+        // the full list): trim them all first, so that the slots of sources no longer named
+        // free up before new sources need one (else a moved stripe boundary could leave a
+        // full table and send a range to the manager), and an avoided new source falls back
+        // to the manager, not to a stale older source.
+        for sr in sources {
+            let end = sr.end.min(j.chunks());
+            if sr.first < end {
+                j.clear_ranges(sr.first, end);
+            }
+        }
         let mut dropped = false;
         for sr in sources {
             let end = sr.end.min(j.chunks());
             if sr.first >= end {
                 continue;
             }
-            // A named range replaces what earlier ranges said of its chunks (the manager
-            // sends the full list): trim them, so that their sources' slots free up and an
-            // avoided new source falls back to the manager, not to a stale older source.
-            j.clear_ranges(sr.first, end);
             let slot = match &sr.source {
                 Source::Manager => 0,
                 Source::Peer { id, addr, key } => {
@@ -3132,6 +3139,48 @@ mod test {
         }
         // The older ranges are gone, not merely shadowed.
         assert_eq!(j.ranges.len(), 2);
+    }
+
+    #[test]
+    fn moved_stripe_boundaries_and_a_new_source_fit_a_full_source_table() {
+        let mut w = world();
+        let c = Content::new(&w.publisher, "fw", 1, 0, 16 * 1024);
+        // Eight peers, two chunks each: with the manager, every source slot is taken.
+        let names = ["p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8"];
+        let stripes = |cuts: [u32; 9], who: [&str; 8]| -> StdVec<SourceRange> {
+            (0..8)
+                .map(|i| peer_source(who[i], cuts[i], cuts[i + 1]))
+                .collect()
+        };
+        w.fetch(&c, 1, &stripes([0, 2, 4, 6, 8, 10, 12, 14, 16], names));
+        w.events();
+        // The plan was adapted: every boundary moved, and p1's stripe went to p9. The new
+        // list names p9 first, while p1's old range still overlaps p2's new one: p1's slot
+        // must free up before p9 needs one.
+        let mut moved = names;
+        moved[0] = "p9";
+        let mut list = stripes([0, 1, 3, 5, 7, 9, 11, 13, 16], moved);
+        let msg = Message::Sources {
+            job: job(1),
+            sources: heapless::Vec::from_slice(&list).unwrap(),
+        };
+        w.frame(ConnId::MANAGER, &msg.to_vec()).unwrap();
+        assert!(
+            !w.events()
+                .iter()
+                .any(|e| matches!(e, Event::Ignored { .. })),
+            "no range dropped"
+        );
+        let j = &w.agent.jobs[0];
+        for (k, sr) in list.iter().enumerate() {
+            let Source::Peer { id: want, .. } = &sr.source else {
+                unreachable!()
+            };
+            for i in sr.first..sr.end {
+                let slot = &j.sources[j.ranges[j.owner(i)].slot as usize];
+                assert_eq!(slot.id(), Some(want), "stripe {k}, chunk {i}");
+            }
+        }
     }
 
     #[test]

@@ -1625,7 +1625,15 @@ impl Simulation {
                         e.agent_online(now, id, key, *report);
                     }
                 }
-                SessionEvent::ForEngine(msg) => {
+                SessionEvent::ForEngine(mut msg) => {
+                    // Agents count the real bytes of the chunks they received; the engine
+                    // measures rates from them, so they are scaled to the virtual size.
+                    if let Message::Progress { received, .. } = &mut msg {
+                        let scale = self.truth.virtual_chunk() / u64::from(REAL_CHUNK);
+                        for r in received.iter_mut() {
+                            r.bytes = r.bytes.saturating_mul(scale.max(1));
+                        }
+                    }
                     if let Some(e) = self.manager.engine.as_mut()
                         && e.handle_message(now, &id, &msg).is_err()
                     {

@@ -4,28 +4,32 @@
 //! verified bytes it received from each source since its previous one, so the
 //! manager sees what every source delivers to every fetcher. Summed per source
 //! over a window of [`RATE_WINDOW`], that is the source's delivered upload
-//! rate. A source serving a relay stripe has more demand than its link
-//! carries (its fetchers keep requests in flight), so the delivered rate is
-//! its usable upload. The estimate is the highest of the last
-//! [`WINDOWS_KEPT`] windows in which it delivered anything: it follows a link
-//! that slows down within that many windows, and a window in which the
-//! source had little to do (a stripe's start, its last chunks) does not pull
-//! it down.
+//! rate. A source whose fetchers keep more requests in flight than its link
+//! carries delivers its usable upload; one that waits for its own stripe
+//! delivers less (a lower bound). The estimate is the highest of the last
+//! [`WINDOWS_KEPT`] windows in which it delivered anything, once it has
+//! [`MIN_WINDOWS`] whole ones (the first, in which it started serving, is
+//! dropped): it follows a link that slows down within that many windows, and
+//! a window in which the source had little to do (a stripe's start, its last
+//! chunks) does not pull it down.
 //!
 //! The plan is made from what was known when the job started (declared rates,
 //! or nothing). Once a window closes, the engine compares the estimates with
 //! the rates the plan was made with; when they differ by more than
-//! [`REPLAN_DRIFT`] of the total upload, the plan is built again over the same
-//! participants with the measured rates (stripes resized, groups and fan-out
-//! redrawn, confirmed holders as sources) and every fetcher whose sources
-//! changed is sent its new ones. Chunks already verified stay verified: a
-//! fetcher skips them, and a relay parks requests for chunks it is still
-//! fetching. The first re-plan may follow the first window; later ones are at
-//! least [`REPLAN_GAP`] apart and stop once
-//! [`REPLAN_UNTIL`] of the job's chunks are verified (a new plan so late moves
-//! more than it saves). Sources that were routed around stay so (bans and
-//! retirements carry over), and a plan with LAN segments is kept: a new one
-//! would pick other segment entries and send content across the WAN again.
+//! [`REPLAN_DRIFT`] of the total upload, the plan is adapted to the measured
+//! rates (see [`RelayPlan::adapt_to_rates`](crate::planner::RelayPlan::adapt_to_rates)):
+//! fetchers move inside each stripe's group towards members with more upload
+//! per fetcher, and the stripes are resized so that their most loaded holders
+//! finish together. Every fetcher whose sources changed is sent its new ones.
+//! Chunks already verified stay verified: a fetcher skips them, and a relay
+//! parks requests for chunks it is still fetching. Resizing keeps who fetches
+//! from whom, so it opens no connection (a whole new plan did, thirty-two at
+//! once in the lab, whose handshakes then queued behind bulk data on saturated
+//! links). The first adaptation may follow the first estimates; later ones are
+//! at least [`REPLAN_GAP`] apart and stop once [`REPLAN_UNTIL`] of the job's
+//! chunks are verified (so late, moving ranges costs more than it saves). A
+//! plan with LAN segments is kept: content enters each segment once, through
+//! its entries.
 
 use core::time::Duration;
 
@@ -37,6 +41,8 @@ use super::{Ctx, Job, JobOutcome, ParticipantState};
 pub(super) const RATE_WINDOW: Duration = Duration::from_secs(2);
 /// Active windows a source's estimate is the highest of.
 const WINDOWS_KEPT: usize = 4;
+/// Whole active windows (after the first, partial one) before a source has an estimate.
+pub(super) const MIN_WINDOWS: usize = 2;
 /// Relative difference (of the summed upload) between estimates and the plan's rates
 /// that makes a new plan worth its disruption.
 const REPLAN_DRIFT: f64 = 0.2;
@@ -66,18 +72,27 @@ pub(super) struct UploadMeter {
 struct RecentRates {
     rates: [u64; WINDOWS_KEPT],
     next: u8,
+    /// Active windows seen (saturating).
+    seen: u8,
 }
 
 impl RecentRates {
-    /// Keeps `rate`, dropping the oldest.
+    /// Keeps `rate`, dropping the oldest; the first active window is dropped itself (the
+    /// source started serving somewhere inside it).
     fn push(&mut self, rate: u64) {
+        self.seen = self.seen.saturating_add(1);
+        if self.seen == 1 {
+            return;
+        }
         self.rates[self.next as usize] = rate;
         self.next = ((self.next as usize + 1) % WINDOWS_KEPT) as u8;
     }
 
-    /// The highest kept rate (`0` if none).
-    fn max(&self) -> u64 {
-        self.rates.iter().copied().max().unwrap_or(0)
+    /// The highest kept rate, once [`MIN_WINDOWS`] whole windows are kept.
+    fn estimate(&self) -> Option<u64> {
+        (usize::from(self.seen) > MIN_WINDOWS)
+            .then(|| self.rates.iter().copied().max().unwrap_or(0))
+            .filter(|&r| r > 0)
     }
 }
 
@@ -123,10 +138,7 @@ impl UploadMeter {
 
     /// The measured upload of participant `idx` in bytes/s, if it has delivered anything.
     pub(super) fn upload(&self, idx: u32) -> Option<u64> {
-        self.kept
-            .get(idx as usize)
-            .map(|r| r.max())
-            .filter(|&r| r > 0)
+        self.kept.get(idx as usize).and_then(RecentRates::estimate)
     }
 
     /// Notes that the job was planned again at `now`.
@@ -209,8 +221,8 @@ impl Job {
         }
     }
 
-    /// Resizes the plan's stripes to the measured upload rates and sends new sources to
-    /// every fetcher whose ranges moved.
+    /// Adapts the plan to the measured upload rates and sends new sources to every fetcher
+    /// whose sources or ranges moved.
     fn replan(&mut self, cx: &mut Ctx<'_>, job_id: u64) {
         let rates: Vec<(u32, u64)> = (0..self.parts.len() as u32)
             .filter_map(|idx| Some((idx, self.rates.upload(idx)?)))
@@ -234,7 +246,7 @@ impl Job {
             replans = self.rates.replans,
             stripes = ?plan.stripes(),
             changed = changed.len(),
-            "stripes resized to measured upload rates"
+            "plan adapted to measured upload rates"
         );
         self.resend_sources(cx, job_id, &changed);
     }
@@ -249,16 +261,24 @@ mod test {
         let mut m = UploadMeter::default();
         let t = Duration::from_secs(10);
         assert_eq!(m.window_end(), None);
-        m.record(t, 1, 2_000_000);
-        m.record(t, 3, 1_000_000);
-        assert!(!m.roll(t + Duration::from_secs(1)));
-        assert!(m.roll(t + RATE_WINDOW));
+        // The first window (partial) and one whole window: no estimate yet.
+        for w in 0..=MIN_WINDOWS as u32 {
+            let at = t + RATE_WINDOW * w;
+            if w == MIN_WINDOWS as u32 {
+                assert_eq!(m.upload(1), None);
+            }
+            m.record(at, 1, 2_000_000);
+            m.record(at, 3, 1_000_000);
+            assert!(!m.roll(at + Duration::from_secs(1)));
+            assert!(m.roll(at + RATE_WINDOW));
+        }
+        let t = t + RATE_WINDOW * MIN_WINDOWS as u32;
         assert_eq!(m.upload(1), Some(1_000_000));
         assert_eq!(m.upload(3), Some(500_000));
         assert_eq!(m.upload(0), None);
         // A slower window keeps the estimate; after WINDOWS_KEPT slow ones it follows.
         for k in 1..=WINDOWS_KEPT as u64 {
-            let at = t + RATE_WINDOW * (2 * k as u32);
+            let at = t + RATE_WINDOW * (k as u32);
             m.record(at, 1, 400_000);
             assert!(m.roll(at + RATE_WINDOW));
             let expect = if (k as usize) < WINDOWS_KEPT {

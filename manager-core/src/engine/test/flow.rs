@@ -373,7 +373,7 @@ fn a_blind_job_is_planned_again_with_the_uploads_its_fetchers_measure() {
     // What the fetchers report: b0..b3 deliver five times what b4..b7 do.
     let rate = |j: usize| if j < 4 { 500_000u64 } else { 100_000 };
     let job = JobRef { id: 1, epoch: 1 };
-    for _ in 0..2 {
+    for _ in 0..=rates::MIN_WINDOWS {
         for f in 0..8 {
             let mut received = heapless::Vec::new();
             for j in (0..8).filter(|&j| j != f) {
