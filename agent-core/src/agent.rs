@@ -3159,7 +3159,7 @@ mod test {
         // must free up before p9 needs one.
         let mut moved = names;
         moved[0] = "p9";
-        let mut list = stripes([0, 1, 3, 5, 7, 9, 11, 13, 16], moved);
+        let list = stripes([0, 1, 3, 5, 7, 9, 11, 13, 16], moved);
         let msg = Message::Sources {
             job: job(1),
             sources: heapless::Vec::from_slice(&list).unwrap(),
