@@ -6,12 +6,15 @@
 //! over a window of [`RATE_WINDOW`], that is the source's delivered upload
 //! rate. A source whose fetchers keep more requests in flight than its link
 //! carries delivers its usable upload; one that waits for its own stripe
-//! delivers less (a lower bound). The estimate is the highest of the last
-//! [`WINDOWS_KEPT`] windows in which it delivered anything, once it has
-//! [`MIN_WINDOWS`] whole ones (the first, in which it started serving, is
+//! delivers less (a lower bound), and a fetcher that verifies a backlog at
+//! once reports a burst. The estimate is the mean of the last
+//! [`WINDOWS_KEPT`] windows in which the source delivered anything, once it
+//! has [`MIN_WINDOWS`] whole ones (the first, in which it started serving, is
 //! dropped): it follows a link that slows down within that many windows, and
-//! a window in which the source had little to do (a stripe's start, its last
-//! chunks) does not pull it down.
+//! windows in which the source had nothing to do do not pull it down. A
+//! measurement within [`BELIEVED_BAND`] of the rate the plan already has
+//! (declared, or measured before) does not replace it: only a real
+//! difference moves the plan.
 //!
 //! The plan is made from what was known when the job started (declared rates,
 //! or nothing). Once a window closes, the engine compares the estimates with
@@ -39,13 +42,15 @@ use super::{Ctx, Job, JobOutcome, ParticipantState};
 
 /// Length of one measurement window.
 pub(super) const RATE_WINDOW: Duration = Duration::from_secs(2);
-/// Active windows a source's estimate is the highest of.
+/// Active windows a source's estimate is the mean of.
 const WINDOWS_KEPT: usize = 4;
 /// Whole active windows (after the first, partial one) before a source has an estimate.
 pub(super) const MIN_WINDOWS: usize = 2;
 /// Relative difference (of the summed upload) between estimates and the plan's rates
 /// that makes a new plan worth its disruption.
 const REPLAN_DRIFT: f64 = 0.2;
+/// A measured upload within this factor range of the known one does not replace it.
+const BELIEVED_BAND: (f64, f64) = (0.6, 1.6);
 /// Least time between two plans of one job.
 pub(super) const REPLAN_GAP: Duration = Duration::from_secs(6);
 /// Fraction of all participants' chunks verified after which the plan is kept.
@@ -88,10 +93,11 @@ impl RecentRates {
         self.next = ((self.next as usize + 1) % WINDOWS_KEPT) as u8;
     }
 
-    /// The highest kept rate, once [`MIN_WINDOWS`] whole windows are kept.
+    /// The mean of the kept rates, once [`MIN_WINDOWS`] whole windows are kept.
     fn estimate(&self) -> Option<u64> {
-        (usize::from(self.seen) > MIN_WINDOWS)
-            .then(|| self.rates.iter().copied().max().unwrap_or(0))
+        let kept = usize::from(self.seen).saturating_sub(1).min(WINDOWS_KEPT);
+        (kept >= MIN_WINDOWS)
+            .then(|| self.rates.iter().sum::<u64>() / kept as u64)
             .filter(|&r| r > 0)
     }
 }
@@ -139,6 +145,20 @@ impl UploadMeter {
     /// The measured upload of participant `idx` in bytes/s, if it has delivered anything.
     pub(super) fn upload(&self, idx: u32) -> Option<u64> {
         self.kept.get(idx as usize).and_then(RecentRates::estimate)
+    }
+
+    /// What the plan should take as participant `idx`'s upload, given the rate it has
+    /// (`known`: declared, or measured earlier; `0` = unknown): the measurement when there
+    /// is one and it lies outside [`BELIEVED_BAND`] of `known` (a measurement that close
+    /// is noise: a source waiting for its stripe delivers less, and a fetcher that verifies
+    /// a backlog at once reports a burst), else `known`. `None` without a measurement.
+    pub(super) fn believed(&self, idx: u32, known: u64) -> Option<u64> {
+        let measured = self.upload(idx)?;
+        let (low, high) = BELIEVED_BAND;
+        let inside = known > 0
+            && measured as f64 >= low * known as f64
+            && measured as f64 <= high * known as f64;
+        Some(if inside { known } else { measured })
     }
 
     /// Notes that the job was planned again at `now`.
@@ -212,8 +232,7 @@ impl Job {
         let rates: Vec<(u64, u64)> = (0..self.parts.len() as u32)
             .filter_map(|idx| {
                 let planned = plan.planned_up_bps(idx)?;
-                let measured = self.rates.upload(idx)?;
-                Some((planned, measured))
+                Some((planned, self.rates.believed(idx, planned)?))
             })
             .collect();
         if drifted(&rates) {
@@ -224,10 +243,13 @@ impl Job {
     /// Adapts the plan to the measured upload rates and sends new sources to every fetcher
     /// whose sources or ranges moved.
     fn replan(&mut self, cx: &mut Ctx<'_>, job_id: u64) {
-        let rates: Vec<(u32, u64)> = (0..self.parts.len() as u32)
-            .filter_map(|idx| Some((idx, self.rates.upload(idx)?)))
-            .collect();
         let plan = self.plan.as_mut().expect("running jobs have a plan");
+        let rates: Vec<(u32, u64)> = (0..self.parts.len() as u32)
+            .filter_map(|idx| {
+                let planned = plan.planned_up_bps(idx)?;
+                Some((idx, self.rates.believed(idx, planned)?))
+            })
+            .collect();
         let old: Vec<_> = (0..self.parts.len() as u32)
             .map(|i| plan.sources(i))
             .collect();
@@ -241,9 +263,15 @@ impl Job {
         let changed: Vec<u32> = (0..self.parts.len() as u32)
             .filter(|&i| plan.sources(i) != old[i as usize])
             .collect();
+        let mut measured: Vec<u64> = rates.iter().map(|r| r.1).collect();
+        measured.sort_unstable();
+        let at = |q: usize| measured.get((measured.len().saturating_sub(1)) * q / 100).copied();
         info!(
             job = job_id,
             replans = self.rates.replans,
+            upload_min = at(0),
+            upload_median = at(50),
+            upload_max = at(100),
             stripes = ?plan.stripes(),
             changed = changed.len(),
             "plan adapted to measured upload rates"
@@ -257,7 +285,7 @@ mod test {
     use super::*;
 
     #[test]
-    fn estimate_is_the_highest_active_window() {
+    fn estimate_is_the_mean_of_the_last_active_windows() {
         let mut m = UploadMeter::default();
         let t = Duration::from_secs(10);
         assert_eq!(m.window_end(), None);
@@ -276,18 +304,19 @@ mod test {
         assert_eq!(m.upload(1), Some(1_000_000));
         assert_eq!(m.upload(3), Some(500_000));
         assert_eq!(m.upload(0), None);
-        // A slower window keeps the estimate; after WINDOWS_KEPT slow ones it follows.
-        for k in 1..=WINDOWS_KEPT as u64 {
-            let at = t + RATE_WINDOW * (k as u32);
+        // Slower windows pull the mean down; after WINDOWS_KEPT of them it is theirs.
+        let expect = [733_333, 600_000, 400_000, 200_000];
+        for (k, want) in (1..=WINDOWS_KEPT as u32).zip(expect) {
+            let at = t + RATE_WINDOW * k;
             m.record(at, 1, 400_000);
             assert!(m.roll(at + RATE_WINDOW));
-            let expect = if (k as usize) < WINDOWS_KEPT {
-                1_000_000
-            } else {
-                200_000
-            };
-            assert_eq!(m.upload(1), Some(expect), "after {k} slow windows");
+            assert_eq!(m.upload(1), Some(want), "after {k} slow windows");
         }
+        // A measurement close to the known rate is noise; a far one replaces it.
+        assert_eq!(m.believed(1, 250_000), Some(250_000));
+        assert_eq!(m.believed(1, 500_000), Some(200_000));
+        assert_eq!(m.believed(1, 0), Some(200_000));
+        assert_eq!(m.believed(0, 500_000), None);
         // Windows in which it delivered nothing do not count.
         assert_eq!(m.upload(3), Some(500_000));
     }

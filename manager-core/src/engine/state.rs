@@ -219,9 +219,9 @@ impl Job {
             profile,
         );
         if info.server
-            && let Some(measured) = self.rates.upload(idx)
+            && let Some(believed) = self.rates.believed(idx, info.up_bps)
         {
-            info.up_bps = measured;
+            info.up_bps = believed;
         }
         info
     }
