@@ -56,6 +56,8 @@ use crate::store::{ContentStore, StoreError};
 
 /// Most chunk requests in flight per source (the configured window is capped at this).
 pub const MAX_WINDOW: usize = 16;
+/// Fewest requests kept in flight to a source once its window adapts.
+const MIN_PACED_WINDOW: usize = 2;
 /// Most distinct sources tracked per job (the manager counts as one).
 pub const MAX_SOURCE_SLOTS: usize = 9;
 /// Most source ranges kept per job (beyond, shadowed and then oldest ranges are dropped).
@@ -256,9 +258,11 @@ pub struct AgentConfig {
     /// Most distinct sources (the manager included) the agent reports it can use for
     /// one job; capped at [`MAX_SOURCE_SLOTS`]. A device with few connection slots says so here.
     pub max_sources: u16,
-    /// Chunk requests in flight per source (1..=[`MAX_WINDOW`]); twice as many (at most
-    /// [`MAX_WINDOW`]) to a source whose chunks this agent relays to peers, so that its
-    /// requests reach the source ahead of those of agents that only consume.
+    /// Chunk requests in flight per source at first (1..=[`MAX_WINDOW`]); from a source's
+    /// first chunk on, its window follows the round trips its chunks take (between this and
+    /// 2, and [`MAX_WINDOW`]); twice as many (at most [`MAX_WINDOW`]) to a source whose
+    /// chunks this agent relays to peers, so that its requests reach the source ahead of
+    /// those of agents that only consume.
     pub window: u16,
     /// Link capacity and reliability as known.
     pub link: LinkInfo,
@@ -371,6 +375,13 @@ struct SourceSlot {
     /// Peers ask this agent for chunks of this source's ranges: it relays them, so it asks
     /// its source further ahead (twice the window).
     relayed: bool,
+    /// Requests kept in flight to it (see [`SourceSlot::pace_window`]); `0` until its first
+    /// chunk (the configured window applies).
+    window: u8,
+    /// The shortest time a chunk took from request to arrival.
+    rtt_min: Option<Duration>,
+    /// When `window` last moved.
+    window_moved: Duration,
 }
 
 impl SourceSlot {
@@ -385,6 +396,44 @@ impl SourceSlot {
             disconnects: 0,
             received_delta: 0,
             relayed: false,
+            window: 0,
+            rtt_min: None,
+            window_moved: Duration::ZERO,
+        }
+    }
+
+    /// Requests to keep in flight to this source (`configured` until it has delivered).
+    fn window(&self, configured: u16) -> usize {
+        let configured = (configured as usize).clamp(1, MAX_WINDOW);
+        if self.window == 0 {
+            configured
+        } else {
+            (self.window as usize).clamp(configured.min(MIN_PACED_WINDOW), MAX_WINDOW)
+        }
+    }
+
+    /// Moves the window after a chunk that took `took` from request to arrival: the chunks
+    /// queued at the source ahead of it are about `window · (1 − rtt_min / took)`; under half
+    /// a chunk, the link to the source has room (one more request in flight), over one and a
+    /// half, requests only wait there (one fewer), at most one step per shortest round trip.
+    /// Fast, distant sources get deep windows; slow ones do not pile requests up behind their
+    /// link (a source serving eight fetchers then queues about eight chunks, not dozens: on a
+    /// slow link, seconds of queue delay new connections' handshakes and ARP past their
+    /// timeouts).
+    fn pace_window(&mut self, configured: u16, now: Duration, took: Duration) {
+        let min = *self.rtt_min.insert(self.rtt_min.map_or(took, |m| m.min(took)));
+        let w = self.window(configured);
+        self.window = w as u8;
+        if now < self.window_moved + min || took.is_zero() {
+            return;
+        }
+        let queued_x100 = (w as u128 * 100 * (took - min).as_micros()) / took.as_micros();
+        if queued_x100 < 50 && w < MAX_WINDOW {
+            self.window += 1;
+            self.window_moved = now;
+        } else if queued_x100 > 150 && w > (configured as usize).min(MIN_PACED_WINDOW) {
+            self.window -= 1;
+            self.window_moved = now;
         }
     }
 
@@ -1574,7 +1623,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         conn: ConnId,
         root: &Digest,
         index: u32,
-    ) -> Option<(usize, usize)> {
+    ) -> Option<(usize, usize, Duration)> {
         let peer_id = if conn == ConnId::MANAGER {
             None
         } else {
@@ -1589,8 +1638,9 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             s.id() == peer_id.as_ref() && s.in_flight.iter().any(|&(i, _)| i == index)
         })?;
         let slot = &mut j.sources[sp];
+        let asked = slot.in_flight.iter().find(|&&(i, _)| i == index)?.1;
         slot.in_flight.retain(|&(i, _)| i != index);
-        Some((jp, sp))
+        Some((jp, sp, asked))
     }
 
     fn report_trouble(&mut self, job: JobRef, peer: AgentId, trouble: Trouble) {
@@ -1613,11 +1663,12 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         proof: &Proof,
         data: &[u8],
     ) {
-        let _ = now;
-        let Some((jp, sp)) = self.take_in_flight(conn, root, index) else {
+        let Some((jp, sp, asked)) = self.take_in_flight(conn, root, index) else {
             self.ignored("unsolicited or late chunk");
             return;
         };
+        let base = self.config.window;
+        self.jobs[jp].sources[sp].pace_window(base, now, now.saturating_sub(asked));
         let j = &mut self.jobs[jp];
         let chunks = j.chunks();
         let ok = data.len() == j.manifest.chunk_len(index) as usize
@@ -1684,7 +1735,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         index: u32,
         reason: Refusal,
     ) {
-        let Some((jp, sp)) = self.take_in_flight(conn, root, index) else {
+        let Some((jp, sp, _)) = self.take_in_flight(conn, root, index) else {
             return;
         };
         let retry = self.config.retry_delay;
@@ -2127,7 +2178,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
     }
 
     fn request_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Step {
-        let window = (self.config.window as usize).clamp(1, MAX_WINDOW);
+        let configured = self.config.window;
         for jp in 0..self.jobs.len() {
             if self.jobs[jp].state != JobState::Fetching {
                 continue;
@@ -2140,6 +2191,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             }
             for sp in 0..self.jobs[jp].sources.len() {
                 let slot = &self.jobs[jp].sources[sp];
+                let window = slot.window(configured);
                 let window = if slot.relayed {
                     (2 * window).min(MAX_WINDOW)
                 } else {
