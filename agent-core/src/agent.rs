@@ -56,8 +56,9 @@ use crate::store::{ContentStore, StoreError};
 
 /// Most chunk requests in flight per source (the configured window is capped at this).
 pub const MAX_WINDOW: usize = 16;
-/// Fewest requests kept in flight to a source once its window adapts.
-const MIN_PACED_WINDOW: usize = 2;
+/// Fewest requests kept in flight to a source once its window adapts (unless the configured
+/// window is smaller): fewer left the simulator's relays idle between requests.
+const MIN_PACED_WINDOW: usize = 3;
 /// Most distinct sources tracked per job (the manager counts as one).
 pub const MAX_SOURCE_SLOTS: usize = 9;
 /// Most source ranges kept per job (beyond, shadowed and then oldest ranges are dropped).
@@ -259,8 +260,8 @@ pub struct AgentConfig {
     /// one job; capped at [`MAX_SOURCE_SLOTS`]. A device with few connection slots says so here.
     pub max_sources: u16,
     /// Chunk requests in flight per source at first (1..=[`MAX_WINDOW`]); from a source's
-    /// first chunk on, its window follows the round trips its chunks take (between this and
-    /// 2, and [`MAX_WINDOW`]); twice as many (at most [`MAX_WINDOW`]) to a source whose
+    /// first chunk on, its window follows the round trips its chunks take (never below this
+    /// or 3, whichever is less, nor above [`MAX_WINDOW`]); twice as many (at most [`MAX_WINDOW`]) to a source whose
     /// chunks this agent relays to peers, so that its requests reach the source ahead of
     /// those of agents that only consume.
     pub window: u16,
@@ -421,7 +422,9 @@ impl SourceSlot {
     /// slow link, seconds of queue delay new connections' handshakes and ARP past their
     /// timeouts).
     fn pace_window(&mut self, configured: u16, now: Duration, took: Duration) {
-        let min = *self.rtt_min.insert(self.rtt_min.map_or(took, |m| m.min(took)));
+        let min = *self
+            .rtt_min
+            .insert(self.rtt_min.map_or(took, |m| m.min(took)));
         let w = self.window(configured);
         self.window = w as u8;
         if now < self.window_moved + min || took.is_zero() {
@@ -3191,6 +3194,34 @@ mod test {
         }
         // The older ranges are gone, not merely shadowed.
         assert_eq!(j.ranges.len(), 2);
+    }
+
+    #[test]
+    fn a_source_window_grows_on_a_clear_path_and_shrinks_behind_a_queue() {
+        let mut slot = SourceSlot::new(None);
+        let rtt = Duration::from_millis(100);
+        let mut now = Duration::from_secs(1);
+        assert_eq!(slot.window(3), 3);
+        // Every chunk takes the bare round trip: one more request per round trip.
+        for _ in 0..40 {
+            now += rtt;
+            slot.pace_window(3, now, rtt);
+        }
+        assert_eq!(slot.window(3), MAX_WINDOW);
+        // Now each takes four round trips (requests wait at the source): it shrinks, to
+        // no fewer than MIN_PACED_WINDOW.
+        for _ in 0..40 {
+            now += rtt;
+            slot.pace_window(3, now, 4 * rtt);
+        }
+        assert_eq!(slot.window(3), MIN_PACED_WINDOW);
+        // A smaller configured window is a smaller floor, and it is where a source starts.
+        assert_eq!(SourceSlot::new(None).window(1), 1);
+        for _ in 0..40 {
+            now += rtt;
+            slot.pace_window(1, now, 10 * rtt);
+        }
+        assert_eq!(slot.window(1), 1);
     }
 
     #[test]

@@ -177,10 +177,18 @@ impl UploadMeter {
 }
 
 /// Whether the upload rates a plan was made with (`planned`, `0` = unknown) are far enough
-/// from the current ones (`current`) to plan again: the summed absolute difference exceeds
-/// [`REPLAN_DRIFT`] of the summed current rates. Unknown planned rates count as the mean
-/// of the current ones (what the planner assumed for them).
+/// from the current (believed, see [`UploadMeter::believed`]) ones to plan again: a known
+/// rate that is no longer believed (its measurement left the band around it: the link
+/// changed), or a summed absolute difference over [`REPLAN_DRIFT`] of the summed current
+/// rates, unknown planned rates counting as the mean of the current ones (what the
+/// planner assumed for them).
 pub(super) fn drifted(planned_and_current: &[(u64, u64)]) -> bool {
+    if planned_and_current
+        .iter()
+        .any(|&(planned, current)| planned > 0 && current > 0 && current != planned)
+    {
+        return true;
+    }
     let known: Vec<u64> = planned_and_current
         .iter()
         .map(|&(_, c)| c)
@@ -265,7 +273,11 @@ impl Job {
             .collect();
         let mut measured: Vec<u64> = rates.iter().map(|r| r.1).collect();
         measured.sort_unstable();
-        let at = |q: usize| measured.get((measured.len().saturating_sub(1)) * q / 100).copied();
+        let at = |q: usize| {
+            measured
+                .get((measured.len().saturating_sub(1)) * q / 100)
+                .copied()
+        };
         info!(
             job = job_id,
             replans = self.rates.replans,
@@ -327,11 +339,10 @@ mod test {
         assert!(drifted(&[(0, 100), (0, 500), (0, 100), (0, 500)]));
         // Blind plan, measured all equal: nothing to gain.
         assert!(!drifted(&[(0, 300), (0, 300), (0, 300)]));
-        // Declared right within 10 %: kept.
-        assert!(!drifted(&[(100, 110), (500, 460), (300, 300)]));
-        // One of four halved: 250 of 1 600 (16 %) is kept, two halved are not.
-        assert!(!drifted(&[(500, 250), (500, 500), (300, 300), (300, 300)]));
-        assert!(drifted(&[(500, 250), (500, 250), (300, 300), (300, 300)]));
+        // Known rates still believed: kept.
+        assert!(!drifted(&[(100, 100), (500, 500), (300, 300)]));
+        // One known rate no longer believed (the link changed): planned again.
+        assert!(drifted(&[(500, 250), (500, 500), (300, 300), (300, 300)]));
         // Nothing measured yet: no decision.
         assert!(!drifted(&[(0, 0), (100, 0)]));
     }
