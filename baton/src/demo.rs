@@ -141,27 +141,24 @@ impl LinkProfile {
         new_up_bps: u64,
         at_seconds: f64,
     ) -> f64 {
-        let s = bytes as f64;
-        let n = self.agent_up_bps.len() as f64;
-        let d_min = self
-            .agent_down_bps
-            .iter()
-            .copied()
-            .min()
-            .unwrap_or(u64::MAX) as f64;
-        let before = self.manager_up_bps as f64 + self.agent_up_bps.iter().sum::<u64>() as f64;
+        let (single, total, before) = self.bound_terms(bytes);
         let after = before - self.agent_up_bps[agent] as f64 + new_up_bps as f64;
-        let mut aggregate = n * s / before;
+        let mut aggregate = total / before;
         if aggregate > at_seconds {
-            aggregate = at_seconds + (n * s - before * at_seconds) / after;
+            aggregate = at_seconds + (total - before * at_seconds) / after;
         }
-        (s / self.manager_up_bps as f64)
-            .max(s / d_min)
-            .max(aggregate)
+        single.max(aggregate)
     }
 
     /// The Kumar–Ross lower bound for `bytes` of content, in seconds.
     pub fn lower_bound_seconds(&self, bytes: u64) -> f64 {
+        let (single, total, upload) = self.bound_terms(bytes);
+        single.max(total / upload)
+    }
+
+    /// The parts of the bound for `bytes`: the larger of S/u_s and S/d_min (seconds), the
+    /// bytes to deliver N·S, and the aggregate upload u_s + Σu (bytes/s).
+    fn bound_terms(&self, bytes: u64) -> (f64, f64, f64) {
         let s = bytes as f64;
         let n = self.agent_up_bps.len() as f64;
         let d_min = self
@@ -170,10 +167,12 @@ impl LinkProfile {
             .copied()
             .min()
             .unwrap_or(u64::MAX) as f64;
-        let aggregate = self.manager_up_bps as f64 + self.agent_up_bps.iter().sum::<u64>() as f64;
-        (s / self.manager_up_bps as f64)
-            .max(s / d_min)
-            .max(n * s / aggregate)
+        let upload = self.manager_up_bps as f64 + self.agent_up_bps.iter().sum::<u64>() as f64;
+        (
+            (s / self.manager_up_bps as f64).max(s / d_min),
+            n * s,
+            upload,
+        )
     }
 }
 

@@ -373,24 +373,25 @@ fn a_blind_job_is_planned_again_with_the_uploads_its_fetchers_measure() {
     // What the fetchers report: b0..b3 deliver five times what b4..b7 do.
     let rate = |j: usize| if j < 4 { 500_000u64 } else { 100_000 };
     let job = JobRef { id: 1, epoch: 1 };
-    for _ in 0..=rates::MIN_WINDOWS {
+    // Every fetcher reports `share` of a window's worth from each of its 7 sources.
+    let report = |fleet: &mut Fleet, verified: u32, share: u64| {
         for f in 0..8 {
             let mut received = heapless::Vec::new();
             for j in (0..8).filter(|&j| j != f) {
                 let from = Some(fleet.agents[j].id.clone());
-                // A quarter of a window's worth from each source to each of 7 fetchers.
-                let bytes = rate(j) / 7 / 4;
+                let bytes = rate(j) / 7 / share;
                 received.push(Received { from, bytes }).unwrap();
             }
-            fleet.send(
-                f,
-                Message::Progress {
-                    job,
-                    verified: 1,
-                    received,
-                },
-            );
+            let progress = Message::Progress {
+                job,
+                verified,
+                received,
+            };
+            fleet.send(f, progress);
         }
+    };
+    for _ in 0..=rates::MIN_WINDOWS {
+        report(&mut fleet, 1, 4);
         fleet.now += rates::RATE_WINDOW;
         fleet.engine.handle_timeout(fleet.now);
         fleet.drain();
@@ -418,26 +419,7 @@ fn a_blind_job_is_planned_again_with_the_uploads_its_fetchers_measure() {
         .count();
     assert!(resent >= 4, "fetchers learn their new sources ({resent})");
     // Measured rates matching the plan call for nothing more.
-    for f in 0..8 {
-        let mut received = heapless::Vec::new();
-        for j in (0..8).filter(|&j| j != f) {
-            let from = Some(fleet.agents[j].id.clone());
-            received
-                .push(Received {
-                    from,
-                    bytes: rate(j) / 7 / 2,
-                })
-                .unwrap();
-        }
-        fleet.send(
-            f,
-            Message::Progress {
-                job,
-                verified: 2,
-                received,
-            },
-        );
-    }
+    report(&mut fleet, 2, 2);
     fleet.now += rates::REPLAN_GAP;
     fleet.engine.handle_timeout(fleet.now);
     fleet.drain();
