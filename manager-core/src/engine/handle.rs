@@ -462,7 +462,13 @@ impl Job {
         }
         match trouble {
             Trouble::BadChunk { .. } => changed.extend(plan.retire(peer, true)),
-            Trouble::Unreachable => changed.extend(plan.retire(peer, false)),
+            // A peer still connected to the manager that one fetcher cannot reach is a path
+            // or a queue on the way (handshakes and ARP time out behind seconds of queue on a
+            // saturated link), not a dead peer: the ban above routes this fetcher around it.
+            // Only a peer that is gone from the manager too stops serving everyone.
+            Trouble::Unreachable if !self.parts[peer as usize].online => {
+                changed.extend(plan.retire(peer, false))
+            }
             _ => {}
         }
         self.resend_sources(cx, job_id, &changed);
