@@ -15,6 +15,9 @@ use std::collections::{HashMap, VecDeque};
 use super::apportion::apportion_min_max;
 use super::{MANAGER, NO_GROUP, NodeInfo, RelayPlan, Retired, SCAN_LIMIT, UNSET, is_peer};
 
+/// Fixed-point scale of a holder's load (fetchers over upload) when loads are compared.
+const LOAD_SCALE: u128 = 1 << 40;
+
 /// Which queue of serving candidates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Queue {
@@ -176,13 +179,19 @@ impl RelayPlan {
     /// changes and no cycle can form). A fetcher that already uses the new member for another
     /// stripe is moved first (no new connection). Returns the fetchers that moved.
     pub fn rebalance_fetchers(&mut self) -> Vec<u32> {
-        const SCALE: u128 = 1 << 40;
         let k = self.stripes.len();
+        // Serving members per group, and each member's position in its group's list.
+        let mut groups: Vec<Vec<u32>> = vec![Vec::new(); k];
+        let mut position = vec![usize::MAX; self.nodes.len()];
+        for i in 0..self.nodes.len() as u32 {
+            let g = self.nodes[i as usize].group as usize;
+            if g < k && self.serving(i) {
+                position[i as usize] = groups[g].len();
+                groups[g].push(i);
+            }
+        }
         let mut moved: Vec<u32> = Vec::new();
-        for s in 0..k {
-            let members: Vec<u32> = (0..self.nodes.len() as u32)
-                .filter(|&i| self.nodes[i as usize].group == s as u32 && self.serving(i))
-                .collect();
+        for (s, members) in groups.iter().enumerate() {
             if members.len() < 2 {
                 continue;
             }
@@ -191,9 +200,13 @@ impl RelayPlan {
             let mut movable: Vec<Vec<u32>> = vec![Vec::new(); members.len()];
             for f in 0..self.nodes.len() as u32 {
                 let h = self.parent(f, s);
-                let Some(m) = members.iter().position(|&m| m == h) else {
+                if !is_peer(h) || self.nodes[h as usize].group != s as u32 {
                     continue;
-                };
+                }
+                let m = position[h as usize];
+                if m == usize::MAX {
+                    continue;
+                }
                 if self.nodes[f as usize].group == s as u32 {
                     fixed[m] += 1;
                 } else {
@@ -208,7 +221,7 @@ impl RelayPlan {
             let mut target = vec![0u128; members.len()];
             for _ in 0..total {
                 let m = (0..members.len())
-                    .min_by_key(|&m| ((fixed[m] + target[m] + 1) * SCALE / up[m], m))
+                    .min_by_key(|&m| ((fixed[m] + target[m] + 1) * LOAD_SCALE / up[m], m))
                     .expect("two members or more");
                 target[m] += 1;
             }
@@ -271,7 +284,6 @@ impl RelayPlan {
                 }
             }
         }
-        const SCALE: u128 = 1 << 40;
         let manager_up = (manager_up_bps.max(1) as u128).div_ceil(k as u128);
         let mut costs = vec![1u128; k];
         for (&(h, s), &fetchers) in &load {
@@ -280,7 +292,7 @@ impl RelayPlan {
             } else {
                 self.eff_up(h as u32) as u128
             };
-            costs[s] = costs[s].max(fetchers * SCALE / up.max(1));
+            costs[s] = costs[s].max(fetchers * LOAD_SCALE / up.max(1));
         }
         let sizes = apportion_min_max(self.chunks, &costs);
         let mut first = 0;
