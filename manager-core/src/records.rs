@@ -259,6 +259,8 @@ pub struct ParticipantRecord {
     pub source: Option<String>,
     /// Its place in the planner's order (0 first).
     pub position: Option<u32>,
+    /// Its upload as last measured in this job, bytes/s (what the plan was adapted to).
+    pub measured_up_bps: Option<u64>,
 }
 
 /// Bytes one participant received from one source in a job.

@@ -261,14 +261,23 @@ async fn resume_job(
         return Ok(());
     }
     let mut states = Vec::with_capacity(participants.len());
+    let mut measured = Vec::new();
     for p in &participants {
         let Ok(id) = AgentId::try_from(p.agent.as_str()) else {
             continue;
         };
+        if let Some(up) = p.measured_up_bps {
+            measured.push((id.clone(), up));
+        }
         states.push((id, crate::store::resume_state(p)));
     }
-    tracing::info!(job = job.id, participants = states.len(), "resuming job");
-    task.engine_mut().resume_job(now, spec, states);
+    tracing::info!(
+        job = job.id,
+        participants = states.len(),
+        measured = measured.len(),
+        "resuming job"
+    );
+    task.engine_mut().resume_job(now, spec, states, &measured);
     Ok(())
 }
 
@@ -321,6 +330,7 @@ pub async fn serve(
             give_up_after: opts.give_up,
             progress_flush: Duration::from_millis(500),
             manager_up_bps: opts.up_bps,
+            ..EngineConfig::default()
         },
     );
     let mut engine_task = EngineTask::new(

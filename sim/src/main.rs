@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use baton_sim::report::{StrategyResult, Summary};
-use baton_sim::scenario::{RateChange, RatesMode, Scenario, SweepSize, binding_term};
+use baton_sim::scenario::{LateJoin, RateChange, RatesMode, Scenario, SweepSize, binding_term};
 use baton_sim::simulation::Simulation;
 use baton_sim::strategies::{self, Strategy};
 use baton_sim::sweep;
@@ -144,6 +144,10 @@ struct Args {
     /// multiplied by FACTOR at TIME_FRACTION × T* after the job starts (e.g. 0.5@0.33).
     #[arg(long, value_parser = parse_rate_change)]
     rate_change: Option<RateChange>,
+    /// COUNT@TIME_FRACTION: COUNT agents (from the seed) start TIME_FRACTION × T* after the job
+    /// (e.g. 4@0.25); the report gives the makespan penalty against the same run without.
+    #[arg(long, value_parser = parse_late)]
+    late: Option<LateJoin>,
     /// Engine: a silent, disconnected participant is given up after this long.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     give_up_after: Duration,
@@ -227,6 +231,7 @@ impl Args {
         s.give_up_after = self.give_up_after;
         s.rates = self.rates;
         s.rate_change = self.rate_change;
+        s.late = self.late;
         let f = &mut s.faults;
         f.drop_rate = self.drop_rate.clamp(0.0, 1.0);
         f.serial_drops = self.serial_drops;
@@ -242,6 +247,10 @@ impl Args {
 }
 
 fn parse_rates(s: &str) -> Result<RatesMode> {
+    s.parse()
+}
+
+fn parse_late(s: &str) -> Result<LateJoin> {
     s.parse()
 }
 
@@ -359,17 +368,22 @@ fn run_one(args: &Args) -> Result<ExitCode> {
     let built = sim.built().clone();
     let setup = started.elapsed();
 
-    let (baton_out, base_results) = std::thread::scope(|scope| {
+    // With faults or late starts, the same run without them, for the makespan penalty.
+    let faulty = baton && (scenario.faults.any() || scenario.late.is_some());
+    let (baton_out, base_results, calm_out) = std::thread::scope(|scope| {
         let base = scope.spawn(|| {
             baselines
                 .iter()
                 .map(|&s| strategies::run(s, &scenario, &built))
                 .collect::<Vec<_>>()
         });
+        let calm =
+            scope.spawn(|| faulty.then(|| Simulation::new(&scenario.without_faults()).run()));
         let out = baton.then(|| sim.run());
-        (out, base.join())
+        (out, base.join(), calm.join())
     });
     let base_results = base_results.map_err(|_| "a baseline panicked".to_string())?;
+    let calm_out = calm_out.map_err(|_| "the fault-free run panicked".to_string())?;
     let wall = started.elapsed();
 
     let mut summary = Summary {
@@ -456,6 +470,11 @@ fn run_one(args: &Args) -> Result<ExitCode> {
                 }),
             );
         }
+        if let Some(calm) = &calm_out {
+            let cost = fault_cost(out, calm, &built);
+            eprintln!("{}", cost.1);
+            e.insert("fault_cost".into(), cost.0);
+        }
         e.insert("peer_trouble".into(), json!(st.peer_trouble));
         e.insert("agents_ignored".into(), json!(st.ignored));
         e.insert("engine_errors".into(), json!(st.engine_errors));
@@ -479,4 +498,48 @@ fn run_one(args: &Args) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// What the faults and late starts of a run cost: its makespan against the same run without
+/// them, the manager's downtime, and when the last late agent finished (JSON and one line).
+fn fault_cost(
+    out: &baton_sim::simulation::Outcome,
+    calm: &baton_sim::simulation::Outcome,
+    built: &baton_sim::scenario::Built,
+) -> (serde_json::Value, String) {
+    let (with, without) = (out.makespan(), calm.makespan());
+    let downtime = built.manager_downtime().as_secs_f64();
+    let mut line = format!(
+        "fault cost: makespan {with:.3} s against {without:.3} s without faults: {:+.3} s \
+         ({:+.1} %), manager down {downtime:.3} s",
+        with - without,
+        100.0 * (with / without - 1.0)
+    );
+    let mut value = json!({
+        "makespan_without_seconds": without,
+        "penalty_seconds": with - without,
+        "penalty_fraction": with / without - 1.0,
+        "manager_downtime_seconds": downtime,
+    });
+    if let Some(l) = &built.late {
+        let last = l
+            .agents
+            .iter()
+            .filter_map(|&k| out.completion.get(k).copied().flatten())
+            .fold(0.0f64, f64::max);
+        let at = l.at.as_secs_f64();
+        line.push_str(&format!(
+            "; {} late agents started at {at:.3} s, the last done at {last:.3} s \
+             (start + 1.15 x the makespan without: {:.3} s)",
+            l.agents.len(),
+            at + 1.15 * without
+        ));
+        value["late"] = json!({
+            "agents": l.agents.len(),
+            "at_seconds": at,
+            "last_done_seconds": last,
+            "target_seconds": at + 1.15 * without,
+        });
+    }
+    (value, line)
 }

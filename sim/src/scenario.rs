@@ -160,6 +160,32 @@ impl FromStr for RateChange {
     }
 }
 
+/// Agents that start only after the job did (`--late COUNT@TIME_FRACTION`): they are
+/// participants from the start, offline until then, and are placed as they connect.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LateJoin {
+    /// How many agents start late (at most all of them).
+    pub count: u32,
+    /// When they start, as a fraction of the lower bound `T*` after the job starts.
+    pub at_fraction: f64,
+}
+
+impl FromStr for LateJoin {
+    type Err = String;
+
+    /// Parses `COUNT@TIME_FRACTION`, e.g. `4@0.25`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = || format!("{s:?}: expected COUNT@TIME_FRACTION, e.g. 4@0.25");
+        let (count, at) = s.split_once('@').ok_or_else(usage)?;
+        let count: u32 = count.trim().parse().map_err(|_| usage())?;
+        let at_fraction: f64 = at.trim().parse().map_err(|_| usage())?;
+        if !(at_fraction.is_finite() && at_fraction >= 0.0) {
+            return Err(format!("{s:?}: the time fraction must be 0 or more"));
+        }
+        Ok(LateJoin { count, at_fraction })
+    }
+}
+
 /// Everything a run is generated from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scenario {
@@ -225,6 +251,8 @@ pub struct Scenario {
     pub rate_change: Option<RateChange>,
     /// Faults to inject.
     pub faults: FaultConfig,
+    /// Agents that start after the job, if any.
+    pub late: Option<LateJoin>,
     /// Every live agent must be confirmed this long after the last fault healed (or after the
     /// job started, without faults); `None` = 180 s + 20·T*.
     pub bound: Option<Duration>,
@@ -264,7 +292,18 @@ impl Scenario {
             rates: RatesMode::Declared,
             rate_change: None,
             faults: FaultConfig::default(),
+            late: None,
             bound: None,
+        }
+    }
+
+    /// The same fleet, links and content without faults or late starts: the run a fault's
+    /// makespan penalty is measured against.
+    pub fn without_faults(&self) -> Self {
+        Scenario {
+            faults: FaultConfig::default(),
+            late: None,
+            ..self.clone()
         }
     }
 
@@ -485,11 +524,20 @@ impl Scenario {
             });
         }
         faults.sort_by_key(|f| f.start());
+        // From a stream of their own: the fleet and the faults stay those of the seed.
+        let late = self.late.map(|l| {
+            let mut r = ChaCha8Rng::seed_from_u64(self.seed ^ 0x1A7E_501B);
+            ScheduledLateJoin {
+                agents: pick(&mut r, self.agents, (l.count as usize).min(self.agents)),
+                at: Duration::from_secs_f64(l.at_fraction * lower_bound.max(0.0)),
+            }
+        });
         Built {
             agents,
             faults,
             lower_bound,
             rate_change,
+            late,
         }
     }
 
@@ -698,6 +746,17 @@ pub struct Built {
     pub lower_bound: f64,
     /// The upload change, if the scenario has one.
     pub rate_change: Option<ScheduledRateChange>,
+    /// The late starters, if the scenario has some.
+    pub late: Option<ScheduledLateJoin>,
+}
+
+/// A [`LateJoin`] as drawn for a run: who starts late, and when.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScheduledLateJoin {
+    /// The late agents, ascending.
+    pub agents: Vec<usize>,
+    /// When they start, after the job starts.
+    pub at: Duration,
 }
 
 /// A [`RateChange`] as drawn for a run: whose upload changes, when, and the bound after it.
@@ -740,7 +799,24 @@ impl Built {
 
     /// When the last fault has healed (relative to the job start).
     pub fn healed_at(&self) -> Duration {
-        self.faults.iter().map(Fault::end).max().unwrap_or_default()
+        let late = self.late.as_ref().map(|l| l.at).unwrap_or_default();
+        self.faults
+            .iter()
+            .map(Fault::end)
+            .max()
+            .unwrap_or_default()
+            .max(late)
+    }
+
+    /// The manager's total downtime over its restarts.
+    pub fn manager_downtime(&self) -> Duration {
+        self.faults
+            .iter()
+            .map(|f| match f {
+                Fault::ManagerRestart { downtime, .. } => *downtime,
+                _ => Duration::ZERO,
+            })
+            .sum()
     }
 }
 

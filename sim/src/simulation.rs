@@ -82,7 +82,7 @@ const RTO_MIN: Duration = Duration::from_millis(200);
 /// The agent driver's first reconnection backoff (doubling up to [`BACKOFF_MAX`]).
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// The agent driver's longest reconnection backoff.
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const BACKOFF_MAX: Duration = Duration::from_secs(8);
 /// A manager session that lasted this long resets the backoff.
 const BACKOFF_RESET: Duration = Duration::from_secs(10);
 /// Events at one instant, at most, before the run is declared stalled (a livelock).
@@ -231,6 +231,8 @@ struct StoredJob {
     epoch: u32,
     order: Vec<AgentId>,
     states: HashMap<AgentId, ParticipantState>,
+    /// The last measured upload of each participant that has one.
+    measured: BTreeMap<AgentId, u64>,
     finished: bool,
 }
 
@@ -504,6 +506,7 @@ impl Simulation {
             give_up_after: scenario.give_up_after,
             progress_flush: Duration::from_secs(1),
             manager_up_bps: scenario.manager_up,
+            ..EngineConfig::default()
         };
         let n = agents.len();
         let manager = ManagerNode {
@@ -558,9 +561,15 @@ impl Simulation {
             same_time: 0,
             arrivals: std::env::var_os("BATON_SIM_CRITICAL").map(|_| HashMap::new()),
         };
+        let late = sim.built.late.clone();
         for k in 0..n {
-            // Agents start within the first 100 ms.
-            let at = Duration::from_micros(sim.rng.gen_range(0..100_000));
+            // Agents start within the first 100 ms (late ones as long after the job started).
+            let mut at = Duration::from_micros(sim.rng.gen_range(0..100_000));
+            if let Some(l) = &late
+                && l.agents.binary_search(&k).is_ok()
+            {
+                at += JOB_START + l.at;
+            }
             sim.push(
                 at,
                 Ev::Dial {
@@ -1357,10 +1366,12 @@ impl Simulation {
         self.push(self.now + rtt * 3 / 2, Ev::ManagerUp { conn, serial });
     }
 
-    /// Schedules the next dial after `after` plus the backoff, and doubles the backoff.
+    /// Schedules the next dial after `after` plus the backoff (times a jitter of 0.5-1, as the
+    /// driver draws it), and doubles the backoff.
     fn redial(&mut self, k: usize, after: Duration) {
+        let jitter = self.rng.gen_range(0.5..=1.0);
         let node = &mut self.agents[k];
-        let at = self.now + after + node.backoff;
+        let at = self.now + after + node.backoff.mul_f64(jitter);
         node.backoff = (node.backoff * 2).min(BACKOFF_MAX);
         let inc = node.inc;
         self.push(
@@ -1992,7 +2003,12 @@ impl Simulation {
                 .collect();
             late.sort_by(|a, b| a.0.cmp(b.0));
             parts.extend(late.into_iter().map(|(id, s)| (id.clone(), *s)));
-            engine.resume_job(now, self.manager.spec.clone(), parts);
+            let measured: Vec<(AgentId, u64)> = stored
+                .measured
+                .iter()
+                .map(|(id, up)| (id.clone(), *up))
+                .collect();
+            engine.resume_job(now, self.manager.spec.clone(), parts, &measured);
         }
         self.manager.engine = Some(engine);
         self.sync_node_state(MANAGER);
@@ -2067,6 +2083,9 @@ fn apply(stored: &mut BTreeMap<u64, StoredJob>, p: Persist) {
             }
         }
         Persist::SourceBytes { .. } => {}
+        Persist::MeasuredUpload { job, rates } => {
+            stored.entry(job).or_default().measured.extend(rates);
+        }
         Persist::JobFinished { job, .. } => stored.entry(job).or_default().finished = true,
     }
 }

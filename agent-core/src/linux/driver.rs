@@ -416,13 +416,22 @@ async fn manager_session(
     Ok((link, local))
 }
 
-/// Keeps a session with the manager, reconnecting with backoff.
+/// First wait before reconnecting to the manager (doubling up to [`MANAGER_BACKOFF_MAX`]).
+const MANAGER_BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// Longest wait before reconnecting: a manager back from a restart sees its agents again within
+/// this long (its resumed jobs wait for them), and a fleet of 100 000 retries about 12 500 times
+/// a second while it is down, spread by the jitter.
+const MANAGER_BACKOFF_MAX: Duration = Duration::from_secs(8);
+
+/// Keeps a session with the manager, reconnecting with backoff (each wait drawn between half
+/// and all of the current backoff, so a fleet that lost its manager together does not come
+/// back in lockstep).
 async fn manager_loop(
     shared: Shared,
     addr: String,
     token: Option<heapless::String<MAX_TOKEN_LEN>>,
 ) {
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = MANAGER_BACKOFF_MIN;
     loop {
         let started = Instant::now();
         match manager_session(&shared, &addr, &token).await {
@@ -443,10 +452,11 @@ async fn manager_loop(
             Err(e) => tracing::warn!(%addr, "manager unreachable: {e}"),
         }
         if started.elapsed() > Duration::from_secs(10) {
-            backoff = Duration::from_millis(250);
+            backoff = MANAGER_BACKOFF_MIN;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        let jitter: f64 = rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0);
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(MANAGER_BACKOFF_MAX);
     }
 }
 

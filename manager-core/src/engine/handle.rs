@@ -222,6 +222,9 @@ impl Engine {
             if job.opens_at.is_some_and(|t| t <= now) {
                 job.open_window(&mut cx, job_id);
             }
+            if job.regroup_until.is_some_and(|t| t <= now) {
+                job.end_regroup(&mut cx, job_id);
+            }
             if job.rates.window_end().is_some_and(|t| t <= now) {
                 job.rate_window_closed(&mut cx, job_id);
             }
@@ -233,6 +236,10 @@ impl Job {
     pub(super) fn on_online(&mut self, cx: &mut Ctx<'_>, idx: u32) {
         let job_id = self.spec.id;
         let p = &mut self.parts[idx as usize];
+        if p.online && self.regroup_until.is_some() {
+            // A report update while the job waits for its participants to come back.
+            return;
+        }
         if p.online && (p.instructed || p.state.is_terminal()) {
             // A report update on the same connection: the plan learns what changed (an agent
             // that serves fewer peers now hands some of its fetchers to others).
@@ -255,6 +262,15 @@ impl Job {
         self.disarm_give_up(cx, job_id, idx);
         if self.outcome != JobOutcome::Running {
             self.send_end(cx, job_id, idx);
+            return;
+        }
+        if self.regroup_until.is_some() {
+            if !matches!(self.parts[idx as usize].state, ParticipantState::Failed(_)) {
+                self.regroup_missing = self.regroup_missing.saturating_sub(1);
+            }
+            if self.regroup_missing == 0 {
+                self.end_regroup(cx, job_id);
+            }
             return;
         }
         let Some(agent) = cx.agents.get(&self.parts[idx as usize].id) else {
@@ -295,6 +311,9 @@ impl Job {
         p.sources_queued = false;
         if self.outcome != JobOutcome::Running {
             return;
+        }
+        if self.regroup_until.is_some() && !matches!(p.state, ParticipantState::Failed(_)) {
+            self.regroup_missing += 1;
         }
         let changed = self
             .plan

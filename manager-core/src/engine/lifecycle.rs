@@ -91,14 +91,19 @@ impl Engine {
 
     /// Resumes a job after a manager restart, under this engine's (newer) epoch.
     ///
-    /// `participants` are the stored states, in the stored order. Confirmed and failed ones
-    /// stay so; the others are planned again and get a `Fetch` with the new epoch as they come
-    /// online (they resume from the chunks they verified). A job id already known is ignored.
+    /// `participants` are the stored states, in the stored order; `measured_upload` the
+    /// rates of the last [`Persist::MeasuredUpload`]. Confirmed and failed ones stay so. The
+    /// job waits up to [`EngineConfig::regroup_wait`](super::EngineConfig::regroup_wait) for
+    /// its participants to reconnect (they go on fetching from their peers meanwhile), then
+    /// is planned as a fresh job over what they hold, adapted to the measured rates, and
+    /// those back get a `Fetch` with the new epoch (they resume from the chunks they
+    /// verified). A job id already known is ignored.
     pub fn resume_job(
         &mut self,
         now: Duration,
         spec: JobSpec,
         participants: Vec<(AgentId, ParticipantState)>,
+        measured_upload: &[(AgentId, u64)],
     ) {
         let job_id = spec.id;
         if self.jobs.contains_key(&job_id) {
@@ -139,6 +144,16 @@ impl Engine {
             &job.spec.policy,
             &seeds,
         ));
+        job.restored_upload = measured_upload
+            .iter()
+            .filter_map(|(id, up)| Some((*job.index.get(id)?, *up)))
+            .filter(|r| r.1 > 0)
+            .collect();
+        job.restored_upload.sort_unstable();
+        job.restored_upload.dedup_by_key(|r| r.0);
+        // Its participants reconnect over the next moments: planning them one by one as they
+        // come would hang them all on the first few; they are planned together once back.
+        job.regroup_until = Some(now + self.config.regroup_wait);
         info!(
             job = job_id,
             epoch = self.epoch,
@@ -160,6 +175,11 @@ impl Engine {
             job.warn(&mut self.out, job_id, text);
         }
         let waiting = job.opens_at.is_some();
+        if waiting {
+            // Nobody fetches before the window opens; the plan is made as they are instructed.
+            job.regroup_until = None;
+        }
+        let regrouping = job.regroup_until.is_some();
         self.out.persist.reserve(job.parts.len());
         self.out.transmit.reserve(job.parts.len());
         for (idx, p) in job.parts.iter().enumerate() {
@@ -179,6 +199,10 @@ impl Engine {
             let p = &mut job.parts[idx as usize];
             let state = p.state;
             if cx.agents.get(&p.id).is_some_and(|a| a.online) {
+                if regrouping {
+                    p.online = true;
+                    continue;
+                }
                 if state == ParticipantState::Failed(FailCause::GaveUp) && !waiting {
                     // Given up before a restart, but here now: it gets another chance.
                     job.on_online(&mut cx, idx);
@@ -199,6 +223,16 @@ impl Engine {
                 if !state.is_terminal() && !waiting {
                     job.arm_give_up(&mut cx, job_id, idx);
                 }
+            }
+        }
+        if regrouping {
+            job.regroup_missing = job
+                .parts
+                .iter()
+                .filter(|p| !p.online && !matches!(p.state, ParticipantState::Failed(_)))
+                .count() as u32;
+            if job.regroup_missing == 0 {
+                job.end_regroup(&mut cx, job_id);
             }
         }
         if !job.parts.is_empty() {
@@ -245,5 +279,66 @@ impl Engine {
             }
         }
         true
+    }
+}
+
+impl Job {
+    /// Ends the wait of a resumed job for its participants: the plan is built again over
+    /// everyone back, the content's holders included (see [`RelayPlan::build`]), and every
+    /// participant back and not done is instructed (it resumes from the chunks it verified).
+    /// Those still away are placed as they come, like late joiners.
+    pub(super) fn end_regroup(&mut self, cx: &mut Ctx<'_>, job_id: u64) {
+        self.regroup_until = None;
+        if self.outcome != JobOutcome::Running {
+            return;
+        }
+        let seeds: Vec<Seed> = (0..self.parts.len() as u32)
+            .map(|idx| {
+                let state = self.parts[idx as usize].state;
+                let online = self.parts[idx as usize].online;
+                Seed {
+                    info: online
+                        .then(|| self.online_info(cx.agents, cx.leaders, idx))
+                        .flatten(),
+                    confirmed: state == ParticipantState::Confirmed,
+                    failed: matches!(state, ParticipantState::Failed(_)),
+                }
+            })
+            .collect();
+        let back = seeds.iter().filter(|s| s.info.is_some()).count();
+        let mut plan = RelayPlan::build(
+            self.chunks,
+            cx.config.manager_up_bps,
+            &self.spec.policy,
+            &seeds,
+        );
+        // The plan as it started, then as it was adapted to the rates measured before the
+        // restart: the sources and stripes the participants were fetching, about.
+        if !self.restored_upload.is_empty() && plan.segment_entries().is_empty() {
+            plan.adapt_to_rates(&self.restored_upload, cx.config.manager_up_bps);
+            self.restored_applied = true;
+        }
+        self.plan = Some(plan);
+        info!(
+            job = job_id,
+            back,
+            missing = self.regroup_missing,
+            "resumed job planned over its participants' holdings"
+        );
+        for idx in 0..self.parts.len() as u32 {
+            let p = &mut self.parts[idx as usize];
+            if !p.online {
+                continue;
+            }
+            match p.state {
+                ParticipantState::Confirmed | ParticipantState::Failed(FailCause::Agent(_)) => {}
+                ParticipantState::Failed(FailCause::GaveUp) => {
+                    // `on_online` revives and places it.
+                    p.online = false;
+                    self.on_online(cx, idx);
+                }
+                _ => self.instruct(cx, job_id, idx),
+            }
+        }
     }
 }

@@ -74,6 +74,10 @@ pub struct EngineConfig {
     pub progress_flush: Duration,
     /// The manager's upload capacity in bytes/s, for the planner; `0` = unknown.
     pub manager_up_bps: u64,
+    /// After a restart, how long a resumed job waits for its participants to reconnect before
+    /// it is planned again over what they hold (sooner when all are back); meanwhile they
+    /// go on fetching from the peers of the plan before the restart.
+    pub regroup_wait: Duration,
 }
 
 impl Default for EngineConfig {
@@ -82,6 +86,7 @@ impl Default for EngineConfig {
             give_up_after: Duration::from_secs(300),
             progress_flush: Duration::from_secs(1),
             manager_up_bps: 0,
+            regroup_wait: Duration::from_secs(5),
         }
     }
 }
@@ -262,6 +267,15 @@ struct Job {
     warnings: Vec<String>,
     /// While the job waits for its time window: when the window opens (engine time).
     opens_at: Option<Duration>,
+    /// While a resumed job waits for its participants to reconnect: when it stops waiting.
+    regroup_until: Option<Duration>,
+    /// While it waits: participants neither back nor failed.
+    regroup_missing: u32,
+    /// Upload rates measured before the restart, by participant (ascending): the plan made
+    /// when the wait ends is adapted to them, and they stand until measured again.
+    restored_upload: Vec<(u32, u64)>,
+    /// Whether the plan holds `restored_upload` (from the end of the wait on).
+    restored_applied: bool,
     /// Segments whose participants' rate caps must be worked out again.
     throttle_segments: BTreeSet<u32>,
     /// Participants (outside named segments) whose rate cap must be worked out again.

@@ -69,6 +69,15 @@ pub enum Persist {
         /// Participants that failed or were given up.
         failed: u32,
     },
+    /// The upload rates (bytes/s) the job's plan was last adapted to, as measured from what
+    /// each participant delivered (upsert per participant; given back to
+    /// [`Engine::resume_job`] after a restart so the plan does not start blind again).
+    MeasuredUpload {
+        /// The job.
+        job: u64,
+        /// `(participant, upload in bytes/s)`.
+        rates: Vec<(AgentId, u64)>,
+    },
 }
 
 /// A notification for the UI and the logs.
@@ -214,7 +223,7 @@ impl Engine {
                     .rates
                     .window_end()
                     .filter(|_| j.outcome == JobOutcome::Running);
-                [j.flush_at, j.opens_at, rates]
+                [j.flush_at, j.opens_at, j.regroup_until, rates]
             })
             .flatten()
             .min();

@@ -38,7 +38,7 @@ use core::time::Duration;
 
 use tracing::info;
 
-use super::{Ctx, Job, JobOutcome, ParticipantState};
+use super::{Ctx, Job, JobOutcome, ParticipantState, Persist};
 
 /// Length of one measurement window.
 pub(super) const RATE_WINDOW: Duration = Duration::from_secs(2);
@@ -215,6 +215,7 @@ impl Job {
         if !self.rates.roll(cx.now)
             || self.outcome != JobOutcome::Running
             || self.opens_at.is_some()
+            || self.regroup_until.is_some()
             || self.parts.is_empty()
         {
             return;
@@ -263,8 +264,15 @@ impl Job {
             .collect();
         let resized = plan.adapt_to_rates(&rates, cx.config.manager_up_bps);
         // Resized or not, the plan now holds the measured rates: the next drift counts from
-        // them.
+        // them, and a plan made after a restart starts from them.
         self.rates.replanned(cx.now);
+        cx.out.persist.push_back(Persist::MeasuredUpload {
+            job: job_id,
+            rates: rates
+                .iter()
+                .map(|&(idx, up)| (self.parts[idx as usize].id.clone(), up))
+                .collect(),
+        });
         if !resized {
             return;
         }

@@ -169,6 +169,10 @@ impl Job {
             segment_parts: HashMap::new(),
             warnings: Vec::new(),
             opens_at: None,
+            regroup_until: None,
+            regroup_missing: 0,
+            restored_upload: Vec::new(),
+            restored_applied: false,
             throttle_segments: BTreeSet::new(),
             throttle_parts: Vec::new(),
             rates: Default::default(),
@@ -218,10 +222,14 @@ impl Job {
             &self.parts[idx as usize].id,
             profile,
         );
-        if info.server
-            && let Some(believed) = self.rates.believed(idx, info.up_bps)
-        {
-            info.up_bps = believed;
+        if info.server {
+            if let Some(believed) = self.rates.believed(idx, info.up_bps) {
+                info.up_bps = believed;
+            } else if self.restored_applied
+                && let Ok(at) = self.restored_upload.binary_search_by_key(&idx, |r| r.0)
+            {
+                info.up_bps = self.restored_upload[at].1;
+            }
         }
         info
     }

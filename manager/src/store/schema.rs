@@ -169,6 +169,11 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX web_sessions_by_use ON web_sessions(last_used);
     ",
+    // 4: each participant's measured upload, so a job resumed after a restart is planned
+    // with the rates it had found rather than blind again.
+    "
+    ALTER TABLE participants ADD COLUMN measured_up_bps INTEGER;
+    ",
 ];
 
 /// Newest schema version this build knows.

@@ -363,6 +363,14 @@ fn apply_one(tx: &Transaction<'_>, record: &Persist, now: u64) -> Result<()> {
                 )?;
             }
         }
+        Persist::MeasuredUpload { job, rates } => {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE participants SET measured_up_bps = ?3 WHERE job = ?1 AND agent = ?2",
+            )?;
+            for (agent, up) in rates {
+                stmt.execute(params![job, agent.as_str(), up])?;
+            }
+        }
         Persist::JobFinished {
             job,
             confirmed,
@@ -838,7 +846,8 @@ impl Store for SqliteStore {
 
     fn participants(&self, job: u64) -> Result<Vec<ParticipantRecord>> {
         let mut stmt = self.conn.prepare(
-            "SELECT agent, state, verified, updated_at, reason, cause, source, position
+            "SELECT agent, state, verified, updated_at, reason, cause, source, position,
+                    measured_up_bps
              FROM participants WHERE job = ?1
              ORDER BY position IS NULL, position, agent",
         )?;
@@ -852,10 +861,12 @@ impl Store for SqliteStore {
                 r.get(5)?,
                 r.get(6)?,
                 r.get(7)?,
+                r.get(8)?,
             ))
         })?;
         rows.map(|r| {
-            let (agent, state, verified, updated_at, reason, cause, source, position) = r?;
+            let (agent, state, verified, updated_at, reason, cause, source, position, measured) =
+                r?;
             Ok(ParticipantRecord {
                 agent,
                 state: PartState::parse(&state)
@@ -866,6 +877,7 @@ impl Store for SqliteStore {
                 cause,
                 source,
                 position,
+                measured_up_bps: measured,
             })
         })
         .collect()

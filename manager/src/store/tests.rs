@@ -219,6 +219,14 @@ fn engine_records_apply_in_one_transaction() {
                 from: Some(id("b")),
                 bytes: 700,
             },
+            Persist::MeasuredUpload {
+                job,
+                rates: vec![(id("b"), 250_000)],
+            },
+            Persist::MeasuredUpload {
+                job,
+                rates: vec![(id("b"), 300_000)],
+            },
         ],
         2,
     )
@@ -227,6 +235,9 @@ fn engine_records_apply_in_one_transaction() {
     assert_eq!((j.state, j.epoch), (JobState::Running, Some(3)));
     let p = s.participants(job).unwrap();
     assert_eq!(p.len(), 2);
+    // The last measurement stands; a participant never measured has none.
+    assert_eq!(p[0].measured_up_bps, Some(300_000));
+    assert_eq!(p[1].measured_up_bps, None);
     assert_eq!((p[0].agent.as_str(), p[0].position), ("b", Some(0)));
     assert_eq!((p[0].state, p[0].verified), (PartState::Fetching, 2));
     assert_eq!(p[0].source.as_deref(), Some("manager"));

@@ -57,6 +57,7 @@ fn config() -> EngineConfig {
         give_up_after: Duration::from_secs(10),
         progress_flush: Duration::from_millis(500),
         manager_up_bps: 10_000_000,
+        ..EngineConfig::default()
     }
 }
 

@@ -35,13 +35,26 @@ impl RelayPlan {
         let chunks = chunks.max(1);
         let relay = policy.relay;
         let nodes: Vec<Node> = seeds.iter().map(Node::new).collect();
-        let fetchers: Vec<u32> = (0..nodes.len() as u32)
+        let flat = !nodes
+            .iter()
+            .any(|n| n.info.segment != 0 && (n.online || n.confirmed));
+        // On a flat network the plan is laid out over every online participant, those that
+        // already hold the content included: they keep their place in the groups and serve
+        // their share, but fetch nothing. A plan built again over holdings (after a manager
+        // restart) so has the groups, stripes and sources of the one before, and a stripe
+        // whose group holds a confirmed member needs no seeding from the manager.
+        let planned: Vec<u32> = (0..nodes.len() as u32)
             .filter(|&i| {
                 let n = &nodes[i as usize];
-                n.online && !n.confirmed && !n.failed
+                n.online && !n.failed && (!n.confirmed || flat)
             })
             .collect();
-        let servers: Vec<u32> = fetchers
+        let fetchers: Vec<u32> = planned
+            .iter()
+            .copied()
+            .filter(|&i| !nodes[i as usize].confirmed)
+            .collect();
+        let servers: Vec<u32> = planned
             .iter()
             .copied()
             .filter(|&i| relay && nodes[i as usize].info.server)
@@ -51,7 +64,7 @@ impl RelayPlan {
             .filter(|n| !n.online && !n.confirmed && !n.failed)
             .count();
         let default_up = mean_known(servers.iter().map(|&i| nodes[i as usize].info.up_bps))
-            .or_else(|| mean_known(fetchers.iter().map(|&i| nodes[i as usize].info.up_bps)))
+            .or_else(|| mean_known(planned.iter().map(|&i| nodes[i as usize].info.up_bps)))
             .unwrap_or(manager_up_bps)
             .max(1);
         let eff = |i: u32| -> u128 {
@@ -72,7 +85,7 @@ impl RelayPlan {
         } else {
             let total: u128 =
                 manager_up_bps as u128 + servers.iter().map(|&i| eff(i)).sum::<u128>();
-            let others = (fetchers.len() as u128).saturating_sub(1).max(1);
+            let others = (planned.len() as u128).saturating_sub(1).max(1);
             let by_capacity = servers
                 .iter()
                 .map(|&i| nodes[i as usize].info.capacity as u128 * total / (others * eff(i)))
@@ -82,9 +95,6 @@ impl RelayPlan {
             (servers.len() + absent).min(by_capacity).clamp(1, max_k)
         };
 
-        let flat = !nodes
-            .iter()
-            .any(|n| n.info.segment != 0 && (n.online || n.confirmed));
         // Balanced groups when the manager only seeds the stripes (its own share of the
         // fetchers is planned by the proportional quotas below).
         // Fetchers per stripe the manager may serve directly beyond seeding the stripe.
@@ -97,7 +107,7 @@ impl RelayPlan {
                     (i, eff(i), cap)
                 })
                 .collect();
-            let consumers = fetchers.len().saturating_sub(1) as u32;
+            let consumers = planned.len().saturating_sub(1) as u32;
             let manager = ManagerBudget {
                 share: manager_up_bps as u128,
                 extra,
@@ -220,7 +230,7 @@ impl RelayPlan {
                         .unwrap_or(manager_up),
                     extra,
                 };
-                plan.build_stripe(g, ms, &fetchers, manager, group_up[g], balanced.as_ref());
+                plan.build_stripe(g, ms, &planned, manager, group_up[g], balanced.as_ref());
             }
         }
         for &f in &fetchers {
@@ -241,11 +251,14 @@ impl RelayPlan {
 
     /// Assigns stripe `g` for every online fetcher: members first (each from an earlier member),
     /// then everyone else; quotas proportional to upload, then spare capacity, then the manager.
+    ///
+    /// `planned` may hold confirmed participants: they take their turn (so the others' sources
+    /// are those of a plan where they still fetch) but get no source.
     fn build_stripe(
         &mut self,
         g: usize,
         ms: &[u32],
-        fetchers: &[u32],
+        planned: &[u32],
         manager: ManagerBudget,
         group_up: u128,
         balanced: Option<&Balanced>,
@@ -254,18 +267,23 @@ impl RelayPlan {
             share: manager_share,
             extra: manager_extra,
         } = manager;
+        let fetching = |plan: &Self, c: u32| !plan.nodes[c as usize].confirmed;
         let Some(&root) = ms.first() else {
-            for &c in fetchers {
-                self.set_parent(c, g, MANAGER);
+            for &c in planned {
+                if fetching(self, c) {
+                    self.set_parent(c, g, MANAGER);
+                }
             }
             return;
         };
-        self.set_parent(root, g, MANAGER);
+        if fetching(self, root) {
+            self.set_parent(root, g, MANAGER);
+        }
         let consumers: Vec<u32> = ms[1..]
             .iter()
             .copied()
             .chain(
-                fetchers
+                planned
                     .iter()
                     .copied()
                     .filter(|&c| self.nodes[c as usize].group != g as u32),
@@ -368,7 +386,9 @@ impl RelayPlan {
             match found {
                 Some(t) if seg != 0 => {
                     quota[t] -= 1;
-                    self.set_parent(c, g, holder(t));
+                    if fetching(self, c) {
+                        self.set_parent(c, g, holder(t));
+                    }
                 }
                 _ => rest.push((limit, c)),
             }
@@ -404,7 +424,9 @@ impl RelayPlan {
                 }
                 cursor += 1;
             };
-            self.set_parent(c, g, h);
+            if fetching(self, c) {
+                self.set_parent(c, g, h);
+            }
         }
     }
 }
@@ -438,6 +460,52 @@ mod test {
         for i in 0..n as u32 {
             assert!(plan.served_chunks(Holder::Peer(i)) > 0, "{i} idle");
         }
+    }
+
+    #[test]
+    fn a_plan_built_over_holdings_keeps_the_sources_of_the_first_one() {
+        // 40 agents of four upload classes and 10 leaves; the plan is built again with a
+        // fifth of them already holding the content (as after a manager restart).
+        let mut seeds: Vec<Seed> = (0..50)
+            .map(|i| {
+                if i >= 40 {
+                    leaf(4)
+                } else {
+                    server(500_000 << (i % 4), 16)
+                }
+            })
+            .collect();
+        let first = RelayPlan::build(1024, 2_000_000, &Policy::default(), &seeds);
+        for i in (0..50).step_by(5) {
+            seeds[i].confirmed = true;
+        }
+        let again = RelayPlan::build(1024, 2_000_000, &Policy::default(), &seeds);
+        again.check().unwrap();
+        assert_covers(&again);
+        assert_eq!(again.stripes(), first.stripes());
+        for i in 0..50u32 {
+            assert_eq!(again.group(i), first.group(i), "node {i}'s group");
+            if seeds[i as usize].confirmed {
+                assert!(again.sources(i).is_empty(), "{i} holds the content");
+                continue;
+            }
+            assert_eq!(again.sources(i), first.sources(i), "node {i}'s sources");
+        }
+        // The confirmed members serve their share: nobody else takes their fetchers.
+        for i in (0..40u32).step_by(5) {
+            assert_eq!(
+                again.served_chunks(Holder::Peer(i)) > 0,
+                first.served_chunks(Holder::Peer(i)) > 0,
+                "{i}"
+            );
+        }
+        // Stripes whose root holds the content are not seeded by the manager again.
+        assert!(
+            again.served_chunks(Holder::Manager) < first.served_chunks(Holder::Manager),
+            "manager: {} vs {}",
+            again.served_chunks(Holder::Manager),
+            first.served_chunks(Holder::Manager)
+        );
     }
 
     #[test]

@@ -171,6 +171,8 @@ struct Node {
     group: u32,
     /// Distinct fetchers that use this node for at least one stripe.
     children: Vec<u32>,
+    /// Chunks it is set to serve, over all its fetchers and stripes.
+    served: u64,
     /// Sources this node reported as troublesome: never offered to it again.
     banned: Vec<u32>,
     queued_group: bool,
@@ -191,6 +193,7 @@ impl Node {
             retired: Retired::No,
             group: NO_GROUP,
             children: Vec::new(),
+            served: 0,
             banned: Vec::new(),
             queued_group: false,
             queued_confirmed: false,
@@ -338,6 +341,13 @@ impl RelayPlan {
                     return Err(format!("{c} listed as child of {i} but does not use it"));
                 }
             }
+            let served = self.served_chunks(Holder::Peer(i));
+            if n.served != served {
+                return Err(format!(
+                    "{i} counts {} chunks served, serves {served}",
+                    n.served
+                ));
+            }
             if n.children.len() > self.cap(i) {
                 return Err(format!(
                     "{i} serves {} > capacity {}",
@@ -474,6 +484,13 @@ impl RelayPlan {
         }
         let had_new = is_peer(new) && self.uses(fetcher, new);
         self.parents[i] = new;
+        let len = self.stripe_len(s) as u64;
+        if is_peer(old) {
+            self.nodes[old as usize].served -= len;
+        }
+        if is_peer(new) {
+            self.nodes[new as usize].served += len;
+        }
         if is_peer(old) && !self.uses(fetcher, old) {
             let children = &mut self.nodes[old as usize].children;
             if let Some(pos) = children.iter().position(|&c| c == fetcher) {

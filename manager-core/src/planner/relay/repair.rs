@@ -307,6 +307,9 @@ impl RelayPlan {
             return false;
         }
         self.stripes = stripes;
+        for i in 0..self.nodes.len() as u32 {
+            self.nodes[i as usize].served = self.served_chunks(super::Holder::Peer(i));
+        }
         for g in 0..self.groups.len() {
             self.groups[g].up = (0..self.nodes.len() as u32)
                 .filter(|&i| self.nodes[i as usize].group == g as u32)
@@ -385,8 +388,8 @@ impl RelayPlan {
             }
     }
 
-    /// The first entry of `which` that may serve stripe `s` to `fetcher`.
-    fn pick(&mut self, which: Queue, fetcher: u32, s: usize) -> Option<u32> {
+    /// Drops the entries at the front of `which` that cannot take another fetcher.
+    fn clean_front(&mut self, which: Queue) {
         while let Some(&front) = self.queue(which).front() {
             if self.queue_usable(front, which) {
                 break;
@@ -402,6 +405,11 @@ impl RelayPlan {
                 }
             }
         }
+    }
+
+    /// The first entry of `which` that may serve stripe `s` to `fetcher`.
+    fn pick(&mut self, which: Queue, fetcher: u32, s: usize) -> Option<u32> {
+        self.clean_front(which);
         // The first that may serve, preferring one on the fetcher's own segment.
         let seg = self.nodes[fetcher as usize].info.segment;
         let mut first = None;
@@ -417,10 +425,21 @@ impl RelayPlan {
         first
     }
 
-    /// A holder for stripe `s` of `fetcher`: `prefer` (a source it already got in this round),
-    /// a confirmed holder, `extra` (the lost source's own source), a member of the stripe's
-    /// group, else the manager.
+    /// A holder for stripe `s` of `fetcher`, else the manager.
+    ///
+    /// On a flat network: of `prefer` (a source it already got in this round, if it holds
+    /// everything or relays this stripe), the confirmed holders, `extra` (the lost source's own
+    /// source) and the members of the stripe's group with room, the one that would finish its
+    /// load first (chunks it serves, this stripe
+    /// included, over its upload; ties in that order). So fetchers placed one by one (late
+    /// joiners, everyone coming back after a manager restart) spread over the holders in
+    /// proportion to their upload instead of all taking the first with room. On segments: the
+    /// first of `prefer`, a holder on the fetcher's segment, a confirmed holder, `extra`, a
+    /// member of the stripe's group.
     fn choose(&mut self, fetcher: u32, s: usize, prefer: Option<u32>, extra: Option<u32>) -> u32 {
+        if !self.segmented {
+            return self.least_loaded(fetcher, s, prefer, extra);
+        }
         if let Some(p) = prefer
             && self.valid(fetcher, p, s)
         {
@@ -429,9 +448,7 @@ impl RelayPlan {
         if !self.relay {
             return MANAGER;
         }
-        if self.segmented
-            && let Some(h) = self.pick_on_segment(fetcher, s)
-        {
+        if let Some(h) = self.pick_on_segment(fetcher, s) {
             return h;
         }
         if let Some(h) = self.pick(Queue::Confirmed, fetcher, s) {
@@ -443,6 +460,52 @@ impl RelayPlan {
             return e;
         }
         self.pick(Queue::Group(s), fetcher, s).unwrap_or(MANAGER)
+    }
+
+    /// The holder [`choose`](Self::choose) takes on a flat network.
+    fn least_loaded(
+        &mut self,
+        fetcher: u32,
+        s: usize,
+        prefer: Option<u32>,
+        extra: Option<u32>,
+    ) -> u32 {
+        if !self.relay {
+            return MANAGER;
+        }
+        let len = self.stripe_len(s) as u128;
+        let cost = |plan: &Self, h: u32| {
+            (plan.nodes[h as usize].served as u128 + len) * LOAD_SCALE
+                / plan.eff_up(h).max(1) as u128
+        };
+        let mut best: Option<(u128, u32)> = None;
+        let mut consider = |plan: &Self, h: u32| {
+            if plan.valid(fetcher, h, s) {
+                let c = cost(plan, h);
+                if best.is_none_or(|(b, _)| c < b) {
+                    best = Some((c, h));
+                }
+            }
+        };
+        // Only a holder of the whole content or a member of the stripe's group relays it: any
+        // other fetcher gets the stripe last, and hanging fetchers on it builds chains.
+        if let Some(p) = prefer
+            && (self.nodes[p as usize].confirmed || self.nodes[p as usize].group == s as u32)
+        {
+            consider(self, p);
+        }
+        for which in [Queue::Confirmed, Queue::Group(s)] {
+            self.clean_front(which);
+            for &h in self.queue(which).iter().take(SCAN_LIMIT) {
+                consider(self, h);
+            }
+            if which == Queue::Confirmed
+                && let Some(e) = extra
+            {
+                consider(self, e);
+            }
+        }
+        best.map_or(MANAGER, |(_, h)| h)
     }
 
     /// Moves every fetcher of `node` to other holders; returns them.
@@ -519,7 +582,7 @@ mod test {
     use crate::planner::relay::{Holder, Seed};
 
     #[test]
-    fn a_departed_source_is_routed_around_preferring_confirmed_holders() {
+    fn a_departed_source_is_routed_around_to_less_loaded_holders() {
         let seeds = vec![server(1_000_000, 32); 10];
         let mut plan = RelayPlan::build(100, 0, &Policy::default(), &seeds);
         plan.confirm(9);
@@ -531,9 +594,9 @@ mod test {
         assert_eq!(changed.len(), fetchers.len());
         for &c in &changed {
             assert!(plan.sources(c).iter().all(|a| a.holder != Holder::Peer(0)));
-            // The confirmed holder took over.
-            assert!(plan.sources(c).iter().any(|a| a.holder == Holder::Peer(9)));
         }
+        // The confirmed holder, as loaded as any, took a share.
+        assert!(changed.iter().any(|&c| plan.uses(c, 9)));
         assert_eq!(plan.load(0), 0);
         // It comes back: it gets sources again and is a source again for newcomers.
         assert_eq!(plan.place(0, seeds[0].info.unwrap()), vec![0]);
@@ -604,7 +667,7 @@ mod test {
         for g in 0..8 {
             assert!((5..30).any(|i| plan.group(i) == Some(g)), "group {g} empty");
         }
-        // Confirmed holders come online: newcomers use them first.
+        // A confirmed holder comes online: newcomers use it, the least loaded holder, first.
         plan.place(3, server(1_000_000, 4).info.unwrap());
         let newcomer = plan.add_node();
         plan.place(newcomer, leaf(2).info.unwrap());
@@ -612,8 +675,39 @@ mod test {
         assert!(
             plan.sources(newcomer)
                 .iter()
-                .all(|a| a.holder == Holder::Peer(3))
+                .any(|a| a.holder == Holder::Peer(3))
         );
+    }
+
+    #[test]
+    fn late_joiners_spread_over_the_holders_in_proportion_to_upload() {
+        // 24 agents done, as a job near its end; 6 join late. Without a measure of load they
+        // would all take the first holder with room for every stripe.
+        let mut seeds: Vec<Seed> = (0..24)
+            .map(|i| server(1_000_000 * (1 + i % 3), 32))
+            .collect();
+        let mut plan = RelayPlan::build(800, 0, &Policy::default(), &seeds);
+        for i in 0..24 {
+            plan.confirm(i);
+        }
+        seeds.clear();
+        for _ in 0..6 {
+            let late = plan.add_node();
+            plan.place(late, server(1_000_000, 32).info.unwrap());
+            plan.check().unwrap();
+        }
+        assert_covers(&plan);
+        // 6 copies of 800 chunks over 24 holders with 48 MB/s in all: each serves about
+        // 100 chunks per MB/s of its upload; none more than twice that.
+        for i in 0..24u32 {
+            let up = (1 + i % 3) as u64;
+            let served = plan.served_chunks(Holder::Peer(i));
+            assert!(
+                served <= 2 * 100 * up,
+                "holder {i} ({up} MB/s) serves {served} chunks"
+            );
+        }
+        assert_eq!(plan.served_chunks(Holder::Manager), 0);
     }
 
     #[test]
