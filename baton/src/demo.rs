@@ -294,6 +294,12 @@ pub(crate) struct Kid {
     pub name: String,
     /// The process.
     pub child: Child,
+    /// The program and arguments it was started with (to start it again after a fault).
+    pub command: (std::ffi::OsString, Vec<std::ffi::OsString>),
+    /// Stopped on purpose (a fault): its exit is not an error.
+    pub stopped: bool,
+    /// Times it was started (its log file's suffix after the first).
+    pub starts: u32,
 }
 
 impl Drop for Kid {
@@ -462,6 +468,9 @@ pub(crate) struct DemoProcesses {
     /// Each agent's command line from its subcommand on (`baton agent --listen …`), in
     /// [`DemoProcesses::ids`] order, as a shell would read it.
     pub agent_commands: Vec<String>,
+    /// Enrolled agents not started yet that jobs are for too (they join late, in this
+    /// order, and are appended to [`DemoProcesses::ids`] when started).
+    pub late_ids: Vec<String>,
     agent_addr: String,
     manager_key: String,
 }
@@ -537,13 +546,27 @@ impl DemoProcesses {
             dir: dir.to_path_buf(),
             job_policy: None,
             agent_commands: Vec::new(),
+            late_ids: Vec::new(),
         })
     }
 
     /// Creates agent `id`'s identity, enrols it, and starts it from `cmd` (`baton agent` with
     /// its listen address and caps; manager, key, id, data directory, export and status
     /// file are added here).
-    pub fn start_agent(&mut self, exe: &Path, id: &str, mut cmd: Command) -> anyhow::Result<()> {
+    pub fn start_agent(&mut self, exe: &Path, id: &str, cmd: Command) -> anyhow::Result<()> {
+        let cmd = self.enrol_agent(exe, id, cmd)?;
+        self.spawn_agent(id, cmd)
+    }
+
+    /// Creates agent `id`'s identity and enrols it, and returns `cmd` completed as in
+    /// [`DemoProcesses::start_agent`], to be started with [`DemoProcesses::spawn_agent`]
+    /// (now, or later for an agent that joins late).
+    pub fn enrol_agent(
+        &mut self,
+        exe: &Path,
+        id: &str,
+        mut cmd: Command,
+    ) -> anyhow::Result<Command> {
         let data = self.dir.join(id);
         let out = Command::new(exe)
             .args(["agent", "--print-key", "--data-dir"])
@@ -575,10 +598,57 @@ impl DemoProcesses {
         cmd.arg("--data-dir").arg(&data);
         cmd.arg("--export").arg(data.join("export.bin"));
         cmd.arg("--status-file").arg(data.join("status.json"));
+        Ok(cmd)
+    }
+
+    /// Starts enrolled agent `id` from `cmd` (see [`DemoProcesses::enrol_agent`]).
+    pub fn spawn_agent(&mut self, id: &str, mut cmd: Command) -> anyhow::Result<()> {
         self.kids.push(spawn(&mut cmd, id, &self.dir)?);
         self.ids.push(id.to_string());
         self.agent_commands.push(baton_command_line(&cmd));
         Ok(())
+    }
+
+    /// SIGKILLs child `k` (0 = the manager, `i + 1` = agent `ids[i]`), on purpose: it is not
+    /// an error that it is gone, until it is started again.
+    pub fn kill_kid(&mut self, k: usize) -> anyhow::Result<()> {
+        let kid = &mut self.kids[k];
+        kid.stopped = true;
+        kid.child
+            .kill()
+            .with_context(|| format!("cannot kill {}", kid.name))?;
+        kid.child.wait()?;
+        Ok(())
+    }
+
+    /// Starts child `k` again with the command it was started with (its log in
+    /// `NAME.N.log` for its N-th start); the manager, once its API answers again.
+    pub fn restart_kid(&mut self, k: usize) -> anyhow::Result<()> {
+        let ready = self.dir.join("manager-ready.json");
+        if k == 0 {
+            let _ = std::fs::remove_file(&ready);
+        }
+        let kid = &mut self.kids[k];
+        if !kid.stopped {
+            bail!("{} is running", kid.name);
+        }
+        let starts = kid.starts + 1;
+        let mut cmd = Command::new(&kid.command.0);
+        cmd.args(&kid.command.1);
+        let mut new = spawn(&mut cmd, &format!("{}.{starts}", kid.name), &self.dir)?;
+        new.name = kid.name.clone();
+        new.starts = starts;
+        *kid = new;
+        if k == 0 {
+            let ready = wait_until_json(&ready, &mut self.kids)?;
+            self.api = Api::from_ready(&ready)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the manager is stopped on purpose (its API does not answer).
+    pub fn manager_stopped(&self) -> bool {
+        self.kids.first().is_some_and(|k| k.stopped)
     }
 
     /// Starts agents `agent-00`, `agent-01`, … (`n` of them), agent `i` from `command(i)` as
@@ -597,7 +667,7 @@ impl DemoProcesses {
 
     /// Waits until every agent is connected.
     pub fn wait_connected(&mut self) -> anyhow::Result<()> {
-        wait_connected(&self.api, &self.ids, &mut self.kids)
+        wait_connected(&self.api, self.ids.len(), &mut self.kids)
     }
 
     /// Fails if a child exited or the user interrupted.
@@ -615,11 +685,12 @@ impl DemoProcesses {
         quiet: bool,
         mut on_poll: impl FnMut(&mut DemoProcesses, f64) -> anyhow::Result<()>,
     ) -> anyhow::Result<JobRun> {
+        let targets: Vec<String> = self.ids.iter().chain(&self.late_ids).cloned().collect();
         let mut request = serde_json::json!({
             "path": content,
             "name": "demo",
             "chunk_size": chunk_size,
-            "targets": { "agents": self.ids },
+            "targets": { "agents": targets },
         });
         if let Some(policy) = &self.job_policy {
             request["policy"] = policy.clone();
@@ -629,15 +700,20 @@ impl DemoProcesses {
             .as_u64()
             .context("the manager's job answer has no id")?;
         let started = Instant::now();
-        let bar = progress_bar(self.ids.len() as u64, quiet);
+        let bar = progress_bar(targets.len() as u64, quiet);
         let deadline = started + Duration::from_secs(timeout);
-        let mut completion = vec![None; self.ids.len()];
+        let mut completion = vec![None; targets.len()];
         let mut last_status = Value::Null;
         while Instant::now() < deadline {
             check_alive(&mut self.kids)?;
+            on_poll(self, started.elapsed().as_secs_f64())?;
+            if self.manager_stopped() {
+                // A fault keeps the manager down: nothing to ask until it is back.
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
             let status: Value = self.api.get(&format!("/api/v1/jobs/{job_id}"))?;
             let elapsed = started.elapsed().as_secs_f64();
-            on_poll(self, elapsed)?;
             let parts = status["participants"]
                 .as_array()
                 .cloned()
@@ -647,7 +723,7 @@ impl DemoProcesses {
                 match p["state"].as_str().unwrap_or("") {
                     "confirmed" => {
                         confirmed += 1;
-                        if let Some(i) = self.ids.iter().position(|id| p["agent"] == id.as_str()) {
+                        if let Some(i) = targets.iter().position(|id| p["agent"] == id.as_str()) {
                             completion[i].get_or_insert(elapsed);
                         }
                     }
@@ -786,6 +862,12 @@ pub(crate) fn spawn(cmd: &mut Command, name: &str, dir: &Path) -> anyhow::Result
     Ok(Kid {
         name: name.to_string(),
         child,
+        command: (
+            cmd.get_program().to_os_string(),
+            cmd.get_args().map(|a| a.to_os_string()).collect(),
+        ),
+        stopped: false,
+        starts: 1,
     })
 }
 
@@ -819,7 +901,7 @@ pub(crate) fn check_alive(kids: &mut [Kid]) -> anyhow::Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted; stopped the manager and agents and removed the demo directory");
     }
-    for kid in kids.iter_mut() {
+    for kid in kids.iter_mut().filter(|k| !k.stopped) {
         if let Some(status) = kid.child.try_wait()? {
             bail!(
                 "{} exited early ({status}); see its log in the demo directory (--keep)",
@@ -844,12 +926,12 @@ pub(crate) fn wait_until_json(path: &Path, kids: &mut [Kid]) -> anyhow::Result<V
     bail!("the manager did not become ready within {START_TIMEOUT:?}")
 }
 
-fn wait_connected(api: &Api, ids: &[String], kids: &mut [Kid]) -> anyhow::Result<()> {
+fn wait_connected(api: &Api, agents: usize, kids: &mut [Kid]) -> anyhow::Result<()> {
     let deadline = Instant::now() + START_TIMEOUT;
     while Instant::now() < deadline {
         check_alive(kids)?;
-        let agents: Value = api.get("/api/v1/agents")?;
-        let connected = agents
+        let list: Value = api.get("/api/v1/agents")?;
+        let connected = list
             .as_array()
             .map(|a| {
                 a.iter()
@@ -857,7 +939,7 @@ fn wait_connected(api: &Api, ids: &[String], kids: &mut [Kid]) -> anyhow::Result
                     .count()
             })
             .unwrap_or(0);
-        if connected == ids.len() {
+        if connected == agents {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -15,6 +15,12 @@
 //! bytes the manager sent (origin egress), and the CPU the manager and agents
 //! used per byte delivered. `--drop-upload HOST@FRACTION` halves one agent's
 //! upload once FRACTION of T* has passed and reports the bound that follows.
+//!
+//! `--fault` and `--late` measure what faults cost: a manager SIGKILLed and
+//! started again (at once, or after a downtime), agents SIGKILLed and started
+//! again, or agents that start after the push. The lab first runs the same job
+//! without the fault (same rates, delays and content, a fresh lab), then with
+//! it, and reports both makespans and the penalty.
 
 use std::process::Command;
 use std::time::Duration;
@@ -70,6 +76,106 @@ pub struct UploadDrop {
     pub fraction: f64,
 }
 
+/// `--fault`: what goes wrong during the job, and when (seconds after the push).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LabFault {
+    /// `manager-restart@T`: the manager is SIGKILLed and started again at once.
+    ManagerRestart {
+        /// Seconds after the push.
+        at: f64,
+    },
+    /// `manager-down=D@T`: the manager is SIGKILLed and started again D seconds later.
+    ManagerDown {
+        /// Seconds it stays down.
+        down: f64,
+        /// Seconds after the push.
+        at: f64,
+    },
+    /// `kill-agents=K@T`: K agents (spread over the list) are SIGKILLed and started again at
+    /// once, over the chunks they had stored.
+    KillAgents {
+        /// How many.
+        count: usize,
+        /// Seconds after the push.
+        at: f64,
+    },
+}
+
+impl LabFault {
+    /// When it strikes, seconds after the push.
+    fn at(self) -> f64 {
+        match self {
+            LabFault::ManagerRestart { at }
+            | LabFault::ManagerDown { at, .. }
+            | LabFault::KillAgents { at, .. } => at,
+        }
+    }
+}
+
+/// `--late K@T`: the last K agents start T seconds after the push.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LateStart {
+    /// How many agents start late.
+    pub count: usize,
+    /// Seconds after the push.
+    pub at: f64,
+}
+
+/// Reads a number of seconds, 0 or more.
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("{s:?}: seconds must be 0 or more"));
+    }
+    Ok(v)
+}
+
+/// Reads `--fault`: `manager-restart@T`, `manager-down=D@T` or `kill-agents=K@T`.
+fn parse_fault(s: &str) -> Result<LabFault, String> {
+    let usage = || {
+        format!("{s:?}: expected manager-restart@T, manager-down=D@T or kill-agents=K@T (seconds)")
+    };
+    let (what, at) = s.split_once('@').ok_or_else(usage)?;
+    let at = parse_seconds(at)?;
+    let (kind, value) = match what.split_once('=') {
+        Some((k, v)) => (k.trim(), Some(v)),
+        None => (what.trim(), None),
+    };
+    match (kind, value) {
+        ("manager-restart", None) => Ok(LabFault::ManagerRestart { at }),
+        ("manager-down", Some(d)) => Ok(LabFault::ManagerDown {
+            down: parse_seconds(d)?,
+            at,
+        }),
+        ("kill-agents", Some(k)) => {
+            let count: usize = k.trim().parse().map_err(|_| usage())?;
+            if count == 0 {
+                return Err(format!("{s:?}: kill at least one agent"));
+            }
+            Ok(LabFault::KillAgents { count, at })
+        }
+        _ => Err(usage()),
+    }
+}
+
+/// Reads `--late K@T`.
+fn parse_late(s: &str) -> Result<LateStart, String> {
+    let usage = || format!("{s:?}: expected COUNT@SECONDS, e.g. 4@10");
+    let (count, at) = s.split_once('@').ok_or_else(usage)?;
+    let count: usize = count.trim().parse().map_err(|_| usage())?;
+    if count == 0 {
+        return Err(format!("{s:?}: at least one agent"));
+    }
+    Ok(LateStart {
+        count,
+        at: parse_seconds(at)?,
+    })
+}
+
 /// Options of `baton lab`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct LabArgs {
@@ -122,6 +228,19 @@ pub struct LabArgs {
     /// (default: the agent's own default).
     #[arg(long)]
     pub agent_window: Option<u16>,
+    /// A fault T seconds after the push: `manager-restart@T` (SIGKILL the manager, start it
+    /// again at once), `manager-down=D@T` (start it again D seconds later) or
+    /// `kill-agents=K@T` (SIGKILL K agents, start them again at once). The same job runs
+    /// first without it, and the report gives both makespans.
+    #[arg(long, value_parser = parse_fault, value_name = "FAULT@T")]
+    pub fault: Option<LabFault>,
+    /// The last K agents start T seconds after the push (enrolled and targeted from the
+    /// start); the same job runs first without late starts.
+    #[arg(long, value_parser = parse_late, value_name = "K@T")]
+    pub late: Option<LateStart>,
+    /// With `--fault` or `--late`: skip the run without them (the report has no penalty).
+    #[arg(long)]
+    pub no_baseline: bool,
 }
 
 /// Reads `--drop-upload HOST@FRACTION` (the agent's index, a share of T*).
@@ -242,6 +361,9 @@ pub struct LabReport {
     /// With `--drop-upload`: the drop and the bound that follows it.
     #[serde(flatten)]
     pub upload_drop: Option<UploadDropReport>,
+    /// With `--fault` or `--late`: what happened and what it cost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<FaultReport>,
     /// Each agent's command line, `baton agent …`, in agent order.
     pub agent_commands: Vec<String>,
     /// The configured rates.
@@ -261,6 +383,27 @@ pub struct UploadDropReport {
     pub lower_bound_after_drop_seconds: f64,
     /// `makespan_seconds / lower_bound_after_drop_seconds`.
     pub ratio_after_drop: f64,
+}
+
+/// What `--fault` or `--late` did and what it cost against the same run without it.
+#[derive(Debug, Default, Serialize)]
+pub struct FaultReport {
+    /// The fault as given (`manager-restart@10`, `late 4@10`, ...).
+    pub fault: String,
+    /// Seconds after the push it struck.
+    pub at_seconds: f64,
+    /// For a manager fault: seconds from the SIGKILL until the new manager answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manager_gap_seconds: Option<f64>,
+    /// For late starts: seconds after the push the last late agent confirmed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub late_last_done_seconds: Option<f64>,
+    /// The makespan of the same job without the fault (`None` with `--no-baseline`).
+    pub makespan_without_seconds: Option<f64>,
+    /// `makespan - makespan_without`.
+    pub penalty_seconds: Option<f64>,
+    /// `makespan / makespan_without - 1`.
+    pub penalty_fraction: Option<f64>,
 }
 
 /// The `q`-quantile (0..=1) of `values` (nearest rank).
@@ -366,6 +509,34 @@ impl CpuSample {
 
 /// Runs `baton lab`.
 pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
+    if (args.fault.is_none() && args.late.is_none()) || args.no_baseline {
+        return run_once(&args);
+    }
+    let calm = LabArgs {
+        fault: None,
+        late: None,
+        ..args.clone()
+    };
+    if !args.json {
+        println!("the same job without the fault first:");
+    }
+    let without = run_once(&calm)?;
+    if !args.json {
+        print(&without, false);
+        println!("now with it:");
+    }
+    let mut report = run_once(&args)?;
+    if let Some(f) = &mut report.fault {
+        let (with, calm) = (report.makespan_seconds, without.makespan_seconds);
+        f.makespan_without_seconds = Some(calm);
+        f.penalty_seconds = Some(with - calm);
+        f.penalty_fraction = Some(with / calm - 1.0);
+    }
+    Ok(report)
+}
+
+/// One lab run: the lab built, the agents started, one job, the report.
+fn run_once(args: &LabArgs) -> anyhow::Result<LabReport> {
     baton::lab::require_root().map_err(|_| {
         anyhow!(
             "`baton lab` builds network namespaces, TAP devices and tc rules, so it needs root; run it as root"
@@ -384,6 +555,22 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
             "--drop-upload {}@…: there are only agents 0 to {}",
             drop.agent,
             args.agents - 1
+        );
+    }
+    if let Some(LabFault::KillAgents { count, .. }) = args.fault
+        && count > args.agents
+    {
+        bail!(
+            "--fault kill-agents={count}@…: there are only {} agents",
+            args.agents
+        );
+    }
+    if let Some(late) = args.late
+        && late.count >= args.agents
+    {
+        bail!(
+            "--late {}@…: at least one agent must start on time",
+            late.count
         );
     }
     let mut setup = Setup::prepare("baton-lab", args.agents, args.size, args.keep)?;
@@ -409,7 +596,9 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
         Some(profile.manager_up_bps),
         &dir,
     )?;
-    fleet.start_agents(&setup.exe, args.agents, |i| {
+    let on_time = args.agents - args.late.map_or(0, |l| l.count);
+    let mut pending: Vec<(String, Command)> = Vec::new();
+    for (i, id) in super::agent_ids(args.agents).iter().enumerate() {
         let node = &lab.agents[i];
         let mut cmd: Command = Lab::command(&node.ns, &setup.exe);
         cmd.args(["agent", "--listen", &format!("{}:{AGENT_PORT}", node.ip)]);
@@ -419,8 +608,15 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
         if let Some(window) = args.agent_window {
             cmd.args(["--window", &window.to_string()]);
         }
-        cmd
-    })?;
+        let cmd = fleet.enrol_agent(&setup.exe, id, cmd)?;
+        if i < on_time {
+            fleet.spawn_agent(id, cmd)?;
+        } else {
+            fleet.late_ids.push(id.clone());
+            pending.push((id.clone(), cmd));
+        }
+    }
+    fleet.wait_connected()?;
     for line in &fleet.agent_commands {
         if args.json {
             eprintln!("{line}");
@@ -435,6 +631,9 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
     // The first poll follows the push: CPU counters start there, and the drop is timed from it.
     let mut start: Option<CpuSample> = None;
     let mut dropped_at: Option<f64> = None;
+    let mut fault = FaultReport::default();
+    let mut struck: Option<f64> = None;
+    let mut late_started = false;
     let run = fleet.run_job_with(
         &setup.content,
         args.chunk_size,
@@ -443,6 +642,22 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
         |fleet, elapsed| {
             if start.is_none() {
                 start = Some(CpuSample::now(fleet));
+            }
+            if let Some(late) = args.late
+                && !late_started
+                && elapsed >= late.at
+            {
+                late_started = true;
+                fleet.late_ids.clear();
+                for (id, cmd) in pending.drain(..) {
+                    fleet.spawn_agent(&id, cmd)?;
+                }
+                fault.fault = format!("late {}@{}", late.count, late.at);
+                fault.at_seconds = elapsed;
+                eprintln!("{} agents started at {elapsed:.2} s", late.count);
+            }
+            if let Some(f) = args.fault {
+                strike(fleet, f, elapsed, &mut struck, &mut fault)?;
             }
             if let Some(drop) = args.drop_upload
                 && dropped_at.is_none()
@@ -491,6 +706,13 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
         .filter_map(|(done, bound)| Some(done.as_ref()? / bound))
         .collect();
     let makespan = done.iter().copied().fold(0.0, f64::max);
+    if args.late.is_some() {
+        fault.late_last_done_seconds = run.completion[on_time..]
+            .iter()
+            .flatten()
+            .copied()
+            .reduce(f64::max);
+    }
     let (p50, p99) = (quantile(&done, 0.5), quantile(&done, 0.99));
     let upload_drop = args.drop_upload.map(|drop| {
         let before = profile.agent_up_bps[drop.agent];
@@ -532,9 +754,64 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
         cpu_seconds_lab: end.lab - start.lab,
         machine_cpu_share: start.machine.busy_share_until(end.machine),
         upload_drop,
+        fault: (args.fault.is_some() || args.late.is_some()).then_some(fault),
         agent_commands,
         caps: setup.profile,
     })
+}
+
+/// Carries out `--fault` once its time has come: kills, and starts again at once or after
+/// the downtime (`struck` holds when it struck, `report` what it did).
+fn strike(
+    fleet: &mut DemoProcesses,
+    f: LabFault,
+    elapsed: f64,
+    struck: &mut Option<f64>,
+    report: &mut FaultReport,
+) -> anyhow::Result<()> {
+    match (f, *struck) {
+        (_, None) if elapsed >= f.at() => {
+            *struck = Some(elapsed);
+            report.at_seconds = elapsed;
+            match f {
+                LabFault::ManagerRestart { at } => {
+                    report.fault = format!("manager-restart@{at}");
+                    let t = std::time::Instant::now();
+                    fleet.kill_kid(0)?;
+                    fleet.restart_kid(0)?;
+                    let gap = t.elapsed().as_secs_f64();
+                    report.manager_gap_seconds = Some(gap);
+                    eprintln!("manager killed at {elapsed:.2} s and back {gap:.2} s later");
+                }
+                LabFault::ManagerDown { down, at } => {
+                    report.fault = format!("manager-down={down}@{at}");
+                    fleet.kill_kid(0)?;
+                    eprintln!("manager killed at {elapsed:.2} s, down for {down} s");
+                }
+                LabFault::KillAgents { count, at } => {
+                    report.fault = format!("kill-agents={count}@{at}");
+                    let n = fleet.ids.len();
+                    let victims: Vec<usize> = (0..count).map(|k| k * n / count).collect();
+                    for &i in &victims {
+                        fleet.kill_kid(i + 1)?;
+                    }
+                    for &i in &victims {
+                        fleet.restart_kid(i + 1)?;
+                    }
+                    eprintln!("agents {victims:?} killed and started again at {elapsed:.2} s");
+                }
+            }
+        }
+        (LabFault::ManagerDown { down, .. }, Some(at))
+            if fleet.manager_stopped() && elapsed >= at + down =>
+        {
+            fleet.restart_kid(0)?;
+            report.manager_gap_seconds = Some(elapsed - at);
+            eprintln!("manager started again at {elapsed:.2} s");
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Prints the report: a summary for people, and with `--json` one JSON line last.
@@ -584,6 +861,27 @@ pub fn print(report: &LabReport, json: bool) {
         report.cpu_seconds_lab,
         100.0 * report.machine_cpu_share
     );
+    if let Some(f) = &report.fault {
+        let mut line = format!("fault {} at {:.2} s", f.fault, f.at_seconds);
+        if let Some(gap) = f.manager_gap_seconds {
+            line.push_str(&format!(", manager back after {gap:.2} s"));
+        }
+        if let Some(last) = f.late_last_done_seconds {
+            line.push_str(&format!(", last late agent done at {last:.2} s"));
+        }
+        if let (Some(without), Some(penalty), Some(frac)) = (
+            f.makespan_without_seconds,
+            f.penalty_seconds,
+            f.penalty_fraction,
+        ) {
+            line.push_str(&format!(
+                "; makespan {:.2} s against {without:.2} s without: {penalty:+.2} s ({:+.1} %)",
+                report.makespan_seconds,
+                100.0 * frac
+            ));
+        }
+        println!("{line}");
+    }
     if let Some(d) = &report.upload_drop {
         match d.drop_at_seconds {
             Some(at) => println!(
@@ -624,6 +922,37 @@ mod test {
         assert_eq!(parse_delay_range("1..40"), Ok((1, 40)));
         assert!(parse_delay_range("40..1").is_err());
         assert!(parse_delay_range("5").is_err());
+    }
+
+    #[test]
+    fn faults_and_late_starts_read_kind_and_time() {
+        assert_eq!(
+            parse_fault("manager-restart@12.5"),
+            Ok(LabFault::ManagerRestart { at: 12.5 })
+        );
+        assert_eq!(
+            parse_fault("manager-down=30@10s"),
+            Ok(LabFault::ManagerDown {
+                down: 30.0,
+                at: 10.0
+            })
+        );
+        assert_eq!(
+            parse_fault("kill-agents=3@12"),
+            Ok(LabFault::KillAgents { count: 3, at: 12.0 })
+        );
+        for bad in [
+            "manager-restart",
+            "kill-agents=0@1",
+            "manager-down@3",
+            "reboot@1",
+            "kill-agents=2@-1",
+        ] {
+            assert!(parse_fault(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_late("4@10"), Ok(LateStart { count: 4, at: 10.0 }));
+        assert!(parse_late("0@10").is_err());
+        assert!(parse_late("4").is_err());
     }
 
     #[test]

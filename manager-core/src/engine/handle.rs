@@ -279,26 +279,29 @@ impl Job {
         let info = self.info_of(cx.leaders, idx, &agent.profile);
         let waiting = self.opens_at.is_some();
         let plan = self.plan.as_mut().expect("running jobs have a plan");
-        match self.parts[idx as usize].state {
-            ParticipantState::Confirmed => {
-                plan.place(idx, info);
-            }
-            ParticipantState::Failed(FailCause::Agent(_)) => {}
-            ParticipantState::Failed(FailCause::GaveUp) if waiting => {}
+        // Fetchers it takes over from the manager (see `RelayPlan::place`) are told.
+        let relieved = match self.parts[idx as usize].state {
+            ParticipantState::Confirmed => plan.place(idx, info),
+            ParticipantState::Failed(FailCause::Agent(_)) => Vec::new(),
+            ParticipantState::Failed(FailCause::GaveUp) if waiting => Vec::new(),
             ParticipantState::Failed(FailCause::GaveUp) => {
                 info!(job = job_id, agent = %self.parts[idx as usize].id, "given-up participant is back");
                 self.failed -= 1;
                 plan.revive(idx);
-                plan.place(idx, info);
+                let changed = plan.place(idx, info);
                 self.instruct(cx, job_id, idx);
+                changed
             }
             ParticipantState::Waiting | ParticipantState::Fetching { .. } => {
-                plan.place(idx, info);
+                let changed = plan.place(idx, info);
                 if !waiting {
                     self.instruct(cx, job_id, idx);
                 }
+                changed
             }
-        }
+        };
+        let relieved: Vec<u32> = relieved.into_iter().filter(|&c| c != idx).collect();
+        self.resend_sources(cx, job_id, &relieved);
     }
 
     fn on_offline(&mut self, cx: &mut Ctx<'_>, job_id: u64, idx: u32) {

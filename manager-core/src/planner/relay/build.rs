@@ -26,11 +26,10 @@ impl RelayPlan {
     /// Builds the plan for content of `chunks` chunks among `seeds` (in priority order).
     ///
     /// `manager_up_bps` is the manager's upload capacity (`0` = unknown). The
-    /// number of stripes is the number of serving participants (online ones,
-    /// plus those not online yet, which may serve when they come), at most
-    /// `policy.max_stripes`, at most `chunks`, and small enough that every
-    /// server's upload-proportional share of fetchers fits its capacity (each
-    /// stripe costs each fetcher one more source).
+    /// number of stripes is the number of online serving participants (of those
+    /// not online yet when nobody is), at most `policy.max_stripes`, at most
+    /// `chunks`, and small enough that every server's upload-proportional share of
+    /// fetchers fits its capacity (each stripe costs each fetcher one more source).
     pub fn build(chunks: u32, manager_up_bps: u64, policy: &Policy, seeds: &[Seed]) -> Self {
         let chunks = chunks.max(1);
         let relay = policy.relay;
@@ -92,7 +91,9 @@ impl RelayPlan {
                 .min()
                 .unwrap_or(u128::MAX)
                 .min(usize::MAX as u128) as usize;
-            (servers.len() + absent).min(by_capacity).clamp(1, max_k)
+            // Participants not online yet get no stripe of their own: one that never comes
+            // would leave its stripe to the manager alone. They join a group when they come.
+            servers.len().min(by_capacity).clamp(1, max_k)
         };
 
         // Balanced groups when the manager only seeds the stripes (its own share of the

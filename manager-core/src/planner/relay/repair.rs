@@ -60,6 +60,9 @@ impl RelayPlan {
         if n.confirmed {
             self.requeue(node);
             self.list_on_segment(node);
+            for s in 0..self.stripes.len() {
+                changed.extend(self.relieve_manager(node, s));
+            }
             return changed;
         }
         let n = &mut self.nodes[node as usize];
@@ -90,7 +93,48 @@ impl RelayPlan {
         }
         self.normalize(node);
         changed.push(node);
+        if let Some(g) = self.group(node) {
+            changed.extend(self.relieve_manager(node, g));
+        }
         changed
+    }
+
+    /// Moves fetchers of stripe `s` that fetch it from the manager (a repair's last resort,
+    /// e.g. while `node` was away) to `node`, which now relays `s` (a member of its group back
+    /// online, or a holder of the whole content), until it carries as much per upload as the
+    /// average serving peer. Returns the fetchers moved.
+    fn relieve_manager(&mut self, node: u32, s: usize) -> Vec<u32> {
+        if self.segmented || !self.serving(node) {
+            return Vec::new();
+        }
+        let (mut sum, mut count) = (0u128, 0u128);
+        for i in 0..self.nodes.len() as u32 {
+            if self.serving(i) && i != node {
+                sum += self.nodes[i as usize].served as u128 * LOAD_SCALE
+                    / self.eff_up(i).max(1) as u128;
+                count += 1;
+            }
+        }
+        let average = sum.checked_div(count).unwrap_or(u128::MAX);
+        let len = self.stripe_len(s) as u128;
+        let up = self.eff_up(node).max(1) as u128;
+        let mut moved = Vec::new();
+        for f in 0..self.nodes.len() as u32 {
+            if (self.nodes[node as usize].served as u128 + len) * LOAD_SCALE / up > average {
+                break;
+            }
+            if f == node || self.parent(f, s) != MANAGER || self.nodes[f as usize].group == s as u32
+            {
+                // Members of the stripe's group that fetch it from the manager are its roots.
+                continue;
+            }
+            if self.valid(f, node, s) {
+                self.set_parent(f, s, node);
+                self.normalize(f);
+                moved.push(f);
+            }
+        }
+        moved
     }
 
     /// `node` went offline: its fetchers are routed around it and its own sources are released.
@@ -659,7 +703,12 @@ mod test {
         let mut plan = RelayPlan::build(300, 0, &Policy::default(), &seeds);
         assert_eq!(plan.stripes().len(), 8);
         for i in 5..30 {
-            assert_eq!(plan.place(i, server(1_000_000, 4).info.unwrap()), vec![i]);
+            let changed = plan.place(i, server(1_000_000, 4).info.unwrap());
+            assert_eq!(changed[0], i);
+            // Those it relieved the manager of now fetch from it.
+            for &c in &changed[1..] {
+                assert!(plan.uses(c, i), "{c} moved but does not use {i}");
+            }
             plan.check().unwrap();
         }
         assert_covers(&plan);
