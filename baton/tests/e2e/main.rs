@@ -9,6 +9,7 @@
 mod common;
 
 mod browser;
+mod fault_speed;
 mod faults;
 mod groups;
 mod push;
