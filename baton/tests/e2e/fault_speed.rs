@@ -335,7 +335,6 @@ fn late_joiners_spread_over_the_holders_by_upload() {
 
 /// Two targets that connect half way through the job are served by upload, the manager too.
 #[test]
-#[ignore = "issue 20: the manager seeds the stripes of targets absent at the start to everyone"]
 fn late_targets_named_at_the_start_spread_over_the_holders_by_upload() {
     let t = Deadline::start();
     let m = Manager::start_args(BATON, &SERVE);
