@@ -2,7 +2,7 @@
 //! built for them, its client commands, and a fake agent speaking the protocol itself.
 //! Processes, polling and the manager's API are in `baton_test_support`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use baton_agent_core::linux::link::{self, Limits, LinkError, LinkReader, LinkWriter};
 use baton_protocol::frame;
@@ -14,6 +14,23 @@ use baton_test_support::manager::BOUND;
 use baton_test_support::{Manager, Output};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+
+/// The end of a test's time; every wait takes what is left of it.
+pub struct Deadline(Instant);
+
+impl Deadline {
+    /// A deadline `limit` from now.
+    pub fn start(limit: Duration) -> Self {
+        Deadline(Instant::now() + limit)
+    }
+
+    /// Time left (at least 1 ms, so a wait that is due fails with its own message).
+    pub fn left(&self) -> Duration {
+        self.0
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    }
+}
 
 /// The `baton` executable under test.
 pub const BATON: &str = env!("CARGO_BIN_EXE_baton");

@@ -54,23 +54,6 @@ const LEAF: [&str; 6] = [
     "0",
 ];
 
-/// The end of a test's time; every wait takes what is left of it.
-struct Deadline(Instant);
-
-impl Deadline {
-    /// A deadline [`LIMIT`] from now.
-    fn start() -> Self {
-        Deadline(Instant::now() + LIMIT)
-    }
-
-    /// Time left (at least 1 ms, so a wait that is due fails with its own message).
-    fn left(&self) -> Duration {
-        self.0
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1))
-    }
-}
-
 /// Starts agent `name` with `flags`, enrolling with a token unless it is `enrolled` already.
 fn agent(m: &Manager, root: &Path, name: &str, flags: &[&str], enrolled: bool) -> AgentProc {
     if enrolled {
@@ -212,7 +195,7 @@ fn resumption_lines(log: &str) -> Vec<&str> {
 /// A manager killed a quarter of the way in and restarted: the resumed job shares the rest fairly.
 #[test]
 fn after_a_manager_restart_no_source_serves_over_twice_its_share() {
-    let t = Deadline::start();
+    let t = Deadline::start(LIMIT);
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
@@ -272,7 +255,7 @@ fn after_a_manager_restart_no_source_serves_over_twice_its_share() {
 /// Two agents joining a job for all once the servers hold the content spread over them.
 #[test]
 fn late_joiners_spread_over_the_holders_by_upload() {
-    let t = Deadline::start();
+    let t = Deadline::start(LIMIT);
     let started = Instant::now();
     let m = Manager::start_args(BATON, &SERVE);
     let root = m.dir.clone();
@@ -336,7 +319,7 @@ fn late_joiners_spread_over_the_holders_by_upload() {
 /// Two targets that connect half way through the job are served by upload, the manager too.
 #[test]
 fn late_targets_named_at_the_start_spread_over_the_holders_by_upload() {
-    let t = Deadline::start();
+    let t = Deadline::start(LIMIT);
     let m = Manager::start_args(BATON, &SERVE);
     let root = m.dir.clone();
     let all = names("n", 8);

@@ -38,22 +38,6 @@ use tokio::net::{TcpListener, TcpStream};
 /// The most any one test here may take.
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// The end of a test's time; every wait takes what is left of it.
-struct Deadline(Instant);
-
-impl Deadline {
-    fn start() -> Self {
-        Deadline(Instant::now() + LIMIT)
-    }
-
-    /// Time left (at least 1 ms, so a wait that is due fails with its own message).
-    fn left(&self) -> Duration {
-        self.0
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1))
-    }
-}
-
 /// A small tokio runtime of its own for the test's network helpers, so that the test
 /// body can block (HTTP polls, sleeps) without starving them; dropped with the test.
 fn runtime() -> tokio::runtime::Runtime {
@@ -326,7 +310,7 @@ async fn mallory_serve_peer(
 
 #[test]
 fn a_peer_serving_corrupted_chunks_is_reported_and_routed_around() {
-    let t = Deadline::start();
+    let t = Deadline::start(LIMIT);
     let m = Manager::start_args(BATON, &["--give-up", "10"]);
     let root = m.dir.clone();
     let rt = runtime();
@@ -501,7 +485,7 @@ fn a_peer_serving_corrupted_chunks_is_reported_and_routed_around() {
 
 #[test]
 fn a_source_killed_mid_job_is_routed_around_and_given_up() {
-    let t = Deadline::start();
+    let t = Deadline::start(LIMIT);
     let m = Manager::start_args(BATON, &["--give-up", "3", "--up-bps", "256KiB"]);
     let root = m.dir.clone();
     let names = ["k1", "k2", "k3", "k4", "k5"];
@@ -605,7 +589,7 @@ fn a_source_killed_mid_job_is_routed_around_and_given_up() {
 
 #[test]
 fn a_killed_agent_resumes_and_refetches_at_most_its_window() {
-    let t = Deadline::start();
+    let t = Deadline::start(LIMIT);
     let m = Manager::start_args(BATON, &["--give-up", "30", "--up-bps", "768KiB"]);
     let root = m.dir.clone();
     let window = 4u64;
@@ -689,7 +673,7 @@ fn a_killed_agent_resumes_and_refetches_at_most_its_window() {
 
 #[test]
 fn an_agent_with_a_full_disk_fails_and_is_routed_around() {
-    let t = Deadline::start();
+    let t = Deadline::start(LIMIT);
     let m = Manager::start_args(BATON, &["--give-up", "10"]);
     let root = m.dir.clone();
     // The full one reports the fastest upload, so the planner wants it as a source.
@@ -834,7 +818,7 @@ fn closed_by_peer(s: &mut std::net::TcpStream) -> bool {
 
 #[test]
 fn a_replayed_handshake_and_a_tampered_frame_are_refused_at_the_server() {
-    let t = Deadline::start();
+    let t = Deadline::start(LIMIT);
     let m = Manager::start_args(BATON, &["--give-up", "10"]);
     let root = m.dir.clone();
     let rt = runtime();
