@@ -3,7 +3,8 @@
 //! Keys: the manager's Ed25519 identity (`manager.key`, which agents pin and
 //! which signs their certificates) and a separate publisher key
 //! (`publisher.key`, which signs manifests), both created on first run under
-//! the data directory and kept, readable by the owner only.
+//! the data directory and kept, readable by the owner only; a key file that
+//! group or others may read or write is refused on load.
 //!
 //! Content: publishing a file streams it once, hashing each chunk into a
 //! Merkle leaf; the whole [`MerkleTree`] stays in memory so any chunk's proof
@@ -13,12 +14,13 @@
 //! served as the published content), and the proof.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use baton_agent_core::linux::datadir::{DataDirError, private_file, read_secret};
 use baton_protocol::identity::Identity;
 use baton_protocol::manifest::{MAX_CONTENT_NAME, Manifest};
 use baton_protocol::merkle::{self, MerkleTree};
@@ -41,6 +43,9 @@ pub enum ContentError {
         /// What the OS said.
         source: io::Error,
     },
+    /// A key or token file is open to group or others (or cannot be checked).
+    #[error(transparent)]
+    Private(#[from] DataDirError),
     /// A key or token file does not hold what it should.
     #[error("{path}: {what}")]
     BadSecretFile {
@@ -84,11 +89,12 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ContentError + '_ {
 }
 
 /// Reads a 32-byte secret kept as hex in `path`, or creates one (mode 0600) if the file is absent.
+/// A file group or others may read or write is refused ([`DataDirError::Exposed`]).
 ///
 /// Returns the secret and whether it was created now.
 pub fn load_or_create_secret(path: &Path) -> Result<([u8; 32], bool), ContentError> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
+    match read_secret(path)? {
+        Some(text) => {
             let bad = |what: &str| ContentError::BadSecretFile {
                 path: path.to_path_buf(),
                 what: format!("{what}; expected 64 hex digits (delete it to create a new one)"),
@@ -97,22 +103,20 @@ pub fn load_or_create_secret(path: &Path) -> Result<([u8; 32], bool), ContentErr
             let secret: [u8; 32] = bytes.try_into().map_err(|_| bad("wrong length"))?;
             Ok((secret, false))
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        None => {
             let mut secret = [0u8; 32];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
             write_private(path, format!("{}\n", hex::encode(secret)).as_bytes())?;
             Ok((secret, true))
         }
-        Err(e) => Err(io_err(path)(e)),
     }
 }
 
 /// Creates `path` with `contents`, readable and writable by the owner only (fails if it exists).
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), ContentError> {
-    let mut f = OpenOptions::new()
+    let mut f = private_file()
         .write(true)
         .create_new(true)
-        .mode(0o600)
         .open(path)
         .map_err(io_err(path))?;
     f.write_all(contents).map_err(io_err(path))?;
@@ -399,6 +403,31 @@ mod test {
             Keys::load_or_create(dir.path()),
             Err(ContentError::BadSecretFile { .. })
         ));
+    }
+
+    #[test]
+    fn a_key_file_open_to_others_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        Keys::load_or_create(dir.path()).unwrap();
+        for name in ["manager.key", "publisher.key"] {
+            let path = dir.path().join(name);
+            for loose in [0o644, 0o660, 0o606] {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(loose)).unwrap();
+                let e = Keys::load_or_create(dir.path()).unwrap_err();
+                assert!(
+                    matches!(e, ContentError::Private(DataDirError::Exposed { .. })),
+                    "{e}"
+                );
+                assert!(
+                    e.to_string()
+                        .contains(&format!("chmod 600 {}", path.display())),
+                    "{e}"
+                );
+            }
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        Keys::load_or_create(dir.path()).unwrap();
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! `baton serve`: the manager's parts wired together.
 //!
-//! [`serve`] opens the data directory (keys, admin token, database), starts a
-//! new epoch, resumes unfinished jobs, binds the agent port and the HTTP API,
-//! writes the ready file, and runs until its shutdown future completes or the
-//! engine task fails. The HTTP API works on the [`Manager`] service it builds.
+//! [`serve`] opens the data directory (owner-only and locked for the
+//! process's life, see [`baton_agent_core::linux::datadir`]; keys, admin
+//! token, database), starts a new epoch, resumes unfinished jobs, binds the
+//! agent port and the HTTP API, writes the ready file, and runs until its
+//! shutdown future completes or the engine task fails. The HTTP API works on
+//! the [`Manager`] service it builds.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use baton_agent_core::linux::datadir::{DataDir, DataDirError};
 use baton_agent_core::linux::link::Limits;
 use baton_agent_core::linux::rate::RateLimiter;
 use baton_manager_core::engine::{Engine, EngineConfig, JobSpec};
@@ -107,6 +110,9 @@ pub enum ServeError {
     /// A file in the data directory.
     #[error(transparent)]
     Files(#[from] ContentError),
+    /// The data directory is in use by another process, or cannot be made owner-only.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
     /// The database.
     #[error("{path}: {source}")]
     Store {
@@ -145,22 +151,6 @@ pub enum ServeError {
     /// The HTTPS certificate or key.
     #[error(transparent)]
     Tls(#[from] crate::http::tls::TlsError),
-}
-
-/// Creates the data directory (owner-only) if it does not exist.
-fn ensure_dir(dir: &Path) -> Result<(), ServeError> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| ServeError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })
 }
 
 /// Reads the admin token from `<data_dir>/admin.token`, creating it (mode 0600) on first run.
@@ -286,7 +276,8 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    ensure_dir(&opts.data_dir)?;
+    // Held until `serve` returns: a second manager on this directory stops here.
+    let _data_dir = DataDir::open(&opts.data_dir)?;
     let keys = Keys::load_or_create(&opts.data_dir)?;
     let admin_token = load_or_create_admin_token(&opts.data_dir)?;
     let db_path = opts
@@ -473,4 +464,106 @@ pub async fn serve(
         return Err(ServeError::Http(e));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn options(data_dir: &Path) -> ServeOptions {
+        ServeOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..ServeOptions::new(data_dir.to_path_buf())
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_manager_per_data_directory_and_its_files_are_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let first = tokio::spawn(serve(options(&data), async {
+            let _ = stopped.await;
+        }));
+        let status = data.join(STATUS_FILE);
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !status.exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the first manager is ready within 20 s");
+
+        assert_eq!(mode(&data), 0o700);
+        for file in [
+            "manager.key",
+            "publisher.key",
+            ADMIN_TOKEN_FILE,
+            "baton.db",
+            "baton.db-wal",
+            "baton.db-shm",
+            STATUS_FILE,
+            baton_agent_core::linux::datadir::LOCK_FILE,
+        ] {
+            assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+        }
+
+        let second = tokio::time::timeout(
+            Duration::from_secs(5),
+            serve(options(&data), std::future::pending()),
+        )
+        .await
+        .expect("the second manager stops within 5 s");
+        match second {
+            Err(ServeError::DataDir(e @ DataDirError::InUse { .. })) => {
+                assert!(e.to_string().contains(&data.display().to_string()), "{e}");
+            }
+            other => panic!("expected the data directory in use, got {other:?}"),
+        }
+        assert!(
+            status.exists(),
+            "the second manager left the first's files alone"
+        );
+
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), first)
+            .await
+            .expect("the first manager stops")
+            .unwrap()
+            .unwrap();
+        // Stopped: the directory is free again (and a loose one is tightened on start).
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        stop.send(()).unwrap();
+        serve(options(&data), async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+        assert_eq!(mode(&data), 0o700);
+    }
+
+    #[tokio::test]
+    async fn a_key_file_open_to_others_stops_the_manager() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        drop(DataDir::open(&data).unwrap());
+        load_or_create_admin_token(&data).unwrap();
+        let token = data.join(ADMIN_TOKEN_FILE);
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = serve(options(&data), std::future::pending())
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("chmod 600 {}", token.display())),
+            "{e}"
+        );
+    }
 }

@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use super::meter::LinkMeter;
 
 use super::args::AgentArgs;
+use super::datadir::{DataDir, DataDirError, ensure_private_dir, private_file, read_secret};
 use super::discovery::DiscoverySockets;
 use super::link::{self, Limits, Link, LinkError};
 use super::rate::RateLimiter;
@@ -75,6 +76,9 @@ pub enum AgentRunError {
     /// The content store could not be opened.
     #[error(transparent)]
     Store(#[from] DirStoreError),
+    /// The data directory is in use, or it or a key file in it is open to others.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
     /// The peer listener could not be bound.
     #[error("listen on {addr}: {source}")]
     Listen {
@@ -89,15 +93,19 @@ fn config_err(s: impl Into<String>) -> AgentRunError {
     AgentRunError::Config(s.into())
 }
 
-/// Loads `<data-dir>/identity.key` (hex seed), creating it on first run.
+/// Name of the agent's identity key file in its data directory.
+pub const IDENTITY_FILE: &str = "identity.key";
+
+/// Loads `<data-dir>/identity.key` (hex seed), creating it (mode 0600) on first run; a key
+/// file group or others may read or write is refused.
 pub fn load_or_create_identity(data_dir: &Path) -> Result<Identity, AgentRunError> {
-    let path = data_dir.join("identity.key");
+    let path = data_dir.join(IDENTITY_FILE);
     let io = |source| AgentRunError::Identity {
         path: path.clone(),
         source,
     };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
+    match read_secret(&path)? {
+        Some(text) => {
             let seed: [u8; 32] = hex::decode(text.trim())
                 .ok()
                 .and_then(|v| v.try_into().ok())
@@ -109,19 +117,17 @@ pub fn load_or_create_identity(data_dir: &Path) -> Result<Identity, AgentRunErro
                 })?;
             Ok(Identity::from_seed(seed))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(data_dir).map_err(io)?;
+        None => {
+            ensure_private_dir(data_dir)?;
             let mut seed = [0u8; 32];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
             let tmp = path.with_extension("tmp");
             {
                 use std::io::Write as _;
-                use std::os::unix::fs::OpenOptionsExt as _;
-                let mut f = std::fs::File::options()
+                let mut f = private_file()
                     .write(true)
                     .create(true)
                     .truncate(true)
-                    .mode(0o600)
                     .open(&tmp)
                     .map_err(io)?;
                 writeln!(f, "{}", hex::encode(seed)).map_err(io)?;
@@ -130,7 +136,6 @@ pub fn load_or_create_identity(data_dir: &Path) -> Result<Identity, AgentRunErro
             std::fs::rename(&tmp, &path).map_err(io)?;
             Ok(Identity::from_seed(seed))
         }
-        Err(e) => Err(io(e)),
     }
 }
 
@@ -647,9 +652,16 @@ fn state_name(s: JobState) -> std::borrow::Cow<'static, str> {
     }
 }
 
+/// Replaces `path` with `text` (a temporary file renamed into place), mode 0600.
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
+    private_file()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?
+        .write_all(text.as_bytes())?;
     std::fs::rename(&tmp, path)
 }
 
@@ -698,6 +710,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         .data_dir
         .clone()
         .ok_or_else(|| config_err("--data-dir is required"))?;
+    // Held until `run` returns: a second agent on this directory stops here.
+    let _data_dir = match DataDir::open(&data_dir) {
+        Ok(held) => Some(held),
+        // `--print-key` beside the agent running on this directory only reads its key.
+        Err(DataDirError::InUse { .. }) if args.print_key => None,
+        Err(e) => return Err(e.into()),
+    };
     let identity = load_or_create_identity(&data_dir)?;
     if args.print_key {
         println!("{}", hex::encode(identity.public().0));
@@ -915,9 +934,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                     {
                         let slot = agent.store().slot_path(&root);
                         let out = s.export.clone().unwrap_or_else(|| {
-                            s.data_dir
-                                .join("export")
-                                .join(format!("{}-{}", m.name, m.version))
+                            // Under the data directory: made owner-only like the rest of it.
+                            let dir = s.data_dir.join("export");
+                            if let Err(e) = ensure_private_dir(&dir) {
+                                tracing::warn!("{e}");
+                            }
+                            dir.join(format!("{}-{}", m.name, m.version))
                         });
                         pending.spawn(complete(
                             slot,
@@ -1057,4 +1079,36 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
     tokio::time::sleep(Duration::from_millis(50)).await;
     tasks.abort_all();
     Ok(())
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn the_identity_is_created_private_and_refused_once_open_to_others() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let first = load_or_create_identity(&dir).unwrap();
+        let path = dir.join(IDENTITY_FILE);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(
+            load_or_create_identity(&dir).unwrap().public(),
+            first.public()
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load_or_create_identity(&dir).unwrap_err();
+        assert!(
+            matches!(e, AgentRunError::DataDir(DataDirError::Exposed { .. })),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains(&format!("chmod 600 {}", path.display())),
+            "{e}"
+        );
+    }
 }

@@ -67,9 +67,10 @@ pub struct FileFlash {
 }
 
 impl FileFlash {
-    /// Creates (or truncates) `path` as an erased flash of `capacity` bytes (a sparse file).
+    /// Creates (or truncates) `path` as an erased flash of `capacity` bytes (a sparse file,
+    /// mode 0600 when created).
     pub fn create(path: &Path, capacity: usize) -> io::Result<Self> {
-        let file = File::options()
+        let file = super::datadir::private_file()
             .read(true)
             .write(true)
             .create(true)

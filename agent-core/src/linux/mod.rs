@@ -1,10 +1,13 @@
 //! The Linux side of the agent (feature `std`): link layer, rate limits,
-//! sizes, file-backed flash, the directory store and the tokio driver.
+//! sizes, data directories, file-backed flash, the directory store and the
+//! tokio driver.
 //!
 //! Everything here is IO around the sans-IO [`crate::agent::Agent`]; no
-//! protocol decisions are made in this module.
+//! protocol decisions are made in this module. The manager reuses the link
+//! layer, the rate limits and the data directory rules ([`datadir`]).
 
 pub mod args;
+pub mod datadir;
 pub mod discovery;
 pub mod driver;
 pub mod flash;

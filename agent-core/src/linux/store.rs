@@ -1,11 +1,13 @@
 //! The Linux agent's content store: one flash file per content root in a directory.
 //!
 //! `<data-dir>/content/<root hex>.slot` is a [`FileFlash`] partition holding
-//! one [`FlashStore`]; at startup every slot is mounted, so a restarted agent
-//! serves what it holds and resumes what it was fetching. An optional quota
-//! (`--max-storage`) bounds the sum of the slot sizes; a full disk or quota
-//! fails the job with `StorageFull`. A slot whose header is damaged (a power
-//! cut while it was being created) is removed at startup.
+//! one [`FlashStore`]; the directory is owner-only (0700) and each slot is
+//! created 0600 (see [`super::datadir`]). At startup every slot is mounted,
+//! so a restarted agent serves what it holds and resumes what it was
+//! fetching. An optional quota (`--max-storage`) bounds the sum of the slot
+//! sizes; a full disk or quota fails the job with `StorageFull`. A slot whose
+//! header is damaged (a power cut while it was being created) is removed at
+//! startup.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -14,6 +16,7 @@ use std::path::{Path, PathBuf};
 use baton_protocol::merkle::Proof;
 use baton_protocol::{Digest, Manifest};
 
+use super::datadir::{DataDirError, ensure_private_dir};
 use super::flash::FileFlash;
 use crate::flash::FlashStore;
 use crate::store::{ContentStore, Held, StoreError};
@@ -84,16 +87,19 @@ pub enum DirStoreError {
     /// The store refused the operation.
     #[error("store: {0}")]
     Store(StoreError),
+    /// The store's directory could not be created or made owner-only.
+    #[error(transparent)]
+    Dir(#[from] DataDirError),
 }
 
 impl DirStore {
-    /// Opens (creating it if needed) the store under `dir`, mounting every slot in it.
+    /// Opens (creating it owner-only if needed) the store under `dir`, mounting every slot in it.
     pub fn open(dir: &Path, max_storage: Option<u64>) -> Result<Self, DirStoreError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| DirStoreError::Io { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        ensure_private_dir(dir)?;
         let mut slots = BTreeMap::new();
         for entry in std::fs::read_dir(dir).map_err(io(dir))? {
             let path = entry.map_err(io(dir))?.path();
@@ -318,6 +324,24 @@ mod test {
         let out = dir.path().join("out/bundle.bin");
         assert_eq!(export(&s.slot_path(&root), &out).unwrap(), 50_000);
         assert_eq!(std::fs::read(&out).unwrap(), data);
+    }
+
+    #[test]
+    fn the_directory_and_slots_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("content");
+        let (m, ..) = content(10_000);
+        let mut s = DirStore::open(&dir, None).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(s.open(&m), Ok(0));
+        assert_eq!(mode(&s.slot_path(&m.root)), 0o600);
+        drop(s);
+        // A directory left open by an older build is closed at the next start.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        DirStore::open(&dir, None).unwrap();
+        assert_eq!(mode(&dir), 0o700);
     }
 
     #[test]

@@ -34,8 +34,16 @@ impl DbOpts {
             .db
             .clone()
             .unwrap_or_else(|| self.data_dir.join("baton.db"));
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
+        // Created owner-only if missing, as `baton serve` would create it; an existing
+        // directory is left as it is (with --db it may be any directory).
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.is_dir()
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(baton_agent_core::linux::datadir::PRIVATE_DIR_MODE)
+                .create(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         SqliteStore::open(&path).with_context(|| format!("database {}", path.display()))

@@ -11,6 +11,7 @@ mod common;
 mod browser;
 mod fault_speed;
 mod faults;
+mod files;
 mod groups;
 mod push;
 mod serve;

@@ -402,6 +402,11 @@ fn uploads_become_jobs() {
     let path = up["path"].as_str().unwrap();
     assert!(path.starts_with(m.data_dir().join("uploads").to_str().unwrap()));
     assert_eq!(std::fs::read(path).unwrap().len(), 100_000);
+    // Uploaded content is the owner's only, in an owner-only directory.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(std::path::Path::new(path)), 0o600);
+    assert_eq!(mode(&m.data_dir().join("uploads")), 0o700);
     let key = baton_protocol::identity::Identity::from_seed([7; 32]).public();
     m.enrol("e1", &key);
     let (status, job) = m.api(

@@ -764,7 +764,11 @@ async fn upload(
         return Err(UploadRefused::TooLarge(uploads.max_bytes));
     }
     let dir = &uploads.dir;
-    tokio::fs::create_dir_all(dir)
+    // Owner-only, as the data directory it sits in (when it has to be created).
+    tokio::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(baton_agent_core::linux::datadir::PRIVATE_DIR_MODE)
+        .create(dir)
         .await
         .map_err(|e| ApiError::Internal(format!("{}: {e}", dir.display())))?;
     let mut stamp = [0u8; 6];
@@ -782,7 +786,13 @@ async fn upload(
         kept: false,
     };
     let io = |e: std::io::Error| ApiError::Internal(format!("{}: {e}", path.display()));
-    let mut file = tokio::fs::File::create(&part.path).await.map_err(io)?;
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(baton_agent_core::linux::datadir::PRIVATE_FILE_MODE)
+        .open(&part.path)
+        .await
+        .map_err(io)?;
     let mut stream = body.into_data_stream();
     let mut length = 0u64;
     while let Some(chunk) = stream.next().await {

@@ -70,6 +70,9 @@ pub enum StoreError {
     /// Something of that name exists already.
     #[error("{0} already exists")]
     Duplicate(String),
+    /// The database file could not be created owner-only or made so.
+    #[error(transparent)]
+    File(#[from] baton_agent_core::linux::datadir::DataDirError),
 }
 
 /// Result of a store operation.

@@ -1,12 +1,18 @@
 //! [`SqliteStore`]: the [`Store`] on one SQLite file in WAL mode (readers do
 //! not block the writer, so `baton admin` can write beside a running manager).
 //!
+//! The database file and its `-wal` and `-shm` companions are owner-only
+//! (0600): the file is created so before SQLite opens it (SQLite gives the
+//! companions the database's mode), and one left open to others by an older
+//! build is tightened, with a warning.
+//!
 //! Opening a file migrates it to [`SCHEMA_VERSION`] ([`super::schema`]). Rows
 //! are read raw and converted after the query, so a value this build cannot
 //! read back is [`StoreError::Corrupt`] rather than a panic.
 
 use std::path::Path;
 
+use baton_agent_core::linux::datadir::{self, DataDirError};
 use baton_protocol::message::Report;
 use baton_protocol::types::{Digest, PublicKey};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -22,8 +28,10 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path` and migrates it to [`SCHEMA_VERSION`].
+    /// Opens (creating it owner-only if needed) the database at `path` and migrates it to
+    /// [`SCHEMA_VERSION`].
     pub fn open(path: &Path) -> Result<Self> {
+        make_private(path)?;
         let conn = Connection::open(path)?;
         Self::with_connection(conn)
     }
@@ -68,6 +76,29 @@ impl SqliteStore {
             .conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
+}
+
+/// Creates the database file at `path` with mode 0600 if it is absent (SQLite then creates
+/// its `-wal` and `-shm` files with the same mode), and takes group and other permissions
+/// off the file and its companions if an older build left them open.
+fn make_private(path: &Path) -> Result<()> {
+    let created = datadir::private_file()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path);
+    if let Err(source) = created {
+        return Err(StoreError::File(DataDirError::Io {
+            path: path.to_path_buf(),
+            source,
+        }));
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut companion = path.as_os_str().to_owned();
+        companion.push(suffix);
+        datadir::tighten(Path::new(&companion))?;
+    }
+    Ok(())
 }
 
 /// A `u64` as SQLite's signed 64-bit integer; values past `i64::MAX` ("unlimited") saturate.

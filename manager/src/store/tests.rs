@@ -74,6 +74,31 @@ fn fresh_file_migrates_and_reopen_keeps_data() {
 }
 
 #[test]
+fn the_database_and_its_companions_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.db");
+    let wal = dir.path().join("baton.db-wal");
+    let shm = dir.path().join("baton.db-shm");
+    {
+        let mut s = SqliteStore::open(&path).unwrap();
+        s.enrol("edge-1", &PublicKey([1; 32]), 5).unwrap();
+        // While open (WAL mode), SQLite keeps both companions beside the file.
+        for p in [&path, &wal, &shm] {
+            assert_eq!(mode(p), 0o600, "{}", p.display());
+        }
+    }
+    // A database an older build left readable by others (or a copy) is tightened on open.
+    let copy = dir.path().join("copy.db");
+    std::fs::copy(&path, &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let s = SqliteStore::open(&copy).unwrap();
+    assert_eq!(mode(&copy), 0o600);
+    assert!(s.agent("edge-1").unwrap().is_some());
+}
+
+#[test]
 fn newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("baton.db");

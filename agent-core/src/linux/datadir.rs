@@ -1,0 +1,429 @@
+//! Data directories: owner-only permissions, key files checked on load, one
+//! process per directory. The Linux agent and the manager (`baton serve`) both
+//! keep their state this way.
+//!
+//! - [`DataDir::open`] creates the directory (mode 0700) or, if group or
+//!   others may reach an existing one, takes their permissions away and logs
+//!   a warning (a directory it cannot change, or a shared one such as `/tmp`
+//!   with its sticky bit, is refused). It then takes an exclusive lock on
+//!   `<dir>/lock` ([`LOCK_FILE`]) that lasts as long as the [`DataDir`]: a
+//!   second process on the same directory gets [`DataDirError::InUse`]. The
+//!   lock is `flock(2)` through std's [`File::try_lock`], so the kernel drops
+//!   it when the holder exits, also when it is killed.
+//! - [`ensure_private_dir`] does the same for the directories created under
+//!   it (the agent's content slots, the manager's uploads), without a lock.
+//! - [`read_secret`] reads a key or token file and refuses one that group or
+//!   others may read or write, with the `chmod 600` that fixes it.
+//! - Files holding secrets or content are created with [`PRIVATE_FILE_MODE`];
+//!   [`tighten`] takes group and other permissions off one that exists.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{self, Read as _, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+/// Mode of the directories Baton creates: owner only.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of the files holding secrets or content: owner read and write.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// Name of the lock file inside a data directory.
+pub const LOCK_FILE: &str = "lock";
+
+/// Permission bits of group and others.
+const GROUP_OTHER: u32 = 0o077;
+/// The sticky bit: a directory shared by many users (`/tmp`).
+const STICKY: u32 = 0o1000;
+
+/// Why a data directory, or a file in it, cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataDirError {
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// Another process holds the data directory's lock.
+    #[error(
+        "data directory {} is in use by another baton process ({}lock file {} held)",
+        dir.display(),
+        holder.map(|pid| format!("pid {pid}; ")).unwrap_or_default(),
+        lock.display()
+    )]
+    InUse {
+        /// The data directory.
+        dir: PathBuf,
+        /// Its lock file.
+        lock: PathBuf,
+        /// The process id the holder wrote into the lock file, if readable.
+        holder: Option<u32>,
+    },
+    /// A key file that group or others may read or write.
+    #[error(
+        "{} can be read or written by group or others (mode {mode:03o}); a key file must be private to its owner: run `chmod 600 {}`",
+        path.display(),
+        path.display()
+    )]
+    Exposed {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A directory or file open to group or others whose permissions cannot be changed.
+    #[error(
+        "{} is open to group or others (mode {mode:03o}) and cannot be made private: {source}; run `chmod go-rwx {}` as its owner",
+        path.display(),
+        path.display()
+    )]
+    Loose {
+        /// The directory or file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+        /// What the OS said to `chmod`.
+        source: io::Error,
+    },
+    /// A shared directory (sticky bit, like `/tmp`) given as a data directory.
+    #[error(
+        "{} is a shared directory (sticky bit set, mode {mode:04o}); give baton a directory of its own, such as {}",
+        path.display(),
+        path.join("baton").display()
+    )]
+    Shared {
+        /// The directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DataDirError + '_ {
+    move |source| DataDirError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Takes group and other permissions off `path` if it has any, logging a warning; a path
+/// that does not exist is left alone. Returns whether it changed anything.
+pub fn tighten(path: &Path) -> Result<bool, DataDirError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if meta.is_dir() && mode & STICKY != 0 {
+        return Err(DataDirError::Shared {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    if mode & GROUP_OTHER == 0 {
+        return Ok(false);
+    }
+    let private = mode & !GROUP_OTHER;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(private)).map_err(|source| {
+        DataDirError::Loose {
+            path: path.to_path_buf(),
+            mode,
+            source,
+        }
+    })?;
+    tracing::warn!(
+        "{} was open to group or others (mode {mode:03o}); changed it to {private:03o}",
+        path.display()
+    );
+    Ok(true)
+}
+
+/// Creates directory `path` (and missing parents) with [`PRIVATE_DIR_MODE`], or takes group
+/// and other permissions off an existing one ([`tighten`]).
+pub fn ensure_private_dir(path: &Path) -> Result<(), DataDirError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => tighten(path).map(drop),
+        Ok(_) => Err(DataDirError::Io {
+            path: path.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(PRIVATE_DIR_MODE)
+            .create(path)
+            .map_err(io_err(path)),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+/// Reads the key or token file `path` as text; `None` if it does not exist. A file group or
+/// others may read or write is refused ([`DataDirError::Exposed`]) before it is read.
+pub fn read_secret(path: &Path) -> Result<Option<String>, DataDirError> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let mode = file.metadata().map_err(io_err(path))?.permissions().mode() & 0o777;
+    if mode & GROUP_OTHER != 0 {
+        return Err(DataDirError::Exposed {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io_err(path))?;
+    Ok(Some(text))
+}
+
+/// Options that create a file with [`PRIVATE_FILE_MODE`] (the mode applies only when the
+/// file is created).
+pub fn private_file() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.mode(PRIVATE_FILE_MODE);
+    o
+}
+
+/// A data directory this process holds: private, and locked until dropped.
+#[derive(Debug)]
+pub struct DataDir {
+    path: PathBuf,
+    /// Holds the lock; closing it (drop, exit, kill) releases it.
+    _lock: File,
+}
+
+impl DataDir {
+    /// Creates `path` owner-only (or makes an existing one so, with a warning) and takes its
+    /// exclusive lock; [`DataDirError::InUse`] if another process holds it.
+    pub fn open(path: &Path) -> Result<DataDir, DataDirError> {
+        ensure_private_dir(path)?;
+        let lock_path = path.join(LOCK_FILE);
+        let mut lock = private_file()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = lock.read_to_string(&mut text);
+                return Err(DataDirError::InUse {
+                    dir: path.to_path_buf(),
+                    lock: lock_path,
+                    holder: text.trim().parse().ok(),
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+        }
+        // For the message a second process prints; the lock itself is the flock.
+        lock.set_len(0).map_err(io_err(&lock_path))?;
+        writeln!(lock, "{}", std::process::id()).map_err(io_err(&lock_path))?;
+        Ok(DataDir {
+            path: path.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_new_data_directory_and_its_parents_are_owner_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/b/data");
+        let d = DataDir::open(&dir).unwrap();
+        assert_eq!(d.path(), dir);
+        for p in [tmp.path().join("a"), tmp.path().join("a/b"), dir.clone()] {
+            assert_eq!(mode(&p), 0o700, "{}", p.display());
+        }
+        assert_eq!(mode(&dir.join(LOCK_FILE)), 0o600);
+    }
+
+    #[test]
+    fn an_open_data_directory_is_tightened() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        std::fs::create_dir(&dir).unwrap();
+        chmod(&dir, 0o755);
+        let _d = DataDir::open(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        let sub = dir.join("content");
+        std::fs::create_dir(&sub).unwrap();
+        chmod(&sub, 0o775);
+        ensure_private_dir(&sub).unwrap();
+        assert_eq!(mode(&sub), 0o700);
+        // Already private: nothing to do.
+        assert!(!tighten(&sub).unwrap());
+        assert!(!tighten(&dir.join("absent")).unwrap());
+    }
+
+    #[test]
+    fn a_shared_directory_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("shared");
+        std::fs::create_dir(&dir).unwrap();
+        chmod(&dir, 0o1777);
+        let e = DataDir::open(&dir).unwrap_err();
+        assert!(matches!(e, DataDirError::Shared { .. }), "{e}");
+        assert!(e.to_string().contains("sticky"), "{e}");
+        assert_eq!(mode(&dir), 0o1777, "left as it was");
+    }
+
+    #[test]
+    fn a_file_is_not_a_data_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(DataDir::open(&file), Err(DataDirError::Io { .. })));
+    }
+
+    #[test]
+    fn a_key_file_open_to_others_is_refused_with_the_fix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = tmp.path().join("identity.key");
+        assert!(read_secret(&key).unwrap().is_none());
+        let mut f = private_file()
+            .write(true)
+            .create_new(true)
+            .open(&key)
+            .unwrap();
+        f.write_all(b"secret\n").unwrap();
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(read_secret(&key).unwrap().as_deref(), Some("secret\n"));
+        for loose in [0o644, 0o640, 0o604, 0o620, 0o602] {
+            chmod(&key, loose);
+            let e = read_secret(&key).unwrap_err();
+            assert!(
+                matches!(e, DataDirError::Exposed { mode, .. } if mode == loose),
+                "{e}"
+            );
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("chmod 600 {}", key.display())),
+                "{text}"
+            );
+            assert!(text.contains(&format!("{loose:03o}")), "{text}");
+        }
+        // Owner-only read is fine.
+        chmod(&key, 0o400);
+        assert!(read_secret(&key).unwrap().is_some());
+    }
+
+    #[test]
+    fn tighten_keeps_the_owner_bits() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = tmp.path().join("baton.db");
+        std::fs::write(&db, b"").unwrap();
+        chmod(&db, 0o664);
+        assert!(tighten(&db).unwrap());
+        assert_eq!(mode(&db), 0o600);
+    }
+
+    #[test]
+    fn a_second_holder_is_refused_until_the_first_lets_go() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let first = DataDir::open(&dir).unwrap();
+        // flock belongs to the open file, so a second open in this process conflicts too.
+        let e = DataDir::open(&dir).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(&e, DataDirError::InUse { holder: Some(pid), .. } if *pid == std::process::id()),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "data directory {} is in use by another baton process",
+                dir.display()
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&dir.join(LOCK_FILE).display().to_string()),
+            "{text}"
+        );
+        drop(first);
+        let again = DataDir::open(&dir).unwrap();
+        drop(again);
+    }
+
+    /// Set for the child process of [`a_killed_holder_releases_the_lock`]: the directory it locks.
+    const HOLDER_ENV: &str = "BATON_TEST_LOCK_HOLDER";
+
+    /// The child of [`a_killed_holder_releases_the_lock`] (this test binary run again): takes
+    /// the lock and holds it until killed. Does nothing in a normal run.
+    #[test]
+    #[ignore = "the child process of a_killed_holder_releases_the_lock"]
+    fn lock_holder_child() {
+        let Some(dir) = std::env::var_os(HOLDER_ENV) else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let _held = loop {
+            match DataDir::open(Path::new(&dir)) {
+                Ok(d) => break d,
+                Err(e) if std::time::Instant::now() > deadline => panic!("{e}"),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        };
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_killed_holder_releases_the_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "linux::datadir::test::lock_holder_child"])
+            .args(["--ignored", "--nocapture", "--test-threads=1"])
+            .env(HOLDER_ENV, &dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match DataDir::open(&dir) {
+                Err(DataDirError::InUse { holder, .. }) => {
+                    assert_eq!(holder, Some(child.id()));
+                    break;
+                }
+                Ok(d) => drop(d),
+                Err(e) => panic!("{e}"),
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the lock holder exited early: {status}");
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the child never took the lock");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // SIGKILL gave it no chance to unlock: the kernel released the lock at its exit.
+        let d = DataDir::open(&dir).unwrap();
+        drop(d);
+    }
+}
