@@ -25,8 +25,13 @@ out="target/fault-series-$agents-$size.jsonl"
 run() { # label, extra arguments...
     local label=$1
     shift
-    local line
-    line=$("$baton" lab --agents "$agents" --size "$size" --json --no-baseline "$@" 2>/dev/null | tail -1)
+    local line log="target/fault-series-$agents-$size.log"
+    echo "== $label" >>"$log"
+    if ! line=$("$baton" lab --agents "$agents" --size "$size" --json --no-baseline "$@" 2>>"$log" | tail -1) ||
+        ! echo "$line" | jq -e .makespan_seconds >/dev/null 2>&1; then
+        echo "$label: FAILED (see $log)"
+        return 0
+    fi
     echo "$line" | jq -c --arg name "$label" '{"label": $name} + .' >>"$out"
     echo "$line" | jq -r --arg name "$label" \
         '"\($name): makespan \(.makespan_seconds * 100 | round / 100) s, ratio \(.ratio * 1000 | round / 1000), confirmed \(.confirmed)/\(.agents)" + (if .fault then ", fault at \(.fault.at_seconds * 100 | round / 100) s" + (if .fault.manager_gap_seconds then ", manager back after \(.fault.manager_gap_seconds * 100 | round / 100) s" else "" end) + (if .fault.late_last_done_seconds then ", last late done \(.fault.late_last_done_seconds * 100 | round / 100) s" else "" end) else "" end)'
