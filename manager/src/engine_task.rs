@@ -130,11 +130,12 @@ pub enum JobEvent {
         /// The job.
         job: u64,
     },
-    /// A rule of the job's policy cannot be met (stored with the job as a warning).
+    /// A rule of the job's policy cannot be met, or a participant was demoted as a trouble
+    /// reporter (stored with the job as a warning).
     Warning {
         /// The job.
         job: u64,
-        /// What cannot be met, for people.
+        /// What happened, for people.
         text: String,
     },
 }
@@ -189,8 +190,17 @@ impl JobEvent {
                 failed,
             },
             EngineEvent::PolicyWarning { job, text } => JobEvent::Warning { job, text },
+            EngineEvent::ReporterDemoted { job, agent, reason } => JobEvent::Warning {
+                job,
+                text: demotion_text(&agent, &reason),
+            },
         }
     }
+}
+
+/// The job warning that records a demoted trouble reporter.
+fn demotion_text(agent: &AgentId, reason: &str) -> String {
+    format!("{agent} demoted as a trouble reporter: {reason}; it no longer relays in this job")
 }
 
 /// Why the engine task stopped.
@@ -391,6 +401,13 @@ impl EngineTask {
                     tracing::warn!(job, "policy cannot be met: {text}");
                     if let Err(e) = lock(&self.store).add_job_warning(*job, text, unix_now()) {
                         tracing::error!(job, "cannot record policy warning: {e}");
+                    }
+                }
+                EngineEvent::ReporterDemoted { job, agent, reason } => {
+                    // The engine logged it; the job's warnings keep it for the API and the UI.
+                    let text = demotion_text(agent, reason);
+                    if let Err(e) = lock(&self.store).add_job_warning(*job, &text, unix_now()) {
+                        tracing::error!(job, "cannot record demotion: {e}");
                     }
                 }
                 _ => {}

@@ -314,6 +314,8 @@ fn run_sweep(args: &Args, count: u64) -> Result<ExitCode> {
             "bad_chunks_caught": st.bad_chunks,
             "peer_trouble": st.peer_trouble,
             "participants_failed": st.participant_failures,
+            "reporters_demoted": st.reporters_demoted,
+            "unfounded_reports": st.unfounded_reports,
             "engine_errors": st.engine_errors,
         },
         "seeds": r.seeds,

@@ -38,8 +38,10 @@
 //! every event, no store holds a chunk that is not the true one; every chunk
 //! an honest agent sends is true and verified in its store; an agent that
 //! completes, or that the engine confirms, holds every chunk; the engine
-//! persists before it transmits; and at the end every live agent must have
-//! confirmed within a bound after the last fault healed.
+//! persists before it transmits; the engine demotes no honest agent as a
+//! trouble reporter (agents here report only what they saw); and at the end
+//! every live agent must have confirmed within a bound after the last fault
+//! healed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -290,6 +292,11 @@ pub struct Stats {
     pub ignored: BTreeMap<&'static str, u64>,
     /// Participants the engine failed or gave up.
     pub participant_failures: u64,
+    /// Participants the engine demoted as trouble reporters (none is honest: a violation).
+    pub reporters_demoted: u64,
+    /// `PeerTrouble` reports the engine ignored: the reporter was not (or no longer) assigned
+    /// to the peer, as far as the engine knew.
+    pub unfounded_reports: u64,
     /// Agents that gave up a job.
     pub agent_failures: u64,
     /// Manager restarts done.
@@ -324,6 +331,8 @@ impl Stats {
             *self.ignored.entry(k).or_default() += v;
         }
         self.participant_failures += other.participant_failures;
+        self.reporters_demoted += other.reporters_demoted;
+        self.unfounded_reports += other.unfounded_reports;
         self.agent_failures += other.agent_failures;
         self.manager_restarts += other.manager_restarts;
         self.crashes += other.crashes;
@@ -667,6 +676,7 @@ impl Simulation {
     }
 
     fn finish(mut self) -> Outcome {
+        self.tally_unfounded();
         if self.violations.is_empty() && self.live_unconfirmed > 0 && self.trace {
             self.dump_stuck();
         }
@@ -1777,6 +1787,19 @@ impl Simulation {
                 }
             }
             EngineEvent::ParticipantFailed { .. } => self.stats.participant_failures += 1,
+            EngineEvent::ReporterDemoted { agent, reason, .. } => {
+                self.stats.reporters_demoted += 1;
+                // Agents here report only what they saw: only a malicious one may be demoted.
+                if self
+                    .ids
+                    .get(&agent)
+                    .is_none_or(|&k| !self.agents[k].malicious)
+                {
+                    self.violation(format!(
+                        "the engine demoted {agent}, an honest reporter: {reason}"
+                    ));
+                }
+            }
             _ => {}
         }
     }
@@ -1957,7 +1980,26 @@ impl Simulation {
         );
     }
 
+    /// Adds the engine's counts of `PeerTrouble` reports it ignored as unfounded (the
+    /// reporter was not assigned to the peer) to the stats; call it before the engine goes.
+    fn tally_unfounded(&mut self) {
+        let Some(engine) = &self.manager.engine else {
+            return;
+        };
+        for job in engine.jobs() {
+            if let Some(status) = engine.job_status(job) {
+                let n: u64 = status
+                    .participants
+                    .iter()
+                    .map(|p| u64::from(p.unfounded_reports))
+                    .sum();
+                self.stats.unfounded_reports += n;
+            }
+        }
+    }
+
     fn crash_manager(&mut self) {
+        self.tally_unfounded();
         if self.manager.engine.take().is_none() {
             return;
         }

@@ -3,11 +3,12 @@
 //! Each test provokes one fault of issue 2 §7 that the other end-to-end tests
 //! do not: a peer serving corrupted chunks (a malicious peer written here
 //! with the link layer), a source agent killed mid-job, an agent killed and
-//! restarted mid-transfer, an agent whose disk is full, and a replayed
+//! restarted mid-transfer, an agent whose disk is full, a replayed
 //! handshake and a tampered frame between a real agent and the manager
-//! (through a recording proxy written here). Kills are triggered by observed
-//! progress (status files, the API), never by a timer; upload caps stretch
-//! transfers so that a kill lands mid-transfer. Every test runs under a
+//! (through a recording proxy written here), and a participant that falsely
+//! reports honest peers (a lying fake agent written here; issue 14). Kills
+//! are triggered by observed progress (status files, the API), never by a
+//! timer; upload caps stretch transfers so that a kill lands mid-transfer. Every test runs under a
 //! deadline, and every child process is killed when its handle is dropped,
 //! also when a test panics.
 
@@ -22,7 +23,7 @@ use crate::common::*;
 use baton_agent_core::linux::link::{self, Limits, LinkError};
 use baton_protocol::identity::Identity;
 use baton_protocol::merkle::{self, Proof};
-use baton_protocol::message::{Message, Received, Refusal, Report};
+use baton_protocol::message::{Message, Received, Refusal, Report, Source, Trouble};
 use baton_protocol::session::{Hello, Role};
 use baton_protocol::types::{JobRef, LinkInfo, Name};
 use baton_protocol::{Digest, caps};
@@ -469,6 +470,17 @@ fn a_peer_serving_corrupted_chunks_is_reported_and_routed_around() {
     assert!(
         !reports.is_empty(),
         "PeerTrouble{{BadChunk}} reached the manager; log:\n{log}"
+    );
+    // Each reporter was routed around it at once; two reports are the evidence that retires
+    // it for everyone (issue 14); nobody honest is demoted for reporting it.
+    assert_eq!(
+        lines_with(&log, &["retired as a source", "agent=mallory"]).len(),
+        1,
+        "mallory retired once the second report was in; log:\n{log}"
+    );
+    assert!(
+        lines_with(&log, &["trouble reporter demoted"]).is_empty(),
+        "no honest reporter demoted; log:\n{log}"
     );
     eprintln!(
         "mallory served {} corrupted chunks; the manager logged {} BadChunk reports; \
@@ -937,5 +949,242 @@ fn a_replayed_handshake_and_a_tampered_frame_are_refused_at_the_server() {
     assert!(lines_with(&log, &["agent disconnected", "agent=p2"]).is_empty());
     assert!(!p2.log().contains("manager session ended"), "{}", p2.log());
     assert_eq!(connected(&m), ["p1", "p2"]);
+    drop(rt);
+}
+
+// ---------------------------------------------------------------------------------------
+// (f) A participant that lies in `PeerTrouble` reports (issue 14, item 4).
+
+/// What the lying fake agent did, shared with the test.
+#[derive(Default)]
+struct Liar {
+    /// The honest peer it accused of a bad chunk (the first it was told to fetch from).
+    accused: Mutex<Option<String>>,
+    /// It fetched everything (from the manager) and confirmed with `Have`.
+    confirmed: AtomicBool,
+    /// Errors of its task, for the test's messages.
+    errors: Mutex<Vec<String>>,
+}
+
+const LIAR: &str = "liar";
+
+/// The liar's manager session after `Welcome`: the first peer named in its sources is
+/// accused of a bad chunk at once (it never even connects to it); it fetches every chunk
+/// from the manager (window of 8), then confirms; answers pings. One lie only: a reporter
+/// that accuses more than a few peers is demoted for that alone.
+async fn liar_session(mut r: Reader, mut w: Writer, state: Arc<Liar>) -> Result<(), String> {
+    let mut job: Option<(JobRef, Digest, u32)> = None;
+    let (mut next, mut held, mut received) = (0u32, 0u32, 0u64);
+    loop {
+        let frame = r.recv().await.map_err(|e| format!("session: {e}"))?;
+        let msg = Message::decode(frame).map_err(|e| format!("decode: {e:?}"))?;
+        let (j, sources) = match msg {
+            Message::Fetch {
+                job: j,
+                manifest,
+                sources,
+                ..
+            } => {
+                if job.is_none() {
+                    let chunks = manifest.chunks();
+                    job = Some((j, manifest.root, chunks));
+                    while next < chunks.min(8) {
+                        let req = Message::ChunkRequest {
+                            root: manifest.root,
+                            index: next,
+                        };
+                        w.send(&req.to_vec()).await.map_err(|e| e.to_string())?;
+                        next += 1;
+                    }
+                }
+                (j, sources.to_vec())
+            }
+            Message::Sources { job: j, sources } => (j, sources.to_vec()),
+            Message::Chunk { root, data, .. } => {
+                let Some((j, _, chunks)) = job else {
+                    continue;
+                };
+                held += 1;
+                received += data.len() as u64;
+                if next < chunks {
+                    let req = Message::ChunkRequest { root, index: next };
+                    w.send(&req.to_vec()).await.map_err(|e| e.to_string())?;
+                    next += 1;
+                }
+                if held == chunks && !state.confirmed.load(Ordering::SeqCst) {
+                    let mut from = heapless::Vec::new();
+                    let _ = from.push(Received {
+                        from: None,
+                        bytes: received,
+                    });
+                    for msg in [
+                        Message::Progress {
+                            job: j,
+                            verified: chunks,
+                            received: from,
+                        },
+                        Message::Have { job: j, root },
+                        Message::NextPlease { job: j },
+                    ] {
+                        w.send(&msg.to_vec()).await.map_err(|e| e.to_string())?;
+                    }
+                    state.confirmed.store(true, Ordering::SeqCst);
+                }
+                continue;
+            }
+            Message::Ping { nonce } => {
+                w.send(&Message::Pong { nonce }.to_vec())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                continue;
+            }
+            _ => continue,
+        };
+        if state.accused.lock().unwrap().is_some() {
+            continue;
+        }
+        for range in sources {
+            let Source::Peer { id: peer, .. } = range.source else {
+                continue;
+            };
+            let lie = Message::PeerTrouble {
+                job: j,
+                peer: peer.clone(),
+                trouble: Trouble::BadChunk { index: range.first },
+            };
+            w.send(&lie.to_vec()).await.map_err(|e| e.to_string())?;
+            *state.accused.lock().unwrap() = Some(peer.to_string());
+            break;
+        }
+    }
+}
+
+#[test]
+fn a_lying_trouble_reporter_retires_nobody_and_is_demoted() {
+    let t = Deadline::start(Duration::from_secs(40));
+    let m = Manager::start_args(BATON, &["--give-up", "10", "--up-bps", "1MiB"]);
+    let root = m.dir.clone();
+    let rt = runtime();
+    let state = Arc::new(Liar::default());
+
+    // The liar: enrolled like any agent, a leaf, so the plan sends it to honest peers.
+    let me = Identity::from_seed([77; 32]);
+    m.enrol(LIAR, &me.public());
+    let (r, w) = rt.block_on(async {
+        let stream = TcpStream::connect(m.agent_addr()).await.unwrap();
+        let hello = Hello::new(Role::Agent, id(LIAR), caps::ALL, None);
+        let link = link::connect(stream, &me, &m.key(), hello, &Limits::default())
+            .await
+            .expect("the liar's handshake");
+        let (mut r, mut w) = link.split();
+        let report = Report {
+            site: Name::new(),
+            segment: Name::new(),
+            ..report(LIAR)
+        };
+        w.send(&Message::Report(report).to_vec()).await.unwrap();
+        recv_until(&mut r, |msg| match msg {
+            Message::Welcome { .. } => Some(()),
+            _ => None,
+        })
+        .await;
+        (r, w)
+    });
+    {
+        let state = state.clone();
+        rt.spawn(async move {
+            if let Err(e) = liar_session(r, w, state.clone()).await {
+                state.errors.lock().unwrap().push(e);
+            }
+        });
+    }
+    let honest = ["t1", "t2", "t3", "t4"];
+    let agents: Vec<AgentProc> = honest
+        .iter()
+        .map(|n| AgentProc::spawn(&m, &root, n, &["--up-bps", "1MiB"]))
+        .collect();
+    let all: Vec<&AgentProc> = agents.iter().collect();
+    let mut names = honest.to_vec();
+    names.push(LIAR);
+    m.wait_connected(&names);
+
+    let bytes = pseudo_random(3_000_000, 14);
+    let file = publish_file(&m, "content.bin", &bytes);
+    let job = m.create_job(&file, &names, json!({ "chunk_size": 16384 }));
+    let done = m.wait_job(job, t.left(), |j| j["state"] == "finished");
+    let accused = state.accused.lock().unwrap().clone();
+    let errors = state.errors.lock().unwrap().clone();
+    eprintln!(
+        "the liar accused {accused:?}; bytes per source: {}; warnings: {}",
+        done["source_bytes"], done["warnings"]
+    );
+    let Some(peer) = accused else {
+        panic!(
+            "the liar was sent to an honest peer; errors: {errors:?}; {}",
+            context(&m, Some(job), &all)
+        );
+    };
+    assert!(state.confirmed.load(Ordering::SeqCst), "errors: {errors:?}");
+
+    // Every honest agent got the content; the accused kept serving the other honest agents.
+    assert_eq!(done["confirmed_count"], 5, "{done}");
+    for a in &agents {
+        a.wait_export(&bytes);
+        assert_eq!(participant(&done, &a.name)["state"], "confirmed", "{done}");
+    }
+    // Retired at the lie, it would have served little more than what was in flight then (a
+    // window of chunks per fetcher, a sixth of this content to the three); it served its
+    // stripe (a quarter of the content) to each of the others.
+    let served: Vec<u64> = honest
+        .iter()
+        .filter(|h| **h != peer)
+        .map(|h| bytes_from(&done, h, Some(&peer)))
+        .collect();
+    assert!(
+        served.iter().sum::<u64>() >= bytes.len() as u64 / 2,
+        "{peer} kept serving the other honest agents: {served:?}; {done}"
+    );
+    let log = m.log();
+    // The report reached the engine from an assigned fetcher, and retired nobody.
+    assert_eq!(
+        lines_with(
+            &log,
+            &[
+                "peer trouble",
+                "agent=liar",
+                &format!("peer={peer}"),
+                "BadChunk"
+            ]
+        )
+        .len(),
+        1,
+        "the liar's report was heard; log:\n{log}"
+    );
+    assert!(
+        lines_with(&log, &["retired as a source"]).is_empty(),
+        "nobody was retired; log:\n{log}"
+    );
+
+    // The liar, and only the liar, is demoted, for the contradiction: a warning line in
+    // the log and a warning with the job.
+    let demoted = lines_with(&log, &["trouble reporter demoted"]);
+    assert_eq!(demoted.len(), 1, "one demotion; log:\n{log}");
+    assert!(
+        demoted[0].contains("agent=liar")
+            && demoted[0].contains(&format!("report about {peer} was contradicted")),
+        "{}",
+        demoted[0]
+    );
+    eprintln!("{}", demoted[0]);
+    let warnings: Vec<&str> = done["warnings"]
+        .as_array()
+        .map(|w| w.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.starts_with("liar demoted as a trouble reporter")),
+        "the job's warnings name the liar: {done}"
+    );
     drop(rt);
 }

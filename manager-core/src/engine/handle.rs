@@ -7,7 +7,7 @@
 
 use core::time::Duration;
 
-use baton_protocol::message::{Message, Received, Report, Trouble};
+use baton_protocol::message::{Message, Received, Report};
 use baton_protocol::types::{AgentId, PublicKey};
 use tracing::{debug, info};
 
@@ -179,6 +179,8 @@ impl Engine {
             Message::PeerTrouble { peer, trouble, .. } => match job.index.get(peer) {
                 Some(&p) => job.on_trouble(&mut cx, job_id, idx, p, *trouble),
                 None => {
+                    let standing = &mut job.parts[idx as usize].standing;
+                    standing.unfounded = standing.unfounded.saturating_add(1);
                     debug!(job = job_id, agent = %from, peer = %peer, "trouble with a non-participant, ignored")
                 }
             },
@@ -354,14 +356,17 @@ impl Job {
                 }
             }
         }
+        let mut changed = Vec::new();
         for r in received {
             if r.bytes > 0 {
                 if let Some(&source) = r.from.as_ref().and_then(|id| self.index.get(id)) {
                     self.rates.record(cx.now, source, r.bytes);
+                    changed.extend(self.verified_from(cx, job_id, idx, source));
                 }
                 *self.bytes.entry((idx, r.from.clone())).or_default() += r.bytes;
             }
         }
+        self.resend_sources(cx, job_id, &changed);
         if self.dirty.is_empty() && self.bytes.is_empty() {
             return;
         }
@@ -473,27 +478,6 @@ impl Job {
             plan.refresh(idx);
         }
         self.resend_sources(cx, job_id, &[idx]);
-    }
-
-    fn on_trouble(&mut self, cx: &mut Ctx<'_>, job_id: u64, idx: u32, peer: u32, trouble: Trouble) {
-        debug!(job = job_id, agent = %self.parts[idx as usize].id, peer = %self.parts[peer as usize].id, ?trouble, "peer trouble");
-        let plan = self.plan.as_mut().expect("running jobs have a plan");
-        let mut changed = Vec::new();
-        if plan.ban(idx, peer) {
-            changed.push(idx);
-        }
-        match trouble {
-            Trouble::BadChunk { .. } => changed.extend(plan.retire(peer, true)),
-            // A peer still connected to the manager that one fetcher cannot reach is a path
-            // or a queue on the way (handshakes and ARP time out behind seconds of queue on a
-            // saturated link), not a dead peer: the ban above routes this fetcher around it.
-            // Only a peer that is gone from the manager too stops serving everyone.
-            Trouble::Unreachable if !self.parts[peer as usize].online => {
-                changed.extend(plan.retire(peer, false))
-            }
-            _ => {}
-        }
-        self.resend_sources(cx, job_id, &changed);
     }
 
     pub(super) fn check_finished(&mut self, cx: &mut Ctx<'_>, job_id: u64) {

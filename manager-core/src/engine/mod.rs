@@ -39,7 +39,8 @@
 //! told and when they are given up, `output` the records, messages, events
 //! and status the driver drains, `policy` the job policy's time windows,
 //! rate caps and warnings, and `rates` the measured upload rates and when they
-//! call for a new plan. This module holds the engine's configuration, its
+//! call for a new plan, and `trouble` the `PeerTrouble` reports: who may make
+//! them, what retires a peer and when a reporter is demoted. This module holds the engine's configuration, its
 //! errors and the records it keeps per agent, job and participant.
 
 use core::time::Duration;
@@ -59,6 +60,7 @@ mod output;
 mod policy;
 mod rates;
 mod state;
+mod trouble;
 
 pub use output::{EngineEvent, JobStatus, ParticipantStatus, Persist, SegmentStatus};
 pub use policy::{format_duration, format_rate};
@@ -210,6 +212,8 @@ struct Part {
     segment_known: bool,
     /// The rate cap last sent to it with `Throttle` on its current instruction (`0` = none).
     throttle: u64,
+    /// What it was told to fetch from, and how its `PeerTrouble` reports and those about it stand.
+    standing: trouble::Standing,
 }
 
 /// A message to build when it is polled (so large plans do not sit in memory as messages).

@@ -127,6 +127,17 @@ pub enum EngineEvent {
         /// What cannot be met, for people.
         text: String,
     },
+    /// A participant's `PeerTrouble` reports were found unreliable (contradicted by what
+    /// others verified, or naming too many peers): they no longer count and it no longer
+    /// relays in this job.
+    ReporterDemoted {
+        /// The job.
+        job: u64,
+        /// The demoted participant.
+        agent: AgentId,
+        /// Why, for people.
+        reason: String,
+    },
 }
 
 /// One participant in a [`JobStatus`].
@@ -140,6 +151,10 @@ pub struct ParticipantStatus {
     pub online: bool,
     /// Its current distinct sources (`None` = the manager); empty when not fetching.
     pub sources: Vec<Option<AgentId>>,
+    /// Its `PeerTrouble` reports that named a peer it was not assigned to (ignored).
+    pub unfounded_reports: u32,
+    /// Its trouble reports were found unreliable: they no longer count and it no longer relays.
+    pub demoted: bool,
 }
 
 /// A snapshot of one job.
@@ -252,6 +267,8 @@ impl Engine {
                     state: p.state,
                     online: p.online,
                     sources: j.distinct_sources(idx as u32),
+                    unfounded_reports: p.standing.unfounded,
+                    demoted: p.standing.demoted,
                 })
                 .collect(),
             warnings: j.warnings.clone(),
@@ -305,6 +322,17 @@ impl Engine {
                 }
                 let to = p.id.clone();
                 let ranges = job.source_ranges(&self.agents, part);
+                // What it is told is what its `PeerTrouble` reports may name.
+                let mut told: Vec<u32> = Vec::new();
+                for r in &ranges {
+                    if let Source::Peer { id, .. } = &r.source
+                        && let Some(&q) = job.index.get(id)
+                        && !told.contains(&q)
+                    {
+                        told.push(q);
+                    }
+                }
+                job.parts[part as usize].standing.told(told);
                 let jr = JobRef { id: job_id, epoch };
                 let mut rest = ranges.as_slice();
                 if is_fetch {

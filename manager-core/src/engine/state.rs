@@ -130,6 +130,7 @@ impl Part {
             segment: 0,
             segment_known: false,
             throttle: 0,
+            standing: Default::default(),
         }
     }
 }

@@ -277,7 +277,8 @@ pub struct JobSummary {
     pub group: Option<String>,
     /// The named policy it runs under, if any.
     pub policy: Option<String>,
-    /// How many policy rules the job cannot meet (the texts are in `GET /api/v1/jobs/{id}`).
+    /// How many warnings the job has: policy rules it cannot meet, participants demoted as
+    /// trouble reporters (the texts are in `GET /api/v1/jobs/{id}`).
     pub warnings: usize,
 }
 

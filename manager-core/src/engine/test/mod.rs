@@ -9,8 +9,8 @@
 //!
 //! This module holds the fake fleet; the tests are grouped by topic: [`flow`]
 //! (a job's normal course), [`faults`] (sources and participants that fail,
-//! bad input, chaos), [`lifecycle`] (restart, cancel) and [`policy`] (the
-//! policy's rules).
+//! bad input, chaos), [`lifecycle`] (restart, cancel), [`policy`] (the
+//! policy's rules) and [`trouble`] (who may report a peer, and what it costs).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -27,6 +27,7 @@ mod faults;
 mod flow;
 mod lifecycle;
 mod policy;
+mod trouble;
 
 const CHUNK: u32 = 1024;
 const ROOT: Digest = [5; 32];
@@ -133,6 +134,8 @@ struct Fleet {
     store: BTreeMap<AgentId, ParticipantState>,
     /// Log length once the first `PeerTrouble` was handled and its consequences drained.
     first_trouble: Option<usize>,
+    /// Every `PeerTrouble` sent: the log length when it was handled, reporter and peer.
+    troubles: Vec<(usize, AgentId, AgentId)>,
 }
 
 fn report(name: &str, serve: bool, up: u64, max_sources: u16, n: usize) -> Report {
@@ -172,6 +175,7 @@ impl Fleet {
             log: Vec::new(),
             store: BTreeMap::new(),
             first_trouble: None,
+            troubles: Vec::new(),
         }
     }
 
@@ -369,6 +373,7 @@ impl Fleet {
             // Everything drained from here on was produced knowing of the trouble.
             self.agents[from].troubled.push(peer.clone());
             self.first_trouble.get_or_insert(self.log.len());
+            self.troubles.push((self.log.len(), aid, peer.clone()));
         }
         self.drain();
     }

@@ -477,7 +477,7 @@ async function jobs() {
           h("span", { class: "small muted" }, j.confirmed + "/" + j.participants))),
         h("td", { class: "opt" }, j.group || "—"),
         h("td", { class: "opt" }, j.policy || "—"),
-        h("td", { class: "opt", "data-warnings": j.warnings || 0 }, j.warnings ? h("a", { href: "#/jobs/" + j.id, class: "pill warn", title: "Policy rules this job cannot meet" }, String(j.warnings)) : h("span", { class: "muted" }, "0")),
+        h("td", { class: "opt", "data-warnings": j.warnings || 0 }, j.warnings ? h("a", { href: "#/jobs/" + j.id, class: "pill warn", title: "Warnings: policy rules this job cannot meet, demoted trouble reporters" }, String(j.warnings)) : h("span", { class: "muted" }, "0")),
         h("td", { class: "opt", title: when(j.created_at) }, ago(j.created_at)))),
       "No job yet.")));
 }
@@ -795,7 +795,7 @@ async function jobPage(id) {
           try { await api("POST", "/api/v1/jobs/" + job.id + "/cancel"); } catch (e) { alert(e.message); }
           refresh();
         } }, "Cancel job")),
-      job.warnings && job.warnings.length ? h("div", { class: "warnings", id: "warnings" }, h("strong", {}, "Policy rules that cannot be met"), h("ul", {}, job.warnings.map((w) => h("li", {}, w)))) : null,
+      job.warnings && job.warnings.length ? h("div", { class: "warnings", id: "warnings" }, h("strong", {}, "Warnings"), h("ul", {}, job.warnings.map((w) => h("li", {}, w)))) : null,
       h("div", { class: "stats" },
         stat("Participants", job.participants.length),
         stat("Confirmed", job.confirmed_count + " / " + job.participants.length, job.confirmed_count === job.participants.length && job.participants.length ? "ok" : ""),
