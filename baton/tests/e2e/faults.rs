@@ -159,6 +159,31 @@ fn mallory_report(listen: SocketAddr) -> Report {
     }
 }
 
+/// Tells the manager a fake agent verified all `chunks` (`bytes` of them from the manager)
+/// and holds the content: `Progress`, `Have`, `NextPlease`.
+async fn confirm_from_manager(
+    w: &mut Writer,
+    job: JobRef,
+    root: Digest,
+    chunks: u32,
+    bytes: u64,
+) -> Result<(), String> {
+    let mut from = heapless::Vec::new();
+    let _ = from.push(Received { from: None, bytes });
+    for msg in [
+        Message::Progress {
+            job,
+            verified: chunks,
+            received: from,
+        },
+        Message::Have { job, root },
+        Message::NextPlease { job },
+    ] {
+        w.send(&msg.to_vec()).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// Mallory's manager session after `Welcome`: fetches every chunk honestly (window of 8),
 /// then confirms; answers pings.
 async fn mallory_session(mut r: Reader, mut w: Writer, state: Arc<Mallory>) -> Result<(), String> {
@@ -210,22 +235,7 @@ async fn mallory_session(mut r: Reader, mut w: Writer, state: Arc<Mallory>) -> R
                     next += 1;
                 }
                 if held == chunks && !state.confirmed.load(Ordering::SeqCst) {
-                    let mut from = heapless::Vec::new();
-                    let _ = from.push(Received {
-                        from: None,
-                        bytes: received,
-                    });
-                    for msg in [
-                        Message::Progress {
-                            job: j,
-                            verified: chunks,
-                            received: from,
-                        },
-                        Message::Have { job: j, root },
-                        Message::NextPlease { job: j },
-                    ] {
-                        w.send(&msg.to_vec()).await.map_err(|e| e.to_string())?;
-                    }
+                    confirm_from_manager(&mut w, j, root, chunks, received).await?;
                     state.confirmed.store(true, Ordering::SeqCst);
                 }
             }
@@ -1012,22 +1022,7 @@ async fn liar_session(mut r: Reader, mut w: Writer, state: Arc<Liar>) -> Result<
                     next += 1;
                 }
                 if held == chunks && !state.confirmed.load(Ordering::SeqCst) {
-                    let mut from = heapless::Vec::new();
-                    let _ = from.push(Received {
-                        from: None,
-                        bytes: received,
-                    });
-                    for msg in [
-                        Message::Progress {
-                            job: j,
-                            verified: chunks,
-                            received: from,
-                        },
-                        Message::Have { job: j, root },
-                        Message::NextPlease { job: j },
-                    ] {
-                        w.send(&msg.to_vec()).await.map_err(|e| e.to_string())?;
-                    }
+                    confirm_from_manager(&mut w, j, root, chunks, received).await?;
                     state.confirmed.store(true, Ordering::SeqCst);
                 }
                 continue;
