@@ -105,6 +105,24 @@ impl LoginLimiter {
             .max()
     }
 
+    /// Starts a login involving `keys`: `Err(wait)` while any key is locked, else the
+    /// attempt is counted as a failure right away (the lock it caused, if any, is
+    /// returned) and [`LoginLimiter::succeeded`] clears it if the password is right.
+    ///
+    /// Checking and counting in one call (under the caller's one lock) is what stops
+    /// parallel logins from all passing the check before any failure is counted:
+    /// at most the free failures of a key pass before it is locked.
+    pub fn attempt(
+        &mut self,
+        keys: &[LoginKey],
+        now: Instant,
+    ) -> Result<Option<Duration>, Duration> {
+        if let Some(wait) = self.locked_for(keys, now) {
+            return Err(wait);
+        }
+        Ok(self.failed(keys, now))
+    }
+
     /// Counts a failed login; returns the lock it caused, if any.
     pub fn failed(&mut self, keys: &[LoginKey], now: Instant) -> Option<Duration> {
         self.keys
@@ -231,6 +249,26 @@ mod test {
         }
         let later = t0 + limits.forget_after;
         assert_eq!(l.failed(&keys, later), None, "old failures no longer count");
+    }
+
+    #[test]
+    fn parallel_attempts_pass_at_most_the_free_failures() {
+        let mut l = LoginLimiter::new(LoginLimits::default());
+        let t0 = Instant::now();
+        let keys = LoginLimiter::keys(addr(1), "ops");
+        // 200 attempts started before any finished: only the name's free failures pass.
+        let passed = (0..200).filter(|_| l.attempt(&keys, t0).is_ok()).count();
+        assert_eq!(
+            passed,
+            LoginLimits::default().free_failures_per_name as usize
+        );
+        // A right password clears the attempt's count.
+        let other = LoginLimiter::keys(addr(2), "dev");
+        assert_eq!(l.attempt(&other, t0), Ok(None));
+        l.succeeded(&other);
+        for _ in 0..4 {
+            assert_eq!(l.attempt(&other, t0), Ok(None));
+        }
     }
 
     #[test]

@@ -307,6 +307,7 @@ pub async fn serve(
         upload_dir: opts.data_dir.join("uploads"),
         max_upload_bytes: opts.max_upload,
         tls,
+        limits: crate::http::HttpLimits::default(),
     };
     let registry = Arc::new(Registry::load(store.clone())?);
     let library = Arc::new(Library::new());

@@ -9,15 +9,18 @@
 //! | `baton_agent_port_sent_bytes_total` | counter | wire bytes the agent port sent since start |
 //! | `baton_agent_port_received_bytes_total` | counter | wire bytes the agent port received since start |
 //! | `baton_chunk_verification_failures_total` | counter | chunks agents reported failing verification (`PeerTrouble::BadChunk`) since start |
+//! | `baton_password_verifications_total` | counter | administrator password verifications (argon2) since start, for unknown names too |
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use axum::Extension;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
+use crate::http::web::Web;
 use crate::registry::lock;
 use crate::service::{ApiError, Manager};
 use crate::store::{JobState, StoreTotals};
@@ -37,6 +40,8 @@ pub struct Sample {
     pub wire_received: u64,
     /// Chunk verification failures reported.
     pub chunk_failures: u64,
+    /// Administrator password verifications.
+    pub password_verifications: u64,
 }
 
 const JOB_STATES: [JobState; 5] = [
@@ -125,11 +130,25 @@ pub fn render(s: &Sample) -> String {
         "baton_chunk_verification_failures_total {}",
         s.chunk_failures
     );
+    family(
+        &mut out,
+        "baton_password_verifications_total",
+        "counter",
+        "Administrator password verifications (argon2) since start.",
+    );
+    let _ = writeln!(
+        out,
+        "baton_password_verifications_total {}",
+        s.password_verifications
+    );
     out
 }
 
 /// `GET /metrics`.
-pub async fn metrics(State(m): State<Arc<Manager>>) -> Result<impl IntoResponse, ApiError> {
+pub async fn metrics(
+    State(m): State<Arc<Manager>>,
+    Extension(web): Extension<Arc<Web>>,
+) -> Result<impl IntoResponse, ApiError> {
     let (totals, enrolled) = {
         let store = lock(&m.store);
         let totals = store
@@ -144,6 +163,7 @@ pub async fn metrics(State(m): State<Arc<Manager>>) -> Result<impl IntoResponse,
         wire_sent: m.bytes_sent(),
         wire_received: m.bytes_received(),
         chunk_failures: m.stats.chunk_verification_failures.load(Ordering::Relaxed),
+        password_verifications: web.password_verifications.load(Ordering::Relaxed),
     };
     Ok((
         [(
@@ -171,6 +191,7 @@ mod test {
             wire_sent: 7,
             wire_received: 8,
             chunk_failures: 1,
+            password_verifications: 9,
         });
         for line in [
             "baton_connected_agents 3",

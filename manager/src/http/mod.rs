@@ -27,8 +27,9 @@ pub mod web;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -36,6 +37,7 @@ use axum::routing::get;
 use axum::{Extension, Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
@@ -103,6 +105,40 @@ pub struct HttpConfig {
     pub max_upload_bytes: u64,
     /// HTTPS: the rustls configuration (`None` = plain HTTP).
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// Connection and request bounds.
+    pub limits: HttpLimits,
+}
+
+/// Default cap on open HTTP connections ([`HttpLimits::max_connections`]).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// Default time a client has to send a request's headers ([`HttpLimits::header_read_timeout`]).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default largest request body outside uploads ([`HttpLimits::max_body_bytes`]).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// What one HTTP client can hold: connections, time, body bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Open connections at most; beyond it new connections wait in the listen backlog
+    /// until one closes (default [`DEFAULT_MAX_CONNECTIONS`]).
+    pub max_connections: usize,
+    /// Time from the connection's start, or from the end of its previous response
+    /// (an idle keep-alive connection), to the end of the next request's headers;
+    /// then the connection is closed (default [`DEFAULT_HEADER_READ_TIMEOUT`]).
+    pub header_read_timeout: Duration,
+    /// Largest JSON or form body any route reads (default [`DEFAULT_MAX_BODY_BYTES`]);
+    /// uploads are streamed to disk and capped by [`HttpConfig::max_upload_bytes`].
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
 }
 
 /// Who a request is from, for the handlers that care (inserted by the auth layer).
@@ -137,6 +173,7 @@ pub fn router(manager: Arc<Manager>, config: &HttpConfig) -> Router {
             dir: config.upload_dir.clone(),
             max_bytes: config.max_upload_bytes,
         }))
+        .layer(Extension(config.web.clone()))
         .layer(middleware::from_fn_with_state(auth, require_credentials))
         .with_state(manager);
     protected
@@ -148,10 +185,17 @@ pub fn router(manager: Arc<Manager>, config: &HttpConfig) -> Router {
             }),
         )
         .merge(crate::http::web::routes(config.web.clone()))
+        .layer(DefaultBodyLimit::max(config.limits.max_body_bytes))
         .layer(middleware::from_fn(security_headers))
 }
 
-/// Serves on `listener` (HTTPS when `config.tls` is set) until `shutdown` completes.
+/// Serves on `listener` (HTTPS when `config.tls` is set) until `shutdown` completes,
+/// then lets the open connections finish their requests.
+///
+/// At most `config.limits.max_connections` connections are open at once (a permit is
+/// taken before each accept, as mini-redis does); each one is closed when its next
+/// request's headers take longer than `config.limits.header_read_timeout`, which also
+/// ends idle keep-alive connections.
 pub async fn run(
     listener: TcpListener,
     manager: Arc<Manager>,
@@ -159,24 +203,99 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(manager, &config);
-    match config.tls {
-        None => {
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<ClientAddr>(),
-            )
-            .with_graceful_shutdown(shutdown)
-            .await
-        }
+    match config.tls.clone() {
+        None => serve(listener, app, config.limits, shutdown).await,
         Some(tls) => {
-            axum::serve(
+            serve(
                 tls::TlsListener::new(listener, tls),
-                app.into_make_service_with_connect_info::<ClientAddr>(),
+                app,
+                config.limits,
+                shutdown,
             )
-            .with_graceful_shutdown(shutdown)
             .await
         }
     }
+}
+
+async fn serve<L>(
+    mut listener: L,
+    app: Router,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
+    use axum::extract::ConnectInfo;
+    use tower::ServiceExt as _;
+
+    let max = limits.max_connections.max(1);
+    let permits = Arc::new(Semaphore::new(max));
+    let (closing_tx, closing_rx) = watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut capped_logged = false;
+    loop {
+        let permit = if let Ok(p) = permits.clone().try_acquire_owned() {
+            capped_logged = false;
+            p
+        } else {
+            if !capped_logged {
+                tracing::warn!(
+                    max,
+                    "HTTP connection cap reached: new connections wait until one closes"
+                );
+                capped_logged = true;
+            }
+            tokio::select! {
+                _ = &mut shutdown => break,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            }
+        };
+        let (io, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let svc = app
+            .clone()
+            .map_request(move |mut req: Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(ClientAddr(peer)));
+                req.map(axum::body::Body::new)
+            });
+        let mut closing = closing_rx.clone();
+        let header_read_timeout = limits.header_read_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
+            let conn = builder.serve_connection(
+                hyper_util::rt::TokioIo::new(io),
+                hyper_util::service::TowerToHyperService::new(svc),
+            );
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::trace!(%peer, "HTTP connection ended: {e}");
+                    }
+                    return;
+                }
+                _ = closing.wait_for(|c| *c) => conn.as_mut().graceful_shutdown(),
+            }
+            if let Err(e) = conn.await {
+                tracing::trace!(%peer, "HTTP connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    let _ = closing_tx.send(true);
+    // Every connection gives its permit back when it ends.
+    let _ = permits.acquire_many(max as u32).await;
+    Ok(())
 }
 
 fn unauthorized() -> Response {
@@ -296,6 +415,106 @@ mod test {
         assert_eq!(json["paths"]["/api/v1/jobs"]["post"]["tags"][0], "jobs");
         assert!(json["components"]["securitySchemes"]["bearer"].is_object());
         assert!(json["components"]["schemas"]["JobDetail"].is_object());
+    }
+
+    /// Serves a one-route app on a loopback port with `limits`; stops when the sender drops.
+    async fn serve_test_app(
+        limits: HttpLimits,
+    ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/", get(|| async { "hello" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, app, limits, async move {
+            let _ = stopped.await;
+        }));
+        (addr, stop)
+    }
+
+    /// Reads until the server closes; `Err` when that takes longer than `bound`.
+    async fn closed_within(
+        stream: &mut tokio::net::TcpStream,
+        bound: Duration,
+    ) -> Result<Vec<u8>, ()> {
+        use tokio::io::AsyncReadExt as _;
+        let mut got = Vec::new();
+        match tokio::time::timeout(bound, stream.read_to_end(&mut got)).await {
+            Ok(_) => Ok(got),
+            Err(_) => Err(()),
+        }
+    }
+
+    #[test]
+    fn the_default_limits_close_silent_connections_within_30_s() {
+        let d = HttpLimits::default();
+        assert!(d.header_read_timeout <= Duration::from_secs(30));
+        assert!(d.max_connections >= 64);
+        assert!(d.max_body_bytes <= 2 * 1024 * 1024);
+    }
+
+    #[tokio::test]
+    async fn a_silent_or_slow_connection_is_closed_after_the_header_timeout() {
+        use tokio::io::AsyncWriteExt as _;
+        let limits = HttpLimits {
+            header_read_timeout: Duration::from_millis(300),
+            ..HttpLimits::default()
+        };
+        let (addr, _stop) = serve_test_app(limits).await;
+        let start = std::time::Instant::now();
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        closed_within(&mut silent, Duration::from_secs(5))
+            .await
+            .expect("silent connection still open");
+        closed_within(&mut slow, Duration::from_secs(5))
+            .await
+            .expect("slow connection still open");
+        assert!(start.elapsed() < Duration::from_secs(5));
+
+        // An idle keep-alive connection ends the same way after its response.
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let got = closed_within(&mut idle, Duration::from_secs(5))
+            .await
+            .expect("idle connection still open");
+        assert!(String::from_utf8_lossy(&got).contains("hello"));
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_wait_for_one_to_close() {
+        use tokio::io::AsyncWriteExt as _;
+        let limits = HttpLimits {
+            max_connections: 1,
+            header_read_timeout: Duration::from_millis(800),
+            ..HttpLimits::default()
+        };
+        let (addr, _stop) = serve_test_app(limits).await;
+        let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let start = std::time::Instant::now();
+        let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        second
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let got = closed_within(&mut second, Duration::from_secs(5))
+            .await
+            .expect("second never served");
+        assert!(String::from_utf8_lossy(&got).contains("hello"));
+        // Served only once the first (silent) connection was closed by its timeout.
+        assert!(
+            start.elapsed() >= Duration::from_millis(500),
+            "{:?}",
+            start.elapsed()
+        );
+        closed_within(&mut first, Duration::from_secs(1))
+            .await
+            .expect("first still open");
     }
 
     #[test]

@@ -21,8 +21,9 @@
 //!
 //! Sessions are kept in the manager's database through the [`crate::store::Store`] (only a
 //! hash of the session id, so a copy of the file logs nobody in): they survive
-//! a restart of the manager and end at logout or after [`SESSION_IDLE`]
-//! without use. Passwords and API tokens: [`users`].
+//! a restart of the manager and end at logout, after [`SESSION_IDLE`]
+//! without use, [`SESSION_MAX_AGE`] after login however much they are used, and
+//! when the administrator's password changes. Passwords and API tokens: [`users`].
 
 pub mod users;
 
@@ -47,7 +48,9 @@ pub const LOGIN_CSRF_COOKIE: &str = "baton_login_csrf";
 /// Header in which the UI sends the session's CSRF token.
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// A session unused this long ends.
-pub const SESSION_IDLE: Duration = Duration::from_secs(12 * 3600);
+pub const SESSION_IDLE: Duration = Duration::from_secs(2 * 3600);
+/// A session ends this long after its login, however much it is used.
+pub const SESSION_MAX_AGE: Duration = Duration::from_secs(12 * 3600);
 /// Most sessions kept at once (the oldest is dropped beyond).
 const MAX_SESSIONS: usize = 10_000;
 
@@ -75,7 +78,16 @@ pub struct Web {
     pub secure_cookies: bool,
     /// Failed logins per client address and per name.
     login_limiter: Mutex<LoginLimiter>,
+    /// Password verifications (argon2, ~19 MiB each) running at once, at most
+    /// [`MAX_CONCURRENT_VERIFICATIONS`].
+    verifications: tokio::sync::Semaphore,
+    /// Password verifications since start (real and for unknown names), for `/metrics`.
+    pub password_verifications: std::sync::atomic::AtomicU64,
 }
+
+/// Password verifications (argon2id, ~19 MiB and tens of ms each) that run at once;
+/// further logins wait their turn.
+pub const MAX_CONCURRENT_VERIFICATIONS: usize = 4;
 
 /// `bytes` random bytes from the OS, in hex (session ids, CSRF tokens, API tokens).
 pub(crate) fn random_hex(bytes: usize) -> String {
@@ -119,6 +131,8 @@ impl Web {
             store,
             secure_cookies,
             login_limiter: Mutex::new(LoginLimiter::new(LoginLimits::default())),
+            verifications: tokio::sync::Semaphore::new(MAX_CONCURRENT_VERIFICATIONS),
+            password_verifications: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -169,9 +183,11 @@ impl Web {
             .ok()??;
         // Idle this long either way: a wall clock that stepped back a long way ends the
         // session too, rather than keeping it alive until the clock catches up.
-        if now.abs_diff(session.last_used) >= SESSION_IDLE.as_secs() {
+        if now.abs_diff(session.last_used) >= SESSION_IDLE.as_secs()
+            || now.abs_diff(session.created_at) >= SESSION_MAX_AGE.as_secs()
+        {
             if let Err(e) = store.delete_session(&key) {
-                tracing::error!("cannot end an idle session: {e}");
+                tracing::error!("cannot end an idle or old session: {e}");
             }
             return None;
         }
@@ -322,10 +338,19 @@ async fn login(
     }
     let name = form.name.trim().to_string();
     let keys = LoginLimiter::keys(client.ip(), &name);
-    if let Some(wait) = web.login_limiter().locked_for(&keys, Instant::now()) {
-        tracing::warn!(admin = %name, %client, "login refused: too many failures");
-        return too_many_logins(&web, wait, &name);
-    }
+    // Checked and counted in one step; a right password clears the count below.
+    let caused = match web.login_limiter().attempt(&keys, Instant::now()) {
+        Ok(caused) => caused,
+        Err(wait) => {
+            tracing::warn!(admin = %name, %client, "login refused: too many failures");
+            return too_many_logins(&web, wait, &name);
+        }
+    };
+    let Ok(_permit) = web.verifications.acquire().await else {
+        return login_page(&web, StatusCode::SERVICE_UNAVAILABLE, None, &name);
+    };
+    web.password_verifications
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let store = web.store.clone();
     let lookup = name.clone();
     let password = form.password;
@@ -349,7 +374,7 @@ async fn login(
     .unwrap_or(false);
     if !ok {
         tracing::warn!(admin = %name, %client, "failed login");
-        if let Some(wait) = web.login_limiter().failed(&keys, Instant::now()) {
+        if let Some(wait) = caused {
             return too_many_logins(&web, wait, &name);
         }
         return login_page(
@@ -515,6 +540,80 @@ mod test {
         let old = secret_digest(&web.start_session_at("a", 5000).unwrap());
         web.start_session_at("b", 5000 + idle).unwrap();
         assert_eq!(lock(&web.store).session(&old).unwrap(), None);
+    }
+
+    #[test]
+    fn sessions_end_at_their_maximum_age_however_used() {
+        let web = web_over(crate::store::SqliteStore::in_memory().unwrap());
+        let max = SESSION_MAX_AGE.as_secs();
+        let step = SESSION_IDLE.as_secs() / 2;
+        let h = with_cookie(&web.start_session_at("ops", 1000).unwrap());
+        let mut now = 1000;
+        while now + step < 1000 + max {
+            now += step;
+            assert!(web.session_at(&h, now).is_some(), "in use at {now}");
+        }
+        assert_eq!(web.session_at(&h, 1000 + max), None, "too old");
+        assert_eq!(
+            web.session_at(&h, 1000 + max - 1),
+            None,
+            "gone, not only refused"
+        );
+    }
+
+    #[test]
+    fn a_password_change_ends_the_administrators_sessions() {
+        let web = web_over(crate::store::SqliteStore::in_memory().unwrap());
+        users::set_admin(&mut **lock(&web.store), "ops", "first password", 1).unwrap();
+        let h = with_cookie(&web.start_session_at("ops", 1000).unwrap());
+        assert!(web.session_at(&h, 1001).is_some());
+        users::set_admin(&mut **lock(&web.store), "ops", "second password", 2).unwrap();
+        assert_eq!(web.session_at(&h, 1002), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn parallel_wrong_logins_verify_at_most_concurrency_plus_lock_threshold() {
+        use tower::ServiceExt as _;
+        let web = Arc::new(web_over(crate::store::SqliteStore::in_memory().unwrap()));
+        users::set_admin(&mut **lock(&web.store), "ops", "the right password", 1).unwrap();
+        let app = routes(web.clone());
+        let client = std::net::SocketAddr::from(([10, 0, 0, 1], 4000));
+        let login = |name: &'static str| {
+            let mut req = axum::http::Request::post("/login")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .header(header::COOKIE, format!("{LOGIN_CSRF_COOKIE}=c1"))
+                .body(axum::body::Body::from(format!(
+                    "name={name}&password=wrong-password&csrf=c1"
+                )))
+                .unwrap();
+            req.extensions_mut()
+                .insert(ConnectInfo(crate::http::client::ClientAddr(client)));
+            app.clone().oneshot(req)
+        };
+        let before = web
+            .password_verifications
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..200 {
+            // Known and unknown names alike.
+            tasks.spawn(login(if i % 2 == 0 { "ops" } else { "nobody" }));
+        }
+        let answers = tokio::time::timeout(Duration::from_secs(60), tasks.join_all())
+            .await
+            .expect("logins did not finish within 60 s");
+        assert!(answers.iter().all(|r| r.as_ref().is_ok_and(|r| {
+            r.status() == StatusCode::UNAUTHORIZED || r.status() == StatusCode::TOO_MANY_REQUESTS
+        })));
+        let verified = web
+            .password_verifications
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - before;
+        let limits = LoginLimits::default();
+        let bound = (MAX_CONCURRENT_VERIFICATIONS as u32 + limits.free_failures_per_address) as u64;
+        assert!(
+            verified >= 1 && verified <= bound,
+            "{verified} verifications, bound {bound}"
+        );
     }
 
     #[test]
