@@ -56,6 +56,8 @@ pub struct ServeOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Largest content upload over HTTP, in bytes.
     pub max_upload: u64,
+    /// HTTP connection and request bounds.
+    pub http_limits: crate::http::HttpLimits,
 }
 
 impl ServeOptions {
@@ -73,6 +75,7 @@ impl ServeOptions {
             serial: Vec::new(),
             tls: None,
             max_upload: crate::http::api::DEFAULT_MAX_UPLOAD,
+            http_limits: crate::http::HttpLimits::default(),
         }
     }
 }
@@ -307,7 +310,7 @@ pub async fn serve(
         upload_dir: opts.data_dir.join("uploads"),
         max_upload_bytes: opts.max_upload,
         tls,
-        limits: crate::http::HttpLimits::default(),
+        limits: opts.http_limits,
     };
     let registry = Arc::new(Registry::load(store.clone())?);
     let library = Arc::new(Library::new());

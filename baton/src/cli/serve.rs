@@ -48,6 +48,13 @@ pub struct ServeArgs {
     /// Largest content upload over HTTP (`POST /api/v1/uploads`), e.g. `512MiB`; larger ones get 413.
     #[arg(long, value_parser = super::parse_size, default_value = "4GiB")]
     pub max_upload: u64,
+    /// Seconds an HTTP client has to send a request's headers (also ends idle keep-alive
+    /// connections after this long).
+    #[arg(long, default_value_t = baton_manager::http::DEFAULT_HEADER_READ_TIMEOUT.as_secs(), value_name = "SECS")]
+    pub http_header_timeout: u64,
+    /// Most HTTP connections open at once; more wait until one closes.
+    #[arg(long, default_value_t = baton_manager::http::DEFAULT_MAX_CONNECTIONS, value_name = "N")]
+    pub max_http_connections: usize,
 }
 
 impl ServeArgs {
@@ -65,6 +72,11 @@ impl ServeArgs {
             serial: self.serial.clone(),
             tls: self.tls_cert.clone().zip(self.tls_key.clone()),
             max_upload: self.max_upload,
+            http_limits: baton_manager::http::HttpLimits {
+                header_read_timeout: Duration::from_secs(self.http_header_timeout.max(1)),
+                max_connections: self.max_http_connections.max(1),
+                ..baton_manager::http::HttpLimits::default()
+            },
         }
     }
 }

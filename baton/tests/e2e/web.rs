@@ -746,3 +746,40 @@ fn uploads_are_capped_and_leave_nothing_when_refused_or_broken() {
     );
     assert!(files()[0].ends_with("fits.bin"), "{:?}", files());
 }
+
+#[test]
+fn silent_and_idle_http_connections_are_closed() {
+    use std::io::{Read as _, Write as _};
+    let m = Manager::start_args(BATON, &["--http-header-timeout", "2"]);
+    add_admin(&m, "ops", "correct-horse-battery");
+    let http_addr: std::net::SocketAddr = m.info.http_addr.parse().expect("http address");
+    let closed_within = |s: &mut std::net::TcpStream, bound: Duration| {
+        s.set_read_timeout(Some(bound)).unwrap();
+        let mut got = Vec::new();
+        // EOF (Ok) within the bound; a read timeout means the connection was left open.
+        s.read_to_end(&mut got).map(|_| got)
+    };
+    let start = Instant::now();
+    let mut silent = std::net::TcpStream::connect(http_addr).unwrap();
+    let mut slow = std::net::TcpStream::connect(http_addr).unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    closed_within(&mut silent, Duration::from_secs(30)).expect("silent connection left open");
+    closed_within(&mut slow, Duration::from_secs(30)).expect("slow connection left open");
+    assert!(start.elapsed() < Duration::from_secs(30));
+    let mut idle = std::net::TcpStream::connect(http_addr).unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let got = closed_within(&mut idle, Duration::from_secs(30)).expect("idle keep-alive left open");
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    // Meanwhile and after, an administrator signs in, and /metrics counts the verification.
+    let (_, _) = login(&m, "ops", "correct-horse-battery");
+    let auth = format!("Bearer {}", m.info.admin_token);
+    let metrics = get(&m, "/metrics", &[("authorization", &auth)]);
+    assert!(
+        metrics
+            .body
+            .contains("baton_password_verifications_total 1"),
+        "{}",
+        metrics.body
+    );
+}
