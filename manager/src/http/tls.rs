@@ -1,8 +1,9 @@
 //! HTTPS for the HTTP server: a rustls configuration from PEM files and a
 //! listener that hands axum only connections whose TLS handshake completed.
 //!
-//! Handshakes run in their own tasks (bounded in time), so a slow or silent
-//! client never holds up the others; failed handshakes are logged and dropped.
+//! Handshakes run in their own tasks (bounded in time, at most
+//! [`MAX_HANDSHAKES`] at once), so a slow or silent client never holds up the
+//! others; failed handshakes are logged and dropped.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,8 @@ use tokio_rustls::server::TlsStream;
 
 /// How long a client has to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at most; further connections wait in the listen backlog.
+pub const MAX_HANDSHAKES: usize = 256;
 
 /// Why the TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -72,8 +75,16 @@ impl TlsListener {
         let local = tcp.local_addr();
         let (tx, ready) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(config);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
+                let permit = tokio::select! {
+                    _ = tx.closed() => return,
+                    p = handshakes.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                };
                 let (stream, peer) = tokio::select! {
                     _ = tx.closed() => return,
                     accepted = tcp.accept() => match accepted {
@@ -88,7 +99,10 @@ impl TlsListener {
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                    drop(permit);
+                    match handshake {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
                         }
