@@ -357,13 +357,20 @@ impl Job {
             }
         }
         let mut changed = Vec::new();
+        // No report can claim more than the whole content from one source (a hostile figure
+        // neither overflows the counters nor outweighs every honest one by more than that).
+        let most = self.spec.manifest.length;
         for r in received {
-            if r.bytes > 0 {
-                if let Some(&source) = r.from.as_ref().and_then(|id| self.index.get(id)) {
-                    self.rates.record(cx.now, source, r.bytes);
+            let bytes = r.bytes.min(most);
+            if bytes > 0 {
+                if let Some(&source) = r.from.as_ref().and_then(|id| self.index.get(id))
+                    && source != idx
+                {
+                    self.rates.record(cx.now, source, bytes);
                     changed.extend(self.verified_from(cx, job_id, idx, source));
                 }
-                *self.bytes.entry((idx, r.from.clone())).or_default() += r.bytes;
+                let total = self.bytes.entry((idx, r.from.clone())).or_default();
+                *total = total.saturating_add(bytes);
             }
         }
         self.resend_sources(cx, job_id, &changed);

@@ -97,7 +97,7 @@ impl RecentRates {
     fn estimate(&self) -> Option<u64> {
         let kept = usize::from(self.seen).saturating_sub(1).min(WINDOWS_KEPT);
         (kept >= MIN_WINDOWS)
-            .then(|| self.rates.iter().sum::<u64>() / kept as u64)
+            .then(|| self.rates.iter().fold(0u64, |a, &r| a.saturating_add(r)) / kept as u64)
             .filter(|&r| r > 0)
     }
 }
@@ -109,7 +109,7 @@ impl UploadMeter {
         if self.open.len() <= s {
             self.open.resize(s + 1, 0);
         }
-        self.open[s] += bytes;
+        self.open[s] = self.open[s].saturating_add(bytes);
         self.window_start.get_or_insert(now);
     }
 
@@ -197,7 +197,7 @@ pub(super) fn drifted(planned_and_current: &[(u64, u64)]) -> bool {
     if known.is_empty() {
         return false;
     }
-    let mean = known.iter().sum::<u64>() as f64 / known.len() as f64;
+    let mean = known.iter().map(|&c| c as f64).sum::<f64>() / known.len() as f64;
     let (mut diff, mut total) = (0.0, 0.0);
     for &(planned, current) in planned_and_current {
         let current = if current > 0 { current as f64 } else { mean };

@@ -466,3 +466,32 @@ fn chaos_keeps_invariants_and_finishes() {
         }
     }
 }
+
+/// A `Progress` claiming impossible byte counts (the most a `u64` holds, from the reporter
+/// itself and from a peer) neither overflows a counter nor stops the job.
+#[test]
+fn hostile_byte_counts_in_progress_are_bounded() {
+    let mut fleet = Fleet::with_agents(1, 4);
+    fleet.connect_all();
+    fleet.start(1, 40, Targets::All, Policy::default());
+    let job = fleet.agents[0].job.expect("instructed");
+    let mut received = heapless::Vec::new();
+    for from in [fleet.agents[0].id.clone(), fleet.agents[1].id.clone()] {
+        let _ = received.push(Received {
+            from: Some(from),
+            bytes: u64::MAX,
+        });
+    }
+    for _ in 0..3 {
+        fleet.send(
+            0,
+            Message::Progress {
+                job,
+                verified: 0,
+                received: received.clone(),
+            },
+        );
+    }
+    fleet.run(1, 2, 500);
+    assert!(fleet.agents.iter().all(FakeAgent::complete));
+}
