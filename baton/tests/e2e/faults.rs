@@ -159,6 +159,17 @@ fn mallory_report(listen: SocketAddr) -> Report {
     }
 }
 
+/// Asks for the first chunks of `root` (up to 8, a fake agent's request window); returns the
+/// index of the next chunk to ask for.
+async fn request_first_chunks(w: &mut Writer, root: Digest, chunks: u32) -> Result<u32, String> {
+    let first = chunks.min(8);
+    for index in 0..first {
+        let req = Message::ChunkRequest { root, index };
+        w.send(&req.to_vec()).await.map_err(|e| e.to_string())?;
+    }
+    Ok(first)
+}
+
 /// Tells the manager a fake agent verified all `chunks` (`bytes` of them from the manager)
 /// and holds the content: `Progress`, `Have`, `NextPlease`.
 async fn confirm_from_manager(
@@ -199,14 +210,7 @@ async fn mallory_session(mut r: Reader, mut w: Writer, state: Arc<Mallory>) -> R
             } if job.is_none() => {
                 let chunks = manifest.chunks();
                 job = Some((j, manifest.root, chunks));
-                while next < chunks.min(8) {
-                    let req = Message::ChunkRequest {
-                        root: manifest.root,
-                        index: next,
-                    };
-                    w.send(&req.to_vec()).await.map_err(|e| e.to_string())?;
-                    next += 1;
-                }
+                next = request_first_chunks(&mut w, manifest.root, chunks).await?;
             }
             Message::Chunk {
                 root,
@@ -998,14 +1002,7 @@ async fn liar_session(mut r: Reader, mut w: Writer, state: Arc<Liar>) -> Result<
                 if job.is_none() {
                     let chunks = manifest.chunks();
                     job = Some((j, manifest.root, chunks));
-                    while next < chunks.min(8) {
-                        let req = Message::ChunkRequest {
-                            root: manifest.root,
-                            index: next,
-                        };
-                        w.send(&req.to_vec()).await.map_err(|e| e.to_string())?;
-                        next += 1;
-                    }
+                    next = request_first_chunks(&mut w, manifest.root, chunks).await?;
                 }
                 (j, sources.to_vec())
             }
