@@ -60,9 +60,8 @@ impl RelayPlan {
         if n.confirmed {
             self.requeue(node);
             self.list_on_segment(node);
-            for s in 0..self.stripes.len() {
-                changed.extend(self.relieve_manager(node, s));
-            }
+            let all: Vec<usize> = (0..self.stripes.len()).collect();
+            changed.extend(self.relieve_manager(node, &all));
             return changed;
         }
         let n = &mut self.nodes[node as usize];
@@ -94,46 +93,57 @@ impl RelayPlan {
         self.normalize(node);
         changed.push(node);
         if let Some(g) = self.group(node) {
-            changed.extend(self.relieve_manager(node, g));
+            changed.extend(self.relieve_manager(node, &[g]));
         }
         changed
     }
 
-    /// Moves fetchers of stripe `s` that fetch it from the manager (a repair's last resort,
-    /// e.g. while `node` was away) to `node`, which now relays `s` (a member of its group back
+    /// What `node` would carry per upload with `extra` more chunks to serve (fixed point,
+    /// [`LOAD_SCALE`] = one chunk per byte/s): the measure holders are compared by.
+    fn load_with(&self, node: u32, extra: u64) -> u128 {
+        (self.nodes[node as usize].served as u128 + extra as u128) * LOAD_SCALE
+            / self.eff_up(node).max(1) as u128
+    }
+
+    /// Moves fetchers of `stripes` that fetch them from the manager (a repair's last resort,
+    /// e.g. while `node` was away) to `node`, which now relays them (a member of its group back
     /// online, or a holder of the whole content), until it carries as much per upload as the
     /// average serving peer. Returns the fetchers moved.
-    fn relieve_manager(&mut self, node: u32, s: usize) -> Vec<u32> {
+    fn relieve_manager(&mut self, node: u32, stripes: &[usize]) -> Vec<u32> {
         if self.segmented || !self.serving(node) {
             return Vec::new();
         }
         let (mut sum, mut count) = (0u128, 0u128);
         for i in 0..self.nodes.len() as u32 {
             if self.serving(i) && i != node {
-                sum += self.nodes[i as usize].served as u128 * LOAD_SCALE
-                    / self.eff_up(i).max(1) as u128;
+                sum += self.load_with(i, 0);
                 count += 1;
             }
         }
         let average = sum.checked_div(count).unwrap_or(u128::MAX);
-        let len = self.stripe_len(s) as u128;
-        let up = self.eff_up(node).max(1) as u128;
         let mut moved = Vec::new();
-        for f in 0..self.nodes.len() as u32 {
-            if (self.nodes[node as usize].served as u128 + len) * LOAD_SCALE / up > average {
-                break;
-            }
-            if f == node || self.parent(f, s) != MANAGER || self.nodes[f as usize].group == s as u32
-            {
-                // Members of the stripe's group that fetch it from the manager are its roots.
-                continue;
-            }
-            if self.valid(f, node, s) {
-                self.set_parent(f, s, node);
-                self.normalize(f);
-                moved.push(f);
+        for &s in stripes {
+            let len = self.stripe_len(s) as u64;
+            for f in 0..self.nodes.len() as u32 {
+                if self.load_with(node, len) > average {
+                    break;
+                }
+                if f == node
+                    || self.parent(f, s) != MANAGER
+                    || self.nodes[f as usize].group == s as u32
+                {
+                    // Members of the stripe's group that fetch it from the manager are its roots.
+                    continue;
+                }
+                if self.valid(f, node, s) {
+                    self.set_parent(f, s, node);
+                    self.normalize(f);
+                    moved.push(f);
+                }
             }
         }
+        moved.sort_unstable();
+        moved.dedup();
         moved
     }
 
@@ -517,15 +527,11 @@ impl RelayPlan {
         if !self.relay {
             return MANAGER;
         }
-        let len = self.stripe_len(s) as u128;
-        let cost = |plan: &Self, h: u32| {
-            (plan.nodes[h as usize].served as u128 + len) * LOAD_SCALE
-                / plan.eff_up(h).max(1) as u128
-        };
+        let len = self.stripe_len(s) as u64;
         let mut best: Option<(u128, u32)> = None;
         let mut consider = |plan: &Self, h: u32| {
             if plan.valid(fetcher, h, s) {
-                let c = cost(plan, h);
+                let c = plan.load_with(h, len);
                 if best.is_none_or(|(b, _)| c < b) {
                     best = Some((c, h));
                 }
