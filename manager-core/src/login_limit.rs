@@ -1,13 +1,21 @@
-//! Back-off for failed logins, per client address and per administrator name.
+//! Back-off for failed logins, per client address, per administrator name from
+//! that address, and per name from everywhere.
 //!
-//! Each key (an address or a name) counts its failed logins. Once a key has
-//! failed [`LoginLimits::free_failures`] times, every further failure locks it
-//! for a time that doubles with each failure (from [`LoginLimits::first_lock`]
-//! up to [`LoginLimits::longest_lock`]); while a key is locked, logins that
-//! involve it are answered `429 Too Many Requests` with `Retry-After` and the
-//! password is not even checked. A successful login clears the name's and the
-//! address's count. A key that has not failed for [`LoginLimits::forget_after`]
-//! is forgotten.
+//! Each key counts its failed logins. Once a key has failed its free failures,
+//! every further failure locks it for a time that doubles with each failure
+//! (from [`LoginLimits::first_lock`] up to [`LoginLimits::longest_lock`]); while
+//! a key is locked, logins that involve it are answered `429 Too Many Requests`
+//! with `Retry-After` and the password is not even checked. A successful login
+//! clears its keys' counts. A key that has not failed for
+//! [`LoginLimits::forget_after`] is forgotten.
+//!
+//! The keys are chosen so that nobody can lock an administrator out from where
+//! they usually sign in: an address (an IPv6 client by its /64, which one
+//! subscriber usually holds whole) is locked after its own failures; a name is
+//! locked from an address after a few failures from there; and a name is locked
+//! *everywhere* only after many failures (a guessing attack spread over
+//! addresses), and even then not for addresses it signed in from before
+//! ([`LoginLimits::remember_success`]).
 //!
 //! Sans-IO: every call takes `now`, so tests drive the clock.
 
@@ -21,8 +29,11 @@ const MAX_KEYS: usize = 50_000;
 /// The limits' tunables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoginLimits {
-    /// Failures per name before the name is locked.
+    /// Failures per name from one address before the name is locked from that address.
     pub free_failures_per_name: u32,
+    /// Failures per name from all addresses before the name is locked everywhere, except
+    /// from addresses it signed in from.
+    pub free_failures_per_name_everywhere: u32,
     /// Failures per client address before the address is locked (higher than per name: an
     /// office behind one address has several administrators).
     pub free_failures_per_address: u32,
@@ -32,13 +43,17 @@ pub struct LoginLimits {
     pub longest_lock: Duration,
     /// A key without failures this long is forgotten.
     pub forget_after: Duration,
+    /// How long an address a name signed in from stays exempt from that name's lock
+    /// everywhere.
+    pub remember_success: Duration,
 }
 
 impl LoginLimits {
     /// Failures allowed for a key of this kind.
     fn free_failures(&self, key: &LoginKey) -> u32 {
         match key {
-            LoginKey::Name(_) => self.free_failures_per_name,
+            LoginKey::NameFrom(..) => self.free_failures_per_name,
+            LoginKey::Name(_) => self.free_failures_per_name_everywhere,
             LoginKey::Address(_) => self.free_failures_per_address,
         }
     }
@@ -48,10 +63,12 @@ impl Default for LoginLimits {
     fn default() -> Self {
         LoginLimits {
             free_failures_per_name: 5,
+            free_failures_per_name_everywhere: 50,
             free_failures_per_address: 10,
             first_lock: Duration::from_secs(1),
             longest_lock: Duration::from_secs(15 * 60),
             forget_after: Duration::from_secs(3600),
+            remember_success: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -59,10 +76,27 @@ impl Default for LoginLimits {
 /// What a count is kept for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum LoginKey {
-    /// The client's address.
+    /// The client's address ([`client_prefix`]).
     Address(IpAddr),
-    /// The administrator name tried (trimmed, lower case).
+    /// The administrator name tried (trimmed, lower case), from this address.
+    NameFrom(String, IpAddr),
+    /// The administrator name tried, from anywhere.
     Name(String),
+}
+
+/// The part of a client's address that identifies it: the whole IPv4 address (also
+/// when mapped into IPv6), the /64 prefix of an IPv6 address.
+pub fn client_prefix(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(bits))
+            }
+        },
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -77,6 +111,8 @@ struct Failures {
 pub struct LoginLimiter {
     limits: LoginLimits,
     keys: HashMap<LoginKey, Failures>,
+    /// (name, address) pairs that signed in, and when they last did.
+    signed_in_from: HashMap<(String, IpAddr), Instant>,
 }
 
 impl LoginLimiter {
@@ -85,20 +121,37 @@ impl LoginLimiter {
         LoginLimiter {
             limits,
             keys: HashMap::new(),
+            signed_in_from: HashMap::new(),
         }
     }
 
     /// The keys a login from `address` for `name` involves.
-    pub fn keys(address: IpAddr, name: &str) -> [LoginKey; 2] {
+    pub fn keys(address: IpAddr, name: &str) -> [LoginKey; 3] {
+        let address = client_prefix(address);
+        let name = name.trim().to_lowercase();
         [
             LoginKey::Address(address),
-            LoginKey::Name(name.trim().to_lowercase()),
+            LoginKey::NameFrom(name.clone(), address),
+            LoginKey::Name(name),
         ]
+    }
+
+    /// Whether `keys` hold a name and address that signed in recently.
+    fn known(&self, keys: &[LoginKey], now: Instant) -> bool {
+        keys.iter().any(|k| match k {
+            LoginKey::NameFrom(name, address) => self
+                .signed_in_from
+                .get(&(name.clone(), *address))
+                .is_some_and(|at| now.duration_since(*at) < self.limits.remember_success),
+            _ => false,
+        })
     }
 
     /// How long until a login involving `keys` may be tried (`None` = now).
     pub fn locked_for(&self, keys: &[LoginKey], now: Instant) -> Option<Duration> {
+        let known = self.known(keys, now);
         keys.iter()
+            .filter(|k| !(known && matches!(k, LoginKey::Name(_))))
             .filter_map(|k| self.keys.get(k)?.locked_until)
             .filter(|until| *until > now)
             .map(|until| until - now)
@@ -159,10 +212,30 @@ impl LoginLimiter {
         longest
     }
 
-    /// Clears the counts of a successful login's keys.
-    pub fn succeeded(&mut self, keys: &[LoginKey]) {
+    /// Clears the counts of a successful login's keys, except the name's everywhere (an
+    /// attack spread over addresses goes on while its administrator signs in), and
+    /// remembers its name and address.
+    pub fn succeeded(&mut self, keys: &[LoginKey], now: Instant) {
         for key in keys {
-            self.keys.remove(key);
+            match key {
+                LoginKey::Name(_) => {}
+                LoginKey::NameFrom(name, address) => {
+                    self.keys.remove(key);
+                    let remember = self.limits.remember_success;
+                    self.signed_in_from
+                        .retain(|_, at| now.duration_since(*at) < remember);
+                    if self.signed_in_from.len() >= MAX_KEYS {
+                        let oldest = self.signed_in_from.iter().min_by_key(|(_, at)| **at);
+                        if let Some(pair) = oldest.map(|(pair, _)| pair.clone()) {
+                            self.signed_in_from.remove(&pair);
+                        }
+                    }
+                    self.signed_in_from.insert((name.clone(), *address), now);
+                }
+                LoginKey::Address(_) => {
+                    self.keys.remove(key);
+                }
+            }
         }
     }
 }
@@ -191,12 +264,10 @@ mod test {
         }
         assert_eq!(l.failed(&keys, t0), Some(Duration::from_secs(1)));
         assert_eq!(l.locked_for(&keys, t0), Some(Duration::from_secs(1)));
-        // The same name from another address is locked too; another name from the
-        // same address is not (the address has 5 of its 10 free failures left).
-        assert!(
-            l.locked_for(&LoginLimiter::keys(addr(2), "ops"), t0)
-                .is_some()
-        );
+        // The same name from another address is not locked (nobody can lock an
+        // administrator out from elsewhere), nor another name from the same address
+        // (the address has 5 of its 10 free failures left).
+        assert_eq!(l.locked_for(&LoginLimiter::keys(addr(2), "ops"), t0), None);
         assert_eq!(
             l.locked_for(&LoginLimiter::keys(addr(1), "other"), t0),
             None
@@ -212,8 +283,60 @@ mod test {
             l.locked_for(&keys, t1),
             Some(LoginLimits::default().longest_lock)
         );
-        l.succeeded(&keys);
+        l.succeeded(&keys, t1);
         assert_eq!(l.locked_for(&keys, t1), None);
+    }
+
+    #[test]
+    fn a_name_attacked_from_everywhere_stays_open_where_it_signed_in() {
+        let limits = LoginLimits::default();
+        let mut l = LoginLimiter::new(limits);
+        let t0 = Instant::now();
+        let home = LoginLimiter::keys(addr(200), "ops");
+        assert_eq!(l.attempt(&home, t0), Ok(None));
+        l.succeeded(&home, t0);
+        // Two failures from each of many addresses: no address or address-name key is
+        // locked, but the name is, everywhere but at home.
+        for i in 0..limits.free_failures_per_name_everywhere / 2 {
+            let keys = LoginLimiter::keys(addr(i as u8), "ops");
+            l.failed(&keys, t0);
+            l.failed(&keys, t0);
+        }
+        assert!(
+            l.locked_for(&LoginLimiter::keys(addr(150), "ops"), t0)
+                .is_some()
+        );
+        assert_eq!(l.locked_for(&home, t0), None);
+        assert_eq!(
+            l.locked_for(&LoginLimiter::keys(addr(150), "dev"), t0),
+            None
+        );
+        // The exemption is forgotten in time.
+        let later = t0 + limits.remember_success;
+        l.failed(&LoginLimiter::keys(addr(1), "ops"), later);
+        for _ in 0..limits.free_failures_per_name_everywhere {
+            l.failed(&LoginLimiter::keys(addr(7), "ops"), later);
+        }
+        assert!(l.locked_for(&home, later).is_some());
+    }
+
+    #[test]
+    fn an_ipv6_client_is_one_key_per_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:1:2:3".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_prefix(a), client_prefix(b));
+        assert_ne!(client_prefix(a), client_prefix(c));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(client_prefix(mapped), addr(1));
+        let mut l = LoginLimiter::new(LoginLimits::default());
+        let t0 = Instant::now();
+        for i in 0..10u16 {
+            let from = IpAddr::from([0x2001, 0xdb8, 1, 2, i, i, i, i]);
+            l.failed(&LoginLimiter::keys(from, &format!("n{i}")), t0);
+        }
+        assert!(l.locked_for(&LoginLimiter::keys(a, "fresh"), t0).is_some());
+        assert_eq!(l.locked_for(&LoginLimiter::keys(c, "fresh"), t0), None);
     }
 
     #[test]
@@ -265,7 +388,7 @@ mod test {
         // A right password clears the attempt's count.
         let other = LoginLimiter::keys(addr(2), "dev");
         assert_eq!(l.attempt(&other, t0), Ok(None));
-        l.succeeded(&other);
+        l.succeeded(&other, t0);
         for _ in 0..4 {
             assert_eq!(l.attempt(&other, t0), Ok(None));
         }

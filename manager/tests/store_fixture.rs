@@ -91,6 +91,6 @@ fn a_schema_2_database_migrates_and_keeps_everything() {
         created_at: 1,
         last_used: 1,
     };
-    store.create_session(&session).unwrap();
+    assert!(store.create_session(&session, &hash).unwrap());
     assert_eq!(store.session(&[1; 32]).unwrap(), Some(session));
 }

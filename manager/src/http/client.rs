@@ -4,29 +4,11 @@
 use std::net::SocketAddr;
 
 use subtle::ConstantTimeEq as _;
-use tokio::net::TcpListener;
 
-use super::tls;
-
-/// The client's address, as handlers get it (`ConnectInfo<ClientAddr>`), over HTTP and HTTPS.
+/// The client's address, as handlers get it (`ConnectInfo<ClientAddr>`, inserted per
+/// connection by the server), over HTTP and HTTPS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>>
-    for ClientAddr
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
-        ClientAddr(*stream.remote_addr())
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::TlsListener>>
-    for ClientAddr
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Self {
-        ClientAddr(*stream.remote_addr())
-    }
-}
 
 /// Whether two secrets are equal, in time independent of where they differ.
 pub fn same_secret(a: &[u8], b: &[u8]) -> bool {

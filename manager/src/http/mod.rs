@@ -14,12 +14,13 @@
 //!
 //! Submodules: [`api`] (jobs, agents, content, uploads), [`admin`] (segments,
 //! content groups, policies), [`metrics`], [`client`] (the client's address,
-//! secret comparison), [`tls`], and [`web`] (the administrators' UI, logins and
+//! secret comparison), [`conn`] (time bounds of one connection), [`tls`], and [`web`] (the administrators' UI, logins and
 //! sessions). Handlers call the service layer ([`crate::service::Manager`]).
 
 pub mod admin;
 pub mod api;
 pub mod client;
+pub mod conn;
 pub mod metrics;
 pub mod tls;
 pub mod web;
@@ -115,6 +116,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default largest request body outside uploads ([`HttpLimits::max_body_bytes`]).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
+/// Default slowest average pace of a request body, bytes per second ([`HttpLimits::min_body_rate`]).
+pub const DEFAULT_MIN_BODY_RATE: u64 = 4 * 1024;
+/// Default time a response may wait for its client to read ([`HttpLimits::write_timeout`]).
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What one HTTP client can hold: connections, time, body bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +134,13 @@ pub struct HttpLimits {
     /// Largest JSON or form body any route reads (default [`DEFAULT_MAX_BODY_BYTES`]);
     /// uploads are streamed to disk and capped by [`HttpConfig::max_upload_bytes`].
     pub max_body_bytes: usize,
+    /// Slowest average pace of a request body, in bytes per second, after a head start
+    /// of `header_read_timeout`; a body that also stays silent for `header_read_timeout`
+    /// fails (default [`DEFAULT_MIN_BODY_RATE`]).
+    pub min_body_rate: u64,
+    /// Time a response's write may wait for the client to read before the connection
+    /// is closed (default [`DEFAULT_WRITE_TIMEOUT`]).
+    pub write_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -137,6 +149,8 @@ impl Default for HttpLimits {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            min_body_rate: DEFAULT_MIN_BODY_RATE,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
         }
     }
 }
@@ -192,10 +206,13 @@ pub fn router(manager: Arc<Manager>, config: &HttpConfig) -> Router {
 /// Serves on `listener` (HTTPS when `config.tls` is set) until `shutdown` completes,
 /// then lets the open connections finish their requests.
 ///
-/// At most `config.limits.max_connections` connections are open at once (a permit is
-/// taken before each accept, as mini-redis does); each one is closed when its next
-/// request's headers take longer than `config.limits.header_read_timeout`, which also
-/// ends idle keep-alive connections.
+/// What one client can hold is bounded ([`HttpLimits`]): at most
+/// `max_connections` connections are open at once, TLS handshakes included (a
+/// permit is taken before each accept, as mini-redis does); a TLS handshake has
+/// [`tls::HANDSHAKE_TIMEOUT`]; the next request's headers must arrive within
+/// `header_read_timeout` (which also ends idle keep-alive connections); a request
+/// body must keep arriving at `min_body_rate` ([`conn::PacedBody`]); a response
+/// nobody reads fails the connection after `write_timeout` ([`conn::WriteDeadline`]).
 pub async fn run(
     listener: TcpListener,
     manager: Arc<Manager>,
@@ -203,32 +220,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(manager, &config);
-    match config.tls.clone() {
-        None => serve(listener, app, config.limits, shutdown).await,
-        Some(tls) => {
-            serve(
-                tls::TlsListener::new(listener, tls),
-                app,
-                config.limits,
-                shutdown,
-            )
-            .await
-        }
-    }
+    let tls = config.tls.clone().map(tls::Handshakes::new);
+    serve(listener, app, config.limits, tls, shutdown).await
 }
 
-async fn serve<L>(
-    mut listener: L,
+async fn serve(
+    listener: TcpListener,
     app: Router,
     limits: HttpLimits,
+    tls: Option<tls::Handshakes>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()>
-where
-    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
-{
-    use axum::extract::ConnectInfo;
-    use tower::ServiceExt as _;
-
+) -> std::io::Result<()> {
     let max = limits.max_connections.max(1);
     let permits = Arc::new(Semaphore::new(max));
     let (closing_tx, closing_rx) = watch::channel(false);
@@ -254,40 +256,30 @@ where
                 },
             }
         };
-        let (io, peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => accepted,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off, keep serving.
+                    tracing::warn!("accepting an HTTP connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
         };
-        let svc = app
-            .clone()
-            .map_request(move |mut req: Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(ClientAddr(peer)));
-                req.map(axum::body::Body::new)
-            });
-        let mut closing = closing_rx.clone();
-        let header_read_timeout = limits.header_read_timeout;
+        let app = app.clone();
+        let closing = closing_rx.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_read_timeout);
-            let conn = builder.serve_connection(
-                hyper_util::rt::TokioIo::new(io),
-                hyper_util::service::TowerToHyperService::new(svc),
-            );
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::trace!(%peer, "HTTP connection ended: {e}");
+            match tls {
+                None => serve_connection(stream, peer, app, limits, closing).await,
+                Some(tls) => {
+                    if let Some(stream) = tls.accept(stream, peer).await {
+                        serve_connection(stream, peer, app, limits, closing).await;
                     }
-                    return;
                 }
-                _ = closing.wait_for(|c| *c) => conn.as_mut().graceful_shutdown(),
-            }
-            if let Err(e) = conn.await {
-                tracing::trace!(%peer, "HTTP connection ended: {e}");
             }
         });
     }
@@ -296,6 +288,50 @@ where
     // Every connection gives its permit back when it ends.
     let _ = permits.acquire_many(max as u32).await;
     Ok(())
+}
+
+/// Serves HTTP/1.1 requests on one accepted connection, within `limits`, until it
+/// ends or the server closes (then the request in progress finishes).
+async fn serve_connection<I>(
+    io: I,
+    peer: std::net::SocketAddr,
+    app: Router,
+    limits: HttpLimits,
+    mut closing: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use axum::extract::ConnectInfo;
+    use tower::ServiceExt as _;
+
+    let body_idle = limits.header_read_timeout;
+    let min_rate = limits.min_body_rate;
+    let svc = app.map_request(move |mut req: Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(ClientAddr(peer)));
+        req.map(|body| axum::body::Body::new(conn::PacedBody::new(body, body_idle, min_rate)))
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let io = conn::WriteDeadline::new(io, limits.write_timeout);
+    let conn = builder.serve_connection(
+        hyper_util::rt::TokioIo::new(io),
+        hyper_util::service::TowerToHyperService::new(svc),
+    );
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::trace!(%peer, "HTTP connection ended: {e}");
+            }
+            return;
+        }
+        _ = closing.wait_for(|c| *c) => conn.as_mut().graceful_shutdown(),
+    }
+    if let Err(e) = conn.await {
+        tracing::trace!(%peer, "HTTP connection ended: {e}");
+    }
 }
 
 fn unauthorized() -> Response {
@@ -423,9 +459,12 @@ mod test {
     ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = Router::new().route("/", get(|| async { "hello" }));
+        let app = Router::new().route("/", get(|| async { "hello" })).route(
+            "/echo",
+            axum::routing::post(|body: axum::body::Bytes| async move { body.len().to_string() }),
+        );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(serve(listener, app, limits, async move {
+        tokio::spawn(serve(listener, app, limits, None, async move {
             let _ = stopped.await;
         }));
         (addr, stop)
@@ -483,6 +522,59 @@ mod test {
             .await
             .expect("idle connection still open");
         assert!(String::from_utf8_lossy(&got).contains("hello"));
+    }
+
+    #[tokio::test]
+    async fn a_withheld_or_trickled_body_closes_its_connection() {
+        use tokio::io::AsyncWriteExt as _;
+        let limits = HttpLimits {
+            header_read_timeout: Duration::from_millis(300),
+            min_body_rate: 10_000,
+            ..HttpLimits::default()
+        };
+        let (addr, _stop) = serve_test_app(limits).await;
+        let start = std::time::Instant::now();
+        // Headers promise 100,000 bytes; 10 come, then nothing.
+        let mut withheld = tokio::net::TcpStream::connect(addr).await.unwrap();
+        withheld
+            .write_all(
+                b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n0123456789",
+            )
+            .await
+            .unwrap();
+        // Another sends 10 bytes every 50 ms: never silent, far below the rate.
+        let mut trickled = tokio::net::TcpStream::connect(addr).await.unwrap();
+        trickled
+            .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+            .await
+            .unwrap();
+        let trickle = tokio::spawn(async move {
+            for _ in 0..200 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if trickled.write_all(b"0123456789").await.is_err() {
+                    break;
+                }
+            }
+            start.elapsed()
+        });
+        closed_within(&mut withheld, Duration::from_secs(5))
+            .await
+            .expect("a withheld body kept its connection");
+        let cut_after = trickle.await.unwrap();
+        assert!(
+            cut_after < Duration::from_secs(5),
+            "trickle went on {cut_after:?}"
+        );
+        // A body sent at once is served.
+        let mut whole = tokio::net::TcpStream::connect(addr).await.unwrap();
+        whole
+            .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nabcde")
+            .await
+            .unwrap();
+        let got = closed_within(&mut whole, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(String::from_utf8_lossy(&got).ends_with("\r\n\r\n5"));
     }
 
     #[tokio::test]

@@ -1,17 +1,18 @@
-//! HTTPS for the HTTP server: a rustls configuration from PEM files and a
-//! listener that hands axum only connections whose TLS handshake completed.
+//! HTTPS for the HTTP server: a rustls configuration from PEM files and the
+//! handshakes of accepted connections ([`Handshakes`]).
 //!
-//! Handshakes run in their own tasks (bounded in time, at most
-//! [`MAX_HANDSHAKES`] at once), so a slow or silent client never holds up the
-//! others; failed handshakes are logged and dropped.
+//! Each handshake runs in its connection's own task (bounded in time, at most
+//! [`MAX_HANDSHAKES`] at once, and under the server's connection cap), so a slow
+//! or silent client never holds up the others; failed handshakes are logged and
+//! dropped.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -20,7 +21,7 @@ use tokio_rustls::server::TlsStream;
 
 /// How long a client has to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TLS handshakes in progress at most; further connections wait in the listen backlog.
+/// TLS handshakes in progress at most; further accepted connections wait for a slot.
 pub const MAX_HANDSHAKES: usize = 256;
 
 /// Why the TLS configuration could not be built.
@@ -63,75 +64,47 @@ pub fn load_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
     Ok(config)
 }
 
-/// A TCP listener whose connections come out TLS-wrapped, for `axum::serve`.
-pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: std::io::Result<SocketAddr>,
+/// TLS handshakes of accepted connections: at most [`MAX_HANDSHAKES`] at once, each
+/// within [`HANDSHAKE_TIMEOUT`]. The server runs one in each connection's task, under
+/// that connection's permit of the connection cap.
+#[derive(Clone)]
+pub struct Handshakes {
+    acceptor: TlsAcceptor,
+    running: Arc<Semaphore>,
 }
 
-impl TlsListener {
-    /// Starts accepting on `tcp`; handshakes run in spawned tasks. Stops when dropped.
-    pub fn new(tcp: TcpListener, config: Arc<ServerConfig>) -> Self {
-        let local = tcp.local_addr();
-        let (tx, ready) = mpsc::channel(64);
-        let acceptor = TlsAcceptor::from(config);
-        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-        tokio::spawn(async move {
-            loop {
-                let permit = tokio::select! {
-                    _ = tx.closed() => return,
-                    p = handshakes.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => return,
-                    },
-                };
-                let (stream, peer) = tokio::select! {
-                    _ = tx.closed() => return,
-                    accepted = tcp.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            tracing::warn!("HTTPS accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let handshake =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
-                    drop(permit);
-                    match handshake {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        TlsListener { ready, local }
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(conn) => conn,
-            // The accept task ended (it only does when the listener is dropped).
-            None => std::future::pending().await,
+impl Handshakes {
+    /// Handshakes with this configuration.
+    pub fn new(config: Arc<ServerConfig>) -> Self {
+        Handshakes {
+            acceptor: TlsAcceptor::from(config),
+            running: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
         }
     }
 
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        match &self.local {
-            Ok(a) => Ok(*a),
-            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+    /// Completes the handshake on `stream` (waiting for a free slot counts against its
+    /// time); `None` when it failed or took too long (logged).
+    pub async fn accept(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<TlsStream<TcpStream>> {
+        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            let _slot = self.running.acquire().await.ok()?;
+            Some(self.acceptor.accept(stream).await)
+        })
+        .await;
+        match handshake {
+            Ok(Some(Ok(tls))) => Some(tls),
+            Ok(Some(Err(e))) => {
+                tracing::debug!(%peer, "TLS handshake failed: {e}");
+                None
+            }
+            Ok(None) => None,
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                None
+            }
         }
     }
 }

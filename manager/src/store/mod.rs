@@ -219,8 +219,10 @@ pub trait Store: Send + std::fmt::Debug {
     /// Deletes the API token `name`; whether there was one.
     fn revoke_api_token(&mut self, name: &str) -> Result<bool>;
 
-    /// Stores a new web UI session.
-    fn create_session(&mut self, session: &SessionRecord) -> Result<()>;
+    /// Stores a new web UI session if its administrator's password hash is still
+    /// `password_hash`, the one the login verified (a login racing a password change
+    /// creates none); whether it was stored.
+    fn create_session(&mut self, session: &SessionRecord, password_hash: &str) -> Result<bool>;
     /// The session whose id has this hash.
     fn session(&self, id_hash: &Digest) -> Result<Option<SessionRecord>>;
     /// Marks a session used at `now` (the wall clock, also if it stepped back); whether it exists.

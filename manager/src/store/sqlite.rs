@@ -1240,19 +1240,23 @@ impl Store for SqliteStore {
             > 0)
     }
 
-    fn create_session(&mut self, session: &SessionRecord) -> Result<()> {
-        self.conn.execute(
+    fn create_session(&mut self, session: &SessionRecord, password_hash: &str) -> Result<bool> {
+        // One statement: the check and the insert cannot be split by a password change,
+        // whichever process makes it.
+        let stored = self.conn.execute(
             "INSERT INTO web_sessions (id_hash, admin, csrf, created_at, last_used)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+             SELECT ?1, ?2, ?3, ?4, ?5
+             WHERE EXISTS (SELECT 1 FROM admin_users WHERE name = ?2 AND password_hash = ?6)",
             params![
                 &session.id_hash[..],
                 session.admin,
                 session.csrf,
                 saturate(session.created_at),
-                saturate(session.last_used)
+                saturate(session.last_used),
+                password_hash
             ],
         )?;
-        Ok(())
+        Ok(stored > 0)
     }
 
     fn session(&self, id_hash: &Digest) -> Result<Option<SessionRecord>> {

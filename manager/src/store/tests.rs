@@ -658,9 +658,18 @@ fn session(id: u8, admin: &str, last_used: u64) -> SessionRecord {
 #[test]
 fn sessions_are_touched_and_expire() {
     let mut s = SqliteStore::in_memory().unwrap();
-    s.create_session(&session(1, "ops", 100)).unwrap();
-    s.create_session(&session(2, "ops", 200)).unwrap();
-    s.create_session(&session(3, "dev", 300)).unwrap();
+    s.set_admin("ops", "hash-1", 1).unwrap();
+    s.set_admin("dev", "hash-2", 1).unwrap();
+    assert!(s.create_session(&session(1, "ops", 100), "hash-1").unwrap());
+    assert!(s.create_session(&session(2, "ops", 200), "hash-1").unwrap());
+    assert!(s.create_session(&session(3, "dev", 300), "hash-2").unwrap());
+    // Not for a password the administrator no longer has, nor for nobody.
+    assert!(!s.create_session(&session(4, "ops", 300), "hash-0").unwrap());
+    assert!(
+        !s.create_session(&session(5, "nobody", 300), "hash-1")
+            .unwrap()
+    );
+    assert_eq!(s.session(&[4; 32]).unwrap(), None);
     assert_eq!(s.session(&[1; 32]).unwrap(), Some(session(1, "ops", 100)));
     assert_eq!(s.session(&[9; 32]).unwrap(), None);
     assert!(s.touch_session(&[1; 32], 400).unwrap());
@@ -683,8 +692,8 @@ fn a_new_password_ends_the_administrators_sessions() {
     let mut s = SqliteStore::in_memory().unwrap();
     s.set_admin("ops", "hash-1", 1).unwrap();
     s.set_admin("dev", "hash-2", 1).unwrap();
-    s.create_session(&session(1, "ops", 100)).unwrap();
-    s.create_session(&session(2, "dev", 100)).unwrap();
+    assert!(s.create_session(&session(1, "ops", 100), "hash-1").unwrap());
+    assert!(s.create_session(&session(2, "dev", 100), "hash-2").unwrap());
     assert_eq!(
         s.set_admin("ops", "hash-3", 2).unwrap(),
         AdminSet::PasswordChanged
@@ -700,10 +709,14 @@ fn a_new_password_ends_the_administrators_sessions() {
 fn sessions_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("baton.db");
-    SqliteStore::open(&path)
-        .unwrap()
-        .create_session(&session(1, "ops", 100))
-        .unwrap();
+    let mut first = SqliteStore::open(&path).unwrap();
+    first.set_admin("ops", "hash-1", 1).unwrap();
+    assert!(
+        first
+            .create_session(&session(1, "ops", 100), "hash-1")
+            .unwrap()
+    );
+    drop(first);
     let s = SqliteStore::open(&path).unwrap();
     assert_eq!(s.session(&[1; 32]).unwrap(), Some(session(1, "ops", 100)));
 }
@@ -776,5 +789,5 @@ fn a_version_2_database_with_web_tables_migrates_and_keeps_them() {
     assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
     assert_eq!(s.admin_hash("ops").unwrap().as_deref(), Some("$old"));
     assert_eq!(s.api_token_name(&[7; 32]).unwrap().as_deref(), Some("ci"));
-    s.create_session(&session(1, "ops", 1)).unwrap();
+    assert!(s.create_session(&session(1, "ops", 1), "$old").unwrap());
 }

@@ -27,6 +27,7 @@
 
 pub mod users;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -81,6 +82,8 @@ pub struct Web {
     /// Password verifications (argon2, ~19 MiB each) running at once, at most
     /// [`MAX_CONCURRENT_VERIFICATIONS`].
     verifications: tokio::sync::Semaphore,
+    /// Logins waiting for a verification, at most [`MAX_WAITING_VERIFICATIONS`].
+    waiting_verifications: AtomicUsize,
     /// Password verifications since start (real and for unknown names), for `/metrics`.
     pub password_verifications: std::sync::atomic::AtomicU64,
 }
@@ -88,6 +91,9 @@ pub struct Web {
 /// Password verifications (argon2id, ~19 MiB and tens of ms each) that run at once;
 /// further logins wait their turn.
 pub const MAX_CONCURRENT_VERIFICATIONS: usize = 4;
+/// Logins that wait for a password verification at most; further ones are answered
+/// `503 Service Unavailable` with `Retry-After`.
+pub const MAX_WAITING_VERIFICATIONS: usize = 64;
 
 /// `bytes` random bytes from the OS, in hex (session ids, CSRF tokens, API tokens).
 pub(crate) fn random_hex(bytes: usize) -> String {
@@ -132,6 +138,7 @@ impl Web {
             secure_cookies,
             login_limiter: Mutex::new(LoginLimiter::new(LoginLimits::default())),
             verifications: tokio::sync::Semaphore::new(MAX_CONCURRENT_VERIFICATIONS),
+            waiting_verifications: AtomicUsize::new(0),
             password_verifications: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -146,25 +153,38 @@ impl Web {
         self.login_limiter.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts a session for `admin`; returns the cookie token.
-    pub fn start_session(&self, admin: &str) -> Result<String, StoreError> {
-        self.start_session_at(admin, unix_now())
+    /// Starts a session for `admin`, whose password was verified against
+    /// `password_hash`; returns the cookie token, or `None` when the password changed
+    /// since (the login raced the change).
+    pub fn start_session(
+        &self,
+        admin: &str,
+        password_hash: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.start_session_at(admin, password_hash, unix_now())
     }
 
     /// [`Web::start_session`] at `now` (Unix seconds). Idle sessions end first, and the
     /// least recently used beyond [`MAX_SESSIONS`].
-    fn start_session_at(&self, admin: &str, now: u64) -> Result<String, StoreError> {
+    fn start_session_at(
+        &self,
+        admin: &str,
+        password_hash: &str,
+        now: u64,
+    ) -> Result<Option<String>, StoreError> {
         let token = random_hex(32);
         let mut store = lock(&self.store);
         store.expire_sessions(now.saturating_sub(SESSION_IDLE.as_secs()), MAX_SESSIONS - 1)?;
-        store.create_session(&SessionRecord {
+        let record = SessionRecord {
             id_hash: secret_digest(&token),
             admin: admin.to_string(),
             csrf: random_hex(24),
             created_at: now,
             last_used: now,
-        })?;
-        Ok(token)
+        };
+        Ok(store
+            .create_session(&record, password_hash)?
+            .then_some(token))
     }
 
     /// The live session the request's cookie names (and marks it used).
@@ -273,6 +293,19 @@ fn login_page(web: &Web, status: StatusCode, error: Option<&str>, name: &str) ->
 }
 
 /// The login page answered `429` with `Retry-After` while a login's address or name is locked.
+/// `503` with `Retry-After`: too many logins wait for a password verification.
+fn busy(web: &Web, name: &str) -> Response {
+    let mut resp = login_page(
+        web,
+        StatusCode::SERVICE_UNAVAILABLE,
+        Some("The server is busy. Please try again in a moment."),
+        name,
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+    resp
+}
+
 fn too_many_logins(web: &Web, wait: Duration, name: &str) -> Response {
     let secs = retry_after_secs(wait);
     let mut resp = login_page(
@@ -346,33 +379,49 @@ async fn login(
             return too_many_logins(&web, wait, &name);
         }
     };
-    let Ok(_permit) = web.verifications.acquire().await else {
-        return login_page(&web, StatusCode::SERVICE_UNAVAILABLE, None, &name);
+    let _permit = match web.verifications.try_acquire() {
+        Ok(permit) => permit,
+        Err(_) => {
+            // Wait for a turn, unless too many logins wait already: each costs a
+            // connection and, once its turn comes, ~19 MiB and tens of ms of CPU.
+            let waiting = web.waiting_verifications.fetch_add(1, Ordering::Relaxed);
+            let permit = if waiting < MAX_WAITING_VERIFICATIONS {
+                web.verifications.acquire().await.ok()
+            } else {
+                None
+            };
+            web.waiting_verifications.fetch_sub(1, Ordering::Relaxed);
+            match permit {
+                Some(permit) => permit,
+                None => return busy(&web, &name),
+            }
+        }
     };
-    web.password_verifications
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    web.password_verifications.fetch_add(1, Ordering::Relaxed);
     let store = web.store.clone();
     let lookup = name.clone();
     let password = form.password;
-    let ok = tokio::task::spawn_blocking(move || {
+    // The hash the password matched, if it did.
+    let verified = tokio::task::spawn_blocking(move || {
         // The store is locked for the lookup only, not while argon2 works.
         let hash = lock(&store).admin_hash(&lookup);
         match hash {
-            Ok(Some(hash)) => users::password_matches(&password, &hash),
+            Ok(Some(hash)) => users::password_matches(&password, &hash).then_some(hash),
             Ok(None) => {
                 // Spend the same time as a real check, so names cannot be probed by timing.
                 let _ = users::hash_password(&password);
-                false
+                None
             }
             Err(e) => {
                 tracing::error!("cannot read administrators: {e}");
-                false
+                None
             }
         }
     })
     .await
-    .unwrap_or(false);
-    if !ok {
+    .ok()
+    .flatten();
+    let Some(verified) = verified else {
         tracing::warn!(admin = %name, %client, "failed login");
         if let Some(wait) = caused {
             return too_many_logins(&web, wait, &name);
@@ -383,11 +432,19 @@ async fn login(
             Some("Wrong name or password."),
             &name,
         );
-    }
-    web.login_limiter().succeeded(&keys);
-    tracing::info!(admin = %name, "administrator logged in");
-    let token = match web.start_session(&name) {
-        Ok(token) => token,
+    };
+    web.login_limiter().succeeded(&keys, Instant::now());
+    let token = match web.start_session(&name, &verified) {
+        Ok(Some(token)) => token,
+        Ok(None) => {
+            tracing::warn!(admin = %name, %client, "login refused: the password changed meanwhile");
+            return login_page(
+                &web,
+                StatusCode::UNAUTHORIZED,
+                Some("Wrong name or password."),
+                &name,
+            );
+        }
         Err(e) => {
             tracing::error!(admin = %name, "cannot start a session: {e}");
             return login_page(
@@ -398,6 +455,7 @@ async fn login(
             );
         }
     };
+    tracing::info!(admin = %name, "administrator logged in");
     let mut resp = Redirect::to("/").into_response();
     let h = resp.headers_mut();
     h.append(
@@ -486,6 +544,13 @@ mod test {
         )
     }
 
+    /// A session for `admin` (made an administrator with a stand-in hash) started at `now`.
+    fn signed_in(web: &Web, admin: &str, now: u64) -> String {
+        let hash = format!("hash-of-{admin}");
+        lock(&web.store).set_admin(admin, &hash, 1).unwrap();
+        web.start_session_at(admin, &hash, now).unwrap().unwrap()
+    }
+
     fn with_cookie(token: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(
@@ -498,7 +563,7 @@ mod test {
     #[test]
     fn sessions_start_and_end() {
         let web = web_over(crate::store::SqliteStore::in_memory().unwrap());
-        let token = web.start_session("ops").unwrap();
+        let token = signed_in(&web, "ops", unix_now());
         let h = with_cookie(&token);
         let s = web.session_of(&h).unwrap();
         assert_eq!(s.admin, "ops");
@@ -520,7 +585,7 @@ mod test {
     fn sessions_end_when_idle_and_use_keeps_them() {
         let web = web_over(crate::store::SqliteStore::in_memory().unwrap());
         let idle = SESSION_IDLE.as_secs();
-        let h = with_cookie(&web.start_session_at("ops", 1000).unwrap());
+        let h = with_cookie(&signed_in(&web, "ops", 1000));
         assert!(
             web.session_at(&h, 1000 + idle - 1).is_some(),
             "used just in time"
@@ -537,8 +602,8 @@ mod test {
         // An idle session is gone, not only refused.
         assert_eq!(web.session_at(&h, 1000), None);
         // Starting a session clears idle ones.
-        let old = secret_digest(&web.start_session_at("a", 5000).unwrap());
-        web.start_session_at("b", 5000 + idle).unwrap();
+        let old = secret_digest(&signed_in(&web, "a", 5000));
+        signed_in(&web, "b", 5000 + idle);
         assert_eq!(lock(&web.store).session(&old).unwrap(), None);
     }
 
@@ -547,7 +612,7 @@ mod test {
         let web = web_over(crate::store::SqliteStore::in_memory().unwrap());
         let max = SESSION_MAX_AGE.as_secs();
         let step = SESSION_IDLE.as_secs() / 2;
-        let h = with_cookie(&web.start_session_at("ops", 1000).unwrap());
+        let h = with_cookie(&signed_in(&web, "ops", 1000));
         let mut now = 1000;
         while now + step < 1000 + max {
             now += step;
@@ -565,10 +630,67 @@ mod test {
     fn a_password_change_ends_the_administrators_sessions() {
         let web = web_over(crate::store::SqliteStore::in_memory().unwrap());
         users::set_admin(&mut **lock(&web.store), "ops", "first password", 1).unwrap();
-        let h = with_cookie(&web.start_session_at("ops", 1000).unwrap());
+        let h = with_cookie(&signed_in(&web, "ops", 1000));
         assert!(web.session_at(&h, 1001).is_some());
+        let old_hash = lock(&web.store).admin_hash("ops").unwrap().unwrap();
         users::set_admin(&mut **lock(&web.store), "ops", "second password", 2).unwrap();
         assert_eq!(web.session_at(&h, 1002), None);
+        // A login that verified the old password before the change starts no session.
+        assert_eq!(web.start_session_at("ops", &old_hash, 1003).unwrap(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn logins_beyond_the_waiting_cap_are_told_to_come_back() {
+        use tower::ServiceExt as _;
+        let web = Arc::new(web_over(crate::store::SqliteStore::in_memory().unwrap()));
+        let app = routes(web.clone());
+        let login = |i: usize| {
+            let mut req = axum::http::Request::post("/login")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .header(header::COOKIE, format!("{LOGIN_CSRF_COOKIE}=c1"))
+                .body(axum::body::Body::from(format!(
+                    "name=n{i}&password=wrong&csrf=c1"
+                )))
+                .unwrap();
+            // Each from its own address and name: no back-off lock applies.
+            let client =
+                std::net::SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8], 4000));
+            req.extensions_mut()
+                .insert(ConnectInfo(crate::http::client::ClientAddr(client)));
+            app.clone().oneshot(req)
+        };
+        // Every verification slot taken: logins queue up to the cap.
+        let slots = web
+            .verifications
+            .acquire_many(MAX_CONCURRENT_VERIFICATIONS as u32)
+            .await
+            .unwrap();
+        let mut waiting = tokio::task::JoinSet::new();
+        for i in 0..MAX_WAITING_VERIFICATIONS {
+            waiting.spawn(login(i));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while web.waiting_verifications.load(Ordering::Relaxed) < MAX_WAITING_VERIFICATIONS {
+            assert!(std::time::Instant::now() < deadline, "logins did not queue");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let over = login(MAX_WAITING_VERIFICATIONS).await.unwrap();
+        assert_eq!(over.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(over.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(web.password_verifications.load(Ordering::Relaxed), 0);
+        // Once the slots are free the queued ones are verified (and fail: no such names).
+        drop(slots);
+        let answers = tokio::time::timeout(Duration::from_secs(120), waiting.join_all())
+            .await
+            .expect("queued logins did not finish");
+        assert!(answers.iter().all(|r| {
+            r.as_ref()
+                .is_ok_and(|r| r.status() == StatusCode::UNAUTHORIZED)
+        }));
+        assert_eq!(
+            web.password_verifications.load(Ordering::Relaxed),
+            MAX_WAITING_VERIFICATIONS as u64
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -621,7 +743,7 @@ mod test {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("baton.db");
         let web = web_over(crate::store::SqliteStore::open(&path).unwrap());
-        let h = with_cookie(&web.start_session("ops").unwrap());
+        let h = with_cookie(&signed_in(&web, "ops", unix_now()));
         let csrf = web.session_of(&h).unwrap().csrf;
         drop(web);
         let web = web_over(crate::store::SqliteStore::open(&path).unwrap());
