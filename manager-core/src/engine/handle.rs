@@ -357,21 +357,37 @@ impl Job {
             }
         }
         let mut changed = Vec::new();
-        // No report can claim more than the whole content from one source (a hostile figure
-        // neither overflows the counters nor outweighs every honest one by more than that).
-        let most = self.spec.manifest.length;
+        // What a report claims is counted only up to what its participant verified (plus
+        // the chunks it may have in flight): a hostile figure neither overflows the
+        // counters nor inflates a source's rate beyond the bytes really delivered. A
+        // source's rate is credited only by a fetcher assigned to it.
+        let chunk = u64::from(self.spec.manifest.chunk_size.max(1));
+        let p = &self.parts[idx as usize];
+        let allowed = (u64::from(p.verified) + super::RECEIVED_SLACK_CHUNKS)
+            .saturating_mul(chunk)
+            .min(
+                self.spec
+                    .manifest
+                    .length
+                    .saturating_add(super::RECEIVED_SLACK_CHUNKS * chunk),
+            );
+        let mut left = allowed.saturating_sub(p.credited);
         for r in received {
-            let bytes = r.bytes.min(most);
-            if bytes > 0 {
-                if let Some(&source) = r.from.as_ref().and_then(|id| self.index.get(id))
-                    && source != idx
-                {
-                    self.rates.record(cx.now, source, bytes);
-                    changed.extend(self.verified_from(cx, job_id, idx, source));
-                }
-                let total = self.bytes.entry((idx, r.from.clone())).or_default();
-                *total = total.saturating_add(bytes);
+            let bytes = r.bytes.min(left);
+            if bytes == 0 {
+                continue;
             }
+            left -= bytes;
+            self.parts[idx as usize].credited += bytes;
+            if let Some(&source) = r.from.as_ref().and_then(|id| self.index.get(id))
+                && source != idx
+                && self.parts[idx as usize].standing.assigned(source)
+            {
+                self.rates.record(cx.now, source, bytes);
+                changed.extend(self.verified_from(cx, job_id, idx, source));
+            }
+            let total = self.bytes.entry((idx, r.from.clone())).or_default();
+            *total = total.saturating_add(bytes);
         }
         self.resend_sources(cx, job_id, &changed);
         if self.dirty.is_empty() && self.bytes.is_empty() {

@@ -214,7 +214,14 @@ struct Part {
     throttle: u64,
     /// What it was told to fetch from, and how its `PeerTrouble` reports and those about it stand.
     standing: trouble::Standing,
+    /// Bytes its `Progress` reports claimed received and the engine counted (at most its
+    /// verified chunks plus [`RECEIVED_SLACK_CHUNKS`], in bytes).
+    credited: u64,
 }
+
+/// Chunks a participant may report received beyond those it verified (in flight, or
+/// failed verification): the slack of [`Part::credited`].
+const RECEIVED_SLACK_CHUNKS: u64 = 16;
 
 /// A message to build when it is polled (so large plans do not sit in memory as messages).
 #[derive(Clone, Copy, Debug)]

@@ -113,6 +113,12 @@ impl UploadMeter {
         self.window_start.get_or_insert(now);
     }
 
+    /// Bytes counted for `source` in the open window.
+    #[cfg(test)]
+    pub(super) fn open_bytes(&self, source: u32) -> u64 {
+        self.open.get(source as usize).copied().unwrap_or(0)
+    }
+
     /// When the open window closes, if one is open.
     pub(super) fn window_end(&self) -> Option<Duration> {
         self.window_start.map(|t| t + RATE_WINDOW)

@@ -131,6 +131,7 @@ impl Part {
             segment_known: false,
             throttle: 0,
             standing: Default::default(),
+            credited: 0,
         }
     }
 }

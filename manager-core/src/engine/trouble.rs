@@ -100,7 +100,7 @@ impl Standing {
     }
 
     /// Whether `peer` was named in its latest instruction or is among the recent others.
-    fn assigned(&self, peer: u32) -> bool {
+    pub(super) fn assigned(&self, peer: u32) -> bool {
         self.told.contains(&peer) || self.recent.contains(&peer)
     }
 }

@@ -495,3 +495,47 @@ fn hostile_byte_counts_in_progress_are_bounded() {
     fleet.run(1, 2, 500);
     assert!(fleet.agents.iter().all(FakeAgent::complete));
 }
+
+#[test]
+fn received_bytes_count_only_for_assigned_sources_and_verified_chunks() {
+    let mut fleet = Fleet::with_agents(1, 8);
+    fleet.connect_all();
+    fleet.start(1, 400, Targets::All, Policy::default());
+    let job = fleet.agents[0].job.expect("instructed");
+    let index =
+        |fleet: &Fleet, id: &AgentId| fleet.agents.iter().position(|a| &a.id == id).unwrap() as u32;
+    // Agent 0's sources, and an agent it was never told to fetch from.
+    let assigned: Vec<u32> = (0..400)
+        .filter_map(|c| match fleet.agents[0].source_for(c) {
+            Source::Peer { id, .. } => Some(index(&fleet, &id)),
+            _ => None,
+        })
+        .collect();
+    let source = *assigned.first().expect("agent 0 fetches from a peer");
+    let stranger = (1..8u32)
+        .find(|i| !assigned.contains(i))
+        .expect("8 agents: one is not among agent 0's sources");
+    let claim = |from: u32, verified: u32| Message::Progress {
+        job,
+        verified,
+        received: heapless::Vec::from_slice(&[Received {
+            from: Some(fleet.agents[from as usize].id.clone()),
+            bytes: 1 << 40,
+        }])
+        .unwrap(),
+    };
+    let (to_stranger, to_source) = (claim(stranger, 0), claim(source, 4));
+    fleet.send(0, to_stranger);
+    fleet.send(0, to_source);
+    let rates = &fleet.engine.jobs[&1].rates;
+    assert_eq!(rates.open_bytes(stranger), 0, "not assigned: no credit");
+    // The stranger's claim used up the slack; four verified chunks are all that is left.
+    let most = (4 + crate::engine::RECEIVED_SLACK_CHUNKS) * u64::from(CHUNK);
+    assert!(
+        rates.open_bytes(source) <= most,
+        "{} > {most}",
+        rates.open_bytes(source)
+    );
+    fleet.run(1, 2, 500);
+    assert!(fleet.agents.iter().all(FakeAgent::complete));
+}

@@ -390,8 +390,9 @@ fn a_blind_job_is_planned_again_with_the_uploads_its_fetchers_measure() {
             fleet.send(f, progress);
         }
     };
-    for _ in 0..=rates::MIN_WINDOWS {
-        report(&mut fleet, 1, 4);
+    // Each window's bytes are verified chunks (the engine counts no more than that).
+    for w in 0..=rates::MIN_WINDOWS as u32 {
+        report(&mut fleet, 100 * (w + 1), 4);
         fleet.now += rates::RATE_WINDOW;
         fleet.engine.handle_timeout(fleet.now);
         fleet.drain();
@@ -419,7 +420,7 @@ fn a_blind_job_is_planned_again_with_the_uploads_its_fetchers_measure() {
         .count();
     assert!(resent >= 4, "fetchers learn their new sources ({resent})");
     // Measured rates matching the plan call for nothing more.
-    report(&mut fleet, 2, 2);
+    report(&mut fleet, 600, 2);
     fleet.now += rates::REPLAN_GAP;
     fleet.engine.handle_timeout(fleet.now);
     fleet.drain();
