@@ -20,7 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use baton_agent_core::linux::datadir::{DataDirError, private_file, read_secret};
+use baton_agent_core::linux::datadir::{DataDirError, open_private, read_secret};
 use baton_protocol::identity::Identity;
 use baton_protocol::manifest::{MAX_CONTENT_NAME, Manifest};
 use baton_protocol::merkle::{self, MerkleTree};
@@ -114,11 +114,11 @@ pub fn load_or_create_secret(path: &Path) -> Result<([u8; 32], bool), ContentErr
 
 /// Creates `path` with `contents`, readable and writable by the owner only (fails if it exists).
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), ContentError> {
-    let mut f = private_file()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(io_err(path))?;
+    let mut f = open_private(
+        std::fs::OpenOptions::new().write(true).create_new(true),
+        path,
+    )
+    .map_err(io_err(path))?;
     f.write_all(contents).map_err(io_err(path))?;
     f.sync_all().map_err(io_err(path))
 }

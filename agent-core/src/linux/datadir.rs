@@ -14,12 +14,18 @@
 //!   it (the agent's content slots, the manager's uploads), without a lock.
 //! - [`read_secret`] reads a key or token file and refuses one that group or
 //!   others may read or write, with the `chmod 600` that fixes it.
-//! - Files holding secrets or content are created with [`PRIVATE_FILE_MODE`];
-//!   [`tighten`] takes group and other permissions off one that exists.
+//! - Files holding secrets or content are opened with [`open_private`]: created
+//!   with [`PRIVATE_FILE_MODE`], never through a symbolic link (`O_NOFOLLOW`),
+//!   refused unless a regular file with a single link (a hard link planted to a
+//!   file elsewhere is not written through), and made private on the open file
+//!   if an older one was not (`fchmod`, no path race). [`tighten`] takes group and
+//!   other permissions off a path that exists and leaves symbolic links alone.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, Read as _, Write as _};
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{
+    DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
 use std::path::{Path, PathBuf};
 
 /// Mode of the directories Baton creates: owner only.
@@ -109,13 +115,17 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DataDirError + '_ {
 }
 
 /// Takes group and other permissions off `path` if it has any, logging a warning; a path
-/// that does not exist is left alone. Returns whether it changed anything.
+/// that does not exist, or is a symbolic link (its target is not ours to change), is left
+/// alone. Returns whether it changed anything.
 pub fn tighten(path: &Path) -> Result<bool, DataDirError> {
-    let meta = match std::fs::metadata(path) {
+    let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(io_err(path)(e)),
     };
+    if meta.file_type().is_symlink() {
+        return Ok(false);
+    }
     let mode = meta.permissions().mode() & 0o7777;
     if meta.is_dir() && mode & STICKY != 0 {
         return Err(DataDirError::Shared {
@@ -145,7 +155,10 @@ pub fn tighten(path: &Path) -> Result<bool, DataDirError> {
 /// and other permissions off an existing one ([`tighten`]).
 pub fn ensure_private_dir(path: &Path) -> Result<(), DataDirError> {
     match std::fs::metadata(path) {
-        Ok(m) if m.is_dir() => tighten(path).map(drop),
+        // A data directory given as a symbolic link is the directory it names.
+        Ok(m) if m.is_dir() => {
+            tighten(&std::fs::canonicalize(path).map_err(io_err(path))?).map(drop)
+        }
         Ok(_) => Err(DataDirError::Io {
             path: path.to_path_buf(),
             source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
@@ -179,12 +192,49 @@ pub fn read_secret(path: &Path) -> Result<Option<String>, DataDirError> {
     Ok(Some(text))
 }
 
-/// Options that create a file with [`PRIVATE_FILE_MODE`] (the mode applies only when the
-/// file is created).
-pub fn private_file() -> OpenOptions {
-    let mut o = OpenOptions::new();
-    o.mode(PRIVATE_FILE_MODE);
-    o
+/// Opens `path` with `options` the way files holding secrets or content are opened: created
+/// with [`PRIVATE_FILE_MODE`], never through a symbolic link, refused unless it is a regular
+/// file with one link, and made private (on the open file) if group or others had access.
+pub fn open_private(options: &OpenOptions, path: &Path) -> io::Result<File> {
+    let mut options = options.clone();
+    options
+        .mode(PRIVATE_FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW);
+    let file = options.open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "is a symbolic link; baton does not write through links in its data directory",
+            )
+        } else {
+            e
+        }
+    })?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.nlink() > 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "has {} hard links; baton writes only files of its own (remove the extra links)",
+                meta.nlink()
+            ),
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & GROUP_OTHER != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(mode & !GROUP_OTHER))?;
+        tracing::warn!(
+            "{} was open to group or others (mode {mode:03o}); made it private",
+            path.display()
+        );
+    }
+    Ok(file)
 }
 
 /// A data directory this process holds: private, and locked until dropped.
@@ -201,13 +251,15 @@ impl DataDir {
     pub fn open(path: &Path) -> Result<DataDir, DataDirError> {
         ensure_private_dir(path)?;
         let lock_path = path.join(LOCK_FILE);
-        let mut lock = private_file()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
+        let mut lock = open_private(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false),
+            &lock_path,
+        )
+        .map_err(io_err(&lock_path))?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
@@ -261,6 +313,55 @@ mod test {
     }
 
     #[test]
+    fn planted_links_are_not_written_through() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        std::fs::create_dir(&dir).unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        chmod(&victim, 0o644);
+        // A symbolic link where the lock goes: refused, the target untouched.
+        std::os::unix::fs::symlink(&victim, dir.join(LOCK_FILE)).unwrap();
+        let err = DataDir::open(&dir).unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        std::fs::remove_file(dir.join(LOCK_FILE)).unwrap();
+        // A hard link: refused too.
+        std::fs::hard_link(&victim, dir.join(LOCK_FILE)).unwrap();
+        let err = DataDir::open(&dir).unwrap_err().to_string();
+        assert!(err.contains("hard links"), "{err}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(mode(&victim), 0o644);
+        // tighten leaves a link alone: its target is not ours.
+        let link = dir.join("db-wal");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        assert!(!tighten(&link).unwrap());
+        assert_eq!(mode(&victim), 0o644);
+    }
+
+    #[test]
+    fn a_loose_file_reopened_is_made_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("identity.tmp");
+        std::fs::write(&path, "old").unwrap();
+        chmod(&path, 0o644);
+        let f = open_private(OpenOptions::new().write(true).truncate(true), &path).unwrap();
+        assert_eq!(f.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    #[test]
+    fn a_data_directory_given_as_a_link_is_the_directory_it_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        chmod(&real, 0o755);
+        let link = tmp.path().join("data");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let _d = DataDir::open(&link).unwrap();
+        assert_eq!(mode(&real), 0o700);
+    }
+
+    #[test]
     fn an_open_data_directory_is_tightened() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("data");
@@ -303,11 +404,7 @@ mod test {
         let tmp = tempfile::tempdir().unwrap();
         let key = tmp.path().join("identity.key");
         assert!(read_secret(&key).unwrap().is_none());
-        let mut f = private_file()
-            .write(true)
-            .create_new(true)
-            .open(&key)
-            .unwrap();
+        let mut f = open_private(OpenOptions::new().write(true).create_new(true), &key).unwrap();
         f.write_all(b"secret\n").unwrap();
         assert_eq!(mode(&key), 0o600);
         assert_eq!(read_secret(&key).unwrap().as_deref(), Some("secret\n"));

@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use super::meter::LinkMeter;
 
 use super::args::AgentArgs;
-use super::datadir::{DataDir, DataDirError, ensure_private_dir, private_file, read_secret};
+use super::datadir::{DataDir, DataDirError, ensure_private_dir, open_private, read_secret};
 use super::discovery::DiscoverySockets;
 use super::link::{self, Limits, Link, LinkError};
 use super::rate::RateLimiter;
@@ -97,8 +97,15 @@ fn config_err(s: impl Into<String>) -> AgentRunError {
 pub const IDENTITY_FILE: &str = "identity.key";
 
 /// Loads `<data-dir>/identity.key` (hex seed), creating it (mode 0600) on first run; a key
-/// file group or others may read or write is refused.
+/// file group or others may read or write is refused. Only the holder of the data
+/// directory's lock may call it (two creators would race).
 pub fn load_or_create_identity(data_dir: &Path) -> Result<Identity, AgentRunError> {
+    load_identity(data_dir, true).map(|id| id.expect("created when absent"))
+}
+
+/// Loads `<data-dir>/identity.key`, creating it when absent if `create`; `None` if it is
+/// absent and not created.
+fn load_identity(data_dir: &Path, create: bool) -> Result<Option<Identity>, AgentRunError> {
     let path = data_dir.join(IDENTITY_FILE);
     let io = |source| AgentRunError::Identity {
         path: path.clone(),
@@ -115,8 +122,9 @@ pub fn load_or_create_identity(data_dir: &Path) -> Result<Identity, AgentRunErro
                         "not a 64-digit hex seed",
                     ))
                 })?;
-            Ok(Identity::from_seed(seed))
+            Ok(Some(Identity::from_seed(seed)))
         }
+        None if !create => Ok(None),
         None => {
             ensure_private_dir(data_dir)?;
             let mut seed = [0u8; 32];
@@ -124,17 +132,19 @@ pub fn load_or_create_identity(data_dir: &Path) -> Result<Identity, AgentRunErro
             let tmp = path.with_extension("tmp");
             {
                 use std::io::Write as _;
-                let mut f = private_file()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&tmp)
-                    .map_err(io)?;
+                let mut f = open_private(
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true),
+                    &tmp,
+                )
+                .map_err(io)?;
                 writeln!(f, "{}", hex::encode(seed)).map_err(io)?;
                 f.sync_all().map_err(io)?;
             }
             std::fs::rename(&tmp, &path).map_err(io)?;
-            Ok(Identity::from_seed(seed))
+            Ok(Some(Identity::from_seed(seed)))
         }
     }
 }
@@ -656,12 +666,14 @@ fn state_name(s: JobState) -> std::borrow::Cow<'static, str> {
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     let tmp = path.with_extension("tmp");
-    private_file()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)?
-        .write_all(text.as_bytes())?;
+    open_private(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true),
+        &tmp,
+    )?
+    .write_all(text.as_bytes())?;
     std::fs::rename(&tmp, path)
 }
 
@@ -717,7 +729,17 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         Err(DataDirError::InUse { .. }) if args.print_key => None,
         Err(e) => return Err(e.into()),
     };
-    let identity = load_or_create_identity(&data_dir)?;
+    let identity = if _data_dir.is_some() {
+        load_or_create_identity(&data_dir)?
+    } else {
+        // The running agent creates the key; reading only, never racing it.
+        load_identity(&data_dir, false)?.ok_or_else(|| {
+            config_err(format!(
+                "the agent running on {} has not written its key yet; try again in a moment",
+                data_dir.display()
+            ))
+        })?
+    };
     if args.print_key {
         println!("{}", hex::encode(identity.public().0));
         return Ok(());

@@ -70,12 +70,14 @@ impl FileFlash {
     /// Creates (or truncates) `path` as an erased flash of `capacity` bytes (a sparse file,
     /// mode 0600 when created).
     pub fn create(path: &Path, capacity: usize) -> io::Result<Self> {
-        let file = super::datadir::private_file()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
+        let file = super::datadir::open_private(
+            File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true),
+            path,
+        )?;
         file.set_len(capacity as u64)?;
         Ok(FileFlash { file, capacity })
     }

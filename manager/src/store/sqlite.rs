@@ -82,11 +82,13 @@ impl SqliteStore {
 /// its `-wal` and `-shm` files with the same mode), and takes group and other permissions
 /// off the file and its companions if an older build left them open.
 fn make_private(path: &Path) -> Result<()> {
-    let created = datadir::private_file()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path);
+    let created = datadir::open_private(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false),
+        path,
+    );
     if let Err(source) = created {
         return Err(StoreError::File(DataDirError::Io {
             path: path.to_path_buf(),
