@@ -783,3 +783,151 @@ fn silent_and_idle_http_connections_are_closed() {
         metrics.body
     );
 }
+
+/// Opens `count` connections to `addr` from `from` that each hold on slowly: a third
+/// trickle request headers, a third trickle a login body after announcing 100 kB, a third
+/// send nothing. Returns how many were still open `hold` after the last one connected
+/// (the rest were closed by the server: its per-address cap, or its timeouts).
+async fn slow_clients(
+    addr: std::net::SocketAddr,
+    from: std::net::IpAddr,
+    count: usize,
+    hold: Duration,
+) -> usize {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::new(from, 0)).unwrap();
+        let Ok(Ok(stream)) =
+            tokio::time::timeout(Duration::from_secs(2), socket.connect(addr)).await
+        else {
+            continue; // left in the backlog: not holding anything either
+        };
+        let open = open.clone();
+        tasks.spawn(async move {
+            let (mut read, mut write) = stream.into_split();
+            open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let trickle = async move {
+                let (head, body): (&[u8], &[u8]) = match i % 3 {
+                    0 => (b"", b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: yes\r\n"),
+                    1 => (
+                        b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100000\r\n\r\n",
+                        b"name=ops&password=",
+                    ),
+                    _ => (b"", b""),
+                };
+                write.write_all(head).await?;
+                for byte in body.iter().cycle().take(60) {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    write.write_all(&[*byte]).await?;
+                }
+                std::future::pending::<std::io::Result<()>>().await
+            };
+            let closed = async move {
+                let mut buf = [0u8; 1024];
+                while read.read(&mut buf).await.unwrap_or(0) > 0 {}
+            };
+            tokio::select! {
+                _ = trickle => {}
+                _ = closed => {}
+            }
+            open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+    tokio::time::sleep(hold).await;
+    open.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[test]
+fn slow_clients_do_not_keep_an_administrator_out() {
+    // 600 slow clients from one address: more than the default cap of 512 connections.
+    let m = Manager::start_args(BATON, &[]);
+    add_admin(&m, "ops", "correct-horse-battery");
+    let http_addr: std::net::SocketAddr = m.info.http_addr.parse().expect("http address");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let attacker: std::net::IpAddr = [127, 0, 0, 2].into();
+    let flood = rt.spawn(slow_clients(
+        http_addr,
+        attacker,
+        600,
+        Duration::from_secs(3),
+    ));
+    // Let the flood connect, then sign in from another address while it holds on.
+    std::thread::sleep(Duration::from_secs(2));
+    let ss = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ss -tn state established '( sport = :{} )' | wc -l",
+            http_addr.port()
+        ))
+        .output()
+        .unwrap();
+    eprintln!("established: {}", String::from_utf8_lossy(&ss.stdout));
+    let start = Instant::now();
+    let (_, _) = login(&m, "ops", "correct-horse-battery");
+    let took = start.elapsed();
+    let held = rt.block_on(flood).unwrap();
+    eprintln!(
+        "600 slow clients from {attacker}: {held} held open; administrator signed in in {took:?}"
+    );
+    assert!(took < Duration::from_secs(2), "sign-in took {took:?}");
+    assert!(
+        held <= 64,
+        "{held} slow connections from one address held open (per-address cap 64)"
+    );
+    rt.shutdown_background();
+}
+
+#[test]
+fn parallel_wrong_logins_verify_a_bounded_number_of_passwords() {
+    let m = Manager::start_args(BATON, &[]);
+    add_admin(&m, "ops", "correct-horse-battery");
+    let page = get(&m, "/", &[]);
+    let form_csrf = page.cookie("baton_login_csrf").expect("login CSRF cookie");
+    let cookie = format!("baton_login_csrf={form_csrf}");
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let tries: Vec<_> = (0..200)
+            .map(|i| {
+                let (m, cookie, form_csrf) = (&m, &cookie, &form_csrf);
+                s.spawn(move || {
+                    let name = if i % 2 == 0 { "ops" } else { "nobody" };
+                    let body = format!("name={name}&password=wrong-{i}&csrf={form_csrf}");
+                    request(
+                        m,
+                        "POST",
+                        "/login",
+                        &[("cookie", cookie)],
+                        Some(("application/x-www-form-urlencoded", body)),
+                    )
+                    .status
+                })
+            })
+            .collect();
+        tries.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert!(
+        statuses.iter().all(|s| [401, 429, 503].contains(s)),
+        "{statuses:?}"
+    );
+    let auth = format!("Bearer {}", m.info.admin_token);
+    let metrics = get(&m, "/metrics", &[("authorization", &auth)]);
+    let verified: u64 = metrics
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("baton_password_verifications_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the verification counter");
+    // At most the verifications running at once plus the address's free failures.
+    let bound = 4 + 10;
+    eprintln!(
+        "200 parallel wrong logins: {verified} password verifications (bound {bound}); answers {:?}",
+        [401, 429, 503].map(|c| (c, statuses.iter().filter(|&&s| s == c).count()))
+    );
+    assert!((1..=bound).contains(&verified), "{verified} verifications");
+}

@@ -323,15 +323,13 @@ impl Engine {
                 let to = p.id.clone();
                 let ranges = job.source_ranges(&self.agents, part);
                 // What it is told is what its `PeerTrouble` reports may name.
-                let mut told: Vec<u32> = Vec::new();
-                for r in &ranges {
-                    if let Source::Peer { id, .. } = &r.source
-                        && let Some(&q) = job.index.get(id)
-                        && !told.contains(&q)
-                    {
-                        told.push(q);
-                    }
-                }
+                let told: Vec<(u32, u32, u32)> = ranges
+                    .iter()
+                    .filter_map(|r| match &r.source {
+                        Source::Peer { id, .. } => Some((*job.index.get(id)?, r.first, r.end)),
+                        Source::Manager => None,
+                    })
+                    .collect();
                 job.parts[part as usize].standing.told(told);
                 let jr = JobRef { id: job_id, epoch };
                 let mut rest = ranges.as_slice();

@@ -23,9 +23,11 @@
 //!    observation). `Refused`: never (the reporter's ban only). The manager cannot
 //!    check a chunk itself: the protocol carries no chunk back to it.
 //! 4. **A reporter whose accusation is contradicted is demoted.** It is
-//!    contradicted when another fetcher assigned to the accused peer (itself not
-//!    demoted nor an accuser) reports verified bytes from that peer after the
-//!    accusation, while the peer is not retired on evidence; a reporter that
+//!    contradicted when another fetcher (itself not demoted nor an accuser) whose
+//!    latest instruction has it fetch the accused chunk from the accused peer
+//!    reports verified bytes from that peer after the accusation, while the peer
+//!    is not retired on evidence (bytes of other chunks say nothing about that
+//!    one, so they contradict nothing); a reporter that
 //!    accuses more than [`MAX_ACCUSED`] distinct peers in a job is demoted too.
 //!    A demoted participant no longer serves anyone in the job (retired as a
 //!    source: a liar is not trusted to relay), its later accusations count for
@@ -68,6 +70,8 @@ pub(super) const RECENT_PEERS: usize = 16;
 pub(super) struct Standing {
     /// Peers named as its sources in its latest instruction.
     told: Vec<u32>,
+    /// The chunk ranges of its latest instruction, per peer: `(peer, first, end)`.
+    told_ranges: Vec<(u32, u32, u32)>,
     /// Peers named in earlier instructions and not in the latest, oldest first (at most
     /// `RECENT_PEERS`): it may still have been fetching from them when it reported.
     recent: Vec<u32>,
@@ -75,8 +79,9 @@ pub(super) struct Standing {
     pub(super) unfounded: u32,
     /// Distinct peers it accused of bad chunks (at most `MAX_ACCUSED + 1`).
     accused: Vec<u32>,
-    /// Distinct participants that accused it of a bad chunk (at most `EVIDENCE`).
-    accusers: Vec<u32>,
+    /// Distinct participants that accused it of a bad chunk, with the chunk each named
+    /// (at most `EVIDENCE`).
+    accusers: Vec<(u32, u32)>,
     /// Its reports no longer count and it serves nobody in this job.
     pub(super) demoted: bool,
     /// Retired for everyone on the evidence of `EVIDENCE` reporters.
@@ -84,8 +89,16 @@ pub(super) struct Standing {
 }
 
 impl Standing {
-    /// It was just told to fetch from `peers` (the peers of one `Fetch`/`Sources` list).
-    pub(super) fn told(&mut self, peers: Vec<u32>) {
+    /// It was just told to fetch chunks `first..end` from `peer` for each `(peer, first,
+    /// end)` of `ranges` (the peer ranges of one `Fetch`/`Sources` list).
+    pub(super) fn told(&mut self, ranges: Vec<(u32, u32, u32)>) {
+        let mut peers: Vec<u32> = Vec::new();
+        for &(peer, _, _) in &ranges {
+            if !peers.contains(&peer) {
+                peers.push(peer);
+            }
+        }
+        self.told_ranges = ranges;
         let old = std::mem::replace(&mut self.told, peers);
         self.recent.retain(|p| !self.told.contains(p));
         for p in old {
@@ -102,6 +115,13 @@ impl Standing {
     /// Whether `peer` was named in its latest instruction or is among the recent others.
     pub(super) fn assigned(&self, peer: u32) -> bool {
         self.told.contains(&peer) || self.recent.contains(&peer)
+    }
+
+    /// Whether its latest instruction has it fetch chunk `index` from `peer`.
+    fn fetches_from(&self, peer: u32, index: u32) -> bool {
+        self.told_ranges
+            .iter()
+            .any(|&(p, first, end)| p == peer && (first..end).contains(&index))
     }
 }
 
@@ -145,7 +165,9 @@ impl Job {
             changed.push(idx);
         }
         match trouble {
-            Trouble::BadChunk { .. } => changed.extend(self.accuse(cx, job_id, idx, peer)),
+            Trouble::BadChunk { index } => {
+                changed.extend(self.accuse(cx, job_id, idx, peer, index))
+            }
             // A peer still connected to the manager that one fetcher cannot reach is a path
             // or a queue on the way (handshakes and ARP time out behind seconds of queue on a
             // saturated link), not a dead peer: the ban above routes this fetcher around it.
@@ -159,9 +181,17 @@ impl Job {
         self.resend_sources(cx, job_id, &changed);
     }
 
-    /// `idx` (assigned to `peer`) accused it of a bad chunk; returns the fetchers whose
-    /// sources changed (the peer's, once the evidence is in; the reporter's, if it is demoted).
-    fn accuse(&mut self, cx: &mut Ctx<'_>, job_id: u64, idx: u32, peer: u32) -> Vec<u32> {
+    /// `idx` (assigned to `peer`) accused it of a bad chunk `index`; returns the fetchers
+    /// whose sources changed (the peer's, once the evidence is in; the reporter's, if it is
+    /// demoted).
+    fn accuse(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        job_id: u64,
+        idx: u32,
+        peer: u32,
+        index: u32,
+    ) -> Vec<u32> {
         let (reporter, accused) = (&self.parts[idx as usize], &self.parts[peer as usize]);
         if reporter.standing.demoted || accused.standing.condemned {
             debug!(
@@ -181,8 +211,8 @@ impl Job {
             return self.demote(cx, job_id, idx, Demotion::TooMany);
         }
         let accusers = &mut self.parts[peer as usize].standing.accusers;
-        if !accusers.contains(&idx) {
-            accusers.push(idx);
+        if !accusers.iter().any(|&(a, _)| a == idx) {
+            accusers.push((idx, index));
         }
         if accusers.len() < EVIDENCE {
             return Vec::new();
@@ -194,9 +224,9 @@ impl Job {
         plan.retire(peer, true)
     }
 
-    /// `idx` reported verified bytes from `source`: an accusation of `source` that is
-    /// still open is contradicted, and its makers are demoted. Returns the fetchers whose
-    /// sources changed.
+    /// `idx` reported verified bytes from `source`: an open accusation of `source` about a
+    /// chunk `idx` was told to fetch from it is contradicted, and its maker is demoted.
+    /// Returns the fetchers whose sources changed.
     pub(super) fn verified_from(
         &mut self,
         cx: &mut Ctx<'_>,
@@ -209,12 +239,16 @@ impl Job {
             return Vec::new();
         }
         let witness = &self.parts[idx as usize].standing;
-        if witness.demoted || !witness.assigned(source) || accused.accusers.contains(&idx) {
+        if witness.demoted
+            || !witness.assigned(source)
+            || accused.accusers.iter().any(|&(a, _)| a == idx)
+        {
             return Vec::new();
         }
         let mut changed = Vec::new();
-        for a in accused.accusers.clone() {
-            if !self.parts[a as usize].standing.demoted {
+        for (a, index) in accused.accusers.clone() {
+            let witness = &self.parts[idx as usize].standing;
+            if witness.fetches_from(source, index) && !self.parts[a as usize].standing.demoted {
                 let why = Demotion::Contradicted {
                     peer: source,
                     by: idx,
@@ -257,21 +291,35 @@ mod test {
     fn a_reporter_is_assigned_to_its_latest_and_recent_peers_only() {
         let mut s = Standing::default();
         assert!(!s.assigned(0));
-        s.told(vec![0, 1]);
-        s.told(vec![1, 2]);
+        let peers = |ps: &[u32]| ps.iter().map(|&p| (p, 0, 1)).collect::<Vec<_>>();
+        s.told(peers(&[0, 1]));
+        s.told(peers(&[1, 2]));
         // 0 left the list but is recent; 1 and 2 are current.
         assert!(s.assigned(0) && s.assigned(1) && s.assigned(2));
         for p in 3..3 + RECENT_PEERS as u32 {
-            s.told(vec![p]);
+            s.told(peers(&[p]));
         }
         // Each list pushed the previous one into the recent peers: 0 and 1, the oldest, are gone.
         assert!(!s.assigned(0) && !s.assigned(1));
         assert!(s.assigned(2 + RECENT_PEERS as u32));
         assert_eq!(s.recent.len(), RECENT_PEERS);
         // A peer named again is current, and listed once.
-        s.told(vec![5]);
-        s.told(vec![6]);
+        s.told(peers(&[5]));
+        s.told(peers(&[6]));
         assert_eq!(s.recent.iter().filter(|&&p| p == 5).count(), 1);
         assert!(s.recent.len() <= RECENT_PEERS);
+    }
+
+    #[test]
+    fn a_witness_speaks_only_for_the_chunks_it_fetches_from_the_peer() {
+        let mut s = Standing::default();
+        s.told(vec![(3, 0, 10), (4, 10, 20), (3, 30, 40)]);
+        assert!(s.fetches_from(3, 0) && s.fetches_from(3, 9) && s.fetches_from(3, 35));
+        assert!(!s.fetches_from(3, 10) && !s.fetches_from(3, 20) && !s.fetches_from(4, 5));
+        assert!(s.assigned(3) && s.assigned(4));
+        // A new instruction replaces the ranges; the old peer stays assigned (recent).
+        s.told(vec![(4, 0, 40)]);
+        assert!(!s.fetches_from(3, 0) && s.fetches_from(4, 0));
+        assert!(s.assigned(3));
     }
 }

@@ -39,14 +39,19 @@ fn participant(fleet: &Fleet, name: &AgentId) -> ParticipantStatus {
         .unwrap()
 }
 
+/// `from` reports a bad chunk from `peer`: the first chunk it was told to fetch from it
+/// (chunk 0 if none).
 fn bad_chunk(fleet: &mut Fleet, from: usize, peer: &AgentId) {
     let job = fleet.agents[from].job.unwrap();
+    let index = (0..48)
+        .find(|&c| matches!(fleet.agents[from].source_for(c), Source::Peer { ref id, .. } if id == peer))
+        .unwrap_or(0);
     fleet.send(
         from,
         Message::PeerTrouble {
             job,
             peer: peer.clone(),
-            trouble: Trouble::BadChunk { index: 0 },
+            trouble: Trouble::BadChunk { index },
         },
     );
 }
