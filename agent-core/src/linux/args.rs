@@ -98,6 +98,16 @@ pub struct AgentArgs {
     /// (default 3000); a silent leader is replaced within this plus one beacon interval.
     #[arg(long, value_name = "MS")]
     pub leader_timeout_ms: Option<u64>,
+    /// Most peer handshakes in progress on the listener at once (default 128); more
+    /// connections are closed at once.
+    #[arg(long, value_name = "N")]
+    pub max_handshakes: Option<usize>,
+    /// Most peer handshakes in progress at once from one address, IPv6: one /64 (default 16).
+    #[arg(long, value_name = "N")]
+    pub max_handshakes_per_address: Option<usize>,
+    /// Seconds a peer connection has to finish its handshake (default 5).
+    #[arg(long, value_name = "SECS")]
+    pub handshake_timeout: Option<u64>,
 }
 
 /// Accepts a size as a TOML string ("10MiB") or integer (65536).
@@ -144,6 +154,12 @@ impl AgentArgs {
         or(&mut self.discovery_broadcast, file.discovery_broadcast);
         or(&mut self.beacon_interval_ms, file.beacon_interval_ms);
         or(&mut self.leader_timeout_ms, file.leader_timeout_ms);
+        or(&mut self.max_handshakes, file.max_handshakes);
+        or(
+            &mut self.max_handshakes_per_address,
+            file.max_handshakes_per_address,
+        );
+        or(&mut self.handshake_timeout, file.handshake_timeout);
         if self.label.is_empty() {
             self.label = file.label;
         }
