@@ -128,12 +128,18 @@ impl AgentPort {
                 }
                 x
             }
+            // Anyone can fail a handshake or be refused, as often as the caps let
+            // them: one warning per few seconds for each, the rest at debug level.
             Err(LinkError::Refused(why)) => {
-                tracing::warn!(%addr, "agent refused: {why}");
+                match self.admission.handshake_refused() {
+                    Some(unlogged) => tracing::warn!(
+                        %addr,
+                        "agent refused: {why} ({unlogged} more refused since the last such line)"
+                    ),
+                    None => tracing::debug!(%addr, "agent refused: {why}"),
+                }
                 return;
             }
-            // Anyone can fail a handshake, as often as the caps let them: one warning
-            // per few seconds, the rest at debug level.
             Err(e) => {
                 match self.admission.handshake_failed() {
                     Some(unlogged) => tracing::warn!(

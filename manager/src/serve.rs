@@ -285,14 +285,20 @@ async fn resume_job(
     Ok(())
 }
 
+/// Descriptors the manager keeps out of the agent port's connection cap:
+/// [`admission::DESCRIPTOR_RESERVE`] plus one per HTTP connection
+/// (`--max-http-connections`) and per serial port.
+pub fn descriptor_reserve(opts: &ServeOptions) -> u64 {
+    admission::DESCRIPTOR_RESERVE
+        + opts.http_limits.max_connections as u64
+        + opts.serial.len() as u64
+}
+
 /// The agent port's caps for a process allowed `descriptors` descriptors: at
 /// most `opts.max_connections` connections, and fewer if the descriptor limit
-/// less the reserve says so. The reserve is [`admission::DESCRIPTOR_RESERVE`]
-/// plus one per HTTP connection (`--max-http-connections`) and per serial port.
+/// less [`descriptor_reserve`] says so.
 pub fn agent_port_limits(opts: &ServeOptions, descriptors: u64) -> AdmissionLimits {
-    let reserve = admission::DESCRIPTOR_RESERVE
-        + opts.http_limits.max_connections as u64
-        + opts.serial.len() as u64;
+    let reserve = descriptor_reserve(opts);
     AdmissionLimits {
         max_connections: opts
             .max_connections
@@ -402,8 +408,9 @@ pub async fn serve(
         max_handshakes = agent_port_caps.max_handshakes,
         max_handshakes_per_address = agent_port_caps.max_handshakes_per_address,
         handshake_timeout = ?agent_port_caps.handshake_timeout,
-        "agent port caps (connections: the descriptor limit {} less the reserve, at most --max-connections)",
-        descriptors.soft
+        "agent port caps (connections: the descriptor limit {} less {} reserved, at most --max-connections)",
+        descriptors.soft,
+        descriptor_reserve(&opts)
     );
     let (engine_tx, engine_rx) = mpsc::unbounded_channel();
     let manager = Arc::new(Manager {
@@ -521,6 +528,32 @@ mod test {
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             ..ServeOptions::new(data_dir.to_path_buf())
         }
+    }
+
+    /// The agent port leaves descriptors for the HTTP connections, the serial
+    /// ports and the rest, and at least half its places to authenticated agents.
+    #[test]
+    fn the_agent_port_keeps_descriptors_in_reserve() {
+        let mut opts = options(Path::new("unused"));
+        opts.serial = vec![PathBuf::from("/dev/ttyUSB0")];
+        assert_eq!(descriptor_reserve(&opts), 256 + 512 + 1);
+        let roomy = agent_port_limits(&opts, 50_000);
+        assert_eq!(roomy.max_connections, 50_000 - 769);
+        assert_eq!(
+            roomy.max_handshakes,
+            crate::agent_port::DEFAULT_MAX_HANDSHAKES
+        );
+        // The common default of 1024 descriptors: a quarter of them, half of that for handshakes.
+        let tight = agent_port_limits(&opts, 1024);
+        assert_eq!(tight.max_connections, 256);
+        assert_eq!(tight.max_handshakes, 128);
+        assert_eq!(tight.max_handshakes_per_address, 64);
+        opts.max_connections = 50;
+        assert_eq!(
+            agent_port_limits(&opts, 1 << 20).max_connections,
+            50,
+            "--max-connections"
+        );
     }
 
     fn mode(path: &Path) -> u32 {

@@ -22,9 +22,9 @@
 //! opens: [`connection_cap`] is the descriptor limit less a reserve
 //! ([`DESCRIPTOR_RESERVE`], and the manager adds its HTTP connections).
 //! [`raise_descriptor_limit`] lifts the soft descriptor limit to the hard one
-//! at start. With the handshake caps below the connection cap, the places left
-//! between them are for authenticated connections, which no flood of
-//! unauthenticated ones can take.
+//! at start. The handshakes in progress are at most half the connection cap
+//! ([`AdmissionLimits::checked`]): the places left are for authenticated
+//! connections, which no flood of unauthenticated ones can take.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -61,12 +61,13 @@ pub struct AdmissionLimits {
 }
 
 impl AdmissionLimits {
-    /// These limits made consistent: every cap at least 1, the handshake caps
-    /// at most the connection cap, the per-address cap at most the global one,
-    /// the timeout at least 100 ms.
+    /// These limits made consistent: every cap at least 1, the handshakes in
+    /// progress at most half the connection cap (the other half at least is
+    /// left to authenticated connections), the per-address cap at most the
+    /// global one, the timeout at least 100 ms.
     pub fn checked(self) -> AdmissionLimits {
         let max_connections = self.max_connections.max(1);
-        let max_handshakes = self.max_handshakes.clamp(1, max_connections);
+        let max_handshakes = self.max_handshakes.clamp(1, (max_connections / 2).max(1));
         AdmissionLimits {
             max_connections,
             max_handshakes,
@@ -190,9 +191,10 @@ struct Counts {
     connections: usize,
     handshakes: usize,
     per_source: HashMap<SourceKey, usize>,
-    /// Per cap (see [`Refused::cause`]), for accept errors and for failed
-    /// handshakes: when its line was last written, and the events not written since.
-    log: [LogState; 5],
+    /// Per cap (see [`Refused::cause`]), for accept errors, failed handshakes
+    /// and refused ones: when its line was last written, and the events not
+    /// written since.
+    log: [LogState; 6],
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -221,6 +223,8 @@ impl LogState {
 const ACCEPT_ERROR: usize = 3;
 /// The log limiter's slot for failed handshakes.
 const HANDSHAKE_FAILED: usize = 4;
+/// The log limiter's slot for handshakes whose peer was refused.
+const HANDSHAKE_REFUSED: usize = 5;
 
 impl Admission {
     /// Admission for the listener `name` (it names the listener in log lines).
@@ -326,6 +330,13 @@ impl Admission {
     /// many failures went unwritten since the last.
     pub fn handshake_failed(&self) -> Option<u64> {
         self.lock().log[HANDSHAKE_FAILED].due(Instant::now())
+    }
+
+    /// Counts a handshake that succeeded but whose peer was refused (not
+    /// enrolled, no valid certificate); returns whether its warning is due, as
+    /// [`Admission::handshake_failed`] does.
+    pub fn handshake_refused(&self) -> Option<u64> {
+        self.lock().log[HANDSHAKE_REFUSED].due(Instant::now())
     }
 
     fn release(&self, source: SourceKey, handshaking: bool, connection: bool) {
@@ -515,7 +526,7 @@ mod tests {
 
     #[test]
     fn an_authenticated_connection_leaves_the_handshake_caps_but_not_the_connection_cap() {
-        let a = Admission::new("test", limits(3, 2, 1));
+        let a = Admission::new("test", limits(4, 2, 1));
         let mut first = a.admit(ip("10.0.0.1")).unwrap();
         assert!(a.admit(ip("10.0.0.1")).is_err());
         first.authenticated();
@@ -526,13 +537,26 @@ mod tests {
             .expect("the address may handshake again");
         second.authenticated();
         let _third = a.admit(ip("10.0.0.1")).unwrap();
+        let _fourth = a.admit(ip("10.0.0.2")).unwrap();
         assert_eq!(
-            a.admit(ip("10.0.0.2")).unwrap_err(),
-            Refused::Connections { open: 3, max: 3 }
+            a.admit(ip("10.0.0.3")).unwrap_err(),
+            Refused::Connections { open: 4, max: 4 }
         );
         drop(first);
-        assert_eq!(a.counts(), (2, 1));
-        let _fourth = a.admit(ip("10.0.0.2")).unwrap();
+        assert_eq!(a.counts(), (3, 2));
+        assert_eq!(
+            a.admit(ip("10.0.0.3")).unwrap_err(),
+            Refused::Handshakes {
+                in_progress: 2,
+                max: 2
+            }
+        );
+        drop(second);
+        assert_eq!(
+            a.counts(),
+            (2, 2),
+            "authenticated: only its connection place was held"
+        );
     }
 
     #[test]
@@ -544,7 +568,7 @@ mod tests {
                 l.max_handshakes,
                 l.max_handshakes_per_address
             ),
-            (10, 10, 10)
+            (10, 5, 5)
         );
         let l = limits(0, 0, 0).checked();
         assert_eq!(

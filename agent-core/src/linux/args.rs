@@ -202,7 +202,7 @@ mod test {
         let path = dir.path().join("agent.toml");
         std::fs::write(
             &path,
-            "manager = \"10.0.0.1:7000\"\nid = \"file-id\"\nup-bps = 65536\ndown-bps = \"1MiB\"\nlabel = [\"role=edge\"]\nexit-when-done = true\ndiscovery-port = 7000\nleader-timeout-ms = 1500\n",
+            "manager = \"10.0.0.1:7000\"\nid = \"file-id\"\nup-bps = 65536\ndown-bps = \"1MiB\"\nlabel = [\"role=edge\"]\nexit-when-done = true\ndiscovery-port = 7000\nleader-timeout-ms = 1500\nmax-handshakes = 8\nhandshake-timeout = 3\n",
         )
         .unwrap();
         let cli = Cli::parse_from([
@@ -215,6 +215,10 @@ mod test {
             "tier=1",
             "--discovery-port",
             "7999",
+            "--max-handshakes-per-address",
+            "4",
+            "--handshake-timeout",
+            "2",
         ]);
         let args = cli.args.resolve().unwrap();
         assert_eq!(args.manager.as_deref(), Some("10.0.0.1:7000"));
@@ -225,6 +229,9 @@ mod test {
         assert!(args.exit_when_done);
         assert_eq!(args.discovery_port, Some(7999));
         assert_eq!(args.leader_timeout_ms, Some(1500));
+        assert_eq!(args.max_handshakes, Some(8));
+        assert_eq!(args.max_handshakes_per_address, Some(4));
+        assert_eq!(args.handshake_timeout, Some(2));
     }
 
     #[test]
