@@ -1,8 +1,11 @@
 //! The agent port: the TCP accept loop and one handler per agent connection.
 //!
-//! [`run_agent_port`] is the accept loop (`run(listener, shutdown)`, a
-//! semaphore bounding live connections). Each connection runs the handshake
-//! through the link layer with [`Registry::authorize`], then drives one
+//! [`run_agent_port`] is the accept loop (`run(listener, shutdown)`). Its
+//! [`Admission`] caps the connections open and the handshakes in progress (in
+//! all and per source address): a connection beyond a cap is closed at once.
+//! Each connection runs the handshake through the link layer with
+//! [`Registry::authorize`], within the admission's handshake timeout, and from
+//! then on counts only against the connection cap. Then it drives one
 //! [`AgentSession`] (the session rules: first report, `Welcome`, where each
 //! message goes) and carries out what it asks, IO only:
 //! - sends what the session transmits (`Welcome`, `Pong`) on the connection;
@@ -24,6 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use baton_agent_core::linux::admission::{Admission, Admitted};
 use baton_agent_core::linux::link::{self, Limits, LinkError};
 use baton_manager_core::session::{AgentSession, SessionConfig, SessionEvent};
 use baton_protocol::message::Message;
@@ -31,7 +35,7 @@ use baton_protocol::session::{Hello, Role};
 use baton_protocol::types::{AgentId, PublicKey};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
 use crate::content::Library;
@@ -40,6 +44,13 @@ use crate::registry::{Registry, Session, unix_now};
 
 /// Largest frame the manager accepts from an agent (agents send small control messages).
 pub const MAX_AGENT_FRAME: usize = 16 * 1024;
+/// Default cap on agent handshakes in progress from all addresses (`--max-handshakes`);
+/// a stalled one holds about 4 KiB until its timeout.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 1024;
+/// Default cap on agent handshakes in progress from one address or IPv6 /64
+/// (`--max-handshakes-per-address`): room for a site's agents behind one NAT
+/// coming back together, which retry with backoff when turned away.
+pub const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 64;
 /// Chunk answers queued per connection before its reader waits (backpressure).
 const DATA_QUEUE: usize = 8;
 
@@ -57,8 +68,9 @@ pub struct AgentPort {
     pub limits: Limits,
     /// The engine task's input.
     pub engine: mpsc::UnboundedSender<EngineInput>,
-    /// Bounds live connections.
-    pub connections: Arc<Semaphore>,
+    /// Caps connections and handshakes in progress; its handshake timeout
+    /// applies to serial sessions too.
+    pub admission: Arc<Admission>,
 }
 
 /// Accepts agent connections on `listener` until `shutdown` completes.
@@ -69,31 +81,13 @@ pub async fn run_agent_port(
 ) {
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
+        let (stream, addr, admitted) = tokio::select! {
             _ = &mut shutdown => break,
-            p = server.connections.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let (stream, addr) = tokio::select! {
-            _ = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!("accepting an agent connection failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            a = server.admission.accept(&listener) => a,
         };
         let _ = stream.set_nodelay(true);
         let server = server.clone();
-        tokio::spawn(async move {
-            server.handle(stream, addr).await;
-            drop(permit);
-        });
+        tokio::spawn(server.handle(stream, addr, Some(admitted)));
     }
     server.registry.close_all();
 }
@@ -108,28 +102,52 @@ impl AgentPort {
         )
     }
 
-    /// Serves one agent connection until it ends: a TCP stream, or a serial
-    /// line's session (see [`crate::serial`]), which has no address of its own.
-    pub async fn handle<S>(self: Arc<Self>, stream: S, addr: SocketAddr)
+    /// Serves one agent connection until it ends: a TCP stream with its place
+    /// at the [`Admission`], or a serial line's session (see [`crate::serial`]),
+    /// which has neither an address nor a place of its own.
+    pub async fn handle<S>(self: Arc<Self>, stream: S, addr: SocketAddr, admitted: Option<Admitted>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        // Given back when this connection ends, whichever way.
+        let mut admitted = admitted;
         let registry = self.registry.clone();
         let identity = self.session.identity();
-        let accepted = link::accept(stream, identity, self.hello(), &self.limits, |hs| {
+        let handshake = link::accept(stream, identity, self.hello(), &self.limits, |hs| {
             registry
                 .authorize(hs)
                 .map_err(|e| LinkError::Refused(e.to_string()))
-        })
-        .await;
+        });
+        let accepted = tokio::time::timeout(self.admission.limits().handshake_timeout, handshake)
+            .await
+            .unwrap_or(Err(LinkError::Timeout));
         let (link, auth) = match accepted {
-            Ok(x) => x,
+            Ok(x) => {
+                if let Some(a) = admitted.as_mut() {
+                    a.authenticated();
+                }
+                x
+            }
+            // Anyone can fail a handshake or be refused, as often as the caps let
+            // them: one warning per few seconds for each, the rest at debug level.
             Err(LinkError::Refused(why)) => {
-                tracing::warn!(%addr, "agent refused: {why}");
+                match self.admission.handshake_refused() {
+                    Some(unlogged) => tracing::warn!(
+                        %addr,
+                        "agent refused: {why} ({unlogged} more refused since the last such line)"
+                    ),
+                    None => tracing::debug!(%addr, "agent refused: {why}"),
+                }
                 return;
             }
             Err(e) => {
-                tracing::warn!(%addr, "agent handshake failed: {e}");
+                match self.admission.handshake_failed() {
+                    Some(unlogged) => tracing::warn!(
+                        %addr,
+                        "agent handshake failed: {e} ({unlogged} more failed since the last such line)"
+                    ),
+                    None => tracing::debug!(%addr, "agent handshake failed: {e}"),
+                }
                 return;
             }
         };

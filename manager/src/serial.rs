@@ -14,9 +14,14 @@
 //!
 //! A serial line has no connection state. A session ends when the handler
 //! ends it (for instance a frame that fails to decrypt because the device
-//! rebooted and began a new handshake); the next session starts at once on
-//! the same line and takes the next frame as a first handshake message. The
-//! device starts a new handshake when its own stalls (a few seconds). A
+//! rebooted and began a new handshake); the next session starts on the same
+//! line with the next bytes that arrive and takes the next frame as a first
+//! handshake message. So a line has one handshake in progress at most, and it
+//! must end within the agent port's handshake timeout (`baton serve
+//! --handshake-timeout`, counted from the session's first bytes: an idle
+//! line holds no session); serial sessions do not count against the TCP
+//! connection and handshake caps. The device starts a new handshake when its
+//! own stalls (a few seconds). A
 //! corrupt or oversized frame is dropped with a warning and the reader
 //! resynchronises at the next `0x00`. If the port fails (the device went
 //! away), it is opened again every second until shutdown.
@@ -141,9 +146,30 @@ where
                 return LineEnd::Failed(e);
             }
         }
+        // The session starts with the line's next bytes: its handshake deadline
+        // runs from there, and an idle line holds no session.
+        if bytes.start == bytes.end {
+            let read = tokio::select! {
+                _ = shutdown.as_mut() => return LineEnd::Shutdown,
+                r = line_rx.read(&mut bytes.buf) => r,
+            };
+            match read {
+                Ok(0) => return LineEnd::Closed,
+                Ok(n) => {
+                    bytes.start = 0;
+                    bytes.end = n;
+                }
+                Err(e) => return LineEnd::Failed(e),
+            }
+        }
         let (ours, theirs) = tokio::io::duplex(SESSION_BUF);
         let span = tracing::info_span!("serial", port = %label);
-        let session = tokio::spawn(server.clone().handle(theirs, SERIAL_ADDR).instrument(span));
+        let session = tokio::spawn(
+            server
+                .clone()
+                .handle(theirs, SERIAL_ADDR, None)
+                .instrument(span),
+        );
         let (mut from_session, mut to_session) = tokio::io::split(ours);
         let end = tokio::select! {
             _ = shutdown.as_mut() => Some(LineEnd::Shutdown),
@@ -379,13 +405,14 @@ pub fn open_port(path: &Path) -> Result<SerialLine, serialport::Error> {
 mod test {
     use std::sync::Mutex;
 
+    use baton_agent_core::linux::admission::{Admission, AdmissionLimits};
     use baton_agent_core::linux::link::Limits;
     use baton_manager_core::session::SessionConfig;
     use baton_protocol::identity::Identity;
     use baton_protocol::message::{Message, Report};
     use baton_protocol::session::{Handshake, Hello, Role, Transport};
     use baton_protocol::types::{AgentId, LinkInfo};
-    use tokio::sync::{Semaphore, mpsc};
+    use tokio::sync::mpsc;
 
     use super::*;
     use crate::content::Library;
@@ -394,6 +421,8 @@ mod test {
     use crate::store::{SqliteStore, Store};
 
     const BOUND: Duration = Duration::from_secs(10);
+    /// The handshake timeout of the test's agent port.
+    const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(400);
 
     fn cobs(frame: &[u8]) -> Vec<u8> {
         let mut out = vec![0u8; frame.len() + frame.len() / 254 + 2];
@@ -530,7 +559,15 @@ mod test {
             library: Arc::new(Library::new()),
             limits: Limits::default(),
             engine,
-            connections: Arc::new(Semaphore::new(10)),
+            admission: Admission::new(
+                "test agent port",
+                AdmissionLimits {
+                    max_connections: 10,
+                    max_handshakes: 10,
+                    max_handshakes_per_address: 10,
+                    handshake_timeout: HANDSHAKE_TIMEOUT,
+                },
+            ),
         };
         (Arc::new(server), inputs)
     }
@@ -653,6 +690,71 @@ mod test {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+        stop_tx.send(()).unwrap();
+        let end = tokio::time::timeout(BOUND, served).await.unwrap().unwrap();
+        assert!(matches!(end, LineEnd::Shutdown), "{end}");
+    }
+
+    /// A device that stalls mid-handshake holds its line for the handshake
+    /// timeout and no longer: that session ends (a delimiter on the line says
+    /// so), and the device's next handshake on the line is served.
+    #[tokio::test]
+    async fn a_handshake_stalled_on_a_line_ends_at_the_timeout_and_the_next_is_served() {
+        let (server, _inputs) = server();
+        let manager = Identity::from_seed([1; 32]);
+        let me = Identity::from_seed([3; 32]);
+        let id = AgentId::try_from("fw-stall").unwrap();
+        server.registry.enrol(&id, &me.public()).unwrap();
+        let (mut device, line) = tokio::io::duplex(1 << 16);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stop_rx.await;
+            };
+            tokio::pin!(shutdown);
+            serve_line(line, "test", server, &mut shutdown).await
+        });
+        // An idle line holds no session: nothing times out while nobody talks.
+        tokio::time::sleep(HANDSHAKE_TIMEOUT * 2).await;
+
+        let mut hs = Handshake::initiator(
+            &me,
+            [8; 32],
+            &manager.public(),
+            Hello::new(Role::Agent, id.clone(), 0, None),
+        )
+        .unwrap();
+        let mut buf = vec![0u8; 2048];
+        let n = hs.write_message(&mut buf).unwrap();
+        let started = tokio::time::Instant::now();
+        device.write_all(&cobs(&buf[..n])).await.unwrap();
+        let msg2 = read_cobs(&mut device).await;
+        assert!(!msg2.is_empty(), "the manager answers message 1");
+        // The device sends nothing more; the session's end puts a delimiter on the line.
+        let mut b = [0u8; 1];
+        for _ in 0..16 {
+            tokio::time::timeout(BOUND, device.read_exact(&mut b))
+                .await
+                .expect("the stalled session ends")
+                .unwrap();
+            if b[0] == 0 {
+                break;
+            }
+        }
+        assert_eq!(b[0], 0, "a delimiter ends the stalled session");
+        let held = started.elapsed();
+        assert!(
+            held >= HANDSHAKE_TIMEOUT && held < HANDSHAKE_TIMEOUT + Duration::from_secs(3),
+            "the stalled handshake held the line for {held:?}"
+        );
+
+        let mut t = device_handshake(&mut device, &me, &manager, &id).await;
+        send(&mut device, &mut t, &Message::Report(report(&id))).await;
+        let welcome = recv(&mut device, &mut t).await;
+        assert!(
+            matches!(Message::decode(&welcome).unwrap(), Message::Welcome { .. }),
+            "the next handshake is served"
+        );
         stop_tx.send(()).unwrap();
         let end = tokio::time::timeout(BOUND, served).await.unwrap().unwrap();
         assert!(matches!(end, LineEnd::Shutdown), "{end}");

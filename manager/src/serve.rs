@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use baton_agent_core::linux::admission::{self, Admission, AdmissionLimits};
 use baton_agent_core::linux::datadir::{DataDir, DataDirError};
 use baton_agent_core::linux::link::Limits;
 use baton_agent_core::linux::rate::RateLimiter;
@@ -22,7 +23,7 @@ use baton_manager_core::session::SessionConfig;
 use baton_protocol::types::AgentId;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::agent_port::AgentPort;
 use crate::content::{self, Content, ContentError, Keys, Library};
@@ -48,8 +49,15 @@ pub struct ServeOptions {
     pub give_up: Duration,
     /// Where to write the ready file once listening.
     pub ready_file: Option<PathBuf>,
-    /// Most agent connections at once.
+    /// Most agent connections at once; the descriptor limit less a reserve
+    /// caps it too (see [`agent_port_limits`]).
     pub max_connections: usize,
+    /// Agent handshakes in progress at once, from all addresses.
+    pub max_handshakes: usize,
+    /// Agent handshakes in progress at once from one address (IPv6: one /64).
+    pub max_handshakes_per_address: usize,
+    /// Time an agent connection (or a serial session) has to finish its handshake.
+    pub handshake_timeout: Duration,
     /// Serial ports with a device on each (`/dev/ttyUSB0`, a pty), served like agent connections.
     pub serial: Vec<PathBuf>,
     /// HTTPS: PEM certificate chain and private key for the HTTP server (`None` = plain HTTP).
@@ -72,6 +80,9 @@ impl ServeOptions {
             give_up: Duration::from_secs(60),
             ready_file: None,
             max_connections: 100_000,
+            max_handshakes: crate::agent_port::DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_address: crate::agent_port::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
+            handshake_timeout: admission::DEFAULT_HANDSHAKE_TIMEOUT,
             serial: Vec::new(),
             tls: None,
             max_upload: crate::http::api::DEFAULT_MAX_UPLOAD,
@@ -274,11 +285,37 @@ async fn resume_job(
     Ok(())
 }
 
+/// Descriptors the manager keeps out of the agent port's connection cap:
+/// [`admission::DESCRIPTOR_RESERVE`] plus one per HTTP connection
+/// (`--max-http-connections`) and per serial port.
+pub fn descriptor_reserve(opts: &ServeOptions) -> u64 {
+    admission::DESCRIPTOR_RESERVE
+        + opts.http_limits.max_connections as u64
+        + opts.serial.len() as u64
+}
+
+/// The agent port's caps for a process allowed `descriptors` descriptors: at
+/// most `opts.max_connections` connections, and fewer if the descriptor limit
+/// less [`descriptor_reserve`] says so.
+pub fn agent_port_limits(opts: &ServeOptions, descriptors: u64) -> AdmissionLimits {
+    let reserve = descriptor_reserve(opts);
+    AdmissionLimits {
+        max_connections: opts
+            .max_connections
+            .min(admission::connection_cap(descriptors, reserve)),
+        max_handshakes: opts.max_handshakes,
+        max_handshakes_per_address: opts.max_handshakes_per_address,
+        handshake_timeout: opts.handshake_timeout,
+    }
+    .checked()
+}
+
 /// Runs the manager until `shutdown` completes (or the engine task fails).
 pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let descriptors = admission::raise_descriptor_limit();
     // Held until `serve` returns: a second manager on this directory stops here.
     let _data_dir = DataDir::open(&opts.data_dir)?;
     let keys = Keys::load_or_create(&opts.data_dir)?;
@@ -365,6 +402,16 @@ pub async fn serve(
             source,
         })?;
 
+    let agent_port_caps = agent_port_limits(&opts, descriptors.soft);
+    tracing::info!(
+        max_connections = agent_port_caps.max_connections,
+        max_handshakes = agent_port_caps.max_handshakes,
+        max_handshakes_per_address = agent_port_caps.max_handshakes_per_address,
+        handshake_timeout = ?agent_port_caps.handshake_timeout,
+        "agent port caps (connections: the descriptor limit {} less {} reserved, at most --max-connections)",
+        descriptors.soft,
+        descriptor_reserve(&opts)
+    );
     let (engine_tx, engine_rx) = mpsc::unbounded_channel();
     let manager = Arc::new(Manager {
         store: store.clone(),
@@ -389,7 +436,7 @@ pub async fn serve(
         library: library.clone(),
         limits: limits.clone(),
         engine: engine_tx,
-        connections: Arc::new(Semaphore::new(opts.max_connections.max(1))),
+        admission: Admission::new("agent port", agent_port_caps),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -481,6 +528,32 @@ mod test {
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             ..ServeOptions::new(data_dir.to_path_buf())
         }
+    }
+
+    /// The agent port leaves descriptors for the HTTP connections, the serial
+    /// ports and the rest, and at least half its places to authenticated agents.
+    #[test]
+    fn the_agent_port_keeps_descriptors_in_reserve() {
+        let mut opts = options(Path::new("unused"));
+        opts.serial = vec![PathBuf::from("/dev/ttyUSB0")];
+        assert_eq!(descriptor_reserve(&opts), 256 + 512 + 1);
+        let roomy = agent_port_limits(&opts, 50_000);
+        assert_eq!(roomy.max_connections, 50_000 - 769);
+        assert_eq!(
+            roomy.max_handshakes,
+            crate::agent_port::DEFAULT_MAX_HANDSHAKES
+        );
+        // The common default of 1024 descriptors: a quarter of them, half of that for handshakes.
+        let tight = agent_port_limits(&opts, 1024);
+        assert_eq!(tight.max_connections, 256);
+        assert_eq!(tight.max_handshakes, 128);
+        assert_eq!(tight.max_handshakes_per_address, 64);
+        opts.max_connections = 50;
+        assert_eq!(
+            agent_port_limits(&opts, 1 << 20).max_connections,
+            50,
+            "--max-connections"
+        );
     }
 
     fn mode(path: &Path) -> u32 {

@@ -83,6 +83,11 @@ impl AgentProc {
         }
     }
 
+    /// The agent's process id (for `/proc/PID/…`).
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// Waits until the agent exported content equal to `expected`.
     pub fn wait_export(&self, expected: &[u8]) {
         let got = wait_for(

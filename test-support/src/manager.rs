@@ -120,6 +120,11 @@ impl Manager {
         });
     }
 
+    /// The manager's process id (for `/proc/PID/…`).
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// The data directory (admin token, keys, database).
     pub fn data_dir(&self) -> PathBuf {
         self.dir.join("data")

@@ -98,6 +98,16 @@ pub struct AgentArgs {
     /// (default 3000); a silent leader is replaced within this plus one beacon interval.
     #[arg(long, value_name = "MS")]
     pub leader_timeout_ms: Option<u64>,
+    /// Most peer handshakes in progress on the listener at once (default 128); more
+    /// connections are closed at once.
+    #[arg(long, value_name = "N")]
+    pub max_handshakes: Option<usize>,
+    /// Most peer handshakes in progress at once from one address, IPv6: one /64 (default 16).
+    #[arg(long, value_name = "N")]
+    pub max_handshakes_per_address: Option<usize>,
+    /// Seconds a peer connection has to finish its handshake (default 5).
+    #[arg(long, value_name = "SECS")]
+    pub handshake_timeout: Option<u64>,
 }
 
 /// Accepts a size as a TOML string ("10MiB") or integer (65536).
@@ -144,6 +154,12 @@ impl AgentArgs {
         or(&mut self.discovery_broadcast, file.discovery_broadcast);
         or(&mut self.beacon_interval_ms, file.beacon_interval_ms);
         or(&mut self.leader_timeout_ms, file.leader_timeout_ms);
+        or(&mut self.max_handshakes, file.max_handshakes);
+        or(
+            &mut self.max_handshakes_per_address,
+            file.max_handshakes_per_address,
+        );
+        or(&mut self.handshake_timeout, file.handshake_timeout);
         if self.label.is_empty() {
             self.label = file.label;
         }
@@ -186,7 +202,7 @@ mod test {
         let path = dir.path().join("agent.toml");
         std::fs::write(
             &path,
-            "manager = \"10.0.0.1:7000\"\nid = \"file-id\"\nup-bps = 65536\ndown-bps = \"1MiB\"\nlabel = [\"role=edge\"]\nexit-when-done = true\ndiscovery-port = 7000\nleader-timeout-ms = 1500\n",
+            "manager = \"10.0.0.1:7000\"\nid = \"file-id\"\nup-bps = 65536\ndown-bps = \"1MiB\"\nlabel = [\"role=edge\"]\nexit-when-done = true\ndiscovery-port = 7000\nleader-timeout-ms = 1500\nmax-handshakes = 8\nhandshake-timeout = 3\n",
         )
         .unwrap();
         let cli = Cli::parse_from([
@@ -199,6 +215,10 @@ mod test {
             "tier=1",
             "--discovery-port",
             "7999",
+            "--max-handshakes-per-address",
+            "4",
+            "--handshake-timeout",
+            "2",
         ]);
         let args = cli.args.resolve().unwrap();
         assert_eq!(args.manager.as_deref(), Some("10.0.0.1:7000"));
@@ -209,6 +229,9 @@ mod test {
         assert!(args.exit_when_done);
         assert_eq!(args.discovery_port, Some(7999));
         assert_eq!(args.leader_timeout_ms, Some(1500));
+        assert_eq!(args.max_handshakes, Some(8));
+        assert_eq!(args.max_handshakes_per_address, Some(4));
+        assert_eq!(args.handshake_timeout, Some(2));
     }
 
     #[test]

@@ -199,9 +199,9 @@ pub fn open_private(options: &OpenOptions, path: &Path) -> io::Result<File> {
     let mut options = options.clone();
     options
         .mode(PRIVATE_FILE_MODE)
-        .custom_flags(libc::O_NOFOLLOW);
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
     let file = options.open(path).map_err(|e| {
-        if e.raw_os_error() == Some(libc::ELOOP) {
+        if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "is a symbolic link; baton does not write through links in its data directory",

@@ -37,6 +37,7 @@ use tokio::time::Instant;
 
 use super::meter::LinkMeter;
 
+use super::admission::{self, Admission, AdmissionLimits};
 use super::args::AgentArgs;
 use super::datadir::{DataDir, DataDirError, ensure_private_dir, open_private, read_secret};
 use super::discovery::DiscoverySockets;
@@ -57,6 +58,10 @@ const LINUX_PEERS: usize = 64;
 const LINUX_PARKED: usize = 512;
 /// Peers a Linux agent serves at once unless `--max-peers` says otherwise.
 const DEFAULT_MAX_PEERS: u16 = 48;
+/// Peer handshakes in progress at once unless `--max-handshakes` says otherwise.
+const DEFAULT_MAX_HANDSHAKES: usize = 128;
+/// Peer handshakes in progress from one address unless `--max-handshakes-per-address` says otherwise.
+const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 16;
 
 /// Why the Linux agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +193,8 @@ struct Settings {
     status_file: Option<PathBuf>,
     max_storage: Option<u64>,
     exit_when_done: bool,
+    /// The peer listener's caps, its connection cap still to be set from the descriptor limit.
+    admission: AdmissionLimits,
 }
 
 impl Settings {
@@ -315,6 +322,18 @@ impl Settings {
             status_file: a.status_file.clone(),
             max_storage: size(&a.max_storage, "max-storage")?,
             exit_when_done: a.exit_when_done,
+            admission: AdmissionLimits {
+                max_connections: usize::MAX,
+                max_handshakes: a.max_handshakes.unwrap_or(DEFAULT_MAX_HANDSHAKES),
+                max_handshakes_per_address: a
+                    .max_handshakes_per_address
+                    .unwrap_or(DEFAULT_MAX_HANDSHAKES_PER_ADDRESS),
+                handshake_timeout: a
+                    .handshake_timeout
+                    .map_or(admission::DEFAULT_HANDSHAKE_TIMEOUT, |s| {
+                        Duration::from_secs(s.max(1))
+                    }),
+            },
         })
     }
 }
@@ -475,22 +494,18 @@ async fn manager_loop(
     }
 }
 
-/// Accepts peers that show a certificate from the manager.
-async fn accept_loop(shared: Shared, listener: TcpListener) {
+/// Accepts peers that show a certificate from the manager, within the listener's caps
+/// ([`Admission`]: connections beyond one are closed at once).
+async fn accept_loop(shared: Shared, listener: TcpListener, admission: Arc<Admission>) {
     loop {
-        let (stream, from) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (stream, from, mut admitted) = admission.accept(&listener).await;
         let shared = shared.clone();
+        let timeout = admission.limits().handshake_timeout;
+        let admission = admission.clone();
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             let manager = shared.manager_key;
-            let res = link::accept(
+            let handshake = link::accept(
                 stream,
                 &shared.identity,
                 shared.peer_hello(),
@@ -499,8 +514,13 @@ async fn accept_loop(shared: Shared, listener: TcpListener) {
                     hs.verify_peer_cert(&manager)?;
                     Ok(hs.remote_hello().map(|h| h.id.clone()))
                 },
-            )
-            .await;
+            );
+            let res = tokio::time::timeout(timeout, handshake)
+                .await
+                .unwrap_or(Err(LinkError::Timeout));
+            if res.is_ok() {
+                admitted.authenticated();
+            }
             match res {
                 Ok((link, Some(id))) => {
                     let conn = shared.conn_id();
@@ -519,8 +539,16 @@ async fn accept_loop(shared: Shared, listener: TcpListener) {
                     }
                 }
                 Ok((_, None)) => {}
-                Err(e) => tracing::warn!(%from, "peer refused: {e}"),
+                // Anyone can fail a handshake: one warning per few seconds, the rest at debug.
+                Err(e) => match admission.handshake_failed() {
+                    Some(unlogged) => tracing::warn!(
+                        %from,
+                        "peer refused: {e} ({unlogged} more refused since the last such line)"
+                    ),
+                    None => tracing::debug!(%from, "peer refused: {e}"),
+                },
             }
+            drop(admitted);
         });
     }
 }
@@ -745,6 +773,21 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         return Ok(());
     }
     let s = Settings::from_args(&args)?;
+    let descriptors = admission::raise_descriptor_limit();
+    let peer_caps = AdmissionLimits {
+        max_connections: admission::connection_cap(descriptors.soft, admission::DESCRIPTOR_RESERVE),
+        ..s.admission
+    }
+    .checked();
+    tracing::info!(
+        max_connections = peer_caps.max_connections,
+        max_handshakes = peer_caps.max_handshakes,
+        max_handshakes_per_address = peer_caps.max_handshakes_per_address,
+        handshake_timeout = ?peer_caps.handshake_timeout,
+        "peer listener caps (connections: the descriptor limit {} less {} reserved)",
+        descriptors.soft,
+        admission::DESCRIPTOR_RESERVE
+    );
     let store = DirStore::open(&s.data_dir.join("content"), s.max_storage)?;
     let listener = TcpListener::bind(&s.listen)
         .await
@@ -804,7 +847,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         tracing::info!(port = %sockets.broadcast.port(), broadcast = %sockets.broadcast, "segment discovery on");
     }
     let mut datagram = vec![0u8; baton_protocol::discovery::MAX_DATAGRAM];
-    tasks.spawn(accept_loop(shared.clone(), listener));
+    tasks.spawn(accept_loop(
+        shared.clone(),
+        listener,
+        Admission::new("peer listener", peer_caps),
+    ));
     tasks.spawn(manager_loop(
         shared.clone(),
         s.manager.clone(),

@@ -62,7 +62,8 @@ pub enum LinkError {
     /// The handshake or a frame's authentication failed.
     #[error("session error: {0}")]
     Session(#[from] SessionError),
-    /// The handshake did not finish within [`HANDSHAKE_TIMEOUT`].
+    /// The handshake did not finish within [`HANDSHAKE_TIMEOUT`] (or a listener's
+    /// shorter bound, see [`super::admission`]).
     #[error("handshake timed out")]
     Timeout,
     /// The other side was not accepted.

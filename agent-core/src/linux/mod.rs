@@ -1,11 +1,13 @@
 //! The Linux side of the agent (feature `std`): link layer, rate limits,
 //! sizes, data directories, file-backed flash, the directory store and the
-//! tokio driver.
+//! tokio driver, and the admission caps of listeners.
 //!
 //! Everything here is IO around the sans-IO [`crate::agent::Agent`]; no
 //! protocol decisions are made in this module. The manager reuses the link
-//! layer, the rate limits and the data directory rules ([`datadir`]).
+//! layer, the rate limits, the admission caps ([`admission`]) and the data
+//! directory rules ([`datadir`]).
 
+pub mod admission;
 pub mod args;
 pub mod datadir;
 pub mod discovery;

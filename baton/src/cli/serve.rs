@@ -33,9 +33,20 @@ pub struct ServeArgs {
     /// here (atomically) once listening.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
-    /// Most agent connections at once.
-    #[arg(long, default_value_t = 100_000)]
+    /// Most agent connections at once; fewer if the descriptor limit (raised to the hard
+    /// limit at start) less a reserve of 256 + --max-http-connections + 1 per serial port says so.
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
     pub max_connections: usize,
+    /// Most agent handshakes in progress at once; connections beyond it are closed at once.
+    #[arg(long, default_value_t = baton_manager::agent_port::DEFAULT_MAX_HANDSHAKES, value_name = "N")]
+    pub max_handshakes: usize,
+    /// Most agent handshakes in progress at once from one address (IPv6: one /64).
+    #[arg(long, default_value_t = baton_manager::agent_port::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS, value_name = "N")]
+    pub max_handshakes_per_address: usize,
+    /// Seconds an agent connection (or a serial session, from its first bytes) has to finish
+    /// its handshake.
+    #[arg(long, default_value_t = baton_agent_core::linux::admission::DEFAULT_HANDSHAKE_TIMEOUT.as_secs(), value_name = "SECS")]
+    pub handshake_timeout: u64,
     /// A serial port with a device on it, e.g. /dev/ttyUSB0 or a pty (repeat for more).
     #[arg(long = "serial", value_name = "PATH")]
     pub serial: Vec<PathBuf>,
@@ -69,6 +80,9 @@ impl ServeArgs {
             give_up: Duration::from_secs(self.give_up.max(1)),
             ready_file: self.ready_file.clone(),
             max_connections: self.max_connections,
+            max_handshakes: self.max_handshakes,
+            max_handshakes_per_address: self.max_handshakes_per_address,
+            handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
             serial: self.serial.clone(),
             tls: self.tls_cert.clone().zip(self.tls_key.clone()),
             max_upload: self.max_upload,

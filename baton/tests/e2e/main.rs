@@ -12,6 +12,7 @@ mod browser;
 mod fault_speed;
 mod faults;
 mod files;
+mod flood;
 mod groups;
 mod push;
 mod serve;
