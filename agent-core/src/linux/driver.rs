@@ -10,6 +10,16 @@
 //! by the manager; outgoing peer connections pin the key the manager named.
 //! Rate limits (`--up-bps`, `--down-bps`) are process-wide.
 //!
+//! A peer costs a bounded amount of memory however it behaves: its frames
+//! waiting for the central task plus the frames queued for it are its
+//! *backlog*, and its connection is not read while that backlog holds
+//! [`PEER_WINDOW`] frames (TCP then slows the peer down); a peer whose backlog
+//! still grows past [`PEER_QUEUE_MAX`] frames (answers to requests parked
+//! earlier), or that takes no byte of a frame for [`PEER_STALL_TIMEOUT`], is
+//! disconnected. A peer that asks for chunks and never reads the answers thus
+//! holds at most its window of chunk buffers, and is dropped after the stall
+//! timeout.
+//!
 //! Segment discovery (`--discovery-port`, 0 = off) runs beside the agent: a
 //! [`Segment`] fed from the discovery sockets (see [`super::discovery`]),
 //! started once the manager's `Welcome` gave the agent its certificate. Its
@@ -19,7 +29,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -31,7 +41,7 @@ use baton_protocol::{
     AgentId, JobRef, Label, LinkInfo, MAX_DELAYS, MAX_FRAME, Message, PeerAddr, PublicKey, caps,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -57,6 +67,18 @@ const LINUX_PEERS: usize = 64;
 const LINUX_PARKED: usize = 512;
 /// Peers a Linux agent serves at once unless `--max-peers` says otherwise.
 const DEFAULT_MAX_PEERS: u16 = 48;
+/// Frames a peer connection may have waiting (read but not handled, or queued for it)
+/// before it is no longer read: a fetcher's full request window ([`crate::agent::MAX_WINDOW`])
+/// is answered without waiting.
+pub const PEER_WINDOW: usize = crate::agent::MAX_WINDOW;
+/// Frames queued for one peer beyond which it is disconnected: requests parked before it
+/// stopped reading can still be answered at once (an honest fetcher has at most
+/// `MAX_WINDOW` requests in flight per job, four jobs at most).
+pub const PEER_QUEUE_MAX: usize = 8 * PEER_WINDOW;
+/// A peer that takes no byte of a frame for this long is disconnected (it does not read).
+pub const PEER_STALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// Least time between two warnings about peers dropped for their backlog.
+const BACKLOG_WARN_EVERY: Duration = Duration::from_secs(5);
 
 /// Why the Linux agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -309,6 +331,98 @@ impl Settings {
     }
 }
 
+/// Frames of one connection read but not handled yet, plus frames queued for it; its
+/// reader waits while there are too many (see [`PEER_WINDOW`]).
+#[derive(Debug, Default)]
+struct Backlog {
+    frames: AtomicUsize,
+    drained: Notify,
+}
+
+impl Backlog {
+    /// One more frame waiting.
+    fn add(&self) {
+        self.frames.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// One frame handled or written.
+    fn done(&self) {
+        let _ = self
+            .frames
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.drained.notify_one();
+    }
+
+    /// Frames waiting now.
+    fn len(&self) -> usize {
+        self.frames.load(Ordering::Acquire)
+    }
+
+    /// Returns once fewer than `limit` frames wait (the one reader calls it).
+    async fn below(&self, limit: usize) {
+        // Bounded by the connection's life: the caller selects this against its writer.
+        loop {
+            if self.len() < limit {
+                return;
+            }
+            self.drained.notified().await;
+        }
+    }
+}
+
+/// Where the central task puts frames for one connection.
+struct Outgoing {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// For peers only: the manager session is trusted and never held back.
+    backlog: Option<Arc<Backlog>>,
+}
+
+/// Counts peers dropped for their backlog and logs at most once per [`BACKLOG_WARN_EVERY`].
+#[derive(Debug, Default)]
+struct DropLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl DropLog {
+    fn dropped(&mut self, conn: ConnId, backlog: usize) {
+        let now = Instant::now();
+        if self.last.is_some_and(|l| now < l + BACKLOG_WARN_EVERY) {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            ?conn,
+            backlog,
+            max = PEER_QUEUE_MAX,
+            also_dropped = self.suppressed,
+            "peer dropped: it does not read what it asked for"
+        );
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+/// Queues `frame` for `conn`; a peer whose backlog is over [`PEER_QUEUE_MAX`] is
+/// disconnected instead (its entry removed, so its writer ends).
+fn queue_frame(
+    conns: &mut HashMap<ConnId, Outgoing>,
+    conn: ConnId,
+    frame: Vec<u8>,
+    drops: &mut DropLog,
+) {
+    let Some(out) = conns.get(&conn) else { return };
+    if let Some(b) = &out.backlog {
+        if b.len() >= PEER_QUEUE_MAX {
+            drops.dropped(conn, b.len());
+            conns.remove(&conn);
+            return;
+        }
+        b.add();
+    }
+    let _ = out.tx.send(frame);
+}
+
 /// What connection tasks tell the central task.
 enum Input {
     ManagerUp {
@@ -319,6 +433,7 @@ enum Input {
         conn: ConnId,
         info: PeerInfo,
         tx: mpsc::UnboundedSender<Vec<u8>>,
+        backlog: Arc<Backlog>,
     },
     ConnectFailed(AgentId),
     Frame(ConnId, Vec<u8>),
@@ -350,28 +465,50 @@ impl Shared {
 }
 
 /// Moves frames between a link and the central task until either side stops.
+///
+/// With a `backlog` (peers), the link is not read while [`PEER_WINDOW`] frames wait, and a
+/// frame the other side takes no byte of for [`PEER_STALL_TIMEOUT`] ends the connection.
 async fn pump<S>(
     link: Link<S>,
     conn: ConnId,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     inputs: mpsc::Sender<Input>,
+    backlog: Option<Arc<Backlog>>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
     let (mut reader, mut writer) = link.split();
+    if backlog.is_some() {
+        writer.set_stall_timeout(PEER_STALL_TIMEOUT);
+    }
+    let written = backlog.clone();
     let mut writing = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
-            if let Err(e) = writer.send(&frame).await {
-                tracing::debug!(?conn, "send failed: {e}");
-                break;
+            let sent = writer.send(&frame).await;
+            if let Some(b) = &written {
+                b.done();
+            }
+            match sent {
+                Ok(()) => {}
+                Err(e @ LinkError::Stalled(_)) => {
+                    tracing::warn!(?conn, "peer dropped: {e}");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(?conn, "send failed: {e}");
+                    break;
+                }
             }
         }
         let _ = writer.close().await;
     });
     loop {
         tokio::select! {
-            r = reader.recv() => match r {
+            r = next_frame(&mut reader, backlog.as_deref()) => match r {
                 Ok(frame) => {
+                    if let Some(b) = &backlog {
+                        b.add();
+                    }
                     if inputs.send(Input::Frame(conn, frame.to_vec())).await.is_err() {
                         break;
                     }
@@ -387,6 +524,17 @@ async fn pump<S>(
     }
     writing.abort();
     let _ = inputs.send(Input::Closed(conn)).await;
+}
+
+/// The next frame of `reader`, once fewer than [`PEER_WINDOW`] frames wait in `backlog`.
+async fn next_frame<'a, R: tokio::io::AsyncRead + Unpin>(
+    reader: &'a mut link::LinkReader<R>,
+    backlog: Option<&Backlog>,
+) -> Result<&'a mut [u8], LinkError> {
+    if let Some(b) = backlog {
+        b.below(PEER_WINDOW).await;
+    }
+    reader.recv().await
 }
 
 async fn manager_session(
@@ -451,7 +599,7 @@ async fn manager_loop(
                 {
                     return;
                 }
-                pump(link, ConnId::MANAGER, rx, shared.inputs.clone()).await;
+                pump(link, ConnId::MANAGER, rx, shared.inputs.clone(), None).await;
                 tracing::warn!(%addr, "manager session ended");
             }
             Err(e) => tracing::warn!(%addr, "manager unreachable: {e}"),
@@ -494,24 +642,31 @@ async fn accept_loop(shared: Shared, listener: TcpListener) {
             match res {
                 Ok((link, Some(id))) => {
                     let conn = shared.conn_id();
-                    let (tx, rx) = mpsc::unbounded_channel();
                     let info = PeerInfo {
                         id,
                         direction: Direction::Incoming,
                     };
-                    if shared
-                        .inputs
-                        .send(Input::PeerUp { conn, info, tx })
-                        .await
-                        .is_ok()
-                    {
-                        pump(link, conn, rx, shared.inputs.clone()).await;
-                    }
+                    peer_up(&shared, link, conn, info).await;
                 }
                 Ok((_, None)) => {}
                 Err(e) => tracing::warn!(%from, "peer refused: {e}"),
             }
         });
+    }
+}
+
+/// Tells the central task of an authenticated peer, then moves its frames until it ends.
+async fn peer_up(shared: &Shared, link: Link<TcpStream>, conn: ConnId, info: PeerInfo) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let backlog = Arc::new(Backlog::default());
+    let up = Input::PeerUp {
+        conn,
+        info,
+        tx,
+        backlog: backlog.clone(),
+    };
+    if shared.inputs.send(up).await.is_ok() {
+        pump(link, conn, rx, shared.inputs.clone(), Some(backlog)).await;
     }
 }
 
@@ -542,19 +697,11 @@ async fn connect_peer(shared: Shared, peer: AgentId, addr: PeerAddr, key: Public
     match attempt.await {
         Ok(link) => {
             let conn = shared.conn_id();
-            let (tx, rx) = mpsc::unbounded_channel();
             let info = PeerInfo {
                 id: peer,
                 direction: Direction::Outgoing,
             };
-            if shared
-                .inputs
-                .send(Input::PeerUp { conn, info, tx })
-                .await
-                .is_ok()
-            {
-                pump(link, conn, rx, shared.inputs.clone()).await;
-            }
+            peer_up(&shared, link, conn, info).await;
         }
         Err(e) => {
             tracing::warn!(%peer, %addr, "cannot reach peer: {e}");
@@ -790,7 +937,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
     ));
 
     let origin = Instant::now();
-    let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
+    let mut conns: HashMap<ConnId, Outgoing> = HashMap::new();
+    let mut drops = DropLog::default();
     let mut buf = vec![0u8; (s.config.max_chunk as usize + CHUNK_OVERHEAD + 64).min(MAX_FRAME)];
     let mut pending = JoinSet::new();
     let mut exiting = false;
@@ -822,14 +970,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 let now = origin.elapsed();
                 match input {
                     Input::ManagerUp { tx, local } => {
-                        conns.insert(ConnId::MANAGER, tx);
+                        conns.insert(ConnId::MANAGER, Outgoing { tx, backlog: None });
                         if s.advertise.is_none() && bound.ip().is_unspecified() {
                             agent.set_listen(Some(SocketAddr::new(local.ip(), bound.port()).into()));
                         }
                         agent.handle_manager_connected(now);
                     }
-                    Input::PeerUp { conn, info, tx } => {
-                        conns.insert(conn, tx);
+                    Input::PeerUp { conn, info, tx, backlog } => {
+                        conns.insert(conn, Outgoing { tx, backlog: Some(backlog) });
                         if let Err(e) = agent.handle_connected(now, conn, info) {
                             tracing::warn!(?conn, "peer connection refused: {e}");
                             conns.remove(&conn);
@@ -837,6 +985,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                     }
                     Input::ConnectFailed(peer) => agent.handle_connect_failed(now, &peer),
                     Input::Frame(conn, frame) => {
+                        if let Some(b) = conns.get(&conn).and_then(|o| o.backlog.as_ref()) {
+                            b.done();
+                        }
                         if let Err(e) = agent.handle_frame(now, conn, &frame) {
                             tracing::warn!(?conn, "refused frame: {e}");
                             if e.must_close() {
@@ -894,9 +1045,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         }
         let now = origin.elapsed();
         while let Some(t) = agent.poll_transmit(now, &mut buf) {
-            if let Some(tx) = conns.get(&t.conn) {
-                let _ = tx.send(buf[..t.len].to_vec());
-            }
+            queue_frame(&mut conns, t.conn, buf[..t.len].to_vec(), &mut drops);
         }
         while let Some(ev) = agent.poll_event() {
             // Job events are rare: take the jobs' snapshot at each, so a short job is not missed.
@@ -983,9 +1132,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 let delays: heapless::Vec<_, MAX_DELAYS> = seg.peer_delays();
                 agent.set_peer_delays(&delays);
                 while let Some(t) = agent.poll_transmit(now, &mut buf) {
-                    if let Some(tx) = conns.get(&t.conn) {
-                        let _ = tx.send(buf[..t.len].to_vec());
-                    }
+                    queue_frame(&mut conns, t.conn, buf[..t.len].to_vec(), &mut drops);
                 }
             }
             while let Some(out) = seg.poll_transmit(now, &mut datagram) {
@@ -997,7 +1144,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
             }
             while let Some(page) = seg.poll_report(now) {
                 match conns.get(&ConnId::MANAGER) {
-                    Some(tx) if agent.manager_connected() => {
+                    Some(Outgoing { tx, .. }) if agent.manager_connected() => {
                         tracing::debug!(
                             term = page.term,
                             page = page.page,
