@@ -17,6 +17,16 @@
 //! A malformed, oversized or undecryptable frame closes that one connection
 //! with a logged reason; nothing else is disturbed.
 //!
+//! Every queue of a connection is bounded: at most [`DATA_QUEUE`] chunk
+//! answers and pongs, at most [`CONTROL_QUEUE`] instructions (an agent that
+//! lets it fill is disconnected), and the engine's input ([`ENGINE_QUEUE`]),
+//! whose sender waits: a connection's frames are not read while it cannot
+//! take them. An agent that takes no byte for [`WRITE_STALL_TIMEOUT`] is
+//! disconnected, so an agent that never reads costs at most those queues.
+//!
+//! [`CONTROL_QUEUE`]: crate::registry::CONTROL_QUEUE
+//! [`ENGINE_QUEUE`]: crate::engine_task::ENGINE_QUEUE
+//!
 //! [`EngineTask`]: crate::engine_task::EngineTask
 
 use std::future::Future;
@@ -35,13 +45,15 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::Instant;
 
 use crate::content::Library;
-use crate::engine_task::EngineInput;
-use crate::registry::{Registry, Session, unix_now};
+use crate::engine_task::{EngineInput, EngineSender};
+use crate::registry::{CONTROL_QUEUE, Registry, Session, unix_now};
 
 /// Largest frame the manager accepts from an agent (agents send small control messages).
 pub const MAX_AGENT_FRAME: usize = 16 * 1024;
 /// Chunk answers queued per connection before its reader waits (backpressure).
-const DATA_QUEUE: usize = 8;
+pub const DATA_QUEUE: usize = 8;
+/// An agent that takes no byte of a frame for this long is disconnected (it does not read).
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What every agent connection shares.
 #[derive(Debug)]
@@ -55,8 +67,8 @@ pub struct AgentPort {
     pub library: Arc<Library>,
     /// Upload cap and byte counters.
     pub limits: Limits,
-    /// The engine task's input.
-    pub engine: mpsc::UnboundedSender<EngineInput>,
+    /// The engine task's input (bounded: senders wait).
+    pub engine: EngineSender,
     /// Bounds live connections.
     pub connections: Arc<Semaphore>,
 }
@@ -136,6 +148,7 @@ impl AgentPort {
         let id = auth.id;
         let (mut reader, mut writer) = link.split();
         reader.set_max_frame(MAX_AGENT_FRAME);
+        writer.set_stall_timeout(WRITE_STALL_TIMEOUT);
         // The session's clock: time since this connection's handshake.
         let origin = Instant::now();
         let mut session =
@@ -181,7 +194,7 @@ impl AgentPort {
         };
         self.registry.note_report(&report);
 
-        let (control_tx, mut control_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (control_tx, mut control_rx) = mpsc::channel::<Vec<u8>>(CONTROL_QUEUE);
         let (data_tx, mut data_rx) = mpsc::channel::<Vec<u8>>(DATA_QUEUE);
         let close = Arc::new(Notify::new());
         let generation = self.registry.next_generation();
@@ -200,13 +213,16 @@ impl AgentPort {
             // The previous session is dead (e.g. the device lost power and came back
             // before the old connection timed out) and will not report it: the id now
             // belongs to this session. The engine must see it go, so it instructs again.
-            let _ = self.engine.send(EngineInput::Offline { id: id.clone() });
+            let _ = self.engine.send(EngineInput::Offline { id: id.clone() }).await;
         }
-        let _ = self.engine.send(EngineInput::Online {
-            id: id.clone(),
-            key: auth.key,
-            report,
-        });
+        let _ = self
+            .engine
+            .send(EngineInput::Online {
+                id: id.clone(),
+                key: auth.key,
+                report,
+            })
+            .await;
 
         // Writer: engine instructions first, then chunk answers.
         let writer_close = close.clone();
@@ -235,7 +251,7 @@ impl AgentPort {
         // Unregister before the writer can close the stream: whoever sees the
         // connection closed also sees the agent gone from the registry.
         if self.registry.unregister(&id, generation) {
-            let _ = self.engine.send(EngineInput::Offline { id: id.clone() });
+            let _ = self.engine.send(EngineInput::Offline { id: id.clone() }).await;
         }
         drop(data_tx);
         if tokio::time::timeout(Duration::from_secs(5), writer_task)
@@ -338,6 +354,7 @@ impl AgentPort {
                 return self
                     .engine
                     .send(input)
+                    .await
                     .map_err(|_| "manager shutting down".to_string());
             }
             SessionEvent::ForEngine(msg) => msg,
@@ -356,6 +373,7 @@ impl AgentPort {
         };
         self.engine
             .send(input)
+            .await
             .map_err(|_| "manager shutting down".to_string())
     }
 }
