@@ -17,9 +17,10 @@
 //!   message that agents do not send is ignored with a warning;
 //! - `Report`, `NextPlease` and `SegmentReport` pages are rate-limited per
 //!   session ([`SessionLimits`], token buckets): a message over its limit is
-//!   dropped (a warning at most every [`LIMIT_WARN_EVERY`] per session), and a
-//!   session that keeps sending over the limits (more than the `flood`
-//!   allowance of dropped messages) is closed ([`SessionError::Flooding`]).
+//!   dropped and counted ([`AgentSession::dropped`]; the driver logs it,
+//!   rate-limited), and a session that keeps sending over the limits (more
+//!   than the `flood` allowance of dropped messages) is closed
+//!   ([`SessionError::Flooding`]).
 //!   The defaults sit well above what an honest agent sends: a Linux agent
 //!   reports when it changes (its measured link every 2 s at most, its delay
 //!   to the manager on each 10 s ping), asks `NextPlease` once per finished
@@ -41,8 +42,6 @@ use crate::rate_limit::{Rate, TokenBucket};
 
 /// How long a new session has to receive its first `Report` after the handshake.
 pub const FIRST_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Least time between two warnings of one session about messages dropped over a limit.
-pub const LIMIT_WARN_EVERY: Duration = Duration::from_secs(5);
 
 /// How many messages of each rate-limited kind one session may send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,9 +248,6 @@ struct Buckets {
     flood: TokenBucket,
     /// Messages dropped over a limit in this session.
     dropped: u64,
-    /// Dropped since the last warning.
-    unwarned: u64,
-    last_warning: Option<Duration>,
 }
 
 impl Buckets {
@@ -262,8 +258,6 @@ impl Buckets {
             segment_pages: TokenBucket::new(limits.segment_pages, now),
             flood: TokenBucket::new(limits.flood, now),
             dropped: 0,
-            unwarned: 0,
-            last_warning: None,
         }
     }
 }
@@ -357,9 +351,8 @@ impl AgentSession {
         self.events.push_back(SessionEvent::Close(why));
     }
 
-    /// Whether `msg` is within its kind's rate limit; one that is not is dropped (counted,
-    /// warned about at most every [`LIMIT_WARN_EVERY`]), and past the flood allowance the
-    /// session is closed.
+    /// Whether `msg` is within its kind's rate limit; one that is not is dropped (counted in
+    /// [`AgentSession::dropped`]), and past the flood allowance the session is closed.
     fn within_limits(&mut self, now: Duration, msg: &Message<'_>) -> bool {
         let b = &mut self.buckets;
         let bucket = match msg {
@@ -372,23 +365,10 @@ impl AgentSession {
             return true;
         }
         b.dropped += 1;
-        b.unwarned += 1;
-        let kind = msg.kind();
         if !b.flood.take(now) {
+            let kind = msg.kind();
             let dropped = b.dropped;
-            tracing::warn!(agent = %self.agent, dropped, "agent floods the manager; closing");
             self.close(SessionError::Flooding { kind, dropped });
-            return false;
-        }
-        if b.last_warning.is_none_or(|t| now >= t + LIMIT_WARN_EVERY) {
-            tracing::warn!(
-                agent = %self.agent,
-                kind,
-                dropped = b.unwarned,
-                "messages over the session's rate limit dropped"
-            );
-            b.last_warning = Some(now);
-            b.unwarned = 0;
         }
         false
     }

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_agent_core::linux::link::{self, Limits, LinkError};
-use baton_manager_core::session::{AgentSession, SessionConfig, SessionEvent};
+use baton_manager_core::session::{AgentSession, SessionConfig, SessionError, SessionEvent};
 use baton_protocol::message::Message;
 use baton_protocol::session::{Hello, Role};
 use baton_protocol::types::{AgentId, PublicKey};
@@ -54,6 +54,40 @@ pub const MAX_AGENT_FRAME: usize = 16 * 1024;
 pub const DATA_QUEUE: usize = 8;
 /// An agent that takes no byte of a frame for this long is disconnected (it does not read).
 pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Least time between two log lines of one cause about agents over their rate limits.
+const LIMIT_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// A log line for a cause, at most once per [`LIMIT_LOG_EVERY`] process-wide; what was not
+/// logged in between is counted into the next line.
+struct LimitLog {
+    last: std::sync::Mutex<(Option<Instant>, u64)>,
+}
+
+impl LimitLog {
+    const fn new() -> Self {
+        LimitLog {
+            last: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// Counts `n` occurrences; returns those to log now (since the last line), if it is time.
+    fn note(&self, n: u64) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.1 += n;
+        let now = Instant::now();
+        if last.0.is_some_and(|t| now < t + LIMIT_LOG_EVERY) {
+            return None;
+        }
+        let count = last.1;
+        *last = (Some(now), 0);
+        Some(count)
+    }
+}
+
+/// Messages dropped over the sessions' rate limits.
+static DROPPED_LOG: LimitLog = LimitLog::new();
+/// Sessions closed for flooding.
+static FLOODERS_LOG: LimitLog = LimitLog::new();
 
 /// What every agent connection shares.
 #[derive(Debug)]
@@ -285,7 +319,17 @@ impl AgentPort {
                     return format!("link error: {e}");
                 }
             };
+            let dropped = session.dropped();
             session.handle_frame(origin.elapsed(), unix_now(), bytes);
+            if session.dropped() > dropped
+                && let Some(n) = DROPPED_LOG.note(session.dropped() - dropped)
+            {
+                tracing::warn!(
+                    agent = %session.agent(),
+                    dropped = n,
+                    "messages over the session's rate limit dropped (Report, NextPlease, SegmentReport; count since the last such line, all agents)"
+                );
+            }
             // Pongs queue behind the chunk answers, as the agent asked for them.
             while let Some(msg) = session.poll_transmit() {
                 if data_tx.send(msg.to_vec()).await.is_err() {
@@ -358,6 +402,12 @@ impl AgentPort {
                     .map_err(|_| "manager shutting down".to_string());
             }
             SessionEvent::ForEngine(msg) => msg,
+            SessionEvent::Close(why @ SessionError::Flooding { .. }) => {
+                if let Some(n) = FLOODERS_LOG.note(1) {
+                    tracing::warn!(agent = %id, closed = n, "{why}; closing (sessions closed for flooding since the last such line, all agents)");
+                }
+                return Err(why.to_string());
+            }
             SessionEvent::Close(why) => {
                 tracing::warn!(agent = %id, "{why}; closing");
                 return Err(why.to_string());

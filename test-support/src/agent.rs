@@ -103,6 +103,11 @@ impl AgentProc {
         self.proc.kill_group();
     }
 
+    /// The agent process's id (e.g. for its `/proc/PID/status`).
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         read_text(&self.dir.join("agent.log"))

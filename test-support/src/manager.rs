@@ -243,6 +243,11 @@ impl Manager {
         token["token"].as_str().expect("a token").to_string()
     }
 
+    /// The manager process's id (e.g. for its `/proc/PID/status`).
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// The manager's log so far.
     pub fn log(&self) -> String {
         log_of(&self.dir)

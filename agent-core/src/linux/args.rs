@@ -98,6 +98,10 @@ pub struct AgentArgs {
     /// (default 3000); a silent leader is replaced within this plus one beacon interval.
     #[arg(long, value_name = "MS")]
     pub leader_timeout_ms: Option<u64>,
+    /// Seconds a peer may take no byte of what it asked for before it is disconnected
+    /// (default 20); meanwhile it is not read once 16 frames wait for it.
+    #[arg(long, value_name = "SECS")]
+    pub peer_stall_timeout_secs: Option<u64>,
 }
 
 /// Accepts a size as a TOML string ("10MiB") or integer (65536).
@@ -144,6 +148,10 @@ impl AgentArgs {
         or(&mut self.discovery_broadcast, file.discovery_broadcast);
         or(&mut self.beacon_interval_ms, file.beacon_interval_ms);
         or(&mut self.leader_timeout_ms, file.leader_timeout_ms);
+        or(
+            &mut self.peer_stall_timeout_secs,
+            file.peer_stall_timeout_secs,
+        );
         if self.label.is_empty() {
             self.label = file.label;
         }

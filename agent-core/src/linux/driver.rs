@@ -15,8 +15,8 @@
 //! *backlog*, and its connection is not read while that backlog holds
 //! [`PEER_WINDOW`] frames (TCP then slows the peer down); a peer whose backlog
 //! still grows past [`PEER_QUEUE_MAX`] frames (answers to requests parked
-//! earlier), or that takes no byte of a frame for [`PEER_STALL_TIMEOUT`], is
-//! disconnected. A peer that asks for chunks and never reads the answers thus
+//! earlier), or that takes no byte of a frame for [`PEER_STALL_TIMEOUT`]
+//! (`--peer-stall-timeout-secs`), is disconnected. A peer that asks for chunks and never reads the answers thus
 //! holds at most its window of chunk buffers, and is dropped after the stall
 //! timeout.
 //!
@@ -75,7 +75,8 @@ pub const PEER_WINDOW: usize = crate::agent::MAX_WINDOW;
 /// stopped reading can still be answered at once (an honest fetcher has at most
 /// `MAX_WINDOW` requests in flight per job, four jobs at most).
 pub const PEER_QUEUE_MAX: usize = 8 * PEER_WINDOW;
-/// A peer that takes no byte of a frame for this long is disconnected (it does not read).
+/// A peer that takes no byte of a frame for this long is disconnected (it does not read),
+/// unless `--peer-stall-timeout-secs` says otherwise.
 pub const PEER_STALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// Least time between two warnings about peers dropped for their backlog.
 const BACKLOG_WARN_EVERY: Duration = Duration::from_secs(5);
@@ -200,6 +201,7 @@ struct Settings {
     status_file: Option<PathBuf>,
     max_storage: Option<u64>,
     exit_when_done: bool,
+    peer_stall: Duration,
 }
 
 impl Settings {
@@ -327,6 +329,11 @@ impl Settings {
             status_file: a.status_file.clone(),
             max_storage: size(&a.max_storage, "max-storage")?,
             exit_when_done: a.exit_when_done,
+            peer_stall: match a.peer_stall_timeout_secs {
+                None => PEER_STALL_TIMEOUT,
+                Some(0) => return Err(config_err("--peer-stall-timeout-secs must be at least 1")),
+                Some(n) => Duration::from_secs(n),
+            },
         })
     }
 }
@@ -451,6 +458,8 @@ struct Shared {
     limits: Limits,
     inputs: mpsc::Sender<Input>,
     next_conn: Arc<AtomicU32>,
+    /// How long a peer may take no byte before it is disconnected.
+    peer_stall: Duration,
 }
 
 impl Shared {
@@ -466,21 +475,23 @@ impl Shared {
 
 /// Moves frames between a link and the central task until either side stops.
 ///
-/// With a `backlog` (peers), the link is not read while [`PEER_WINDOW`] frames wait, and a
-/// frame the other side takes no byte of for [`PEER_STALL_TIMEOUT`] ends the connection.
+/// With a `backlog` and a stall timeout (peers), the link is not read while
+/// [`PEER_WINDOW`] frames wait, and a frame the other side takes no byte of for the stall
+/// timeout ends the connection.
 async fn pump<S>(
     link: Link<S>,
     conn: ConnId,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     inputs: mpsc::Sender<Input>,
-    backlog: Option<Arc<Backlog>>,
+    backlog: Option<(Arc<Backlog>, Duration)>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
     let (mut reader, mut writer) = link.split();
-    if backlog.is_some() {
-        writer.set_stall_timeout(PEER_STALL_TIMEOUT);
-    }
+    let backlog = backlog.map(|(backlog, stall)| {
+        writer.set_stall_timeout(stall);
+        backlog
+    });
     let written = backlog.clone();
     let mut writing = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
@@ -666,7 +677,8 @@ async fn peer_up(shared: &Shared, link: Link<TcpStream>, conn: ConnId, info: Pee
         backlog: backlog.clone(),
     };
     if shared.inputs.send(up).await.is_ok() {
-        pump(link, conn, rx, shared.inputs.clone(), Some(backlog)).await;
+        let backlog = Some((backlog, shared.peer_stall));
+        pump(link, conn, rx, shared.inputs.clone(), backlog).await;
     }
 }
 
@@ -916,6 +928,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         limits: limits.clone(),
         inputs,
         next_conn: Arc::new(AtomicU32::new(1)),
+        peer_stall: s.peer_stall,
     };
     let mut agent: LinuxAgent = Agent::new(s.config.clone(), store);
     if let Some(a) = s.advertise {

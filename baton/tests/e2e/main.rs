@@ -13,6 +13,7 @@ mod fault_speed;
 mod faults;
 mod files;
 mod groups;
+mod hostile;
 mod push;
 mod serve;
 mod web;
