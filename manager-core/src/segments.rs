@@ -383,13 +383,21 @@ mod test {
         for n in 0..1000u32 {
             let seg = format!("seg-{n}");
             let p = page_in(&seg, "hostile", 1, 0, MAX_PAGES);
-            assert_eq!(a.handle_page(&hostile, Some(&seg), p, 1 + u64::from(n)), Ok(None));
+            assert_eq!(
+                a.handle_page(&hostile, Some(&seg), p, 1 + u64::from(n)),
+                Ok(None)
+            );
             assert_eq!(a.pending(), 2, "one pending report per agent");
         }
         assert_eq!(a.completed.len(), 0);
         // The honest leader's report completes with its second page.
         let all = a
-            .handle_page(&honest, Some("lan-1"), page("honest", 3, 1, 2, &["c"]), 2000)
+            .handle_page(
+                &honest,
+                Some("lan-1"),
+                page("honest", 3, 1, 2, &["c"]),
+                2000,
+            )
             .unwrap()
             .expect("the honest report was kept");
         assert_eq!(all.len(), 2);
@@ -414,7 +422,11 @@ mod test {
         for n in 0..MAX_PENDING {
             let name = format!("l{n}");
             let p = page(&name, 1, 1, 2, &["x"]);
-            assert!(a.handle_page(&id(&name), Some("lan-1"), p, 30).unwrap().is_some());
+            assert!(
+                a.handle_page(&id(&name), Some("lan-1"), p, 30)
+                    .unwrap()
+                    .is_some()
+            );
         }
         assert_eq!(a.pending(), 0);
     }
@@ -424,19 +436,35 @@ mod test {
         let mut a = Assembler::new();
         let l = id("l");
         let seg = Some("lan-1");
-        assert_eq!(a.handle_page(&l, seg, page("l", 1, 0, 2, &["a"]), 1_000), Ok(None));
+        assert_eq!(
+            a.handle_page(&l, seg, page("l", 1, 0, 2, &["a"]), 1_000),
+            Ok(None)
+        );
         // Another leader's page just before the expiry keeps it.
         let o = id("o");
         let before = 1_000 + PENDING_EXPIRY_MS - 1;
-        assert_eq!(a.handle_page(&o, seg, page("o", 1, 0, 2, &["o"]), before), Ok(None));
+        assert_eq!(
+            a.handle_page(&o, seg, page("o", 1, 0, 2, &["o"]), before),
+            Ok(None)
+        );
         assert_eq!(a.pending(), 2);
         // At the expiry it is gone: its second page alone does not complete it.
         let at = 1_000 + PENDING_EXPIRY_MS;
-        assert_eq!(a.handle_page(&l, seg, page("l", 1, 1, 2, &["b"]), at), Ok(None));
-        assert_eq!(a.pending(), 2, "l's report started again with page 1; o's is kept");
+        assert_eq!(
+            a.handle_page(&l, seg, page("l", 1, 1, 2, &["b"]), at),
+            Ok(None)
+        );
+        assert_eq!(
+            a.pending(),
+            2,
+            "l's report started again with page 1; o's is kept"
+        );
         // o's own report expires 30 s after its first page.
         let later = before + PENDING_EXPIRY_MS;
-        assert_eq!(a.handle_page(&l, seg, page("l", 2, 0, 2, &["a"]), later), Ok(None));
+        assert_eq!(
+            a.handle_page(&l, seg, page("l", 2, 0, 2, &["a"]), later),
+            Ok(None)
+        );
         assert_eq!(a.pending(), 1);
     }
 

@@ -801,7 +801,10 @@ mod test {
         }
         eprintln!("passed {passed}, closed after {closed_after:?} dropped");
         // The burst and at most a few seconds' refill went through.
-        assert!(passed >= limits.report.burst as usize && passed <= 40, "{passed}");
+        assert!(
+            passed >= limits.report.burst as usize && passed <= 40,
+            "{passed}"
+        );
         let dropped = closed_after.expect("the flooder is closed");
         assert!((1000..=1020).contains(&dropped), "{dropped}");
     }

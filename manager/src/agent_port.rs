@@ -247,7 +247,10 @@ impl AgentPort {
             // The previous session is dead (e.g. the device lost power and came back
             // before the old connection timed out) and will not report it: the id now
             // belongs to this session. The engine must see it go, so it instructs again.
-            let _ = self.engine.send(EngineInput::Offline { id: id.clone() }).await;
+            let _ = self
+                .engine
+                .send(EngineInput::Offline { id: id.clone() })
+                .await;
         }
         let _ = self
             .engine
@@ -285,7 +288,10 @@ impl AgentPort {
         // Unregister before the writer can close the stream: whoever sees the
         // connection closed also sees the agent gone from the registry.
         if self.registry.unregister(&id, generation) {
-            let _ = self.engine.send(EngineInput::Offline { id: id.clone() }).await;
+            let _ = self
+                .engine
+                .send(EngineInput::Offline { id: id.clone() })
+                .await;
         }
         drop(data_tx);
         if tokio::time::timeout(Duration::from_secs(5), writer_task)

@@ -558,7 +558,10 @@ mod test {
             async move { tx.send(online("late", 1)).await.is_ok() }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!waiting.is_finished(), "the sender waits while the queue is full");
+        assert!(
+            !waiting.is_finished(),
+            "the sender waits while the queue is full"
+        );
         assert!(rx.recv().await.is_some());
         let sent = tokio::time::timeout(Duration::from_secs(5), waiting)
             .await

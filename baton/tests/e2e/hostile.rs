@@ -135,7 +135,10 @@ fn a_peer_that_never_reads_costs_its_server_at_most_its_window_and_is_dropped() 
     let first = m.create_job(&path, &["src"], json!({}));
     let detail = finished(&m, first, &t);
     assert_eq!(detail["confirmed_count"], 1, "{detail}");
-    let root_hex = detail["content"]["root"].as_str().expect("root").to_string();
+    let root_hex = detail["content"]["root"]
+        .as_str()
+        .expect("root")
+        .to_string();
     let content_root: Digest = hex::decode(&root_hex).unwrap().try_into().unwrap();
     let (_, view) = m.api("GET", "/api/v1/agents/src", None);
     let listen: std::net::SocketAddr = view["listen"]
