@@ -99,7 +99,7 @@ pub struct AgentArgs {
     #[arg(long, value_name = "MS")]
     pub leader_timeout_ms: Option<u64>,
     /// Seconds a peer may take no byte of what it asked for before it is disconnected
-    /// (default 20); meanwhile it is not read once 16 frames wait for it.
+    /// (default 20); meanwhile it is not read once 32 frames wait for or from it.
     #[arg(long, value_name = "SECS")]
     pub peer_stall_timeout_secs: Option<u64>,
 }

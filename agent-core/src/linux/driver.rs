@@ -11,14 +11,18 @@
 //! Rate limits (`--up-bps`, `--down-bps`) are process-wide.
 //!
 //! A peer costs a bounded amount of memory however it behaves: its frames
-//! waiting for the central task plus the frames queued for it are its
-//! *backlog*, and its connection is not read while that backlog holds
-//! [`PEER_WINDOW`] frames (TCP then slows the peer down); a peer whose backlog
-//! still grows past [`PEER_QUEUE_MAX`] frames (answers to requests parked
-//! earlier), or that takes no byte of a frame for [`PEER_STALL_TIMEOUT`]
-//! (`--peer-stall-timeout-secs`), is disconnected. A peer that asks for chunks and never reads the answers thus
-//! holds at most its window of chunk buffers, and is dropped after the stall
-//! timeout.
+//! waiting for the central task plus the answers (chunks, refusals, pongs)
+//! queued for it are its *backlog*, and its connection is not read while that
+//! backlog holds [`PEER_WINDOW`] frames (TCP then slows the peer down); a peer
+//! whose backlog still grows past [`PEER_QUEUE_MAX`] frames (answers to
+//! requests parked earlier), or that takes no byte of a frame for
+//! [`PEER_STALL_TIMEOUT`] (`--peer-stall-timeout-secs`), is disconnected. A
+//! peer that asks for chunks and never reads the answers thus holds at most
+//! its window of chunk buffers, and is dropped after the stall timeout. Our
+//! own chunk requests to a peer are not counted (the fetch window bounds
+//! them): two honest agents fetching from each other over one connection owe
+//! each other at most their fetch windows, below [`PEER_WINDOW`], so neither
+//! stops reading the other.
 //!
 //! Segment discovery (`--discovery-port`, 0 = off) runs beside the agent: a
 //! [`Segment`] fed from the discovery sockets (see [`super::discovery`]),
@@ -67,14 +71,15 @@ const LINUX_PEERS: usize = 64;
 const LINUX_PARKED: usize = 512;
 /// Peers a Linux agent serves at once unless `--max-peers` says otherwise.
 const DEFAULT_MAX_PEERS: u16 = 48;
-/// Frames a peer connection may have waiting (read but not handled, or queued for it)
-/// before it is no longer read: a fetcher's full request window ([`crate::agent::MAX_WINDOW`])
-/// is answered without waiting.
-pub const PEER_WINDOW: usize = crate::agent::MAX_WINDOW;
-/// Frames queued for one peer beyond which it is disconnected: requests parked before it
+/// Frames a peer connection may have waiting (read but not handled, or answers queued for
+/// it) before it is no longer read: twice the largest fetch window
+/// ([`crate::agent::MAX_WINDOW`]), so an honest fetcher (two jobs at the largest window, four
+/// at the default) is answered without waiting.
+pub const PEER_WINDOW: usize = 2 * crate::agent::MAX_WINDOW;
+/// Answers queued for one peer beyond which it is disconnected: requests parked before it
 /// stopped reading can still be answered at once (an honest fetcher has at most
 /// `MAX_WINDOW` requests in flight per job, four jobs at most).
-pub const PEER_QUEUE_MAX: usize = 8 * PEER_WINDOW;
+pub const PEER_QUEUE_MAX: usize = 4 * PEER_WINDOW;
 /// A peer that takes no byte of a frame for this long is disconnected (it does not read),
 /// unless `--peer-stall-timeout-secs` says otherwise.
 pub const PEER_STALL_TIMEOUT: Duration = Duration::from_secs(20);
@@ -377,9 +382,12 @@ impl Backlog {
     }
 }
 
+/// A frame for a connection's writer; `counted` when it is in the peer's [`Backlog`].
+type Outbound = (Vec<u8>, bool);
+
 /// Where the central task puts frames for one connection.
 struct Outgoing {
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    tx: mpsc::UnboundedSender<Outbound>,
     /// For peers only: the manager session is trusted and never held back.
     backlog: Option<Arc<Backlog>>,
 }
@@ -410,8 +418,8 @@ impl DropLog {
     }
 }
 
-/// Queues `frame` for `conn`; a peer whose backlog is over [`PEER_QUEUE_MAX`] is
-/// disconnected instead (its entry removed, so its writer ends).
+/// Queues `frame` for `conn`; an answer to a peer whose backlog is over [`PEER_QUEUE_MAX`]
+/// disconnects it instead (its entry removed, so its writer ends).
 fn queue_frame(
     conns: &mut HashMap<ConnId, Outgoing>,
     conn: ConnId,
@@ -419,27 +427,31 @@ fn queue_frame(
     drops: &mut DropLog,
 ) {
     let Some(out) = conns.get(&conn) else { return };
-    if let Some(b) = &out.backlog {
+    let mut counted = false;
+    if let Some(b) = &out.backlog
+        && !matches!(Message::decode(&frame), Ok(Message::ChunkRequest { .. }))
+    {
         if b.len() >= PEER_QUEUE_MAX {
             drops.dropped(conn, b.len());
             conns.remove(&conn);
             return;
         }
         b.add();
+        counted = true;
     }
-    let _ = out.tx.send(frame);
+    let _ = out.tx.send((frame, counted));
 }
 
 /// What connection tasks tell the central task.
 enum Input {
     ManagerUp {
-        tx: mpsc::UnboundedSender<Vec<u8>>,
+        tx: mpsc::UnboundedSender<Outbound>,
         local: SocketAddr,
     },
     PeerUp {
         conn: ConnId,
         info: PeerInfo,
-        tx: mpsc::UnboundedSender<Vec<u8>>,
+        tx: mpsc::UnboundedSender<Outbound>,
         backlog: Arc<Backlog>,
     },
     ConnectFailed(AgentId),
@@ -481,7 +493,7 @@ impl Shared {
 async fn pump<S>(
     link: Link<S>,
     conn: ConnId,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
     inputs: mpsc::Sender<Input>,
     backlog: Option<(Arc<Backlog>, Duration)>,
 ) where
@@ -494,9 +506,9 @@ async fn pump<S>(
     });
     let written = backlog.clone();
     let mut writing = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
+        while let Some((frame, counted)) = rx.recv().await {
             let sent = writer.send(&frame).await;
-            if let Some(b) = &written {
+            if let (Some(b), true) = (&written, counted) {
                 b.done();
             }
             match sent {
@@ -1164,7 +1176,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                             pages = page.pages,
                             "segment report"
                         );
-                        let _ = tx.send(Message::SegmentReport(page).to_vec());
+                        let _ = tx.send((Message::SegmentReport(page).to_vec(), false));
                     }
                     _ => tracing::debug!("segment report dropped: manager session down"),
                 }
@@ -1245,6 +1257,70 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
 mod test {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn answers_count_in_a_peers_backlog_and_past_the_cap_the_peer_is_dropped() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let backlog = Arc::new(Backlog::default());
+        let conn = ConnId(7);
+        let mut conns = HashMap::from([(
+            conn,
+            Outgoing {
+                tx,
+                backlog: Some(backlog.clone()),
+            },
+        )]);
+        let mut drops = DropLog::default();
+        let request = Message::ChunkRequest {
+            root: [1; 32],
+            index: 3,
+        }
+        .to_vec();
+        let answer = Message::Pong { nonce: 9 }.to_vec();
+        // Our own requests are not counted; answers are.
+        for _ in 0..PEER_QUEUE_MAX * 2 {
+            queue_frame(&mut conns, conn, request.clone(), &mut drops);
+        }
+        assert_eq!(backlog.len(), 0);
+        for _ in 0..PEER_QUEUE_MAX {
+            queue_frame(&mut conns, conn, answer.clone(), &mut drops);
+        }
+        assert_eq!(backlog.len(), PEER_QUEUE_MAX);
+        assert!(conns.contains_key(&conn));
+        // One more answer: the peer is dropped, the answer is not queued.
+        queue_frame(&mut conns, conn, answer.clone(), &mut drops);
+        assert!(!conns.contains_key(&conn));
+        let queued: Vec<Outbound> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(queued.len(), PEER_QUEUE_MAX * 3);
+        assert_eq!(
+            queued.iter().filter(|(_, counted)| *counted).count(),
+            PEER_QUEUE_MAX
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peers_reader_waits_while_its_window_is_full() {
+        let backlog = Arc::new(Backlog::default());
+        for _ in 0..PEER_WINDOW {
+            backlog.add();
+        }
+        let waiting = tokio::spawn({
+            let backlog = backlog.clone();
+            async move { backlog.below(PEER_WINDOW).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "a full window holds the reader");
+        backlog.done();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("one frame written frees the reader")
+            .unwrap();
+        // Done more often than added (a frame of a connection removed meanwhile): no wrap.
+        for _ in 0..PEER_WINDOW + 5 {
+            backlog.done();
+        }
+        assert_eq!(backlog.len(), 0);
+    }
 
     #[test]
     fn the_identity_is_created_private_and_refused_once_open_to_others() {

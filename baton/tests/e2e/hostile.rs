@@ -33,7 +33,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// The content's chunk size (the default).
 const CHUNK: u64 = 32 * 1024;
 /// Frames a serving agent holds for one peer before it stops reading it (`PEER_WINDOW`).
-const PEER_WINDOW: u64 = 16;
+const PEER_WINDOW: u64 = 32;
 
 /// A small tokio runtime for the fake agents, so the test body can block meanwhile.
 fn runtime() -> tokio::runtime::Runtime {
