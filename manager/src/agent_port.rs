@@ -88,6 +88,8 @@ impl LimitLog {
 static DROPPED_LOG: LimitLog = LimitLog::new();
 /// Sessions closed for flooding.
 static FLOODERS_LOG: LimitLog = LimitLog::new();
+/// Segment report pages refused (wrong leader or segment, stale, too many pending reports).
+static REFUSED_PAGES_LOG: LimitLog = LimitLog::new();
 
 /// What every agent connection shares.
 #[derive(Debug)]
@@ -389,7 +391,9 @@ impl AgentPort {
                     }
                     Ok(None) => return Ok(()),
                     Err(e) => {
-                        tracing::warn!(agent = %id, "segment report refused: {e}");
+                        if let Some(n) = REFUSED_PAGES_LOG.note(1) {
+                            tracing::warn!(agent = %id, refused = n, "segment report refused: {e} (pages refused since the last such line, all agents)");
+                        }
                         return Ok(());
                     }
                 }
