@@ -17,6 +17,7 @@
 //! - [`definitions`]: content groups and named policies: names, policy fields, group members.
 //! - [`records`]: the plain records the store keeps and the parts above exchange.
 //! - [`login_limit`]: the back-off that slows password guessing.
+//! - [`rate_limit`]: token buckets for the messages an agent session may send.
 
 #![warn(missing_docs)]
 
@@ -24,6 +25,7 @@ pub mod definitions;
 pub mod engine;
 pub mod login_limit;
 pub mod planner;
+pub mod rate_limit;
 pub mod records;
 pub mod segments;
 pub mod session;

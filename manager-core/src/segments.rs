@@ -6,6 +6,11 @@
 //! a page whose `leader` is not the session's agent or whose segment is not
 //! the one that agent reported itself in, keeps the pages of the newest term
 //! of each leader, and hands back the whole report once every page arrived.
+//! It keeps at most one report in assembly per leader agent (a page of another
+//! segment or a newer term from the same agent replaces that agent's own
+//! pending report, never another's), drops a pending report
+//! [`PENDING_EXPIRY_MS`] after its first page, and refuses a new leader's page
+//! while [`MAX_PENDING`] other leaders' reports are being assembled.
 //! The caller stores it (replacing the segment's earlier view) with
 //! the store's `replace_segment`. The assembler holds no clock:
 //! the caller passes `now_ms`.
@@ -19,8 +24,11 @@ use crate::records::{DelayRecord, LinkRecord, MemberRecord, SegmentRecord};
 
 /// Most pages one report may have (4 members each: 4096 members).
 pub const MAX_PAGES: u16 = 1024;
-/// Most reports being assembled at once (one per leader); the oldest is dropped beyond.
+/// Most reports being assembled at once (one per leader agent); a new leader's page is
+/// refused beyond.
 pub const MAX_PENDING: usize = 256;
+/// A report still incomplete this long after its first page is dropped (milliseconds).
+pub const PENDING_EXPIRY_MS: u64 = 30_000;
 
 /// Why a segment report page was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -58,22 +66,26 @@ pub enum Refusal {
         /// The newest term seen from this leader.
         newest: u32,
     },
+    /// [`MAX_PENDING`] other leaders' reports are being assembled.
+    #[error("{MAX_PENDING} other leaders' reports are being assembled; try again later")]
+    Busy,
 }
 
 /// The pages received so far of one leader's report.
 #[derive(Debug)]
 struct Pending {
+    segment: String,
     term: u32,
     pages: Vec<Option<Vec<SegmentMember>>>,
     started_ms: u64,
 }
 
-/// Assembles paged segment reports, one report per (segment, leader) at a time.
+/// Assembles paged segment reports, one report per leader agent at a time.
 #[derive(Debug, Default)]
 pub struct Assembler {
-    pending: HashMap<(String, AgentId), Pending>,
-    /// The newest complete term of each (segment, leader), to drop repeats and old pages.
-    completed: HashMap<(String, AgentId), u32>,
+    pending: HashMap<AgentId, Pending>,
+    /// The segment and newest complete term of each leader, to drop repeats and old pages.
+    completed: HashMap<AgentId, (String, u32)>,
 }
 
 impl Assembler {
@@ -111,34 +123,43 @@ impl Assembler {
                 pages: page.pages,
             });
         }
-        let key = (page.segment.to_string(), page.leader.clone());
-        if let Some(&done) = self.completed.get(&key)
-            && page.term <= done
+        let key = page.leader.clone();
+        let segment = page.segment.as_str();
+        if let Some((seg, done)) = self.completed.get(&key)
+            && seg == segment
+            && page.term <= *done
         {
             return Err(Refusal::Stale {
                 term: page.term,
-                newest: done,
+                newest: *done,
             });
         }
+        self.expire(now_ms);
+        if !self.pending.contains_key(&key) && self.pending.len() >= MAX_PENDING {
+            return Err(Refusal::Busy);
+        }
         let fresh = |term| Pending {
+            segment: segment.to_string(),
             term,
             pages: vec![None; page.pages as usize],
             started_ms: now_ms,
         };
-        if !self.pending.contains_key(&key) && self.pending.len() >= MAX_PENDING {
-            self.drop_oldest();
-        }
         let entry = self
             .pending
             .entry(key.clone())
             .or_insert_with(|| fresh(page.term));
-        if page.term < entry.term {
+        if entry.segment == segment && page.term < entry.term {
             return Err(Refusal::Stale {
                 term: page.term,
                 newest: entry.term,
             });
         }
-        if page.term > entry.term || entry.pages.len() != page.pages as usize {
+        // Another segment (the agent reported a new one), a newer term or another page
+        // count: the agent's own pending report is replaced.
+        if entry.segment != segment
+            || page.term > entry.term
+            || entry.pages.len() != page.pages as usize
+        {
             *entry = fresh(page.term);
         }
         entry.pages[page.page as usize] = Some(page.members.to_vec());
@@ -146,7 +167,7 @@ impl Assembler {
             return Ok(None);
         }
         let done = self.pending.remove(&key).expect("entry present");
-        self.completed.insert(key, done.term);
+        self.completed.insert(key, (done.segment, done.term));
         let mut members: Vec<SegmentMember> = done.pages.into_iter().flatten().flatten().collect();
         members.sort_by(|a, b| a.id.cmp(&b.id));
         members.dedup_by(|a, b| a.id == b.id);
@@ -155,19 +176,19 @@ impl Assembler {
 
     /// Forgets what `leader` sent (a new session: its term counter may start again).
     pub fn forget_leader(&mut self, leader: &AgentId) {
-        self.pending.retain(|(_, l), _| l != leader);
-        self.completed.retain(|(_, l), _| l != leader);
+        self.pending.remove(leader);
+        self.completed.remove(leader);
     }
 
-    fn drop_oldest(&mut self) {
-        if let Some(key) = self
-            .pending
-            .iter()
-            .min_by_key(|(_, p)| p.started_ms)
-            .map(|(k, _)| k.clone())
-        {
-            self.pending.remove(&key);
-        }
+    /// Reports being assembled now.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Drops the reports whose first page came [`PENDING_EXPIRY_MS`] or more before `now_ms`.
+    fn expire(&mut self, now_ms: u64) {
+        self.pending
+            .retain(|_, p| now_ms < p.started_ms.saturating_add(PENDING_EXPIRY_MS));
     }
 }
 
@@ -338,6 +359,113 @@ mod test {
                 .unwrap()
                 .is_some()
         );
+    }
+
+    /// A page of `leader`'s report for `segment`.
+    fn page_in(segment: &str, leader: &str, term: u32, p: u16, pages: u16) -> SegmentReport {
+        SegmentReport {
+            segment: segment.try_into().unwrap(),
+            ..page(leader, term, p, pages, &[leader])
+        }
+    }
+
+    #[test]
+    fn an_agent_changing_its_segment_between_pages_keeps_one_pending_report_and_evicts_nobody() {
+        let mut a = Assembler::new();
+        // An honest leader's report waits for its second page.
+        let honest = id("honest");
+        assert_eq!(
+            a.handle_page(&honest, Some("lan-1"), page("honest", 3, 0, 2, &["b"]), 0),
+            Ok(None)
+        );
+        // A hostile agent reports a new segment before each page of a 1,024-page report.
+        let hostile = id("hostile");
+        for n in 0..1000u32 {
+            let seg = format!("seg-{n}");
+            let p = page_in(&seg, "hostile", 1, 0, MAX_PAGES);
+            assert_eq!(
+                a.handle_page(&hostile, Some(&seg), p, 1 + u64::from(n)),
+                Ok(None)
+            );
+            assert_eq!(a.pending(), 2, "one pending report per agent");
+        }
+        assert_eq!(a.completed.len(), 0);
+        // The honest leader's report completes with its second page.
+        let all = a
+            .handle_page(
+                &honest,
+                Some("lan-1"),
+                page("honest", 3, 1, 2, &["c"]),
+                2000,
+            )
+            .unwrap()
+            .expect("the honest report was kept");
+        assert_eq!(all.len(), 2);
+        assert_eq!(a.pending(), 1);
+    }
+
+    #[test]
+    fn a_new_leader_is_refused_while_the_pending_reports_are_full_and_evicts_nobody() {
+        let mut a = Assembler::new();
+        for n in 0..MAX_PENDING {
+            let name = format!("l{n}");
+            let p = page(&name, 1, 0, 2, &[&name]);
+            assert_eq!(a.handle_page(&id(&name), Some("lan-1"), p, 10), Ok(None));
+        }
+        let late = id("late");
+        assert_eq!(
+            a.handle_page(&late, Some("lan-1"), page("late", 1, 0, 1, &["late"]), 20),
+            Err(Refusal::Busy)
+        );
+        assert_eq!(a.pending(), MAX_PENDING);
+        // Every earlier leader completes its report.
+        for n in 0..MAX_PENDING {
+            let name = format!("l{n}");
+            let p = page(&name, 1, 1, 2, &["x"]);
+            assert!(
+                a.handle_page(&id(&name), Some("lan-1"), p, 30)
+                    .unwrap()
+                    .is_some()
+            );
+        }
+        assert_eq!(a.pending(), 0);
+    }
+
+    #[test]
+    fn a_pending_report_expires_after_thirty_seconds() {
+        let mut a = Assembler::new();
+        let l = id("l");
+        let seg = Some("lan-1");
+        assert_eq!(
+            a.handle_page(&l, seg, page("l", 1, 0, 2, &["a"]), 1_000),
+            Ok(None)
+        );
+        // Another leader's page just before the expiry keeps it.
+        let o = id("o");
+        let before = 1_000 + PENDING_EXPIRY_MS - 1;
+        assert_eq!(
+            a.handle_page(&o, seg, page("o", 1, 0, 2, &["o"]), before),
+            Ok(None)
+        );
+        assert_eq!(a.pending(), 2);
+        // At the expiry it is gone: its second page alone does not complete it.
+        let at = 1_000 + PENDING_EXPIRY_MS;
+        assert_eq!(
+            a.handle_page(&l, seg, page("l", 1, 1, 2, &["b"]), at),
+            Ok(None)
+        );
+        assert_eq!(
+            a.pending(),
+            2,
+            "l's report started again with page 1; o's is kept"
+        );
+        // o's own report expires 30 s after its first page.
+        let later = before + PENDING_EXPIRY_MS;
+        assert_eq!(
+            a.handle_page(&l, seg, page("l", 2, 0, 2, &["a"]), later),
+            Ok(None)
+        );
+        assert_eq!(a.pending(), 1);
     }
 
     #[test]

@@ -14,7 +14,18 @@
 //!   `NextPlease`, `PeerTrouble` and `Pong` are for the engine; a
 //!   `SegmentReport` page is for segment-report assembly;
 //! - a `Report` for another id or a malformed message ends the session; a
-//!   message that agents do not send is ignored with a warning.
+//!   message that agents do not send is ignored with a warning;
+//! - `Report`, `NextPlease` and `SegmentReport` pages are rate-limited per
+//!   session ([`SessionLimits`], token buckets): a message over its limit is
+//!   dropped and counted ([`AgentSession::dropped`]; the driver logs it,
+//!   rate-limited), and a session that keeps sending over the limits (more
+//!   than the `flood` allowance of dropped messages) is closed
+//!   ([`SessionError::Flooding`]).
+//!   The defaults sit well above what an honest agent sends: a Linux agent
+//!   reports when it changes (its measured link every 2 s at most, its delay
+//!   to the manager on each 10 s ping), asks `NextPlease` once per finished
+//!   job, and a segment leader sends its report (at most 8 pages on Linux, 1,024
+//!   by the protocol) at most once per beacon interval.
 //!
 //! The session holds no socket and reads no clock: the driver passes `now`
 //! (time since its origin) and the wall clock, and carries out what comes back.
@@ -27,8 +38,37 @@ use baton_protocol::identity::{AgentCert, Identity};
 use baton_protocol::message::{CodecError, MAX_PUBLISHERS, Message, Report, SegmentReport};
 use baton_protocol::types::{AgentId, Digest, PublicKey};
 
+use crate::rate_limit::{Rate, TokenBucket};
+
 /// How long a new session has to receive its first `Report` after the handshake.
 pub const FIRST_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many messages of each rate-limited kind one session may send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// `Report`s (each is written to the database and re-places the agent in running plans).
+    pub report: Rate,
+    /// `NextPlease` messages.
+    pub next_please: Rate,
+    /// `SegmentReport` pages.
+    pub segment_pages: Rate,
+    /// Messages dropped over the limits above before the session is closed.
+    pub flood: Rate,
+}
+
+impl Default for SessionLimits {
+    /// Reports: 30 at once, 2 a second; `NextPlease`: 32 at once, 4 a second; segment
+    /// report pages: 1,024 at once (one report of the most pages), 256 a second; a session
+    /// is closed once more than 1,000 messages (plus 10 a second) were dropped.
+    fn default() -> Self {
+        SessionLimits {
+            report: Rate::new(30, 2),
+            next_please: Rate::new(32, 4),
+            segment_pages: Rate::new(1024, 256),
+            flood: Rate::new(1000, 10),
+        }
+    }
+}
 
 /// What every session of one manager shares: the identity that signs the
 /// agents' certificates and the publisher keys the `Welcome` announces.
@@ -37,6 +77,7 @@ pub struct SessionConfig {
     identity: Identity,
     publishers: heapless::Vec<PublicKey, MAX_PUBLISHERS>,
     first_report_timeout: Duration,
+    limits: SessionLimits,
 }
 
 impl SessionConfig {
@@ -51,7 +92,19 @@ impl SessionConfig {
             identity,
             publishers: announced,
             first_report_timeout: FIRST_REPORT_TIMEOUT,
+            limits: SessionLimits::default(),
         }
+    }
+
+    /// The same with other rate limits for the sessions' messages.
+    pub fn with_limits(mut self, limits: SessionLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The rate limits of the sessions' messages.
+    pub fn limits(&self) -> SessionLimits {
+        self.limits
     }
 
     /// The manager's identity (the driver's handshake uses it too).
@@ -101,6 +154,14 @@ pub enum SessionError {
     /// A frame did not decode as a message.
     #[error("malformed message: {0}")]
     Malformed(CodecError),
+    /// The agent kept sending messages over the session's rate limits.
+    #[error("flooding: {dropped} messages over the rate limits dropped (last: {kind})")]
+    Flooding {
+        /// The kind of the last message dropped.
+        kind: &'static str,
+        /// Messages dropped in this session.
+        dropped: u64,
+    },
 }
 
 /// What the driver must carry out for a session, from [`AgentSession::poll_event`].
@@ -175,6 +236,30 @@ pub struct AgentSession {
     state: State,
     transmit: VecDeque<Message<'static>>,
     events: VecDeque<SessionEvent>,
+    buckets: Buckets,
+}
+
+/// One session's token buckets and what it dropped.
+#[derive(Debug)]
+struct Buckets {
+    report: TokenBucket,
+    next_please: TokenBucket,
+    segment_pages: TokenBucket,
+    flood: TokenBucket,
+    /// Messages dropped over a limit in this session.
+    dropped: u64,
+}
+
+impl Buckets {
+    fn new(limits: SessionLimits, now: Duration) -> Self {
+        Buckets {
+            report: TokenBucket::new(limits.report, now),
+            next_please: TokenBucket::new(limits.next_please, now),
+            segment_pages: TokenBucket::new(limits.segment_pages, now),
+            flood: TokenBucket::new(limits.flood, now),
+            dropped: 0,
+        }
+    }
 }
 
 impl AgentSession {
@@ -184,11 +269,17 @@ impl AgentSession {
         AgentSession {
             agent,
             key,
-            config,
             state: State::AwaitingReport { deadline },
             transmit: VecDeque::new(),
             events: VecDeque::new(),
+            buckets: Buckets::new(config.limits, now),
+            config,
         }
+    }
+
+    /// Messages dropped over the rate limits in this session.
+    pub fn dropped(&self) -> u64 {
+        self.buckets.dropped
     }
 
     /// The authenticated agent.
@@ -222,7 +313,7 @@ impl AgentSession {
                 ));
             }
             State::AwaitingReport { .. } => self.first(unix_time, frame),
-            State::Open => self.route(frame),
+            State::Open => self.route(now, frame),
         }
     }
 
@@ -260,6 +351,28 @@ impl AgentSession {
         self.events.push_back(SessionEvent::Close(why));
     }
 
+    /// Whether `msg` is within its kind's rate limit; one that is not is dropped (counted in
+    /// [`AgentSession::dropped`]), and past the flood allowance the session is closed.
+    fn within_limits(&mut self, now: Duration, msg: &Message<'_>) -> bool {
+        let b = &mut self.buckets;
+        let bucket = match msg {
+            Message::Report(_) => &mut b.report,
+            Message::NextPlease { .. } => &mut b.next_please,
+            Message::SegmentReport(_) => &mut b.segment_pages,
+            _ => return true,
+        };
+        if bucket.take(now) {
+            return true;
+        }
+        b.dropped += 1;
+        if !b.flood.take(now) {
+            let kind = msg.kind();
+            let dropped = b.dropped;
+            self.close(SessionError::Flooding { kind, dropped });
+        }
+        false
+    }
+
     /// The first message: the agent's report about itself, answered with `Welcome`.
     fn first(&mut self, unix_time: u64, frame: &[u8]) {
         match Message::decode(frame) {
@@ -278,11 +391,14 @@ impl AgentSession {
     }
 
     /// Any later message: answered, routed, ignored, or the end of the session.
-    fn route(&mut self, frame: &[u8]) {
+    fn route(&mut self, now: Duration, frame: &[u8]) {
         let msg = match Message::decode(frame) {
             Ok(m) => m,
             Err(e) => return self.close(SessionError::Malformed(e)),
         };
+        if !self.within_limits(now, &msg) {
+            return;
+        }
         let for_engine = match msg {
             Message::Ping { nonce } => {
                 self.transmit.push_back(Message::Pong { nonce });
@@ -620,5 +736,136 @@ mod test {
         let keys = (0..MAX_PUBLISHERS as u8 + 3).map(|i| Identity::from_seed([i; 32]).public());
         let c = SessionConfig::new(manager(), keys);
         assert_eq!(c.publishers().len(), MAX_PUBLISHERS);
+    }
+
+    // ------------------------------------------------ rate limits (issue 14)
+
+    /// A session welcomed at `ms` milliseconds, its Welcome and Online drained.
+    fn online_at(ms: u64) -> AgentSession {
+        let mut s = session();
+        at(&mut s, ms, &Message::Report(report("a1")));
+        let _ = (transmits(&mut s), events(&mut s));
+        s
+    }
+
+    fn at(s: &mut AgentSession, ms: u64, msg: &Message<'_>) {
+        s.handle_frame(Duration::from_millis(ms), UNIX, &msg.to_vec());
+    }
+
+    #[test]
+    fn an_honest_agents_reports_and_next_pleases_are_never_dropped() {
+        let mut s = online_at(6_000);
+        // A report every 2 s and one NextPlease every 5 s for an hour, plus a burst of 10
+        // reports (a reconnection's changes) every 10 minutes.
+        let mut passed = 0;
+        for i in 0..1800u64 {
+            let t = 6_000 + i * 2_000;
+            at(&mut s, t, &Message::Report(report("a1")));
+            if i % 300 == 0 {
+                for _ in 0..10 {
+                    at(&mut s, t, &Message::Report(report("a1")));
+                }
+            }
+            if i % 5 == 0 {
+                at(&mut s, t, &Message::NextPlease { job: job() });
+            }
+            passed += events(&mut s).len();
+        }
+        assert_eq!(s.dropped(), 0);
+        assert_eq!(passed, 1800 + 6 * 10 + 360);
+        assert!(!s.is_closed());
+    }
+
+    #[test]
+    fn reports_over_the_limit_are_dropped_and_a_flooder_is_closed() {
+        let limits = SessionLimits::default();
+        let mut s = online_at(6_000);
+        // 100 000 reports within one second.
+        let mut passed = 0;
+        let mut closed_after = None;
+        for i in 0..100_000u64 {
+            at(&mut s, 6_000 + i / 100, &Message::Report(report("a1")));
+            for e in events(&mut s) {
+                match e {
+                    SessionEvent::Report(_) => passed += 1,
+                    SessionEvent::Close(SessionError::Flooding { kind, dropped }) => {
+                        assert_eq!(kind, "Report");
+                        closed_after = Some(dropped);
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            if s.is_closed() {
+                break;
+            }
+        }
+        eprintln!("passed {passed}, closed after {closed_after:?} dropped");
+        // The burst and at most a few seconds' refill went through.
+        assert!(
+            passed >= limits.report.burst as usize && passed <= 40,
+            "{passed}"
+        );
+        let dropped = closed_after.expect("the flooder is closed");
+        assert!((1000..=1020).contains(&dropped), "{dropped}");
+    }
+
+    #[test]
+    fn each_kind_has_its_own_bucket_and_other_messages_are_not_limited() {
+        let limits = SessionLimits::default();
+        let mut s = online_at(6_000);
+        for _ in 0..limits.report.burst + 5 {
+            at(&mut s, 6_000, &Message::Report(report("a1")));
+        }
+        assert_eq!(events(&mut s).len(), limits.report.burst as usize);
+        assert_eq!(s.dropped(), 5);
+        // Reports are spent; NextPlease, Progress and ChunkRequest still pass.
+        at(&mut s, 6_000, &Message::NextPlease { job: job() });
+        for i in 0..200 {
+            at(
+                &mut s,
+                6_000,
+                &Message::ChunkRequest {
+                    root: [1; 32],
+                    index: i,
+                },
+            );
+        }
+        assert_eq!(events(&mut s).len(), 201);
+        // Half a second later one report passes again.
+        at(&mut s, 6_500, &Message::Report(report("a1")));
+        assert_eq!(events(&mut s).len(), 1);
+        assert_eq!(s.dropped(), 5);
+    }
+
+    #[test]
+    fn segment_pages_are_limited_per_session() {
+        let limits = SessionLimits {
+            segment_pages: Rate::new(8, 8),
+            ..SessionLimits::default()
+        };
+        let config = Arc::new((*config()).clone().with_limits(limits));
+        let mut s = AgentSession::new(Duration::from_secs(5), id("a1"), agent_key(), config);
+        at(&mut s, 6_000, &Message::Report(report("a1")));
+        let _ = (transmits(&mut s), events(&mut s));
+        let page = |p: u16| {
+            Message::SegmentReport(SegmentReport {
+                segment: heapless::String::try_from("seg-1").unwrap(),
+                leader: id("a1"),
+                term: 1,
+                page: p,
+                pages: 20,
+                members: heapless::Vec::new(),
+            })
+        };
+        for p in 0..20 {
+            at(&mut s, 6_000, &page(p));
+        }
+        assert_eq!(events(&mut s).len(), 8);
+        assert_eq!(s.dropped(), 12);
+        // One second refills the burst.
+        for p in 0..20 {
+            at(&mut s, 7_000, &page(p));
+        }
+        assert_eq!(events(&mut s).len(), 8);
     }
 }

@@ -20,6 +20,16 @@
 //! A malformed, oversized or undecryptable frame closes that one connection
 //! with a logged reason; nothing else is disturbed.
 //!
+//! Every queue of a connection is bounded: at most [`DATA_QUEUE`] chunk
+//! answers and pongs, at most [`CONTROL_QUEUE`] instructions (an agent that
+//! lets it fill is disconnected), and the engine's input ([`ENGINE_QUEUE`]),
+//! whose sender waits: a connection's frames are not read while it cannot
+//! take them. An agent that takes no byte for [`WRITE_STALL_TIMEOUT`] is
+//! disconnected, so an agent that never reads costs at most those queues.
+//!
+//! [`CONTROL_QUEUE`]: crate::registry::CONTROL_QUEUE
+//! [`ENGINE_QUEUE`]: crate::engine_task::ENGINE_QUEUE
+//!
 //! [`EngineTask`]: crate::engine_task::EngineTask
 
 use std::future::Future;
@@ -29,7 +39,7 @@ use std::time::Duration;
 
 use baton_agent_core::linux::admission::{Admission, Admitted};
 use baton_agent_core::linux::link::{self, Limits, LinkError};
-use baton_manager_core::session::{AgentSession, SessionConfig, SessionEvent};
+use baton_manager_core::session::{AgentSession, SessionConfig, SessionError, SessionEvent};
 use baton_protocol::message::Message;
 use baton_protocol::session::{Hello, Role};
 use baton_protocol::types::{AgentId, PublicKey};
@@ -39,8 +49,8 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
 use crate::content::Library;
-use crate::engine_task::EngineInput;
-use crate::registry::{Registry, Session, unix_now};
+use crate::engine_task::{EngineInput, EngineSender};
+use crate::registry::{CONTROL_QUEUE, Registry, Session, unix_now};
 
 /// Largest frame the manager accepts from an agent (agents send small control messages).
 pub const MAX_AGENT_FRAME: usize = 16 * 1024;
@@ -52,7 +62,45 @@ pub const DEFAULT_MAX_HANDSHAKES: usize = 1024;
 /// coming back together, which retry with backoff when turned away.
 pub const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 64;
 /// Chunk answers queued per connection before its reader waits (backpressure).
-const DATA_QUEUE: usize = 8;
+pub const DATA_QUEUE: usize = 8;
+/// An agent that takes no byte of a frame for this long is disconnected (it does not read).
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Least time between two log lines of one cause about agents over their rate limits.
+const LIMIT_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// A log line for a cause, at most once per [`LIMIT_LOG_EVERY`] process-wide; what was not
+/// logged in between is counted into the next line.
+struct LimitLog {
+    last: std::sync::Mutex<(Option<Instant>, u64)>,
+}
+
+impl LimitLog {
+    const fn new() -> Self {
+        LimitLog {
+            last: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// Counts `n` occurrences; returns those to log now (since the last line), if it is time.
+    fn note(&self, n: u64) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.1 += n;
+        let now = Instant::now();
+        if last.0.is_some_and(|t| now < t + LIMIT_LOG_EVERY) {
+            return None;
+        }
+        let count = last.1;
+        *last = (Some(now), 0);
+        Some(count)
+    }
+}
+
+/// Messages dropped over the sessions' rate limits.
+static DROPPED_LOG: LimitLog = LimitLog::new();
+/// Sessions closed for flooding.
+static FLOODERS_LOG: LimitLog = LimitLog::new();
+/// Segment report pages refused (wrong leader or segment, stale, too many pending reports).
+static REFUSED_PAGES_LOG: LimitLog = LimitLog::new();
 
 /// What every agent connection shares.
 #[derive(Debug)]
@@ -66,8 +114,8 @@ pub struct AgentPort {
     pub library: Arc<Library>,
     /// Upload cap and byte counters.
     pub limits: Limits,
-    /// The engine task's input.
-    pub engine: mpsc::UnboundedSender<EngineInput>,
+    /// The engine task's input (bounded: senders wait).
+    pub engine: EngineSender,
     /// Caps connections and handshakes in progress; its handshake timeout
     /// applies to serial sessions too.
     pub admission: Arc<Admission>,
@@ -154,6 +202,7 @@ impl AgentPort {
         let id = auth.id;
         let (mut reader, mut writer) = link.split();
         reader.set_max_frame(MAX_AGENT_FRAME);
+        writer.set_stall_timeout(WRITE_STALL_TIMEOUT);
         // The session's clock: time since this connection's handshake.
         let origin = Instant::now();
         let mut session =
@@ -199,7 +248,7 @@ impl AgentPort {
         };
         self.registry.note_report(&report);
 
-        let (control_tx, mut control_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (control_tx, mut control_rx) = mpsc::channel::<Vec<u8>>(CONTROL_QUEUE);
         let (data_tx, mut data_rx) = mpsc::channel::<Vec<u8>>(DATA_QUEUE);
         let close = Arc::new(Notify::new());
         let generation = self.registry.next_generation();
@@ -218,13 +267,19 @@ impl AgentPort {
             // The previous session is dead (e.g. the device lost power and came back
             // before the old connection timed out) and will not report it: the id now
             // belongs to this session. The engine must see it go, so it instructs again.
-            let _ = self.engine.send(EngineInput::Offline { id: id.clone() });
+            let _ = self
+                .engine
+                .send(EngineInput::Offline { id: id.clone() })
+                .await;
         }
-        let _ = self.engine.send(EngineInput::Online {
-            id: id.clone(),
-            key: auth.key,
-            report,
-        });
+        let _ = self
+            .engine
+            .send(EngineInput::Online {
+                id: id.clone(),
+                key: auth.key,
+                report,
+            })
+            .await;
 
         // Writer: engine instructions first, then chunk answers.
         let writer_close = close.clone();
@@ -253,7 +308,10 @@ impl AgentPort {
         // Unregister before the writer can close the stream: whoever sees the
         // connection closed also sees the agent gone from the registry.
         if self.registry.unregister(&id, generation) {
-            let _ = self.engine.send(EngineInput::Offline { id: id.clone() });
+            let _ = self
+                .engine
+                .send(EngineInput::Offline { id: id.clone() })
+                .await;
         }
         drop(data_tx);
         if tokio::time::timeout(Duration::from_secs(5), writer_task)
@@ -287,7 +345,17 @@ impl AgentPort {
                     return format!("link error: {e}");
                 }
             };
+            let dropped = session.dropped();
             session.handle_frame(origin.elapsed(), unix_now(), bytes);
+            if session.dropped() > dropped
+                && let Some(n) = DROPPED_LOG.note(session.dropped() - dropped)
+            {
+                tracing::warn!(
+                    agent = %session.agent(),
+                    dropped = n,
+                    "messages over the session's rate limit dropped (Report, NextPlease, SegmentReport; count since the last such line, all agents)"
+                );
+            }
             // Pongs queue behind the chunk answers, as the agent asked for them.
             while let Some(msg) = session.poll_transmit() {
                 if data_tx.send(msg.to_vec()).await.is_err() {
@@ -341,7 +409,9 @@ impl AgentPort {
                     }
                     Ok(None) => return Ok(()),
                     Err(e) => {
-                        tracing::warn!(agent = %id, "segment report refused: {e}");
+                        if let Some(n) = REFUSED_PAGES_LOG.note(1) {
+                            tracing::warn!(agent = %id, refused = n, "segment report refused: {e} (pages refused since the last such line, all agents)");
+                        }
                         return Ok(());
                     }
                 }
@@ -356,9 +426,16 @@ impl AgentPort {
                 return self
                     .engine
                     .send(input)
+                    .await
                     .map_err(|_| "manager shutting down".to_string());
             }
             SessionEvent::ForEngine(msg) => msg,
+            SessionEvent::Close(why @ SessionError::Flooding { .. }) => {
+                if let Some(n) = FLOODERS_LOG.note(1) {
+                    tracing::warn!(agent = %id, closed = n, "{why}; closing (sessions closed for flooding since the last such line, all agents)");
+                }
+                return Err(why.to_string());
+            }
             SessionEvent::Close(why) => {
                 tracing::warn!(agent = %id, "{why}; closing");
                 return Err(why.to_string());
@@ -374,6 +451,7 @@ impl AgentPort {
         };
         self.engine
             .send(input)
+            .await
             .map_err(|_| "manager shutting down".to_string())
     }
 }

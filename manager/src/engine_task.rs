@@ -7,6 +7,15 @@
 //! `poll_transmit` returns through the registry (persist before instruct),
 //! then publishes `poll_event` as [`JobEvent`]s and arms the timer at
 //! `poll_timeout`.
+//!
+//! The input channel is bounded ([`ENGINE_QUEUE`], made by [`channel`]): a
+//! sender waits while it is full, so a session reading a flooding agent stops
+//! reading its socket instead of growing the manager's memory. The engine task
+//! itself never sends to its input and never waits on anyone: instructions go
+//! out through the registry's bounded control queues without waiting. Within a
+//! batch, a report superseded by a later report of the same agent (nothing of
+//! that agent in between) is skipped: each report costs a database write and a
+//! re-placement in the running plans.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -25,6 +34,16 @@ use baton_manager_core::engine::{Engine, EngineEvent, JobSpec};
 
 /// Inputs the engine task takes at once before persisting and transmitting.
 const INPUT_BATCH: usize = 256;
+/// Inputs waiting for the engine task at most; senders wait beyond.
+pub const ENGINE_QUEUE: usize = 1024;
+
+/// Where agent sessions and the API send the engine task its inputs.
+pub type EngineSender = mpsc::Sender<EngineInput>;
+
+/// The engine task's input channel: [`ENGINE_QUEUE`] inputs at most.
+pub fn channel() -> (EngineSender, mpsc::Receiver<EngineInput>) {
+    mpsc::channel(ENGINE_QUEUE)
+}
 
 /// What the engine task counts while it runs, for `/metrics`.
 #[derive(Debug, Default)]
@@ -273,7 +292,7 @@ impl EngineTask {
     /// Runs until `shutdown` completes or every input sender is gone.
     pub async fn run(
         mut self,
-        mut inputs: mpsc::UnboundedReceiver<EngineInput>,
+        mut inputs: mpsc::Receiver<EngineInput>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), EngineTaskError> {
         tokio::pin!(shutdown);
@@ -285,13 +304,17 @@ impl EngineTask {
                 _ = &mut shutdown => break,
                 input = inputs.recv() => {
                     let Some(input) = input else { break };
-                    self.handle(input);
                     // Take what else is ready, then persist and instruct once.
-                    for _ in 1..INPUT_BATCH {
+                    let mut batch = Vec::with_capacity(INPUT_BATCH.min(inputs.len() + 1));
+                    batch.push(input);
+                    while batch.len() < INPUT_BATCH {
                         match inputs.try_recv() {
-                            Ok(input) => self.handle(input),
+                            Ok(input) => batch.push(input),
                             Err(_) => break,
                         }
+                    }
+                    for input in coalesce(batch) {
+                        self.handle(input);
                     }
                 }
                 _ = sleep_until(deadline) => {
@@ -418,9 +441,133 @@ impl EngineTask {
     }
 }
 
+/// The inputs of `batch` in order, without the reports a later report of the same agent
+/// supersedes (no other input of that agent between them).
+fn coalesce(batch: Vec<EngineInput>) -> impl Iterator<Item = EngineInput> {
+    let agent = |input: &EngineInput| match input {
+        EngineInput::Online { id, .. }
+        | EngineInput::Message { id, .. }
+        | EngineInput::Offline { id } => Some(id.clone()),
+        EngineInput::StartJob { .. } | EngineInput::CancelJob { .. } => None,
+    };
+    // Walking backwards: an agent's next input seen so far is a report (true) or not.
+    let mut next_is_report: std::collections::HashMap<AgentId, bool> = Default::default();
+    let mut keep = vec![true; batch.len()];
+    for (i, input) in batch.iter().enumerate().rev() {
+        let Some(id) = agent(input) else { continue };
+        let is_report = matches!(input, EngineInput::Online { .. });
+        if is_report && next_is_report.get(&id) == Some(&true) {
+            keep[i] = false;
+        }
+        next_is_report.insert(id, is_report);
+    }
+    batch
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(input, keep)| keep.then_some(input))
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use baton_protocol::types::LinkInfo;
+
+    fn id(s: &str) -> AgentId {
+        AgentId::try_from(s).unwrap()
+    }
+
+    fn online(agent: &str, performance: u16) -> EngineInput {
+        EngineInput::Online {
+            id: id(agent),
+            key: PublicKey([1; 32]),
+            report: Box::new(Report {
+                id: id(agent),
+                listen: None,
+                site: heapless::String::new(),
+                segment: heapless::String::new(),
+                performance: performance.into(),
+                free_storage: 0,
+                can_serve: false,
+                max_chunk: 4096,
+                max_sources: 1,
+                max_peers: 0,
+                link: LinkInfo::default(),
+                delays: heapless::Vec::new(),
+                labels: heapless::Vec::new(),
+                holdings: heapless::Vec::new(),
+            }),
+        }
+    }
+
+    fn names(inputs: impl Iterator<Item = EngineInput>) -> Vec<String> {
+        inputs
+            .map(|i| match i {
+                EngineInput::Online { id, report, .. } => format!("{id}:{}", report.performance),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_keeps_only_the_last_of_consecutive_reports_per_agent() {
+        let batch = vec![
+            online("a", 1),
+            online("b", 1),
+            online("a", 2),
+            EngineInput::Message {
+                id: id("a"),
+                msg: Box::new(Message::Ping { nonce: 1 }),
+            },
+            online("a", 3),
+            online("a", 4),
+            EngineInput::Offline { id: id("b") },
+            online("b", 2),
+        ];
+        assert_eq!(
+            names(coalesce(batch)),
+            ["b:1", "a:2", "Message(a, Ping)", "a:4", "Offline(b)", "b:2"]
+        );
+    }
+
+    #[test]
+    fn a_flood_of_reports_costs_one_per_batch() {
+        let batch: Vec<_> = (0..INPUT_BATCH as u16).map(|n| online("f", n)).collect();
+        assert_eq!(names(coalesce(batch)), [format!("f:{}", INPUT_BATCH - 1)]);
+    }
+
+    #[tokio::test]
+    async fn the_input_is_bounded_and_a_sender_waits_until_the_engine_takes_some() {
+        let (tx, mut rx) = channel();
+        for n in 0..ENGINE_QUEUE {
+            tx.try_send(online("a", n as u16)).expect("room");
+        }
+        // Full: the next input is refused without waiting, and a sender that awaits waits.
+        assert!(matches!(
+            tx.try_send(online("a", 0)),
+            Err(mpsc::error::TrySendError::Full(_))
+        ));
+        let waiting = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.send(online("late", 1)).await.is_ok() }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the sender waits while the queue is full"
+        );
+        assert!(rx.recv().await.is_some());
+        let sent = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the sender goes on once there is room")
+            .unwrap();
+        assert!(sent);
+        assert_eq!(rx.len(), ENGINE_QUEUE);
     }
 }

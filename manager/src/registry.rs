@@ -8,7 +8,10 @@
 //!
 //! Each live connection registers a [`Session`]; an agent that connects again
 //! with the same key takes over: the old session is told to close, and its
-//! later disconnect is recognised as stale by its generation number.
+//! later disconnect is recognised as stale by its generation number. A
+//! session's control queue holds at most [`CONTROL_QUEUE`] messages: an agent
+//! that does not read its instructions is disconnected when it is full (it
+//! is instructed again when it comes back), so the engine never waits on it.
 //!
 //! The registry also takes segment discovery reports from leaders
 //! ([`Registry::segment_report`]): each page is checked against the session
@@ -28,6 +31,12 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::store::{Enrolled, Store, StoreError, secret_digest};
 use baton_manager_core::segments::{self, Assembler};
+
+/// Messages queued for one agent's control traffic (engine instructions) before the agent
+/// is disconnected as one that does not read.
+pub const CONTROL_QUEUE: usize = 256;
+/// Least time between two warnings about agents disconnected for a full control queue.
+const CONTROL_FULL_WARN_MS: u64 = 5_000;
 
 /// The store shared by the manager's tasks.
 pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
@@ -93,8 +102,9 @@ pub struct Session {
     pub key: PublicKey,
     /// Where it connected from.
     pub addr: SocketAddr,
-    /// Encoded messages for the agent (control traffic: engine instructions, pongs).
-    pub control: mpsc::UnboundedSender<Vec<u8>>,
+    /// Encoded messages for the agent (control traffic: engine instructions), at most
+    /// [`CONTROL_QUEUE`] of them.
+    pub control: mpsc::Sender<Vec<u8>>,
     /// Tells the connection to close (on takeover or shutdown).
     pub close: Arc<Notify>,
 }
@@ -121,6 +131,9 @@ pub struct Registry {
     reported_segments: Mutex<HashMap<AgentId, String>>,
     /// Segment report pages being assembled.
     assembler: Mutex<Assembler>,
+    /// When an agent was last logged as disconnected for its full control queue (Unix ms),
+    /// and how many were since.
+    control_full: Mutex<(u64, u64)>,
 }
 
 /// Why a segment report page was not stored.
@@ -167,6 +180,7 @@ impl Registry {
             generation: AtomicU64::new(1),
             reported_segments: Mutex::new(HashMap::new()),
             assembler: Mutex::new(Assembler::new()),
+            control_full: Mutex::new((0, 0)),
         })
     }
 
@@ -278,13 +292,40 @@ impl Registry {
         }
     }
 
-    /// Queues an encoded message for a connected agent; false if it is not connected.
+    /// Queues an encoded message for a connected agent without waiting; false if it is not
+    /// connected, or its control queue is full (the agent does not read): that session is
+    /// then told to close.
     pub fn send(&self, id: &AgentId, message: Vec<u8>) -> bool {
         let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        match sessions.get(id) {
-            Some(s) => s.control.send(message).is_ok(),
-            None => false,
+        let Some(s) = sessions.get(id) else {
+            return false;
+        };
+        match s.control.try_send(message) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                s.close.notify_one();
+                self.warn_control_full(id);
+                false
+            }
         }
+    }
+
+    /// Logs an agent disconnected for its full control queue, at most once per few seconds.
+    fn warn_control_full(&self, id: &AgentId) {
+        let now = unix_now_ms();
+        let mut last = self.control_full.lock().unwrap_or_else(|e| e.into_inner());
+        if now < last.0.saturating_add(CONTROL_FULL_WARN_MS) {
+            last.1 += 1;
+            return;
+        }
+        tracing::warn!(
+            agent = %id,
+            queued = CONTROL_QUEUE,
+            also = last.1,
+            "agent does not read its instructions (control queue full); disconnecting it"
+        );
+        *last = (now, 0);
     }
 
     /// Whether `id` has a live session.
@@ -511,10 +552,46 @@ mod test {
     }
 
     #[test]
+    fn an_agent_that_does_not_read_its_instructions_is_closed_when_its_queue_is_full() {
+        let reg = registry();
+        let (tx, mut rx) = mpsc::channel(CONTROL_QUEUE);
+        let close = Arc::new(Notify::new());
+        reg.register(
+            id("slow"),
+            Session {
+                generation: reg.next_generation(),
+                key: PublicKey([1; 32]),
+                addr: "127.0.0.1:1".parse().unwrap(),
+                control: tx,
+                close: close.clone(),
+            },
+        );
+        for i in 0..CONTROL_QUEUE {
+            assert!(reg.send(&id("slow"), vec![i as u8]), "{i}");
+        }
+        // Full: the message is not queued (nothing waits) and the session is told to close.
+        assert!(!reg.send(&id("slow"), vec![0xff]));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), close.notified())
+                .await
+                .expect("session told to close");
+        });
+        let mut queued = 0;
+        while rx.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, CONTROL_QUEUE);
+    }
+
+    #[test]
     fn takeover_closes_the_old_session_and_stale_unregister_is_ignored() {
         let reg = registry();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let (tx1, mut rx1) = mpsc::unbounded_channel();
+        let (tx1, mut rx1) = mpsc::channel(CONTROL_QUEUE);
         let close1 = Arc::new(Notify::new());
         let g1 = reg.next_generation();
         assert!(!reg.register(
@@ -529,7 +606,7 @@ mod test {
         ));
         assert!(reg.send(&id("a"), vec![1]));
         assert_eq!(rx1.try_recv().unwrap(), vec![1]);
-        let (tx2, mut rx2) = mpsc::unbounded_channel();
+        let (tx2, mut rx2) = mpsc::channel(CONTROL_QUEUE);
         let g2 = reg.next_generation();
         assert!(reg.register(
             id("a"),

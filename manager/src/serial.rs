@@ -545,11 +545,11 @@ mod test {
     }
 
     /// A manager's agent port over an in-memory store; `engine` receives its engine inputs.
-    fn server() -> (Arc<AgentPort>, mpsc::UnboundedReceiver<EngineInput>) {
+    fn server() -> (Arc<AgentPort>, mpsc::Receiver<EngineInput>) {
         let store: SharedStore = Arc::new(Mutex::new(
             Box::new(SqliteStore::in_memory().unwrap()) as Box<dyn Store>
         ));
-        let (engine, inputs) = mpsc::unbounded_channel();
+        let (engine, inputs) = crate::engine_task::channel();
         let server = AgentPort {
             session: Arc::new(SessionConfig::new(
                 Identity::from_seed([1; 32]),

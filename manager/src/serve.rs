@@ -23,7 +23,7 @@ use baton_manager_core::session::SessionConfig;
 use baton_protocol::types::AgentId;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, watch};
 
 use crate::agent_port::AgentPort;
 use crate::content::{self, Content, ContentError, Keys, Library};
@@ -412,7 +412,7 @@ pub async fn serve(
         descriptors.soft,
         descriptor_reserve(&opts)
     );
-    let (engine_tx, engine_rx) = mpsc::unbounded_channel();
+    let (engine_tx, engine_rx) = crate::engine_task::channel();
     let manager = Arc::new(Manager {
         store: store.clone(),
         registry: registry.clone(),

@@ -19,10 +19,10 @@ use baton_manager_core::planner::Policy;
 use baton_protocol::Manifest;
 use baton_protocol::types::{AgentId, Digest};
 use serde::Deserialize;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, oneshot};
 
 use crate::content::{self, Content, ContentError, Keys, Library};
-use crate::engine_task::{EngineInput, EngineStats, JobEvent};
+use crate::engine_task::{EngineInput, EngineSender, EngineStats, JobEvent};
 use crate::registry::{Registry, SharedStore, lock, unix_now};
 use crate::store::{ContentRecord, JobOrigin, StoreError, TargetSpec};
 
@@ -37,8 +37,8 @@ pub struct Manager {
     pub library: Arc<Library>,
     /// Manager and publisher keys.
     pub keys: Keys,
-    /// The engine task's input.
-    pub engine: mpsc::UnboundedSender<EngineInput>,
+    /// The engine task's input (bounded: an API call waits while it is full).
+    pub engine: EngineSender,
     /// Job progress for subscribers.
     pub events: broadcast::Sender<JobEvent>,
     /// What the engine task counts.
@@ -411,6 +411,7 @@ impl Manager {
                 spec: Box::new(spec),
                 reply,
             })
+            .await
             .map_err(|_| ApiError::Internal("the manager is shutting down".into()))?;
         match answer.await {
             Ok(Ok(())) => Ok(job),
@@ -433,6 +434,7 @@ impl Manager {
         let (reply, answer) = oneshot::channel();
         self.engine
             .send(EngineInput::CancelJob { job, reply })
+            .await
             .map_err(|_| ApiError::Internal("the manager is shutting down".into()))?;
         match answer.await {
             Ok(Ok(())) => Ok(()),

@@ -108,6 +108,10 @@ pub struct AgentArgs {
     /// Seconds a peer connection has to finish its handshake (default 5).
     #[arg(long, value_name = "SECS")]
     pub handshake_timeout: Option<u64>,
+    /// Seconds a peer may take no byte of what it asked for before it is disconnected
+    /// (default 20); meanwhile it is not read once 32 frames wait for or from it.
+    #[arg(long, value_name = "SECS")]
+    pub peer_stall_timeout_secs: Option<u64>,
 }
 
 /// Accepts a size as a TOML string ("10MiB") or integer (65536).
@@ -160,6 +164,10 @@ impl AgentArgs {
             file.max_handshakes_per_address,
         );
         or(&mut self.handshake_timeout, file.handshake_timeout);
+        or(
+            &mut self.peer_stall_timeout_secs,
+            file.peer_stall_timeout_secs,
+        );
         if self.label.is_empty() {
             self.label = file.label;
         }

@@ -10,6 +10,20 @@
 //! by the manager; outgoing peer connections pin the key the manager named.
 //! Rate limits (`--up-bps`, `--down-bps`) are process-wide.
 //!
+//! A peer costs a bounded amount of memory however it behaves: its frames
+//! waiting for the central task plus the answers (chunks, refusals, pongs)
+//! queued for it are its *backlog*, and its connection is not read while that
+//! backlog holds [`PEER_WINDOW`] frames (TCP then slows the peer down); a peer
+//! whose backlog still grows past [`PEER_QUEUE_MAX`] frames (answers to
+//! requests parked earlier), or that takes no byte of a frame for
+//! [`PEER_STALL_TIMEOUT`] (`--peer-stall-timeout-secs`), is disconnected. A
+//! peer that asks for chunks and never reads the answers thus holds at most
+//! its window of chunk buffers, and is dropped after the stall timeout. Our
+//! own chunk requests to a peer are not counted (the fetch window bounds
+//! them): two honest agents fetching from each other over one connection owe
+//! each other at most their fetch windows, below [`PEER_WINDOW`], so neither
+//! stops reading the other.
+//!
 //! Segment discovery (`--discovery-port`, 0 = off) runs beside the agent: a
 //! [`Segment`] fed from the discovery sockets (see [`super::discovery`]),
 //! started once the manager's `Welcome` gave the agent its certificate. Its
@@ -19,7 +33,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -31,7 +45,7 @@ use baton_protocol::{
     AgentId, JobRef, Label, LinkInfo, MAX_DELAYS, MAX_FRAME, Message, PeerAddr, PublicKey, caps,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -62,6 +76,20 @@ const DEFAULT_MAX_PEERS: u16 = 48;
 const DEFAULT_MAX_HANDSHAKES: usize = 128;
 /// Peer handshakes in progress from one address unless `--max-handshakes-per-address` says otherwise.
 const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 16;
+/// Frames a peer connection may have waiting (read but not handled, or answers queued for
+/// it) before it is no longer read: twice the largest fetch window
+/// ([`crate::agent::MAX_WINDOW`]), so an honest fetcher (two jobs at the largest window, four
+/// at the default) is answered without waiting.
+pub const PEER_WINDOW: usize = 2 * crate::agent::MAX_WINDOW;
+/// Answers queued for one peer beyond which it is disconnected: requests parked before it
+/// stopped reading can still be answered at once (an honest fetcher has at most
+/// `MAX_WINDOW` requests in flight per job, four jobs at most).
+pub const PEER_QUEUE_MAX: usize = 4 * PEER_WINDOW;
+/// A peer that takes no byte of a frame for this long is disconnected (it does not read),
+/// unless `--peer-stall-timeout-secs` says otherwise.
+pub const PEER_STALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// Least time between two warnings about peers dropped for their backlog.
+const BACKLOG_WARN_EVERY: Duration = Duration::from_secs(5);
 
 /// Why the Linux agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +223,7 @@ struct Settings {
     exit_when_done: bool,
     /// The peer listener's caps, its connection cap still to be set from the descriptor limit.
     admission: AdmissionLimits,
+    peer_stall: Duration,
 }
 
 impl Settings {
@@ -334,20 +363,125 @@ impl Settings {
                         Duration::from_secs(s.max(1))
                     }),
             },
+            peer_stall: match a.peer_stall_timeout_secs {
+                None => PEER_STALL_TIMEOUT,
+                Some(0) => return Err(config_err("--peer-stall-timeout-secs must be at least 1")),
+                Some(n) => Duration::from_secs(n),
+            },
         })
     }
+}
+
+/// Frames of one connection read but not handled yet, plus frames queued for it; its
+/// reader waits while there are too many (see [`PEER_WINDOW`]).
+#[derive(Debug, Default)]
+struct Backlog {
+    frames: AtomicUsize,
+    drained: Notify,
+}
+
+impl Backlog {
+    /// One more frame waiting.
+    fn add(&self) {
+        self.frames.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// One frame handled or written.
+    fn done(&self) {
+        let _ = self
+            .frames
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.drained.notify_one();
+    }
+
+    /// Frames waiting now.
+    fn len(&self) -> usize {
+        self.frames.load(Ordering::Acquire)
+    }
+
+    /// Returns once fewer than `limit` frames wait (the one reader calls it).
+    async fn below(&self, limit: usize) {
+        // Bounded by the connection's life: the caller selects this against its writer.
+        loop {
+            if self.len() < limit {
+                return;
+            }
+            self.drained.notified().await;
+        }
+    }
+}
+
+/// A frame for a connection's writer; `counted` when it is in the peer's [`Backlog`].
+type Outbound = (Vec<u8>, bool);
+
+/// Where the central task puts frames for one connection.
+struct Outgoing {
+    tx: mpsc::UnboundedSender<Outbound>,
+    /// For peers only: the manager session is trusted and never held back.
+    backlog: Option<Arc<Backlog>>,
+}
+
+/// Counts peers dropped for their backlog and logs at most once per [`BACKLOG_WARN_EVERY`].
+#[derive(Debug, Default)]
+struct DropLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl DropLog {
+    fn dropped(&mut self, conn: ConnId, backlog: usize) {
+        let now = Instant::now();
+        if self.last.is_some_and(|l| now < l + BACKLOG_WARN_EVERY) {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            ?conn,
+            backlog,
+            max = PEER_QUEUE_MAX,
+            also_dropped = self.suppressed,
+            "peer dropped: it does not read what it asked for"
+        );
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+/// Queues `frame` for `conn`; an answer to a peer whose backlog is over [`PEER_QUEUE_MAX`]
+/// disconnects it instead (its entry removed, so its writer ends).
+fn queue_frame(
+    conns: &mut HashMap<ConnId, Outgoing>,
+    conn: ConnId,
+    frame: Vec<u8>,
+    drops: &mut DropLog,
+) {
+    let Some(out) = conns.get(&conn) else { return };
+    let mut counted = false;
+    if let Some(b) = &out.backlog
+        && !matches!(Message::decode(&frame), Ok(Message::ChunkRequest { .. }))
+    {
+        if b.len() >= PEER_QUEUE_MAX {
+            drops.dropped(conn, b.len());
+            conns.remove(&conn);
+            return;
+        }
+        b.add();
+        counted = true;
+    }
+    let _ = out.tx.send((frame, counted));
 }
 
 /// What connection tasks tell the central task.
 enum Input {
     ManagerUp {
-        tx: mpsc::UnboundedSender<Vec<u8>>,
+        tx: mpsc::UnboundedSender<Outbound>,
         local: SocketAddr,
     },
     PeerUp {
         conn: ConnId,
         info: PeerInfo,
-        tx: mpsc::UnboundedSender<Vec<u8>>,
+        tx: mpsc::UnboundedSender<Outbound>,
+        backlog: Arc<Backlog>,
     },
     ConnectFailed(AgentId),
     Frame(ConnId, Vec<u8>),
@@ -365,6 +499,8 @@ struct Shared {
     limits: Limits,
     inputs: mpsc::Sender<Input>,
     next_conn: Arc<AtomicU32>,
+    /// How long a peer may take no byte before it is disconnected.
+    peer_stall: Duration,
 }
 
 impl Shared {
@@ -379,28 +515,52 @@ impl Shared {
 }
 
 /// Moves frames between a link and the central task until either side stops.
+///
+/// With a `backlog` and a stall timeout (peers), the link is not read while
+/// [`PEER_WINDOW`] frames wait, and a frame the other side takes no byte of for the stall
+/// timeout ends the connection.
 async fn pump<S>(
     link: Link<S>,
     conn: ConnId,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
     inputs: mpsc::Sender<Input>,
+    backlog: Option<(Arc<Backlog>, Duration)>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
     let (mut reader, mut writer) = link.split();
+    let backlog = backlog.map(|(backlog, stall)| {
+        writer.set_stall_timeout(stall);
+        backlog
+    });
+    let written = backlog.clone();
     let mut writing = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if let Err(e) = writer.send(&frame).await {
-                tracing::debug!(?conn, "send failed: {e}");
-                break;
+        while let Some((frame, counted)) = rx.recv().await {
+            let sent = writer.send(&frame).await;
+            if let (Some(b), true) = (&written, counted) {
+                b.done();
+            }
+            match sent {
+                Ok(()) => {}
+                Err(e @ LinkError::Stalled(_)) => {
+                    tracing::warn!(?conn, "peer dropped: {e}");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(?conn, "send failed: {e}");
+                    break;
+                }
             }
         }
         let _ = writer.close().await;
     });
     loop {
         tokio::select! {
-            r = reader.recv() => match r {
+            r = next_frame(&mut reader, backlog.as_deref()) => match r {
                 Ok(frame) => {
+                    if let Some(b) = &backlog {
+                        b.add();
+                    }
                     if inputs.send(Input::Frame(conn, frame.to_vec())).await.is_err() {
                         break;
                     }
@@ -416,6 +576,17 @@ async fn pump<S>(
     }
     writing.abort();
     let _ = inputs.send(Input::Closed(conn)).await;
+}
+
+/// The next frame of `reader`, once fewer than [`PEER_WINDOW`] frames wait in `backlog`.
+async fn next_frame<'a, R: tokio::io::AsyncRead + Unpin>(
+    reader: &'a mut link::LinkReader<R>,
+    backlog: Option<&Backlog>,
+) -> Result<&'a mut [u8], LinkError> {
+    if let Some(b) = backlog {
+        b.below(PEER_WINDOW).await;
+    }
+    reader.recv().await
 }
 
 async fn manager_session(
@@ -480,7 +651,7 @@ async fn manager_loop(
                 {
                     return;
                 }
-                pump(link, ConnId::MANAGER, rx, shared.inputs.clone()).await;
+                pump(link, ConnId::MANAGER, rx, shared.inputs.clone(), None).await;
                 tracing::warn!(%addr, "manager session ended");
             }
             Err(e) => tracing::warn!(%addr, "manager unreachable: {e}"),
@@ -524,19 +695,11 @@ async fn accept_loop(shared: Shared, listener: TcpListener, admission: Arc<Admis
             match res {
                 Ok((link, Some(id))) => {
                     let conn = shared.conn_id();
-                    let (tx, rx) = mpsc::unbounded_channel();
                     let info = PeerInfo {
                         id,
                         direction: Direction::Incoming,
                     };
-                    if shared
-                        .inputs
-                        .send(Input::PeerUp { conn, info, tx })
-                        .await
-                        .is_ok()
-                    {
-                        pump(link, conn, rx, shared.inputs.clone()).await;
-                    }
+                    peer_up(&shared, link, conn, info).await;
                 }
                 Ok((_, None)) => {}
                 // Anyone can fail a handshake: one warning per few seconds, the rest at debug.
@@ -550,6 +713,22 @@ async fn accept_loop(shared: Shared, listener: TcpListener, admission: Arc<Admis
             }
             drop(admitted);
         });
+    }
+}
+
+/// Tells the central task of an authenticated peer, then moves its frames until it ends.
+async fn peer_up(shared: &Shared, link: Link<TcpStream>, conn: ConnId, info: PeerInfo) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let backlog = Arc::new(Backlog::default());
+    let up = Input::PeerUp {
+        conn,
+        info,
+        tx,
+        backlog: backlog.clone(),
+    };
+    if shared.inputs.send(up).await.is_ok() {
+        let backlog = Some((backlog, shared.peer_stall));
+        pump(link, conn, rx, shared.inputs.clone(), backlog).await;
     }
 }
 
@@ -580,19 +759,11 @@ async fn connect_peer(shared: Shared, peer: AgentId, addr: PeerAddr, key: Public
     match attempt.await {
         Ok(link) => {
             let conn = shared.conn_id();
-            let (tx, rx) = mpsc::unbounded_channel();
             let info = PeerInfo {
                 id: peer,
                 direction: Direction::Outgoing,
             };
-            if shared
-                .inputs
-                .send(Input::PeerUp { conn, info, tx })
-                .await
-                .is_ok()
-            {
-                pump(link, conn, rx, shared.inputs.clone()).await;
-            }
+            peer_up(&shared, link, conn, info).await;
         }
         Err(e) => {
             tracing::warn!(%peer, %addr, "cannot reach peer: {e}");
@@ -834,6 +1005,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         limits: limits.clone(),
         inputs,
         next_conn: Arc::new(AtomicU32::new(1)),
+        peer_stall: s.peer_stall,
     };
     let mut agent: LinuxAgent = Agent::new(s.config.clone(), store);
     if let Some(a) = s.advertise {
@@ -859,7 +1031,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
     ));
 
     let origin = Instant::now();
-    let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
+    let mut conns: HashMap<ConnId, Outgoing> = HashMap::new();
+    let mut drops = DropLog::default();
     let mut buf = vec![0u8; (s.config.max_chunk as usize + CHUNK_OVERHEAD + 64).min(MAX_FRAME)];
     let mut pending = JoinSet::new();
     let mut exiting = false;
@@ -891,14 +1064,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 let now = origin.elapsed();
                 match input {
                     Input::ManagerUp { tx, local } => {
-                        conns.insert(ConnId::MANAGER, tx);
+                        conns.insert(ConnId::MANAGER, Outgoing { tx, backlog: None });
                         if s.advertise.is_none() && bound.ip().is_unspecified() {
                             agent.set_listen(Some(SocketAddr::new(local.ip(), bound.port()).into()));
                         }
                         agent.handle_manager_connected(now);
                     }
-                    Input::PeerUp { conn, info, tx } => {
-                        conns.insert(conn, tx);
+                    Input::PeerUp { conn, info, tx, backlog } => {
+                        conns.insert(conn, Outgoing { tx, backlog: Some(backlog) });
                         if let Err(e) = agent.handle_connected(now, conn, info) {
                             tracing::warn!(?conn, "peer connection refused: {e}");
                             conns.remove(&conn);
@@ -906,6 +1079,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                     }
                     Input::ConnectFailed(peer) => agent.handle_connect_failed(now, &peer),
                     Input::Frame(conn, frame) => {
+                        if let Some(b) = conns.get(&conn).and_then(|o| o.backlog.as_ref()) {
+                            b.done();
+                        }
                         if let Err(e) = agent.handle_frame(now, conn, &frame) {
                             tracing::warn!(?conn, "refused frame: {e}");
                             if e.must_close() {
@@ -963,9 +1139,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         }
         let now = origin.elapsed();
         while let Some(t) = agent.poll_transmit(now, &mut buf) {
-            if let Some(tx) = conns.get(&t.conn) {
-                let _ = tx.send(buf[..t.len].to_vec());
-            }
+            queue_frame(&mut conns, t.conn, buf[..t.len].to_vec(), &mut drops);
         }
         while let Some(ev) = agent.poll_event() {
             // Job events are rare: take the jobs' snapshot at each, so a short job is not missed.
@@ -1052,9 +1226,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 let delays: heapless::Vec<_, MAX_DELAYS> = seg.peer_delays();
                 agent.set_peer_delays(&delays);
                 while let Some(t) = agent.poll_transmit(now, &mut buf) {
-                    if let Some(tx) = conns.get(&t.conn) {
-                        let _ = tx.send(buf[..t.len].to_vec());
-                    }
+                    queue_frame(&mut conns, t.conn, buf[..t.len].to_vec(), &mut drops);
                 }
             }
             while let Some(out) = seg.poll_transmit(now, &mut datagram) {
@@ -1066,14 +1238,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
             }
             while let Some(page) = seg.poll_report(now) {
                 match conns.get(&ConnId::MANAGER) {
-                    Some(tx) if agent.manager_connected() => {
+                    Some(Outgoing { tx, .. }) if agent.manager_connected() => {
                         tracing::debug!(
                             term = page.term,
                             page = page.page,
                             pages = page.pages,
                             "segment report"
                         );
-                        let _ = tx.send(Message::SegmentReport(page).to_vec());
+                        let _ = tx.send((Message::SegmentReport(page).to_vec(), false));
                     }
                     _ => tracing::debug!("segment report dropped: manager session down"),
                 }
@@ -1154,6 +1326,70 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
 mod test {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn answers_count_in_a_peers_backlog_and_past_the_cap_the_peer_is_dropped() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let backlog = Arc::new(Backlog::default());
+        let conn = ConnId(7);
+        let mut conns = HashMap::from([(
+            conn,
+            Outgoing {
+                tx,
+                backlog: Some(backlog.clone()),
+            },
+        )]);
+        let mut drops = DropLog::default();
+        let request = Message::ChunkRequest {
+            root: [1; 32],
+            index: 3,
+        }
+        .to_vec();
+        let answer = Message::Pong { nonce: 9 }.to_vec();
+        // Our own requests are not counted; answers are.
+        for _ in 0..PEER_QUEUE_MAX * 2 {
+            queue_frame(&mut conns, conn, request.clone(), &mut drops);
+        }
+        assert_eq!(backlog.len(), 0);
+        for _ in 0..PEER_QUEUE_MAX {
+            queue_frame(&mut conns, conn, answer.clone(), &mut drops);
+        }
+        assert_eq!(backlog.len(), PEER_QUEUE_MAX);
+        assert!(conns.contains_key(&conn));
+        // One more answer: the peer is dropped, the answer is not queued.
+        queue_frame(&mut conns, conn, answer.clone(), &mut drops);
+        assert!(!conns.contains_key(&conn));
+        let queued: Vec<Outbound> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(queued.len(), PEER_QUEUE_MAX * 3);
+        assert_eq!(
+            queued.iter().filter(|(_, counted)| *counted).count(),
+            PEER_QUEUE_MAX
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peers_reader_waits_while_its_window_is_full() {
+        let backlog = Arc::new(Backlog::default());
+        for _ in 0..PEER_WINDOW {
+            backlog.add();
+        }
+        let waiting = tokio::spawn({
+            let backlog = backlog.clone();
+            async move { backlog.below(PEER_WINDOW).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "a full window holds the reader");
+        backlog.done();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("one frame written frees the reader")
+            .unwrap();
+        // Done more often than added (a frame of a connection removed meanwhile): no wrap.
+        for _ in 0..PEER_WINDOW + 5 {
+            backlog.done();
+        }
+        assert_eq!(backlog.len(), 0);
+    }
 
     #[test]
     fn the_identity_is_created_private_and_refused_once_open_to_others() {

@@ -72,6 +72,9 @@ pub enum LinkError {
     /// The other side closed the connection.
     #[error("connection closed")]
     Closed,
+    /// A write made no progress for this long: the other side does not read.
+    #[error("the other side read nothing for {0:?}")]
+    Stalled(Duration),
 }
 
 /// An established link: the other side's hello, the stream and the session.
@@ -107,6 +110,7 @@ pub struct LinkWriter<W> {
     sealer: Sealer,
     buf: Vec<u8>,
     limits: Limits,
+    stall_timeout: Option<Duration>,
 }
 
 impl<R> std::fmt::Debug for LinkReader<R> {
@@ -157,19 +161,42 @@ async fn read_frame<R: AsyncRead + Unpin>(
 }
 
 /// Writes `buf[HEADER_LEN..HEADER_LEN + len]` as one frame (the header goes into `buf[..HEADER_LEN]`).
+///
+/// With a `stall` timeout, a write (or the flush) that takes no byte for that long fails
+/// with [`LinkError::Stalled`]; the wait for the upload limiter does not count.
 async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
     buf: &mut [u8],
     len: usize,
     limits: &Limits,
+    stall: Option<Duration>,
 ) -> Result<(), LinkError> {
     buf[..HEADER_LEN].copy_from_slice(&frame::header(len)?);
     let wire = HEADER_LEN + len;
     if let Some(up) = &limits.up {
         up.acquire(wire).await;
     }
-    w.write_all(&buf[..wire]).await?;
-    w.flush().await?;
+    match stall {
+        None => {
+            w.write_all(&buf[..wire]).await?;
+            w.flush().await?;
+        }
+        Some(stall) => {
+            let mut written = 0;
+            while written < wire {
+                let n = tokio::time::timeout(stall, w.write(&buf[written..wire]))
+                    .await
+                    .map_err(|_| LinkError::Stalled(stall))??;
+                if n == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+                }
+                written += n;
+            }
+            tokio::time::timeout(stall, w.flush())
+                .await
+                .map_err(|_| LinkError::Stalled(stall))??;
+        }
+    }
     limits.sent.fetch_add(wire as u64, Ordering::Relaxed);
     Ok(())
 }
@@ -181,7 +208,7 @@ async fn handshake_send<S: AsyncWrite + Unpin>(
 ) -> Result<(), LinkError> {
     let mut buf = [0u8; HEADER_LEN + MAX_HANDSHAKE_MSG];
     let n = hs.write_message(&mut buf[HEADER_LEN..])?;
-    write_frame(stream, &mut buf, n, limits).await
+    write_frame(stream, &mut buf, n, limits, None).await
 }
 
 async fn handshake_recv<S: AsyncRead + Unpin>(
@@ -276,6 +303,7 @@ impl<S: AsyncRead + AsyncWrite> Link<S> {
                 sealer: self.sealer,
                 buf: vec![0; HEADER_LEN + MAX_FRAME],
                 limits: self.limits,
+                stall_timeout: None,
             },
         )
     }
@@ -319,7 +347,20 @@ impl<W: AsyncWrite + Unpin> LinkWriter<W> {
         let body = &mut self.buf[HEADER_LEN..];
         body[..plaintext.len()].copy_from_slice(plaintext);
         let n = self.sealer.encrypt(body, plaintext.len())?;
-        write_frame(&mut self.writer, &mut self.buf, n, &self.limits).await
+        write_frame(
+            &mut self.writer,
+            &mut self.buf,
+            n,
+            &self.limits,
+            self.stall_timeout,
+        )
+        .await
+    }
+
+    /// Makes [`LinkWriter::send`] fail with [`LinkError::Stalled`] when the other side takes
+    /// no byte for `timeout` (it does not read); without it a send waits as long as it takes.
+    pub fn set_stall_timeout(&mut self, timeout: Duration) {
+        self.stall_timeout = Some(timeout);
     }
 
     /// Shuts the write side down (the other side's reader sees [`LinkError::Closed`]).
@@ -578,6 +619,32 @@ mod test {
                 max: 100
             }))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_send_to_a_side_that_never_reads_fails_after_the_stall_timeout() {
+        let (c, s) = pair().await;
+        let limits = Limits::default();
+        let (client, server) = linked(c, s, &limits, &limits).await;
+        let (_cr, mut cw) = client.split();
+        // The server's reader is kept but never read.
+        let (_sr, _sw) = server.split();
+        let stall = Duration::from_millis(300);
+        cw.set_stall_timeout(stall);
+        let big = vec![1u8; 32 * 1024];
+        let started = tokio::time::Instant::now();
+        let mut sent = 0usize;
+        let err = loop {
+            // Socket buffers hold a few MiB at most; 4096 frames are 128 MiB.
+            assert!(sent < 4096, "sends kept succeeding");
+            match cw.send(&big).await {
+                Ok(()) => sent += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, LinkError::Stalled(d) if d == stall), "{err}");
+        eprintln!("stalled after {sent} frames in {:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 
     /// Sends `secs` seconds' worth of data at `bps` and returns the rate the receiver saw.

@@ -76,6 +76,8 @@ pub type Writer = LinkWriter<WriteHalf<TcpStream>>;
 #[derive(Debug)]
 pub struct Welcomed {
     pub publishers: Vec<PublicKey>,
+    /// The certificate the manager issued (peers check it).
+    pub cert: AgentCert,
 }
 
 /// Connects as agent `name` with identity `me` (and a token), sends a report, awaits `Welcome`.
@@ -120,6 +122,7 @@ pub async fn join(
                 w,
                 Welcomed {
                     publishers: publishers.to_vec(),
+                    cert,
                 },
             ))
         }

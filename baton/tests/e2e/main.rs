@@ -14,6 +14,7 @@ mod faults;
 mod files;
 mod flood;
 mod groups;
+mod hostile;
 mod push;
 mod serve;
 mod web;
