@@ -66,6 +66,10 @@ pub struct ServeArgs {
     /// Most HTTP connections open at once; more wait until one closes.
     #[arg(long, default_value_t = baton_manager::http::DEFAULT_MAX_CONNECTIONS, value_name = "N")]
     pub max_http_connections: usize,
+    /// Most HTTP connections open at once from one address (an IPv6 client: its /64);
+    /// more from there are closed at once.
+    #[arg(long, default_value_t = baton_manager::http::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, value_name = "N")]
+    pub max_http_connections_per_address: usize,
 }
 
 impl ServeArgs {
@@ -89,6 +93,7 @@ impl ServeArgs {
             http_limits: baton_manager::http::HttpLimits {
                 header_read_timeout: Duration::from_secs(self.http_header_timeout.max(1)),
                 max_connections: self.max_http_connections.max(1),
+                max_connections_per_address: self.max_http_connections_per_address.max(1),
                 ..baton_manager::http::HttpLimits::default()
             },
         }

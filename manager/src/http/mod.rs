@@ -36,6 +36,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
+use baton_agent_core::linux::admission::{Admission, AdmissionLimits};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -116,6 +117,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default largest request body outside uploads ([`HttpLimits::max_body_bytes`]).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
+/// Default cap on open HTTP connections from one address ([`HttpLimits::max_connections_per_address`]).
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
 /// Default slowest average pace of a request body, bytes per second ([`HttpLimits::min_body_rate`]).
 pub const DEFAULT_MIN_BODY_RATE: u64 = 4 * 1024;
 /// Default time a response may wait for its client to read ([`HttpLimits::write_timeout`]).
@@ -127,6 +130,10 @@ pub struct HttpLimits {
     /// Open connections at most; beyond it new connections wait in the listen backlog
     /// until one closes (default [`DEFAULT_MAX_CONNECTIONS`]).
     pub max_connections: usize,
+    /// Open connections at most from one address (an IPv6 client by its /64); beyond it
+    /// new connections from there are closed at once (default
+    /// [`DEFAULT_MAX_CONNECTIONS_PER_ADDRESS`]), so one client cannot take every place.
+    pub max_connections_per_address: usize,
     /// Time from the connection's start, or from the end of its previous response
     /// (an idle keep-alive connection), to the end of the next request's headers;
     /// then the connection is closed (default [`DEFAULT_HEADER_READ_TIMEOUT`]).
@@ -147,6 +154,7 @@ impl Default for HttpLimits {
     fn default() -> Self {
         HttpLimits {
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             min_body_rate: DEFAULT_MIN_BODY_RATE,
@@ -208,7 +216,9 @@ pub fn router(manager: Arc<Manager>, config: &HttpConfig) -> Router {
 ///
 /// What one client can hold is bounded ([`HttpLimits`]): at most
 /// `max_connections` connections are open at once, TLS handshakes included (a
-/// permit is taken before each accept, as mini-redis does); a TLS handshake has
+/// permit is taken before each accept, as mini-redis does), and at most
+/// `max_connections_per_address` from one address (further ones from there are
+/// closed at once, so they do not wait in front of others); a TLS handshake has
 /// [`tls::HANDSHAKE_TIMEOUT`]; the next request's headers must arrive within
 /// `header_read_timeout` (which also ends idle keep-alive connections); a request
 /// body must keep arriving at `min_body_rate` ([`conn::PacedBody`]); a response
@@ -233,6 +243,16 @@ async fn serve(
 ) -> std::io::Result<()> {
     let max = limits.max_connections.max(1);
     let permits = Arc::new(Semaphore::new(max));
+    // Places per address; the permits above bound them all.
+    let per_address = Admission::new(
+        "HTTP",
+        AdmissionLimits {
+            max_connections: max,
+            max_handshakes: max,
+            max_handshakes_per_address: limits.max_connections_per_address,
+            handshake_timeout: tls::HANDSHAKE_TIMEOUT,
+        },
+    );
     let (closing_tx, closing_rx) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut capped_logged = false;
@@ -256,23 +276,15 @@ async fn serve(
                 },
             }
         };
-        let (stream, peer) = tokio::select! {
+        let (stream, peer, place) = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors and the like: back off, keep serving.
-                    tracing::warn!("accepting an HTTP connection failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = per_address.accept(&listener) => accepted,
         };
         let app = app.clone();
         let closing = closing_rx.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _places = (permit, place);
             match tls {
                 None => serve_connection(stream, peer, app, limits, closing).await,
                 Some(tls) => {
@@ -575,6 +587,38 @@ mod test {
             .await
             .unwrap();
         assert!(String::from_utf8_lossy(&got).ends_with("\r\n\r\n5"));
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_per_address_cap_are_closed_at_once() {
+        use tokio::io::AsyncWriteExt as _;
+        let limits = HttpLimits {
+            max_connections_per_address: 3,
+            ..HttpLimits::default()
+        };
+        let (addr, _stop) = serve_test_app(limits).await;
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // The fourth from the same address is closed without an answer...
+        let mut fourth = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = fourth.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let got = closed_within(&mut fourth, Duration::from_secs(5))
+            .await
+            .expect("over the per-address cap, yet left open");
+        assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+        // ... and once one closes, a new one is served.
+        drop(held.pop());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut next = tokio::net::TcpStream::connect(addr).await.unwrap();
+        next.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let got = closed_within(&mut next, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(String::from_utf8_lossy(&got).contains("hello"));
     }
 
     #[tokio::test]
