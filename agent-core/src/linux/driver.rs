@@ -911,9 +911,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 Event::Welcomed => {
                     *shared.cert.write().unwrap_or_else(|e| e.into_inner()) = agent.cert().cloned();
                     tracing::info!("welcomed by the manager");
-                    if let (Some(seg), Some(cert)) = (segment.as_mut(), agent.cert()) {
+                    if let (Some(seg), Some(cert), Some(manager_ms)) =
+                        (segment.as_mut(), agent.cert(), agent.manager_unix_ms(now))
+                    {
+                        if cert.segment != s.config.segment {
+                            tracing::warn!(configured = %s.config.segment, certified = %cert.segment, "the manager places this agent in another segment: peers ignore its discovery datagrams until the configuration or the administrator's placement changes");
+                        }
                         seg.set_capabilities(now, agent.capabilities());
-                        seg.start(now, cert.clone(), unix_micros());
+                        seg.start(now, cert.clone(), unix_micros(), manager_ms);
                         // A new manager session: the leader tells the manager again.
                         seg.request_report();
                     }
