@@ -25,8 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_agent_core::linux::link::{self, Limits, LinkError};
+use baton_manager_core::placement::Placement;
 use baton_manager_core::session::{AgentSession, SessionConfig, SessionEvent};
-use baton_protocol::message::Message;
+use baton_protocol::message::{Message, Report};
 use baton_protocol::session::{Hello, Role};
 use baton_protocol::types::{AgentId, PublicKey};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -139,7 +140,8 @@ impl AgentPort {
         // The session's clock: time since this connection's handshake.
         let origin = Instant::now();
         let mut session =
-            AgentSession::new(origin.elapsed(), id.clone(), auth.key, self.session.clone());
+            AgentSession::new(origin.elapsed(), id.clone(), auth.key, self.session.clone())
+                .with_placement(self.registry.placement(&id));
 
         // Until the session is online (its first report): answers go out directly.
         let report = loop {
@@ -179,6 +181,14 @@ impl AgentPort {
                 break report;
             }
         };
+        // The segment the agent is placed in is the one the manager plans with.
+        let mut report = report;
+        if let Some(placed) = session.placement() {
+            match self.registry.place_at_enrolment(&id, placed) {
+                Ok(p) => self.set_placed_segment(&mut report, &p),
+                Err(e) => tracing::error!(agent = %id, "cannot record the agent's placement: {e}"),
+            }
+        }
         self.registry.note_report(&report);
 
         let (control_tx, mut control_rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -287,6 +297,19 @@ impl AgentPort {
         }
     }
 
+    /// Replaces the segment an agent's report declares with the one it is placed in (the
+    /// engine plans with it; segment report pages are checked against it), warning (spaced)
+    /// when they differ.
+    fn set_placed_segment(&self, report: &mut Report, placed: &Placement) {
+        let name = placed.segment_name();
+        if report.segment != name {
+            if let Some(held_back) = self.registry.segment_warning.due() {
+                tracing::warn!(agent = %report.id, declared = %report.segment, placed = %name, held_back, "agent declares another segment than the one it is placed in; the manager uses its placement");
+            }
+            report.segment = name;
+        }
+    }
+
     /// Carries out one event of an online session; `Err` ends the connection with that reason.
     async fn carry_out(
         &self,
@@ -323,12 +346,17 @@ impl AgentPort {
                     }
                     Ok(None) => return Ok(()),
                     Err(e) => {
-                        tracing::warn!(agent = %id, "segment report refused: {e}");
+                        if let Some(held_back) = self.registry.segment_warning.due() {
+                            tracing::warn!(agent = %id, held_back, "segment report refused: {e}");
+                        }
                         return Ok(());
                     }
                 }
             }
-            SessionEvent::Report(report) => {
+            SessionEvent::Report(mut report) => {
+                if let Some(p) = self.registry.placement(id) {
+                    self.set_placed_segment(&mut report, &p);
+                }
                 self.registry.note_report(&report);
                 let input = EngineInput::Online {
                     id: id.clone(),

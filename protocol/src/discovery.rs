@@ -94,9 +94,9 @@ struct SignedOwned {
     body: Announcement,
 }
 
-/// The highest score [`capability_score`] gives (serving, a 64-bit link class,
-/// performance 1000, storage class 63).
-pub const MAX_CAPABILITY_SCORE: u32 = (1 << 24) | (64 << 16) | (1000 << 6) | 63;
+/// The highest score [`capability_score`] gives (serving, link class 64,
+/// performance 1000, storage class 44: the bit length of `u64::MAX` bytes in MiB).
+pub const MAX_CAPABILITY_SCORE: u32 = (1 << 24) | (64 << 16) | (1000 << 6) | 44;
 
 /// Bit length of `v` (0 for 0, 64 for `u64::MAX`).
 fn bit_length(v: u64) -> u32 {
@@ -110,7 +110,7 @@ fn bit_length(v: u64) -> u32 {
 /// `score = can_serve · 2^24 + link_class · 2^16 + min(performance, 1000) · 2^6 + storage_class`
 /// where `link_class` is the bit length of `min(up_bps, down_bps)` (0 when
 /// unknown, at most 64) and `storage_class` the bit length of the free MiB
-/// (at most 63). So an agent that serves peers always beats one that does not,
+/// (at most 44). So an agent that serves peers always beats one that does not,
 /// then a link twice as fast wins, then performance, then storage.
 pub fn capability_score(
     can_serve: bool,

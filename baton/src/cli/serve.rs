@@ -55,6 +55,11 @@ pub struct ServeArgs {
     /// Most HTTP connections open at once; more wait until one closes.
     #[arg(long, default_value_t = baton_manager::http::DEFAULT_MAX_CONNECTIONS, value_name = "N")]
     pub max_http_connections: usize,
+    /// Highest segment election score an agent's certificate allows, whatever the score
+    /// recorded for it (at its first report, or with `baton agents score`); peers use
+    /// min(declared, certified). Default: the highest capability score (no extra cap).
+    #[arg(long, default_value_t = baton_protocol::discovery::MAX_CAPABILITY_SCORE, value_name = "N")]
+    pub max_election_score: u32,
 }
 
 impl ServeArgs {
@@ -77,6 +82,7 @@ impl ServeArgs {
                 max_connections: self.max_http_connections.max(1),
                 ..baton_manager::http::HttpLimits::default()
             },
+            max_election_score: self.max_election_score,
         }
     }
 }

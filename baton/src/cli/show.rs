@@ -1,7 +1,8 @@
 //! `baton agents`, `baton jobs`, `baton job` and `baton cancel`: small clients of the API
 //! that list and show what the manager holds, and the table helpers they share.
+//! `baton agents segment|score` place an agent (`PATCH /api/v1/agents/{id}`).
 
-use clap::Args;
+use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use super::{Client, ClientOpts, format_size, format_time};
@@ -15,6 +16,31 @@ pub struct AgentsArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub client: ClientOpts,
+    /// Place an agent instead of listing them.
+    #[command(subcommand)]
+    pub command: Option<AgentsCommand>,
+}
+
+/// `baton agents` subcommands: where the administrator places an agent.
+#[derive(Subcommand, Debug, Clone)]
+pub enum AgentsCommand {
+    /// Place agent ID in segment SEGMENT: its certificate names it, its peers ignore its
+    /// discovery datagrams for other segments and the manager refuses its segment reports
+    /// for them (a connected agent reconnects to get its new certificate).
+    Segment {
+        /// The agent's id.
+        id: String,
+        /// The segment (empty string: none).
+        segment: String,
+    },
+    /// Set the highest segment election score agent ID may claim (capped by
+    /// `baton serve --max-election-score`).
+    Score {
+        /// The agent's id.
+        id: String,
+        /// The score.
+        score: u32,
+    },
 }
 
 /// A JSON value as a table cell (`-` for null).
@@ -62,6 +88,25 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
 /// Runs `baton agents`.
 pub fn agents(args: AgentsArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.client)?;
+    if let Some(command) = &args.command {
+        let (id, body) = match command {
+            AgentsCommand::Segment { id, segment } => (id, json!({ "segment": segment })),
+            AgentsCommand::Score { id, score } => (id, json!({ "election_score": score })),
+        };
+        let path = format!("/api/v1/agents/{}", super::path_part(id)?);
+        let agent: Value = client.patch(&path, &body)?;
+        if args.json {
+            println!("{agent}");
+        } else {
+            println!(
+                "agent {} placed in segment {} with election score {}",
+                text(&agent["id"]),
+                text(&agent["placed_segment"]),
+                text(&agent["election_score"])
+            );
+        }
+        return Ok(());
+    }
     let agents: Vec<Value> = client.get("/api/v1/agents")?;
     if args.json {
         println!("{}", Value::Array(agents));
