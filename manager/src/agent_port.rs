@@ -206,6 +206,12 @@ impl AgentPort {
             },
         );
         tracing::info!(agent = %id, %addr, took_over, "agent connected");
+        if self.registry.placement(&id).as_ref() != session.placement() {
+            // The administrator placed the agent while this session was starting: its
+            // certificate is already stale, so it reconnects for a new one.
+            tracing::info!(agent = %id, "placement changed while the session started; reconnecting it");
+            close.notify_one();
+        }
         if took_over {
             // The previous session is dead (e.g. the device lost power and came back
             // before the old connection timed out) and will not report it: the id now
