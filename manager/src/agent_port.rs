@@ -309,7 +309,7 @@ impl AgentPort {
     fn set_placed_segment(&self, report: &mut Report, placed: &Placement) {
         let name = placed.segment_name();
         if report.segment != name {
-            if let Some(held_back) = self.registry.segment_warning.due() {
+            if let Some(held_back) = self.registry.placement_warning.due() {
                 tracing::warn!(agent = %report.id, declared = %report.segment, placed = %name, held_back, "agent declares another segment than the one it is placed in; the manager uses its placement");
             }
             report.segment = name;

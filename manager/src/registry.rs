@@ -171,6 +171,10 @@ pub struct Registry {
     pub segment_checks: SegmentChecks,
     /// Spacing of the warnings about refused segment report pages.
     pub segment_warning: Spaced,
+    /// Spacing of the warnings about reported members placed elsewhere.
+    pub members_warning: Spaced,
+    /// Spacing of the warnings about agents declaring another segment than their placement.
+    pub placement_warning: Spaced,
 }
 
 /// Why a segment report page was not stored.
@@ -228,6 +232,8 @@ impl Registry {
             placements: RwLock::new(placements),
             segment_checks: SegmentChecks::default(),
             segment_warning: Spaced::default(),
+            members_warning: Spaced::default(),
+            placement_warning: Spaced::default(),
         })
     }
 
@@ -479,7 +485,7 @@ impl Registry {
                 .fetch_add(dropped.members as u64, Ordering::Relaxed);
             c.delays_dropped
                 .fetch_add(dropped.delays as u64, Ordering::Relaxed);
-            if let Some(held_back) = self.segment_warning.due() {
+            if let Some(held_back) = self.members_warning.due() {
                 tracing::warn!(leader = %session, segment = %page.segment, members = dropped.members, delays = dropped.delays, held_back, "segment report names members placed in another segment; dropped them");
             }
         }
