@@ -1653,6 +1653,7 @@ mod test {
         let checks = a.seg.signature_checks() - before;
         // Each bucket: a burst of 20 and 10 per second; 2 checks per datagram at most.
         let bound = 2 * 2 * (20 + 10 + 1);
+        std::eprintln!("flood of 4000 datagrams: {checks} signature checks (bound {bound})");
         assert!(
             checks <= bound,
             "{checks} signature checks for 4000 datagrams, bound {bound}"

@@ -32,6 +32,9 @@ pub enum AgentsCommand {
         id: String,
         /// The segment (empty string: none).
         segment: String,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        client: ClientOpts,
     },
     /// Set the highest segment election score agent ID may claim (capped by
     /// `baton serve --max-election-score`).
@@ -40,6 +43,9 @@ pub enum AgentsCommand {
         id: String,
         /// The score.
         score: u32,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        client: ClientOpts,
     },
 }
 
@@ -87,12 +93,18 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
 
 /// Runs `baton agents`.
 pub fn agents(args: AgentsArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.client)?;
     if let Some(command) = &args.command {
-        let (id, body) = match command {
-            AgentsCommand::Segment { id, segment } => (id, json!({ "segment": segment })),
-            AgentsCommand::Score { id, score } => (id, json!({ "election_score": score })),
+        let (id, body, client) = match command {
+            AgentsCommand::Segment {
+                id,
+                segment,
+                client,
+            } => (id, json!({ "segment": segment }), client),
+            AgentsCommand::Score { id, score, client } => {
+                (id, json!({ "election_score": score }), client)
+            }
         };
+        let client = Client::new(client)?;
         let path = format!("/api/v1/agents/{}", super::path_part(id)?);
         let agent: Value = client.patch(&path, &body)?;
         if args.json {
@@ -107,6 +119,7 @@ pub fn agents(args: AgentsArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    let client = Client::new(&args.client)?;
     let agents: Vec<Value> = client.get("/api/v1/agents")?;
     if args.json {
         println!("{}", Value::Array(agents));
