@@ -849,6 +849,15 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             .map(|w| w.unix_time + now.saturating_sub(w.at).as_secs())
     }
 
+    /// The manager's Unix time now in milliseconds, as learnt from `Welcome` (its
+    /// `unix_time` plus the monotonic time elapsed since); discovery datagrams carry it.
+    pub fn manager_unix_ms(&self, now: Duration) -> Option<u64> {
+        self.welcome.as_ref().map(|w| {
+            let elapsed = u64::try_from(now.saturating_sub(w.at).as_millis()).unwrap_or(u64::MAX);
+            w.unix_time.saturating_mul(1000).saturating_add(elapsed)
+        })
+    }
+
     /// Whether the manager session is up.
     pub fn manager_connected(&self) -> bool {
         self.manager_up

@@ -7,7 +7,8 @@
 //! driver calls, with `now` on its monotonic timeline,
 //!
 //! - [`Segment::start`] once the manager's `Welcome` gave the agent its
-//!   certificate (and a boot-unique sequence base, e.g. Unix microseconds);
+//!   certificate and the manager's clock (and a boot-unique sequence base,
+//!   e.g. Unix microseconds); again at every later `Welcome`;
 //! - [`Segment::handle_datagram`] for every datagram received on the
 //!   discovery port (broadcast or unicast), with its source address;
 //! - [`Segment::handle_timeout`] when [`Segment::poll_timeout`] is reached;
@@ -32,12 +33,37 @@
 //! (bit length of free MiB). Classes are powers of two so that measured link
 //! rates that wobble do not make the leadership flap.
 //!
-//! **Replay.** Every datagram carries the sender's sequence number; a datagram
-//! whose sequence number is not above the last one accepted from that sender
-//! is dropped. Entries of silent members are kept (not live) until their slot
-//! is needed, so their last sequence number is remembered too. The driver
-//! starts the sequence at a boot-unique base so a restarted agent is not
-//! taken for a replay.
+//! **What the manager certifies.** Every datagram carries its sender's
+//! [`AgentCert`], which names the segment the administrator placed the agent
+//! in and the highest score it may claim. A datagram whose certificate names
+//! another segment than ours is dropped (so an agent cannot join, let alone
+//! lead, a segment it was not placed in), and the election uses
+//! `min(declared score, certified score)`, for this agent too: an agent whose
+//! own certificate names another segment competes with score 0.
+//!
+//! **Freshness and replay.** Every datagram carries the time it was sent on
+//! the manager's clock as its sender estimates it (the `Welcome`'s
+//! `unix_time` plus the monotonic time elapsed since); a datagram more than
+//! `max_clock_skew` away from our own estimate is dropped. It also carries
+//! the sender's sequence number; a datagram whose sequence number is not
+//! above the last one accepted from that sender is dropped. That state is
+//! the members table, a fixed `MEMBERS` entries: entries of silent members
+//! are kept (not live) until their slot is needed, so their last sequence
+//! number is remembered too; once a slot is reused, the freshness window
+//! still bounds how old a replay can be. The driver starts the sequence at a
+//! boot-unique base so a restarted agent is not taken for a replay.
+//!
+//! **Cost.** Checking a datagram takes two Ed25519 verifications (the
+//! certificate, then the signature), the expensive part. They come last,
+//! after the cheap checks in this order: size and decoding, our own
+//! loop-back, the segment named and certified, freshness, replay, whether
+//! the sender may send this kind of datagram, and a per-sender token bucket
+//! (`sender_rate` datagrams per second, bursts of `sender_burst`; senders
+//! not in the table share one bucket of the same size). So a flood costs at
+//! most `2 × (MEMBERS + 1) × sender_rate` verifications per second after the
+//! bursts, whatever ids it claims ([`Segment::signature_checks`] counts them).
+//! A refused datagram changes nothing, but a flood forging a member's id
+//! spends that member's tokens and can delay its datagrams while it lasts.
 //!
 //! **Traffic.** A beacon every `beacon_interval` (broadcast); a probe to every
 //! live member every `probe_interval` (unicast, answered by an echo); a
@@ -50,7 +76,7 @@
 use core::net::SocketAddr;
 use core::time::Duration;
 
-use baton_protocol::discovery::{self, Announcement, DiscoveryError};
+use baton_protocol::discovery::{self, Announcement, Datagram, DiscoveryError};
 use baton_protocol::identity::{AgentCert, Identity};
 use baton_protocol::message::{MAX_MEMBERS_PER_PAGE, SegmentMember, SegmentReport};
 use baton_protocol::{AgentId, Delay, DelayTo, LinkInfo, MAX_DELAYS, Name, PeerAddr, PublicKey};
@@ -81,10 +107,18 @@ pub struct SegmentConfig {
     pub member_interval: Duration,
     /// How often the leader sends the manager its report when nothing changed.
     pub report_interval: Duration,
+    /// A datagram sent further than this from our estimate of the manager's clock is dropped.
+    pub max_clock_skew: Duration,
+    /// Datagrams per second each sender may have checked (token bucket refill); senders not
+    /// in the members table share one bucket.
+    pub sender_rate: u32,
+    /// Burst size of each sender's token bucket.
+    pub sender_burst: u32,
 }
 
 impl SegmentConfig {
-    /// Defaults: beacon 1 s, leader timeout 3 s, probes 5 s, member info 2 s, report 10 s.
+    /// Defaults: beacon 1 s, leader timeout 3 s, probes 5 s, member info 2 s, report 10 s,
+    /// clock skew 30 s, 10 datagrams per second per sender in bursts of 20.
     pub fn new(id: AgentId, segment: Name) -> Self {
         SegmentConfig {
             id,
@@ -94,6 +128,9 @@ impl SegmentConfig {
             probe_interval: Duration::from_secs(5),
             member_interval: Duration::from_secs(2),
             report_interval: Duration::from_secs(10),
+            max_clock_skew: Duration::from_secs(30),
+            sender_rate: 10,
+            sender_burst: 20,
         }
     }
 }
@@ -115,25 +152,44 @@ pub struct Capabilities {
     pub manager_rtt_us: Option<u32>,
 }
 
-/// Bit length of `v` (0 for 0, 64 for `u64::MAX`).
-fn bit_length(v: u64) -> u32 {
-    64 - v.leading_zeros()
+/// The capability score the election compares (higher leads; ties go to the larger id),
+/// as [`discovery::capability_score`] computes it from the agent's capabilities.
+pub fn capability_score(c: &Capabilities) -> u32 {
+    discovery::capability_score(c.can_serve, &c.link, c.performance, c.free_storage)
 }
 
-/// The capability score the election compares (higher leads; ties go to the larger id).
-///
-/// `score = can_serve · 2^24 + link_class · 2^16 + min(performance, 1000) · 2^6 + storage_class`
-/// where `link_class` is the bit length of `min(up_bps, down_bps)` (0 when
-/// unknown, at most 64) and `storage_class` the bit length of the free MiB
-/// (at most 63). So an agent that serves peers always beats one that does not,
-/// then a link twice as fast wins, then performance, then storage.
-pub fn capability_score(c: &Capabilities) -> u32 {
-    let link_class = bit_length(c.link.up_bps.min(c.link.down_bps));
-    let storage_class = bit_length(c.free_storage >> 20).min(63);
-    (u32::from(c.can_serve) << 24)
-        | (link_class << 16)
-        | (c.performance.min(1000) << 6)
-        | storage_class
+/// A token bucket in thousandths of a datagram (no floating point on the firmware).
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    milli: u64,
+    at: Duration,
+}
+
+impl Bucket {
+    /// A full bucket at `now`.
+    fn full(now: Duration, burst: u32) -> Self {
+        Bucket {
+            milli: u64::from(burst) * 1000,
+            at: now,
+        }
+    }
+
+    /// Refills for the time since the last call and takes one token if there is one.
+    fn take(&mut self, now: Duration, rate: u32, burst: u32) -> bool {
+        let elapsed_ms = u64::try_from(now.saturating_sub(self.at).as_millis()).unwrap_or(u64::MAX);
+        self.at = self.at.max(now);
+        // `rate` per second is `rate` thousandths per millisecond.
+        self.milli = self
+            .milli
+            .saturating_add(elapsed_ms.saturating_mul(u64::from(rate)))
+            .min(u64::from(burst) * 1000);
+        if self.milli >= 1000 {
+            self.milli -= 1000;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Where a datagram goes.
@@ -197,6 +253,12 @@ pub enum SegmentError {
     Mismatch,
     /// No room for another member (every slot is live).
     TableFull,
+    /// The sender's certificate places it in another segment than ours.
+    UncertifiedSegment,
+    /// Sent too far from our estimate of the manager's clock (stale, or from the future).
+    Stale,
+    /// The sender (or, for senders not in the table, all of them together) exceeded its rate.
+    RateLimited,
 }
 
 impl core::fmt::Display for SegmentError {
@@ -209,6 +271,11 @@ impl core::fmt::Display for SegmentError {
             SegmentError::UnknownSender => f.write_str("datagram from an agent not on the segment"),
             SegmentError::Mismatch => f.write_str("member datagram about another agent"),
             SegmentError::TableFull => f.write_str("members table full"),
+            SegmentError::UncertifiedSegment => {
+                f.write_str("sender's certificate names another segment")
+            }
+            SegmentError::Stale => f.write_str("datagram too far from the manager's clock"),
+            SegmentError::RateLimited => f.write_str("sender over its datagram rate"),
         }
     }
 }
@@ -224,7 +291,12 @@ struct Member {
     last_seq: u64,
     last_heard: Duration,
     live: bool,
+    /// Its election score: `min(declared, certified)`.
     score: u32,
+    /// The highest score its certificate allows.
+    certified_score: u32,
+    /// Its datagram allowance.
+    bucket: Bucket,
     listen: Option<PeerAddr>,
     /// The last capabilities it sent (only the leader receives them).
     info: Option<SegmentMember>,
@@ -257,8 +329,17 @@ pub struct Segment<const MEMBERS: usize = MAX_MEMBERS> {
     manager: PublicKey,
     cert: Option<AgentCert>,
     seq: u64,
+    /// The manager's clock as learnt from the last `Welcome`: (our time then, its Unix ms then).
+    clock: (Duration, u64),
     caps: Capabilities,
+    /// The score this agent declares (from its capabilities).
+    declared: u32,
+    /// Its election score: `min(declared, certified)`, 0 if certified for another segment.
     score: u32,
+    /// The shared allowance of senders not in the members table.
+    newcomers: Bucket,
+    /// Ed25519 verifications done on received datagrams.
+    signature_checks: u64,
     members: Vec<Member, MEMBERS>,
     leader: Option<AgentId>,
     term: u32,
@@ -302,8 +383,12 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
             manager,
             cert: None,
             seq: 0,
+            clock: (Duration::ZERO, 0),
             caps: Capabilities::default(),
+            declared: 0,
             score: 0,
+            newcomers: Bucket::full(Duration::ZERO, 0),
+            signature_checks: 0,
             members: Vec::new(),
             leader: None,
             term: 0,
@@ -325,17 +410,24 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
         &self.config
     }
 
-    /// Starts discovery with the manager's certificate for this agent.
+    /// Starts discovery with the manager's certificate for this agent and the manager's
+    /// clock, `manager_unix_ms` (the `Welcome`'s `unix_time`, in ms) at `now`.
     ///
     /// `seq_base` must be above any sequence number an earlier run of this
     /// agent used (e.g. Unix time in microseconds at start). Calling it again
-    /// (a new `Welcome`) only replaces the certificate.
-    pub fn start(&mut self, now: Duration, cert: AgentCert, seq_base: u64) {
+    /// (a new `Welcome`) only replaces the certificate and the clock.
+    pub fn start(&mut self, now: Duration, cert: AgentCert, seq_base: u64, manager_unix_ms: u64) {
         let first = self.cert.is_none();
         self.cert = Some(cert);
+        self.clock = (now, manager_unix_ms);
+        let rescore = self.rescore();
         if !first {
+            if rescore {
+                self.elect(now);
+            }
             return;
         }
+        self.newcomers = Bucket::full(now, self.config.sender_burst);
         self.seq = self.seq.max(seq_base);
         self.started_at = now;
         self.next_beacon = now;
@@ -358,19 +450,42 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
 
     /// Updates what this agent says of itself; its score follows at once.
     pub fn set_capabilities(&mut self, now: Duration, caps: Capabilities) {
-        let score = capability_score(&caps);
+        self.declared = capability_score(&caps);
         self.caps = caps;
-        if score != self.score {
-            self.score = score;
-            if self.started() {
-                self.elect(now);
-            }
+        if self.rescore() && self.started() {
+            self.elect(now);
         }
     }
 
-    /// This agent's capability score.
+    /// Recomputes this agent's election score from its declared score and certificate;
+    /// returns whether it changed.
+    fn rescore(&mut self) -> bool {
+        let score = match &self.cert {
+            Some(c) if c.segment == self.config.segment => self.declared.min(c.score),
+            Some(_) => 0,
+            None => self.declared,
+        };
+        let changed = score != self.score;
+        self.score = score;
+        changed
+    }
+
+    /// This agent's election score: its capability score, capped by its certificate.
     pub fn score(&self) -> u32 {
         self.score
+    }
+
+    /// Ed25519 verifications done on received datagrams so far (each costs far more than
+    /// every other check together).
+    pub fn signature_checks(&self) -> u64 {
+        self.signature_checks
+    }
+
+    /// Our estimate of the manager's clock at `now`, Unix milliseconds.
+    fn manager_ms(&self, now: Duration) -> u64 {
+        let (at, ms) = self.clock;
+        let elapsed = u64::try_from(now.saturating_sub(at).as_millis()).unwrap_or(u64::MAX);
+        ms.saturating_add(elapsed)
     }
 
     /// The elected leader, once started.
@@ -464,27 +579,16 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
         if !self.started() {
             return Err(SegmentError::NotStarted);
         }
-        let dg = discovery::open(bytes, &self.manager).map_err(SegmentError::Discovery)?;
-        if dg.sender.id == self.config.id {
+        let unverified = discovery::decode(bytes).map_err(SegmentError::Discovery)?;
+        if unverified.claimed().sender.id == self.config.id {
+            // Our own broadcast, looped back (or a forgery of it): nothing to learn.
             return Ok(());
         }
-        let pos = self.members.iter().position(|m| m.id == dg.sender.id);
-        if let Some(p) = pos
-            && dg.seq <= self.members[p].last_seq
-        {
-            return Err(SegmentError::Replay);
-        }
-        let pos = match (&dg.body, pos) {
-            (Announcement::Beacon { segment, .. }, _) if *segment != self.config.segment => {
-                return Err(SegmentError::OtherSegment);
-            }
-            (Announcement::Beacon { .. }, Some(p)) => p,
-            (Announcement::Beacon { .. }, None) => self.admit(&dg.sender, from, now)?,
-            (Announcement::Member(m), _) if m.id != dg.sender.id => {
-                return Err(SegmentError::Mismatch);
-            }
-            (_, Some(p)) if self.members[p].live => p,
-            _ => return Err(SegmentError::UnknownSender),
+        let pos = self.check_cheaply(now, unverified.claimed())?;
+        let dg = self.verify(unverified)?;
+        let pos = match pos {
+            Some(p) => p,
+            None => self.admit(&dg.sender, from, now)?,
         };
         let mut joined = false;
         {
@@ -493,6 +597,7 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
             m.last_heard = now;
             m.addr = from;
             m.key = dg.sender.key;
+            m.certified_score = dg.sender.score;
             if !m.live {
                 m.live = true;
                 m.probe = None;
@@ -507,6 +612,7 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
         match dg.body {
             Announcement::Beacon { score, listen, .. } => {
                 let m = &mut self.members[pos];
+                let score = score.min(m.certified_score);
                 let rescore = m.score != score;
                 m.score = score;
                 m.listen = listen;
@@ -526,8 +632,9 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
             Announcement::Member(info) => {
                 let m = &mut self.members[pos];
                 let first = m.info.is_none();
-                let rescore = m.score != info.score;
-                m.score = info.score;
+                let score = info.score.min(m.certified_score);
+                let rescore = m.score != score;
+                m.score = score;
                 m.listen = info.listen;
                 m.info = Some(info);
                 if rescore {
@@ -539,6 +646,65 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
             }
         }
         Ok(())
+    }
+
+    /// The checks of a decoded datagram that cost no signature verification, in the order
+    /// of the module docs; `Ok` (with the sender's slot in the table, if it has one) when
+    /// the datagram is worth verifying. Takes one token of the sender's bucket.
+    fn check_cheaply(
+        &mut self,
+        now: Duration,
+        dg: &Datagram,
+    ) -> Result<Option<usize>, SegmentError> {
+        match &dg.body {
+            Announcement::Beacon { segment, .. } if *segment != self.config.segment => {
+                return Err(SegmentError::OtherSegment);
+            }
+            Announcement::Member(m) if m.id != dg.sender.id => {
+                return Err(SegmentError::Mismatch);
+            }
+            _ => {}
+        }
+        if dg.sender.segment != self.config.segment {
+            return Err(SegmentError::UncertifiedSegment);
+        }
+        let ours = self.manager_ms(now);
+        let skew = u64::try_from(self.config.max_clock_skew.as_millis()).unwrap_or(u64::MAX);
+        if dg.time_ms.abs_diff(ours) > skew {
+            return Err(SegmentError::Stale);
+        }
+        let pos = self.members.iter().position(|m| m.id == dg.sender.id);
+        let beacon = matches!(dg.body, Announcement::Beacon { .. });
+        match pos {
+            Some(p) if dg.seq <= self.members[p].last_seq => return Err(SegmentError::Replay),
+            Some(p) if !beacon && !self.members[p].live => {
+                return Err(SegmentError::UnknownSender);
+            }
+            None if !beacon => return Err(SegmentError::UnknownSender),
+            None if self.members.is_full() && self.members.iter().all(|m| m.live) => {
+                return Err(SegmentError::TableFull);
+            }
+            _ => {}
+        }
+        let (rate, burst) = (self.config.sender_rate, self.config.sender_burst);
+        let allowed = match pos {
+            Some(p) => self.members[p].bucket.take(now, rate, burst),
+            None => self.newcomers.take(now, rate, burst),
+        };
+        if !allowed {
+            return Err(SegmentError::RateLimited);
+        }
+        Ok(pos)
+    }
+
+    /// The two Ed25519 verifications (certificate, then signature), counted.
+    fn verify(&mut self, unverified: discovery::Unverified<'_>) -> Result<Datagram, SegmentError> {
+        let result = unverified.verify(&self.manager);
+        self.signature_checks += match result {
+            Err(DiscoveryError::BadCert) => 1,
+            _ => 2,
+        };
+        result.map_err(SegmentError::Discovery)
     }
 
     /// Makes room for a new member: a free slot, else the slot of the longest-silent one.
@@ -556,6 +722,8 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
             last_heard: now,
             live: false,
             score: 0,
+            certified_score: sender.score,
+            bucket: Bucket::full(now, self.config.sender_burst),
             listen: None,
             info: None,
             probe: None,
@@ -711,7 +879,6 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
 
     /// Seals the next datagram into `buf` (at least [`discovery::MAX_DATAGRAM`] bytes).
     pub fn poll_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Option<Outgoing> {
-        let _ = now;
         while let Some(p) = self.outbox.pop_front() {
             let (to, body) = match p {
                 Pending::Beacon => (
@@ -734,9 +901,10 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
                     Announcement::Member(self.own_member()),
                 ),
             };
+            let time_ms = self.manager_ms(now);
             let cert = self.cert.as_ref()?;
             let seq = self.seq + 1;
-            match discovery::seal(&self.identity, cert, seq, &body, buf) {
+            match discovery::seal(&self.identity, cert, seq, time_ms, &body, buf) {
                 Ok(len) => {
                     self.seq = seq;
                     return Some(Outgoing { to, len });
@@ -814,6 +982,8 @@ mod test {
     use super::*;
 
     const MANAGER_SEED: u8 = 1;
+    /// The manager's Unix time (ms) when the simulated agents start at time 0.
+    const T0_MS: u64 = 1_800_000_000_000;
 
     fn id(s: &str) -> AgentId {
         AgentId::try_from(s).unwrap()
@@ -829,6 +999,17 @@ mod test {
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
+    }
+
+    /// The manager's certificate for `agent` in `segment`, allowing every capability score.
+    fn cert_in(agent: &str, key: &Identity, segment: &str) -> AgentCert {
+        AgentCert::issue_certified(
+            &manager(),
+            id(agent),
+            key.public(),
+            name(segment),
+            discovery::MAX_CAPABILITY_SCORE,
+        )
     }
 
     fn caps(performance: u32) -> Capabilities {
@@ -873,7 +1054,7 @@ mod test {
             let mut nodes = StdVec::new();
             for (i, (agent, segment, performance)) in specs.iter().enumerate() {
                 let identity = Identity::from_seed([10 + i as u8; 32]);
-                let cert = AgentCert::issue(&manager(), id(agent), identity.public());
+                let cert = cert_in(agent, &identity, segment);
                 let mut config = SegmentConfig::new(id(agent), name(segment));
                 config.beacon_interval = ms(1000);
                 config.leader_timeout = ms(3000);
@@ -901,7 +1082,12 @@ mod test {
         fn start_all(&mut self) {
             let now = self.now;
             for (i, n) in self.nodes.iter_mut().enumerate() {
-                n.seg.start(now, n.cert.clone(), 1000 * (i as u64 + 1));
+                n.seg.start(
+                    now,
+                    n.cert.clone(),
+                    1000 * (i as u64 + 1),
+                    T0_MS + micros(now) / 1000,
+                );
             }
             self.drain_all();
         }
@@ -1152,10 +1338,16 @@ mod test {
         assert!(terms.windows(2).all(|w| w[0] < w[1]), "{terms:?}");
     }
 
-    fn sealed(node: &Node, seq: u64, body: &Announcement) -> StdVec<u8> {
+    /// `body` from `node`, sent at time `now` on the simulated timeline.
+    fn sealed_at(node: &Node, seq: u64, now: Duration, body: &Announcement) -> StdVec<u8> {
         let mut buf = [0u8; discovery::MAX_DATAGRAM];
-        let n = discovery::seal(&node.identity, &node.cert, seq, body, &mut buf).unwrap();
+        let time = T0_MS + micros(now) / 1000;
+        let n = discovery::seal(&node.identity, &node.cert, seq, time, body, &mut buf).unwrap();
         buf[..n].to_vec()
+    }
+
+    fn sealed(node: &Node, seq: u64, body: &Announcement) -> StdVec<u8> {
+        sealed_at(node, seq, ms(10), body)
     }
 
     fn beacon(segment: &str, score: u32) -> Announcement {
@@ -1180,7 +1372,7 @@ mod test {
             a.seg.handle_datagram(now, b.addr, &dg),
             Err(SegmentError::NotStarted)
         );
-        a.seg.start(now, a.cert.clone(), 1);
+        a.seg.start(now, a.cert.clone(), 1, T0_MS + 10);
         assert_eq!(a.seg.handle_datagram(now, b.addr, &dg), Ok(()));
         assert_eq!(a.seg.leader(), Some(&id("b")));
         // The same datagram again, and an older one: replays.
@@ -1204,7 +1396,13 @@ mod test {
         // A certificate from another manager.
         let stranger = Identity::from_seed([99; 32]);
         let mut forged_node = Node {
-            cert: AgentCert::issue(&stranger, id("b"), b.identity.public()),
+            cert: AgentCert::issue_certified(
+                &stranger,
+                id("b"),
+                b.identity.public(),
+                name("s"),
+                u32::MAX,
+            ),
             ..b
         };
         let forged = sealed(&forged_node, 7, &beacon("s", 1));
@@ -1214,7 +1412,7 @@ mod test {
         );
         assert_eq!(a.seg.leader(), Some(&id("b")));
         // A member datagram about someone else.
-        forged_node.cert = AgentCert::issue(&manager(), id("b"), forged_node.identity.public());
+        forged_node.cert = cert_in("b", &forged_node.identity, "s");
         let mut info = a.seg.own_member();
         info.id = id("c");
         let lie = sealed(&forged_node, 8, &Announcement::Member(info));
@@ -1225,7 +1423,7 @@ mod test {
         // A probe from an agent never heard on the segment.
         let c_identity = Identity::from_seed([50; 32]);
         let c = Node {
-            cert: AgentCert::issue(&manager(), id("c"), c_identity.public()),
+            cert: cert_in("c", &c_identity, "s"),
             identity: c_identity,
             ..forged_node
         };
@@ -1243,6 +1441,228 @@ mod test {
             echoes += usize::from(matches!(dg.body, Announcement::Echo { .. }));
         }
         assert_eq!(echoes, 0);
+    }
+
+    /// A datagram from `key` showing `cert`, sent at `now` on the simulated timeline.
+    fn forged(
+        key: &Identity,
+        cert: &AgentCert,
+        seq: u64,
+        now: Duration,
+        body: &Announcement,
+    ) -> StdVec<u8> {
+        let mut buf = [0u8; discovery::MAX_DATAGRAM];
+        let time = T0_MS + micros(now) / 1000;
+        let n = discovery::seal(key, cert, seq, time, body, &mut buf).unwrap();
+        buf[..n].to_vec()
+    }
+
+    impl Net {
+        /// Delivers `bytes` from `from` to every live node now; returns what each said.
+        fn inject(&mut self, from: SocketAddr, bytes: &[u8]) -> StdVec<Result<(), SegmentError>> {
+            let now = self.now;
+            let mut out = StdVec::new();
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].alive {
+                    out.push(self.nodes[i].seg.handle_datagram(now, from, bytes));
+                    self.drain(i);
+                }
+            }
+            out
+        }
+
+        /// Runs to `until` while `rogue` broadcasts a beacon (score `u32::MAX`, and a
+        /// member datagram with that score) every 500 ms; returns every answer it got.
+        fn run_with_rogue(
+            &mut self,
+            until: Duration,
+            key: &Identity,
+            cert: &AgentCert,
+        ) -> StdVec<Result<(), SegmentError>> {
+            let from = SocketAddr::from(([10, 0, 0, 99], 40000));
+            let mut answers = StdVec::new();
+            let mut seq = 1;
+            for _ in 0..1000 {
+                if self.now >= until {
+                    break;
+                }
+                let mut me = SegmentMember {
+                    id: cert.id.clone(),
+                    score: u32::MAX,
+                    listen: None,
+                    performance: 1000,
+                    free_storage: u64::MAX,
+                    can_serve: true,
+                    link: LinkInfo {
+                        up_bps: u64::MAX,
+                        down_bps: u64::MAX,
+                        loss_ppm: 0,
+                        uptime_s: 0,
+                    },
+                    delays: Vec::new(),
+                    last_heard_ms: 0,
+                };
+                me.score = u32::MAX;
+                for body in [beacon("s", u32::MAX), Announcement::Member(me)] {
+                    let bytes = forged(key, cert, seq, self.now, &body);
+                    seq += 1;
+                    answers.extend(self.inject(from, &bytes));
+                }
+                let next = (self.now + ms(500)).min(until);
+                self.run_until(next);
+            }
+            answers
+        }
+    }
+
+    #[test]
+    fn an_agent_certified_for_another_segment_does_not_lead_even_with_the_maximum_score() {
+        let mut net = Net::new(&[("a", "s", 100), ("b", "s", 300)]);
+        net.start_all();
+        net.run_until(ms(2500));
+        assert_eq!(net.leaders(), [Some(id("b")), Some(id("b"))]);
+        let key = Identity::from_seed([77; 32]);
+        // "z" is enrolled (its certificate is the manager's) but placed in "other".
+        let cert = cert_in("z", &key, "other");
+        let answers = net.run_with_rogue(ms(8000), &key, &cert);
+        assert!(!answers.is_empty());
+        assert!(
+            answers
+                .iter()
+                .all(|r| *r == Err(SegmentError::UncertifiedSegment)),
+            "{answers:?}"
+        );
+        assert_eq!(net.leaders(), [Some(id("b")), Some(id("b"))]);
+        assert_eq!(net.nodes[0].seg.member_count(), 2);
+        // Nor does it appear in the leader's report.
+        let last = net.nodes[1].reports.last().expect("b reported");
+        assert!(last.members.iter().all(|m| m.id != id("z")));
+        assert_eq!(last.members.len(), 2);
+    }
+
+    #[test]
+    fn a_claimed_score_is_capped_by_the_certified_one() {
+        // Certified for "s" with a low score: it joins, but cannot outbid b.
+        let mut net = Net::new(&[("a", "s", 100), ("b", "s", 300)]);
+        net.start_all();
+        net.run_until(ms(2500));
+        let key = Identity::from_seed([77; 32]);
+        let low = AgentCert::issue_certified(&manager(), id("z"), key.public(), name("s"), 5);
+        let answers = net.run_with_rogue(ms(8000), &key, &low);
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        assert_eq!(net.leaders(), [Some(id("b")), Some(id("b"))]);
+        assert_eq!(net.nodes[0].seg.member_count(), 3, "z is a member");
+        let last = net.nodes[1].reports.last().expect("b reported");
+        let z = last.members.iter().find(|m| m.id == id("z")).expect("z");
+        assert_eq!(z.score, 5, "reported with its certified score");
+        // Positive control: certified with every score, the same claims make it the leader.
+        let mut net = Net::new(&[("a", "s", 100), ("b", "s", 300)]);
+        net.start_all();
+        net.run_until(ms(2500));
+        let high = cert_in("z", &key, "s");
+        net.run_with_rogue(ms(8000), &key, &high);
+        assert_eq!(net.leaders(), [Some(id("z")), Some(id("z"))]);
+    }
+
+    #[test]
+    fn own_certificate_for_another_segment_gives_score_zero() {
+        let me = Identity::from_seed([2; 32]);
+        let mut seg: Segment = Segment::new(
+            SegmentConfig::new(id("me"), name("s")),
+            me.clone(),
+            manager().public(),
+        );
+        seg.set_capabilities(ms(0), caps(500));
+        assert!(seg.score() > 0);
+        seg.start(ms(0), cert_in("me", &me, "other"), 1, T0_MS);
+        assert_eq!(seg.score(), 0);
+        // A new `Welcome` placing it in its segment gives its score back, capped.
+        let capped = AgentCert::issue_certified(&manager(), id("me"), me.public(), name("s"), 7);
+        seg.start(ms(10), capped, 1, T0_MS + 10);
+        assert_eq!(seg.score(), 7);
+    }
+
+    #[test]
+    fn stale_replayed_and_flooding_datagrams_are_dropped_before_any_signature_check() {
+        let net = Net::new(&[("a", "s", 100), ("b", "s", 300)]);
+        let (mut a, b) = {
+            let mut it = net.nodes.into_iter();
+            (it.next().unwrap(), it.next().unwrap())
+        };
+        let t = ms(40_000);
+        a.seg.start(ms(0), a.cert.clone(), 1, T0_MS);
+        let good = sealed_at(&b, 5, t, &beacon("s", 300));
+        assert_eq!(a.seg.handle_datagram(t, b.addr, &good), Ok(()));
+        assert_eq!(
+            a.seg.signature_checks(),
+            2,
+            "one certificate, one signature"
+        );
+        // Replayed, stale (31 s old), from the future, certified elsewhere: no check.
+        assert_eq!(
+            a.seg.handle_datagram(t, b.addr, &good),
+            Err(SegmentError::Replay)
+        );
+        let old = sealed_at(&b, 6, t - ms(31_000), &beacon("s", 300));
+        assert_eq!(
+            a.seg.handle_datagram(t, b.addr, &old),
+            Err(SegmentError::Stale)
+        );
+        let future = sealed_at(&b, 7, t + ms(31_000), &beacon("s", 300));
+        assert_eq!(
+            a.seg.handle_datagram(t, b.addr, &future),
+            Err(SegmentError::Stale)
+        );
+        let elsewhere = forged(
+            &b.identity,
+            &cert_in("b", &b.identity, "x"),
+            8,
+            t,
+            &beacon("s", 1),
+        );
+        assert_eq!(
+            a.seg.handle_datagram(t, b.addr, &elsewhere),
+            Err(SegmentError::UncertifiedSegment)
+        );
+        // Within the window both ways it is accepted.
+        let late = sealed_at(&b, 9, t - ms(29_000), &beacon("s", 300));
+        assert_eq!(a.seg.handle_datagram(t, b.addr, &late), Ok(()));
+        assert_eq!(a.seg.signature_checks(), 4);
+
+        // A flood: 2000 datagrams in one second claiming b's id (fresh seqs, bad signatures)
+        // and 2000 from made-up newcomers (certificates of another manager).
+        let stranger = Identity::from_seed([98; 32]);
+        let before = a.seg.signature_checks();
+        let mut refused = 0;
+        for i in 0..2000u64 {
+            let now = t + ms(i / 2);
+            let mut spoof = sealed_at(&b, 100 + i, now, &beacon("s", 300));
+            *spoof.last_mut().unwrap() ^= 1;
+            refused += usize::from(a.seg.handle_datagram(now, b.addr, &spoof).is_err());
+            let fake = AgentCert::issue_certified(
+                &stranger,
+                id(&std::format!("n{i}")),
+                stranger.public(),
+                name("s"),
+                u32::MAX,
+            );
+            let newcomer = forged(&stranger, &fake, 1, now, &beacon("s", u32::MAX));
+            refused += usize::from(a.seg.handle_datagram(now, b.addr, &newcomer).is_err());
+        }
+        assert_eq!(refused, 4000);
+        let checks = a.seg.signature_checks() - before;
+        // Each bucket: a burst of 20 and 10 per second; 2 checks per datagram at most.
+        let bound = 2 * 2 * (20 + 10 + 1);
+        std::eprintln!("flood of 4000 datagrams: {checks} signature checks (bound {bound})");
+        assert!(
+            checks <= bound,
+            "{checks} signature checks for 4000 datagrams, bound {bound}"
+        );
+        // Honest b goes on being heard once its bucket refills.
+        let later = t + ms(1500);
+        let honest = sealed_at(&b, 10_000, later, &beacon("s", 300));
+        assert_eq!(a.seg.handle_datagram(later, b.addr, &honest), Ok(()));
+        assert_eq!(a.seg.member_count(), 2);
     }
 
     #[test]
@@ -1264,18 +1684,19 @@ mod test {
             me.clone(),
             manager.public(),
         );
-        seg.start(ms(0), AgentCert::issue(&manager, id("me"), me.public()), 1);
+        seg.start(ms(0), cert_in("me", &me, "s"), 1, T0_MS);
         let others: StdVec<(Identity, AgentCert)> = (0..3)
             .map(|i| {
                 let k = Identity::from_seed([60 + i; 32]);
-                let c = AgentCert::issue(&manager, id(&std::format!("m{i}")), k.public());
+                let c = cert_in(&std::format!("m{i}"), &k, "s");
                 (k, c)
             })
             .collect();
         let send = |seg: &mut Segment<2>, i: usize, seq: u64, now: Duration| {
             let mut buf = [0u8; discovery::MAX_DATAGRAM];
             let (k, c) = &others[i];
-            let n = discovery::seal(k, c, seq, &beacon("s", 1), &mut buf).unwrap();
+            let time = T0_MS + micros(now) / 1000;
+            let n = discovery::seal(k, c, seq, time, &beacon("s", 1), &mut buf).unwrap();
             seg.handle_datagram(now, SocketAddr::from(([10, 0, 0, 9], 1)), &buf[..n])
         };
         assert_eq!(send(&mut seg, 0, 1, ms(0)), Ok(()));

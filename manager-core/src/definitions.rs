@@ -201,6 +201,8 @@ mod test {
             report: Some(json!({ "labels": labels })),
             site: None,
             segment: None,
+            placed_segment: None,
+            election_score: None,
             listen: None,
             performance: None,
             up_bps: None,

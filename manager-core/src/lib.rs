@@ -14,6 +14,8 @@
 //! - [`session`]: one agent connection's rules (first report, `Welcome`, where
 //!   each message goes), driven per connection by the server and the simulator.
 //! - [`segments`]: checks and assembles the pages of a segment leader's report.
+//! - [`placement`]: the segment and election score the administrator placed each
+//!   agent in (certified to its peers), and the check of report pages against them.
 //! - [`definitions`]: content groups and named policies: names, policy fields, group members.
 //! - [`records`]: the plain records the store keeps and the parts above exchange.
 //! - [`login_limit`]: the back-off that slows password guessing.
@@ -24,6 +26,7 @@
 pub mod definitions;
 pub mod engine;
 pub mod login_limit;
+pub mod placement;
 pub mod planner;
 pub mod rate_limit;
 pub mod records;

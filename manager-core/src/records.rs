@@ -38,6 +38,11 @@ pub struct AgentRecord {
     pub down_bps: Option<u64>,
     /// Free storage from the latest report (bytes).
     pub free_storage: Option<u64>,
+    /// The segment the agent is placed in (by the administrator, or at its first report);
+    /// its certificate carries it, and segment reports are checked against it.
+    pub placed_segment: Option<String>,
+    /// The highest election score it may claim (certified capped at the manager's maximum).
+    pub election_score: Option<u32>,
 }
 
 fn ser_key<S: serde::Serializer>(key: &PublicKey, s: S) -> std::result::Result<S::Ok, S::Error> {

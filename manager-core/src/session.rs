@@ -38,6 +38,7 @@ use baton_protocol::identity::{AgentCert, Identity};
 use baton_protocol::message::{CodecError, MAX_PUBLISHERS, Message, Report, SegmentReport};
 use baton_protocol::types::{AgentId, Digest, PublicKey};
 
+use crate::placement::Placement;
 use crate::rate_limit::{Rate, TokenBucket};
 
 /// How long a new session has to receive its first `Report` after the handshake.
@@ -78,6 +79,7 @@ pub struct SessionConfig {
     publishers: heapless::Vec<PublicKey, MAX_PUBLISHERS>,
     first_report_timeout: Duration,
     limits: SessionLimits,
+    max_election_score: u32,
 }
 
 impl SessionConfig {
@@ -93,6 +95,7 @@ impl SessionConfig {
             publishers: announced,
             first_report_timeout: FIRST_REPORT_TIMEOUT,
             limits: SessionLimits::default(),
+            max_election_score: baton_protocol::discovery::MAX_CAPABILITY_SCORE,
         }
     }
 
@@ -105,6 +108,18 @@ impl SessionConfig {
     /// The rate limits of the sessions' messages.
     pub fn limits(&self) -> SessionLimits {
         self.limits
+    }
+
+    /// Caps the election score certificates carry at `max` (default: the highest
+    /// capability score, i.e. no cap beyond each agent's placement).
+    pub fn with_max_election_score(mut self, max: u32) -> Self {
+        self.max_election_score = max;
+        self
+    }
+
+    /// The cap on certified election scores.
+    pub fn max_election_score(&self) -> u32 {
+        self.max_election_score
     }
 
     /// The manager's identity (the driver's handshake uses it too).
@@ -122,10 +137,23 @@ impl SessionConfig {
         self.first_report_timeout
     }
 
-    /// The `Welcome` for agent `id` with key `key` at `unix_time`: the one place it is made.
-    fn welcome(&self, id: AgentId, key: PublicKey, unix_time: u64) -> Message<'static> {
+    /// The `Welcome` for agent `id` with key `key`, placed at `placement`, at `unix_time`:
+    /// the one place it is made.
+    fn welcome(
+        &self,
+        id: AgentId,
+        key: PublicKey,
+        placement: &Placement,
+        unix_time: u64,
+    ) -> Message<'static> {
         Message::Welcome {
-            cert: AgentCert::issue(&self.identity, id, key),
+            cert: AgentCert::issue_certified(
+                &self.identity,
+                id,
+                key,
+                placement.segment_name(),
+                placement.certified_score(self.max_election_score),
+            ),
             unix_time,
             publishers: self.publishers.clone(),
         }
@@ -233,6 +261,7 @@ pub struct AgentSession {
     agent: AgentId,
     key: PublicKey,
     config: Arc<SessionConfig>,
+    placement: Option<Placement>,
     state: State,
     transmit: VecDeque<Message<'static>>,
     events: VecDeque<SessionEvent>,
@@ -269,6 +298,7 @@ impl AgentSession {
         AgentSession {
             agent,
             key,
+            placement: None,
             state: State::AwaitingReport { deadline },
             transmit: VecDeque::new(),
             events: VecDeque::new(),
@@ -280,6 +310,19 @@ impl AgentSession {
     /// Messages dropped over the rate limits in this session.
     pub fn dropped(&self) -> u64 {
         self.buckets.dropped
+    }
+
+    /// Sets where the administrator placed the agent (its certificate says so); without
+    /// one, the first report places it ([`Placement::at_enrolment`]).
+    pub fn with_placement(mut self, placement: Option<Placement>) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    /// The agent's placement: the one given, or, once the first report arrived, the one it
+    /// made (the driver records it then).
+    pub fn placement(&self) -> Option<&Placement> {
+        self.placement.as_ref()
     }
 
     /// The authenticated agent.
@@ -377,7 +420,13 @@ impl AgentSession {
     fn first(&mut self, unix_time: u64, frame: &[u8]) {
         match Message::decode(frame) {
             Ok(Message::Report(report)) if report.id == self.agent => {
-                let welcome = self.config.welcome(self.agent.clone(), self.key, unix_time);
+                let cap = self.config.max_election_score;
+                let placement = self
+                    .placement
+                    .get_or_insert_with(|| Placement::at_enrolment(&report, cap));
+                let welcome =
+                    self.config
+                        .welcome(self.agent.clone(), self.key, placement, unix_time);
                 self.transmit.push_back(welcome);
                 self.state = State::Open;
                 self.events.push_back(SessionEvent::Online {
@@ -555,6 +604,41 @@ mod test {
         assert_eq!(s.poll_timeout(), None, "no deadline once welcomed");
         s.handle_timeout(Duration::from_secs(60));
         assert!(events(&mut s).is_empty());
+    }
+
+    /// The certificate in a `Welcome` of a session placed (or not) beforehand.
+    fn welcomed_cert(s: &mut AgentSession) -> AgentCert {
+        send(s, &Message::Report(report("a1")));
+        match transmits(s).as_slice() {
+            [Message::Welcome { cert, .. }] => cert.clone(),
+            other => panic!("expected one Welcome, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_certificate_carries_the_placement_capped() {
+        // Not placed yet: the first report places it (its segment, its score).
+        let mut s = session();
+        let cert = welcomed_cert(&mut s);
+        let declared = Placement::at_enrolment(&report("a1"), u32::MAX);
+        assert_eq!(cert.segment.as_str(), "seg-1");
+        assert_eq!(cert.score, declared.score);
+        assert_eq!(s.placement(), Some(&declared), "for the driver to record");
+        // Placed by the administrator elsewhere, with a score above the manager's cap:
+        // the report's segment does not matter, the score is capped.
+        let capped = Arc::new(
+            SessionConfig::new(manager(), [Identity::from_seed([2; 32]).public()])
+                .with_max_election_score(40),
+        );
+        let mut s = AgentSession::new(Duration::from_secs(5), id("a1"), agent_key(), capped)
+            .with_placement(Some(Placement {
+                segment: "seg-9".into(),
+                score: 1000,
+            }));
+        let cert = welcomed_cert(&mut s);
+        assert_eq!(cert.segment.as_str(), "seg-9");
+        assert_eq!(cert.score, 40);
+        cert.verify(&manager().public()).unwrap();
     }
 
     #[test]

@@ -39,8 +39,10 @@ use std::time::Duration;
 
 use baton_agent_core::linux::admission::{Admission, Admitted};
 use baton_agent_core::linux::link::{self, Limits, LinkError};
+use baton_agent_core::linux::spaced::{SpacedLog, WARN_EVERY};
+use baton_manager_core::placement::Placement;
 use baton_manager_core::session::{AgentSession, SessionConfig, SessionError, SessionEvent};
-use baton_protocol::message::Message;
+use baton_protocol::message::{Message, Report};
 use baton_protocol::session::{Hello, Role};
 use baton_protocol::types::{AgentId, PublicKey};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -65,42 +67,10 @@ pub const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 64;
 pub const DATA_QUEUE: usize = 8;
 /// An agent that takes no byte of a frame for this long is disconnected (it does not read).
 pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Least time between two log lines of one cause about agents over their rate limits.
-const LIMIT_LOG_EVERY: Duration = Duration::from_secs(5);
-
-/// A log line for a cause, at most once per [`LIMIT_LOG_EVERY`] process-wide; what was not
-/// logged in between is counted into the next line.
-struct LimitLog {
-    last: std::sync::Mutex<(Option<Instant>, u64)>,
-}
-
-impl LimitLog {
-    const fn new() -> Self {
-        LimitLog {
-            last: std::sync::Mutex::new((None, 0)),
-        }
-    }
-
-    /// Counts `n` occurrences; returns those to log now (since the last line), if it is time.
-    fn note(&self, n: u64) -> Option<u64> {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        last.1 += n;
-        let now = Instant::now();
-        if last.0.is_some_and(|t| now < t + LIMIT_LOG_EVERY) {
-            return None;
-        }
-        let count = last.1;
-        *last = (Some(now), 0);
-        Some(count)
-    }
-}
-
 /// Messages dropped over the sessions' rate limits.
-static DROPPED_LOG: LimitLog = LimitLog::new();
+static DROPPED_LOG: SpacedLog = SpacedLog::new(WARN_EVERY);
 /// Sessions closed for flooding.
-static FLOODERS_LOG: LimitLog = LimitLog::new();
-/// Segment report pages refused (wrong leader or segment, stale, too many pending reports).
-static REFUSED_PAGES_LOG: LimitLog = LimitLog::new();
+static FLOODERS_LOG: SpacedLog = SpacedLog::new(WARN_EVERY);
 
 /// What every agent connection shares.
 #[derive(Debug)]
@@ -206,7 +176,8 @@ impl AgentPort {
         // The session's clock: time since this connection's handshake.
         let origin = Instant::now();
         let mut session =
-            AgentSession::new(origin.elapsed(), id.clone(), auth.key, self.session.clone());
+            AgentSession::new(origin.elapsed(), id.clone(), auth.key, self.session.clone())
+                .with_placement(self.registry.placement(&id));
 
         // Until the session is online (its first report): answers go out directly.
         let report = loop {
@@ -246,6 +217,14 @@ impl AgentPort {
                 break report;
             }
         };
+        // The segment the agent is placed in is the one the manager plans with.
+        let mut report = report;
+        if let Some(placed) = session.placement() {
+            match self.registry.place_at_enrolment(&id, placed) {
+                Ok(p) => self.set_placed_segment(&mut report, &p),
+                Err(e) => tracing::error!(agent = %id, "cannot record the agent's placement: {e}"),
+            }
+        }
         self.registry.note_report(&report);
 
         let (control_tx, mut control_rx) = mpsc::channel::<Vec<u8>>(CONTROL_QUEUE);
@@ -263,6 +242,12 @@ impl AgentPort {
             },
         );
         tracing::info!(agent = %id, %addr, took_over, "agent connected");
+        if self.registry.placement(&id).as_ref() != session.placement() {
+            // The administrator placed the agent while this session was starting: its
+            // certificate is already stale, so it reconnects for a new one.
+            tracing::info!(agent = %id, "placement changed while the session started; reconnecting it");
+            close.notify_one();
+        }
         if took_over {
             // The previous session is dead (e.g. the device lost power and came back
             // before the old connection timed out) and will not report it: the id now
@@ -373,6 +358,19 @@ impl AgentPort {
         }
     }
 
+    /// Replaces the segment an agent's report declares with the one it is placed in (the
+    /// engine plans with it; segment report pages are checked against it), warning (spaced)
+    /// when they differ.
+    fn set_placed_segment(&self, report: &mut Report, placed: &Placement) {
+        let name = placed.segment_name();
+        if report.segment != name {
+            if let Some(held_back) = self.registry.placement_warning.due() {
+                tracing::warn!(agent = %report.id, declared = %report.segment, placed = %name, held_back, "agent declares another segment than the one it is placed in; the manager uses its placement");
+            }
+            report.segment = name;
+        }
+    }
+
     /// Carries out one event of an online session; `Err` ends the connection with that reason.
     async fn carry_out(
         &self,
@@ -409,14 +407,17 @@ impl AgentPort {
                     }
                     Ok(None) => return Ok(()),
                     Err(e) => {
-                        if let Some(n) = REFUSED_PAGES_LOG.note(1) {
-                            tracing::warn!(agent = %id, refused = n, "segment report refused: {e} (pages refused since the last such line, all agents)");
+                        if let Some(held_back) = self.registry.segment_warning.due() {
+                            tracing::warn!(agent = %id, held_back, "segment report refused: {e}");
                         }
                         return Ok(());
                     }
                 }
             }
-            SessionEvent::Report(report) => {
+            SessionEvent::Report(mut report) => {
+                if let Some(p) = self.registry.placement(id) {
+                    self.set_placed_segment(&mut report, &p);
+                }
                 self.registry.note_report(&report);
                 let input = EngineInput::Online {
                     id: id.clone(),

@@ -17,26 +17,41 @@
 //! ([`Registry::segment_report`]): each page is checked against the session
 //! that carried it and the segment its agent reported, pages are assembled
 //! ([`baton_manager_core::segments::Assembler`]), and a complete report replaces the
-//! segment's stored view.
+//! segment's stored view. Before assembly each page is checked against where the
+//! administrator placed its leader and members
+//! ([`baton_manager_core::placement::authorize_page`]): a leader placed in another
+//! segment is refused, members placed elsewhere are dropped; both are counted
+//! ([`SegmentChecks`], on `/metrics`) and warned about at most once per
+//! [`WARN_EVERY`](baton_agent_core::linux::spaced::WARN_EVERY).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use baton_agent_core::linux::spaced::SpacedLog;
 use baton_protocol::message::{Report, SegmentReport};
 use baton_protocol::session::{Handshake, Role};
 use baton_protocol::types::{AgentId, PublicKey};
 use tokio::sync::{Notify, mpsc};
 
 use crate::store::{Enrolled, Store, StoreError, secret_digest};
+use baton_manager_core::placement::{self, Placement, PlacementRefusal};
 use baton_manager_core::segments::{self, Assembler};
 
 /// Messages queued for one agent's control traffic (engine instructions) before the agent
 /// is disconnected as one that does not read.
 pub const CONTROL_QUEUE: usize = 256;
-/// Least time between two warnings about agents disconnected for a full control queue.
-const CONTROL_FULL_WARN_MS: u64 = 5_000;
+/// What segment-report checks refused since start (shown on `/metrics`).
+#[derive(Debug, Default)]
+pub struct SegmentChecks {
+    /// Pages refused because their leader is placed in another segment.
+    pub pages_refused: AtomicU64,
+    /// Members dropped from accepted pages because they are placed in another segment.
+    pub members_dropped: AtomicU64,
+    /// Delays dropped because they name a peer placed in another segment.
+    pub delays_dropped: AtomicU64,
+}
 
 /// The store shared by the manager's tasks.
 pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
@@ -131,9 +146,18 @@ pub struct Registry {
     reported_segments: Mutex<HashMap<AgentId, String>>,
     /// Segment report pages being assembled.
     assembler: Mutex<Assembler>,
-    /// When an agent was last logged as disconnected for its full control queue (Unix ms),
-    /// and how many were since.
-    control_full: Mutex<(u64, u64)>,
+    /// The warning about agents disconnected for a full control queue, spaced.
+    control_full: SpacedLog,
+    /// Where each agent is placed (segment, election score), cached from the store.
+    placements: RwLock<HashMap<AgentId, Placement>>,
+    /// What the placement checks refused.
+    pub segment_checks: SegmentChecks,
+    /// Spacing of the warnings about refused segment report pages.
+    pub segment_warning: SpacedLog,
+    /// Spacing of the warnings about reported members placed elsewhere.
+    pub members_warning: SpacedLog,
+    /// Spacing of the warnings about agents declaring another segment than their placement.
+    pub placement_warning: SpacedLog,
 }
 
 /// Why a segment report page was not stored.
@@ -143,6 +167,9 @@ pub enum SegmentReportError {
     /// The page was refused (wrong leader, wrong segment, bad page numbers, stale).
     #[error(transparent)]
     Refused(#[from] segments::Refusal),
+    /// The leader is not placed in the segment it reports.
+    #[error(transparent)]
+    NotPlaced(#[from] PlacementRefusal),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -165,9 +192,14 @@ impl Registry {
     /// A registry over `store`, with every enrolled key loaded.
     pub fn load(store: SharedStore) -> Result<Self, StoreError> {
         let mut keys = HashMap::new();
+        let mut placements = HashMap::new();
         for agent in lock(&store).agents()? {
             match AgentId::try_from(agent.id.as_str()) {
                 Ok(id) => {
+                    if let Some(segment) = agent.placed_segment {
+                        let score = agent.election_score.unwrap_or(0);
+                        placements.insert(id.clone(), Placement { segment, score });
+                    }
                     keys.insert(id, agent.key);
                 }
                 Err(_) => tracing::warn!(id = %agent.id, "stored agent id is too long; ignored"),
@@ -180,8 +212,83 @@ impl Registry {
             generation: AtomicU64::new(1),
             reported_segments: Mutex::new(HashMap::new()),
             assembler: Mutex::new(Assembler::new()),
-            control_full: Mutex::new((0, 0)),
+            control_full: SpacedLog::default(),
+            placements: RwLock::new(placements),
+            segment_checks: SegmentChecks::default(),
+            segment_warning: SpacedLog::default(),
+            members_warning: SpacedLog::default(),
+            placement_warning: SpacedLog::default(),
         })
+    }
+
+    /// Where `id` is placed, if its first report or the administrator placed it.
+    pub fn placement(&self, id: &AgentId) -> Option<Placement> {
+        self.placements
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Records the placement an agent's first report made (its session's), unless it
+    /// already has one; returns the placement in force.
+    pub fn place_at_enrolment(
+        &self,
+        id: &AgentId,
+        placement: &Placement,
+    ) -> Result<Placement, StoreError> {
+        if let Some(p) = self.placement(id) {
+            return Ok(p);
+        }
+        lock(&self.store).place_at_enrolment(id, &placement.segment, placement.score)?;
+        let stored = lock(&self.store)
+            .agent(id)?
+            .and_then(|a| Some((a.placed_segment?, a.election_score.unwrap_or(0))));
+        let placed = match stored {
+            Some((segment, score)) => Placement { segment, score },
+            None => placement.clone(),
+        };
+        tracing::info!(agent = %id, segment = %placed.segment, score = placed.score, "agent placed by its first report");
+        self.placements
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), placed.clone());
+        Ok(placed)
+    }
+
+    /// Places agent `id` (administrator action): sets its segment and/or election score.
+    /// A connected agent's session is closed, so that it reconnects and its new
+    /// certificate (in the new `Welcome`) tells its peers at once.
+    pub fn place(
+        &self,
+        id: &AgentId,
+        segment: Option<&str>,
+        score: Option<u32>,
+    ) -> Result<Placement, StoreError> {
+        let record = {
+            let mut store = lock(&self.store);
+            store.place_agent(id, segment, score)?;
+            store.agent(id)?
+        }
+        .ok_or_else(|| StoreError::NotFound(format!("agent {id}")))?;
+        let placed = Placement {
+            segment: record.placed_segment.unwrap_or_default(),
+            score: record.election_score.unwrap_or(0),
+        };
+        self.placements
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), placed.clone());
+        if let Some(s) = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+        {
+            s.close.notify_one();
+        }
+        tracing::info!(agent = %id, segment = %placed.segment, score = placed.score, "agent placed by the administrator");
+        Ok(placed)
     }
 
     /// The store behind this registry.
@@ -313,19 +420,14 @@ impl Registry {
 
     /// Logs an agent disconnected for its full control queue, at most once per few seconds.
     fn warn_control_full(&self, id: &AgentId) {
-        let now = unix_now_ms();
-        let mut last = self.control_full.lock().unwrap_or_else(|e| e.into_inner());
-        if now < last.0.saturating_add(CONTROL_FULL_WARN_MS) {
-            last.1 += 1;
-            return;
+        if let Some(also) = self.control_full.due() {
+            tracing::warn!(
+                agent = %id,
+                queued = CONTROL_QUEUE,
+                also,
+                "agent does not read its instructions (control queue full); disconnecting it"
+            );
         }
-        tracing::warn!(
-            agent = %id,
-            queued = CONTROL_QUEUE,
-            also = last.1,
-            "agent does not read its instructions (control queue full); disconnecting it"
-        );
-        *last = (now, 0);
     }
 
     /// Whether `id` has a live session.
@@ -369,6 +471,30 @@ impl Registry {
         session: &AgentId,
         page: SegmentReport,
     ) -> Result<Option<SegmentStored>, SegmentReportError> {
+        let mut page = page;
+        let leader_placed = self.placement(session).map(|p| p.segment);
+        let dropped = match placement::authorize_page(&mut page, leader_placed.as_deref(), |m| {
+            self.is_enrolled(m)
+                .then(|| self.placement(m).map(|p| p.segment).unwrap_or_default())
+        }) {
+            Ok(d) => d,
+            Err(e) => {
+                self.segment_checks
+                    .pages_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(e.into());
+            }
+        };
+        if dropped.members > 0 || dropped.delays > 0 {
+            let c = &self.segment_checks;
+            c.members_dropped
+                .fetch_add(dropped.members as u64, Ordering::Relaxed);
+            c.delays_dropped
+                .fetch_add(dropped.delays as u64, Ordering::Relaxed);
+            if let Some(held_back) = self.members_warning.due() {
+                tracing::warn!(leader = %session, segment = %page.segment, members = dropped.members, delays = dropped.delays, held_back, "segment report names members placed in another segment; dropped them");
+            }
+        }
         let reported = self.reported_segment(session);
         let now_ms = unix_now_ms();
         let (segment, leader, term) = (page.segment.clone(), page.leader.clone(), page.term);
@@ -529,6 +655,8 @@ mod test {
         let unsigned = AgentCert {
             id: id("z"),
             key: agent.public(),
+            segment: heapless::String::new(),
+            score: 0,
             signature: [0; 64],
         };
         let other = Identity::from_seed([99; 32]);
@@ -637,5 +765,128 @@ mod test {
         assert!(reg.unregister(&id("a"), g2));
         assert!(!reg.is_connected(&id("a")));
         assert!(!reg.send(&id("a"), vec![3]));
+    }
+
+    fn segment_report_page(leader: &str, segment: &str, members: &[&str]) -> SegmentReport {
+        use baton_protocol::message::SegmentMember;
+        SegmentReport {
+            segment: segment.try_into().unwrap(),
+            leader: id(leader),
+            term: 1,
+            page: 0,
+            pages: 1,
+            members: members
+                .iter()
+                .map(|m| SegmentMember {
+                    id: id(m),
+                    score: u32::MAX,
+                    listen: None,
+                    performance: 1000,
+                    free_storage: 1,
+                    can_serve: true,
+                    link: Default::default(),
+                    delays: heapless::Vec::new(),
+                    last_heard_ms: 0,
+                })
+                .collect(),
+        }
+    }
+
+    /// Enrols `name`, notes its report in `declared` and places it at enrolment in `placed`.
+    fn enrolled_in(r: &Registry, name: &str, declared: &str, placed: &str) {
+        let key = Identity::from_seed([name.len() as u8 + 40; 32]).public();
+        r.enrol(&id(name), &key).unwrap();
+        let mut report = baton_protocol::message::Report {
+            id: id(name),
+            listen: None,
+            site: heapless::String::new(),
+            segment: declared.try_into().unwrap(),
+            performance: 1,
+            free_storage: 0,
+            can_serve: false,
+            max_chunk: 1,
+            max_sources: 1,
+            max_peers: 0,
+            link: Default::default(),
+            delays: heapless::Vec::new(),
+            labels: heapless::Vec::new(),
+            holdings: heapless::Vec::new(),
+        };
+        let p = Placement::at_enrolment(&report, u32::MAX);
+        let p = Placement {
+            segment: placed.into(),
+            ..p
+        };
+        r.place_at_enrolment(&id(name), &p).unwrap();
+        report.segment = declared.try_into().unwrap();
+        r.note_report(&report);
+    }
+
+    #[test]
+    fn a_segment_report_from_a_leader_placed_elsewhere_is_refused_and_counted() {
+        let r = registry();
+        enrolled_in(&r, "h", "lan-1", "lan-1");
+        enrolled_in(&r, "hh", "lan-1", "lan-1");
+        // "rogue" says lan-1 (its report, its page) but is placed in lan-2.
+        enrolled_in(&r, "rogue", "lan-1", "lan-2");
+        let refused = r.segment_report(
+            &id("rogue"),
+            segment_report_page("rogue", "lan-1", &["rogue", "h"]),
+        );
+        assert!(
+            matches!(refused, Err(SegmentReportError::NotPlaced(_))),
+            "{refused:?}"
+        );
+        assert_eq!(r.segment_checks.pages_refused.load(Ordering::Relaxed), 1);
+        assert!(
+            lock(r.store()).segment("lan-1").unwrap().is_none(),
+            "nothing stored"
+        );
+        // An honest leader's report naming the rogue as a member: stored without it.
+        let stored = r
+            .segment_report(
+                &id("h"),
+                segment_report_page("h", "lan-1", &["h", "hh", "rogue"]),
+            )
+            .unwrap()
+            .expect("complete");
+        assert_eq!(stored.members, 2);
+        assert_eq!(r.segment_checks.members_dropped.load(Ordering::Relaxed), 1);
+        let view = lock(r.store()).segment("lan-1").unwrap().unwrap();
+        assert_eq!(view.leader, "h");
+        let ids: Vec<&str> = view.members.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["h", "hh"]);
+        // The administrator moves the rogue to lan-1: now its report is accepted (positive
+        // control), and the placement survives a reload of the registry.
+        r.place(&id("rogue"), Some("lan-1"), Some(7)).unwrap();
+        assert_eq!(
+            r.placement(&id("rogue")),
+            Some(Placement {
+                segment: "lan-1".into(),
+                score: 7
+            })
+        );
+        assert!(
+            r.segment_report(
+                &id("rogue"),
+                segment_report_page("rogue", "lan-1", &["rogue", "h"])
+            )
+            .unwrap()
+            .is_some()
+        );
+        let reloaded = Registry::load(r.store().clone()).unwrap();
+        assert_eq!(reloaded.placement(&id("rogue")).unwrap().score, 7);
+        // A later first-report placement does not override the administrator's.
+        let again = Placement {
+            segment: "lan-9".into(),
+            score: 1,
+        };
+        assert_eq!(
+            reloaded
+                .place_at_enrolment(&id("rogue"), &again)
+                .unwrap()
+                .segment,
+            "lan-1"
+        );
     }
 }

@@ -66,6 +66,8 @@ pub struct ServeOptions {
     pub max_upload: u64,
     /// HTTP connection and request bounds.
     pub http_limits: crate::http::HttpLimits,
+    /// Highest election score an agent's certificate carries, whatever its placement says.
+    pub max_election_score: u32,
 }
 
 impl ServeOptions {
@@ -87,6 +89,7 @@ impl ServeOptions {
             tls: None,
             max_upload: crate::http::api::DEFAULT_MAX_UPLOAD,
             http_limits: crate::http::HttpLimits::default(),
+            max_election_score: baton_protocol::discovery::MAX_CAPABILITY_SCORE,
         }
     }
 }
@@ -428,10 +431,10 @@ pub async fn serve(
         admin_token: admin_token.clone(),
     });
     let agent_port = Arc::new(AgentPort {
-        session: Arc::new(SessionConfig::new(
-            keys.manager.clone(),
-            [keys.publisher.public()],
-        )),
+        session: Arc::new(
+            SessionConfig::new(keys.manager.clone(), [keys.publisher.public()])
+                .with_max_election_score(opts.max_election_score),
+        ),
         registry: registry.clone(),
         library: library.clone(),
         limits: limits.clone(),

@@ -30,6 +30,11 @@ fn a_schema_2_database_migrates_and_keeps_everything() {
     for a in &agents {
         assert_eq!(a.site.as_deref(), Some("lab"), "{}", a.id);
         assert_eq!(a.segment.as_deref(), Some("seg-x"), "{}", a.id);
+        // Migration 5: not placed yet (their next report places them).
+        assert_eq!(
+            (a.placed_segment.as_deref(), a.election_score),
+            (None, None)
+        );
         let labels = &a.report.as_ref().unwrap()["labels"];
         assert_eq!(
             labels,

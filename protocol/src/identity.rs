@@ -6,16 +6,22 @@
 //! so proving the Noise static key proves the Ed25519 identity.
 //!
 //! The manager vouches for enrolled agents with an [`AgentCert`]: its signature
-//! over the agent's id and key. Two agents that both pin the manager's key can
-//! then authenticate each other without asking the manager.
+//! over the agent's id, key, the segment the administrator placed it in and the
+//! highest election score it may claim there. Two agents that both pin the
+//! manager's key can then authenticate each other, and check each other's
+//! segment claims, without asking the manager.
 
 use ed25519_dalek::{Signer as _, Verifier as _};
 use serde::{Deserialize, Serialize};
 
-use crate::types::{AgentId, PublicKey};
+use crate::types::{AgentId, Name, PublicKey};
 
-/// Domain prefix for agent certificate signatures.
-const CERT_DOMAIN: &[u8] = b"baton agent cert v1\0";
+/// Domain prefix for agent certificate signatures (v2: the signed bytes are the
+/// postcard encoding of every field before the signature).
+const CERT_DOMAIN: &[u8] = b"baton agent cert v2\0";
+/// Room for the signed bytes: the domain and the largest encoded fields (123 bytes
+/// today), with space for the fields a later version adds.
+const CERT_SIGNED_MAX: usize = 256;
 
 /// A signing identity: the Ed25519 secret seed and what derives from it.
 #[derive(Clone)]
@@ -104,7 +110,14 @@ pub fn x25519_of(key: &PublicKey) -> Result<[u8; 32], SignatureError> {
     Ok(key.to_montgomery().to_bytes())
 }
 
-/// The manager's statement that `id` is an enrolled agent with key `key`.
+/// The manager's statement that `id` is an enrolled agent with key `key`, placed in
+/// `segment` with an election score of at most `score`.
+///
+/// Issued in every `Welcome`, shown in peer handshakes and in every discovery
+/// datagram. The signature covers `CERT_DOMAIN ‖ postcard(id, key, segment, score)`,
+/// i.e. the certificate's own encoding up to the signature: a later version
+/// appends fields before `signature`, adds them to [`CertFields`] and bumps the
+/// domain string, so a certificate of one version never verifies as another.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct AgentCert {
@@ -112,35 +125,74 @@ pub struct AgentCert {
     pub id: AgentId,
     /// The agent's Ed25519 public key.
     pub key: PublicKey,
-    /// The manager's Ed25519 signature over the domain prefix, id and key.
+    /// The LAN segment the administrator placed the agent in (empty: none). Peers
+    /// ignore its discovery datagrams for any other segment.
+    pub segment: Name,
+    /// The highest election score the agent may claim on its segment; peers use
+    /// `min(declared score, score)`.
+    pub score: u32,
+    /// The manager's Ed25519 signature over the domain prefix and the fields above.
     #[serde(with = "sig_serde")]
     pub signature: [u8; 64],
 }
 
+/// The signed fields of an [`AgentCert`], borrowed for encoding (same order as the struct).
+#[derive(Serialize)]
+struct CertFields<'a> {
+    id: &'a AgentId,
+    key: &'a PublicKey,
+    segment: &'a Name,
+    score: u32,
+}
+
 impl AgentCert {
-    /// The bytes the manager signs: domain, id length, id, key.
-    fn signed_bytes(id: &AgentId, key: &PublicKey, out: &mut [u8; 128]) -> usize {
-        let mut n = 0;
-        for part in [CERT_DOMAIN, &[id.len() as u8], id.as_bytes(), &key.0] {
-            out[n..n + part.len()].copy_from_slice(part);
-            n += part.len();
-        }
-        n
+    /// The bytes the manager signs: the domain, then the postcard encoding of the fields.
+    fn signed_bytes<'b>(&self, out: &'b mut [u8; CERT_SIGNED_MAX]) -> &'b [u8] {
+        let fields = CertFields {
+            id: &self.id,
+            key: &self.key,
+            segment: &self.segment,
+            score: self.score,
+        };
+        let domain = CERT_DOMAIN.len();
+        out[..domain].copy_from_slice(CERT_DOMAIN);
+        let n = postcard::to_slice(&fields, &mut out[domain..])
+            .expect("bounded fields fit the buffer")
+            .len();
+        &out[..domain + n]
     }
 
-    /// Issues a certificate for `id` and `key`, signed by the manager's identity.
+    /// Issues a certificate for `id` and `key` that certifies no segment and a score of 0
+    /// (enough for peer handshakes; discovery peers ignore such an agent).
     pub fn issue(manager: &Identity, id: AgentId, key: PublicKey) -> Self {
-        let mut buf = [0; 128];
-        let n = Self::signed_bytes(&id, &key, &mut buf);
-        let signature = manager.sign(&buf[..n]);
-        AgentCert { id, key, signature }
+        Self::issue_certified(manager, id, key, Name::new(), 0)
+    }
+
+    /// Issues a certificate for `id` and `key`, placed in `segment` with election scores up
+    /// to `score`, signed by the manager's identity.
+    pub fn issue_certified(
+        manager: &Identity,
+        id: AgentId,
+        key: PublicKey,
+        segment: Name,
+        score: u32,
+    ) -> Self {
+        let mut cert = AgentCert {
+            id,
+            key,
+            segment,
+            score,
+            signature: [0; 64],
+        };
+        let mut buf = [0; CERT_SIGNED_MAX];
+        cert.signature = manager.sign(cert.signed_bytes(&mut buf));
+        cert
     }
 
     /// Checks the manager's signature.
     pub fn verify(&self, manager: &PublicKey) -> Result<(), SignatureError> {
-        let mut buf = [0; 128];
-        let n = Self::signed_bytes(&self.id, &self.key, &mut buf);
-        verify(manager, &buf[..n], &self.signature)
+        let mut buf = [0; CERT_SIGNED_MAX];
+        verify(manager, self.signed_bytes(&mut buf), &self.signature)
     }
 }
 
@@ -193,6 +245,30 @@ mod test {
             forged.verify(&manager.public()),
             Err(SignatureError::BadSignature)
         );
+        // The certified segment and score are signed too.
+        let placed = AgentCert::issue_certified(
+            &manager,
+            AgentId::try_from("edge-1").unwrap(),
+            agent.public(),
+            Name::try_from("lan-1").unwrap(),
+            500,
+        );
+        placed.verify(&manager.public()).unwrap();
+        let mut moved = placed.clone();
+        moved.segment = Name::try_from("lan-2").unwrap();
+        assert!(moved.verify(&manager.public()).is_err());
+        let mut raised = placed.clone();
+        raised.score = u32::MAX;
+        assert!(raised.verify(&manager.public()).is_err());
+        // Longest id and segment still fit the signed buffer.
+        let long = AgentCert::issue_certified(
+            &manager,
+            AgentId::try_from("xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx").unwrap(),
+            agent.public(),
+            Name::try_from("yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy").unwrap(),
+            u32::MAX,
+        );
+        long.verify(&manager.public()).unwrap();
         let other = Identity::from_seed([3; 32]);
         assert!(cert.verify(&other.public()).is_err());
     }

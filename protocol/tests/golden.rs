@@ -16,7 +16,7 @@
 //! Keys and signatures come from fixed Ed25519 seeds (Ed25519 is
 //! deterministic). They were cross-checked with an independent Ed25519
 //! implementation signing the byte strings `SPEC.md` defines
-//! (`"baton agent cert v1\0" ‖ len(id) ‖ id ‖ key` and
+//! (`"baton agent cert v2\0" ‖ postcard(id, key, segment, score)` and
 //! `"baton manifest v1\0" ‖ postcard(name, …, signer)`), so these vectors also
 //! pin the signed bytes.
 //!
@@ -64,11 +64,14 @@ const PK_EDGE2: &str = "ed4928c628d1c2c6eae90338905995612959273a5c63f93636c14614
 const PK_PUBLISHER: &str = "ca93ac1705187071d67b83c7ff0efe8108e8ec4530575d7726879333dbdabe7c";
 /// First 8 bytes of SHA-256 over the publisher's key.
 const KEYID_PUBLISHER: &str = "c5b940ed3f65c391";
-/// The manager's signature over `"baton agent cert v1\0" 06 "edge-1" PK_EDGE1`.
+/// The manager's signature over
+/// `"baton agent cert v2\0" 06 "edge-1" PK_EDGE1 0c "fra-2/rack-4" f0a204`.
 const CERT_SIG: &str = concat!(
-    "6c3480f2df9f1d1c1a258b847dc8e0aae9e1b448d6903991ed4dbdd8080b5ab9",
-    "66cef6e225b7bf62f595f62d5bfc9a0e4c2df04b5c72bef63cc09640afabd40a",
+    "79ae3235a9233627d8b111984b44f59150e44ec2cc2ef1370415405e2f5a6f7e",
+    "b5a42e0b922bf101db9387a5de666246776926d029b19f270b602f6c942b4106",
 );
+/// The certified segment `"fra-2/rack-4"` and score 70 000 (varint `f0 a2 04`).
+const CERT_SEGMENT_SCORE: &str = "0c 6672612d322f7261636b2d34 f0a204";
 /// The publisher's signature over `"baton manifest v1\0"` and the manifest fields.
 const MANIFEST_SIG: &str = concat!(
     "c09b895032c624319e353fc5caf798ddb13afba4cfcef28c4d17ac5d937cac53",
@@ -104,13 +107,19 @@ fn rep(hex: &str, n: usize) -> String {
     hex.repeat(n)
 }
 
-/// The manager's certificate for `edge-1`.
+/// The manager's certificate for `edge-1`, placed in `fra-2/rack-4` with score 70 000.
 fn cert() -> AgentCert {
-    AgentCert::issue(&identity(1), id("edge-1"), key(2))
+    AgentCert::issue_certified(
+        &identity(1),
+        id("edge-1"),
+        key(2),
+        heapless::String::try_from("fra-2/rack-4").unwrap(),
+        70_000,
+    )
 }
 
 fn cert_hex() -> String {
-    [EDGE1, PK_EDGE1, CERT_SIG].concat()
+    [EDGE1, PK_EDGE1, CERT_SEGMENT_SCORE, CERT_SIG].concat()
 }
 
 /// A manifest for `router-fw` v300: 10 000 000 bytes in 611 chunks of 16 KiB.
@@ -769,12 +778,14 @@ fn v17_throttle() {
 // ---------------------------------------------------------------------------
 // Discovery datagrams (SPEC.md §7).
 
-/// Edge-1's signature over `"baton discovery v1\0" ‖ cert ‖ seq ‖ beacon`
+/// Edge-1's signature over `"baton discovery v2\0" ‖ cert ‖ seq ‖ time_ms ‖ beacon`
 /// (cross-checked with an independent Ed25519 implementation).
 const BEACON_SIG: &str = concat!(
-    "1abda15aadfacf92af0b14d09b457a833abe0da4839b7926ff5c343a7186cfba",
-    "1de24210fa0f872135cc13135ad715199f1fdef355751007b46c4fb263004404",
+    "61f2b8c6b19b695824c67ed3e6a3a0198b75923014d70eef1a56498bf45d88d2",
+    "aaf9cca5317bc322c1c944f50f8c5e04a11e46e1b61f41ca4d599fc5f134fc05",
 );
+/// The beacon's send time: Unix ms 1 700 000 000 123.
+const BEACON_TIME_MS: u64 = 1_700_000_000_123;
 
 fn beacon() -> Announcement {
     Announcement::Beacon {
@@ -787,15 +798,16 @@ fn beacon() -> Announcement {
 
 fn beacon_datagram_hex() -> String {
     [
-        &cert_hex() as &str,           // sender: id, key, manager's signature
-        "05",                          // seq 5
-        "00",                          // body: Beacon (0)
+        &cert_hex() as &str, // sender: id, key, segment, score, manager's signature
+        "05",                // seq 5
+        "fbd095ffbc31",      // time_ms 1 700 000 000 123
+        "00",                // body: Beacon (0)
         "0c 6672612d322f7261636b2d34", //   segment "fra-2/rack-4"
-        "8827",                        //   score 5000
-        "01 00 0a000007 d836",         //   listen: Some, V4, 10.0.0.7, port 7000
-        "01",                          //   leader: Some
-        EDGE2,                         //     "edge-2"
-        BEACON_SIG,                    // signature: 64 raw bytes
+        "8827",              //   score 5000
+        "01 00 0a000007 d836", //   listen: Some, V4, 10.0.0.7, port 7000
+        "01",                //   leader: Some
+        EDGE2,               //     "edge-2"
+        BEACON_SIG,          // signature: 64 raw bytes
     ]
     .concat()
 }
@@ -804,11 +816,20 @@ fn beacon_datagram_hex() -> String {
 fn discovery_beacon_datagram() {
     let golden = bytes_of(&[&beacon_datagram_hex()]);
     let mut buf = [0u8; discovery::MAX_DATAGRAM];
-    let n = discovery::seal(&identity(2), &cert(), 5, &beacon(), &mut buf).unwrap();
+    let n = discovery::seal(
+        &identity(2),
+        &cert(),
+        5,
+        BEACON_TIME_MS,
+        &beacon(),
+        &mut buf,
+    )
+    .unwrap();
     assert_eq!(hex::encode(&buf[..n]), hex::encode(&golden));
     let dg = discovery::open(&golden, &key(1)).expect("golden datagram opens");
     assert_eq!(dg.sender, cert());
     assert_eq!(dg.seq, 5);
+    assert_eq!(dg.time_ms, BEACON_TIME_MS);
     assert_eq!(dg.body, beacon());
 }
 
@@ -856,7 +877,7 @@ fn discovery_open_refuses_tampering() {
         );
     }
     // A flipped bit in the body (score) is a bad signature, not a bad certificate.
-    let score_at = cert_hex().len() / 2 + 1 + 1 + 13;
+    let score_at = cert_hex().len() / 2 + 1 + 6 + 1 + 13;
     let mut bad = golden.clone();
     bad[score_at] ^= 0x01;
     assert_eq!(
@@ -902,12 +923,27 @@ fn discovery_open_refuses_tampering() {
 fn discovery_seal_refuses_a_small_buffer() {
     let mut small = [0u8; 100];
     assert_eq!(
-        discovery::seal(&identity(2), &cert(), 5, &beacon(), &mut small),
+        discovery::seal(
+            &identity(2),
+            &cert(),
+            5,
+            BEACON_TIME_MS,
+            &beacon(),
+            &mut small
+        ),
         Err(DiscoveryError::Codec(CodecError::BufferFull))
     );
     // A datagram signed with a key other than the certificate's fails to open.
     let mut buf = [0u8; discovery::MAX_DATAGRAM];
-    let n = discovery::seal(&identity(3), &cert(), 5, &beacon(), &mut buf).unwrap();
+    let n = discovery::seal(
+        &identity(3),
+        &cert(),
+        5,
+        BEACON_TIME_MS,
+        &beacon(),
+        &mut buf,
+    )
+    .unwrap();
     assert_eq!(
         discovery::open(&buf[..n], &key(1)),
         Err(DiscoveryError::BadSignature)

@@ -102,7 +102,20 @@ fn source_range() -> impl Strategy<Value = SourceRange> {
 }
 
 fn cert() -> impl Strategy<Value = AgentCert> {
-    (agent_id(), key(), sig()).prop_map(|(id, key, signature)| AgentCert { id, key, signature })
+    (
+        agent_id(),
+        key(),
+        bounded_string::<MAX_NAME_LEN>(),
+        any::<u32>(),
+        sig(),
+    )
+        .prop_map(|(id, key, segment, score, signature)| AgentCert {
+            id,
+            key,
+            segment,
+            score,
+            signature,
+        })
 }
 
 fn manifest() -> impl Strategy<Value = Manifest> {
@@ -551,15 +564,25 @@ proptest! {
     /// Any announcement seals into one datagram that opens to the same sender, seq and body
     /// under the manager's key, and under no other.
     #[test]
-    fn datagrams_round_trip(body in announcement(), seq in any::<u64>(), name in agent_id()) {
+    fn datagrams_round_trip(
+        body in announcement(),
+        seq in any::<u64>(),
+        time_ms in any::<u64>(),
+        name in agent_id(),
+        segment in agent_id(),
+        score in any::<u32>(),
+    ) {
         let manager = Identity::from_seed([1; 32]);
         let agent = Identity::from_seed([2; 32]);
-        let cert = AgentCert::issue(&manager, name, agent.public());
+        let segment = heapless::String::try_from(segment.as_str()).unwrap();
+        let cert = AgentCert::issue_certified(&manager, name, agent.public(), segment, score);
         let mut buf = [0u8; discovery::MAX_DATAGRAM];
-        let n = discovery::seal(&agent, &cert, seq, &body, &mut buf).expect("fits a datagram");
+        let n = discovery::seal(&agent, &cert, seq, time_ms, &body, &mut buf)
+            .expect("fits a datagram");
         let dg = discovery::open(&buf[..n], &manager.public()).expect("opens");
         prop_assert_eq!(dg.sender, cert);
         prop_assert_eq!(dg.seq, seq);
+        prop_assert_eq!(dg.time_ms, time_ms);
         prop_assert_eq!(dg.body, body);
         prop_assert_eq!(
             discovery::open(&buf[..n], &Identity::from_seed([9; 32]).public()),
@@ -578,7 +601,7 @@ proptest! {
         let agent = Identity::from_seed([2; 32]);
         let cert = AgentCert::issue(&manager, AgentId::try_from("edge-1").unwrap(), agent.public());
         let mut buf = [0u8; discovery::MAX_DATAGRAM];
-        let n = discovery::seal(&agent, &cert, 1, &body, &mut buf).unwrap();
+        let n = discovery::seal(&agent, &cert, 1, 1, &body, &mut buf).unwrap();
         let at = at.index(n);
         buf[at] ^= flip;
         prop_assert!(discovery::open(&buf[..n], &manager.public()).is_err());

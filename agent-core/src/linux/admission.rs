@@ -30,7 +30,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::spaced::SpacedLog;
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -43,7 +45,7 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DESCRIPTOR_RESERVE: u64 = 256;
 /// A cap's log line is written at most once per this long (the refusals in
 /// between are counted in the next line).
-pub const LOG_EVERY: Duration = Duration::from_secs(5);
+pub const LOG_EVERY: Duration = super::spaced::WARN_EVERY;
 /// Wait after a failed `accept` (for instance out of descriptors) before the next.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
@@ -184,6 +186,9 @@ pub struct Admission {
     name: &'static str,
     limits: AdmissionLimits,
     state: Mutex<Counts>,
+    /// Per cap (see [`Refused::cause`]), for accept errors, failed handshakes and
+    /// refused ones: their warnings, spaced.
+    logs: [SpacedLog; 6],
 }
 
 #[derive(Debug, Default)]
@@ -191,32 +196,6 @@ struct Counts {
     connections: usize,
     handshakes: usize,
     per_source: HashMap<SourceKey, usize>,
-    /// Per cap (see [`Refused::cause`]), for accept errors, failed handshakes
-    /// and refused ones: when its line was last written, and the events not
-    /// written since.
-    log: [LogState; 6],
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-struct LogState {
-    last: Option<Instant>,
-    unlogged: u64,
-}
-
-impl LogState {
-    /// Whether a line is due at `now`; if so, how many went unwritten before it.
-    fn due(&mut self, now: Instant) -> Option<u64> {
-        match self.last {
-            Some(t) if now.duration_since(t) < LOG_EVERY => {
-                self.unlogged += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.unlogged))
-            }
-        }
-    }
 }
 
 /// The log limiter's slot for accept errors.
@@ -233,6 +212,7 @@ impl Admission {
             name,
             limits: limits.checked(),
             state: Mutex::new(Counts::default()),
+            logs: std::array::from_fn(|_| SpacedLog::new(LOG_EVERY)),
         })
     }
 
@@ -277,7 +257,7 @@ impl Admission {
             None
         };
         if let Some(refused) = refused {
-            if let Some(unlogged) = s.log[refused.cause()].due(Instant::now()) {
+            if let Some(unlogged) = self.logs[refused.cause()].due() {
                 tracing::warn!(
                     listener = self.name,
                     %ip,
@@ -312,7 +292,7 @@ impl Admission {
                     Err(_) => drop(stream),
                 },
                 Err(e) => {
-                    let due = self.lock().log[ACCEPT_ERROR].due(Instant::now());
+                    let due = self.logs[ACCEPT_ERROR].due();
                     if let Some(unlogged) = due {
                         tracing::warn!(
                             listener = self.name,
@@ -329,14 +309,14 @@ impl Admission {
     /// one per [`LOG_EVERY`]; the others belong at debug level), and if so how
     /// many failures went unwritten since the last.
     pub fn handshake_failed(&self) -> Option<u64> {
-        self.lock().log[HANDSHAKE_FAILED].due(Instant::now())
+        self.logs[HANDSHAKE_FAILED].due()
     }
 
     /// Counts a handshake that succeeded but whose peer was refused (not
     /// enrolled, no valid certificate); returns whether its warning is due, as
     /// [`Admission::handshake_failed`] does.
     pub fn handshake_refused(&self) -> Option<u64> {
-        self.lock().log[HANDSHAKE_REFUSED].due(Instant::now())
+        self.logs[HANDSHAKE_REFUSED].due()
     }
 
     fn release(&self, source: SourceKey, handshaking: bool, connection: bool) {
@@ -579,18 +559,6 @@ mod tests {
             ),
             (1, 1, 1)
         );
-    }
-
-    #[test]
-    fn a_cap_is_logged_at_most_once_per_interval_with_the_count_in_between() {
-        let mut log = LogState::default();
-        let t0 = Instant::now();
-        assert_eq!(log.due(t0), Some(0));
-        for i in 1..=100u64 {
-            assert_eq!(log.due(t0 + Duration::from_millis(i)), None);
-        }
-        assert_eq!(log.due(t0 + LOG_EVERY), Some(100));
-        assert_eq!(log.due(t0 + LOG_EVERY + Duration::from_secs(1)), None);
     }
 
     #[test]

@@ -58,6 +58,7 @@ use super::discovery::DiscoverySockets;
 use super::link::{self, Limits, Link, LinkError};
 use super::rate::RateLimiter;
 use super::size::parse_size;
+use super::spaced::SpacedLog;
 use super::store::{DirStore, DirStoreError, export};
 use crate::agent::{Agent, AgentConfig, ConnId, Direction, Event, JobState, PeerInfo};
 use crate::segment::{Destination, Segment, SegmentConfig, SegmentEvent};
@@ -88,8 +89,6 @@ pub const PEER_QUEUE_MAX: usize = 4 * PEER_WINDOW;
 /// A peer that takes no byte of a frame for this long is disconnected (it does not read),
 /// unless `--peer-stall-timeout-secs` says otherwise.
 pub const PEER_STALL_TIMEOUT: Duration = Duration::from_secs(20);
-/// Least time between two warnings about peers dropped for their backlog.
-const BACKLOG_WARN_EVERY: Duration = Duration::from_secs(5);
 
 /// Why the Linux agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -421,47 +420,32 @@ struct Outgoing {
     backlog: Option<Arc<Backlog>>,
 }
 
-/// Counts peers dropped for their backlog and logs at most once per [`BACKLOG_WARN_EVERY`].
-#[derive(Debug, Default)]
-struct DropLog {
-    last: Option<Instant>,
-    suppressed: u64,
-}
+/// The warning about peers dropped for their backlog, spaced.
+static BACKLOG_DROPS: SpacedLog = SpacedLog::new(super::spaced::WARN_EVERY);
 
-impl DropLog {
-    fn dropped(&mut self, conn: ConnId, backlog: usize) {
-        let now = Instant::now();
-        if self.last.is_some_and(|l| now < l + BACKLOG_WARN_EVERY) {
-            self.suppressed += 1;
-            return;
-        }
+/// Logs `conn` dropped with `backlog` answers queued (spaced, see [`BACKLOG_DROPS`]).
+fn dropped_for_backlog(conn: ConnId, backlog: usize) {
+    if let Some(also_dropped) = BACKLOG_DROPS.due() {
         tracing::warn!(
             ?conn,
             backlog,
             max = PEER_QUEUE_MAX,
-            also_dropped = self.suppressed,
+            also_dropped,
             "peer dropped: it does not read what it asked for"
         );
-        self.last = Some(now);
-        self.suppressed = 0;
     }
 }
 
 /// Queues `frame` for `conn`; an answer to a peer whose backlog is over [`PEER_QUEUE_MAX`]
 /// disconnects it instead (its entry removed, so its writer ends).
-fn queue_frame(
-    conns: &mut HashMap<ConnId, Outgoing>,
-    conn: ConnId,
-    frame: Vec<u8>,
-    drops: &mut DropLog,
-) {
+fn queue_frame(conns: &mut HashMap<ConnId, Outgoing>, conn: ConnId, frame: Vec<u8>) {
     let Some(out) = conns.get(&conn) else { return };
     let mut counted = false;
     if let Some(b) = &out.backlog
         && !matches!(Message::decode(&frame), Ok(Message::ChunkRequest { .. }))
     {
         if b.len() >= PEER_QUEUE_MAX {
-            drops.dropped(conn, b.len());
+            dropped_for_backlog(conn, b.len());
             conns.remove(&conn);
             return;
         }
@@ -1032,7 +1016,6 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
 
     let origin = Instant::now();
     let mut conns: HashMap<ConnId, Outgoing> = HashMap::new();
-    let mut drops = DropLog::default();
     let mut buf = vec![0u8; (s.config.max_chunk as usize + CHUNK_OVERHEAD + 64).min(MAX_FRAME)];
     let mut pending = JoinSet::new();
     let mut exiting = false;
@@ -1139,7 +1122,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         }
         let now = origin.elapsed();
         while let Some(t) = agent.poll_transmit(now, &mut buf) {
-            queue_frame(&mut conns, t.conn, buf[..t.len].to_vec(), &mut drops);
+            queue_frame(&mut conns, t.conn, buf[..t.len].to_vec());
         }
         while let Some(ev) = agent.poll_event() {
             // Job events are rare: take the jobs' snapshot at each, so a short job is not missed.
@@ -1154,9 +1137,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 Event::Welcomed => {
                     *shared.cert.write().unwrap_or_else(|e| e.into_inner()) = agent.cert().cloned();
                     tracing::info!("welcomed by the manager");
-                    if let (Some(seg), Some(cert)) = (segment.as_mut(), agent.cert()) {
+                    if let (Some(seg), Some(cert), Some(manager_ms)) =
+                        (segment.as_mut(), agent.cert(), agent.manager_unix_ms(now))
+                    {
+                        if cert.segment != s.config.segment {
+                            tracing::warn!(configured = %s.config.segment, certified = %cert.segment, "the manager places this agent in another segment: peers ignore its discovery datagrams until the configuration or the administrator's placement changes");
+                        }
                         seg.set_capabilities(now, agent.capabilities());
-                        seg.start(now, cert.clone(), unix_micros());
+                        seg.start(now, cert.clone(), unix_micros(), manager_ms);
                         // A new manager session: the leader tells the manager again.
                         seg.request_report();
                     }
@@ -1226,7 +1214,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 let delays: heapless::Vec<_, MAX_DELAYS> = seg.peer_delays();
                 agent.set_peer_delays(&delays);
                 while let Some(t) = agent.poll_transmit(now, &mut buf) {
-                    queue_frame(&mut conns, t.conn, buf[..t.len].to_vec(), &mut drops);
+                    queue_frame(&mut conns, t.conn, buf[..t.len].to_vec());
                 }
             }
             while let Some(out) = seg.poll_transmit(now, &mut datagram) {
@@ -1339,7 +1327,6 @@ mod test {
                 backlog: Some(backlog.clone()),
             },
         )]);
-        let mut drops = DropLog::default();
         let request = Message::ChunkRequest {
             root: [1; 32],
             index: 3,
@@ -1348,16 +1335,16 @@ mod test {
         let answer = Message::Pong { nonce: 9 }.to_vec();
         // Our own requests are not counted; answers are.
         for _ in 0..PEER_QUEUE_MAX * 2 {
-            queue_frame(&mut conns, conn, request.clone(), &mut drops);
+            queue_frame(&mut conns, conn, request.clone());
         }
         assert_eq!(backlog.len(), 0);
         for _ in 0..PEER_QUEUE_MAX {
-            queue_frame(&mut conns, conn, answer.clone(), &mut drops);
+            queue_frame(&mut conns, conn, answer.clone());
         }
         assert_eq!(backlog.len(), PEER_QUEUE_MAX);
         assert!(conns.contains_key(&conn));
         // One more answer: the peer is dropped, the answer is not queued.
-        queue_frame(&mut conns, conn, answer.clone(), &mut drops);
+        queue_frame(&mut conns, conn, answer.clone());
         assert!(!conns.contains_key(&conn));
         let queued: Vec<Outbound> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
         assert_eq!(queued.len(), PEER_QUEUE_MAX * 3);

@@ -4,8 +4,8 @@
 //!
 //! Everything here is IO around the sans-IO [`crate::agent::Agent`]; no
 //! protocol decisions are made in this module. The manager reuses the link
-//! layer, the rate limits, the admission caps ([`admission`]) and the data
-//! directory rules ([`datadir`]).
+//! layer, the rate limits, the admission caps ([`admission`]), the spaced
+//! warnings ([`spaced`]) and the data directory rules ([`datadir`]).
 
 pub mod admission;
 pub mod args;
@@ -17,6 +17,7 @@ pub mod link;
 pub mod meter;
 pub mod rate;
 pub mod size;
+pub mod spaced;
 pub mod store;
 
 pub use args::AgentArgs;

@@ -220,6 +220,16 @@ impl Client {
         self.answer(self.authorised(request).send_json(body), "PUT", path)
     }
 
+    /// `PATCH path` with a JSON body, answer as JSON.
+    pub fn patch<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<T> {
+        let request = self.agent.patch(format!("{}{path}", self.base));
+        self.answer(self.authorised(request).send_json(body), "PATCH", path)
+    }
+
     /// `DELETE path`, answer as JSON.
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let request = self.agent.delete(format!("{}{path}", self.base));

@@ -70,6 +70,11 @@ pub struct ServeArgs {
     /// more from there are closed at once.
     #[arg(long, default_value_t = baton_manager::http::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, value_name = "N")]
     pub max_http_connections_per_address: usize,
+    /// Highest segment election score an agent's certificate allows, whatever the score
+    /// recorded for it (at its first report, or with `baton agents score`); peers use
+    /// min(declared, certified). Default: the highest capability score (no extra cap).
+    #[arg(long, default_value_t = baton_protocol::discovery::MAX_CAPABILITY_SCORE, value_name = "N")]
+    pub max_election_score: u32,
 }
 
 impl ServeArgs {
@@ -96,6 +101,7 @@ impl ServeArgs {
                 max_connections_per_address: self.max_http_connections_per_address.max(1),
                 ..baton_manager::http::HttpLimits::default()
             },
+            max_election_score: self.max_election_score,
         }
     }
 }

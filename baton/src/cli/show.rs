@@ -1,7 +1,8 @@
 //! `baton agents`, `baton jobs`, `baton job` and `baton cancel`: small clients of the API
 //! that list and show what the manager holds, and the table helpers they share.
+//! `baton agents segment|score` place an agent (`PATCH /api/v1/agents/{id}`).
 
-use clap::Args;
+use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use super::{Client, ClientOpts, format_size, format_time};
@@ -15,6 +16,37 @@ pub struct AgentsArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub client: ClientOpts,
+    /// Place an agent instead of listing them.
+    #[command(subcommand)]
+    pub command: Option<AgentsCommand>,
+}
+
+/// `baton agents` subcommands: where the administrator places an agent.
+#[derive(Subcommand, Debug, Clone)]
+pub enum AgentsCommand {
+    /// Place agent ID in segment SEGMENT: its certificate names it, its peers ignore its
+    /// discovery datagrams for other segments and the manager refuses its segment reports
+    /// for them (a connected agent reconnects to get its new certificate).
+    Segment {
+        /// The agent's id.
+        id: String,
+        /// The segment (empty string: none).
+        segment: String,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        client: ClientOpts,
+    },
+    /// Set the highest segment election score agent ID may claim (capped by
+    /// `baton serve --max-election-score`).
+    Score {
+        /// The agent's id.
+        id: String,
+        /// The score.
+        score: u32,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        client: ClientOpts,
+    },
 }
 
 /// A JSON value as a table cell (`-` for null).
@@ -61,6 +93,32 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
 
 /// Runs `baton agents`.
 pub fn agents(args: AgentsArgs) -> anyhow::Result<()> {
+    if let Some(command) = &args.command {
+        let (id, body, client) = match command {
+            AgentsCommand::Segment {
+                id,
+                segment,
+                client,
+            } => (id, json!({ "segment": segment }), client),
+            AgentsCommand::Score { id, score, client } => {
+                (id, json!({ "election_score": score }), client)
+            }
+        };
+        let client = Client::new(client)?;
+        let path = format!("/api/v1/agents/{}", super::path_part(id)?);
+        let agent: Value = client.patch(&path, &body)?;
+        if args.json {
+            println!("{agent}");
+        } else {
+            println!(
+                "agent {} placed in segment {} with election score {}",
+                text(&agent["id"]),
+                text(&agent["placed_segment"]),
+                text(&agent["election_score"])
+            );
+        }
+        return Ok(());
+    }
     let client = Client::new(&args.client)?;
     let agents: Vec<Value> = client.get("/api/v1/agents")?;
     if args.json {
@@ -83,6 +141,7 @@ pub fn agents(args: AgentsArgs) -> anyhow::Result<()> {
                 },
                 text(&a["site"]),
                 text(&a["segment"]),
+                text(&a["placed_segment"]),
                 text(&a["listen"]),
                 rate(&a["up_bps"]),
                 rate(&a["down_bps"]),
@@ -96,6 +155,7 @@ pub fn agents(args: AgentsArgs) -> anyhow::Result<()> {
             "CONNECTED",
             "SITE",
             "SEGMENT",
+            "PLACED IN",
             "LISTEN",
             "UP",
             "DOWN",

@@ -627,7 +627,8 @@ fn segment_reports_are_checked_assembled_and_replace_the_segment_view() {
         let (_, seg) = m.api("GET", "/api/v1/segments/loopback", None);
         assert_eq!(seg["members"].as_array().unwrap().len(), 1, "{seg}");
 
-        // An agent that moves reports its new segment first; names may hold '/'.
+        // An agent that says it moved is not believed: it stays placed where its first
+        // report put it, so its report for the new segment is refused...
         let mut moved = report("lead-1");
         moved.segment = "site/lan-9".try_into().unwrap();
         w1.send(&Message::Report(moved).to_vec()).await.unwrap();
@@ -635,6 +636,24 @@ fn segment_reports_are_checked_assembled_and_replace_the_segment_view() {
             .await
             .unwrap();
         ping(&mut r1, &mut w1, 6).await;
+        let (_, segments) = m.api("GET", "/api/v1/segments", None);
+        let names: Vec<&str> = segments
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["name"].as_str())
+            .collect();
+        assert_eq!(names, ["loopback"], "a self-declared move is not believed");
+        // ...until the administrator places it there (names may hold '/'): its session is
+        // closed, and in the next one (a certificate for site/lan-9) the report is taken.
+        let placed = ok(&m, &["agents", "segment", "lead-1", "site/lan-9"]);
+        assert!(placed.contains("site/lan-9"), "{placed}");
+        expect_closed(&mut r1).await;
+        let (mut r1, mut w1, _) = join(&m, &one, "lead-1", None).await.unwrap();
+        w1.send(&page("site/lan-9", "lead-1", 2, 0, 1, &["lead-1"]))
+            .await
+            .unwrap();
+        ping(&mut r1, &mut w1, 7).await;
     });
     let shown = ok(&m, &["segments", "show", "site/lan-9"]);
     assert!(

@@ -82,7 +82,7 @@ pub fn routes() -> OpenApiRouter<Arc<Manager>> {
     OpenApiRouter::new()
         .routes(routes!(status))
         .routes(routes!(agents, enrol))
-        .routes(routes!(agent))
+        .routes(routes!(agent, place))
         .routes(routes!(new_token))
         .routes(routes!(jobs, create_job))
         .routes(routes!(job))
@@ -142,7 +142,7 @@ async fn status(State(m): State<Arc<Manager>>) -> Json<StatusView> {
 /// An agent as the API shows it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AgentView {
-    /// The stored record: id, key, enrolled_at, last_seen, report, site, segment, listen, performance, up_bps, down_bps, free_storage.
+    /// The stored record: id, key, enrolled_at, last_seen, report, site, segment, listen, performance, up_bps, down_bps, free_storage, placed_segment, election_score.
     #[serde(flatten)]
     #[schema(value_type = Object)]
     pub record: AgentRecord,
@@ -173,6 +173,53 @@ async fn agent(
     State(m): State<Arc<Manager>>,
     Path(id): Path<String>,
 ) -> Result<Json<AgentView>, ApiError> {
+    let record = lock(&m.store)
+        .agent(&id)?
+        .ok_or_else(|| ApiError::NotFound(format!("no agent {id:?} is enrolled")))?;
+    Ok(Json(agent_view(&m, record)))
+}
+
+/// `PATCH /api/v1/agents/{id}` body: where the administrator places the agent (fields left
+/// out are kept).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct PlaceRequest {
+    /// The segment the agent is placed in: its certificate names it, its peers ignore its
+    /// discovery datagrams for any other, and the manager refuses its segment reports for any
+    /// other (at most 32 bytes; empty: none).
+    pub segment: Option<String>,
+    /// The highest election score it may claim on its segment (certificates cap it at
+    /// `baton serve --max-election-score`).
+    pub election_score: Option<u32>,
+}
+
+#[utoipa::path(patch, path = "/api/v1/agents/{id}", tag = "agents", request_body = PlaceRequest,
+    params(("id" = String, Path, description = "Agent id")),
+    responses((status = 200, description = "Placed; a connected agent is reconnected so its certificate says so", body = AgentView),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn place(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    body: Result<Json<PlaceRequest>, JsonRejection>,
+) -> Result<Json<AgentView>, ApiError> {
+    let Json(req) = body.map_err(bad_json)?;
+    let agent = parse_agent_id(&id)?;
+    if let Some(s) = &req.segment
+        && baton_protocol::types::Name::try_from(s.as_str()).is_err()
+    {
+        return Err(ApiError::BadRequest(format!(
+            "segment {s:?} is longer than 32 bytes"
+        )));
+    }
+    if req.segment.is_none() && req.election_score.is_none() {
+        return Err(ApiError::BadRequest(
+            "give a segment, an election_score, or both".into(),
+        ));
+    }
+    if !m.registry.is_enrolled(&agent) {
+        return Err(ApiError::NotFound(format!("no agent {id:?} is enrolled")));
+    }
+    m.registry
+        .place(&agent, req.segment.as_deref(), req.election_score)?;
     let record = lock(&m.store)
         .agent(&id)?
         .ok_or_else(|| ApiError::NotFound(format!("no agent {id:?} is enrolled")))?;

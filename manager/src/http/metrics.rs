@@ -10,6 +10,7 @@
 //! | `baton_agent_port_received_bytes_total` | counter | wire bytes the agent port received since start |
 //! | `baton_chunk_verification_failures_total` | counter | chunks agents reported failing verification (`PeerTrouble::BadChunk`) since start |
 //! | `baton_password_verifications_total` | counter | administrator password verifications (argon2) since start, for unknown names too |
+//! | `baton_segment_report_refusals_total{what}` | counter | segment report checks against agent placements since start: `what="pages"` refused (leader placed in another segment), `"members"`/`"delays"` dropped (placed in another segment) |
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -42,6 +43,8 @@ pub struct Sample {
     pub chunk_failures: u64,
     /// Administrator password verifications.
     pub password_verifications: u64,
+    /// Segment report pages refused, members and delays dropped (placement checks).
+    pub segment_refusals: [u64; 3],
 }
 
 const JOB_STATES: [JobState; 5] = [
@@ -141,6 +144,21 @@ pub fn render(s: &Sample) -> String {
         "baton_password_verifications_total {}",
         s.password_verifications
     );
+    family(
+        &mut out,
+        "baton_segment_report_refusals_total",
+        "counter",
+        "Segment report pages refused (leader placed elsewhere) and members and delays dropped (placed elsewhere) since start.",
+    );
+    for (what, n) in ["pages", "members", "delays"]
+        .iter()
+        .zip(s.segment_refusals)
+    {
+        let _ = writeln!(
+            out,
+            "baton_segment_report_refusals_total{{what=\"{what}\"}} {n}"
+        );
+    }
     out
 }
 
@@ -164,6 +182,14 @@ pub async fn metrics(
         wire_received: m.bytes_received(),
         chunk_failures: m.stats.chunk_verification_failures.load(Ordering::Relaxed),
         password_verifications: web.password_verifications.load(Ordering::Relaxed),
+        segment_refusals: {
+            let c = &m.registry.segment_checks;
+            [
+                c.pages_refused.load(Ordering::Relaxed),
+                c.members_dropped.load(Ordering::Relaxed),
+                c.delays_dropped.load(Ordering::Relaxed),
+            ]
+        },
     };
     Ok((
         [(
@@ -192,6 +218,7 @@ mod test {
             wire_received: 8,
             chunk_failures: 1,
             password_verifications: 9,
+            segment_refusals: [2, 3, 4],
         });
         for line in [
             "baton_connected_agents 3",
@@ -201,6 +228,8 @@ mod test {
             "baton_served_bytes_total{source=\"manager\"} 100",
             "baton_served_bytes_total{source=\"relays\"} 250",
             "baton_chunk_verification_failures_total 1",
+            "baton_segment_report_refusals_total{what=\"pages\"} 2",
+            "baton_segment_report_refusals_total{what=\"delays\"} 4",
             "# TYPE baton_served_bytes_total counter",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");

@@ -113,6 +113,12 @@ pub trait Store: Send + std::fmt::Debug {
     fn record_report(&mut self, report: &Report, now: u64) -> Result<()>;
     /// Records that an agent was seen now.
     fn mark_seen(&mut self, id: &str, now: u64) -> Result<()>;
+    /// Places agent `id` (administrator action): sets the given segment and election
+    /// score, keeps the other; `NotFound` if it is not enrolled.
+    fn place_agent(&mut self, id: &str, segment: Option<&str>, score: Option<u32>) -> Result<()>;
+    /// Records the placement an agent's first report makes, if it has none yet (a score the
+    /// administrator set is kept); returns whether it was recorded.
+    fn place_at_enrolment(&mut self, id: &str, segment: &str, score: u32) -> Result<bool>;
 
     /// Stores content (replacing an earlier record of the same root).
     fn put_content(&mut self, content: &ContentRecord) -> Result<()>;

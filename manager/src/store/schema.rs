@@ -174,6 +174,13 @@ pub const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE participants ADD COLUMN measured_up_bps INTEGER;
     ",
+    // 5: where the administrator placed each agent (segment and highest election score),
+    // which its certificate carries; NULL until its first report or the administrator
+    // places it (agents of older databases are placed at their next report).
+    "
+    ALTER TABLE agents ADD COLUMN placed_segment TEXT;
+    ALTER TABLE agents ADD COLUMN election_score INTEGER;
+    ",
 ];
 
 /// Newest schema version this build knows.

@@ -122,7 +122,7 @@ fn digest_from(bytes: Vec<u8>) -> Result<Digest> {
 }
 
 const AGENT_COLUMNS: &str = "id, key, enrolled_at, last_seen, report, site, segment, listen, \
-     performance, up_bps, down_bps, free_storage";
+     performance, up_bps, down_bps, free_storage, placed_segment, election_score";
 
 /// An agent row read raw (conversions that can fail happen after the query).
 type AgentRow = (
@@ -138,6 +138,8 @@ type AgentRow = (
     Option<u64>,
     Option<u64>,
     Option<u64>,
+    Option<String>,
+    Option<u32>,
 );
 
 fn agent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
@@ -154,6 +156,8 @@ fn agent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
         r.get(9)?,
         r.get(10)?,
         r.get(11)?,
+        r.get(12)?,
+        r.get(13)?,
     ))
 }
 
@@ -171,6 +175,8 @@ fn agent_record(row: AgentRow) -> Result<AgentRecord> {
         up_bps,
         down_bps,
         free_storage,
+        placed_segment,
+        election_score,
     ) = row;
     let report = match report {
         Some(json) => Some(
@@ -192,6 +198,8 @@ fn agent_record(row: AgentRow) -> Result<AgentRecord> {
         up_bps,
         down_bps,
         free_storage,
+        placed_segment,
+        election_score,
     })
 }
 
@@ -720,6 +728,29 @@ impl Store for SqliteStore {
             return Err(StoreError::NotFound(format!("agent {}", report.id)));
         }
         Ok(())
+    }
+
+    fn place_agent(&mut self, id: &str, segment: Option<&str>, score: Option<u32>) -> Result<()> {
+        let changed = self.conn.execute(
+            "UPDATE agents SET placed_segment = COALESCE(?2, placed_segment),
+                election_score = COALESCE(?3, election_score)
+             WHERE id = ?1",
+            params![id, segment, score],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!("agent {id}")));
+        }
+        Ok(())
+    }
+
+    fn place_at_enrolment(&mut self, id: &str, segment: &str, score: u32) -> Result<bool> {
+        let changed = self.conn.execute(
+            "UPDATE agents SET placed_segment = ?2,
+                election_score = COALESCE(election_score, ?3)
+             WHERE id = ?1 AND placed_segment IS NULL",
+            params![id, segment, score],
+        )?;
+        Ok(changed > 0)
     }
 
     fn mark_seen(&mut self, id: &str, now: u64) -> Result<()> {

@@ -28,6 +28,9 @@ fn id(s: &str) -> AgentId {
     AgentId::try_from(s).unwrap()
 }
 
+/// The manager's Unix time (ms) at the fuzzed machine's time 0.
+const T0_MS: u64 = 1_800_000_000_000;
+
 struct Peer {
     identity: Identity,
     cert: AgentCert,
@@ -38,7 +41,8 @@ struct Peer {
 fuzz_target!(|data: &[u8]| {
     let manager = Identity::from_seed([1; 32]);
     let me = Identity::from_seed([2; 32]);
-    let my_cert = AgentCert::issue(&manager, id("me"), me.public());
+    let s = Name::try_from("s").unwrap();
+    let my_cert = AgentCert::issue_certified(&manager, id("me"), me.public(), s.clone(), u32::MAX);
     let mut config = SegmentConfig::new(id("me"), Name::try_from("s").unwrap());
     config.beacon_interval = Duration::from_millis(100);
     config.leader_timeout = Duration::from_millis(300);
@@ -52,7 +56,13 @@ fuzz_target!(|data: &[u8]| {
             let identity = Identity::from_seed([10 + i as u8; 32]);
             let name = ["p0", "p1", "p2", "p3", "p4"][i];
             Peer {
-                cert: AgentCert::issue(&manager, id(name), identity.public()),
+                cert: AgentCert::issue_certified(
+                    &manager,
+                    id(name),
+                    identity.public(),
+                    s.clone(),
+                    u32::MAX,
+                ),
                 identity,
                 addr: SocketAddr::from(([10, 0, 0, 10 + i as u8], 5000)),
                 seq: 0,
@@ -72,7 +82,7 @@ fuzz_target!(|data: &[u8]| {
             0 => {
                 now += Duration::from_millis(u64::from(next().unwrap_or(0)) * 5);
                 if !started {
-                    seg.start(now, my_cert.clone(), 1000);
+                    seg.start(now, my_cert.clone(), 1000, T0_MS + now.as_millis() as u64);
                     started = true;
                 }
             }
@@ -130,7 +140,9 @@ fuzz_target!(|data: &[u8]| {
                     peer.seq + 1
                 };
                 peer.seq = peer.seq.max(seq);
-                let n = discovery::seal(&peer.identity, &peer.cert, seq, &body, &mut buf).unwrap();
+                let time = T0_MS + now.as_millis() as u64;
+                let n = discovery::seal(&peer.identity, &peer.cert, seq, time, &body, &mut buf)
+                    .unwrap();
                 let mut dg = buf[..n].to_vec();
                 if arg & 0x20 != 0 {
                     let at = usize::from(next().unwrap_or(0)) % n;
