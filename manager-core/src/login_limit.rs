@@ -113,6 +113,8 @@ pub struct LoginLimiter {
     keys: HashMap<LoginKey, Failures>,
     /// (name, address) pairs that signed in, and when they last did.
     signed_in_from: HashMap<(String, IpAddr), Instant>,
+    /// When quiet keys were last forgotten.
+    swept: Option<Instant>,
 }
 
 impl LoginLimiter {
@@ -122,6 +124,7 @@ impl LoginLimiter {
             limits,
             keys: HashMap::new(),
             signed_in_from: HashMap::new(),
+            swept: None,
         }
     }
 
@@ -178,13 +181,28 @@ impl LoginLimiter {
 
     /// Counts a failed login; returns the lock it caused, if any.
     pub fn failed(&mut self, keys: &[LoginKey], now: Instant) -> Option<Duration> {
-        self.keys
-            .retain(|_, f| now.duration_since(f.last) < self.limits.forget_after);
-        if self.keys.len() + keys.len() > MAX_KEYS {
-            let mut by_age: Vec<(LoginKey, Instant)> =
-                self.keys.iter().map(|(k, f)| (k.clone(), f.last)).collect();
+        // Forgetting quiet keys walks the table: at most once a second.
+        if self
+            .swept
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+        {
+            self.swept = Some(now);
+            self.keys
+                .retain(|_, f| now.duration_since(f.last) < self.limits.forget_after);
+        }
+        let new = keys.iter().filter(|k| !self.keys.contains_key(k)).count();
+        if self.keys.len() + new > MAX_KEYS {
+            // Full: the stalest addresses go first. A name's count everywhere is never
+            // dropped (names are administrators' or one key for all others, so few), or a
+            // flood of addresses would reset it.
+            let mut by_age: Vec<(LoginKey, Instant)> = self
+                .keys
+                .iter()
+                .filter(|(k, _)| !matches!(k, LoginKey::Name(_)))
+                .map(|(k, f)| (k.clone(), f.last))
+                .collect();
             by_age.sort_by_key(|(_, last)| *last);
-            for (k, _) in by_age.into_iter().take(keys.len()) {
+            for (k, _) in by_age.into_iter().take(new) {
                 self.keys.remove(&k);
             }
         }

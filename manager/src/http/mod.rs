@@ -243,11 +243,13 @@ async fn serve(
 ) -> std::io::Result<()> {
     let max = limits.max_connections.max(1);
     let permits = Arc::new(Semaphore::new(max));
-    // Places per address; the permits above bound them all.
+    // Places per address; the permits above bound them all (the admission's own caps sit
+    // above them: it keeps half its connection places from handshakes, and an HTTP
+    // connection never stops counting as one).
     let per_address = Admission::new(
         "HTTP",
         AdmissionLimits {
-            max_connections: max,
+            max_connections: max.saturating_mul(2),
             max_handshakes: max,
             max_handshakes_per_address: limits.max_connections_per_address,
             handshake_timeout: tls::HANDSHAKE_TIMEOUT,
@@ -587,6 +589,37 @@ mod test {
             .await
             .unwrap();
         assert!(String::from_utf8_lossy(&got).ends_with("\r\n\r\n5"));
+    }
+
+    #[tokio::test]
+    async fn the_connection_cap_is_whole_for_many_addresses() {
+        use tokio::io::AsyncWriteExt as _;
+        let limits = HttpLimits {
+            max_connections: 8,
+            max_connections_per_address: 2,
+            ..HttpLimits::default()
+        };
+        let (addr, _stop) = serve_test_app(limits).await;
+        // Seven held from four loopback addresses: all admitted (none over its address's 2).
+        let mut held = Vec::new();
+        for i in 0..7u8 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(([127, 0, 1, 1 + i / 2], 0).into()).unwrap();
+            held.push(socket.connect(addr).await.unwrap());
+        }
+        // The eighth place serves a request.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(([127, 0, 2, 1], 0).into()).unwrap();
+        let mut eighth = socket.connect(addr).await.unwrap();
+        eighth
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let got = closed_within(&mut eighth, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(String::from_utf8_lossy(&got).contains("hello"));
+        drop(held);
     }
 
     #[tokio::test]

@@ -27,7 +27,7 @@
 
 pub mod users;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,7 @@ use serde::Deserialize;
 
 use crate::registry::{SharedStore, lock, unix_now};
 use crate::store::{SessionRecord, StoreError, secret_digest};
+use baton_agent_core::linux::spaced::SpacedLog;
 use baton_manager_core::login_limit::{LoginLimiter, LoginLimits, retry_after_secs};
 
 /// Name of the session cookie.
@@ -81,9 +82,10 @@ pub struct Web {
     login_limiter: Mutex<LoginLimiter>,
     /// Password verifications (argon2, ~19 MiB each) running at once, at most
     /// [`MAX_CONCURRENT_VERIFICATIONS`].
-    verifications: tokio::sync::Semaphore,
-    /// Logins waiting for a verification, at most [`MAX_WAITING_VERIFICATIONS`].
-    waiting_verifications: AtomicUsize,
+    verifications: Arc<tokio::sync::Semaphore>,
+    /// Places for logins verifying or waiting to: [`MAX_CONCURRENT_VERIFICATIONS`] +
+    /// [`MAX_WAITING_VERIFICATIONS`]; a login without one is answered `503`.
+    login_places: Arc<tokio::sync::Semaphore>,
     /// Password verifications since start (real and for unknown names), for `/metrics`.
     pub password_verifications: std::sync::atomic::AtomicU64,
 }
@@ -94,6 +96,12 @@ pub const MAX_CONCURRENT_VERIFICATIONS: usize = 4;
 /// Logins that wait for a password verification at most; further ones are answered
 /// `503 Service Unavailable` with `Retry-After`.
 pub const MAX_WAITING_VERIFICATIONS: usize = 64;
+/// Longest administrator name a login may give (longer ones are wrong at once).
+pub const MAX_NAME_LEN: usize = 64;
+/// The back-off key of every name that is no administrator's.
+const UNKNOWN_NAME: &str = "\0unknown";
+/// The warning about logins refused for too many failures, spaced.
+static REFUSED_LOGINS: SpacedLog = SpacedLog::new(baton_agent_core::linux::spaced::WARN_EVERY);
 
 /// `bytes` random bytes from the OS, in hex (session ids, CSRF tokens, API tokens).
 pub(crate) fn random_hex(bytes: usize) -> String {
@@ -137,8 +145,10 @@ impl Web {
             store,
             secure_cookies,
             login_limiter: Mutex::new(LoginLimiter::new(LoginLimits::default())),
-            verifications: tokio::sync::Semaphore::new(MAX_CONCURRENT_VERIFICATIONS),
-            waiting_verifications: AtomicUsize::new(0),
+            verifications: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_VERIFICATIONS)),
+            login_places: Arc::new(tokio::sync::Semaphore::new(
+                MAX_CONCURRENT_VERIFICATIONS + MAX_WAITING_VERIFICATIONS,
+            )),
             password_verifications: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -370,39 +380,45 @@ async fn login(
         );
     }
     let name = form.name.trim().to_string();
-    let keys = LoginLimiter::keys(client.ip(), &name);
+    if name.len() > MAX_NAME_LEN {
+        return login_page(
+            &web,
+            StatusCode::UNAUTHORIZED,
+            Some("Wrong name or password."),
+            "",
+        );
+    }
+    // A place among the logins verifying or waiting to, before anything is counted: a
+    // login turned away busy is not a failure. Places and permits are owned, so a client
+    // that disconnects gives them back, and the permit stays with the verification
+    // until argon2 is done.
+    let Ok(place) = web.login_places.clone().try_acquire_owned() else {
+        return busy(&web, &name);
+    };
+    // Names that are no administrator's share one key: junk names cost no memory.
+    let known = matches!(lock(&web.store).admin_hash(&name), Ok(Some(_)));
+    let keys = LoginLimiter::keys(client.ip(), if known { &name } else { UNKNOWN_NAME });
     // Checked and counted in one step; a right password clears the count below.
     let caused = match web.login_limiter().attempt(&keys, Instant::now()) {
         Ok(caused) => caused,
         Err(wait) => {
-            tracing::warn!(admin = %name, %client, "login refused: too many failures");
+            if let Some(held_back) = REFUSED_LOGINS.due() {
+                tracing::warn!(admin = %name, %client, held_back, "login refused: too many failures");
+            }
             return too_many_logins(&web, wait, &name);
         }
     };
-    let _permit = match web.verifications.try_acquire() {
-        Ok(permit) => permit,
-        Err(_) => {
-            // Wait for a turn, unless too many logins wait already: each costs a
-            // connection and, once its turn comes, ~19 MiB and tens of ms of CPU.
-            let waiting = web.waiting_verifications.fetch_add(1, Ordering::Relaxed);
-            let permit = if waiting < MAX_WAITING_VERIFICATIONS {
-                web.verifications.acquire().await.ok()
-            } else {
-                None
-            };
-            web.waiting_verifications.fetch_sub(1, Ordering::Relaxed);
-            match permit {
-                Some(permit) => permit,
-                None => return busy(&web, &name),
-            }
-        }
+    let Ok(permit) = web.verifications.clone().acquire_owned().await else {
+        return busy(&web, &name);
     };
+    drop(place);
     web.password_verifications.fetch_add(1, Ordering::Relaxed);
     let store = web.store.clone();
     let lookup = name.clone();
     let password = form.password;
     // The hash the password matched, if it did.
     let verified = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         // The store is locked for the lookup only, not while argon2 works.
         let hash = lock(&store).admin_hash(&lookup);
         match hash {
@@ -642,7 +658,14 @@ mod test {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn logins_beyond_the_waiting_cap_are_told_to_come_back() {
         use tower::ServiceExt as _;
-        let web = Arc::new(web_over(crate::store::SqliteStore::in_memory().unwrap()));
+        // No back-off lock gets in the way: this is about the queue.
+        let limits = LoginLimits {
+            free_failures_per_name_everywhere: 10_000,
+            ..LoginLimits::default()
+        };
+        let web = Arc::new(
+            web_over(crate::store::SqliteStore::in_memory().unwrap()).with_login_limits(limits),
+        );
         let app = routes(web.clone());
         let login = |i: usize| {
             let mut req = axum::http::Request::post("/login")
@@ -666,15 +689,30 @@ mod test {
             .await
             .unwrap();
         let mut waiting = tokio::task::JoinSet::new();
-        for i in 0..MAX_WAITING_VERIFICATIONS {
+        // Every place taken: logins queue for the slots.
+        let places = MAX_CONCURRENT_VERIFICATIONS + MAX_WAITING_VERIFICATIONS;
+        // A client that goes away while its login waits gives its place back.
+        let gone = tokio::spawn(login(10_000));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while web.login_places.available_permits() == places {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the login did not queue"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        gone.abort();
+        let _ = gone.await;
+        assert_eq!(web.login_places.available_permits(), places);
+        for i in 0..places {
             waiting.spawn(login(i));
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while web.waiting_verifications.load(Ordering::Relaxed) < MAX_WAITING_VERIFICATIONS {
+        while web.login_places.available_permits() > 0 {
             assert!(std::time::Instant::now() < deadline, "logins did not queue");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let over = login(MAX_WAITING_VERIFICATIONS).await.unwrap();
+        let over = login(places).await.unwrap();
         assert_eq!(over.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(over.headers()[header::RETRY_AFTER], "1");
         assert_eq!(web.password_verifications.load(Ordering::Relaxed), 0);
@@ -689,8 +727,10 @@ mod test {
         }));
         assert_eq!(
             web.password_verifications.load(Ordering::Relaxed),
-            MAX_WAITING_VERIFICATIONS as u64
+            places as u64
         );
+        // Every place is back, also those of logins whose clients went away.
+        assert_eq!(web.login_places.available_permits(), places);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
