@@ -19,6 +19,7 @@
 //! the same claims make it the leader (the positive control).
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,8 @@ use baton_protocol::discovery::{self, Announcement};
 use baton_protocol::identity::{AgentCert, Identity};
 use baton_protocol::message::{Message, Report, SegmentMember, SegmentReport};
 use baton_protocol::session::{Hello, Role};
-use baton_protocol::types::{AgentId, Delay, DelayTo, LinkInfo};
+use baton_protocol::types::{Delay, DelayTo, LinkInfo};
+use baton_test_support::fake::{id, report};
 use baton_test_support::manager::BOUND;
 use baton_test_support::{AgentProc, Manager, free_udp_port, run, wait_for};
 use serde_json::Value;
@@ -49,26 +51,30 @@ fn segment_of(agent: &AgentProc) -> Option<Value> {
         .filter(|s| !s.is_null())
 }
 
-#[test]
-fn agents_elect_the_strongest_and_replace_a_killed_leader_within_the_bound() {
-    let m = Manager::start_args(BATON, &["--give-up", "5"]);
-    let root = tempfile::tempdir().unwrap();
-    // A port of our own: other tests' agents use the default.
-    let port = free_udp_port().to_string();
+/// Starts one agent per `(name, performance)` in `segment`, discovering each other on UDP
+/// `port` (broadcast to `127.255.255.255`) with this test's beacon interval and leader
+/// timeout, each writing its status to `root/NAME/status.json`.
+fn spawn_segment(
+    m: &Manager,
+    root: &Path,
+    segment: &str,
+    port: u16,
+    agents: &[(&str, &str)],
+) -> Vec<AgentProc> {
+    let port = port.to_string();
     let beacon = BEACON_MS.to_string();
     let timeout = LEADER_TIMEOUT_MS.to_string();
-    // Scores differ by performance only: a2 (400) > a3 (300) > a4 (200) > a1 (100).
-    let mut agents: Vec<AgentProc> = [("a1", "100"), ("a2", "400"), ("a3", "300"), ("a4", "200")]
+    agents
         .iter()
         .map(|(name, performance)| {
-            let status = root.path().join(name).join("status.json");
+            let status = root.join(name).join("status.json");
             AgentProc::spawn(
-                &m,
-                root.path(),
+                m,
+                root,
                 name,
                 &[
                     "--segment",
-                    "lab/rack-1",
+                    segment,
                     "--performance",
                     performance,
                     "--up-bps",
@@ -88,20 +94,38 @@ fn agents_elect_the_strongest_and_replace_a_killed_leader_within_the_bound() {
                 ],
             )
         })
-        .collect();
-    let context = |agents: &[AgentProc]| {
-        let mut text = m.log();
-        for a in agents {
-            text += &format!("\n--- {}:\n{}\n{:?}", a.name, a.log(), segment_of(a));
-        }
-        text
-    };
+        .collect()
+}
+
+/// What a failed wait shows: the manager's log, then each agent's log and segment status.
+fn context(m: &Manager, agents: &[AgentProc]) -> String {
+    let mut text = m.log();
+    for a in agents {
+        text += &format!("\n--- {}:\n{}\n{:?}", a.name, a.log(), segment_of(a));
+    }
+    text
+}
+
+#[test]
+fn agents_elect_the_strongest_and_replace_a_killed_leader_within_the_bound() {
+    let m = Manager::start_args(BATON, &["--give-up", "5"]);
+    let root = tempfile::tempdir().unwrap();
+    // A port of our own: other tests' agents use the default.
+    let port = free_udp_port();
+    // Scores differ by performance only: a2 (400) > a3 (300) > a4 (200) > a1 (100).
+    let mut agents = spawn_segment(
+        &m,
+        root.path(),
+        "lab/rack-1",
+        port,
+        &[("a1", "100"), ("a2", "400"), ("a3", "300"), ("a4", "200")],
+    );
 
     // Every agent sees all four and names a2 leader; a2 knows it leads and has reported.
     wait_for(
         "all four agents elect a2",
         BOUND,
-        || context(&agents),
+        || context(&m, &agents),
         || {
             agents
                 .iter()
@@ -120,7 +144,7 @@ fn agents_elect_the_strongest_and_replace_a_killed_leader_within_the_bound() {
     wait_for(
         "a2 sends a segment report",
         BOUND,
-        || context(&agents),
+        || context(&m, &agents),
         || (segment_of(&agents[1])?["term"].as_u64()? >= 1).then_some(()),
     );
     assert!(leader["score"].as_u64() > segment_of(&agents[2]).unwrap()["score"].as_u64());
@@ -136,7 +160,7 @@ fn agents_elect_the_strongest_and_replace_a_killed_leader_within_the_bound() {
     wait_for(
         "survivors elect a3",
         bound + OBSERVATION_SLACK + Duration::from_secs(5),
-        || context(&agents),
+        || context(&m, &agents),
         || {
             for (k, &i) in survivors.iter().enumerate() {
                 if elected_after[k].is_none()
@@ -160,14 +184,14 @@ fn agents_elect_the_strongest_and_replace_a_killed_leader_within_the_bound() {
             after <= bound + OBSERVATION_SLACK,
             "{} named the new leader {after:?} after the kill; bound {bound:?} (+{OBSERVATION_SLACK:?} to observe)\n{}",
             agents[i].name,
-            context(&agents)
+            context(&m, &agents)
         );
     }
     // The new leader (never leader before, so at term 0 until now) reports in its turn.
     wait_for(
         "a3 sends a segment report",
         BOUND,
-        || context(&agents),
+        || context(&m, &agents),
         || (segment_of(&agents[2])?["term"].as_u64()? >= 1).then_some(()),
     );
     m.wait_connected(&["a1", "a3", "a4"]);
@@ -187,14 +211,10 @@ impl Certified {
     }
 }
 
-fn agent_id(s: &str) -> AgentId {
-    AgentId::try_from(s).unwrap()
-}
-
 /// The rogue's claims about itself: everything at its maximum.
 fn rogue_member(name: &str, peers: &[&str]) -> SegmentMember {
     SegmentMember {
-        id: agent_id(name),
+        id: id(name),
         score: u32::MAX,
         listen: None,
         performance: 1000,
@@ -209,7 +229,7 @@ fn rogue_member(name: &str, peers: &[&str]) -> SegmentMember {
         delays: peers
             .iter()
             .map(|p| Delay {
-                to: DelayTo::Peer(agent_id(p)),
+                to: DelayTo::Peer(id(p)),
                 rtt_us: 1,
             })
             .collect(),
@@ -239,32 +259,18 @@ async fn rogue_sessions(
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let hello = Hello::new(
-            Role::Agent,
-            agent_id(name),
-            baton_protocol::caps::RELAY_V1,
-            None,
-        );
+        let hello = Hello::new(Role::Agent, id(name), baton_protocol::caps::RELAY_V1, None);
         let Ok(l) = link::connect(stream, &me, &manager_key, hello, &Limits::default()).await
         else {
             continue;
         };
         let (mut r, mut w) = l.split();
         let report = Report {
-            id: agent_id(name),
-            listen: None,
             site: "lab".try_into().unwrap(),
             segment: "rack-2".try_into().unwrap(),
             performance: 1000,
             free_storage: u64::MAX,
-            can_serve: false,
-            max_chunk: 32 * 1024,
-            max_sources: 4,
-            max_peers: 0,
-            link: LinkInfo::default(),
-            delays: heapless::Vec::new(),
-            labels: heapless::Vec::new(),
-            holdings: heapless::Vec::new(),
+            ..report(name)
         };
         if w.send(&Message::Report(report).to_vec()).await.is_err() {
             continue;
@@ -295,7 +301,7 @@ async fn rogue_sessions(
                     term += 1;
                     let page = SegmentReport {
                         segment: claimed.try_into().unwrap(),
-                        leader: agent_id(name),
+                        leader: id(name),
                         term,
                         page: 0,
                         pages: 1,
@@ -340,7 +346,7 @@ fn rogue_datagrams(
                     segment: claimed.try_into().unwrap(),
                     score: u32::MAX,
                     listen: None,
-                    leader: Some(agent_id("rogue")),
+                    leader: Some(id("rogue")),
                 },
                 Announcement::Member(rogue_member("rogue", &[])),
             ] {
@@ -386,47 +392,13 @@ fn an_agent_placed_in_another_segment_neither_leads_it_nor_enters_its_report() {
     let m = Manager::start(BATON);
     let root = tempfile::tempdir().unwrap();
     let port = free_udp_port();
-    let port_text = port.to_string();
-    let beacon = BEACON_MS.to_string();
-    let timeout = LEADER_TIMEOUT_MS.to_string();
-    let agents: Vec<AgentProc> = [("h1", "100"), ("h2", "300")]
-        .iter()
-        .map(|(name, performance)| {
-            let status = root.path().join(name).join("status.json");
-            AgentProc::spawn(
-                &m,
-                root.path(),
-                name,
-                &[
-                    "--segment",
-                    "rack-1",
-                    "--performance",
-                    performance,
-                    "--up-bps",
-                    "100MiB",
-                    "--down-bps",
-                    "100MiB",
-                    "--discovery-port",
-                    &port_text,
-                    "--discovery-broadcast",
-                    "127.255.255.255",
-                    "--beacon-interval-ms",
-                    &beacon,
-                    "--leader-timeout-ms",
-                    &timeout,
-                    "--status-file",
-                    status.to_str().unwrap(),
-                ],
-            )
-        })
-        .collect();
-    let context = |agents: &[AgentProc]| {
-        let mut text = m.log();
-        for a in agents {
-            text += &format!("\n--- {}:\n{}\n{:?}", a.name, a.log(), segment_of(a));
-        }
-        text
-    };
+    let agents = spawn_segment(
+        &m,
+        root.path(),
+        "rack-1",
+        port,
+        &[("h1", "100"), ("h2", "300")],
+    );
     let honest = || {
         (
             Some("h2".to_string()),
@@ -442,7 +414,7 @@ fn an_agent_placed_in_another_segment_neither_leads_it_nor_enters_its_report() {
     wait_for(
         "h1 and h2 elect h2 and the manager stores its report",
         BOUND,
-        || context(&agents),
+        || context(&m, &agents),
         || {
             (elected(&agents, "h2", 2)
                 && segment_view(&m, "rack-1").map(|(l, ms)| (Some(l), ms)) == Some(honest()))
@@ -492,13 +464,13 @@ fn an_agent_placed_in_another_segment_neither_leads_it_nor_enters_its_report() {
         assert!(
             elected(&agents, "h2", 2),
             "the rogue changed the election\n{}",
-            context(&agents)
+            context(&m, &agents)
         );
         assert_eq!(
             segment_view(&m, "rack-1").map(|(l, ms)| (Some(l), ms)),
             Some(honest()),
             "the rogue changed the manager's view\n{}",
-            context(&agents)
+            context(&m, &agents)
         );
         samples += 1;
         std::thread::sleep(Duration::from_millis(100));
@@ -536,7 +508,7 @@ fn an_agent_placed_in_another_segment_neither_leads_it_nor_enters_its_report() {
     wait_for(
         "with its placement, the rogue leads and the manager takes its report",
         BOUND,
-        || context(&agents),
+        || context(&m, &agents),
         || {
             (elected(&agents, "rogue", 3)
                 && segment_view(&m, "rack-1").is_some_and(|(l, _)| l == "rogue"))

@@ -32,3 +32,5 @@ pub mod rate_limit;
 pub mod records;
 pub mod segments;
 pub mod session;
+#[cfg(test)]
+mod test_fixtures;

@@ -111,40 +111,12 @@ pub fn authorize_page(
 #[cfg(test)]
 mod test {
     use super::*;
+    use crate::test_fixtures::member;
     use baton_protocol::message::SegmentMember;
-    use baton_protocol::types::{Delay, LinkInfo};
+    use baton_protocol::types::LinkInfo;
 
     fn id(s: &str) -> AgentId {
         AgentId::try_from(s).unwrap()
-    }
-
-    fn member(name: &str, peers: &[&str]) -> SegmentMember {
-        let mut delays = heapless::Vec::new();
-        delays
-            .push(Delay {
-                to: DelayTo::Manager,
-                rtt_us: 900,
-            })
-            .unwrap();
-        for p in peers {
-            delays
-                .push(Delay {
-                    to: DelayTo::Peer(id(p)),
-                    rtt_us: 1,
-                })
-                .unwrap();
-        }
-        SegmentMember {
-            id: id(name),
-            score: u32::MAX,
-            listen: None,
-            performance: 1000,
-            free_storage: u64::MAX,
-            can_serve: true,
-            link: LinkInfo::default(),
-            delays,
-            last_heard_ms: 5,
-        }
     }
 
     fn page(leader: &str, segment: &str, members: Vec<SegmentMember>) -> SegmentReport {

@@ -247,30 +247,18 @@ pub fn segment_record(
 #[cfg(test)]
 mod test {
     use super::*;
-    use baton_protocol::types::{Delay, LinkInfo};
 
     fn id(s: &str) -> AgentId {
         AgentId::try_from(s).unwrap()
     }
 
+    /// A member heard at the manager in 900 µs, with a small score.
     fn member(name: &str) -> SegmentMember {
-        let mut delays = heapless::Vec::new();
-        delays
-            .push(Delay {
-                to: DelayTo::Manager,
-                rtt_us: 900,
-            })
-            .unwrap();
         SegmentMember {
-            id: id(name),
             score: 10,
-            listen: None,
             performance: 100,
             free_storage: 1 << 20,
-            can_serve: true,
-            link: LinkInfo::default(),
-            delays,
-            last_heard_ms: 5,
+            ..crate::test_fixtures::member(name, &[])
         }
     }
 

@@ -477,7 +477,6 @@ async fn sleep_until(deadline: Option<Instant>) {
 #[cfg(test)]
 mod test {
     use super::*;
-    use baton_protocol::types::LinkInfo;
 
     fn id(s: &str) -> AgentId {
         AgentId::try_from(s).unwrap()
@@ -488,20 +487,9 @@ mod test {
             id: id(agent),
             key: PublicKey([1; 32]),
             report: Box::new(Report {
-                id: id(agent),
-                listen: None,
-                site: heapless::String::new(),
-                segment: heapless::String::new(),
                 performance: performance.into(),
                 free_storage: 0,
-                can_serve: false,
-                max_chunk: 4096,
-                max_sources: 1,
-                max_peers: 0,
-                link: LinkInfo::default(),
-                delays: heapless::Vec::new(),
-                labels: heapless::Vec::new(),
-                holdings: heapless::Vec::new(),
+                ..crate::test_fixtures::report(id(agent))
             }),
         }
     }

@@ -26,3 +26,5 @@ pub mod serial;
 pub mod serve;
 pub mod service;
 pub mod store;
+#[cfg(test)]
+mod test_fixtures;

@@ -409,9 +409,9 @@ mod test {
     use baton_agent_core::linux::link::Limits;
     use baton_manager_core::session::SessionConfig;
     use baton_protocol::identity::Identity;
-    use baton_protocol::message::{Message, Report};
+    use baton_protocol::message::Message;
     use baton_protocol::session::{Handshake, Hello, Role, Transport};
-    use baton_protocol::types::{AgentId, LinkInfo};
+    use baton_protocol::types::AgentId;
     use tokio::sync::mpsc;
 
     use super::*;
@@ -419,6 +419,7 @@ mod test {
     use crate::engine_task::EngineInput;
     use crate::registry::{Registry, SharedStore};
     use crate::store::{SqliteStore, Store};
+    use crate::test_fixtures::report;
 
     const BOUND: Duration = Duration::from_secs(10);
     /// The handshake timeout of the test's agent port.
@@ -572,6 +573,39 @@ mod test {
         (Arc::new(server), inputs)
     }
 
+    /// A line the agent port serves in a task of its own until [`LineTask::shut_down`].
+    struct LineTask {
+        stop: tokio::sync::oneshot::Sender<()>,
+        served: tokio::task::JoinHandle<LineEnd>,
+    }
+
+    impl LineTask {
+        /// Serves the manager's end of a new in-memory line with `server`; returns the
+        /// device's end and the task.
+        fn start(server: Arc<AgentPort>) -> (tokio::io::DuplexStream, LineTask) {
+            let (device, line) = tokio::io::duplex(1 << 16);
+            let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let served = tokio::spawn(async move {
+                let shutdown = async {
+                    let _ = stop_rx.await;
+                };
+                tokio::pin!(shutdown);
+                serve_line(line, "test", server, &mut shutdown).await
+            });
+            (device, LineTask { stop, served })
+        }
+
+        /// Shuts the line's task down and checks that it ended for that reason, within `BOUND`.
+        async fn shut_down(self) {
+            self.stop.send(()).unwrap();
+            let end = tokio::time::timeout(BOUND, self.served)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(matches!(end, LineEnd::Shutdown), "{end}");
+        }
+    }
+
     /// The device side of a handshake over a COBS line.
     async fn device_handshake(
         line: &mut (impl AsyncRead + AsyncWrite + Unpin),
@@ -591,6 +625,21 @@ mod test {
         hs.finish().unwrap()
     }
 
+    /// The device's first handshake message as agent `id`, and nothing more: a handshake
+    /// the device abandons (it starts over) or stalls.
+    async fn first_handshake_message(
+        line: &mut (impl AsyncWrite + Unpin),
+        me: &Identity,
+        manager: &Identity,
+        id: &AgentId,
+    ) {
+        let hello = Hello::new(Role::Agent, id.clone(), 0, None);
+        let mut hs = Handshake::initiator(me, [8; 32], &manager.public(), hello).unwrap();
+        let mut buf = vec![0u8; 256];
+        let n = hs.write_message(&mut buf).unwrap();
+        line.write_all(&cobs(&buf[..n])).await.unwrap();
+    }
+
     async fn send(line: &mut (impl AsyncWrite + Unpin), t: &mut Transport, msg: &Message<'_>) {
         let mut buf = vec![0u8; 4096];
         let plain = msg.encode(&mut buf).unwrap().len();
@@ -606,25 +655,6 @@ mod test {
         frame
     }
 
-    fn report(id: &AgentId) -> Report {
-        Report {
-            id: id.clone(),
-            listen: None,
-            site: heapless::String::new(),
-            segment: heapless::String::new(),
-            performance: 10,
-            free_storage: 1 << 24,
-            can_serve: false,
-            max_chunk: 4096,
-            max_sources: 1,
-            max_peers: 0,
-            link: LinkInfo::default(),
-            delays: heapless::Vec::new(),
-            labels: heapless::Vec::new(),
-            holdings: heapless::Vec::new(),
-        }
-    }
-
     /// A device on a serial line: handshake, report, welcome, ping; then it
     /// "reboots" mid-session and its new handshake on the same line is served.
     #[tokio::test]
@@ -634,19 +664,11 @@ mod test {
         let me = Identity::from_seed([3; 32]);
         let id = AgentId::try_from("fw-serial").unwrap();
         server.registry.enrol(&id, &me.public()).unwrap();
-        let (mut device, line) = tokio::io::duplex(1 << 16);
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let served = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = stop_rx.await;
-            };
-            tokio::pin!(shutdown);
-            serve_line(line, "test", server, &mut shutdown).await
-        });
+        let (mut device, served) = LineTask::start(server);
 
         for round in 0..2u64 {
             let mut t = device_handshake(&mut device, &me, &manager, &id).await;
-            send(&mut device, &mut t, &Message::Report(report(&id))).await;
+            send(&mut device, &mut t, &Message::Report(report(id.clone()))).await;
             let welcome = recv(&mut device, &mut t).await;
             match Message::decode(&welcome).unwrap() {
                 Message::Welcome { cert, .. } => assert_eq!(cert.id, id),
@@ -676,23 +698,12 @@ mod test {
             // handshake, whose first message the old session cannot decrypt.
             // That ends the session; the device's retry meets a new one.
             if round == 0 {
-                let mut hs = Handshake::initiator(
-                    &me,
-                    [8; 32],
-                    &manager.public(),
-                    Hello::new(Role::Agent, id.clone(), 0, None),
-                )
-                .unwrap();
-                let mut buf = vec![0u8; 256];
-                let n = hs.write_message(&mut buf).unwrap();
-                device.write_all(&cobs(&buf[..n])).await.unwrap();
+                first_handshake_message(&mut device, &me, &manager, &id).await;
                 // The abandoned attempt gets no answer; the device times out and retries.
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-        stop_tx.send(()).unwrap();
-        let end = tokio::time::timeout(BOUND, served).await.unwrap().unwrap();
-        assert!(matches!(end, LineEnd::Shutdown), "{end}");
+        served.shut_down().await;
     }
 
     /// A device that stalls mid-handshake holds its line for the handshake
@@ -705,29 +716,12 @@ mod test {
         let me = Identity::from_seed([3; 32]);
         let id = AgentId::try_from("fw-stall").unwrap();
         server.registry.enrol(&id, &me.public()).unwrap();
-        let (mut device, line) = tokio::io::duplex(1 << 16);
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let served = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = stop_rx.await;
-            };
-            tokio::pin!(shutdown);
-            serve_line(line, "test", server, &mut shutdown).await
-        });
+        let (mut device, served) = LineTask::start(server);
         // An idle line holds no session: nothing times out while nobody talks.
         tokio::time::sleep(HANDSHAKE_TIMEOUT * 2).await;
 
-        let mut hs = Handshake::initiator(
-            &me,
-            [8; 32],
-            &manager.public(),
-            Hello::new(Role::Agent, id.clone(), 0, None),
-        )
-        .unwrap();
-        let mut buf = vec![0u8; 2048];
-        let n = hs.write_message(&mut buf).unwrap();
         let started = tokio::time::Instant::now();
-        device.write_all(&cobs(&buf[..n])).await.unwrap();
+        first_handshake_message(&mut device, &me, &manager, &id).await;
         let msg2 = read_cobs(&mut device).await;
         assert!(!msg2.is_empty(), "the manager answers message 1");
         // The device sends nothing more; the session's end puts a delimiter on the line.
@@ -749,15 +743,13 @@ mod test {
         );
 
         let mut t = device_handshake(&mut device, &me, &manager, &id).await;
-        send(&mut device, &mut t, &Message::Report(report(&id))).await;
+        send(&mut device, &mut t, &Message::Report(report(id.clone()))).await;
         let welcome = recv(&mut device, &mut t).await;
         assert!(
             matches!(Message::decode(&welcome).unwrap(), Message::Welcome { .. }),
             "the next handshake is served"
         );
-        stop_tx.send(()).unwrap();
-        let end = tokio::time::timeout(BOUND, served).await.unwrap().unwrap();
-        assert!(matches!(end, LineEnd::Shutdown), "{end}");
+        served.shut_down().await;
     }
 
     /// `open_port` moves bytes both ways through a real tty (a pseudo-terminal pair).

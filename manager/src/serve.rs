@@ -406,14 +406,12 @@ pub async fn serve(
         })?;
 
     let agent_port_caps = agent_port_limits(&opts, descriptors.soft);
-    tracing::info!(
-        max_connections = agent_port_caps.max_connections,
-        max_handshakes = agent_port_caps.max_handshakes,
-        max_handshakes_per_address = agent_port_caps.max_handshakes_per_address,
-        handshake_timeout = ?agent_port_caps.handshake_timeout,
-        "agent port caps (connections: the descriptor limit {} less {} reserved, at most --max-connections)",
+    admission::log_caps(
+        "agent port",
+        &agent_port_caps,
         descriptors.soft,
-        descriptor_reserve(&opts)
+        descriptor_reserve(&opts),
+        ", at most --max-connections",
     );
     let (engine_tx, engine_rx) = crate::engine_task::channel();
     let manager = Arc::new(Manager {

@@ -15,12 +15,15 @@
 //!   HTTP API calls the tests make. The executable is a parameter: only the `baton`
 //!   package's own tests and benches know it (`env!("CARGO_BIN_EXE_baton")`).
 //! - [`webdriver`]: a small W3C WebDriver client for the browser tests.
+//! - [`fake`]: agent ids and the plain report of tests that speak the agent protocol
+//!   themselves.
 //!
 //! Not published; a dev-dependency of the packages whose tests use it.
 
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod fake;
 pub mod manager;
 pub mod net;
 pub mod netns;

@@ -422,6 +422,25 @@ pub fn connection_cap(soft_limit: u64, reserve: u64) -> usize {
     usize::try_from(cap).unwrap_or(usize::MAX)
 }
 
+/// Logs at start the caps a listener (`listener`, e.g. "agent port") admits connections
+/// by, and where its connection cap comes from: the descriptor limit `soft_limit` less
+/// `reserve`, and `bound`, any further bound (", at most --max-connections"; "" for none).
+pub fn log_caps(
+    listener: &str,
+    caps: &AdmissionLimits,
+    soft_limit: u64,
+    reserve: u64,
+    bound: &str,
+) {
+    tracing::info!(
+        max_connections = caps.max_connections,
+        max_handshakes = caps.max_handshakes,
+        max_handshakes_per_address = caps.max_handshakes_per_address,
+        handshake_timeout = ?caps.handshake_timeout,
+        "{listener} caps (connections: the descriptor limit {soft_limit} less {reserve} reserved{bound})"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -934,14 +934,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         ..s.admission
     }
     .checked();
-    tracing::info!(
-        max_connections = peer_caps.max_connections,
-        max_handshakes = peer_caps.max_handshakes,
-        max_handshakes_per_address = peer_caps.max_handshakes_per_address,
-        handshake_timeout = ?peer_caps.handshake_timeout,
-        "peer listener caps (connections: the descriptor limit {} less {} reserved)",
+    admission::log_caps(
+        "peer listener",
+        &peer_caps,
         descriptors.soft,
-        admission::DESCRIPTOR_RESERVE
+        admission::DESCRIPTOR_RESERVE,
+        "",
     );
     let store = DirStore::open(&s.data_dir.join("content"), s.max_storage)?;
     let listener = TcpListener::bind(&s.listen)

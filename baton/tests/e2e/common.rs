@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use baton_agent_core::linux::link::{self, Limits, LinkError, LinkReader, LinkWriter};
 use baton_protocol::frame;
 use baton_protocol::identity::{AgentCert, Identity};
-use baton_protocol::message::{Message, Report};
+use baton_protocol::message::Message;
 use baton_protocol::session::{Handshake, Hello, MAX_HANDSHAKE_MSG, Role};
-use baton_protocol::types::{AgentId, LinkInfo, PublicKey};
+use baton_protocol::types::PublicKey;
 use baton_test_support::manager::BOUND;
 use baton_test_support::{Manager, Output};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -32,6 +32,34 @@ impl Deadline {
     }
 }
 
+/// A small tokio runtime of its own for a test's fake agents and network helpers, so
+/// that the test body can block (HTTP polls, sleeps) without starving them.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A process's resident memory in bytes (`VmRSS` in `/proc/PID/status`).
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in kB");
+    kib * 1024
+}
+
+/// A process's open descriptors (entries of `/proc/PID/fd`).
+pub fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("process descriptors")
+        .count()
+}
+
 /// The `baton` executable under test.
 pub const BATON: &str = env!("CARGO_BIN_EXE_baton");
 
@@ -42,30 +70,7 @@ pub fn baton(args: &[&str], limit: Duration) -> Output {
     baton_test_support::run(cmd, limit)
 }
 
-/// An agent id.
-pub fn id(s: &str) -> AgentId {
-    AgentId::try_from(s).unwrap()
-}
-
-/// The report a fake agent sends after its handshake.
-pub fn report(agent: &str) -> Report {
-    Report {
-        id: id(agent),
-        listen: None,
-        site: "test".try_into().unwrap(),
-        segment: "loopback".try_into().unwrap(),
-        performance: 100,
-        free_storage: 1 << 30,
-        can_serve: false,
-        max_chunk: 32 * 1024,
-        max_sources: 4,
-        max_peers: 0,
-        link: LinkInfo::default(),
-        delays: heapless::Vec::new(),
-        labels: heapless::Vec::new(),
-        holdings: heapless::Vec::new(),
-    }
-}
+pub use baton_test_support::fake::{id, report};
 
 /// A fake agent's receiving half.
 pub type Reader = LinkReader<ReadHalf<TcpStream>>;

@@ -39,16 +39,6 @@ use tokio::net::{TcpListener, TcpStream};
 /// The most any one test here may take.
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// A small tokio runtime of its own for the test's network helpers, so that the test
-/// body can block (HTTP polls, sleeps) without starving them; dropped with the test.
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// Writes `bytes` to `name` under the manager's directory.
 fn publish_file(m: &Manager, name: &str, bytes: &[u8]) -> std::path::PathBuf {
     let path = m.dir.join(name);

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::{fds, rss};
 use baton_test_support::{AgentProc, Manager, manager::bytes_from, pseudo_random, wait_for};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -77,24 +78,6 @@ fn raise_own_limit(need: u64) {
         )
         .expect("raising the descriptor limit");
     }
-}
-
-/// A process's resident memory in bytes (`VmRSS` in `/proc/PID/status`).
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in kB");
-    kib * 1024
-}
-
-/// A process's open descriptors (entries of `/proc/PID/fd`).
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("process descriptors")
-        .count()
 }
 
 /// The highest RSS and descriptor count of a process, sampled every 10 ms until stopped.

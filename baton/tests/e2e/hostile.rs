@@ -35,27 +35,6 @@ const CHUNK: u64 = 32 * 1024;
 /// Frames a serving agent holds for one peer before it stops reading it (`PEER_WINDOW`).
 const PEER_WINDOW: u64 = 32;
 
-/// A small tokio runtime for the fake agents, so the test body can block meanwhile.
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// The resident memory of process `pid` in bytes (`VmRSS`).
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in proc status");
-    kib * 1024
-}
-
 /// Samples `pid`'s memory every 50 ms until `until` holds (bounded by `t`); returns the peak.
 fn peak_rss_until(pid: u32, t: &Deadline, what: &str, mut until: impl FnMut() -> bool) -> u64 {
     let mut peak = rss(pid);
