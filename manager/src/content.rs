@@ -20,7 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use baton_agent_core::linux::datadir::{DataDirError, open_private, read_secret};
+use baton_agent_core::linux::datadir::{DataDirError, Existing, open_private, read_secret};
 use baton_protocol::identity::Identity;
 use baton_protocol::manifest::{MAX_CONTENT_NAME, Manifest};
 use baton_protocol::merkle::{self, MerkleTree};
@@ -117,6 +117,7 @@ pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), ContentError> {
     let mut f = open_private(
         std::fs::OpenOptions::new().write(true).create_new(true),
         path,
+        Existing::Keep,
     )
     .map_err(io_err(path))?;
     f.write_all(contents).map_err(io_err(path))?;

@@ -195,11 +195,15 @@ pub fn read_secret(path: &Path) -> Result<Option<String>, DataDirError> {
 /// Opens `path` with `options` the way files holding secrets or content are opened: created
 /// with [`PRIVATE_FILE_MODE`], never through a symbolic link, refused unless it is a regular
 /// file with one link, and made private (on the open file) if group or others had access.
-pub fn open_private(options: &OpenOptions, path: &Path) -> io::Result<File> {
+/// An existing file is emptied only after those checks if `existing` says so (`options`'
+/// own truncation is turned off: a planted file must not be emptied before it is checked),
+/// and the open does not block (a planted FIFO is refused, not waited on).
+pub fn open_private(options: &OpenOptions, path: &Path, existing: Existing) -> io::Result<File> {
     let mut options = options.clone();
     options
+        .truncate(false)
         .mode(PRIVATE_FILE_MODE)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32);
     let file = options.open(path).map_err(|e| {
         if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
             io::Error::new(
@@ -234,7 +238,19 @@ pub fn open_private(options: &OpenOptions, path: &Path) -> io::Result<File> {
             path.display()
         );
     }
+    if existing == Existing::Empty {
+        file.set_len(0)?;
+    }
     Ok(file)
+}
+
+/// What [`open_private`] does with a file that exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Existing {
+    /// Keeps its contents.
+    Keep,
+    /// Empties it (once it is known to be a private regular file of ours).
+    Empty,
 }
 
 /// A data directory this process holds: private, and locked until dropped.
@@ -252,12 +268,9 @@ impl DataDir {
         ensure_private_dir(path)?;
         let lock_path = path.join(LOCK_FILE);
         let mut lock = open_private(
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false),
+            OpenOptions::new().read(true).write(true).create(true),
             &lock_path,
+            Existing::Keep,
         )
         .map_err(io_err(&lock_path))?;
         match lock.try_lock() {
@@ -325,10 +338,24 @@ mod test {
         let err = DataDir::open(&dir).unwrap_err().to_string();
         assert!(err.contains("symbolic link"), "{err}");
         std::fs::remove_file(dir.join(LOCK_FILE)).unwrap();
-        // A hard link: refused too.
+        // A hard link: refused too, and not emptied before it is refused.
         std::fs::hard_link(&victim, dir.join(LOCK_FILE)).unwrap();
         let err = DataDir::open(&dir).unwrap_err().to_string();
         assert!(err.contains("hard links"), "{err}");
+        let tmp_link = dir.join("identity.tmp");
+        std::fs::hard_link(&victim, &tmp_link).unwrap();
+        let options = OpenOptions::new().write(true).create(true).clone();
+        assert!(open_private(&options, &tmp_link, Existing::Empty).is_err());
+        // A FIFO is refused without waiting for a reader.
+        let fifo = dir.join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert!(open_private(&options, &fifo, Existing::Empty).is_err());
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         assert_eq!(mode(&victim), 0o644);
         // tighten leaves a link alone: its target is not ours.
@@ -344,7 +371,8 @@ mod test {
         let path = tmp.path().join("identity.tmp");
         std::fs::write(&path, "old").unwrap();
         chmod(&path, 0o644);
-        let f = open_private(OpenOptions::new().write(true).truncate(true), &path).unwrap();
+        let f = open_private(OpenOptions::new().write(true), &path, Existing::Empty).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 0);
         assert_eq!(f.metadata().unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(mode(&path), 0o600);
     }
@@ -404,7 +432,12 @@ mod test {
         let tmp = tempfile::tempdir().unwrap();
         let key = tmp.path().join("identity.key");
         assert!(read_secret(&key).unwrap().is_none());
-        let mut f = open_private(OpenOptions::new().write(true).create_new(true), &key).unwrap();
+        let mut f = open_private(
+            OpenOptions::new().write(true).create_new(true),
+            &key,
+            Existing::Keep,
+        )
+        .unwrap();
         f.write_all(b"secret\n").unwrap();
         assert_eq!(mode(&key), 0o600);
         assert_eq!(read_secret(&key).unwrap().as_deref(), Some("secret\n"));

@@ -53,7 +53,9 @@ use super::meter::LinkMeter;
 
 use super::admission::{self, Admission, AdmissionLimits};
 use super::args::AgentArgs;
-use super::datadir::{DataDir, DataDirError, ensure_private_dir, open_private, read_secret};
+use super::datadir::{
+    DataDir, DataDirError, Existing, ensure_private_dir, open_private, read_secret,
+};
 use super::discovery::DiscoverySockets;
 use super::link::{self, Limits, Link, LinkError};
 use super::rate::RateLimiter;
@@ -165,11 +167,9 @@ fn load_identity(data_dir: &Path, create: bool) -> Result<Option<Identity>, Agen
             {
                 use std::io::Write as _;
                 let mut f = open_private(
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(true),
+                    std::fs::OpenOptions::new().write(true).create(true),
                     &tmp,
+                    Existing::Empty,
                 )
                 .map_err(io)?;
                 writeln!(f, "{}", hex::encode(seed)).map_err(io)?;
@@ -850,11 +850,9 @@ fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     let tmp = path.with_extension("tmp");
     open_private(
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true),
+        std::fs::OpenOptions::new().write(true).create(true),
         &tmp,
+        Existing::Empty,
     )?
     .write_all(text.as_bytes())?;
     std::fs::rename(&tmp, path)

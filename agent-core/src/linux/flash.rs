@@ -71,12 +71,9 @@ impl FileFlash {
     /// mode 0600 when created).
     pub fn create(path: &Path, capacity: usize) -> io::Result<Self> {
         let file = super::datadir::open_private(
-            File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true),
+            File::options().read(true).write(true).create(true),
             path,
+            super::datadir::Existing::Empty,
         )?;
         file.set_len(capacity as u64)?;
         Ok(FileFlash { file, capacity })

@@ -83,11 +83,9 @@ impl SqliteStore {
 /// off the file and its companions if an older build left them open.
 fn make_private(path: &Path) -> Result<()> {
     let created = datadir::open_private(
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false),
+        std::fs::OpenOptions::new().write(true).create(true),
         path,
+        datadir::Existing::Keep,
     );
     if let Err(source) = created {
         return Err(StoreError::File(DataDirError::Io {
