@@ -407,13 +407,19 @@ impl AgentSession {
         if bucket.take(now) {
             return true;
         }
+        self.drop_message(now, msg.kind());
+        false
+    }
+
+    /// Counts a message dropped (over its limit, or of a kind agents do not send); past the
+    /// flood allowance the session is closed.
+    fn drop_message(&mut self, now: Duration, kind: &'static str) {
+        let b = &mut self.buckets;
         b.dropped += 1;
         if !b.flood.take(now) {
-            let kind = msg.kind();
             let dropped = b.dropped;
             self.close(SessionError::Flooding { kind, dropped });
         }
-        false
     }
 
     /// The first message: the agent's report about itself, answered with `Welcome`.
@@ -487,8 +493,10 @@ impl AgentSession {
             }
             Message::Pong { nonce } => Message::Pong { nonce },
             other => {
-                tracing::warn!(agent = %self.agent, kind = other.kind(), "agents do not send this message; ignored");
-                return;
+                // Dropped and counted like a message over its limit (the driver's warning
+                // about dropped messages is spaced; a flood of them closes the session).
+                tracing::debug!(agent = %self.agent, kind = other.kind(), "agents do not send this message; dropped");
+                return self.drop_message(now, other.kind());
             }
         };
         self.events.push_back(SessionEvent::ForEngine(for_engine));

@@ -30,8 +30,11 @@ use tokio::time::Instant;
 
 use crate::registry::{Registry, SharedStore, lock, unix_now};
 use crate::store::{JobState, StoreError};
+use baton_agent_core::linux::spaced::SpacedLog;
 use baton_manager_core::engine::{Engine, EngineEvent, JobSpec};
 
+/// The warning about messages the engine refused (stale jobs, unknown agents), spaced.
+static REFUSED_MESSAGES: SpacedLog = SpacedLog::new(baton_agent_core::linux::spaced::WARN_EVERY);
 /// Inputs the engine task takes at once before persisting and transmitting.
 const INPUT_BATCH: usize = 256;
 /// Inputs waiting for the engine task at most; senders wait beyond.
@@ -347,8 +350,10 @@ impl EngineTask {
                         .chunk_verification_failures
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                if let Err(e) = self.engine.handle_message(now, &id, &msg) {
-                    tracing::warn!(agent = %id, kind = msg.kind(), "engine refused message: {e}");
+                if let Err(e) = self.engine.handle_message(now, &id, &msg)
+                    && let Some(held_back) = REFUSED_MESSAGES.due()
+                {
+                    tracing::warn!(agent = %id, kind = msg.kind(), held_back, "engine refused message: {e}");
                 }
             }
             EngineInput::Offline { id } => {

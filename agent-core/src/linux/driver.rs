@@ -420,6 +420,8 @@ struct Outgoing {
     backlog: Option<Arc<Backlog>>,
 }
 
+/// The warning about frames refused from peers or the manager, spaced.
+static REFUSED_FRAMES: SpacedLog = SpacedLog::new(super::spaced::WARN_EVERY);
 /// The warning about peers dropped for their backlog, spaced.
 static BACKLOG_DROPS: SpacedLog = SpacedLog::new(super::spaced::WARN_EVERY);
 
@@ -1062,7 +1064,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                             b.done();
                         }
                         if let Err(e) = agent.handle_frame(now, conn, &frame) {
-                            tracing::warn!(?conn, "refused frame: {e}");
+                            if let Some(held_back) = REFUSED_FRAMES.due() {
+                                tracing::warn!(?conn, held_back, "refused frame: {e}");
+                            }
                             if e.must_close() {
                                 // Dropping the sender ends the connection; the manager
                                 // session is then re-established by its loop.
