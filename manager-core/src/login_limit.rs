@@ -23,6 +23,9 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+/// The name key of every name that is no administrator's (not a valid name itself).
+const UNKNOWN_NAME: &str = "\0unknown";
+
 /// Most keys remembered at once; beyond, the stalest is dropped.
 const MAX_KEYS: usize = 50_000;
 
@@ -136,6 +139,16 @@ impl LoginLimiter {
             LoginKey::Address(address),
             LoginKey::NameFrom(name.clone(), address),
             LoginKey::Name(name),
+        ]
+    }
+
+    /// The keys a login from `address` for a name that is no administrator's involves: the
+    /// address, and one name key shared by all such names (junk names cost no memory, and
+    /// cannot lock anyone out).
+    pub fn keys_for_unknown_name(address: IpAddr) -> [LoginKey; 2] {
+        [
+            LoginKey::Address(client_prefix(address)),
+            LoginKey::Name(UNKNOWN_NAME.to_string()),
         ]
     }
 
@@ -336,6 +349,30 @@ mod test {
             l.failed(&LoginLimiter::keys(addr(7), "ops"), later);
         }
         assert!(l.locked_for(&home, later).is_some());
+    }
+
+    #[test]
+    fn unknown_names_share_one_key_and_count_against_the_address() {
+        let mut l = LoginLimiter::new(LoginLimits::default());
+        let t0 = Instant::now();
+        for _ in 0..9 {
+            assert_eq!(
+                l.attempt(&LoginLimiter::keys_for_unknown_name(addr(1)), t0),
+                Ok(None)
+            );
+        }
+        assert!(
+            l.attempt(&LoginLimiter::keys_for_unknown_name(addr(1)), t0)
+                .unwrap()
+                .is_some(),
+            "the address's tenth failure locks it"
+        );
+        assert!(
+            l.locked_for(&LoginLimiter::keys(addr(1), "ops"), t0)
+                .is_some()
+        );
+        assert_eq!(l.locked_for(&LoginLimiter::keys(addr(2), "ops"), t0), None);
+        assert_eq!(l.keys.len(), 2, "one address, one shared name");
     }
 
     #[test]

@@ -217,6 +217,9 @@ impl AgentPort {
                 break report;
             }
         };
+        if !self.registry.may_come_online(&id) {
+            return;
+        }
         // The segment the agent is placed in is the one the manager plans with.
         let mut report = report;
         if let Some(placed) = session.placement() {

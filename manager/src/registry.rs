@@ -37,6 +37,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::store::{Enrolled, Store, StoreError, secret_digest};
 use baton_manager_core::placement::{self, Placement, PlacementRefusal};
+use baton_manager_core::rate_limit::{Rate, TokenBucket};
 use baton_manager_core::segments::{self, Assembler};
 
 /// Messages queued for one agent's control traffic (engine instructions) before the agent
@@ -158,7 +159,19 @@ pub struct Registry {
     pub members_warning: SpacedLog,
     /// Spacing of the warnings about agents declaring another segment than their placement.
     pub placement_warning: SpacedLog,
+    /// Per enrolled agent: how often it may come online ([`ONLINE_RATE`]), on the clock
+    /// from `created`. Each new session's report costs a database write and a re-plan, and
+    /// a session's own rate limits start afresh: this is what bounds reconnecting.
+    onlines: Mutex<HashMap<AgentId, TokenBucket>>,
+    /// When the registry was made (the clock of `onlines`).
+    created: std::time::Instant,
+    /// The warning about agents reconnecting too often, spaced.
+    reconnect_warning: SpacedLog,
 }
+
+/// How often one agent may come online: a few reconnections at once (a flaky link, a
+/// reboot), then one a second.
+pub const ONLINE_RATE: Rate = Rate::new(5, 1);
 
 /// Why a segment report page was not stored.
 #[derive(Debug, thiserror::Error)]
@@ -218,7 +231,27 @@ impl Registry {
             segment_warning: SpacedLog::default(),
             members_warning: SpacedLog::default(),
             placement_warning: SpacedLog::default(),
+            onlines: Mutex::new(HashMap::new()),
+            created: std::time::Instant::now(),
+            reconnect_warning: SpacedLog::default(),
         })
+    }
+
+    /// Whether enrolled agent `id` may start another session now ([`ONLINE_RATE`]); if not,
+    /// its connection is closed before its report reaches the engine (spaced warning).
+    pub fn may_come_online(&self, id: &AgentId) -> bool {
+        let now = self.created.elapsed();
+        let allowed = self
+            .onlines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.clone())
+            .or_insert_with(|| TokenBucket::new(ONLINE_RATE, now))
+            .take(now);
+        if !allowed && let Some(held_back) = self.reconnect_warning.due() {
+            tracing::warn!(agent = %id, held_back, "agent reconnects faster than {} a second after {} at once; closing the new session", ONLINE_RATE.per_second, ONLINE_RATE.burst);
+        }
+        allowed
     }
 
     /// Where `id` is placed, if its first report or the administrator placed it.
@@ -820,6 +853,19 @@ mod test {
         r.place_at_enrolment(&id(name), &p).unwrap();
         report.segment = declared.try_into().unwrap();
         r.note_report(&report);
+    }
+
+    #[test]
+    fn an_agent_reconnecting_in_a_loop_is_turned_away_and_others_are_not() {
+        let r = registry();
+        let burst = ONLINE_RATE.burst as usize;
+        let allowed = (0..100).filter(|_| r.may_come_online(&id("loop"))).count();
+        // The burst at once, and whatever a second refilled while the loop ran (none).
+        assert!(
+            (burst..=burst + 1).contains(&allowed),
+            "{allowed} sessions allowed"
+        );
+        assert!(r.may_come_online(&id("other")));
     }
 
     #[test]

@@ -255,13 +255,19 @@ fn a_flood_of_idle_and_half_open_connections_leaves_the_manager_bounded_and_serv
                 .await
                 .map(|at| at.duration_since(opened))
         });
-        let half_open = flood(target, HALF_OPEN, true).await;
-        let mut idle = flood(target, IDLE, false).await;
-        let refill = tokio::spawn(keep_flooding(target, stop.clone(), refills.clone(), 3_000));
-        // The last idle connection came while the per-address cap was reached: it was
-        // accepted and closed at once, not left in the backlog.
-        let last = idle.0.last_mut().expect("idle connections");
+        let mut half_open = flood(target, HALF_OPEN, true).await;
+        // The last half-open connection came while the per-address cap was reached (the
+        // first 64 hold their places for the 2 s handshake timeout; the 500 take a fraction
+        // of that): it was accepted and closed at once, not left in the backlog.
+        let flooded_in = opened.elapsed();
+        let last = half_open.0.last_mut().expect("half-open connections");
         let closed_at_once = closed_within(last, Duration::from_secs(1)).await;
+        assert!(
+            closed_at_once.is_some() || flooded_in >= Duration::from_millis(1_500),
+            "a connection over the cap was left open ({HALF_OPEN} half-open in {flooded_in:?})"
+        );
+        let idle = flood(target, IDLE, false).await;
+        let refill = tokio::spawn(keep_flooding(target, stop.clone(), refills.clone(), 3_000));
         (half_open, idle, refill, closed_at_once, probe)
     });
     let flood_took = flood_started.elapsed();
@@ -314,10 +320,6 @@ fn a_flood_of_idle_and_half_open_connections_leaves_the_manager_bounded_and_serv
     assert!(
         fds_max <= fds_before + MANAGER_PER_ADDRESS + FD_SLACK,
         "descriptors went from {fds_before} to {fds_max}; the flood may hold {MANAGER_PER_ADDRESS}"
-    );
-    assert!(
-        closed_at_once.is_some(),
-        "a connection over the cap is closed at once"
     );
     let stalled_for = stalled_for.expect("the stalled handshake is closed");
     assert!(

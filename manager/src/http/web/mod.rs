@@ -98,8 +98,6 @@ pub const MAX_CONCURRENT_VERIFICATIONS: usize = 4;
 pub const MAX_WAITING_VERIFICATIONS: usize = 64;
 /// Longest administrator name a login may give (longer ones are wrong at once).
 pub const MAX_NAME_LEN: usize = 64;
-/// The back-off key of every name that is no administrator's.
-const UNKNOWN_NAME: &str = "\0unknown";
 /// The warning about logins refused for too many failures, spaced.
 static REFUSED_LOGINS: SpacedLog = SpacedLog::new(baton_agent_core::linux::spaced::WARN_EVERY);
 
@@ -396,8 +394,14 @@ async fn login(
         return busy(&web, &name);
     };
     // Names that are no administrator's share one key: junk names cost no memory.
-    let known = matches!(lock(&web.store).admin_hash(&name), Ok(Some(_)));
-    let keys = LoginLimiter::keys(client.ip(), if known { &name } else { UNKNOWN_NAME });
+    let known = lock(&web.store)
+        .admins()
+        .is_ok_and(|admins| admins.iter().any(|a| a.eq_ignore_ascii_case(&name)));
+    let keys = if known {
+        LoginLimiter::keys(client.ip(), &name).to_vec()
+    } else {
+        LoginLimiter::keys_for_unknown_name(client.ip()).to_vec()
+    };
     // Checked and counted in one step; a right password clears the count below.
     let caused = match web.login_limiter().attempt(&keys, Instant::now()) {
         Ok(caused) => caused,
