@@ -336,7 +336,8 @@ pub struct Segment<const MEMBERS: usize = MAX_MEMBERS> {
     declared: u32,
     /// Its election score: `min(declared, certified)`, 0 if certified for another segment.
     score: u32,
-    /// The shared allowance of senders not in the members table.
+    /// The shared allowance of senders not in the members table, and of datagrams naming a
+    /// member but coming from another address than its verified one.
     newcomers: Bucket,
     /// Ed25519 verifications done on received datagrams.
     signature_checks: u64,
@@ -584,7 +585,7 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
             // Our own broadcast, looped back (or a forgery of it): nothing to learn.
             return Ok(());
         }
-        let pos = self.check_cheaply(now, unverified.claimed())?;
+        let pos = self.check_cheaply(now, from, unverified.claimed())?;
         let dg = self.verify(unverified)?;
         let pos = match pos {
             Some(p) => p,
@@ -650,10 +651,13 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
 
     /// The checks of a decoded datagram that cost no signature verification, in the order
     /// of the module docs; `Ok` (with the sender's slot in the table, if it has one) when
-    /// the datagram is worth verifying. Takes one token of the sender's bucket.
+    /// the datagram is worth verifying. Takes one token of the sender's bucket if it comes
+    /// from the sender's verified address, else of the shared one of newcomers: a forgery
+    /// of a member's id from elsewhere cannot spend the member's own allowance.
     fn check_cheaply(
         &mut self,
         now: Duration,
+        from: SocketAddr,
         dg: &Datagram,
     ) -> Result<Option<usize>, SegmentError> {
         match &dg.body {
@@ -688,8 +692,10 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
         }
         let (rate, burst) = (self.config.sender_rate, self.config.sender_burst);
         let allowed = match pos {
-            Some(p) => self.members[p].bucket.take(now, rate, burst),
-            None => self.newcomers.take(now, rate, burst),
+            Some(p) if self.members[p].addr == from => {
+                self.members[p].bucket.take(now, rate, burst)
+            }
+            _ => self.newcomers.take(now, rate, burst),
         };
         if !allowed {
             return Err(SegmentError::RateLimited);
@@ -1663,6 +1669,18 @@ mod test {
         let honest = sealed_at(&b, 10_000, later, &beacon("s", 300));
         assert_eq!(a.seg.handle_datagram(later, b.addr, &honest), Ok(()));
         assert_eq!(a.seg.member_count(), 2);
+
+        // Forgeries of b's id from another address spend the newcomers' allowance, not
+        // b's: b is heard at once, in the middle of them.
+        let elsewhere_addr: SocketAddr = "10.9.9.9:7790".parse().unwrap();
+        let then = later + ms(2000);
+        for i in 0..200u64 {
+            let mut spoof = sealed_at(&b, 20_000 + i, then, &beacon("s", 300));
+            *spoof.last_mut().unwrap() ^= 1;
+            assert!(a.seg.handle_datagram(then, elsewhere_addr, &spoof).is_err());
+        }
+        let heard = sealed_at(&b, 30_000, then, &beacon("s", 300));
+        assert_eq!(a.seg.handle_datagram(then, b.addr, &heard), Ok(()));
     }
 
     #[test]
