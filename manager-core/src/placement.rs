@@ -10,7 +10,7 @@
 //! segment, and drops the members placed in another segment and the delays
 //! to peers placed elsewhere, before the page reaches report assembly.
 
-use baton_protocol::discovery::{MAX_CAPABILITY_SCORE, capability_score};
+use baton_protocol::discovery::capability_score;
 use baton_protocol::message::{Report, SegmentReport};
 use baton_protocol::types::{AgentId, DelayTo, Name};
 
@@ -25,12 +25,17 @@ pub struct Placement {
 
 impl Placement {
     /// The placement recorded at enrolment: the segment the agent declares in its first
-    /// report, and no cap on its score of its own (`max_score` only) until the
-    /// administrator sets one.
+    /// report, and the capability score of that report, capped at `max_score`.
     pub fn at_enrolment(report: &Report, max_score: u32) -> Self {
         Placement {
             segment: report.segment.to_string(),
-            score: MAX_CAPABILITY_SCORE.min(max_score),
+            score: capability_score(
+                report.can_serve,
+                &report.link,
+                report.performance,
+                report.free_storage,
+            )
+            .min(max_score),
         }
     }
 
@@ -39,18 +44,9 @@ impl Placement {
         Name::try_from(self.segment.as_str()).unwrap_or_default()
     }
 
-    /// The score a certificate carries: the capability score of the session's `report`
-    /// (what the agent is now: a link measured since its first report counts), capped by
-    /// the placement's and by `max_score`.
-    pub fn certified_score(&self, report: &Report, max_score: u32) -> u32 {
-        capability_score(
-            report.can_serve,
-            &report.link,
-            report.performance,
-            report.free_storage,
-        )
-        .min(self.score)
-        .min(max_score)
+    /// The score a certificate carries: the placement's, capped at `max_score`.
+    pub fn certified_score(&self, max_score: u32) -> u32 {
+        self.score.min(max_score)
     }
 }
 
@@ -210,7 +206,7 @@ mod test {
             labels: heapless::Vec::new(),
             holdings: heapless::Vec::new(),
         };
-        let max = MAX_CAPABILITY_SCORE;
+        let max = baton_protocol::discovery::MAX_CAPABILITY_SCORE;
         assert_eq!(
             Placement::at_enrolment(&report, u32::MAX),
             Placement {
@@ -219,19 +215,10 @@ mod test {
             }
         );
         assert_eq!(Placement::at_enrolment(&report, 77).score, 77);
-        let p = Placement::at_enrolment(&report, u32::MAX);
-        assert_eq!(p.certified_score(&report, u32::MAX), max);
-        assert_eq!(p.certified_score(&report, 5), 5);
-        // What the agent reports now counts: a server that no longer serves scores less.
         report.can_serve = false;
-        assert!(p.certified_score(&report, u32::MAX) < 1 << 24);
-        // The administrator's cap holds whatever the report says.
-        let capped = Placement {
-            segment: "lan-1".into(),
-            score: 9,
-        };
-        report.can_serve = true;
-        assert_eq!(capped.certified_score(&report, u32::MAX), 9);
+        let p = Placement::at_enrolment(&report, u32::MAX);
+        assert!(p.score < 1 << 24);
+        assert_eq!(p.certified_score(5), 5);
         assert_eq!(p.segment_name().as_str(), "lan-1");
     }
 }

@@ -144,7 +144,6 @@ impl SessionConfig {
         id: AgentId,
         key: PublicKey,
         placement: &Placement,
-        report: &Report,
         unix_time: u64,
     ) -> Message<'static> {
         Message::Welcome {
@@ -153,7 +152,7 @@ impl SessionConfig {
                 id,
                 key,
                 placement.segment_name(),
-                placement.certified_score(report, self.max_election_score),
+                placement.certified_score(self.max_election_score),
             ),
             unix_time,
             publishers: self.publishers.clone(),
@@ -431,13 +430,9 @@ impl AgentSession {
                 let placement = self
                     .placement
                     .get_or_insert_with(|| Placement::at_enrolment(&report, cap));
-                let welcome = self.config.welcome(
-                    self.agent.clone(),
-                    self.key,
-                    placement,
-                    &report,
-                    unix_time,
-                );
+                let welcome =
+                    self.config
+                        .welcome(self.agent.clone(), self.key, placement, unix_time);
                 self.transmit.push_back(welcome);
                 self.state = State::Open;
                 self.events.push_back(SessionEvent::Online {
@@ -635,10 +630,7 @@ mod test {
         let cert = welcomed_cert(&mut s);
         let declared = Placement::at_enrolment(&report("a1"), u32::MAX);
         assert_eq!(cert.segment.as_str(), "seg-1");
-        assert_eq!(
-            cert.score,
-            declared.certified_score(&report("a1"), u32::MAX)
-        );
+        assert_eq!(cert.score, declared.score);
         assert_eq!(s.placement(), Some(&declared), "for the driver to record");
         // Placed by the administrator elsewhere, with a score above the manager's cap:
         // the report's segment does not matter, the score is capped.
