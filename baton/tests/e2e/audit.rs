@@ -83,9 +83,11 @@ fn changes_by_the_admin_token_and_a_named_token_are_listed_newest_first() {
 
     // The admin token (read by the CLI from the data directory): a group and a push.
     ok(&m, &["groups", "add", "edge", "--label", "role=edge"]);
-    let pushed: Value =
-        serde_json::from_str(&ok(&m, &["push", file.to_str().unwrap(), "--agents", "a1", "--json"]))
-            .unwrap();
+    let pushed: Value = serde_json::from_str(&ok(
+        &m,
+        &["push", file.to_str().unwrap(), "--agents", "a1", "--json"],
+    ))
+    .unwrap();
     let admin_job = pushed["id"].as_u64().expect("a job id");
 
     // The named token over the API: a group, a push, and a group whose name is taken.
@@ -226,7 +228,12 @@ fn changes_by_the_admin_token_and_a_named_token_are_listed_newest_first() {
     // `GET /api/v1/audit` with the named token, in pages of two.
     let (status, page) = m.api_with("GET", "/api/v1/audit?limit=2", None, Some(&ci));
     assert_eq!(status, 200, "{page}");
-    let first: Vec<_> = page["entries"].as_array().unwrap().iter().map(summary).collect();
+    let first: Vec<_> = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(summary)
+        .collect();
     assert_eq!(first, expected[..2]);
     let next = page["next"].as_u64().expect("a next page");
     let (_, page) = m.api_with(
@@ -235,7 +242,12 @@ fn changes_by_the_admin_token_and_a_named_token_are_listed_newest_first() {
         None,
         Some(&ci),
     );
-    let second: Vec<_> = page["entries"].as_array().unwrap().iter().map(summary).collect();
+    let second: Vec<_> = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(summary)
+        .collect();
     assert_eq!(second, expected[2..4]);
 
     // Not writable: a POST is refused (and that refusal is recorded, nothing else is).

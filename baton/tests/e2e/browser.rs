@@ -547,10 +547,19 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     );
     let rows: Vec<String> = serde_json::from_value(rows).unwrap();
     let has = |want: &[&str]| rows.iter().any(|r| want.iter().all(|w| r.contains(w)));
-    assert!(has(&["login ops", "127.0.0.1", "login", "refused 401"]), "{rows:#?}");
+    assert!(
+        has(&["login ops", "127.0.0.1", "login", "refused 401"]),
+        "{rows:#?}"
+    );
     assert!(has(&["login ops", "login", "ok"]), "{rows:#?}");
-    assert!(has(&["session ops", "group.create", "edge devices", "refused 400"]), "{rows:#?}");
-    assert!(has(&["session ops", "group.create", "| edge |", "ok"]), "{rows:#?}");
+    assert!(
+        has(&["session ops", "group.create", "edge devices", "refused 400"]),
+        "{rows:#?}"
+    );
+    assert!(
+        has(&["session ops", "group.create", "| edge |", "ok"]),
+        "{rows:#?}"
+    );
     assert!(has(&["session ops", "job.start", "ok"]), "{rows:#?}");
     b.screenshot(&shots().join("07b-audit.png"));
 

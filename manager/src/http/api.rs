@@ -16,6 +16,7 @@
 //! | `POST /api/v1/jobs/{id}/cancel` | cancel a job |
 //! | `GET /api/v1/jobs/{id}/events` | server-sent events: a `snapshot` (the job as above), then `event`s ([`JobEvent`]) until the job ends |
 //! | `POST /api/v1/uploads?name=N` | stores the request body as a file the manager holds; answers its `path` for `POST /api/v1/jobs` |
+//! | `GET /api/v1/audit?limit=N&before=ID` | the audit log, newest first ([`crate::http::audit`]) |
 
 use std::convert::Infallible;
 use std::path::PathBuf;

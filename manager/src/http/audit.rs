@@ -12,10 +12,10 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::extract::{ConnectInfo, MatchedPath, Query, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -115,21 +115,11 @@ pub async fn record_changes(State(m): State<Arc<Manager>>, req: Request, next: N
         Some(t) => t.0.clone(),
         None => path_parameters(&pattern, &path),
     };
-    let (response, result, error) = if status.is_success() {
-        (response, "ok", None)
+    let (response, error) = if status.is_success() {
+        (response, None)
     } else {
-        let (parts, body) = response.into_parts();
-        let (body, error) = match axum::body::to_bytes(body, MAX_ERROR_BODY).await {
-            Ok(bytes) => {
-                let error = serde_json::from_slice::<serde_json::Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-                (axum::body::Body::from(bytes), error)
-            }
-            Err(_) => (axum::body::Body::empty(), String::new()),
-        };
-        (Response::from_parts(parts, body), "refused", Some(error))
+        let (response, error) = error_of(response).await;
+        (response, Some(error))
     };
     let entry = AuditEntry {
         id: 0,
@@ -139,12 +129,41 @@ pub async fn record_changes(State(m): State<Arc<Manager>>, req: Request, next: N
         address,
         action: action_name(&method, &pattern),
         target: truncate_text(&target, AUDIT_MAX_TEXT),
-        result: result.into(),
+        result: if status.is_success() { "ok" } else { "refused" }.into(),
         status: Some(status.as_u16()),
         error: error.map(|e| truncate_text(&e, AUDIT_MAX_TEXT)),
     };
     crate::audit::record(&mut **lock(&m.store), entry);
     response
+}
+
+/// The `error` text of an error answer (the answer is passed on whole): read when the
+/// body is small, as the API's `{"error": ...}` answers are; a larger one is passed on
+/// unread, with no text.
+async fn error_of(response: Response) -> (Response, String) {
+    let (parts, body) = response.into_parts();
+    let small = axum::body::HttpBody::size_hint(&body)
+        .upper()
+        .is_some_and(|n| n <= MAX_ERROR_BODY as u64);
+    if !small {
+        return (Response::from_parts(parts, body), String::new());
+    }
+    match axum::body::to_bytes(body, MAX_ERROR_BODY).await {
+        Ok(bytes) => {
+            let error = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            (
+                Response::from_parts(parts, axum::body::Body::from(bytes)),
+                error,
+            )
+        }
+        Err(e) => (
+            Response::from_parts(parts, axum::body::Body::empty()),
+            format!("(the answer could not be read: {e})"),
+        ),
+    }
 }
 
 /// The audit log's route with its OpenAPI operation (read only).
@@ -202,7 +221,10 @@ mod test {
             path_parameters("/api/v1/groups/{name}", "/api/v1/groups/fw%20a"),
             "fw a"
         );
-        assert_eq!(path_parameters("/api/v1/jobs/{id}/cancel", "/api/v1/jobs/7/cancel"), "7");
+        assert_eq!(
+            path_parameters("/api/v1/jobs/{id}/cancel", "/api/v1/jobs/7/cancel"),
+            "7"
+        );
         assert_eq!(path_parameters("/api/v1/groups", "/api/v1/groups"), "");
     }
 }

@@ -1378,15 +1378,19 @@ impl Store for SqliteStore {
         )?;
         let rows = stmt
             .query_map(
-                params![
-                    before.map_or(i64::MAX, saturate),
-                    saturate(limit as u64)
-                ],
+                params![before.map_or(i64::MAX, saturate), saturate(limit as u64)],
                 |r| {
                     Ok((
                         r.get::<_, i64>(0)?,
                         r.get::<_, i64>(1)?,
-                        (r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?),
+                        (
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                            r.get(7)?,
+                        ),
                         r.get::<_, Option<i64>>(8)?,
                         r.get::<_, Option<String>>(9)?,
                     ))

@@ -814,8 +814,11 @@ fn audit_entries_are_listed_newest_first_and_paged() {
     let mut ids = Vec::new();
     for i in 0..7u64 {
         ids.push(
-            s.add_audit(&audit_entry("group.create", &format!("g{i}"), 100 + i), 1000)
-                .unwrap(),
+            s.add_audit(
+                &audit_entry("group.create", &format!("g{i}"), 100 + i),
+                1000,
+            )
+            .unwrap(),
         );
     }
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
@@ -829,7 +832,13 @@ fn audit_entries_are_listed_newest_first_and_paged() {
     let first_page = s.audit(None, 3).unwrap();
     let targets: Vec<&str> = first_page.iter().map(|e| e.target.as_str()).collect();
     assert_eq!(targets, ["x", "g6", "g5"]);
-    assert_eq!(first_page[0], AuditEntry { id: last, ..refused });
+    assert_eq!(
+        first_page[0],
+        AuditEntry {
+            id: last,
+            ..refused
+        }
+    );
     // The next page starts below the last id of this one; the last page is short.
     let second = s.audit(Some(first_page[2].id), 3).unwrap();
     let targets: Vec<&str> = second.iter().map(|e| e.target.as_str()).collect();
