@@ -1,6 +1,7 @@
 //! End to end: the audit log against a real `baton serve` and the `baton` client
 //! commands. The admin token and a named API token each make changes (a content group,
-//! a push of a small file to a real `baton agent`) and the API token one that is refused; `baton audit --json`
+//! a push of a small file to a real `baton agent`, the agent's placement) and the API
+//! token one that is refused; `baton audit --json`
 //! and `GET /api/v1/audit` list them newest first with who made them, from which
 //! address, what, and the result; pages follow each other; the log cannot be written
 //! through the API.
@@ -113,11 +114,22 @@ fn changes_by_the_admin_token_and_a_named_token_are_listed_newest_first() {
         Some(&ci),
     );
     assert_eq!(status, 409, "{refused}");
+    // The admin token places the agent (PATCH /api/v1/agents/a1).
+    ok(&m, &["agents", "score", "a1", "5"]);
     // Reading changes nothing and is not recorded; the log has no route that writes.
     let (status, _) = m.api_with("GET", "/api/v1/groups", None, Some(&ci));
     assert_eq!(status, 200);
 
     let expected = [
+        row(
+            "admin-token",
+            "",
+            "127.0.0.1",
+            "agent.place",
+            "a1",
+            "ok",
+            200,
+        ),
         row(
             "api-token",
             "ci",
@@ -168,11 +180,11 @@ fn changes_by_the_admin_token_and_a_named_token_are_listed_newest_first() {
     // `baton audit --json`: newest first, the `cli` entry last.
     let listed: Value = serde_json::from_str(&ok(&m, &["audit", "--json"])).unwrap();
     let listed = listed.as_array().expect("an array").clone();
-    assert_eq!(listed.len(), 7, "{listed:#?}");
-    let got: Vec<_> = listed.iter().take(5).map(summary).collect();
+    assert_eq!(listed.len(), 8, "{listed:#?}");
+    let got: Vec<_> = listed.iter().take(6).map(summary).collect();
     assert_eq!(got, expected, "{listed:#?}");
     assert_eq!(
-        summary(&listed[5]),
+        summary(&listed[6]),
         row(
             "admin-token",
             "",
@@ -183,7 +195,7 @@ fn changes_by_the_admin_token_and_a_named_token_are_listed_newest_first() {
             201
         )
     );
-    let cli_entry = &listed[6];
+    let cli_entry = &listed[7];
     assert_eq!(
         (
             cli_entry["via"].as_str(),
@@ -201,11 +213,11 @@ fn changes_by_the_admin_token_and_a_named_token_are_listed_newest_first() {
         )
     );
     assert!(
-        listed[0]["error"]
+        listed[1]["error"]
             .as_str()
             .is_some_and(|e| e.contains("already exists")),
         "{}",
-        listed[0]
+        listed[1]
     );
     let ids: Vec<u64> = listed.iter().map(|e| e["id"].as_u64().unwrap()).collect();
     assert!(ids.windows(2).all(|w| w[0] > w[1]), "{ids:?}");
