@@ -472,6 +472,14 @@ mod test {
         assert_eq!(json["paths"]["/api/v1/jobs"]["post"]["tags"][0], "jobs");
         assert!(json["components"]["securitySchemes"]["bearer"].is_object());
         assert!(json["components"]["schemas"]["JobDetail"].is_object());
+        assert!(json["components"]["schemas"]["AuditEntry"].is_object());
+        // The audit log is read only.
+        assert_eq!(
+            json["paths"]["/api/v1/audit"]
+                .as_object()
+                .map(|ops| ops.keys().cloned().collect::<Vec<_>>()),
+            Some(vec!["get".to_string()])
+        );
     }
 
     /// Serves a one-route app on a loopback port with `limits`; stops when the sender drops.
