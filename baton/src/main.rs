@@ -3,7 +3,7 @@
 //! `baton serve` runs the manager; `baton demo` and `baton lab` run whole
 //! distributions on this machine; `baton admin` manages web UI administrators
 //! and API tokens; `enroll`, `push`, `jobs`, `job`, `cancel`,
-//! `agents`, `segments`, `groups` and `policies` talk to a running manager over
+//! `agents`, `segments`, `groups`, `policies` and `audit` talk to a running manager over
 //! its HTTP API; `baton agent` runs
 //! a Linux agent. Logging goes to
 //! stderr and follows `RUST_LOG` (default `info` for `serve`, `warn` for the
@@ -51,6 +51,8 @@ enum Command {
     Groups(cli::definitions::GroupsArgs),
     /// Named distribution policies (`list|show|add|set|rm`).
     Policies(cli::definitions::PoliciesArgs),
+    /// Show the audit log: who changed what, from where, when, with what result.
+    Audit(cli::audit::AuditArgs),
     /// Administrators of the web UI and API tokens: `add NAME`, `token NAME`, `revoke-token NAME`, `list`.
     #[command(subcommand)]
     Admin(cli::admin::AdminCommand),
@@ -125,6 +127,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policies(args) => {
             init_logging("warn");
             cli::definitions::policies(args)?;
+        }
+        Command::Audit(args) => {
+            init_logging("warn");
+            cli::audit::audit(args)?;
         }
         Command::Admin(cmd) => {
             init_logging("warn");

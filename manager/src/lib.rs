@@ -6,6 +6,7 @@
 //! - [`content`]: the manager's keys, publishing files and serving their chunks;
 //! - [`registry`]: enrolled agents and live sessions, handshake authorization,
 //!   segment reports;
+//! - [`audit`]: recording changes in the audit log (used by [`http`] and `baton admin`);
 //! - [`engine_task`]: the task that owns the engine: persists, then instructs;
 //! - [`agent_port`]: the TCP agent port, one handler per connection;
 //!   [`serial`]: serial-attached devices, handed to the same handler;
@@ -18,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod agent_port;
+pub mod audit;
 pub mod content;
 pub mod engine_task;
 pub mod http;

@@ -98,4 +98,23 @@ fn a_schema_2_database_migrates_and_keeps_everything() {
     };
     assert!(store.create_session(&session, &hash).unwrap());
     assert_eq!(store.session(&[1; 32]).unwrap(), Some(session));
+    // The audit log (a later migration) starts empty and records.
+    assert!(store.audit(None, 10).unwrap().is_empty());
+    let entry = baton_manager::store::AuditEntry {
+        id: 0,
+        at: 5,
+        via: "cli".into(),
+        who: "root".into(),
+        address: "local".into(),
+        action: "admin.add".into(),
+        target: "ops".into(),
+        result: "ok".into(),
+        status: None,
+        error: None,
+    };
+    let id = store.add_audit(&entry, 10).unwrap();
+    assert_eq!(
+        store.audit(None, 10).unwrap(),
+        [baton_manager::store::AuditEntry { id, ..entry }]
+    );
 }

@@ -7,11 +7,15 @@
 //!   adding an existing name changes its password.
 //! - `baton admin token NAME` creates (or replaces) an API token for scripts and
 //!   prints it once; `baton admin revoke-token NAME` deletes it.
+//!
+//! Each change (and each one refused) is recorded in the audit log with `via` = `cli`,
+//! the user running the command, and the address `local`.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use baton_manager::audit;
 use baton_manager::http::web::users;
 use baton_manager::registry::unix_now;
 use baton_manager::store::{AdminSet, SqliteStore, Store};
@@ -128,7 +132,7 @@ fn read_password(file: Option<&PathBuf>) -> anyhow::Result<String> {
     Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
 
-/// Runs `baton admin ...`.
+/// Runs `baton admin ...`; each change is recorded in the audit log as `cli`.
 pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
     match cmd {
         AdminCommand::Add {
@@ -138,20 +142,34 @@ pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
         } => {
             let password = read_password(password_file.as_ref())?;
             let mut store = db.open()?;
-            match users::set_admin(&mut store, &name, &password, unix_now())? {
+            let done = users::set_admin(&mut store, &name, &password, unix_now());
+            let action = match &done {
+                Ok(AdminSet::PasswordChanged) => "admin.password",
+                _ => "admin.add",
+            };
+            record(&mut store, action, &name, &done);
+            match done? {
                 AdminSet::Added => println!("administrator {name} added"),
                 AdminSet::PasswordChanged => println!("password of administrator {name} changed"),
             }
         }
         AdminCommand::Token { name, db } => {
-            let token = users::new_api_token(&mut db.open()?, &name, unix_now())?;
+            let mut store = db.open()?;
+            let done = users::new_api_token(&mut store, &name, unix_now());
+            record(&mut store, "api-token.create", &name, &done);
+            let token = done?;
             eprintln!("API token {name} (shown once; send it as `Authorization: Bearer <token>`):");
             println!("{token}");
         }
         AdminCommand::RevokeToken { name, db } => {
-            if !db.open()?.revoke_api_token(&name)? {
-                bail!("no API token named {name:?}");
-            }
+            let mut store = db.open()?;
+            let done = match store.revoke_api_token(&name) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(anyhow::anyhow!("no API token named {name:?}")),
+                Err(e) => Err(e.into()),
+            };
+            record(&mut store, "api-token.revoke", &name, &done);
+            done?;
             println!("API token {name} revoked");
         }
         AdminCommand::List { db } => {
@@ -161,4 +179,15 @@ pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Records a change this command made (or tried) in the audit log, as `cli`.
+fn record<T, E: std::fmt::Display>(
+    store: &mut SqliteStore,
+    action: &str,
+    target: &str,
+    done: &Result<T, E>,
+) {
+    let outcome = done.as_ref().map(|_| ()).map_err(|e| e.to_string());
+    audit::record(store, audit::cli_entry(action, target, outcome));
 }

@@ -2,12 +2,13 @@
 //!
 //! `baton serve` runs the manager in this process; every other manager
 //! command (`enroll`, `push`, `jobs`, `job`, `agents`, `segments`, `groups`,
-//! `policies`) is a client of its
+//! `policies`, `audit`) is a client of its
 //! HTTP API. The client finds the manager through `--manager-url` and
 //! `--admin-token`, or else through the manager's data directory: `admin.token`
 //! and the `serve.json` a running manager keeps there.
 
 pub mod admin;
+pub mod audit;
 pub mod definitions;
 pub mod enroll;
 pub mod push;

@@ -4,7 +4,8 @@
 //! error shown next to the field) and a policy, uploads content and pushes it
 //! to the group's real local agents, watches the job page until every
 //! participant shows confirmed, and checks that the relay tree's edges are the
-//! transfers that carried bytes. Screenshots go to `target/ui-screenshots/`.
+//! transfers that carried bytes; the audit log page lists the logins and the changes.
+//! Screenshots go to `target/ui-screenshots/`.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (scripts/test.sh installs
 //! them); without them the test fails, it does not skip.
@@ -536,6 +537,31 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
         "jobs page: warnings, group, policy"
     );
     b.screenshot(&shots().join("07-jobs.png"));
+
+    // The audit log page: the logins (the wrong password too) and the session's changes.
+    b.goto(&format!("{base}/#/audit"));
+    b.wait_find("tr[data-audit]", WAIT);
+    let rows = b.eval(
+        "return [...document.querySelectorAll('tr[data-audit]')].map(r => [...r.cells].slice(1).map(c => c.textContent.trim()).join(' | '))",
+        json!([]),
+    );
+    let rows: Vec<String> = serde_json::from_value(rows).unwrap();
+    let has = |want: &[&str]| rows.iter().any(|r| want.iter().all(|w| r.contains(w)));
+    assert!(
+        has(&["login ops", "127.0.0.1", "login", "refused 401"]),
+        "{rows:#?}"
+    );
+    assert!(has(&["login ops", "login", "ok"]), "{rows:#?}");
+    assert!(
+        has(&["session ops", "group.create", "edge devices", "refused 400"]),
+        "{rows:#?}"
+    );
+    assert!(
+        has(&["session ops", "group.create", "| edge |", "ok"]),
+        "{rows:#?}"
+    );
+    assert!(has(&["session ops", "job.start", "ok"]), "{rows:#?}");
+    b.screenshot(&shots().join("07b-audit.png"));
 
     // A phone-sized window.
     b.resize(390, 844);

@@ -8,6 +8,7 @@
 
 mod common;
 
+mod audit;
 mod browser;
 mod fault_speed;
 mod faults;

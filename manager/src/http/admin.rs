@@ -30,6 +30,7 @@ use serde_json::{Map, Value, json};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::http::audit::AuditTarget;
 use crate::registry::{lock, unix_now};
 use crate::service::{ApiError, Manager};
 use crate::store::{GroupRecord, LeaderChange, PolicyRecord, SegmentRecord};
@@ -278,12 +279,31 @@ async fn group(
 async fn add_group(
     State(m): State<Arc<Manager>>,
     body: Result<Json<Value>, JsonRejection>,
+) -> axum::response::Response {
+    let body = body_of(body);
+    named_in(&body).on(create_group(&m, body))
+}
+
+/// The name a creating request's body gives, as the audit log's target.
+fn named_in(body: &Result<Map<String, Value>, ApiError>) -> AuditTarget {
+    let name = body
+        .as_ref()
+        .ok()
+        .and_then(|b| b.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    AuditTarget(name.to_string())
+}
+
+fn create_group(
+    m: &Manager,
+    body: Result<Map<String, Value>, ApiError>,
 ) -> Result<(StatusCode, Json<GroupView>), ApiError> {
-    let body = body_of(body)?;
-    let group = parse_group(&m, &body, None)?;
+    let body = body?;
+    let group = parse_group(m, &body, None)?;
     lock(&m.store).add_group(&group, unix_now())?;
     tracing::info!(group = %group.name, "content group added");
-    Ok((StatusCode::CREATED, Json(group_view(&m, group)?)))
+    Ok((StatusCode::CREATED, Json(group_view(m, group)?)))
 }
 
 #[utoipa::path(put, path = "/api/v1/groups/{name}", tag = "groups", params(("name" = String, Path, description = "Its name")),
@@ -369,8 +389,16 @@ async fn policy(
 async fn add_policy(
     State(m): State<Arc<Manager>>,
     body: Result<Json<Value>, JsonRejection>,
+) -> axum::response::Response {
+    let body = body_of(body);
+    named_in(&body).on(create_policy(&m, body))
+}
+
+fn create_policy(
+    m: &Manager,
+    body: Result<Map<String, Value>, ApiError>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let body = body_of(body)?;
+    let body = body?;
     let record = parse_policy(&body, None)?;
     lock(&m.store).add_policy(&record, unix_now())?;
     tracing::info!(policy = %record.name, "policy added");

@@ -16,6 +16,7 @@
 //! | `POST /api/v1/jobs/{id}/cancel` | cancel a job |
 //! | `GET /api/v1/jobs/{id}/events` | server-sent events: a `snapshot` (the job as above), then `event`s ([`JobEvent`]) until the job ends |
 //! | `POST /api/v1/uploads?name=N` | stores the request body as a file the manager holds; answers its `path` for `POST /api/v1/jobs` |
+//! | `GET /api/v1/audit?limit=N&before=ID` | the audit log, newest first ([`crate::http::audit`]) |
 
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -37,6 +38,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::engine_task::JobEvent;
+use crate::http::audit::AuditTarget;
 use crate::registry::{lock, unix_now};
 use crate::service::{ApiError, JobRequest, Manager, PolicyChoice, PublishRequest};
 use crate::store::{
@@ -266,8 +268,19 @@ pub fn parse_key(hex_key: &str) -> Result<PublicKey, ApiError> {
 async fn enrol(
     State(m): State<Arc<Manager>>,
     body: Result<Json<EnrolRequest>, JsonRejection>,
+) -> Response {
+    let req = match body {
+        Ok(Json(req)) => req,
+        Err(e) => return bad_json(e).into_response(),
+    };
+    AuditTarget(req.id.clone()).on(enrol_agent(&m, req))
+}
+
+/// Enrols the agent `req` names.
+fn enrol_agent(
+    m: &Manager,
+    req: EnrolRequest,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let Json(req) = body.map_err(bad_json)?;
     let id = parse_agent_id(&req.id)?;
     let key = parse_key(&req.key)?;
     let done = m.registry.enrol(&id, &key)?;
@@ -576,8 +589,27 @@ fn target_spec(t: TargetsRequest) -> Result<TargetSpec, ApiError> {
 async fn create_job(
     State(m): State<Arc<Manager>>,
     body: Result<Json<CreateJobRequest>, JsonRejection>,
-) -> Result<(StatusCode, Json<JobCreated>), ApiError> {
-    let Json(req) = body.map_err(bad_json)?;
+) -> Response {
+    let req = match body {
+        Ok(Json(req)) => req,
+        Err(e) => return bad_json(e).into_response(),
+    };
+    let asked = req
+        .name
+        .clone()
+        .unwrap_or_else(|| req.path.display().to_string());
+    match start_job(&m, req).await {
+        Ok(created) => AuditTarget(format!(
+            "job {}: {} v{}",
+            created.id, created.name, created.version
+        ))
+        .on((StatusCode::CREATED, Json(created))),
+        Err(e) => AuditTarget(asked).on(e),
+    }
+}
+
+/// Publishes and distributes what `req` asks for.
+async fn start_job(m: &Manager, req: CreateJobRequest) -> Result<JobCreated, ApiError> {
     let targets = req.targets.map(target_spec).transpose()?;
     let job = m.resolve_job(JobRequest {
         targets,
@@ -593,18 +625,15 @@ async fn create_job(
         })
         .await?;
     let id = m.start_job(content.root, job).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(JobCreated {
-            id,
-            root: hex::encode(content.root),
-            chunks: content.chunks(),
-            name: content.name,
-            version: content.version,
-            length: content.length,
-            chunk_size: content.chunk_size,
-        }),
-    ))
+    Ok(JobCreated {
+        id,
+        root: hex::encode(content.root),
+        chunks: content.chunks(),
+        name: content.name,
+        version: content.version,
+        length: content.length,
+        chunk_size: content.chunk_size,
+    })
 }
 
 #[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = u64, Path, description = "Job id")),
@@ -796,6 +825,17 @@ impl Drop for PartFile {
 async fn upload(
     Extension(uploads): Extension<Uploads>,
     Query(query): Query<UploadQuery>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let target = AuditTarget(query.name.clone().unwrap_or_else(|| "upload".into()));
+    target.on(store_upload(uploads, query, headers, body).await)
+}
+
+/// Streams an upload's body into a file of the upload directory.
+async fn store_upload(
+    uploads: Uploads,
+    query: UploadQuery,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<Uploaded>), UploadRefused> {

@@ -13,12 +13,13 @@
 //!   whatever the path.
 //!
 //! Submodules: [`api`] (jobs, agents, content, uploads), [`admin`] (segments,
-//! content groups, policies), [`metrics`], [`client`] (the client's address,
+//! content groups, policies), [`audit`] (recording changes, reading the log), [`metrics`], [`client`] (the client's address,
 //! secret comparison), [`conn`] (time bounds of one connection), [`tls`], and [`web`] (the administrators' UI, logins and
 //! sessions). Handlers call the service layer ([`crate::service::Manager`]).
 
 pub mod admin;
 pub mod api;
+pub mod audit;
 pub mod client;
 pub mod conn;
 pub mod metrics;
@@ -89,6 +90,7 @@ pub fn api_routes() -> OpenApiRouter<Arc<Manager>> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(api::routes())
         .merge(crate::http::admin::routes())
+        .merge(audit::routes())
 }
 
 /// The OpenAPI document served at `/api/v1/openapi.json`.
@@ -190,6 +192,10 @@ pub fn router(manager: Arc<Manager>, config: &HttpConfig) -> Router {
     });
     let protected = api
         .route("/metrics", get(metrics::metrics))
+        .route_layer(middleware::from_fn_with_state(
+            manager.clone(),
+            audit::record_changes,
+        ))
         .fallback(not_found)
         .layer(Extension(api::Uploads {
             dir: config.upload_dir.clone(),
@@ -458,6 +464,7 @@ mod test {
             "/api/v1/groups/{name}",
             "/api/v1/policies",
             "/api/v1/policies/{name}",
+            "/api/v1/audit",
         ] {
             assert!(paths.contains(&want), "{want} missing from {paths:?}");
         }
@@ -465,6 +472,14 @@ mod test {
         assert_eq!(json["paths"]["/api/v1/jobs"]["post"]["tags"][0], "jobs");
         assert!(json["components"]["securitySchemes"]["bearer"].is_object());
         assert!(json["components"]["schemas"]["JobDetail"].is_object());
+        assert!(json["components"]["schemas"]["AuditEntry"].is_object());
+        // The audit log is read only.
+        assert_eq!(
+            json["paths"]["/api/v1/audit"]
+                .as_object()
+                .map(|ops| ops.keys().cloned().collect::<Vec<_>>()),
+            Some(vec!["get".to_string()])
+        );
     }
 
     /// Serves a one-route app on a loopback port with `limits`; stops when the sender drops.

@@ -3,7 +3,7 @@
 //! the bytes each source delivered (claim 8); the segments their leaders
 //! report, with each segment's leader history; what administrators define:
 //! content groups and named distribution policies (claim 9); and the web UI's
-//! administrators, named API tokens and sessions.
+//! administrators, named API tokens and sessions; the audit log of changes.
 //!
 //! [`Store`] is the one way into the database for the rest of the manager
 //! (and for `baton admin`), so another backend (PostgreSQL) can be added beside
@@ -241,6 +241,57 @@ pub trait Store: Send + std::fmt::Debug {
 
     /// Jobs per state and the bytes the manager and relays delivered, over all jobs.
     fn totals(&self) -> Result<StoreTotals>;
+
+    /// Appends `entry` to the audit log (its `id` is ignored) and drops the oldest entries
+    /// beyond the newest `keep`; returns the new entry's id.
+    fn add_audit(&mut self, entry: &AuditEntry, keep: u64) -> Result<u64>;
+    /// Audit entries, newest first: at most `limit`, only those with an id below `before`
+    /// when it is given (the next page starts before the last id of this one).
+    fn audit(&self, before: Option<u64>, limit: usize) -> Result<Vec<AuditEntry>>;
+}
+
+/// One entry of the audit log: a change someone made through the manager, and its result.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct AuditEntry {
+    /// Its id: entries are numbered in the order they were made; ids are never reused.
+    pub id: u64,
+    /// When (Unix seconds).
+    pub at: u64,
+    /// How the caller authenticated: `admin-token`, `api-token`, `session` (an
+    /// administrator in the web UI), `login` (a login attempt) or `cli` (a command that
+    /// opened the database on the manager's host).
+    pub via: String,
+    /// Who: the API token's or administrator's name (empty for the admin token; for
+    /// `cli`, the user running it).
+    pub who: String,
+    /// The client's IP address (`local` for `cli`).
+    pub address: String,
+    /// What was done, e.g. `group.create`, `job.start`, `login`.
+    pub action: String,
+    /// What it was done to (a name, a job, an agent), at most [`AUDIT_MAX_TEXT`] bytes.
+    pub target: String,
+    /// `ok` or `refused`.
+    pub result: String,
+    /// The HTTP status answered, if it went through the API.
+    pub status: Option<u16>,
+    /// Why it was refused, at most [`AUDIT_MAX_TEXT`] bytes.
+    pub error: Option<String>,
+}
+
+/// Longest `target` or `error` an audit entry keeps, in bytes; longer ones are cut (at a
+/// character boundary) and end in `…`.
+pub const AUDIT_MAX_TEXT: usize = 256;
+
+/// `text` cut to at most `max` bytes at a character boundary, marked with `…` when cut.
+pub fn truncate_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 /// The engine state a stored participant resumes in.

@@ -181,6 +181,23 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE agents ADD COLUMN placed_segment TEXT;
     ALTER TABLE agents ADD COLUMN election_score INTEGER;
     ",
+    // 6: the audit log: every change made through the manager, who made it, from where,
+    // and its result; ids only grow (AUTOINCREMENT), so a page's cursor stays valid while
+    // the oldest entries are dropped.
+    "
+    CREATE TABLE audit_log (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        at      INTEGER NOT NULL,
+        via     TEXT NOT NULL,
+        who     TEXT NOT NULL,
+        address TEXT NOT NULL,
+        action  TEXT NOT NULL,
+        target  TEXT NOT NULL,
+        result  TEXT NOT NULL,
+        status  INTEGER,
+        error   TEXT
+    );
+    ",
 ];
 
 /// Newest schema version this build knows.

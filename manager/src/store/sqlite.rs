@@ -1344,6 +1344,80 @@ impl Store for SqliteStore {
         Ok((idle + beyond) as u64)
     }
 
+    fn add_audit(&mut self, e: &AuditEntry, keep: u64) -> Result<u64> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO audit_log (at, via, who, address, action, target, result, status, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                saturate(e.at),
+                truncate_text(&e.via, AUDIT_MAX_TEXT),
+                truncate_text(&e.who, AUDIT_MAX_TEXT),
+                truncate_text(&e.address, AUDIT_MAX_TEXT),
+                truncate_text(&e.action, AUDIT_MAX_TEXT),
+                truncate_text(&e.target, AUDIT_MAX_TEXT),
+                truncate_text(&e.result, AUDIT_MAX_TEXT),
+                e.status,
+                e.error.as_deref().map(|t| truncate_text(t, AUDIT_MAX_TEXT)),
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        // Ids only grow, so the newest `keep` are those above `id - keep`.
+        tx.execute(
+            "DELETE FROM audit_log WHERE id <= ?1",
+            [id.saturating_sub(saturate(keep))],
+        )?;
+        tx.commit()?;
+        Ok(u64::try_from(id).unwrap_or(0))
+    }
+
+    fn audit(&self, before: Option<u64>, limit: usize) -> Result<Vec<AuditEntry>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, at, via, who, address, action, target, result, status, error
+             FROM audit_log WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(
+                params![before.map_or(i64::MAX, saturate), saturate(limit as u64)],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        (
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                            r.get(7)?,
+                        ),
+                        r.get::<_, Option<i64>>(8)?,
+                        r.get::<_, Option<String>>(9)?,
+                    ))
+                },
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(
+                |(id, at, (via, who, address, action, target, result), status, error)| {
+                    Ok(AuditEntry {
+                        id: u64::try_from(id)
+                            .map_err(|_| StoreError::Corrupt(format!("audit id {id}")))?,
+                        at: u64::try_from(at).unwrap_or(0),
+                        via,
+                        who,
+                        address,
+                        action,
+                        target,
+                        result,
+                        status: status.and_then(|s| u16::try_from(s).ok()),
+                        error,
+                    })
+                },
+            )
+            .collect()
+    }
+
     fn totals(&self) -> Result<StoreTotals> {
         let mut stmt = self
             .conn

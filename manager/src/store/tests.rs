@@ -791,3 +791,92 @@ fn a_version_2_database_with_web_tables_migrates_and_keeps_them() {
     assert_eq!(s.api_token_name(&[7; 32]).unwrap().as_deref(), Some("ci"));
     assert!(s.create_session(&session(1, "ops", 1), "$old").unwrap());
 }
+
+fn audit_entry(action: &str, target: &str, at: u64) -> AuditEntry {
+    AuditEntry {
+        id: 0,
+        at,
+        via: "api-token".into(),
+        who: "ci".into(),
+        address: "192.0.2.7".into(),
+        action: action.into(),
+        target: target.into(),
+        result: "ok".into(),
+        status: Some(201),
+        error: None,
+    }
+}
+
+#[test]
+fn audit_entries_are_listed_newest_first_and_paged() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    assert!(s.audit(None, 10).unwrap().is_empty());
+    let mut ids = Vec::new();
+    for i in 0..7u64 {
+        ids.push(
+            s.add_audit(
+                &audit_entry("group.create", &format!("g{i}"), 100 + i),
+                1000,
+            )
+            .unwrap(),
+        );
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    let refused = AuditEntry {
+        result: "refused".into(),
+        status: Some(404),
+        error: Some("group \"x\" not found".into()),
+        ..audit_entry("group.delete", "x", 200)
+    };
+    let last = s.add_audit(&refused, 1000).unwrap();
+    let first_page = s.audit(None, 3).unwrap();
+    let targets: Vec<&str> = first_page.iter().map(|e| e.target.as_str()).collect();
+    assert_eq!(targets, ["x", "g6", "g5"]);
+    assert_eq!(
+        first_page[0],
+        AuditEntry {
+            id: last,
+            ..refused
+        }
+    );
+    // The next page starts below the last id of this one; the last page is short.
+    let second = s.audit(Some(first_page[2].id), 3).unwrap();
+    let targets: Vec<&str> = second.iter().map(|e| e.target.as_str()).collect();
+    assert_eq!(targets, ["g4", "g3", "g2"]);
+    let third = s.audit(Some(second[2].id), 3).unwrap();
+    let targets: Vec<&str> = third.iter().map(|e| e.target.as_str()).collect();
+    assert_eq!(targets, ["g1", "g0"]);
+    assert!(s.audit(Some(third[1].id), 3).unwrap().is_empty());
+}
+
+#[test]
+fn the_audit_log_keeps_only_the_newest_entries_and_cuts_long_texts() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    for i in 0..25u64 {
+        s.add_audit(&audit_entry("job.start", &format!("job {i}"), i), 10)
+            .unwrap();
+    }
+    let kept = s.audit(None, 100).unwrap();
+    assert_eq!(kept.len(), 10);
+    assert_eq!(kept[0].target, "job 24");
+    assert_eq!(kept[9].target, "job 15");
+    // A smaller bound later drops the excess at the next entry.
+    s.add_audit(&audit_entry("job.start", "job 25", 25), 3)
+        .unwrap();
+    let kept = s.audit(None, 100).unwrap();
+    let targets: Vec<&str> = kept.iter().map(|e| e.target.as_str()).collect();
+    assert_eq!(targets, ["job 25", "job 24", "job 23"]);
+
+    // Long texts are cut at a character boundary, with a mark.
+    let long = "é".repeat(AUDIT_MAX_TEXT);
+    let e = AuditEntry {
+        error: Some("x".repeat(10 * AUDIT_MAX_TEXT)),
+        ..audit_entry("group.create", &long, 30)
+    };
+    s.add_audit(&e, 10).unwrap();
+    let got = &s.audit(None, 1).unwrap()[0];
+    assert!(got.target.len() <= AUDIT_MAX_TEXT, "{}", got.target.len());
+    assert!(got.target.ends_with('…') && got.target.starts_with("éé"));
+    let error = got.error.as_deref().unwrap();
+    assert!(error.len() <= AUDIT_MAX_TEXT && error.ends_with('…'));
+}

@@ -12,7 +12,9 @@
 //! - `POST /logout` ends the session.
 //!
 //! Failed logins back off per client address and per name ([`baton_manager_core::login_limit`]):
-//! past a few failures the answer is `429` with `Retry-After`, doubling.
+//! past a few failures the answer is `429` with `Retry-After`, doubling. Every login that
+//! reaches the password check, right or wrong, is recorded in the audit log
+//! ([`crate::audit`]).
 //!
 //! CSRF: the login form carries a token that must match a cookie set with the
 //! form (double submit); a session has its own random token, given to the page
@@ -137,6 +139,28 @@ pub fn escape_html(s: &str) -> String {
 }
 
 impl Web {
+    /// Records a login attempt that reached the password check in the audit log (those
+    /// turned away before it, busy or backed off, cost nothing and are not recorded).
+    fn audit_login(&self, name: &str, client: std::net::SocketAddr, outcome: Result<(), &str>) {
+        let (result, status, error) = match outcome {
+            Ok(()) => ("ok", StatusCode::SEE_OTHER, None),
+            Err(e) => ("refused", StatusCode::UNAUTHORIZED, Some(e.to_string())),
+        };
+        let entry = crate::store::AuditEntry {
+            id: 0,
+            at: unix_now(),
+            via: "login".into(),
+            who: name.into(),
+            address: client.ip().to_string(),
+            action: "login".into(),
+            target: String::new(),
+            result: result.into(),
+            status: Some(status.as_u16()),
+            error,
+        };
+        crate::audit::record(&mut **lock(&self.store), entry);
+    }
+
     /// Over the manager's `store`; `secure_cookies` when served over HTTPS.
     pub fn new(store: SharedStore, secure_cookies: bool) -> Self {
         Web {
@@ -443,6 +467,7 @@ async fn login(
     .flatten();
     let Some(verified) = verified else {
         tracing::warn!(admin = %name, %client, "failed login");
+        web.audit_login(&name, client, Err("wrong name or password"));
         if let Some(wait) = caused {
             return too_many_logins(&web, wait, &name);
         }
@@ -476,6 +501,7 @@ async fn login(
         }
     };
     tracing::info!(admin = %name, "administrator logged in");
+    web.audit_login(&name, client, Ok(()));
     let mut resp = Redirect::to("/").into_response();
     let h = resp.headers_mut();
     h.append(

@@ -1,6 +1,7 @@
 // Baton administrator UI: plain JavaScript over /api/v1 with the session cookie.
 // Views are chosen by the URL fragment: #/fleet, #/segments, #/groups[/name|/new],
-// #/policies[/name|/new], #/jobs[/new|/id]. Changing requests carry X-CSRF-Token.
+// #/policies[/name|/new], #/jobs[/new|/id], #/audit[/before-id]. Changing requests carry
+// X-CSRF-Token.
 "use strict";
 
 const CSRF = document.querySelector('meta[name="csrf-token"]').content;
@@ -187,6 +188,8 @@ const routes = [
   [/^#\/jobs$/, jobs, "jobs"],
   [/^#\/jobs\/new$/, newJob, "jobs"],
   [/^#\/jobs\/(\d+)$/, (m) => jobPage(Number(m[1])), "jobs"],
+  [/^#\/audit$/, () => audit(null), "audit"],
+  [/^#\/audit\/(\d+)$/, (m) => audit(Number(m[1])), "audit"],
 ];
 
 async function route() {
@@ -480,6 +483,31 @@ async function jobs() {
         h("td", { class: "opt", "data-warnings": j.warnings || 0 }, j.warnings ? h("a", { href: "#/jobs/" + j.id, class: "pill warn", title: "Warnings: policy rules this job cannot meet, demoted trouble reporters" }, String(j.warnings)) : h("span", { class: "muted" }, "0")),
         h("td", { class: "opt", title: when(j.created_at) }, ago(j.created_at)))),
       "No job yet.")));
+}
+
+// ---------- audit log ----------
+
+const AUDIT_PAGE = 50;
+function auditWho(e) {
+  if (e.via === "admin-token") return "admin token";
+  return e.who ? e.via + " " + e.who : e.via;
+}
+async function audit(before) {
+  const page = await api("GET", "/api/v1/audit?limit=" + AUDIT_PAGE + (before ? "&before=" + before : ""));
+  const older = page.next ? h("a", { class: "btn", href: "#/audit/" + page.next, id: "audit-older" }, "Older") : null;
+  const newest = before ? h("a", { class: "btn", href: "#/audit" }, "Newest") : null;
+  return h("div", {},
+    pageHead("Audit log", "Changes made through the manager and logins: who, from where, what, when and the result. Newest first.", newest, older),
+    h("div", { class: "card" }, table([["When"], ["Who"], ["Address", "opt"], ["Action"], ["Target"], ["Result"]],
+      page.entries.map((e) => h("tr", { "data-audit": e.id },
+        h("td", { title: when(e.at) }, ago(e.at)),
+        h("td", {}, auditWho(e)),
+        h("td", { class: "opt" }, e.address),
+        h("td", {}, h("code", {}, e.action)),
+        h("td", {}, e.target || "—"),
+        h("td", {}, e.result === "ok" ? pill("confirmed", "ok") : pill("refused", "refused " + (e.status || "")),
+          e.error ? h("span", { class: "small muted" }, " " + e.error) : null))),
+      "Nothing recorded yet.")));
 }
 
 async function newJob() {
