@@ -98,9 +98,21 @@ pub enum AuthError {
         "agent {0:?} offered an enrolment token without a self-signed certificate of its key (upgrade the agent)"
     )]
     NoSelfCert(String),
-    /// The offered token is unknown or used.
-    #[error("agent {0:?} offered an enrolment token that is unknown or already used")]
+    /// The offered token is unknown.
+    #[error("agent {0:?} offered an unknown enrolment token")]
     BadToken(String),
+    /// The offered token was used already (by the agent named second).
+    #[error("agent {0:?} offered an enrolment token that agent {1:?} already used")]
+    TokenUsed(String, String),
+    /// The offered token expired (at this Unix time).
+    #[error("agent {0:?} offered an enrolment token that expired at {1} (Unix seconds; make a new one with `baton enroll --token`)")]
+    TokenExpired(String, u64),
+    /// The offered token was revoked.
+    #[error("agent {0:?} offered a revoked enrolment token")]
+    TokenRevoked(String),
+    /// The offered token enrols only another agent id (named second).
+    #[error("agent {0:?} offered an enrolment token bound to agent {1:?}")]
+    TokenBoundElsewhere(String, String),
     /// The handshake did not finish.
     #[error("handshake incomplete")]
     Incomplete,
@@ -378,6 +390,14 @@ impl Registry {
         match lock(&self.store).enrol_with_token(&hash, &id, &key, unix_now()) {
             Ok(_) => {}
             Err(StoreError::BadToken) => return Err(AuthError::BadToken(id.to_string())),
+            Err(StoreError::TokenUsed(by)) => return Err(AuthError::TokenUsed(id.to_string(), by)),
+            Err(StoreError::TokenExpired(at)) => {
+                return Err(AuthError::TokenExpired(id.to_string(), at));
+            }
+            Err(StoreError::TokenRevoked) => return Err(AuthError::TokenRevoked(id.to_string())),
+            Err(StoreError::TokenBoundElsewhere(to)) => {
+                return Err(AuthError::TokenBoundElsewhere(id.to_string(), to));
+            }
             Err(StoreError::KeyConflict(_)) => return Err(AuthError::WrongKey(id.to_string())),
             Err(e) => return Err(AuthError::Store(id.to_string(), e.to_string())),
         }
@@ -614,6 +634,14 @@ mod test {
         r
     }
 
+    /// A token valid for a day from now, for any id.
+    fn day() -> crate::store::NewToken {
+        crate::store::NewToken {
+            expires_at: unix_now() + crate::store::DEFAULT_TOKEN_LIFETIME,
+            bound_id: None,
+        }
+    }
+
     fn hello(name: &str) -> Hello {
         Hello::new(Role::Agent, id(name), 0, None)
     }
@@ -648,7 +676,7 @@ mod test {
     fn a_token_enrols_once() {
         let reg = registry();
         lock(reg.store())
-            .add_token(&secret_digest("tok-1"), 1)
+            .add_token(&secret_digest("tok-1"), &day(), 1)
             .unwrap();
         let agent = Identity::from_seed([2; 32]);
         let b = Identity::from_seed([4; 32]);
@@ -671,14 +699,16 @@ mod test {
         reg.authorize(&handshake(&agent, hello("a"))).unwrap();
         assert_eq!(
             reg.authorize(&handshake(&b, with_token(&b, "b", "tok-1"))),
-            Err(AuthError::BadToken("b".into()))
+            Err(AuthError::TokenUsed("b".into(), "a".into()))
         );
     }
 
     #[test]
     fn a_token_enrolment_needs_a_self_signed_certificate_of_the_proven_key() {
         let reg = registry();
-        lock(reg.store()).add_token(&secret_digest("t"), 1).unwrap();
+        lock(reg.store())
+            .add_token(&secret_digest("t"), &day(), 1)
+            .unwrap();
         let agent = Identity::from_seed([2; 32]);
         let token_hello = |cert: Option<AgentCert>| {
             Hello::new(Role::Agent, id("z"), 0, cert)

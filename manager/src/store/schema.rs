@@ -181,6 +181,14 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE agents ADD COLUMN placed_segment TEXT;
     ALTER TABLE agents ADD COLUMN election_score INTEGER;
     ",
+    // 6: enrolment tokens expire, may be bound to one agent id, and can be revoked. Tokens
+    // of older databases, which never expired, expire a day after they were made.
+    "
+    ALTER TABLE enrolment_tokens ADD COLUMN expires_at INTEGER;
+    ALTER TABLE enrolment_tokens ADD COLUMN bound_id TEXT;
+    ALTER TABLE enrolment_tokens ADD COLUMN revoked_at INTEGER;
+    UPDATE enrolment_tokens SET expires_at = created_at + 86400;
+    ",
 ];
 
 /// Newest schema version this build knows.
