@@ -121,6 +121,33 @@ pub enum AuthError {
     Store(String, String),
 }
 
+impl AuthError {
+    /// Why, as the refused agent is told ([`Message::NotAccepted`], at most
+    /// [`MAX_NOT_ACCEPTED_REASON`] bytes): the same words as the manager's log, except that
+    /// an unknown id and an id enrolled with another key read alike (a stranger learns
+    /// no enrolled id), and a database failure is not described.
+    ///
+    /// [`Message::NotAccepted`]: baton_protocol::message::Message::NotAccepted
+    /// [`MAX_NOT_ACCEPTED_REASON`]: baton_protocol::message::MAX_NOT_ACCEPTED_REASON
+    pub fn told_to_agent(&self) -> String {
+        let text = match self {
+            AuthError::Unknown(id) | AuthError::WrongKey(id) => format!(
+                "agent {id:?} is not enrolled with the key it proved (enrol it with `baton enroll --id {id} --key <hex>`, or start it with an enrolment token)"
+            ),
+            AuthError::Store(id, _) => {
+                format!("the manager could not check agent {id:?} (see the manager's log)")
+            }
+            other => other.to_string(),
+        };
+        let max = baton_protocol::message::MAX_NOT_ACCEPTED_REASON;
+        let mut end = text.len().min(max);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text[..end].to_string()
+    }
+}
+
 /// A connected agent's session, as the rest of the manager sees it.
 #[derive(Debug)]
 pub struct Session {
