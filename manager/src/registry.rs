@@ -105,7 +105,9 @@ pub enum AuthError {
     #[error("agent {0:?} offered an enrolment token that agent {1:?} already used")]
     TokenUsed(String, String),
     /// The offered token expired (at this Unix time).
-    #[error("agent {0:?} offered an enrolment token that expired at {1} (Unix seconds; make a new one with `baton enroll --token`)")]
+    #[error(
+        "agent {0:?} offered an enrolment token that expired at {1} (Unix seconds; make a new one with `baton enroll --token`)"
+    )]
     TokenExpired(String, u64),
     /// The offered token was revoked.
     #[error("agent {0:?} offered a revoked enrolment token")]

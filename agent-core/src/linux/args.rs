@@ -201,9 +201,9 @@ impl AgentArgs {
     /// The enrolment token: `--token` (or BATON_TOKEN), or the contents of `--token-file`.
     pub fn enrolment_token(&self) -> Result<Option<String>, String> {
         match (&self.token, &self.token_file) {
-            (Some(_), Some(_)) => {
-                Err("give the enrolment token once: --token (or BATON_TOKEN) or --token-file".into())
-            }
+            (Some(_), Some(_)) => Err(
+                "give the enrolment token once: --token (or BATON_TOKEN) or --token-file".into(),
+            ),
             (Some(t), None) => Ok(Some(t.clone())),
             (None, Some(path)) => {
                 let text = std::fs::read_to_string(path)
@@ -213,7 +213,11 @@ impl AgentArgs {
                     return Err(format!(
                         "--token-file {}: the file must hold one token (it holds {})",
                         path.display(),
-                        if token.is_empty() { "nothing" } else { "several words" }
+                        if token.is_empty() {
+                            "nothing"
+                        } else {
+                            "several words"
+                        }
                     ));
                 }
                 Ok(Some(token.to_string()))
@@ -284,7 +288,10 @@ mod test {
             Some("abc123")
         );
         let from_flag = Cli::parse_from(["x", "--token", "t1"]);
-        assert_eq!(from_flag.args.enrolment_token().unwrap().as_deref(), Some("t1"));
+        assert_eq!(
+            from_flag.args.enrolment_token().unwrap().as_deref(),
+            Some("t1")
+        );
         assert!(Cli::try_parse_from(["x", "--token", "t", "--token-file", "f"]).is_err());
 
         // The config file may name the token file; a flag's token wins over it.
@@ -297,16 +304,29 @@ mod test {
         let via_config = Cli::parse_from(["x", "--config", config.to_str().unwrap()]);
         let args = via_config.args.resolve().unwrap();
         assert_eq!(args.enrolment_token().unwrap().as_deref(), Some("abc123"));
-        let flag_wins = Cli::parse_from(["x", "--config", config.to_str().unwrap(), "--token", "t2"]);
+        let flag_wins =
+            Cli::parse_from(["x", "--config", config.to_str().unwrap(), "--token", "t2"]);
         let args = flag_wins.args.resolve().unwrap();
         assert_eq!(args.enrolment_token().unwrap().as_deref(), Some("t2"));
 
         // Missing and empty files are named errors.
         let missing = Cli::parse_from(["x", "--token-file", "/nonexistent/token"]);
-        assert!(missing.args.enrolment_token().unwrap_err().contains("/nonexistent/token"));
+        assert!(
+            missing
+                .args
+                .enrolment_token()
+                .unwrap_err()
+                .contains("/nonexistent/token")
+        );
         std::fs::write(&token_path, "\n").unwrap();
         let empty = Cli::parse_from(["x", "--token-file", token_path.to_str().unwrap()]);
-        assert!(empty.args.enrolment_token().unwrap_err().contains("nothing"));
+        assert!(
+            empty
+                .args
+                .enrolment_token()
+                .unwrap_err()
+                .contains("nothing")
+        );
     }
 
     #[test]

@@ -22,8 +22,7 @@ fn enroll(m: &Manager, args: &[&str]) -> Value {
     assert!(
         out.success,
         "baton {all:?} failed:\n{}\n{}",
-        out.stdout,
-        out.stderr
+        out.stdout, out.stderr
     );
     serde_json::from_str(out.stdout.trim()).expect("JSON from baton enroll --json")
 }
@@ -122,7 +121,10 @@ fn an_expired_enrolment_token_is_refused() {
     let late = agent_with_token(&m, root.path(), "late", &short);
     let line = wait_refused(&late, "expired at");
     assert!(line.contains("\"late\""), "{line}");
-    assert!(m.log().contains("expired at"), "the manager logs the refusal");
+    assert!(
+        m.log().contains("expired at"),
+        "the manager logs the refusal"
+    );
 
     // Positive control: a token within its lifetime enrols its agent.
     let _on_time = agent_with_token(&m, root.path(), "on-time", &valid);

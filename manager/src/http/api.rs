@@ -42,8 +42,8 @@ use crate::engine_task::JobEvent;
 use crate::registry::{lock, unix_now};
 use crate::service::{ApiError, JobRequest, Manager, PolicyChoice, PublishRequest};
 use crate::store::{
-    AgentRecord, Confirmation, Enrolled, JobRecord, PartState, ParticipantRecord, SourceBytes,
-    DEFAULT_TOKEN_LIFETIME, NewToken, TargetSpec, secret_digest, token_id,
+    AgentRecord, Confirmation, DEFAULT_TOKEN_LIFETIME, Enrolled, JobRecord, NewToken, PartState,
+    ParticipantRecord, SourceBytes, TargetSpec, secret_digest, token_id,
 };
 
 impl IntoResponse for ApiError {

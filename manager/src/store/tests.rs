@@ -210,10 +210,7 @@ fn tokens_expire_are_revoked_and_bound_to_their_id() {
     s.add_token(&[4; 32], &short, 105).unwrap();
     // Newest first; each with its state at the time of listing.
     let listed = s.tokens(106).unwrap();
-    let states: Vec<(&str, &str)> = listed
-        .iter()
-        .map(|t| (t.id.as_str(), t.state))
-        .collect();
+    let states: Vec<(&str, &str)> = listed.iter().map(|t| (t.id.as_str(), t.state)).collect();
     let id = |h: u8| token_id(&[h; 32]);
     assert_eq!(
         states,
