@@ -60,6 +60,12 @@ pub fn parse_duration_secs(text: &str) -> anyhow::Result<u64> {
 
 /// Runs `baton enroll`.
 pub fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
+    let expires_in_secs = args
+        .expires
+        .as_deref()
+        .map(parse_duration_secs)
+        .transpose()
+        .context("--expires")?;
     let client = Client::new(&args.client)?;
     if args.list {
         return list(&client, args.json);
@@ -82,8 +88,8 @@ pub fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
             if let Some(id) = id {
                 body["id"] = json!(id);
             }
-            if let Some(expires) = &args.expires {
-                body["expires_in_secs"] = json!(parse_duration_secs(expires)?);
+            if let Some(secs) = expires_in_secs {
+                body["expires_in_secs"] = json!(secs);
             }
             client.post("/api/v1/enrolment-tokens", &body)?
         }

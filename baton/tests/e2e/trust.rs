@@ -110,6 +110,18 @@ fn an_expired_enrolment_token_is_refused() {
         t["expires_at"].as_u64().unwrap() - t["created_at"].as_u64().unwrap()
     };
     assert_eq!((expiry(&short_id), expiry(&valid_id)), (1, 24 * 3600));
+    // Lifetimes are 1 s to 30 days.
+    for bad in [0, 30 * 86_400 + 1] {
+        let (status, body) = m.api(
+            "POST",
+            "/api/v1/enrolment-tokens",
+            Some(serde_json::json!({ "expires_in_secs": bad })),
+        );
+        assert_eq!(
+            (status, &body["field"]),
+            (400, &serde_json::json!("expires_in_secs"))
+        );
+    }
 
     // The short one expires within its second (plus the clock's rounding).
     wait_for(
