@@ -52,7 +52,7 @@ use tokio::time::Instant;
 
 use crate::content::Library;
 use crate::engine_task::{EngineInput, EngineSender};
-use crate::registry::{AuthError, CONTROL_QUEUE, Registry, Session, unix_now};
+use crate::registry::{AuthError, CONTROL_QUEUE, Registry, Session, reason_for_agent, unix_now};
 
 /// Largest frame the manager accepts from an agent (agents send small control messages).
 pub const MAX_AGENT_FRAME: usize = 16 * 1024;
@@ -109,6 +109,10 @@ pub async fn run_agent_port(
     }
     server.registry.close_all();
 }
+
+/// The warning that an agent does not report the labels its enrolment token bound it
+/// to, spaced (all agents).
+static BOUND_LABELS_LOG: SpacedLog = SpacedLog::new(WARN_EVERY);
 
 /// Longest the manager spends telling a refused agent why ([`tell_refused`]).
 const NOT_ACCEPTED_SEND_TIMEOUT: Duration = Duration::from_secs(1);
@@ -212,7 +216,28 @@ impl AgentPort {
                     tracing::warn!(agent = %id, %addr, "connection failed before the first report: {e}");
                     return;
                 }
-                Some(Ok(bytes)) => session.handle_frame(origin.elapsed(), unix_now(), bytes),
+                Some(Ok(bytes)) => {
+                    // A report without the labels the agent's enrolment token bound it to
+                    // is refused before it is answered (no Welcome, no certificate).
+                    let unbound = match Message::decode(bytes) {
+                        Ok(Message::Report(r)) => {
+                            self.registry.check_bound_labels(&id, &r.labels).err()
+                        }
+                        _ => None,
+                    };
+                    if let Some(why) = unbound {
+                        if let Some(held_back) = BOUND_LABELS_LOG.due() {
+                            tracing::warn!(agent = %id, %addr, held_back, "{why}; closing");
+                        }
+                        let reason = reason_for_agent(why);
+                        let refusal = Message::NotAccepted { reason: &reason }.to_vec();
+                        let _ =
+                            tokio::time::timeout(NOT_ACCEPTED_SEND_TIMEOUT, writer.send(&refusal))
+                                .await;
+                        return;
+                    }
+                    session.handle_frame(origin.elapsed(), unix_now(), bytes)
+                }
             }
             while let Some(msg) = session.poll_transmit() {
                 if let Err(e) = writer.send(&msg.to_vec()).await {
@@ -438,6 +463,16 @@ impl AgentPort {
                 }
             }
             SessionEvent::Report(mut report) => {
+                if let Err(why) = self.registry.check_bound_labels(id, &report.labels) {
+                    if let Some(held_back) = BOUND_LABELS_LOG.due() {
+                        tracing::warn!(agent = %id, held_back, "{why}; closing");
+                    }
+                    let reason = reason_for_agent(why.clone());
+                    let _ = data_tx
+                        .send(Message::NotAccepted { reason: &reason }.to_vec())
+                        .await;
+                    return Err(why);
+                }
                 if let Some(p) = self.registry.placement(id) {
                     self.set_placed_segment(&mut report, &p);
                 }

@@ -24,7 +24,7 @@
 //! ([`SegmentChecks`], on `/metrics`) and warned about at most once per
 //! [`WARN_EVERY`](baton_agent_core::linux::spaced::WARN_EVERY).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use baton_agent_core::linux::spaced::SpacedLog;
 use baton_protocol::message::{Report, SegmentReport};
 use baton_protocol::session::{Handshake, Role};
-use baton_protocol::types::{AgentId, PublicKey};
+use baton_protocol::types::{AgentId, Label, PublicKey};
 use tokio::sync::{Notify, mpsc};
 
 use crate::store::{Enrolled, Store, StoreError, secret_digest};
@@ -141,13 +141,24 @@ impl AuthError {
             }
             other => other.to_string(),
         };
-        let max = baton_protocol::message::MAX_NOT_ACCEPTED_REASON;
-        let mut end = text.len().min(max);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text[..end].to_string()
+        reason_for_agent(text)
     }
+}
+
+/// `text` cut to what a [`Message::NotAccepted`] carries
+/// ([`MAX_NOT_ACCEPTED_REASON`] bytes, at a character boundary).
+///
+/// [`Message::NotAccepted`]: baton_protocol::message::Message::NotAccepted
+/// [`MAX_NOT_ACCEPTED_REASON`]: baton_protocol::message::MAX_NOT_ACCEPTED_REASON
+pub fn reason_for_agent(mut text: String) -> String {
+    let mut end = text
+        .len()
+        .min(baton_protocol::message::MAX_NOT_ACCEPTED_REASON);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text
 }
 
 /// A connected agent's session, as the rest of the manager sees it.
@@ -182,6 +193,8 @@ pub struct Authorized {
 pub struct Registry {
     store: SharedStore,
     keys: RwLock<HashMap<AgentId, PublicKey>>,
+    /// Per agent enrolled with a label-bound token: the labels every report must carry.
+    bound_labels: RwLock<HashMap<AgentId, BTreeMap<String, String>>>,
     sessions: Mutex<HashMap<AgentId, Session>>,
     generation: AtomicU64,
     /// The segment each agent named in its latest report.
@@ -259,9 +272,16 @@ impl Registry {
                 Err(_) => tracing::warn!(id = %agent.id, "stored agent id is too long; ignored"),
             }
         }
+        let mut bound_labels = HashMap::new();
+        for (id, labels) in lock(&store).bound_labels()? {
+            if let Ok(id) = AgentId::try_from(id.as_str()) {
+                bound_labels.insert(id, labels);
+            }
+        }
         Ok(Registry {
             store,
             keys: RwLock::new(keys),
+            bound_labels: RwLock::new(bound_labels),
             sessions: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
             reported_segments: Mutex::new(HashMap::new()),
@@ -434,12 +454,50 @@ impl Registry {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), key);
+        let bound = lock(&self.store)
+            .bound_labels()
+            .map_err(|e| AuthError::Store(id.to_string(), e.to_string()))?
+            .into_iter()
+            .find(|(agent, _)| agent == id.as_str());
+        if let Some((_, labels)) = bound {
+            self.bound_labels
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.clone(), labels);
+        }
         tracing::info!(agent = %id, key = %hex::encode(key.0), "agent enrolled with a one-time token");
         Ok(Authorized {
             id,
             key,
             enrolled_now: true,
         })
+    }
+
+    /// Whether agent `id` reports every label its enrolment token bound it to (`reported`:
+    /// its report's labels); if not, why (for the manager's log and the agent).
+    pub fn check_bound_labels(&self, id: &AgentId, reported: &[Label]) -> Result<(), String> {
+        let bound = self.bound_labels.read().unwrap_or_else(|e| e.into_inner());
+        let Some(labels) = bound.get(id) else {
+            return Ok(());
+        };
+        let missing: Vec<String> = labels
+            .iter()
+            .filter(|(k, v)| {
+                !reported
+                    .iter()
+                    .any(|l| l.key.as_str() == k.as_str() && l.value.as_str() == v.as_str())
+            })
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "agent {:?} does not report the labels its enrolment token bound it to: {} (start it with --label {})",
+            id.as_str(),
+            missing.join(", "),
+            missing.join(" --label ")
+        ))
     }
 
     /// A fresh session generation number.
@@ -667,7 +725,7 @@ mod test {
     fn day() -> crate::store::NewToken {
         crate::store::NewToken {
             expires_at: unix_now() + crate::store::DEFAULT_TOKEN_LIFETIME,
-            bound_id: None,
+            ..Default::default()
         }
     }
 
@@ -699,6 +757,42 @@ mod test {
         // The cache survives a reload from the store.
         let again = Registry::load(reg.store().clone()).unwrap();
         assert_eq!(again.key_of(&id("a")), Some(agent.public()));
+    }
+
+    #[test]
+    fn a_label_bound_token_binds_its_agent_to_the_labels_also_after_a_restart() {
+        let reg = registry();
+        let edge = crate::store::NewToken {
+            labels: [("role".to_string(), "edge".to_string())].into(),
+            ..day()
+        };
+        lock(reg.store())
+            .add_token(&secret_digest("tok-l"), &edge, 1)
+            .unwrap();
+        let agent = Identity::from_seed([2; 32]);
+        let own = AgentCert::issue(&agent, id("l"), agent.public());
+        let hello = Hello::new(Role::Agent, id("l"), 0, Some(own))
+            .with_token(heapless::String::try_from("tok-l").unwrap());
+        reg.authorize(&handshake(&agent, hello)).unwrap();
+
+        let mut report = crate::test_fixtures::report(id("l"));
+        let label = |k: &str, v: &str| baton_protocol::types::Label {
+            key: k.try_into().unwrap(),
+            value: v.try_into().unwrap(),
+        };
+        report.labels = [label("role", "core")].into_iter().collect();
+        let why = reg
+            .check_bound_labels(&id("l"), &report.labels)
+            .unwrap_err();
+        assert!(why.contains("role=edge"), "{why}");
+        report.labels = [label("tier", "1"), label("role", "edge")]
+            .into_iter()
+            .collect();
+        reg.check_bound_labels(&id("l"), &report.labels).unwrap();
+        // Other agents are not bound; the binding survives a reload from the store.
+        reg.check_bound_labels(&id("free"), &[]).unwrap();
+        let again = Registry::load(reg.store().clone()).unwrap();
+        assert!(again.check_bound_labels(&id("l"), &[]).is_err());
     }
 
     #[test]

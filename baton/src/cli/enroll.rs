@@ -1,5 +1,6 @@
 //! `baton enroll`: enrol an agent's key, or create, list and revoke one-time enrolment
-//! tokens (each expires, 24 h by default, and may be bound to one agent id).
+//! tokens (each expires, 24 h by default, and may be bound to one agent id and to labels
+//! the agent must report).
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -23,6 +24,10 @@ pub struct EnrollArgs {
     /// at most 30d.
     #[arg(long, value_name = "DURATION", requires = "token")]
     pub expires: Option<String>,
+    /// A label K=V the agent enrolled with the token must report from then on (with
+    /// --token; repeat): a session whose report lacks it is refused.
+    #[arg(long = "label", value_name = "K=V", requires = "token")]
+    pub labels: Vec<String>,
     /// List the enrolment tokens (their ids, expiry, binding and state; never the tokens).
     #[arg(long, conflicts_with_all = ["revoke", "id"])]
     pub list: bool,
@@ -91,21 +96,38 @@ pub fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
             if let Some(secs) = expires_in_secs {
                 body["expires_in_secs"] = json!(secs);
             }
+            let mut labels = serde_json::Map::new();
+            for label in &args.labels {
+                let Some((k, v)) = label.split_once('=') else {
+                    bail!("--label {label:?}: give it as KEY=VALUE");
+                };
+                labels.insert(k.to_string(), json!(v));
+            }
+            if !labels.is_empty() {
+                body["labels"] = Value::Object(labels);
+            }
             client.post("/api/v1/enrolment-tokens", &body)?
         }
         _ => bail!(
-            "say what to do: `--id ID --key HEX` to enrol a key, `--token [--id ID] [--expires 24h]` \
-             for a one-time token, `--list` or `--revoke TOKEN_ID`"
+            "say what to do: `--id ID --key HEX` to enrol a key, `--token [--id ID] [--expires 24h] \
+             [--label K=V]` for a one-time token, `--list` or `--revoke TOKEN_ID`"
         ),
     };
     if args.json {
         println!("{answer}");
     } else if let Some(token) = answer.get("token").and_then(Value::as_str) {
         println!("{token}");
-        let bound = match answer["bound_id"].as_str() {
+        let mut bound = match answer["bound_id"].as_str() {
             Some(id) => format!(", for agent {id:?} only"),
             None => String::new(),
         };
+        if let Some(labels) = answer["labels"].as_object().filter(|l| !l.is_empty()) {
+            let labels: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("?")))
+                .collect();
+            bound.push_str(&format!(", bound to the labels {}", labels.join(" ")));
+        }
         eprintln!(
             "one-time enrolment token {} (valid until {} Unix seconds{bound}): give it to the \
              agent in a file (`--token-file FILE`) or in BATON_TOKEN to enrol its key",
@@ -131,18 +153,31 @@ fn list(client: &Client, as_json: bool) -> anyhow::Result<()> {
     }
     let tokens = answer.as_array().map(Vec::as_slice).unwrap_or_default();
     println!(
-        "{:<12}  {:<8}  {:>11}  {:>11}  {:<16}  used by",
-        "id", "state", "created", "expires", "bound to"
+        "{:<12}  {:<8}  {:>11}  {:>11}  {:<16}  {:<16}  labels",
+        "id", "state", "created", "expires", "bound to", "used by"
     );
     for t in tokens {
+        let labels: Vec<String> = t["labels"]
+            .as_object()
+            .map(|l| {
+                l.iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("?")))
+                    .collect()
+            })
+            .unwrap_or_default();
         println!(
-            "{:<12}  {:<8}  {:>11}  {:>11}  {:<16}  {}",
+            "{:<12}  {:<8}  {:>11}  {:>11}  {:<16}  {:<16}  {}",
             t["id"].as_str().unwrap_or("?"),
             t["state"].as_str().unwrap_or("?"),
             t["created_at"],
             t["expires_at"],
             t["bound_id"].as_str().unwrap_or("(any id)"),
             t["used_by"].as_str().unwrap_or("-"),
+            if labels.is_empty() {
+                "-".to_string()
+            } else {
+                labels.join(" ")
+            },
         );
     }
     Ok(())

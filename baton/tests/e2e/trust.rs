@@ -196,6 +196,60 @@ fn a_token_bound_to_another_id_is_refused() {
 }
 
 #[test]
+fn an_agent_enrolled_with_a_label_bound_token_must_report_the_labels() {
+    let m = Manager::start(BATON);
+    let root = tempfile::tempdir().unwrap();
+    let (for_core, _) = new_token(&m, &["--label", "role=edge"]);
+    let (for_edge, id) = new_token(&m, &["--label", "role=edge", "--label", "tier=1"]);
+    let list = enroll(&m, &["--list"]);
+    let listed = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap();
+    assert_eq!(
+        listed["labels"],
+        serde_json::json!({"role": "edge", "tier": "1"})
+    );
+
+    // The token enrols it, but a session whose report lacks the labels is refused.
+    let file = token_file(root.path(), "core-1", &for_core);
+    let addr = m.agent_addr().to_string();
+    let core = AgentProc::spawn_custom(
+        &m,
+        root.path(),
+        "core-1",
+        &addr,
+        false,
+        &["--token-file", &file, "--label", "role=core"],
+    );
+    let line = wait_refused(&core, "role=edge");
+    assert!(line.contains("\"core-1\""), "{line}");
+    // Positive control: an agent that reports the token's labels (and more) connects.
+    let file = token_file(root.path(), "edge-1", &for_edge);
+    let _edge = AgentProc::spawn_custom(
+        &m,
+        root.path(),
+        "edge-1",
+        &addr,
+        false,
+        &[
+            "--token-file",
+            &file,
+            "--label",
+            "tier=1",
+            "--label",
+            "role=edge",
+            "--label",
+            "x=y",
+        ],
+    );
+    m.wait_connected(&["edge-1"]);
+    assert!(!m.connected().contains(&"core-1".to_string()));
+}
+
+#[test]
 fn a_token_file_or_the_environment_enrols_once_without_the_token_in_the_command_line() {
     let m = Manager::start(BATON);
     let root = tempfile::tempdir().unwrap();

@@ -9,7 +9,7 @@
 //! | `GET /api/v1/agents` | enrolled agents, latest reports, whether connected |
 //! | `GET /api/v1/agents/{id}` | one agent |
 //! | `POST /api/v1/agents` | enrol `{id, key}` (key: 64 hex digits, Ed25519) |
-//! | `POST /api/v1/enrolment-tokens` | a new one-time enrolment token `{expires_in_secs?, id?}` (default: 24 h, any id) |
+//! | `POST /api/v1/enrolment-tokens` | a new one-time enrolment token `{expires_in_secs?, id?, labels?}` (default: 24 h, any id, no labels) |
 //! | `GET /api/v1/enrolment-tokens` | every enrolment token's id, expiry, binding and state (never the token) |
 //! | `DELETE /api/v1/enrolment-tokens/{id}` | revoke an unused token |
 //! | `GET /api/v1/jobs` | jobs, newest first, with counts, group, policy and the number of warnings |
@@ -298,6 +298,32 @@ pub struct TokenRequest {
     /// The one agent id the token may enrol; default: any id.
     #[serde(default)]
     pub id: Option<String>,
+    /// Labels (`{"role": "edge"}`) the agent it enrols must report, in every report from
+    /// then on (a session whose report lacks one is refused); default: none.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Checks the labels an enrolment token binds against what a report can carry.
+fn check_token_labels(labels: &std::collections::BTreeMap<String, String>) -> Result<(), ApiError> {
+    use baton_protocol::types::{MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS};
+    let invalid = |message: String| ApiError::Invalid {
+        field: "labels".into(),
+        message,
+    };
+    if labels.len() > MAX_LABELS {
+        return Err(invalid(format!(
+            "at most {MAX_LABELS} labels (an agent reports no more)"
+        )));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > MAX_LABEL_KEY || v.len() > MAX_LABEL_VALUE {
+            return Err(invalid(format!(
+                "label {k:?}={v:?}: keys are 1..={MAX_LABEL_KEY} bytes, values at most {MAX_LABEL_VALUE}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[utoipa::path(post, path = "/api/v1/enrolment-tokens", tag = "agents", request_body = TokenRequest,
@@ -327,6 +353,7 @@ async fn new_token(
         .as_deref()
         .map(|id| parse_agent_id(id).map(|id| id.to_string()))
         .transpose()?;
+    check_token_labels(&req.labels)?;
     let mut raw = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
     let token = hex::encode(raw);
@@ -335,10 +362,11 @@ async fn new_token(
     let spec = NewToken {
         expires_at: now + lifetime,
         bound_id,
+        labels: req.labels,
     };
     lock(&m.store).add_token(&hash, &spec, now)?;
     let id = token_id(&hash);
-    tracing::info!(token = %id, expires_at = spec.expires_at, bound_id = ?spec.bound_id, "one-time enrolment token created");
+    tracing::info!(token = %id, expires_at = spec.expires_at, bound_id = ?spec.bound_id, labels = ?spec.labels, "one-time enrolment token created");
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -346,12 +374,13 @@ async fn new_token(
             "id": id,
             "expires_at": spec.expires_at,
             "bound_id": spec.bound_id,
+            "labels": spec.labels,
         })),
     ))
 }
 
 #[utoipa::path(get, path = "/api/v1/enrolment-tokens", tag = "agents",
-    responses((status = 200, description = "Every enrolment token, newest first: `id`, `created_at`, `expires_at`, `bound_id`, `state` (unused, used, expired, revoked), `used_by`, `used_at`, `revoked_at`; never the token itself")))]
+    responses((status = 200, description = "Every enrolment token, newest first: `id`, `created_at`, `expires_at`, `bound_id`, `labels`, `state` (unused, used, expired, revoked), `used_by`, `used_at`, `revoked_at`; never the token itself")))]
 async fn tokens(State(m): State<Arc<Manager>>) -> Result<Json<serde_json::Value>, ApiError> {
     let list = lock(&m.store).tokens(unix_now())?;
     Ok(Json(json!(list)))

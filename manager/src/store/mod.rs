@@ -25,6 +25,8 @@ pub mod sqlite;
 pub use schema::SCHEMA_VERSION;
 pub use sqlite::SqliteStore;
 
+use std::collections::BTreeMap;
+
 use baton_protocol::message::Report;
 use baton_protocol::types::{Digest, PublicKey};
 
@@ -54,6 +56,8 @@ pub struct NewToken {
     pub expires_at: u64,
     /// The one agent id it may enrol; `None`: any id.
     pub bound_id: Option<String>,
+    /// Labels the agent it enrols must report, in every report from then on (empty: none).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// An enrolment token as listed (never the token itself).
@@ -67,6 +71,8 @@ pub struct TokenRecord {
     pub expires_at: u64,
     /// The one agent id it may enrol, if bound.
     pub bound_id: Option<String>,
+    /// Labels the agent it enrols must report (empty: none).
+    pub labels: BTreeMap<String, String>,
     /// `unused`, `used`, `expired` or `revoked`, at the time of listing.
     pub state: &'static str,
     /// The agent it enrolled, once used.
@@ -151,9 +157,12 @@ pub trait Store: Send + std::fmt::Debug {
     fn add_token(&mut self, hash: &Digest, token: &NewToken, now: u64) -> Result<()>;
     /// Every enrolment token, newest first, with its state at `now`.
     fn tokens(&self, now: u64) -> Result<Vec<TokenRecord>>;
+    /// Per agent enrolled with a label-bound token: the labels it must report.
+    fn bound_labels(&self) -> Result<Vec<(String, BTreeMap<String, String>)>>;
     /// Revokes the unused tokens whose listed id ([`token_id`]) is `id`; whether there was one.
     fn revoke_token(&mut self, id: &str, now: u64) -> Result<bool>;
-    /// Uses the token with this hash to enrol `id` with `key`: both or neither happen. A
+    /// Uses the token with this hash to enrol `id` with `key` (binding it to the token's
+    /// labels): all or nothing happens. A
     /// token that is unknown, used, expired, revoked or bound to another id is refused with
     /// the error naming which.
     fn enrol_with_token(

@@ -138,7 +138,7 @@ fn tokens_are_one_time_and_atomic() {
     let hash = [7; 32];
     let day = NewToken {
         expires_at: 1 + DEFAULT_TOKEN_LIFETIME,
-        bound_id: None,
+        ..NewToken::default()
     };
     s.add_token(&hash, &day, 1).unwrap();
     assert!(matches!(
@@ -169,7 +169,7 @@ fn tokens_expire_are_revoked_and_bound_to_their_id() {
     let key = PublicKey([1; 32]);
     let short = NewToken {
         expires_at: 110,
-        bound_id: None,
+        ..NewToken::default()
     };
     s.add_token(&[1; 32], &short, 100).unwrap();
     // Valid until its expiry, refused from then on (naming when it expired).
@@ -185,6 +185,7 @@ fn tokens_expire_are_revoked_and_bound_to_their_id() {
     let bound = NewToken {
         expires_at: 1000,
         bound_id: Some("edge-7".into()),
+        labels: [("role".to_string(), "edge".to_string())].into(),
     };
     s.add_token(&[2; 32], &bound, 100).unwrap();
     assert!(matches!(
@@ -192,8 +193,17 @@ fn tokens_expire_are_revoked_and_bound_to_their_id() {
         Err(StoreError::TokenBoundElsewhere(b)) if b == "edge-7"
     ));
     assert!(s.agent("edge-8").unwrap().is_none());
+    assert!(s.bound_labels().unwrap().is_empty());
     s.enrol_with_token(&[2; 32], "edge-7", &PublicKey([2; 32]), 102)
         .unwrap();
+    // The agent it enrolled is bound to the token's labels.
+    assert_eq!(
+        s.bound_labels().unwrap(),
+        [(
+            "edge-7".to_string(),
+            [("role".to_string(), "edge".to_string())].into()
+        )]
+    );
 
     s.add_token(&[3; 32], &bound, 100).unwrap();
     let revoked_id = token_id(&[3; 32]);
@@ -223,6 +233,8 @@ fn tokens_expire_are_revoked_and_bound_to_their_id() {
     );
     assert_eq!(listed[1].used_by.as_deref(), Some("early"));
     assert_eq!(listed[2].bound_id.as_deref(), Some("edge-7"));
+    assert_eq!(listed[2].labels["role"], "edge");
+    assert!(listed[0].labels.is_empty());
     assert_eq!(listed[3].revoked_at, Some(103));
     assert_eq!(s.tokens(110).unwrap()[0].state, "expired");
     assert_eq!(id(4).len(), 12);
