@@ -33,7 +33,7 @@ struct Cli {
 enum Command {
     /// Run the manager: agent port, HTTP API, database.
     Serve(cli::serve::ServeArgs),
-    /// Enrol an agent's key (`--id ID --key HEX`), or create a one-time enrolment token (`--token`).
+    /// Enrol an agent's key (`--id ID --key HEX`), or create (`--token [--id ID] [--expires 24h]`), list (`--list`) and revoke (`--revoke ID`) one-time enrolment tokens.
     Enroll(cli::enroll::EnrollArgs),
     /// Publish a file and distribute it to agents.
     Push(cli::push::PushArgs),

@@ -52,7 +52,7 @@ use tokio::time::Instant;
 
 use crate::content::Library;
 use crate::engine_task::{EngineInput, EngineSender};
-use crate::registry::{CONTROL_QUEUE, Registry, Session, unix_now};
+use crate::registry::{AuthError, CONTROL_QUEUE, Registry, Session, reason_for_agent, unix_now};
 
 /// Largest frame the manager accepts from an agent (agents send small control messages).
 pub const MAX_AGENT_FRAME: usize = 16 * 1024;
@@ -110,6 +110,30 @@ pub async fn run_agent_port(
     server.registry.close_all();
 }
 
+/// The warning that an agent does not report the labels its enrolment token bound it
+/// to, spaced (all agents).
+static BOUND_LABELS_LOG: SpacedLog = SpacedLog::new(WARN_EVERY);
+
+/// Longest the manager spends telling a refused agent why ([`tell_refused`]).
+const NOT_ACCEPTED_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Sends a refused agent one [`Message::NotAccepted`] naming why (as
+/// [`AuthError::told_to_agent`] words it), within [`NOT_ACCEPTED_SEND_TIMEOUT`], then
+/// closes the session.
+async fn tell_refused<S>(link: link::Link<S>, why: &AuthError)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let reason = why.told_to_agent();
+    let (_reader, mut writer) = link.split();
+    let msg = Message::NotAccepted { reason: &reason };
+    let _ = tokio::time::timeout(NOT_ACCEPTED_SEND_TIMEOUT, async {
+        writer.send(&msg.to_vec()).await?;
+        writer.close().await
+    })
+    .await;
+}
+
 impl AgentPort {
     fn hello(&self) -> Hello {
         Hello::new(
@@ -131,24 +155,23 @@ impl AgentPort {
         let mut admitted = admitted;
         let registry = self.registry.clone();
         let identity = self.session.identity();
+        // A refusal is not a failed handshake: the session is up, so the agent is told why.
         let handshake = link::accept(stream, identity, self.hello(), &self.limits, |hs| {
-            registry
-                .authorize(hs)
-                .map_err(|e| LinkError::Refused(e.to_string()))
+            Ok(registry.authorize(hs))
         });
         let accepted = tokio::time::timeout(self.admission.limits().handshake_timeout, handshake)
             .await
             .unwrap_or(Err(LinkError::Timeout));
         let (link, auth) = match accepted {
-            Ok(x) => {
+            Ok((link, Ok(auth))) => {
                 if let Some(a) = admitted.as_mut() {
                     a.authenticated();
                 }
-                x
+                (link, auth)
             }
             // Anyone can fail a handshake or be refused, as often as the caps let
             // them: one warning per few seconds for each, the rest at debug level.
-            Err(LinkError::Refused(why)) => {
+            Ok((link, Err(why))) => {
                 match self.admission.handshake_refused() {
                     Some(unlogged) => tracing::warn!(
                         %addr,
@@ -156,6 +179,7 @@ impl AgentPort {
                     ),
                     None => tracing::debug!(%addr, "agent refused: {why}"),
                 }
+                tell_refused(link, &why).await;
                 return;
             }
             Err(e) => {
@@ -192,7 +216,28 @@ impl AgentPort {
                     tracing::warn!(agent = %id, %addr, "connection failed before the first report: {e}");
                     return;
                 }
-                Some(Ok(bytes)) => session.handle_frame(origin.elapsed(), unix_now(), bytes),
+                Some(Ok(bytes)) => {
+                    // A report without the labels the agent's enrolment token bound it to
+                    // is refused before it is answered (no Welcome, no certificate).
+                    let unbound = match Message::decode(bytes) {
+                        Ok(Message::Report(r)) => {
+                            self.registry.check_bound_labels(&id, &r.labels).err()
+                        }
+                        _ => None,
+                    };
+                    if let Some(why) = unbound {
+                        if let Some(held_back) = BOUND_LABELS_LOG.due() {
+                            tracing::warn!(agent = %id, %addr, held_back, "{why}; closing");
+                        }
+                        let reason = reason_for_agent(why);
+                        let refusal = Message::NotAccepted { reason: &reason }.to_vec();
+                        let _ =
+                            tokio::time::timeout(NOT_ACCEPTED_SEND_TIMEOUT, writer.send(&refusal))
+                                .await;
+                        return;
+                    }
+                    session.handle_frame(origin.elapsed(), unix_now(), bytes)
+                }
             }
             while let Some(msg) = session.poll_transmit() {
                 if let Err(e) = writer.send(&msg.to_vec()).await {
@@ -418,6 +463,16 @@ impl AgentPort {
                 }
             }
             SessionEvent::Report(mut report) => {
+                if let Err(why) = self.registry.check_bound_labels(id, &report.labels) {
+                    if let Some(held_back) = BOUND_LABELS_LOG.due() {
+                        tracing::warn!(agent = %id, held_back, "{why}; closing");
+                    }
+                    let reason = reason_for_agent(why.clone());
+                    let _ = data_tx
+                        .send(Message::NotAccepted { reason: &reason }.to_vec())
+                        .await;
+                    return Err(why);
+                }
                 if let Some(p) = self.registry.placement(id) {
                     self.set_placed_segment(&mut report, &p);
                 }

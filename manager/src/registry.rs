@@ -24,7 +24,7 @@
 //! ([`SegmentChecks`], on `/metrics`) and warned about at most once per
 //! [`WARN_EVERY`](baton_agent_core::linux::spaced::WARN_EVERY).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use baton_agent_core::linux::spaced::SpacedLog;
 use baton_protocol::message::{Report, SegmentReport};
 use baton_protocol::session::{Handshake, Role};
-use baton_protocol::types::{AgentId, PublicKey};
+use baton_protocol::types::{AgentId, Label, PublicKey};
 use tokio::sync::{Notify, mpsc};
 
 use crate::store::{Enrolled, Store, StoreError, secret_digest};
@@ -98,15 +98,67 @@ pub enum AuthError {
         "agent {0:?} offered an enrolment token without a self-signed certificate of its key (upgrade the agent)"
     )]
     NoSelfCert(String),
-    /// The offered token is unknown or used.
-    #[error("agent {0:?} offered an enrolment token that is unknown or already used")]
+    /// The offered token is unknown.
+    #[error("agent {0:?} offered an unknown enrolment token")]
     BadToken(String),
+    /// The offered token was used already (by the agent named second).
+    #[error("agent {0:?} offered an enrolment token that agent {1:?} already used")]
+    TokenUsed(String, String),
+    /// The offered token expired (at this Unix time).
+    #[error(
+        "agent {0:?} offered an enrolment token that expired at {1} (Unix seconds; make a new one with `baton enroll --token`)"
+    )]
+    TokenExpired(String, u64),
+    /// The offered token was revoked.
+    #[error("agent {0:?} offered a revoked enrolment token")]
+    TokenRevoked(String),
+    /// The offered token enrols only another agent id (named second).
+    #[error("agent {0:?} offered an enrolment token bound to agent {1:?}")]
+    TokenBoundElsewhere(String, String),
     /// The handshake did not finish.
     #[error("handshake incomplete")]
     Incomplete,
     /// The database failed.
     #[error("database error while authorizing {0:?}: {1}")]
     Store(String, String),
+}
+
+impl AuthError {
+    /// Why, as the refused agent is told ([`Message::NotAccepted`], at most
+    /// [`MAX_NOT_ACCEPTED_REASON`] bytes): the same words as the manager's log, except that
+    /// an unknown id and an id enrolled with another key read alike (a stranger learns
+    /// no enrolled id), and a database failure is not described.
+    ///
+    /// [`Message::NotAccepted`]: baton_protocol::message::Message::NotAccepted
+    /// [`MAX_NOT_ACCEPTED_REASON`]: baton_protocol::message::MAX_NOT_ACCEPTED_REASON
+    pub fn told_to_agent(&self) -> String {
+        let text = match self {
+            AuthError::Unknown(id) | AuthError::WrongKey(id) => format!(
+                "agent {id:?} is not enrolled with the key it proved (enrol it with `baton enroll --id {id} --key <hex>`, or start it with an enrolment token)"
+            ),
+            AuthError::Store(id, _) => {
+                format!("the manager could not check agent {id:?} (see the manager's log)")
+            }
+            other => other.to_string(),
+        };
+        reason_for_agent(text)
+    }
+}
+
+/// `text` cut to what a [`Message::NotAccepted`] carries
+/// ([`MAX_NOT_ACCEPTED_REASON`] bytes, at a character boundary).
+///
+/// [`Message::NotAccepted`]: baton_protocol::message::Message::NotAccepted
+/// [`MAX_NOT_ACCEPTED_REASON`]: baton_protocol::message::MAX_NOT_ACCEPTED_REASON
+pub fn reason_for_agent(mut text: String) -> String {
+    let mut end = text
+        .len()
+        .min(baton_protocol::message::MAX_NOT_ACCEPTED_REASON);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text
 }
 
 /// A connected agent's session, as the rest of the manager sees it.
@@ -141,6 +193,8 @@ pub struct Authorized {
 pub struct Registry {
     store: SharedStore,
     keys: RwLock<HashMap<AgentId, PublicKey>>,
+    /// Per agent enrolled with a label-bound token: the labels every report must carry.
+    bound_labels: RwLock<HashMap<AgentId, BTreeMap<String, String>>>,
     sessions: Mutex<HashMap<AgentId, Session>>,
     generation: AtomicU64,
     /// The segment each agent named in its latest report.
@@ -218,9 +272,16 @@ impl Registry {
                 Err(_) => tracing::warn!(id = %agent.id, "stored agent id is too long; ignored"),
             }
         }
+        let mut bound_labels = HashMap::new();
+        for (id, labels) in lock(&store).bound_labels()? {
+            if let Ok(id) = AgentId::try_from(id.as_str()) {
+                bound_labels.insert(id, labels);
+            }
+        }
         Ok(Registry {
             store,
             keys: RwLock::new(keys),
+            bound_labels: RwLock::new(bound_labels),
             sessions: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
             reported_segments: Mutex::new(HashMap::new()),
@@ -378,6 +439,14 @@ impl Registry {
         match lock(&self.store).enrol_with_token(&hash, &id, &key, unix_now()) {
             Ok(_) => {}
             Err(StoreError::BadToken) => return Err(AuthError::BadToken(id.to_string())),
+            Err(StoreError::TokenUsed(by)) => return Err(AuthError::TokenUsed(id.to_string(), by)),
+            Err(StoreError::TokenExpired(at)) => {
+                return Err(AuthError::TokenExpired(id.to_string(), at));
+            }
+            Err(StoreError::TokenRevoked) => return Err(AuthError::TokenRevoked(id.to_string())),
+            Err(StoreError::TokenBoundElsewhere(to)) => {
+                return Err(AuthError::TokenBoundElsewhere(id.to_string(), to));
+            }
             Err(StoreError::KeyConflict(_)) => return Err(AuthError::WrongKey(id.to_string())),
             Err(e) => return Err(AuthError::Store(id.to_string(), e.to_string())),
         }
@@ -385,12 +454,50 @@ impl Registry {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), key);
+        let bound = lock(&self.store)
+            .bound_labels()
+            .map_err(|e| AuthError::Store(id.to_string(), e.to_string()))?
+            .into_iter()
+            .find(|(agent, _)| agent == id.as_str());
+        if let Some((_, labels)) = bound {
+            self.bound_labels
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.clone(), labels);
+        }
         tracing::info!(agent = %id, key = %hex::encode(key.0), "agent enrolled with a one-time token");
         Ok(Authorized {
             id,
             key,
             enrolled_now: true,
         })
+    }
+
+    /// Whether agent `id` reports every label its enrolment token bound it to (`reported`:
+    /// its report's labels); if not, why (for the manager's log and the agent).
+    pub fn check_bound_labels(&self, id: &AgentId, reported: &[Label]) -> Result<(), String> {
+        let bound = self.bound_labels.read().unwrap_or_else(|e| e.into_inner());
+        let Some(labels) = bound.get(id) else {
+            return Ok(());
+        };
+        let missing: Vec<String> = labels
+            .iter()
+            .filter(|(k, v)| {
+                !reported
+                    .iter()
+                    .any(|l| l.key.as_str() == k.as_str() && l.value.as_str() == v.as_str())
+            })
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "agent {:?} does not report the labels its enrolment token bound it to: {} (start it with --label {})",
+            id.as_str(),
+            missing.join(", "),
+            missing.join(" --label ")
+        ))
     }
 
     /// A fresh session generation number.
@@ -614,6 +721,14 @@ mod test {
         r
     }
 
+    /// A token valid for a day from now, for any id.
+    fn day() -> crate::store::NewToken {
+        crate::store::NewToken {
+            expires_at: unix_now() + crate::store::DEFAULT_TOKEN_LIFETIME,
+            ..Default::default()
+        }
+    }
+
     fn hello(name: &str) -> Hello {
         Hello::new(Role::Agent, id(name), 0, None)
     }
@@ -645,10 +760,46 @@ mod test {
     }
 
     #[test]
+    fn a_label_bound_token_binds_its_agent_to_the_labels_also_after_a_restart() {
+        let reg = registry();
+        let edge = crate::store::NewToken {
+            labels: [("role".to_string(), "edge".to_string())].into(),
+            ..day()
+        };
+        lock(reg.store())
+            .add_token(&secret_digest("tok-l"), &edge, 1)
+            .unwrap();
+        let agent = Identity::from_seed([2; 32]);
+        let own = AgentCert::issue(&agent, id("l"), agent.public());
+        let hello = Hello::new(Role::Agent, id("l"), 0, Some(own))
+            .with_token(heapless::String::try_from("tok-l").unwrap());
+        reg.authorize(&handshake(&agent, hello)).unwrap();
+
+        let mut report = crate::test_fixtures::report(id("l"));
+        let label = |k: &str, v: &str| baton_protocol::types::Label {
+            key: k.try_into().unwrap(),
+            value: v.try_into().unwrap(),
+        };
+        report.labels = [label("role", "core")].into_iter().collect();
+        let why = reg
+            .check_bound_labels(&id("l"), &report.labels)
+            .unwrap_err();
+        assert!(why.contains("role=edge"), "{why}");
+        report.labels = [label("tier", "1"), label("role", "edge")]
+            .into_iter()
+            .collect();
+        reg.check_bound_labels(&id("l"), &report.labels).unwrap();
+        // Other agents are not bound; the binding survives a reload from the store.
+        reg.check_bound_labels(&id("free"), &[]).unwrap();
+        let again = Registry::load(reg.store().clone()).unwrap();
+        assert!(again.check_bound_labels(&id("l"), &[]).is_err());
+    }
+
+    #[test]
     fn a_token_enrols_once() {
         let reg = registry();
         lock(reg.store())
-            .add_token(&secret_digest("tok-1"), 1)
+            .add_token(&secret_digest("tok-1"), &day(), 1)
             .unwrap();
         let agent = Identity::from_seed([2; 32]);
         let b = Identity::from_seed([4; 32]);
@@ -671,14 +822,16 @@ mod test {
         reg.authorize(&handshake(&agent, hello("a"))).unwrap();
         assert_eq!(
             reg.authorize(&handshake(&b, with_token(&b, "b", "tok-1"))),
-            Err(AuthError::BadToken("b".into()))
+            Err(AuthError::TokenUsed("b".into(), "a".into()))
         );
     }
 
     #[test]
     fn a_token_enrolment_needs_a_self_signed_certificate_of_the_proven_key() {
         let reg = registry();
-        lock(reg.store()).add_token(&secret_digest("t"), 1).unwrap();
+        lock(reg.store())
+            .add_token(&secret_digest("t"), &day(), 1)
+            .unwrap();
         let agent = Identity::from_seed([2; 32]);
         let token_hello = |cert: Option<AgentCert>| {
             Hello::new(Role::Agent, id("z"), 0, cert)

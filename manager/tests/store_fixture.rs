@@ -1,6 +1,7 @@
 //! A database written by an earlier build (schema version 2, `fixtures/schema-v2.db`, see
 //! `fixtures/README.md`) opens with this build's store: it migrates to the current schema
-//! and keeps its agents, jobs, groups, policies, administrators and API tokens.
+//! and keeps its agents, jobs, groups, policies, administrators, API tokens and enrolment
+//! tokens.
 
 use baton_manager::http::web::users;
 use baton_manager::store::{JobState, PartState, SCHEMA_VERSION, SqliteStore, Store};
@@ -84,6 +85,17 @@ fn a_schema_2_database_migrates_and_keeps_everything() {
         users::api_token_name(&store, CI_TOKEN).unwrap().as_deref(),
         Some("ci")
     );
+
+    // Migration 6: the unused enrolment token, which never expired, expires a day after it
+    // was made, and can be listed and revoked.
+    let tokens = store.tokens(0).unwrap();
+    assert_eq!(tokens.len(), 1);
+    let token = &tokens[0];
+    assert_eq!(token.expires_at, token.created_at + 86_400);
+    assert_eq!((token.state, token.bound_id.as_deref()), ("unused", None));
+    assert_eq!(store.tokens(token.expires_at).unwrap()[0].state, "expired");
+    assert!(store.revoke_token(&token.id, token.created_at + 1).unwrap());
+    assert_eq!(store.tokens(0).unwrap()[0].state, "revoked");
 
     // The tables of the new migration work on the migrated file.
     let totals = store.totals().unwrap();

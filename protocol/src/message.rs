@@ -300,7 +300,17 @@ pub enum Message<'a> {
         /// Most verified chunk bytes per second it may fetch; 0 lifts the cap.
         max_bytes_per_second: u64,
     },
+    /// Manager → agent, the only message of a session it refuses right after the handshake:
+    /// why (unknown agent, an expired, revoked, used or elsewhere-bound enrolment token, ...);
+    /// the manager closes the session next. At most [`MAX_NOT_ACCEPTED_REASON`] bytes.
+    NotAccepted {
+        /// Why, for people (the agent logs it).
+        reason: &'a str,
+    },
 }
+
+/// Longest [`Message::NotAccepted`] reason the manager sends, in bytes.
+pub const MAX_NOT_ACCEPTED_REASON: usize = 256;
 
 /// One page of a segment leader's discovery report: who is on the segment and how they reach each other.
 ///
@@ -418,6 +428,7 @@ impl<'a> Message<'a> {
             Message::Pong { .. } => "Pong",
             Message::SegmentReport(_) => "SegmentReport",
             Message::Throttle { .. } => "Throttle",
+            Message::NotAccepted { .. } => "NotAccepted",
         }
     }
 }

@@ -316,6 +316,7 @@ fn variant_index(msg: &Message<'_>) -> u8 {
         Message::Pong { .. } => 15,
         Message::SegmentReport(_) => 16,
         Message::Throttle { .. } => 17,
+        Message::NotAccepted { .. } => 18,
     }
 }
 
@@ -773,6 +774,15 @@ fn v17_throttle() {
         max_bytes_per_second: 0,
     };
     check_message(&lift, &["11", JOB_HEX, "00"]);
+}
+
+#[test]
+fn v18_not_accepted() {
+    let msg = Message::NotAccepted {
+        reason: "token expired",
+    };
+    // The reason: its length (13), then its UTF-8 bytes.
+    check_message(&msg, &["12", "0d", "746f6b656e2065787069726564"]);
 }
 
 // ---------------------------------------------------------------------------

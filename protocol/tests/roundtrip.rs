@@ -479,6 +479,15 @@ fn sample() -> impl Strategy<Value = Sample> {
                 })
                 .boxed()
         ),
+        plain(
+            prop_oneof![
+                Just(""),
+                Just("agent \"edge-1\" offered a revoked enrolment token"),
+                Just("ünïcode ✓"),
+            ]
+            .prop_map(|reason| Message::NotAccepted { reason })
+            .boxed()
+        ),
     ]
 }
 

@@ -51,6 +51,19 @@ impl AgentProc {
         enrol: bool,
         extra: &[&str],
     ) -> Self {
+        Self::spawn_with_env(m, root, name, manager, enrol, extra, &[])
+    }
+
+    /// [`Self::spawn_custom`] with these environment variables set for the agent.
+    pub fn spawn_with_env(
+        m: &Manager,
+        root: &Path,
+        name: &str,
+        manager: &str,
+        enrol: bool,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("agent.log");
@@ -73,6 +86,7 @@ impl AgentProc {
             cmd.args(["--token", &m.enrolment_token()]);
         }
         cmd.args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(out);

@@ -57,9 +57,13 @@ pub struct AgentArgs {
     /// Chunk requests in flight per source.
     #[arg(long, value_name = "N")]
     pub window: Option<u16>,
-    /// One-time enrolment token.
-    #[arg(long)]
+    /// One-time enrolment token (also from the environment, BATON_TOKEN); prefer
+    /// --token-file, since `ps` shows flags.
+    #[arg(long, env = "BATON_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the one-time enrolment token from this file (surrounding whitespace ignored).
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// A trusted publisher key (hex, repeat); default: the keys the manager names.
     #[arg(long = "publisher-key", value_name = "HEX")]
     pub publisher_key: Vec<String>,
@@ -148,7 +152,10 @@ impl AgentArgs {
         or(&mut self.down_bps, file.down_bps);
         or(&mut self.max_peers, file.max_peers);
         or(&mut self.window, file.window);
-        or(&mut self.token, file.token);
+        if self.token.is_none() && self.token_file.is_none() {
+            self.token = file.token;
+            self.token_file = file.token_file;
+        }
         or(&mut self.export, file.export);
         or(&mut self.on_complete, file.on_complete);
         or(&mut self.status_file, file.status_file);
@@ -189,6 +196,34 @@ impl AgentArgs {
         let file: AgentArgs =
             toml::from_str(&text).map_err(|e| format!("parsing {}: {e}", path.display()))?;
         Ok(self.merge(file))
+    }
+
+    /// The enrolment token: `--token` (or BATON_TOKEN), or the contents of `--token-file`.
+    pub fn enrolment_token(&self) -> Result<Option<String>, String> {
+        match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => Err(
+                "give the enrolment token once: --token (or BATON_TOKEN) or --token-file".into(),
+            ),
+            (Some(t), None) => Ok(Some(t.clone())),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+                let token = text.trim();
+                if token.is_empty() || token.contains(char::is_whitespace) {
+                    return Err(format!(
+                        "--token-file {}: the file must hold one token (it holds {})",
+                        path.display(),
+                        if token.is_empty() {
+                            "nothing"
+                        } else {
+                            "several words"
+                        }
+                    ));
+                }
+                Ok(Some(token.to_string()))
+            }
+            (None, None) => Ok(None),
+        }
     }
 }
 
@@ -240,6 +275,58 @@ mod test {
         assert_eq!(args.max_handshakes, Some(8));
         assert_eq!(args.max_handshakes_per_address, Some(4));
         assert_eq!(args.handshake_timeout, Some(2));
+    }
+
+    #[test]
+    fn the_token_comes_from_the_flag_a_file_or_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let token_path = dir.path().join("token");
+        std::fs::write(&token_path, "  abc123\n").unwrap();
+        let from_file = Cli::parse_from(["x", "--token-file", token_path.to_str().unwrap()]);
+        assert_eq!(
+            from_file.args.enrolment_token().unwrap().as_deref(),
+            Some("abc123")
+        );
+        let from_flag = Cli::parse_from(["x", "--token", "t1"]);
+        assert_eq!(
+            from_flag.args.enrolment_token().unwrap().as_deref(),
+            Some("t1")
+        );
+        assert!(Cli::try_parse_from(["x", "--token", "t", "--token-file", "f"]).is_err());
+
+        // The config file may name the token file; a flag's token wins over it.
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!("token-file = {:?}\n", token_path.to_str().unwrap()),
+        )
+        .unwrap();
+        let via_config = Cli::parse_from(["x", "--config", config.to_str().unwrap()]);
+        let args = via_config.args.resolve().unwrap();
+        assert_eq!(args.enrolment_token().unwrap().as_deref(), Some("abc123"));
+        let flag_wins =
+            Cli::parse_from(["x", "--config", config.to_str().unwrap(), "--token", "t2"]);
+        let args = flag_wins.args.resolve().unwrap();
+        assert_eq!(args.enrolment_token().unwrap().as_deref(), Some("t2"));
+
+        // Missing and empty files are named errors.
+        let missing = Cli::parse_from(["x", "--token-file", "/nonexistent/token"]);
+        assert!(
+            missing
+                .args
+                .enrolment_token()
+                .unwrap_err()
+                .contains("/nonexistent/token")
+        );
+        std::fs::write(&token_path, "\n").unwrap();
+        let empty = Cli::parse_from(["x", "--token-file", token_path.to_str().unwrap()]);
+        assert!(
+            empty
+                .args
+                .enrolment_token()
+                .unwrap_err()
+                .contains("nothing")
+        );
     }
 
     #[test]

@@ -341,9 +341,10 @@ impl Settings {
             up,
             down,
             token: a
-                .token
+                .enrolment_token()
+                .map_err(config_err)?
                 .as_deref()
-                .map(|t| bounded(t, "--token"))
+                .map(|t| bounded(t, "the enrolment token"))
                 .transpose()?,
             export: a.export.clone(),
             on_complete: a.on_complete.clone(),
@@ -422,6 +423,8 @@ struct Outgoing {
 
 /// The warning about frames refused from peers or the manager, spaced.
 static REFUSED_FRAMES: SpacedLog = SpacedLog::new(super::spaced::WARN_EVERY);
+/// The error that the manager refused this agent (with its reason), spaced.
+static NOT_ACCEPTED: SpacedLog = SpacedLog::new(super::spaced::WARN_EVERY);
 /// The warning about peers dropped for their backlog, spaced.
 static BACKLOG_DROPS: SpacedLog = SpacedLog::new(super::spaced::WARN_EVERY);
 
@@ -1063,7 +1066,19 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                         if let Some(b) = conns.get(&conn).and_then(|o| o.backlog.as_ref()) {
                             b.done();
                         }
-                        if let Err(e) = agent.handle_frame(now, conn, &frame) {
+                        if conn == ConnId::MANAGER
+                            && let Ok(Message::NotAccepted { reason }) = Message::decode(&frame)
+                        {
+                            // The manager refused this agent: say why; its loop tries again.
+                            match NOT_ACCEPTED.due() {
+                                Some(held_back) => tracing::error!(
+                                    held_back,
+                                    "the manager refused this agent: {reason}"
+                                ),
+                                None => tracing::debug!("the manager refused this agent: {reason}"),
+                            }
+                            conns.remove(&conn);
+                        } else if let Err(e) = agent.handle_frame(now, conn, &frame) {
                             if let Some(held_back) = REFUSED_FRAMES.due() {
                                 tracing::warn!(?conn, held_back, "refused frame: {e}");
                             }

@@ -131,6 +131,8 @@ pub async fn join(
                 },
             ))
         }
+        // The manager refused this agent and said why.
+        Ok(Message::NotAccepted { reason }) => Err(LinkError::Refused(reason.to_string())),
         other => panic!("expected Welcome, got {other:?}"),
     }
 }

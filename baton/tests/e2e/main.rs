@@ -18,4 +18,5 @@ mod groups;
 mod hostile;
 mod push;
 mod serve;
+mod trust;
 mod web;

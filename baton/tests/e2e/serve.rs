@@ -95,18 +95,19 @@ async fn agents_are_authenticated_against_their_enrolled_keys() {
     let good = Identity::from_seed([2; 32]);
     let impostor = Identity::from_seed([3; 32]);
 
-    // Unknown id: refused.
+    // Unknown id: refused, and told so.
     let err = join(&m, &good, "edge-1", None).await.unwrap_err();
     assert!(
-        matches!(err, LinkError::Closed | LinkError::Io(_)),
+        matches!(err, LinkError::Refused(ref why) if why.contains("\"edge-1\" is not enrolled")),
         "{err:?}"
     );
 
     m.enrol("edge-1", &good.public());
-    // Known id, wrong key: refused.
+    // Known id, wrong key: refused, in the same words as an unknown id (a stranger
+    // learns no enrolled id).
     let err = join(&m, &impostor, "edge-1", None).await.unwrap_err();
     assert!(
-        matches!(err, LinkError::Closed | LinkError::Io(_)),
+        matches!(err, LinkError::Refused(ref why) if why.contains("\"edge-1\" is not enrolled")),
         "{err:?}"
     );
     // A client that pins another manager key never gets a session.
@@ -154,7 +155,11 @@ async fn a_one_time_token_enrols_an_agent_once() {
     let b = Identity::from_seed([5; 32]);
     let (mut r, mut w, _) = join(&m, &a, "new-1", Some(&token)).await.unwrap();
     ping(&mut r, &mut w, 1).await;
-    assert!(join(&m, &b, "new-2", Some(&token)).await.is_err());
+    let err = join(&m, &b, "new-2", Some(&token)).await.unwrap_err();
+    assert!(
+        matches!(err, LinkError::Refused(ref why) if why.contains("agent \"new-1\" already used")),
+        "{err:?}"
+    );
     let (status, agent) = m.api("GET", "/api/v1/agents/new-1", None);
     assert_eq!(status, 200);
     assert_eq!(agent["connected"], true);

@@ -9,7 +9,9 @@
 //! | `GET /api/v1/agents` | enrolled agents, latest reports, whether connected |
 //! | `GET /api/v1/agents/{id}` | one agent |
 //! | `POST /api/v1/agents` | enrol `{id, key}` (key: 64 hex digits, Ed25519) |
-//! | `POST /api/v1/enrolment-tokens` | a new one-time enrolment token |
+//! | `POST /api/v1/enrolment-tokens` | a new one-time enrolment token `{expires_in_secs?, id?, labels?}` (default: 24 h, any id, no labels) |
+//! | `GET /api/v1/enrolment-tokens` | every enrolment token's id, expiry, binding and state (never the token) |
+//! | `DELETE /api/v1/enrolment-tokens/{id}` | revoke an unused token |
 //! | `GET /api/v1/jobs` | jobs, newest first, with counts, group, policy and the number of warnings |
 //! | `POST /api/v1/jobs` | publish `{path, name?, version?, chunk_size?}` and distribute it to `targets: {all: true}` or `{agents: [..]}`, or to `group: NAME`; `policy`: a policy's name or its fields |
 //! | `GET /api/v1/jobs/{id}` | a job: participants, verified/total, confirmations, bytes per source |
@@ -42,8 +44,8 @@ use crate::http::audit::AuditTarget;
 use crate::registry::{lock, unix_now};
 use crate::service::{ApiError, JobRequest, Manager, PolicyChoice, PublishRequest};
 use crate::store::{
-    AgentRecord, Confirmation, Enrolled, JobRecord, PartState, ParticipantRecord, SourceBytes,
-    TargetSpec, secret_digest,
+    AgentRecord, Confirmation, DEFAULT_TOKEN_LIFETIME, Enrolled, JobRecord, NewToken, PartState,
+    ParticipantRecord, SourceBytes, TargetSpec, secret_digest, token_id,
 };
 
 impl IntoResponse for ApiError {
@@ -85,7 +87,8 @@ pub fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(status))
         .routes(routes!(agents, enrol))
         .routes(routes!(agent, place))
-        .routes(routes!(new_token))
+        .routes(routes!(new_token, tokens))
+        .routes(routes!(revoke_token))
         .routes(routes!(jobs, create_job))
         .routes(routes!(job))
         .routes(routes!(cancel_job))
@@ -295,17 +298,121 @@ fn enrol_agent(
     ))
 }
 
-#[utoipa::path(post, path = "/api/v1/enrolment-tokens", tag = "agents",
-    responses((status = 201, description = "`{\"token\": \"...\"}`: a one-time enrolment token")))]
+/// Longest lifetime an enrolment token may be given: 30 days, in seconds.
+pub const MAX_TOKEN_LIFETIME: u64 = 30 * 24 * 3600;
+
+/// `POST /api/v1/enrolment-tokens` body (optional: no body is a token for any id, valid 24 h).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// Seconds the token is valid, 1..=2592000 (30 days); default 86400 (24 h).
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
+    /// The one agent id the token may enrol; default: any id.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Labels (`{"role": "edge"}`) the agent it enrols must report, in every report from
+    /// then on (a session whose report lacks one is refused); default: none.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Checks the labels an enrolment token binds against what a report can carry.
+fn check_token_labels(labels: &std::collections::BTreeMap<String, String>) -> Result<(), ApiError> {
+    use baton_protocol::types::{MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS};
+    let invalid = |message: String| ApiError::Invalid {
+        field: "labels".into(),
+        message,
+    };
+    if labels.len() > MAX_LABELS {
+        return Err(invalid(format!(
+            "at most {MAX_LABELS} labels (an agent reports no more)"
+        )));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > MAX_LABEL_KEY || v.len() > MAX_LABEL_VALUE {
+            return Err(invalid(format!(
+                "label {k:?}={v:?}: keys are 1..={MAX_LABEL_KEY} bytes, values at most {MAX_LABEL_VALUE}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[utoipa::path(post, path = "/api/v1/enrolment-tokens", tag = "agents", request_body = TokenRequest,
+    responses((status = 201, description = "`{\"token\": \"...\", \"id\": \"...\", \"expires_at\": N, \"bound_id\": ...}`: a one-time enrolment token and its public id"),
+        (status = 400, body = ErrorBody)))]
 async fn new_token(
     State(m): State<Arc<Manager>>,
+    body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let req: TokenRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        TokenRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("bad request body: {e}")))?
+    };
+    let lifetime = req.expires_in_secs.unwrap_or(DEFAULT_TOKEN_LIFETIME);
+    if !(1..=MAX_TOKEN_LIFETIME).contains(&lifetime) {
+        return Err(ApiError::Invalid {
+            field: "expires_in_secs".into(),
+            message: format!(
+                "a token lives 1..={MAX_TOKEN_LIFETIME} seconds (30 days), not {lifetime}"
+            ),
+        });
+    }
+    let bound_id = req
+        .id
+        .as_deref()
+        .map(|id| parse_agent_id(id).map(|id| id.to_string()))
+        .transpose()?;
+    check_token_labels(&req.labels)?;
     let mut raw = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
     let token = hex::encode(raw);
-    lock(&m.store).add_token(&secret_digest(&token), unix_now())?;
-    tracing::info!("one-time enrolment token created");
-    Ok((StatusCode::CREATED, Json(json!({ "token": token }))))
+    let hash = secret_digest(&token);
+    let now = unix_now();
+    let spec = NewToken {
+        expires_at: now + lifetime,
+        bound_id,
+        labels: req.labels,
+    };
+    lock(&m.store).add_token(&hash, &spec, now)?;
+    let id = token_id(&hash);
+    tracing::info!(token = %id, expires_at = spec.expires_at, bound_id = ?spec.bound_id, labels = ?spec.labels, "one-time enrolment token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "token": token,
+            "id": id,
+            "expires_at": spec.expires_at,
+            "bound_id": spec.bound_id,
+            "labels": spec.labels,
+        })),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/enrolment-tokens", tag = "agents",
+    responses((status = 200, description = "Every enrolment token, newest first: `id`, `created_at`, `expires_at`, `bound_id`, `labels`, `state` (unused, used, expired, revoked), `used_by`, `used_at`, `revoked_at`; never the token itself")))]
+async fn tokens(State(m): State<Arc<Manager>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let list = lock(&m.store).tokens(unix_now())?;
+    Ok(Json(json!(list)))
+}
+
+#[utoipa::path(delete, path = "/api/v1/enrolment-tokens/{id}", tag = "agents",
+    params(("id" = String, Path, description = "The token's public id (12 hex digits, from the list)")),
+    responses((status = 200, description = "Revoked"), (status = 404, description = "No unused token has this id", body = ErrorBody)))]
+async fn revoke_token(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !lock(&m.store).revoke_token(&id, unix_now())? {
+        return Err(ApiError::NotFound(format!(
+            "no unused enrolment token has the id {id:?} (see `baton enroll --list`)"
+        )));
+    }
+    tracing::info!(token = %id, "enrolment token revoked");
+    Ok(Json(json!({ "id": id, "revoked": true })))
 }
 
 /// A job in the job list.

@@ -453,6 +453,7 @@ mod test {
             "/api/v1/agents",
             "/api/v1/agents/{id}",
             "/api/v1/enrolment-tokens",
+            "/api/v1/enrolment-tokens/{id}",
             "/api/v1/jobs",
             "/api/v1/jobs/{id}",
             "/api/v1/jobs/{id}/cancel",

@@ -1,5 +1,5 @@
 //! The manager's database: enrolled agents and their latest reports, one-time
-//! enrolment tokens, published content, jobs, participants, confirmations and
+//! enrolment tokens (expiring, revocable, optionally bound to one agent id), published content, jobs, participants, confirmations and
 //! the bytes each source delivered (claim 8); the segments their leaders
 //! report, with each segment's leader history; what administrators define:
 //! content groups and named distribution policies (claim 9); and the web UI's
@@ -25,6 +25,8 @@ pub mod sqlite;
 pub use schema::SCHEMA_VERSION;
 pub use sqlite::SqliteStore;
 
+use std::collections::BTreeMap;
+
 use baton_protocol::message::Report;
 use baton_protocol::types::{Digest, PublicKey};
 
@@ -36,6 +38,49 @@ pub use baton_manager_core::records::*;
 pub fn secret_digest(secret: &str) -> [u8; 32] {
     use sha2_std::Digest as _;
     sha2_std::Sha256::digest(secret.as_bytes()).into()
+}
+
+/// The public name of an enrolment token in listings and `--revoke`: the first 12 hex
+/// digits of its digest (the token itself is never stored).
+pub fn token_id(hash: &Digest) -> String {
+    hex::encode(&hash[..6])
+}
+
+/// How long an enrolment token is valid when its maker does not say (24 h), in seconds.
+pub const DEFAULT_TOKEN_LIFETIME: u64 = 24 * 3600;
+
+/// What a new enrolment token is valid for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NewToken {
+    /// Unix time after which it is refused.
+    pub expires_at: u64,
+    /// The one agent id it may enrol; `None`: any id.
+    pub bound_id: Option<String>,
+    /// Labels the agent it enrols must report, in every report from then on (empty: none).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// An enrolment token as listed (never the token itself).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TokenRecord {
+    /// Its public name ([`token_id`]).
+    pub id: String,
+    /// When it was made (Unix seconds).
+    pub created_at: u64,
+    /// When it expires (Unix seconds).
+    pub expires_at: u64,
+    /// The one agent id it may enrol, if bound.
+    pub bound_id: Option<String>,
+    /// Labels the agent it enrols must report (empty: none).
+    pub labels: BTreeMap<String, String>,
+    /// `unused`, `used`, `expired` or `revoked`, at the time of listing.
+    pub state: &'static str,
+    /// The agent it enrolled, once used.
+    pub used_by: Option<String>,
+    /// When it was used (Unix seconds).
+    pub used_at: Option<u64>,
+    /// When it was revoked (Unix seconds).
+    pub revoked_at: Option<u64>,
 }
 
 /// Why a store operation failed.
@@ -58,9 +103,21 @@ pub enum StoreError {
     /// An agent id is already enrolled with another key.
     #[error("agent {0:?} is already enrolled with another key")]
     KeyConflict(String),
-    /// The enrolment token is unknown or was already used.
-    #[error("enrolment token is unknown or already used")]
+    /// The enrolment token is unknown (never made, or mistyped).
+    #[error("enrolment token is unknown")]
     BadToken,
+    /// The enrolment token was used already (tokens are one-time).
+    #[error("enrolment token was already used (by {0:?})")]
+    TokenUsed(String),
+    /// The enrolment token expired at this Unix time.
+    #[error("enrolment token expired at {0} (Unix seconds)")]
+    TokenExpired(u64),
+    /// The enrolment token was revoked.
+    #[error("enrolment token was revoked")]
+    TokenRevoked,
+    /// The enrolment token enrols only this other agent id.
+    #[error("enrolment token is bound to agent {0:?}")]
+    TokenBoundElsewhere(String),
     /// A row holds a value this build cannot read back.
     #[error("corrupt database row: {0}")]
     Corrupt(String),
@@ -95,9 +152,19 @@ pub trait Store: Send + std::fmt::Debug {
     /// Enrols `id` with `key`. The same key again is [`Enrolled::Unchanged`]; another key is
     /// [`StoreError::KeyConflict`].
     fn enrol(&mut self, id: &str, key: &PublicKey, now: u64) -> Result<Enrolled>;
-    /// Stores the hash of a new one-time enrolment token.
-    fn add_token(&mut self, hash: &Digest, now: u64) -> Result<()>;
-    /// Uses the token with this hash to enrol `id` with `key`: both or neither happen.
+    /// Stores the hash of a new one-time enrolment token, valid until `token.expires_at`
+    /// and, if `token.bound_id` is set, for that agent id only.
+    fn add_token(&mut self, hash: &Digest, token: &NewToken, now: u64) -> Result<()>;
+    /// Every enrolment token, newest first, with its state at `now`.
+    fn tokens(&self, now: u64) -> Result<Vec<TokenRecord>>;
+    /// Per agent enrolled with a label-bound token: the labels it must report.
+    fn bound_labels(&self) -> Result<Vec<(String, BTreeMap<String, String>)>>;
+    /// Revokes the unused tokens whose listed id ([`token_id`]) is `id`; whether there was one.
+    fn revoke_token(&mut self, id: &str, now: u64) -> Result<bool>;
+    /// Uses the token with this hash to enrol `id` with `key` (binding it to the token's
+    /// labels): all or nothing happens. A
+    /// token that is unknown, used, expired, revoked or bound to another id is refused with
+    /// the error naming which.
     fn enrol_with_token(
         &mut self,
         hash: &Digest,

@@ -198,6 +198,17 @@ pub const MIGRATIONS: &[&str] = &[
         error   TEXT
     );
     ",
+    // 7: enrolment tokens expire, may be bound to one agent id and to labels (JSON object;
+    // the agent it enrols must report them, `agents.bound_labels`), and can be revoked.
+    // Tokens of older databases, which never expired, expire a day after they were made.
+    "
+    ALTER TABLE enrolment_tokens ADD COLUMN expires_at INTEGER;
+    ALTER TABLE enrolment_tokens ADD COLUMN bound_id TEXT;
+    ALTER TABLE enrolment_tokens ADD COLUMN labels TEXT;
+    ALTER TABLE enrolment_tokens ADD COLUMN revoked_at INTEGER;
+    ALTER TABLE agents ADD COLUMN bound_labels TEXT;
+    UPDATE enrolment_tokens SET expires_at = created_at + 86400;
+    ",
 ];
 
 /// Newest schema version this build knows.

@@ -269,6 +269,20 @@ fn job_record(row: JobRow) -> Result<JobRecord> {
     })
 }
 
+/// Labels as stored (a JSON object), `None` when there are none.
+fn labels_json(labels: &BTreeMap<String, String>) -> Option<String> {
+    (!labels.is_empty()).then(|| serde_json::to_string(labels).expect("a map of strings"))
+}
+
+/// Stored labels read back (`None`: none).
+fn parse_labels(text: Option<&str>) -> Result<BTreeMap<String, String>> {
+    text.map(|t| {
+        serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("labels {t:?}: {e}")))
+    })
+    .transpose()
+    .map(Option::unwrap_or_default)
+}
+
 fn enrol_in(tx: &Transaction<'_>, id: &str, key: &PublicKey, now: u64) -> Result<Enrolled> {
     let existing: Option<Vec<u8>> = tx
         .query_row("SELECT key FROM agents WHERE id = ?1", [id], |r| r.get(0))
@@ -653,12 +667,80 @@ impl Store for SqliteStore {
         Ok(done)
     }
 
-    fn add_token(&mut self, hash: &Digest, now: u64) -> Result<()> {
+    fn add_token(&mut self, hash: &Digest, token: &NewToken, now: u64) -> Result<()> {
         self.conn.execute(
-            "INSERT INTO enrolment_tokens (hash, created_at) VALUES (?1, ?2)",
-            params![&hash[..], now],
+            "INSERT INTO enrolment_tokens (hash, created_at, expires_at, bound_id, labels)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                &hash[..],
+                now,
+                token.expires_at,
+                token.bound_id,
+                labels_json(&token.labels)
+            ],
         )?;
         Ok(())
+    }
+
+    fn tokens(&self, now: u64) -> Result<Vec<TokenRecord>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT hash, created_at, expires_at, bound_id, used_at, used_by, revoked_at, labels
+             FROM enrolment_tokens ORDER BY created_at DESC, hash",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, u64>(1)?,
+                r.get::<_, Option<u64>>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, Option<u64>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, Option<u64>>(6)?,
+                r.get::<_, Option<String>>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (hash, created_at, expires_at, bound_id, used_at, used_by, revoked_at, labels) =
+                row?;
+            let hash: Digest = hash
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("enrolment token digest".into()))?;
+            let expires_at = expires_at.unwrap_or(created_at + DEFAULT_TOKEN_LIFETIME);
+            let state = if used_at.is_some() {
+                "used"
+            } else if revoked_at.is_some() {
+                "revoked"
+            } else if now >= expires_at {
+                "expired"
+            } else {
+                "unused"
+            };
+            out.push(TokenRecord {
+                id: token_id(&hash),
+                created_at,
+                expires_at,
+                bound_id,
+                labels: parse_labels(labels.as_deref())?,
+                state,
+                used_by,
+                used_at,
+                revoked_at,
+            });
+        }
+        Ok(out)
+    }
+
+    fn revoke_token(&mut self, id: &str, now: u64) -> Result<bool> {
+        if id.len() != 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(false);
+        }
+        let n = self.conn.execute(
+            "UPDATE enrolment_tokens SET revoked_at = ?2
+             WHERE substr(hex(hash), 1, 12) = upper(?1) AND used_at IS NULL AND revoked_at IS NULL",
+            params![id, now],
+        )?;
+        Ok(n > 0)
     }
 
     fn enrol_with_token(
@@ -669,17 +751,67 @@ impl Store for SqliteStore {
         now: u64,
     ) -> Result<Enrolled> {
         let tx = self.conn.transaction()?;
-        let used = tx.execute(
-            "UPDATE enrolment_tokens SET used_at = ?2, used_by = ?3
-             WHERE hash = ?1 AND used_at IS NULL",
+        let row = tx
+            .query_row(
+                "SELECT created_at, expires_at, bound_id, used_by, revoked_at, used_at, labels
+                 FROM enrolment_tokens WHERE hash = ?1",
+                params![&hash[..]],
+                |r| {
+                    Ok((
+                        r.get::<_, u64>(0)?,
+                        r.get::<_, Option<u64>>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                        r.get::<_, Option<u64>>(4)?,
+                        r.get::<_, Option<u64>>(5)?,
+                        r.get::<_, Option<String>>(6)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((created_at, expires_at, bound_id, used_by, revoked_at, used_at, labels)) = row
+        else {
+            return Err(StoreError::BadToken);
+        };
+        if used_at.is_some() {
+            return Err(StoreError::TokenUsed(used_by.unwrap_or_default()));
+        }
+        if revoked_at.is_some() {
+            return Err(StoreError::TokenRevoked);
+        }
+        let expires_at = expires_at.unwrap_or(created_at + DEFAULT_TOKEN_LIFETIME);
+        if now >= expires_at {
+            return Err(StoreError::TokenExpired(expires_at));
+        }
+        if let Some(bound) = bound_id.filter(|b| b != id) {
+            return Err(StoreError::TokenBoundElsewhere(bound));
+        }
+        tx.execute(
+            "UPDATE enrolment_tokens SET used_at = ?2, used_by = ?3 WHERE hash = ?1",
             params![&hash[..], now, id],
         )?;
-        if used != 1 {
-            return Err(StoreError::BadToken);
-        }
         let done = enrol_in(&tx, id, key, now)?;
+        if labels.is_some() {
+            tx.execute(
+                "UPDATE agents SET bound_labels = ?2 WHERE id = ?1",
+                params![id, labels],
+            )?;
+        }
         tx.commit()?;
         Ok(done)
+    }
+
+    fn bound_labels(&self) -> Result<Vec<(String, BTreeMap<String, String>)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, bound_labels FROM agents WHERE bound_labels IS NOT NULL ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, labels) = row?;
+            out.push((id, parse_labels(Some(&labels))?));
+        }
+        Ok(out)
     }
 
     fn agent(&self, id: &str) -> Result<Option<AgentRecord>> {

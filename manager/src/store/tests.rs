@@ -136,7 +136,11 @@ fn enrolment_is_idempotent_and_conflicts_are_refused() {
 fn tokens_are_one_time_and_atomic() {
     let mut s = SqliteStore::in_memory().unwrap();
     let hash = [7; 32];
-    s.add_token(&hash, 1).unwrap();
+    let day = NewToken {
+        expires_at: 1 + DEFAULT_TOKEN_LIFETIME,
+        ..NewToken::default()
+    };
+    s.add_token(&hash, &day, 1).unwrap();
     assert!(matches!(
         s.enrol_with_token(&[8; 32], "x", &PublicKey([1; 32]), 2),
         Err(StoreError::BadToken)
@@ -154,9 +158,86 @@ fn tokens_are_one_time_and_atomic() {
     );
     assert!(matches!(
         s.enrol_with_token(&hash, "y", &PublicKey([2; 32]), 4),
-        Err(StoreError::BadToken)
+        Err(StoreError::TokenUsed(by)) if by == "x"
     ));
     assert!(s.agent("y").unwrap().is_none());
+}
+
+#[test]
+fn tokens_expire_are_revoked_and_bound_to_their_id() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    let key = PublicKey([1; 32]);
+    let short = NewToken {
+        expires_at: 110,
+        ..NewToken::default()
+    };
+    s.add_token(&[1; 32], &short, 100).unwrap();
+    // Valid until its expiry, refused from then on (naming when it expired).
+    assert!(matches!(
+        s.enrol_with_token(&[1; 32], "late", &key, 110),
+        Err(StoreError::TokenExpired(110))
+    ));
+    assert_eq!(
+        s.enrol_with_token(&[1; 32], "early", &key, 109).unwrap(),
+        Enrolled::New
+    );
+
+    let bound = NewToken {
+        expires_at: 1000,
+        bound_id: Some("edge-7".into()),
+        labels: [("role".to_string(), "edge".to_string())].into(),
+    };
+    s.add_token(&[2; 32], &bound, 100).unwrap();
+    assert!(matches!(
+        s.enrol_with_token(&[2; 32], "edge-8", &key, 101),
+        Err(StoreError::TokenBoundElsewhere(b)) if b == "edge-7"
+    ));
+    assert!(s.agent("edge-8").unwrap().is_none());
+    assert!(s.bound_labels().unwrap().is_empty());
+    s.enrol_with_token(&[2; 32], "edge-7", &PublicKey([2; 32]), 102)
+        .unwrap();
+    // The agent it enrolled is bound to the token's labels.
+    assert_eq!(
+        s.bound_labels().unwrap(),
+        [(
+            "edge-7".to_string(),
+            [("role".to_string(), "edge".to_string())].into()
+        )]
+    );
+
+    s.add_token(&[3; 32], &bound, 100).unwrap();
+    let revoked_id = token_id(&[3; 32]);
+    assert!(!s.revoke_token("not-an-id", 103).unwrap());
+    assert!(s.revoke_token(&revoked_id.to_uppercase(), 103).unwrap());
+    // Revoking twice, or revoking a used token, changes nothing.
+    assert!(!s.revoke_token(&revoked_id, 104).unwrap());
+    assert!(!s.revoke_token(&token_id(&[2; 32]), 104).unwrap());
+    assert!(matches!(
+        s.enrol_with_token(&[3; 32], "edge-7", &key, 105),
+        Err(StoreError::TokenRevoked)
+    ));
+
+    s.add_token(&[4; 32], &short, 105).unwrap();
+    // Newest first; each with its state at the time of listing.
+    let listed = s.tokens(106).unwrap();
+    let states: Vec<(&str, &str)> = listed.iter().map(|t| (t.id.as_str(), t.state)).collect();
+    let id = |h: u8| token_id(&[h; 32]);
+    assert_eq!(
+        states,
+        [
+            (id(4).as_str(), "unused"),
+            (id(1).as_str(), "used"),
+            (id(2).as_str(), "used"),
+            (id(3).as_str(), "revoked"),
+        ]
+    );
+    assert_eq!(listed[1].used_by.as_deref(), Some("early"));
+    assert_eq!(listed[2].bound_id.as_deref(), Some("edge-7"));
+    assert_eq!(listed[2].labels["role"], "edge");
+    assert!(listed[0].labels.is_empty());
+    assert_eq!(listed[3].revoked_at, Some(103));
+    assert_eq!(s.tokens(110).unwrap()[0].state, "expired");
+    assert_eq!(id(4).len(), 12);
 }
 
 #[test]
