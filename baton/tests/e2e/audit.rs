@@ -9,30 +9,8 @@
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use baton_test_support::{AgentProc, Manager, Output, manager::BOUND};
+use baton_test_support::{AgentProc, Manager};
 use serde_json::{Value, json};
-
-/// Runs `baton args… --data-dir <m's data dir>` (the admin token is read from there
-/// unless `args` give `--admin-token`).
-fn cli(m: &Manager, args: &[&str]) -> Output {
-    let data = m.data_dir();
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--data-dir", data.to_str().unwrap()]);
-    baton(&all, BOUND)
-}
-
-/// Runs a command that must succeed; returns its stdout.
-fn ok(m: &Manager, args: &[&str]) -> String {
-    let out = cli(m, args);
-    assert!(
-        out.success,
-        "baton {args:?} failed:\n{}\n{}\nmanager log:\n{}",
-        out.stdout,
-        out.stderr,
-        m.log()
-    );
-    out.stdout
-}
 
 /// `(via, who, address, action, target, result, status)` of an entry, for comparing.
 fn summary(e: &Value) -> (String, String, String, String, String, String, u64) {

@@ -223,3 +223,25 @@ pub async fn raw_expect_closed(s: &mut TcpStream) {
     }
     panic!("connection stayed open");
 }
+
+/// Runs `baton args… --data-dir <m's data dir>` (the admin token is read from there
+/// unless `args` give `--admin-token`).
+pub fn cli(m: &baton_test_support::Manager, args: &[&str]) -> baton_test_support::Output {
+    let data = m.data_dir();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--data-dir", data.to_str().unwrap()]);
+    baton(&all, Duration::from_secs(60))
+}
+
+/// Runs a `baton` client command that must succeed; returns its stdout.
+pub fn ok(m: &baton_test_support::Manager, args: &[&str]) -> String {
+    let out = cli(m, args);
+    assert!(
+        out.success,
+        "baton {args:?} failed:\n{}\n{}\nmanager log:\n{}",
+        out.stdout,
+        out.stderr,
+        m.log()
+    );
+    out.stdout
+}

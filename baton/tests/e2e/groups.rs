@@ -16,30 +16,9 @@ use baton_protocol::identity::Identity;
 use baton_protocol::message::{Message, SegmentMember, SegmentReport};
 use baton_protocol::types::{Delay, DelayTo, LinkInfo};
 use baton_test_support::{
-    AgentProc, Manager, Output, free_loopback_addr, manager::BOUND, pseudo_random, wait_for,
+    AgentProc, Manager, free_loopback_addr, manager::BOUND, pseudo_random, wait_for,
 };
 use serde_json::{Value, json};
-
-/// Runs `baton args… --data-dir <m's data dir>`.
-fn cli(m: &Manager, args: &[&str]) -> Output {
-    let data = m.data_dir();
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--data-dir", data.to_str().unwrap()]);
-    baton(&all, Duration::from_secs(60))
-}
-
-/// Runs a command that must succeed; returns its stdout.
-fn ok(m: &Manager, args: &[&str]) -> String {
-    let out = cli(m, args);
-    assert!(
-        out.success,
-        "baton {args:?} failed:\n{}\n{}\nmanager log:\n{}",
-        out.stdout,
-        out.stderr,
-        m.log()
-    );
-    out.stdout
-}
 
 /// Runs a command that must fail; returns its stderr.
 fn fails(m: &Manager, args: &[&str]) -> String {
