@@ -515,6 +515,8 @@ impl Simulation {
             give_up_after: scenario.give_up_after,
             progress_flush: Duration::from_secs(1),
             manager_up_bps: scenario.manager_up,
+            // Agents' reports of received bytes are scaled to the virtual chunk size.
+            reported_bytes_per_byte: (truth.virtual_chunk() / u64::from(REAL_CHUNK)).max(1),
             ..EngineConfig::default()
         };
         let n = agents.len();

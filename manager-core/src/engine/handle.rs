@@ -361,16 +361,13 @@ impl Job {
         // the chunks it may have in flight): a hostile figure neither overflows the
         // counters nor inflates a source's rate beyond the bytes really delivered. A
         // source's rate is credited only by a fetcher assigned to it.
-        let chunk = u64::from(self.spec.manifest.chunk_size.max(1));
+        let scale = cx.config.reported_bytes_per_byte.max(1);
+        let chunk = u64::from(self.spec.manifest.chunk_size.max(1)).saturating_mul(scale);
+        let length = self.spec.manifest.length.saturating_mul(scale);
         let p = &self.parts[idx as usize];
         let allowed = (u64::from(p.verified) + super::RECEIVED_SLACK_CHUNKS)
             .saturating_mul(chunk)
-            .min(
-                self.spec
-                    .manifest
-                    .length
-                    .saturating_add(super::RECEIVED_SLACK_CHUNKS * chunk),
-            );
+            .min(length.saturating_add(super::RECEIVED_SLACK_CHUNKS.saturating_mul(chunk)));
         let mut left = allowed.saturating_sub(p.credited);
         for r in received {
             let bytes = r.bytes.min(left);

@@ -80,6 +80,10 @@ pub struct EngineConfig {
     /// it is planned again over what they hold (sooner when all are back); meanwhile they
     /// go on fetching from the peers of the plan before the restart.
     pub regroup_wait: Duration,
+    /// How many bytes each byte of content stands for in agents' reports of bytes received
+    /// (`1`; the simulator moves small real chunks that stand for large virtual ones and
+    /// scales what agents report): the bound on what a report may claim scales with it.
+    pub reported_bytes_per_byte: u64,
 }
 
 impl Default for EngineConfig {
@@ -89,6 +93,7 @@ impl Default for EngineConfig {
             progress_flush: Duration::from_secs(1),
             manager_up_bps: 0,
             regroup_wait: Duration::from_secs(5),
+            reported_bytes_per_byte: 1,
         }
     }
 }
