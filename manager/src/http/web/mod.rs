@@ -636,6 +636,29 @@ mod test {
         assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.contains("Secure"));
     }
 
+    #[tokio::test]
+    async fn a_session_has_its_administrators_role_and_the_page_carries_it() {
+        use crate::roles::Role;
+        let web = Arc::new(web_over(crate::store::SqliteStore::in_memory().unwrap()));
+        let ops = with_cookie(&signed_in(&web, "ops", unix_now()));
+        assert_eq!(web.session_of(&ops).unwrap().role, Role::Admin);
+        lock(&web.store)
+            .set_admin("viewer", "hash-of-viewer", Some(Role::Read), 1)
+            .unwrap();
+        let viewer = with_cookie(&signed_in(&web, "viewer", unix_now()));
+        assert_eq!(web.session_of(&viewer).unwrap().role, Role::Read);
+        let page = index(State(web.clone()), viewer).await;
+        let body = axum::body::to_bytes(page.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.contains(r#"<meta name="baton-role" content="read">"#),
+            "{body}"
+        );
+        assert!(!body.contains("{{role}}"));
+    }
+
     #[test]
     fn sessions_end_when_idle_and_use_keeps_them() {
         let web = web_over(crate::store::SqliteStore::in_memory().unwrap());

@@ -533,7 +533,7 @@ async function newJob() {
     h("p", { class: "form-error", role: "alert" }),
     h("div", { class: "form" },
       field("file", "Upload content", h("input", { type: "file", id: "f-file" }), "Or name a file the manager holds below."),
-      field("path", "File on the manager", h("input", { type: "text", id: "f-path", placeholder: "/srv/firmware/fw-2.4.bin" }), "Absolute path."),
+      field("path", "File on the manager", h("input", { type: "text", id: "f-path", placeholder: "/srv/firmware/fw-2.4.bin" }), "Absolute path, in a directory the manager publishes from (baton serve --content-dir)."),
       field("content_name", "Content name", h("input", { type: "text", id: "f-content_name", placeholder: "default: the file name" })),
       field("policy", "Policy", h("select", { id: "f-policy" }, h("option", { value: "" }, "Planner defaults"),
         policyList.map((p) => h("option", { value: p.name }, p.name)))),
