@@ -2,7 +2,8 @@
 //! commands. Named API tokens made with `baton admin token NAME --role R` may do what
 //! their role allows and get `403` naming the role needed and the role held beyond it;
 //! the manager publishes files only from its upload directory and the `--content-dir`
-//! directories, never from its data directory, also through a symlink.
+//! directories, never from its data directory, also through a symlink; the web UI shows
+//! an administrator only the actions its role allows.
 
 use std::time::{Duration, Instant};
 
@@ -268,6 +269,119 @@ fn the_data_directory_cannot_be_published() {
     assert!(out.stderr.contains("never published"), "{}", out.stderr);
     assert!(
         started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Logs `name` in with `password` at `base` and waits for the UI.
+fn log_in(b: &baton_test_support::webdriver::Browser, base: &str, name: &str, password: &str) {
+    b.goto(base);
+    b.fill(&b.find("#name"), name);
+    b.fill(&b.find("#password"), password);
+    b.click(&b.find("button[type=submit]"));
+    b.wait_find("#nav", Duration::from_secs(20));
+}
+
+#[test]
+fn the_web_ui_hides_what_the_role_may_not_do() {
+    let started = Instant::now();
+    let wait = Duration::from_secs(20);
+    let m = Manager::start(BATON);
+    let password_file = m.dir.join("password");
+    std::fs::write(&password_file, "s3cret-pass\n").unwrap();
+    let password = password_file.to_str().unwrap();
+    ok(
+        &m,
+        &[
+            "admin",
+            "add",
+            "viewer",
+            "--role",
+            "read",
+            "--password-file",
+            password,
+        ],
+    );
+    ok(
+        &m,
+        &[
+            "admin",
+            "add",
+            "deployer",
+            "--role",
+            "operate",
+            "--password-file",
+            password,
+        ],
+    );
+    ok(&m, &["groups", "add", "edge", "--label", "role=edge"]);
+    let b = baton_test_support::webdriver::Browser::start(1200, 800);
+    let base = m.url("");
+    // Counts of the elements matching each selector on the current page.
+    let count = |css: &str| b.find_all(css).len();
+    // Goes to `view` and waits until its page, titled `title`, is drawn.
+    let page = |view: &str, title: &str| {
+        b.goto(&format!("{base}/#/{view}"));
+        b.wait_until(
+            &format!("the page {title}"),
+            &format!(
+                "const h = document.querySelector('.page-head h1'); return !!h && h.textContent === '{title}'"
+            ),
+            wait,
+        );
+    };
+    // What a POST from the page's own session answers.
+    let post_group = r#"return fetch('/api/v1/groups', { method: 'POST',
+        headers: { 'Content-Type': 'application/json',
+                   'X-CSRF-Token': document.querySelector('meta[name="csrf-token"]').content },
+        body: JSON.stringify({ name: 'from-' + arguments[0], selector: { role: 'x' } }) })
+        .then(r => r.status)"#;
+
+    // read: sees the groups and jobs, without a single action.
+    log_in(&b, &base, "viewer", "s3cret-pass");
+    assert_eq!(b.text(&b.find("#role")), "read");
+    page("groups", "Content groups");
+    b.wait_find("tr[data-group=edge]", wait);
+    assert_eq!(count("#new-group"), 0, "{}", b.page_text());
+    page("groups/edge", "Group edge");
+    b.wait_find("#group-form", wait);
+    assert_eq!(count("#save-group") + count("#delete-group"), 0);
+    page("policies", "Policies");
+    assert_eq!(count("#new-policy"), 0);
+    page("jobs", "Jobs");
+    assert_eq!(count("#new-job"), 0);
+    page("jobs/new", "New job");
+    assert_eq!(count("#job-form") + count("#start-job"), 0);
+    // The server refuses what the page does not offer.
+    assert_eq!(b.eval(post_group, json!(["viewer"])), json!(403));
+    b.click(&b.find("#logout"));
+
+    // operate (positive control): the same pages offer the actions, and they work.
+    log_in(&b, &base, "deployer", "s3cret-pass");
+    assert_eq!(b.text(&b.find("#role")), "operate");
+    page("groups", "Content groups");
+    assert_eq!(count("#new-group"), 1);
+    page("groups/edge", "Group edge");
+    b.wait_find("#save-group", wait);
+    assert_eq!(count("#delete-group"), 1);
+    page("policies", "Policies");
+    assert_eq!(count("#new-policy"), 1);
+    page("jobs", "Jobs");
+    assert_eq!(count("#new-job"), 1);
+    page("jobs/new", "New job");
+    assert_eq!(count("#start-job"), 1);
+    assert_eq!(b.eval(post_group, json!(["deployer"])), json!(201));
+    let (_, groups) = m.api("GET", "/api/v1/groups", None);
+    let names: Vec<&str> = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g["name"].as_str())
+        .collect();
+    assert_eq!(names, ["edge", "from-deployer"], "{groups}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
         "took {:?}",
         started.elapsed()
     );
