@@ -353,8 +353,18 @@ pub async fn serve(
     };
     let store: SharedStore = Arc::new(Mutex::new(Box::new(sqlite) as Box<dyn Store>));
     let upload_dir = opts.data_dir.join("uploads");
-    let mut secrets = vec![db_path.clone()];
+    // Never published, wherever they are: the database (and its WAL files), the TLS key,
+    // and the ready file (it holds the admin token).
+    let mut secrets: Vec<PathBuf> = ["", "-wal", "-shm"]
+        .iter()
+        .map(|suffix| {
+            let mut p = db_path.clone().into_os_string();
+            p.push(suffix);
+            PathBuf::from(p)
+        })
+        .collect();
     secrets.extend(opts.tls.as_ref().map(|(_, key)| key.clone()));
+    secrets.extend(opts.ready_file.clone());
     let content_dirs = crate::http::content_dirs::ContentDirs::new(
         &opts.data_dir,
         &upload_dir,

@@ -1,7 +1,8 @@
 //! Where `POST /api/v1/jobs` may publish a file from: the manager's upload directory and
 //! the directories the administrator lists (`baton serve --content-dir DIR`, repeatable),
 //! never its data directory (keys, admin token, database) nor its other secrets (the
-//! database file given with `--db`, the TLS key), even inside a listed directory.
+//! database file given with `--db` and its WAL files, the TLS key, the ready file, which
+//! holds the admin token), even inside a listed directory.
 //!
 //! Paths are compared after resolving symlinks and `..` (`canonicalize`), so a link in
 //! a content directory pointing at `manager.key` is refused like the key itself. The
@@ -28,7 +29,8 @@ pub struct ContentDirs {
 impl ContentDirs {
     /// Resolves the directories: `data_dir` must exist; each listed directory must exist
     /// and lie outside the data directory; `secrets` are further files never published
-    /// (those that do not exist are skipped).
+    /// (also those the manager writes later, such as the ready file, which holds the
+    /// admin token: a missing one is resolved through its directory).
     pub fn new(
         data_dir: &Path,
         upload_dir: &Path,
@@ -41,14 +43,7 @@ impl ContentDirs {
                 format!("data directory {}: {e}", data_dir.display()),
             )
         })?;
-        // The upload directory may not exist yet: resolve its parent.
-        let uploads = match upload_dir.canonicalize() {
-            Ok(p) => p,
-            Err(_) => match (upload_dir.parent(), upload_dir.file_name()) {
-                (Some(parent), Some(name)) => parent.canonicalize()?.join(name),
-                _ => upload_dir.to_path_buf(),
-            },
-        };
+        let uploads = resolve_maybe_missing(upload_dir)?;
         let mut resolved = Vec::new();
         for dir in listed {
             let canon = dir.canonicalize().map_err(|e| {
@@ -73,7 +68,7 @@ impl ContentDirs {
             resolved.push(canon);
         }
         let mut refused = vec![data];
-        refused.extend(secrets.iter().filter_map(|s| s.canonicalize().ok()));
+        refused.extend(secrets.iter().filter_map(|s| resolve_maybe_missing(s).ok()));
         Ok(ContentDirs {
             uploads,
             listed: resolved,
@@ -120,6 +115,18 @@ impl ContentDirs {
     }
 }
 
+/// `path` with symlinks and `..` resolved; a path that does not exist yet (a file the
+/// manager will write) by its directory, which must.
+fn resolve_maybe_missing(path: &Path) -> io::Result<PathBuf> {
+    match path.canonicalize() {
+        Ok(p) => Ok(p),
+        Err(e) => match (path.parent(), path.file_name()) {
+            (Some(parent), Some(name)) => Ok(parent.canonicalize().map_err(|_| e)?.join(name)),
+            _ => Err(e),
+        },
+    }
+}
+
 #[cfg(test)]
 mod test {
     use super::*;
@@ -140,6 +147,8 @@ mod test {
         std::fs::write(elsewhere.join("fw.bin"), b"x").unwrap();
         let tls_key = elsewhere.join("tls.key");
         std::fs::write(&tls_key, b"k").unwrap();
+        // The ready file holds the admin token; written after the check is set up.
+        let ready = content.join("ready.json");
         // A symlink in the content directory to the key, and to a parent of it.
         std::os::unix::fs::symlink(data.join("manager.key"), content.join("key-link")).unwrap();
         std::os::unix::fs::symlink(&data, content.join("data-link")).unwrap();
@@ -149,9 +158,10 @@ mod test {
             &data,
             &uploads,
             std::slice::from_ref(&content),
-            std::slice::from_ref(&tls_key),
+            &[tls_key.clone(), ready.clone()],
         )
         .unwrap();
+        std::fs::write(&ready, b"{}").unwrap();
         let canon = |p: &Path| p.canonicalize().unwrap();
         assert_eq!(
             dirs.check(&content.join("fw.bin")).unwrap(),
@@ -167,6 +177,7 @@ mod test {
             content.join("data-link/manager.key"),
             content.join("../data/manager.key"),
             content.join("tls-link"),
+            ready.clone(),
             elsewhere.join("fw.bin"),
         ] {
             assert!(
