@@ -527,12 +527,14 @@ impl DemoProcesses {
     }
 
     /// Starts the manager from `cmd` (`baton serve` with its addresses; the data directory,
-    /// ready file and give-up are added here) and waits until it is ready. The API must be
-    /// reachable from the calling thread.
+    /// ready file and give-up are added here, and `dir`, where the content is, as its
+    /// `--content-dir`: the data directory inside stays refused) and waits until it is
+    /// ready. The API must be reachable from the calling thread.
     pub fn start_manager(mut cmd: Command, dir: &Path) -> anyhow::Result<DemoProcesses> {
         let ready = dir.join("manager-ready.json");
         cmd.arg("--die-with-parent");
         cmd.arg("--data-dir").arg(dir.join("manager"));
+        cmd.arg("--content-dir").arg(dir);
         cmd.arg("--ready-file").arg(&ready);
         cmd.args(["--give-up", "60"]);
         let mut kids = vec![spawn(&mut cmd, "manager", dir)?];

@@ -285,6 +285,8 @@ impl LabFleet {
             .arg(dir.path().join("manager"))
             .args(["--listen", &format!("{}:7700", lab.manager.ip)])
             .args(["--http", "127.0.0.1:0", "--give-up", &give_up_s.to_string()])
+            .arg("--content-dir")
+            .arg(dir.path())
             .arg("--ready-file")
             .arg(&ready)
             .env("RUST_LOG", "info");

@@ -1,6 +1,7 @@
 //! The Baton manager server: the IO around the sans-IO core (`baton-manager-core`).
 //!
 //! Layers, from the bottom up; a module imports only modules below it:
+//! - [`roles`]: what each role may do (the one table of routes and roles);
 //! - [`store`]: the database behind the [`store::Store`] trait (SQLite by
 //!   default); one list of migrations owns every table;
 //! - [`content`]: the manager's keys, publishing files and serving their chunks;
@@ -24,6 +25,7 @@ pub mod content;
 pub mod engine_task;
 pub mod http;
 pub mod registry;
+pub mod roles;
 pub mod serial;
 pub mod serve;
 pub mod service;

@@ -68,6 +68,9 @@ pub struct ServeOptions {
     pub http_limits: crate::http::HttpLimits,
     /// Highest election score an agent's certificate carries, whatever its placement says.
     pub max_election_score: u32,
+    /// Directories `POST /api/v1/jobs` may publish files from, beside the upload directory
+    /// (`--content-dir`; default none: uploads only).
+    pub content_dirs: Vec<PathBuf>,
 }
 
 impl ServeOptions {
@@ -90,6 +93,7 @@ impl ServeOptions {
             max_upload: crate::http::api::DEFAULT_MAX_UPLOAD,
             http_limits: crate::http::HttpLimits::default(),
             max_election_score: baton_protocol::discovery::MAX_CAPABILITY_SCORE,
+            content_dirs: Vec::new(),
         }
     }
 }
@@ -168,6 +172,9 @@ pub enum ServeError {
     /// The HTTPS certificate or key.
     #[error(transparent)]
     Tls(#[from] crate::http::tls::TlsError),
+    /// A `--content-dir` is missing, not a directory, or inside the data directory.
+    #[error("{0}")]
+    ContentDir(std::io::Error),
 }
 
 /// Reads the admin token from `<data_dir>/admin.token`, creating it (mode 0600) on first run.
@@ -345,9 +352,30 @@ pub async fn serve(
         None => None,
     };
     let store: SharedStore = Arc::new(Mutex::new(Box::new(sqlite) as Box<dyn Store>));
+    let upload_dir = opts.data_dir.join("uploads");
+    // Never published, wherever they are: the database (and its WAL files), the TLS key,
+    // and the ready file (it holds the admin token).
+    let mut secrets: Vec<PathBuf> = ["", "-wal", "-shm"]
+        .iter()
+        .map(|suffix| {
+            let mut p = db_path.clone().into_os_string();
+            p.push(suffix);
+            PathBuf::from(p)
+        })
+        .collect();
+    secrets.extend(opts.tls.as_ref().map(|(_, key)| key.clone()));
+    secrets.extend(opts.ready_file.clone());
+    let content_dirs = crate::http::content_dirs::ContentDirs::new(
+        &opts.data_dir,
+        &upload_dir,
+        &opts.content_dirs,
+        &secrets,
+    )
+    .map_err(ServeError::ContentDir)?;
     let http_config = crate::http::HttpConfig {
         web: Arc::new(crate::http::web::Web::new(store.clone(), tls.is_some())),
-        upload_dir: opts.data_dir.join("uploads"),
+        content_dirs,
+        upload_dir,
         max_upload_bytes: opts.max_upload,
         tls,
         limits: opts.http_limits,

@@ -78,6 +78,9 @@ pub enum ApiError {
     /// Not found (404).
     #[error("{0}")]
     NotFound(String),
+    /// Not allowed (403): the manager refuses this whoever asks.
+    #[error("{0}")]
+    Forbidden(String),
     /// Conflicts with the current state (409).
     #[error("{0}")]
     Conflict(String),

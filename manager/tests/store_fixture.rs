@@ -4,6 +4,7 @@
 //! tokens.
 
 use baton_manager::http::web::users;
+use baton_manager::roles::Role;
 use baton_manager::store::{JobState, PartState, SCHEMA_VERSION, SqliteStore, Store};
 
 /// The API token `ci` that `make-schema-v2.sh` printed.
@@ -81,10 +82,12 @@ fn a_schema_2_database_migrates_and_keeps_everything() {
     let hash = store.admin_hash("ops").unwrap().unwrap();
     assert!(users::password_matches("fixture-password-1", &hash));
     assert!(!users::password_matches("fixture-password-2", &hash));
+    // Migration 8: made before roles existed, they keep every right they had.
     assert_eq!(
-        users::api_token_name(&store, CI_TOKEN).unwrap().as_deref(),
-        Some("ci")
+        users::api_token(&store, CI_TOKEN).unwrap(),
+        Some(("ci".to_string(), Role::Admin))
     );
+    assert_eq!(store.admin_role("ops").unwrap(), Some(Role::Admin));
 
     // Migration 6: the unused enrolment token, which never expired, expires a day after it
     // was made, and can be listed and revoked.

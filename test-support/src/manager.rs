@@ -62,6 +62,8 @@ impl Manager {
     }
 
     /// Starts a manager in `dir` whose agent port is `listen`, with these extra `serve` flags.
+    /// Unless `extra` gives a `--content-dir`, the system's temporary directory is one (the
+    /// tests' files are there; the data directory inside stays refused).
     pub fn start_args_in(exe: impl AsRef<Path>, dir: &Path, listen: &str, extra: &[&str]) -> Self {
         let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
@@ -81,6 +83,9 @@ impl Manager {
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(out);
+        if !extra.contains(&"--content-dir") {
+            cmd.arg("--content-dir").arg(std::env::temp_dir());
+        }
         let mut proc = Proc::spawn_with("baton serve", cmd, Some(&log));
         let info = wait_for(
             "manager ready file",

@@ -7,6 +7,9 @@
 //!   adding an existing name changes its password.
 //! - `baton admin token NAME` creates (or replaces) an API token for scripts and
 //!   prints it once; `baton admin revoke-token NAME` deletes it.
+//! - `--role read|operate|admin` on both says what the administrator or token may do
+//!   (see `baton_manager::roles`); default `admin` for a new one, and an existing
+//!   administrator keeps its role unless `--role` is given.
 //!
 //! Each change (and each one refused) is recorded in the audit log with `via` = `cli`,
 //! the user running the command, and the address `local`.
@@ -18,6 +21,7 @@ use anyhow::{Context, bail};
 use baton_manager::audit;
 use baton_manager::http::web::users;
 use baton_manager::registry::unix_now;
+use baton_manager::roles::Role;
 use baton_manager::store::{AdminSet, SqliteStore, Store};
 use clap::{Args, Subcommand};
 
@@ -64,6 +68,11 @@ pub enum AdminCommand {
         /// Read the password from this file (first line) instead of standard input.
         #[arg(long, value_name = "FILE")]
         password_file: Option<PathBuf>,
+        /// What the administrator may do: read (views), operate (also publish, push,
+        /// groups, policies, cancel) or admin (also enrolment and placement). Default: admin
+        /// when added, unchanged when the password is changed.
+        #[arg(long)]
+        role: Option<Role>,
         #[command(flatten)]
         db: DbOpts,
     },
@@ -71,6 +80,10 @@ pub enum AdminCommand {
     Token {
         /// The token's name.
         name: String,
+        /// What the token may do: read (views, metrics), operate (also publish, push,
+        /// groups, policies, cancel) or admin (also enrolment and placement).
+        #[arg(long, default_value = "admin")]
+        role: Role,
         #[command(flatten)]
         db: DbOpts,
     },
@@ -138,11 +151,12 @@ pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
         AdminCommand::Add {
             name,
             password_file,
+            role,
             db,
         } => {
             let password = read_password(password_file.as_ref())?;
             let mut store = db.open()?;
-            let done = users::set_admin(&mut store, &name, &password, unix_now());
+            let done = users::set_admin(&mut store, &name, &password, role, unix_now());
             let action = match &done {
                 Ok(AdminSet::PasswordChanged) => "admin.password",
                 _ => "admin.add",
@@ -153,12 +167,14 @@ pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
                 AdminSet::PasswordChanged => println!("password of administrator {name} changed"),
             }
         }
-        AdminCommand::Token { name, db } => {
+        AdminCommand::Token { name, role, db } => {
             let mut store = db.open()?;
-            let done = users::new_api_token(&mut store, &name, unix_now());
+            let done = users::new_api_token(&mut store, &name, role, unix_now());
             record(&mut store, "api-token.create", &name, &done);
             let token = done?;
-            eprintln!("API token {name} (shown once; send it as `Authorization: Bearer <token>`):");
+            eprintln!(
+                "API token {name}, role {role} (shown once; send it as `Authorization: Bearer <token>`):"
+            );
             println!("{token}");
         }
         AdminCommand::RevokeToken { name, db } => {
@@ -173,8 +189,10 @@ pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
             println!("API token {name} revoked");
         }
         AdminCommand::List { db } => {
-            for name in db.open()?.admins()? {
-                println!("{name}");
+            let store = db.open()?;
+            for name in store.admins()? {
+                let role = store.admin_role(&name)?.unwrap_or(Role::Read);
+                println!("{name}\t{role}");
             }
         }
     }

@@ -75,6 +75,12 @@ pub struct ServeArgs {
     /// min(declared, certified). Default: the highest capability score (no extra cap).
     #[arg(long, default_value_t = baton_protocol::discovery::MAX_CAPABILITY_SCORE, value_name = "N")]
     pub max_election_score: u32,
+    /// A directory the API may publish files from by path (`baton push FILE`, `POST
+    /// /api/v1/jobs`), beside the upload directory; repeat for more. Symlinks are resolved
+    /// first; the data directory, the database and the TLS key are never published.
+    /// Default: none (uploads only).
+    #[arg(long = "content-dir", value_name = "DIR")]
+    pub content_dirs: Vec<PathBuf>,
 }
 
 impl ServeArgs {
@@ -102,6 +108,7 @@ impl ServeArgs {
                 ..baton_manager::http::HttpLimits::default()
             },
             max_election_score: self.max_election_score,
+            content_dirs: self.content_dirs.clone(),
         }
     }
 }

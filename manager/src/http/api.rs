@@ -41,6 +41,7 @@ use utoipa_axum::routes;
 
 use crate::engine_task::JobEvent;
 use crate::http::audit::AuditTarget;
+use crate::http::content_dirs::ContentDirs;
 use crate::registry::{lock, unix_now};
 use crate::service::{ApiError, JobRequest, Manager, PolicyChoice, PublishRequest};
 use crate::store::{
@@ -54,6 +55,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) | ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
@@ -85,6 +87,7 @@ fn bad_json(e: JsonRejection) -> ApiError {
 pub fn routes() -> OpenApiRouter<Arc<Manager>> {
     OpenApiRouter::new()
         .routes(routes!(status))
+        .routes(routes!(me))
         .routes(routes!(agents, enrol))
         .routes(routes!(agent, place))
         .routes(routes!(new_token, tokens))
@@ -94,6 +97,31 @@ pub fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(cancel_job))
         .routes(routes!(job_events))
         .routes(routes!(upload))
+}
+
+/// `GET /api/v1/me`: who the request's credential is and its role.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct MeView {
+    /// How it authenticated: `admin-token`, `api-token` or `session`.
+    pub via: String,
+    /// The API token's or administrator's name (empty for the admin token).
+    pub name: String,
+    /// Its role: `read`, `operate` or `admin` (see `crate::roles`).
+    pub role: String,
+}
+
+#[utoipa::path(get, path = "/api/v1/me", tag = "manager",
+    responses((status = 200, description = "The caller's name and role, to know which actions it may take", body = MeView)))]
+async fn me(
+    caller: Option<Extension<crate::http::Caller>>,
+    role: Option<Extension<crate::http::CallerRole>>,
+) -> Json<MeView> {
+    let (via, name) = crate::http::audit::caller_fields(caller.as_ref().map(|c| &c.0));
+    Json(MeView {
+        via: via.to_string(),
+        name,
+        role: role.map_or(crate::roles::Role::Read, |r| r.0.0).to_string(),
+    })
 }
 
 /// `GET /api/v1/status`.
@@ -692,12 +720,13 @@ fn target_spec(t: TargetsRequest) -> Result<TargetSpec, ApiError> {
 }
 
 #[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", request_body = CreateJobRequest,
-    responses((status = 201, body = JobCreated), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 201, body = JobCreated), (status = 400, body = ErrorBody), (status = 403, description = "The path is outside the upload directory and every `--content-dir`, or in the data directory", body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn create_job(
     State(m): State<Arc<Manager>>,
+    Extension(dirs): Extension<ContentDirs>,
     body: Result<Json<CreateJobRequest>, JsonRejection>,
 ) -> Response {
-    let req = match body {
+    let mut req = match body {
         Ok(Json(req)) => req,
         Err(e) => return bad_json(e).into_response(),
     };
@@ -705,6 +734,27 @@ async fn create_job(
         .name
         .clone()
         .unwrap_or_else(|| req.path.display().to_string());
+    // Published from where it resolves to, once that is allowed; the content name stays
+    // the one the request gave (by default its file name, not the link's target's).
+    let resolved = tokio::task::spawn_blocking({
+        let dirs = dirs.clone();
+        let path = req.path.clone();
+        move || dirs.check(&path)
+    })
+    .await
+    .unwrap_or_else(|e| Err(ApiError::Internal(format!("path check failed: {e}"))));
+    match resolved {
+        Ok(path) => {
+            if req.name.is_none() {
+                req.name = req
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned());
+            }
+            req.path = path;
+        }
+        Err(e) => return AuditTarget(asked).on(e),
+    }
     match start_job(&m, req).await {
         Ok(created) => AuditTarget(format!(
             "job {}: {} v{}",

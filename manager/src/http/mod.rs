@@ -11,8 +11,13 @@
 //!   that changes something must also carry the session's CSRF token in
 //!   `X-CSRF-Token`. Without credentials the answer is `401` and nothing else,
 //!   whatever the path.
+//! - each credential has a role ([`crate::roles`]): the admin token is `admin`, an API
+//!   token or administrator has the role `baton admin` gave it. A request beyond it is
+//!   answered `403` with `{"error", "needed", "role"}`; [`crate::roles::ROUTE_ROLES`] is
+//!   the one table of which route needs which role.
 //!
-//! Submodules: [`api`] (jobs, agents, content, uploads), [`admin`] (segments,
+//! Submodules: [`api`] (jobs, agents, content, uploads), [`content_dirs`] (where files
+//! may be published from), [`admin`] (segments,
 //! content groups, policies), [`audit`] (recording changes, reading the log), [`metrics`], [`client`] (the client's address,
 //! secret comparison), [`conn`] (time bounds of one connection), [`tls`], and [`web`] (the administrators' UI, logins and
 //! sessions). Handlers call the service layer ([`crate::service::Manager`]).
@@ -22,6 +27,7 @@ pub mod api;
 pub mod audit;
 pub mod client;
 pub mod conn;
+pub mod content_dirs;
 pub mod metrics;
 pub mod tls;
 pub mod web;
@@ -31,7 +37,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -46,6 +52,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::registry::lock;
+use crate::roles::{Role, required_role};
 use crate::service::{ApiError, Manager};
 use client::{ClientAddr, same_secret};
 use web::{SESSION_COOKIE, Web};
@@ -105,6 +112,8 @@ pub struct HttpConfig {
     pub web: Arc<Web>,
     /// Where uploaded content is stored.
     pub upload_dir: PathBuf,
+    /// Where `POST /api/v1/jobs` may publish files from.
+    pub content_dirs: content_dirs::ContentDirs,
     /// Largest upload accepted, in bytes (`413` beyond).
     pub max_upload_bytes: u64,
     /// HTTPS: the rustls configuration (`None` = plain HTTP).
@@ -165,6 +174,10 @@ impl Default for HttpLimits {
     }
 }
 
+/// The role of a request's caller (inserted by the auth layer beside [`Caller`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallerRole(pub Role);
+
 /// Who a request is from, for the handlers that care (inserted by the auth layer).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
@@ -192,6 +205,8 @@ pub fn router(manager: Arc<Manager>, config: &HttpConfig) -> Router {
     });
     let protected = api
         .route("/metrics", get(metrics::metrics))
+        // Inside the audit layer: a request beyond its role is recorded as refused.
+        .route_layer(middleware::from_fn(require_role))
         .route_layer(middleware::from_fn_with_state(
             manager.clone(),
             audit::record_changes,
@@ -201,6 +216,7 @@ pub fn router(manager: Arc<Manager>, config: &HttpConfig) -> Router {
             dir: config.upload_dir.clone(),
             max_bytes: config.max_upload_bytes,
         }))
+        .layer(Extension(config.content_dirs.clone()))
         .layer(Extension(config.web.clone()))
         .layer(middleware::from_fn_with_state(auth, require_credentials))
         .with_state(manager);
@@ -384,17 +400,17 @@ async fn require_credentials(
         .map(|t| t.trim().to_string());
     let caller = if let Some(token) = bearer {
         if same_secret(token.as_bytes(), auth.manager.admin_token.as_bytes()) {
-            Some(Caller::AdminToken)
+            Some((Caller::AdminToken, Role::Admin))
         } else {
             let store = auth.web.store.clone();
             tokio::task::spawn_blocking(move || {
-                crate::http::web::users::api_token_name(&**lock(&store), &token)
+                crate::http::web::users::api_token(&**lock(&store), &token)
             })
             .await
             .ok()
             .and_then(|r| r.ok())
             .flatten()
-            .map(Caller::ApiToken)
+            .map(|(name, role)| (Caller::ApiToken(name), role))
         }
     } else if let Some(session) = auth.web.session_of(req.headers()) {
         if changes_something(req.method()) {
@@ -411,17 +427,50 @@ async fn require_credentials(
                     .into_response();
             }
         }
-        Some(Caller::Session(session.admin))
+        Some((Caller::Session(session.admin), session.role))
     } else {
         None
     };
     match caller {
-        Some(caller) => {
+        Some((caller, role)) => {
             req.extensions_mut().insert(caller);
+            req.extensions_mut().insert(CallerRole(role));
             next.run(req).await
         }
         None => unauthorized(),
     }
+}
+
+/// The role layer (a route layer, so the route's pattern is known): lets a request through
+/// when its caller's role is at least the one [`required_role`] gives its route, else
+/// answers `403` naming both.
+async fn require_role(req: Request, next: Next) -> Response {
+    let pattern = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let needed = required_role(req.method(), &pattern);
+    // No role (cannot happen behind the credentials layer): the weakest, so refused.
+    let held = req
+        .extensions()
+        .get::<CallerRole>()
+        .map_or(Role::Read, |r| r.0);
+    if held.allows(needed) {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::FORBIDDEN,
+        Json(json!({
+            "error": format!(
+                "{} {pattern} needs the {needed} role; this credential has {held} (see `baton admin token NAME --role {needed}`)",
+                req.method()
+            ),
+            "needed": needed,
+            "role": held,
+        })),
+    )
+        .into_response()
 }
 
 async fn security_headers(req: Request, next: Next) -> Response {
@@ -481,6 +530,34 @@ mod test {
                 .map(|ops| ops.keys().cloned().collect::<Vec<_>>()),
             Some(vec!["get".to_string()])
         );
+    }
+
+    #[test]
+    fn every_route_of_the_document_has_a_role() {
+        let doc = serde_json::to_value(openapi()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        let mut checked = 0;
+        for (path, ops) in paths {
+            for method in ops.as_object().unwrap().keys() {
+                if !["get", "post", "put", "patch", "delete", "head"].contains(&method.as_str()) {
+                    continue;
+                }
+                let method: Method = method.to_uppercase().parse().unwrap();
+                assert!(
+                    crate::roles::listed_role(&method, path).is_some(),
+                    "{method} {path} has no role in roles::ROUTE_ROLES"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 25, "only {checked} operations in the document");
+        // And the table lists nothing the router does not have (but /metrics, outside it).
+        for (method, path, _) in crate::roles::ROUTE_ROLES {
+            assert!(
+                *path == "/metrics" || paths[*path][method.to_lowercase()].is_object(),
+                "{method} {path} is listed but not a route"
+            );
+        }
     }
 
     /// Serves a one-route app on a loopback port with `limits`; stops when the sender drops.

@@ -30,6 +30,8 @@ use std::collections::BTreeMap;
 use baton_protocol::message::Report;
 use baton_protocol::types::{Digest, PublicKey};
 
+use crate::roles::Role;
+
 use baton_manager_core::engine::{FailCause, ParticipantState, Persist};
 pub use baton_manager_core::records::*;
 
@@ -279,16 +281,25 @@ pub trait Store: Send + std::fmt::Debug {
 
     /// Adds administrator `name` with `password_hash` (a PHC string), or replaces the hash
     /// of an existing one and ends its web sessions (a stolen session ends with the password).
-    fn set_admin(&mut self, name: &str, password_hash: &str, now: u64) -> Result<AdminSet>;
+    /// `role`: the administrator's role (`None`: `admin` when added, unchanged when replaced).
+    fn set_admin(
+        &mut self,
+        name: &str,
+        password_hash: &str,
+        role: Option<Role>,
+        now: u64,
+    ) -> Result<AdminSet>;
+    /// The role of administrator `name` (`None`: no such administrator).
+    fn admin_role(&self, name: &str) -> Result<Option<Role>>;
     /// The stored password hash of administrator `name`.
     fn admin_hash(&self, name: &str) -> Result<Option<String>>;
     /// Every administrator's name, sorted.
     fn admins(&self) -> Result<Vec<String>>;
 
     /// Stores the API token `name` by its hash, replacing an earlier token of that name.
-    fn new_api_token(&mut self, name: &str, hash: &Digest, now: u64) -> Result<()>;
-    /// The name of the API token with this hash, if there is one.
-    fn api_token_name(&self, hash: &Digest) -> Result<Option<String>>;
+    fn new_api_token(&mut self, name: &str, hash: &Digest, role: Role, now: u64) -> Result<()>;
+    /// The name and role of the API token with this hash, if there is one.
+    fn api_token(&self, hash: &Digest) -> Result<Option<(String, Role)>>;
     /// Deletes the API token `name`; whether there was one.
     fn revoke_api_token(&mut self, name: &str) -> Result<bool>;
 

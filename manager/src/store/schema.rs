@@ -209,6 +209,12 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE agents ADD COLUMN bound_labels TEXT;
     UPDATE enrolment_tokens SET expires_at = created_at + 86400;
     ",
+    // 8: scoped access: each API token and administrator has a role (`read`, `operate`,
+    // `admin`); those made before roles existed could do everything, so they are `admin`.
+    "
+    ALTER TABLE admin_users ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+    ALTER TABLE api_tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+    ",
 ];
 
 /// Newest schema version this build knows.

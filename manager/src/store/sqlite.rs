@@ -613,6 +613,12 @@ fn policy_record((name, policy): (String, String)) -> Result<PolicyRecord> {
     })
 }
 
+/// A stored role; a value this build does not know (written by a newer one) counts as
+/// the weakest role, `read`, rather than failing every request.
+fn stored_role(text: &str) -> Role {
+    text.parse().unwrap_or(Role::Read)
+}
+
 impl Store for SqliteStore {
     fn epoch(&self) -> Result<u32> {
         Ok(self
@@ -1333,11 +1339,18 @@ impl Store for SqliteStore {
         POLICIES.all(&self.conn, policy_row, policy_record)
     }
 
-    fn set_admin(&mut self, name: &str, password_hash: &str, now: u64) -> Result<AdminSet> {
+    fn set_admin(
+        &mut self,
+        name: &str,
+        password_hash: &str,
+        role: Option<Role>,
+        now: u64,
+    ) -> Result<AdminSet> {
         let tx = self.conn.transaction()?;
         let changed = tx.execute(
-            "UPDATE admin_users SET password_hash = ?2, updated_at = ?3 WHERE name = ?1",
-            params![name, password_hash, saturate(now)],
+            "UPDATE admin_users SET password_hash = ?2, updated_at = ?3, role = COALESCE(?4, role)
+             WHERE name = ?1",
+            params![name, password_hash, saturate(now), role.map(Role::as_str)],
         )?;
         let done = if changed > 0 {
             // A new password ends the sessions signed in with the old one.
@@ -1345,14 +1358,31 @@ impl Store for SqliteStore {
             AdminSet::PasswordChanged
         } else {
             tx.execute(
-                "INSERT INTO admin_users (name, password_hash, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?3)",
-                params![name, password_hash, saturate(now)],
+                "INSERT INTO admin_users (name, password_hash, created_at, updated_at, role)
+                 VALUES (?1, ?2, ?3, ?3, ?4)",
+                params![
+                    name,
+                    password_hash,
+                    saturate(now),
+                    role.unwrap_or(Role::Admin).as_str()
+                ],
             )?;
             AdminSet::Added
         };
         tx.commit()?;
         Ok(done)
+    }
+
+    fn admin_role(&self, name: &str) -> Result<Option<Role>> {
+        let role: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT role FROM admin_users WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(role.map(|r| stored_role(&r)))
     }
 
     fn admin_hash(&self, name: &str) -> Result<Option<String>> {
@@ -1376,24 +1406,26 @@ impl Store for SqliteStore {
         Ok(names)
     }
 
-    fn new_api_token(&mut self, name: &str, hash: &Digest, now: u64) -> Result<()> {
+    fn new_api_token(&mut self, name: &str, hash: &Digest, role: Role, now: u64) -> Result<()> {
         self.conn.execute(
-            "INSERT INTO api_tokens (name, hash, created_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT(name) DO UPDATE SET hash = excluded.hash, created_at = excluded.created_at",
-            params![name, &hash[..], saturate(now)],
+            "INSERT INTO api_tokens (name, hash, created_at, role) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(name) DO UPDATE SET hash = excluded.hash, created_at = excluded.created_at,
+                 role = excluded.role",
+            params![name, &hash[..], saturate(now), role.as_str()],
         )?;
         Ok(())
     }
 
-    fn api_token_name(&self, hash: &Digest) -> Result<Option<String>> {
-        Ok(self
+    fn api_token(&self, hash: &Digest) -> Result<Option<(String, Role)>> {
+        let row: Option<(String, String)> = self
             .conn
             .query_row(
-                "SELECT name FROM api_tokens WHERE hash = ?1",
+                "SELECT name, role FROM api_tokens WHERE hash = ?1",
                 [&hash[..]],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .optional()?)
+            .optional()?;
+        Ok(row.map(|(name, role)| (name, stored_role(&role))))
     }
 
     fn revoke_api_token(&mut self, name: &str) -> Result<bool> {

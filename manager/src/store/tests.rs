@@ -5,6 +5,7 @@ use rusqlite::Connection;
 
 use super::schema::MIGRATIONS;
 use super::*;
+use crate::roles::Role;
 use baton_manager_core::engine::{FailCause, ParticipantState, Persist};
 use baton_protocol::types::{AgentId, LinkInfo};
 
@@ -706,24 +707,33 @@ fn meta_round_trips() {
 #[test]
 fn administrators_and_api_tokens() {
     let mut s = SqliteStore::in_memory().unwrap();
-    assert_eq!(s.set_admin("ops", "$hash-1", 1).unwrap(), AdminSet::Added);
     assert_eq!(
-        s.set_admin("ops", "$hash-2", 2).unwrap(),
+        s.set_admin("ops", "$hash-1", None, 1).unwrap(),
+        AdminSet::Added
+    );
+    assert_eq!(
+        s.set_admin("ops", "$hash-2", None, 2).unwrap(),
         AdminSet::PasswordChanged
     );
-    s.set_admin("dev", "$hash-3", 3).unwrap();
+    s.set_admin("dev", "$hash-3", None, 3).unwrap();
     assert_eq!(s.admin_hash("ops").unwrap().as_deref(), Some("$hash-2"));
     assert_eq!(s.admin_hash("nobody").unwrap(), None);
     assert_eq!(s.admins().unwrap(), ["dev", "ops"]);
 
-    s.new_api_token("ci", &[1; 32], 1).unwrap();
-    assert_eq!(s.api_token_name(&[1; 32]).unwrap().as_deref(), Some("ci"));
-    s.new_api_token("ci", &[2; 32], 2).unwrap();
-    assert_eq!(s.api_token_name(&[1; 32]).unwrap(), None, "replaced");
-    assert_eq!(s.api_token_name(&[2; 32]).unwrap().as_deref(), Some("ci"));
+    s.new_api_token("ci", &[1; 32], Role::Admin, 1).unwrap();
+    assert_eq!(
+        s.api_token(&[1; 32]).unwrap(),
+        Some(("ci".to_string(), Role::Admin))
+    );
+    s.new_api_token("ci", &[2; 32], Role::Admin, 2).unwrap();
+    assert_eq!(s.api_token(&[1; 32]).unwrap(), None, "replaced");
+    assert_eq!(
+        s.api_token(&[2; 32]).unwrap().map(|t| t.0).as_deref(),
+        Some("ci")
+    );
     assert!(s.revoke_api_token("ci").unwrap());
     assert!(!s.revoke_api_token("ci").unwrap());
-    assert_eq!(s.api_token_name(&[2; 32]).unwrap(), None);
+    assert_eq!(s.api_token(&[2; 32]).unwrap(), None);
 }
 
 fn session(id: u8, admin: &str, last_used: u64) -> SessionRecord {
@@ -739,8 +749,8 @@ fn session(id: u8, admin: &str, last_used: u64) -> SessionRecord {
 #[test]
 fn sessions_are_touched_and_expire() {
     let mut s = SqliteStore::in_memory().unwrap();
-    s.set_admin("ops", "hash-1", 1).unwrap();
-    s.set_admin("dev", "hash-2", 1).unwrap();
+    s.set_admin("ops", "hash-1", None, 1).unwrap();
+    s.set_admin("dev", "hash-2", None, 1).unwrap();
     assert!(s.create_session(&session(1, "ops", 100), "hash-1").unwrap());
     assert!(s.create_session(&session(2, "ops", 200), "hash-1").unwrap());
     assert!(s.create_session(&session(3, "dev", 300), "hash-2").unwrap());
@@ -771,12 +781,12 @@ fn sessions_are_touched_and_expire() {
 #[test]
 fn a_new_password_ends_the_administrators_sessions() {
     let mut s = SqliteStore::in_memory().unwrap();
-    s.set_admin("ops", "hash-1", 1).unwrap();
-    s.set_admin("dev", "hash-2", 1).unwrap();
+    s.set_admin("ops", "hash-1", None, 1).unwrap();
+    s.set_admin("dev", "hash-2", None, 1).unwrap();
     assert!(s.create_session(&session(1, "ops", 100), "hash-1").unwrap());
     assert!(s.create_session(&session(2, "dev", 100), "hash-2").unwrap());
     assert_eq!(
-        s.set_admin("ops", "hash-3", 2).unwrap(),
+        s.set_admin("ops", "hash-3", None, 2).unwrap(),
         AdminSet::PasswordChanged
     );
     assert_eq!(s.session(&[1; 32]).unwrap(), None);
@@ -791,7 +801,7 @@ fn sessions_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("baton.db");
     let mut first = SqliteStore::open(&path).unwrap();
-    first.set_admin("ops", "hash-1", 1).unwrap();
+    first.set_admin("ops", "hash-1", None, 1).unwrap();
     assert!(
         first
             .create_session(&session(1, "ops", 100), "hash-1")
@@ -869,7 +879,12 @@ fn a_version_2_database_with_web_tables_migrates_and_keeps_them() {
     let mut s = SqliteStore::open(&path).unwrap();
     assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
     assert_eq!(s.admin_hash("ops").unwrap().as_deref(), Some("$old"));
-    assert_eq!(s.api_token_name(&[7; 32]).unwrap().as_deref(), Some("ci"));
+    // Made before roles existed: they keep every right they had.
+    assert_eq!(
+        s.api_token(&[7; 32]).unwrap(),
+        Some(("ci".to_string(), Role::Admin))
+    );
+    assert_eq!(s.admin_role("ops").unwrap(), Some(Role::Admin));
     assert!(s.create_session(&session(1, "ops", 1), "$old").unwrap());
 }
 

@@ -71,6 +71,8 @@ pub struct SessionInfo {
     pub admin: String,
     /// The token changing requests must carry.
     pub csrf: String,
+    /// The administrator's role, read at each request (a change applies at once).
+    pub role: crate::roles::Role,
 }
 
 /// The web UI's state: the store (administrators, sessions) and the login back-off.
@@ -248,9 +250,15 @@ impl Web {
         {
             tracing::error!("cannot mark a session used: {e}");
         }
+        // An administrator removed since the login has no role: no session.
+        let role = store
+            .admin_role(&session.admin)
+            .inspect_err(|e| tracing::error!("cannot read an administrator's role: {e}"))
+            .ok()??;
         Some(SessionInfo {
             admin: session.admin,
             csrf: session.csrf,
+            role,
         })
     }
 
@@ -357,7 +365,8 @@ async fn index(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
             StatusCode::OK,
             APP_HTML
                 .replace("{{csrf}}", &session.csrf)
-                .replace("{{admin}}", &escape_html(&session.admin)),
+                .replace("{{admin}}", &escape_html(&session.admin))
+                .replace("{{role}}", session.role.as_str()),
         ),
         None => login_page(&web, StatusCode::OK, None, ""),
     }
@@ -593,7 +602,7 @@ mod test {
     /// A session for `admin` (made an administrator with a stand-in hash) started at `now`.
     fn signed_in(web: &Web, admin: &str, now: u64) -> String {
         let hash = format!("hash-of-{admin}");
-        lock(&web.store).set_admin(admin, &hash, 1).unwrap();
+        lock(&web.store).set_admin(admin, &hash, None, 1).unwrap();
         web.start_session_at(admin, &hash, now).unwrap().unwrap()
     }
 
@@ -625,6 +634,29 @@ mod test {
         let c = web.cookie_header(SESSION_COOKIE, "x", None);
         let c = c.to_str().unwrap();
         assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.contains("Secure"));
+    }
+
+    #[tokio::test]
+    async fn a_session_has_its_administrators_role_and_the_page_carries_it() {
+        use crate::roles::Role;
+        let web = Arc::new(web_over(crate::store::SqliteStore::in_memory().unwrap()));
+        let ops = with_cookie(&signed_in(&web, "ops", unix_now()));
+        assert_eq!(web.session_of(&ops).unwrap().role, Role::Admin);
+        lock(&web.store)
+            .set_admin("viewer", "hash-of-viewer", Some(Role::Read), 1)
+            .unwrap();
+        let viewer = with_cookie(&signed_in(&web, "viewer", unix_now()));
+        assert_eq!(web.session_of(&viewer).unwrap().role, Role::Read);
+        let page = index(State(web.clone()), viewer).await;
+        let body = axum::body::to_bytes(page.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.contains(r#"<meta name="baton-role" content="read">"#),
+            "{body}"
+        );
+        assert!(!body.contains("{{role}}"));
     }
 
     #[test]
@@ -675,11 +707,11 @@ mod test {
     #[test]
     fn a_password_change_ends_the_administrators_sessions() {
         let web = web_over(crate::store::SqliteStore::in_memory().unwrap());
-        users::set_admin(&mut **lock(&web.store), "ops", "first password", 1).unwrap();
+        users::set_admin(&mut **lock(&web.store), "ops", "first password", None, 1).unwrap();
         let h = with_cookie(&signed_in(&web, "ops", 1000));
         assert!(web.session_at(&h, 1001).is_some());
         let old_hash = lock(&web.store).admin_hash("ops").unwrap().unwrap();
-        users::set_admin(&mut **lock(&web.store), "ops", "second password", 2).unwrap();
+        users::set_admin(&mut **lock(&web.store), "ops", "second password", None, 2).unwrap();
         assert_eq!(web.session_at(&h, 1002), None);
         // A login that verified the old password before the change starts no session.
         assert_eq!(web.start_session_at("ops", &old_hash, 1003).unwrap(), None);
@@ -767,7 +799,14 @@ mod test {
     async fn parallel_wrong_logins_verify_at_most_concurrency_plus_lock_threshold() {
         use tower::ServiceExt as _;
         let web = Arc::new(web_over(crate::store::SqliteStore::in_memory().unwrap()));
-        users::set_admin(&mut **lock(&web.store), "ops", "the right password", 1).unwrap();
+        users::set_admin(
+            &mut **lock(&web.store),
+            "ops",
+            "the right password",
+            None,
+            1,
+        )
+        .unwrap();
         let app = routes(web.clone());
         let client = std::net::SocketAddr::from(([10, 0, 0, 1], 4000));
         let login = |name: &'static str| {

@@ -10,6 +10,7 @@
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 
+use crate::roles::Role;
 use crate::store::{AdminSet, Store, StoreError, secret_digest};
 
 /// Shortest password `baton admin add` accepts.
@@ -67,27 +68,35 @@ pub fn password_matches(password: &str, hash: &str) -> bool {
     })
 }
 
-/// Adds administrator `name` with `password`, or replaces its password.
-pub fn set_admin(store: &mut dyn Store, name: &str, password: &str, now: u64) -> Result<AdminSet> {
+/// Adds administrator `name` with `password`, or replaces its password; `role` as
+/// [`Store::set_admin`] takes it (`None`: `admin` when added, unchanged when replaced).
+pub fn set_admin(
+    store: &mut dyn Store,
+    name: &str,
+    password: &str,
+    role: Option<Role>,
+    now: u64,
+) -> Result<AdminSet> {
     check_name(name)?;
     if password.chars().count() < MIN_PASSWORD_LEN {
         return Err(UserError::ShortPassword);
     }
     let hash = hash_password(password)?;
-    Ok(store.set_admin(name, &hash, now)?)
+    Ok(store.set_admin(name, &hash, role, now)?)
 }
 
-/// Creates (or replaces) the named API token and returns the token itself (shown once).
-pub fn new_api_token(store: &mut dyn Store, name: &str, now: u64) -> Result<String> {
+/// Creates (or replaces) the named API token with `role` and returns the token itself
+/// (shown once).
+pub fn new_api_token(store: &mut dyn Store, name: &str, role: Role, now: u64) -> Result<String> {
     check_name(name)?;
     let token = format!("bt_{}", super::random_hex(24));
-    store.new_api_token(name, &secret_digest(&token), now)?;
+    store.new_api_token(name, &secret_digest(&token), role, now)?;
     Ok(token)
 }
 
-/// The name of the API token `token`, if it is one.
-pub fn api_token_name(store: &dyn Store, token: &str) -> Result<Option<String>> {
-    Ok(store.api_token_name(&secret_digest(token))?)
+/// The name and role of the API token `token`, if it is one.
+pub fn api_token(store: &dyn Store, token: &str) -> Result<Option<(String, Role)>> {
+    Ok(store.api_token(&secret_digest(token))?)
 }
 
 #[cfg(test)]
@@ -99,15 +108,15 @@ mod test {
     fn administrators_and_passwords() {
         let mut store = SqliteStore::in_memory().unwrap();
         assert!(matches!(
-            set_admin(&mut store, "ops", "short", 1),
+            set_admin(&mut store, "ops", "short", None, 1),
             Err(UserError::ShortPassword)
         ));
         assert!(matches!(
-            set_admin(&mut store, "two words", "long enough", 1),
+            set_admin(&mut store, "two words", "long enough", None, 1),
             Err(UserError::BadName(_))
         ));
         assert_eq!(
-            set_admin(&mut store, "ops", "correct horse", 1).unwrap(),
+            set_admin(&mut store, "ops", "correct horse", None, 1).unwrap(),
             AdminSet::Added
         );
         let hash = store.admin_hash("ops").unwrap().unwrap();
@@ -116,33 +125,47 @@ mod test {
         assert!(!password_matches("correct horsE", &hash));
         assert!(!password_matches("correct horse", "not a hash"));
         assert_eq!(
-            set_admin(&mut store, "ops", "battery staple", 2).unwrap(),
+            set_admin(&mut store, "ops", "battery staple", Some(Role::Read), 2).unwrap(),
             AdminSet::PasswordChanged
         );
         let hash = store.admin_hash("ops").unwrap().unwrap();
         assert!(!password_matches("correct horse", &hash));
         assert!(password_matches("battery staple", &hash));
+        assert_eq!(store.admin_role("ops").unwrap(), Some(Role::Read));
         assert_eq!(store.admin_hash("nobody").unwrap(), None);
+        assert_eq!(store.admin_role("nobody").unwrap(), None);
         assert_eq!(store.admins().unwrap(), vec!["ops".to_string()]);
+        users_keep_their_role_when_the_password_changes(&mut store);
+    }
+
+    fn users_keep_their_role_when_the_password_changes(store: &mut SqliteStore) {
+        set_admin(store, "ops", "another password", None, 3).unwrap();
+        assert_eq!(store.admin_role("ops").unwrap(), Some(Role::Read));
+        set_admin(store, "root", "root password", None, 3).unwrap();
+        assert_eq!(store.admin_role("root").unwrap(), Some(Role::Admin));
     }
 
     #[test]
     fn api_tokens() {
         let mut store = SqliteStore::in_memory().unwrap();
-        let token = new_api_token(&mut store, "ci", 1).unwrap();
+        let token = new_api_token(&mut store, "ci", Role::Operate, 1).unwrap();
         assert!(token.starts_with("bt_") && token.len() == 51, "{token}");
         assert_eq!(
-            api_token_name(&store, &token).unwrap().as_deref(),
-            Some("ci")
+            api_token(&store, &token).unwrap(),
+            Some(("ci".to_string(), Role::Operate))
         );
-        assert_eq!(api_token_name(&store, "bt_guess").unwrap(), None);
-        let again = new_api_token(&mut store, "ci", 2).unwrap();
+        assert_eq!(api_token(&store, "bt_guess").unwrap(), None);
+        let again = new_api_token(&mut store, "ci", Role::Read, 2).unwrap();
         assert_ne!(token, again);
-        assert_eq!(api_token_name(&store, &token).unwrap(), None, "replaced");
+        assert_eq!(api_token(&store, &token).unwrap(), None, "replaced");
+        assert_eq!(
+            api_token(&store, &again).unwrap(),
+            Some(("ci".to_string(), Role::Read))
+        );
         assert!(store.revoke_api_token("ci").unwrap());
-        assert_eq!(api_token_name(&store, &again).unwrap(), None);
+        assert_eq!(api_token(&store, &again).unwrap(), None);
         assert!(matches!(
-            new_api_token(&mut store, "", 3),
+            new_api_token(&mut store, "", Role::Admin, 3),
             Err(UserError::BadName(_))
         ));
     }

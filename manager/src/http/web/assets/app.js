@@ -1,10 +1,17 @@
 // Baton administrator UI: plain JavaScript over /api/v1 with the session cookie.
 // Views are chosen by the URL fragment: #/fleet, #/segments, #/groups[/name|/new],
 // #/policies[/name|/new], #/jobs[/new|/id], #/audit[/before-id]. Changing requests carry
-// X-CSRF-Token.
+// X-CSRF-Token. Actions the session's role may not take (see `GET /api/v1/me`; the page
+// carries the role) are not shown: a `read` administrator sees no create, edit, delete,
+// start or cancel buttons; the server refuses them anyway (403).
 "use strict";
 
 const CSRF = document.querySelector('meta[name="csrf-token"]').content;
+const ROLE = document.querySelector('meta[name="baton-role"]').content;
+// Whether the session may publish, push, cancel and change groups and policies.
+const CAN_OPERATE = ROLE === "operate" || ROLE === "admin";
+// `el` when the session may operate, else nothing.
+function ifOperate(el) { return CAN_OPERATE ? el : null; }
 const view = document.getElementById("view");
 let cleanup = null; // closes the current view's event stream and timers
 
@@ -323,14 +330,14 @@ async function groups() {
   const list = await api("GET", "/api/v1/groups");
   return h("div", {},
     pageHead("Content groups", "Sets of agents that receive the same content: listed by id or matched by labels.",
-      h("a", { class: "btn primary", href: "#/groups/new", id: "new-group" }, "New group")),
+      ifOperate(h("a", { class: "btn primary", href: "#/groups/new", id: "new-group" }, "New group"))),
     h("div", { class: "card" }, table([["Name"], ["Agents listed"], ["Selector", "opt"], ["Members now", "num"], [""]],
       list.map((g) => h("tr", { "data-group": g.name },
         h("td", {}, h("a", { href: "#/groups/" + encodeURIComponent(g.name) }, h("strong", {}, g.name))),
         h("td", { class: "wrap" }, g.agents.length ? g.agents.join(", ") : h("span", { class: "muted" }, "—")),
         h("td", { class: "opt" }, Object.entries(g.selector || {}).map(([k, v]) => h("span", { class: "chip" }, k + "=" + v))),
         h("td", { class: "num" }, (g.members || []).length),
-        h("td", { class: "num" }, h("a", { class: "btn small", href: "#/groups/" + encodeURIComponent(g.name) }, "Edit")))),
+        h("td", { class: "num" }, h("a", { class: "btn small", href: "#/groups/" + encodeURIComponent(g.name) }, CAN_OPERATE ? "Edit" : "View")))),
       "No content group yet.")));
 }
 
@@ -369,6 +376,7 @@ async function groupForm(name) {
 // Save / Cancel / Delete buttons of the form editing `record` (null = a new one), a named
 // `kind` of record kept at /api/v1/`collection`; `formOf()` is the form, for errors.
 function editActions(kind, collection, record, formOf) {
+  if (!CAN_OPERATE) return h("div", { class: "form-actions" }, h("a", { class: "btn", href: "#/" + collection }, "Back"));
   return h("div", { class: "form-actions" },
     h("button", { type: "submit", class: "btn primary", id: "save-" + kind }, record ? "Save changes" : "Create " + kind),
     h("a", { class: "btn", href: "#/" + collection }, "Cancel"),
@@ -409,7 +417,7 @@ async function policies() {
   const list = await api("GET", "/api/v1/policies");
   return h("div", {},
     pageHead("Policies", "Rules a job runs under: relaying, fan-out, rate caps and time windows.",
-      h("a", { class: "btn primary", href: "#/policies/new", id: "new-policy" }, "New policy")),
+      ifOperate(h("a", { class: "btn primary", href: "#/policies/new", id: "new-policy" }, "New policy"))),
     h("div", { class: "card" }, table([["Name"], ["Relay"], ["Segment-local", "opt"], ["Peers/source", "num opt"], ["Agent cap", "num"], ["Segment cap", "num opt"], ["Window (UTC)"], [""]],
       list.map((p) => h("tr", { "data-policy": p.name },
         h("td", {}, h("a", { href: "#/policies/" + encodeURIComponent(p.name) }, h("strong", {}, p.name))),
@@ -419,7 +427,7 @@ async function policies() {
         h("td", { class: "num" }, rate(p.agent_rate_cap_bps)),
         h("td", { class: "num opt" }, rate(p.segment_rate_cap_bps)),
         h("td", {}, p.window ? minutesText(p.window.start_minute) + "–" + minutesText(p.window.end_minute) : "any time"),
-        h("td", { class: "num" }, h("a", { class: "btn small", href: "#/policies/" + encodeURIComponent(p.name) }, "Edit")))),
+        h("td", { class: "num" }, h("a", { class: "btn small", href: "#/policies/" + encodeURIComponent(p.name) }, CAN_OPERATE ? "Edit" : "View")))),
       "No policy yet. Jobs without one use the planner's defaults.")));
 }
 
@@ -468,7 +476,7 @@ async function policyForm(name) {
 async function jobs() {
   const list = await api("GET", "/api/v1/jobs");
   return h("div", {},
-    pageHead("Jobs", "Content distributions, newest first.", h("a", { class: "btn primary", href: "#/jobs/new", id: "new-job" }, "New job")),
+    pageHead("Jobs", "Content distributions, newest first.", ifOperate(h("a", { class: "btn primary", href: "#/jobs/new", id: "new-job" }, "New job"))),
     h("div", { class: "card" }, table([["Job"], ["Content"], ["State"], ["Confirmed"], ["Group", "opt"], ["Policy", "opt"], ["Warnings", "opt"], ["Created", "opt"]],
       list.map((j) => h("tr", { "data-job": j.id },
         h("td", {}, h("a", { href: "#/jobs/" + j.id }, h("strong", {}, "#" + j.id))),
@@ -511,6 +519,7 @@ async function audit(before) {
 }
 
 async function newJob() {
+  if (!CAN_OPERATE) return h("div", {}, pageHead("New job", "Starting jobs needs the operate role; this session has " + ROLE + "."));
   const [groupList, policyList, agents] = await Promise.all([
     api("GET", "/api/v1/groups"), api("GET", "/api/v1/policies"), api("GET", "/api/v1/agents")]);
   const targetSel = h("select", { id: "f-target" },
@@ -524,7 +533,7 @@ async function newJob() {
     h("p", { class: "form-error", role: "alert" }),
     h("div", { class: "form" },
       field("file", "Upload content", h("input", { type: "file", id: "f-file" }), "Or name a file the manager holds below."),
-      field("path", "File on the manager", h("input", { type: "text", id: "f-path", placeholder: "/srv/firmware/fw-2.4.bin" }), "Absolute path."),
+      field("path", "File on the manager", h("input", { type: "text", id: "f-path", placeholder: "/srv/firmware/fw-2.4.bin" }), "Absolute path, in a directory the manager publishes from (baton serve --content-dir)."),
       field("content_name", "Content name", h("input", { type: "text", id: "f-content_name", placeholder: "default: the file name" })),
       field("policy", "Policy", h("select", { id: "f-policy" }, h("option", { value: "" }, "Planner defaults"),
         policyList.map((p) => h("option", { value: p.name }, p.name)))),
@@ -818,7 +827,7 @@ async function jobPage(id) {
       pageHead(h("span", {}, "Job #" + job.id + " ", pill(job.state)),
         (c.name || "?") + " v" + (c.version ?? "?") + " · " + bytes(c.length) + " in " + (c.chunks ?? 0) + " chunks of " + bytes(c.chunk_size),
         live,
-        over ? null : h("button", { class: "btn danger", id: "cancel-job", onclick: async () => {
+        over || !CAN_OPERATE ? null : h("button", { class: "btn danger", id: "cancel-job", onclick: async () => {
           if (!confirm("Cancel job #" + job.id + "? Agents keep the chunks they verified.")) return;
           try { await api("POST", "/api/v1/jobs/" + job.id + "/cancel"); } catch (e) { alert(e.message); }
           refresh();
