@@ -526,7 +526,8 @@ impl Lab {
         out.stdout
     }
 
-    /// Starts `baton serve` on `10.77.0.1:7700` (HTTP on the namespace's loopback).
+    /// Starts `baton serve` on `10.77.0.1:7700` (HTTP on the namespace's loopback),
+    /// publishing from the lab's directory (where the tests write their content).
     pub fn start_manager(&mut self, extra: &[&str]) -> ManagerInfo {
         let data_dir = self.dir.join("manager");
         let ready = self.dir.join("ready.json");
@@ -537,6 +538,8 @@ impl Lab {
             .arg(&data_dir)
             .args(["--listen", &format!("{MANAGER_IP}:{MANAGER_PORT}")])
             .args(["--http", "127.0.0.1:7780", "--give-up", "20"])
+            .arg("--content-dir")
+            .arg(&self.dir)
             .arg("--ready-file")
             .arg(&ready)
             .args(extra)
