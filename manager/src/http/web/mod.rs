@@ -427,9 +427,20 @@ async fn login(
         return busy(&web, &name);
     };
     // Names that are no administrator's share one key: junk names cost no memory.
-    let known = lock(&web.store)
-        .admins()
-        .is_ok_and(|admins| admins.iter().any(|a| a.eq_ignore_ascii_case(&name)));
+    // The name's hash, looked up once (the password is checked against it below), and
+    // whether the name is an administrator's in any case (it keys the back-off).
+    let (hash, known) = {
+        let store = lock(&web.store);
+        let hash = store.admin_hash(&name).unwrap_or_else(|e| {
+            tracing::error!("cannot read administrators: {e}");
+            None
+        });
+        let known = hash.is_some()
+            || store
+                .admins()
+                .is_ok_and(|admins| admins.iter().any(|a| a.eq_ignore_ascii_case(&name)));
+        (hash, known)
+    };
     let keys = if known {
         LoginLimiter::keys(client.ip(), &name).to_vec()
     } else {
@@ -450,23 +461,15 @@ async fn login(
     };
     drop(place);
     web.password_verifications.fetch_add(1, Ordering::Relaxed);
-    let store = web.store.clone();
-    let lookup = name.clone();
     let password = form.password;
     // The hash the password matched, if it did.
     let verified = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        // The store is locked for the lookup only, not while argon2 works.
-        let hash = lock(&store).admin_hash(&lookup);
         match hash {
-            Ok(Some(hash)) => users::password_matches(&password, &hash).then_some(hash),
-            Ok(None) => {
+            Some(hash) => users::password_matches(&password, &hash).then_some(hash),
+            None => {
                 // Spend the same time as a real check, so names cannot be probed by timing.
                 let _ = users::hash_password(&password);
-                None
-            }
-            Err(e) => {
-                tracing::error!("cannot read administrators: {e}");
                 None
             }
         }
