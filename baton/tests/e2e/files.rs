@@ -31,6 +31,19 @@ fn chmod(path: &Path, mode: u32) {
 }
 
 /// Runs `baton args…`, which must fail within [`REFUSED_WITHIN`]; returns its stderr.
+/// Runs a second `baton serve` on `data` (any free ports), which must be refused.
+fn serve_refused(data: &std::path::Path) -> String {
+    refused(&[
+        "serve",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+    ])
+}
+
 fn refused(args: &[&str]) -> String {
     let started = Instant::now();
     let out = baton(args, REFUSED_WITHIN);
@@ -75,15 +88,7 @@ fn a_second_manager_on_a_data_directory_in_use_exits_naming_it() {
         assert_eq!(mode(&data.join(file)), 0o600, "{file}");
     }
 
-    let stderr = refused(&[
-        "serve",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-    ]);
+    let stderr = serve_refused(&data);
     assert!(stderr.contains(&in_use(&data)), "{stderr}");
     assert!(
         stderr.contains(&data.join("lock").display().to_string()),
@@ -158,15 +163,7 @@ fn a_key_file_open_to_others_stops_start_up_with_the_fix() {
     for file in ["manager.key", "publisher.key", "admin.token"] {
         let path = data.join(file);
         chmod(&path, 0o644);
-        let stderr = refused(&[
-            "serve",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-        ]);
+        let stderr = serve_refused(&data);
         assert!(
             stderr.contains(&format!("chmod 600 {}", path.display())),
             "{file}: {stderr}"

@@ -124,20 +124,11 @@ fn a_bad_chunk_source_is_retired_once_two_fetchers_reported_it() {
         }
     }
     let mark = retired_at.expect("two fetchers reported the bad agent");
-    for o in &fleet.log[mark..] {
-        if let Output::Transmit(
-            to,
-            Message::Fetch { sources, .. } | Message::Sources { sources, .. },
-        ) = o
-        {
-            assert!(
-                sources
-                    .iter()
-                    .all(|r| !matches!(&r.source, Source::Peer { id, .. } if *id == bad_id)),
-                "{to} was offered the bad source after two fetchers reported it"
-            );
-        }
-    }
+    let offered = fleet.offered_since(mark, &bad_id);
+    assert!(
+        offered.is_empty(),
+        "{offered:?} were offered the bad source after two fetchers reported it"
+    );
     let status = fleet.engine.job_status(1).unwrap();
     assert!(status.participants.iter().all(|p| !p.demoted), "{status:?}");
     assert!(fleet.log.contains(&Output::Persist(Persist::JobFinished {

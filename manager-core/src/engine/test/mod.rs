@@ -269,6 +269,25 @@ impl Fleet {
         self.drain();
     }
 
+    /// The agents sent a `Fetch` or `Sources` naming `peer` as a source since log index `mark`.
+    fn offered_since(&self, mark: usize, peer: &AgentId) -> Vec<AgentId> {
+        self.log[mark..]
+            .iter()
+            .filter_map(|o| match o {
+                Output::Transmit(
+                    to,
+                    Message::Fetch { sources, .. } | Message::Sources { sources, .. },
+                ) if sources
+                    .iter()
+                    .any(|r| matches!(&r.source, Source::Peer { id, .. } if id == peer)) =>
+                {
+                    Some(to.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Drains the engine in the driver's order, delivering messages to the fake agents.
     fn drain(&mut self) {
         loop {

@@ -4,13 +4,14 @@
 
 use super::*;
 
+/// The participants of job 1 as the engine reports them.
+fn participants(fleet: &Fleet) -> Vec<ParticipantStatus> {
+    fleet.engine.job_status(1).unwrap().participants
+}
+
 /// The current distinct peer sources of every participant of job 1, by name.
 fn peer_sources(fleet: &Fleet) -> BTreeMap<AgentId, Vec<AgentId>> {
-    fleet
-        .engine
-        .job_status(1)
-        .unwrap()
-        .participants
+    participants(fleet)
         .into_iter()
         .map(|p| (p.agent, p.sources.into_iter().flatten().collect()))
         .collect()
@@ -28,12 +29,9 @@ fn fetchers_of(fleet: &Fleet, peer: &AgentId) -> Vec<usize> {
     out
 }
 
+/// Participant `name` of job 1.
 fn participant(fleet: &Fleet, name: &AgentId) -> ParticipantStatus {
-    fleet
-        .engine
-        .job_status(1)
-        .unwrap()
-        .participants
+    participants(fleet)
         .into_iter()
         .find(|p| p.agent == *name)
         .unwrap()
@@ -202,20 +200,11 @@ fn two_reporters_retire_the_peer_for_everyone() {
         );
     }
     fleet.run(1, 3, 500);
-    for o in &fleet.log[mark..] {
-        if let Output::Transmit(
-            to,
-            Message::Fetch { sources, .. } | Message::Sources { sources, .. },
-        ) = o
-        {
-            assert!(
-                sources
-                    .iter()
-                    .all(|r| !matches!(&r.source, Source::Peer { id, .. } if *id == peer)),
-                "{to} was offered {peer} after two reports"
-            );
-        }
-    }
+    let offered = fleet.offered_since(mark, &peer);
+    assert!(
+        offered.is_empty(),
+        "{offered:?} were offered {peer} after two reports"
+    );
     assert!(demotions(&fleet).is_empty());
     assert!(fleet.agents.iter().all(FakeAgent::complete));
 }
