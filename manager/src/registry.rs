@@ -843,6 +843,8 @@ mod test {
             key: agent.public(),
             segment: heapless::String::new(),
             score: 0,
+            serial: 0,
+            not_after: 0,
             signature: [0; 64],
         };
         let other = Identity::from_seed([99; 32]);

@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::{AgentId, Name, PublicKey};
 
-/// Domain prefix for agent certificate signatures (v2: the signed bytes are the
-/// postcard encoding of every field before the signature).
-const CERT_DOMAIN: &[u8] = b"baton agent cert v2\0";
+/// Domain prefix for agent certificate signatures (v3: the signed bytes are the
+/// postcard encoding of every field before the signature, serial and expiry included).
+const CERT_DOMAIN: &[u8] = b"baton agent cert v3\0";
 /// Room for the signed bytes: the domain and the largest encoded fields (123 bytes
 /// today), with space for the fields a later version adds.
 const CERT_SIGNED_MAX: usize = 256;
@@ -113,8 +113,9 @@ pub fn x25519_of(key: &PublicKey) -> Result<[u8; 32], SignatureError> {
 /// The manager's statement that `id` is an enrolled agent with key `key`, placed in
 /// `segment` with an election score of at most `score`.
 ///
-/// Issued in every `Welcome`, shown in peer handshakes and in every discovery
-/// datagram. The signature covers `CERT_DOMAIN ‖ postcard(id, key, segment, score)`,
+/// Issued in every `Welcome` (and renewed over the session by `CertRenewed`), shown in
+/// peer handshakes and in every discovery datagram. The signature covers
+/// `CERT_DOMAIN ‖ postcard(id, key, segment, score, serial, not_after)`,
 /// i.e. the certificate's own encoding up to the signature: a later version
 /// appends fields before `signature`, adds them to [`CertFields`] and bumps the
 /// domain string, so a certificate of one version never verifies as another.
@@ -131,6 +132,12 @@ pub struct AgentCert {
     /// The highest election score the agent may claim on its segment; peers use
     /// `min(declared score, score)`.
     pub score: u32,
+    /// The manager's serial number for this certificate; grows with every certificate it
+    /// issues, so a revocation can name "every certificate of this id up to serial N".
+    pub serial: u64,
+    /// Unix seconds after which peers refuse the certificate; `0` means never (tests and
+    /// tools only: the manager always sets a lifetime).
+    pub not_after: u64,
     /// The manager's Ed25519 signature over the domain prefix and the fields above.
     #[serde(with = "sig_serde")]
     pub signature: [u8; 64],
@@ -143,6 +150,8 @@ struct CertFields<'a> {
     key: &'a PublicKey,
     segment: &'a Name,
     score: u32,
+    serial: u64,
+    not_after: u64,
 }
 
 impl AgentCert {
@@ -153,6 +162,8 @@ impl AgentCert {
             key: &self.key,
             segment: &self.segment,
             score: self.score,
+            serial: self.serial,
+            not_after: self.not_after,
         };
         let domain = CERT_DOMAIN.len();
         out[..domain].copy_from_slice(CERT_DOMAIN);
@@ -177,11 +188,27 @@ impl AgentCert {
         segment: Name,
         score: u32,
     ) -> Self {
+        Self::issue_with_term(manager, id, key, segment, score, 0, 0)
+    }
+
+    /// Issues a certificate as [`AgentCert::issue_certified`] does, with a serial number
+    /// and an expiry (`not_after`, Unix seconds): the form the manager issues.
+    pub fn issue_with_term(
+        manager: &Identity,
+        id: AgentId,
+        key: PublicKey,
+        segment: Name,
+        score: u32,
+        serial: u64,
+        not_after: u64,
+    ) -> Self {
         let mut cert = AgentCert {
             id,
             key,
             segment,
             score,
+            serial,
+            not_after,
             signature: [0; 64],
         };
         let mut buf = [0; CERT_SIGNED_MAX];
@@ -193,6 +220,15 @@ impl AgentCert {
     pub fn verify(&self, manager: &PublicKey) -> Result<(), SignatureError> {
         let mut buf = [0; CERT_SIGNED_MAX];
         verify(manager, self.signed_bytes(&mut buf), &self.signature)
+    }
+
+    /// Whether the certificate is still within its lifetime at `now_unix` (seconds); an
+    /// unknown time (`None`) accepts it, as does `not_after == 0`.
+    pub fn is_current(&self, now_unix: Option<u64>) -> bool {
+        match now_unix {
+            Some(now) => self.not_after == 0 || now < self.not_after,
+            None => true,
+        }
     }
 }
 

@@ -12,6 +12,8 @@
 //!   can be verified with a few hundred bytes of RAM whatever the content size.
 //! - [`identity`]: Ed25519 identities, their X25519 form for the handshake, and
 //!   the manager-signed certificates that let two agents trust each other.
+//! - [`trust`]: the root-signed trust document naming the publisher keys and their names.
+//! - [`revocation`]: the manager-signed list of revoked agent certificates.
 //! - [`session`]: the mutually authenticated Noise XX handshake and the
 //!   encrypted transport that follows it.
 //! - [`discovery`]: the signed UDP datagrams of segment discovery and leader election.
@@ -31,7 +33,9 @@ pub mod identity;
 pub mod manifest;
 pub mod merkle;
 pub mod message;
+pub mod revocation;
 pub mod session;
+pub mod trust;
 pub mod types;
 
 pub use manifest::Manifest;

@@ -59,6 +59,12 @@ pub enum ManifestError {
     Expired,
     /// Older than the version of this name already held.
     Downgrade,
+    /// Its signer is a listed publisher, but not for this content name.
+    NotListed,
+    /// The version accepted before for this name, with another root.
+    VersionReused,
+    /// This side has no trust document (or no root key) to judge manifests with.
+    NoTrust,
 }
 
 impl core::fmt::Display for ManifestError {
@@ -71,6 +77,11 @@ impl core::fmt::Display for ManifestError {
             ManifestError::BadSignature => "manifest signature does not verify",
             ManifestError::Expired => "manifest has expired",
             ManifestError::Downgrade => "manifest version is older than the one held",
+            ManifestError::NotListed => "publisher is not listed for this content name",
+            ManifestError::VersionReused => {
+                "manifest reuses an accepted version with other content"
+            }
+            ManifestError::NoTrust => "no trust document to check the manifest against",
         })
     }
 }

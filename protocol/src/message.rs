@@ -139,6 +139,12 @@ pub enum FailReason {
     NoSource,
     /// The chunk size is larger than this agent accepts.
     ChunkTooLarge,
+    /// The manifest's publisher is listed in the trust document, but not for this name.
+    NotListed,
+    /// The version accepted before for this name, with another root.
+    VersionReused,
+    /// The agent holds no trust document (or has no root key) to judge the manifest.
+    NoTrust,
 }
 
 /// What went wrong with a peer, reported to the manager.
@@ -223,7 +229,8 @@ pub enum Message<'a> {
         cert: AgentCert,
         /// The manager's clock, Unix seconds (for manifest expiry).
         unix_time: u64,
-        /// Publisher keys the manager vouches for.
+        /// Publisher keys the manager vouches for. Agents no longer trust these (publishers
+        /// come from the root-signed trust document, [`Message::Trust`]); managers send none.
         publishers: heapless::Vec<PublicKey, MAX_PUBLISHERS>,
     },
     /// Manager → agent: fetch this content from these sources (claims 3, 5).
@@ -306,6 +313,29 @@ pub enum Message<'a> {
     NotAccepted {
         /// Why, for people (the agent logs it).
         reason: &'a str,
+    },
+    /// Manager → agent: a root-signed trust document, the postcard bytes of a
+    /// [`crate::trust::SignedTrust`] (at most [`crate::trust::MAX_TRUST_BYTES`]). Sent after
+    /// `Welcome`, oldest first, for every document of the chain the manager keeps, and again
+    /// whenever a new one is stored; the agent keeps the newest it can verify. Carried as
+    /// bytes so a message stays small on a device until it is decoded.
+    Trust {
+        /// The encoded signed document.
+        document: &'a [u8],
+    },
+    /// Manager → agent: the manager-signed revocation list, the postcard bytes of a
+    /// [`crate::revocation::RevocationList`] (at most
+    /// [`crate::revocation::MAX_REVOCATION_BYTES`]). Sent after `Welcome` and whenever the
+    /// list changes.
+    Revocations {
+        /// The encoded signed list.
+        list: &'a [u8],
+    },
+    /// Manager → agent: a renewed certificate (new serial and expiry) for peer handshakes
+    /// and discovery, sent over the live session before the current one expires.
+    CertRenewed {
+        /// The new certificate.
+        cert: AgentCert,
     },
 }
 
@@ -429,6 +459,9 @@ impl<'a> Message<'a> {
             Message::SegmentReport(_) => "SegmentReport",
             Message::Throttle { .. } => "Throttle",
             Message::NotAccepted { .. } => "NotAccepted",
+            Message::Trust { .. } => "Trust",
+            Message::Revocations { .. } => "Revocations",
+            Message::CertRenewed { .. } => "CertRenewed",
         }
     }
 }

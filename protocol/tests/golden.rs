@@ -16,7 +16,8 @@
 //! Keys and signatures come from fixed Ed25519 seeds (Ed25519 is
 //! deterministic). They were cross-checked with an independent Ed25519
 //! implementation signing the byte strings `SPEC.md` defines
-//! (`"baton agent cert v2\0" ‖ postcard(id, key, segment, score)` and
+//! (`"baton agent cert v3\0" ‖ postcard(id, key, segment, score, serial, not_after)`,
+//! `"baton trust v1\0"` and `"baton revocations v1\0"` hashed with SHA-256 before signing, and
 //! `"baton manifest v1\0" ‖ postcard(name, …, signer)`), so these vectors also
 //! pin the signed bytes.
 //!
@@ -44,7 +45,9 @@ use baton_protocol::message::{
     CodecError, FailReason, Holding, Received, Refusal, Report, SegmentMember, SegmentReport,
     Source, SourceRange, Trouble,
 };
+use baton_protocol::revocation::{RevocationList, Revoked};
 use baton_protocol::session::{Hello, Role};
+use baton_protocol::trust::{PublisherGrant, SignedTrust, TrustAnchor, TrustDocument};
 use baton_protocol::{
     AgentId, Delay, DelayTo, JobRef, Label, LinkInfo, Manifest, Message, PeerAddr, PublicKey, caps,
 };
@@ -65,13 +68,14 @@ const PK_PUBLISHER: &str = "ca93ac1705187071d67b83c7ff0efe8108e8ec4530575d772687
 /// First 8 bytes of SHA-256 over the publisher's key.
 const KEYID_PUBLISHER: &str = "c5b940ed3f65c391";
 /// The manager's signature over
-/// `"baton agent cert v2\0" 06 "edge-1" PK_EDGE1 0c "fra-2/rack-4" f0a204`.
+/// `"baton agent cert v3\0" 06 "edge-1" PK_EDGE1 0c "fra-2/rack-4" f0a204 9221 80a4a7da06`.
 const CERT_SIG: &str = concat!(
-    "79ae3235a9233627d8b111984b44f59150e44ec2cc2ef1370415405e2f5a6f7e",
-    "b5a42e0b922bf101db9387a5de666246776926d029b19f270b602f6c942b4106",
+    "fb373d586b5f340b51cfb1250e6f29e81986f8461a688c69fd0a13badfd5afb2",
+    "bdbf7bcd52bd5fdc60a7bfdc1fc8e5da6eb231646c82deb014f8e13e661c4902",
 );
-/// The certified segment `"fra-2/rack-4"` and score 70 000 (varint `f0 a2 04`).
-const CERT_SEGMENT_SCORE: &str = "0c 6672612d322f7261636b2d34 f0a204";
+/// The certified segment `"fra-2/rack-4"`, score 70 000 (varint `f0 a2 04`), serial 4242
+/// (`92 21`) and expiry 1 800 000 000 (`80 a4 a7 da 06`).
+const CERT_SEGMENT_SCORE: &str = "0c 6672612d322f7261636b2d34 f0a204 9221 80a4a7da06";
 /// The publisher's signature over `"baton manifest v1\0"` and the manifest fields.
 const MANIFEST_SIG: &str = concat!(
     "c09b895032c624319e353fc5caf798ddb13afba4cfcef28c4d17ac5d937cac53",
@@ -107,14 +111,17 @@ fn rep(hex: &str, n: usize) -> String {
     hex.repeat(n)
 }
 
-/// The manager's certificate for `edge-1`, placed in `fra-2/rack-4` with score 70 000.
+/// The manager's certificate for `edge-1`, placed in `fra-2/rack-4` with score 70 000,
+/// serial 4242, valid until Unix second 1 800 000 000.
 fn cert() -> AgentCert {
-    AgentCert::issue_certified(
+    AgentCert::issue_with_term(
         &identity(1),
         id("edge-1"),
         key(2),
         heapless::String::try_from("fra-2/rack-4").unwrap(),
         70_000,
+        4242,
+        1_800_000_000,
     )
 }
 
@@ -317,6 +324,9 @@ fn variant_index(msg: &Message<'_>) -> u8 {
         Message::SegmentReport(_) => 16,
         Message::Throttle { .. } => 17,
         Message::NotAccepted { .. } => 18,
+        Message::Trust { .. } => 19,
+        Message::Revocations { .. } => 20,
+        Message::CertRenewed { .. } => 21,
     }
 }
 
@@ -399,6 +409,9 @@ fn enum_variant_indices() {
         FailReason::Busy,
         FailReason::NoSource,
         FailReason::ChunkTooLarge,
+        FailReason::NotListed,
+        FailReason::VersionReused,
+        FailReason::NoTrust,
     ];
     for (i, reason) in fail.iter().enumerate() {
         check_value(reason, &[&format!("{i:02x}")]);
@@ -679,7 +692,7 @@ fn v15_pong() {
 #[test]
 fn unknown_variant_is_refused() {
     assert_eq!(
-        Message::decode(&[18]),
+        Message::decode(&[22]),
         Err(baton_protocol::message::CodecError::Malformed)
     );
 }
@@ -785,14 +798,141 @@ fn v18_not_accepted() {
     check_message(&msg, &["12", "0d", "746f6b656e2065787069726564"]);
 }
 
+/// Ed25519 public key of seed `[5; 32]` (the root key).
+const PK_ROOT: &str = "6e7a1cdd29b0b78fd13af4c5598feff4ef2a97166e3ca6f2e4fbfccd80505bf1";
+/// First 8 bytes of SHA-256 over the root key.
+const KEYID_ROOT: &str = "7599776c3085e3f9";
+/// SHA-256 over `"baton trust v1\0"` and the document's encoding ([`trust_document_hex`]).
+const TRUST_DIGEST: &str = "ff0453a6f2130f281c233e510462e59ed2f58d5fac1dd6ede29e8a59f73e9e74";
+/// The root's signature over [`TRUST_DIGEST`].
+const TRUST_SIG: &str = concat!(
+    "322de8d13fc1fc82a09038930a9aeb478245e5e6480cfc32cfb156de5cf35e21",
+    "2874abf4becec19a5661c725568d44dae9153b4199e0c1890905a81d4392e504",
+);
+
+/// Trust document v2: root `[5; 32]` (1 of 1) lists the publisher for `router-*` and `config`.
+fn trust() -> SignedTrust {
+    let mut signed = SignedTrust::new(TrustDocument {
+        version: 2,
+        expires: 1_800_000_000,
+        threshold: 1,
+        roots: heapless::Vec::from_slice(&[key(5)]).unwrap(),
+        publishers: heapless::Vec::from_slice(&[PublisherGrant {
+            key: key(4),
+            names: heapless::Vec::from_slice(&[
+                heapless::String::try_from("router-*").unwrap(),
+                heapless::String::try_from("config").unwrap(),
+            ])
+            .unwrap(),
+        }])
+        .unwrap(),
+    });
+    signed.sign(&identity(5)).unwrap();
+    signed
+}
+
+fn trust_document_hex() -> String {
+    [
+        "02",                  // version 2
+        "80a4a7da06",          // expires 1 800 000 000
+        "01",                  // threshold 1
+        "01",                  // roots: 1
+        PK_ROOT,               //   the root key
+        "01",                  // publishers: 1
+        PK_PUBLISHER,          //   key
+        "02",                  //   names: 2
+        "08 726f757465722d2a", //     "router-*"
+        "06 636f6e666967",     //     "config"
+    ]
+    .concat()
+}
+
+fn trust_hex() -> String {
+    [
+        &trust_document_hex() as &str,
+        "01",       // signatures: 1
+        KEYID_ROOT, //   signer
+        TRUST_SIG,  //   signature: 64 raw bytes
+    ]
+    .concat()
+}
+
+#[test]
+fn signed_trust_document() {
+    let t = trust();
+    assert_eq!(hex::encode(t.document.digest()), TRUST_DIGEST);
+    let anchor = TrustAnchor::pinned(&[key(5)], 1).unwrap();
+    let held = anchor
+        .accept(&t, Some(1_700_000_000))
+        .expect("golden trust verifies");
+    assert_eq!(held.version, 2);
+    assert_eq!(t.document.verify_manifest(&manifest()), Ok(()));
+    check_value(&t, &[&trust_hex()]);
+}
+
+#[test]
+fn v19_trust() {
+    let bytes = bytes_of(&[&trust_hex()]);
+    let msg = Message::Trust { document: &bytes };
+    // The document's bytes: their length (163 = varint a3 01), then the bytes.
+    check_message(&msg, &["13", "a301", &trust_hex()]);
+    assert_eq!(SignedTrust::decode(&bytes), Ok(trust()));
+}
+
+/// The manager's signature over SHA-256(`"baton revocations v1\0"` ‖ 03 80e2cfaa06 01 EDGE2 9221).
+const REVOCATION_SIG: &str = concat!(
+    "e148e88a6ab25a964adb18855668c3083ae987e5bc09db553b0bc3ddf46a2a76",
+    "0fe1769763658267da4c648fcee134c136cc36c3652fe01cdb20656995bbc908",
+);
+
+fn revocations_hex() -> String {
+    [
+        "03",         // version 3
+        "80e2cfaa06", // issued 1 700 000 000
+        "01",         // entries: 1
+        EDGE2,        //   id
+        "9221",       //   up to serial 4242
+        REVOCATION_SIG,
+    ]
+    .concat()
+}
+
+#[test]
+fn v20_revocations() {
+    let list = RevocationList::sign(
+        &identity(1),
+        3,
+        1_700_000_000,
+        heapless::Vec::from_slice(&[Revoked {
+            id: id("edge-2"),
+            up_to_serial: 4242,
+        }])
+        .unwrap(),
+    );
+    list.verify(&key(1)).expect("golden list verifies");
+    check_value(&list, &[&revocations_hex()]);
+    let bytes = bytes_of(&[&revocations_hex()]);
+    // 80 bytes: varint 50.
+    check_message(
+        &Message::Revocations { list: &bytes },
+        &["14", "50", &revocations_hex()],
+    );
+    assert_eq!(RevocationList::decode(&bytes), Some(list));
+}
+
+#[test]
+fn v21_cert_renewed() {
+    check_message(&Message::CertRenewed { cert: cert() }, &["15", &cert_hex()]);
+}
+
 // ---------------------------------------------------------------------------
 // Discovery datagrams (SPEC.md §7).
 
 /// Edge-1's signature over `"baton discovery v2\0" ‖ cert ‖ seq ‖ time_ms ‖ beacon`
 /// (cross-checked with an independent Ed25519 implementation).
 const BEACON_SIG: &str = concat!(
-    "61f2b8c6b19b695824c67ed3e6a3a0198b75923014d70eef1a56498bf45d88d2",
-    "aaf9cca5317bc322c1c944f50f8c5e04a11e46e1b61f41ca4d599fc5f134fc05",
+    "ca538553f7ba53d5572eab0a886116481f3bfc24b6bf78daa10600462795bab3",
+    "de43139570ca3d2665c845c1ec06a672c32202673489ada6a2bff8364391ae08",
 );
 /// The beacon's send time: Unix ms 1 700 000 000 123.
 const BEACON_TIME_MS: u64 = 1_700_000_000_123;
@@ -808,7 +948,7 @@ fn beacon() -> Announcement {
 
 fn beacon_datagram_hex() -> String {
     [
-        &cert_hex() as &str, // sender: id, key, segment, score, manager's signature
+        &cert_hex() as &str, // sender: id, key, segment, score, serial, expiry, manager's signature
         "05",                // seq 5
         "fbd095ffbc31",      // time_ms 1 700 000 000 123
         "00",                // body: Beacon (0)
@@ -887,7 +1027,7 @@ fn discovery_open_refuses_tampering() {
         );
     }
     // A flipped bit in the body (score) is a bad signature, not a bad certificate.
-    let score_at = cert_hex().len() / 2 + 1 + 6 + 1 + 13;
+    let score_at = bytes_of(&[&cert_hex()]).len() + 1 + 6 + 1 + 13;
     let mut bad = golden.clone();
     bad[score_at] ^= 0x01;
     assert_eq!(

@@ -107,15 +107,20 @@ fn cert() -> impl Strategy<Value = AgentCert> {
         key(),
         bounded_string::<MAX_NAME_LEN>(),
         any::<u32>(),
+        any::<(u64, u64)>(),
         sig(),
     )
-        .prop_map(|(id, key, segment, score, signature)| AgentCert {
-            id,
-            key,
-            segment,
-            score,
-            signature,
-        })
+        .prop_map(
+            |(id, key, segment, score, (serial, not_after), signature)| AgentCert {
+                id,
+                key,
+                segment,
+                score,
+                serial,
+                not_after,
+                signature,
+            },
+        )
 }
 
 fn manifest() -> impl Strategy<Value = Manifest> {
@@ -346,6 +351,9 @@ fn sample() -> impl Strategy<Value = Sample> {
         Just(FailReason::Busy),
         Just(FailReason::NoSource),
         Just(FailReason::ChunkTooLarge),
+        Just(FailReason::NotListed),
+        Just(FailReason::VersionReused),
+        Just(FailReason::NoTrust),
     ];
     let trouble = prop_oneof![
         any::<u32>().prop_map(|index| Trouble::BadChunk { index }),
@@ -487,6 +495,25 @@ fn sample() -> impl Strategy<Value = Sample> {
             ]
             .prop_map(|reason| Message::NotAccepted { reason })
             .boxed()
+        ),
+        plain(
+            prop_oneof![
+                Just(&[][..]),
+                Just(&[1u8, 2, 3][..]),
+                Just(&[0xff; 300][..])
+            ]
+            .prop_map(|document| Message::Trust { document })
+            .boxed()
+        ),
+        plain(
+            prop_oneof![Just(&[][..]), Just(&[7u8; 80][..])]
+                .prop_map(|list| Message::Revocations { list })
+                .boxed()
+        ),
+        plain(
+            cert()
+                .prop_map(|cert| Message::CertRenewed { cert })
+                .boxed()
         ),
     ]
 }
