@@ -78,6 +78,9 @@ cargo test -p baton --test e2e -- "${hostile[@]}"
 stage "firmware build, footprint, clippy (thumbv7m)"
 scripts/build-firmware.sh
 (cd agent-firmware && env -u CARGO_TARGET_DIR cargo clippy --release -- -D warnings)
+# The provisioning tool shares the block's layout with the firmware (config.rs): its tests
+# check the layout round-trips and refuses out-of-range fields.
+(cd agent-firmware/tools/provision && env -u CARGO_TARGET_DIR cargo test --release)
 
 stage "hardware-in-the-loop tests (QEMU, as root)"
 cargo test -p baton-hil-tests --release

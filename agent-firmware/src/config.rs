@@ -6,7 +6,7 @@
 //!
 //! | offset | bytes | field |
 //! |---|---|---|
-//! | 0 | 8 | magic `BATONCF1` |
+//! | 0 | 8 | magic `BATONCF2` |
 //! | 8 | 32 | identity seed (Ed25519 secret) |
 //! | 40 | 32 | manager Ed25519 public key |
 //! | 72 | 4 | device IPv4 address |
@@ -17,11 +17,16 @@
 //! | 87 | 2 | peer listener TCP port (`0` = do not serve peers) |
 //! | 89 | 1+32 | agent id (length, bytes; length 0 = derive from the MAC) |
 //! | 122 | 1+64 | enrolment token (length 0 = none) |
-//! | 187 | 1+128 | trusted publisher keys (count ≤ 4, then 32 bytes each) |
+//! | 187 | 1+128 | pinned root keys of content trust (count ≤ 4, then 32 bytes each) |
 //! | 316 | 1+32 | site |
 //! | 349 | 1+32 | segment |
 //! | 382 | 1 | flags: bit 0 = reach the manager over UART0 ([`FLAG_SERIAL`]); other bits 0 |
+//! | 383 | 1 | how many of the root keys must sign a trust document (1 ..= count) |
 //! | 504 | 8 | first 8 bytes of SHA-256 over bytes 0..504 |
+//!
+//! Format 2 replaced format 1's trusted publisher keys by root keys and a threshold: the
+//! device trusts publishers only as a root-signed trust document lists them. A format-1
+//! block reads as missing, so such a device must be provisioned again.
 //!
 //! A block with a wrong magic or checksum is ignored: the device then derives
 //! its id from its MAC and has no manager to talk to (it logs that it needs
@@ -32,8 +37,8 @@ use sha2::{Digest as _, Sha256};
 
 /// Bytes of the encoded block.
 pub const CONFIG_LEN: usize = 512;
-/// Magic at the start of a provisioning block (format 1).
-pub const CONFIG_MAGIC: &[u8; 8] = b"BATONCF1";
+/// Magic at the start of a provisioning block (format 2).
+pub const CONFIG_MAGIC: &[u8; 8] = b"BATONCF2";
 /// `flags` bit: the manager session runs over UART0 (COBS-framed) instead of TCP;
 /// the device then serves no peers (no listener).
 pub const FLAG_SERIAL: u8 = 1;
@@ -102,10 +107,12 @@ pub struct Config {
     pub id: Bytes<32>,
     /// One-time enrolment token; empty = none.
     pub token: Bytes<64>,
-    /// Trusted publisher keys (empty = trust those the manager's `Welcome` names).
-    pub publishers: [[u8; 32]; 4],
-    /// How many of `publishers` are set.
-    pub publisher_count: u8,
+    /// Pinned root keys of content trust (none: the device refuses every content).
+    pub roots: [[u8; 32]; 4],
+    /// How many of `roots` are set.
+    pub root_count: u8,
+    /// How many of the roots must sign a trust document.
+    pub root_threshold: u8,
     /// Site name for reports.
     pub site: Bytes<32>,
     /// Segment name for reports.
@@ -177,12 +184,13 @@ impl Config {
         if b[CHECK_AT..] != checksum(b) {
             return Err(ConfigError::BadChecksum);
         }
-        let publisher_count = b[187];
-        if publisher_count > 4 {
+        let root_count = b[187];
+        let root_threshold = b[383];
+        if root_count > 4 || root_threshold > root_count || (root_count > 0 && root_threshold == 0) {
             return Err(ConfigError::BadField);
         }
-        let mut publishers = [[0u8; 32]; 4];
-        for (i, p) in publishers.iter_mut().enumerate() {
+        let mut roots = [[0u8; 32]; 4];
+        for (i, p) in roots.iter_mut().enumerate() {
             *p = take(b, 188 + 32 * i);
         }
         Ok(Config {
@@ -196,8 +204,9 @@ impl Config {
             listen_port: u16::from_le_bytes(take(b, 87)),
             id: take_str(b, 89)?,
             token: take_str(b, 122)?,
-            publishers,
-            publisher_count,
+            roots,
+            root_count,
+            root_threshold,
             site: take_str(b, 316)?,
             segment: take_str(b, 349)?,
             flags: b[382],
@@ -219,13 +228,14 @@ impl Config {
         b[87..89].copy_from_slice(&self.listen_port.to_le_bytes());
         put_str(&mut b, 89, &self.id);
         put_str(&mut b, 122, &self.token);
-        b[187] = self.publisher_count.min(4);
-        for (i, p) in self.publishers.iter().enumerate() {
+        b[187] = self.root_count.min(4);
+        for (i, p) in self.roots.iter().enumerate() {
             b[188 + 32 * i..220 + 32 * i].copy_from_slice(p);
         }
         put_str(&mut b, 316, &self.site);
         put_str(&mut b, 349, &self.segment);
         b[382] = self.flags;
+        b[383] = self.root_threshold;
         let c = checksum(&b);
         b[CHECK_AT..].copy_from_slice(&c);
         b

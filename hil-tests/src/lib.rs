@@ -755,17 +755,40 @@ impl Lab {
 
     /// Publishes `file` (4 KiB chunks) and starts a job for `agents`; returns the job id.
     pub fn push(&self, m: &ManagerInfo, file: &Path, agents: &[&str]) -> u64 {
-        let out = self.baton(&[
+        self.push_with(m, file, agents, &[])
+    }
+
+    /// Pushes `file` to `agents` as content `name` at `version` (signed by the lab's
+    /// publisher key, which the lab's trust document lists for every name); returns the job id.
+    pub fn push_as(
+        &self,
+        m: &ManagerInfo,
+        file: &Path,
+        agents: &[&str],
+        name: &str,
+        version: u64,
+    ) -> u64 {
+        self.push_with(m, file, agents, &["--name", name, "--version", &version.to_string()])
+    }
+
+    fn push_with(&self, m: &ManagerInfo, file: &Path, agents: &[&str], extra: &[&str]) -> u64 {
+        let file = file.to_string_lossy();
+        let agents = agents.join(",");
+        let chunk = CHUNK.to_string();
+        let data_dir = m.data_dir.to_string_lossy();
+        let mut args = vec![
             "push",
-            &file.to_string_lossy(),
+            &file,
             "--agents",
-            &agents.join(","),
+            &agents,
             "--chunk-size",
-            &CHUNK.to_string(),
+            &chunk,
             "--json",
             "--data-dir",
-            &m.data_dir.to_string_lossy(),
-        ]);
+            &data_dir,
+        ];
+        args.extend_from_slice(extra);
+        let out = self.baton(&args);
         let created: Value = serde_json::from_str(out.trim()).expect("push prints JSON");
         created["id"].as_u64().expect("job id")
     }

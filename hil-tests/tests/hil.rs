@@ -312,6 +312,7 @@ fn d_corrupted_chunk_never_reaches_flash() {
     let _one = one_at_a_time();
     let mut lab = Lab::new("corrupt", 1);
     let seed = [0x4d; 32];
+    let root_seed = [0x52; 32];
     let publisher_seed = [0x50; 32];
     let manager_key = hex::encode(Identity::from_seed(seed).public().0);
     // The device pins the fake manager's key; nothing to enrol (there is no real manager).
@@ -331,6 +332,8 @@ fn d_corrupted_chunk_never_reaches_flash() {
             &manager_key,
             "--listen-port",
             "0",
+            "--root-key",
+            &hex::encode(Identity::from_seed(root_seed).public().0),
         ],
         BOUND,
     );
@@ -354,6 +357,7 @@ fn d_corrupted_chunk_never_reaches_flash() {
     let mut cmd = lab.command(&fake);
     cmd.args(["--listen", &format!("{MANAGER_IP}:{MANAGER_PORT}")])
         .args(["--seed", &hex::encode(seed)])
+        .args(["--root-seed", &hex::encode(root_seed)])
         .args(["--publisher-seed", &hex::encode(publisher_seed)])
         .args(["--device-id", "fw-1", "--device-key", &device_key])
         .arg("--content")
@@ -430,6 +434,70 @@ fn d_corrupted_chunk_never_reaches_flash() {
         "corrupted chunk {CORRUPT} refused before flash; genuine copy stored; sha256 from flash ok"
     );
     drop(go);
+}
+
+/// The failure reason the manager recorded for `id` in a finished job.
+fn failure_reason(detail: &Value, id: &str) -> String {
+    let parts = detail["participants"].as_array().expect("participants");
+    let p = parts
+        .iter()
+        .find(|p| p["agent"] == id)
+        .unwrap_or_else(|| panic!("{id} is not a participant: {detail:#}"));
+    assert_eq!(p["state"], "failed", "{id} did not fail: {detail:#}");
+    p["reason"].as_str().unwrap_or_default().to_string()
+}
+
+/// (e) Rollback protection on the device: it accepted `hil-fw` v2, then other content
+/// replaced it in the device's content slot; `hil-fw` v1 is refused as a downgrade, and
+/// again after a reboot (the version record is in flash, not in the evicted content);
+/// v3 is accepted (the positive control).
+#[test]
+fn e_device_refuses_rollback_after_replacement_and_reboot() {
+    let _one = one_at_a_time();
+    let mut lab = Lab::new("rollback", 1);
+    let m = lab.start_manager(&[]);
+    let mut dev = lab.device(&m, 1, false, false, "hil-rollback");
+    lab.boot(&mut dev);
+    dev.wait_log("welcomed by the manager", BOUND);
+    lab.wait_connected(&m, &[&dev.id]);
+    const SMALL: usize = 64 * 1024;
+    let write = |name: &str| {
+        let file = lab.dir.join(name);
+        std::fs::write(&file, random_bytes(SMALL)).expect("content file");
+        file
+    };
+    let (v2, other, v1, v3) = (write("v2.bin"), write("other.bin"), write("v1.bin"), write("v3.bin"));
+
+    let job = lab.push_as(&m, &v2, &[&dev.id], "hil-fw", 2);
+    participants_confirmed(&lab.wait_job(&m, job, Duration::from_secs(60)), &[&dev.id]);
+    let job = lab.push_as(&m, &other, &[&dev.id], "hil-other", 1);
+    participants_confirmed(&lab.wait_job(&m, job, Duration::from_secs(60)), &[&dev.id]);
+
+    let job = lab.push_as(&m, &v1, &[&dev.id], "hil-fw", 1);
+    let detail = lab.wait_job(&m, job, Duration::from_secs(60));
+    let reason = failure_reason(&detail, &dev.id);
+    assert!(
+        reason.contains("Downgrade"),
+        "v1 after v2 (evicted) failed for another reason: {reason}"
+    );
+
+    lab.power_cut(&mut dev);
+    lab.boot(&mut dev);
+    dev.wait_log("welcomed by the manager", BOUND);
+    lab.wait_connected(&m, &[&dev.id]);
+    let job = lab.push_as(&m, &v1, &[&dev.id], "hil-fw", 1);
+    let detail = lab.wait_job(&m, job, Duration::from_secs(60));
+    let after_reboot = failure_reason(&detail, &dev.id);
+    assert!(
+        after_reboot.contains("Downgrade"),
+        "v1 after a reboot failed for another reason: {after_reboot}"
+    );
+
+    let job = lab.push_as(&m, &v3, &[&dev.id], "hil-fw", 3);
+    participants_confirmed(&lab.wait_job(&m, job, Duration::from_secs(60)), &[&dev.id]);
+    eprintln!(
+        "rollback: v1 refused after v2 was replaced ({reason}), again after a reboot; v3 accepted"
+    );
 }
 
 /// Where `needle` occurs in `hay`.

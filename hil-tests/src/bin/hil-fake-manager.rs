@@ -4,7 +4,8 @@
 //! to flash" runs this inside its network namespace. It accepts one device
 //! over the real link layer (`baton_agent_core::linux::link`: Noise XX,
 //! length-prefixed frames), authenticates it by its enrolled key, answers its
-//! `Report` with a `Welcome` naming the publisher key, and sends `Fetch` for
+//! `Report` with a `Welcome` and a trust document (signed by the root key the
+//! device pins, listing the publisher key for every name), and sends `Fetch` for
 //! the content (every chunk from the manager). It answers `ChunkRequest`s from
 //! the file, except that the first answer for chunk `--corrupt K` has one
 //! data byte flipped (the Merkle proof is the genuine one).
@@ -17,7 +18,7 @@
 //! `NextPlease` with `Done`. It exits when the device disconnects or standard
 //! input closes.
 //!
-//! Usage: `hil-fake-manager --listen ADDR --seed HEX --publisher-seed HEX
+//! Usage: `hil-fake-manager --listen ADDR --seed HEX --root-seed HEX --publisher-seed HEX
 //! --device-id ID --device-key HEX --content FILE --corrupt K` (chunks of 4 KiB).
 
 use std::io::BufRead as _;
@@ -30,6 +31,7 @@ use baton_protocol::identity::{AgentCert, Identity};
 use baton_protocol::merkle::{MerkleTree, leaf_hash};
 use baton_protocol::message::Message;
 use baton_protocol::session::{Hello, Role};
+use baton_protocol::trust::{MAX_TRUST_BYTES, PublisherGrant, SignedTrust, TrustDocument};
 use baton_protocol::types::{AgentId, JobRef, PublicKey};
 use baton_protocol::{Manifest, caps};
 use tokio::net::TcpListener;
@@ -40,6 +42,7 @@ const CHUNK: usize = 4096;
 struct Args {
     listen: String,
     seed: [u8; 32],
+    root_seed: [u8; 32],
     publisher_seed: [u8; 32],
     device_id: AgentId,
     device_key: PublicKey,
@@ -57,13 +60,14 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut it = std::env::args().skip(1);
     let (mut listen, mut seed, mut publisher_seed, mut device_id, mut device_key) =
         (None, None, None, None, None);
-    let (mut content, mut corrupt) = (None, None);
+    let (mut content, mut corrupt, mut root_seed) = (None, None, None);
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--listen" => listen = Some(value),
             "--seed" => seed = Some(hex32(&value)?),
             "--publisher-seed" => publisher_seed = Some(hex32(&value)?),
+            "--root-seed" => root_seed = Some(hex32(&value)?),
             "--device-id" => {
                 device_id =
                     Some(AgentId::try_from(value.as_str()).map_err(|_| anyhow!("bad device id"))?)
@@ -78,12 +82,32 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(Args {
         listen: listen.ok_or_else(|| need("listen"))?,
         seed: seed.ok_or_else(|| need("seed"))?,
+        root_seed: root_seed.ok_or_else(|| need("root-seed"))?,
         publisher_seed: publisher_seed.ok_or_else(|| need("publisher-seed"))?,
         device_id: device_id.ok_or_else(|| need("device-id"))?,
         device_key: device_key.ok_or_else(|| need("device-key"))?,
         content: content.ok_or_else(|| need("content"))?,
         corrupt: corrupt.ok_or_else(|| need("corrupt"))?,
     })
+}
+
+/// Trust document version 1 signed by `root` (1 of 1), listing `publisher` for every name.
+fn trust_document(root: &Identity, publisher: &Identity) -> anyhow::Result<Vec<u8>> {
+    let mut doc = SignedTrust::new(TrustDocument {
+        version: 1,
+        expires: 0,
+        threshold: 1,
+        roots: heapless::Vec::from_slice(&[root.public()]).map_err(|_| anyhow!("roots"))?,
+        publishers: heapless::Vec::from_slice(&[PublisherGrant {
+            key: publisher.public(),
+            names: heapless::Vec::from_slice(&["*".try_into().map_err(|_| anyhow!("name"))?])
+                .map_err(|_| anyhow!("names"))?,
+        }])
+        .map_err(|_| anyhow!("publishers"))?,
+    });
+    doc.sign(root).map_err(|e| anyhow!("{e}"))?;
+    let mut buf = [0u8; MAX_TRUST_BYTES];
+    Ok(doc.encode(&mut buf).map_err(|e| anyhow!("{e}"))?.to_vec())
 }
 
 /// One line to the test, at once.
@@ -107,6 +131,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let root = manifest.root;
     let job = JobRef { id: 1, epoch: 1 };
+    let trust = trust_document(&Identity::from_seed(args.root_seed), &publisher)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
 
     // The test's "go" lines.
     let (go_tx, mut go_rx) = mpsc::unbounded_channel::<()>();
@@ -155,14 +183,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         };
         let reply = match Message::decode(&bytes)? {
             Message::Report(r) => {
-                let mut publishers = heapless::Vec::new();
-                let _ = publishers.push(publisher.public());
                 let welcome = Message::Welcome {
                     cert: AgentCert::issue(&manager, r.id.clone(), args.device_key),
-                    unix_time: 0,
-                    publishers,
+                    unix_time: now,
+                    publishers: heapless::Vec::new(),
                 };
                 writer.send(&welcome.to_vec()).await?;
+                writer
+                    .send(&Message::Trust { document: &trust }.to_vec())
+                    .await?;
                 if have {
                     continue;
                 }

@@ -48,7 +48,7 @@ const CONTENT_OFFSET: u64 = 0x1_0000;
 const USAGE: &str = "usage: baton-fw-provision --flash FILE [--show] [--erase-content]
     [--id ID] [--seed HEX | --new-seed] [--ip A.B.C.D/PREFIX] [--gateway A.B.C.D]
     [--manager A.B.C.D:PORT] [--manager-key HEX] [--listen-port N] [--token TOKEN]
-    [--publisher-key HEX]... [--site NAME] [--segment NAME] [--serial | --tcp]";
+    [--root-key HEX]... [--root-threshold N] [--site NAME] [--segment NAME] [--serial | --tcp]";
 
 fn parse_hex32(s: &str, what: &str) -> Result<[u8; 32], String> {
     let s = s.trim();
@@ -91,8 +91,9 @@ fn empty_config() -> Config {
         listen_port: 0,
         id: Bytes::empty(),
         token: Bytes::empty(),
-        publishers: [[0; 32]; 4],
-        publisher_count: 0,
+        roots: [[0; 32]; 4],
+        root_count: 0,
+        root_threshold: 0,
         site: Bytes::empty(),
         segment: Bytes::empty(),
         flags: 0,
@@ -114,9 +115,10 @@ fn show(c: &Config) {
     println!("listen_port={}", c.listen_port);
     println!("site={}", c.site.as_str().unwrap_or(""));
     println!("segment={}", c.segment.as_str().unwrap_or(""));
-    for p in &c.publishers[..c.publisher_count as usize] {
-        println!("publisher_key={}", hex(p));
+    for p in &c.roots[..c.root_count as usize] {
+        println!("root_key={}", hex(p));
     }
+    println!("root_threshold={}", c.root_threshold);
 }
 
 fn run() -> Result<(), String> {
@@ -127,7 +129,8 @@ fn run() -> Result<(), String> {
     let mut new_seed = false;
     let mut seed = None;
     let mut sets: Vec<(String, String)> = Vec::new();
-    let mut publishers = Vec::new();
+    let mut roots = Vec::new();
+    let mut root_threshold = None;
     let mut link = None;
     while let Some(a) = args.next() {
         let mut value = || {
@@ -142,7 +145,19 @@ fn run() -> Result<(), String> {
             "--serial" => link = Some(true),
             "--tcp" => link = Some(false),
             "--seed" => seed = Some(parse_hex32(&value()?, "--seed")?),
-            "--publisher-key" => publishers.push(parse_hex32(&value()?, "--publisher-key")?),
+            "--root-key" => roots.push(parse_hex32(&value()?, "--root-key")?),
+            "--root-threshold" => {
+                let v = value()?;
+                root_threshold = Some(
+                    v.parse::<u8>()
+                        .map_err(|_| format!("--root-threshold {v}: not a number"))?,
+                )
+            }
+            "--publisher-key" => {
+                return Err("--publisher-key is gone: devices pin root keys (--root-key HEX) \
+                     and trust the publishers a root-signed trust document lists"
+                    .into());
+            }
             "--id" | "--ip" | "--gateway" | "--manager" | "--manager-key" | "--listen-port"
             | "--token" | "--site" | "--segment" => {
                 let v = value()?;
@@ -234,13 +249,23 @@ fn run() -> Result<(), String> {
         Some(false) => c.flags &= !FLAG_SERIAL,
         None => {}
     }
-    if !publishers.is_empty() {
-        if publishers.len() > 4 {
-            return Err("at most 4 --publisher-key".into());
+    if !roots.is_empty() {
+        if roots.len() > 4 {
+            return Err("at most 4 --root-key".into());
         }
-        c.publishers = [[0; 32]; 4];
-        c.publishers[..publishers.len()].copy_from_slice(&publishers);
-        c.publisher_count = publishers.len() as u8;
+        c.roots = [[0; 32]; 4];
+        c.roots[..roots.len()].copy_from_slice(&roots);
+        c.root_count = roots.len() as u8;
+        c.root_threshold = c.root_threshold.clamp(1, c.root_count);
+    }
+    if let Some(t) = root_threshold {
+        if t == 0 || t > c.root_count {
+            return Err(format!(
+                "--root-threshold {t}: must be 1 ..= the number of root keys ({})",
+                c.root_count
+            ));
+        }
+        c.root_threshold = t;
     }
     file.seek(SeekFrom::Start(0))
         .and_then(|_| file.write_all(&c.encode()))
@@ -280,8 +305,9 @@ mod test {
         c.seed = [7; 32];
         c.id = Bytes::from_slice(b"dev-1").unwrap();
         c.manager_port = 7300;
-        c.publisher_count = 1;
-        c.publishers[0] = [9; 32];
+        c.root_count = 1;
+        c.roots[0] = [9; 32];
+        c.root_threshold = 1;
         let mut b = c.encode();
         assert_eq!(Config::decode(&b), Ok(c));
         b[100] ^= 1;
@@ -290,6 +316,27 @@ mod test {
             Config::decode(&[0xFF; CONFIG_LEN]),
             Err(config::ConfigError::Missing)
         );
+    }
+
+    #[test]
+    fn root_threshold_must_fit_the_root_count() {
+        let mut c = empty_config();
+        c.root_count = 2;
+        c.roots[0] = [1; 32];
+        c.roots[1] = [2; 32];
+        c.root_threshold = 2;
+        assert_eq!(Config::decode(&c.encode()), Ok(c.clone()));
+        for bad in [0, 3] {
+            c.root_threshold = bad;
+            assert_eq!(
+                Config::decode(&c.encode()),
+                Err(config::ConfigError::BadField),
+                "threshold {bad} of 2 roots"
+            );
+        }
+        // No roots and threshold 0: a device without content trust (it refuses content).
+        let none = empty_config();
+        assert_eq!(Config::decode(&none.encode()), Ok(none));
     }
 
     #[test]
