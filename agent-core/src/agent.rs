@@ -903,10 +903,23 @@ fn min_opt(a: Option<Duration>, b: Duration) -> Option<Duration> {
 impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize>
     Agent<S, JOBS, PEERS, PARKED>
 {
-    /// An agent over `store` (already mounted: what it holds is resumed and served).
+    /// An agent over `store` (already mounted: what it holds is resumed and served), with
+    /// its persisted records (trust anchor, latest time) loaded.
     pub fn new(config: AgentConfig, store: S) -> Self {
+        let mut agent = Self::without_records(config, store);
+        agent.load_records();
+        agent
+    }
+
+    /// An agent over `store` whose persisted records are not loaded yet: it refuses every
+    /// manifest (`NoTrust`) until [`Agent::load_records`] runs. For a device that places the
+    /// agent in static memory first: loading the records while the whole agent is still a
+    /// value on the stack would need room for both. Inlined, so a caller writing the result
+    /// into static memory builds it there rather than on the stack.
+    #[inline(always)]
+    pub fn without_records(config: AgentConfig, store: S) -> Self {
         let pin = pin_digest(&config.roots, config.root_threshold);
-        let mut agent = Agent {
+        Agent {
             trust: Trust {
                 anchor: None,
                 pin,
@@ -931,14 +944,12 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             served_other: 0,
             peer_delays: Vec::new(),
             throttles: Vec::new(),
-        };
-        agent.load_records();
-        agent
+        }
     }
 
     /// Picks up the persisted trust anchor (if made under the same pinned roots) and the
-    /// latest time seen.
-    fn load_records(&mut self) {
+    /// latest time seen ([`Agent::new`] does this; see [`Agent::without_records`]).
+    pub fn load_records(&mut self) {
         if self.config.roots.is_empty() {
             self.ignored("no root key configured: every manifest is refused");
         } else {

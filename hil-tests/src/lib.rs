@@ -768,7 +768,12 @@ impl Lab {
         name: &str,
         version: u64,
     ) -> u64 {
-        self.push_with(m, file, agents, &["--name", name, "--version", &version.to_string()])
+        self.push_with(
+            m,
+            file,
+            agents,
+            &["--name", name, "--version", &version.to_string()],
+        )
     }
 
     fn push_with(&self, m: &ManagerInfo, file: &Path, agents: &[&str], extra: &[&str]) -> u64 {

@@ -466,7 +466,12 @@ fn e_device_refuses_rollback_after_replacement_and_reboot() {
         std::fs::write(&file, random_bytes(SMALL)).expect("content file");
         file
     };
-    let (v2, other, v1, v3) = (write("v2.bin"), write("other.bin"), write("v1.bin"), write("v3.bin"));
+    let (v2, other, v1, v3) = (
+        write("v2.bin"),
+        write("other.bin"),
+        write("v1.bin"),
+        write("v3.bin"),
+    );
 
     let job = lab.push_as(&m, &v2, &[&dev.id], "hil-fw", 2);
     participants_confirmed(&lab.wait_job(&m, job, Duration::from_secs(60)), &[&dev.id]);
