@@ -36,6 +36,9 @@ use baton_protocol::types::{AgentId, Label, PublicKey};
 use tokio::sync::{Notify, mpsc};
 
 use crate::store::{Enrolled, Store, StoreError, secret_digest};
+use crate::trust::{KEEP_TRUST_DOCUMENTS, TrustChain, TrustCheck, TrustRefused};
+use baton_protocol::message::Message;
+use baton_protocol::trust::SignedTrust;
 use baton_manager_core::placement::{self, Placement, PlacementRefusal};
 use baton_manager_core::rate_limit::{Rate, TokenBucket};
 use baton_manager_core::segments::{self, Assembler};
@@ -221,6 +224,11 @@ pub struct Registry {
     created: std::time::Instant,
     /// The warning about agents reconnecting too often, spaced.
     reconnect_warning: SpacedLog,
+    /// The signed trust documents held, sent to every session after `Welcome` (lock order:
+    /// `sessions` before `trust`).
+    trust: Mutex<TrustChain>,
+    /// Held while a trust document is checked, stored, appended and sent: one at a time.
+    trust_upload: Mutex<()>,
 }
 
 /// How often one agent may come online: a few reconnections at once (a flaky link, a
@@ -278,7 +286,10 @@ impl Registry {
                 bound_labels.insert(id, labels);
             }
         }
+        let trust = TrustChain::from_encoded(lock(&store).trust_chain()?);
         Ok(Registry {
+            trust: Mutex::new(trust),
+            trust_upload: Mutex::new(()),
             store,
             keys: RwLock::new(keys),
             bound_labels: RwLock::new(bound_labels),
@@ -513,11 +524,20 @@ impl Registry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .forget_leader(&id);
-        let old = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), session);
+        let old = {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            // The held trust documents go first, oldest first, under the sessions lock: a
+            // document added meanwhile is either among them or sent to this session after.
+            let trust = self.trust.lock().unwrap_or_else(|e| e.into_inner());
+            for document in trust.encoded() {
+                // A fresh queue holds CONTROL_QUEUE > KEEP_TRUST_DOCUMENTS messages.
+                let _ = session
+                    .control
+                    .try_send(Message::Trust { document }.to_vec());
+            }
+            drop(trust);
+            sessions.insert(id.clone(), session)
+        };
         match old {
             Some(old) => {
                 tracing::info!(agent = %id, old = %old.addr, "agent reconnected; closing its previous session");
@@ -526,6 +546,36 @@ impl Registry {
             }
             None => false,
         }
+    }
+
+    /// A copy of the trust documents held (to check manifests against the newest).
+    pub fn trust(&self) -> TrustChain {
+        self.trust.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Takes a signed trust document: refused unless it chains from the newest held one
+    /// (see [`TrustChain::check`]); the newest one again changes nothing; a newer one is
+    /// stored (the newest [`KEEP_TRUST_DOCUMENTS`] kept) and sent to every live session.
+    pub fn add_trust(&self, signed: SignedTrust, now: u64) -> Result<TrustCheck, TrustRefused> {
+        let _one_at_a_time = self.trust_upload.lock().unwrap_or_else(|e| e.into_inner());
+        let check = self.trust().check(&signed, now)?;
+        let TrustCheck::Newer(anchor) = &check else {
+            return Ok(check);
+        };
+        let version = signed.document.version;
+        let encoded = crate::trust::encode_trust(&signed);
+        lock(&self.store).add_trust(version, &encoded, now, KEEP_TRUST_DOCUMENTS)?;
+        self.trust
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(signed, anchor.clone());
+        let message = Message::Trust { document: &encoded }.to_vec();
+        let ids: Vec<AgentId> = self.connected();
+        for id in &ids {
+            self.send(id, message.clone());
+        }
+        tracing::info!(version, sessions = ids.len(), "trust document stored and sent to the connected agents");
+        Ok(check)
     }
 
     /// Removes the session of `id` if it is still generation `generation`; returns whether it was.
