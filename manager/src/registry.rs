@@ -954,6 +954,76 @@ mod test {
     }
 
     #[test]
+    fn trust_documents_reach_every_session_in_order_and_survive_a_restart() {
+        use baton_protocol::trust::{NamePattern, PublisherGrant, TrustDocument};
+        let root = Identity::from_seed([7; 32]);
+        let doc = |version: u64| {
+            let mut s = SignedTrust::new(TrustDocument {
+                version,
+                expires: 0,
+                threshold: 1,
+                roots: heapless::Vec::from_slice(&[root.public()]).unwrap(),
+                publishers: heapless::Vec::from_slice(&[PublisherGrant {
+                    key: PublicKey([9; 32]),
+                    names: heapless::Vec::from_slice(&[NamePattern::try_from("*").unwrap()])
+                        .unwrap(),
+                }])
+                .unwrap(),
+            });
+            s.sign(&root).unwrap();
+            s
+        };
+        let versions = |rx: &mut mpsc::Receiver<Vec<u8>>| {
+            let mut got = Vec::new();
+            while let Ok(bytes) = rx.try_recv() {
+                match Message::decode(&bytes).unwrap() {
+                    Message::Trust { document } => {
+                        got.push(SignedTrust::decode(document).unwrap().document.version)
+                    }
+                    other => panic!("expected Trust, got {other:?}"),
+                }
+            }
+            got
+        };
+        let session = |reg: &Registry, name: &str| {
+            let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+            reg.register(
+                id(name),
+                Session {
+                    generation: reg.next_generation(),
+                    key: PublicKey([1; 32]),
+                    addr: "127.0.0.1:1".parse().unwrap(),
+                    control: tx,
+                    close: Arc::new(Notify::new()),
+                },
+            );
+            rx
+        };
+        let store: Box<dyn Store> = Box::new(SqliteStore::in_memory().unwrap());
+        let store: SharedStore = Arc::new(Mutex::new(store));
+        let reg = Registry::load(store.clone()).unwrap();
+        let mut early = session(&reg, "early");
+        assert!(versions(&mut early).is_empty(), "nothing held yet");
+        assert!(matches!(reg.add_trust(doc(1), 1_000), Ok(TrustCheck::Newer(_))));
+        assert_eq!(reg.add_trust(doc(1), 1_000).unwrap(), TrustCheck::Held);
+        reg.add_trust(doc(2), 1_000).unwrap();
+        assert_eq!(versions(&mut early), [1, 2], "each new one sent once, in order");
+        let mut late = session(&reg, "late");
+        assert_eq!(versions(&mut late), [1, 2], "a new session gets every one, oldest first");
+        // Not chaining (signed by a stranger): refused, nothing sent.
+        let mut forged = doc(3);
+        forged.signatures.clear();
+        forged.sign(&Identity::from_seed([8; 32])).unwrap();
+        let e = reg.add_trust(forged, 1_000).unwrap_err();
+        assert!(e.to_string().contains("not signed by enough"), "{e}");
+        assert!(versions(&mut late).is_empty());
+        // Kept in the store: a restarted manager sends the same chain.
+        let reg = Registry::load(store).unwrap();
+        let mut again = session(&reg, "again");
+        assert_eq!(versions(&mut again), [1, 2]);
+    }
+
+    #[test]
     fn takeover_closes_the_old_session_and_stale_unregister_is_ignored() {
         let reg = registry();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();

@@ -264,7 +264,14 @@ impl TrustChain {
                     .map_err(refused)?
             }
         };
-        let next = anchor.accept(signed, Some(now)).map_err(refused)?;
+        let first = self.anchor.is_none();
+        let next = anchor.accept(signed, Some(now)).map_err(|why| match why {
+            // The first document is judged under its own roots: say so.
+            TrustError::OldRootsBelowThreshold if first => {
+                refused(TrustError::NewRootsBelowThreshold)
+            }
+            other => refused(other),
+        })?;
         if self.anchor.as_ref() == Some(&next) {
             Ok(TrustCheck::Held)
         } else {
