@@ -31,6 +31,17 @@
 //! chunks are requested (a token bucket over `now`; 0 lifts the cap). It may
 //! arrive before the job's `Fetch` and is then applied when the job starts.
 //!
+//! Trust (SPEC.md §4): the agent pins root keys ([`AgentConfig::roots`], of which
+//! [`AgentConfig::root_threshold`] must sign). The manager relays the root-signed trust
+//! documents (`Message::Trust`); each is judged by [`TrustAnchor::accept`] against the
+//! anchor held (older ones are skipped, bad ones refused with [`Event::TrustRefused`]),
+//! the anchor of an accepted one is persisted through the store and the document kept
+//! (decoded once). A manifest is accepted only from a publisher the document lists for
+//! its name, not expired, not below the version recorded for its name and not the
+//! recorded version with another root; the version record is kept per name by the store
+//! and outlives the content. Without a root key, or before a document arrived, every
+//! manifest is refused (`NoTrust`). Expiry is judged on [`AgentConfig::clock`].
+//!
 //! Serving: a `ChunkRequest` is answered from any verified chunk held,
 //! including chunks of content still being fetched (cut-through); a request
 //! for a chunk of content being fetched that is not verified yet is parked
@@ -42,17 +53,19 @@ use baton_protocol::identity::AgentCert;
 use baton_protocol::manifest::ManifestError;
 use baton_protocol::merkle::{self, Proof, leaf_hash};
 use baton_protocol::message::{
-    CodecError, FailReason, Holding, MAX_HOLDINGS, MAX_PUBLISHERS, MAX_RECEIVED_PER_PROGRESS,
-    Received, Refusal, Report, Source, SourceRange, Trouble,
+    CodecError, FailReason, Holding, MAX_HOLDINGS, MAX_RECEIVED_PER_PROGRESS, Received, Refusal,
+    Report, Source, SourceRange, Trouble,
 };
+use baton_protocol::trust::{MAX_ROOT_KEYS, SignedTrust, TrustAnchor, TrustDocument, TrustError};
 use baton_protocol::{
-    AgentId, Delay, DelayTo, Digest, JobRef, KeyId, Label, LinkInfo, MAX_LABELS, Manifest, Message,
-    Name, PeerAddr, PublicKey,
+    AgentId, Delay, DelayTo, Digest, JobRef, Label, LinkInfo, MAX_LABELS, Manifest, Message, Name,
+    PeerAddr, PublicKey,
 };
 use heapless::{Deque, Vec};
 use serde::Serialize;
+use sha2::Digest as _;
 
-use crate::store::{ContentStore, StoreError};
+use crate::store::{ContentStore, StoreError, StoredAnchor, VersionRecord};
 
 /// Most chunk requests in flight per source (the configured window is capped at this).
 pub const MAX_WINDOW: usize = 16;
@@ -84,6 +97,9 @@ const THROTTLES: usize = 8;
 const PEER_DELAYS: usize = baton_protocol::MAX_DELAYS - 1;
 /// Changes of a peer delay below this many microseconds do not send the report again.
 pub const PEER_DELAY_NOISE_US: u32 = 500;
+/// With [`AgentClock::ManagerMonotonic`], the latest time seen is written to the store
+/// when it moved on by this many seconds (once an hour: flash wears with every write).
+pub const LATEST_TIME_EVERY_SECS: u64 = 3600;
 
 /// A connection, numbered by the driver; [`ConnId::MANAGER`] is the manager session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -198,6 +214,28 @@ pub enum Event {
         /// What and why.
         what: &'static str,
     },
+    /// A trust document was accepted: manifests are judged by it from now on.
+    TrustAccepted {
+        /// Its version.
+        version: u64,
+        /// Whether it is newer than the one held (else the held one, sent again).
+        newer: bool,
+    },
+    /// A trust document was refused (an older one, which the manager sends first, is
+    /// skipped silently).
+    TrustRefused {
+        /// Its version (0 if it did not decode).
+        version: u64,
+        /// Why.
+        reason: TrustError,
+    },
+    /// A record (trust anchor, version record, latest time) could not be read or written.
+    RecordFailed {
+        /// Which record and operation.
+        what: &'static str,
+        /// The store's error.
+        error: StoreError,
+    },
 }
 
 /// Why an input was refused. The driver closes the connection when [`AgentError::must_close`].
@@ -269,8 +307,14 @@ pub struct AgentConfig {
     pub link: LinkInfo,
     /// Labels from the configuration.
     pub labels: Vec<Label, MAX_LABELS>,
-    /// Trusted publisher keys; empty = trust the keys the manager's `Welcome` names.
-    pub publishers: Vec<PublicKey, MAX_PUBLISHERS>,
+    /// Pinned root keys: trust documents must be signed by `root_threshold` of them (and,
+    /// after a rotation, of the roots the newest accepted document names). Empty: no
+    /// manifest is accepted (`NoTrust`).
+    pub roots: Vec<PublicKey, MAX_ROOT_KEYS>,
+    /// How many of [`AgentConfig::roots`] must sign (1..=roots; default 1).
+    pub root_threshold: u8,
+    /// Which clock judges the expiry of manifests and trust documents.
+    pub clock: AgentClock,
     /// Least time between two `Progress` messages.
     pub progress_interval: Duration,
     /// Pause before asking a source again after a refusal.
@@ -298,13 +342,44 @@ impl AgentConfig {
             window: 8,
             link: LinkInfo::default(),
             labels: Vec::new(),
-            publishers: Vec::new(),
+            roots: Vec::new(),
+            root_threshold: 1,
+            clock: AgentClock::ManagerMonotonic,
             progress_interval: Duration::from_millis(250),
             retry_delay: Duration::from_millis(100),
             request_timeout: Duration::from_secs(30),
             park_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// The clock an agent judges expiry with.
+///
+/// A manifest or trust document past its `expires` is refused (freeze protection): an
+/// attacker who can only replay old signed material cannot hold an agent on it forever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum AgentClock {
+    /// The driver supplies the system's wall clock ([`Agent::set_system_time`]); the Linux agent.
+    System,
+    /// The manager's time from `Welcome`, but never earlier than the latest time seen
+    /// (persisted by the store at most once per [`LATEST_TIME_EVERY_SECS`] of progress); for
+    /// devices without a trustworthy clock. Limit: a manager can hold such a device at the
+    /// latest time it has seen (it cannot move it back), and a manager whose clock runs
+    /// ahead moves it forward for good.
+    ManagerMonotonic,
+}
+
+/// Digest of pinned root keys and threshold: an anchor persisted under other pinned roots
+/// is not used (re-provisioning with another root starts over from the new pin).
+pub fn pin_digest(roots: &[PublicKey], threshold: u8) -> Digest {
+    let mut h = sha2::Sha256::new();
+    h.update(b"baton pin v1\0");
+    h.update([threshold]);
+    for r in roots {
+        h.update(r.0);
+    }
+    h.finalize().into()
 }
 
 /// Counters for one job, for status pages and tests.
@@ -690,7 +765,30 @@ struct Welcome {
     cert: AgentCert,
     unix_time: u64,
     at: Duration,
-    publishers: Vec<PublicKey, MAX_PUBLISHERS>,
+}
+
+/// What the agent trusts: the anchor (from the pinned roots, or persisted) and the
+/// document accepted under it.
+#[derive(Clone, Debug)]
+struct Trust {
+    /// `None` without (valid) pinned roots: nothing is trusted.
+    anchor: Option<TrustAnchor>,
+    /// [`pin_digest`] of the configured roots.
+    pin: Digest,
+    /// The accepted document (decoded once), `None` until the manager sent it.
+    document: Option<TrustDocument>,
+}
+
+/// The agent's notion of Unix time (see [`AgentClock`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Clock {
+    /// The system time at a driver time (`System`), or the base of the monotonic manager
+    /// time at the last `Welcome` (`ManagerMonotonic`).
+    base: Option<(u64, Duration)>,
+    /// `ManagerMonotonic`: the latest time seen before the current base (persisted or earlier sessions).
+    floor: u64,
+    /// `ManagerMonotonic`: the latest time written to the store.
+    persisted: Option<u64>,
 }
 
 /// The agent state machine over a content store `S`, with room for `JOBS`
@@ -725,6 +823,10 @@ pub struct Agent<
     peer_delays: Vec<Delay, PEER_DELAYS>,
     /// Rate caps by job id, from `Throttle`.
     throttles: Vec<(u64, u64), THROTTLES>,
+    /// The trust anchor and document.
+    trust: Trust,
+    /// Unix time for expiry.
+    clock: Clock,
 }
 
 /// Measures the round-trip time to the manager with `Ping`/`Pong` (claim 9's delays).
@@ -780,6 +882,9 @@ fn fail_reason(e: ManifestError) -> FailReason {
         ManifestError::UntrustedSigner | ManifestError::BadSignature => FailReason::BadSignature,
         ManifestError::Expired => FailReason::Expired,
         ManifestError::Downgrade => FailReason::Downgrade,
+        ManifestError::NotListed => FailReason::NotListed,
+        ManifestError::VersionReused => FailReason::VersionReused,
+        ManifestError::NoTrust => FailReason::NoTrust,
         _ => FailReason::BadManifest,
     }
 }
@@ -800,7 +905,14 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
 {
     /// An agent over `store` (already mounted: what it holds is resumed and served).
     pub fn new(config: AgentConfig, store: S) -> Self {
-        Agent {
+        let pin = pin_digest(&config.roots, config.root_threshold);
+        let mut agent = Agent {
+            trust: Trust {
+                anchor: None,
+                pin,
+                document: None,
+            },
+            clock: Clock::default(),
             store,
             config,
             manager_up: false,
@@ -819,6 +931,46 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             served_other: 0,
             peer_delays: Vec::new(),
             throttles: Vec::new(),
+        };
+        agent.load_records();
+        agent
+    }
+
+    /// Picks up the persisted trust anchor (if made under the same pinned roots) and the
+    /// latest time seen.
+    fn load_records(&mut self) {
+        if self.config.roots.is_empty() {
+            self.ignored("no root key configured: every manifest is refused");
+        } else {
+            match TrustAnchor::pinned(&self.config.roots, self.config.root_threshold) {
+                Ok(pinned) => self.trust.anchor = Some(pinned),
+                Err(_) => self.ignored("root threshold out of range: every manifest is refused"),
+            }
+        }
+        if self.trust.anchor.is_some() {
+            match self.store.load_anchor() {
+                Ok(Some(stored)) if stored.pin == self.trust.pin => {
+                    self.trust.anchor = Some(stored.anchor);
+                }
+                Ok(Some(_)) => self.ignored("persisted trust anchor is for other root keys"),
+                Ok(None) => {}
+                Err(error) => self.event(Event::RecordFailed {
+                    what: "load trust anchor",
+                    error,
+                }),
+            }
+        }
+        if self.config.clock == AgentClock::ManagerMonotonic {
+            match self.store.load_latest_time() {
+                Ok(t) => {
+                    self.clock.floor = t.unwrap_or(0);
+                    self.clock.persisted = t;
+                }
+                Err(error) => self.event(Event::RecordFailed {
+                    what: "load latest time",
+                    error,
+                }),
+            }
         }
     }
 
@@ -842,11 +994,75 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         self.welcome.as_ref().map(|w| &w.cert)
     }
 
-    /// The manager's Unix time now, as learnt from `Welcome`.
+    /// The Unix time (seconds) expiry is judged by, per [`AgentConfig::clock`]; `None` while
+    /// unknown (no system time given, or no `Welcome` and nothing persisted).
     pub fn unix_time(&self, now: Duration) -> Option<u64> {
-        self.welcome
-            .as_ref()
-            .map(|w| w.unix_time + now.saturating_sub(w.at).as_secs())
+        let at_base = self
+            .clock
+            .base
+            .map(|(unix, at)| unix.saturating_add(now.saturating_sub(at).as_secs()));
+        match self.config.clock {
+            AgentClock::System => at_base,
+            AgentClock::ManagerMonotonic => match (at_base, self.clock.floor) {
+                (Some(t), floor) => Some(t.max(floor)),
+                (None, 0) => None,
+                (None, floor) => Some(floor),
+            },
+        }
+    }
+
+    /// The system's wall clock (Unix seconds) at driver time `now`, for
+    /// [`AgentClock::System`]; the driver calls it before its inputs (cheap), so a clock
+    /// set by NTP after the start is followed.
+    pub fn set_system_time(&mut self, now: Duration, unix: u64) {
+        if self.config.clock == AgentClock::System {
+            self.clock.base = Some((unix, now));
+        }
+    }
+
+    /// The trust document accepted, if any.
+    pub fn trust_document(&self) -> Option<&TrustDocument> {
+        self.trust.document.as_ref()
+    }
+
+    /// The trust anchor held (`None` without pinned roots).
+    pub fn trust_anchor(&self) -> Option<&TrustAnchor> {
+        self.trust.anchor.as_ref()
+    }
+
+    /// The manager's time starts a new base of the monotonic clock, never below the time
+    /// seen so far; the latest time is persisted when due.
+    fn on_manager_time(&mut self, now: Duration, manager_unix: u64) {
+        if self.config.clock != AgentClock::ManagerMonotonic {
+            return;
+        }
+        let seen = self.unix_time(now).unwrap_or(0);
+        self.clock.floor = seen;
+        self.clock.base = Some((manager_unix.max(seen), now));
+        self.keep_clock(now);
+    }
+
+    /// Persists the latest time seen once it moved on by [`LATEST_TIME_EVERY_SECS`].
+    fn keep_clock(&mut self, now: Duration) {
+        if self.config.clock != AgentClock::ManagerMonotonic {
+            return;
+        }
+        let Some(t) = self.unix_time(now) else { return };
+        if self
+            .clock
+            .persisted
+            .is_some_and(|p| t < p.saturating_add(LATEST_TIME_EVERY_SECS))
+        {
+            return;
+        }
+        // Recorded even on failure: the next attempt is an hour on, not at every input.
+        self.clock.persisted = Some(t);
+        if let Err(error) = self.store.save_latest_time(t) {
+            self.event(Event::RecordFailed {
+                what: "save latest time",
+                error,
+            });
+        }
     }
 
     /// The manager's Unix time now in milliseconds, as learnt from `Welcome` (its
@@ -1119,6 +1335,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         for (job, peer) in trouble {
             self.report_trouble(job, peer, Trouble::Unreachable);
         }
+        self.keep_clock(now);
         self.maintain(now);
     }
 
@@ -1137,18 +1354,21 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         }
         let msg = Message::decode(plaintext).map_err(AgentError::Decode)?;
         let result = match msg {
+            // `publishers` stays on the wire for older agents; it is trusted no more.
             Message::Welcome {
-                cert,
-                unix_time,
-                publishers,
+                cert, unix_time, ..
             } if from_manager => {
+                self.on_manager_time(now, unix_time);
                 self.welcome = Some(Welcome {
                     cert,
                     unix_time,
                     at: now,
-                    publishers,
                 });
                 self.event(Event::Welcomed);
+                Ok(())
+            }
+            Message::Trust { document } if from_manager => {
+                self.on_trust(now, document);
                 Ok(())
             }
             Message::Fetch {
@@ -1249,29 +1469,105 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         true
     }
 
-    fn check_manifest(&self, now: Duration, m: &Manifest) -> Result<(), ManifestError> {
-        m.check_limits(self.unix_time(now))?;
-        if m.chunk_size > self.config.max_chunk {
-            return Err(ManifestError::ChunkTooLarge);
-        }
-        let trusted: &[PublicKey] = if !self.config.publishers.is_empty() {
-            &self.config.publishers
-        } else {
-            self.welcome.as_ref().map_or(&[], |w| &w.publishers)
+    /// Judges a trust document from the manager (decoded here, once; kept out of line so
+    /// its stack frame, about 2 KB on a device, is not part of other messages' paths).
+    #[inline(never)]
+    fn on_trust(&mut self, now: Duration, bytes: &[u8]) {
+        let Some(anchor) = &self.trust.anchor else {
+            self.ignored("trust document ignored: no root key configured");
+            return;
         };
-        let key = trusted
-            .iter()
-            .find(|k| KeyId::of(k) == m.signer)
-            .ok_or(ManifestError::UntrustedSigner)?;
-        m.verify_signature(key)?;
+        let signed = match SignedTrust::decode(bytes) {
+            Ok(s) => s,
+            Err(reason) => {
+                self.event(Event::TrustRefused { version: 0, reason });
+                return;
+            }
+        };
+        let version = signed.document.version;
+        match anchor.accept(&signed, self.unix_time(now)) {
+            Ok(next) => {
+                let newer = next != *anchor;
+                if newer {
+                    let stored = StoredAnchor {
+                        pin: self.trust.pin,
+                        anchor: next.clone(),
+                    };
+                    if let Err(error) = self.store.save_anchor(&stored) {
+                        self.event(Event::RecordFailed {
+                            what: "save trust anchor",
+                            error,
+                        });
+                    }
+                }
+                let first = self.trust.document.is_none();
+                self.trust.anchor = Some(next);
+                self.trust.document = Some(signed.document);
+                if newer || first {
+                    self.event(Event::TrustAccepted { version, newer });
+                }
+            }
+            // The manager sends its chain oldest first: the ones below the held version are
+            // expected, not an attack.
+            Err(TrustError::Rollback) => self.ignored("older trust document skipped"),
+            Err(reason) => self.event(Event::TrustRefused { version, reason }),
+        }
+    }
+
+    /// Checks a manifest before a job starts (see the module docs); returns the version
+    /// record to write if it is accepted and raises its name's record.
+    #[inline(never)]
+    fn check_manifest(
+        &mut self,
+        now: Duration,
+        m: &Manifest,
+    ) -> Result<Option<VersionRecord>, FailReason> {
+        let time = self.unix_time(now);
+        m.check_limits(time).map_err(fail_reason)?;
+        if m.chunk_size > self.config.max_chunk {
+            return Err(FailReason::ChunkTooLarge);
+        }
+        if self.trust.anchor.is_none() {
+            return Err(FailReason::NoTrust);
+        }
+        let doc = self.trust.document.as_ref().ok_or(FailReason::NoTrust)?;
+        if doc.is_expired(time) {
+            return Err(FailReason::Expired);
+        }
+        doc.verify_manifest(m).map_err(fail_reason)?;
+        let record = match self.store.version_record(&m.name) {
+            Ok(r) => r,
+            Err(error) => {
+                self.event(Event::RecordFailed {
+                    what: "read version record",
+                    error,
+                });
+                return Err(FailReason::StorageError);
+            }
+        };
+        if let Some(r) = record {
+            if m.version < r.version {
+                return Err(FailReason::Downgrade);
+            }
+            if m.version == r.version {
+                return if r.root == m.root {
+                    Ok(None)
+                } else {
+                    Err(FailReason::VersionReused)
+                };
+            }
+        }
         let mut i = 0;
         while let Some(h) = self.store.held(i) {
             if h.manifest.name == m.name && h.manifest.version > m.version {
-                return Err(ManifestError::Downgrade);
+                return Err(FailReason::Downgrade);
             }
             i += 1;
         }
-        Ok(())
+        Ok(Some(VersionRecord {
+            version: m.version,
+            root: m.root,
+        }))
     }
 
     fn fail_job(&mut self, job: JobRef, reason: FailReason) {
@@ -1325,9 +1621,24 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             }
             self.jobs.swap_remove(pos);
         }
-        if let Err(e) = self.check_manifest(now, &manifest) {
-            self.fail_job(job, fail_reason(e));
-            return;
+        match self.check_manifest(now, &manifest) {
+            Ok(None) => {}
+            Ok(Some(record)) => {
+                // Recorded before the content is opened: from here on this name accepts
+                // nothing older, also once the content is gone.
+                if let Err(error) = self.store.put_version_record(&manifest.name, &record) {
+                    self.event(Event::RecordFailed {
+                        what: "save version record",
+                        error,
+                    });
+                    self.fail_job(job, store_fail(error));
+                    return;
+                }
+            }
+            Err(reason) => {
+                self.fail_job(job, reason);
+                return;
+            }
         }
         if self.jobs.is_full() {
             // Make room from jobs that no longer fetch.
@@ -2344,21 +2655,86 @@ mod test {
     struct World {
         manager: Identity,
         publisher: Identity,
+        root: Identity,
         agent: TestAgent,
         now: Duration,
     }
 
+    /// A content partition of 128 KiB and a record area of 8 KiB (two banks of 4 KiB).
     fn store() -> FlashStore<Flash> {
-        FlashStore::new_multiwrite(Flash::new(128 * 1024))
+        FlashStore::new_multiwrite(Flash::new(128 * 1024)).with_records(Flash::new(8 * 1024))
     }
 
-    fn world_with(store: FlashStore<Flash>, tweak: impl FnOnce(&mut AgentConfig)) -> World {
+    fn root_key() -> Identity {
+        Identity::from_seed([5; 32])
+    }
+
+    fn publisher_key() -> Identity {
+        Identity::from_seed([2; 32])
+    }
+
+    /// A trust document: `version`, `expires`, the `roots` (of which `threshold` must sign),
+    /// the publishers with their name patterns, signed by `signers`.
+    fn trust_doc(
+        version: u64,
+        expires: u64,
+        roots: &[&Identity],
+        threshold: u8,
+        grants: &[(&Identity, &[&str])],
+        signers: &[&Identity],
+    ) -> SignedTrust {
+        use baton_protocol::trust::{NamePattern, PublisherGrant};
+        let document = TrustDocument {
+            version,
+            expires,
+            threshold,
+            roots: roots.iter().map(|r| r.public()).collect(),
+            publishers: grants
+                .iter()
+                .map(|(key, names)| PublisherGrant {
+                    key: key.public(),
+                    names: names
+                        .iter()
+                        .map(|n| NamePattern::try_from(*n).unwrap())
+                        .collect(),
+                })
+                .collect(),
+        };
+        let mut signed = SignedTrust::new(document);
+        for s in signers {
+            signed.sign(s).unwrap();
+        }
+        signed
+    }
+
+    /// `signed` as the manager's `Trust` message.
+    fn trust_msg(signed: &SignedTrust) -> StdVec<u8> {
+        let mut buf = [0u8; baton_protocol::trust::MAX_TRUST_BYTES];
+        let document = signed.encode(&mut buf).unwrap();
+        Message::Trust { document }.to_vec()
+    }
+
+    /// The usual trust: version 1 under the one root, the publisher for every name.
+    fn default_trust() -> SignedTrust {
+        let (root, publisher) = (root_key(), publisher_key());
+        trust_doc(1, 0, &[&root], 1, &[(&publisher, &["*"])], &[&root])
+    }
+
+    /// An agent pinning [`root_key`], connected and welcomed at Unix time 1 000 000, and
+    /// (with `trust`) given that trust document.
+    fn world_trusting(
+        store: FlashStore<Flash>,
+        trust: Option<SignedTrust>,
+        tweak: impl FnOnce(&mut AgentConfig),
+    ) -> World {
         let mut config = AgentConfig::new(id("a1"));
         config.window = 4;
+        config.roots = heapless::Vec::from_slice(&[root_key().public()]).unwrap();
         tweak(&mut config);
         let mut w = World {
             manager: Identity::from_seed([1; 32]),
-            publisher: Identity::from_seed([2; 32]),
+            publisher: publisher_key(),
+            root: root_key(),
             agent: Agent::new(config, store),
             now: Duration::from_secs(1),
         };
@@ -2371,11 +2747,20 @@ mod test {
         let welcome = Message::Welcome {
             cert: AgentCert::issue(&w.manager, id("a1"), Identity::from_seed([3; 32]).public()),
             unix_time: 1_000_000,
-            publishers: heapless::Vec::from_slice(&[w.publisher.public()]).unwrap(),
+            publishers: heapless::Vec::new(),
         };
         w.frame(ConnId::MANAGER, &welcome.to_vec()).unwrap();
         assert!(w.agent.cert().is_some());
+        if let Some(t) = trust {
+            w.frame(ConnId::MANAGER, &trust_msg(&t)).unwrap();
+            assert!(w.agent.trust_document().is_some());
+        }
+        w.events();
         w
+    }
+
+    fn world_with(store: FlashStore<Flash>, tweak: impl FnOnce(&mut AgentConfig)) -> World {
+        world_trusting(store, Some(default_trust()), tweak)
     }
 
     fn world() -> World {
@@ -3023,15 +3408,20 @@ mod test {
     }
 
     #[test]
-    fn configured_publishers_override_the_welcome() {
+    fn the_publishers_a_welcome_names_are_not_trusted() {
         let other = Identity::from_seed([77; 32]);
-        let mut w = world_with(store(), |c| {
-            c.publishers = heapless::Vec::from_slice(&[other.public()]).unwrap()
-        });
-        let c = Content::new(&w.publisher, "fw", 1, 0, 2 * 1024);
+        let mut w = world();
+        let welcome = Message::Welcome {
+            cert: AgentCert::issue(&w.manager, id("a1"), Identity::from_seed([3; 32]).public()),
+            unix_time: 1_000_000,
+            publishers: heapless::Vec::from_slice(&[other.public()]).unwrap(),
+        };
+        w.frame(ConnId::MANAGER, &welcome.to_vec()).unwrap();
+        let c = Content::new(&other, "fw", 1, 0, 2 * 1024);
         w.fetch(&c, 1, &[]);
         assert_eq!(failed(&mut w), Some(FailReason::BadSignature));
-        let c = Content::new(&other, "fw", 1, 0, 2 * 1024);
+        // The publisher the trust document lists is accepted.
+        let c = Content::new(&w.publisher, "fw", 1, 0, 2 * 1024);
         w.fetch(&c, 2, &[]);
         assert_eq!(failed(&mut w), None);
     }
@@ -3083,8 +3473,8 @@ mod test {
         let World {
             agent, publisher, ..
         } = w;
-        let flash = agent.store.into_inner();
-        let mut store = FlashStore::new_multiwrite(flash);
+        let (flash, records) = agent.store.into_parts();
+        let mut store = FlashStore::new_multiwrite(flash).with_records(records.unwrap());
         store.mount().unwrap();
         let mut w = world_with(store, |_| {});
         w.publisher = publisher;
@@ -3152,7 +3542,9 @@ mod test {
 
     #[test]
     fn storage_full_fails_the_job() {
-        let mut w = world_with(FlashStore::new_multiwrite(Flash::new(8 * 1024)), |_| {});
+        let small =
+            FlashStore::new_multiwrite(Flash::new(8 * 1024)).with_records(Flash::new(8 * 1024));
+        let mut w = world_with(small, |_| {});
         let c = Content::new(&w.publisher, "fw", 1, 0, 20 * 1024);
         w.fetch(&c, 1, &[]);
         assert_eq!(failed(&mut w), Some(FailReason::StorageFull));
@@ -3308,5 +3700,344 @@ mod test {
             after >= limit && after < limit + Duration::from_secs(2),
             "{after:?}"
         );
+    }
+
+    // ------------------------------------------------------------ trust
+
+    /// Sends `signed` as the manager's `Trust` and returns the trust events it caused.
+    fn send_trust(w: &mut World, signed: &SignedTrust) -> StdVec<Event> {
+        w.frame(ConnId::MANAGER, &trust_msg(signed)).unwrap();
+        w.events()
+            .into_iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Event::TrustAccepted { .. }
+                        | Event::TrustRefused { .. }
+                        | Event::Ignored { .. }
+                        | Event::RecordFailed { .. }
+                )
+            })
+            .collect()
+    }
+
+    fn refused(reason: TrustError, version: u64) -> StdVec<Event> {
+        std::vec![Event::TrustRefused { version, reason }]
+    }
+
+    #[test]
+    fn trust_documents_are_accepted_only_under_the_roots_thresholds() {
+        let mut w = world();
+        let (root, publisher) = (w.root.clone(), w.publisher.clone());
+        let (r2, r3, stranger) = (
+            Identity::from_seed([21; 32]),
+            Identity::from_seed([22; 32]),
+            Identity::from_seed([23; 32]),
+        );
+        let grants: &[(&Identity, &[&str])] = &[(&publisher, &["*"])];
+        // Signed by a key that is not a root: refused.
+        let forged = trust_doc(2, 0, &[&stranger], 1, grants, &[&stranger]);
+        assert_eq!(
+            send_trust(&mut w, &forged),
+            refused(TrustError::OldRootsBelowThreshold, 2)
+        );
+        // Rotation to {r2, r3} (2 of 2) signed by the old root and one new root: refused.
+        let rotation = |signers: &[&Identity]| trust_doc(2, 0, &[&r2, &r3], 2, grants, signers);
+        assert_eq!(
+            send_trust(&mut w, &rotation(&[&root, &r2])),
+            refused(TrustError::NewRootsBelowThreshold, 2)
+        );
+        // By both new roots alone: the old threshold is missing.
+        assert_eq!(
+            send_trust(&mut w, &rotation(&[&r2, &r3])),
+            refused(TrustError::OldRootsBelowThreshold, 2)
+        );
+        // Expired already: refused.
+        let stale = trust_doc(2, 1_000_000, &[&root], 1, grants, &[&root]);
+        assert_eq!(send_trust(&mut w, &stale), refused(TrustError::Expired, 2));
+        // Garbage: refused as malformed.
+        w.frame(
+            ConnId::MANAGER,
+            &Message::Trust {
+                document: &[1, 2, 3],
+            }
+            .to_vec(),
+        )
+        .unwrap();
+        assert_eq!(
+            w.events(),
+            refused(TrustError::Malformed, 0),
+            "an undecodable document"
+        );
+        assert_eq!(w.agent.trust_anchor().unwrap().version, 1);
+        // Both thresholds met: accepted, persisted.
+        assert_eq!(
+            send_trust(&mut w, &rotation(&[&root, &r2, &r3])),
+            std::vec![Event::TrustAccepted {
+                version: 2,
+                newer: true
+            }]
+        );
+        let stored = w.agent.store_mut().load_anchor().unwrap().unwrap();
+        assert_eq!(stored.anchor.version, 2);
+        assert_eq!(stored.anchor.roots.len(), 2);
+        // The old root alone can sign nothing any more.
+        let by_old = trust_doc(3, 0, &[&root], 1, grants, &[&root]);
+        assert_eq!(
+            send_trust(&mut w, &by_old),
+            refused(TrustError::OldRootsBelowThreshold, 3)
+        );
+        // The held version again: no event; an older one: skipped quietly; the held version
+        // with other contents: a conflict.
+        assert!(send_trust(&mut w, &rotation(&[&root, &r2, &r3])).is_empty());
+        let v1 = default_trust();
+        assert!(matches!(
+            send_trust(&mut w, &v1)[..],
+            [Event::Ignored { .. }]
+        ));
+        let other = trust_doc(2, 0, &[&r2, &r3], 2, &[(&stranger, &["*"])], &[&r2, &r3]);
+        assert_eq!(send_trust(&mut w, &other), refused(TrustError::Conflict, 2));
+        // Content signed by the publisher the held document lists is accepted.
+        let c = Content::new(&publisher, "fw", 1, 0, 2 * 1024);
+        w.fetch(&c, 1, &[]);
+        assert_eq!(failed(&mut w), None);
+    }
+
+    #[test]
+    fn a_publisher_is_refused_for_names_it_is_not_listed_for_and_rotation_revokes_it() {
+        let (root, publisher) = (root_key(), publisher_key());
+        let newer = Identity::from_seed([31; 32]);
+        let doc = trust_doc(1, 0, &[&root], 1, &[(&publisher, &["fw-*"])], &[&root]);
+        let mut w = world_trusting(store(), Some(doc), |_| {});
+        let c = Content::new(&publisher, "bootloader", 1, 0, 2 * 1024);
+        w.fetch(&c, 1, &[]);
+        assert_eq!(failed(&mut w), Some(FailReason::NotListed));
+        let c = Content::new(&publisher, "fw-router", 1, 0, 2 * 1024);
+        w.fetch(&c, 2, &[]);
+        assert_eq!(failed(&mut w), None);
+        // Rotated publisher: the old key is refused from then on, the new one accepted.
+        let doc = trust_doc(2, 0, &[&root], 1, &[(&newer, &["fw-*"])], &[&root]);
+        assert!(matches!(
+            send_trust(&mut w, &doc)[..],
+            [Event::TrustAccepted { version: 2, .. }]
+        ));
+        let c = Content::new(&publisher, "fw-router", 2, 0, 2 * 1024);
+        w.fetch(&c, 3, &[]);
+        assert_eq!(failed(&mut w), Some(FailReason::BadSignature));
+        let c = Content::new(&newer, "fw-router", 2, 0, 2 * 1024);
+        w.fetch(&c, 4, &[]);
+        assert_eq!(failed(&mut w), None);
+    }
+
+    #[test]
+    fn without_a_root_key_or_a_document_every_manifest_is_refused() {
+        let mut w = world_trusting(store(), None, |c| c.roots.clear());
+        w.frame(ConnId::MANAGER, &trust_msg(&default_trust()))
+            .unwrap();
+        assert!(
+            w.agent.trust_document().is_none(),
+            "a document is not taken"
+        );
+        let c = Content::new(&w.publisher, "fw", 1, 0, 2 * 1024);
+        w.fetch(&c, 1, &[]);
+        assert_eq!(failed(&mut w), Some(FailReason::NoTrust));
+        // Pinned, but the manager has not sent a document yet.
+        let mut w = world_trusting(store(), None, |_| {});
+        w.fetch(&c, 1, &[]);
+        assert_eq!(failed(&mut w), Some(FailReason::NoTrust));
+        w.frame(ConnId::MANAGER, &trust_msg(&default_trust()))
+            .unwrap();
+        w.fetch(&c, 2, &[]);
+        assert_eq!(failed(&mut w), None);
+    }
+
+    #[test]
+    fn an_expired_document_refuses_manifests() {
+        let (root, publisher) = (root_key(), publisher_key());
+        // Valid for ten more seconds from the Welcome's Unix time.
+        let doc = trust_doc(1, 1_000_010, &[&root], 1, &[(&publisher, &["*"])], &[&root]);
+        let mut w = world_trusting(store(), Some(doc), |_| {});
+        let c = Content::new(&publisher, "fw", 1, 0, 2 * 1024);
+        w.fetch(&c, 1, &[]);
+        assert_eq!(failed(&mut w), None);
+        w.now += Duration::from_secs(10);
+        let c = Content::new(&publisher, "fw", 2, 0, 2 * 1024);
+        w.fetch(&c, 2, &[]);
+        assert_eq!(failed(&mut w), Some(FailReason::Expired));
+    }
+
+    /// Fetches `c` as job `id` from the manager to completion.
+    fn fetch_whole(w: &mut World, c: &Content, id: u64) {
+        let msg = Message::Fetch {
+            job: JobRef { id, epoch: 1 },
+            manifest: c.manifest.clone(),
+            sources: heapless::Vec::new(),
+            next: None,
+        };
+        w.frame(ConnId::MANAGER, &msg.to_vec()).unwrap();
+        for _ in 0..100 {
+            let out = w.drain();
+            if w.serve(&out, c) == 0 {
+                break;
+            }
+        }
+        assert_eq!(
+            w.agent.store().verified(&c.manifest.root),
+            Some(c.manifest.chunks())
+        );
+    }
+
+    fn fetch_as(w: &mut World, c: &Content, id: u64) -> Option<FailReason> {
+        let msg = Message::Fetch {
+            job: JobRef { id, epoch: 1 },
+            manifest: c.manifest.clone(),
+            sources: heapless::Vec::new(),
+            next: None,
+        };
+        w.frame(ConnId::MANAGER, &msg.to_vec()).unwrap();
+        failed(w)
+    }
+
+    #[test]
+    fn rollback_and_version_reuse_are_refused_after_the_content_was_replaced() {
+        let mut w = world();
+        let p = w.publisher.clone();
+        let v2 = Content::new(&p, "fw", 2, 0, 2 * 1024);
+        fetch_whole(&mut w, &v2, 10);
+        // Other content replaces it (the flash store holds one content).
+        let other = Content::new(&p, "config", 1, 0, 3 * 1024);
+        fetch_whole(&mut w, &other, 11);
+        assert_eq!(w.agent.store().verified(&v2.manifest.root), None);
+        let v1 = Content::new(&p, "fw", 1, 0, 2 * 1024);
+        assert_eq!(fetch_as(&mut w, &v1, 12), Some(FailReason::Downgrade));
+        // Version 2 with another root (same version, other bytes).
+        let v2b = Content::new(&p, "fw", 2, 0, 3 * 1024);
+        assert_eq!(fetch_as(&mut w, &v2b, 13), Some(FailReason::VersionReused));
+        // The same version 2 again, and a newer version, are accepted.
+        assert_eq!(fetch_as(&mut w, &v2, 14), None);
+        let v3 = Content::new(&p, "fw", 3, 0, 2 * 1024);
+        assert_eq!(fetch_as(&mut w, &v3, 15), None);
+        assert_eq!(
+            w.agent.store_mut().version_record("fw"),
+            Ok(Some(VersionRecord {
+                version: 3,
+                root: v3.manifest.root
+            }))
+        );
+    }
+
+    #[test]
+    fn trust_and_version_records_survive_a_restart_of_the_agent() {
+        let (root, publisher) = (root_key(), publisher_key());
+        let mut w = world();
+        let v2 = Content::new(&publisher, "fw", 2, 0, 2 * 1024);
+        assert_eq!(fetch_as(&mut w, &v2, 1), None);
+        let doc2 = trust_doc(2, 0, &[&root], 1, &[(&publisher, &["*"])], &[&root]);
+        send_trust(&mut w, &doc2);
+        // Power cycle: new agent over the same flash, content erased meanwhile.
+        let (_, records) = w.agent.store.into_parts();
+        let fresh =
+            FlashStore::new_multiwrite(Flash::new(128 * 1024)).with_records(records.unwrap());
+        let mut w = world_trusting(fresh, None, |_| {});
+        assert_eq!(w.agent.trust_anchor().unwrap().version, 2);
+        // The manager sends its chain oldest first: v1 is skipped, v2 (held) taken again.
+        assert!(matches!(
+            send_trust(&mut w, &default_trust())[..],
+            [Event::Ignored { .. }]
+        ));
+        assert!(w.agent.trust_document().is_none());
+        assert_eq!(
+            send_trust(&mut w, &doc2),
+            std::vec![Event::TrustAccepted {
+                version: 2,
+                newer: false
+            }]
+        );
+        let v1 = Content::new(&publisher, "fw", 1, 0, 2 * 1024);
+        assert_eq!(fetch_as(&mut w, &v1, 2), Some(FailReason::Downgrade));
+        // Re-provisioned with another root: the stored anchor is not used.
+        let (_, records) = w.agent.store.into_parts();
+        let other = Identity::from_seed([41; 32]);
+        let fresh =
+            FlashStore::new_multiwrite(Flash::new(128 * 1024)).with_records(records.unwrap());
+        let w = world_trusting(fresh, None, |c| {
+            c.roots = heapless::Vec::from_slice(&[other.public()]).unwrap();
+        });
+        assert_eq!(w.agent.trust_anchor().unwrap().version, 0);
+    }
+
+    #[test]
+    fn the_manager_clock_never_goes_back_and_is_persisted_hourly() {
+        let mut w = world();
+        assert_eq!(w.agent.store_mut().load_latest_time(), Ok(Some(1_000_000)));
+        // Half an hour on: not written again.
+        w.now += Duration::from_secs(1800);
+        w.agent.handle_timeout(w.now);
+        assert_eq!(w.agent.store_mut().load_latest_time(), Ok(Some(1_000_000)));
+        w.now += Duration::from_secs(1800);
+        w.agent.handle_timeout(w.now);
+        assert_eq!(w.agent.store_mut().load_latest_time(), Ok(Some(1_003_600)));
+        // A manager whose clock is behind does not move the agent's time back.
+        let welcome = |unix_time| Message::Welcome {
+            cert: AgentCert::issue(&w.manager, id("a1"), Identity::from_seed([3; 32]).public()),
+            unix_time,
+            publishers: heapless::Vec::new(),
+        };
+        let back = welcome(500_000);
+        w.frame(ConnId::MANAGER, &back.to_vec()).unwrap();
+        assert_eq!(w.agent.unix_time(w.now), Some(1_003_600));
+        w.now += Duration::from_secs(5);
+        assert_eq!(w.agent.unix_time(w.now), Some(1_003_605));
+        // After a reboot the floor is the persisted time: content that expired before it
+        // stays expired, whatever time the manager claims.
+        let (_, records) = w.agent.store.into_parts();
+        let fresh =
+            FlashStore::new_multiwrite(Flash::new(128 * 1024)).with_records(records.unwrap());
+        let mut w = world_with(fresh, |_| {});
+        assert_eq!(w.agent.unix_time(w.now), Some(1_003_600));
+        let c = Content::new(&w.publisher, "fw", 1, 1_003_000, 2 * 1024);
+        assert_eq!(fetch_as(&mut w, &c, 1), Some(FailReason::Expired));
+    }
+
+    #[test]
+    fn the_system_clock_judges_expiry_when_configured() {
+        let mut w = world_with(store(), |c| c.clock = AgentClock::System);
+        // The Welcome's time is not used; nothing is persisted.
+        assert_eq!(w.agent.unix_time(w.now), None);
+        w.agent.set_system_time(w.now, 2_000_000);
+        assert_eq!(
+            w.agent.unix_time(w.now + Duration::from_secs(3)),
+            Some(2_000_003)
+        );
+        let c = Content::new(&w.publisher, "fw", 1, 1_500_000, 2 * 1024);
+        assert_eq!(fetch_as(&mut w, &c, 1), Some(FailReason::Expired));
+        let c = Content::new(&w.publisher, "fw", 1, 2_500_000, 2 * 1024);
+        assert_eq!(fetch_as(&mut w, &c, 2), None);
+        assert_eq!(w.agent.store_mut().load_latest_time(), Ok(None));
+    }
+
+    #[test]
+    fn a_full_version_record_table_fails_the_job_with_storage_full() {
+        let mut w = world();
+        let p = w.publisher.clone();
+        for i in 0..crate::records::MAX_NAMES {
+            let c = Content::new(&p, &std::format!("n{i}"), 1, 0, 1024);
+            let id = 100 + i as u64;
+            assert_eq!(fetch_as(&mut w, &c, id), None, "{i}");
+            let cancel = Message::Cancel {
+                job: JobRef { id, epoch: 1 },
+            };
+            w.frame(ConnId::MANAGER, &cancel.to_vec()).unwrap();
+            w.events();
+        }
+        let c = Content::new(&p, "one-more", 1, 0, 1024);
+        assert_eq!(fetch_as(&mut w, &c, 1), Some(FailReason::StorageFull));
+        assert!(w.events().iter().any(|e| matches!(
+            e,
+            Event::RecordFailed {
+                error: StoreError::Full,
+                ..
+            }
+        )));
     }
 }

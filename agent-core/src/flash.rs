@@ -24,13 +24,19 @@
 //! written more than once ([`FlashStore::new_multiwrite`], for
 //! [`MultiwriteNorFlash`]); otherwise each flag takes a whole write unit
 //! ([`FlashStore::new`]), so no unit is ever written twice.
+//!
+//! The agent's records (trust anchor, version records, latest time) live in a
+//! separate small area, a [`RecordLog`] given with [`FlashStore::with_records`],
+//! so that replacing the content never erases them. Without one the record
+//! operations fail with [`StoreError::NoRecords`].
 
 use baton_protocol::merkle::{self, MAX_DEPTH, Proof};
 use baton_protocol::{Digest, Manifest};
 use embedded_storage::nor_flash::{MultiwriteNorFlash, NorFlash, NorFlashError, NorFlashErrorKind};
 use sha2::{Digest as _, Sha256};
 
-use crate::store::{ContentStore, Held, StoreError};
+use crate::records::RecordLog;
+use crate::store::{ContentStore, Held, StoreError, StoredAnchor, VersionRecord};
 
 /// Largest read/write unit supported (bytes); the store keeps buffers of this size on the stack.
 pub const MAX_UNIT: usize = 256;
@@ -114,12 +120,14 @@ struct Slot {
     verified: u32,
 }
 
-/// One content in a NOR flash partition (see the module docs for the layout).
+/// One content in a NOR flash partition `F` (see the module docs for the layout), and
+/// optionally the agent's records in a record area `R`.
 #[derive(Debug)]
-pub struct FlashStore<F: NorFlash> {
+pub struct FlashStore<F: NorFlash, R: NorFlash = F> {
     flash: F,
     bitmap: bool,
     slot: Option<Slot>,
+    records: Option<RecordLog<R>>,
 }
 
 fn io<E: NorFlashError>(e: E) -> StoreError {
@@ -130,6 +138,20 @@ fn io<E: NorFlashError>(e: E) -> StoreError {
 }
 
 impl<F: NorFlash> FlashStore<F> {
+    /// A store over `flash` with one write unit per chunk flag (any NOR flash).
+    ///
+    /// Call [`FlashStore::mount`] to pick up content already in the partition.
+    pub fn new(flash: F) -> Self {
+        FlashStore {
+            flash,
+            bitmap: false,
+            slot: None,
+            records: None,
+        }
+    }
+}
+
+impl<F: NorFlash, R: NorFlash> FlashStore<F, R> {
     /// The read/write unit: the least common multiple of `READ_SIZE` and `WRITE_SIZE`.
     const UNIT: usize = {
         let (r, w) = (F::READ_SIZE, F::WRITE_SIZE);
@@ -142,15 +164,29 @@ impl<F: NorFlash> FlashStore<F> {
         r / a * w
     };
 
-    /// A store over `flash` with one write unit per chunk flag (any NOR flash).
-    ///
-    /// Call [`FlashStore::mount`] to pick up content already in the partition.
-    pub fn new(flash: F) -> Self {
+    /// The same store keeping the agent's records in `area` (at least two erase blocks,
+    /// apart from the content partition; see [`crate::records`]).
+    pub fn with_records<R2: NorFlash>(self, area: R2) -> FlashStore<F, R2> {
         FlashStore {
-            flash,
-            bitmap: false,
-            slot: None,
+            flash: self.flash,
+            bitmap: self.bitmap,
+            slot: self.slot,
+            records: Some(RecordLog::new(area)),
         }
+    }
+
+    /// The record area, if the store has one.
+    pub fn records(&self) -> Option<&RecordLog<R>> {
+        self.records.as_ref()
+    }
+
+    /// Gives the content flash and the record area's flash back.
+    pub fn into_parts(self) -> (F, Option<R>) {
+        (self.flash, self.records.map(RecordLog::into_inner))
+    }
+
+    fn record_log(&mut self) -> Result<&mut RecordLog<R>, StoreError> {
+        self.records.as_mut().ok_or(StoreError::NoRecords)
     }
 
     /// Bytes a content needs in a partition of this flash type.
@@ -391,11 +427,12 @@ impl<F: MultiwriteNorFlash> FlashStore<F> {
             flash,
             bitmap: true,
             slot: None,
+            records: None,
         }
     }
 }
 
-impl<F: NorFlash> ContentStore for FlashStore<F> {
+impl<F: NorFlash, R: NorFlash> ContentStore for FlashStore<F, R> {
     fn open(&mut self, manifest: &Manifest) -> Result<u32, StoreError> {
         let unit = Self::check_geometry()?;
         if let Some(s) = &self.slot
@@ -518,6 +555,30 @@ impl<F: NorFlash> ContentStore for FlashStore<F> {
     fn free_bytes(&self) -> u64 {
         let used = self.slot.as_ref().map_or(0, |s| s.layout.end);
         (self.flash.capacity() as u64).saturating_sub(used)
+    }
+
+    fn load_anchor(&mut self) -> Result<Option<StoredAnchor>, StoreError> {
+        self.record_log()?.load_anchor()
+    }
+
+    fn save_anchor(&mut self, anchor: &StoredAnchor) -> Result<(), StoreError> {
+        self.record_log()?.save_anchor(anchor)
+    }
+
+    fn version_record(&mut self, name: &str) -> Result<Option<VersionRecord>, StoreError> {
+        self.record_log()?.version_record(name)
+    }
+
+    fn put_version_record(&mut self, name: &str, record: &VersionRecord) -> Result<(), StoreError> {
+        self.record_log()?.put_version_record(name, record)
+    }
+
+    fn load_latest_time(&mut self) -> Result<Option<u64>, StoreError> {
+        self.record_log()?.load_latest_time()
+    }
+
+    fn save_latest_time(&mut self, unix: u64) -> Result<(), StoreError> {
+        self.record_log()?.save_latest_time(unix)
     }
 }
 

@@ -12,6 +12,8 @@
 //! - [`store`]: the [`store::ContentStore`] trait the agent stores through.
 //! - [`flash`]: [`flash::FlashStore`], one content in a NOR flash partition,
 //!   safe against power cuts (any `embedded_storage` NOR flash).
+//! - [`records`]: [`records::RecordLog`], the agent's records (trust anchor,
+//!   version per content name, latest time) in a small NOR flash area.
 //! - `linux` (feature `std`): the link layer (secure framed TCP), rate
 //!   limits, file-backed flash, the directory store, the tokio driver and the
 //!   settings of the `baton-agent` binary.
@@ -24,5 +26,6 @@ pub mod linux;
 
 pub mod agent;
 pub mod flash;
+pub mod records;
 pub mod segment;
 pub mod store;

@@ -1,4 +1,4 @@
-//! What the agent needs from storage: content slots keyed by Merkle root.
+//! What the agent needs from storage: content slots keyed by Merkle root, and its records.
 //!
 //! The [`ContentStore`] trait is the agent's only view of storage. A content
 //! is opened (or resumed) from its manifest; chunks are written only after the
@@ -7,9 +7,18 @@
 //! set it reports is exactly what can be served. [`crate::flash::FlashStore`]
 //! implements it over any `embedded_storage` NOR flash; the Linux driver keeps
 //! one such store per content in a directory.
+//!
+//! Beside content, a store keeps the agent's *records*, which outlive any content:
+//! the trust anchor it accepted ([`StoredAnchor`]), per content name the highest
+//! version it accepted and that version's root ([`VersionRecord`], for rollback
+//! protection after the content was evicted or overwritten), and the latest Unix
+//! time it has seen (for an agent without a clock of its own). Each record is
+//! replaced atomically: after a power cut a store returns the old or the new value.
 
 use baton_protocol::merkle::Proof;
+use baton_protocol::trust::TrustAnchor;
 use baton_protocol::{Digest, Manifest};
+use serde::{Deserialize, Serialize};
 
 /// Why a store operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +41,8 @@ pub enum StoreError {
     Corrupt,
     /// The device's geometry (write or read size) is not supported.
     Unsupported,
+    /// The store keeps no records (no record area was given).
+    NoRecords,
 }
 
 impl core::fmt::Display for StoreError {
@@ -45,6 +56,7 @@ impl core::fmt::Display for StoreError {
             StoreError::BadLength => "wrong chunk, buffer or proof length",
             StoreError::Corrupt => "stored content header is damaged",
             StoreError::Unsupported => "storage geometry not supported",
+            StoreError::NoRecords => "the store has no room for records (none configured)",
         })
     }
 }
@@ -60,7 +72,28 @@ pub struct Held<'a> {
     pub verified: u32,
 }
 
-/// Storage for content, keyed by Merkle root; what the agent reads and writes.
+/// The highest version of one content name an agent accepted, with that version's root.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct VersionRecord {
+    /// The manifest version.
+    pub version: u64,
+    /// Its content's Merkle root.
+    pub root: Digest,
+}
+
+/// The trust anchor an agent persisted, with the pin it grew from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct StoredAnchor {
+    /// Digest of the configured root keys and threshold (see [`crate::agent::pin_digest`]):
+    /// an anchor stored under other pinned roots is not used.
+    pub pin: Digest,
+    /// The anchor of the newest trust document accepted.
+    pub anchor: TrustAnchor,
+}
+
+/// Storage for content, keyed by Merkle root, and for the agent's records.
 pub trait ContentStore {
     /// Opens the content of `manifest`, creating its slot or resuming the one
     /// held; returns how many chunks are already verified.
@@ -100,4 +133,23 @@ pub trait ContentStore {
 
     /// Bytes still free for new content (an estimate, for reports).
     fn free_bytes(&self) -> u64;
+
+    /// The trust anchor saved last, if any.
+    fn load_anchor(&mut self) -> Result<Option<StoredAnchor>, StoreError>;
+
+    /// Replaces the saved trust anchor (atomically: a power cut leaves the old or the new).
+    fn save_anchor(&mut self, anchor: &StoredAnchor) -> Result<(), StoreError>;
+
+    /// The version record of content `name`, if one was saved.
+    fn version_record(&mut self, name: &str) -> Result<Option<VersionRecord>, StoreError>;
+
+    /// Saves the version record of content `name`, replacing its old one;
+    /// [`StoreError::Full`] if `name` has none and the store holds as many names as it can.
+    fn put_version_record(&mut self, name: &str, record: &VersionRecord) -> Result<(), StoreError>;
+
+    /// The latest Unix time (seconds) saved, if any.
+    fn load_latest_time(&mut self) -> Result<Option<u64>, StoreError>;
+
+    /// Saves the latest Unix time seen (seconds).
+    fn save_latest_time(&mut self, unix: u64) -> Result<(), StoreError>;
 }

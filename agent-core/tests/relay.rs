@@ -17,6 +17,8 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_baton-agent");
 
 fn id(s: &str) -> AgentId {
@@ -44,6 +46,7 @@ fn spawn_agent(name: &str, dir: &Path, port: u16, manager: &Identity, extra: &[&
         .args(["--manager", &format!("127.0.0.1:{port}")])
         .args(["--manager-key", &hex::encode(manager.public().0)])
         .args(["--id", name, "--listen", "127.0.0.1:0", "--window", "4"])
+        .args(common::root_args())
         .arg("--data-dir")
         .arg(dir)
         .arg("--export")
@@ -151,9 +154,10 @@ async fn manager_pushes_to_two_agents_that_relay_peer_to_peer() {
                         Message::Welcome {
                             cert: AgentCert::issue(&manager, who.clone(), keys[&who]),
                             unix_time: 1_700_000_000,
-                            publishers: heapless::Vec::from_slice(&[publisher.public()]).unwrap(),
+                            publishers: heapless::Vec::new(),
                         }
                         .to_vec(),
+                        common::trust_message(&publisher),
                     ]
                 }
                 Message::ChunkRequest { root, index } => {

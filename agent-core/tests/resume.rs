@@ -14,6 +14,8 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_baton-agent");
 
 struct Fixture {
@@ -40,6 +42,7 @@ fn spawn(dir: &Path, port: u16, manager: &Identity) -> Child {
         .args(["--manager", &format!("127.0.0.1:{port}")])
         .args(["--manager-key", &hex::encode(manager.public().0)])
         .args(["--id", "r1", "--listen", "127.0.0.1:0", "--window", "2"])
+        .args(common::root_args())
         .args(["--down-bps", "256KiB", "--exit-when-done"])
         .arg("--data-dir")
         .arg(dir)
@@ -87,9 +90,12 @@ async fn welcome_and_fetch(f: &Fixture, s: &mut Session, epoch: u32) -> u32 {
     let welcome = Message::Welcome {
         cert: AgentCert::issue(&f.manager, r.id.clone(), f.key),
         unix_time: 1_700_000_000,
-        publishers: heapless::Vec::from_slice(&[f.publisher.public()]).unwrap(),
+        publishers: heapless::Vec::new(),
     };
     s.1.send(&welcome.to_vec()).await.unwrap();
+    s.1.send(&common::trust_message(&f.publisher))
+        .await
+        .unwrap();
     let fetch = Message::Fetch {
         job: JobRef { id: 9, epoch },
         manifest: f.manifest.clone(),

@@ -165,7 +165,8 @@ fn boot() -> (embassy_net::Runner<'static, Lan9118>, &'static mut Node) {
     let resources = RESOURCES.init_with(StackResources::new);
     let (stack, runner) = embassy_net::new(eth, net_config, resources, seed64);
 
-    let mut store = FlashStore::new_multiwrite(NorPartition::content());
+    let mut store =
+        FlashStore::new_multiwrite(NorPartition::content()).with_records(NorPartition::records());
     match store.mount() {
         Ok(Some(m)) => {
             let (root, chunks) = (m.root, m.chunks());

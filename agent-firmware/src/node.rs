@@ -1248,8 +1248,10 @@ pub fn agent_config(cfg: Option<&Config>, id: AgentId, ip: [u8; 4]) -> AgentConf
         if let Some(s) = cfg.segment.as_str() {
             c.segment = heapless::String::try_from(s).unwrap_or_default();
         }
+        // Placeholder until the provisioning block names root keys and a threshold: its
+        // key slots are taken as root keys, of which one must sign the trust document.
         for k in &cfg.publishers[..cfg.publisher_count as usize] {
-            let _ = c.publishers.push(PublicKey(*k));
+            let _ = c.roots.push(PublicKey(*k));
         }
     }
     c

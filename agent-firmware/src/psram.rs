@@ -9,6 +9,7 @@
 //! ```text
 //! 0x00_0000  4 KiB   provisioning block (written by the host tool, read at boot)
 //! 0x00_1000  4 KiB   boot counter log (one 32-bit word per boot)
+//! 0x00_2000  8 KiB   the agent's records (agent-core's RecordLog: two 4 KiB banks)
 //! 0x01_0000  rest    content partition for agent-core's FlashStore
 //! ```
 //!
@@ -31,6 +32,10 @@ pub const PSRAM_SIZE: usize = 16 * 1024 * 1024;
 pub const CONFIG_OFFSET: usize = 0;
 /// Offset of the boot counter log.
 pub const BOOT_OFFSET: usize = 0x1000;
+/// Offset of the agent's record area (trust anchor, version records, latest time).
+pub const RECORDS_OFFSET: usize = 0x2000;
+/// Size of the record area: two erase blocks.
+pub const RECORDS_SIZE: usize = 2 * ERASE;
 /// Offset of the content partition.
 pub const CONTENT_OFFSET: usize = 0x1_0000;
 /// Erase block size.
@@ -75,6 +80,11 @@ impl NorPartition {
             start.is_multiple_of(ERASE) && len.is_multiple_of(ERASE) && start + len <= PSRAM_SIZE
         );
         NorPartition { start, len }
+    }
+
+    /// The record area: [`RECORDS_SIZE`] bytes at [`RECORDS_OFFSET`].
+    pub fn records() -> Self {
+        Self::new(RECORDS_OFFSET, RECORDS_SIZE)
     }
 
     /// The content partition: everything from [`CONTENT_OFFSET`] to the end.

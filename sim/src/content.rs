@@ -2,6 +2,8 @@
 //!
 //! [`Truth`] holds the real bytes of every chunk (small: [`REAL_CHUNK`] bytes
 //! each), the whole Merkle tree, and the manifest signed by a publisher key.
+//! A root key signs the trust document that lists the publisher (agents pin the
+//! root; the simulated manager sends the document after `Welcome`).
 //! The manager serves chunks from it, and the invariant checks compare every
 //! stored or relayed chunk against it. The link model charges each chunk at
 //! its *virtual* size ([`Truth::virtual_chunk`]) instead: the simulated
@@ -14,6 +16,29 @@ use baton_protocol::{Digest, MIN_CHUNK_SIZE, Manifest, Message};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// The `Trust` message of a document (version 1, no expiry) listing `publisher` for every
+/// name, signed by `root`.
+fn trust_message(root: &Identity, publisher: &Identity) -> Vec<u8> {
+    use baton_protocol::trust::{NamePattern, PublisherGrant, SignedTrust, TrustDocument};
+    let grant = PublisherGrant {
+        key: publisher.public(),
+        names: [NamePattern::try_from("*").expect("short pattern")]
+            .into_iter()
+            .collect(),
+    };
+    let mut signed = SignedTrust::new(TrustDocument {
+        version: 1,
+        expires: 0,
+        threshold: 1,
+        roots: [root.public()].into_iter().collect(),
+        publishers: [grant].into_iter().collect(),
+    });
+    signed.sign(root).expect("room for one signature");
+    let mut buf = vec![0u8; baton_protocol::trust::MAX_TRUST_BYTES];
+    let document = signed.encode(&mut buf).expect("fits its bound");
+    Message::Trust { document }.to_vec()
+}
+
 /// Real bytes per chunk: the protocol's smallest chunk size.
 pub const REAL_CHUNK: u32 = MIN_CHUNK_SIZE;
 
@@ -24,6 +49,9 @@ pub struct Truth {
     tree: MerkleTree,
     manifest: Manifest,
     publisher: Identity,
+    root_key: Identity,
+    /// The encoded `Message::Trust` carrying the trust document.
+    trust: Vec<u8>,
     virtual_chunk: u64,
 }
 
@@ -49,13 +77,27 @@ impl Truth {
             REAL_CHUNK,
             tree.root(),
         );
+        let root_key = Identity::from_seed([0x52; 32]);
+        let trust = trust_message(&root_key, &publisher);
         Truth {
             data,
             tree,
             manifest,
             publisher,
+            root_key,
+            trust,
             virtual_chunk: virtual_chunk.max(1),
         }
+    }
+
+    /// The root key agents pin: it signed the trust document.
+    pub fn root_key(&self) -> &Identity {
+        &self.root_key
+    }
+
+    /// The `Trust` message the manager sends after `Welcome` (encoded).
+    pub fn trust_message(&self) -> &[u8] {
+        &self.trust
     }
 
     /// The signed manifest.

@@ -477,6 +477,7 @@ impl Simulation {
             };
             config.window = scenario.window;
             config.max_peers = scenario.max_peers;
+            config.roots = [truth.root_key().public()].into_iter().collect();
             let store = RamStore::new(&id, truth.clone());
             ids.insert(id.clone(), k);
             agents.push(AgentNode {
@@ -1617,6 +1618,12 @@ impl Simulation {
             .and_then(|(_, s)| s.poll_transmit())
         {
             self.manager_send(conn, &msg);
+            if matches!(msg, Message::Welcome { .. }) {
+                // The manager relays the root-signed trust document after `Welcome`.
+                let truth = self.truth.clone();
+                let n = truth.trust_message().len();
+                self.send(conn, 1, truth.trust_message(), n as u64);
+            }
         }
         while let Some(event) = self
             .manager

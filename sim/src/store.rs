@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use baton_agent_core::store::{ContentStore, Held, StoreError};
+use baton_agent_core::store::{ContentStore, Held, StoreError, StoredAnchor, VersionRecord};
 use baton_protocol::merkle::Proof;
 use baton_protocol::{Digest, Manifest};
 
@@ -50,6 +50,10 @@ pub struct RamStore {
     slots: Vec<Slot>,
     capacity: u64,
     violations: Vec<String>,
+    /// The agent's records (kept across simulated restarts with the store).
+    anchor: Option<StoredAnchor>,
+    versions: BTreeMap<String, VersionRecord>,
+    latest_time: Option<u64>,
 }
 
 impl RamStore {
@@ -61,6 +65,9 @@ impl RamStore {
             slots: Vec::new(),
             capacity: 1 << 40,
             violations: Vec::new(),
+            anchor: None,
+            versions: BTreeMap::new(),
+            latest_time: None,
         }
     }
 
@@ -204,6 +211,33 @@ impl ContentStore for RamStore {
 
     fn free_bytes(&self) -> u64 {
         self.capacity
+    }
+
+    fn load_anchor(&mut self) -> Result<Option<StoredAnchor>, StoreError> {
+        Ok(self.anchor.clone())
+    }
+
+    fn save_anchor(&mut self, anchor: &StoredAnchor) -> Result<(), StoreError> {
+        self.anchor = Some(anchor.clone());
+        Ok(())
+    }
+
+    fn version_record(&mut self, name: &str) -> Result<Option<VersionRecord>, StoreError> {
+        Ok(self.versions.get(name).copied())
+    }
+
+    fn put_version_record(&mut self, name: &str, record: &VersionRecord) -> Result<(), StoreError> {
+        self.versions.insert(name.to_string(), *record);
+        Ok(())
+    }
+
+    fn load_latest_time(&mut self) -> Result<Option<u64>, StoreError> {
+        Ok(self.latest_time)
+    }
+
+    fn save_latest_time(&mut self, unix: u64) -> Result<(), StoreError> {
+        self.latest_time = Some(unix);
+        Ok(())
     }
 }
 

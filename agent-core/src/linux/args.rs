@@ -64,8 +64,16 @@ pub struct AgentArgs {
     /// Read the one-time enrolment token from this file (surrounding whitespace ignored).
     #[arg(long, value_name = "FILE", conflicts_with = "token")]
     pub token_file: Option<PathBuf>,
-    /// A trusted publisher key (hex, repeat); default: the keys the manager names.
-    #[arg(long = "publisher-key", value_name = "HEX")]
+    /// A pinned root key (hex, repeat; at most 4): trust documents must be signed by
+    /// --root-threshold of them, and only publishers such a document lists for a content
+    /// name can sign it. Without one the agent refuses every manifest.
+    #[arg(long = "root-key", value_name = "HEX")]
+    pub root_key: Vec<String>,
+    /// How many of the --root-key keys must sign a trust document (default 1).
+    #[arg(long, value_name = "N")]
+    pub root_threshold: Option<u8>,
+    /// No longer accepted: agents pin root keys (--root-key), not publisher keys.
+    #[arg(long = "publisher-key", value_name = "HEX", hide = true)]
     pub publisher_key: Vec<String>,
     /// Write completed content to this path.
     #[arg(long, value_name = "PATH")]
@@ -178,6 +186,10 @@ impl AgentArgs {
         if self.label.is_empty() {
             self.label = file.label;
         }
+        if self.root_key.is_empty() {
+            self.root_key = file.root_key;
+        }
+        or(&mut self.root_threshold, file.root_threshold);
         if self.publisher_key.is_empty() {
             self.publisher_key = file.publisher_key;
         }

@@ -62,9 +62,10 @@ use super::rate::RateLimiter;
 use super::size::parse_size;
 use super::spaced::SpacedLog;
 use super::store::{DirStore, DirStoreError, export};
-use crate::agent::{Agent, AgentConfig, ConnId, Direction, Event, JobState, PeerInfo};
+use crate::agent::{Agent, AgentClock, AgentConfig, ConnId, Direction, Event, JobState, PeerInfo};
 use crate::segment::{Destination, Segment, SegmentConfig, SegmentEvent};
 use crate::store::ContentStore;
+use baton_protocol::message::FailReason;
 
 /// The Linux agent: a directory store, up to 4 concurrent jobs and 64 peer connections.
 pub type LinuxAgent = Agent<DirStore, 4, LINUX_PEERS, LINUX_PARKED>;
@@ -252,12 +253,34 @@ impl Settings {
                 .push(label)
                 .map_err(|_| config_err("at most 8 labels"))?;
         }
-        for k in &a.publisher_key {
-            config
-                .publishers
-                .push(parse_key(k, "--publisher-key")?)
-                .map_err(|_| config_err("at most 4 publisher keys"))?;
+        if !a.publisher_key.is_empty() {
+            return Err(config_err(
+                "--publisher-key (publisher-key) is no longer accepted: pin the root key(s) that sign the trust document with --root-key HEX (root-key in the config file); the trust document names the publishers",
+            ));
         }
+        for k in &a.root_key {
+            let key = parse_key(k, "--root-key")?;
+            if config.roots.contains(&key) {
+                return Err(config_err(format!("--root-key {k} is given twice")));
+            }
+            config.roots.push(key).map_err(|_| {
+                config_err(format!(
+                    "at most {} root keys",
+                    baton_protocol::trust::MAX_ROOT_KEYS
+                ))
+            })?;
+        }
+        config.root_threshold = a.root_threshold.unwrap_or(1);
+        if config.root_threshold == 0
+            || (!config.roots.is_empty() && usize::from(config.root_threshold) > config.roots.len())
+        {
+            return Err(config_err(format!(
+                "--root-threshold must be 1..={} (the number of --root-key keys)",
+                config.roots.len().max(1)
+            )));
+        }
+        // A Linux host has a clock of its own (kept by NTP): expiry is judged by it.
+        config.clock = AgentClock::System;
         if let Some(p) = a.performance {
             if !(1..=1000).contains(&p) {
                 return Err(config_err("--performance must be 1..=1000"));
@@ -425,6 +448,10 @@ struct Outgoing {
 static REFUSED_FRAMES: SpacedLog = SpacedLog::new(super::spaced::WARN_EVERY);
 /// The error that the manager refused this agent (with its reason), spaced.
 static NOT_ACCEPTED: SpacedLog = SpacedLog::new(super::spaced::WARN_EVERY);
+/// The warning about trust documents refused (with the reason), spaced.
+static TRUST_REFUSED: SpacedLog = SpacedLog::new(super::spaced::WARN_EVERY);
+/// The error about records (trust anchor, versions) not read or written, spaced.
+static RECORD_FAILED: SpacedLog = SpacedLog::new(super::spaced::WARN_EVERY);
 /// The warning about peers dropped for their backlog, spaced.
 static BACKLOG_DROPS: SpacedLog = SpacedLog::new(super::spaced::WARN_EVERY);
 
@@ -944,7 +971,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         admission::DESCRIPTOR_RESERVE,
         "",
     );
-    let store = DirStore::open(&s.data_dir.join("content"), s.max_storage)?;
+    let store = DirStore::open(
+        &s.data_dir.join("content"),
+        &s.data_dir.join("records"),
+        s.max_storage,
+    )?;
     let listener = TcpListener::bind(&s.listen)
         .await
         .map_err(|source| AgentRunError::Listen {
@@ -958,6 +989,17 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
             source,
         })?;
     tracing::info!(id = %s.config.id, %bound, key = %hex::encode(identity.public().0), "agent starting");
+    if s.config.roots.is_empty() {
+        tracing::warn!(
+            "no root key pinned: this agent refuses every manifest (NoTrust) until started with --root-key HEX (root-key in the config file), the key that signs the trust document (`baton trust show`)"
+        );
+    } else {
+        tracing::info!(
+            roots = s.config.roots.len(),
+            threshold = s.config.root_threshold,
+            "root keys pinned"
+        );
+    }
 
     let limits = Limits {
         up: s.up.map(|b| Arc::new(RateLimiter::new(b))),
@@ -1046,6 +1088,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
             input = in_rx.recv() => {
                 let Some(input) = input else { break };
                 let now = origin.elapsed();
+                agent.set_system_time(now, unix_micros() / 1_000_000);
                 match input {
                     Input::ManagerUp { tx, local } => {
                         conns.insert(ConnId::MANAGER, Outgoing { tx, backlog: None });
@@ -1103,7 +1146,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 }
             }
             _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => {
-                agent.handle_timeout(origin.elapsed());
+                let now = origin.elapsed();
+                agent.set_system_time(now, unix_micros() / 1_000_000);
+                agent.handle_timeout(now);
             }
             _ = async { tokio::time::sleep_until(segment_deadline.unwrap_or_else(Instant::now)).await }, if segment_deadline.is_some() => {
                 if let Some(seg) = segment.as_mut() {
@@ -1210,7 +1255,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                     }
                 }
                 Event::JobFailed { job, reason } => {
-                    tracing::error!(job = job.id, ?reason, "job failed");
+                    if reason == FailReason::NoTrust && s.config.roots.is_empty() {
+                        tracing::error!(
+                            job = job.id,
+                            ?reason,
+                            "job failed: no root key pinned; start the agent with --root-key HEX (root-key in the config file) to accept content"
+                        );
+                    } else {
+                        tracing::error!(job = job.id, ?reason, "job failed");
+                    }
                     // A job that failed before its content slot opened (e.g. a full disk)
                     // is not among the agent's jobs: record it here so the status says so.
                     let entry = jobs_json.entry(job.id).or_insert_with(|| JobJson::new(job));
@@ -1220,6 +1273,19 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                     tracing::warn!(job = job.id, %peer, ?trouble, "peer trouble");
                 }
                 Event::Ignored { what } => tracing::debug!("ignored: {what}"),
+                Event::TrustAccepted { version, newer } => {
+                    tracing::info!(version, newer, "trust document accepted");
+                }
+                Event::TrustRefused { version, reason } => match TRUST_REFUSED.due() {
+                    Some(held_back) => {
+                        tracing::warn!(version, held_back, "trust document refused: {reason}")
+                    }
+                    None => tracing::debug!(version, "trust document refused: {reason}"),
+                },
+                Event::RecordFailed { what, error } => match RECORD_FAILED.due() {
+                    Some(held_back) => tracing::error!(held_back, "{what} failed: {error}"),
+                    None => tracing::debug!("{what} failed: {error}"),
+                },
             }
         }
         if let (Some(seg), Some(sockets)) = (segment.as_mut(), &sockets) {

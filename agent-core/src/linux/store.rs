@@ -8,6 +8,17 @@
 //! sizes; a full disk or quota fails the job with `StorageFull`. A slot whose
 //! header is damaged (a power cut while it was being created) is removed at
 //! startup.
+//!
+//! The agent's records live apart from the content, in `<data-dir>/records/`
+//! (owner-only), so that removing content never removes them:
+//! `trust-anchor.json` (the accepted trust anchor), `versions.json` (per content
+//! name, the highest version accepted and its root; at most
+//! [`MAX_VERSION_NAMES`] names, a further name is refused with
+//! [`StoreError::Full`], which fails its job with `StorageFull`) and
+//! `latest-time` (Unix seconds). Each is replaced atomically: written to a
+//! temporary file (mode 0600, see [`open_private`]), synced, renamed over the
+//! old one, and the directory synced. A damaged records file stops the agent at
+//! startup with its path (it would otherwise forget what it must refuse).
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -16,17 +27,37 @@ use std::path::{Path, PathBuf};
 use baton_protocol::merkle::Proof;
 use baton_protocol::{Digest, Manifest};
 
-use super::datadir::{DataDirError, ensure_private_dir};
+use super::datadir::{DataDirError, Existing, ensure_private_dir, open_private};
 use super::flash::FileFlash;
 use crate::flash::FlashStore;
-use crate::store::{ContentStore, Held, StoreError};
+use crate::store::{ContentStore, Held, StoreError, StoredAnchor, VersionRecord};
 
-/// Content slots in a directory, one file per root.
+/// Most content names with a version record in a directory store.
+pub const MAX_VERSION_NAMES: usize = 1024;
+/// The trust anchor's file in the records directory.
+const ANCHOR_FILE: &str = "trust-anchor.json";
+/// The version records' file in the records directory.
+const VERSIONS_FILE: &str = "versions.json";
+/// The latest time's file in the records directory.
+const TIME_FILE: &str = "latest-time";
+
+/// Content slots in a directory, one file per root, and the agent's records in another.
 #[derive(Debug)]
 pub struct DirStore {
     dir: PathBuf,
+    records: PathBuf,
     max_storage: Option<u64>,
     slots: BTreeMap<Digest, Slot>,
+    /// `versions.json`, read once at open.
+    versions: BTreeMap<String, VersionRecord>,
+}
+
+/// One line of `versions.json`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct VersionEntry {
+    version: u64,
+    /// The content's Merkle root, hex.
+    root: String,
 }
 
 /// One mounted slot and a RAM copy of its verified flags.
@@ -92,14 +123,87 @@ pub enum DirStoreError {
     Dir(#[from] DataDirError),
 }
 
+/// Replaces `path` with `bytes` atomically (temporary file, sync, rename, directory sync).
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = open_private(
+        std::fs::OpenOptions::new().write(true).create(true),
+        &tmp,
+        Existing::Empty,
+    )?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Reads records file `path`; `None` if it does not exist.
+fn read_record(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn damaged(path: &Path, what: impl std::fmt::Display) -> DirStoreError {
+    DirStoreError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "damaged records file ({what}); restore it from a backup, or remove it to forget what it recorded"
+            ),
+        ),
+    }
+}
+
+fn load_versions(path: &Path) -> Result<BTreeMap<String, VersionRecord>, DirStoreError> {
+    let Some(bytes) = read_record(path).map_err(|source| DirStoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?
+    else {
+        return Ok(BTreeMap::new());
+    };
+    let entries: BTreeMap<String, VersionEntry> =
+        serde_json::from_slice(&bytes).map_err(|e| damaged(path, e))?;
+    let mut out = BTreeMap::new();
+    for (name, e) in entries {
+        let root = hex::decode(&e.root)
+            .ok()
+            .and_then(|r| <[u8; 32]>::try_from(r).ok())
+            .ok_or_else(|| damaged(path, format!("root of {name:?} is not 64 hex digits")))?;
+        out.insert(
+            name,
+            VersionRecord {
+                version: e.version,
+                root,
+            },
+        );
+    }
+    Ok(out)
+}
+
 impl DirStore {
-    /// Opens (creating it owner-only if needed) the store under `dir`, mounting every slot in it.
-    pub fn open(dir: &Path, max_storage: Option<u64>) -> Result<Self, DirStoreError> {
+    /// Opens (creating them owner-only if needed) the store under `dir`, mounting every slot
+    /// in it, with the records in `records` (read now: a damaged one is an error).
+    pub fn open(
+        dir: &Path,
+        records: &Path,
+        max_storage: Option<u64>,
+    ) -> Result<Self, DirStoreError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| DirStoreError::Io { path, source }
         };
         ensure_private_dir(dir)?;
+        ensure_private_dir(records)?;
+        let versions = load_versions(&records.join(VERSIONS_FILE))?;
         let mut slots = BTreeMap::new();
         for entry in std::fs::read_dir(dir).map_err(io(dir))? {
             let path = entry.map_err(io(dir))?.path();
@@ -124,8 +228,32 @@ impl DirStore {
         }
         Ok(DirStore {
             dir: dir.to_path_buf(),
+            records: records.to_path_buf(),
             max_storage,
             slots,
+            versions,
+        })
+    }
+
+    /// Writes `bytes` to records file `name`, logging why it failed.
+    fn write_record(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let path = self.records.join(name);
+        write_atomic(&path, bytes).map_err(|e| {
+            tracing::error!(path = %path.display(), "cannot write a record: {e}");
+            if e.kind() == std::io::ErrorKind::StorageFull {
+                StoreError::Full
+            } else {
+                StoreError::Io
+            }
+        })
+    }
+
+    /// Reads records file `name`, logging why it failed.
+    fn read_record(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.records.join(name);
+        read_record(&path).map_err(|e| {
+            tracing::error!(path = %path.display(), "cannot read a record: {e}");
+            StoreError::Io
         })
     }
 
@@ -274,6 +402,62 @@ impl ContentStore for DirStore {
             None => u64::MAX,
         }
     }
+
+    fn load_anchor(&mut self) -> Result<Option<StoredAnchor>, StoreError> {
+        let Some(bytes) = self.read_record(ANCHOR_FILE)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            tracing::error!(path = %self.records.join(ANCHOR_FILE).display(), "damaged trust anchor: {e}");
+            StoreError::Corrupt
+        })
+    }
+
+    fn save_anchor(&mut self, anchor: &StoredAnchor) -> Result<(), StoreError> {
+        let text = serde_json::to_vec(anchor).map_err(|_| StoreError::Corrupt)?;
+        self.write_record(ANCHOR_FILE, &text)
+    }
+
+    fn version_record(&mut self, name: &str) -> Result<Option<VersionRecord>, StoreError> {
+        Ok(self.versions.get(name).copied())
+    }
+
+    fn put_version_record(&mut self, name: &str, record: &VersionRecord) -> Result<(), StoreError> {
+        if !self.versions.contains_key(name) && self.versions.len() >= MAX_VERSION_NAMES {
+            return Err(StoreError::Full);
+        }
+        let mut next = self.versions.clone();
+        next.insert(name.to_string(), *record);
+        let entries: BTreeMap<&str, VersionEntry> = next
+            .iter()
+            .map(|(n, r)| {
+                let e = VersionEntry {
+                    version: r.version,
+                    root: hex::encode(r.root),
+                };
+                (n.as_str(), e)
+            })
+            .collect();
+        let text = serde_json::to_vec_pretty(&entries).map_err(|_| StoreError::Corrupt)?;
+        self.write_record(VERSIONS_FILE, &text)?;
+        self.versions = next;
+        Ok(())
+    }
+
+    fn load_latest_time(&mut self) -> Result<Option<u64>, StoreError> {
+        let Some(bytes) = self.read_record(TIME_FILE)? else {
+            return Ok(None);
+        };
+        std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .map(Some)
+            .ok_or(StoreError::Corrupt)
+    }
+
+    fn save_latest_time(&mut self, unix: u64) -> Result<(), StoreError> {
+        self.write_record(TIME_FILE, format!("{unix}\n").as_bytes())
+    }
 }
 
 #[cfg(test)]
@@ -304,7 +488,7 @@ mod test {
         let (m, data, tree) = content(50_000);
         let root = m.root;
         {
-            let mut s = DirStore::open(dir.path(), None).unwrap();
+            let mut s = DirStore::open(dir.path(), &dir.path().join("records"), None).unwrap();
             assert_eq!(s.open(&m), Ok(0));
             for i in 0..5 {
                 let c = &data[i * 4096..(i + 1) * 4096];
@@ -312,7 +496,7 @@ mod test {
                     .unwrap();
             }
         }
-        let mut s = DirStore::open(dir.path(), None).unwrap();
+        let mut s = DirStore::open(dir.path(), &dir.path().join("records"), None).unwrap();
         assert_eq!(s.verified(&root), Some(5));
         assert_eq!(s.held(0).unwrap().manifest.root, root);
         assert_eq!(s.open(&m), Ok(5));
@@ -333,26 +517,27 @@ mod test {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("content");
         let (m, ..) = content(10_000);
-        let mut s = DirStore::open(&dir, None).unwrap();
+        let mut s = DirStore::open(&dir, &tmp.path().join("records"), None).unwrap();
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(s.open(&m), Ok(0));
         assert_eq!(mode(&s.slot_path(&m.root)), 0o600);
         drop(s);
         // A directory left open by an older build is closed at the next start.
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        DirStore::open(&dir, None).unwrap();
+        DirStore::open(&dir, &tmp.path().join("records"), None).unwrap();
         assert_eq!(mode(&dir), 0o700);
     }
 
     #[test]
     fn quota_is_enforced_and_damaged_slots_removed() {
         let dir = tempfile::tempdir().unwrap();
+        let records = tempfile::tempdir().unwrap();
         let (m, ..) = content(50_000);
-        let mut s = DirStore::open(dir.path(), Some(10_000)).unwrap();
+        let mut s = DirStore::open(dir.path(), records.path(), Some(10_000)).unwrap();
         assert_eq!(s.open(&m), Err(StoreError::Full));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         std::fs::write(dir.path().join("junk.slot"), b"not a slot").unwrap();
-        let s = DirStore::open(dir.path(), None).unwrap();
+        let s = DirStore::open(dir.path(), records.path(), None).unwrap();
         assert!(s.held(0).is_none());
         assert!(!dir.path().join("junk.slot").exists());
     }
