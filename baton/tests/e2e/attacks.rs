@@ -158,7 +158,17 @@ fn assert_accepted(m: &Manager, a: &AgentProc, job: u64, bytes: &[u8], t: &Deadl
         a.name,
         tail(&a.log())
     );
-    a.wait_export(bytes);
+    // The export is replaced once the content is complete (an earlier one may have its length).
+    wait_for(
+        &format!("{} exporting the content of job {job}", a.name),
+        t.left(),
+        || tail(&a.log()),
+        || {
+            std::fs::read(a.dir.join("out"))
+                .ok()
+                .filter(|got| got == bytes)
+        },
+    );
 }
 
 /// The last lines of a log.

@@ -126,7 +126,7 @@ pub(crate) struct Mallory {
     /// How it falsifies what it serves.
     pub(crate) tamper: Tamper,
     /// Genuine chunks fetched from the manager, with their proofs.
-    chunks: Mutex<HashMap<u32, (Vec<u8>, Proof)>>,
+    pub(crate) chunks: Mutex<HashMap<u32, (Vec<u8>, Proof)>>,
     /// Agents that asked it for a chunk.
     pub(crate) askers: Mutex<HashSet<String>>,
     /// Chunks it served falsified: (agent, index).

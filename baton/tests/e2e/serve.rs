@@ -12,7 +12,6 @@ use baton_protocol::identity::Identity;
 use baton_protocol::merkle;
 use baton_protocol::message::{Message, Refusal};
 use baton_protocol::session::{Hello, Role};
-use baton_protocol::types::PublicKey;
 use baton_test_support::{Manager, manager::log_of};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
