@@ -32,6 +32,6 @@ pub mod serial;
 pub mod serve;
 pub mod service;
 pub mod store;
-pub mod trust;
 #[cfg(test)]
 mod test_fixtures;
+pub mod trust;

@@ -37,11 +37,11 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::store::{Enrolled, Store, StoreError, secret_digest};
 use crate::trust::{KEEP_TRUST_DOCUMENTS, TrustChain, TrustCheck, TrustRefused};
-use baton_protocol::message::Message;
-use baton_protocol::trust::SignedTrust;
 use baton_manager_core::placement::{self, Placement, PlacementRefusal};
 use baton_manager_core::rate_limit::{Rate, TokenBucket};
 use baton_manager_core::segments::{self, Assembler};
+use baton_protocol::message::Message;
+use baton_protocol::trust::SignedTrust;
 
 /// Messages queued for one agent's control traffic (engine instructions) before the agent
 /// is disconnected as one that does not read.
@@ -574,7 +574,11 @@ impl Registry {
         for id in &ids {
             self.send(id, message.clone());
         }
-        tracing::info!(version, sessions = ids.len(), "trust document stored and sent to the connected agents");
+        tracing::info!(
+            version,
+            sessions = ids.len(),
+            "trust document stored and sent to the connected agents"
+        );
         Ok(check)
     }
 
@@ -1004,12 +1008,23 @@ mod test {
         let reg = Registry::load(store.clone()).unwrap();
         let mut early = session(&reg, "early");
         assert!(versions(&mut early).is_empty(), "nothing held yet");
-        assert!(matches!(reg.add_trust(doc(1), 1_000), Ok(TrustCheck::Newer(_))));
+        assert!(matches!(
+            reg.add_trust(doc(1), 1_000),
+            Ok(TrustCheck::Newer(_))
+        ));
         assert_eq!(reg.add_trust(doc(1), 1_000).unwrap(), TrustCheck::Held);
         reg.add_trust(doc(2), 1_000).unwrap();
-        assert_eq!(versions(&mut early), [1, 2], "each new one sent once, in order");
+        assert_eq!(
+            versions(&mut early),
+            [1, 2],
+            "each new one sent once, in order"
+        );
         let mut late = session(&reg, "late");
-        assert_eq!(versions(&mut late), [1, 2], "a new session gets every one, oldest first");
+        assert_eq!(
+            versions(&mut late),
+            [1, 2],
+            "a new session gets every one, oldest first"
+        );
         // Not chaining (signed by a stranger): refused, nothing sent.
         let mut forged = doc(3);
         forged.signatures.clear();

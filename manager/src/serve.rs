@@ -351,10 +351,20 @@ fn log_online_signing(registry: &Registry, publisher: &baton_protocol::identity:
     let names = chain
         .latest()
         .and_then(|s| s.document.publishers.iter().find(|g| g.key == key))
-        .map(|g| g.names.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","));
+        .map(|g| {
+            g.names
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        });
     match names {
-        Some(names) => tracing::info!(key = %hex::encode(key.0), %names, "online signing enabled for these names"),
-        None => tracing::warn!(key = %hex::encode(key.0), "the trust document held does not list --publisher-key: nothing can be signed online until one does"),
+        Some(names) => {
+            tracing::info!(key = %hex::encode(key.0), %names, "online signing enabled for these names")
+        }
+        None => {
+            tracing::warn!(key = %hex::encode(key.0), "the trust document held does not list --publisher-key: nothing can be signed online until one does")
+        }
     }
 }
 

@@ -208,9 +208,16 @@ fn check_offline_manifest(
             .map(|s| format!("trust document version {}", s.document.version))
             .unwrap_or_else(|| "no trust document".into());
         let why = match e {
-            ManifestError::NoTrust => "the manager holds no trust document (`baton trust push FILE`)".to_string(),
-            ManifestError::UntrustedSigner => format!("its signer (key id {signer}) is not a publisher in {held}"),
-            ManifestError::NotListed => format!("its signer (key id {signer}) is not listed for {:?} in {held}", m.name.as_str()),
+            ManifestError::NoTrust => {
+                "the manager holds no trust document (`baton trust push FILE`)".to_string()
+            }
+            ManifestError::UntrustedSigner => {
+                format!("its signer (key id {signer}) is not a publisher in {held}")
+            }
+            ManifestError::NotListed => format!(
+                "its signer (key id {signer}) is not listed for {:?} in {held}",
+                m.name.as_str()
+            ),
             ManifestError::BadSignature => "its signature does not verify".to_string(),
             ManifestError::Expired => format!("{held} has expired"),
             other => other.to_string(),
@@ -243,7 +250,10 @@ impl Manager {
     pub async fn publish(&self, req: PublishRequest) -> Result<ContentRecord, ApiError> {
         let signed = match &req.manifest {
             Some(bytes) => Some(crate::trust::decode_manifest_bytes(bytes).map_err(|e| {
-                ApiError::invalid("manifest", format!("not a manifest ({e}); make one with `baton sign`"))
+                ApiError::invalid(
+                    "manifest",
+                    format!("not a manifest ({e}); make one with `baton sign`"),
+                )
             })?),
             None => None,
         };
@@ -252,7 +262,10 @@ impl Manager {
                 if req.chunk_size.is_some_and(|c| c != u64::from(m.chunk_size)) {
                     return Err(ApiError::invalid(
                         "chunk_size",
-                        format!("the manifest says {} bytes; leave chunk_size out", m.chunk_size),
+                        format!(
+                            "the manifest says {} bytes; leave chunk_size out",
+                            m.chunk_size
+                        ),
                     ));
                 }
                 content::check_chunk_size(u64::from(m.chunk_size))?

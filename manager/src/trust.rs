@@ -52,7 +52,10 @@ fn bad_file(path: &Path, what: impl Into<String>) -> ContentError {
 
 /// Writes a new key file (`seed` as hex, mode 0600); refuses to replace an existing file.
 pub fn write_key_file(path: &Path, identity: &Identity) -> Result<(), ContentError> {
-    crate::content::write_private(path, format!("{}\n", hex::encode(identity.seed())).as_bytes())
+    crate::content::write_private(
+        path,
+        format!("{}\n", hex::encode(identity.seed())).as_bytes(),
+    )
 }
 
 /// Reads a key file written by [`write_key_file`] (`baton keys new`); a file group or
@@ -76,7 +79,10 @@ fn read_small(path: &Path, max: usize) -> Result<Vec<u8>, ContentError> {
     if bytes.len() > max {
         return Err(bad_file(
             path,
-            format!("{} bytes is more than the {max} such a file may hold", bytes.len()),
+            format!(
+                "{} bytes is more than the {max} such a file may hold",
+                bytes.len()
+            ),
         ));
     }
     Ok(bytes)
@@ -304,7 +310,12 @@ impl TrustChain {
 
     /// Whether the newest document lets `publisher` sign content `name` (the same
     /// errors as [`TrustChain::verify_manifest`], but for a manifest yet to be signed).
-    pub fn may_sign(&self, publisher: &PublicKey, name: &str, now: u64) -> Result<(), ManifestError> {
+    pub fn may_sign(
+        &self,
+        publisher: &PublicKey,
+        name: &str,
+        now: u64,
+    ) -> Result<(), ManifestError> {
         let doc: &TrustDocument = &self.latest().ok_or(ManifestError::NoTrust)?.document;
         if doc.is_expired(Some(now)) {
             return Err(ManifestError::Expired);
@@ -331,7 +342,12 @@ fn anchor_of(signed: &SignedTrust) -> Option<TrustAnchor> {
     let doc = &signed.document;
     TrustAnchor::pinned(&doc.roots, doc.threshold)
         .and_then(|a| a.accept(signed, None))
-        .map_err(|e| tracing::error!(version = doc.version, "the newest stored trust document is not valid ({e})"))
+        .map_err(|e| {
+            tracing::error!(
+                version = doc.version,
+                "the newest stored trust document is not valid ({e})"
+            )
+        })
         .ok()
 }
 
@@ -344,7 +360,12 @@ mod test {
         Identity::from_seed([seed; 32])
     }
 
-    fn doc(version: u64, roots: &[&Identity], publisher: &Identity, names: &[&str]) -> TrustDocument {
+    fn doc(
+        version: u64,
+        roots: &[&Identity],
+        publisher: &Identity,
+        names: &[&str],
+    ) -> TrustDocument {
         TrustDocument {
             version,
             expires: 0,
@@ -352,7 +373,10 @@ mod test {
             roots: roots.iter().map(|r| r.public()).collect(),
             publishers: heapless::Vec::from_slice(&[PublisherGrant {
                 key: publisher.public(),
-                names: names.iter().map(|n| NamePattern::try_from(*n).unwrap()).collect(),
+                names: names
+                    .iter()
+                    .map(|n| NamePattern::try_from(*n).unwrap())
+                    .collect(),
             }])
             .unwrap(),
         }
@@ -381,21 +405,34 @@ mod test {
         let unsigned = SignedTrust::new(doc(1, &[&root], &publisher, &["*"]));
         assert!(matches!(
             chain.check(&unsigned, 1_000),
-            Err(TrustRefused::Refused { why: TrustError::NewRootsBelowThreshold, .. })
+            Err(TrustRefused::Refused {
+                why: TrustError::NewRootsBelowThreshold,
+                ..
+            })
         ));
         let v1 = signed(doc(1, &[&root], &publisher, &["fw-*"]), &[&root]);
-        assert!(matches!(accept(&mut chain, v1.clone()), Ok(TrustCheck::Newer(_))));
+        assert!(matches!(
+            accept(&mut chain, v1.clone()),
+            Ok(TrustCheck::Newer(_))
+        ));
         assert_eq!(accept(&mut chain, v1).unwrap(), TrustCheck::Held);
         // Signed by a stranger who names itself root: refused.
         let forged = signed(doc(2, &[&other], &publisher, &["*"]), &[&other]);
         let e = chain.check(&forged, 1_000).unwrap_err();
-        assert!(e.to_string().contains("version 2") && e.to_string().contains("holds version 1"), "{e}");
+        assert!(
+            e.to_string().contains("version 2") && e.to_string().contains("holds version 1"),
+            "{e}"
+        );
         let v2 = signed(doc(2, &[&root], &publisher, &["*"]), &[&root]);
         accept(&mut chain, v2).unwrap();
         assert_eq!(chain.len(), 2);
         // Bounded: only the newest are kept, the anchor follows the newest.
         for v in 3..(3 + KEEP_TRUST_DOCUMENTS as u64) {
-            accept(&mut chain, signed(doc(v, &[&root], &publisher, &["*"]), &[&root])).unwrap();
+            accept(
+                &mut chain,
+                signed(doc(v, &[&root], &publisher, &["*"]), &[&root]),
+            )
+            .unwrap();
         }
         assert_eq!(chain.len(), KEEP_TRUST_DOCUMENTS);
         assert_eq!(
@@ -410,19 +447,48 @@ mod test {
     fn manifests_and_online_signing_follow_the_newest_document() {
         let (root, publisher, stranger) = (key(1), key(3), key(4));
         let mut chain = TrustChain::default();
-        let m = Manifest::sign(&publisher, "fw-a".try_into().unwrap(), 1, 0, 10, 256, [1; 32]);
+        let m = Manifest::sign(
+            &publisher,
+            "fw-a".try_into().unwrap(),
+            1,
+            0,
+            10,
+            256,
+            [1; 32],
+        );
         assert_eq!(chain.verify_manifest(&m, 1), Err(ManifestError::NoTrust));
-        assert_eq!(chain.may_sign(&publisher.public(), "fw-a", 1), Err(ManifestError::NoTrust));
-        accept(&mut chain, signed(doc(1, &[&root], &publisher, &["fw-*"]), &[&root])).unwrap();
+        assert_eq!(
+            chain.may_sign(&publisher.public(), "fw-a", 1),
+            Err(ManifestError::NoTrust)
+        );
+        accept(
+            &mut chain,
+            signed(doc(1, &[&root], &publisher, &["fw-*"]), &[&root]),
+        )
+        .unwrap();
         assert_eq!(chain.verify_manifest(&m, 1), Ok(()));
         assert_eq!(chain.may_sign(&publisher.public(), "fw-a", 1), Ok(()));
-        assert_eq!(chain.may_sign(&publisher.public(), "config", 1), Err(ManifestError::NotListed));
+        assert_eq!(
+            chain.may_sign(&publisher.public(), "config", 1),
+            Err(ManifestError::NotListed)
+        );
         assert_eq!(
             chain.may_sign(&stranger.public(), "fw-a", 1),
             Err(ManifestError::UntrustedSigner)
         );
-        let forged = Manifest::sign(&stranger, "fw-a".try_into().unwrap(), 1, 0, 10, 256, [1; 32]);
-        assert_eq!(chain.verify_manifest(&forged, 1), Err(ManifestError::UntrustedSigner));
+        let forged = Manifest::sign(
+            &stranger,
+            "fw-a".try_into().unwrap(),
+            1,
+            0,
+            10,
+            256,
+            [1; 32],
+        );
+        assert_eq!(
+            chain.verify_manifest(&forged, 1),
+            Err(ManifestError::UntrustedSigner)
+        );
     }
 
     #[test]
@@ -432,7 +498,10 @@ mod test {
         let path = dir.path().join("root.key");
         let k = key(9);
         write_key_file(&path, &k).unwrap();
-        assert!(write_key_file(&path, &key(8)).is_err(), "an existing key file is kept");
+        assert!(
+            write_key_file(&path, &key(8)).is_err(),
+            "an existing key file is kept"
+        );
         assert_eq!(read_key_file(&path).unwrap().public(), k.public());
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(read_key_file(&path).is_err());
@@ -441,6 +510,11 @@ mod test {
         write_trust_file(&trust, &s).unwrap();
         assert_eq!(read_trust_file(&trust).unwrap(), s);
         std::fs::write(&trust, b"junk").unwrap();
-        assert!(read_trust_file(&trust).unwrap_err().to_string().contains("baton trust init"));
+        assert!(
+            read_trust_file(&trust)
+                .unwrap_err()
+                .to_string()
+                .contains("baton trust init")
+        );
     }
 }

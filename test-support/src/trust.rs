@@ -84,7 +84,13 @@ impl TrustKit {
             publisher,
         };
         if !kit.trust_file().exists() {
-            let doc = signed_document(1, &[&kit.root], 1, &[(&kit.publisher, &["*"])], &[&kit.root]);
+            let doc = signed_document(
+                1,
+                &[&kit.root],
+                1,
+                &[(&kit.publisher, &["*"])],
+                &[&kit.root],
+            );
             write_trust_file(&kit.trust_file(), &doc).expect("write the trust document");
         }
         kit

@@ -212,7 +212,9 @@ pub fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     if let Some(m) = &args.manifest {
         let manifest = baton_manager::trust::read_manifest_file(m)
             .with_context(|| format!("cannot read the manifest {}", m.display()))?;
-        body["manifest"] = json!(hex::encode(baton_manager::trust::encode_manifest(&manifest)));
+        body["manifest"] = json!(hex::encode(baton_manager::trust::encode_manifest(
+            &manifest
+        )));
     }
     let created: Value = client.post("/api/v1/jobs", &body)?;
     let id = created["id"]

@@ -222,13 +222,16 @@ fn roots_of(texts: &[String]) -> anyhow::Result<heapless::Vec<PublicKey, MAX_ROO
 
 fn check_threshold(threshold: u8, roots: usize) -> anyhow::Result<()> {
     if threshold == 0 || usize::from(threshold) > roots {
-        bail!("--threshold {threshold}: give 1..={roots} (how many of the {roots} root keys must sign)");
+        bail!(
+            "--threshold {threshold}: give 1..={roots} (how many of the {roots} root keys must sign)"
+        );
     }
     Ok(())
 }
 
 fn read(path: &Path) -> anyhow::Result<SignedTrust> {
-    read_trust_file(path).with_context(|| format!("cannot read the trust document {}", path.display()))
+    read_trust_file(path)
+        .with_context(|| format!("cannot read the trust document {}", path.display()))
 }
 
 fn write(path: &Path, signed: &SignedTrust) -> anyhow::Result<()> {
@@ -237,7 +240,10 @@ fn write(path: &Path, signed: &SignedTrust) -> anyhow::Result<()> {
 
 /// Applies an edit: the first edit after a signing round raises the version and removes
 /// the signatures; a new expiry if asked.
-fn edit(args: &EditArgs, change: impl FnOnce(&mut TrustDocument) -> anyhow::Result<()>) -> anyhow::Result<()> {
+fn edit(
+    args: &EditArgs,
+    change: impl FnOnce(&mut TrustDocument) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let mut signed = read(&args.file)?;
     let before = signed.document.clone();
     change(&mut signed.document)?;
@@ -245,7 +251,11 @@ fn edit(args: &EditArgs, change: impl FnOnce(&mut TrustDocument) -> anyhow::Resu
         signed.document.expires = expiry(e)?;
     }
     if signed.document == before {
-        println!("{}: unchanged (version {})", args.file.display(), before.version);
+        println!(
+            "{}: unchanged (version {})",
+            args.file.display(),
+            before.version
+        );
         return Ok(());
     }
     if !signed.signatures.is_empty() {
@@ -286,7 +296,10 @@ pub fn run(cmd: TrustCommand) -> anyhow::Result<()> {
     match cmd {
         TrustCommand::Init(args) => {
             if args.out.exists() {
-                bail!("{} exists; `baton trust init` never replaces a file", args.out.display());
+                bail!(
+                    "{} exists; `baton trust init` never replaces a file",
+                    args.out.display()
+                );
             }
             let roots = roots_of(&args.roots)?;
             check_threshold(args.threshold, roots.len())?;
@@ -309,9 +322,9 @@ pub fn run(cmd: TrustCommand) -> anyhow::Result<()> {
             let key = parse_key(&args.key, "--key")?;
             let mut names = heapless::Vec::<NamePattern, MAX_NAME_PATTERNS>::new();
             for n in &args.names {
-                names
-                    .push(pattern(n)?)
-                    .map_err(|_| anyhow::anyhow!("--names: at most {MAX_NAME_PATTERNS} patterns"))?;
+                names.push(pattern(n)?).map_err(|_| {
+                    anyhow::anyhow!("--names: at most {MAX_NAME_PATTERNS} patterns")
+                })?;
             }
             edit(&args.edit, |doc| {
                 if let Some(g) = doc.publishers.iter_mut().find(|g| g.key == key) {
@@ -320,7 +333,11 @@ pub fn run(cmd: TrustCommand) -> anyhow::Result<()> {
                 }
                 doc.publishers
                     .push(PublisherGrant { key, names })
-                    .map_err(|_| anyhow::anyhow!("a trust document lists at most {MAX_TRUSTED_PUBLISHERS} publishers"))
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "a trust document lists at most {MAX_TRUSTED_PUBLISHERS} publishers"
+                        )
+                    })
             })?;
         }
         TrustCommand::RemovePublisher(args) => {
@@ -385,7 +402,10 @@ pub fn run(cmd: TrustCommand) -> anyhow::Result<()> {
             if args.json {
                 println!("{}", serde_json::to_string(&answer)?);
             } else if answer.stored == Some(false) {
-                println!("the manager holds trust document version {} already", answer.version);
+                println!(
+                    "the manager holds trust document version {} already",
+                    answer.version
+                );
             } else {
                 println!(
                     "trust document version {} stored; the manager sends it to every agent",
@@ -416,7 +436,11 @@ fn show(args: &ShowArgs) -> anyhow::Result<()> {
         let doc = &signed.document;
         println!("trust document version {}", doc.version);
         println!("expires:    {}", expiry_text(doc.expires));
-        println!("threshold:  {} of {} root(s)", doc.threshold, doc.roots.len());
+        println!(
+            "threshold:  {} of {} root(s)",
+            doc.threshold,
+            doc.roots.len()
+        );
         for r in &doc.roots {
             println!("root:       {}", key_hex(r));
         }
@@ -431,7 +455,10 @@ fn show(args: &ShowArgs) -> anyhow::Result<()> {
             let root = doc.roots.iter().find(|r| KeyId::of(r) == s.signer);
             match root {
                 Some(r) => println!("signed by:  {}", key_hex(r)),
-                None => println!("signed by:  key id {} (not a root of this version)", key_id_hex(&s.signer)),
+                None => println!(
+                    "signed by:  key id {} (not a root of this version)",
+                    key_id_hex(&s.signer)
+                ),
             }
         }
         let own = signed.signed_by(&doc.roots);
@@ -442,7 +469,10 @@ fn show(args: &ShowArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let manifest = baton_manager::trust::read_manifest_file(&args.file).with_context(|| {
-        format!("{} is neither a trust document nor a manifest", args.file.display())
+        format!(
+            "{} is neither a trust document nor a manifest",
+            args.file.display()
+        )
     })?;
     let view = json!({
         "name": manifest.name.as_str(),
@@ -458,7 +488,10 @@ fn show(args: &ShowArgs) -> anyhow::Result<()> {
     } else {
         println!("manifest {} version {}", manifest.name, manifest.version);
         println!("expires:    {}", expiry_text(manifest.expires));
-        println!("length:     {} bytes in chunks of {}", manifest.length, manifest.chunk_size);
+        println!(
+            "length:     {} bytes in chunks of {}",
+            manifest.length, manifest.chunk_size
+        );
         println!("root:       {}", hex::encode(manifest.root));
         println!("signer:     key id {}", key_id_hex(&manifest.signer));
     }
@@ -492,7 +525,8 @@ pub fn sign(args: SignArgs) -> anyhow::Result<()> {
         p.push(".manifest");
         PathBuf::from(p)
     });
-    write_manifest_file(&out, &manifest).with_context(|| format!("cannot write {}", out.display()))?;
+    write_manifest_file(&out, &manifest)
+        .with_context(|| format!("cannot write {}", out.display()))?;
     println!(
         "{}: {} version {version}, {} bytes, root {}, expires {}",
         out.display(),

@@ -171,6 +171,25 @@ fn assert_accepted(m: &Manager, a: &AgentProc, job: u64, bytes: &[u8], t: &Deadl
     );
 }
 
+/// Waits until agent `a` logged that it refused a trust document not signed by the roots
+/// it trusts.
+fn assert_trust_refused(a: &AgentProc, t: &Deadline) {
+    wait_for(
+        &format!("{} refusing the trust document", a.name),
+        t.left(),
+        || tail(&a.log()),
+        || {
+            a.log()
+                .lines()
+                .any(|l| {
+                    l.contains("trust document refused")
+                        && l.contains("not signed by enough of the root keys trusted now")
+                })
+                .then_some(())
+        },
+    );
+}
+
 /// The last lines of a log.
 fn tail(log: &str) -> String {
     baton_test_support::tail(log, 30)
@@ -181,7 +200,14 @@ fn tail(log: &str) -> String {
 fn enrol_offline(m: &Manager, root: &Path, name: &str) {
     let data = root.join(name).join("data");
     std::fs::create_dir_all(root.join(name)).unwrap();
-    let out = offline_ok(&["agent", "--print-key", "--id", name, "--data-dir", data.to_str().unwrap()]);
+    let out = offline_ok(&[
+        "agent",
+        "--print-key",
+        "--id",
+        name,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
     m.enrol(name, &key_of(out.trim()));
 }
 
@@ -194,13 +220,25 @@ fn key_of(hex_key: &str) -> PublicKey {
 fn agent_key(a: &AgentProc) -> PublicKey {
     let data = a.dir.join("data");
     key_of(
-        offline_ok(&["agent", "--print-key", "--id", &a.name, "--data-dir", data.to_str().unwrap()])
-            .trim(),
+        offline_ok(&[
+            "agent",
+            "--print-key",
+            "--id",
+            &a.name,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .trim(),
     )
 }
 
 /// Writes `signed` to `dir/name` and uploads it with `baton trust push`; the output.
-fn trust_push(m: &Manager, dir: &Path, name: &str, signed: &SignedTrust) -> baton_test_support::Output {
+fn trust_push(
+    m: &Manager,
+    dir: &Path,
+    name: &str,
+    signed: &SignedTrust,
+) -> baton_test_support::Output {
     let path = dir.join(name);
     write_trust_file(&path, signed).unwrap();
     cli(m, &["trust", "push", path.to_str().unwrap()])
@@ -216,7 +254,9 @@ fn key_file(dir: &Path, name: &str) -> (Identity, PathBuf) {
 
 /// The kit of a manager started with the fleet's defaults.
 fn kit(m: &Manager) -> &TrustKit {
-    m.kit.as_ref().expect("a manager started with the fleet's trust kit")
+    m.kit
+        .as_ref()
+        .expect("a manager started with the fleet's trust kit")
 }
 
 #[test]
@@ -256,7 +296,10 @@ fn arbitrary_content_signed_by_a_stolen_manager_key_is_refused() {
     let (evil, _) = content(dir, "evil.bin", 40_000, 2);
     let evil_manifest = sign(&evil, &manager_key, "fw", 2, "90d");
     let why = push_refused(&m, &evil, &evil_manifest, &["s1"]);
-    assert!(why.contains("is not a publisher in trust document version 1"), "{why}");
+    assert!(
+        why.contains("is not a publisher in trust document version 1"),
+        "{why}"
+    );
 
     // ...and a manager run by the thief from the stolen data directory, with a database
     // and a trust document of its own making that lists the manager's key, gets nothing
@@ -287,6 +330,7 @@ fn arbitrary_content_signed_by_a_stolen_manager_key_is_refused() {
     rogue.wait_connected(&["s1"]);
     let job = rogue.create_job(&evil, &["s1"], json!({ "name": "fw", "chunk_size": CHUNK }));
     assert_refused(&rogue, job, "s1", "BadSignature", &t);
+    assert_trust_refused(&a, &t);
     assert_eq!(
         std::fs::read(a.dir.join("out")).unwrap(),
         good_bytes,
@@ -320,7 +364,11 @@ fn rollback_after_eviction_is_refused() {
                 .count()
         })
         .unwrap_or(0);
-    assert!(removed > 0, "content slots removed from {}", slots.display());
+    assert!(
+        removed > 0,
+        "content slots removed from {}",
+        slots.display()
+    );
     let a = AgentProc::spawn_enrolled(&m, &root, "r1", &[]);
     m.wait_connected(&["r1"]);
 
@@ -343,13 +391,28 @@ fn same_version_with_another_root_is_refused() {
     m.wait_connected(&["v1"]);
     let (first, first_bytes) = content(&root, "a.bin", 40_000, 5);
     let (second, second_bytes) = content(&root, "b.bin", 40_000, 6);
-    let job = push(&m, &first, &sign(&first, &publisher, "fw", 5, "90d"), &["v1"]);
+    let job = push(
+        &m,
+        &first,
+        &sign(&first, &publisher, "fw", 5, "90d"),
+        &["v1"],
+    );
     assert_accepted(&m, &a, job, &first_bytes, &t);
     // Other content under the version accepted: refused.
-    let job = push(&m, &second, &sign(&second, &publisher, "fw", 5, "90d"), &["v1"]);
+    let job = push(
+        &m,
+        &second,
+        &sign(&second, &publisher, "fw", 5, "90d"),
+        &["v1"],
+    );
     assert_refused(&m, job, "v1", "VersionReused", &t);
     // Under the next version: accepted.
-    let job = push(&m, &second, &sign(&second, &publisher, "fw", 6, "90d"), &["v1"]);
+    let job = push(
+        &m,
+        &second,
+        &sign(&second, &publisher, "fw", 6, "90d"),
+        &["v1"],
+    );
     assert_accepted(&m, &a, job, &second_bytes, &t);
 }
 
@@ -376,7 +439,12 @@ fn expired_manifest_is_refused() {
     assert!(why.contains("manifest has expired"), "{why}");
     // A manifest valid for 90 days is accepted.
     let (fresh, fresh_bytes) = content(&root, "fresh.bin", 40_000, 8);
-    let job = push(&m, &fresh, &sign(&fresh, &publisher, "fw", 2, "90d"), &["e1"]);
+    let job = push(
+        &m,
+        &fresh,
+        &sign(&fresh, &publisher, "fw", 2, "90d"),
+        &["e1"],
+    );
     assert_accepted(&m, &a, job, &fresh_bytes, &t);
 }
 
@@ -415,13 +483,22 @@ fn falsified_chunks_are_refused(tamper: Tamper, seed: u32) {
                 &m,
                 &root,
                 n,
-                &["--up-bps", "1MiB", "--status-file", status.to_str().unwrap()],
+                &[
+                    "--up-bps",
+                    "1MiB",
+                    "--status-file",
+                    status.to_str().unwrap(),
+                ],
             )
         })
         .collect();
     m.wait_connected(&[MALLORY, "c1", "c2"]);
     let (file, bytes) = content(&root, "content.bin", 256 * 1024, seed);
-    let job = m.create_job(&file, &[MALLORY, "c1", "c2"], json!({ "chunk_size": CHUNK }));
+    let job = m.create_job(
+        &file,
+        &[MALLORY, "c1", "c2"],
+        json!({ "chunk_size": CHUNK }),
+    );
     let done = m.wait_job(job, t.left(), |j| j["state"] == "finished");
     let corrupted = state.corrupted.lock().unwrap().clone();
     let errors = state.errors.lock().unwrap().clone();
@@ -439,7 +516,10 @@ fn falsified_chunks_are_refused(tamper: Tamper, seed: u32) {
             "status file shows the job done",
             t.left(),
             || a.log(),
-            || a.job_status("status.json", job).filter(|s| s["state"] == "done"),
+            || {
+                a.job_status("status.json", job)
+                    .filter(|s| s["state"] == "done")
+            },
         );
         assert!(s["bad_chunks"].as_u64().unwrap() >= 1, "{}: {s}", a.name);
         eprintln!("{}: refused {} falsified chunks", a.name, s["bad_chunks"]);
@@ -471,19 +551,41 @@ fn a_publisher_cannot_sign_names_it_is_not_listed_for() {
     let (narrow, narrow_file) = key_file(&root, "narrow.key");
     // Version 2 lists the second publisher for every name; a job signed by it for
     // `config` is created while that holds, for an agent that is offline.
-    let v2 = signed_document(2, &[&k.root], 1, &[(&k.publisher, &["*"]), (&narrow, &["*"])], &[&k.root]);
+    let v2 = signed_document(
+        2,
+        &[&k.root],
+        1,
+        &[(&k.publisher, &["*"]), (&narrow, &["*"])],
+        &[&k.root],
+    );
     assert!(trust_push(&m, &root, "v2.bin", &v2).success);
     enrol_offline(&m, &root, "n1");
     let (config, _) = content(&root, "config.bin", 20_000, 11);
-    let job = push(&m, &config, &sign(&config, &narrow_file, "config", 1, "90d"), &["n1"]);
+    let job = push(
+        &m,
+        &config,
+        &sign(&config, &narrow_file, "config", 1, "90d"),
+        &["n1"],
+    );
     // Version 3 lists it for `fw-*` only: the agent, which gets version 3 first, refuses.
-    let v3 = signed_document(3, &[&k.root], 1, &[(&k.publisher, &["*"]), (&narrow, &["fw-*"])], &[&k.root]);
+    let v3 = signed_document(
+        3,
+        &[&k.root],
+        1,
+        &[(&k.publisher, &["*"]), (&narrow, &["fw-*"])],
+        &[&k.root],
+    );
     assert!(trust_push(&m, &root, "v3.bin", &v3).success);
     let a = AgentProc::spawn_enrolled(&m, &root, "n1", &[]);
     m.wait_connected(&["n1"]);
     assert_refused(&m, job, "n1", "NotListed", &t);
     // The manager refuses it too now, naming why.
-    let why = push_refused(&m, &config, &sign(&config, &narrow_file, "config", 2, "90d"), &["n1"]);
+    let why = push_refused(
+        &m,
+        &config,
+        &sign(&config, &narrow_file, "config", 2, "90d"),
+        &["n1"],
+    );
     assert!(why.contains("is not listed for \"config\""), "{why}");
     // A name it is listed for is accepted.
     let (fw, fw_bytes) = content(&root, "fw-a.bin", 20_000, 12);
@@ -501,7 +603,12 @@ fn a_revoked_publisher_key_is_refused_after_rotation() {
     // A job signed by the publisher while version 1 lists it, for an agent that is offline.
     enrol_offline(&m, &root, "p1");
     let (before, _) = content(&root, "before.bin", 20_000, 13);
-    let job = push(&m, &before, &sign(&before, &old_key, "fw", 1, "90d"), &["p1"]);
+    let job = push(
+        &m,
+        &before,
+        &sign(&before, &old_key, "fw", 1, "90d"),
+        &["p1"],
+    );
     // The operator rotates the publisher key with the CLI: remove it, list a new one,
     // sign, push (version 2).
     let doc = root.join("rotated.bin");
@@ -512,9 +619,26 @@ fn a_revoked_publisher_key_is_refused_after_rotation() {
     let old_hex = hex::encode(k.publisher.public().0);
     let said = offline_ok(&["trust", "remove-publisher", doc_s, "--key", &old_hex]);
     assert!(said.contains("version 2, unsigned"), "{said}");
-    let said = offline_ok(&["trust", "add-publisher", doc_s, "--key", new_hex.trim(), "--names", "*"]);
-    assert!(said.contains("version 2, unsigned"), "one version per signing round: {said}");
-    offline_ok(&["trust", "sign", doc_s, "--key", k.root_key_file().to_str().unwrap()]);
+    let said = offline_ok(&[
+        "trust",
+        "add-publisher",
+        doc_s,
+        "--key",
+        new_hex.trim(),
+        "--names",
+        "*",
+    ]);
+    assert!(
+        said.contains("version 2, unsigned"),
+        "one version per signing round: {said}"
+    );
+    offline_ok(&[
+        "trust",
+        "sign",
+        doc_s,
+        "--key",
+        k.root_key_file().to_str().unwrap(),
+    ]);
     let shown = offline_ok(&["trust", "show", doc_s, "--json"]);
     let shown: Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(shown["version"], 2, "{shown}");
@@ -528,7 +652,10 @@ fn a_revoked_publisher_key_is_refused_after_rotation() {
     // The manager refuses the removed key's new manifests.
     let (later, _) = content(&root, "later.bin", 20_000, 14);
     let why = push_refused(&m, &later, &sign(&later, &old_key, "fw", 2, "90d"), &["p1"]);
-    assert!(why.contains("is not a publisher in trust document version 2"), "{why}");
+    assert!(
+        why.contains("is not a publisher in trust document version 2"),
+        "{why}"
+    );
     // The new publisher's manifest is accepted.
     let job = push(&m, &later, &sign(&later, &new_key, "fw", 2, "90d"), &["p1"]);
     let later_bytes = std::fs::read(&later).unwrap();
@@ -544,7 +671,10 @@ fn root_rotation_needs_both_thresholds() {
     let mut m = Manager::start_on(BATON, dir, &listen);
     let (r1, p1) = {
         let k = kit(&m);
-        (Identity::from_seed(k.root.seed()), Identity::from_seed(k.publisher.seed()))
+        (
+            Identity::from_seed(k.root.seed()),
+            Identity::from_seed(k.publisher.seed()),
+        )
     };
     let a = AgentProc::spawn(&m, dir, "q1", &[]);
     m.wait_connected(&["q1"]);
@@ -554,7 +684,14 @@ fn root_rotation_needs_both_thresholds() {
 
     // Signed by the new root only: the manager refuses it...
     let out = trust_push(&m, dir, "only-new.bin", &rotated(&[&r2]));
-    assert!(!out.success && out.stderr.contains("not signed by enough of the root keys trusted now"), "{}", out.stderr);
+    assert!(
+        !out.success
+            && out
+                .stderr
+                .contains("not signed by enough of the root keys trusted now"),
+        "{}",
+        out.stderr
+    );
     // ...and so does the agent when a manager that took it (its own database) sends it:
     // the new root's publisher is not trusted.
     m.crash();
@@ -580,6 +717,7 @@ fn root_rotation_needs_both_thresholds() {
     let (file, bytes) = content(dir, "fw.bin", 40_000, 15);
     let job = rogue.create_job(&file, &["q1"], json!({ "name": "fw", "chunk_size": CHUNK }));
     assert_refused(&rogue, job, "q1", "BadSignature", &t);
+    assert_trust_refused(&a, &t);
     rogue.stop();
 
     // Signed by the old root and the new one: accepted, and the new publisher with it.
@@ -592,5 +730,12 @@ fn root_rotation_needs_both_thresholds() {
     // From now on the old root alone signs nothing.
     let by_old = signed_document(3, &[&r1], 1, &[(&p1, &["*"])], &[&r1]);
     let out = trust_push(&m, dir, "old-only.bin", &by_old);
-    assert!(!out.success && out.stderr.contains("not signed by enough of the root keys trusted now"), "{}", out.stderr);
+    assert!(
+        !out.success
+            && out
+                .stderr
+                .contains("not signed by enough of the root keys trusted now"),
+        "{}",
+        out.stderr
+    );
 }

@@ -189,15 +189,20 @@ async fn push_trust(
         let bytes = hex::decode(req.document.trim())
             .map_err(|_| ApiError::invalid("document", "not hex"))?;
         let signed = baton_protocol::trust::SignedTrust::decode(&bytes).map_err(|_| {
-            ApiError::invalid("document", "not a trust document (make one with `baton trust init`)")
+            ApiError::invalid(
+                "document",
+                "not a trust document (make one with `baton trust init`)",
+            )
         })?;
         let version = signed.document.version;
         let registry = m.registry.clone();
         let check = {
             let signed = signed.clone();
-            tokio::task::spawn_blocking(move || registry.add_trust(signed, crate::registry::unix_now()))
-                .await
-                .map_err(|e| ApiError::Internal(format!("trust task failed: {e}")))?
+            tokio::task::spawn_blocking(move || {
+                registry.add_trust(signed, crate::registry::unix_now())
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("trust task failed: {e}")))?
         };
         let check = check.map_err(|e| match e {
             crate::trust::TrustRefused::Store(s) => ApiError::from(s),
@@ -900,8 +905,12 @@ async fn start_job(m: &Manager, req: CreateJobRequest) -> Result<JobCreated, Api
         .manifest
         .as_deref()
         .map(|h| {
-            hex::decode(h.trim())
-                .map_err(|_| ApiError::invalid("manifest", "not hex (give the manifest file's bytes as hex)"))
+            hex::decode(h.trim()).map_err(|_| {
+                ApiError::invalid(
+                    "manifest",
+                    "not hex (give the manifest file's bytes as hex)",
+                )
+            })
         })
         .transpose()?;
     let content = m
