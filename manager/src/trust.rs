@@ -73,14 +73,14 @@ pub fn read_key_file(path: &Path) -> Result<Identity, ContentError> {
     Ok(Identity::from_seed(seed))
 }
 
-/// Reads a file of at most `max` bytes.
-fn read_small(path: &Path, max: usize) -> Result<Vec<u8>, ContentError> {
+/// Reads a file that should hold a `what` of at most `max` bytes.
+fn read_small(path: &Path, max: usize, what: &str) -> Result<Vec<u8>, ContentError> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
     if bytes.len() > max {
         return Err(bad_file(
             path,
             format!(
-                "{} bytes is more than the {max} such a file may hold",
+                "not a {what}: {} bytes is more than a {what} may hold ({max})",
                 bytes.len()
             ),
         ));
@@ -90,7 +90,7 @@ fn read_small(path: &Path, max: usize) -> Result<Vec<u8>, ContentError> {
 
 /// Reads a signed trust document file (postcard `SignedTrust`).
 pub fn read_trust_file(path: &Path) -> Result<SignedTrust, ContentError> {
-    let bytes = read_small(path, MAX_TRUST_BYTES)?;
+    let bytes = read_small(path, MAX_TRUST_BYTES, "trust document")?;
     SignedTrust::decode(&bytes).map_err(|_| {
         bad_file(
             path,
@@ -140,7 +140,7 @@ pub fn write_trust_file(path: &Path, signed: &SignedTrust) -> Result<(), Content
 
 /// Reads a manifest file (postcard `Manifest`, as `baton sign` writes it).
 pub fn read_manifest_file(path: &Path) -> Result<Manifest, ContentError> {
-    let bytes = read_small(path, MAX_MANIFEST_BYTES)?;
+    let bytes = read_small(path, MAX_MANIFEST_BYTES, "manifest")?;
     decode_manifest_bytes(&bytes)
         .map_err(|_| bad_file(path, "not a manifest (make one with `baton sign`)"))
 }
