@@ -537,3 +537,78 @@ pub fn sign(args: SignArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use baton_protocol::identity::Identity;
+
+    fn edit_args(file: &Path) -> EditArgs {
+        EditArgs {
+            file: file.to_path_buf(),
+            expires: None,
+        }
+    }
+
+    #[test]
+    fn edits_raise_the_version_once_per_signing_round_and_clear_the_signatures() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Identity::from_seed([1; 32]);
+        let root_file = dir.path().join("root.key");
+        baton_manager::trust::write_key_file(&root_file, &root).unwrap();
+        let file = dir.path().join("trust.bin");
+        run(TrustCommand::Init(InitArgs {
+            roots: vec![key_hex(&root.public())],
+            threshold: 1,
+            expires: "365d".into(),
+            out: file.clone(),
+        }))
+        .unwrap();
+        let add = |key: u8, names: &str| {
+            run(TrustCommand::AddPublisher(AddPublisherArgs {
+                edit: edit_args(&file),
+                key: key_hex(&Identity::from_seed([key; 32]).public()),
+                names: names.split(',').map(String::from).collect(),
+            }))
+        };
+        add(2, "fw-*,config").unwrap();
+        assert_eq!(
+            read(&file).unwrap().document.version,
+            1,
+            "unsigned: same round"
+        );
+        run(TrustCommand::Sign(SignTrustArgs {
+            file: file.clone(),
+            key: root_file.clone(),
+        }))
+        .unwrap();
+        let signed = read(&file).unwrap();
+        assert_eq!(signed.signed_by(&signed.document.roots), 1);
+        add(3, "*").unwrap();
+        let edited = read(&file).unwrap();
+        assert_eq!(edited.document.version, 2, "the first edit after signing");
+        assert!(edited.signatures.is_empty());
+        run(TrustCommand::RemovePublisher(RemovePublisherArgs {
+            edit: edit_args(&file),
+            key: key_hex(&Identity::from_seed([2; 32]).public()),
+        }))
+        .unwrap();
+        let edited = read(&file).unwrap();
+        assert_eq!(
+            edited.document.version, 2,
+            "later edits keep the round's version"
+        );
+        assert_eq!(edited.document.publishers.len(), 1);
+        assert!(add(4, "a*b").is_err(), "`*` only at the end");
+        assert!(
+            run(TrustCommand::Init(InitArgs {
+                roots: vec![key_hex(&root.public())],
+                threshold: 1,
+                expires: "365d".into(),
+                out: file.clone(),
+            }))
+            .is_err(),
+            "init never replaces a file"
+        );
+    }
+}
