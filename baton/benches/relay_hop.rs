@@ -57,6 +57,10 @@ impl Agent {
         cmd.args(["agent", "--die-with-parent"])
             .args(["--manager", &m.agent_addr().to_string()])
             .args(["--manager-key", &m.info.manager_key])
+            .args([
+                "--root-key",
+                &m.kit.as_ref().expect("the fleet's keys").root_hex(),
+            ])
             .args(["--id", name, "--listen", "127.0.0.1:0"])
             .args(["--token", &token])
             .arg("--data-dir")

@@ -473,6 +473,49 @@ pub(crate) struct DemoProcesses {
     pub late_ids: Vec<String>,
     agent_addr: String,
     manager_key: String,
+    /// The demo's root key (hex), which its agents pin.
+    root_key: String,
+}
+
+/// The demo's own content trust, made in `dir/keys`: a root key, a publisher key, and a
+/// trust document the root signed listing the publisher for every name (`*`) — what
+/// `baton keys new`, `baton trust init|add-publisher|sign` make. Returns the root's public
+/// key (hex), the document file and the publisher key file.
+pub(crate) fn make_demo_trust(dir: &Path) -> anyhow::Result<(String, PathBuf, PathBuf)> {
+    use baton_manager::trust::{write_key_file, write_trust_file};
+    use baton_protocol::identity::Identity;
+    use baton_protocol::trust::{NamePattern, PublisherGrant, SignedTrust, TrustDocument};
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys).with_context(|| format!("cannot create {}", keys.display()))?;
+    let new_key = |name: &str| -> anyhow::Result<(Identity, PathBuf)> {
+        let mut seed = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+        let key = Identity::from_seed(seed);
+        let path = keys.join(name);
+        write_key_file(&path, &key).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok((key, path))
+    };
+    let (root, _) = new_key("root.key")?;
+    let (publisher, publisher_file) = new_key("publisher.key")?;
+    let mut signed = SignedTrust::new(TrustDocument {
+        version: 1,
+        expires: 0,
+        threshold: 1,
+        roots: heapless::Vec::from_slice(&[root.public()]).expect("one root"),
+        publishers: heapless::Vec::from_slice(&[PublisherGrant {
+            key: publisher.public(),
+            names: heapless::Vec::from_slice(&[NamePattern::try_from("*").expect("short")])
+                .expect("one pattern"),
+        }])
+        .expect("one publisher"),
+    });
+    signed
+        .sign(&root)
+        .map_err(|e| anyhow::anyhow!("cannot sign the demo's trust document: {e}"))?;
+    let trust_file = keys.join("trust.bin");
+    write_trust_file(&trust_file, &signed)
+        .with_context(|| format!("cannot write {}", trust_file.display()))?;
+    Ok((hex::encode(root.public().0), trust_file, publisher_file))
 }
 
 /// What one job run measured.
@@ -528,9 +571,14 @@ impl DemoProcesses {
 
     /// Starts the manager from `cmd` (`baton serve` with its addresses; the data directory,
     /// ready file and give-up are added here, and `dir`, where the content is, as its
-    /// `--content-dir`: the data directory inside stays refused) and waits until it is
-    /// ready. The API must be reachable from the calling thread.
+    /// `--content-dir`: the data directory inside stays refused; the demo's own root and
+    /// publisher keys and trust document ([`make_demo_trust`]) as `--trust` and
+    /// `--publisher-key`) and waits until it is ready. The API must be reachable from the
+    /// calling thread.
     pub fn start_manager(mut cmd: Command, dir: &Path) -> anyhow::Result<DemoProcesses> {
+        let (root_key, trust_file, publisher_file) = make_demo_trust(dir)?;
+        cmd.arg("--trust").arg(&trust_file);
+        cmd.arg("--publisher-key").arg(&publisher_file);
         let ready = dir.join("manager-ready.json");
         cmd.arg("--die-with-parent");
         cmd.arg("--data-dir").arg(dir.join("manager"));
@@ -543,6 +591,7 @@ impl DemoProcesses {
             api: Api::from_ready(&ready)?,
             agent_addr: str_field(&ready, "agent_addr")?,
             manager_key: str_field(&ready, "manager_key")?,
+            root_key,
             kids,
             ids: Vec::new(),
             dir: dir.to_path_buf(),
@@ -594,6 +643,8 @@ impl DemoProcesses {
             &self.agent_addr,
             "--manager-key",
             &self.manager_key,
+            "--root-key",
+            &self.root_key,
             "--id",
             id,
         ]);

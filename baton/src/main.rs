@@ -2,7 +2,8 @@
 //!
 //! `baton serve` runs the manager; `baton demo` and `baton lab` run whole
 //! distributions on this machine; `baton admin` manages web UI administrators
-//! and API tokens; `enroll`, `push`, `jobs`, `job`, `cancel`,
+//! and API tokens; `keys`, `trust` and `sign` make keys, the root-signed trust
+//! document and signed manifests offline (`trust push` uploads the document); `enroll`, `push`, `jobs`, `job`, `cancel`,
 //! `agents`, `segments`, `groups`, `policies` and `audit` talk to a running manager over
 //! its HTTP API; `baton agent` runs
 //! a Linux agent. Logging goes to
@@ -35,8 +36,16 @@ enum Command {
     Serve(cli::serve::ServeArgs),
     /// Enrol an agent's key (`--id ID --key HEX`), or create (`--token [--id ID] [--expires 24h]`), list (`--list`) and revoke (`--revoke ID`) one-time enrolment tokens.
     Enroll(cli::enroll::EnrollArgs),
-    /// Publish a file and distribute it to agents.
+    /// Publish a file and distribute it to agents (with `--manifest`: as `baton sign` signed it).
     Push(cli::push::PushArgs),
+    /// Make keys: `keys new --out FILE` (a root or publisher key; prints its public key).
+    #[command(subcommand)]
+    Keys(cli::keys::KeysCommand),
+    /// The root-signed trust document, offline: `init`, `add-publisher`, `remove-publisher`, `set-roots`, `sign`, `show`; `push` uploads it.
+    #[command(subcommand)]
+    Trust(cli::trust::TrustCommand),
+    /// Sign a file's manifest with a publisher key, offline (then `baton push FILE --manifest FILE.manifest`).
+    Sign(cli::trust::SignArgs),
     /// List jobs.
     Jobs(cli::show::JobsArgs),
     /// Show one job: participants, progress, confirmations, bytes per source.
@@ -99,6 +108,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Push(args) => {
             init_logging("warn");
             return cli::push::run(args);
+        }
+        Command::Keys(cmd) => {
+            init_logging("warn");
+            cli::keys::run(cmd)?;
+        }
+        Command::Trust(cmd) => {
+            init_logging("warn");
+            cli::trust::run(cmd)?;
+        }
+        Command::Sign(args) => {
+            init_logging("warn");
+            cli::trust::sign(args)?;
         }
         Command::Jobs(args) => {
             init_logging("warn");

@@ -268,6 +268,8 @@ struct LabFleet {
     api: Api,
     agent_addr: String,
     manager_key: String,
+    /// The root key (hex) agents pin.
+    root_key: String,
     /// The manager first.
     procs: Vec<Proc>,
 }
@@ -280,8 +282,14 @@ impl LabFleet {
     fn start(lab: &Lab, give_up_s: u64) -> LabFleet {
         let dir = tempfile::tempdir().unwrap();
         let ready = dir.path().join("ready.json");
+        // The fleet's root and publisher keys and trust document; agents pin the root.
+        let kit = baton_test_support::TrustKit::in_dir(&dir.path().join("trust"));
         let mut cmd = Lab::command(&lab.manager.ns, BATON);
-        cmd.args(["serve", "--data-dir"])
+        cmd.args(["serve", "--trust"])
+            .arg(kit.trust_file())
+            .arg("--publisher-key")
+            .arg(kit.publisher_key_file())
+            .arg("--data-dir")
             .arg(dir.path().join("manager"))
             .args(["--listen", &format!("{}:7700", lab.manager.ip)])
             .args(["--http", "127.0.0.1:0", "--give-up", &give_up_s.to_string()])
@@ -299,6 +307,7 @@ impl LabFleet {
             },
             agent_addr: String::new(),
             manager_key: String::new(),
+            root_key: kit.root_hex(),
             procs: vec![manager],
         };
         let info: Value = fleet.wait("the manager's ready file", |_, _| {
@@ -357,6 +366,8 @@ impl LabFleet {
                 &self.agent_addr,
                 "--manager-key",
                 &self.manager_key,
+                "--root-key",
+                &self.root_key,
             ])
             .args(["--id", id, "--segment", &format!("seg-{s}")])
             .args(["--discovery-port", "7790", "--discovery-broadcast"])

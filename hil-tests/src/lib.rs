@@ -338,6 +338,10 @@ pub struct ManagerInfo {
     pub data_dir: PathBuf,
     /// Its Ed25519 public key, hex.
     pub key: String,
+    /// The lab's root key (hex), which devices pin: it signed the trust document the
+    /// manager was started with (`--trust`), listing the manager's `--publisher-key` for
+    /// every name.
+    pub root_key: String,
     /// Its log file.
     pub log: PathBuf,
     /// Index of its process in the lab.
@@ -527,8 +531,11 @@ impl Lab {
     }
 
     /// Starts `baton serve` on `10.77.0.1:7700` (HTTP on the namespace's loopback),
-    /// publishing from the lab's directory (where the tests write their content).
+    /// publishing from the lab's directory (where the tests write their content), with the
+    /// lab's root and publisher keys and trust document (`lab/trust`, made on first use) as
+    /// `--trust` and `--publisher-key`.
     pub fn start_manager(&mut self, extra: &[&str]) -> ManagerInfo {
+        let kit = baton_test_support::TrustKit::in_dir(&self.dir.join("trust"));
         let data_dir = self.dir.join("manager");
         let ready = self.dir.join("ready.json");
         let log = self.dir.join("manager.log");
@@ -542,6 +549,10 @@ impl Lab {
             .arg(&self.dir)
             .arg("--ready-file")
             .arg(&ready)
+            .arg("--trust")
+            .arg(kit.trust_file())
+            .arg("--publisher-key")
+            .arg(kit.publisher_key_file())
             .args(extra)
             .env("RUST_LOG", "info");
         let proc = self.spawn("baton serve", cmd, &log);
@@ -566,6 +577,7 @@ impl Lab {
                 .as_str()
                 .expect("manager key")
                 .to_string(),
+            root_key: kit.root_hex(),
             data_dir,
             log,
             proc,

@@ -1,10 +1,11 @@
 //! The manager's keys and the content it publishes and serves.
 //!
 //! Keys: the manager's Ed25519 identity (`manager.key`, which agents pin and
-//! which signs their certificates) and a separate publisher key
-//! (`publisher.key`, which signs manifests), both created on first run under
-//! the data directory and kept, readable by the owner only; a key file that
-//! group or others may read or write is refused on load.
+//! which signs their certificates), created on first run under the data
+//! directory and kept, readable by the owner only; a key file that group or
+//! others may read or write is refused on load. It is the transport identity
+//! only: manifests are signed by publisher keys the root-signed trust document
+//! lists (see [`crate::trust`]), never by a key the manager makes itself.
 //!
 //! Content: publishing a file streams it once, hashing each chunk into a
 //! Merkle leaf; the whole [`MerkleTree`] stays in memory so any chunk's proof
@@ -124,29 +125,33 @@ pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), ContentError> {
     f.sync_all().map_err(io_err(path))
 }
 
-/// The manager's two signing identities.
+/// The manager's signing identity.
 #[derive(Clone, Debug)]
 pub struct Keys {
     /// Session identity: agents pin its public key; it signs agent certificates.
     pub manager: Identity,
-    /// Content identity: it signs manifests.
-    pub publisher: Identity,
 }
 
+/// The file an earlier build kept its own publisher key in; ignored now (with a warning).
+pub const OLD_PUBLISHER_KEY_FILE: &str = "publisher.key";
+
 impl Keys {
-    /// Loads `manager.key` and `publisher.key` from `dir`, creating whichever is missing.
+    /// Loads `manager.key` from `dir`, creating it if missing. A `publisher.key` left by an
+    /// earlier build is not used (a warning says so).
     pub fn load_or_create(dir: &Path) -> Result<Self, ContentError> {
         let (manager, new_m) = load_or_create_secret(&dir.join("manager.key"))?;
-        let (publisher, new_p) = load_or_create_secret(&dir.join("publisher.key"))?;
         let keys = Keys {
             manager: Identity::from_seed(manager),
-            publisher: Identity::from_seed(publisher),
         };
         if new_m {
             tracing::info!(key = %hex::encode(keys.manager.public().0), "created manager key");
         }
-        if new_p {
-            tracing::info!(key = %hex::encode(keys.publisher.public().0), "created publisher key");
+        let old = dir.join(OLD_PUBLISHER_KEY_FILE);
+        if old.exists() {
+            tracing::warn!(
+                "{} is ignored: the manager no longer signs content with a key of its own; sign offline (`baton sign`) or give a publisher key the trust document lists with `baton serve --publisher-key FILE`",
+                old.display()
+            );
         }
         Ok(keys)
     }
@@ -371,10 +376,14 @@ mod test {
         path
     }
 
-    fn publish(path: &Path, keys: &Keys, chunk: u32) -> Content {
+    fn publisher() -> Identity {
+        Identity::from_seed([42; 32])
+    }
+
+    fn publish(path: &Path, chunk: u32) -> Content {
         let h = hash_file(path, chunk).unwrap();
         let m = Manifest::sign(
-            &keys.publisher,
+            &publisher(),
             check_name("fw").unwrap(),
             1,
             0,
@@ -391,8 +400,10 @@ mod test {
         let a = Keys::load_or_create(dir.path()).unwrap();
         let b = Keys::load_or_create(dir.path()).unwrap();
         assert_eq!(a.manager.public(), b.manager.public());
-        assert_eq!(a.publisher.public(), b.publisher.public());
-        assert_ne!(a.manager.public(), a.publisher.public());
+        assert!(
+            !dir.path().join(OLD_PUBLISHER_KEY_FILE).exists(),
+            "no publisher key of its own"
+        );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("manager.key"))
             .unwrap()
@@ -411,7 +422,7 @@ mod test {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         Keys::load_or_create(dir.path()).unwrap();
-        for name in ["manager.key", "publisher.key"] {
+        for name in ["manager.key"] {
             let path = dir.path().join(name);
             for loose in [0o644, 0o660, 0o606] {
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(loose)).unwrap();
@@ -434,11 +445,10 @@ mod test {
     #[test]
     fn served_chunks_verify_against_the_signed_manifest() {
         let dir = tempfile::tempdir().unwrap();
-        let keys = Keys::load_or_create(dir.path()).unwrap();
         let path = write_file(dir.path(), 10_000);
-        let content = publish(&path, &keys, 4096);
+        let content = publish(&path, 4096);
         let m = content.manifest().clone();
-        m.verify_signature(&keys.publisher.public()).unwrap();
+        m.verify_signature(&publisher().public()).unwrap();
         assert_eq!((m.length, m.chunks()), (10_000, 3));
         let lib = Library::new();
         lib.insert(content);
@@ -477,9 +487,8 @@ mod test {
     #[test]
     fn a_file_changed_after_publishing_is_not_served() {
         let dir = tempfile::tempdir().unwrap();
-        let keys = Keys::load_or_create(dir.path()).unwrap();
         let path = write_file(dir.path(), 1000);
-        let content = publish(&path, &keys, 256);
+        let content = publish(&path, 256);
         let manifest = content.manifest().clone();
         let mut data = std::fs::read(&path).unwrap();
         data[300] ^= 1;

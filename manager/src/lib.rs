@@ -5,6 +5,8 @@
 //! - [`store`]: the database behind the [`store::Store`] trait (SQLite by
 //!   default); one list of migrations owns every table;
 //! - [`content`]: the manager's keys, publishing files and serving their chunks;
+//! - [`trust`]: key and trust document files, the chain of root-signed trust
+//!   documents, and the checks a manifest passes before it is published;
 //! - [`registry`]: enrolled agents and live sessions, handshake authorization,
 //!   segment reports;
 //! - [`audit`]: recording changes in the audit log (used by [`http`] and `baton admin`);
@@ -32,3 +34,4 @@ pub mod service;
 pub mod store;
 #[cfg(test)]
 mod test_fixtures;
+pub mod trust;

@@ -36,9 +36,12 @@ use baton_protocol::types::{AgentId, Label, PublicKey};
 use tokio::sync::{Notify, mpsc};
 
 use crate::store::{Enrolled, Store, StoreError, secret_digest};
+use crate::trust::{KEEP_TRUST_DOCUMENTS, TrustChain, TrustCheck, TrustRefused};
 use baton_manager_core::placement::{self, Placement, PlacementRefusal};
 use baton_manager_core::rate_limit::{Rate, TokenBucket};
 use baton_manager_core::segments::{self, Assembler};
+use baton_protocol::message::Message;
+use baton_protocol::trust::SignedTrust;
 
 /// Messages queued for one agent's control traffic (engine instructions) before the agent
 /// is disconnected as one that does not read.
@@ -221,6 +224,11 @@ pub struct Registry {
     created: std::time::Instant,
     /// The warning about agents reconnecting too often, spaced.
     reconnect_warning: SpacedLog,
+    /// The signed trust documents held, sent to every session after `Welcome` (lock order:
+    /// `sessions` before `trust`).
+    trust: Mutex<TrustChain>,
+    /// Held while a trust document is checked, stored, appended and sent: one at a time.
+    trust_upload: Mutex<()>,
 }
 
 /// How often one agent may come online: a few reconnections at once (a flaky link, a
@@ -278,7 +286,10 @@ impl Registry {
                 bound_labels.insert(id, labels);
             }
         }
+        let trust = TrustChain::from_encoded(lock(&store).trust_chain()?);
         Ok(Registry {
+            trust: Mutex::new(trust),
+            trust_upload: Mutex::new(()),
             store,
             keys: RwLock::new(keys),
             bound_labels: RwLock::new(bound_labels),
@@ -513,11 +524,20 @@ impl Registry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .forget_leader(&id);
-        let old = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), session);
+        let old = {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            // The held trust documents go first, oldest first, under the sessions lock: a
+            // document added meanwhile is either among them or sent to this session after.
+            let trust = self.trust.lock().unwrap_or_else(|e| e.into_inner());
+            for document in trust.encoded() {
+                // A fresh queue holds CONTROL_QUEUE > KEEP_TRUST_DOCUMENTS messages.
+                let _ = session
+                    .control
+                    .try_send(Message::Trust { document }.to_vec());
+            }
+            drop(trust);
+            sessions.insert(id.clone(), session)
+        };
         match old {
             Some(old) => {
                 tracing::info!(agent = %id, old = %old.addr, "agent reconnected; closing its previous session");
@@ -526,6 +546,40 @@ impl Registry {
             }
             None => false,
         }
+    }
+
+    /// A copy of the trust documents held (to check manifests against the newest).
+    pub fn trust(&self) -> TrustChain {
+        self.trust.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Takes a signed trust document: refused unless it chains from the newest held one
+    /// (see [`TrustChain::check`]); the newest one again changes nothing; a newer one is
+    /// stored (the newest [`KEEP_TRUST_DOCUMENTS`] kept) and sent to every live session.
+    pub fn add_trust(&self, signed: SignedTrust, now: u64) -> Result<TrustCheck, TrustRefused> {
+        let _one_at_a_time = self.trust_upload.lock().unwrap_or_else(|e| e.into_inner());
+        let check = self.trust().check(&signed, now)?;
+        let TrustCheck::Newer(anchor) = &check else {
+            return Ok(check);
+        };
+        let version = signed.document.version;
+        let encoded = crate::trust::encode_trust(&signed);
+        lock(&self.store).add_trust(version, &encoded, now, KEEP_TRUST_DOCUMENTS)?;
+        self.trust
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(signed, anchor.clone());
+        let message = Message::Trust { document: &encoded }.to_vec();
+        let ids: Vec<AgentId> = self.connected();
+        for id in &ids {
+            self.send(id, message.clone());
+        }
+        tracing::info!(
+            version,
+            sessions = ids.len(),
+            "trust document stored and sent to the connected agents"
+        );
+        Ok(check)
     }
 
     /// Removes the session of `id` if it is still generation `generation`; returns whether it was.
@@ -901,6 +955,87 @@ mod test {
             queued += 1;
         }
         assert_eq!(queued, CONTROL_QUEUE);
+    }
+
+    #[test]
+    fn trust_documents_reach_every_session_in_order_and_survive_a_restart() {
+        use baton_protocol::trust::{NamePattern, PublisherGrant, TrustDocument};
+        let root = Identity::from_seed([7; 32]);
+        let doc = |version: u64| {
+            let mut s = SignedTrust::new(TrustDocument {
+                version,
+                expires: 0,
+                threshold: 1,
+                roots: heapless::Vec::from_slice(&[root.public()]).unwrap(),
+                publishers: heapless::Vec::from_slice(&[PublisherGrant {
+                    key: PublicKey([9; 32]),
+                    names: heapless::Vec::from_slice(&[NamePattern::try_from("*").unwrap()])
+                        .unwrap(),
+                }])
+                .unwrap(),
+            });
+            s.sign(&root).unwrap();
+            s
+        };
+        let versions = |rx: &mut mpsc::Receiver<Vec<u8>>| {
+            let mut got = Vec::new();
+            while let Ok(bytes) = rx.try_recv() {
+                match Message::decode(&bytes).unwrap() {
+                    Message::Trust { document } => {
+                        got.push(SignedTrust::decode(document).unwrap().document.version)
+                    }
+                    other => panic!("expected Trust, got {other:?}"),
+                }
+            }
+            got
+        };
+        let session = |reg: &Registry, name: &str| {
+            let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+            reg.register(
+                id(name),
+                Session {
+                    generation: reg.next_generation(),
+                    key: PublicKey([1; 32]),
+                    addr: "127.0.0.1:1".parse().unwrap(),
+                    control: tx,
+                    close: Arc::new(Notify::new()),
+                },
+            );
+            rx
+        };
+        let store: Box<dyn Store> = Box::new(SqliteStore::in_memory().unwrap());
+        let store: SharedStore = Arc::new(Mutex::new(store));
+        let reg = Registry::load(store.clone()).unwrap();
+        let mut early = session(&reg, "early");
+        assert!(versions(&mut early).is_empty(), "nothing held yet");
+        assert!(matches!(
+            reg.add_trust(doc(1), 1_000),
+            Ok(TrustCheck::Newer(_))
+        ));
+        assert_eq!(reg.add_trust(doc(1), 1_000).unwrap(), TrustCheck::Held);
+        reg.add_trust(doc(2), 1_000).unwrap();
+        assert_eq!(
+            versions(&mut early),
+            [1, 2],
+            "each new one sent once, in order"
+        );
+        let mut late = session(&reg, "late");
+        assert_eq!(
+            versions(&mut late),
+            [1, 2],
+            "a new session gets every one, oldest first"
+        );
+        // Not chaining (signed by a stranger): refused, nothing sent.
+        let mut forged = doc(3);
+        forged.signatures.clear();
+        forged.sign(&Identity::from_seed([8; 32])).unwrap();
+        let e = reg.add_trust(forged, 1_000).unwrap_err();
+        assert!(e.to_string().contains("not signed by enough"), "{e}");
+        assert!(versions(&mut late).is_empty());
+        // Kept in the store: a restarted manager sends the same chain.
+        let reg = Registry::load(store).unwrap();
+        let mut again = session(&reg, "again");
+        assert_eq!(versions(&mut again), [1, 2]);
     }
 
     #[test]

@@ -91,6 +91,7 @@ pub const ROUTE_ROLES: &[(&str, &str, Role)] = &[
     ("GET", "/api/v1/policies", Role::Read),
     ("GET", "/api/v1/policies/{name}", Role::Read),
     ("GET", "/api/v1/audit", Role::Read),
+    ("GET", "/api/v1/trust", Role::Read),
     // What is distributed, and how.
     ("POST", "/api/v1/jobs", Role::Operate),
     ("POST", "/api/v1/jobs/{id}/cancel", Role::Operate),
@@ -106,6 +107,8 @@ pub const ROUTE_ROLES: &[(&str, &str, Role)] = &[
     ("PATCH", "/api/v1/agents/{id}", Role::Admin),
     ("POST", "/api/v1/enrolment-tokens", Role::Admin),
     ("DELETE", "/api/v1/enrolment-tokens/{id}", Role::Admin),
+    // Which publishers agents trust (the document is root-signed; the manager only relays it).
+    ("PUT", "/api/v1/trust", Role::Admin),
 ];
 
 /// The role `method` on the route `pattern` is listed with in [`ROUTE_ROLES`] (`HEAD`

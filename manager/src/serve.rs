@@ -71,6 +71,12 @@ pub struct ServeOptions {
     /// Directories `POST /api/v1/jobs` may publish files from, beside the upload directory
     /// (`--content-dir`; default none: uploads only).
     pub content_dirs: Vec<PathBuf>,
+    /// A publisher key file (`--publisher-key`): the manager signs content online with it,
+    /// only for the names the newest trust document lists it for. `None`: offline-signed
+    /// manifests only.
+    pub publisher_key: Option<PathBuf>,
+    /// A signed trust document to take at start (`--trust`), as `PUT /api/v1/trust` would.
+    pub trust: Option<PathBuf>,
 }
 
 impl ServeOptions {
@@ -94,6 +100,8 @@ impl ServeOptions {
             http_limits: crate::http::HttpLimits::default(),
             max_election_score: baton_protocol::discovery::MAX_CAPABILITY_SCORE,
             content_dirs: Vec::new(),
+            publisher_key: None,
+            trust: None,
         }
     }
 }
@@ -107,8 +115,10 @@ pub struct ReadyInfo {
     pub http_addr: String,
     /// The manager's Ed25519 public key (hex), which agents pin.
     pub manager_key: String,
-    /// The publisher's Ed25519 public key (hex), which agents may trust for manifests.
-    pub publisher_key: String,
+    /// The public key (hex) of the publisher key the manager signs online with
+    /// (`--publisher-key`), if any; agents trust it only if the trust document lists it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher_key: Option<String>,
     /// The bearer token for the HTTP API.
     pub admin_token: String,
     /// The manager's epoch for this run.
@@ -175,6 +185,14 @@ pub enum ServeError {
     /// A `--content-dir` is missing, not a directory, or inside the data directory.
     #[error("{0}")]
     ContentDir(std::io::Error),
+    /// The `--trust` document does not chain from the one the manager holds.
+    #[error("--trust {path}: {source}")]
+    Trust {
+        /// The file.
+        path: PathBuf,
+        /// Why it was refused.
+        source: crate::trust::TrustRefused,
+    },
 }
 
 /// Reads the admin token from `<data_dir>/admin.token`, creating it (mode 0600) on first run.
@@ -295,6 +313,61 @@ async fn resume_job(
     Ok(())
 }
 
+/// Takes the `--trust` document at start: stored if it chains from the newest held one,
+/// nothing if it is that one; an older one is ignored with a warning (the manager holds a
+/// newer one), anything else stops the manager.
+fn take_initial_trust(
+    registry: &Registry,
+    path: &Path,
+    signed: baton_protocol::trust::SignedTrust,
+) -> Result<(), ServeError> {
+    let version = signed.document.version;
+    let held = registry.trust().latest().map(|s| s.document.version);
+    if held.is_some_and(|h| version < h) {
+        tracing::warn!(
+            "--trust {}: version {version} is older than the version {} the manager holds; ignored",
+            path.display(),
+            held.unwrap_or(0)
+        );
+        return Ok(());
+    }
+    match registry.add_trust(signed, unix_now()) {
+        Ok(crate::trust::TrustCheck::Newer(_)) => {
+            tracing::info!(version, "trust document from --trust stored");
+            Ok(())
+        }
+        Ok(crate::trust::TrustCheck::Held) => Ok(()),
+        Err(source) => Err(ServeError::Trust {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Says at start which names the online publisher key may sign (or that it may sign none).
+fn log_online_signing(registry: &Registry, publisher: &baton_protocol::identity::Identity) {
+    let key = publisher.public();
+    let chain = registry.trust();
+    let names = chain
+        .latest()
+        .and_then(|s| s.document.publishers.iter().find(|g| g.key == key))
+        .map(|g| {
+            g.names
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+    match names {
+        Some(names) => {
+            tracing::info!(key = %hex::encode(key.0), %names, "online signing enabled for these names")
+        }
+        None => {
+            tracing::warn!(key = %hex::encode(key.0), "the trust document held does not list --publisher-key: nothing can be signed online until one does")
+        }
+    }
+}
+
 /// Descriptors the manager keeps out of the agent port's connection cap:
 /// [`admission::DESCRIPTOR_RESERVE`] plus one per HTTP connection
 /// (`--max-http-connections`) and per serial port.
@@ -329,6 +402,14 @@ pub async fn serve(
     // Held until `serve` returns: a second manager on this directory stops here.
     let _data_dir = DataDir::open(&opts.data_dir)?;
     let keys = Keys::load_or_create(&opts.data_dir)?;
+    let publisher = match &opts.publisher_key {
+        Some(path) => Some(crate::trust::read_key_file(path)?),
+        None => None,
+    };
+    let initial_trust = match &opts.trust {
+        Some(path) => Some((path.clone(), crate::trust::read_trust_file(path)?)),
+        None => None,
+    };
     let admin_token = load_or_create_admin_token(&opts.data_dir)?;
     let db_path = opts
         .db
@@ -381,6 +462,12 @@ pub async fn serve(
         limits: opts.http_limits,
     };
     let registry = Arc::new(Registry::load(store.clone())?);
+    if let Some((path, signed)) = initial_trust {
+        take_initial_trust(&registry, &path, signed)?;
+    }
+    if let Some(p) = &publisher {
+        log_online_signing(&registry, p);
+    }
     let library = Arc::new(Library::new());
     let limits = Limits {
         up: (opts.up_bps > 0).then(|| Arc::new(RateLimiter::new(opts.up_bps))),
@@ -447,6 +534,7 @@ pub async fn serve(
         registry: registry.clone(),
         library: library.clone(),
         keys: keys.clone(),
+        publisher: publisher.clone(),
         engine: engine_tx.clone(),
         events: events.clone(),
         stats: engine_task.stats(),
@@ -458,7 +546,8 @@ pub async fn serve(
     });
     let agent_port = Arc::new(AgentPort {
         session: Arc::new(
-            SessionConfig::new(keys.manager.clone(), [keys.publisher.public()])
+            // Agents trust publishers through the root-signed trust document only.
+            SessionConfig::new(keys.manager.clone(), [])
                 .with_max_election_score(opts.max_election_score),
         ),
         registry: registry.clone(),
@@ -500,7 +589,7 @@ pub async fn serve(
         agent_addr: agent_addr.to_string(),
         http_addr: http_addr.to_string(),
         manager_key: hex::encode(manager_key.0),
-        publisher_key: hex::encode(keys.publisher.public().0),
+        publisher_key: publisher.as_ref().map(|p| hex::encode(p.public().0)),
         admin_token,
         epoch,
         tls_cert: opts
@@ -609,7 +698,6 @@ mod test {
         assert_eq!(mode(&data), 0o700);
         for file in [
             "manager.key",
-            "publisher.key",
             ADMIN_TOKEN_FILE,
             "baton.db",
             "baton.db-wal",

@@ -17,6 +17,8 @@ use baton_manager_core::definitions::{FieldError, policy_from_json, resolve_grou
 use baton_manager_core::engine::{JobSpec, Targets};
 use baton_manager_core::planner::Policy;
 use baton_protocol::Manifest;
+use baton_protocol::identity::Identity;
+use baton_protocol::manifest::ManifestError;
 use baton_protocol::types::{AgentId, Digest};
 use serde::Deserialize;
 use tokio::sync::{broadcast, oneshot};
@@ -35,8 +37,11 @@ pub struct Manager {
     pub registry: Arc<Registry>,
     /// Published content.
     pub library: Arc<Library>,
-    /// Manager and publisher keys.
+    /// The manager's key (transport only).
     pub keys: Keys,
+    /// The publisher key for online signing (`baton serve --publisher-key`), if given: it
+    /// signs only names the newest trust document lists it for.
+    pub publisher: Option<Identity>,
     /// The engine task's input (bounded: an API call waits while it is full).
     pub engine: EngineSender,
     /// Job progress for subscribers.
@@ -66,6 +71,10 @@ pub struct PublishRequest {
     pub version: Option<u64>,
     /// Chunk size in bytes (default 32 KiB).
     pub chunk_size: Option<u64>,
+    /// A manifest signed offline (`baton sign`), postcard-encoded: published as it is,
+    /// once the file matches it and the newest trust document lists its signer for its
+    /// name. Without one the manager signs with its `--publisher-key`, if it may.
+    pub manifest: Option<Vec<u8>>,
 }
 
 /// Why an API operation failed, with the HTTP status it maps to.
@@ -183,6 +192,40 @@ pub fn engine_targets(spec: &TargetSpec) -> Result<Targets, String> {
     })
 }
 
+/// Checks an offline-signed manifest before its file is read: its limits, its expiry, and
+/// that the newest trust document lists its signer for its name (errors name what is wrong).
+fn check_offline_manifest(
+    trust: &crate::trust::TrustChain,
+    m: &Manifest,
+    now: u64,
+) -> Result<(), ApiError> {
+    m.check_limits(Some(now))
+        .map_err(|e| ApiError::invalid("manifest", format!("{e} (expires at {})", m.expires)))?;
+    trust.verify_manifest(m, now).map_err(|e| {
+        let signer = crate::trust::key_id_hex(&m.signer);
+        let held = trust
+            .latest()
+            .map(|s| format!("trust document version {}", s.document.version))
+            .unwrap_or_else(|| "no trust document".into());
+        let why = match e {
+            ManifestError::NoTrust => {
+                "the manager holds no trust document (`baton trust push FILE`)".to_string()
+            }
+            ManifestError::UntrustedSigner => {
+                format!("its signer (key id {signer}) is not a publisher in {held}")
+            }
+            ManifestError::NotListed => format!(
+                "its signer (key id {signer}) is not listed for {:?} in {held}",
+                m.name.as_str()
+            ),
+            ManifestError::BadSignature => "its signature does not verify".to_string(),
+            ManifestError::Expired => format!("{held} has expired"),
+            other => other.to_string(),
+        };
+        ApiError::invalid("manifest", format!("refused: {why}"))
+    })
+}
+
 /// The manifest a content record carries.
 pub fn decode_manifest(record: &ContentRecord) -> Result<Manifest, StoreError> {
     postcard::from_bytes(&record.manifest)
@@ -201,14 +244,46 @@ impl Manager {
         Ok(resolve_group(&group, &store.agents()?))
     }
 
-    /// Publishes a file: hashes it, signs (or reuses) its manifest, stores and serves it.
+    /// Publishes a file: hashes it, takes its offline-signed manifest (checked against the
+    /// file and the newest trust document) or signs one with the online publisher key (or
+    /// reuses the stored one for unchanged content), stores and serves it.
     pub async fn publish(&self, req: PublishRequest) -> Result<ContentRecord, ApiError> {
-        let chunk_size = content::check_chunk_size(
-            req.chunk_size.unwrap_or(content::DEFAULT_CHUNK_SIZE as u64),
-        )?;
-        let name = match &req.name {
-            Some(n) => n.clone(),
-            None => req
+        let signed = match &req.manifest {
+            Some(bytes) => Some(crate::trust::decode_manifest_bytes(bytes).map_err(|e| {
+                ApiError::invalid(
+                    "manifest",
+                    format!("not a manifest ({e}); make one with `baton sign`"),
+                )
+            })?),
+            None => None,
+        };
+        let chunk_size = match &signed {
+            Some(m) => {
+                if req.chunk_size.is_some_and(|c| c != u64::from(m.chunk_size)) {
+                    return Err(ApiError::invalid(
+                        "chunk_size",
+                        format!(
+                            "the manifest says {} bytes; leave chunk_size out",
+                            m.chunk_size
+                        ),
+                    ));
+                }
+                content::check_chunk_size(u64::from(m.chunk_size))?
+            }
+            None => content::check_chunk_size(
+                req.chunk_size.unwrap_or(content::DEFAULT_CHUNK_SIZE as u64),
+            )?,
+        };
+        let name = match (&req.name, &signed) {
+            (Some(n), Some(m)) if n.as_str() != m.name.as_str() => {
+                return Err(ApiError::invalid(
+                    "name",
+                    format!("the manifest is for {:?}, not {n:?}", m.name.as_str()),
+                ));
+            }
+            (_, Some(m)) => m.name.to_string(),
+            (Some(n), None) => n.clone(),
+            (None, None) => req
                 .path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -223,23 +298,76 @@ impl Manager {
                 i64::MAX
             )));
         }
+        if let (Some(v), Some(m)) = (req.version, &signed)
+            && v != m.version
+        {
+            return Err(ApiError::invalid(
+                "version",
+                format!("the manifest says version {}; leave version out", m.version),
+            ));
+        }
         if !req.path.is_absolute() {
             return Err(ApiError::BadRequest(format!(
                 "{}: give an absolute path (the manager may run in another directory)",
                 req.path.display()
             )));
         }
+        let now = unix_now();
+        // Refused before the file is read: what the newest trust document does not allow.
+        let trust = self.registry.trust();
+        match &signed {
+            Some(m) => check_offline_manifest(&trust, m, now)?,
+            None => self.check_online_signing(&trust, &name, now)?,
+        }
         let path = req.path.clone();
         let hashed = tokio::task::spawn_blocking(move || content::hash_file(&path, chunk_size))
             .await
             .map_err(|e| ApiError::Internal(format!("hashing task failed: {e}")))??;
         let root = hashed.tree.root();
-        let now = unix_now();
+        if let Some(m) = &signed {
+            if m.root != root {
+                return Err(ApiError::invalid(
+                    "manifest",
+                    format!(
+                        "the file's Merkle root {} is not the manifest's {} (another file, or it changed after `baton sign`)",
+                        hex::encode(&root[..8]),
+                        hex::encode(&m.root[..8])
+                    ),
+                ));
+            }
+            if m.length != hashed.length {
+                return Err(ApiError::invalid(
+                    "manifest",
+                    format!(
+                        "the file is {} bytes, the manifest says {}",
+                        hashed.length, m.length
+                    ),
+                ));
+            }
+        }
         let (record, manifest) = {
             let mut store = lock(&self.store);
             let existing = store.content(&root)?;
-            match existing {
-                Some(rec)
+            let record_of = |manifest: &Manifest| -> Result<ContentRecord, ApiError> {
+                Ok(ContentRecord {
+                    root,
+                    name: name.clone(),
+                    version: manifest.version,
+                    length: hashed.length,
+                    chunk_size: hashed.chunk_size,
+                    path: hashed.path.to_string_lossy().into_owned(),
+                    manifest: postcard::to_allocvec(manifest)
+                        .map_err(|e| ApiError::Internal(e.to_string()))?,
+                    created_at: now,
+                })
+            };
+            match (signed, existing) {
+                (Some(manifest), _) => {
+                    let rec = record_of(&manifest)?;
+                    store.put_content(&rec)?;
+                    (rec, manifest)
+                }
+                (None, Some(rec))
                     if rec.name == name
                         && req.version.is_none_or(|v| v == rec.version)
                         && rec.chunk_size == chunk_size =>
@@ -252,13 +380,26 @@ impl Manager {
                     store.put_content(&rec)?;
                     (rec, manifest)
                 }
-                _ => {
-                    let version = match req.version {
-                        Some(v) => v,
-                        None => store.latest_version(&name)?.map_or(1, |v| v + 1),
+                (None, _) => {
+                    let publisher = self
+                        .publisher
+                        .as_ref()
+                        .expect("checked by check_online_signing");
+                    let highest = store.latest_version(&name)?;
+                    let version = match (req.version, highest) {
+                        (Some(v), Some(h)) if v < h => {
+                            return Err(ApiError::invalid(
+                                "version",
+                                format!(
+                                    "{name:?} version {h} is published already; a version below it would be refused by the agents that hold it (a deliberate rollback is the old content under a higher version)"
+                                ),
+                            ));
+                        }
+                        (Some(v), _) => v,
+                        (None, h) => h.map_or(1, |v| v + 1),
                     };
                     let manifest = Manifest::sign(
-                        &self.keys.publisher,
+                        publisher,
                         name_checked,
                         version,
                         0,
@@ -266,17 +407,7 @@ impl Manager {
                         hashed.chunk_size,
                         root,
                     );
-                    let rec = ContentRecord {
-                        root,
-                        name: name.clone(),
-                        version,
-                        length: hashed.length,
-                        chunk_size: hashed.chunk_size,
-                        path: hashed.path.to_string_lossy().into_owned(),
-                        manifest: postcard::to_allocvec(&manifest)
-                            .map_err(|e| ApiError::Internal(e.to_string()))?,
-                        created_at: now,
-                    };
+                    let rec = record_of(&manifest)?;
                     store.put_content(&rec)?;
                     (rec, manifest)
                 }
@@ -285,6 +416,38 @@ impl Manager {
         self.library.insert(Content::new(hashed, manifest)?);
         tracing::info!(name = %record.name, version = record.version, root = %hex::encode(record.root), length = record.length, "content published");
         Ok(record)
+    }
+
+    /// Whether this manager may sign content `name` itself: it was given a publisher key
+    /// (`--publisher-key`) and the newest trust document lists that key for the name.
+    fn check_online_signing(
+        &self,
+        trust: &crate::trust::TrustChain,
+        name: &str,
+        now: u64,
+    ) -> Result<(), ApiError> {
+        let Some(publisher) = &self.publisher else {
+            return Err(ApiError::Forbidden(format!(
+                "this manager has no publisher key, so it cannot sign {name:?}: sign it offline (`baton sign FILE --key publisher.key --name {name}`, then `baton push FILE --manifest FILE.manifest`), or start the manager with `--publisher-key FILE` for a key the trust document lists"
+            )));
+        };
+        trust.may_sign(&publisher.public(), name, now).map_err(|e| {
+            let why = match e {
+                ManifestError::NoTrust => "the manager holds no trust document (`baton trust push FILE`, or `baton serve --trust FILE`)".to_string(),
+                ManifestError::UntrustedSigner => format!(
+                    "the trust document does not list the manager's publisher key {}",
+                    crate::trust::key_hex(&publisher.public())
+                ),
+                ManifestError::NotListed => format!(
+                    "the trust document lists the manager's publisher key {} for other names",
+                    crate::trust::key_hex(&publisher.public())
+                ),
+                other => other.to_string(),
+            };
+            ApiError::Forbidden(format!(
+                "cannot sign {name:?} online: {why}; sign it offline (`baton sign`, then `baton push FILE --manifest FILE.manifest`) or list the key for it (`baton trust add-publisher`)"
+            ))
+        })
     }
 
     /// Checks a job request: resolves a content group to its enrolled members (a snapshot:

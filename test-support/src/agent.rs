@@ -31,7 +31,8 @@ impl AgentProc {
         agents
     }
 
-    /// Starts agent `name` under `root/name`, enrolling with a fresh one-time token.
+    /// Starts agent `name` under `root/name`, enrolling with a fresh one-time token. Agents
+    /// pin the root of the manager's [`crate::TrustKit`] (`--root-key`) unless `extra` gives one.
     pub fn spawn(m: &Manager, root: &Path, name: &str, extra: &[&str]) -> Self {
         Self::spawn_custom(m, root, name, &m.agent_addr().to_string(), true, extra)
     }
@@ -84,6 +85,12 @@ impl AgentProc {
             .arg(dir.join("out"));
         if enrol {
             cmd.args(["--token", &m.enrolment_token()]);
+        }
+        // Agents pin the fleet's root key, unless the test gives its own.
+        if let Some(kit) = &m.kit
+            && !extra.contains(&"--root-key")
+        {
+            cmd.args(["--root-key", &kit.root_hex()]);
         }
         cmd.args(extra)
             .envs(env.iter().copied())

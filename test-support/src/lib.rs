@@ -14,6 +14,8 @@
 //! - [`manager`] and [`agent`]: `baton serve` and `baton agent` as processes, with the
 //!   HTTP API calls the tests make. The executable is a parameter: only the `baton`
 //!   package's own tests and benches know it (`env!("CARGO_BIN_EXE_baton")`).
+//! - [`trust`]: a test fleet's root and publisher keys and its signed trust document
+//!   ([`TrustKit`]), which managers and agents started here are given.
 //! - [`webdriver`]: a small W3C WebDriver client for the browser tests.
 //! - [`fake`]: agent ids and the plain report of tests that speak the agent protocol
 //!   themselves.
@@ -28,6 +30,7 @@ pub mod manager;
 pub mod net;
 pub mod netns;
 pub mod process;
+pub mod trust;
 pub mod wait;
 pub mod webdriver;
 
@@ -35,6 +38,7 @@ pub use agent::AgentProc;
 pub use manager::Manager;
 pub use net::{free_loopback_addr, free_tcp_port, free_udp_port};
 pub use process::{Output, Proc, run};
+pub use trust::TrustKit;
 pub use wait::{read_text, tail, wait_for};
 
 /// Deterministic pseudo-random content of `len` bytes (xorshift from `seed`).

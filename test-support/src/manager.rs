@@ -10,6 +10,7 @@ use baton_protocol::types::PublicKey;
 use serde_json::{Value, json};
 
 use crate::process::Proc;
+use crate::trust::TrustKit;
 use crate::wait::{read_text, wait_for};
 
 /// How long any single wait on a manager or its agents may take.
@@ -24,6 +25,9 @@ pub struct Manager {
     pub dir: PathBuf,
     /// What it wrote to its ready file.
     pub info: ReadyInfo,
+    /// The fleet's keys and trust document (in `dir/trust`), unless the test gave its own
+    /// `--trust`: the manager was started with them, agents pin its root.
+    pub kit: Option<TrustKit>,
     proc: Proc,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -63,7 +67,9 @@ impl Manager {
 
     /// Starts a manager in `dir` whose agent port is `listen`, with these extra `serve` flags.
     /// Unless `extra` gives a `--content-dir`, the system's temporary directory is one (the
-    /// tests' files are there; the data directory inside stays refused).
+    /// tests' files are there; the data directory inside stays refused). Unless `extra`
+    /// gives `--trust`, the fleet's [`TrustKit`] in `dir/trust` (made on first use) is given
+    /// as `--trust` and `--publisher-key`.
     pub fn start_args_in(exe: impl AsRef<Path>, dir: &Path, listen: &str, extra: &[&str]) -> Self {
         let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
@@ -86,6 +92,13 @@ impl Manager {
         if !extra.contains(&"--content-dir") {
             cmd.arg("--content-dir").arg(std::env::temp_dir());
         }
+        let kit = (!extra.contains(&"--trust")).then(|| TrustKit::in_dir(&dir.join("trust")));
+        if let Some(kit) = &kit {
+            cmd.arg("--trust").arg(kit.trust_file());
+            if !extra.contains(&"--publisher-key") {
+                cmd.arg("--publisher-key").arg(kit.publisher_key_file());
+            }
+        }
         let mut proc = Proc::spawn_with("baton serve", cmd, Some(&log));
         let info = wait_for(
             "manager ready file",
@@ -101,6 +114,7 @@ impl Manager {
             exe: exe.to_path_buf(),
             dir: dir.to_path_buf(),
             info,
+            kit,
             proc,
             _tmp: None,
         }

@@ -11,10 +11,12 @@ pub mod admin;
 pub mod audit;
 pub mod definitions;
 pub mod enroll;
+pub mod keys;
 pub mod push;
 pub mod segments;
 pub mod serve;
 pub mod show;
+pub mod trust;
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};

@@ -35,10 +35,17 @@ pub struct PushArgs {
     /// Distribute under this named policy (`baton policies`; default: the planner's defaults).
     #[arg(long)]
     pub policy: Option<String>,
-    /// Content name (default: the file name).
+    /// The manifest `baton sign` wrote for FILE: the manager publishes FILE with it once the
+    /// file matches it and the trust document lists its signer for its name. Without it the
+    /// manager signs online, which it does only with a `--publisher-key` the trust document
+    /// lists for the name.
+    #[arg(long, value_name = "FILE.manifest", conflicts_with_all = ["name", "version", "chunk_size"])]
+    pub manifest: Option<PathBuf>,
+    /// Content name (default: the file name; with --manifest: the manifest's).
     #[arg(long)]
     pub name: Option<String>,
-    /// Version (default: the latest of this name plus one; unchanged content keeps its version).
+    /// Version when the manager signs online (default: the latest of this name plus one;
+    /// unchanged content keeps its version; never below a version published already).
     #[arg(long)]
     pub version: Option<u64>,
     /// Chunk size, e.g. `32KiB` (256 B ..= 32 KiB; default 32 KiB).
@@ -201,6 +208,13 @@ pub fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(c) = args.chunk_size {
         body["chunk_size"] = json!(c);
+    }
+    if let Some(m) = &args.manifest {
+        let manifest = baton_manager::trust::read_manifest_file(m)
+            .with_context(|| format!("cannot read the manifest {}", m.display()))?;
+        body["manifest"] = json!(hex::encode(baton_manager::trust::encode_manifest(
+            &manifest
+        )));
     }
     let created: Value = client.post("/api/v1/jobs", &body)?;
     let id = created["id"]

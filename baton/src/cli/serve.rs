@@ -29,7 +29,7 @@ pub struct ServeArgs {
     /// Give up on a participant that makes no progress and is not connected for this many seconds.
     #[arg(long, default_value_t = 60)]
     pub give_up: u64,
-    /// Write `{agent_addr, http_addr, manager_key, publisher_key, admin_token, epoch}` as JSON
+    /// Write `{agent_addr, http_addr, manager_key, publisher_key?, admin_token, epoch}` as JSON
     /// here (atomically) once listening.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
@@ -81,6 +81,17 @@ pub struct ServeArgs {
     /// Default: none (uploads only).
     #[arg(long = "content-dir", value_name = "DIR")]
     pub content_dirs: Vec<PathBuf>,
+    /// A publisher key file (`baton keys new`) to sign content online with (`baton push
+    /// FILE` without `--manifest`), only for the names the newest trust document lists it
+    /// for. Default: none — the manager publishes offline-signed manifests only (`baton
+    /// sign`), and holds no key that can make content acceptable.
+    #[arg(long, value_name = "FILE")]
+    pub publisher_key: Option<PathBuf>,
+    /// A signed trust document (`baton trust init|sign`) to take at start, as `baton trust
+    /// push` would: stored if it chains from the newest held (or is the first), ignored
+    /// if older.
+    #[arg(long, value_name = "FILE")]
+    pub trust: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -109,6 +120,8 @@ impl ServeArgs {
             },
             max_election_score: self.max_election_score,
             content_dirs: self.content_dirs.clone(),
+            publisher_key: self.publisher_key.clone(),
+            trust: self.trust.clone(),
         }
     }
 }

@@ -107,22 +107,38 @@ fn note_of(job: &Value, agent: &str) -> String {
 // ---------------------------------------------------------------------------------------
 // (a) A peer that serves corrupted chunks.
 
-/// What the malicious peer saw and did, shared with the test.
+/// How the malicious peer falsifies the chunks it serves.
 #[derive(Default)]
-struct Mallory {
-    /// Genuine chunks fetched from the manager, with their proofs.
-    chunks: Mutex<HashMap<u32, (Vec<u8>, Proof)>>,
-    /// Agents that asked it for a chunk.
-    askers: Mutex<HashSet<String>>,
-    /// Chunks it served with a flipped byte: (agent, index).
-    corrupted: Mutex<Vec<(String, u32)>>,
-    /// It fetched everything and confirmed with `Have`.
-    confirmed: AtomicBool,
-    /// Errors of its tasks, for the test's messages.
-    errors: Mutex<Vec<String>>,
+pub(crate) enum Tamper {
+    /// The genuine chunk and proof with one byte flipped.
+    #[default]
+    FlipByte,
+    /// The chunk of the same index of other content (by index: its bytes and its genuine
+    /// proof in that content's tree): a mix-and-match of two manifests.
+    OtherContent(HashMap<u32, (Vec<u8>, Proof)>),
+    /// The genuine chunk and proof followed by this many more bytes (endless data).
+    Longer(usize),
 }
 
-const MALLORY: &str = "mallory";
+/// What the malicious peer saw and did, shared with the test.
+#[derive(Default)]
+pub(crate) struct Mallory {
+    /// How it falsifies what it serves.
+    pub(crate) tamper: Tamper,
+    /// Genuine chunks fetched from the manager, with their proofs.
+    pub(crate) chunks: Mutex<HashMap<u32, (Vec<u8>, Proof)>>,
+    /// Agents that asked it for a chunk.
+    pub(crate) askers: Mutex<HashSet<String>>,
+    /// Chunks it served falsified: (agent, index).
+    pub(crate) corrupted: Mutex<Vec<(String, u32)>>,
+    /// It fetched everything and confirmed with `Have`.
+    pub(crate) confirmed: AtomicBool,
+    /// Errors of its tasks, for the test's messages.
+    pub(crate) errors: Mutex<Vec<String>>,
+}
+
+/// The malicious peer's agent id.
+pub(crate) const MALLORY: &str = "mallory";
 
 /// What the malicious peer reports: the fastest agent there is, so the planner makes it a source.
 fn mallory_report(listen: SocketAddr) -> Report {
@@ -283,10 +299,23 @@ async fn mallory_serve_peer(
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 };
+                let held = held.map(|(mut data, mut proof)| {
+                    match &state.tamper {
+                        Tamper::FlipByte => {
+                            let mid = data.len() / 2;
+                            data[mid] ^= 0x01;
+                        }
+                        Tamper::OtherContent(other) => {
+                            if let Some((d, p)) = other.get(&index) {
+                                (data, proof) = (d.clone(), p.clone());
+                            }
+                        }
+                        Tamper::Longer(extra) => data.resize(data.len() + extra, 0x5a),
+                    }
+                    (data, proof)
+                });
                 match held {
-                    Some((mut data, proof)) => {
-                        let mid = data.len() / 2;
-                        data[mid] ^= 0x01;
+                    Some((data, proof)) => {
                         state.corrupted.lock().unwrap().push((peer.clone(), index));
                         Message::Chunk {
                             root,
@@ -313,15 +342,15 @@ async fn mallory_serve_peer(
     }
 }
 
-#[test]
-fn a_peer_serving_corrupted_chunks_is_reported_and_routed_around() {
-    let t = Deadline::start(LIMIT);
-    let m = Manager::start_args(BATON, &["--give-up", "10"]);
-    let root = m.dir.clone();
-    let rt = runtime();
-    let state = Arc::new(Mallory::default());
-
-    // Mallory: enrolled like any agent, reporting a huge upload so that it is made a source.
+/// Starts the malicious peer for `m` on `rt`: enrolled like any agent, reporting a huge
+/// upload so that it is made a source; it fetches the content honestly, confirms, then
+/// serves falsified chunks (`state.tamper`) to every peer, once `gate` peers asked.
+pub(crate) fn start_mallory(
+    m: &Manager,
+    rt: &tokio::runtime::Runtime,
+    state: &Arc<Mallory>,
+    gate: usize,
+) {
     let me = Identity::from_seed([66; 32]);
     m.enrol(MALLORY, &me.public());
     let (listener, listen) = rt.block_on(async {
@@ -349,7 +378,6 @@ fn a_peer_serving_corrupted_chunks_is_reported_and_routed_around() {
     cert.verify(&m.key())
         .expect("mallory's certificate is the manager's");
     assert_eq!(cert.id, id(MALLORY));
-    let honest = ["h1", "h2", "h3"];
     {
         let state = state.clone();
         rt.spawn(async move {
@@ -358,25 +386,33 @@ fn a_peer_serving_corrupted_chunks_is_reported_and_routed_around() {
             }
         });
     }
-    {
-        let state = state.clone();
-        let hello = Hello::new(Role::Agent, id(MALLORY), caps::ALL, Some(cert));
-        rt.spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let (me, hello, state) = (me.clone(), hello.clone(), state.clone());
-                tokio::spawn(async move {
-                    if let Err(e) =
-                        mallory_serve_peer(stream, me, hello, state.clone(), honest.len()).await
-                    {
-                        state.errors.lock().unwrap().push(e);
-                    }
-                });
-            }
-        });
-    }
+    let state = state.clone();
+    let hello = Hello::new(Role::Agent, id(MALLORY), caps::ALL, Some(cert));
+    rt.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (me, hello, state) = (me.clone(), hello.clone(), state.clone());
+            tokio::spawn(async move {
+                if let Err(e) = mallory_serve_peer(stream, me, hello, state.clone(), gate).await {
+                    state.errors.lock().unwrap().push(e);
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn a_peer_serving_corrupted_chunks_is_reported_and_routed_around() {
+    let t = Deadline::start(LIMIT);
+    let m = Manager::start_args(BATON, &["--give-up", "10"]);
+    let root = m.dir.clone();
+    let rt = runtime();
+    let state = Arc::new(Mallory::default());
+
+    let honest = ["h1", "h2", "h3"];
+    start_mallory(&m, &rt, &state, honest.len());
 
     let agents: Vec<AgentProc> = honest
         .iter()

@@ -77,7 +77,6 @@ fn a_second_manager_on_a_data_directory_in_use_exits_naming_it() {
     assert_eq!(mode(&data), 0o700);
     for file in [
         "manager.key",
-        "publisher.key",
         "admin.token",
         "baton.db",
         "baton.db-wal",
@@ -160,7 +159,7 @@ fn a_key_file_open_to_others_stops_start_up_with_the_fix() {
     let mut m = Manager::start_in(BATON, tmp.path());
     m.stop();
     let data = m.data_dir();
-    for file in ["manager.key", "publisher.key", "admin.token"] {
+    for file in ["manager.key", "admin.token"] {
         let path = data.join(file);
         chmod(&path, 0o644);
         let stderr = serve_refused(&data);

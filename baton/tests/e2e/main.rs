@@ -8,6 +8,7 @@
 
 mod common;
 
+mod attacks;
 mod audit;
 mod browser;
 mod fault_speed;

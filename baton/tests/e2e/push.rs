@@ -185,3 +185,95 @@ fn a_job_survives_a_manager_crash_and_resumes_under_a_new_epoch() {
         a.wait_export(&bytes);
     }
 }
+
+/// Runs `baton args… --data-dir <m's>`, which must fail; its stderr.
+fn push_error(m: &Manager, args: &[&str]) -> String {
+    let out = cli(m, args);
+    assert!(!out.success, "baton {args:?} succeeded:\n{}", out.stdout);
+    out.stderr
+}
+
+#[test]
+fn a_signed_push_names_what_is_wrong() {
+    let m = Manager::start(BATON);
+    let root = m.dir.clone();
+    let publisher = m.kit.as_ref().unwrap().publisher_key_file();
+    let file = root.join("fw.bin");
+    std::fs::write(&file, pseudo_random(20_000, 2)).unwrap();
+    let other = root.join("other.bin");
+    std::fs::write(&other, pseudo_random(20_000, 3)).unwrap();
+    let manifest = root.join("fw.bin.manifest");
+    let out = baton(
+        &[
+            "sign",
+            file.to_str().unwrap(),
+            "--key",
+            publisher.to_str().unwrap(),
+            "--name",
+            "fw",
+            "--version",
+            "7",
+            "--out",
+            manifest.to_str().unwrap(),
+        ],
+        BOUND,
+    );
+    assert!(out.success, "{}", out.stderr);
+    let push = |f: &std::path::Path| {
+        vec![
+            "push".to_string(),
+            f.to_str().unwrap().to_string(),
+            "--manifest".into(),
+            manifest.to_str().unwrap().to_string(),
+            "--agents".into(),
+            "nobody".into(),
+        ]
+    };
+    // Another file than the one signed: the roots differ.
+    let args = push(&other);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let why = push_error(&m, &args);
+    assert!(
+        why.contains("Merkle root") && why.contains("is not the manifest's"),
+        "{why}"
+    );
+    // Not a manifest at all.
+    let why = push_error(
+        &m,
+        &[
+            "push",
+            file.to_str().unwrap(),
+            "--manifest",
+            other.to_str().unwrap(),
+            "--agents",
+            "x",
+        ],
+    );
+    assert!(why.contains("not a manifest"), "{why}");
+    // Not a trust document.
+    let why = push_error(&m, &["trust", "push", other.to_str().unwrap()]);
+    assert!(why.contains("not a trust document"), "{why}");
+    // The right file is published (the job then needs an enrolled agent).
+    let args = push(&file);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let why = push_error(&m, &args);
+    assert!(why.contains("not enrolled: nobody"), "{why}");
+    // Signed online, a version below the one published is refused.
+    let why = push_error(
+        &m,
+        &[
+            "push",
+            other.to_str().unwrap(),
+            "--name",
+            "fw",
+            "--version",
+            "6",
+            "--agents",
+            "x",
+        ],
+    );
+    assert!(
+        why.contains("\"fw\" version 7 is published already"),
+        "{why}"
+    );
+}

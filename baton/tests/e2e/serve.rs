@@ -12,7 +12,6 @@ use baton_protocol::identity::Identity;
 use baton_protocol::merkle;
 use baton_protocol::message::{Message, Refusal};
 use baton_protocol::session::{Hello, Role};
-use baton_protocol::types::PublicKey;
 use baton_test_support::{Manager, manager::log_of};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
@@ -120,16 +119,20 @@ async fn agents_are_authenticated_against_their_enrolled_keys() {
             .is_err()
     );
 
-    // The enrolled key: welcome, with the publisher key.
+    // The enrolled key: welcome, naming no publisher (agents trust publishers through the
+    // root-signed trust document only), then that document.
     let (mut r, mut w, welcomed) = join(&m, &good, "edge-1", None).await.unwrap();
+    assert!(welcomed.publishers.is_empty(), "{:?}", welcomed.publishers);
+    let trusted = recv_until(&mut r, |msg| match msg {
+        Message::Trust { document } => {
+            Some(baton_protocol::trust::SignedTrust::decode(document).unwrap())
+        }
+        _ => None,
+    })
+    .await;
     assert_eq!(
-        welcomed.publishers,
-        vec![PublicKey(
-            hex::decode(&m.info.publisher_key)
-                .unwrap()
-                .try_into()
-                .unwrap()
-        )]
+        trusted.document.publishers[0].key.0.to_vec(),
+        hex::decode(m.info.publisher_key.as_deref().unwrap()).unwrap()
     );
     ping(&mut r, &mut w, 7).await;
     let (_, status) = m.api("GET", "/api/v1/status", None);

@@ -18,6 +18,8 @@
 //! | `POST /api/v1/jobs/{id}/cancel` | cancel a job |
 //! | `GET /api/v1/jobs/{id}/events` | server-sent events: a `snapshot` (the job as above), then `event`s ([`JobEvent`]) until the job ends |
 //! | `POST /api/v1/uploads?name=N` | stores the request body as a file the manager holds; answers its `path` for `POST /api/v1/jobs` |
+//! | `GET /api/v1/trust` | the signed trust documents held, oldest first |
+//! | `PUT /api/v1/trust` | a new signed trust document `{document: hex}`: stored if it chains from the newest held, sent to every agent |
 //! | `GET /api/v1/audit?limit=N&before=ID` | the audit log, newest first ([`crate::http::audit`]) |
 
 use std::convert::Infallible;
@@ -97,6 +99,124 @@ pub fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(cancel_job))
         .routes(routes!(job_events))
         .routes(routes!(upload))
+        .routes(routes!(trust_documents, push_trust))
+}
+
+/// `PUT /api/v1/trust` body: a signed trust document (`baton trust push`).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct TrustUpload {
+    /// The document file's bytes (postcard `SignedTrust`), as hex.
+    pub document: String,
+}
+
+/// One stored trust document, as `GET /api/v1/trust` and `PUT /api/v1/trust` show it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TrustView {
+    /// Its version.
+    pub version: u64,
+    /// When it expires (Unix seconds; 0: never).
+    pub expires: u64,
+    /// How many roots must sign the next one.
+    pub threshold: u8,
+    /// Root keys (hex).
+    pub roots: Vec<String>,
+    /// Publisher keys (hex) and the name patterns each may sign.
+    pub publishers: Vec<PublisherView>,
+    /// Key ids (hex) of the roots that signed it.
+    pub signed_by: Vec<String>,
+    /// On `PUT`: whether it was new (`false`: the manager held it already).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored: Option<bool>,
+}
+
+/// A publisher key and its names in a [`TrustView`].
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PublisherView {
+    /// The key (hex).
+    pub key: String,
+    /// Name patterns: exact names, `prefix*`, or `*`.
+    pub names: Vec<String>,
+}
+
+/// What people read of a signed trust document.
+pub fn trust_view(signed: &baton_protocol::trust::SignedTrust) -> TrustView {
+    let doc = &signed.document;
+    TrustView {
+        version: doc.version,
+        expires: doc.expires,
+        threshold: doc.threshold,
+        roots: doc.roots.iter().map(crate::trust::key_hex).collect(),
+        publishers: doc
+            .publishers
+            .iter()
+            .map(|p| PublisherView {
+                key: crate::trust::key_hex(&p.key),
+                names: p.names.iter().map(|n| n.to_string()).collect(),
+            })
+            .collect(),
+        signed_by: signed
+            .signatures
+            .iter()
+            .map(|s| crate::trust::key_id_hex(&s.signer))
+            .collect(),
+        stored: None,
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/trust", tag = "manager",
+    responses((status = 200, description = "The signed trust documents the manager holds and sends to agents, oldest first", body = [TrustView])))]
+async fn trust_documents(State(m): State<Arc<Manager>>) -> Json<Vec<TrustView>> {
+    let chain = m.registry.trust();
+    Json(
+        chain
+            .encoded()
+            .filter_map(|b| baton_protocol::trust::SignedTrust::decode(b).ok())
+            .map(|s| trust_view(&s))
+            .collect(),
+    )
+}
+
+#[utoipa::path(put, path = "/api/v1/trust", tag = "manager", request_body = TrustUpload,
+    responses((status = 200, description = "Stored and sent to every connected agent (or held already)", body = TrustView),
+        (status = 400, description = "Not a trust document", body = ErrorBody),
+        (status = 409, description = "It does not chain from the newest one held (signatures, version, expiry)", body = ErrorBody)))]
+async fn push_trust(
+    State(m): State<Arc<Manager>>,
+    body: Result<Json<TrustUpload>, JsonRejection>,
+) -> Response {
+    let result = async {
+        let Json(req) = body.map_err(bad_json)?;
+        let bytes = hex::decode(req.document.trim())
+            .map_err(|_| ApiError::invalid("document", "not hex"))?;
+        let signed = baton_protocol::trust::SignedTrust::decode(&bytes).map_err(|_| {
+            ApiError::invalid(
+                "document",
+                "not a trust document (make one with `baton trust init`)",
+            )
+        })?;
+        let version = signed.document.version;
+        let registry = m.registry.clone();
+        let check = {
+            let signed = signed.clone();
+            tokio::task::spawn_blocking(move || {
+                registry.add_trust(signed, crate::registry::unix_now())
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("trust task failed: {e}")))?
+        };
+        let check = check.map_err(|e| match e {
+            crate::trust::TrustRefused::Store(s) => ApiError::from(s),
+            other => ApiError::Conflict(other.to_string()),
+        })?;
+        let mut view = trust_view(&signed);
+        view.stored = Some(matches!(check, crate::trust::TrustCheck::Newer(_)));
+        Ok::<_, ApiError>((version, view))
+    }
+    .await;
+    match result {
+        Ok((version, view)) => AuditTarget(format!("trust document v{version}")).on(Json(view)),
+        Err(e) => e.into_response(),
+    }
 }
 
 /// `GET /api/v1/me`: who the request's credential is and its role.
@@ -133,8 +253,10 @@ pub struct StatusView {
     pub http_addr: String,
     /// Manager public key (hex).
     pub manager_key: String,
-    /// Publisher public key (hex).
-    pub publisher_key: String,
+    /// The publisher key this manager signs online with (hex; `--publisher-key`), if any.
+    pub publisher_key: Option<String>,
+    /// Version of the newest trust document the manager holds, if any.
+    pub trust_version: Option<u64>,
     /// This run's epoch.
     pub epoch: u32,
     /// How many agents are connected.
@@ -162,7 +284,8 @@ async fn status(State(m): State<Arc<Manager>>) -> Json<StatusView> {
         agent_addr: m.agent_addr.to_string(),
         http_addr: m.http_addr.to_string(),
         manager_key: hex::encode(m.keys.manager.public().0),
-        publisher_key: hex::encode(m.keys.publisher.public().0),
+        publisher_key: m.publisher.as_ref().map(|p| hex::encode(p.public().0)),
+        trust_version: m.registry.trust().latest().map(|s| s.document.version),
         epoch: m.epoch,
         connected_agents: connected.len(),
         connected,
@@ -673,6 +796,11 @@ pub struct CreateJobRequest {
     pub version: Option<u64>,
     /// Chunk size in bytes (default 32 KiB).
     pub chunk_size: Option<u64>,
+    /// The manifest `baton sign` wrote for the file (hex of its bytes): published as it is
+    /// once the file matches it and the newest trust document lists its signer for its
+    /// name. Without it the manager signs with its `--publisher-key`, if it has one the
+    /// trust document lists for the name.
+    pub manifest: Option<String>,
     /// Which agents (or give `group`).
     pub targets: Option<TargetsRequest>,
     /// A content group: the job goes to its members at creation.
@@ -745,7 +873,7 @@ async fn create_job(
     .unwrap_or_else(|e| Err(ApiError::Internal(format!("path check failed: {e}"))));
     match resolved {
         Ok(path) => {
-            if req.name.is_none() {
+            if req.name.is_none() && req.manifest.is_none() {
                 req.name = req
                     .path
                     .file_name()
@@ -773,12 +901,25 @@ async fn start_job(m: &Manager, req: CreateJobRequest) -> Result<JobCreated, Api
         group: req.group,
         policy: req.policy,
     })?;
+    let manifest = req
+        .manifest
+        .as_deref()
+        .map(|h| {
+            hex::decode(h.trim()).map_err(|_| {
+                ApiError::invalid(
+                    "manifest",
+                    "not hex (give the manifest file's bytes as hex)",
+                )
+            })
+        })
+        .transpose()?;
     let content = m
         .publish(PublishRequest {
             path: req.path,
             name: req.name,
             version: req.version,
             chunk_size: req.chunk_size,
+            manifest,
         })
         .await?;
     let id = m.start_job(content.root, job).await?;

@@ -54,6 +54,7 @@ fn action_name(method: &str, pattern: &str) -> String {
         ("POST", "/api/v1/jobs") => "job.start",
         ("POST", "/api/v1/jobs/{id}/cancel") => "job.cancel",
         ("POST", "/api/v1/uploads") => "content.upload",
+        ("PUT", "/api/v1/trust") => "trust.push",
         ("POST", "/api/v1/groups") => "group.create",
         ("PUT", "/api/v1/groups/{name}") => "group.edit",
         ("DELETE", "/api/v1/groups/{name}") => "group.delete",

@@ -196,6 +196,13 @@ pub trait Store: Send + std::fmt::Debug {
     /// The highest version published under `name`.
     fn latest_version(&self, name: &str) -> Result<Option<u64>>;
 
+    /// Appends a signed trust document (encoded `SignedTrust`) of `version`, which must be
+    /// above every stored one ([`StoreError::Duplicate`] otherwise), and drops the oldest
+    /// beyond the newest `keep`.
+    fn add_trust(&mut self, version: u64, document: &[u8], now: u64, keep: usize) -> Result<()>;
+    /// The stored trust documents (encoded), oldest first.
+    fn trust_chain(&self) -> Result<Vec<Vec<u8>>>;
+
     /// Creates a job in state [`JobState::Pending`] and returns its id.
     fn create_job(&mut self, root: &Digest, targets: &TargetSpec, now: u64) -> Result<u64> {
         self.create_job_from(root, targets, &JobOrigin::default(), now)

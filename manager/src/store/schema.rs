@@ -215,6 +215,15 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE admin_users ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
     ALTER TABLE api_tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
     ",
+    // 9: the chain of root-signed trust documents the manager was given (encoded
+    // `SignedTrust`, by version), which it relays to agents; only the newest few are kept.
+    "
+    CREATE TABLE trust_documents (
+        version  INTEGER PRIMARY KEY,
+        document BLOB NOT NULL,
+        added_at INTEGER NOT NULL
+    );
+    ",
 ];
 
 /// Newest schema version this build knows.

@@ -964,6 +964,36 @@ impl Store for SqliteStore {
         )?)
     }
 
+    fn add_trust(&mut self, version: u64, document: &[u8], now: u64, keep: usize) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let newest: Option<i64> =
+            tx.query_row("SELECT max(version) FROM trust_documents", [], |r| r.get(0))?;
+        if newest.is_some_and(|v| v >= saturate(version)) {
+            return Err(StoreError::Duplicate(format!(
+                "trust document version {version} or a newer one"
+            )));
+        }
+        tx.execute(
+            "INSERT INTO trust_documents (version, document, added_at) VALUES (?1, ?2, ?3)",
+            params![saturate(version), document, saturate(now)],
+        )?;
+        tx.execute(
+            "DELETE FROM trust_documents WHERE version NOT IN
+             (SELECT version FROM trust_documents ORDER BY version DESC LIMIT ?1)",
+            [keep as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn trust_chain(&self) -> Result<Vec<Vec<u8>>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT document FROM trust_documents ORDER BY version")?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn create_job_from(
         &mut self,
         root: &Digest,

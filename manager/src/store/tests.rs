@@ -976,3 +976,26 @@ fn the_audit_log_keeps_only_the_newest_entries_and_cuts_long_texts() {
     let error = got.error.as_deref().unwrap();
     assert!(error.len() <= AUDIT_MAX_TEXT && error.ends_with('…'));
 }
+
+#[test]
+fn the_trust_chain_only_grows_and_keeps_the_newest() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    assert!(s.trust_chain().unwrap().is_empty());
+    for v in 1..=5u64 {
+        s.add_trust(v, &[v as u8; 3], 100, 3).unwrap();
+    }
+    assert_eq!(
+        s.trust_chain().unwrap(),
+        vec![vec![3u8; 3], vec![4u8; 3], vec![5u8; 3]],
+        "the newest 3, oldest first"
+    );
+    assert!(matches!(
+        s.add_trust(5, &[9], 100, 3),
+        Err(StoreError::Duplicate(_))
+    ));
+    assert!(matches!(
+        s.add_trust(2, &[9], 100, 3),
+        Err(StoreError::Duplicate(_))
+    ));
+    assert_eq!(s.trust_chain().unwrap().len(), 3);
+}
