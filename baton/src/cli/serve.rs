@@ -11,6 +11,11 @@ use clap::Args;
 /// Flags of `baton serve`.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
+    /// Read settings from this TOML file: each key is a flag's long name (`listen =
+    /// "0.0.0.0:7700"`, `serial = ["/dev/ttyUSB0"]`); flags and the environment win, unknown
+    /// keys are refused.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Directory for keys, the admin token, the database and `serve.json`.
     #[arg(long, env = "BATON_DATA_DIR", default_value = "baton-data")]
     pub data_dir: PathBuf,
