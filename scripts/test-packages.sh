@@ -179,6 +179,21 @@ cmp "$root/srv/baton-test/firmware.bin" "$root/var/lib/baton-agent/firmware.bin"
     fail "the agent's copy differs"
 expect_stat /var/lib/baton-agent/identity.key "baton-agent:baton-agent 600"
 echo "  the agent's copy matches (3000000 bytes)"
+
+echo "== systemctl reload, as the unit does it: ExecReload= as User="
+reload=$(unit_value baton.service ExecReload | sed "s/\$MAINPID/$manager/")
+echo "  baton.service: as baton: $reload"
+sed -i 's|^http = .*|http = "127.0.0.1:7781"|' "$root/etc/baton/manager.toml"
+# shellcheck disable=SC2086 # ExecReload= is split on spaces, as systemd does here.
+as_user baton $reload
+reloaded() { grep -q "SIGHUP: configuration reloaded" "$root/tmp/baton.service.log"; }
+wait_for 10 "the manager did not reload its configuration" reloaded
+grep -q "take effect at the next restart: http" "$root/tmp/baton.service.log" ||
+    fail "the reload did not name the setting that waits for a restart"
+kill -0 "$manager" || fail "the manager ended on SIGHUP"
+connected || fail "the agent's session ended on the reload"
+sed -i 's|^http = .*|http = "127.0.0.1:7780"|' "$root/etc/baton/manager.toml"
+echo "  reloaded; the change of http waits for a restart; the agent stays connected"
 stop "$agent" baton-agent
 stop "$manager" "baton serve"
 

@@ -84,14 +84,14 @@ fn init_logging(default: &str) {
         .init();
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+/// Runs the command; `argv` and `from_file` are what `baton serve` reads again on SIGHUP.
+fn run(cli: Cli, argv: Vec<OsString>, from_file: Vec<OsString>) -> anyhow::Result<ExitCode> {
     if cli.die_with_parent {
         die_with_parent();
     }
     match cli.command {
         Command::Serve(args) => {
-            init_logging("info");
-            cli::serve::run(args)?;
+            cli::serve::run(args, from_file, reread_serve(argv))?;
         }
         Command::Enroll(args) => {
             init_logging("warn");
@@ -166,23 +166,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Parses the command line; for `baton serve --config FILE`, with the file's settings the
 /// command line does not give added to it.
-fn parse_command_line(argv: &[OsString]) -> Result<Cli, clap::Error> {
+/// Also returns the file's settings as `--KEY=VALUE` arguments (none without `--config`).
+fn parse_command_line(argv: &[OsString]) -> Result<(Cli, Vec<OsString>), clap::Error> {
     let mut matches = Cli::command().try_get_matches_from(argv)?;
+    let mut from_file = Vec::new();
     if let Some(("serve", serve)) = matches.subcommand() {
-        let from_file = cli::config_file::serve_arguments(serve).map_err(|e| {
+        from_file = cli::config_file::serve_arguments(serve).map_err(|e| {
             Cli::command().error(clap::error::ErrorKind::InvalidValue, format!("{e:#}"))
         })?;
         if !from_file.is_empty() {
             matches = Cli::command().try_get_matches_from(argv.iter().chain(&from_file))?;
         }
     }
-    Cli::from_arg_matches(&matches)
+    Ok((Cli::from_arg_matches(&matches)?, from_file))
+}
+
+/// Reads `baton serve`'s settings again from the same command line (for SIGHUP).
+fn reread_serve(argv: Vec<OsString>) -> cli::serve::Reread {
+    Box::new(move || match parse_command_line(&argv) {
+        Ok((
+            Cli {
+                command: Command::Serve(args),
+                ..
+            },
+            from_file,
+        )) => Ok((args, from_file)),
+        Ok(_) => anyhow::bail!("the command line is no longer `baton serve`"),
+        Err(e) => Err(anyhow::anyhow!("{}", e.render().to_string().trim_end())),
+    })
 }
 
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
-    let cli = parse_command_line(&argv).unwrap_or_else(|e| e.exit());
-    match run(cli) {
+    let (cli, from_file) = parse_command_line(&argv).unwrap_or_else(|e| e.exit());
+    match run(cli, argv, from_file) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -197,7 +214,7 @@ mod test {
 
     use clap::CommandFactory;
 
-    use super::{Cli, Command, cli, parse_command_line};
+    use super::{Command, cli, parse_command_line};
 
     #[test]
     fn command_line_is_consistent() {
@@ -226,6 +243,7 @@ max-http-connections = 300
 max-http-connections-per-address = 12
 max-election-score = 40
 content-dir = ["/srv/firmware", "/srv/bundles"]
+log = "warn,baton_manager=debug"
 "#;
 
     fn serve(args: &[&str]) -> Result<cli::serve::ServeArgs, clap::Error> {
@@ -234,7 +252,7 @@ content-dir = ["/srv/firmware", "/srv/bundles"]
             .chain(args)
             .map(OsString::from)
             .collect();
-        match parse_command_line(&argv)?.command {
+        match parse_command_line(&argv)?.0.command {
             Command::Serve(args) => Ok(args),
             other => panic!("parsed as {other:?}"),
         }
@@ -280,8 +298,10 @@ content-dir = ["/srv/firmware", "/srv/bundles"]
         assert_eq!(opts.http_limits.max_connections_per_address, 12);
         assert_eq!(opts.max_election_score, 40);
         assert_eq!(opts.content_dirs.len(), 2);
+        assert_eq!(from_file.log_filter(), "warn,baton_manager=debug");
         // Every setting differs from the default, so none of the above passed by accident.
         assert_ne!(format!("{:?}", defaults.options()), format!("{opts:?}"));
+        assert_eq!(defaults.log, None);
 
         // Flags win over the file, lists included; the rest still comes from the file.
         let mixed = serve(&[

@@ -8,6 +8,7 @@
 //! environment, e.g. `BATON_DATA_DIR`) gives is left out, so flags win, and a
 //! key that names no flag is refused with its name.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
@@ -120,4 +121,27 @@ pub fn serve_arguments(given: &ArgMatches) -> anyhow::Result<Vec<OsString>> {
     };
     let flags = <super::serve::ServeArgs as clap::Args>::augment_args(Command::new("serve"));
     arguments_from_file(&flags, given, path)
+}
+
+/// The keys whose settings differ between two results of [`arguments_from_file`] (a
+/// reload compares the file's settings before and after).
+pub fn changed_keys(before: &[OsString], after: &[OsString]) -> Vec<String> {
+    fn settings(arguments: &[OsString]) -> BTreeMap<String, Vec<String>> {
+        let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for argument in arguments {
+            let text = argument.to_string_lossy();
+            let text = text.trim_start_matches("--");
+            let (key, value) = text.split_once('=').unwrap_or((text, ""));
+            map.entry(key.to_string())
+                .or_default()
+                .push(value.to_string());
+        }
+        map
+    }
+    let (before, after) = (settings(before), settings(after));
+    let keys: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    keys.into_iter()
+        .filter(|k| before.get(*k) != after.get(*k))
+        .cloned()
+        .collect()
 }

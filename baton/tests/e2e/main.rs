@@ -10,6 +10,7 @@ mod common;
 
 mod audit;
 mod browser;
+mod config;
 mod fault_speed;
 mod faults;
 mod files;
