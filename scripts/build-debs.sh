@@ -32,8 +32,11 @@ if [ -z "$version" ]; then
     version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml)
 fi
 if [ "$build" = 1 ]; then
-    cargo build --release -p baton --bin baton \
-        -p baton-agent-core --features baton-agent-core/std --bin baton-agent
+    # Two builds, each as it is done elsewhere (the firmware stage builds `baton` this
+    # way): built together, their dependencies' features would unify differently and
+    # rebuild the manager.
+    cargo build --release -p baton --bin baton
+    cargo build --release -p baton-agent-core --features std --bin baton-agent
 fi
 release="${CARGO_TARGET_DIR:-target}/release"
 arch=$(dpkg --print-architecture)
