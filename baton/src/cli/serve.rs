@@ -171,7 +171,9 @@ type LogFilter = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscribe
 
 /// Logs to stderr through `filter`; returns the handle that replaces the filter.
 fn init_logging(filter: &str) -> anyhow::Result<LogFilter> {
-    let filter = EnvFilter::try_new(filter).with_context(|| format!("--log {filter}"))?;
+    let filter = EnvFilter::try_new(filter).with_context(|| {
+        format!("log filter {filter:?} (from --log, `log` in --config, or RUST_LOG)")
+    })?;
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
