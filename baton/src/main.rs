@@ -171,9 +171,14 @@ fn parse_command_line(argv: &[OsString]) -> Result<(Cli, Vec<OsString>), clap::E
     let mut matches = Cli::command().try_get_matches_from(argv)?;
     let mut from_file = Vec::new();
     if let Some(("serve", serve)) = matches.subcommand() {
-        from_file = cli::config_file::serve_arguments(serve).map_err(|e| {
-            Cli::command().error(clap::error::ErrorKind::InvalidValue, format!("{e:#}"))
-        })?;
+        if let Some(path) = serve.get_one::<std::path::PathBuf>(cli::config_file::CONFIG_KEY) {
+            let flags =
+                <cli::serve::ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"));
+            from_file =
+                cli::config_file::arguments_from_file(&flags, serve, path).map_err(|e| {
+                    Cli::command().error(clap::error::ErrorKind::InvalidValue, format!("{e:#}"))
+                })?;
+        }
         if !from_file.is_empty() {
             matches = Cli::command().try_get_matches_from(argv.iter().chain(&from_file))?;
         }

@@ -10,15 +10,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, bail};
 use clap::builder::Resettable;
 use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, Command};
 
-/// The key that names the file itself; it is not a setting inside it.
-const CONFIG_KEY: &str = "config";
+/// The key that names the file itself (`--config`); it is not a setting inside it.
+pub const CONFIG_KEY: &str = "config";
 
 /// The `--KEY=VALUE` arguments for the settings in the TOML file at `path` that `given` (the
 /// command line parsed against `flags`) does not set itself or through the environment.
@@ -111,16 +111,6 @@ fn scalar(value: &toml::Value) -> anyhow::Result<String> {
             bail!("takes a string, a number or a boolean here")
         }
     })
-}
-
-/// [`arguments_from_file`] for `baton serve --config FILE`; `given` is the `serve` part of the
-/// command line (no arguments without `--config`).
-pub fn serve_arguments(given: &ArgMatches) -> anyhow::Result<Vec<OsString>> {
-    let Some(path) = given.get_one::<PathBuf>(CONFIG_KEY) else {
-        return Ok(Vec::new());
-    };
-    let flags = <super::serve::ServeArgs as clap::Args>::augment_args(Command::new("serve"));
-    arguments_from_file(&flags, given, path)
 }
 
 /// The keys whose settings differ between two results of [`arguments_from_file`] (a
