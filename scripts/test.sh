@@ -3,7 +3,8 @@
 # then checks formatting, lints, the manager's layering (scripts/check-layers.py) and
 # that its sans-IO core builds alone, the no_std build, all tests, the firmware (size,
 # stack, clippy), the QEMU hardware-in-the-loop tests (needs root), the simulator's
-# seed sweep, and a short fuzz run. Browser tests need chromium (installed here).
+# seed sweep, the Debian packages (built, installed into a throwaway root, run; needs root),
+# the Markdown links, and a short fuzz run. Browser tests need chromium (installed here).
 # Usage: scripts/test.sh            (FUZZ_SECONDS=N to change the fuzz time per target)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,13 +32,15 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
-stage "install system packages (chromium, iproute2, openssl, python3)"
+stage "install system packages (chromium, iproute2, openssl, python3, systemd, binutils)"
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 command -v tc >/dev/null 2>&1 || missing+=(iproute2)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v objcopy >/dev/null 2>&1 || missing+=(binutils)
 if [ "${#missing[@]}" -gt 0 ]; then
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
@@ -52,6 +55,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 stage "manager layering (import cycles, global state)"
 scripts/check-layers.py
+
+stage "documentation links (scripts/check-links.py)"
+scripts/check-links.py
 
 stage "manager core builds alone (no tokio, no database)"
 cargo build -p baton-manager-core
@@ -87,6 +93,10 @@ cargo test -p baton-hil-tests --release
 
 stage "simulator seed sweep (release)"
 scripts/sim-sweep.sh
+
+# After the firmware stage's release build of `baton`: the packages reuse those binaries.
+stage "Debian packages: build, install in a throwaway root, push (root)"
+scripts/test-packages.sh
 
 stage "fuzz (${FUZZ_SECONDS}s per target)"
 protocol/fuzz/run-all.sh "$FUZZ_SECONDS"

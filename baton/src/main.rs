@@ -13,10 +13,11 @@
 mod cli;
 mod demo;
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 /// Distributes content from a manager to a fleet of agents by relay.
@@ -92,14 +93,14 @@ fn init_logging(default: &str) {
         .init();
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+/// Runs the command; `argv` and `from_file` are what `baton serve` reads again on SIGHUP.
+fn run(cli: Cli, argv: Vec<OsString>, from_file: Vec<OsString>) -> anyhow::Result<ExitCode> {
     if cli.die_with_parent {
         die_with_parent();
     }
     match cli.command {
         Command::Serve(args) => {
-            init_logging("info");
-            cli::serve::run(args)?;
+            cli::serve::run(args, from_file, reread_serve(argv))?;
         }
         Command::Enroll(args) => {
             init_logging("warn");
@@ -184,8 +185,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Parses the command line; for `baton serve --config FILE`, with the file's settings the
+/// command line does not give added to it.
+/// Also returns the file's settings as `--KEY=VALUE` arguments (none without `--config`).
+fn parse_command_line(argv: &[OsString]) -> Result<(Cli, Vec<OsString>), clap::Error> {
+    let mut matches = Cli::command().try_get_matches_from(argv)?;
+    let mut from_file = Vec::new();
+    if let Some(("serve", serve)) = matches.subcommand() {
+        if let Some(path) = serve.get_one::<std::path::PathBuf>(cli::config_file::CONFIG_KEY) {
+            let flags =
+                <cli::serve::ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"));
+            from_file =
+                cli::config_file::arguments_from_file(&flags, serve, path).map_err(|e| {
+                    Cli::command().error(clap::error::ErrorKind::InvalidValue, format!("{e:#}"))
+                })?;
+        }
+        if !from_file.is_empty() {
+            matches = Cli::command().try_get_matches_from(argv.iter().chain(&from_file))?;
+        }
+    }
+    Ok((Cli::from_arg_matches(&matches)?, from_file))
+}
+
+/// Reads `baton serve`'s settings again from the same command line (for SIGHUP).
+fn reread_serve(argv: Vec<OsString>) -> cli::serve::Reread {
+    Box::new(move || match parse_command_line(&argv) {
+        Ok((
+            Cli {
+                command: Command::Serve(args),
+                ..
+            },
+            from_file,
+        )) => Ok((args, from_file)),
+        Ok(_) => anyhow::bail!("the command line is no longer `baton serve`"),
+        Err(e) => Err(anyhow::anyhow!("{}", e.render().to_string().trim_end())),
+    })
+}
+
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let (cli, from_file) = parse_command_line(&argv).unwrap_or_else(|e| e.exit());
+    match run(cli, argv, from_file) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -196,10 +236,148 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod test {
+    use std::ffi::OsString;
+
     use clap::CommandFactory;
+
+    use super::{Command, cli, parse_command_line};
 
     #[test]
     fn command_line_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    /// A manager configuration file giving every flag of `baton serve` a value other than its default.
+    const EVERY_SETTING: &str = r#"
+data-dir = "/var/lib/baton-test"
+db = "/var/lib/baton-test/other.db"
+listen = "127.0.0.1:7000"
+http = "127.0.0.1:7001"
+up-bps = "10MiB"
+give-up = 90
+ready-file = "/run/baton/ready.json"
+max-connections = 5000
+max-handshakes = 99
+max-handshakes-per-address = 7
+handshake-timeout = 9
+serial = ["/dev/ttyUSB0", "/dev/ttyUSB1"]
+tls-cert = "/etc/baton/cert.pem"
+tls-key = "/etc/baton/key.pem"
+max-upload = "512MiB"
+http-header-timeout = 11
+max-http-connections = 300
+max-http-connections-per-address = 12
+max-election-score = 40
+content-dir = ["/srv/firmware", "/srv/bundles"]
+log = "warn,baton_manager=debug"
+publisher-key = "/etc/baton/publisher.key"
+trust = "/etc/baton/trust.bin"
+"#;
+
+    fn serve(args: &[&str]) -> Result<cli::serve::ServeArgs, clap::Error> {
+        let argv: Vec<OsString> = ["baton", "serve"]
+            .iter()
+            .chain(args)
+            .map(OsString::from)
+            .collect();
+        match parse_command_line(&argv)?.0.command {
+            Command::Serve(args) => Ok(args),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn serve_takes_every_flag_from_its_config_file_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manager.toml");
+        std::fs::write(&path, EVERY_SETTING).unwrap();
+        let table: toml::Table = toml::from_str(EVERY_SETTING).unwrap();
+        let flags =
+            <cli::serve::ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"));
+        for key in cli::config_file::keys(&flags) {
+            assert!(
+                table.contains_key(&key),
+                "EVERY_SETTING must set `{key}` (a flag of `baton serve`, so a key of its --config file)"
+            );
+        }
+
+        let from_file = serve(&["--config", path.to_str().unwrap()]).unwrap();
+        let defaults = serve(&[]).unwrap();
+        let opts = from_file.options();
+        assert_eq!(opts.data_dir, std::path::Path::new("/var/lib/baton-test"));
+        assert_eq!(
+            opts.db.as_deref(),
+            Some(std::path::Path::new("/var/lib/baton-test/other.db"))
+        );
+        assert_eq!(opts.listen.to_string(), "127.0.0.1:7000");
+        assert_eq!(opts.http.to_string(), "127.0.0.1:7001");
+        assert_eq!(opts.up_bps, 10 << 20);
+        assert_eq!(opts.give_up.as_secs(), 90);
+        assert!(opts.ready_file.is_some());
+        assert_eq!(opts.max_connections, 5000);
+        assert_eq!(opts.max_handshakes, 99);
+        assert_eq!(opts.max_handshakes_per_address, 7);
+        assert_eq!(opts.handshake_timeout.as_secs(), 9);
+        assert_eq!(opts.serial.len(), 2);
+        assert!(opts.tls.is_some());
+        assert_eq!(opts.max_upload, 512 << 20);
+        assert_eq!(opts.http_limits.header_read_timeout.as_secs(), 11);
+        assert_eq!(opts.http_limits.max_connections, 300);
+        assert_eq!(opts.http_limits.max_connections_per_address, 12);
+        assert_eq!(opts.max_election_score, 40);
+        assert_eq!(opts.content_dirs.len(), 2);
+        assert_eq!(
+            opts.publisher_key.as_deref(),
+            Some(std::path::Path::new("/etc/baton/publisher.key"))
+        );
+        assert_eq!(
+            opts.trust.as_deref(),
+            Some(std::path::Path::new("/etc/baton/trust.bin"))
+        );
+        assert_eq!(from_file.log_filter(), "warn,baton_manager=debug");
+        // Every setting differs from the default, so none of the above passed by accident.
+        assert_ne!(format!("{:?}", defaults.options()), format!("{opts:?}"));
+        assert_eq!(defaults.log, None);
+
+        // Flags win over the file, lists included; the rest still comes from the file.
+        let mixed = serve(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:7100",
+            "--serial",
+            "/dev/pts/3",
+        ])
+        .unwrap()
+        .options();
+        assert_eq!(mixed.listen.to_string(), "127.0.0.1:7100");
+        assert_eq!(mixed.serial, [std::path::PathBuf::from("/dev/pts/3")]);
+        assert_eq!(mixed.http.to_string(), "127.0.0.1:7001");
+        assert_eq!(mixed.max_handshakes, 99);
+    }
+
+    #[test]
+    fn serve_refuses_unknown_keys_and_wrong_values_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manager.toml");
+        let refusal = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            serve(&["--config", path.to_str().unwrap()])
+                .unwrap_err()
+                .to_string()
+        };
+        let unknown = refusal("listen = \"127.0.0.1:7000\"\nlistn = \"x\"\n");
+        assert!(unknown.contains("unknown key `listn`"), "{unknown}");
+        assert!(unknown.contains("manager.toml"), "{unknown}");
+        let wrong = refusal("listen = \"not an address\"\n");
+        assert!(wrong.contains("key `listen`"), "{wrong}");
+        let list = refusal("listen = [\"127.0.0.1:1\"]\n");
+        assert!(list.contains("not a list"), "{list}");
+        let itself = refusal("config = \"/etc/other.toml\"\n");
+        assert!(itself.contains("unknown key `config`"), "{itself}");
+        let missing = serve(&["--config", "/nonexistent/manager.toml"])
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("/nonexistent/manager.toml"), "{missing}");
     }
 }

@@ -401,6 +401,82 @@ pub fn open_port(path: &Path) -> Result<SerialLine, serialport::Error> {
     Ok(SerialLine { io: ours, closed })
 }
 
+/// The serial ports a manager serves, each with its own stop signal, so a reload of the
+/// configuration (`SIGHUP`) can open new ports and close removed ones while every other
+/// session goes on.
+pub struct SerialPorts {
+    server: Arc<AgentPort>,
+    /// Set once: the manager is shutting down, every port stops.
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Each served port's own stop signal and task.
+    running: std::collections::BTreeMap<
+        PathBuf,
+        (
+            tokio::sync::watch::Sender<bool>,
+            tokio::task::JoinHandle<()>,
+        ),
+    >,
+    /// Tasks of removed ports, awaited (bounded) at shutdown.
+    stopping: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SerialPorts {
+    /// No ports yet; `shutdown` turning true stops them all.
+    pub fn new(server: Arc<AgentPort>, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        SerialPorts {
+            server,
+            shutdown,
+            running: Default::default(),
+            stopping: Vec::new(),
+        }
+    }
+
+    /// Serves exactly `wanted` from now on: starts the ports not served yet and stops those
+    /// not wanted any more (ending the session on that line). Returns (started, stopped).
+    pub fn set(&mut self, wanted: &[PathBuf]) -> (Vec<PathBuf>, Vec<PathBuf>) {
+        let removed: Vec<PathBuf> = self
+            .running
+            .keys()
+            .filter(|p| !wanted.contains(p))
+            .cloned()
+            .collect();
+        for path in &removed {
+            if let Some((stop, task)) = self.running.remove(path) {
+                let _ = stop.send(true);
+                tracing::info!(port = %path.display(), "serial port closed (no longer configured)");
+                self.stopping.push(task);
+            }
+        }
+        let mut added = Vec::new();
+        for path in wanted {
+            if self.running.contains_key(path) {
+                continue;
+            }
+            let (stop, own) = tokio::sync::watch::channel(false);
+            let all = self.shutdown.clone();
+            let stopped = async move {
+                let (mut own, mut all) = (own, all);
+                tokio::select! {
+                    _ = own.wait_for(|s| *s) => {}
+                    _ = all.wait_for(|s| *s) => {}
+                }
+            };
+            let task = tokio::spawn(run_serial_port(path.clone(), self.server.clone(), stopped));
+            self.running.insert(path.clone(), (stop, task));
+            added.push(path.clone());
+        }
+        (added, removed)
+    }
+
+    /// Waits for every port's task to end, at most `grace` for each (after shutdown was set).
+    pub async fn join(self, grace: Duration) {
+        let tasks = self.running.into_values().map(|(_, task)| task);
+        for task in tasks.chain(self.stopping) {
+            let _ = tokio::time::timeout(grace, task).await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod test {
     use std::sync::Mutex;

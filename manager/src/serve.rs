@@ -398,6 +398,18 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let (_keep, serial_updates) = tokio::sync::mpsc::channel(1);
+    serve_reloading(opts, shutdown, serial_updates).await
+}
+
+/// [`serve`], also taking new lists of serial ports while it runs (a reloaded
+/// configuration): ports added are opened, ports removed closed, every other session
+/// goes on.
+pub async fn serve_reloading(
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send,
+    mut serial_updates: tokio::sync::mpsc::Receiver<Vec<PathBuf>>,
+) -> Result<(), ServeError> {
     let descriptors = admission::raise_descriptor_limit();
     // Held until `serve` returns: a second manager on this directory stops here.
     let _data_dir = DataDir::open(&opts.data_dir)?;
@@ -573,17 +585,8 @@ pub async fn serve(
         http_config,
         stopped(stop_rx.clone()),
     ));
-    let serial_tasks: Vec<_> = opts
-        .serial
-        .iter()
-        .map(|path| {
-            tokio::spawn(crate::serial::run_serial_port(
-                path.clone(),
-                agent_port.clone(),
-                stopped(stop_rx.clone()),
-            ))
-        })
-        .collect();
+    let mut serial_ports = crate::serial::SerialPorts::new(agent_port.clone(), stop_rx.clone());
+    serial_ports.set(&opts.serial);
 
     let info = ReadyInfo {
         agent_addr: agent_addr.to_string(),
@@ -605,24 +608,29 @@ pub async fn serve(
     tracing::info!(%agent_addr, %http_addr, epoch, manager_key = %info.manager_key, "manager ready");
 
     tokio::pin!(engine_run);
-    let result = tokio::select! {
-        _ = shutdown => {
-            tracing::info!("shutting down");
-            Ok(())
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("shutting down");
+                break Ok(());
+            }
+            r = &mut engine_run => break match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(ServeError::Engine(e)),
+                Err(e) => Err(ServeError::Http(std::io::Error::other(format!("engine task panicked: {e}")))),
+            },
+            Some(ports) = serial_updates.recv() => {
+                let (added, removed) = serial_ports.set(&ports);
+                tracing::info!(?added, ?removed, "serial ports reloaded");
+            }
         }
-        r = &mut engine_run => match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(ServeError::Engine(e)),
-            Err(e) => Err(ServeError::Http(std::io::Error::other(format!("engine task panicked: {e}")))),
-        },
     };
     let _ = stop_tx.send(true);
     registry.close_all();
     let grace = Duration::from_secs(5);
     let _ = tokio::time::timeout(grace, agent_task).await;
-    for task in serial_tasks {
-        let _ = tokio::time::timeout(grace, task).await;
-    }
+    serial_ports.join(grace).await;
     let http_result = tokio::time::timeout(grace, http_task).await;
     if !engine_run.is_finished() {
         let _ = tokio::time::timeout(grace, &mut engine_run).await;

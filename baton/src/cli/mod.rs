@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod config_file;
 pub mod definitions;
 pub mod enroll;
 pub mod keys;

@@ -1,16 +1,33 @@
 //! `baton serve`: runs the manager until Ctrl-C or SIGTERM.
+//!
+//! `SIGHUP` re-reads the command line's `--config` file: the serial ports
+//! (`serial`) and the log filter (`log`) change at once, without dropping any
+//! session; every other setting changes at the next restart, and the reload says
+//! which ones were changed. A file that no longer parses is refused with its error
+//! and the running settings stay.
 
+use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use baton_manager::serve::{ServeOptions, serve};
+use baton_manager::serve::{ServeOptions, serve_reloading};
 use clap::Args;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// Flags of `baton serve`.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
+    /// Read settings from this TOML file: each key is a flag's long name (`listen =
+    /// "0.0.0.0:7700"`, `serial = ["/dev/ttyUSB0"]`); flags and the environment win, unknown
+    /// keys are refused.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Directory for keys, the admin token, the database and `serve.json`.
     #[arg(long, env = "BATON_DATA_DIR", default_value = "baton-data")]
     pub data_dir: PathBuf,
@@ -92,9 +109,22 @@ pub struct ServeArgs {
     /// if older.
     #[arg(long, value_name = "FILE")]
     pub trust: Option<PathBuf>,
+    /// What to log, in `RUST_LOG`'s syntax: a level (`info`, `debug`) or per-module levels
+    /// (`info,baton_manager=debug`). Default: the environment's RUST_LOG, else `info`.
+    /// Changes on SIGHUP.
+    #[arg(long, value_name = "FILTER")]
+    pub log: Option<String>,
 }
 
 impl ServeArgs {
+    /// The log filter: `--log`, else the environment's RUST_LOG, else `info`.
+    pub fn log_filter(&self) -> String {
+        self.log
+            .clone()
+            .or_else(|| std::env::var("RUST_LOG").ok())
+            .unwrap_or_else(|| "info".to_string())
+    }
+
     /// The server options these flags describe.
     pub fn options(&self) -> ServeOptions {
         ServeOptions {
@@ -142,13 +172,102 @@ async fn terminated() {
     }
 }
 
-/// Runs `baton serve`.
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+/// Settings a reload applies while the manager runs (the others wait for a restart).
+const RELOADED_AT_ONCE: [&str; 2] = ["serial", "log"];
+
+/// Reads the settings again (the command line and its `--config` file): the flags, and
+/// the file's settings as `--KEY=VALUE` arguments.
+pub type Reread = Box<dyn FnMut() -> anyhow::Result<(ServeArgs, Vec<OsString>)> + Send>;
+
+/// The log filter that a reload replaces.
+type LogFilter = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+/// Logs to stderr through `filter`; returns the handle that replaces the filter.
+fn init_logging(filter: &str) -> anyhow::Result<LogFilter> {
+    let filter = EnvFilter::try_new(filter).with_context(|| {
+        format!("log filter {filter:?} (from --log, `log` in --config, or RUST_LOG)")
+    })?;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr),
+        )
+        .init();
+    Ok(handle)
+}
+
+/// Runs `baton serve`; `from_file` are the settings its `--config` file gave, `reread`
+/// reads them again on SIGHUP.
+pub fn run(args: ServeArgs, from_file: Vec<OsString>, reread: Reread) -> anyhow::Result<()> {
+    let log_filter = init_logging(&args.log_filter())?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let opts = args.options();
     let data_dir = opts.data_dir.clone();
     runtime
-        .block_on(serve(opts, terminated()))
+        .block_on(async move {
+            let (serial_tx, serial_rx) = tokio::sync::mpsc::channel(4);
+            // Registered before the manager starts, so a SIGHUP never ends the process.
+            let hangups = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+            let reloads = tokio::spawn(reload_on_hangup(
+                hangups, from_file, reread, log_filter, serial_tx,
+            ));
+            let served = serve_reloading(opts, terminated(), serial_rx).await;
+            reloads.abort();
+            Ok::<_, anyhow::Error>(served?)
+        })
         .with_context(|| format!("manager (data directory {})", data_dir.display()))?;
     Ok(())
+}
+
+/// On each SIGHUP: reads the settings again, replaces the log filter, hands the serial
+/// ports to the manager, and logs which changed settings wait for a restart.
+async fn reload_on_hangup(
+    mut hangups: Signal,
+    mut current: Vec<OsString>,
+    mut reread: Reread,
+    log_filter: LogFilter,
+    serial: tokio::sync::mpsc::Sender<Vec<PathBuf>>,
+) {
+    while hangups.recv().await.is_some() {
+        let (args, from_file) = match reread() {
+            Ok(settings) => settings,
+            Err(e) => {
+                tracing::error!(
+                    "SIGHUP: configuration not reloaded, the running settings stay: {e:#}"
+                );
+                continue;
+            }
+        };
+        let wanted = args.log_filter();
+        let filter = match EnvFilter::try_new(&wanted) {
+            Ok(filter) => filter,
+            Err(e) => {
+                tracing::error!("SIGHUP: configuration not reloaded: log = {wanted:?}: {e}");
+                continue;
+            }
+        };
+        if let Err(e) = log_filter.reload(filter) {
+            tracing::error!("SIGHUP: the log filter was not replaced: {e}");
+        }
+        if serial.send(args.serial.clone()).await.is_err() {
+            return;
+        }
+        let changed = super::config_file::changed_keys(&current, &from_file);
+        let at_restart: Vec<&str> = changed
+            .iter()
+            .map(String::as_str)
+            .filter(|k| !RELOADED_AT_ONCE.contains(k))
+            .collect();
+        if !at_restart.is_empty() {
+            tracing::warn!(
+                "SIGHUP: these changed settings take effect at the next restart: {}",
+                at_restart.join(", ")
+            );
+        }
+        tracing::info!(changed = %changed.join(", "), "SIGHUP: configuration reloaded");
+        current = from_file;
+    }
 }

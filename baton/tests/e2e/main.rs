@@ -11,6 +11,7 @@ mod common;
 mod attacks;
 mod audit;
 mod browser;
+mod config;
 mod fault_speed;
 mod faults;
 mod files;
