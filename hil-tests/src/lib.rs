@@ -630,6 +630,8 @@ impl Lab {
             segment,
             "--site",
             "hil",
+            "--root-key",
+            &m.root_key,
         ];
         let ip_arg = format!("{ip}/24");
         if serial {
@@ -725,6 +727,7 @@ impl Lab {
         cmd.arg("agent")
             .args(["--manager", &format!("{MANAGER_IP}:{MANAGER_PORT}")])
             .args(["--manager-key", &m.key, "--id", id])
+            .args(["--root-key", &m.root_key])
             .arg("--data-dir")
             .arg(&data)
             .args(["--listen", &format!("{MANAGER_IP}:0")])
