@@ -31,7 +31,7 @@ impl core::str::FromStr for FailCause {
 
     /// Parses what [`Display`](fmt::Display) writes (so a store can keep the cause as text).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        const REASONS: [FailReason; 9] = [
+        const REASONS: [FailReason; 12] = [
             FailReason::StorageFull,
             FailReason::StorageError,
             FailReason::BadManifest,
@@ -41,6 +41,9 @@ impl core::str::FromStr for FailCause {
             FailReason::Busy,
             FailReason::NoSource,
             FailReason::ChunkTooLarge,
+            FailReason::NotListed,
+            FailReason::VersionReused,
+            FailReason::NoTrust,
         ];
         if s == FailCause::GaveUp.to_string() {
             return Ok(FailCause::GaveUp);
@@ -254,6 +257,9 @@ mod test {
             FailCause::GaveUp,
             FailCause::Agent(FailReason::StorageFull),
             FailCause::Agent(FailReason::ChunkTooLarge),
+            FailCause::Agent(FailReason::NotListed),
+            FailCause::Agent(FailReason::VersionReused),
+            FailCause::Agent(FailReason::NoTrust),
         ] {
             assert_eq!(cause.to_string().parse::<FailCause>(), Ok(cause));
         }
