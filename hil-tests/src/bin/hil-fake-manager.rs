@@ -4,8 +4,10 @@
 //! to flash" runs this inside its network namespace. It accepts one device
 //! over the real link layer (`baton_agent_core::linux::link`: Noise XX,
 //! length-prefixed frames), authenticates it by its enrolled key, answers its
-//! `Report` with a `Welcome` naming the publisher key, and sends `Fetch` for
-//! the content (every chunk from the manager). It answers `ChunkRequest`s from
+//! `Report` with a `Welcome`, then (with `--root-seed`) the trust document that
+//! root key signed, listing the publisher for every name (devices pin the root,
+//! not the publisher), and sends `Fetch` for the content (every chunk from the
+//! manager). It answers `ChunkRequest`s from
 //! the file, except that the first answer for chunk `--corrupt K` has one
 //! data byte flipped (the Merkle proof is the genuine one).
 //!
@@ -18,7 +20,8 @@
 //! input closes.
 //!
 //! Usage: `hil-fake-manager --listen ADDR --seed HEX --publisher-seed HEX
-//! --device-id ID --device-key HEX --content FILE --corrupt K` (chunks of 4 KiB).
+//! [--root-seed HEX] --device-id ID --device-key HEX --content FILE --corrupt K`
+//! (chunks of 4 KiB).
 
 use std::io::BufRead as _;
 use std::process::ExitCode;
@@ -41,6 +44,7 @@ struct Args {
     listen: String,
     seed: [u8; 32],
     publisher_seed: [u8; 32],
+    root_seed: Option<[u8; 32]>,
     device_id: AgentId,
     device_key: PublicKey,
     content: Vec<u8>,
@@ -57,13 +61,14 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut it = std::env::args().skip(1);
     let (mut listen, mut seed, mut publisher_seed, mut device_id, mut device_key) =
         (None, None, None, None, None);
-    let (mut content, mut corrupt) = (None, None);
+    let (mut content, mut corrupt, mut root_seed) = (None, None, None);
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--listen" => listen = Some(value),
             "--seed" => seed = Some(hex32(&value)?),
             "--publisher-seed" => publisher_seed = Some(hex32(&value)?),
+            "--root-seed" => root_seed = Some(hex32(&value)?),
             "--device-id" => {
                 device_id =
                     Some(AgentId::try_from(value.as_str()).map_err(|_| anyhow!("bad device id"))?)
@@ -79,11 +84,35 @@ fn parse_args() -> anyhow::Result<Args> {
         listen: listen.ok_or_else(|| need("listen"))?,
         seed: seed.ok_or_else(|| need("seed"))?,
         publisher_seed: publisher_seed.ok_or_else(|| need("publisher-seed"))?,
+        root_seed,
         device_id: device_id.ok_or_else(|| need("device-id"))?,
         device_key: device_key.ok_or_else(|| need("device-key"))?,
         content: content.ok_or_else(|| need("content"))?,
         corrupt: corrupt.ok_or_else(|| need("corrupt"))?,
     })
+}
+
+/// The `Trust` message: version 1, no expiry, `publisher` listed for every name, signed
+/// by `root`.
+fn trust_message(root: &Identity, publisher: &Identity) -> anyhow::Result<Vec<u8>> {
+    use baton_protocol::trust::{NamePattern, PublisherGrant, SignedTrust, TrustDocument};
+    let all = NamePattern::try_from("*").map_err(|_| anyhow!("pattern"))?;
+    let mut signed = SignedTrust::new(TrustDocument {
+        version: 1,
+        expires: 0,
+        threshold: 1,
+        roots: [root.public()].into_iter().collect(),
+        publishers: [PublisherGrant {
+            key: publisher.public(),
+            names: [all].into_iter().collect(),
+        }]
+        .into_iter()
+        .collect(),
+    });
+    signed.sign(root).map_err(|e| anyhow!("{e}"))?;
+    let mut buf = vec![0u8; baton_protocol::trust::MAX_TRUST_BYTES];
+    let document = signed.encode(&mut buf).map_err(|e| anyhow!("{e}"))?;
+    Ok(Message::Trust { document }.to_vec())
 }
 
 /// One line to the test, at once.
@@ -107,6 +136,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let root = manifest.root;
     let job = JobRef { id: 1, epoch: 1 };
+    let trust = args
+        .root_seed
+        .map(|seed| trust_message(&Identity::from_seed(seed), &publisher))
+        .transpose()?;
 
     // The test's "go" lines.
     let (go_tx, mut go_rx) = mpsc::unbounded_channel::<()>();
@@ -155,14 +188,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         };
         let reply = match Message::decode(&bytes)? {
             Message::Report(r) => {
-                let mut publishers = heapless::Vec::new();
-                let _ = publishers.push(publisher.public());
                 let welcome = Message::Welcome {
                     cert: AgentCert::issue(&manager, r.id.clone(), args.device_key),
                     unix_time: 0,
-                    publishers,
+                    publishers: heapless::Vec::new(),
                 };
                 writer.send(&welcome.to_vec()).await?;
+                if let Some(t) = &trust {
+                    writer.send(t).await?;
+                }
                 if have {
                     continue;
                 }
