@@ -56,7 +56,7 @@ use baton_protocol::message::{
     CodecError, FailReason, Holding, MAX_HOLDINGS, MAX_RECEIVED_PER_PROGRESS, Received, Refusal,
     Report, Source, SourceRange, Trouble,
 };
-use baton_protocol::trust::{MAX_ROOT_KEYS, SignedTrust, TrustAnchor, TrustDocument, TrustError};
+use baton_protocol::trust::{MAX_ROOT_KEYS, TrustAnchor, TrustDocument, TrustError};
 use baton_protocol::{
     AgentId, Delay, DelayTo, Digest, JobRef, Label, LinkInfo, MAX_LABELS, Manifest, Message, Name,
     PeerAddr, PublicKey,
@@ -775,8 +775,11 @@ struct Trust {
     anchor: Option<TrustAnchor>,
     /// [`pin_digest`] of the configured roots.
     pin: Digest,
-    /// The accepted document (decoded once), `None` until the manager sent it.
-    document: Option<TrustDocument>,
+    /// The accepted document (decoded once), if `has_document` (not an `Option`: a document
+    /// is swapped in place, never moved through the stack).
+    document: TrustDocument,
+    /// Whether the manager sent the document the anchor stands for.
+    has_document: bool,
 }
 
 /// The agent's notion of Unix time (see [`AgentClock`]).
@@ -900,12 +903,6 @@ fn min_opt(a: Option<Duration>, b: Duration) -> Option<Duration> {
     Some(a.map_or(b, |a| a.min(b)))
 }
 
-/// Decodes a signed trust document (out of line: see [`Agent::on_trust`]).
-#[inline(never)]
-fn decode_trust(bytes: &[u8]) -> Result<SignedTrust, TrustError> {
-    SignedTrust::decode(bytes)
-}
-
 impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize>
     Agent<S, JOBS, PEERS, PARKED>
 {
@@ -929,7 +926,8 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             trust: Trust {
                 anchor: None,
                 pin,
-                document: None,
+                document: crate::trust_wire::empty().document,
+                has_document: false,
             },
             clock: Clock::default(),
             store,
@@ -1039,7 +1037,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
 
     /// The trust document accepted, if any.
     pub fn trust_document(&self) -> Option<&TrustDocument> {
-        self.trust.document.as_ref()
+        self.trust.has_document.then_some(&self.trust.document)
     }
 
     /// The trust anchor held (`None` without pinned roots).
@@ -1486,24 +1484,21 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         true
     }
 
-    /// Judges a trust document from the manager (decoded once). Kept out of line, with its
-    /// decoding and the anchor's persistence in helpers of their own: with those inlined,
-    /// the decoded document, its copies and the record log's buffers made one 10.7 KB stack
-    /// frame on the device, on top of the frame handler's 9.7 KB (now 4.4 + 4.6 KB, one
-    /// after the other's decoding returns).
+    /// Judges a trust document from the manager (decoded here, once, in place: see
+    /// [`crate::trust_wire`]; kept out of line so its stack frame, about 3 KB on a device,
+    /// is not part of other messages' paths, and the anchor's persistence out of line too:
+    /// with serde's decoding and the record log inlined it was one 10.7 KB frame).
     #[inline(never)]
     fn on_trust(&mut self, now: Duration, bytes: &[u8]) {
         let Some(anchor) = &self.trust.anchor else {
             self.ignored("trust document ignored: no root key configured");
             return;
         };
-        let signed = match decode_trust(bytes) {
-            Ok(s) => s,
-            Err(reason) => {
-                self.event(Event::TrustRefused { version: 0, reason });
-                return;
-            }
-        };
+        let mut signed = crate::trust_wire::empty();
+        if let Err(reason) = crate::trust_wire::decode_into(bytes, &mut signed) {
+            self.event(Event::TrustRefused { version: 0, reason });
+            return;
+        }
         let version = signed.document.version;
         match anchor.accept(&signed, self.unix_time(now)) {
             Ok(next) => {
@@ -1511,9 +1506,10 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
                 if newer {
                     self.persist_anchor(&next);
                 }
-                let first = self.trust.document.is_none();
+                let first = !self.trust.has_document;
                 self.trust.anchor = Some(next);
-                self.trust.document = Some(signed.document);
+                core::mem::swap(&mut self.trust.document, &mut signed.document);
+                self.trust.has_document = true;
                 if newer || first {
                     self.event(Event::TrustAccepted { version, newer });
                 }
@@ -1556,7 +1552,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         if self.trust.anchor.is_none() {
             return Err(FailReason::NoTrust);
         }
-        let doc = self.trust.document.as_ref().ok_or(FailReason::NoTrust)?;
+        let doc = self.trust_document().ok_or(FailReason::NoTrust)?;
         if doc.is_expired(time) {
             return Err(FailReason::Expired);
         }
@@ -2620,6 +2616,7 @@ mod test {
 
     use baton_protocol::identity::Identity;
     use baton_protocol::merkle::MerkleTree;
+    use baton_protocol::trust::SignedTrust;
 
     use super::*;
     use crate::flash::FlashStore;

@@ -14,6 +14,7 @@
 //!   safe against power cuts (any `embedded_storage` NOR flash).
 //! - [`records`]: [`records::RecordLog`], the agent's records (trust anchor,
 //!   version per content name, latest time) in a small NOR flash area.
+//! - [`trust_wire`]: decoding a signed trust document in place (small stack).
 //! - `linux` (feature `std`): the link layer (secure framed TCP), rate
 //!   limits, file-backed flash, the directory store, the tokio driver and the
 //!   settings of the `baton-agent` binary.
@@ -29,3 +30,4 @@ pub mod flash;
 pub mod records;
 pub mod segment;
 pub mod store;
+pub mod trust_wire;

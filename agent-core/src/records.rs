@@ -30,8 +30,9 @@
 //! accept content it could not protect from a rollback); entries of at most
 //! [`MAX_PAYLOAD`] bytes; a bank must hold the largest live set (checked when mounted).
 
-use baton_protocol::Digest;
 use baton_protocol::manifest::MAX_CONTENT_NAME;
+use baton_protocol::trust::{MAX_ROOT_KEYS, TrustAnchor};
+use baton_protocol::{Digest, PublicKey};
 use embedded_storage::nor_flash::{NorFlash, NorFlashError, NorFlashErrorKind};
 use sha2::{Digest as _, Sha256};
 
@@ -39,7 +40,7 @@ use crate::store::{StoreError, StoredAnchor, VersionRecord};
 
 /// Most content names with a version record in a flash record area.
 pub const MAX_NAMES: usize = 16;
-/// Largest entry payload, in bytes (a stored anchor is about 210).
+/// Largest entry payload, in bytes (a stored anchor takes at most 202).
 pub const MAX_PAYLOAD: usize = 240;
 /// Largest write unit supported (and the size of the one entry buffer kept on the stack).
 const BUF: usize = crate::flash::MAX_UNIT;
@@ -81,6 +82,51 @@ fn check_of(body: &[u8]) -> [u8; CHECK] {
     let mut out = [0u8; CHECK];
     out.copy_from_slice(&Sha256::digest(body)[..CHECK]);
     out
+}
+
+/// Writes `a` as pin (32), version (u64 LE), threshold, root count, roots (32 each),
+/// digest (32) — a fixed layout, no serializer in the firmware for it; returns the length.
+fn encode_anchor(a: &StoredAnchor, out: &mut [u8]) -> usize {
+    let n = a.anchor.roots.len();
+    out[..32].copy_from_slice(&a.pin);
+    out[32..40].copy_from_slice(&a.anchor.version.to_le_bytes());
+    out[40] = a.anchor.threshold;
+    out[41] = n as u8;
+    for (i, r) in a.anchor.roots.iter().enumerate() {
+        out[42 + 32 * i..74 + 32 * i].copy_from_slice(&r.0);
+    }
+    let at = 42 + 32 * n;
+    out[at..at + 32].copy_from_slice(&a.anchor.digest);
+    at + 32
+}
+
+/// Reads what [`encode_anchor`] wrote; `None` if it is not that.
+fn decode_anchor(b: &[u8]) -> Option<StoredAnchor> {
+    let n = usize::from(*b.get(41)?);
+    if n > MAX_ROOT_KEYS || b.len() != 42 + 32 * n + 32 {
+        return None;
+    }
+    let mut pin: Digest = [0; 32];
+    pin.copy_from_slice(&b[..32]);
+    let mut version = [0u8; 8];
+    version.copy_from_slice(&b[32..40]);
+    let mut roots = heapless::Vec::new();
+    for i in 0..n {
+        let mut k = [0u8; 32];
+        k.copy_from_slice(&b[42 + 32 * i..74 + 32 * i]);
+        roots.push(PublicKey(k)).ok()?;
+    }
+    let mut digest: Digest = [0; 32];
+    digest.copy_from_slice(&b[42 + 32 * n..]);
+    Some(StoredAnchor {
+        pin,
+        anchor: TrustAnchor {
+            version: u64::from_le_bytes(version),
+            threshold: b[40],
+            roots,
+            digest,
+        },
+    })
 }
 
 /// The bank in use.
@@ -428,10 +474,11 @@ impl<R: NorFlash> RecordLog<R> {
                 let Scan::Entry(e) = self.read_entry(old.bank, off, buf, false)? else {
                     break;
                 };
-                if self.is_last(old, off, &e, buf)? {
-                    let Scan::Entry(e) = self.read_entry(old.bank, off, buf, true)? else {
-                        return Err(StoreError::Corrupt);
-                    };
+                // An entry that no longer passes its check (decayed since it was written)
+                // is left behind rather than blocking every later write.
+                if self.is_last(old, off, &e, buf)?
+                    && let Scan::Entry(e) = self.read_entry(old.bank, off, buf, true)?
+                {
                     let body = e.size as usize - u;
                     self.write_entry(bank, end, buf, body)?;
                     end += e.size;
@@ -496,17 +543,15 @@ impl<R: NorFlash> RecordLog<R> {
         let Some(len) = self.find(Kind::Anchor, &[], &mut buf)? else {
             return Ok(None);
         };
-        postcard::from_bytes(&buf[ENTRY_HEAD..ENTRY_HEAD + len])
+        decode_anchor(&buf[ENTRY_HEAD..ENTRY_HEAD + len])
             .map(Some)
-            .map_err(|_| StoreError::Corrupt)
+            .ok_or(StoreError::Corrupt)
     }
 
     /// Saves the trust anchor.
     pub fn save_anchor(&mut self, anchor: &StoredAnchor) -> Result<(), StoreError> {
         let mut buf = [0xFFu8; BUF];
-        let len = postcard::to_slice(anchor, &mut buf[ENTRY_HEAD..ENTRY_HEAD + MAX_PAYLOAD])
-            .map_err(|_| StoreError::BadLength)?
-            .len();
+        let len = encode_anchor(anchor, &mut buf[ENTRY_HEAD..ENTRY_HEAD + MAX_PAYLOAD]);
         self.append(Kind::Anchor, len, &mut buf)
     }
 
@@ -583,9 +628,6 @@ mod test {
     extern crate std;
     use std::format;
     use std::string::String;
-
-    use baton_protocol::trust::TrustAnchor;
-    use baton_protocol::types::PublicKey;
 
     use super::*;
     use crate::flash::testing::RamFlash;

@@ -1004,6 +1004,16 @@ impl Node {
                 defmt::warn!("peer {=str} trouble: {}", peer.as_str(), trouble)
             }
             Event::Ignored { what } => defmt::debug!("ignored: {=str}", what),
+            // The manager sends its trust documents once per session: a few lines at most.
+            Event::TrustAccepted { version, newer } => {
+                defmt::info!("trust document v{} accepted (newer: {})", version, newer)
+            }
+            Event::TrustRefused { version, reason } => {
+                defmt::warn!("trust document v{} refused: {}", version, reason)
+            }
+            Event::RecordFailed { what, error } => {
+                defmt::error!("{=str} failed: {}", what, error)
+            }
             _ => {}
         }
     }

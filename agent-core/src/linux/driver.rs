@@ -1459,6 +1459,83 @@ mod test {
         assert_eq!(backlog.len(), 0);
     }
 
+    /// Settings from `flags` (with the required ones) and an optional config file's text.
+    fn settings(flags: &[&str], file: Option<&str>) -> Result<Settings, String> {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: AgentArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut argv = vec![
+            "x".to_string(),
+            "--manager=127.0.0.1:1".into(),
+            format!("--manager-key={}", "11".repeat(32)),
+            "--id=a1".into(),
+            "--data-dir=/nonexistent".into(),
+        ];
+        if let Some(text) = file {
+            let path = dir.path().join("agent.toml");
+            std::fs::write(&path, text).unwrap();
+            argv.push(format!("--config={}", path.display()));
+        }
+        argv.extend(flags.iter().map(|f| f.to_string()));
+        let args = Cli::parse_from(argv).args.resolve()?;
+        Settings::from_args(&args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn root_keys_come_from_flags_or_the_config_file_and_publisher_keys_are_refused() {
+        let (a, b) = ("aa".repeat(32), "bb".repeat(32));
+        let s = settings(&[], None).unwrap();
+        assert!(s.config.roots.is_empty());
+        assert_eq!(s.config.clock, AgentClock::System);
+        let s = settings(
+            &[
+                &format!("--root-key={a}"),
+                &format!("--root-key={b}"),
+                "--root-threshold=2",
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.config.roots.len(), 2);
+        assert_eq!(s.config.root_threshold, 2);
+        let file = format!("root-key = [\"{a}\", \"{b}\"]\nroot-threshold = 2\n");
+        let s = settings(&[], Some(&file)).unwrap();
+        assert_eq!(s.config.roots[1].0, [0xbb; 32]);
+        assert_eq!(s.config.root_threshold, 2);
+        // A flag wins over the file.
+        let s = settings(
+            &[&format!("--root-key={b}"), "--root-threshold=1"],
+            Some(&file),
+        )
+        .unwrap();
+        assert_eq!(s.config.roots.len(), 1);
+        for (flags, want) in [
+            (
+                vec![format!("--root-key={a}"), "--root-threshold=2".into()],
+                "--root-threshold",
+            ),
+            (vec!["--root-threshold=0".into()], "--root-threshold"),
+            (
+                vec![format!("--root-key={a}"), format!("--root-key={a}")],
+                "twice",
+            ),
+            (vec!["--root-key=abc".into()], "64 hex digits"),
+            (vec![format!("--publisher-key={a}")], "--root-key"),
+        ] {
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+            let e = settings(&flags, None).err().expect("refused");
+            assert!(e.contains(want), "{flags:?}: {e}");
+        }
+        let e = settings(&[], Some(&format!("publisher-key = [\"{a}\"]\n")))
+            .err()
+            .expect("refused");
+        assert!(e.contains("--root-key"), "{e}");
+    }
+
     #[test]
     fn the_identity_is_created_private_and_refused_once_open_to_others() {
         let tmp = tempfile::tempdir().unwrap();

@@ -50,6 +50,8 @@ pub struct DirStore {
     slots: BTreeMap<Digest, Slot>,
     /// `versions.json`, read once at open.
     versions: BTreeMap<String, VersionRecord>,
+    /// Most names in `versions` ([`MAX_VERSION_NAMES`]; smaller in tests).
+    max_names: usize,
 }
 
 /// One line of `versions.json`.
@@ -232,6 +234,7 @@ impl DirStore {
             max_storage,
             slots,
             versions,
+            max_names: MAX_VERSION_NAMES,
         })
     }
 
@@ -423,7 +426,7 @@ impl ContentStore for DirStore {
     }
 
     fn put_version_record(&mut self, name: &str, record: &VersionRecord) -> Result<(), StoreError> {
-        if !self.versions.contains_key(name) && self.versions.len() >= MAX_VERSION_NAMES {
+        if !self.versions.contains_key(name) && self.versions.len() >= self.max_names {
             return Err(StoreError::Full);
         }
         let mut next = self.versions.clone();
@@ -508,6 +511,55 @@ mod test {
         let out = dir.path().join("out/bundle.bin");
         assert_eq!(export(&s.slot_path(&root), &out).unwrap(), 50_000);
         assert_eq!(std::fs::read(&out).unwrap(), data);
+    }
+
+    #[test]
+    fn records_survive_a_reopen_and_are_bounded() {
+        use baton_protocol::trust::TrustAnchor;
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let (content, records) = (tmp.path().join("content"), tmp.path().join("records"));
+        let anchor = StoredAnchor {
+            pin: [3; 32],
+            anchor: TrustAnchor::pinned(&[baton_protocol::PublicKey([9; 32])], 1).unwrap(),
+        };
+        let rec = |v: u64| VersionRecord {
+            version: v,
+            root: [v as u8; 32],
+        };
+        {
+            let mut s = DirStore::open(&content, &records, None).unwrap();
+            assert_eq!(s.load_anchor(), Ok(None));
+            assert_eq!(s.load_latest_time(), Ok(None));
+            s.save_anchor(&anchor).unwrap();
+            s.put_version_record("fw", &rec(2)).unwrap();
+            s.put_version_record("fw", &rec(3)).unwrap();
+            s.put_version_record("config", &rec(1)).unwrap();
+            s.save_latest_time(1_234).unwrap();
+        }
+        let mut s = DirStore::open(&content, &records, None).unwrap();
+        assert_eq!(s.load_anchor(), Ok(Some(anchor)));
+        assert_eq!(s.version_record("fw"), Ok(Some(rec(3))));
+        assert_eq!(s.version_record("config"), Ok(Some(rec(1))));
+        assert_eq!(s.load_latest_time(), Ok(Some(1_234)));
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&records), 0o700);
+        assert_eq!(mode(&records.join(VERSIONS_FILE)), 0o600);
+        assert!(!records.join("versions.tmp").exists());
+        // The bound: a new name past it is refused, a known one still updates.
+        s.max_names = 2;
+        assert_eq!(
+            s.put_version_record("third", &rec(1)),
+            Err(StoreError::Full)
+        );
+        s.put_version_record("config", &rec(5)).unwrap();
+        drop(s);
+        // A damaged versions file stops the store from opening, naming the file.
+        std::fs::write(records.join(VERSIONS_FILE), "{ not json").unwrap();
+        let e = DirStore::open(&content, &records, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(VERSIONS_FILE) && e.contains("damaged"), "{e}");
     }
 
     #[test]

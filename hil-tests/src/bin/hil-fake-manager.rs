@@ -4,9 +4,10 @@
 //! to flash" runs this inside its network namespace. It accepts one device
 //! over the real link layer (`baton_agent_core::linux::link`: Noise XX,
 //! length-prefixed frames), authenticates it by its enrolled key, answers its
-//! `Report` with a `Welcome` and a trust document (signed by the root key the
-//! device pins, listing the publisher key for every name), and sends `Fetch` for
-//! the content (every chunk from the manager). It answers `ChunkRequest`s from
+//! `Report` with a `Welcome`, then (with `--root-seed`) the trust document that
+//! root key signed, listing the publisher for every name (devices pin the root,
+//! not the publisher), and sends `Fetch` for the content (every chunk from the
+//! manager). It answers `ChunkRequest`s from
 //! the file, except that the first answer for chunk `--corrupt K` has one
 //! data byte flipped (the Merkle proof is the genuine one).
 //!
@@ -18,8 +19,9 @@
 //! `NextPlease` with `Done`. It exits when the device disconnects or standard
 //! input closes.
 //!
-//! Usage: `hil-fake-manager --listen ADDR --seed HEX --root-seed HEX --publisher-seed HEX
-//! --device-id ID --device-key HEX --content FILE --corrupt K` (chunks of 4 KiB).
+//! Usage: `hil-fake-manager --listen ADDR --seed HEX --publisher-seed HEX
+//! [--root-seed HEX] --device-id ID --device-key HEX --content FILE --corrupt K`
+//! (chunks of 4 KiB).
 
 use std::io::BufRead as _;
 use std::process::ExitCode;
@@ -31,7 +33,6 @@ use baton_protocol::identity::{AgentCert, Identity};
 use baton_protocol::merkle::{MerkleTree, leaf_hash};
 use baton_protocol::message::Message;
 use baton_protocol::session::{Hello, Role};
-use baton_protocol::trust::{MAX_TRUST_BYTES, PublisherGrant, SignedTrust, TrustDocument};
 use baton_protocol::types::{AgentId, JobRef, PublicKey};
 use baton_protocol::{Manifest, caps};
 use tokio::net::TcpListener;
@@ -42,8 +43,8 @@ const CHUNK: usize = 4096;
 struct Args {
     listen: String,
     seed: [u8; 32],
-    root_seed: [u8; 32],
     publisher_seed: [u8; 32],
+    root_seed: Option<[u8; 32]>,
     device_id: AgentId,
     device_key: PublicKey,
     content: Vec<u8>,
@@ -82,8 +83,8 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(Args {
         listen: listen.ok_or_else(|| need("listen"))?,
         seed: seed.ok_or_else(|| need("seed"))?,
-        root_seed: root_seed.ok_or_else(|| need("root-seed"))?,
         publisher_seed: publisher_seed.ok_or_else(|| need("publisher-seed"))?,
+        root_seed,
         device_id: device_id.ok_or_else(|| need("device-id"))?,
         device_key: device_key.ok_or_else(|| need("device-key"))?,
         content: content.ok_or_else(|| need("content"))?,
@@ -91,23 +92,27 @@ fn parse_args() -> anyhow::Result<Args> {
     })
 }
 
-/// Trust document version 1 signed by `root` (1 of 1), listing `publisher` for every name.
-fn trust_document(root: &Identity, publisher: &Identity) -> anyhow::Result<Vec<u8>> {
-    let mut doc = SignedTrust::new(TrustDocument {
+/// The `Trust` message: version 1, no expiry, `publisher` listed for every name, signed
+/// by `root`.
+fn trust_message(root: &Identity, publisher: &Identity) -> anyhow::Result<Vec<u8>> {
+    use baton_protocol::trust::{NamePattern, PublisherGrant, SignedTrust, TrustDocument};
+    let all = NamePattern::try_from("*").map_err(|_| anyhow!("pattern"))?;
+    let mut signed = SignedTrust::new(TrustDocument {
         version: 1,
         expires: 0,
         threshold: 1,
-        roots: heapless::Vec::from_slice(&[root.public()]).map_err(|_| anyhow!("roots"))?,
-        publishers: heapless::Vec::from_slice(&[PublisherGrant {
+        roots: [root.public()].into_iter().collect(),
+        publishers: [PublisherGrant {
             key: publisher.public(),
-            names: heapless::Vec::from_slice(&["*".try_into().map_err(|_| anyhow!("name"))?])
-                .map_err(|_| anyhow!("names"))?,
-        }])
-        .map_err(|_| anyhow!("publishers"))?,
+            names: [all].into_iter().collect(),
+        }]
+        .into_iter()
+        .collect(),
     });
-    doc.sign(root).map_err(|e| anyhow!("{e}"))?;
-    let mut buf = [0u8; MAX_TRUST_BYTES];
-    Ok(doc.encode(&mut buf).map_err(|e| anyhow!("{e}"))?.to_vec())
+    signed.sign(root).map_err(|e| anyhow!("{e}"))?;
+    let mut buf = vec![0u8; baton_protocol::trust::MAX_TRUST_BYTES];
+    let document = signed.encode(&mut buf).map_err(|e| anyhow!("{e}"))?;
+    Ok(Message::Trust { document }.to_vec())
 }
 
 /// One line to the test, at once.
@@ -131,10 +136,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let root = manifest.root;
     let job = JobRef { id: 1, epoch: 1 };
-    let trust = trust_document(&Identity::from_seed(args.root_seed), &publisher)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let trust = args
+        .root_seed
+        .map(|seed| trust_message(&Identity::from_seed(seed), &publisher))
+        .transpose()?;
 
     // The test's "go" lines.
     let (go_tx, mut go_rx) = mpsc::unbounded_channel::<()>();
@@ -185,13 +190,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Message::Report(r) => {
                 let welcome = Message::Welcome {
                     cert: AgentCert::issue(&manager, r.id.clone(), args.device_key),
-                    unix_time: now,
+                    unix_time: 0,
                     publishers: heapless::Vec::new(),
                 };
                 writer.send(&welcome.to_vec()).await?;
-                writer
-                    .send(&Message::Trust { document: &trust }.to_vec())
-                    .await?;
+                if let Some(t) = &trust {
+                    writer.send(t).await?;
+                }
                 if have {
                     continue;
                 }

@@ -257,6 +257,9 @@ mod test {
             FailCause::GaveUp,
             FailCause::Agent(FailReason::StorageFull),
             FailCause::Agent(FailReason::ChunkTooLarge),
+            FailCause::Agent(FailReason::NotListed),
+            FailCause::Agent(FailReason::VersionReused),
+            FailCause::Agent(FailReason::NoTrust),
         ] {
             assert_eq!(cause.to_string().parse::<FailCause>(), Ok(cause));
         }
