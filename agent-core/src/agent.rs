@@ -31,6 +31,12 @@
 //! chunks are requested (a token bucket over `now`; 0 lifts the cap). It may
 //! arrive before the job's `Fetch` and is then applied when the job starts.
 //!
+//! Certificates and revocation: a `CertRenewed` replaces the certificate held (for
+//! the same id and key, signed by the pinned manager key, with a higher serial), and a
+//! newer signed `Revocations` list replaces the one held and closes the peer sessions
+//! with the agents it newly revokes ([`crate::revocation`]); drivers check every peer's
+//! certificate with [`Agent::peer_cert_acceptable`] or the same function of that module.
+//!
 //! Serving: a `ChunkRequest` is answered from any verified chunk held,
 //! including chunks of content still being fetched (cut-through); a request
 //! for a chunk of content being fetched that is not verified yet is parked
@@ -45,6 +51,7 @@ use baton_protocol::message::{
     CodecError, FailReason, Holding, MAX_HOLDINGS, MAX_PUBLISHERS, MAX_RECEIVED_PER_PROGRESS,
     Received, Refusal, Report, Source, SourceRange, Trouble,
 };
+use baton_protocol::revocation::RevocationList;
 use baton_protocol::{
     AgentId, Delay, DelayTo, Digest, JobRef, KeyId, Label, LinkInfo, MAX_LABELS, Manifest, Message,
     Name, PeerAddr, PublicKey,
@@ -52,6 +59,7 @@ use baton_protocol::{
 use heapless::{Deque, Vec};
 use serde::Serialize;
 
+use crate::revocation;
 use crate::store::{ContentStore, StoreError};
 
 /// Most chunk requests in flight per source (the configured window is capped at this).
@@ -198,6 +206,22 @@ pub enum Event {
         /// What and why.
         what: &'static str,
     },
+    /// The manager renewed this agent's certificate over the live session: the new one is
+    /// in [`Agent::cert`] (peer handshakes and discovery use it from now on).
+    CertRenewed {
+        /// Its serial.
+        serial: u64,
+        /// When it expires (Unix seconds).
+        not_after: u64,
+    },
+    /// A newer signed revocation list arrived: it is in [`Agent::revocations`]; peer
+    /// sessions with agents it revokes are closed ([`Event::Close`] for each).
+    Revocations {
+        /// The list's version.
+        version: u64,
+        /// Its entries.
+        entries: usize,
+    },
 }
 
 /// Why an input was refused. The driver closes the connection when [`AgentError::must_close`].
@@ -269,6 +293,9 @@ pub struct AgentConfig {
     pub link: LinkInfo,
     /// Labels from the configuration.
     pub labels: Vec<Label, MAX_LABELS>,
+    /// The manager's key (pinned): checks revocation lists and renewed certificates; without
+    /// it both are ignored.
+    pub manager_key: Option<PublicKey>,
     /// Trusted publisher keys; empty = trust the keys the manager's `Welcome` names.
     pub publishers: Vec<PublicKey, MAX_PUBLISHERS>,
     /// Least time between two `Progress` messages.
@@ -298,6 +325,7 @@ impl AgentConfig {
             window: 8,
             link: LinkInfo::default(),
             labels: Vec::new(),
+            manager_key: None,
             publishers: Vec::new(),
             progress_interval: Duration::from_millis(250),
             retry_delay: Duration::from_millis(100),
@@ -725,6 +753,8 @@ pub struct Agent<
     peer_delays: Vec<Delay, PEER_DELAYS>,
     /// Rate caps by job id, from `Throttle`.
     throttles: Vec<(u64, u64), THROTTLES>,
+    /// The newest signed revocation list from the manager.
+    revocations: Option<RevocationList>,
 }
 
 /// Measures the round-trip time to the manager with `Ping`/`Pong` (claim 9's delays).
@@ -819,6 +849,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             served_other: 0,
             peer_delays: Vec::new(),
             throttles: Vec::new(),
+            revocations: None,
         }
     }
 
@@ -840,6 +871,23 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
     /// The manager's certificate for this agent, once welcomed (shown to peers in handshakes).
     pub fn cert(&self) -> Option<&AgentCert> {
         self.welcome.as_ref().map(|w| &w.cert)
+    }
+
+    /// The newest signed revocation list from the manager, if one arrived.
+    pub fn revocations(&self) -> Option<&RevocationList> {
+        self.revocations.as_ref()
+    }
+
+    /// Whether a peer's certificate (already checked as the manager's, the key proven) may
+    /// be used now ([`revocation::peer_cert_acceptable`] with the list held and the
+    /// manager's clock as learnt from `Welcome`): for drivers that check peers beside the
+    /// agent, like the firmware.
+    pub fn peer_cert_acceptable(
+        &self,
+        cert: &AgentCert,
+        now: Duration,
+    ) -> Result<(), revocation::CertRefusal> {
+        revocation::peer_cert_acceptable(cert, self.revocations.as_ref(), self.unix_time(now))
     }
 
     /// The manager's Unix time now, as learnt from `Welcome`.
@@ -1151,6 +1199,14 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
                 self.event(Event::Welcomed);
                 Ok(())
             }
+            Message::Revocations { list } if from_manager => {
+                self.on_revocations(list);
+                Ok(())
+            }
+            Message::CertRenewed { cert } if from_manager => {
+                self.on_cert_renewed(cert);
+                Ok(())
+            }
             Message::Fetch {
                 job,
                 manifest,
@@ -1226,6 +1282,69 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
     }
 
     // -------------------------------------------------------------- handlers
+
+    /// A revocation list from the manager: taken when signed by the pinned manager key and
+    /// newer than the one held; peer sessions with agents it newly revokes are closed.
+    fn on_revocations(&mut self, bytes: &[u8]) {
+        let held = self.revocations.as_ref().map(|l| l.version);
+        let list =
+            match revocation::accept_revocations(bytes, self.config.manager_key.as_ref(), held) {
+                Ok(list) => list,
+                Err(revocation::ManagerDocError::Stale) => {
+                    return self.ignored("revocation list not newer than the one held");
+                }
+                Err(_) => {
+                    return self.ignored("revocation list refused (malformed or not the manager's)");
+                }
+            };
+        // Close the sessions with peers the new list names and the old one did not (a peer
+        // enrolled again since an old entry is not closed each time the list changes).
+        let newly = |id: &AgentId, old: Option<&RevocationList>| {
+            let up_to = |l: &RevocationList| {
+                l.entries
+                    .iter()
+                    .find(|e| e.id == *id)
+                    .map(|e| e.up_to_serial)
+            };
+            match (up_to(&list), old.and_then(up_to)) {
+                (Some(new), Some(old)) => new > old,
+                (Some(_), None) => true,
+                _ => false,
+            }
+        };
+        let mut close: Vec<ConnId, PEERS> = Vec::new();
+        for p in self.peers.iter() {
+            if let Some(conn) = p.conn
+                && newly(&p.id, self.revocations.as_ref())
+            {
+                let _ = close.push(conn);
+            }
+        }
+        let (version, entries) = (list.version, list.entries.len());
+        self.revocations = Some(list);
+        self.event(Event::Revocations { version, entries });
+        for conn in close {
+            self.event(Event::Close { conn });
+        }
+    }
+
+    /// A renewed certificate from the manager: taken when it is for this agent's id and key,
+    /// signed by the pinned manager key, with a higher serial.
+    fn on_cert_renewed(&mut self, cert: AgentCert) {
+        let Some(welcome) = self.welcome.as_mut() else {
+            return self.ignored("renewed certificate before the Welcome");
+        };
+        match revocation::accept_renewal(&cert, &welcome.cert, self.config.manager_key.as_ref()) {
+            Ok(()) => {
+                let (serial, not_after) = (cert.serial, cert.not_after);
+                welcome.cert = cert;
+                self.event(Event::CertRenewed { serial, not_after });
+            }
+            Err(_) => {
+                self.ignored("renewed certificate refused (not ours, not the manager's, or older)")
+            }
+        }
+    }
 
     /// Whether an instruction for `job` is current (not older than an epoch seen for it); records it.
     fn fence(&mut self, job: JobRef) -> bool {

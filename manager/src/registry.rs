@@ -13,6 +13,11 @@
 //! that does not read its instructions is disconnected when it is full (it
 //! is instructed again when it comes back), so the engine never waits on it.
 //!
+//! Revoking an agent ([`Registry::revoke`]) ends its live session at once (it is told
+//! why), refuses its handshakes from then on ([`AuthError::Revoked`]), removes it from
+//! the fleet views, and signs and sends a new revocation list to every live session
+//! ([`crate::revocation`]); enrolling the id again starts it afresh.
+//!
 //! The registry also takes segment discovery reports from leaders
 //! ([`Registry::segment_report`]): each page is checked against the session
 //! that carried it and the segment its agent reported, pages are assembled
@@ -24,18 +29,20 @@
 //! ([`SegmentChecks`], on `/metrics`) and warned about at most once per
 //! [`WARN_EVERY`](baton_agent_core::linux::spaced::WARN_EVERY).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use baton_agent_core::linux::spaced::SpacedLog;
+use baton_protocol::identity::Identity;
 use baton_protocol::message::{Report, SegmentReport};
 use baton_protocol::session::{Handshake, Role};
 use baton_protocol::types::{AgentId, Label, PublicKey};
 use tokio::sync::{Notify, mpsc};
 
-use crate::store::{Enrolled, Store, StoreError, secret_digest};
+use crate::revocation::RevocationSigner;
+use crate::store::{Enrolled, RevocationRecord, Store, StoreError, secret_digest};
 use baton_manager_core::placement::{self, Placement, PlacementRefusal};
 use baton_manager_core::rate_limit::{Rate, TokenBucket};
 use baton_manager_core::segments::{self, Assembler};
@@ -98,6 +105,11 @@ pub enum AuthError {
         "agent {0:?} offered an enrolment token without a self-signed certificate of its key (upgrade the agent)"
     )]
     NoSelfCert(String),
+    /// The agent was revoked (`baton agents revoke`).
+    #[error(
+        "agent {0:?} was revoked by the administrator; it is refused until it is enrolled again"
+    )]
+    Revoked(String),
     /// The offered token is unknown.
     #[error("agent {0:?} offered an unknown enrolment token")]
     BadToken(String),
@@ -221,6 +233,23 @@ pub struct Registry {
     created: std::time::Instant,
     /// The warning about agents reconnecting too often, spaced.
     reconnect_warning: SpacedLog,
+    /// Revoked agents: refused at the handshake.
+    revoked: RwLock<HashSet<AgentId>>,
+    /// Signs the revocation list (none: the list is not kept, e.g. in unit tests).
+    signer: Option<RevocationSigner>,
+}
+
+/// What [`Registry::revoke`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revocation {
+    /// The stored revocation: the last serial it covers and when those certificates expire.
+    pub record: RevocationRecord,
+    /// Whether a live session was ended.
+    pub was_connected: bool,
+    /// The version of the revocation list in force now (none if no list is kept).
+    pub list_version: Option<u64>,
+    /// Live sessions the new list was queued for.
+    pub sent_to: usize,
 }
 
 /// How often one agent may come online: a few reconnections at once (a flaky link, a
@@ -278,7 +307,14 @@ impl Registry {
                 bound_labels.insert(id, labels);
             }
         }
+        let revoked = lock(&store)
+            .revoked_agents()?
+            .into_iter()
+            .filter_map(|id| AgentId::try_from(id.as_str()).ok())
+            .collect();
         Ok(Registry {
+            revoked: RwLock::new(revoked),
+            signer: None,
             store,
             keys: RwLock::new(keys),
             bound_labels: RwLock::new(bound_labels),
@@ -296,6 +332,98 @@ impl Registry {
             created: std::time::Instant::now(),
             reconnect_warning: SpacedLog::default(),
         })
+    }
+
+    /// The same registry signing revocation lists with the manager's `identity`; the list
+    /// of the revocations still live is signed now.
+    pub fn with_revocation_signer(mut self, identity: Identity) -> Result<Self, StoreError> {
+        let signer = RevocationSigner::new(identity);
+        signer.refresh(&self.store, unix_now())?;
+        self.signer = Some(signer);
+        Ok(self)
+    }
+
+    /// Whether `id` was revoked (and not enrolled again).
+    pub fn is_revoked(&self, id: &AgentId) -> bool {
+        self.revoked
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+    }
+
+    /// The revocation list in force as a `Message::Revocations` frame (sent after every
+    /// `Welcome`), if there is one.
+    pub fn revocation_frame(&self) -> Option<Arc<Vec<u8>>> {
+        self.signer.as_ref().and_then(RevocationSigner::current)
+    }
+
+    /// Revokes agent `id` (administrator action): see the module documentation.
+    /// `NotFound` if no such agent is enrolled.
+    pub fn revoke(&self, id: &AgentId) -> Result<Revocation, StoreError> {
+        let now = unix_now();
+        let record = lock(&self.store)
+            .revoke_agent(id, now)?
+            .ok_or_else(|| StoreError::NotFound(format!("agent {id}")))?;
+        self.revoked
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone());
+        self.keys
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        self.placements
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        self.bound_labels
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        // Its live session ends now, told why (the writer sends control messages first).
+        let was_connected = match self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+        {
+            Some(s) => {
+                let why = AuthError::Revoked(id.to_string()).told_to_agent();
+                let _ = s.control.try_send(
+                    baton_protocol::message::Message::NotAccepted { reason: &why }.to_vec(),
+                );
+                s.close.notify_one();
+                true
+            }
+            None => false,
+        };
+        tracing::info!(agent = %id, up_to_serial = record.up_to_serial, certificates_expire = record.expires_at, was_connected, "agent revoked");
+        let sent_to = self.publish_revocations(now)?;
+        Ok(Revocation {
+            record,
+            was_connected,
+            list_version: self.signer.as_ref().and_then(RevocationSigner::version),
+            sent_to,
+        })
+    }
+
+    /// Signs a new revocation list if the live revocations changed at `now` (a revocation,
+    /// or certificates that expired) and queues it for every live session but revoked ones;
+    /// returns how many sessions it was queued for.
+    pub fn publish_revocations(&self, now: u64) -> Result<usize, StoreError> {
+        let Some(signer) = &self.signer else {
+            return Ok(0);
+        };
+        let Some(frame) = signer.refresh(&self.store, now)? else {
+            return Ok(0);
+        };
+        let mut sent = 0;
+        for id in self.connected() {
+            if !self.is_revoked(&id) && self.send(&id, frame.as_ref().clone()) {
+                sent += 1;
+            }
+        }
+        Ok(sent)
     }
 
     /// Whether enrolled agent `id` may start another session now ([`ONLINE_RATE`]); if not,
@@ -411,6 +539,10 @@ impl Registry {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), *key);
+        self.revoked
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
         Ok(done)
     }
 
@@ -432,6 +564,9 @@ impl Registry {
             };
         }
         let Some(token) = hello.token.as_ref() else {
+            if self.is_revoked(&id) {
+                return Err(AuthError::Revoked(id.to_string()));
+            }
             return Err(AuthError::Unknown(id.to_string()));
         };
         let key = self_signed_key(hs).ok_or_else(|| AuthError::NoSelfCert(id.to_string()))?;
@@ -454,6 +589,10 @@ impl Registry {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), key);
+        self.revoked
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         let bound = lock(&self.store)
             .bound_labels()
             .map_err(|e| AuthError::Store(id.to_string(), e.to_string()))?

@@ -68,6 +68,9 @@ pub struct ServeOptions {
     pub http_limits: crate::http::HttpLimits,
     /// Highest election score an agent's certificate carries, whatever its placement says.
     pub max_election_score: u32,
+    /// How long agent certificates are valid (renewed over the live session at half that;
+    /// a revocation is carried in the revocation list at most this long).
+    pub cert_lifetime: Duration,
     /// Directories `POST /api/v1/jobs` may publish files from, beside the upload directory
     /// (`--content-dir`; default none: uploads only).
     pub content_dirs: Vec<PathBuf>,
@@ -93,6 +96,7 @@ impl ServeOptions {
             max_upload: crate::http::api::DEFAULT_MAX_UPLOAD,
             http_limits: crate::http::HttpLimits::default(),
             max_election_score: baton_protocol::discovery::MAX_CAPABILITY_SCORE,
+            cert_lifetime: baton_manager_core::session::DEFAULT_CERT_LIFETIME,
             content_dirs: Vec::new(),
         }
     }
@@ -121,6 +125,8 @@ pub struct ReadyInfo {
 
 /// Name of the status file a running manager keeps in its data directory.
 pub const STATUS_FILE: &str = "serve.json";
+/// How often revocations whose certificates all expired are dropped from the list.
+const REVOCATION_REFRESH: Duration = Duration::from_secs(60);
 /// Name of the admin token file in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
@@ -380,7 +386,8 @@ pub async fn serve(
         tls,
         limits: opts.http_limits,
     };
-    let registry = Arc::new(Registry::load(store.clone())?);
+    let registry =
+        Arc::new(Registry::load(store.clone())?.with_revocation_signer(keys.manager.clone())?);
     let library = Arc::new(Library::new());
     let limits = Limits {
         up: (opts.up_bps > 0).then(|| Arc::new(RateLimiter::new(opts.up_bps))),
@@ -459,7 +466,11 @@ pub async fn serve(
     let agent_port = Arc::new(AgentPort {
         session: Arc::new(
             SessionConfig::new(keys.manager.clone(), [keys.publisher.public()])
-                .with_max_election_score(opts.max_election_score),
+                .with_max_election_score(opts.max_election_score)
+                .with_cert_lifetime(opts.cert_lifetime)
+                .with_serials(Arc::new(crate::revocation::StoreSerials::new(
+                    store.clone(),
+                ))),
         ),
         registry: registry.clone(),
         library: library.clone(),
@@ -484,6 +495,26 @@ pub async fn serve(
         http_config,
         stopped(stop_rx.clone()),
     ));
+    // Revocations whose certificates all expired leave the list (room for any left out).
+    let revocation_task = tokio::spawn({
+        let registry = registry.clone();
+        let stopped = stopped(stop_rx.clone());
+        async move {
+            tokio::pin!(stopped);
+            let mut tick = tokio::time::interval(REVOCATION_REFRESH);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = registry.publish_revocations(crate::registry::unix_now()) {
+                            tracing::error!("cannot refresh the revocation list: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    });
     let serial_tasks: Vec<_> = opts
         .serial
         .iter()
@@ -531,6 +562,7 @@ pub async fn serve(
     registry.close_all();
     let grace = Duration::from_secs(5);
     let _ = tokio::time::timeout(grace, agent_task).await;
+    revocation_task.abort();
     for task in serial_tasks {
         let _ = tokio::time::timeout(grace, task).await;
     }
