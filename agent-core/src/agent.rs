@@ -1294,7 +1294,8 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
                     return self.ignored("revocation list not newer than the one held");
                 }
                 Err(_) => {
-                    return self.ignored("revocation list refused (malformed or not the manager's)");
+                    return self
+                        .ignored("revocation list refused (malformed or not the manager's)");
                 }
             };
         // Close the sessions with peers the new list names and the old one did not (a peer
@@ -3427,5 +3428,148 @@ mod test {
             after >= limit && after < limit + Duration::from_secs(2),
             "{after:?}"
         );
+    }
+
+    // ------------------------------------------------ revocation (issue 13)
+
+    /// A world whose agent pins the manager's key.
+    fn pinned_world() -> World {
+        world_with(store(), |c| {
+            c.manager_key = Some(Identity::from_seed([1; 32]).public())
+        })
+    }
+
+    /// `Message::Revocations` carrying `list`.
+    fn revocations_frame(list: &RevocationList) -> StdVec<u8> {
+        let mut buf = [0u8; baton_protocol::revocation::MAX_REVOCATION_BYTES];
+        let n = postcard::to_slice(list, &mut buf).unwrap().len();
+        Message::Revocations { list: &buf[..n] }.to_vec()
+    }
+
+    fn revoking(by: &Identity, version: u64, who: &[(&str, u64)]) -> RevocationList {
+        let entries = who
+            .iter()
+            .map(|(a, s)| baton_protocol::revocation::Revoked {
+                id: id(a),
+                up_to_serial: *s,
+            })
+            .collect();
+        RevocationList::sign(by, version, 1_000_000, entries)
+    }
+
+    #[test]
+    fn a_newer_signed_revocation_list_closes_sessions_with_the_agents_it_revokes() {
+        let mut w = pinned_world();
+        let victim = incoming(&mut w, 1, "victim");
+        let keeper = incoming(&mut w, 2, "keeper");
+        w.events();
+        // Not signed by the pinned manager key: ignored, nothing closed.
+        let forged = revoking(&Identity::from_seed([9; 32]), 5, &[("keeper", 9)]);
+        w.frame(ConnId::MANAGER, &revocations_frame(&forged))
+            .unwrap();
+        assert!(
+            !w.events()
+                .iter()
+                .any(|e| matches!(e, Event::Close { .. } | Event::Revocations { .. }))
+        );
+        assert!(w.agent.revocations().is_none());
+
+        let list = revoking(&w.manager, 2, &[("victim", 4)]);
+        w.frame(ConnId::MANAGER, &revocations_frame(&list)).unwrap();
+        let events = w.events();
+        assert!(events.contains(&Event::Revocations {
+            version: 2,
+            entries: 1
+        }));
+        assert!(events.contains(&Event::Close { conn: victim }));
+        assert!(!events.contains(&Event::Close { conn: keeper }));
+        assert_eq!(w.agent.revocations().map(|l| l.version), Some(2));
+
+        // An older list is not taken; the peer check refuses the victim's certificates.
+        let older = revoking(&w.manager, 1, &[]);
+        w.frame(ConnId::MANAGER, &revocations_frame(&older))
+            .unwrap();
+        assert_eq!(w.agent.revocations().map(|l| l.version), Some(2));
+        let key = Identity::from_seed([7; 32]).public();
+        let cert = |who: &str, serial| {
+            AgentCert::issue_with_term(&w.manager, id(who), key, Name::new(), 0, serial, 2_000_000)
+        };
+        assert_eq!(
+            w.agent.peer_cert_acceptable(&cert("victim", 4), w.now),
+            Err(revocation::CertRefusal::Revoked)
+        );
+        assert_eq!(
+            w.agent.peer_cert_acceptable(&cert("victim", 5), w.now),
+            Ok(())
+        );
+        assert_eq!(
+            w.agent.peer_cert_acceptable(&cert("keeper", 1), w.now),
+            Ok(())
+        );
+        // Expiry is judged by the manager's clock as learnt from the Welcome.
+        let short =
+            AgentCert::issue_with_term(&w.manager, id("keeper"), key, Name::new(), 0, 1, 1_000_005);
+        assert_eq!(w.agent.peer_cert_acceptable(&short, w.now), Ok(()));
+        assert_eq!(
+            w.agent
+                .peer_cert_acceptable(&short, w.now + Duration::from_secs(5)),
+            Err(revocation::CertRefusal::Expired)
+        );
+    }
+
+    #[test]
+    fn a_renewed_certificate_replaces_ours_only_when_it_is_ours_and_the_managers() {
+        let mut w = pinned_world();
+        let held = w.agent.cert().unwrap().clone();
+        let renewed = AgentCert::issue_with_term(
+            &w.manager,
+            held.id.clone(),
+            held.key,
+            held.segment.clone(),
+            held.score,
+            held.serial + 3,
+            2_000_000,
+        );
+        let mut other = renewed.clone();
+        other.id = id("a2");
+        for bad in [
+            other,
+            AgentCert::issue_with_term(
+                &Identity::from_seed([9; 32]),
+                held.id.clone(),
+                held.key,
+                held.segment.clone(),
+                0,
+                held.serial + 5,
+                2_000_000,
+            ),
+        ] {
+            w.frame(
+                ConnId::MANAGER,
+                &Message::CertRenewed { cert: bad }.to_vec(),
+            )
+            .unwrap();
+            assert_eq!(w.agent.cert(), Some(&held));
+        }
+        w.frame(
+            ConnId::MANAGER,
+            &Message::CertRenewed {
+                cert: renewed.clone(),
+            }
+            .to_vec(),
+        )
+        .unwrap();
+        assert_eq!(w.agent.cert(), Some(&renewed));
+        assert!(w.events().contains(&Event::CertRenewed {
+            serial: renewed.serial,
+            not_after: 2_000_000
+        }));
+        // From a peer, neither message is taken.
+        let peer = incoming(&mut w, 3, "a3");
+        assert_eq!(
+            w.frame(peer, &Message::CertRenewed { cert: held.clone() }.to_vec()),
+            Err(AgentError::Unexpected("CertRenewed"))
+        );
+        assert_eq!(w.agent.cert(), Some(&renewed));
     }
 }

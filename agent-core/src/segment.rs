@@ -1367,6 +1367,48 @@ mod test {
     }
 
     #[test]
+    fn a_revoked_member_leaves_at_once_and_its_datagrams_are_dropped() {
+        let mut net = Net::new(&[("a", "s", 100), ("b", "s", 300), ("c", "s", 200)]);
+        net.start_all();
+        net.run_until(ms(2500));
+        assert_eq!(net.leaders(), [Some(id("b")), Some(id("b")), Some(id("b"))]);
+        let entries = [baton_protocol::revocation::Revoked {
+            id: id("b"),
+            up_to_serial: 0,
+        }]
+        .into_iter()
+        .collect();
+        let list = RevocationList::sign(&manager(), 1, T0_MS / 1000, entries);
+        for i in [0, 2] {
+            let now = net.now;
+            net.nodes[i].seg.set_revocations(now, list.clone());
+            assert_eq!(
+                net.nodes[i].seg.leader(),
+                Some(&id("c")),
+                "re-elected at once"
+            );
+            assert_eq!(net.nodes[i].seg.member_count(), 2);
+            // What the new leader owes (its report) is due now: a driver fires at once.
+            net.nodes[i].seg.handle_timeout(now);
+        }
+        net.errors.clear();
+        net.run_until(ms(6000));
+        assert_eq!(net.nodes[0].seg.leader(), Some(&id("c")));
+        assert_eq!(
+            net.nodes[0].seg.member_count(),
+            2,
+            "b is not admitted again"
+        );
+        assert!(
+            net.errors
+                .iter()
+                .any(|(_, e)| *e == SegmentError::Certificate(CertRefusal::Revoked)),
+            "{:?}",
+            net.errors
+        );
+    }
+
+    #[test]
     fn round_trip_times_are_measured_and_reported() {
         let mut net = Net::new(&[("a", "s", 100), ("b", "s", 300), ("c", "s", 200)]);
         net.latency = ms(3);

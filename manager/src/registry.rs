@@ -573,6 +573,9 @@ impl Registry {
         let hash = secret_digest(token);
         match lock(&self.store).enrol_with_token(&hash, &id, &key, unix_now()) {
             Ok(_) => {}
+            // A revoked agent offering its old token again is told it is revoked; a fresh
+            // token from the administrator enrols the id afresh.
+            Err(_) if self.is_revoked(&id) => return Err(AuthError::Revoked(id.to_string())),
             Err(StoreError::BadToken) => return Err(AuthError::BadToken(id.to_string())),
             Err(StoreError::TokenUsed(by)) => return Err(AuthError::TokenUsed(id.to_string(), by)),
             Err(StoreError::TokenExpired(at)) => {
@@ -932,6 +935,154 @@ mod test {
         reg.check_bound_labels(&id("free"), &[]).unwrap();
         let again = Registry::load(reg.store().clone()).unwrap();
         assert!(again.check_bound_labels(&id("l"), &[]).is_err());
+    }
+
+    /// A registry whose revocation lists are signed by the manager of `handshake`.
+    fn signing_registry() -> Registry {
+        registry()
+            .with_revocation_signer(Identity::from_seed([1; 32]))
+            .unwrap()
+    }
+
+    /// The revocation list in a `Message::Revocations` frame.
+    fn list_in(frame: &[u8]) -> baton_protocol::revocation::RevocationList {
+        match baton_protocol::message::Message::decode(frame) {
+            Ok(baton_protocol::message::Message::Revocations { list }) => {
+                baton_protocol::revocation::RevocationList::decode(list).unwrap()
+            }
+            other => panic!("expected Revocations, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_revoked_agent_is_closed_refused_and_listed_and_enrolment_starts_it_afresh() {
+        let reg = signing_registry();
+        assert!(reg.revocation_frame().is_none(), "nothing revoked yet");
+        let victim = Identity::from_seed([2; 32]);
+        let keeper = Identity::from_seed([3; 32]);
+        reg.enrol(&id("victim"), &victim.public()).unwrap();
+        reg.enrol(&id("keeper"), &keeper.public()).unwrap();
+        let serial = lock(reg.store())
+            .next_cert_serial("victim", unix_now() + 3600)
+            .unwrap();
+        let session = |key: PublicKey| {
+            let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+            let close = Arc::new(Notify::new());
+            let s = Session {
+                generation: reg.next_generation(),
+                key,
+                addr: "127.0.0.1:1".parse().unwrap(),
+                control: tx,
+                close: close.clone(),
+            };
+            (s, rx, close)
+        };
+        let (s, mut victim_rx, victim_close) = session(victim.public());
+        reg.register(id("victim"), s);
+        let (s, mut keeper_rx, _) = session(keeper.public());
+        reg.register(id("keeper"), s);
+
+        let done = reg.revoke(&id("victim")).unwrap();
+        assert_eq!(done.record.up_to_serial, serial);
+        assert!(done.was_connected);
+        assert_eq!(done.sent_to, 1, "the keeper gets the list, not the victim");
+        // The victim's session is told why and closed.
+        let told = victim_rx.try_recv().unwrap();
+        assert!(
+            matches!(
+                baton_protocol::message::Message::decode(&told),
+                Ok(baton_protocol::message::Message::NotAccepted { reason }) if reason.contains("revoked")
+            ),
+            "{told:?}"
+        );
+        assert!(
+            notified_at_once(victim_close.notified()),
+            "the victim's session is told to close"
+        );
+        // Every other live session gets the signed list naming it.
+        let frame = keeper_rx.try_recv().unwrap();
+        let list = list_in(&frame);
+        list.verify(&Identity::from_seed([1; 32]).public()).unwrap();
+        assert_eq!(Some(list.version), done.list_version);
+        assert_eq!(list.entries.len(), 1);
+        assert_eq!(
+            (list.entries[0].id.as_str(), list.entries[0].up_to_serial),
+            ("victim", serial)
+        );
+        assert_eq!(reg.revocation_frame().as_deref(), Some(&frame));
+        // Refused from then on, with the reason, also after a restart.
+        assert_eq!(
+            reg.authorize(&handshake(&victim, hello("victim"))),
+            Err(AuthError::Revoked("victim".into()))
+        );
+        assert!(
+            AuthError::Revoked("victim".into())
+                .told_to_agent()
+                .contains("revoked")
+        );
+        let again = Registry::load(reg.store().clone()).unwrap();
+        assert_eq!(
+            again.authorize(&handshake(&victim, hello("victim"))),
+            Err(AuthError::Revoked("victim".into()))
+        );
+        assert!(!reg.is_enrolled(&id("victim")));
+        assert!(matches!(
+            reg.revoke(&id("nobody")),
+            Err(StoreError::NotFound(_))
+        ));
+        // Nothing changed: no new list.
+        assert_eq!(reg.publish_revocations(unix_now()).unwrap(), 0);
+        // Enrolled again by the administrator: accepted, its new certificates not covered.
+        reg.enrol(&id("victim"), &victim.public()).unwrap();
+        assert!(reg.authorize(&handshake(&victim, hello("victim"))).is_ok());
+        assert!(!reg.is_revoked(&id("victim")));
+    }
+
+    #[test]
+    fn the_list_holds_the_entries_expiring_last_and_drops_expired_ones() {
+        let now = unix_now();
+        let mut live: Vec<RevocationRecord> = (0..40u64)
+            .map(|i| RevocationRecord {
+                id: format!("a{i}"),
+                up_to_serial: i + 1,
+                expires_at: now + 1000 - i,
+                revoked_at: now,
+            })
+            .collect();
+        live.push(RevocationRecord {
+            id: "never-certified".into(),
+            up_to_serial: 0,
+            expires_at: 0,
+            revoked_at: now,
+        });
+        let (entries, left_out) = crate::revocation::list_entries(&live);
+        assert_eq!(entries.len(), baton_protocol::revocation::MAX_REVOKED);
+        assert_eq!(left_out, 40 - baton_protocol::revocation::MAX_REVOKED);
+        assert_eq!(entries[0].id.as_str(), "a0", "the latest expiry first");
+
+        // Through the store: an entry leaves the list once its certificates expired.
+        let reg = signing_registry();
+        let key = Identity::from_seed([2; 32]).public();
+        reg.enrol(&id("short"), &key).unwrap();
+        lock(reg.store())
+            .next_cert_serial("short", now + 5)
+            .unwrap();
+        reg.revoke(&id("short")).unwrap();
+        let listed = list_in(&reg.revocation_frame().unwrap());
+        assert_eq!(listed.entries.len(), 1);
+        reg.publish_revocations(now + 5).unwrap();
+        let later = list_in(&reg.revocation_frame().unwrap());
+        assert!(later.entries.is_empty() && later.version > listed.version);
+        assert!(reg.is_revoked(&id("short")), "still refused by the manager");
+    }
+
+    /// Whether a `Notified` future is ready at once (a permit was stored).
+    fn notified_at_once(fut: tokio::sync::futures::Notified<'_>) -> bool {
+        use std::future::Future as _;
+        let mut fut = std::pin::pin!(fut);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        fut.as_mut().poll(&mut cx).is_ready()
     }
 
     #[test]
