@@ -59,9 +59,12 @@ static OVERFLOW_LOG: SpacedLog = SpacedLog::new(WARN_EVERY);
 #[derive(Debug)]
 pub struct RevocationSigner {
     identity: Identity,
-    /// The latest list's entries and its `Message::Revocations` frame.
-    current: RwLock<Option<(Vec<Revoked>, Arc<Vec<u8>>)>>,
+    /// The latest list.
+    current: RwLock<Option<SignedList>>,
 }
+
+/// A signed list's entries and its `Message::Revocations` frame.
+type SignedList = (Vec<Revoked>, Arc<Vec<u8>>);
 
 /// The entries a list carries from the live revocations (latest expiry first): those that
 /// cover a certificate, at most [`MAX_REVOKED`]; and how many were left out.

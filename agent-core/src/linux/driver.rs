@@ -885,7 +885,7 @@ impl CertJson {
             encoded: {
                 let mut buf = [0u8; 512];
                 postcard::to_slice(cert, &mut buf)
-                    .map(|b| hex::encode(b))
+                    .map(hex::encode)
                     .unwrap_or_default()
             },
         }
