@@ -383,18 +383,8 @@ impl AgentPort {
             };
             let Some(frame) = frame else {
                 session.handle_timeout(origin.elapsed());
-                while let Some(msg) = session.poll_transmit() {
-                    if data_tx.send(msg.to_vec()).await.is_err() {
-                        return "writer stopped".into();
-                    }
-                }
-                while let Some(event) = session.poll_event() {
-                    if let Err(reason) = self
-                        .carry_out(session.agent(), session.key(), event, data_tx)
-                        .await
-                    {
-                        return reason;
-                    }
+                if let Err(reason) = self.drain(session, data_tx).await {
+                    return reason;
                 }
                 continue;
             };
@@ -417,21 +407,30 @@ impl AgentPort {
                     "messages over the session's rate limit dropped (Report, NextPlease, SegmentReport; count since the last such line, all agents)"
                 );
             }
-            // Pongs queue behind the chunk answers, as the agent asked for them.
-            while let Some(msg) = session.poll_transmit() {
-                if data_tx.send(msg.to_vec()).await.is_err() {
-                    return "writer stopped".into();
-                }
-            }
-            while let Some(event) = session.poll_event() {
-                if let Err(reason) = self
-                    .carry_out(session.agent(), session.key(), event, data_tx)
-                    .await
-                {
-                    return reason;
-                }
+            if let Err(reason) = self.drain(session, data_tx).await {
+                return reason;
             }
         }
+    }
+
+    /// Sends what an online session transmits and carries out its events; `Err` ends the
+    /// connection with that reason.
+    async fn drain(
+        &self,
+        session: &mut AgentSession,
+        data_tx: &mpsc::Sender<Vec<u8>>,
+    ) -> Result<(), String> {
+        // Pongs and renewed certificates queue behind the chunk answers.
+        while let Some(msg) = session.poll_transmit() {
+            if data_tx.send(msg.to_vec()).await.is_err() {
+                return Err("writer stopped".into());
+            }
+        }
+        while let Some(event) = session.poll_event() {
+            self.carry_out(session.agent(), session.key(), event, data_tx)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Replaces the segment an agent's report declares with the one it is placed in (the
