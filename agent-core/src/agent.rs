@@ -42,6 +42,12 @@
 //! and outlives the content. Without a root key, or before a document arrived, every
 //! manifest is refused (`NoTrust`). Expiry is judged on [`AgentConfig::clock`].
 //!
+//! Certificates and revocation: a `CertRenewed` replaces the certificate held (for
+//! the same id and key, signed by the pinned manager key, with a higher serial), and a
+//! newer signed `Revocations` list replaces the one held and closes the peer sessions
+//! with the agents it newly revokes ([`crate::revocation`]); drivers check every peer's
+//! certificate with [`Agent::peer_cert_acceptable`] or the same function of that module.
+//!
 //! Serving: a `ChunkRequest` is answered from any verified chunk held,
 //! including chunks of content still being fetched (cut-through); a request
 //! for a chunk of content being fetched that is not verified yet is parked
@@ -56,6 +62,7 @@ use baton_protocol::message::{
     CodecError, FailReason, Holding, MAX_HOLDINGS, MAX_RECEIVED_PER_PROGRESS, Received, Refusal,
     Report, Source, SourceRange, Trouble,
 };
+use baton_protocol::revocation::RevocationList;
 use baton_protocol::trust::{MAX_ROOT_KEYS, TrustAnchor, TrustDocument, TrustError};
 use baton_protocol::{
     AgentId, Delay, DelayTo, Digest, JobRef, Label, LinkInfo, MAX_LABELS, Manifest, Message, Name,
@@ -65,6 +72,7 @@ use heapless::{Deque, Vec};
 use serde::Serialize;
 use sha2::Digest as _;
 
+use crate::revocation;
 use crate::store::{ContentStore, StoreError, StoredAnchor, VersionRecord};
 
 /// Most chunk requests in flight per source (the configured window is capped at this).
@@ -236,6 +244,22 @@ pub enum Event {
         /// The store's error.
         error: StoreError,
     },
+    /// The manager renewed this agent's certificate over the live session: the new one is
+    /// in [`Agent::cert`] (peer handshakes and discovery use it from now on).
+    CertRenewed {
+        /// Its serial.
+        serial: u64,
+        /// When it expires (Unix seconds).
+        not_after: u64,
+    },
+    /// A newer signed revocation list arrived: it is in [`Agent::revocations`]; peer
+    /// sessions with agents it revokes are closed ([`Event::Close`] for each).
+    Revocations {
+        /// The list's version.
+        version: u64,
+        /// Its entries.
+        entries: usize,
+    },
 }
 
 /// Why an input was refused. The driver closes the connection when [`AgentError::must_close`].
@@ -315,6 +339,9 @@ pub struct AgentConfig {
     pub root_threshold: u8,
     /// Which clock judges the expiry of manifests and trust documents.
     pub clock: AgentClock,
+    /// The manager's key (pinned): checks revocation lists and renewed certificates; without
+    /// it both are ignored.
+    pub manager_key: Option<PublicKey>,
     /// Least time between two `Progress` messages.
     pub progress_interval: Duration,
     /// Pause before asking a source again after a refusal.
@@ -345,6 +372,7 @@ impl AgentConfig {
             roots: Vec::new(),
             root_threshold: 1,
             clock: AgentClock::ManagerMonotonic,
+            manager_key: None,
             progress_interval: Duration::from_millis(250),
             retry_delay: Duration::from_millis(100),
             request_timeout: Duration::from_secs(30),
@@ -830,6 +858,8 @@ pub struct Agent<
     trust: Trust,
     /// Unix time for expiry.
     clock: Clock,
+    /// The newest signed revocation list from the manager.
+    revocations: Option<RevocationList>,
 }
 
 /// Measures the round-trip time to the manager with `Ping`/`Pong` (claim 9's delays).
@@ -948,6 +978,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             served_other: 0,
             peer_delays: Vec::new(),
             throttles: Vec::new(),
+            revocations: None,
         }
     }
 
@@ -1007,6 +1038,23 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
     /// The manager's certificate for this agent, once welcomed (shown to peers in handshakes).
     pub fn cert(&self) -> Option<&AgentCert> {
         self.welcome.as_ref().map(|w| &w.cert)
+    }
+
+    /// The newest signed revocation list from the manager, if one arrived.
+    pub fn revocations(&self) -> Option<&RevocationList> {
+        self.revocations.as_ref()
+    }
+
+    /// Whether a peer's certificate (already checked as the manager's, the key proven) may
+    /// be used now ([`revocation::peer_cert_acceptable`] with the list held and the
+    /// manager's clock as learnt from `Welcome`): for drivers that check peers beside the
+    /// agent, like the firmware.
+    pub fn peer_cert_acceptable(
+        &self,
+        cert: &AgentCert,
+        now: Duration,
+    ) -> Result<(), revocation::CertRefusal> {
+        revocation::peer_cert_acceptable(cert, self.revocations.as_ref(), self.unix_time(now))
     }
 
     /// The Unix time (seconds) expiry is judged by, per [`AgentConfig::clock`]; `None` while
@@ -1386,6 +1434,14 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
                 self.on_trust(now, document);
                 Ok(())
             }
+            Message::Revocations { list } if from_manager => {
+                self.on_revocations(list);
+                Ok(())
+            }
+            Message::CertRenewed { cert } if from_manager => {
+                self.on_cert_renewed(cert);
+                Ok(())
+            }
             Message::Fetch {
                 job,
                 manifest,
@@ -1461,6 +1517,70 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
     }
 
     // -------------------------------------------------------------- handlers
+
+    /// A revocation list from the manager: taken when signed by the pinned manager key and
+    /// newer than the one held; peer sessions with agents it newly revokes are closed.
+    fn on_revocations(&mut self, bytes: &[u8]) {
+        let held = self.revocations.as_ref().map(|l| l.version);
+        let list =
+            match revocation::accept_revocations(bytes, self.config.manager_key.as_ref(), held) {
+                Ok(list) => list,
+                Err(revocation::ManagerDocError::Stale) => {
+                    return self.ignored("revocation list not newer than the one held");
+                }
+                Err(_) => {
+                    return self
+                        .ignored("revocation list refused (malformed or not the manager's)");
+                }
+            };
+        // Close the sessions with peers the new list names and the old one did not (a peer
+        // enrolled again since an old entry is not closed each time the list changes).
+        let newly = |id: &AgentId, old: Option<&RevocationList>| {
+            let up_to = |l: &RevocationList| {
+                l.entries
+                    .iter()
+                    .find(|e| e.id == *id)
+                    .map(|e| e.up_to_serial)
+            };
+            match (up_to(&list), old.and_then(up_to)) {
+                (Some(new), Some(old)) => new > old,
+                (Some(_), None) => true,
+                _ => false,
+            }
+        };
+        let mut close: Vec<ConnId, PEERS> = Vec::new();
+        for p in self.peers.iter() {
+            if let Some(conn) = p.conn
+                && newly(&p.id, self.revocations.as_ref())
+            {
+                let _ = close.push(conn);
+            }
+        }
+        let (version, entries) = (list.version, list.entries.len());
+        self.revocations = Some(list);
+        self.event(Event::Revocations { version, entries });
+        for conn in close {
+            self.event(Event::Close { conn });
+        }
+    }
+
+    /// A renewed certificate from the manager: taken when it is for this agent's id and key,
+    /// signed by the pinned manager key, with a higher serial.
+    fn on_cert_renewed(&mut self, cert: AgentCert) {
+        let Some(welcome) = self.welcome.as_mut() else {
+            return self.ignored("renewed certificate before the Welcome");
+        };
+        match revocation::accept_renewal(&cert, &welcome.cert, self.config.manager_key.as_ref()) {
+            Ok(()) => {
+                let (serial, not_after) = (cert.serial, cert.not_after);
+                welcome.cert = cert;
+                self.event(Event::CertRenewed { serial, not_after });
+            }
+            Err(_) => {
+                self.ignored("renewed certificate refused (not ours, not the manager's, or older)")
+            }
+        }
+    }
 
     /// Whether an instruction for `job` is current (not older than an epoch seen for it); records it.
     fn fence(&mut self, job: JobRef) -> bool {
@@ -4062,5 +4182,148 @@ mod test {
                 ..
             }
         )));
+    }
+
+    // ------------------------------------------------ revocation (issue 13)
+
+    /// A world whose agent pins the manager's key.
+    fn pinned_world() -> World {
+        world_with(store(), |c| {
+            c.manager_key = Some(Identity::from_seed([1; 32]).public())
+        })
+    }
+
+    /// `Message::Revocations` carrying `list`.
+    fn revocations_frame(list: &RevocationList) -> StdVec<u8> {
+        let mut buf = [0u8; baton_protocol::revocation::MAX_REVOCATION_BYTES];
+        let n = postcard::to_slice(list, &mut buf).unwrap().len();
+        Message::Revocations { list: &buf[..n] }.to_vec()
+    }
+
+    fn revoking(by: &Identity, version: u64, who: &[(&str, u64)]) -> RevocationList {
+        let entries = who
+            .iter()
+            .map(|(a, s)| baton_protocol::revocation::Revoked {
+                id: id(a),
+                up_to_serial: *s,
+            })
+            .collect();
+        RevocationList::sign(by, version, 1_000_000, entries)
+    }
+
+    #[test]
+    fn a_newer_signed_revocation_list_closes_sessions_with_the_agents_it_revokes() {
+        let mut w = pinned_world();
+        let victim = incoming(&mut w, 1, "victim");
+        let keeper = incoming(&mut w, 2, "keeper");
+        w.events();
+        // Not signed by the pinned manager key: ignored, nothing closed.
+        let forged = revoking(&Identity::from_seed([9; 32]), 5, &[("keeper", 9)]);
+        w.frame(ConnId::MANAGER, &revocations_frame(&forged))
+            .unwrap();
+        assert!(
+            !w.events()
+                .iter()
+                .any(|e| matches!(e, Event::Close { .. } | Event::Revocations { .. }))
+        );
+        assert!(w.agent.revocations().is_none());
+
+        let list = revoking(&w.manager, 2, &[("victim", 4)]);
+        w.frame(ConnId::MANAGER, &revocations_frame(&list)).unwrap();
+        let events = w.events();
+        assert!(events.contains(&Event::Revocations {
+            version: 2,
+            entries: 1
+        }));
+        assert!(events.contains(&Event::Close { conn: victim }));
+        assert!(!events.contains(&Event::Close { conn: keeper }));
+        assert_eq!(w.agent.revocations().map(|l| l.version), Some(2));
+
+        // An older list is not taken; the peer check refuses the victim's certificates.
+        let older = revoking(&w.manager, 1, &[]);
+        w.frame(ConnId::MANAGER, &revocations_frame(&older))
+            .unwrap();
+        assert_eq!(w.agent.revocations().map(|l| l.version), Some(2));
+        let key = Identity::from_seed([7; 32]).public();
+        let cert = |who: &str, serial| {
+            AgentCert::issue_with_term(&w.manager, id(who), key, Name::new(), 0, serial, 2_000_000)
+        };
+        assert_eq!(
+            w.agent.peer_cert_acceptable(&cert("victim", 4), w.now),
+            Err(revocation::CertRefusal::Revoked)
+        );
+        assert_eq!(
+            w.agent.peer_cert_acceptable(&cert("victim", 5), w.now),
+            Ok(())
+        );
+        assert_eq!(
+            w.agent.peer_cert_acceptable(&cert("keeper", 1), w.now),
+            Ok(())
+        );
+        // Expiry is judged by the manager's clock as learnt from the Welcome.
+        let short =
+            AgentCert::issue_with_term(&w.manager, id("keeper"), key, Name::new(), 0, 1, 1_000_005);
+        assert_eq!(w.agent.peer_cert_acceptable(&short, w.now), Ok(()));
+        assert_eq!(
+            w.agent
+                .peer_cert_acceptable(&short, w.now + Duration::from_secs(5)),
+            Err(revocation::CertRefusal::Expired)
+        );
+    }
+
+    #[test]
+    fn a_renewed_certificate_replaces_ours_only_when_it_is_ours_and_the_managers() {
+        let mut w = pinned_world();
+        let held = w.agent.cert().unwrap().clone();
+        let renewed = AgentCert::issue_with_term(
+            &w.manager,
+            held.id.clone(),
+            held.key,
+            held.segment.clone(),
+            held.score,
+            held.serial + 3,
+            2_000_000,
+        );
+        let mut other = renewed.clone();
+        other.id = id("a2");
+        for bad in [
+            other,
+            AgentCert::issue_with_term(
+                &Identity::from_seed([9; 32]),
+                held.id.clone(),
+                held.key,
+                held.segment.clone(),
+                0,
+                held.serial + 5,
+                2_000_000,
+            ),
+        ] {
+            w.frame(
+                ConnId::MANAGER,
+                &Message::CertRenewed { cert: bad }.to_vec(),
+            )
+            .unwrap();
+            assert_eq!(w.agent.cert(), Some(&held));
+        }
+        w.frame(
+            ConnId::MANAGER,
+            &Message::CertRenewed {
+                cert: renewed.clone(),
+            }
+            .to_vec(),
+        )
+        .unwrap();
+        assert_eq!(w.agent.cert(), Some(&renewed));
+        assert!(w.events().contains(&Event::CertRenewed {
+            serial: renewed.serial,
+            not_after: 2_000_000
+        }));
+        // From a peer, neither message is taken.
+        let peer = incoming(&mut w, 3, "a3");
+        assert_eq!(
+            w.frame(peer, &Message::CertRenewed { cert: held.clone() }.to_vec()),
+            Err(AgentError::Unexpected("CertRenewed"))
+        );
+        assert_eq!(w.agent.cert(), Some(&renewed));
     }
 }

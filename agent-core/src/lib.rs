@@ -9,6 +9,8 @@
 //! - [`agent`]: the state machine (SPEC.md §5): reports, manifest checks,
 //!   windowed fetching from the manager and peers, verification before
 //!   storing, progress and confirmation, cut-through serving, resume.
+//! - [`revocation`]: the checks of revoked and expired peer certificates, revocation
+//!   lists and renewed certificates, shared by every driver.
 //! - [`store`]: the [`store::ContentStore`] trait the agent stores through.
 //! - [`flash`]: [`flash::FlashStore`], one content in a NOR flash partition,
 //!   safe against power cuts (any `embedded_storage` NOR flash).
@@ -28,6 +30,7 @@ pub mod linux;
 pub mod agent;
 pub mod flash;
 pub mod records;
+pub mod revocation;
 pub mod segment;
 pub mod store;
 pub mod trust_wire;

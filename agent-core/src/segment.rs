@@ -56,7 +56,10 @@
 //! **Cost.** Checking a datagram takes two Ed25519 verifications (the
 //! certificate, then the signature), the expensive part. They come last,
 //! after the cheap checks in this order: size and decoding, our own
-//! loop-back, the segment named and certified, freshness, replay, whether
+//! loop-back, the segment named and certified, the sender's certificate not
+//! revoked by the manager's list nor expired ([`Segment::set_revocations`];
+//! the claimed certificate, so a forgery naming a revoked agent costs nothing),
+//! freshness, replay, whether
 //! the sender may send this kind of datagram, and a per-sender token bucket
 //! (`sender_rate` datagrams per second, bursts of `sender_burst`; senders
 //! not in the table share one bucket of the same size). So a flood costs at
@@ -76,9 +79,11 @@
 use core::net::SocketAddr;
 use core::time::Duration;
 
+use crate::revocation::{CertRefusal, peer_cert_acceptable};
 use baton_protocol::discovery::{self, Announcement, Datagram, DiscoveryError};
 use baton_protocol::identity::{AgentCert, Identity};
 use baton_protocol::message::{MAX_MEMBERS_PER_PAGE, SegmentMember, SegmentReport};
+use baton_protocol::revocation::RevocationList;
 use baton_protocol::{AgentId, Delay, DelayTo, LinkInfo, MAX_DELAYS, Name, PeerAddr, PublicKey};
 use heapless::{Deque, Vec};
 
@@ -259,6 +264,8 @@ pub enum SegmentError {
     Stale,
     /// The sender (or, for senders not in the table, all of them together) exceeded its rate.
     RateLimited,
+    /// The sender's certificate is revoked or expired ([`crate::revocation`]).
+    Certificate(CertRefusal),
 }
 
 impl core::fmt::Display for SegmentError {
@@ -276,6 +283,7 @@ impl core::fmt::Display for SegmentError {
             }
             SegmentError::Stale => f.write_str("datagram too far from the manager's clock"),
             SegmentError::RateLimited => f.write_str("sender over its datagram rate"),
+            SegmentError::Certificate(e) => write!(f, "{e}"),
         }
     }
 }
@@ -342,6 +350,8 @@ pub struct Segment<const MEMBERS: usize = MAX_MEMBERS> {
     /// Ed25519 verifications done on received datagrams.
     signature_checks: u64,
     members: Vec<Member, MEMBERS>,
+    /// The manager's newest revocation list: datagrams of agents it revokes are dropped.
+    revocations: Option<RevocationList>,
     leader: Option<AgentId>,
     term: u32,
     started_at: Duration,
@@ -391,6 +401,7 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
             newcomers: Bucket::full(Duration::ZERO, 0),
             signature_checks: 0,
             members: Vec::new(),
+            revocations: None,
             leader: None,
             term: 0,
             started_at: Duration::ZERO,
@@ -436,6 +447,40 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
         self.next_member = now + self.config.member_interval;
         self.next_report = now + self.config.beacon_interval * 2;
         self.elect(now);
+    }
+
+    /// Replaces this agent's certificate (renewed by the manager over the live session);
+    /// the clock and the sequence numbers go on.
+    pub fn set_cert(&mut self, now: Duration, cert: AgentCert) {
+        if self.cert.is_none() {
+            return;
+        }
+        self.cert = Some(cert);
+        if self.rescore() {
+            self.elect(now);
+        }
+    }
+
+    /// Takes the manager's newest revocation list: from now on datagrams of agents it
+    /// revokes (or whose certificates expired) are dropped, and members it names leave the
+    /// table at once (a member enrolled again comes back with its next beacon).
+    pub fn set_revocations(&mut self, now: Duration, list: RevocationList) {
+        let mut left: Vec<AgentId, MEMBERS> = Vec::new();
+        self.members.retain(|m| {
+            let named = list.entries.iter().any(|e| e.id == m.id);
+            if named && m.live {
+                let _ = left.push(m.id.clone());
+            }
+            !named
+        });
+        self.revocations = Some(list);
+        if !left.is_empty() {
+            for id in left {
+                self.event(SegmentEvent::MemberLeft { id });
+            }
+            self.report_due = true;
+            self.elect(now);
+        }
     }
 
     /// Asks for a report as soon as the spacing allows (e.g. the manager session
@@ -673,6 +718,8 @@ impl<const MEMBERS: usize> Segment<MEMBERS> {
             return Err(SegmentError::UncertifiedSegment);
         }
         let ours = self.manager_ms(now);
+        peer_cert_acceptable(&dg.sender, self.revocations.as_ref(), Some(ours / 1000))
+            .map_err(SegmentError::Certificate)?;
         let skew = u64::try_from(self.config.max_clock_skew.as_millis()).unwrap_or(u64::MAX);
         if dg.time_ms.abs_diff(ours) > skew {
             return Err(SegmentError::Stale);
@@ -1317,6 +1364,48 @@ mod test {
                 .all(|(_, e)| *e == SegmentError::OtherSegment)
         );
         assert!(!net.errors.is_empty());
+    }
+
+    #[test]
+    fn a_revoked_member_leaves_at_once_and_its_datagrams_are_dropped() {
+        let mut net = Net::new(&[("a", "s", 100), ("b", "s", 300), ("c", "s", 200)]);
+        net.start_all();
+        net.run_until(ms(2500));
+        assert_eq!(net.leaders(), [Some(id("b")), Some(id("b")), Some(id("b"))]);
+        let entries = [baton_protocol::revocation::Revoked {
+            id: id("b"),
+            up_to_serial: 0,
+        }]
+        .into_iter()
+        .collect();
+        let list = RevocationList::sign(&manager(), 1, T0_MS / 1000, entries);
+        for i in [0, 2] {
+            let now = net.now;
+            net.nodes[i].seg.set_revocations(now, list.clone());
+            assert_eq!(
+                net.nodes[i].seg.leader(),
+                Some(&id("c")),
+                "re-elected at once"
+            );
+            assert_eq!(net.nodes[i].seg.member_count(), 2);
+            // What the new leader owes (its report) is due now: a driver fires at once.
+            net.nodes[i].seg.handle_timeout(now);
+        }
+        net.errors.clear();
+        net.run_until(ms(6000));
+        assert_eq!(net.nodes[0].seg.leader(), Some(&id("c")));
+        assert_eq!(
+            net.nodes[0].seg.member_count(),
+            2,
+            "b is not admitted again"
+        );
+        assert!(
+            net.errors
+                .iter()
+                .any(|(_, e)| *e == SegmentError::Certificate(CertRefusal::Revoked)),
+            "{:?}",
+            net.errors
+        );
     }
 
     #[test]

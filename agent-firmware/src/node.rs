@@ -661,11 +661,11 @@ impl Node {
         let Some(hs) = self.hs[engine(kind)].take() else {
             return;
         };
-        // The responder decides about the initiator now, before the session is used.
+        // The responder decides about the initiator now, before the session is used; both
+        // sides refuse a peer whose certificate is revoked or expired (agent-core's check).
         let peer_id = match kind {
             Kind::Manager => None,
-            Kind::Outgoing => self.slots[i].peer.as_ref().map(|p| p.0.clone()),
-            Kind::Incoming => {
+            Kind::Outgoing | Kind::Incoming => {
                 let Some(manager) = self.manager_key else {
                     return self.close(i, "no manager key to check certificates");
                 };
@@ -673,7 +673,17 @@ impl Node {
                     defmt::warn!("slot {}: peer refused: {}", i, e);
                     return self.close(i, "bad certificate");
                 }
-                hs.remote_hello().map(|h| h.id.clone())
+                if let Some(cert) = hs.remote_hello().and_then(|h| h.cert.as_ref())
+                    && let Err(e) = self.agent.peer_cert_acceptable(cert, agent_now())
+                {
+                    defmt::warn!("slot {}: peer refused: {}", i, e);
+                    return self.close(i, "revoked or expired certificate");
+                }
+                if kind == Kind::Outgoing {
+                    self.slots[i].peer.as_ref().map(|p| p.0.clone())
+                } else {
+                    hs.remote_hello().map(|h| h.id.clone())
+                }
             }
         };
         let (seal, open) = match hs.finish() {
@@ -1014,6 +1024,12 @@ impl Node {
             Event::RecordFailed { what, error } => {
                 defmt::error!("{=str} failed: {}", what, error)
             }
+            Event::CertRenewed { serial, .. } => {
+                defmt::info!("certificate renewed (serial {})", serial)
+            }
+            Event::Revocations { version, entries } => {
+                defmt::info!("revocation list {} ({} entries)", version, entries)
+            }
             _ => {}
         }
     }
@@ -1263,6 +1279,8 @@ pub fn agent_config(cfg: Option<&Config>, id: AgentId, ip: [u8; 4]) -> AgentConf
             let _ = c.roots.push(PublicKey(*k));
         }
         c.root_threshold = cfg.root_threshold.max(1);
+        // Checks the manager's revocation lists and renewed certificates.
+        c.manager_key = Some(PublicKey(cfg.manager_key));
     }
     c
 }

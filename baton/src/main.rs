@@ -272,6 +272,7 @@ content-dir = ["/srv/firmware", "/srv/bundles"]
 log = "warn,baton_manager=debug"
 publisher-key = "/etc/baton/publisher.key"
 trust = "/etc/baton/trust.bin"
+cert-lifetime = "12h"
 "#;
 
     fn serve(args: &[&str]) -> Result<cli::serve::ServeArgs, clap::Error> {
@@ -334,6 +335,7 @@ trust = "/etc/baton/trust.bin"
             opts.trust.as_deref(),
             Some(std::path::Path::new("/etc/baton/trust.bin"))
         );
+        assert_eq!(opts.cert_lifetime.as_secs(), 12 * 3600);
         assert_eq!(from_file.log_filter(), "warn,baton_manager=debug");
         // Every setting differs from the default, so none of the above passed by accident.
         assert_ne!(format!("{:?}", defaults.options()), format!("{opts:?}"));

@@ -9,6 +9,10 @@
 //!   [`FIRST_REPORT_TIMEOUT`]; it is answered with `Welcome` (the agent's
 //!   certificate, the manager's clock and the publisher keys) and the agent is
 //!   online;
+//! - the certificate carries a serial from the config's [`CertSerials`] (the manager's
+//!   persisted counter) and expires after the config's certificate lifetime
+//!   ([`DEFAULT_CERT_LIFETIME`]); at half its lifetime the session renews it over the
+//!   live connection (`CertRenewed`, from [`AgentSession::handle_timeout`]);
 //! - then `Ping` is answered with `Pong`; a `ChunkRequest` is for the content
 //!   library; a later `Report` (same id) and `Progress`, `Have`, `Failed`,
 //!   `NextPlease`, `PeerTrouble` and `Pong` are for the engine; a
@@ -32,6 +36,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use baton_protocol::identity::{AgentCert, Identity};
@@ -43,6 +48,27 @@ use crate::rate_limit::{Rate, TokenBucket};
 
 /// How long a new session has to receive its first `Report` after the handshake.
 pub const FIRST_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an agent certificate is valid by default (`baton serve --cert-lifetime`); the
+/// session renews it at half that.
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// Where certificate serials come from: the manager's persisted counter, which only grows
+/// (a revocation names every certificate of an agent up to one serial).
+pub trait CertSerials: Send + Sync + core::fmt::Debug {
+    /// The serial of a new certificate for `agent` that expires at `not_after` (Unix
+    /// seconds); `Err` says why none can be issued (the session then ends).
+    fn next_serial(&self, agent: &AgentId, not_after: u64) -> Result<u64, String>;
+}
+
+/// Serials counted in memory from 1 (the simulator and tests; not persisted).
+#[derive(Debug, Default)]
+pub struct CountedSerials(AtomicU64);
+
+impl CertSerials for CountedSerials {
+    fn next_serial(&self, _agent: &AgentId, _not_after: u64) -> Result<u64, String> {
+        Ok(self.0.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+}
 
 /// How many messages of each rate-limited kind one session may send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +106,8 @@ pub struct SessionConfig {
     first_report_timeout: Duration,
     limits: SessionLimits,
     max_election_score: u32,
+    cert_lifetime: Duration,
+    serials: Arc<dyn CertSerials>,
 }
 
 impl SessionConfig {
@@ -96,7 +124,27 @@ impl SessionConfig {
             first_report_timeout: FIRST_REPORT_TIMEOUT,
             limits: SessionLimits::default(),
             max_election_score: baton_protocol::discovery::MAX_CAPABILITY_SCORE,
+            cert_lifetime: DEFAULT_CERT_LIFETIME,
+            serials: Arc::new(CountedSerials::default()),
         }
+    }
+
+    /// The same with certificates valid for `lifetime` (at least one second), renewed at
+    /// half that.
+    pub fn with_cert_lifetime(mut self, lifetime: Duration) -> Self {
+        self.cert_lifetime = lifetime.max(Duration::from_secs(1));
+        self
+    }
+
+    /// How long the certificates the sessions issue are valid.
+    pub fn cert_lifetime(&self) -> Duration {
+        self.cert_lifetime
+    }
+
+    /// The same with certificate serials from `serials` (default: counted in memory).
+    pub fn with_serials(mut self, serials: Arc<dyn CertSerials>) -> Self {
+        self.serials = serials;
+        self
     }
 
     /// The same with other rate limits for the sessions' messages.
@@ -137,26 +185,30 @@ impl SessionConfig {
         self.first_report_timeout
     }
 
-    /// The `Welcome` for agent `id` with key `key`, placed at `placement`, at `unix_time`:
-    /// the one place it is made.
-    fn welcome(
+    /// A certificate for agent `id` with key `key`, placed at `placement`, issued at
+    /// `unix_time`: the next serial, expiring after the certificate lifetime. The one
+    /// place the manager issues certificates (`Welcome` and `CertRenewed`).
+    fn certificate(
         &self,
         id: AgentId,
         key: PublicKey,
         placement: &Placement,
         unix_time: u64,
-    ) -> Message<'static> {
-        Message::Welcome {
-            cert: AgentCert::issue_certified(
-                &self.identity,
-                id,
-                key,
-                placement.segment_name(),
-                placement.certified_score(self.max_election_score),
-            ),
-            unix_time,
-            publishers: self.publishers.clone(),
-        }
+    ) -> Result<AgentCert, SessionError> {
+        let not_after = unix_time.saturating_add(self.cert_lifetime.as_secs().max(1));
+        let serial = self
+            .serials
+            .next_serial(&id, not_after)
+            .map_err(|reason| SessionError::NoCertificate { reason })?;
+        Ok(AgentCert::issue_with_term(
+            &self.identity,
+            id,
+            key,
+            placement.segment_name(),
+            placement.certified_score(self.max_election_score),
+            serial,
+            not_after,
+        ))
     }
 }
 
@@ -182,6 +234,12 @@ pub enum SessionError {
     /// A frame did not decode as a message.
     #[error("malformed message: {0}")]
     Malformed(CodecError),
+    /// No certificate could be issued (the serial could not be recorded).
+    #[error("cannot issue a certificate: {reason}")]
+    NoCertificate {
+        /// Why.
+        reason: String,
+    },
     /// The agent kept sending messages over the session's rate limits.
     #[error("flooding: {dropped} messages over the rate limits dropped (last: {kind})")]
     Flooding {
@@ -229,8 +287,8 @@ pub enum SessionEvent {
 enum State {
     /// Handshake done; the first report is due by `deadline`.
     AwaitingReport { deadline: Duration },
-    /// Welcomed: messages are routed.
-    Open,
+    /// Welcomed: messages are routed; the certificate is renewed at `renew_at`.
+    Open { renew_at: Duration },
     /// Ended; input is ignored.
     Closed,
 }
@@ -263,6 +321,9 @@ pub struct AgentSession {
     config: Arc<SessionConfig>,
     placement: Option<Placement>,
     state: State,
+    /// The session's clock and the wall clock when the `Welcome` went out (renewed
+    /// certificates are dated from them).
+    welcomed: (Duration, u64),
     transmit: VecDeque<Message<'static>>,
     events: VecDeque<SessionEvent>,
     buckets: Buckets,
@@ -300,6 +361,7 @@ impl AgentSession {
             key,
             placement: None,
             state: State::AwaitingReport { deadline },
+            welcomed: (now, 0),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             buckets: Buckets::new(config.limits, now),
@@ -337,7 +399,7 @@ impl AgentSession {
 
     /// Whether the first report arrived and the session is not over.
     pub fn is_online(&self) -> bool {
-        self.state == State::Open
+        matches!(self.state, State::Open { .. })
     }
 
     /// Whether the session is over.
@@ -355,23 +417,48 @@ impl AgentSession {
                     self.config.first_report_timeout,
                 ));
             }
-            State::AwaitingReport { .. } => self.first(unix_time, frame),
-            State::Open => self.route(now, frame),
+            State::AwaitingReport { .. } => self.first(now, unix_time, frame),
+            State::Open { .. } => self.route(now, frame),
         }
     }
 
-    /// The timer armed at [`AgentSession::poll_timeout`] fired at `now`.
+    /// The timer armed at [`AgentSession::poll_timeout`] fired at `now`: the first report
+    /// is overdue, or the certificate is at half its lifetime and is renewed
+    /// (`CertRenewed`).
     pub fn handle_timeout(&mut self, now: Duration) {
-        if let State::AwaitingReport { deadline } = self.state
-            && now >= deadline
-        {
-            self.close(SessionError::NoFirstReport(
-                self.config.first_report_timeout,
-            ));
+        match self.state {
+            State::AwaitingReport { deadline } if now >= deadline => {
+                self.close(SessionError::NoFirstReport(
+                    self.config.first_report_timeout,
+                ));
+            }
+            State::Open { renew_at } if now >= renew_at => self.renew(now),
+            _ => {}
         }
     }
 
-    /// The next message to send on this connection (`Welcome`, `Pong`).
+    /// Issues the agent a new certificate (same placement, next serial) over this session.
+    fn renew(&mut self, now: Duration) {
+        let Some(placement) = self.placement.as_ref() else {
+            return;
+        };
+        let (at, unix) = self.welcomed;
+        let unix_now = unix.saturating_add(now.saturating_sub(at).as_secs());
+        match self
+            .config
+            .certificate(self.agent.clone(), self.key, placement, unix_now)
+        {
+            Ok(cert) => {
+                self.transmit.push_back(Message::CertRenewed { cert });
+                self.state = State::Open {
+                    renew_at: now + self.config.cert_lifetime / 2,
+                };
+            }
+            Err(e) => self.close(e),
+        }
+    }
+
+    /// The next message to send on this connection (`Welcome`, `CertRenewed`, `Pong`).
     pub fn poll_transmit(&mut self) -> Option<Message<'static>> {
         self.transmit.pop_front()
     }
@@ -381,11 +468,13 @@ impl AgentSession {
         self.events.pop_front()
     }
 
-    /// When [`AgentSession::handle_timeout`] is due: the first report's deadline, while it is awaited.
+    /// When [`AgentSession::handle_timeout`] is due: the first report's deadline while it
+    /// is awaited, then when the certificate is renewed.
     pub fn poll_timeout(&self) -> Option<Duration> {
         match self.state {
             State::AwaitingReport { deadline } => Some(deadline),
-            State::Open | State::Closed => None,
+            State::Open { renew_at } => Some(renew_at),
+            State::Closed => None,
         }
     }
 
@@ -423,18 +512,31 @@ impl AgentSession {
     }
 
     /// The first message: the agent's report about itself, answered with `Welcome`.
-    fn first(&mut self, unix_time: u64, frame: &[u8]) {
+    fn first(&mut self, now: Duration, unix_time: u64, frame: &[u8]) {
         match Message::decode(frame) {
             Ok(Message::Report(report)) if report.id == self.agent => {
                 let cap = self.config.max_election_score;
                 let placement = self
                     .placement
                     .get_or_insert_with(|| Placement::at_enrolment(&report, cap));
-                let welcome =
-                    self.config
-                        .welcome(self.agent.clone(), self.key, placement, unix_time);
-                self.transmit.push_back(welcome);
-                self.state = State::Open;
+                let cert = match self.config.certificate(
+                    self.agent.clone(),
+                    self.key,
+                    placement,
+                    unix_time,
+                ) {
+                    Ok(cert) => cert,
+                    Err(e) => return self.close(e),
+                };
+                self.transmit.push_back(Message::Welcome {
+                    cert,
+                    unix_time,
+                    publishers: self.config.publishers.clone(),
+                });
+                self.welcomed = (now, unix_time);
+                self.state = State::Open {
+                    renew_at: now + self.config.cert_lifetime / 2,
+                };
                 self.events.push_back(SessionEvent::Online {
                     report: Box::new(report),
                 });
@@ -609,9 +711,13 @@ mod test {
             }]
         );
         assert!(s.is_online());
-        assert_eq!(s.poll_timeout(), None, "no deadline once welcomed");
+        assert_eq!(
+            s.poll_timeout(),
+            Some(Duration::from_secs(6) + DEFAULT_CERT_LIFETIME / 2),
+            "once welcomed, the next deadline is the certificate's renewal"
+        );
         s.handle_timeout(Duration::from_secs(60));
-        assert!(events(&mut s).is_empty());
+        assert!(events(&mut s).is_empty() && transmits(&mut s).is_empty());
     }
 
     /// The certificate in a `Welcome` of a session placed (or not) beforehand.
@@ -647,6 +753,61 @@ mod test {
         assert_eq!(cert.segment.as_str(), "seg-9");
         assert_eq!(cert.score, 40);
         cert.verify(&manager().public()).unwrap();
+    }
+
+    #[test]
+    fn the_certificate_has_a_serial_and_a_term_and_is_renewed_at_half_its_lifetime() {
+        let lifetime = Duration::from_secs(600);
+        let config = Arc::new((*config()).clone().with_cert_lifetime(lifetime));
+        let mut s = AgentSession::new(Duration::from_secs(5), id("a1"), agent_key(), config);
+        let first = welcomed_cert(&mut s);
+        assert_eq!(first.not_after, UNIX + 600);
+        assert!(first.serial > 0);
+        let _ = events(&mut s);
+        let renew_at = Duration::from_secs(6 + 300);
+        assert_eq!(s.poll_timeout(), Some(renew_at));
+        s.handle_timeout(renew_at - Duration::from_millis(1));
+        assert!(transmits(&mut s).is_empty(), "not before half its lifetime");
+        s.handle_timeout(renew_at);
+        let renewed = match transmits(&mut s).as_slice() {
+            [Message::CertRenewed { cert }] => cert.clone(),
+            other => panic!("expected one CertRenewed, got {other:?}"),
+        };
+        renewed.verify(&manager().public()).unwrap();
+        assert_eq!((renewed.id.clone(), renewed.key), (first.id, first.key));
+        assert_eq!(renewed.segment, first.segment);
+        assert!(renewed.serial > first.serial, "serials grow");
+        assert_eq!(
+            renewed.not_after,
+            UNIX + 300 + 600,
+            "dated from the session's clock"
+        );
+        assert_eq!(s.poll_timeout(), Some(renew_at + lifetime / 2));
+        assert!(s.is_online() && events(&mut s).is_empty());
+    }
+
+    /// Serials that cannot be recorded.
+    #[derive(Debug)]
+    struct NoSerials;
+
+    impl CertSerials for NoSerials {
+        fn next_serial(&self, _: &AgentId, _: u64) -> Result<u64, String> {
+            Err("database locked".into())
+        }
+    }
+
+    #[test]
+    fn without_a_serial_there_is_no_welcome() {
+        let config = Arc::new((*config()).clone().with_serials(Arc::new(NoSerials)));
+        let mut s = AgentSession::new(Duration::from_secs(5), id("a1"), agent_key(), config);
+        send(&mut s, &Message::Report(report("a1")));
+        assert!(transmits(&mut s).is_empty());
+        assert_eq!(
+            events(&mut s),
+            vec![SessionEvent::Close(SessionError::NoCertificate {
+                reason: "database locked".into()
+            })]
+        );
     }
 
     #[test]

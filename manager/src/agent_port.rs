@@ -8,7 +8,9 @@
 //! then on counts only against the connection cap. Then it drives one
 //! [`AgentSession`] (the session rules: first report, `Welcome`, where each
 //! message goes) and carries out what it asks, IO only:
-//! - sends what the session transmits (`Welcome`, `Pong`) on the connection;
+//! - sends what the session transmits (`Welcome`, `CertRenewed`, `Pong`) on the
+//!   connection, and after the `Welcome` the revocation list in force;
+//! - renews the agent's certificate when the session's timer says so (half its lifetime);
 //! - registers the session in the [`Registry`] once the agent is online and
 //!   tells the [`EngineTask`] (online, its messages, offline);
 //! - answers `ChunkRequest`s from the [`Library`] on a blocking task;
@@ -290,6 +292,12 @@ impl AgentPort {
             },
         );
         tracing::info!(agent = %id, %addr, took_over, "agent connected");
+        if self.registry.is_revoked(&id) {
+            // Revoked while this session was starting.
+            close.notify_one();
+        } else if let Some(list) = self.registry.revocation_frame() {
+            self.registry.send(&id, list.as_ref().clone());
+        }
         if self.registry.placement(&id).as_ref() != session.placement() {
             // The administrator placed the agent while this session was starting: its
             // certificate is already stale, so it reconnects for a new one.
@@ -366,9 +374,19 @@ impl AgentPort {
         close: &Notify,
     ) -> String {
         loop {
+            // The session's timer: when its certificate is renewed.
+            let deadline = session.poll_timeout().map(|t| origin + t);
             let frame = tokio::select! {
-                _ = close.notified() => return "closed by the manager (reconnected elsewhere or shutting down)".into(),
-                r = reader.recv() => r,
+                _ = close.notified() => return "closed by the manager (revoked, placed elsewhere, reconnected elsewhere or shutting down)".into(),
+                _ = sleep_until(deadline) => None,
+                r = reader.recv() => Some(r),
+            };
+            let Some(frame) = frame else {
+                session.handle_timeout(origin.elapsed());
+                if let Err(reason) = self.drain(session, data_tx).await {
+                    return reason;
+                }
+                continue;
             };
             let bytes = match frame {
                 Ok(b) => b,
@@ -389,21 +407,30 @@ impl AgentPort {
                     "messages over the session's rate limit dropped (Report, NextPlease, SegmentReport; count since the last such line, all agents)"
                 );
             }
-            // Pongs queue behind the chunk answers, as the agent asked for them.
-            while let Some(msg) = session.poll_transmit() {
-                if data_tx.send(msg.to_vec()).await.is_err() {
-                    return "writer stopped".into();
-                }
-            }
-            while let Some(event) = session.poll_event() {
-                if let Err(reason) = self
-                    .carry_out(session.agent(), session.key(), event, data_tx)
-                    .await
-                {
-                    return reason;
-                }
+            if let Err(reason) = self.drain(session, data_tx).await {
+                return reason;
             }
         }
+    }
+
+    /// Sends what an online session transmits and carries out its events; `Err` ends the
+    /// connection with that reason.
+    async fn drain(
+        &self,
+        session: &mut AgentSession,
+        data_tx: &mpsc::Sender<Vec<u8>>,
+    ) -> Result<(), String> {
+        // Pongs and renewed certificates queue behind the chunk answers.
+        while let Some(msg) = session.poll_transmit() {
+            if data_tx.send(msg.to_vec()).await.is_err() {
+                return Err("writer stopped".into());
+            }
+        }
+        while let Some(event) = session.poll_event() {
+            self.carry_out(session.agent(), session.key(), event, data_tx)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Replaces the segment an agent's report declares with the one it is placed in (the

@@ -27,6 +27,7 @@ pub mod content;
 pub mod engine_task;
 pub mod http;
 pub mod registry;
+pub mod revocation;
 pub mod roles;
 pub mod serial;
 pub mod serve;

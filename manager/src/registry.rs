@@ -13,6 +13,11 @@
 //! that does not read its instructions is disconnected when it is full (it
 //! is instructed again when it comes back), so the engine never waits on it.
 //!
+//! Revoking an agent ([`Registry::revoke`]) ends its live session at once (it is told
+//! why), refuses its handshakes from then on ([`AuthError::Revoked`]), removes it from
+//! the fleet views, and signs and sends a new revocation list to every live session
+//! ([`crate::revocation`]); enrolling the id again starts it afresh.
+//!
 //! The registry also takes segment discovery reports from leaders
 //! ([`Registry::segment_report`]): each page is checked against the session
 //! that carried it and the segment its agent reported, pages are assembled
@@ -24,18 +29,20 @@
 //! ([`SegmentChecks`], on `/metrics`) and warned about at most once per
 //! [`WARN_EVERY`](baton_agent_core::linux::spaced::WARN_EVERY).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use baton_agent_core::linux::spaced::SpacedLog;
+use baton_protocol::identity::Identity;
 use baton_protocol::message::{Report, SegmentReport};
 use baton_protocol::session::{Handshake, Role};
 use baton_protocol::types::{AgentId, Label, PublicKey};
 use tokio::sync::{Notify, mpsc};
 
-use crate::store::{Enrolled, Store, StoreError, secret_digest};
+use crate::revocation::RevocationSigner;
+use crate::store::{Enrolled, RevocationRecord, Store, StoreError, secret_digest};
 use crate::trust::{KEEP_TRUST_DOCUMENTS, TrustChain, TrustCheck, TrustRefused};
 use baton_manager_core::placement::{self, Placement, PlacementRefusal};
 use baton_manager_core::rate_limit::{Rate, TokenBucket};
@@ -101,6 +108,11 @@ pub enum AuthError {
         "agent {0:?} offered an enrolment token without a self-signed certificate of its key (upgrade the agent)"
     )]
     NoSelfCert(String),
+    /// The agent was revoked (`baton agents revoke`).
+    #[error(
+        "agent {0:?} was revoked by the administrator; it is refused until it is enrolled again"
+    )]
+    Revoked(String),
     /// The offered token is unknown.
     #[error("agent {0:?} offered an unknown enrolment token")]
     BadToken(String),
@@ -229,6 +241,23 @@ pub struct Registry {
     trust: Mutex<TrustChain>,
     /// Held while a trust document is checked, stored, appended and sent: one at a time.
     trust_upload: Mutex<()>,
+    /// Revoked agents: refused at the handshake.
+    revoked: RwLock<HashSet<AgentId>>,
+    /// Signs the revocation list (none: the list is not kept, e.g. in unit tests).
+    signer: Option<RevocationSigner>,
+}
+
+/// What [`Registry::revoke`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revocation {
+    /// The stored revocation: the last serial it covers and when those certificates expire.
+    pub record: RevocationRecord,
+    /// Whether a live session was ended.
+    pub was_connected: bool,
+    /// The version of the revocation list in force now (none if no list is kept).
+    pub list_version: Option<u64>,
+    /// Live sessions the new list was queued for.
+    pub sent_to: usize,
 }
 
 /// How often one agent may come online: a few reconnections at once (a flaky link, a
@@ -287,9 +316,16 @@ impl Registry {
             }
         }
         let trust = TrustChain::from_encoded(lock(&store).trust_chain()?);
+        let revoked = lock(&store)
+            .revoked_agents()?
+            .into_iter()
+            .filter_map(|id| AgentId::try_from(id.as_str()).ok())
+            .collect();
         Ok(Registry {
             trust: Mutex::new(trust),
             trust_upload: Mutex::new(()),
+            revoked: RwLock::new(revoked),
+            signer: None,
             store,
             keys: RwLock::new(keys),
             bound_labels: RwLock::new(bound_labels),
@@ -307,6 +343,98 @@ impl Registry {
             created: std::time::Instant::now(),
             reconnect_warning: SpacedLog::default(),
         })
+    }
+
+    /// The same registry signing revocation lists with the manager's `identity`; the list
+    /// of the revocations still live is signed now.
+    pub fn with_revocation_signer(mut self, identity: Identity) -> Result<Self, StoreError> {
+        let signer = RevocationSigner::new(identity);
+        signer.refresh(&self.store, unix_now())?;
+        self.signer = Some(signer);
+        Ok(self)
+    }
+
+    /// Whether `id` was revoked (and not enrolled again).
+    pub fn is_revoked(&self, id: &AgentId) -> bool {
+        self.revoked
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+    }
+
+    /// The revocation list in force as a `Message::Revocations` frame (sent after every
+    /// `Welcome`), if there is one.
+    pub fn revocation_frame(&self) -> Option<Arc<Vec<u8>>> {
+        self.signer.as_ref().and_then(RevocationSigner::current)
+    }
+
+    /// Revokes agent `id` (administrator action): see the module documentation.
+    /// `NotFound` if no such agent is enrolled.
+    pub fn revoke(&self, id: &AgentId) -> Result<Revocation, StoreError> {
+        let now = unix_now();
+        let record = lock(&self.store)
+            .revoke_agent(id, now)?
+            .ok_or_else(|| StoreError::NotFound(format!("agent {id}")))?;
+        self.revoked
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone());
+        self.keys
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        self.placements
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        self.bound_labels
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        // Its live session ends now, told why (the writer sends control messages first).
+        let was_connected = match self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+        {
+            Some(s) => {
+                let why = AuthError::Revoked(id.to_string()).told_to_agent();
+                let _ = s.control.try_send(
+                    baton_protocol::message::Message::NotAccepted { reason: &why }.to_vec(),
+                );
+                s.close.notify_one();
+                true
+            }
+            None => false,
+        };
+        tracing::info!(agent = %id, up_to_serial = record.up_to_serial, certificates_expire = record.expires_at, was_connected, "agent revoked");
+        let sent_to = self.publish_revocations(now)?;
+        Ok(Revocation {
+            record,
+            was_connected,
+            list_version: self.signer.as_ref().and_then(RevocationSigner::version),
+            sent_to,
+        })
+    }
+
+    /// Signs a new revocation list if the live revocations changed at `now` (a revocation,
+    /// or certificates that expired) and queues it for every live session but revoked ones;
+    /// returns how many sessions it was queued for.
+    pub fn publish_revocations(&self, now: u64) -> Result<usize, StoreError> {
+        let Some(signer) = &self.signer else {
+            return Ok(0);
+        };
+        let Some(frame) = signer.refresh(&self.store, now)? else {
+            return Ok(0);
+        };
+        let mut sent = 0;
+        for id in self.connected() {
+            if !self.is_revoked(&id) && self.send(&id, frame.as_ref().clone()) {
+                sent += 1;
+            }
+        }
+        Ok(sent)
     }
 
     /// Whether enrolled agent `id` may start another session now ([`ONLINE_RATE`]); if not,
@@ -422,6 +550,10 @@ impl Registry {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), *key);
+        self.revoked
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
         Ok(done)
     }
 
@@ -443,12 +575,18 @@ impl Registry {
             };
         }
         let Some(token) = hello.token.as_ref() else {
+            if self.is_revoked(&id) {
+                return Err(AuthError::Revoked(id.to_string()));
+            }
             return Err(AuthError::Unknown(id.to_string()));
         };
         let key = self_signed_key(hs).ok_or_else(|| AuthError::NoSelfCert(id.to_string()))?;
         let hash = secret_digest(token);
         match lock(&self.store).enrol_with_token(&hash, &id, &key, unix_now()) {
             Ok(_) => {}
+            // A revoked agent offering its old token again is told it is revoked; a fresh
+            // token from the administrator enrols the id afresh.
+            Err(_) if self.is_revoked(&id) => return Err(AuthError::Revoked(id.to_string())),
             Err(StoreError::BadToken) => return Err(AuthError::BadToken(id.to_string())),
             Err(StoreError::TokenUsed(by)) => return Err(AuthError::TokenUsed(id.to_string(), by)),
             Err(StoreError::TokenExpired(at)) => {
@@ -465,6 +603,10 @@ impl Registry {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), key);
+        self.revoked
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         let bound = lock(&self.store)
             .bound_labels()
             .map_err(|e| AuthError::Store(id.to_string(), e.to_string()))?
@@ -847,6 +989,154 @@ mod test {
         reg.check_bound_labels(&id("free"), &[]).unwrap();
         let again = Registry::load(reg.store().clone()).unwrap();
         assert!(again.check_bound_labels(&id("l"), &[]).is_err());
+    }
+
+    /// A registry whose revocation lists are signed by the manager of `handshake`.
+    fn signing_registry() -> Registry {
+        registry()
+            .with_revocation_signer(Identity::from_seed([1; 32]))
+            .unwrap()
+    }
+
+    /// The revocation list in a `Message::Revocations` frame.
+    fn list_in(frame: &[u8]) -> baton_protocol::revocation::RevocationList {
+        match baton_protocol::message::Message::decode(frame) {
+            Ok(baton_protocol::message::Message::Revocations { list }) => {
+                baton_protocol::revocation::RevocationList::decode(list).unwrap()
+            }
+            other => panic!("expected Revocations, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_revoked_agent_is_closed_refused_and_listed_and_enrolment_starts_it_afresh() {
+        let reg = signing_registry();
+        assert!(reg.revocation_frame().is_none(), "nothing revoked yet");
+        let victim = Identity::from_seed([2; 32]);
+        let keeper = Identity::from_seed([3; 32]);
+        reg.enrol(&id("victim"), &victim.public()).unwrap();
+        reg.enrol(&id("keeper"), &keeper.public()).unwrap();
+        let serial = lock(reg.store())
+            .next_cert_serial("victim", unix_now() + 3600)
+            .unwrap();
+        let session = |key: PublicKey| {
+            let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+            let close = Arc::new(Notify::new());
+            let s = Session {
+                generation: reg.next_generation(),
+                key,
+                addr: "127.0.0.1:1".parse().unwrap(),
+                control: tx,
+                close: close.clone(),
+            };
+            (s, rx, close)
+        };
+        let (s, mut victim_rx, victim_close) = session(victim.public());
+        reg.register(id("victim"), s);
+        let (s, mut keeper_rx, _) = session(keeper.public());
+        reg.register(id("keeper"), s);
+
+        let done = reg.revoke(&id("victim")).unwrap();
+        assert_eq!(done.record.up_to_serial, serial);
+        assert!(done.was_connected);
+        assert_eq!(done.sent_to, 1, "the keeper gets the list, not the victim");
+        // The victim's session is told why and closed.
+        let told = victim_rx.try_recv().unwrap();
+        assert!(
+            matches!(
+                baton_protocol::message::Message::decode(&told),
+                Ok(baton_protocol::message::Message::NotAccepted { reason }) if reason.contains("revoked")
+            ),
+            "{told:?}"
+        );
+        assert!(
+            notified_at_once(victim_close.notified()),
+            "the victim's session is told to close"
+        );
+        // Every other live session gets the signed list naming it.
+        let frame = keeper_rx.try_recv().unwrap();
+        let list = list_in(&frame);
+        list.verify(&Identity::from_seed([1; 32]).public()).unwrap();
+        assert_eq!(Some(list.version), done.list_version);
+        assert_eq!(list.entries.len(), 1);
+        assert_eq!(
+            (list.entries[0].id.as_str(), list.entries[0].up_to_serial),
+            ("victim", serial)
+        );
+        assert_eq!(reg.revocation_frame().as_deref(), Some(&frame));
+        // Refused from then on, with the reason, also after a restart.
+        assert_eq!(
+            reg.authorize(&handshake(&victim, hello("victim"))),
+            Err(AuthError::Revoked("victim".into()))
+        );
+        assert!(
+            AuthError::Revoked("victim".into())
+                .told_to_agent()
+                .contains("revoked")
+        );
+        let again = Registry::load(reg.store().clone()).unwrap();
+        assert_eq!(
+            again.authorize(&handshake(&victim, hello("victim"))),
+            Err(AuthError::Revoked("victim".into()))
+        );
+        assert!(!reg.is_enrolled(&id("victim")));
+        assert!(matches!(
+            reg.revoke(&id("nobody")),
+            Err(StoreError::NotFound(_))
+        ));
+        // Nothing changed: no new list.
+        assert_eq!(reg.publish_revocations(unix_now()).unwrap(), 0);
+        // Enrolled again by the administrator: accepted, its new certificates not covered.
+        reg.enrol(&id("victim"), &victim.public()).unwrap();
+        assert!(reg.authorize(&handshake(&victim, hello("victim"))).is_ok());
+        assert!(!reg.is_revoked(&id("victim")));
+    }
+
+    #[test]
+    fn the_list_holds_the_entries_expiring_last_and_drops_expired_ones() {
+        let now = unix_now();
+        let mut live: Vec<RevocationRecord> = (0..40u64)
+            .map(|i| RevocationRecord {
+                id: format!("a{i}"),
+                up_to_serial: i + 1,
+                expires_at: now + 1000 - i,
+                revoked_at: now,
+            })
+            .collect();
+        live.push(RevocationRecord {
+            id: "never-certified".into(),
+            up_to_serial: 0,
+            expires_at: 0,
+            revoked_at: now,
+        });
+        let (entries, left_out) = crate::revocation::list_entries(&live);
+        assert_eq!(entries.len(), baton_protocol::revocation::MAX_REVOKED);
+        assert_eq!(left_out, 40 - baton_protocol::revocation::MAX_REVOKED);
+        assert_eq!(entries[0].id.as_str(), "a0", "the latest expiry first");
+
+        // Through the store: an entry leaves the list once its certificates expired.
+        let reg = signing_registry();
+        let key = Identity::from_seed([2; 32]).public();
+        reg.enrol(&id("short"), &key).unwrap();
+        lock(reg.store())
+            .next_cert_serial("short", now + 5)
+            .unwrap();
+        reg.revoke(&id("short")).unwrap();
+        let listed = list_in(&reg.revocation_frame().unwrap());
+        assert_eq!(listed.entries.len(), 1);
+        reg.publish_revocations(now + 5).unwrap();
+        let later = list_in(&reg.revocation_frame().unwrap());
+        assert!(later.entries.is_empty() && later.version > listed.version);
+        assert!(reg.is_revoked(&id("short")), "still refused by the manager");
+    }
+
+    /// Whether a `Notified` future is ready at once (a permit was stored).
+    fn notified_at_once(fut: tokio::sync::futures::Notified<'_>) -> bool {
+        use std::future::Future as _;
+        let mut fut = std::pin::pin!(fut);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        fut.as_mut().poll(&mut cx).is_ready()
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! role is at least the route's. `read` sees (views, metrics, the audit log);
 //! `operate` also changes what is distributed (publish, push, cancel, content groups,
 //! policies); `admin` also changes who belongs (enrolment and enrolment tokens, agent
-//! placement). API tokens and administrators are made with `baton admin`, which is
+//! placement and revocation). API tokens and administrators are made with `baton admin`, which is
 //! local to the manager's database and so is itself `admin`. The admin token in
 //! `<data-dir>/admin.token` is `admin`; tokens and administrators made before roles
 //! existed are `admin` too, so nothing breaks on upgrade.
@@ -105,6 +105,7 @@ pub const ROUTE_ROLES: &[(&str, &str, Role)] = &[
     // Who belongs to the fleet.
     ("POST", "/api/v1/agents", Role::Admin),
     ("PATCH", "/api/v1/agents/{id}", Role::Admin),
+    ("POST", "/api/v1/agents/{id}/revoke", Role::Admin),
     ("POST", "/api/v1/enrolment-tokens", Role::Admin),
     ("DELETE", "/api/v1/enrolment-tokens/{id}", Role::Admin),
     // Which publishers agents trust (the document is root-signed; the manager only relays it).
@@ -176,6 +177,10 @@ mod test {
         assert_eq!(
             required_role(&post, "/api/v1/enrolment-tokens"),
             Role::Admin
+        );
+        assert_eq!(
+            listed_role(&post, "/api/v1/agents/{id}/revoke"),
+            Some(Role::Admin)
         );
         // Unlisted: closed.
         assert_eq!(listed_role(&post, "/api/v1/new-thing"), None);

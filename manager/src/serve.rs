@@ -68,6 +68,9 @@ pub struct ServeOptions {
     pub http_limits: crate::http::HttpLimits,
     /// Highest election score an agent's certificate carries, whatever its placement says.
     pub max_election_score: u32,
+    /// How long agent certificates are valid (renewed over the live session at half that;
+    /// a revocation is carried in the revocation list at most this long).
+    pub cert_lifetime: Duration,
     /// Directories `POST /api/v1/jobs` may publish files from, beside the upload directory
     /// (`--content-dir`; default none: uploads only).
     pub content_dirs: Vec<PathBuf>,
@@ -99,6 +102,7 @@ impl ServeOptions {
             max_upload: crate::http::api::DEFAULT_MAX_UPLOAD,
             http_limits: crate::http::HttpLimits::default(),
             max_election_score: baton_protocol::discovery::MAX_CAPABILITY_SCORE,
+            cert_lifetime: baton_manager_core::session::DEFAULT_CERT_LIFETIME,
             content_dirs: Vec::new(),
             publisher_key: None,
             trust: None,
@@ -131,6 +135,8 @@ pub struct ReadyInfo {
 
 /// Name of the status file a running manager keeps in its data directory.
 pub const STATUS_FILE: &str = "serve.json";
+/// How often revocations whose certificates all expired are dropped from the list.
+const REVOCATION_REFRESH: Duration = Duration::from_secs(60);
 /// Name of the admin token file in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
@@ -473,7 +479,8 @@ pub async fn serve_reloading(
         tls,
         limits: opts.http_limits,
     };
-    let registry = Arc::new(Registry::load(store.clone())?);
+    let registry =
+        Arc::new(Registry::load(store.clone())?.with_revocation_signer(keys.manager.clone())?);
     if let Some((path, signed)) = initial_trust {
         take_initial_trust(&registry, &path, signed)?;
     }
@@ -560,7 +567,11 @@ pub async fn serve_reloading(
         session: Arc::new(
             // Agents trust publishers through the root-signed trust document only.
             SessionConfig::new(keys.manager.clone(), [])
-                .with_max_election_score(opts.max_election_score),
+                .with_max_election_score(opts.max_election_score)
+                .with_cert_lifetime(opts.cert_lifetime)
+                .with_serials(Arc::new(crate::revocation::StoreSerials::new(
+                    store.clone(),
+                ))),
         ),
         registry: registry.clone(),
         library: library.clone(),
@@ -585,6 +596,26 @@ pub async fn serve_reloading(
         http_config,
         stopped(stop_rx.clone()),
     ));
+    // Revocations whose certificates all expired leave the list (room for any left out).
+    let revocation_task = tokio::spawn({
+        let registry = registry.clone();
+        let stopped = stopped(stop_rx.clone());
+        async move {
+            tokio::pin!(stopped);
+            let mut tick = tokio::time::interval(REVOCATION_REFRESH);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = registry.publish_revocations(crate::registry::unix_now()) {
+                            tracing::error!("cannot refresh the revocation list: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    });
     let mut serial_ports = crate::serial::SerialPorts::new(agent_port.clone(), stop_rx.clone());
     serial_ports.set(&opts.serial);
 
@@ -630,6 +661,7 @@ pub async fn serve_reloading(
     registry.close_all();
     let grace = Duration::from_secs(5);
     let _ = tokio::time::timeout(grace, agent_task).await;
+    revocation_task.abort();
     serial_ports.join(grace).await;
     let http_result = tokio::time::timeout(grace, http_task).await;
     if !engine_run.is_finished() {

@@ -33,13 +33,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use baton_protocol::identity::{AgentCert, Identity};
 
 use baton_protocol::message::CHUNK_OVERHEAD;
+use baton_protocol::revocation::RevocationList;
 use baton_protocol::session::{Hello, MAX_TOKEN_LEN, Role};
 use baton_protocol::{
     AgentId, JobRef, Label, LinkInfo, MAX_DELAYS, MAX_FRAME, Message, PeerAddr, PublicKey, caps,
@@ -63,6 +64,7 @@ use super::size::parse_size;
 use super::spaced::SpacedLog;
 use super::store::{DirStore, DirStoreError, export};
 use crate::agent::{Agent, AgentClock, AgentConfig, ConnId, Direction, Event, JobState, PeerInfo};
+use crate::revocation::peer_cert_acceptable;
 use crate::segment::{Destination, Segment, SegmentConfig, SegmentEvent};
 use crate::store::ContentStore;
 use baton_protocol::message::FailReason;
@@ -350,10 +352,12 @@ impl Settings {
                 leader_timeout,
             })
         };
+        let manager_key = parse_key(&need(&a.manager_key, "manager-key")?, "--manager-key")?;
+        config.manager_key = Some(manager_key);
         Ok(Settings {
             discovery,
             manager: need(&a.manager, "manager")?,
-            manager_key: parse_key(&need(&a.manager_key, "manager-key")?, "--manager-key")?,
+            manager_key,
             data_dir: a
                 .data_dir
                 .clone()
@@ -452,6 +456,8 @@ static NOT_ACCEPTED: SpacedLog = SpacedLog::new(super::spaced::WARN_EVERY);
 static TRUST_REFUSED: SpacedLog = SpacedLog::new(super::spaced::WARN_EVERY);
 /// The error about records (trust anchor, versions) not read or written, spaced.
 static RECORD_FAILED: SpacedLog = SpacedLog::new(super::spaced::WARN_EVERY);
+/// Peers refused for a revoked or expired certificate.
+static PEER_CERT_REFUSED: SpacedLog = SpacedLog::new(super::spaced::WARN_EVERY);
 /// The warning about peers dropped for their backlog, spaced.
 static BACKLOG_DROPS: SpacedLog = SpacedLog::new(super::spaced::WARN_EVERY);
 
@@ -512,6 +518,10 @@ struct Shared {
     id: AgentId,
     manager_key: PublicKey,
     cert: Arc<RwLock<Option<AgentCert>>>,
+    /// The manager's newest revocation list (peer handshakes are checked against it).
+    revocations: Arc<RwLock<Option<RevocationList>>>,
+    /// Peer handshakes refused for a revoked or expired certificate (both directions).
+    peer_certs_refused: Arc<AtomicU64>,
     limits: Limits,
     inputs: mpsc::Sender<Input>,
     next_conn: Arc<AtomicU32>,
@@ -527,6 +537,24 @@ impl Shared {
 
     fn conn_id(&self) -> ConnId {
         ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Whether a peer's certificate, already verified as the manager's, may be used now
+    /// (not revoked by the list held, not expired by this host's clock); a refusal is
+    /// counted and logged (spaced).
+    fn check_peer_cert(&self, cert: &AgentCert) -> Result<(), LinkError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .ok();
+        let list = self.revocations.read().unwrap_or_else(|e| e.into_inner());
+        peer_cert_acceptable(cert, list.as_ref(), now).map_err(|why| {
+            self.peer_certs_refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(held_back) = PEER_CERT_REFUSED.due() {
+                tracing::warn!(peer = %cert.id, serial = cert.serial, held_back, "peer refused: {why}");
+            }
+            LinkError::Refused(format!("{}: {why}", cert.id))
+        })
     }
 }
 
@@ -699,6 +727,9 @@ async fn accept_loop(shared: Shared, listener: TcpListener, admission: Arc<Admis
                 &shared.limits,
                 |hs| {
                     hs.verify_peer_cert(&manager)?;
+                    if let Some(cert) = hs.remote_hello().and_then(|h| h.cert.as_ref()) {
+                        shared.check_peer_cert(cert)?;
+                    }
                     Ok(hs.remote_hello().map(|h| h.id.clone()))
                 },
             );
@@ -770,6 +801,22 @@ async fn connect_peer(shared: Shared, peer: AgentId, addr: PeerAddr, key: Public
                 link.remote.id
             )));
         }
+        // The manager named its key; its certificate must still be good too.
+        match &link.remote.cert {
+            Some(cert) if cert.id == peer && cert.key == key => {
+                if cert.verify(&shared.manager_key).is_err() {
+                    return Err(LinkError::Refused(format!(
+                        "peer {peer}'s certificate is not the manager's"
+                    )));
+                }
+                shared.check_peer_cert(cert)?;
+            }
+            _ => {
+                return Err(LinkError::Refused(format!(
+                    "peer {peer} shows no certificate of its own"
+                )));
+            }
+        }
         Ok(link)
     };
     match attempt.await {
@@ -837,6 +884,39 @@ struct StatusJson<'a> {
     jobs: Vec<&'a JobJson>,
     /// `null` when discovery is off.
     segment: Option<SegmentJson>,
+    /// This agent's certificate from the manager (`null` before the first `Welcome`).
+    certificate: Option<CertJson>,
+    /// The version of the manager's revocation list held (`null`: none yet).
+    revocation_list: Option<u64>,
+    /// Peer handshakes refused for a revoked or expired certificate since start.
+    peer_certs_refused: u64,
+}
+
+/// The status file's view of this agent's certificate.
+#[derive(Debug, serde::Serialize, PartialEq)]
+struct CertJson {
+    serial: u64,
+    /// Unix seconds (0: never).
+    not_after: u64,
+    segment: String,
+    /// The certificate's postcard encoding, hex (what peers are shown).
+    encoded: String,
+}
+
+impl CertJson {
+    fn of(cert: &AgentCert) -> CertJson {
+        CertJson {
+            serial: cert.serial,
+            not_after: cert.not_after,
+            segment: cert.segment.to_string(),
+            encoded: {
+                let mut buf = [0u8; 512];
+                postcard::to_slice(cert, &mut buf)
+                    .map(hex::encode)
+                    .unwrap_or_default()
+            },
+        }
+    }
 }
 
 /// The status file's view of the segment (contract C2).
@@ -1029,6 +1109,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         id: s.config.id.clone(),
         manager_key: s.manager_key,
         cert: Arc::new(RwLock::new(None)),
+        revocations: Arc::new(RwLock::new(None)),
+        peer_certs_refused: Arc::new(AtomicU64::new(0)),
         limits: limits.clone(),
         inputs,
         next_conn: Arc::new(AtomicU32::new(1)),
@@ -1286,6 +1368,24 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                     Some(held_back) => tracing::error!(held_back, "{what} failed: {error}"),
                     None => tracing::debug!("{what} failed: {error}"),
                 },
+                Event::CertRenewed { serial, not_after } => {
+                    tracing::info!(serial, not_after, "certificate renewed by the manager");
+                    *shared.cert.write().unwrap_or_else(|e| e.into_inner()) = agent.cert().cloned();
+                    if let (Some(seg), Some(cert)) = (segment.as_mut(), agent.cert()) {
+                        seg.set_cert(now, cert.clone());
+                    }
+                }
+                Event::Revocations { version, entries } => {
+                    tracing::info!(version, entries, "revocation list from the manager");
+                    let list = agent.revocations().cloned();
+                    if let (Some(seg), Some(list)) = (segment.as_mut(), list.clone()) {
+                        seg.set_revocations(now, list);
+                    }
+                    *shared
+                        .revocations
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner()) = list;
+                }
             }
         }
         if let (Some(seg), Some(sockets)) = (segment.as_mut(), &sockets) {
@@ -1370,6 +1470,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 wire_bytes_received: limits.received.load(Ordering::Relaxed),
                 jobs: jobs_json.values().collect(),
                 segment: segment.as_ref().map(SegmentJson::of),
+                certificate: agent.cert().map(CertJson::of),
+                revocation_list: agent.revocations().map(|l| l.version),
+                peer_certs_refused: shared.peer_certs_refused.load(Ordering::Relaxed),
             };
             let text = serde_json::to_string_pretty(&status).unwrap_or_default();
             if text != last_status {

@@ -35,7 +35,7 @@ pub fn arguments_from_file(
     for (key, value) in &table {
         let Some(flag) = flags
             .get_arguments()
-            .find(|a| a.get_long() == Some(key.as_str()) && key != CONFIG_KEY)
+            .find(|a| a.get_long() == Some(key.as_str()) && key != CONFIG_KEY && !a.is_hide_set())
         else {
             bail!(
                 "unknown key `{key}` in {}: the keys are the long names of the flags ({})",
@@ -93,6 +93,8 @@ pub fn arguments_from_file(
 pub fn keys(flags: &Command) -> Vec<String> {
     flags
         .get_arguments()
+        // Hidden flags are for tests (e.g. `--cert-lifetime-secs`), not for a config file.
+        .filter(|a| !a.is_hide_set())
         .filter_map(|a| a.get_long())
         .filter(|long| *long != CONFIG_KEY)
         .map(str::to_string)

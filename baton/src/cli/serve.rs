@@ -114,6 +114,33 @@ pub struct ServeArgs {
     /// Changes on SIGHUP.
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+    /// How long agent certificates are valid, e.g. `24h`, `30m`, `7d` (5 minutes to 30
+    /// days). Each is renewed over the agent's live session at half its lifetime; an agent
+    /// kept offline longer is refused by its peers until it reconnects, and a revocation
+    /// stays in the signed revocation list this long.
+    #[arg(long, default_value = "24h", value_parser = parse_cert_lifetime, value_name = "DURATION")]
+    pub cert_lifetime: Duration,
+    /// Tests only: a certificate lifetime in seconds below --cert-lifetime's bounds (at
+    /// least 2).
+    #[arg(long, hide = true, value_name = "SECS")]
+    pub cert_lifetime_secs: Option<u64>,
+}
+
+/// Shortest `--cert-lifetime`.
+pub const MIN_CERT_LIFETIME: Duration = Duration::from_secs(5 * 60);
+/// Longest `--cert-lifetime`.
+pub const MAX_CERT_LIFETIME: Duration = Duration::from_secs(30 * 86_400);
+
+/// Reads `--cert-lifetime` (a duration such as `24h`) within its bounds.
+fn parse_cert_lifetime(text: &str) -> Result<Duration, String> {
+    let secs = super::enroll::parse_duration_secs(text).map_err(|e| format!("{e:#}"))?;
+    let d = Duration::from_secs(secs);
+    if d < MIN_CERT_LIFETIME || d > MAX_CERT_LIFETIME {
+        return Err(format!(
+            "{text:?} is outside 5m..30d (a certificate renewed every few minutes costs a database write each time; one that lives longer than a month keeps a revocation in every agent's list as long)"
+        ));
+    }
+    Ok(d)
 }
 
 impl ServeArgs {
@@ -152,6 +179,9 @@ impl ServeArgs {
             content_dirs: self.content_dirs.clone(),
             publisher_key: self.publisher_key.clone(),
             trust: self.trust.clone(),
+            cert_lifetime: self
+                .cert_lifetime_secs
+                .map_or(self.cert_lifetime, |s| Duration::from_secs(s.max(2))),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `baton agents`, `baton jobs`, `baton job` and `baton cancel`: small clients of the API
 //! that list and show what the manager holds, and the table helpers they share.
-//! `baton agents segment|score` place an agent (`PATCH /api/v1/agents/{id}`).
+//! `baton agents segment|score` place an agent (`PATCH /api/v1/agents/{id}`); `baton agents
+//! revoke ID` revokes one (`POST /api/v1/agents/{id}/revoke`).
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
@@ -21,7 +22,7 @@ pub struct AgentsArgs {
     pub command: Option<AgentsCommand>,
 }
 
-/// `baton agents` subcommands: where the administrator places an agent.
+/// `baton agents` subcommands: where the administrator places an agent, and revocation.
 #[derive(Subcommand, Debug, Clone)]
 pub enum AgentsCommand {
     /// Place agent ID in segment SEGMENT: its certificate names it, its peers ignore its
@@ -43,6 +44,18 @@ pub enum AgentsCommand {
         id: String,
         /// The score.
         score: u32,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        client: ClientOpts,
+    },
+    /// Revoke (un-enrol) agent ID: its live session ends at once, the manager refuses it
+    /// from then on, it leaves the fleet views (job records and the audit log keep it), and
+    /// every agent gets a signed revocation list within seconds: peers close their sessions
+    /// with it, refuse its handshakes and ignore its discovery datagrams. Enrolling the id
+    /// again (`baton enroll`) starts it afresh.
+    Revoke {
+        /// The agent's id.
+        id: String,
         #[command(flatten)]
         #[allow(missing_docs)]
         client: ClientOpts,
@@ -91,6 +104,29 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// Runs `baton agents revoke ID`.
+fn revoke(id: &str, client: &ClientOpts, json_out: bool) -> anyhow::Result<()> {
+    let client = Client::new(client)?;
+    let path = format!("/api/v1/agents/{}/revoke", super::path_part(id)?);
+    let done: Value = client.post(&path, &json!({}))?;
+    if json_out {
+        println!("{done}");
+    } else {
+        println!(
+            "agent {} revoked (certificates up to serial {}, the last expiring at {}); revocation list version {} sent to {} live sessions",
+            text(&done["id"]),
+            text(&done["up_to_serial"]),
+            done["certificates_expire"]
+                .as_u64()
+                .filter(|t| *t > 0)
+                .map_or("-".into(), format_time),
+            text(&done["list_version"]),
+            text(&done["sent_to"]),
+        );
+    }
+    Ok(())
+}
+
 /// Runs `baton agents`.
 pub fn agents(args: AgentsArgs) -> anyhow::Result<()> {
     if let Some(command) = &args.command {
@@ -103,6 +139,7 @@ pub fn agents(args: AgentsArgs) -> anyhow::Result<()> {
             AgentsCommand::Score { id, score, client } => {
                 (id, json!({ "election_score": score }), client)
             }
+            AgentsCommand::Revoke { id, client } => return revoke(id, client, args.json),
         };
         let client = Client::new(client)?;
         let path = format!("/api/v1/agents/{}", super::path_part(id)?);

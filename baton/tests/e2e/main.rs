@@ -19,6 +19,7 @@ mod flood;
 mod groups;
 mod hostile;
 mod push;
+mod revocation;
 mod roles;
 mod serve;
 mod trust;

@@ -315,7 +315,20 @@ fn the_web_ui_hides_what_the_role_may_not_do() {
             password,
         ],
     );
+    ok(
+        &m,
+        &[
+            "admin",
+            "add",
+            "ops",
+            "--role",
+            "admin",
+            "--password-file",
+            password,
+        ],
+    );
     ok(&m, &["groups", "add", "edge", "--label", "role=edge"]);
+    m.enrol("edge-1", &Identity::from_seed([21; 32]).public());
     let b = baton_test_support::webdriver::Browser::start(1200, 800);
     let base = m.url("");
     // Counts of the elements matching each selector on the current page.
@@ -353,6 +366,9 @@ fn the_web_ui_hides_what_the_role_may_not_do() {
     assert_eq!(count("#new-job"), 0);
     page("jobs/new", "New job");
     assert_eq!(count("#job-form") + count("#start-job"), 0);
+    page("fleet", "Fleet");
+    b.wait_find("tr[data-agent=edge-1]", wait);
+    assert_eq!(count("[data-revoke]"), 0, "no Revoke for read");
     // The server refuses what the page does not offer.
     assert_eq!(b.eval(post_group, json!(["viewer"])), json!(403));
     b.click(&b.find("#logout"));
@@ -380,6 +396,23 @@ fn the_web_ui_hides_what_the_role_may_not_do() {
         .filter_map(|g| g["name"].as_str())
         .collect();
     assert_eq!(names, ["edge", "from-deployer"], "{groups}");
+    page("fleet", "Fleet");
+    b.wait_find("tr[data-agent=edge-1]", wait);
+    assert_eq!(count("[data-revoke]"), 0, "no Revoke for operate");
+    b.click(&b.find("#logout"));
+
+    // admin: the fleet offers Revoke, and it revokes (the confirmation answered yes).
+    log_in(&b, &base, "ops", "s3cret-pass");
+    page("fleet", "Fleet");
+    let revoke = b.wait_find("[data-revoke=edge-1]", wait);
+    b.eval("window.confirm = () => true; return true", json!([]));
+    b.click(&revoke);
+    b.wait_until(
+        "edge-1 gone from the fleet",
+        "return document.querySelector('tr[data-agent=edge-1]') === null && !!document.querySelector('.page-head h1')",
+        wait,
+    );
+    assert_eq!(m.api("GET", "/api/v1/agents/edge-1", None).0, 404);
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "took {:?}",

@@ -9,6 +9,7 @@
 //! | `GET /api/v1/agents` | enrolled agents, latest reports, whether connected |
 //! | `GET /api/v1/agents/{id}` | one agent |
 //! | `POST /api/v1/agents` | enrol `{id, key}` (key: 64 hex digits, Ed25519) |
+//! | `POST /api/v1/agents/{id}/revoke` | revoke (un-enrol) an agent: its session ends, it is refused, peers get the signed revocation list |
 //! | `POST /api/v1/enrolment-tokens` | a new one-time enrolment token `{expires_in_secs?, id?, labels?}` (default: 24 h, any id, no labels) |
 //! | `GET /api/v1/enrolment-tokens` | every enrolment token's id, expiry, binding and state (never the token) |
 //! | `DELETE /api/v1/enrolment-tokens/{id}` | revoke an unused token |
@@ -92,6 +93,7 @@ pub fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(me))
         .routes(routes!(agents, enrol))
         .routes(routes!(agent, place))
+        .routes(routes!(revoke_agent))
         .routes(routes!(new_token, tokens))
         .routes(routes!(revoke_token))
         .routes(routes!(jobs, create_job))
@@ -380,6 +382,52 @@ async fn place(
         .agent(&id)?
         .ok_or_else(|| ApiError::NotFound(format!("no agent {id:?} is enrolled")))?;
     Ok(Json(agent_view(&m, record)))
+}
+
+/// `POST /api/v1/agents/{id}/revoke` answer: what the revocation did.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RevokeView {
+    /// The agent revoked.
+    pub id: String,
+    /// Every certificate issued to it up to this serial is revoked (0: it never had one).
+    pub up_to_serial: u64,
+    /// When the last of those certificates expires (Unix seconds; 0: none was issued):
+    /// the revocation list carries the entry until then.
+    pub certificates_expire: u64,
+    /// When it was revoked (Unix seconds; an earlier time if it was revoked already).
+    pub revoked_at: u64,
+    /// Whether its live session was ended.
+    pub was_connected: bool,
+    /// The version of the signed revocation list now in force.
+    pub list_version: Option<u64>,
+    /// Live sessions the new list was sent to.
+    pub sent_to: usize,
+}
+
+#[utoipa::path(post, path = "/api/v1/agents/{id}/revoke", tag = "agents",
+    params(("id" = String, Path, description = "Agent id")),
+    responses((status = 200, description = "Revoked: its session is ended, its handshakes are refused, it leaves the fleet views (job records and the audit log keep it), and every live session gets the new signed revocation list; enrolling the id again starts it afresh", body = RevokeView),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn revoke_agent(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> Result<Json<RevokeView>, ApiError> {
+    let agent = parse_agent_id(&id)?;
+    let done = m.registry.revoke(&agent).map_err(|e| match e {
+        crate::store::StoreError::NotFound(_) => {
+            ApiError::NotFound(format!("no agent {id:?} is enrolled"))
+        }
+        other => other.into(),
+    })?;
+    Ok(Json(RevokeView {
+        id,
+        up_to_serial: done.record.up_to_serial,
+        certificates_expire: done.record.expires_at,
+        revoked_at: done.record.revoked_at,
+        was_connected: done.was_connected,
+        list_version: done.list_version,
+        sent_to: done.sent_to,
+    }))
 }
 
 /// `POST /api/v1/agents` body.

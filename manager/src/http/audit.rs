@@ -50,6 +50,7 @@ fn action_name(method: &str, pattern: &str) -> String {
     let named = match (method, pattern) {
         ("POST", "/api/v1/agents") => "agent.enrol",
         ("PATCH", "/api/v1/agents/{id}") => "agent.place",
+        ("POST", "/api/v1/agents/{id}/revoke") => "agent.revoke",
         ("POST", "/api/v1/enrolment-tokens") => "enrolment-token.create",
         ("POST", "/api/v1/jobs") => "job.start",
         ("POST", "/api/v1/jobs/{id}/cancel") => "job.cancel",

@@ -333,6 +333,38 @@ pub trait Store: Send + std::fmt::Debug {
     /// Audit entries, newest first: at most `limit`, only those with an id below `before`
     /// when it is given (the next page starts before the last id of this one).
     fn audit(&self, before: Option<u64>, limit: usize) -> Result<Vec<AuditEntry>>;
+
+    // ---- certificates and revocation (migration 10)
+
+    /// The next certificate serial for enrolled agent `id` (the counter only grows, also
+    /// across restarts), recording it and the certificate's expiry `not_after` (Unix
+    /// seconds) as the agent's latest.
+    fn next_cert_serial(&mut self, id: &str, not_after: u64) -> Result<u64>;
+    /// Revokes enrolled agent `id` at `now`: it leaves the fleet views ([`Store::agents`],
+    /// [`Store::agent`]) and its certificates up to the last serial issued to it are
+    /// recorded for the revocation list. `None` if no such agent is enrolled (an agent
+    /// revoked already is answered with its record again).
+    fn revoke_agent(&mut self, id: &str, now: u64) -> Result<Option<RevocationRecord>>;
+    /// The ids of every revoked agent (refused at the handshake).
+    fn revoked_agents(&self) -> Result<Vec<String>>;
+    /// Revocations whose certificates have not all expired at `now`, latest expiry first;
+    /// those that have are deleted (the agents stay revoked).
+    fn live_revocations(&mut self, now: u64) -> Result<Vec<RevocationRecord>>;
+    /// The next revocation list version (grows, also across restarts).
+    fn next_revocation_version(&mut self) -> Result<u64>;
+}
+
+/// One revoked agent as the revocation list carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevocationRecord {
+    /// The agent's id.
+    pub id: String,
+    /// The last certificate serial issued to it before the revocation (0: none).
+    pub up_to_serial: u64,
+    /// When the last of those certificates expires (Unix seconds; 0: none was issued).
+    pub expires_at: u64,
+    /// When it was revoked (Unix seconds).
+    pub revoked_at: u64,
 }
 
 /// One entry of the audit log: a change someone made through the manager, and its result.

@@ -224,6 +224,28 @@ pub const MIGRATIONS: &[&str] = &[
         added_at INTEGER NOT NULL
     );
     ",
+    // 10: agent certificates and their revocation. `counters` holds the certificate serial
+    // (it only grows, so a revocation can name every certificate up to one serial) and the
+    // revocation list's version; each agent records the last serial issued to it and when
+    // that certificate expires; a revoked agent keeps its row (history: job records name
+    // it) with `revoked_at` set, and leaves the fleet views. `revocations` holds what the
+    // signed list must still carry: until every certificate it covers has expired.
+    "
+    CREATE TABLE counters (
+        name  TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    INSERT INTO counters (name, value) VALUES ('cert_serial', 0), ('revocation_list', 0);
+    ALTER TABLE agents ADD COLUMN last_serial INTEGER;
+    ALTER TABLE agents ADD COLUMN cert_not_after INTEGER;
+    ALTER TABLE agents ADD COLUMN revoked_at INTEGER;
+    CREATE TABLE revocations (
+        id           TEXT PRIMARY KEY,
+        up_to_serial INTEGER NOT NULL,
+        expires_at   INTEGER NOT NULL,
+        revoked_at   INTEGER NOT NULL
+    );
+    ",
 ];
 
 /// Newest schema version this build knows.

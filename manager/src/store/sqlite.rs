@@ -284,11 +284,26 @@ fn parse_labels(text: Option<&str>) -> Result<BTreeMap<String, String>> {
 }
 
 fn enrol_in(tx: &Transaction<'_>, id: &str, key: &PublicKey, now: u64) -> Result<Enrolled> {
-    let existing: Option<Vec<u8>> = tx
-        .query_row("SELECT key FROM agents WHERE id = ?1", [id], |r| r.get(0))
+    let existing: Option<(Vec<u8>, Option<u64>)> = tx
+        .query_row(
+            "SELECT key, revoked_at FROM agents WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()?;
     match existing {
-        Some(k) if k == key.0 => Ok(Enrolled::Unchanged),
+        // Enrolling a revoked id again (with any key) starts it afresh: its later
+        // certificates have higher serials, which the revocation does not cover.
+        Some((_, Some(_))) => {
+            tx.execute(
+                "UPDATE agents SET key = ?2, enrolled_at = ?3, revoked_at = NULL,
+                        placed_segment = NULL, election_score = NULL, bound_labels = NULL
+                 WHERE id = ?1",
+                params![id, &key.0[..], now],
+            )?;
+            Ok(Enrolled::New)
+        }
+        Some((k, None)) if k == key.0 => Ok(Enrolled::Unchanged),
         Some(_) => Err(StoreError::KeyConflict(id.to_string())),
         None => {
             tx.execute(
@@ -824,7 +839,7 @@ impl Store for SqliteStore {
         let row = self
             .conn
             .query_row(
-                &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1"),
+                &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1 AND revoked_at IS NULL"),
                 [id],
                 agent_row,
             )
@@ -833,9 +848,9 @@ impl Store for SqliteStore {
     }
 
     fn agents(&self) -> Result<Vec<AgentRecord>> {
-        let mut stmt = self
-            .conn
-            .prepare(&format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY id"))?;
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE revoked_at IS NULL ORDER BY id"
+        ))?;
         let rows = stmt.query_map([], agent_row)?;
         rows.map(|r| agent_record(r?)).collect()
     }
@@ -1632,5 +1647,126 @@ impl Store for SqliteStore {
             bytes_from_manager: u64::try_from(from_manager).unwrap_or(0),
             bytes_from_relays: u64::try_from(from_relays).unwrap_or(0),
         })
+    }
+
+    fn next_cert_serial(&mut self, id: &str, not_after: u64) -> Result<u64> {
+        let tx = self.conn.transaction()?;
+        let serial: i64 = tx.query_row(
+            "UPDATE counters SET value = value + 1 WHERE name = 'cert_serial' RETURNING value",
+            [],
+            |r| r.get(0),
+        )?;
+        let updated = tx.execute(
+            "UPDATE agents SET last_serial = ?2, cert_not_after = ?3
+             WHERE id = ?1 AND revoked_at IS NULL",
+            params![id, serial, not_after],
+        )?;
+        if updated == 0 {
+            return Err(StoreError::NotFound(format!("agent {id}")));
+        }
+        tx.commit()?;
+        u64::try_from(serial).map_err(|_| StoreError::Corrupt(format!("serial {serial}")))
+    }
+
+    fn revoke_agent(&mut self, id: &str, now: u64) -> Result<Option<RevocationRecord>> {
+        let tx = self.conn.transaction()?;
+        let row: Option<(Option<u64>, Option<u64>, Option<u64>)> = tx
+            .query_row(
+                "SELECT last_serial, cert_not_after, revoked_at FROM agents WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((last_serial, not_after, revoked_at)) = row else {
+            return Ok(None);
+        };
+        let record = match revoked_at {
+            Some(at) => tx
+                .query_row(
+                    "SELECT up_to_serial, expires_at, revoked_at FROM revocations WHERE id = ?1",
+                    [id],
+                    |r| {
+                        Ok(RevocationRecord {
+                            id: id.to_string(),
+                            up_to_serial: r.get(0)?,
+                            expires_at: r.get(1)?,
+                            revoked_at: r.get(2)?,
+                        })
+                    },
+                )
+                .optional()?
+                .unwrap_or(RevocationRecord {
+                    id: id.to_string(),
+                    up_to_serial: last_serial.unwrap_or(0),
+                    expires_at: 0,
+                    revoked_at: at,
+                }),
+            None => {
+                let record = RevocationRecord {
+                    id: id.to_string(),
+                    up_to_serial: last_serial.unwrap_or(0),
+                    expires_at: not_after.unwrap_or(0),
+                    revoked_at: now,
+                };
+                tx.execute(
+                    "UPDATE agents SET revoked_at = ?2 WHERE id = ?1",
+                    params![id, now],
+                )?;
+                if record.up_to_serial > 0 {
+                    tx.execute(
+                        "INSERT INTO revocations (id, up_to_serial, expires_at, revoked_at)
+                         VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (id) DO UPDATE SET up_to_serial = excluded.up_to_serial,
+                             expires_at = excluded.expires_at, revoked_at = excluded.revoked_at",
+                        params![id, record.up_to_serial, record.expires_at, now],
+                    )?;
+                }
+                record
+            }
+        };
+        tx.commit()?;
+        Ok(Some(record))
+    }
+
+    fn revoked_agents(&self) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id FROM agents WHERE revoked_at IS NOT NULL ORDER BY id")?;
+        let ids = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(ids)
+    }
+
+    fn live_revocations(&mut self, now: u64) -> Result<Vec<RevocationRecord>> {
+        // A certificate without an expiry (0) never expires: its entry stays.
+        self.conn.execute(
+            "DELETE FROM revocations WHERE expires_at != 0 AND expires_at <= ?1",
+            [now],
+        )?;
+        let mut stmt = self.conn.prepare(
+            "SELECT id, up_to_serial, expires_at, revoked_at FROM revocations
+             ORDER BY expires_at = 0 DESC, expires_at DESC, id",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(RevocationRecord {
+                    id: r.get(0)?,
+                    up_to_serial: r.get(1)?,
+                    expires_at: r.get(2)?,
+                    revoked_at: r.get(3)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn next_revocation_version(&mut self) -> Result<u64> {
+        let v: i64 = self.conn.query_row(
+            "UPDATE counters SET value = value + 1 WHERE name = 'revocation_list' RETURNING value",
+            [],
+            |r| r.get(0),
+        )?;
+        u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("revocation version {v}")))
     }
 }

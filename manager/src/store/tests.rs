@@ -999,3 +999,68 @@ fn the_trust_chain_only_grows_and_keeps_the_newest() {
     ));
     assert_eq!(s.trust_chain().unwrap().len(), 3);
 }
+
+#[test]
+fn certificate_serials_only_grow_also_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.db");
+    let key = baton_protocol::identity::Identity::from_seed([2; 32]).public();
+    let first = {
+        let mut s = SqliteStore::open(&path).unwrap();
+        s.enrol("a", &key, 1).unwrap();
+        let one = s.next_cert_serial("a", 100).unwrap();
+        let two = s.next_cert_serial("a", 200).unwrap();
+        assert!(two > one && one > 0);
+        assert!(matches!(
+            s.next_cert_serial("ghost", 100),
+            Err(StoreError::NotFound(_))
+        ));
+        two
+    };
+    let mut s = SqliteStore::open(&path).unwrap();
+    assert!(s.next_cert_serial("a", 300).unwrap() > first);
+}
+
+#[test]
+fn a_revoked_agent_leaves_the_views_its_entry_lives_until_its_certificates_expire() {
+    let mut s = SqliteStore::in_memory().unwrap();
+    let key = baton_protocol::identity::Identity::from_seed([2; 32]).public();
+    let other = baton_protocol::identity::Identity::from_seed([3; 32]).public();
+    s.enrol("victim", &key, 1).unwrap();
+    s.enrol("keeper", &other, 1).unwrap();
+    let serial = s.next_cert_serial("victim", 1_000).unwrap();
+    assert_eq!(s.revoke_agent("ghost", 10).unwrap(), None);
+    let record = s.revoke_agent("victim", 10).unwrap().unwrap();
+    assert_eq!(
+        record,
+        RevocationRecord {
+            id: "victim".into(),
+            up_to_serial: serial,
+            expires_at: 1_000,
+            revoked_at: 10,
+        }
+    );
+    // Revoking again answers the same record.
+    assert_eq!(s.revoke_agent("victim", 20).unwrap(), Some(record.clone()));
+    // It leaves the fleet views; history (its row) stays for job records.
+    assert!(s.agent("victim").unwrap().is_none());
+    let ids: Vec<String> = s.agents().unwrap().into_iter().map(|a| a.id).collect();
+    assert_eq!(ids, ["keeper"]);
+    assert_eq!(s.revoked_agents().unwrap(), ["victim"]);
+    assert!(matches!(
+        s.next_cert_serial("victim", 2_000),
+        Err(StoreError::NotFound(_))
+    ));
+    // Listed until its last certificate expires, then dropped (it stays revoked).
+    assert_eq!(s.live_revocations(999).unwrap(), [record]);
+    assert!(s.live_revocations(1_000).unwrap().is_empty());
+    assert_eq!(s.revoked_agents().unwrap(), ["victim"]);
+    // Versions of the list grow.
+    let v = s.next_revocation_version().unwrap();
+    assert!(s.next_revocation_version().unwrap() > v);
+    // Enrolled again (another key): afresh, with later serials.
+    assert_eq!(s.enrol("victim", &other, 30).unwrap(), Enrolled::New);
+    assert!(s.revoked_agents().unwrap().is_empty());
+    assert_eq!(s.agent("victim").unwrap().unwrap().key, other);
+    assert!(s.next_cert_serial("victim", 3_000).unwrap() > serial);
+}

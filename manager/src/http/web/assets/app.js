@@ -3,7 +3,8 @@
 // #/policies[/name|/new], #/jobs[/new|/id], #/audit[/before-id]. Changing requests carry
 // X-CSRF-Token. Actions the session's role may not take (see `GET /api/v1/me`; the page
 // carries the role) are not shown: a `read` administrator sees no create, edit, delete,
-// start or cancel buttons; the server refuses them anyway (403).
+// start or cancel buttons, and only an `admin` sees the fleet's Revoke buttons; the server
+// refuses them anyway (403).
 "use strict";
 
 const CSRF = document.querySelector('meta[name="csrf-token"]').content;
@@ -12,6 +13,8 @@ const ROLE = document.querySelector('meta[name="baton-role"]').content;
 const CAN_OPERATE = ROLE === "operate" || ROLE === "admin";
 // `el` when the session may operate, else nothing.
 function ifOperate(el) { return CAN_OPERATE ? el : null; }
+// Whether the session may change who belongs to the fleet (enrol, place, revoke agents).
+const CAN_ADMIN = ROLE === "admin";
 const view = document.getElementById("view");
 let cleanup = null; // closes the current view's event stream and timers
 
@@ -249,7 +252,18 @@ async function fleet() {
       h("td", { class: "num" }, h("span", { title: "upload" }, "↑ " + rate(a.up_bps)), " ", h("span", { class: "muted", title: "download" }, "↓ " + rate(a.down_bps))),
       h("td", { class: "num opt" }, link.loss_ppm !== undefined ? (link.loss_ppm / 10000).toFixed(2) + " %" : "—"),
       h("td", { class: "num opt" }, ms(managerRtt(r))),
-      h("td", { title: when(a.last_seen) }, a.connected ? "now" : ago(a.last_seen)));
+      h("td", { title: when(a.last_seen) }, a.connected ? "now" : ago(a.last_seen)),
+      CAN_ADMIN ? h("td", { class: "num" }, h("button", { type: "button", class: "btn danger small", "data-revoke": a.id, onclick: async (ev) => {
+        if (!confirm("Revoke agent " + a.id + "? Its session ends now, the manager refuses it and its peers get the revocation list within seconds. Enrolling it again starts it afresh.")) return;
+        ev.target.disabled = true;
+        try {
+          await api("POST", "/api/v1/agents/" + encodeURIComponent(a.id) + "/revoke", {});
+          route();
+        } catch (e) {
+          ev.target.disabled = false;
+          alert("Revoking " + a.id + " failed: " + e.message);
+        }
+      } }, "Revoke")) : null);
     tr._match = { text: (a.id + " " + (a.site || "") + " " + Object.entries(labels).map(([k, v]) => k + "=" + v).join(" ")).toLowerCase(),
       seg: a.segment || "", state: a.connected ? "connected" : "offline", leader: isLeader };
     return tr;
@@ -266,7 +280,7 @@ async function fleet() {
       body.append(tr);
       shown++;
     }
-    if (!shown) body.append(h("tr", {}, h("td", { class: "empty", colspan: 10 }, agents.length ? "No agent matches the filters." : "No agent is enrolled yet. Enrol one with baton enroll.")));
+    if (!shown) body.append(h("tr", {}, h("td", { class: "empty", colspan: CAN_ADMIN ? 11 : 10 }, agents.length ? "No agent matches the filters." : "No agent is enrolled yet. Enrol one with baton enroll.")));
     count.textContent = shown + " of " + agents.length + " agents";
   }
   [search, segSel, stateSel, leaderOnly].forEach((el) => el.addEventListener("input", apply));
@@ -282,7 +296,7 @@ async function fleet() {
       h("div", { class: "card-head" },
         h("div", { class: "toolbar" }, search, segSel, stateSel, h("label", { class: "small" }, leaderOnly, " Leaders only")), count),
       h("div", { class: "table-wrap" }, h("table", {},
-        h("thead", {}, h("tr", {}, ["Agent", "Status", ["Site", "opt"], "Segment", ["Perf.", "num opt"], ["Free storage", "num opt"], ["Link", "num"], ["Loss", "num opt"], ["RTT", "num opt"], "Last seen"]
+        h("thead", {}, h("tr", {}, ["Agent", "Status", ["Site", "opt"], "Segment", ["Perf.", "num opt"], ["Free storage", "num opt"], ["Link", "num"], ["Loss", "num opt"], ["RTT", "num opt"], "Last seen", ...(CAN_ADMIN ? [["", "num"]] : [])]
           .map((x) => Array.isArray(x) ? h("th", { class: x[1] }, x[0]) : h("th", {}, x)))),
         body))));
 }
