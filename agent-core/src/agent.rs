@@ -933,6 +933,24 @@ fn min_opt(a: Option<Duration>, b: Duration) -> Option<Duration> {
     Some(a.map_or(b, |a| a.min(b)))
 }
 
+/// Decodes one message, out of line: serde's decoding of the whole `Message` enum keeps
+/// temporaries for every variant, several KB on a device, and inlined into the frame
+/// handler they stayed on the stack under every message's handling (a manifest's signature
+/// check included).
+#[inline(never)]
+fn decode_message(plaintext: &[u8]) -> Result<Message<'_>, CodecError> {
+    Message::decode(plaintext)
+}
+
+/// The highest serial `list` revokes for `id`, if it names it.
+fn revoked_up_to(list: Option<&RevocationList>, id: &AgentId) -> Option<u64> {
+    list?
+        .entries
+        .iter()
+        .find(|e| e.id == *id)
+        .map(|e| e.up_to_serial)
+}
+
 impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize>
     Agent<S, JOBS, PEERS, PARKED>
 {
@@ -1405,7 +1423,53 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
     /// One decrypted frame from connection `conn`.
     ///
     /// A decode error means only that connection is closed; see [`AgentError::must_close`].
+    ///
+    /// Trust documents and revocation lists take a path of their own: checking them verifies
+    /// signatures, the deepest stack the agent has, and on the general path that stack came
+    /// on top of the frame holding a decoded [`Message`] (on a device: 9.9 + 10 KB, past its
+    /// 21 KB stack).
     pub fn handle_frame(
+        &mut self,
+        now: Duration,
+        conn: ConnId,
+        plaintext: &[u8],
+    ) -> Result<(), AgentError> {
+        if let Some(result) = self.handle_signed_document(now, conn, plaintext) {
+            return result;
+        }
+        self.handle_message(now, conn, plaintext)
+    }
+
+    /// Handles a manager's `Trust` or `Revocations` frame without decoding a whole
+    /// [`Message`]; `None` for any other frame (or one that does not decode as these), which
+    /// [`Agent::handle_message`] then takes (and refuses, if it must).
+    #[inline(never)]
+    fn handle_signed_document(
+        &mut self,
+        now: Duration,
+        conn: ConnId,
+        plaintext: &[u8],
+    ) -> Option<Result<(), AgentError>> {
+        // Variant indices 19 and 20 are one varint byte each; the field is a byte string.
+        let (&variant, rest) = plaintext.split_first()?;
+        if !matches!(variant, 19 | 20) || conn != ConnId::MANAGER {
+            return None;
+        }
+        let (bytes, tail) = postcard::take_from_bytes::<&[u8]>(rest).ok()?;
+        if !tail.is_empty() {
+            return None;
+        }
+        if variant == 19 {
+            self.on_trust(now, bytes);
+        } else {
+            self.on_revocations(bytes);
+        }
+        Some(Ok(()))
+    }
+
+    /// Any frame but the manager's signed documents (see [`Agent::handle_frame`]).
+    #[inline(never)]
+    fn handle_message(
         &mut self,
         now: Duration,
         conn: ConnId,
@@ -1415,7 +1479,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         if !from_manager && !self.peers.iter().any(|p| p.conn == Some(conn)) {
             return Err(AgentError::UnknownConn);
         }
-        let msg = Message::decode(plaintext).map_err(AgentError::Decode)?;
+        let msg = decode_message(plaintext).map_err(AgentError::Decode)?;
         let result = match msg {
             // `publishers` stays on the wire for older agents; it is trusted no more.
             Message::Welcome {
@@ -1520,52 +1584,61 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
 
     /// A revocation list from the manager: taken when signed by the pinned manager key and
     /// newer than the one held; peer sessions with agents it newly revokes are closed.
+    ///
+    /// Lean on the stack (a device runs this under its frame handler): the version is read
+    /// and the signature checked on the bytes, and only then is the list decoded, straight
+    /// into the slot it is kept in. Decoded first, with its copies and the signature check
+    /// inlined, it was one 14.5 KB frame on the device.
+    #[inline(never)]
     fn on_revocations(&mut self, bytes: &[u8]) {
-        let held = self.revocations.as_ref().map(|l| l.version);
-        let list =
-            match revocation::accept_revocations(bytes, self.config.manager_key.as_ref(), held) {
-                Ok(list) => list,
-                Err(revocation::ManagerDocError::Stale) => {
-                    return self.ignored("revocation list not newer than the one held");
-                }
-                Err(_) => {
-                    return self
-                        .ignored("revocation list refused (malformed or not the manager's)");
-                }
-            };
-        // Close the sessions with peers the new list names and the old one did not (a peer
-        // enrolled again since an old entry is not closed each time the list changes).
-        let newly = |id: &AgentId, old: Option<&RevocationList>| {
-            let up_to = |l: &RevocationList| {
-                l.entries
-                    .iter()
-                    .find(|e| e.id == *id)
-                    .map(|e| e.up_to_serial)
-            };
-            match (up_to(&list), old.and_then(up_to)) {
-                (Some(new), Some(old)) => new > old,
-                (Some(_), None) => true,
-                _ => false,
-            }
+        let Some(manager) = self.config.manager_key else {
+            return self.ignored("revocation list ignored: no manager key pinned");
         };
-        let mut close: Vec<ConnId, PEERS> = Vec::new();
+        let Some(version) = RevocationList::peek_version(bytes) else {
+            return self.ignored("revocation list refused (malformed)");
+        };
+        if self
+            .revocations
+            .as_ref()
+            .is_some_and(|held| version <= held.version)
+        {
+            return self.ignored("revocation list not newer than the one held");
+        }
+        if !revocation::signed_by_manager(bytes, &manager) {
+            return self.ignored("revocation list refused (not the manager's)");
+        }
+        // What the held list revokes for each connected peer, to close only the newly revoked.
+        let mut before: Vec<(ConnId, Option<u64>), PEERS> = Vec::new();
         for p in self.peers.iter() {
-            if let Some(conn) = p.conn
-                && newly(&p.id, self.revocations.as_ref())
-            {
-                let _ = close.push(conn);
+            if let Some(conn) = p.conn {
+                let _ = before.push((conn, revoked_up_to(self.revocations.as_ref(), &p.id)));
             }
         }
-        let (version, entries) = (list.version, list.entries.len());
-        self.revocations = Some(list);
+        let ids: Vec<(ConnId, AgentId), PEERS> = self
+            .peers
+            .iter()
+            .filter_map(|p| p.conn.map(|c| (c, p.id.clone())))
+            .collect();
+        if !revocation::decode_into(bytes, &mut self.revocations) {
+            return self.ignored("revocation list refused (malformed)");
+        }
+        let entries = self.revocations.as_ref().map_or(0, |l| l.entries.len());
         self.event(Event::Revocations { version, entries });
-        for conn in close {
-            self.event(Event::Close { conn });
+        for ((conn, old), (_, id)) in before.iter().zip(ids.iter()) {
+            let newly = match (revoked_up_to(self.revocations.as_ref(), id), old) {
+                (Some(new), Some(old)) => new > *old,
+                (Some(_), None) => true,
+                _ => false,
+            };
+            if newly {
+                self.event(Event::Close { conn: *conn });
+            }
         }
     }
 
     /// A renewed certificate from the manager: taken when it is for this agent's id and key,
     /// signed by the pinned manager key, with a higher serial.
+    #[inline(never)]
     fn on_cert_renewed(&mut self, cert: AgentCert) {
         let Some(welcome) = self.welcome.as_mut() else {
             return self.ignored("renewed certificate before the Welcome");
@@ -1730,6 +1803,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         self.event(Event::JobFailed { job, reason });
     }
 
+    #[inline(never)]
     fn on_fetch(
         &mut self,
         now: Duration,
@@ -1843,6 +1917,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         self.on_sources(job, sources, true);
     }
 
+    #[inline(never)]
     fn on_sources(&mut self, job: JobRef, sources: &[SourceRange], replace: bool) {
         if !replace && !self.fence(job) {
             self.ignored("stale Sources (older epoch)");
@@ -1949,6 +2024,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         }
     }
 
+    #[inline(never)]
     fn on_throttle(&mut self, now: Duration, job: JobRef, rate: u64) {
         if !self.fence(job) {
             self.ignored("stale Throttle (older epoch)");
@@ -1966,6 +2042,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         }
     }
 
+    #[inline(never)]
     fn on_done(&mut self, job: JobRef, cancel: bool) {
         if !self.fence(job) {
             self.ignored("stale Done/Cancel (older epoch)");
@@ -2029,6 +2106,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         }
     }
 
+    #[inline(never)]
     fn on_chunk_request(&mut self, now: Duration, conn: ConnId, root: Digest, index: u32) {
         let refuse = |reason| Reply::Refuse {
             conn,
@@ -2119,6 +2197,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         self.event(Event::PeerTrouble { job, peer, trouble });
     }
 
+    #[inline(never)]
     fn on_chunk(
         &mut self,
         now: Duration,
@@ -2192,6 +2271,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         }
     }
 
+    #[inline(never)]
     fn on_refuse(
         &mut self,
         now: Duration,

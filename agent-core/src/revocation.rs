@@ -17,8 +17,11 @@
 //! encoded and about 1.6 KiB decoded.
 
 use baton_protocol::identity::AgentCert;
-use baton_protocol::revocation::RevocationList;
-use baton_protocol::types::PublicKey;
+use baton_protocol::revocation::{RevocationList, Revoked};
+use baton_protocol::trust::TrustError;
+use baton_protocol::types::{AgentId, PublicKey};
+
+use crate::trust_wire::Reader;
 
 /// Why a peer's certificate is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +90,58 @@ impl core::fmt::Display for ManagerDocError {
 }
 
 impl core::error::Error for ManagerDocError {}
+
+/// Whether the encoded list `bytes` carries `manager`'s signature (checked on the bytes,
+/// before any decoding; out of line, so its stack is not part of the caller's frame).
+#[inline(never)]
+pub fn signed_by_manager(bytes: &[u8], manager: &PublicKey) -> bool {
+    RevocationList::verify_encoded(bytes, manager).is_ok()
+}
+
+/// Decodes the encoded list `bytes` into `slot`, field by field in place (serde's decoding
+/// of the 32 entries took a 9.6 KB frame on a Cortex-M3); accepts what
+/// [`RevocationList::decode`] accepts (a test compares the two). Check the signature on
+/// the bytes first ([`signed_by_manager`]): a list that fails to decode half-way leaves
+/// `slot` empty.
+#[inline(never)]
+pub fn decode_into(bytes: &[u8], slot: &mut Option<RevocationList>) -> bool {
+    let list = slot.get_or_insert_with(|| RevocationList {
+        version: 0,
+        issued: 0,
+        entries: heapless::Vec::new(),
+        signature: [0; 64],
+    });
+    if fill(bytes, list).is_err() {
+        *slot = None;
+        return false;
+    }
+    true
+}
+
+/// Reads the postcard encoding of a [`RevocationList`] into `list`.
+fn fill(bytes: &[u8], list: &mut RevocationList) -> Result<(), TrustError> {
+    if bytes.len() > baton_protocol::revocation::MAX_REVOCATION_BYTES {
+        return Err(TrustError::Malformed);
+    }
+    let mut r = Reader { bytes };
+    list.version = r.varint()?;
+    list.issued = r.varint()?;
+    list.entries.clear();
+    for _ in 0..r.len(list.entries.capacity())? {
+        let n = r.len(usize::MAX)?;
+        let text = core::str::from_utf8(r.take(n)?).map_err(|_| TrustError::Malformed)?;
+        let id = AgentId::try_from(text).map_err(|_| TrustError::Malformed)?;
+        let up_to_serial = r.varint()?;
+        list.entries
+            .push(Revoked { id, up_to_serial })
+            .map_err(|_| TrustError::Malformed)?;
+    }
+    list.signature = r.array()?;
+    if !r.bytes.is_empty() {
+        return Err(TrustError::Malformed);
+    }
+    Ok(())
+}
 
 /// Decodes and checks a revocation list: signed by `manager`, with a version above
 /// `held` (the version of the list held, if any).
@@ -251,5 +306,41 @@ mod test {
             accept_renewal(&forged, &held, Some(&key)),
             Err(ManagerDocError::BadSignature)
         );
+    }
+
+    #[test]
+    fn decoding_in_place_accepts_what_serde_accepts() {
+        let manager = baton_protocol::identity::Identity::from_seed([1; 32]);
+        let entries = (0..5u64)
+            .map(|i| Revoked {
+                id: AgentId::try_from(std::format!("agent-{i}").as_str()).unwrap(),
+                up_to_serial: i * 1000 + 7,
+            })
+            .collect();
+        let list = RevocationList::sign(&manager, 9, 1_700_000_000, entries);
+        let bytes = postcard::to_allocvec(&list).unwrap();
+        let mut slot = Some(RevocationList::sign(&manager, 1, 1, heapless::Vec::new()));
+        assert!(decode_into(&bytes, &mut slot));
+        assert_eq!(slot.as_ref(), Some(&list));
+        // Every truncation and every single flipped byte: the same verdict as serde's.
+        for n in 0..bytes.len() {
+            let mut slot = None;
+            assert_eq!(
+                decode_into(&bytes[..n], &mut slot),
+                RevocationList::decode(&bytes[..n]).is_some(),
+                "truncated to {n}"
+            );
+        }
+        for at in 0..bytes.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = bytes.clone();
+                bad[at] ^= bit;
+                let mut slot = None;
+                let ours = decode_into(&bad, &mut slot);
+                let serde = RevocationList::decode(&bad);
+                assert_eq!(ours, serde.is_some(), "byte {at} bit {bit:#x}");
+                assert_eq!(slot, serde, "byte {at} bit {bit:#x}");
+            }
+        }
     }
 }

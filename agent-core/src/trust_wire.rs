@@ -13,13 +13,15 @@ use baton_protocol::trust::{
 };
 use baton_protocol::{KeyId, PublicKey};
 
-/// A cursor over the encoded bytes.
-struct Reader<'a> {
-    bytes: &'a [u8],
+/// A cursor over postcard-encoded bytes (also used for revocation lists).
+pub(crate) struct Reader<'a> {
+    /// What is left to read.
+    pub(crate) bytes: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], TrustError> {
+    /// The next `n` bytes.
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], TrustError> {
         if self.bytes.len() < n {
             return Err(TrustError::Malformed);
         }
@@ -28,18 +30,20 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], TrustError> {
+    /// The next `N` bytes as an array.
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], TrustError> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.take(N)?);
         Ok(out)
     }
 
-    fn byte(&mut self) -> Result<u8, TrustError> {
+    /// The next byte.
+    pub(crate) fn byte(&mut self) -> Result<u8, TrustError> {
         Ok(self.take(1)?[0])
     }
 
     /// postcard's varint (LEB128, at most 10 bytes for a u64).
-    fn varint(&mut self) -> Result<u64, TrustError> {
+    pub(crate) fn varint(&mut self) -> Result<u64, TrustError> {
         let mut v: u64 = 0;
         for i in 0..10 {
             let b = self.byte()?;
@@ -56,7 +60,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A sequence length, at most `max`.
-    fn len(&mut self, max: usize) -> Result<usize, TrustError> {
+    pub(crate) fn len(&mut self, max: usize) -> Result<usize, TrustError> {
         let n = self.varint()?;
         if n > max as u64 {
             return Err(TrustError::Malformed);

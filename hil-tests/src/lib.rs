@@ -770,7 +770,7 @@ impl Lab {
 
     /// Publishes `file` (4 KiB chunks) and starts a job for `agents`; returns the job id.
     pub fn push(&self, m: &ManagerInfo, file: &Path, agents: &[&str]) -> u64 {
-        self.push_with(m, file, agents, &[])
+        self.push_with(m, file, agents, &["--chunk-size", &CHUNK.to_string()])
     }
 
     /// Pushes `file` to `agents` as content `name` at `version` (signed by the lab's
@@ -787,22 +787,62 @@ impl Lab {
             m,
             file,
             agents,
-            &["--name", name, "--version", &version.to_string()],
+            &[
+                "--chunk-size",
+                &CHUNK.to_string(),
+                "--name",
+                name,
+                "--version",
+                &version.to_string(),
+            ],
+        )
+    }
+
+    /// Pushes `file` to `agents` with a manifest signed offline (`baton sign`) by the lab's
+    /// publisher key as content `name` at `version`: the manager relays it whatever versions
+    /// it published before (only agents judge rollback), as a replayed genuine old manifest
+    /// would be.
+    pub fn push_signed_offline(
+        &self,
+        m: &ManagerInfo,
+        file: &Path,
+        agents: &[&str],
+        name: &str,
+        version: u64,
+    ) -> u64 {
+        let kit = baton_test_support::TrustKit::in_dir(&self.dir.join("trust"));
+        let manifest = file.with_extension("manifest");
+        self.baton(&[
+            "sign",
+            &file.to_string_lossy(),
+            "--key",
+            &kit.publisher_key_file().to_string_lossy(),
+            "--name",
+            name,
+            "--version",
+            &version.to_string(),
+            "--chunk-size",
+            &CHUNK.to_string(),
+            "--out",
+            &manifest.to_string_lossy(),
+        ]);
+        self.push_with(
+            m,
+            file,
+            agents,
+            &["--manifest", &manifest.to_string_lossy()],
         )
     }
 
     fn push_with(&self, m: &ManagerInfo, file: &Path, agents: &[&str], extra: &[&str]) -> u64 {
         let file = file.to_string_lossy();
         let agents = agents.join(",");
-        let chunk = CHUNK.to_string();
         let data_dir = m.data_dir.to_string_lossy();
         let mut args = vec![
             "push",
             &file,
             "--agents",
             &agents,
-            "--chunk-size",
-            &chunk,
             "--json",
             "--data-dir",
             &data_dir,

@@ -478,7 +478,9 @@ fn e_device_refuses_rollback_after_replacement_and_reboot() {
     let job = lab.push_as(&m, &other, &[&dev.id], "hil-other", 1);
     participants_confirmed(&lab.wait_job(&m, job, Duration::from_secs(60)), &[&dev.id]);
 
-    let job = lab.push_as(&m, &v1, &[&dev.id], "hil-fw", 1);
+    // The genuine v1, signed by the listed publisher, replayed (offline-signed manifests are
+    // not judged by version at the manager: the device must refuse it itself).
+    let job = lab.push_signed_offline(&m, &v1, &[&dev.id], "hil-fw", 1);
     let detail = lab.wait_job(&m, job, Duration::from_secs(60));
     let reason = failure_reason(&detail, &dev.id);
     assert!(
@@ -490,7 +492,7 @@ fn e_device_refuses_rollback_after_replacement_and_reboot() {
     lab.boot(&mut dev);
     dev.wait_log("welcomed by the manager", BOUND);
     lab.wait_connected(&m, &[&dev.id]);
-    let job = lab.push_as(&m, &v1, &[&dev.id], "hil-fw", 1);
+    let job = lab.push_signed_offline(&m, &v1, &[&dev.id], "hil-fw", 1);
     let detail = lab.wait_job(&m, job, Duration::from_secs(60));
     let after_reboot = failure_reason(&detail, &dev.id);
     assert!(
