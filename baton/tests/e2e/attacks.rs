@@ -419,7 +419,9 @@ fn same_version_with_another_root_is_refused() {
 #[test]
 fn expired_manifest_is_refused() {
     let t = Deadline::start(LIMIT);
-    let m = Manager::start(BATON);
+    // The agent stays offline for the manifest's 5 s: the manager must not give it up
+    // meanwhile (the default test give-up, 5 s, raced the expiry).
+    let m = Manager::start_args(BATON, &["--give-up", "30"]);
     let root = m.dir.clone();
     let publisher = kit(&m).publisher_key_file();
     // The agent is offline while a short-lived manifest is published for it: the manager
