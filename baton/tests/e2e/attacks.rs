@@ -97,6 +97,28 @@ fn sign(file: &Path, key: &Path, name: &str, version: u64, expires: &str) -> Pat
     out
 }
 
+/// A manager run by a thief in `dir` (a stolen data directory) on the real manager's
+/// agent port `listen`, with a database of its own (`rogue.db`), a trust document of its
+/// choosing (`trust`) and a publisher key to sign with online.
+fn start_rogue(dir: &Path, listen: &str, trust: &Path, publisher_key: &Path) -> Manager {
+    let rogue_db = dir.join("rogue.db");
+    Manager::start_args_in(
+        BATON,
+        dir,
+        listen,
+        &[
+            "--give-up",
+            "5",
+            "--db",
+            rogue_db.to_str().unwrap(),
+            "--trust",
+            trust.to_str().unwrap(),
+            "--publisher-key",
+            publisher_key.to_str().unwrap(),
+        ],
+    )
+}
+
 /// The arguments of `baton push FILE --manifest M --agents A…`.
 fn push_args<'a>(file: &'a Path, manifest: &'a Path, agents: &'a str) -> Vec<&'a str> {
     vec![
@@ -310,22 +332,7 @@ fn arbitrary_content_signed_by_a_stolen_manager_key_is_refused() {
     let forged = signed_document(2, &[&thief], 1, &[(&stolen, &["*"])], &[&thief]);
     let forged_file = dir.join("forged.bin");
     write_trust_file(&forged_file, &forged).unwrap();
-    let rogue_db = dir.join("rogue.db");
-    let rogue = Manager::start_args_in(
-        BATON,
-        dir,
-        &listen,
-        &[
-            "--give-up",
-            "5",
-            "--db",
-            rogue_db.to_str().unwrap(),
-            "--trust",
-            forged_file.to_str().unwrap(),
-            "--publisher-key",
-            manager_key.to_str().unwrap(),
-        ],
-    );
+    let rogue = start_rogue(dir, &listen, &forged_file, &manager_key);
     rogue.enrol("s1", &agent_key(&a));
     rogue.wait_connected(&["s1"]);
     let job = rogue.create_job(&evil, &["s1"], json!({ "name": "fw", "chunk_size": CHUNK }));
@@ -697,23 +704,8 @@ fn root_rotation_needs_both_thresholds() {
     // ...and so does the agent when a manager that took it (its own database) sends it:
     // the new root's publisher is not trusted.
     m.crash();
-    let rogue_db = dir.join("rogue.db");
     let only_new = dir.join("only-new.bin");
-    let mut rogue = Manager::start_args_in(
-        BATON,
-        dir,
-        &listen,
-        &[
-            "--give-up",
-            "5",
-            "--db",
-            rogue_db.to_str().unwrap(),
-            "--trust",
-            only_new.to_str().unwrap(),
-            "--publisher-key",
-            p2_file.to_str().unwrap(),
-        ],
-    );
+    let mut rogue = start_rogue(dir, &listen, &only_new, &p2_file);
     rogue.enrol("q1", &agent_key(&a));
     rogue.wait_connected(&["q1"]);
     let (file, bytes) = content(dir, "fw.bin", 40_000, 15);
