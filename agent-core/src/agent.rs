@@ -1434,7 +1434,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         conn: ConnId,
         plaintext: &[u8],
     ) -> Result<(), AgentError> {
-        if let Some(result) = self.handle_signed_document(now, conn, plaintext) {
+        if let Some(result) = self.handle_signed_document(conn, plaintext) {
             return result;
         }
         self.handle_message(now, conn, plaintext)
@@ -1446,7 +1446,6 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
     #[inline(never)]
     fn handle_signed_document(
         &mut self,
-        now: Duration,
         conn: ConnId,
         plaintext: &[u8],
     ) -> Option<Result<(), AgentError>> {
@@ -1460,7 +1459,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             return None;
         }
         if variant == 19 {
-            self.on_trust(now, bytes);
+            self.on_trust(bytes);
         } else {
             self.on_revocations(bytes);
         }
@@ -1495,7 +1494,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
                 Ok(())
             }
             Message::Trust { document } if from_manager => {
-                self.on_trust(now, document);
+                self.on_trust(document);
                 Ok(())
             }
             Message::Revocations { list } if from_manager => {
@@ -1682,7 +1681,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
     /// is not part of other messages' paths, and the anchor's persistence out of line too:
     /// with serde's decoding and the record log inlined it was one 10.7 KB frame).
     #[inline(never)]
-    fn on_trust(&mut self, now: Duration, bytes: &[u8]) {
+    fn on_trust(&mut self, bytes: &[u8]) {
         let Some(anchor) = &self.trust.anchor else {
             self.ignored("trust document ignored: no root key configured");
             return;
@@ -1693,7 +1692,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             return;
         }
         let version = signed.document.version;
-        match anchor.accept(&signed, self.unix_time(now)) {
+        match anchor.accept(&signed) {
             Ok(next) => {
                 let newer = next != *anchor;
                 if newer {
@@ -3975,9 +3974,6 @@ mod test {
             send_trust(&mut w, &rotation(&[&r2, &r3])),
             refused(TrustError::OldRootsBelowThreshold, 2)
         );
-        // Expired already: refused.
-        let stale = trust_doc(2, 1_000_000, &[&root], 1, grants, &[&root]);
-        assert_eq!(send_trust(&mut w, &stale), refused(TrustError::Expired, 2));
         // Garbage: refused as malformed.
         w.frame(
             ConnId::MANAGER,

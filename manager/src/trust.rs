@@ -271,7 +271,12 @@ impl TrustChain {
             }
         };
         let first = self.anchor.is_none();
-        let next = anchor.accept(signed, Some(now)).map_err(|why| match why {
+        // Agents take an expired document into their chain (they judge expiry on use), but
+        // an upload that has expired already is a mistake: say so.
+        if signed.document.is_expired(Some(now)) {
+            return Err(refused(TrustError::Expired));
+        }
+        let next = anchor.accept(signed).map_err(|why| match why {
             // The first document is judged under its own roots: say so.
             TrustError::OldRootsBelowThreshold if first => {
                 refused(TrustError::NewRootsBelowThreshold)
@@ -341,7 +346,7 @@ impl TrustChain {
 fn anchor_of(signed: &SignedTrust) -> Option<TrustAnchor> {
     let doc = &signed.document;
     TrustAnchor::pinned(&doc.roots, doc.threshold)
-        .and_then(|a| a.accept(signed, None))
+        .and_then(|a| a.accept(signed))
         .map_err(|e| {
             tracing::error!(
                 version = doc.version,

@@ -106,7 +106,8 @@ pub enum TrustError {
     Rollback,
     /// The same version as the one accepted, with other contents.
     Conflict,
-    /// Its expiry time has passed.
+    /// Its expiry time has passed (judged where the document is used, not by
+    /// [`TrustAnchor::accept`]).
     Expired,
     /// No room for another signature.
     TooManySignatures,
@@ -302,11 +303,16 @@ impl TrustAnchor {
         Ok(anchor)
     }
 
-    /// Judges `signed` against this anchor at `now_unix` (seconds, `None` if unknown):
-    /// returns the anchor to keep if it is accepted (the same anchor for the document
-    /// already held). The checks, in order: shape, version (lower: rollback; equal: must be
-    /// the same document), expiry, then the current roots' threshold and the document's own.
-    pub fn accept(&self, signed: &SignedTrust, now_unix: Option<u64>) -> Result<Self, TrustError> {
+    /// Judges `signed` against this anchor: returns the anchor to keep if it is accepted
+    /// (the same anchor for the document already held). The checks, in order: shape,
+    /// version (lower: rollback; equal: must be the same document), then the current roots'
+    /// threshold and the document's own.
+    ///
+    /// Expiry is not judged here, so an agent that was offline for long can still walk a
+    /// chain of rotations whose older documents have expired (as TUF walks root metadata);
+    /// the newest document's expiry is judged where it is used, on every manifest
+    /// ([`TrustDocument::is_expired`]): content is refused under an expired document.
+    pub fn accept(&self, signed: &SignedTrust) -> Result<Self, TrustError> {
         let doc = &signed.document;
         doc.check_shape()?;
         let digest = doc.digest();
@@ -319,9 +325,6 @@ impl TrustAnchor {
             } else {
                 Err(TrustError::Conflict)
             };
-        }
-        if doc.is_expired(now_unix) {
-            return Err(TrustError::Expired);
         }
         if signed.signed_by(&self.roots) < usize::from(self.threshold) {
             return Err(TrustError::OldRootsBelowThreshold);
@@ -393,34 +396,35 @@ mod test {
         let (root, other, publisher) = (key(1), key(2), key(3));
         let anchor = TrustAnchor::pinned(&[root.public()], 1).unwrap();
         let good = signed(doc(1, 1, &[&root], &publisher), &[&root]);
-        let next = anchor.accept(&good, Some(1_000)).unwrap();
+        let next = anchor.accept(&good).unwrap();
         assert_eq!(next.version, 1);
-        assert_eq!(next.accept(&good, Some(1_000)), Ok(next.clone()));
+        assert_eq!(next.accept(&good), Ok(next.clone()));
         let forged = signed(doc(2, 1, &[&other], &publisher), &[&other]);
         assert_eq!(
-            next.accept(&forged, Some(1_000)),
+            next.accept(&forged),
             Err(TrustError::OldRootsBelowThreshold)
         );
     }
 
     #[test]
-    fn rollback_conflict_and_expiry_are_refused() {
+    fn rollback_and_conflict_are_refused_and_expired_documents_still_chain() {
         let (root, publisher) = (key(1), key(3));
         let anchor = TrustAnchor::pinned(&[root.public()], 1).unwrap();
         let v2 = signed(doc(2, 1, &[&root], &publisher), &[&root]);
-        let held = anchor.accept(&v2, None).unwrap();
+        let held = anchor.accept(&v2).unwrap();
         let v1 = signed(doc(1, 1, &[&root], &publisher), &[&root]);
-        assert_eq!(held.accept(&v1, None), Err(TrustError::Rollback));
+        assert_eq!(held.accept(&v1), Err(TrustError::Rollback));
         let mut other = doc(2, 1, &[&root], &publisher);
         other.publishers[0].names = names(&["*"]);
         let other = signed(other, &[&root]);
-        assert_eq!(held.accept(&other, None), Err(TrustError::Conflict));
-        let v3 = signed(doc(3, 1, &[&root], &publisher), &[&root]);
-        assert_eq!(
-            held.accept(&v3, Some(2_000_000_000)),
-            Err(TrustError::Expired)
-        );
-        assert!(held.accept(&v3, Some(1_999_999_999)).is_ok());
+        assert_eq!(held.accept(&other), Err(TrustError::Conflict));
+        // An expired document still chains (its expiry is judged on use).
+        let mut expired = doc(3, 1, &[&root], &publisher);
+        expired.expires = 1;
+        let expired = signed(expired, &[&root]);
+        assert!(expired.document.is_expired(Some(2)));
+        let held = held.accept(&expired).unwrap();
+        assert_eq!(held.version, 3);
     }
 
     #[test]
@@ -431,20 +435,20 @@ mod test {
         let rotation = doc(2, 2, &[&b, &c], &publisher);
         let only_new = signed(rotation.clone(), &[&b, &c]);
         assert_eq!(
-            anchor.accept(&only_new, None),
+            anchor.accept(&only_new),
             Err(TrustError::OldRootsBelowThreshold)
         );
         let old_and_half = signed(rotation.clone(), &[&a, &b]);
         assert_eq!(
-            anchor.accept(&old_and_half, None),
+            anchor.accept(&old_and_half),
             Err(TrustError::NewRootsBelowThreshold)
         );
         let both = signed(rotation, &[&a, &b, &c]);
-        let rotated = anchor.accept(&both, None).unwrap();
+        let rotated = anchor.accept(&both).unwrap();
         // From now on the old root alone can sign nothing.
         let by_old = signed(doc(3, 1, &[&a], &publisher), &[&a]);
         assert_eq!(
-            rotated.accept(&by_old, None),
+            rotated.accept(&by_old),
             Err(TrustError::OldRootsBelowThreshold)
         );
     }
@@ -455,10 +459,10 @@ mod test {
         let anchor = TrustAnchor::pinned(&[root.public()], 1).unwrap();
         for threshold in [0, 2] {
             let d = signed(doc(1, threshold, &[&root], &publisher), &[&root]);
-            assert_eq!(anchor.accept(&d, None), Err(TrustError::Malformed));
+            assert_eq!(anchor.accept(&d), Err(TrustError::Malformed));
         }
         let d = signed(doc(1, 1, &[&root, &root], &publisher), &[&root]);
-        assert_eq!(anchor.accept(&d, None), Err(TrustError::Malformed));
+        assert_eq!(anchor.accept(&d), Err(TrustError::Malformed));
         assert_eq!(SignedTrust::decode(&[1, 2, 3]), Err(TrustError::Malformed));
         assert!(TrustAnchor::pinned(&[], 1).is_err());
     }
