@@ -42,7 +42,7 @@ use baton_protocol::types::{AgentId, Label, PublicKey};
 use tokio::sync::{Notify, mpsc};
 
 use crate::revocation::RevocationSigner;
-use crate::store::{Enrolled, RevocationRecord, Store, StoreError, secret_digest};
+use crate::store::{Enrolled, RevocationRecord, StoreError, secret_digest};
 use crate::trust::{KEEP_TRUST_DOCUMENTS, TrustChain, TrustCheck, TrustRefused};
 use baton_manager_core::placement::{self, Placement, PlacementRefusal};
 use baton_manager_core::rate_limit::{Rate, TokenBucket};
@@ -64,13 +64,7 @@ pub struct SegmentChecks {
     pub delays_dropped: AtomicU64,
 }
 
-/// The store shared by the manager's tasks.
-pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
-
-/// Locks the shared store (a panic elsewhere does not make it unusable).
-pub fn lock(store: &SharedStore) -> std::sync::MutexGuard<'_, Box<dyn Store>> {
-    store.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub use crate::store::{SharedStore, lock};
 
 /// Unix time in milliseconds.
 pub fn unix_now_ms() -> u64 {

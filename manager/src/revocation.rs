@@ -28,8 +28,8 @@ use baton_protocol::message::Message;
 use baton_protocol::revocation::{MAX_REVOKED, RevocationList, Revoked};
 use baton_protocol::types::AgentId;
 
-use crate::registry::{SharedStore, lock};
 use crate::store::{RevocationRecord, StoreError};
+use crate::store::{SharedStore, lock};
 
 /// Certificate serials from the store's persisted counter.
 #[derive(Debug)]

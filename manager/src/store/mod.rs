@@ -430,3 +430,11 @@ pub fn resume_state(p: &ParticipantRecord) -> ParticipantState {
 
 #[cfg(test)]
 mod tests;
+
+/// The store shared by the manager's tasks.
+pub type SharedStore = std::sync::Arc<std::sync::Mutex<Box<dyn Store>>>;
+
+/// Locks the shared store (a panic elsewhere does not make it unusable).
+pub fn lock(store: &SharedStore) -> std::sync::MutexGuard<'_, Box<dyn Store>> {
+    store.lock().unwrap_or_else(|e| e.into_inner())
+}
