@@ -879,6 +879,7 @@ fn self_signed_key(hs: &Handshake) -> Option<PublicKey> {
 mod test {
     use super::*;
     use crate::store::SqliteStore;
+    use crate::store::Store;
     use baton_protocol::identity::{AgentCert, Identity};
     use baton_protocol::session::Hello;
 
