@@ -404,17 +404,19 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let (_keep, serial_updates) = tokio::sync::mpsc::channel(1);
-    serve_reloading(opts, shutdown, serial_updates).await
+    let (_keep, reloads) = tokio::sync::mpsc::channel(1);
+    serve_reloading(opts, shutdown, reloads).await
 }
 
-/// [`serve`], also taking new lists of serial ports while it runs (a reloaded
-/// configuration): ports added are opened, ports removed closed, every other session
-/// goes on.
+/// [`serve`], also taking reloaded options while it runs: the serial ports (ports added
+/// are opened, ports removed closed) and the agent port's caps (connections, handshakes in
+/// all and per address, handshake deadline: they judge the next connections, those open
+/// stay) change at once; every other session goes on, and the other options wait for a
+/// restart.
 pub async fn serve_reloading(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
-    mut serial_updates: tokio::sync::mpsc::Receiver<Vec<PathBuf>>,
+    mut reloads: tokio::sync::mpsc::Receiver<ServeOptions>,
 ) -> Result<(), ServeError> {
     let descriptors = admission::raise_descriptor_limit();
     // Held until `serve` returns: a second manager on this directory stops here.
@@ -651,9 +653,19 @@ pub async fn serve_reloading(
                 Ok(Err(e)) => Err(ServeError::Engine(e)),
                 Err(e) => Err(ServeError::Http(std::io::Error::other(format!("engine task panicked: {e}")))),
             },
-            Some(ports) = serial_updates.recv() => {
-                let (added, removed) = serial_ports.set(&ports);
+            Some(reloaded) = reloads.recv() => {
+                let (added, removed) = serial_ports.set(&reloaded.serial);
                 tracing::info!(?added, ?removed, "serial ports reloaded");
+                let caps = agent_port
+                    .admission
+                    .set_limits(agent_port_limits(&reloaded, descriptors.soft));
+                tracing::info!(
+                    max_connections = caps.max_connections,
+                    max_handshakes = caps.max_handshakes,
+                    max_handshakes_per_address = caps.max_handshakes_per_address,
+                    handshake_timeout = ?caps.handshake_timeout,
+                    "agent port caps reloaded"
+                );
             }
         }
     };

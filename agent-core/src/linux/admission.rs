@@ -184,15 +184,16 @@ impl std::error::Error for Refused {}
 #[derive(Debug)]
 pub struct Admission {
     name: &'static str,
-    limits: AdmissionLimits,
     state: Mutex<Counts>,
     /// Per cap (see [`Refused::cause`]), for accept errors, failed handshakes and
     /// refused ones: their warnings, spaced.
     logs: [SpacedLog; 6],
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counts {
+    /// The caps in force (replaced by [`Admission::set_limits`]).
+    limits: AdmissionLimits,
     connections: usize,
     handshakes: usize,
     per_source: HashMap<SourceKey, usize>,
@@ -210,15 +211,27 @@ impl Admission {
     pub fn new(name: &'static str, limits: AdmissionLimits) -> Arc<Admission> {
         Arc::new(Admission {
             name,
-            limits: limits.checked(),
-            state: Mutex::new(Counts::default()),
+            state: Mutex::new(Counts {
+                limits: limits.checked(),
+                connections: 0,
+                handshakes: 0,
+                per_source: HashMap::new(),
+            }),
             logs: std::array::from_fn(|_| SpacedLog::new(LOG_EVERY)),
         })
     }
 
     /// The caps in force.
     pub fn limits(&self) -> AdmissionLimits {
-        self.limits
+        self.lock().limits
+    }
+
+    /// Replaces the caps (a reloaded configuration): connections and handshakes already
+    /// admitted stay; the new caps judge the next admissions. Returns the caps now in force.
+    pub fn set_limits(&self, limits: AdmissionLimits) -> AdmissionLimits {
+        let mut s = self.lock();
+        s.limits = limits.checked();
+        s.limits
     }
 
     /// Connections open and handshakes in progress now.
@@ -237,21 +250,22 @@ impl Admission {
         let source = SourceKey::of(ip);
         let mut s = self.lock();
         let from_source = s.per_source.get(&source).copied().unwrap_or(0);
-        let refused = if s.connections >= self.limits.max_connections {
+        let limits = s.limits;
+        let refused = if s.connections >= limits.max_connections {
             Some(Refused::Connections {
                 open: s.connections,
-                max: self.limits.max_connections,
+                max: limits.max_connections,
             })
-        } else if s.handshakes >= self.limits.max_handshakes {
+        } else if s.handshakes >= limits.max_handshakes {
             Some(Refused::Handshakes {
                 in_progress: s.handshakes,
-                max: self.limits.max_handshakes,
+                max: limits.max_handshakes,
             })
-        } else if from_source >= self.limits.max_handshakes_per_address {
+        } else if from_source >= limits.max_handshakes_per_address {
             Some(Refused::HandshakesFromAddress {
                 source,
                 in_progress: from_source,
-                max: self.limits.max_handshakes_per_address,
+                max: limits.max_handshakes_per_address,
             })
         } else {
             None
@@ -476,6 +490,30 @@ mod tests {
         drop(held);
         assert_eq!(a.counts(), (0, 0));
         assert!(a.lock().per_source.is_empty(), "no entry is left behind");
+    }
+
+    #[test]
+    fn new_limits_judge_the_next_admissions_and_keep_what_was_admitted() {
+        let a = Admission::new("test", limits(100, 10, 4));
+        let held: Vec<Admitted> = (0..3).map(|_| a.admit(ip("10.0.0.1")).unwrap()).collect();
+        // Lowered below what is held: nothing is dropped, the next one is refused.
+        assert_eq!(
+            a.set_limits(limits(100, 10, 2)).max_handshakes_per_address,
+            2
+        );
+        assert_eq!(a.counts(), (3, 3));
+        assert!(matches!(
+            a.admit(ip("10.0.0.1")),
+            Err(Refused::HandshakesFromAddress { max: 2, .. })
+        ));
+        drop(held);
+        assert!(a.admit(ip("10.0.0.1")).is_ok());
+        // Raised again: more get in.
+        a.set_limits(limits(100, 10, 8));
+        let more: Vec<Admitted> = (0..8).map(|_| a.admit(ip("10.0.0.1")).unwrap()).collect();
+        assert_eq!(more.len(), 8);
+        // Checked like the first caps (handshakes at most half the connections).
+        assert_eq!(a.set_limits(limits(10, 9, 9)).max_handshakes, 5);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! `baton serve`: runs the manager until Ctrl-C or SIGTERM.
 //!
 //! `SIGHUP` re-reads the command line's `--config` file: the serial ports
-//! (`serial`) and the log filter (`log`) change at once, without dropping any
-//! session; every other setting changes at the next restart, and the reload says
+//! (`serial`), the log filter (`log`) and the agent port's caps (`max-connections`,
+//! `max-handshakes`, `max-handshakes-per-address`, `handshake-timeout`: they judge
+//! the next connections) change at once, without dropping any session; every other
+//! setting (the HTTP caps, `up-bps` among them) changes at the next restart, and the reload says
 //! which ones were changed. A file that no longer parses is refused with its error
 //! and the running settings stay.
 
@@ -203,7 +205,14 @@ async fn terminated() {
 }
 
 /// Settings a reload applies while the manager runs (the others wait for a restart).
-const RELOADED_AT_ONCE: [&str; 2] = ["serial", "log"];
+const RELOADED_AT_ONCE: [&str; 6] = [
+    "serial",
+    "log",
+    "max-connections",
+    "max-handshakes",
+    "max-handshakes-per-address",
+    "handshake-timeout",
+];
 
 /// Reads the settings again (the command line and its `--config` file): the flags, and
 /// the file's settings as `--KEY=VALUE` arguments.
@@ -238,13 +247,13 @@ pub fn run(args: ServeArgs, from_file: Vec<OsString>, reread: Reread) -> anyhow:
     let data_dir = opts.data_dir.clone();
     runtime
         .block_on(async move {
-            let (serial_tx, serial_rx) = tokio::sync::mpsc::channel(4);
+            let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
             // Registered before the manager starts, so a SIGHUP never ends the process.
             let hangups = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
             let reloads = tokio::spawn(reload_on_hangup(
-                hangups, from_file, reread, log_filter, serial_tx,
+                hangups, from_file, reread, log_filter, reload_tx,
             ));
-            let served = serve_reloading(opts, terminated(), serial_rx).await;
+            let served = serve_reloading(opts, terminated(), reload_rx).await;
             reloads.abort();
             Ok::<_, anyhow::Error>(served?)
         })
@@ -252,14 +261,15 @@ pub fn run(args: ServeArgs, from_file: Vec<OsString>, reread: Reread) -> anyhow:
     Ok(())
 }
 
-/// On each SIGHUP: reads the settings again, replaces the log filter, hands the serial
-/// ports to the manager, and logs which changed settings wait for a restart.
+/// On each SIGHUP: reads the settings again, replaces the log filter, hands the options to
+/// the manager (which applies the serial ports and the agent port's caps), and logs which
+/// changed settings wait for a restart.
 async fn reload_on_hangup(
     mut hangups: Signal,
     mut current: Vec<OsString>,
     mut reread: Reread,
     log_filter: LogFilter,
-    serial: tokio::sync::mpsc::Sender<Vec<PathBuf>>,
+    reloaded: tokio::sync::mpsc::Sender<ServeOptions>,
 ) {
     while hangups.recv().await.is_some() {
         let (args, from_file) = match reread() {
@@ -282,7 +292,7 @@ async fn reload_on_hangup(
         if let Err(e) = log_filter.reload(filter) {
             tracing::error!("SIGHUP: the log filter was not replaced: {e}");
         }
-        if serial.send(args.serial.clone()).await.is_err() {
+        if reloaded.send(args.options()).await.is_err() {
             return;
         }
         let changed = super::config_file::changed_keys(&current, &from_file);

@@ -1,5 +1,5 @@
 //! `baton serve --config FILE` as a real process: its settings come from the file, and
-//! SIGHUP re-reads it — serial ports and the log filter change at once while an agent's
+//! SIGHUP re-reads it — serial ports, the log filter and the agent port caps change at once while an agent's
 //! session goes on, other changes are named as waiting for a restart, and a file that
 //! no longer parses leaves the running settings in place.
 
@@ -84,4 +84,80 @@ fn sighup_reloads_serial_ports_and_logging_without_dropping_sessions() {
     let sessions = agent.log().matches("welcomed by the manager").count();
     assert_eq!(sessions, 1, "the agent reconnected:\n{}", agent.log());
     assert!(!m.log().contains("agent disconnected"), "{}", m.log());
+}
+
+/// Whether the manager closed `conn` at once (read gives end of file within `within`),
+/// rather than holding it open waiting for a handshake.
+fn closed_at_once(conn: &mut std::net::TcpStream, within: std::time::Duration) -> bool {
+    use std::io::Read as _;
+    conn.set_read_timeout(Some(within)).unwrap();
+    let mut byte = [0u8; 1];
+    match conn.read(&mut byte) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
+}
+
+#[test]
+fn sighup_applies_the_agent_port_caps_to_the_next_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("manager.toml");
+    std::fs::write(&config, "max-handshakes-per-address = 8\n").unwrap();
+    let m = Manager::start_args(
+        BATON,
+        &["--config", config.to_str().unwrap(), "--give-up", "5"],
+    );
+    let agent = AgentProc::spawn(&m, dir.path(), "edge-1", &[]);
+    m.wait_connected(&["edge-1"]);
+    let quick = std::time::Duration::from_millis(300);
+
+    // Before: two idle connections from one address are both held for their handshake.
+    let mut first = std::net::TcpStream::connect(m.agent_addr()).unwrap();
+    let mut second = std::net::TcpStream::connect(m.agent_addr()).unwrap();
+    assert!(
+        !closed_at_once(&mut first, quick),
+        "the cap of 8 closed the first"
+    );
+    assert!(
+        !closed_at_once(&mut second, quick),
+        "the cap of 8 closed the second"
+    );
+    drop((first, second));
+
+    // Reloaded to one handshake per address: the next second connection is closed at once.
+    let from = m.log().len();
+    std::fs::write(&config, "max-handshakes-per-address = 1\n").unwrap();
+    hang_up(m.pid());
+    wait_logged(&m, from, "agent port caps reloaded");
+    assert!(
+        !m.log()[from..].contains("take effect at the next restart"),
+        "the cap waited for a restart:\n{}",
+        &m.log()[from..]
+    );
+    // The closed pair's handshake places are given back when the manager sees them end.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (mut held, mut refused) = loop {
+        let mut held = std::net::TcpStream::connect(m.agent_addr()).unwrap();
+        let mut extra = std::net::TcpStream::connect(m.agent_addr()).unwrap();
+        if !closed_at_once(&mut held, quick) {
+            break (held, extra);
+        }
+        let _ = closed_at_once(&mut extra, quick);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no handshake place came free:\n{}",
+            m.log()
+        );
+    };
+    assert!(
+        closed_at_once(&mut refused, std::time::Duration::from_secs(2)),
+        "a second idle connection from one address was not refused after the reload"
+    );
+    assert!(!closed_at_once(&mut held, quick), "the first was dropped");
+
+    // The agent kept its one session through the reload.
+    assert_eq!(m.connected(), ["edge-1"]);
+    let sessions = agent.log().matches("welcomed by the manager").count();
+    assert_eq!(sessions, 1, "the agent reconnected:\n{}", agent.log());
 }
