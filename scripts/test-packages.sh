@@ -145,6 +145,19 @@ grep -q '^content-dir = \["/srv/baton-test"\]' "$root/etc/baton/manager.toml" ||
 install -d -m 0755 "$root/srv/baton-test"
 head -c 3000000 /dev/urandom >"$root/srv/baton-test/firmware.bin"
 chmod 0644 "$root/srv/baton-test/firmware.bin"
+# Content trust, made "offline" (as root, outside the manager's reach): a root key, a
+# publisher key, and the trust document listing the publisher, signed by the root; the
+# manager only stores and relays the document (key `trust` in its configuration).
+install -d -m 0700 "$root/root/baton-keys"
+root_key=$(in_root baton keys new --out /root/baton-keys/root.key)
+publisher_key=$(in_root baton keys new --out /root/baton-keys/publisher.key)
+[ ${#root_key} -eq 64 ] && [ ${#publisher_key} -eq 64 ] || fail "baton keys new printed no key"
+in_root baton trust init --root "$root_key" --out /root/baton-keys/trust.bin >/dev/null
+in_root baton trust add-publisher /root/baton-keys/trust.bin --key "$publisher_key" \
+    --names 'firmware*' >/dev/null
+in_root baton trust sign /root/baton-keys/trust.bin --key /root/baton-keys/root.key >/dev/null
+install -m 0644 "$root/root/baton-keys/trust.bin" "$root/etc/baton/trust.bin"
+echo 'trust = "/etc/baton/trust.bin"' >>"$root/etc/baton/manager.toml"
 run_unit baton.service
 manager=$started
 wait_for 30 "the manager did not write /var/lib/baton/serve.json" test -s "$root/var/lib/baton/serve.json"
@@ -161,6 +174,7 @@ in_root chown baton-agent:baton-agent /etc/baton/agent.token
 cat >>"$root/etc/baton/agent.toml" <<EOF
 manager = "127.0.0.1:7700"
 manager-key = "$manager_key"
+root-key = ["$root_key"]
 id = "pkg-agent"
 token-file = "/etc/baton/agent.token"
 export = "/var/lib/baton-agent/firmware.bin"
@@ -172,7 +186,12 @@ connected() { as_user baton baton agents --json --data-dir /var/lib/baton 2>/dev
 wait_for 30 "the agent did not connect" connected
 
 echo "== push a file end to end"
-as_user baton timeout 60 baton push /srv/baton-test/firmware.bin --agents pkg-agent --wait \
+# Signed offline by the publisher, published by the manager as it is.
+in_root baton sign /srv/baton-test/firmware.bin --key /root/baton-keys/publisher.key \
+    --name firmware --out /srv/baton-test/firmware.bin.manifest >/dev/null
+chmod 0644 "$root/srv/baton-test/firmware.bin.manifest"
+as_user baton timeout 60 baton push /srv/baton-test/firmware.bin \
+    --manifest /srv/baton-test/firmware.bin.manifest --agents pkg-agent --wait \
     --data-dir /var/lib/baton
 wait_for 10 "the agent did not export the content" test -s "$root/var/lib/baton-agent/firmware.bin"
 cmp "$root/srv/baton-test/firmware.bin" "$root/var/lib/baton-agent/firmware.bin" ||
@@ -215,7 +234,7 @@ manager=$started
 wait_for 30 "the upgraded manager did not start" test -s "$root/var/lib/baton/serve.json"
 grep -q "\"manager_key\": *\"$manager_key\"" "$root/var/lib/baton/serve.json" ||
     fail "the upgraded manager has another key"
-as_user baton baton jobs --data-dir /var/lib/baton | grep -q firmware.bin ||
+as_user baton baton jobs --data-dir /var/lib/baton | grep -qw firmware ||
     fail "the upgraded manager lost the job"
 echo "  the upgraded manager runs with the same key and remembers the job"
 stop "$manager" "baton serve"
