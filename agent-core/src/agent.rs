@@ -1018,10 +1018,15 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
                 }
                 Ok(Some(_)) => self.ignored("persisted trust anchor is for other root keys"),
                 Ok(None) => {}
-                Err(error) => self.event(Event::RecordFailed {
-                    what: "load trust anchor",
-                    error,
-                }),
+                // Fail closed: falling back to the pinned roots would let an older,
+                // unexpired document (with a publisher removed since) be taken again.
+                Err(error) => {
+                    self.trust.anchor = None;
+                    self.event(Event::RecordFailed {
+                        what: "load trust anchor (every manifest is refused)",
+                        error,
+                    });
+                }
             }
         }
         if self.config.clock == AgentClock::ManagerMonotonic {
@@ -1695,8 +1700,10 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         match anchor.accept(&signed) {
             Ok(next) => {
                 let newer = next != *anchor;
-                if newer {
-                    self.persist_anchor(&next);
+                // Adopted only once persisted: otherwise a reboot would fall back to the
+                // older anchor the manager could then hold the agent at.
+                if newer && !self.persist_anchor(&next) {
+                    return;
                 }
                 let first = !self.trust.has_document;
                 self.trust.anchor = Some(next);
@@ -1713,18 +1720,23 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         }
     }
 
-    /// Writes the accepted anchor to the store (out of line: see [`Agent::on_trust`]).
+    /// Writes the accepted anchor to the store (out of line: see [`Agent::on_trust`]);
+    /// whether it was written.
     #[inline(never)]
-    fn persist_anchor(&mut self, anchor: &TrustAnchor) {
+    fn persist_anchor(&mut self, anchor: &TrustAnchor) -> bool {
         let stored = StoredAnchor {
             pin: self.trust.pin,
             anchor: anchor.clone(),
         };
-        if let Err(error) = self.store.save_anchor(&stored) {
-            self.event(Event::RecordFailed {
-                what: "save trust anchor",
-                error,
-            });
+        match self.store.save_anchor(&stored) {
+            Ok(()) => true,
+            Err(error) => {
+                self.event(Event::RecordFailed {
+                    what: "save trust anchor (the document is not taken)",
+                    error,
+                });
+                false
+            }
         }
     }
 
@@ -4046,6 +4058,23 @@ mod test {
         let c = Content::new(&newer, "fw-router", 2, 0, 2 * 1024);
         w.fetch(&c, 4, &[]);
         assert_eq!(failed(&mut w), None);
+    }
+
+    #[test]
+    fn records_that_cannot_be_read_refuse_every_manifest() {
+        // A record area too small to hold its two banks: every record read fails. The
+        // agent must not fall back to the pinned roots (an older document could then be
+        // taken again): it refuses content.
+        let broken =
+            FlashStore::new_multiwrite(Flash::new(128 * 1024)).with_records(Flash::new(256));
+        let mut w = world_trusting(broken, None, |_| {});
+        w.frame(ConnId::MANAGER, &trust_msg(&default_trust()))
+            .unwrap();
+        assert!(w.agent.trust_anchor().is_none());
+        assert!(w.agent.trust_document().is_none());
+        let c = Content::new(&w.publisher, "fw", 1, 0, 2 * 1024);
+        w.fetch(&c, 1, &[]);
+        assert_eq!(failed(&mut w), Some(FailReason::NoTrust));
     }
 
     #[test]

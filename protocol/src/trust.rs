@@ -300,6 +300,12 @@ impl TrustAnchor {
         if threshold == 0 || usize::from(threshold) > anchor.roots.len() {
             return Err(TrustError::Malformed);
         }
+        // A root pinned twice would count twice towards the threshold.
+        for (i, k) in anchor.roots.iter().enumerate() {
+            if anchor.roots[..i].contains(k) {
+                return Err(TrustError::Malformed);
+            }
+        }
         Ok(anchor)
     }
 
@@ -465,6 +471,11 @@ mod test {
         assert_eq!(anchor.accept(&d), Err(TrustError::Malformed));
         assert_eq!(SignedTrust::decode(&[1, 2, 3]), Err(TrustError::Malformed));
         assert!(TrustAnchor::pinned(&[], 1).is_err());
+        // A root pinned twice does not make a threshold of two.
+        assert_eq!(
+            TrustAnchor::pinned(&[root.public(), root.public()], 2),
+            Err(TrustError::Malformed)
+        );
     }
 
     #[test]
