@@ -151,18 +151,21 @@ impl<F: NorFlash> FlashStore<F> {
     }
 }
 
+/// The smallest unit a NOR flash can both read and write whole: the least common multiple
+/// of its read and write sizes (the content store and the record log both work in it).
+pub(crate) const fn io_unit(read: usize, write: usize) -> usize {
+    let (mut a, mut b) = (read, write);
+    while b != 0 {
+        let t = a % b;
+        a = b;
+        b = t;
+    }
+    read / a * write
+}
+
 impl<F: NorFlash, R: NorFlash> FlashStore<F, R> {
     /// The read/write unit: the least common multiple of `READ_SIZE` and `WRITE_SIZE`.
-    const UNIT: usize = {
-        let (r, w) = (F::READ_SIZE, F::WRITE_SIZE);
-        let (mut a, mut b) = (r, w);
-        while b != 0 {
-            let t = a % b;
-            a = b;
-            b = t;
-        }
-        r / a * w
-    };
+    const UNIT: usize = io_unit(F::READ_SIZE, F::WRITE_SIZE);
 
     /// The same store keeping the agent's records in `area` (at least two erase blocks,
     /// apart from the content partition; see [`crate::records`]).

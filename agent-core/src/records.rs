@@ -171,16 +171,7 @@ pub struct RecordLog<R: NorFlash> {
 
 impl<R: NorFlash> RecordLog<R> {
     /// The read/write unit: the least common multiple of `READ_SIZE` and `WRITE_SIZE`.
-    const UNIT: usize = {
-        let (r, w) = (R::READ_SIZE, R::WRITE_SIZE);
-        let (mut a, mut b) = (r, w);
-        while b != 0 {
-            let t = a % b;
-            a = b;
-            b = t;
-        }
-        r / a * w
-    };
+    const UNIT: usize = crate::flash::io_unit(R::READ_SIZE, R::WRITE_SIZE);
 
     /// A record area over all of `flash` (mounted on first use).
     pub fn new(flash: R) -> Self {
