@@ -283,6 +283,12 @@ fn log_in(b: &baton_test_support::webdriver::Browser, base: &str, name: &str, pa
     b.wait_find("#nav", Duration::from_secs(20));
 }
 
+/// Signs out and waits for the login form, so the next page load cannot race the sign-out.
+fn log_out(b: &baton_test_support::webdriver::Browser) {
+    b.click(&b.find("#logout"));
+    b.wait_find("#name", Duration::from_secs(20));
+}
+
 #[test]
 fn the_web_ui_hides_what_the_role_may_not_do() {
     let started = Instant::now();
@@ -371,7 +377,7 @@ fn the_web_ui_hides_what_the_role_may_not_do() {
     assert_eq!(count("[data-revoke]"), 0, "no Revoke for read");
     // The server refuses what the page does not offer.
     assert_eq!(b.eval(post_group, json!(["viewer"])), json!(403));
-    b.click(&b.find("#logout"));
+    log_out(&b);
 
     // operate (positive control): the same pages offer the actions, and they work.
     log_in(&b, &base, "deployer", "s3cret-pass");
@@ -399,7 +405,7 @@ fn the_web_ui_hides_what_the_role_may_not_do() {
     page("fleet", "Fleet");
     b.wait_find("tr[data-agent=edge-1]", wait);
     assert_eq!(count("[data-revoke]"), 0, "no Revoke for operate");
-    b.click(&b.find("#logout"));
+    log_out(&b);
 
     // admin: the fleet offers Revoke, and it revokes (the confirmation answered yes).
     log_in(&b, &base, "ops", "s3cret-pass");
