@@ -93,6 +93,8 @@ pub enum EngineInput {
         /// The engine's answer.
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// The manager's upload cap changed (`--up-bps` reloaded; `0` = none).
+    SetManagerUpBps(u64),
 }
 
 impl std::fmt::Debug for EngineInput {
@@ -103,6 +105,7 @@ impl std::fmt::Debug for EngineInput {
             EngineInput::Offline { id } => write!(f, "Offline({id})"),
             EngineInput::StartJob { spec, .. } => write!(f, "StartJob({})", spec.id),
             EngineInput::CancelJob { job, .. } => write!(f, "CancelJob({job})"),
+            EngineInput::SetManagerUpBps(bps) => write!(f, "SetManagerUpBps({bps})"),
         }
     }
 }
@@ -390,6 +393,7 @@ impl EngineTask {
                 }
                 self.replies.push((reply, result));
             }
+            EngineInput::SetManagerUpBps(bps) => self.engine.set_manager_up_bps(bps),
         }
     }
 
@@ -453,7 +457,9 @@ fn coalesce(batch: Vec<EngineInput>) -> impl Iterator<Item = EngineInput> {
         EngineInput::Online { id, .. }
         | EngineInput::Message { id, .. }
         | EngineInput::Offline { id } => Some(id.clone()),
-        EngineInput::StartJob { .. } | EngineInput::CancelJob { .. } => None,
+        EngineInput::StartJob { .. }
+        | EngineInput::CancelJob { .. }
+        | EngineInput::SetManagerUpBps(_) => None,
     };
     // Walking backwards: an agent's next input seen so far is a report (true) or not.
     let mut next_is_report: std::collections::HashMap<AgentId, bool> = Default::default();

@@ -27,7 +27,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::agent_port::AgentPort;
 use crate::content::{self, Content, ContentError, Keys, Library};
-use crate::engine_task::EngineTask;
+use crate::engine_task::{EngineInput, EngineTask};
 use crate::registry::{Registry, SharedStore, lock, unix_now};
 use crate::service::{Manager, decode_manifest, engine_targets};
 use crate::store::{JobRecord, JobState, SqliteStore, Store, StoreError};
@@ -473,13 +473,14 @@ pub async fn serve_reloading(
         &secrets,
     )
     .map_err(ServeError::ContentDir)?;
+    let (http_limits_tx, http_limits_rx) = watch::channel(opts.http_limits);
     let http_config = crate::http::HttpConfig {
         web: Arc::new(crate::http::web::Web::new(store.clone(), tls.is_some())),
         content_dirs,
         upload_dir,
         max_upload_bytes: opts.max_upload,
         tls,
-        limits: opts.http_limits,
+        limits: http_limits_rx,
     };
     let registry =
         Arc::new(Registry::load(store.clone())?.with_revocation_signer(keys.manager.clone())?);
@@ -490,8 +491,10 @@ pub async fn serve_reloading(
         log_online_signing(&registry, p);
     }
     let library = Arc::new(Library::new());
+    // Always present, unlimited at 0, so a reload can set or lift `--up-bps`.
+    let up_limit = Arc::new(RateLimiter::new(opts.up_bps));
     let limits = Limits {
-        up: (opts.up_bps > 0).then(|| Arc::new(RateLimiter::new(opts.up_bps))),
+        up: Some(up_limit.clone()),
         ..Limits::default()
     };
     let (events, _) = broadcast::channel(4096);
@@ -666,6 +669,16 @@ pub async fn serve_reloading(
                     handshake_timeout = ?caps.handshake_timeout,
                     "agent port caps reloaded"
                 );
+                http_limits_tx.send_if_modified(|limits| {
+                    let changed = *limits != reloaded.http_limits;
+                    *limits = reloaded.http_limits;
+                    changed
+                });
+                if up_limit.bytes_per_sec() != reloaded.up_bps {
+                    up_limit.set_rate(reloaded.up_bps);
+                    let _ = manager.engine.send(EngineInput::SetManagerUpBps(reloaded.up_bps)).await;
+                    tracing::info!(up_bps = reloaded.up_bps, "manager upload cap reloaded (0 = none)");
+                }
             }
         }
     };

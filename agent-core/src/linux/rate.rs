@@ -10,6 +10,7 @@
 //! of the cap.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -20,8 +21,8 @@ const BURST: Duration = Duration::from_millis(20);
 /// Token bucket shared by all connections of a process, one per direction.
 #[derive(Debug)]
 pub struct RateLimiter {
-    bytes_per_sec: u64,
-    burst: f64,
+    /// The rate in bytes per second (`0` = no limit); [`RateLimiter::set_rate`] changes it.
+    bytes_per_sec: AtomicU64,
     state: Mutex<Bucket>,
 }
 
@@ -36,12 +37,10 @@ struct Bucket {
 impl RateLimiter {
     /// A limiter letting `bytes_per_sec` bytes pass per second (`0` = no limit).
     pub fn new(bytes_per_sec: u64) -> Self {
-        let burst = (bytes_per_sec as f64 * BURST.as_secs_f64()).max(1.0);
         RateLimiter {
-            bytes_per_sec,
-            burst,
+            bytes_per_sec: AtomicU64::new(bytes_per_sec),
             state: Mutex::new(Bucket {
-                tokens: burst,
+                tokens: burst(bytes_per_sec),
                 at: Instant::now(),
             }),
         }
@@ -49,7 +48,15 @@ impl RateLimiter {
 
     /// The configured rate in bytes per second (`0` = no limit).
     pub fn bytes_per_sec(&self) -> u64 {
-        self.bytes_per_sec
+        self.bytes_per_sec.load(Ordering::Relaxed)
+    }
+
+    /// Changes the rate (`0` = no limit) for every later [`RateLimiter::acquire`]; a debt
+    /// owed now is repaid at the new rate.
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        let mut b = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.bytes_per_sec.store(bytes_per_sec, Ordering::Relaxed);
+        b.tokens = b.tokens.min(burst(bytes_per_sec));
     }
 
     /// Waits until `bytes` may pass.
@@ -61,13 +68,18 @@ impl RateLimiter {
 
     /// Takes `bytes` from the bucket at `now`; returns how long the caller must wait.
     fn reserve(&self, bytes: usize, now: Instant) -> Option<Duration> {
-        if self.bytes_per_sec == 0 || bytes == 0 {
+        if self.bytes_per_sec() == 0 || bytes == 0 {
             return None;
         }
-        let rate = self.bytes_per_sec as f64;
         let mut b = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // Read under the lock: `set_rate` changes the rate and the bucket together.
+        let bytes_per_sec = self.bytes_per_sec();
+        if bytes_per_sec == 0 {
+            return None;
+        }
+        let rate = bytes_per_sec as f64;
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * rate).min(self.burst);
+        b.tokens = (b.tokens + elapsed * rate).min(burst(bytes_per_sec));
         b.at = now.max(b.at);
         b.tokens -= bytes as f64;
         if b.tokens >= 0.0 {
@@ -76,6 +88,11 @@ impl RateLimiter {
             Some(Duration::from_secs_f64(-b.tokens / rate))
         }
     }
+}
+
+/// The most the bucket holds at `bytes_per_sec`: [`BURST`] worth, at least one byte.
+fn burst(bytes_per_sec: u64) -> f64 {
+    (bytes_per_sec as f64 * BURST.as_secs_f64()).max(1.0)
 }
 
 #[cfg(test)]
@@ -104,6 +121,25 @@ mod test {
         let later = t0 + Duration::from_secs(10);
         assert_eq!(r.reserve(20_000, later), None);
         assert!(r.reserve(1_000, later).is_some());
+    }
+
+    #[test]
+    fn a_new_rate_applies_to_the_next_bytes() {
+        let r = RateLimiter::new(0);
+        let t0 = Instant::now();
+        assert_eq!(r.reserve(1 << 20, t0), None, "no limit yet");
+        r.set_rate(1_000_000);
+        assert_eq!(r.bytes_per_sec(), 1_000_000);
+        // The bucket held what the unlimited rate left (one byte): 120 000 bytes owe 120 ms.
+        let wait = r.reserve(120_000, t0).unwrap().as_secs_f64();
+        assert!((wait - 0.12).abs() < 0.001, "{wait}");
+        // Ten times faster: the whole debt, 220 000 bytes with the next ones, is repaid
+        // at the new rate, in 22 ms.
+        r.set_rate(10_000_000);
+        let wait = r.reserve(100_000, t0).unwrap().as_secs_f64();
+        assert!((wait - 0.022).abs() < 0.001, "{wait}");
+        r.set_rate(0);
+        assert_eq!(r.reserve(1 << 30, t0), None, "limit lifted");
     }
 
     #[tokio::test(start_paused = true)]

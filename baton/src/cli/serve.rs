@@ -1,12 +1,14 @@
 //! `baton serve`: runs the manager until Ctrl-C or SIGTERM.
 //!
 //! `SIGHUP` re-reads the command line's `--config` file: the serial ports
-//! (`serial`), the log filter (`log`) and the agent port's caps (`max-connections`,
-//! `max-handshakes`, `max-handshakes-per-address`, `handshake-timeout`: they judge
-//! the next connections) change at once, without dropping any session; every other
-//! setting (the HTTP caps, `up-bps` among them) changes at the next restart, and the reload says
-//! which ones were changed. A file that no longer parses is refused with its error
-//! and the running settings stay.
+//! (`serial`), the log filter (`log`), the agent port's caps (`max-connections`,
+//! `max-handshakes`, `max-handshakes-per-address`, `handshake-timeout`) and the HTTP
+//! port's (`max-http-connections`, `max-http-connections-per-address`,
+//! `http-header-timeout`) — caps judge the next connections — and the manager's upload
+//! cap (`up-bps`: every transfer at once, the planner at its next adaptation) change at
+//! once, without dropping any session; every other setting changes at the next restart,
+//! and the reload says which ones were changed. A file that no longer parses is refused
+//! with its error and the running settings stay.
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
@@ -205,13 +207,17 @@ async fn terminated() {
 }
 
 /// Settings a reload applies while the manager runs (the others wait for a restart).
-const RELOADED_AT_ONCE: [&str; 6] = [
+const RELOADED_AT_ONCE: [&str; 10] = [
     "serial",
     "log",
     "max-connections",
     "max-handshakes",
     "max-handshakes-per-address",
     "handshake-timeout",
+    "max-http-connections",
+    "max-http-connections-per-address",
+    "http-header-timeout",
+    "up-bps",
 ];
 
 /// Reads the settings again (the command line and its `--config` file): the flags, and

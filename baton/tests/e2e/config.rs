@@ -1,6 +1,7 @@
 //! `baton serve --config FILE` as a real process: its settings come from the file, and
 //! SIGHUP re-reads it — serial ports, the log filter and the agent port caps change at once while an agent's
-//! session goes on, other changes are named as waiting for a restart, and a file that
+//! session goes on, so do the HTTP caps and the upload cap; other changes are named as
+//! waiting for a restart, and a file that
 //! no longer parses leaves the running settings in place.
 
 use std::time::Duration;
@@ -160,4 +161,91 @@ fn sighup_applies_the_agent_port_caps_to_the_next_connections() {
     assert_eq!(m.connected(), ["edge-1"]);
     let sessions = agent.log().matches("welcomed by the manager").count();
     assert_eq!(sessions, 1, "the agent reconnected:\n{}", agent.log());
+}
+
+#[test]
+fn sighup_applies_the_http_caps_and_the_upload_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("manager.toml");
+    std::fs::write(&config, "max-http-connections-per-address = 8\n").unwrap();
+    let m = Manager::start_args(
+        BATON,
+        &["--config", config.to_str().unwrap(), "--give-up", "5"],
+    );
+    let agent = AgentProc::spawn(&m, dir.path(), "edge-1", &[]);
+    m.wait_connected(&["edge-1"]);
+    let (_, status) = m.api("GET", "/api/v1/status", None);
+    assert_eq!(status["up_bps"], 0, "{status}");
+    let http: std::net::SocketAddr = status["http_addr"].as_str().unwrap().parse().unwrap();
+    // Idle connections from an address of their own, so the API calls keep theirs.
+    let connect = || {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&std::net::SocketAddr::from(([127, 0, 9, 1], 0)).into())
+            .unwrap();
+        socket.connect(&http.into()).unwrap();
+        std::net::TcpStream::from(socket)
+    };
+    let quick = Duration::from_millis(300);
+    let mut held: Vec<_> = (0..3).map(|_| connect()).collect();
+    for conn in &mut held {
+        assert!(!closed_at_once(conn, quick), "the cap of 8 closed one of 3");
+    }
+    drop(held);
+
+    // Reloaded: two HTTP connections per address, and an upload cap of 512 KiB/s.
+    let from = m.log().len();
+    std::fs::write(
+        &config,
+        "max-http-connections-per-address = 2\nup-bps = \"512KiB\"\n",
+    )
+    .unwrap();
+    hang_up(m.pid());
+    wait_logged(&m, from, "HTTP caps reloaded");
+    wait_logged(&m, from, "manager upload cap reloaded");
+    assert!(
+        !m.log()[from..].contains("take effect at the next restart"),
+        "a cap waited for a restart:\n{}",
+        &m.log()[from..]
+    );
+    // The dropped three give their places back when the manager sees them end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (mut kept, mut third) = loop {
+        let mut kept = vec![connect(), connect()];
+        let third = connect();
+        if kept.iter_mut().all(|c| !closed_at_once(c, quick)) {
+            break (kept, third);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no HTTP place came free:\n{}",
+            m.log()
+        );
+    };
+    assert!(
+        closed_at_once(&mut third, Duration::from_secs(2)),
+        "a third connection from one address was not refused after the reload"
+    );
+    assert!(
+        !closed_at_once(&mut kept[0], quick),
+        "a kept one was dropped"
+    );
+    drop(kept);
+
+    // The upload cap: shown by the API and pacing the next transfer (1 MiB from the
+    // manager, the only source, at 512 KiB/s: at least 2 s less the 20 ms burst).
+    let (_, status) = m.api("GET", "/api/v1/status", None);
+    assert_eq!(status["up_bps"], 512 * 1024, "{status}");
+    let file = dir.path().join("one-mib.bin");
+    std::fs::write(&file, vec![7u8; 1 << 20]).unwrap();
+    let started = std::time::Instant::now();
+    let job = m.create_job(&file, &["edge-1"], serde_json::json!({ "name": "paced" }));
+    m.wait_job(job, Duration::from_secs(30), |j| j["state"] == "finished");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1_800),
+        "1 MiB at 512 KiB/s took only {took:?}"
+    );
+    assert_eq!(m.connected(), ["edge-1"], "{}", agent.log());
 }

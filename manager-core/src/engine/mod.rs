@@ -338,6 +338,12 @@ impl Engine {
         self.wall = Some((now, unix_secs));
     }
 
+    /// Changes the manager's upload capacity the planner counts on (`0` = unknown): new
+    /// jobs are planned with it, running ones at their next adaptation to measured rates.
+    pub fn set_manager_up_bps(&mut self, bytes_per_sec: u64) {
+        self.config.manager_up_bps = bytes_per_sec;
+    }
+
     /// UTC seconds at engine time `now`, if the wall clock is known.
     fn unix_at(&self, now: Duration) -> Option<u64> {
         self.wall.map(|(at, unix)| {

@@ -46,7 +46,7 @@ use axum::{Extension, Json, Router};
 use baton_agent_core::linux::admission::{Admission, AdmissionLimits};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, watch};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
@@ -118,8 +118,9 @@ pub struct HttpConfig {
     pub max_upload_bytes: u64,
     /// HTTPS: the rustls configuration (`None` = plain HTTP).
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
-    /// Connection and request bounds.
-    pub limits: HttpLimits,
+    /// Connection and request bounds; a new value (a reload) applies to the connections
+    /// accepted after it (`max_body_bytes` only at start).
+    pub limits: watch::Receiver<HttpLimits>,
 }
 
 /// Default cap on open HTTP connections ([`HttpLimits::max_connections`]).
@@ -229,7 +230,7 @@ pub fn router(manager: Arc<Manager>, config: &HttpConfig) -> Router {
             }),
         )
         .merge(crate::http::web::routes(config.web.clone()))
-        .layer(DefaultBodyLimit::max(config.limits.max_body_bytes))
+        .layer(DefaultBodyLimit::max(config.limits.borrow().max_body_bytes))
         .layer(middleware::from_fn(security_headers))
 }
 
@@ -245,6 +246,8 @@ pub fn router(manager: Arc<Manager>, config: &HttpConfig) -> Router {
 /// `header_read_timeout` (which also ends idle keep-alive connections); a request
 /// body must keep arriving at `min_body_rate` ([`conn::PacedBody`]); a response
 /// nobody reads fails the connection after `write_timeout` ([`conn::WriteDeadline`]).
+/// New limits sent on `config.limits` apply from the next accepted connection: a lower
+/// `max_connections` closes nothing and waits until enough connections end.
 pub async fn run(
     listener: TcpListener,
     manager: Arc<Manager>,
@@ -256,59 +259,91 @@ pub async fn run(
     serve(listener, app, config.limits, tls, shutdown).await
 }
 
+/// The per-address caps of the HTTP port for `limits`. The [`ConnectionCap`] bounds every
+/// connection; the admission's own caps sit above it (it keeps half its connection places
+/// from handshakes, and an HTTP connection never stops counting as one).
+fn per_address_limits(limits: &HttpLimits) -> AdmissionLimits {
+    let max = limits.max_connections.max(1);
+    AdmissionLimits {
+        max_connections: max.saturating_mul(2),
+        max_handshakes: max,
+        max_handshakes_per_address: limits.max_connections_per_address,
+        handshake_timeout: tls::HANDSHAKE_TIMEOUT,
+    }
+}
+
 async fn serve(
     listener: TcpListener,
     app: Router,
-    limits: HttpLimits,
+    mut limits_updates: watch::Receiver<HttpLimits>,
     tls: Option<tls::Handshakes>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let max = limits.max_connections.max(1);
-    let permits = Arc::new(Semaphore::new(max));
-    // Places per address; the permits above bound them all (the admission's own caps sit
-    // above them: it keeps half its connection places from handshakes, and an HTTP
-    // connection never stops counting as one).
-    let per_address = Admission::new(
-        "HTTP",
-        AdmissionLimits {
-            max_connections: max.saturating_mul(2),
-            max_handshakes: max,
-            max_handshakes_per_address: limits.max_connections_per_address,
-            handshake_timeout: tls::HANDSHAKE_TIMEOUT,
-        },
-    );
+    let mut limits = *limits_updates.borrow_and_update();
+    let cap = ConnectionCap::new(limits.max_connections.max(1));
+    let per_address = Admission::new("HTTP", per_address_limits(&limits));
     let (closing_tx, closing_rx) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut capped_logged = false;
+    // `false` once the sender is gone: the limits stay as they are.
+    let mut updates_open = true;
+    // Takes new limits (`changed()` has marked them seen).
+    let reload = |limits_updates: &mut watch::Receiver<HttpLimits>| {
+        let limits = *limits_updates.borrow_and_update();
+        cap.set_max(limits.max_connections.max(1));
+        let caps = per_address.set_limits(per_address_limits(&limits));
+        tracing::info!(
+            max_connections = limits.max_connections.max(1),
+            max_connections_per_address = caps.max_handshakes_per_address,
+            header_read_timeout = ?limits.header_read_timeout,
+            "HTTP caps reloaded"
+        );
+        limits
+    };
     loop {
-        let permit = if let Ok(p) = permits.clone().try_acquire_owned() {
-            capped_logged = false;
-            p
-        } else {
-            if !capped_logged {
-                tracing::warn!(
-                    max,
-                    "HTTP connection cap reached: new connections wait until one closes"
-                );
-                capped_logged = true;
+        let place = match cap.try_take() {
+            Some(p) => {
+                capped_logged = false;
+                p
             }
-            tokio::select! {
-                _ = &mut shutdown => break,
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
+            None => {
+                if !capped_logged {
+                    tracing::warn!(
+                        max = limits.max_connections.max(1),
+                        "HTTP connection cap reached: new connections wait until one closes"
+                    );
+                    capped_logged = true;
+                }
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    p = cap.take() => p,
+                    changed = limits_updates.changed(), if updates_open => {
+                        updates_open = changed.is_ok();
+                        if updates_open {
+                            limits = reload(&mut limits_updates);
+                        }
+                        continue;
+                    }
+                }
             }
         };
-        let (stream, peer, place) = tokio::select! {
+        let (stream, peer, address_place) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = per_address.accept(&listener) => accepted,
+            // New limits judge the very next connection: take them before it is accepted.
+            changed = limits_updates.changed(), if updates_open => {
+                updates_open = changed.is_ok();
+                if updates_open {
+                    limits = reload(&mut limits_updates);
+                }
+                continue;
+            }
         };
         let app = app.clone();
         let closing = closing_rx.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let _places = (permit, place);
+            let _places = (place, address_place);
             match tls {
                 None => serve_connection(stream, peer, app, limits, closing).await,
                 Some(tls) => {
@@ -321,9 +356,85 @@ async fn serve(
     }
     drop(listener);
     let _ = closing_tx.send(true);
-    // Every connection gives its permit back when it ends.
-    let _ = permits.acquire_many(max as u32).await;
+    // Every connection gives its place back when it ends.
+    cap.drained().await;
     Ok(())
+}
+
+/// At most `max` HTTP connections open at once, `max` changing while they are open (a
+/// reload): lowering it closes nothing, new connections wait until enough have ended.
+#[derive(Debug)]
+struct ConnectionCap {
+    /// Connections open, and the most allowed.
+    counts: std::sync::Mutex<(usize, usize)>,
+    /// Woken when a connection ends or the cap changes.
+    changed: Notify,
+}
+
+/// One open connection's place under a [`ConnectionCap`], given back on drop.
+#[derive(Debug)]
+struct CapPlace(Arc<ConnectionCap>);
+
+impl ConnectionCap {
+    fn new(max: usize) -> Arc<Self> {
+        Arc::new(ConnectionCap {
+            counts: std::sync::Mutex::new((0, max)),
+            changed: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, usize)> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place now, if fewer than `max` connections are open.
+    fn try_take(self: &Arc<Self>) -> Option<CapPlace> {
+        let mut c = self.lock();
+        (c.0 < c.1).then(|| {
+            c.0 += 1;
+            CapPlace(self.clone())
+        })
+    }
+
+    /// A place, once fewer than `max` connections are open.
+    async fn take(self: &Arc<Self>) -> CapPlace {
+        loop {
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            // Registered before the check, so a place freed in between is not missed.
+            changed.as_mut().enable();
+            if let Some(place) = self.try_take() {
+                return place;
+            }
+            changed.await;
+        }
+    }
+
+    /// Changes the most connections allowed.
+    fn set_max(&self, max: usize) {
+        self.lock().1 = max;
+        self.changed.notify_waiters();
+    }
+
+    /// Completes once no connection is open.
+    async fn drained(&self) {
+        loop {
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if self.lock().0 == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+impl Drop for CapPlace {
+    fn drop(&mut self) {
+        self.0.lock().0 -= 1;
+        self.0.changed.notify_waiters();
+    }
 }
 
 /// Serves HTTP/1.1 requests on one accepted connection, within `limits`, until it
@@ -564,6 +675,18 @@ mod test {
     async fn serve_test_app(
         limits: HttpLimits,
     ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let (addr, stop, _no_reloads) = serve_reloadable_test_app(limits).await;
+        (addr, stop)
+    }
+
+    /// [`serve_test_app`], and the sender of new limits.
+    async fn serve_reloadable_test_app(
+        limits: HttpLimits,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        watch::Sender<HttpLimits>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = Router::new().route("/", get(|| async { "hello" })).route(
@@ -571,10 +694,11 @@ mod test {
             axum::routing::post(|body: axum::body::Bytes| async move { body.len().to_string() }),
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(serve(listener, app, limits, None, async move {
+        let (reload, updates) = watch::channel(limits);
+        tokio::spawn(serve(listener, app, updates, None, async move {
             let _ = stopped.await;
         }));
-        (addr, stop)
+        (addr, stop, reload)
     }
 
     /// Reads until the server closes; `Err` when that takes longer than `bound`.
@@ -745,6 +869,67 @@ mod test {
             .await
             .unwrap();
         assert!(String::from_utf8_lossy(&got).contains("hello"));
+    }
+
+    #[tokio::test]
+    async fn reloaded_caps_apply_to_the_next_connections() {
+        use tokio::io::AsyncWriteExt as _;
+        const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let limits = HttpLimits {
+            max_connections: 1,
+            header_read_timeout: Duration::from_secs(30),
+            ..HttpLimits::default()
+        };
+        let (addr, _stop, reload) = serve_reloadable_test_app(limits).await;
+        let first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        second.write_all(GET).await.unwrap();
+        closed_within(&mut second, Duration::from_millis(500))
+            .await
+            .expect_err("served beyond a cap of one");
+        // A higher cap lets the waiting connection in while the first stays open.
+        reload
+            .send(HttpLimits {
+                max_connections: 2,
+                ..limits
+            })
+            .unwrap();
+        let got = closed_within(&mut second, Duration::from_secs(5))
+            .await
+            .expect("still waiting after the cap was raised");
+        assert!(String::from_utf8_lossy(&got).contains("hello"));
+        // A shorter header timeout and a per-address cap of one judge the next connection:
+        // the first (held since before) stays, the next from its address is closed at once.
+        reload
+            .send(HttpLimits {
+                max_connections: 8,
+                max_connections_per_address: 1,
+                header_read_timeout: Duration::from_millis(300),
+                ..limits
+            })
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = third.write_all(GET).await;
+        let got = closed_within(&mut third, Duration::from_secs(5))
+            .await
+            .expect("over the reloaded per-address cap, yet left open");
+        assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(([127, 0, 3, 1], 0).into()).unwrap();
+        let mut silent = socket.connect(addr).await.unwrap();
+        let started = std::time::Instant::now();
+        closed_within(&mut silent, Duration::from_secs(3))
+            .await
+            .expect("a silent connection outlived the reloaded 300 ms header timeout");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
