@@ -101,44 +101,54 @@ pub fn signed_by_manager(bytes: &[u8], manager: &PublicKey) -> bool {
 /// Decodes the encoded list `bytes` into `slot`, field by field in place (serde's decoding
 /// of the 32 entries took a 9.6 KB frame on a Cortex-M3); accepts what
 /// [`RevocationList::decode`] accepts (a test compares the two). Check the signature on
-/// the bytes first ([`signed_by_manager`]): a list that fails to decode half-way leaves
-/// `slot` empty.
+/// the bytes first ([`signed_by_manager`]). The bytes are read through once before
+/// anything is written, so a list that does not decode leaves the held one as it was.
 #[inline(never)]
 pub fn decode_into(bytes: &[u8], slot: &mut Option<RevocationList>) -> bool {
+    if walk(bytes, None).is_err() {
+        return false;
+    }
     let list = slot.get_or_insert_with(|| RevocationList {
         version: 0,
         issued: 0,
         entries: heapless::Vec::new(),
         signature: [0; 64],
     });
-    if fill(bytes, list).is_err() {
-        *slot = None;
-        return false;
-    }
-    true
+    // Cannot fail: the same bytes just walked through.
+    walk(bytes, Some(list)).is_ok()
 }
 
-/// Reads the postcard encoding of a [`RevocationList`] into `list`.
-fn fill(bytes: &[u8], list: &mut RevocationList) -> Result<(), TrustError> {
+/// Reads the postcard encoding of a [`RevocationList`], into `into` when given (else only
+/// checks that it decodes).
+fn walk(bytes: &[u8], mut into: Option<&mut RevocationList>) -> Result<(), TrustError> {
     if bytes.len() > baton_protocol::revocation::MAX_REVOCATION_BYTES {
         return Err(TrustError::Malformed);
     }
     let mut r = Reader { bytes };
-    list.version = r.varint()?;
-    list.issued = r.varint()?;
-    list.entries.clear();
-    for _ in 0..r.len(list.entries.capacity())? {
+    let version = r.varint()?;
+    let issued = r.varint()?;
+    if let Some(list) = into.as_deref_mut() {
+        list.version = version;
+        list.issued = issued;
+        list.entries.clear();
+    }
+    for _ in 0..r.len(baton_protocol::revocation::MAX_REVOKED)? {
         let n = r.len(usize::MAX)?;
         let text = core::str::from_utf8(r.take(n)?).map_err(|_| TrustError::Malformed)?;
         let id = AgentId::try_from(text).map_err(|_| TrustError::Malformed)?;
         let up_to_serial = r.varint()?;
-        list.entries
-            .push(Revoked { id, up_to_serial })
-            .map_err(|_| TrustError::Malformed)?;
+        if let Some(list) = into.as_deref_mut() {
+            list.entries
+                .push(Revoked { id, up_to_serial })
+                .map_err(|_| TrustError::Malformed)?;
+        }
     }
-    list.signature = r.array()?;
+    let signature = r.array()?;
     if !r.bytes.is_empty() {
         return Err(TrustError::Malformed);
+    }
+    if let Some(list) = into {
+        list.signature = signature;
     }
     Ok(())
 }
@@ -340,6 +350,12 @@ mod test {
                 let serde = RevocationList::decode(&bad);
                 assert_eq!(ours, serde.is_some(), "byte {at} bit {bit:#x}");
                 assert_eq!(slot, serde, "byte {at} bit {bit:#x}");
+                // A list that does not decode leaves the one held as it was.
+                let held = RevocationList::sign(&manager, 1, 1, heapless::Vec::new());
+                let mut slot = Some(held.clone());
+                if !decode_into(&bad, &mut slot) {
+                    assert_eq!(slot, Some(held), "byte {at} bit {bit:#x}");
+                }
             }
         }
     }
