@@ -14,6 +14,7 @@
 //! SIGKILL); the demo also kills them on its way out and on Ctrl-C, and
 //! removes its temporary directory.
 
+pub mod bt;
 pub mod lab;
 pub mod segments;
 

@@ -21,6 +21,9 @@
 //! again, or agents that start after the push. The lab first runs the same job
 //! without the fault (same rates, delays and content, a fresh lab), then with
 //! it, and reports both makespans and the penalty.
+//!
+//! `--baseline bt` then runs a BitTorrent swarm on the same lab, file and links
+//! ([`super::bt`]) and reports its figures beside Baton's.
 
 use std::process::Command;
 use std::time::Duration;
@@ -238,9 +241,21 @@ pub struct LabArgs {
     /// start); the same job runs first without late starts.
     #[arg(long, value_parser = parse_late, value_name = "K@T")]
     pub late: Option<LateStart>,
-    /// With `--fault` or `--late`: skip the run without them (the report has no penalty).
+    /// With `--fault` or `--late`: skip the fault-free run (the report has no penalty).
     #[arg(long)]
     pub no_baseline: bool,
+    /// After Baton's job, run another system on the same lab, file and links, and report
+    /// it beside Baton's: `bt` is a BitTorrent swarm (aria2c with opentracker; install them
+    /// with scripts/bench-setup-bt.sh).
+    #[arg(long, value_enum, value_name = "SYSTEM")]
+    pub baseline: Option<Baseline>,
+}
+
+/// Another system `baton lab --baseline` runs on the same lab.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Baseline {
+    /// A BitTorrent swarm: aria2c peers, an opentracker tracker (see [`super::bt`]).
+    Bt,
 }
 
 /// Reads `--drop-upload HOST@FRACTION` (the agent's index, a share of T*).
@@ -364,6 +379,9 @@ pub struct LabReport {
     /// With `--fault` or `--late`: what happened and what it cost.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault: Option<FaultReport>,
+    /// With `--baseline bt`: the BitTorrent swarm's run on the same lab.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bt: Option<SwarmReport>,
     /// Each agent's command line, `baton agent …`, in agent order.
     pub agent_commands: Vec<String>,
     /// The configured rates.
@@ -383,6 +401,27 @@ pub struct UploadDropReport {
     pub lower_bound_after_drop_seconds: f64,
     /// `makespan_seconds / lower_bound_after_drop_seconds`.
     pub ratio_after_drop: f64,
+}
+
+/// The BitTorrent swarm's run (`--baseline bt`), measured as Baton's is.
+#[derive(Debug, Serialize)]
+pub struct SwarmReport {
+    /// Leechers whose copy matched the source's SHA-256.
+    pub confirmed: usize,
+    /// Seconds from the leechers' start to the last one's completion.
+    pub makespan_seconds: f64,
+    /// `makespan_seconds` over the same T* as Baton's.
+    pub ratio: f64,
+    /// Median completion, seconds after the start.
+    pub p50_seconds: f64,
+    /// `p50_seconds / makespan_seconds`.
+    pub p50_over_makespan: f64,
+    /// Median over agents of completion ÷ the agent's own bound.
+    pub host_ratio_p50: f64,
+    /// CPU seconds of the seed, the tracker and every leecher (from their start).
+    pub cpu_seconds: f64,
+    /// `cpu_seconds` per content byte delivered, in nanoseconds.
+    pub cpu_ns_per_byte: f64,
 }
 
 /// What `--fault` or `--late` did and what it cost against the same run without it.
@@ -424,7 +463,7 @@ const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 
 /// CPU seconds (user + system, fields 14 and 15 of `/proc/<pid>/stat`) a process has used:
 /// `pid` a number or `self`. `None` if it cannot be read (the process is gone).
-fn process_cpu_seconds(pid: &str) -> Option<f64> {
+pub(super) fn process_cpu_seconds(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces: count after it.
     let after_name = &stat[stat.rfind(')')? + 1..];
@@ -515,6 +554,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<LabReport> {
     let calm = LabArgs {
         fault: None,
         late: None,
+        baseline: None,
         ..args.clone()
     };
     if !args.json {
@@ -689,6 +729,43 @@ fn run_once(args: &LabArgs) -> anyhow::Result<LabReport> {
     let forwarder_drops = lab.forwarder_drops();
     let agent_commands = std::mem::take(&mut fleet.agent_commands);
     drop(fleet);
+    let own_bounds = profile.own_lower_bounds_seconds(args.size);
+    let bt = match args.baseline {
+        Some(Baseline::Bt) => {
+            if !args.json {
+                println!(
+                    "Baton done; now a BitTorrent swarm on the same lab (aria2c, opentracker)"
+                );
+            }
+            let swarm = super::bt::run_swarm(
+                &lab,
+                &setup.content,
+                &setup.source_sha,
+                &dir,
+                Duration::from_secs(args.timeout),
+            )?;
+            let done: Vec<f64> = swarm.completion.iter().flatten().copied().collect();
+            let makespan = done.iter().copied().fold(0.0, f64::max);
+            let p50 = quantile(&done, 0.5);
+            let host_ratios: Vec<f64> = swarm
+                .completion
+                .iter()
+                .zip(&own_bounds)
+                .filter_map(|(done, bound)| Some(done.as_ref()? / bound))
+                .collect();
+            Some(SwarmReport {
+                confirmed: swarm.confirmed,
+                makespan_seconds: makespan,
+                ratio: makespan / t,
+                p50_seconds: p50,
+                p50_over_makespan: if makespan > 0.0 { p50 / makespan } else { 0.0 },
+                host_ratio_p50: quantile(&host_ratios, 0.5),
+                cpu_seconds: swarm.cpu_seconds,
+                cpu_ns_per_byte: swarm.cpu_seconds * 1e9 / (args.agents as f64 * args.size as f64),
+            })
+        }
+        None => None,
+    };
     drop(lab);
 
     let start = start.unwrap_or_default();
@@ -698,7 +775,6 @@ fn run_once(args: &LabArgs) -> anyhow::Result<LabReport> {
     let delivered = args.agents as f64 * args.size as f64;
 
     let done: Vec<f64> = run.completion.iter().flatten().copied().collect();
-    let own_bounds = profile.own_lower_bounds_seconds(args.size);
     let host_ratios: Vec<f64> = run
         .completion
         .iter()
@@ -755,6 +831,7 @@ fn run_once(args: &LabArgs) -> anyhow::Result<LabReport> {
         machine_cpu_share: start.machine.busy_share_until(end.machine),
         upload_drop,
         fault: (args.fault.is_some() || args.late.is_some()).then_some(fault),
+        bt,
         agent_commands,
         caps: setup.profile,
     })
@@ -881,6 +958,21 @@ pub fn print(report: &LabReport, json: bool) {
             ));
         }
         println!("{line}");
+    }
+    if let Some(bt) = &report.bt {
+        println!(
+            "BitTorrent swarm (aria2c + opentracker) on the same lab: {} of {} confirmed; makespan {:.2} s, ratio {:.3} (Baton {:.3}); p50 {:.2} s ({:.3} of its makespan), against each host's own bound p50 {:.3}; CPU {:.2} s, {:.2} ns per byte",
+            bt.confirmed,
+            report.agents,
+            bt.makespan_seconds,
+            bt.ratio,
+            report.ratio,
+            bt.p50_seconds,
+            bt.p50_over_makespan,
+            bt.host_ratio_p50,
+            bt.cpu_seconds,
+            bt.cpu_ns_per_byte
+        );
     }
     if let Some(d) = &report.upload_drop {
         match d.drop_at_seconds {

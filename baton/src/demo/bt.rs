@@ -1,0 +1,276 @@
+//! `baton lab --baseline bt`: the same job by a BitTorrent swarm, to compare against.
+//!
+//! On the lab Baton has just used — the same namespaces, shaped and delayed links and
+//! file — an `opentracker` and an `aria2c` seed run in the manager's namespace (behind
+//! its shaped uplink) and one `aria2c` leecher in each agent's namespace. The seed starts
+//! first and checks its copy; then every leecher starts at once, and each goes on seeding
+//! until the run ends. Nobody is told a rate: like blind Baton, the swarm learns its
+//! links by using them. A leecher is done when aria2c runs its download-complete hook
+//! (polled every 50 ms, as Baton's confirmations are); its copy is checked against the
+//! source's SHA-256. DHT and local peer discovery are off (the tracker is the only way in);
+//! peer exchange and every other aria2c setting keep their defaults, 256 KiB pieces as
+//! `mktorrent` makes them.
+//!
+//! The tools are Debian packages installed by a bench set-up (`scripts/bench-setup-bt.sh`:
+//! `aria2`, `opentracker`, `mktorrent`), not dependencies of Baton. Debian's opentracker
+//! serves only the info hashes of its whitelist, so the torrent's is written to one.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use baton::lab::Lab;
+
+use super::{INTERRUPTED, sha256_file};
+
+/// The tracker's TCP and UDP port in the manager's namespace.
+const TRACKER_PORT: u16 = 6969;
+/// How long the seed may take to check its copy and start seeding.
+const SEED_START: Duration = Duration::from_secs(60);
+/// How often completion is looked for.
+const POLL: Duration = Duration::from_millis(50);
+/// The programs the swarm needs.
+const TOOLS: [&str; 3] = ["aria2c", "opentracker", "mktorrent"];
+
+/// What the swarm did.
+#[derive(Debug)]
+pub struct SwarmRun {
+    /// Per agent: seconds from the leechers' start to its download-complete hook.
+    pub completion: Vec<Option<f64>>,
+    /// Leechers whose copy matched the source's SHA-256.
+    pub confirmed: usize,
+    /// CPU seconds (user + system) the seed, the tracker and every leecher used.
+    pub cpu_seconds: f64,
+}
+
+/// The swarm's processes; killed when dropped.
+struct Swarm(Vec<Child>);
+
+impl Drop for Swarm {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Swarm {
+    /// CPU seconds the processes used so far (each `ip netns exec` became its program).
+    fn cpu_seconds(&self) -> f64 {
+        self.0
+            .iter()
+            .filter_map(|c| super::lab::process_cpu_seconds(&c.id().to_string()))
+            .sum()
+    }
+}
+
+/// Fails with what to install when a tool is missing.
+fn require_tools() -> anyhow::Result<()> {
+    let missing: Vec<&str> = TOOLS
+        .into_iter()
+        .filter(|tool| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool} >/dev/null")])
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "--baseline bt needs {} (Debian packages aria2, opentracker, mktorrent): run scripts/bench-setup-bt.sh",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Runs `program` (in namespace `ns`) to completion; fails with its stderr.
+fn run_tool(mut cmd: Command, what: &str) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("cannot run {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Starts `cmd` with its output in `log`.
+fn spawn_logged(mut cmd: Command, log: &Path, what: &str) -> anyhow::Result<Child> {
+    let out =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let err = out.try_clone()?;
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("cannot start {what}"))
+}
+
+/// The aria2c settings every peer shares: the tracker the only way to find peers, no
+/// preallocation, no console output, seeding until stopped, gone with this process.
+fn aria2c(ns: &str, dir: &Path, port: u16) -> Command {
+    let mut cmd = Lab::command(ns, "aria2c");
+    cmd.args([
+        "--enable-dht=false",
+        "--enable-dht6=false",
+        "--bt-enable-lpd=false",
+        "--disable-ipv6=true",
+        "--file-allocation=none",
+        "--summary-interval=0",
+        "--console-log-level=warn",
+        "--seed-ratio=0.0",
+        "--auto-file-renaming=false",
+        "--allow-overwrite=true",
+        &format!("--stop-with-process={}", std::process::id()),
+        &format!("--listen-port={port}"),
+    ])
+    .arg(format!("--dir={}", dir.display()));
+    cmd
+}
+
+/// Runs the swarm on `lab` for `content` (whose SHA-256 is `source_sha`), in `dir`; gives
+/// up after `timeout`.
+pub fn run_swarm(
+    lab: &Lab,
+    content: &Path,
+    source_sha: &[u8; 32],
+    dir: &Path,
+    timeout: Duration,
+) -> anyhow::Result<SwarmRun> {
+    require_tools()?;
+    let bt = dir.join("bt");
+    let seed_dir = bt.join("seed");
+    std::fs::create_dir_all(&seed_dir)?;
+    let name = "content.bin";
+    let seeded = seed_dir.join(name);
+    if std::fs::hard_link(content, &seeded).is_err() {
+        std::fs::copy(content, &seeded).context("cannot copy the content for the seed")?;
+    }
+    let manager_ip = lab.manager.ip;
+    let torrent = bt.join("content.torrent");
+    let mut mk = Command::new("mktorrent");
+    mk.arg(format!(
+        "--announce=http://{manager_ip}:{TRACKER_PORT}/announce"
+    ))
+    .arg(format!("--output={}", torrent.display()))
+    .arg(&seeded);
+    run_tool(mk, "mktorrent")?;
+    let mut show = Command::new("aria2c");
+    show.arg("--show-files").arg(&torrent);
+    let info_hash = run_tool(show, "aria2c --show-files")?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Info Hash: ")
+                .map(str::trim)
+                .map(String::from)
+        })
+        .context("aria2c --show-files printed no info hash")?;
+    let whitelist = bt.join("whitelist");
+    std::fs::write(&whitelist, format!("{info_hash}\n"))?;
+    let hook = bt.join("done.sh");
+    std::fs::write(&hook, "#!/bin/sh\n: > \"$BATON_BT_DONE\"\n")?;
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+
+    let mut swarm = Swarm(Vec::new());
+    let mut tracker = Lab::command(&lab.manager.ns, "opentracker");
+    tracker
+        .args(["-i", &manager_ip.to_string()])
+        .args([
+            "-p",
+            &TRACKER_PORT.to_string(),
+            "-P",
+            &TRACKER_PORT.to_string(),
+        ])
+        .arg("-w")
+        .arg(&whitelist);
+    swarm.0.push(spawn_logged(
+        tracker,
+        &bt.join("tracker.log"),
+        "opentracker",
+    )?);
+    let seed_log = bt.join("seed.log");
+    let mut seed = aria2c(&lab.manager.ns, &seed_dir, 6881);
+    seed.arg("--check-integrity=true")
+        .arg(format!("--log={}", seed_log.display()))
+        .arg("--log-level=notice")
+        .arg(&torrent);
+    swarm
+        .0
+        .push(spawn_logged(seed, &bt.join("seed.out"), "the aria2c seed")?);
+    let started = Instant::now();
+    while !std::fs::read_to_string(&seed_log)
+        .unwrap_or_default()
+        .contains("Verification finished successfully")
+    {
+        if started.elapsed() > SEED_START {
+            bail!(
+                "the aria2c seed did not check its copy within {SEED_START:?} (see {})",
+                seed_log.display()
+            );
+        }
+        if let Some(status) = swarm.0[1].try_wait()? {
+            bail!(
+                "the aria2c seed exited ({status}); see {}",
+                bt.join("seed.out").display()
+            );
+        }
+        std::thread::sleep(POLL);
+    }
+    // Its first announce follows the check.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let leechers: Vec<(PathBuf, PathBuf)> = (0..lab.agents.len())
+        .map(|i| {
+            let d = bt.join(format!("agent-{i:02}"));
+            (d.join(name), d.join("done"))
+        })
+        .collect();
+    let start = Instant::now();
+    for (node, (file, done)) in lab.agents.iter().zip(&leechers) {
+        let leecher_dir = file.parent().unwrap_or(&bt);
+        std::fs::create_dir_all(leecher_dir)?;
+        let mut cmd = aria2c(&node.ns, leecher_dir, 6881);
+        cmd.env("BATON_BT_DONE", done)
+            .arg(format!("--on-bt-download-complete={}", hook.display()))
+            .arg(&torrent);
+        swarm.0.push(spawn_logged(
+            cmd,
+            &leecher_dir.join("aria2c.out"),
+            "an aria2c leecher",
+        )?);
+    }
+    let mut completion: Vec<Option<f64>> = vec![None; leechers.len()];
+    while completion.iter().any(Option::is_none) {
+        if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        if start.elapsed() > timeout {
+            let left = completion.iter().filter(|c| c.is_none()).count();
+            bail!("the swarm left {left} agents without the file after {timeout:?}");
+        }
+        let now = start.elapsed().as_secs_f64();
+        for (slot, (_, done)) in completion.iter_mut().zip(&leechers) {
+            if slot.is_none() && done.exists() {
+                *slot = Some(now);
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+    let cpu_seconds = swarm.cpu_seconds();
+    drop(swarm);
+    let mut confirmed = 0;
+    for (file, _) in &leechers {
+        if sha256_file(file)? == *source_sha {
+            confirmed += 1;
+        }
+    }
+    Ok(SwarmRun {
+        completion,
+        confirmed,
+        cpu_seconds,
+    })
+}
