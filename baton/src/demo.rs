@@ -527,6 +527,10 @@ pub(crate) struct JobRun {
     pub completion: Vec<Option<f64>>,
     /// The job's last JSON status.
     pub last_status: Value,
+    /// The job's id.
+    pub job_id: u64,
+    /// When the job was submitted (before the manager published the content), Unix ms.
+    pub pushed_unix_ms: u64,
 }
 
 /// What checking the agents' copies found.
@@ -539,6 +543,12 @@ pub(crate) struct Checked {
     pub agent_bytes_received: u64,
     /// Largest agent VmHWM.
     pub agent_max_rss_bytes: u64,
+    /// Per agent that reported it: seconds from the submission of the job to the first
+    /// chunk it verified from the network.
+    pub push_to_first_chunk_seconds: Vec<f64>,
+    /// Per agent that reported it: seconds from its process's start to the manager's
+    /// first `Welcome`.
+    pub start_to_welcomed_seconds: Vec<f64>,
 }
 
 impl DemoProcesses {
@@ -749,6 +759,7 @@ impl DemoProcesses {
         if let Some(policy) = &self.job_policy {
             request["policy"] = policy.clone();
         }
+        let pushed_unix_ms = unix_ms();
         let job: Value = self.api.post("/api/v1/jobs", &request)?;
         let job_id = job["id"]
             .as_u64()
@@ -799,6 +810,8 @@ impl DemoProcesses {
                     seconds: elapsed,
                     completion,
                     last_status,
+                    job_id,
+                    pushed_unix_ms,
                 });
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -828,6 +841,8 @@ impl DemoProcesses {
         let mut confirmed = 0;
         let mut agent_bytes_received = 0;
         let mut agent_max_rss_bytes = 0;
+        let mut push_to_first_chunk_seconds = Vec::new();
+        let mut start_to_welcomed_seconds = Vec::new();
         for (id, kid) in self.ids.iter().zip(self.kids.iter().skip(1)) {
             let data = self.dir.join(id);
             let state = run.last_status["participants"]
@@ -850,6 +865,10 @@ impl DemoProcesses {
                 );
             }
             agent_bytes_received += status_bytes_received(&data.join("status.json"));
+            let (first_chunk, welcomed) =
+                startup_seconds(&data.join("status.json"), run.job_id, run.pushed_unix_ms);
+            push_to_first_chunk_seconds.extend(first_chunk);
+            start_to_welcomed_seconds.extend(welcomed);
             agent_max_rss_bytes = agent_max_rss_bytes.max(peak_rss(kid.child.id()));
         }
         let status: Value = self.api.get("/api/v1/status")?;
@@ -858,6 +877,8 @@ impl DemoProcesses {
             manager_bytes_sent: status["bytes_sent"].as_u64().unwrap_or(0),
             agent_bytes_received,
             agent_max_rss_bytes,
+            push_to_first_chunk_seconds,
+            start_to_welcomed_seconds,
         })
     }
 }
@@ -1045,6 +1066,34 @@ pub(crate) fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
 }
 
 /// Verified content bytes an agent says it received over sockets (its status file).
+/// Now, in Unix milliseconds.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// From an agent's status file: seconds from `pushed_unix_ms` to its first chunk of job
+/// `job` from the network, and from its process's start to its first `Welcome`.
+fn startup_seconds(path: &Path, job: u64, pushed_unix_ms: u64) -> (Option<f64>, Option<f64>) {
+    let Ok(v) = std::fs::read_to_string(path)
+        .map_err(|_| ())
+        .and_then(|t| serde_json::from_str::<Value>(&t).map_err(|_| ()))
+    else {
+        return (None, None);
+    };
+    let since = |to: Option<u64>, from: u64| to.map(|t| t.saturating_sub(from) as f64 / 1000.0);
+    let first_chunk = v["jobs"]
+        .as_array()
+        .and_then(|jobs| jobs.iter().find(|j| j["job"] == job))
+        .and_then(|j| j["first_chunk_unix_ms"].as_u64());
+    let started = v["started_unix_ms"].as_u64().unwrap_or(0);
+    (
+        since(first_chunk, pushed_unix_ms),
+        since(v["welcomed_unix_ms"].as_u64(), started).filter(|_| started > 0),
+    )
+}
+
 fn status_bytes_received(path: &Path) -> u64 {
     let Ok(text) = std::fs::read_to_string(path) else {
         return 0;

@@ -851,6 +851,9 @@ struct JobJson {
     bad_chunks: u32,
     bytes_received: u64,
     bytes_served: u64,
+    /// When the first chunk of the job fetched from the network was verified, Unix ms
+    /// (`null`: none yet); with the push's time it gives the job's start-up latency.
+    first_chunk_unix_ms: Option<u64>,
 }
 
 impl JobJson {
@@ -870,6 +873,7 @@ impl JobJson {
             bad_chunks: 0,
             bytes_received: 0,
             bytes_served: 0,
+            first_chunk_unix_ms: None,
         }
     }
 }
@@ -890,6 +894,10 @@ struct StatusJson<'a> {
     revocation_list: Option<u64>,
     /// Peer handshakes refused for a revoked or expired certificate since start.
     peer_certs_refused: u64,
+    /// When this process started, Unix ms.
+    started_unix_ms: u64,
+    /// When the manager first welcomed this process, Unix ms (`null`: not yet).
+    welcomed_unix_ms: Option<u64>,
 }
 
 /// The status file's view of this agent's certificate.
@@ -1010,6 +1018,7 @@ async fn complete(
 
 /// Runs the Linux agent until `--exit-when-done` is satisfied or the process is interrupted.
 pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
+    let started_unix_ms = unix_micros() / 1000;
     let args = args.resolve().map_err(AgentRunError::Config)?;
     let data_dir = args
         .data_dir
@@ -1145,6 +1154,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
     let mut pending = JoinSet::new();
     let mut exiting = false;
     let mut jobs_json: BTreeMap<u64, JobJson> = BTreeMap::new();
+    let mut welcomed_unix_ms: Option<u64> = None;
     let mut last_status = String::new();
     // The status file is refreshed on the tick (and at exit), not on every event:
     // serialising it per frame would cost more CPU than the transfer itself.
@@ -1279,6 +1289,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 Event::Welcomed => {
                     *shared.cert.write().unwrap_or_else(|e| e.into_inner()) = agent.cert().cloned();
                     tracing::info!("welcomed by the manager");
+                    welcomed_unix_ms.get_or_insert(unix_micros() / 1000);
                     if let (Some(seg), Some(cert), Some(manager_ms)) =
                         (segment.as_mut(), agent.cert(), agent.manager_unix_ms(now))
                     {
@@ -1451,6 +1462,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
             entry.chunks = j.stats.chunks;
             entry.verified = j.stats.verified;
             entry.resumed = j.stats.resumed;
+            if entry.fetched == 0 && j.stats.fetched > 0 {
+                entry.first_chunk_unix_ms = Some(unix_micros() / 1000);
+            }
             entry.fetched = j.stats.fetched;
             entry.bad_chunks = j.stats.bad_chunks;
             entry.bytes_received = j.stats.bytes_received;
@@ -1473,6 +1487,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 certificate: agent.cert().map(CertJson::of),
                 revocation_list: agent.revocations().map(|l| l.version),
                 peer_certs_refused: shared.peer_certs_refused.load(Ordering::Relaxed),
+                started_unix_ms,
+                welcomed_unix_ms,
             };
             let text = serde_json::to_string_pretty(&status).unwrap_or_default();
             if text != last_status {

@@ -373,6 +373,12 @@ pub struct LabReport {
     pub cpu_seconds_lab: f64,
     /// The machine's busy share over all cores during the job (0..1, from `/proc/stat`).
     pub machine_cpu_share: f64,
+    /// Median and largest time from the push (the job's submission, before the manager
+    /// publishes the content) to an agent's first chunk verified from the network, seconds.
+    pub push_to_first_chunk_seconds: (f64, f64),
+    /// Median and largest time from an agent process's start to the manager's first
+    /// `Welcome`, seconds.
+    pub start_to_welcomed_seconds: (f64, f64),
     /// With `--drop-upload`: the drop and the bound that follows it.
     #[serde(flatten)]
     pub upload_drop: Option<UploadDropReport>,
@@ -818,6 +824,14 @@ fn run_once(args: &LabArgs) -> anyhow::Result<LabReport> {
         host_ratio_max: host_ratios.iter().copied().fold(0.0, f64::max),
         p50_over_makespan: if makespan > 0.0 { p50 / makespan } else { 0.0 },
         origin_bytes: checked.manager_bytes_sent,
+        push_to_first_chunk_seconds: (
+            quantile(&checked.push_to_first_chunk_seconds, 0.5),
+            quantile(&checked.push_to_first_chunk_seconds, 1.0),
+        ),
+        start_to_welcomed_seconds: (
+            quantile(&checked.start_to_welcomed_seconds, 0.5),
+            quantile(&checked.start_to_welcomed_seconds, 1.0),
+        ),
         agent_bytes_received: checked.agent_bytes_received,
         delay_ms: args.delay_ms,
         forwarder_drops,
@@ -924,6 +938,13 @@ pub fn print(report: &LabReport, json: bool) {
         report.p99_ratio,
         report.host_ratio_p50,
         report.host_ratio_max
+    );
+    println!(
+        "start-up: push to first chunk p50 {:.3} s, max {:.3} s; agent start to welcomed p50 {:.3} s, max {:.3} s",
+        report.push_to_first_chunk_seconds.0,
+        report.push_to_first_chunk_seconds.1,
+        report.start_to_welcomed_seconds.0,
+        report.start_to_welcomed_seconds.1
     );
     println!(
         "origin sent {:.1} MiB ({:.2}× the content)",
