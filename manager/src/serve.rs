@@ -409,10 +409,11 @@ pub async fn serve(
 }
 
 /// [`serve`], also taking reloaded options while it runs: the serial ports (ports added
-/// are opened, ports removed closed) and the agent port's caps (connections, handshakes in
-/// all and per address, handshake deadline: they judge the next connections, those open
-/// stay) change at once; every other session goes on, and the other options wait for a
-/// restart.
+/// are opened, ports removed closed), the agent port's caps (connections, handshakes in
+/// all and per address, handshake deadline) and the HTTP port's (connections in all and
+/// per address, header timeout) — they judge the next connections, those open stay — and
+/// the manager's upload cap (every transfer at once, the planner at its next adaptation)
+/// change at once; every other session goes on, and the other options wait for a restart.
 pub async fn serve_reloading(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
@@ -676,7 +677,15 @@ pub async fn serve_reloading(
                 });
                 if up_limit.bytes_per_sec() != reloaded.up_bps {
                     up_limit.set_rate(reloaded.up_bps);
-                    let _ = manager.engine.send(EngineInput::SetManagerUpBps(reloaded.up_bps)).await;
+                    // Not awaited: a full engine queue must not hold up the signals.
+                    if let Err(tokio::sync::mpsc::error::TrySendError::Full(input)) =
+                        manager.engine.try_send(EngineInput::SetManagerUpBps(reloaded.up_bps))
+                    {
+                        let engine = manager.engine.clone();
+                        tokio::spawn(async move {
+                            let _ = engine.send(input).await;
+                        });
+                    }
                     tracing::info!(up_bps = reloaded.up_bps, "manager upload cap reloaded (0 = none)");
                 }
             }

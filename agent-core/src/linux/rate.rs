@@ -24,6 +24,8 @@ pub struct RateLimiter {
     /// The rate in bytes per second (`0` = no limit); [`RateLimiter::set_rate`] changes it.
     bytes_per_sec: AtomicU64,
     state: Mutex<Bucket>,
+    /// Wakes the callers waiting in [`RateLimiter::acquire`] when the rate changes.
+    rate_changed: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -43,6 +45,7 @@ impl RateLimiter {
                 tokens: burst(bytes_per_sec),
                 at: Instant::now(),
             }),
+            rate_changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -51,18 +54,38 @@ impl RateLimiter {
         self.bytes_per_sec.load(Ordering::Relaxed)
     }
 
-    /// Changes the rate (`0` = no limit) for every later [`RateLimiter::acquire`]; a debt
-    /// owed now is repaid at the new rate.
+    /// Changes the rate (`0` = no limit): the time until now is counted at the old rate,
+    /// a debt owed now is repaid at the new one, and the callers waiting in
+    /// [`RateLimiter::acquire`] go on at once (their bytes stay counted as debt).
     pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.set_rate_at(bytes_per_sec, Instant::now());
+        self.rate_changed.notify_waiters();
+    }
+
+    /// [`RateLimiter::set_rate`] at `now`, without waking anyone.
+    fn set_rate_at(&self, bytes_per_sec: u64, now: Instant) {
         let mut b = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.bytes_per_sec();
+        if old > 0 {
+            let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+            b.tokens = (b.tokens + elapsed * old as f64).min(burst(old));
+        }
+        b.at = now.max(b.at);
         self.bytes_per_sec.store(bytes_per_sec, Ordering::Relaxed);
         b.tokens = b.tokens.min(burst(bytes_per_sec));
     }
 
-    /// Waits until `bytes` may pass.
+    /// Waits until `bytes` may pass (or the rate changes).
     pub async fn acquire(&self, bytes: usize) {
+        let changed = self.rate_changed.notified();
+        let mut changed = std::pin::pin!(changed);
+        // Registered before the reservation, so a change in between is not missed.
+        changed.as_mut().enable();
         if let Some(wait) = self.reserve(bytes, Instant::now()) {
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = changed => {}
+            }
         }
     }
 
@@ -125,21 +148,44 @@ mod test {
 
     #[test]
     fn a_new_rate_applies_to_the_next_bytes() {
-        let r = RateLimiter::new(0);
         let t0 = Instant::now();
+        let r = RateLimiter::new(0);
         assert_eq!(r.reserve(1 << 20, t0), None, "no limit yet");
-        r.set_rate(1_000_000);
+        r.set_rate_at(1_000_000, t0);
         assert_eq!(r.bytes_per_sec(), 1_000_000);
         // The bucket held what the unlimited rate left (one byte): 120 000 bytes owe 120 ms.
         let wait = r.reserve(120_000, t0).unwrap().as_secs_f64();
         assert!((wait - 0.12).abs() < 0.001, "{wait}");
         // Ten times faster: the whole debt, 220 000 bytes with the next ones, is repaid
         // at the new rate, in 22 ms.
-        r.set_rate(10_000_000);
+        r.set_rate_at(10_000_000, t0);
         let wait = r.reserve(100_000, t0).unwrap().as_secs_f64();
         assert!((wait - 0.022).abs() < 0.001, "{wait}");
+        // 100 ms later at 10 MB/s the debt is repaid; slowed to 1 MB/s then, the
+        // time before counts at the old rate: the bucket is full (20 ms at 1 MB/s).
+        let later = t0 + Duration::from_millis(100);
+        r.set_rate_at(1_000_000, later);
+        assert_eq!(r.reserve(20_000, later), None);
+        assert!(r.reserve(1_000, later).is_some());
+        r.set_rate_at(0, later);
+        assert_eq!(r.reserve(1 << 30, later), None, "limit lifted");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_change_wakes_the_waiting_callers() {
+        let r = std::sync::Arc::new(RateLimiter::new(1_000));
+        // 100 000 bytes at 1 kB/s: a wait of about 100 s.
+        let waiting = tokio::spawn({
+            let r = r.clone();
+            async move { r.acquire(100_000).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished());
         r.set_rate(0);
-        assert_eq!(r.reserve(1 << 30, t0), None, "limit lifted");
+        tokio::time::timeout(Duration::from_millis(10), waiting)
+            .await
+            .expect("still waiting at the old rate after the limit was lifted")
+            .unwrap();
     }
 
     #[tokio::test(start_paused = true)]

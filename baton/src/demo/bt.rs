@@ -13,7 +13,10 @@
 //!
 //! The tools are Debian packages installed by a bench set-up (`scripts/bench-setup-bt.sh`:
 //! `aria2`, `opentracker`, `mktorrent`), not dependencies of Baton. Debian's opentracker
-//! serves only the info hashes of its whitelist, so the torrent's is written to one.
+//! serves only the info hashes of its whitelist, so the torrent's is written to one. The
+//! leechers start once a scrape of the tracker counts the seed. opentracker cannot be
+//! tied to this process as aria2c is (`--stop-with-process`): if the lab is SIGKILLed it
+//! stays until killed by hand.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -125,11 +128,46 @@ fn aria2c(ns: &str, dir: &Path, port: u16) -> Command {
         "--seed-ratio=0.0",
         "--auto-file-renaming=false",
         "--allow-overwrite=true",
+        // No configuration file of the user's, and every piece on disk when it completes
+        // (the copies are checked after the peers are killed).
+        "--no-conf=true",
+        "--disk-cache=0",
         &format!("--stop-with-process={}", std::process::id()),
         &format!("--listen-port={port}"),
     ])
     .arg(format!("--dir={}", dir.display()));
     cmd
+}
+
+/// The info hash's 20 bytes percent-encoded, as a tracker's query takes them.
+fn url_encoded_hash(hex_hash: &str) -> anyhow::Result<String> {
+    let bytes = hex::decode(hex_hash).context("aria2c printed an info hash that is not hex")?;
+    if bytes.len() != 20 {
+        bail!("info hash {hex_hash:?} is not 20 bytes");
+    }
+    Ok(bytes.iter().map(|b| format!("%{b:02X}")).collect())
+}
+
+/// How many complete peers (seeds) the tracker at `addr` counts for the torrent of
+/// `path_and_query` (a scrape); 0 when it cannot be asked.
+fn seeds_counted(addr: &str, path_and_query: &str) -> u64 {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut conn) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!("GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    if conn.write_all(request.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut answer = Vec::new();
+    let _ = conn.take(64 * 1024).read_to_end(&mut answer);
+    // The bencoded answer holds `8:completei<N>e`.
+    let text = String::from_utf8_lossy(&answer);
+    text.split_once("8:completei")
+        .and_then(|(_, rest)| rest.split_once('e'))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Runs the swarm on `lab` for `content` (whose SHA-256 is `source_sha`), in `dir`; gives
@@ -171,9 +209,13 @@ pub fn run_swarm(
         .context("aria2c --show-files printed no info hash")?;
     let whitelist = bt.join("whitelist");
     std::fs::write(&whitelist, format!("{info_hash}\n"))?;
+    // opentracker reads it as the user nobody.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&bt, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&whitelist, std::fs::Permissions::from_mode(0o644))?;
     let hook = bt.join("done.sh");
     std::fs::write(&hook, "#!/bin/sh\n: > \"$BATON_BT_DONE\"\n")?;
-    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))?;
 
     let mut swarm = Swarm(Vec::new());
     let mut tracker = Lab::command(&lab.manager.ns, "opentracker");
@@ -201,27 +243,31 @@ pub fn run_swarm(
     swarm
         .0
         .push(spawn_logged(seed, &bt.join("seed.out"), "the aria2c seed")?);
+    // The seed is in the swarm once the tracker counts it complete (this process runs in
+    // the manager's namespace, see `DemoProcesses::start_in_lab`).
     let started = Instant::now();
-    while !std::fs::read_to_string(&seed_log)
-        .unwrap_or_default()
-        .contains("Verification finished successfully")
-    {
+    let scrape = format!("/scrape?info_hash={}", url_encoded_hash(&info_hash)?);
+    loop {
+        if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        for (k, what) in [(0, "opentracker"), (1, "the aria2c seed")] {
+            if let Some(status) = swarm.0[k].try_wait()? {
+                bail!("{what} exited ({status}); see the logs in {}", bt.display());
+            }
+        }
+        if seeds_counted(&format!("{manager_ip}:{TRACKER_PORT}"), &scrape) >= 1 {
+            break;
+        }
         if started.elapsed() > SEED_START {
             bail!(
-                "the aria2c seed did not check its copy within {SEED_START:?} (see {})",
-                seed_log.display()
+                "the tracker did not count the seed within {SEED_START:?} (see {} and {})",
+                seed_log.display(),
+                bt.join("tracker.log").display()
             );
         }
-        if let Some(status) = swarm.0[1].try_wait()? {
-            bail!(
-                "the aria2c seed exited ({status}); see {}",
-                bt.join("seed.out").display()
-            );
-        }
-        std::thread::sleep(POLL);
+        std::thread::sleep(Duration::from_millis(200));
     }
-    // Its first announce follows the check.
-    std::thread::sleep(Duration::from_secs(1));
 
     let leechers: Vec<(PathBuf, PathBuf)> = (0..lab.agents.len())
         .map(|i| {
@@ -256,6 +302,14 @@ pub fn run_swarm(
         for (slot, (_, done)) in completion.iter_mut().zip(&leechers) {
             if slot.is_none() && done.exists() {
                 *slot = Some(now);
+            }
+        }
+        for (i, child) in swarm.0.iter_mut().enumerate() {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "a swarm process (#{i}) exited ({status}); see the logs in {}",
+                    bt.display()
+                );
             }
         }
         std::thread::sleep(POLL);

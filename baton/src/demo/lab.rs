@@ -603,6 +603,11 @@ fn run_once(args: &LabArgs) -> anyhow::Result<LabReport> {
             args.agents - 1
         );
     }
+    if args.baseline.is_some() && args.drop_upload.is_some() {
+        bail!(
+            "--baseline runs on the lab after Baton's job; with --drop-upload one link would stay halved for it: use one or the other"
+        );
+    }
     if let Some(LabFault::KillAgents { count, .. }) = args.fault
         && count > args.agents
     {

@@ -315,8 +315,8 @@ async fn serve(
                     capped_logged = true;
                 }
                 tokio::select! {
+                    biased;
                     _ = &mut shutdown => break,
-                    p = cap.take() => p,
                     changed = limits_updates.changed(), if updates_open => {
                         updates_open = changed.is_ok();
                         if updates_open {
@@ -324,12 +324,13 @@ async fn serve(
                         }
                         continue;
                     }
+                    p = cap.take() => p,
                 }
             }
         };
         let (stream, peer, address_place) = tokio::select! {
+            biased;
             _ = &mut shutdown => break,
-            accepted = per_address.accept(&listener) => accepted,
             // New limits judge the very next connection: take them before it is accepted.
             changed = limits_updates.changed(), if updates_open => {
                 updates_open = changed.is_ok();
@@ -338,12 +339,15 @@ async fn serve(
                 }
                 continue;
             }
+            accepted = per_address.accept(&listener) => accepted,
         };
         let app = app.clone();
         let closing = closing_rx.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let _places = (place, address_place);
+            // The address's place goes back first (fields drop in order): a connection let in
+            // by the freed cap place then finds its address's place free too.
+            let _places = (address_place, place);
             match tls {
                 None => serve_connection(stream, peer, app, limits, closing).await,
                 Some(tls) => {
@@ -881,7 +885,7 @@ mod test {
             ..HttpLimits::default()
         };
         let (addr, _stop, reload) = serve_reloadable_test_app(limits).await;
-        let first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
         second.write_all(GET).await.unwrap();
@@ -916,6 +920,10 @@ mod test {
             .await
             .expect("over the reloaded per-address cap, yet left open");
         assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+        // The first keeps the 30 s header timeout it was accepted with.
+        closed_within(&mut first, Duration::from_millis(800))
+            .await
+            .expect_err("the reloaded 300 ms header timeout closed a connection accepted before");
         drop(first);
         tokio::time::sleep(Duration::from_millis(100)).await;
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
