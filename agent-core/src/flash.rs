@@ -585,10 +585,13 @@ impl<F: NorFlash, R: NorFlash> ContentStore for FlashStore<F, R> {
     }
 }
 
-/// Test doubles: a RAM NOR flash and one that fails after N writes.
+/// Test doubles: a RAM NOR flash that can fail after N writes, and a fault-injecting NOR
+/// flash that loses power at a chosen operation (cleanly or tearing it).
 #[cfg(any(test, feature = "std"))]
 pub mod testing {
     extern crate std;
+    use std::cell::RefCell;
+    use std::rc::Rc;
     use std::vec;
     use std::vec::Vec;
 
@@ -680,6 +683,207 @@ pub mod testing {
     }
 
     impl<const W: usize, const E: usize> MultiwriteNorFlash for RamFlash<W, E> {}
+
+    /// What a power cut does to the flash operation it interrupts.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Cut {
+        /// The operation is not applied at all.
+        Clean,
+        /// Torn in address order: a write programs its first words fully, one word partly
+        /// (a random subset of its 1→0 transitions) and the rest not at all; an erase erases
+        /// its first blocks, leaves one block partly erased (random bits of it set back to 1)
+        /// and the rest untouched.
+        TornInOrder,
+        /// Torn anywhere: a write makes a random subset of all its 1→0 transitions; an erase
+        /// works from its last block down, and one block is left partly erased.
+        TornScattered,
+    }
+
+    /// The power supply shared by every [`FaultFlash`] of one device: counts the erase and
+    /// write operations and cuts the power at one of them.
+    #[derive(Debug, Default)]
+    pub struct Power {
+        /// Erase and write operations started so far (the cut one included).
+        pub ops: usize,
+        /// The operation (0-based) at which the power goes, and what it does to it.
+        pub cut_at: Option<(usize, Cut)>,
+        /// Erase operations started so far.
+        pub erases: usize,
+        /// Whether the power is off (every operation, reads included, fails).
+        pub off: bool,
+        /// State of the generator that picks torn bits (xorshift64; any nonzero seed).
+        pub seed: u64,
+    }
+
+    impl Power {
+        /// A supply with power on and no cut planned; `seed` picks the torn bits.
+        pub fn new(seed: u64) -> Rc<RefCell<Power>> {
+            Rc::new(RefCell::new(Power {
+                seed: seed | 1,
+                ..Power::default()
+            }))
+        }
+
+        /// Power back on with a fresh count and no cut planned (a reboot).
+        pub fn restore(&mut self) {
+            self.ops = 0;
+            self.erases = 0;
+            self.cut_at = None;
+            self.off = false;
+        }
+
+        fn next(&mut self) -> u64 {
+            let mut x = self.seed;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.seed = x;
+            x
+        }
+
+        /// Starts an operation: `None` to apply it whole, `Some(cut)` if the power goes
+        /// during it, `Err` if the power is already off.
+        fn start(&mut self) -> Result<Option<Cut>, NorFlashErrorKind> {
+            if self.off {
+                return Err(NorFlashErrorKind::Other);
+            }
+            let op = self.ops;
+            self.ops += 1;
+            match self.cut_at {
+                Some((at, cut)) if at == op => {
+                    self.off = true;
+                    Ok(Some(cut))
+                }
+                _ => Ok(None),
+            }
+        }
+    }
+
+    /// A NOR flash in RAM with `W`-byte write units and `E`-byte erase blocks, on a shared
+    /// [`Power`] that can fail at any erase or write (see [`Cut`]).
+    ///
+    /// Writes AND into the cells. With `strict`, writing a unit that is not fully erased
+    /// is an error (flash without multi-write); otherwise it is a [`MultiwriteNorFlash`].
+    #[derive(Clone, Debug)]
+    pub struct FaultFlash<const W: usize, const E: usize> {
+        /// The cells.
+        pub mem: Vec<u8>,
+        /// Refuse to write a unit twice.
+        pub strict: bool,
+        /// The power supply (shared with the device's other flash areas).
+        pub power: Rc<RefCell<Power>>,
+    }
+
+    impl<const W: usize, const E: usize> FaultFlash<W, E> {
+        /// Erased flash of `size` bytes on `power`.
+        pub fn new(size: usize, power: Rc<RefCell<Power>>) -> Self {
+            FaultFlash {
+                mem: vec![0xFF; size],
+                strict: false,
+                power,
+            }
+        }
+    }
+
+    impl<const W: usize, const E: usize> ErrorType for FaultFlash<W, E> {
+        type Error = NorFlashErrorKind;
+    }
+
+    impl<const W: usize, const E: usize> ReadNorFlash for FaultFlash<W, E> {
+        const READ_SIZE: usize = 1;
+
+        fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), Self::Error> {
+            check_read(self, offset, bytes.len())?;
+            if self.power.borrow().off {
+                return Err(NorFlashErrorKind::Other);
+            }
+            let o = offset as usize;
+            bytes.copy_from_slice(&self.mem[o..o + bytes.len()]);
+            Ok(())
+        }
+
+        fn capacity(&self) -> usize {
+            self.mem.len()
+        }
+    }
+
+    impl<const W: usize, const E: usize> NorFlash for FaultFlash<W, E> {
+        const WRITE_SIZE: usize = W;
+        const ERASE_SIZE: usize = E;
+
+        fn erase(&mut self, from: u32, to: u32) -> Result<(), Self::Error> {
+            check_erase(self, from, to)?;
+            let (from, to) = (from as usize, to as usize);
+            let mut power = self.power.borrow_mut();
+            let cut = power.start()?;
+            power.erases += 1;
+            let Some(cut) = cut else {
+                self.mem[from..to].fill(0xFF);
+                return Ok(());
+            };
+            if cut == Cut::Clean {
+                return Err(NorFlashErrorKind::Other);
+            }
+            let blocks = (to - from) / E;
+            let partial = (power.next() % blocks as u64) as usize;
+            // Blocks in the order the erase works through them; the `partial`-th is cut.
+            for step in 0..=partial {
+                let block = if cut == Cut::TornInOrder {
+                    step
+                } else {
+                    blocks - 1 - step
+                };
+                let cells = &mut self.mem[from + block * E..from + (block + 1) * E];
+                if step < partial {
+                    cells.fill(0xFF);
+                } else {
+                    for cell in cells {
+                        *cell |= power.next() as u8;
+                    }
+                }
+            }
+            Err(NorFlashErrorKind::Other)
+        }
+
+        fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), Self::Error> {
+            check_write(self, offset, bytes.len())?;
+            let o = offset as usize;
+            if self.strict && self.mem[o..o + bytes.len()].iter().any(|&b| b != 0xFF) {
+                return Err(NorFlashErrorKind::Other);
+            }
+            let mut power = self.power.borrow_mut();
+            let cut = power.start()?;
+            let cells = &mut self.mem[o..o + bytes.len()];
+            match cut {
+                None => {
+                    for (cell, b) in cells.iter_mut().zip(bytes) {
+                        *cell &= *b;
+                    }
+                    return Ok(());
+                }
+                Some(Cut::Clean) => {}
+                Some(Cut::TornInOrder) => {
+                    let words = bytes.len() / W;
+                    let partial = (power.next() % words as u64) as usize;
+                    for (i, (cell, b)) in cells.iter_mut().zip(bytes).enumerate() {
+                        if i / W < partial {
+                            *cell &= *b;
+                        } else if i / W == partial {
+                            *cell &= *b | power.next() as u8;
+                        }
+                    }
+                }
+                Some(Cut::TornScattered) => {
+                    for (cell, b) in cells.iter_mut().zip(bytes) {
+                        *cell &= *b | power.next() as u8;
+                    }
+                }
+            }
+            Err(NorFlashErrorKind::Other)
+        }
+    }
+
+    impl<const W: usize, const E: usize> MultiwriteNorFlash for FaultFlash<W, E> {}
 }
 
 #[cfg(test)]
