@@ -48,6 +48,8 @@ const MAGIC: &[u8; 8] = b"BATONCS1";
 const HEADER_FIXED: usize = 8 + 1 + 2;
 /// Bytes of the header checksum (truncated SHA-256).
 const CHECK_LEN: usize = 8;
+/// A cleared write unit, written over an old header's magic to void it.
+static ZEROS: [u8; MAX_UNIT] = [0; MAX_UNIT];
 
 /// Where each part of one content lives in the partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -396,7 +398,22 @@ impl<F: NorFlash, R: NorFlash> FlashStore<F, R> {
             return Err(StoreError::Full);
         }
         self.slot = None;
-        self.flash.erase(0, erase_end as u32).map_err(io)?;
+        // A power cut during the erase may leave any block partly erased: the old header must
+        // not outlive the flags, proofs and data it describes. On flash that allows it, its
+        // magic is cleared first (no partial erase brings it back); on any flash the header's
+        // block is erased on its own before the rest, whatever order the driver erases in.
+        let mut magic = [0u8; MAX_UNIT];
+        self.flash
+            .read(0, &mut magic[..unit as usize])
+            .map_err(io)?;
+        if self.bitmap && magic[..unit as usize].iter().any(|&b| b != 0) {
+            self.flash.write(0, &ZEROS[..unit as usize]).map_err(io)?;
+        }
+        let first = (F::ERASE_SIZE.max(1) as u64).min(erase_end) as u32;
+        self.flash.erase(0, first).map_err(io)?;
+        if u64::from(first) < erase_end {
+            self.flash.erase(first, erase_end as u32).map_err(io)?;
+        }
         let mut buf = [0xFFu8; HEADER_MAX as usize + MAX_UNIT];
         buf[..8].copy_from_slice(MAGIC);
         buf[8] = self.bitmap as u8;
@@ -691,11 +708,12 @@ pub mod testing {
         Clean,
         /// Torn in address order: a write programs its first words fully, one word partly
         /// (a random subset of its 1→0 transitions) and the rest not at all; an erase erases
-        /// its first blocks, leaves one block partly erased (random bits of it set back to 1)
-        /// and the rest untouched.
+        /// its first blocks, leaves one block as an erase cut just after it began (a few
+        /// random bits of it set back to 1) and the rest untouched.
         TornInOrder,
         /// Torn anywhere: a write makes a random subset of all its 1→0 transitions; an erase
-        /// works from its last block down, and one block is left partly erased.
+        /// works from its last block down and leaves one block half erased (each bit set
+        /// back to 1 or not at random).
         TornScattered,
     }
 
@@ -707,8 +725,11 @@ pub mod testing {
         pub ops: usize,
         /// The operation (0-based) at which the power goes, and what it does to it.
         pub cut_at: Option<(usize, Cut)>,
-        /// Erase operations started so far.
-        pub erases: usize,
+        /// Erase operations started so far: the operation index of each and its block count.
+        pub erases: Vec<(usize, usize)>,
+        /// The block (counted in the order the erase works) an erase cut by a torn cut leaves
+        /// partly erased; `None` picks one at random.
+        pub torn_block: Option<usize>,
         /// Whether the power is off (every operation, reads included, fails).
         pub off: bool,
         /// State of the generator that picks torn bits (xorshift64; any nonzero seed).
@@ -727,8 +748,9 @@ pub mod testing {
         /// Power back on with a fresh count and no cut planned (a reboot).
         pub fn restore(&mut self) {
             self.ops = 0;
-            self.erases = 0;
+            self.erases.clear();
             self.cut_at = None;
+            self.torn_block = None;
             self.off = false;
         }
 
@@ -814,9 +836,14 @@ pub mod testing {
         fn erase(&mut self, from: u32, to: u32) -> Result<(), Self::Error> {
             check_erase(self, from, to)?;
             let (from, to) = (from as usize, to as usize);
+            if from == to {
+                return Ok(());
+            }
             let mut power = self.power.borrow_mut();
+            let blocks = (to - from) / E;
             let cut = power.start()?;
-            power.erases += 1;
+            let op = power.ops - 1;
+            power.erases.push((op, blocks));
             let Some(cut) = cut else {
                 self.mem[from..to].fill(0xFF);
                 return Ok(());
@@ -824,8 +851,10 @@ pub mod testing {
             if cut == Cut::Clean {
                 return Err(NorFlashErrorKind::Other);
             }
-            let blocks = (to - from) / E;
-            let partial = (power.next() % blocks as u64) as usize;
+            let partial = match power.torn_block {
+                Some(b) => b.min(blocks - 1),
+                None => (power.next() % blocks as u64) as usize,
+            };
             // Blocks in the order the erase works through them; the `partial`-th is cut.
             for step in 0..=partial {
                 let block = if cut == Cut::TornInOrder {
@@ -836,6 +865,11 @@ pub mod testing {
                 let cells = &mut self.mem[from + block * E..from + (block + 1) * E];
                 if step < partial {
                     cells.fill(0xFF);
+                } else if cut == Cut::TornInOrder {
+                    for _ in 0..=power.next() % 8 {
+                        let bit = power.next() as usize % (E * 8);
+                        cells[bit / 8] |= 1 << (bit % 8);
+                    }
                 } else {
                     for cell in cells {
                         *cell |= power.next() as u8;
