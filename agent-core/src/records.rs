@@ -6,7 +6,7 @@
 //! two banks of whole erase blocks:
 //!
 //! ```text
-//! header   "BATONRC1", sequence (u32 LE), padded to the write unit
+//! header   "BATONRC2", sequence (u32 LE), its complement (u32 LE), padded to the write unit
 //! seal     one write unit, cleared to 0x00 once the bank's first copy is complete
 //! entries  one after the other, each:
 //!            length (u16 LE), kind (u8), payload, check (8 bytes: SHA-256 of
@@ -25,7 +25,11 @@
 //! there, and as the flash after it is not clean the next write first compacts. Compaction
 //! (also when the bank is full) erases the other bank, writes its header with the next
 //! sequence, copies the live entries and seals it last: a power cut during the copy leaves
-//! the old bank live.
+//! the old bank live. A power cut while the other bank is erased can leave it partly erased,
+//! header and seal intact but some bits of its sequence set back to 1 (a larger number): the
+//! complement stored beside it no longer matches then, so that bank is never taken for the
+//! live one. (Banks of format 1, "BATONRC1" without the complement, are still read; any bank
+//! of format 2 is preferred to them, and compaction writes format 2.)
 //!
 //! Anything else is *damage* (flash that decayed): an entry that was committed but fails its
 //! check, or a bad entry followed by written flash. The key of a damaged entry cannot be
@@ -53,10 +57,14 @@ pub const MAX_NAMES: usize = 16;
 pub const MAX_PAYLOAD: usize = 240;
 /// Largest write unit supported (and the size of the one entry buffer kept on the stack).
 const BUF: usize = crate::flash::MAX_UNIT;
-/// Bank magic: format 1 of Baton's record area.
-const MAGIC: &[u8; 8] = b"BATONRC1";
-/// Bytes of a bank header before padding: magic and sequence.
-const HEADER: usize = 12;
+/// Bank magic: format 2 of Baton's record area (the sequence with its complement).
+const MAGIC: &[u8; 8] = b"BATONRC2";
+/// Bytes of a bank header before padding: magic, sequence and its complement.
+const HEADER: usize = 16;
+/// Bank magic of format 1 (read, never written).
+const MAGIC_V1: &[u8; 8] = b"BATONRC1";
+/// Bytes of a format 1 bank header before padding: magic and sequence.
+const HEADER_V1: usize = 12;
 /// Bytes before an entry's payload: length and kind.
 const ENTRY_HEAD: usize = 3;
 /// Bytes of an entry's check.
@@ -145,6 +153,10 @@ fn decode_anchor(b: &[u8]) -> Option<StoredAnchor> {
 struct Live {
     bank: u32,
     seq: u32,
+    /// Whether the bank is of format 2 (its sequence checked against its complement).
+    v2: bool,
+    /// Offset (within the bank) of its first entry.
+    first: u32,
     /// Offset (within the bank) of the first byte after the last good entry.
     end: u32,
     /// False when the scan stopped at an uncommitted or damaged entry: compact before writing.
@@ -222,7 +234,7 @@ impl<R: NorFlash> RecordLog<R> {
         align_up(ENTRY_HEAD + payload + CHECK, u) + u
     }
 
-    /// Where entries start in a bank: after the header and the seal.
+    /// Where entries start in a bank written now: after the header and the seal.
     fn entries_at(u: usize) -> u32 {
         (align_up(HEADER, u) + u) as u32
     }
@@ -253,22 +265,34 @@ impl<R: NorFlash> RecordLog<R> {
         let mut buf = [0u8; BUF];
         for bank in 0..2 {
             let base = self.bank_at(bank);
-            let head = align_up(HEADER, u);
-            self.flash.read(base, &mut buf[..head]).map_err(io)?;
-            if &buf[..8] != MAGIC {
-                continue;
-            }
+            self.flash
+                .read(base, &mut buf[..align_up(HEADER, u)])
+                .map_err(io)?;
             let seq = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
+            let v2 = &buf[..8] == MAGIC;
+            let head = if v2 {
+                let complement = u32::from_le_bytes([buf[12], buf[13], buf[14], buf[15]]);
+                if complement != !seq {
+                    continue; // partly erased (or damaged): not a bank to trust
+                }
+                align_up(HEADER, u)
+            } else if &buf[..8] == MAGIC_V1 {
+                align_up(HEADER_V1, u)
+            } else {
+                continue;
+            };
             self.flash
                 .read(base + head as u32, &mut buf[..u])
                 .map_err(io)?;
             if buf[..u].iter().any(|&b| b != 0) {
                 continue; // never sealed: a compaction cut short
             }
-            if best.is_none_or(|b| seq > b.seq) {
+            if best.is_none_or(|b| (v2, seq) > (b.v2, b.seq)) {
                 best = Some(Live {
                     bank,
                     seq,
+                    v2,
+                    first: (head + u) as u32,
                     end: 0,
                     clean: true,
                     damage: None,
@@ -286,7 +310,7 @@ impl<R: NorFlash> RecordLog<R> {
     /// good entry), whether it may be appended to, and where its last damage starts.
     fn scan(&mut self, live: &mut Live, buf: &mut [u8; BUF]) -> Result<(), StoreError> {
         let u = Self::unit()?;
-        let mut off = Self::entries_at(u);
+        let mut off = live.first;
         live.end = off;
         live.clean = true;
         live.damage = None;
@@ -468,8 +492,7 @@ impl<R: NorFlash> RecordLog<R> {
         let Some(live) = self.live()? else {
             return Ok(None);
         };
-        let u = Self::unit()?;
-        let mut off = Self::entries_at(u);
+        let mut off = live.first;
         let mut found = None;
         while let Some((at, e)) = self.next_at(&live, off, buf, false)? {
             if Self::has_key(&buf[..], &e, kind, name) {
@@ -493,9 +516,8 @@ impl<R: NorFlash> RecordLog<R> {
         let Some(live) = self.live()? else {
             return Ok(0);
         };
-        let u = Self::unit()?;
         let mut names = 0;
-        let mut off = Self::entries_at(u);
+        let mut off = live.first;
         while let Some((at, e)) = self.next_at(&live, off, buf, false)? {
             if e.kind == Kind::Version as u8 && self.is_last(live, at, &e, buf)? {
                 names += 1;
@@ -563,6 +585,7 @@ impl<R: NorFlash> RecordLog<R> {
         buf[..8].copy_from_slice(MAGIC);
         let seq = old.map_or(1, |l| l.seq.wrapping_add(1));
         buf[8..12].copy_from_slice(&seq.to_le_bytes());
+        buf[12..16].copy_from_slice(&(!seq).to_le_bytes());
         self.flash.write(base, &buf[..head]).map_err(io)?;
         let mut end = Self::entries_at(u);
         let mut damage = None;
@@ -573,7 +596,7 @@ impl<R: NorFlash> RecordLog<R> {
                 damage = Some(end);
                 end += self.write_marker(bank, end, buf)?;
             }
-            let mut off = Self::entries_at(u);
+            let mut off = old.first;
             while let Some((at, e)) = self.next_at(&old, off, buf, false)? {
                 off = at + e.size;
                 if old.damage.is_some_and(|d| at <= d) || !self.is_last(old, at, &e, buf)? {
@@ -600,6 +623,8 @@ impl<R: NorFlash> RecordLog<R> {
         let live = Live {
             bank,
             seq,
+            v2: true,
+            first: Self::entries_at(u),
             end,
             clean: true,
             damage,
@@ -920,7 +945,7 @@ mod test {
     fn entry_at(log: &mut RecordLog<Flash>, n: usize) -> u32 {
         let live = log.live().unwrap().unwrap();
         let mut buf = [0u8; BUF];
-        let mut off = RecordLog::<Flash>::entries_at(4);
+        let mut off = live.first;
         for _ in 0..n {
             let Scan::Entry(e) = log.read_entry(live.bank, off, &mut buf, true).unwrap() else {
                 panic!("entry expected at {off}");
@@ -1032,5 +1057,55 @@ mod test {
             let mut log = reopen(log);
             assert_eq!(log.version_record("fw"), Ok(Some(record(3))), "torn {torn}");
         }
+    }
+
+    #[test]
+    fn a_partly_erased_old_bank_never_becomes_the_live_one() {
+        // Compact twice: both banks sealed, the live one with the higher sequence.
+        let mut log = RecordLog::new(Flash::new(8 * 1024));
+        log.save_anchor(&anchor(1)).unwrap();
+        for t in 0..400 {
+            log.save_latest_time(t).unwrap();
+        }
+        let live = log.live().unwrap().unwrap();
+        let old = (1 - live.bank) as usize * log.bank_size as usize;
+        let mut flash = log.into_inner();
+        // The next compaction erases the old bank; cut short, the erase set a few of its bits
+        // back to 1, here two of its sequence number's (which only ever makes it larger).
+        flash.mem[old + 8] |= 0x30;
+        flash.mem[old + 9] |= 0x01;
+        let mut log = RecordLog::new(flash);
+        assert_eq!(log.live().unwrap().unwrap().bank, live.bank);
+        assert_eq!(log.load_latest_time(), Ok(Some(399)));
+        assert_eq!(log.load_anchor(), Ok(Some(anchor(1))));
+    }
+
+    #[test]
+    fn a_bank_of_format_1_is_read_and_replaced_by_format_2() {
+        // A format 1 bank as an earlier release wrote it: header, seal, one time entry.
+        let mut flash = Flash::new(8 * 1024);
+        flash.mem[..8].copy_from_slice(MAGIC_V1);
+        flash.mem[8..12].copy_from_slice(&7u32.to_le_bytes());
+        flash.mem[12..16].fill(0);
+        let mut body = [0xFFu8; 20];
+        body[..2].copy_from_slice(&8u16.to_le_bytes());
+        body[2] = Kind::Time as u8;
+        body[3..11].copy_from_slice(&77u64.to_le_bytes());
+        let check = check_of(&body[..11]);
+        body[11..19].copy_from_slice(&check);
+        flash.mem[16..36].copy_from_slice(&body);
+        flash.mem[36..40].fill(0);
+        let mut log = RecordLog::new(flash);
+        assert_eq!(log.load_latest_time(), Ok(Some(77)));
+        log.save_anchor(&anchor(2)).unwrap();
+        // Compactions write format 2.
+        for t in 0..200 {
+            log.save_latest_time(100 + t).unwrap();
+        }
+        let mut log = reopen(log);
+        let live = log.live().unwrap().unwrap();
+        assert!(live.v2);
+        assert_eq!(log.load_latest_time(), Ok(Some(299)));
+        assert_eq!(log.load_anchor(), Ok(Some(anchor(2))));
     }
 }
