@@ -20,6 +20,17 @@
 //! flash that forbids it, a chunk whose data write was torn cannot be written
 //! until the partition is erased: the store reports `Io`.)
 //!
+//! Opening another content erases the partition, and a power cut during an erase can leave
+//! any block partly erased, in any order the driver erases in. So the old header goes first:
+//! on multiwrite flash its magic is cleared before the erase (no partial erase brings it
+//! back), and on any flash the header's block is erased on its own before the others. (On
+//! flash without multiwrite a block erase cut just after it began may leave the header
+//! intact and a few bits of its own block set; the test flash models that as "torn in order"
+//! and the power-cut tests run the multiwrite layout, the one shipped.)
+//!
+//! `tests/power_cut.rs` cuts the power at every erase and write of a complete job (cleanly
+//! and tearing the operation) and checks this module's claims after each reboot.
+//!
 //! Flags are bits in a bitmap when the flash allows a write unit to be
 //! written more than once ([`FlashStore::new_multiwrite`], for
 //! [`MultiwriteNorFlash`]); otherwise each flag takes a whole write unit

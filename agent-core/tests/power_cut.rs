@@ -44,6 +44,8 @@ const CHUNKS: u32 = 64;
 const CHUNK: u32 = 256;
 /// Bytes of the record area: two banks of one erase block, as on the firmware.
 const RECORDS: usize = 2 * 4096;
+/// The second cut of a double cut falls in the first this many operations after the reboot.
+const RECOVERY_OPS: usize = 16;
 
 /// One version of the content: its bytes, Merkle tree and signed manifest.
 struct Content {
@@ -247,85 +249,109 @@ struct Tally {
     fetched_again: usize,
 }
 
-/// Runs the job from the start until the power fails at operation `k` (an erase cut by a
-/// torn cut leaves its `torn_block`-th block partly erased), reboots, checks, resumes and
-/// checks the result; returns the violations found.
-fn cut_once(
-    job: &Job,
-    k: usize,
+/// One power cut: at which operation (counted from the boot), what it does to it, and for a
+/// torn erase which of its blocks is left partly erased (`None`: one at random).
+#[derive(Clone, Copy, Debug)]
+struct CutAt {
+    op: usize,
     cut: Cut,
     torn_block: Option<usize>,
-    t: &mut Tally,
-) -> Vec<String> {
+}
+
+/// Runs the job from the start until the power fails at `cuts[0]`, reboots and checks;
+/// resumes until it fails at `cuts[1]` (if any), reboots and checks, and so on; then resumes
+/// without a cut and checks that the content is complete. Returns the violations found.
+fn cut_run(job: &Job, cuts: &[CutAt], t: &mut Tally) -> Vec<String> {
     let (power, v1, v2) = (&job.power, &job.v1, &job.v2);
     let mut violations = Vec::new();
-    let mut store = boot(&job.start, power);
-    {
-        let mut pw = power.borrow_mut();
-        pw.cut_at = Some((k, cut));
-        pw.torn_block = torn_block;
-        pw.seed = (k as u64 + 1) * 0x9E37_79B9 + cut as u64 + 64 * torn_block.unwrap_or(0) as u64;
-    }
-    let mut p = Progress::default();
-    if run_job(&mut store, v2, &mut p).is_ok() || !power.borrow().off {
-        violations.push("the job did not reach the cut".into());
-    }
-    // Reboot.
-    let cells = cells_of(store);
-    let mut store = boot(&cells, power);
-    let held = held_chunks(&mut store, [v1, v2], &mut violations);
-    let mounted = store.held_manifest().map(|m| m.version);
-    let record = store.version_record("fw");
-    if record != Ok(Some(v1.record())) && record != Ok(Some(v2.record())) {
-        violations.push(format!("version record {record:?}"));
-    }
-    if mounted == Some(2) && record != Ok(Some(v2.record())) {
-        violations.push("content 2 opened but its version record is not there".into());
-    }
-    if store.load_anchor() != Ok(Some(anchor(3))) {
-        violations.push(format!("anchor {:?}", store.load_anchor()));
-    }
-    if store.load_latest_time() != Ok(job.last_time) {
-        violations.push(format!("latest time {:?}", store.load_latest_time()));
-    }
-    if !p.done.is_empty() && mounted != Some(2) {
-        violations.push(format!(
-            "{} finished chunks lost with the header",
-            p.done.len()
-        ));
-    }
-    if mounted == Some(2) {
-        t.held_at_reboot += held.len();
-        for i in &p.done {
-            if !held.contains(i) {
-                violations.push(format!("finished chunk {i} lost"));
+    let mut cells = job.start.clone();
+    // Every chunk write started, in order; the ones cut short; the ones finished.
+    let mut attempts: Vec<u32> = Vec::new();
+    let mut in_flight: Vec<u32> = Vec::new();
+    let mut done: Vec<u32> = Vec::new();
+    for (phase, c) in cuts.iter().enumerate() {
+        let mut store = boot(&cells, power);
+        {
+            let mut pw = power.borrow_mut();
+            pw.cut_at = Some((c.op, c.cut));
+            pw.torn_block = c.torn_block;
+            pw.seed = (c.op as u64 + 1) * 0x9E37_79B9
+                + c.cut as u64
+                + 64 * c.torn_block.unwrap_or(0) as u64
+                + 4096 * phase as u64;
+        }
+        let mut p = Progress::default();
+        // The first cut falls inside the job (its operations were counted); a later one may
+        // fall after the recovery finished.
+        if (run_job(&mut store, v2, &mut p).is_ok() || !power.borrow().off) && phase == 0 {
+            violations.push(format!("{c:?}: the job did not reach the cut"));
+        }
+        attempts.extend(p.done.iter().chain(&p.in_flight));
+        done.extend(&p.done);
+        in_flight.extend(p.in_flight);
+        // Reboot.
+        cells = cells_of(store);
+        let mut store = boot(&cells, power);
+        let held = held_chunks(&mut store, [v1, v2], &mut violations);
+        let mounted = store.held_manifest().map(|m| m.version);
+        let record = store.version_record("fw");
+        if record != Ok(Some(v1.record())) && record != Ok(Some(v2.record())) {
+            violations.push(format!("version record {record:?}"));
+        }
+        if mounted == Some(2) && record != Ok(Some(v2.record())) {
+            violations.push("content 2 opened but its version record is not there".into());
+        }
+        if store.load_anchor() != Ok(Some(anchor(3))) {
+            violations.push(format!("anchor {:?}", store.load_anchor()));
+        }
+        if store.load_latest_time() != Ok(job.last_time) {
+            violations.push(format!("latest time {:?}", store.load_latest_time()));
+        }
+        if !done.is_empty() && mounted != Some(2) {
+            violations.push(format!(
+                "{} finished chunks lost with the header",
+                done.len()
+            ));
+        }
+        if mounted == Some(2) {
+            t.held_at_reboot += held.len();
+            for i in &done {
+                if !held.contains(i) {
+                    violations.push(format!("finished chunk {i} lost"));
+                }
+            }
+            for i in &held {
+                if !done.contains(i) && !in_flight.contains(i) {
+                    violations.push(format!("chunk {i} held but never written"));
+                }
             }
         }
-        for i in &held {
-            if !p.done.contains(i) && p.in_flight != Some(*i) {
-                violations.push(format!("chunk {i} held but never written"));
-            }
-        }
+        cells = cells_of(store);
     }
     // Resume: fetch what the store says is missing.
-    let attempted: Vec<u32> = p.done.iter().copied().chain(p.in_flight).collect();
+    let mut store = boot(&cells, power);
     let mut again = Progress::default();
     if let Err(e) = run_job(&mut store, v2, &mut again) {
         violations.push(format!("resume failed: {e:?}"));
     }
-    let fetched_again: Vec<u32> = again
-        .done
-        .iter()
-        .copied()
-        .filter(|i| attempted.contains(i))
-        .collect();
-    if fetched_again.len() > 1 || fetched_again.iter().any(|i| Some(*i) != p.in_flight) {
+    attempts.extend(&again.done);
+    // Fetched again: only chunks whose write a cut interrupted, each once per later boot.
+    let mut fetched_again = 0;
+    for (n, i) in attempts.iter().enumerate() {
+        if attempts[..n].contains(i) {
+            fetched_again += 1;
+            if !in_flight.contains(i) {
+                violations.push(format!("chunk {i} fetched again, its write had finished"));
+            }
+        }
+    }
+    if fetched_again > cuts.len() {
         violations.push(format!(
-            "fetched again {fetched_again:?}, in flight was {:?}",
-            p.in_flight
+            "{fetched_again} chunks fetched again after {} cuts",
+            cuts.len()
         ));
     }
-    t.fetched_again += fetched_again.len();
+    t.fetched_again += fetched_again;
     // Complete, and still complete after one more reboot.
     let cells = cells_of(store);
     let mut store = boot(&cells, power);
@@ -383,31 +409,52 @@ fn a_power_cut_at_every_flash_operation_of_a_job_loses_nothing_verified() {
     let mut cut_points = BTreeMap::new();
     let mut torn_erase_points = 0;
     let mut t = Tally::default();
+    let mut double_cuts = 0;
     for cut in CUTS {
         for k in 0..n {
-            let v = cut_once(&job, k, cut, None, &mut t);
-            bad.extend(v.into_iter().map(|v| format!("{cut:?} at op {k}: {v}")));
+            let first = CutAt {
+                op: k,
+                cut,
+                torn_block: None,
+            };
+            let v = cut_run(&job, &[first], &mut t);
+            bad.extend(v.into_iter().map(|v| format!("{first:?}: {v}")));
             *cut_points.entry(format!("{cut:?}")).or_insert(0usize) += 1;
             // A torn erase: also with each of its blocks as the one left partly erased.
             if let Some(&(_, blocks)) = erases.iter().find(|e| e.0 == k)
                 && cut != Cut::Clean
             {
                 for b in 0..blocks {
-                    let v = cut_once(&job, k, cut, Some(b), &mut t);
-                    bad.extend(
-                        v.into_iter()
-                            .map(|v| format!("{cut:?} at op {k} block {b}: {v}")),
-                    );
+                    let at = CutAt {
+                        torn_block: Some(b),
+                        ..first
+                    };
+                    let v = cut_run(&job, &[at], &mut t);
+                    bad.extend(v.into_iter().map(|v| format!("{at:?}: {v}")));
                     torn_erase_points += 1;
                 }
             }
+            // And a second cut while the device recovers: at one of the first operations
+            // after the reboot (records, voiding, erase, header, the interrupted chunk).
+            let second = CutAt {
+                op: k % RECOVERY_OPS,
+                cut: CUTS[(k / RECOVERY_OPS) % CUTS.len()],
+                torn_block: None,
+            };
+            let v = cut_run(&job, &[first, second], &mut t);
+            bad.extend(
+                v.into_iter()
+                    .map(|v| format!("{first:?} then {second:?}: {v}")),
+            );
+            double_cuts += 1;
         }
     }
     let elapsed = started.elapsed();
     println!(
         "power cut per flash operation: N = {n} operations (erases at {erases:?}) in a job of \
-         {CHUNKS} chunks; cut points {cut_points:?} and {torn_erase_points} torn-erase block \
-         points; chunks held at reboot {}, fetched again {}; violations {}; {:.2?}",
+         {CHUNKS} chunks; cut points {cut_points:?}, {torn_erase_points} torn-erase block \
+         points, {double_cuts} second cuts during recovery; chunks held at reboot {}, \
+         fetched again {}; violations {}; {:.2?}",
         t.held_at_reboot,
         t.fetched_again,
         bad.len(),
