@@ -114,6 +114,8 @@ fn boot(cells: &Cells, power: &Rc<RefCell<Power>>) -> Store {
     content.mem = cells.content.clone();
     let mut records = Flash::new(0, power.clone());
     records.mem = cells.records.clone();
+    // The record log never writes a unit twice: strict flash checks that.
+    records.strict = true;
     let mut store = FlashStore::new_multiwrite(content).with_records(records);
     store.mount().expect("mount after power is back");
     store
