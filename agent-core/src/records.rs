@@ -1108,4 +1108,25 @@ mod test {
         assert_eq!(log.load_latest_time(), Ok(Some(299)));
         assert_eq!(log.load_anchor(), Ok(Some(anchor(2))));
     }
+
+    #[test]
+    fn a_torn_append_whose_first_word_stayed_erased_is_not_written_over() {
+        let mut flash = Flash::new(8 * 1024);
+        flash.strict = true;
+        let mut log = RecordLog::new(flash);
+        log.save_latest_time(1).unwrap();
+        log.save_latest_time(2).unwrap();
+        // The append of time 2 torn: its later words programmed, its first word and its
+        // commit unit not.
+        let at = entry_at(&mut log, 1) as usize;
+        let size = RecordLog::<Flash>::entry_size(8, 4);
+        let mut flash = log.into_inner();
+        flash.mem[at..at + 4].fill(0xFF);
+        flash.mem[at + size - 4..at + size].fill(0xFF);
+        let mut log = RecordLog::new(flash);
+        assert_eq!(log.load_latest_time(), Ok(Some(1)));
+        // The next write must not program those cells again (strict flash refuses it).
+        log.save_latest_time(3).unwrap();
+        assert_eq!(reopen(log).load_latest_time(), Ok(Some(3)));
+    }
 }
