@@ -6,7 +6,7 @@
 //! two banks of whole erase blocks:
 //!
 //! ```text
-//! header   "BATONRC1", sequence (u32 LE), padded to the write unit
+//! header   "BATONRC2", sequence (u32 LE), its complement (u32 LE), padded to the write unit
 //! seal     one write unit, cleared to 0x00 once the bank's first copy is complete
 //! entries  one after the other, each:
 //!            length (u16 LE), kind (u8), payload, check (8 bytes: SHA-256 of
@@ -18,12 +18,25 @@
 //! Writing is *new, then mark*: an entry counts only once its commit unit is cleared and its
 //! check passes, and a later entry of the same key (the kind, and for version records the
 //! content name) replaces an earlier one. The live bank is the sealed one with the higher
-//! sequence. A scan stops at the first erased, uncommitted or damaged entry; a power cut
-//! leaves at most one such entry, at the end, and as what follows it cannot be trusted the
-//! next write first compacts. Compaction (also when the bank is full) erases the other bank,
-//! writes its header with the next sequence, copies the live entries and seals it last: a
-//! power cut during the copy leaves the old bank live. Every write is whole aligned units
-//! of erased flash, so any NOR flash works (no unit is written twice).
+//! sequence. Every write is whole aligned units of erased flash, so any NOR flash works (no
+//! unit is written twice).
+//!
+//! A power cut leaves at most one bad entry, the last one (a torn append): the log ends
+//! there, and as the flash after it is not clean the next write first compacts. Compaction
+//! (also when the bank is full) erases the other bank, writes its header with the next
+//! sequence, copies the live entries and seals it last: a power cut during the copy leaves
+//! the old bank live. A power cut while the other bank is erased can leave it partly erased,
+//! header and seal intact but some bits of its sequence set back to 1 (a larger number): the
+//! complement stored beside it no longer matches then, so that bank is never taken for the
+//! live one. (Banks of format 1, "BATONRC1" without the complement, are still read; any bank
+//! of format 2 is preferred to them, and compaction writes format 2.)
+//!
+//! Anything else is *damage* (flash that decayed): an entry that was committed but fails its
+//! check, or a bad entry followed by written flash. The key of a damaged entry cannot be
+//! trusted, so it may have been any key's newest value: from then on every key whose newest
+//! good entry comes before the damage reads [`StoreError::Corrupt`] (never an older value,
+//! never "no record"), and keys written after it read their value. Compaction keeps this by
+//! writing a *damage marker* entry before the entries it copies from after the damage.
 //!
 //! Bounds: [`MAX_NAMES`] content names (a record for a further name is refused with
 //! [`StoreError::Full`]: the agent then fails that job with `StorageFull` rather than
@@ -44,10 +57,14 @@ pub const MAX_NAMES: usize = 16;
 pub const MAX_PAYLOAD: usize = 240;
 /// Largest write unit supported (and the size of the one entry buffer kept on the stack).
 const BUF: usize = crate::flash::MAX_UNIT;
-/// Bank magic: format 1 of Baton's record area.
-const MAGIC: &[u8; 8] = b"BATONRC1";
-/// Bytes of a bank header before padding: magic and sequence.
-const HEADER: usize = 12;
+/// Bank magic: format 2 of Baton's record area (the sequence with its complement).
+const MAGIC: &[u8; 8] = b"BATONRC2";
+/// Bytes of a bank header before padding: magic, sequence and its complement.
+const HEADER: usize = 16;
+/// Bank magic of format 1 (read, never written).
+const MAGIC_V1: &[u8; 8] = b"BATONRC1";
+/// Bytes of a format 1 bank header before padding: magic and sequence.
+const HEADER_V1: usize = 12;
 /// Bytes before an entry's payload: length and kind.
 const ENTRY_HEAD: usize = 3;
 /// Bytes of an entry's check.
@@ -65,6 +82,8 @@ enum Kind {
     Anchor = 1,
     Time = 2,
     Version = 3,
+    /// A damage marker: every key with no newer entry reads `Corrupt` (empty payload).
+    Damaged = 4,
 }
 
 fn align_up(v: usize, a: usize) -> usize {
@@ -134,10 +153,17 @@ fn decode_anchor(b: &[u8]) -> Option<StoredAnchor> {
 struct Live {
     bank: u32,
     seq: u32,
+    /// Whether the bank is of format 2 (its sequence checked against its complement).
+    v2: bool,
+    /// Offset (within the bank) of its first entry.
+    first: u32,
     /// Offset (within the bank) of the first byte after the last good entry.
     end: u32,
     /// False when the scan stopped at an uncommitted or damaged entry: compact before writing.
     clean: bool,
+    /// Where the last damage (a damaged stretch or a marker) starts: every key whose newest
+    /// good entry lies before it reads `Corrupt`.
+    damage: Option<u32>,
 }
 
 /// One entry found by a scan.
@@ -153,8 +179,10 @@ struct Entry {
 enum Scan {
     /// Erased: the free space starts here.
     End,
-    /// Uncommitted, damaged, or overrunning the bank.
+    /// Uncommitted, with an impossible length, or overrunning the bank.
     Bad,
+    /// Committed but failing its check: decayed (a power cut cannot leave this).
+    Damaged,
     /// A good entry.
     Entry(Entry),
 }
@@ -206,7 +234,7 @@ impl<R: NorFlash> RecordLog<R> {
         align_up(ENTRY_HEAD + payload + CHECK, u) + u
     }
 
-    /// Where entries start in a bank: after the header and the seal.
+    /// Where entries start in a bank written now: after the header and the seal.
     fn entries_at(u: usize) -> u32 {
         (align_up(HEADER, u) + u) as u32
     }
@@ -214,6 +242,7 @@ impl<R: NorFlash> RecordLog<R> {
     /// Bytes a bank needs for the largest live set.
     fn needed(u: usize) -> usize {
         Self::entries_at(u) as usize
+            + Self::entry_size(0, u)
             + Self::entry_size(MAX_PAYLOAD, u)
             + Self::entry_size(8, u)
             + MAX_NAMES * Self::entry_size(VERSION_PAYLOAD_MAX, u)
@@ -236,50 +265,158 @@ impl<R: NorFlash> RecordLog<R> {
         let mut buf = [0u8; BUF];
         for bank in 0..2 {
             let base = self.bank_at(bank);
-            let head = align_up(HEADER, u);
-            self.flash.read(base, &mut buf[..head]).map_err(io)?;
-            if &buf[..8] != MAGIC {
-                continue;
-            }
+            self.flash
+                .read(base, &mut buf[..align_up(HEADER, u)])
+                .map_err(io)?;
             let seq = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
+            let v2 = &buf[..8] == MAGIC;
+            let head = if v2 {
+                let complement = u32::from_le_bytes([buf[12], buf[13], buf[14], buf[15]]);
+                if complement != !seq {
+                    continue; // partly erased (or damaged): not a bank to trust
+                }
+                align_up(HEADER, u)
+            } else if &buf[..8] == MAGIC_V1 {
+                align_up(HEADER_V1, u)
+            } else {
+                continue;
+            };
             self.flash
                 .read(base + head as u32, &mut buf[..u])
                 .map_err(io)?;
             if buf[..u].iter().any(|&b| b != 0) {
                 continue; // never sealed: a compaction cut short
             }
-            if best.is_none_or(|b| seq > b.seq) {
+            if best.is_none_or(|b| (v2, seq) > (b.v2, b.seq)) {
                 best = Some(Live {
                     bank,
                     seq,
+                    v2,
+                    first: (head + u) as u32,
                     end: 0,
                     clean: true,
+                    damage: None,
                 });
             }
         }
         if let Some(live) = &mut best {
-            let (end, clean) = self.scan_end(live.bank, &mut buf)?;
-            live.end = end;
-            live.clean = clean;
+            self.scan(live, &mut buf)?;
         }
         self.mounted = Some(best);
         Ok(best)
     }
 
-    /// Walks bank `bank` from its first entry: the offset after the last good one, and
-    /// whether the walk ended on erased flash (rather than a bad entry).
-    fn scan_end(&mut self, bank: u32, buf: &mut [u8; BUF]) -> Result<(u32, bool), StoreError> {
+    /// Walks the live bank from its first entry and sets its end (the offset after the last
+    /// good entry), whether it may be appended to, and where its last damage starts.
+    fn scan(&mut self, live: &mut Live, buf: &mut [u8; BUF]) -> Result<(), StoreError> {
         let u = Self::unit()?;
-        let mut off = Self::entries_at(u);
-        // Bounded: every entry takes at least two units.
-        for _ in 0..self.bank_size as usize / (2 * u) + 1 {
-            match self.read_entry(bank, off, buf, true)? {
-                Scan::End => return Ok((off, true)),
-                Scan::Bad => return Ok((off, false)),
-                Scan::Entry(e) => off += e.size,
+        let mut off = live.first;
+        live.end = off;
+        live.clean = true;
+        live.damage = None;
+        // Bounded: every entry takes at least two units, and each damaged stretch skipped
+        // moves on by at least one.
+        for _ in 0..self.bank_size as usize / u + 1 {
+            let found = self.read_entry(live.bank, off, buf, true)?;
+            if let Scan::Entry(e) = found {
+                if e.kind == Kind::Damaged as u8 {
+                    live.damage = Some(off);
+                }
+                off += e.size;
+                live.end = off;
+                continue;
+            }
+            // No good entry here. The end of the log if nothing was written after it, or only
+            // what one torn append can have written; damage otherwise.
+            if off as usize + 2 * u > self.bank_size as usize {
+                return Ok(());
+            }
+            if let Some(next) = self.next_good(live.bank, off + u as u32, self.bank_size, buf)? {
+                live.damage = Some(off);
+                live.clean = false;
+                off = next;
+                continue;
+            }
+            let torn_end =
+                (off as usize + Self::entry_size(MAX_PAYLOAD, u)).min(self.bank_size as usize);
+            if matches!(found, Scan::Damaged)
+                || self.written(live.bank, torn_end as u32, self.bank_size, buf)?
+            {
+                live.damage = Some(off);
+                live.clean = false;
+            } else if self.written(live.bank, off, torn_end as u32, buf)? {
+                live.clean = false; // a torn append
+            }
+            return Ok(());
+        }
+        Err(StoreError::Corrupt)
+    }
+
+    /// The first unit-aligned offset in `from..to` of `bank` where a good entry starts.
+    fn next_good(
+        &mut self,
+        bank: u32,
+        from: u32,
+        to: u32,
+        buf: &mut [u8; BUF],
+    ) -> Result<Option<u32>, StoreError> {
+        let u = Self::unit()?;
+        let mut off = from;
+        while off < to {
+            if let Scan::Entry(_) = self.read_entry(bank, off, buf, true)? {
+                return Ok(Some(off));
+            }
+            off += u as u32;
+        }
+        Ok(None)
+    }
+
+    /// Whether any byte in `from..to` of `bank` is not erased.
+    fn written(
+        &mut self,
+        bank: u32,
+        from: u32,
+        to: u32,
+        buf: &mut [u8; BUF],
+    ) -> Result<bool, StoreError> {
+        let u = Self::unit()?;
+        let base = self.bank_at(bank);
+        let step = BUF / u * u;
+        let mut off = from as usize;
+        while off < to as usize {
+            let n = step.min(to as usize - off);
+            self.flash
+                .read(base + off as u32, &mut buf[..n])
+                .map_err(io)?;
+            if buf[..n].iter().any(|&b| b != 0xFF) {
+                return Ok(true);
+            }
+            off += n;
+        }
+        Ok(false)
+    }
+
+    /// The first good entry of the live bank at or after `off` (skipping a damaged stretch),
+    /// read into `buf` as [`Self::read_entry`] does; `None` past its end. In a bank with
+    /// damage every entry is checked, so a damaged one is never taken for a key.
+    fn next_at(
+        &mut self,
+        live: &Live,
+        mut off: u32,
+        buf: &mut [u8; BUF],
+        verify: bool,
+    ) -> Result<Option<(u32, Entry)>, StoreError> {
+        let verify = verify || live.damage.is_some();
+        while off < live.end {
+            match self.read_entry(live.bank, off, buf, verify)? {
+                Scan::Entry(e) => return Ok(Some((off, e))),
+                _ => match self.next_good(live.bank, off + Self::unit()? as u32, live.end, buf)? {
+                    Some(next) => off = next,
+                    None => return Ok(None),
+                },
             }
         }
-        Ok((off, false))
+        Ok(None)
     }
 
     /// Reads the entry at `off` of `bank` into `buf` (its body: head, payload, check); with
@@ -327,7 +464,7 @@ impl<R: NorFlash> RecordLog<R> {
         self.flash.read(base + off, &mut buf[..body]).map_err(io)?;
         let data = ENTRY_HEAD + len;
         if check_of(&buf[..data])[..] != buf[data..data + CHECK] {
-            return Ok(Scan::Bad);
+            return Ok(Scan::Damaged);
         }
         Ok(Scan::Entry(entry))
     }
@@ -355,19 +492,17 @@ impl<R: NorFlash> RecordLog<R> {
         let Some(live) = self.live()? else {
             return Ok(None);
         };
-        let u = Self::unit()?;
-        let mut off = Self::entries_at(u);
+        let mut off = live.first;
         let mut found = None;
-        while off < live.end {
-            match self.read_entry(live.bank, off, buf, false)? {
-                Scan::Entry(e) => {
-                    if Self::has_key(&buf[..], &e, kind, name) {
-                        found = Some(off);
-                    }
-                    off += e.size;
-                }
-                _ => break,
+        while let Some((at, e)) = self.next_at(&live, off, buf, false)? {
+            if Self::has_key(&buf[..], &e, kind, name) {
+                found = Some(at);
             }
+            off = at + e.size;
+        }
+        // Damage after this key's newest entry may have been a newer value of it.
+        if live.damage.is_some_and(|d| found.is_none_or(|f| f < d)) {
+            return Err(StoreError::Corrupt);
         }
         let Some(off) = found else { return Ok(None) };
         match self.read_entry(live.bank, off, buf, true)? {
@@ -381,17 +516,13 @@ impl<R: NorFlash> RecordLog<R> {
         let Some(live) = self.live()? else {
             return Ok(0);
         };
-        let u = Self::unit()?;
         let mut names = 0;
-        let mut off = Self::entries_at(u);
-        while off < live.end {
-            let Scan::Entry(e) = self.read_entry(live.bank, off, buf, false)? else {
-                break;
-            };
-            if e.kind == Kind::Version as u8 && self.is_last(live, off, &e, buf)? {
+        let mut off = live.first;
+        while let Some((at, e)) = self.next_at(&live, off, buf, false)? {
+            if e.kind == Kind::Version as u8 && self.is_last(live, at, &e, buf)? {
                 names += 1;
             }
-            off += e.size;
+            off = at + e.size;
         }
         Ok(names)
     }
@@ -409,7 +540,7 @@ impl<R: NorFlash> RecordLog<R> {
             1 => Kind::Anchor,
             2 => Kind::Time,
             3 => Kind::Version,
-            _ => return Ok(false), // an unknown kind is not carried over
+            _ => return Ok(false), // markers and unknown kinds are not carried over as keys
         };
         let mut key = [0u8; MAX_CONTENT_NAME];
         let mut key_len = 0;
@@ -418,14 +549,11 @@ impl<R: NorFlash> RecordLog<R> {
             key[..key_len].copy_from_slice(&buf[ENTRY_HEAD + 1..ENTRY_HEAD + 1 + key_len]);
         }
         let mut next = off + e.size;
-        while next < live.end {
-            let Scan::Entry(later) = self.read_entry(live.bank, next, buf, false)? else {
-                break;
-            };
+        while let Some((at, later)) = self.next_at(&live, next, buf, false)? {
             if Self::has_key(&buf[..], &later, kind, &key[..key_len]) {
                 return Ok(false);
             }
-            next += later.size;
+            next = at + later.size;
         }
         Ok(true)
     }
@@ -457,24 +585,36 @@ impl<R: NorFlash> RecordLog<R> {
         buf[..8].copy_from_slice(MAGIC);
         let seq = old.map_or(1, |l| l.seq.wrapping_add(1));
         buf[8..12].copy_from_slice(&seq.to_le_bytes());
+        buf[12..16].copy_from_slice(&(!seq).to_le_bytes());
         self.flash.write(base, &buf[..head]).map_err(io)?;
         let mut end = Self::entries_at(u);
+        let mut damage = None;
         if let Some(old) = old {
-            let mut off = Self::entries_at(u);
-            while off < old.end {
-                let Scan::Entry(e) = self.read_entry(old.bank, off, buf, false)? else {
-                    break;
-                };
-                // An entry that no longer passes its check (decayed since it was written)
-                // is left behind rather than blocking every later write.
-                if self.is_last(old, off, &e, buf)?
-                    && let Scan::Entry(e) = self.read_entry(old.bank, off, buf, true)?
-                {
-                    let body = e.size as usize - u;
-                    self.write_entry(bank, end, buf, body)?;
-                    end += e.size;
+            // Keys whose newest entry is before the damage read `Corrupt`: one marker first
+            // stands for them all, and only what follows the damage is copied.
+            if old.damage.is_some() {
+                damage = Some(end);
+                end += self.write_marker(bank, end, buf)?;
+            }
+            let mut off = old.first;
+            while let Some((at, e)) = self.next_at(&old, off, buf, false)? {
+                off = at + e.size;
+                if old.damage.is_some_and(|d| at <= d) || !self.is_last(old, at, &e, buf)? {
+                    continue;
                 }
-                off += e.size;
+                match self.read_entry(old.bank, at, buf, true)? {
+                    Scan::Entry(e) => {
+                        let body = e.size as usize - u;
+                        self.write_entry(bank, end, buf, body)?;
+                        end += e.size;
+                    }
+                    // Decayed since the mount: it may be any key's newest value, so every
+                    // key copied so far (and this one, not copied) reads `Corrupt` from now on.
+                    _ => {
+                        damage = Some(end);
+                        end += self.write_marker(bank, end, buf)?;
+                    }
+                }
             }
         }
         self.flash
@@ -483,11 +623,32 @@ impl<R: NorFlash> RecordLog<R> {
         let live = Live {
             bank,
             seq,
+            v2: true,
+            first: Self::entries_at(u),
             end,
             clean: true,
+            damage,
         };
         self.mounted = Some(Some(live));
         Ok(live)
+    }
+
+    /// Writes a damage marker at `off` of `bank`; returns the bytes it takes.
+    fn write_marker(
+        &mut self,
+        bank: u32,
+        off: u32,
+        buf: &mut [u8; BUF],
+    ) -> Result<u32, StoreError> {
+        let u = Self::unit()?;
+        let body = align_up(ENTRY_HEAD + CHECK, u);
+        buf[..body].fill(0xFF);
+        buf[..2].copy_from_slice(&0u16.to_le_bytes());
+        buf[2] = Kind::Damaged as u8;
+        let check = check_of(&buf[..ENTRY_HEAD]);
+        buf[ENTRY_HEAD..ENTRY_HEAD + CHECK].copy_from_slice(&check);
+        self.write_entry(bank, off, buf, body)?;
+        Ok(Self::entry_size(0, u) as u32)
     }
 
     /// Appends an entry of `kind` whose payload is `buf[ENTRY_HEAD..ENTRY_HEAD + len]`.
@@ -778,5 +939,194 @@ mod test {
     fn an_area_too_small_for_the_largest_live_set_is_refused() {
         let mut log = RecordLog::new(Flash::new(2 * 1024));
         assert_eq!(log.load_anchor(), Err(StoreError::Unsupported));
+    }
+
+    /// Offset of the `n`-th entry of the live bank (walking from the first).
+    fn entry_at(log: &mut RecordLog<Flash>, n: usize) -> u32 {
+        let live = log.live().unwrap().unwrap();
+        let mut buf = [0u8; BUF];
+        let mut off = live.first;
+        for _ in 0..n {
+            let Scan::Entry(e) = log.read_entry(live.bank, off, &mut buf, true).unwrap() else {
+                panic!("entry expected at {off}");
+            };
+            off += e.size;
+        }
+        log.bank_at(live.bank) + off
+    }
+
+    /// Decay of the version record of "fw" at `off`: a bit of its version goes from 0 to 1.
+    fn decay_version(mem: &mut [u8], off: u32) {
+        mem[off as usize + ENTRY_HEAD + 1 + "fw".len()] |= 0x80;
+    }
+
+    #[test]
+    fn a_decayed_newest_entry_reads_corrupt_and_compaction_keeps_it_so() {
+        for decay_while_mounted in [true, false] {
+            let mut log = RecordLog::new(Flash::new(8 * 1024));
+            log.put_version_record("fw", &record(1)).unwrap();
+            log.put_version_record("fw", &record(2)).unwrap();
+            log.save_latest_time(5).unwrap();
+            let newest = entry_at(&mut log, 1);
+            if decay_while_mounted {
+                decay_version(&mut log.flash.mem, newest);
+            } else {
+                let mut flash = log.into_inner();
+                decay_version(&mut flash.mem, newest);
+                log = RecordLog::new(flash);
+            }
+            assert_eq!(log.version_record("fw"), Err(StoreError::Corrupt));
+            // Enough writes to compact the bank (more than once).
+            for t in 0..400 {
+                log.save_latest_time(100 + t).unwrap();
+            }
+            for pass in ["compacted", "reopened"] {
+                if pass == "reopened" {
+                    log = reopen(log);
+                }
+                let what = format!("decay while mounted: {decay_while_mounted}, {pass}");
+                // Never "no record" and never the older version 1: that would allow a rollback.
+                assert_eq!(log.version_record("fw"), Err(StoreError::Corrupt), "{what}");
+                // The damaged entry could have been any key's: one never written newer than
+                // the damage reads Corrupt too; keys written since read their value.
+                assert_eq!(log.load_anchor(), Err(StoreError::Corrupt), "{what}");
+                assert_eq!(
+                    log.version_record("config"),
+                    Err(StoreError::Corrupt),
+                    "{what}"
+                );
+                assert_eq!(log.load_latest_time(), Ok(Some(499)), "{what}");
+            }
+            // A key written after the damage reads its new value.
+            log.save_anchor(&anchor(4)).unwrap();
+            assert_eq!(reopen(log).load_anchor(), Ok(Some(anchor(4))));
+        }
+    }
+
+    #[test]
+    fn a_damaged_entry_in_the_middle_does_not_hide_the_newer_ones() {
+        // Damage: its payload decayed (committed, check fails), or its head reads erased.
+        for head_erased in [false, true] {
+            let mut log = RecordLog::new(Flash::new(8 * 1024));
+            log.save_anchor(&anchor(1)).unwrap();
+            log.save_latest_time(10).unwrap();
+            log.put_version_record("fw", &record(1)).unwrap();
+            log.save_latest_time(20).unwrap();
+            log.put_version_record("fw", &record(2)).unwrap();
+            let middle = entry_at(&mut log, 2) as usize;
+            let mut flash = log.into_inner();
+            if head_erased {
+                flash.mem[middle..middle + 4].fill(0xFF);
+            } else {
+                decay_version(&mut flash.mem, middle as u32);
+            }
+            let mut log = RecordLog::new(flash);
+            let what = format!("head erased: {head_erased}");
+            // Newer entries after the damage are found: not the stale time 10, not "no fw".
+            assert_eq!(log.load_latest_time(), Ok(Some(20)), "{what}");
+            assert_eq!(log.version_record("fw"), Ok(Some(record(2))), "{what}");
+            // The anchor's newest entry is before the damage, which may have replaced it.
+            assert_eq!(log.load_anchor(), Err(StoreError::Corrupt), "{what}");
+            // A write compacts the damaged bank; the same reads after it and after a reopen.
+            log.save_latest_time(30).unwrap();
+            for pass in ["compacted", "reopened"] {
+                if pass == "reopened" {
+                    log = reopen(log);
+                }
+                let what = format!("{what}, {pass}");
+                assert_eq!(log.load_latest_time(), Ok(Some(30)), "{what}");
+                assert_eq!(log.version_record("fw"), Ok(Some(record(2))), "{what}");
+                assert_eq!(log.load_anchor(), Err(StoreError::Corrupt), "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_torn_last_entry_is_the_end_of_the_log_not_damage() {
+        for torn in [0, 1, 3, 4, 9, 40] {
+            let mut log = RecordLog::new(Flash::new(8 * 1024));
+            log.save_anchor(&anchor(1)).unwrap();
+            log.put_version_record("fw", &record(1)).unwrap();
+            log.flash.fail_after = Some(log.flash.writes);
+            log.flash.torn = torn;
+            assert!(log.put_version_record("fw", &record(2)).is_err());
+            let mut log = reopen(log);
+            assert_eq!(log.version_record("fw"), Ok(Some(record(1))), "torn {torn}");
+            assert_eq!(log.load_anchor(), Ok(Some(anchor(1))), "torn {torn}");
+            log.put_version_record("fw", &record(3)).unwrap();
+            let mut log = reopen(log);
+            assert_eq!(log.version_record("fw"), Ok(Some(record(3))), "torn {torn}");
+        }
+    }
+
+    #[test]
+    fn a_partly_erased_old_bank_never_becomes_the_live_one() {
+        // Compact twice: both banks sealed, the live one with the higher sequence.
+        let mut log = RecordLog::new(Flash::new(8 * 1024));
+        log.save_anchor(&anchor(1)).unwrap();
+        for t in 0..400 {
+            log.save_latest_time(t).unwrap();
+        }
+        let live = log.live().unwrap().unwrap();
+        let old = (1 - live.bank) as usize * log.bank_size as usize;
+        let mut flash = log.into_inner();
+        // The next compaction erases the old bank; cut short, the erase set a few of its bits
+        // back to 1, here two of its sequence number's (which only ever makes it larger).
+        flash.mem[old + 8] |= 0x30;
+        flash.mem[old + 9] |= 0x01;
+        let mut log = RecordLog::new(flash);
+        assert_eq!(log.live().unwrap().unwrap().bank, live.bank);
+        assert_eq!(log.load_latest_time(), Ok(Some(399)));
+        assert_eq!(log.load_anchor(), Ok(Some(anchor(1))));
+    }
+
+    #[test]
+    fn a_bank_of_format_1_is_read_and_replaced_by_format_2() {
+        // A format 1 bank as an earlier release wrote it: header, seal, one time entry.
+        let mut flash = Flash::new(8 * 1024);
+        flash.mem[..8].copy_from_slice(MAGIC_V1);
+        flash.mem[8..12].copy_from_slice(&7u32.to_le_bytes());
+        flash.mem[12..16].fill(0);
+        let mut body = [0xFFu8; 20];
+        body[..2].copy_from_slice(&8u16.to_le_bytes());
+        body[2] = Kind::Time as u8;
+        body[3..11].copy_from_slice(&77u64.to_le_bytes());
+        let check = check_of(&body[..11]);
+        body[11..19].copy_from_slice(&check);
+        flash.mem[16..36].copy_from_slice(&body);
+        flash.mem[36..40].fill(0);
+        let mut log = RecordLog::new(flash);
+        assert_eq!(log.load_latest_time(), Ok(Some(77)));
+        log.save_anchor(&anchor(2)).unwrap();
+        // Compactions write format 2.
+        for t in 0..200 {
+            log.save_latest_time(100 + t).unwrap();
+        }
+        let mut log = reopen(log);
+        let live = log.live().unwrap().unwrap();
+        assert!(live.v2);
+        assert_eq!(log.load_latest_time(), Ok(Some(299)));
+        assert_eq!(log.load_anchor(), Ok(Some(anchor(2))));
+    }
+
+    #[test]
+    fn a_torn_append_whose_first_word_stayed_erased_is_not_written_over() {
+        let mut flash = Flash::new(8 * 1024);
+        flash.strict = true;
+        let mut log = RecordLog::new(flash);
+        log.save_latest_time(1).unwrap();
+        log.save_latest_time(2).unwrap();
+        // The append of time 2 torn: its later words programmed, its first word and its
+        // commit unit not.
+        let at = entry_at(&mut log, 1) as usize;
+        let size = RecordLog::<Flash>::entry_size(8, 4);
+        let mut flash = log.into_inner();
+        flash.mem[at..at + 4].fill(0xFF);
+        flash.mem[at + size - 4..at + size].fill(0xFF);
+        let mut log = RecordLog::new(flash);
+        assert_eq!(log.load_latest_time(), Ok(Some(1)));
+        // The next write must not program those cells again (strict flash refuses it).
+        log.save_latest_time(3).unwrap();
+        assert_eq!(reopen(log).load_latest_time(), Ok(Some(3)));
     }
 }
