@@ -215,23 +215,9 @@ pub fn load_or_create_admin_token(data_dir: &Path) -> Result<String, ContentErro
 
 /// Writes `info` as JSON to `path` atomically (a temporary file renamed into place), mode 0600.
 pub fn write_ready_file(path: &Path, info: &ReadyInfo) -> Result<(), ServeError> {
-    let io = |source| ServeError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
     let json = serde_json::to_vec_pretty(info).expect("ready info encodes");
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "ready".into());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    content::write_private(&tmp, &json)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    crate::trust::replace_file(path, &json)?;
+    Ok(())
 }
 
 /// Loads each unfinished job's content and hands the job to the engine (after a restart).
