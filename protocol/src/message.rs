@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::identity::AgentCert;
-use crate::manifest::Manifest;
+use crate::manifest::{MAX_CONTENT_NAME, Manifest};
 use crate::merkle::Proof;
 use crate::types::{AgentId, Delay, Digest, JobRef, Label, LinkInfo, Name, PeerAddr, PublicKey};
 use crate::types::{MAX_DELAYS, MAX_LABELS};
@@ -250,7 +250,7 @@ impl InstallState {
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct RunningVersion {
     /// The content name (a manifest's `name`).
-    pub name: Name,
+    pub name: heapless::String<MAX_CONTENT_NAME>,
     /// The version that runs.
     pub version: u64,
 }
@@ -423,7 +423,7 @@ pub enum Message<'a> {
         /// The job whose content is installed (its epoch may be older than the manager's).
         job: JobRef,
         /// The content's name, as a check.
-        name: Name,
+        name: heapless::String<MAX_CONTENT_NAME>,
         /// The content's version, as a check.
         version: u64,
         /// The new state.

@@ -42,8 +42,8 @@
 use baton_protocol::discovery::{self, Announcement, DiscoveryError};
 use baton_protocol::identity::{AgentCert, Identity};
 use baton_protocol::message::{
-    CodecError, FailReason, Holding, InstallState, Received, Refusal, Report, SegmentMember, SegmentReport,
-    RunningVersion, Source, SourceRange, Trouble,
+    CodecError, FailReason, Holding, InstallState, Received, Refusal, Report, RunningVersion,
+    SegmentMember, SegmentReport, Source, SourceRange, Trouble,
 };
 use baton_protocol::revocation::{RevocationList, Revoked};
 use baton_protocol::session::{Hello, Role};
@@ -969,7 +969,10 @@ fn v22_install_status() {
         exit_code: None,
         output: "",
     };
-    check_message(&first, &["16", JOB_HEX, "03 617070", "07", "00", "00", "00"]);
+    check_message(
+        &first,
+        &["16", JOB_HEX, "03 617070", "07", "00", "00", "00"],
+    );
 }
 
 #[test]
