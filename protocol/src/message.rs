@@ -437,7 +437,8 @@ pub enum Message<'a> {
     },
     /// Agent → manager: what runs on the agent, per content name, and whether it installs
     /// content (then the manager waits for [`Message::InstallStatus`] after each `Have`;
-    /// otherwise confirmed content counts as running at once). Sent after every `Welcome`.
+    /// otherwise confirmed content counts as running at once). Sent right after the first
+    /// `Report` of every session (before any `Have` it repeats).
     Running {
         /// Whether the agent runs an install step for the content it receives.
         install_step: bool,

@@ -1311,6 +1311,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
     let mut reports = InstallReports::default();
     // Welcomed on the current manager session: install reports may go out.
     let mut welcomed = false;
+    // A new manager session's first report is yet to go out (`Running` follows it).
+    let mut running_due = false;
     let origin = Instant::now();
     let mut conns: HashMap<ConnId, Outgoing> = HashMap::new();
     let mut buf = vec![0u8; (s.config.max_chunk as usize + CHUNK_OVERHEAD + 64).min(MAX_FRAME)];
@@ -1353,6 +1355,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 match input {
                     Input::ManagerUp { tx, local } => {
                         conns.insert(ConnId::MANAGER, Outgoing { tx, backlog: None });
+                        welcomed = false;
+                        running_due = true;
                         if s.advertise.is_none() && bound.ip().is_unspecified() {
                             agent.set_listen(Some(SocketAddr::new(local.ip(), bound.port()).into()));
                         }
@@ -1462,7 +1466,17 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         }
         let now = origin.elapsed();
         while let Some(t) = agent.poll_transmit(now, &mut buf) {
+            // The session's first report (variant 0) is followed at once by `Running`, before
+            // any `Have` the agent repeats: the manager must know first that it installs.
+            let first_report =
+                running_due && t.conn == ConnId::MANAGER && buf[..t.len].first() == Some(&0);
             queue_frame(&mut conns, t.conn, buf[..t.len].to_vec());
+            if first_report {
+                running_due = false;
+                if let (Some(msg), Some(out)) = (running_message(&s), conns.get(&ConnId::MANAGER)) {
+                    let _ = out.tx.send((msg.to_vec(), false));
+                }
+            }
         }
         while let Some(ev) = agent.poll_event() {
             // Job events are rare: take the jobs' snapshot at each, so a short job is not missed.
@@ -1478,15 +1492,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                     *shared.cert.write().unwrap_or_else(|e| e.into_inner()) = agent.cert().cloned();
                     tracing::info!("welcomed by the manager");
                     welcomed = true;
-                    // What runs here and whether it installs, then the install reports the
-                    // manager may have missed.
+                    // The install reports the manager may have missed (`Running` went out
+                    // right after the session's first report).
                     while let Some(t) = agent.poll_transmit(now, &mut buf) {
                         queue_frame(&mut conns, t.conn, buf[..t.len].to_vec());
-                    }
-                    if let (Some(msg), Some(out)) =
-                        (running_message(&s), conns.get(&ConnId::MANAGER))
-                    {
-                        let _ = out.tx.send((msg.to_vec(), false));
                     }
                     reports.resend(&conns);
                     if let (Some(seg), Some(cert), Some(manager_ms)) =

@@ -17,8 +17,8 @@
 //! - anything else: the rollback command if there is one (`rolled back` when it exits 0,
 //!   else `failed`), or `failed`.
 //!
-//! What runs is kept per content name ([`RUNNING_FILE`]) and told to the manager after
-//! every `Welcome` (`Running`). The updates go to the driver's central task, which sends
+//! What runs is kept per content name ([`RUNNING_FILE`]) and told to the manager right
+//! after the first report of every session (`Running`). The updates go to the driver's central task, which sends
 //! them on the manager session (or after the next `Welcome` if it is down).
 
 use std::collections::BTreeMap;
