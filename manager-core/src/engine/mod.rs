@@ -40,7 +40,8 @@
 //! and status the driver drains, `policy` the job policy's time windows,
 //! rate caps and warnings, and `rates` the measured upload rates and when they
 //! call for a new plan, and `trouble` the `PeerTrouble` reports: who may make
-//! them, what retires a peer and when a reporter is demoted. This module holds the engine's configuration, its
+//! them, what retires a peer and when a reporter is demoted, and `install` the states past
+//! delivery (installing, installed, running, failed, rolled back) that decide when a job ends. This module holds the engine's configuration, its
 //! errors and the records it keeps per agent, job and participant.
 
 use core::time::Duration;
