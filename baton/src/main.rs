@@ -255,6 +255,7 @@ listen = "127.0.0.1:7000"
 http = "127.0.0.1:7001"
 up-bps = "10MiB"
 give-up = 90
+install-deadline = 120
 ready-file = "/run/baton/ready.json"
 max-connections = 5000
 max-handshakes = 99
@@ -314,6 +315,7 @@ cert-lifetime = "12h"
         assert_eq!(opts.http.to_string(), "127.0.0.1:7001");
         assert_eq!(opts.up_bps, 10 << 20);
         assert_eq!(opts.give_up.as_secs(), 90);
+        assert_eq!(opts.install_deadline.as_secs(), 120);
         assert!(opts.ready_file.is_some());
         assert_eq!(opts.max_connections, 5000);
         assert_eq!(opts.max_handshakes, 99);

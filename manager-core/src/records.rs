@@ -7,6 +7,7 @@
 //! assembly, group resolution and the store (`baton-manager`'s `Store` trait
 //! reads and writes them); nothing here touches a database.
 
+use baton_protocol::message::InstallState;
 use baton_protocol::types::{Digest, PublicKey};
 use serde::{Deserialize, Serialize};
 
@@ -244,6 +245,108 @@ impl PartState {
     }
 }
 
+/// A confirmed participant's install step as stored (the states past delivery; see the
+/// engine's `install` module): `pending` while the manager waits for its agent's report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstallPhase {
+    /// Confirmed; its agent installs content and has not reported yet.
+    Pending,
+    /// The install command runs.
+    Installing,
+    /// Installed; the health check runs or a restart is pending.
+    Installed,
+    /// The new version runs (content-only participants: at once when they confirm).
+    Running,
+    /// The install failed, or no final state came within the install deadline.
+    Failed,
+    /// The install or health check failed and the rollback command ran.
+    RolledBack,
+}
+
+impl InstallPhase {
+    /// The name stored in the database and shown by the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstallPhase::Pending => "pending",
+            InstallPhase::Installing => "installing",
+            InstallPhase::Installed => "installed",
+            InstallPhase::Running => "running",
+            InstallPhase::Failed => "failed",
+            InstallPhase::RolledBack => "rolled_back",
+        }
+    }
+
+    /// The phase stored as `s`, if `s` names one.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => InstallPhase::Pending,
+            "installing" => InstallPhase::Installing,
+            "installed" => InstallPhase::Installed,
+            "running" => InstallPhase::Running,
+            "failed" => InstallPhase::Failed,
+            "rolled_back" => InstallPhase::RolledBack,
+            _ => return None,
+        })
+    }
+
+    /// The phase of an engine install state (`None`: waiting for the report).
+    pub fn of(state: Option<InstallState>) -> Self {
+        match state {
+            None => InstallPhase::Pending,
+            Some(InstallState::Installing) => InstallPhase::Installing,
+            Some(InstallState::Installed) => InstallPhase::Installed,
+            Some(InstallState::Running) => InstallPhase::Running,
+            Some(InstallState::Failed) => InstallPhase::Failed,
+            Some(InstallState::RolledBack) => InstallPhase::RolledBack,
+        }
+    }
+
+    /// The engine's install state for this phase (`None` for `pending`).
+    pub fn state(self) -> Option<InstallState> {
+        match self {
+            InstallPhase::Pending => None,
+            InstallPhase::Installing => Some(InstallState::Installing),
+            InstallPhase::Installed => Some(InstallState::Installed),
+            InstallPhase::Running => Some(InstallState::Running),
+            InstallPhase::Failed => Some(InstallState::Failed),
+            InstallPhase::RolledBack => Some(InstallState::RolledBack),
+        }
+    }
+
+    /// Whether nothing more follows (`running`, `failed`, `rolled_back`).
+    pub fn is_final(self) -> bool {
+        self.state().is_some_and(InstallState::is_final)
+    }
+}
+
+/// A confirmed participant's install step: its phase and what decided it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InstallRecord {
+    /// Where it stands.
+    pub state: InstallPhase,
+    /// The deciding command's exit code (install, health check or rollback), if one ran to
+    /// its end.
+    pub exit_code: Option<i32>,
+    /// The end of that command's output (at most 2 KiB), or the manager's note.
+    pub output: Option<String>,
+    /// When it last changed (Unix seconds).
+    pub at: u64,
+}
+
+/// The version of one content name running on one agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RunningRecord {
+    /// The agent.
+    pub agent: String,
+    /// The content name.
+    pub name: String,
+    /// The version running.
+    pub version: u64,
+    /// When the manager learnt it (Unix seconds).
+    pub updated_at: u64,
+}
+
 /// One participant of a job as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ParticipantRecord {
@@ -266,6 +369,9 @@ pub struct ParticipantRecord {
     pub position: Option<u32>,
     /// Its upload as last measured in this job, bytes/s (what the plan was adapted to).
     pub measured_up_bps: Option<u64>,
+    /// Once confirmed: its install step (`None`: not confirmed yet, or a record from before
+    /// install states were kept).
+    pub install: Option<InstallRecord>,
 }
 
 /// Bytes one participant received from one source in a job.
@@ -415,4 +521,6 @@ pub struct StoreTotals {
     pub bytes_from_manager: u64,
     /// Verified bytes agents received from relaying peers, all jobs.
     pub bytes_from_relays: u64,
+    /// Participants per install phase name (`pending`, `running`, ...), all jobs.
+    pub installs_by_state: Vec<(String, u64)>,
 }

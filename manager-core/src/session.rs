@@ -79,19 +79,23 @@ pub struct SessionLimits {
     pub next_please: Rate,
     /// `SegmentReport` pages.
     pub segment_pages: Rate,
+    /// `InstallStatus` and `Running` messages (each is written to the database).
+    pub install: Rate,
     /// Messages dropped over the limits above before the session is closed.
     pub flood: Rate,
 }
 
 impl Default for SessionLimits {
     /// Reports: 30 at once, 2 a second; `NextPlease`: 32 at once, 4 a second; segment
-    /// report pages: 1,024 at once (one report of the most pages), 256 a second; a session
+    /// report pages: 1,024 at once (one report of the most pages), 256 a second; install
+    /// statuses and running versions: 32 at once, 2 a second; a session
     /// is closed once more than 1,000 messages (plus 10 a second) were dropped.
     fn default() -> Self {
         SessionLimits {
             report: Rate::new(30, 2),
             next_please: Rate::new(32, 4),
             segment_pages: Rate::new(1024, 256),
+            install: Rate::new(32, 2),
             flood: Rate::new(1000, 10),
         }
     }
@@ -264,7 +268,7 @@ pub enum SessionEvent {
     /// A later report (the agent changed): for the engine (`Engine::agent_online` again).
     Report(Box<Report>),
     /// A message for the engine (`Engine::handle_message`): `Progress`, `Have`,
-    /// `Failed`, `NextPlease`, `PeerTrouble` or `Pong`.
+    /// `Failed`, `NextPlease`, `PeerTrouble`, `Running` or `Pong`.
     ForEngine(Message<'static>),
     /// The agent asks for a chunk: answer it on this connection from the content
     /// (a `Chunk`, or a `Refuse`).
@@ -274,6 +278,9 @@ pub enum SessionEvent {
         /// The chunk's index.
         index: u32,
     },
+    /// An install report (`InstallStatus`, its output within `MAX_INSTALL_OUTPUT`): for
+    /// the engine (`Engine::install_status`).
+    Install(Box<crate::engine::InstallReport>),
     /// One page of a segment report: give it to segment-report assembly
     /// ([`crate::segments::Assembler`]); once a report is complete, hand
     /// `Message::SegmentReport` with its last page to the engine.
@@ -335,6 +342,7 @@ struct Buckets {
     report: TokenBucket,
     next_please: TokenBucket,
     segment_pages: TokenBucket,
+    install: TokenBucket,
     flood: TokenBucket,
     /// Messages dropped over a limit in this session.
     dropped: u64,
@@ -346,6 +354,7 @@ impl Buckets {
             report: TokenBucket::new(limits.report, now),
             next_please: TokenBucket::new(limits.next_please, now),
             segment_pages: TokenBucket::new(limits.segment_pages, now),
+            install: TokenBucket::new(limits.install, now),
             flood: TokenBucket::new(limits.flood, now),
             dropped: 0,
         }
@@ -491,6 +500,7 @@ impl AgentSession {
             Message::Report(_) => &mut b.report,
             Message::NextPlease { .. } => &mut b.next_please,
             Message::SegmentReport(_) => &mut b.segment_pages,
+            Message::InstallStatus { .. } | Message::Running { .. } => &mut b.install,
             _ => return true,
         };
         if bucket.take(now) {
@@ -594,6 +604,39 @@ impl AgentSession {
                 Message::PeerTrouble { job, peer, trouble }
             }
             Message::Pong { nonce } => Message::Pong { nonce },
+            Message::Running {
+                install_step,
+                versions,
+            } => Message::Running {
+                install_step,
+                versions,
+            },
+            Message::InstallStatus { output, .. }
+                if output.len() > baton_protocol::message::MAX_INSTALL_OUTPUT =>
+            {
+                tracing::debug!(agent = %self.agent, bytes = output.len(), "install output over its cap; dropped");
+                return self.drop_message(now, "InstallStatus");
+            }
+            Message::InstallStatus {
+                job,
+                name,
+                version,
+                state,
+                exit_code,
+                output,
+            } => {
+                let report = crate::engine::InstallReport {
+                    job,
+                    name,
+                    version,
+                    state,
+                    exit_code,
+                    output: output.to_string(),
+                };
+                self.events
+                    .push_back(SessionEvent::Install(Box::new(report)));
+                return;
+            }
             other => {
                 // Dropped and counted like a message over its limit (the driver's warning
                 // about dropped messages is spaced; a flood of them closes the session).
@@ -1088,6 +1131,38 @@ mod test {
         at(&mut s, 6_500, &Message::Report(report("a1")));
         assert_eq!(events(&mut s).len(), 1);
         assert_eq!(s.dropped(), 5);
+    }
+
+    #[test]
+    fn install_reports_go_to_the_engine_and_an_output_over_its_cap_is_dropped() {
+        use baton_protocol::message::{InstallState, MAX_INSTALL_OUTPUT};
+        let mut s = online();
+        let _ = (transmits(&mut s), events(&mut s));
+        let long = "x".repeat(MAX_INSTALL_OUTPUT + 1);
+        let msg = |output: &str| {
+            Message::InstallStatus {
+                job: job(),
+                name: heapless::String::try_from("app").unwrap(),
+                version: 2,
+                state: InstallState::Failed,
+                exit_code: Some(3),
+                output,
+            }
+            .to_vec()
+        };
+        s.handle_frame(Duration::from_secs(6), 0, &msg(&long));
+        assert!(events(&mut s).is_empty());
+        assert_eq!(s.dropped(), 1);
+        let tail = "y".repeat(MAX_INSTALL_OUTPUT);
+        s.handle_frame(Duration::from_secs(6), 0, &msg(&tail));
+        match events(&mut s).as_slice() {
+            [SessionEvent::Install(r)] => {
+                assert_eq!(r.state, InstallState::Failed);
+                assert_eq!(r.exit_code, Some(3));
+                assert_eq!(r.output, tail);
+            }
+            other => panic!("expected one install report, got {other:?}"),
+        }
     }
 
     #[test]

@@ -516,6 +516,17 @@ impl AgentPort {
                     .map_err(|_| "manager shutting down".to_string());
             }
             SessionEvent::ForEngine(msg) => msg,
+            SessionEvent::Install(report) => {
+                let input = EngineInput::Install {
+                    id: id.clone(),
+                    report,
+                };
+                return self
+                    .engine
+                    .send(input)
+                    .await
+                    .map_err(|_| "manager shutting down".to_string());
+            }
             SessionEvent::Close(why @ SessionError::Flooding { .. }) => {
                 if let Some(n) = FLOODERS_LOG.note(1) {
                     tracing::warn!(agent = %id, closed = n, "{why}; closing (sessions closed for flooding since the last such line, all agents)");

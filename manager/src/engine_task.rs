@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use crate::registry::{Registry, SharedStore, lock, unix_now};
 use crate::store::{JobState, StoreError};
 use baton_agent_core::linux::spaced::SpacedLog;
-use baton_manager_core::engine::{Engine, EngineEvent, JobSpec};
+use baton_manager_core::engine::{Engine, EngineEvent, InstallReport, JobSpec};
 
 /// The warning about messages the engine refused (stale jobs, unknown agents), spaced.
 static REFUSED_MESSAGES: SpacedLog = SpacedLog::new(baton_agent_core::linux::spaced::WARN_EVERY);
@@ -74,6 +74,13 @@ pub enum EngineInput {
         /// The message.
         msg: Box<Message<'static>>,
     },
+    /// An install report from a connected agent (`InstallStatus`, checked by its session).
+    Install {
+        /// The agent.
+        id: AgentId,
+        /// The report.
+        report: Box<InstallReport>,
+    },
     /// An agent's connection ended.
     Offline {
         /// The agent.
@@ -102,6 +109,14 @@ impl std::fmt::Debug for EngineInput {
         match self {
             EngineInput::Online { id, .. } => write!(f, "Online({id})"),
             EngineInput::Message { id, msg } => write!(f, "Message({id}, {})", msg.kind()),
+            EngineInput::Install { id, report } => {
+                write!(
+                    f,
+                    "Install({id}, {}, {})",
+                    report.job.id,
+                    report.state.name()
+                )
+            }
             EngineInput::Offline { id } => write!(f, "Offline({id})"),
             EngineInput::StartJob { spec, .. } => write!(f, "StartJob({})", spec.id),
             EngineInput::CancelJob { job, .. } => write!(f, "CancelJob({job})"),
@@ -141,7 +156,19 @@ pub enum JobEvent {
         /// Why.
         reason: String,
     },
-    /// Every participant confirmed or was given up.
+    /// A confirmed participant's install step moved (content-only participants: running at
+    /// once).
+    Install {
+        /// The job.
+        job: u64,
+        /// The participant.
+        agent: String,
+        /// `installing`, `installed`, `running`, `failed` or `rolled_back`.
+        state: String,
+        /// The deciding command's exit code, if one ran to its end.
+        exit_code: Option<i32>,
+    },
+    /// Every participant settled: running, failed or rolled back (or failed delivery).
     Finished {
         /// The job.
         job: u64,
@@ -172,6 +199,7 @@ impl JobEvent {
             JobEvent::Progress { job, .. }
             | JobEvent::Confirmed { job, .. }
             | JobEvent::Failed { job, .. }
+            | JobEvent::Install { job, .. }
             | JobEvent::Finished { job, .. }
             | JobEvent::Warning { job, .. }
             | JobEvent::Cancelled { job } => *job,
@@ -213,6 +241,19 @@ impl JobEvent {
                 job,
                 confirmed,
                 failed,
+            },
+            EngineEvent::Install {
+                job,
+                agent,
+                state,
+                exit_code,
+            } => JobEvent::Install {
+                job,
+                agent: agent.to_string(),
+                state: crate::store::InstallPhase::of(Some(state))
+                    .as_str()
+                    .to_string(),
+                exit_code,
             },
             EngineEvent::PolicyWarning { job, text } => JobEvent::Warning { job, text },
             EngineEvent::ReporterDemoted { job, agent, reason } => JobEvent::Warning {
@@ -359,6 +400,13 @@ impl EngineTask {
                     tracing::warn!(agent = %id, kind = msg.kind(), held_back, "engine refused message: {e}");
                 }
             }
+            EngineInput::Install { id, report } => {
+                if let Err(e) = self.engine.install_status(now, &id, *report)
+                    && let Some(held_back) = REFUSED_MESSAGES.due()
+                {
+                    tracing::warn!(agent = %id, held_back, "engine refused install status: {e}");
+                }
+            }
             EngineInput::Offline { id } => {
                 if let Err(e) = lock(&self.store).mark_seen(&id, unix_now()) {
                     tracing::warn!(agent = %id, "cannot record last-seen time: {e}");
@@ -456,6 +504,7 @@ fn coalesce(batch: Vec<EngineInput>) -> impl Iterator<Item = EngineInput> {
     let agent = |input: &EngineInput| match input {
         EngineInput::Online { id, .. }
         | EngineInput::Message { id, .. }
+        | EngineInput::Install { id, .. }
         | EngineInput::Offline { id } => Some(id.clone()),
         EngineInput::StartJob { .. }
         | EngineInput::CancelJob { .. }

@@ -47,6 +47,9 @@ pub struct ServeOptions {
     pub up_bps: u64,
     /// A participant silent this long is given up and routed around.
     pub give_up: Duration,
+    /// A confirmed participant whose agent installs content has this long to report a final
+    /// install state (running, failed, rolled back), restarts included, or it is failed.
+    pub install_deadline: Duration,
     /// Where to write the ready file once listening.
     pub ready_file: Option<PathBuf>,
     /// Most agent connections at once; the descriptor limit less a reserve
@@ -92,6 +95,7 @@ impl ServeOptions {
             http: SocketAddr::from(([127, 0, 0, 1], 7780)),
             up_bps: 0,
             give_up: Duration::from_secs(60),
+            install_deadline: baton_manager_core::engine::DEFAULT_INSTALL_DEADLINE,
             ready_file: None,
             max_connections: 100_000,
             max_handshakes: crate::agent_port::DEFAULT_MAX_HANDSHAKES,
@@ -286,12 +290,16 @@ async fn resume_job(
     }
     let mut states = Vec::with_capacity(participants.len());
     let mut measured = Vec::new();
+    let mut installs = Vec::new();
     for p in &participants {
         let Ok(id) = AgentId::try_from(p.agent.as_str()) else {
             continue;
         };
         if let Some(up) = p.measured_up_bps {
             measured.push((id.clone(), up));
+        }
+        if let Some(install) = crate::store::resume_install(p) {
+            installs.push((id.clone(), install));
         }
         states.push((id, crate::store::resume_state(p)));
     }
@@ -301,7 +309,8 @@ async fn resume_job(
         measured = measured.len(),
         "resuming job"
     );
-    task.engine_mut().resume_job(now, spec, states, &measured);
+    task.engine_mut()
+        .resume_job_with_installs(now, spec, states, &measured, &installs);
     Ok(())
 }
 
@@ -489,6 +498,7 @@ pub async fn serve_reloading(
         epoch,
         EngineConfig {
             give_up_after: opts.give_up,
+            install_deadline: opts.install_deadline,
             progress_flush: Duration::from_millis(500),
             manager_up_bps: opts.up_bps,
             ..EngineConfig::default()

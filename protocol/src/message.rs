@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::identity::AgentCert;
-use crate::manifest::Manifest;
+use crate::manifest::{MAX_CONTENT_NAME, Manifest};
 use crate::merkle::Proof;
 use crate::types::{AgentId, Delay, Digest, JobRef, Label, LinkInfo, Name, PeerAddr, PublicKey};
 use crate::types::{MAX_DELAYS, MAX_LABELS};
@@ -30,6 +30,11 @@ pub const MAX_HOLDINGS: usize = 4;
 pub const MAX_PUBLISHERS: usize = 4;
 /// Most members one [`SegmentReport`] page carries; larger segments are sent in several pages.
 pub const MAX_MEMBERS_PER_PAGE: usize = 4;
+/// Most content names one [`Message::Running`] lists.
+pub const MAX_RUNNING: usize = 8;
+/// Longest output tail one [`Message::InstallStatus`] carries, in bytes (the end of what the
+/// command wrote; a receiver refuses a longer one).
+pub const MAX_INSTALL_OUTPUT: usize = 2048;
 
 /// What an agent says of itself (claims 1 and 2).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,6 +179,80 @@ pub enum Refusal {
     Busy,
     /// This side does not hold that content.
     Unknown,
+}
+
+/// Where an agent's install step for a job's content stands, after the content was confirmed
+/// (`Have`): the states past delivery (SPEC.md §4, "Install states").
+///
+/// `Installing` → `Installed` → `Running`, or `Failed` / `RolledBack` from either of the
+/// first two; the last three are final. An agent may skip a state (a quick install reports
+/// `Running` only), never go back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum InstallState {
+    /// The install command runs.
+    Installing,
+    /// The install command succeeded; the health check runs, or a restart is pending.
+    Installed,
+    /// The new version runs and passed its health check.
+    Running,
+    /// The install failed (its command's exit code and output tail say why); nothing was
+    /// rolled back (no rollback command, or it failed too).
+    Failed,
+    /// The install or health check failed and the rollback command restored the previous
+    /// version (the output tail is the rollback command's).
+    RolledBack,
+}
+
+impl InstallState {
+    /// A short lowercase name: `installing`, `installed`, `running`, `failed`, `rolled back`.
+    pub fn name(self) -> &'static str {
+        match self {
+            InstallState::Installing => "installing",
+            InstallState::Installed => "installed",
+            InstallState::Running => "running",
+            InstallState::Failed => "failed",
+            InstallState::RolledBack => "rolled back",
+        }
+    }
+
+    /// The state [`name`](Self::name) gives, if `s` is one.
+    pub fn from_name(s: &str) -> Option<Self> {
+        [
+            InstallState::Installing,
+            InstallState::Installed,
+            InstallState::Running,
+            InstallState::Failed,
+            InstallState::RolledBack,
+        ]
+        .into_iter()
+        .find(|st| st.name() == s)
+    }
+
+    /// Whether nothing follows this state for the same job (`running`, `failed`, `rolled back`).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            InstallState::Running | InstallState::Failed | InstallState::RolledBack
+        )
+    }
+
+    /// Whether a participant in state `self` may move to `next`: only forward, never out of a
+    /// final state (so `running` → `installing` for the same job is refused). The same state
+    /// again is not a move (a repeated report).
+    pub fn may_become(self, next: InstallState) -> bool {
+        !self.is_final() && next > self
+    }
+}
+
+/// A content name and the version of it that runs on an agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct RunningVersion {
+    /// The content name (a manifest's `name`).
+    pub name: heapless::String<MAX_CONTENT_NAME>,
+    /// The version that runs.
+    pub version: u64,
 }
 
 /// One message inside a session. `data` in [`Message::Chunk`] borrows from the frame.
@@ -337,6 +416,35 @@ pub enum Message<'a> {
         /// The new certificate.
         cert: AgentCert,
     },
+    /// Agent → manager: where the install step of a job's content stands (after `Have`; only
+    /// from agents that said `install_step` in [`Message::Running`]). Sent at each change,
+    /// and again after a reconnection; a repeated state changes nothing.
+    InstallStatus {
+        /// The job whose content is installed (its epoch may be older than the manager's).
+        job: JobRef,
+        /// The content's name, as a check.
+        name: heapless::String<MAX_CONTENT_NAME>,
+        /// The content's version, as a check.
+        version: u64,
+        /// The new state.
+        state: InstallState,
+        /// The exit code of the command that decided the state (install, health check or
+        /// rollback), if one ran to its end.
+        exit_code: Option<i32>,
+        /// The end of that command's output (stdout and stderr), at most
+        /// [`MAX_INSTALL_OUTPUT`] bytes.
+        output: &'a str,
+    },
+    /// Agent → manager: what runs on the agent, per content name, and whether it installs
+    /// content (then the manager waits for [`Message::InstallStatus`] after each `Have`;
+    /// otherwise confirmed content counts as running at once). Sent right after the first
+    /// `Report` of every session (before any `Have` it repeats).
+    Running {
+        /// Whether the agent runs an install step for the content it receives.
+        install_step: bool,
+        /// The version running per content name.
+        versions: heapless::Vec<RunningVersion, MAX_RUNNING>,
+    },
 }
 
 /// Longest [`Message::NotAccepted`] reason the manager sends, in bytes.
@@ -462,6 +570,8 @@ impl<'a> Message<'a> {
             Message::Trust { .. } => "Trust",
             Message::Revocations { .. } => "Revocations",
             Message::CertRenewed { .. } => "CertRenewed",
+            Message::InstallStatus { .. } => "InstallStatus",
+            Message::Running { .. } => "Running",
         }
     }
 }

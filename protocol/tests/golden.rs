@@ -42,8 +42,8 @@
 use baton_protocol::discovery::{self, Announcement, DiscoveryError};
 use baton_protocol::identity::{AgentCert, Identity};
 use baton_protocol::message::{
-    CodecError, FailReason, Holding, Received, Refusal, Report, SegmentMember, SegmentReport,
-    Source, SourceRange, Trouble,
+    CodecError, FailReason, Holding, InstallState, Received, Refusal, Report, RunningVersion,
+    SegmentMember, SegmentReport, Source, SourceRange, Trouble,
 };
 use baton_protocol::revocation::{RevocationList, Revoked};
 use baton_protocol::session::{Hello, Role};
@@ -327,6 +327,8 @@ fn variant_index(msg: &Message<'_>) -> u8 {
         Message::Trust { .. } => 19,
         Message::Revocations { .. } => 20,
         Message::CertRenewed { .. } => 21,
+        Message::InstallStatus { .. } => 22,
+        Message::Running { .. } => 23,
     }
 }
 
@@ -921,6 +923,91 @@ fn v20_revocations() {
 #[test]
 fn v21_cert_renewed() {
     check_message(&Message::CertRenewed { cert: cert() }, &["15", &cert_hex()]);
+}
+
+#[test]
+fn install_states() {
+    // A unit enum: its variant index alone.
+    for (state, hex) in [
+        (InstallState::Installing, "00"),
+        (InstallState::Installed, "01"),
+        (InstallState::Running, "02"),
+        (InstallState::Failed, "03"),
+        (InstallState::RolledBack, "04"),
+    ] {
+        check_value(&state, &[hex]);
+    }
+}
+
+#[test]
+fn v22_install_status() {
+    let msg = Message::InstallStatus {
+        job: JOB,
+        name: "app".try_into().unwrap(),
+        version: 7,
+        state: InstallState::RolledBack,
+        exit_code: Some(-3),
+        output: "bad",
+    };
+    check_message(
+        &msg,
+        &[
+            "16",        // variant 22: InstallStatus
+            JOB_HEX,     // job
+            "03 617070", // name "app"
+            "07",        // version 7
+            "04",        // state: RolledBack
+            "01 05",     // exit code Some(-3): zigzag varint ((-3 << 1) ^ (-3 >> 31)) = 5
+            "03 626164", // output "bad"
+        ],
+    );
+    let first = Message::InstallStatus {
+        job: JOB,
+        name: "app".try_into().unwrap(),
+        version: 7,
+        state: InstallState::Installing,
+        exit_code: None,
+        output: "",
+    };
+    check_message(
+        &first,
+        &["16", JOB_HEX, "03 617070", "07", "00", "00", "00"],
+    );
+}
+
+#[test]
+fn v23_running() {
+    let msg = Message::Running {
+        install_step: true,
+        versions: heapless::Vec::from_slice(&[
+            RunningVersion {
+                name: "app".try_into().unwrap(),
+                version: 7,
+            },
+            RunningVersion {
+                name: "fw".try_into().unwrap(),
+                version: 300,
+            },
+        ])
+        .unwrap(),
+    };
+    check_message(
+        &msg,
+        &[
+            "17",        // variant 23: Running
+            "01",        // install_step: true
+            "02",        // versions: 2
+            "03 617070", //   name "app"
+            "07",        //   version 7
+            "02 6677",   //   name "fw"
+            "ac02",      //   version 300: 0x2c | 0x80, then 2
+        ],
+    );
+    let none = Message::Running {
+        install_step: false,
+        versions: heapless::Vec::new(),
+    };
+    check_message(&none, &["17", "00", "00"]);
 }
 
 // ---------------------------------------------------------------------------

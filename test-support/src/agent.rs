@@ -65,6 +65,22 @@ impl AgentProc {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        Self::spawn_exe(m, &m.exe, root, name, manager, enrol, extra, env)
+    }
+
+    /// [`Self::spawn_with_env`] started as `exe` (e.g. a launcher of `baton` that a
+    /// self-update replaces) rather than the manager's executable.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_exe(
+        m: &Manager,
+        exe: &Path,
+        root: &Path,
+        name: &str,
+        manager: &str,
+        enrol: bool,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("agent.log");
@@ -73,7 +89,7 @@ impl AgentProc {
             .append(true)
             .open(&log)
             .unwrap();
-        let mut cmd = tied_command(&m.exe);
+        let mut cmd = tied_command(exe);
         cmd.arg("agent")
             .args(["--manager", manager])
             .args(["--manager-key", &m.info.manager_key])

@@ -81,6 +81,45 @@ pub struct AgentArgs {
     /// Run this shell command when content is complete (env BATON_CONTENT, BATON_NAME, BATON_VERSION).
     #[arg(long, value_name = "CMD")]
     pub on_complete: Option<String>,
+    /// Install completed, verified content with this shell command (env BATON_CONTENT_PATH,
+    /// BATON_CONTENT_NAME, BATON_CONTENT_VERSION, BATON_JOB; the content is exported first,
+    /// to --export or under the data directory). Its result is reported to the manager:
+    /// exit 0 installed, --restart-exit-code installed with a restart pending, else failed.
+    #[arg(long, value_name = "CMD")]
+    pub install: Option<String>,
+    /// After an install: this shell command must exit 0 (retried every --health-interval
+    /// until --health-deadline) for the content to count as running (same environment).
+    #[arg(long, value_name = "CMD", requires = "install")]
+    pub health: Option<String>,
+    /// When an install or its health check fails: this shell command restores the previous
+    /// version (same environment); its exit 0 makes the participant "rolled back".
+    #[arg(long, value_name = "CMD", requires = "install")]
+    pub rollback: Option<String>,
+    /// Seconds the health check may keep failing after an install before it counts as failed
+    /// (default 60).
+    #[arg(long, value_name = "SECS")]
+    pub health_deadline: Option<u64>,
+    /// Seconds between health check attempts (default 2).
+    #[arg(long, value_name = "SECS")]
+    pub health_interval: Option<u64>,
+    /// Seconds any install, health, rollback or on-complete command may run before it is
+    /// killed (with its process group; default 600).
+    #[arg(long, value_name = "SECS")]
+    pub command_timeout: Option<u64>,
+    /// The install command's exit code that means "installed, restart pending" (default
+    /// 75): the agent records the pending version in its data directory and reports it
+    /// running after its restart, once the health check passes.
+    #[arg(long, value_name = "CODE")]
+    pub restart_exit_code: Option<i32>,
+    /// On a restart-pending install, re-execute this agent's own executable (the path it
+    /// was started as, which the install may have replaced) with the same arguments,
+    /// instead of waiting for the host to restart it.
+    #[arg(long)]
+    pub reexec_on_restart: bool,
+    /// The executable --reexec-on-restart runs (default: the path this agent was started
+    /// as, e.g. where a self-update's install command puts the new agent).
+    #[arg(long, value_name = "PATH")]
+    pub agent_exe: Option<PathBuf>,
     /// Keep a JSON status file here, rewritten on change.
     #[arg(long, value_name = "PATH")]
     pub status_file: Option<PathBuf>,
@@ -166,6 +205,15 @@ impl AgentArgs {
         }
         or(&mut self.export, file.export);
         or(&mut self.on_complete, file.on_complete);
+        or(&mut self.install, file.install);
+        or(&mut self.health, file.health);
+        or(&mut self.rollback, file.rollback);
+        or(&mut self.health_deadline, file.health_deadline);
+        or(&mut self.health_interval, file.health_interval);
+        or(&mut self.command_timeout, file.command_timeout);
+        or(&mut self.restart_exit_code, file.restart_exit_code);
+        self.reexec_on_restart |= file.reexec_on_restart;
+        or(&mut self.agent_exe, file.agent_exe);
         or(&mut self.status_file, file.status_file);
         or(&mut self.max_storage, file.max_storage);
         or(&mut self.performance, file.performance);

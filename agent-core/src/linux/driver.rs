@@ -58,6 +58,7 @@ use super::datadir::{
     DataDir, DataDirError, Existing, ensure_private_dir, open_private, read_secret,
 };
 use super::discovery::DiscoverySockets;
+use super::install::{self, InstallSettings, InstallTarget, InstallUpdate, run_hook};
 use super::link::{self, Limits, Link, LinkError};
 use super::rate::RateLimiter;
 use super::size::parse_size;
@@ -220,6 +221,10 @@ struct Settings {
     token: Option<heapless::String<MAX_TOKEN_LEN>>,
     export: Option<PathBuf>,
     on_complete: Option<String>,
+    /// How content is installed (`--install`); `None`: content only.
+    install: Option<InstallSettings>,
+    /// The time limit of every command the agent runs.
+    command_timeout: Duration,
     status_file: Option<PathBuf>,
     max_storage: Option<u64>,
     exit_when_done: bool,
@@ -375,6 +380,33 @@ impl Settings {
                 .transpose()?,
             export: a.export.clone(),
             on_complete: a.on_complete.clone(),
+            install: a.install.clone().map(|install| InstallSettings {
+                install,
+                health: a.health.clone(),
+                rollback: a.rollback.clone(),
+                health_deadline: a
+                    .health_deadline
+                    .map_or(install::DEFAULT_HEALTH_DEADLINE, Duration::from_secs),
+                health_interval: a
+                    .health_interval
+                    .map_or(install::DEFAULT_HEALTH_INTERVAL, |s| {
+                        Duration::from_secs(s.max(1))
+                    }),
+                command_timeout: a
+                    .command_timeout
+                    .map_or(install::DEFAULT_COMMAND_TIMEOUT, |s| {
+                        Duration::from_secs(s.max(1))
+                    }),
+                restart_exit_code: a
+                    .restart_exit_code
+                    .unwrap_or(install::DEFAULT_RESTART_EXIT_CODE),
+                reexec: a.reexec_on_restart,
+            }),
+            command_timeout: a
+                .command_timeout
+                .map_or(install::DEFAULT_COMMAND_TIMEOUT, |s| {
+                    Duration::from_secs(s.max(1))
+                }),
             status_file: a.status_file.clone(),
             max_storage: size(&a.max_storage, "max-storage")?,
             exit_when_done: a.exit_when_done,
@@ -978,42 +1010,169 @@ fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Exports completed content and runs the completion command.
-async fn complete(
+/// What to do with completed content: export it, run the completion command, install it.
+struct Completion {
     slot: PathBuf,
     export_to: PathBuf,
-    cmd: Option<String>,
+    on_complete: Option<String>,
+    job: JobRef,
     name: String,
     version: u64,
-) {
-    let out = export_to.clone();
+    /// The install settings and the data directory, with `--install`.
+    install: Option<(InstallSettings, PathBuf)>,
+    command_timeout: Duration,
+}
+
+/// Exports completed content, runs the completion command, then installs it (each command
+/// through the one runner, [`run_hook`]).
+async fn complete(c: Completion, updates: mpsc::Sender<InstallUpdate>) {
+    let out = c.export_to.clone();
+    let slot = c.slot.clone();
     let res = tokio::task::spawn_blocking(move || export(&slot, &out)).await;
-    match res {
-        Ok(Ok(bytes)) => tracing::info!(path = %export_to.display(), bytes, "content exported"),
-        Ok(Err(e)) => {
-            tracing::error!("export failed: {e}");
-            return;
+    let failed = match res {
+        Ok(Ok(bytes)) => {
+            tracing::info!(path = %c.export_to.display(), bytes, "content exported");
+            None
         }
-        Err(e) => {
-            tracing::error!("export task failed: {e}");
-            return;
+        Ok(Err(e)) => Some(format!("export failed: {e}")),
+        Err(e) => Some(format!("export task failed: {e}")),
+    };
+    let target = InstallTarget {
+        job: c.job.id,
+        epoch: c.job.epoch,
+        name: c.name.clone(),
+        version: c.version,
+        path: c.export_to.clone(),
+    };
+    if let Some(why) = failed {
+        tracing::error!("{why}");
+        if c.install.is_some() {
+            let _ = updates
+                .send(InstallUpdate {
+                    job: c.job,
+                    name: c.name,
+                    version: c.version,
+                    state: baton_protocol::message::InstallState::Failed,
+                    exit_code: None,
+                    output: why,
+                    reexec: false,
+                })
+                .await;
+        }
+        return;
+    }
+    if let Some(cmd) = &c.on_complete {
+        let env = [
+            ("BATON_CONTENT", c.export_to.display().to_string()),
+            ("BATON_NAME", c.name.clone()),
+            ("BATON_VERSION", c.version.to_string()),
+        ];
+        let r = run_hook(cmd, &env, c.command_timeout).await;
+        match r.exit_code {
+            Some(0) => tracing::info!(%cmd, "on-complete command succeeded"),
+            code => tracing::warn!(%cmd, ?code, output = %r.tail, "on-complete command failed"),
         }
     }
-    if let Some(cmd) = cmd {
-        let status = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(&cmd)
-            .env("BATON_CONTENT", &export_to)
-            .env("BATON_NAME", &name)
-            .env("BATON_VERSION", version.to_string())
-            .status()
-            .await;
-        match status {
-            Ok(s) if s.success() => tracing::info!(%cmd, "on-complete command succeeded"),
-            Ok(s) => tracing::warn!(%cmd, "on-complete command exited with {s}"),
-            Err(e) => tracing::warn!(%cmd, "on-complete command failed to start: {e}"),
+    if let Some((settings, data_dir)) = &c.install {
+        install::install(settings, data_dir, target, &updates).await;
+    }
+}
+
+/// The install updates of recent jobs, kept to be sent on the manager session (again after
+/// a reconnection if they were made while it was down).
+#[derive(Debug, Default)]
+struct InstallReports {
+    /// The latest update per job, and whether it was handed to a live session.
+    latest: BTreeMap<u64, (InstallUpdate, bool)>,
+}
+
+/// Jobs whose latest install update is kept (the oldest are dropped beyond).
+const KEPT_INSTALL_REPORTS: usize = 16;
+
+impl InstallReports {
+    /// Keeps `u` as its job's latest; returns whether it was sent (the session is up).
+    fn note(&mut self, u: InstallUpdate, conns: &HashMap<ConnId, Outgoing>, up: bool) -> bool {
+        let sent = up && send_install(conns, &u);
+        self.latest.insert(u.job.id, (u, sent));
+        while self.latest.len() > KEPT_INSTALL_REPORTS {
+            self.latest.pop_first();
+        }
+        sent
+    }
+
+    /// After a `Welcome`: sends the updates the manager may have missed.
+    fn resend(&mut self, conns: &HashMap<ConnId, Outgoing>) {
+        for (u, sent) in self.latest.values_mut() {
+            if !*sent {
+                *sent = send_install(conns, u);
+            }
         }
     }
+}
+
+/// Sends an install update on the manager session; whether it was handed to it.
+fn send_install(conns: &HashMap<ConnId, Outgoing>, u: &InstallUpdate) -> bool {
+    let Some(out) = conns.get(&ConnId::MANAGER) else {
+        return false;
+    };
+    let Ok(name) = heapless::String::try_from(u.name.as_str()) else {
+        return false;
+    };
+    let msg = Message::InstallStatus {
+        job: u.job,
+        name,
+        version: u.version,
+        state: u.state,
+        exit_code: u.exit_code,
+        output: install::last_bytes(&u.output, baton_protocol::message::MAX_INSTALL_OUTPUT),
+    };
+    out.tx.send((msg.to_vec(), false)).is_ok()
+}
+
+/// The `Running` message: whether this agent installs, and what runs on it (the versions
+/// installed, and its own binary's version if `BATON_AGENT_VERSION` is set).
+fn running_message(s: &Settings) -> Option<Message<'static>> {
+    let own = std::env::var(AGENT_VERSION_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if s.install.is_none() && own.is_none() {
+        return None;
+    }
+    let mut versions: heapless::Vec<_, { baton_protocol::message::MAX_RUNNING }> =
+        heapless::Vec::new();
+    if let Some(v) = own
+        && let Ok(name) = heapless::String::try_from(AGENT_CONTENT_NAME)
+    {
+        let _ = versions.push(baton_protocol::message::RunningVersion { name, version: v });
+    }
+    for (name, version) in install::running_versions(&s.data_dir) {
+        if name == AGENT_CONTENT_NAME && own.is_some() {
+            continue;
+        }
+        if let Ok(name) = heapless::String::try_from(name.as_str()) {
+            let _ = versions.push(baton_protocol::message::RunningVersion { name, version });
+        }
+    }
+    Some(Message::Running {
+        install_step: s.install.is_some(),
+        versions,
+    })
+}
+
+/// The environment variable that names this agent binary's own version (a number), reported
+/// as running under [`AGENT_CONTENT_NAME`]: a self-update's launcher sets it.
+pub const AGENT_VERSION_ENV: &str = "BATON_AGENT_VERSION";
+/// The content name the agent's own version is reported under.
+pub const AGENT_CONTENT_NAME: &str = "baton-agent";
+
+/// Replaces this process with `exe` and the same arguments (a restart-pending self-update;
+/// no supervisor needed). Returns only if that failed.
+fn reexec(exe: &Path) -> std::io::Error {
+    use std::os::unix::process::CommandExt as _;
+    tracing::info!(exe = %exe.display(), "re-executing the agent for a pending install");
+    std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .exec()
 }
 
 /// Runs the Linux agent until `--exit-when-done` is satisfied or the process is interrupted.
@@ -1148,10 +1307,32 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         s.token.clone(),
     ));
 
+    // The path this agent was started as: a restart-pending self-update re-executes it.
+    let own_exe = args.agent_exe.clone().or_else(|| {
+        std::env::args_os()
+            .next()
+            .map(PathBuf::from)
+            .filter(|p| p.components().count() > 1)
+            .map(|p| std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p))
+            .or_else(|| std::env::current_exe().ok())
+    });
+    let (install_tx, mut install_rx) = mpsc::channel::<InstallUpdate>(64);
+    let mut reports = InstallReports::default();
+    // Welcomed on the current manager session: install reports may go out.
+    let mut welcomed = false;
+    // A new manager session's first report is yet to go out (`Running` follows it).
+    let mut running_due = false;
     let origin = Instant::now();
     let mut conns: HashMap<ConnId, Outgoing> = HashMap::new();
     let mut buf = vec![0u8; (s.config.max_chunk as usize + CHUNK_OVERHEAD + 64).min(MAX_FRAME)];
     let mut pending = JoinSet::new();
+    if let Some(settings) = s.install.clone() {
+        // An install that waited for this restart is checked and reported first.
+        let (data_dir, updates) = (s.data_dir.clone(), install_tx.clone());
+        pending.spawn(async move {
+            install::resume_pending(&settings, &data_dir, &updates).await;
+        });
+    }
     let mut exiting = false;
     let mut jobs_json: BTreeMap<u64, JobJson> = BTreeMap::new();
     let mut welcomed_unix_ms: Option<u64> = None;
@@ -1184,6 +1365,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 match input {
                     Input::ManagerUp { tx, local } => {
                         conns.insert(ConnId::MANAGER, Outgoing { tx, backlog: None });
+                        welcomed = false;
+                        running_due = true;
                         if s.advertise.is_none() && bound.ip().is_unspecified() {
                             agent.set_listen(Some(SocketAddr::new(local.ip(), bound.port()).into()));
                         }
@@ -1232,6 +1415,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                         }
                     }
                     Input::Closed(conn) => {
+                        if conn == ConnId::MANAGER {
+                            welcomed = false;
+                        }
                         conns.remove(&conn);
                         agent.handle_disconnected(now, conn);
                     }
@@ -1267,6 +1453,22 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                 }
             }
             Some(_) = pending.join_next(), if !pending.is_empty() => {}
+            Some(update) = install_rx.recv() => {
+                let restart = update.reexec;
+                let sent = reports.note(update, &conns, welcomed);
+                if restart {
+                    if let Some(exe) = &own_exe {
+                        if sent {
+                            // Let the writer hand the report to the manager first.
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
+                        let e = reexec(exe);
+                        tracing::error!(exe = %exe.display(), "cannot re-execute the agent: {e}; restart it to finish the install");
+                    } else {
+                        tracing::error!("cannot tell this agent's executable; restart it to finish the install");
+                    }
+                }
+            }
             _ = tokio::signal::ctrl_c() => {
                 tracing::info!("interrupted");
                 break;
@@ -1274,7 +1476,17 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
         }
         let now = origin.elapsed();
         while let Some(t) = agent.poll_transmit(now, &mut buf) {
+            // The session's first report (variant 0) is followed at once by `Running`, before
+            // any `Have` the agent repeats: the manager must know first that it installs.
+            let first_report =
+                running_due && t.conn == ConnId::MANAGER && buf[..t.len].first() == Some(&0);
             queue_frame(&mut conns, t.conn, buf[..t.len].to_vec());
+            if first_report {
+                running_due = false;
+                if let (Some(msg), Some(out)) = (running_message(&s), conns.get(&ConnId::MANAGER)) {
+                    let _ = out.tx.send((msg.to_vec(), false));
+                }
+            }
         }
         while let Some(ev) = agent.poll_event() {
             // Job events are rare: take the jobs' snapshot at each, so a short job is not missed.
@@ -1290,6 +1502,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                     *shared.cert.write().unwrap_or_else(|e| e.into_inner()) = agent.cert().cloned();
                     tracing::info!("welcomed by the manager");
                     welcomed_unix_ms.get_or_insert(unix_micros() / 1000);
+                    welcomed = true;
+                    // The install reports the manager may have missed (`Running` went out
+                    // right after the session's first report).
+                    while let Some(t) = agent.poll_transmit(now, &mut buf) {
+                        queue_frame(&mut conns, t.conn, buf[..t.len].to_vec());
+                    }
+                    reports.resend(&conns);
                     if let (Some(seg), Some(cert), Some(manager_ms)) =
                         (segment.as_mut(), agent.cert(), agent.manager_unix_ms(now))
                     {
@@ -1314,7 +1533,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                     tracing::info!(job = job.id, root = %hex::encode(root), "content complete");
                     let manifest = agent.store().manifest(&root).cloned();
                     if let Some(m) = manifest
-                        && (s.export.is_some() || s.on_complete.is_some())
+                        && (s.export.is_some() || s.on_complete.is_some() || s.install.is_some())
                     {
                         let slot = agent.store().slot_path(&root);
                         let out = s.export.clone().unwrap_or_else(|| {
@@ -1325,13 +1544,17 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                             }
                             dir.join(format!("{}-{}", m.name, m.version))
                         });
-                        pending.spawn(complete(
+                        let completion = Completion {
                             slot,
-                            out,
-                            s.on_complete.clone(),
-                            m.name.to_string(),
-                            m.version,
-                        ));
+                            export_to: out,
+                            on_complete: s.on_complete.clone(),
+                            job,
+                            name: m.name.to_string(),
+                            version: m.version,
+                            install: s.install.clone().map(|i| (i, s.data_dir.clone())),
+                            command_timeout: s.command_timeout,
+                        };
+                        pending.spawn(complete(completion, install_tx.clone()));
                     }
                 }
                 Event::JobDone { job, .. } => {

@@ -1,6 +1,7 @@
 //! The Linux side of the agent (feature `std`): link layer, rate limits,
 //! sizes, data directories, file-backed flash, the directory store and the
-//! tokio driver, and the admission caps of listeners.
+//! tokio driver, the install steps past delivery ([`install`]), and the admission caps of
+//! listeners.
 //!
 //! Everything here is IO around the sans-IO [`crate::agent::Agent`]; no
 //! protocol decisions are made in this module. The manager reuses the link
@@ -13,6 +14,7 @@ pub mod datadir;
 pub mod discovery;
 pub mod driver;
 pub mod flash;
+pub mod install;
 pub mod link;
 pub mod meter;
 pub mod rate;

@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// Give up on a participant that makes no progress and is not connected for this many seconds.
     #[arg(long, default_value_t = 60)]
     pub give_up: u64,
+    /// Seconds a confirmed participant whose agent installs content (`baton agent --install`)
+    /// has to report running, failed or rolled back (restarts included); then it is failed.
+    #[arg(long, default_value_t = 1800, value_name = "SECS")]
+    pub install_deadline: u64,
     /// Write `{agent_addr, http_addr, manager_key, publisher_key?, admin_token, epoch}` as JSON
     /// here (atomically) once listening.
     #[arg(long)]
@@ -165,6 +169,7 @@ impl ServeArgs {
             http: self.http,
             up_bps: self.up_bps.unwrap_or(0),
             give_up: Duration::from_secs(self.give_up.max(1)),
+            install_deadline: Duration::from_secs(self.install_deadline.max(1)),
             ready_file: self.ready_file.clone(),
             max_connections: self.max_connections,
             max_handshakes: self.max_handshakes,

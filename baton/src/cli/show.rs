@@ -183,6 +183,7 @@ pub fn agents(args: AgentsArgs) -> anyhow::Result<()> {
                 rate(&a["up_bps"]),
                 rate(&a["down_bps"]),
                 a["last_seen"].as_u64().map_or("-".into(), format_time),
+                running_text(&a["running"]),
             ]
         })
         .collect();
@@ -197,6 +198,7 @@ pub fn agents(args: AgentsArgs) -> anyhow::Result<()> {
             "UP",
             "DOWN",
             "LAST SEEN (UTC)",
+            "RUNNING",
         ],
         &rows,
     );
@@ -274,6 +276,48 @@ pub struct JobArgs {
     pub client: ClientOpts,
 }
 
+/// `name version, …` of an agent's running versions (`-`: none known).
+fn running_text(running: &Value) -> String {
+    let list: Vec<String> = running
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| format!("{} v{}", text(&r["name"]), text(&r["version"])))
+        .collect();
+    if list.is_empty() {
+        "-".into()
+    } else {
+        list.join(", ")
+    }
+}
+
+/// A participant's install state for people (`rolled back`), `-` before it confirmed.
+fn install_text(install: &Value) -> String {
+    match install["state"].as_str() {
+        None => "-".into(),
+        Some(state) => {
+            let state = state.replace('_', " ");
+            match install["exit_code"].as_i64() {
+                Some(code) => format!("{state} (exit {code})"),
+                None => state,
+            }
+        }
+    }
+}
+
+/// The last line of a participant's install output, at most 60 characters.
+fn install_note(install: &Value) -> String {
+    let last = install["output"]
+        .as_str()
+        .and_then(|o| o.lines().rev().find(|l| !l.trim().is_empty()))
+        .unwrap_or("")
+        .trim();
+    match last.char_indices().nth(60) {
+        Some((cut, _)) => format!("{}…", &last[..cut]),
+        None => last.to_string(),
+    }
+}
+
 /// Prints a job's detail (as `GET /api/v1/jobs/{id}` returns it).
 pub fn print_job(job: &Value) {
     let content = &job["content"];
@@ -309,6 +353,15 @@ pub fn print_job(job: &Value) {
         format_size(job["bytes_from_manager"].as_u64().unwrap_or(0)),
         format_size(job["bytes_from_peers"].as_u64().unwrap_or(0)),
     );
+    if let Some(counts) = job["install_counts"].as_object()
+        && !counts.is_empty()
+    {
+        let list: Vec<String> = counts
+            .iter()
+            .map(|(state, n)| format!("{} {}", text(n), state.replace('_', " ")))
+            .collect();
+        println!("installs: {}", list.join(", "));
+    }
     if parts.is_empty() {
         return;
     }
@@ -343,6 +396,8 @@ pub fn print_job(job: &Value) {
                     from.join(", ")
                 },
                 p["reason"].as_str().unwrap_or("").to_string(),
+                install_text(&p["install"]),
+                install_note(&p["install"]),
             ]
         })
         .collect();
@@ -354,6 +409,8 @@ pub fn print_job(job: &Value) {
             "CONNECTED",
             "RECEIVED FROM",
             "REASON",
+            "INSTALL",
+            "INSTALL OUTPUT",
         ],
         &rows,
     );

@@ -29,6 +29,7 @@ impl Engine {
             key,
             profile: profile.clone(),
             online: false,
+            installs: false,
         });
         agent.key = key;
         agent.profile = profile;
@@ -94,7 +95,8 @@ impl Engine {
     }
 
     /// A message from agent `from` (authenticated by the driver): `Progress`, `Have`, `Failed`,
-    /// `NextPlease`, `PeerTrouble`; `Ping`/`Pong` are accepted and ignored.
+    /// `NextPlease`, `PeerTrouble`, `Running` and `InstallStatus` (see
+    /// [`Engine::install_status`]); `Ping`/`Pong` are accepted and ignored.
     ///
     /// Messages under an older epoch are ignored (`Ok`). Any other message, an unknown job, a
     /// sender that is not a participant, a newer epoch or a `Have` with another root is an
@@ -112,6 +114,31 @@ impl Engine {
             | Message::NextPlease { job }
             | Message::PeerTrouble { job, .. } => *job,
             Message::Ping { .. } | Message::Pong { .. } => return Ok(()),
+            Message::Running {
+                install_step,
+                versions,
+            } => {
+                self.agent_running(from, *install_step, versions);
+                return Ok(());
+            }
+            Message::InstallStatus {
+                job,
+                name,
+                version,
+                state,
+                exit_code,
+                output,
+            } => {
+                let report = super::InstallReport {
+                    job: *job,
+                    name: name.clone(),
+                    version: *version,
+                    state: *state,
+                    exit_code: *exit_code,
+                    output: (*output).to_string(),
+                };
+                return self.install_status(now, from, report);
+            }
             Message::SegmentReport(report) => {
                 if report.leader == *from {
                     self.set_segment_leader(&report.segment, Some(from.clone()));
@@ -208,6 +235,11 @@ impl Engine {
                 continue;
             };
             let p = &mut job.parts[idx as usize];
+            if p.install_deadline == Some(when) {
+                p.install_deadline = None;
+                job.install_timed_out(&mut cx, job_id, idx);
+                continue;
+            }
             if p.deadline != Some(when) {
                 continue;
             }
@@ -458,7 +490,8 @@ impl Job {
             agent: self.parts[idx as usize].id.clone(),
         });
         debug!(job = job_id, agent = %self.parts[idx as usize].id, "confirmed");
-        self.check_finished(cx, job_id);
+        // Running at once (content only, which may end the job), or waiting for the install.
+        self.begin_install(cx, job_id, idx);
     }
 
     fn fail(&mut self, cx: &mut Ctx<'_>, job_id: u64, idx: u32, cause: FailCause) {
@@ -501,7 +534,7 @@ impl Job {
     }
 
     pub(super) fn check_finished(&mut self, cx: &mut Ctx<'_>, job_id: u64) {
-        if self.outcome == JobOutcome::Running && self.parts.iter().all(|p| p.state.is_terminal()) {
+        if self.outcome == JobOutcome::Running && self.parts.iter().all(|p| p.settled()) {
             info!(
                 job = job_id,
                 confirmed = self.confirmed,
@@ -529,6 +562,7 @@ impl Job {
         });
         for idx in 0..self.parts.len() as u32 {
             self.disarm_give_up(cx, job_id, idx);
+            self.disarm_install_deadline(cx, job_id, idx);
             self.send_end(cx, job_id, idx);
         }
     }

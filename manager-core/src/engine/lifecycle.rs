@@ -105,6 +105,20 @@ impl Engine {
         participants: Vec<(AgentId, ParticipantState)>,
         measured_upload: &[(AgentId, u64)],
     ) {
+        self.resume_job_with_installs(now, spec, participants, measured_upload, &[]);
+    }
+
+    /// [`Engine::resume_job`] with the stored install states of confirmed participants that
+    /// are not running: `None` for one still waiting for its agent's install report (it gets
+    /// a fresh install deadline). Confirmed participants not listed are running.
+    pub fn resume_job_with_installs(
+        &mut self,
+        now: Duration,
+        spec: JobSpec,
+        participants: Vec<(AgentId, ParticipantState)>,
+        measured_upload: &[(AgentId, u64)],
+        installs: &[(AgentId, Option<baton_protocol::message::InstallState>)],
+    ) {
         let job_id = spec.id;
         if self.jobs.contains_key(&job_id) {
             warn!(
@@ -165,6 +179,14 @@ impl Engine {
             epoch: self.epoch,
             order: job.parts.iter().map(|p| p.id.clone()).collect(),
         });
+        let mut cx = Ctx {
+            out: &mut self.out,
+            agents: &self.agents,
+            config: &self.config,
+            now,
+            leaders: &self.leaders,
+        };
+        job.restore_installs(&mut cx, job_id, installs);
         self.begin(now, job_id, job);
     }
 

@@ -40,20 +40,22 @@
 //! and status the driver drains, `policy` the job policy's time windows,
 //! rate caps and warnings, and `rates` the measured upload rates and when they
 //! call for a new plan, and `trouble` the `PeerTrouble` reports: who may make
-//! them, what retires a peer and when a reporter is demoted. This module holds the engine's configuration, its
+//! them, what retires a peer and when a reporter is demoted, and `install` the states past
+//! delivery (installing, installed, running, failed, rolled back) that decide when a job ends. This module holds the engine's configuration, its
 //! errors and the records it keeps per agent, job and participant.
 
 use core::time::Duration;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use baton_protocol::Manifest;
-use baton_protocol::message::Message;
+use baton_protocol::message::{InstallState, Message};
 use baton_protocol::types::{AgentId, Name, PublicKey};
 use serde::{Deserialize, Serialize};
 
 use crate::planner::{Policy, Profile, RelayPlan, Segments};
 
 mod handle;
+mod install;
 mod instruct;
 mod lifecycle;
 mod output;
@@ -62,6 +64,7 @@ mod rates;
 mod state;
 mod trouble;
 
+pub use install::InstallReport;
 pub use output::{EngineEvent, JobStatus, ParticipantStatus, Persist, SegmentStatus};
 pub use policy::{format_duration, format_rate};
 pub use state::{FailCause, JobOutcome, ParticipantState};
@@ -84,7 +87,14 @@ pub struct EngineConfig {
     /// (`1`; the simulator moves small real chunks that stand for large virtual ones and
     /// scales what agents report): the bound on what a report may claim scales with it.
     pub reported_bytes_per_byte: u64,
+    /// How long a participant whose agent installs content (it said `install_step`) has,
+    /// from its confirmation, to report a final install state (running, failed, rolled
+    /// back), restarts included; then it is marked failed.
+    pub install_deadline: Duration,
 }
+
+/// How long an agent has to install confirmed content unless configured otherwise: 30 min.
+pub const DEFAULT_INSTALL_DEADLINE: Duration = Duration::from_secs(30 * 60);
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -94,6 +104,7 @@ impl Default for EngineConfig {
             manager_up_bps: 0,
             regroup_wait: Duration::from_secs(5),
             reported_bytes_per_byte: 1,
+            install_deadline: DEFAULT_INSTALL_DEADLINE,
         }
     }
 }
@@ -171,6 +182,18 @@ pub enum EngineError {
     /// A stored failure cause that is not one [`FailCause`] writes.
     #[error("unknown failure cause {0:?}")]
     UnknownFailCause(String),
+    /// An `InstallStatus` that does not fit the participant: another content name or
+    /// version than the job's, a participant that has not confirmed, or a move its state
+    /// may not make (backwards, or out of a final state).
+    #[error("job {job}: install status from {agent} refused: {reason}")]
+    InstallRefused {
+        /// The job.
+        job: u64,
+        /// The sender.
+        agent: AgentId,
+        /// What does not fit.
+        reason: String,
+    },
     /// The manifest is out of limits.
     #[error("job {job}: invalid manifest: {reason}")]
     InvalidManifest {
@@ -187,6 +210,9 @@ struct Agent {
     key: PublicKey,
     profile: Profile,
     online: bool,
+    /// It said it installs what it receives (`Running { install_step: true }`): its
+    /// confirmations wait for its install report.
+    installs: bool,
 }
 
 /// One participant of one job.
@@ -222,6 +248,11 @@ struct Part {
     /// Bytes its `Progress` reports claimed received and the engine counted (at most its
     /// verified chunks plus [`RECEIVED_SLACK_CHUNKS`], in bytes).
     credited: u64,
+    /// Where its install step stands once confirmed: `None` while its agent has not
+    /// reported one (it is then waiting for it); content-only agents are `Running` at once.
+    install: Option<InstallState>,
+    /// When it is marked failed if no final install state came (armed at confirmation).
+    install_deadline: Option<Duration>,
 }
 
 /// Chunks a participant may report received beyond those it verified (in flight, or

@@ -9,7 +9,9 @@
 use core::time::Duration;
 use std::collections::HashMap;
 
-use baton_protocol::message::{MAX_SOURCES_PER_MESSAGE, Message, Source, SourceRange};
+use baton_protocol::message::{
+    InstallState, MAX_SOURCES_PER_MESSAGE, Message, Source, SourceRange,
+};
 use baton_protocol::types::{AgentId, JobRef, Name};
 use serde::Serialize;
 
@@ -69,6 +71,28 @@ pub enum Persist {
         /// Participants that failed or were given up.
         failed: u32,
     },
+    /// A confirmed participant's install step (upsert onto its participant record):
+    /// `state: None` while it waits for its agent's report, else the state with the deciding
+    /// command's exit code and output tail (see the `install` module).
+    Install {
+        /// The job.
+        job: u64,
+        /// The participant.
+        agent: AgentId,
+        /// The state; `None`: waiting for the agent's report.
+        state: Option<InstallState>,
+        /// The deciding command's exit code.
+        exit_code: Option<i32>,
+        /// The end of its output, or the manager's note (deadline passed).
+        output: String,
+    },
+    /// The versions running on `agent`, per content name (upsert per name).
+    Running {
+        /// The agent.
+        agent: AgentId,
+        /// `(content name, version)`.
+        versions: Vec<(String, u64)>,
+    },
     /// The upload rates (bytes/s) the job's plan was last adapted to, as measured from what
     /// each participant delivered (upsert per participant; given back to
     /// [`Engine::resume_job`] after a restart so the plan does not start blind again).
@@ -119,6 +143,18 @@ pub enum EngineEvent {
         /// Participants that failed or were given up.
         failed: u32,
     },
+    /// A confirmed participant's install step moved (content-only participants: `Running`
+    /// at once).
+    Install {
+        /// The job.
+        job: u64,
+        /// The participant.
+        agent: AgentId,
+        /// The new state.
+        state: InstallState,
+        /// The deciding command's exit code, if one ran to its end.
+        exit_code: Option<i32>,
+    },
     /// A rule of the job's policy cannot be met as asked; `text` says which and what happens
     /// instead (for the job's stored warnings, the UI and the logs). Each text once per job.
     PolicyWarning {
@@ -147,6 +183,8 @@ pub struct ParticipantStatus {
     pub agent: AgentId,
     /// Its state (with chunks verified while fetching).
     pub state: ParticipantState,
+    /// Once confirmed: its install step (`None`: not confirmed, or waiting for the report).
+    pub install: Option<InstallState>,
     /// Whether it is connected.
     pub online: bool,
     /// Its current distinct sources (`None` = the manager); empty when not fetching.
@@ -265,6 +303,7 @@ impl Engine {
                 .map(|(idx, p)| ParticipantStatus {
                     agent: p.id.clone(),
                     state: p.state,
+                    install: p.install,
                     online: p.online,
                     sources: j.distinct_sources(idx as u32),
                     unfounded_reports: p.standing.unfounded,

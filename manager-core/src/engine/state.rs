@@ -135,6 +135,18 @@ impl Part {
             throttle: 0,
             standing: Default::default(),
             credited: 0,
+            install: None,
+            install_deadline: None,
+        }
+    }
+
+    /// Whether nothing more is expected of it in this job: delivery failed, or it confirmed
+    /// and its install step reached a final state (running, failed, rolled back).
+    pub(super) fn settled(&self) -> bool {
+        match self.state {
+            ParticipantState::Failed(_) => true,
+            ParticipantState::Confirmed => self.install.is_some_and(|s| s.is_final()),
+            _ => false,
         }
     }
 }

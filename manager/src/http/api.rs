@@ -306,21 +306,65 @@ pub struct AgentView {
     pub record: AgentRecord,
     /// Whether it is connected now.
     pub connected: bool,
+    /// The version running per content name: `[{name, version, updated_at}]` (from its
+    /// install reports, or its confirmations when it installs nothing).
+    #[schema(value_type = Vec<Object>)]
+    pub running: Vec<RunningView>,
 }
 
-fn agent_view(m: &Manager, record: AgentRecord) -> AgentView {
+/// A content name and the version of it running on an agent.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunningView {
+    /// The content name.
+    pub name: String,
+    /// The version running.
+    pub version: u64,
+    /// When the manager learnt it (Unix seconds).
+    pub updated_at: u64,
+}
+
+fn agent_view(m: &Manager, record: AgentRecord, running: Vec<RunningView>) -> AgentView {
     let connected = AgentId::try_from(record.id.as_str())
         .map(|id| m.registry.is_connected(&id))
         .unwrap_or(false);
-    AgentView { record, connected }
+    AgentView {
+        record,
+        connected,
+        running,
+    }
+}
+
+/// The running versions of every agent (or of `agent` only), by agent.
+fn running_by_agent(
+    store: &dyn crate::store::Store,
+    agent: Option<&str>,
+) -> Result<std::collections::HashMap<String, Vec<RunningView>>, ApiError> {
+    let mut by_agent: std::collections::HashMap<String, Vec<RunningView>> = Default::default();
+    for r in store.running_versions(agent)? {
+        by_agent.entry(r.agent).or_default().push(RunningView {
+            name: r.name,
+            version: r.version,
+            updated_at: r.updated_at,
+        });
+    }
+    Ok(by_agent)
 }
 
 #[utoipa::path(get, path = "/api/v1/agents", tag = "agents",
     responses((status = 200, description = "Enrolled agents with their latest reports", body = [AgentView])))]
 async fn agents(State(m): State<Arc<Manager>>) -> Result<Json<Vec<AgentView>>, ApiError> {
-    let records = lock(&m.store).agents()?;
+    let (records, mut running) = {
+        let store = lock(&m.store);
+        (store.agents()?, running_by_agent(&**store, None)?)
+    };
     Ok(Json(
-        records.into_iter().map(|r| agent_view(&m, r)).collect(),
+        records
+            .into_iter()
+            .map(|r| {
+                let versions = running.remove(&r.id).unwrap_or_default();
+                agent_view(&m, r, versions)
+            })
+            .collect(),
     ))
 }
 
@@ -331,10 +375,15 @@ async fn agent(
     State(m): State<Arc<Manager>>,
     Path(id): Path<String>,
 ) -> Result<Json<AgentView>, ApiError> {
-    let record = lock(&m.store)
-        .agent(&id)?
-        .ok_or_else(|| ApiError::NotFound(format!("no agent {id:?} is enrolled")))?;
-    Ok(Json(agent_view(&m, record)))
+    let (record, mut running) = {
+        let store = lock(&m.store);
+        let record = store
+            .agent(&id)?
+            .ok_or_else(|| ApiError::NotFound(format!("no agent {id:?} is enrolled")))?;
+        (record, running_by_agent(&**store, Some(&id))?)
+    };
+    let versions = running.remove(&id).unwrap_or_default();
+    Ok(Json(agent_view(&m, record, versions)))
 }
 
 /// `PATCH /api/v1/agents/{id}` body: where the administrator places the agent (fields left
@@ -378,10 +427,15 @@ async fn place(
     }
     m.registry
         .place(&agent, req.segment.as_deref(), req.election_score)?;
-    let record = lock(&m.store)
-        .agent(&id)?
-        .ok_or_else(|| ApiError::NotFound(format!("no agent {id:?} is enrolled")))?;
-    Ok(Json(agent_view(&m, record)))
+    let (record, mut running) = {
+        let store = lock(&m.store);
+        let record = store
+            .agent(&id)?
+            .ok_or_else(|| ApiError::NotFound(format!("no agent {id:?} is enrolled")))?;
+        (record, running_by_agent(&**store, Some(&id))?)
+    };
+    let versions = running.remove(&id).unwrap_or_default();
+    Ok(Json(agent_view(&m, record, versions)))
 }
 
 /// `POST /api/v1/agents/{id}/revoke` answer: what the revocation did.
@@ -735,6 +789,10 @@ pub struct JobDetail {
     pub confirmed_count: usize,
     /// Participants that failed.
     pub failed_count: usize,
+    /// Confirmed participants per install state (`pending`, `installing`, `installed`,
+    /// `running`, `failed`, `rolled_back`); the job is complete when every participant is
+    /// running, failed or rolled back.
+    pub install_counts: std::collections::BTreeMap<String, usize>,
     /// Confirmations with times: `[{agent, confirmed_at}]`.
     #[schema(value_type = Vec<Object>)]
     pub confirmations: Vec<Confirmation>,
@@ -792,6 +850,13 @@ pub fn job_detail(m: &Manager, id: u64) -> Result<JobDetail, ApiError> {
             chunk_size: c.chunk_size,
             path: c.path,
         }),
+        install_counts: participants
+            .iter()
+            .filter_map(|p| p.record.install.as_ref())
+            .fold(Default::default(), |mut counts, i| {
+                *counts.entry(i.state.as_str().to_string()).or_insert(0) += 1;
+                counts
+            }),
         confirmed_count: count(PartState::Confirmed),
         failed_count: count(PartState::Failed),
         total_chunks: total,

@@ -5,6 +5,7 @@
 //! | `baton_connected_agents` | gauge | agents connected now |
 //! | `baton_enrolled_agents` | gauge | agents enrolled |
 //! | `baton_jobs{state}` | gauge | jobs per state |
+//! | `baton_participant_installs{state}` | gauge | confirmed participants per install state (`pending`, `installing`, `installed`, `running`, `failed`, `rolled_back`), all jobs |
 //! | `baton_served_bytes_total{source="manager"\|"relays"}` | counter | verified content bytes agents received from the manager and from relaying peers (all jobs, from the database) |
 //! | `baton_agent_port_sent_bytes_total` | counter | wire bytes the agent port sent since start |
 //! | `baton_agent_port_received_bytes_total` | counter | wire bytes the agent port received since start |
@@ -24,7 +25,17 @@ use axum::response::IntoResponse;
 use crate::http::web::Web;
 use crate::registry::lock;
 use crate::service::{ApiError, Manager};
-use crate::store::{JobState, StoreTotals};
+use crate::store::{InstallPhase, JobState, StoreTotals};
+
+/// Every install state, so each has a sample (0 when none).
+const INSTALL_PHASES: [InstallPhase; 6] = [
+    InstallPhase::Pending,
+    InstallPhase::Installing,
+    InstallPhase::Installed,
+    InstallPhase::Running,
+    InstallPhase::Failed,
+    InstallPhase::RolledBack,
+];
 
 /// What one scrape reports.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -87,6 +98,26 @@ pub fn render(s: &Sample) -> String {
             .map(|(_, n)| *n)
             .sum::<u64>();
         let _ = writeln!(out, "baton_jobs{{state=\"{}\"}} {n}", state.as_str());
+    }
+    family(
+        &mut out,
+        "baton_participant_installs",
+        "gauge",
+        "Confirmed participants by install state, all jobs.",
+    );
+    for phase in INSTALL_PHASES {
+        let n = s
+            .totals
+            .installs_by_state
+            .iter()
+            .filter(|(name, _)| name == phase.as_str())
+            .map(|(_, n)| *n)
+            .sum::<u64>();
+        let _ = writeln!(
+            out,
+            "baton_participant_installs{{state=\"{}\"}} {n}",
+            phase.as_str()
+        );
     }
     family(
         &mut out,
@@ -213,6 +244,7 @@ mod test {
                 jobs_by_state: vec![("finished".into(), 2), ("running".into(), 1)],
                 bytes_from_manager: 100,
                 bytes_from_relays: 250,
+                installs_by_state: vec![("running".into(), 5), ("rolled_back".into(), 1)],
             },
             wire_sent: 7,
             wire_received: 8,
@@ -225,6 +257,9 @@ mod test {
             "baton_jobs{state=\"finished\"} 2",
             "baton_jobs{state=\"running\"} 1",
             "baton_jobs{state=\"pending\"} 0",
+            "baton_participant_installs{state=\"running\"} 5",
+            "baton_participant_installs{state=\"rolled_back\"} 1",
+            "baton_participant_installs{state=\"failed\"} 0",
             "baton_served_bytes_total{source=\"manager\"} 100",
             "baton_served_bytes_total{source=\"relays\"} 250",
             "baton_chunk_verification_failures_total 1",

@@ -250,6 +250,9 @@ pub trait Store: Send + std::fmt::Debug {
     }
     /// A job's confirmations.
     fn confirmations(&self, job: u64) -> Result<Vec<Confirmation>>;
+    /// The versions running on agents, per content name (migration 11), by agent then name;
+    /// `agent`: one agent's only.
+    fn running_versions(&self, agent: Option<&str>) -> Result<Vec<RunningRecord>>;
 
     /// Applies the engine's records in order, all in one transaction.
     fn apply(&mut self, records: &[Persist], now: u64) -> Result<()>;
@@ -409,6 +412,19 @@ pub fn truncate_text(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
+}
+
+/// The install state a stored confirmed participant resumes in, if it is not running:
+/// `Some(None)` while its agent's report is awaited, `Some(Some(state))` for a state
+/// reported; `None` for a running one (or a record from before install states were kept).
+pub fn resume_install(
+    p: &ParticipantRecord,
+) -> Option<Option<baton_protocol::message::InstallState>> {
+    if p.state != PartState::Confirmed {
+        return None;
+    }
+    let phase = p.install.as_ref()?.state;
+    (phase != InstallPhase::Running).then(|| phase.state())
 }
 
 /// The engine state a stored participant resumes in.

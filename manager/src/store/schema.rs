@@ -246,6 +246,23 @@ pub const MIGRATIONS: &[&str] = &[
         revoked_at   INTEGER NOT NULL
     );
     ",
+    // 11: the states past delivery. Each confirmed participant's install step (`pending`
+    // while its agent has not reported, `installing`, `installed`, `running`, `failed`,
+    // `rolled_back`) with the deciding command's exit code and output tail; and the version
+    // of each content name running on each agent. Plain SQL, for every backend.
+    "
+    ALTER TABLE participants ADD COLUMN install_state TEXT;
+    ALTER TABLE participants ADD COLUMN install_exit_code INTEGER;
+    ALTER TABLE participants ADD COLUMN install_output TEXT;
+    ALTER TABLE participants ADD COLUMN install_at BIGINT;
+    CREATE TABLE agent_versions (
+        agent      TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        version    BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (agent, name)
+    );
+    ",
 ];
 
 /// Newest schema version this build knows.

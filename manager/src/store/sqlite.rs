@@ -439,6 +439,39 @@ fn apply_one(tx: &Transaction<'_>, record: &Persist, now: u64) -> Result<()> {
                 stmt.execute(params![job, agent.as_str(), up])?;
             }
         }
+        Persist::Install {
+            job,
+            agent,
+            state,
+            exit_code,
+            output,
+        } => {
+            let output = (!output.is_empty()).then_some(output.as_str());
+            tx.execute(
+                "UPDATE participants SET install_state = ?3, install_exit_code = ?4,
+                    install_output = ?5, install_at = ?6, updated_at = ?6
+                 WHERE job = ?1 AND agent = ?2",
+                params![
+                    job,
+                    agent.as_str(),
+                    InstallPhase::of(*state).as_str(),
+                    exit_code,
+                    output,
+                    now
+                ],
+            )?;
+        }
+        Persist::Running { agent, versions } => {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO agent_versions (agent, name, version, updated_at)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (agent, name) DO UPDATE SET
+                    version = excluded.version, updated_at = excluded.updated_at",
+            )?;
+            for (name, version) in versions {
+                stmt.execute(params![agent.as_str(), name, version, now])?;
+            }
+        }
         Persist::JobFinished {
             job,
             confirmed,
@@ -1092,27 +1125,51 @@ impl Store for SqliteStore {
     fn participants(&self, job: u64) -> Result<Vec<ParticipantRecord>> {
         let mut stmt = self.conn.prepare(
             "SELECT agent, state, verified, updated_at, reason, cause, source, position,
-                    measured_up_bps
+                    measured_up_bps, install_state, install_exit_code, install_output, install_at
              FROM participants WHERE job = ?1
              ORDER BY position IS NULL, position, agent",
         )?;
         let rows = stmt.query_map([job], |r| {
+            let install: Option<String> = r.get(9)?;
+            let install = match install {
+                None => None,
+                Some(s) => Some((
+                    s,
+                    r.get::<_, Option<i32>>(10)?,
+                    r.get::<_, Option<String>>(11)?,
+                    r.get::<_, Option<u64>>(12)?,
+                )),
+            };
             Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
-                r.get(8)?,
+                (
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                ),
+                (r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?),
+                install,
             ))
         })?;
         rows.map(|r| {
-            let (agent, state, verified, updated_at, reason, cause, source, position, measured) =
-                r?;
+            let (
+                (agent, state, verified, updated_at, reason),
+                (cause, source, position, measured),
+                install,
+            ) = r?;
+            let install = match install {
+                None => None,
+                Some((phase, exit_code, output, at)) => Some(InstallRecord {
+                    state: InstallPhase::parse(&phase)
+                        .ok_or_else(|| StoreError::Corrupt(format!("install state {phase:?}")))?,
+                    exit_code,
+                    output,
+                    at: at.unwrap_or(updated_at),
+                }),
+            };
             Ok(ParticipantRecord {
+                install,
                 agent,
                 state: PartState::parse(&state)
                     .ok_or_else(|| StoreError::Corrupt(format!("participant state {state:?}")))?,
@@ -1627,6 +1684,22 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    fn running_versions(&self, agent: Option<&str>) -> Result<Vec<RunningRecord>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT agent, name, version, updated_at FROM agent_versions
+             WHERE ?1 IS NULL OR agent = ?1 ORDER BY agent, name",
+        )?;
+        let rows = stmt.query_map([agent], |r| {
+            Ok(RunningRecord {
+                agent: r.get(0)?,
+                name: r.get(1)?,
+                version: r.get(2)?,
+                updated_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     fn totals(&self) -> Result<StoreTotals> {
         let mut stmt = self
             .conn
@@ -1642,7 +1715,16 @@ impl Store for SqliteStore {
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
+        let mut stmt = self.conn.prepare(
+            "SELECT install_state, count(*) FROM participants
+             WHERE install_state IS NOT NULL GROUP BY install_state ORDER BY install_state",
+        )?;
+        let installs_by_state = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+            .map(|r| r.map(|(state, n)| (state, u64::try_from(n).unwrap_or(0))))
+            .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(StoreTotals {
+            installs_by_state,
             jobs_by_state,
             bytes_from_manager: u64::try_from(from_manager).unwrap_or(0),
             bytes_from_relays: u64::try_from(from_relays).unwrap_or(0),

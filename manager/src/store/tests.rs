@@ -851,8 +851,131 @@ fn totals_count_jobs_and_bytes_by_source() {
             jobs_by_state: vec![("cancelled".into(), 1), ("pending".into(), 2)],
             bytes_from_manager: 1000,
             bytes_from_relays: 650,
+            installs_by_state: Vec::new(),
         }
     );
+}
+
+#[test]
+fn install_states_and_running_versions_are_kept_and_read_back() {
+    use baton_protocol::message::InstallState;
+    let mut s = SqliteStore::in_memory().unwrap();
+    s.put_content(&content(1, "app", 7)).unwrap();
+    let job = s
+        .create_job(
+            &[1; 32],
+            &TargetSpec::Agents(vec!["a".into(), "b".into(), "c".into()]),
+            1,
+        )
+        .unwrap();
+    let confirmed = |agent: &str| Persist::Participant {
+        job,
+        agent: id(agent),
+        state: ParticipantState::Confirmed,
+        source_note: None,
+    };
+    let install =
+        |agent: &str, state: Option<InstallState>, code: Option<i32>, out: &str| Persist::Install {
+            job,
+            agent: id(agent),
+            state,
+            exit_code: code,
+            output: out.into(),
+        };
+    s.apply(
+        &[
+            Persist::JobStarted {
+                job,
+                epoch: 1,
+                order: vec![id("a"), id("b"), id("c")],
+            },
+            confirmed("a"),
+            confirmed("b"),
+            confirmed("c"),
+            install("a", None, None, ""),
+            install("b", Some(InstallState::Installing), None, ""),
+            install("b", Some(InstallState::RolledBack), Some(0), "restored 6"),
+            install("c", Some(InstallState::Running), None, ""),
+            Persist::Running {
+                agent: id("c"),
+                versions: vec![("app".into(), 6), ("os".into(), 2)],
+            },
+            Persist::Running {
+                agent: id("c"),
+                versions: vec![("app".into(), 7)],
+            },
+        ],
+        40,
+    )
+    .unwrap();
+    let p = s.participants(job).unwrap();
+    let of = |agent: &str| p.iter().find(|r| r.agent == agent).unwrap().clone();
+    let a = of("a").install.unwrap();
+    assert_eq!(
+        (a.state, a.exit_code, a.output),
+        (InstallPhase::Pending, None, None)
+    );
+    let b = of("b").install.unwrap();
+    assert_eq!(b.state, InstallPhase::RolledBack);
+    assert_eq!(b.exit_code, Some(0));
+    assert_eq!(b.output.as_deref(), Some("restored 6"));
+    assert_eq!(b.at, 40);
+    // What a restart resumes: a waits for its report, b is final, c runs (not listed).
+    assert_eq!(resume_install(&of("a")), Some(None));
+    assert_eq!(
+        resume_install(&of("b")),
+        Some(Some(InstallState::RolledBack))
+    );
+    assert_eq!(resume_install(&of("c")), None);
+    // The newest version per name stands.
+    let running: Vec<(String, String, u64)> = s
+        .running_versions(None)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.agent, r.name, r.version))
+        .collect();
+    assert_eq!(
+        running,
+        vec![("c".into(), "app".into(), 7), ("c".into(), "os".into(), 2)]
+    );
+    assert!(s.running_versions(Some("a")).unwrap().is_empty());
+    let totals = s.totals().unwrap();
+    assert_eq!(
+        totals.installs_by_state,
+        vec![
+            ("pending".into(), 1),
+            ("rolled_back".into(), 1),
+            ("running".into(), 1)
+        ]
+    );
+}
+
+#[test]
+fn a_version_10_database_migrates_to_install_states_and_keeps_its_participants() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        for m in &MIGRATIONS[..10] {
+            conn.execute_batch(m).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 10).unwrap();
+        conn.execute_batch(
+            "INSERT INTO content VALUES (x'0101010101010101010101010101010101010101010101010101010101010101', 'fw', 1, 10, 256, '/x', x'00', 1);
+             INSERT INTO jobs (id, root, epoch, state, created_at, targets) VALUES
+                (1, x'0101010101010101010101010101010101010101010101010101010101010101', 1, 'running', 1, '\"all\"');
+             INSERT INTO participants (job, agent, state, verified, updated_at) VALUES (1, 'a', 'confirmed', 1, 5);",
+        )
+        .unwrap();
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+    let p = s.participants(1).unwrap();
+    assert_eq!(p.len(), 1);
+    // Confirmed before install states were kept: it resumes as running.
+    assert_eq!(p[0].install, None);
+    assert_eq!(resume_install(&p[0]), None);
+    assert!(s.running_versions(None).unwrap().is_empty());
 }
 
 #[test]

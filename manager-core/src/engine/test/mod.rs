@@ -25,6 +25,7 @@ use super::*;
 
 mod faults;
 mod flow;
+mod install;
 mod lifecycle;
 mod policy;
 mod trouble;

@@ -95,7 +95,23 @@ const STATE_CLASS = {
   fetching: "run", running: "run",
   waiting: "", pending: "", offline: "",
   failed: "bad", refused: "bad", cancelled: "warn",
+  installing: "run", installed: "run", rolled_back: "warn",
 };
+// A participant's install state past delivery (`—` before it confirmed), with the deciding
+// command's exit code and the end of its output on hover.
+function installCell(install) {
+  if (!install) return h("span", { class: "muted" }, "—");
+  const label = install.state === "pending" ? "awaiting install" : install.state.replace("_", " ");
+  const title = [install.exit_code !== null && install.exit_code !== undefined ? "exit " + install.exit_code : null,
+    install.output || null].filter(Boolean).join("\n");
+  return h("span", { class: "install", "data-install": install.state, title },
+    pill(install.state, label + (install.exit_code !== null && install.exit_code !== undefined && install.state !== "running" ? " (exit " + install.exit_code + ")" : "")));
+}
+// `name vN` of each content name running on an agent.
+function runningCell(running) {
+  if (!running || !running.length) return h("span", { class: "muted" }, "—");
+  return h("span", { class: "running-versions" }, running.map((r) => h("span", { class: "chip", "data-running": r.name }, r.name + " v" + r.version)));
+}
 function pill(state, text) { return h("span", { class: "pill " + (STATE_CLASS[state] || ""), "data-state": state }, text || state); }
 function progress(done, total, cls) {
   const p = pct(done, total);
@@ -253,6 +269,7 @@ async function fleet() {
       h("td", { class: "num opt" }, link.loss_ppm !== undefined ? (link.loss_ppm / 10000).toFixed(2) + " %" : "—"),
       h("td", { class: "num opt" }, ms(managerRtt(r))),
       h("td", { title: when(a.last_seen) }, a.connected ? "now" : ago(a.last_seen)),
+      h("td", { class: "wrap" }, runningCell(a.running)),
       CAN_ADMIN ? h("td", { class: "num" }, h("button", { type: "button", class: "btn danger small", "data-revoke": a.id, onclick: async (ev) => {
         if (!confirm("Revoke agent " + a.id + "? Its session ends now, the manager refuses it and its peers get the revocation list within seconds. Enrolling it again starts it afresh.")) return;
         ev.target.disabled = true;
@@ -280,7 +297,7 @@ async function fleet() {
       body.append(tr);
       shown++;
     }
-    if (!shown) body.append(h("tr", {}, h("td", { class: "empty", colspan: CAN_ADMIN ? 11 : 10 }, agents.length ? "No agent matches the filters." : "No agent is enrolled yet. Enrol one with baton enroll.")));
+    if (!shown) body.append(h("tr", {}, h("td", { class: "empty", colspan: CAN_ADMIN ? 12 : 11 }, agents.length ? "No agent matches the filters." : "No agent is enrolled yet. Enrol one with baton enroll.")));
     count.textContent = shown + " of " + agents.length + " agents";
   }
   [search, segSel, stateSel, leaderOnly].forEach((el) => el.addEventListener("input", apply));
@@ -296,7 +313,7 @@ async function fleet() {
       h("div", { class: "card-head" },
         h("div", { class: "toolbar" }, search, segSel, stateSel, h("label", { class: "small" }, leaderOnly, " Leaders only")), count),
       h("div", { class: "table-wrap" }, h("table", {},
-        h("thead", {}, h("tr", {}, ["Agent", "Status", ["Site", "opt"], "Segment", ["Perf.", "num opt"], ["Free storage", "num opt"], ["Link", "num"], ["Loss", "num opt"], ["RTT", "num opt"], "Last seen", ...(CAN_ADMIN ? [["", "num"]] : [])]
+        h("thead", {}, h("tr", {}, ["Agent", "Status", ["Site", "opt"], "Segment", ["Perf.", "num opt"], ["Free storage", "num opt"], ["Link", "num"], ["Loss", "num opt"], ["RTT", "num opt"], "Last seen", "Running", ...(CAN_ADMIN ? [["", "num"]] : [])]
           .map((x) => Array.isArray(x) ? h("th", { class: x[1] }, x[0]) : h("th", {}, x)))),
         body))));
 }
@@ -851,6 +868,7 @@ async function jobPage(id) {
         stat("Participants", job.participants.length),
         stat("Confirmed", job.confirmed_count + " / " + job.participants.length, job.confirmed_count === job.participants.length && job.participants.length ? "ok" : ""),
         stat("Failed", job.failed_count, job.failed_count ? "bad" : ""),
+        stat("Running", (job.install_counts || {}).running || 0, ((job.install_counts || {}).running || 0) === job.participants.length && job.participants.length ? "ok" : ""),
         stat("From manager", bytes(job.bytes_from_manager)),
         stat("From peers", bytes(job.bytes_from_peers))),
       h("div", { class: "card" },
@@ -862,14 +880,15 @@ async function jobPage(id) {
       h("div", { class: "card" },
         h("div", { class: "card-head" }, h("h2", {}, "Participants"),
           h("span", { class: "muted small" }, [job.group ? "group " + job.group : null, job.policy ? "policy " + job.policy : null, "created " + when(job.created_at)].filter(Boolean).join(" · "))),
-        table([["Agent"], ["State"], ["Progress"], ["Source", "opt"], ["Connection", "opt"], ["Confirmed"]],
+        table([["Agent"], ["State"], ["Progress"], ["Source", "opt"], ["Connection", "opt"], ["Confirmed"], ["Install"]],
           job.participants.map((p) => h("tr", { "data-agent": p.agent, "data-state": p.state, class: "participant" },
             h("td", {}, h("strong", {}, p.agent)),
             h("td", {}, pill(p.state)),
             h("td", {}, progress(p.verified, p.total || total, p.state === "confirmed" ? "ok" : p.state === "failed" ? "bad" : ""), ),
             h("td", { class: "opt wrap small" }, p.reason ? h("span", { class: "muted" }, p.reason) : p.source || "—"),
             h("td", { class: "opt" }, p.connected ? pill("connected") : pill("offline")),
-            h("td", {}, conf.has(p.agent) ? h("span", { class: "pill ok confirmed-mark", title: when(conf.get(p.agent)) }, "✓ " + when(conf.get(p.agent)).slice(11, 19)) : "—"))),
+            h("td", {}, conf.has(p.agent) ? h("span", { class: "pill ok confirmed-mark", title: when(conf.get(p.agent)) }, "✓ " + when(conf.get(p.agent)).slice(11, 19)) : "—"),
+            h("td", {}, installCell(p.install)))),
           "No participant yet."))].filter(Boolean));
   }
   async function refresh() {
@@ -890,6 +909,7 @@ async function jobPage(id) {
       if (e.kind === "progress" && p) { p.verified = e.verified; if (p.state === "waiting") p.state = "fetching"; }
       else if (e.kind === "confirmed" && p) { p.state = "confirmed"; p.verified = p.total || job.total_chunks; }
       else if (e.kind === "failed" && p) { p.state = "failed"; p.reason = e.reason; }
+      else if (e.kind === "install" && p) { p.install = Object.assign({}, p.install, { state: e.state, exit_code: e.exit_code }); }
       render();
       live.classList.add("on");
       scheduleRefresh();
