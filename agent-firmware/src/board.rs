@@ -6,7 +6,8 @@
 //! - The embassy time driver: SysTick at 1 kHz (25 MHz system clock, reload
 //!   24 999), a 64-bit tick count kept under a critical section, and embassy's
 //!   timer queue, serviced from the SysTick handler when the earliest deadline passes.
-//! - A panic handler that logs the panic over defmt and makes QEMU exit with code 1.
+//! - A panic handler that logs the panic over defmt and makes QEMU exit with code 1
+//!   (faults: see [`crate::guard`]).
 //! - [`stack_peak`]: the high-water mark of the stack, measured by painting
 //!   (cortex-m-rt's `paint-stack` fills the stack with `0xCCCC_CCCC` at reset).
 
@@ -169,12 +170,6 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     exit(false)
 }
 
-#[exception]
-unsafe fn HardFault(frame: &cortex_m_rt::ExceptionFrame) -> ! {
-    defmt::error!("hard fault at pc={=u32:#x}", frame.pc());
-    exit(false)
-}
-
 // Linker symbols from cortex-m-rt's link.x; only their addresses are used.
 unsafe extern "C" {
     static _stack_start: u32;
@@ -190,8 +185,8 @@ pub fn stack_peak() -> (usize, usize) {
     let bottom = &raw const _stack_end as usize;
     let mut p = bottom;
     while p < top {
-        // SAFETY: `p` is word-aligned and inside the RAM between the end of
-        // static data and the initial stack pointer, which is always mapped.
+        // SAFETY: `p` is word-aligned and inside the stack region (above its guard),
+        // which is always mapped and readable.
         let word = unsafe { core::ptr::read_volatile(p as *const u32) };
         if word != 0xCCCC_CCCC {
             break;

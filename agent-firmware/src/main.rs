@@ -27,6 +27,7 @@ mod board;
 mod cobs_tx;
 mod config;
 mod entropy;
+mod guard;
 mod lan9118;
 mod node;
 mod psram;
@@ -114,9 +115,10 @@ fn place_agent(config: AgentConfig, store: FlashStore<NorPartition>) -> &'static
 /// Brings the board up and builds the network stack and the node.
 #[inline(never)]
 fn boot() -> (embassy_net::Runner<'static, Lan9118>, &'static mut Node) {
-    let Some(p) = cortex_m::Peripherals::take() else {
+    let Some(mut p) = cortex_m::Peripherals::take() else {
         board::exit(false);
     };
+    guard::enable_mpu(&mut p.MPU, &mut p.SCB);
     board::start_systick(p.SYST);
     let boot = psram::next_boot_count();
 
@@ -213,6 +215,15 @@ fn boot() -> (embassy_net::Runner<'static, Lan9118>, &'static mut Node) {
         core::mem::size_of::<baton_protocol::session::Handshake>(),
         core::mem::size_of::<FrameBuf>()
     );
+
+    // Test switches: show the memory guards on this very image (see guard.rs).
+    let flags = cfg.as_ref().map_or(0, |c| c.flags);
+    if flags & config::FLAG_DEMO_STACK_OVERFLOW != 0 {
+        guard::demo::overflow_stack();
+    }
+    if flags & config::FLAG_DEMO_CODE_WRITE != 0 {
+        guard::demo::write_code();
+    }
 
     // A serial device's manager session runs over UART0: the manager
     // socket's receive buffer then holds the serial line's COBS frames.
