@@ -8,8 +8,7 @@
 //!   timer queue, serviced from the SysTick handler when the earliest deadline passes.
 //! - A panic handler that logs the panic over defmt and makes QEMU exit with code 1
 //!   (faults: see [`crate::guard`]).
-//! - [`stack_peak`]: the high-water mark of the stack, measured by painting
-//!   (cortex-m-rt's `paint-stack` fills the stack with `0xCCCC_CCCC` at reset).
+//! - [`ram_layout`]: the sizes of the statics and the stack region.
 
 use core::cell::{Cell, RefCell};
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -170,32 +169,6 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     exit(false)
 }
 
-// Linker symbols from cortex-m-rt's link.x; only their addresses are used.
-unsafe extern "C" {
-    static _stack_start: u32;
-    static _stack_end: u32;
-}
-
-/// Stack size available and the most ever used since reset, in bytes.
-///
-/// Scans the painted region from its low end for the first word the stack has
-/// overwritten (paint value `0xCCCC_CCCC`, see cortex-m-rt's `paint-stack`).
-pub fn stack_peak() -> (usize, usize) {
-    let top = &raw const _stack_start as usize;
-    let bottom = &raw const _stack_end as usize;
-    let mut p = bottom;
-    while p < top {
-        // SAFETY: `p` is word-aligned and inside the stack region (above its guard),
-        // which is always mapped and readable.
-        let word = unsafe { core::ptr::read_volatile(p as *const u32) };
-        if word != 0xCCCC_CCCC {
-            break;
-        }
-        p += 4;
-    }
-    (top - bottom, top - p)
-}
-
 /// Sizes of the static RAM sections and the stack region, in bytes.
 pub fn ram_layout() -> RamLayout {
     // Linker symbols bounding .data and .bss; only their addresses are used.
@@ -209,7 +182,7 @@ pub fn ram_layout() -> RamLayout {
     RamLayout {
         data: a(&raw const __edata) - a(&raw const __sdata),
         bss: a(&raw const __ebss) - a(&raw const __sbss),
-        stack: a(&raw const _stack_start) - a(&raw const _stack_end),
+        stack: (crate::guard::stack_top() - crate::guard::stack_bottom()) as usize,
     }
 }
 
@@ -220,6 +193,6 @@ pub struct RamLayout {
     pub data: usize,
     /// Zeroed statics (buffers, task arenas, the agent).
     pub bss: usize,
-    /// What is left for the stack.
+    /// The stack region below the statics (its guard not counted).
     pub stack: usize,
 }

@@ -31,6 +31,7 @@ mod guard;
 mod lan9118;
 mod node;
 mod psram;
+mod stack;
 mod uart;
 
 use baton_agent_core::agent::AgentConfig;
@@ -72,12 +73,12 @@ static NODE: StaticCell<Node> = StaticCell::new();
 
 #[embassy_executor::task]
 async fn net_task(mut runner: embassy_net::Runner<'static, Lan9118>) -> ! {
-    runner.run().await
+    stack::Measured::new(stack::Part::Net, runner.run()).await
 }
 
 #[embassy_executor::task]
 async fn node_task(node: &'static mut Node) -> ! {
-    node.run().await
+    stack::Measured::new(stack::Part::Node, node.run()).await
 }
 
 /// The id a device without a provisioning block uses: `fw-` and its MAC in hex.
@@ -93,6 +94,7 @@ fn id_from_mac(mac: [u8; 6]) -> AgentId {
 fn main() -> ! {
     // Boot in its own frame, so its stack is free again while the tasks run.
     let (runner, node) = boot();
+    stack::measure(stack::Part::Boot);
     board::run_executor(move |spawner: Spawner| {
         spawner.spawn(net_task(runner).unwrap_or_else(|_| board::exit(false)));
         spawner.spawn(node_task(node).unwrap_or_else(|_| board::exit(false)));
