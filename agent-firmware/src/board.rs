@@ -134,6 +134,21 @@ pub fn exit(success: bool) -> ! {
     }
 }
 
+/// External interrupt lines of the mps2-an385 (CMSDK: UARTs 0..=1, 12; Ethernet 13; ...).
+const IRQ_LINES: usize = 32;
+
+unsafe extern "C" {
+    // cortex-m-rt's entry for `DefaultHandler` below (it passes the IRQ number).
+    fn DefaultHandler();
+}
+
+/// The device part of the vector table: the board's 32 lines, all to [`DefaultHandler`]
+/// (cortex-m-rt's `device` feature; its default table has 240 entries, 832 bytes more flash).
+#[unsafe(link_section = ".vector_table.interrupts")]
+#[unsafe(no_mangle)]
+#[used]
+static __INTERRUPTS: [unsafe extern "C" fn(); IRQ_LINES] = [DefaultHandler; IRQ_LINES];
+
 /// Every device interrupt lands here (no device crate, so cortex-m-rt's
 /// default vector table); `irqn` is the NVIC line. (cortex-m-rt requires the
 /// `unsafe fn` signature for this handler and for `HardFault`.)

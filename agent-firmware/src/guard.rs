@@ -90,9 +90,18 @@ pub fn enable_mpu(mpu: &mut cortex_m::peripheral::MPU, scb: &mut cortex_m::perip
     // Higher region numbers win where regions overlap: the guard (3) inside RAM (2).
     let regions = [
         (CODE_BASE, AP_RO | NORMAL_WT | rasr_size(CODE_LEN_LOG2)),
-        (BELOW_RAM_BASE, AP_NONE | RASR_XN | rasr_size(BELOW_RAM_LEN_LOG2)),
-        (DATA_BASE, AP_RW | RASR_XN | NORMAL_WB | rasr_size(DATA_LEN_LOG2)),
-        (guard_base(), AP_NONE | RASR_XN | rasr_size(GUARD_LEN.trailing_zeros())),
+        (
+            BELOW_RAM_BASE,
+            AP_NONE | RASR_XN | rasr_size(BELOW_RAM_LEN_LOG2),
+        ),
+        (
+            DATA_BASE,
+            AP_RW | RASR_XN | NORMAL_WB | rasr_size(DATA_LEN_LOG2),
+        ),
+        (
+            guard_base(),
+            AP_NONE | RASR_XN | rasr_size(GUARD_LEN.trailing_zeros()),
+        ),
     ];
     // SAFETY: the regions only take away rights nothing legitimate uses (writes to code,
     // execution from RAM, any access to the guard); barriers below make them take effect
@@ -181,9 +190,8 @@ unsafe extern "C" fn fault_entry(sp: u32, exception: u32) -> ! {
     let bottom = stack_bottom();
     // Below the stack's usable part: the guard, or anything under RAM a large frame reached.
     let below_stack = |a: u32| (BELOW_RAM_BASE..bottom).contains(&a);
-    let overflow = fault_addr.is_some_and(below_stack)
-        || sp < bottom
-        || cfsr & (MSTKERR | STKERR) != 0;
+    let overflow =
+        fault_addr.is_some_and(below_stack) || sp < bottom || cfsr & (MSTKERR | STKERR) != 0;
     // The faulting instruction, when the stacked frame is readable (not after an overflow).
     let pc = if !overflow && sp >= bottom && sp + 32 <= stack_top() {
         // SAFETY: the frame lies inside the stack region, which is mapped RAM.
@@ -263,7 +271,10 @@ pub mod demo {
         defmt::info!("fault demo: writing to code at {=u32:#010x}", target);
         // SAFETY: deliberately wrong; the MPU must stop this write before it lands.
         unsafe { (target as *mut u32).write_volatile(0) };
-        defmt::error!("fault demo: the write to code at {=u32:#010x} went through", target);
+        defmt::error!(
+            "fault demo: the write to code at {=u32:#010x} went through",
+            target
+        );
         crate::board::exit(false)
     }
 }

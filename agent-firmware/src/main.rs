@@ -109,7 +109,9 @@ fn main() -> ! {
 /// is on the stack (check: `llvm-objdump -d` shows this function's `sub sp` well under 1 KB).
 #[inline(never)]
 fn place_agent(config: AgentConfig, store: FlashStore<NorPartition>) -> &'static mut DeviceAgent {
-    let agent = AGENT.uninit().write(DeviceAgent::without_records(config, store));
+    let agent = AGENT
+        .uninit()
+        .write(DeviceAgent::without_records(config, store));
     agent.load_records();
     agent
 }

@@ -55,7 +55,9 @@ fn lowest_used() -> u32 {
 fn repaint(from: u32) {
     let sp: u32;
     // SAFETY: reads the stack pointer; no memory access.
-    unsafe { core::arch::asm!("mov {}, sp", out(reg) sp, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mov {}, sp", out(reg) sp, options(nomem, nostack, preserves_flags))
+    };
     // Keep clear of the word at the stack pointer (alignment slack).
     let end = (sp & !3).saturating_sub(8);
     let mut p = from & !3;

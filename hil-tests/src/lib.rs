@@ -123,7 +123,11 @@ impl Env {
         let path = std::env::join_paths(&dirs).unwrap_or_default();
         let build = "run scripts/build-firmware.sh first";
         let fw_dir = root.join("agent-firmware");
-        let firmware = fw_dir.join("target/thumbv7m-none-eabi/release/baton-firmware");
+        // BATON_FIRMWARE picks another build of the ELF (scripts/test.sh runs the suite
+        // against the "z" and the "s" build).
+        let firmware = std::env::var_os("BATON_FIRMWARE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| fw_dir.join("target/thumbv7m-none-eabi/release/baton-firmware"));
         check_fresh(&firmware, "the firmware ELF", build, &mut problems);
         let provision = std::fs::read_dir(fw_dir.join("target/host"))
             .into_iter()
@@ -285,7 +289,8 @@ pub fn completion(log: &str) -> Option<Completion> {
     })
 }
 
-/// A device's RAM use as it logged it (`footprint: stack_peak=P stack_size=S data=D bss=B`).
+/// A device's RAM use as it logged it (`footprint: stack_peak=P stack_size=S data=D bss=B
+/// stack_boot=.. stack_net=.. stack_node=..`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Footprint {
     /// Deepest stack use since boot (painted high-water mark), bytes.
@@ -296,6 +301,8 @@ pub struct Footprint {
     pub data: u64,
     /// Zeroed statics, bytes.
     pub bss: u64,
+    /// Deepest stack use of boot, the network task and the node task, bytes.
+    pub per_task: [u64; 3],
 }
 
 impl Footprint {
@@ -314,6 +321,7 @@ pub fn footprint(log: &str) -> Option<Footprint> {
         stack_size: num("stack_size")?,
         data: num("data")?,
         bss: num("bss")?,
+        per_task: [num("stack_boot")?, num("stack_net")?, num("stack_node")?],
     })
 }
 
