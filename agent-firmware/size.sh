@@ -37,7 +37,7 @@ read -r vec text rodata data bss < <(size -A "$elf" | awk '
 flash=$((vec + text + rodata + data))
 flash_budget=$((128 * 1024))
 ram_budget=$((64 * 1024))
-# The stack region lies below the statics (memory.x): from its guard to its top.
+# The stack region lies below the statics (memory.x.in): from its guard to its top.
 sym() { nm "$elf" | awk -v s="$1" '$3==s{print $1}'; }
 guard=$((16#$(sym _stack_guard)))
 stack_top=$((16#$(sym _stack_start)))

@@ -1,7 +1,7 @@
 //! Memory guards: a stack that faults when it overflows, code the program cannot overwrite,
 //! and a fault handler that says which of the two happened.
 //!
-//! - **Stack below the statics** (flip-link's layout, done in `memory.x`): the stack region
+//! - **Stack below the statics** (flip-link's layout, done in `memory.x.in`): the stack region
 //!   is the bottom of RAM, `.data`/`.bss` sit above it. A stack that outgrows its region
 //!   runs off the bottom of RAM instead of into the statics. Its lowest 32 bytes and the
 //!   256 MiB below RAM are MPU regions without access ([`enable_mpu`]), so the first push
@@ -26,7 +26,7 @@
 
 use core::arch::global_asm;
 
-// Linker symbols from memory.x / cortex-m-rt's link.x; only their addresses are used.
+// Linker symbols from memory.x.in / cortex-m-rt's link.x; only their addresses are used.
 unsafe extern "C" {
     static _stack_guard: u32;
     static _stack_end: u32;
@@ -84,7 +84,7 @@ const fn rasr_size(log2: u32) -> u32 {
 /// the stack guard and everything below RAM without access, the default map as background
 /// for privileged code.
 ///
-/// The guard needs `_stack_guard` aligned to [`GUARD_LEN`] (memory.x puts it at the start of RAM).
+/// The guard needs `_stack_guard` aligned to [`GUARD_LEN`] (memory.x.in puts it at the start of RAM).
 pub fn enable_mpu(mpu: &mut cortex_m::peripheral::MPU, scb: &mut cortex_m::peripheral::SCB) {
     const VALID: u32 = 1 << 4;
     // Higher region numbers win where regions overlap: the guard (3) inside RAM (2).

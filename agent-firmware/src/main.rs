@@ -17,7 +17,7 @@
 //!
 //! Logs go out as defmt frames over semihosting (QEMU's stdout); decode them
 //! with `defmt-print -e target/thumbv7m-none-eabi/release/baton-firmware`.
-//! The RAM budget is 64 KiB (statics, buffers and stack), see `memory.x`.
+//! The RAM budget is 64 KiB (statics, buffers and stack), see `memory.x.in`.
 
 #![no_std]
 #![no_main]

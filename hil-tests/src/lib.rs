@@ -957,11 +957,12 @@ mod test {
         );
         assert_eq!(completion("nothing"), None);
         let f = footprint(
-            "1.0 INFO  footprint: stack_peak=100 stack_size=200 data=28 bss=300\n\
-             2.0 INFO  footprint: stack_peak=150 stack_size=200 data=28 bss=300\n",
+            "1.0 INFO  footprint: stack_peak=100 stack_size=200 data=28 bss=300 stack_boot=100 stack_net=9 stack_node=50\n\
+             2.0 INFO  footprint: stack_peak=150 stack_size=200 data=28 bss=300 stack_boot=100 stack_net=9 stack_node=150\n",
         )
         .unwrap();
         assert_eq!((f.stack_peak, f.ram_used()), (150, 478));
+        assert_eq!(f.per_task, [100, 9, 150]);
     }
 
     #[test]
