@@ -20,7 +20,9 @@
 //! `scripts/build-firmware.sh` builds before `cargo test` runs (the
 //! firmware ELF, the provisioning tool and `target/release/baton`). The
 //! `baton` binary is found next to the test executable (`target/release/`,
-//! the same target directory), or at `BATON_BIN`; a binary or ELF older than
+//! the same target directory), or at `BATON_BIN`; the firmware ELF is the shipped
+//! release build, or `BATON_FIRMWARE` (scripts/test.sh runs the suite again against an
+//! opt-level "s" build); a binary or ELF older than
 //! any source file its cargo dep-info lists is refused as stale, so a test
 //! never runs yesterday's manager. (A test cannot get another package's
 //! binary from cargo, and must not run a nested cargo.)
