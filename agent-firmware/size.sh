@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Prints the firmware's footprint: flash (text + data) against the 160 KiB
-# budget, static RAM (data + bss) and the stack left in the 64 KiB RAM, and
-# the peak stack measured by painting on a device.
+# Prints the firmware's footprint against its budgets and fails beyond them:
+#   flash  = vector table + code + rodata + data   <= 131,072 bytes (a 128 KiB part)
+#   RAM    = static data + bss + the stack region  <= 65,536 bytes
+# and the ten largest symbols (code and statics), and the peak stack measured by
+# painting on a device (per task: boot, net, node).
 #
 # Usage: size.sh [--elf ELF] [--log FILE] [--boot]
 #   --elf ELF    firmware (default target/thumbv7m-none-eabi/release/baton-firmware)
@@ -21,7 +23,7 @@ while [ $# -gt 0 ]; do
         --elf) elf="$2"; shift 2 ;;
         --log) log="$2"; shift 2 ;;
         --boot) boot=1; shift ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "size.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -33,19 +35,30 @@ read -r vec text rodata data bss < <(size -A "$elf" | awk '
     $1==".data"{d=$2} $1==".bss"{b=$2} $1==".uninit"{b+=$2}
     END{print v+0, t+0, r+0, d+0, b+0}')
 flash=$((vec + text + rodata + data))
-ram=$((64 * 1024))
+flash_budget=$((128 * 1024))
+ram_budget=$((64 * 1024))
+# The stack region lies below the statics (memory.x.in): from its guard to its top.
+sym() { nm "$elf" | awk -v s="$1" '$3==s{print $1}'; }
+guard=$((16#$(sym _stack_guard)))
+stack_top=$((16#$(sym _stack_start)))
+stack_region=$((stack_top - guard))
 static=$((data + bss))
-stack=$((ram - static))
+ram=$((static + stack_region))
 status=0
 printf 'text   %7d bytes (vector table %d + code %d + rodata %d)\n' $((vec + text + rodata)) "$vec" "$text" "$rodata"
 printf 'data   %7d bytes\n' "$data"
 printf 'bss    %7d bytes\n' "$bss"
-printf 'flash  %7d of %d bytes (text + data)\n' "$flash" $((160 * 1024))
-printf 'ram    %7d of %d bytes static; %d bytes left for the stack\n' "$static" "$ram" "$stack"
-[ "$flash" -le $((160 * 1024)) ] || { echo "size.sh: flash budget exceeded" >&2; status=1; }
+printf 'flash  %7d of %d bytes (text + data)\n' "$flash" "$flash_budget"
+printf 'ram    %7d of %d bytes: static %d + stack region %d (guard 32 included)\n' \
+    "$ram" "$ram_budget" "$static" "$stack_region"
+echo "largest symbols (bytes, kind, name):"
+nm --size-sort -S -C --radix=d "$elf" | tail -10 | sort -k2 -rn |
+    awk '{name=$4; for(i=5;i<=NF;i++) name=name" "$i; printf "  %7d %s %s\n", $2, $3, substr(name,1,100)}'
+[ "$flash" -le "$flash_budget" ] || { echo "size.sh: flash budget exceeded ($flash > $flash_budget)" >&2; status=1; }
+[ "$ram" -le "$ram_budget" ] || { echo "size.sh: RAM budget exceeded ($ram > $ram_budget)" >&2; status=1; }
 
 peak_from() {
-    grep -a 'footprint:' "$1" | tail -1 | sed -n 's/.*stack_peak=\([0-9]*\) stack_size=\([0-9]*\).*/\1 \2/p'
+    grep -a 'footprint:' "$1" | tail -1 | sed -n 's/.*stack_peak=\([0-9]*\) stack_size=\([0-9]*\).*stack_boot=\([0-9]*\) stack_net=\([0-9]*\) stack_node=\([0-9]*\).*/\1 \2 \3 \4 \5/p'
 }
 if [ "$boot" = 1 ]; then
     tmp="$(mktemp -d)"
@@ -64,9 +77,10 @@ if [ "$boot" = 1 ]; then
     log="$tmp/log"
 fi
 if [ -n "$log" ]; then
-    read -r peak size_ < <(peak_from "$log" || true) || true
+    read -r peak size_ boot_ net_ node_ < <(peak_from "$log" || true) || true
     if [ -n "${peak:-}" ]; then
-        printf 'stack  %7d of %d bytes peak (painted high-water mark)\n' "$peak" "$size_"
+        printf 'stack  %7d of %d bytes peak (painted high-water mark; boot %d, net task %d, node task %d)\n' \
+            "$peak" "$size_" "$boot_" "$net_" "$node_"
         [ "$peak" -lt "$size_" ] || { echo "size.sh: stack overflowed" >&2; status=1; }
     else
         echo "stack  (no footprint line in $log)"

@@ -8,8 +8,9 @@
 #   - the firmware provisioning tool (agent-firmware/tools/provision);
 #   - the manager and Linux agent binary, `baton`, into this workspace's target
 #     directory (CARGO_TARGET_DIR if set), where the HIL tests look for it;
-#   - prints the firmware's footprint: flash and static RAM against the budgets,
-#     and the peak stack of a booted device, measured by stack painting.
+#   - prints the firmware's footprint: flash (<= 131,072 bytes) and static RAM + stack
+#     region (<= 65,536 bytes), failing beyond either, the ten largest symbols, and the
+#     peak stack of a booted device per task, measured by stack painting.
 #
 # Usage: scripts/build-firmware.sh
 set -euo pipefail

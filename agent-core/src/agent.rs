@@ -72,6 +72,7 @@ use heapless::{Deque, Vec};
 use serde::Serialize;
 use sha2::Digest as _;
 
+use crate::inbound::{self, Inbound, InboundError};
 use crate::revocation;
 use crate::store::{ContentStore, StoreError, StoredAnchor, VersionRecord};
 
@@ -933,13 +934,39 @@ fn min_opt(a: Option<Duration>, b: Duration) -> Option<Duration> {
     Some(a.map_or(b, |a| a.min(b)))
 }
 
-/// Decodes one message, out of line: serde's decoding of the whole `Message` enum keeps
-/// temporaries for every variant, several KB on a device, and inlined into the frame
-/// handler they stayed on the stack under every message's handling (a manifest's signature
-/// check included).
+/// Decodes one message, out of line: serde's decoding of the whole enum keeps temporaries
+/// for every variant, several KB on a device, and inlined into the frame handler they
+/// stayed on the stack under every message's handling (a manifest's signature check
+/// included). Only the variants an agent takes are decoded ([`crate::inbound`]); the others
+/// are `Unexpected` by their index.
 #[inline(never)]
-fn decode_message(plaintext: &[u8]) -> Result<Message<'_>, CodecError> {
-    Message::decode(plaintext)
+fn decode_message(plaintext: &[u8]) -> Result<Inbound<'_>, AgentError> {
+    inbound::decode(plaintext).map_err(|e| match e {
+        InboundError::NotForAgents(kind) => AgentError::Unexpected(kind),
+        InboundError::Codec(c) => AgentError::Decode(c),
+    })
+}
+
+/// Writes a name's version record, out of line: a flash store's record log inlined into
+/// `Agent::on_fetch` made its frame 6 KB, live under the manifest's signature check.
+#[inline(never)]
+fn save_version_record<S: ContentStore>(
+    store: &mut S,
+    name: &str,
+    record: &VersionRecord,
+) -> Result<(), StoreError> {
+    store.put_version_record(name, record)
+}
+
+/// Removes the job at `pos`, dropping it in place: a `Job` is several KB, and `swap_remove`
+/// returns it as a value, which put a copy in the frames of `on_fetch` and `on_done` (6 KB
+/// each on a device, `on_fetch`'s live under the manifest's signature check).
+fn remove_job<const N: usize>(jobs: &mut Vec<Job, N>, pos: usize) {
+    let mut at = 0;
+    jobs.retain(|_| {
+        at += 1;
+        at - 1 != pos
+    });
 }
 
 /// The highest serial `list` revokes for `id`, if it names it.
@@ -1483,10 +1510,10 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
         if !from_manager && !self.peers.iter().any(|p| p.conn == Some(conn)) {
             return Err(AgentError::UnknownConn);
         }
-        let msg = decode_message(plaintext).map_err(AgentError::Decode)?;
+        let msg = decode_message(plaintext)?;
         let result = match msg {
             // `publishers` stays on the wire for older agents; it is trusted no more.
-            Message::Welcome {
+            Inbound::Welcome {
                 cert, unix_time, ..
             } if from_manager => {
                 self.on_manager_time(now, unix_time);
@@ -1498,19 +1525,19 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
                 self.event(Event::Welcomed);
                 Ok(())
             }
-            Message::Trust { document } if from_manager => {
+            Inbound::Trust { document } if from_manager => {
                 self.on_trust(document);
                 Ok(())
             }
-            Message::Revocations { list } if from_manager => {
+            Inbound::Revocations { list } if from_manager => {
                 self.on_revocations(list);
                 Ok(())
             }
-            Message::CertRenewed { cert } if from_manager => {
+            Inbound::CertRenewed { cert } if from_manager => {
                 self.on_cert_renewed(cert);
                 Ok(())
             }
-            Message::Fetch {
+            Inbound::Fetch {
                 job,
                 manifest,
                 sources,
@@ -1519,30 +1546,30 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
                 self.on_fetch(now, job, manifest, &sources);
                 Ok(())
             }
-            Message::Sources { job, sources } if from_manager => {
+            Inbound::Sources { job, sources } if from_manager => {
                 self.on_sources(job, &sources, false);
                 Ok(())
             }
-            Message::Done { job } if from_manager => {
+            Inbound::Done { job } if from_manager => {
                 self.on_done(job, false);
                 Ok(())
             }
-            Message::Cancel { job } if from_manager => {
+            Inbound::Cancel { job } if from_manager => {
                 self.on_done(job, true);
                 Ok(())
             }
-            Message::Throttle {
+            Inbound::Throttle {
                 job,
                 max_bytes_per_second,
             } if from_manager => {
                 self.on_throttle(now, job, max_bytes_per_second);
                 Ok(())
             }
-            Message::ChunkRequest { root, index } => {
+            Inbound::ChunkRequest { root, index } => {
                 self.on_chunk_request(now, conn, root, index);
                 Ok(())
             }
-            Message::Chunk {
+            Inbound::Chunk {
                 root,
                 index,
                 proof,
@@ -1551,7 +1578,7 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
                 self.on_chunk(now, conn, &root, index, &proof, data);
                 Ok(())
             }
-            Message::Refuse {
+            Inbound::Refuse {
                 root,
                 index,
                 reason,
@@ -1559,11 +1586,11 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
                 self.on_refuse(now, conn, &root, index, reason);
                 Ok(())
             }
-            Message::Ping { nonce } => {
+            Inbound::Ping { nonce } => {
                 self.reply(Reply::Pong { conn, nonce });
                 Ok(())
             }
-            Message::Pong { nonce } => {
+            Inbound::Pong { nonce } => {
                 if conn == ConnId::MANAGER && self.rtt.in_flight == Some(nonce) {
                     self.rtt.in_flight = None;
                     let rtt = (now.as_micros() as u64).saturating_sub(nonce);
@@ -1846,14 +1873,14 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
                 self.on_sources(job, sources, true);
                 return;
             }
-            self.jobs.swap_remove(pos);
+            remove_job(&mut self.jobs, pos);
         }
         match self.check_manifest(now, &manifest) {
             Ok(None) => {}
             Ok(Some(record)) => {
                 // Recorded before the content is opened: from here on this name accepts
                 // nothing older, also once the content is gone.
-                if let Err(error) = self.store.put_version_record(&manifest.name, &record) {
+                if let Err(error) = save_version_record(&mut self.store, &manifest.name, &record) {
                     self.event(Event::RecordFailed {
                         what: "save version record",
                         error,
@@ -1867,10 +1894,24 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
                 return;
             }
         }
+        self.start_job(now, job, manifest, sources);
+    }
+
+    /// Opens the store for an accepted manifest and starts its job. Out of line, so the
+    /// job being built is not on the stack under the manifest's signature check (on a
+    /// device `on_fetch` with both was a 7 KB frame above the 5 KB of `verify`).
+    #[inline(never)]
+    fn start_job(
+        &mut self,
+        now: Duration,
+        job: JobRef,
+        manifest: Manifest,
+        sources: &[SourceRange],
+    ) {
         if self.jobs.is_full() {
             // Make room from jobs that no longer fetch.
             if let Some(pos) = self.jobs.iter().position(|j| j.state != JobState::Fetching) {
-                self.jobs.swap_remove(pos);
+                remove_job(&mut self.jobs, pos);
             } else {
                 self.fail_job(job, FailReason::Busy);
                 return;
@@ -2060,8 +2101,9 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
             return;
         }
         let root = if let Some(pos) = self.jobs.iter().position(|j| j.job.id == job.id) {
-            let j = self.jobs.swap_remove(pos);
-            Some(j.manifest.root)
+            let root = self.jobs[pos].manifest.root;
+            remove_job(&mut self.jobs, pos);
+            Some(root)
         } else {
             None
         };

@@ -29,6 +29,7 @@ pub mod linux;
 
 pub mod agent;
 pub mod flash;
+pub mod inbound;
 pub mod records;
 pub mod revocation;
 pub mod segment;

@@ -6,9 +6,9 @@
 //! - The embassy time driver: SysTick at 1 kHz (25 MHz system clock, reload
 //!   24 999), a 64-bit tick count kept under a critical section, and embassy's
 //!   timer queue, serviced from the SysTick handler when the earliest deadline passes.
-//! - A panic handler that logs the panic over defmt and makes QEMU exit with code 1.
-//! - [`stack_peak`]: the high-water mark of the stack, measured by painting
-//!   (cortex-m-rt's `paint-stack` fills the stack with `0xCCCC_CCCC` at reset).
+//! - A panic handler that logs the panic over defmt and makes QEMU exit with code 1
+//!   (faults: see [`crate::guard`]).
+//! - [`ram_layout`]: the sizes of the statics and the stack region.
 
 use core::cell::{Cell, RefCell};
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -134,6 +134,21 @@ pub fn exit(success: bool) -> ! {
     }
 }
 
+/// External interrupt lines of the mps2-an385 (CMSDK: UARTs 0..=1, 12; Ethernet 13; ...).
+const IRQ_LINES: usize = 32;
+
+unsafe extern "C" {
+    // cortex-m-rt's entry for `DefaultHandler` below (it passes the IRQ number).
+    fn DefaultHandler();
+}
+
+/// The device part of the vector table: the board's 32 lines, all to [`DefaultHandler`]
+/// (cortex-m-rt's `device` feature; its default table has 240 entries, 832 bytes more flash).
+#[unsafe(link_section = ".vector_table.interrupts")]
+#[unsafe(no_mangle)]
+#[used]
+static __INTERRUPTS: [unsafe extern "C" fn(); IRQ_LINES] = [DefaultHandler; IRQ_LINES];
+
 /// Every device interrupt lands here (no device crate, so cortex-m-rt's
 /// default vector table); `irqn` is the NVIC line. (cortex-m-rt requires the
 /// `unsafe fn` signature for this handler and for `HardFault`.)
@@ -169,38 +184,6 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     exit(false)
 }
 
-#[exception]
-unsafe fn HardFault(frame: &cortex_m_rt::ExceptionFrame) -> ! {
-    defmt::error!("hard fault at pc={=u32:#x}", frame.pc());
-    exit(false)
-}
-
-// Linker symbols from cortex-m-rt's link.x; only their addresses are used.
-unsafe extern "C" {
-    static _stack_start: u32;
-    static _stack_end: u32;
-}
-
-/// Stack size available and the most ever used since reset, in bytes.
-///
-/// Scans the painted region from its low end for the first word the stack has
-/// overwritten (paint value `0xCCCC_CCCC`, see cortex-m-rt's `paint-stack`).
-pub fn stack_peak() -> (usize, usize) {
-    let top = &raw const _stack_start as usize;
-    let bottom = &raw const _stack_end as usize;
-    let mut p = bottom;
-    while p < top {
-        // SAFETY: `p` is word-aligned and inside the RAM between the end of
-        // static data and the initial stack pointer, which is always mapped.
-        let word = unsafe { core::ptr::read_volatile(p as *const u32) };
-        if word != 0xCCCC_CCCC {
-            break;
-        }
-        p += 4;
-    }
-    (top - bottom, top - p)
-}
-
 /// Sizes of the static RAM sections and the stack region, in bytes.
 pub fn ram_layout() -> RamLayout {
     // Linker symbols bounding .data and .bss; only their addresses are used.
@@ -214,7 +197,7 @@ pub fn ram_layout() -> RamLayout {
     RamLayout {
         data: a(&raw const __edata) - a(&raw const __sdata),
         bss: a(&raw const __ebss) - a(&raw const __sbss),
-        stack: a(&raw const _stack_start) - a(&raw const _stack_end),
+        stack: (crate::guard::stack_top() - crate::guard::stack_bottom()) as usize,
     }
 }
 
@@ -225,6 +208,6 @@ pub struct RamLayout {
     pub data: usize,
     /// Zeroed statics (buffers, task arenas, the agent).
     pub bss: usize,
-    /// What is left for the stack.
+    /// The stack region below the statics (its guard not counted).
     pub stack: usize,
 }

@@ -20,7 +20,7 @@
 //! | 187 | 1+128 | pinned root keys of content trust (count ≤ 4, then 32 bytes each) |
 //! | 316 | 1+32 | site |
 //! | 349 | 1+32 | segment |
-//! | 382 | 1 | flags: bit 0 = reach the manager over UART0 ([`FLAG_SERIAL`]); other bits 0 |
+//! | 382 | 1 | flags: bit 0 = reach the manager over UART0 ([`FLAG_SERIAL`]); bits 1, 2 = fault demonstrations ([`FLAG_DEMO_STACK_OVERFLOW`], [`FLAG_DEMO_CODE_WRITE`]); other bits 0 |
 //! | 383 | 1 | how many of the root keys must sign a trust document (1 ..= count) |
 //! | 504 | 8 | first 8 bytes of SHA-256 over bytes 0..504 |
 //!
@@ -42,6 +42,12 @@ pub const CONFIG_MAGIC: &[u8; 8] = b"BATONCF2";
 /// `flags` bit: the manager session runs over UART0 (COBS-framed) instead of TCP;
 /// the device then serves no peers (no listener).
 pub const FLAG_SERIAL: u8 = 1;
+/// `flags` bit (a test switch): right after boot the device recurses until its stack
+/// overflows, to show the stack guard faults and logs `stack overflow` (src/guard.rs).
+pub const FLAG_DEMO_STACK_OVERFLOW: u8 = 2;
+/// `flags` bit (a test switch): right after boot the device writes to its code memory, to
+/// show the MPU stops it with a `MemManage fault at <address>` line (src/guard.rs).
+pub const FLAG_DEMO_CODE_WRITE: u8 = 4;
 const CHECK_AT: usize = 504;
 
 /// A bounded byte string with its length (ids, tokens, names).
@@ -117,7 +123,8 @@ pub struct Config {
     pub site: Bytes<32>,
     /// Segment name for reports.
     pub segment: Bytes<32>,
-    /// Option bits: [`FLAG_SERIAL`]; the others are reserved (0).
+    /// Option bits: [`FLAG_SERIAL`], [`FLAG_DEMO_STACK_OVERFLOW`], [`FLAG_DEMO_CODE_WRITE`];
+    /// the others are reserved (0).
     pub flags: u8,
 }
 
@@ -186,7 +193,8 @@ impl Config {
         }
         let root_count = b[187];
         let root_threshold = b[383];
-        if root_count > 4 || root_threshold > root_count || (root_count > 0 && root_threshold == 0) {
+        if root_count > 4 || root_threshold > root_count || (root_count > 0 && root_threshold == 0)
+        {
             return Err(ConfigError::BadField);
         }
         let mut roots = [[0u8; 32]; 4];

@@ -17,7 +17,7 @@
 //!
 //! Logs go out as defmt frames over semihosting (QEMU's stdout); decode them
 //! with `defmt-print -e target/thumbv7m-none-eabi/release/baton-firmware`.
-//! The RAM budget is 64 KiB (statics, buffers and stack), see `memory.x`.
+//! The RAM budget is 64 KiB (statics, buffers and stack), see `memory.x.in`.
 
 #![no_std]
 #![no_main]
@@ -27,9 +27,11 @@ mod board;
 mod cobs_tx;
 mod config;
 mod entropy;
+mod guard;
 mod lan9118;
 mod node;
 mod psram;
+mod stack;
 mod uart;
 
 use baton_agent_core::agent::AgentConfig;
@@ -71,12 +73,12 @@ static NODE: StaticCell<Node> = StaticCell::new();
 
 #[embassy_executor::task]
 async fn net_task(mut runner: embassy_net::Runner<'static, Lan9118>) -> ! {
-    runner.run().await
+    stack::Measured::new(stack::Part::Net, runner.run()).await
 }
 
 #[embassy_executor::task]
 async fn node_task(node: &'static mut Node) -> ! {
-    node.run().await
+    stack::Measured::new(stack::Part::Node, node.run()).await
 }
 
 /// The id a device without a provisioning block uses: `fw-` and its MAC in hex.
@@ -92,6 +94,7 @@ fn id_from_mac(mac: [u8; 6]) -> AgentId {
 fn main() -> ! {
     // Boot in its own frame, so its stack is free again while the tasks run.
     let (runner, node) = boot();
+    stack::measure(stack::Part::Boot);
     board::run_executor(move |spawner: Spawner| {
         spawner.spawn(net_task(runner).unwrap_or_else(|_| board::exit(false)));
         spawner.spawn(node_task(node).unwrap_or_else(|_| board::exit(false)));
@@ -106,7 +109,9 @@ fn main() -> ! {
 /// is on the stack (check: `llvm-objdump -d` shows this function's `sub sp` well under 1 KB).
 #[inline(never)]
 fn place_agent(config: AgentConfig, store: FlashStore<NorPartition>) -> &'static mut DeviceAgent {
-    let agent = AGENT.uninit().write(DeviceAgent::without_records(config, store));
+    let agent = AGENT
+        .uninit()
+        .write(DeviceAgent::without_records(config, store));
     agent.load_records();
     agent
 }
@@ -114,9 +119,10 @@ fn place_agent(config: AgentConfig, store: FlashStore<NorPartition>) -> &'static
 /// Brings the board up and builds the network stack and the node.
 #[inline(never)]
 fn boot() -> (embassy_net::Runner<'static, Lan9118>, &'static mut Node) {
-    let Some(p) = cortex_m::Peripherals::take() else {
+    let Some(mut p) = cortex_m::Peripherals::take() else {
         board::exit(false);
     };
+    guard::enable_mpu(&mut p.MPU, &mut p.SCB);
     board::start_systick(p.SYST);
     let boot = psram::next_boot_count();
 
@@ -213,6 +219,15 @@ fn boot() -> (embassy_net::Runner<'static, Lan9118>, &'static mut Node) {
         core::mem::size_of::<baton_protocol::session::Handshake>(),
         core::mem::size_of::<FrameBuf>()
     );
+
+    // Test switches: show the memory guards on this very image (see guard.rs).
+    let flags = cfg.as_ref().map_or(0, |c| c.flags);
+    if flags & config::FLAG_DEMO_STACK_OVERFLOW != 0 {
+        guard::demo::overflow_stack();
+    }
+    if flags & config::FLAG_DEMO_CODE_WRITE != 0 {
+        guard::demo::write_code();
+    }
 
     // A serial device's manager session runs over UART0: the manager
     // socket's receive buffer then holds the serial line's COBS frames.

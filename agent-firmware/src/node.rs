@@ -1076,16 +1076,22 @@ impl Node {
         self.log_footprint();
     }
 
-    /// Logs the stack high-water mark and the static RAM sizes.
+    /// Logs the deepest stack use (all, and per task: boot, network, node) and the
+    /// static RAM sizes.
     pub fn log_footprint(&self) {
-        let (size, peak) = crate::board::stack_peak();
+        use crate::stack::{Part, measure, peaks};
+        measure(Part::Node);
+        let [boot, net, node] = peaks();
         let ram = crate::board::ram_layout();
         defmt::info!(
-            "footprint: stack_peak={} stack_size={} data={} bss={}",
-            peak,
-            size,
+            "footprint: stack_peak={} stack_size={} data={} bss={} stack_boot={} stack_net={} stack_node={}",
+            boot.max(net).max(node),
+            ram.stack,
             ram.data,
-            ram.bss
+            ram.bss,
+            boot,
+            net,
+            node
         );
     }
 

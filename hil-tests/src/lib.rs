@@ -20,7 +20,9 @@
 //! `scripts/build-firmware.sh` builds before `cargo test` runs (the
 //! firmware ELF, the provisioning tool and `target/release/baton`). The
 //! `baton` binary is found next to the test executable (`target/release/`,
-//! the same target directory), or at `BATON_BIN`; a binary or ELF older than
+//! the same target directory), or at `BATON_BIN`; the firmware ELF is the shipped
+//! release build, or `BATON_FIRMWARE` (scripts/test.sh runs the suite again against an
+//! opt-level "s" build); a binary or ELF older than
 //! any source file its cargo dep-info lists is refused as stale, so a test
 //! never runs yesterday's manager. (A test cannot get another package's
 //! binary from cargo, and must not run a nested cargo.)
@@ -123,7 +125,11 @@ impl Env {
         let path = std::env::join_paths(&dirs).unwrap_or_default();
         let build = "run scripts/build-firmware.sh first";
         let fw_dir = root.join("agent-firmware");
-        let firmware = fw_dir.join("target/thumbv7m-none-eabi/release/baton-firmware");
+        // BATON_FIRMWARE picks another build of the ELF (scripts/test.sh runs the suite
+        // against the "z" and the "s" build).
+        let firmware = std::env::var_os("BATON_FIRMWARE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| fw_dir.join("target/thumbv7m-none-eabi/release/baton-firmware"));
         check_fresh(&firmware, "the firmware ELF", build, &mut problems);
         let provision = std::fs::read_dir(fw_dir.join("target/host"))
             .into_iter()
@@ -285,7 +291,8 @@ pub fn completion(log: &str) -> Option<Completion> {
     })
 }
 
-/// A device's RAM use as it logged it (`footprint: stack_peak=P stack_size=S data=D bss=B`).
+/// A device's RAM use as it logged it (`footprint: stack_peak=P stack_size=S data=D bss=B
+/// stack_boot=.. stack_net=.. stack_node=..`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Footprint {
     /// Deepest stack use since boot (painted high-water mark), bytes.
@@ -296,6 +303,8 @@ pub struct Footprint {
     pub data: u64,
     /// Zeroed statics, bytes.
     pub bss: u64,
+    /// Deepest stack use of boot, the network task and the node task, bytes.
+    pub per_task: [u64; 3],
 }
 
 impl Footprint {
@@ -314,6 +323,7 @@ pub fn footprint(log: &str) -> Option<Footprint> {
         stack_size: num("stack_size")?,
         data: num("data")?,
         bss: num("bss")?,
+        per_task: [num("stack_boot")?, num("stack_net")?, num("stack_node")?],
     })
 }
 
@@ -949,11 +959,12 @@ mod test {
         );
         assert_eq!(completion("nothing"), None);
         let f = footprint(
-            "1.0 INFO  footprint: stack_peak=100 stack_size=200 data=28 bss=300\n\
-             2.0 INFO  footprint: stack_peak=150 stack_size=200 data=28 bss=300\n",
+            "1.0 INFO  footprint: stack_peak=100 stack_size=200 data=28 bss=300 stack_boot=100 stack_net=9 stack_node=50\n\
+             2.0 INFO  footprint: stack_peak=150 stack_size=200 data=28 bss=300 stack_boot=100 stack_net=9 stack_node=150\n",
         )
         .unwrap();
         assert_eq!((f.stack_peak, f.ram_used()), (150, 478));
+        assert_eq!(f.per_task, [100, 9, 150]);
     }
 
     #[test]

@@ -79,13 +79,17 @@ fn a_devices_and_linux_agents_relay() {
         d.wait_log(&format!("job {job} done"), BOUND);
         let f = assert_fits(d);
         eprintln!(
-            "{}: sha256 from flash ok, fetched {} B in {} ms ({} B/s); peak stack {} of {} B, RAM {} of 65536 B",
+            "{}: sha256 from flash ok, fetched {} B in {} ms ({} B/s); peak stack {} of {} B \
+             (boot {}, net {}, node {}), RAM {} of 65536 B",
             d.id,
             c.fetched,
             c.ms,
             c.rate,
             f.stack_peak,
             f.stack_size,
+            f.per_task[0],
+            f.per_task[1],
+            f.per_task[2],
             f.ram_used()
         );
     }
@@ -189,8 +193,8 @@ fn b_serial_device_receives_and_confirms() {
         d.wait_log(&format!("job {job} done"), BOUND);
         let f = assert_fits(d);
         eprintln!(
-            "{}: peak stack {} of {} B after the job",
-            d.id, f.stack_peak, f.stack_size
+            "{}: peak stack {} of {} B after the job (boot {}, net {}, node {})",
+            d.id, f.stack_peak, f.stack_size, f.per_task[0], f.per_task[1], f.per_task[2]
         );
         rates.push(c.rate);
     }
@@ -512,4 +516,97 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     let first = *needle.first()?;
     (0..=hay.len().checked_sub(needle.len())?)
         .find(|&i| hay[i] == first && &hay[i..i + needle.len()] == needle)
+}
+
+/// The value after `prefix` in a log line, as a `0x…` hex number.
+fn hex_after(line: &str, prefix: &str) -> Option<u32> {
+    let rest = &line[line.find(prefix)? + prefix.len()..];
+    let digits = rest.strip_prefix("0x")?;
+    let end = digits
+        .find(|c: char| !c.is_ascii_hexdigit())
+        .unwrap_or(digits.len());
+    u32::from_str_radix(&digits[..end], 16).ok()
+}
+
+/// Boots a device provisioned with `--fault-demo demo` (no network needed: slirp) and
+/// returns its log; the device must fault and QEMU exit with status 1 within 10 s.
+fn fault_demo(demo: &str) -> String {
+    let env = Env::require();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let flash = dir.path().join("dev.img");
+    let mut cmd = std::process::Command::new(&env.provision);
+    cmd.arg("--flash")
+        .arg(&flash)
+        .args(["--id", "fw-guard", "--fault-demo", demo]);
+    let out = baton_test_support::run(cmd, BOUND);
+    assert!(out.success, "provisioning failed: {}", out.stderr);
+    let mut cmd = std::process::Command::new(&env.run_qemu);
+    cmd.env("PATH", &env.path)
+        .arg("--flash")
+        .arg(&flash)
+        .arg(&env.firmware);
+    let started = Instant::now();
+    let out = baton_test_support::run(cmd, Duration::from_secs(10));
+    assert_eq!(
+        out.code,
+        Some(1),
+        "QEMU must exit with the firmware's failure status after the {demo} fault:\n{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    eprintln!(
+        "fault demo {demo}: QEMU exited after {:?}: {}",
+        started.elapsed(),
+        out.stdout.lines().last().unwrap_or("")
+    );
+    out.stdout
+}
+
+/// (f) The memory guards, shown on the image under test: a device that recurses without end
+/// faults as its stack reaches the guard below it and logs `stack overflow` with an address
+/// below the stack region (nothing in the statics above was touched); a write to the code
+/// memory raises a MemManage fault naming the address written.
+#[test]
+fn f_stack_overflow_and_code_write_fault_at_once() {
+    let _one = one_at_a_time();
+
+    let log = fault_demo("stack-overflow");
+    let start = log
+        .lines()
+        .find(|l| l.contains("fault demo: recursing until the stack ("))
+        .unwrap_or_else(|| panic!("no demo start line:\n{log}"));
+    let bottom = hex_after(start, "the stack (").expect("stack bottom in the demo line");
+    let line = log
+        .lines()
+        .find(|l| l.contains("ERROR stack overflow: fault at 0x"))
+        .unwrap_or_else(|| panic!("no stack overflow line:\n{log}"));
+    let at = hex_after(line, "fault at ").expect("fault address");
+    assert!(
+        at < bottom && bottom - at <= 32 + 4096,
+        "the overflow must fault just below the stack's bottom {bottom:#x}: {line}"
+    );
+    assert!(
+        !log.contains("recursion returned"),
+        "the recursion must not survive its overflow:\n{log}"
+    );
+
+    let log = fault_demo("code-write");
+    let start = log
+        .lines()
+        .find(|l| l.contains("fault demo: writing to code at 0x"))
+        .unwrap_or_else(|| panic!("no demo start line:\n{log}"));
+    let target = hex_after(start, "code at ").expect("target address in the demo line");
+    let line = log
+        .lines()
+        .find(|l| l.contains("ERROR MemManage fault at 0x"))
+        .unwrap_or_else(|| panic!("no MemManage fault line:\n{log}"));
+    assert_eq!(
+        hex_after(line, "fault at "),
+        Some(target),
+        "the fault must name the address written: {line}"
+    );
+    assert!(
+        !log.contains("went through"),
+        "the write to code must not land:\n{log}"
+    );
 }

@@ -18,6 +18,10 @@
 //! for `baton serve --serial PATH`) instead of `--manager`'s TCP address;
 //! `--tcp` switches back. A serial device serves no peers.
 //!
+//! `--fault-demo stack-overflow|code-write` (a test switch, `off` clears it) makes the
+//! device fault on purpose right after boot, to show its memory guards: the HIL tests
+//! check the fault line it logs.
+//!
 //! `--show` prints what a file holds; `--erase-content` erases the content
 //! partition (as after a factory reset). The block layout is in `src/config.rs`
 //! of the firmware, which this tool compiles in unchanged.
@@ -33,7 +37,9 @@ use baton_protocol::identity::Identity;
 #[allow(dead_code)]
 mod config;
 
-use config::{Bytes, CONFIG_LEN, Config, FLAG_SERIAL};
+use config::{
+    Bytes, CONFIG_LEN, Config, FLAG_DEMO_CODE_WRITE, FLAG_DEMO_STACK_OVERFLOW, FLAG_SERIAL,
+};
 
 /// The firmware's serial-link encoder, compiled here for its tests.
 #[cfg(test)]
@@ -48,7 +54,8 @@ const CONTENT_OFFSET: u64 = 0x1_0000;
 const USAGE: &str = "usage: baton-fw-provision --flash FILE [--show] [--erase-content]
     [--id ID] [--seed HEX | --new-seed] [--ip A.B.C.D/PREFIX] [--gateway A.B.C.D]
     [--manager A.B.C.D:PORT] [--manager-key HEX] [--listen-port N] [--token TOKEN]
-    [--root-key HEX]... [--root-threshold N] [--site NAME] [--segment NAME] [--serial | --tcp]";
+    [--root-key HEX]... [--root-threshold N] [--site NAME] [--segment NAME] [--serial | --tcp]
+    [--fault-demo stack-overflow|code-write|off]";
 
 fn parse_hex32(s: &str, what: &str) -> Result<[u8; 32], String> {
     let s = s.trim();
@@ -112,6 +119,16 @@ fn show(c: &Config) {
     );
     println!("manager_key={}", hex(&c.manager_key));
     println!("link={}", if c.serial() { "serial" } else { "tcp" });
+    if c.flags & (FLAG_DEMO_STACK_OVERFLOW | FLAG_DEMO_CODE_WRITE) != 0 {
+        println!(
+            "fault_demo={}",
+            if c.flags & FLAG_DEMO_STACK_OVERFLOW != 0 {
+                "stack-overflow"
+            } else {
+                "code-write"
+            }
+        );
+    }
     println!("listen_port={}", c.listen_port);
     println!("site={}", c.site.as_str().unwrap_or(""));
     println!("segment={}", c.segment.as_str().unwrap_or(""));
@@ -132,6 +149,7 @@ fn run() -> Result<(), String> {
     let mut roots = Vec::new();
     let mut root_threshold = None;
     let mut link = None;
+    let mut demo = None;
     while let Some(a) = args.next() {
         let mut value = || {
             args.next()
@@ -144,6 +162,19 @@ fn run() -> Result<(), String> {
             "--new-seed" => new_seed = true,
             "--serial" => link = Some(true),
             "--tcp" => link = Some(false),
+            "--fault-demo" => {
+                let v = value()?;
+                demo = Some(match v.as_str() {
+                    "stack-overflow" => FLAG_DEMO_STACK_OVERFLOW,
+                    "code-write" => FLAG_DEMO_CODE_WRITE,
+                    "off" => 0,
+                    _ => {
+                        return Err(format!(
+                            "--fault-demo {v}: stack-overflow, code-write or off"
+                        ));
+                    }
+                })
+            }
             "--seed" => seed = Some(parse_hex32(&value()?, "--seed")?),
             "--root-key" => roots.push(parse_hex32(&value()?, "--root-key")?),
             "--root-threshold" => {
@@ -154,9 +185,11 @@ fn run() -> Result<(), String> {
                 )
             }
             "--publisher-key" => {
-                return Err("--publisher-key is gone: devices pin root keys (--root-key HEX) \
+                return Err(
+                    "--publisher-key is gone: devices pin root keys (--root-key HEX) \
                      and trust the publishers a root-signed trust document lists"
-                    .into());
+                        .into(),
+                );
             }
             "--id" | "--ip" | "--gateway" | "--manager" | "--manager-key" | "--listen-port"
             | "--token" | "--site" | "--segment" => {
@@ -248,6 +281,9 @@ fn run() -> Result<(), String> {
         Some(true) => c.flags |= FLAG_SERIAL,
         Some(false) => c.flags &= !FLAG_SERIAL,
         None => {}
+    }
+    if let Some(bit) = demo {
+        c.flags = (c.flags & !(FLAG_DEMO_STACK_OVERFLOW | FLAG_DEMO_CODE_WRITE)) | bit;
     }
     if !roots.is_empty() {
         if roots.len() > 4 {
