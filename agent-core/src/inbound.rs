@@ -97,12 +97,14 @@ pub enum Inbound<'a> {
     CertRenewed {
         cert: AgentCert,
     },
+    InstallStatus(NotForAgents),
+    Running(NotForAgents),
 }
 
 /// The variants an agent never takes, by their index on the wire, with [`Message::kind`]'s names.
 ///
 /// [`Message::kind`]: baton_protocol::Message::kind
-const NOT_FOR_AGENTS: [(u8, &str); 7] = [
+const NOT_FOR_AGENTS: [(u8, &str); 9] = [
     (0, "Report"),
     (1, "Progress"),
     (2, "Have"),
@@ -110,6 +112,8 @@ const NOT_FOR_AGENTS: [(u8, &str); 7] = [
     (4, "NextPlease"),
     (5, "PeerTrouble"),
     (16, "SegmentReport"),
+    (22, "InstallStatus"),
+    (23, "Running"),
 ];
 
 /// Why a frame was not decoded.
@@ -164,6 +168,8 @@ impl Inbound<'_> {
             Inbound::Trust { .. } => "Trust",
             Inbound::Revocations { .. } => "Revocations",
             Inbound::CertRenewed { .. } => "CertRenewed",
+            Inbound::InstallStatus(_) => "InstallStatus",
+            Inbound::Running(_) => "Running",
         }
     }
 }
@@ -172,7 +178,7 @@ impl Inbound<'_> {
 mod test {
     use super::*;
     use baton_protocol::Message;
-    use baton_protocol::message::{FailReason, Source, Trouble};
+    use baton_protocol::message::{FailReason, InstallState, Source, Trouble};
 
     /// Whether agents take `m`: an exhaustive match, so a variant appended to `Message`
     /// stops this compiling until it is sorted here and in [`Inbound`].
@@ -184,7 +190,9 @@ mod test {
             | Message::Failed { .. }
             | Message::NextPlease { .. }
             | Message::PeerTrouble { .. }
-            | Message::SegmentReport(_) => false,
+            | Message::SegmentReport(_)
+            | Message::InstallStatus { .. }
+            | Message::Running { .. } => false,
             Message::Welcome { .. }
             | Message::Fetch { .. }
             | Message::Sources { .. }
@@ -262,6 +270,18 @@ mod test {
             Message::NotAccepted { reason: "no" },
             Message::Trust { document: &data },
             Message::Revocations { list: &data },
+            Message::InstallStatus {
+                job,
+                name: heapless::String::try_from("fw").unwrap(),
+                version: 2,
+                state: InstallState::RolledBack,
+                exit_code: Some(3),
+                output: "health check failed",
+            },
+            Message::Running {
+                install_step: true,
+                versions: heapless::Vec::new(),
+            },
         ];
         let mut buf = [0u8; 512];
         for m in &samples {
