@@ -18,6 +18,7 @@ mod files;
 mod flood;
 mod groups;
 mod hostile;
+mod postgres;
 mod push;
 mod revocation;
 mod roles;

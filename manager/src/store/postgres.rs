@@ -37,6 +37,24 @@ pub fn is_postgres_url(db: &str) -> bool {
             .any(|kv| kv.starts_with("host=") || kv.starts_with("dbname="))
 }
 
+/// The environment variable holding the PostgreSQL password (when no file is given).
+pub const PASSWORD_VAR: &str = "BATON_DB_PASSWORD";
+
+/// The PostgreSQL password: the first line of `file` when one is given, else the
+/// environment's `BATON_DB_PASSWORD`, else libpq's `PGPASSWORD`; `None` when there is
+/// none (the server may not ask for one: a trusted or peer-authenticated socket).
+pub fn read_password(file: Option<&std::path::Path>) -> Result<Option<String>> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            StoreError::BadUrl(format!("database password file {}: {e}", path.display()))
+        })?;
+        return Ok(Some(text.lines().next().unwrap_or("").to_string()));
+    }
+    Ok([PASSWORD_VAR, "PGPASSWORD"]
+        .iter()
+        .find_map(|var| std::env::var(var).ok().filter(|p| !p.is_empty())))
+}
+
 /// The PostgreSQL backend: a small pool of connections to one database.
 #[derive(Debug)]
 pub struct PostgresStore {

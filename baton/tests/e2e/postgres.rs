@@ -1,0 +1,93 @@
+//! End to end on PostgreSQL: a real `baton serve --db postgresql://…` (password from
+//! `--db-password-file`) on a database of its own on the test server, three real
+//! agents, and a push followed to completion; the job and its confirmations are
+//! read back over the API and straight from PostgreSQL, and no SQLite file is made.
+//! Without a test server it fails in CI and says loudly that it is skipped elsewhere
+//! (`baton_manager::store::test_database`).
+
+use std::time::Duration;
+
+use crate::common::*;
+use baton_manager::store::Store;
+use baton_manager::store::test_database::TestDatabase;
+use baton_test_support::{AgentProc, Manager, pseudo_random};
+
+#[test]
+fn the_manager_runs_on_postgresql() {
+    let Some(db) = TestDatabase::create("e2e_manager_on_postgresql") else {
+        return;
+    };
+    let password_file = db
+        .password_file()
+        .expect("the test cluster has a password (scripts/pg-test-cluster.sh)")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let m = Manager::start_args(
+        BATON,
+        &["--db", db.url(), "--db-password-file", &password_file],
+    );
+    assert!(m.log().contains("database: PostgreSQL"), "{}", m.log());
+    let root = m.dir.clone();
+    let names = ["p1", "p2", "p3"];
+    let agents: Vec<AgentProc> = names
+        .iter()
+        .map(|n| AgentProc::spawn(&m, &root, n, &["--up-bps", "4MiB"]))
+        .collect();
+    m.wait_connected(&names);
+
+    let bytes = pseudo_random(600_000, 7);
+    let file = root.join("firmware.bin");
+    std::fs::write(&file, &bytes).unwrap();
+    let data = m.data_dir();
+    let out = baton(
+        &[
+            "push",
+            file.to_str().unwrap(),
+            "--agents",
+            "p1,p2,p3",
+            "--name",
+            "pg-fw",
+            "--chunk-size",
+            "16KiB",
+            "--wait",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(out.success, "push failed:\n{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("3 of 3 participants confirmed"),
+        "{}",
+        out.stdout
+    );
+    for a in &agents {
+        a.wait_export(&bytes);
+    }
+
+    // The API answers from PostgreSQL...
+    let (status, jobs) = m.api("GET", "/api/v1/jobs", None);
+    assert_eq!(status, 200, "{jobs}");
+    let id = jobs[0]["id"].as_u64().unwrap();
+    let job = m.job(id);
+    assert_eq!(job["state"], "finished", "{job}");
+    assert_eq!(job["confirmed_count"], 3, "{job}");
+    assert_eq!(job["confirmations"].as_array().unwrap().len(), 3, "{job}");
+    // ...which holds the job, one confirmation per agent and the agents, and no SQLite
+    // file was made beside the keys.
+    let store = db.open();
+    let stored = store.job(id).unwrap().expect("the job is in PostgreSQL");
+    assert_eq!(stored.confirmed, Some(3));
+    let mut confirmed: Vec<String> = store
+        .confirmations(id)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.agent)
+        .collect();
+    confirmed.sort();
+    assert_eq!(confirmed, names);
+    assert_eq!(store.agents().unwrap().len(), 3);
+    assert!(store.epoch().unwrap() >= 1);
+    assert!(!data.join("baton.db").exists());
+}
