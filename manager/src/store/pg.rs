@@ -279,8 +279,16 @@ impl<'p> Conn<'p> {
         self.checked(block_on(self.client().query_one(sql, params)))
     }
 
-    /// Runs `sql`; how many rows it changed.
-    pub(super) fn exec(&self, sql: &str, params: Params<'_>) -> Result<u64> {
+    /// Prepares a statement to run many times.
+    pub(super) fn prepare(&self, sql: &str) -> Result<tokio_postgres::Statement> {
+        self.checked(block_on(self.client().prepare(sql)))
+    }
+
+    /// Runs `sql` (text or prepared); how many rows it changed.
+    pub(super) fn exec<S>(&self, sql: &S, params: Params<'_>) -> Result<u64>
+    where
+        S: tokio_postgres::ToStatement + ?Sized,
+    {
         self.checked(block_on(self.client().execute(sql, params)))
     }
 

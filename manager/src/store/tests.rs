@@ -1250,3 +1250,184 @@ fn postgres_store_calls_work_from_inside_async_tasks() {
     // Dropping the store inside a runtime (the manager's shutdown) does not panic either.
     current.block_on(async move { drop(store) });
 }
+
+// ---- `baton db copy`
+
+/// An installation with a row in every table.
+fn fill(s: &mut dyn Store) -> u64 {
+    s.next_epoch().unwrap();
+    s.next_epoch().unwrap();
+    s.set_meta("manager_key", &[9; 32]).unwrap();
+    let key = |b| baton_protocol::identity::Identity::from_seed([b; 32]).public();
+    for (n, agent) in ["a", "b", "gone"].iter().enumerate() {
+        s.enrol(agent, &key(n as u8 + 1), 10).unwrap();
+        s.record_report(&report(agent), 11).unwrap();
+        s.place_at_enrolment(agent, "lan-1", 5).unwrap();
+        s.next_cert_serial(agent, 5_000).unwrap();
+    }
+    s.add_token(
+        &[7; 32],
+        &NewToken {
+            expires_at: 10_000,
+            bound_id: Some("c".into()),
+            labels: [("role".to_string(), "edge".to_string())].into(),
+        },
+        10,
+    )
+    .unwrap();
+    s.revoke_agent("gone", 12).unwrap();
+    s.next_revocation_version().unwrap();
+    s.put_content(&content(1, "fw", 1)).unwrap();
+    let job = s
+        .create_job(&[1; 32], &TargetSpec::Agents(vec!["a".into(), "b".into()]), 13)
+        .unwrap();
+    s.add_job_warning(job, "second rule", 13).unwrap();
+    s.add_job_warning(job, "first rule", 13).unwrap();
+    s.apply(
+        &[
+            Persist::JobStarted {
+                job,
+                epoch: 2,
+                order: vec![id("a"), id("b")],
+            },
+            Persist::SourceBytes {
+                job,
+                agent: id("a"),
+                from: None,
+                bytes: 100_000,
+            },
+            Persist::SourceBytes {
+                job,
+                agent: id("b"),
+                from: Some(id("a")),
+                bytes: 100_000,
+            },
+            Persist::Participant {
+                job,
+                agent: id("a"),
+                state: ParticipantState::Confirmed,
+                source_note: Some("manager".into()),
+            },
+            Persist::Participant {
+                job,
+                agent: id("b"),
+                state: ParticipantState::Failed(FailCause::GaveUp),
+                source_note: None,
+            },
+            Persist::MeasuredUpload {
+                job,
+                rates: vec![(id("a"), 250_000)],
+            },
+            Persist::JobFinished {
+                job,
+                confirmed: 1,
+                failed: 1,
+            },
+        ],
+        14,
+    )
+    .unwrap();
+    for (leader, at) in [("a", 100), ("b", 200)] {
+        s.replace_segment(&SegmentRecord {
+            name: "lan-1".into(),
+            leader: leader.into(),
+            term: 1,
+            reported_at_ms: at,
+            members: vec![member("a", true), member("b", false)],
+        })
+        .unwrap();
+    }
+    s.add_group(
+        &GroupRecord {
+            name: "edge".into(),
+            agents: vec!["a".into()],
+            selector: [("role".to_string(), "edge".to_string())].into(),
+        },
+        15,
+    )
+    .unwrap();
+    s.add_policy(
+        &PolicyRecord {
+            name: "slow".into(),
+            policy: serde_json::json!({ "max_peers_per_source": 2 }),
+        },
+        15,
+    )
+    .unwrap();
+    s.set_admin("ops", "hash-1", Some(Role::Operate), 16).unwrap();
+    s.new_api_token("ci", &[8; 32], Role::Read, 16).unwrap();
+    assert!(s.create_session(&session(1, "ops", 100), "hash-1").unwrap());
+    for n in 0..3 {
+        s.add_audit(&audit_entry("job.start", &format!("{n}"), 17), 100)
+            .unwrap();
+    }
+    s.add_trust(1, b"trust-1", 18, 5).unwrap();
+    job
+}
+
+/// Everything a store answers about an installation, to compare two.
+fn everything(s: &dyn Store, job: u64) -> String {
+    format!(
+        "{:#?}",
+        (
+            (s.epoch().unwrap(), s.meta("manager_key").unwrap()),
+            (s.agents().unwrap(), s.tokens(20).unwrap(), s.bound_labels().unwrap()),
+            (s.revoked_agents().unwrap(), s.content(&[1; 32]).unwrap()),
+            (s.jobs().unwrap(), s.job(job).unwrap(), s.participants(job).unwrap()),
+            (s.source_bytes(job).unwrap(), s.confirmations(job).unwrap()),
+            (s.segments().unwrap(), s.leader_history("lan-1").unwrap()),
+            (s.groups().unwrap(), s.policies().unwrap(), s.admins().unwrap()),
+            (s.admin_role("ops").unwrap(), s.api_token(&[8; 32]).unwrap()),
+            (s.session(&[1; 32]).unwrap(), s.audit(None, 10).unwrap()),
+            (s.trust_chain().unwrap(), s.totals().unwrap()),
+        )
+    )
+}
+
+#[test]
+fn db_copy_moves_every_table_from_sqlite_to_an_empty_postgresql() {
+    let Some(db) = TestDatabase::create("db_copy") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.db");
+    let job = fill(&mut SqliteStore::open(&path).unwrap());
+    let mut source = SqliteStore::open(&path).unwrap();
+    let target = db.open();
+    let counts = copy::sqlite_to_postgres(&path, &target).unwrap();
+    // Every table is copied, and every one of them had rows.
+    let conn = source.connection();
+    for (table, n) in &counts {
+        assert!(*n > 0, "table {table} was empty in the source");
+        let in_sqlite: i64 = conn
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(*n, in_sqlite as u64, "{table}");
+    }
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(counts.len() as i64, tables);
+    let mut target: Box<dyn Store> = Box::new(target);
+    assert_eq!(everything(&source, job), everything(target.as_ref(), job));
+    // Counters and ids go on from where the source left them, on both alike.
+    for s in [&mut source as &mut dyn Store, target.as_mut()] {
+        assert_eq!(s.next_epoch().unwrap(), 3);
+        assert_eq!(s.create_job(&[1; 32], &TargetSpec::All, 30).unwrap(), job + 1);
+        assert_eq!(s.add_audit(&audit_entry("x", "y", 30), 100).unwrap(), 4);
+        assert_eq!(s.next_cert_serial("a", 9_000).unwrap(), 4);
+        assert_eq!(s.next_revocation_version().unwrap(), 2);
+        s.add_job_warning(job + 1, "later", 31).unwrap();
+    }
+    // A target with data is refused, and is left as it was.
+    let before = everything(target.as_ref(), job);
+    match copy::sqlite_to_postgres(&path, &db.open()) {
+        Err(StoreError::Duplicate(why)) => assert!(why.contains("empty"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(everything(target.as_ref(), job), before);
+}
