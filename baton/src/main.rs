@@ -66,6 +66,9 @@ enum Command {
     /// Administrators of the web UI and API tokens: `add NAME`, `token NAME`, `revoke-token NAME`, `list`.
     #[command(subcommand)]
     Admin(cli::admin::AdminCommand),
+    /// The manager's database: `db copy --from sqlite:PATH --to postgres://…` moves an installation to PostgreSQL.
+    #[command(subcommand)]
+    Db(cli::db::DbCommand),
     /// Run a Linux agent (the same as `baton-agent`).
     Agent(Box<baton_agent_core::linux::AgentArgs>),
     /// Run a whole distribution on this machine: a manager and N agents as processes, real TCP, link caps.
@@ -157,6 +160,10 @@ fn run(cli: Cli, argv: Vec<OsString>, from_file: Vec<OsString>) -> anyhow::Resul
         Command::Admin(cmd) => {
             init_logging("warn");
             cli::admin::run(cmd)?;
+        }
+        Command::Db(cmd) => {
+            init_logging("warn");
+            cli::db::run(cmd)?;
         }
         Command::Agent(args) => {
             init_logging("info");

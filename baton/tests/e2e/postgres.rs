@@ -91,3 +91,75 @@ fn the_manager_runs_on_postgresql() {
     assert!(store.epoch().unwrap() >= 1);
     assert!(!data.join("baton.db").exists());
 }
+
+#[test]
+fn an_installation_moves_from_sqlite_to_postgresql_with_db_copy() {
+    let Some(db) = TestDatabase::create("e2e_db_copy") else {
+        return;
+    };
+    let password_file = db.password_file().unwrap().to_str().unwrap().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let listen = baton_test_support::free_loopback_addr();
+    // A year on SQLite: two agents, one job done.
+    let mut m = Manager::start_on(BATON, tmp.path(), &listen);
+    let agents: Vec<AgentProc> = ["c1", "c2"]
+        .iter()
+        .map(|n| AgentProc::spawn(&m, tmp.path(), n, &[]))
+        .collect();
+    m.wait_connected(&["c1", "c2"]);
+    let first = pseudo_random(100_000, 3);
+    let file = tmp.path().join("first.bin");
+    std::fs::write(&file, &first).unwrap();
+    let job = m.create_job(&file, &["c1", "c2"], serde_json::json!({}));
+    m.wait_job(job, Duration::from_secs(30), |j| j["state"] == "finished");
+    m.stop();
+
+    let db_file = format!("sqlite:{}", m.data_dir().join("baton.db").display());
+    let copy = |expect_ok: bool| {
+        let out = baton(
+            &[
+                "db",
+                "copy",
+                "--from",
+                &db_file,
+                "--to",
+                db.url(),
+                "--db-password-file",
+                &password_file,
+            ],
+            Duration::from_secs(30),
+        );
+        assert_eq!(out.success, expect_ok, "{}\n{}", out.stdout, out.stderr);
+        out
+    };
+    let out = copy(true);
+    assert!(out.stdout.contains("confirmations"), "{}", out.stdout);
+    assert!(out.stdout.contains("copied "), "{}", out.stdout);
+    // Copying again into the now used database is refused.
+    assert!(copy(false).stderr.contains("empty"));
+
+    // The same data directory, now on PostgreSQL: the old job is there, the epoch goes
+    // on from the copied one, the agents come back and the next job completes.
+    let m = Manager::start_args_in(
+        BATON,
+        tmp.path(),
+        &listen,
+        &["--db", db.url(), "--db-password-file", &password_file],
+    );
+    assert_eq!(m.info.epoch, 2);
+    let old = m.job(job);
+    assert_eq!(old["state"], "finished", "{old}");
+    assert_eq!(old["confirmed_count"], 2, "{old}");
+    m.wait_connected(&["c1", "c2"]);
+    let second = pseudo_random(120_000, 4);
+    let file = tmp.path().join("second.bin");
+    std::fs::write(&file, &second).unwrap();
+    let next = m.create_job(&file, &["c1", "c2"], serde_json::json!({}));
+    assert_eq!(next, job + 1);
+    let done = m.wait_job(next, Duration::from_secs(30), |j| j["state"] == "finished");
+    assert_eq!(done["confirmed_count"], 2, "{done}");
+    for a in &agents {
+        a.wait_export(&second);
+    }
+    assert_eq!(db.open().confirmations(next).unwrap().len(), 2);
+}

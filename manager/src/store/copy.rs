@@ -78,6 +78,15 @@ pub fn sqlite_to_postgres(from: &Path, to: &PostgresStore) -> Result<Vec<(String
             known.join(", ")
         )));
     }
+    // One read transaction: every table as of one moment, also beside a writer.
+    src.execute_batch("BEGIN")?;
+    let copied = copy_in(src, to);
+    let _ = src.execute_batch("COMMIT");
+    copied
+}
+
+/// The copy, inside the source's read transaction.
+fn copy_in(src: &rusqlite::Connection, to: &PostgresStore) -> Result<Vec<(String, u64)>> {
     let mut conn = to.conn()?;
     let tx = conn.begin()?;
     for table in TABLES {
