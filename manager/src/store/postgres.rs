@@ -620,7 +620,12 @@ impl NamedTable {
     }
 
     /// One record, decoded by `record` from its `SELECT name, columns...` row.
-    fn one<R>(self, conn: &Conn<'_>, name: &str, record: fn(&Row) -> Result<R>) -> Result<Option<R>> {
+    fn one<R>(
+        self,
+        conn: &Conn<'_>,
+        name: &str,
+        record: fn(&Row) -> Result<R>,
+    ) -> Result<Option<R>> {
         let sql = format!("{} WHERE name = $1", self.select());
         conn.opt(&sql, &[&name])?.as_ref().map(record).transpose()
     }
@@ -1024,10 +1029,7 @@ impl Store for PostgresStore {
 
     fn trust_chain(&self) -> Result<Vec<Vec<u8>>> {
         self.conn()?
-            .query(
-                "SELECT document FROM trust_documents ORDER BY version",
-                &[],
-            )?
+            .query("SELECT document FROM trust_documents ORDER BY version", &[])?
             .iter()
             .map(|r| Ok(r.try_get(0)?))
             .collect()
@@ -1631,10 +1633,7 @@ impl Store for PostgresStore {
             .query(
                 "SELECT id, at, via, who, address, action, target, result, status, error
                  FROM audit_log WHERE id < $1 ORDER BY id DESC LIMIT $2",
-                &[
-                    &before.map_or(i64::MAX, saturate),
-                    &saturate(limit as u64),
-                ],
+                &[&before.map_or(i64::MAX, saturate), &saturate(limit as u64)],
             )?
             .iter()
             .map(|r| {

@@ -40,9 +40,7 @@ pub fn server_url(test: &str) -> Option<String> {
             "{test}: no PostgreSQL in CI: {URL_VAR} is unset (scripts/test.sh starts a cluster)"
         ),
         _ => {
-            eprintln!(
-                "SKIPPED {test}: no PostgreSQL (set {URL_VAR} or run scripts/test.sh)"
-            );
+            eprintln!("SKIPPED {test}: no PostgreSQL (set {URL_VAR} or run scripts/test.sh)");
             None
         }
     }
@@ -64,7 +62,13 @@ impl TestDatabase {
         });
         let label: String = test
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let mut name = format!(
             "bt_{}_{}_{label}",

@@ -1205,10 +1205,7 @@ fn postgres_replaces_a_connection_the_server_closed() {
         assert!(std::time::Instant::now() < deadline);
     }
     s.mark_seen("edge-1", 9).unwrap();
-    assert_eq!(
-        killer.agent("edge-1").unwrap().unwrap().last_seen,
-        Some(9)
-    );
+    assert_eq!(killer.agent("edge-1").unwrap().unwrap().last_seen, Some(9));
 }
 
 #[test]
@@ -1224,7 +1221,9 @@ fn postgres_store_calls_work_from_inside_async_tasks() {
         .build()
         .unwrap();
     current.block_on(async {
-        lock(&store).enrol("edge-1", &PublicKey([1; 32]), 5).unwrap();
+        lock(&store)
+            .enrol("edge-1", &PublicKey([1; 32]), 5)
+            .unwrap();
         let inner = db.open();
         assert!(inner.agent("edge-1").unwrap().is_some());
     });
@@ -1279,7 +1278,11 @@ fn fill(s: &mut dyn Store) -> u64 {
     s.next_revocation_version().unwrap();
     s.put_content(&content(1, "fw", 1)).unwrap();
     let job = s
-        .create_job(&[1; 32], &TargetSpec::Agents(vec!["a".into(), "b".into()]), 13)
+        .create_job(
+            &[1; 32],
+            &TargetSpec::Agents(vec!["a".into(), "b".into()]),
+            13,
+        )
         .unwrap();
     s.add_job_warning(job, "second rule", 13).unwrap();
     s.add_job_warning(job, "first rule", 13).unwrap();
@@ -1354,7 +1357,8 @@ fn fill(s: &mut dyn Store) -> u64 {
         15,
     )
     .unwrap();
-    s.set_admin("ops", "hash-1", Some(Role::Operate), 16).unwrap();
+    s.set_admin("ops", "hash-1", Some(Role::Operate), 16)
+        .unwrap();
     s.new_api_token("ci", &[8; 32], Role::Read, 16).unwrap();
     assert!(s.create_session(&session(1, "ops", 100), "hash-1").unwrap());
     for n in 0..3 {
@@ -1371,12 +1375,24 @@ fn everything(s: &dyn Store, job: u64) -> String {
         "{:#?}",
         (
             (s.epoch().unwrap(), s.meta("manager_key").unwrap()),
-            (s.agents().unwrap(), s.tokens(20).unwrap(), s.bound_labels().unwrap()),
+            (
+                s.agents().unwrap(),
+                s.tokens(20).unwrap(),
+                s.bound_labels().unwrap()
+            ),
             (s.revoked_agents().unwrap(), s.content(&[1; 32]).unwrap()),
-            (s.jobs().unwrap(), s.job(job).unwrap(), s.participants(job).unwrap()),
+            (
+                s.jobs().unwrap(),
+                s.job(job).unwrap(),
+                s.participants(job).unwrap()
+            ),
             (s.source_bytes(job).unwrap(), s.confirmations(job).unwrap()),
             (s.segments().unwrap(), s.leader_history("lan-1").unwrap()),
-            (s.groups().unwrap(), s.policies().unwrap(), s.admins().unwrap()),
+            (
+                s.groups().unwrap(),
+                s.policies().unwrap(),
+                s.admins().unwrap()
+            ),
             (s.admin_role("ops").unwrap(), s.api_token(&[8; 32]).unwrap()),
             (s.session(&[1; 32]).unwrap(), s.audit(None, 10).unwrap()),
             (s.trust_chain().unwrap(), s.totals().unwrap()),
@@ -1417,7 +1433,10 @@ fn db_copy_moves_every_table_from_sqlite_to_an_empty_postgresql() {
     // Counters and ids go on from where the source left them, on both alike.
     for s in [&mut source as &mut dyn Store, target.as_mut()] {
         assert_eq!(s.next_epoch().unwrap(), 3);
-        assert_eq!(s.create_job(&[1; 32], &TargetSpec::All, 30).unwrap(), job + 1);
+        assert_eq!(
+            s.create_job(&[1; 32], &TargetSpec::All, 30).unwrap(),
+            job + 1
+        );
         assert_eq!(s.add_audit(&audit_entry("x", "y", 30), 100).unwrap(), 4);
         assert_eq!(s.next_cert_serial("a", 9_000).unwrap(), 4);
         assert_eq!(s.next_revocation_version().unwrap(), 2);
