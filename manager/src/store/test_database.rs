@@ -9,7 +9,6 @@
 //! that it was skipped — it never passes silently.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::PostgresStore;
 use super::pg::Pool;
@@ -20,6 +19,8 @@ pub const URL_VAR: &str = "BATON_TEST_POSTGRES_URL";
 pub const PASSWORD_FILE_VAR: &str = "BATON_TEST_POSTGRES_PASSWORD_FILE";
 /// The environment variable naming the directory of the test server's unix socket.
 pub const SOCKET_DIR_VAR: &str = "BATON_TEST_POSTGRES_SOCKET_DIR";
+/// The environment variable naming the test server's port (part of the socket's name).
+pub const PORT_VAR: &str = "BATON_TEST_POSTGRES_PORT";
 
 /// One database made for one test on the test server; dropped with it.
 #[derive(Debug)]
@@ -40,14 +41,20 @@ pub fn server_url(test: &str) -> Option<String> {
             "{test}: no PostgreSQL in CI: {URL_VAR} is unset (scripts/test.sh starts a cluster)"
         ),
         _ => {
-            eprintln!("SKIPPED {test}: no PostgreSQL (set {URL_VAR} or run scripts/test.sh)");
+            say_skipped(&format!(
+                "{test}: no PostgreSQL (set {URL_VAR} or run scripts/test.sh)"
+            ));
             None
         }
     }
 }
 
-/// Names of the databases made by this process, numbered.
-static NEXT: AtomicU32 = AtomicU32::new(0);
+/// Prints `SKIPPED: why` on standard error past the test harness's capture (which
+/// hides what a passing test prints), so a skipped test is seen in every run.
+pub fn say_skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
 
 impl TestDatabase {
     /// Makes a new empty database for `test` (see [`server_url`] when there is no server).
@@ -70,11 +77,8 @@ impl TestDatabase {
                 }
             })
             .collect();
-        let mut name = format!(
-            "bt_{}_{}_{label}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        // Random, so that parallel tests and processes never pick the same name.
+        let mut name = format!("bt_{:016x}_{label}", rand::random::<u64>());
         name.truncate(63);
         let db = TestDatabase {
             url: with_dbname(&server_url, &name),
