@@ -258,6 +258,7 @@ mod test {
     const EVERY_SETTING: &str = r#"
 data-dir = "/var/lib/baton-test"
 db = "/var/lib/baton-test/other.db"
+db-password-file = "/etc/baton/db.password"
 listen = "127.0.0.1:7000"
 http = "127.0.0.1:7001"
 up-bps = "10MiB"
@@ -316,6 +317,10 @@ cert-lifetime = "12h"
         assert_eq!(
             opts.db.as_deref(),
             Some(std::path::Path::new("/var/lib/baton-test/other.db"))
+        );
+        assert_eq!(
+            opts.db_password_file.as_deref(),
+            Some(std::path::Path::new("/etc/baton/db.password"))
         );
         assert_eq!(opts.listen.to_string(), "127.0.0.1:7000");
         assert_eq!(opts.http.to_string(), "127.0.0.1:7001");
