@@ -4,6 +4,7 @@
 # that its sans-IO core builds alone, the no_std build, all tests, the firmware (size,
 # stack, clippy), the QEMU hardware-in-the-loop tests (needs root), the simulator's
 # seed sweep, the Debian packages (built, installed into a throwaway root, run; needs root),
+# the store suite and the manager on a throwaway PostgreSQL cluster (scripts/pg-test-cluster.sh),
 # the Markdown links, and a short fuzz run. Browser tests need chromium (installed here).
 # Usage: scripts/test.sh            (FUZZ_SECONDS=N to change the fuzz time per target)
 set -euo pipefail
@@ -74,6 +75,12 @@ cargo check -p baton-protocol -p baton-agent-core --no-default-features --target
 hostile=(flood:: hostile:: web::slow_clients web::parallel_wrong_logins)
 skip_hostile=()
 for t in "${hostile[@]}"; do skip_hostile+=(--skip "$t"); done
+
+# A throwaway PostgreSQL cluster (installed when missing) for the store suite on PostgreSQL,
+# `baton db copy` and the manager on PostgreSQL end to end; removed when this script exits.
+stage "PostgreSQL cluster (throwaway)"
+. scripts/pg-test-cluster.sh
+pg_test_cluster_start
 
 stage "cargo test"
 cargo test --workspace --exclude baton-hil-tests -- "${skip_hostile[@]}"

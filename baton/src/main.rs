@@ -66,6 +66,9 @@ enum Command {
     /// Administrators of the web UI and API tokens: `add NAME`, `token NAME`, `revoke-token NAME`, `list`.
     #[command(subcommand)]
     Admin(cli::admin::AdminCommand),
+    /// The manager's database: `db copy --from sqlite:PATH --to postgres://…` moves an installation to PostgreSQL.
+    #[command(subcommand)]
+    Db(cli::db::DbCommand),
     /// Run a Linux agent (the same as `baton-agent`).
     Agent(Box<baton_agent_core::linux::AgentArgs>),
     /// Run a whole distribution on this machine: a manager and N agents as processes, real TCP, link caps.
@@ -157,6 +160,10 @@ fn run(cli: Cli, argv: Vec<OsString>, from_file: Vec<OsString>) -> anyhow::Resul
         Command::Admin(cmd) => {
             init_logging("warn");
             cli::admin::run(cmd)?;
+        }
+        Command::Db(cmd) => {
+            init_logging("warn");
+            cli::db::run(cmd)?;
         }
         Command::Agent(args) => {
             init_logging("info");
@@ -251,6 +258,7 @@ mod test {
     const EVERY_SETTING: &str = r#"
 data-dir = "/var/lib/baton-test"
 db = "/var/lib/baton-test/other.db"
+db-password-file = "/etc/baton/db.password"
 listen = "127.0.0.1:7000"
 http = "127.0.0.1:7001"
 up-bps = "10MiB"
@@ -310,6 +318,10 @@ cert-lifetime = "12h"
         assert_eq!(
             opts.db.as_deref(),
             Some(std::path::Path::new("/var/lib/baton-test/other.db"))
+        );
+        assert_eq!(
+            opts.db_password_file.as_deref(),
+            Some(std::path::Path::new("/etc/baton/db.password"))
         );
         assert_eq!(opts.listen.to_string(), "127.0.0.1:7000");
         assert_eq!(opts.http.to_string(), "127.0.0.1:7001");

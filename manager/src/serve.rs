@@ -30,15 +30,21 @@ use crate::content::{self, Content, ContentError, Keys, Library};
 use crate::engine_task::{EngineInput, EngineTask};
 use crate::registry::{Registry, SharedStore, lock, unix_now};
 use crate::service::{Manager, decode_manifest, engine_targets};
-use crate::store::{JobRecord, JobState, SqliteStore, Store, StoreError};
+use crate::store::postgres::read_password;
+use crate::store::{
+    JobRecord, JobState, PostgresStore, SqliteStore, Store, StoreError, is_postgres_url,
+};
 
 /// How `baton serve` runs.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
     /// Keys, admin token, database and status file live here.
     pub data_dir: PathBuf,
-    /// The database file (default `<data_dir>/baton.db`).
+    /// The database: a SQLite file (default `<data_dir>/baton.db`) or a PostgreSQL URL
+    /// ([`crate::store::is_postgres_url`]).
     pub db: Option<PathBuf>,
+    /// The file holding the PostgreSQL password (else `BATON_DB_PASSWORD`, `PGPASSWORD`).
+    pub db_password_file: Option<PathBuf>,
     /// Agent port address.
     pub listen: SocketAddr,
     /// HTTP API address.
@@ -91,6 +97,7 @@ impl ServeOptions {
         ServeOptions {
             data_dir,
             db: None,
+            db_password_file: None,
             listen: SocketAddr::from(([0, 0, 0, 0], 7700)),
             http: SocketAddr::from(([127, 0, 0, 1], 7780)),
             up_bps: 0,
@@ -431,24 +438,39 @@ pub async fn serve_reloading(
         .db
         .clone()
         .unwrap_or_else(|| opts.data_dir.join("baton.db"));
-    let mut sqlite = SqliteStore::open(&db_path).map_err(|source| ServeError::Store {
-        path: db_path.clone(),
-        source,
-    })?;
+    let postgres_url = db_path.to_str().filter(|d| is_postgres_url(d));
+    let mut database: Box<dyn Store> = match postgres_url {
+        Some(url) => {
+            let opened = read_password(opts.db_password_file.as_deref())
+                .and_then(|password| PostgresStore::connect(url, password.as_deref()));
+            let store = opened.map_err(|source| ServeError::Store {
+                path: PathBuf::from("PostgreSQL database"),
+                source,
+            })?;
+            tracing::info!(database = ?store, "database: PostgreSQL");
+            Box::new(store)
+        }
+        None => Box::new(
+            SqliteStore::open(&db_path).map_err(|source| ServeError::Store {
+                path: db_path.clone(),
+                source,
+            })?,
+        ),
+    };
     let manager_key = keys.manager.public();
-    match sqlite.meta("manager_key")? {
+    match database.meta("manager_key")? {
         Some(k) if k != manager_key.0 => tracing::warn!(
             "manager.key differs from the key this database was created with; agents that pinned the old key will refuse this manager"
         ),
         Some(_) => {}
-        None => sqlite.set_meta("manager_key", &manager_key.0)?,
+        None => database.set_meta("manager_key", &manager_key.0)?,
     }
-    let epoch = sqlite.next_epoch()?;
+    let epoch = database.next_epoch()?;
     let tls = match &opts.tls {
         Some((cert, key)) => Some(Arc::new(crate::http::tls::load_config(cert, key)?)),
         None => None,
     };
-    let store: SharedStore = Arc::new(Mutex::new(Box::new(sqlite) as Box<dyn Store>));
+    let store: SharedStore = Arc::new(Mutex::new(database));
     let upload_dir = opts.data_dir.join("uploads");
     // Never published, wherever they are: the database (and its WAL files), the TLS key,
     // and the ready file (it holds the admin token).

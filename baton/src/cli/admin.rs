@@ -22,7 +22,8 @@ use baton_manager::audit;
 use baton_manager::http::web::users;
 use baton_manager::registry::unix_now;
 use baton_manager::roles::Role;
-use baton_manager::store::{AdminSet, SqliteStore, Store};
+use baton_manager::store::postgres::read_password as read_db_password;
+use baton_manager::store::{AdminSet, PostgresStore, SqliteStore, Store, is_postgres_url};
 use clap::{Args, Subcommand};
 
 /// Where the manager's database is.
@@ -31,17 +32,26 @@ pub struct DbOpts {
     /// The manager's data directory (the database is `<data-dir>/baton.db` unless --db).
     #[arg(long, env = "BATON_DATA_DIR", default_value = "baton-data")]
     pub data_dir: PathBuf,
-    /// The database file, as given to `baton serve --db`.
-    #[arg(long)]
+    /// The database, as given to `baton serve --db` (a file or a PostgreSQL URL).
+    #[arg(long, value_name = "FILE|URL")]
     pub db: Option<PathBuf>,
+    /// File whose first line is the PostgreSQL password (else `BATON_DB_PASSWORD`, `PGPASSWORD`).
+    #[arg(long, value_name = "FILE")]
+    pub db_password_file: Option<PathBuf>,
 }
 
 impl DbOpts {
-    fn open(&self) -> anyhow::Result<SqliteStore> {
+    fn open(&self) -> anyhow::Result<Box<dyn Store>> {
         let path = self
             .db
             .clone()
             .unwrap_or_else(|| self.data_dir.join("baton.db"));
+        if let Some(url) = path.to_str().filter(|p| is_postgres_url(p)) {
+            let password = read_db_password(self.db_password_file.as_deref())?;
+            let store = PostgresStore::connect(url, password.as_deref())
+                .context("the PostgreSQL database")?;
+            return Ok(Box::new(store));
+        }
         // Created owner-only if missing, as `baton serve` would create it; an existing
         // directory is left as it is (with --db it may be any directory).
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
@@ -54,7 +64,9 @@ impl DbOpts {
                 .create(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        SqliteStore::open(&path).with_context(|| format!("database {}", path.display()))
+        let store =
+            SqliteStore::open(&path).with_context(|| format!("database {}", path.display()))?;
+        Ok(Box::new(store))
     }
 }
 
@@ -156,12 +168,12 @@ pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
         } => {
             let password = read_password(password_file.as_ref())?;
             let mut store = db.open()?;
-            let done = users::set_admin(&mut store, &name, &password, role, unix_now());
+            let done = users::set_admin(store.as_mut(), &name, &password, role, unix_now());
             let action = match &done {
                 Ok(AdminSet::PasswordChanged) => "admin.password",
                 _ => "admin.add",
             };
-            record(&mut store, action, &name, &done);
+            record(store.as_mut(), action, &name, &done);
             match done? {
                 AdminSet::Added => println!("administrator {name} added"),
                 AdminSet::PasswordChanged => println!("password of administrator {name} changed"),
@@ -169,8 +181,8 @@ pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::Token { name, role, db } => {
             let mut store = db.open()?;
-            let done = users::new_api_token(&mut store, &name, role, unix_now());
-            record(&mut store, "api-token.create", &name, &done);
+            let done = users::new_api_token(store.as_mut(), &name, role, unix_now());
+            record(store.as_mut(), "api-token.create", &name, &done);
             let token = done?;
             eprintln!(
                 "API token {name}, role {role} (shown once; send it as `Authorization: Bearer <token>`):"
@@ -184,7 +196,7 @@ pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
                 Ok(false) => Err(anyhow::anyhow!("no API token named {name:?}")),
                 Err(e) => Err(e.into()),
             };
-            record(&mut store, "api-token.revoke", &name, &done);
+            record(store.as_mut(), "api-token.revoke", &name, &done);
             done?;
             println!("API token {name} revoked");
         }
@@ -201,7 +213,7 @@ pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
 
 /// Records a change this command made (or tried) in the audit log, as `cli`.
 fn record<T, E: std::fmt::Display>(
-    store: &mut SqliteStore,
+    store: &mut dyn Store,
     action: &str,
     target: &str,
     done: &Result<T, E>,

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod audit;
 pub mod config_file;
+pub mod db;
 pub mod definitions;
 pub mod enroll;
 pub mod keys;

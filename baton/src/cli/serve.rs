@@ -35,9 +35,17 @@ pub struct ServeArgs {
     /// Directory for keys, the admin token, the database and `serve.json`.
     #[arg(long, env = "BATON_DATA_DIR", default_value = "baton-data")]
     pub data_dir: PathBuf,
-    /// Database file (default `<data-dir>/baton.db`).
-    #[arg(long)]
+    /// The database: a SQLite file (default `<data-dir>/baton.db`), or a PostgreSQL
+    /// database as a URL, `postgres://USER@HOST:PORT/DBNAME` (also `postgresql://`; a unix
+    /// socket: `postgresql:///DBNAME?host=/run/postgresql`) or `host=... dbname=...`. Its
+    /// password never goes here: see --db-password-file.
+    #[arg(long, value_name = "FILE|URL")]
     pub db: Option<PathBuf>,
+    /// File whose first line is the PostgreSQL password. Without it the password comes
+    /// from the environment, `BATON_DB_PASSWORD` or else `PGPASSWORD`; with neither, none
+    /// is sent (a trusted or peer-authenticated unix socket).
+    #[arg(long, value_name = "FILE")]
+    pub db_password_file: Option<PathBuf>,
     /// Address of the agent port (port 0 picks a free one).
     #[arg(long, default_value = "0.0.0.0:7700")]
     pub listen: SocketAddr,
@@ -165,6 +173,7 @@ impl ServeArgs {
         ServeOptions {
             data_dir: self.data_dir.clone(),
             db: self.db.clone(),
+            db_password_file: self.db_password_file.clone(),
             listen: self.listen,
             http: self.http,
             up_bps: self.up_bps.unwrap_or(0),

@@ -17,11 +17,20 @@
 //!   and writes (re-exported from `baton_manager_core::records`);
 //! - [`schema`]: the one list of migrations, which creates every table, and
 //!   [`SCHEMA_VERSION`];
-//! - [`sqlite`]: [`SqliteStore`], one SQLite file in WAL mode.
+//! - [`sqlite`]: [`SqliteStore`], one SQLite file in WAL mode;
+//! - [`postgres`]: [`PostgresStore`], a PostgreSQL database (`--db postgres://…`),
+//!   over the connection pool of `pg`;
+//! - [`copy`]: `baton db copy`, an installation moved from SQLite to PostgreSQL;
+//! - [`test_database`]: throwaway PostgreSQL databases for the tests of both.
 
+pub mod copy;
+mod pg;
+pub mod postgres;
 pub mod schema;
 pub mod sqlite;
+pub mod test_database;
 
+pub use postgres::{PostgresStore, is_postgres_url};
 pub use schema::SCHEMA_VERSION;
 pub use sqlite::SqliteStore;
 
@@ -92,6 +101,18 @@ pub enum StoreError {
     /// The database itself failed (IO, corruption, constraint).
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
+    /// The PostgreSQL server or the connection to it failed.
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The PostgreSQL connection URL is malformed or carries a password.
+    #[error("database URL: {0}")]
+    BadUrl(String),
+    /// No connection to the database could be had (pool exhausted, thread not started).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A value beyond the database's signed 64-bit integers.
+    #[error("value {0} does not fit the database's 64-bit integers")]
+    TooLarge(u64),
     /// The database was written by a newer Baton whose schema this build does not know.
     #[error(
         "database schema version {found} is newer than this build knows ({known}); use a newer baton"

@@ -70,6 +70,11 @@ impl SqliteStore {
         Ok(job)
     }
 
+    /// The open connection (`baton db copy` reads every table through it).
+    pub(super) fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
     /// The schema version of the open database.
     pub fn schema_version(&self) -> Result<u32> {
         Ok(self

@@ -1,5 +1,12 @@
-//! Tests of [`SqliteStore`] through the [`Store`] trait: migrations, each
-//! table's operations, transactions that happen whole or not at all.
+//! Tests of the stores through the [`Store`] trait: migrations, each table's
+//! operations, transactions that happen whole or not at all.
+//!
+//! Most tests are written once, over a function that opens the store under test
+//! (again, on the same database: reopening is part of some tests), and
+//! [`on_every_backend!`] runs each on [`SqliteStore`] (a file in a temporary
+//! directory) and on [`PostgresStore`] (a database of its own on the test server,
+//! [`super::test_database`]). The tests of SQLite's file handling and of old
+//! SQLite files stay SQLite's own; PostgreSQL's own follow at the end.
 
 use rusqlite::Connection;
 
@@ -8,6 +15,68 @@ use super::*;
 use crate::roles::Role;
 use baton_manager_core::engine::{FailCause, ParticipantState, Persist};
 use baton_protocol::types::{AgentId, LinkInfo};
+
+use super::test_database::TestDatabase;
+
+/// Opens the store under test, on the same database each time.
+type Open<'a> = &'a dyn Fn() -> Box<dyn Store>;
+
+/// Runs each named test (a `fn(Open)`) on SQLite and on PostgreSQL, as
+/// `on_sqlite::NAME` and `on_postgres::NAME`.
+macro_rules! on_every_backend {
+    ($($test:ident),* $(,)?) => {
+        mod on_sqlite {
+            use super::*;
+            $(
+                #[test]
+                fn $test() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let path = dir.path().join("baton.db");
+                    super::$test(&|| Box::new(SqliteStore::open(&path).unwrap()) as Box<dyn Store>);
+                }
+            )*
+        }
+        mod on_postgres {
+            use super::*;
+            $(
+                #[test]
+                fn $test() {
+                    let Some(db) = TestDatabase::create(stringify!($test)) else {
+                        return;
+                    };
+                    super::$test(&|| Box::new(db.open()) as Box<dyn Store>);
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    a_fresh_database_migrates_and_reopening_keeps_data,
+    enrolment_is_idempotent_and_conflicts_are_refused,
+    tokens_are_one_time_and_atomic,
+    tokens_expire_are_revoked_and_bound_to_their_id,
+    reports_update_main_columns,
+    content_versions_by_name,
+    engine_records_apply_in_one_transaction,
+    a_failing_batch_changes_nothing,
+    jobs_list_states_and_unfinished,
+    segment_reports_replace_the_view_and_record_leader_changes,
+    groups_and_policies_are_named_and_unique,
+    jobs_keep_group_policy_warnings_and_transfers,
+    meta_round_trips,
+    administrators_and_api_tokens,
+    sessions_are_touched_and_expire,
+    a_new_password_ends_the_administrators_sessions,
+    sessions_survive_reopening,
+    totals_count_jobs_and_bytes_by_source,
+    audit_entries_are_listed_newest_first_and_paged,
+    the_audit_log_keeps_only_the_newest_entries_and_cuts_long_texts,
+    the_trust_chain_only_grows_and_keeps_the_newest,
+    certificate_serials_only_grow_also_across_a_reopen,
+    a_revoked_agent_leaves_the_views_its_entry_lives_until_its_certificates_expire,
+    install_states_and_running_versions_are_kept_and_read_back,
+);
 
 fn id(s: &str) -> AgentId {
     AgentId::try_from(s).unwrap()
@@ -48,6 +117,19 @@ fn content(root: u8, name: &str, version: u64) -> ContentRecord {
         manifest: vec![1, 2, 3],
         created_at: 10,
     }
+}
+
+fn a_fresh_database_migrates_and_reopening_keeps_data(open: Open<'_>) {
+    {
+        let mut s = open();
+        assert_eq!(s.epoch().unwrap(), 0);
+        assert_eq!(s.next_epoch().unwrap(), 1);
+        s.enrol("edge-1", &PublicKey([1; 32]), 5).unwrap();
+    }
+    let mut s = open();
+    assert_eq!(s.epoch().unwrap(), 1);
+    assert_eq!(s.next_epoch().unwrap(), 2);
+    assert_eq!(s.agent("edge-1").unwrap().unwrap().key, PublicKey([1; 32]));
 }
 
 #[test]
@@ -116,9 +198,8 @@ fn newer_schema_is_refused() {
     }
 }
 
-#[test]
-fn enrolment_is_idempotent_and_conflicts_are_refused() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn enrolment_is_idempotent_and_conflicts_are_refused(open: Open<'_>) {
+    let mut s = open();
     assert_eq!(s.enrol("a", &PublicKey([1; 32]), 1).unwrap(), Enrolled::New);
     assert_eq!(
         s.enrol("a", &PublicKey([1; 32]), 2).unwrap(),
@@ -133,9 +214,8 @@ fn enrolment_is_idempotent_and_conflicts_are_refused() {
     assert!(s.agent("b").unwrap().is_none());
 }
 
-#[test]
-fn tokens_are_one_time_and_atomic() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn tokens_are_one_time_and_atomic(open: Open<'_>) {
+    let mut s = open();
     let hash = [7; 32];
     let day = NewToken {
         expires_at: 1 + DEFAULT_TOKEN_LIFETIME,
@@ -164,9 +244,8 @@ fn tokens_are_one_time_and_atomic() {
     assert!(s.agent("y").unwrap().is_none());
 }
 
-#[test]
-fn tokens_expire_are_revoked_and_bound_to_their_id() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn tokens_expire_are_revoked_and_bound_to_their_id(open: Open<'_>) {
+    let mut s = open();
     let key = PublicKey([1; 32]);
     let short = NewToken {
         expires_at: 110,
@@ -241,9 +320,8 @@ fn tokens_expire_are_revoked_and_bound_to_their_id() {
     assert_eq!(id(4).len(), 12);
 }
 
-#[test]
-fn reports_update_main_columns() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn reports_update_main_columns(open: Open<'_>) {
+    let mut s = open();
     assert!(matches!(
         s.record_report(&report("a"), 1),
         Err(StoreError::NotFound(_))
@@ -262,9 +340,8 @@ fn reports_update_main_columns() {
     assert_eq!(s.agents().unwrap()[0].last_seen, Some(12));
 }
 
-#[test]
-fn content_versions_by_name() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn content_versions_by_name(open: Open<'_>) {
+    let mut s = open();
     assert_eq!(s.latest_version("fw").unwrap(), None);
     s.put_content(&content(1, "fw", 1)).unwrap();
     s.put_content(&content(2, "fw", 2)).unwrap();
@@ -279,9 +356,8 @@ fn content_versions_by_name() {
     assert!(s.content(&[4; 32]).unwrap().is_none());
 }
 
-#[test]
-fn engine_records_apply_in_one_transaction() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn engine_records_apply_in_one_transaction(open: Open<'_>) {
+    let mut s = open();
     s.put_content(&content(1, "fw", 1)).unwrap();
     let job = s
         .create_job(
@@ -420,9 +496,8 @@ fn engine_records_apply_in_one_transaction() {
     assert!(s.unfinished_jobs().unwrap().is_empty());
 }
 
-#[test]
-fn a_failing_batch_changes_nothing() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn a_failing_batch_changes_nothing(open: Open<'_>) {
+    let mut s = open();
     s.put_content(&content(1, "fw", 1)).unwrap();
     let job = s.create_job(&[1; 32], &TargetSpec::All, 1).unwrap();
     let err = s.apply(
@@ -443,9 +518,8 @@ fn a_failing_batch_changes_nothing() {
     assert!(s.participants(job).unwrap().is_empty());
 }
 
-#[test]
-fn jobs_list_states_and_unfinished() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn jobs_list_states_and_unfinished(open: Open<'_>) {
+    let mut s = open();
     s.put_content(&content(1, "fw", 1)).unwrap();
     let a = s.create_job(&[1; 32], &TargetSpec::All, 1).unwrap();
     let b = s.create_job(&[1; 32], &TargetSpec::All, 2).unwrap();
@@ -507,9 +581,8 @@ fn member(id: &str, known: bool) -> MemberRecord {
     }
 }
 
-#[test]
-fn segment_reports_replace_the_view_and_record_leader_changes() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn segment_reports_replace_the_view_and_record_leader_changes(open: Open<'_>) {
+    let mut s = open();
     let report = |leader: &str, term, at, members: Vec<MemberRecord>| SegmentRecord {
         name: "lan-1".into(),
         leader: leader.into(),
@@ -568,9 +641,8 @@ fn segment_reports_replace_the_view_and_record_leader_changes() {
     assert!(s.segment("other").unwrap().is_none());
 }
 
-#[test]
-fn groups_and_policies_are_named_and_unique() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn groups_and_policies_are_named_and_unique(open: Open<'_>) {
+    let mut s = open();
     let mut g = GroupRecord {
         name: "edge".into(),
         agents: vec!["a".into()],
@@ -612,9 +684,8 @@ fn groups_and_policies_are_named_and_unique() {
     ));
 }
 
-#[test]
-fn jobs_keep_group_policy_warnings_and_transfers() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn jobs_keep_group_policy_warnings_and_transfers(open: Open<'_>) {
+    let mut s = open();
     s.put_content(&content(1, "fw", 1)).unwrap();
     let origin = JobOrigin {
         group: Some("edge".into()),
@@ -695,18 +766,16 @@ fn a_version_1_database_migrates_and_keeps_its_jobs() {
     assert!(jobs[0].warnings.is_empty());
 }
 
-#[test]
-fn meta_round_trips() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn meta_round_trips(open: Open<'_>) {
+    let mut s = open();
     assert_eq!(s.meta("k").unwrap(), None);
     s.set_meta("k", b"v1").unwrap();
     s.set_meta("k", b"v2").unwrap();
     assert_eq!(s.meta("k").unwrap().as_deref(), Some(&b"v2"[..]));
 }
 
-#[test]
-fn administrators_and_api_tokens() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn administrators_and_api_tokens(open: Open<'_>) {
+    let mut s = open();
     assert_eq!(
         s.set_admin("ops", "$hash-1", None, 1).unwrap(),
         AdminSet::Added
@@ -746,9 +815,8 @@ fn session(id: u8, admin: &str, last_used: u64) -> SessionRecord {
     }
 }
 
-#[test]
-fn sessions_are_touched_and_expire() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn sessions_are_touched_and_expire(open: Open<'_>) {
+    let mut s = open();
     s.set_admin("ops", "hash-1", None, 1).unwrap();
     s.set_admin("dev", "hash-2", None, 1).unwrap();
     assert!(s.create_session(&session(1, "ops", 100), "hash-1").unwrap());
@@ -778,9 +846,8 @@ fn sessions_are_touched_and_expire() {
     assert!(!s.delete_session(&[1; 32]).unwrap());
 }
 
-#[test]
-fn a_new_password_ends_the_administrators_sessions() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn a_new_password_ends_the_administrators_sessions(open: Open<'_>) {
+    let mut s = open();
     s.set_admin("ops", "hash-1", None, 1).unwrap();
     s.set_admin("dev", "hash-2", None, 1).unwrap();
     assert!(s.create_session(&session(1, "ops", 100), "hash-1").unwrap());
@@ -796,11 +863,8 @@ fn a_new_password_ends_the_administrators_sessions() {
     assert_eq!(s.session(&[2; 32]).unwrap().unwrap().last_used, 50);
 }
 
-#[test]
-fn sessions_survive_reopening() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("baton.db");
-    let mut first = SqliteStore::open(&path).unwrap();
+fn sessions_survive_reopening(open: Open<'_>) {
+    let mut first = open();
     first.set_admin("ops", "hash-1", None, 1).unwrap();
     assert!(
         first
@@ -808,13 +872,12 @@ fn sessions_survive_reopening() {
             .unwrap()
     );
     drop(first);
-    let s = SqliteStore::open(&path).unwrap();
+    let s = open();
     assert_eq!(s.session(&[1; 32]).unwrap(), Some(session(1, "ops", 100)));
 }
 
-#[test]
-fn totals_count_jobs_and_bytes_by_source() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn totals_count_jobs_and_bytes_by_source(open: Open<'_>) {
+    let mut s = open();
     assert_eq!(s.totals().unwrap(), StoreTotals::default());
     s.put_content(&content(1, "fw", 1)).unwrap();
     let a = s.create_job(&[1; 32], &TargetSpec::All, 1).unwrap();
@@ -856,10 +919,9 @@ fn totals_count_jobs_and_bytes_by_source() {
     );
 }
 
-#[test]
-fn install_states_and_running_versions_are_kept_and_read_back() {
+fn install_states_and_running_versions_are_kept_and_read_back(open: Open) {
     use baton_protocol::message::InstallState;
-    let mut s = SqliteStore::in_memory().unwrap();
+    let mut s = open();
     s.put_content(&content(1, "app", 7)).unwrap();
     let job = s
         .create_job(
@@ -1026,9 +1088,8 @@ fn audit_entry(action: &str, target: &str, at: u64) -> AuditEntry {
     }
 }
 
-#[test]
-fn audit_entries_are_listed_newest_first_and_paged() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn audit_entries_are_listed_newest_first_and_paged(open: Open<'_>) {
+    let mut s = open();
     assert!(s.audit(None, 10).unwrap().is_empty());
     let mut ids = Vec::new();
     for i in 0..7u64 {
@@ -1068,9 +1129,8 @@ fn audit_entries_are_listed_newest_first_and_paged() {
     assert!(s.audit(Some(third[1].id), 3).unwrap().is_empty());
 }
 
-#[test]
-fn the_audit_log_keeps_only_the_newest_entries_and_cuts_long_texts() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn the_audit_log_keeps_only_the_newest_entries_and_cuts_long_texts(open: Open<'_>) {
+    let mut s = open();
     for i in 0..25u64 {
         s.add_audit(&audit_entry("job.start", &format!("job {i}"), i), 10)
             .unwrap();
@@ -1100,9 +1160,8 @@ fn the_audit_log_keeps_only_the_newest_entries_and_cuts_long_texts() {
     assert!(error.len() <= AUDIT_MAX_TEXT && error.ends_with('…'));
 }
 
-#[test]
-fn the_trust_chain_only_grows_and_keeps_the_newest() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn the_trust_chain_only_grows_and_keeps_the_newest(open: Open<'_>) {
+    let mut s = open();
     assert!(s.trust_chain().unwrap().is_empty());
     for v in 1..=5u64 {
         s.add_trust(v, &[v as u8; 3], 100, 3).unwrap();
@@ -1123,13 +1182,10 @@ fn the_trust_chain_only_grows_and_keeps_the_newest() {
     assert_eq!(s.trust_chain().unwrap().len(), 3);
 }
 
-#[test]
-fn certificate_serials_only_grow_also_across_a_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("baton.db");
+fn certificate_serials_only_grow_also_across_a_reopen(open: Open<'_>) {
     let key = baton_protocol::identity::Identity::from_seed([2; 32]).public();
     let first = {
-        let mut s = SqliteStore::open(&path).unwrap();
+        let mut s = open();
         s.enrol("a", &key, 1).unwrap();
         let one = s.next_cert_serial("a", 100).unwrap();
         let two = s.next_cert_serial("a", 200).unwrap();
@@ -1140,13 +1196,12 @@ fn certificate_serials_only_grow_also_across_a_reopen() {
         ));
         two
     };
-    let mut s = SqliteStore::open(&path).unwrap();
+    let mut s = open();
     assert!(s.next_cert_serial("a", 300).unwrap() > first);
 }
 
-#[test]
-fn a_revoked_agent_leaves_the_views_its_entry_lives_until_its_certificates_expire() {
-    let mut s = SqliteStore::in_memory().unwrap();
+fn a_revoked_agent_leaves_the_views_its_entry_lives_until_its_certificates_expire(open: Open<'_>) {
+    let mut s = open();
     let key = baton_protocol::identity::Identity::from_seed([2; 32]).public();
     let other = baton_protocol::identity::Identity::from_seed([3; 32]).public();
     s.enrol("victim", &key, 1).unwrap();
@@ -1186,4 +1241,354 @@ fn a_revoked_agent_leaves_the_views_its_entry_lives_until_its_certificates_expir
     assert!(s.revoked_agents().unwrap().is_empty());
     assert_eq!(s.agent("victim").unwrap().unwrap().key, other);
     assert!(s.next_cert_serial("victim", 3_000).unwrap() > serial);
+}
+
+// ---- PostgreSQL's own
+
+#[test]
+fn postgres_refuses_a_newer_schema_and_migrates_once_when_two_open_at_once() {
+    let Some(db) = TestDatabase::create("postgres_newer_schema") else {
+        return;
+    };
+    // Two stores migrating the empty database at once: the advisory lock lets one do it.
+    let both: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2).map(|_| scope.spawn(|| db.open())).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for s in &both {
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+    }
+    both[0]
+        .conn()
+        .unwrap()
+        .batch(&format!(
+            "UPDATE schema_version SET version = {}",
+            SCHEMA_VERSION + 1
+        ))
+        .unwrap();
+    drop(both);
+    match PostgresStore::connect(db.url(), db.password()) {
+        Err(StoreError::NewerSchema { found, known }) => {
+            assert_eq!((found, known), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
+        }
+        other => panic!("expected NewerSchema, got {other:?}"),
+    }
+}
+
+#[test]
+fn postgres_over_a_unix_socket_with_a_key_value_string() {
+    let Some(db) = TestDatabase::create("postgres_unix_socket") else {
+        return;
+    };
+    use super::test_database::{PORT_VAR, SOCKET_DIR_VAR};
+    let (Ok(dir), Ok(port)) = (std::env::var(SOCKET_DIR_VAR), std::env::var(PORT_VAR)) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{SOCKET_DIR_VAR} and {PORT_VAR} unset in CI (scripts/pg-test-cluster.sh sets them)"
+        );
+        super::test_database::say_skipped(&format!(
+            "postgres_over_a_unix_socket: {SOCKET_DIR_VAR} or {PORT_VAR} unset"
+        ));
+        return;
+    };
+    let url = format!("host={dir} port={port} user=baton dbname={}", db.name());
+    assert!(is_postgres_url(&url));
+    // Local connections are trusted by the test cluster: no password.
+    let mut s = PostgresStore::connect(&url, None).unwrap();
+    s.enrol("edge-1", &PublicKey([1; 32]), 5).unwrap();
+    assert!(db.open().agent("edge-1").unwrap().is_some());
+}
+
+#[test]
+fn postgres_replaces_a_connection_the_server_closed() {
+    let Some(db) = TestDatabase::create("postgres_lost_connection") else {
+        return;
+    };
+    let mut s = db.open();
+    s.enrol("edge-1", &PublicKey([1; 32]), 5).unwrap();
+    // The server ends every other session on this database (a restart, a failover).
+    let killer = db.open();
+    let ended = killer
+        .conn()
+        .unwrap()
+        .one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid != pg_backend_pid()",
+            &[],
+        )
+        .unwrap();
+    assert!(ended.get::<_, i64>(0) >= 1);
+    // At most the first call after it fails (the closed connection may not be noticed
+    // yet); the next ones run on a new connection.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut failures = 0;
+    loop {
+        match s.agent("edge-1") {
+            Ok(found) => {
+                assert!(found.is_some());
+                break;
+            }
+            Err(e) => {
+                failures += 1;
+                assert!(failures <= 1, "still failing: {e}");
+            }
+        }
+        assert!(std::time::Instant::now() < deadline);
+    }
+    s.mark_seen("edge-1", 9).unwrap();
+    assert_eq!(killer.agent("edge-1").unwrap().unwrap().last_seen, Some(9));
+}
+
+#[test]
+fn postgres_store_calls_work_from_inside_async_tasks() {
+    // The manager calls the store from its async tasks; the synchronous `postgres` crate
+    // would panic there. Both runtime flavours, and a store opened inside the runtime.
+    let Some(db) = TestDatabase::create("postgres_from_async") else {
+        return;
+    };
+    let store: SharedStore = std::sync::Arc::new(std::sync::Mutex::new(Box::new(db.open())));
+    let current = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    current.block_on(async {
+        lock(&store)
+            .enrol("edge-1", &PublicKey([1; 32]), 5)
+            .unwrap();
+        let inner = db.open();
+        assert!(inner.agent("edge-1").unwrap().is_some());
+    });
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    multi.block_on(async {
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    lock(&store).mark_seen("edge-1", i).unwrap();
+                    lock(&store).agent("edge-1").unwrap().unwrap()
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().id, "edge-1");
+        }
+    });
+    // Dropping the store inside a runtime (the manager's shutdown) does not panic either.
+    current.block_on(async move { drop(store) });
+}
+
+// ---- `baton db copy`
+
+/// An installation with a row in every table.
+fn fill(s: &mut dyn Store) -> u64 {
+    s.next_epoch().unwrap();
+    s.next_epoch().unwrap();
+    s.set_meta("manager_key", &[9; 32]).unwrap();
+    let key = |b| baton_protocol::identity::Identity::from_seed([b; 32]).public();
+    for (n, agent) in ["a", "b", "gone"].iter().enumerate() {
+        s.enrol(agent, &key(n as u8 + 1), 10).unwrap();
+        s.record_report(&report(agent), 11).unwrap();
+        s.place_at_enrolment(agent, "lan-1", 5).unwrap();
+        s.next_cert_serial(agent, 5_000).unwrap();
+    }
+    s.add_token(
+        &[7; 32],
+        &NewToken {
+            expires_at: 10_000,
+            bound_id: Some("c".into()),
+            labels: [("role".to_string(), "edge".to_string())].into(),
+        },
+        10,
+    )
+    .unwrap();
+    s.revoke_agent("gone", 12).unwrap();
+    s.next_revocation_version().unwrap();
+    s.put_content(&content(1, "fw", 1)).unwrap();
+    let job = s
+        .create_job(
+            &[1; 32],
+            &TargetSpec::Agents(vec!["a".into(), "b".into()]),
+            13,
+        )
+        .unwrap();
+    s.add_job_warning(job, "second rule", 13).unwrap();
+    s.add_job_warning(job, "first rule", 13).unwrap();
+    s.apply(
+        &[
+            Persist::JobStarted {
+                job,
+                epoch: 2,
+                order: vec![id("a"), id("b")],
+            },
+            Persist::SourceBytes {
+                job,
+                agent: id("a"),
+                from: None,
+                bytes: 100_000,
+            },
+            Persist::SourceBytes {
+                job,
+                agent: id("b"),
+                from: Some(id("a")),
+                bytes: 100_000,
+            },
+            Persist::Participant {
+                job,
+                agent: id("a"),
+                state: ParticipantState::Confirmed,
+                source_note: Some("manager".into()),
+            },
+            Persist::Participant {
+                job,
+                agent: id("b"),
+                state: ParticipantState::Failed(FailCause::GaveUp),
+                source_note: None,
+            },
+            Persist::MeasuredUpload {
+                job,
+                rates: vec![(id("a"), 250_000)],
+            },
+            Persist::Install {
+                job,
+                agent: id("a"),
+                state: Some(baton_protocol::message::InstallState::Running),
+                exit_code: Some(0),
+                output: "installed".into(),
+            },
+            Persist::Running {
+                agent: id("a"),
+                versions: vec![("fw".into(), 3)],
+            },
+            Persist::JobFinished {
+                job,
+                confirmed: 1,
+                failed: 1,
+            },
+        ],
+        14,
+    )
+    .unwrap();
+    for (leader, at) in [("a", 100), ("b", 200)] {
+        s.replace_segment(&SegmentRecord {
+            name: "lan-1".into(),
+            leader: leader.into(),
+            term: 1,
+            reported_at_ms: at,
+            members: vec![member("a", true), member("b", false)],
+        })
+        .unwrap();
+    }
+    s.add_group(
+        &GroupRecord {
+            name: "edge".into(),
+            agents: vec!["a".into()],
+            selector: [("role".to_string(), "edge".to_string())].into(),
+        },
+        15,
+    )
+    .unwrap();
+    s.add_policy(
+        &PolicyRecord {
+            name: "slow".into(),
+            policy: serde_json::json!({ "max_peers_per_source": 2 }),
+        },
+        15,
+    )
+    .unwrap();
+    s.set_admin("ops", "hash-1", Some(Role::Operate), 16)
+        .unwrap();
+    s.new_api_token("ci", &[8; 32], Role::Read, 16).unwrap();
+    assert!(s.create_session(&session(1, "ops", 100), "hash-1").unwrap());
+    for n in 0..3 {
+        s.add_audit(&audit_entry("job.start", &format!("{n}"), 17), 100)
+            .unwrap();
+    }
+    s.add_trust(1, b"trust-1", 18, 5).unwrap();
+    job
+}
+
+/// Everything a store answers about an installation, to compare two.
+fn everything(s: &dyn Store, job: u64) -> String {
+    format!(
+        "{:#?}",
+        (
+            (s.epoch().unwrap(), s.meta("manager_key").unwrap()),
+            (
+                s.agents().unwrap(),
+                s.tokens(20).unwrap(),
+                s.bound_labels().unwrap()
+            ),
+            (s.revoked_agents().unwrap(), s.content(&[1; 32]).unwrap()),
+            (
+                s.jobs().unwrap(),
+                s.job(job).unwrap(),
+                s.participants(job).unwrap()
+            ),
+            (s.source_bytes(job).unwrap(), s.confirmations(job).unwrap()),
+            (s.segments().unwrap(), s.leader_history("lan-1").unwrap()),
+            (
+                s.groups().unwrap(),
+                s.policies().unwrap(),
+                s.admins().unwrap()
+            ),
+            (s.admin_role("ops").unwrap(), s.api_token(&[8; 32]).unwrap()),
+            (s.session(&[1; 32]).unwrap(), s.audit(None, 10).unwrap()),
+            (s.trust_chain().unwrap(), s.totals().unwrap()),
+        )
+    )
+}
+
+#[test]
+fn db_copy_moves_every_table_from_sqlite_to_an_empty_postgresql() {
+    let Some(db) = TestDatabase::create("db_copy") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.db");
+    let job = fill(&mut SqliteStore::open(&path).unwrap());
+    let mut source = SqliteStore::open(&path).unwrap();
+    let target = db.open();
+    let counts = copy::sqlite_to_postgres(&path, &target).unwrap();
+    // Every table is copied, and every one of them had rows.
+    let conn = source.connection();
+    for (table, n) in &counts {
+        assert!(*n > 0, "table {table} was empty in the source");
+        let in_sqlite: i64 = conn
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(*n, in_sqlite as u64, "{table}");
+    }
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(counts.len() as i64, tables);
+    let mut target: Box<dyn Store> = Box::new(target);
+    assert_eq!(everything(&source, job), everything(target.as_ref(), job));
+    // Counters and ids go on from where the source left them, on both alike.
+    for s in [&mut source as &mut dyn Store, target.as_mut()] {
+        assert_eq!(s.next_epoch().unwrap(), 3);
+        assert_eq!(
+            s.create_job(&[1; 32], &TargetSpec::All, 30).unwrap(),
+            job + 1
+        );
+        assert_eq!(s.add_audit(&audit_entry("x", "y", 30), 100).unwrap(), 4);
+        assert_eq!(s.next_cert_serial("a", 9_000).unwrap(), 4);
+        assert_eq!(s.next_revocation_version().unwrap(), 2);
+        s.add_job_warning(job + 1, "later", 31).unwrap();
+    }
+    // A target with data is refused, and is left as it was.
+    let before = everything(target.as_ref(), job);
+    match copy::sqlite_to_postgres(&path, &db.open()) {
+        Err(StoreError::Duplicate(why)) => assert!(why.contains("empty"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(everything(target.as_ref(), job), before);
 }
