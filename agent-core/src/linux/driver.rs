@@ -1010,6 +1010,22 @@ fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// The file name content `name` at `version` is exported under in the data directory:
+/// only `[A-Za-z0-9._-]` of the name kept (anything else, and a leading `.`, becomes `_`),
+/// so no name can lead out of the export directory.
+fn export_file_name(name: &str, version: u64) -> String {
+    let safe: String = name
+        .chars()
+        .enumerate()
+        .map(|(i, c)| match c {
+            '.' if i == 0 => '_',
+            'A'..='Z' | 'a'..='z' | '0'..='9' | '.' | '_' | '-' => c,
+            _ => '_',
+        })
+        .collect();
+    format!("{safe}-{version}")
+}
+
 /// What to do with completed content: export it, run the completion command, install it.
 struct Completion {
     slot: PathBuf,
@@ -1542,7 +1558,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                             if let Err(e) = ensure_private_dir(&dir) {
                                 tracing::warn!("{e}");
                             }
-                            dir.join(format!("{}-{}", m.name, m.version))
+                            dir.join(export_file_name(&m.name, m.version))
                         });
                         let completion = Completion {
                             slot,
@@ -1737,6 +1753,19 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
 mod test {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn the_export_file_name_keeps_only_safe_characters() {
+        assert_eq!(export_file_name("fw-router.v2_a", 7), "fw-router.v2_a-7");
+        let name = export_file_name("app-/../../../../etc/cron.d/x", 3);
+        assert_eq!(name, "app-_.._.._.._.._etc_cron.d_x-3");
+        assert!(!name.contains('/'));
+        let dir = Path::new("/data/export");
+        assert_eq!(dir.join(&name).parent(), Some(dir));
+        assert_eq!(export_file_name("..", 1), "_.-1");
+        assert_eq!(export_file_name(".hidden", 1), "_hidden-1");
+        assert_eq!(export_file_name("a\\b\u{1b}[2J", 1), "a_b__2J-1");
+    }
 
     #[test]
     fn answers_count_in_a_peers_backlog_and_past_the_cap_the_peer_is_dropped() {
