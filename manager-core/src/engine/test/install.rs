@@ -82,7 +82,7 @@ fn content_only_participants_run_as_soon_as_they_confirm() {
         .collect();
     assert_eq!(running.len(), 3, "each confirmation is running at once");
     assert!(fleet.log.iter().any(|o| matches!(o,
-        Output::Persist(Persist::Running { agent, versions }) if agent.as_str() == "a00" && versions == &[("fw".to_string(), 1)])));
+        Output::Persist(Persist::Running { agent, versions, .. }) if agent.as_str() == "a00" && versions == &[("fw".to_string(), 1)])));
 }
 
 #[test]
