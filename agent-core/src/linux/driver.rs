@@ -1146,14 +1146,12 @@ fn send_install(conns: &HashMap<ConnId, Outgoing>, u: &InstallUpdate) -> bool {
 }
 
 /// The `Running` message: whether this agent installs, and what runs on it (the versions
-/// installed, and its own binary's version if `BATON_AGENT_VERSION` is set).
-fn running_message(s: &Settings) -> Option<Message<'static>> {
+/// installed, and its own binary's version if `BATON_AGENT_VERSION` is set). Sent in every
+/// session, also without `--install`, so the manager never keeps an older session's word.
+fn running_message(s: &Settings) -> Message<'static> {
     let own = std::env::var(AGENT_VERSION_ENV)
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if s.install.is_none() && own.is_none() {
-        return None;
-    }
     let mut versions: heapless::Vec<_, { baton_protocol::message::MAX_RUNNING }> =
         heapless::Vec::new();
     if let Some(v) = own
@@ -1169,10 +1167,10 @@ fn running_message(s: &Settings) -> Option<Message<'static>> {
             let _ = versions.push(baton_protocol::message::RunningVersion { name, version });
         }
     }
-    Some(Message::Running {
+    Message::Running {
         install_step: s.install.is_some(),
         versions,
-    })
+    }
 }
 
 /// The environment variable that names this agent binary's own version (a number), reported
@@ -1499,8 +1497,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
             queue_frame(&mut conns, t.conn, buf[..t.len].to_vec());
             if first_report {
                 running_due = false;
-                if let (Some(msg), Some(out)) = (running_message(&s), conns.get(&ConnId::MANAGER)) {
-                    let _ = out.tx.send((msg.to_vec(), false));
+                if let Some(out) = conns.get(&ConnId::MANAGER) {
+                    let _ = out.tx.send((running_message(&s).to_vec(), false));
                 }
             }
         }

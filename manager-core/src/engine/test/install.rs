@@ -209,3 +209,16 @@ fn a_resumed_job_waits_for_the_installs_the_store_kept_pending() {
     report(&mut fleet, 1, InstallState::Running).unwrap();
     assert!(fleet.finished(JOB));
 }
+
+#[test]
+fn whether_an_agent_installs_is_forgotten_when_it_goes_offline() {
+    let mut fleet = fleet(2, &[0]);
+    let (a, b) = (fleet.agents[0].id.clone(), fleet.agents[1].id.clone());
+    assert!(fleet.engine.agents[&a].installs);
+    assert!(!fleet.engine.agents[&b].installs);
+    fleet.engine.agent_offline(fleet.now, &a);
+    assert!(
+        !fleet.engine.agents[&a].installs,
+        "a stale flag would hold its confirmations for an install report that never comes"
+    );
+}
