@@ -1116,12 +1116,12 @@ impl InstallReports {
         sent
     }
 
-    /// After a `Welcome`: sends the updates the manager may have missed.
+    /// After a `Welcome`: sends every kept latest update again (at most
+    /// [`KEPT_INSTALL_REPORTS`]): one handed to a session that then dropped may never have
+    /// reached the manager, which ignores a state it already has.
     fn resend(&mut self, conns: &HashMap<ConnId, Outgoing>) {
         for (u, sent) in self.latest.values_mut() {
-            if !*sent {
-                *sent = send_install(conns, u);
-            }
+            *sent = send_install(conns, u);
         }
     }
 }
@@ -1751,6 +1751,37 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
 mod test {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn every_kept_install_report_is_sent_again_after_a_welcome() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let conns = HashMap::from([(ConnId::MANAGER, Outgoing { tx, backlog: None })]);
+        let update = |job: u64| InstallUpdate {
+            job: JobRef { id: job, epoch: 1 },
+            name: "app".into(),
+            version: 2,
+            state: baton_protocol::message::InstallState::Running,
+            exit_code: Some(0),
+            output: String::new(),
+            reexec: false,
+        };
+        let mut reports = InstallReports::default();
+        // Handed to a session that then dropped before the manager read them.
+        for job in 0..KEPT_INSTALL_REPORTS as u64 + 4 {
+            assert!(reports.note(update(job), &conns, true));
+        }
+        while rx.try_recv().is_ok() {}
+        reports.resend(&conns);
+        let mut jobs = Vec::new();
+        while let Ok((bytes, _)) = rx.try_recv() {
+            match Message::decode(&bytes).unwrap() {
+                Message::InstallStatus { job, .. } => jobs.push(job.id),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let expected: Vec<u64> = (4..KEPT_INSTALL_REPORTS as u64 + 4).collect();
+        assert_eq!(jobs, expected, "the newest kept reports, each once");
+    }
 
     #[test]
     fn the_export_file_name_keeps_only_safe_characters() {
