@@ -259,13 +259,20 @@ impl InstallTarget {
     }
 }
 
-/// Installs `target` as `settings` say, sending each state to `updates`.
+/// Held for the whole of an install or a resumed pending install: one at a time, so two
+/// jobs' commands never overlap and the records of [`PENDING_FILE`] and [`RUNNING_FILE`]
+/// are read and written by one at a time.
+static ONE_INSTALL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Installs `target` as `settings` say, sending each state to `updates` (after any install
+/// under way has ended).
 pub async fn install(
     settings: &InstallSettings,
     data_dir: &Path,
     target: InstallTarget,
     updates: &mpsc::Sender<InstallUpdate>,
 ) {
+    let _one = ONE_INSTALL.lock().await;
     let send = |u: InstallUpdate| async move {
         let _ = updates.send(u).await;
     };
@@ -303,6 +310,7 @@ pub async fn resume_pending(
     data_dir: &Path,
     updates: &mpsc::Sender<InstallUpdate>,
 ) {
+    let _one = ONE_INSTALL.lock().await;
     let path = data_dir.join(PENDING_FILE);
     let target: InstallTarget = match std::fs::read(&path) {
         Ok(bytes) => match serde_json::from_slice(&bytes) {
@@ -402,14 +410,10 @@ fn record_running(data_dir: &Path, name: &str, version: u64) -> std::io::Result<
     write_json(&path, &list)
 }
 
-/// Replaces `path` with `value` as JSON (a temporary file renamed into place).
+/// Replaces `path` with `value` as JSON: owner-only, synced, renamed into place.
 fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(value).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(&tmp, path)
+    let bytes = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    super::store::write_atomic(path, &bytes)
 }
 
 #[cfg(test)]
@@ -428,6 +432,58 @@ mod test {
         let text = t.text();
         assert!(text.len() <= 8 && text.ends_with('\u{FFFD}'), "{text:?}");
         assert_eq!(last_bytes("héllo", 4), "llo");
+    }
+
+    #[tokio::test]
+    async fn installs_run_one_at_a_time_and_their_records_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        // An install that notes when another runs beside it.
+        let settings = InstallSettings {
+            install: format!(
+                "if [ -e {d}/busy ]; then touch {d}/overlap; fi; touch {d}/busy; sleep 0.3; rm {d}/busy"
+            ),
+            health: None,
+            rollback: None,
+            health_deadline: Duration::from_secs(5),
+            health_interval: Duration::from_millis(100),
+            command_timeout: Duration::from_secs(20),
+            restart_exit_code: DEFAULT_RESTART_EXIT_CODE,
+            reexec: false,
+        };
+        let (tx, mut rx) = mpsc::channel(64);
+        let target = |job: u64, name: &str| InstallTarget {
+            job,
+            epoch: 1,
+            name: name.into(),
+            version: job,
+            path: dir.path().join(name),
+        };
+        let started = std::time::Instant::now();
+        tokio::join!(
+            install(&settings, dir.path(), target(1, "a"), &tx),
+            install(&settings, dir.path(), target(2, "b"), &tx),
+            install(&settings, dir.path(), target(3, "c"), &tx),
+        );
+        assert!(started.elapsed() < Duration::from_secs(15));
+        assert!(
+            !dir.path().join("overlap").exists(),
+            "two installs ran at once"
+        );
+        let running = running_versions(dir.path());
+        assert_eq!(running.len(), 3, "no record lost: {running:?}");
+        let mode = std::fs::metadata(dir.path().join(RUNNING_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+        drop(tx);
+        let mut n = 0;
+        while rx.recv().await.is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 9, "installing, installed, running for each");
     }
 
     #[tokio::test]
