@@ -1059,6 +1059,7 @@ async fn complete(c: Completion, updates: mpsc::Sender<InstallUpdate>) {
         name: c.name.clone(),
         version: c.version,
         path: c.export_to.clone(),
+        rolling_back: false,
     };
     if let Some(why) = failed {
         tracing::error!("{why}");

@@ -231,6 +231,10 @@ pub struct InstallTarget {
     pub version: u64,
     /// The exported content.
     pub path: PathBuf,
+    /// In [`PENDING_FILE`]: its rollback command had started (it may have restarted the
+    /// host); after a restart this install is reported rolled back, never running.
+    #[serde(default)]
+    pub rolling_back: bool,
 }
 
 impl InstallTarget {
@@ -283,7 +287,7 @@ pub async fn install(
         Some(0) => {
             tracing::info!(name = %target.name, version = target.version, "installed");
             send(target.update(InstallState::Installed, Some(&result))).await;
-            check_health(settings, data_dir, &target, updates).await;
+            check_health(settings, data_dir, &target, updates, None).await;
         }
         Some(code) if code == settings.restart_exit_code => {
             tracing::info!(name = %target.name, version = target.version, "installed; restart pending");
@@ -299,7 +303,7 @@ pub async fn install(
         }
         _ => {
             tracing::warn!(name = %target.name, version = target.version, code = ?result.exit_code, "install failed");
-            roll_back(settings, &target, result, updates).await;
+            roll_back(settings, &target, result, updates, None).await;
         }
     }
 }
@@ -323,18 +327,34 @@ pub async fn resume_pending(
         },
         Err(_) => return,
     };
+    if target.rolling_back {
+        // The rollback command restarted the host (as a RAUC-style one may): what runs now
+        // is the old version, whatever a health check would say.
+        tracing::warn!(name = %target.name, version = target.version, job = target.job, "back from a restart during a rollback: reported rolled back");
+        let result = HookResult {
+            exit_code: None,
+            tail: "the host restarted during the rollback command".into(),
+        };
+        let _ = updates
+            .send(target.update(InstallState::RolledBack, Some(&result)))
+            .await;
+        let _ = std::fs::remove_file(&path);
+        return;
+    }
     tracing::info!(name = %target.name, version = target.version, job = target.job, "back from a restart with an install pending");
-    check_health(settings, data_dir, &target, updates).await;
+    check_health(settings, data_dir, &target, updates, Some(&path)).await;
     let _ = std::fs::remove_file(&path);
 }
 
 /// Runs the health check until it passes or its deadline passes; reports running (and
-/// records the version), or rolls back.
+/// records the version), or rolls back (`pending`: the install's [`PENDING_FILE`], marked
+/// before the rollback command runs).
 async fn check_health(
     settings: &InstallSettings,
     data_dir: &Path,
     target: &InstallTarget,
     updates: &mpsc::Sender<InstallUpdate>,
+    pending: Option<&Path>,
 ) {
     let mut last = None;
     if let Some(health) = &settings.health {
@@ -349,7 +369,7 @@ async fn check_health(
             }
             if tokio::time::Instant::now() + settings.health_interval > deadline {
                 tracing::warn!(name = %target.name, version = target.version, code = ?r.exit_code, "health check failed until its deadline");
-                roll_back(settings, target, r, updates).await;
+                roll_back(settings, target, r, updates, pending).await;
                 return;
             }
             tokio::time::sleep(settings.health_interval).await;
@@ -365,16 +385,30 @@ async fn check_health(
 }
 
 /// The install or its health check failed with `failure`: rolls back if a rollback command
-/// is configured, and reports the outcome.
+/// is configured, and reports the outcome. A pending install's record (`pending`) is marked
+/// rolling back first: a rollback command that restarts the host does not leave it saying
+/// the new version is pending.
 async fn roll_back(
     settings: &InstallSettings,
     target: &InstallTarget,
     failure: HookResult,
     updates: &mpsc::Sender<InstallUpdate>,
+    pending: Option<&Path>,
 ) {
     let update = match &settings.rollback {
         None => target.update(InstallState::Failed, Some(&failure)),
         Some(rollback) => {
+            if let Some(path) = pending {
+                let marked = InstallTarget {
+                    rolling_back: true,
+                    ..target.clone()
+                };
+                if let Err(e) = write_json(path, &marked) {
+                    // Removed instead: after a restart nothing is reported running.
+                    tracing::error!(path = %path.display(), "cannot mark the pending install as rolling back: {e}");
+                    let _ = std::fs::remove_file(path);
+                }
+            }
             let r = run_hook(rollback, &target.env(), settings.command_timeout).await;
             if r.ok() {
                 tracing::info!(name = %target.name, version = target.version, "rolled back");
@@ -435,6 +469,49 @@ mod test {
     }
 
     #[tokio::test]
+    async fn a_rollback_that_restarts_the_host_is_reported_rolled_back_after_the_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = InstallSettings {
+            install: "true".into(),
+            health: Some("exit 1".into()),
+            // Stands for a rollback that restarts the host: the agent never sees it end.
+            rollback: Some("sleep 30".into()),
+            health_deadline: Duration::ZERO,
+            health_interval: Duration::from_millis(10),
+            command_timeout: Duration::from_secs(60),
+            restart_exit_code: DEFAULT_RESTART_EXIT_CODE,
+            reexec: false,
+        };
+        let target = InstallTarget {
+            job: 5,
+            epoch: 1,
+            name: "os".into(),
+            version: 9,
+            path: dir.path().join("os-9"),
+            rolling_back: false,
+        };
+        write_json(&dir.path().join(PENDING_FILE), &target).unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let cut = tokio::time::timeout(
+            Duration::from_millis(500),
+            resume_pending(&settings, dir.path(), &tx),
+        )
+        .await;
+        assert!(cut.is_err(), "the rollback was still running");
+        // After the restart the new version's health check would pass: it is not running.
+        settings.health = Some("true".into());
+        resume_pending(&settings, dir.path(), &tx).await;
+        drop(tx);
+        let mut states = Vec::new();
+        while let Some(u) = rx.recv().await {
+            states.push(u.state);
+        }
+        assert_eq!(states, [InstallState::RolledBack]);
+        assert!(running_versions(dir.path()).is_empty());
+        assert!(!dir.path().join(PENDING_FILE).exists());
+    }
+
+    #[tokio::test]
     async fn installs_run_one_at_a_time_and_their_records_are_private() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
@@ -459,6 +536,7 @@ mod test {
             name: name.into(),
             version: job,
             path: dir.path().join(name),
+            rolling_back: false,
         };
         let started = std::time::Instant::now();
         tokio::join!(
