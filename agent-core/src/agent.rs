@@ -910,6 +910,17 @@ struct ChunkHead<'a> {
 /// postcard variant index of [`Message::Chunk`].
 const CHUNK_VARIANT: u8 = 12;
 
+/// Whether a content name is safe to use in a file name: no `/`, `\`, `..` or control
+/// characters (a name is signed by a publisher, whose name pattern may end in `*`; a name
+/// like `app-/../../etc/x` must not reach a path an agent builds from it).
+pub fn content_name_is_safe(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains("..")
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == '\\' || c.is_control())
+}
+
 fn fail_reason(e: ManifestError) -> FailReason {
     match e {
         ManifestError::ChunkTooLarge => FailReason::ChunkTooLarge,
@@ -1777,6 +1788,9 @@ impl<S: ContentStore, const JOBS: usize, const PEERS: usize, const PARKED: usize
     ) -> Result<Option<VersionRecord>, FailReason> {
         let time = self.unix_time(now);
         m.check_limits(time).map_err(fail_reason)?;
+        if !content_name_is_safe(&m.name) {
+            return Err(FailReason::BadManifest);
+        }
         if m.chunk_size > self.config.max_chunk {
             return Err(FailReason::ChunkTooLarge);
         }
@@ -4074,6 +4088,31 @@ mod test {
         let c = Content::new(&publisher, "fw", 1, 0, 2 * 1024);
         w.fetch(&c, 1, &[]);
         assert_eq!(failed(&mut w), None);
+    }
+
+    #[test]
+    fn a_content_name_that_could_leave_a_directory_is_refused() {
+        let (root, publisher) = (root_key(), publisher_key());
+        let doc = trust_doc(1, 0, &[&root], 1, &[(&publisher, &["app-*"])], &[&root]);
+        let mut w = world_trusting(store(), Some(doc), |_| {});
+        for (epoch, name) in [
+            "app-/../../../../etc/cron.d/x",
+            "app-..",
+            "app-a\\b",
+            "app-\u{1b}[2J",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let c = Content::new(&publisher, name, 1, 0, 2 * 1024);
+            w.fetch(&c, epoch as u32 + 1, &[]);
+            assert_eq!(failed(&mut w), Some(FailReason::BadManifest), "{name:?}");
+        }
+        let c = Content::new(&publisher, "app-router.v2_x", 1, 0, 2 * 1024);
+        w.fetch(&c, 9, &[]);
+        assert_eq!(failed(&mut w), None);
+        assert!(content_name_is_safe("a.b-c_d"));
+        assert!(!content_name_is_safe(""));
     }
 
     #[test]

@@ -346,6 +346,8 @@ struct Buckets {
     flood: TokenBucket,
     /// Messages dropped over a limit in this session.
     dropped: u64,
+    /// The session's `Running` came (one per session; later ones are dropped).
+    running_seen: bool,
 }
 
 impl Buckets {
@@ -357,6 +359,7 @@ impl Buckets {
             install: TokenBucket::new(limits.install, now),
             flood: TokenBucket::new(limits.flood, now),
             dropped: 0,
+            running_seen: false,
         }
     }
 }
@@ -604,13 +607,22 @@ impl AgentSession {
                 Message::PeerTrouble { job, peer, trouble }
             }
             Message::Pong { nonce } => Message::Pong { nonce },
+            Message::Running { .. } if self.buckets.running_seen => {
+                // One per session (the agent sends it after its first report): a repeat is
+                // dropped and counted like a message over its limit.
+                tracing::debug!(agent = %self.agent, "a second Running in one session; dropped");
+                return self.drop_message(now, "Running");
+            }
             Message::Running {
                 install_step,
                 versions,
-            } => Message::Running {
-                install_step,
-                versions,
-            },
+            } => {
+                self.buckets.running_seen = true;
+                Message::Running {
+                    install_step,
+                    versions,
+                }
+            }
             Message::InstallStatus { output, .. }
                 if output.len() > baton_protocol::message::MAX_INSTALL_OUTPUT =>
             {
@@ -1163,6 +1175,24 @@ mod test {
             }
             other => panic!("expected one install report, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn only_the_first_running_of_a_session_goes_to_the_engine() {
+        let mut s = online();
+        let _ = (transmits(&mut s), events(&mut s));
+        let running = Message::Running {
+            install_step: true,
+            versions: heapless::Vec::new(),
+        };
+        for i in 0..3 {
+            at(&mut s, 6_000 + i * 1_000, &running);
+        }
+        match events(&mut s).as_slice() {
+            [SessionEvent::ForEngine(Message::Running { .. })] => {}
+            other => panic!("expected one Running for the engine, got {other:?}"),
+        }
+        assert_eq!(s.dropped(), 2);
     }
 
     #[test]

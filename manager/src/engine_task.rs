@@ -401,10 +401,18 @@ impl EngineTask {
                 }
             }
             EngineInput::Install { id, report } => {
-                if let Err(e) = self.engine.install_status(now, &id, *report)
-                    && let Some(held_back) = REFUSED_MESSAGES.due()
-                {
-                    tracing::warn!(agent = %id, held_back, "engine refused install status: {e}");
+                match self.engine.install_status(now, &id, *report) {
+                    Ok(()) => {}
+                    // Agents repeat their latest reports after every `Welcome`: one for a
+                    // job the engine no longer holds is old news.
+                    Err(e @ baton_manager_core::engine::EngineError::UnknownJob(_)) => {
+                        tracing::debug!(agent = %id, "install status ignored: {e}");
+                    }
+                    Err(e) => {
+                        if let Some(held_back) = REFUSED_MESSAGES.due() {
+                            tracing::warn!(agent = %id, held_back, "engine refused install status: {e}");
+                        }
+                    }
                 }
             }
             EngineInput::Offline { id } => {

@@ -1010,6 +1010,22 @@ fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// The file name content `name` at `version` is exported under in the data directory:
+/// only `[A-Za-z0-9._-]` of the name kept (anything else, and a leading `.`, becomes `_`),
+/// so no name can lead out of the export directory.
+fn export_file_name(name: &str, version: u64) -> String {
+    let safe: String = name
+        .chars()
+        .enumerate()
+        .map(|(i, c)| match c {
+            '.' if i == 0 => '_',
+            'A'..='Z' | 'a'..='z' | '0'..='9' | '.' | '_' | '-' => c,
+            _ => '_',
+        })
+        .collect();
+    format!("{safe}-{version}")
+}
+
 /// What to do with completed content: export it, run the completion command, install it.
 struct Completion {
     slot: PathBuf,
@@ -1043,6 +1059,7 @@ async fn complete(c: Completion, updates: mpsc::Sender<InstallUpdate>) {
         name: c.name.clone(),
         version: c.version,
         path: c.export_to.clone(),
+        rolling_back: false,
     };
     if let Some(why) = failed {
         tracing::error!("{why}");
@@ -1100,12 +1117,12 @@ impl InstallReports {
         sent
     }
 
-    /// After a `Welcome`: sends the updates the manager may have missed.
+    /// After a `Welcome`: sends every kept latest update again (at most
+    /// [`KEPT_INSTALL_REPORTS`]): one handed to a session that then dropped may never have
+    /// reached the manager, which ignores a state it already has.
     fn resend(&mut self, conns: &HashMap<ConnId, Outgoing>) {
         for (u, sent) in self.latest.values_mut() {
-            if !*sent {
-                *sent = send_install(conns, u);
-            }
+            *sent = send_install(conns, u);
         }
     }
 }
@@ -1130,14 +1147,12 @@ fn send_install(conns: &HashMap<ConnId, Outgoing>, u: &InstallUpdate) -> bool {
 }
 
 /// The `Running` message: whether this agent installs, and what runs on it (the versions
-/// installed, and its own binary's version if `BATON_AGENT_VERSION` is set).
-fn running_message(s: &Settings) -> Option<Message<'static>> {
+/// installed, and its own binary's version if `BATON_AGENT_VERSION` is set). Sent in every
+/// session, also without `--install`, so the manager never keeps an older session's word.
+fn running_message(s: &Settings) -> Message<'static> {
     let own = std::env::var(AGENT_VERSION_ENV)
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if s.install.is_none() && own.is_none() {
-        return None;
-    }
     let mut versions: heapless::Vec<_, { baton_protocol::message::MAX_RUNNING }> =
         heapless::Vec::new();
     if let Some(v) = own
@@ -1153,10 +1168,10 @@ fn running_message(s: &Settings) -> Option<Message<'static>> {
             let _ = versions.push(baton_protocol::message::RunningVersion { name, version });
         }
     }
-    Some(Message::Running {
+    Message::Running {
         install_step: s.install.is_some(),
         versions,
-    })
+    }
 }
 
 /// The environment variable that names this agent binary's own version (a number), reported
@@ -1483,8 +1498,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
             queue_frame(&mut conns, t.conn, buf[..t.len].to_vec());
             if first_report {
                 running_due = false;
-                if let (Some(msg), Some(out)) = (running_message(&s), conns.get(&ConnId::MANAGER)) {
-                    let _ = out.tx.send((msg.to_vec(), false));
+                if let Some(out) = conns.get(&ConnId::MANAGER) {
+                    let _ = out.tx.send((running_message(&s).to_vec(), false));
                 }
             }
         }
@@ -1542,7 +1557,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
                             if let Err(e) = ensure_private_dir(&dir) {
                                 tracing::warn!("{e}");
                             }
-                            dir.join(format!("{}-{}", m.name, m.version))
+                            dir.join(export_file_name(&m.name, m.version))
                         });
                         let completion = Completion {
                             slot,
@@ -1737,6 +1752,50 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
 mod test {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn every_kept_install_report_is_sent_again_after_a_welcome() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let conns = HashMap::from([(ConnId::MANAGER, Outgoing { tx, backlog: None })]);
+        let update = |job: u64| InstallUpdate {
+            job: JobRef { id: job, epoch: 1 },
+            name: "app".into(),
+            version: 2,
+            state: baton_protocol::message::InstallState::Running,
+            exit_code: Some(0),
+            output: String::new(),
+            reexec: false,
+        };
+        let mut reports = InstallReports::default();
+        // Handed to a session that then dropped before the manager read them.
+        for job in 0..KEPT_INSTALL_REPORTS as u64 + 4 {
+            assert!(reports.note(update(job), &conns, true));
+        }
+        while rx.try_recv().is_ok() {}
+        reports.resend(&conns);
+        let mut jobs = Vec::new();
+        while let Ok((bytes, _)) = rx.try_recv() {
+            match Message::decode(&bytes).unwrap() {
+                Message::InstallStatus { job, .. } => jobs.push(job.id),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let expected: Vec<u64> = (4..KEPT_INSTALL_REPORTS as u64 + 4).collect();
+        assert_eq!(jobs, expected, "the newest kept reports, each once");
+    }
+
+    #[test]
+    fn the_export_file_name_keeps_only_safe_characters() {
+        assert_eq!(export_file_name("fw-router.v2_a", 7), "fw-router.v2_a-7");
+        let name = export_file_name("app-/../../../../etc/cron.d/x", 3);
+        assert_eq!(name, "app-_.._.._.._.._etc_cron.d_x-3");
+        assert!(!name.contains('/'));
+        let dir = Path::new("/data/export");
+        assert_eq!(dir.join(&name).parent(), Some(dir));
+        assert_eq!(export_file_name("..", 1), "_.-1");
+        assert_eq!(export_file_name(".hidden", 1), "_hidden-1");
+        assert_eq!(export_file_name("a\\b\u{1b}[2J", 1), "a_b__2J-1");
+    }
 
     #[test]
     fn answers_count_in_a_peers_backlog_and_past_the_cap_the_peer_is_dropped() {

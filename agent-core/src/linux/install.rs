@@ -231,6 +231,10 @@ pub struct InstallTarget {
     pub version: u64,
     /// The exported content.
     pub path: PathBuf,
+    /// In [`PENDING_FILE`]: its rollback command had started (it may have restarted the
+    /// host); after a restart this install is reported rolled back, never running.
+    #[serde(default)]
+    pub rolling_back: bool,
 }
 
 impl InstallTarget {
@@ -259,13 +263,20 @@ impl InstallTarget {
     }
 }
 
-/// Installs `target` as `settings` say, sending each state to `updates`.
+/// Held for the whole of an install or a resumed pending install: one at a time, so two
+/// jobs' commands never overlap and the records of [`PENDING_FILE`] and [`RUNNING_FILE`]
+/// are read and written by one at a time.
+static ONE_INSTALL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Installs `target` as `settings` say, sending each state to `updates` (after any install
+/// under way has ended).
 pub async fn install(
     settings: &InstallSettings,
     data_dir: &Path,
     target: InstallTarget,
     updates: &mpsc::Sender<InstallUpdate>,
 ) {
+    let _one = ONE_INSTALL.lock().await;
     let send = |u: InstallUpdate| async move {
         let _ = updates.send(u).await;
     };
@@ -276,7 +287,7 @@ pub async fn install(
         Some(0) => {
             tracing::info!(name = %target.name, version = target.version, "installed");
             send(target.update(InstallState::Installed, Some(&result))).await;
-            check_health(settings, data_dir, &target, updates).await;
+            check_health(settings, data_dir, &target, updates, None).await;
         }
         Some(code) if code == settings.restart_exit_code => {
             tracing::info!(name = %target.name, version = target.version, "installed; restart pending");
@@ -292,7 +303,7 @@ pub async fn install(
         }
         _ => {
             tracing::warn!(name = %target.name, version = target.version, code = ?result.exit_code, "install failed");
-            roll_back(settings, &target, result, updates).await;
+            roll_back(settings, &target, result, updates, None).await;
         }
     }
 }
@@ -303,6 +314,7 @@ pub async fn resume_pending(
     data_dir: &Path,
     updates: &mpsc::Sender<InstallUpdate>,
 ) {
+    let _one = ONE_INSTALL.lock().await;
     let path = data_dir.join(PENDING_FILE);
     let target: InstallTarget = match std::fs::read(&path) {
         Ok(bytes) => match serde_json::from_slice(&bytes) {
@@ -315,18 +327,34 @@ pub async fn resume_pending(
         },
         Err(_) => return,
     };
+    if target.rolling_back {
+        // The rollback command restarted the host (as a RAUC-style one may): what runs now
+        // is the old version, whatever a health check would say.
+        tracing::warn!(name = %target.name, version = target.version, job = target.job, "back from a restart during a rollback: reported rolled back");
+        let result = HookResult {
+            exit_code: None,
+            tail: "the host restarted during the rollback command".into(),
+        };
+        let _ = updates
+            .send(target.update(InstallState::RolledBack, Some(&result)))
+            .await;
+        let _ = std::fs::remove_file(&path);
+        return;
+    }
     tracing::info!(name = %target.name, version = target.version, job = target.job, "back from a restart with an install pending");
-    check_health(settings, data_dir, &target, updates).await;
+    check_health(settings, data_dir, &target, updates, Some(&path)).await;
     let _ = std::fs::remove_file(&path);
 }
 
 /// Runs the health check until it passes or its deadline passes; reports running (and
-/// records the version), or rolls back.
+/// records the version), or rolls back (`pending`: the install's [`PENDING_FILE`], marked
+/// before the rollback command runs).
 async fn check_health(
     settings: &InstallSettings,
     data_dir: &Path,
     target: &InstallTarget,
     updates: &mpsc::Sender<InstallUpdate>,
+    pending: Option<&Path>,
 ) {
     let mut last = None;
     if let Some(health) = &settings.health {
@@ -341,7 +369,7 @@ async fn check_health(
             }
             if tokio::time::Instant::now() + settings.health_interval > deadline {
                 tracing::warn!(name = %target.name, version = target.version, code = ?r.exit_code, "health check failed until its deadline");
-                roll_back(settings, target, r, updates).await;
+                roll_back(settings, target, r, updates, pending).await;
                 return;
             }
             tokio::time::sleep(settings.health_interval).await;
@@ -357,16 +385,30 @@ async fn check_health(
 }
 
 /// The install or its health check failed with `failure`: rolls back if a rollback command
-/// is configured, and reports the outcome.
+/// is configured, and reports the outcome. A pending install's record (`pending`) is marked
+/// rolling back first: a rollback command that restarts the host does not leave it saying
+/// the new version is pending.
 async fn roll_back(
     settings: &InstallSettings,
     target: &InstallTarget,
     failure: HookResult,
     updates: &mpsc::Sender<InstallUpdate>,
+    pending: Option<&Path>,
 ) {
     let update = match &settings.rollback {
         None => target.update(InstallState::Failed, Some(&failure)),
         Some(rollback) => {
+            if let Some(path) = pending {
+                let marked = InstallTarget {
+                    rolling_back: true,
+                    ..target.clone()
+                };
+                if let Err(e) = write_json(path, &marked) {
+                    // Removed instead: after a restart nothing is reported running.
+                    tracing::error!(path = %path.display(), "cannot mark the pending install as rolling back: {e}");
+                    let _ = std::fs::remove_file(path);
+                }
+            }
             let r = run_hook(rollback, &target.env(), settings.command_timeout).await;
             if r.ok() {
                 tracing::info!(name = %target.name, version = target.version, "rolled back");
@@ -402,14 +444,10 @@ fn record_running(data_dir: &Path, name: &str, version: u64) -> std::io::Result<
     write_json(&path, &list)
 }
 
-/// Replaces `path` with `value` as JSON (a temporary file renamed into place).
+/// Replaces `path` with `value` as JSON: owner-only, synced, renamed into place.
 fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(value).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(&tmp, path)
+    let bytes = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    super::store::write_atomic(path, &bytes)
 }
 
 #[cfg(test)]
@@ -428,6 +466,102 @@ mod test {
         let text = t.text();
         assert!(text.len() <= 8 && text.ends_with('\u{FFFD}'), "{text:?}");
         assert_eq!(last_bytes("héllo", 4), "llo");
+    }
+
+    #[tokio::test]
+    async fn a_rollback_that_restarts_the_host_is_reported_rolled_back_after_the_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = InstallSettings {
+            install: "true".into(),
+            health: Some("exit 1".into()),
+            // Stands for a rollback that restarts the host: the agent never sees it end.
+            rollback: Some("sleep 30".into()),
+            health_deadline: Duration::ZERO,
+            health_interval: Duration::from_millis(10),
+            command_timeout: Duration::from_secs(60),
+            restart_exit_code: DEFAULT_RESTART_EXIT_CODE,
+            reexec: false,
+        };
+        let target = InstallTarget {
+            job: 5,
+            epoch: 1,
+            name: "os".into(),
+            version: 9,
+            path: dir.path().join("os-9"),
+            rolling_back: false,
+        };
+        write_json(&dir.path().join(PENDING_FILE), &target).unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let cut = tokio::time::timeout(
+            Duration::from_millis(500),
+            resume_pending(&settings, dir.path(), &tx),
+        )
+        .await;
+        assert!(cut.is_err(), "the rollback was still running");
+        // After the restart the new version's health check would pass: it is not running.
+        settings.health = Some("true".into());
+        resume_pending(&settings, dir.path(), &tx).await;
+        drop(tx);
+        let mut states = Vec::new();
+        while let Some(u) = rx.recv().await {
+            states.push(u.state);
+        }
+        assert_eq!(states, [InstallState::RolledBack]);
+        assert!(running_versions(dir.path()).is_empty());
+        assert!(!dir.path().join(PENDING_FILE).exists());
+    }
+
+    #[tokio::test]
+    async fn installs_run_one_at_a_time_and_their_records_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        // An install that notes when another runs beside it.
+        let settings = InstallSettings {
+            install: format!(
+                "if [ -e {d}/busy ]; then touch {d}/overlap; fi; touch {d}/busy; sleep 0.3; rm {d}/busy"
+            ),
+            health: None,
+            rollback: None,
+            health_deadline: Duration::from_secs(5),
+            health_interval: Duration::from_millis(100),
+            command_timeout: Duration::from_secs(20),
+            restart_exit_code: DEFAULT_RESTART_EXIT_CODE,
+            reexec: false,
+        };
+        let (tx, mut rx) = mpsc::channel(64);
+        let target = |job: u64, name: &str| InstallTarget {
+            job,
+            epoch: 1,
+            name: name.into(),
+            version: job,
+            path: dir.path().join(name),
+            rolling_back: false,
+        };
+        let started = std::time::Instant::now();
+        tokio::join!(
+            install(&settings, dir.path(), target(1, "a"), &tx),
+            install(&settings, dir.path(), target(2, "b"), &tx),
+            install(&settings, dir.path(), target(3, "c"), &tx),
+        );
+        assert!(started.elapsed() < Duration::from_secs(15));
+        assert!(
+            !dir.path().join("overlap").exists(),
+            "two installs ran at once"
+        );
+        let running = running_versions(dir.path());
+        assert_eq!(running.len(), 3, "no record lost: {running:?}");
+        let mode = std::fs::metadata(dir.path().join(RUNNING_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+        drop(tx);
+        let mut n = 0;
+        while rx.recv().await.is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 9, "installing, installed, running for each");
     }
 
     #[tokio::test]

@@ -126,7 +126,7 @@ pub enum DirStoreError {
 }
 
 /// Replaces `path` with `bytes` atomically (temporary file, sync, rename, directory sync).
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = open_private(
         std::fs::OpenOptions::new().write(true).create(true),

@@ -24,6 +24,9 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
+/// The longest `--install-deadline` taken (7 days): the engine adds it to its clock.
+pub const MAX_INSTALL_DEADLINE_SECS: u64 = 7 * 24 * 3600;
+
 /// Flags of `baton serve`.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -60,7 +63,9 @@ pub struct ServeArgs {
     pub give_up: u64,
     /// Seconds a confirmed participant whose agent installs content (`baton agent --install`)
     /// has to report running, failed or rolled back (restarts included); then it is failed.
-    #[arg(long, default_value_t = 1800, value_name = "SECS")]
+    /// At most 604800 (7 days).
+    #[arg(long, default_value_t = 1800, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=MAX_INSTALL_DEADLINE_SECS))]
     pub install_deadline: u64,
     /// Write `{agent_addr, http_addr, manager_key, publisher_key?, admin_token, epoch}` as JSON
     /// here (atomically) once listening.
@@ -178,7 +183,9 @@ impl ServeArgs {
             http: self.http,
             up_bps: self.up_bps.unwrap_or(0),
             give_up: Duration::from_secs(self.give_up.max(1)),
-            install_deadline: Duration::from_secs(self.install_deadline.max(1)),
+            install_deadline: Duration::from_secs(
+                self.install_deadline.clamp(1, MAX_INSTALL_DEADLINE_SECS),
+            ),
             ready_file: self.ready_file.clone(),
             max_connections: self.max_connections,
             max_handshakes: self.max_handshakes,
@@ -329,5 +336,29 @@ async fn reload_on_hangup(
         }
         tracing::info!(changed = %changed.join(", "), "SIGHUP: configuration reloaded");
         current = from_file;
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn the_install_deadline_is_at_most_seven_days() {
+        let parse = |secs: &str| Cmd::try_parse_from(["serve", "--install-deadline", secs]);
+        let ok = parse("604800").unwrap();
+        assert_eq!(
+            ok.serve.options().install_deadline,
+            Duration::from_secs(604_800)
+        );
+        assert!(parse("604801").is_err());
+        assert!(parse(&u64::MAX.to_string()).is_err());
     }
 }

@@ -66,9 +66,17 @@ pub enum AgentsCommand {
 pub fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => printable(s),
         other => other.to_string(),
     }
+}
+
+/// `s` with every control character (escape sequences included) replaced by `?`: what
+/// agents and publishers name or print never drives the terminal.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// Bytes per second as a table cell (`-` for none or 0).
@@ -312,9 +320,10 @@ fn install_note(install: &Value) -> String {
         .and_then(|o| o.lines().rev().find(|l| !l.trim().is_empty()))
         .unwrap_or("")
         .trim();
+    let last = printable(last);
     match last.char_indices().nth(60) {
         Some((cut, _)) => format!("{}…", &last[..cut]),
-        None => last.to_string(),
+        None => last,
     }
 }
 
@@ -438,4 +447,19 @@ pub fn cancel(args: JobArgs) -> anyhow::Result<()> {
         println!("job {} cancelled", args.id);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn names_and_install_output_cannot_drive_the_terminal() {
+        let running = json!([{"name": "app\u{1b}]0;owned\u{7}", "version": 3}]);
+        assert_eq!(running_text(&running), "app?]0;owned? v3");
+        let install = json!({"output": "ok\nlast \u{1b}[2J\r line\n"});
+        assert_eq!(install_note(&install), "last ?[2J? line");
+        assert_eq!(text(&json!("a\tb")), "a?b");
+    }
 }

@@ -74,10 +74,12 @@ impl Engine {
     }
 
     /// An agent's connection closed. Its fetchers are routed around it; if it is still
-    /// working on a job, its give-up timer starts.
+    /// working on a job, its give-up timer starts. Whether it installs is forgotten: its
+    /// next session's `Running` says it again.
     pub fn agent_offline(&mut self, now: Duration, id: &AgentId) {
         if let Some(agent) = self.agents.get_mut(id) {
             agent.online = false;
+            agent.installs = false;
         }
         let memberships = self.memberships.get(id).cloned().unwrap_or_default();
         let mut cx = Ctx {

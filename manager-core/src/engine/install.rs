@@ -55,15 +55,16 @@ impl Engine {
         if let Some(agent) = self.agents.get_mut(id) {
             agent.installs = install_step;
         }
-        if !versions.is_empty() {
-            self.out.persist.push_back(Persist::Running {
-                agent: id.clone(),
-                versions: versions
-                    .iter()
-                    .map(|v| (v.name.to_string(), v.version))
-                    .collect(),
-            });
-        }
+        // The whole set, even empty: what the agent said before is replaced.
+        self.out.persist.push_back(Persist::Running {
+            agent: id.clone(),
+            versions: versions
+                .iter()
+                .take(baton_protocol::message::MAX_RUNNING)
+                .map(|v| (v.name.to_string(), v.version))
+                .collect(),
+            whole: true,
+        });
     }
 
     /// An install report from agent `from` (authenticated by the driver).
@@ -208,6 +209,7 @@ impl Job {
             cx.out.persist.push_back(Persist::Running {
                 agent: agent.clone(),
                 versions: vec![(m.name.to_string(), m.version)],
+                whole: false,
             });
         }
         cx.out.events.push_back(EngineEvent::Install {

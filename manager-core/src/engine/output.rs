@@ -86,12 +86,16 @@ pub enum Persist {
         /// The end of its output, or the manager's note (deadline passed).
         output: String,
     },
-    /// The versions running on `agent`, per content name (upsert per name).
+    /// The versions running on `agent`, per content name: with `whole`, the agent's whole
+    /// set (its earlier rows are replaced, so it keeps at most `MAX_RUNNING`); else an
+    /// upsert per name (the newest `MAX_RUNNING` rows of the agent are kept).
     Running {
         /// The agent.
         agent: AgentId,
         /// `(content name, version)`.
         versions: Vec<(String, u64)>,
+        /// The agent's whole set (a `Running` message), not one install's outcome.
+        whole: bool,
     },
     /// The upload rates (bytes/s) the job's plan was last adapted to, as measured from what
     /// each participant delivered (upsert per participant; given back to

@@ -254,10 +254,12 @@ impl<'p> Conn<'p> {
         self.client.as_ref().expect("held until drop")
     }
 
-    /// `result`, noting a closed connection.
+    /// `result`, noting a closed connection: closed on this side, or ended by the server
+    /// (SQLSTATE class 57P: shut down, terminated by an administrator, crashed), which
+    /// may be reported before the connection is seen closed.
     fn checked<T>(&self, result: Result<T, tokio_postgres::Error>) -> Result<T> {
         result.map_err(|e| {
-            if e.is_closed() {
+            if e.is_closed() || e.code().is_some_and(|c| c.code().starts_with("57P")) {
                 self.broken.set(true);
             }
             StoreError::from(e)

@@ -17,7 +17,7 @@
 
 use std::str::FromStr;
 
-use baton_protocol::message::Report;
+use baton_protocol::message::{MAX_RUNNING, Report};
 use baton_protocol::types::{Digest, PublicKey};
 use tokio_postgres::Row;
 
@@ -524,14 +524,35 @@ fn apply_one(tx: &Conn<'_>, record: &Persist, now: u64) -> Result<()> {
                 ],
             )?;
         }
-        Persist::Running { agent, versions } => {
-            for (name, version) in versions {
+        Persist::Running {
+            agent,
+            versions,
+            whole,
+        } => {
+            // Within the batch's transaction: the agent's rows never exceed `MAX_RUNNING`.
+            if *whole {
+                tx.exec(
+                    "DELETE FROM agent_versions WHERE agent = $1",
+                    &[&agent.as_str()],
+                )?;
+            }
+            for (name, version) in versions.iter().take(MAX_RUNNING) {
                 tx.exec(
                     "INSERT INTO agent_versions (agent, name, version, updated_at)
                      VALUES ($1, $2, $3, $4)
                      ON CONFLICT (agent, name) DO UPDATE SET
                         version = excluded.version, updated_at = excluded.updated_at",
                     &[&agent.as_str(), name, &int(*version)?, &now],
+                )?;
+            }
+            if !*whole {
+                // Only the newest per agent (this name's row is among them: just written).
+                let this = versions.first().map(|v| v.0.as_str()).unwrap_or("");
+                tx.exec(
+                    "DELETE FROM agent_versions WHERE agent = $1 AND name NOT IN
+                       (SELECT name FROM agent_versions WHERE agent = $1
+                        ORDER BY updated_at DESC, name = $3 DESC LIMIT $2)",
+                    &[&agent.as_str(), &(MAX_RUNNING as i64), &this],
                 )?;
             }
         }

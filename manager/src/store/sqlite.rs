@@ -13,7 +13,7 @@
 use std::path::Path;
 
 use baton_agent_core::linux::datadir::{self, DataDirError};
-use baton_protocol::message::Report;
+use baton_protocol::message::{MAX_RUNNING, Report};
 use baton_protocol::types::{Digest, PublicKey};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
@@ -466,15 +466,39 @@ fn apply_one(tx: &Transaction<'_>, record: &Persist, now: u64) -> Result<()> {
                 ],
             )?;
         }
-        Persist::Running { agent, versions } => {
+        Persist::Running {
+            agent,
+            versions,
+            whole,
+        } => {
+            // Within the batch's transaction: the agent's rows never exceed `MAX_RUNNING`.
+            if *whole {
+                tx.execute(
+                    "DELETE FROM agent_versions WHERE agent = ?1",
+                    [agent.as_str()],
+                )?;
+            }
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO agent_versions (agent, name, version, updated_at)
                  VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (agent, name) DO UPDATE SET
                     version = excluded.version, updated_at = excluded.updated_at",
             )?;
-            for (name, version) in versions {
+            for (name, version) in versions.iter().take(MAX_RUNNING) {
                 stmt.execute(params![agent.as_str(), name, version, now])?;
+            }
+            if !*whole {
+                // Only the newest per agent (this name's row is among them: just written).
+                tx.execute(
+                    "DELETE FROM agent_versions WHERE agent = ?1 AND name NOT IN
+                       (SELECT name FROM agent_versions WHERE agent = ?1
+                        ORDER BY updated_at DESC, name = ?3 DESC LIMIT ?2)",
+                    params![
+                        agent.as_str(),
+                        MAX_RUNNING as i64,
+                        versions.first().map(|v| v.0.as_str()).unwrap_or("")
+                    ],
+                )?;
             }
         }
         Persist::JobFinished {

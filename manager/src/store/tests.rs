@@ -920,7 +920,7 @@ fn totals_count_jobs_and_bytes_by_source(open: Open<'_>) {
 }
 
 fn install_states_and_running_versions_are_kept_and_read_back(open: Open) {
-    use baton_protocol::message::InstallState;
+    use baton_protocol::message::{InstallState, MAX_RUNNING};
     let mut s = open();
     s.put_content(&content(1, "app", 7)).unwrap();
     let job = s
@@ -961,10 +961,12 @@ fn install_states_and_running_versions_are_kept_and_read_back(open: Open) {
             Persist::Running {
                 agent: id("c"),
                 versions: vec![("app".into(), 6), ("os".into(), 2)],
+                whole: true,
             },
             Persist::Running {
                 agent: id("c"),
                 versions: vec![("app".into(), 7)],
+                whole: false,
             },
         ],
         40,
@@ -1010,6 +1012,53 @@ fn install_states_and_running_versions_are_kept_and_read_back(open: Open) {
             ("running".into(), 1)
         ]
     );
+    // A `Running` replaces the agent's whole set: names from earlier ones are gone, and
+    // however many distinct names come over time, at most `MAX_RUNNING` rows stand.
+    let rows = |s: &Box<dyn Store>| s.running_versions(Some("c")).unwrap().len();
+    for round in 0..4u64 {
+        let versions = (0..MAX_RUNNING as u64)
+            .map(|i| (format!("n{round}-{i}"), i))
+            .collect();
+        s.apply(
+            &[Persist::Running {
+                agent: id("c"),
+                versions,
+                whole: true,
+            }],
+            41 + round,
+        )
+        .unwrap();
+        assert_eq!(rows(&s), MAX_RUNNING);
+    }
+    for i in 0..20u64 {
+        s.apply(
+            &[Persist::Running {
+                agent: id("c"),
+                versions: vec![(format!("single-{i}"), i)],
+                whole: false,
+            }],
+            50 + i,
+        )
+        .unwrap();
+    }
+    let names: Vec<String> = s
+        .running_versions(Some("c"))
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(names.len(), MAX_RUNNING);
+    assert!(names.contains(&"single-19".to_string()), "{names:?}");
+    s.apply(
+        &[Persist::Running {
+            agent: id("c"),
+            versions: vec![],
+            whole: true,
+        }],
+        80,
+    )
+    .unwrap();
+    assert_eq!(rows(&s), 0, "an empty set clears the agent's rows");
 }
 
 #[test]
@@ -1462,6 +1511,7 @@ fn fill(s: &mut dyn Store) -> u64 {
             Persist::Running {
                 agent: id("a"),
                 versions: vec![("fw".into(), 3)],
+                whole: true,
             },
             Persist::JobFinished {
                 job,

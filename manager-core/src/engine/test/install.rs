@@ -82,7 +82,7 @@ fn content_only_participants_run_as_soon_as_they_confirm() {
         .collect();
     assert_eq!(running.len(), 3, "each confirmation is running at once");
     assert!(fleet.log.iter().any(|o| matches!(o,
-        Output::Persist(Persist::Running { agent, versions }) if agent.as_str() == "a00" && versions == &[("fw".to_string(), 1)])));
+        Output::Persist(Persist::Running { agent, versions, .. }) if agent.as_str() == "a00" && versions == &[("fw".to_string(), 1)])));
 }
 
 #[test]
@@ -208,4 +208,17 @@ fn a_resumed_job_waits_for_the_installs_the_store_kept_pending() {
     assert_eq!(install_of(&fleet, "a01"), Some(InstallState::Installed));
     report(&mut fleet, 1, InstallState::Running).unwrap();
     assert!(fleet.finished(JOB));
+}
+
+#[test]
+fn whether_an_agent_installs_is_forgotten_when_it_goes_offline() {
+    let mut fleet = fleet(2, &[0]);
+    let (a, b) = (fleet.agents[0].id.clone(), fleet.agents[1].id.clone());
+    assert!(fleet.engine.agents[&a].installs);
+    assert!(!fleet.engine.agents[&b].installs);
+    fleet.engine.agent_offline(fleet.now, &a);
+    assert!(
+        !fleet.engine.agents[&a].installs,
+        "a stale flag would hold its confirmations for an install report that never comes"
+    );
 }
