@@ -1014,7 +1014,7 @@ fn install_states_and_running_versions_are_kept_and_read_back(open: Open) {
     );
     // A `Running` replaces the agent's whole set: names from earlier ones are gone, and
     // however many distinct names come over time, at most `MAX_RUNNING` rows stand.
-    let rows = |s: &Box<dyn Store>| s.running_versions(Some("c")).unwrap().len();
+    let rows = |s: &dyn Store| s.running_versions(Some("c")).unwrap().len();
     for round in 0..4u64 {
         let versions = (0..MAX_RUNNING as u64)
             .map(|i| (format!("n{round}-{i}"), i))
@@ -1028,7 +1028,7 @@ fn install_states_and_running_versions_are_kept_and_read_back(open: Open) {
             41 + round,
         )
         .unwrap();
-        assert_eq!(rows(&s), MAX_RUNNING);
+        assert_eq!(rows(&*s), MAX_RUNNING);
     }
     for i in 0..20u64 {
         s.apply(
@@ -1058,7 +1058,7 @@ fn install_states_and_running_versions_are_kept_and_read_back(open: Open) {
         80,
     )
     .unwrap();
-    assert_eq!(rows(&s), 0, "an empty set clears the agent's rows");
+    assert_eq!(rows(&*s), 0, "an empty set clears the agent's rows");
 }
 
 #[test]
