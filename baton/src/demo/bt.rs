@@ -60,11 +60,12 @@ impl Drop for Swarm {
 }
 
 impl Swarm {
-    /// CPU seconds the processes used so far (each `ip netns exec` became its program).
-    fn cpu_seconds(&self) -> f64 {
+    /// CPU seconds the processes used so far (each `ip netns exec` became its program),
+    /// by `cpu_of` (a pid's CPU seconds).
+    fn cpu_seconds(&self, cpu_of: impl Fn(&str) -> Option<f64>) -> f64 {
         self.0
             .iter()
-            .filter_map(|c| super::lab::process_cpu_seconds(&c.id().to_string()))
+            .filter_map(|c| cpu_of(&c.id().to_string()))
             .sum()
     }
 }
@@ -171,13 +172,14 @@ fn seeds_counted(addr: &str, path_and_query: &str) -> u64 {
 }
 
 /// Runs the swarm on `lab` for `content` (whose SHA-256 is `source_sha`), in `dir`; gives
-/// up after `timeout`.
+/// up after `timeout`; `cpu_of` reads a process's CPU seconds by its pid.
 pub fn run_swarm(
     lab: &Lab,
     content: &Path,
     source_sha: &[u8; 32],
     dir: &Path,
     timeout: Duration,
+    cpu_of: impl Fn(&str) -> Option<f64>,
 ) -> anyhow::Result<SwarmRun> {
     require_tools()?;
     let bt = dir.join("bt");
@@ -314,7 +316,7 @@ pub fn run_swarm(
         }
         std::thread::sleep(POLL);
     }
-    let cpu_seconds = swarm.cpu_seconds();
+    let cpu_seconds = swarm.cpu_seconds(cpu_of);
     drop(swarm);
     let mut confirmed = 0;
     for (file, _) in &leechers {

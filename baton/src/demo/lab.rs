@@ -469,7 +469,7 @@ const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 
 /// CPU seconds (user + system, fields 14 and 15 of `/proc/<pid>/stat`) a process has used:
 /// `pid` a number or `self`. `None` if it cannot be read (the process is gone).
-pub(super) fn process_cpu_seconds(pid: &str) -> Option<f64> {
+fn process_cpu_seconds(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces: count after it.
     let after_name = &stat[stat.rfind(')')? + 1..];
@@ -754,6 +754,7 @@ fn run_once(args: &LabArgs) -> anyhow::Result<LabReport> {
                 &setup.source_sha,
                 &dir,
                 Duration::from_secs(args.timeout),
+                process_cpu_seconds,
             )?;
             let done: Vec<f64> = swarm.completion.iter().flatten().copied().collect();
             let makespan = done.iter().copied().fold(0.0, f64::max);
