@@ -410,9 +410,13 @@ fn the_web_ui_hides_what_the_role_may_not_do() {
     // admin: the fleet offers Revoke, and it revokes (the confirmation answered yes).
     log_in(&b, &base, "ops", "s3cret-pass");
     page("fleet", "Fleet");
-    let revoke = b.wait_find("[data-revoke=edge-1]", wait);
-    b.eval("window.confirm = () => true; return true", json!([]));
-    b.click(&revoke);
+    b.wait_find("[data-revoke=edge-1]", wait);
+    // Clicked from the page itself: the fleet view redraws on live events, and a button
+    // found by one WebDriver call can be gone (stale) by the next.
+    b.eval(
+        "window.confirm = () => true; document.querySelector('[data-revoke=edge-1]').click(); return true",
+        json!([]),
+    );
     b.wait_until(
         "edge-1 gone from the fleet",
         "return document.querySelector('tr[data-agent=edge-1]') === null && !!document.querySelector('.page-head h1')",
