@@ -16,9 +16,12 @@
 #                   (QEMU announces it on stdout, ahead of the device's log stream)
 #   --raw           print the raw defmt stream instead of decoding it
 #   --m4            run on mps2-an386 (Cortex-M4) instead
+#   --gdb SOCKET    QEMU's gdbstub on the unix socket SOCKET (the board runs
+#                   until a debugger attaches; attaching pauses it). The power-cut
+#                   tests use it to stop at an exact flash write.
 #
 # Every option may also come from the environment: BATON_FLASH, BATON_MAC,
-# BATON_TAP, BATON_HOSTFWD, BATON_SERIAL, BATON_PTY_FILE, BATON_RAW=1.
+# BATON_TAP, BATON_HOSTFWD, BATON_SERIAL, BATON_PTY_FILE, BATON_RAW=1, BATON_GDB.
 # Logs are defmt frames on QEMU's stdout (semihosting); they are decoded with
 # defmt-print when it is installed (`cargo install defmt-print --locked`).
 # QEMU exits with the device's semihosting status: 0, or 1 after a panic.
@@ -35,6 +38,7 @@ hostfwd="${BATON_HOSTFWD:-}"
 serial="${BATON_SERIAL:-null}"
 pty_file="${BATON_PTY_FILE:-}"
 raw="${BATON_RAW:-0}"
+gdb="${BATON_GDB:-}"
 machine="mps2-an385"
 
 while [ $# -gt 0 ]; do
@@ -48,7 +52,8 @@ while [ $# -gt 0 ]; do
         --pty-file) pty_file="$2"; shift 2 ;;
         --raw) raw=1; shift ;;
         --m4) machine="mps2-an386"; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        --gdb) gdb="$2"; shift 2 ;;
+        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
         -*) echo "run-qemu.sh: unknown option $1" >&2; exit 2 ;;
         *) elf="$1"; shift ;;
     esac
@@ -70,6 +75,10 @@ if [ -n "$flash" ]; then
     [ "$actual" -eq "$size" ] || { echo "run-qemu.sh: $flash must be exactly 16 MiB (is $actual bytes)" >&2; exit 2; }
     args+=(-object "memory-backend-file,id=psram,size=16M,mem-path=$flash,share=on"
            -machine memory-backend=psram)
+fi
+
+if [ -n "$gdb" ]; then
+    args+=(-chardev "socket,id=gdb0,path=$gdb,server=on,wait=off" -gdb chardev:gdb0)
 fi
 
 if [ -n "$tap" ]; then

@@ -171,6 +171,27 @@ impl Layout {
     }
 }
 
+/// Offsets (from the partition's start) of one content's parts, as [`FlashStore::regions`] gives them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Regions {
+    /// Chunks of the content.
+    pub chunks: u32,
+    /// Flags are bits of a bitmap (chunk `i`: bit `i % 8` of byte `i / 8`), else one unit each.
+    pub bitmap: bool,
+    /// The write unit, bytes.
+    pub unit: u32,
+    /// Where the flags start.
+    pub flags_at: u32,
+    /// Where chunk 0's proof slot starts.
+    pub proofs_at: u32,
+    /// Bytes from one proof slot to the next.
+    pub proof_stride: u32,
+    /// Where chunk 0's data slot starts.
+    pub data_at: u32,
+    /// Bytes from one data slot to the next.
+    pub data_stride: u32,
+}
+
 /// An open content: its manifest, layout and verified count.
 #[derive(Clone, Debug)]
 struct Slot {
@@ -235,6 +256,22 @@ impl<F: NorFlash, R: NorFlash> FlashStore<F, R> {
             slot: self.slot,
             records: Some(RecordLog::new(area)),
         }
+    }
+
+    /// Where the mounted content's parts lie in the partition, for tools and tests that
+    /// look at a device's flash from outside (the hardware-in-the-loop power cuts).
+    pub fn regions(&self) -> Option<Regions> {
+        let l = &self.slot.as_ref()?.layout;
+        Some(Regions {
+            chunks: l.chunks,
+            bitmap: l.bitmap,
+            unit: l.unit,
+            flags_at: l.flags_at,
+            proofs_at: l.proofs_at,
+            proof_stride: l.proof_stride,
+            data_at: l.data_at,
+            data_stride: l.data_stride,
+        })
     }
 
     /// The record area, if the store has one.

@@ -47,6 +47,8 @@ enum Command {
     Trust(cli::trust::TrustCommand),
     /// Sign a file's manifest with a publisher key, offline (then `baton push FILE --manifest FILE.manifest`).
     Sign(cli::trust::SignArgs),
+    /// The manager's addresses, keys, epoch, connected agents and byte counters.
+    Status(cli::show::StatusArgs),
     /// List jobs.
     Jobs(cli::show::JobsArgs),
     /// Show one job: participants, progress, confirmations, bytes per source.
@@ -124,6 +126,10 @@ fn run(cli: Cli, argv: Vec<OsString>, from_file: Vec<OsString>) -> anyhow::Resul
         Command::Sign(args) => {
             init_logging("warn");
             cli::trust::sign(args)?;
+        }
+        Command::Status(args) => {
+            init_logging("warn");
+            cli::show::status(args)?;
         }
         Command::Jobs(args) => {
             init_logging("warn");

@@ -33,6 +33,8 @@
 
 #![warn(missing_docs)]
 
+pub mod gdb;
+
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,6 +54,13 @@ pub const MANAGER_IP: &str = "10.77.0.1";
 pub const MANAGER_PORT: u16 = 7700;
 /// The peer port devices listen on.
 pub const DEVICE_PORT: u16 = 7400;
+/// Where the firmware's emulated flash (QEMU's PSRAM) is mapped (`agent-firmware/src/psram.rs`).
+pub const PSRAM_BASE: u32 = 0x2100_0000;
+/// Offset of the content partition in the emulated flash (`agent-firmware/src/psram.rs`).
+pub const CONTENT_OFFSET: usize = 0x1_0000;
+/// Erase block of the emulated flash.
+pub const ERASE_BLOCK: usize = 4096;
+
 /// Chunk size the devices take (their `max_chunk`).
 pub const CHUNK: usize = 4096;
 
@@ -377,6 +386,8 @@ pub struct Device {
     pub tty: PathBuf,
     /// Boots so far.
     pub boots: u32,
+    /// Where QEMU's gdbstub listens (`run-qemu.sh --gdb`), if the test wants one at boot.
+    pub gdb: Option<PathBuf>,
     dir: PathBuf,
     proc: Option<usize>,
 }
@@ -393,6 +404,7 @@ impl Device {
             serial: false,
             tty: dir.join(format!("{id}.tty")),
             boots: 0,
+            gdb: None,
             dir: dir.to_path_buf(),
             proc: None,
         }
@@ -540,6 +552,49 @@ impl Lab {
         out.stdout
     }
 
+    /// Bytes of the buffer the firmware's static cell `symbol` (demangled, e.g.
+    /// `baton_firmware::MANAGER_RX`) holds: its size as `nm` reads it from the ELF under
+    /// test, less the cell's one-byte "taken" flag.
+    pub fn firmware_buffer_size(&self, symbol: &str) -> u64 {
+        let out = std::process::Command::new("nm")
+            .args(["-S", "-C", "--radix=d"])
+            .arg(&self.env.firmware)
+            .output()
+            .expect("run nm (binutils) on the firmware");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() == 4 && f[3] == symbol).then(|| f[1].parse::<u64>().ok())?
+            })
+            .unwrap_or_else(|| panic!("no symbol {symbol} with a size in the firmware ELF"))
+            - 1
+    }
+
+    /// The least round-trip time to `ip` on the segment over 20 TCP connection attempts to
+    /// a port nobody listens on (the device answers the SYN with a RST), timed from inside
+    /// the lab's namespace. Panics if no attempt is answered within 100 ms.
+    pub fn tcp_rtt(&self, ip: &str) -> Duration {
+        let addr: std::net::SocketAddr = format!("{ip}:9").parse().expect("an address");
+        let rtt = self.ns.run_inside(|| {
+            (0..20)
+                .map(|_| {
+                    let t = Instant::now();
+                    let _ = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+                    let rtt = t.elapsed();
+                    std::thread::sleep(Duration::from_millis(5));
+                    rtt
+                })
+                .min()
+                .expect("20 attempts")
+        });
+        assert!(
+            rtt < Duration::from_millis(100),
+            "{ip} answered no connection attempt within 100 ms (least {rtt:?})"
+        );
+        rtt
+    }
+
     /// Starts `baton serve` on `10.77.0.1:7700` (HTTP on the namespace's loopback),
     /// publishing from the lab's directory (where the tests write their content), with the
     /// lab's root and publisher keys and trust document (`lab/trust`, made on first use) as
@@ -667,6 +722,7 @@ impl Lab {
             flash,
             serial,
             boots: 0,
+            gdb: None,
             dir: self.dir.clone(),
             proc: None,
         }
@@ -688,6 +744,10 @@ impl Lab {
             cmd.args(["--serial", "pty", "--pty-file"]).arg(&pty_file);
         } else {
             cmd.args(["--tap", &format!("tap{}", dev.n)]);
+        }
+        if let Some(socket) = &dev.gdb {
+            let _ = std::fs::remove_file(socket);
+            cmd.arg("--gdb").arg(socket);
         }
         cmd.arg(&self.env.firmware);
         let label = format!("QEMU {}", dev.id);

@@ -137,6 +137,15 @@ fn a_devices_and_linux_agents_relay() {
         );
         eprintln!("relay: {from} -> {to}: {bytes} B verified");
     }
+    // A device serving another sends from a buffer of IN_TX bytes, so at most IN_TX bytes
+    // are in flight: W/RTT bounds a device -> device transfer.
+    let window = lab.firmware_buffer_size("baton_firmware::IN_TX");
+    let rtt = lab.tcp_rtt(&devs[0].ip);
+    eprintln!(
+        "device -> device: send window {window} B, RTT {:.0} us -> W/RTT {:.0} B/s",
+        rtt.as_secs_f64() * 1e6,
+        window as f64 / rtt.as_secs_f64()
+    );
     eprintln!(
         "job {job}: {} B to 3 devices and 2 Linux agents in {:.2} s; from the manager {} B, from peers {} B",
         SIZE,
@@ -181,8 +190,23 @@ fn b_serial_device_receives_and_confirms() {
 
     let size = 256 * 1024;
     let (file, _, want) = write_content(&lab, size);
+    let status = |lab: &Lab| -> Value {
+        let out = lab.baton(&[
+            "status",
+            "--json",
+            "--data-dir",
+            &m.data_dir.to_string_lossy(),
+        ]);
+        serde_json::from_str(&out).expect("status JSON")
+    };
+    let line_bytes = |s: &Value| {
+        let n = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k} in {s:#}"));
+        (n("serial_bytes_sent"), n("serial_bytes_received"))
+    };
+    let before = line_bytes(&status(&lab));
     let job = lab.push(&m, &file, &[&serial.id, &tcp.id]);
     let detail = lab.wait_job(&m, job, Duration::from_secs(180));
+    let after = line_bytes(&status(&lab));
     participants_confirmed(&detail, &[&serial.id, &tcp.id]);
     let mut rates = Vec::new();
     for d in [&serial, &tcp] {
@@ -212,11 +236,38 @@ fn b_serial_device_receives_and_confirms() {
         "manager log:\n{}",
         tail(&read_text(&m.log), 30)
     );
+    // Content bytes per line byte over the whole job (both directions: COBS, framing, AEAD
+    // tags, requests, reports and Merkle proofs all count as overhead).
+    let (sent, received) = (after.0 - before.0, after.1 - before.1);
+    let payload = size as f64 / (sent + received) as f64;
+    eprintln!(
+        "serial line: {size} content bytes in {} line bytes ({sent} to the device, {received} from it): {:.1} % payload ({} B chunks)",
+        sent + received,
+        payload * 100.0,
+        CHUNK
+    );
+    assert!(
+        payload >= 0.90,
+        "the serial line carried {sent} + {received} bytes for {size} content bytes ({:.1} % payload, target 90 %)",
+        payload * 100.0
+    );
     eprintln!(
         "transfer rate into a QEMU device, {} KiB from the manager: serial (pty, COBS) {} B/s, TCP {} B/s",
         size / 1024,
         rates[0],
         rates[1]
+    );
+    // Over TCP, the most a window allows is W/RTT: the device's receive buffer for the
+    // manager's link over the segment's round trip.
+    let window = lab.firmware_buffer_size("baton_firmware::MANAGER_RX");
+    let rtt = lab.tcp_rtt(&tcp.ip);
+    let bound = window as f64 / rtt.as_secs_f64();
+    eprintln!(
+        "TCP into a device: {} B/s; window {window} B, RTT {:.0} us -> W/RTT {:.0} B/s: {:.0} % of it",
+        rates[1],
+        rtt.as_secs_f64() * 1e6,
+        bound,
+        rates[1] as f64 / bound * 100.0
     );
 }
 
@@ -470,11 +521,12 @@ fn e_device_refuses_rollback_after_replacement_and_reboot() {
         std::fs::write(&file, random_bytes(SMALL)).expect("content file");
         file
     };
-    let (v2, other, v1, v3) = (
+    let (v2, other, v1, v3, v4) = (
         write("v2.bin"),
         write("other.bin"),
         write("v1.bin"),
         write("v3.bin"),
+        write("v4.bin"),
     );
 
     let job = lab.push_as(&m, &v2, &[&dev.id], "hil-fw", 2);
@@ -509,6 +561,75 @@ fn e_device_refuses_rollback_after_replacement_and_reboot() {
     eprintln!(
         "rollback: v1 refused after v2 was replaced ({reason}), again after a reboot; v3 accepted"
     );
+
+    // Flash that decayed under the records fails closed: the device believes no stored
+    // trust and refuses every manifest, until `baton-fw-provision --erase-records` resets
+    // the area; then the refused v4 is taken.
+    lab.power_cut(&mut dev);
+    let damaged = damage_record_entries(&dev.flash);
+    assert!(damaged > 1, "the record bank held {damaged} entries");
+    lab.boot(&mut dev);
+    dev.wait_log("welcomed by the manager", BOUND);
+    lab.wait_connected(&m, &[&dev.id]);
+    let job = lab.push_as(&m, &v4, &[&dev.id], "hil-fw", 4);
+    let refused = failure_reason(&lab.wait_job(&m, job, Duration::from_secs(60)), &dev.id);
+    assert!(
+        refused.contains("NoTrust") || refused.contains("StorageError"),
+        "v4 on damaged records failed for another reason: {refused}"
+    );
+    lab.power_cut(&mut dev);
+    let flash = dev.flash.to_string_lossy().into_owned();
+    let out = lab.run(
+        &lab.env.provision,
+        &["--flash", &flash, "--erase-records"],
+        BOUND,
+    );
+    assert!(out.success, "--erase-records failed: {}", out.stderr);
+    lab.boot(&mut dev);
+    dev.wait_log("welcomed by the manager", BOUND);
+    lab.wait_connected(&m, &[&dev.id]);
+    let job = lab.push_as(&m, &v4, &[&dev.id], "hil-fw", 4);
+    participants_confirmed(&lab.wait_job(&m, job, Duration::from_secs(60)), &[&dev.id]);
+    eprintln!(
+        "records: newest of {damaged} entries decayed -> v4 refused ({refused}); after --erase-records v4 accepted"
+    );
+}
+
+/// Flips one payload bit of the newest committed entry of the live record bank in a
+/// device's flash image (flash that decayed: a committed entry whose check fails); returns
+/// how many entries the bank held. The layout is agent-core's `records`: a 16-byte header
+/// (magic, sequence, its complement), one seal unit, then entries (length u16, kind, payload,
+/// an 8-byte check, padded to the 4-byte unit), each followed by its commit unit.
+fn damage_record_entries(flash: &std::path::Path) -> usize {
+    const RECORDS: usize = 0x2000;
+    const BANK: usize = 0x1000;
+    let mut image = std::fs::read(flash).expect("flash image");
+    let word = |image: &[u8], at: usize| u32::from_le_bytes(image[at..at + 4].try_into().unwrap());
+    let live = [RECORDS, RECORDS + BANK]
+        .into_iter()
+        .filter(|&b| &image[b..b + 8] == b"BATONRC2" && word(&image, b + 16) == 0)
+        .max_by_key(|&b| word(&image, b + 8))
+        .expect("a sealed record bank");
+    let (mut at, mut newest, mut entries) = (live + 20, None, 0);
+    while at + 2 <= live + BANK {
+        let len = u16::from_le_bytes([image[at], image[at + 1]]) as usize;
+        if len == 0xFFFF {
+            break;
+        }
+        let size = (3 + len + 8).div_ceil(4) * 4;
+        if at + size + 4 > live + BANK {
+            break;
+        }
+        if word(&image, at + size) == 0 {
+            newest = Some(at);
+            entries += 1;
+        }
+        at += size + 4;
+    }
+    let newest = newest.expect("a committed record entry");
+    image[newest + 3] ^= 0x01;
+    std::fs::write(flash, &image).expect("write the flash image");
+    entries
 }
 
 /// Where `needle` occurs in `hay`.
@@ -609,4 +730,240 @@ fn f_stack_overflow_and_code_write_fault_at_once() {
         !log.contains("went through"),
         "the write to code must not land:\n{log}"
     );
+}
+
+/// A flash operation a power cut of [`g_power_cut_at_chosen_flash_operations`] lands in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CutPoint {
+    /// Mid-erase of a block of the old content (the new content's first operations).
+    Erase,
+    /// Mid-write of a chunk's data: half of its words written.
+    ChunkWrite,
+    /// Right after the first verified flag is written.
+    FlagWrite,
+}
+
+/// Chunks of the contents the cut test pushes (64 KiB).
+const CUT_CHUNKS: u32 = 16;
+/// The chunk whose data write the cut tears.
+const CUT_CHUNK: u32 = 5;
+
+/// The content partition of a device's flash image, mounted by agent-core's own store
+/// (the code the firmware runs) on the host.
+fn mount_image(
+    flash: &std::path::Path,
+) -> baton_agent_core::flash::FlashStore<baton_agent_core::flash::testing::RamFlash<4, 4096>> {
+    use baton_agent_core::flash::{FlashStore, testing::RamFlash};
+    let image = std::fs::read(flash).expect("flash image");
+    let mut ram = RamFlash::<4, 4096>::new(0);
+    ram.mem = image[CONTENT_OFFSET..].to_vec();
+    let mut store = FlashStore::new_multiwrite(ram);
+    store.mount().expect("mount the flash image");
+    store
+}
+
+/// The chunks a mounted image holds as verified, each checked: its proof must lead to the
+/// manifest's root and its bytes must be `content`'s (a chunk marked verified that does not
+/// is a violation, and fails the test).
+fn verified_chunks(
+    store: &mut baton_agent_core::flash::FlashStore<
+        baton_agent_core::flash::testing::RamFlash<4, 4096>,
+    >,
+    content: &[u8],
+) -> Vec<u32> {
+    use baton_agent_core::store::ContentStore as _;
+    let Some((root, chunks)) = store.held_manifest().map(|m| (m.root, m.chunks())) else {
+        return Vec::new();
+    };
+    let mut held = Vec::new();
+    for i in 0..chunks {
+        if !store.is_verified(&root, i).expect("flag readable") {
+            continue;
+        }
+        let mut data = vec![0u8; CHUNK];
+        let mut proof = baton_protocol::merkle::Proof::new();
+        let n = store
+            .read_chunk(&root, i, &mut data, &mut proof)
+            .expect("verified chunk readable");
+        let leaf = baton_protocol::merkle::leaf_hash(&data[..n]);
+        baton_protocol::merkle::verify_leaf(&root, chunks, i, &leaf, &proof)
+            .unwrap_or_else(|e| panic!("chunk {i} is marked verified but its proof fails: {e:?}"));
+        assert_eq!(
+            &data[..n],
+            &content[i as usize * CHUNK..i as usize * CHUNK + n],
+            "chunk {i} is marked verified but does not hold the content pushed"
+        );
+        held.push(i);
+    }
+    held
+}
+
+/// (g) Power cut at chosen points of flash operations, exactly: the test stops the board
+/// with a write watchpoint of QEMU's gdbstub at a word it picks from the device's flash
+/// (the layout agent-core's store reads from the content header: mid-erase of an old
+/// content's block, half-way through a chunk's data write, right after the first verified
+/// flag), checks the image at that instant (the erase and the write really are torn), kills
+/// QEMU there and boots the device again. Each time the device mounts exactly the chunks
+/// the image held verified (each checked against its proof and the content), fetches only
+/// the others, each once, completes the content and confirms.
+#[test]
+fn g_power_cut_at_chosen_flash_operations() {
+    use baton_hil_tests::gdb::Gdb;
+    let _one = one_at_a_time();
+    let mut lab = Lab::new("cutpoints", 1);
+    let m = lab.start_manager(&[]);
+    let mut dev = lab.device(&m, 1, false, false, "hil-cut");
+    let socket = lab.dir.join("fw-1.gdb");
+    dev.gdb = Some(socket.clone());
+    lab.boot(&mut dev);
+    dev.wait_log("welcomed by the manager", BOUND);
+    lab.wait_connected(&m, &[&dev.id]);
+
+    let size = CUT_CHUNKS as usize * CHUNK;
+    // A first content, not cut: every next content of its size takes its layout.
+    let (file, _, _) = write_content(&lab, size);
+    let job = lab.push(&m, &file, &[&dev.id]);
+    participants_confirmed(&lab.wait_job(&m, job, BOUND), &[&dev.id]);
+    let r = mount_image(&dev.flash)
+        .regions()
+        .expect("the device's flash holds the first content");
+    assert_eq!(r.chunks, CUT_CHUNKS, "{r:?}");
+    assert!(r.bitmap, "the firmware's flash allows bitmap flags: {r:?}");
+    // Offsets in the partition. The erase point: mid-way into the third block, which
+    // holds old chunk data (random, so its words are not 0xFFFF_FFFF before the erase).
+    let erase_at = 2 * ERASE_BLOCK as u32 + ERASE_BLOCK as u32 / 2;
+    assert!(erase_at >= r.data_at, "{r:?}");
+    let slot = r.data_at + CUT_CHUNK * r.data_stride;
+    let points = [
+        (CutPoint::Erase, erase_at),
+        (CutPoint::ChunkWrite, slot + r.data_stride / 2),
+        (CutPoint::FlagWrite, r.flags_at),
+    ];
+    for (point, offset) in points {
+        let addr = PSRAM_BASE + CONTENT_OFFSET as u32 + offset;
+        let mut gdb = Gdb::attach(&socket, BOUND);
+        gdb.watch_writes(addr, 4);
+        gdb.resume();
+        let (file, content, want) = write_content(&lab, size);
+        let job = lab.push(&m, &file, &[&dev.id]);
+        // The erase writes 0xFFFF_FFFF over the watched word first; for the other points
+        // the board goes on to the first write of something else there. At each stop the
+        // store that hit is completed (one step), so the word shows what it wrote.
+        let mut stops = 0;
+        loop {
+            let reply = gdb.wait_stop(BOUND);
+            stops += 1;
+            assert!(reply.contains("watch"), "{point:?}: stopped for {reply:?}");
+            gdb.unwatch_writes(addr, 4);
+            gdb.step();
+            let word = gdb.read_word(addr);
+            if point == CutPoint::Erase || word != 0xFFFF_FFFF {
+                break;
+            }
+            assert!(
+                stops < 8,
+                "{point:?}: {stops} stops without a write that is not an erase"
+            );
+            gdb.watch_writes(addr, 4);
+            gdb.resume();
+        }
+        lab.power_cut(&mut dev);
+        drop(gdb);
+
+        // The image at the instant of the cut.
+        let image = std::fs::read(&dev.flash).expect("flash image");
+        let word_at = |off: u32| {
+            let a = CONTENT_OFFSET + off as usize;
+            u32::from_le_bytes(image[a..a + 4].try_into().expect("a word"))
+        };
+        let mut store = mount_image(&dev.flash);
+        let held = verified_chunks(&mut store, &content);
+        match point {
+            CutPoint::Erase => {
+                assert_eq!(
+                    word_at(erase_at),
+                    0xFFFF_FFFF,
+                    "the watched word was erased"
+                );
+                assert_ne!(
+                    word_at(erase_at + 1024),
+                    0xFFFF_FFFF,
+                    "the cut must land mid-erase: the block's later words still hold old data"
+                );
+                assert!(
+                    store.held_manifest().is_none(),
+                    "the old content must be void before any of its blocks is erased"
+                );
+            }
+            CutPoint::ChunkWrite => {
+                let c = CUT_CHUNK as usize * CHUNK;
+                let first = u32::from_le_bytes(content[c..c + 4].try_into().expect("a word"));
+                assert_eq!(word_at(slot), first, "the chunk's first word was written");
+                assert_eq!(
+                    word_at(slot + r.data_stride - 4),
+                    0xFFFF_FFFF,
+                    "the cut must tear the chunk's write: its last word is still erased"
+                );
+                assert!(!held.contains(&CUT_CHUNK), "a torn chunk is never verified");
+            }
+            CutPoint::FlagWrite => {
+                assert_eq!(
+                    held.len(),
+                    1,
+                    "the cut follows the first flag written: one chunk verified, {held:?}"
+                );
+            }
+        }
+        drop(store);
+
+        lab.boot(&mut dev);
+        let line = dev.wait_log(" complete sha256=", Duration::from_secs(60));
+        let after = dev.log();
+        let c = completion(&line).expect("completion line");
+        assert_eq!(
+            c.sha256, want,
+            "{point:?}: content read back from flash: {line}"
+        );
+        participants_confirmed(&lab.wait_job(&m, job, BOUND), &[&dev.id]);
+        // Mounted at boot: exactly what the image held verified.
+        let mounted = after
+            .lines()
+            .find(|l| l.contains("flash content: ") || l.contains("flash holds no content"))
+            .unwrap_or_else(|| panic!("no flash mount line after the cut:\n{after}"));
+        if held.is_empty() {
+            assert!(
+                mounted.contains("holds no content") || mounted.contains("flash content: 0 of"),
+                "{point:?}: {mounted}"
+            );
+        } else {
+            assert!(
+                mounted.contains(&format!("flash content: {} of {CUT_CHUNKS}", held.len())),
+                "{point:?}: the image held {held:?} verified; the device mounted: {mounted}"
+            );
+        }
+        // After the reboot: every chunk not held, once; none of those held.
+        let stored = stored_chunks(&after);
+        let mut unique = stored.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(
+            unique.len(),
+            stored.len(),
+            "{point:?}: a chunk stored twice: {stored:?}"
+        );
+        assert!(
+            stored.iter().all(|k| !held.contains(k)),
+            "{point:?}: a chunk held verified was fetched again: held {held:?}, stored {stored:?}"
+        );
+        assert_eq!(
+            stored.len() as u32 + held.len() as u32,
+            CUT_CHUNKS,
+            "{point:?}: {stored:?}"
+        );
+        eprintln!(
+            "power cut at {point:?} (offset {offset:#x}, {stops} watchpoint stops): {} chunks held verified at the cut, {} fetched after the reboot, sha256 ok",
+            held.len(),
+            stored.len()
+        );
+    }
 }

@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -60,6 +60,22 @@ const COBS_MAX: usize = MAX_FRAME + MAX_FRAME / 254 + 1;
 const LINE_BUF: usize = 64 * 1024;
 /// Bytes buffered between a session and the line, per direction.
 const SESSION_BUF: usize = 2 * (HEADER_LEN + MAX_FRAME);
+
+/// Bytes on the serial lines, COBS encoding and delimiters included: what a UART carries.
+#[derive(Debug)]
+pub struct LineCounters {
+    /// Bytes read from the lines.
+    pub received: AtomicU64,
+    /// Bytes written to the lines.
+    pub sent: AtomicU64,
+}
+
+/// Every serial line's bytes since the process started (`/api/v1/status`, `/metrics`):
+/// against the content delivered over a line, the share of the wire that is payload.
+pub static LINE_BYTES: LineCounters = LineCounters {
+    received: AtomicU64::new(0),
+    sent: AtomicU64::new(0),
+};
 
 /// Why [`serve_line`] returned.
 #[derive(Debug)]
@@ -145,6 +161,7 @@ where
             if let Err(e) = line_tx.write_all(&[0]).await {
                 return LineEnd::Failed(e);
             }
+            LINE_BYTES.sent.fetch_add(1, Ordering::Relaxed);
         }
         // The session starts with the line's next bytes: its handshake deadline
         // runs from there, and an idle line holds no session.
@@ -156,6 +173,7 @@ where
             match read {
                 Ok(0) => return LineEnd::Closed,
                 Ok(n) => {
+                    LINE_BYTES.received.fetch_add(n as u64, Ordering::Relaxed);
                     bytes.start = 0;
                     bytes.end = n;
                 }
@@ -222,6 +240,7 @@ where
                 Ok(n) => n,
                 Err(e) => return Some(LineEnd::Failed(e)),
             };
+            LINE_BYTES.received.fetch_add(n as u64, Ordering::Relaxed);
             bytes.start = 0;
             bytes.end = n;
         }
@@ -284,6 +303,7 @@ where
         if let Err(e) = line.write_all(&encoded[..n]).await {
             return Some(LineEnd::Failed(e));
         }
+        LINE_BYTES.sent.fetch_add(n as u64, Ordering::Relaxed);
         if let Err(e) = line.flush().await {
             return Some(LineEnd::Failed(e));
         }
@@ -614,8 +634,16 @@ mod test {
         drop(session_w);
         let mut frame_buf = vec![0u8; MAX_FRAME];
         let mut encoded = vec![0u8; COBS_MAX + 1];
+        let sent_before = LINE_BYTES.sent.load(Ordering::Relaxed);
         let end = outbound(&mut session_r, &mut line, &mut frame_buf, &mut encoded).await;
         assert!(end.is_none(), "the session's end ends it: {end:?}");
+        drop(line);
+        let mut wire = Vec::new();
+        device.read_to_end(&mut wire).await.unwrap();
+        // The line counter counts what went on the line (other tests may add to it too).
+        let counted = LINE_BYTES.sent.load(Ordering::Relaxed) - sent_before;
+        assert!(counted >= wire.len() as u64, "{counted} < {}", wire.len());
+        let mut device = &wire[..];
         for f in &frames {
             assert_eq!(&read_cobs(&mut device).await, f);
         }

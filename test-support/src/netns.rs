@@ -54,6 +54,27 @@ impl Namespace {
         netns::ip(&self.name, args).unwrap_or_else(|e| panic!("{e}"));
     }
 
+    /// Runs `f` on a thread that joined the namespace's network (`setns`) and returns
+    /// its result: sockets `f` opens live in the namespace, the rest of the process does not.
+    pub fn run_inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        use std::os::fd::AsFd as _;
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file =
+                    std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+                rustix::thread::move_into_link_name_space(
+                    file.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )
+                .unwrap_or_else(|e| panic!("join the network namespace {path}: {e}"));
+                f()
+            })
+            .join()
+            .expect("the thread inside the namespace panicked")
+        })
+    }
+
     /// A command that runs `program` inside the namespace (`ip netns exec`).
     pub fn command(&self, program: &Path) -> Command {
         let mut c = Command::new("ip");

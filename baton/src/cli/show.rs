@@ -213,6 +213,34 @@ pub fn agents(args: AgentsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Flags of `baton status`.
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// Print JSON instead of lines.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientOpts,
+}
+
+/// Runs `baton status`: the manager's addresses, keys, epoch and counters.
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.client)?;
+    let status: Value = client.get("/api/v1/status")?;
+    if args.json {
+        println!("{status}");
+        return Ok(());
+    }
+    let Some(fields) = status.as_object() else {
+        anyhow::bail!("the manager's status is not an object: {status}");
+    };
+    for (key, value) in fields {
+        println!("{key}: {}", text(value));
+    }
+    Ok(())
+}
+
 /// Flags of `baton jobs`.
 #[derive(Args, Debug, Clone)]
 pub struct JobsArgs {

@@ -26,6 +26,7 @@
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
@@ -271,6 +272,10 @@ pub struct StatusView {
     pub bytes_received: u64,
     /// The manager's upload cap (bytes/s, 0 = none).
     pub up_bps: u64,
+    /// Bytes written to serial lines (`--serial`), COBS framing included.
+    pub serial_bytes_sent: u64,
+    /// Bytes read from serial lines, COBS framing included.
+    pub serial_bytes_received: u64,
 }
 
 #[utoipa::path(get, path = "/api/v1/status", tag = "manager",
@@ -294,6 +299,8 @@ async fn status(State(m): State<Arc<Manager>>) -> Json<StatusView> {
         bytes_sent: m.bytes_sent(),
         bytes_received: m.bytes_received(),
         up_bps: m.limits.up.as_ref().map_or(0, |l| l.bytes_per_sec()),
+        serial_bytes_sent: crate::serial::LINE_BYTES.sent.load(Ordering::Relaxed),
+        serial_bytes_received: crate::serial::LINE_BYTES.received.load(Ordering::Relaxed),
     })
 }
 

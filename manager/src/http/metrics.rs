@@ -50,6 +50,8 @@ pub struct Sample {
     pub wire_sent: u64,
     /// Agent port wire bytes received.
     pub wire_received: u64,
+    /// Serial line bytes (sent, received), COBS framing included.
+    pub serial_bytes: [u64; 2],
     /// Chunk verification failures reported.
     pub chunk_failures: u64,
     /// Administrator password verifications.
@@ -155,6 +157,18 @@ pub fn render(s: &Sample) -> String {
     );
     family(
         &mut out,
+        "baton_serial_line_bytes_total",
+        "counter",
+        "Bytes on the serial lines since start, COBS framing included.",
+    );
+    for (direction, n) in ["sent", "received"].iter().zip(s.serial_bytes) {
+        let _ = writeln!(
+            out,
+            "baton_serial_line_bytes_total{{direction=\"{direction}\"}} {n}"
+        );
+    }
+    family(
+        &mut out,
         "baton_chunk_verification_failures_total",
         "counter",
         "Chunks that agents reported failing verification since start.",
@@ -211,6 +225,10 @@ pub async fn metrics(
         totals,
         wire_sent: m.bytes_sent(),
         wire_received: m.bytes_received(),
+        serial_bytes: [
+            crate::serial::LINE_BYTES.sent.load(Ordering::Relaxed),
+            crate::serial::LINE_BYTES.received.load(Ordering::Relaxed),
+        ],
         chunk_failures: m.stats.chunk_verification_failures.load(Ordering::Relaxed),
         password_verifications: web.password_verifications.load(Ordering::Relaxed),
         segment_refusals: {
@@ -248,6 +266,7 @@ mod test {
             },
             wire_sent: 7,
             wire_received: 8,
+            serial_bytes: [5, 6],
             chunk_failures: 1,
             password_verifications: 9,
             segment_refusals: [2, 3, 4],
@@ -263,6 +282,8 @@ mod test {
             "baton_served_bytes_total{source=\"manager\"} 100",
             "baton_served_bytes_total{source=\"relays\"} 250",
             "baton_chunk_verification_failures_total 1",
+            "baton_serial_line_bytes_total{direction=\"sent\"} 5",
+            "baton_serial_line_bytes_total{direction=\"received\"} 6",
             "baton_segment_report_refusals_total{what=\"pages\"} 2",
             "baton_segment_report_refusals_total{what=\"delays\"} 4",
             "# TYPE baton_served_bytes_total counter",

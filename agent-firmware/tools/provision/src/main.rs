@@ -23,8 +23,13 @@
 //! check the fault line it logs.
 //!
 //! `--show` prints what a file holds; `--erase-content` erases the content
-//! partition (as after a factory reset). The block layout is in `src/config.rs`
-//! of the firmware, which this tool compiles in unchanged.
+//! partition (as after a factory reset). `--erase-records` erases the agent's
+//! record area: the trust document it accepted, its version records and its
+//! latest time (rollback protection then rests on the content the device still
+//! holds: its version stays the floor for its name; other names start over).
+//! It is the way back for a device whose record area was damaged: such a device
+//! fails closed and refuses every manifest until then (HIL test (e) shows both). The block layout is in `src/config.rs` of the
+//! firmware, which this tool compiles in unchanged.
 
 use std::fs::OpenOptions;
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
@@ -50,8 +55,11 @@ mod cobs_tx;
 const FLASH_SIZE: u64 = 16 * 1024 * 1024;
 /// Where the content partition starts (see the firmware's `psram.rs`).
 const CONTENT_OFFSET: u64 = 0x1_0000;
+/// Where the agent's record area starts, and its size (see the firmware's `psram.rs`).
+const RECORDS: (u64, u64) = (0x2000, 0x2000);
 
-const USAGE: &str = "usage: baton-fw-provision --flash FILE [--show] [--erase-content]
+const USAGE: &str =
+    "usage: baton-fw-provision --flash FILE [--show] [--erase-content] [--erase-records]
     [--id ID] [--seed HEX | --new-seed] [--ip A.B.C.D/PREFIX] [--gateway A.B.C.D]
     [--manager A.B.C.D:PORT] [--manager-key HEX] [--listen-port N] [--token TOKEN]
     [--root-key HEX]... [--root-threshold N] [--site NAME] [--segment NAME] [--serial | --tcp]
@@ -143,6 +151,7 @@ fn run() -> Result<(), String> {
     let mut flash = None;
     let mut show_only = false;
     let mut erase = false;
+    let mut erase_records = false;
     let mut new_seed = false;
     let mut seed = None;
     let mut sets: Vec<(String, String)> = Vec::new();
@@ -159,6 +168,7 @@ fn run() -> Result<(), String> {
             "--flash" => flash = Some(value()?),
             "--show" => show_only = true,
             "--erase-content" => erase = true,
+            "--erase-records" => erase_records = true,
             "--new-seed" => new_seed = true,
             "--serial" => link = Some(true),
             "--tcp" => link = Some(false),
@@ -307,17 +317,36 @@ fn run() -> Result<(), String> {
         .and_then(|_| file.write_all(&c.encode()))
         .map_err(|e| format!("{path}: {e}"))?;
     if erase {
-        file.seek(SeekFrom::Start(CONTENT_OFFSET))
+        erase_range(&mut file, CONTENT_OFFSET, FLASH_SIZE - CONTENT_OFFSET)
             .map_err(|e| format!("{path}: {e}"))?;
-        let block = vec![0xFFu8; 64 * 1024];
-        for _ in 0..(FLASH_SIZE - CONTENT_OFFSET) / block.len() as u64 {
-            file.write_all(&block).map_err(|e| format!("{path}: {e}"))?;
-        }
+    }
+    if erase_records {
+        erase_range(&mut file, RECORDS.0, RECORDS.1).map_err(|e| format!("{path}: {e}"))?;
+        eprintln!(
+            "record area erased: the device forgets its trust document, version records and latest time"
+        );
     }
     file.sync_all().map_err(|e| format!("{path}: {e}"))?;
     let id = Identity::from_seed(c.seed);
     println!("id={}", c.id.as_str().unwrap_or(""));
     println!("key={}", hex(&id.public().0));
+    Ok(())
+}
+
+/// Sets `len` bytes of `file` from `offset` to `0xFF`, as erased NOR flash reads.
+fn erase_range(
+    file: &mut (impl std::io::Write + std::io::Seek),
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    file.seek(SeekFrom::Start(offset))?;
+    let block = vec![0xFFu8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        file.write_all(&block[..n])?;
+        left -= n as u64;
+    }
     Ok(())
 }
 
@@ -334,6 +363,24 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn erasing_the_records_touches_only_the_record_area() {
+        let mut image = std::io::Cursor::new(vec![0x5Au8; 0x2_0000]);
+        erase_range(&mut image, RECORDS.0, RECORDS.1).unwrap();
+        let image = image.into_inner();
+        let (start, end) = (RECORDS.0 as usize, (RECORDS.0 + RECORDS.1) as usize);
+        assert!(image[start..end].iter().all(|&b| b == 0xFF));
+        assert!(
+            image[..start].iter().all(|&b| b == 0x5A),
+            "provisioning and boot log kept"
+        );
+        assert!(image[end..].iter().all(|&b| b == 0x5A), "content kept");
+        assert!(
+            end as u64 <= CONTENT_OFFSET,
+            "the record area ends before the content"
+        );
+    }
 
     #[test]
     fn block_round_trips_and_detects_damage() {
