@@ -1,7 +1,7 @@
 //! Writes `memory.x` (from `memory.x.in`) where the linker finds it and relinks when it
 //! changes; writes the
 //! `device.x` cortex-m-rt's `device` feature includes (empty: every interrupt vector is set
-//! in `board.rs`'s table).
+//! in `src/board/mps2_an385/mod.rs`'s table).
 
 use std::{env, fs, path::PathBuf};
 
@@ -26,7 +26,7 @@ fn main() {
     fs::write(out.join("memory.x"), memory).expect("write memory.x");
     fs::write(
         out.join("device.x"),
-        "/* The interrupt table is board.rs's __INTERRUPTS. */\n",
+        "/* The interrupt table is src/board/mps2_an385/mod.rs's __INTERRUPTS. */\n",
     )
     .expect("write device.x");
     println!("cargo:rustc-link-search={}", out.display());

@@ -43,10 +43,10 @@ pub const CONFIG_MAGIC: &[u8; 8] = b"BATONCF2";
 /// the device then serves no peers (no listener).
 pub const FLAG_SERIAL: u8 = 1;
 /// `flags` bit (a test switch): right after boot the device recurses until its stack
-/// overflows, to show the stack guard faults and logs `stack overflow` (src/guard.rs).
+/// overflows, to show the stack guard faults and logs `stack overflow` (src/board/mps2_an385/guard.rs).
 pub const FLAG_DEMO_STACK_OVERFLOW: u8 = 2;
 /// `flags` bit (a test switch): right after boot the device writes to its code memory, to
-/// show the MPU stops it with a `MemManage fault at <address>` line (src/guard.rs).
+/// show the MPU stops it with a `MemManage fault at <address>` line (src/board/mps2_an385/guard.rs).
 pub const FLAG_DEMO_CODE_WRITE: u8 = 4;
 const CHECK_AT: usize = 504;
 

@@ -30,7 +30,7 @@ static POOL: Mutex<Cell<[u32; 4]>> = Mutex::new(Cell::new([0; 4]));
 
 /// Mixes the current SysTick value into the pool; called from interrupt handlers.
 pub fn stir() {
-    let v = crate::board::systick_value();
+    let v = crate::board::cycle_count();
     critical_section::with(|cs| {
         let cell = POOL.borrow(cs);
         let mut p = cell.get();
@@ -71,7 +71,7 @@ impl Entropy {
             h.update(w.to_le_bytes());
         }
         h.update(embassy_time::Instant::now().as_ticks().to_le_bytes());
-        h.update(crate::board::systick_value().to_le_bytes());
+        h.update(crate::board::cycle_count().to_le_bytes());
         h.finalize().into()
     }
 }

@@ -1,19 +1,20 @@
-//! Baton agent firmware for QEMU's `mps2-an385` board (Cortex-M3, LAN9118 Ethernet).
+//! Baton agent firmware: the agent-core state machine driven by embassy, on one board
+//! chosen at build time ([`board`]; QEMU's `mps2-an385` by default).
 //!
 //! The agent-core state machine runs here unchanged, driven by a small embassy
 //! driver ([`node`]). At boot the device
 //!
-//! 1. starts SysTick (1 kHz time base) and bumps the boot counter in flash;
-//! 2. reads its provisioning block (identity seed, agent id, IPv4 settings,
-//!    manager address and key) from the emulated flash ([`config`], [`psram`]);
-//!    without one it derives its id from the MAC and cannot reach a manager;
-//! 3. mounts the content partition (agent-core's `FlashStore` over
-//!    [`psram::NorPartition`]), so verified chunks survive power cuts;
-//! 4. brings up the LAN9118 ([`lan9118`]) and embassy-net with a static IPv4
-//!    address, then runs the manager session, the peer listener and outgoing
-//!    peer connections ([`node`]). A device provisioned for a serial link
-//!    talks to the manager over UART0 instead ([`uart`], COBS framing) and
-//!    serves no peers.
+//! 1. brings its board up ([`board`]: memory guards, time base, boot counter in
+//!    flash, Ethernet, the flash store);
+//! 2. decodes its provisioning block (identity seed, agent id, IPv4 settings,
+//!    manager address and key, [`config`]); without one it derives its id from
+//!    the MAC and cannot reach a manager;
+//! 3. mounts the content partition (agent-core's `FlashStore` over the board's
+//!    NOR flash), so verified chunks survive power cuts;
+//! 4. starts embassy-net with a static IPv4 address, then runs the manager
+//!    session, the peer listener and outgoing peer connections ([`node`]). A
+//!    device provisioned for a serial link talks to the manager over the board's
+//!    UART instead (COBS framing) and serves no peers.
 //!
 //! Logs go out as defmt frames over semihosting (QEMU's stdout); decode them
 //! with `defmt-print -e target/thumbv7m-none-eabi/release/baton-firmware`.
@@ -27,15 +28,10 @@ mod board;
 mod cobs_tx;
 mod config;
 mod entropy;
-mod guard;
-mod lan9118;
 mod node;
-mod psram;
 mod stack;
-mod uart;
 
 use baton_agent_core::agent::AgentConfig;
-use baton_agent_core::flash::FlashStore;
 use baton_agent_core::store::ContentStore as _;
 use baton_protocol::AgentId;
 use baton_protocol::identity::Identity;
@@ -45,10 +41,8 @@ use embassy_net::{Ipv4Address, Ipv4Cidr, StackResources, StaticConfigV4};
 use sha2::{Digest as _, Sha256};
 use static_cell::StaticCell;
 
-use crate::config::{CONFIG_LEN, Config};
-use crate::lan9118::Lan9118;
+use crate::config::Config;
 use crate::node::{DeviceAgent, FrameBuf, Node, SocketBuffers};
-use crate::psram::NorPartition;
 
 // Every log line carries the device's uptime in milliseconds.
 defmt::timestamp!("{=u64:ms}", embassy_time::Instant::now().as_millis());
@@ -61,8 +55,6 @@ const SOCKETS: usize = node::SLOTS;
 static RESOURCES: StaticCell<StackResources<SOCKETS>> = StaticCell::new();
 static AGENT: StaticCell<DeviceAgent> = StaticCell::new();
 static FRAME: StaticCell<FrameBuf> = StaticCell::new();
-static ETH_RX: StaticCell<lan9118::FrameBuffer> = StaticCell::new();
-static ETH_TX: StaticCell<lan9118::FrameBuffer> = StaticCell::new();
 static MANAGER_RX: StaticCell<[u8; node::BIG_RX]> = StaticCell::new();
 static MANAGER_TX: StaticCell<[u8; node::MANAGER_TX]> = StaticCell::new();
 static OUT_RX: StaticCell<[u8; node::BIG_RX]> = StaticCell::new();
@@ -72,7 +64,7 @@ static IN_TX: StaticCell<[u8; node::IN_TX]> = StaticCell::new();
 static NODE: StaticCell<Node> = StaticCell::new();
 
 #[embassy_executor::task]
-async fn net_task(mut runner: embassy_net::Runner<'static, Lan9118>) -> ! {
+async fn net_task(mut runner: embassy_net::Runner<'static, board::Eth>) -> ! {
     stack::Measured::new(stack::Part::Net, runner.run()).await
 }
 
@@ -108,7 +100,7 @@ fn main() -> ! {
 /// `.bss`. Here the constructor is inlined into the cell's write, so no copy of the agent
 /// is on the stack (check: `llvm-objdump -d` shows this function's `sub sp` well under 1 KB).
 #[inline(never)]
-fn place_agent(config: AgentConfig, store: FlashStore<NorPartition>) -> &'static mut DeviceAgent {
+fn place_agent(config: AgentConfig, store: board::Store) -> &'static mut DeviceAgent {
     let agent = AGENT
         .uninit()
         .write(DeviceAgent::without_records(config, store));
@@ -118,35 +110,21 @@ fn place_agent(config: AgentConfig, store: FlashStore<NorPartition>) -> &'static
 
 /// Brings the board up and builds the network stack and the node.
 #[inline(never)]
-fn boot() -> (embassy_net::Runner<'static, Lan9118>, &'static mut Node) {
-    let Some(mut p) = cortex_m::Peripherals::take() else {
-        board::exit(false);
-    };
-    guard::enable_mpu(&mut p.MPU, &mut p.SCB);
-    board::start_systick(p.SYST);
-    let boot = psram::next_boot_count();
-
-    let mut block = [0u8; CONFIG_LEN];
-    psram::read_bytes(psram::CONFIG_OFFSET, &mut block);
-    let cfg = match Config::decode(&block) {
+fn boot() -> (embassy_net::Runner<'static, board::Eth>, &'static mut Node) {
+    let board::Parts {
+        eth,
+        mac,
+        config_block,
+        boot,
+        mut store,
+    } = board::bring_up();
+    let cfg = match Config::decode(&config_block) {
         Ok(c) => Some(c),
         Err(e) => {
             defmt::warn!("provisioning block: {}", e);
             None
         }
     };
-
-    let eth = match Lan9118::new(ETH_RX.init([0; 1536]), ETH_TX.init([0; 1536])) {
-        Ok(e) => e,
-        Err(e) => {
-            defmt::error!("ethernet: {}", e);
-            board::exit(false);
-        }
-    };
-    let mac = eth.mac();
-    if !eth.link_up() {
-        defmt::warn!("ethernet link is down");
-    }
 
     let id = match cfg
         .as_ref()
@@ -185,8 +163,6 @@ fn boot() -> (embassy_net::Runner<'static, Lan9118>, &'static mut Node) {
     let resources = RESOURCES.init_with(StackResources::new);
     let (stack, runner) = embassy_net::new(eth, net_config, resources, seed64);
 
-    let mut store =
-        FlashStore::new_multiwrite(NorPartition::content()).with_records(NorPartition::records());
     match store.mount() {
         Ok(Some(m)) => {
             let (root, chunks) = (m.root, m.chunks());
@@ -220,21 +196,15 @@ fn boot() -> (embassy_net::Runner<'static, Lan9118>, &'static mut Node) {
         core::mem::size_of::<FrameBuf>()
     );
 
-    // Test switches: show the memory guards on this very image (see guard.rs).
-    let flags = cfg.as_ref().map_or(0, |c| c.flags);
-    if flags & config::FLAG_DEMO_STACK_OVERFLOW != 0 {
-        guard::demo::overflow_stack();
-    }
-    if flags & config::FLAG_DEMO_CODE_WRITE != 0 {
-        guard::demo::write_code();
-    }
+    // Test switches: show the memory guards on this very image (see the board's guard module).
+    board::fault_demos(cfg.as_ref().map_or(0, |c| c.flags));
 
     // A serial device's manager session runs over UART0: the manager
     // socket's receive buffer then holds the serial line's COBS frames.
     let manager_rx: &'static mut [u8] = MANAGER_RX.init_with(|| [0; node::BIG_RX]);
     let serial = cfg.as_ref().is_some_and(|c| c.serial());
     let (manager_rx, serial_rx): (&'static mut [u8], _) = if serial {
-        uart::init();
+        board::serial::init();
         (&mut [], Some(manager_rx))
     } else {
         (manager_rx, None)

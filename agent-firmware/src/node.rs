@@ -33,7 +33,7 @@
 //! other at once would otherwise each wait for the other's responder.
 //!
 //! **Serial link.** A device provisioned with `FLAG_SERIAL` runs slot 0 over
-//! UART0 instead of TCP ([`crate::uart`]): the same Noise handshake and
+//! UART0 instead of TCP ([`crate::board::serial`]): the same Noise handshake and
 //! encrypted messages, each frame COBS-encoded and ended by `0x00` (SPEC §1).
 //! Received bytes go through a `CobsReader` whose buffer is the manager
 //! socket's receive buffer (unused then); a complete frame is copied into the
@@ -51,7 +51,7 @@ use core::task::Poll;
 use core::time::Duration as CoreDuration;
 
 use baton_agent_core::agent::{Agent, AgentConfig, ConnId, Direction, Event, PeerInfo};
-use baton_agent_core::flash::FlashStore;
+
 use baton_agent_core::store::ContentStore;
 use baton_protocol::frame::{self, CobsReader};
 use baton_protocol::identity::Identity;
@@ -65,11 +65,10 @@ use embassy_net::{IpEndpoint, Ipv4Address, Stack};
 use embassy_time::{Duration, Instant, Timer};
 use sha2::{Digest as _, Sha256};
 
+use crate::board::{Store, serial};
 use crate::cobs_tx::CobsWriter;
 use crate::config::Config;
 use crate::entropy::Entropy;
-use crate::psram::NorPartition;
-use crate::uart;
 
 /// Largest chunk this device accepts (reported as `max_chunk`).
 pub const MAX_CHUNK: u32 = 4096;
@@ -92,7 +91,7 @@ pub const SLOTS: usize = 3;
 const PEER_TABLE: usize = 2;
 
 /// The agent as this device runs it: one content, two peer connections.
-pub type DeviceAgent = Agent<FlashStore<NorPartition>, 1, PEER_TABLE>;
+pub type DeviceAgent = Agent<Store, 1, PEER_TABLE>;
 
 /// Largest COBS encoding of a frame (delimiter not included).
 const COBS_MAX: usize = FRAME_MAX + FRAME_MAX / 254 + 1;
@@ -860,9 +859,9 @@ impl Node {
             && let Some(ser) = &mut self.serial
         {
             let frame = &self.buf[p.off..p.end];
-            while uart::tx_ready() {
+            while serial::tx_ready() {
                 match ser.tx.next_byte(frame) {
-                    Some(b) => uart::write(b),
+                    Some(b) => serial::write(b),
                     None => {
                         self.pending = None;
                         return true;
@@ -1115,7 +1114,7 @@ impl Node {
                     at(ser.last_rx + SERIAL_SILENCE);
                 }
                 // Bytes left in the ring after a frame was taken: look again soon.
-                if reading && uart::rx_queued() > 0 {
+                if reading && serial::rx_queued() > 0 {
                     at(now + Duration::from_millis(1));
                 }
             }
@@ -1159,7 +1158,7 @@ impl Node {
                 };
                 if serial && i == 0 {
                     // The UART, not the (unused) manager socket.
-                    if (read && uart::poll_rx(cx)) || (write && uart::poll_tx(cx)) {
+                    if (read && serial::poll_rx(cx)) || (write && serial::poll_tx(cx)) {
                         return Poll::Ready(());
                     }
                     continue;
@@ -1206,7 +1205,7 @@ fn serial_write(msg: &[u8]) -> bool {
     let give_up = Instant::now() + SERIAL_WRITE_LIMIT;
     let mut lead = true;
     loop {
-        if !uart::tx_ready() {
+        if !serial::tx_ready() {
             if Instant::now() > give_up {
                 return false;
             }
@@ -1221,7 +1220,7 @@ fn serial_write(msg: &[u8]) -> bool {
                 None => return true,
             }
         };
-        uart::write(b);
+        serial::write(b);
     }
 }
 
@@ -1229,7 +1228,7 @@ fn serial_write(msg: &[u8]) -> bool {
 /// copies it into the frame buffer and returns its length. A corrupt or
 /// oversized frame is dropped (the reader resynchronises at the next `0x00`).
 fn serial_frame(ser: &mut SerialLink, buf: &mut FrameBuf) -> Option<usize> {
-    while let Some(b) = uart::pop() {
+    while let Some(b) = serial::pop() {
         match ser.rx.push(b) {
             None => {}
             Some(Ok(n)) if n <= FRAME_MAX => {

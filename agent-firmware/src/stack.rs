@@ -17,7 +17,7 @@ use core::pin::Pin;
 use core::sync::atomic::{AtomicU32, Ordering};
 use core::task::{Context, Poll};
 
-use crate::guard::{stack_bottom, stack_top};
+use crate::board::{stack_bottom, stack_top};
 
 /// The value cortex-m-rt paints the stack with at reset (its `paint-stack` feature).
 pub const PAINT: u32 = 0xCCCC_CCCC;

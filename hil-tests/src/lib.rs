@@ -54,9 +54,9 @@ pub const MANAGER_IP: &str = "10.77.0.1";
 pub const MANAGER_PORT: u16 = 7700;
 /// The peer port devices listen on.
 pub const DEVICE_PORT: u16 = 7400;
-/// Where the firmware's emulated flash (QEMU's PSRAM) is mapped (`agent-firmware/src/psram.rs`).
+/// Where the firmware's emulated flash (QEMU's PSRAM) is mapped (`agent-firmware/src/board/mps2_an385/psram.rs`).
 pub const PSRAM_BASE: u32 = 0x2100_0000;
-/// Offset of the content partition in the emulated flash (`agent-firmware/src/psram.rs`).
+/// Offset of the content partition in the emulated flash (`agent-firmware/src/board/mps2_an385/psram.rs`).
 pub const CONTENT_OFFSET: usize = 0x1_0000;
 /// Erase block of the emulated flash.
 pub const ERASE_BLOCK: usize = 4096;

@@ -53,9 +53,9 @@ mod cobs_tx;
 
 /// Size of the flash file: QEMU's mps2 PSRAM.
 const FLASH_SIZE: u64 = 16 * 1024 * 1024;
-/// Where the content partition starts (see the firmware's `psram.rs`).
+/// Where the content partition starts (see the firmware's `src/board/mps2_an385/psram.rs`).
 const CONTENT_OFFSET: u64 = 0x1_0000;
-/// Where the agent's record area starts, and its size (see the firmware's `psram.rs`).
+/// Where the agent's record area starts, and its size (see the firmware's `src/board/mps2_an385/psram.rs`).
 const RECORDS: (u64, u64) = (0x2000, 0x2000);
 
 const USAGE: &str =

@@ -1,4 +1,4 @@
-//! Board bring-up for QEMU's `mps2-an385`: executor, time driver, panics, stack report.
+//! The QEMU `mps2-an385` board (Cortex-M3, LAN9118 Ethernet, CMSDK UART, PSRAM as flash).
 //!
 //! - [`run_executor`]: a thread-mode embassy executor that sleeps with `WFI`.
 //!   embassy's stock Cortex-M executor sleeps with `WFE`, which QEMU runs as a
@@ -7,8 +7,25 @@
 //!   24 999), a 64-bit tick count kept under a critical section, and embassy's
 //!   timer queue, serviced from the SysTick handler when the earliest deadline passes.
 //! - A panic handler that logs the panic over defmt and makes QEMU exit with code 1
-//!   (faults: see [`crate::guard`]).
+//!   (faults: see [`guard`]).
 //! - [`ram_layout`]: the sizes of the statics and the stack region.
+//! - [`bring_up`]: memory guards, time, boot counter, provisioning block, Ethernet and
+//!   the flash store, handed to the shared firmware as [`super::Parts`].
+//! - Its parts: [`lan9118`] (Ethernet), [`psram`] (the emulated flash), [`uart`] (the
+//!   serial link, as [`serial`]), [`guard`] (stack guard and MPU regions).
+
+pub mod guard;
+pub mod lan9118;
+pub mod psram;
+pub mod uart;
+
+pub use guard::{stack_bottom, stack_top};
+pub use uart as serial;
+
+use baton_agent_core::flash::FlashStore;
+
+use crate::config::CONFIG_LEN;
+use psram::NorPartition;
 
 use core::cell::{Cell, RefCell};
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -154,10 +171,10 @@ static __INTERRUPTS: [unsafe extern "C" fn(); IRQ_LINES] = [DefaultHandler; IRQ_
 /// `unsafe fn` signature for this handler and for `HardFault`.)
 #[exception]
 unsafe fn DefaultHandler(irqn: i16) {
-    if irqn == crate::lan9118::IRQ as i16 {
-        crate::lan9118::on_interrupt();
-    } else if irqn == crate::uart::IRQ_RX as i16 || irqn == crate::uart::IRQ_TX as i16 {
-        crate::uart::on_interrupt();
+    if irqn == lan9118::IRQ as i16 {
+        lan9118::on_interrupt();
+    } else if irqn == uart::IRQ_RX as i16 || irqn == uart::IRQ_TX as i16 {
+        uart::on_interrupt();
     } else {
         defmt::error!("unexpected interrupt {}", irqn);
         exit(false);
@@ -197,7 +214,7 @@ pub fn ram_layout() -> RamLayout {
     RamLayout {
         data: a(&raw const __edata) - a(&raw const __sdata),
         bss: a(&raw const __ebss) - a(&raw const __sbss),
-        stack: (crate::guard::stack_top() - crate::guard::stack_bottom()) as usize,
+        stack: (guard::stack_top() - guard::stack_bottom()) as usize,
     }
 }
 
@@ -210,4 +227,62 @@ pub struct RamLayout {
     pub bss: usize,
     /// The stack region below the statics (its guard not counted).
     pub stack: usize,
+}
+
+/// The board's Ethernet driver, for embassy-net.
+pub type Eth = lan9118::Lan9118;
+/// The content partition and record area as agent-core's store (the PSRAM allows bitmap flags).
+pub type Store = FlashStore<NorPartition>;
+
+/// A counter that runs fast and differs between boots at the same point (entropy stirring).
+pub fn cycle_count() -> u32 {
+    systick_value()
+}
+
+static ETH_RX: StaticCell<lan9118::FrameBuffer> = StaticCell::new();
+static ETH_TX: StaticCell<lan9118::FrameBuffer> = StaticCell::new();
+
+/// Brings the board up: memory guards, SysTick, the boot counter, the provisioning block,
+/// the LAN9118 and the flash store. Exits (QEMU status 1) if the Ethernet cannot start.
+#[inline(never)]
+pub fn bring_up() -> super::Parts {
+    let Some(mut p) = cortex_m::Peripherals::take() else {
+        exit(false);
+    };
+    guard::enable_mpu(&mut p.MPU, &mut p.SCB);
+    start_systick(p.SYST);
+    let boot = psram::next_boot_count();
+    let mut config_block = [0u8; CONFIG_LEN];
+    psram::read_bytes(psram::CONFIG_OFFSET, &mut config_block);
+    let eth = match lan9118::Lan9118::new(ETH_RX.init([0; 1536]), ETH_TX.init([0; 1536])) {
+        Ok(e) => e,
+        Err(e) => {
+            defmt::error!("ethernet: {}", e);
+            exit(false);
+        }
+    };
+    let mac = eth.mac();
+    if !eth.link_up() {
+        defmt::warn!("ethernet link is down");
+    }
+    let store =
+        FlashStore::new_multiwrite(NorPartition::content()).with_records(NorPartition::records());
+    super::Parts {
+        eth,
+        mac,
+        config_block,
+        boot,
+        store,
+    }
+}
+
+/// Runs the fault demonstrations the provisioning block asks for (test switches that
+/// show the memory guards on the image under test, see [`guard::demo`]).
+pub fn fault_demos(flags: u8) {
+    if flags & crate::config::FLAG_DEMO_STACK_OVERFLOW != 0 {
+        guard::demo::overflow_stack();
+    }
+    if flags & crate::config::FLAG_DEMO_CODE_WRITE != 0 {
+        guard::demo::write_code();
+    }
 }
