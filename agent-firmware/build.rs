@@ -1,7 +1,8 @@
-//! Writes `memory.x` (from `memory.x.in`) where the linker finds it and relinks when it
-//! changes; writes the
-//! `device.x` cortex-m-rt's `device` feature includes (empty: every interrupt vector is set
-//! in `src/board/mps2_an385/mod.rs`'s table).
+//! Writes the board's `memory.x` (QEMU's from `memory.x.in`, the NUCLEO-F429ZI's from
+//! `memory-nucleo-f429zi.x`) where the linker finds it and relinks when it changes; for
+//! QEMU writes the `device.x` cortex-m-rt's `device` feature includes (empty: every
+//! interrupt vector is set in `src/board/mps2_an385/mod.rs`'s table), for the NUCLEO the
+//! device crate's own is used.
 
 use std::{env, fs, path::PathBuf};
 
@@ -11,7 +12,15 @@ fn main() {
     // (scripts/test.sh's opt-level "s" build, run through the HIL suite as "z" is).
     // The source is not named memory.x: the linker would take a memory.x in the package
     // directory before this one.
-    let mut memory = fs::read_to_string("memory.x.in").expect("read memory.x.in");
+    // One board per build (its cargo feature): the NUCLEO-F429ZI's memory map, and its
+    // interrupt table from embassy-stm32's device crate; else QEMU's mps2-an385.
+    let nucleo = env::var_os("CARGO_FEATURE_BOARD_NUCLEO_F429ZI").is_some();
+    let source = if nucleo {
+        "memory-nucleo-f429zi.x"
+    } else {
+        "memory.x.in"
+    };
+    let mut memory = fs::read_to_string(source).expect("read the board's memory map");
     if let Ok(kb) = env::var("BATON_FW_FLASH_KB") {
         let kb: u32 = kb.parse().expect("BATON_FW_FLASH_KB is a number of KiB");
         memory = memory.replace(
@@ -24,13 +33,19 @@ fn main() {
         );
     }
     fs::write(out.join("memory.x"), memory).expect("write memory.x");
-    fs::write(
-        out.join("device.x"),
-        "/* The interrupt table is src/board/mps2_an385/mod.rs's __INTERRUPTS. */\n",
-    )
-    .expect("write device.x");
+    if nucleo {
+        // The device crate's table (stm32-metapac's device.x) must be the one found.
+        let _ = fs::remove_file(out.join("device.x"));
+    } else {
+        fs::write(
+            out.join("device.x"),
+            "/* The interrupt table is src/board/mps2_an385/mod.rs's __INTERRUPTS. */\n",
+        )
+        .expect("write device.x");
+    }
     println!("cargo:rustc-link-search={}", out.display());
     println!("cargo:rerun-if-changed=memory.x.in");
+    println!("cargo:rerun-if-changed=memory-nucleo-f429zi.x");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=BATON_FW_FLASH_KB");
 }

@@ -5,6 +5,9 @@
 # and the ten largest symbols (code and statics), and the peak stack measured by
 # painting on a device (per task: boot, net, node).
 #
+# A board's own RAM outside the budget (section .board_ram: the NUCLEO-F429ZI's Ethernet DMA
+# descriptors and buffers) is printed on its own line.
+#
 # Usage: size.sh [--elf ELF] [--log FILE] [--boot]
 #   --elf ELF    firmware (default target/thumbv7m-none-eabi/release/baton-firmware)
 #   --log FILE   a decoded device log (run-qemu.sh output): report its last
@@ -51,6 +54,11 @@ printf 'bss    %7d bytes\n' "$bss"
 printf 'flash  %7d of %d bytes (text + data)\n' "$flash" "$flash_budget"
 printf 'ram    %7d of %d bytes: static %d + stack region %d (guard 32 included)\n' \
     "$ram" "$ram_budget" "$static" "$stack_region"
+# A board's own RAM outside Baton's budget (the NUCLEO's Ethernet DMA buffers, .board_ram).
+board_ram=$(size -A "$elf" | awk '$1==".board_ram"{print $2}')
+if [ -n "$board_ram" ]; then
+    printf 'board  %7d bytes of the board'"'"'s own RAM outside the budget (.board_ram: Ethernet DMA)\n' "$board_ram"
+fi
 echo "largest symbols (bytes, kind, name):"
 nm --size-sort -S -C --radix=d "$elf" | tail -10 | sort -k2 -rn |
     awk '{name=$4; for(i=5;i<=NF;i++) name=name" "$i; printf "  %7d %s %s\n", $2, $3, substr(name,1,100)}'

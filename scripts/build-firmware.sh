@@ -4,13 +4,14 @@
 #
 #   - installs what is missing: the thumbv7m-none-eabi target, qemu-system-arm
 #     (Debian package, via apt-get), defmt-print (cargo install);
-#   - the firmware ELF (agent-firmware, release profile tuned for size);
+#   - the firmware ELF (agent-firmware, release profile tuned for size) for QEMU's
+#     mps2-an385, and for the second board, the NUCLEO-F429ZI (built, not run);
 #   - the firmware provisioning tool (agent-firmware/tools/provision);
 #   - the manager and Linux agent binary, `baton`, into this workspace's target
 #     directory (CARGO_TARGET_DIR if set), where the HIL tests look for it;
-#   - prints the firmware's footprint: flash (<= 131,072 bytes) and static RAM + stack
-#     region (<= 65,536 bytes), failing beyond either, the ten largest symbols, and the
-#     peak stack of a booted device per task, measured by stack painting.
+#   - prints each board's firmware footprint: flash (<= 131,072 bytes) and static RAM +
+#     stack region (<= 65,536 bytes), failing beyond either, the ten largest symbols, and
+#     (QEMU) the peak stack of a booted device per task, measured by stack painting.
 #
 # Usage: scripts/build-firmware.sh
 set -euo pipefail
@@ -46,5 +47,13 @@ step "provisioning tool"
 step "baton (manager and Linux agent)"
 cargo build --release -p baton --bin baton
 
-step "footprint"
+# The second board, ST's NUCLEO-F429ZI (embassy-stm32): the same shared firmware and the
+# same budgets; built only (flashing it needs the board and probe-rs, see README.md).
+step "firmware for the NUCLEO-F429ZI (board-nucleo-f429zi)"
+(cd agent-firmware && env -u CARGO_TARGET_DIR cargo --config nucleo-f429zi.toml build --release \
+    --no-default-features --features board-nucleo-f429zi)
+
+step "footprint: QEMU mps2-an385"
 PATH="$PATH:$cargo_bin" agent-firmware/size.sh --boot
+step "footprint: NUCLEO-F429ZI"
+agent-firmware/size.sh --elf agent-firmware/target/nucleo/thumbv7m-none-eabi/release/baton-firmware

@@ -88,9 +88,19 @@ cargo test --workspace --exclude baton-hil-tests -- "${skip_hostile[@]}"
 stage "hostile-input tests (floods, slow peers, slow HTTP clients)"
 cargo test -p baton --test e2e -- "${hostile[@]}"
 
-stage "firmware build, footprint, clippy (thumbv7m)"
+stage "firmware build, footprint, clippy (thumbv7m; QEMU mps2-an385 and NUCLEO-F429ZI)"
 scripts/build-firmware.sh
 (cd agent-firmware && env -u CARGO_TARGET_DIR cargo clippy --release -- -D warnings)
+(cd agent-firmware && env -u CARGO_TARGET_DIR cargo --config nucleo-f429zi.toml clippy --release \
+    --no-default-features --features board-nucleo-f429zi -- -D warnings)
+# Both boards build the very same agent-core and protocol crates (the board layer is the
+# only difference): cargo tree shows one path for each.
+core_crates() {
+    (cd agent-firmware && env -u CARGO_TARGET_DIR cargo "$@" -e normal --prefix none) \
+        | grep -E '^baton-(agent-core|protocol) ' | sed 's/ (\*)$//' | sort -u
+}
+core_crates tree
+core_crates --config nucleo-f429zi.toml tree --no-default-features --features board-nucleo-f429zi
 # The provisioning tool shares the block's layout with the firmware (config.rs): its tests
 # check the layout round-trips and refuses out-of-range fields.
 (cd agent-firmware/tools/provision && env -u CARGO_TARGET_DIR cargo test --release)

@@ -35,7 +35,6 @@ use baton_agent_core::agent::AgentConfig;
 use baton_agent_core::store::ContentStore as _;
 use baton_protocol::AgentId;
 use baton_protocol::identity::Identity;
-use defmt_semihosting as _;
 use embassy_executor::Spawner;
 use embassy_net::{Ipv4Address, Ipv4Cidr, StackResources, StaticConfigV4};
 use sha2::{Digest as _, Sha256};

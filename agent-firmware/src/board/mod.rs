@@ -14,15 +14,24 @@
 //! - the end of the program: `exit` (and the panic and fault handlers), `fault_demos`.
 //!
 //! One board is compiled in, chosen by a cargo feature: `board-mps2-an385` (QEMU, the
-//! default; the hardware-in-the-loop suite runs on it).
+//! default; the hardware-in-the-loop suite runs on it, `thumbv7m-none-eabi`) or
+//! `board-nucleo-f429zi` (ST's NUCLEO-F429ZI, `thumbv7em-none-eabi`, flashed with
+//! probe-rs).
 
 #[cfg(feature = "board-mps2-an385")]
 mod mps2_an385;
 #[cfg(feature = "board-mps2-an385")]
 pub use mps2_an385::*;
 
-#[cfg(not(feature = "board-mps2-an385"))]
-compile_error!("choose a board: --features board-mps2-an385");
+#[cfg(feature = "board-nucleo-f429zi")]
+mod nucleo_f429zi;
+#[cfg(feature = "board-nucleo-f429zi")]
+pub use nucleo_f429zi::*;
+
+#[cfg(not(any(feature = "board-mps2-an385", feature = "board-nucleo-f429zi")))]
+compile_error!("choose a board: --features board-mps2-an385 or board-nucleo-f429zi");
+#[cfg(all(feature = "board-mps2-an385", feature = "board-nucleo-f429zi"))]
+compile_error!("one board at a time (--no-default-features --features board-nucleo-f429zi)");
 
 use crate::config::CONFIG_LEN;
 
@@ -38,4 +47,15 @@ pub struct Parts {
     pub boot: u32,
     /// The content partition and record area.
     pub store: Store,
+}
+
+/// How the 64 KiB of RAM are used.
+#[derive(Clone, Copy, Debug, defmt::Format)]
+pub struct RamLayout {
+    /// Initialised statics.
+    pub data: usize,
+    /// Zeroed statics (buffers, task arenas, the agent).
+    pub bss: usize,
+    /// The stack region below the statics (its guard not counted).
+    pub stack: usize,
 }

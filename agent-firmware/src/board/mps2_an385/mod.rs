@@ -23,6 +23,7 @@ pub use guard::{stack_bottom, stack_top};
 pub use uart as serial;
 
 use baton_agent_core::flash::FlashStore;
+use defmt_semihosting as _;
 
 use crate::config::CONFIG_LEN;
 use psram::NorPartition;
@@ -202,7 +203,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 }
 
 /// Sizes of the static RAM sections and the stack region, in bytes.
-pub fn ram_layout() -> RamLayout {
+pub fn ram_layout() -> super::RamLayout {
     // Linker symbols bounding .data and .bss; only their addresses are used.
     unsafe extern "C" {
         static __sdata: u32;
@@ -211,22 +212,11 @@ pub fn ram_layout() -> RamLayout {
         static __ebss: u32;
     }
     let a = |s: *const u32| s as usize;
-    RamLayout {
+    super::RamLayout {
         data: a(&raw const __edata) - a(&raw const __sdata),
         bss: a(&raw const __ebss) - a(&raw const __sbss),
         stack: (guard::stack_top() - guard::stack_bottom()) as usize,
     }
-}
-
-/// How the 64 KiB of RAM are used.
-#[derive(Clone, Copy, Debug, defmt::Format)]
-pub struct RamLayout {
-    /// Initialised statics.
-    pub data: usize,
-    /// Zeroed statics (buffers, task arenas, the agent).
-    pub bss: usize,
-    /// The stack region below the statics (its guard not counted).
-    pub stack: usize,
 }
 
 /// The board's Ethernet driver, for embassy-net.
