@@ -276,24 +276,13 @@ impl AgentPort {
             .await;
 
         // Writer: engine instructions first, then chunk answers.
-        let writer_close = close.clone();
-        let writer_id = id.clone();
-        let writer_task = tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    biased;
-                    m = control_rx.recv() => m,
-                    m = data_rx.recv() => m,
-                };
-                let Some(bytes) = next else { break };
-                if let Err(e) = writer.send(&bytes).await {
-                    tracing::info!(agent = %writer_id, "sending failed: {e}");
-                    writer_close.notify_one();
-                    return;
-                }
-            }
-            let _ = writer.close().await;
-        });
+        let writer_task = tokio::spawn(write_loop(
+            writer,
+            control_rx,
+            data_rx,
+            close.clone(),
+            id.clone(),
+        ));
 
         let reason = self
             .read_loop(&mut session, origin, &mut reader, &data_tx, &close)
@@ -581,6 +570,32 @@ impl AgentPort {
     }
 }
 
+/// A connection's writer task: sends engine instructions first, then chunk answers and
+/// pongs, until both queues close or a send fails (then the session is told to close).
+/// A send is boxed: an idle writer, the common case, holds only its queues.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: link::LinkWriter<W>,
+    mut control_rx: mpsc::Receiver<Vec<u8>>,
+    mut data_rx: mpsc::Receiver<Vec<u8>>,
+    close: Arc<Notify>,
+    id: AgentId,
+) {
+    loop {
+        let next = tokio::select! {
+            biased;
+            m = control_rx.recv() => m,
+            m = data_rx.recv() => m,
+        };
+        let Some(bytes) = next else { break };
+        if let Err(e) = Box::pin(writer.send(&bytes)).await {
+            tracing::info!(agent = %id, "sending failed: {e}");
+            close.notify_one();
+            return;
+        }
+    }
+    let _ = Box::pin(writer.close()).await;
+}
+
 /// Sleeps until `deadline`, or forever without one.
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
@@ -640,5 +655,42 @@ mod test {
         let task = port.clone().handle(stream, addr, None);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 3 * 1024, "a session's future is {size} bytes");
+        // The writer task of the same connection, over a real link.
+        let (agent_end, manager_end) = tokio::io::duplex(4096);
+        let manager = Identity::from_seed([1; 32]);
+        let agent = Identity::from_seed([3; 32]);
+        let hello = |role, id| Hello::new(role, AgentId::try_from(id).unwrap(), 0, None);
+        let limits = Limits::default();
+        let manager_key = manager.public();
+        let (agent_link, manager_link) = tokio::join!(
+            link::connect(
+                agent_end,
+                &agent,
+                &manager_key,
+                hello(Role::Agent, "a1"),
+                &limits
+            ),
+            link::accept(
+                manager_end,
+                &manager,
+                hello(Role::Manager, "manager"),
+                &limits,
+                |_| Ok(())
+            ),
+        );
+        let _agent_link = agent_link.unwrap();
+        let (_reader, writer) = manager_link.unwrap().0.split();
+        let (_control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (_data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
+        let close = Arc::new(Notify::new());
+        let task = write_loop(
+            writer,
+            control_rx,
+            data_rx,
+            close,
+            AgentId::try_from("a1").unwrap(),
+        );
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 1024, "a session's writer future is {size} bytes");
     }
 }

@@ -111,6 +111,8 @@ pub struct LoadReport {
     pub manager_rss_bytes: u64,
     /// ([`LoadReport::manager_rss_bytes`] − idle) / sessions.
     pub manager_rss_per_session_bytes: u64,
+    /// The manager's RSS once every confirmation is counted (bytes).
+    pub manager_rss_after_job_bytes: u64,
     /// The manager's RSS after the job and the storms (bytes).
     pub manager_rss_end_bytes: u64,
     /// The manager's peak RSS (`VmHWM`, bytes).
@@ -385,6 +387,7 @@ fn run(args: &LoadgenArgs) -> anyhow::Result<LoadReport> {
             std::thread::sleep(Duration::from_millis(100));
         }
         report.push_to_manager_confirmed_seconds = (shared.micros() - pushed) as f64 / 1e6;
+        report.manager_rss_after_job_bytes = proc_status(pid, "VmRSS:");
         let cpu_job = cpu_seconds(pid);
         report.manager_cpu_job_seconds = cpu_job - cpu_setup;
         eprintln!(
@@ -786,10 +789,11 @@ pub fn print(r: &LoadReport, json: bool) {
         r.setup_seconds, r.handshakes_per_second, r.enrol_seconds
     );
     println!(
-        "manager RSS: {:.1} MiB idle, {:.1} MiB with every session ({:.1} KiB per session), {:.1} MiB at the end, peak {:.1} MiB",
+        "manager RSS: {:.1} MiB idle, {:.1} MiB with every session ({:.1} KiB per session), {:.1} MiB after the job, {:.1} MiB at the end, peak {:.1} MiB",
         mib(r.manager_rss_idle_bytes),
         mib(r.manager_rss_bytes),
         r.manager_rss_per_session_bytes as f64 / 1024.0,
+        mib(r.manager_rss_after_job_bytes),
         mib(r.manager_rss_end_bytes),
         mib(r.manager_rss_peak_bytes)
     );
