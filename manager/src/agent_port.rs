@@ -230,8 +230,8 @@ impl AgentPort {
         }
         self.registry.note_report(&report);
 
-        let (control_tx, mut control_rx) = mpsc::channel::<Vec<u8>>(CONTROL_QUEUE);
-        let (data_tx, mut data_rx) = mpsc::channel::<Vec<u8>>(DATA_QUEUE);
+        let (control_tx, control_rx) = mpsc::channel::<Vec<u8>>(CONTROL_QUEUE);
+        let (data_tx, data_rx) = mpsc::channel::<Vec<u8>>(DATA_QUEUE);
         let close = Arc::new(Notify::new());
         let generation = self.registry.next_generation();
         let took_over = self.registry.register(

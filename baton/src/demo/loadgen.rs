@@ -599,12 +599,9 @@ async fn connect(
 ) -> Result<link::Link<tokio::net::TcpStream>, LinkError> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
-    let stream = tokio::time::timeout(
-        link::HANDSHAKE_TIMEOUT,
-        socket.connect(shared.manager_addr),
-    )
-    .await
-    .map_err(|_| LinkError::Timeout)??;
+    let stream = tokio::time::timeout(link::HANDSHAKE_TIMEOUT, socket.connect(shared.manager_addr))
+        .await
+        .map_err(|_| LinkError::Timeout)??;
     stream.set_nodelay(true)?;
     let hello = Hello::new(Role::Agent, id.clone(), caps::ALL, None);
     link::connect(stream, me, &shared.manager_key, hello, &shared.limits).await

@@ -30,7 +30,15 @@ fn two_thousand_sessions_are_all_welcomed_instructed_and_confirmed() {
     let sessions = SESSIONS.to_string();
     let limit = LIMIT.as_secs().to_string();
     let out = Command::new(BATON)
-        .args(["loadgen", "--sessions", &sessions, "--storms", "1", "--ping-secs", "0"])
+        .args([
+            "loadgen",
+            "--sessions",
+            &sessions,
+            "--storms",
+            "1",
+            "--ping-secs",
+            "0",
+        ])
         .args(["--timeout", &limit, "--json", "--check"])
         .output()
         .expect("baton loadgen runs");
@@ -40,9 +48,16 @@ fn two_thousand_sessions_are_all_welcomed_instructed_and_confirmed() {
     let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
     eprintln!("{report:#}");
     for field in ["welcomed", "instructed", "confirmed", "manager_confirmed"] {
-        assert_eq!(report[field].as_u64(), Some(SESSIONS), "{field}: {report:#}");
+        assert_eq!(
+            report[field].as_u64(),
+            Some(SESSIONS),
+            "{field}: {report:#}"
+        );
     }
-    assert_eq!(report["reports_per_second"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        report["reports_per_second"].as_array().map(Vec::len),
+        Some(1)
+    );
     assert!(
         report["manager_rss_bytes"].as_u64().unwrap_or(0) > 0,
         "the manager's RSS was read"
