@@ -16,6 +16,7 @@
 
 pub mod bt;
 pub mod lab;
+pub mod loadgen;
 pub mod segments;
 
 use std::io::{BufRead as _, Read as _};
@@ -472,10 +473,12 @@ pub(crate) struct DemoProcesses {
     /// Enrolled agents not started yet that jobs are for too (they join late, in this
     /// order, and are appended to [`DemoProcesses::ids`] when started).
     pub late_ids: Vec<String>,
-    agent_addr: String,
-    manager_key: String,
+    /// Where agents connect to the manager.
+    pub agent_addr: String,
+    /// The manager's key (hex), which its agents pin.
+    pub manager_key: String,
     /// The demo's root key (hex), which its agents pin.
-    root_key: String,
+    pub root_key: String,
 }
 
 /// The demo's own content trust, made in `dir/keys`: a root key, a publisher key, and a

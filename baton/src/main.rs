@@ -1,7 +1,8 @@
 //! `baton`: the Baton command.
 //!
 //! `baton serve` runs the manager; `baton demo` and `baton lab` run whole
-//! distributions on this machine; `baton admin` manages web UI administrators
+//! distributions on this machine; `baton loadgen` measures what agent sessions cost one
+//! manager; `baton admin` manages web UI administrators
 //! and API tokens; `keys`, `trust` and `sign` make keys, the root-signed trust
 //! document and signed manifests offline (`trust push` uploads the document); `enroll`, `push`, `jobs`, `job`, `cancel`,
 //! `agents`, `segments`, `groups`, `policies` and `audit` talk to a running manager over
@@ -77,6 +78,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure against the lower bound: N agents and a manager in network namespaces, shaped and delayed links (root).
     Lab(demo::lab::LabArgs),
+    /// Measure what sessions cost a manager: N real agent sessions from this one process against a `baton serve` it starts (RSS, handshakes/s, push to all instructed, reports/s, CPU).
+    Loadgen(demo::loadgen::LoadgenArgs),
 }
 
 /// Exits the process once standard input reaches end of file (the parent is gone).
@@ -193,6 +196,10 @@ fn run(cli: Cli, argv: Vec<OsString>, from_file: Vec<OsString>) -> anyhow::Resul
             if report.confirmed < report.agents {
                 return Ok(ExitCode::from(1));
             }
+        }
+        Command::Loadgen(args) => {
+            init_logging("warn");
+            return demo::loadgen::main(args);
         }
     }
     Ok(ExitCode::SUCCESS)

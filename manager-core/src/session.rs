@@ -471,13 +471,26 @@ impl AgentSession {
     }
 
     /// The next message to send on this connection (`Welcome`, `CertRenewed`, `Pong`).
+    ///
+    /// The queue's room is given back once it is empty: a message is 2.4 KB, and a manager
+    /// holds one session per agent, mostly idle.
     pub fn poll_transmit(&mut self) -> Option<Message<'static>> {
-        self.transmit.pop_front()
+        let next = self.transmit.pop_front();
+        if self.transmit.is_empty() {
+            self.transmit = VecDeque::new();
+        }
+        next
     }
 
     /// The next thing for the driver to carry out.
+    ///
+    /// As with [`AgentSession::poll_transmit`], the queue's room is given back once it is empty.
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
-        self.events.pop_front()
+        let next = self.events.pop_front();
+        if self.events.is_empty() {
+            self.events = VecDeque::new();
+        }
+        next
     }
 
     /// When [`AgentSession::handle_timeout`] is due: the first report's deadline while it
@@ -734,6 +747,16 @@ mod test {
 
     fn job() -> JobRef {
         JobRef { id: 7, epoch: 1 }
+    }
+
+    #[test]
+    fn an_idle_session_keeps_no_room_in_its_queues() {
+        let mut s = online();
+        assert_eq!(s.transmit.capacity(), 0, "the Welcome's room was kept");
+        assert_eq!(s.events.capacity(), 0, "the Online event's room was kept");
+        send(&mut s, &Message::Ping { nonce: 9 });
+        assert_eq!(transmits(&mut s), [Message::Pong { nonce: 9 }]);
+        assert_eq!(s.transmit.capacity(), 0);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! Inputs ([`EngineInput`]) come from the agent port and serial lines (agents
 //! online, their messages, offline) and from the service layer (start and
-//! cancel jobs). After every batch of inputs [`EngineTask`] drains
+//! cancel jobs). After every batch of inputs [`EngineTask`] writes the batch's
+//! agent reports and last-seen times in one transaction (a storm of reports is one commit
+//! per batch of up to 256, not one each), drains
 //! `poll_persist` into the store in one transaction, and only then sends what
 //! `poll_transmit` returns through the registry (persist before instruct),
 //! then publishes `poll_event` as [`JobEvent`]s and arms the timer at
@@ -288,6 +290,10 @@ pub struct EngineTask {
     origin: Instant,
     /// Answers to commands, sent once what the command caused is persisted.
     replies: Vec<Reply>,
+    /// Reports taken since the last [`EngineTask::drain`], written there in one transaction.
+    reports: Vec<Report>,
+    /// Agents gone offline since the last [`EngineTask::drain`] (their last-seen time).
+    seen: Vec<AgentId>,
 }
 
 /// A command's answer channel and its result.
@@ -318,6 +324,8 @@ impl EngineTask {
             stats: Arc::default(),
             origin,
             replies: Vec::new(),
+            reports: Vec::new(),
+            seen: Vec::new(),
         }
     }
 
@@ -381,7 +389,7 @@ impl EngineTask {
         self.engine.set_wall_clock(now, unix_now());
         match input {
             EngineInput::Online { id, key, report } => {
-                self.record_report(&report);
+                self.reports.push((*report).clone());
                 self.engine.agent_online(now, id, key, *report);
             }
             EngineInput::Message { id, msg } => {
@@ -416,10 +424,8 @@ impl EngineTask {
                 }
             }
             EngineInput::Offline { id } => {
-                if let Err(e) = lock(&self.store).mark_seen(&id, unix_now()) {
-                    tracing::warn!(agent = %id, "cannot record last-seen time: {e}");
-                }
                 self.engine.agent_offline(now, &id);
+                self.seen.push(id);
             }
             EngineInput::StartJob { spec, reply } => {
                 let job = spec.id;
@@ -453,15 +459,33 @@ impl EngineTask {
         }
     }
 
-    fn record_report(&self, report: &Report) {
-        if let Err(e) = lock(&self.store).record_report(report, unix_now()) {
-            tracing::warn!(agent = %report.id, "cannot record report: {e}");
+    /// Writes the reports and last-seen times taken since the last drain, in one transaction.
+    fn record_reports(&mut self) {
+        if self.reports.is_empty() && self.seen.is_empty() {
+            return;
         }
+        let result = lock(&self.store).record_reports(&self.reports, &self.seen, unix_now());
+        match result {
+            Ok(refused) => {
+                for e in refused {
+                    tracing::warn!("cannot record report: {e}");
+                }
+            }
+            Err(e) => tracing::warn!(
+                reports = self.reports.len(),
+                seen = self.seen.len(),
+                "cannot record reports and last-seen times: {e}"
+            ),
+        }
+        self.reports.clear();
+        self.seen.clear();
     }
 
     /// Persists every pending record (one transaction), then transmits, answers commands, and
     /// publishes events.
     pub fn drain(&mut self) -> Result<(), EngineTaskError> {
+        // The batch's reports first, as each was written before the engine saw it.
+        self.record_reports();
         let mut records = Vec::new();
         while let Some(r) = self.engine.poll_persist() {
             records.push(r);

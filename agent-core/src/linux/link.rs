@@ -11,6 +11,13 @@
 //! Every length read from the wire is checked before the body is read: a
 //! handshake frame may be at most [`MAX_HANDSHAKE_MSG`] bytes, a transport
 //! frame at most [`LinkReader::set_max_frame`] (default [`MAX_FRAME`]).
+//!
+//! An idle link holds no frame buffer of its own: a manager keeps one link per agent, and
+//! two buffers of [`MAX_FRAME`] each were 128 KiB per session. The writer seals each frame
+//! in a buffer made for it and dropped after the write; the reader's buffer grows to the
+//! frame it reads and is cut back to [`KEEP_READ_BUFFER`] when a frame that fits there
+//! follows a larger one, so a stream of large frames (a transfer) reuses one buffer and
+//! the control traffic after it does not keep it.
 //! Each frame written waits for the upload [`RateLimiter`] and each frame read
 //! for the download one, and both are counted in [`Limits`].
 //!
@@ -32,6 +39,10 @@ use rand::RngCore as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::rate::RateLimiter;
+
+/// The reader's buffer is cut back to this many bytes when a frame that fits follows a
+/// larger one (see the module docs).
+pub const KEEP_READ_BUFFER: usize = 1024;
 
 /// How long a whole handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -108,7 +119,6 @@ pub struct LinkReader<R> {
 pub struct LinkWriter<W> {
     writer: W,
     sealer: Sealer,
-    buf: Vec<u8>,
     limits: Limits,
     stall_timeout: Option<Duration>,
 }
@@ -151,13 +161,25 @@ async fn read_frame<R: AsyncRead + Unpin>(
     limits: &Limits,
 ) -> Result<usize, LinkError> {
     let len = read_header(r, max.min(buf.len())).await?;
-    r.read_exact(&mut buf[..len]).await?;
+    read_body(r, &mut buf[..len], limits).await?;
+    Ok(len)
+}
+
+/// Reads a frame body of `body.len()` bytes (its header already read and checked), counts
+/// it and waits for the download limiter.
+async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    body: &mut [u8],
+    limits: &Limits,
+) -> Result<(), LinkError> {
+    let len = body.len();
+    r.read_exact(body).await?;
     let wire = HEADER_LEN + len;
     limits.received.fetch_add(wire as u64, Ordering::Relaxed);
     if let Some(down) = &limits.down {
         down.acquire(wire).await;
     }
-    Ok(len)
+    Ok(())
 }
 
 /// Writes `buf[HEADER_LEN..HEADER_LEN + len]` as one frame (the header goes into `buf[..HEADER_LEN]`).
@@ -294,14 +316,13 @@ impl<S: AsyncRead + AsyncWrite> Link<S> {
             LinkReader {
                 reader: r,
                 opener: self.opener,
-                buf: vec![0; MAX_FRAME],
+                buf: Vec::new(),
                 max_frame: MAX_FRAME,
                 limits: self.limits.clone(),
             },
             LinkWriter {
                 writer: w,
                 sealer: self.sealer,
-                buf: vec![0; HEADER_LEN + MAX_FRAME],
                 limits: self.limits,
                 stall_timeout: None,
             },
@@ -320,15 +341,23 @@ impl<R: AsyncRead + Unpin> LinkReader<R> {
     /// The header's length is checked before the body is read. Any error means
     /// the link can no longer be trusted: drop it.
     pub async fn recv(&mut self) -> Result<&mut [u8], LinkError> {
-        let n = read_frame(
-            &mut self.reader,
-            &mut self.buf,
-            self.max_frame,
-            &self.limits,
-        )
-        .await?;
+        let n = read_header(&mut self.reader, self.max_frame).await?;
+        if self.buf.len() < n {
+            self.buf.resize(n, 0);
+        } else if n <= KEEP_READ_BUFFER && self.buf.len() > KEEP_READ_BUFFER {
+            // Back to control traffic after large frames: the large buffer goes.
+            self.buf.truncate(KEEP_READ_BUFFER);
+            self.buf.shrink_to_fit();
+        }
+        read_body(&mut self.reader, &mut self.buf[..n], &self.limits).await?;
         let m = self.opener.decrypt(&mut self.buf, n)?;
         Ok(&mut self.buf[..m])
+    }
+
+    /// Bytes this reader's frame buffer holds now (it follows the frames read, see the
+    /// module docs).
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
     }
 }
 
@@ -344,12 +373,15 @@ impl<W: AsyncWrite + Unpin> LinkWriter<W> {
                 max: MAX_FRAME,
             }));
         }
-        let body = &mut self.buf[HEADER_LEN..];
-        body[..plaintext.len()].copy_from_slice(plaintext);
-        let n = self.sealer.encrypt(body, plaintext.len())?;
+        // A buffer for this frame only: an idle link keeps none.
+        let mut buf = vec![0u8; HEADER_LEN + plaintext.len() + TAG_LEN];
+        buf[HEADER_LEN..HEADER_LEN + plaintext.len()].copy_from_slice(plaintext);
+        let n = self
+            .sealer
+            .encrypt(&mut buf[HEADER_LEN..], plaintext.len())?;
         write_frame(
             &mut self.writer,
-            &mut self.buf,
+            &mut buf,
             n,
             &self.limits,
             self.stall_timeout,
@@ -457,6 +489,29 @@ mod test {
         assert!(sent > big.len() as u64);
         cw.close().await.unwrap();
         assert!(matches!(sr.recv().await, Err(LinkError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn an_idle_link_holds_no_large_buffer() {
+        let (c, s) = pair().await;
+        let limits = Limits::default();
+        let (client, server) = linked(c, s, &limits, &limits).await;
+        let (_cr, mut cw) = client.split();
+        let (mut sr, _sw) = server.split();
+        assert_eq!(sr.buffer_capacity(), 0, "no buffer before the first frame");
+        let big = vec![3u8; 40_000];
+        cw.send(&big).await.unwrap();
+        cw.send(&big).await.unwrap();
+        cw.send(b"small").await.unwrap();
+        assert_eq!(sr.recv().await.unwrap().len(), big.len());
+        assert!(sr.buffer_capacity() >= big.len());
+        assert_eq!(sr.recv().await.unwrap(), &big[..]);
+        assert_eq!(sr.recv().await.unwrap(), b"small");
+        assert!(
+            sr.buffer_capacity() <= KEEP_READ_BUFFER,
+            "the large buffer was kept: {}",
+            sr.buffer_capacity()
+        );
     }
 
     #[tokio::test]

@@ -19,6 +19,7 @@ mod flood;
 mod groups;
 mod hostile;
 mod install;
+mod loadgen;
 mod postgres;
 mod push;
 mod revocation;

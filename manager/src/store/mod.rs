@@ -37,7 +37,7 @@ pub use sqlite::SqliteStore;
 use std::collections::BTreeMap;
 
 use baton_protocol::message::Report;
-use baton_protocol::types::{Digest, PublicKey};
+use baton_protocol::types::{AgentId, Digest, PublicKey};
 
 use crate::roles::Role;
 
@@ -203,6 +203,30 @@ pub trait Store: Send + std::fmt::Debug {
     fn record_report(&mut self, report: &Report, now: u64) -> Result<()>;
     /// Records that an agent was seen now.
     fn mark_seen(&mut self, id: &str, now: u64) -> Result<()>;
+    /// Records a batch of reports (each as [`Store::record_report`]) and of agents seen now
+    /// (as [`Store::mark_seen`]), in one transaction where the database has them, so that a
+    /// storm of reports costs one commit per batch rather than one per report. An agent
+    /// not enrolled fails only its own record: those errors are returned, in order; an
+    /// error of the database itself is `Err` (nothing of the batch is then recorded).
+    fn record_reports(
+        &mut self,
+        reports: &[Report],
+        seen: &[AgentId],
+        now: u64,
+    ) -> Result<Vec<StoreError>> {
+        let mut refused = Vec::new();
+        for report in reports {
+            match self.record_report(report, now) {
+                Ok(()) => {}
+                Err(e @ StoreError::NotFound(_)) => refused.push(e),
+                Err(e) => return Err(e),
+            }
+        }
+        for id in seen {
+            self.mark_seen(id.as_str(), now)?;
+        }
+        Ok(refused)
+    }
     /// Places agent `id` (administrator action): sets the given segment and election
     /// score, keeps the other; `NotFound` if it is not enrolled.
     fn place_agent(&mut self, id: &str, segment: Option<&str>, score: Option<u32>) -> Result<()>;

@@ -107,6 +107,34 @@ fn make_private(path: &Path) -> Result<()> {
 }
 
 /// A `u64` as SQLite's signed 64-bit integer; values past `i64::MAX` ("unlimited") saturate.
+/// Records an agent's latest report and that it was seen `now` (see [`Store::record_report`]).
+fn record_report_in(conn: &Connection, report: &Report, now: u64) -> Result<()> {
+    let json = serde_json::to_string(report)
+        .map_err(|e| StoreError::Corrupt(format!("report does not encode: {e}")))?;
+    let changed = conn
+        .prepare_cached(
+            "UPDATE agents SET last_seen = ?2, report = ?3, site = ?4, segment = ?5, listen = ?6,
+                performance = ?7, up_bps = ?8, down_bps = ?9, free_storage = ?10
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            report.id.as_str(),
+            now,
+            json,
+            report.site.as_str(),
+            report.segment.as_str(),
+            report.listen.map(|a| a.to_string()),
+            report.performance,
+            saturate(report.link.up_bps),
+            saturate(report.link.down_bps),
+            saturate(report.free_storage),
+        ])?;
+    if changed == 0 {
+        return Err(StoreError::NotFound(format!("agent {}", report.id)));
+    }
+    Ok(())
+}
+
 fn saturate(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -918,29 +946,30 @@ impl Store for SqliteStore {
     }
 
     fn record_report(&mut self, report: &Report, now: u64) -> Result<()> {
-        let json = serde_json::to_string(report)
-            .map_err(|e| StoreError::Corrupt(format!("report does not encode: {e}")))?;
-        let changed = self.conn.execute(
-            "UPDATE agents SET last_seen = ?2, report = ?3, site = ?4, segment = ?5, listen = ?6,
-                performance = ?7, up_bps = ?8, down_bps = ?9, free_storage = ?10
-             WHERE id = ?1",
-            params![
-                report.id.as_str(),
-                now,
-                json,
-                report.site.as_str(),
-                report.segment.as_str(),
-                report.listen.map(|a| a.to_string()),
-                report.performance,
-                saturate(report.link.up_bps),
-                saturate(report.link.down_bps),
-                saturate(report.free_storage),
-            ],
-        )?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(format!("agent {}", report.id)));
+        record_report_in(&self.conn, report, now)
+    }
+
+    fn record_reports(
+        &mut self,
+        reports: &[Report],
+        seen: &[AgentId],
+        now: u64,
+    ) -> Result<Vec<StoreError>> {
+        let tx = self.conn.transaction()?;
+        let mut refused = Vec::new();
+        for report in reports {
+            match record_report_in(&tx, report, now) {
+                Ok(()) => {}
+                Err(e @ StoreError::NotFound(_)) => refused.push(e),
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
+        for id in seen {
+            tx.prepare_cached("UPDATE agents SET last_seen = ?2 WHERE id = ?1")?
+                .execute(params![id.as_str(), now])?;
+        }
+        tx.commit()?;
+        Ok(refused)
     }
 
     fn place_agent(&mut self, id: &str, segment: Option<&str>, score: Option<u32>) -> Result<()> {

@@ -57,6 +57,7 @@ on_every_backend!(
     tokens_are_one_time_and_atomic,
     tokens_expire_are_revoked_and_bound_to_their_id,
     reports_update_main_columns,
+    a_batch_of_reports_is_recorded_and_an_unknown_agent_fails_alone,
     content_versions_by_name,
     engine_records_apply_in_one_transaction,
     a_failing_batch_changes_nothing,
@@ -338,6 +339,27 @@ fn reports_update_main_columns(open: Open<'_>) {
     assert_eq!(back, report("a"));
     s.mark_seen("a", 12).unwrap();
     assert_eq!(s.agents().unwrap()[0].last_seen, Some(12));
+}
+
+fn a_batch_of_reports_is_recorded_and_an_unknown_agent_fails_alone(open: Open<'_>) {
+    let mut s = open();
+    s.enrol("a", &PublicKey([1; 32]), 1).unwrap();
+    s.enrol("b", &PublicKey([2; 32]), 1).unwrap();
+    s.enrol("c", &PublicKey([3; 32]), 1).unwrap();
+    let refused = s
+        .record_reports(&[report("a"), report("ghost"), report("b")], &[id("c")], 20)
+        .unwrap();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(matches!(&refused[0], StoreError::NotFound(what) if what.contains("ghost")));
+    for agent in ["a", "b"] {
+        let a = s.agent(agent).unwrap().unwrap();
+        assert_eq!(a.last_seen, Some(20));
+        let back: Report = serde_json::from_value(a.report.unwrap()).unwrap();
+        assert_eq!(back, report(agent));
+    }
+    let c = s.agent("c").unwrap().unwrap();
+    assert_eq!(c.last_seen, Some(20));
+    assert!(c.report.is_none());
 }
 
 fn content_versions_by_name(open: Open<'_>) {
