@@ -282,6 +282,7 @@ log = "warn,baton_manager=debug"
 publisher-key = "/etc/baton/publisher.key"
 trust = "/etc/baton/trust.bin"
 cert-lifetime = "12h"
+lease-ttl = 5
 "#;
 
     fn serve(args: &[&str]) -> Result<cli::serve::ServeArgs, clap::Error> {
@@ -328,6 +329,7 @@ cert-lifetime = "12h"
         assert_eq!(opts.up_bps, 10 << 20);
         assert_eq!(opts.give_up.as_secs(), 90);
         assert_eq!(opts.install_deadline.as_secs(), 120);
+        assert_eq!(opts.lease_ttl.as_secs(), 5);
         assert!(opts.ready_file.is_some());
         assert_eq!(opts.max_connections, 5000);
         assert_eq!(opts.max_handshakes, 99);

@@ -359,9 +359,13 @@ impl Settings {
         };
         let manager_key = parse_key(&need(&a.manager_key, "manager-key")?, "--manager-key")?;
         config.manager_key = Some(manager_key);
+        let manager = need(&a.manager, "manager")?;
+        if manager_addresses(&manager).is_empty() {
+            return Err(config_err("--manager names no address"));
+        }
         Ok(Settings {
             discovery,
-            manager: need(&a.manager, "manager")?,
+            manager,
             manager_key,
             data_dir: a
                 .data_dir
@@ -704,18 +708,37 @@ const MANAGER_BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// a second while it is down, spread by the jitter.
 const MANAGER_BACKOFF_MAX: Duration = Duration::from_secs(8);
 
+/// The manager addresses of `--manager`: a comma-separated list (one address: one manager),
+/// blanks ignored.
+fn manager_addresses(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 /// Keeps a session with the manager, reconnecting with backoff (each wait drawn between half
 /// and all of the current backoff, so a fleet that lost its manager together does not come
-/// back in lockstep).
+/// back in lockstep). With several addresses (an active manager and its standbys) each is
+/// tried in turn, the next one at once when a session ends or a connection fails; the
+/// backoff is waited after a whole round of them failed.
 async fn manager_loop(
     shared: Shared,
-    addr: String,
+    list: String,
     token: Option<heapless::String<MAX_TOKEN_LEN>>,
 ) {
+    let addrs = manager_addresses(&list);
+    let Some(first) = addrs.first().cloned() else {
+        tracing::error!(manager = %list, "--manager names no address");
+        return;
+    };
     let mut backoff = MANAGER_BACKOFF_MIN;
+    let mut next = 0;
     loop {
+        let addr = addrs.get(next).unwrap_or(&first);
         let started = Instant::now();
-        match manager_session(&shared, &addr, &token).await {
+        match manager_session(&shared, addr, &token).await {
             Ok((link, local)) => {
                 tracing::info!(%addr, "connected to the manager");
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -735,9 +758,12 @@ async fn manager_loop(
         if started.elapsed() > Duration::from_secs(10) {
             backoff = MANAGER_BACKOFF_MIN;
         }
-        let jitter: f64 = rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0);
-        tokio::time::sleep(backoff.mul_f64(jitter)).await;
-        backoff = (backoff * 2).min(MANAGER_BACKOFF_MAX);
+        next = (next + 1) % addrs.len();
+        if next == 0 {
+            let jitter: f64 = rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0);
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            backoff = (backoff * 2).min(MANAGER_BACKOFF_MAX);
+        }
     }
 }
 
@@ -1752,6 +1778,17 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
 mod test {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn manager_takes_one_address_or_a_list() {
+        assert_eq!(manager_addresses("10.0.0.1:7700"), ["10.0.0.1:7700"]);
+        assert_eq!(
+            manager_addresses("a:7700, b:7700,,"),
+            ["a:7700", "b:7700"],
+            "a list, blanks ignored"
+        );
+        assert!(manager_addresses(" , ").is_empty());
+    }
 
     #[test]
     fn every_kept_install_report_is_sent_again_after_a_welcome() {

@@ -271,11 +271,22 @@ pub struct StatusView {
     pub bytes_received: u64,
     /// The manager's upload cap (bytes/s, 0 = none).
     pub up_bps: u64,
+    /// `active`, or `standby`: a manager sharing a PostgreSQL database with the active one,
+    /// serving reads only and taking no agent until it takes over.
+    #[serde(default)]
+    pub role: String,
+    /// On a standby: the agent port of the active manager, as it registered it.
+    #[serde(default)]
+    pub active_agent_addr: Option<String>,
+    /// On a standby: the HTTP API of the active manager.
+    #[serde(default)]
+    pub active_http_addr: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/v1/status", tag = "manager",
     responses((status = 200, description = "The manager's addresses, keys and counters", body = StatusView)))]
 async fn status(State(m): State<Arc<Manager>>) -> Json<StatusView> {
+    let active = m.activity.active_manager();
     let connected: Vec<String> = m
         .registry
         .connected()
@@ -294,6 +305,9 @@ async fn status(State(m): State<Arc<Manager>>) -> Json<StatusView> {
         bytes_sent: m.bytes_sent(),
         bytes_received: m.bytes_received(),
         up_bps: m.limits.up.as_ref().map_or(0, |l| l.bytes_per_sec()),
+        role: m.activity.role().to_string(),
+        active_agent_addr: active.as_ref().and_then(|v| v.agent_addr.clone()),
+        active_http_addr: active.and_then(|v| v.http_addr),
     })
 }
 
