@@ -24,5 +24,6 @@ mod push;
 mod revocation;
 mod roles;
 mod serve;
+mod standby;
 mod trust;
 mod web;

@@ -176,7 +176,7 @@ impl PostgresStore {
             .ok_or_else(|| StoreError::Corrupt("epoch counter overflow".into()))?;
         tx.exec(
             "UPDATE manager_lease SET holder = $1, agent_addr = $2, http_addr = $3, epoch = $4,
-                expires_at = clock_timestamp() + $5 * interval '1 millisecond'
+                expires_at = clock_timestamp() + $5::bigint * interval '1 millisecond'
              WHERE id = 1",
             &[
                 &holder,
@@ -200,7 +200,7 @@ impl PostgresStore {
     pub fn lease_renew(&self, holder: &str, epoch: u32, ttl: Duration) -> Result<bool> {
         let changed = self.conn()?.exec(
             "UPDATE manager_lease
-             SET expires_at = clock_timestamp() + $3 * interval '1 millisecond'
+             SET expires_at = clock_timestamp() + $3::bigint * interval '1 millisecond'
              WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > clock_timestamp()",
             &[&holder, &i64::from(epoch), &ttl_ms(ttl)],
         )?;
@@ -253,7 +253,7 @@ mod tests {
         let b = db.open();
         // Before anyone holds it, a fenced write is refused.
         assert!(matches!(
-            a.create_job(&[1; 32], &TargetSpec::default(), 1),
+            a.create_job(&[1; 32], &TargetSpec::All, 1),
             Err(StoreError::Fenced(_))
         ));
 
@@ -279,7 +279,7 @@ mod tests {
         // The holder writes while it holds the lease.
         a.put_content(&crate::store::tests::content(1, "fw", 1))
             .unwrap();
-        let job = a.create_job(&[1; 32], &TargetSpec::default(), 1).unwrap();
+        let job = a.create_job(&[1; 32], &TargetSpec::All, 1).unwrap();
         a.apply(
             &[Persist::JobStarted {
                 job,
