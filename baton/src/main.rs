@@ -3,7 +3,7 @@
 //! `baton serve` runs the manager; `baton demo` and `baton lab` run whole
 //! distributions on this machine; `baton admin` manages web UI administrators
 //! and API tokens; `keys`, `trust` and `sign` make keys, the root-signed trust
-//! document and signed manifests offline (`trust push` uploads the document); `enroll`, `push`, `jobs`, `job`, `cancel`,
+//! document and signed manifests offline (`trust push` uploads the document); `enroll`, `push`, `status`, `jobs`, `job`, `cancel`,
 //! `agents`, `segments`, `groups`, `policies` and `audit` talk to a running manager over
 //! its HTTP API; `baton agent` runs
 //! a Linux agent. Logging goes to
@@ -47,6 +47,8 @@ enum Command {
     Trust(cli::trust::TrustCommand),
     /// Sign a file's manifest with a publisher key, offline (then `baton push FILE --manifest FILE.manifest`).
     Sign(cli::trust::SignArgs),
+    /// Which manager this is: active, or a standby (and then which one is active).
+    Status(cli::show::StatusArgs),
     /// List jobs.
     Jobs(cli::show::JobsArgs),
     /// Show one job: participants, progress, confirmations, bytes per source.
@@ -136,6 +138,10 @@ fn run(cli: Cli, argv: Vec<OsString>, from_file: Vec<OsString>) -> anyhow::Resul
         Command::Cancel(args) => {
             init_logging("warn");
             cli::show::cancel(args)?;
+        }
+        Command::Status(args) => {
+            init_logging("warn");
+            cli::show::status(args)?;
         }
         Command::Agents(args) => {
             init_logging("warn");

@@ -1125,6 +1125,48 @@ mod test {
         assert_eq!(mode(&data), 0o700);
     }
 
+    /// SQLite has one manager: a second `serve` on the same database file from another
+    /// data directory is refused, naming the file (several managers need PostgreSQL).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_manager_per_sqlite_database() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = tmp.path().join("shared.db");
+        let mut first_opts = options(&tmp.path().join("first"));
+        first_opts.db = Some(db.clone());
+        let status = first_opts.data_dir.join(STATUS_FILE);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let first = tokio::spawn(serve(first_opts, async {
+            let _ = stopped.await;
+        }));
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !status.exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the first manager is ready within 20 s");
+        let mut second_opts = options(&tmp.path().join("second"));
+        second_opts.db = Some(db.clone());
+        let second = tokio::time::timeout(
+            Duration::from_secs(5),
+            serve(second_opts, std::future::pending()),
+        )
+        .await
+        .expect("the second manager stops within 5 s");
+        match second {
+            Err(e @ ServeError::DatabaseInUse { .. }) => {
+                assert!(e.to_string().contains(&db.display().to_string()), "{e}");
+            }
+            other => panic!("expected the database in use, got {other:?}"),
+        }
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), first)
+            .await
+            .expect("the first manager stops")
+            .unwrap()
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn a_key_file_open_to_others_stops_the_manager() {
         let tmp = tempfile::tempdir().unwrap();

@@ -707,6 +707,10 @@ const MANAGER_BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// this long (its resumed jobs wait for them), and a fleet of 100 000 retries about 12 500 times
 /// a second while it is down, spread by the jitter.
 const MANAGER_BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// Longest wait between two rounds of several manager addresses (an active manager and its
+/// standbys): a standby that took over is found within this long of opening its agent port.
+/// A refused connection costs a manager host nothing but its kernel's reset.
+const MANAGER_LIST_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// The manager addresses of `--manager`: a comma-separated list (one address: one manager),
 /// blanks ignored.
@@ -722,7 +726,8 @@ fn manager_addresses(list: &str) -> Vec<String> {
 /// and all of the current backoff, so a fleet that lost its manager together does not come
 /// back in lockstep). With several addresses (an active manager and its standbys) each is
 /// tried in turn, the next one at once when a session ends or a connection fails; the
-/// backoff is waited after a whole round of them failed.
+/// backoff is waited after a whole round of them failed, at most
+/// [`MANAGER_LIST_BACKOFF_MAX`].
 async fn manager_loop(
     shared: Shared,
     list: String,
@@ -732,6 +737,11 @@ async fn manager_loop(
     let Some(first) = addrs.first().cloned() else {
         tracing::error!(manager = %list, "--manager names no address");
         return;
+    };
+    let most = if addrs.len() > 1 {
+        MANAGER_LIST_BACKOFF_MAX
+    } else {
+        MANAGER_BACKOFF_MAX
     };
     let mut backoff = MANAGER_BACKOFF_MIN;
     let mut next = 0;
@@ -762,7 +772,7 @@ async fn manager_loop(
         if next == 0 {
             let jitter: f64 = rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0);
             tokio::time::sleep(backoff.mul_f64(jitter)).await;
-            backoff = (backoff * 2).min(MANAGER_BACKOFF_MAX);
+            backoff = (backoff * 2).min(most);
         }
     }
 }
