@@ -678,6 +678,7 @@ async fn manager_session(
         .await
         .map_err(|_| LinkError::Timeout)??;
     stream.set_nodelay(true)?;
+    keep_alive(&stream);
     let local = stream.local_addr()?;
     let mut hello = Hello::new(Role::Agent, shared.id.clone(), caps::ALL, None);
     if let Some(t) = token {
@@ -699,6 +700,24 @@ async fn manager_session(
     )
     .await?;
     Ok((link, local))
+}
+
+/// Idle time before the manager connection's first TCP keepalive probe.
+const MANAGER_KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+/// Time between unanswered keepalive probes (the kernel's count, 9 on Linux, ends it).
+const MANAGER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// TCP keepalives on the manager connection: a manager host that died without closing it
+/// (power lost, network cut) is noticed within about 5 + 9 × 2 = 23 s of silence, and the
+/// next manager address is tried. (A manager process that is frozen on a live host is not:
+/// its kernel answers; it finds its lease lost when it runs again and closes the session.)
+fn keep_alive(stream: &TcpStream) {
+    let params = socket2::TcpKeepalive::new()
+        .with_time(MANAGER_KEEPALIVE_IDLE)
+        .with_interval(MANAGER_KEEPALIVE_INTERVAL);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&params) {
+        tracing::debug!("cannot set TCP keepalives on the manager connection: {e}");
+    }
 }
 
 /// First wait before reconnecting to the manager (doubling up to [`MANAGER_BACKOFF_MAX`]).
