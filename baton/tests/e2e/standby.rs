@@ -56,9 +56,10 @@ fn start_pair(db: &TestDatabase, root: &Path, extra: &[&str]) -> (Manager, Manag
     let password_file = db.password_file().unwrap().to_str().unwrap().to_string();
     let mut args = vec!["--db", db.url(), "--db-password-file", &password_file];
     args.extend_from_slice(extra);
+    let args = &mut args;
     let a_dir = root.join("a");
     std::fs::create_dir_all(&a_dir).unwrap();
-    let a = Manager::start_args_in(BATON, &a_dir, "127.0.0.1:0", &args);
+    let a = Manager::start_args_in(BATON, &a_dir, "127.0.0.1:0", args);
     assert_eq!(a.info.role, "active", "{}", a.log());
 
     // The operator copies the key directory: B presents the same transport identity.
@@ -74,7 +75,7 @@ fn start_pair(db: &TestDatabase, root: &Path, extra: &[&str]) -> (Manager, Manag
         kit.publisher_key_file().to_str().unwrap().to_string(),
     );
     args.extend_from_slice(&["--trust", &trust, "--publisher-key", &publisher]);
-    let b = Manager::start_args_in(BATON, &b_dir, "127.0.0.1:0", &args);
+    let b = Manager::start_args_in(BATON, &b_dir, "127.0.0.1:0", args);
     assert_eq!(b.info.role, "standby", "{}", b.log());
     assert_eq!(b.info.manager_key, a.info.manager_key);
     let s = status(&b).expect("a standby answers reads");
@@ -288,6 +289,28 @@ fn a_standby_takes_over_a_killed_manager_mid_job() {
     // The web session from A works on B.
     assert_eq!(get_with_session(&b, "/api/v1/jobs", &session), 200);
     assert!(b.log().contains("took the managers' lease"), "{}", b.log());
+
+    // A restarted stands by; B stopped cleanly gives the lease up and A takes over at once.
+    let (lease_db, lease_password) = (db.url().to_string(), password_file.clone());
+    // (On its agent port of before: the agents know that address.)
+    let mut a = Manager::start_args_in(
+        BATON,
+        &a.dir.clone(),
+        &a.info.agent_addr.clone(),
+        &["--db", &lease_db, "--db-password-file", &lease_password, "--give-up", "30"],
+    );
+    assert_eq!(a.info.role, "standby", "{}", a.log());
+    let mut b = b;
+    b.stop();
+    let stopped = Instant::now();
+    wait_for("A takes over from a cleanly stopped B", Duration::from_secs(5), || a.log(), || {
+        status(&a).filter(|s| s["role"] == "active")
+    });
+    let handover = stopped.elapsed();
+    assert!(handover <= Duration::from_secs(3), "{handover:?}");
+    eprintln!("clean stop (SIGTERM) → standby active {:.1} s", handover.as_secs_f64());
+    a.wait_connected(&AGENTS);
+    a.stop();
 }
 
 #[test]
