@@ -68,7 +68,10 @@ impl Activity {
 
     /// The lease as a standby last saw it (`None`: an active manager, or not read yet).
     pub fn active_manager(&self) -> Option<LeaseView> {
-        self.active.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn saw(&self, view: LeaseView) {
@@ -165,9 +168,9 @@ impl Lease {
             }
             Ok(LeaseTake::Held(view)) => {
                 *failures = 0;
-                let changed = activity.active_manager().is_none_or(|seen| {
-                    seen.holder != view.holder || seen.epoch != view.epoch
-                });
+                let changed = activity
+                    .active_manager()
+                    .is_none_or(|seen| seen.holder != view.holder || seen.epoch != view.epoch);
                 if changed {
                     tracing::info!(
                         active = view.holder.as_deref().unwrap_or("-"),

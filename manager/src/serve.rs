@@ -28,11 +28,11 @@ use tokio::sync::{broadcast, watch};
 use crate::agent_port::AgentPort;
 use crate::content::{self, Content, ContentError, Keys, Library};
 use crate::engine_task::{EngineInput, EngineTask};
+use crate::lease::Lease;
 use crate::registry::{Registry, SharedStore, lock, unix_now};
 use crate::service::{Manager, decode_manifest, engine_targets};
-use crate::store::postgres::read_password;
-use crate::lease::Lease;
 use crate::store::lease::LeaseFence;
+use crate::store::postgres::read_password;
 use crate::store::{
     JobRecord, JobState, PostgresStore, SqliteStore, Store, StoreError, is_postgres_url,
 };
@@ -673,10 +673,8 @@ pub async fn serve_reloading(
                 source,
             };
             let password = read_password(opts.db_password_file.as_deref()).map_err(pg_error)?;
-            let mut store =
-                PostgresStore::connect(url, password.as_deref()).map_err(pg_error)?;
-            let lease_store =
-                PostgresStore::connect(url, password.as_deref()).map_err(pg_error)?;
+            let mut store = PostgresStore::connect(url, password.as_deref()).map_err(pg_error)?;
+            let lease_store = PostgresStore::connect(url, password.as_deref()).map_err(pg_error)?;
             let fence = Arc::new(LeaseFence::new(crate::lease::holder_id()));
             store.fence_writes(fence.clone());
             tracing::info!(database = ?store, holder = fence.holder(), "database: PostgreSQL");
@@ -774,7 +772,11 @@ pub async fn serve_reloading(
                 Some((epoch, valid_until)) => {
                     http_limits_tx.send_replace(opts.http_limits);
                     lease_valid_until = Some(valid_until);
-                    tracing::info!(epoch, ttl_ms = lease.ttl().as_millis() as u64, "took the managers' lease: this manager is active");
+                    tracing::info!(
+                        epoch,
+                        ttl_ms = lease.ttl().as_millis() as u64,
+                        "took the managers' lease: this manager is active"
+                    );
                     epoch
                 }
                 None => {
@@ -998,17 +1000,18 @@ pub async fn serve_reloading(
     let _ = stop_tx.send(true);
     registry.close_all();
     let grace = Duration::from_secs(5);
+    if !engine_run.is_finished() {
+        let _ = tokio::time::timeout(grace, &mut engine_run).await;
+    }
+    // Stopped with the lease still held: a standby takes over at once, not at its expiry
+    // (the engine has stopped writing; the sessions are closing).
+    if let (Some(lease), false) = (&lease, lost) {
+        lease.release(epoch).await;
+    }
     let _ = tokio::time::timeout(grace, agent_task).await;
     revocation_task.abort();
     serial_ports.join(grace).await;
     let http_result = tokio::time::timeout(grace, http_task).await;
-    if !engine_run.is_finished() {
-        let _ = tokio::time::timeout(grace, &mut engine_run).await;
-    }
-    // Stopped with the lease still held: a standby takes over at once, not at its expiry.
-    if let (Some(lease), false) = (&lease, lost) {
-        lease.release(epoch).await;
-    }
     let _ = std::fs::remove_file(&status_path);
     result?;
     if let Ok(Ok(Err(e))) = http_result {

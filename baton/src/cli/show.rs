@@ -507,7 +507,10 @@ mod test {
             "active_agent_addr": "10.0.0.1:7700", "active_http_addr": "10.0.0.1:7780",
         }));
         assert!(standby.starts_with("standby manager"), "{standby}");
-        assert!(standby.contains("active manager: agent port 10.0.0.1:7700, API 10.0.0.1:7780"), "{standby}");
+        assert!(
+            standby.contains("active manager: agent port 10.0.0.1:7700, API 10.0.0.1:7780"),
+            "{standby}"
+        );
         let active = status_text(&json!({
             "role": "active", "epoch": 7, "agent_addr": "10.0.0.1:7700",
             "http_addr": "10.0.0.1:7780", "connected_agents": 3,

@@ -18,9 +18,7 @@ use baton_test_support::{AgentProc, Manager, pseudo_random, wait_for};
 use serde_json::{Value, json};
 
 /// The agents of each test.
-const AGENTS: [&str; 10] = [
-    "s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9",
-];
+const AGENTS: [&str; 10] = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9"];
 
 /// `GET /api/v1/status`, or `None` while the manager does not answer (it is restarting
 /// its HTTP server as it takes over, or is stopped).
@@ -121,7 +119,13 @@ fn verified(m: &Manager, job: u64) -> Option<u64> {
 /// After the job finished on the new active manager: every agent holds an identical copy,
 /// and the database holds exactly one confirmation per agent, every participant
 /// confirmed, and the job's confirmed count.
-fn assert_finished_once(db: &TestDatabase, b: &Manager, agents: &[AgentProc], job: u64, bytes: &[u8]) {
+fn assert_finished_once(
+    db: &TestDatabase,
+    b: &Manager,
+    agents: &[AgentProc],
+    job: u64,
+    bytes: &[u8],
+) {
     let done = b.wait_job(job, Duration::from_secs(60), |j| j["state"] == "finished");
     assert_eq!(done["confirmed_count"], AGENTS.len(), "{done}");
     for agent in agents {
@@ -146,7 +150,11 @@ fn assert_finished_once(db: &TestDatabase, b: &Manager, agents: &[AgentProc], jo
     );
     let stored = store.job(job).unwrap().unwrap();
     assert_eq!(stored.confirmed, Some(AGENTS.len() as u32));
-    assert_eq!(stored.epoch, Some(b.info_epoch()), "the job ran last under B's epoch");
+    assert_eq!(
+        stored.epoch,
+        Some(b.info_epoch()),
+        "the job ran last under B's epoch"
+    );
 }
 
 /// B's epoch as its status says (it took the lease after starting, so not its ready file's).
@@ -220,8 +228,15 @@ fn a_standby_takes_over_a_killed_manager_mid_job() {
     std::fs::write(&admin_password, "correct-horse\n").unwrap();
     let out = baton(
         &[
-            "admin", "add", "ops", "--password-file", admin_password.to_str().unwrap(),
-            "--db", db.url(), "--db-password-file", &password_file,
+            "admin",
+            "add",
+            "ops",
+            "--password-file",
+            admin_password.to_str().unwrap(),
+            "--db",
+            db.url(),
+            "--db-password-file",
+            &password_file,
         ],
         Duration::from_secs(30),
     );
@@ -239,15 +254,24 @@ fn a_standby_takes_over_a_killed_manager_mid_job() {
     let stranger = root.join("stranger");
     let out = baton(
         &[
-            "serve", "--data-dir", stranger.join("data").to_str().unwrap(), "--db", db.url(),
-            "--db-password-file", &password_file, "--listen", "127.0.0.1:0", "--http",
+            "serve",
+            "--data-dir",
+            stranger.join("data").to_str().unwrap(),
+            "--db",
+            db.url(),
+            "--db-password-file",
+            &password_file,
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
             "127.0.0.1:0",
         ],
         Duration::from_secs(30),
     );
     assert!(!out.success);
     assert!(
-        out.stderr.contains("is not the key this database's managers use"),
+        out.stderr
+            .contains("is not the key this database's managers use"),
         "{}",
         out.stderr
     );
@@ -268,13 +292,22 @@ fn a_standby_takes_over_a_killed_manager_mid_job() {
     let to_active = killed.elapsed();
     assert!(to_active <= Duration::from_secs(15), "{to_active:?}");
     let b_epoch = active["epoch"].as_u64().unwrap() as u32;
-    assert!(b_epoch > a_epoch, "a takeover is a new epoch ({a_epoch} → {b_epoch})");
+    assert!(
+        b_epoch > a_epoch,
+        "a takeover is a new epoch ({a_epoch} → {b_epoch})"
+    );
     // What A had recorded when it died: the job was mid-way.
     let before = verified(&b, job).unwrap();
-    assert!(before < total_chunks, "the job is mid-way when A dies ({before} of {total_chunks})");
-    wait_for("B resumes the job", Duration::from_secs(30), || b.log(), || {
-        verified(&b, job).filter(|v| *v > before)
-    });
+    assert!(
+        before < total_chunks,
+        "the job is mid-way when A dies ({before} of {total_chunks})"
+    );
+    wait_for(
+        "B resumes the job",
+        Duration::from_secs(30),
+        || b.log(),
+        || verified(&b, job).filter(|v| *v > before),
+    );
     let to_progress = killed.elapsed();
     b.wait_connected(&AGENTS);
     let to_agents = killed.elapsed();
@@ -297,18 +330,31 @@ fn a_standby_takes_over_a_killed_manager_mid_job() {
         BATON,
         &a.dir.clone(),
         &a.info.agent_addr.clone(),
-        &["--db", &lease_db, "--db-password-file", &lease_password, "--give-up", "30"],
+        &[
+            "--db",
+            &lease_db,
+            "--db-password-file",
+            &lease_password,
+            "--give-up",
+            "30",
+        ],
     );
     assert_eq!(a.info.role, "standby", "{}", a.log());
     let mut b = b;
     b.stop();
     let stopped = Instant::now();
-    wait_for("A takes over from a cleanly stopped B", Duration::from_secs(5), || a.log(), || {
-        status(&a).filter(|s| s["role"] == "active")
-    });
+    wait_for(
+        "A takes over from a cleanly stopped B",
+        Duration::from_secs(5),
+        || a.log(),
+        || status(&a).filter(|s| s["role"] == "active"),
+    );
     let handover = stopped.elapsed();
     assert!(handover <= Duration::from_secs(3), "{handover:?}");
-    eprintln!("clean stop (SIGTERM) → standby active {:.1} s", handover.as_secs_f64());
+    eprintln!(
+        "clean stop (SIGTERM) → standby active {:.1} s",
+        handover.as_secs_f64()
+    );
     a.wait_connected(&AGENTS);
     a.stop();
 }
