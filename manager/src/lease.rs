@@ -31,6 +31,8 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(9);
 pub const MAX_LEASE_TTL: Duration = Duration::from_secs(10);
 /// The shortest time-to-live `--lease-ttl` accepts (renewals every third of it).
 pub const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
+/// The wait before a renewal that failed (the database did not answer) is tried again.
+const RENEW_RETRY: Duration = Duration::from_millis(500);
 /// The longest a standby waits between two attempts to take the lease.
 const MAX_POLL: Duration = Duration::from_secs(1);
 
@@ -221,6 +223,7 @@ impl Lease {
     pub async fn keep(&self, epoch: u32, mut valid_until: Instant) -> String {
         let renew_every = self.ttl / 3;
         let mut next = Instant::now() + renew_every;
+        let mut failures = 0u32;
         let why = loop {
             tokio::time::sleep_until(next.min(valid_until)).await;
             let sent = Instant::now();
@@ -242,6 +245,7 @@ impl Lease {
                         .to_string();
                 }
                 Ok(Ok(true)) => {
+                    failures = 0;
                     valid_until = self.valid_until(sent);
                     next = sent + renew_every;
                 }
@@ -250,8 +254,12 @@ impl Lease {
                         .to_string();
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!("cannot renew the lease (retrying): {e}");
-                    next = Instant::now() + Duration::from_millis(500);
+                    // Retried every half second; said once every 2 s at most.
+                    failures += 1;
+                    if failures % 4 == 1 {
+                        tracing::warn!(failures, "cannot renew the lease (retrying): {e}");
+                    }
+                    next = Instant::now() + RENEW_RETRY;
                 }
             }
         };

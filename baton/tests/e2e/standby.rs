@@ -250,6 +250,26 @@ fn a_standby_takes_over_a_killed_manager_mid_job() {
         why["error"].as_str().unwrap().contains(&a.info.http_addr),
         "{why}"
     );
+    // The CLI says which manager is active.
+    let out = baton(
+        &[
+            "status",
+            "--manager-url",
+            &b.url(""),
+            "--admin-token",
+            &b.info.admin_token,
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(out.success, "{}", out.stderr);
+    assert!(
+        out.stdout.starts_with("standby manager")
+            && out
+                .stdout
+                .contains(&format!("active manager: agent port {}", a.info.agent_addr)),
+        "{}",
+        out.stdout
+    );
     // A manager with another key is refused by the database's managers.
     let stranger = root.join("stranger");
     let out = baton(
