@@ -6,6 +6,12 @@
 //! agent port and the HTTP API, writes the ready file, and runs until its
 //! shutdown future completes or the engine task fails. The HTTP API works on
 //! the [`Manager`] service it builds.
+//!
+//! On PostgreSQL several managers share the database: the epoch is the managers'
+//! lease's ([`crate::lease`]). A manager that cannot take the lease stands by
+//! (the read-only API, the agent port bound but not listening) until
+//! it can; an active manager that loses it stops at once and exits
+//! ([`ServeError::LeaseLost`]). On SQLite the database file is locked: one manager.
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -5,7 +5,7 @@
 //!
 //! | method and path | what |
 //! |---|---|
-//! | `GET /api/v1/status` | addresses, keys, epoch, connected agents, bytes sent |
+//! | `GET /api/v1/status` | addresses, keys, epoch, connected agents, bytes sent; role (active or standby) and, on a standby, the active manager's addresses |
 //! | `GET /api/v1/agents` | enrolled agents, latest reports, whether connected |
 //! | `GET /api/v1/agents/{id}` | one agent |
 //! | `POST /api/v1/agents` | enrol `{id, key}` (key: 64 hex digits, Ed25519) |
