@@ -127,6 +127,12 @@ impl Lease {
         }
     }
 
+    /// This manager's fence (the engine task checks [`LeaseFence::acting`] before it
+    /// instructs).
+    pub fn fence(&self) -> Arc<LeaseFence> {
+        self.fence.clone()
+    }
+
     /// Its time-to-live.
     pub fn ttl(&self) -> Duration {
         self.ttl
@@ -165,8 +171,10 @@ impl Lease {
         );
         match blocking(move || store.lease_take(&holder, &agent, &http, ttl)).await {
             Ok(LeaseTake::Taken(epoch)) => {
+                let until = self.valid_until(sent);
+                self.fence.set_valid_until(until.into_std());
                 self.fence.set_epoch(epoch);
-                Some((epoch, self.valid_until(sent)))
+                Some((epoch, until))
             }
             Ok(LeaseTake::Held(view)) => {
                 *failures = 0;
@@ -247,6 +255,7 @@ impl Lease {
                 Ok(Ok(true)) => {
                     failures = 0;
                     valid_until = self.valid_until(sent);
+                    self.fence.set_valid_until(valid_until.into_std());
                     next = sent + renew_every;
                 }
                 Ok(Ok(false)) => {

@@ -445,6 +445,14 @@ pub fn agent_port_limits(opts: &ServeOptions, descriptors: u64) -> AdmissionLimi
     .checked()
 }
 
+/// Says that the active manager of `epoch` lost its lease and stops acting.
+fn step_down(epoch: u32, why: &str) {
+    tracing::error!(
+        epoch,
+        "lost the managers' lease: {why}; stepping down now (agent sessions closed, engine stopped, no more writes; restarted, this manager stands by)"
+    );
+}
+
 /// Connections the agent port's listen queue holds.
 const AGENT_BACKLOG: u32 = 1024;
 /// How long a standby's HTTP server has to finish its requests when it takes over.
@@ -841,6 +849,9 @@ pub async fn serve_reloading(
         events.clone(),
         tokio::time::Instant::now(),
     );
+    if let Some(lease) = &lease {
+        engine_task = engine_task.with_lease(lease.fence());
+    }
     resume_jobs(&store, &library, &mut engine_task).await?;
 
     let agent_listener = agent_socket
@@ -956,16 +967,25 @@ pub async fn serve_reloading(
         tokio::select! {
             biased;
             why = &mut lease_lost => {
-                tracing::error!(epoch, "lost the managers' lease: {why}; stepping down now (agent sessions closed, engine stopped, no more writes; restarted, this manager stands by)");
+                step_down(epoch, &why);
                 lost = true;
                 break Err(ServeError::LeaseLost(why));
             }
+
             _ = &mut shutdown => {
                 tracing::info!("shutting down");
                 break Ok(());
             }
             r = &mut engine_run => break match r {
                 Ok(Ok(())) => Ok(()),
+                // The engine found the lease run out first (this process woke after it
+                // expired, before the lease task ran).
+                Ok(Err(crate::engine_task::EngineTaskError::LeaseRanOut)) => {
+                    let why = "it ran out by this manager's clock before the engine instructed".to_string();
+                    step_down(epoch, &why);
+                    lost = true;
+                    Err(ServeError::LeaseLost(why))
+                }
                 Ok(Err(e)) => Err(ServeError::Engine(e)),
                 Err(e) => Err(ServeError::Http(std::io::Error::other(format!("engine task panicked: {e}")))),
             },

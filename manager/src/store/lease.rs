@@ -28,10 +28,16 @@ use super::{Result, StoreError};
 
 /// Who may write: the lease holder id of this manager and the epoch it holds the lease
 /// with (0: it does not hold it, and every fenced write is refused).
+///
+/// It also keeps this manager's own view, by its monotonic clock, of until when the lease
+/// is valid ([`LeaseFence::acting`]): the engine task checks it before it instructs agents,
+/// so that a manager woken after its lease ran out sends nothing, whichever of its tasks
+/// runs first.
 #[derive(Debug)]
 pub struct LeaseFence {
     holder: String,
     epoch: AtomicU32,
+    valid_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl LeaseFence {
@@ -40,6 +46,7 @@ impl LeaseFence {
         LeaseFence {
             holder,
             epoch: AtomicU32::new(0),
+            valid_until: std::sync::Mutex::new(None),
         }
     }
 
@@ -56,6 +63,18 @@ impl LeaseFence {
     /// Records that the lease was taken with `epoch` (0: lost or released).
     pub fn set_epoch(&self, epoch: u32) {
         self.epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    /// Records until when the lease is valid by this manager's clock (taken or renewed).
+    pub fn set_valid_until(&self, until: std::time::Instant) {
+        *self.valid_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
+    }
+
+    /// Whether this manager may act now: it holds the lease and, by its own clock, the
+    /// lease has not run out.
+    pub fn acting(&self) -> bool {
+        let until = *self.valid_until.lock().unwrap_or_else(|e| e.into_inner());
+        self.epoch() != 0 && until.is_some_and(|u| std::time::Instant::now() < u)
     }
 
     /// Inside a transaction: whether this manager still holds the lease; the row stays
@@ -236,6 +255,24 @@ mod tests {
             state: ParticipantState::Confirmed,
             source_note: None,
         }
+    }
+
+    /// A manager acts only while it holds the lease and its own clock says the lease has not
+    /// run out: a process woken after its lease's time acts no more, whatever the database.
+    #[test]
+    fn a_manager_acts_only_until_its_lease_runs_out_by_its_own_clock() {
+        let fence = LeaseFence::new("manager-a".into());
+        assert!(!fence.acting(), "no lease taken");
+        let now = std::time::Instant::now();
+        fence.set_valid_until(now + Duration::from_secs(5));
+        assert!(!fence.acting(), "no epoch yet");
+        fence.set_epoch(4);
+        assert!(fence.acting());
+        fence.set_valid_until(now - Duration::from_millis(1));
+        assert!(!fence.acting(), "ran out");
+        fence.set_valid_until(now + Duration::from_secs(5));
+        fence.set_epoch(0);
+        assert!(!fence.acting(), "lost or released");
     }
 
     /// Two managers on one database: one takes the lease, the other is told who holds it;
