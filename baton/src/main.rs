@@ -4,7 +4,7 @@
 //! distributions on this machine; `baton loadgen` measures what agent sessions cost one
 //! manager; `baton admin` manages web UI administrators
 //! and API tokens; `keys`, `trust` and `sign` make keys, the root-signed trust
-//! document and signed manifests offline (`trust push` uploads the document); `enroll`, `push`, `jobs`, `job`, `cancel`,
+//! document and signed manifests offline (`trust push` uploads the document); `enroll`, `push`, `status`, `jobs`, `job`, `cancel`,
 //! `agents`, `segments`, `groups`, `policies` and `audit` talk to a running manager over
 //! its HTTP API; `baton agent` runs
 //! a Linux agent. Logging goes to
@@ -48,7 +48,8 @@ enum Command {
     Trust(cli::trust::TrustCommand),
     /// Sign a file's manifest with a publisher key, offline (then `baton push FILE --manifest FILE.manifest`).
     Sign(cli::trust::SignArgs),
-    /// The manager's addresses, keys, epoch, connected agents and byte counters.
+    /// The manager's role (active, or a standby and which one is active), addresses, keys,
+    /// epoch, connected agents and byte counters.
     Status(cli::show::StatusArgs),
     /// List jobs.
     Jobs(cli::show::JobsArgs),
@@ -130,10 +131,6 @@ fn run(cli: Cli, argv: Vec<OsString>, from_file: Vec<OsString>) -> anyhow::Resul
             init_logging("warn");
             cli::trust::sign(args)?;
         }
-        Command::Status(args) => {
-            init_logging("warn");
-            cli::show::status(args)?;
-        }
         Command::Jobs(args) => {
             init_logging("warn");
             cli::show::jobs(args)?;
@@ -145,6 +142,10 @@ fn run(cli: Cli, argv: Vec<OsString>, from_file: Vec<OsString>) -> anyhow::Resul
         Command::Cancel(args) => {
             init_logging("warn");
             cli::show::cancel(args)?;
+        }
+        Command::Status(args) => {
+            init_logging("warn");
+            cli::show::status(args)?;
         }
         Command::Agents(args) => {
             init_logging("warn");
@@ -295,6 +296,7 @@ log = "warn,baton_manager=debug"
 publisher-key = "/etc/baton/publisher.key"
 trust = "/etc/baton/trust.bin"
 cert-lifetime = "12h"
+lease-ttl = 5
 "#;
 
     fn serve(args: &[&str]) -> Result<cli::serve::ServeArgs, clap::Error> {
@@ -341,6 +343,7 @@ cert-lifetime = "12h"
         assert_eq!(opts.up_bps, 10 << 20);
         assert_eq!(opts.give_up.as_secs(), 90);
         assert_eq!(opts.install_deadline.as_secs(), 120);
+        assert_eq!(opts.lease_ttl.as_secs(), 5);
         assert!(opts.ready_file.is_some());
         assert_eq!(opts.max_connections, 5000);
         assert_eq!(opts.max_handshakes, 99);

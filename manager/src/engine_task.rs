@@ -31,6 +31,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::registry::{Registry, SharedStore, lock, unix_now};
+use crate::store::lease::LeaseFence;
 use crate::store::{JobState, StoreError};
 use baton_agent_core::linux::spaced::SpacedLog;
 use baton_manager_core::engine::{Engine, EngineEvent, InstallReport, JobSpec};
@@ -278,6 +279,12 @@ pub enum EngineTaskError {
     /// Persisting the engine's records failed: nothing may be instructed that is not recorded.
     #[error("cannot persist job state, stopping so that no unrecorded instruction is sent: {0}")]
     Persist(#[source] StoreError),
+    /// The managers' lease ran out (by this manager's clock) before the engine could
+    /// instruct: another manager may be active, so nothing is sent.
+    #[error(
+        "the managers' lease ran out: stopping before instructing (another manager may be active)"
+    )]
+    LeaseRanOut,
 }
 
 /// The task that owns the [`Engine`]: feeds it inputs, persists, transmits, publishes events.
@@ -294,6 +301,9 @@ pub struct EngineTask {
     reports: Vec<Report>,
     /// Agents gone offline since the last [`EngineTask::drain`] (their last-seen time).
     seen: Vec<AgentId>,
+    /// With several managers on one database: nothing is persisted or sent unless this
+    /// manager still holds the lease by its own clock ([`LeaseFence::acting`]).
+    lease: Option<Arc<LeaseFence>>,
 }
 
 /// A command's answer channel and its result.
@@ -326,6 +336,21 @@ impl EngineTask {
             replies: Vec::new(),
             reports: Vec::new(),
             seen: Vec::new(),
+            lease: None,
+        }
+    }
+
+    /// The task persists and instructs only while `fence` says this manager holds the lease.
+    pub fn with_lease(mut self, fence: Arc<LeaseFence>) -> Self {
+        self.lease = Some(fence);
+        self
+    }
+
+    /// An error if this manager no longer holds the lease by its own clock.
+    fn check_lease(&self) -> Result<(), EngineTaskError> {
+        match &self.lease {
+            Some(fence) if !fence.acting() => Err(EngineTaskError::LeaseRanOut),
+            _ => Ok(()),
         }
     }
 
@@ -491,11 +516,16 @@ impl EngineTask {
             records.push(r);
         }
         if !records.is_empty() {
+            self.check_lease()?;
             lock(&self.store)
                 .apply(&records, unix_now())
                 .map_err(EngineTaskError::Persist)?;
         }
-        while let Some((to, msg)) = self.engine.poll_transmit() {
+        let mut transmit = self.engine.poll_transmit();
+        if transmit.is_some() {
+            self.check_lease()?;
+        }
+        while let Some((to, msg)) = transmit.take().or_else(|| self.engine.poll_transmit()) {
             if !self.registry.send(&to, msg.to_vec()) {
                 tracing::debug!(agent = %to, kind = msg.kind(), "agent not connected; instruction dropped");
             }

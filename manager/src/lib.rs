@@ -4,6 +4,8 @@
 //! - [`roles`]: what each role may do (the one table of routes and roles);
 //! - [`store`]: the database behind the [`store::Store`] trait (SQLite by
 //!   default); one list of migrations owns every table;
+//! - [`lease`]: several managers on one PostgreSQL database: the lease kept by the
+//!   active one, waited for by the standbys;
 //! - [`content`]: the manager's keys, publishing files and serving their chunks;
 //! - [`trust`]: key and trust document files, the chain of root-signed trust
 //!   documents, and the checks a manifest passes before it is published;
@@ -26,6 +28,7 @@ pub mod audit;
 pub mod content;
 pub mod engine_task;
 pub mod http;
+pub mod lease;
 pub mod registry;
 pub mod revocation;
 pub mod roles;

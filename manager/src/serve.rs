@@ -6,6 +6,12 @@
 //! agent port and the HTTP API, writes the ready file, and runs until its
 //! shutdown future completes or the engine task fails. The HTTP API works on
 //! the [`Manager`] service it builds.
+//!
+//! On PostgreSQL several managers share the database: the epoch is the managers'
+//! lease's ([`crate::lease`]). A manager that cannot take the lease stands by
+//! (the read-only API, the agent port bound but not listening) until
+//! it can; an active manager that loses it stops at once and exits
+//! ([`ServeError::LeaseLost`]). On SQLite the database file is locked: one manager.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,8 +34,10 @@ use tokio::sync::{broadcast, watch};
 use crate::agent_port::AgentPort;
 use crate::content::{self, Content, ContentError, Keys, Library};
 use crate::engine_task::{EngineInput, EngineTask};
+use crate::lease::Lease;
 use crate::registry::{Registry, SharedStore, lock, unix_now};
 use crate::service::{Manager, decode_manifest, engine_targets};
+use crate::store::lease::LeaseFence;
 use crate::store::postgres::read_password;
 use crate::store::{
     JobRecord, JobState, PostgresStore, SqliteStore, Store, StoreError, is_postgres_url,
@@ -89,6 +97,10 @@ pub struct ServeOptions {
     pub publisher_key: Option<PathBuf>,
     /// A signed trust document to take at start (`--trust`), as `PUT /api/v1/trust` would.
     pub trust: Option<PathBuf>,
+    /// On PostgreSQL, the time-to-live of the managers' lease (`--lease-ttl`, at most
+    /// [`crate::lease::MAX_LEASE_TTL`]): a standby takes over within about this long after
+    /// the active manager stops renewing it.
+    pub lease_ttl: Duration,
 }
 
 impl ServeOptions {
@@ -117,6 +129,7 @@ impl ServeOptions {
             content_dirs: Vec::new(),
             publisher_key: None,
             trust: None,
+            lease_ttl: crate::lease::DEFAULT_LEASE_TTL,
         }
     }
 }
@@ -136,12 +149,20 @@ pub struct ReadyInfo {
     pub publisher_key: Option<String>,
     /// The bearer token for the HTTP API.
     pub admin_token: String,
-    /// The manager's epoch for this run.
+    /// The manager's epoch for this run (0 while it stands by).
     pub epoch: u32,
+    /// `active`, or `standby` (on PostgreSQL, while another manager holds the lease; the
+    /// file is written again when it takes over).
+    #[serde(default = "active_role")]
+    pub role: String,
     /// The certificate (PEM) the HTTP API serves, if it speaks HTTPS: a CLI on this host
     /// trusts it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_cert: Option<PathBuf>,
+}
+
+fn active_role() -> String {
+    "active".into()
 }
 
 /// Name of the status file a running manager keeps in its data directory.
@@ -202,6 +223,29 @@ pub enum ServeError {
     /// A `--content-dir` is missing, not a directory, or inside the data directory.
     #[error("{0}")]
     ContentDir(std::io::Error),
+    /// On PostgreSQL, this manager's key is not the one the database's managers use: agents
+    /// pin one key, so every manager of a database must present it.
+    #[error(
+        "manager.key in {data_dir} is not the key this database's managers use ({recorded}): copy manager.key from the data directory of the first manager"
+    )]
+    ManagerKeyDiffers {
+        /// This manager's data directory.
+        data_dir: PathBuf,
+        /// The key recorded in the database (hex).
+        recorded: String,
+    },
+    /// Another `baton serve` holds this SQLite database file.
+    #[error(
+        "database {path} is in use by another baton serve: one manager per SQLite database (several managers share a PostgreSQL database, one active, the others standing by)"
+    )]
+    DatabaseInUse {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The active manager lost its lease: it stopped acting (agent sessions closed, engine
+    /// stopped) and exits; restarted, it stands by.
+    #[error("lost the managers' lease, stepped down: {0}")]
+    LeaseLost(String),
     /// The `--trust` document does not chain from the one the manager holds.
     #[error("--trust {path}: {source}")]
     Trust {
@@ -401,6 +445,198 @@ pub fn agent_port_limits(opts: &ServeOptions, descriptors: u64) -> AdmissionLimi
     .checked()
 }
 
+/// Says that the active manager of `epoch` lost its lease and stops acting.
+fn step_down(epoch: u32, why: &str) {
+    tracing::error!(
+        epoch,
+        "lost the managers' lease: {why}; stepping down now (agent sessions closed, engine stopped, no more writes; restarted, this manager stands by)"
+    );
+}
+
+/// Connections the agent port's listen queue holds.
+const AGENT_BACKLOG: u32 = 1024;
+/// How long a standby's HTTP server has to finish its requests when it takes over.
+const STANDBY_HTTP_GRACE: Duration = Duration::from_secs(2);
+
+/// Binds the agent port without listening (connections are refused until
+/// [`tokio::net::TcpSocket::listen`]): a standby holds its address but takes no agent.
+fn bind_agent_port(addr: SocketAddr) -> Result<(tokio::net::TcpSocket, SocketAddr), ServeError> {
+    let bind_error = |source| ServeError::Bind {
+        addr,
+        what: "agent port, --listen",
+        source,
+    };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(bind_error)?;
+    socket.set_reuseaddr(true).map_err(bind_error)?;
+    socket.bind(addr).map_err(bind_error)?;
+    let bound = socket.local_addr().map_err(bind_error)?;
+    Ok((socket, bound))
+}
+
+/// Binds and listens on the HTTP port, once for the process: a standby's read-only server
+/// and then the active one's accept on it in turn.
+fn bind_http_port(addr: SocketAddr) -> Result<(std::net::TcpListener, SocketAddr), ServeError> {
+    let bind_error = |source| ServeError::Bind {
+        addr,
+        what: "HTTP API, --http",
+        source,
+    };
+    let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+    listener.set_nonblocking(true).map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, bound))
+}
+
+/// A tokio listener on (a duplicate of) the HTTP port's socket.
+fn http_listener(
+    socket: &std::net::TcpListener,
+    addr: SocketAddr,
+) -> Result<TcpListener, ServeError> {
+    socket
+        .try_clone()
+        .and_then(TcpListener::from_std)
+        .map_err(|source| ServeError::Bind {
+            addr,
+            what: "HTTP API, --http",
+            source,
+        })
+}
+
+/// Takes an exclusive `flock` on a SQLite database file for the process's life: a second
+/// `baton serve` on the same file (from another data directory) is refused. `baton admin`
+/// does not take it (it writes beside a running manager, through SQLite's own locks).
+fn lock_database_file(path: &Path) -> Result<std::fs::File, ServeError> {
+    let file = std::fs::File::open(path).map_err(|source| ServeError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ServeError::DatabaseInUse {
+            path: path.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(ServeError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// A manager waiting for the lease on a shared PostgreSQL database: it serves the read-only
+/// API (saying which manager is active) and takes no agent.
+struct Standby<'a> {
+    lease: &'a Lease,
+    store: &'a SharedStore,
+    keys: &'a Keys,
+    publisher: Option<&'a baton_protocol::identity::Identity>,
+    admin_token: &'a str,
+    http_config: &'a crate::http::HttpConfig,
+    http_socket: &'a std::net::TcpListener,
+    agent_addr: SocketAddr,
+    http_addr: SocketAddr,
+    tls_cert: Option<PathBuf>,
+    status_path: &'a Path,
+}
+
+impl Standby<'_> {
+    /// Takes the lease at once if it is free; else stands by until it is taken (the epoch
+    /// and until when it is valid) or `shutdown` completes (`None`). Options reloaded
+    /// meanwhile replace `opts` (the ports stay bound as they are).
+    async fn run(
+        self,
+        mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+        reloads: &mut tokio::sync::mpsc::Receiver<ServeOptions>,
+        opts: &mut ServeOptions,
+    ) -> Result<Option<(u32, tokio::time::Instant)>, ServeError> {
+        let activity = crate::lease::Activity::standby();
+        let (agent, http) = (self.agent_addr.to_string(), self.http_addr.to_string());
+        let mut failures = 0;
+        if let Some(taken) = self
+            .lease
+            .try_take(&agent, &http, &activity, &mut failures)
+            .await
+        {
+            return Ok(Some(taken));
+        }
+        // The agent port is bound, not listening: agents are refused and try the next
+        // address. No engine, no job is resumed; the API reads the shared database.
+        let (events, _) = broadcast::channel(16);
+        let (engine, _no_engine) = crate::engine_task::channel();
+        drop(_no_engine);
+        let manager = Arc::new(Manager {
+            store: self.store.clone(),
+            registry: Arc::new(Registry::load(self.store.clone())?),
+            library: Arc::new(Library::new()),
+            keys: self.keys.clone(),
+            publisher: self.publisher.cloned(),
+            engine,
+            events,
+            stats: Default::default(),
+            limits: Limits::default(),
+            epoch: 0,
+            agent_addr: self.agent_addr,
+            http_addr: self.http_addr,
+            admin_token: self.admin_token.to_string(),
+            activity: activity.clone(),
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut http_task = tokio::spawn(crate::http::run(
+            http_listener(self.http_socket, self.http_addr)?,
+            manager,
+            self.http_config.clone(),
+            async move {
+                let mut rx = stop_rx;
+                let _ = rx.wait_for(|stop| *stop).await;
+            },
+        ));
+        let info = ReadyInfo {
+            agent_addr: agent.clone(),
+            http_addr: http.clone(),
+            manager_key: hex::encode(self.keys.manager.public().0),
+            publisher_key: self.publisher.map(|p| hex::encode(p.public().0)),
+            admin_token: self.admin_token.to_string(),
+            epoch: 0,
+            role: "standby".into(),
+            tls_cert: self.tls_cert.clone(),
+        };
+        write_ready_file(self.status_path, &info)?;
+        if let Some(ready) = &opts.ready_file {
+            write_ready_file(ready, &info)?;
+        }
+        tracing::info!(agent_addr = %agent, http_addr = %http, ttl_ms = self.lease.ttl().as_millis() as u64,
+            "standby: read-only API on; the agent port opens when this manager takes the lease");
+        let take = self.lease.take(&agent, &http, &activity);
+        tokio::pin!(take);
+        let taken = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => {
+                    tracing::info!("shutting down (standby)");
+                    break None;
+                }
+                taken = &mut take => break Some(taken),
+                Some(reloaded) = reloads.recv() => {
+                    tracing::info!("options reloaded: a standby applies them when it takes over");
+                    *opts = reloaded;
+                }
+            }
+        };
+        let _ = stop_tx.send(true);
+        if tokio::time::timeout(STANDBY_HTTP_GRACE, &mut http_task)
+            .await
+            .is_err()
+        {
+            http_task.abort();
+        }
+        Ok(taken)
+    }
+}
+
 /// Runs the manager until `shutdown` completes (or the engine task fails).
 pub async fn serve(
     opts: ServeOptions,
@@ -417,7 +653,7 @@ pub async fn serve(
 /// the manager's upload cap (every transfer at once, the planner at its next adaptation)
 /// change at once; every other session goes on, and the other options wait for a restart.
 pub async fn serve_reloading(
-    opts: ServeOptions,
+    mut opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
     mut reloads: tokio::sync::mpsc::Receiver<ServeOptions>,
 ) -> Result<(), ServeError> {
@@ -439,33 +675,49 @@ pub async fn serve_reloading(
         .clone()
         .unwrap_or_else(|| opts.data_dir.join("baton.db"));
     let postgres_url = db_path.to_str().filter(|d| is_postgres_url(d));
+    // SQLite: one manager per database file, whatever its data directory (flock on the
+    // file, held for the process's life; SQLite's own locks are separate fcntl locks).
+    let mut _sqlite_lock = None;
+    // PostgreSQL: the managers' lease, on a connection pool of its own.
+    let mut lease = None;
     let mut database: Box<dyn Store> = match postgres_url {
         Some(url) => {
-            let opened = read_password(opts.db_password_file.as_deref())
-                .and_then(|password| PostgresStore::connect(url, password.as_deref()));
-            let store = opened.map_err(|source| ServeError::Store {
+            let pg_error = |source| ServeError::Store {
                 path: PathBuf::from("PostgreSQL database"),
                 source,
-            })?;
-            tracing::info!(database = ?store, "database: PostgreSQL");
+            };
+            let password = read_password(opts.db_password_file.as_deref()).map_err(pg_error)?;
+            let mut store = PostgresStore::connect(url, password.as_deref()).map_err(pg_error)?;
+            let lease_store = PostgresStore::connect(url, password.as_deref()).map_err(pg_error)?;
+            let fence = Arc::new(LeaseFence::new(crate::lease::holder_id()));
+            store.fence_writes(fence.clone());
+            tracing::info!(database = ?store, holder = fence.holder(), "database: PostgreSQL");
+            lease = Some(Lease::new(lease_store, fence, opts.lease_ttl));
             Box::new(store)
         }
-        None => Box::new(
-            SqliteStore::open(&db_path).map_err(|source| ServeError::Store {
+        None => {
+            let store = SqliteStore::open(&db_path).map_err(|source| ServeError::Store {
                 path: db_path.clone(),
                 source,
-            })?,
-        ),
+            })?;
+            _sqlite_lock = Some(lock_database_file(&db_path)?);
+            Box::new(store)
+        }
     };
     let manager_key = keys.manager.public();
     match database.meta("manager_key")? {
+        Some(k) if k != manager_key.0 && lease.is_some() => {
+            return Err(ServeError::ManagerKeyDiffers {
+                data_dir: opts.data_dir.clone(),
+                recorded: hex::encode(&k),
+            });
+        }
         Some(k) if k != manager_key.0 => tracing::warn!(
             "manager.key differs from the key this database was created with; agents that pinned the old key will refuse this manager"
         ),
         Some(_) => {}
         None => database.set_meta("manager_key", &manager_key.0)?,
     }
-    let epoch = database.next_epoch()?;
     let tls = match &opts.tls {
         Some((cert, key)) => Some(Arc::new(crate::http::tls::load_config(cert, key)?)),
         None => None,
@@ -500,6 +752,70 @@ pub async fn serve_reloading(
         tls,
         limits: http_limits_rx,
     };
+    // Both ports are bound now (a standby names them in the lease); the agent port listens
+    // only once this manager is active: until then agents are refused and try the next.
+    let (agent_socket, agent_addr) = bind_agent_port(opts.listen)?;
+    let (http_socket, http_addr) = bind_http_port(opts.http)?;
+    let tls_cert = opts
+        .tls
+        .as_ref()
+        .map(|(cert, _)| std::path::absolute(cert).unwrap_or_else(|_| cert.clone()));
+    let status_path = opts.data_dir.join(STATUS_FILE);
+    tokio::pin!(shutdown);
+    let mut lease_valid_until = None;
+    let epoch = match &lease {
+        None => lock(&store).next_epoch()?,
+        Some(lease) => {
+            let waiting = Standby {
+                lease,
+                store: &store,
+                keys: &keys,
+                publisher: publisher.as_ref(),
+                admin_token: &admin_token,
+                http_config: &http_config,
+                http_socket: &http_socket,
+                agent_addr,
+                http_addr,
+                tls_cert: tls_cert.clone(),
+                status_path: &status_path,
+            };
+            match waiting
+                .run(shutdown.as_mut(), &mut reloads, &mut opts)
+                .await?
+            {
+                Some((epoch, valid_until)) => {
+                    http_limits_tx.send_replace(opts.http_limits);
+                    lease_valid_until = Some(valid_until);
+                    tracing::info!(
+                        epoch,
+                        ttl_ms = lease.ttl().as_millis() as u64,
+                        "took the managers' lease: this manager is active"
+                    );
+                    epoch
+                }
+                None => {
+                    let _ = std::fs::remove_file(&status_path);
+                    return Ok(());
+                }
+            }
+        }
+    };
+    // The lease kept in a task of its own (resuming jobs must not hold up its renewals).
+    let lease_keeper = match (&lease, lease_valid_until) {
+        (Some(lease), Some(until)) => {
+            let lease = lease.clone();
+            Some(tokio::spawn(async move { lease.keep(epoch, until).await }))
+        }
+        _ => None,
+    };
+    let lease_lost = async {
+        match lease_keeper {
+            Some(task) => task
+                .await
+                .unwrap_or_else(|e| format!("the lease task ended: {e}")),
+            None => std::future::pending().await,
+        }
+    };
     let registry =
         Arc::new(Registry::load(store.clone())?.with_revocation_signer(keys.manager.clone())?);
     if let Some((path, signed)) = initial_trust {
@@ -533,35 +849,19 @@ pub async fn serve_reloading(
         events.clone(),
         tokio::time::Instant::now(),
     );
+    if let Some(lease) = &lease {
+        engine_task = engine_task.with_lease(lease.fence());
+    }
     resume_jobs(&store, &library, &mut engine_task).await?;
 
-    let agent_listener =
-        TcpListener::bind(opts.listen)
-            .await
-            .map_err(|source| ServeError::Bind {
-                addr: opts.listen,
-                what: "agent port, --listen",
-                source,
-            })?;
-    let http_listener = TcpListener::bind(opts.http)
-        .await
+    let agent_listener = agent_socket
+        .listen(AGENT_BACKLOG)
         .map_err(|source| ServeError::Bind {
-            addr: opts.http,
-            what: "HTTP API, --http",
+            addr: opts.listen,
+            what: "agent port, --listen",
             source,
         })?;
-    let agent_addr = agent_listener
-        .local_addr()
-        .map_err(|source| ServeError::Io {
-            path: PathBuf::from("agent listener"),
-            source,
-        })?;
-    let http_addr = http_listener
-        .local_addr()
-        .map_err(|source| ServeError::Io {
-            path: PathBuf::from("http listener"),
-            source,
-        })?;
+    let http_listener = http_listener(&http_socket, opts.http)?;
 
     let agent_port_caps = agent_port_limits(&opts, descriptors.soft);
     admission::log_caps(
@@ -586,6 +886,7 @@ pub async fn serve_reloading(
         agent_addr,
         http_addr,
         admin_token: admin_token.clone(),
+        activity: crate::lease::Activity::active(),
     });
     let agent_port = Arc::new(AgentPort {
         session: Arc::new(
@@ -650,12 +951,9 @@ pub async fn serve_reloading(
         publisher_key: publisher.as_ref().map(|p| hex::encode(p.public().0)),
         admin_token,
         epoch,
-        tls_cert: opts
-            .tls
-            .as_ref()
-            .map(|(cert, _)| std::path::absolute(cert).unwrap_or_else(|_| cert.clone())),
+        role: active_role(),
+        tls_cert,
     };
-    let status_path = opts.data_dir.join(STATUS_FILE);
     write_ready_file(&status_path, &info)?;
     if let Some(ready) = &opts.ready_file {
         write_ready_file(ready, &info)?;
@@ -663,15 +961,31 @@ pub async fn serve_reloading(
     tracing::info!(%agent_addr, %http_addr, epoch, manager_key = %info.manager_key, "manager ready");
 
     tokio::pin!(engine_run);
-    tokio::pin!(shutdown);
+    tokio::pin!(lease_lost);
+    let mut lost = false;
     let result = loop {
         tokio::select! {
+            biased;
+            why = &mut lease_lost => {
+                step_down(epoch, &why);
+                lost = true;
+                break Err(ServeError::LeaseLost(why));
+            }
+
             _ = &mut shutdown => {
                 tracing::info!("shutting down");
                 break Ok(());
             }
             r = &mut engine_run => break match r {
                 Ok(Ok(())) => Ok(()),
+                // The engine found the lease run out first (this process woke after it
+                // expired, before the lease task ran).
+                Ok(Err(crate::engine_task::EngineTaskError::LeaseRanOut)) => {
+                    let why = "it ran out by this manager's clock before the engine instructed".to_string();
+                    step_down(epoch, &why);
+                    lost = true;
+                    Err(ServeError::LeaseLost(why))
+                }
                 Ok(Err(e)) => Err(ServeError::Engine(e)),
                 Err(e) => Err(ServeError::Http(std::io::Error::other(format!("engine task panicked: {e}")))),
             },
@@ -712,13 +1026,18 @@ pub async fn serve_reloading(
     let _ = stop_tx.send(true);
     registry.close_all();
     let grace = Duration::from_secs(5);
+    if !engine_run.is_finished() {
+        let _ = tokio::time::timeout(grace, &mut engine_run).await;
+    }
+    // Stopped with the lease still held: a standby takes over at once, not at its expiry
+    // (the engine has stopped writing; the sessions are closing).
+    if let (Some(lease), false) = (&lease, lost) {
+        lease.release(epoch).await;
+    }
     let _ = tokio::time::timeout(grace, agent_task).await;
     revocation_task.abort();
     serial_ports.join(grace).await;
     let http_result = tokio::time::timeout(grace, http_task).await;
-    if !engine_run.is_finished() {
-        let _ = tokio::time::timeout(grace, &mut engine_run).await;
-    }
     let _ = std::fs::remove_file(&status_path);
     result?;
     if let Ok(Ok(Err(e))) = http_result {
@@ -833,6 +1152,48 @@ mod test {
         .await
         .unwrap();
         assert_eq!(mode(&data), 0o700);
+    }
+
+    /// SQLite has one manager: a second `serve` on the same database file from another
+    /// data directory is refused, naming the file (several managers need PostgreSQL).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_manager_per_sqlite_database() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = tmp.path().join("shared.db");
+        let mut first_opts = options(&tmp.path().join("first"));
+        first_opts.db = Some(db.clone());
+        let status = first_opts.data_dir.join(STATUS_FILE);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let first = tokio::spawn(serve(first_opts, async {
+            let _ = stopped.await;
+        }));
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !status.exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the first manager is ready within 20 s");
+        let mut second_opts = options(&tmp.path().join("second"));
+        second_opts.db = Some(db.clone());
+        let second = tokio::time::timeout(
+            Duration::from_secs(5),
+            serve(second_opts, std::future::pending()),
+        )
+        .await
+        .expect("the second manager stops within 5 s");
+        match second {
+            Err(e @ ServeError::DatabaseInUse { .. }) => {
+                assert!(e.to_string().contains(&db.display().to_string()), "{e}");
+            }
+            other => panic!("expected the database in use, got {other:?}"),
+        }
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), first)
+            .await
+            .expect("the first manager stops")
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]

@@ -58,6 +58,8 @@ pub struct Manager {
     pub http_addr: SocketAddr,
     /// The bearer token the API requires.
     pub admin_token: String,
+    /// Active or standby (a standby serves reads only and says which manager is active).
+    pub activity: Arc<crate::lease::Activity>,
 }
 
 /// What to publish.

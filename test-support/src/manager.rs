@@ -139,6 +139,11 @@ impl Manager {
         });
     }
 
+    /// How the manager exited, if it did (it is not waited for).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.proc.exited()
+    }
+
     /// The manager's process id (for `/proc/PID/…`).
     pub fn pid(&self) -> u32 {
         self.proc.pid()

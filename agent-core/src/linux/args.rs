@@ -16,8 +16,9 @@ pub struct AgentArgs {
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// The manager's agent port, HOST:PORT.
-    #[arg(long, value_name = "ADDR")]
+    /// The manager's agent port, HOST:PORT; several managers (an active one and standbys on
+    /// one PostgreSQL database) as a comma-separated list, tried in turn.
+    #[arg(long, value_name = "ADDR[,ADDR...]")]
     pub manager: Option<String>,
     /// The manager's Ed25519 public key (hex), pinned in the handshake.
     #[arg(long, value_name = "HEX")]

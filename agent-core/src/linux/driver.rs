@@ -359,9 +359,13 @@ impl Settings {
         };
         let manager_key = parse_key(&need(&a.manager_key, "manager-key")?, "--manager-key")?;
         config.manager_key = Some(manager_key);
+        let manager = need(&a.manager, "manager")?;
+        if manager_addresses(&manager).is_empty() {
+            return Err(config_err("--manager names no address"));
+        }
         Ok(Settings {
             discovery,
-            manager: need(&a.manager, "manager")?,
+            manager,
             manager_key,
             data_dir: a
                 .data_dir
@@ -674,6 +678,7 @@ async fn manager_session(
         .await
         .map_err(|_| LinkError::Timeout)??;
     stream.set_nodelay(true)?;
+    keep_alive(&stream);
     let local = stream.local_addr()?;
     let mut hello = Hello::new(Role::Agent, shared.id.clone(), caps::ALL, None);
     if let Some(t) = token {
@@ -697,25 +702,72 @@ async fn manager_session(
     Ok((link, local))
 }
 
+/// Idle time before the manager connection's first TCP keepalive probe.
+const MANAGER_KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+/// Time between unanswered keepalive probes (the kernel's count, 9 on Linux, ends it).
+const MANAGER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// TCP keepalives on the manager connection: a manager host that died without closing it
+/// (power lost, network cut) is noticed within about 5 + 9 × 2 = 23 s of silence, and the
+/// next manager address is tried. (A manager process that is frozen on a live host is not:
+/// its kernel answers; it finds its lease lost when it runs again and closes the session.)
+fn keep_alive(stream: &TcpStream) {
+    let params = socket2::TcpKeepalive::new()
+        .with_time(MANAGER_KEEPALIVE_IDLE)
+        .with_interval(MANAGER_KEEPALIVE_INTERVAL);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&params) {
+        tracing::debug!("cannot set TCP keepalives on the manager connection: {e}");
+    }
+}
+
 /// First wait before reconnecting to the manager (doubling up to [`MANAGER_BACKOFF_MAX`]).
 const MANAGER_BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// Longest wait before reconnecting: a manager back from a restart sees its agents again within
 /// this long (its resumed jobs wait for them), and a fleet of 100 000 retries about 12 500 times
 /// a second while it is down, spread by the jitter.
 const MANAGER_BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// Longest wait between two rounds of several manager addresses (an active manager and its
+/// standbys): a standby that took over is found within this long of opening its agent port.
+/// A refused connection costs a manager host nothing but its kernel's reset.
+const MANAGER_LIST_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The manager addresses of `--manager`: a comma-separated list (one address: one manager),
+/// blanks ignored.
+fn manager_addresses(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(String::from)
+        .collect()
+}
 
 /// Keeps a session with the manager, reconnecting with backoff (each wait drawn between half
 /// and all of the current backoff, so a fleet that lost its manager together does not come
-/// back in lockstep).
+/// back in lockstep). With several addresses (an active manager and its standbys) each is
+/// tried in turn, the next one at once when a session ends or a connection fails; the
+/// backoff is waited after a whole round of them failed, at most
+/// [`MANAGER_LIST_BACKOFF_MAX`].
 async fn manager_loop(
     shared: Shared,
-    addr: String,
+    list: String,
     token: Option<heapless::String<MAX_TOKEN_LEN>>,
 ) {
+    let addrs = manager_addresses(&list);
+    let Some(first) = addrs.first().cloned() else {
+        tracing::error!(manager = %list, "--manager names no address");
+        return;
+    };
+    let most = if addrs.len() > 1 {
+        MANAGER_LIST_BACKOFF_MAX
+    } else {
+        MANAGER_BACKOFF_MAX
+    };
     let mut backoff = MANAGER_BACKOFF_MIN;
+    let mut next = 0;
     loop {
+        let addr = addrs.get(next).unwrap_or(&first);
         let started = Instant::now();
-        match manager_session(&shared, &addr, &token).await {
+        match manager_session(&shared, addr, &token).await {
             Ok((link, local)) => {
                 tracing::info!(%addr, "connected to the manager");
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -735,9 +787,12 @@ async fn manager_loop(
         if started.elapsed() > Duration::from_secs(10) {
             backoff = MANAGER_BACKOFF_MIN;
         }
-        let jitter: f64 = rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0);
-        tokio::time::sleep(backoff.mul_f64(jitter)).await;
-        backoff = (backoff * 2).min(MANAGER_BACKOFF_MAX);
+        next = (next + 1) % addrs.len();
+        if next == 0 {
+            let jitter: f64 = rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0);
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            backoff = (backoff * 2).min(most);
+        }
     }
 }
 
@@ -1752,6 +1807,17 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentRunError> {
 mod test {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn manager_takes_one_address_or_a_list() {
+        assert_eq!(manager_addresses("10.0.0.1:7700"), ["10.0.0.1:7700"]);
+        assert_eq!(
+            manager_addresses("a:7700, b:7700,,"),
+            ["a:7700", "b:7700"],
+            "a list, blanks ignored"
+        );
+        assert!(manager_addresses(" , ").is_empty());
+    }
 
     #[test]
     fn every_kept_install_report_is_sent_again_after_a_welcome() {

@@ -49,6 +49,12 @@ pub struct ServeArgs {
     /// is sent (a trusted or peer-authenticated unix socket).
     #[arg(long, value_name = "FILE")]
     pub db_password_file: Option<PathBuf>,
+    /// On PostgreSQL, where several managers share the database (one active, the others
+    /// standing by): seconds the active manager's lease lasts unless renewed (every third of
+    /// it). A standby takes over within about this long after the active one stops. 1 to 10.
+    #[arg(long, default_value_t = baton_manager::lease::DEFAULT_LEASE_TTL.as_secs(), value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=baton_manager::lease::MAX_LEASE_TTL.as_secs()))]
+    pub lease_ttl: u64,
     /// Address of the agent port (port 0 picks a free one).
     #[arg(long, default_value = "0.0.0.0:7700")]
     pub listen: SocketAddr,
@@ -204,6 +210,7 @@ impl ServeArgs {
             content_dirs: self.content_dirs.clone(),
             publisher_key: self.publisher_key.clone(),
             trust: self.trust.clone(),
+            lease_ttl: Duration::from_secs(self.lease_ttl),
             cert_lifetime: self
                 .cert_lifetime_secs
                 .map_or(self.cert_lifetime, |s| Duration::from_secs(s.max(2))),

@@ -213,34 +213,6 @@ pub fn agents(args: AgentsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Flags of `baton status`.
-#[derive(Args, Debug, Clone)]
-pub struct StatusArgs {
-    /// Print JSON instead of lines.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub client: ClientOpts,
-}
-
-/// Runs `baton status`: the manager's addresses, keys, epoch and counters.
-pub fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.client)?;
-    let status: Value = client.get("/api/v1/status")?;
-    if args.json {
-        println!("{status}");
-        return Ok(());
-    }
-    let Some(fields) = status.as_object() else {
-        anyhow::bail!("the manager's status is not an object: {status}");
-    };
-    for (key, value) in fields {
-        println!("{key}: {}", text(value));
-    }
-    Ok(())
-}
-
 /// Flags of `baton jobs`.
 #[derive(Args, Debug, Clone)]
 pub struct JobsArgs {
@@ -296,6 +268,59 @@ pub fn jobs(args: JobsArgs) -> anyhow::Result<()> {
         ],
         &rows,
     );
+    Ok(())
+}
+
+/// Flags of `baton status`.
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientOpts,
+}
+
+/// The lines `baton status` prints for a status answer.
+pub fn status_text(s: &Value) -> String {
+    let mut out = String::new();
+    if s["role"] == "standby" {
+        out.push_str(&format!(
+            "standby manager (read-only; takes over when the active one stops)\nactive manager: agent port {}, API {}\n",
+            text(&s["active_agent_addr"]),
+            text(&s["active_http_addr"])
+        ));
+    } else {
+        out.push_str(&format!("active manager, epoch {}\n", text(&s["epoch"])));
+    }
+    out.push_str(&format!(
+        "agent port {}, API {}, {} agent(s) connected\n",
+        text(&s["agent_addr"]),
+        text(&s["http_addr"]),
+        s["connected_agents"].as_u64().unwrap_or(0)
+    ));
+    let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    out.push_str(&format!(
+        "bytes: agent port {} sent, {} received; serial lines {} sent, {} received\n",
+        n("bytes_sent"),
+        n("bytes_received"),
+        n("serial_bytes_sent"),
+        n("serial_bytes_received")
+    ));
+    out
+}
+
+/// Runs `baton status`: which manager this is (active or standby, and then which one is
+/// active), its addresses and connected agents.
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.client)?;
+    let status: Value = client.get("/api/v1/status")?;
+    if args.json {
+        println!("{status}");
+    } else {
+        print!("{}", status_text(&status));
+    }
     Ok(())
 }
 
@@ -481,6 +506,26 @@ pub fn cancel(args: JobArgs) -> anyhow::Result<()> {
 mod test {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn status_says_which_manager_is_active() {
+        let standby = status_text(&json!({
+            "role": "standby", "epoch": 0, "agent_addr": "10.0.0.2:7700",
+            "http_addr": "10.0.0.2:7780", "connected_agents": 0,
+            "active_agent_addr": "10.0.0.1:7700", "active_http_addr": "10.0.0.1:7780",
+        }));
+        assert!(standby.starts_with("standby manager"), "{standby}");
+        assert!(
+            standby.contains("active manager: agent port 10.0.0.1:7700, API 10.0.0.1:7780"),
+            "{standby}"
+        );
+        let active = status_text(&json!({
+            "role": "active", "epoch": 7, "agent_addr": "10.0.0.1:7700",
+            "http_addr": "10.0.0.1:7780", "connected_agents": 3,
+        }));
+        assert!(active.starts_with("active manager, epoch 7\n"), "{active}");
+        assert!(active.contains("3 agent(s) connected"), "{active}");
+    }
 
     #[test]
     fn names_and_install_output_cannot_drive_the_terminal() {

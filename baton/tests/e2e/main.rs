@@ -25,5 +25,6 @@ mod push;
 mod revocation;
 mod roles;
 mod serve;
+mod standby;
 mod trust;
 mod web;

@@ -5,7 +5,7 @@
 //!
 //! | method and path | what |
 //! |---|---|
-//! | `GET /api/v1/status` | addresses, keys, epoch, connected agents, bytes sent |
+//! | `GET /api/v1/status` | addresses, keys, epoch, connected agents, bytes sent; role (active or standby) and, on a standby, the active manager's addresses |
 //! | `GET /api/v1/agents` | enrolled agents, latest reports, whether connected |
 //! | `GET /api/v1/agents/{id}` | one agent |
 //! | `POST /api/v1/agents` | enrol `{id, key}` (key: 64 hex digits, Ed25519) |
@@ -276,11 +276,22 @@ pub struct StatusView {
     pub serial_bytes_sent: u64,
     /// Bytes read from serial lines, COBS framing included.
     pub serial_bytes_received: u64,
+    /// `active`, or `standby`: a manager sharing a PostgreSQL database with the active one,
+    /// serving reads only and taking no agent until it takes over.
+    #[serde(default)]
+    pub role: String,
+    /// On a standby: the agent port of the active manager, as it registered it.
+    #[serde(default)]
+    pub active_agent_addr: Option<String>,
+    /// On a standby: the HTTP API of the active manager.
+    #[serde(default)]
+    pub active_http_addr: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/v1/status", tag = "manager",
     responses((status = 200, description = "The manager's addresses, keys and counters", body = StatusView)))]
 async fn status(State(m): State<Arc<Manager>>) -> Json<StatusView> {
+    let active = m.activity.active_manager();
     let connected: Vec<String> = m
         .registry
         .connected()
@@ -301,6 +312,9 @@ async fn status(State(m): State<Arc<Manager>>) -> Json<StatusView> {
         up_bps: m.limits.up.as_ref().map_or(0, |l| l.bytes_per_sec()),
         serial_bytes_sent: crate::serial::LINE_BYTES.sent.load(Ordering::Relaxed),
         serial_bytes_received: crate::serial::LINE_BYTES.received.load(Ordering::Relaxed),
+        role: m.activity.role().to_string(),
+        active_agent_addr: active.as_ref().and_then(|v| v.agent_addr.clone()),
+        active_http_addr: active.and_then(|v| v.http_addr),
     })
 }
 

@@ -198,6 +198,7 @@ struct AuthState {
 
 /// The whole HTTP service over a running manager.
 pub fn router(manager: Arc<Manager>, config: &HttpConfig) -> Router {
+    let activity = manager.activity.clone();
     let (api, doc) = api_routes().split_for_parts();
     let doc = Arc::new(doc);
     let auth = Arc::new(AuthState {
@@ -231,7 +232,37 @@ pub fn router(manager: Arc<Manager>, config: &HttpConfig) -> Router {
         )
         .merge(crate::http::web::routes(config.web.clone()))
         .layer(DefaultBodyLimit::max(config.limits.borrow().max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            activity,
+            refuse_changes_on_standby,
+        ))
         .layer(middleware::from_fn(security_headers))
+}
+
+/// On a standby manager, every request that would change something (sign-ins included) is
+/// refused with 503 and the active manager's API address: the database is the active
+/// manager's to write. Reads are served.
+async fn refuse_changes_on_standby(
+    State(activity): State<Arc<crate::lease::Activity>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if activity.is_standby() && changes_something(req.method()) {
+        let active = activity.active_manager().and_then(|v| v.http_addr);
+        let error = format!(
+            "this manager is a standby (read-only): send changes to the active manager{}",
+            active
+                .as_deref()
+                .map(|a| format!(", whose API is at {a}"))
+                .unwrap_or_default()
+        );
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": error, "active_http_addr": active })),
+        )
+            .into_response();
+    }
+    next.run(req).await
 }
 
 /// Serves on `listener` (HTTPS when `config.tls` is set) until `shutdown` completes,

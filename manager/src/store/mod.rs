@@ -20,10 +20,13 @@
 //! - [`sqlite`]: [`SqliteStore`], one SQLite file in WAL mode;
 //! - [`postgres`]: [`PostgresStore`], a PostgreSQL database (`--db postgres://…`),
 //!   over the connection pool of `pg`;
+//! - [`lease`]: which of several managers on one PostgreSQL database is active, and the
+//!   fence that keeps the others' writes out;
 //! - [`copy`]: `baton db copy`, an installation moved from SQLite to PostgreSQL;
 //! - [`test_database`]: throwaway PostgreSQL databases for the tests of both.
 
 pub mod copy;
+pub mod lease;
 mod pg;
 pub mod postgres;
 pub mod schema;
@@ -144,6 +147,10 @@ pub enum StoreError {
     /// A row holds a value this build cannot read back.
     #[error("corrupt database row: {0}")]
     Corrupt(String),
+    /// This manager does not hold the lease (another one took it over, or it expired): the
+    /// write was refused.
+    #[error("not written: this manager no longer holds the lease ({0})")]
+    Fenced(String),
     /// The named thing does not exist.
     #[error("{0} not found")]
     NotFound(String),

@@ -21,6 +21,7 @@ use baton_protocol::message::{MAX_RUNNING, Report};
 use baton_protocol::types::{Digest, PublicKey};
 use tokio_postgres::Row;
 
+use super::lease::LeaseFence;
 use super::pg::{Conn, Params, Pool};
 use super::schema::{SCHEMA_VERSION, postgres_migration};
 use super::*;
@@ -59,6 +60,9 @@ pub fn read_password(file: Option<&std::path::Path>) -> Result<Option<String>> {
 #[derive(Debug)]
 pub struct PostgresStore {
     pool: Pool,
+    /// Set when managers share the database: the engine's records, job states and new jobs
+    /// are written only while this manager holds the lease ([`LeaseFence`]).
+    fence: Option<std::sync::Arc<LeaseFence>>,
 }
 
 /// Advisory lock key held while migrating (two managers starting at once migrate once).
@@ -86,9 +90,25 @@ impl PostgresStore {
         }
         let store = PostgresStore {
             pool: Pool::open(config)?,
+            fence: None,
         };
         store.migrate()?;
         Ok(store)
+    }
+
+    /// From now on, writes that matter (the engine's records, job states, new jobs) are made
+    /// only while `fence`'s holder holds the lease, checked in their transaction.
+    pub fn fence_writes(&mut self, fence: std::sync::Arc<LeaseFence>) {
+        self.fence = Some(fence);
+    }
+
+    /// Checks, inside `tx`, that this manager holds the lease (if it is fenced), and keeps a
+    /// takeover from committing until `tx` ends.
+    fn check_fence(&self, tx: &Conn<'_>) -> Result<()> {
+        match &self.fence {
+            Some(fence) => fence.check(tx),
+            None => Ok(()),
+        }
     }
 
     /// One connection for one call.
@@ -151,7 +171,7 @@ fn migrate_locked(conn: &mut Conn<'_>) -> Result<()> {
         tx.commit()?;
         tracing::info!(version, "database schema migrated (PostgreSQL)");
     }
-    Ok(())
+    conn.batch(super::schema::POSTGRES_LEASE)
 }
 
 /// `url` with any password replaced by `***`, for error messages.
@@ -1099,7 +1119,10 @@ impl Store for PostgresStore {
         let targets = serde_json::to_string(targets)
             .map_err(|e| StoreError::Corrupt(format!("targets do not encode: {e}")))?;
         let policy = origin.policy.as_ref().map(|p| p.to_string());
-        let r = self.conn()?.one(
+        let mut conn = self.conn()?;
+        let tx = conn.begin()?;
+        self.check_fence(&tx)?;
+        let r = tx.one(
             "INSERT INTO jobs (root, state, created_at, targets, group_name, policy_name, policy)
              VALUES ($1, 'pending', $2, $3, $4, $5, $6) RETURNING id",
             &[
@@ -1111,7 +1134,9 @@ impl Store for PostgresStore {
                 &policy,
             ],
         )?;
-        u64_at(&r, 0)
+        let id = u64_at(&r, 0)?;
+        tx.commit()?;
+        Ok(id)
     }
 
     fn add_job_warning(&mut self, job: u64, text: &str, now: u64) -> Result<()> {
@@ -1126,7 +1151,10 @@ impl Store for PostgresStore {
         now: u64,
     ) -> Result<()> {
         let finished = state.is_over().then_some(now);
-        let changed = self.conn()?.exec(
+        let mut conn = self.conn()?;
+        let tx = conn.begin()?;
+        self.check_fence(&tx)?;
+        let changed = tx.exec(
             "UPDATE jobs SET state = $2, error = coalesce($3, error),
                 finished_at = coalesce(finished_at, $4)
              WHERE id = $1",
@@ -1135,7 +1163,7 @@ impl Store for PostgresStore {
         if changed == 0 {
             return Err(StoreError::NotFound(format!("job {job}")));
         }
-        Ok(())
+        tx.commit()
     }
 
     fn job(&self, job: u64) -> Result<Option<JobRecord>> {
@@ -1270,6 +1298,7 @@ impl Store for PostgresStore {
         }
         let mut conn = self.conn()?;
         let tx = conn.begin()?;
+        self.check_fence(&tx)?;
         for record in records {
             apply_one(&tx, record, now)?;
         }

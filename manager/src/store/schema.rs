@@ -271,6 +271,25 @@ pub const MIGRATIONS: &[&str] = &[
     ",
 ];
 
+/// The managers' lease, PostgreSQL only (several `baton serve` on one database; SQLite has
+/// one manager): one row naming the manager that may act (its holder id and addresses), the
+/// epoch it took the lease with (one more at every takeover; the engine runs under it) and
+/// when it expires (the database's clock). Created when a PostgreSQL database is opened,
+/// after the migrations and idempotently, rather than as a numbered migration: it has no
+/// SQLite form, and `baton db copy` has nothing of it to move (a copy starts unheld).
+pub const POSTGRES_LEASE: &str = "
+    CREATE TABLE IF NOT EXISTS manager_lease (
+        id         BIGINT PRIMARY KEY CHECK (id = 1),
+        holder     TEXT COLLATE \"C\",
+        agent_addr TEXT COLLATE \"C\",
+        http_addr  TEXT COLLATE \"C\",
+        epoch      BIGINT NOT NULL,
+        expires_at TIMESTAMPTZ NOT NULL
+    );
+    INSERT INTO manager_lease (id, epoch, expires_at) VALUES (1, 0, 'epoch')
+        ON CONFLICT (id) DO NOTHING;
+";
+
 /// Newest schema version this build knows.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 

@@ -107,7 +107,8 @@ fn report(agent: &str) -> Report {
     }
 }
 
-fn content(root: u8, name: &str, version: u64) -> ContentRecord {
+/// A content record of 100 000 bytes in 32 KiB chunks (its file is not read).
+pub(super) fn content(root: u8, name: &str, version: u64) -> ContentRecord {
     ContentRecord {
         root: [root; 32],
         name: name.into(),
