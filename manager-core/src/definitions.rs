@@ -178,6 +178,13 @@ fn check_field(key: &str, v: &Value) -> Result<(), FieldError> {
             }
             Ok(())
         }
+        "rollout" if !v.is_null() => {
+            let rollout: crate::planner::Rollout = serde_json::from_value(v.clone())
+                .map_err(|e| FieldError::new("rollout", e.to_string()))?;
+            rollout
+                .validate()
+                .map_err(|(field, reason)| FieldError::new(field, reason))
+        }
         _ => Ok(()),
     }
 }

@@ -193,6 +193,7 @@ impl Job {
             throttle_segments: BTreeSet::new(),
             throttle_parts: Vec::new(),
             rates: Default::default(),
+            staging: None,
         }
     }
 

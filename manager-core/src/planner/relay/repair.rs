@@ -528,6 +528,31 @@ impl RelayPlan {
             return MANAGER;
         }
         let len = self.stripe_len(s) as u64;
+        if self.holders_first {
+            // The least loaded holder of the whole content with room, if there is one.
+            self.clean_front(Queue::Confirmed);
+            let mut best: Option<(u128, u32)> = None;
+            let candidates = prefer
+                .filter(|&p| self.nodes[p as usize].confirmed)
+                .into_iter()
+                .chain(
+                    self.queue(Queue::Confirmed)
+                        .iter()
+                        .take(SCAN_LIMIT)
+                        .copied(),
+                );
+            for h in candidates {
+                if self.valid(fetcher, h, s) {
+                    let c = self.load_with(h, len);
+                    if best.is_none_or(|(b, _)| c < b) {
+                        best = Some((c, h));
+                    }
+                }
+            }
+            if let Some((_, h)) = best {
+                return h;
+            }
+        }
         let mut best: Option<(u128, u32)> = None;
         let mut consider = |plan: &Self, h: u32| {
             if plan.valid(fetcher, h, s) {
