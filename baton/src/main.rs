@@ -49,7 +49,8 @@ enum Command {
     Sign(cli::trust::SignArgs),
     /// List jobs.
     Jobs(cli::show::JobsArgs),
-    /// Show one job: participants, progress, confirmations, bytes per source.
+    /// Show one job: participants, waves, progress, confirmations, bytes per source; or
+    /// `job ID pause|resume|approve|abort` its staged rollout.
     Job(cli::show::JobArgs),
     /// Cancel a job (participants keep the chunks they verified).
     Cancel(cli::show::JobArgs),

@@ -3,8 +3,8 @@
 //!
 //! Waves are cumulative percentages of the participants in the order of the prioritized
 //! list (`10, 50, 100`: the best-ranked tenth, then up to half, then everyone), or lists
-//! of agents (a content group resolved when the job is created; participants listed in
-//! no wave go in the last). The engine carries the rules out (the `engine` module's
+//! of agents and content groups (a group is resolved to its members when the job is
+//! created; participants listed in no wave go in the last). The engine carries the rules out (the `engine` module's
 //! rollout part): a wave's participants are not instructed before it opens, the next
 //! wave opens once enough of the current one runs the content (after a soak time and an
 //! administrator's approval, if asked), and failures beyond a threshold pause or abort
@@ -25,8 +25,12 @@ pub const MAX_SOAK_SECS: u64 = 7 * 24 * 3600;
 pub enum Wave {
     /// Up to this percentage (1..=100) of the participants, counted from the first wave on.
     Percent(u8),
-    /// These agents (the members of a content group, resolved at the job's creation).
+    /// These agents.
     Agents(Vec<AgentId>),
+    /// The members of this content group: the manager replaces it with their list
+    /// ([`Wave::Agents`]) when a job is created (a policy may name groups); unresolved, it
+    /// holds nobody.
+    Group(String),
 }
 
 /// The rules of a staged rollout.
@@ -77,7 +81,7 @@ impl Rollout {
         if percents != 0 && percents != self.waves.len() {
             return Err((
                 "rollout.waves",
-                "waves are all percentages or all agent lists".into(),
+                "waves are all percentages or all agent lists and groups".into(),
             ));
         }
         let mut last = 0;
@@ -96,7 +100,10 @@ impl Rollout {
                 Wave::Agents(list) if list.is_empty() => {
                     return Err(("rollout.waves", "a wave of agents lists some".into()));
                 }
-                Wave::Agents(_) => {}
+                Wave::Group(name) if name.is_empty() => {
+                    return Err(("rollout.waves", "a wave of a group names it".into()));
+                }
+                Wave::Agents(_) | Wave::Group(_) => {}
             }
         }
         if self.success_percent == 0 || self.success_percent > 100 {
