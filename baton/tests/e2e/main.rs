@@ -23,6 +23,7 @@ mod postgres;
 mod push;
 mod revocation;
 mod roles;
+mod rollout;
 mod serve;
 mod trust;
 mod web;
