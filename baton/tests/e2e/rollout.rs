@@ -97,7 +97,10 @@ fn failures_in_wave_two_pause_the_rollout_and_wave_three_fetches_from_the_earlie
     assert_eq!(paused["state"], "running");
     assert_eq!(paused["rollout"]["opened"], 2, "{paused}");
     let why = paused["rollout"]["paused"].as_str().unwrap();
-    assert!(why.contains("wave 2: 2 participants failed (more than 1)"), "{why}");
+    assert!(
+        why.contains("wave 2: 2 participants failed (more than 1)"),
+        "{why}"
+    );
     for a in &failing {
         let p = baton_test_support::manager::participant(&paused, a);
         assert_eq!(p["install"]["state"], "failed", "{paused}");
@@ -109,9 +112,15 @@ fn failures_in_wave_two_pause_the_rollout_and_wave_three_fetches_from_the_earlie
         let j = m.job(job);
         for a in &w3 {
             let p = baton_test_support::manager::participant(&j, a);
-            assert_eq!(p["state"], "waiting", "{a} was instructed while paused: {j}");
+            assert_eq!(
+                p["state"], "waiting",
+                "{a} was instructed while paused: {j}"
+            );
             assert_eq!(p["rollout"], "held", "{j}");
-            assert!(received(&j, a).is_empty(), "{a} received bytes while paused: {j}");
+            assert!(
+                received(&j, a).is_empty(),
+                "{a} received bytes while paused: {j}"
+            );
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -134,7 +143,11 @@ fn failures_in_wave_two_pause_the_rollout_and_wave_three_fetches_from_the_earlie
     let mut running = 0;
     for name in &names {
         let p = baton_test_support::manager::participant(&done, name);
-        let expected = if failing.contains(name) { "failed" } else { "running" };
+        let expected = if failing.contains(name) {
+            "failed"
+        } else {
+            "running"
+        };
         assert_eq!(p["install"]["state"], expected, "{name}: {done}");
         running += (expected == "running") as usize;
     }
@@ -151,7 +164,10 @@ fn failures_in_wave_two_pause_the_rollout_and_wave_three_fetches_from_the_earlie
             }
         }
     }
-    assert!(total >= 10 * 96 * 1024, "wave 3 received {total} bytes: {done}");
+    assert!(
+        total >= 10 * 96 * 1024,
+        "wave 3 received {total} bytes: {done}"
+    );
     assert!(
         from_earlier * 100 >= total * 90,
         "wave 3 received {from_earlier} of {total} bytes from waves 1-2: {done}"

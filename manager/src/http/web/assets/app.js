@@ -96,7 +96,49 @@ const STATE_CLASS = {
   waiting: "", pending: "", offline: "",
   failed: "bad", refused: "bad", cancelled: "warn",
   installing: "run", installed: "run", rolled_back: "warn",
+  held: "", aborted: "warn", paused: "warn", soaking: "run", awaiting_approval: "warn", complete: "ok",
 };
+// Where a staged rollout stands (the job's `rollout` record), as the API's state names.
+function rolloutName(r) {
+  if (r.aborted) return "aborted";
+  if (r.paused) return "paused";
+  if (r.awaiting_approval) return "awaiting_approval";
+  if (r.soak_until !== null && r.soak_until !== undefined) return "soaking";
+  return r.opened < r.ends.length ? "running" : "complete";
+}
+// A running job's rollout buttons: pause or resume, approve when a wave waits, abort.
+function rolloutButtons(job, refresh) {
+  const r = job.rollout;
+  const state = r ? rolloutName(r) : "running";
+  const act = (action, question) => async () => {
+    if (question && !confirm(question)) return;
+    try { await api("POST", "/api/v1/jobs/" + job.id + "/" + action); } catch (e) { alert(e.message); }
+    refresh();
+  };
+  return [
+    state === "paused" ? h("button", { class: "btn", id: "rollout-resume", onclick: act("resume") }, "Resume")
+      : h("button", { class: "btn", id: "rollout-pause", onclick: act("pause") }, "Pause"),
+    state === "awaiting_approval" ? h("button", { class: "btn primary", id: "rollout-approve", onclick: act("approve") }, "Approve wave " + (r.opened + 1)) : null,
+    h("button", { class: "btn danger", id: "rollout-abort", onclick: act("abort", "Abort job #" + job.id + "? Participants not reached yet are left out.") }, "Abort"),
+  ];
+}
+// The waves of a staged rollout and where it stands.
+function rolloutCard(job) {
+  const r = job.rollout;
+  if (!r) return null;
+  const state = rolloutName(r);
+  const why = r.aborted || r.paused || (state === "soaking" && r.soak_until ? "next wave opens " + when(r.soak_until) : state === "awaiting_approval" ? "wave " + (r.opened + 1) + " waits for approval" : "");
+  return h("div", { class: "card", id: "rollout", "data-rollout": state },
+    h("div", { class: "card-head" }, h("div", {}, h("h2", {}, "Rollout ", pill(state, state.replace("_", " "))),
+      h("span", { class: "muted small", id: "rollout-why" }, why))),
+    table([["Wave"], ["State"], ["Participants", "num"], ["Running", "num"], ["Failed", "num"]],
+      (job.waves || []).map((w) => h("tr", { class: "wave", "data-wave": w.wave, "data-open": w.open ? "yes" : "no" },
+        h("td", {}, "Wave " + w.wave),
+        h("td", {}, !w.open ? pill("held", "not open") : w.wave === r.opened ? pill(state, state.replace("_", " ")) : pill("running", "open")),
+        h("td", { class: "num" }, w.participants),
+        h("td", { class: "num" }, w.running),
+        h("td", { class: "num" }, w.failed)))));
+}
 // A participant's install state past delivery (`—` before it confirmed), with the deciding
 // command's exit code and the end of its output on hover.
 function installCell(install) {
@@ -858,6 +900,7 @@ async function jobPage(id) {
       pageHead(h("span", {}, "Job #" + job.id + " ", pill(job.state)),
         (c.name || "?") + " v" + (c.version ?? "?") + " · " + bytes(c.length) + " in " + (c.chunks ?? 0) + " chunks of " + bytes(c.chunk_size),
         live,
+        ...(over || !CAN_OPERATE ? [] : rolloutButtons(job, refresh)),
         over || !CAN_OPERATE ? null : h("button", { class: "btn danger", id: "cancel-job", onclick: async () => {
           if (!confirm("Cancel job #" + job.id + "? Agents keep the chunks they verified.")) return;
           try { await api("POST", "/api/v1/jobs/" + job.id + "/cancel"); } catch (e) { alert(e.message); }
@@ -871,6 +914,7 @@ async function jobPage(id) {
         stat("Running", (job.install_counts || {}).running || 0, ((job.install_counts || {}).running || 0) === job.participants.length && job.participants.length ? "ok" : ""),
         stat("From manager", bytes(job.bytes_from_manager)),
         stat("From peers", bytes(job.bytes_from_peers))),
+      rolloutCard(job),
       h("div", { class: "card" },
         h("div", { class: "card-head" }, h("div", {}, h("h2", {}, "Relay tree"), h("span", { class: "muted small" }, "Bytes actually carried, source → receiver. Each agent sits one column right of the source that gave it the most (bold, with bytes); grey edges are its other sources. Hover an agent for its transfers; dashed edges are still carrying.")),
           h("div", { class: "legend" }, h("span", { class: "l-e-manager" }, "from manager"), h("span", { class: "l-e-peer" }, "relayed"), h("span", { class: "l-e-extra" }, "other source"),
@@ -880,10 +924,11 @@ async function jobPage(id) {
       h("div", { class: "card" },
         h("div", { class: "card-head" }, h("h2", {}, "Participants"),
           h("span", { class: "muted small" }, [job.group ? "group " + job.group : null, job.policy ? "policy " + job.policy : null, "created " + when(job.created_at)].filter(Boolean).join(" · "))),
-        table([["Agent"], ["State"], ["Progress"], ["Source", "opt"], ["Connection", "opt"], ["Confirmed"], ["Install"]],
-          job.participants.map((p) => h("tr", { "data-agent": p.agent, "data-state": p.state, class: "participant" },
+        table([["Agent"], ["Wave"], ["State"], ["Progress"], ["Source", "opt"], ["Connection", "opt"], ["Confirmed"], ["Install"]],
+          job.participants.map((p) => h("tr", { "data-agent": p.agent, "data-state": p.state, "data-wave": p.wave || "", class: "participant" },
             h("td", {}, h("strong", {}, p.agent)),
-            h("td", {}, pill(p.state)),
+            h("td", {}, p.wave ? String(p.wave) : "—"),
+            h("td", {}, pill(p.state), p.rollout ? [" ", pill(p.rollout)] : null),
             h("td", {}, progress(p.verified, p.total || total, p.state === "confirmed" ? "ok" : p.state === "failed" ? "bad" : ""), ),
             h("td", { class: "opt wrap small" }, p.reason ? h("span", { class: "muted" }, p.reason) : p.source || "—"),
             h("td", { class: "opt" }, p.connected ? pill("connected") : pill("offline")),
