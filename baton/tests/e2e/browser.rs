@@ -652,12 +652,6 @@ fn administrator_pauses_and_approves_a_rollout_on_the_job_page() {
     m.wait_connected(&names);
     let file = root.join("staged.bin");
     std::fs::write(&file, pseudo_random(64 * 1024, 8)).unwrap();
-    // Two waves (2 agents, then 1); the second waits for an administrator's approval.
-    let id = m.create_job(
-        &file,
-        &names,
-        json!({ "chunk_size": 4096, "rollout": { "waves": [34, 100], "approval": true } }),
-    );
 
     let b = Browser::start(1366, 900);
     let base = m.url("");
@@ -666,7 +660,32 @@ fn administrator_pauses_and_approves_a_rollout_on_the_job_page() {
     b.fill(&b.find("#password"), "s3cret-pass");
     b.click(&b.find("button[type=submit]"));
     b.wait_find("#nav", WAIT);
-    b.goto(&format!("{base}/#/jobs/{id}"));
+    // The new-job form: two waves (2 agents, then 1), the second waits for approval. A
+    // wave that is not a percentage is refused next to the field first.
+    b.goto(&format!("{base}/#/jobs/new"));
+    b.type_into(&b.find("#f-file"), file.to_str().unwrap());
+    b.eval(
+        "document.querySelector('#f-target').value = 'all';          document.querySelector('#f-waves').value = '34, most';          document.querySelector('#f-approval').checked = true; return true",
+        json!([]),
+    );
+    b.click(&b.find("#start-job"));
+    b.wait_until(
+        "the waves' error next to the field",
+        "return document.querySelector('#e-waves').textContent.length > 0",
+        WAIT,
+    );
+    b.eval(
+        "document.querySelector('#f-waves').value = '34, 100'; return true",
+        json!([]),
+    );
+    b.click(&b.find("#start-job"));
+    b.wait_find("#job-page", WAIT);
+    let url = b.url();
+    let id: u64 = url
+        .rsplit('/')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not on a job page: {url}"));
     // Wave 1 runs the content: the page offers to approve wave 2.
     b.wait_find("#rollout[data-rollout=awaiting_approval]", WAIT);
     let waves = b.eval(

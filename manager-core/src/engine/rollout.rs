@@ -471,10 +471,9 @@ impl Engine {
     pub fn resume_rollout(&mut self, now: Duration, job: u64) -> Result<(), EngineError> {
         let wall = self.wall;
         let j = running_job(&mut self.jobs, job)?;
-        if !j
-            .staging
+        if j.staging
             .as_ref()
-            .is_some_and(|st| st.state.paused.is_some())
+            .is_none_or(|st| st.state.paused.is_none())
         {
             return Err(EngineError::Rollout {
                 job,

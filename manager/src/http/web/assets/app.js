@@ -610,7 +610,14 @@ async function newJob() {
       field("content_name", "Content name", h("input", { type: "text", id: "f-content_name", placeholder: "default: the file name" })),
       field("policy", "Policy", h("select", { id: "f-policy" }, h("option", { value: "" }, "Planner defaults"),
         policyList.map((p) => h("option", { value: p.name }, p.name)))),
-      field("targets", "Send to", h("div", {}, targetSel, agentList), null, "full")),
+      field("targets", "Send to", h("div", {}, targetSel, agentList), null, "full"),
+      field("waves", "Waves", h("input", { type: "text", id: "f-waves", placeholder: "10, 50, 100" }),
+        "Staged rollout: cumulative percentages of the participants; the next wave opens once the current one runs the content. Empty = everyone at once."),
+      field("pause_after_failures", "Pause after failures", h("input", { type: "text", inputmode: "numeric", id: "f-pause_after_failures", placeholder: "none" }),
+        "Pause the rollout when more than this many participants of a wave fail."),
+      h("div", { class: "field" },
+        h("label", { class: "field check" }, h("input", { type: "checkbox", id: "f-approval" }), "Each next wave waits for approval"),
+        h("span", { class: "field-error", id: "e-approval" }))),
     h("div", { class: "form-actions" },
       h("button", { type: "submit", class: "btn primary", id: "start-job" }, "Start job"),
       h("a", { class: "btn", href: "#/jobs" }, "Cancel")));
@@ -637,12 +644,24 @@ async function newJob() {
       else body.targets = { agents: [...agentList.querySelectorAll("input:checked")].map((i) => i.value) };
       const policy = form.querySelector("#f-policy").value;
       if (policy) body.policy = policy;
+      const waves = form.querySelector("#f-waves").value.split(",").map((x) => x.trim()).filter(Boolean);
+      if (waves.length) {
+        if (waves.some((w) => !/^\d+$/.test(w))) throw new ApiError(400, { error: "write percentages separated by commas, e.g. 10, 50, 100", field: "waves" });
+        body.rollout = { waves: waves.map(Number), approval: form.querySelector("#f-approval").checked };
+        const pause = form.querySelector("#f-pause_after_failures").value.trim();
+        if (pause) {
+          if (!/^\d+$/.test(pause)) throw new ApiError(400, { error: "a number of participants", field: "pause_after_failures" });
+          body.rollout.pause_after_failures = Number(pause);
+        }
+      }
       button.textContent = "Starting…";
       const job = await api("POST", "/api/v1/jobs", body);
       location.hash = "#/jobs/" + job.id;
     } catch (e) {
       if (e.field === "name") e.field = "content_name";
       if (e.field === "group" || e.field === "agents") e.field = "targets";
+      if (e.field === "rollout" || e.field === "rollout.waves") e.field = "waves";
+      else if (e.field && e.field.startsWith("rollout.")) e.field = e.field.slice(8);
       showError(form, e);
       button.disabled = false;
       button.textContent = "Start job";
