@@ -71,8 +71,7 @@ mod trouble;
 pub use install::InstallReport;
 pub use output::{EngineEvent, JobStatus, ParticipantStatus, Persist, SegmentStatus};
 pub use policy::{format_duration, format_rate};
-pub use rollout::RolloutState;
-pub use state::{FailCause, JobOutcome, ParticipantState};
+pub use state::{FailCause, JobOutcome, ParticipantState, RolloutState};
 
 /// Settings of the engine, the same for every job.
 #[derive(Clone, Debug, PartialEq, Eq)]
