@@ -184,3 +184,57 @@ fn failures_in_wave_two_pause_the_rollout_and_wave_three_fetches_from_the_earlie
         "audit lacks the resume: {audit}"
     );
 }
+
+#[test]
+fn a_rollout_waiting_for_approval_keeps_waiting_across_a_manager_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A fixed agent port, so that the agents find the restarted manager.
+    let listen = baton_test_support::net::free_loopback_addr();
+    let mut m = Manager::start_on(BATON, tmp.path(), &listen);
+    let root = tmp.path().to_path_buf();
+    let names = ["c1", "c2", "c3", "c4"];
+    let _agents: Vec<AgentProc> = names
+        .iter()
+        .map(|n| AgentProc::spawn(&m, &root, n, &[]))
+        .collect();
+    m.wait_connected(&names);
+    let file = root.join("bundle.bin");
+    std::fs::write(&file, baton_test_support::pseudo_random(64 * 1024, 4)).unwrap();
+    let id = m.create_job(
+        &file,
+        &names,
+        json!({ "chunk_size": 4096, "rollout": { "waves": [50, 100], "approval": true } }),
+    );
+    let waiting = m.wait_job(id, LIMIT, |j| j["rollout"]["awaiting_approval"] == true);
+    let w2 = wave(&waiting, 2);
+    assert_eq!(w2.len(), 2, "{waiting}");
+    // Crash: no chance to clean up.
+    m.crash();
+
+    let m = Manager::start_on(BATON, tmp.path(), &listen);
+    assert_eq!(m.info.epoch, 2);
+    m.wait_connected(&names);
+    // Back under the new epoch, still waiting: wave 2 gets nothing for a while.
+    let watch_end = Instant::now() + PAUSED_WATCH;
+    while Instant::now() < watch_end {
+        let j = m.job(id);
+        assert_eq!(j["rollout"]["awaiting_approval"], true, "{j}");
+        for a in &w2 {
+            let p = baton_test_support::manager::participant(&j, a);
+            assert_eq!(
+                p["state"], "waiting",
+                "{a} was instructed before approval: {j}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let answer = ok(&m, &["job", &id.to_string(), "approve"]);
+    assert!(answer.contains("wave 2 of 2 open"), "{answer}");
+    let done = m.wait_job(id, LIMIT, |j| j["state"] == "finished");
+    assert_eq!(done["epoch"], 2, "{done}");
+    assert_eq!(done["install_counts"], json!({ "running": 4 }), "{done}");
+    // Approving again is refused: the job is over.
+    let out = crate::common::cli(&m, &["job", &id.to_string(), "approve"]);
+    assert!(!out.success);
+    assert!(out.stderr.contains("already finished"), "{}", out.stderr);
+}
