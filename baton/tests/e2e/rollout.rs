@@ -2,7 +2,9 @@
 //! `--install` hook, waves 10 % / 50 % / 100 %, the hook failing on 2 agents of the second
 //! wave and the rule "pause when more than 1 participant of a wave fails": the rollout
 //! pauses after wave 2, wave 3 receives nothing while paused, `baton job N resume` goes
-//! on, every healthy agent ends running, and wave 3's bytes came from waves 1 and 2.
+//! on, every healthy agent ends running, and wave 3's bytes came from waves 1 and 2. And a
+//! rollout whose first wave is a content group, waiting for approval, keeps waiting across
+//! a manager crash (its second wave uninstructed) until `baton job N approve`.
 
 use std::time::{Duration, Instant};
 
@@ -186,7 +188,7 @@ fn failures_in_wave_two_pause_the_rollout_and_wave_three_fetches_from_the_earlie
 }
 
 #[test]
-fn a_rollout_waiting_for_approval_keeps_waiting_across_a_manager_crash() {
+fn a_group_wave_waiting_for_approval_keeps_waiting_across_a_manager_crash() {
     let tmp = tempfile::tempdir().unwrap();
     // A fixed agent port, so that the agents find the restarted manager.
     let listen = baton_test_support::net::free_loopback_addr();
@@ -200,14 +202,30 @@ fn a_rollout_waiting_for_approval_keeps_waiting_across_a_manager_crash() {
     m.wait_connected(&names);
     let file = root.join("bundle.bin");
     std::fs::write(&file, baton_test_support::pseudo_random(64 * 1024, 4)).unwrap();
+    // Wave 1 is a content group (resolved to its members when the job is created).
+    let (status, group) = m.api(
+        "POST",
+        "/api/v1/groups",
+        Some(json!({ "name": "canary", "agents": ["c3", "c1"] })),
+    );
+    assert_eq!(status, 201, "{group}");
     let id = m.create_job(
         &file,
         &names,
-        json!({ "chunk_size": 4096, "rollout": { "waves": [50, 100], "approval": true } }),
+        json!({ "chunk_size": 4096,
+            "rollout": { "waves": [{ "group": "canary" }, { "agents": ["c2"] }], "approval": true } }),
     );
     let waiting = m.wait_job(id, LIMIT, |j| j["rollout"]["awaiting_approval"] == true);
-    let w2 = wave(&waiting, 2);
-    assert_eq!(w2.len(), 2, "{waiting}");
+    let mut w1 = wave(&waiting, 1);
+    w1.sort();
+    assert_eq!(w1, ["c1", "c3"], "{waiting}");
+    let mut w2 = wave(&waiting, 2);
+    w2.sort();
+    assert_eq!(
+        w2,
+        ["c2", "c4"],
+        "the unlisted c4 goes in the last wave: {waiting}"
+    );
     // Crash: no chance to clean up.
     m.crash();
 
