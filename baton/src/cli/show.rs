@@ -527,6 +527,13 @@ pub fn job(args: JobArgs) -> anyhow::Result<()> {
 
 /// Runs `baton cancel ID`.
 pub fn cancel(args: JobArgs) -> anyhow::Result<()> {
+    if let Some(action) = args.action {
+        anyhow::bail!(
+            "`baton cancel` takes only a job id; for the rollout: `baton job {} {}`",
+            args.id,
+            action.name()
+        );
+    }
     let client = Client::new(&args.client)?;
     let answer: Value = client.post(&format!("/api/v1/jobs/{}/cancel", args.id), &json!({}))?;
     if args.json {
