@@ -2,8 +2,9 @@
 //! asks of the manager.
 //!
 //! [`Manager`] publishes content, checks and resolves job requests (content
-//! groups to their members, named policies to their fields), starts and
-//! cancels jobs through the engine task, and reads the database. Handlers in
+//! groups to their members, named policies to their fields, a rollout's group
+//! waves to their members), starts and cancels jobs and pauses, resumes, approves
+//! and aborts their rollouts through the engine task, and reads the database. Handlers in
 //! [`crate::http`] call it; it calls the store, the registry, the content
 //! library and the engine task, never the HTTP layer.
 
