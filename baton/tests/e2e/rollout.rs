@@ -65,7 +65,13 @@ fn failures_in_wave_two_pause_the_rollout_and_wave_three_fetches_from_the_earlie
                 r#"for i in $(seq 1 100); do [ -f '{list}' ] && break; sleep 0.1; done; if grep -qx '{name}' '{list}'; then echo "refusing {name} on purpose" >&2; exit 3; fi; cp "$BATON_CONTENT_PATH" "$BATON_CONTENT_PATH.installed""#,
                 list = fail_list.display()
             );
-            AgentProc::spawn(&m, root.path(), name, &["--install", &hook])
+            let status = root.path().join(name).join("status.json");
+            AgentProc::spawn(
+                &m,
+                root.path(),
+                name,
+                &["--install", &hook, "--status-file", status.to_str().unwrap()],
+            )
         })
         .collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -126,11 +132,32 @@ fn failures_in_wave_two_pause_the_rollout_and_wave_three_fetches_from_the_earlie
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+    // The agents' own view: wave 3 has never heard of the job.
     for agent in agents.iter().filter(|a| w3.contains(&a.name)) {
+        assert!(
+            agent.status("status.json").is_some(),
+            "{} wrote no status",
+            agent.name
+        );
+        assert_eq!(
+            agent.job_status("status.json", job),
+            None,
+            "{} knows the job while paused",
+            agent.name
+        );
         assert!(
             !agent.dir.join("out.installed").exists(),
             "{} installed while paused",
             agent.name
+        );
+    }
+    // While wave 2's agents do (the status files are current).
+    for agent in agents.iter().filter(|a| w2.contains(&a.name)) {
+        assert!(
+            agent.job_status("status.json", job).is_some(),
+            "{} does not list the job: {:?}",
+            agent.name,
+            agent.status("status.json")
         );
     }
     let shown = ok(&m, &["job", &job.to_string()]);

@@ -106,7 +106,8 @@ function rolloutName(r) {
   if (r.soak_until !== null && r.soak_until !== undefined) return "soaking";
   return r.opened < r.ends.length ? "running" : "complete";
 }
-// A running job's rollout buttons: pause or resume, approve when a wave waits, abort.
+// A running job's rollout buttons: pause or resume, approve when a wave waits, abort (a
+// job without waves can be paused too).
 function rolloutButtons(job, refresh) {
   const r = job.rollout;
   const state = r ? rolloutName(r) : "running";
@@ -119,7 +120,8 @@ function rolloutButtons(job, refresh) {
     state === "paused" ? h("button", { class: "btn", id: "rollout-resume", onclick: act("resume") }, "Resume")
       : h("button", { class: "btn", id: "rollout-pause", onclick: act("pause") }, "Pause"),
     state === "awaiting_approval" ? h("button", { class: "btn primary", id: "rollout-approve", onclick: act("approve") }, "Approve wave " + (r.opened + 1)) : null,
-    h("button", { class: "btn danger", id: "rollout-abort", onclick: act("abort", "Abort job #" + job.id + "? Participants not reached yet are left out.") }, "Abort"),
+    // Without waves, Cancel job does what Abort would.
+    r ? h("button", { class: "btn danger", id: "rollout-abort", onclick: act("abort", "Abort job #" + job.id + "? Participants not reached yet are left out.") }, "Abort") : null,
   ];
 }
 // The waves of a staged rollout and where it stands.
