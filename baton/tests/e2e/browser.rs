@@ -716,6 +716,13 @@ fn administrator_pauses_and_approves_a_rollout_on_the_job_page() {
         json!([true, false])
     );
     b.screenshot(&shots().join("11-rollout-paused.png"));
+    // The jobs list says so too.
+    b.goto(&format!("{base}/#/jobs"));
+    b.wait_find(
+        &format!("tr[data-job='{id}'] .pill[data-state=paused]"),
+        WAIT,
+    );
+    b.goto(&format!("{base}/#/jobs/{id}"));
     click_when_there(&b, "#rollout-resume");
     b.wait_find("#rollout[data-rollout=awaiting_approval]", WAIT);
     assert_eq!(

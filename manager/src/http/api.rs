@@ -708,6 +708,9 @@ pub struct JobSummary {
     /// How many warnings the job has: policy rules it cannot meet, participants demoted as
     /// trouble reporters (the texts are in `GET /api/v1/jobs/{id}`).
     pub warnings: usize,
+    /// Where its staged rollout stands (`running`, `soaking`, `awaiting_approval`,
+    /// `paused`, `complete`, `aborted`), if it has one.
+    pub rollout: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs",
@@ -739,6 +742,13 @@ async fn jobs(State(m): State<Arc<Manager>>) -> Result<Json<Vec<JobSummary>>, Ap
             group: job.group.clone(),
             policy: job.policy.clone(),
             warnings: job.warnings.len(),
+            rollout: job
+                .rollout
+                .clone()
+                .and_then(|v| {
+                    serde_json::from_value::<baton_manager_core::engine::RolloutState>(v).ok()
+                })
+                .map(|r| r.name().to_string()),
         });
     }
     Ok(Json(out))

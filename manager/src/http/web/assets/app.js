@@ -556,7 +556,7 @@ async function jobs() {
       list.map((j) => h("tr", { "data-job": j.id },
         h("td", {}, h("a", { href: "#/jobs/" + j.id }, h("strong", {}, "#" + j.id))),
         h("td", {}, j.name, h("span", { class: "muted" }, " v" + j.version + " · " + bytes(j.length))),
-        h("td", {}, pill(j.state)),
+        h("td", {}, pill(j.state), j.rollout && j.state === "running" && j.rollout !== "running" ? [" ", pill(j.rollout, "rollout " + j.rollout.replace("_", " "))] : null),
         h("td", {}, h("div", { class: "progress" },
           h("div", { class: "bar " + (j.failed ? "bad" : j.confirmed === j.participants && j.participants ? "ok" : "") },
             h("span", { style: "width:" + pct(j.confirmed, j.participants) + "%" })),
