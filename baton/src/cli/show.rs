@@ -239,9 +239,16 @@ pub fn jobs(args: JobsArgs) -> anyhow::Result<()> {
     let rows: Vec<Vec<String>> = jobs
         .iter()
         .map(|j| {
+            // A rollout that waits says so: `running (rollout paused)`.
+            let state = match j["rollout"].as_str() {
+                Some(r) if j["state"] == "running" && !matches!(r, "running" | "complete") => {
+                    format!("running (rollout {})", r.replace('_', " "))
+                }
+                _ => text(&j["state"]),
+            };
             vec![
                 text(&j["id"]),
-                text(&j["state"]),
+                state,
                 text(&j["name"]),
                 text(&j["version"]),
                 format_size(j["length"].as_u64().unwrap_or(0)),

@@ -160,6 +160,8 @@ fn failures_in_wave_two_pause_the_rollout_and_wave_three_fetches_from_the_earlie
             agent.status("status.json")
         );
     }
+    let listed = ok(&m, &["jobs"]);
+    assert!(listed.contains("running (rollout paused)"), "{listed}");
     let shown = ok(&m, &["job", &job.to_string()]);
     assert!(shown.contains("rollout paused"), "{shown}");
     assert!(shown.contains("wave 3: not open"), "{shown}");
