@@ -53,7 +53,8 @@ enum Command {
     Status(cli::show::StatusArgs),
     /// List jobs.
     Jobs(cli::show::JobsArgs),
-    /// Show one job: participants, progress, confirmations, bytes per source.
+    /// Show one job: participants, waves, progress, confirmations, bytes per source; or
+    /// `job ID pause|resume|approve|abort` its staged rollout.
     Job(cli::show::JobArgs),
     /// Cancel a job (participants keep the chunks they verified).
     Cancel(cli::show::JobArgs),

@@ -178,6 +178,13 @@ fn check_field(key: &str, v: &Value) -> Result<(), FieldError> {
             }
             Ok(())
         }
+        "rollout" if !v.is_null() => {
+            let rollout: crate::planner::Rollout = serde_json::from_value(v.clone())
+                .map_err(|e| FieldError::new("rollout", e.to_string()))?;
+            rollout
+                .validate()
+                .map_err(|(field, reason)| FieldError::new(field, reason))
+        }
         _ => Ok(()),
     }
 }
@@ -255,6 +262,18 @@ mod test {
         assert_eq!(ok.max_peers_per_source, 3);
         assert_eq!(ok.weights.up, 2.0);
         assert_eq!(ok.weights.down, Policy::default().weights.down);
+        // A staged rollout, with a wave naming a content group (resolved at job creation).
+        let staged = policy_from_json(&json!({
+            "rollout": { "waves": [{ "group": "canaries" }, { "agents": ["a1"] }], "pause_after_failures": 1 },
+        }))
+        .unwrap();
+        let rollout = staged.rollout.unwrap();
+        assert_eq!(
+            rollout.waves[0],
+            crate::planner::Wave::Group("canaries".into())
+        );
+        assert_eq!(rollout.pause_after_failures, Some(1));
+        assert_eq!(rollout.success_percent, 100);
         let cases = [
             (json!({ "max_peers_per_sauce": 3 }), "max_peers_per_sauce"),
             (
@@ -270,6 +289,16 @@ mod test {
             (json!({ "max_stripes": 0 }), "max_stripes"),
             (json!({ "manager_max_copies": 0.5 }), "manager_max_copies"),
             (json!({ "leaf_only": ["x".repeat(40)] }), "leaf_only"),
+            (json!({ "rollout": { "waves": [] } }), "rollout.waves"),
+            (
+                json!({ "rollout": { "waves": [{ "percent": 50 }, { "percent": 20 }] } }),
+                "rollout.waves",
+            ),
+            (
+                json!({ "rollout": { "waves": [{ "percent": 100 }], "success_percent": 0 } }),
+                "rollout.success_percent",
+            ),
+            (json!({ "rollout": { "wavez": [] } }), "rollout"),
         ];
         for (body, field) in cases {
             assert_eq!(

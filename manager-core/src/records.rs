@@ -176,6 +176,8 @@ pub struct JobRecord {
     pub policy: Option<String>,
     /// The policy it runs under (JSON of `planner::Policy`), kept so a resumed job keeps it.
     pub policy_spec: Option<serde_json::Value>,
+    /// Where its staged rollout stands (JSON of the engine's `RolloutState`), if it has one.
+    pub rollout: Option<serde_json::Value>,
     /// Policy rules the planner could not meet, in the order first reported.
     pub warnings: Vec<String>,
     /// Bytes actually carried per edge (`from: None` = the manager), filled in when the job is read.

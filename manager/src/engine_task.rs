@@ -2,9 +2,9 @@
 //!
 //! Inputs ([`EngineInput`]) come from the agent port and serial lines (agents
 //! online, their messages, offline) and from the service layer (start and
-//! cancel jobs). After every batch of inputs [`EngineTask`] writes the batch's
-//! agent reports and last-seen times in one transaction (a storm of reports is one commit
-//! per batch of up to 256, not one each), drains
+//! cancel jobs, pause, resume, approve and abort rollouts). After every batch of inputs
+//! [`EngineTask`] writes the batch's agent reports and last-seen times in one transaction
+//! (a storm of reports is one commit per batch of up to 256, not one each), drains
 //! `poll_persist` into the store in one transaction, and only then sends what
 //! `poll_transmit` returns through the registry (persist before instruct),
 //! then publishes `poll_event` as [`JobEvent`]s and arms the timer at
@@ -103,8 +103,43 @@ pub enum EngineInput {
         /// The engine's answer.
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Pause, resume, approve or abort a job's rollout.
+    Rollout {
+        /// The job.
+        job: u64,
+        /// What to do.
+        action: RolloutAction,
+        /// The engine's answer.
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     /// The manager's upload cap changed (`--up-bps` reloaded; `0` = none).
     SetManagerUpBps(u64),
+}
+
+/// An administrator's command to a job's staged rollout (`baton job N ACTION`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutAction {
+    /// Nobody new is instructed and no wave opens (transfers under way finish).
+    Pause,
+    /// Undo a pause, accepting the failures counted so far.
+    Resume,
+    /// Open the next wave of a rollout that waits for approval.
+    Approve,
+    /// End the job: instructed participants get `Cancel`, the others never hear of it.
+    Abort,
+}
+
+impl RolloutAction {
+    /// Its name in routes and the CLI (`pause`, `resume`, `approve`, `abort`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutAction::Pause => "pause",
+            RolloutAction::Resume => "resume",
+            RolloutAction::Approve => "approve",
+            RolloutAction::Abort => "abort",
+        }
+    }
 }
 
 impl std::fmt::Debug for EngineInput {
@@ -123,6 +158,9 @@ impl std::fmt::Debug for EngineInput {
             EngineInput::Offline { id } => write!(f, "Offline({id})"),
             EngineInput::StartJob { spec, .. } => write!(f, "StartJob({})", spec.id),
             EngineInput::CancelJob { job, .. } => write!(f, "CancelJob({job})"),
+            EngineInput::Rollout { job, action, .. } => {
+                write!(f, "Rollout({job}, {})", action.as_str())
+            }
             EngineInput::SetManagerUpBps(bps) => write!(f, "SetManagerUpBps({bps})"),
         }
     }
@@ -185,6 +223,19 @@ pub enum JobEvent {
         /// The job.
         job: u64,
     },
+    /// The job's staged rollout moved (paused, resumed, a wave succeeded or opened, waits for
+    /// approval, aborted).
+    Rollout {
+        /// The job.
+        job: u64,
+        /// Where the rollout stands now: `running`, `soaking`, `awaiting_approval`,
+        /// `paused`, `complete` or `aborted`.
+        state: String,
+        /// The waves opened so far.
+        opened: u32,
+        /// What happened, for people.
+        text: String,
+    },
     /// A rule of the job's policy cannot be met, or a participant was demoted as a trouble
     /// reporter (stored with the job as a warning).
     Warning {
@@ -205,6 +256,7 @@ impl JobEvent {
             | JobEvent::Install { job, .. }
             | JobEvent::Finished { job, .. }
             | JobEvent::Warning { job, .. }
+            | JobEvent::Rollout { job, .. }
             | JobEvent::Cancelled { job } => *job,
         }
     }
@@ -259,6 +311,12 @@ impl JobEvent {
                 exit_code,
             },
             EngineEvent::PolicyWarning { job, text } => JobEvent::Warning { job, text },
+            EngineEvent::Rollout { job, state, text } => JobEvent::Rollout {
+                job,
+                state: state.name().to_string(),
+                opened: state.opened,
+                text,
+            },
             EngineEvent::ReporterDemoted { job, agent, reason } => JobEvent::Warning {
                 job,
                 text: demotion_text(&agent, &reason),
@@ -480,6 +538,19 @@ impl EngineTask {
                 }
                 self.replies.push((reply, result));
             }
+            EngineInput::Rollout { job, action, reply } => {
+                let result = match action {
+                    RolloutAction::Pause => self.engine.pause_job(now, job),
+                    RolloutAction::Resume => self.engine.resume_rollout(now, job),
+                    RolloutAction::Approve => self.engine.approve_wave(now, job),
+                    RolloutAction::Abort => self.engine.abort_job(now, job),
+                }
+                .map_err(|e| e.to_string());
+                if result.is_ok() {
+                    tracing::info!(job, action = action.as_str(), "rollout command");
+                }
+                self.replies.push((reply, result));
+            }
             EngineInput::SetManagerUpBps(bps) => self.engine.set_manager_up_bps(bps),
         }
     }
@@ -570,6 +641,7 @@ fn coalesce(batch: Vec<EngineInput>) -> impl Iterator<Item = EngineInput> {
         | EngineInput::Offline { id } => Some(id.clone()),
         EngineInput::StartJob { .. }
         | EngineInput::CancelJob { .. }
+        | EngineInput::Rollout { .. }
         | EngineInput::SetManagerUpBps(_) => None,
     };
     // Walking backwards: an agent's next input seen so far is a report (true) or not.

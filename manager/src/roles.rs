@@ -3,8 +3,8 @@
 //!
 //! Roles are ordered: `read` < `operate` < `admin`; a caller may use a route when its
 //! role is at least the route's. `read` sees (views, metrics, the audit log);
-//! `operate` also changes what is distributed (publish, push, cancel, content groups,
-//! policies); `admin` also changes who belongs (enrolment and enrolment tokens, agent
+//! `operate` also changes what is distributed (publish, push, cancel, a rollout's pause,
+//! resume, approve and abort, content groups, policies); `admin` also changes who belongs (enrolment and enrolment tokens, agent
 //! placement and revocation). API tokens and administrators are made with `baton admin`, which is
 //! local to the manager's database and so is itself `admin`. The admin token in
 //! `<data-dir>/admin.token` is `admin`; tokens and administrators made before roles
@@ -95,6 +95,10 @@ pub const ROUTE_ROLES: &[(&str, &str, Role)] = &[
     // What is distributed, and how.
     ("POST", "/api/v1/jobs", Role::Operate),
     ("POST", "/api/v1/jobs/{id}/cancel", Role::Operate),
+    ("POST", "/api/v1/jobs/{id}/pause", Role::Operate),
+    ("POST", "/api/v1/jobs/{id}/resume", Role::Operate),
+    ("POST", "/api/v1/jobs/{id}/approve", Role::Operate),
+    ("POST", "/api/v1/jobs/{id}/abort", Role::Operate),
     ("POST", "/api/v1/uploads", Role::Operate),
     ("POST", "/api/v1/groups", Role::Operate),
     ("PUT", "/api/v1/groups/{name}", Role::Operate),
@@ -160,6 +164,12 @@ mod test {
         assert_eq!(required_role(&get, "/metrics"), Role::Read);
         assert_eq!(required_role(&get, "/api/v1/audit"), Role::Read);
         assert_eq!(required_role(&post, "/api/v1/jobs"), Role::Operate);
+        for action in ["pause", "resume", "approve", "abort"] {
+            assert_eq!(
+                required_role(&post, &format!("/api/v1/jobs/{{id}}/{action}")),
+                Role::Operate
+            );
+        }
         assert_eq!(required_role(&post, "/api/v1/uploads"), Role::Operate);
         assert_eq!(
             required_role(&post, "/api/v1/jobs/{id}/cancel"),

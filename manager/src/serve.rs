@@ -360,8 +360,15 @@ async fn resume_job(
         measured = measured.len(),
         "resuming job"
     );
+    // A staged rollout goes on where it stood: waves opened, a pause, a wait for approval.
+    let rollout = job
+        .rollout
+        .clone()
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| format!("its stored rollout does not read back: {e}"))?;
     task.engine_mut()
-        .resume_job_with_installs(now, spec, states, &measured, &installs);
+        .resume_staged_job(now, spec, states, &measured, &installs, rollout);
     Ok(())
 }
 

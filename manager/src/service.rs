@@ -2,8 +2,9 @@
 //! asks of the manager.
 //!
 //! [`Manager`] publishes content, checks and resolves job requests (content
-//! groups to their members, named policies to their fields), starts and
-//! cancels jobs through the engine task, and reads the database. Handlers in
+//! groups to their members, named policies to their fields, a rollout's group
+//! waves to their members), starts and cancels jobs and pauses, resumes, approves
+//! and aborts their rollouts through the engine task, and reads the database. Handlers in
 //! [`crate::http`] call it; it calls the store, the registry, the content
 //! library and the engine task, never the HTTP layer.
 
@@ -15,7 +16,7 @@ use std::sync::atomic::Ordering;
 use baton_agent_core::linux::link::Limits;
 use baton_manager_core::definitions::{FieldError, policy_from_json, resolve_group};
 use baton_manager_core::engine::{JobSpec, Targets};
-use baton_manager_core::planner::Policy;
+use baton_manager_core::planner::{Policy, Rollout, Wave};
 use baton_protocol::Manifest;
 use baton_protocol::identity::Identity;
 use baton_protocol::manifest::ManifestError;
@@ -24,7 +25,7 @@ use serde::Deserialize;
 use tokio::sync::{broadcast, oneshot};
 
 use crate::content::{self, Content, ContentError, Keys, Library};
-use crate::engine_task::{EngineInput, EngineSender, EngineStats, JobEvent};
+use crate::engine_task::{EngineInput, EngineSender, EngineStats, JobEvent, RolloutAction};
 use crate::registry::{Registry, SharedStore, lock, unix_now};
 use crate::store::{ContentRecord, JobOrigin, StoreError, TargetSpec};
 
@@ -169,6 +170,27 @@ pub struct JobRequest {
     pub group: Option<String>,
     /// The policy (default: the planner's defaults).
     pub policy: Option<PolicyChoice>,
+    /// A staged rollout for this job (JSON of `planner::Rollout`; a wave may be a bare
+    /// percentage), replacing the policy's.
+    pub rollout: Option<serde_json::Value>,
+}
+
+/// Reads a job's staged rollout as a request gives it: the fields of `planner::Rollout`,
+/// where a wave may also be a bare percentage (`"waves": [10, 50, 100]`).
+pub fn rollout_from_json(mut value: serde_json::Value) -> Result<Rollout, ApiError> {
+    if let Some(waves) = value.get_mut("waves").and_then(|w| w.as_array_mut()) {
+        for wave in waves {
+            if wave.is_number() {
+                *wave = serde_json::json!({ "percent": wave.clone() });
+            }
+        }
+    }
+    let rollout: Rollout =
+        serde_json::from_value(value).map_err(|e| ApiError::invalid("rollout", e.to_string()))?;
+    rollout
+        .validate()
+        .map_err(|(field, reason)| ApiError::invalid(field, reason))?;
+    Ok(rollout)
 }
 
 /// A checked job request: resolved targets and the policy it runs under.
@@ -496,6 +518,23 @@ impl Manager {
             }
             Some(PolicyChoice::Inline(value)) => policy_from_json(&value)?,
         };
+        let mut policy = policy;
+        if let Some(value) = req.rollout {
+            policy.rollout = Some(rollout_from_json(value)?);
+        }
+        if let Some(rollout) = &mut policy.rollout {
+            // Groups become their members now, like a job's target group.
+            for wave in &mut rollout.waves {
+                if let Wave::Group(name) = wave {
+                    let members = self
+                        .group_members(name)?
+                        .iter()
+                        .filter_map(|m| AgentId::try_from(m.as_str()).ok())
+                        .collect();
+                    *wave = Wave::Agents(members);
+                }
+            }
+        }
         origin.policy =
             Some(serde_json::to_value(&policy).map_err(|e| ApiError::Internal(e.to_string()))?);
         Ok(ResolvedJob {
@@ -607,6 +646,32 @@ impl Manager {
         match answer.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(ApiError::Conflict(format!("job {job}: {e}"))),
+            Err(_) => Err(ApiError::Internal("the manager is shutting down".into())),
+        }
+    }
+
+    /// Pauses, resumes, approves the next wave of, or aborts a running job's rollout.
+    pub async fn rollout_command(&self, job: u64, action: RolloutAction) -> Result<(), ApiError> {
+        let record = lock(&self.store)
+            .job(job)?
+            .ok_or_else(|| ApiError::NotFound(format!("no job {job}")))?;
+        if record.state.is_over() {
+            return Err(ApiError::Conflict(format!(
+                "job {job} is already {}",
+                record.state.as_str()
+            )));
+        }
+        let (reply, answer) = oneshot::channel();
+        self.engine
+            .send(EngineInput::Rollout { job, action, reply })
+            .await
+            .map_err(|_| ApiError::Internal("the manager is shutting down".into()))?;
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ApiError::Conflict(format!(
+                "cannot {} job {job}: {e}",
+                action.as_str()
+            ))),
             Err(_) => Err(ApiError::Internal("the manager is shutting down".into())),
         }
     }

@@ -2133,7 +2133,10 @@ fn apply(stored: &mut BTreeMap<u64, StoredJob>, p: Persist) {
                 }
             }
         }
-        Persist::SourceBytes { .. } | Persist::Install { .. } | Persist::Running { .. } => {}
+        Persist::SourceBytes { .. }
+        | Persist::Install { .. }
+        | Persist::Running { .. }
+        | Persist::Rollout { .. } => {}
         Persist::MeasuredUpload { job, rates } => {
             stored.entry(job).or_default().measured.extend(rates);
         }

@@ -285,6 +285,29 @@ pub struct PolicyArgs {
     /// An ordering weight, `name=value` (up, down, loss, uptime, performance, delay, serve; repeat).
     #[arg(long, value_name = "NAME=VALUE", value_parser = parse_weight)]
     pub weight: Vec<(String, f64)>,
+    /// Roll jobs out in waves: cumulative percentages (`10,50,100`) or content groups
+    /// (`group:canary,group:edge`; participants in none go in the last wave).
+    #[arg(long, value_name = "WAVE,...", value_delimiter = ',', value_parser = parse_wave, conflicts_with = "no_rollout")]
+    pub waves: Vec<Value>,
+    /// The next wave opens once this percentage of the current wave's participants that
+    /// have not failed runs the content (default 100).
+    #[arg(long, value_name = "PERCENT", conflicts_with = "no_rollout")]
+    pub success_percent: Option<u8>,
+    /// Wait this long after a wave succeeded before the next opens, e.g. `10m` (default 0).
+    #[arg(long, value_name = "DURATION", value_parser = super::enroll::parse_duration_secs, conflicts_with = "no_rollout")]
+    pub soak: Option<u64>,
+    /// Whether each next wave waits for `baton job ID approve`.
+    #[arg(long, value_name = "BOOL", conflicts_with = "no_rollout")]
+    pub approve_waves: Option<bool>,
+    /// Pause the rollout when more than N participants of a wave fail.
+    #[arg(long, value_name = "N", conflicts_with = "no_rollout")]
+    pub pause_after_failures: Option<u32>,
+    /// Abort the rollout when more than N participants of a wave fail.
+    #[arg(long, value_name = "N", conflicts_with = "no_rollout")]
+    pub abort_after_failures: Option<u32>,
+    /// (set) Remove the staged rollout: everyone at once.
+    #[arg(long)]
+    pub no_rollout: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -324,6 +347,18 @@ pub fn parse_window(s: &str) -> Result<Value, String> {
         ));
     }
     Ok(json!({ "start_minute": start, "end_minute": end }))
+}
+
+/// Reads one wave of `--waves`: a percentage (`10`) or a content group (`group:NAME`).
+pub fn parse_wave(s: &str) -> Result<Value, String> {
+    let t = s.trim();
+    if let Some(group) = t.strip_prefix("group:") {
+        return Ok(json!({ "group": group.trim() }));
+    }
+    t.trim_end_matches('%')
+        .parse::<u8>()
+        .map(|p| json!({ "percent": p }))
+        .map_err(|_| format!("{s:?} is neither a percentage (10) nor group:NAME"))
 }
 
 fn parse_weight(s: &str) -> Result<(String, f64), String> {
@@ -368,6 +403,9 @@ impl PolicyArgs {
         if let Some(r) = self.leaf_below_up {
             set("leaf_below_up_bps", json!(r));
         }
+        if self.no_rollout {
+            set("rollout", Value::Null);
+        }
         if let Some(n) = self.max_stripes {
             set("max_stripes", json!(n));
         }
@@ -392,6 +430,33 @@ impl PolicyArgs {
                     w.insert(k.clone(), json!(v));
                 }
             }
+        }
+        let rollout_fields = [
+            ("waves", (!self.waves.is_empty()).then(|| json!(self.waves))),
+            ("success_percent", self.success_percent.map(|p| json!(p))),
+            ("soak_secs", self.soak.map(|s| json!(s))),
+            ("approval", self.approve_waves.map(|a| json!(a))),
+            (
+                "pause_after_failures",
+                self.pause_after_failures.map(|n| json!(n)),
+            ),
+            (
+                "abort_after_failures",
+                self.abort_after_failures.map(|n| json!(n)),
+            ),
+        ];
+        if rollout_fields.iter().any(|(_, v)| v.is_some()) {
+            // The flags given change those fields of the rollout; the rest stay.
+            let mut rollout = match fields.get("rollout") {
+                Some(Value::Object(r)) => r.clone(),
+                _ => Map::new(),
+            };
+            for (key, value) in rollout_fields {
+                if let Some(v) = value {
+                    rollout.insert(key.to_string(), v);
+                }
+            }
+            fields.insert("rollout".to_string(), Value::Object(rollout));
         }
     }
 
@@ -533,6 +598,46 @@ mod test {
     struct Cmd {
         #[command(flatten)]
         policy: PolicyArgs,
+    }
+
+    #[test]
+    fn rollout_flags_change_only_the_rollout_fields_given() {
+        let args = Cmd::try_parse_from([
+            "policies-add",
+            "p",
+            "--waves",
+            "10,group:canary,100%",
+            "--pause-after-failures",
+            "1",
+            "--soak",
+            "10m",
+        ])
+        .unwrap()
+        .policy;
+        let mut fields = Map::new();
+        fields.insert(
+            "rollout".into(),
+            json!({ "approval": true, "soak_secs": 5 }),
+        );
+        args.apply(&mut fields);
+        assert_eq!(
+            fields["rollout"],
+            json!({
+                "waves": [{ "percent": 10 }, { "group": "canary" }, { "percent": 100 }],
+                "pause_after_failures": 1,
+                "soak_secs": 600,
+                "approval": true,
+            })
+        );
+        assert!(parse_wave("most").is_err());
+        let off = Cmd::try_parse_from(["policies-set", "p", "--no-rollout"])
+            .unwrap()
+            .policy;
+        off.apply(&mut fields);
+        assert_eq!(fields["rollout"], Value::Null);
+        assert!(
+            Cmd::try_parse_from(["policies-set", "p", "--no-rollout", "--waves", "50"]).is_err()
+        );
     }
 
     #[test]

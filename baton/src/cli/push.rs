@@ -51,6 +51,29 @@ pub struct PushArgs {
     /// Chunk size, e.g. `32KiB` (256 B ..= 32 KiB; default 32 KiB).
     #[arg(long, value_parser = super::parse_size)]
     pub chunk_size: Option<u64>,
+    /// Roll out in waves: cumulative percentages of the participants in the order of the
+    /// prioritized list, e.g. `10,50,100` (the next wave opens once the current one runs
+    /// the content); replaces the policy's rollout. Default: everyone at once.
+    #[arg(long, value_delimiter = ',', value_name = "PERCENT,...")]
+    pub waves: Vec<u8>,
+    /// With --waves: open the next wave once this percentage of the current wave's
+    /// participants that have not failed runs the content (default 100).
+    #[arg(long, requires = "waves", value_name = "PERCENT")]
+    pub success_percent: Option<u8>,
+    /// With --waves: wait this long after a wave succeeded before the next opens, e.g.
+    /// `10m` (default 0; at most 7 days).
+    #[arg(long, requires = "waves", value_parser = super::enroll::parse_duration_secs, value_name = "DURATION")]
+    pub soak: Option<u64>,
+    /// With --waves: each next wave waits for `baton job ID approve`.
+    #[arg(long, requires = "waves")]
+    pub approve_waves: bool,
+    /// With --waves: pause the rollout when more than N participants of a wave fail
+    /// (delivery, install or rolled back); `baton job ID resume` goes on.
+    #[arg(long, requires = "waves", value_name = "N")]
+    pub pause_after_failures: Option<u32>,
+    /// With --waves: abort the rollout when more than N participants of a wave fail.
+    #[arg(long, requires = "waves", value_name = "N")]
+    pub abort_after_failures: Option<u32>,
     /// Follow the job until every participant confirmed or was given up; exit non-zero unless
     /// all confirmed.
     #[arg(long)]
@@ -199,6 +222,22 @@ pub fn run(args: PushArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(p) = &args.policy {
         body["policy"] = json!(p);
+    }
+    if !args.waves.is_empty() {
+        let mut rollout = json!({ "waves": args.waves, "approval": args.approve_waves });
+        if let Some(p) = args.success_percent {
+            rollout["success_percent"] = json!(p);
+        }
+        if let Some(s) = args.soak {
+            rollout["soak_secs"] = json!(s);
+        }
+        if let Some(n) = args.pause_after_failures {
+            rollout["pause_after_failures"] = json!(n);
+        }
+        if let Some(n) = args.abort_after_failures {
+            rollout["abort_after_failures"] = json!(n);
+        }
+        body["rollout"] = rollout;
     }
     if let Some(n) = &args.name {
         body["name"] = json!(n);

@@ -239,9 +239,16 @@ pub fn jobs(args: JobsArgs) -> anyhow::Result<()> {
     let rows: Vec<Vec<String>> = jobs
         .iter()
         .map(|j| {
+            // A rollout that waits says so: `running (rollout paused)`.
+            let state = match j["rollout"].as_str() {
+                Some(r) if j["state"] == "running" && !matches!(r, "running" | "complete") => {
+                    format!("running (rollout {})", r.replace('_', " "))
+                }
+                _ => text(&j["state"]),
+            };
             vec![
                 text(&j["id"]),
-                text(&j["state"]),
+                state,
                 text(&j["name"]),
                 text(&j["version"]),
                 format_size(j["length"].as_u64().unwrap_or(0)),
@@ -324,11 +331,40 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `baton job ID ACTION` does to a job's rollout.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobAction {
+    /// Nobody new is instructed and no wave opens; participants already instructed finish
+    /// their transfer and install.
+    Pause,
+    /// Resume a paused job (the failures counted so far are accepted).
+    Resume,
+    /// Open the next wave of a rollout that waits for approval.
+    Approve,
+    /// End the job: instructed participants get Cancel, those not reached are left aborted.
+    Abort,
+}
+
+impl JobAction {
+    fn name(self) -> &'static str {
+        match self {
+            JobAction::Pause => "pause",
+            JobAction::Resume => "resume",
+            JobAction::Approve => "approve",
+            JobAction::Abort => "abort",
+        }
+    }
+}
+
 /// Flags of `baton job`.
 #[derive(Args, Debug, Clone)]
 pub struct JobArgs {
     /// The job's id.
     pub id: u64,
+    /// Change the job's staged rollout instead of showing the job: `pause`, `resume`,
+    /// `approve` (the next wave) or `abort`.
+    #[arg(value_enum)]
+    pub action: Option<JobAction>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -380,6 +416,24 @@ fn install_note(install: &Value) -> String {
     }
 }
 
+/// Where a rollout stands, for people: `paused (wave 2: 2 participants failed), wave 2 of 3 open`.
+fn rollout_text(rollout: &Value) -> String {
+    let waves = rollout["ends"].as_array().map_or(0, Vec::len);
+    let opened = rollout["opened"].as_u64().unwrap_or(0);
+    let state = if let Some(why) = rollout["aborted"].as_str() {
+        format!("aborted ({})", printable(why))
+    } else if let Some(why) = rollout["paused"].as_str() {
+        format!("paused ({})", printable(why))
+    } else if rollout["awaiting_approval"].as_bool() == Some(true) {
+        format!("waits for approval of wave {}", opened + 1)
+    } else if rollout["soak_until"].is_u64() {
+        "soaking".to_string()
+    } else {
+        "running".to_string()
+    };
+    format!("{state}, wave {opened} of {waves} open")
+}
+
 /// Prints a job's detail (as `GET /api/v1/jobs/{id}` returns it).
 pub fn print_job(job: &Value) {
     let content = &job["content"];
@@ -405,6 +459,23 @@ pub fn print_job(job: &Value) {
     }
     for warning in job["warnings"].as_array().into_iter().flatten() {
         println!("warning: {}", warning.as_str().unwrap_or("?"));
+    }
+    if job["rollout"].is_object() {
+        println!("rollout {}", rollout_text(&job["rollout"]));
+        for w in job["waves"].as_array().into_iter().flatten() {
+            println!(
+                "  wave {}: {}, {} participants, {} running, {} failed",
+                text(&w["wave"]),
+                if w["open"].as_bool() == Some(true) {
+                    "open"
+                } else {
+                    "not open"
+                },
+                text(&w["participants"]),
+                text(&w["running"]),
+                text(&w["failed"]),
+            );
+        }
     }
     let parts = job["participants"].as_array().cloned().unwrap_or_default();
     println!(
@@ -443,9 +514,14 @@ pub fn print_job(job: &Value) {
                     )
                 })
                 .collect();
+            let state = match p["rollout"].as_str() {
+                Some(r) => format!("{} ({r})", text(&p["state"])),
+                None => text(&p["state"]),
+            };
             vec![
                 agent.clone(),
-                text(&p["state"]),
+                p["wave"].as_u64().map_or("-".into(), |w| w.to_string()),
+                state,
                 format!("{}/{}", text(&p["verified"]), text(&p["total"])),
                 if p["connected"].as_bool() == Some(true) {
                     "yes".into()
@@ -466,6 +542,7 @@ pub fn print_job(job: &Value) {
     table(
         &[
             "AGENT",
+            "WAVE",
             "STATE",
             "VERIFIED",
             "CONNECTED",
@@ -478,9 +555,27 @@ pub fn print_job(job: &Value) {
     );
 }
 
-/// Runs `baton job ID`.
+/// Runs `baton job ID [ACTION]`.
 pub fn job(args: JobArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.client)?;
+    if let Some(action) = args.action {
+        let answer: Value = client.post(
+            &format!("/api/v1/jobs/{}/{}", args.id, action.name()),
+            &json!({}),
+        )?;
+        if args.json {
+            println!("{answer}");
+        } else {
+            let rollout = &answer["rollout"];
+            println!(
+                "job {}: {} — rollout {}",
+                args.id,
+                text(&answer["state"]),
+                rollout_text(rollout)
+            );
+        }
+        return Ok(());
+    }
     let job: Value = client.get(&format!("/api/v1/jobs/{}", args.id))?;
     if args.json {
         println!("{job}");
@@ -492,6 +587,13 @@ pub fn job(args: JobArgs) -> anyhow::Result<()> {
 
 /// Runs `baton cancel ID`.
 pub fn cancel(args: JobArgs) -> anyhow::Result<()> {
+    if let Some(action) = args.action {
+        anyhow::bail!(
+            "`baton cancel` takes only a job id; for the rollout: `baton job {} {}`",
+            args.id,
+            action.name()
+        );
+    }
     let client = Client::new(&args.client)?;
     let answer: Value = client.post(&format!("/api/v1/jobs/{}/cancel", args.id), &json!({}))?;
     if args.json {

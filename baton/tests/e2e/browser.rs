@@ -611,3 +611,137 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
     assert_eq!(value("baton_connected_agents"), 4);
     assert_eq!(value("baton_jobs{state=\"finished\"}"), 2);
 }
+
+/// Clicks the element `css` from the page's own script once it is there (the job page
+/// redraws on live events, so an element found by one WebDriver call may be stale by the
+/// next).
+fn click_when_there(b: &Browser, css: &str) {
+    b.wait_find(css, WAIT);
+    let clicked = b.eval(
+        "const e = document.querySelector(arguments[0]); if (!e) return false; e.click(); return true",
+        json!([css]),
+    );
+    assert_eq!(clicked, true, "{css} vanished before the click");
+}
+
+#[test]
+fn administrator_pauses_and_approves_a_rollout_on_the_job_page() {
+    let m = Manager::start(BATON);
+    let root = m.dir.clone();
+    let password_file = root.join("password");
+    std::fs::write(&password_file, "s3cret-pass\n").unwrap();
+    let data = m.data_dir();
+    let out = baton(
+        &[
+            "admin",
+            "add",
+            "ops",
+            "--password-file",
+            password_file.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        BOUND,
+    );
+    assert!(out.success, "{}", out.stderr);
+    let names = ["r-a", "r-b", "r-c"];
+    let _agents: Vec<AgentProc> = names
+        .iter()
+        .map(|n| AgentProc::spawn(&m, &root, n, &[]))
+        .collect();
+    m.wait_connected(&names);
+    let file = root.join("staged.bin");
+    std::fs::write(&file, pseudo_random(64 * 1024, 8)).unwrap();
+
+    let b = Browser::start(1366, 900);
+    let base = m.url("");
+    b.goto(&base);
+    b.fill(&b.find("#name"), "ops");
+    b.fill(&b.find("#password"), "s3cret-pass");
+    b.click(&b.find("button[type=submit]"));
+    b.wait_find("#nav", WAIT);
+    // The new-job form: two waves (2 agents, then 1), the second waits for approval. A
+    // wave that is not a percentage is refused next to the field first.
+    b.goto(&format!("{base}/#/jobs/new"));
+    b.type_into(&b.find("#f-file"), file.to_str().unwrap());
+    b.eval(
+        "document.querySelector('#f-target').value = 'all';          document.querySelector('#f-waves').value = '34, most';          document.querySelector('#f-approval').checked = true; return true",
+        json!([]),
+    );
+    b.click(&b.find("#start-job"));
+    b.wait_until(
+        "the waves' error next to the field",
+        "return document.querySelector('#e-waves').textContent.length > 0",
+        WAIT,
+    );
+    b.eval(
+        "document.querySelector('#f-waves').value = '34, 100'; return true",
+        json!([]),
+    );
+    b.click(&b.find("#start-job"));
+    b.wait_find("#job-page", WAIT);
+    let url = b.url();
+    let id: u64 = url
+        .rsplit('/')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not on a job page: {url}"));
+    // Wave 1 runs the content: the page offers to approve wave 2.
+    b.wait_find("#rollout[data-rollout=awaiting_approval]", WAIT);
+    let waves = b.eval(
+        "return [...document.querySelectorAll('#rollout tr.wave')].map(r => [r.dataset.wave, r.dataset.open])",
+        json!([]),
+    );
+    assert_eq!(waves, json!([["1", "yes"], ["2", "no"]]));
+    let held = b.eval(
+        "return [...document.querySelectorAll('tr.participant')].filter(r => r.textContent.includes('held')).map(r => r.dataset.wave)",
+        json!([]),
+    );
+    assert_eq!(held, json!(["2"]), "the wave-2 participant shows held");
+    b.screenshot(&shots().join("10-rollout-awaiting-approval.png"));
+
+    // Pause: the job's rollout is paused, the page shows it and offers Resume, not Approve.
+    click_when_there(&b, "#rollout-pause");
+    b.wait_find("#rollout[data-rollout=paused]", WAIT);
+    let job = m.job(id);
+    assert_eq!(
+        job["rollout"]["paused"], "paused by an administrator",
+        "{job}"
+    );
+    assert_eq!(
+        b.eval(
+            "return [!!document.querySelector('#rollout-resume'), !!document.querySelector('#rollout-approve')]",
+            json!([])
+        ),
+        json!([true, false])
+    );
+    b.screenshot(&shots().join("11-rollout-paused.png"));
+    // The jobs list says so too.
+    b.goto(&format!("{base}/#/jobs"));
+    b.wait_find(
+        &format!("tr[data-job='{id}'] .pill[data-state=paused]"),
+        WAIT,
+    );
+    b.goto(&format!("{base}/#/jobs/{id}"));
+    click_when_there(&b, "#rollout-resume");
+    b.wait_find("#rollout[data-rollout=awaiting_approval]", WAIT);
+    assert_eq!(
+        m.job(id)["rollout"]["opened"],
+        1,
+        "resume alone opens nothing"
+    );
+
+    // Approve: wave 2 opens and the job finishes with everyone running.
+    click_when_there(&b, "#rollout-approve");
+    let done = m.wait_job(id, WAIT, |j| j["state"] == "finished");
+    assert_eq!(done["rollout"]["opened"], 2, "{done}");
+    assert_eq!(done["install_counts"], json!({ "running": 3 }), "{done}");
+    b.wait_find("#rollout[data-rollout=complete]", WAIT);
+    b.screenshot(&shots().join("12-rollout-complete.png"));
+    // Each button press is in the audit log as the session's.
+    let (_, audit) = m.api("GET", "/api/v1/audit?limit=50", None);
+    let text = audit.to_string();
+    for action in ["job.pause", "job.resume", "job.approve"] {
+        assert!(text.contains(action), "audit lacks {action}: {audit}");
+    }
+}

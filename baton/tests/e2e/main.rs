@@ -24,6 +24,7 @@ mod postgres;
 mod push;
 mod revocation;
 mod roles;
+mod rollout;
 mod serve;
 mod standby;
 mod trust;

@@ -65,6 +65,7 @@ impl Engine {
             config: &self.config,
             now,
             leaders: &self.leaders,
+            wall: self.wall,
         };
         for (job_id, idx) in memberships {
             if let Some(job) = self.jobs.get_mut(&job_id) {
@@ -88,6 +89,7 @@ impl Engine {
             config: &self.config,
             now,
             leaders: &self.leaders,
+            wall: self.wall,
         };
         for (job_id, idx) in memberships {
             if let Some(job) = self.jobs.get_mut(&job_id) {
@@ -186,6 +188,7 @@ impl Engine {
             config: &self.config,
             now,
             leaders: &self.leaders,
+            wall: self.wall,
         };
         if job.outcome != JobOutcome::Running {
             // The list is exhausted; remind a participant that asks.
@@ -227,6 +230,7 @@ impl Engine {
             config: &self.config,
             now,
             leaders: &self.leaders,
+            wall: self.wall,
         };
         while let Some(&(when, job_id, idx)) = cx.out.deadlines.first() {
             if when > now {
@@ -246,7 +250,9 @@ impl Engine {
                 continue;
             }
             p.deadline = None;
-            if job.outcome == JobOutcome::Running && !p.online && !p.state.is_terminal() {
+            let held = job.is_held(idx);
+            let p = &job.parts[idx as usize];
+            if job.outcome == JobOutcome::Running && !p.online && !p.state.is_terminal() && !held {
                 info!(job = job_id, agent = %p.id, "participant given up");
                 job.fail(&mut cx, job_id, idx, FailCause::GaveUp);
             }
@@ -264,6 +270,7 @@ impl Engine {
             if job.rates.window_end().is_some_and(|t| t <= now) {
                 job.rate_window_closed(&mut cx, job_id);
             }
+            job.rollout_timer(&mut cx, job_id);
         }
     }
 }
@@ -307,6 +314,15 @@ impl Job {
             if self.regroup_missing == 0 {
                 self.end_regroup(cx, job_id);
             }
+            return;
+        }
+        if self.is_held(idx)
+            && !matches!(
+                self.parts[idx as usize].state,
+                ParticipantState::Confirmed | ParticipantState::Failed(FailCause::Agent(_))
+            )
+        {
+            // Its wave has not opened, or the rollout is paused: not placed, not instructed.
             return;
         }
         let Some(agent) = cx.agents.get(&self.parts[idx as usize].id) else {
@@ -361,7 +377,10 @@ impl Job {
             .unwrap_or_default();
         self.resend_sources(cx, job_id, &changed);
         self.mark_throttle(idx);
-        if !self.parts[idx as usize].state.is_terminal() && self.opens_at.is_none() {
+        if !self.parts[idx as usize].state.is_terminal()
+            && self.opens_at.is_none()
+            && !self.is_held(idx)
+        {
             self.arm_give_up(cx, job_id, idx);
         }
     }
@@ -536,6 +555,9 @@ impl Job {
     }
 
     pub(super) fn check_finished(&mut self, cx: &mut Ctx<'_>, job_id: u64) {
+        // A wave that succeeded opens the next (its participants are then not settled),
+        // failures beyond the rollout's thresholds pause or abort it.
+        self.check_waves(cx, job_id);
         if self.outcome == JobOutcome::Running && self.parts.iter().all(|p| p.settled()) {
             info!(
                 job = job_id,

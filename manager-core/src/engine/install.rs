@@ -140,6 +140,7 @@ impl Engine {
             config: &self.config,
             now,
             leaders: &self.leaders,
+            wall: self.wall,
         };
         job.set_install(
             &mut cx,

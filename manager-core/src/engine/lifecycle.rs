@@ -61,18 +61,26 @@ impl Engine {
             .map(|(id, _)| id)
             .chain(offline)
             .collect();
+        // A staged rollout keeps each wave's participants together, in the list's order.
+        let (order, staging) = Job::stage(spec.policy.rollout.as_ref(), order);
         let chunks = spec.manifest.chunks();
         let mut job = Job::new(spec, chunks, None);
+        job.staging = staging;
         for id in &order {
             job.add_part(id.clone(), ParticipantState::Waiting);
         }
         let seeds: Vec<Seed> = (0..order.len() as u32)
             .map(|idx| Seed {
-                info: job.online_info(&self.agents, &self.leaders, idx),
+                // Participants of later waves are not in the plan until their wave opens.
+                info: job
+                    .online_info(&self.agents, &self.leaders, idx)
+                    .filter(|_| !job.is_held(idx)),
                 ..Seed::default()
             })
             .collect();
-        let plan = RelayPlan::build(chunks, self.config.manager_up_bps, &job.spec.policy, &seeds);
+        let mut plan =
+            RelayPlan::build(chunks, self.config.manager_up_bps, &job.spec.policy, &seeds);
+        plan.set_holders_first(job.staging.is_some());
         info!(
             job = job_id,
             participants = order.len(),
@@ -85,6 +93,13 @@ impl Engine {
             epoch: self.epoch,
             order,
         });
+        if let Some(st) = &job.staging {
+            info!(job = job_id, waves = ?st.state.ends, "staged rollout: wave 1 opens");
+            self.out.persist.push_back(Persist::Rollout {
+                job: job_id,
+                state: st.state.clone(),
+            });
+        }
         self.begin(now, job_id, job);
         Ok(())
     }
@@ -119,6 +134,22 @@ impl Engine {
         measured_upload: &[(AgentId, u64)],
         installs: &[(AgentId, Option<baton_protocol::message::InstallState>)],
     ) {
+        self.resume_staged_job(now, spec, participants, measured_upload, installs, None);
+    }
+
+    /// [`Engine::resume_job_with_installs`] with the stored state of the job's staged
+    /// rollout (`None`: it had none stored; a policy with waves then starts its rollout
+    /// over the stored order, wave 1 open): the waves opened, a pause and a wait for
+    /// approval carry over, and a soak ends when it was due by the wall clock.
+    pub fn resume_staged_job(
+        &mut self,
+        now: Duration,
+        spec: JobSpec,
+        participants: Vec<(AgentId, ParticipantState)>,
+        measured_upload: &[(AgentId, u64)],
+        installs: &[(AgentId, Option<baton_protocol::message::InstallState>)],
+        rollout: Option<super::RolloutState>,
+    ) {
         let job_id = spec.id;
         if self.jobs.contains_key(&job_id) {
             warn!(
@@ -142,11 +173,29 @@ impl Engine {
                 _ => {}
             }
         }
+        job.staging = match (job.spec.policy.rollout.clone(), rollout) {
+            (rules, Some(state)) => Some(super::rollout::Staging::restored(
+                rules.unwrap_or_else(super::rollout::Staging::single_wave),
+                state,
+                now,
+                self.wall,
+            )),
+            (Some(rules), None) => {
+                let n = job.parts.len() as u32;
+                let ends = rules
+                    .split((0..n).map(|i| job.parts[i as usize].id.clone()).collect())
+                    .1;
+                Some(super::rollout::Staging::new(rules, ends))
+            }
+            (None, None) => None,
+        };
         let seeds: Vec<Seed> = (0..job.parts.len() as u32)
             .map(|idx| {
                 let state = job.parts[idx as usize].state;
                 Seed {
-                    info: job.online_info(&self.agents, &self.leaders, idx),
+                    info: job
+                        .online_info(&self.agents, &self.leaders, idx)
+                        .filter(|_| !job.is_held(idx)),
                     confirmed: state == ParticipantState::Confirmed,
                     failed: matches!(state, ParticipantState::Failed(_)),
                 }
@@ -158,6 +207,9 @@ impl Engine {
             &job.spec.policy,
             &seeds,
         ));
+        if let Some(plan) = &mut job.plan {
+            plan.set_holders_first(job.staging.is_some());
+        }
         job.restored_upload = measured_upload
             .iter()
             .filter_map(|(id, up)| Some((*job.index.get(id)?, *up)))
@@ -185,6 +237,7 @@ impl Engine {
             config: &self.config,
             now,
             leaders: &self.leaders,
+            wall: self.wall,
         };
         job.restore_installs(&mut cx, job_id, installs);
         self.begin(now, job_id, job);
@@ -216,13 +269,23 @@ impl Engine {
             config: &self.config,
             now,
             leaders: &self.leaders,
+            wall: self.wall,
         };
         for idx in 0..job.parts.len() as u32 {
+            let held = job.is_held(idx);
             let p = &mut job.parts[idx as usize];
             let state = p.state;
             if cx.agents.get(&p.id).is_some_and(|a| a.online) {
                 if regrouping {
                     p.online = true;
+                    continue;
+                }
+                if held && !state.is_terminal() {
+                    // Its wave has not opened (or the rollout is paused): it waits.
+                    p.online = true;
+                    if state == ParticipantState::Waiting {
+                        job.persist_part(&mut cx, job_id, idx, false);
+                    }
                     continue;
                 }
                 if state == ParticipantState::Failed(FailCause::GaveUp) && !waiting {
@@ -242,7 +305,7 @@ impl Engine {
                 if state == ParticipantState::Waiting {
                     job.persist_part(&mut cx, job_id, idx, false);
                 }
-                if !state.is_terminal() && !waiting {
+                if !state.is_terminal() && !waiting && !held {
                     job.arm_give_up(&mut cx, job_id, idx);
                 }
             }
@@ -251,7 +314,12 @@ impl Engine {
             job.regroup_missing = job
                 .parts
                 .iter()
-                .filter(|p| !p.online && !matches!(p.state, ParticipantState::Failed(_)))
+                .enumerate()
+                .filter(|(idx, p)| {
+                    !p.online
+                        && !matches!(p.state, ParticipantState::Failed(_))
+                        && !job.is_held(*idx as u32)
+                })
                 .count() as u32;
             if job.regroup_missing == 0 {
                 job.end_regroup(&mut cx, job_id);
@@ -278,6 +346,7 @@ impl Engine {
             config: &self.config,
             now,
             leaders: &self.leaders,
+            wall: self.wall,
         };
         info!(job, "job cancelled");
         j.end(&mut cx, job, JobOutcome::Cancelled);
@@ -317,7 +386,7 @@ impl Job {
         let seeds: Vec<Seed> = (0..self.parts.len() as u32)
             .map(|idx| {
                 let state = self.parts[idx as usize].state;
-                let online = self.parts[idx as usize].online;
+                let online = self.parts[idx as usize].online && !self.is_held(idx);
                 Seed {
                     info: online
                         .then(|| self.online_info(cx.agents, cx.leaders, idx))
@@ -347,9 +416,18 @@ impl Job {
             missing = self.regroup_missing,
             "resumed job planned over its participants' holdings"
         );
+        if let Some(plan) = &mut self.plan {
+            plan.set_holders_first(self.staging.is_some());
+        }
         for idx in 0..self.parts.len() as u32 {
+            let held = self.is_held(idx);
             let p = &mut self.parts[idx as usize];
             if !p.online {
+                if !held && !p.state.is_terminal() && p.deadline.is_none() {
+                    // Held while the rollout was paused or its wave closed: given up if it
+                    // stays away.
+                    self.arm_give_up(cx, job_id, idx);
+                }
                 continue;
             }
             match p.state {
@@ -359,6 +437,7 @@ impl Job {
                     p.online = false;
                     self.on_online(cx, idx);
                 }
+                _ if held => {}
                 _ => self.instruct(cx, job_id, idx),
             }
         }

@@ -5,8 +5,9 @@
 //! connected and reported ([`Engine::agent_online`]), disconnected
 //! ([`Engine::agent_offline`]), sent a message ([`Engine::handle_message`]),
 //! a timer fired ([`Engine::handle_timeout`]) — and the administrator's
-//! commands ([`Engine::start_job`], [`Engine::cancel_job`], and
-//! [`Engine::resume_job`] after a restart). After every input the driver
+//! commands ([`Engine::start_job`], [`Engine::cancel_job`], the rollout's
+//! [`Engine::pause_job`], [`Engine::resume_rollout`], [`Engine::approve_wave`] and
+//! [`Engine::abort_job`], and [`Engine::resume_job`] after a restart). After every input the driver
 //! drains the outputs, in this order:
 //!
 //! 1. [`Engine::poll_persist`] until `None`: records to write to the store,
@@ -40,8 +41,10 @@
 //! and status the driver drains, `policy` the job policy's time windows,
 //! rate caps and warnings, and `rates` the measured upload rates and when they
 //! call for a new plan, and `trouble` the `PeerTrouble` reports: who may make
-//! them, what retires a peer and when a reporter is demoted, and `install` the states past
-//! delivery (installing, installed, running, failed, rolled back) that decide when a job ends. This module holds the engine's configuration, its
+//! them, what retires a peer and when a reporter is demoted, `install` the states past
+//! delivery (installing, installed, running, failed, rolled back) that decide when a job
+//! ends, and `rollout` the staged rollouts: waves that open one after the other, and the
+//! administrator's pause, resume, approve and abort. This module holds the engine's configuration, its
 //! errors and the records it keeps per agent, job and participant.
 
 use core::time::Duration;
@@ -61,13 +64,14 @@ mod lifecycle;
 mod output;
 mod policy;
 mod rates;
+mod rollout;
 mod state;
 mod trouble;
 
 pub use install::InstallReport;
 pub use output::{EngineEvent, JobStatus, ParticipantStatus, Persist, SegmentStatus};
 pub use policy::{format_duration, format_rate};
-pub use state::{FailCause, JobOutcome, ParticipantState};
+pub use state::{FailCause, JobOutcome, ParticipantState, RolloutState};
 
 /// Settings of the engine, the same for every job.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,6 +198,15 @@ pub enum EngineError {
         /// What does not fit.
         reason: String,
     },
+    /// A rollout command that does not fit where the job's rollout stands (resume of a job
+    /// that is not paused, approve with no wave waiting for approval).
+    #[error("job {job}: {reason}")]
+    Rollout {
+        /// The job.
+        job: u64,
+        /// What does not fit.
+        reason: String,
+    },
     /// The manifest is out of limits.
     #[error("job {job}: invalid manifest: {reason}")]
     InvalidManifest {
@@ -287,6 +300,8 @@ struct Ctx<'a> {
     now: Duration,
     /// Segment leaders from the segment reports.
     leaders: &'a HashMap<Name, AgentId>,
+    /// Wall clock anchor: engine time and UTC seconds at the same instant, if known.
+    wall: Option<(Duration, u64)>,
 }
 
 /// One job.
@@ -329,6 +344,8 @@ struct Job {
     throttle_parts: Vec<u32>,
     /// What each participant delivers to its fetchers, and when the plan was last made.
     rates: rates::UploadMeter,
+    /// Its staged rollout (waves, pause, approval), if it has one.
+    staging: Option<rollout::Staging>,
 }
 
 /// The manager's job engine. See the [module documentation](self) for the calling convention.

@@ -86,6 +86,14 @@ pub enum Persist {
         /// The end of its output, or the manager's note (deadline passed).
         output: String,
     },
+    /// Where the job's staged rollout stands (upsert onto the job; an aborted rollout also
+    /// marks the job cancelled).
+    Rollout {
+        /// The job.
+        job: u64,
+        /// The rollout's state.
+        state: super::RolloutState,
+    },
     /// The versions running on `agent`, per content name: with `whole`, the agent's whole
     /// set (its earlier rows are replaced, so it keeps at most `MAX_RUNNING`); else an
     /// upsert per name (the newest `MAX_RUNNING` rows of the agent are kept).
@@ -159,6 +167,16 @@ pub enum EngineEvent {
         /// The deciding command's exit code, if one ran to its end.
         exit_code: Option<i32>,
     },
+    /// The job's staged rollout moved: paused, resumed, a wave succeeded, opened, waits for
+    /// approval, or the rollout was aborted.
+    Rollout {
+        /// The job.
+        job: u64,
+        /// Where it stands now.
+        state: super::RolloutState,
+        /// What happened, for people.
+        text: String,
+    },
     /// A rule of the job's policy cannot be met as asked; `text` says which and what happens
     /// instead (for the job's stored warnings, the UI and the logs). Each text once per job.
     PolicyWarning {
@@ -223,6 +241,8 @@ pub struct JobStatus {
     /// Where content enters each segment, best segment first (the list of segment leaders
     /// and entry nodes the plan was built from; empty for a plan without segments).
     pub segments: Vec<SegmentStatus>,
+    /// Its staged rollout, if it has one.
+    pub rollout: Option<super::RolloutState>,
 }
 
 /// Where content enters one segment in a job's plan.
@@ -280,7 +300,13 @@ impl Engine {
                     .rates
                     .window_end()
                     .filter(|_| j.outcome == JobOutcome::Running);
-                [j.flush_at, j.opens_at, j.regroup_until, rates]
+                [
+                    j.flush_at,
+                    j.opens_at,
+                    j.regroup_until,
+                    rates,
+                    j.rollout_timeout(),
+                ]
             })
             .flatten()
             .min();
@@ -316,6 +342,7 @@ impl Engine {
                 .collect(),
             warnings: j.warnings.clone(),
             opens_at: j.opens_at,
+            rollout: j.staging.as_ref().map(|st| st.state.clone()),
             segments: j
                 .plan
                 .as_ref()

@@ -220,9 +220,12 @@ impl Job {
         }
         info!(job = job_id, "time window open: job starts");
         for idx in 0..self.parts.len() as u32 {
+            let held = self.is_held(idx);
             let p = &mut self.parts[idx as usize];
             match p.state {
                 ParticipantState::Confirmed | ParticipantState::Failed(FailCause::Agent(_)) => {}
+                // Its wave has not opened: it is instructed when it does.
+                _ if held => {}
                 _ if p.online => {
                     // `on_online` instructs it (and revives a participant given up earlier).
                     p.online = false;

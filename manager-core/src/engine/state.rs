@@ -1,6 +1,6 @@
 //! Where jobs and participants stand: the states the store keeps, and the job's own records.
 //!
-//! [`ParticipantState`] and [`JobOutcome`] are what the driver persists and shows;
+//! [`ParticipantState`], [`JobOutcome`] and [`RolloutState`] are what the driver persists and shows;
 //! [`FailCause`] round-trips through text so a store can keep it. The rest builds
 //! the engine's records of a job: its participants, and the relay plan's view of
 //! each (its segment numbered, its leadership and the policy's serving rules
@@ -112,6 +112,79 @@ pub enum JobOutcome {
     Cancelled,
 }
 
+/// Where a staged rollout stands: what the store keeps and the API shows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutState {
+    /// The cumulative end of each wave in the job's participant order (participant
+    /// positions `ends[w-1]..ends[w]` are wave `w`; later positions belong to the last).
+    pub ends: Vec<u32>,
+    /// Waves opened so far (at least 1).
+    pub opened: u32,
+    /// Paused, and why: nobody new is instructed and no wave opens.
+    pub paused: Option<String>,
+    /// The current wave succeeded and the next waits for an administrator's approval.
+    pub awaiting_approval: bool,
+    /// The current wave succeeded and the next opens at this time (UTC seconds) unless it
+    /// then waits for approval.
+    pub soak_until: Option<u64>,
+    /// Per wave: failures accepted by a resume (the thresholds count those beyond).
+    pub accepted_failures: Vec<u32>,
+    /// Aborted, and why: the job ended and the participants not settled were left.
+    pub aborted: Option<String>,
+}
+
+impl RolloutState {
+    /// A rollout at its start: wave 1 open.
+    pub fn new(ends: Vec<u32>) -> Self {
+        RolloutState {
+            accepted_failures: vec![0; ends.len()],
+            ends,
+            opened: 1,
+            paused: None,
+            awaiting_approval: false,
+            soak_until: None,
+            aborted: None,
+        }
+    }
+
+    /// The wave (0-based) of the participant at `position` in the job's order.
+    pub fn wave_of(&self, position: u32) -> usize {
+        self.ends
+            .iter()
+            .position(|&end| position < end)
+            .unwrap_or(self.ends.len().saturating_sub(1))
+    }
+
+    /// The participant positions of wave `w` (0-based); the last takes every later one.
+    pub(super) fn range(&self, w: usize, parts: u32) -> core::ops::Range<u32> {
+        let start = if w == 0 { 0 } else { self.ends[w - 1] };
+        let end = if w + 1 >= self.ends.len() {
+            parts
+        } else {
+            self.ends[w]
+        };
+        start.min(end)..end
+    }
+
+    /// `aborted`, `paused`, `awaiting_approval`, `soaking`, `running` (a wave is still
+    /// open to go) or `complete` (the last wave is open).
+    pub fn name(&self) -> &'static str {
+        if self.aborted.is_some() {
+            "aborted"
+        } else if self.paused.is_some() {
+            "paused"
+        } else if self.awaiting_approval {
+            "awaiting_approval"
+        } else if self.soak_until.is_some() {
+            "soaking"
+        } else if (self.opened as usize) < self.ends.len() {
+            "running"
+        } else {
+            "complete"
+        }
+    }
+}
+
 impl Part {
     fn new(id: AgentId, state: ParticipantState) -> Self {
         let verified = match state {
@@ -193,6 +266,7 @@ impl Job {
             throttle_segments: BTreeSet::new(),
             throttle_parts: Vec::new(),
             rates: Default::default(),
+            staging: None,
         }
     }
 

@@ -29,15 +29,17 @@
 //!    only when nobody on their segment can serve them (no agent there may
 //!    relay, or as a repair).
 //!
-//! Rate caps and time windows are carried out by the engine (`Throttle`
+//! Rate caps, time windows and staged rollouts ([`Rollout`]) are carried out by the engine (`Throttle`
 //! messages, a job that waits for its window); leaf-only rules (by id, by
 //! labels, by upload) decide who may serve ([`Policy::may_serve`]).
 //!
 //! Planning is `O(N log N)` in the number of participants.
 
 mod relay;
+mod rollout;
 
 pub use relay::{Assignment, Holder, NodeInfo, RelayPlan, Seed, SegmentEntry};
+pub use rollout::{MAX_SOAK_SECS, MAX_WAVES, Rollout, Wave};
 
 use core::fmt;
 use std::collections::BTreeMap;
@@ -120,6 +122,9 @@ pub struct Policy {
     pub max_wan_transfers_per_segment: u16,
     /// When the job may run (UTC); outside it the job waits. `None` = any time.
     pub window: Option<TimeWindow>,
+    /// A staged rollout: the participants in waves, the next opening once the current one
+    /// succeeded. `None` = everyone at once.
+    pub rollout: Option<Rollout>,
 }
 
 /// A daily time window in UTC minutes of the day (`0..1440`); it wraps midnight when
@@ -201,6 +206,7 @@ impl Default for Policy {
             segment_rate_cap_bps: 0,
             max_wan_transfers_per_segment: 0,
             window: None,
+            rollout: None,
         }
     }
 }
@@ -238,6 +244,11 @@ impl Policy {
                     "must be a UTC minute of the day, 0..1440",
                 );
             }
+        }
+        if let Some(r) = &self.rollout
+            && let Err((field, reason)) = r.validate()
+        {
+            return Err(PolicyError { field, reason });
         }
         if self.max_stripes == 0 {
             return err("max_stripes", "must be at least 1");

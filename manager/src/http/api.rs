@@ -17,6 +17,10 @@
 //! | `POST /api/v1/jobs` | publish `{path, name?, version?, chunk_size?}` and distribute it to `targets: {all: true}` or `{agents: [..]}`, or to `group: NAME`; `policy`: a policy's name or its fields |
 //! | `GET /api/v1/jobs/{id}` | a job: participants, verified/total, confirmations, bytes per source |
 //! | `POST /api/v1/jobs/{id}/cancel` | cancel a job |
+//! | `POST /api/v1/jobs/{id}/pause` | pause a job's rollout: nobody new is instructed, no wave opens (transfers under way finish) |
+//! | `POST /api/v1/jobs/{id}/resume` | resume a paused rollout (the failures so far are accepted) |
+//! | `POST /api/v1/jobs/{id}/approve` | open the next wave of a rollout that waits for approval |
+//! | `POST /api/v1/jobs/{id}/abort` | abort a rollout: the job ends, participants not reached are left `aborted` |
 //! | `GET /api/v1/jobs/{id}/events` | server-sent events: a `snapshot` (the job as above), then `event`s ([`JobEvent`]) until the job ends |
 //! | `POST /api/v1/uploads?name=N` | stores the request body as a file the manager holds; answers its `path` for `POST /api/v1/jobs` |
 //! | `GET /api/v1/trust` | the signed trust documents held, oldest first |
@@ -43,7 +47,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::engine_task::JobEvent;
+use crate::engine_task::{JobEvent, RolloutAction};
 use crate::http::audit::AuditTarget;
 use crate::http::content_dirs::ContentDirs;
 use crate::registry::{lock, unix_now};
@@ -100,6 +104,10 @@ pub fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(jobs, create_job))
         .routes(routes!(job))
         .routes(routes!(cancel_job))
+        .routes(routes!(pause_job))
+        .routes(routes!(resume_job))
+        .routes(routes!(approve_job))
+        .routes(routes!(abort_job))
         .routes(routes!(job_events))
         .routes(routes!(upload))
         .routes(routes!(trust_documents, push_trust))
@@ -721,6 +729,9 @@ pub struct JobSummary {
     /// How many warnings the job has: policy rules it cannot meet, participants demoted as
     /// trouble reporters (the texts are in `GET /api/v1/jobs/{id}`).
     pub warnings: usize,
+    /// Where its staged rollout stands (`running`, `soaking`, `awaiting_approval`,
+    /// `paused`, `complete`, `aborted`), if it has one.
+    pub rollout: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs",
@@ -752,6 +763,13 @@ async fn jobs(State(m): State<Arc<Manager>>) -> Result<Json<Vec<JobSummary>>, Ap
             group: job.group.clone(),
             policy: job.policy.clone(),
             warnings: job.warnings.len(),
+            rollout: job
+                .rollout
+                .clone()
+                .and_then(|v| {
+                    serde_json::from_value::<baton_manager_core::engine::RolloutState>(v).ok()
+                })
+                .map(|r| r.name().to_string()),
         });
     }
     Ok(Json(out))
@@ -791,6 +809,26 @@ pub struct ParticipantView {
     pub segment: Option<String>,
     /// Whether it is its segment's leader (as the leader last reported).
     pub leader: bool,
+    /// Its wave (from 1) in a staged rollout.
+    pub wave: Option<u32>,
+    /// In a staged rollout: `held` while its wave has not opened or the rollout is paused
+    /// and it was not reached, `aborted` if the rollout was aborted before it settled.
+    pub rollout: Option<&'static str>,
+}
+
+/// One wave of a staged rollout in a [`JobDetail`].
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WaveView {
+    /// Its number, from 1.
+    pub wave: u32,
+    /// Whether it has opened.
+    pub open: bool,
+    /// Its participants.
+    pub participants: usize,
+    /// Of them, running the content.
+    pub running: usize,
+    /// Of them, failed (delivery, install) or rolled back.
+    pub failed: usize,
 }
 
 /// `GET /api/v1/jobs/{id}` and the `snapshot` event.
@@ -824,6 +862,9 @@ pub struct JobDetail {
     pub bytes_from_manager: u64,
     /// Sum of bytes received from peers.
     pub bytes_from_peers: u64,
+    /// The waves of a staged rollout (empty without one); where the rollout stands is in
+    /// `rollout`.
+    pub waves: Vec<WaveView>,
 }
 
 /// The job's full state from the database.
@@ -851,12 +892,16 @@ pub fn job_detail(m: &Manager, id: u64) -> Result<JobDetail, ApiError> {
             ParticipantView {
                 segment: segment_of.get(&record.agent).cloned(),
                 leader: leaders.contains(&record.agent),
+                wave: None,
+                rollout: None,
                 record,
                 total,
                 connected,
             }
         })
         .collect();
+    let mut participants = participants;
+    let waves = rollout_waves(&job, &mut participants);
     let source_bytes = store.source_bytes(id)?;
     let confirmations = store.confirmations(id)?;
     drop(store);
@@ -894,8 +939,68 @@ pub fn job_detail(m: &Manager, id: u64) -> Result<JobDetail, ApiError> {
         participants,
         confirmations,
         source_bytes,
+        waves,
         job,
     })
+}
+
+/// A participant's outcome in a wave's counts: `Some(true)` running, `Some(false)` failed
+/// or rolled back, `None` neither yet.
+fn wave_outcome(p: &ParticipantView) -> Option<bool> {
+    use crate::store::InstallPhase;
+    if p.record.state == PartState::Failed {
+        return Some(false);
+    }
+    match p.record.install.as_ref().map(|i| i.state) {
+        Some(InstallPhase::Running) => Some(true),
+        Some(InstallPhase::Failed | InstallPhase::RolledBack) => Some(false),
+        _ => None,
+    }
+}
+
+/// Numbers each participant's wave from the job's stored rollout, marks those held or
+/// aborted, and counts each wave.
+fn rollout_waves(job: &JobRecord, participants: &mut [ParticipantView]) -> Vec<WaveView> {
+    let Some(state) = job
+        .rollout
+        .clone()
+        .and_then(|v| serde_json::from_value::<baton_manager_core::engine::RolloutState>(v).ok())
+    else {
+        return Vec::new();
+    };
+    let mut waves: Vec<WaveView> = (0..state.ends.len())
+        .map(|w| WaveView {
+            wave: w as u32 + 1,
+            open: w < state.opened as usize,
+            participants: 0,
+            running: 0,
+            failed: 0,
+        })
+        .collect();
+    let running = job.state == crate::store::JobState::Running;
+    for (pos, p) in participants.iter_mut().enumerate() {
+        let position = p.record.position.unwrap_or(pos as u32);
+        let w = state.wave_of(position);
+        p.wave = Some(w as u32 + 1);
+        let outcome = wave_outcome(p);
+        let reached = p.record.state != PartState::Waiting;
+        p.rollout = if state.aborted.is_some() && outcome.is_none() {
+            Some("aborted")
+        } else if running && !reached && (w >= state.opened as usize || state.paused.is_some()) {
+            Some("held")
+        } else {
+            None
+        };
+        if let Some(view) = waves.get_mut(w) {
+            view.participants += 1;
+            match outcome {
+                Some(true) => view.running += 1,
+                Some(false) => view.failed += 1,
+                None => {}
+            }
+        }
+    }
+    waves
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", params(("id" = u64, Path, description = "Job id")),
@@ -942,6 +1047,11 @@ pub struct CreateJobRequest {
     /// A named policy, or the policy's fields inline (default: the planner's defaults).
     #[schema(value_type = Option<Object>)]
     pub policy: Option<PolicyChoice>,
+    /// A staged rollout, replacing the policy's: `{"waves": [10, 50, 100],
+    /// "pause_after_failures": 1, ...}` (waves: percentages, `{"agents": [..]}` or
+    /// `{"group": NAME}`; see `planner::Rollout`).
+    #[schema(value_type = Option<Object>)]
+    pub rollout: Option<serde_json::Value>,
 }
 
 /// `POST /api/v1/jobs` answer.
@@ -1034,6 +1144,7 @@ async fn start_job(m: &Manager, req: CreateJobRequest) -> Result<JobCreated, Api
         targets,
         group: req.group,
         policy: req.policy,
+        rollout: req.rollout,
     })?;
     let manifest = req
         .manifest
@@ -1076,6 +1187,61 @@ async fn cancel_job(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     m.cancel_job(id).await?;
     Ok(Json(json!({ "id": id, "state": "cancelled" })))
+}
+
+/// Sends `action` to job `id`'s rollout; answers the job's rollout state.
+async fn rollout_action(
+    m: &Manager,
+    id: u64,
+    action: RolloutAction,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    m.rollout_command(id, action).await?;
+    let job = lock(&m.store)
+        .job(id)?
+        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    Ok(Json(
+        json!({ "id": id, "state": job.state.as_str(), "rollout": job.rollout }),
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/pause", tag = "jobs", params(("id" = u64, Path, description = "Job id")),
+    responses((status = 200, description = "Paused: nobody new is instructed and no wave opens; participants already instructed finish their transfer and install"),
+        (status = 404, body = ErrorBody), (status = 409, description = "Over, or paused already", body = ErrorBody)))]
+async fn pause_job(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<u64>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    rollout_action(&m, id, RolloutAction::Pause).await
+}
+
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/resume", tag = "jobs", params(("id" = u64, Path, description = "Job id")),
+    responses((status = 200, description = "Resumed: the failures so far are accepted, held participants of the open waves are instructed"),
+        (status = 404, body = ErrorBody), (status = 409, description = "Over, or not paused", body = ErrorBody)))]
+async fn resume_job(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<u64>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    rollout_action(&m, id, RolloutAction::Resume).await
+}
+
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/approve", tag = "jobs", params(("id" = u64, Path, description = "Job id")),
+    responses((status = 200, description = "The next wave opened"),
+        (status = 404, body = ErrorBody), (status = 409, description = "Over, paused, or no wave waits for approval", body = ErrorBody)))]
+async fn approve_job(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<u64>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    rollout_action(&m, id, RolloutAction::Approve).await
+}
+
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/abort", tag = "jobs", params(("id" = u64, Path, description = "Job id")),
+    responses((status = 200, description = "Aborted: the job is cancelled, participants not settled are shown `aborted`"),
+        (status = 404, body = ErrorBody), (status = 409, description = "Already over", body = ErrorBody)))]
+async fn abort_job(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<u64>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    rollout_action(&m, id, RolloutAction::Abort).await
 }
 
 /// The events stream's state.

@@ -302,7 +302,7 @@ fn agent_record(r: &Row) -> Result<AgentRecord> {
 }
 
 const JOB_COLUMNS: &str = "id, root, epoch, state, created_at, finished_at, targets, confirmed, \
-     failed, error, group_name, policy_name, policy";
+     failed, error, group_name, policy_name, policy, rollout";
 
 fn job_record(r: &Row) -> Result<JobRecord> {
     let id = u64_at(r, 0)?;
@@ -314,6 +314,13 @@ fn job_record(r: &Row) -> Result<JobRecord> {
         ),
         None => None,
     };
+    let rollout: Option<String> = r.try_get(13)?;
+    let rollout = rollout
+        .map(|json| {
+            serde_json::from_str(&json)
+                .map_err(|e| StoreError::Corrupt(format!("rollout of job {id}: {e}")))
+        })
+        .transpose()?;
     let state: String = r.try_get(3)?;
     let targets: String = r.try_get(6)?;
     Ok(JobRecord {
@@ -332,6 +339,7 @@ fn job_record(r: &Row) -> Result<JobRecord> {
         group: r.try_get(10)?,
         policy: r.try_get(11)?,
         policy_spec,
+        rollout,
         warnings: Vec::new(),
         transfers: Vec::new(),
     })
@@ -573,6 +581,18 @@ fn apply_one(tx: &Conn<'_>, record: &Persist, now: u64) -> Result<()> {
                        (SELECT name FROM agent_versions WHERE agent = $1
                         ORDER BY updated_at DESC, name = $3 DESC LIMIT $2)",
                     &[&agent.as_str(), &(MAX_RUNNING as i64), &this],
+                )?;
+            }
+        }
+        Persist::Rollout { job, state } => {
+            let job = int(*job)?;
+            let json = serde_json::to_string(state).expect("a rollout state encodes");
+            tx.exec("UPDATE jobs SET rollout = $2 WHERE id = $1", &[&job, &json])?;
+            if state.aborted.is_some() {
+                tx.exec(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = coalesce(finished_at, $2)
+                     WHERE id = $1 AND state IN ('pending', 'running')",
+                    &[&job, &now],
                 )?;
             }
         }

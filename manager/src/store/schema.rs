@@ -269,6 +269,13 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (agent, name)
     );
     ",
+    // 12: staged rollouts. Where a job's rollout stands (JSON of the engine's
+    // `RolloutState`: the waves' ends in the participant order, the waves opened, a pause,
+    // a wait for approval, a soak's end, the failures accepted, an abort), so the wave plan
+    // and the administrator's decisions survive a restart. Plain SQL, for every backend.
+    "
+    ALTER TABLE jobs ADD COLUMN rollout TEXT;
+    ",
 ];
 
 /// The managers' lease, PostgreSQL only (several `baton serve` on one database; SQLite has

@@ -235,7 +235,7 @@ fn agent_record(row: AgentRow) -> Result<AgentRecord> {
 }
 
 const JOB_COLUMNS: &str = "id, root, epoch, state, created_at, finished_at, targets, confirmed, \
-     failed, error, group_name, policy_name, policy";
+     failed, error, group_name, policy_name, policy, rollout";
 
 fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     Ok(JobRow {
@@ -252,6 +252,7 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
         group: r.get(10)?,
         policy_name: r.get(11)?,
         policy: r.get(12)?,
+        rollout: r.get(13)?,
     })
 }
 
@@ -270,6 +271,7 @@ struct JobRow {
     group: Option<String>,
     policy_name: Option<String>,
     policy: Option<String>,
+    rollout: Option<String>,
 }
 
 fn job_record(row: JobRow) -> Result<JobRecord> {
@@ -281,6 +283,13 @@ fn job_record(row: JobRow) -> Result<JobRecord> {
         ),
         None => None,
     };
+    let rollout = row
+        .rollout
+        .map(|json| {
+            serde_json::from_str(&json)
+                .map_err(|e| StoreError::Corrupt(format!("rollout of job {id}: {e}")))
+        })
+        .transpose()?;
     Ok(JobRecord {
         id,
         root: digest_from(row.root)?,
@@ -297,6 +306,7 @@ fn job_record(row: JobRow) -> Result<JobRecord> {
         group: row.group,
         policy: row.policy_name,
         policy_spec,
+        rollout,
         warnings: Vec::new(),
         transfers: Vec::new(),
     })
@@ -526,6 +536,20 @@ fn apply_one(tx: &Transaction<'_>, record: &Persist, now: u64) -> Result<()> {
                         MAX_RUNNING as i64,
                         versions.first().map(|v| v.0.as_str()).unwrap_or("")
                     ],
+                )?;
+            }
+        }
+        Persist::Rollout { job, state } => {
+            let json = serde_json::to_string(state).expect("a rollout state encodes");
+            tx.execute(
+                "UPDATE jobs SET rollout = ?2 WHERE id = ?1",
+                params![job, json],
+            )?;
+            if state.aborted.is_some() {
+                tx.execute(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = ifnull(finished_at, ?2)
+                     WHERE id = ?1 AND state IN ('pending', 'running')",
+                    params![job, now],
                 )?;
             }
         }

@@ -77,7 +77,74 @@ on_every_backend!(
     certificate_serials_only_grow_also_across_a_reopen,
     a_revoked_agent_leaves_the_views_its_entry_lives_until_its_certificates_expire,
     install_states_and_running_versions_are_kept_and_read_back,
+    a_rollout_state_is_kept_and_an_abort_cancels_the_job,
 );
+
+fn a_rollout_state_is_kept_and_an_abort_cancels_the_job(open: Open<'_>) {
+    use baton_manager_core::engine::RolloutState;
+    let mut s = open();
+    s.put_content(&content(1, "fw", 1)).unwrap();
+    let job = s.create_job(&[1; 32], &TargetSpec::All, 1).unwrap();
+    assert_eq!(s.job(job).unwrap().unwrap().rollout, None);
+    s.apply(
+        &[Persist::JobStarted {
+            job,
+            epoch: 1,
+            order: vec![id("a1"), id("a2")],
+        }],
+        2,
+    )
+    .unwrap();
+    let mut state = RolloutState::new(vec![1, 2]);
+    state.paused = Some("wave 1: 2 participants failed (more than 1)".into());
+    state.soak_until = Some(1_900_000_000);
+    s.apply(
+        &[Persist::Rollout {
+            job,
+            state: state.clone(),
+        }],
+        3,
+    )
+    .unwrap();
+    drop(s);
+    // Read back after reopening, as a restarted manager does.
+    let s2 = open();
+    let kept = s2.job(job).unwrap().unwrap();
+    assert_eq!(kept.state, JobState::Running);
+    let back: RolloutState = serde_json::from_value(kept.rollout.clone().unwrap()).unwrap();
+    assert_eq!(back, state);
+    assert_eq!(
+        s2.unfinished_jobs()
+            .unwrap()
+            .iter()
+            .map(|j| j.id)
+            .collect::<Vec<_>>(),
+        vec![job]
+    );
+    drop(s2);
+    // An abort cancels the job, and the end that follows keeps it cancelled.
+    let mut s3 = open();
+    state.aborted = Some("aborted by an administrator".into());
+    s3.apply(
+        &[
+            Persist::Rollout { job, state },
+            Persist::JobFinished {
+                job,
+                confirmed: 1,
+                failed: 0,
+            },
+        ],
+        9,
+    )
+    .unwrap();
+    let ended = s3.job(job).unwrap().unwrap();
+    assert_eq!(ended.state, JobState::Cancelled);
+    assert_eq!(ended.finished_at, Some(9));
+    assert_eq!(
+        ended.rollout.unwrap()["aborted"],
+        "aborted by an administrator"
+    );
+}
 
 fn id(s: &str) -> AgentId {
     AgentId::try_from(s).unwrap()
@@ -1110,6 +1177,31 @@ fn a_version_10_database_migrates_to_install_states_and_keeps_its_participants()
     assert_eq!(p[0].install, None);
     assert_eq!(resume_install(&p[0]), None);
     assert!(s.running_versions(None).unwrap().is_empty());
+}
+
+#[test]
+fn a_version_11_database_migrates_to_rollouts_and_its_jobs_have_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        for m in &MIGRATIONS[..11] {
+            conn.execute_batch(m).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 11).unwrap();
+        conn.execute_batch(
+            "INSERT INTO content VALUES (x'0101010101010101010101010101010101010101010101010101010101010101', 'fw', 1, 10, 256, '/x', x'00', 1);
+             INSERT INTO jobs (id, root, epoch, state, created_at, targets) VALUES
+                (1, x'0101010101010101010101010101010101010101010101010101010101010101', 1, 'running', 1, '\"all\"');",
+        )
+        .unwrap();
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+    let job = s.job(1).unwrap().unwrap();
+    assert_eq!(job.state, JobState::Running);
+    // Started before rollouts were kept: it resumes as it ran, everyone at once.
+    assert_eq!(job.rollout, None);
 }
 
 #[test]

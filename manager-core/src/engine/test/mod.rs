@@ -28,6 +28,7 @@ mod flow;
 mod install;
 mod lifecycle;
 mod policy;
+mod rollout;
 mod trouble;
 
 const CHUNK: u32 = 1024;

@@ -198,6 +198,7 @@ impl RelayPlan {
                 })
                 .collect(),
             confirmed: VecDeque::new(),
+            holders_first: false,
             default_up,
             relay,
             segmented: false,

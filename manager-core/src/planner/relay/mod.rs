@@ -238,6 +238,9 @@ pub struct RelayPlan {
     segment_servers: HashMap<u32, SegmentServers>,
     /// Per segment, where content enters it, best segment first (see [`SegmentEntry`]).
     entries: Vec<SegmentEntry>,
+    /// Fetchers take a holder of the whole content with room before a member of the
+    /// stripe's group (a staged rollout's later waves fetch from the earlier ones).
+    holders_first: bool,
 }
 
 impl RelayPlan {
@@ -276,6 +279,14 @@ impl RelayPlan {
     /// Number of distinct fetchers currently using `node` as a source.
     pub fn load(&self, node: u32) -> usize {
         self.nodes[node as usize].children.len()
+    }
+
+    /// From now on, repairs and placements give a fetcher a holder of the whole content that
+    /// has room before a member of the stripe's group (see [`RelayPlan::place`]): the later
+    /// waves of a staged rollout fetch from the participants of the earlier ones, which hold
+    /// verified content, rather than from each other.
+    pub fn set_holders_first(&mut self, on: bool) {
+        self.holders_first = on;
     }
 
     /// Adds a participant that is not online yet (a late joiner); returns its index.

@@ -528,6 +528,31 @@ impl RelayPlan {
             return MANAGER;
         }
         let len = self.stripe_len(s) as u64;
+        if self.holders_first {
+            // The least loaded holder of the whole content with room, if there is one.
+            self.clean_front(Queue::Confirmed);
+            let mut best: Option<(u128, u32)> = None;
+            let candidates = prefer
+                .filter(|&p| self.nodes[p as usize].confirmed)
+                .into_iter()
+                .chain(
+                    self.queue(Queue::Confirmed)
+                        .iter()
+                        .take(SCAN_LIMIT)
+                        .copied(),
+                );
+            for h in candidates {
+                if self.valid(fetcher, h, s) {
+                    let c = self.load_with(h, len);
+                    if best.is_none_or(|(b, _)| c < b) {
+                        best = Some((c, h));
+                    }
+                }
+            }
+            if let Some((_, h)) = best {
+                return h;
+            }
+        }
         let mut best: Option<(u128, u32)> = None;
         let mut consider = |plan: &Self, h: u32| {
             if plan.valid(fetcher, h, s) {
@@ -630,6 +655,40 @@ mod test {
     use crate::planner::Policy;
     use crate::planner::relay::test_util::{assert_covers, leaf, server};
     use crate::planner::relay::{Holder, Seed};
+
+    #[test]
+    fn with_holders_first_a_later_wave_fetches_from_holders_not_from_each_other() {
+        // Wave 1 (nodes 0-3) was planned alone and holds the content; wave 2 (4-11) is
+        // placed afterwards, servers all.
+        let mut seeds = vec![server(1_000_000, 8); 4];
+        seeds.extend(vec![Seed::default(); 8]);
+        let place_wave_2 = |holders_first: bool| {
+            let mut plan = RelayPlan::build(64, 0, &Policy::default(), &seeds);
+            plan.set_holders_first(holders_first);
+            for h in 0..4 {
+                plan.confirm(h);
+            }
+            for n in 4..12 {
+                plan.place(n, server(1_000_000, 8).info.unwrap());
+                plan.check().unwrap();
+            }
+            assert_covers(&plan);
+            (4..12u32)
+                .flat_map(|n| plan.sources(n))
+                .filter(|a| !matches!(a.holder, Holder::Peer(h) if h < 4))
+                .map(|a| a.end - a.first)
+                .sum::<u32>()
+        };
+        assert_eq!(
+            place_wave_2(true),
+            0,
+            "every chunk of wave 2 comes from a holder"
+        );
+        assert!(
+            place_wave_2(false) > 0,
+            "without it, wave 2 also relays among itself"
+        );
+    }
 
     #[test]
     fn a_departed_source_is_routed_around_to_less_loaded_holders() {

@@ -96,7 +96,51 @@ const STATE_CLASS = {
   waiting: "", pending: "", offline: "",
   failed: "bad", refused: "bad", cancelled: "warn",
   installing: "run", installed: "run", rolled_back: "warn",
+  held: "", aborted: "warn", paused: "warn", soaking: "run", awaiting_approval: "warn", complete: "ok",
 };
+// Where a staged rollout stands (the job's `rollout` record), as the API's state names.
+function rolloutName(r) {
+  if (r.aborted) return "aborted";
+  if (r.paused) return "paused";
+  if (r.awaiting_approval) return "awaiting_approval";
+  if (r.soak_until !== null && r.soak_until !== undefined) return "soaking";
+  return r.opened < r.ends.length ? "running" : "complete";
+}
+// A running job's rollout buttons: pause or resume, approve when a wave waits, abort (a
+// job without waves can be paused too).
+function rolloutButtons(job, refresh) {
+  const r = job.rollout;
+  const state = r ? rolloutName(r) : "running";
+  const act = (action, question) => async () => {
+    if (question && !confirm(question)) return;
+    try { await api("POST", "/api/v1/jobs/" + job.id + "/" + action); } catch (e) { alert(e.message); }
+    refresh();
+  };
+  return [
+    state === "paused" ? h("button", { class: "btn", id: "rollout-resume", onclick: act("resume") }, "Resume")
+      : h("button", { class: "btn", id: "rollout-pause", onclick: act("pause") }, "Pause"),
+    state === "awaiting_approval" ? h("button", { class: "btn primary", id: "rollout-approve", onclick: act("approve") }, "Approve wave " + (r.opened + 1)) : null,
+    // Without waves, Cancel job does what Abort would.
+    r ? h("button", { class: "btn danger", id: "rollout-abort", onclick: act("abort", "Abort job #" + job.id + "? Participants not reached yet are left out.") }, "Abort") : null,
+  ];
+}
+// The waves of a staged rollout and where it stands.
+function rolloutCard(job) {
+  const r = job.rollout;
+  if (!r) return null;
+  const state = rolloutName(r);
+  const why = r.aborted || r.paused || (state === "soaking" && r.soak_until ? "next wave opens " + when(r.soak_until) : state === "awaiting_approval" ? "wave " + (r.opened + 1) + " waits for approval" : "");
+  return h("div", { class: "card", id: "rollout", "data-rollout": state },
+    h("div", { class: "card-head" }, h("div", {}, h("h2", {}, "Rollout ", pill(state, state.replace("_", " "))),
+      h("span", { class: "muted small", id: "rollout-why" }, why))),
+    table([["Wave"], ["State"], ["Participants", "num"], ["Running", "num"], ["Failed", "num"]],
+      (job.waves || []).map((w) => h("tr", { class: "wave", "data-wave": w.wave, "data-open": w.open ? "yes" : "no" },
+        h("td", {}, "Wave " + w.wave),
+        h("td", {}, !w.open ? pill("held", "not open") : w.wave === r.opened ? pill(state, state.replace("_", " ")) : pill("running", "open")),
+        h("td", { class: "num" }, w.participants),
+        h("td", { class: "num" }, w.running),
+        h("td", { class: "num" }, w.failed)))));
+}
 // A participant's install state past delivery (`—` before it confirmed), with the deciding
 // command's exit code and the end of its output on hover.
 function installCell(install) {
@@ -512,7 +556,7 @@ async function jobs() {
       list.map((j) => h("tr", { "data-job": j.id },
         h("td", {}, h("a", { href: "#/jobs/" + j.id }, h("strong", {}, "#" + j.id))),
         h("td", {}, j.name, h("span", { class: "muted" }, " v" + j.version + " · " + bytes(j.length))),
-        h("td", {}, pill(j.state)),
+        h("td", {}, pill(j.state), j.rollout && j.state === "running" && j.rollout !== "running" ? [" ", pill(j.rollout, "rollout " + j.rollout.replace("_", " "))] : null),
         h("td", {}, h("div", { class: "progress" },
           h("div", { class: "bar " + (j.failed ? "bad" : j.confirmed === j.participants && j.participants ? "ok" : "") },
             h("span", { style: "width:" + pct(j.confirmed, j.participants) + "%" })),
@@ -568,7 +612,14 @@ async function newJob() {
       field("content_name", "Content name", h("input", { type: "text", id: "f-content_name", placeholder: "default: the file name" })),
       field("policy", "Policy", h("select", { id: "f-policy" }, h("option", { value: "" }, "Planner defaults"),
         policyList.map((p) => h("option", { value: p.name }, p.name)))),
-      field("targets", "Send to", h("div", {}, targetSel, agentList), null, "full")),
+      field("targets", "Send to", h("div", {}, targetSel, agentList), null, "full"),
+      field("waves", "Waves", h("input", { type: "text", id: "f-waves", placeholder: "10, 50, 100" }),
+        "Staged rollout: cumulative percentages of the participants; the next wave opens once the current one runs the content. Empty = everyone at once."),
+      field("pause_after_failures", "Pause after failures", h("input", { type: "text", inputmode: "numeric", id: "f-pause_after_failures", placeholder: "none" }),
+        "Pause the rollout when more than this many participants of a wave fail."),
+      h("div", { class: "field" },
+        h("label", { class: "field check" }, h("input", { type: "checkbox", id: "f-approval" }), "Each next wave waits for approval"),
+        h("span", { class: "field-error", id: "e-approval" }))),
     h("div", { class: "form-actions" },
       h("button", { type: "submit", class: "btn primary", id: "start-job" }, "Start job"),
       h("a", { class: "btn", href: "#/jobs" }, "Cancel")));
@@ -595,12 +646,24 @@ async function newJob() {
       else body.targets = { agents: [...agentList.querySelectorAll("input:checked")].map((i) => i.value) };
       const policy = form.querySelector("#f-policy").value;
       if (policy) body.policy = policy;
+      const waves = form.querySelector("#f-waves").value.split(",").map((x) => x.trim()).filter(Boolean);
+      if (waves.length) {
+        if (waves.some((w) => !/^\d+$/.test(w))) throw new ApiError(400, { error: "write percentages separated by commas, e.g. 10, 50, 100", field: "waves" });
+        body.rollout = { waves: waves.map(Number), approval: form.querySelector("#f-approval").checked };
+        const pause = form.querySelector("#f-pause_after_failures").value.trim();
+        if (pause) {
+          if (!/^\d+$/.test(pause)) throw new ApiError(400, { error: "a number of participants", field: "pause_after_failures" });
+          body.rollout.pause_after_failures = Number(pause);
+        }
+      }
       button.textContent = "Starting…";
       const job = await api("POST", "/api/v1/jobs", body);
       location.hash = "#/jobs/" + job.id;
     } catch (e) {
       if (e.field === "name") e.field = "content_name";
       if (e.field === "group" || e.field === "agents") e.field = "targets";
+      if (e.field === "rollout" || e.field === "rollout.waves") e.field = "waves";
+      else if (e.field && e.field.startsWith("rollout.")) e.field = e.field.slice(8);
       showError(form, e);
       button.disabled = false;
       button.textContent = "Start job";
@@ -858,6 +921,7 @@ async function jobPage(id) {
       pageHead(h("span", {}, "Job #" + job.id + " ", pill(job.state)),
         (c.name || "?") + " v" + (c.version ?? "?") + " · " + bytes(c.length) + " in " + (c.chunks ?? 0) + " chunks of " + bytes(c.chunk_size),
         live,
+        ...(over || !CAN_OPERATE ? [] : rolloutButtons(job, refresh)),
         over || !CAN_OPERATE ? null : h("button", { class: "btn danger", id: "cancel-job", onclick: async () => {
           if (!confirm("Cancel job #" + job.id + "? Agents keep the chunks they verified.")) return;
           try { await api("POST", "/api/v1/jobs/" + job.id + "/cancel"); } catch (e) { alert(e.message); }
@@ -871,6 +935,7 @@ async function jobPage(id) {
         stat("Running", (job.install_counts || {}).running || 0, ((job.install_counts || {}).running || 0) === job.participants.length && job.participants.length ? "ok" : ""),
         stat("From manager", bytes(job.bytes_from_manager)),
         stat("From peers", bytes(job.bytes_from_peers))),
+      rolloutCard(job),
       h("div", { class: "card" },
         h("div", { class: "card-head" }, h("div", {}, h("h2", {}, "Relay tree"), h("span", { class: "muted small" }, "Bytes actually carried, source → receiver. Each agent sits one column right of the source that gave it the most (bold, with bytes); grey edges are its other sources. Hover an agent for its transfers; dashed edges are still carrying.")),
           h("div", { class: "legend" }, h("span", { class: "l-e-manager" }, "from manager"), h("span", { class: "l-e-peer" }, "relayed"), h("span", { class: "l-e-extra" }, "other source"),
@@ -880,10 +945,11 @@ async function jobPage(id) {
       h("div", { class: "card" },
         h("div", { class: "card-head" }, h("h2", {}, "Participants"),
           h("span", { class: "muted small" }, [job.group ? "group " + job.group : null, job.policy ? "policy " + job.policy : null, "created " + when(job.created_at)].filter(Boolean).join(" · "))),
-        table([["Agent"], ["State"], ["Progress"], ["Source", "opt"], ["Connection", "opt"], ["Confirmed"], ["Install"]],
-          job.participants.map((p) => h("tr", { "data-agent": p.agent, "data-state": p.state, class: "participant" },
+        table([["Agent"], ["Wave"], ["State"], ["Progress"], ["Source", "opt"], ["Connection", "opt"], ["Confirmed"], ["Install"]],
+          job.participants.map((p) => h("tr", { "data-agent": p.agent, "data-state": p.state, "data-wave": p.wave || "", class: "participant" },
             h("td", {}, h("strong", {}, p.agent)),
-            h("td", {}, pill(p.state)),
+            h("td", {}, p.wave ? String(p.wave) : "—"),
+            h("td", {}, pill(p.state), p.rollout ? [" ", pill(p.rollout)] : null),
             h("td", {}, progress(p.verified, p.total || total, p.state === "confirmed" ? "ok" : p.state === "failed" ? "bad" : ""), ),
             h("td", { class: "opt wrap small" }, p.reason ? h("span", { class: "muted" }, p.reason) : p.source || "—"),
             h("td", { class: "opt" }, p.connected ? pill("connected") : pill("offline")),
