@@ -444,9 +444,10 @@ impl AgentPort {
                 return Err("writer stopped".into());
             }
         }
-        while let Some(event) = session.poll_event() {
-            // Decided before waiting: the event (2.4 KB) is not held while a queue is full.
-            let step = self.step(session.agent(), session.key(), event);
+        // Decided before waiting, the event consumed in the closure: a binding of it here
+        // would keep its 2.4 KB in this future while a queue is full.
+        let (id, key) = (session.agent().clone(), session.key());
+        while let Some(step) = session.poll_event().map(|e| self.step(&id, key, e)) {
             self.carry_out(step, data_tx).await?;
         }
         Ok(())
@@ -678,6 +679,17 @@ mod test {
         let task = port.clone().handle(stream, addr, None);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 3 * 1024, "a session's future is {size} bytes");
+        // What each session holds while it waits for the engine (during a push, all do).
+        let (data_tx, _data_rx) = mpsc::channel(DATA_QUEUE);
+        let mut session = AgentSession::new(
+            Duration::ZERO,
+            AgentId::try_from("a1").unwrap(),
+            Identity::from_seed([3; 32]).public(),
+            port.session.clone(),
+        );
+        let draining = port.drain(&mut session, &data_tx);
+        let size = std::mem::size_of_val(&draining);
+        assert!(size <= 1024, "a session's drain future is {size} bytes");
         // The writer task of the same connection, over a real link.
         let (agent_end, manager_end) = tokio::io::duplex(4096);
         let manager = Identity::from_seed([1; 32]);
