@@ -490,8 +490,12 @@ impl EngineTask {
         let result = lock(&self.store).record_reports(&self.reports, &self.seen, unix_now());
         match result {
             Ok(refused) => {
-                for e in refused {
-                    tracing::warn!("cannot record report: {e}");
+                // One line per batch, however many agents it names.
+                if let Some(first) = refused.first() {
+                    tracing::warn!(
+                        refused = refused.len(),
+                        "cannot record reports (agents no longer enrolled?): {first}"
+                    );
                 }
             }
             Err(e) => tracing::warn!(
