@@ -438,14 +438,17 @@ impl AgentPort {
         data_tx: &mpsc::Sender<Vec<u8>>,
     ) -> Result<(), String> {
         // Pongs and renewed certificates queue behind the chunk answers.
-        while let Some(msg) = session.poll_transmit() {
-            if data_tx.send(msg.to_vec()).await.is_err() {
+        // Encoded before waiting: the decoded message is not held while the queue is full.
+        while let Some(frame) = session.poll_transmit().map(|m| m.to_vec()) {
+            if data_tx.send(frame).await.is_err() {
                 return Err("writer stopped".into());
             }
         }
-        while let Some(event) = session.poll_event() {
-            self.carry_out(session.agent(), session.key(), event, data_tx)
-                .await?;
+        // Decided before waiting, the event consumed in the closure: a binding of it here
+        // would keep its 2.4 KB in this future while a queue is full.
+        let (id, key) = (session.agent().clone(), session.key());
+        while let Some(step) = session.poll_event().map(|e| self.step(&id, key, e)) {
+            self.carry_out(step, data_tx).await?;
         }
         Ok(())
     }
@@ -463,16 +466,20 @@ impl AgentPort {
         }
     }
 
-    /// Carries out one event of an online session; `Err` ends the connection with that reason.
-    async fn carry_out(
-        &self,
-        id: &AgentId,
-        key: PublicKey,
-        event: SessionEvent,
-        data_tx: &mpsc::Sender<Vec<u8>>,
-    ) -> Result<(), String> {
-        let for_engine = match event {
-            SessionEvent::ChunkRequest { root, index } => {
+    /// Carries out what one event of an online session asks ([`AgentPort::step`]); `Err`
+    /// ends the connection with that reason.
+    ///
+    /// It takes the small step, not the event: a session event is 2.4 KB, and during a
+    /// push to every agent each session waits here for the engine's queue at once.
+    async fn carry_out(&self, step: Step, data_tx: &mpsc::Sender<Vec<u8>>) -> Result<(), String> {
+        match step {
+            Step::Nothing => Ok(()),
+            Step::Engine(input) => self
+                .engine
+                .send(input)
+                .await
+                .map_err(|_| "manager shutting down".to_string()),
+            Step::Chunk { root, index } => {
                 let library = self.library.clone();
                 let answer = match tokio::task::spawn_blocking(move || library.answer(&root, index))
                     .await
@@ -483,11 +490,23 @@ impl AgentPort {
                         crate::content::refuse(root, index, baton_protocol::message::Refusal::Busy)
                     }
                 };
-                return data_tx
+                data_tx
                     .send(answer)
                     .await
-                    .map_err(|_| "writer stopped".to_string());
+                    .map_err(|_| "writer stopped".to_string())
             }
+            Step::Refuse { frame, why } => {
+                let _ = data_tx.send(frame).await;
+                Err(why)
+            }
+            Step::Close(why) => Err(why),
+        }
+    }
+
+    /// Decides what one event of an online session asks (see [`AgentPort::carry_out`]).
+    fn step(&self, id: &AgentId, key: PublicKey, event: SessionEvent) -> Step {
+        let for_engine = match event {
+            SessionEvent::ChunkRequest { root, index } => return Step::Chunk { root, index },
             SessionEvent::SegmentPage(page) => {
                 // The engine plans with the segment's leader as its first entry node: it
                 // hears of a report once the report is complete (with its last page).
@@ -497,12 +516,12 @@ impl AgentPort {
                         tracing::info!(agent = %id, segment = %s.segment, members = s.members, unknown = s.unknown, leader_changed = s.leader_changed, "segment report stored");
                         last
                     }
-                    Ok(None) => return Ok(()),
+                    Ok(None) => return Step::Nothing,
                     Err(e) => {
                         if let Some(held_back) = self.registry.segment_warning.due() {
                             tracing::warn!(agent = %id, held_back, "segment report refused: {e}");
                         }
-                        return Ok(());
+                        return Step::Nothing;
                     }
                 }
             }
@@ -512,62 +531,67 @@ impl AgentPort {
                         tracing::warn!(agent = %id, held_back, "{why}; closing");
                     }
                     let reason = reason_for_agent(why.clone());
-                    let _ = data_tx
-                        .send(Message::NotAccepted { reason: &reason }.to_vec())
-                        .await;
-                    return Err(why);
+                    let frame = Message::NotAccepted { reason: &reason }.to_vec();
+                    return Step::Refuse { frame, why };
                 }
                 if let Some(p) = self.registry.placement(id) {
                     self.set_placed_segment(&mut report, &p);
                 }
                 self.registry.note_report(&report);
-                let input = EngineInput::Online {
+                return Step::Engine(EngineInput::Online {
                     id: id.clone(),
                     key,
                     report,
-                };
-                return self
-                    .engine
-                    .send(input)
-                    .await
-                    .map_err(|_| "manager shutting down".to_string());
+                });
             }
             SessionEvent::ForEngine(msg) => msg,
             SessionEvent::Install(report) => {
-                let input = EngineInput::Install {
+                return Step::Engine(EngineInput::Install {
                     id: id.clone(),
                     report,
-                };
-                return self
-                    .engine
-                    .send(input)
-                    .await
-                    .map_err(|_| "manager shutting down".to_string());
+                });
             }
             SessionEvent::Close(why @ SessionError::Flooding { .. }) => {
                 if let Some(n) = FLOODERS_LOG.note(1) {
                     tracing::warn!(agent = %id, closed = n, "{why}; closing (sessions closed for flooding since the last such line, all agents)");
                 }
-                return Err(why.to_string());
+                return Step::Close(why.to_string());
             }
             SessionEvent::Close(why) => {
                 tracing::warn!(agent = %id, "{why}; closing");
-                return Err(why.to_string());
+                return Step::Close(why.to_string());
             }
             other => {
                 tracing::error!(agent = %id, "unexpected session event: {other:?}");
-                return Ok(());
+                return Step::Nothing;
             }
         };
-        let input = EngineInput::Message {
-            id: id.clone(),
-            msg: Box::new(for_engine),
-        };
-        self.engine
-            .send(input)
-            .await
-            .map_err(|_| "manager shutting down".to_string())
+        Step::Engine(EngineInput::message(id.clone(), &for_engine))
     }
+}
+
+/// What one event of an online session asks of its connection ([`AgentPort::step`]).
+enum Step {
+    /// Nothing more.
+    Nothing,
+    /// Hand this to the engine (waiting while its queue is full).
+    Engine(EngineInput),
+    /// Read this chunk (on a blocking thread) and queue the answer.
+    Chunk {
+        /// The content.
+        root: baton_protocol::types::Digest,
+        /// The chunk.
+        index: u32,
+    },
+    /// Tell the agent why it is refused (`NotAccepted`), then close with `why`.
+    Refuse {
+        /// The encoded `NotAccepted`.
+        frame: Vec<u8>,
+        /// The reason logged and returned.
+        why: String,
+    },
+    /// Close the connection for this reason.
+    Close(String),
 }
 
 /// A connection's writer task: sends engine instructions first, then chunk answers and
@@ -655,6 +679,17 @@ mod test {
         let task = port.clone().handle(stream, addr, None);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 3 * 1024, "a session's future is {size} bytes");
+        // What each session holds while it waits for the engine (during a push, all do).
+        let (data_tx, _data_rx) = mpsc::channel(DATA_QUEUE);
+        let mut session = AgentSession::new(
+            Duration::ZERO,
+            AgentId::try_from("a1").unwrap(),
+            Identity::from_seed([3; 32]).public(),
+            port.session.clone(),
+        );
+        let draining = port.drain(&mut session, &data_tx);
+        let size = std::mem::size_of_val(&draining);
+        assert!(size <= 1024, "a session's drain future is {size} bytes");
         // The writer task of the same connection, over a real link.
         let (agent_end, manager_end) = tokio::io::duplex(4096);
         let manager = Identity::from_seed([1; 32]);

@@ -117,8 +117,13 @@ pub struct LoadReport {
     pub manager_rss_end_bytes: u64,
     /// The manager's peak RSS (`VmHWM`, bytes).
     pub manager_rss_peak_bytes: u64,
-    /// Seconds from the push to the last session instructed.
+    /// Seconds from the push to the last session instructed (its `Fetch` arrived).
     pub push_to_all_instructed_seconds: f64,
+    /// Sessions whose agent checked the manifest and started the job.
+    pub started: usize,
+    /// Seconds from the push to the last session started: with the load generator's own
+    /// work (a manifest signature checked per session) on the same CPUs.
+    pub push_to_all_started_seconds: f64,
     /// Seconds from the push to the last session confirmed (the content moves).
     pub push_to_all_confirmed_seconds: f64,
     /// Seconds from the push until the manager counts every confirmation.
@@ -158,6 +163,7 @@ pub fn main(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
     print(&report, args.json);
     let all = report.welcomed == args.sessions
         && report.instructed == args.sessions
+        && report.started == args.sessions
         && report.confirmed == args.sessions
         && report.manager_confirmed == args.sessions;
     if args.check && !all {
@@ -188,6 +194,7 @@ struct Shared {
     storm: watch::Sender<u32>,
     welcomed: AtomicUsize,
     instructed: AtomicUsize,
+    started: AtomicUsize,
     confirmed: AtomicUsize,
     storm_acks: AtomicUsize,
     retries: AtomicU64,
@@ -195,6 +202,7 @@ struct Shared {
     /// Microseconds since `origin` of the latest welcome, instruction and confirmation.
     last_welcomed_us: AtomicU64,
     last_instructed_us: AtomicU64,
+    last_started_us: AtomicU64,
     last_confirmed_us: AtomicU64,
     /// The latest connection or session error (shown when a phase stalls).
     last_error: std::sync::Mutex<String>,
@@ -310,12 +318,14 @@ fn run(args: &LoadgenArgs) -> anyhow::Result<LoadReport> {
         storm,
         welcomed: AtomicUsize::new(0),
         instructed: AtomicUsize::new(0),
+        started: AtomicUsize::new(0),
         confirmed: AtomicUsize::new(0),
         storm_acks: AtomicUsize::new(0),
         retries: AtomicU64::new(0),
         given_up: AtomicUsize::new(0),
         last_welcomed_us: AtomicU64::new(0),
         last_instructed_us: AtomicU64::new(0),
+        last_started_us: AtomicU64::new(0),
         last_confirmed_us: AtomicU64::new(0),
         last_error: std::sync::Mutex::new(String::new()),
     });
@@ -366,6 +376,12 @@ fn run(args: &LoadgenArgs) -> anyhow::Result<LoadReport> {
         report.instructed = shared.instructed.load(Ordering::Relaxed);
         report.push_to_all_instructed_seconds =
             (shared.last_instructed_us.load(Ordering::Relaxed) as f64 - pushed as f64) / 1e6;
+        let _ = wait_for(&mut fleet, "started", timeout, &shared, |s| {
+            s.started.load(Ordering::Relaxed) >= report.instructed
+        });
+        report.started = shared.started.load(Ordering::Relaxed);
+        report.push_to_all_started_seconds =
+            (shared.last_started_us.load(Ordering::Relaxed) as f64 - pushed as f64) / 1e6;
         let _ = wait_for(&mut fleet, "confirmed", timeout, &shared, |s| {
             s.confirmed.load(Ordering::Relaxed) >= report.instructed
         });
@@ -391,9 +407,11 @@ fn run(args: &LoadgenArgs) -> anyhow::Result<LoadReport> {
         let cpu_job = cpu_seconds(pid);
         report.manager_cpu_job_seconds = cpu_job - cpu_setup;
         eprintln!(
-            "loadgen: push → {} instructed in {:.2} s, {} confirmed in {:.2} s (manager counts {})",
+            "loadgen: push → {} instructed in {:.2} s, {} started in {:.2} s, {} confirmed in {:.2} s (manager counts {})",
             report.instructed,
             report.push_to_all_instructed_seconds,
+            report.started,
+            report.push_to_all_started_seconds,
             report.confirmed,
             report.push_to_all_confirmed_seconds,
             report.manager_confirmed
@@ -540,6 +558,7 @@ fn clock_ticks_per_second() -> f64 {
 struct SessionState {
     welcomed: bool,
     instructed: bool,
+    started: bool,
     confirmed: bool,
     /// The storm rounds answered.
     storms_answered: u32,
@@ -560,6 +579,7 @@ async fn session(i: usize, shared: Arc<Shared>) {
     let mut state = SessionState {
         welcomed: false,
         instructed: false,
+        started: false,
         confirmed: false,
         storms_answered: 0,
     };
@@ -693,11 +713,11 @@ async fn drive(
                         .fetch_max(shared.micros(), Ordering::Relaxed);
                     storm_due = *storm.borrow() > state.storms_answered;
                 }
-                Event::JobStarted { .. } if !state.instructed => {
-                    state.instructed = true;
-                    shared.instructed.fetch_add(1, Ordering::Relaxed);
+                Event::JobStarted { .. } if !state.started => {
+                    state.started = true;
+                    shared.started.fetch_add(1, Ordering::Relaxed);
                     shared
-                        .last_instructed_us
+                        .last_started_us
                         .fetch_max(shared.micros(), Ordering::Relaxed);
                 }
                 Event::JobComplete { .. } if !state.confirmed => {
@@ -724,6 +744,13 @@ async fn drive(
                         shared.storm_acks.fetch_add(1, Ordering::Relaxed);
                         storm_due = *storm.borrow() > state.storms_answered;
                         continue;
+                    }
+                    Ok(Message::Fetch { .. }) if !state.instructed => {
+                        state.instructed = true;
+                        shared.instructed.fetch_add(1, Ordering::Relaxed);
+                        shared
+                            .last_instructed_us
+                            .fetch_max(shared.micros(), Ordering::Relaxed);
                     }
                     Ok(Message::NotAccepted { reason }) => {
                         return format!("refused by the manager: {reason}");
@@ -795,8 +822,9 @@ pub fn print(r: &LoadReport, json: bool) {
         mib(r.manager_rss_peak_bytes)
     );
     println!(
-        "push: every session instructed after {:.2} s, confirmed after {:.2} s, all counted by the manager after {:.2} s",
+        "push: every session instructed after {:.2} s (its agent started after {:.2} s), confirmed after {:.2} s, all counted by the manager after {:.2} s",
         r.push_to_all_instructed_seconds,
+        r.push_to_all_started_seconds,
         r.push_to_all_confirmed_seconds,
         r.push_to_manager_confirmed_seconds
     );

@@ -13,7 +13,7 @@ use crate::common::BATON;
 /// Sessions in the CI run.
 const SESSIONS: u64 = 2_000;
 /// The whole run (enrolment, manager start, set-up, job, one storm) on two busy cores.
-const LIMIT: Duration = Duration::from_secs(90);
+const LIMIT: Duration = Duration::from_secs(60);
 
 #[test]
 fn two_thousand_sessions_are_all_welcomed_instructed_and_confirmed() {
