@@ -9,7 +9,7 @@
 //! errs on the safe side: the lease counts from when a renewal was *sent* (the
 //! database counts from when it ran it), less a tenth. A manager frozen past its
 //! lease (SIGSTOP, a paused VM) finds it lost the moment it runs again; anything it
-//! still tries to write is refused by the database ([`crate::store::lease::LeaseFence`]).
+//! still tries to write is refused by the database ([`crate::store::fence::LeaseFence`]).
 //!
 //! Bounds: the time-to-live is at most [`MAX_LEASE_TTL`] (default
 //! [`DEFAULT_LEASE_TTL`]); a standby polls at least every second; every database
@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::store::lease::{LeaseFence, LeaseTake, LeaseView};
+use crate::store::fence::LeaseFence;
+use crate::store::lease::{LeaseTake, LeaseView};
 use crate::store::{PostgresStore, StoreError};
 
 /// The lease's default time-to-live: a dead active manager is replaced within about this

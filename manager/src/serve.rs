@@ -37,7 +37,7 @@ use crate::engine_task::{EngineInput, EngineTask};
 use crate::lease::Lease;
 use crate::registry::{Registry, SharedStore, lock, unix_now};
 use crate::service::{Manager, decode_manifest, engine_targets};
-use crate::store::lease::LeaseFence;
+use crate::store::fence::LeaseFence;
 use crate::store::postgres::read_password;
 use crate::store::{
     JobRecord, JobState, PostgresStore, SqliteStore, Store, StoreError, is_postgres_url,

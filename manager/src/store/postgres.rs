@@ -21,7 +21,7 @@ use baton_protocol::message::{MAX_RUNNING, Report};
 use baton_protocol::types::{Digest, PublicKey};
 use tokio_postgres::Row;
 
-use super::lease::LeaseFence;
+use super::fence::LeaseFence;
 use super::pg::{Conn, Params, Pool};
 use super::schema::{SCHEMA_VERSION, postgres_migration};
 use super::*;
