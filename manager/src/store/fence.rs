@@ -5,17 +5,27 @@
 //! confirmations, job completion —, job states and new jobs) first check, in their
 //! own transaction, that the lease row (`manager_lease`, see [`super::lease`]) is
 //! still this holder's with this epoch and unexpired, holding the row with
-//! `FOR SHARE` so that a takeover (which takes it `FOR UPDATE`) waits until they
-//! commit. A manager that was frozen past its lease and wakes up cannot write: its
+//! `FOR KEY SHARE` so that a takeover (which takes it `FOR UPDATE`) waits until they
+//! commit, while renewals (an `UPDATE` of non-key columns, which takes `FOR NO KEY
+//! UPDATE`) do not conflict with it. The wait is bounded ([`FENCE_LOCK_TIMEOUT`]),
+//! and a connection left idle in a transaction is ended by the server (see
+//! `pg::IDLE_IN_TRANSACTION_TIMEOUT`), so a frozen process cannot hold the
+//! row forever. A manager that was frozen past its lease and wakes up cannot write: its
 //! transaction finds the lease gone and fails with [`StoreError::Fenced`].
 //!
 //! A module of its own so that the store ([`super::postgres`]) and the lease
 //! calls ([`super::lease`], which extend the store) do not import each other.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use super::pg::Conn;
 use super::{Result, StoreError};
+
+/// Longest a fenced write waits for the lease row's lock (a takeover holding it): a third
+/// of the longest lease time-to-live. A takeover's transaction is short; one held longer is
+/// a frozen process, and waiting on it would stall this manager past its own lease.
+pub const FENCE_LOCK_TIMEOUT: Duration = Duration::from_millis(3_000);
 
 /// Who may write: the lease holder id of this manager and the epoch it holds the lease
 /// with (0: it does not hold it, and every fenced write is refused).
@@ -69,16 +79,21 @@ impl LeaseFence {
     }
 
     /// Inside a transaction: whether this manager still holds the lease; the row stays
-    /// share-locked until the transaction ends, so no takeover commits in between.
+    /// key-share-locked until the transaction ends, so no takeover commits in between
+    /// (renewals do).
     pub(super) fn check(&self, tx: &Conn<'_>) -> Result<()> {
         let epoch = self.epoch();
         if epoch == 0 {
             return Err(StoreError::Fenced("it never took it".into()));
         }
+        tx.batch(&format!(
+            "SET LOCAL lock_timeout = {}",
+            FENCE_LOCK_TIMEOUT.as_millis()
+        ))?;
         let held = tx.opt(
             "SELECT 1 FROM manager_lease
              WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > clock_timestamp()
-             FOR SHARE",
+             FOR KEY SHARE",
             &[&self.holder, &i64::from(epoch)],
         )?;
         match held {
