@@ -1253,6 +1253,37 @@ mod test {
             .unwrap();
     }
 
+    /// A SQLite database locked by another manager is refused before it is opened: the
+    /// second manager does not migrate it under the first (its schema version stays).
+    #[tokio::test]
+    async fn a_locked_sqlite_database_is_not_migrated() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = tmp.path().join("held.db");
+        drop(crate::store::SqliteStore::open(&db).unwrap());
+        let older = crate::store::SCHEMA_VERSION - 1;
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .pragma_update(None, "user_version", older)
+            .unwrap();
+        let holder = std::fs::File::open(&db).unwrap();
+        holder.try_lock().unwrap();
+        let mut opts = options(&tmp.path().join("data"));
+        opts.db = Some(db.clone());
+        let refused =
+            tokio::time::timeout(Duration::from_secs(5), serve(opts, std::future::pending()))
+                .await
+                .expect("refused within 5 s");
+        assert!(
+            matches!(refused, Err(ServeError::DatabaseInUse { .. })),
+            "{refused:?}"
+        );
+        let version: u32 = rusqlite::Connection::open(&db)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, older, "a locked database is left as it was");
+    }
+
     #[tokio::test]
     async fn a_key_file_open_to_others_stops_the_manager() {
         let tmp = tempfile::tempdir().unwrap();
