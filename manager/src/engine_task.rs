@@ -31,7 +31,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::registry::{Registry, SharedStore, lock, unix_now};
-use crate::store::lease::LeaseFence;
+use crate::store::fence::LeaseFence;
 use crate::store::{JobState, StoreError};
 use baton_agent_core::linux::spaced::SpacedLog;
 use baton_manager_core::engine::{Engine, EngineEvent, InstallReport, JobSpec};

@@ -8,8 +8,12 @@
 //! lost so that the manager stops acting at once ([`Lease::keep`]). Its own clock
 //! errs on the safe side: the lease counts from when a renewal was *sent* (the
 //! database counts from when it ran it), less a tenth. A manager frozen past its
-//! lease (SIGSTOP, a paused VM) finds it lost the moment it runs again; anything it
-//! still tries to write is refused by the database ([`crate::store::lease::LeaseFence`]).
+//! lease (SIGSTOP, a paused VM) counts it lost at its first check after it runs again,
+//! as far as its monotonic clock has advanced (`CLOCK_MONOTONIC` does not count a host
+//! suspend, so a suspended host's manager may act until a renewal is refused); the
+//! writes that matter are refused by the database ([`crate::store::fence::LeaseFence`]),
+//! but frames already queued on its sockets may still go out: agents ignore instructions
+//! of an older epoch once they have seen the new one.
 //!
 //! Bounds: the time-to-live is at most [`MAX_LEASE_TTL`] (default
 //! [`DEFAULT_LEASE_TTL`]); a standby polls at least every second; every database
@@ -21,7 +25,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::store::lease::{LeaseFence, LeaseTake, LeaseView};
+use crate::store::fence::LeaseFence;
+use crate::store::lease::{LeaseTake, LeaseView};
 use crate::store::{PostgresStore, StoreError};
 
 /// The lease's default time-to-live: a dead active manager is replaced within about this
@@ -42,6 +47,9 @@ const MAX_POLL: Duration = Duration::from_secs(1);
 pub struct Activity {
     standby: bool,
     active: Mutex<Option<LeaseView>>,
+    /// On an active manager sharing a database: its fence; changes are refused once it no
+    /// longer acts ([`LeaseFence::acting`]).
+    fence: Option<Arc<LeaseFence>>,
 }
 
 impl Activity {
@@ -55,7 +63,24 @@ impl Activity {
         Arc::new(Activity {
             standby: true,
             active: Mutex::new(None),
+            fence: None,
         })
+    }
+
+    /// The active manager holding the lease of `fence`: once the lease has run out by its
+    /// own clock, it refuses changes like a standby, before it has stepped down.
+    pub fn active_fenced(fence: Arc<LeaseFence>) -> Arc<Self> {
+        Arc::new(Activity {
+            standby: false,
+            active: Mutex::new(None),
+            fence: Some(fence),
+        })
+    }
+
+    /// Whether requests that change something are refused: a standby, or an active manager
+    /// whose lease ran out.
+    pub fn refuses_changes(&self) -> bool {
+        self.standby || self.fence.as_ref().is_some_and(|f| !f.acting())
     }
 
     /// Whether this manager stands by (serves reads only, takes no agent).
@@ -169,7 +194,18 @@ impl Lease {
             http_addr.to_string(),
             self.ttl,
         );
-        match blocking(move || store.lease_take(&holder, &agent, &http, ttl)).await {
+        // Bounded: a database that does not answer (or a lock held by a frozen process)
+        // must not keep a standby from trying again.
+        let call = blocking(move || store.lease_take(&holder, &agent, &http, ttl));
+        let answer = tokio::time::timeout(self.ttl, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(format!(
+                    "no answer within {} ms",
+                    self.ttl.as_millis()
+                )))
+            });
+        match answer {
             Ok(LeaseTake::Taken(epoch)) => {
                 let until = self.valid_until(sent);
                 self.fence.set_valid_until(until.into_std());
@@ -232,6 +268,10 @@ impl Lease {
         let renew_every = self.ttl / 3;
         let mut next = Instant::now() + renew_every;
         let mut failures = 0u32;
+        // Whether the lease may still stand in the database (no renewal was refused): it is
+        // then released, conditionally on this holder and epoch, so that a renewal the
+        // database ran late does not keep it from a standby.
+        let mut release = true;
         let why = loop {
             tokio::time::sleep_until(next.min(valid_until)).await;
             let sent = Instant::now();
@@ -259,6 +299,7 @@ impl Lease {
                     next = sent + renew_every;
                 }
                 Ok(Ok(false)) => {
+                    release = false;
                     break "the database says it expired or another manager took it over"
                         .to_string();
                 }
@@ -273,7 +314,22 @@ impl Lease {
             }
         };
         self.fence.set_epoch(0);
+        if release {
+            let lease = self.clone();
+            tokio::spawn(async move { lease.release(epoch).await });
+        }
         why
+    }
+
+    /// [`Self::release`] from synchronous code (a guard's drop): blocks for at most one
+    /// database call.
+    pub fn release_blocking(&self, epoch: u32) {
+        self.fence.set_epoch(0);
+        match self.store.lease_release(self.fence.holder(), epoch) {
+            Ok(true) => tracing::info!(epoch, "lease released"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("cannot release the lease (it expires by itself): {e}"),
+        }
     }
 
     /// Gives the lease up now (a clean stop), so a standby takes over at once; waits at most

@@ -37,7 +37,7 @@ use crate::engine_task::{EngineInput, EngineTask};
 use crate::lease::Lease;
 use crate::registry::{Registry, SharedStore, lock, unix_now};
 use crate::service::{Manager, decode_manifest, engine_targets};
-use crate::store::lease::LeaseFence;
+use crate::store::fence::LeaseFence;
 use crate::store::postgres::read_password;
 use crate::store::{
     JobRecord, JobState, PostgresStore, SqliteStore, Store, StoreError, is_postgres_url,
@@ -514,14 +514,47 @@ fn http_listener(
         })
 }
 
+/// The lease this manager took: dropped, it stops the keeper's renewals; dropped armed
+/// (while it gets ready to run) (an error on the
+/// way out of `serve`), it stops the keeper's renewals and releases the lease, so that a
+/// standby takes over at once rather than at its expiry (or never, if the keeper outlived
+/// `serve`).
+struct HeldLease {
+    lease: Lease,
+    epoch: u32,
+    keeper: Option<tokio::task::AbortHandle>,
+    armed: bool,
+}
+
+impl Drop for HeldLease {
+    fn drop(&mut self) {
+        if let Some(keeper) = &self.keeper {
+            keeper.abort();
+        }
+        if self.armed {
+            self.lease.release_blocking(self.epoch);
+        }
+    }
+}
+
 /// Takes an exclusive `flock` on a SQLite database file for the process's life: a second
 /// `baton serve` on the same file (from another data directory) is refused. `baton admin`
 /// does not take it (it writes beside a running manager, through SQLite's own locks).
 fn lock_database_file(path: &Path) -> Result<std::fs::File, ServeError> {
-    let file = std::fs::File::open(path).map_err(|source| ServeError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Created (owner-only, empty: SQLite takes an empty file as a new database) when
+    // missing, so that it is locked before SQLite opens and migrates it.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| ServeError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(ServeError::DatabaseInUse {
@@ -703,11 +736,13 @@ pub async fn serve_reloading(
             Box::new(store)
         }
         None => {
+            // Locked before it is opened: a second manager must not migrate it under the
+            // first.
+            _sqlite_lock = Some(lock_database_file(&db_path)?);
             let store = SqliteStore::open(&db_path).map_err(|source| ServeError::Store {
                 path: db_path.clone(),
                 source,
             })?;
-            _sqlite_lock = Some(lock_database_file(&db_path)?);
             Box::new(store)
         }
     };
@@ -815,6 +850,14 @@ pub async fn serve_reloading(
         }
         _ => None,
     };
+    // Until the manager runs, an error (loading the registry, the trust document, resuming
+    // jobs, listening) releases the lease and stops its keeper.
+    let mut held_lease = lease.as_ref().map(|lease| HeldLease {
+        lease: lease.clone(),
+        epoch,
+        keeper: lease_keeper.as_ref().map(|task| task.abort_handle()),
+        armed: true,
+    });
     let lease_lost = async {
         match lease_keeper {
             Some(task) => task
@@ -893,7 +936,10 @@ pub async fn serve_reloading(
         agent_addr,
         http_addr,
         admin_token: admin_token.clone(),
-        activity: crate::lease::Activity::active(),
+        activity: match &lease {
+            Some(lease) => crate::lease::Activity::active_fenced(lease.fence()),
+            None => crate::lease::Activity::active(),
+        },
     });
     let agent_port = Arc::new(AgentPort {
         session: Arc::new(
@@ -966,6 +1012,10 @@ pub async fn serve_reloading(
         write_ready_file(ready, &info)?;
     }
     tracing::info!(%agent_addr, %http_addr, epoch, manager_key = %info.manager_key, "manager ready");
+    // Running: from here the loop below keeps, loses or releases the lease.
+    if let Some(held) = &mut held_lease {
+        held.armed = false;
+    }
 
     tokio::pin!(engine_run);
     tokio::pin!(lease_lost);
@@ -1201,6 +1251,37 @@ mod test {
             .expect("the first manager stops")
             .unwrap()
             .unwrap();
+    }
+
+    /// A SQLite database locked by another manager is refused before it is opened: the
+    /// second manager does not migrate it under the first (its schema version stays).
+    #[tokio::test]
+    async fn a_locked_sqlite_database_is_not_migrated() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = tmp.path().join("held.db");
+        drop(crate::store::SqliteStore::open(&db).unwrap());
+        let older = crate::store::SCHEMA_VERSION - 1;
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .pragma_update(None, "user_version", older)
+            .unwrap();
+        let holder = std::fs::File::open(&db).unwrap();
+        holder.try_lock().unwrap();
+        let mut opts = options(&tmp.path().join("data"));
+        opts.db = Some(db.clone());
+        let refused =
+            tokio::time::timeout(Duration::from_secs(5), serve(opts, std::future::pending()))
+                .await
+                .expect("refused within 5 s");
+        assert!(
+            matches!(refused, Err(ServeError::DatabaseInUse { .. })),
+            "{refused:?}"
+        );
+        let version: u32 = rusqlite::Connection::open(&db)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, older, "a locked database is left as it was");
     }
 
     #[tokio::test]

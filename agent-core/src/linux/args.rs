@@ -17,7 +17,8 @@ pub struct AgentArgs {
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// The manager's agent port, HOST:PORT; several managers (an active one and standbys on
-    /// one PostgreSQL database) as a comma-separated list, tried in turn.
+    /// one PostgreSQL database) as a comma-separated list, tried in turn (at most 16,
+    /// repeats ignored).
     #[arg(long, value_name = "ADDR[,ADDR...]")]
     pub manager: Option<String>,
     /// The manager's Ed25519 public key (hex), pinned in the handshake.

@@ -360,8 +360,15 @@ impl Settings {
         let manager_key = parse_key(&need(&a.manager_key, "manager-key")?, "--manager-key")?;
         config.manager_key = Some(manager_key);
         let manager = need(&a.manager, "manager")?;
-        if manager_addresses(&manager).is_empty() {
+        let addresses = manager_addresses(&manager);
+        if addresses.is_empty() {
             return Err(config_err("--manager names no address"));
+        }
+        if addresses.len() > MAX_MANAGER_ADDRESSES {
+            return Err(config_err(format!(
+                "--manager names {} different addresses; at most {MAX_MANAGER_ADDRESSES} (an active manager and its standbys)",
+                addresses.len()
+            )));
         }
         Ok(Settings {
             discovery,
@@ -731,22 +738,47 @@ const MANAGER_BACKOFF_MAX: Duration = Duration::from_secs(8);
 /// A refused connection costs a manager host nothing but its kernel's reset.
 const MANAGER_LIST_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// Most addresses `--manager` may name (an active manager and its standbys); more is a
+/// configuration error rather than a long round of connection attempts.
+pub const MAX_MANAGER_ADDRESSES: usize = 16;
+
 /// The manager addresses of `--manager`: a comma-separated list (one address: one manager),
-/// blanks ignored.
+/// blanks and repeats ignored, in the order given.
 fn manager_addresses(list: &str) -> Vec<String> {
-    list.split(',')
-        .map(str::trim)
-        .filter(|a| !a.is_empty())
-        .map(String::from)
-        .collect()
+    let mut addrs: Vec<String> = Vec::new();
+    for addr in list.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        if !addrs.iter().any(|seen| seen == addr) {
+            addrs.push(addr.to_string());
+        }
+    }
+    addrs
+}
+
+/// Whether a failed attempt found no manager there at all (nothing listening, no answer in
+/// time: a standby, or a dead or frozen host), so the next address is tried at once; other
+/// outcomes (a session that ended, a manager that refused us) wait the backoff first.
+fn nobody_there(e: &LinkError) -> bool {
+    use std::io::ErrorKind;
+    match e {
+        LinkError::Timeout => true,
+        LinkError::Io(e) => matches!(
+            e.kind(),
+            ErrorKind::ConnectionRefused
+                | ErrorKind::TimedOut
+                | ErrorKind::HostUnreachable
+                | ErrorKind::NetworkUnreachable
+                | ErrorKind::AddrNotAvailable
+        ),
+        _ => false,
+    }
 }
 
 /// Keeps a session with the manager, reconnecting with backoff (each wait drawn between half
 /// and all of the current backoff, so a fleet that lost its manager together does not come
 /// back in lockstep). With several addresses (an active manager and its standbys) each is
-/// tried in turn, the next one at once when a session ends or a connection fails; the
-/// backoff is waited after a whole round of them failed, at most
-/// [`MANAGER_LIST_BACKOFF_MAX`].
+/// tried in turn: the next one at once when nobody answered at this one ([`nobody_there`]:
+/// refused, timed out), after the backoff when a session ended or a manager refused us; the
+/// backoff is also waited after a whole round, at most [`MANAGER_LIST_BACKOFF_MAX`].
 async fn manager_loop(
     shared: Shared,
     list: String,
@@ -767,6 +799,7 @@ async fn manager_loop(
     loop {
         let addr = addrs.get(next).unwrap_or(&first);
         let started = Instant::now();
+        let mut at_once = false;
         match manager_session(&shared, addr, &token).await {
             Ok((link, local)) => {
                 tracing::info!(%addr, "connected to the manager");
@@ -782,13 +815,16 @@ async fn manager_loop(
                 pump(link, ConnId::MANAGER, rx, shared.inputs.clone(), None).await;
                 tracing::warn!(%addr, "manager session ended");
             }
-            Err(e) => tracing::warn!(%addr, "manager unreachable: {e}"),
+            Err(e) => {
+                at_once = nobody_there(&e);
+                tracing::warn!(%addr, "manager unreachable: {e}");
+            }
         }
         if started.elapsed() > Duration::from_secs(10) {
             backoff = MANAGER_BACKOFF_MIN;
         }
         next = (next + 1) % addrs.len();
-        if next == 0 {
+        if next == 0 || !at_once {
             let jitter: f64 = rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0);
             tokio::time::sleep(backoff.mul_f64(jitter)).await;
             backoff = (backoff * 2).min(most);
@@ -1817,6 +1853,15 @@ mod test {
             "a list, blanks ignored"
         );
         assert!(manager_addresses(" , ").is_empty());
+        assert_eq!(
+            manager_addresses("a:7700,b:7700, a:7700,b:7700"),
+            ["a:7700", "b:7700"],
+            "repeats are dropped"
+        );
+        let refused = LinkError::Io(std::io::ErrorKind::ConnectionRefused.into());
+        assert!(nobody_there(&refused) && nobody_there(&LinkError::Timeout));
+        assert!(!nobody_there(&LinkError::Refused("revoked".into())));
+        assert!(!nobody_there(&LinkError::Closed));
     }
 
     #[test]

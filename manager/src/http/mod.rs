@@ -239,18 +239,23 @@ pub fn router(manager: Arc<Manager>, config: &HttpConfig) -> Router {
         .layer(middleware::from_fn(security_headers))
 }
 
-/// On a standby manager, every request that would change something (sign-ins included) is
-/// refused with 503 and the active manager's API address: the database is the active
+/// On a standby manager (and on an active one whose lease ran out by its own clock), every
+/// request that would change something (sign-ins included) is refused with 503 and the active manager's API address: the database is the active
 /// manager's to write. Reads are served.
 async fn refuse_changes_on_standby(
     State(activity): State<Arc<crate::lease::Activity>>,
     req: Request,
     next: Next,
 ) -> Response {
-    if activity.is_standby() && changes_something(req.method()) {
+    if activity.refuses_changes() && changes_something(req.method()) {
         let active = activity.active_manager().and_then(|v| v.http_addr);
+        let what = if activity.is_standby() {
+            "this manager is a standby (read-only)"
+        } else {
+            "this manager's lease ran out (it is stepping down)"
+        };
         let error = format!(
-            "this manager is a standby (read-only): send changes to the active manager{}",
+            "{what}: send changes to the active manager{}",
             active
                 .as_deref()
                 .map(|a| format!(", whose API is at {a}"))

@@ -11,93 +11,13 @@
 //! ([`PostgresStore::lease_renew`]) succeeds only while the lease is still this
 //! holder's, with this epoch, and unexpired.
 //!
-//! The fence ([`LeaseFence`]): the writes that matter (the engine's records —
-//! participant states, confirmations, job completion —, job states and new jobs)
-//! first check, in their own transaction, that the lease is still this holder's
-//! with this epoch and unexpired, holding the row with `FOR SHARE` so that a
-//! takeover (which takes it `FOR UPDATE`) waits until they commit. A manager that
-//! was frozen past its lease and wakes up cannot write: its transaction finds the
-//! lease gone and fails with [`StoreError::Fenced`].
+//! The fence that keeps a former holder's writes out is [`super::fence::LeaseFence`]
+//! (a module of its own, which the store's write paths use).
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use super::pg::Conn;
 use super::postgres::PostgresStore;
 use super::{Result, StoreError};
-
-/// Who may write: the lease holder id of this manager and the epoch it holds the lease
-/// with (0: it does not hold it, and every fenced write is refused).
-///
-/// It also keeps this manager's own view, by its monotonic clock, of until when the lease
-/// is valid ([`LeaseFence::acting`]): the engine task checks it before it instructs agents,
-/// so that a manager woken after its lease ran out sends nothing, whichever of its tasks
-/// runs first.
-#[derive(Debug)]
-pub struct LeaseFence {
-    holder: String,
-    epoch: AtomicU32,
-    valid_until: std::sync::Mutex<Option<std::time::Instant>>,
-}
-
-impl LeaseFence {
-    /// A fence for holder `holder` that holds no lease yet.
-    pub fn new(holder: String) -> Self {
-        LeaseFence {
-            holder,
-            epoch: AtomicU32::new(0),
-            valid_until: std::sync::Mutex::new(None),
-        }
-    }
-
-    /// This manager's holder id.
-    pub fn holder(&self) -> &str {
-        &self.holder
-    }
-
-    /// The epoch this manager holds the lease with (0: none).
-    pub fn epoch(&self) -> u32 {
-        self.epoch.load(Ordering::SeqCst)
-    }
-
-    /// Records that the lease was taken with `epoch` (0: lost or released).
-    pub fn set_epoch(&self, epoch: u32) {
-        self.epoch.store(epoch, Ordering::SeqCst);
-    }
-
-    /// Records until when the lease is valid by this manager's clock (taken or renewed).
-    pub fn set_valid_until(&self, until: std::time::Instant) {
-        *self.valid_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
-    }
-
-    /// Whether this manager may act now: it holds the lease and, by its own clock, the
-    /// lease has not run out.
-    pub fn acting(&self) -> bool {
-        let until = *self.valid_until.lock().unwrap_or_else(|e| e.into_inner());
-        self.epoch() != 0 && until.is_some_and(|u| std::time::Instant::now() < u)
-    }
-
-    /// Inside a transaction: whether this manager still holds the lease; the row stays
-    /// share-locked until the transaction ends, so no takeover commits in between.
-    pub(super) fn check(&self, tx: &Conn<'_>) -> Result<()> {
-        let epoch = self.epoch();
-        if epoch == 0 {
-            return Err(StoreError::Fenced("it never took it".into()));
-        }
-        let held = tx.opt(
-            "SELECT 1 FROM manager_lease
-             WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > clock_timestamp()
-             FOR SHARE",
-            &[&self.holder, &i64::from(epoch)],
-        )?;
-        match held {
-            Some(_) => Ok(()),
-            None => Err(StoreError::Fenced(format!(
-                "epoch {epoch} expired or taken over"
-            ))),
-        }
-    }
-}
 
 /// The lease as the database holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -169,6 +89,12 @@ impl PostgresStore {
     ) -> Result<LeaseTake> {
         let mut conn = self.conn()?;
         let tx = conn.begin()?;
+        // A frozen process holding the row (a fenced write's share lock) must not hold up a
+        // takeover past a third of the time-to-live: this attempt fails, the next retries.
+        tx.batch(&format!(
+            "SET LOCAL lock_timeout = {}",
+            (ttl / 3).as_millis().max(1)
+        ))?;
         let current = view(&tx.one(
             &format!("SELECT {VIEW_COLUMNS} FROM manager_lease WHERE id = 1 FOR UPDATE"),
             &[],
@@ -243,6 +169,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::store::fence::LeaseFence;
     use crate::store::test_database::TestDatabase;
     use crate::store::{JobState, Store, TargetSpec};
     use baton_manager_core::engine::{ParticipantState, Persist};
@@ -345,6 +272,18 @@ mod tests {
         ));
         assert!(a.confirmations(job).unwrap().is_empty());
         assert_eq!(a.job(job).unwrap().unwrap().state, JobState::Running);
+        // Nor what the new holder loads into its caches: enrolments, revocations, trust.
+        let key = baton_protocol::types::PublicKey([7; 32]);
+        assert!(matches!(
+            a.enrol("late-agent", &key, 2),
+            Err(StoreError::Fenced(_))
+        ));
+        assert!(matches!(
+            a.add_trust(1, b"document", 2, 4),
+            Err(StoreError::Fenced(_))
+        ));
+        assert!(matches!(a.revoke_agent("x", 2), Err(StoreError::Fenced(_))));
+        assert!(b.agent("late-agent").unwrap().is_none());
 
         // A clean stop of B frees the lease at once.
         assert!(b.lease_release("manager-b", second).unwrap());
@@ -358,5 +297,107 @@ mod tests {
         a_fence.set_epoch(third);
         a.apply(&[confirmed(job, "x")], 3).unwrap();
         assert_eq!(a.confirmations(job).unwrap().len(), 1);
+    }
+
+    /// A frozen process holding the lease row (a fenced write's transaction, never ended)
+    /// keeps neither renewals out (its `FOR KEY SHARE` does not conflict with their
+    /// `UPDATE`) nor a takeover for long: `lease_take` gives up within a third of the
+    /// time-to-live instead of waiting, and succeeds once the frozen transaction is gone.
+    #[test]
+    fn a_frozen_fenced_write_neither_blocks_renewals_nor_a_takeover_for_long() {
+        let Some(db) = TestDatabase::create("lease_frozen_lock_holder") else {
+            return;
+        };
+        let ttl = Duration::from_millis(900);
+        let a = db.open();
+        let b = db.open();
+        let LeaseTake::Taken(first) = a.lease_take("manager-a", "a:7700", "a:7780", ttl).unwrap()
+        else {
+            panic!("a free lease is taken");
+        };
+        let fence = LeaseFence::new("manager-a".into());
+        fence.set_epoch(first);
+        let mut frozen = a.conn().unwrap();
+        let frozen_tx = frozen.begin().unwrap();
+        fence.check(&frozen_tx).unwrap();
+
+        let started = std::time::Instant::now();
+        assert!(a.lease_renew("manager-a", first, ttl).unwrap());
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "a renewal waited {:?} for a fenced write",
+            started.elapsed()
+        );
+
+        std::thread::sleep(ttl + Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        let refused = b.lease_take("manager-b", "b:7700", "b:7780", ttl);
+        let waited = started.elapsed();
+        assert!(refused.is_err(), "{refused:?}");
+        assert!(
+            waited < Duration::from_secs(2),
+            "a takeover waited {waited:?} behind a frozen transaction"
+        );
+
+        drop(frozen_tx);
+        drop(frozen);
+        let LeaseTake::Taken(second) = b.lease_take("manager-b", "b:7700", "b:7780", ttl).unwrap()
+        else {
+            panic!("an expired lease is taken once the frozen transaction is gone");
+        };
+        assert!(second > first);
+    }
+
+    /// The epoch is the lease holder's: while another manager's lease is valid, advancing
+    /// it outside the lease is refused (it would race a takeover and give one epoch twice);
+    /// once the lease is released it is allowed, above the lease's epoch.
+    #[test]
+    fn the_epoch_is_not_advanced_beside_a_valid_lease() {
+        let Some(db) = TestDatabase::create("lease_guards_next_epoch") else {
+            return;
+        };
+        let ttl = Duration::from_secs(5);
+        let a = db.open();
+        let mut b = db.open();
+        let LeaseTake::Taken(epoch) = a.lease_take("manager-a", "a:7700", "a:7780", ttl).unwrap()
+        else {
+            panic!("a free lease is taken");
+        };
+        let refused = b.next_epoch().unwrap_err();
+        assert!(matches!(refused, StoreError::Fenced(_)), "{refused}");
+        assert_eq!(b.epoch().unwrap(), epoch, "nothing advanced");
+        assert!(a.lease_release("manager-a", epoch).unwrap());
+        assert_eq!(b.next_epoch().unwrap(), epoch + 1);
+    }
+
+    /// Migration 13 creates the lease table idempotently: a database of the build that made
+    /// it outside the migrations (schema 12, lease table present and held) migrates without
+    /// losing the lease.
+    #[test]
+    fn migration_13_keeps_an_existing_lease_table() {
+        let Some(db) = TestDatabase::create("lease_migration_13") else {
+            return;
+        };
+        let a = db.open();
+        assert_eq!(a.schema_version().unwrap(), crate::store::SCHEMA_VERSION);
+        let LeaseTake::Taken(epoch) = a
+            .lease_take("manager-a", "a:7700", "a:7780", Duration::from_secs(5))
+            .unwrap()
+        else {
+            panic!("a free lease is taken");
+        };
+        a.conn()
+            .unwrap()
+            .exec("UPDATE schema_version SET version = 12", &[])
+            .unwrap();
+        let reopened = db.open();
+        assert_eq!(
+            reopened.schema_version().unwrap(),
+            crate::store::SCHEMA_VERSION
+        );
+        let lease = reopened.lease().unwrap();
+        assert_eq!(lease.holder.as_deref(), Some("manager-a"));
+        assert_eq!(lease.epoch, epoch);
+        assert!(lease.live);
     }
 }

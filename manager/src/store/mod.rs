@@ -26,6 +26,7 @@
 //! - [`test_database`]: throwaway PostgreSQL databases for the tests of both.
 
 pub mod copy;
+pub mod fence;
 pub mod lease;
 mod pg;
 pub mod postgres;

@@ -14,7 +14,8 @@
 //!
 //! Bounds: at most [`POOL_SIZE`] connections; a caller waits at most
 //! [`POOL_WAIT`] for one; connecting gives up after [`CONNECT_TIMEOUT`]; a
-//! statement is cancelled by the server after [`STATEMENT_TIMEOUT`]; a dead peer
+//! statement is cancelled by the server after [`STATEMENT_TIMEOUT`], and a session
+//! idle inside a transaction ended after [`IDLE_IN_TRANSACTION_TIMEOUT`]; a dead peer
 //! is noticed by TCP keepalives within about 25 s. A connection found closed is
 //! dropped and replaced on the next call (reconnection after a server restart).
 
@@ -37,6 +38,11 @@ pub const POOL_WAIT: Duration = Duration::from_secs(30);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest one statement may run before the server cancels it.
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a session may sit idle inside a transaction before the server ends it (and
+/// its locks): half the longest lease time-to-live, so that a frozen manager holding the
+/// lease row's lock does not block a takeover for long. The store's transactions run their
+/// statements back to back.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Waits for `future` on the calling thread by parking it until woken. Never enters a
 /// tokio runtime, so it may be called from inside one (see the module notes).
@@ -231,8 +237,9 @@ impl Pool {
         let client = block_on(task)
             .map_err(|e| StoreError::Unavailable(format!("database connect task: {e}")))??;
         block_on(client.batch_execute(&format!(
-            "SET statement_timeout = {}",
-            STATEMENT_TIMEOUT.as_millis()
+            "SET statement_timeout = {}; SET idle_in_transaction_session_timeout = {}",
+            STATEMENT_TIMEOUT.as_millis(),
+            IDLE_IN_TRANSACTION_TIMEOUT.as_millis()
         )))?;
         Ok(client)
     }

@@ -21,7 +21,7 @@ use baton_protocol::message::{MAX_RUNNING, Report};
 use baton_protocol::types::{Digest, PublicKey};
 use tokio_postgres::Row;
 
-use super::lease::LeaseFence;
+use super::fence::LeaseFence;
 use super::pg::{Conn, Params, Pool};
 use super::schema::{SCHEMA_VERSION, postgres_migration};
 use super::*;
@@ -60,15 +60,14 @@ pub fn read_password(file: Option<&std::path::Path>) -> Result<Option<String>> {
 #[derive(Debug)]
 pub struct PostgresStore {
     pool: Pool,
-    /// Set when managers share the database: the engine's records, job states and new jobs
-    /// are written only while this manager holds the lease ([`LeaseFence`]).
+    /// Set when managers share the database: the engine's records, job states, new jobs,
+    /// enrolments, agent revocations and trust documents (what a manager taking over loads
+    /// into its caches) are written only while this manager holds the lease ([`LeaseFence`]).
     fence: Option<std::sync::Arc<LeaseFence>>,
 }
 
 /// Advisory lock key held while migrating (two managers starting at once migrate once).
 const MIGRATION_LOCK: i64 = 0x6261_746f_6e5f_6d69;
-/// Advisory lock key held while incrementing the epoch.
-const EPOCH_LOCK: i64 = 0x6261_746f_6e5f_6570;
 
 impl PostgresStore {
     /// Connects to the database `url` names (see [`is_postgres_url`]) with `password`
@@ -171,7 +170,7 @@ fn migrate_locked(conn: &mut Conn<'_>) -> Result<()> {
         tx.commit()?;
         tracing::info!(version, "database schema migrated (PostgreSQL)");
     }
-    conn.batch(super::schema::POSTGRES_LEASE)
+    Ok(())
 }
 
 /// `url` with any password replaced by `***`, for error messages.
@@ -794,7 +793,28 @@ impl Store for PostgresStore {
     fn next_epoch(&mut self) -> Result<u32> {
         let mut conn = self.conn()?;
         let tx = conn.begin()?;
-        tx.exec("SELECT pg_advisory_xact_lock($1)", &[&EPOCH_LOCK])?;
+        // Serialised with a takeover (which advances the epoch too) by the lease row's lock,
+        // and refused while another manager's lease is valid: the epoch is the holder's.
+        tx.batch(&format!(
+            "SET LOCAL lock_timeout = {}",
+            super::fence::FENCE_LOCK_TIMEOUT.as_millis()
+        ))?;
+        let lease = tx.one(
+            "SELECT holder, expires_at > clock_timestamp() FROM manager_lease WHERE id = 1
+             FOR UPDATE",
+            &[],
+        )?;
+        let (holder, live): (Option<String>, bool) = (lease.try_get(0)?, lease.try_get(1)?);
+        let mine = self
+            .fence
+            .as_ref()
+            .is_some_and(|f| holder.as_deref() == Some(f.holder()));
+        if live && !mine {
+            return Err(StoreError::Fenced(format!(
+                "manager {} holds the lease; the epoch is its to advance",
+                holder.unwrap_or_default()
+            )));
+        }
         let current = match tx.opt("SELECT value FROM meta WHERE key = 'epoch'", &[])? {
             Some(r) => epoch_from(&r.try_get::<_, Vec<u8>>(0)?)?,
             None => 0,
@@ -830,6 +850,8 @@ impl Store for PostgresStore {
     fn enrol(&mut self, id: &str, key: &PublicKey, now: u64) -> Result<Enrolled> {
         let mut conn = self.conn()?;
         let tx = conn.begin()?;
+        // Fenced: what a new active manager loads into its caches at takeover.
+        self.check_fence(&tx)?;
         let done = enrol_in(&tx, id, key, now)?;
         tx.commit()?;
         Ok(done)
@@ -913,6 +935,8 @@ impl Store for PostgresStore {
     ) -> Result<Enrolled> {
         let mut conn = self.conn()?;
         let tx = conn.begin()?;
+        // Fenced: what a new active manager loads into its caches at takeover.
+        self.check_fence(&tx)?;
         // FOR UPDATE: two enrolments racing for one token take it one after the other.
         let Some(r) = tx.opt(
             "SELECT created_at, expires_at, bound_id, used_by, revoked_at, used_at, labels
@@ -1099,6 +1123,8 @@ impl Store for PostgresStore {
     fn add_trust(&mut self, version: u64, document: &[u8], now: u64, keep: usize) -> Result<()> {
         let mut conn = self.conn()?;
         let tx = conn.begin()?;
+        // Fenced: what a new active manager loads into its caches at takeover.
+        self.check_fence(&tx)?;
         tx.batch("LOCK TABLE trust_documents IN EXCLUSIVE MODE")?;
         let newest: Option<i64> = tx
             .one("SELECT max(version) FROM trust_documents", &[])?
@@ -1833,6 +1859,8 @@ impl Store for PostgresStore {
     fn revoke_agent(&mut self, id: &str, now: u64) -> Result<Option<RevocationRecord>> {
         let mut conn = self.conn()?;
         let tx = conn.begin()?;
+        // Fenced: what a new active manager loads into its caches at takeover.
+        self.check_fence(&tx)?;
         let Some(r) = tx.opt(
             "SELECT last_serial, cert_not_after, revoked_at FROM agents WHERE id = $1 FOR UPDATE",
             &[&id],
