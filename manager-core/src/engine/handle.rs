@@ -59,14 +59,7 @@ impl Engine {
         }
 
         let memberships = self.memberships.get(&id).cloned().unwrap_or_default();
-        let mut cx = Ctx {
-            out: &mut self.out,
-            agents: &self.agents,
-            config: &self.config,
-            now,
-            leaders: &self.leaders,
-            wall: self.wall,
-        };
+        let mut cx = ctx!(self, now);
         for (job_id, idx) in memberships {
             if let Some(job) = self.jobs.get_mut(&job_id) {
                 job.on_online(&mut cx, idx);
@@ -83,14 +76,7 @@ impl Engine {
             agent.installs = false;
         }
         let memberships = self.memberships.get(id).cloned().unwrap_or_default();
-        let mut cx = Ctx {
-            out: &mut self.out,
-            agents: &self.agents,
-            config: &self.config,
-            now,
-            leaders: &self.leaders,
-            wall: self.wall,
-        };
+        let mut cx = ctx!(self, now);
         for (job_id, idx) in memberships {
             if let Some(job) = self.jobs.get_mut(&job_id) {
                 job.on_offline(&mut cx, job_id, idx);
@@ -182,14 +168,7 @@ impl Engine {
                 agent: from.clone(),
             });
         }
-        let mut cx = Ctx {
-            out: &mut self.out,
-            agents: &self.agents,
-            config: &self.config,
-            now,
-            leaders: &self.leaders,
-            wall: self.wall,
-        };
+        let mut cx = ctx!(self, now);
         if job.outcome != JobOutcome::Running {
             // The list is exhausted; remind a participant that asks.
             if let Message::NextPlease { .. } = msg {
@@ -224,14 +203,7 @@ impl Engine {
     /// A timer fired: gives up silent participants, flushes batched progress that is due, and
     /// closes upload measurement windows (re-planning a job whose measured rates drifted).
     pub fn handle_timeout(&mut self, now: Duration) {
-        let mut cx = Ctx {
-            out: &mut self.out,
-            agents: &self.agents,
-            config: &self.config,
-            now,
-            leaders: &self.leaders,
-            wall: self.wall,
-        };
+        let mut cx = ctx!(self, now);
         while let Some(&(when, job_id, idx)) = cx.out.deadlines.first() {
             if when > now {
                 break;

@@ -134,14 +134,7 @@ impl Engine {
             }
             _ => {}
         }
-        let mut cx = Ctx {
-            out: &mut self.out,
-            agents: &self.agents,
-            config: &self.config,
-            now,
-            leaders: &self.leaders,
-            wall: self.wall,
-        };
+        let mut cx = ctx!(self, now);
         job.set_install(
             &mut cx,
             job_id,

@@ -231,14 +231,7 @@ impl Engine {
             epoch: self.epoch,
             order: job.parts.iter().map(|p| p.id.clone()).collect(),
         });
-        let mut cx = Ctx {
-            out: &mut self.out,
-            agents: &self.agents,
-            config: &self.config,
-            now,
-            leaders: &self.leaders,
-            wall: self.wall,
-        };
+        let mut cx = ctx!(self, now);
         job.restore_installs(&mut cx, job_id, installs);
         self.begin(now, job_id, job);
     }
@@ -263,14 +256,7 @@ impl Engine {
                 .or_default()
                 .push((job_id, idx as u32));
         }
-        let mut cx = Ctx {
-            out: &mut self.out,
-            agents: &self.agents,
-            config: &self.config,
-            now,
-            leaders: &self.leaders,
-            wall: self.wall,
-        };
+        let mut cx = ctx!(self, now);
         for idx in 0..job.parts.len() as u32 {
             let held = job.is_held(idx);
             let p = &mut job.parts[idx as usize];
@@ -340,14 +326,7 @@ impl Engine {
         if j.outcome != JobOutcome::Running {
             return Err(EngineError::JobEnded(job));
         }
-        let mut cx = Ctx {
-            out: &mut self.out,
-            agents: &self.agents,
-            config: &self.config,
-            now,
-            leaders: &self.leaders,
-            wall: self.wall,
-        };
+        let mut cx = ctx!(self, now);
         info!(job, "job cancelled");
         j.end(&mut cx, job, JobOutcome::Cancelled);
         Ok(())

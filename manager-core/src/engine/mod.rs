@@ -57,6 +57,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::planner::{Policy, Profile, RelayPlan, Segments};
 
+/// The [`Ctx`] of an engine call at `now`, borrowed field by field from the engine
+/// (`ctx!(self, now)`), so that its `jobs` can be borrowed mutably beside it.
+macro_rules! ctx {
+    ($engine:ident, $now:expr) => {
+        Ctx {
+            out: &mut $engine.out,
+            agents: &$engine.agents,
+            config: &$engine.config,
+            now: $now,
+            leaders: &$engine.leaders,
+            wall: $engine.wall,
+        }
+    };
+}
+
 mod handle;
 mod install;
 mod instruct;

@@ -366,7 +366,6 @@ impl Engine {
     /// [`Engine::resume_rollout`]; participants already instructed finish what they do. A
     /// job without waves becomes a rollout of one wave.
     pub fn pause_job(&mut self, now: Duration, job: u64) -> Result<(), EngineError> {
-        let wall = self.wall;
         let j = running_job(&mut self.jobs, job)?;
         if j.staging.is_none() {
             let n = j.parts.len() as u32;
@@ -380,14 +379,7 @@ impl Engine {
             });
         }
         st.state.paused = Some("paused by an administrator".into());
-        let mut cx = Ctx {
-            out: &mut self.out,
-            agents: &self.agents,
-            config: &self.config,
-            now,
-            leaders: &self.leaders,
-            wall,
-        };
+        let mut cx = ctx!(self, now);
         j.rollout_changed(&mut cx, job, "rollout paused by an administrator".into());
         Ok(())
     }
@@ -396,7 +388,6 @@ impl Engine {
     /// count from here), held participants of the open waves are instructed, and the next
     /// wave opens if the current one has succeeded.
     pub fn resume_rollout(&mut self, now: Duration, job: u64) -> Result<(), EngineError> {
-        let wall = self.wall;
         let j = running_job(&mut self.jobs, job)?;
         if j.staging
             .as_ref()
@@ -414,14 +405,7 @@ impl Engine {
         for (w, f) in failed.into_iter().enumerate() {
             st.state.accepted_failures[w] = st.state.accepted_failures[w].max(f);
         }
-        let mut cx = Ctx {
-            out: &mut self.out,
-            agents: &self.agents,
-            config: &self.config,
-            now,
-            leaders: &self.leaders,
-            wall,
-        };
+        let mut cx = ctx!(self, now);
         j.rollout_changed(&mut cx, job, "rollout resumed by an administrator".into());
         j.release(&mut cx, job);
         j.check_waves(&mut cx, job);
@@ -430,7 +414,6 @@ impl Engine {
 
     /// Approves the next wave of a rollout that waits for approval: it opens now.
     pub fn approve_wave(&mut self, now: Duration, job: u64) -> Result<(), EngineError> {
-        let wall = self.wall;
         let j = running_job(&mut self.jobs, job)?;
         let Some(st) = j.staging.as_ref() else {
             return Err(EngineError::Rollout {
@@ -459,14 +442,7 @@ impl Engine {
                 ),
             });
         }
-        let mut cx = Ctx {
-            out: &mut self.out,
-            agents: &self.agents,
-            config: &self.config,
-            now,
-            leaders: &self.leaders,
-            wall,
-        };
+        let mut cx = ctx!(self, now);
         j.open_next_wave(&mut cx, job);
         j.check_waves(&mut cx, job);
         Ok(())
@@ -476,20 +452,12 @@ impl Engine {
     /// `Cancel`), the participants not settled are left as they are, the state says
     /// `aborted`. A job without waves is aborted as a rollout of one wave.
     pub fn abort_job(&mut self, now: Duration, job: u64) -> Result<(), EngineError> {
-        let wall = self.wall;
         let j = running_job(&mut self.jobs, job)?;
         if j.staging.is_none() {
             let n = j.parts.len() as u32;
             j.staging = Some(Staging::new(Staging::single_wave(), vec![n]));
         }
-        let mut cx = Ctx {
-            out: &mut self.out,
-            agents: &self.agents,
-            config: &self.config,
-            now,
-            leaders: &self.leaders,
-            wall,
-        };
+        let mut cx = ctx!(self, now);
         j.abort(&mut cx, job, "aborted by an administrator".into());
         Ok(())
     }
