@@ -32,6 +32,24 @@ fn main() {
             "memory.x.in's FLASH line changed"
         );
     }
+    // The A/B build (feature `ab`): the application runs from ACTIVE in the PSRAM
+    // (src/board/mps2_an385/psram.rs), started by the bootloader at 0x0; right after its
+    // vector table comes the image header (`.baton_image`: magic, version, flags) the
+    // provisioning tool finds and patches.
+    if env::var_os("CARGO_FEATURE_AB").is_some() {
+        let line = memory
+            .lines()
+            .find(|l| l.trim_start().starts_with("FLASH"))
+            .expect("memory.x.in has a FLASH line")
+            .to_string();
+        memory = memory.replace(
+            &line,
+            "  FLASH   : ORIGIN = 0x21F00000, LENGTH = 128K /* ACTIVE (A/B build) */",
+        );
+        memory.push_str(
+            "\nSECTIONS\n{\n  .baton_image : ALIGN(4)\n  {\n    KEEP(*(.baton_image));\n  } > FLASH\n}\nINSERT AFTER .vector_table;\n_stext = ADDR(.baton_image) + SIZEOF(.baton_image);\n",
+        );
+    }
     fs::write(out.join("memory.x"), memory).expect("write memory.x");
     if nucleo {
         // The device crate's table (stm32-metapac's device.x) must be the one found.
@@ -48,4 +66,5 @@ fn main() {
     println!("cargo:rerun-if-changed=memory-nucleo-f429zi.x");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=BATON_FW_FLASH_KB");
+    println!("cargo:rerun-if-env-changed=CARGO_FEATURE_AB");
 }

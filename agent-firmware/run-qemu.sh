@@ -19,9 +19,14 @@
 #   --gdb SOCKET    QEMU's gdbstub on the unix socket SOCKET (the board runs
 #                   until a debugger attaches; attaching pauses it). The power-cut
 #                   tests use it to stop at an exact flash write.
+#   --boot BOOT_ELF the A/B build: QEMU loads the bootloader BOOT_ELF at 0x0, which
+#                   starts the application in ACTIVE of the flash (written there by
+#                   `baton-fw-provision --image`); ELF (an `ab` build) only decodes
+#                   the log. The bootloader's own lines go to stderr as plain text.
 #
 # Every option may also come from the environment: BATON_FLASH, BATON_MAC,
-# BATON_TAP, BATON_HOSTFWD, BATON_SERIAL, BATON_PTY_FILE, BATON_RAW=1, BATON_GDB.
+# BATON_TAP, BATON_HOSTFWD, BATON_SERIAL, BATON_PTY_FILE, BATON_RAW=1, BATON_GDB,
+# BATON_BOOT.
 # Logs are defmt frames on QEMU's stdout (semihosting); they are decoded with
 # defmt-print when it is installed (`cargo install defmt-print --locked`).
 # QEMU exits with the device's semihosting status: 0, or 1 after a panic.
@@ -39,6 +44,7 @@ serial="${BATON_SERIAL:-null}"
 pty_file="${BATON_PTY_FILE:-}"
 raw="${BATON_RAW:-0}"
 gdb="${BATON_GDB:-}"
+boot="${BATON_BOOT:-}"
 machine="mps2-an385"
 
 while [ $# -gt 0 ]; do
@@ -53,7 +59,8 @@ while [ $# -gt 0 ]; do
         --raw) raw=1; shift ;;
         --m4) machine="mps2-an386"; shift ;;
         --gdb) gdb="$2"; shift 2 ;;
-        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+        --boot) boot="$2"; shift 2 ;;
+        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
         -*) echo "run-qemu.sh: unknown option $1" >&2; exit 2 ;;
         *) elf="$1"; shift ;;
     esac
@@ -62,8 +69,14 @@ elf="${elf:-$here/target/thumbv7m-none-eabi/release/baton-firmware}"
 [ -f "$elf" ] || { echo "run-qemu.sh: no firmware at $elf (cargo build --release first)" >&2; exit 2; }
 command -v qemu-system-arm >/dev/null || { echo "run-qemu.sh: qemu-system-arm is not installed (apt-get install qemu-system-arm)" >&2; exit 2; }
 
+kernel="$elf"
+if [ -n "$boot" ]; then
+    [ -f "$boot" ] || { echo "run-qemu.sh: no bootloader at $boot" >&2; exit 2; }
+    [ -n "$flash" ] || { echo "run-qemu.sh: --boot needs --flash (the application is in its ACTIVE partition)" >&2; exit 2; }
+    kernel="$boot"
+fi
 args=(-M "$machine" -nographic -monitor none -serial "$serial"
-      -semihosting-config enable=on,target=native -kernel "$elf")
+      -semihosting-config enable=on,target=native -kernel "$kernel")
 
 if [ -n "$flash" ]; then
     size=$((16 * 1024 * 1024))

@@ -12,7 +12,9 @@
 //! - **MPU (PMSAv7)**: the code memory (SSRAM1 at `0x0`, 4 MiB, and its 4 MiB mirror) is
 //!   read-only, RAM and the emulated flash (`0x2000_0000`, 32 MiB) are not executable, the
 //!   default memory map is the background for everything else (devices, system space).
-//!   A wild write to code (the vector table included) faults where it happens.
+//!   A wild write to code (the vector table included) faults where it happens. In the A/B
+//!   build the code is ACTIVE in the PSRAM (128 KiB): that region is read-only and
+//!   executable, the rest of the PSRAM stays not executable.
 //! - **Fault entry** ([`fault_entry`]): HardFault, MemManage, BusFault and UsageFault
 //!   start in a few instructions of assembly that move the stack pointer back to the top
 //!   of the stack region before any Rust code runs (after an overflow the old one points
@@ -46,6 +48,12 @@ const DATA_LEN_LOG2: u32 = 25;
 /// jumps the 32-byte guard still faults.
 const BELOW_RAM_BASE: u32 = 0x1000_0000;
 const BELOW_RAM_LEN_LOG2: u32 = 28;
+
+/// ACTIVE in the PSRAM (A/B build): where the application runs, 128 KiB aligned to its size.
+#[cfg(feature = "ab")]
+const ACTIVE_BASE: u32 = (super::psram::PSRAM_BASE + super::psram::ACTIVE_OFFSET) as u32;
+#[cfg(feature = "ab")]
+const ACTIVE_LEN_LOG2: u32 = super::psram::ACTIVE_SIZE.trailing_zeros();
 
 /// Lowest address of the guard region.
 fn guard_base() -> u32 {
@@ -101,6 +109,13 @@ pub fn enable_mpu(mpu: &mut cortex_m::peripheral::MPU, scb: &mut cortex_m::perip
         (
             guard_base(),
             AP_NONE | RASR_XN | rasr_size(GUARD_LEN.trailing_zeros()),
+        ),
+        // The A/B build runs from ACTIVE in the PSRAM: executable and read-only there (the
+        // bootloader's swap is the only writer); DFU and STATE stay data.
+        #[cfg(feature = "ab")]
+        (
+            ACTIVE_BASE,
+            AP_RO | NORMAL_WT | rasr_size(ACTIVE_LEN_LOG2),
         ),
     ];
     // SAFETY: the regions only take away rights nothing legitimate uses (writes to code,

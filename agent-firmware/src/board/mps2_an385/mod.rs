@@ -14,6 +14,8 @@
 //! - Its parts: [`lan9118`] (Ethernet), [`psram`] (the emulated flash), [`uart`] (the
 //!   serial link, as [`serial`]), [`guard`] (stack guard and MPU regions).
 
+#[cfg(feature = "ab")]
+pub mod ab;
 pub mod guard;
 pub mod lan9118;
 pub mod psram;
@@ -140,7 +142,15 @@ pub fn systick_value() -> u32 {
 }
 
 /// Exits QEMU through semihosting with success (`true`) or failure.
+///
+/// In the A/B build a failure resets the board instead (SYSRESETREQ): the bootloader then
+/// reverts an update that never confirmed, as it would after a watchdog reset.
 pub fn exit(success: bool) -> ! {
+    #[cfg(feature = "ab")]
+    if !success {
+        defmt::error!("resetting the board");
+        cortex_m::peripheral::SCB::sys_reset();
+    }
     use cortex_m_semihosting::debug;
     debug::exit(if success {
         debug::EXIT_SUCCESS
@@ -182,7 +192,7 @@ unsafe fn DefaultHandler(irqn: i16) {
     }
 }
 
-/// Logs the panic and makes QEMU exit with code 1.
+/// Logs the panic and makes QEMU exit with code 1 (the A/B build resets the board).
 ///
 /// The message and location are not read: touching `PanicInfo` keeps every
 /// panic site's formatting machinery and file names in flash (~25 KB). Build

@@ -10,8 +10,15 @@
 //! 0x00_0000  4 KiB   provisioning block (written by the host tool, read at boot)
 //! 0x00_1000  4 KiB   boot counter log (one 32-bit word per boot)
 //! 0x00_2000  8 KiB   the agent's records (agent-core's RecordLog: two 4 KiB banks)
-//! 0x01_0000  rest    content partition for agent-core's FlashStore
+//! 0x00_4000  4 KiB   STATE: embassy-boot's swap magic and progress (A/B build)
+//! 0x01_0000  14.9 MiB content partition for agent-core's FlashStore (to 0xF0_0000)
+//! 0xF0_0000  128 KiB ACTIVE: the application the bootloader starts (A/B build)
+//! 0xF2_0000  132 KiB DFU: an update waiting for the swap, and the swap's spare page
+//! 0xF4_1000  rest    unused
 //! ```
+//!
+//! The A/B build's bootloader (`agent-firmware/bootloader`, at `0x0`) includes this file for
+//! the same map.
 //!
 //! [`NorPartition`] gives a window of it NOR-flash semantics with real
 //! granularity: erase in 4 KiB blocks (cells become `0xFF`), write aligned
@@ -36,8 +43,23 @@ pub const BOOT_OFFSET: usize = 0x1000;
 pub const RECORDS_OFFSET: usize = 0x2000;
 /// Size of the record area: two erase blocks.
 pub const RECORDS_SIZE: usize = 2 * ERASE;
+/// Offset of embassy-boot's STATE partition (swap magic and progress; A/B build).
+pub const STATE_OFFSET: usize = 0x4000;
+/// Size of the STATE partition: one erase block (embassy-boot needs 2 + 4 × 32 words).
+pub const STATE_SIZE: usize = ERASE;
 /// Offset of the content partition.
 pub const CONTENT_OFFSET: usize = 0x1_0000;
+/// End of the content partition (ACTIVE and DFU follow it).
+pub const CONTENT_END: usize = ACTIVE_OFFSET;
+/// Offset of ACTIVE, where the A/B application is linked to run (aligned to its size, so one
+/// MPU region covers it).
+pub const ACTIVE_OFFSET: usize = 0xF0_0000;
+/// Size of ACTIVE: the application's flash budget.
+pub const ACTIVE_SIZE: usize = 128 * 1024;
+/// Offset of DFU, where an update is written before the swap.
+pub const DFU_OFFSET: usize = ACTIVE_OFFSET + ACTIVE_SIZE;
+/// Size of DFU: one erase block more than ACTIVE (embassy-boot's swap needs the spare page).
+pub const DFU_SIZE: usize = ACTIVE_SIZE + ERASE;
 /// Erase block size.
 pub const ERASE: usize = 4096;
 /// Write unit.
@@ -87,9 +109,24 @@ impl NorPartition {
         Self::new(RECORDS_OFFSET, RECORDS_SIZE)
     }
 
-    /// The content partition: everything from [`CONTENT_OFFSET`] to the end.
+    /// The content partition: [`CONTENT_OFFSET`] to [`CONTENT_END`].
     pub fn content() -> Self {
-        Self::new(CONTENT_OFFSET, PSRAM_SIZE - CONTENT_OFFSET)
+        Self::new(CONTENT_OFFSET, CONTENT_END - CONTENT_OFFSET)
+    }
+
+    /// embassy-boot's STATE partition.
+    pub fn state() -> Self {
+        Self::new(STATE_OFFSET, STATE_SIZE)
+    }
+
+    /// ACTIVE: the running application.
+    pub fn active() -> Self {
+        Self::new(ACTIVE_OFFSET, ACTIVE_SIZE)
+    }
+
+    /// DFU: the update partition.
+    pub fn dfu() -> Self {
+        Self::new(DFU_OFFSET, DFU_SIZE)
     }
 }
 

@@ -22,6 +22,13 @@
 //! device fault on purpose right after boot, to show its memory guards: the HIL tests
 //! check the fault line it logs.
 //!
+//! `--image ELF` (the A/B build, linked to run from ACTIVE) writes the application into
+//! ACTIVE of the flash file, the first image a device boots through the bootloader; with
+//! `--image-out FILE` it writes the same bytes to FILE instead (content to publish as an
+//! update, named `firmware`). `--image-version N` sets the version in the image header and
+//! `--image-never-confirm` its test flag (an image that never marks itself booted, which the
+//! bootloader must revert): images A, B and C from one build.
+//!
 //! `--show` prints what a file holds; `--erase-content` erases the content
 //! partition (as after a factory reset). `--erase-records` erases the agent's
 //! record area: the trust document it accepted, its version records and its
@@ -53,8 +60,17 @@ mod cobs_tx;
 
 /// Size of the flash file: QEMU's mps2 PSRAM.
 const FLASH_SIZE: u64 = 16 * 1024 * 1024;
-/// Where the content partition starts (see the firmware's `src/board/mps2_an385/psram.rs`).
+/// Where the content partition starts and ends (see the firmware's `src/board/mps2_an385/psram.rs`).
 const CONTENT_OFFSET: u64 = 0x1_0000;
+const CONTENT_END: u64 = 0xF0_0000;
+/// Where the PSRAM is mapped on the board.
+const PSRAM_BASE: u64 = 0x2100_0000;
+/// ACTIVE, where an A/B application runs: offset in the flash file and size.
+const ACTIVE: (u64, u64) = (0xF0_0000, 128 * 1024);
+/// The A/B image header's magic (`src/board/mps2_an385/ab.rs`), and the flag of a test image
+/// that never marks itself booted.
+const IMAGE_MAGIC: &[u8; 4] = b"BTNI";
+const IMAGE_FLAG_NEVER_CONFIRM: u32 = 1;
 /// Where the agent's record area starts, and its size (see the firmware's `src/board/mps2_an385/psram.rs`).
 const RECORDS: (u64, u64) = (0x2000, 0x2000);
 
@@ -63,7 +79,8 @@ const USAGE: &str =
     [--id ID] [--seed HEX | --new-seed] [--ip A.B.C.D/PREFIX] [--gateway A.B.C.D]
     [--manager A.B.C.D:PORT] [--manager-key HEX] [--listen-port N] [--token TOKEN]
     [--root-key HEX]... [--root-threshold N] [--site NAME] [--segment NAME] [--serial | --tcp]
-    [--fault-demo stack-overflow|code-write|off]";
+    [--fault-demo stack-overflow|code-write|off]
+    [--image ELF [--image-version N] [--image-never-confirm] [--image-out FILE]]";
 
 fn parse_hex32(s: &str, what: &str) -> Result<[u8; 32], String> {
     let s = s.trim();
@@ -159,6 +176,10 @@ fn run() -> Result<(), String> {
     let mut root_threshold = None;
     let mut link = None;
     let mut demo = None;
+    let mut image = None;
+    let mut image_version = None;
+    let mut never_confirm = false;
+    let mut image_out = None;
     while let Some(a) = args.next() {
         let mut value = || {
             args.next()
@@ -167,6 +188,16 @@ fn run() -> Result<(), String> {
         match a.as_str() {
             "--flash" => flash = Some(value()?),
             "--show" => show_only = true,
+            "--image" => image = Some(value()?),
+            "--image-out" => image_out = Some(value()?),
+            "--image-never-confirm" => never_confirm = true,
+            "--image-version" => {
+                let v = value()?;
+                image_version = Some(
+                    v.parse::<u32>()
+                        .map_err(|_| format!("--image-version {v}: not a number"))?,
+                )
+            }
             "--erase-content" => erase = true,
             "--erase-records" => erase_records = true,
             "--new-seed" => new_seed = true,
@@ -213,6 +244,28 @@ fn run() -> Result<(), String> {
             _ => return Err(format!("unknown argument {a}\n{USAGE}")),
         }
     }
+    let image = match image {
+        Some(elf) => {
+            let bytes = std::fs::read(&elf).map_err(|e| format!("{elf}: {e}"))?;
+            let mut bin = image_from_elf(&bytes).map_err(|e| format!("{elf}: {e}"))?;
+            patch_header(&mut bin, image_version, never_confirm)
+                .map_err(|e| format!("{elf}: {e}"))?;
+            if let Some(out) = &image_out {
+                std::fs::write(out, &bin).map_err(|e| format!("{out}: {e}"))?;
+                println!("image={out} bytes={}", bin.len());
+                if flash.is_none() {
+                    return Ok(());
+                }
+                None
+            } else {
+                Some(bin)
+            }
+        }
+        None if image_out.is_some() || image_version.is_some() || never_confirm => {
+            return Err(format!("--image-out, --image-version and --image-never-confirm need --image ELF\n{USAGE}"));
+        }
+        None => None,
+    };
     let path = flash.ok_or_else(|| format!("--flash is required\n{USAGE}"))?;
     let mut file = OpenOptions::new()
         .read(true)
@@ -317,7 +370,7 @@ fn run() -> Result<(), String> {
         .and_then(|_| file.write_all(&c.encode()))
         .map_err(|e| format!("{path}: {e}"))?;
     if erase {
-        erase_range(&mut file, CONTENT_OFFSET, FLASH_SIZE - CONTENT_OFFSET)
+        erase_range(&mut file, CONTENT_OFFSET, CONTENT_END - CONTENT_OFFSET)
             .map_err(|e| format!("{path}: {e}"))?;
     }
     if erase_records {
@@ -326,10 +379,85 @@ fn run() -> Result<(), String> {
             "record area erased: the device forgets its trust document, version records and latest time"
         );
     }
+    if let Some(bin) = image {
+        erase_range(&mut file, ACTIVE.0, ACTIVE.1).map_err(|e| format!("{path}: {e}"))?;
+        file.seek(SeekFrom::Start(ACTIVE.0))
+            .and_then(|_| file.write_all(&bin))
+            .map_err(|e| format!("{path}: {e}"))?;
+        println!("image bytes={} in ACTIVE", bin.len());
+    }
     file.sync_all().map_err(|e| format!("{path}: {e}"))?;
     let id = Identity::from_seed(c.seed);
     println!("id={}", c.id.as_str().unwrap_or(""));
     println!("key={}", hex(&id.public().0));
+    Ok(())
+}
+
+/// The bytes an A/B application ELF puts into ACTIVE: its loadable segments at their load
+/// (physical) addresses, from ACTIVE's start to the end of the last one, gaps erased (`0xFF`).
+/// Refuses an ELF that is not a 32-bit little-endian ARM executable or loads anything outside
+/// ACTIVE (a build without the `ab` feature, linked for code memory at 0x0).
+fn image_from_elf(elf: &[u8]) -> Result<Vec<u8>, String> {
+    let u16_at = |o: usize| -> Result<u16, String> {
+        elf.get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .ok_or_else(|| "truncated ELF".to_string())
+    };
+    let u32_at = |o: usize| -> Result<u32, String> {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or_else(|| "truncated ELF".to_string())
+    };
+    // ELFCLASS32, ELFDATA2LSB, EM_ARM.
+    if elf.get(..6) != Some(&[0x7F, b'E', b'L', b'F', 1, 1][..]) || u16_at(18)? != 40 {
+        return Err("not a 32-bit little-endian ARM ELF".into());
+    }
+    let (phoff, phentsize, phnum) = (u32_at(28)? as usize, u16_at(42)? as usize, u16_at(44)?);
+    let (base, end) = (PSRAM_BASE + ACTIVE.0, PSRAM_BASE + ACTIVE.0 + ACTIVE.1);
+    let mut image = Vec::new();
+    for i in 0..phnum as usize {
+        let ph = phoff + i * phentsize;
+        // PT_LOAD with bytes in the file.
+        let (kind, offset, paddr, filesz) =
+            (u32_at(ph)?, u32_at(ph + 4)?, u32_at(ph + 12)?, u32_at(ph + 16)?);
+        if kind != 1 || filesz == 0 {
+            continue;
+        }
+        let (start, len) = (u64::from(paddr), u64::from(filesz));
+        if start < base || start + len > end {
+            return Err(format!(
+                "a segment loads at {paddr:#x}, outside ACTIVE ({base:#x}..{end:#x}): not an A/B build (--features ab)"
+            ));
+        }
+        let at = (start - base) as usize;
+        let data = elf
+            .get(offset as usize..offset as usize + filesz as usize)
+            .ok_or("truncated ELF segment")?;
+        if image.len() < at + data.len() {
+            image.resize(at + data.len(), 0xFF);
+        }
+        image[at..at + data.len()].copy_from_slice(data);
+    }
+    if image.is_empty() {
+        return Err("no loadable segment".into());
+    }
+    Ok(image)
+}
+
+/// Sets the version and the never-confirm flag in the image header (in the first 1 KiB,
+/// after the vector table).
+fn patch_header(image: &mut [u8], version: Option<u32>, never_confirm: bool) -> Result<(), String> {
+    let at = (0..image.len().min(1024).saturating_sub(16))
+        .step_by(4)
+        .find(|&i| &image[i..i + 4] == IMAGE_MAGIC)
+        .ok_or("no image header (BTNI) in the image's first 1 KiB")?;
+    if let Some(v) = version {
+        image[at + 4..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    if never_confirm {
+        let flags = u32::from_le_bytes(image[at + 8..at + 12].try_into().expect("4 bytes"));
+        image[at + 8..at + 12].copy_from_slice(&(flags | IMAGE_FLAG_NEVER_CONFIRM).to_le_bytes());
+    }
     Ok(())
 }
 
