@@ -66,6 +66,9 @@ use embassy_time::{Duration, Instant, Timer};
 use sha2::{Digest as _, Sha256};
 
 use crate::board::{Store, serial};
+
+#[cfg(feature = "ab")]
+mod update;
 use crate::cobs_tx::CobsWriter;
 use crate::config::Config;
 use crate::entropy::Entropy;
@@ -229,6 +232,22 @@ pub struct Node {
     backoff: Duration,
     clock: Option<JobClock>,
     serial: Option<SerialLink>,
+    /// The A/B build's update state (see [`Ab`]).
+    #[cfg(feature = "ab")]
+    ab: Ab,
+}
+
+/// The A/B build's update state: how this boot came about, and the messages due.
+#[cfg(feature = "ab")]
+struct Ab {
+    /// Trial of an update, rolled back, or normal (from embassy-boot's STATE at boot).
+    boot: crate::board::ab::Boot,
+    /// The manager session is new: `Running` follows its first `Report`.
+    running_due: bool,
+    /// That first report went out: send `Running` next.
+    send_running: bool,
+    /// An update is in DFU and marked: reset at this time (the install report is out).
+    reset_at: Option<Instant>,
 }
 
 /// The agent's time: milliseconds since boot.
@@ -338,6 +357,13 @@ impl Node {
             next_conn: 1,
             backoff: Duration::from_millis(250),
             clock: None,
+            #[cfg(feature = "ab")]
+            ab: Ab {
+                boot: crate::board::ab::boot(),
+                running_due: false,
+                send_running: false,
+                reset_at: None,
+            },
             serial: serial.map(|buf| SerialLink {
                 rx: CobsReader::new(buf),
                 tx: CobsWriter::new(),
@@ -379,6 +405,8 @@ impl Node {
             }
             self.wait().await;
             self.timeouts();
+            #[cfg(feature = "ab")]
+            self.ab_tick();
         }
     }
 
@@ -702,6 +730,10 @@ impl Node {
         self.slots[i].state = State::Up { seal, open, conn };
         if kind == Kind::Manager {
             defmt::info!("manager connected");
+            #[cfg(feature = "ab")]
+            {
+                self.ab.running_due = true;
+            }
             self.backoff = Duration::from_millis(250);
             self.agent.handle_manager_connected(now);
             return;
@@ -907,7 +939,17 @@ impl Node {
                 return;
             }
             let cap = self.buf.len() - TAG_LEN;
+            #[cfg(feature = "ab")]
+            if core::mem::take(&mut self.ab.send_running) {
+                self.send_running();
+                continue;
+            }
             if let Some(t) = self.agent.poll_transmit(agent_now(), &mut self.buf[H..cap]) {
+                // The session's first report (variant 0) is followed by `Running`.
+                #[cfg(feature = "ab")]
+                if t.conn == ConnId::MANAGER && self.buf[H] == 0 {
+                    self.ab.send_running = core::mem::take(&mut self.ab.running_due);
+                }
                 self.seal(t.conn, t.len);
                 continue;
             }
@@ -982,7 +1024,11 @@ impl Node {
                     self.close(i, "not needed any more");
                 }
             }
-            Event::Welcomed => defmt::info!("welcomed by the manager"),
+            Event::Welcomed => {
+                defmt::info!("welcomed by the manager");
+                #[cfg(feature = "ab")]
+                self.ab_welcomed();
+            }
             Event::JobStarted {
                 job,
                 chunks,
@@ -1000,7 +1046,11 @@ impl Node {
                     started: Instant::now(),
                 });
             }
-            Event::JobComplete { job, root } => self.job_complete(job.id, &root),
+            Event::JobComplete { job, root } => {
+                self.job_complete(job.id, &root);
+                #[cfg(feature = "ab")]
+                self.ab_install(job, &root);
+            }
             Event::JobDone { job, .. } => {
                 defmt::info!("job {} done", job.id);
                 self.log_footprint();

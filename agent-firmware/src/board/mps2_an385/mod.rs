@@ -186,6 +186,10 @@ unsafe fn DefaultHandler(irqn: i16) {
         lan9118::on_interrupt();
     } else if irqn == uart::IRQ_RX as i16 || irqn == uart::IRQ_TX as i16 {
         uart::on_interrupt();
+    } else if cfg!(feature = "ab") && irqn == -14 {
+        // NMI: the watchdog's first expiry (A/B build); the reset follows.
+        defmt::error!("watchdog expired");
+        exit(false);
     } else {
         defmt::error!("unexpected interrupt {}", irqn);
         exit(false);
@@ -250,6 +254,11 @@ pub fn bring_up() -> super::Parts {
         exit(false);
     };
     guard::enable_mpu(&mut p.MPU, &mut p.SCB);
+    #[cfg(feature = "ab")]
+    {
+        ab::watchdog_start();
+        defmt::info!("image v{} ({}) flags={}", ab::version(), ab::boot(), ab::flags());
+    }
     start_systick(p.SYST);
     let boot = psram::next_boot_count();
     let mut config_block = [0u8; CONFIG_LEN];

@@ -1,0 +1,185 @@
+//! The A/B build's firmware updates, on the node (feature `ab`).
+//!
+//! - **Report**: every manager session's first `Report` is followed by `Running`
+//!   (`install_step`, and the running image's version under the content name `firmware`),
+//!   so the manager waits for an `InstallStatus` after each `Have`.
+//! - **Install**: content named `firmware` that completed (every chunk verified against the
+//!   signed manifest's Merkle root on arrival) is copied chunk by chunk into DFU; each chunk
+//!   is read back *from DFU* and its leaf hash checked against the manifest's root with the
+//!   stored proof, and the image must carry this board's vector table and a header of the
+//!   manifest's version. Only then is the install recorded (job, version), the swap
+//!   requested (embassy-boot `mark_updated`), `InstallStatus installed` sent, and the board
+//!   reset half a second later. Other content has no install step: `running` at once.
+//! - **Confirm**: a trial boot (the bootloader swapped the update in) marks itself booted
+//!   only once the manager welcomed it — after its `Report` and `Running` — then reports the
+//!   recorded job `running`. A boot after the bootloader reverted an update reports that job
+//!   `rolled back`. An image that never gets there is reverted at the next reset: it
+//!   panics or faults (both reset the board), hangs (the watchdog resets it), or finds no
+//!   manager for [`TRIAL_DEADLINE`] (it resets itself).
+
+use baton_agent_core::agent::ConnId;
+use baton_protocol::message::{InstallState, Message, RunningVersion};
+use baton_protocol::{Digest, JobRef, merkle};
+use embassy_time::{Duration, Instant};
+use embedded_storage::nor_flash::{NorFlash as _, ReadNorFlash as _};
+
+use super::{H, Node};
+use crate::board::ab::{self, Boot, FIRMWARE_NAME, PendingInstall};
+use baton_agent_core::store::ContentStore as _;
+
+/// How long a trial boot may take to be welcomed by the manager before it gives up (reset,
+/// so the bootloader reverts it).
+const TRIAL_DEADLINE: Duration = Duration::from_secs(60);
+/// From the install report to the reset (the report and the `Have` reach the manager).
+const RESET_DELAY: Duration = Duration::from_millis(500);
+
+impl Node {
+    /// Once per loop: feed the watchdog, end a trial that found no manager, reset for a swap.
+    pub(super) fn ab_tick(&mut self) {
+        ab::watchdog_feed();
+        let now = Instant::now();
+        let trial_over = self.ab.boot == Boot::Trial && now.as_ticks() > TRIAL_DEADLINE.as_ticks();
+        if trial_over || self.ab.reset_at.is_some_and(|t| now >= t) {
+            defmt::warn!("resetting for the bootloader (trial over: {})", trial_over);
+            cortex_m::peripheral::SCB::sys_reset();
+        }
+    }
+
+    /// Sends `Running`: this agent installs, and the image version that runs.
+    pub(super) fn send_running(&mut self) {
+        let mut versions = heapless::Vec::new();
+        let _ = versions.push(RunningVersion {
+            name: heapless::String::try_from(FIRMWARE_NAME).unwrap_or_default(),
+            version: u64::from(ab::version()),
+        });
+        self.send(&Message::Running {
+            install_step: true,
+            versions,
+        });
+    }
+
+    /// Encodes `msg` into the frame buffer and seals it for the manager.
+    fn send(&mut self, msg: &Message<'_>) {
+        let cap = self.buf.len() - baton_protocol::session::TAG_LEN;
+        if let Ok(b) = msg.encode(&mut self.buf[H..cap]) {
+            let n = b.len();
+            self.seal(ConnId::MANAGER, n);
+        }
+    }
+
+    /// Sends the install state of `job`'s content `name` v`version`.
+    fn send_status(&mut self, job: JobRef, name: &str, version: u64, state: InstallState) {
+        defmt::info!("install of {=str} v{} (job {}): {}", name, version, job.id, state);
+        self.send(&Message::InstallStatus {
+            job,
+            name: heapless::String::try_from(name).unwrap_or_default(),
+            version,
+            state,
+            exit_code: None,
+            output: "",
+        });
+    }
+
+    /// Welcomed: confirm a trial boot, and report how the recorded install ended.
+    #[inline(never)]
+    pub(super) fn ab_welcomed(&mut self) {
+        let running = ab::version();
+        if self.ab.boot == Boot::Trial {
+            if ab::flags() & ab::FLAG_NEVER_CONFIRM != 0 {
+                defmt::warn!("test image v{}: never confirming (hangs until the watchdog resets the board)", running);
+                cortex_m::interrupt::disable();
+                loop {
+                    core::hint::spin_loop();
+                }
+            }
+            if !ab::mark_booted() {
+                defmt::error!("marking image v{} booted failed", running);
+                return;
+            }
+            defmt::info!("image v{} confirmed: marked booted", running);
+        } else if self.ab.boot == Boot::RolledBack {
+            defmt::warn!("rolled back: image v{} runs again", running);
+            ab::mark_booted();
+        }
+        self.ab.boot = Boot::Normal;
+        if let Some(p) = ab::pending() {
+            let state = if p.version == running {
+                InstallState::Running
+            } else {
+                InstallState::RolledBack
+            };
+            self.send_status(p.job, FIRMWARE_NAME, u64::from(p.version), state);
+            ab::set_pending(None);
+        }
+    }
+
+    /// A job's content is complete: install a firmware image (see the module docs); other
+    /// content runs as delivered.
+    #[inline(never)]
+    pub(super) fn ab_install(&mut self, job: JobRef, root: &Digest) {
+        let Some((name_is_fw, version, chunks, chunk_size, length)) =
+            self.agent.store().manifest(root).map(|m| {
+                (
+                    m.name.as_str() == FIRMWARE_NAME,
+                    m.version,
+                    m.chunks(),
+                    m.chunk_size as usize,
+                    m.length as usize,
+                )
+            })
+        else {
+            return;
+        };
+        if !name_is_fw {
+            let name = self.agent.store().manifest(root).map(|m| m.name.clone());
+            if let Some(name) = name {
+                self.send_status(job, name.as_str(), version, InstallState::Running);
+            }
+            return;
+        }
+        let state = if self.copy_to_dfu(root, chunks, chunk_size, length)
+            && ab::dfu_image_ok(length, version)
+            && ab::set_pending(Some(PendingInstall {
+                job,
+                version: version as u32,
+            }))
+            && ab::mark_updated()
+        {
+            defmt::info!("image v{} in DFU, verified, marked for update", version);
+            self.ab.reset_at = Some(Instant::now() + RESET_DELAY);
+            InstallState::Installed
+        } else {
+            defmt::error!("image v{} refused: not installed", version);
+            InstallState::Failed
+        };
+        self.send_status(job, FIRMWARE_NAME, version, state);
+    }
+
+    /// Copies the content into DFU, each chunk checked again as read back from DFU.
+    fn copy_to_dfu(&mut self, root: &Digest, chunks: u32, chunk_size: usize, length: usize) -> bool {
+        let mut dfu = ab::dfu();
+        let end = length.next_multiple_of(crate::board::psram::ERASE);
+        if length > crate::board::psram::ACTIVE_SIZE || dfu.erase(0, end as u32).is_err() {
+            return false;
+        }
+        let mut proof = merkle::Proof::new();
+        for i in 0..chunks {
+            let Ok(n) = self.agent.store_mut().read_chunk(root, i, &mut self.buf[..], &mut proof)
+            else {
+                return false;
+            };
+            // NOR writes whole words: pad the last chunk with erased bytes.
+            let padded = n.next_multiple_of(4);
+            self.buf[n..padded].fill(0xFF);
+            let at = (i as usize * chunk_size) as u32;
+            if dfu.write(at, &self.buf[..padded]).is_err()
+                || dfu.read(at, &mut self.buf[..n]).is_err()
+                || merkle::verify_leaf(root, chunks, i, &merkle::leaf_hash(&self.buf[..n]), &proof)
+                    .is_err()
+            {
+                return false;
+            }
+        }
+        true
+    }
+}
