@@ -8,13 +8,14 @@
 # A board's own RAM outside the budget (section .board_ram: the NUCLEO-F429ZI's Ethernet DMA
 # descriptors and buffers) is printed on its own line.
 #
-# Usage: size.sh [--elf ELF] [--log FILE] [--boot]
+# Usage: size.sh [--elf ELF] [--log FILE] [--boot] | size.sh --bootloader ELF
 #   --elf ELF    firmware (default target/thumbv7m-none-eabi/release/baton-firmware)
 #   --log FILE   a decoded device log (run-qemu.sh output): report its last
 #                "footprint:" line, logged after every completed job
 #   --boot       boot a device without network peers until it logs its
 #                footprint (1 s after boot) and report the stack used by boot
 #                alone (a lower bound; use --log after a job)
+#   --bootloader ELF  the A/B bootloader instead: its flash (<= 16,384 bytes) and static RAM
 # Exits non-zero when a budget is exceeded.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -26,7 +27,17 @@ while [ $# -gt 0 ]; do
         --elf) elf="$2"; shift 2 ;;
         --log) log="$2"; shift 2 ;;
         --boot) boot=1; shift ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        --bootloader)
+            read -r bvec btext brodata bdata bbss < <(size -A "$2" | awk '
+                $1==".vector_table"{v=$2} $1==".text"{t=$2} $1==".rodata"{r=$2}
+                $1==".data"{d=$2} $1==".bss"{b=$2} $1==".uninit"{b+=$2}
+                END{print v+0, t+0, r+0, d+0, b+0}')
+            bflash=$((bvec + btext + brodata + bdata))
+            printf 'bootloader flash %d of 16384 bytes (vector table %d + code %d + rodata %d + data %d), static RAM %d bytes\n' \
+                "$bflash" "$bvec" "$btext" "$brodata" "$bdata" $((bdata + bbss))
+            [ "$bflash" -le 16384 ] || { echo "size.sh: bootloader over 16 KiB" >&2; exit 1; }
+            exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "size.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -34,7 +45,7 @@ done
 
 # Section sizes (System V format: name size addr).
 read -r vec text rodata data bss < <(size -A "$elf" | awk '
-    $1==".vector_table"{v=$2} $1==".text"{t=$2} $1==".rodata"{r=$2}
+    $1==".vector_table"{v=$2} $1==".baton_image"{v+=$2} $1==".text"{t=$2} $1==".rodata"{r=$2}
     $1==".data"{d=$2} $1==".bss"{b=$2} $1==".uninit"{b+=$2}
     END{print v+0, t+0, r+0, d+0, b+0}')
 flash=$((vec + text + rodata + data))

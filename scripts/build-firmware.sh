@@ -6,6 +6,8 @@
 #     (Debian package, via apt-get), defmt-print (cargo install);
 #   - the firmware ELF (agent-firmware, release profile tuned for size) for QEMU's
 #     mps2-an385, and for the second board, the NUCLEO-F429ZI (built, not run);
+#   - the A/B build (--features ab, runs from ACTIVE in the PSRAM) and its bootloader
+#     (agent-firmware/bootloader, embassy-boot at 0x0);
 #   - the firmware provisioning tool (agent-firmware/tools/provision);
 #   - the manager and Linux agent binary, `baton`, into this workspace's target
 #     directory (CARGO_TARGET_DIR if set), where the HIL tests look for it;
@@ -41,6 +43,12 @@ qemu-system-arm --version | head -1
 step "firmware (agent-firmware, thumbv7m-none-eabi)"
 (cd agent-firmware && env -u CARGO_TARGET_DIR cargo build --release)
 
+# The A/B build (issue 16): the application linked to run from ACTIVE in the PSRAM, and the
+# embassy-boot bootloader QEMU loads at 0x0 (HIL tests in hil-tests/tests/ab.rs).
+step "A/B firmware (--features ab) and its bootloader"
+(cd agent-firmware && env -u CARGO_TARGET_DIR cargo build --release --features ab --target-dir target/ab)
+(cd agent-firmware/bootloader && env -u CARGO_TARGET_DIR cargo build --release)
+
 step "provisioning tool"
 (cd agent-firmware/tools/provision && env -u CARGO_TARGET_DIR cargo build --release)
 
@@ -55,5 +63,8 @@ step "firmware for the NUCLEO-F429ZI (board-nucleo-f429zi)"
 
 step "footprint: QEMU mps2-an385"
 PATH="$PATH:$cargo_bin" agent-firmware/size.sh --boot
+step "footprint: A/B application (runs from ACTIVE) and bootloader (at 0x0, 16 KiB)"
+agent-firmware/size.sh --elf agent-firmware/target/ab/thumbv7m-none-eabi/release/baton-firmware
+agent-firmware/size.sh --bootloader agent-firmware/target/bootloader/thumbv7m-none-eabi/release/baton-bootloader
 step "footprint: NUCLEO-F429ZI"
 agent-firmware/size.sh --elf agent-firmware/target/nucleo/thumbv7m-none-eabi/release/baton-firmware

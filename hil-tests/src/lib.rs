@@ -58,6 +58,9 @@ pub const DEVICE_PORT: u16 = 7400;
 pub const PSRAM_BASE: u32 = 0x2100_0000;
 /// Offset of the content partition in the emulated flash (`agent-firmware/src/board/mps2_an385/psram.rs`).
 pub const CONTENT_OFFSET: usize = 0x1_0000;
+/// Offset of embassy-boot's STATE partition (A/B build): its magic word, then one progress
+/// word per step of a swap (`agent-firmware/src/board/mps2_an385/psram.rs`).
+pub const STATE_OFFSET: usize = 0x4000;
 /// Erase block of the emulated flash.
 pub const ERASE_BLOCK: usize = 4096;
 
@@ -80,6 +83,10 @@ pub struct Env {
     pub baton: PathBuf,
     /// The firmware ELF.
     pub firmware: PathBuf,
+    /// The A/B build of the firmware (`--features ab`: linked to run from ACTIVE in the PSRAM).
+    pub firmware_ab: PathBuf,
+    /// The A/B bootloader (`agent-firmware/bootloader`), QEMU's `-kernel` for an A/B device.
+    pub bootloader: PathBuf,
     /// The firmware provisioning tool.
     pub provision: PathBuf,
     /// `agent-firmware/run-qemu.sh`.
@@ -140,6 +147,11 @@ impl Env {
             .map(PathBuf::from)
             .unwrap_or_else(|| fw_dir.join("target/thumbv7m-none-eabi/release/baton-firmware"));
         check_fresh(&firmware, "the firmware ELF", build, &mut problems);
+        let firmware_ab = fw_dir.join("target/ab/thumbv7m-none-eabi/release/baton-firmware");
+        check_fresh(&firmware_ab, "the A/B firmware ELF", build, &mut problems);
+        let bootloader =
+            fw_dir.join("target/bootloader/thumbv7m-none-eabi/release/baton-bootloader");
+        check_fresh(&bootloader, "the A/B bootloader", build, &mut problems);
         let provision = std::fs::read_dir(fw_dir.join("target/host"))
             .into_iter()
             .flatten()
@@ -169,6 +181,8 @@ impl Env {
             root,
             baton,
             firmware,
+            firmware_ab,
+            bootloader,
             provision,
             path,
         })
@@ -388,6 +402,8 @@ pub struct Device {
     pub boots: u32,
     /// Where QEMU's gdbstub listens (`run-qemu.sh --gdb`), if the test wants one at boot.
     pub gdb: Option<PathBuf>,
+    /// An A/B device: QEMU boots the bootloader, which starts the A/B build from ACTIVE.
+    pub ab: bool,
     dir: PathBuf,
     proc: Option<usize>,
 }
@@ -405,6 +421,7 @@ impl Device {
             tty: dir.join(format!("{id}.tty")),
             boots: 0,
             gdb: None,
+            ab: false,
             dir: dir.to_path_buf(),
             proc: None,
         }
@@ -418,6 +435,28 @@ impl Device {
     /// The log of the current (last) boot.
     pub fn log(&self) -> String {
         read_text(&self.log_path(self.boots))
+    }
+
+    /// Waits until the current boot's log has `n` lines containing `pat` (an A/B device
+    /// resets within one QEMU process, so its log repeats lines); returns the `n`th.
+    pub fn wait_log_nth(&self, pat: &str, n: usize, limit: Duration) -> String {
+        wait_for(
+            &format!("{} logging {pat:?} {n} times", self.id),
+            limit,
+            || format!("{} log:\n{}", self.id, tail(&self.log(), 60)),
+            || {
+                self.log()
+                    .lines()
+                    .filter(|l| l.contains(pat))
+                    .nth(n - 1)
+                    .map(str::to_string)
+            },
+        )
+    }
+
+    /// Lines of the current boot's log containing `pat`.
+    pub fn count_log(&self, pat: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(pat)).count()
     }
 
     /// Waits until the current boot's log has a line containing `pat`; returns it.
@@ -723,9 +762,52 @@ impl Lab {
             serial,
             boots: 0,
             gdb: None,
+            ab: false,
             dir: self.dir.clone(),
             proc: None,
         }
+    }
+
+    /// Provisions an A/B device `n` (as [`Lab::device`], TCP, serving no peers) with image
+    /// version 1 of the A/B build in ACTIVE.
+    pub fn device_ab(&self, m: &ManagerInfo, n: u8, segment: &str) -> Device {
+        let mut dev = self.device(m, n, false, false, segment);
+        let flash = dev.flash.to_string_lossy().into_owned();
+        let elf = self.env.firmware_ab.to_string_lossy().into_owned();
+        let out = self.run(
+            &self.env.provision,
+            &["--flash", &flash, "--image", &elf, "--image-version", "1"],
+            BOUND,
+        );
+        assert!(out.success, "writing image A failed: {}", out.stderr);
+        dev.ab = true;
+        dev
+    }
+
+    /// Writes an update image of the A/B build with `version` in its header (and the test
+    /// flag of an image that never confirms) to a file; returns its path.
+    pub fn ab_image(&self, version: u32, never_confirm: bool) -> PathBuf {
+        let path = self.dir.join(format!("image-v{version}.bin"));
+        let elf = self.env.firmware_ab.to_string_lossy().into_owned();
+        let (v, out_arg) = (version.to_string(), path.to_string_lossy().into_owned());
+        let mut args = vec![
+            "--image",
+            &elf,
+            "--image-version",
+            &v,
+            "--image-out",
+            &out_arg,
+        ];
+        if never_confirm {
+            args.push("--image-never-confirm");
+        }
+        let out = self.run(&self.env.provision, &args, BOUND);
+        assert!(
+            out.success,
+            "writing image v{version} failed: {}",
+            out.stderr
+        );
+        path
     }
 
     /// Boots `dev` in QEMU (a new log file per boot); waits for its `ready` line.
@@ -749,7 +831,12 @@ impl Lab {
             let _ = std::fs::remove_file(socket);
             cmd.arg("--gdb").arg(socket);
         }
-        cmd.arg(&self.env.firmware);
+        if dev.ab {
+            cmd.arg("--boot").arg(&self.env.bootloader);
+            cmd.arg(&self.env.firmware_ab);
+        } else {
+            cmd.arg(&self.env.firmware);
+        }
         let label = format!("QEMU {}", dev.id);
         dev.proc = Some(self.spawn(&label, cmd, &log));
         dev.wait_log("ready id=", BOUND);

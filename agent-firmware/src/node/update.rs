@@ -69,7 +69,13 @@ impl Node {
 
     /// Sends the install state of `job`'s content `name` v`version`.
     fn send_status(&mut self, job: JobRef, name: &str, version: u64, state: InstallState) {
-        defmt::info!("install of {=str} v{} (job {}): {}", name, version, job.id, state);
+        defmt::info!(
+            "install of {=str} v{} (job {}): {}",
+            name,
+            version,
+            job.id,
+            state
+        );
         self.send(&Message::InstallStatus {
             job,
             name: heapless::String::try_from(name).unwrap_or_default(),
@@ -86,7 +92,10 @@ impl Node {
         let running = ab::version();
         if self.ab.boot == Boot::Trial {
             if ab::flags() & ab::FLAG_NEVER_CONFIRM != 0 {
-                defmt::warn!("test image v{}: never confirming (hangs until the watchdog resets the board)", running);
+                defmt::warn!(
+                    "test image v{}: never confirming (hangs until the watchdog resets the board)",
+                    running
+                );
                 cortex_m::interrupt::disable();
                 loop {
                     core::hint::spin_loop();
@@ -156,7 +165,13 @@ impl Node {
     }
 
     /// Copies the content into DFU, each chunk checked again as read back from DFU.
-    fn copy_to_dfu(&mut self, root: &Digest, chunks: u32, chunk_size: usize, length: usize) -> bool {
+    fn copy_to_dfu(
+        &mut self,
+        root: &Digest,
+        chunks: u32,
+        chunk_size: usize,
+        length: usize,
+    ) -> bool {
         let mut dfu = ab::dfu();
         let end = length.next_multiple_of(crate::board::psram::ERASE);
         if length > crate::board::psram::ACTIVE_SIZE || dfu.erase(0, end as u32).is_err() {
@@ -164,7 +179,10 @@ impl Node {
         }
         let mut proof = merkle::Proof::new();
         for i in 0..chunks {
-            let Ok(n) = self.agent.store_mut().read_chunk(root, i, &mut self.buf[..], &mut proof)
+            let Ok(n) = self
+                .agent
+                .store_mut()
+                .read_chunk(root, i, &mut self.buf[..], &mut proof)
             else {
                 return false;
             };

@@ -177,7 +177,9 @@ pub fn dfu_image_ok(len: usize, version: u64) -> bool {
     {
         return false;
     }
-    let word = |b: &[u8; 8], i: usize| u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+    let word = |b: &[u8; 8], i: usize| {
+        u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+    };
     let active = (psram::PSRAM_BASE + psram::ACTIVE_OFFSET) as u32;
     (0x2000_0000..=0x2001_0000).contains(&word(&w, 0))
         && (active..active + psram::ACTIVE_SIZE as u32).contains(&(word(&w, 1) & !1))

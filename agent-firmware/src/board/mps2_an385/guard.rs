@@ -113,10 +113,7 @@ pub fn enable_mpu(mpu: &mut cortex_m::peripheral::MPU, scb: &mut cortex_m::perip
         // The A/B build runs from ACTIVE in the PSRAM: executable and read-only there (the
         // bootloader's swap is the only writer); DFU and STATE stay data.
         #[cfg(feature = "ab")]
-        (
-            ACTIVE_BASE,
-            AP_RO | NORMAL_WT | rasr_size(ACTIVE_LEN_LOG2),
-        ),
+        (ACTIVE_BASE, AP_RO | NORMAL_WT | rasr_size(ACTIVE_LEN_LOG2)),
     ];
     // SAFETY: the regions only take away rights nothing legitimate uses (writes to code,
     // execution from RAM, any access to the guard); barriers below make them take effect

@@ -257,7 +257,12 @@ pub fn bring_up() -> super::Parts {
     #[cfg(feature = "ab")]
     {
         ab::watchdog_start();
-        defmt::info!("image v{} ({}) flags={}", ab::version(), ab::boot(), ab::flags());
+        defmt::info!(
+            "image v{} ({}) flags={}",
+            ab::version(),
+            ab::boot(),
+            ab::flags()
+        );
     }
     start_systick(p.SYST);
     let boot = psram::next_boot_count();

@@ -44,8 +44,10 @@ pub const RECORDS_OFFSET: usize = 0x2000;
 /// Size of the record area: two erase blocks.
 pub const RECORDS_SIZE: usize = 2 * ERASE;
 /// Offset of embassy-boot's STATE partition (swap magic and progress; A/B build).
+#[cfg_attr(not(feature = "ab"), allow(dead_code))] // the A/B build and its bootloader
 pub const STATE_OFFSET: usize = 0x4000;
 /// Size of the STATE partition: one erase block (embassy-boot needs 2 + 4 × 32 words).
+#[cfg_attr(not(feature = "ab"), allow(dead_code))] // the A/B build and its bootloader
 pub const STATE_SIZE: usize = ERASE;
 /// Offset of the content partition.
 pub const CONTENT_OFFSET: usize = 0x1_0000;
@@ -55,10 +57,13 @@ pub const CONTENT_END: usize = ACTIVE_OFFSET;
 /// MPU region covers it).
 pub const ACTIVE_OFFSET: usize = 0xF0_0000;
 /// Size of ACTIVE: the application's flash budget.
+#[cfg_attr(not(feature = "ab"), allow(dead_code))] // the A/B build and its bootloader
 pub const ACTIVE_SIZE: usize = 128 * 1024;
 /// Offset of DFU, where an update is written before the swap.
+#[cfg_attr(not(feature = "ab"), allow(dead_code))] // the A/B build and its bootloader
 pub const DFU_OFFSET: usize = ACTIVE_OFFSET + ACTIVE_SIZE;
 /// Size of DFU: one erase block more than ACTIVE (embassy-boot's swap needs the spare page).
+#[cfg_attr(not(feature = "ab"), allow(dead_code))] // the A/B build and its bootloader
 pub const DFU_SIZE: usize = ACTIVE_SIZE + ERASE;
 /// Erase block size.
 pub const ERASE: usize = 4096;
@@ -115,16 +120,19 @@ impl NorPartition {
     }
 
     /// embassy-boot's STATE partition.
+    #[cfg_attr(not(feature = "ab"), allow(dead_code))]
     pub fn state() -> Self {
         Self::new(STATE_OFFSET, STATE_SIZE)
     }
 
     /// ACTIVE: the running application.
+    #[allow(dead_code)] // the bootloader's (it includes this file)
     pub fn active() -> Self {
         Self::new(ACTIVE_OFFSET, ACTIVE_SIZE)
     }
 
     /// DFU: the update partition.
+    #[cfg_attr(not(feature = "ab"), allow(dead_code))]
     pub fn dfu() -> Self {
         Self::new(DFU_OFFSET, DFU_SIZE)
     }

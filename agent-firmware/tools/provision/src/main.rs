@@ -262,7 +262,9 @@ fn run() -> Result<(), String> {
             }
         }
         None if image_out.is_some() || image_version.is_some() || never_confirm => {
-            return Err(format!("--image-out, --image-version and --image-never-confirm need --image ELF\n{USAGE}"));
+            return Err(format!(
+                "--image-out, --image-version and --image-never-confirm need --image ELF\n{USAGE}"
+            ));
         }
         None => None,
     };
@@ -418,8 +420,12 @@ fn image_from_elf(elf: &[u8]) -> Result<Vec<u8>, String> {
     for i in 0..phnum as usize {
         let ph = phoff + i * phentsize;
         // PT_LOAD with bytes in the file.
-        let (kind, offset, paddr, filesz) =
-            (u32_at(ph)?, u32_at(ph + 4)?, u32_at(ph + 12)?, u32_at(ph + 16)?);
+        let (kind, offset, paddr, filesz) = (
+            u32_at(ph)?,
+            u32_at(ph + 4)?,
+            u32_at(ph + 12)?,
+            u32_at(ph + 16)?,
+        );
         if kind != 1 || filesz == 0 {
             continue;
         }

@@ -20,9 +20,14 @@ fn main() -> ! {
         let n = if n == 0xFFFF_FFFF { 0 } else { n } + 1;
         COUNT.write_volatile(n);
         let row = &ROW as *const u32 as *mut u32;
-        hprintln!("boot {} ram_word={:#x} code_word={:#x} rodata={:#x} vtor={:#x}",
-            n, RAMW.read_volatile(), CODEW.read_volatile(), row.read_volatile(),
-            (0xE000_ED08 as *const u32).read_volatile());
+        hprintln!(
+            "boot {} ram_word={:#x} code_word={:#x} rodata={:#x} vtor={:#x}",
+            n,
+            RAMW.read_volatile(),
+            CODEW.read_volatile(),
+            row.read_volatile(),
+            (0xE000_ED08 as *const u32).read_volatile()
+        );
         RAMW.write_volatile(0xABCD_0000 | n);
         CODEW.write_volatile(0xC0DE_0000 | n);
         row.write_volatile(0x2222_2222);
@@ -46,17 +51,22 @@ fn main() -> ! {
                 w(0x000, 25_000_000 / 5); // LOAD
                 w(0x008, 0b11); // CONTROL: INTEN | RESEN
                 w(0xC00, 0); // lock
-                loop { cortex_m::asm::nop(); }
+                loop {
+                    cortex_m::asm::nop();
+                }
             }
             _ => {
                 hprintln!("done");
                 debug::exit(debug::EXIT_SUCCESS);
-                loop {}
+                loop {
+                    cortex_m::asm::wfi();
+                }
             }
         }
     }
 }
 
+/// The watchdog's interrupt line is wired to NMI: its first expiry lands here.
 #[exception]
 unsafe fn NonMaskableInt() {
     hprintln!("NMI (watchdog first expiry)");
@@ -65,5 +75,7 @@ unsafe fn NonMaskableInt() {
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
     debug::exit(debug::EXIT_FAILURE);
-    loop {}
+    loop {
+        cortex_m::asm::wfi();
+    }
 }

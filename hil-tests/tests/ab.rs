@@ -1,0 +1,268 @@
+//! Hardware-in-the-loop tests of the A/B firmware: a QEMU device that boots embassy-boot's
+//! bootloader at `0x0`, runs the application from ACTIVE in its file-backed PSRAM and
+//! updates itself with content named `firmware` relayed by the manager (see
+//! `agent-firmware/README.md`, "A/B firmware").
+//!
+//! Run after `scripts/build-firmware.sh` (it builds the A/B application and the
+//! bootloader), as root: `cargo test -p baton-hil-tests --release --test ab`. Images A, B
+//! and C come from the one A/B build; the provisioning tool patches their header (version,
+//! the never-confirm test flag).
+
+use std::time::{Duration, Instant};
+
+use baton_hil_tests::*;
+use serde_json::Value;
+
+/// ACTIVE's offset in the flash file and its size (`agent-firmware/src/board/mps2_an385/psram.rs`).
+const ACTIVE: (usize, usize) = (0xF0_0000, 128 * 1024);
+/// Erase pages in ACTIVE: a swap has twice as many steps, one progress word each.
+const PAGES: u32 = (ACTIVE.1 / ERASE_BLOCK) as u32;
+
+/// The participant `id`'s entry of a job's detail.
+fn participant<'a>(detail: &'a Value, id: &str) -> &'a Value {
+    detail["participants"]
+        .as_array()
+        .expect("participants")
+        .iter()
+        .find(|p| p["agent"] == id)
+        .unwrap_or_else(|| panic!("{id} is not a participant: {detail:#}"))
+}
+
+/// Asserts `id` confirmed the job's content and its install ended in `state`.
+fn assert_install(detail: &Value, id: &str, state: &str) {
+    let p = participant(detail, id);
+    assert_eq!(p["state"], "confirmed", "{id} did not confirm: {detail:#}");
+    assert_eq!(
+        p["install"]["state"], state,
+        "{id}'s install did not end {state}: {detail:#}"
+    );
+}
+
+/// Asserts ACTIVE in the device's flash file holds `image` (erased after it).
+fn assert_active_holds(dev: &Device, image: &[u8], what: &str) {
+    let flash = std::fs::read(&dev.flash).expect("flash image");
+    let active = &flash[ACTIVE.0..ACTIVE.0 + ACTIVE.1];
+    assert!(
+        active[..image.len()] == *image,
+        "ACTIVE does not hold {what}"
+    );
+    assert!(
+        active[image.len()..].iter().all(|&b| b == 0xFF),
+        "ACTIVE holds more than {what}"
+    );
+}
+
+/// Pushes `image` as content `firmware` at `version` to `dev` and waits for the job's end.
+fn update(
+    lab: &mut Lab,
+    m: &ManagerInfo,
+    dev: &Device,
+    image: &std::path::Path,
+    version: u64,
+) -> (u64, Value) {
+    let job = lab.push_as(m, image, &[&dev.id], "firmware", version);
+    let detail = lab.wait_job(m, job, Duration::from_secs(90));
+    (job, detail)
+}
+
+/// (e) A device updates from image A to image B through the relay: the image arrives as
+/// verified content, goes into DFU (checked again as read back), the bootloader swaps it in,
+/// and B marks itself booted only after the manager welcomed it; the job shows B running.
+/// (f) Then image C, which never confirms (it hangs after the welcome, with interrupts
+/// masked): the watchdog resets the board, the bootloader reverts to B, B reports the job
+/// rolled back and runs on.
+#[test]
+fn ab_e_update_a_to_b_and_f_revert_an_image_that_never_confirms() {
+    let _one = one_at_a_time();
+    let mut lab = Lab::new("ab-update", 1);
+    let m = lab.start_manager(&[]);
+    let mut dev = lab.device_ab(&m, 1, "hil-ab");
+    lab.boot(&mut dev);
+    dev.wait_log("welcomed by the manager", BOUND);
+    lab.wait_connected(&m, &[&dev.id]);
+    assert!(
+        dev.log().contains("image v1 (Normal)"),
+        "image A boots normally:\n{}",
+        dev.log()
+    );
+
+    // (e) A → B.
+    let b = lab.ab_image(2, false);
+    let b_bytes = std::fs::read(&b).expect("image B");
+    let t = Instant::now();
+    let (job_b, detail) = update(&mut lab, &m, &dev, &b, 2);
+    let took_b = t.elapsed();
+    assert_install(&detail, &dev.id, "running");
+    let log = dev.log();
+    for line in [
+        "image v2 in DFU, verified, marked for update",
+        "baton-boot: state swap",
+        "baton-boot: swapped; trial boot of the update",
+        "image v2 (Trial)",
+        "image v2 confirmed: marked booted",
+    ] {
+        assert!(
+            log.contains(line),
+            "(e) no {line:?} in the log:\n{}",
+            tail(&log, 60)
+        );
+    }
+    assert_active_holds(&dev, &b_bytes, "image B");
+    let swap_steps = log.matches("baton-boot: erase ").count();
+    assert_eq!(
+        swap_steps,
+        2 * PAGES as usize,
+        "one erase per swap step:\n{log}"
+    );
+    eprintln!(
+        "(e) A -> B: job {job_b} running after {:.1} s ({} bytes, swap of {swap_steps} page steps)",
+        took_b.as_secs_f64(),
+        b_bytes.len()
+    );
+
+    // (f) B → C, which never confirms: reverted to B.
+    let c = lab.ab_image(3, true);
+    let t = Instant::now();
+    let (job_c, detail) = update(&mut lab, &m, &dev, &c, 3);
+    let took_c = t.elapsed();
+    assert_install(&detail, &dev.id, "rolled back");
+    let log = dev.log();
+    for line in [
+        "image v3 (Trial)",
+        "test image v3: never confirming",
+        "watchdog expired",
+        "baton-boot: reverted to the previous image",
+        "image v2 (RolledBack)",
+        "rolled back: image v2 runs again",
+    ] {
+        assert!(
+            log.contains(line),
+            "(f) no {line:?} in the log:\n{}",
+            tail(&log, 80)
+        );
+    }
+    assert_active_holds(&dev, &b_bytes, "image B again");
+    // B runs on: the manager keeps its session and B does not reset again.
+    dev.wait_log_nth("welcomed by the manager", 4, BOUND);
+    lab.wait_connected(&m, &[&dev.id]);
+    eprintln!(
+        "(f) B -> C (never confirms): job {job_c} rolled back after {:.1} s, B runs again",
+        took_c.as_secs_f64()
+    );
+}
+
+/// (g) Power cuts (SIGKILL of QEMU) in the middle of the bootloader's swap, at steps chosen
+/// from its log (each step erases one page, logged as `baton-boot: erase ACTIVE|DFU page N`,
+/// then copies it and writes one progress word to STATE): QEMU's gdbstub stops the board
+/// right after step K's progress word is written, QEMU is killed there, and the device
+/// boots again from what the flash file holds. Each time the bootloader resumes the swap
+/// where its progress says and the device boots a whole image: after a cut inside the swap
+/// the update boots, confirms and runs (ACTIVE holds it); after a cut right after the last
+/// step the swap is complete but the update never ran, which embassy-boot cannot tell from
+/// an update that ran and never confirmed: it reverts, and the job shows rolled back
+/// (ACTIVE holds the previous image again).
+#[test]
+fn ab_g_power_cuts_during_the_swap() {
+    use baton_hil_tests::gdb::Gdb;
+    let _one = one_at_a_time();
+    let mut lab = Lab::new("ab-cut", 1);
+    let m = lab.start_manager(&[]);
+    let mut dev = lab.device_ab(&m, 1, "hil-ab");
+    let socket = lab.dir.join("fw-1.gdb");
+    // First step, the middle of the swap (ACTIVE half new, half old), the last step.
+    let cuts = [0, PAGES - 1, 2 * PAGES - 1];
+    let mut running =
+        std::fs::read(&dev.flash).expect("flash image")[ACTIVE.0..ACTIVE.0 + ACTIVE.1].to_vec();
+    while running.last() == Some(&0xFF) {
+        running.pop();
+    }
+    for (i, step) in cuts.into_iter().enumerate() {
+        let version = 2 + i as u32;
+        dev.gdb = Some(socket.clone());
+        lab.boot(&mut dev);
+        dev.wait_log("welcomed by the manager", BOUND);
+        lab.wait_connected(&m, &[&dev.id]);
+        let addr = PSRAM_BASE + (STATE_OFFSET + 4 * (2 + step as usize)) as u32;
+        let mut gdb = Gdb::attach(&socket, BOUND);
+        gdb.watch_writes(addr, 4);
+        gdb.resume();
+        let image = lab.ab_image(version, false);
+        let bytes = std::fs::read(&image).expect("image");
+        let t = Instant::now();
+        let job = lab.push_as(&m, &image, &[&dev.id], "firmware", version.into());
+        // The app's erase of STATE (marking the update) writes 0xFFFF_FFFF there first.
+        let mut stops = 0;
+        loop {
+            let reply = gdb.wait_stop(Duration::from_secs(60));
+            stops += 1;
+            assert!(
+                reply.contains("watch"),
+                "step {step}: stopped for {reply:?}"
+            );
+            gdb.unwatch_writes(addr, 4);
+            gdb.step();
+            if gdb.read_word(addr) != 0xFFFF_FFFF {
+                break;
+            }
+            assert!(
+                stops < 8,
+                "step {step}: {stops} stops, no progress word written"
+            );
+            gdb.watch_writes(addr, 4);
+            gdb.resume();
+        }
+        lab.power_cut(&mut dev);
+        drop(gdb);
+        // The cut lands after the (step+1)th erase the bootloader logged in this swap.
+        let log = dev.log();
+        let swap = log
+            .rfind("baton-boot: state swap")
+            .unwrap_or_else(|| panic!("step {step}: no swap started:\n{}", tail(&log, 40)));
+        let erases: Vec<&str> = log[swap..]
+            .lines()
+            .filter(|l| l.contains("baton-boot: erase "))
+            .collect();
+        assert_eq!(
+            erases.len(),
+            step as usize + 1,
+            "step {step}: the log shows the swap's steps up to the cut: {erases:?}"
+        );
+        let last = erases.last().copied().unwrap_or_default().to_string();
+
+        dev.gdb = None;
+        lab.boot(&mut dev);
+        let line = dev.wait_log("baton-boot: starting the application", BOUND);
+        let completed = step == 2 * PAGES - 1;
+        let outcome = if completed {
+            // Swap complete at the cut: the next boot finds it swapped and unconfirmed.
+            dev.wait_log("rolled back: image v", Duration::from_secs(60));
+            let detail = lab.wait_job(&m, job, Duration::from_secs(60));
+            assert_install(&detail, &dev.id, "rolled back");
+            assert_active_holds(&dev, &running, "the previous image");
+            assert_eq!(
+                dev.count_log("baton-boot: erase "),
+                2 * PAGES as usize,
+                "step {step}: a whole revert"
+            );
+            "reverted to the previous image, job rolled back"
+        } else {
+            let confirmed = format!("image v{version} confirmed: marked booted");
+            dev.wait_log(&confirmed, Duration::from_secs(60));
+            let detail = lab.wait_job(&m, job, Duration::from_secs(60));
+            assert_install(&detail, &dev.id, "running");
+            assert_active_holds(&dev, &bytes, &format!("image v{version}"));
+            assert_eq!(
+                dev.count_log("baton-boot: erase "),
+                2 * PAGES as usize - step as usize - 1,
+                "step {step}: the bootloader redid only the steps after the cut"
+            );
+            running = bytes;
+            "swap resumed, update confirmed, job running"
+        };
+        eprintln!(
+            "(g) cut after swap step {step} ({last}; {stops} watchpoint stops): {line}; {outcome}, {:.1} s after the push",
+            t.elapsed().as_secs_f64()
+        );
+        lab.power_cut(&mut dev);
+    }
+}
