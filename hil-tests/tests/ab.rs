@@ -52,6 +52,27 @@ fn assert_active_holds(dev: &Device, image: &[u8], what: &str) {
     );
 }
 
+/// Waits until the manager lists `firmware` v`version` running on `id` (`baton agents`, from
+/// the device's `Running` message).
+fn wait_running(lab: &Lab, m: &ManagerInfo, id: &str, version: u64) {
+    let dir = m.data_dir.to_string_lossy().into_owned();
+    wait_for(
+        &format!("{id} reported firmware v{version} running"),
+        BOUND,
+        || lab.baton(&["agents", "--json", "--data-dir", &dir]),
+        || {
+            let list: Value =
+                serde_json::from_str(&lab.baton(&["agents", "--json", "--data-dir", &dir])).ok()?;
+            let agent = list.as_array()?.iter().find(|a| a["id"] == id)?;
+            agent["running"]
+                .as_array()?
+                .iter()
+                .any(|r| r["name"] == "firmware" && r["version"].as_u64() == Some(version))
+                .then_some(())
+        },
+    );
+}
+
 /// Pushes `image` as content `firmware` at `version` to `dev` and waits for the job's end.
 fn update(
     lab: &mut Lab,
@@ -80,6 +101,7 @@ fn ab_e_update_a_to_b_and_f_revert_an_image_that_never_confirms() {
     lab.boot(&mut dev);
     dev.wait_log("welcomed by the manager", BOUND);
     lab.wait_connected(&m, &[&dev.id]);
+    wait_running(&lab, &m, &dev.id, 1);
     assert!(
         dev.log().contains("image v1 (Normal)"),
         "image A boots normally:\n{}",
@@ -108,6 +130,7 @@ fn ab_e_update_a_to_b_and_f_revert_an_image_that_never_confirms() {
         );
     }
     assert_active_holds(&dev, &b_bytes, "image B");
+    wait_running(&lab, &m, &dev.id, 2);
     let swap_steps = log.matches("baton-boot: erase ").count();
     assert_eq!(
         swap_steps,
@@ -125,7 +148,7 @@ fn ab_e_update_a_to_b_and_f_revert_an_image_that_never_confirms() {
     let t = Instant::now();
     let (job_c, detail) = update(&mut lab, &m, &dev, &c, 3);
     let took_c = t.elapsed();
-    assert_install(&detail, &dev.id, "rolled back");
+    assert_install(&detail, &dev.id, "rolled_back");
     let log = dev.log();
     for line in [
         "image v3 (Trial)",
@@ -145,6 +168,7 @@ fn ab_e_update_a_to_b_and_f_revert_an_image_that_never_confirms() {
     // B runs on: the manager keeps its session and B does not reset again.
     dev.wait_log_nth("welcomed by the manager", 4, BOUND);
     lab.wait_connected(&m, &[&dev.id]);
+    wait_running(&lab, &m, &dev.id, 2);
     eprintln!(
         "(f) B -> C (never confirms): job {job_c} rolled back after {:.1} s, B runs again",
         took_c.as_secs_f64()
@@ -237,7 +261,7 @@ fn ab_g_power_cuts_during_the_swap() {
             // Swap complete at the cut: the next boot finds it swapped and unconfirmed.
             dev.wait_log("rolled back: image v", Duration::from_secs(60));
             let detail = lab.wait_job(&m, job, Duration::from_secs(60));
-            assert_install(&detail, &dev.id, "rolled back");
+            assert_install(&detail, &dev.id, "rolled_back");
             assert_active_holds(&dev, &running, "the previous image");
             assert_eq!(
                 dev.count_log("baton-boot: erase "),
