@@ -652,4 +652,81 @@ mod test {
             assert_eq!(stream(frame), &out[..n], "len {}", frame.len());
         }
     }
+
+    /// A minimal 32-bit little-endian ARM ELF with the given program headers
+    /// (type, load address, bytes in the file, bytes in memory).
+    fn elf(segments: &[(u32, u32, Vec<u8>, u32)]) -> Vec<u8> {
+        let phoff = 52u32;
+        let mut data_at = phoff + 32 * segments.len() as u32;
+        let mut out = vec![0u8; 52];
+        out[..6].copy_from_slice(&[0x7F, b'E', b'L', b'F', 1, 1]);
+        out[18..20].copy_from_slice(&40u16.to_le_bytes());
+        out[28..32].copy_from_slice(&phoff.to_le_bytes());
+        out[42..44].copy_from_slice(&32u16.to_le_bytes());
+        out[44..46].copy_from_slice(&(segments.len() as u16).to_le_bytes());
+        let mut data = Vec::new();
+        for (kind, paddr, bytes, memsz) in segments {
+            for v in [
+                *kind,
+                data_at,
+                *paddr,
+                *paddr,
+                bytes.len() as u32,
+                *memsz,
+                5,
+                4,
+            ] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            data.extend_from_slice(bytes);
+            data_at += bytes.len() as u32;
+        }
+        out.extend_from_slice(&data);
+        out
+    }
+
+    #[test]
+    fn an_image_is_the_loadable_segments_at_their_place_in_active() {
+        let base = (PSRAM_BASE + ACTIVE.0) as u32;
+        let image = image_from_elf(&elf(&[
+            (1, base, vec![1, 2, 3, 4, 5, 6, 7, 8], 8),
+            (1, 0x2000_0000, vec![], 64), // .bss: nothing in the file
+            (1, base + 16, vec![9, 9, 9, 9], 4),
+            (4, 0, vec![0xAA; 4], 4), // not PT_LOAD
+        ]))
+        .unwrap();
+        assert_eq!(
+            image,
+            [&[1, 2, 3, 4, 5, 6, 7, 8][..], &[0xFF; 8], &[9; 4]].concat()
+        );
+    }
+
+    #[test]
+    fn an_elf_that_loads_outside_active_is_refused() {
+        let e = image_from_elf(&elf(&[(1, 0, vec![1; 8], 8)])).unwrap_err();
+        assert!(e.contains("not an A/B build"), "{e}");
+        let end = (PSRAM_BASE + ACTIVE.0 + ACTIVE.1) as u32;
+        assert!(image_from_elf(&elf(&[(1, end - 4, vec![1; 8], 8)])).is_err());
+        assert!(
+            image_from_elf(b"\x7fELF\x02\x01").is_err(),
+            "64-bit refused"
+        );
+        assert!(image_from_elf(&elf(&[])).is_err(), "nothing to load");
+    }
+
+    #[test]
+    fn the_header_version_and_never_confirm_flag_are_patched() {
+        let mut image = vec![0u8; 0x100];
+        image[0xC0..0xC4].copy_from_slice(IMAGE_MAGIC);
+        image[0xC4..0xC8].copy_from_slice(&1u32.to_le_bytes());
+        let before = image.clone();
+        patch_header(&mut image, None, false).unwrap();
+        assert_eq!(image, before, "nothing asked, nothing changed");
+        patch_header(&mut image, Some(7), true).unwrap();
+        assert_eq!(image[0xC4..0xC8], 7u32.to_le_bytes());
+        assert_eq!(image[0xC8..0xCC], IMAGE_FLAG_NEVER_CONFIRM.to_le_bytes());
+        assert_eq!(image[..0xC4], before[..0xC4]);
+        assert_eq!(image[0xCC..], before[0xCC..]);
+        assert!(patch_header(&mut vec![0u8; 0x100], Some(2), false).is_err());
+    }
 }
