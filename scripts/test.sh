@@ -91,6 +91,8 @@ cargo test -p baton --test e2e -- "${hostile[@]}"
 stage "firmware build, footprint, clippy (thumbv7m; QEMU mps2-an385 and NUCLEO-F429ZI)"
 scripts/build-firmware.sh
 (cd agent-firmware && env -u CARGO_TARGET_DIR cargo clippy --release -- -D warnings)
+(cd agent-firmware && env -u CARGO_TARGET_DIR cargo clippy --release --features ab --target-dir target/ab -- -D warnings)
+(cd agent-firmware/bootloader && env -u CARGO_TARGET_DIR cargo clippy --release -- -D warnings)
 (cd agent-firmware && env -u CARGO_TARGET_DIR cargo --config nucleo-f429zi.toml clippy --release \
     --no-default-features --features board-nucleo-f429zi -- -D warnings)
 # Both boards build the very same agent-core and protocol crates (the board layer is the
@@ -105,7 +107,7 @@ core_crates --config nucleo-f429zi.toml tree --no-default-features --features bo
 # check the layout round-trips and refuses out-of-range fields.
 (cd agent-firmware/tools/provision && env -u CARGO_TARGET_DIR cargo test --release)
 
-stage "hardware-in-the-loop tests (QEMU, as root), shipped firmware (opt-level z)"
+stage "hardware-in-the-loop tests (QEMU, as root), shipped firmware (opt-level z), and the A/B build"
 cargo test -p baton-hil-tests --release
 
 # The same suite against an opt-level "s" build (issue 15: a defect that shows under one
@@ -117,8 +119,10 @@ stage "hardware-in-the-loop tests, firmware built with opt-level s"
 echo "opt-level s (not shipped, no flash budget):"
 agent-firmware/size.sh --elf agent-firmware/target/s/thumbv7m-none-eabi/release/baton-firmware \
     2>/dev/null | sed -n '4,5p' || true
+# (The A/B tests, tests/ab.rs, run the A/B build once above; only the suite of the shipped
+# image runs again here.)
 BATON_FIRMWARE="$PWD/agent-firmware/target/s/thumbv7m-none-eabi/release/baton-firmware" \
-    cargo test -p baton-hil-tests --release
+    cargo test -p baton-hil-tests --release --test hil
 
 stage "simulator seed sweep (release)"
 scripts/sim-sweep.sh

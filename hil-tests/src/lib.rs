@@ -18,7 +18,8 @@
 //! a clear message instead of skipping: root (namespaces, taps),
 //! `qemu-system-arm`, `ip`, `defmt-print`, and the artefacts that
 //! `scripts/build-firmware.sh` builds before `cargo test` runs (the
-//! firmware ELF, the provisioning tool and `target/release/baton`). The
+//! firmware ELF, its A/B build and bootloader, the provisioning tool and
+//! `target/release/baton`). The
 //! `baton` binary is found next to the test executable (`target/release/`,
 //! the same target directory), or at `BATON_BIN`; the firmware ELF is the shipped
 //! release build, or `BATON_FIRMWARE` (scripts/test.sh runs the suite again against an

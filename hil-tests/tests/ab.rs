@@ -173,6 +173,26 @@ fn ab_e_update_a_to_b_and_f_revert_an_image_that_never_confirms() {
         "(f) B -> C (never confirms): job {job_c} rolled back after {:.1} s, B runs again",
         took_c.as_secs_f64()
     );
+    // Every boot's footprint (one second after boot, and after each job) fits 64 KiB.
+    let prints: Vec<Footprint> = log
+        .lines()
+        .filter(|l| l.contains("footprint: "))
+        .filter_map(footprint)
+        .collect();
+    assert!(prints.len() >= 3, "footprints logged:\n{}", tail(&log, 80));
+    let peak = prints.iter().map(|f| f.stack_peak).max().unwrap_or(0);
+    for f in &prints {
+        assert!(
+            f.stack_peak < f.stack_size && f.data + f.bss + f.stack_size <= 64 * 1024,
+            "{f:?} does not fit 64 KiB of RAM"
+        );
+    }
+    eprintln!(
+        "(e, f) A/B build: static {} + stack region {} bytes of RAM, deepest stack {peak} over {} footprint lines",
+        prints[0].data + prints[0].bss,
+        prints[0].stack_size,
+        prints.len()
+    );
 }
 
 /// (g) Power cuts (SIGKILL of QEMU) in the middle of the bootloader's swap, at steps chosen
