@@ -59,7 +59,7 @@ stack_region=$((stack_top - guard))
 static=$((data + bss))
 ram=$((static + stack_region))
 status=0
-printf 'text   %7d bytes (vector table %d + code %d + rodata %d)\n' $((vec + text + rodata)) "$vec" "$text" "$rodata"
+printf 'text   %7d bytes (vector table and A/B image header %d + code %d + rodata %d)\n' $((vec + text + rodata)) "$vec" "$text" "$rodata"
 printf 'data   %7d bytes\n' "$data"
 printf 'bss    %7d bytes\n' "$bss"
 printf 'flash  %7d of %d bytes (text + data)\n' "$flash" "$flash_budget"

@@ -1101,6 +1101,9 @@ impl Node {
         let mut h = Sha256::new();
         let mut proof = Proof::new();
         for i in 0..m.chunks() {
+            // Hashing megabytes back from flash takes longer than the watchdog waits.
+            #[cfg(feature = "ab")]
+            crate::board::ab::watchdog_feed();
             let store = self.agent.store_mut();
             match store.read_chunk(root, i, &mut self.buf[..], &mut proof) {
                 Ok(n) => h.update(&self.buf[..n]),

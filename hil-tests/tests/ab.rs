@@ -91,7 +91,8 @@ fn update(
 /// and B marks itself booted only after the manager welcomed it; the job shows B running.
 /// (f) Then image C, which never confirms (it hangs after the welcome, with interrupts
 /// masked): the watchdog resets the board, the bootloader reverts to B, B reports the job
-/// rolled back and runs on.
+/// rolled back and runs on. Last, an image whose header version is not the signed
+/// manifest's is refused before the swap is requested: the job shows failed.
 #[test]
 fn ab_e_update_a_to_b_and_f_revert_an_image_that_never_confirms() {
     let _one = one_at_a_time();
@@ -173,6 +174,28 @@ fn ab_e_update_a_to_b_and_f_revert_an_image_that_never_confirms() {
         "(f) B -> C (never confirms): job {job_c} rolled back after {:.1} s, B runs again",
         took_c.as_secs_f64()
     );
+    // An image whose header does not carry the signed manifest's version (image B published
+    // as version 4) is refused before any swap is asked for: failed, B runs on, no reset.
+    let welcomes = dev.count_log("welcomed by the manager");
+    let boots = dev.count_log("baton-boot: state ");
+    let (job_d, detail) = update(&mut lab, &m, &dev, &b, 4);
+    assert_install(&detail, &dev.id, "failed");
+    dev.wait_log("image v4 refused: not installed", BOUND);
+    let log = dev.log();
+    assert_eq!(
+        dev.count_log("baton-boot: state "),
+        boots,
+        "no reset:\n{}",
+        tail(&log, 30)
+    );
+    assert_eq!(
+        dev.count_log("welcomed by the manager"),
+        welcomes,
+        "no new session"
+    );
+    assert_active_holds(&dev, &b_bytes, "image B still");
+    eprintln!("(f') image B published as v4: job {job_d} failed before any swap, B runs on");
+
     // Every boot's footprint (one second after boot, and after each job) fits 64 KiB.
     let prints: Vec<Footprint> = log
         .lines()

@@ -13,7 +13,8 @@
 //! - **Confirm**: a trial boot (the bootloader swapped the update in) marks itself booted
 //!   only once the manager welcomed it — after its `Report` and `Running` — then reports the
 //!   recorded job `running`. A boot after the bootloader reverted an update reports that job
-//!   `rolled back`. An image that never gets there is reverted at the next reset: it
+//!   `rolled back`. That report goes out again at every welcome until the next install.
+//!   An image that never gets there is reverted at the next reset: it
 //!   panics or faults (both reset the board), hangs (the watchdog resets it), or finds no
 //!   manager for [`TRIAL_DEADLINE`] (it resets itself).
 
@@ -111,6 +112,8 @@ impl Node {
             ab::mark_booted();
         }
         self.ab.boot = Boot::Normal;
+        // Sent at every welcome (a report lost with its session goes out again; the manager
+        // takes a repeated state as nothing new), until the next install replaces the record.
         if let Some(p) = ab::pending() {
             let state = if p.version == running {
                 InstallState::Running
@@ -118,7 +121,6 @@ impl Node {
                 InstallState::RolledBack
             };
             self.send_status(p.job, FIRMWARE_NAME, u64::from(p.version), state);
-            ab::set_pending(None);
         }
     }
 
@@ -148,10 +150,10 @@ impl Node {
         }
         let state = if self.copy_to_dfu(root, chunks, chunk_size, length)
             && ab::dfu_image_ok(length, version)
-            && ab::set_pending(Some(PendingInstall {
+            && ab::set_pending(PendingInstall {
                 job,
                 version: version as u32,
-            }))
+            })
             && ab::mark_updated()
         {
             defmt::info!("image v{} in DFU, verified, marked for update", version);
@@ -179,6 +181,7 @@ impl Node {
         }
         let mut proof = merkle::Proof::new();
         for i in 0..chunks {
+            ab::watchdog_feed();
             let Ok(n) = self
                 .agent
                 .store_mut()

@@ -133,16 +133,13 @@ pub fn pending() -> Option<PendingInstall> {
     })
 }
 
-/// Records `p` (`None` clears the record). Erase, then one write: a power cut leaves the
-/// old record, no record, or the new one.
-pub fn set_pending(p: Option<PendingInstall>) -> bool {
+/// Records `p`. Erase, then one write: a power cut leaves the old record, no record, or the
+/// new one.
+pub fn set_pending(p: PendingInstall) -> bool {
     let mut b = install_block();
     if b.erase(0, psram::ERASE as u32).is_err() {
         return false;
     }
-    let Some(p) = p else {
-        return true;
-    };
     let mut w = [0u8; 20];
     for (i, v) in [
         INSTALL_MAGIC,
