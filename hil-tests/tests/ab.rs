@@ -333,3 +333,32 @@ fn ab_g_power_cuts_during_the_swap() {
         lab.power_cut(&mut dev);
     }
 }
+
+/// A fault resets the board in the A/B build (instead of ending QEMU), and ACTIVE is
+/// read-only under the MPU: an A/B device provisioned with the code-write fault demo writes
+/// to its own reset handler in ACTIVE, faults at that address, logs it, resets, and the
+/// bootloader starts it again.
+#[test]
+fn ab_h_a_fault_resets_the_board_and_active_is_read_only() {
+    let _one = one_at_a_time();
+    let mut lab = Lab::new("ab-fault", 1);
+    let m = lab.start_manager(&[]);
+    let mut dev = lab.device_ab(&m, 1, "hil-ab");
+    let flash = dev.flash.to_string_lossy().into_owned();
+    let out = lab.run(
+        &lab.env.provision,
+        &["--flash", &flash, "--fault-demo", "code-write"],
+        BOUND,
+    );
+    assert!(out.success, "{}", out.stderr);
+    let t = Instant::now();
+    lab.boot(&mut dev);
+    let fault = dev.wait_log("MemManage fault at 0x21f", BOUND);
+    dev.wait_log("resetting the board", BOUND);
+    dev.wait_log_nth("baton-boot: starting the application", 2, BOUND);
+    dev.wait_log_nth("MemManage fault at 0x21f", 2, BOUND);
+    eprintln!(
+        "(h) A/B fault demo: {fault}; reset and started again by the bootloader within {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}
