@@ -44,6 +44,10 @@
 //! handshake stalls or the manager stays silent (the agent pings it every
 //! 10 s); then a new handshake starts. Handshake messages begin with an extra
 //! `0x00`, which ends whatever a cut-off frame left on the line.
+//!
+//! **A/B build** (feature `ab`, [`update`]): `Running` after each session's first report,
+//! firmware images installed into DFU for the bootloader, confirmed after the welcome, the
+//! watchdog fed once per loop.
 
 use core::future::poll_fn;
 use core::pin::pin;
@@ -66,12 +70,12 @@ use embassy_time::{Duration, Instant, Timer};
 use sha2::{Digest as _, Sha256};
 
 use crate::board::{Store, serial};
-
-#[cfg(feature = "ab")]
-mod update;
 use crate::cobs_tx::CobsWriter;
 use crate::config::Config;
 use crate::entropy::Entropy;
+
+#[cfg(feature = "ab")]
+mod update;
 
 /// Largest chunk this device accepts (reported as `max_chunk`).
 pub const MAX_CHUNK: u32 = 4096;

@@ -12,7 +12,8 @@
 //! - [`bring_up`]: memory guards, time, boot counter, provisioning block, Ethernet and
 //!   the flash store, handed to the shared firmware as [`super::Parts`].
 //! - Its parts: [`lan9118`] (Ethernet), [`psram`] (the emulated flash), [`uart`] (the
-//!   serial link, as [`serial`]), [`guard`] (stack guard and MPU regions).
+//!   serial link, as [`serial`]), [`guard`] (stack guard and MPU regions), and in the A/B
+//!   build `ab` (image header, embassy-boot's state, install record, DFU, watchdog).
 
 #[cfg(feature = "ab")]
 pub mod ab;
