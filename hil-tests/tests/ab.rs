@@ -86,6 +86,7 @@ fn update(
     (job, detail)
 }
 
+/// First, plain content (another name) runs as delivered on an A/B device.
 /// (e) A device updates from image A to image B through the relay: the image arrives as
 /// verified content, goes into DFU (checked again as read back), the bootloader swaps it in,
 /// and B marks itself booted only after the manager welcomed it; the job shows B running.
@@ -108,6 +109,13 @@ fn ab_e_update_a_to_b_and_f_revert_an_image_that_never_confirms() {
         "image A boots normally:\n{}",
         dev.log()
     );
+
+    // Content with another name has no install step: running as soon as it is complete.
+    let data = lab.dir.join("data.bin");
+    std::fs::write(&data, random_bytes(16 * 1024)).expect("content file");
+    let job = lab.push_as(&m, &data, &[&dev.id], "site-data", 1);
+    let detail = lab.wait_job(&m, job, BOUND);
+    assert_install(&detail, &dev.id, "running");
 
     // (e) A → B.
     let b = lab.ab_image(2, false);
