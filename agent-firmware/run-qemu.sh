@@ -29,7 +29,8 @@
 # BATON_BOOT.
 # Logs are defmt frames on QEMU's stdout (semihosting); they are decoded with
 # defmt-print when it is installed (`cargo install defmt-print --locked`).
-# QEMU exits with the device's semihosting status: 0, or 1 after a panic.
+# QEMU exits with the device's semihosting status: 0, or 1 after a panic (the A/B
+# build resets the board instead and QEMU keeps running).
 # The script execs QEMU, so its pid is QEMU's (kill -9 it for a power cut).
 # Used as the cargo runner: `cargo run --release` boots with the defaults.
 set -euo pipefail
@@ -60,7 +61,7 @@ while [ $# -gt 0 ]; do
         --m4) machine="mps2-an386"; shift ;;
         --gdb) gdb="$2"; shift 2 ;;
         --boot) boot="$2"; shift 2 ;;
-        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
         -*) echo "run-qemu.sh: unknown option $1" >&2; exit 2 ;;
         *) elf="$1"; shift ;;
     esac
