@@ -70,6 +70,34 @@ pub fn baton(args: &[&str], limit: Duration) -> Output {
     baton_test_support::run(cmd, limit)
 }
 
+/// Adds the administrator `name` with `password` by `baton admin add` to the PostgreSQL
+/// database `db` (the CLI writes to the database a manager serves from), and checks it did.
+pub fn add_admin_on_postgresql(
+    db: &baton_manager::store::test_database::TestDatabase,
+    dir: &std::path::Path,
+    name: &str,
+    password: &str,
+) {
+    let password_file = db.password_file().unwrap().to_str().unwrap().to_string();
+    let admin_password = dir.join(format!("{name}.password"));
+    std::fs::write(&admin_password, format!("{password}\n")).unwrap();
+    let out = baton(
+        &[
+            "admin",
+            "add",
+            name,
+            "--password-file",
+            admin_password.to_str().unwrap(),
+            "--db",
+            db.url(),
+            "--db-password-file",
+            &password_file,
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(out.success, "{}\n{}", out.stdout, out.stderr);
+}
+
 pub use baton_test_support::fake::{id, report};
 
 /// A fake agent's receiving half.

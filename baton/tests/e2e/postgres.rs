@@ -90,23 +90,7 @@ fn the_manager_runs_on_postgresql() {
     assert_eq!(store.agents().unwrap().len(), 3);
     assert!(store.epoch().unwrap() >= 1);
     // `baton admin` writes to the same database when given the same --db.
-    let admin_password = root.join("ops.password");
-    std::fs::write(&admin_password, "correct horse battery\n").unwrap();
-    let out = baton(
-        &[
-            "admin",
-            "add",
-            "ops",
-            "--password-file",
-            admin_password.to_str().unwrap(),
-            "--db",
-            db.url(),
-            "--db-password-file",
-            &password_file,
-        ],
-        Duration::from_secs(30),
-    );
-    assert!(out.success, "{}\n{}", out.stdout, out.stderr);
+    add_admin_on_postgresql(&db, &root, "ops", "correct horse battery");
     assert_eq!(store.admins().unwrap(), ["ops"]);
     assert!(!data.join("baton.db").exists());
 }

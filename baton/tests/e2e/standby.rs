@@ -223,24 +223,8 @@ fn a_standby_takes_over_a_killed_manager_mid_job() {
     let agents = start_agents(&a, &b, root);
 
     // An administrator signs in on A; the session is kept in the database.
+    add_admin_on_postgresql(&db, root, "ops", "correct-horse");
     let password_file = db.password_file().unwrap().to_str().unwrap().to_string();
-    let admin_password = root.join("ops.password");
-    std::fs::write(&admin_password, "correct-horse\n").unwrap();
-    let out = baton(
-        &[
-            "admin",
-            "add",
-            "ops",
-            "--password-file",
-            admin_password.to_str().unwrap(),
-            "--db",
-            db.url(),
-            "--db-password-file",
-            &password_file,
-        ],
-        Duration::from_secs(30),
-    );
-    assert!(out.success, "{}\n{}", out.stdout, out.stderr);
     let session = web_login(&a, "ops", "correct-horse");
     assert_eq!(get_with_session(&a, "/api/v1/jobs", &session), 200);
     // The standby serves reads and refuses changes, naming the active manager.
