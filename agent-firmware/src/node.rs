@@ -435,7 +435,7 @@ impl Node {
     }
 
     /// Aborts slot `i`'s connection, telling the agent what it needs to know.
-    fn close(&mut self, i: usize, why: &str) {
+    fn close(&mut self, i: usize, why: defmt::Str) {
         let s = &mut self.slots[i];
         let was = core::mem::replace(
             &mut s.state,
@@ -457,12 +457,12 @@ impl Node {
         let now = agent_now();
         match was {
             State::Up { conn, .. } => {
-                defmt::info!("slot {} ({}) closed: {=str}", i, kind, why);
+                defmt::info!("slot {} ({}) closed: {=istr}", i, kind, why);
                 self.agent.handle_disconnected(now, conn);
             }
             State::Idle { .. } | State::Closing { .. } => {}
             _ => {
-                defmt::warn!("slot {} ({}) failed: {=str}", i, kind, why);
+                defmt::warn!("slot {} ({}) failed: {=istr}", i, kind, why);
                 if let Some((id, _)) = peer {
                     self.agent.handle_connect_failed(now, &id);
                 }
@@ -522,11 +522,11 @@ impl Node {
                 }
                 TcpState::SynSent | TcpState::SynReceived if now < deadline => false,
                 TcpState::SynSent | TcpState::SynReceived => {
-                    self.close(i, "connect timed out");
+                    self.close(i, defmt::intern!("connect timed out"));
                     true
                 }
                 _ => {
-                    self.close(i, "connection refused");
+                    self.close(i, defmt::intern!("connection refused"));
                     true
                 }
             },
@@ -539,7 +539,7 @@ impl Node {
                     true
                 }
                 _ => {
-                    self.close(i, "listener reset");
+                    self.close(i, defmt::intern!("listener reset"));
                     true
                 }
             },
@@ -547,7 +547,7 @@ impl Node {
                 // A serial line has no connection that could have dropped.
                 let line_up = (i == 0 && self.serial.is_some()) || s.sock.may_send();
                 if now >= deadline || !line_up {
-                    self.close(i, "handshake never started");
+                    self.close(i, defmt::intern!("handshake never started"));
                     true
                 } else if self.hs[engine(s.kind)].is_none() {
                     s.state = State::Handshake { deadline };
@@ -558,7 +558,7 @@ impl Node {
                 }
             }
             State::Handshake { deadline } if now >= deadline => {
-                self.close(i, "handshake timed out");
+                self.close(i, defmt::intern!("handshake timed out"));
                 true
             }
             State::Up { .. }
@@ -567,7 +567,7 @@ impl Node {
                     .as_ref()
                     .is_some_and(|ser| i == 0 && now > ser.last_rx + SERIAL_SILENCE) =>
             {
-                self.close(i, "manager silent on the serial line");
+                self.close(i, defmt::intern!("manager silent on the serial line"));
                 true
             }
             State::Handshake { .. } | State::Up { .. } => self.read_frame(i),
@@ -591,7 +591,7 @@ impl Node {
         };
         if let Poll::Ready(Err(e)) = poll_once(s.sock.connect(ep)) {
             defmt::warn!("slot {}: connect to {} failed: {}", i, ep, e);
-            self.close(i, "cannot connect");
+            self.close(i, defmt::intern!("cannot connect"));
         }
     }
 
@@ -626,12 +626,12 @@ impl Node {
                 }
                 match &self.manager_key {
                     Some(key) => Handshake::initiator(&self.identity, eph, key, hello),
-                    None => return self.close(i, "no manager key"),
+                    None => return self.close(i, defmt::intern!("no manager key")),
                 }
             }
             Kind::Outgoing => match &self.slots[i].peer {
                 Some((_, key)) => Handshake::initiator(&self.identity, eph, key, hello),
-                None => return self.close(i, "no peer to dial"),
+                None => return self.close(i, defmt::intern!("no peer to dial")),
             },
             Kind::Incoming => Handshake::responder(&self.identity, eph, hello),
         };
@@ -648,7 +648,7 @@ impl Node {
             }
             Err(e) => {
                 defmt::warn!("slot {}: handshake setup failed: {}", i, e);
-                self.close(i, "bad key");
+                self.close(i, defmt::intern!("bad key"));
             }
         }
     }
@@ -665,11 +665,11 @@ impl Node {
                 Ok(n) => n,
                 Err(e) => {
                     defmt::warn!("slot {}: handshake write: {}", i, e);
-                    return self.close(i, "handshake failed");
+                    return self.close(i, defmt::intern!("handshake failed"));
                 }
             };
             let Ok(h) = frame::header(n) else {
-                return self.close(i, "handshake message too large");
+                return self.close(i, defmt::intern!("handshake message too large"));
             };
             msg[..H].copy_from_slice(&h);
             let written = if i == 0 && self.serial.is_some() {
@@ -678,7 +678,7 @@ impl Node {
                 write_now(&mut self.slots[i].sock, &msg[..H + n])
             };
             if !written {
-                return self.close(i, "no room for a handshake message");
+                return self.close(i, defmt::intern!("no room for a handshake message"));
             }
         }
         if hs.is_finished() {
@@ -698,17 +698,17 @@ impl Node {
             Kind::Manager => None,
             Kind::Outgoing | Kind::Incoming => {
                 let Some(manager) = self.manager_key else {
-                    return self.close(i, "no manager key to check certificates");
+                    return self.close(i, defmt::intern!("no manager key to check certificates"));
                 };
                 if let Err(e) = hs.verify_peer_cert(&manager) {
                     defmt::warn!("slot {}: peer refused: {}", i, e);
-                    return self.close(i, "bad certificate");
+                    return self.close(i, defmt::intern!("bad certificate"));
                 }
                 if let Some(cert) = hs.remote_hello().and_then(|h| h.cert.as_ref())
                     && let Err(e) = self.agent.peer_cert_acceptable(cert, agent_now())
                 {
                     defmt::warn!("slot {}: peer refused: {}", i, e);
-                    return self.close(i, "revoked or expired certificate");
+                    return self.close(i, defmt::intern!("revoked or expired certificate"));
                 }
                 if kind == Kind::Outgoing {
                     self.slots[i].peer.as_ref().map(|p| p.0.clone())
@@ -721,7 +721,7 @@ impl Node {
             Ok(t) => t.split(),
             Err(e) => {
                 defmt::warn!("slot {}: handshake finish: {}", i, e);
-                return self.close(i, "handshake failed");
+                return self.close(i, defmt::intern!("handshake failed"));
             }
         };
         let now = agent_now();
@@ -743,7 +743,7 @@ impl Node {
             return;
         }
         let Some(id) = peer_id else {
-            return self.close(i, "peer without id");
+            return self.close(i, defmt::intern!("peer without id"));
         };
         let direction = if kind == Kind::Outgoing {
             Direction::Outgoing
@@ -786,7 +786,7 @@ impl Node {
             Ok(None) => {
                 let s = &self.slots[i];
                 if !self.on_serial(i) && !s.sock.may_recv() && s.sock.recv_queue() == 0 {
-                    self.close(i, "closed by the other side");
+                    self.close(i, defmt::intern!("closed by the other side"));
                     return true;
                 }
                 false
@@ -799,7 +799,7 @@ impl Node {
     }
 
     /// Reads one frame into the frame buffer if it is completely in the socket.
-    fn next_frame(&mut self, i: usize) -> Result<Option<usize>, &'static str> {
+    fn next_frame(&mut self, i: usize) -> Result<Option<usize>, defmt::Str> {
         if i == 0
             && let Some(ser) = &mut self.serial
         {
@@ -811,11 +811,11 @@ impl Node {
             match poll_once(s.sock.read(&mut hdr[have..])) {
                 Poll::Ready(Ok(n)) if n > 0 => s.have_header += n,
                 Poll::Pending => return Ok(None),
-                Poll::Ready(_) => return Err("read failed"),
+                Poll::Ready(_) => return Err(defmt::intern!("read failed")),
             }
             if s.have_header == H {
                 s.want = frame::parse_header(s.header, s.max_frame)
-                    .map_err(|_| "frame header over the limit")?;
+                    .map_err(|_| defmt::intern!("frame header over the limit"))?;
             }
         }
         if s.have_header < H || s.sock.recv_queue() < s.want {
@@ -826,7 +826,7 @@ impl Node {
         while got < want {
             match poll_once(s.sock.read(&mut self.buf[H + got..H + want])) {
                 Poll::Ready(Ok(n)) if n > 0 => got += n,
-                _ => return Err("read failed"),
+                _ => return Err(defmt::intern!("read failed")),
             }
         }
         s.have_header = 0;
@@ -839,17 +839,17 @@ impl Node {
     fn on_handshake_frame(&mut self, i: usize, n: usize) {
         let s = &self.slots[i];
         let Some(hs) = &mut self.hs[engine(s.kind)] else {
-            return self.close(i, "no handshake");
+            return self.close(i, defmt::intern!("no handshake"));
         };
         if let Err(e) = hs.read_message(&self.buf[H..H + n]) {
             defmt::warn!("slot {} ({}): handshake refused: {}", i, s.kind, e);
-            return self.close(i, "handshake failed");
+            return self.close(i, defmt::intern!("handshake failed"));
         }
         if s.kind == Kind::Outgoing
             && let (Some(remote), Some((want, _))) = (hs.remote_hello(), &s.peer)
             && remote.id != *want
         {
-            return self.close(i, "peer presented another id");
+            return self.close(i, defmt::intern!("peer presented another id"));
         }
         self.handshake_step(i);
     }
@@ -865,7 +865,7 @@ impl Node {
             Ok(p) => p,
             Err(e) => {
                 defmt::warn!("slot {}: {}", i, e);
-                return self.close(i, "frame failed to decrypt");
+                return self.close(i, defmt::intern!("frame failed to decrypt"));
             }
         };
         let msg = &self.buf[H..H + plain];
@@ -874,7 +874,7 @@ impl Node {
         if let Err(e) = self.agent.handle_frame(agent_now(), conn, msg) {
             defmt::warn!("slot {}: frame refused: {}", i, e);
             if e.must_close() && conn != ConnId::MANAGER {
-                return self.close(i, "bad frame");
+                return self.close(i, defmt::intern!("bad frame"));
             }
         }
         if let Some((root, index)) = chunk
@@ -906,7 +906,7 @@ impl Node {
             }
             if Instant::now().saturating_duration_since(p.since) > SEND_STALL {
                 self.pending = None;
-                self.close(p.slot, "serial line stalled");
+                self.close(p.slot, defmt::intern!("serial line stalled"));
             }
             return self.pending.is_none();
         }
@@ -917,7 +917,7 @@ impl Node {
                 Poll::Pending => break,
                 Poll::Ready(_) => {
                     self.pending = None;
-                    self.close(p.slot, "write failed");
+                    self.close(p.slot, defmt::intern!("write failed"));
                     return true;
                 }
             }
@@ -927,7 +927,7 @@ impl Node {
             true
         } else if Instant::now().saturating_duration_since(p.since) > SEND_STALL {
             self.pending = None;
-            self.close(p.slot, "peer stopped reading");
+            self.close(p.slot, defmt::intern!("peer stopped reading"));
             true
         } else {
             self.pending = Some(p);
@@ -1025,7 +1025,7 @@ impl Node {
             }
             Event::Close { conn } => {
                 if let Some(i) = self.conn_slot(conn) {
-                    self.close(i, "not needed any more");
+                    self.close(i, defmt::intern!("not needed any more"));
                 }
             }
             Event::Welcomed => {
