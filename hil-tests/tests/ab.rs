@@ -15,6 +15,8 @@ use serde_json::Value;
 
 /// ACTIVE's offset in the flash file and its size (`agent-firmware/src/board/mps2_an385/psram.rs`).
 const ACTIVE: (usize, usize) = (0xF0_0000, 128 * 1024);
+/// DFU's offset in the flash file and its size (ACTIVE's and the swap's spare page).
+const DFU: (usize, usize) = (ACTIVE.0 + ACTIVE.1, ACTIVE.1 + ERASE_BLOCK);
 /// Erase pages in ACTIVE: a swap has twice as many steps, one progress word each.
 const PAGES: u32 = (ACTIVE.1 / ERASE_BLOCK) as u32;
 
@@ -368,5 +370,68 @@ fn ab_h_a_fault_resets_the_board_and_active_is_read_only() {
     eprintln!(
         "(h) A/B fault demo: {fault}; reset and started again by the bootloader within {:.1} s",
         t.elapsed().as_secs_f64()
+    );
+}
+
+/// An image older than the one that runs is refused before DFU is touched, although
+/// agent-core holds no version record for `firmware` yet (a new device, or one whose records
+/// were erased): image A runs as v5, a signed v3 ends failed ("downgrade"), the board does
+/// not reset and DFU is not written. The version that runs, pushed again, reports running
+/// at once, without a swap.
+#[test]
+fn ab_i_an_older_image_is_refused() {
+    let _one = one_at_a_time();
+    let mut lab = Lab::new("ab-downgrade", 1);
+    let m = lab.start_manager(&[]);
+    let mut dev = lab.device_ab(&m, 1, "hil-ab");
+    let (flash, elf) = (
+        dev.flash.to_string_lossy().into_owned(),
+        lab.env.firmware_ab.to_string_lossy().into_owned(),
+    );
+    let out = lab.run(
+        &lab.env.provision,
+        &["--flash", &flash, "--image", &elf, "--image-version", "5"],
+        BOUND,
+    );
+    assert!(out.success, "image A as v5: {}", out.stderr);
+    lab.boot(&mut dev);
+    dev.wait_log("welcomed by the manager", BOUND);
+    lab.wait_connected(&m, &[&dev.id]);
+    wait_running(&lab, &m, &dev.id, 5);
+    let dfu = |dev: &Device| {
+        std::fs::read(&dev.flash).expect("flash image")[DFU.0..DFU.0 + DFU.1].to_vec()
+    };
+    let dfu_before = dfu(&dev);
+
+    let t = Instant::now();
+    let older = lab.ab_image(3, false);
+    let (job, detail) = update(&mut lab, &m, &dev, &older, 3);
+    assert_install(&detail, &dev.id, "failed");
+    dev.wait_log("image v3 refused: downgrade", BOUND);
+    let took = t.elapsed();
+    let same = lab.ab_image(5, false);
+    let (job_same, detail) = update(&mut lab, &m, &dev, &same, 5);
+    assert_install(&detail, &dev.id, "running");
+    let log = dev.log();
+    assert_eq!(
+        dev.count_log("baton-boot: state "),
+        1,
+        "no reset:\n{}",
+        tail(&log, 40)
+    );
+    assert!(
+        !log.contains("marked for update"),
+        "no swap asked for:\n{}",
+        tail(&log, 40)
+    );
+    assert_eq!(
+        dev.count_log("welcomed by the manager"),
+        1,
+        "no new session"
+    );
+    assert!(dfu(&dev) == dfu_before, "DFU untouched");
+    eprintln!(
+        "(i) v5 runs: v3 refused as a downgrade (job {job} failed after {:.1} s, no reset, DFU untouched); v5 again: job {job_same} running without a swap",
+        took.as_secs_f64()
     );
 }

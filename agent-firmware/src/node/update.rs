@@ -3,6 +3,9 @@
 //! - **Report**: every manager session's first `Report` is followed by `Running`
 //!   (`install_step`, and the running image's version under the content name `firmware`),
 //!   so the manager waits for an `InstallStatus` after each `Have`.
+//! - **Refuse**: a firmware install below the version that runs is refused (`failed`,
+//!   "downgrade", DFU untouched; agent-core's version record is not seeded from the image
+//!   and can be erased). The version that runs is reported `running` at once, without a swap.
 //! - **Install**: content named `firmware` that completed (every chunk verified against the
 //!   signed manifest's Merkle root on arrival) is copied chunk by chunk into DFU; each chunk
 //!   is read back *from DFU* and its leaf hash checked against the manifest's root with the
@@ -128,10 +131,10 @@ impl Node {
     /// content runs as delivered.
     #[inline(never)]
     pub(super) fn ab_install(&mut self, job: JobRef, root: &Digest) {
-        let Some((name_is_fw, version, chunks, chunk_size, length)) =
+        let Some((name, version, chunks, chunk_size, length)) =
             self.agent.store().manifest(root).map(|m| {
                 (
-                    m.name.as_str() == FIRMWARE_NAME,
+                    m.name.clone(),
                     m.version,
                     m.chunks(),
                     m.chunk_size as usize,
@@ -141,14 +144,19 @@ impl Node {
         else {
             return;
         };
-        if !name_is_fw {
-            let name = self.agent.store().manifest(root).map(|m| m.name.clone());
-            if let Some(name) = name {
-                self.send_status(job, name.as_str(), version, InstallState::Running);
-            }
+        if name.as_str() != FIRMWARE_NAME {
+            self.send_status(job, name.as_str(), version, InstallState::Running);
             return;
         }
-        let state = if self.copy_to_dfu(root, chunks, chunk_size, length)
+        // Never older than what runs (agent-core's version record may have been erased, and
+        // is not seeded from the running image); the version that runs is already installed.
+        let running = u64::from(ab::version());
+        let refusal = if version < running {
+            defmt::intern!("downgrade")
+        } else if version == running {
+            self.send_status(job, FIRMWARE_NAME, version, InstallState::Running);
+            return;
+        } else if self.copy_to_dfu(root, chunks, chunk_size, length)
             && ab::dfu_image_ok(length, version)
             && ab::set_pending(PendingInstall {
                 job,
@@ -158,12 +166,13 @@ impl Node {
         {
             defmt::info!("image v{} in DFU, verified, marked for update", version);
             self.ab.reset_at = Some(Instant::now() + RESET_DELAY);
-            InstallState::Installed
+            self.send_status(job, FIRMWARE_NAME, version, InstallState::Installed);
+            return;
         } else {
-            defmt::error!("image v{} refused: not installed", version);
-            InstallState::Failed
+            defmt::intern!("not installed")
         };
-        self.send_status(job, FIRMWARE_NAME, version, state);
+        defmt::error!("image v{} refused: {=istr}", version, refusal);
+        self.send_status(job, FIRMWARE_NAME, version, InstallState::Failed);
     }
 
     /// Copies the content into DFU, each chunk checked again as read back from DFU.
