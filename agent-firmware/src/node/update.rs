@@ -3,9 +3,10 @@
 //! - **Report**: every manager session's first `Report` is followed by `Running`
 //!   (`install_step`, and the running image's version under the content name `firmware`),
 //!   so the manager waits for an `InstallStatus` after each `Have`.
-//! - **Refuse**: a firmware install below the version that runs is refused (`failed`,
-//!   "downgrade", DFU untouched; agent-core's version record is not seeded from the image
-//!   and can be erased). The version that runs is reported `running` at once, without a swap.
+//! - **Refuse**: a firmware install is refused (`failed`, DFU untouched) while another waits
+//!   for its reset or its confirmation (`busy`), or below the version that runs (`downgrade`;
+//!   agent-core's version record is not seeded from the image and can be erased). The
+//!   version that runs is reported `running` at once, without a swap.
 //! - **Install**: content named `firmware` that completed (every chunk verified against the
 //!   signed manifest's Merkle root on arrival) is copied chunk by chunk into DFU; each chunk
 //!   is read back *from DFU* and its leaf hash checked against the manifest's root with the
@@ -151,7 +152,10 @@ impl Node {
         // Never older than what runs (agent-core's version record may have been erased, and
         // is not seeded from the running image); the version that runs is already installed.
         let running = u64::from(ab::version());
-        let refusal = if version < running {
+        let refusal = if self.ab.reset_at.is_some() || self.ab.boot == Boot::Trial {
+            // DFU holds the update waiting for its reset, or the image a revert restores.
+            defmt::intern!("busy")
+        } else if version < running {
             defmt::intern!("downgrade")
         } else if version == running {
             self.send_status(job, FIRMWARE_NAME, version, InstallState::Running);
