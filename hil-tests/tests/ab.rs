@@ -95,7 +95,8 @@ fn update(
 /// (f) Then image C, which never confirms (it hangs after the welcome, with interrupts
 /// masked): the watchdog resets the board, the bootloader reverts to B, B reports the job
 /// rolled back and runs on. Last, an image whose header version is not the signed
-/// manifest's is refused before the swap is requested: the job shows failed.
+/// manifest's, and C again (a version rolled back before), are refused before the swap is
+/// requested: the jobs show failed, no reset.
 #[test]
 fn ab_e_update_a_to_b_and_f_revert_an_image_that_never_confirms() {
     let _one = one_at_a_time();
@@ -191,6 +192,11 @@ fn ab_e_update_a_to_b_and_f_revert_an_image_that_never_confirms() {
     let (job_d, detail) = update(&mut lab, &m, &dev, &b, 4);
     assert_install(&detail, &dev.id, "failed");
     dev.wait_log("image v4 refused: not installed", BOUND);
+    // The rolled-back C again (the same signed content, which the device still holds, so the
+    // job completes at once): refused, no install-and-revert loop.
+    let (job_c2, detail) = update(&mut lab, &m, &dev, &c, 3);
+    assert_install(&detail, &dev.id, "failed");
+    dev.wait_log("image v3 refused: rolled back before", BOUND);
     let log = dev.log();
     assert_eq!(
         dev.count_log("baton-boot: state "),
@@ -204,7 +210,9 @@ fn ab_e_update_a_to_b_and_f_revert_an_image_that_never_confirms() {
         "no new session"
     );
     assert_active_holds(&dev, &b_bytes, "image B still");
-    eprintln!("(f') image B published as v4: job {job_d} failed before any swap, B runs on");
+    eprintln!(
+        "(f') image B published as v4: job {job_d} failed before any swap; rolled-back C again: job {job_c2} failed; B runs on"
+    );
 
     // Every boot's footprint (one second after boot, and after each job) fits 64 KiB.
     let prints: Vec<Footprint> = log

@@ -4,9 +4,11 @@
 //!   (`install_step`, and the running image's version under the content name `firmware`),
 //!   so the manager waits for an `InstallStatus` after each `Have`.
 //! - **Refuse**: a firmware install is refused (`failed`, DFU untouched) while another waits
-//!   for its reset or its confirmation (`busy`), or below the version that runs (`downgrade`;
-//!   agent-core's version record is not seeded from the image and can be erased). The
-//!   version that runs is reported `running` at once, without a swap.
+//!   for its reset or its confirmation (`busy`), below the version that runs (`downgrade`;
+//!   agent-core's version record is not seeded from the image and can be erased), or at or
+//!   below a version that was rolled back (`rolled back before`: the install record names a
+//!   version other than the one that runs, and only an install of a higher version replaces
+//!   it). The version that runs is reported `running` at once, without a swap.
 //! - **Install**: content named `firmware` that completed (every chunk verified against the
 //!   signed manifest's Merkle root on arrival) is copied chunk by chunk into DFU; each chunk
 //!   is read back *from DFU* and its leaf hash checked against the manifest's root with the
@@ -160,6 +162,14 @@ impl Node {
         } else if version == running {
             self.send_status(job, FIRMWARE_NAME, version, InstallState::Running);
             return;
+        } else if ab::pending().is_some_and(|p| {
+            // A record of another version than the one that runs: that version was rolled
+            // back. It stays the floor until the next install (always of a higher version)
+            // replaces the record, so no version that was ever rolled back comes back.
+            let v = u64::from(p.version);
+            v != running && version <= v
+        }) {
+            defmt::intern!("rolled back before")
         } else if self.copy_to_dfu(root, chunks, chunk_size, length)
             && ab::dfu_image_ok(length, version)
             && ab::set_pending(PendingInstall {
