@@ -14,7 +14,11 @@
 //! updated application never marked itself booted (it panicked, hung until the watchdog
 //! reset it, or reset without confirming): state `Revert`. Every page operation writes
 //! the STATE progress first used by a resumed swap, so a power cut anywhere resumes the
-//! same swap or revert. Then the bootloader checks ACTIVE's vector table and jumps to it.
+//! same swap or revert. Then the bootloader checks ACTIVE's vector table (the check the
+//! application makes of DFU before it asks for a swap, `psram::vector_table_ok`) and jumps
+//! to it. Before a trial boot (an update just swapped in) it starts the CMSDK watchdog, so
+//! an update that hangs before its own start-up is reset; a trial image without a vector
+//! table resets at once. Either way the next boot reverts it.
 //!
 //! Log lines go to QEMU's stderr through semihosting, plain text (the application's
 //! defmt stream on stdout is decoded with the application's ELF): `baton-boot: ...`,
@@ -40,8 +44,11 @@ use psram::{ERASE, NorPartition, PSRAM_BASE};
 
 /// Where ACTIVE starts in the address map: the application's vector table.
 const ACTIVE_BASE: u32 = (PSRAM_BASE + psram::ACTIVE_OFFSET) as u32;
-/// The application's RAM (its initial stack pointer must lie in it): 64 KiB at `0x2000_0000`.
-const RAM: core::ops::RangeInclusive<u32> = 0x2000_0000..=0x2001_0000;
+/// The CMSDK APB watchdog (`0x4000_8000`, clocked at 25 MHz), as the application runs it
+/// (`src/board/mps2_an385/ab.rs`).
+const WDOG: usize = 0x4000_8000;
+/// Its period: 2 s (at 25 MHz) to the NMI, as many again to the reset.
+const WDOG_LOAD: u32 = 2 * 25_000_000;
 
 /// QEMU's stderr, opened once.
 static STDERR: Mutex<RefCell<Option<hio::HostStream>>> = Mutex::new(RefCell::new(None));
@@ -139,6 +146,19 @@ impl NorFlash for Traced {
     }
 }
 
+/// Starts the watchdog before a trial boot: an update that hangs before its own start-up
+/// (which starts the watchdog again, and feeds it) is reset, so the next boot reverts it.
+fn watchdog_start() {
+    let reg = |offset: usize, v: u32| {
+        // SAFETY: registers of the watchdog, always mapped on this board.
+        unsafe { core::ptr::write_volatile((WDOG + offset) as *mut u32, v) }
+    };
+    reg(0xC00, 0x1ACC_E551); // LOCK: unlock
+    reg(0x000, WDOG_LOAD); // LOAD
+    reg(0x008, 0b11); // CONTROL: INTEN (NMI) | RESEN
+    reg(0xC00, 0); // lock
+}
+
 /// Stops the board after a bootloader failure: QEMU exits with status 1 (on hardware the
 /// core would wait for a debugger here).
 fn halt() -> ! {
@@ -188,10 +208,9 @@ fn main() -> ! {
         let t = ACTIVE_BASE as *const u32;
         (t.read_volatile(), t.add(1).read_volatile())
     };
-    let active = ACTIVE_BASE..ACTIVE_BASE + psram::ACTIVE_SIZE as u32;
     let mut a = [0u8; 10];
     let mut b = [0u8; 10];
-    if !RAM.contains(&sp) || reset & 1 == 0 || !active.contains(&(reset & !1)) {
+    if !psram::vector_table_ok(sp, reset) {
         log(&[
             b"baton-boot: no application in ACTIVE (sp=",
             hex(sp, &mut a),
@@ -199,7 +218,15 @@ fn main() -> ! {
             hex(reset, &mut b),
             b")",
         ]);
+        if after == State::Swap {
+            // A trial of an update that is no image: the next boot reverts it.
+            log(&[b"baton-boot: resetting to revert the update"]);
+            cortex_m::peripheral::SCB::sys_reset();
+        }
         halt();
+    }
+    if after == State::Swap {
+        watchdog_start();
     }
     log(&[
         b"baton-boot: starting the application at ",

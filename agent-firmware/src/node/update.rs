@@ -171,7 +171,7 @@ impl Node {
         }) {
             defmt::intern!("rolled back before")
         } else if self.copy_to_dfu(root, chunks, chunk_size, length)
-            && ab::dfu_image_ok(length, version)
+            && ab::dfu_image_ok(version)
             && ab::set_pending(PendingInstall {
                 job,
                 version: version as u32,

@@ -161,25 +161,20 @@ pub fn dfu() -> NorPartition {
     NorPartition::dfu()
 }
 
-/// Whether DFU's first `len` bytes look like an image of `version` for this board: at most
-/// ACTIVE's size, a stack pointer in RAM, a reset vector inside ACTIVE, the header's magic
-/// and the same version as the signed manifest.
-pub fn dfu_image_ok(len: usize, version: u64) -> bool {
+/// Whether DFU holds an image of `version` for this board: the vector table the bootloader
+/// checks ([`psram::vector_table_ok`]), the header's magic and the same version as the
+/// signed manifest. (The caller checked that the image fits ACTIVE.)
+pub fn dfu_image_ok(version: u64) -> bool {
     let mut w = [0u8; 8];
     let mut h = [0u8; 8];
     let mut d = dfu();
-    if len > psram::ACTIVE_SIZE
-        || d.read(0, &mut w).is_err()
-        || d.read(HEADER_OFFSET as u32, &mut h).is_err()
-    {
+    if d.read(0, &mut w).is_err() || d.read(HEADER_OFFSET as u32, &mut h).is_err() {
         return false;
     }
     let word = |b: &[u8; 8], i: usize| {
         u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
     };
-    let active = (psram::PSRAM_BASE + psram::ACTIVE_OFFSET) as u32;
-    (0x2000_0000..=0x2001_0000).contains(&word(&w, 0))
-        && (active..active + psram::ACTIVE_SIZE as u32).contains(&(word(&w, 1) & !1))
+    psram::vector_table_ok(word(&w, 0), word(&w, 1))
         && word(&h, 0) == MAGIC
         && u64::from(word(&h, 1)) == version
 }

@@ -70,6 +70,18 @@ pub const ERASE: usize = 4096;
 /// Write unit.
 pub const WRITE: usize = 4;
 
+/// Whether `sp` and `reset`, the first two words of an image's vector table, fit an
+/// application in ACTIVE: a stack pointer in RAM (64 KiB at `0x2000_0000`, the top
+/// included) and a Thumb reset vector (bit 0 set) inside ACTIVE. The bootloader checks
+/// ACTIVE with it before jumping there, the application checks DFU before asking for a swap.
+#[cfg_attr(not(feature = "ab"), allow(dead_code))] // the A/B build and its bootloader
+pub fn vector_table_ok(sp: u32, reset: u32) -> bool {
+    let active = (PSRAM_BASE + ACTIVE_OFFSET) as u32;
+    (0x2000_0000..=0x2001_0000).contains(&sp)
+        && reset & 1 == 1
+        && (active..active + ACTIVE_SIZE as u32).contains(&(reset & !1))
+}
+
 /// Reads `out.len()` bytes at `offset` from the PSRAM.
 pub fn read_bytes(offset: usize, out: &mut [u8]) {
     assert!(offset + out.len() <= PSRAM_SIZE);
