@@ -10,7 +10,8 @@
 //!   version other than the one that runs, and only an install of a higher version replaces
 //!   it). The version that runs is reported `running` at once, without a swap.
 //! - **Install**: content named `firmware` that completed (every chunk verified against the
-//!   signed manifest's Merkle root on arrival) is copied chunk by chunk into DFU; each chunk
+//!   signed manifest's Merkle root on arrival) is copied chunk by chunk into DFU (erased
+//!   whole first: the swap moves all of it into the executable ACTIVE); each chunk
 //!   is read back *from DFU* and its leaf hash checked against the manifest's root with the
 //!   stored proof, and the image must carry this board's vector table and a header of the
 //!   manifest's version. Only then is the install recorded (job, version), the swap
@@ -198,8 +199,10 @@ impl Node {
         length: usize,
     ) -> bool {
         let mut dfu = ab::dfu();
-        let end = length.next_multiple_of(crate::board::psram::ERASE);
-        if length > crate::board::psram::ACTIVE_SIZE || dfu.erase(0, end as u32).is_err() {
+        // All of it, not only the image's pages: the swap moves DFU's first ACTIVE_SIZE bytes
+        // into ACTIVE, which is executable.
+        let size = crate::board::psram::ACTIVE_SIZE;
+        if length > size || dfu.erase(0, size as u32).is_err() {
             return false;
         }
         let mut proof = merkle::Proof::new();
