@@ -101,8 +101,6 @@ pub fn mark_updated() -> bool {
     state(Some(State::Swap)).is_some()
 }
 
-/// Offset of the install record: the job whose firmware install waits for a reset's outcome.
-const INSTALL_OFFSET: usize = 0x5000;
 /// The install record's magic.
 const INSTALL_MAGIC: u32 = u32::from_le_bytes(*b"BTNP");
 
@@ -116,7 +114,7 @@ pub struct PendingInstall {
 }
 
 fn install_block() -> NorPartition {
-    NorPartition::new(INSTALL_OFFSET, psram::ERASE)
+    NorPartition::new(psram::INSTALL_OFFSET, psram::ERASE)
 }
 
 /// The pending install, if one was recorded.
@@ -133,8 +131,8 @@ pub fn pending() -> Option<PendingInstall> {
     })
 }
 
-/// Records `p`. Erase, then one write: a power cut leaves the old record, no record, or the
-/// new one.
+/// Records `p`. Erase, write the fields, then the magic: a power cut leaves the old record,
+/// no record, or the new one whole.
 pub fn set_pending(p: PendingInstall) -> bool {
     let mut b = install_block();
     if b.erase(0, psram::ERASE as u32).is_err() {
@@ -153,7 +151,7 @@ pub fn set_pending(p: PendingInstall) -> bool {
     {
         w[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
     }
-    b.write(0, &w).is_ok()
+    b.write(4, &w[4..]).is_ok() && b.write(0, &w[..4]).is_ok()
 }
 
 /// The DFU partition.

@@ -11,6 +11,7 @@
 //! 0x00_1000  4 KiB   boot counter log (one 32-bit word per boot)
 //! 0x00_2000  8 KiB   the agent's records (agent-core's RecordLog: two 4 KiB banks)
 //! 0x00_4000  4 KiB   STATE: embassy-boot's swap magic and progress (A/B build)
+//! 0x00_5000  4 KiB   install record: the firmware install waiting for a reset (A/B build)
 //! 0x01_0000  14.9 MiB content partition for agent-core's FlashStore (to 0xF0_0000)
 //! 0xF0_0000  128 KiB ACTIVE: the application the bootloader starts (A/B build)
 //! 0xF2_0000  132 KiB DFU: an update waiting for the swap, and the swap's spare page
@@ -49,6 +50,10 @@ pub const STATE_OFFSET: usize = 0x4000;
 /// Size of the STATE partition: one erase block (embassy-boot needs 2 + 4 × 32 words).
 #[cfg_attr(not(feature = "ab"), allow(dead_code))] // the A/B build and its bootloader
 pub const STATE_SIZE: usize = ERASE;
+/// Offset of the install record: the job and version whose firmware install waits for the
+/// outcome of a reset (A/B build; `ab.rs`).
+#[cfg_attr(not(feature = "ab"), allow(dead_code))] // the A/B build
+pub const INSTALL_OFFSET: usize = 0x5000;
 /// Offset of the content partition.
 pub const CONTENT_OFFSET: usize = 0x1_0000;
 /// End of the content partition (ACTIVE and DFU follow it).
