@@ -23,7 +23,8 @@
 //! check the fault line it logs.
 //!
 //! `--image ELF` (the A/B build, linked to run from ACTIVE) writes the application into
-//! ACTIVE of the flash file, the first image a device boots through the bootloader; with
+//! ACTIVE of the flash file, the first image a device boots through the bootloader, and
+//! erases embassy-boot's STATE, the install record and DFU (all of the old image's); with
 //! `--image-out FILE` it writes the same bytes to FILE instead (content to publish as an
 //! update, named `firmware`). `--image-version N` sets the version in the image header and
 //! `--image-never-confirm` its test flag (an image that never marks itself booted, which the
@@ -67,6 +68,10 @@ const CONTENT_END: u64 = 0xF0_0000;
 const PSRAM_BASE: u64 = 0x2100_0000;
 /// ACTIVE, where an A/B application runs: offset in the flash file and size.
 const ACTIVE: (u64, u64) = (0xF0_0000, 128 * 1024);
+/// DFU, right after ACTIVE: an update waiting for the swap, and the swap's spare page.
+const DFU: (u64, u64) = (ACTIVE.0 + ACTIVE.1, ACTIVE.1 + 4096);
+/// embassy-boot's STATE (`0x4000`) and the A/B install record after it (`0x5000`).
+const STATE_AND_INSTALL: (u64, u64) = (0x4000, 0x2000);
 /// The A/B image header's magic (`src/board/mps2_an385/ab.rs`), and the flag of a test image
 /// that never marks itself booted.
 const IMAGE_MAGIC: &[u8; 4] = b"BTNI";
@@ -382,11 +387,11 @@ fn run() -> Result<(), String> {
         );
     }
     if let Some(bin) = image {
-        erase_range(&mut file, ACTIVE.0, ACTIVE.1).map_err(|e| format!("{path}: {e}"))?;
-        file.seek(SeekFrom::Start(ACTIVE.0))
-            .and_then(|_| file.write_all(&bin))
-            .map_err(|e| format!("{path}: {e}"))?;
-        println!("image bytes={} in ACTIVE", bin.len());
+        write_image(&mut file, &bin).map_err(|e| format!("{path}: {e}"))?;
+        println!(
+            "image bytes={} in ACTIVE (STATE, install record and DFU erased)",
+            bin.len()
+        );
     }
     file.sync_all().map_err(|e| format!("{path}: {e}"))?;
     let id = Identity::from_seed(c.seed);
@@ -465,6 +470,22 @@ fn patch_header(image: &mut [u8], version: Option<u32>, never_confirm: bool) -> 
         image[at + 8..at + 12].copy_from_slice(&(flags | IMAGE_FLAG_NEVER_CONFIRM).to_le_bytes());
     }
     Ok(())
+}
+
+/// Writes `bin` into ACTIVE as the image the device boots next, and erases what belonged to
+/// the image that ran before: embassy-boot's STATE (a pending swap or a trial would swap or
+/// revert over the new image), the install record (the old image's install, which the new
+/// image would report, and whose version would count as rolled back) and DFU (an update
+/// of the old image, or the image a revert restores).
+fn write_image(
+    file: &mut (impl std::io::Write + std::io::Seek),
+    bin: &[u8],
+) -> std::io::Result<()> {
+    erase_range(file, STATE_AND_INSTALL.0, STATE_AND_INSTALL.1)?;
+    erase_range(file, DFU.0, DFU.1)?;
+    erase_range(file, ACTIVE.0, ACTIVE.1)?;
+    file.seek(SeekFrom::Start(ACTIVE.0))?;
+    file.write_all(bin)
 }
 
 /// Sets `len` bytes of `file` from `offset` to `0xFF`, as erased NOR flash reads.
@@ -712,6 +733,38 @@ mod test {
             "64-bit refused"
         );
         assert!(image_from_elf(&elf(&[])).is_err(), "nothing to load");
+    }
+
+    #[test]
+    fn writing_an_image_erases_state_install_record_and_dfu() {
+        let mut flash = std::io::Cursor::new(vec![0x5Au8; FLASH_SIZE as usize]);
+        let bin = vec![0x11u8; 1000];
+        write_image(&mut flash, &bin).unwrap();
+        let flash = flash.into_inner();
+        let range = |(at, len): (u64, u64)| at as usize..(at + len) as usize;
+        let erased = |r: std::ops::Range<usize>| flash[r].iter().all(|&b| b == 0xFF);
+        let active = range(ACTIVE);
+        assert_eq!(flash[active.start..active.start + bin.len()], bin[..]);
+        assert!(
+            erased(active.start + bin.len()..active.end),
+            "the rest of ACTIVE"
+        );
+        assert!(
+            erased(range(STATE_AND_INSTALL)),
+            "STATE and the install record"
+        );
+        assert!(erased(range(DFU)), "DFU");
+        assert_eq!(DFU.0 + DFU.1, 0xF4_1000, "DFU ends where psram.rs says");
+        // Everything else is kept: provisioning block, boot log, records, content, the rest.
+        let kept = |r: std::ops::Range<usize>| flash[r].iter().all(|&b| b == 0x5A);
+        assert!(
+            kept(0..STATE_AND_INSTALL.0 as usize),
+            "provisioning, boot log, records"
+        );
+        assert!(kept(
+            (STATE_AND_INSTALL.0 + STATE_AND_INSTALL.1) as usize..ACTIVE.0 as usize
+        ));
+        assert!(kept((DFU.0 + DFU.1) as usize..flash.len()));
     }
 
     #[test]
