@@ -18,12 +18,13 @@
 //!   requested (embassy-boot `mark_updated`), `InstallStatus installed` sent, and the board
 //!   reset half a second later. Other content has no install step: `running` at once.
 //! - **Confirm**: a trial boot (the bootloader swapped the update in) marks itself booted
-//!   only once the manager welcomed it — after its `Report` and `Running` — then reports the
-//!   recorded job `running`. A boot after the bootloader reverted an update reports that job
-//!   `rolled back`. That report goes out again at every welcome until the next install.
-//!   An image that never gets there is reverted at the next reset: it
-//!   panics or faults (both reset the board), hangs (the watchdog resets it), or finds no
-//!   manager for [`TRIAL_DEADLINE`] (it resets itself).
+//!   only once the manager welcomed it — the answer to its `Report`, so the new image holds
+//!   a session; `Running` went out after the `Report`, but the welcome does not prove it
+//!   arrived — then reports the recorded job `running`. A boot after the bootloader
+//!   reverted an update reports that job `rolled back`. That report goes out again at every
+//!   welcome until the next install. An image that never gets there is reverted at the next
+//!   reset: it panics or faults (both reset the board), hangs (the watchdog resets it), or
+//!   finds no manager for [`TRIAL_DEADLINE`] (it resets itself).
 
 use baton_agent_core::agent::ConnId;
 use baton_protocol::message::{InstallState, Message, RunningVersion};

@@ -248,7 +248,8 @@ static ETH_RX: StaticCell<lan9118::FrameBuffer> = StaticCell::new();
 static ETH_TX: StaticCell<lan9118::FrameBuffer> = StaticCell::new();
 
 /// Brings the board up: memory guards, SysTick, the boot counter, the provisioning block,
-/// the LAN9118 and the flash store. Exits (QEMU status 1) if the Ethernet cannot start.
+/// the LAN9118 and the flash store (the A/B build: the watchdog first). If the Ethernet
+/// cannot start it exits (QEMU status 1); the A/B build resets the board instead ([`exit`]).
 #[inline(never)]
 pub fn bring_up() -> super::Parts {
     let Some(mut p) = cortex_m::Peripherals::take() else {
