@@ -190,18 +190,20 @@ fn ab_e_update_a_to_b_and_f_revert_an_image_that_never_confirms() {
         "(f) B -> C (never confirms): job {job_c} rolled back after {:.1} s, B runs again",
         took_c.as_secs_f64()
     );
-    // An image whose header does not carry the signed manifest's version (image B published
-    // as version 4) is refused before any swap is asked for: failed, B runs on, no reset.
+    // Neither refusal below resets the board or ends the session.
     let welcomes = dev.count_log("welcomed by the manager");
     let boots = dev.count_log("baton-boot: state ");
-    let (job_d, detail) = update(&mut lab, &m, &dev, &b, 4);
-    assert_install(&detail, &dev.id, "failed");
-    dev.wait_log("image v4 refused: not installed", BOUND);
     // The rolled-back C again (the same signed content, which the device still holds, so the
-    // job completes at once): refused, no install-and-revert loop.
+    // job completes at once; agent-core takes the same version and root again): refused, no
+    // install-and-revert loop. (First: after v4 below agent-core itself refuses v3.)
     let (job_c2, detail) = update(&mut lab, &m, &dev, &c, 3);
     assert_install(&detail, &dev.id, "failed");
     dev.wait_log("image v3 refused: rolled back before", BOUND);
+    // An image whose header does not carry the signed manifest's version (image B published
+    // as version 4) is refused before any swap is asked for: failed, B runs on.
+    let (job_d, detail) = update(&mut lab, &m, &dev, &b, 4);
+    assert_install(&detail, &dev.id, "failed");
+    dev.wait_log("image v4 refused: not installed", BOUND);
     let log = dev.log();
     assert_eq!(
         dev.count_log("baton-boot: state "),
@@ -216,7 +218,7 @@ fn ab_e_update_a_to_b_and_f_revert_an_image_that_never_confirms() {
     );
     assert_active_holds(&dev, &b_bytes, "image B still");
     eprintln!(
-        "(f') image B published as v4: job {job_d} failed before any swap; rolled-back C again: job {job_c2} failed; B runs on"
+        "(f') rolled-back C again: job {job_c2} failed; image B published as v4: job {job_d} failed; both before any swap, B runs on"
     );
 
     // Every boot's footprint (one second after boot, and after each job) fits 64 KiB.
