@@ -450,3 +450,77 @@ fn ab_i_an_older_image_is_refused() {
         took.as_secs_f64()
     );
 }
+
+/// Puts `image` into DFU of `dev`'s flash file and sets embassy-boot's STATE to swap (magic
+/// `0xF0`, progress erased), as if the application had asked for the swap.
+fn stage_swap(dev: &Device, image: &[u8]) {
+    let mut flash = std::fs::read(&dev.flash).expect("flash image");
+    flash[DFU.0..DFU.0 + DFU.1].fill(0xFF);
+    flash[DFU.0..DFU.0 + image.len()].copy_from_slice(image);
+    flash[STATE_OFFSET..STATE_OFFSET + ERASE_BLOCK].fill(0xFF);
+    flash[STATE_OFFSET..STATE_OFFSET + 4].fill(0xF0);
+    std::fs::write(&dev.flash, flash).expect("write the flash image");
+}
+
+/// The bootloader's side of a trial: an update swapped in that has no vector table, or that
+/// hangs before its own start-up (before the application starts the watchdog), is reset —
+/// at once by the bootloader, or by the watchdog it started before the jump — and the next
+/// boot reverts it: image A runs again. The update is staged directly in the flash file
+/// (DFU, STATE = swap): the application would never ask for a swap of such an image, it
+/// checks DFU the same way.
+#[test]
+fn ab_j_a_trial_without_vector_table_or_hanging_early_is_reverted() {
+    let _one = one_at_a_time();
+    let mut lab = Lab::new("ab-boot", 1);
+    let m = lab.start_manager(&[]);
+    let mut dev = lab.device_ab(&m, 1, "hil-ab");
+    let mut a =
+        std::fs::read(&dev.flash).expect("flash image")[ACTIVE.0..ACTIVE.0 + ACTIVE.1].to_vec();
+    while a.last() == Some(&0xFF) {
+        a.pop();
+    }
+    let b = std::fs::read(lab.ab_image(2, false)).expect("image B");
+
+    // No vector table (stack pointer and reset vector zero).
+    let mut bad = b.clone();
+    bad[..8].fill(0);
+    stage_swap(&dev, &bad);
+    let t = Instant::now();
+    lab.boot(&mut dev);
+    dev.wait_log("baton-boot: resetting to revert the update", BOUND);
+    dev.wait_log("baton-boot: reverted to the previous image", BOUND);
+    dev.wait_log("rolled back: image v1 runs again", BOUND);
+    let took_bad = t.elapsed();
+    assert!(
+        !dev.log().contains("image v2 ("),
+        "the update never started"
+    );
+    assert_active_holds(&dev, &a, "image A again");
+    lab.power_cut(&mut dev);
+
+    // A reset vector that points at `b .` (an endless loop) right after the image's code.
+    let mut hang = b.clone();
+    let at = hang.len().next_multiple_of(4);
+    hang.resize(at + 4, 0xFF);
+    hang[at..at + 2].copy_from_slice(&[0xFE, 0xE7]);
+    let reset = (PSRAM_BASE + ACTIVE.0 as u32 + at as u32) | 1;
+    hang[4..8].copy_from_slice(&reset.to_le_bytes());
+    stage_swap(&dev, &hang);
+    let t = Instant::now();
+    lab.boot(&mut dev);
+    dev.wait_log("baton-boot: swapped; trial boot of the update", BOUND);
+    dev.wait_log("baton-boot: reverted to the previous image", BOUND);
+    dev.wait_log("rolled back: image v1 runs again", BOUND);
+    let took_hang = t.elapsed();
+    let log = dev.log();
+    assert!(
+        !log.contains("image v2 ("),
+        "the update never started:\n{log}"
+    );
+    assert_active_holds(&dev, &a, "image A again");
+    eprintln!(
+        "(j) trial without a vector table: reset by the bootloader, reverted, A runs after {:.1} s; trial hanging before its start-up: reset by the watchdog, reverted, A runs after {:.1} s",
+        took_bad.as_secs_f64(),
+        took_hang.as_secs_f64()
+    );
+}
