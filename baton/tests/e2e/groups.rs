@@ -373,6 +373,8 @@ fn policies_are_managed_checked_and_used_by_jobs() {
             "2",
             "--window",
             "22:00-06:30",
+            "--window",
+            "sat,sun 09:00-12:00 Europe/Berlin",
             "--leaf-only-label",
             "class=mcu",
             "--json",
@@ -382,10 +384,42 @@ fn policies_are_managed_checked_and_used_by_jobs() {
     assert_eq!(capped["segment_rate_cap_bps"], 4 * 1024 * 1024, "{capped}");
     assert_eq!(capped["max_wan_transfers_per_segment"], 2, "{capped}");
     assert_eq!(
-        capped["window"],
-        json!({ "start_minute": 1320, "end_minute": 390 }),
+        capped["windows"],
+        json!([
+            { "start_minute": 1320, "end_minute": 390, "zone": "UTC",
+              "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"] },
+            { "start_minute": 540, "end_minute": 720, "zone": "Europe/Berlin", "days": ["sat", "sun"] },
+        ]),
         "{capped}"
     );
+    let shown = ok(&m, &["policies", "show", "capped"]);
+    assert!(
+        shown.contains("windows = 22:00-06:30 UTC, sat,sun 09:00-12:00 Europe/Berlin"),
+        "{shown}"
+    );
+    // Bad windows get a clear error naming the field, from the CLI and the API.
+    let bad = crate::common::cli(
+        &m,
+        &["policies", "add", "tz", "--window", "mon 10:00-11:00 Mars/Olympus"],
+    );
+    assert!(!bad.success);
+    assert!(
+        bad.stderr.contains("unknown time zone \"Mars/Olympus\""),
+        "{}",
+        bad.stderr
+    );
+    for (window, field) in [
+        (json!({ "start_minute": 60, "end_minute": 120, "days": [] }), "windows.days"),
+        (json!({ "start_minute": 60, "end_minute": 1500 }), "windows.end_minute"),
+        (json!({ "start_minute": 60, "end_minute": 120, "zone": "Nowhere/Town" }), "windows.zone"),
+    ] {
+        let (status, body) = m.api(
+            "POST",
+            "/api/v1/policies",
+            Some(json!({ "name": "t", "windows": [window] })),
+        );
+        assert_eq!((status, body["field"].as_str()), (400, Some(field)), "{body}");
+    }
     assert_eq!(
         capped["leaf_only_labels"],
         json!({ "class": "mcu" }),
@@ -398,14 +432,14 @@ fn policies_are_managed_checked_and_used_by_jobs() {
     );
     assert_eq!(
         (status, body["field"].as_str()),
-        (400, Some("window.start_minute")),
+        (400, Some("windows.start_minute")),
         "{body}"
     );
     let unwindowed = json_of(&ok(
         &m,
         &["policies", "set", "capped", "--no-window", "--json"],
     ));
-    assert_eq!(unwindowed["window"], Value::Null);
+    assert_eq!(unwindowed["windows"], json!([]));
     assert_eq!(unwindowed["agent_rate_cap_bps"], 1024 * 1024);
     ok(&m, &["policies", "rm", "capped"]);
 

@@ -233,6 +233,9 @@ impl Engine {
             if job.flush_at.is_some_and(|t| t <= now) {
                 job.flush(&mut cx, job_id);
             }
+            if job.closes_at.is_some_and(|t| t <= now) {
+                job.close_window(&mut cx, job_id);
+            }
             if job.opens_at.is_some_and(|t| t <= now) {
                 job.open_window(&mut cx, job_id);
             }
@@ -320,6 +323,10 @@ impl Job {
                 let changed = plan.place(idx, info);
                 if !waiting {
                     self.instruct(cx, job_id, idx);
+                } else {
+                    // Its window is closed: if it knew the job (before a close, or before a
+                    // restart), it stops fetching.
+                    self.pause_part(cx, job_id, idx);
                 }
                 changed
             }

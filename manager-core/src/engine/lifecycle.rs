@@ -284,6 +284,9 @@ impl Engine {
                     if state == ParticipantState::Waiting {
                         job.persist_part(&mut cx, job_id, idx, false);
                     }
+                    // Resumed after a restart while its window is closed: it may still be
+                    // fetching under the old epoch's instructions.
+                    job.pause_part(&mut cx, job_id, idx);
                 } else if !state.is_terminal() {
                     job.instruct(&mut cx, job_id, idx);
                 }

@@ -294,6 +294,8 @@ enum Out {
     Sources { job: u64, part: u32 },
     End { job: u64, part: u32 },
     Throttle { job: u64, part: u32 },
+    /// `Cancel` to a participant whose transfers stop at a window's close (the job goes on).
+    Pause { job: u64, part: u32 },
 }
 
 /// The engine's output queues and timers, apart from the jobs so both can be borrowed.
@@ -344,6 +346,8 @@ struct Job {
     warnings: Vec<String>,
     /// While the job waits for its time window: when the window opens (engine time).
     opens_at: Option<Duration>,
+    /// While its time windows are open: when they close (engine time).
+    closes_at: Option<Duration>,
     /// While a resumed job waits for its participants to reconnect: when it stops waiting.
     regroup_until: Option<Duration>,
     /// While it waits: participants neither back nor failed.

@@ -110,7 +110,7 @@ struct WaveCount {
 }
 
 /// UTC seconds at engine time `at`, from the wall clock anchor.
-fn unix_at(wall: Option<(Duration, u64)>, at: Duration) -> Option<u64> {
+pub(super) fn unix_at(wall: Option<(Duration, u64)>, at: Duration) -> Option<u64> {
     wall.map(|(anchor, unix)| {
         if at >= anchor {
             unix + (at - anchor).as_secs()

@@ -259,6 +259,7 @@ impl Job {
             segment_parts: HashMap::new(),
             warnings: Vec::new(),
             opens_at: None,
+            closes_at: None,
             regroup_until: None,
             regroup_missing: 0,
             restored_upload: Vec::new(),

@@ -1,0 +1,185 @@
+//! A policy's time window closing mid-job, with real processes: a manager whose upload is
+//! capped (`--up-bps`) so the job spans the close, three `baton agent`s, and a policy of two
+//! windows a minute apart built around the wall clock's next minute (UTC). At the close
+//! transfers stop (within 5 s: by the job's verified chunks at the manager and by the bytes
+//! each agent's status says it received), nothing moves during the closed minute, the job's
+//! warnings say when it resumes, and at the next opening the job resumes from what the
+//! agents hold and completes with the content intact.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use baton_test_support::AgentProc;
+use baton_test_support::Manager;
+use serde_json::{Value, json};
+
+use crate::common::BATON;
+
+/// The content: 48 chunks of 4 KiB.
+const SIZE: usize = 192 * 1024;
+/// Chunk size.
+const CHUNK: u64 = 4096;
+/// Transfers must stop within this long of the close.
+const STOP_WITHIN: Duration = Duration::from_secs(5);
+/// The job must still be running this long after the close would have let it finish early.
+const MIN_BEFORE_CLOSE: u64 = 14;
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Chunks verified over every participant, as the manager last stored them.
+fn verified(job: &Value) -> u64 {
+    job["participants"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            if p["state"] == "confirmed" {
+                p["total"].as_u64().unwrap_or(0)
+            } else {
+                p["verified"].as_u64().unwrap_or(0)
+            }
+        })
+        .sum()
+}
+
+/// Bytes every agent says it received on the wire (status files).
+fn wire_received(agents: &[AgentProc]) -> u64 {
+    agents
+        .iter()
+        .filter_map(|a| a.status("status.json"))
+        .map(|s| s["wire_bytes_received"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// `{"start_minute", "end_minute"}` of the UTC minutes `from..to` (unix minutes).
+fn window(from: u64, to: u64) -> Value {
+    json!({ "start_minute": from % 1440, "end_minute": to % 1440, "zone": "UTC" })
+}
+
+#[test]
+fn a_window_closing_mid_job_stops_transfers_and_the_job_completes_after_the_next_opening() {
+    // The close: the next minute boundary at least `MIN_BEFORE_CLOSE` s away.
+    let now = unix_now();
+    let mut close = (now / 60.0).ceil() as u64 * 60;
+    if (close as f64) - now < MIN_BEFORE_CLOSE as f64 {
+        close += 60;
+    }
+    let until_close = close as f64 - now;
+    // The manager's upload lets one copy of the content out in about the time to the close
+    // plus 12 s: the job is mid-way at the close (the agents relay what enters).
+    let up_bps = (SIZE as f64 / (until_close + 12.0)) as u64;
+    let m = Manager::start_args(BATON, &["--up-bps", &up_bps.to_string()]);
+    let root = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+    let file = files.path().join("window.bin");
+    let content = baton_test_support::pseudo_random(SIZE, 33);
+    std::fs::write(&file, &content).unwrap();
+    let names = ["w0", "w1", "w2"];
+    let agents: Vec<AgentProc> = names
+        .iter()
+        .map(|name| {
+            let status = root.path().join(name).join("status.json");
+            AgentProc::spawn(
+                &m,
+                root.path(),
+                name,
+                &["--status-file", status.to_str().unwrap()],
+            )
+        })
+        .collect();
+    m.wait_connected(&names);
+    let (close_min, open_min) = (close / 60, close / 60 + 1);
+    let policy = json!({
+        "windows": [window(close_min - 2, close_min), window(open_min, open_min + 15)],
+    });
+    let job = m.create_job(
+        &file,
+        &names,
+        json!({ "name": "window-app", "chunk_size": CHUNK, "policy": policy }),
+    );
+    let total = 3 * (SIZE as u64 / CHUNK);
+
+    // Until the reopening: the job's verified chunks and the agents' wire bytes, with times.
+    let reopen = (close + 60) as f64;
+    let mut samples: Vec<(f64, u64, u64)> = Vec::new();
+    while unix_now() < reopen - 0.5 {
+        let j = m.job(job);
+        assert_eq!(j["state"], "running", "finished before the close: {j}");
+        samples.push((unix_now(), verified(&j), wire_received(&agents)));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let at_close = samples
+        .iter()
+        .rev()
+        .find(|s| s.0 <= close as f64)
+        .copied()
+        .expect("samples before the close");
+    assert!(
+        at_close.1 > 0 && at_close.1 < total,
+        "the job must be mid-way at the close: {} of {total} chunks verified",
+        at_close.1
+    );
+    // When transfers last moved after the close: verified chunks, and wire bytes by more
+    // than a chunk (keepalives are smaller).
+    let last = samples.last().copied().unwrap();
+    let verified_stop = samples
+        .iter()
+        .filter(|s| s.0 > close as f64 && s.1 < last.1)
+        .map(|s| s.0)
+        .fold(close as f64, f64::max);
+    let quiet_from = samples
+        .iter()
+        .filter(|s| s.0 > close as f64 && last.2 - s.2 >= CHUNK)
+        .map(|s| s.0)
+        .fold(close as f64, f64::max);
+    let stopped_after = verified_stop - close as f64;
+    let wire_after = quiet_from - close as f64;
+    eprintln!(
+        "window e2e: {} of {total} chunks at the close; verified chunks stopped {stopped_after:.1} s after the close, wire bytes {wire_after:.1} s after; {} B on the wire during the rest of the closed minute; manager up {up_bps} B/s",
+        at_close.1,
+        last.2 - samples.iter().find(|s| s.0 >= quiet_from).unwrap().2,
+    );
+    assert!(
+        stopped_after <= STOP_WITHIN.as_secs_f64(),
+        "verified chunks still grew {stopped_after:.1} s after the close"
+    );
+    assert!(
+        wire_after <= STOP_WITHIN.as_secs_f64(),
+        "agents still received chunks {wire_after:.1} s after the close"
+    );
+    // The agents were told to stop; the job says why and when it goes on.
+    for a in &agents {
+        let s = a.job_status("status.json", job);
+        assert!(
+            s.as_ref()
+                .is_some_and(|s| s["state"] == "cancelled" || s["state"] == "complete"),
+            "{}: {s:?}",
+            a.name
+        );
+    }
+    let j = m.job(job);
+    let warnings = j["warnings"].to_string();
+    assert!(
+        warnings.contains("window closed at") && warnings.contains("they resume at"),
+        "{j}"
+    );
+
+    // The next window opens: the job resumes from what the agents hold and completes.
+    let started = Instant::now();
+    let done = m.wait_job(job, Duration::from_secs(60), |j| j["state"] == "finished");
+    eprintln!(
+        "window e2e: finished {:.1} s after the reopening",
+        unix_now() - reopen
+    );
+    assert_eq!(done["confirmed_count"], 3, "{done}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    for a in &agents {
+        a.wait_export(&content);
+    }
+    let warnings = done["warnings"].to_string();
+    assert!(warnings.contains("window opened at"), "{done}");
+}
