@@ -43,7 +43,6 @@ pub use relay::{Assignment, Holder, NodeInfo, RelayPlan, Seed, SegmentEntry};
 pub use rollout::{MAX_SOAK_SECS, MAX_WAVES, Rollout, Wave};
 pub use window::{Day, MAX_WINDOWS, TimeWindow, WindowState, window_state};
 
-use core::fmt;
 use std::collections::BTreeMap;
 
 use baton_protocol::message::Report;
