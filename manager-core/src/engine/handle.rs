@@ -213,6 +213,12 @@ impl Engine {
                 continue;
             };
             let p = &mut job.parts[idx as usize];
+            if p.retry_at == Some(when) {
+                p.retry_at = None;
+                job.retry(&mut cx, job_id, idx);
+                continue;
+            }
+            let p = &mut job.parts[idx as usize];
             if p.install_deadline == Some(when) {
                 p.install_deadline = None;
                 job.install_timed_out(&mut cx, job_id, idx);
@@ -507,6 +513,9 @@ impl Job {
         self.persist_part(cx, job_id, idx, false);
         let agent = self.parts[idx as usize].id.clone();
         info!(job = job_id, agent = %agent, %cause, "participant failed");
+        if let FailCause::Agent(_) = cause {
+            self.schedule_retry(cx, job_id, idx, &cause.to_string());
+        }
         cx.out.events.push_back(EngineEvent::ParticipantFailed {
             job: job_id,
             agent,

@@ -44,7 +44,8 @@
 //! them, what retires a peer and when a reporter is demoted, `install` the states past
 //! delivery (installing, installed, running, failed, rolled back) that decide when a job
 //! ends, and `rollout` the staged rollouts: waves that open one after the other, and the
-//! administrator's pause, resume, approve and abort. This module holds the engine's configuration, its
+//! administrator's pause, resume, approve and abort, and `retry` the retries of failed
+//! participants. This module holds the engine's configuration, its
 //! errors and the records it keeps per agent, job and participant.
 
 use core::time::Duration;
@@ -79,6 +80,7 @@ mod lifecycle;
 mod output;
 mod policy;
 mod rates;
+mod retry;
 mod rollout;
 mod state;
 mod trouble;
@@ -281,6 +283,10 @@ struct Part {
     install: Option<InstallState>,
     /// When it is marked failed if no final install state came (armed at confirmation).
     install_deadline: Option<Duration>,
+    /// Times it was retried after a failure (see `retry`).
+    retries: u32,
+    /// When its pending retry is due.
+    retry_at: Option<Duration>,
 }
 
 /// Chunks a participant may report received beyond those it verified (in flight, or
@@ -296,6 +302,9 @@ enum Out {
     Throttle { job: u64, part: u32 },
     /// `Cancel` to a participant whose transfers stop at a window's close (the job goes on).
     Pause { job: u64, part: u32 },
+    /// `Cancel` to a participant whose install is retried: its agent drops the job, and the
+    /// `Fetch` that follows starts it anew.
+    Reset { job: u64, part: u32 },
 }
 
 /// The engine's output queues and timers, apart from the jobs so both can be borrowed.

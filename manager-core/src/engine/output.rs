@@ -450,6 +450,16 @@ impl Engine {
                     },
                 ));
             }
+            Out::Reset { job: job_id, part } => {
+                let Some(job) = self.jobs.get(&job_id) else {
+                    return;
+                };
+                let p = &job.parts[part as usize];
+                if job.outcome == JobOutcome::Running && p.online {
+                    let jr = JobRef { id: job_id, epoch };
+                    self.out.staged.push_back((p.id.clone(), Message::Cancel { job: jr }));
+                }
+            }
             Out::Pause { job: job_id, part } => {
                 let Some(job) = self.jobs.get(&job_id) else {
                     return;

@@ -160,8 +160,10 @@ impl Default for Policy {
     }
 }
 
-/// Retries of a failed participant unless the policy says otherwise.
-pub const DEFAULT_MAX_RETRIES: u32 = 2;
+/// Retries of a failed participant unless the policy says otherwise: none, as in Mender's
+/// deployments (a failure stays final and counts at once in a rollout's thresholds; the
+/// operator opts in per policy).
+pub const DEFAULT_MAX_RETRIES: u32 = 0;
 /// Seconds before a failed participant is retried unless the policy says otherwise.
 pub const DEFAULT_RETRY_AFTER_SECS: u64 = 30;
 /// Most retries a policy may ask for.
