@@ -143,9 +143,17 @@ fn a_window_closing_mid_job_stops_transfers_and_the_job_completes_after_the_next
         at_close.1,
         last.2 - samples.iter().find(|s| s.0 >= quiet_from).unwrap().2,
     );
+    let window_log = || {
+        m.log()
+            .lines()
+            .filter(|l| l.contains("window") || l.contains("cancel"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     assert!(
         stopped_after <= STOP_WITHIN.as_secs_f64(),
-        "verified chunks still grew {stopped_after:.1} s after the close"
+        "verified chunks still grew {stopped_after:.1} s after the close (close at {close}); samples {samples:?}; manager log:\n{}",
+        window_log()
     );
     assert!(
         wire_after <= STOP_WITHIN.as_secs_f64(),

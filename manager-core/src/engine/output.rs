@@ -369,6 +369,11 @@ impl Engine {
         })
     }
 
+    /// The root of `job`'s content, if the engine knows the job.
+    pub fn job_root(&self, job: u64) -> Option<baton_protocol::types::Digest> {
+        self.jobs.get(&job).map(|j| j.spec.manifest.root)
+    }
+
     /// Ids of the jobs the engine knows (running or ended and not forgotten).
     pub fn jobs(&self) -> impl Iterator<Item = u64> + '_ {
         self.jobs.keys().copied()
