@@ -623,17 +623,52 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     id: AgentId,
     stopped: StoppedRoots,
 ) {
+    // Engine instructions do not wait for the manager's upload cap (their bytes delay the
+    // chunk answers that follow): a `Cancel` goes out while an answer waits for the cap.
+    let mut control_open = true;
     loop {
-        let next = tokio::select! {
+        let (urgent, next) = tokio::select! {
             biased;
-            m = control_rx.recv() => m,
-            m = data_rx.recv() => match m {
-                Some((Some(root), _)) if stopped.contains(&root) => continue,
-                other => other.map(|(_, bytes)| bytes),
+            m = control_rx.recv(), if control_open => match m {
+                Some(bytes) => (true, Some((None, bytes))),
+                None => {
+                    control_open = false;
+                    continue;
+                }
             },
+            m = data_rx.recv() => (false, m),
         };
-        let Some(bytes) = next else { break };
-        if let Err(e) = Box::pin(writer.send(&bytes)).await {
+        let Some((root, bytes)) = next else { break };
+        if root.is_some_and(|r| stopped.contains(&r)) {
+            continue;
+        }
+        let wait = writer.reserve_upload(bytes.len());
+        if !urgent && let Some(wait) = wait {
+            let until = Instant::now() + wait;
+            while control_open {
+                tokio::select! {
+                    biased;
+                    m = control_rx.recv() => match m {
+                        Some(urgent) => {
+                            let _ = writer.reserve_upload(urgent.len());
+                            if let Err(e) = Box::pin(writer.send_reserved(&urgent)).await {
+                                tracing::info!(agent = %id, "sending failed: {e}");
+                                close.notify_one();
+                                return;
+                            }
+                        }
+                        None => control_open = false,
+                    },
+                    _ = tokio::time::sleep_until(until) => break,
+                }
+            }
+            tokio::time::sleep_until(until).await;
+            if root.is_some_and(|r| stopped.contains(&r)) {
+                // Stopped while it waited (its bytes stay taken).
+                continue;
+            }
+        }
+        if let Err(e) = Box::pin(writer.send_reserved(&bytes)).await {
             tracing::info!(agent = %id, "sending failed: {e}");
             close.notify_one();
             return;
@@ -747,7 +782,7 @@ mod test {
             data_rx,
             close,
             AgentId::try_from("a1").unwrap(),
-            stopped,
+            stopped.clone(),
         );
         let size = std::mem::size_of_val(&task);
         assert!(size <= 1024, "a session's writer future is {size} bytes");
