@@ -137,6 +137,12 @@ fn a_window_closing_mid_job_stops_transfers_and_the_job_completes_after_the_next
         .map(|s| s.0)
         .fold(close as f64, f64::max);
     let stopped_after = verified_stop - close as f64;
+    let around: Vec<String> = samples
+        .iter()
+        .filter(|s| (s.0 - close as f64).abs() < 7.0)
+        .map(|s| format!("{:+.1}s {} {}", s.0 - close as f64, s.1, s.2))
+        .collect();
+    eprintln!("window e2e: around the close (time, verified chunks, wire bytes): {around:?}");
     let wire_after = quiet_from - close as f64;
     eprintln!(
         "window e2e: {} of {total} chunks at the close; verified chunks stopped {stopped_after:.1} s after the close, wire bytes {wire_after:.1} s after; {} B on the wire during the rest of the closed minute; manager up {up_bps} B/s",

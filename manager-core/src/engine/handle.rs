@@ -13,7 +13,7 @@ use tracing::{debug, info};
 
 use super::{
     Agent, Ctx, Engine, EngineError, EngineEvent, FailCause, Job, JobOutcome, ParticipantState,
-    Persist, Targets,
+    Persist,
 };
 use crate::planner::Profile;
 
@@ -22,7 +22,8 @@ impl Engine {
     ///
     /// Call it for every `Report`, after the handshake authenticated `id` with `key`. A
     /// participant of a running job that was not instructed on this connection gets a `Fetch`;
-    /// for `Targets::All` jobs a new agent joins as a late participant.
+    /// for `Targets::All` jobs a new agent joins as a late participant, and so does one that
+    /// carries every label of a `Targets::Selected` job's selector.
     pub fn agent_online(&mut self, now: Duration, id: AgentId, key: PublicKey, report: Report) {
         let profile = Profile::from(&report);
         let agent = self.agents.entry(id.clone()).or_insert(Agent {
@@ -40,8 +41,8 @@ impl Engine {
             .iter()
             .filter(|(_, j)| {
                 j.outcome == JobOutcome::Running
-                    && j.spec.targets == Targets::All
                     && !j.index.contains_key(&id)
+                    && j.spec.targets.takes_in(&agent.profile)
             })
             .map(|(&k, _)| k)
             .collect();

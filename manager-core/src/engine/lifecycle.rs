@@ -40,7 +40,7 @@ impl Engine {
                     .collect(),
                 Vec::new(),
             ),
-            Targets::Agents(list) => {
+            Targets::Agents(list) | Targets::Selected { agents: list, .. } => {
                 let mut seen = std::collections::HashSet::new();
                 list.iter()
                     .filter(|id| seen.insert(*id))

@@ -137,6 +137,34 @@ pub enum Targets {
     All,
     /// These agents (those not online yet join when they come online, or are given up).
     Agents(Vec<AgentId>),
+    /// These agents, and every agent that comes online while the job runs carrying all of
+    /// these labels (a content group with a label selector, whose later members join late).
+    Selected {
+        /// The members when the job started.
+        agents: Vec<AgentId>,
+        /// The labels a newcomer must carry, every one (empty: nobody joins).
+        labels: BTreeMap<String, String>,
+    },
+}
+
+impl Targets {
+    /// Whether an agent with `profile` that is not a participant yet joins a running job
+    /// for these targets.
+    pub fn takes_in(&self, profile: &Profile) -> bool {
+        match self {
+            Targets::All => true,
+            Targets::Agents(_) => false,
+            Targets::Selected { labels, .. } => {
+                !labels.is_empty()
+                    && labels.iter().all(|(k, v)| {
+                        profile
+                            .labels
+                            .iter()
+                            .any(|(pk, pv)| **pk == **k && **pv == **v)
+                    })
+            }
+        }
+    }
 }
 
 /// A job to start: one content to a set of agents under a policy.
