@@ -2,7 +2,9 @@
 //! `baton serve`, real `baton agent` processes and the `baton` client commands.
 //!
 //! A job for a content group reaches exactly the group's members (by id or by
-//! label selector) and nothing reaches the other agents; policies are added,
+//! label selector) and nothing reaches the other agents; a job for a group with a
+//! label selector takes in the agents that enrol carrying its labels while it
+//! runs; policies are added,
 //! changed, refused with the offending field named, and used by jobs; a
 //! segment report from an agent that is not the leader it names, or for a
 //! segment it is not in, is refused, and complete reports replace the
@@ -731,4 +733,39 @@ fn a_resumed_job_keeps_its_policy() {
     for a in &agents {
         a.wait_export(&bytes);
     }
+}
+
+#[test]
+fn a_label_selector_job_takes_in_matching_agents_that_enrol_while_it_runs() {
+    // The manager's upload is capped so the job is still running when the newcomers come.
+    let m = Manager::start_args(BATON, &["--up-bps", "64KiB"]);
+    let root = m.dir.clone();
+    let _first = spawn(&m, &root, "s1", &["role=edge"]);
+    let _core = spawn(&m, &root, "s2", &["role=core"]);
+    m.wait_connected(&["s1", "s2"]);
+    ok(&m, &["groups", "add", "edge", "--label", "role=edge"]);
+    let file = root.join("follow.bin");
+    let content = pseudo_random(640 * 1024, 7);
+    std::fs::write(&file, &content).unwrap();
+    let job = json_of(&ok(
+        &m,
+        &["push", file.to_str().unwrap(), "--group", "edge", "--json"],
+    ));
+    let id = job["id"].as_u64().unwrap();
+    // Two agents enrol and connect while it runs: one carries the selector's label.
+    let late = spawn(&m, &root, "s3", &["role=edge", "site=ams"]);
+    let other = spawn(&m, &root, "s4", &["role=core"]);
+    m.wait_connected(&["s3", "s4"]);
+    let running = m.job(id);
+    assert_eq!(running["state"], "running", "finished too soon: {running}");
+    let done = m.wait_job(id, Duration::from_secs(60), |j| j["state"] == "finished");
+    assert_eq!(participant_ids(&done), ["s1", "s3"], "{done}");
+    assert_eq!(done["confirmed_count"], 2, "{done}");
+    assert_eq!(
+        done["targets"],
+        json!({ "group": { "agents": ["s1"], "selector": { "role": "edge" } } }),
+        "{done}"
+    );
+    late.wait_export(&content);
+    received_nothing(&other, id, file.to_str().unwrap());
 }
