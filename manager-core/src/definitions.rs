@@ -188,15 +188,17 @@ fn check_field(key: &str, v: &Value) -> Result<(), FieldError> {
             }
             Ok(())
         }
-        "max_retries" if v.as_u64().is_none_or(|n| n > u64::from(crate::planner::MAX_RETRIES)) => {
+        "max_retries"
+            if v.as_u64()
+                .is_none_or(|n| n > u64::from(crate::planner::MAX_RETRIES)) =>
+        {
             Err(FieldError::new(
                 key,
                 format!("must be a number of 0 to {}", crate::planner::MAX_RETRIES),
             ))
         }
         "retry_after_secs"
-            if v
-                .as_u64()
+            if v.as_u64()
                 .is_none_or(|n| n > crate::planner::MAX_RETRY_AFTER_SECS) =>
         {
             Err(FieldError::new(
@@ -306,7 +308,10 @@ mod test {
         // A policy stored before several windows still reads.
         let old = policy_from_json(&json!({ "window": { "start_minute": 60, "end_minute": 120 } }))
             .unwrap();
-        assert_eq!(old.windows, [crate::planner::TimeWindow::daily_utc(60, 120)]);
+        assert_eq!(
+            old.windows,
+            [crate::planner::TimeWindow::daily_utc(60, 120)]
+        );
         let cases = [
             (json!({ "max_peers_per_sauce": 3 }), "max_peers_per_sauce"),
             (

@@ -290,7 +290,14 @@ impl AgentPort {
         ));
 
         let reason = self
-            .read_loop(&mut session, origin, &mut reader, &data_tx, &close, &stopped)
+            .read_loop(
+                &mut session,
+                origin,
+                &mut reader,
+                &data_tx,
+                &close,
+                &stopped,
+            )
             .await;
         tracing::info!(agent = %id, %addr, "agent disconnected: {reason}");
         // Unregister before the writer can close the stream: whoever sees the
@@ -786,5 +793,96 @@ mod test {
         );
         let size = std::mem::size_of_val(&task);
         assert!(size <= 1024, "a session's writer future is {size} bytes");
+    }
+}
+
+#[cfg(test)]
+mod writer_test {
+    use baton_agent_core::linux::rate::RateLimiter;
+    use baton_protocol::identity::Identity;
+
+    use super::*;
+
+    /// A manager's link writer over an in-memory stream under `limits`, and the agent's end.
+    async fn pair(
+        limits: Limits,
+    ) -> (
+        link::LinkWriter<tokio::io::WriteHalf<tokio::io::DuplexStream>>,
+        link::LinkReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>,
+    ) {
+        let (agent_end, manager_end) = tokio::io::duplex(1 << 20);
+        let (manager, agent) = (Identity::from_seed([1; 32]), Identity::from_seed([3; 32]));
+        let hello = |role, id| Hello::new(role, AgentId::try_from(id).unwrap(), 0, None);
+        let manager_key = manager.public();
+        let agent_limits = Limits::default();
+        let (agent_link, manager_link) = tokio::join!(
+            link::connect(
+                agent_end,
+                &agent,
+                &manager_key,
+                hello(Role::Agent, "a1"),
+                &agent_limits
+            ),
+            link::accept(
+                manager_end,
+                &manager,
+                hello(Role::Manager, "manager"),
+                &limits,
+                |_| Ok(())
+            ),
+        );
+        let (reader, _) = agent_link.unwrap().split();
+        let (_, writer) = manager_link.unwrap().0.split();
+        (writer, reader)
+    }
+
+    /// Every frame the agent reads until the link closes.
+    async fn frames<R: AsyncRead + Unpin>(reader: &mut link::LinkReader<R>) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Ok(f) = reader.recv().await {
+            out.push(f.to_vec());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn stopped_content_is_not_sent_and_instructions_overtake_answers_waiting_for_the_cap() {
+        // 20 KB/s: a 4 KiB answer waits about 0.2 s for the cap.
+        let limits = Limits {
+            up: Some(Arc::new(RateLimiter::new(20_000))),
+            ..Limits::default()
+        };
+        let (writer, mut reader) = pair(limits).await;
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (data_tx, data_rx) = mpsc::channel::<Data>(DATA_QUEUE);
+        let stopped = StoppedRoots::default();
+        let (kept, cancelled) = ([1u8; 32], [2u8; 32]);
+        let task = tokio::spawn(write_loop(
+            writer,
+            control_rx,
+            data_rx,
+            Arc::new(Notify::new()),
+            AgentId::try_from("a1").unwrap(),
+            stopped.clone(),
+        ));
+        data_tx.send((Some(kept), vec![b'k'; 4096])).await.unwrap();
+        data_tx
+            .send((Some(cancelled), vec![b'c'; 4096]))
+            .await
+            .unwrap();
+        data_tx.send((None, b"pong".to_vec())).await.unwrap();
+        // While the first answer waits for the cap, the engine stops `cancelled` and sends
+        // its instruction: it goes out first, and the stopped answer never does.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stopped.stop(cancelled);
+        control_tx.send(b"cancel".to_vec()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop((control_tx, data_tx));
+        task.await.unwrap();
+        let got = frames(&mut reader).await;
+        let heads: Vec<&[u8]> = got.iter().map(|f| &f[..f.len().min(6)]).collect();
+        assert_eq!(heads, [&b"cancel"[..], b"kkkkkk", b"pong"]);
+        stopped.resume(&cancelled);
+        assert!(!stopped.contains(&cancelled));
     }
 }

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use clap::{Args, Subcommand};
 use baton_manager_core::planner::TimeWindow;
+use clap::{Args, Subcommand};
 use serde_json::{Map, Value, json};
 
 use super::show::{table, text};

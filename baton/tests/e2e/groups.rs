@@ -402,7 +402,13 @@ fn policies_are_managed_checked_and_used_by_jobs() {
     // Bad windows get a clear error naming the field, from the CLI and the API.
     let bad = crate::common::cli(
         &m,
-        &["policies", "add", "tz", "--window", "mon 10:00-11:00 Mars/Olympus"],
+        &[
+            "policies",
+            "add",
+            "tz",
+            "--window",
+            "mon 10:00-11:00 Mars/Olympus",
+        ],
     );
     assert!(!bad.success);
     assert!(
@@ -411,16 +417,29 @@ fn policies_are_managed_checked_and_used_by_jobs() {
         bad.stderr
     );
     for (window, field) in [
-        (json!({ "start_minute": 60, "end_minute": 120, "days": [] }), "windows.days"),
-        (json!({ "start_minute": 60, "end_minute": 1500 }), "windows.end_minute"),
-        (json!({ "start_minute": 60, "end_minute": 120, "zone": "Nowhere/Town" }), "windows.zone"),
+        (
+            json!({ "start_minute": 60, "end_minute": 120, "days": [] }),
+            "windows.days",
+        ),
+        (
+            json!({ "start_minute": 60, "end_minute": 1500 }),
+            "windows.end_minute",
+        ),
+        (
+            json!({ "start_minute": 60, "end_minute": 120, "zone": "Nowhere/Town" }),
+            "windows.zone",
+        ),
     ] {
         let (status, body) = m.api(
             "POST",
             "/api/v1/policies",
             Some(json!({ "name": "t", "windows": [window] })),
         );
-        assert_eq!((status, body["field"].as_str()), (400, Some(field)), "{body}");
+        assert_eq!(
+            (status, body["field"].as_str()),
+            (400, Some(field)),
+            "{body}"
+        );
     }
     assert_eq!(
         capped["leaf_only_labels"],

@@ -131,11 +131,20 @@ fn a_window_closing_mid_job_stops_transfers_and_the_job_completes_after_the_next
         .filter(|s| s.0 > close as f64 && s.1 < last.1)
         .map(|s| s.0)
         .fold(close as f64, f64::max);
-    let quiet_from = samples
+    // A chunk on the wire is at least `CHUNK` bytes within a second (keepalives are smaller).
+    let mut wire_stop = close as f64;
+    for (i, a) in samples
         .iter()
-        .filter(|s| s.0 > close as f64 && last.2 - s.2 >= CHUNK)
-        .map(|s| s.0)
-        .fold(close as f64, f64::max);
+        .enumerate()
+        .filter(|(_, s)| s.0 > close as f64)
+    {
+        for b in samples[i + 1..].iter().take_while(|b| b.0 - a.0 <= 1.0) {
+            if b.2 - a.2 >= CHUNK {
+                wire_stop = wire_stop.max(b.0);
+            }
+        }
+    }
+    let quiet_from = wire_stop;
     let stopped_after = verified_stop - close as f64;
     let around: Vec<String> = samples
         .iter()

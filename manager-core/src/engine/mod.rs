@@ -324,15 +324,33 @@ const RECEIVED_SLACK_CHUNKS: u64 = 16;
 /// A message to build when it is polled (so large plans do not sit in memory as messages).
 #[derive(Clone, Copy, Debug)]
 enum Out {
-    Fetch { job: u64, part: u32 },
-    Sources { job: u64, part: u32 },
-    End { job: u64, part: u32 },
-    Throttle { job: u64, part: u32 },
+    Fetch {
+        job: u64,
+        part: u32,
+    },
+    Sources {
+        job: u64,
+        part: u32,
+    },
+    End {
+        job: u64,
+        part: u32,
+    },
+    Throttle {
+        job: u64,
+        part: u32,
+    },
     /// `Cancel` to a participant whose transfers stop at a window's close (the job goes on).
-    Pause { job: u64, part: u32 },
+    Pause {
+        job: u64,
+        part: u32,
+    },
     /// `Cancel` to a participant whose install is retried: its agent drops the job, and the
     /// `Fetch` that follows starts it anew.
-    Reset { job: u64, part: u32 },
+    Reset {
+        job: u64,
+        part: u32,
+    },
 }
 
 /// The engine's output queues and timers, apart from the jobs so both can be borrowed.
@@ -477,6 +495,17 @@ impl Engine {
     pub fn epoch(&self) -> u32 {
         self.epoch
     }
+}
+
+/// UTC seconds at engine time `at`, from the wall clock anchor.
+fn unix_at(wall: Option<(Duration, u64)>, at: Duration) -> Option<u64> {
+    wall.map(|(anchor, unix)| {
+        if at >= anchor {
+            unix + (at - anchor).as_secs()
+        } else {
+            unix.saturating_sub((anchor - at).as_secs())
+        }
+    })
 }
 
 #[cfg(test)]

@@ -462,7 +462,9 @@ impl Engine {
                 let p = &job.parts[part as usize];
                 if job.outcome == JobOutcome::Running && p.online {
                     let jr = JobRef { id: job_id, epoch };
-                    self.out.staged.push_back((p.id.clone(), Message::Cancel { job: jr }));
+                    self.out
+                        .staged
+                        .push_back((p.id.clone(), Message::Cancel { job: jr }));
                 }
             }
             Out::Pause { job: job_id, part } => {
@@ -474,7 +476,9 @@ impl Engine {
                     return;
                 }
                 let jr = JobRef { id: job_id, epoch };
-                self.out.staged.push_back((p.id.clone(), Message::Cancel { job: jr }));
+                self.out
+                    .staged
+                    .push_back((p.id.clone(), Message::Cancel { job: jr }));
             }
             Out::End { job: job_id, part } => {
                 let Some(job) = self.jobs.get(&job_id) else {

@@ -30,9 +30,10 @@ use std::collections::{BTreeMap, HashMap};
 use baton_protocol::types::{AgentId, Name};
 use tracing::{info, warn};
 
-use super::rollout::unix_at;
 use super::state::node_info;
-use super::{Agent, Ctx, EngineEvent, FailCause, Job, JobOutcome, Out, Outputs, ParticipantState};
+use super::{
+    Agent, Ctx, EngineEvent, FailCause, Job, JobOutcome, Out, Outputs, ParticipantState, unix_at,
+};
 use crate::planner::{Holder, TimeWindow, WindowState, window_state};
 
 /// A rate cap that makes one transfer take longer than this is reported (without a window).
@@ -53,12 +54,7 @@ pub(super) fn windows_text(windows: &[TimeWindow]) -> String {
 /// `00:31:00 UTC` for UTC seconds.
 fn clock_text(unix: u64) -> String {
     let day = unix % 86_400;
-    format!(
-        "{:02}:{:02}:{:02} UTC",
-        day / 3600,
-        day / 60 % 60,
-        day % 60
-    )
+    format!("{:02}:{:02}:{:02} UTC", day / 3600, day / 60 % 60, day % 60)
 }
 
 /// `5 h 12 min`, `12 min`, `45 s`, `3 d 4 h`.
@@ -258,8 +254,7 @@ impl Job {
                     return;
                 }
                 WindowState::Open { closes_in } => {
-                    self.closes_at =
-                        closes_in.map(|c| cx.now + Duration::from_secs(c.max(1)));
+                    self.closes_at = closes_in.map(|c| cx.now + Duration::from_secs(c.max(1)));
                 }
             }
         }
@@ -327,7 +322,10 @@ impl Job {
                 stopped += self.pause_part(cx, job_id, idx) as u32;
             }
         }
-        info!(job = job_id, stopped, wait, "time window closed: transfers stop");
+        info!(
+            job = job_id,
+            stopped, wait, "time window closed: transfers stop"
+        );
         let text = format!(
             "window closed at {}: transfers of {stopped} participants stopped; they resume at {} (in {})",
             clock_text(unix),

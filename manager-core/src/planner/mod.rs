@@ -595,7 +595,10 @@ mod test {
         };
         let e = bad.validate().unwrap_err();
         assert_eq!(e.field, "windows.zone");
-        assert!(e.reason.contains("unknown time zone \"Nowhere/Town\""), "{e}");
+        assert!(
+            e.reason.contains("unknown time zone \"Nowhere/Town\""),
+            "{e}"
+        );
         let bad = Policy {
             max_retries: MAX_RETRIES + 1,
             ..Policy::default()

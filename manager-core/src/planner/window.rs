@@ -125,10 +125,7 @@ impl TimeWindow {
         if self.start_minute >= DAY_MINUTES {
             return Err((
                 "windows.start_minute",
-                format!(
-                    "{} is not a minute of the day (0..1440)",
-                    self.start_minute
-                ),
+                format!("{} is not a minute of the day (0..1440)", self.start_minute),
             ));
         }
         if self.end_minute >= DAY_MINUTES {
@@ -197,8 +194,9 @@ fn zone(name: &str) -> Result<TimeZone, String> {
     if name.is_empty() || name.len() > 64 {
         return Err(format!("{name:?} is not a time zone name"));
     }
-    TimeZone::get(name)
-        .map_err(|_| format!("unknown time zone {name:?} (an IANA name such as Europe/Berlin, or UTC)"))
+    TimeZone::get(name).map_err(|_| {
+        format!("unknown time zone {name:?} (an IANA name such as Europe/Berlin, or UTC)")
+    })
 }
 
 /// Where a policy's windows stand at one instant.
@@ -341,7 +339,8 @@ fn parse_minute(hm: &str) -> Result<u16, String> {
 /// `mon-fri`, `sat,sun`, `mon,wed-fri` as a list of days (a range may wrap: `fri-mon`).
 fn parse_days(s: &str) -> Result<Vec<Day>, String> {
     let day = |d: &str| {
-        Day::parse(d).ok_or_else(|| format!("{d:?} is not a day (mon, tue, wed, thu, fri, sat, sun)"))
+        Day::parse(d)
+            .ok_or_else(|| format!("{d:?} is not a day (mon, tue, wed, thu, fri, sat, sun)"))
     };
     let mut days = Vec::new();
     for part in s.split(',').filter(|p| !p.trim().is_empty()) {
@@ -404,17 +403,36 @@ mod test {
     #[test]
     fn daily_utc_windows_wrap_midnight() {
         let night = TimeWindow::daily_utc(22 * 60, 6 * 60);
-        let at = |h: u64, m: u64| window_state(std::slice::from_ref(&night), MONDAY + h * 3600 + m * 60);
-        assert_eq!(at(23, 0), WindowState::Open { closes_in: Some(7 * 3600) });
-        assert_eq!(at(1, 0), WindowState::Open { closes_in: Some(5 * 3600) });
-        assert_eq!(at(6, 0), WindowState::Closed { opens_in: Some(16 * 3600) });
+        let at =
+            |h: u64, m: u64| window_state(std::slice::from_ref(&night), MONDAY + h * 3600 + m * 60);
+        assert_eq!(
+            at(23, 0),
+            WindowState::Open {
+                closes_in: Some(7 * 3600)
+            }
+        );
+        assert_eq!(
+            at(1, 0),
+            WindowState::Open {
+                closes_in: Some(5 * 3600)
+            }
+        );
+        assert_eq!(
+            at(6, 0),
+            WindowState::Closed {
+                opens_in: Some(16 * 3600)
+            }
+        );
         assert_eq!(at(21, 59), WindowState::Closed { opens_in: Some(60) });
         let always = TimeWindow::daily_utc(300, 300);
         assert_eq!(
             window_state(&[always], MONDAY + 7),
             WindowState::Open { closes_in: None }
         );
-        assert_eq!(window_state(&[], MONDAY), WindowState::Open { closes_in: None });
+        assert_eq!(
+            window_state(&[], MONDAY),
+            WindowState::Open { closes_in: None }
+        );
     }
 
     #[test]
@@ -425,12 +443,24 @@ mod test {
         assert_eq!(office.to_string(), "mon-fri 09:00-17:00 Europe/Berlin");
         let s = |w: &[TimeWindow], secs: u64| window_state(w, MONDAY + secs);
         let one = std::slice::from_ref(&office);
-        assert_eq!(s(one, 7 * 3600), WindowState::Closed { opens_in: Some(3600) });
-        assert_eq!(s(one, 15 * 3600), WindowState::Open { closes_in: Some(3600) });
+        assert_eq!(
+            s(one, 7 * 3600),
+            WindowState::Closed {
+                opens_in: Some(3600)
+            }
+        );
+        assert_eq!(
+            s(one, 15 * 3600),
+            WindowState::Open {
+                closes_in: Some(3600)
+            }
+        );
         // Friday 16:00 UTC closes until Monday 08:00 UTC.
         assert_eq!(
             s(one, 4 * 86_400 + 16 * 3600),
-            WindowState::Closed { opens_in: Some(2 * 86_400 + 16 * 3600) }
+            WindowState::Closed {
+                opens_in: Some(2 * 86_400 + 16 * 3600)
+            }
         );
         // Saturday's window wraps into Sunday; a Sunday evening window adds on.
         let weekend: TimeWindow = "sat 22:00-06:00".parse().unwrap();
@@ -440,14 +470,18 @@ mod test {
         // until 07:00: one stretch.
         assert_eq!(
             s(&both, 6 * 86_400 + 3600),
-            WindowState::Open { closes_in: Some(6 * 3600) }
+            WindowState::Open {
+                closes_in: Some(6 * 3600)
+            }
         );
         // Two windows a minute apart: closed for that minute only.
         let a = TimeWindow::daily_utc(600, 601);
         let b = TimeWindow::daily_utc(602, 610);
         assert_eq!(
             s(&[a.clone(), b.clone()], 600 * 60 + 30),
-            WindowState::Open { closes_in: Some(30) }
+            WindowState::Open {
+                closes_in: Some(30)
+            }
         );
         assert_eq!(
             s(&[a, b], 601 * 60 + 10),
@@ -462,11 +496,15 @@ mod test {
         let sat = 1_774_656_000; // 2026-03-28 00:00 UTC
         assert_eq!(
             window_state(std::slice::from_ref(&w), sat),
-            WindowState::Closed { opens_in: Some(2 * 3600) }
+            WindowState::Closed {
+                opens_in: Some(2 * 3600)
+            }
         );
         assert_eq!(
             window_state(std::slice::from_ref(&w), sat + 86_400),
-            WindowState::Closed { opens_in: Some(3600) }
+            WindowState::Closed {
+                opens_in: Some(3600)
+            }
         );
     }
 
@@ -491,7 +529,10 @@ mod test {
         w.days = vec![Day::Sun];
         w.zone = String::new();
         assert_eq!(w.validate().unwrap_err().0, "windows.zone");
-        assert_eq!(parse_days("fri-mon").unwrap(), [Day::Mon, Day::Fri, Day::Sat, Day::Sun]);
+        assert_eq!(
+            parse_days("fri-mon").unwrap(),
+            [Day::Mon, Day::Fri, Day::Sat, Day::Sun]
+        );
         assert_eq!(parse_days("Monday,wed").unwrap(), [Day::Mon, Day::Wed]);
     }
 }

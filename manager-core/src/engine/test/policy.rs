@@ -401,7 +401,10 @@ const TEN: u64 = 1_796_637_600;
 /// Two windows a minute apart: 10:00-10:01 and 10:02-10:30 UTC.
 fn minute_gap_policy() -> Policy {
     Policy {
-        windows: vec![TimeWindow::daily_utc(600, 601), TimeWindow::daily_utc(602, 630)],
+        windows: vec![
+            TimeWindow::daily_utc(600, 601),
+            TimeWindow::daily_utc(602, 630),
+        ],
         ..Policy::default()
     }
 }
@@ -438,7 +441,9 @@ fn a_window_closing_mid_job_stops_transfers_and_resumes_them_at_the_next_opening
     assert_eq!(status.closes_at, None);
     assert_eq!(
         status.warnings,
-        ["window closed at 10:01:00 UTC: transfers of 6 participants stopped; they resume at 10:02:00 UTC (in 1 min)"]
+        [
+            "window closed at 10:01:00 UTC: transfers of 6 participants stopped; they resume at 10:02:00 UTC (in 1 min)"
+        ]
     );
     // While closed: nobody is given up (10 s), one that reconnects is told to stop again
     // and not instructed.
@@ -448,7 +453,10 @@ fn a_window_closing_mid_job_stops_transfers_and_resumes_them_at_the_next_opening
     }
     assert_eq!(holdings(&fleet), held);
     assert!(fleet.agents.iter().all(|a| a.fetches == 1));
-    assert!(matches!(fleet.state(1, "a02"), ParticipantState::Fetching { .. }));
+    assert!(matches!(
+        fleet.state(1, "a02"),
+        ParticipantState::Fetching { .. }
+    ));
     fleet.connect(2);
     assert_eq!((fleet.agents[2].cancels, fleet.agents[2].fetches), (2, 1));
     // The next window opens: everyone is instructed again and resumes from what it holds.
