@@ -126,11 +126,11 @@ fn a_window_closing_mid_job_stops_transfers_and_the_job_completes_after_the_next
     // When transfers last moved after the close: verified chunks, and wire bytes by more
     // than a chunk (keepalives are smaller).
     let last = samples.last().copied().unwrap();
+    // The first sample showing the verified chunks' final value.
     let verified_stop = samples
         .iter()
-        .filter(|s| s.0 > close as f64 && s.1 < last.1)
-        .map(|s| s.0)
-        .fold(close as f64, f64::max);
+        .find(|s| s.0 > close as f64 && s.1 == last.1)
+        .map_or(close as f64, |s| s.0);
     // A chunk on the wire is at least `CHUNK` bytes within a second (keepalives are smaller).
     let mut wire_stop = close as f64;
     for (i, a) in samples

@@ -539,7 +539,8 @@ async function policies() {
 async function policyForm(name) {
   const p = name ? await api("GET", "/api/v1/policies/" + encodeURIComponent(name)) : null;
   const d = p || { relay: true, segment_local: true, max_peers_per_source: 32, max_stripes: 8, manager_max_copies: 1,
-    leaf_below_up_bps: 0, agent_rate_cap_bps: 0, segment_rate_cap_bps: 0, max_wan_transfers_per_segment: 0, leaf_only: [], leaf_only_labels: {} };
+    leaf_below_up_bps: 0, agent_rate_cap_bps: 0, segment_rate_cap_bps: 0, max_wan_transfers_per_segment: 0, leaf_only: [], leaf_only_labels: {},
+    max_retries: 0, retry_after_secs: 30, windows: [] };
   const form = h("form", { class: "card-body", novalidate: true, id: "policy-form" },
     h("p", { class: "form-error", role: "alert" }),
     h("div", { class: "form" },
