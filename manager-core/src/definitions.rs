@@ -98,7 +98,11 @@ pub fn resolve_group(group: &GroupRecord, agents: &[AgentRecord]) -> Vec<String>
 /// object-valued fields (`weights`).
 fn known_fields() -> Map<String, Value> {
     match serde_json::to_value(Policy::default()) {
-        Ok(Value::Object(map)) => map,
+        Ok(Value::Object(mut map)) => {
+            // The single window of policies stored before a policy held several.
+            map.insert("window".into(), Value::Null);
+            map
+        }
         _ => Map::new(),
     }
 }
@@ -167,16 +171,43 @@ fn check_field(key: &str, v: &Value) -> Result<(), FieldError> {
             }
             Ok(())
         }
-        "window" if v.is_object() => {
-            for end in ["start_minute", "end_minute"] {
-                if v[end].as_u64().is_none_or(|m| m >= 24 * 60) {
-                    return Err(FieldError::new(
-                        format!("window.{end}"),
-                        "must be a UTC minute of the day, 0 to 1439",
-                    ));
-                }
+        "window" | "windows" => {
+            let mut alone = Map::new();
+            alone.insert("windows".into(), v.clone());
+            let policy: Policy = serde_json::from_value(Value::Object(alone))
+                .map_err(|e| FieldError::new("windows", e.to_string()))?;
+            if policy.windows.len() > crate::planner::MAX_WINDOWS {
+                return Err(FieldError::new(
+                    "windows",
+                    format!("at most {} windows", crate::planner::MAX_WINDOWS),
+                ));
+            }
+            for w in &policy.windows {
+                w.validate()
+                    .map_err(|(field, reason)| FieldError::new(field, reason))?;
             }
             Ok(())
+        }
+        "max_retries"
+            if v.as_u64()
+                .is_none_or(|n| n > u64::from(crate::planner::MAX_RETRIES)) =>
+        {
+            Err(FieldError::new(
+                key,
+                format!("must be a number of 0 to {}", crate::planner::MAX_RETRIES),
+            ))
+        }
+        "retry_after_secs"
+            if v.as_u64()
+                .is_none_or(|n| n > crate::planner::MAX_RETRY_AFTER_SECS) =>
+        {
+            Err(FieldError::new(
+                key,
+                format!(
+                    "must be a number of seconds, 0 to {} (a day)",
+                    crate::planner::MAX_RETRY_AFTER_SECS
+                ),
+            ))
         }
         "rollout" if !v.is_null() => {
             let rollout: crate::planner::Rollout = serde_json::from_value(v.clone())
@@ -274,6 +305,13 @@ mod test {
         );
         assert_eq!(rollout.pause_after_failures, Some(1));
         assert_eq!(rollout.success_percent, 100);
+        // A policy stored before several windows still reads.
+        let old = policy_from_json(&json!({ "window": { "start_minute": 60, "end_minute": 120 } }))
+            .unwrap();
+        assert_eq!(
+            old.windows,
+            [crate::planner::TimeWindow::daily_utc(60, 120)]
+        );
         let cases = [
             (json!({ "max_peers_per_sauce": 3 }), "max_peers_per_sauce"),
             (
@@ -299,6 +337,20 @@ mod test {
                 "rollout.success_percent",
             ),
             (json!({ "rollout": { "wavez": [] } }), "rollout"),
+            (
+                json!({ "windows": [{ "start_minute": 1, "end_minute": 2, "days": [] }] }),
+                "windows.days",
+            ),
+            (
+                json!({ "windows": [{ "start_minute": 1, "end_minute": 2, "zone": "Mars/Base" }] }),
+                "windows.zone",
+            ),
+            (
+                json!({ "window": { "start_minute": 1440, "end_minute": 2 } }),
+                "windows.start_minute",
+            ),
+            (json!({ "max_retries": 1000 }), "max_retries"),
+            (json!({ "retry_after_secs": -1 }), "retry_after_secs"),
         ];
         for (body, field) in cases {
             assert_eq!(

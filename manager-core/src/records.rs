@@ -98,6 +98,14 @@ pub enum TargetSpec {
     All,
     /// These agents.
     Agents(Vec<String>),
+    /// A content group with a label selector: its members when the job was created, and
+    /// every agent carrying all of the selector's labels that connects while it runs.
+    Group {
+        /// The members at creation, by id.
+        agents: Vec<String>,
+        /// The group's label selector (never empty).
+        selector: std::collections::BTreeMap<String, String>,
+    },
 }
 
 /// Where a job is in its life.

@@ -46,7 +46,7 @@ use baton_manager_core::placement::Placement;
 use baton_manager_core::session::{AgentSession, SessionConfig, SessionError, SessionEvent};
 use baton_protocol::message::{Message, Report};
 use baton_protocol::session::{Hello, Role};
-use baton_protocol::types::{AgentId, PublicKey};
+use baton_protocol::types::{AgentId, Digest, PublicKey};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
@@ -54,7 +54,9 @@ use tokio::time::Instant;
 
 use crate::content::Library;
 use crate::engine_task::{EngineInput, EngineSender};
-use crate::registry::{AuthError, CONTROL_QUEUE, Registry, Session, reason_for_agent, unix_now};
+use crate::registry::{
+    AuthError, CONTROL_QUEUE, Registry, Session, StoppedRoots, reason_for_agent, unix_now,
+};
 
 /// Largest frame the manager accepts from an agent (agents send small control messages).
 pub const MAX_AGENT_FRAME: usize = 16 * 1024;
@@ -231,8 +233,9 @@ impl AgentPort {
         self.registry.note_report(&report);
 
         let (control_tx, control_rx) = mpsc::channel::<Vec<u8>>(CONTROL_QUEUE);
-        let (data_tx, data_rx) = mpsc::channel::<Vec<u8>>(DATA_QUEUE);
+        let (data_tx, data_rx) = mpsc::channel::<Data>(DATA_QUEUE);
         let close = Arc::new(Notify::new());
+        let stopped = StoppedRoots::default();
         let generation = self.registry.next_generation();
         let took_over = self.registry.register(
             id.clone(),
@@ -242,6 +245,7 @@ impl AgentPort {
                 addr,
                 control: control_tx,
                 close: close.clone(),
+                stopped: stopped.clone(),
             },
         );
         tracing::info!(agent = %id, %addr, took_over, "agent connected");
@@ -282,10 +286,18 @@ impl AgentPort {
             data_rx,
             close.clone(),
             id.clone(),
+            stopped.clone(),
         ));
 
         let reason = self
-            .read_loop(&mut session, origin, &mut reader, &data_tx, &close)
+            .read_loop(
+                &mut session,
+                origin,
+                &mut reader,
+                &data_tx,
+                &close,
+                &stopped,
+            )
             .await;
         tracing::info!(agent = %id, %addr, "agent disconnected: {reason}");
         // Unregister before the writer can close the stream: whoever sees the
@@ -387,8 +399,9 @@ impl AgentPort {
         session: &mut AgentSession,
         origin: Instant,
         reader: &mut link::LinkReader<R>,
-        data_tx: &mpsc::Sender<Vec<u8>>,
+        data_tx: &mpsc::Sender<Data>,
         close: &Notify,
+        stopped: &StoppedRoots,
     ) -> String {
         loop {
             // The session's timer: when its certificate is renewed.
@@ -400,7 +413,7 @@ impl AgentPort {
             };
             let Some(frame) = frame else {
                 session.handle_timeout(origin.elapsed());
-                if let Err(reason) = Box::pin(self.drain(session, data_tx)).await {
+                if let Err(reason) = Box::pin(self.drain(session, data_tx, stopped)).await {
                     return reason;
                 }
                 continue;
@@ -424,7 +437,7 @@ impl AgentPort {
                     "messages over the session's rate limit dropped (Report, NextPlease, SegmentReport; count since the last such line, all agents)"
                 );
             }
-            if let Err(reason) = Box::pin(self.drain(session, data_tx)).await {
+            if let Err(reason) = Box::pin(self.drain(session, data_tx, stopped)).await {
                 return reason;
             }
         }
@@ -435,12 +448,13 @@ impl AgentPort {
     async fn drain(
         &self,
         session: &mut AgentSession,
-        data_tx: &mpsc::Sender<Vec<u8>>,
+        data_tx: &mpsc::Sender<Data>,
+        stopped: &StoppedRoots,
     ) -> Result<(), String> {
         // Pongs and renewed certificates queue behind the chunk answers.
         // Encoded before waiting: the decoded message is not held while the queue is full.
         while let Some(frame) = session.poll_transmit().map(|m| m.to_vec()) {
-            if data_tx.send(frame).await.is_err() {
+            if data_tx.send((None, frame)).await.is_err() {
                 return Err("writer stopped".into());
             }
         }
@@ -448,7 +462,7 @@ impl AgentPort {
         // would keep its 2.4 KB in this future while a queue is full.
         let (id, key) = (session.agent().clone(), session.key());
         while let Some(step) = session.poll_event().map(|e| self.step(&id, key, e)) {
-            self.carry_out(step, data_tx).await?;
+            self.carry_out(step, data_tx, stopped).await?;
         }
         Ok(())
     }
@@ -471,7 +485,12 @@ impl AgentPort {
     ///
     /// It takes the small step, not the event: a session event is 2.4 KB, and during a
     /// push to every agent each session waits here for the engine's queue at once.
-    async fn carry_out(&self, step: Step, data_tx: &mpsc::Sender<Vec<u8>>) -> Result<(), String> {
+    async fn carry_out(
+        &self,
+        step: Step,
+        data_tx: &mpsc::Sender<Data>,
+        stopped: &StoppedRoots,
+    ) -> Result<(), String> {
         match step {
             Step::Nothing => Ok(()),
             Step::Engine(input) => self
@@ -479,6 +498,8 @@ impl AgentPort {
                 .send(input)
                 .await
                 .map_err(|_| "manager shutting down".to_string()),
+            // The agent was told to stop working on this content: no answer.
+            Step::Chunk { root, .. } if stopped.contains(&root) => Ok(()),
             Step::Chunk { root, index } => {
                 let library = self.library.clone();
                 let answer = match tokio::task::spawn_blocking(move || library.answer(&root, index))
@@ -491,12 +512,12 @@ impl AgentPort {
                     }
                 };
                 data_tx
-                    .send(answer)
+                    .send((Some(root), answer))
                     .await
                     .map_err(|_| "writer stopped".to_string())
             }
             Step::Refuse { frame, why } => {
-                let _ = data_tx.send(frame).await;
+                let _ = data_tx.send((None, frame)).await;
                 Err(why)
             }
             Step::Close(why) => Err(why),
@@ -594,24 +615,67 @@ enum Step {
     Close(String),
 }
 
+/// A frame for the data queue: a chunk answer (with its content's root) or a pong.
+type Data = (Option<Digest>, Vec<u8>);
+
 /// A connection's writer task: sends engine instructions first, then chunk answers and
 /// pongs, until both queues close or a send fails (then the session is told to close).
+/// Chunk answers of content the agent was told to stop working on are dropped.
 /// A send is boxed: an idle writer, the common case, holds only its queues.
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: link::LinkWriter<W>,
     mut control_rx: mpsc::Receiver<Vec<u8>>,
-    mut data_rx: mpsc::Receiver<Vec<u8>>,
+    mut data_rx: mpsc::Receiver<Data>,
     close: Arc<Notify>,
     id: AgentId,
+    stopped: StoppedRoots,
 ) {
+    // Engine instructions do not wait for the manager's upload cap (their bytes delay the
+    // chunk answers that follow): a `Cancel` goes out while an answer waits for the cap.
+    let mut control_open = true;
     loop {
-        let next = tokio::select! {
+        let (urgent, next) = tokio::select! {
             biased;
-            m = control_rx.recv() => m,
-            m = data_rx.recv() => m,
+            m = control_rx.recv(), if control_open => match m {
+                Some(bytes) => (true, Some((None, bytes))),
+                None => {
+                    control_open = false;
+                    continue;
+                }
+            },
+            m = data_rx.recv() => (false, m),
         };
-        let Some(bytes) = next else { break };
-        if let Err(e) = Box::pin(writer.send(&bytes)).await {
+        let Some((root, bytes)) = next else { break };
+        if root.is_some_and(|r| stopped.contains(&r)) {
+            continue;
+        }
+        let wait = writer.reserve_upload(bytes.len());
+        if !urgent && let Some(wait) = wait {
+            let until = Instant::now() + wait;
+            while control_open {
+                tokio::select! {
+                    biased;
+                    m = control_rx.recv() => match m {
+                        Some(urgent) => {
+                            let _ = writer.reserve_upload(urgent.len());
+                            if let Err(e) = Box::pin(writer.send_reserved(&urgent)).await {
+                                tracing::info!(agent = %id, "sending failed: {e}");
+                                close.notify_one();
+                                return;
+                            }
+                        }
+                        None => control_open = false,
+                    },
+                    _ = tokio::time::sleep_until(until) => break,
+                }
+            }
+            tokio::time::sleep_until(until).await;
+            if root.is_some_and(|r| stopped.contains(&r)) {
+                // Stopped while it waited (its bytes stay taken).
+                continue;
+            }
+        }
+        if let Err(e) = Box::pin(writer.send_reserved(&bytes)).await {
             tracing::info!(agent = %id, "sending failed: {e}");
             close.notify_one();
             return;
@@ -687,7 +751,8 @@ mod test {
             Identity::from_seed([3; 32]).public(),
             port.session.clone(),
         );
-        let draining = port.drain(&mut session, &data_tx);
+        let stopped = StoppedRoots::default();
+        let draining = port.drain(&mut session, &data_tx, &stopped);
         let size = std::mem::size_of_val(&draining);
         assert!(size <= 1024, "a session's drain future is {size} bytes");
         // The writer task of the same connection, over a real link.
@@ -724,8 +789,100 @@ mod test {
             data_rx,
             close,
             AgentId::try_from("a1").unwrap(),
+            stopped.clone(),
         );
         let size = std::mem::size_of_val(&task);
         assert!(size <= 1024, "a session's writer future is {size} bytes");
+    }
+}
+
+#[cfg(test)]
+mod writer_test {
+    use baton_agent_core::linux::rate::RateLimiter;
+    use baton_protocol::identity::Identity;
+
+    use super::*;
+
+    /// A manager's link writer over an in-memory stream under `limits`, and the agent's end.
+    async fn pair(
+        limits: Limits,
+    ) -> (
+        link::LinkWriter<tokio::io::WriteHalf<tokio::io::DuplexStream>>,
+        link::LinkReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>,
+    ) {
+        let (agent_end, manager_end) = tokio::io::duplex(1 << 20);
+        let (manager, agent) = (Identity::from_seed([1; 32]), Identity::from_seed([3; 32]));
+        let hello = |role, id| Hello::new(role, AgentId::try_from(id).unwrap(), 0, None);
+        let manager_key = manager.public();
+        let agent_limits = Limits::default();
+        let (agent_link, manager_link) = tokio::join!(
+            link::connect(
+                agent_end,
+                &agent,
+                &manager_key,
+                hello(Role::Agent, "a1"),
+                &agent_limits
+            ),
+            link::accept(
+                manager_end,
+                &manager,
+                hello(Role::Manager, "manager"),
+                &limits,
+                |_| Ok(())
+            ),
+        );
+        let (reader, _) = agent_link.unwrap().split();
+        let (_, writer) = manager_link.unwrap().0.split();
+        (writer, reader)
+    }
+
+    /// Every frame the agent reads until the link closes.
+    async fn frames<R: AsyncRead + Unpin>(reader: &mut link::LinkReader<R>) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Ok(f) = reader.recv().await {
+            out.push(f.to_vec());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn stopped_content_is_not_sent_and_instructions_overtake_answers_waiting_for_the_cap() {
+        // 20 KB/s: a 4 KiB answer waits about 0.2 s for the cap.
+        let limits = Limits {
+            up: Some(Arc::new(RateLimiter::new(20_000))),
+            ..Limits::default()
+        };
+        let (writer, mut reader) = pair(limits).await;
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (data_tx, data_rx) = mpsc::channel::<Data>(DATA_QUEUE);
+        let stopped = StoppedRoots::default();
+        let (kept, cancelled) = ([1u8; 32], [2u8; 32]);
+        let task = tokio::spawn(write_loop(
+            writer,
+            control_rx,
+            data_rx,
+            Arc::new(Notify::new()),
+            AgentId::try_from("a1").unwrap(),
+            stopped.clone(),
+        ));
+        data_tx.send((Some(kept), vec![b'k'; 4096])).await.unwrap();
+        data_tx
+            .send((Some(cancelled), vec![b'c'; 4096]))
+            .await
+            .unwrap();
+        data_tx.send((None, b"pong".to_vec())).await.unwrap();
+        // While the first answer waits for the cap, the engine stops `cancelled` and sends
+        // its instruction: it goes out first, and the stopped answer never does.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stopped.stop(cancelled);
+        control_tx.send(b"cancel".to_vec()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop((control_tx, data_tx));
+        task.await.unwrap();
+        let got = frames(&mut reader).await;
+        let heads: Vec<&[u8]> = got.iter().map(|f| &f[..f.len().min(6)]).collect();
+        assert_eq!(heads, [&b"cancel"[..], b"kkkkkk", b"pong"]);
+        stopped.resume(&cancelled);
+        assert!(!stopped.contains(&cancelled));
     }
 }

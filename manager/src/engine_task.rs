@@ -624,6 +624,11 @@ impl EngineTask {
             self.check_lease()?;
         }
         while let Some((to, msg)) = transmit.take().or_else(|| self.engine.poll_transmit()) {
+            if let Message::Cancel { job } | Message::Fetch { job, .. } = &msg {
+                // Chunk answers of a cancelled job stop at once (queued ones included).
+                let root = self.engine.job_root(job.id);
+                self.registry.note_instruction(&to, &msg, root);
+            }
             if !self.registry.send(&to, msg.to_vec()) {
                 tracing::debug!(agent = %to, kind = msg.kind(), "agent not connected; instruction dropped");
             }

@@ -38,7 +38,7 @@ use baton_agent_core::linux::spaced::SpacedLog;
 use baton_protocol::identity::Identity;
 use baton_protocol::message::{Report, SegmentReport};
 use baton_protocol::session::{Handshake, Role};
-use baton_protocol::types::{AgentId, Label, PublicKey};
+use baton_protocol::types::{AgentId, Digest, Label, PublicKey};
 use tokio::sync::{Notify, mpsc};
 
 use crate::revocation::RevocationSigner;
@@ -184,6 +184,44 @@ pub struct Session {
     pub control: mpsc::Sender<Vec<u8>>,
     /// Tells the connection to close (on takeover or shutdown).
     pub close: Arc<Notify>,
+    /// Content this connection no longer serves chunks of: the engine told the agent to stop
+    /// working on its job (`Cancel`), until it is told to fetch it again.
+    pub stopped: StoppedRoots,
+}
+
+/// Most roots one connection keeps as stopped (the oldest is forgotten beyond).
+pub const MAX_STOPPED_ROOTS: usize = 16;
+
+/// The roots whose chunk answers a connection drops (see [`Session::stopped`]): chunk
+/// requests still arriving, answers queued and not yet sent. Without it, answers the agent
+/// asked for before a `Cancel` (a window's close) would go on reaching it for as long as
+/// the manager's upload cap takes to send them.
+#[derive(Clone, Debug, Default)]
+pub struct StoppedRoots(Arc<Mutex<Vec<Digest>>>);
+
+impl StoppedRoots {
+    /// Stops serving `root` on this connection.
+    pub fn stop(&self, root: Digest) {
+        let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !list.contains(&root) {
+            if list.len() >= MAX_STOPPED_ROOTS {
+                list.remove(0);
+            }
+            list.push(root);
+        }
+    }
+
+    /// Serves `root` again.
+    pub fn resume(&self, root: &Digest) {
+        let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        list.retain(|r| r != root);
+    }
+
+    /// Whether chunks of `root` are not to be sent.
+    pub fn contains(&self, root: &Digest) -> bool {
+        let list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        list.contains(root)
+    }
 }
 
 /// What [`Registry::authorize`] accepted.
@@ -729,6 +767,24 @@ impl Registry {
         }
     }
 
+    /// Notes what an engine instruction to `id` means for its connection's chunk answers:
+    /// after `Cancel` of a job (content `root`) they stop, after a `Fetch` of it they go on.
+    pub fn note_instruction(&self, id: &AgentId, message: &Message<'_>, root: Option<Digest>) {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(s) = sessions.get(id) else {
+            return;
+        };
+        match message {
+            Message::Cancel { .. } => {
+                if let Some(root) = root {
+                    s.stopped.stop(root);
+                }
+            }
+            Message::Fetch { manifest, .. } => s.stopped.resume(&manifest.root),
+            _ => {}
+        }
+    }
+
     /// Queues an encoded message for a connected agent without waiting; false if it is not
     /// connected, or its control queue is full (the agent does not read): that session is
     /// then told to close.
@@ -1023,6 +1079,7 @@ mod test {
                 addr: "127.0.0.1:1".parse().unwrap(),
                 control: tx,
                 close: close.clone(),
+                stopped: Default::default(),
             };
             (s, rx, close)
         };
@@ -1219,6 +1276,7 @@ mod test {
                 addr: "127.0.0.1:1".parse().unwrap(),
                 control: tx,
                 close: close.clone(),
+                stopped: Default::default(),
             },
         );
         for i in 0..CONTROL_QUEUE {
@@ -1284,6 +1342,7 @@ mod test {
                     addr: "127.0.0.1:1".parse().unwrap(),
                     control: tx,
                     close: Arc::new(Notify::new()),
+                    stopped: Default::default(),
                 },
             );
             rx
@@ -1338,6 +1397,7 @@ mod test {
                 addr,
                 control: tx1,
                 close: close1.clone(),
+                stopped: Default::default(),
             }
         ));
         assert!(reg.send(&id("a"), vec![1]));
@@ -1352,6 +1412,7 @@ mod test {
                 addr,
                 control: tx2,
                 close: Arc::new(Notify::new()),
+                stopped: Default::default(),
             }
         ));
         // The old session was told to close (a stored permit completes at once).

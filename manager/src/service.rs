@@ -208,12 +208,19 @@ pub struct ResolvedJob {
 pub fn engine_targets(spec: &TargetSpec) -> Result<Targets, String> {
     Ok(match spec {
         TargetSpec::All => Targets::All,
-        TargetSpec::Agents(ids) => Targets::Agents(
-            ids.iter()
-                .map(|s| AgentId::try_from(s.as_str()).map_err(|_| format!("bad agent id {s:?}")))
-                .collect::<Result<_, _>>()?,
-        ),
+        TargetSpec::Agents(ids) => Targets::Agents(agent_ids(ids)?),
+        TargetSpec::Group { agents, selector } => Targets::Selected {
+            agents: agent_ids(agents)?,
+            labels: selector.clone(),
+        },
     })
+}
+
+/// Ids as the engine takes them (unknown-length ids are refused).
+fn agent_ids(ids: &[String]) -> Result<Vec<AgentId>, String> {
+    ids.iter()
+        .map(|s| AgentId::try_from(s.as_str()).map_err(|_| format!("bad agent id {s:?}")))
+        .collect()
 }
 
 /// Checks an offline-signed manifest before its file is read: its limits, its expiry, and
@@ -474,8 +481,10 @@ impl Manager {
         })
     }
 
-    /// Checks a job request: resolves a content group to its enrolled members (a snapshot:
-    /// later changes to the group do not change the job) and a named policy to its fields.
+    /// Checks a job request: resolves a content group to its enrolled members and a named
+    /// policy to its fields. A group with a label selector also takes in the agents that
+    /// connect carrying its labels while the job runs; otherwise later changes to the group
+    /// do not change the job.
     pub fn resolve_job(&self, req: JobRequest) -> Result<ResolvedJob, ApiError> {
         let mut origin = JobOrigin::default();
         let targets = match (req.targets, req.group) {
@@ -493,6 +502,10 @@ impl Manager {
             }
             (Some(targets), None) => targets,
             (None, Some(group)) => {
+                let selector = lock(&self.store)
+                    .group(&group)?
+                    .map(|g| g.selector)
+                    .unwrap_or_default();
                 let members = self.group_members(&group)?;
                 if members.is_empty() {
                     return Err(ApiError::invalid(
@@ -503,7 +516,15 @@ impl Manager {
                     ));
                 }
                 origin.group = Some(group);
-                TargetSpec::Agents(members)
+                if selector.is_empty() {
+                    TargetSpec::Agents(members)
+                } else {
+                    // Agents that come to carry the selector's labels join while it runs.
+                    TargetSpec::Group {
+                        agents: members,
+                        selector,
+                    }
+                }
             }
         };
         let policy = match req.policy {
@@ -577,7 +598,7 @@ impl Manager {
             origin,
         } = job;
         let engine_targets = engine_targets(&targets).map_err(ApiError::BadRequest)?;
-        if let Targets::Agents(ids) = &engine_targets {
+        if let Targets::Agents(ids) | Targets::Selected { agents: ids, .. } = &engine_targets {
             if ids.is_empty() {
                 return Err(ApiError::BadRequest(
                     "no target agents: name some, or use all".into(),

@@ -193,9 +193,22 @@ async fn write_frame<W: AsyncWrite + Unpin>(
     limits: &Limits,
     stall: Option<Duration>,
 ) -> Result<(), LinkError> {
+    write_frame_after(w, buf, len, limits, stall, true).await
+}
+
+/// [`write_frame`], waiting for the upload limiter only if `limited` (otherwise the caller
+/// took the frame's bytes from it already).
+async fn write_frame_after<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &mut [u8],
+    len: usize,
+    limits: &Limits,
+    stall: Option<Duration>,
+    limited: bool,
+) -> Result<(), LinkError> {
     buf[..HEADER_LEN].copy_from_slice(&frame::header(len)?);
     let wire = HEADER_LEN + len;
-    if let Some(up) = &limits.up {
+    if limited && let Some(up) = &limits.up {
         up.acquire(wire).await;
     }
     match stall {
@@ -367,6 +380,25 @@ impl<W: AsyncWrite + Unpin> LinkWriter<W> {
 
     /// Encrypts `plaintext` into one frame and writes it (after the upload limiter).
     pub async fn send(&mut self, plaintext: &[u8]) -> Result<(), LinkError> {
+        self.send_frame(plaintext, true).await
+    }
+
+    /// Takes the frame that [`LinkWriter::send_reserved`] will send for `plaintext_len`
+    /// bytes from the upload limiter now; returns how long it should wait for the cap
+    /// (`None`: at once, or no cap). A writer can send urgent frames meanwhile: their bytes
+    /// are taken the same way and delay what follows.
+    pub fn reserve_upload(&self, plaintext_len: usize) -> Option<Duration> {
+        let up = self.limits.up.as_ref()?;
+        up.reserve_now(HEADER_LEN + plaintext_len + TAG_LEN)
+    }
+
+    /// [`LinkWriter::send`] of a frame whose bytes were taken with
+    /// [`LinkWriter::reserve_upload`]: it does not wait for the upload limiter.
+    pub async fn send_reserved(&mut self, plaintext: &[u8]) -> Result<(), LinkError> {
+        self.send_frame(plaintext, false).await
+    }
+
+    async fn send_frame(&mut self, plaintext: &[u8], limited: bool) -> Result<(), LinkError> {
         if plaintext.len() > Self::MAX_PLAINTEXT {
             return Err(LinkError::Frame(FrameError::TooLarge {
                 len: plaintext.len() + TAG_LEN,
@@ -379,12 +411,13 @@ impl<W: AsyncWrite + Unpin> LinkWriter<W> {
         let n = self
             .sealer
             .encrypt(&mut buf[HEADER_LEN..], plaintext.len())?;
-        write_frame(
+        write_frame_after(
             &mut self.writer,
             &mut buf,
             n,
             &self.limits,
             self.stall_timeout,
+            limited,
         )
         .await
     }

@@ -89,6 +89,13 @@ impl RateLimiter {
         }
     }
 
+    /// Takes `bytes` from the bucket now and returns how long the caller must wait before
+    /// sending them (`None`: at once); unlike [`RateLimiter::acquire`] the caller decides
+    /// what it does meanwhile.
+    pub fn reserve_now(&self, bytes: usize) -> Option<Duration> {
+        self.reserve(bytes, Instant::now())
+    }
+
     /// Takes `bytes` from the bucket at `now`; returns how long the caller must wait.
     fn reserve(&self, bytes: usize, now: Instant) -> Option<Duration> {
         if self.bytes_per_sec() == 0 || bytes == 0 {

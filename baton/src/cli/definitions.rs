@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use baton_manager_core::planner::TimeWindow;
 use clap::{Args, Subcommand};
 use serde_json::{Map, Value, json};
 
@@ -255,12 +256,21 @@ pub struct PolicyArgs {
     /// Most concurrent transfers across each segment's WAN link (0 = no limit).
     #[arg(long, value_name = "N")]
     pub max_wan_transfers: Option<u16>,
-    /// Transfers only in this daily UTC window, `HH:MM-HH:MM` (may wrap midnight).
-    #[arg(long, value_name = "HH:MM-HH:MM", value_parser = parse_window, conflicts_with = "no_window")]
-    pub window: Option<Value>,
-    /// (set) Remove the time window.
+    /// Transfers only while one of these windows is open (repeat for several; replaces the
+    /// policy's windows): `[DAYS ]HH:MM-HH:MM[ ZONE]`, e.g. `22:00-06:00` (daily, UTC),
+    /// `"mon-fri 09:00-17:00 Europe/Berlin"`, `"sat,sun 00:00-00:00"` (whole days). A job
+    /// waits for an opening, stops its transfers at a close and resumes at the next opening.
+    #[arg(long, value_name = "WINDOW", value_parser = parse_window, conflicts_with = "no_window")]
+    pub window: Vec<Value>,
+    /// (set) Remove the time windows: any time.
     #[arg(long)]
     pub no_window: bool,
+    /// Times a failed participant is retried before it stays failed (0 = never).
+    #[arg(long, value_name = "N")]
+    pub max_retries: Option<u32>,
+    /// Wait this long after a failure before the retry, e.g. `30s`, `5m`.
+    #[arg(long, value_name = "DURATION", value_parser = super::enroll::parse_duration_secs)]
+    pub retry_after: Option<u64>,
     /// This agent only receives, never serves (repeat, or comma-separated).
     #[arg(long, value_name = "ID", value_delimiter = ',')]
     pub leaf_only: Vec<String>,
@@ -323,30 +333,16 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     super::parse_size(t)
 }
 
-/// Reads `HH:MM-HH:MM` as the policy's window (UTC minutes of the day).
+/// Reads `[DAYS ]HH:MM-HH:MM[ ZONE]` as one of the policy's windows (checked: days, minutes
+/// and the time zone).
 pub fn parse_window(s: &str) -> Result<Value, String> {
-    let minute = |hm: &str| -> Result<u64, String> {
-        let (h, m) = hm
-            .trim()
-            .split_once(':')
-            .ok_or_else(|| format!("{hm:?} is not HH:MM"))?;
-        let h: u64 = h.parse().map_err(|_| format!("{hm:?} is not HH:MM"))?;
-        let m: u64 = m.parse().map_err(|_| format!("{hm:?} is not HH:MM"))?;
-        if h > 23 || m > 59 {
-            return Err(format!("{hm:?} is not a time of day (00:00 to 23:59)"));
-        }
-        Ok(h * 60 + m)
-    };
-    let (a, b) = s
-        .split_once('-')
-        .ok_or_else(|| format!("{s:?} is not HH:MM-HH:MM"))?;
-    let (start, end) = (minute(a)?, minute(b)?);
-    if start == end {
+    let w: TimeWindow = s.parse()?;
+    if w.start_minute == w.end_minute && w.days.len() == 7 {
         return Err(format!(
-            "{s:?} starts where it ends, which is the whole day: leave --window out"
+            "{s:?} starts where it ends every day, which is any time: leave --window out"
         ));
     }
-    Ok(json!({ "start_minute": start, "end_minute": end }))
+    serde_json::to_value(&w).map_err(|e| e.to_string())
 }
 
 /// Reads one wave of `--waves`: a percentage (`10`) or a content group (`group:NAME`).
@@ -372,6 +368,11 @@ fn parse_weight(s: &str) -> Result<(String, f64), String> {
 impl PolicyArgs {
     /// Applies the flags given to `fields` (a JSON object of policy fields).
     pub fn apply(&self, fields: &mut Map<String, Value>) {
+        if !self.window.is_empty() || self.no_window {
+            // Replaced whole, also as `window` (how policies stored before several windows
+            // name theirs).
+            fields.remove("window");
+        }
         let mut set = |key: &str, v: Value| {
             fields.insert(key.to_string(), v);
         };
@@ -387,11 +388,15 @@ impl PolicyArgs {
         if let Some(n) = self.max_wan_transfers {
             set("max_wan_transfers_per_segment", json!(n));
         }
-        if let Some(w) = &self.window {
-            set("window", w.clone());
+        if !self.window.is_empty() || self.no_window {
+            // `window` is how policies stored before several windows name them.
+            set("windows", Value::Array(self.window.clone()));
         }
-        if self.no_window {
-            set("window", Value::Null);
+        if let Some(n) = self.max_retries {
+            set("max_retries", json!(n));
+        }
+        if let Some(s) = self.retry_after {
+            set("retry_after_secs", json!(s));
         }
         if !self.leaf_only.is_empty() {
             set("leaf_only", json!(clean_ids(&self.leaf_only)));
@@ -583,6 +588,21 @@ fn print_policy(p: &Value, json: bool) {
                     println!("  {k}.{ik} = {iv}");
                 }
             }
+            Value::Array(list) if k == "windows" => {
+                let texts: Vec<String> = list
+                    .iter()
+                    .map(|w| match serde_json::from_value::<TimeWindow>(w.clone()) {
+                        Ok(w) => w.to_string(),
+                        Err(_) => w.to_string(),
+                    })
+                    .collect();
+                let shown = if texts.is_empty() {
+                    "any time".to_string()
+                } else {
+                    texts.join(", ")
+                };
+                println!("  windows = {shown}");
+            }
             other => println!("  {k} = {other}"),
         }
     }
@@ -655,6 +675,10 @@ mod test {
             "1",
             "--window",
             "22:30-04:00",
+            "--window",
+            "sat,sun 10:00-12:00 Europe/Berlin",
+            "--max-retries",
+            "3",
             "--leaf-only",
             "weak-1",
             "--leaf-only-label",
@@ -674,7 +698,21 @@ mod test {
                 "agent_rate_cap_bps": 2 * 1024 * 1024,
                 "segment_rate_cap_bps": 10 * 1024 * 1024,
                 "max_wan_transfers_per_segment": 1,
-                "window": { "start_minute": 22 * 60 + 30, "end_minute": 240 },
+                "windows": [
+                    {
+                        "start_minute": 22 * 60 + 30,
+                        "end_minute": 240,
+                        "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+                        "zone": "UTC",
+                    },
+                    {
+                        "start_minute": 600,
+                        "end_minute": 720,
+                        "days": ["sat", "sun"],
+                        "zone": "Europe/Berlin",
+                    },
+                ],
+                "max_retries": 3,
                 "leaf_only": ["weak-1"],
                 "leaf_only_labels": { "class": "mcu" },
                 "weights": { "down": 1.0, "up": 5.0 },
@@ -693,7 +731,10 @@ mod test {
     fn windows_and_rates_are_checked() {
         assert!(parse_window("24:00-01:00").is_err());
         assert!(parse_window("10:00-10:00").is_err());
+        assert!(parse_window("sun 10:00-10:00").is_ok());
         assert!(parse_window("1000").is_err());
+        let e = parse_window("mon 10:00-11:00 Europe/Nowhere").unwrap_err();
+        assert!(e.contains("unknown time zone"), "{e}");
         assert_eq!(parse_rate("0").unwrap(), 0);
         assert!(parse_rate("fast").is_err());
         assert!(key_value("novalue").is_err());

@@ -29,7 +29,8 @@ pub struct PushArgs {
     /// Target every agent connected now, and every agent that connects while the job runs.
     #[arg(long, conflicts_with = "group")]
     pub all: bool,
-    /// Target the members of this content group (resolved when the job is created).
+    /// Target the members of this content group (resolved when the job is created; a group
+    /// with a label selector also takes in agents that connect carrying its labels).
     #[arg(long)]
     pub group: Option<String>,
     /// Distribute under this named policy (`baton policies`; default: the planner's defaults).

@@ -338,12 +338,38 @@ fn administrator_pushes_to_a_group_and_watches_the_relay() {
         WAIT,
     );
     b.fill(&b.find("#f-agent_rate_cap_bps"), "0");
+    // Time windows, one per line; an unknown time zone is refused next to the field.
+    b.fill(
+        &b.find("#f-windows"),
+        "22:00-06:00\nsat,sun 08:00-20:00 Mars/Olympus",
+    );
+    b.click(&b.find("#save-policy"));
+    b.wait_until(
+        "the time zone's error next to the windows",
+        "return document.querySelector('#e-windows').textContent.includes('unknown time zone')",
+        WAIT,
+    );
+    b.fill(
+        &b.find("#f-windows"),
+        "22:00-06:00\nsat,sun 08:00-20:00 Europe/Berlin",
+    );
     b.screenshot(&shots().join("04-policy-form.png"));
     b.click(&b.find("#save-policy"));
     b.wait_find("tr[data-policy=night-relay]", WAIT);
     let (status, policy) = m.api("GET", "/api/v1/policies/night-relay", None);
     assert_eq!(status, 200, "{policy}");
     assert_eq!(policy["max_peers_per_source"], 2);
+    assert_eq!(policy["windows"][1]["zone"], "Europe/Berlin", "{policy}");
+    assert_eq!(
+        policy["windows"][1]["days"],
+        json!(["sat", "sun"]),
+        "{policy}"
+    );
+    let row = b.text(&b.find("tr[data-policy=night-relay]"));
+    assert!(
+        row.contains("22:00-06:00 UTC, sat,sun 08:00-20:00 Europe/Berlin"),
+        "{row}"
+    );
 
     // Push: upload the file, to the group, under the policy.
     b.goto(&format!("{base}/#/jobs/new"));

@@ -2,7 +2,9 @@
 //! `baton serve`, real `baton agent` processes and the `baton` client commands.
 //!
 //! A job for a content group reaches exactly the group's members (by id or by
-//! label selector) and nothing reaches the other agents; policies are added,
+//! label selector) and nothing reaches the other agents; a job for a group with a
+//! label selector takes in the agents that enrol carrying its labels while it
+//! runs; policies are added,
 //! changed, refused with the offending field named, and used by jobs; a
 //! segment report from an agent that is not the leader it names, or for a
 //! segment it is not in, is refused, and complete reports replace the
@@ -373,6 +375,8 @@ fn policies_are_managed_checked_and_used_by_jobs() {
             "2",
             "--window",
             "22:00-06:30",
+            "--window",
+            "sat,sun 09:00-12:00 Europe/Berlin",
             "--leaf-only-label",
             "class=mcu",
             "--json",
@@ -382,10 +386,61 @@ fn policies_are_managed_checked_and_used_by_jobs() {
     assert_eq!(capped["segment_rate_cap_bps"], 4 * 1024 * 1024, "{capped}");
     assert_eq!(capped["max_wan_transfers_per_segment"], 2, "{capped}");
     assert_eq!(
-        capped["window"],
-        json!({ "start_minute": 1320, "end_minute": 390 }),
+        capped["windows"],
+        json!([
+            { "start_minute": 1320, "end_minute": 390, "zone": "UTC",
+              "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"] },
+            { "start_minute": 540, "end_minute": 720, "zone": "Europe/Berlin", "days": ["sat", "sun"] },
+        ]),
         "{capped}"
     );
+    let shown = ok(&m, &["policies", "show", "capped"]);
+    assert!(
+        shown.contains("windows = 22:00-06:30 UTC, sat,sun 09:00-12:00 Europe/Berlin"),
+        "{shown}"
+    );
+    // Bad windows get a clear error naming the field, from the CLI and the API.
+    let bad = crate::common::cli(
+        &m,
+        &[
+            "policies",
+            "add",
+            "tz",
+            "--window",
+            "mon 10:00-11:00 Mars/Olympus",
+        ],
+    );
+    assert!(!bad.success);
+    assert!(
+        bad.stderr.contains("unknown time zone \"Mars/Olympus\""),
+        "{}",
+        bad.stderr
+    );
+    for (window, field) in [
+        (
+            json!({ "start_minute": 60, "end_minute": 120, "days": [] }),
+            "windows.days",
+        ),
+        (
+            json!({ "start_minute": 60, "end_minute": 1500 }),
+            "windows.end_minute",
+        ),
+        (
+            json!({ "start_minute": 60, "end_minute": 120, "zone": "Nowhere/Town" }),
+            "windows.zone",
+        ),
+    ] {
+        let (status, body) = m.api(
+            "POST",
+            "/api/v1/policies",
+            Some(json!({ "name": "t", "windows": [window] })),
+        );
+        assert_eq!(
+            (status, body["field"].as_str()),
+            (400, Some(field)),
+            "{body}"
+        );
+    }
     assert_eq!(
         capped["leaf_only_labels"],
         json!({ "class": "mcu" }),
@@ -398,14 +453,14 @@ fn policies_are_managed_checked_and_used_by_jobs() {
     );
     assert_eq!(
         (status, body["field"].as_str()),
-        (400, Some("window.start_minute")),
+        (400, Some("windows.start_minute")),
         "{body}"
     );
     let unwindowed = json_of(&ok(
         &m,
         &["policies", "set", "capped", "--no-window", "--json"],
     ));
-    assert_eq!(unwindowed["window"], Value::Null);
+    assert_eq!(unwindowed["windows"], json!([]));
     assert_eq!(unwindowed["agent_rate_cap_bps"], 1024 * 1024);
     ok(&m, &["policies", "rm", "capped"]);
 
@@ -697,4 +752,39 @@ fn a_resumed_job_keeps_its_policy() {
     for a in &agents {
         a.wait_export(&bytes);
     }
+}
+
+#[test]
+fn a_label_selector_job_takes_in_matching_agents_that_enrol_while_it_runs() {
+    // The manager's upload is capped so the job is still running when the newcomers come.
+    let m = Manager::start_args(BATON, &["--up-bps", "64KiB"]);
+    let root = m.dir.clone();
+    let _first = spawn(&m, &root, "s1", &["role=edge"]);
+    let _core = spawn(&m, &root, "s2", &["role=core"]);
+    m.wait_connected(&["s1", "s2"]);
+    ok(&m, &["groups", "add", "edge", "--label", "role=edge"]);
+    let file = root.join("follow.bin");
+    let content = pseudo_random(640 * 1024, 7);
+    std::fs::write(&file, &content).unwrap();
+    let job = json_of(&ok(
+        &m,
+        &["push", file.to_str().unwrap(), "--group", "edge", "--json"],
+    ));
+    let id = job["id"].as_u64().unwrap();
+    // Two agents enrol and connect while it runs: one carries the selector's label.
+    let late = spawn(&m, &root, "s3", &["role=edge", "site=ams"]);
+    let other = spawn(&m, &root, "s4", &["role=core"]);
+    m.wait_connected(&["s3", "s4"]);
+    let running = m.job(id);
+    assert_eq!(running["state"], "running", "finished too soon: {running}");
+    let done = m.wait_job(id, Duration::from_secs(60), |j| j["state"] == "finished");
+    assert_eq!(participant_ids(&done), ["s1", "s3"], "{done}");
+    assert_eq!(done["confirmed_count"], 2, "{done}");
+    assert_eq!(
+        done["targets"],
+        json!({ "group": { "agents": ["s1"], "selector": { "role": "edge" } } }),
+        "{done}"
+    );
+    late.wait_export(&content);
+    received_nothing(&other, id, file.to_str().unwrap());
 }

@@ -29,3 +29,4 @@ mod serve;
 mod standby;
 mod trust;
 mod web;
+mod window;

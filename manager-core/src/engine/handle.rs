@@ -13,7 +13,7 @@ use tracing::{debug, info};
 
 use super::{
     Agent, Ctx, Engine, EngineError, EngineEvent, FailCause, Job, JobOutcome, ParticipantState,
-    Persist, Targets,
+    Persist,
 };
 use crate::planner::Profile;
 
@@ -22,7 +22,8 @@ impl Engine {
     ///
     /// Call it for every `Report`, after the handshake authenticated `id` with `key`. A
     /// participant of a running job that was not instructed on this connection gets a `Fetch`;
-    /// for `Targets::All` jobs a new agent joins as a late participant.
+    /// for `Targets::All` jobs a new agent joins as a late participant, and so does one that
+    /// carries every label of a `Targets::Selected` job's selector.
     pub fn agent_online(&mut self, now: Duration, id: AgentId, key: PublicKey, report: Report) {
         let profile = Profile::from(&report);
         let agent = self.agents.entry(id.clone()).or_insert(Agent {
@@ -40,8 +41,8 @@ impl Engine {
             .iter()
             .filter(|(_, j)| {
                 j.outcome == JobOutcome::Running
-                    && j.spec.targets == Targets::All
                     && !j.index.contains_key(&id)
+                    && j.spec.targets.takes_in(&agent.profile)
             })
             .map(|(&k, _)| k)
             .collect();
@@ -213,6 +214,12 @@ impl Engine {
                 continue;
             };
             let p = &mut job.parts[idx as usize];
+            if p.retry_at == Some(when) {
+                p.retry_at = None;
+                job.retry(&mut cx, job_id, idx);
+                continue;
+            }
+            let p = &mut job.parts[idx as usize];
             if p.install_deadline == Some(when) {
                 p.install_deadline = None;
                 job.install_timed_out(&mut cx, job_id, idx);
@@ -232,6 +239,9 @@ impl Engine {
         for (&job_id, job) in self.jobs.iter_mut() {
             if job.flush_at.is_some_and(|t| t <= now) {
                 job.flush(&mut cx, job_id);
+            }
+            if job.closes_at.is_some_and(|t| t <= now) {
+                job.close_window(&mut cx, job_id);
             }
             if job.opens_at.is_some_and(|t| t <= now) {
                 job.open_window(&mut cx, job_id);
@@ -320,6 +330,10 @@ impl Job {
                 let changed = plan.place(idx, info);
                 if !waiting {
                     self.instruct(cx, job_id, idx);
+                } else {
+                    // Its window is closed: if it knew the job (before a close, or before a
+                    // restart), it stops fetching.
+                    self.pause_part(cx, job_id, idx);
                 }
                 changed
             }
@@ -500,6 +514,9 @@ impl Job {
         self.persist_part(cx, job_id, idx, false);
         let agent = self.parts[idx as usize].id.clone();
         info!(job = job_id, agent = %agent, %cause, "participant failed");
+        if let FailCause::Agent(_) = cause {
+            self.schedule_retry(cx, job_id, idx, &cause.to_string());
+        }
         cx.out.events.push_back(EngineEvent::ParticipantFailed {
             job: job_id,
             agent,

@@ -212,6 +212,9 @@ impl Job {
             state,
             exit_code,
         });
+        if matches!(state, InstallState::Failed | InstallState::RolledBack) {
+            self.schedule_retry(cx, job_id, idx, &format!("install {}", state.name()));
+        }
         if state.is_final() {
             self.check_finished(cx, job_id);
         }

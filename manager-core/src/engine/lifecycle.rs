@@ -40,7 +40,7 @@ impl Engine {
                     .collect(),
                 Vec::new(),
             ),
-            Targets::Agents(list) => {
+            Targets::Agents(list) | Targets::Selected { agents: list, .. } => {
                 let mut seen = std::collections::HashSet::new();
                 list.iter()
                     .filter(|id| seen.insert(*id))
@@ -284,6 +284,9 @@ impl Engine {
                     if state == ParticipantState::Waiting {
                         job.persist_part(&mut cx, job_id, idx, false);
                     }
+                    // Resumed after a restart while its window is closed: it may still be
+                    // fetching under the old epoch's instructions.
+                    job.pause_part(&mut cx, job_id, idx);
                 } else if !state.is_terminal() {
                     job.instruct(&mut cx, job_id, idx);
                 }

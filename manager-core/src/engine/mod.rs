@@ -44,7 +44,8 @@
 //! them, what retires a peer and when a reporter is demoted, `install` the states past
 //! delivery (installing, installed, running, failed, rolled back) that decide when a job
 //! ends, and `rollout` the staged rollouts: waves that open one after the other, and the
-//! administrator's pause, resume, approve and abort. This module holds the engine's configuration, its
+//! administrator's pause, resume, approve and abort, and `retry` the retries of failed
+//! participants. This module holds the engine's configuration, its
 //! errors and the records it keeps per agent, job and participant.
 
 use core::time::Duration;
@@ -79,6 +80,7 @@ mod lifecycle;
 mod output;
 mod policy;
 mod rates;
+mod retry;
 mod rollout;
 mod state;
 mod trouble;
@@ -135,6 +137,34 @@ pub enum Targets {
     All,
     /// These agents (those not online yet join when they come online, or are given up).
     Agents(Vec<AgentId>),
+    /// These agents, and every agent that comes online while the job runs carrying all of
+    /// these labels (a content group with a label selector, whose later members join late).
+    Selected {
+        /// The members when the job started.
+        agents: Vec<AgentId>,
+        /// The labels a newcomer must carry, every one (empty: nobody joins).
+        labels: BTreeMap<String, String>,
+    },
+}
+
+impl Targets {
+    /// Whether an agent with `profile` that is not a participant yet joins a running job
+    /// for these targets.
+    pub fn takes_in(&self, profile: &Profile) -> bool {
+        match self {
+            Targets::All => true,
+            Targets::Agents(_) => false,
+            Targets::Selected { labels, .. } => {
+                !labels.is_empty()
+                    && labels.iter().all(|(k, v)| {
+                        profile
+                            .labels
+                            .iter()
+                            .any(|(pk, pv)| **pk == **k && **pv == **v)
+                    })
+            }
+        }
+    }
 }
 
 /// A job to start: one content to a set of agents under a policy.
@@ -281,6 +311,10 @@ struct Part {
     install: Option<InstallState>,
     /// When it is marked failed if no final install state came (armed at confirmation).
     install_deadline: Option<Duration>,
+    /// Times it was retried after a failure (see `retry`).
+    retries: u32,
+    /// When its pending retry is due.
+    retry_at: Option<Duration>,
 }
 
 /// Chunks a participant may report received beyond those it verified (in flight, or
@@ -290,10 +324,33 @@ const RECEIVED_SLACK_CHUNKS: u64 = 16;
 /// A message to build when it is polled (so large plans do not sit in memory as messages).
 #[derive(Clone, Copy, Debug)]
 enum Out {
-    Fetch { job: u64, part: u32 },
-    Sources { job: u64, part: u32 },
-    End { job: u64, part: u32 },
-    Throttle { job: u64, part: u32 },
+    Fetch {
+        job: u64,
+        part: u32,
+    },
+    Sources {
+        job: u64,
+        part: u32,
+    },
+    End {
+        job: u64,
+        part: u32,
+    },
+    Throttle {
+        job: u64,
+        part: u32,
+    },
+    /// `Cancel` to a participant whose transfers stop at a window's close (the job goes on).
+    Pause {
+        job: u64,
+        part: u32,
+    },
+    /// `Cancel` to a participant whose install is retried: its agent drops the job, and the
+    /// `Fetch` that follows starts it anew.
+    Reset {
+        job: u64,
+        part: u32,
+    },
 }
 
 /// The engine's output queues and timers, apart from the jobs so both can be borrowed.
@@ -344,6 +401,8 @@ struct Job {
     warnings: Vec<String>,
     /// While the job waits for its time window: when the window opens (engine time).
     opens_at: Option<Duration>,
+    /// While its time windows are open: when they close (engine time).
+    closes_at: Option<Duration>,
     /// While a resumed job waits for its participants to reconnect: when it stops waiting.
     regroup_until: Option<Duration>,
     /// While it waits: participants neither back nor failed.
@@ -436,6 +495,17 @@ impl Engine {
     pub fn epoch(&self) -> u32 {
         self.epoch
     }
+}
+
+/// UTC seconds at engine time `at`, from the wall clock anchor.
+fn unix_at(wall: Option<(Duration, u64)>, at: Duration) -> Option<u64> {
+    wall.map(|(anchor, unix)| {
+        if at >= anchor {
+            unix + (at - anchor).as_secs()
+        } else {
+            unix.saturating_sub((anchor - at).as_secs())
+        }
+    })
 }
 
 #[cfg(test)]

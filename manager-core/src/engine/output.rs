@@ -238,6 +238,8 @@ pub struct JobStatus {
     pub warnings: Vec<String>,
     /// While the job waits for its policy's time window: when it opens (engine time).
     pub opens_at: Option<Duration>,
+    /// While its policy's windows are open: when they close (engine time).
+    pub closes_at: Option<Duration>,
     /// Where content enters each segment, best segment first (the list of segment leaders
     /// and entry nodes the plan was built from; empty for a plan without segments).
     pub segments: Vec<SegmentStatus>,
@@ -303,6 +305,7 @@ impl Engine {
                 [
                     j.flush_at,
                     j.opens_at,
+                    j.closes_at.filter(|_| j.outcome == JobOutcome::Running),
                     j.regroup_until,
                     rates,
                     j.rollout_timeout(),
@@ -342,6 +345,7 @@ impl Engine {
                 .collect(),
             warnings: j.warnings.clone(),
             opens_at: j.opens_at,
+            closes_at: j.closes_at,
             rollout: j.staging.as_ref().map(|st| st.state.clone()),
             segments: j
                 .plan
@@ -363,6 +367,11 @@ impl Engine {
                 })
                 .unwrap_or_default(),
         })
+    }
+
+    /// The root of `job`'s content, if the engine knows the job.
+    pub fn job_root(&self, job: u64) -> Option<baton_protocol::types::Digest> {
+        self.jobs.get(&job).map(|j| j.spec.manifest.root)
     }
 
     /// Ids of the jobs the engine knows (running or ended and not forgotten).
@@ -445,6 +454,31 @@ impl Engine {
                         max_bytes_per_second: p.throttle,
                     },
                 ));
+            }
+            Out::Reset { job: job_id, part } => {
+                let Some(job) = self.jobs.get(&job_id) else {
+                    return;
+                };
+                let p = &job.parts[part as usize];
+                if job.outcome == JobOutcome::Running && p.online {
+                    let jr = JobRef { id: job_id, epoch };
+                    self.out
+                        .staged
+                        .push_back((p.id.clone(), Message::Cancel { job: jr }));
+                }
+            }
+            Out::Pause { job: job_id, part } => {
+                let Some(job) = self.jobs.get(&job_id) else {
+                    return;
+                };
+                let p = &job.parts[part as usize];
+                if job.outcome != JobOutcome::Running || !p.online || p.instructed {
+                    return;
+                }
+                let jr = JobRef { id: job_id, epoch };
+                self.out
+                    .staged
+                    .push_back((p.id.clone(), Message::Cancel { job: jr }));
             }
             Out::End { job: job_id, part } => {
                 let Some(job) = self.jobs.get(&job_id) else {

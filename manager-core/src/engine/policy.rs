@@ -1,11 +1,18 @@
 //! The engine's side of a job's policy: time windows, rate caps and warnings (claim 9).
 //!
-//! - **Time window.** A job whose window is closed when it starts (or resumes)
-//!   waits: its plan is built, nobody is instructed and nobody is given up;
-//!   the engine wakes at the window's opening ([`Engine::poll_timeout`](super::Engine::poll_timeout))
-//!   and instructs every connected participant then. The wall clock comes from
-//!   the driver ([`Engine::set_wall_clock`](super::Engine::set_wall_clock)). A
-//!   job that has started runs to its end even if the window closes meanwhile.
+//! - **Time windows.** A job whose windows are all closed when it starts (or
+//!   resumes after a restart) waits: its plan is built, nobody is instructed and
+//!   nobody is given up; the engine wakes at the next opening
+//!   ([`Engine::poll_timeout`](super::Engine::poll_timeout)) and instructs every
+//!   connected participant then. At a close, a running job pauses: every
+//!   participant still fetching gets `Cancel` (its verified chunks are kept, so
+//!   transfers stop within a round trip), those that connect meanwhile are not
+//!   instructed (and get `Cancel` if they knew the job), nobody is given up, and
+//!   the job's warnings say when it closed and when it resumes; at the next
+//!   opening everyone is instructed again and resumes from what it holds.
+//!   Nothing is stored for this: after a restart the windows and the wall clock
+//!   say again whether the job waits. The wall clock comes from the driver
+//!   ([`Engine::set_wall_clock`](super::Engine::set_wall_clock)).
 //! - **Rate caps.** Each instructed participant gets a `Throttle` after its
 //!   `Fetch`: the per-agent cap, and for a participant that fetches from
 //!   outside its segment, its share of the segment's cap (the cap split evenly
@@ -24,14 +31,31 @@ use baton_protocol::types::{AgentId, Name};
 use tracing::{info, warn};
 
 use super::state::node_info;
-use super::{Agent, Ctx, EngineEvent, FailCause, Job, JobOutcome, Out, Outputs, ParticipantState};
-use crate::planner::Holder;
+use super::{
+    Agent, Ctx, EngineEvent, FailCause, Job, JobOutcome, Out, Outputs, ParticipantState, unix_at,
+};
+use crate::planner::{Holder, TimeWindow, WindowState, window_state};
 
 /// A rate cap that makes one transfer take longer than this is reported (without a window).
 const SLOW_TRANSFER: Duration = Duration::from_secs(3600);
 
-/// Minutes in a day.
-const DAY_MINUTES: u16 = 24 * 60;
+/// How long a job waits before it looks at windows that never open again (none has a day).
+const NEVER_SECS: u64 = 7 * 86_400;
+
+/// The windows for people: `mon-fri 09:00-17:00 Europe/Berlin, 22:00-06:00 UTC`.
+pub(super) fn windows_text(windows: &[TimeWindow]) -> String {
+    windows
+        .iter()
+        .map(|w| w.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `00:31:00 UTC` for UTC seconds.
+fn clock_text(unix: u64) -> String {
+    let day = unix % 86_400;
+    format!("{:02}:{:02}:{:02} UTC", day / 3600, day / 60 % 60, day % 60)
+}
 
 /// `5 h 12 min`, `12 min`, `45 s`, `3 d 4 h`.
 pub fn format_duration(secs: u64) -> String {
@@ -80,31 +104,28 @@ impl Job {
         let policy = self.spec.policy.clone();
         let mut out = Vec::new();
         let mut window_secs = None;
-        if let Some(w) = policy.window {
-            if w.start_minute >= DAY_MINUTES || w.end_minute >= DAY_MINUTES {
-                out.push(format!(
-                    "window minutes {}..{} are not minutes of a day (0..1440): taken as {w}",
-                    w.start_minute, w.end_minute
-                ));
-            }
-            let (start, end) = (w.start_minute % DAY_MINUTES, w.end_minute % DAY_MINUTES);
-            if start != end {
-                window_secs = Some((end + DAY_MINUTES - start) as u64 % DAY_MINUTES as u64 * 60);
-            }
+        self.closes_at = None;
+        if !policy.windows.is_empty() {
+            let windows = windows_text(&policy.windows);
             match unix {
                 None => out.push(format!(
-                    "window {w} cannot be checked: the manager has no wall clock; the job starts now"
+                    "window {windows} cannot be checked: the manager has no wall clock; the job starts now"
                 )),
-                Some(unix) => {
-                    let wait = w.wait_secs(unix);
-                    if wait > 0 && self.outcome == JobOutcome::Running {
+                Some(unix) => match window_state(&policy.windows, unix) {
+                    WindowState::Open { closes_in } => {
+                        self.closes_at = closes_in.map(|c| now + Duration::from_secs(c.max(1)));
+                        window_secs = closes_in;
+                    }
+                    WindowState::Closed { opens_in } if self.outcome == JobOutcome::Running => {
+                        let wait = opens_in.unwrap_or(NEVER_SECS).max(1);
                         self.opens_at = Some(now + Duration::from_secs(wait));
                         out.push(format!(
-                            "window {w} is closed; the job waits {}",
+                            "window {windows} is closed; the job waits {}",
                             format_duration(wait)
                         ));
                     }
-                }
+                    WindowState::Closed { .. } => {}
+                },
             }
         }
 
@@ -155,9 +176,12 @@ impl Job {
         // Rate caps that make the transfer slow: longer than the window, or than an hour.
         let length = self.spec.manifest.length;
         let limit = window_secs.unwrap_or(SLOW_TRANSFER.as_secs());
-        let beyond = match (window_secs, policy.window) {
-            (Some(_), Some(w)) => format!(", longer than the window {w}"),
-            _ => String::new(),
+        let beyond = match window_secs {
+            Some(_) => format!(
+                ", longer than the window {} stays open",
+                windows_text(&policy.windows)
+            ),
+            None => String::new(),
         };
         if policy.agent_rate_cap_bps > 0 {
             let secs = length.div_ceil(policy.agent_rate_cap_bps);
@@ -211,13 +235,30 @@ impl Job {
             .push_back(EngineEvent::PolicyWarning { job: job_id, text });
     }
 
-    /// The job's time window opened: every connected participant is instructed now, and the
-    /// give-up timers of the others start.
+    /// The job's time windows opened: every connected participant is instructed now (it
+    /// resumes from the chunks it verified), and the give-up timers of the others start.
+    /// A timer that fired early (the wall clock moved) waits again.
     pub(super) fn open_window(&mut self, cx: &mut Ctx<'_>, job_id: u64) {
         self.opens_at = None;
         if self.outcome != JobOutcome::Running {
             return;
         }
+        let unix = unix_at(cx.wall, cx.now);
+        if let Some(unix) = unix
+            && !self.spec.policy.windows.is_empty()
+        {
+            match window_state(&self.spec.policy.windows, unix) {
+                WindowState::Closed { opens_in } => {
+                    let wait = opens_in.unwrap_or(NEVER_SECS).max(1);
+                    self.opens_at = Some(cx.now + Duration::from_secs(wait));
+                    return;
+                }
+                WindowState::Open { closes_in } => {
+                    self.closes_at = closes_in.map(|c| cx.now + Duration::from_secs(c.max(1)));
+                }
+            }
+        }
+        let resumed = self.parts.iter().any(|p| p.ever_instructed);
         info!(job = job_id, "time window open: job starts");
         for idx in 0..self.parts.len() as u32 {
             let held = self.is_held(idx);
@@ -235,6 +276,81 @@ impl Job {
                 _ => self.arm_give_up(cx, job_id, idx),
             }
         }
+        if resumed && let Some(unix) = unix {
+            let until = match self.closes_at {
+                Some(at) => format!(
+                    " until {}",
+                    clock_text(unix + at.saturating_sub(cx.now).as_secs())
+                ),
+                None => String::new(),
+            };
+            let text = format!(
+                "window opened at {}: transfers resume{until}",
+                clock_text(unix)
+            );
+            self.warn(cx.out, job_id, text);
+        }
+    }
+
+    /// The job's time windows closed: every participant still fetching gets `Cancel` (its
+    /// verified chunks are kept), nobody is given up or instructed until the next opening,
+    /// and the job's warnings say when that is. A timer that fired early waits again.
+    pub(super) fn close_window(&mut self, cx: &mut Ctx<'_>, job_id: u64) {
+        self.closes_at = None;
+        if self.outcome != JobOutcome::Running || self.opens_at.is_some() {
+            return;
+        }
+        let Some(unix) = unix_at(cx.wall, cx.now) else {
+            return;
+        };
+        let wait = match window_state(&self.spec.policy.windows, unix) {
+            WindowState::Open { closes_in } => {
+                self.closes_at = closes_in.map(|c| cx.now + Duration::from_secs(c.max(1)));
+                return;
+            }
+            WindowState::Closed { opens_in } => opens_in.unwrap_or(NEVER_SECS).max(1),
+        };
+        self.opens_at = Some(cx.now + Duration::from_secs(wait));
+        // A job regrouping after a restart stops too: its participants fetch under the
+        // old epoch's instructions meanwhile.
+        let regrouping = self.regroup_until.take().is_some();
+        let mut stopped = 0u32;
+        for idx in 0..self.parts.len() as u32 {
+            self.disarm_give_up(cx, job_id, idx);
+            let p = &self.parts[idx as usize];
+            if p.online && (p.instructed || (regrouping && p.ever_instructed)) {
+                stopped += self.pause_part(cx, job_id, idx) as u32;
+            }
+        }
+        info!(
+            job = job_id,
+            stopped, wait, "time window closed: transfers stop"
+        );
+        let text = format!(
+            "window closed at {}: transfers of {stopped} participants stopped; they resume at {} (in {})",
+            clock_text(unix),
+            clock_text(unix + wait),
+            format_duration(wait)
+        );
+        self.warn(cx.out, job_id, text);
+    }
+
+    /// Stops participant `idx`'s transfers while the job waits for its window: `Cancel` if
+    /// it may be fetching (its verified chunks are kept; the next opening instructs it
+    /// again). Returns whether a `Cancel` was queued.
+    pub(super) fn pause_part(&mut self, cx: &mut Ctx<'_>, job_id: u64, idx: u32) -> bool {
+        let p = &mut self.parts[idx as usize];
+        p.instructed = false;
+        p.sources_queued = false;
+        if !p.online || p.state.is_terminal() || !p.ever_instructed {
+            return false;
+        }
+        cx.out.transmit.push_back(Out::Pause {
+            job: job_id,
+            part: idx,
+        });
+        self.mark_throttle(idx);
+        true
     }
 
     /// Participant `idx`'s rate cap must be worked out again (its sources or state changed).

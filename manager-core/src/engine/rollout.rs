@@ -44,7 +44,7 @@ use tracing::info;
 
 use super::{
     Ctx, Engine, EngineError, EngineEvent, FailCause, Job, JobOutcome, ParticipantState, Persist,
-    RolloutState,
+    RolloutState, unix_at,
 };
 use crate::planner::{Rollout, Wave};
 
@@ -107,17 +107,6 @@ struct WaveCount {
     size: u32,
     running: u32,
     failed: u32,
-}
-
-/// UTC seconds at engine time `at`, from the wall clock anchor.
-fn unix_at(wall: Option<(Duration, u64)>, at: Duration) -> Option<u64> {
-    wall.map(|(anchor, unix)| {
-        if at >= anchor {
-            unix + (at - anchor).as_secs()
-        } else {
-            unix.saturating_sub((anchor - at).as_secs())
-        }
-    })
 }
 
 impl Job {

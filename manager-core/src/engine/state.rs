@@ -210,12 +210,18 @@ impl Part {
             credited: 0,
             install: None,
             install_deadline: None,
+            retries: 0,
+            retry_at: None,
         }
     }
 
     /// Whether nothing more is expected of it in this job: delivery failed, or it confirmed
-    /// and its install step reached a final state (running, failed, rolled back).
+    /// and its install step reached a final state (running, failed, rolled back), and no
+    /// retry is pending.
     pub(super) fn settled(&self) -> bool {
+        if self.retry_at.is_some() {
+            return false;
+        }
         match self.state {
             ParticipantState::Failed(_) => true,
             ParticipantState::Confirmed => self.install.is_some_and(|s| s.is_final()),
@@ -259,6 +265,7 @@ impl Job {
             segment_parts: HashMap::new(),
             warnings: Vec::new(),
             opens_at: None,
+            closes_at: None,
             regroup_until: None,
             regroup_missing: 0,
             restored_upload: Vec::new(),

@@ -37,11 +37,12 @@
 
 mod relay;
 mod rollout;
+mod window;
 
 pub use relay::{Assignment, Holder, NodeInfo, RelayPlan, Seed, SegmentEntry};
 pub use rollout::{MAX_SOAK_SECS, MAX_WAVES, Rollout, Wave};
+pub use window::{Day, MAX_WINDOWS, TimeWindow, WindowState, window_state};
 
-use core::fmt;
 use std::collections::BTreeMap;
 
 use baton_protocol::message::Report;
@@ -120,74 +121,20 @@ pub struct Policy {
     /// Most participants of one segment that fetch from outside it at once (the content
     /// enters through at most this many entry nodes); `0` = no limit.
     pub max_wan_transfers_per_segment: u16,
-    /// When the job may run (UTC); outside it the job waits. `None` = any time.
-    pub window: Option<TimeWindow>,
+    /// When the job may transfer: while any of these windows is open (see [`window_state`]);
+    /// a job waits for an opening, and a running one stops its transfers at a close and
+    /// resumes them at the next opening. Empty = any time. Read also from the single
+    /// `"window"` (an object or `null`) of policies stored before.
+    #[serde(alias = "window", deserialize_with = "window::one_or_many")]
+    pub windows: Vec<TimeWindow>,
+    /// Times a failed participant is instructed again (after [`Policy::retry_after_secs`])
+    /// before it stays failed: a failed fetch, a failed install or a rollback; `0` = never.
+    pub max_retries: u32,
+    /// Seconds between a participant's failure and its retry.
+    pub retry_after_secs: u64,
     /// A staged rollout: the participants in waves, the next opening once the current one
     /// succeeded. `None` = everyone at once.
     pub rollout: Option<Rollout>,
-}
-
-/// A daily time window in UTC minutes of the day (`0..1440`); it wraps midnight when
-/// `end_minute < start_minute` (22:00–06:00 is `1320..360`). `start == end` is the whole day.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TimeWindow {
-    /// First minute of the day inside the window.
-    pub start_minute: u16,
-    /// First minute of the day after the window.
-    pub end_minute: u16,
-}
-
-/// Minutes in a day.
-const DAY_MINUTES: u64 = 24 * 60;
-
-impl TimeWindow {
-    /// Whether `unix_secs` (UTC) falls inside the window.
-    pub fn contains(&self, unix_secs: u64) -> bool {
-        self.wait_secs(unix_secs) == 0
-    }
-
-    /// Seconds from `unix_secs` until the window next opens; `0` while it is open.
-    pub fn wait_secs(&self, unix_secs: u64) -> u64 {
-        let start = self.start_minute as u64 % DAY_MINUTES;
-        let end = self.end_minute as u64 % DAY_MINUTES;
-        if start == end {
-            return 0;
-        }
-        let day_secs = unix_secs % (DAY_MINUTES * 60);
-        let minute = day_secs / 60;
-        let open = if start < end {
-            (start..end).contains(&minute)
-        } else {
-            minute >= start || minute < end
-        };
-        if open {
-            return 0;
-        }
-        let start_secs = start * 60;
-        if start_secs > day_secs {
-            start_secs - day_secs
-        } else {
-            DAY_MINUTES * 60 - day_secs + start_secs
-        }
-    }
-}
-
-impl fmt::Display for TimeWindow {
-    /// `22:00-06:00 UTC`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (s, e) = (
-            self.start_minute as u64 % DAY_MINUTES,
-            self.end_minute as u64 % DAY_MINUTES,
-        );
-        write!(
-            f,
-            "{:02}:{:02}-{:02}:{:02} UTC",
-            s / 60,
-            s % 60,
-            e / 60,
-            e % 60
-        )
-    }
 }
 
 impl Default for Policy {
@@ -205,11 +152,24 @@ impl Default for Policy {
             agent_rate_cap_bps: 0,
             segment_rate_cap_bps: 0,
             max_wan_transfers_per_segment: 0,
-            window: None,
+            windows: Vec::new(),
+            max_retries: DEFAULT_MAX_RETRIES,
+            retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
             rollout: None,
         }
     }
 }
+
+/// Retries of a failed participant unless the policy says otherwise: none, as in Mender's
+/// deployments (a failure stays final and counts at once in a rollout's thresholds; the
+/// operator opts in per policy).
+pub const DEFAULT_MAX_RETRIES: u32 = 0;
+/// Seconds before a failed participant is retried unless the policy says otherwise.
+pub const DEFAULT_RETRY_AFTER_SECS: u64 = 30;
+/// Most retries a policy may ask for.
+pub const MAX_RETRIES: u32 = 100;
+/// Longest wait before a retry a policy may ask for: a day.
+pub const MAX_RETRY_AFTER_SECS: u64 = 86_400;
 
 /// A policy field out of range (for the API's `400 {"error", "field"}` answers).
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -222,7 +182,7 @@ pub struct PolicyError {
 }
 
 impl Policy {
-    /// Checks every field's range: window minutes within a day, at least one stripe, the
+    /// Checks every field's range: windows (minutes within a day, days, a known zone), retries, at least one stripe, the
     /// manager's copies and the weights finite and not negative.
     pub fn validate(&self) -> Result<(), PolicyError> {
         let err = |field: &'static str, reason: &str| {
@@ -231,19 +191,22 @@ impl Policy {
                 reason: reason.to_string(),
             })
         };
-        if let Some(w) = &self.window {
-            if w.start_minute as u64 >= DAY_MINUTES {
-                return err(
-                    "window.start_minute",
-                    "must be a UTC minute of the day, 0..1440",
-                );
+        if self.windows.len() > MAX_WINDOWS {
+            return err("windows", &format!("at most {MAX_WINDOWS} windows"));
+        }
+        for w in &self.windows {
+            if let Err((field, reason)) = w.validate() {
+                return Err(PolicyError { field, reason });
             }
-            if w.end_minute as u64 >= DAY_MINUTES {
-                return err(
-                    "window.end_minute",
-                    "must be a UTC minute of the day, 0..1440",
-                );
-            }
+        }
+        if self.max_retries > MAX_RETRIES {
+            return err("max_retries", &format!("at most {MAX_RETRIES}"));
+        }
+        if self.retry_after_secs > MAX_RETRY_AFTER_SECS {
+            return err(
+                "retry_after_secs",
+                &format!("at most {MAX_RETRY_AFTER_SECS} (a day)"),
+            );
         }
         if let Some(r) = &self.rollout
             && let Err((field, reason)) = r.validate()
@@ -616,39 +579,31 @@ mod test {
     }
 
     #[test]
-    fn time_windows_wrap_midnight_and_policies_validate() {
-        let night = TimeWindow {
-            start_minute: 22 * 60,
-            end_minute: 6 * 60,
-        };
-        let day = 86_400 * 19_000;
-        assert!(night.contains(day + 23 * 3600));
-        assert!(night.contains(day + 3600));
-        assert!(!night.contains(day + 6 * 3600));
-        assert_eq!(night.wait_secs(day + 12 * 3600), 10 * 3600);
-        assert_eq!(night.wait_secs(day + 21 * 3600 + 59 * 60 + 30), 30);
-        let office = TimeWindow {
-            start_minute: 9 * 60,
-            end_minute: 17 * 60,
-        };
-        assert_eq!(office.wait_secs(day + 18 * 3600), 15 * 3600);
-        assert_eq!(office.wait_secs(day + 10 * 3600), 0);
-        assert_eq!(night.to_string(), "22:00-06:00 UTC");
-        let always = TimeWindow {
-            start_minute: 300,
-            end_minute: 300,
-        };
-        assert!(always.contains(day + 7));
-
+    fn policies_validate() {
         assert_eq!(Policy::default().validate(), Ok(()));
         let bad = Policy {
-            window: Some(TimeWindow {
-                start_minute: 1440,
-                end_minute: 0,
-            }),
+            windows: vec![TimeWindow::daily_utc(1440, 0)],
             ..Policy::default()
         };
-        assert_eq!(bad.validate().unwrap_err().field, "window.start_minute");
+        assert_eq!(bad.validate().unwrap_err().field, "windows.start_minute");
+        let bad = Policy {
+            windows: vec![TimeWindow {
+                zone: "Nowhere/Town".into(),
+                ..TimeWindow::daily_utc(10, 20)
+            }],
+            ..Policy::default()
+        };
+        let e = bad.validate().unwrap_err();
+        assert_eq!(e.field, "windows.zone");
+        assert!(
+            e.reason.contains("unknown time zone \"Nowhere/Town\""),
+            "{e}"
+        );
+        let bad = Policy {
+            max_retries: MAX_RETRIES + 1,
+            ..Policy::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().field, "max_retries");
         let bad = Policy {
             weights: Weights {
                 delay: f64::NAN,
@@ -664,8 +619,19 @@ mod test {
         // Every field has a default: `{}` and partial JSON are whole policies.
         let p: Policy =
             serde_json::from_str(r#"{"window":{"start_minute":60,"end_minute":120}}"#).unwrap();
-        assert_eq!(p.window.unwrap().end_minute, 120);
+        assert_eq!(p.windows, [TimeWindow::daily_utc(60, 120)]);
         assert_eq!(p.max_stripes, 8);
+        // Policies stored before several windows: `"window": null` is none.
+        let p: Policy = serde_json::from_str(r#"{"window":null,"relay":false}"#).unwrap();
+        assert!(p.windows.is_empty() && !p.relay);
+        // What is written now reads back.
+        let p = Policy {
+            windows: vec!["sat,sun 01:00-05:00 Europe/Lisbon".parse().unwrap()],
+            ..Policy::default()
+        };
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(json.contains(r#""days":["sat","sun"]"#), "{json}");
+        assert_eq!(serde_json::from_str::<Policy>(&json).unwrap(), p);
     }
 
     #[test]

@@ -1042,7 +1042,8 @@ pub struct CreateJobRequest {
     pub manifest: Option<String>,
     /// Which agents (or give `group`).
     pub targets: Option<TargetsRequest>,
-    /// A content group: the job goes to its members at creation.
+    /// A content group: the job goes to its members at creation (and, for a group with a
+    /// label selector, to agents that connect carrying its labels while it runs).
     pub group: Option<String>,
     /// A named policy, or the policy's fields inline (default: the planner's defaults).
     #[schema(value_type = Option<Object>)]

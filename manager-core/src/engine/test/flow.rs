@@ -134,6 +134,68 @@ fn a_whole_job_for_20_agents_confirms_everyone_and_sends_done_once() {
     assert_eq!(fleet.engine.poll_timeout(), None);
 }
 
+/// Gives agent `i` of `fleet` the label `key=value`.
+fn label(fleet: &mut Fleet, i: usize, key: &str, value: &str) {
+    fleet.agents[i]
+        .report
+        .labels
+        .push(baton_protocol::types::Label {
+            key: key.try_into().unwrap(),
+            value: value.try_into().unwrap(),
+        })
+        .unwrap();
+}
+
+#[test]
+fn a_label_selector_job_takes_in_matching_agents_that_connect_while_it_runs() {
+    let mut fleet = Fleet::with_agents(1, 4);
+    for i in 0..4 {
+        label(&mut fleet, i, "role", "edge");
+    }
+    label(&mut fleet, 3, "site", "fra");
+    let newcomer = fleet.add("new-edge", true, 1_000_000, 8);
+    label(&mut fleet, newcomer, "role", "edge");
+    label(&mut fleet, newcomer, "site", "ams");
+    let other = fleet.add("new-core", true, 1_000_000, 8);
+    label(&mut fleet, other, "role", "core");
+    let unlabelled = fleet.add("new-bare", true, 1_000_000, 8);
+    for i in 0..4 {
+        fleet.connect(i);
+    }
+    // The group's members when the job starts: a00..a03; the selector is role=edge.
+    let members: Vec<AgentId> = (0..4).map(|i| fleet.agents[i].id.clone()).collect();
+    let targets = Targets::Selected {
+        agents: members,
+        labels: [("role".to_string(), "edge".to_string())].into(),
+    };
+    fleet.start(1, 32, targets, Policy::default());
+    for _ in 0..3 {
+        fleet.step(2);
+    }
+    // Connecting while it runs: the agent carrying the label joins, the others do not.
+    for i in [newcomer, other, unlabelled] {
+        fleet.connect(i);
+    }
+    assert_eq!(fleet.agents[newcomer].fetches, 1);
+    assert_eq!(fleet.agents[other].fetches, 0);
+    assert_eq!(fleet.agents[unlabelled].fetches, 0);
+    let status = fleet.engine.job_status(1).unwrap();
+    assert_eq!(status.participants.len(), 5);
+    fleet.run(1, 2, 500);
+    assert_eq!(fleet.state(1, "new-edge"), ParticipantState::Confirmed);
+    assert!(fleet.log.contains(&Output::Persist(Persist::JobFinished {
+        job: 1,
+        confirmed: 5,
+        failed: 0
+    })));
+    // A selector with no labels takes nobody in.
+    let none = Targets::Selected {
+        agents: Vec::new(),
+        labels: Default::default(),
+    };
+    assert!(!none.takes_in(&Profile::from(&fleet.agents[newcomer].report)));
+}
+
 #[test]
 fn late_joiners_are_included() {
     let mut fleet = Fleet::with_agents(1, 6);

@@ -28,6 +28,7 @@ mod flow;
 mod install;
 mod lifecycle;
 mod policy;
+mod retry;
 mod rollout;
 mod trouble;
 

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::*;
+use crate::planner::TimeWindow;
 
 /// Puts agent `i` of `fleet` on `segment`.
 fn on_segment(fleet: &mut Fleet, i: usize, segment: &str) {
@@ -351,10 +352,7 @@ fn a_closed_window_holds_the_job_until_it_opens() {
     let noon = 20_000 * 86_400 + 12 * 3600;
     fleet.engine.set_wall_clock(fleet.now, noon);
     let policy = Policy {
-        window: Some(crate::planner::TimeWindow {
-            start_minute: 22 * 60,
-            end_minute: 6 * 60,
-        }),
+        windows: vec![TimeWindow::daily_utc(22 * 60, 6 * 60)],
         ..Policy::default()
     };
     fleet.start(1, 32, Targets::All, policy.clone());
@@ -394,6 +392,133 @@ fn a_closed_window_holds_the_job_until_it_opens() {
         .set_wall_clock(fleet.now, noon + 11 * 3600 + 1800);
     fleet.start(2, 8, Targets::All, policy);
     assert!(warnings(&fleet).is_empty());
+    assert!(fleet.agents.iter().all(|a| a.fetches == 1));
+}
+
+/// 2026-12-07 10:00 UTC, a Monday.
+const TEN: u64 = 1_796_637_600;
+
+/// Two windows a minute apart: 10:00-10:01 and 10:02-10:30 UTC.
+fn minute_gap_policy() -> Policy {
+    Policy {
+        windows: vec![
+            TimeWindow::daily_utc(600, 601),
+            TimeWindow::daily_utc(602, 630),
+        ],
+        ..Policy::default()
+    }
+}
+
+/// Chunks each fake agent holds, by index.
+fn holdings(fleet: &Fleet) -> Vec<u32> {
+    fleet.agents.iter().map(FakeAgent::verified).collect()
+}
+
+#[test]
+fn a_window_closing_mid_job_stops_transfers_and_resumes_them_at_the_next_opening() {
+    let mut fleet = Fleet::with_agents(1, 6);
+    fleet.connect_all();
+    // 10:00:50: the first window closes in 10 s.
+    fleet.engine.set_wall_clock(fleet.now, TEN + 50);
+    let started = fleet.now;
+    fleet.start(1, 400, Targets::All, minute_gap_policy());
+    assert!(warnings(&fleet).is_empty(), "{:?}", warnings(&fleet));
+    let status = fleet.engine.job_status(1).unwrap();
+    let close = started + Duration::from_secs(10);
+    assert_eq!(status.closes_at, Some(close));
+    assert!(fleet.engine.poll_timeout().unwrap() <= close);
+    while fleet.now < close {
+        fleet.step(1);
+    }
+    // At the close every participant still fetching got `Cancel`, and nothing moves.
+    let held = holdings(&fleet);
+    assert!(held.iter().all(|&v| v > 0 && v < 400), "{held:?}");
+    for a in &fleet.agents {
+        assert_eq!((a.cancels, a.job), (1, None), "{}", a.id);
+    }
+    let status = fleet.engine.job_status(1).unwrap();
+    assert_eq!(status.opens_at, Some(close + Duration::from_secs(60)));
+    assert_eq!(status.closes_at, None);
+    assert_eq!(
+        status.warnings,
+        [
+            "window closed at 10:01:00 UTC: transfers of 6 participants stopped; they resume at 10:02:00 UTC (in 1 min)"
+        ]
+    );
+    // While closed: nobody is given up (10 s), one that reconnects is told to stop again
+    // and not instructed.
+    fleet.disconnect(2);
+    for _ in 0..150 {
+        fleet.step(1);
+    }
+    assert_eq!(holdings(&fleet), held);
+    assert!(fleet.agents.iter().all(|a| a.fetches == 1));
+    assert!(matches!(
+        fleet.state(1, "a02"),
+        ParticipantState::Fetching { .. }
+    ));
+    fleet.connect(2);
+    assert_eq!((fleet.agents[2].cancels, fleet.agents[2].fetches), (2, 1));
+    // The next window opens: everyone is instructed again and resumes from what it holds.
+    while fleet.now < close + Duration::from_secs(60) {
+        fleet.step(1);
+    }
+    assert!(fleet.agents.iter().all(|a| a.fetches == 2));
+    let status = fleet.engine.job_status(1).unwrap();
+    assert_eq!(
+        status.warnings[1],
+        "window opened at 10:02:00 UTC: transfers resume until 10:30:00 UTC"
+    );
+    assert_eq!(status.closes_at, Some(close + Duration::from_secs(29 * 60)));
+    fleet.run(1, 1, 2000);
+    assert!(fleet.agents.iter().all(FakeAgent::complete));
+}
+
+#[test]
+fn a_restart_while_the_window_is_closed_keeps_the_job_waiting() {
+    let mut fleet = Fleet::with_agents(1, 4);
+    fleet.connect_all();
+    fleet.engine.set_wall_clock(fleet.now, TEN + 55);
+    fleet.start(1, 200, Targets::All, minute_gap_policy());
+    for _ in 0..20 {
+        fleet.step(1);
+    }
+    // The manager stops at 10:00:57 and is back (epoch 2) at 10:01:10, inside the gap;
+    // its agents kept fetching from each other meanwhile, under epoch 1.
+    let stored: Vec<(AgentId, ParticipantState)> =
+        fleet.store.iter().map(|(a, s)| (a.clone(), *s)).collect();
+    let mut fleet2 = Fleet::new(2);
+    fleet2.by_id = fleet.by_id.clone();
+    fleet2.agents = std::mem::take(&mut fleet.agents);
+    fleet2.now = fleet.now + Duration::from_secs(13);
+    for a in &mut fleet2.agents {
+        a.online = false;
+        a.fetches = 0;
+    }
+    let mut fleet = fleet2;
+    fleet.engine.set_wall_clock(fleet.now, TEN + 70);
+    let spec = JobSpec {
+        id: 1,
+        manifest: manifest(200),
+        targets: Targets::All,
+        policy: minute_gap_policy(),
+    };
+    fleet.engine.resume_job(fleet.now, spec, stored, &[]);
+    fleet.drain();
+    // Agents reconnecting are told to stop, and nobody is instructed until 10:02.
+    fleet.connect_all();
+    for a in &fleet.agents {
+        assert_eq!((a.cancels, a.fetches, a.job), (1, 0, None), "{}", a.id);
+    }
+    let held = holdings(&fleet);
+    let opens = fleet.engine.job_status(1).unwrap().opens_at.unwrap();
+    assert_eq!(opens, fleet.now + Duration::from_secs(50));
+    while fleet.now < opens {
+        fleet.step(1);
+    }
+    assert_eq!(holdings(&fleet), held);
+    fleet.run(1, 1, 2000);
+    assert!(fleet.agents.iter().all(FakeAgent::complete));
     assert!(fleet.agents.iter().all(|a| a.fetches == 1));
 }
 

@@ -480,11 +480,41 @@ const POLICY_NUMBERS = [
   ["agent_rate_cap_bps", "Per-agent rate cap (B/s)", "0 = none."],
   ["segment_rate_cap_bps", "Per-segment WAN cap (B/s)", "Split over a segment's fetchers from outside; 0 = none."],
   ["max_wan_transfers_per_segment", "WAN transfers per segment", "Entry nodes per segment at once; 0 = no limit."],
+  ["max_retries", "Retries", "Times a failed participant is instructed again; 0 = never."],
+  ["retry_after_secs", "Retry after (s)", "Seconds between a failure and its retry."],
 ];
+const DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+// `mon-fri 09:00-17:00 Europe/Berlin`; every day is left out.
+function windowText(w) {
+  const days = (w.days || DAYS).slice().sort((a, b) => DAYS.indexOf(a) - DAYS.indexOf(b));
+  const prefix = days.length === 7 ? "" : days.join(",") + " ";
+  return prefix + minutesText(w.start_minute) + "-" + minutesText(w.end_minute) + " " + (w.zone || "UTC");
+}
+function policyWindows(p) {
+  const list = p.windows || (p.window ? [p.window] : []);
+  return list.length ? list.map(windowText).join(", ") : "any time";
+}
+// One window per line, `[DAYS ]HH:MM-HH:MM[ ZONE]` (the server checks the zone).
+function parseWindows(text) {
+  return text.split("\n").map((l) => l.trim()).filter(Boolean).map((line) => {
+    const m = /^(?:([a-z,-]+)\s+)?(\d{1,2}:\d{2})-(\d{1,2}:\d{2})(?:\s+(\S+))?$/i.exec(line);
+    if (!m) throw new ApiError(400, { error: JSON.stringify(line) + " is not [DAYS ]HH:MM-HH:MM[ ZONE]", field: "windows" });
+    let days = DAYS;
+    if (m[1]) {
+      days = [];
+      for (const part of m[1].toLowerCase().split(",").filter(Boolean)) {
+        const [a, b] = part.split("-").map((d) => DAYS.indexOf(d.slice(0, 3)));
+        if (a < 0 || (b !== undefined && b < 0)) throw new ApiError(400, { error: JSON.stringify(part) + " is not a day (mon..sun)", field: "windows" });
+        for (let i = a; ; i = (i + 1) % 7) { days.push(DAYS[i]); if (b === undefined || i === b) break; }
+      }
+    }
+    return { start_minute: textMinutes(m[2], "windows"), end_minute: textMinutes(m[3], "windows"), days: DAYS.filter((d) => days.includes(d)), zone: m[4] || "UTC" };
+  });
+}
 function minutesText(m) { return m === undefined || m === null ? "" : String(Math.floor(m / 60)).padStart(2, "0") + ":" + String(m % 60).padStart(2, "0"); }
 function textMinutes(t, field) {
   const m = /^(\d{1,2}):(\d{2})$/.exec(t.trim());
-  if (!m || Number(m[1]) > 23 || Number(m[2]) > 59) throw new ApiError(400, { error: "write the time as HH:MM (UTC)", field });
+  if (!m || Number(m[1]) > 23 || Number(m[2]) > 59) throw new ApiError(400, { error: "write the time as HH:MM", field });
   return Number(m[1]) * 60 + Number(m[2]);
 }
 
@@ -493,7 +523,7 @@ async function policies() {
   return h("div", {},
     pageHead("Policies", "Rules a job runs under: relaying, fan-out, rate caps and time windows.",
       ifOperate(h("a", { class: "btn primary", href: "#/policies/new", id: "new-policy" }, "New policy"))),
-    h("div", { class: "card" }, table([["Name"], ["Relay"], ["Segment-local", "opt"], ["Peers/source", "num opt"], ["Agent cap", "num"], ["Segment cap", "num opt"], ["Window (UTC)"], [""]],
+    h("div", { class: "card" }, table([["Name"], ["Relay"], ["Segment-local", "opt"], ["Peers/source", "num opt"], ["Agent cap", "num"], ["Segment cap", "num opt"], ["Windows"], [""]],
       list.map((p) => h("tr", { "data-policy": p.name },
         h("td", {}, h("a", { href: "#/policies/" + encodeURIComponent(p.name) }, h("strong", {}, p.name))),
         h("td", {}, p.relay ? pill("ok", "relay") : pill("warn", "manager only")),
@@ -501,7 +531,7 @@ async function policies() {
         h("td", { class: "num opt" }, p.max_peers_per_source),
         h("td", { class: "num" }, rate(p.agent_rate_cap_bps)),
         h("td", { class: "num opt" }, rate(p.segment_rate_cap_bps)),
-        h("td", {}, p.window ? minutesText(p.window.start_minute) + "–" + minutesText(p.window.end_minute) : "any time"),
+        h("td", {}, policyWindows(p)),
         h("td", { class: "num" }, h("a", { class: "btn small", href: "#/policies/" + encodeURIComponent(p.name) }, CAN_OPERATE ? "Edit" : "View")))),
       "No policy yet. Jobs without one use the planner's defaults.")));
 }
@@ -509,7 +539,8 @@ async function policies() {
 async function policyForm(name) {
   const p = name ? await api("GET", "/api/v1/policies/" + encodeURIComponent(name)) : null;
   const d = p || { relay: true, segment_local: true, max_peers_per_source: 32, max_stripes: 8, manager_max_copies: 1,
-    leaf_below_up_bps: 0, agent_rate_cap_bps: 0, segment_rate_cap_bps: 0, max_wan_transfers_per_segment: 0, leaf_only: [], leaf_only_labels: {} };
+    leaf_below_up_bps: 0, agent_rate_cap_bps: 0, segment_rate_cap_bps: 0, max_wan_transfers_per_segment: 0, leaf_only: [], leaf_only_labels: {},
+    max_retries: 0, retry_after_secs: 30, windows: [] };
   const form = h("form", { class: "card-body", novalidate: true, id: "policy-form" },
     h("p", { class: "form-error", role: "alert" }),
     h("div", { class: "form" },
@@ -519,10 +550,9 @@ async function policyForm(name) {
         h("label", { class: "field check" }, h("input", { type: "checkbox", id: "f-segment_local", checked: d.segment_local }), "Prefer sources on the same segment"),
         h("span", { class: "field-error", id: "e-relay" }), h("span", { class: "field-error", id: "e-segment_local" })),
       POLICY_NUMBERS.map(([k, label, hint]) => field(k, label, h("input", { type: "text", inputmode: "numeric", id: "f-" + k, value: d[k] ?? 0 }), hint)),
-      field("window", "Time window (UTC)", h("div", { class: "toolbar" },
-        h("input", { type: "text", id: "f-window-start", placeholder: "22:00", size: 6, value: d.window ? minutesText(d.window.start_minute) : "" }), "to",
-        h("input", { type: "text", id: "f-window-end", placeholder: "06:00", size: 6, value: d.window ? minutesText(d.window.end_minute) : "" })),
-        "Empty = any time. May wrap midnight."),
+      field("windows", "Time windows", h("textarea", { id: "f-windows", placeholder: "22:00-06:00\nsat,sun 08:00-20:00 Europe/Berlin" },
+        (d.windows || (d.window ? [d.window] : [])).map(windowText).join("\n")),
+        "One per line: [days] HH:MM-HH:MM [time zone, default UTC]; may wrap midnight. Empty = any time. A running job stops at a close and resumes at the next opening."),
       field("leaf_only", "Leaf-only agents", h("input", { type: "text", id: "f-leaf_only", value: (d.leaf_only || []).join(", ") }), "Agent ids that only receive, comma separated."),
       field("leaf_only_labels", "Leaf-only labels", h("textarea", { id: "f-leaf_only_labels", placeholder: "class=sensor" }, kvText(d.leaf_only_labels)), "Agents with all these labels only receive.")),
     editActions("policy", "policies", p, () => form));
@@ -535,9 +565,8 @@ async function policyForm(name) {
       body.relay = form.querySelector("#f-relay").checked;
       body.segment_local = form.querySelector("#f-segment_local").checked;
       for (const [k] of POLICY_NUMBERS) body[k] = numberValue(form, k);
-      const ws = form.querySelector("#f-window-start").value, we = form.querySelector("#f-window-end").value;
-      body.window = ws.trim() || we.trim()
-        ? { start_minute: textMinutes(ws, "window"), end_minute: textMinutes(we, "window") } : null;
+      delete body.window;
+      body.windows = parseWindows(form.querySelector("#f-windows").value);
       body.leaf_only = form.querySelector("#f-leaf_only").value.split(",").map((x) => x.trim()).filter(Boolean);
       body.leaf_only_labels = parseKv(form.querySelector("#f-leaf_only_labels").value, "leaf_only_labels");
       await saveNamed("policies", p, body);
