@@ -652,7 +652,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         let wait = writer.reserve_upload(bytes.len());
         if !urgent && let Some(wait) = wait {
             let until = Instant::now() + wait;
-            while control_open {
+            // Only a chunk answer is overtaken: a session frame queued with the data (the
+            // `Welcome`, a renewed certificate, a pong) keeps its place before every engine
+            // instruction, which the agent may act on only once it is welcomed.
+            while control_open && root.is_some() {
                 tokio::select! {
                     biased;
                     m = control_rx.recv() => match m {
@@ -884,5 +887,36 @@ mod writer_test {
         assert_eq!(heads, [&b"cancel"[..], b"kkkkkk", b"pong"]);
         stopped.resume(&cancelled);
         assert!(!stopped.contains(&cancelled));
+    }
+
+    #[tokio::test]
+    async fn a_welcome_waiting_for_the_cap_is_not_overtaken_by_instructions() {
+        // 20 KB/s: an 8 KiB frame (the session's `Welcome` stands for any frame without a
+        // content root) waits about 0.4 s for the cap.
+        let limits = Limits {
+            up: Some(Arc::new(RateLimiter::new(20_000))),
+            ..Limits::default()
+        };
+        let (writer, mut reader) = pair(limits).await;
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (data_tx, data_rx) = mpsc::channel::<Data>(DATA_QUEUE);
+        let task = tokio::spawn(write_loop(
+            writer,
+            control_rx,
+            data_rx,
+            Arc::new(Notify::new()),
+            AgentId::try_from("a1").unwrap(),
+            StoppedRoots::default(),
+        ));
+        data_tx.send((None, vec![b'w'; 8192])).await.unwrap();
+        // The engine's instruction comes while the `Welcome` is taken and waits for the cap.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        control_tx.send(b"fetch!".to_vec()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop((control_tx, data_tx));
+        task.await.unwrap();
+        let got = frames(&mut reader).await;
+        let heads: Vec<&[u8]> = got.iter().map(|f| &f[..f.len().min(6)]).collect();
+        assert_eq!(heads, [&b"wwwwww"[..], b"fetch!"]);
     }
 }
