@@ -625,8 +625,12 @@ impl EngineTask {
         }
         while let Some((to, msg)) = transmit.take().or_else(|| self.engine.poll_transmit()) {
             if let Message::Cancel { job } | Message::Fetch { job, .. } = &msg {
-                // Chunk answers of a cancelled job stop at once (queued ones included).
-                let root = self.engine.job_root(job.id);
+                // Chunk answers of a cancelled job stop at once (queued ones included),
+                // unless another running job still has the agent fetch the same content.
+                let root = self
+                    .engine
+                    .job_root(job.id)
+                    .filter(|r| !self.engine.fetches_root_elsewhere(&to, r, job.id));
                 self.registry.note_instruction(&to, &msg, root);
             }
             if !self.registry.send(&to, msg.to_vec()) {

@@ -374,6 +374,25 @@ impl Engine {
         self.jobs.get(&job).map(|j| j.spec.manifest.root)
     }
 
+    /// Whether `agent` is instructed to fetch the content `root` in a running job other
+    /// than `except`: then its chunk answers must keep flowing when `except` stops.
+    pub fn fetches_root_elsewhere(
+        &self,
+        agent: &AgentId,
+        root: &baton_protocol::types::Digest,
+        except: u64,
+    ) -> bool {
+        self.jobs.iter().any(|(&id, j)| {
+            id != except
+                && j.outcome == JobOutcome::Running
+                && j.spec.manifest.root == *root
+                && j.index.get(agent).is_some_and(|&i| {
+                    let p = &j.parts[i as usize];
+                    p.instructed && !p.state.is_terminal()
+                })
+        })
+    }
+
     /// Ids of the jobs the engine knows (running or ended and not forgotten).
     pub fn jobs(&self) -> impl Iterator<Item = u64> + '_ {
         self.jobs.keys().copied()

@@ -488,3 +488,27 @@ fn a_blind_job_is_planned_again_with_the_uploads_its_fetchers_measure() {
     fleet.drain();
     assert_eq!(fleet.engine.jobs[&1].rates.replans, 1, "no churn");
 }
+
+#[test]
+fn an_agent_fetching_one_content_in_two_jobs_keeps_fetching_it_when_one_is_cancelled() {
+    // The driver stops a cancelled job's chunk answers per content root; it asks this first
+    // (`Engine::fetches_root_elsewhere`), so a second job for the same content is not starved.
+    let mut fleet = Fleet::with_agents(1, 3);
+    fleet.connect_all();
+    fleet.start(1, 32, Targets::All, Policy::default());
+    fleet.start(2, 32, Targets::All, Policy::default());
+    let a = fleet.agents[0].id.clone();
+    assert!(fleet.engine.fetches_root_elsewhere(&a, &ROOT, 1));
+    assert!(fleet.engine.fetches_root_elsewhere(&a, &ROOT, 2));
+    fleet.engine.cancel_job(fleet.now, 2).unwrap();
+    fleet.drain();
+    assert!(
+        fleet.engine.fetches_root_elsewhere(&a, &ROOT, 2),
+        "job 1 still fetches the content"
+    );
+    assert!(
+        !fleet.engine.fetches_root_elsewhere(&a, &ROOT, 1),
+        "job 2 no longer runs"
+    );
+    assert!(!fleet.engine.fetches_root_elsewhere(&a, &[9; 32], 2));
+}
