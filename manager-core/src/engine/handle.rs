@@ -7,7 +7,7 @@
 
 use core::time::Duration;
 
-use baton_protocol::message::{Message, Received, Report};
+use baton_protocol::message::{FailReason, Message, Received, Report};
 use baton_protocol::types::{AgentId, PublicKey};
 use tracing::{debug, info};
 
@@ -514,7 +514,16 @@ impl Job {
         self.persist_part(cx, job_id, idx, false);
         let agent = self.parts[idx as usize].id.clone();
         info!(job = job_id, agent = %agent, %cause, "participant failed");
-        if let FailCause::Agent(_) = cause {
+        // Only a failure that may pass is retried: a full or failing store, a busy agent,
+        // no source found. A content the agent refuses (signature, manifest, trust, expiry,
+        // downgrade, reused version, chunk size, not listed) would fail the same way again.
+        if let FailCause::Agent(
+            FailReason::StorageFull
+            | FailReason::StorageError
+            | FailReason::Busy
+            | FailReason::NoSource,
+        ) = cause
+        {
             self.schedule_retry(cx, job_id, idx, &cause.to_string());
         }
         cx.out.events.push_back(EngineEvent::ParticipantFailed {

@@ -142,14 +142,21 @@ impl Job {
         for idx in st.state.range(w, self.parts.len() as u32) {
             let p = &self.parts[idx as usize];
             c.size += 1;
-            match (p.state, p.install) {
-                (ParticipantState::Failed(_), _) => c.failed += 1,
-                (
-                    ParticipantState::Confirmed,
-                    Some(InstallState::Failed | InstallState::RolledBack),
-                ) => c.failed += 1,
-                (ParticipantState::Confirmed, Some(InstallState::Running)) => c.running += 1,
-                _ => {}
+            // A failure counts from the moment it happened: one being retried (or retried
+            // before, and now running) is not taken back, so retries cannot hide failures
+            // from the thresholds.
+            let failed = p.retries > 0
+                || matches!(
+                    (p.state, p.install),
+                    (ParticipantState::Failed(_), _)
+                        | (
+                            ParticipantState::Confirmed,
+                            Some(InstallState::Failed | InstallState::RolledBack)
+                        )
+                );
+            c.failed += u32::from(failed);
+            if (p.state, p.install) == (ParticipantState::Confirmed, Some(InstallState::Running)) {
+                c.running += 1;
             }
         }
         c

@@ -140,6 +140,19 @@ impl TimeWindow {
                 "names no day: give at least one of mon, tue, wed, thu, fri, sat, sun".into(),
             ));
         }
+        // At most the seven days, each once: a list is cloned and scanned with every job.
+        if self
+            .days
+            .iter()
+            .enumerate()
+            .any(|(i, d)| self.days[..i].contains(d))
+        {
+            return Err((
+                "windows.days",
+                "names a day twice: give each of mon, tue, wed, thu, fri, sat, sun at most once"
+                    .into(),
+            ));
+        }
         if let Err(reason) = zone(&self.zone) {
             return Err(("windows.zone", reason));
         }
@@ -526,6 +539,8 @@ mod test {
         w.end_minute = 10;
         w.days.clear();
         assert_eq!(w.validate().unwrap_err().0, "windows.days");
+        w.days = vec![Day::Sun, Day::Mon, Day::Sun];
+        assert!(w.validate().unwrap_err().1.contains("twice"));
         w.days = vec![Day::Sun];
         w.zone = String::new();
         assert_eq!(w.validate().unwrap_err().0, "windows.zone");

@@ -92,6 +92,32 @@ fn without_retries_a_failure_is_final_at_once() {
 }
 
 #[test]
+fn content_the_agent_refuses_is_not_retried() {
+    let mut fleet = Fleet::with_agents(1, 3);
+    fleet.connect_all();
+    fleet.start(1, 64, Targets::All, retrying(3));
+    fleet.step(1);
+    let job = fleet.agents[0].job.take().expect("instructed");
+    fleet.send(
+        0,
+        Message::Failed {
+            job,
+            reason: FailReason::Downgrade,
+        },
+    );
+    fleet.run(1, 8, 400);
+    assert_eq!(
+        fleet.agents[0].fetches, 1,
+        "a downgrade fails the same way again"
+    );
+    assert_eq!(
+        fleet.state(1, "a00"),
+        ParticipantState::Failed(FailCause::Agent(FailReason::Downgrade))
+    );
+    assert!(fleet.engine.job_status(1).unwrap().warnings.is_empty());
+}
+
+#[test]
 fn a_failed_install_is_run_again_and_may_succeed() {
     let mut fleet = Fleet::with_agents(1, 2);
     fleet.connect_all();

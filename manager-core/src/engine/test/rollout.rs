@@ -372,3 +372,70 @@ fn the_wave_plan_and_a_pause_survive_a_restart() {
     assert_eq!(fleet2.engine.rollout_state(JOB).unwrap().opened, 2);
     assert_eq!(fetches_of(&fleet2, &w[1]), 8);
 }
+
+/// Reports `state` as the install result of `agent` if it confirmed and has none yet;
+/// returns whether it did.
+fn settle_one(fleet: &mut Fleet, agent: &AgentId, state: InstallState) -> bool {
+    let waiting = fleet.engine.job_status(JOB).is_some_and(|s| {
+        s.participants.iter().any(|p| {
+            p.agent == *agent && p.state == ParticipantState::Confirmed && p.install.is_none()
+        })
+    });
+    if !waiting {
+        return false;
+    }
+    let msg = Message::InstallStatus {
+        job: JobRef { id: JOB, epoch: 1 },
+        name: heapless_name("fw"),
+        version: 1,
+        state,
+        exit_code: Some(i32::from(state == InstallState::Failed)),
+        output: "",
+    };
+    fleet.engine.handle_message(fleet.now, agent, &msg).unwrap();
+    fleet.drain();
+    true
+}
+
+/// Steps until `agent` confirmed and then reports `state` for it; panics after `max_steps`.
+fn step_and_settle(fleet: &mut Fleet, agent: &AgentId, state: InstallState, max_steps: usize) {
+    for _ in 0..max_steps {
+        if settle_one(fleet, agent, state) {
+            return;
+        }
+        fleet.step(4);
+    }
+    panic!("{agent} never waited for its install report");
+}
+
+#[test]
+fn a_failure_that_was_retried_still_counts_towards_the_threshold() {
+    let mut fleet = installing_fleet(20);
+    let rules = Rollout {
+        pause_after_failures: Some(1),
+        ..waves_10_50_100()
+    };
+    let policy = Policy {
+        max_retries: 3,
+        retry_after_secs: 1,
+        ..staged(rules)
+    };
+    fleet.start(JOB, 32, Targets::All, policy);
+    let w = waves(&fleet);
+    // Wave 1 runs; wave 2 opens.
+    until(&mut fleet, &[], 600, |f| rollout(f).opened >= 2);
+    let (first, second) = (w[1][1].clone(), w[1][5].clone());
+    // The first fails alone (one failure: no pause), is retried and then runs.
+    step_and_settle(&mut fleet, &first, InstallState::Failed, 600);
+    assert!(rollout(&fleet).paused.is_none());
+    step_and_settle(&mut fleet, &first, InstallState::Running, 600);
+    // The second fails later: two failures in the wave, though the first was mended.
+    step_and_settle(&mut fleet, &second, InstallState::Failed, 600);
+    let paused = rollout(&fleet).paused;
+    assert!(
+        paused
+            .as_deref()
+            .is_some_and(|p| p.contains("wave 2: 2 participants failed")),
+        "{paused:?}"
+    );
+}
