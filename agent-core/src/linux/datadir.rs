@@ -534,6 +534,8 @@ mod test {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             match DataDir::open(&dir) {
+                // Locked, its holder's pid not written yet (the child is between the two).
+                Err(DataDirError::InUse { holder: None, .. }) => {}
                 Err(DataDirError::InUse { holder, .. }) => {
                     assert_eq!(holder, Some(child.id()));
                     break;
@@ -546,7 +548,7 @@ mod test {
             }
             if std::time::Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("the child never took the lock");
+                panic!("the child never took the lock and named itself");
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
