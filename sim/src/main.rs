@@ -478,6 +478,20 @@ fn run_one(args: &Args) -> Result<ExitCode> {
             e.insert("fault_cost".into(), cost.0);
         }
         e.insert("peer_trouble".into(), json!(st.peer_trouble));
+        // Each re-plan on measured rates: believed ÷ true upload (1.0 = exact).
+        e.insert(
+            "replans".into(),
+            json!(
+                st.replans
+                    .iter()
+                    .map(|r| json!({
+                        "at_seconds": r.at.as_secs_f64(),
+                        "measured": r.measured,
+                        "believed_over_true_p10_p50_p90": r.p10_p50_p90,
+                    }))
+                    .collect::<Vec<_>>()
+            ),
+        );
         e.insert("agents_ignored".into(), json!(st.ignored));
         e.insert("engine_errors".into(), json!(st.engine_errors));
         e.insert("violations".into(), json!(out.violations));

@@ -307,6 +307,21 @@ pub struct Stats {
     pub partitions: u64,
     /// Timers an agent asked for in the past right after handling its timeout (spin guard).
     pub timer_spins: u64,
+    /// Each time the engine re-planned a job on measured rates: what it then believed of
+    /// the agents' uploads, against their true ones (not merged over a sweep).
+    pub replans: Vec<BelievedRates>,
+}
+
+/// The upload rates a re-plan used, against the agents' true ones at the start: quantiles of
+/// believed ÷ true over the agents it measured (1.0 = exact, below = underestimated).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BelievedRates {
+    /// Simulated time of the re-plan.
+    pub at: Duration,
+    /// Agents whose rate it used.
+    pub measured: usize,
+    /// Believed ÷ true at the 10th, 50th and 90th percentile.
+    pub p10_p50_p90: [f64; 3],
 }
 
 impl Stats {
@@ -1736,6 +1751,10 @@ impl Simulation {
             let mut persisted = false;
             while let Some(p) = engine.poll_persist() {
                 persisted = true;
+                if let Persist::MeasuredUpload { rates, .. } = &p {
+                    let believed = believed_rates(&self.ids, &self.built.agents, now, rates);
+                    self.stats.replans.push(believed);
+                }
                 apply(&mut self.manager.stored, p);
             }
             let engine = self.manager.engine.as_mut().expect("alive");
@@ -2144,6 +2163,34 @@ fn apply(stored: &mut BTreeMap<u64, StoredJob>, p: Persist) {
     }
 }
 
+/// What a re-plan at `now` believed of the agents' uploads, against their true ones.
+fn believed_rates(
+    ids: &HashMap<AgentId, usize>,
+    agents: &[crate::scenario::AgentParams],
+    now: Duration,
+    rates: &[(AgentId, u64)],
+) -> BelievedRates {
+    let mut ratios: Vec<f64> = rates
+        .iter()
+        .filter_map(|(id, up)| {
+            let k = *ids.get(id)?;
+            Some(*up as f64 / agents[k].up.max(1) as f64)
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        ratios
+            .get(((ratios.len().max(1) - 1) as f64 * q) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    BelievedRates {
+        at: now,
+        measured: ratios.len(),
+        p10_p50_p90: [at(0.1), at(0.5), at(0.9)],
+    }
+}
+
 #[cfg(test)]
 mod test {
     use super::*;
@@ -2153,6 +2200,22 @@ mod test {
         s.chunks = 32;
         s.content_bytes = 32 * 32 * 1024;
         s
+    }
+
+    #[test]
+    fn re_plans_on_measured_rates_are_reported_against_the_true_rates() {
+        let mut s = Scenario::new(48, 1);
+        s.rates = crate::scenario::RatesMode::Blind;
+        let out = Simulation::new(&s).run();
+        assert!(out.violations.is_empty(), "{:?}", out.violations);
+        let first = out
+            .stats
+            .replans
+            .first()
+            .expect("a blind job is planned again");
+        assert!(first.measured > 0 && first.measured <= 48);
+        let [p10, p50, p90] = first.p10_p50_p90;
+        assert!(0.0 < p10 && p10 <= p50 && p50 <= p90, "{first:?}");
     }
 
     #[test]
